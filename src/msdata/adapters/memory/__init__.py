@@ -1,0 +1,6 @@
+"""In-process adapters: no server, nothing survives the process. For tests and for the
+embedded default's transport."""
+
+from msdata.adapters.memory.transport import MemoryDelivery, MemorySubscription, MemoryTransport
+
+__all__ = ["MemoryDelivery", "MemorySubscription", "MemoryTransport"]

@@ -1,0 +1,307 @@
+"""An in-process transport with the same delivery semantics as the brokers.
+
+Topics, consumer groups (each group gets each message, consumers in a group compete),
+at-least-once delivery with redelivery on nack and on a subscription that closes unsettled,
+attempt counts, a dead-letter topic after ``max_attempts``, and order per partition key within
+a group: a key is never in flight twice in one group, and a nacked message goes back in front
+of the later messages of its key. Nothing survives the process (``durable=False``).
+
+It serves one event loop: create it, and use it, from inside that loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Sequence
+from types import MappingProxyType, TracebackType
+from typing import Self
+
+from msdata.errors import ConfigurationError, TransportClosed
+from msdata.transport import (
+    DEAD_LETTER_ATTEMPTS,
+    DEAD_LETTER_GROUP,
+    DEAD_LETTER_REASON,
+    DEAD_LETTER_TOPIC,
+    TransportFeatures,
+    TransportMessage,
+    check_name,
+    dead_letter_topic,
+)
+
+__all__ = ["MemoryDelivery", "MemorySubscription", "MemoryTransport"]
+
+FEATURES = TransportFeatures(
+    durable=False, ordered_per_key=True, native_delay=True, replays_history=False
+)
+
+
+class _Entry:
+    __slots__ = ("attempt", "message")
+
+    def __init__(self, message: TransportMessage) -> None:
+        self.message = message
+        self.attempt = 0
+
+
+class _Group:
+    __slots__ = ("blocked", "busy", "name", "ready", "signal", "topic", "transport")
+
+    def __init__(self, transport: MemoryTransport, topic: str, name: str) -> None:
+        self.transport = transport
+        self.topic = topic
+        self.name = name
+        self.ready: deque[_Entry] = deque()
+        # key -> the entry of that key in flight or waiting out a nack delay
+        self.busy: dict[str, _Entry] = {}
+        # key -> later entries of that key, in publish order, waiting for it to be settled
+        self.blocked: dict[str, deque[_Entry]] = {}
+        self.signal = asyncio.Event()
+
+    def push(self, entry: _Entry) -> None:
+        self.ready.append(entry)
+        self.signal.set()
+
+    def take(self, limit: int) -> list[_Entry]:
+        out: list[_Entry] = []
+        ready, busy = self.ready, self.busy
+        while ready and len(out) < limit:
+            entry = ready.popleft()
+            key = entry.message.key
+            if key is not None:
+                if key in busy:
+                    self.blocked.setdefault(key, deque()).append(entry)
+                    continue
+                busy[key] = entry
+            entry.attempt += 1
+            out.append(entry)
+        if not ready:
+            self.signal.clear()
+        return out
+
+    def settle(self, entry: _Entry) -> None:
+        """The entry is done here: free its key for the next entry of that key."""
+        key = entry.message.key
+        if key is None or self.busy.get(key) is not entry:
+            return
+        del self.busy[key]
+        waiting = self.blocked.get(key)
+        if waiting:
+            self.ready.appendleft(waiting.popleft())
+            if not waiting:
+                del self.blocked[key]
+            self.signal.set()
+
+    def retry(self, entry: _Entry, delay: float) -> None:
+        """Offer ``entry`` again ahead of the later entries of its key."""
+        if delay <= 0:
+            self._requeue(entry)
+        else:
+            asyncio.get_running_loop().call_later(delay, self._requeue, entry)
+
+    def _requeue(self, entry: _Entry) -> None:
+        key = entry.message.key
+        if key is not None and self.busy.get(key) is entry:
+            del self.busy[key]
+        self.ready.appendleft(entry)
+        self.signal.set()
+
+
+class MemoryDelivery:
+    """A delivery from :class:`MemoryTransport`; see :class:`msdata.transport.Delivery`."""
+
+    __slots__ = ("_entry", "_settled", "_sub", "attempt", "message")
+
+    def __init__(self, sub: MemorySubscription, entry: _Entry) -> None:
+        self._sub = sub
+        self._entry = entry
+        self._settled = False
+        self.message = entry.message
+        self.attempt = entry.attempt
+
+    @property
+    def topic(self) -> str:
+        return self._sub.topic
+
+    @property
+    def group(self) -> str:
+        return self._sub.group
+
+    def _settle(self) -> bool:
+        if self._settled:
+            return False
+        if self._sub._closed:
+            raise TransportClosed("the subscription was closed; the delivery was released")
+        self._settled = True
+        self._sub._inflight.pop(id(self), None)
+        return True
+
+    async def ack(self) -> None:
+        if self._settle():
+            self._sub._group.settle(self._entry)
+
+    async def nack(self, delay: float = 0.0, reason: str | None = None) -> None:
+        if not self._settle():
+            return
+        group = self._sub._group
+        if self.attempt >= self._sub.max_attempts:
+            self._sub._transport._dead_letter(
+                group, self._entry, reason or f"failed {self.attempt} attempts"
+            )
+        else:
+            group.retry(self._entry, delay)
+
+    async def dead_letter(self, reason: str) -> None:
+        if self._settle():
+            self._sub._transport._dead_letter(self._sub._group, self._entry, reason)
+
+    def _release(self) -> None:
+        self._settled = True
+        self._sub._group.retry(self._entry, 0.0)
+
+
+class MemorySubscription:
+    """A consumer in a group; see :class:`msdata.transport.Subscription`."""
+
+    def __init__(
+        self, transport: MemoryTransport, topic: str, group: str, max_attempts: int, prefetch: int
+    ) -> None:
+        self._transport = transport
+        self.topic = topic
+        self.group = group
+        self.max_attempts = max_attempts
+        self.prefetch = prefetch
+        self._inflight: dict[int, MemoryDelivery] = {}
+        self._closed = False
+        self._group: _Group
+
+    async def __aenter__(self) -> Self:
+        self._group = self._transport._declare(self.topic, self.group)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # oldest first, so each key's entries go back in order (appendleft reverses)
+        for delivery in reversed(list(self._inflight.values())):
+            delivery._release()
+        self._inflight.clear()
+
+    async def receive(self, max_messages: int = 100, timeout: float = 1.0) -> list[MemoryDelivery]:
+        if self._closed or self._transport._closed:
+            raise TransportClosed("receive() on a closed subscription")
+        group = self._group
+        room = min(max_messages, self.prefetch - len(self._inflight))
+        if room <= 0:
+            return []
+        entries = group.take(room)
+        if not entries and timeout > 0:
+            try:
+                async with asyncio.timeout(timeout):
+                    while not entries:
+                        await group.signal.wait()
+                        if self._closed:
+                            return []
+                        entries = group.take(room)
+            except TimeoutError:
+                return []
+        out = [MemoryDelivery(self, e) for e in entries]
+        inflight = self._inflight
+        for d in out:
+            inflight[id(d)] = d
+        return out
+
+
+class MemoryTransport:
+    """The in-memory :class:`msdata.transport.Transport`."""
+
+    features = FEATURES
+
+    def __init__(self) -> None:
+        self._topics: dict[str, dict[str, _Group]] = {}
+        self._unclaimed: dict[str, deque[TransportMessage]] = {}
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str = "memory://") -> MemoryTransport:
+        if not url.startswith("memory:"):
+            raise ConfigurationError(f"not a memory:// URL: {url!r}")
+        return cls()
+
+    async def publish(self, topic: str, messages: Sequence[TransportMessage]) -> None:
+        if self._closed:
+            raise TransportClosed("publish() on a closed transport")
+        groups = self._topics.get(topic)
+        if groups is None:
+            check_name("topic", topic)
+            groups = self._topics[topic] = {}
+        for group in groups.values():
+            ready = group.ready
+            for m in messages:
+                ready.append(_Entry(m))
+            if messages:
+                group.signal.set()
+
+    def subscribe(
+        self, topic: str, group: str, *, max_attempts: int = 5, prefetch: int = 100
+    ) -> MemorySubscription:
+        check_name("topic", topic)
+        check_name("group", group)
+        if max_attempts < 1 or prefetch < 1:
+            raise ConfigurationError("max_attempts and prefetch must be >= 1")
+        return MemorySubscription(self, topic, group, max_attempts, prefetch)
+
+    async def close(self) -> None:
+        self._closed = True
+        for groups in self._topics.values():
+            for g in groups.values():
+                g.signal.set()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def pending(self, topic: str, group: str) -> int:
+        """Messages of ``topic`` waiting in ``group`` (ready or blocked behind their key)."""
+        g = self._topics.get(topic, {}).get(group)
+        if g is None:
+            return 0
+        return len(g.ready) + sum(len(q) for q in g.blocked.values())
+
+    def _declare(self, topic: str, group: str) -> _Group:
+        groups = self._topics.setdefault(topic, {})
+        g = groups.get(group)
+        if g is None:
+            g = groups[group] = _Group(self, topic, group)
+            for m in self._unclaimed.pop(topic, ()):
+                g.push(_Entry(m))
+        return g
+
+    def _dead_letter(self, group: _Group, entry: _Entry, reason: str) -> None:
+        group.settle(entry)
+        m = entry.message
+        headers = dict(m.headers)
+        headers[DEAD_LETTER_REASON] = reason
+        headers[DEAD_LETTER_TOPIC] = group.topic
+        headers[DEAD_LETTER_GROUP] = group.name
+        headers[DEAD_LETTER_ATTEMPTS] = str(entry.attempt)
+        dlq = TransportMessage(m.id, m.body, m.key, MappingProxyType(headers))
+        target = dead_letter_topic(group.topic, group.name)
+        groups = self._topics.get(target)
+        if groups:
+            for g in groups.values():
+                g.push(_Entry(dlq))
+        else:
+            # nobody reads the dead-letter topic yet: keep it for the first group to come
+            self._unclaimed.setdefault(target, deque()).append(dlq)

@@ -1,0 +1,299 @@
+"""Typed messages, the registry that names them on the wire, and the envelope around them.
+
+A message class is a frozen pydantic model registered under a stable type name and a schema
+version that the user chooses (never derived from the module path, so moving a class does not
+break the wire)::
+
+    @message_type("orders.OrderPlaced", version=2)
+    class OrderPlaced(Event):
+        order_id: str
+        total_cents: int
+
+    @upcaster("orders.OrderPlaced", from_version=1)
+    def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+        return {**data, "total_cents": round(data.pop("total") * 100)}
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from msdata.errors import InvalidHeader, RegistrationError
+from msdata.ids import new_id, utc_now
+
+__all__ = [
+    "Command",
+    "Envelope",
+    "Event",
+    "Message",
+    "MessageRegistry",
+    "Query",
+    "Upcaster",
+    "current_envelope",
+    "default_registry",
+    "handling",
+    "make_envelope",
+    "message_type",
+    "upcaster",
+]
+
+ResultT = TypeVar("ResultT")
+M = TypeVar("M", bound="Message")
+MT = TypeVar("MT", bound=type["Message"])
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+
+_TYPE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.:\-]{0,199}$")
+
+
+class Message(BaseModel):
+    """Base of every message: an immutable pydantic model. Unknown fields from a newer
+    producer are ignored (tolerant reader); missing or wrongly typed ones fail validation."""
+
+    model_config = ConfigDict(frozen=True)
+
+
+class Event(Message):
+    """Something that happened. Published to any number of handlers; each fails alone."""
+
+
+class Command(Message):
+    """A request to do something. Exactly one handler; its result or error reaches the sender."""
+
+
+class Query(Message, Generic[ResultT]):
+    """A request for data, answered by exactly one handler with a ``ResultT``."""
+
+
+class MessageRegistry:
+    """Maps stable type names and schema versions to message classes, and back.
+
+    Decoding a version older than the newest registered one applies the upcasters registered
+    for each step (v1 -> v2 -> ... -> newest); a version with its own class and no upcaster path
+    decodes to that class.
+    """
+
+    def __init__(self) -> None:
+        self._by_class: dict[type[Message], tuple[str, int]] = {}
+        self._by_name: dict[str, dict[int, type[Message]]] = {}
+        self._upcasters: dict[tuple[str, int], Upcaster] = {}
+
+    def register(self, cls: type[Message], type_name: str, version: int = 1) -> None:
+        if not (isinstance(cls, type) and issubclass(cls, Message)):
+            raise RegistrationError(f"{cls!r} is not a msdata Message class")
+        if not _TYPE_NAME.match(type_name):
+            raise RegistrationError(
+                f"type name {type_name!r} must start with a letter and hold only letters, "
+                "digits and . _ : - (at most 200 characters)"
+            )
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise RegistrationError(f"schema version must be an int >= 1, got {version!r}")
+        versions = self._by_name.setdefault(type_name, {})
+        existing = versions.get(version)
+        if existing is not None and existing is not cls:
+            raise RegistrationError(
+                f"{type_name!r} version {version} is already registered to "
+                f"{existing.__module__}.{existing.__qualname__}"
+            )
+        previous = self._by_class.get(cls)
+        if previous is not None and previous != (type_name, version):
+            raise RegistrationError(f"{cls.__qualname__} is already registered as {previous}")
+        versions[version] = cls
+        self._by_class[cls] = (type_name, version)
+
+    def add_upcaster(self, type_name: str, from_version: int, fn: Upcaster) -> None:
+        key = (type_name, from_version)
+        if key in self._upcasters:
+            raise RegistrationError(f"an upcaster from {type_name!r} v{from_version} exists")
+        self._upcasters[key] = fn
+
+    def name_of(self, cls: type[Message]) -> tuple[str, int]:
+        """The (type name, version) a class is registered under."""
+        try:
+            return self._by_class[cls]
+        except KeyError:
+            raise RegistrationError(
+                f"{cls.__module__}.{cls.__qualname__} is not registered; decorate it with "
+                "@message_type('your.TypeName')"
+            ) from None
+
+    def is_registered(self, cls: type[Message]) -> bool:
+        return cls in self._by_class
+
+    def knows(self, type_name: str) -> bool:
+        return type_name in self._by_name
+
+    def resolve(self, type_name: str, version: int) -> tuple[type[Message], list[Upcaster]]:
+        """The class to validate with and the upcasters to apply first, in order.
+
+        Raises ``KeyError`` for an unknown name and ``LookupError`` for an unreachable version;
+        the codec turns both into the specific decode errors.
+        """
+        versions = self._by_name[type_name]
+        newest = max(versions)
+        chain: list[Upcaster] = []
+        v = version
+        while v < newest:
+            step = self._upcasters.get((type_name, v))
+            if step is None:
+                break
+            chain.append(step)
+            v += 1
+        if v == newest:
+            return versions[newest], chain
+        if version in versions:
+            return versions[version], []
+        raise LookupError(version)
+
+    def types(self) -> dict[str, dict[int, type[Message]]]:
+        return {name: dict(v) for name, v in self._by_name.items()}
+
+
+default_registry = MessageRegistry()
+
+
+def message_type(
+    type_name: str, *, version: int = 1, registry: MessageRegistry | None = None
+) -> Callable[[MT], MT]:
+    """Class decorator: register a message class under a stable type name and version."""
+
+    def decorate(cls: MT) -> MT:
+        (registry or default_registry).register(cls, type_name, version)
+        return cls
+
+    return decorate
+
+
+def upcaster(
+    type_name: str, *, from_version: int, registry: MessageRegistry | None = None
+) -> Callable[[Upcaster], Upcaster]:
+    """Decorator: turn a ``from_version`` payload (a dict) into the next version's payload."""
+
+    def decorate(fn: Upcaster) -> Upcaster:
+        (registry or default_registry).add_upcaster(type_name, from_version, fn)
+        return fn
+
+    return decorate
+
+
+_HEADER_NAME = re.compile(r"^[a-z0-9]{1,64}$")
+# CloudEvents context attributes and msdata's own extensions; headers cannot shadow them.
+RESERVED_ATTRIBUTES = frozenset(
+    {
+        "specversion",
+        "id",
+        "source",
+        "type",
+        "time",
+        "subject",
+        "datacontenttype",
+        "dataschema",
+        "data",
+        "data_base64",
+        "correlationid",
+        "causationid",
+        "partitionkey",
+        "schemaversion",
+    }
+)
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+def check_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
+    """Headers travel as CloudEvents extension attributes: lowercase letters and digits."""
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _HEADER_NAME.match(name):
+            raise InvalidHeader(
+                f"header name {name!r} must be 1-64 lowercase letters or digits "
+                "(a CloudEvents extension attribute name)"
+            )
+        if name in RESERVED_ATTRIBUTES:
+            raise InvalidHeader(f"header name {name!r} is a reserved CloudEvents attribute")
+        if not isinstance(value, str):
+            raise InvalidHeader(f"header {name!r} must be a str, got {type(value).__name__}")
+    return MappingProxyType(dict(headers))
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope(Generic[M]):
+    """A message with what travels around it. ``id`` is a UUIDv7 string; ``time`` is UTC."""
+
+    message: M
+    type: str
+    version: int
+    id: str = field(default_factory=new_id)
+    time: datetime = field(default_factory=utc_now)
+    source: str = "msdata"
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    partition_key: str | None = None
+    headers: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+
+
+_current: ContextVar[Envelope[Any] | None] = ContextVar("msdata_current_envelope", default=None)
+
+
+def current_envelope() -> Envelope[Any] | None:
+    """The envelope of the message whose handler is running in this task, if any."""
+    return _current.get()
+
+
+class handling:
+    """Mark ``envelope`` as the message being handled, so anything published or sent inside
+    gets causation id = its id and its correlation id."""
+
+    __slots__ = ("_envelope", "_token")
+
+    def __init__(self, envelope: Envelope[Any]) -> None:
+        self._envelope = envelope
+
+    def __enter__(self) -> Envelope[Any]:
+        self._token = _current.set(self._envelope)
+        return self._envelope
+
+    def __exit__(self, *exc: object) -> None:
+        _current.reset(self._token)
+
+
+def make_envelope(
+    message: M,
+    *,
+    registry: MessageRegistry | None = None,
+    partition_key: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    source: str = "msdata",
+    correlation_id: str | None = None,
+) -> Envelope[M]:
+    """Wrap ``message`` for sending. Correlation and causation come from the message being
+    handled in this task (see :func:`handling`), unless given."""
+    type_name, version = (registry or default_registry).name_of(type(message))
+    if partition_key is not None and not isinstance(partition_key, str):
+        raise InvalidHeader(f"partition key must be a str, got {type(partition_key).__name__}")
+    msg_id = new_id()
+    parent = _current.get()
+    if parent is not None:
+        causation: str | None = parent.id
+        correlation = correlation_id or parent.correlation_id or parent.id
+    else:
+        causation = None
+        correlation = correlation_id or msg_id
+    return Envelope(
+        message=message,
+        type=type_name,
+        version=version,
+        id=msg_id,
+        time=utc_now(),
+        source=source,
+        correlation_id=correlation,
+        causation_id=causation,
+        partition_key=partition_key,
+        headers=check_headers(headers) if headers else _EMPTY,
+    )

@@ -1,0 +1,197 @@
+"""The transport port: how msdata hands encoded messages to a broker and takes them back.
+
+Two small protocols, :class:`Publisher` and :class:`Subscriber`, implemented by every adapter
+(``msdata.adapters.memory``, ``.redis``, ``.rabbitmq``, ``.nats``) and checked by one
+conformance suite, :class:`msdata.testing.transport.TransportConformance`.
+
+The transport moves bytes (a CloudEvents JSON body, see :mod:`msdata.serialization`) plus the
+little it needs to route them: the message id (for broker-side de-duplication) and the
+partition key (for ordering). Decoding happens above it, so a foreign producer's garbage
+still arrives as a delivery that a consumer can dead-letter with its reason.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType, TracebackType
+from typing import Protocol, Self, runtime_checkable
+
+from msdata.errors import ConfigurationError
+
+__all__ = [
+    "DEAD_LETTER_ATTEMPTS",
+    "DEAD_LETTER_GROUP",
+    "DEAD_LETTER_REASON",
+    "DEAD_LETTER_TOPIC",
+    "Delivery",
+    "Publisher",
+    "Subscriber",
+    "Subscription",
+    "Transport",
+    "TransportFeatures",
+    "TransportMessage",
+    "check_name",
+    "dead_letter_topic",
+    "iterate",
+]
+
+# Headers a dead-lettered message carries, whatever the backend.
+DEAD_LETTER_REASON = "x-msdata-dead-letter-reason"
+DEAD_LETTER_TOPIC = "x-msdata-original-topic"
+DEAD_LETTER_GROUP = "x-msdata-group"
+DEAD_LETTER_ATTEMPTS = "x-msdata-attempts"
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]{0,199}$")
+
+
+def check_name(kind: str, name: str) -> str:
+    """Topic and group names: letters, digits and ``_ - .``, so every broker can hold them."""
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise ConfigurationError(
+            f"{kind} name {name!r} must be 1-200 letters, digits, '_', '-' or '.', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def dead_letter_topic(topic: str, group: str) -> str:
+    """Where a group's failed deliveries of ``topic`` go. Subscribe to it like any topic."""
+    return f"{topic}.{group}.dlq"
+
+
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class TransportMessage:
+    """One message as the transport carries it.
+
+    ``id`` is the message id (brokers that de-duplicate use it); ``key`` is the partition
+    key that ordering is kept by; ``headers`` are transport-level string headers (the
+    dead-letter reason travels there), separate from the CloudEvents body.
+    """
+
+    id: str
+    body: bytes
+    key: str | None = None
+    headers: Mapping[str, str] = field(default_factory=lambda: _NO_HEADERS)
+
+
+@dataclass(frozen=True, slots=True)
+class TransportFeatures:
+    """What a backend guarantees, so the conformance suite asserts only what it promises."""
+
+    #: a confirmed message survives a restart of the broker
+    durable: bool
+    #: within a group, deliveries with the same key arrive in publish order, including
+    #: redeliveries, and one key is never in flight at two consumers of the group at once
+    ordered_per_key: bool
+    #: ``nack(delay=...)`` is carried out by the broker (else by a timer in the adapter)
+    native_delay: bool
+    #: a new group also receives what was published before it was created
+    replays_history: bool
+    #: seconds after which a delivery left unacked by a consumer that died is offered again
+    #: (0: as soon as the subscription closes)
+    redelivery_timeout: float = 0.0
+
+
+@runtime_checkable
+class Delivery(Protocol):
+    """A received message that must be settled exactly once: ack, nack or dead_letter.
+
+    - ``ack()``: done; it is not delivered to this group again.
+    - ``nack(delay)``: failed; it is delivered again (to any consumer of the group) no sooner
+      than ``delay`` seconds from now, with ``attempt`` one higher. When this was the
+      subscription's ``max_attempts``-th attempt, it goes to the dead-letter topic instead,
+      with ``reason``.
+    - ``dead_letter(reason)``: it can never succeed (bad input); it goes straight to
+      :func:`dead_letter_topic` with the reason in the ``x-msdata-dead-letter-reason`` header.
+      A dead-letter topic keeps what it receives until read: the first group to subscribe to
+      it receives everything dead-lettered before.
+    - Not settled when its subscription closes, or its consumer dies: redelivered.
+    """
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def group(self) -> str: ...
+    @property
+    def message(self) -> TransportMessage: ...
+    @property
+    def attempt(self) -> int:
+        """1 on the first delivery to this group, 2 on the first redelivery, ..."""
+        ...
+
+    async def ack(self) -> None: ...
+    async def nack(self, delay: float = 0.0, reason: str | None = None) -> None: ...
+    async def dead_letter(self, reason: str) -> None: ...
+
+
+@runtime_checkable
+class Subscription(Protocol):
+    """A consumer in a group. ``async with`` declares the group (durably, on brokers) and
+    starts consuming; leaving it stops consuming and releases unsettled deliveries.
+
+    A group receives every message published to the topic after the group was created;
+    consumers of one group compete; each group gets each message. ``receive`` is safe to call
+    from one task at a time per subscription.
+    """
+
+    async def __aenter__(self) -> Self: ...
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    async def receive(self, max_messages: int = 100, timeout: float = 1.0) -> list[Delivery]:
+        """Up to ``max_messages`` deliveries; waits up to ``timeout`` seconds for the first,
+        then returns what is ready. An empty list means nothing arrived in time."""
+        ...
+
+
+@runtime_checkable
+class Publisher(Protocol):
+    """Sends batches of messages to a topic."""
+
+    async def publish(self, topic: str, messages: Sequence[TransportMessage]) -> None:
+        """Return only when the transport has accepted every message of the batch durably
+        (for a broker: confirmed). Adapters keep the whole batch's confirms in flight at
+        once. Raises :class:`msdata.errors.PublishError` if any was not accepted; the caller
+        then publishes the batch again (consumers de-duplicate by message id). Messages of
+        one key in one batch keep their order."""
+        ...
+
+
+@runtime_checkable
+class Subscriber(Protocol):
+    """Opens subscriptions."""
+
+    def subscribe(
+        self, topic: str, group: str, *, max_attempts: int = 5, prefetch: int = 100
+    ) -> Subscription:
+        """A consumer of ``topic`` in consumer group ``group``. After ``max_attempts``
+        failed attempts a delivery goes to the group's dead-letter topic. ``prefetch`` bounds
+        how many unsettled deliveries this consumer holds."""
+        ...
+
+
+@runtime_checkable
+class Transport(Publisher, Subscriber, Protocol):
+    """A publisher and subscriber over one backend, with its :class:`TransportFeatures`."""
+
+    features: TransportFeatures
+
+    async def close(self) -> None: ...
+
+
+async def iterate(
+    subscription: Subscription, *, batch: int = 100, timeout: float = 1.0
+) -> AsyncIterator[Delivery]:
+    """Yield deliveries one by one, forever (until the task is cancelled)."""
+    while True:
+        for delivery in await subscription.receive(batch, timeout):
+            yield delivery

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import pytest
+
+from msdata.testing.services import require
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    return require("postgres")
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return require("redis")
+
+
+@pytest.fixture
+def amqp_url() -> str:
+    return require("rabbitmq")
+
+
+@pytest.fixture
+def nats_url() -> str:
+    return require("nats")
