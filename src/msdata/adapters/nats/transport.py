@@ -1,0 +1,670 @@
+"""The NATS JetStream transport: a stream per topic, a durable pull consumer per group.
+
+Mapping
+    - A topic is one stream with file storage and limits retention, named
+      ``stream_prefix + escaped(topic)`` (see :func:`stream_name`; stream names cannot hold
+      ``.``, so ``.`` becomes ``-``, ``-`` becomes ``_-`` and ``_`` becomes ``__``, which
+      :func:`topic_of_stream` reverses; names too long for the server end in ``_h`` and a
+      hash, and the stream's description holds the topic). The stream captures the one
+      subject ``subject_prefix + topic``: anything published there, by msdata or not, is
+      delivered.
+    - A group is a durable pull consumer on that stream (``deliver_policy=all``, explicit
+      ack), named :func:`consumer_name` of the group. A subscription binds to it and pulls in
+      batches (``fetch``); consumers of one group compete, each group gets each message.
+      The stream keeps what it holds until its limits (``max_age``, ``max_bytes``) drop it,
+      so a new group starts from the beginning (``replays_history=True``): in particular the
+      first group on a dead-letter topic receives everything dead-lettered before.
+
+Publishing
+    Each message goes out with ``Nats-Msg-Id`` set to its id, so JetStream drops a second
+    publish of the same id inside ``duplicate_window`` (a relay that publishes a batch again
+    after a crash does not duplicate it). The whole batch is sent with nats-py's
+    ``publish_async`` (every acknowledgement in flight at once) and ``publish`` returns when
+    every message is confirmed by the stream, or raises :class:`PublishError`.
+
+Settling
+    ``ack`` is ``+ACK``, ``nack(delay)`` is ``-NAK`` with the delay (JetStream redelivers it no
+    sooner, so ``native_delay=True``), and ``attempt`` is JetStream's ``num_delivered``.
+    ``max_attempts`` is enforced here, not by the consumer's ``max_deliver`` (which is left
+    unlimited): at ``max_deliver`` JetStream only stops delivering and leaves the message
+    parked, where no one sees it. Instead, the ``max_attempts``-th ``nack`` publishes the
+    message to :func:`msdata.transport.dead_letter_topic` with the reason headers (confirmed,
+    ``Nats-Msg-Id`` de-duplicated) and then terminates it (``+TERM``); a delivery that comes
+    back beyond ``max_attempts`` because its consumers kept dying is dead-lettered by
+    ``receive`` without being handed out. Deliveries still unsettled when a subscription
+    closes are nacked at once; those of a consumer that died come back after ``ack_wait``
+    (declared as ``redelivery_timeout``).
+
+Order per key: not kept (``ordered_per_key=False``)
+    JetStream orders a stream, not a key: two consumers of one group pull interleaved
+    batches, and a nacked message is redelivered after later messages of its key have
+    already been handed out. The only server-side way to keep it is ``max_ack_pending=1``
+    (one message in flight per group: strict order, no parallelism, and a nack delay stalls
+    the whole group), which also breaks ``prefetch``. A key-partitioned layout (a subject per
+    key bucket, a consumer per bucket with ``max_ack_pending=1``) would keep per-key order
+    with some parallelism; it is not built. Consumers that need order per key apply
+    messages idempotently with a version check (the inbox), or use a transport that keeps it.
+
+Foreign messages
+    A message without msdata's headers gets the id ``<stream>:<sequence>`` (stable across
+    redeliveries) and no key; its body is handed out untouched, to be decoded, or
+    dead-lettered with the reason, above the transport.
+
+Connection
+    nats-py reconnects by itself (:meth:`NatsTransport.from_url` sets unlimited reconnect
+    attempts; pass your own client configured likewise). Durable consumers live on the
+    server, so a subscription's next ``receive`` after a reconnect or a server restart pulls
+    again; ``receive`` returns an empty list while the connection is down, and declares the
+    stream and consumer again if the server lost them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import re
+from collections.abc import Sequence
+from types import MappingProxyType, TracebackType
+from typing import Any, Self
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from msdata.errors import (
+    ConfigurationError,
+    MsdataError,
+    PublishError,
+    TransportClosed,
+    TransportError,
+)
+from msdata.transport import (
+    DEAD_LETTER_ATTEMPTS,
+    DEAD_LETTER_GROUP,
+    DEAD_LETTER_REASON,
+    DEAD_LETTER_TOPIC,
+    TransportFeatures,
+    TransportMessage,
+    check_name,
+    dead_letter_topic,
+)
+
+__all__ = [
+    "KEY_HEADER",
+    "MSG_ID_HEADER",
+    "NatsDelivery",
+    "NatsSubscription",
+    "NatsTransport",
+    "consumer_name",
+    "stream_name",
+    "topic_of_stream",
+]
+
+#: JetStream de-duplicates publishes by this header, inside the stream's duplicate window
+MSG_ID_HEADER = "Nats-Msg-Id"
+#: the partition key travels in this header
+KEY_HEADER = "x-msdata-key"
+_RESERVED = frozenset({MSG_ID_HEADER, KEY_HEADER})
+
+_NAK = b"-NAK"
+_TERM = b"+TERM"
+_ACK_PREFIX = "$JS.ACK."
+_NO_HEADERS: MappingProxyType[str, str] = MappingProxyType({})
+
+# Stream and consumer names become file names on the server: keep them well under 255.
+_NAME_MAX = 150
+_HASH_LEN = 20
+_PREFIX = re.compile(r"^[A-Za-z0-9_\-]{0,40}$")
+_SUBJECT_PREFIX = re.compile(r"^([A-Za-z0-9_\-]+\.)*$")
+# JetStream API error codes: stream / consumer name already in use
+_STREAM_EXISTS = 10058
+_CONSUMER_EXISTS = {10013, 10148}
+
+
+def _escape(name: str) -> str:
+    return name.replace("_", "__").replace("-", "_-").replace(".", "-")
+
+
+def _fit(prefix: str, name: str) -> str:
+    escaped = _escape(name)
+    if len(prefix) + len(escaped) <= _NAME_MAX:
+        return prefix + escaped
+    room = _NAME_MAX - len(prefix) - 2 - _HASH_LEN
+    # cut between escape pairs, so the ``_h`` marker cannot be read as part of one
+    i = 0
+    while i < room:
+        step = 2 if escaped[i] == "_" else 1
+        if i + step > room:
+            break
+        i += step
+    digest = hashlib.sha256(name.encode()).hexdigest()[:_HASH_LEN]
+    return f"{prefix}{escaped[:i]}_h{digest}"
+
+
+def stream_name(topic: str, prefix: str = "MSDATA_") -> str:
+    """The JetStream stream that holds ``topic``."""
+    return _fit(prefix, topic)
+
+
+def consumer_name(group: str) -> str:
+    """The durable consumer name of consumer group ``group``."""
+    return _fit("", group)
+
+
+def topic_of_stream(stream: str, prefix: str = "MSDATA_") -> str | None:
+    """The topic a stream of :func:`stream_name` holds; None if it is not one, or if its name
+    was shortened with a hash (then the stream's description holds the topic)."""
+    if not stream.startswith(prefix):
+        return None
+    out: list[str] = []
+    chars = iter(stream[len(prefix) :])
+    for c in chars:
+        if c == "_":
+            nxt = next(chars, "")
+            if nxt == "_":
+                out.append("_")
+            elif nxt == "-":
+                out.append("-")
+            else:
+                return None
+        elif c == "-":
+            out.append(".")
+        else:
+            out.append(c)
+    return "".join(out) or None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+class NatsDelivery:
+    """A delivery from :class:`NatsTransport`; see :class:`msdata.transport.Delivery`."""
+
+    __slots__ = ("_msg", "_settled", "_sub", "attempt", "message")
+
+    def __init__(
+        self, sub: NatsSubscription, msg: Msg, message: TransportMessage, attempt: int
+    ) -> None:
+        self._sub = sub
+        self._msg = msg
+        self._settled = False
+        self.message = message
+        self.attempt = attempt
+
+    @property
+    def topic(self) -> str:
+        return self._sub.topic
+
+    @property
+    def group(self) -> str:
+        return self._sub.group
+
+    def _settle(self) -> bool:
+        if self._settled:
+            return False
+        if self._sub._closed:
+            raise TransportClosed("the subscription was closed; the delivery was released")
+        self._settled = True
+        self._sub._inflight.discard(self)
+        return True
+
+    async def _reply(self, payload: bytes) -> None:
+        try:
+            await self._sub._nc.publish(self._msg.reply, payload)  # type: ignore[union-attr]
+        except nats.errors.Error as e:
+            raise TransportError(f"could not settle the delivery: {e!r}") from e
+
+    async def ack(self) -> None:
+        if self._settle():
+            await self._reply(b"")
+
+    async def nack(self, delay: float = 0.0, reason: str | None = None) -> None:
+        if not self._settle():
+            return
+        if self.attempt >= self._sub.max_attempts:
+            await self._dead_letter(reason or f"failed {self.attempt} attempts", self.attempt)
+        elif delay > 0:
+            await self._reply(b'-NAK {"delay": %d}' % int(delay * 1e9))
+        else:
+            await self._reply(_NAK)
+
+    async def dead_letter(self, reason: str) -> None:
+        if self._settle():
+            await self._dead_letter(reason, self.attempt)
+
+    async def _dead_letter(self, reason: str, attempts: int) -> None:
+        sub = self._sub
+        m = self.message
+        headers = dict(m.headers)
+        headers[DEAD_LETTER_REASON] = _one_line(reason) or "dead-lettered"
+        headers[DEAD_LETTER_TOPIC] = sub.topic
+        headers[DEAD_LETTER_GROUP] = sub.group
+        headers[DEAD_LETTER_ATTEMPTS] = str(attempts)
+        dead = TransportMessage(m.id, m.body, m.key, headers)
+        try:
+            await sub._transport.publish(dead_letter_topic(sub.topic, sub.group), [dead])
+        except BaseException:
+            # not moved: let JetStream offer it again rather than lose it
+            await self._reply(_NAK)
+            raise
+        await self._reply(_TERM)
+
+
+class NatsSubscription:
+    """A consumer in a group; see :class:`msdata.transport.Subscription`."""
+
+    def __init__(
+        self, transport: NatsTransport, topic: str, group: str, max_attempts: int, prefetch: int
+    ) -> None:
+        self._transport = transport
+        self.topic = topic
+        self.group = group
+        self.max_attempts = max_attempts
+        self.prefetch = prefetch
+        self.stream = ""
+        self.consumer = consumer_name(group)
+        self._psub: JetStreamContext.PullSubscription | None = None
+        self._nc: Client | None = None
+        self._inflight: set[NatsDelivery] = set()
+        self._closed = False
+        self._lost = False
+
+    async def __aenter__(self) -> Self:
+        await self._declare()
+        self._transport._subscriptions.add(self)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _declare(self) -> None:
+        t = self._transport
+        js = await t._ready()
+        self._nc = js._nc
+        self.stream = await t._ensure_stream(self.topic, force=self._lost)
+        config = ConsumerConfig(
+            name=self.consumer,
+            durable_name=self.consumer,
+            description=f"msdata group {self.group} of topic {self.topic}",
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=t.ack_wait,
+            max_deliver=-1,
+            max_ack_pending=t.max_ack_pending,
+        )
+        try:
+            try:
+                await js.add_consumer(self.stream, config=config)
+            except nats.js.errors.APIError as e:
+                if e.err_code not in _CONSUMER_EXISTS:
+                    raise
+                # it exists with other settings (another version of this code): use it as is
+                await js.consumer_info(self.stream, self.consumer)
+            if self._psub is None:
+                self._psub = await js.pull_subscribe_bind(durable=self.consumer, stream=self.stream)
+        except nats.errors.Error as e:
+            raise TransportError(
+                f"could not declare group {self.group!r} on topic {self.topic!r}: {e!r}"
+            ) from e
+        self._lost = False
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._transport._subscriptions.discard(self)
+        replies = [d._msg.reply for d in self._inflight]
+        for d in self._inflight:
+            d._settled = True
+        self._inflight.clear()
+        psub, self._psub = self._psub, None
+        if psub is not None:
+            # messages the server sent that no receive() took yet: give them back too
+            queue: asyncio.Queue[Msg] | None = getattr(
+                getattr(psub, "_sub", None), "_pending_queue", None
+            )
+            while queue is not None and not queue.empty():
+                msg = queue.get_nowait()
+                if msg.reply and msg.reply.startswith(_ACK_PREFIX):
+                    replies.append(msg.reply)
+            with contextlib.suppress(nats.errors.Error, ValueError):
+                await psub.unsubscribe()
+        nc = self._nc
+        if replies and nc is not None and not nc.is_closed:
+            try:
+                for reply in replies:
+                    await nc.publish(reply, _NAK)
+                await nc.flush(timeout=2)
+            except (TimeoutError, nats.errors.Error):
+                pass  # not nacked: JetStream offers them again after ack_wait
+
+    async def receive(self, max_messages: int = 100, timeout: float = 1.0) -> list[NatsDelivery]:
+        if self._closed or self._transport._closed:
+            raise TransportClosed("receive() on a closed subscription")
+        room = min(max_messages, self.prefetch - len(self._inflight))
+        if room <= 0:
+            return []
+        if self._lost:
+            try:
+                await self._declare()
+            except TransportError:
+                await asyncio.sleep(min(timeout, 1.0))
+                return []
+        psub = self._psub
+        assert psub is not None, "receive() outside 'async with'"
+        try:
+            msgs = await psub.fetch(room, timeout=max(timeout, 0.01))
+        except TimeoutError:  # also nats' TimeoutError and FetchTimeoutError
+            return []
+        except nats.js.errors.NotFoundError:
+            # the server lost the consumer or stream (restarted without its data)
+            self._lost = True
+            return []
+        except nats.errors.ConnectionClosedError as e:
+            if self._closed:
+                return []
+            raise TransportClosed("the NATS connection is closed") from e
+        except (nats.errors.Error, ValueError):
+            # reconnecting, or closed while fetching: nothing arrived in time
+            if not self._closed:
+                await asyncio.sleep(min(timeout, 0.5))
+            return []
+        return await self._deliveries(msgs)
+
+    async def _deliveries(self, msgs: list[Msg]) -> list[NatsDelivery]:
+        out: list[NatsDelivery] = []
+        inflight = self._inflight
+        stream = self.stream
+        max_attempts = self.max_attempts
+        for msg in msgs:
+            reply = msg.reply
+            tokens = reply.split(".") if reply else []
+            n = len(tokens)
+            if n == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+                attempt, seq = int(tokens[4]), tokens[5]
+            elif n >= 11:  # with domain and account hash in front
+                attempt, seq = int(tokens[6]), tokens[7]
+            else:
+                continue  # not a JetStream delivery: nothing to settle
+            hdrs = msg.headers
+            if hdrs:
+                mid = hdrs.get(MSG_ID_HEADER) or f"{stream}:{seq}"
+                key = hdrs.get(KEY_HEADER)
+                headers: Any = {k: v for k, v in hdrs.items() if k not in _RESERVED}
+            else:
+                mid, key, headers = f"{stream}:{seq}", None, _NO_HEADERS
+            d = NatsDelivery(self, msg, TransportMessage(mid, msg.data, key, headers), attempt)
+            if attempt > max_attempts:
+                # its consumers died on it max_attempts times: settle it here
+                d._settled = True
+                # if that fails, _dead_letter nacked it: it comes back and is tried again
+                with contextlib.suppress(MsdataError):
+                    await d._dead_letter(
+                        f"not settled after {max_attempts} attempts "
+                        "(its consumer stopped or timed out)",
+                        attempt - 1,
+                    )
+                continue
+            inflight.add(d)
+            out.append(d)
+        if self._closed:
+            for d in out:
+                d._settled = True
+                await d._reply(_NAK)
+            return []
+        return out
+
+
+class NatsTransport:
+    """The NATS JetStream :class:`msdata.transport.Transport`.
+
+    Built on a connected nats-py client (``await nats.connect(...)``) that the caller owns
+    and closes; :meth:`from_url` builds one that the transport connects on first use and
+    closes in :meth:`close`. Serves one event loop, like the client.
+
+    Options: ``stream_prefix`` (stream names), ``subject_prefix`` (``""`` or ending in
+    ``.``: a topic's subject is ``subject_prefix + topic``), ``ack_wait`` (seconds before
+    JetStream offers again a delivery whose consumer died), ``duplicate_window`` (seconds
+    ``Nats-Msg-Id`` de-duplication lasts), ``max_age`` / ``max_bytes`` (stream retention
+    limits; None keeps everything), ``max_ack_pending`` (unsettled deliveries per group),
+    ``publish_timeout`` (seconds to wait for a batch's confirmations), ``memory_storage``
+    (memory instead of file streams: not durable).
+    """
+
+    def __init__(
+        self,
+        client: Client | None,
+        *,
+        stream_prefix: str = "MSDATA_",
+        subject_prefix: str = "",
+        ack_wait: float = 30.0,
+        duplicate_window: float = 120.0,
+        max_age: float | None = None,
+        max_bytes: int | None = None,
+        max_ack_pending: int = 1000,
+        publish_timeout: float = 10.0,
+        memory_storage: bool = False,
+        replicas: int = 1,
+    ) -> None:
+        if not _PREFIX.match(stream_prefix):
+            raise ConfigurationError(
+                f"stream_prefix {stream_prefix!r}: up to 40 letters, digits, '_' or '-'"
+            )
+        if not _SUBJECT_PREFIX.match(subject_prefix):
+            raise ConfigurationError(
+                f"subject_prefix {subject_prefix!r}: empty, or subject tokens each ending in '.'"
+            )
+        if ack_wait <= 0 or duplicate_window < 0 or publish_timeout <= 0 or max_ack_pending < 1:
+            raise ConfigurationError(
+                "ack_wait, publish_timeout and max_ack_pending must be positive"
+            )
+        self._nc: Client | None = client
+        self._js: JetStreamContext | None = client.jetstream() if client is not None else None
+        self._owns_client = client is None
+        self._connect: dict[str, Any] = {}
+        self._connect_lock = asyncio.Lock()
+        self.stream_prefix = stream_prefix
+        self.subject_prefix = subject_prefix
+        self.ack_wait = ack_wait
+        self.duplicate_window = duplicate_window
+        self.max_age = max_age
+        self.max_bytes = max_bytes
+        self.max_ack_pending = max_ack_pending
+        self.publish_timeout = publish_timeout
+        self.memory_storage = memory_storage
+        self.replicas = replicas
+        self.features = TransportFeatures(
+            durable=not memory_storage,
+            ordered_per_key=False,
+            native_delay=True,
+            replays_history=True,
+            redelivery_timeout=ack_wait,
+        )
+        # topic -> its subject, once its stream is known to exist
+        self._streams: dict[str, str] = {}
+        self._subscriptions: set[NatsSubscription] = set()
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str = "nats://127.0.0.1:4222", **options: Any) -> NatsTransport:
+        """A transport that connects to ``url`` (``nats://host:port``, several separated by
+        commas) on first use, reconnects without limit, and closes the connection on
+        :meth:`close`. ``options`` are those of the constructor."""
+        if not url.startswith(("nats://", "tls://")):
+            raise ConfigurationError(f"not a nats:// URL: {url!r}")
+        transport = cls(None, **options)
+        transport._connect = {
+            "servers": [u.strip() for u in url.split(",")],
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.5,
+            "name": "msdata",
+        }
+        return transport
+
+    @property
+    def client(self) -> Client | None:
+        """The nats-py client (None until a :meth:`from_url` transport connects)."""
+        return self._nc
+
+    async def _ready(self) -> JetStreamContext:
+        if self._closed:
+            raise TransportClosed("the transport is closed")
+        if self._js is not None:
+            return self._js
+        async with self._connect_lock:
+            if self._js is None:
+                try:
+                    nc = await nats.connect(**self._connect)
+                except (nats.errors.Error, OSError) as e:
+                    raise TransportError(f"could not connect to NATS: {e!r}") from e
+                self._nc, self._js = nc, nc.jetstream()
+            return self._js
+
+    def _subject(self, topic: str) -> str:
+        check_name("topic", topic)
+        if topic.endswith("."):
+            raise ConfigurationError(f"topic name {topic!r} must not end with '.' on NATS")
+        return self.subject_prefix + topic
+
+    async def _ensure_stream(self, topic: str, *, force: bool = False) -> str:
+        """Create the topic's stream if it does not exist; return the stream name."""
+        name = stream_name(topic, self.stream_prefix)
+        if not force and topic in self._streams:
+            return name
+        subject = self._subject(topic)
+        config = StreamConfig(
+            name=name,
+            description=f"msdata topic {topic}",
+            subjects=[subject],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.MEMORY if self.memory_storage else StorageType.FILE,
+            num_replicas=self.replicas,
+            duplicate_window=self.duplicate_window,
+            max_age=self.max_age,
+            max_bytes=self.max_bytes,
+        )
+        js = await self._ready()
+        try:
+            try:
+                await js.add_stream(config)
+            except nats.js.errors.APIError as e:
+                if e.err_code != _STREAM_EXISTS:
+                    raise
+                info = await js.stream_info(name)
+                if subject not in (info.config.subjects or ()):
+                    raise ConfigurationError(
+                        f"stream {name!r} exists but does not capture subject {subject!r}"
+                    ) from e
+        except nats.errors.Error as e:
+            raise TransportError(f"could not declare the stream of topic {topic!r}: {e!r}") from e
+        self._streams[topic] = subject
+        return name
+
+    async def publish(self, topic: str, messages: Sequence[TransportMessage]) -> None:
+        if self._closed:
+            raise TransportClosed("publish() on a closed transport")
+        subject = self._streams.get(topic)
+        if subject is None:
+            self._subject(topic)
+            if not messages:
+                return
+            await self._ensure_stream(topic)
+            subject = self._streams[topic]
+        elif not messages:
+            return
+        js = self._js
+        assert js is not None
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            for m in messages:
+                headers = {**m.headers, MSG_ID_HEADER: m.id} if m.headers else {MSG_ID_HEADER: m.id}
+                if m.key is not None:
+                    headers[KEY_HEADER] = m.key
+                futures.append(await js.publish_async(subject, m.body, headers=headers))
+            await self._confirmed(topic, futures)
+        except nats.errors.Error as e:
+            for f in futures:
+                f.cancel()
+            if isinstance(e, nats.js.errors.NoStreamResponseError):
+                self._streams.pop(topic, None)  # declare it again on the next publish
+            raise PublishError(f"publish to {topic!r} failed: {e!r}") from e
+
+    async def _confirmed(self, topic: str, futures: list[asyncio.Future[Any]]) -> None:
+        _done, pending = await asyncio.wait(futures, timeout=self.publish_timeout)
+        if pending:
+            for f in pending:
+                f.cancel()
+            raise PublishError(
+                f"{len(pending)} of {len(futures)} messages to {topic!r} were not confirmed "
+                f"within {self.publish_timeout}s"
+            )
+        for f in futures:
+            exc = f.exception()
+            if exc is not None:
+                raise exc
+
+    def subscribe(
+        self, topic: str, group: str, *, max_attempts: int = 5, prefetch: int = 100
+    ) -> NatsSubscription:
+        self._subject(topic)
+        check_name("group", group)
+        if max_attempts < 1 or prefetch < 1:
+            raise ConfigurationError("max_attempts and prefetch must be >= 1")
+        if self._closed:
+            raise TransportClosed("subscribe() on a closed transport")
+        return NatsSubscription(self, topic, group, max_attempts, prefetch)
+
+    async def delete_topic(self, topic: str) -> bool:
+        """Delete the topic's stream, with every message and group in it. True if it existed."""
+        js = await self._ready()
+        self._streams.pop(topic, None)
+        try:
+            return bool(await js.delete_stream(stream_name(topic, self.stream_prefix)))
+        except nats.js.errors.NotFoundError:
+            return False
+        except nats.errors.Error as e:
+            raise TransportError(f"could not delete the stream of {topic!r}: {e!r}") from e
+
+    async def close(self) -> None:
+        """Close every open subscription (nacking what they hold) and, for a :meth:`from_url`
+        transport, the connection. The caller's own client stays open."""
+        if self._closed:
+            return
+        for sub in list(self._subscriptions):
+            await sub.close()
+        self._closed = True
+        nc = self._nc
+        if nc is None or nc.is_closed:
+            return
+        try:
+            if self._owns_client:
+                await nc.close()
+            else:
+                await nc.flush(timeout=2)
+        except (TimeoutError, nats.errors.Error):
+            pass
+
+    async def __aenter__(self) -> Self:
+        await self._ready()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
