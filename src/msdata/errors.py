@@ -20,7 +20,8 @@ their edge with ``raise ... from e`` so the original stays on ``__cause__``.
     │       └── MessageTooLarge       larger than the codec's configured maximum (also raised on encode)
     ├── HandlerError
     │   ├── NoHandlerRegistered       a command or query with no handler
-    │   └── HandlerAlreadyRegistered  a second handler for a command or query type
+    │   ├── HandlerAlreadyRegistered  a second handler for a command or query type
+    │   └── RejectMessage             raised by a handler: dead-letter this message now, no retry
     ├── TransportError                a broker or the in-memory transport failed
     │   ├── PublishError              the transport did not accept (confirm) every message of a batch
     │   └── TransportClosed           used after close()
@@ -46,6 +47,7 @@ __all__ = [
     "NoHandlerRegistered",
     "PublishError",
     "RegistrationError",
+    "RejectMessage",
     "SchemaError",
     "StoreError",
     "TransportClosed",
@@ -124,6 +126,11 @@ class NoHandlerRegistered(HandlerError):
 
 class HandlerAlreadyRegistered(HandlerError):
     """A command or query type already has its one handler."""
+
+
+class RejectMessage(HandlerError):
+    """Raise from an event handler to send the message to the dead-letter topic at once,
+    with this error's text as the reason, instead of retrying it."""
 
 
 class TransportError(MsdataError):

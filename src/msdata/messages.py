@@ -19,10 +19,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -222,28 +221,57 @@ def check_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
     return MappingProxyType(dict(headers))
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope(Generic[M]):
-    """A message with what travels around it. ``id`` is a UUIDv7 string; ``time`` is UTC."""
+class Envelope(NamedTuple, Generic[M]):
+    """A message with what travels around it: immutable. ``id`` is a UUIDv7 string, ``time``
+    is UTC. Build one with :func:`make_envelope`; the codec builds them when decoding."""
 
     message: M
     type: str
     version: int
-    id: str = field(default_factory=new_id)
-    time: datetime = field(default_factory=utc_now)
+    id: str
+    time: datetime
     source: str = "msdata"
     correlation_id: str | None = None
     causation_id: str | None = None
     partition_key: str | None = None
-    headers: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    headers: Mapping[str, str] = _EMPTY
 
 
-_current: ContextVar[Envelope[Any] | None] = ContextVar("msdata_current_envelope", default=None)
+class _LocalParent:
+    """A message being handled in-process (a command or query) whose envelope is only built
+    if something inside asks for it: most handlers never publish, and ids are not free."""
+
+    __slots__ = ("_envelope", "message", "parent", "registry", "source")
+
+    def __init__(self, message: Message, registry: MessageRegistry, source: str) -> None:
+        self.message = message
+        self.registry = registry
+        self.source = source
+        self.parent = _current.get()  # what was being handled when this one was sent
+        self._envelope: Envelope[Any] | None = None
+
+    def resolve(self) -> Envelope[Any]:
+        if self._envelope is None:
+            parent = self.parent
+            if isinstance(parent, _LocalParent):
+                parent = parent.resolve()
+            self._envelope = _build(
+                self.message, self.registry, None, None, self.source, None, parent
+            )
+        return self._envelope
+
+
+_current: ContextVar[Envelope[Any] | _LocalParent | None] = ContextVar(
+    "msdata_current_envelope", default=None
+)
 
 
 def current_envelope() -> Envelope[Any] | None:
     """The envelope of the message whose handler is running in this task, if any."""
-    return _current.get()
+    parent = _current.get()
+    if parent is None or isinstance(parent, Envelope):
+        return parent
+    return parent.resolve()
 
 
 class handling:
@@ -252,12 +280,11 @@ class handling:
 
     __slots__ = ("_envelope", "_token")
 
-    def __init__(self, envelope: Envelope[Any]) -> None:
+    def __init__(self, envelope: Envelope[Any] | _LocalParent) -> None:
         self._envelope = envelope
 
-    def __enter__(self) -> Envelope[Any]:
+    def __enter__(self) -> None:
         self._token = _current.set(self._envelope)
-        return self._envelope
 
     def __exit__(self, *exc: object) -> None:
         _current.reset(self._token)
@@ -274,11 +301,30 @@ def make_envelope(
 ) -> Envelope[M]:
     """Wrap ``message`` for sending. Correlation and causation come from the message being
     handled in this task (see :func:`handling`), unless given."""
-    type_name, version = (registry or default_registry).name_of(type(message))
+    return _build(
+        message,
+        registry or default_registry,
+        partition_key,
+        headers,
+        source,
+        correlation_id,
+        current_envelope(),
+    )
+
+
+def _build(
+    message: M,
+    registry: MessageRegistry,
+    partition_key: str | None,
+    headers: Mapping[str, str] | None,
+    source: str,
+    correlation_id: str | None,
+    parent: Envelope[Any] | None,
+) -> Envelope[M]:
+    type_name, version = registry.name_of(type(message))
     if partition_key is not None and not isinstance(partition_key, str):
         raise InvalidHeader(f"partition key must be a str, got {type(partition_key).__name__}")
     msg_id = new_id()
-    parent = _current.get()
     if parent is not None:
         causation: str | None = parent.id
         correlation = correlation_id or parent.correlation_id or parent.id

@@ -1,0 +1,143 @@
+"""Command and query buses: one handler per message type, its result or error to the caller.
+
+::
+
+    commands = CommandBus()
+
+    @commands.handler(PlaceOrder)
+    async def place_order(cmd: PlaceOrder) -> str:
+        ...
+        return order_id
+
+    order_id = await commands.send(PlaceOrder(...))
+
+Handlers may be sync or async. While a handler runs, the command (or query) is the message
+being handled, so whatever it publishes or sends carries causation id = its id and its
+correlation id (see :func:`msdata.messages.handling`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar, cast
+
+from msdata.errors import HandlerAlreadyRegistered, NoHandlerRegistered
+from msdata.messages import (
+    Command,
+    Envelope,
+    Message,
+    MessageRegistry,
+    Query,
+    _LocalParent,
+    default_registry,
+    handling,
+    make_envelope,
+)
+from msdata.middleware import Middleware, Next, as_async, compose
+
+__all__ = ["CommandBus", "QueryBus"]
+
+M = TypeVar("M", bound=Message)
+R = TypeVar("R")
+H = TypeVar("H", bound=Callable[..., Any])
+
+
+class _Bus(Generic[M]):
+    _kind = "message"
+
+    def __init__(
+        self,
+        *,
+        middleware: Sequence[Middleware] = (),
+        registry: MessageRegistry | None = None,
+        source: str = "msdata",
+    ) -> None:
+        self._middleware = tuple(middleware)
+        self._registry = registry if registry is not None else default_registry
+        self._source = source
+        self._routes: dict[type[Message], _Route] = {}
+
+    def register(
+        self,
+        message_type: type[M],
+        handler: Callable[[Any], Any],
+        *,
+        middleware: Sequence[Middleware] = (),
+    ) -> None:
+        """Route ``message_type`` to ``handler``: the bus's middleware, then this handler's."""
+        if message_type in self._routes:
+            raise HandlerAlreadyRegistered(
+                f"{message_type.__qualname__} already has a handler; a {self._kind} has one"
+            )
+        if not self._registry.is_registered(message_type):
+            # in-process buses do not need a wire name; keep one so envelopes can be built
+            self._registry.register(message_type, _local_name(message_type))
+        chain = (*self._middleware, *middleware)
+        self._routes[message_type] = _Route(
+            as_async(handler), compose(handler, chain) if chain else None
+        )
+
+    def handler(
+        self, message_type: type[M], *, middleware: Sequence[Middleware] = ()
+    ) -> Callable[[H], H]:
+        """Decorator form of :meth:`register`."""
+
+        def decorate(fn: H) -> H:
+            self.register(message_type, fn, middleware=middleware)
+            return fn
+
+        return decorate
+
+    def has_handler(self, message_type: type[Message]) -> bool:
+        return message_type in self._routes
+
+    async def _dispatch(self, message: M) -> Any:
+        route = self._routes.get(type(message))
+        if route is None:
+            if not isinstance(message, Message):
+                raise TypeError(f"expected a msdata {self._kind}, got {type(message).__name__}")
+            raise NoHandlerRegistered(f"no handler for {type(message).__qualname__}")
+        if route.chain is not None:
+            envelope: Envelope[Any] = make_envelope(
+                message, registry=self._registry, source=self._source
+            )
+            with handling(envelope):
+                return await route.chain(envelope)
+        # no middleware: no envelope either, unless the handler publishes something
+        with handling(_LocalParent(message, self._registry, self._source)):
+            return await route.handler(message)
+
+
+class _Route:
+    __slots__ = ("chain", "handler")
+
+    def __init__(self, handler: Callable[[Any], Awaitable[Any]], chain: Next | None) -> None:
+        self.handler = handler
+        self.chain = chain
+
+
+def _local_name(cls: type[Message]) -> str:
+    return f"local.{cls.__module__}.{cls.__qualname__}".replace("<", "_").replace(">", "_")
+
+
+class CommandBus(_Bus[Command]):
+    """Routes each command type to exactly one handler and returns its result.
+
+    Registering a second handler raises :class:`HandlerAlreadyRegistered`; sending a
+    command with none raises :class:`NoHandlerRegistered`; a handler's exception reaches
+    the caller unchanged.
+    """
+
+    _kind = "command"
+
+    async def send(self, command: Command) -> Any:
+        return await self._dispatch(command)
+
+
+class QueryBus(_Bus[Query[Any]]):
+    """Routes each query type to exactly one handler and returns its typed result."""
+
+    _kind = "query"
+
+    async def ask(self, query: Query[R]) -> R:
+        return cast(R, await self._dispatch(query))

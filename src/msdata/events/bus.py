@@ -1,0 +1,328 @@
+"""The event bus: typed events published to a transport and handled by consumer groups.
+
+::
+
+    bus = EventBus(MemoryTransport(), source="orders")
+
+    @bus.handler(OrderPlaced, group="billing")
+    async def bill(event: OrderPlaced) -> None:
+        ...
+
+    async with bus:                       # starts one consumer per (topic, group)
+        await bus.publish(OrderPlaced(order_id="o-1"), key="o-1")
+
+An event's topic is its registered type name unless given. Each group receives each event;
+consumers of one group compete. Inside a consumer, a delivery is:
+
+- acked after its handler returned;
+- nacked (redelivered after a backoff, then dead-lettered after ``max_attempts``) when the
+  handler raised;
+- dead-lettered at once, with the reason, when it cannot be decoded (not JSON, not a
+  CloudEvent, unknown type, failed validation, too large) or the handler raised
+  :class:`msdata.errors.RejectMessage`;
+- acked and skipped when it decodes to a registered type that the group has no handler for.
+
+A failing handler affects only its own group. Nothing crashes the consumer loop. Stopping
+lets each consumer finish the delivery it is handling (up to ``stop_timeout``), and leaves
+every delivery it did not finish unacked, so the transport redelivers it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+from msdata.errors import ConfigurationError, DecodeError, HandlerAlreadyRegistered, RejectMessage
+from msdata.messages import (
+    Envelope,
+    Event,
+    MessageRegistry,
+    default_registry,
+    handling,
+    make_envelope,
+)
+from msdata.middleware import Middleware, Next, compose
+from msdata.serialization import CloudEventsCodec
+from msdata.transport import Delivery, Subscription, Transport, TransportMessage, check_name
+
+__all__ = ["EventBus"]
+
+log = logging.getLogger("msdata.events")
+
+E = TypeVar("E", bound=Event)
+H = TypeVar("H", bound=Callable[..., Any])
+
+
+@dataclass
+class _Consumer:
+    topic: str
+    group: str
+    routes: dict[str, Next] = field(default_factory=dict)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+def _default_backoff(attempt: int) -> float:
+    """Seconds before redelivery after the ``attempt``-th failure: exponential, jittered."""
+    return float(min(30.0, 0.1 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0))
+
+
+class EventBus:
+    """Publishes events through a :class:`msdata.transport.Transport` and runs the
+    consumers of the handlers subscribed to them."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        codec: CloudEventsCodec | None = None,
+        registry: MessageRegistry | None = None,
+        source: str = "msdata",
+        middleware: Sequence[Middleware] = (),
+        max_attempts: int = 5,
+        backoff: Callable[[int], float] = _default_backoff,
+        prefetch: int = 100,
+        concurrency: int = 1,
+        stop_timeout: float = 10.0,
+    ) -> None:
+        self.transport = transport
+        self.registry = registry if registry is not None else default_registry
+        self.codec = codec if codec is not None else CloudEventsCodec(self.registry)
+        self.source = source
+        self._middleware = tuple(middleware)
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.prefetch = prefetch
+        self.concurrency = concurrency
+        self.stop_timeout = stop_timeout
+        self._consumers: dict[tuple[str, str], _Consumer] = {}
+        self._running = False
+        self._stopping: asyncio.Event | None = None
+
+    # -- wiring ------------------------------------------------------------------------------
+
+    def topic_of(self, event_type: type[Event]) -> str:
+        """The default topic of an event type: its registered type name."""
+        return self.registry.name_of(event_type)[0]
+
+    def subscribe(
+        self,
+        event_type: type[E],
+        handler: Callable[[E], Any],
+        *,
+        group: str,
+        topic: str | None = None,
+        middleware: Sequence[Middleware] = (),
+    ) -> None:
+        """Run ``handler`` (sync or async, taking the event) for every ``event_type`` event
+        that reaches consumer group ``group``: the bus's middleware, then these."""
+        if self._running:
+            raise ConfigurationError("subscribe before the bus starts")
+        type_name = self.registry.name_of(event_type)[0]
+        topic = check_name("topic", topic or type_name)
+        check_name("group", group)
+        consumer = self._consumers.setdefault((topic, group), _Consumer(topic, group))
+        if type_name in consumer.routes:
+            raise HandlerAlreadyRegistered(
+                f"group {group!r} already handles {type_name!r} on topic {topic!r}"
+            )
+        consumer.routes[type_name] = compose(handler, (*self._middleware, *middleware))
+
+    def handler(
+        self,
+        event_type: type[E],
+        *,
+        group: str,
+        topic: str | None = None,
+        middleware: Sequence[Middleware] = (),
+    ) -> Callable[[H], H]:
+        """Decorator form of :meth:`subscribe`."""
+
+        def decorate(fn: H) -> H:
+            self.subscribe(event_type, fn, group=group, topic=topic, middleware=middleware)
+            return fn
+
+        return decorate
+
+    # -- publishing --------------------------------------------------------------------------
+
+    def envelope(
+        self,
+        event: Event,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Envelope[Event]:
+        """The envelope :meth:`publish` would send (correlation from the handled message)."""
+        return make_envelope(
+            event, registry=self.registry, partition_key=key, headers=headers, source=self.source
+        )
+
+    async def publish(
+        self,
+        event: Event,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        topic: str | None = None,
+    ) -> Envelope[Event]:
+        """Publish one event; returns once the transport accepted it (brokers: confirmed)."""
+        envelope = self.envelope(event, key=key, headers=headers)
+        await self.transport.publish(topic or envelope.type, [self._to_wire(envelope)])
+        return envelope
+
+    async def publish_many(
+        self,
+        events: Iterable[Event],
+        *,
+        key: Callable[[Event], str | None] | None = None,
+        topic: str | None = None,
+    ) -> list[Envelope[Event]]:
+        """Publish events as one batch per topic, all confirms in flight at once."""
+        by_topic: dict[str, list[TransportMessage]] = {}
+        out = []
+        for event in events:
+            envelope = self.envelope(event, key=key(event) if key else None)
+            out.append(envelope)
+            by_topic.setdefault(topic or envelope.type, []).append(self._to_wire(envelope))
+        for t, batch in by_topic.items():
+            await self.transport.publish(t, batch)
+        return out
+
+    def _to_wire(self, envelope: Envelope[Any]) -> TransportMessage:
+        return TransportMessage(
+            id=envelope.id, body=self.codec.encode(envelope), key=envelope.partition_key
+        )
+
+    # -- consuming ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Declare every group and start its consumers. Returns once all are subscribed."""
+        if self._running:
+            return
+        self._running = True
+        self._stopping = asyncio.Event()
+        ready: list[asyncio.Future[None]] = []
+        loop = asyncio.get_running_loop()
+        for consumer in self._consumers.values():
+            for n in range(self.concurrency):
+                fut: asyncio.Future[None] = loop.create_future()
+                ready.append(fut)
+                consumer.tasks.append(
+                    asyncio.create_task(
+                        self._consume(consumer, fut),
+                        name=f"msdata-consumer:{consumer.topic}:{consumer.group}:{n}",
+                    )
+                )
+        try:
+            await asyncio.gather(*ready)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Stop consuming: each consumer finishes the delivery in hand (up to
+        ``stop_timeout``); every delivery not finished stays unacked and is redelivered."""
+        if not self._running:
+            return
+        assert self._stopping is not None
+        self._stopping.set()
+        tasks = [t for c in self._consumers.values() for t in c.tasks]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self.stop_timeout)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for c in self._consumers.values():
+            c.tasks.clear()
+        self._running = False
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def _consume(self, consumer: _Consumer, ready: asyncio.Future[None]) -> None:
+        stopping = self._stopping
+        assert stopping is not None
+        while not stopping.is_set():
+            try:
+                sub: Subscription = self.transport.subscribe(
+                    consumer.topic,
+                    consumer.group,
+                    max_attempts=self.max_attempts,
+                    prefetch=self.prefetch,
+                )
+                async with sub:
+                    if not ready.done():
+                        ready.set_result(None)
+                    while not stopping.is_set():
+                        for delivery in await sub.receive(self.prefetch, timeout=0.25):
+                            if stopping.is_set():
+                                break  # the rest stays unacked: released when sub closes
+                            await self._handle(consumer, delivery)
+            except asyncio.CancelledError:
+                if not ready.done():
+                    ready.cancel()
+                raise
+            except Exception as e:
+                if not ready.done():  # could not even subscribe: start() reports it
+                    ready.set_exception(e)
+                    return
+                # a broker hiccup: the unsettled deliveries are redelivered; subscribe again
+                log.exception("consumer %s/%s failed; restarting", consumer.topic, consumer.group)
+                await asyncio.sleep(0.5)
+
+    async def _handle(self, consumer: _Consumer, delivery: Delivery) -> None:
+        try:
+            envelope = self.codec.decode(delivery.message.body)
+        except DecodeError as e:
+            await self._settle(delivery.dead_letter(f"{type(e).__name__}: {e}"))
+            return
+        route = consumer.routes.get(envelope.type)
+        if route is None:
+            # a registered type this group does not handle: not its business
+            await self._settle(delivery.ack())
+            return
+        try:
+            with handling(envelope):
+                await route(envelope)
+        except RejectMessage as e:
+            await self._settle(delivery.dead_letter(f"RejectMessage: {e}"))
+        except Exception as e:
+            log.warning(
+                "handler for %s %s in group %s failed (attempt %d): %r",
+                envelope.type,
+                envelope.id,
+                consumer.group,
+                delivery.attempt,
+                e,
+            )
+            await self._settle(
+                delivery.nack(
+                    delay=self.backoff(delivery.attempt), reason=f"{type(e).__name__}: {e}"
+                )
+            )
+        else:
+            await self._settle(delivery.ack())
+
+    @staticmethod
+    async def _settle(op: Any) -> None:
+        # a settle that fails (connection lost) leaves the delivery to be redelivered
+        try:
+            await op
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("settling a delivery failed; it will be redelivered")

@@ -1,0 +1,144 @@
+"""Middleware: one shape for the event bus, the command bus and the query bus.
+
+A middleware is ``async def mw(envelope, call_next) -> result``: it may act before and
+after ``await call_next(envelope)``, or not call it at all. Chains are composed once, when
+a handler is registered, so dispatch pays only for the middleware actually used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from msdata.messages import Envelope
+
+__all__ = [
+    "Middleware",
+    "Next",
+    "as_async",
+    "compose",
+    "logging_middleware",
+    "retry",
+    "timing",
+]
+
+Next = Callable[[Envelope[Any]], Awaitable[Any]]
+Middleware = Callable[[Envelope[Any], Next], Awaitable[Any]]
+
+
+def as_async(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    """``fn`` itself if it is a coroutine function, else a coroutine function calling it."""
+    if inspect.iscoroutinefunction(fn):
+        return fn
+
+    async def call(*args: Any) -> Any:
+        return fn(*args)
+
+    call.__name__ = getattr(fn, "__name__", "handler")
+    return call
+
+
+def compose(handler: Callable[[Any], Any], middleware: Sequence[Middleware]) -> Next:
+    """The handler (sync or async, taking the message) wrapped in ``middleware``, the first
+    one outermost, as one callable taking the envelope."""
+    fn = as_async(handler)
+
+    async def terminal(envelope: Envelope[Any]) -> Any:
+        return await fn(envelope.message)
+
+    chain: Next = terminal
+    for mw in reversed(middleware):
+        chain = _bind(mw, chain)
+    return chain
+
+
+def _bind(mw: Middleware, call_next: Next) -> Next:
+    async def step(envelope: Envelope[Any]) -> Any:
+        return await mw(envelope, call_next)
+
+    return step
+
+
+def retry(
+    attempts: int = 3,
+    *,
+    base_delay: float = 0.05,
+    max_delay: float = 2.0,
+    retry_on: tuple[type[BaseException], ...] = (Exception,),
+) -> Middleware:
+    """Retry the rest of the chain in-process up to ``attempts`` times in all, with
+    exponential backoff and full jitter. Cancellation is never retried. When the attempts
+    are used up the last error propagates (to the transport's redelivery, or the caller)."""
+    if attempts < 1:
+        raise ValueError("attempts must be >= 1")
+
+    async def mw(envelope: Envelope[Any], call_next: Next) -> Any:
+        for attempt in range(1, attempts + 1):
+            try:
+                return await call_next(envelope)
+            except retry_on:
+                if attempt == attempts:
+                    raise
+                cap = min(max_delay, base_delay * 2 ** (attempt - 1))
+                await asyncio.sleep(random.uniform(0, cap))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return mw
+
+
+def logging_middleware(
+    logger: logging.Logger | None = None, *, level: int = logging.DEBUG
+) -> Middleware:
+    """Log each message handled, and each failure, with its id, type and correlation id."""
+    log = logger or logging.getLogger("msdata")
+
+    async def mw(envelope: Envelope[Any], call_next: Next) -> Any:
+        extra = {
+            "msdata_message_id": envelope.id,
+            "msdata_type": envelope.type,
+            "msdata_correlation_id": envelope.correlation_id,
+        }
+        try:
+            result = await call_next(envelope)
+        except Exception:
+            log.exception(
+                "handling %s %s failed (correlation %s)",
+                envelope.type,
+                envelope.id,
+                envelope.correlation_id,
+                extra=extra,
+            )
+            raise
+        if log.isEnabledFor(level):
+            log.log(
+                level,
+                "handled %s %s (correlation %s)",
+                envelope.type,
+                envelope.id,
+                envelope.correlation_id,
+                extra=extra,
+            )
+        return result
+
+    return mw
+
+
+def timing(record: Callable[[Envelope[Any], float, BaseException | None], None]) -> Middleware:
+    """Call ``record(envelope, seconds, error_or_None)`` after each handling."""
+
+    async def mw(envelope: Envelope[Any], call_next: Next) -> Any:
+        started = time.perf_counter()
+        try:
+            result = await call_next(envelope)
+        except BaseException as e:
+            record(envelope, time.perf_counter() - started, e)
+            raise
+        record(envelope, time.perf_counter() - started, None)
+        return result
+
+    return mw

@@ -1,0 +1,314 @@
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from msdata import Event, MessageRegistry
+from msdata.adapters.memory import MemoryTransport
+from msdata.errors import ConfigurationError, HandlerAlreadyRegistered, RejectMessage
+from msdata.events import EventBus
+from msdata.messages import Envelope, current_envelope, message_type
+from msdata.middleware import Next, logging_middleware, retry, timing
+from msdata.testing.transport import collect
+from msdata.transport import DEAD_LETTER_REASON, TransportMessage, dead_letter_topic
+
+registry = MessageRegistry()
+
+
+@message_type("test.OrderPlaced", registry=registry)
+class OrderPlaced(Event):
+    order_id: str
+    amount: int
+
+
+@message_type("test.OrderShipped", registry=registry)
+class OrderShipped(Event):
+    order_id: str
+
+
+@message_type("test.Unhandled", registry=registry)
+class Unhandled(Event):
+    x: int
+
+
+async def wait_for(cond: Any, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+async def transport() -> AsyncIterator[MemoryTransport]:
+    t = MemoryTransport()
+    yield t
+    await t.close()
+
+
+def make_bus(transport: MemoryTransport, **kw: Any) -> EventBus:
+    kw.setdefault("backoff", lambda attempt: 0.0)
+    return EventBus(transport, registry=registry, source="test", **kw)
+
+
+async def test_each_group_handles_each_event_and_sync_handlers_work(
+    transport: MemoryTransport,
+) -> None:
+    bus = make_bus(transport)
+    billing: list[str] = []
+    shipping: list[str] = []
+
+    @bus.handler(OrderPlaced, group="billing")
+    async def bill(e: OrderPlaced) -> None:
+        billing.append(e.order_id)
+
+    @bus.handler(OrderPlaced, group="shipping")
+    def ship(e: OrderPlaced) -> None:
+        shipping.append(e.order_id)
+
+    async with bus:
+        for i in range(20):
+            await bus.publish(OrderPlaced(order_id=f"o{i}", amount=i), key=f"o{i}")
+        await wait_for(lambda: len(billing) == 20 and len(shipping) == 20)
+    assert sorted(billing) == sorted(shipping) == sorted(f"o{i}" for i in range(20))
+
+
+async def test_a_failing_handler_is_retried_and_does_not_stop_the_others(
+    transport: MemoryTransport,
+) -> None:
+    bus = make_bus(transport)
+    calls: dict[str, int] = {}
+    other: list[str] = []
+
+    @bus.handler(OrderPlaced, group="flaky")
+    async def flaky(e: OrderPlaced) -> None:
+        calls[e.order_id] = calls.get(e.order_id, 0) + 1
+        if calls[e.order_id] < 3:
+            raise RuntimeError("temporary")
+
+    @bus.handler(OrderPlaced, group="steady")
+    async def steady(e: OrderPlaced) -> None:
+        other.append(e.order_id)
+
+    async with bus:
+        await bus.publish(OrderPlaced(order_id="a", amount=1))
+        await wait_for(lambda: calls.get("a") == 3 and other == ["a"])
+        await asyncio.sleep(0.05)
+    assert calls == {"a": 3}
+
+
+async def test_handler_failing_every_time_ends_in_dead_letter_with_reason(
+    transport: MemoryTransport,
+) -> None:
+    bus = make_bus(transport, max_attempts=3)
+    calls = 0
+
+    @bus.handler(OrderPlaced, group="billing")
+    async def always_fails(e: OrderPlaced) -> None:
+        nonlocal calls
+        calls += 1
+        raise ValueError("card declined")
+
+    async with bus:
+        await bus.publish(OrderPlaced(order_id="x", amount=5))
+        topic = dead_letter_topic(bus.topic_of(OrderPlaced), "billing")
+        async with transport.subscribe(topic, "ops") as dlq:
+            (dead,) = await collect(dlq, 1, timeout=5)
+    assert calls == 3
+    assert dead.message.headers[DEAD_LETTER_REASON] == "ValueError: card declined"
+
+
+async def test_bad_input_goes_to_dead_letter_and_the_consumer_goes_on(
+    transport: MemoryTransport,
+) -> None:
+    bus = make_bus(transport)
+    seen: list[str] = []
+
+    @bus.handler(OrderPlaced, group="billing")
+    async def bill(e: OrderPlaced) -> None:
+        seen.append(e.order_id)
+
+    topic = bus.topic_of(OrderPlaced)
+    valid = bus.envelope(OrderPlaced(order_id="ok", amount=1))
+    bad_type = bus.codec.encode(valid).replace(b"test.OrderPlaced", b"test.Nope")
+    bad_data = bus.codec.encode(valid).replace(b'"amount":1', b'"amount":"lots"')
+    foreign = [b"\x00\x01 binary", b"{}", bad_type, bad_data]
+    async with bus:
+        await transport.publish(
+            topic, [TransportMessage(id=str(uuid.uuid4()), body=b) for b in foreign]
+        )
+        await bus.publish(OrderPlaced(order_id="ok", amount=1))
+        await wait_for(lambda: seen == ["ok"])
+        async with transport.subscribe(dead_letter_topic(topic, "billing"), "ops") as dlq:
+            dead = await collect(dlq, 4, timeout=5)
+    reasons = sorted(d.message.headers[DEAD_LETTER_REASON].split(":")[0] for d in dead)
+    assert reasons == [
+        "InvalidEnvelope",
+        "MalformedMessage",
+        "MessageValidationError",
+        "UnknownMessageType",
+    ]
+
+
+async def test_reject_message_dead_letters_at_once(transport: MemoryTransport) -> None:
+    bus = make_bus(transport, max_attempts=10)
+    calls = 0
+
+    @bus.handler(OrderPlaced, group="g")
+    async def reject(e: OrderPlaced) -> None:
+        nonlocal calls
+        calls += 1
+        raise RejectMessage("amount must be positive")
+
+    async with bus:
+        await bus.publish(OrderPlaced(order_id="neg", amount=-1))
+        async with transport.subscribe(dead_letter_topic(bus.topic_of(OrderPlaced), "g"), "o") as d:
+            (dead,) = await collect(d, 1, timeout=5)
+    assert calls == 1
+    assert "amount must be positive" in dead.message.headers[DEAD_LETTER_REASON]
+
+
+async def test_one_topic_can_carry_several_types_and_unhandled_ones_are_skipped(
+    transport: MemoryTransport,
+) -> None:
+    bus = make_bus(transport)
+    got: list[Any] = []
+    bus.subscribe(OrderPlaced, got.append, group="g", topic="orders")
+    bus.subscribe(OrderShipped, got.append, group="g", topic="orders")
+    async with bus:
+        await bus.publish(OrderPlaced(order_id="1", amount=1), topic="orders")
+        await bus.publish(Unhandled(x=1), topic="orders")
+        await bus.publish(OrderShipped(order_id="1"), topic="orders")
+        await wait_for(lambda: len(got) == 2)
+        await asyncio.sleep(0.05)
+        assert transport.pending("orders", "g") == 0
+    assert [type(e) for e in got] == [OrderPlaced, OrderShipped]
+
+
+async def test_events_published_inside_a_handler_carry_causation(
+    transport: MemoryTransport,
+) -> None:
+    bus = make_bus(transport)
+    shipped: list[Envelope[Any]] = []
+    placed: list[Envelope[Any]] = []
+
+    @bus.handler(OrderPlaced, group="shipping")
+    async def ship(e: OrderPlaced) -> None:
+        env = current_envelope()
+        assert env is not None
+        placed.append(env)
+        await bus.publish(OrderShipped(order_id=e.order_id))
+
+    @bus.handler(OrderShipped, group="notify")
+    async def notify(e: OrderShipped) -> None:
+        env = current_envelope()
+        assert env is not None
+        shipped.append(env)
+
+    async with bus:
+        first = await bus.publish(OrderPlaced(order_id="c1", amount=3))
+        await wait_for(lambda: len(shipped) == 1)
+    assert placed[0].id == first.id
+    assert shipped[0].causation_id == first.id
+    assert shipped[0].correlation_id == first.correlation_id == first.id
+
+
+async def test_order_per_key_is_kept_with_concurrent_consumers(transport: MemoryTransport) -> None:
+    bus = make_bus(transport, concurrency=3, prefetch=5)
+    seen: dict[str, list[int]] = {}
+    fail_once = {("k1", 3), ("k2", 7)}
+
+    @bus.handler(OrderPlaced, group="g")
+    async def handle(e: OrderPlaced) -> None:
+        await asyncio.sleep(0)
+        if (e.order_id, e.amount) in fail_once:
+            fail_once.discard((e.order_id, e.amount))
+            raise RuntimeError("once")
+        seen.setdefault(e.order_id, []).append(e.amount)
+
+    async with bus:
+        await bus.publish_many(
+            [OrderPlaced(order_id=f"k{k}", amount=i) for i in range(15) for k in range(4)],
+            key=lambda e: e.order_id,  # type: ignore[attr-defined]
+        )
+        await wait_for(lambda: sum(map(len, seen.values())) == 60)
+    assert seen == {f"k{k}": list(range(15)) for k in range(4)}
+
+
+async def test_stop_leaves_unfinished_work_unacked_for_redelivery(
+    transport: MemoryTransport,
+) -> None:
+    bus = make_bus(transport, stop_timeout=0.1)
+    started = asyncio.Event()
+    finished: list[str] = []
+
+    @bus.handler(OrderPlaced, group="slow")
+    async def slow(e: OrderPlaced) -> None:
+        started.set()
+        await asyncio.sleep(60)
+        finished.append(e.order_id)
+
+    await bus.start()
+    await bus.publish(OrderPlaced(order_id="long", amount=1))
+    await bus.publish(OrderPlaced(order_id="next", amount=2))
+    await started.wait()
+    await bus.stop()
+    assert finished == []
+    # both come back: the one cancelled mid-handler and the one never started
+    async with transport.subscribe(bus.topic_of(OrderPlaced), "slow") as sub:
+        again = await collect(sub, 2, timeout=2)
+    assert len(again) == 2
+
+
+async def test_middleware_wraps_handlers_in_order(
+    transport: MemoryTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    trail: list[str] = []
+    timings: list[tuple[str, BaseException | None]] = []
+
+    def tag(name: str) -> Any:
+        async def mw(env: Envelope[Any], call_next: Next) -> Any:
+            trail.append(f"{name}>")
+            result = await call_next(env)
+            trail.append(f"<{name}")
+            return result
+
+        return mw
+
+    bus = make_bus(
+        transport,
+        middleware=[tag("bus"), timing(lambda env, s, err: timings.append((env.type, err)))],
+    )
+    attempts = 0
+
+    @bus.handler(
+        OrderPlaced,
+        group="g",
+        middleware=[logging_middleware(level=logging.INFO), retry(3, base_delay=0), tag("h")],
+    )
+    async def handle(e: OrderPlaced) -> None:
+        nonlocal attempts
+        attempts += 1
+        trail.append("handler")
+        if attempts < 2:
+            raise RuntimeError("first try fails")
+
+    with caplog.at_level(logging.INFO, logger="msdata"):
+        async with bus:
+            await bus.publish(OrderPlaced(order_id="m", amount=1))
+            await wait_for(lambda: timings)
+    assert trail == ["bus>", "h>", "handler", "h>", "handler", "<h", "<bus"]
+    assert timings == [("test.OrderPlaced", None)]
+    assert any("handled test.OrderPlaced" in r.getMessage() for r in caplog.records)
+
+
+def test_wiring_errors(transport: MemoryTransport) -> None:
+    bus = make_bus(transport)
+    bus.subscribe(OrderPlaced, print, group="g")
+    with pytest.raises(HandlerAlreadyRegistered):
+        bus.subscribe(OrderPlaced, print, group="g")
+    with pytest.raises(ConfigurationError):
+        bus.subscribe(OrderPlaced, print, group="bad group")

@@ -1,0 +1,300 @@
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from msdata import CloudEventsCodec, Event, MessageRegistry, make_envelope
+from msdata.errors import (
+    DecodeError,
+    InvalidEnvelope,
+    InvalidHeader,
+    MalformedMessage,
+    MessageTooLarge,
+    MessageValidationError,
+    RegistrationError,
+    UnknownMessageType,
+    UnknownSchemaVersion,
+)
+from msdata.ids import new_id, uuid7
+from msdata.messages import current_envelope, handling, message_type, upcaster
+
+registry = MessageRegistry()
+
+
+@message_type("shop.OrderPlaced", version=2, registry=registry)
+class OrderPlaced(Event):
+    order_id: str
+    customer: uuid.UUID
+    total_cents: int
+    placed_at: datetime
+    lines: list[str] = []
+    note: str | None = None
+
+
+@message_type("shop.OrderPlaced", version=1, registry=registry)
+class OrderPlacedV1(Event):
+    order_id: str
+    customer: uuid.UUID
+    total: Decimal
+    placed_at: datetime
+
+
+@upcaster("shop.OrderPlaced", from_version=1, registry=registry)
+def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    total = Decimal(str(data.pop("total")))
+    return {**data, "total_cents": int(total * 100)}
+
+
+@message_type("shop.Pinged", registry=registry)
+class Pinged(Event):
+    n: int
+
+
+codec = CloudEventsCodec(registry)
+
+
+def order(**kw: Any) -> OrderPlaced:
+    base: dict[str, Any] = {
+        "order_id": "o-1",
+        "customer": uuid.uuid4(),
+        "total_cents": 1250,
+        "placed_at": datetime(2026, 11, 25, 12, 0, tzinfo=UTC),
+    }
+    return OrderPlaced(**{**base, **kw})
+
+
+def test_messages_are_frozen() -> None:
+    with pytest.raises(ValidationError):
+        order().order_id = "other"  # type: ignore[misc]
+
+
+def test_ids_are_uuid7_strictly_increasing_and_unique() -> None:
+    ids = [new_id() for _ in range(20_000)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    parsed = uuid.UUID(ids[-1])
+    assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
+    assert uuid7().version == 7
+    # the first 48 bits are the Unix time in milliseconds
+    ms = int(ids[-1].replace("-", "")[:12], 16)
+    assert abs(ms / 1000 - datetime.now(UTC).timestamp()) < 60
+
+
+def test_registry_rejects_a_second_class_under_one_name_and_version() -> None:
+    reg = MessageRegistry()
+
+    @message_type("a.B", registry=reg)
+    class B(Event):
+        pass
+
+    class C(Event):
+        pass
+
+    with pytest.raises(RegistrationError):
+        reg.register(C, "a.B", 1)
+    with pytest.raises(RegistrationError):
+        reg.register(C, "not a name!", 1)
+    with pytest.raises(RegistrationError):
+        reg.register(C, "a.C", 0)
+    with pytest.raises(RegistrationError):
+        reg.name_of(C)
+    reg.register(B, "a.B", 1)  # the same registration again is harmless
+
+
+def test_encoded_message_is_a_cloudevent_that_another_language_can_read() -> None:
+    env = make_envelope(order(), registry=registry, partition_key="o-1", headers={"tenant": "t1"})
+    doc = json.loads(codec.encode(env))
+    assert doc["specversion"] == "1.0"
+    assert doc["id"] == env.id and doc["type"] == "shop.OrderPlaced"
+    assert doc["datacontenttype"] == "application/json"
+    assert doc["schemaversion"] == 2
+    assert doc["partitionkey"] == "o-1" and doc["tenant"] == "t1"
+    assert doc["correlationid"] == env.id and "causationid" not in doc
+    assert datetime.fromisoformat(doc["time"]).tzinfo is not None
+    assert doc["data"]["total_cents"] == 1250
+
+
+def test_decode_of_encode_gives_back_the_same_envelope() -> None:
+    env = make_envelope(order(lines=["a", "b"]), registry=registry, partition_key="k")
+    assert codec.decode(codec.encode(env)) == env
+
+
+def test_older_version_is_upcast_to_the_current_class() -> None:
+    old = OrderPlacedV1(
+        order_id="o-9",
+        customer=uuid.uuid4(),
+        total=Decimal("12.34"),
+        placed_at=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    env = codec.decode(codec.encode(make_envelope(old, registry=registry)))
+    assert isinstance(env.message, OrderPlaced)
+    assert env.message.total_cents == 1234
+    assert env.version == 2
+
+
+def test_causation_and_correlation_follow_the_handled_message() -> None:
+    parent = make_envelope(Pinged(n=1), registry=registry)
+    assert current_envelope() is None
+    with handling(parent):
+        assert current_envelope() is parent
+        child = make_envelope(Pinged(n=2), registry=registry)
+    assert child.causation_id == parent.id
+    assert child.correlation_id == parent.correlation_id == parent.id
+    with handling(child):
+        grandchild = make_envelope(Pinged(n=3), registry=registry)
+    assert grandchild.causation_id == child.id
+    assert grandchild.correlation_id == parent.id
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        (b"\xff\xfe", MalformedMessage),
+        (b"not json", MalformedMessage),
+        (b"[1, 2]", MalformedMessage),
+        (b'{"hello": "world"}', InvalidEnvelope),
+        (b'{"specversion": "0.3", "id": "1", "source": "s", "type": "shop.Pinged"}', InvalidEnvelope),
+        (
+            b'{"specversion":"1.0","id":"1","source":"s","type":"shop.Pinged","time":"now",'
+            b'"data":{"n":1}}',
+            InvalidEnvelope,
+        ),
+        (
+            b'{"specversion":"1.0","id":"1","source":"s","type":"shop.Pinged",'
+            b'"time":"2026-01-01T00:00:00","data":{"n":1}}',
+            InvalidEnvelope,
+        ),
+        (
+            b'{"specversion":"1.0","id":"1","source":"s","type":"shop.Pinged",'
+            b'"time":"2026-01-01T00:00:00Z","data_base64":"AA=="}',
+            InvalidEnvelope,
+        ),
+        (
+            b'{"specversion":"1.0","id":"1","source":"s","type":"shop.Nope",'
+            b'"time":"2026-01-01T00:00:00Z","data":{}}',
+            UnknownMessageType,
+        ),
+        (
+            b'{"specversion":"1.0","id":"1","source":"s","type":"shop.Pinged","schemaversion":7,'
+            b'"time":"2026-01-01T00:00:00Z","data":{"n":1}}',
+            UnknownSchemaVersion,
+        ),
+        (
+            b'{"specversion":"1.0","id":"1","source":"s","type":"shop.Pinged",'
+            b'"time":"2026-01-01T00:00:00Z","data":{"n":"many"}}',
+            MessageValidationError,
+        ),
+    ],
+)
+def test_bad_input_raises_its_specific_error(raw: bytes, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        codec.decode(raw)
+
+
+def test_too_large_is_refused_on_both_sides() -> None:
+    small = CloudEventsCodec(registry, max_size=300)
+    big = make_envelope(order(note="x" * 400), registry=registry)
+    with pytest.raises(MessageTooLarge):
+        small.encode(big)
+    with pytest.raises(MessageTooLarge):
+        small.decode(codec.encode(big))
+
+
+def test_bad_headers_and_keys_from_a_caller_are_refused() -> None:
+    with pytest.raises(InvalidHeader):
+        make_envelope(Pinged(n=1), registry=registry, headers={"Trace-Id": "x"})
+    with pytest.raises(InvalidHeader):
+        make_envelope(Pinged(n=1), registry=registry, headers={"id": "x"})
+    with pytest.raises(InvalidHeader):
+        make_envelope(Pinged(n=1), registry=registry, headers={"n": 1})  # type: ignore[dict-item]
+    with pytest.raises(InvalidHeader):
+        make_envelope(Pinged(n=1), registry=registry, partition_key=42)  # type: ignore[arg-type]
+
+
+texts = st.text(max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    order_id=texts,
+    customer=st.uuids(),
+    total=st.integers(min_value=-(2**63), max_value=2**63),
+    placed_at=st.datetimes(timezones=st.just(UTC)),
+    lines=st.lists(texts, max_size=5),
+    note=st.none() | texts,
+    key=st.none() | texts,
+    headers=st.dictionaries(st.from_regex(r"[a-z][a-z0-9]{0,10}", fullmatch=True), texts, max_size=3),
+)
+def test_every_message_survives_encode_and_decode(
+    order_id: str,
+    customer: uuid.UUID,
+    total: int,
+    placed_at: datetime,
+    lines: list[str],
+    note: str | None,
+    key: str | None,
+    headers: dict[str, str],
+) -> None:
+    from msdata.messages import RESERVED_ATTRIBUTES
+
+    headers = {k: v for k, v in headers.items() if k not in RESERVED_ATTRIBUTES}
+    msg = OrderPlaced(
+        order_id=order_id,
+        customer=customer,
+        total_cents=total,
+        placed_at=placed_at,
+        lines=lines,
+        note=note,
+    )
+    env = make_envelope(msg, registry=registry, partition_key=key, headers=headers)
+    assert codec.decode(codec.encode(env)) == env
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_raise_only_msdata_errors(raw: bytes) -> None:
+    try:
+        codec.decode(raw)
+    except DecodeError:
+        pass
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=20,
+)
+cloud_eventish = st.fixed_dictionaries(
+    {},
+    optional={
+        "specversion": st.sampled_from(["1.0", "0.3", 1]) | json_values,
+        "id": st.text(max_size=5) | json_values,
+        "source": st.text(max_size=5) | json_values,
+        "type": st.sampled_from(["shop.Pinged", "shop.OrderPlaced", "x"]) | json_values,
+        "time": st.sampled_from(["2026-01-01T00:00:00Z", "2026-01-01", "x"]) | json_values,
+        "schemaversion": st.integers(-1, 3) | json_values,
+        "datacontenttype": st.sampled_from(["application/json", "text/plain"]) | json_values,
+        "data": st.fixed_dictionaries({}, optional={"n": json_values}) | json_values,
+        "partitionkey": json_values,
+        "correlationid": json_values,
+    },
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(json_values | cloud_eventish)
+def test_arbitrary_json_raises_only_msdata_errors(doc: Any) -> None:
+    try:
+        env = codec.decode(json.dumps(doc).encode())
+    except DecodeError:
+        return
+    assert isinstance(env.message, Pinged | OrderPlaced)

@@ -1,0 +1,33 @@
+"""Importing msdata must not import drivers, touch logging, or read the environment."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import msdata
+
+
+def test_import_loads_no_driver_and_configures_no_logging() -> None:
+    code = (
+        "import logging, sys, json\n"
+        "before = (logging.getLogger().level, list(logging.getLogger().handlers))\n"
+        "import msdata, msdata.events, msdata.cqrs, msdata.outbox, msdata.adapters.memory\n"
+        "after = (logging.getLogger().level, list(logging.getLogger().handlers))\n"
+        "drivers = ['psycopg', 'asyncpg', 'redis', 'aio_pika', 'aiormq', 'nats', 'sqlalchemy', 'pytest']\n"
+        "print(json.dumps({'loaded': [d for d in drivers if d in sys.modules],"
+        " 'same': before == after,"
+        " 'handlers': [type(h).__name__ for h in logging.getLogger('msdata').handlers]}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    result = json.loads(out)
+    assert result == {"loaded": [], "same": True, "handlers": []}
+
+
+def test_public_names_are_exported() -> None:
+    assert msdata.__version__
+    for name in msdata.__all__:
+        assert hasattr(msdata, name), name
