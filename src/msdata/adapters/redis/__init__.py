@@ -1,0 +1,17 @@
+"""Redis Streams adapter: :class:`RedisTransport` (``pip install "msdata[redis]"``)."""
+
+try:
+    import redis.asyncio  # noqa: F401
+except ImportError as e:  # pragma: no cover - depends on the environment
+    from msdata.errors import MissingDependencyError
+
+    raise MissingDependencyError("redis", "redis") from e
+
+from msdata.adapters.redis.transport import (
+    FOREIGN_ENTRY_HEADER,
+    RedisDelivery,
+    RedisSubscription,
+    RedisTransport,
+)
+
+__all__ = ["FOREIGN_ENTRY_HEADER", "RedisDelivery", "RedisSubscription", "RedisTransport"]

@@ -1,0 +1,688 @@
+"""The transport port on Redis Streams (redis-py asyncio; hiredis recommended).
+
+Keys (``P`` is the ``key_prefix``; topic and group names cannot hold ``:``, so no two collide):
+
+- ``P:<topic>``: the topic's stream. ``publish`` XADDs a whole batch in one pipeline and
+  returns when Redis has replied to every XADD.
+- ``P:<topic>:<group>:retry``: the group's retry stream. A nacked (or released) delivery is
+  acked on the topic stream and copied here, with its next attempt number, in one Lua script;
+  the group reads both streams in one ``XREADGROUP``.
+- ``P:<topic>:<group>:delayed``: a sorted set holding the copies of deliveries nacked with a
+  delay, scored by the server's clock. Any consumer of the group moves the due ones to the
+  retry stream, so a delay survives the consumer that asked for it.
+- The dead-letter topic :func:`~msdata.transport.dead_letter_topic` is a topic stream like any
+  other: dead-lettering acks the entry and XADDs a copy with the ``x-msdata-*`` reason headers,
+  atomically.
+
+Consumer groups: a subscription declares its group with ``XGROUP CREATE``. The first group of
+a stream starts at ``0`` and so receives what was published before any group existed (this is
+how a dead-letter topic keeps what it receives until read); any later group starts at ``$``
+(``replays_history=False``).
+
+Redelivery: each subscription is one consumer (a unique name). Deliveries it has not settled
+when it closes are released at once to the retry stream with their next attempt number. Those
+of a consumer that died are taken over with ``XAUTOCLAIM`` once idle for ``claim_idle``
+seconds, by a consumer that scans every ``claim_interval`` seconds; so
+``features.redelivery_timeout == claim_idle + claim_interval``. A live consumer resets the
+idle time of what it holds every ``claim_idle / 3`` seconds (``XCLAIM ... JUSTID`` on its
+own entries), so a slow handler is not mistaken for a dead one. The attempt number is the
+entry's own attempt field plus its XPENDING delivery count minus one; a reclaimed entry whose
+attempt exceeds ``max_attempts`` (its consumers kept dying on it) is dead-lettered instead of
+being delivered again.
+
+Acks are batched: ``ack()`` returns at once and the XACKs go out with the subscription's next
+round trip (its next ``receive``, or a flush on the next turn of the event loop, or
+``close``). An ack lost to a crash in between means one redelivery, as at-least-once allows.
+``nack`` and ``dead_letter`` are awaited.
+
+Trimming: never by length (``XADD MAXLEN`` could drop what a group has not acked). Every
+``trim_interval`` seconds a subscription runs a Lua script that computes the stream's floor,
+the minimum over all its groups of the oldest pending id (or of the last delivered id when
+nothing is pending), and runs ``XTRIM MINID ~ floor``: only entries every group has received
+and acked are removed. A stream with no group is never trimmed. A group that is no longer
+used holds the floor back: delete it (``XGROUP DESTROY``) to let its stream shrink.
+:meth:`RedisTransport.trim` does the same on demand.
+
+Foreign entries (XADDed by someone else): the body is the ``body`` field if there is one,
+else the value of the only field, else a JSON object of all fields (bytes decoded as UTF-8
+with replacement); the message id is the stream entry id and the header
+:data:`FOREIGN_ENTRY_HEADER` says so. They can be acked, nacked and dead-lettered like any
+delivery, and never stop the receive loop.
+
+Connection loss: ``receive`` retries with back-off until its timeout and returns what it has
+(possibly nothing); a lost group (a server restarted without persistence) is declared again.
+Consumers resume by themselves once Redis is back; ``publish`` raises
+:class:`~msdata.errors.PublishError` while it is down.
+
+Features: ``durable=True`` in the sense of the port: everything (streams, groups, pending
+lists, retry and delay sets) lives in Redis keys, so a confirmed message survives a restart
+of a Redis that persists (AOF; ``appendfsync always`` if "confirmed" must mean "on disk"). A
+Redis run without persistence keeps nothing across a restart, whatever the adapter does.
+``ordered_per_key=False``: consumers of a group compete over one stream and a retry goes to
+the retry stream behind later messages. ``native_delay=True``: the delay is held by Redis, not
+by a timer in the consumer process. Redis Cluster is not supported (the scripts touch keys of
+several slots).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from types import MappingProxyType, TracebackType
+from typing import Any, Self
+
+import redis.asyncio as aioredis
+import redis.exceptions as rex
+
+from msdata.adapters.redis import _lua
+from msdata.errors import ConfigurationError, PublishError, TransportClosed, TransportError
+from msdata.transport import (
+    DEAD_LETTER_ATTEMPTS,
+    DEAD_LETTER_GROUP,
+    DEAD_LETTER_REASON,
+    DEAD_LETTER_TOPIC,
+    TransportFeatures,
+    TransportMessage,
+    check_name,
+    dead_letter_topic,
+)
+
+__all__ = ["FOREIGN_ENTRY_HEADER", "RedisDelivery", "RedisSubscription", "RedisTransport"]
+
+log = logging.getLogger("msdata.adapters.redis")
+
+#: set (to the stream entry id) on deliveries of entries msdata did not write
+FOREIGN_ENTRY_HEADER = "x-msdata-foreign-entry"
+
+_EMPTY: Any = MappingProxyType({})
+_TOPIC, _RETRY = 0, 1
+# errors after which the next command reconnects by itself
+_TRANSIENT = (rex.ConnectionError, rex.TimeoutError, OSError)
+
+
+def _entry_fields(m: TransportMessage, headers: Any, attempt: int | None) -> list[Any]:
+    fields: list[Any] = [b"id", m.id, b"body", m.body]
+    if m.key is not None:
+        fields += (b"key", m.key)
+    if headers:
+        fields += (b"headers", json.dumps(dict(headers), separators=(",", ":")))
+    if attempt is not None:
+        fields += (b"attempt", attempt)
+    return fields
+
+
+def _foreign(eid: bytes, fields: dict[bytes, bytes]) -> tuple[TransportMessage, int]:
+    body = fields.get(b"body")
+    if body is None:
+        if len(fields) == 1:
+            (body,) = fields.values()
+        else:
+            body = json.dumps(
+                {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()}
+            ).encode()
+    sid = eid.decode()
+    return TransportMessage(sid, body, None, MappingProxyType({FOREIGN_ENTRY_HEADER: sid})), 1
+
+
+def _parse(eid: bytes, fields: dict[bytes, bytes]) -> tuple[TransportMessage, int]:
+    """The message and the entry's own attempt number (1 unless it is a retry copy)."""
+    try:
+        body = fields[b"body"]
+        mid = fields[b"id"].decode()
+        key = fields.get(b"key")
+        h = fields.get(b"headers")
+        headers = _EMPTY
+        if h is not None:
+            headers = json.loads(h)
+            if not isinstance(headers, dict) or not all(
+                isinstance(v, str) for v in headers.values()
+            ):
+                return _foreign(eid, fields)
+        a = fields.get(b"attempt")
+        return (
+            TransportMessage(mid, body, None if key is None else key.decode(), headers),
+            1 if a is None else int(a),
+        )
+    except (KeyError, ValueError, TypeError):  # UnicodeDecodeError is a ValueError
+        return _foreign(eid, fields)
+
+
+class RedisDelivery:
+    """A delivery from :class:`RedisTransport`; see :class:`msdata.transport.Delivery`.
+
+    ``ack()`` is batched (sent with the subscription's next round trip); ``nack`` and
+    ``dead_letter`` return once Redis has done them."""
+
+    __slots__ = ("_eid", "_settled", "_stream", "_sub", "attempt", "message")
+
+    def __init__(
+        self,
+        sub: RedisSubscription,
+        stream: int,
+        eid: bytes,
+        message: TransportMessage,
+        attempt: int,
+    ) -> None:
+        self._sub = sub
+        self._stream = stream
+        self._eid = eid
+        self._settled = False
+        self.message = message
+        self.attempt = attempt
+
+    @property
+    def topic(self) -> str:
+        return self._sub.topic
+
+    @property
+    def group(self) -> str:
+        return self._sub.group
+
+    def _begin(self) -> bool:
+        if self._settled:
+            return False
+        sub = self._sub
+        if sub._closed:
+            raise TransportClosed("the subscription was closed; the delivery was released")
+        self._settled = True
+        sub._inflight.pop(self, None)
+        return True
+
+    def _undo(self) -> None:
+        self._settled = False
+        self._sub._inflight[self] = None
+
+    async def ack(self) -> None:
+        if self._begin():
+            sub = self._sub
+            sub._acks[self._stream].append(self._eid)
+            if sub._flusher is None:
+                sub._flusher = asyncio.get_running_loop().create_task(sub._flush_acks())
+
+    async def nack(self, delay: float = 0.0, reason: str | None = None) -> None:
+        if not self._begin():
+            return
+        sub = self._sub
+        try:
+            if self.attempt >= sub.max_attempts:
+                await sub._settle_to_dead_letter(self, reason or f"failed {self.attempt} attempts")
+            else:
+                await sub._settle_to_retry(self, delay)
+        except BaseException:
+            self._undo()
+            raise
+
+    async def dead_letter(self, reason: str) -> None:
+        if not self._begin():
+            return
+        try:
+            await self._sub._settle_to_dead_letter(self, reason)
+        except BaseException:
+            self._undo()
+            raise
+
+
+class RedisSubscription:
+    """A consumer in a group; see :class:`msdata.transport.Subscription`.
+
+    It reads up to ``prefetch`` entries of each of the topic stream and the group's retry
+    stream per round trip, so with both busy it may hold up to twice ``prefetch`` (the
+    surplus waits in a local buffer, owned by this consumer in Redis)."""
+
+    def __init__(
+        self, transport: RedisTransport, topic: str, group: str, max_attempts: int, prefetch: int
+    ) -> None:
+        self._t = transport
+        self.topic = topic
+        self.group = group
+        self.max_attempts = max_attempts
+        self.prefetch = prefetch
+        self.consumer = f"{transport._consumer_prefix}-{uuid.uuid4().hex[:10]}"
+        prefix = transport.key_prefix
+        self._keys = (f"{prefix}:{topic}", f"{prefix}:{topic}:{group}:retry")
+        self._bkeys = tuple(k.encode() for k in self._keys)
+        self._delayed = f"{prefix}:{topic}:{group}:delayed"
+        self._dlq = transport._stream_key(dead_letter_topic(topic, group))
+        self._streams: dict[Any, Any] = {self._keys[0]: ">", self._keys[1]: ">"}
+        self._inflight: dict[RedisDelivery, None] = {}
+        self._buffer: deque[RedisDelivery] = deque()
+        self._acks: tuple[list[bytes], list[bytes]] = ([], [])
+        self._cursors: list[bytes] = [b"0-0", b"0-0"]
+        self._next_maintenance = 0.0
+        self._next_trim = 0.0
+        self._flusher: asyncio.Task[None] | None = None
+        self._heart: asyncio.Task[None] | None = None
+        self._entered = False
+        self._closed = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._closed or self._t._closed:
+            raise TransportClosed("subscribe() on a closed transport")
+        try:
+            await self._declare()
+        except rex.RedisError as e:
+            raise TransportError(f"could not declare group {self.group!r}: {e}") from e
+        self._entered = True
+        self._t._subs.add(self)
+        now = time.monotonic()
+        self._next_trim = now + self._t.trim_interval if self._t.trim_interval else float("inf")
+        self._heart = asyncio.get_running_loop().create_task(self._heartbeat())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _declare(self) -> None:
+        t = self._t
+        pipe = t._client.pipeline(transaction=False)
+        await t._declare_group(keys=[self._keys[0]], args=[self.group, "first"], client=pipe)
+        await t._declare_group(keys=[self._keys[1]], args=[self.group, "all"], client=pipe)
+        await pipe.execute()
+
+    async def close(self) -> None:
+        """Stop consuming: send pending acks and release unsettled deliveries (at once, to the
+        retry stream). If Redis cannot be reached they stay pending and are reclaimed after
+        ``claim_idle``."""
+        if self._closed:
+            return
+        self._closed = True
+        self._t._subs.discard(self)
+        if self._heart is not None:
+            self._heart.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heart
+        if self._flusher is not None:
+            with contextlib.suppress(Exception):
+                await self._flusher
+        if not self._entered:
+            return
+        unsettled = [*self._inflight, *self._buffer]
+        self._inflight.clear()
+        self._buffer.clear()
+        t = self._t
+        try:
+            pipe = t._client.pipeline(transaction=False)
+            self._queue_acks(pipe)
+            for d in unsettled:
+                d._settled = True
+                await self._queue_settle(pipe, d, self._keys[_RETRY], 0.0, d.message.headers, True)
+            for key in self._keys:
+                await t._forget_consumer(keys=[key], args=[self.group, self.consumer], client=pipe)
+            await pipe.execute()
+        except rex.RedisError as e:
+            log.warning(
+                "closing consumer %s of %s/%s: %s; its %d unsettled deliveries are "
+                "reclaimed after %.1fs",
+                self.consumer,
+                self.topic,
+                self.group,
+                e,
+                len(unsettled),
+                t.claim_idle,
+            )
+
+    # -- receiving --------------------------------------------------------------------------
+
+    async def receive(self, max_messages: int = 100, timeout: float = 1.0) -> list[RedisDelivery]:
+        if self._closed or self._t._closed:
+            raise TransportClosed("receive() on a closed subscription")
+        if not self._entered:
+            raise TransportError("use the subscription with 'async with' before receive()")
+        room = min(max_messages, self.prefetch - len(self._inflight))
+        if room <= 0:
+            return []
+        buf = self._buffer
+        if not buf:
+            await self._fill(room, timeout)
+        out: list[RedisDelivery] = []
+        inflight = self._inflight
+        while buf and len(out) < room:
+            d = buf.popleft()
+            inflight[d] = None
+            out.append(d)
+        return out
+
+    async def _fill(self, room: int, timeout: float) -> None:
+        t = self._t
+        deadline = time.monotonic() + timeout
+        backoff = 0.05
+        while True:
+            now = time.monotonic()
+            try:
+                if now >= self._next_maintenance:
+                    await self._maintain(room, now)
+                    if self._buffer:
+                        return
+                    now = time.monotonic()
+                wait = min(deadline, self._next_maintenance) - now
+                await self._read(room, int(min(wait, t._max_block) * 1000))
+                backoff = 0.05
+            except _TRANSIENT as e:
+                log.warning("redis unreachable (%s); retrying", e)
+                left = deadline - time.monotonic()
+                if left > 0:
+                    await asyncio.sleep(min(backoff, left))
+                backoff = min(backoff * 2, 1.0)
+            except rex.ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise TransportError(f"receive from {self.topic!r}: {e}") from e
+                log.warning("group %s of %s is gone; declaring it again", self.group, self.topic)
+                await self._declare()
+            if self._buffer or time.monotonic() >= deadline:
+                return
+
+    def _take_acks(self) -> tuple[list[bytes], list[bytes]]:
+        acks = self._acks
+        if acks[0] or acks[1]:
+            self._acks = ([], [])
+        return acks
+
+    def _restore_acks(self, acks: tuple[list[bytes], list[bytes]]) -> None:
+        self._acks[0].extend(acks[0])
+        self._acks[1].extend(acks[1])
+
+    def _queue_acks(self, pipe: Any) -> tuple[list[bytes], list[bytes]]:
+        acks = self._take_acks()
+        for i in (_TOPIC, _RETRY):
+            if acks[i]:
+                pipe.xack(self._keys[i], self.group, *acks[i])
+        return acks
+
+    async def _read(self, room: int, block_ms: int) -> None:
+        client = self._t._client
+        block = block_ms if block_ms > 0 else None
+        if self._acks[0] or self._acks[1]:
+            pipe = client.pipeline(transaction=False)
+            acks = self._queue_acks(pipe)
+            pipe.xreadgroup(self.group, self.consumer, self._streams, count=room, block=block)
+            try:
+                result = (await pipe.execute())[-1]
+            except BaseException:
+                self._restore_acks(acks)
+                raise
+        else:
+            result = await client.xreadgroup(
+                self.group, self.consumer, self._streams, count=room, block=block
+            )
+        if result:
+            self._accept(result)
+
+    def _accept(self, result: Any) -> None:
+        buf = self._buffer
+        topic_key = self._bkeys[0]
+        for skey, entries in result:
+            stream = _TOPIC if skey == topic_key else _RETRY
+            for eid, fields in entries:
+                message, attempt = _parse(eid, fields)
+                buf.append(RedisDelivery(self, stream, eid, message, attempt))
+
+    # -- maintenance: delayed retries, reclaiming, trimming --------------------------------
+
+    async def _maintain(self, room: int, now: float) -> None:
+        t = self._t
+        pipe = t._client.pipeline(transaction=False)
+        await t._move_due(keys=[self._delayed, self._keys[_RETRY]], args=[room], client=pipe)
+        idle = int(t.claim_idle * 1000)
+        for i in (_TOPIC, _RETRY):
+            await t._reclaim(
+                keys=[self._keys[i]],
+                args=[self.group, self.consumer, idle, self._cursors[i], room],
+                client=pipe,
+            )
+        trim = now >= self._next_trim
+        if trim:
+            for key in self._keys:
+                await t._trim(keys=[key], args=["~"], client=pipe)
+        results = await pipe.execute()
+        self._next_maintenance = now + t.claim_interval
+        if trim and t.trim_interval:
+            self._next_trim = now + t.trim_interval
+        _moved, next_due = results[0]
+        if next_due >= 0:
+            self._next_maintenance = min(self._next_maintenance, now + next_due / 1000)
+        overdue: list[RedisDelivery] = []
+        for i in (_TOPIC, _RETRY):
+            cursor, entries, counts = results[1 + i]
+            self._cursors[i] = cursor
+            for (eid, flat), count in zip(entries, counts, strict=True):
+                if not flat:  # deleted from the stream meanwhile (Redis < 7 reports them so)
+                    continue
+                fields = dict(zip(flat[::2], flat[1::2], strict=True))
+                message, base = _parse(eid, fields)
+                d = RedisDelivery(self, i, eid, message, base + int(count) - 1)
+                if d.attempt > self.max_attempts:
+                    overdue.append(d)
+                else:
+                    self._buffer.append(d)
+        for d in overdue:
+            d._settled = True
+            await self._settle_to_dead_letter(
+                d, f"delivered {d.attempt - 1} times and never settled (consumers died)"
+            )
+
+    async def _heartbeat(self) -> None:
+        t = self._t
+        interval = t.claim_idle / 3
+        while True:
+            await asyncio.sleep(interval)
+            if (self._acks[0] or self._acks[1]) and self._flusher is None:
+                self._flusher = asyncio.get_running_loop().create_task(self._flush_acks())
+            held: tuple[list[bytes], list[bytes]] = ([], [])
+            for d in (*self._inflight, *self._buffer):
+                held[d._stream].append(d._eid)
+            try:
+                for i in (_TOPIC, _RETRY):
+                    if held[i]:
+                        await t._heartbeat_script(
+                            keys=[self._keys[i]], args=[self.group, self.consumer, *held[i]]
+                        )
+            except rex.RedisError as e:
+                log.warning("heartbeat of consumer %s failed: %s", self.consumer, e)
+
+    async def _flush_acks(self) -> None:
+        # loops: acks made while a flush is in flight go out with the next one
+        try:
+            while True:
+                acks = self._take_acks()
+                if not (acks[0] or acks[1]):
+                    return
+                pipe = self._t._client.pipeline(transaction=False)
+                for i in (_TOPIC, _RETRY):
+                    if acks[i]:
+                        pipe.xack(self._keys[i], self.group, *acks[i])
+                try:
+                    await pipe.execute()
+                except rex.RedisError as e:
+                    self._restore_acks(acks)
+                    log.warning("acks of consumer %s not sent yet: %s", self.consumer, e)
+                    return
+        finally:
+            self._flusher = None
+
+    # -- settling ---------------------------------------------------------------------------
+
+    def _queue_settle(
+        self,
+        client: Any,
+        d: RedisDelivery,
+        target: str,
+        delay: float,
+        headers: Any,
+        retry: bool,
+    ) -> Any:
+        fields = _entry_fields(d.message, headers, d.attempt + 1 if retry else None)
+        return self._t._settle(
+            keys=[self._keys[d._stream], target, self._delayed],
+            args=[self.group, d._eid, int(delay * 1000), *fields],
+            client=client,
+        )
+
+    async def _settle_to_retry(self, d: RedisDelivery, delay: float) -> None:
+        try:
+            await self._queue_settle(
+                self._t._client, d, self._keys[_RETRY], delay, d.message.headers, True
+            )
+        except rex.RedisError as e:
+            raise TransportError(f"nack on {self.topic!r}: {e}") from e
+        if delay > 0:
+            self._next_maintenance = min(self._next_maintenance, time.monotonic() + delay)
+
+    async def _settle_to_dead_letter(self, d: RedisDelivery, reason: str) -> None:
+        headers = dict(d.message.headers)
+        headers[DEAD_LETTER_REASON] = reason
+        headers[DEAD_LETTER_TOPIC] = self.topic
+        headers[DEAD_LETTER_GROUP] = self.group
+        headers[DEAD_LETTER_ATTEMPTS] = str(d.attempt)
+        try:
+            await self._queue_settle(self._t._client, d, self._dlq, 0.0, headers, False)
+        except rex.RedisError as e:
+            raise TransportError(f"dead_letter on {self.topic!r}: {e}") from e
+
+
+class RedisTransport:
+    """:class:`msdata.transport.Transport` on Redis Streams; see the module docstring.
+
+    ``client`` must be a ``redis.asyncio.Redis`` made with ``decode_responses=False`` (bodies
+    are bytes). The transport does not close a client it was given; one made by
+    :meth:`from_url` it does.
+
+    - ``key_prefix``: every key this transport touches starts with ``key_prefix + ":"``.
+    - ``claim_idle``: seconds a delivery must sit unsettled at a consumer that stopped
+      heart-beating before another consumer takes it over (XAUTOCLAIM).
+    - ``claim_interval``: how often each subscription scans for such deliveries and for due
+      delayed retries (default ``claim_idle / 4``).
+    - ``trim_interval``: how often each subscription trims its streams below what every group
+      has acked (``None``: never; call :meth:`trim` yourself).
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        key_prefix: str = "msdata",
+        claim_idle: float = 2.0,
+        claim_interval: float | None = None,
+        trim_interval: float | None = 5.0,
+        max_block: float = 1.0,
+    ) -> None:
+        kwargs = client.connection_pool.connection_kwargs
+        if kwargs.get("decode_responses"):
+            raise ConfigurationError("RedisTransport needs a client with decode_responses=False")
+        if not key_prefix or claim_idle <= 0:
+            raise ConfigurationError("key_prefix must be non-empty and claim_idle > 0")
+        self._client = client
+        self._owns_client = False
+        self.key_prefix = key_prefix
+        self.claim_idle = claim_idle
+        self.claim_interval = claim_interval if claim_interval is not None else claim_idle / 4
+        self.trim_interval = trim_interval
+        # a blocking read must end before the client's socket timeout fires
+        socket_timeout = kwargs.get("socket_timeout") or 5.0
+        self._max_block = min(max_block, socket_timeout / 2)
+        self.features = TransportFeatures(
+            durable=True,
+            ordered_per_key=False,
+            native_delay=True,
+            replays_history=False,
+            redelivery_timeout=self.claim_idle + self.claim_interval,
+        )
+        self._consumer_prefix = f"{socket.gethostname()}-{os.getpid()}"
+        self._topics: set[str] = set()
+        self._subs: set[RedisSubscription] = set()
+        self._closed = False
+        register = client.register_script
+        self._declare_group = register(_lua.DECLARE_GROUP)
+        self._settle = register(_lua.SETTLE)
+        self._move_due = register(_lua.MOVE_DUE)
+        self._reclaim = register(_lua.RECLAIM)
+        self._heartbeat_script = register(_lua.HEARTBEAT)
+        self._forget_consumer = register(_lua.FORGET_CONSUMER)
+        self._trim = register(_lua.TRIM)
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> RedisTransport:
+        """``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` or ``unix://``;
+        ``options`` go to the constructor."""
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigurationError(f"not a redis:// URL: {url!r}")
+        transport = cls(aioredis.Redis.from_url(url, decode_responses=False), **options)
+        transport._owns_client = True
+        return transport
+
+    def _stream_key(self, topic: str) -> str:
+        return f"{self.key_prefix}:{topic}"
+
+    async def publish(self, topic: str, messages: Sequence[TransportMessage]) -> None:
+        if self._closed:
+            raise TransportClosed("publish() on a closed transport")
+        if topic not in self._topics:
+            check_name("topic", topic)
+            self._topics.add(topic)
+        if not messages:
+            return
+        key = self._stream_key(topic)
+        pipe = self._client.pipeline(transaction=False)
+        command = pipe.execute_command
+        for m in messages:
+            if m.key is None and not m.headers:
+                command("XADD", key, "*", "id", m.id, "body", m.body)
+            else:
+                command("XADD", key, "*", *_entry_fields(m, m.headers, None))
+        try:
+            await pipe.execute()
+        except rex.RedisError as e:
+            raise PublishError(f"publish of {len(messages)} to {topic!r} failed: {e}") from e
+
+    def subscribe(
+        self, topic: str, group: str, *, max_attempts: int = 5, prefetch: int = 100
+    ) -> RedisSubscription:
+        check_name("topic", topic)
+        check_name("group", group)
+        if max_attempts < 1 or prefetch < 1:
+            raise ConfigurationError("max_attempts and prefetch must be >= 1")
+        if self._closed:
+            raise TransportClosed("subscribe() on a closed transport")
+        return RedisSubscription(self, topic, group, max_attempts, prefetch)
+
+    async def trim(self, topic: str, *, exact: bool = False) -> int:
+        """Remove the entries of ``topic`` every group has received and acked; returns how
+        many. Approximate (whole stream nodes) unless ``exact``."""
+        check_name("topic", topic)
+        try:
+            return int(
+                await self._trim(keys=[self._stream_key(topic)], args=["=" if exact else "~"])
+            )
+        except rex.RedisError as e:
+            raise TransportError(f"trim of {topic!r}: {e}") from e
+
+    async def close(self) -> None:
+        """Close open subscriptions (releasing what they hold) and a client made by
+        :meth:`from_url`."""
+        if self._closed:
+            return
+        self._closed = True
+        for sub in list(self._subs):
+            await sub.close()
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
