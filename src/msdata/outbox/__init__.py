@@ -1,5 +1,43 @@
-"""Transactional outbox, its relay, and the inbox (idempotent consumer)."""
+"""Transactional outbox, its relay, and the inbox (idempotent consumer).
 
-from msdata.outbox.store import InboxStore, OutboxRecord, OutboxRow, OutboxStatus, OutboxStore
+- :class:`Outbox` adds messages in the caller's own transaction.
+- :class:`OutboxRelay` publishes committed rows through a transport, at least once, in
+  order per partition key.
+- :class:`Inbox` records handled message ids in the handler's transaction, so a
+  redelivered message is applied once.
 
-__all__ = ["InboxStore", "OutboxRecord", "OutboxRow", "OutboxStatus", "OutboxStore"]
+Stores: ``msdata.adapters.memory`` (MemoryOutboxStore, MemoryInboxStore),
+``msdata.adapters.sqlite`` and ``msdata.adapters.postgres``. See ``docs/outbox.md``.
+"""
+
+from msdata.outbox.inbox import Inbox, InboxMiddleware, TransactionFactory, current_connection
+from msdata.outbox.outbox import Outbox
+from msdata.outbox.relay import Backoff, OutboxRelay, PayloadCheck, exponential_backoff
+from msdata.outbox.store import (
+    DEFAULT_TABLE_PREFIX,
+    InboxStore,
+    OutboxRecord,
+    OutboxRow,
+    OutboxStatus,
+    OutboxStore,
+    check_table_prefix,
+)
+
+__all__ = [
+    "DEFAULT_TABLE_PREFIX",
+    "Backoff",
+    "Inbox",
+    "InboxMiddleware",
+    "InboxStore",
+    "Outbox",
+    "OutboxRecord",
+    "OutboxRelay",
+    "OutboxRow",
+    "OutboxStatus",
+    "OutboxStore",
+    "PayloadCheck",
+    "TransactionFactory",
+    "check_table_prefix",
+    "current_connection",
+    "exponential_backoff",
+]

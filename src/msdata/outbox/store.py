@@ -20,21 +20,42 @@ Two sides, two kinds of call:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
+from msdata.errors import ConfigurationError
+
 __all__ = [
+    "DEFAULT_TABLE_PREFIX",
     "InboxStore",
     "OutboxRecord",
     "OutboxRow",
     "OutboxStatus",
     "OutboxStore",
+    "check_table_prefix",
 ]
 
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+#: SQL stores name their tables ``{prefix}outbox`` and ``{prefix}inbox``.
+DEFAULT_TABLE_PREFIX = "msdata_"
+_PREFIX = re.compile(r"^(?:[a-z_][a-z0-9_]{0,39})?$")
+
+
+def check_table_prefix(prefix: str) -> str:
+    """A table-name prefix is the only text a SQL store puts into its SQL: allow only
+    lowercase letters, digits and ``_`` (not starting with a digit, at most 40), so it
+    never needs quoting and can never carry SQL. Anything else: ConfigurationError."""
+    if not isinstance(prefix, str) or not _PREFIX.match(prefix):
+        raise ConfigurationError(
+            f"table prefix {prefix!r} must be at most 40 lowercase letters, digits or '_', "
+            "not starting with a digit"
+        )
+    return prefix
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,10 +135,11 @@ class OutboxStore(Protocol):
         the ordering contract above. Returned in ``seq`` order."""
         ...
 
-    async def mark_sent(self, relay_id: str, seqs: Sequence[int]) -> None:
-        """The rows were published: delete them, or keep them as sent for the store's
-        retention period. Rows whose lease ``relay_id`` no longer holds are marked too (the
-        message was published either way)."""
+    async def mark_sent(self, relay_id: str, seqs: Sequence[int], *, keep: bool = False) -> None:
+        """The rows were published: delete them, or with ``keep=True`` keep them as sent
+        (no longer pending, not counted by ``status``) until ``purge_sent`` removes them; the
+        relay passes ``keep=True`` when it has a retention period. Rows whose lease
+        ``relay_id`` no longer holds are marked too (the message was published either way)."""
         ...
 
     async def release(self, relay_id: str, seqs: Sequence[int]) -> None:

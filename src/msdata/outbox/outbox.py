@@ -1,0 +1,139 @@
+"""Adding messages to the outbox inside the caller's own transaction."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
+
+from msdata.messages import Envelope, Message, MessageRegistry, default_registry, make_envelope
+from msdata.outbox.store import OutboxRow, OutboxStore
+from msdata.serialization import CloudEventsCodec
+from msdata.transport import check_name
+
+__all__ = ["Outbox"]
+
+MessageOrEnvelope = Message | Envelope[Any]
+
+
+class Outbox:
+    """Writes messages into the outbox table in the caller's open transaction, so they
+    commit or roll back with the business data; an :class:`msdata.outbox.OutboxRelay`
+    publishes them after the commit::
+
+        outbox = Outbox(store, source="orders")
+        with sqlite3.connect("orders.db") as conn:            # commits on exit
+            conn.execute("INSERT INTO orders ...")
+            outbox.add(conn, OrderPlaced(order_id="42"), key="42")
+
+    ``add`` takes a sync connection (sqlite3, psycopg, SQLAlchemy ``Session``/
+    ``Connection``), ``add_async`` an async one (psycopg ``AsyncConnection``, asyncpg,
+    SQLAlchemy ``AsyncSession``); which drivers a store serves is the store's business.
+
+    Each message is wrapped with :func:`msdata.messages.make_envelope` (so correlation and
+    causation come from the message being handled in this task) and encoded as CloudEvents
+    JSON. Its topic defaults to its registered type name, where the event bus subscribes;
+    ``key`` is the partition key the relay keeps order by (e.g. the aggregate id);
+    ``aggregate_type`` (a column for Debezium's outbox router) defaults to the topic.
+    Returns the envelopes written, in order.
+    """
+
+    def __init__(
+        self,
+        store: OutboxStore,
+        *,
+        codec: CloudEventsCodec | None = None,
+        registry: MessageRegistry | None = None,
+        source: str = "msdata",
+    ) -> None:
+        self.store = store
+        self.registry = registry or (codec.registry if codec is not None else default_registry)
+        self.codec = codec or CloudEventsCodec(self.registry)
+        self.source = source
+        self._topics: set[str] = set()
+
+    def add(
+        self,
+        conn: Any,
+        messages: MessageOrEnvelope | Iterable[MessageOrEnvelope],
+        *,
+        topic: str | None = None,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        aggregate_type: str | None = None,
+    ) -> list[Envelope[Any]]:
+        """Add one or more messages on the sync connection ``conn``, inside its open
+        transaction. Never commits."""
+        envelopes, rows = self._rows(messages, topic, key, headers, aggregate_type)
+        self.store.append(conn, rows)
+        return envelopes
+
+    async def add_async(
+        self,
+        conn: Any,
+        messages: MessageOrEnvelope | Iterable[MessageOrEnvelope],
+        *,
+        topic: str | None = None,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        aggregate_type: str | None = None,
+    ) -> list[Envelope[Any]]:
+        """Add one or more messages on the async connection ``conn``, inside its open
+        transaction. Never commits."""
+        envelopes, rows = self._rows(messages, topic, key, headers, aggregate_type)
+        await self.store.append_async(conn, rows)
+        return envelopes
+
+    def envelope(
+        self,
+        message: MessageOrEnvelope,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Envelope[Any]:
+        """The envelope ``add`` would write for ``message``."""
+        if isinstance(message, Envelope):
+            if key is not None and message.partition_key != key:
+                return cast(
+                    Envelope[Any], dataclasses.replace(cast(Any, message), partition_key=key)
+                )
+            return message
+        return make_envelope(
+            message,
+            registry=self.registry,
+            partition_key=key,
+            headers=headers,
+            source=self.source,
+        )
+
+    def _rows(
+        self,
+        messages: MessageOrEnvelope | Iterable[MessageOrEnvelope],
+        topic: str | None,
+        key: str | None,
+        headers: Mapping[str, str] | None,
+        aggregate_type: str | None,
+    ) -> tuple[list[Envelope[Any]], list[OutboxRow]]:
+        items = [messages] if isinstance(messages, Message | Envelope) else list(messages)
+        envelopes: list[Envelope[Any]] = []
+        rows: list[OutboxRow] = []
+        encode = self.codec.encode
+        for item in items:
+            env = self.envelope(item, key=key, headers=headers)
+            to = topic or env.type
+            if to not in self._topics:
+                # a bad topic fails here, in the caller's code, not later in the relay
+                self._topics.add(check_name("topic", to))
+            envelopes.append(env)
+            rows.append(
+                OutboxRow(
+                    message_id=env.id,
+                    topic=to,
+                    type=env.type,
+                    payload=encode(env),
+                    partition_key=env.partition_key,
+                    aggregate_type=aggregate_type or to,
+                    headers=env.headers,
+                )
+            )
+        return envelopes, rows

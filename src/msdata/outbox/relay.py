@@ -1,0 +1,414 @@
+"""The outbox relay: moves committed outbox rows to the transport, at least once, in order
+per partition key."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, Literal, Self
+
+from msdata.errors import ConfigurationError, DecodeError, MsdataError
+from msdata.ids import utc_now
+from msdata.outbox.store import OutboxRecord, OutboxStatus, OutboxStore
+from msdata.serialization import CloudEventsCodec
+from msdata.transport import Publisher, TransportMessage, check_name
+
+__all__ = ["Backoff", "OutboxRelay", "PayloadCheck", "exponential_backoff"]
+
+log = logging.getLogger("msdata.outbox")
+
+#: seconds to wait before the next try, given how many tries have failed so far (>= 1)
+Backoff = Callable[[int], float]
+
+#: how much of each row's payload the relay checks before publishing it:
+#: ``"structure"`` (default, ~0.1 µs/row): bytes that look like one JSON object holding a
+#: ``"specversion"`` member; ``"json"`` (~2-4 µs/row): parses it and checks the CloudEvents
+#: attributes ``specversion``, ``id``, ``type``; ``"decode"`` (~5-10 µs/row): a full
+#: :class:`CloudEventsCodec` decode, so an unknown type or a payload that fails validation
+#: is parked too; ``"none"``: publish as is.
+PayloadCheck = Literal["none", "structure", "json", "decode"]
+
+
+def exponential_backoff(
+    base: float = 1.0, factor: float = 2.0, maximum: float = 300.0, jitter: float = 0.5
+) -> Backoff:
+    """``base * factor**(failures-1)`` seconds, capped at ``maximum``, with up to ``jitter``
+    of it taken off at random so that relays retrying together spread out."""
+    if base < 0 or factor < 1 or maximum < 0 or not 0 <= jitter <= 1:
+        raise ConfigurationError("backoff needs base >= 0, factor >= 1, maximum >= 0, 0<=jitter<=1")
+
+    def backoff(failures: int) -> float:
+        delay = min(maximum, base * factor ** max(0, failures - 1))
+        return delay * (1.0 - jitter * random.random())
+
+    return backoff
+
+
+def _default_relay_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class OutboxRelay:
+    """Claims committed outbox rows, publishes them, marks them sent. At least once.
+
+    ``run_once()`` does one step: claim up to ``batch_size`` rows with a lease of
+    ``lease_seconds``, publish them through ``publisher`` as one batch per topic with all
+    the batches in flight at once, then mark the published rows sent (deleted, or kept for
+    ``retention`` and purged after it). Order per partition key holds within a topic, across
+    batches and across relays, because the store never hands out a key while another lease
+    on it is live. The lease must outlast a publish: a relay that is still publishing when
+    its lease expires may see its rows published again by another relay.
+
+    ``async with relay:`` (or ``start()``/``stop()``) runs steps in a background task,
+    waking on ``store.wait_for_rows`` and polling every ``poll_interval`` seconds at most.
+
+    A failed publish (any exception from the publisher) counts one attempt on the rows of
+    that topic batch, which wait out ``backoff(attempts)`` before they (and the later rows
+    of their keys) are tried again; the relay itself backs off while publishes keep
+    failing. A row that has failed ``max_attempts`` times is *parked* with its last error:
+    it then blocks only the later rows of its own key, until someone ``requeue``s it.
+    A row whose payload fails the ``check`` (see :data:`PayloadCheck`), or whose topic is
+    not a valid name, is parked at once with the reason, and the relay goes on.
+
+    Cancelling the relay's task (or ``stop()`` after its timeout) is not a failure: the
+    claimed but unmarked rows are released for the next relay and the cancellation goes on.
+    """
+
+    def __init__(
+        self,
+        store: OutboxStore,
+        publisher: Publisher,
+        *,
+        batch_size: int = 100,
+        lease_seconds: float = 30.0,
+        max_attempts: int = 10,
+        backoff: Backoff | None = None,
+        relay_id: str | None = None,
+        retention: timedelta | None = None,
+        purge_interval: float = 60.0,
+        poll_interval: float = 1.0,
+        check: PayloadCheck = "structure",
+        codec: CloudEventsCodec | None = None,
+        stop_timeout: float = 10.0,
+    ) -> None:
+        if batch_size < 1 or max_attempts < 1 or lease_seconds <= 0 or poll_interval <= 0:
+            raise ConfigurationError(
+                "batch_size and max_attempts must be >= 1, lease_seconds and poll_interval > 0"
+            )
+        if check not in ("none", "structure", "json", "decode"):
+            raise ConfigurationError(f"check must be none, structure, json or decode: {check!r}")
+        if retention is not None and retention < timedelta(0):
+            raise ConfigurationError("retention must not be negative")
+        self.store = store
+        self.publisher = publisher
+        self.batch_size = batch_size
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+        self.backoff = backoff or exponential_backoff()
+        self.relay_id = relay_id or _default_relay_id()
+        self.retention = retention
+        self.purge_interval = purge_interval
+        self.poll_interval = poll_interval
+        self.check = check
+        self.codec = codec or CloudEventsCodec()
+        self.stop_timeout = stop_timeout
+        self._topics_ok: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._idle = False
+        self._next_purge = 0.0
+
+    # -- one step ------------------------------------------------------------------------
+
+    async def run_once(self) -> int:
+        """Claim, publish and mark one batch; returns how many rows were published."""
+        _claimed, sent, _failed = await self._step()
+        return sent
+
+    async def _step(self) -> tuple[int, int, bool]:
+        store, relay_id = self.store, self.relay_id
+        records = await self._claim()
+        if not records:
+            return 0, 0, False
+        held = {r.seq for r in records}
+        try:
+            publish, bad, blocked = self._sort(records)
+            for reason, seqs in bad.items():
+                await store.park(relay_id, seqs, reason)
+                held.difference_update(seqs)
+                log.error("outbox rows %s parked: %s", seqs, reason)
+            if blocked:
+                await store.release(relay_id, blocked)
+                held.difference_update(blocked)
+            by_topic: dict[str, list[OutboxRecord]] = {}
+            for r in publish:
+                by_topic.setdefault(r.topic, []).append(r)
+            topics = list(by_topic)
+            results = await asyncio.gather(
+                *(self._publish(t, by_topic[t]) for t in topics), return_exceptions=True
+            )
+            sent: list[int] = []
+            failures: list[tuple[list[OutboxRecord], BaseException]] = []
+            for topic, result in zip(topics, results, strict=True):
+                if result is None:
+                    sent.extend(r.seq for r in by_topic[topic])
+                elif isinstance(result, Exception):
+                    failures.append((by_topic[topic], result))
+                else:  # a BaseException from a publisher (not cancellation of us): re-raise
+                    raise result
+            if sent:
+                await self._shielded(
+                    store.mark_sent(relay_id, sent, keep=self.retention is not None)
+                )
+                held.difference_update(sent)
+            for recs, error in failures:
+                await self._failed(recs, error)
+                held.difference_update(r.seq for r in recs)
+            return len(records), len(sent), bool(failures)
+        except BaseException:
+            if held:
+                try:
+                    await store.release(relay_id, sorted(held))
+                except Exception:
+                    log.exception("could not release outbox rows %s", sorted(held))
+            raise
+
+    async def _claim(self) -> list[OutboxRecord]:
+        # the claim may finish in a database thread after we are cancelled: release it then
+        fut = asyncio.ensure_future(
+            self.store.claim(self.relay_id, self.batch_size, self.lease_seconds)
+        )
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            try:
+                records = await fut
+            except BaseException:
+                raise asyncio.CancelledError() from None
+            if records:
+                try:
+                    await self.store.release(self.relay_id, [r.seq for r in records])
+                except Exception:
+                    log.exception("could not release outbox rows after cancellation")
+            raise
+
+    @staticmethod
+    async def _shielded(aw: Coroutine[Any, Any, None]) -> None:
+        # a mark interrupted by cancellation is finished first: the rows were published
+        fut = asyncio.ensure_future(aw)
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            await fut
+            raise
+
+    def _sort(
+        self, records: Sequence[OutboxRecord]
+    ) -> tuple[list[OutboxRecord], dict[str, list[int]], list[int]]:
+        """Split a claimed batch: rows to publish, bad rows to park (by reason), and rows
+        to hand back because an earlier row of their key is being parked."""
+        publish: list[OutboxRecord] = []
+        bad: dict[str, list[int]] = {}
+        blocked: list[int] = []
+        bad_keys: set[str] = set()
+        for r in records:
+            key = r.partition_key
+            if key is not None and key in bad_keys:
+                blocked.append(r.seq)
+                continue
+            reason = self._bad(r)
+            if reason is None:
+                publish.append(r)
+                continue
+            bad.setdefault(reason, []).append(r.seq)
+            if key is not None:
+                bad_keys.add(key)
+        return publish, bad, blocked
+
+    def _bad(self, r: OutboxRecord) -> str | None:
+        """Why this row can never be published, or None."""
+        if r.topic not in self._topics_ok:
+            try:
+                self._topics_ok.add(check_name("topic", r.topic))
+            except ConfigurationError as e:
+                return f"bad topic: {e}"
+        p = r.payload
+        check = self.check
+        if check == "none":
+            return None
+        if type(p) is not bytes:
+            return f"payload is {type(p).__name__}, not bytes"
+        if check == "structure":
+            if p[:1] != b"{" or (p[-1:] != b"}" and p.rstrip()[-1:] != b"}"):
+                return "payload is not a JSON object (bad payload)"
+            if b'"specversion"' not in p:
+                return "payload is not a CloudEvents event: no specversion (bad payload)"
+            return None
+        if check == "json":
+            import json
+
+            try:
+                obj = json.loads(p)
+            except ValueError as e:
+                return f"payload is not JSON (bad payload): {e}"
+            if not isinstance(obj, dict) or obj.get("specversion") != "1.0":
+                return "payload is not a CloudEvents 1.0 event (bad payload)"
+            if not isinstance(obj.get("id"), str) or not isinstance(obj.get("type"), str):
+                return "payload has no CloudEvents id or type (bad payload)"
+            return None
+        try:
+            self.codec.decode(p)
+        except DecodeError as e:
+            return f"payload does not decode (bad payload): {type(e).__name__}: {e}"
+        return None
+
+    async def _publish(self, topic: str, records: list[OutboxRecord]) -> None:
+        await self.publisher.publish(
+            topic,
+            [
+                TransportMessage(r.message_id, r.payload, r.partition_key, r.headers)
+                for r in records
+            ],
+        )
+
+    async def _failed(self, records: list[OutboxRecord], error: BaseException) -> None:
+        reason = f"{type(error).__name__}: {error}"[:2000]
+        attempts = max(r.attempts for r in records) + 1
+        park = [r.seq for r in records if r.attempts + 1 >= self.max_attempts]
+        retry = [r.seq for r in records if r.attempts + 1 < self.max_attempts]
+        if park:
+            why = f"publish failed {self.max_attempts} times; last error: {reason}"
+            await self.store.park(self.relay_id, park, why)
+            log.error("outbox rows %s parked: %s", park, why)
+        if retry:
+            retry_at = utc_now() + timedelta(seconds=self.backoff(attempts))
+            await self.store.retry_later(self.relay_id, retry, reason, retry_at)
+            log.warning(
+                "publishing %d outbox rows failed (attempt %d), retrying at %s: %s",
+                len(retry),
+                attempts,
+                retry_at.isoformat(),
+                reason,
+            )
+
+    # -- running in the background -------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        """Run the relay in a background task until :meth:`stop`."""
+        if self.running:
+            return
+        self._stopping = False
+        self._task = asyncio.create_task(self._loop(), name=f"outbox-relay-{self.relay_id}")
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop after the batch in hand is published and marked; after ``timeout`` seconds
+        (default ``stop_timeout``) cancel it instead, which releases its rows."""
+        task = self._task
+        if task is None:
+            return
+        self._stopping = True
+        if self._idle:
+            task.cancel()
+        await asyncio.wait({task}, timeout=self.stop_timeout if timeout is None else timeout)
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+        self._task = None
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def _loop(self) -> None:
+        streak = 0
+        while not self._stopping:
+            try:
+                claimed, _sent, failed = await self._step()
+                await self._maybe_purge()
+            except Exception:
+                log.exception("outbox relay %s: step failed", self.relay_id)
+                claimed, failed = 0, True
+            if failed:
+                streak += 1
+                await self._idle_for(self._sleep(self.backoff(streak)))
+            elif claimed < self.batch_size:
+                streak = 0
+                await self._idle_for(self.store.wait_for_rows(self.poll_interval))
+            else:
+                streak = 0
+
+    @staticmethod
+    async def _sleep(seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    async def _idle_for(self, aw: Coroutine[Any, Any, None]) -> None:
+        if self._stopping:
+            aw.close()
+            return
+        self._idle = True
+        try:
+            await aw
+        finally:
+            self._idle = False
+
+    async def _maybe_purge(self) -> None:
+        if self.retention is None:
+            return
+        now = time.monotonic()
+        if now >= self._next_purge:
+            self._next_purge = now + self.purge_interval
+            await self.purge()
+
+    # -- operating it --------------------------------------------------------------------
+
+    async def status(self) -> OutboxStatus:
+        """Pending rows, the age of the oldest in seconds (the lag), parked rows."""
+        return await self.store.status()
+
+    async def parked(self, limit: int = 100) -> list[OutboxRecord]:
+        """Parked rows, oldest first, each with ``last_error``."""
+        return await self.store.parked(limit)
+
+    async def requeue(self, seqs: Sequence[int] | None = None) -> int:
+        """Make parked rows pending again (all of them when ``seqs`` is None)."""
+        if seqs is not None:
+            return await self.store.requeue(seqs)
+        total = 0
+        while batch := await self.store.parked(1000):
+            n = await self.store.requeue([r.seq for r in batch])
+            total += n
+            if n == 0:
+                break
+        return total
+
+    async def purge(self) -> int:
+        """Delete sent rows older than ``retention`` (nothing when there is no retention)."""
+        if self.retention is None:
+            return 0
+        try:
+            return await self.store.purge_sent(utc_now() - self.retention)
+        except MsdataError:
+            log.exception("outbox relay %s: purge failed", self.relay_id)
+            return 0
