@@ -84,6 +84,8 @@ class MessageRegistry:
         self._by_class: dict[type[Message], tuple[str, int]] = {}
         self._by_name: dict[str, dict[int, type[Message]]] = {}
         self._upcasters: dict[tuple[str, int], Upcaster] = {}
+        #: bumped on every change, so codecs know to rebuild what they cached
+        self.generation = 0
 
     def register(self, cls: type[Message], type_name: str, version: int = 1) -> None:
         if not (isinstance(cls, type) and issubclass(cls, Message)):
@@ -107,12 +109,14 @@ class MessageRegistry:
             raise RegistrationError(f"{cls.__qualname__} is already registered as {previous}")
         versions[version] = cls
         self._by_class[cls] = (type_name, version)
+        self.generation += 1
 
     def add_upcaster(self, type_name: str, from_version: int, fn: Upcaster) -> None:
         key = (type_name, from_version)
         if key in self._upcasters:
             raise RegistrationError(f"an upcaster from {type_name!r} v{from_version} exists")
         self._upcasters[key] = fn
+        self.generation += 1
 
     def name_of(self, cls: type[Message]) -> tuple[str, int]:
         """The (type name, version) a class is registered under."""
@@ -151,6 +155,14 @@ class MessageRegistry:
         if version in versions:
             return versions[version], []
         raise LookupError(version)
+
+    def newest(self) -> dict[str, tuple[type[Message], int]]:
+        """For each type name, its newest class and version."""
+        out = {}
+        for name, versions in self._by_name.items():
+            v = max(versions)
+            out[name] = (versions[v], v)
+        return out
 
     def types(self) -> dict[str, dict[int, type[Message]]]:
         return {name: dict(v) for name, v in self._by_name.items()}

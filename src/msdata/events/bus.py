@@ -42,8 +42,8 @@ from msdata.messages import (
     Envelope,
     Event,
     MessageRegistry,
+    _current,
     default_registry,
-    handling,
     make_envelope,
 )
 from msdata.middleware import Middleware, Next, compose
@@ -295,11 +295,12 @@ class EventBus:
             # a registered type this group does not handle: not its business
             await self._settle(delivery.ack())
             return
+        token = _current.set(envelope)
         try:
-            with handling(envelope):
-                await route(envelope)
+            await route(envelope)
         except RejectMessage as e:
             await self._settle(delivery.dead_letter(f"RejectMessage: {e}"))
+            return
         except Exception as e:
             log.warning(
                 "handler for %s %s in group %s failed (attempt %d): %r",
@@ -314,8 +315,15 @@ class EventBus:
                     delay=self.backoff(delivery.attempt), reason=f"{type(e).__name__}: {e}"
                 )
             )
-        else:
-            await self._settle(delivery.ack())
+            return
+        finally:
+            _current.reset(token)
+        try:
+            await delivery.ack()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("acking a delivery failed; it will be redelivered")
 
     @staticmethod
     async def _settle(op: Any) -> None:
