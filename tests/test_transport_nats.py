@@ -8,10 +8,17 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from msdata.adapters.nats import NatsTransport
+from msdata.adapters.nats import NatsTransport, consumer_name, stream_name, topic_of_stream
+from msdata.errors import ConfigurationError, PublishError, TransportClosed
 from msdata.testing.services import require
-from msdata.testing.transport import TransportConformance
-from msdata.transport import Transport
+from msdata.testing.transport import TransportConformance, collect, make_messages
+from msdata.transport import (
+    DEAD_LETTER_ATTEMPTS,
+    DEAD_LETTER_REASON,
+    Transport,
+    TransportMessage,
+    dead_letter_topic,
+)
 
 pytestmark = pytest.mark.nats
 
@@ -43,3 +50,174 @@ class TestNatsTransport(TransportConformance):
 
     def make_transport(self) -> AsyncIterator[Transport]:  # type: ignore[override]
         return nats_transport(ack_wait=3.0)  # type: ignore[return-value]
+
+
+# -- adapter-specific ---------------------------------------------------------------------------
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def test_stream_names_are_valid_distinct_and_reversible() -> None:
+    topics = ["orders", "orders.placed", "orders-placed", "orders_placed", "a._-b", "x" * 200]
+    names = [stream_name(t) for t in topics]
+    assert len(set(names)) == len(names)
+    for topic, name in zip(topics, names, strict=True):
+        assert "." not in name and len(name) <= 150
+        assert name.startswith("MSDATA_")
+        if len(topic) < 100:
+            assert topic_of_stream(name) == topic
+    assert topic_of_stream(names[-1]) is None  # shortened with a hash
+    long_groups = ["g" * 199 + "a", "g" * 199 + "b", "_" * 200]
+    assert len({consumer_name(g) for g in long_groups}) == 3
+    assert topic_of_stream("OTHER_orders") is None
+
+
+async def test_a_message_id_published_twice_is_delivered_once() -> None:
+    topic, group = unique("topic"), unique("group")
+    async with nats_transport() as t, t.subscribe(topic, group) as sub:
+        (m,) = make_messages(1)
+        await t.publish(topic, [m])
+        await t.publish(topic, [m])  # the relay's retry of a batch it already published
+        (ours,) = make_messages(1)
+        await t.publish(topic, [m, m, ours])
+        got = await collect(sub, 2, timeout=10.0)
+        assert sorted(d.message.id for d in got) == sorted([m.id, ours.id])
+        assert await sub.receive(10, timeout=0.5) == []
+
+
+async def test_foreign_messages_arrive_and_can_be_dead_lettered() -> None:
+    topic, group = unique("topic"), unique("group")
+    async with nats_transport() as t, t.subscribe(topic, group) as sub:
+        nc = t.client
+        assert nc is not None
+        js = nc.jetstream()
+        await js.publish(topic, b"\x00\xff garbage")
+        await js.publish(topic, b"not json either", headers={"Content-Type": "text/plain"})
+        (ours,) = make_messages(1)
+        await t.publish(topic, [ours])
+        got = await collect(sub, 3, timeout=10.0, ack=False)
+        assert len(got) == 3
+        foreign = [d for d in got if d.message.id != ours.id]
+        assert [d.message.body for d in foreign] == [b"\x00\xff garbage", b"not json either"]
+        for d in foreign:
+            assert d.message.id.startswith(stream_name(topic, t.stream_prefix) + ":")
+            assert d.message.key is None and d.attempt == 1
+            await d.dead_letter("MalformedMessage: not UTF-8 JSON\nline two")
+        assert foreign[1].message.headers == {"Content-Type": "text/plain"}
+        await next(d for d in got if d.message.id == ours.id).ack()
+        async with t.subscribe(dead_letter_topic(topic, group), unique("ops")) as dlq:
+            dead = await collect(dlq, 2, timeout=10.0)
+        assert [d.message.body for d in dead] == [b"\x00\xff garbage", b"not json either"]
+        assert [d.message.id for d in dead] == [d.message.id for d in foreign]
+        for d in dead:
+            assert d.message.headers[DEAD_LETTER_REASON] == (
+                "MalformedMessage: not UTF-8 JSON line two"
+            )
+        assert await sub.receive(10, timeout=0.3) == []
+
+
+async def test_a_delivery_whose_consumers_keep_dying_is_dead_lettered() -> None:
+    topic, group = unique("topic"), unique("group")
+    async with nats_transport(ack_wait=1.0) as t:
+        (m,) = make_messages(1)
+        await t.publish(topic, [m])
+        # a consumer on its own connection takes the message and dies without settling it
+        dying = NatsTransport(await nats.connect(require("nats")), stream_prefix=t.stream_prefix)
+        sub = await dying.subscribe(topic, group, max_attempts=1).__aenter__()
+        (d,) = await collect(sub, 1, timeout=10.0, ack=False)
+        assert d.attempt == 1
+        assert dying.client is not None
+        await dying.client.close()
+        async with (
+            t.subscribe(topic, group, max_attempts=1) as survivor,
+            t.subscribe(dead_letter_topic(topic, group), unique("ops")) as dlq,
+        ):
+            # redelivered after ack_wait with attempt 2 > max_attempts: never handed out
+            assert await survivor.receive(10, timeout=2.5) == []
+            (dead,) = await collect(dlq, 1, timeout=10.0)
+        assert dead.message.id == m.id
+        assert "not settled after 1 attempts" in dead.message.headers[DEAD_LETTER_REASON]
+        assert dead.message.headers[DEAD_LETTER_ATTEMPTS] == "1"
+
+
+async def test_publish_fails_with_publish_error_and_recovers() -> None:
+    topic = unique("topic")
+    async with nats_transport(publish_timeout=2.0) as t:
+        await t.publish(topic, make_messages(1))
+        assert await t.delete_topic(topic)
+        # the transport believes the stream exists: nothing stores the message
+        t._streams[topic] = t.subject_prefix + topic
+        with pytest.raises(PublishError):
+            await t.publish(topic, make_messages(3))
+        # the next publish declares the stream again
+        await t.publish(topic, make_messages(2))
+        async with t.subscribe(topic, unique("group")) as sub:
+            assert len(await collect(sub, 2, timeout=10.0)) == 2
+
+
+async def test_subject_prefix_and_keys_travel() -> None:
+    topic, group = unique("topic"), unique("group")
+    prefix = f"app{uuid.uuid4().hex[:6]}."
+    async with nats_transport(subject_prefix=prefix) as t, t.subscribe(topic, group) as sub:
+        assert t.client is not None
+        await t.client.jetstream().publish(prefix + topic, b"from another service")
+        await t.publish(topic, [TransportMessage(id="id-1", body=b"{}", key="")])
+        await t.publish(topic, [TransportMessage(id="id-2", body=b"{}", key="order-7")])
+        got = await collect(sub, 3, timeout=10.0)
+        assert got[0].message.body == b"from another service"
+        assert [(d.message.id, d.message.key) for d in got[1:]] == [
+            ("id-1", ""),
+            ("id-2", "order-7"),
+        ]
+
+
+async def test_settling_after_close_raises_and_close_gives_deliveries_back() -> None:
+    topic, group = unique("topic"), unique("group")
+    async with nats_transport() as t:
+        await t.publish(topic, make_messages(3))
+        async with t.subscribe(topic, group) as sub:
+            got = await collect(sub, 3, timeout=10.0, ack=False)
+        with pytest.raises(TransportClosed):
+            await got[0].ack()
+        with pytest.raises(TransportClosed):
+            await sub.receive()
+        async with t.subscribe(topic, group) as again:
+            back = await collect(again, 3, timeout=2.0)  # long before ack_wait (30 s)
+        assert sorted(d.message.id for d in back) == sorted(d.message.id for d in got)
+        assert all(d.attempt == 2 for d in back)
+
+
+async def test_from_url_connects_on_first_use_and_closes_its_connection() -> None:
+    url = require("nats")
+    with pytest.raises(ConfigurationError):
+        NatsTransport.from_url("redis://127.0.0.1")
+    prefix = f"T{uuid.uuid4().hex[:12]}_"
+    t = NatsTransport.from_url(url, stream_prefix=prefix)
+    assert t.client is None
+    topic = unique("topic")
+    try:
+        async with t:
+            async with t.subscribe(topic, unique("group")) as sub:
+                await t.publish(topic, make_messages(5))
+                assert len(await collect(sub, 5, timeout=10.0)) == 5
+            nc = t.client
+            assert nc is not None and nc.is_connected
+        assert nc.is_closed
+        with pytest.raises(TransportClosed):
+            await t.publish(topic, make_messages(1))
+    finally:
+        other = await nats.connect(url)
+        await delete_streams(other, prefix)
+        await other.close()
+
+
+async def test_nats_unsafe_names_are_rejected() -> None:
+    async with nats_transport() as t:
+        with pytest.raises(ConfigurationError):
+            t.subscribe("ends.with.dot.", "g")
+    with pytest.raises(ConfigurationError):
+        NatsTransport(None, stream_prefix="has.dot")
+    with pytest.raises(ConfigurationError):
+        NatsTransport(None, subject_prefix="no-trailing-dot")

@@ -331,9 +331,8 @@ class NatsSubscription:
             return
         self._closed = True
         self._transport._subscriptions.discard(self)
+        # still unsettled: settling them now raises TransportClosed
         replies = [d._msg.reply for d in self._inflight]
-        for d in self._inflight:
-            d._settled = True
         self._inflight.clear()
         psub, self._psub = self._psub, None
         if psub is not None:
