@@ -77,7 +77,9 @@ class OutboxRow:
 
 @dataclass(frozen=True, slots=True)
 class OutboxRecord:
-    """A stored outbox row, as the relay sees it. ``seq`` is the store's insertion order."""
+    """A stored outbox row, as the relay sees it. ``seq`` is the store's insertion order;
+    a store never gives the same ``seq`` to two rows, even after deletes (a relay whose lease
+    expired may still mark its old ``seq`` values sent)."""
 
     seq: int
     message_id: str

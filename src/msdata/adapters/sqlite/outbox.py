@@ -1,0 +1,609 @@
+"""The outbox and inbox stores on SQLite, with the stdlib ``sqlite3`` driver in WAL mode.
+
+Write side (``append``, ``record``): the caller's own ``sqlite3.Connection`` (or a
+SQLAlchemy ``Session``/``Connection`` on a SQLite engine), inside its open transaction. With
+the default ``isolation_level`` sqlite3 opens that transaction itself before the INSERT; on
+a connection in autocommit mode (``isolation_level=None``) the caller must have run
+``BEGIN`` first, or ConfigurationError is raised rather than committing the message alone.
+
+Relay side: each call is one transaction on the store's own connection, run whole in one
+hop to the store's own thread (so the event loop never blocks on SQLite, and no per-statement
+hops as with aiosqlite). SQLite has one writer at a time: claims from several relays are
+serialised by its write lock, so a second relay is a stand-by that takes turns, not extra
+throughput; rows stay leased per relay, exactly as on PostgreSQL.
+
+``wait_for_rows`` polls ``PRAGMA data_version`` (a read, no lock) every ``poll_interval``
+seconds, and wakes at once when an ``append`` through a store on the same file in this
+process signals it (then it polls every 2 ms until that transaction commits).
+
+Tables are ``{prefix}outbox``, ``{prefix}outbox_sent`` (rows kept after publishing, when
+the relay has a retention) and ``{prefix}inbox``; see :func:`schema_sql`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+from msdata.errors import ConfigurationError, SchemaError, StoreError
+from msdata.outbox.store import (
+    DEFAULT_TABLE_PREFIX,
+    OutboxRecord,
+    OutboxRow,
+    OutboxStatus,
+    check_table_prefix,
+)
+
+__all__ = ["SqliteInboxStore", "SqliteOutboxStore", "connect", "from_url", "schema_sql"]
+
+T = TypeVar("T")
+
+_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+_NO_HEADERS: MappingProxyType[str, str] = MappingProxyType({})
+
+_OUTBOX_DDL = """\
+-- Outbox rows waiting to be published (state 0 = pending, 1 = parked).
+CREATE TABLE IF NOT EXISTS {p}outbox (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,  -- insertion order, never reused
+    message_id     TEXT    NOT NULL,
+    topic          TEXT    NOT NULL,
+    type           TEXT    NOT NULL,
+    payload        BLOB    NOT NULL,                   -- CloudEvents 1.0 JSON
+    partition_key  TEXT,                               -- the aggregate id; order is per key
+    aggregate_type TEXT,
+    headers        TEXT,                               -- JSON object of string headers
+    created_at     REAL    NOT NULL,                   -- Unix seconds
+    state          INTEGER NOT NULL DEFAULT 0,
+    lease_owner    TEXT,
+    lease_until    REAL,
+    retry_at       REAL,
+    attempts       INTEGER NOT NULL DEFAULT 0,
+    last_error     TEXT
+);
+-- rows leased now (or whose lease ran out): a live lease blocks its key
+CREATE INDEX IF NOT EXISTS {p}outbox_leased
+    ON {p}outbox (partition_key, lease_until) WHERE lease_until IS NOT NULL;
+-- parked rows and rows waiting out a retry: they block the later rows of their key
+CREATE INDEX IF NOT EXISTS {p}outbox_blocking
+    ON {p}outbox (partition_key, seq) WHERE state = 1 OR retry_at IS NOT NULL;
+-- Published rows, kept while the relay's retention lasts.
+CREATE TABLE IF NOT EXISTS {p}outbox_sent (
+    seq            INTEGER PRIMARY KEY,
+    message_id     TEXT    NOT NULL,
+    topic          TEXT    NOT NULL,
+    type           TEXT    NOT NULL,
+    payload        BLOB    NOT NULL,
+    partition_key  TEXT,
+    aggregate_type TEXT,
+    headers        TEXT,
+    created_at     REAL    NOT NULL,
+    sent_at        REAL    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS {p}outbox_sent_at ON {p}outbox_sent (sent_at);
+"""
+
+_INBOX_DDL = """\
+-- Messages each consumer has applied; written in the consumer's own transaction.
+CREATE TABLE IF NOT EXISTS {p}inbox (
+    consumer    TEXT NOT NULL,
+    message_id  TEXT NOT NULL,
+    recorded_at REAL NOT NULL,                         -- Unix seconds
+    PRIMARY KEY (consumer, message_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS {p}inbox_recorded_at ON {p}inbox (recorded_at);
+"""
+
+
+def schema_sql(table_prefix: str = DEFAULT_TABLE_PREFIX) -> str:
+    """The DDL of the outbox and inbox tables, for a migration tool (idempotent)."""
+    p = check_table_prefix(table_prefix)
+    return _OUTBOX_DDL.format(p=p) + _INBOX_DDL.format(p=p)
+
+
+def _path_from_url(url: str) -> str:
+    if not url.startswith("sqlite:///"):
+        raise ConfigurationError(
+            f"not a SQLite file URL: {url!r} (use sqlite:///relative.db or sqlite:////abs.db)"
+        )
+    path = url[len("sqlite:///") :].split("?", 1)[0]
+    if not path or path == ":memory:":
+        raise ConfigurationError(
+            "the SQLite outbox needs a database file (the relay opens its own connection)"
+        )
+    return path
+
+
+def connect(
+    path: str | os.PathLike[str], *, synchronous: str = "NORMAL", timeout: float = 30.0
+) -> sqlite3.Connection:
+    """A ``sqlite3`` connection set up the way the outbox expects: WAL, the given
+    ``synchronous`` level (NORMAL: durable on application crash, may lose the last commits
+    on power loss; FULL: also on power loss) and a busy timeout."""
+    sync = synchronous.upper()
+    if sync not in _SYNCHRONOUS:
+        raise ConfigurationError(f"synchronous must be one of {_SYNCHRONOUS}: {synchronous!r}")
+    conn = sqlite3.connect(os.fspath(path), timeout=timeout)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={sync}")  # one of four fixed words, checked above
+    return conn
+
+
+def _translate(e: sqlite3.Error) -> StoreError:
+    text = str(e)
+    if "no such table" in text or "no such column" in text:
+        return SchemaError(f"{text}: run create_schema() or apply schema_sql()")
+    return StoreError(f"SQLite: {text}")
+
+
+_sa_types: tuple[type[Any], type[Any]] | bool | None = False
+
+
+def _sqlalchemy_types() -> tuple[type[Any], type[Any]] | None:
+    global _sa_types
+    if _sa_types is False:
+        try:
+            from sqlalchemy.engine import Connection
+            from sqlalchemy.orm import Session
+        except ImportError:
+            _sa_types = None
+        else:
+            _sa_types = (Session, Connection)
+    return _sa_types  # type: ignore[return-value]
+
+
+def _dbapi(conn: Any) -> sqlite3.Connection:
+    """The caller's sqlite3 connection, from a sqlite3 or SQLAlchemy connection/session."""
+    if isinstance(conn, sqlite3.Connection):
+        raw = conn
+    else:
+        sa = _sqlalchemy_types()
+        if sa is None or not isinstance(conn, sa):
+            raise ConfigurationError(
+                "the SQLite stores take a sqlite3.Connection or a SQLAlchemy Session/"
+                f"Connection on a SQLite engine, got {type(conn).__module__}."
+                f"{type(conn).__qualname__}"
+            )
+        if isinstance(conn, sa[0]):
+            conn = conn.connection()  # joins (or begins) the session's transaction
+        raw = conn.connection.driver_connection
+        if not isinstance(raw, sqlite3.Connection):
+            raise ConfigurationError(
+                f"the SQLAlchemy engine is not a sqlite3 one (driver connection {type(raw)!r})"
+            )
+    if not raw.in_transaction and (
+        raw.isolation_level is None or getattr(raw, "autocommit", None) is True
+    ):
+        raise ConfigurationError(
+            "the connection is in autocommit mode with no open transaction: run BEGIN "
+            "first, or the message would commit on its own"
+        )
+    return raw
+
+
+class _SqliteStore:
+    """A database file, a table prefix, and the store's own connection in its own thread."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        table_prefix: str = DEFAULT_TABLE_PREFIX,
+        synchronous: str = "NORMAL",
+        busy_timeout: float = 30.0,
+    ) -> None:
+        self.path = os.fspath(path)
+        if not self.path or self.path == ":memory:" or self.path.startswith("file:"):
+            raise ConfigurationError("the SQLite stores need a database file path")
+        self.table_prefix = check_table_prefix(table_prefix)
+        sync = synchronous.upper()
+        if sync not in _SYNCHRONOUS:
+            raise ConfigurationError(f"synchronous must be one of {_SYNCHRONOUS}")
+        self.synchronous = sync
+        self.busy_timeout = busy_timeout
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> Any:
+        """``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``."""
+        return cls(_path_from_url(url), **options)
+
+    def _connection(self) -> sqlite3.Connection:
+        # runs in the store's thread only
+        if self._conn is None:
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")  # checked in __init__
+            self._conn = conn
+        return self._conn
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise StoreError("the SQLite store is closed")
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="msdata-sqlite")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            return fn(self._connection())
+        except sqlite3.Error as e:
+            raise _translate(e) from e
+
+    @staticmethod
+    def _write(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn`` in one write transaction (BEGIN IMMEDIATE: waits for the write lock)."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn)
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+
+    async def _script(self, ddl: str) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            # executescript commits first; the DDL is idempotent, run it whole
+            conn.executescript(f"BEGIN IMMEDIATE;\n{ddl}\nCOMMIT;")
+
+        await self._run(run)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        ex, self._executor = self._executor, None
+        if ex is None:
+            return
+
+        def shut() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await asyncio.get_running_loop().run_in_executor(ex, shut)
+        ex.shutdown(wait=False)
+
+
+# Relays waiting on a database file in this process, woken by appends to it.
+_waiting: dict[str, weakref.WeakSet[SqliteOutboxStore]] = {}
+_waiting_lock = threading.Lock()
+
+
+def _placeholders(n: int) -> str:
+    return ",".join("?" * n)
+
+
+class SqliteOutboxStore(_SqliteStore):
+    """The :class:`msdata.outbox.store.OutboxStore` on SQLite (see the module docstring).
+
+    ``poll_interval``: how often ``wait_for_rows`` checks for commits by other processes.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        table_prefix: str = DEFAULT_TABLE_PREFIX,
+        synchronous: str = "NORMAL",
+        busy_timeout: float = 30.0,
+        poll_interval: float = 0.05,
+    ) -> None:
+        super().__init__(
+            path, table_prefix=table_prefix, synchronous=synchronous, busy_timeout=busy_timeout
+        )
+        if poll_interval <= 0:
+            raise ConfigurationError("poll_interval must be > 0")
+        self.poll_interval = poll_interval
+        self._key = os.path.realpath(self.path)
+        self._data_version: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._hot_until = 0.0
+        t = f"{self.table_prefix}outbox"
+        self._t = t
+        self._insert = (
+            f"INSERT INTO {t} (message_id, topic, type, payload, partition_key, "
+            "aggregate_type, headers, created_at) VALUES (?,?,?,?,?,?,?,?)"
+        )
+        live = "b.lease_until IS NOT NULL AND b.lease_until > :now"
+        blocking = "(b.state = 1 OR b.retry_at IS NOT NULL) AND (b.state = 1 OR b.retry_at > :now)"
+        self._claimable = (
+            f"FROM {t} o WHERE o.state = 0"
+            " AND (o.lease_until IS NULL OR o.lease_until <= :now)"
+            " AND (o.retry_at IS NULL OR o.retry_at <= :now)"
+            " AND (o.partition_key IS NULL OR ("
+            f"NOT EXISTS (SELECT 1 FROM {t} b WHERE b.partition_key = o.partition_key AND {live})"
+            f" AND NOT EXISTS (SELECT 1 FROM {t} b WHERE b.partition_key = o.partition_key"
+            f" AND b.seq < o.seq AND {blocking})))"
+        )
+        self._columns = (
+            "seq, message_id, topic, type, payload, partition_key, headers, created_at, "
+            "attempts, last_error"
+        )
+
+    def schema_sql(self) -> str:
+        """The DDL of this store's tables (idempotent)."""
+        return _OUTBOX_DDL.format(p=self.table_prefix)
+
+    async def create_schema(self) -> None:
+        await self._script(self.schema_sql())
+
+    # -- write side ----------------------------------------------------------------------
+
+    def append(self, conn: Any, rows: Sequence[OutboxRow]) -> None:
+        if not rows:
+            return
+        raw = _dbapi(conn)
+        now = time.time()
+        dumps = json.dumps
+        try:
+            raw.executemany(
+                self._insert,
+                [
+                    (
+                        r.message_id,
+                        r.topic,
+                        r.type,
+                        r.payload,
+                        r.partition_key,
+                        r.aggregate_type,
+                        dumps(dict(r.headers)) if r.headers else None,
+                        now,
+                    )
+                    for r in rows
+                ],
+            )
+        except sqlite3.Error as e:
+            raise _translate(e) from e
+        self._signal()
+
+    async def append_async(self, conn: Any, rows: Sequence[OutboxRow]) -> None:
+        """SQLite has no async driver msdata serves (aiosqlite is 17x slower): this takes
+        the same sync connections as :meth:`append`; an INSERT costs microseconds."""
+        self.append(conn, rows)
+
+    def _signal(self) -> None:
+        with _waiting_lock:
+            stores = list(_waiting.get(self._key, ()))
+        for store in stores:
+            store._notify()
+
+    def _notify(self) -> None:
+        loop, wake = self._loop, self._wake
+        if loop is None or wake is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(wake.set)
+
+    # -- relay side ----------------------------------------------------------------------
+
+    def _record(self, row: tuple[Any, ...]) -> OutboxRecord:
+        seq, mid, topic, type_, payload, key, headers, created, attempts, error = row
+        return OutboxRecord(
+            seq=seq,
+            message_id=mid,
+            topic=topic,
+            type=type_,
+            payload=payload if type(payload) is bytes else bytes(payload),
+            partition_key=key,
+            headers=MappingProxyType(json.loads(headers)) if headers else _NO_HEADERS,
+            created_at=datetime.fromtimestamp(created, UTC),
+            attempts=attempts,
+            last_error=error,
+        )
+
+    async def claim(self, relay_id: str, limit: int, lease_seconds: float) -> list[OutboxRecord]:
+        t, claimable = self._t, self._claimable
+        probe = f"SELECT 1 {claimable} LIMIT 1"
+        select = f"SELECT {self._columns} {claimable} ORDER BY o.seq LIMIT :limit"
+
+        def run(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            # a lock-free look first, so an idle relay never waits on a writer's lock
+            if conn.execute(probe, {"now": time.time()}).fetchone() is None:
+                return []
+
+            def claim(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+                now = time.time()
+                rows = conn.execute(select, {"now": now, "limit": limit}).fetchall()
+                if rows:
+                    conn.execute(
+                        f"UPDATE {t} SET lease_owner = ?, lease_until = ? "
+                        f"WHERE seq IN ({_placeholders(len(rows))})",
+                        (relay_id, now + lease_seconds, *(r[0] for r in rows)),
+                    )
+                return rows
+
+            return self._write(conn, claim)
+
+        rows = await self._run(run)
+        return [self._record(r) for r in rows]
+
+    async def mark_sent(self, relay_id: str, seqs: Sequence[int], *, keep: bool = False) -> None:
+        if not seqs:
+            return
+        t, marks = self._t, _placeholders(len(seqs))
+        args = tuple(seqs)
+
+        def run(conn: sqlite3.Connection) -> None:
+            if keep:
+                conn.execute(
+                    f"INSERT OR IGNORE INTO {t}_sent (seq, message_id, topic, type, payload, "
+                    "partition_key, aggregate_type, headers, created_at, sent_at) "
+                    "SELECT seq, message_id, topic, type, payload, partition_key, "
+                    f"aggregate_type, headers, created_at, ? FROM {t} WHERE seq IN ({marks})",
+                    (time.time(), *args),
+                )
+            conn.execute(f"DELETE FROM {t} WHERE seq IN ({marks})", args)
+
+        await self._run(lambda conn: self._write(conn, run))
+
+    async def _owned_update(
+        self, relay_id: str, seqs: Sequence[int], assign: str, args: tuple[Any, ...]
+    ) -> None:
+        if not seqs:
+            return
+        sql = (
+            f"UPDATE {self._t} SET {assign} WHERE state = 0 AND lease_owner = ? "
+            f"AND seq IN ({_placeholders(len(seqs))})"
+        )
+        params = (*args, relay_id, *seqs)
+        await self._run(lambda conn: self._write(conn, lambda c: c.execute(sql, params)))
+
+    async def release(self, relay_id: str, seqs: Sequence[int]) -> None:
+        await self._owned_update(relay_id, seqs, "lease_owner = NULL, lease_until = NULL", ())
+        if self._wake is not None:
+            self._wake.set()
+
+    async def retry_later(
+        self, relay_id: str, seqs: Sequence[int], reason: str, retry_at: datetime
+    ) -> None:
+        await self._owned_update(
+            relay_id,
+            seqs,
+            "attempts = attempts + 1, last_error = ?, retry_at = ?, "
+            "lease_owner = NULL, lease_until = NULL",
+            (reason, retry_at.timestamp()),
+        )
+
+    async def park(self, relay_id: str, seqs: Sequence[int], reason: str) -> None:
+        await self._owned_update(
+            relay_id,
+            seqs,
+            "state = 1, last_error = ?, lease_owner = NULL, lease_until = NULL",
+            (reason,),
+        )
+
+    async def parked(self, limit: int = 100) -> list[OutboxRecord]:
+        sql = f"SELECT {self._columns} FROM {self._t} WHERE state = 1 ORDER BY seq LIMIT ?"
+        rows = await self._run(lambda conn: conn.execute(sql, (limit,)).fetchall())
+        return [self._record(r) for r in rows]
+
+    async def requeue(self, seqs: Sequence[int]) -> int:
+        if not seqs:
+            return 0
+        sql = (
+            f"UPDATE {self._t} SET state = 0, attempts = 0, retry_at = NULL, "
+            "lease_owner = NULL, lease_until = NULL "
+            f"WHERE state = 1 AND seq IN ({_placeholders(len(seqs))})"
+        )
+        args = tuple(seqs)
+        n = await self._run(lambda conn: self._write(conn, lambda c: c.execute(sql, args).rowcount))
+        if n and self._wake is not None:
+            self._wake.set()
+        return n
+
+    async def status(self) -> OutboxStatus:
+        sql = (
+            f"SELECT COALESCE(SUM(state = 0), 0), MIN(CASE WHEN state = 0 THEN created_at END), "
+            f"COALESCE(SUM(state = 1), 0) FROM {self._t}"
+        )
+        pending, oldest, parked = await self._run(lambda conn: conn.execute(sql).fetchone())
+        age = None if oldest is None else max(0.0, time.time() - oldest)
+        return OutboxStatus(pending=pending, oldest_pending_age=age, parked=parked)
+
+    async def purge_sent(self, older_than: datetime) -> int:
+        sql = f"DELETE FROM {self._t}_sent WHERE sent_at < ?"
+        cut = older_than.timestamp()
+        return await self._run(
+            lambda conn: self._write(conn, lambda c: c.execute(sql, (cut,)).rowcount)
+        )
+
+    async def wait_for_rows(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._wake is None:
+            self._loop, self._wake = loop, asyncio.Event()
+            with _waiting_lock:
+                _waiting.setdefault(self._key, weakref.WeakSet()).add(self)
+        wake = self._wake
+        deadline = loop.time() + timeout
+        while True:
+            if await self._run(self._changed):
+                return
+            now = loop.time()
+            if now >= deadline:
+                return
+            step = 0.002 if now < self._hot_until else self.poll_interval
+            try:
+                async with asyncio.timeout(min(step, deadline - now)):
+                    await wake.wait()
+            except TimeoutError:
+                continue
+            wake.clear()
+            # an append in this process: its transaction commits soon, look often till then
+            self._hot_until = loop.time() + 1.0
+
+    def _changed(self, conn: sqlite3.Connection) -> bool:
+        """Did another connection commit since the last look?"""
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        changed = self._data_version is not None and version != self._data_version
+        self._data_version = version
+        return changed
+
+    async def close(self) -> None:
+        with _waiting_lock:
+            waiting = _waiting.get(self._key)
+            if waiting is not None:
+                waiting.discard(self)
+                if not waiting:
+                    del _waiting[self._key]
+        await super().close()
+
+
+class SqliteInboxStore(_SqliteStore):
+    """The :class:`msdata.outbox.store.InboxStore` on SQLite.
+
+    A concurrent duplicate waits for the SQLite write lock (the caller's busy timeout) and
+    then finds the first transaction's record; if the caller's transaction had already read
+    an older snapshot, SQLite refuses the write at once and StoreError is raised: roll back
+    and let the message be redelivered.
+    """
+
+    def schema_sql(self) -> str:
+        """The DDL of this store's table (idempotent)."""
+        return _INBOX_DDL.format(p=self.table_prefix)
+
+    async def create_schema(self) -> None:
+        await self._script(self.schema_sql())
+
+    def record(self, conn: Any, consumer: str, message_id: str) -> bool:
+        raw = _dbapi(conn)
+        try:
+            cur = raw.execute(
+                f"INSERT OR IGNORE INTO {self.table_prefix}inbox "
+                "(consumer, message_id, recorded_at) VALUES (?, ?, ?)",
+                (consumer, message_id, time.time()),
+            )
+        except sqlite3.Error as e:
+            raise _translate(e) from e
+        return cur.rowcount == 1
+
+    async def record_async(self, conn: Any, consumer: str, message_id: str) -> bool:
+        """The same sync connections as :meth:`record` (see ``append_async``)."""
+        return self.record(conn, consumer, message_id)
+
+    async def purge(self, older_than: datetime) -> int:
+        sql = f"DELETE FROM {self.table_prefix}inbox WHERE recorded_at < ?"
+        cut = older_than.timestamp()
+        return await self._run(
+            lambda conn: self._write(conn, lambda c: c.execute(sql, (cut,)).rowcount)
+        )
+
+
+def from_url(url: str, **options: Any) -> SqliteOutboxStore:
+    """``SqliteOutboxStore.from_url``: ``sqlite:///orders.db``."""
+    return SqliteOutboxStore(_path_from_url(url), **options)
