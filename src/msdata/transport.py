@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
-from typing import Protocol, Self, runtime_checkable
+from typing import NamedTuple, Protocol, Self, runtime_checkable
 
 from msdata.errors import ConfigurationError
 
@@ -64,8 +64,7 @@ def dead_letter_topic(topic: str, group: str) -> str:
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
-@dataclass(frozen=True, slots=True)
-class TransportMessage:
+class TransportMessage(NamedTuple):
     """One message as the transport carries it.
 
     ``id`` is the message id (brokers that de-duplicate use it); ``key`` is the partition
@@ -76,7 +75,7 @@ class TransportMessage:
     id: str
     body: bytes
     key: str | None = None
-    headers: Mapping[str, str] = field(default_factory=lambda: _NO_HEADERS)
+    headers: Mapping[str, str] = _NO_HEADERS
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,12 +30,13 @@ every delivery it did not finish unacked, so the transport redelivers it.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, NamedTuple, Self, TypeVar
 
 from msdata.errors import ConfigurationError, DecodeError, HandlerAlreadyRegistered, RejectMessage
 from msdata.messages import (
@@ -58,11 +59,17 @@ E = TypeVar("E", bound=Event)
 H = TypeVar("H", bound=Callable[..., Any])
 
 
+class _Route(NamedTuple):
+    handler: Callable[[Any], Any]
+    is_async: bool
+    chain: Next | None  # None when there is no middleware: call the handler directly
+
+
 @dataclass
 class _Consumer:
     topic: str
     group: str
-    routes: dict[str, Next] = field(default_factory=dict)
+    routes: dict[str, _Route] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -130,7 +137,12 @@ class EventBus:
             raise HandlerAlreadyRegistered(
                 f"group {group!r} already handles {type_name!r} on topic {topic!r}"
             )
-        consumer.routes[type_name] = compose(handler, (*self._middleware, *middleware))
+        chain = (*self._middleware, *middleware)
+        consumer.routes[type_name] = _Route(
+            handler,
+            inspect.iscoroutinefunction(handler),
+            compose(handler, chain) if chain else None,
+        )
 
     def handler(
         self,
@@ -297,7 +309,12 @@ class EventBus:
             return
         token = _current.set(envelope)
         try:
-            await route(envelope)
+            if route.chain is not None:
+                await route.chain(envelope)
+            elif route.is_async:
+                await route.handler(envelope.message)
+            else:
+                route.handler(envelope.message)
         except RejectMessage as e:
             await self._settle(delivery.dead_letter(f"RejectMessage: {e}"))
             return
