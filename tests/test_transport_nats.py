@@ -221,3 +221,24 @@ async def test_nats_unsafe_names_are_rejected() -> None:
         NatsTransport(None, stream_prefix="has.dot")
     with pytest.raises(ConfigurationError):
         NatsTransport(None, subject_prefix="no-trailing-dot")
+
+
+async def test_a_subscription_declares_its_group_again_if_the_server_lost_it() -> None:
+    topic, group = unique("topic"), unique("group")
+    async with nats_transport(consumer_check_interval=0.2) as t, t.subscribe(topic, group) as sub:
+        assert t.client is not None
+        js = t.client.jetstream()
+        await t.publish(topic, make_messages(1))
+        assert len(await collect(sub, 1, timeout=10.0)) == 1
+        await js.delete_consumer(sub.stream, sub.consumer)
+        (m,) = make_messages(1)
+        await t.publish(topic, [m])
+        # the consumer is declared again, from the start of the stream: at least once
+        got = await collect(sub, 2, timeout=10.0)
+        assert m.id in {d.message.id for d in got}
+        await js.delete_stream(sub.stream)
+        t._streams.clear()  # a restarted server without its data: the stream is gone too
+        (again,) = make_messages(1)
+        await t.publish(topic, [again])
+        got = await collect(sub, 1, timeout=10.0)
+        assert [d.message.id for d in got] == [again.id]

@@ -64,6 +64,7 @@ import asyncio
 import contextlib
 import hashlib
 import re
+import time
 from collections.abc import Sequence
 from types import MappingProxyType, TracebackType
 from typing import Any, Self
@@ -281,6 +282,7 @@ class NatsSubscription:
         self._inflight: set[NatsDelivery] = set()
         self._closed = False
         self._lost = False
+        self._next_check = time.monotonic() + transport.consumer_check_interval
 
     async def __aenter__(self) -> Self:
         await self._declare()
@@ -372,6 +374,7 @@ class NatsSubscription:
         try:
             msgs = await psub.fetch(room, timeout=max(timeout, 0.01))
         except TimeoutError:  # also nats' TimeoutError and FetchTimeoutError
+            await self._check_consumer()
             return []
         except nats.js.errors.NotFoundError:
             # the server lost the consumer or stream (restarted without its data)
@@ -387,6 +390,20 @@ class NatsSubscription:
                 await asyncio.sleep(min(timeout, 0.5))
             return []
         return await self._deliveries(msgs)
+
+    async def _check_consumer(self) -> None:
+        """After an empty pull, now and then: does the consumer still exist? A pull from a
+        consumer the server lost (deleted, or a restart without its data) just times out."""
+        now = time.monotonic()
+        if now < self._next_check or self._psub is None:
+            return
+        self._next_check = now + self._transport.consumer_check_interval
+        try:
+            await self._psub.consumer_info()
+        except nats.js.errors.NotFoundError:
+            self._lost = True
+        except (nats.errors.Error, TimeoutError):
+            pass  # disconnected: the next check will tell
 
     async def _deliveries(self, msgs: list[Msg]) -> list[NatsDelivery]:
         out: list[NatsDelivery] = []
@@ -445,7 +462,9 @@ class NatsTransport:
     ``Nats-Msg-Id`` de-duplication lasts), ``max_age`` / ``max_bytes`` (stream retention
     limits; None keeps everything), ``max_ack_pending`` (unsettled deliveries per group),
     ``publish_timeout`` (seconds to wait for a batch's confirmations), ``memory_storage``
-    (memory instead of file streams: not durable).
+    (memory instead of file streams: not durable), ``consumer_check_interval`` (seconds
+    between checks, while a subscription finds nothing, that its consumer still exists on
+    the server; it is declared again if not).
     """
 
     def __init__(
@@ -462,6 +481,7 @@ class NatsTransport:
         publish_timeout: float = 10.0,
         memory_storage: bool = False,
         replicas: int = 1,
+        consumer_check_interval: float = 5.0,
     ) -> None:
         if not _PREFIX.match(stream_prefix):
             raise ConfigurationError(
@@ -490,6 +510,7 @@ class NatsTransport:
         self.publish_timeout = publish_timeout
         self.memory_storage = memory_storage
         self.replicas = replicas
+        self.consumer_check_interval = consumer_check_interval
         self.features = TransportFeatures(
             durable=not memory_storage,
             ordered_per_key=False,
