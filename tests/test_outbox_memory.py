@@ -4,6 +4,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+from msdata.adapters.memory import MemoryTransport
 from msdata.adapters.memory.outbox import MemoryInboxStore, MemoryOutboxStore, MemoryTransaction
 from msdata.outbox import InboxStore, OutboxRow, OutboxStore
 from msdata.testing.outbox import InboxStoreConformance, OutboxStoreConformance
@@ -42,3 +43,202 @@ class TestMemoryInboxStore(MemoryHooks, InboxStoreConformance):
 
     async def record(self, store: Any, tx: Any, consumer: str, message_id: str) -> bool:
         return store.record(tx, consumer, message_id)  # type: ignore[no-any-return]
+
+
+# -- the Outbox writer, the Inbox API and middleware, end to end with the event bus -------------
+
+import asyncio  # noqa: E402
+from contextlib import asynccontextmanager as _acm  # noqa: E402
+from datetime import timedelta  # noqa: E402
+
+import pytest  # noqa: E402
+
+from msdata.errors import ConfigurationError, RegistrationError  # noqa: E402
+from msdata.messages import Event, MessageRegistry, handling, message_type  # noqa: E402
+from msdata.outbox import Inbox, Outbox, OutboxRelay, current_connection  # noqa: E402
+from msdata.serialization import CloudEventsCodec  # noqa: E402
+from msdata.testing.outbox import RecordingPublisher, make_row  # noqa: E402
+
+registry = MessageRegistry()
+
+
+@message_type("test.outbox.OrderPlaced", registry=registry)
+class OrderPlaced(Event):
+    order_id: str
+
+
+@message_type("test.outbox.OrderShipped", registry=registry)
+class OrderShipped(Event):
+    order_id: str
+
+
+class Unregistered(Event):
+    x: int
+
+
+async def test_outbox_add_writes_envelopes_in_the_transaction() -> None:
+    store = MemoryOutboxStore()
+    outbox = Outbox(store, registry=registry, source="orders")
+    codec = CloudEventsCodec(registry)
+    tx = store.begin()
+    envs = outbox.add(tx, [OrderPlaced(order_id="1"), OrderShipped(order_id="1")], key="1")
+    assert (await store.status()).pending == 0
+    tx.commit()
+    got = await store.claim("r", 10, 30.0)
+    assert [r.message_id for r in got] == [e.id for e in envs]
+    assert [r.topic for r in got] == ["test.outbox.OrderPlaced", "test.outbox.OrderShipped"]
+    assert all(r.partition_key == "1" for r in got)
+    decoded = codec.decode(got[0].payload)
+    assert decoded.message == OrderPlaced(order_id="1")
+    assert decoded.source == "orders" and decoded.partition_key == "1"
+
+
+async def test_outbox_options_topic_headers_envelope_and_causation() -> None:
+    store = MemoryOutboxStore()
+    outbox = Outbox(store, registry=registry)
+    parent = outbox.envelope(OrderPlaced(order_id="p"))
+    tx = store.begin()
+    with handling(parent):
+        (child,) = outbox.add(
+            tx, OrderShipped(order_id="c"), topic="shipping", headers={"tenant": "acme"}
+        )
+    (same,) = outbox.add(tx, parent, key="k")
+    await outbox.add_async(tx, OrderPlaced(order_id="a"))
+    tx.commit()
+    assert child.causation_id == parent.id and child.correlation_id == parent.correlation_id
+    assert same.id == parent.id and same.partition_key == "k"
+    rows = await store.claim("r", 10, 30.0)
+    assert [r.topic for r in rows] == [
+        "shipping",
+        "test.outbox.OrderPlaced",
+        "test.outbox.OrderPlaced",
+    ]
+    assert dict(rows[0].headers) == {"tenant": "acme"}
+
+
+async def test_outbox_refuses_bad_input_before_writing() -> None:
+    store = MemoryOutboxStore()
+    outbox = Outbox(store, registry=registry)
+    tx = store.begin()
+    with pytest.raises(ConfigurationError):
+        outbox.add(tx, OrderPlaced(order_id="1"), topic="bad topic!")
+    with pytest.raises(RegistrationError):
+        outbox.add(tx, Unregistered(x=1))
+    with pytest.raises(ConfigurationError):
+        outbox.add(object(), OrderPlaced(order_id="1"))
+    tx.commit()
+    assert (await store.status()).pending == 0
+
+
+@pytest.mark.parametrize("check", ["structure", "json", "decode"])
+async def test_payload_checks_park_what_they_catch(check: str) -> None:
+    store = MemoryOutboxStore()
+    pub = RecordingPublisher()
+    outbox = Outbox(store, registry=registry)
+    relay = OutboxRelay(store, pub, check=check, codec=CloudEventsCodec(registry))  # type: ignore[arg-type]
+    tx = store.begin()
+    outbox.add(tx, OrderPlaced(order_id="ok"))
+    store.append(tx, [make_row(payload=b"[1, 2]")])  # JSON, but no CloudEvent
+    store.append(tx, [make_row(payload=b'{"specversion":"1.0","id":"x","type":"t"')])  # cut short
+    unknown = make_row()  # a valid CloudEvent of a type this registry does not know
+    store.append(tx, [unknown])
+    tx.commit()
+    await relay.run_once()
+    parked = await relay.parked()
+    published = {m.id for _, m in pub.published}
+    assert len(published) == (1 if check == "decode" else 2)
+    assert len(parked) == (3 if check == "decode" else 2)
+    assert all("bad payload" in (p.last_error or "") for p in parked)
+
+
+def test_relay_options_are_checked() -> None:
+    store, pub = MemoryOutboxStore(), RecordingPublisher()
+    for bad in ({"batch_size": 0}, {"max_attempts": 0}, {"lease_seconds": 0}, {"check": "full"}):
+        with pytest.raises(ConfigurationError):
+            OutboxRelay(store, pub, **bad)  # type: ignore[arg-type]
+
+
+async def test_inbox_plain_api_applies_once() -> None:
+    inbox_store = MemoryInboxStore()
+    inbox = Inbox(inbox_store)
+    applied: list[str] = []
+    for _ in range(3):
+        with inbox_store.begin() as tx:
+            if inbox.first_time(tx, "billing", "m-1"):
+                tx.on_commit(lambda: applied.append("m-1"))
+    assert applied == ["m-1"]
+    tx = inbox_store.begin()
+    assert await inbox.first_time_async(tx, "billing", "m-2")
+    tx.rollback()
+    with inbox_store.begin() as tx:
+        assert await inbox.first_time_async(tx, "billing", "m-2")
+    assert await inbox.purge(timedelta(seconds=-5)) == 2
+
+
+async def test_inbox_middleware_sync_and_async_transactions() -> None:
+    inbox_store = MemoryInboxStore()
+    inbox = Inbox(inbox_store)
+    applied: list[str] = []
+
+    @_acm
+    async def async_tx() -> Any:
+        with inbox_store.begin() as tx:
+            yield tx
+
+    for factory in (inbox_store.begin, async_tx):
+        mw = inbox.middleware("billing", factory)
+        env = Outbox(MemoryOutboxStore(), registry=registry).envelope(OrderPlaced(order_id="1"))
+
+        async def handler(e: Any) -> str:
+            conn = inbox.connection()
+            assert current_connection() is conn
+            conn.on_commit(lambda: applied.append(e.id))
+            return "done"
+
+        assert await mw(env, handler) == "done"
+        assert await mw(env, handler) is None
+
+        async def failing(e: Any) -> None:
+            inbox.connection().on_commit(lambda: applied.append("never"))
+            raise RuntimeError("boom")
+
+        other = Outbox(MemoryOutboxStore(), registry=registry).envelope(OrderPlaced(order_id="2"))
+        with pytest.raises(RuntimeError):
+            await mw(other, failing)
+        assert await mw(other, handler) == "done"  # the failed attempt left no record
+    assert len(applied) == 4 and "never" not in applied
+    with pytest.raises(ConfigurationError):
+        current_connection()
+    with pytest.raises(ConfigurationError):
+        inbox.middleware("", inbox_store.begin)
+
+
+async def test_outbox_relay_bus_and_inbox_end_to_end_apply_each_event_once() -> None:
+    bus_mod = pytest.importorskip("msdata.events")
+    store, inbox_store = MemoryOutboxStore(), MemoryInboxStore()
+    outbox, inbox = Outbox(store, registry=registry), Inbox(inbox_store)
+    transport = MemoryTransport()
+    bus = bus_mod.EventBus(transport, registry=registry)
+    applied: list[str] = []
+
+    @bus.handler(
+        OrderPlaced, group="billing", middleware=[inbox.middleware("billing", inbox_store.begin)]
+    )
+    async def bill(event: OrderPlaced) -> None:
+        inbox.connection().on_commit(lambda: applied.append(event.order_id))
+
+    async with bus:
+        with store.begin() as tx:
+            outbox.add(tx, [OrderPlaced(order_id=str(i)) for i in range(5)], key="k")
+        # a relay that published and died before marking: published again after its lease
+        claimed = await store.claim("dead", 100, 0.1)
+        relay = OutboxRelay(store, transport, poll_interval=0.02)
+        await relay._publish("test.outbox.OrderPlaced", claimed)
+        await asyncio.sleep(0.15)
+        async with relay:
+            for _ in range(200):
+                if len(applied) >= 5 and (await store.status()).pending == 0:
+                    break
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+    assert sorted(applied) == [str(i) for i in range(5)]

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Mapping
-from typing import Any, cast
+from typing import Any
 
 from msdata.messages import Envelope, Message, MessageRegistry, default_registry, make_envelope
 from msdata.outbox.store import OutboxRow, OutboxStore
@@ -94,9 +93,7 @@ class Outbox:
         """The envelope ``add`` would write for ``message``."""
         if isinstance(message, Envelope):
             if key is not None and message.partition_key != key:
-                return cast(
-                    Envelope[Any], dataclasses.replace(cast(Any, message), partition_key=key)
-                )
+                return message._replace(partition_key=key)
             return message
         return make_envelope(
             message,
