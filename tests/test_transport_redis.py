@@ -1,16 +1,35 @@
 from __future__ import annotations
 
+import asyncio
+import json
+import random
+import socket
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
-from msdata.adapters.redis import RedisTransport
+from msdata.adapters.redis import (
+    FOREIGN_ENTRY_HEADER,
+    RedisDelivery,
+    RedisSubscription,
+    RedisTransport,
+)
+from msdata.errors import ConfigurationError, PublishError, TransportClosed
 from msdata.testing.services import require
-from msdata.testing.transport import TransportConformance
-from msdata.transport import Transport
+from msdata.testing.transport import TransportConformance, collect, make_messages
+from msdata.transport import (
+    DEAD_LETTER_ATTEMPTS,
+    DEAD_LETTER_REASON,
+    DEAD_LETTER_TOPIC,
+    Transport,
+    dead_letter_topic,
+)
 
 pytestmark = pytest.mark.redis
 
@@ -26,7 +45,7 @@ async def redis_transport(**options: object) -> AsyncIterator[RedisTransport]:
     """A transport on the shared Redis under a fresh key prefix, deleted afterwards."""
     url = require("redis")
     prefix = f"msdata-test-{uuid.uuid4().hex[:12]}"
-    client = aioredis.Redis.from_url(url)
+    client = aioredis.Redis.from_url(url, client_name=prefix)
     options.setdefault("claim_idle", 0.4)
     transport = RedisTransport(client, key_prefix=prefix, **options)  # type: ignore[arg-type]
     try:
@@ -43,3 +62,244 @@ class TestRedisTransport(TransportConformance):
 
     def make_transport(self) -> AsyncIterator[Transport]:  # type: ignore[override]
         return redis_transport()  # type: ignore[return-value]
+
+
+# -- adapter-specific ---------------------------------------------------------------------
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def abandon(sub: RedisSubscription) -> None:
+    """What a crashed process leaves behind: nothing more reaches Redis from this consumer."""
+    assert sub._heart is not None
+    sub._heart.cancel()
+    sub._closed = True
+    sub._t._subs.discard(sub)
+
+
+async def test_foreign_entries_arrive_and_can_be_dead_lettered() -> None:
+    topic, group = unique("topic"), unique("group")
+    async with redis_transport() as t:
+        r = t._client
+        key = f"{t.key_prefix}:{topic}"
+        await r.xadd(key, {"order": "o-1", "amount": "12"})  # several fields
+        await r.xadd(key, {"payload": b"\xff\xfe raw"})  # one field, not UTF-8
+        await r.xadd(key, {"id": b"\xff", "body": b"has a body"})  # msdata-like, bad id
+        await r.xadd(key, {"id": "x", "body": "y", "headers": "not json"})
+        (good,) = make_messages(1)
+        await t.publish(topic, [good])
+        async with t.subscribe(topic, group) as sub:
+            got = await collect(sub, 5, timeout=5.0, ack=False)
+            assert len(got) == 5
+            foreign = [d for d in got if FOREIGN_ENTRY_HEADER in d.message.headers]
+            assert [d.message.id for d in got if d not in foreign] == [good.id]
+            bodies = [d.message.body for d in foreign]
+            assert json.loads(bodies[0]) == {"order": "o-1", "amount": "12"}
+            assert bodies[1] == b"\xff\xfe raw"
+            assert bodies[2] == b"has a body"
+            assert bodies[3] == b"y"
+            for d in foreign:
+                assert d.attempt == 1
+                assert d.message.id == d.message.headers[FOREIGN_ENTRY_HEADER]
+                await d.dead_letter("InvalidEnvelope: not a CloudEvent")
+            for d in got:
+                await d.ack()  # a no-op on the dead-lettered ones
+            # the consumer carries on
+            (later,) = make_messages(1)
+            await t.publish(topic, [later])
+            (d,) = await collect(sub, 1, timeout=5.0)
+            assert d.message.id == later.id
+        async with t.subscribe(dead_letter_topic(topic, group), unique("ops")) as dlq:
+            dead = await collect(dlq, 4, timeout=5.0)
+            assert [d.message.body for d in dead] == bodies
+            for d in dead:
+                assert d.message.headers[DEAD_LETTER_REASON] == "InvalidEnvelope: not a CloudEvent"
+                assert d.message.headers[DEAD_LETTER_TOPIC] == topic
+                assert FOREIGN_ENTRY_HEADER in d.message.headers
+
+
+async def _stream_ids(t: RedisTransport, topic: str) -> set[bytes]:
+    return {eid for eid, _ in await t._client.xrange(f"{t.key_prefix}:{topic}")}
+
+
+async def test_trimming_never_drops_unacked_entries() -> None:
+    topic = unique("topic")
+    async with redis_transport(trim_interval=None) as t:
+        msgs = make_messages(30)
+        async with t.subscribe(topic, "a") as a, t.subscribe(topic, "b") as b:
+            await t.publish(topic, msgs)
+            got_a = await collect(a, 30, timeout=5.0, ack=False)
+            for d in got_a[:20]:
+                await d.ack()
+            held = got_a[20:]  # received by a, never acked
+            got_b = await collect(b, 10, timeout=5.0)  # b has 20 more to read
+            await asyncio.sleep(0.05)  # let the batched acks go out
+            await t.trim(topic, exact=True)
+            left = await _stream_ids(t, topic)
+            assert {d._eid for d in held} <= left, "trimmed what a has not acked"
+            assert len(left) >= 21, "trimmed what b has not read yet"
+            rest = await collect(b, 20, timeout=5.0)
+            assert [d.message.id for d in got_b + rest] == [m.id for m in msgs]
+            await asyncio.sleep(0.05)
+            removed = await t.trim(topic, exact=True)
+            left = await _stream_ids(t, topic)
+            assert removed > 0
+            assert left == {d._eid for d in held}, "kept exactly what a still holds"
+            for d in held:
+                await d.ack()
+            await asyncio.sleep(0.05)
+            await t.trim(topic, exact=True)
+            assert len(await _stream_ids(t, topic)) <= 1  # the last delivered id may stay
+        # a stream no group reads yet is kept whole: its first group receives it
+        lonely = unique("topic")
+        await t.publish(lonely, make_messages(5))
+        assert await t.trim(lonely, exact=True) == 0
+        assert len(await _stream_ids(t, lonely)) == 5
+
+
+async def test_periodic_trimming_keeps_every_unacked_delivery() -> None:
+    topic, group = unique("topic"), unique("group")
+    rng = random.Random(3)
+    async with redis_transport(trim_interval=0.05, claim_interval=0.05) as t:
+        msgs = make_messages(300)
+        async with t.subscribe(topic, group, prefetch=50) as sub:
+            await t.publish(topic, msgs)
+            held: list[RedisDelivery] = []
+            seen = 0
+            while seen < 300:
+                for d in await sub.receive(50, timeout=1.0):
+                    seen += 1
+                    if rng.random() < 0.1 and len(held) < 40:
+                        held.append(d)
+                    else:
+                        await d.ack()
+                await asyncio.sleep(0.03)
+                left = await _stream_ids(t, topic)
+                assert {d._eid for d in held} <= left, "an unacked entry was trimmed"
+            assert held
+            assert len(await _stream_ids(t, topic)) < 500, "nothing was trimmed at all"
+            for d in held:
+                await d.nack()
+            again = await collect(sub, len(held), timeout=5.0)
+            assert sorted(d.message.id for d in again) == sorted(d.message.id for d in held)
+
+
+async def test_deliveries_of_a_dead_consumer_are_reclaimed() -> None:
+    topic, group = unique("topic"), unique("group")
+    async with redis_transport(claim_idle=0.3) as t:
+        msgs = make_messages(5)
+        dead = t.subscribe(topic, group)
+        await dead.__aenter__()
+        await t.publish(topic, msgs)
+        got = await collect(dead, 5, timeout=5.0, ack=False)
+        assert len(got) == 5
+        abandon(dead)
+        async with t.subscribe(topic, group) as alive:
+            again = await collect(alive, 5, timeout=t.features.redelivery_timeout + 5.0)
+            assert sorted(d.message.id for d in again) == sorted(m.id for m in msgs)
+            assert all(d.attempt == 2 for d in again)
+            await asyncio.sleep(t.features.redelivery_timeout)
+            assert await alive.receive(10, timeout=0.3) == []
+
+
+async def test_entry_whose_consumers_keep_dying_goes_to_dead_letter() -> None:
+    topic, group = unique("topic"), unique("group")
+    async with redis_transport(claim_idle=0.2) as t:
+        r, key = t._client, f"{t.key_prefix}:{topic}"
+        async with t.subscribe(topic, group, max_attempts=2) as sub:
+            (poison,) = make_messages(1)
+            await t.publish(topic, [poison])
+            # two consumers took it and died: delivery count 2
+            ((_, entries),) = await r.xreadgroup(group, "ghost-1", {key: ">"}, count=1)
+            eid = entries[0][0]
+            await r.xclaim(key, group, "ghost-2", 0, [eid])
+            # the third attempt would exceed max_attempts=2: dead-lettered, not delivered
+            assert await sub.receive(10, timeout=t.features.redelivery_timeout + 1.0) == []
+        async with t.subscribe(dead_letter_topic(topic, group), unique("ops")) as dlq:
+            (dead,) = await collect(dlq, 1, timeout=5.0)
+            assert dead.message.id == poison.id
+            assert dead.message.headers[DEAD_LETTER_ATTEMPTS] == "3"
+            assert "never settled" in dead.message.headers[DEAD_LETTER_REASON]
+
+
+async def test_a_slow_live_consumer_keeps_its_deliveries() -> None:
+    topic, group = unique("topic"), unique("group")
+    async with (
+        redis_transport(claim_idle=0.2) as t,
+        t.subscribe(topic, group) as slow,
+        t.subscribe(topic, group) as other,
+    ):
+        await t.publish(topic, make_messages(1))
+        (d,) = await collect(slow, 1, timeout=5.0, ack=False)
+        # the handler runs five times longer than claim_idle; its consumer is alive
+        assert await other.receive(10, timeout=1.0) == []
+        await d.ack()
+        assert await other.receive(10, timeout=0.3) == []
+
+
+async def test_delayed_nack_survives_its_consumer() -> None:
+    topic, group = unique("topic"), unique("group")
+    async with redis_transport() as t:
+        (msg,) = make_messages(1)
+        async with t.subscribe(topic, group) as first:
+            await t.publish(topic, [msg])
+            (d,) = await collect(first, 1, timeout=5.0, ack=False)
+            started = time.monotonic()
+            await d.nack(delay=0.8)
+        async with t.subscribe(topic, group) as second:
+            (again,) = await collect(second, 1, timeout=5.0)
+            assert time.monotonic() - started >= 0.7
+            assert again.message.id == msg.id and again.attempt == 2
+
+
+async def test_consumer_resumes_after_its_connections_are_killed() -> None:
+    topic, group = unique("topic"), unique("group")
+    async with redis_transport() as t, t.subscribe(topic, group) as sub:
+        first, second = make_messages(2)
+        await t.publish(topic, [first])
+        assert [d.message.id for d in await collect(sub, 1, timeout=5.0)] == [first.id]
+        waiting = asyncio.create_task(collect(sub, 1, timeout=10.0))
+        await asyncio.sleep(0.2)  # the consumer is blocked in XREADGROUP
+        admin = aioredis.Redis.from_url(require("redis"))
+        try:
+            mine = [c["id"] for c in await admin.client_list() if c.get("name") == t.key_prefix]
+            assert mine, "the test client did not name its connections"
+            for cid in mine:
+                await admin.client_kill_filter(_id=cid)
+        finally:
+            await admin.aclose()
+        await t.publish(topic, [second])
+        got = await waiting
+        assert [d.message.id for d in got] == [second.id]
+
+
+async def test_publish_to_an_unreachable_redis_raises_publish_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    client = aioredis.Redis(port=port, retry=Retry(NoBackoff(), 0), socket_connect_timeout=1)
+    t = RedisTransport(client, key_prefix=unique("none"))
+    try:
+        with pytest.raises(PublishError):
+            await t.publish("topic", make_messages(3))
+    finally:
+        await t.close()
+        await client.aclose()
+
+
+async def test_configuration_errors() -> None:
+    with pytest.raises(ConfigurationError):
+        RedisTransport.from_url("http://127.0.0.1:6379")
+    client = aioredis.Redis.from_url(require("redis"), decode_responses=True)
+    try:
+        with pytest.raises(ConfigurationError):
+            RedisTransport(client)
+    finally:
+        await client.aclose()
+    t = RedisTransport.from_url(require("redis"), key_prefix=unique("url"))
+    async with t:
+        await t.publish("topic", [])
+    with pytest.raises(TransportClosed):
+        await t.publish("topic", make_messages(1))
