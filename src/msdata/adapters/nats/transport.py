@@ -20,11 +20,14 @@ Publishing
     publish of the same id inside ``duplicate_window`` (a relay that publishes a batch again
     after a crash does not duplicate it). The whole batch is sent with nats-py's
     ``publish_async`` (every acknowledgement in flight at once) and ``publish`` returns when
-    every message is confirmed by the stream, or raises :class:`PublishError`.
+    every message is confirmed by the stream, or raises :class:`PublishError`. The key travels
+    in the ``x-msdata-key`` header, the transport headers as NATS headers (nats-py strips
+    their values' outer whitespace; a dead-letter reason is folded onto one line).
 
 Settling
-    ``ack`` is ``+ACK``, ``nack(delay)`` is ``-NAK`` with the delay (JetStream redelivers it no
-    sooner, so ``native_delay=True``), and ``attempt`` is JetStream's ``num_delivered``.
+    ``ack`` is an (unconfirmed) ``+ACK``, ``nack(delay)`` is ``-NAK`` with the delay
+    (JetStream redelivers it no sooner, so ``native_delay=True``), and ``attempt`` is
+    JetStream's ``num_delivered``.
     ``max_attempts`` is enforced here, not by the consumer's ``max_deliver`` (which is left
     unlimited): at ``max_deliver`` JetStream only stops delivering and leaves the message
     parked, where no one sees it. Instead, the ``max_attempts``-th ``nack`` publishes the
@@ -32,8 +35,9 @@ Settling
     ``Nats-Msg-Id`` de-duplicated) and then terminates it (``+TERM``); a delivery that comes
     back beyond ``max_attempts`` because its consumers kept dying is dead-lettered by
     ``receive`` without being handed out. Deliveries still unsettled when a subscription
-    closes are nacked at once; those of a consumer that died come back after ``ack_wait``
-    (declared as ``redelivery_timeout``).
+    closes are nacked at once (settling one afterwards raises :class:`TransportClosed`);
+    those of a consumer that died come back after ``ack_wait`` (declared as
+    ``redelivery_timeout``).
 
 Order per key: not kept (``ordered_per_key=False``)
     JetStream orders a stream, not a key: two consumers of one group pull interleaved
@@ -54,8 +58,9 @@ Connection
     nats-py reconnects by itself (:meth:`NatsTransport.from_url` sets unlimited reconnect
     attempts; pass your own client configured likewise). Durable consumers live on the
     server, so a subscription's next ``receive`` after a reconnect or a server restart pulls
-    again; ``receive`` returns an empty list while the connection is down, and declares the
-    stream and consumer again if the server lost them.
+    again; ``receive`` returns an empty list while the connection is down, and, when idle,
+    checks every ``consumer_check_interval`` seconds that the consumer still exists and
+    declares the stream and consumer again if the server lost them.
 """
 
 from __future__ import annotations
