@@ -1,0 +1,15 @@
+"""PostgreSQL adapters: the outbox and inbox stores (asyncpg for the store's own work; the
+caller's psycopg, asyncpg or SQLAlchemy connection for writes inside the caller's
+transaction). Needs ``pip install "msdata[postgres]"``."""
+
+from msdata.errors import MissingDependencyError
+
+try:
+    import asyncpg  # noqa: F401
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise MissingDependencyError("asyncpg", "postgres") from e
+
+from msdata.adapters.postgres.inbox import PostgresInboxStore
+from msdata.adapters.postgres.outbox import PostgresOutboxStore
+
+__all__ = ["PostgresInboxStore", "PostgresOutboxStore"]

@@ -1,0 +1,114 @@
+"""The PostgreSQL inbox store: (consumer, message id) recorded in the caller's transaction."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Self
+
+import asyncpg
+
+from msdata.adapters.postgres._common import (
+    RELAY_ERRORS,
+    CallerSQL,
+    PoolOwner,
+    check_schema,
+    lock_class,
+    qualified,
+    store_error,
+)
+from msdata.outbox.store import DEFAULT_TABLE_PREFIX, check_table_prefix
+
+__all__ = ["PostgresInboxStore"]
+
+_TABLE = """\
+CREATE TABLE IF NOT EXISTS {table} (
+    consumer    text NOT NULL,
+    message_id  text NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer, message_id)
+);
+CREATE INDEX IF NOT EXISTS "{name}_recorded_at" ON {table} (recorded_at);
+"""
+
+
+class PostgresInboxStore:
+    """The PostgreSQL :class:`msdata.outbox.store.InboxStore`.
+
+    ``record``/``record_async`` run ``INSERT … ON CONFLICT DO NOTHING RETURNING`` on the
+    caller's connection (psycopg, asyncpg, SQLAlchemy; sync or async) in the caller's open
+    transaction: True if this transaction inserted the pair. A concurrent duplicate blocks
+    on the primary key until the first transaction ends, then returns False (it committed)
+    or True (it rolled back). ``create_schema`` and ``purge`` use the store's own asyncpg
+    pool, given or made lazily from a DSN. Table: ``{schema}.{table_prefix}inbox``.
+    """
+
+    def __init__(
+        self,
+        pool_or_dsn: asyncpg.Pool | str,
+        *,
+        table_prefix: str = DEFAULT_TABLE_PREFIX,
+        schema: str | None = None,
+        max_size: int = 2,
+    ) -> None:
+        self._prefix = check_table_prefix(table_prefix)
+        self._schema = check_schema(schema)
+        self._db = PoolOwner(pool_or_dsn, max_size=max_size, kind="inbox store")
+        self._name = f"{self._prefix}inbox"
+        self.table = qualified(self._schema, self._name)
+        self._lock_class = lock_class(f"{self._schema or ''}.{self._name}")
+        self._record = CallerSQL(
+            f"INSERT INTO {self.table} (consumer, message_id) VALUES ({{0}}, {{1}}) "
+            "ON CONFLICT DO NOTHING RETURNING true",
+            "inbox record",
+        )
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, table_prefix: str = DEFAULT_TABLE_PREFIX, schema: str | None = None
+    ) -> PostgresInboxStore:
+        """A store over ``postgresql://…`` that connects on first use."""
+        return cls(url, table_prefix=table_prefix, schema=schema)
+
+    def schema_sql(self) -> str:
+        """The DDL ``create_schema`` runs (idempotent), e.g. for a migration tool."""
+        head = f'CREATE SCHEMA IF NOT EXISTS "{self._schema}";\n' if self._schema else ""
+        return head + _TABLE.format(table=self.table, name=self._name)
+
+    async def create_schema(self) -> None:
+        ddl = self.schema_sql()
+
+        async def run(pool: Any) -> None:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1, 0)", self._lock_class)
+                await conn.execute(ddl)
+
+        await self._db._call("inbox create_schema", run)
+
+    async def drop_schema(self) -> None:
+        """Drop the table (for tests and teardown)."""
+        sql = f"DROP TABLE IF EXISTS {self.table}"
+        await self._db._call("inbox drop_schema", lambda pool: pool.execute(sql))
+
+    def record(self, conn: Any, consumer: str, message_id: str) -> bool:
+        return self._record.run(conn, (consumer, message_id), fetch=True) is not None
+
+    async def record_async(self, conn: Any, consumer: str, message_id: str) -> bool:
+        row = await self._record.run_async(conn, (consumer, message_id), fetch=True)
+        return row is not None
+
+    async def purge(self, older_than: datetime) -> int:
+        sql = f"DELETE FROM {self.table} WHERE recorded_at < $1"
+        status = await self._db._call("inbox purge", lambda pool: pool.execute(sql, older_than))
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def close(self) -> None:
+        try:
+            await self._db._close_pool()
+        except RELAY_ERRORS as e:
+            store_error("inbox close", e)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,492 @@
+"""The PostgreSQL outbox store: claims with ``FOR UPDATE SKIP LOCKED``, leases per row and
+per partition key, LISTEN/NOTIFY wake-up, a table Debezium's outbox event router can read."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any, Self
+
+import asyncpg
+
+from msdata.adapters.postgres._common import (
+    RELAY_ERRORS,
+    CallerSQL,
+    PoolOwner,
+    check_schema,
+    lock_class,
+    qualified,
+    store_error,
+)
+from msdata.errors import ConfigurationError
+from msdata.outbox.store import (
+    DEFAULT_TABLE_PREFIX,
+    OutboxRecord,
+    OutboxRow,
+    OutboxStatus,
+    check_table_prefix,
+)
+
+__all__ = ["PostgresOutboxStore"]
+
+log = logging.getLogger("msdata.outbox")
+
+_COLUMNS = "id, topic, aggregatetype, aggregateid, type, payload, headers"
+
+# The claim runs as one statement (one round trip): a PL/pgSQL function whose two
+# statements each take a fresh snapshot at READ COMMITTED. The first finds the earliest
+# claimable rows and takes a transaction-scoped advisory lock on each of their keys
+# (skipping keys another claim holds right now); the second, whose snapshot is taken after
+# those locks, so it sees every lease committed by an earlier claim of the same keys, leases
+# each key's earliest rows up to the first one that is not available.
+_CLAIM_FUNCTION = """\
+CREATE OR REPLACE FUNCTION {fn}(p_owner text, p_limit integer, p_lease double precision,
+                                p_sync boolean)
+RETURNS SETOF {table}
+LANGUAGE plpgsql VOLATILE AS $msdata$
+DECLARE
+    v_now   timestamptz := clock_timestamp();
+    v_nulls bigint[];
+    v_keys  text[];
+    v_counts integer[];
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'msdata: the outbox claim needs READ COMMITTED, not %',
+            current_setting('transaction_isolation');
+    END IF;
+    IF NOT p_sync THEN
+        -- losing a lease in a database crash only means the rows are published again
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
+
+    -- 1. the earliest available rows whose key's head row is not parked, waiting or leased
+    WITH cand AS MATERIALIZED (
+        SELECT o.seq, o.aggregateid FROM {table} o
+        WHERE o.sent_at IS NULL AND NOT o.parked
+          AND (o.lease_until IS NULL OR o.lease_until <= v_now)
+          AND (o.available_at IS NULL OR o.available_at <= v_now)
+          AND (o.aggregateid IS NULL OR NOT EXISTS (
+                SELECT 1 FROM (
+                    SELECT h.parked, h.lease_until, h.available_at FROM {table} h
+                    WHERE h.aggregateid = o.aggregateid AND h.sent_at IS NULL AND h.seq < o.seq
+                    ORDER BY h.seq LIMIT 1) head
+                WHERE head.parked OR head.lease_until > v_now OR head.available_at > v_now))
+        ORDER BY o.seq
+        LIMIT p_limit
+    ), per_key AS (
+        SELECT aggregateid, count(*)::integer AS n, min(seq) AS first_seq FROM cand
+        WHERE aggregateid IS NOT NULL GROUP BY aggregateid
+    )
+    SELECT ARRAY(SELECT seq FROM cand WHERE aggregateid IS NULL ORDER BY seq),
+           coalesce(array_agg(k.aggregateid ORDER BY k.first_seq), '{{}}'),
+           coalesce(array_agg(k.n ORDER BY k.first_seq), '{{}}')
+      INTO v_nulls, v_keys, v_counts
+      FROM per_key k
+     WHERE pg_try_advisory_xact_lock({lock_class}, hashtext(k.aggregateid));
+
+    -- 2. a new snapshot: per locked key, its rows in order from the head while available
+    --    (a live lease anywhere in that window means another relay holds the key: skip it);
+    --    rows without a key as found; each row locked and checked again before leasing
+    RETURN QUERY
+    WITH win AS (
+        SELECT k.key, r.seq, r.ok, r.leased, k.n,
+               row_number() OVER w AS rn,
+               bool_and(r.ok) OVER w AS run_ok
+        FROM unnest(v_keys, v_counts) AS k(key, n)
+        CROSS JOIN LATERAL (
+            SELECT e.seq,
+                   (NOT e.parked AND (e.lease_until IS NULL OR e.lease_until <= v_now)
+                    AND (e.available_at IS NULL OR e.available_at <= v_now)) AS ok,
+                   coalesce(e.lease_until > v_now, false) AS leased
+            FROM {table} e
+            WHERE e.aggregateid = k.key AND e.sent_at IS NULL
+            ORDER BY e.seq
+            LIMIT k.n + 1) r
+        WINDOW w AS (PARTITION BY k.key ORDER BY r.seq)
+    ), pick AS (
+        SELECT win.seq FROM win
+        WHERE win.run_ok AND win.rn <= win.n
+          AND NOT EXISTS (SELECT 1 FROM win b WHERE b.key = win.key AND b.leased)
+        UNION ALL
+        SELECT unnest(v_nulls)
+    ), locked AS (
+        SELECT o.seq FROM {table} o
+        WHERE o.seq IN (SELECT pick.seq FROM pick)
+          AND o.sent_at IS NULL AND NOT o.parked
+          AND (o.lease_until IS NULL OR o.lease_until <= v_now)
+          AND (o.available_at IS NULL OR o.available_at <= v_now)
+        FOR UPDATE SKIP LOCKED
+    ), leased AS (
+        UPDATE {table} o
+           SET lease_owner = p_owner, lease_until = v_now + make_interval(secs => p_lease)
+          FROM locked
+         WHERE o.seq = locked.seq
+        RETURNING o.*
+    )
+    SELECT * FROM leased ORDER BY leased.seq;
+END
+$msdata$;
+"""
+
+_TABLE = """\
+CREATE TABLE IF NOT EXISTS {table} (
+    seq           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id            text NOT NULL,
+    aggregatetype text,
+    aggregateid   text,
+    type          text NOT NULL,
+    payload       bytea NOT NULL,
+    topic         text NOT NULL,
+    headers       jsonb NOT NULL DEFAULT '{{}}'::jsonb,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    available_at  timestamptz,
+    lease_owner   text,
+    lease_until   timestamptz,
+    attempts      integer NOT NULL DEFAULT 0,
+    last_error    text,
+    parked        boolean NOT NULL DEFAULT false,
+    sent_at       timestamptz
+);
+CREATE INDEX IF NOT EXISTS "{name}_pending" ON {table} (seq) WHERE sent_at IS NULL;
+CREATE INDEX IF NOT EXISTS "{name}_key" ON {table} (aggregateid, seq)
+    WHERE sent_at IS NULL AND aggregateid IS NOT NULL;
+CREATE INDEX IF NOT EXISTS "{name}_sent" ON {table} (sent_at) WHERE sent_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS "{name}_parked" ON {table} (seq) WHERE parked;
+"""
+
+
+def _headers(raw: Any) -> Mapping[str, str]:
+    value = json.loads(raw) if isinstance(raw, str | bytes) else raw
+    return MappingProxyType(dict(value or {}))
+
+
+def _record(r: Any) -> OutboxRecord:
+    return OutboxRecord(
+        seq=r["seq"],
+        message_id=r["id"],
+        topic=r["topic"],
+        type=r["type"],
+        payload=bytes(r["payload"]),
+        partition_key=r["aggregateid"],
+        headers=_headers(r["headers"]),
+        created_at=r["created_at"],
+        attempts=r["attempts"],
+        last_error=r["last_error"],
+    )
+
+
+def _count(status: str) -> int:
+    """The row count from a command tag such as ``UPDATE 3``."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+class PostgresOutboxStore:
+    """The PostgreSQL :class:`msdata.outbox.store.OutboxStore`.
+
+    The write side (``append``/``append_async``) runs one INSERT (all rows in one
+    statement) on the caller's psycopg, asyncpg or SQLAlchemy connection, in the caller's
+    open transaction. The relay side runs on the store's own asyncpg pool: ``pool_or_dsn``
+    is an ``asyncpg.Pool`` (the caller's; never closed here) or a DSN, from which a pool of
+    at most ``max_size`` connections is made on first use (and closed by ``close``).
+
+    Tables: ``{schema}.{table_prefix}outbox``, plus the claim function
+    ``{table_prefix}outbox_claim``; see ``schema_sql()`` and docs/postgres.md (the columns
+    id, aggregatetype, aggregateid, type, payload are those of Debezium's outbox event
+    router). ``notify``: each append also issues ``pg_notify`` in the caller's transaction
+    (delivered at commit) so a waiting relay wakes at once; without it relays poll.
+    ``relay_synchronous_commit=False`` (default) lets the relay's own transactions (claim,
+    mark, release, retry, park) commit without waiting for the WAL flush: a database crash
+    can only undo some of them, which means a message is published again (at least once
+    holds). ``requeue`` and the writes in the caller's transaction are never affected.
+    """
+
+    def __init__(
+        self,
+        pool_or_dsn: asyncpg.Pool | str,
+        *,
+        table_prefix: str = DEFAULT_TABLE_PREFIX,
+        schema: str | None = None,
+        notify: bool = True,
+        relay_synchronous_commit: bool = False,
+        max_size: int = 4,
+    ) -> None:
+        self._prefix = check_table_prefix(table_prefix)
+        self._schema = check_schema(schema)
+        self._db = PoolOwner(pool_or_dsn, max_size=max_size, kind="outbox store")
+        self._notify = bool(notify)
+        self._sync = bool(relay_synchronous_commit)
+        name = f"{self._prefix}outbox"
+        self._name = name
+        self.table = qualified(self._schema, name)
+        self._fn = qualified(self._schema, f"{name}_claim")
+        self._lock_class = lock_class(f"{self._schema or ''}.{name}")
+        #: the LISTEN/NOTIFY channel (at most 63 bytes, as PostgreSQL truncates identifiers)
+        self.channel = (f"{self._schema}.{name}" if self._schema else name)[:63]
+        self._build_sql()
+        self._wake = asyncio.Event()
+        self._listen_conn: Any = None
+        self._listen_lock = asyncio.Lock()
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, table_prefix: str = DEFAULT_TABLE_PREFIX, schema: str | None = None
+    ) -> PostgresOutboxStore:
+        """A store over ``postgresql://…`` that connects on first use."""
+        return cls(url, table_prefix=table_prefix, schema=schema)
+
+    def _build_sql(self) -> None:
+        t = self.table
+        one = (
+            f"INSERT INTO {t} ({_COLUMNS}) VALUES "
+            "({0}, {1}, {2}, {3}, {4}, {5}, CAST({6} AS jsonb))"
+        )
+        many = (
+            f"INSERT INTO {t} ({_COLUMNS}) "
+            "SELECT u.i, u.t, u.a, u.k, u.y, u.p, CAST(u.h AS jsonb) "
+            "FROM unnest(CAST({0} AS text[]), CAST({1} AS text[]), CAST({2} AS text[]), "
+            "CAST({3} AS text[]), CAST({4} AS text[]), CAST({5} AS bytea[]), "
+            "CAST({6} AS text[])) WITH ORDINALITY AS u(i, t, a, k, y, p, h, n) ORDER BY u.n"
+        )
+        if self._notify:
+            # one statement, one round trip: the notification is sent when the caller commits
+            wrap = "WITH ins AS ({}) SELECT pg_notify('" + self.channel + "', '')"
+            one, many = wrap.format(one), wrap.format(many)
+        self._append_one = CallerSQL(one, "outbox append")
+        self._append_many = CallerSQL(many, "outbox append")
+
+        quiet = (
+            ""
+            if self._sync
+            else " AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off'"
+        )
+        lease_free = "lease_owner = NULL, lease_until = NULL"
+        owned = "seq = ANY($2::bigint[]) AND lease_owner = $1 AND sent_at IS NULL AND NOT parked"
+        self._sql = {
+            "claim": f"SELECT * FROM {self._fn}($1, $2, $3, $4)",
+            "delete": f"DELETE FROM {t} WHERE seq = ANY($1::bigint[]){quiet}",
+            "keep": f"UPDATE {t} SET sent_at = clock_timestamp(), {lease_free} "
+            f"WHERE seq = ANY($1::bigint[]) AND sent_at IS NULL{quiet}",
+            "release": f"UPDATE {t} SET {lease_free} WHERE {owned}{quiet}",
+            "retry": f"UPDATE {t} SET attempts = attempts + 1, last_error = $3, "
+            f"available_at = $4, {lease_free} WHERE {owned}{quiet}",
+            "park": f"UPDATE {t} SET parked = true, last_error = $3, {lease_free} "
+            f"WHERE {owned}{quiet}",
+            "parked": f"SELECT * FROM {t} WHERE parked AND sent_at IS NULL ORDER BY seq LIMIT $1",
+            "requeue": f"UPDATE {t} SET parked = false, attempts = 0, available_at = NULL, "
+            f"{lease_free} WHERE seq = ANY($1::bigint[]) AND parked AND sent_at IS NULL",
+            "status": "SELECT count(*) FILTER (WHERE NOT parked) AS pending, "
+            "extract(epoch FROM clock_timestamp() - min(created_at) FILTER (WHERE NOT parked))"
+            "::float8 AS age, count(*) FILTER (WHERE parked) AS parked "
+            f"FROM {t} WHERE sent_at IS NULL",
+            "purge": f"DELETE FROM {t} WHERE sent_at IS NOT NULL AND sent_at < $1",
+        }
+
+    # -- schema ----------------------------------------------------------------------------
+
+    def schema_sql(self) -> str:
+        """The DDL ``create_schema`` runs (idempotent), e.g. for a migration tool."""
+        parts = []
+        if self._schema:
+            parts.append(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}";\n')
+        parts.append(_TABLE.format(table=self.table, name=self._name))
+        parts.append(
+            _CLAIM_FUNCTION.format(table=self.table, fn=self._fn, lock_class=self._lock_class)
+        )
+        return "\n".join(parts)
+
+    async def create_schema(self) -> None:
+        ddl = self.schema_sql()
+
+        async def run(pool: Any) -> None:
+            async with pool.acquire() as conn, conn.transaction():
+                # two processes creating the same tables at once would otherwise collide
+                await conn.execute("SELECT pg_advisory_xact_lock($1, 0)", self._lock_class)
+                await conn.execute(ddl)
+
+        await self._db._call("outbox create_schema", run)
+
+    async def drop_schema(self) -> None:
+        """Drop the table and the claim function (for tests and teardown)."""
+        sql = (
+            f"DROP TABLE IF EXISTS {self.table} CASCADE; "
+            f"DROP FUNCTION IF EXISTS {self._fn}(text, integer, double precision, boolean);"
+        )
+        await self._db._call("outbox drop_schema", lambda pool: pool.execute(sql))
+
+    # -- write side: the caller's connection and transaction --------------------------------
+
+    def _args(self, rows: Sequence[OutboxRow]) -> tuple[CallerSQL, list[Any]]:
+        if len(rows) == 1:
+            r = rows[0]
+            return self._append_one, [
+                r.message_id,
+                r.topic,
+                r.aggregate_type,
+                r.partition_key,
+                r.type,
+                bytes(r.payload),
+                json.dumps(dict(r.headers)) if r.headers else "{}",
+            ]
+        return self._append_many, [
+            [r.message_id for r in rows],
+            [r.topic for r in rows],
+            [r.aggregate_type for r in rows],
+            [r.partition_key for r in rows],
+            [r.type for r in rows],
+            [bytes(r.payload) for r in rows],
+            [json.dumps(dict(r.headers)) if r.headers else "{}" for r in rows],
+        ]
+
+    def append(self, conn: Any, rows: Sequence[OutboxRow]) -> None:
+        """Insert ``rows`` on a psycopg ``Connection`` or SQLAlchemy ``Session``/
+        ``Connection``, in its open transaction (one statement for all rows)."""
+        if rows:
+            sql, args = self._args(rows)
+            sql.run(conn, args)
+
+    async def append_async(self, conn: Any, rows: Sequence[OutboxRow]) -> None:
+        """Insert ``rows`` on an asyncpg connection, a psycopg ``AsyncConnection`` or a
+        SQLAlchemy ``AsyncSession``/``AsyncConnection``, in its open transaction."""
+        if rows:
+            sql, args = self._args(rows)
+            await sql.run_async(conn, args)
+
+    # -- relay side: the store's own pool, one committed statement each ---------------------
+
+    async def claim(self, relay_id: str, limit: int, lease_seconds: float) -> list[OutboxRecord]:
+        if limit <= 0:
+            return []
+        if lease_seconds <= 0:
+            raise ConfigurationError("lease_seconds must be > 0")
+        sql = self._sql["claim"]
+        args = (relay_id, int(limit), float(lease_seconds), self._sync)
+        rows = await self._db._call("outbox claim", lambda pool: pool.fetch(sql, *args))
+        return [_record(r) for r in rows]
+
+    async def _update(self, what: str, key: str, *args: Any) -> int:
+        sql = self._sql[key]
+        status = await self._db._call(f"outbox {what}", lambda pool: pool.execute(sql, *args))
+        return _count(status)
+
+    async def mark_sent(self, relay_id: str, seqs: Sequence[int], *, keep: bool = False) -> None:
+        if seqs:
+            await self._update("mark_sent", "keep" if keep else "delete", list(seqs))
+
+    async def release(self, relay_id: str, seqs: Sequence[int]) -> None:
+        if seqs:
+            await self._update("release", "release", relay_id, list(seqs))
+            self._wake.set()
+
+    async def retry_later(
+        self, relay_id: str, seqs: Sequence[int], reason: str, retry_at: datetime
+    ) -> None:
+        if seqs:
+            await self._update("retry_later", "retry", relay_id, list(seqs), reason, retry_at)
+
+    async def park(self, relay_id: str, seqs: Sequence[int], reason: str) -> None:
+        if seqs:
+            await self._update("park", "park", relay_id, list(seqs), reason)
+
+    async def parked(self, limit: int = 100) -> list[OutboxRecord]:
+        sql = self._sql["parked"]
+        rows = await self._db._call("outbox parked", lambda pool: pool.fetch(sql, int(limit)))
+        return [_record(r) for r in rows]
+
+    async def requeue(self, seqs: Sequence[int]) -> int:
+        if not seqs:
+            return 0
+        n = await self._update("requeue", "requeue", list(seqs))
+        if n:
+            self._wake.set()
+        return n
+
+    async def status(self) -> OutboxStatus:
+        sql = self._sql["status"]
+        row = await self._db._call("outbox status", lambda pool: pool.fetchrow(sql))
+        age = row["age"]
+        return OutboxStatus(
+            pending=row["pending"],
+            oldest_pending_age=None if age is None else max(0.0, float(age)),
+            parked=row["parked"],
+        )
+
+    async def purge_sent(self, older_than: datetime) -> int:
+        return await self._update("purge_sent", "purge", older_than)
+
+    # -- wake-up ---------------------------------------------------------------------------
+
+    async def wait_for_rows(self, timeout: float) -> None:
+        """Return on a NOTIFY from a committed append, or after ``timeout`` seconds. Without
+        a listening connection (``notify=False``, or it could not connect) this is a poll."""
+        await self._db.pool()  # raises if closed
+        if not (self._notify and await self._listening()):
+            await asyncio.sleep(timeout)
+            return
+        if not self._wake.is_set():
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+            except TimeoutError:
+                return
+        self._wake.clear()
+
+    def _on_notify(self, *_: Any) -> None:
+        self._wake.set()
+
+    def _on_lost(self, *_: Any) -> None:
+        self._listen_conn = None
+        self._wake.set()  # rows may have come while nobody listened: claim again
+
+    async def _listening(self) -> bool:
+        conn = self._listen_conn
+        if conn is not None and not conn.is_closed():
+            return True
+        async with self._listen_lock:
+            if self._listen_conn is not None and not self._listen_conn.is_closed():
+                return True
+            try:
+                if self._db._dsn is not None:
+                    conn = await asyncpg.connect(self._db._dsn)
+                else:
+                    conn = await (await self._db.pool()).acquire()
+                await conn.add_listener(self.channel, self._on_notify)
+                conn.add_termination_listener(self._on_lost)
+            except RELAY_ERRORS as e:
+                log.warning("outbox: cannot LISTEN on %s, polling instead: %s", self.channel, e)
+                return False
+            self._listen_conn = conn
+            self._wake.set()  # rows may have committed before LISTEN took effect
+            return True
+
+    async def _stop_listening(self) -> None:
+        conn, self._listen_conn = self._listen_conn, None
+        if conn is None:
+            return
+        try:
+            conn.remove_termination_listener(self._on_lost)
+            if not conn.is_closed():
+                await conn.remove_listener(self.channel, self._on_notify)
+            if self._db._dsn is not None:
+                await conn.close()
+            elif self._db._pool is not None:
+                await self._db._pool.release(conn)
+        except RELAY_ERRORS as e:
+            log.debug("outbox: error while closing the listening connection: %s", e)
+
+    async def close(self) -> None:
+        """Stop listening and close the pool the store made (a given pool stays open)."""
+        await self._stop_listening()
+        try:
+            await self._db._close_pool()
+        except RELAY_ERRORS as e:
+            store_error("outbox close", e)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,238 @@
+"""The outbox and inbox conformance suites on PostgreSQL (asyncpg as the caller's driver;
+tests/test_postgres_drivers.py covers the others). Each test gets its own table prefix."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import pytest
+
+from msdata.adapters.postgres import PostgresInboxStore, PostgresOutboxStore
+from msdata.errors import ConfigurationError, SchemaError
+from msdata.outbox import InboxStore, OutboxRow, OutboxStore
+from msdata.testing.outbox import InboxStoreConformance, OutboxStoreConformance, make_rows
+
+pytestmark = pytest.mark.postgres
+
+
+class _Tx:
+    """A business transaction on its own asyncpg connection."""
+
+    def __init__(self, conn: Any, tx: Any) -> None:
+        self.conn, self.tx = conn, tx
+
+    @classmethod
+    async def open(cls, url: str) -> _Tx:
+        conn = await asyncpg.connect(url)
+        tx = conn.transaction()
+        await tx.start()
+        return cls(conn, tx)
+
+    async def end(self, commit: bool) -> None:
+        try:
+            await (self.tx.commit() if commit else self.tx.rollback())
+        finally:
+            await self.conn.close()
+
+
+class PostgresHooks:
+    url: str
+
+    @pytest.fixture(autouse=True)
+    def _url(self, postgres_url: str) -> None:
+        self.url = postgres_url
+
+    async def begin(self, store: Any) -> _Tx:
+        return await _Tx.open(self.url)
+
+    async def commit(self, tx: _Tx) -> None:
+        await tx.end(True)
+
+    async def rollback(self, tx: _Tx) -> None:
+        await tx.end(False)
+
+
+def _prefix() -> str:
+    return f"t{uuid.uuid4().hex[:10]}_"
+
+
+class TestPostgresOutboxStore(PostgresHooks, OutboxStoreConformance):
+    lease_seconds = 0.4
+
+    @asynccontextmanager
+    async def make_store(self) -> AsyncIterator[OutboxStore]:
+        store = PostgresOutboxStore(self.url, table_prefix=_prefix())
+        await store.create_schema()
+        try:
+            yield store
+        finally:
+            await store.drop_schema()
+            await store.close()
+
+    @asynccontextmanager
+    async def open_again(self, store: Any) -> AsyncIterator[OutboxStore]:
+        other = PostgresOutboxStore(self.url, table_prefix=store._prefix)
+        try:
+            yield other
+        finally:
+            await other.close()
+
+    async def add(self, store: Any, tx: _Tx, rows: Sequence[OutboxRow]) -> None:
+        await store.append_async(tx.conn, rows)
+
+
+class TestPostgresInboxStore(PostgresHooks, InboxStoreConformance):
+    @asynccontextmanager
+    async def make_inbox_store(self) -> AsyncIterator[InboxStore]:
+        store = PostgresInboxStore(self.url, table_prefix=_prefix())
+        await store.create_schema()
+        try:
+            yield store
+        finally:
+            await store.drop_schema()
+            await store.close()
+
+    async def record(self, store: Any, tx: _Tx, consumer: str, message_id: str) -> bool:
+        return await store.record_async(tx.conn, consumer, message_id)  # type: ignore[no-any-return]
+
+
+# -- PostgreSQL specifics -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefix", ["Bad", "x;drop table y", "1abc", "a-b", "é_", "a" * 41])
+def test_table_prefix_must_be_a_plain_identifier(prefix: str) -> None:
+    with pytest.raises(ConfigurationError):
+        PostgresOutboxStore("postgresql://localhost/db", table_prefix=prefix)
+    with pytest.raises(ConfigurationError):
+        PostgresInboxStore("postgresql://localhost/db", table_prefix=prefix)
+
+
+@pytest.mark.parametrize("schema", ["", "Public", 'x"; drop', "a b"])
+def test_schema_must_be_a_plain_identifier(schema: str) -> None:
+    with pytest.raises(ConfigurationError):
+        PostgresOutboxStore("postgresql://localhost/db", schema=schema)
+
+
+def test_from_url_rejects_other_schemes_and_connects_lazily() -> None:
+    with pytest.raises(ConfigurationError):
+        PostgresOutboxStore.from_url("mysql://localhost/db")
+    store = PostgresOutboxStore.from_url("postgresql+asyncpg://nobody@127.0.0.1:1/none")
+    assert "CREATE TABLE IF NOT EXISTS" in store.schema_sql()
+
+
+def test_schema_sql_has_the_debezium_columns() -> None:
+    sql = PostgresOutboxStore("postgresql://x/y", table_prefix="app_", schema="events").schema_sql()
+    assert 'CREATE TABLE IF NOT EXISTS "events"."app_outbox"' in sql
+    for column in ("id ", "aggregatetype ", "aggregateid ", "type ", "payload ", "headers "):
+        assert f"\n    {column}" in sql
+
+
+async def test_missing_tables_raise_schema_error(postgres_url: str) -> None:
+    async with PostgresOutboxStore(postgres_url, table_prefix=_prefix()) as store:
+        with pytest.raises(SchemaError):
+            await store.claim("r", 10, 30.0)
+
+
+async def test_wrong_connection_type_is_a_configuration_error(postgres_url: str) -> None:
+    async with PostgresOutboxStore(postgres_url, table_prefix=_prefix()) as store:
+        with pytest.raises(ConfigurationError):
+            store.append(object(), make_rows(1))
+        conn = await asyncpg.connect(postgres_url)
+        try:
+            with pytest.raises(ConfigurationError):
+                store.append(conn, make_rows(1))  # an async connection needs append_async
+        finally:
+            await conn.close()
+
+
+async def test_schema_option_and_given_pool(postgres_url: str) -> None:
+    schema = f"s{uuid.uuid4().hex[:10]}"
+    pool = await asyncpg.create_pool(postgres_url, min_size=1, max_size=3)
+    try:
+        store = PostgresOutboxStore(pool, schema=schema)
+        await store.create_schema()
+        try:
+            rows = make_rows(3, keys=["k"])
+            async with pool.acquire() as conn, conn.transaction():
+                await store.append_async(conn, rows)
+            got = await store.claim("r", 10, 30.0)
+            assert [r.message_id for r in got] == [r.message_id for r in rows]
+        finally:
+            await store.drop_schema()
+            await store.close()
+        assert not pool._closed  # the caller's pool stays open
+    finally:
+        async with pool.acquire() as conn:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await pool.close()
+
+
+async def test_notify_wakes_a_waiting_relay_at_commit(postgres_url: str) -> None:
+    import asyncio
+    import time
+
+    store = PostgresOutboxStore(postgres_url, table_prefix=_prefix())
+    await store.create_schema()
+    try:
+        await store.wait_for_rows(0.01)  # starts listening (the first return may be spurious)
+        await store.wait_for_rows(0.01)
+        conn = await asyncpg.connect(postgres_url)
+        try:
+            waiter = asyncio.create_task(store.wait_for_rows(20.0))
+            await asyncio.sleep(0.1)
+            async with conn.transaction():
+                await store.append_async(conn, make_rows(1))
+                await asyncio.sleep(0.1)
+                assert not waiter.done()  # not before the commit
+            started = time.monotonic()
+            await asyncio.wait_for(waiter, 10.0)
+            assert time.monotonic() - started < 10.0
+        finally:
+            await conn.close()
+    finally:
+        await store.drop_schema()
+        await store.close()
+
+
+async def test_keyed_claims_racing_never_share_a_key(postgres_url: str) -> None:
+    """Many claims at the same instant over a few keys: at every moment each key's live
+    leases belong to one relay, and each relay gets a key's rows in order."""
+    import asyncio
+
+    store = PostgresOutboxStore(postgres_url, table_prefix=_prefix(), max_size=8)
+    await store.create_schema()
+    try:
+        keys = [f"k{i}" for i in range(5)]
+        rows = make_rows(200, keys=keys)
+        conn = await asyncpg.connect(postgres_url)
+        try:
+            async with conn.transaction():
+                await store.append_async(conn, rows)
+        finally:
+            await conn.close()
+        position = {r.message_id: i for i, r in enumerate(rows)}
+        done: list[str] = []
+        for _ in range(60):
+            batches = await asyncio.gather(*(store.claim(f"relay-{i}", 7, 30.0) for i in range(6)))
+            owners: dict[str, int] = {}
+            for i, batch in enumerate(batches):
+                for r in batch:
+                    assert owners.setdefault(r.partition_key or "", i) == i, "key shared"
+            for batch in batches:
+                ids = [r.message_id for r in batch]
+                assert ids == sorted(ids, key=position.__getitem__)
+                done.extend(ids)
+                await store.mark_sent("x", [r.seq for r in batch])
+            if len(done) == len(rows):
+                break
+        assert sorted(done, key=position.__getitem__) == [r.message_id for r in rows]
+        for key in keys:
+            mine = [m for m in done if rows[position[m]].partition_key == key]
+            assert mine == sorted(mine, key=position.__getitem__), f"order of {key} broken"
+    finally:
+        await store.drop_schema()
+        await store.close()
