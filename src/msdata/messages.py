@@ -344,14 +344,14 @@ def _build(
         causation = None
         correlation = correlation_id or msg_id
     return Envelope(
-        message=message,
-        type=type_name,
-        version=version,
-        id=msg_id,
-        time=utc_now(),
-        source=source,
-        correlation_id=correlation,
-        causation_id=causation,
-        partition_key=partition_key,
-        headers=check_headers(headers) if headers else _EMPTY,
+        message,
+        type_name,
+        version,
+        msg_id,
+        utc_now(),
+        source,
+        correlation,
+        causation,
+        partition_key,
+        check_headers(headers) if headers else _EMPTY,
     )

@@ -102,8 +102,8 @@ class CloudEventsCodec:
         self.registry = registry if registry is not None else default_registry
         self.max_size = max_size
         self._generation = -1
-        self._encoders: dict[type[Message], TypeAdapter[Any]] = {}
-        self._decoder: TypeAdapter[Any] | None = None
+        self._encoders: dict[type[Message], Any] = {}  # class -> pydantic-core serializer
+        self._decoder: Any = None  # pydantic-core validator of every registered type
         self._newest: dict[str, tuple[type[Message], int]] = {}
 
     def _refresh(self) -> None:
@@ -116,10 +116,10 @@ class CloudEventsCodec:
         if not wires:
             self._decoder = None
         elif len(wires) == 1:
-            self._decoder = TypeAdapter(wires[0])
+            self._decoder = TypeAdapter(wires[0]).validator
         else:
             union: Any = Annotated[Union[tuple(wires)], Field(discriminator="type")]  # noqa: UP007
-            self._decoder = TypeAdapter(union)
+            self._decoder = TypeAdapter(union).validator
 
     def encode(self, envelope: Envelope[Any]) -> bytes:
         if self._generation != self.registry.generation:
@@ -129,7 +129,7 @@ class CloudEventsCodec:
         encoder = self._encoders.get(cls)
         if encoder is None:
             name, _ = self.registry.name_of(cls)
-            encoder = self._encoders[cls] = TypeAdapter(_wire_type(name, cls))
+            encoder = self._encoders[cls] = TypeAdapter(_wire_type(name, cls)).serializer
         doc: dict[str, Any] = {
             "specversion": "1.0",
             "id": envelope.id,
@@ -148,7 +148,7 @@ class CloudEventsCodec:
         if envelope.headers:
             doc.update(envelope.headers)
         doc["data"] = message
-        raw: bytes = encoder.dump_json(doc)
+        raw: bytes = encoder.to_json(doc)
         if len(raw) > self.max_size:
             raise MessageTooLarge(
                 f"{envelope.type} {envelope.id} encodes to {len(raw)} bytes; "
@@ -225,17 +225,18 @@ class CloudEventsCodec:
                 if name in RESERVED_ATTRIBUTES or not isinstance(value, str | int | bool):
                     continue
                 headers[name] = value if isinstance(value, str) else json.dumps(value)
+        get = doc.get
         return Envelope(
-            message=doc["data"],
-            type=type_name,
-            version=newest,
-            id=doc["id"],
-            time=time,
-            source=doc["source"],
-            correlation_id=doc.get("correlationid"),
-            causation_id=doc.get("causationid"),
-            partition_key=doc.get("partitionkey"),
-            headers=headers or _EMPTY,
+            doc["data"],
+            type_name,
+            newest,
+            doc["id"],
+            time,
+            doc["source"],
+            get("correlationid"),
+            get("causationid"),
+            get("partitionkey"),
+            headers or _EMPTY,
         )
 
     def decode_plain(self, raw: bytes | bytearray | str) -> Envelope[Message]:
