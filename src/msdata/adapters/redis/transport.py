@@ -368,6 +368,8 @@ class RedisSubscription:
         buf = self._buffer
         if not buf:
             await self._fill(room, timeout)
+            if self._closed:  # closed while we waited: what we read is reclaimed later
+                return []
         out: list[RedisDelivery] = []
         inflight = self._inflight
         while buf and len(out) < room:
