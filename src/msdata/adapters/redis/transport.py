@@ -403,7 +403,10 @@ class RedisSubscription:
                 if "NOGROUP" not in str(e):
                     raise TransportError(f"receive from {self.topic!r}: {e}") from e
                 log.warning("group %s of %s is gone; declaring it again", self.group, self.topic)
-                await self._declare()
+                with contextlib.suppress(*_TRANSIENT):
+                    await self._declare()
+            except rex.RedisError as e:
+                raise TransportError(f"receive from {self.topic!r}: {e}") from e
             if self._buffer or time.monotonic() >= deadline:
                 return
 
@@ -501,9 +504,12 @@ class RedisSubscription:
                     self._buffer.append(d)
         for d in overdue:
             d._settled = True
-            await self._settle_to_dead_letter(
-                d, f"delivered {d.attempt - 1} times and never settled (consumers died)"
-            )
+            try:
+                await self._settle_to_dead_letter(
+                    d, f"delivered {d.attempt - 1} times and never settled (consumers died)"
+                )
+            except TransportError as e:  # still pending: the next scan tries again
+                log.warning("dead-lettering %s of %s failed: %s", d._eid, self.topic, e)
 
     async def _heartbeat(self) -> None:
         t = self._t
