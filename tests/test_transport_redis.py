@@ -188,7 +188,8 @@ async def test_periodic_trimming_keeps_every_unacked_delivery() -> None:
 
 async def test_deliveries_of_a_dead_consumer_are_reclaimed() -> None:
     topic, group = unique("topic"), unique("group")
-    async with redis_transport(claim_idle=0.3) as t:
+    async with redis_transport(claim_idle=0.3, trim_interval=0.1) as t:
+        t.forget_after = 0.5
         msgs = make_messages(5)
         dead = t.subscribe(topic, group)
         await dead.__aenter__()
@@ -202,6 +203,11 @@ async def test_deliveries_of_a_dead_consumer_are_reclaimed() -> None:
             assert all(d.attempt == 2 for d in again)
             await asyncio.sleep(t.features.redelivery_timeout)
             assert await alive.receive(10, timeout=0.3) == []
+            # the dead consumer holds nothing now: it is removed from the group
+            await alive.receive(10, timeout=0.6)
+            key = f"{t.key_prefix}:{topic}"
+            names = {c["name"] for c in await t._client.xinfo_consumers(key, group)}
+            assert dead.consumer.encode() not in names
 
 
 async def test_entry_whose_consumers_keep_dying_goes_to_dead_letter() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "DECLARE_GROUP",
     "FORGET_CONSUMER",
+    "FORGET_IDLE_CONSUMERS",
     "HEARTBEAT",
     "MOVE_DUE",
     "RECLAIM",
@@ -98,6 +99,24 @@ FORGET_CONSUMER = """
 local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
 if not ok or #p > 0 then return 0 end
 return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+# Remove the consumers (of crashed processes) that hold nothing and have been idle longer than
+# ARGV[2] ms; a live one that is removed comes back with its next read. KEYS[1] stream;
+# ARGV[1] group. Returns how many were removed.
+FORGET_IDLE_CONSUMERS = """
+local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if not ok then return 0 end
+local removed = 0
+for _, c in ipairs(consumers) do
+  local info = {}
+  for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
+  if info['pending'] == 0 and info['idle'] > tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    removed = removed + 1
+  end
+end
+return removed
 """
 
 # Trim below the floor no group still needs: the minimum over the stream's groups of the

@@ -482,6 +482,9 @@ class RedisSubscription:
         if trim:
             for key in self._keys:
                 await t._trim(keys=[key], args=["~"], client=pipe)
+                await t._forget_idle(
+                    keys=[key], args=[self.group, int(t.forget_after * 1000)], client=pipe
+                )
         results = await pipe.execute()
         self._next_maintenance = now + t.claim_interval
         if trim and t.trim_interval:
@@ -609,7 +612,9 @@ class RedisTransport:
     - ``claim_interval``: how often each subscription scans for such deliveries and for due
       delayed retries (default ``claim_idle / 4``).
     - ``trim_interval``: how often each subscription trims its streams below what every group
-      has acked (``None``: never; call :meth:`trim` yourself).
+      has acked (``None``: never; call :meth:`trim` yourself). At the same time it removes
+      from its group the consumers (of crashed processes) that hold nothing and were idle
+      for ``forget_after`` seconds (60, or ``10 * claim_idle`` if more).
     """
 
     def __init__(
@@ -637,6 +642,8 @@ class RedisTransport:
         self.claim_idle = claim_idle
         self.claim_interval = claim_interval if claim_interval is not None else claim_idle / 4
         self.trim_interval = trim_interval
+        # consumers of crashed processes, once they hold nothing, are removed after this
+        self.forget_after = max(60.0, 10 * claim_idle)
         # a blocking read must end before the client's socket timeout fires
         socket_timeout = kwargs.get("socket_timeout") or 5.0
         self._max_block = min(max_block, socket_timeout / 2)
@@ -658,6 +665,7 @@ class RedisTransport:
         self._reclaim = register(_lua.RECLAIM)
         self._heartbeat_script = register(_lua.HEARTBEAT)
         self._forget_consumer = register(_lua.FORGET_CONSUMER)
+        self._forget_idle = register(_lua.FORGET_IDLE_CONSUMERS)
         self._trim = register(_lua.TRIM)
 
     @classmethod
