@@ -54,6 +54,16 @@ class TestNatsTransport(TransportConformance):
         return nats_transport(ack_wait=3.0)  # type: ignore[return-value]
 
 
+class TestNatsTransportOrdered(TransportConformance):
+    """``ordered=True``: a consumer per key partition, so the order test runs too."""
+
+    arrival_timeout = 10.0
+    quiet_period = 0.5
+
+    def make_transport(self) -> AsyncIterator[Transport]:  # type: ignore[override]
+        return nats_transport(ack_wait=3.0, ordered=True, key_partitions=8)  # type: ignore[return-value]
+
+
 # -- adapter-specific ---------------------------------------------------------------------------
 
 
@@ -154,7 +164,7 @@ async def test_publish_fails_with_publish_error_and_recovers() -> None:
         await t.publish(topic, make_messages(1))
         assert await t.delete_topic(topic)
         # the transport believes the stream exists: nothing stores the message
-        t._streams[topic] = t.subject_prefix + topic
+        t._streams[topic] = (t.subject_prefix + topic, [t.subject_prefix + topic])
         with pytest.raises(PublishError):
             await t.publish(topic, make_messages(3))
         # the next publish declares the stream again

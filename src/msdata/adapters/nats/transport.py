@@ -5,9 +5,9 @@ Mapping
       ``stream_prefix + escaped(topic)`` (see :func:`stream_name`; stream names cannot hold
       ``.``, so ``.`` becomes ``-``, ``-`` becomes ``_-`` and ``_`` becomes ``__``, which
       :func:`topic_of_stream` reverses; names too long for the server end in ``_h`` and a
-      hash, and the stream's description holds the topic). The stream captures the one
-      subject ``subject_prefix + topic``: anything published there, by msdata or not, is
-      delivered.
+      hash, and the stream's description holds the topic). The stream captures the
+      subject ``subject_prefix + topic`` and its key partitions ``<subject>._k.*`` (see
+      below): anything published there, by msdata or not, is delivered.
     - A group is a durable pull consumer on that stream (``deliver_policy=all``, explicit
       ack), named :func:`consumer_name` of the group. A subscription binds to it and pulls in
       batches (``fetch``); consumers of one group compete, each group gets each message.
@@ -39,15 +39,21 @@ Settling
     those of a consumer that died come back after ``ack_wait`` (declared as
     ``redelivery_timeout``).
 
-Order per key: not kept (``ordered_per_key=False``)
+Order per key: opt-in, ``NatsTransport(ordered=True)`` (then ``ordered_per_key=True``)
     JetStream orders a stream, not a key: two consumers of one group pull interleaved
-    batches, and a nacked message is redelivered after later messages of its key have
-    already been handed out. The only server-side way to keep it is ``max_ack_pending=1``
-    (one message in flight per group: strict order, no parallelism, and a nack delay stalls
-    the whole group), which also breaks ``prefetch``. A key-partitioned layout (a subject per
-    key bucket, a consumer per bucket with ``max_ack_pending=1``) would keep per-key order
-    with some parallelism; it is not built. Consumers that need order per key apply
-    messages idempotently with a version check (the inbox), or use a transport that keeps it.
+    batches, and a nacked message is redelivered after later messages of its key were handed
+    out. So by default (``ordered=False``) order per key is not kept. A keyed message is always
+    published to ``<subject>._k.<crc32(key) % key_partitions>`` (a message without a key, and
+    anything a foreign producer sends, to ``<subject>``), and the stream captures both. An
+    ordered group is one durable consumer per key partition with ``max_ack_pending=1`` (at
+    most one message of a partition in flight in the whole group; a nacked one is offered
+    again before the later ones, since JetStream redelivers first) plus one ordinary consumer
+    for keyless messages; an ordered subscription keeps a pull request open on each. The
+    price: per group, at most ``key_partitions`` keyed messages in flight, a message waiting
+    out a nack delay holds back its whole partition, and the keys sharing a partition are
+    serialised together. ``key_partitions`` (default 16) is fixed when the topic's stream is
+    created (it is recorded in the stream's description and checked), and a group is either
+    ordered or not, for good: its consumers are different ones.
 
 Foreign messages
     A message without msdata's headers gets the id ``<stream>:<sequence>`` (stable across
@@ -70,6 +76,8 @@ import contextlib
 import hashlib
 import re
 import time
+import zlib
+from collections import deque
 from collections.abc import Sequence
 from types import MappingProxyType, TracebackType
 from typing import Any, Self
@@ -111,6 +119,7 @@ __all__ = [
     "KEY_HEADER",
     "MSG_ID_HEADER",
     "NatsDelivery",
+    "NatsOrderedSubscription",
     "NatsSubscription",
     "NatsTransport",
     "consumer_name",
@@ -137,6 +146,11 @@ _SUBJECT_PREFIX = re.compile(r"^([A-Za-z0-9_\-]+\.)*$")
 # JetStream API error codes: stream / consumer name already in use
 _STREAM_EXISTS = 10058
 _CONSUMER_EXISTS = {10013, 10148}
+# keyed messages go to ``<subject>._k.<crc32(key) % key_partitions>``
+_PARTITION_TOKEN = "_k"
+_PARTITIONS = re.compile(r"key partitions (\d+)$")
+# longest a pull request of an ordered subscription lives on the server, in seconds
+_PULL_EXPIRES = 5.0
 
 
 def _escape(name: str) -> str:
@@ -454,6 +468,215 @@ class NatsSubscription:
         return out
 
 
+class NatsOrderedSubscription(NatsSubscription):
+    """A consumer in a group that keeps order per key (``NatsTransport(ordered=True)``).
+
+    The group is one durable consumer per key partition (filter ``<subject>._k.<n>``,
+    ``max_ack_pending=1``: one message of a partition in flight in the whole group, and a
+    nacked one is offered again before the later ones) and one for messages without a key.
+    The subscription keeps a pull request open on each of them, all answering into one
+    inbox, and ``receive`` takes what arrived.
+    """
+
+    def __init__(
+        self, transport: NatsTransport, topic: str, group: str, max_attempts: int, prefetch: int
+    ) -> None:
+        super().__init__(transport, topic, group, max_attempts, prefetch)
+        self.consumers: list[str] = []
+        self._index: dict[str, int] = {}
+        self._next_subjects: list[str] = []
+        self._outstanding: list[int] = []
+        self._request_ends: list[float] = []
+        self._buffer: deque[Msg] = deque()
+        self._arrived = asyncio.Event()
+        # set when every open pull request has ended, while closing
+        self._ended: asyncio.Event | None = None
+        self._inbox = ""
+        self._inbox_sub: Any = None
+        self._turn = 0
+
+    async def _declare(self) -> None:
+        t = self._transport
+        js = await t._ready()
+        nc = self._nc = js._nc
+        self.stream = await t._ensure_stream(self.topic, force=self._lost)
+        subject, partitions = t._streams[self.topic]
+        base = consumer_name(self.group)
+        specs = [(f"{base}_k{n}", p, 1) for n, p in enumerate(partitions)]
+        specs.append((f"{base}_n", subject, t.max_ack_pending))
+
+        async def declare(name: str, filter_subject: str, max_ack_pending: int) -> None:
+            config = ConsumerConfig(
+                name=name,
+                durable_name=name,
+                description=f"msdata ordered group {self.group} of topic {self.topic}",
+                deliver_policy=DeliverPolicy.ALL,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=t.ack_wait,
+                max_deliver=-1,
+                max_ack_pending=max_ack_pending,
+                filter_subject=filter_subject,
+            )
+            try:
+                await js.add_consumer(self.stream, config=config)
+            except nats.js.errors.APIError as e:
+                if e.err_code not in _CONSUMER_EXISTS:
+                    raise
+                await js.consumer_info(self.stream, name)
+
+        try:
+            await asyncio.gather(*(declare(*spec) for spec in specs))
+            if self._inbox_sub is None:
+                self._inbox = nc.new_inbox()
+                self._inbox_sub = await nc.subscribe(f"{self._inbox}.*", cb=self._arrive)
+        except nats.errors.Error as e:
+            raise TransportError(
+                f"could not declare group {self.group!r} on topic {self.topic!r}: {e!r}"
+            ) from e
+        self.consumers = [name for name, _, _ in specs]
+        # consumer name, and request inbox suffix, -> position
+        self._index = {name: i for i, name in enumerate(self.consumers)}
+        self._index.update((str(i), i) for i in range(len(specs)))
+        api = js._prefix
+        self._next_subjects = [f"{api}.CONSUMER.MSG.NEXT.{self.stream}.{n}" for n in self.consumers]
+        self._outstanding = [0] * len(specs)
+        self._request_ends = [0.0] * len(specs)
+        self._lost = False
+
+    async def _arrive(self, msg: Msg) -> None:
+        reply = msg.reply
+        if not (reply and reply.startswith(_ACK_PREFIX)):
+            # a status, sent to the request's own inbox: 100 is a heartbeat; 404, 408 and
+            # 409 end the request
+            status = msg.headers.get("Status") if msg.headers else None
+            i = self._index.get(msg.subject.rpartition(".")[2], -1)
+            if status != "100" and i >= 0:
+                self._outstanding[i] = 0
+                if self._ended is not None and not any(self._outstanding):
+                    self._ended.set()
+            return
+        # a delivery keeps its own subject; the ack subject names the consumer
+        tokens = reply.split(".")
+        i = self._index.get(tokens[3] if len(tokens) == 9 else tokens[5], -1)
+        if i >= 0 and self._outstanding[i] > 0:
+            self._outstanding[i] -= 1
+            if self._ended is not None and not any(self._outstanding):
+                self._ended.set()
+        if self._closed:
+            with contextlib.suppress(nats.errors.Error):
+                await msg._client.publish(reply, _NAK)
+            return
+        self._buffer.append(msg)
+        self._arrived.set()
+
+    async def _pull(self, expires: float) -> None:
+        """Open a pull request on each consumer that has none, within ``prefetch``. Requests
+        live ``expires`` seconds, so that none is left open for long when the subscription
+        closes (close waits for them: the server must not deliver into a dead inbox)."""
+        nc = self._nc
+        assert nc is not None
+        now = time.monotonic()
+        outstanding, ends = self._outstanding, self._request_ends
+        for i, end in enumerate(ends):
+            if end < now:
+                outstanding[i] = 0  # expired, or lost with a connection or a server restart
+        credit = self.prefetch - len(self._inflight) - len(self._buffer) - sum(outstanding)
+        keyless = len(outstanding) - 1
+        # partitions take turns first, so a small prefetch still reaches all of them
+        start = self._turn = (self._turn + 1) % keyless if keyless else 0
+        wanted: list[tuple[int, int]] = []
+        for j in range(keyless):
+            if credit <= 0:
+                break
+            i = (start + j) % keyless
+            if outstanding[i] == 0:
+                wanted.append((i, 1))
+                credit -= 1
+        if credit > 0 and outstanding[keyless] == 0:
+            wanted.append((keyless, credit))
+        expires_ns = int(expires * 1e9)
+        for i, batch in wanted:
+            outstanding[i] = batch
+            ends[i] = now + expires + 0.5
+            await nc.publish(
+                self._next_subjects[i],
+                b'{"batch":%d,"expires":%d}' % (batch, expires_ns),
+                reply=f"{self._inbox}.{i}",
+            )
+
+    async def receive(self, max_messages: int = 100, timeout: float = 1.0) -> list[NatsDelivery]:
+        if self._closed or self._transport._closed:
+            raise TransportClosed("receive() on a closed subscription")
+        if self._lost:
+            try:
+                await self._declare()
+            except TransportError:
+                await asyncio.sleep(min(timeout, 1.0))
+                return []
+        assert self._inbox_sub is not None, "receive() outside 'async with'"
+        try:
+            await self._pull(min(max(timeout, 0.05), _PULL_EXPIRES))
+        except nats.errors.ConnectionClosedError as e:
+            raise TransportClosed("the NATS connection is closed") from e
+        except nats.errors.Error:
+            pass  # reconnecting: what is buffered can still be handed out
+        buffer = self._buffer
+        if not buffer and timeout > 0:
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(timeout):
+                    while not buffer:
+                        await self._arrived.wait()
+                        self._arrived.clear()
+            except TimeoutError:
+                await self._check_consumer()
+                return []
+        take = min(max_messages, self.prefetch - len(self._inflight), len(buffer))
+        return await self._deliveries([buffer.popleft() for _ in range(take)])
+
+    async def _check_consumer(self) -> None:
+        now = time.monotonic()
+        if now < self._next_check or not self.consumers:
+            return
+        self._next_check = now + self._transport.consumer_check_interval
+        js = self._transport._js
+        assert js is not None
+        try:
+            await js.consumer_info(self.stream, self.consumers[-1])
+        except nats.js.errors.NotFoundError:
+            self._lost = True
+        except (nats.errors.Error, TimeoutError):
+            pass
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        # let the open pull requests end (each lives as long as one receive() waits); what
+        # they still deliver is buffered and given back below
+        left = max(self._request_ends, default=0.0) - time.monotonic()
+        if any(self._outstanding) and left > 0:
+            self._ended = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._ended.wait()
+        inbox_sub, self._inbox_sub = self._inbox_sub, None
+        if inbox_sub is not None:
+            # no interest left: the server drops this subscription's open pull requests
+            with contextlib.suppress(nats.errors.Error):
+                await inbox_sub.unsubscribe()
+        replies = [m.reply for m in self._buffer]
+        self._buffer.clear()
+        await super().close()
+        nc = self._nc
+        if replies and nc is not None and not nc.is_closed:
+            try:
+                for reply in replies:
+                    await nc.publish(reply, _NAK)
+                await nc.flush(timeout=2)
+            except (TimeoutError, nats.errors.Error):
+                pass
+
+
 class NatsTransport:
     """The NATS JetStream :class:`msdata.transport.Transport`.
 
@@ -466,7 +689,8 @@ class NatsTransport:
     JetStream offers again a delivery whose consumer died), ``duplicate_window`` (seconds
     ``Nats-Msg-Id`` de-duplication lasts), ``max_age`` / ``max_bytes`` (stream retention
     limits; None keeps everything), ``max_ack_pending`` (unsettled deliveries per group),
-    ``publish_timeout`` (seconds to wait for a batch's confirmations), ``memory_storage``
+    ``publish_timeout`` (seconds to wait for a batch's confirmations), ``ordered`` (groups
+    keep order per key, see the module docstring) and ``key_partitions``, ``memory_storage``
     (memory instead of file streams: not durable), ``consumer_check_interval`` (seconds
     between checks, while a subscription finds nothing, that its consumer still exists on
     the server; it is declared again if not).
@@ -487,6 +711,8 @@ class NatsTransport:
         memory_storage: bool = False,
         replicas: int = 1,
         consumer_check_interval: float = 5.0,
+        key_partitions: int = 16,
+        ordered: bool = False,
     ) -> None:
         if not _PREFIX.match(stream_prefix):
             raise ConfigurationError(
@@ -516,15 +742,19 @@ class NatsTransport:
         self.memory_storage = memory_storage
         self.replicas = replicas
         self.consumer_check_interval = consumer_check_interval
+        if not 1 <= key_partitions <= 1024:
+            raise ConfigurationError("key_partitions must be between 1 and 1024")
+        self.key_partitions = key_partitions
+        self.ordered = ordered
         self.features = TransportFeatures(
             durable=not memory_storage,
-            ordered_per_key=False,
+            ordered_per_key=ordered,
             native_delay=True,
             replays_history=True,
             redelivery_timeout=ack_wait,
         )
-        # topic -> its subject, once its stream is known to exist
-        self._streams: dict[str, str] = {}
+        # topic -> its subject and key partition subjects, once its stream is known to exist
+        self._streams: dict[str, tuple[str, list[str]]] = {}
         self._subscriptions: set[NatsSubscription] = set()
         self._closed = False
 
@@ -565,8 +795,11 @@ class NatsTransport:
 
     def _subject(self, topic: str) -> str:
         check_name("topic", topic)
-        if topic.endswith("."):
-            raise ConfigurationError(f"topic name {topic!r} must not end with '.' on NATS")
+        if topic.endswith(".") or f".{_PARTITION_TOKEN}." in f".{topic}.":
+            raise ConfigurationError(
+                f"topic name {topic!r} must not end with '.' nor hold a {_PARTITION_TOKEN!r} "
+                "part on NATS"
+            )
         return self.subject_prefix + topic
 
     async def _ensure_stream(self, topic: str, *, force: bool = False) -> str:
@@ -575,10 +808,11 @@ class NatsTransport:
         if not force and topic in self._streams:
             return name
         subject = self._subject(topic)
+        partitions = [f"{subject}.{_PARTITION_TOKEN}.{n}" for n in range(self.key_partitions)]
         config = StreamConfig(
             name=name,
-            description=f"msdata topic {topic}",
-            subjects=[subject],
+            description=f"msdata topic {topic}; key partitions {self.key_partitions}",
+            subjects=[subject, f"{subject}.{_PARTITION_TOKEN}.*"],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.MEMORY if self.memory_storage else StorageType.FILE,
             num_replicas=self.replicas,
@@ -594,36 +828,49 @@ class NatsTransport:
                 if e.err_code != _STREAM_EXISTS:
                     raise
                 info = await js.stream_info(name)
-                if subject not in (info.config.subjects or ()):
+                if info.config.subjects != config.subjects:
                     raise ConfigurationError(
-                        f"stream {name!r} exists but does not capture subject {subject!r}"
+                        f"stream {name!r} exists with subjects {info.config.subjects}, "
+                        f"not {config.subjects}"
+                    ) from e
+                found = _PARTITIONS.search(info.config.description or "")
+                if found and int(found.group(1)) != self.key_partitions:
+                    raise ConfigurationError(
+                        f"topic {topic!r} was created with key_partitions={found.group(1)}, "
+                        f"this transport has {self.key_partitions}: they must agree"
                     ) from e
         except nats.errors.Error as e:
             raise TransportError(f"could not declare the stream of topic {topic!r}: {e!r}") from e
-        self._streams[topic] = subject
+        self._streams[topic] = (subject, partitions)
         return name
 
     async def publish(self, topic: str, messages: Sequence[TransportMessage]) -> None:
         if self._closed:
             raise TransportClosed("publish() on a closed transport")
-        subject = self._streams.get(topic)
-        if subject is None:
+        subjects = self._streams.get(topic)
+        if subjects is None:
             self._subject(topic)
             if not messages:
                 return
             await self._ensure_stream(topic)
-            subject = self._streams[topic]
+            subjects = self._streams[topic]
         elif not messages:
             return
+        subject, partitions = subjects
+        n_partitions = len(partitions)
         js = self._js
         assert js is not None
         futures: list[asyncio.Future[Any]] = []
         try:
             for m in messages:
                 headers = {**m.headers, MSG_ID_HEADER: m.id} if m.headers else {MSG_ID_HEADER: m.id}
-                if m.key is not None:
-                    headers[KEY_HEADER] = m.key
-                futures.append(await js.publish_async(subject, m.body, headers=headers))
+                key = m.key
+                if key is None:
+                    target = subject
+                else:
+                    headers[KEY_HEADER] = key
+                    target = partitions[zlib.crc32(key.encode()) % n_partitions]
+                futures.append(await js.publish_async(target, m.body, headers=headers))
             await self._confirmed(topic, futures)
         except nats.errors.Error as e:
             for f in futures:
@@ -655,6 +902,8 @@ class NatsTransport:
             raise ConfigurationError("max_attempts and prefetch must be >= 1")
         if self._closed:
             raise TransportClosed("subscribe() on a closed transport")
+        if self.ordered:
+            return NatsOrderedSubscription(self, topic, group, max_attempts, prefetch)
         return NatsSubscription(self, topic, group, max_attempts, prefetch)
 
     async def delete_topic(self, topic: str) -> bool:
