@@ -98,9 +98,13 @@ async def eventually(condition: object, timeout: float, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
-@pytest.fixture
-async def transport(private_nats: PrivateNats) -> AsyncIterator[NatsTransport]:
-    t = NatsTransport.from_url(private_nats.url, ack_wait=2.0, publish_timeout=2.0)
+@pytest.fixture(params=[False, True], ids=["unordered", "ordered"])
+async def transport(
+    private_nats: PrivateNats, request: pytest.FixtureRequest
+) -> AsyncIterator[NatsTransport]:
+    t = NatsTransport.from_url(
+        private_nats.url, ack_wait=2.0, publish_timeout=2.0, ordered=request.param
+    )
     try:
         yield t
     finally:
@@ -120,7 +124,8 @@ async def test_confirmed_messages_survive_a_broker_restart(
     async def produce() -> None:
         nonlocal failed_batches
         while not stop.is_set():
-            batch = make_messages(20)
+            # keyed and keyless: an ordered group pulls from every partition and the rest
+            batch = [*make_messages(10), *make_messages(10, key=f"order-{len(confirmed) % 7}")]
             while True:  # a batch that was not confirmed is published again, same ids
                 try:
                     await transport.publish(topic, batch)

@@ -99,9 +99,10 @@ async def test_a_message_id_published_twice_is_delivered_once() -> None:
         assert await sub.receive(10, timeout=0.5) == []
 
 
-async def test_foreign_messages_arrive_and_can_be_dead_lettered() -> None:
+@pytest.mark.parametrize("ordered", [False, True], ids=["unordered", "ordered"])
+async def test_foreign_messages_arrive_and_can_be_dead_lettered(ordered: bool) -> None:
     topic, group = unique("topic"), unique("group")
-    async with nats_transport() as t, t.subscribe(topic, group) as sub:
+    async with nats_transport(ordered=ordered) as t, t.subscribe(topic, group) as sub:
         nc = t.client
         assert nc is not None
         js = nc.jetstream()
@@ -258,3 +259,40 @@ async def test_a_subscription_declares_its_group_again_if_the_server_lost_it() -
         await t.publish(topic, [again])
         got = await collect(sub, 1, timeout=10.0)
         assert [d.message.id for d in got] == [again.id]
+
+
+async def test_key_partitions_are_fixed_per_topic() -> None:
+    topic = unique("topic")
+    async with nats_transport(key_partitions=4) as t:
+        await t.publish(topic, make_messages(1, key="k"))
+        assert t.client is not None
+        other = NatsTransport(t.client, stream_prefix=t.stream_prefix, key_partitions=8)
+        with pytest.raises(ConfigurationError, match="key_partitions"):
+            await other.publish(topic, make_messages(1, key="k"))
+    with pytest.raises(ConfigurationError):
+        NatsTransport(None, key_partitions=0)
+    async with nats_transport() as t:
+        with pytest.raises(ConfigurationError):
+            t.subscribe("orders._k.3", "g")
+
+
+async def test_an_ordered_group_holds_a_key_back_while_its_message_is_in_flight() -> None:
+    topic, group = unique("topic"), unique("group")
+    async with (
+        nats_transport(ordered=True, key_partitions=4) as t,
+        t.subscribe(topic, group) as a,
+        t.subscribe(topic, group) as b,
+    ):
+        first, second = make_messages(2, key="order-1")
+        await t.publish(topic, [first, second])
+        (d,) = await collect(a, 1, timeout=10.0, ack=False)
+        assert d.message.id == first.id
+        # the next message of the key waits, at every consumer of the group
+        assert await b.receive(10, timeout=0.5) == []
+        assert await a.receive(10, timeout=0.2) == []
+        await d.nack()
+        (again,) = await collect(b, 1, timeout=10.0, ack=False)
+        assert (again.message.id, again.attempt) == (first.id, 2)
+        await again.ack()
+        (nxt,) = await collect(a, 1, timeout=10.0)
+        assert nxt.message.id == second.id
