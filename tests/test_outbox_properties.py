@@ -155,10 +155,11 @@ class PostgresBackend(Backend):
         self.conn.commit()
 
     async def teardown(self) -> None:
-        for t in ("effects", "outbox", "outbox_sent", "inbox"):
-            self.conn.execute(f"DROP TABLE IF EXISTS {self.prefix}{t} CASCADE")
+        self.conn.execute(f"DROP TABLE IF EXISTS {self.prefix}effects")
         self.conn.commit()
         self.conn.close()
+        await self.outbox_store.drop_schema()
+        await self.inbox_store.drop_schema()
         await self.outbox_store.close()
         close = getattr(self.inbox_store, "close", None)
         if close is not None:
