@@ -1,0 +1,201 @@
+"""Outbox on SQLite: msdata against the raw sqlite3 loop on the same work, in the same run.
+
+(a) Drain: N pending rows (CloudEvents payloads, 100 keys) leave the table.
+    raw:    one thread, one connection: BEGIN IMMEDIATE; SELECT 100 oldest; DELETE them;
+            COMMIT (nothing published: the database side alone).
+    msdata: OutboxRelay.run_once() in a loop: SqliteOutboxStore.claim (per-row leases,
+            per-key order), publish into the in-memory transport, mark_sent (DELETE);
+            each store call is one executor hop.
+(b) Write: a business transaction (one INSERT of an order + COMMIT) with and without
+    ``outbox.add(conn, OrderPlaced(...), key=...)`` in it, on a sqlite3 connection.
+
+Durability is printed with each table: the relay's own connection and the business
+connection both use the ``synchronous`` level given (WAL mode).
+
+    .venv/bin/python bench/bench_outbox_sqlite.py [--rows 100000] [--sync NORMAL|FULL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sqlite3
+import statistics
+import tempfile
+import time
+import uuid
+
+from msdata.adapters.memory import MemoryTransport
+from msdata.adapters.sqlite import SqliteOutboxStore, connect
+from msdata.ids import new_id, utc_now
+from msdata.messages import Event, MessageRegistry, make_envelope, message_type
+from msdata.outbox import Outbox, OutboxRelay, OutboxRow
+from msdata.serialization import CloudEventsCodec
+
+registry = MessageRegistry()
+
+
+@message_type("bench.OrderPlaced", registry=registry)
+class OrderPlaced(Event):
+    order_id: str
+    customer: str
+    total_cents: int
+
+
+def rows_for(n: int) -> list[OutboxRow]:
+    codec = CloudEventsCodec(registry)
+    payload = codec.encode(
+        make_envelope(
+            OrderPlaced(order_id="o-1", customer="c-1", total_cents=1234), registry=registry
+        )
+    )
+    return [
+        OutboxRow(
+            message_id=new_id(),
+            topic="bench.OrderPlaced",
+            type="bench.OrderPlaced",
+            payload=payload,
+            partition_key=f"order-{i % 100}",
+            aggregate_type="bench.OrderPlaced",
+        )
+        for i in range(n)
+    ]
+
+
+def fill(path: str, store: SqliteOutboxStore, rows: list[OutboxRow], sync: str) -> None:
+    conn = connect(path, synchronous=sync)
+    for i in range(0, len(rows), 10_000):
+        store.append(conn, rows[i : i + 10_000])
+        conn.commit()
+    conn.close()
+
+
+def raw_drain(path: str, table: str, sync: str) -> int:
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+    conn.execute(f"PRAGMA synchronous={sync}")
+    total = 0
+    select = (
+        f"SELECT seq, message_id, topic, payload, partition_key FROM {table} "
+        "ORDER BY seq LIMIT 100"
+    )
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        rows = conn.execute(select).fetchall()
+        if not rows:
+            conn.execute("COMMIT")
+            break
+        conn.execute(
+            f"DELETE FROM {table} WHERE seq IN ({','.join('?' * len(rows))})",
+            [r[0] for r in rows],
+        )
+        conn.execute("COMMIT")
+        total += len(rows)
+    conn.close()
+    return total
+
+
+async def msdata_drain(store: SqliteOutboxStore) -> int:
+    relay = OutboxRelay(store, MemoryTransport(), batch_size=100, relay_id="bench")
+    total = 0
+    while n := await relay.run_once():
+        total += n
+    return total
+
+
+def bench_drain(n: int, sync: str, runs: int) -> None:
+    rows = rows_for(n)
+    raw_rates, ms_rates = [], []
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "drain.db")
+        store = SqliteOutboxStore(path, synchronous=sync, table_prefix="b_")
+        asyncio.run(store.create_schema())
+        for _ in range(runs):
+            fill(path, store, rows, sync)
+            t = time.perf_counter()
+            assert raw_drain(path, "b_outbox", sync) == n
+            raw_rates.append(n / (time.perf_counter() - t))
+
+            fill(path, store, rows, sync)
+
+            async def run() -> float:
+                s = SqliteOutboxStore(path, synchronous=sync, table_prefix="b_")
+                t = time.perf_counter()
+                assert await msdata_drain(s) == n
+                rate = n / (time.perf_counter() - t)
+                await s.close()
+                return rate
+
+            ms_rates.append(asyncio.run(run()))
+    raw, ms = statistics.median(raw_rates), statistics.median(ms_rates)
+    print(f"\n(a) drain {n:,} rows, 100 keys, batches of 100, synchronous={sync}, WAL")
+    print(f"    median of {runs} runs each")
+    print(f"    {'':<52}{'rows/s':>12}")
+    print(f"    {'raw sqlite3: SELECT 100 + DELETE, one tx, one thread':<52}{raw:>12,.0f}")
+    print(f"    {'msdata OutboxRelay -> MemoryTransport':<52}{ms:>12,.0f}")
+    print(f"    {'ratio msdata / raw (target >= 0.80)':<52}{ms / raw:>12.2f}")
+
+
+def bench_add(n: int, sync: str, runs: int) -> None:
+    plain_us, outbox_us = [], []
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "add.db")
+        store = SqliteOutboxStore(path, synchronous=sync)
+        asyncio.run(store.create_schema())
+        outbox = Outbox(store, registry=registry, source="orders")
+        conn = connect(path, synchronous=sync)
+        conn.execute(
+            "CREATE TABLE orders (id TEXT PRIMARY KEY, customer TEXT NOT NULL, "
+            "total_cents INTEGER NOT NULL, created_at TEXT NOT NULL)"
+        )
+        conn.commit()
+        insert = "INSERT INTO orders VALUES (?, ?, ?, ?)"
+
+        def plain() -> float:
+            t = time.perf_counter()
+            for _ in range(n):
+                oid = uuid.uuid4().hex
+                conn.execute(insert, (oid, "c-1", 1234, utc_now().isoformat()))
+                conn.commit()
+            return (time.perf_counter() - t) / n * 1e6
+
+        def with_outbox() -> float:
+            t = time.perf_counter()
+            for _ in range(n):
+                oid = uuid.uuid4().hex
+                conn.execute(insert, (oid, "c-1", 1234, utc_now().isoformat()))
+                outbox.add(conn, OrderPlaced(order_id=oid, customer="c-1", total_cents=1234), key=oid)
+                conn.commit()
+            return (time.perf_counter() - t) / n * 1e6
+
+        for _ in range(runs):
+            plain_us.append(plain())
+            outbox_us.append(with_outbox())
+            conn.execute("DELETE FROM orders")
+            conn.execute("DELETE FROM msdata_outbox")
+            conn.commit()
+        conn.close()
+        asyncio.run(store.close())
+    p, o = statistics.median(plain_us), statistics.median(outbox_us)
+    print(f"\n(b) business transaction, {n:,} per run, synchronous={sync}, WAL, median of {runs}")
+    print(f"    {'':<52}{'us/tx':>9}{'tx/s':>10}")
+    print(f"    {'raw: INSERT order + COMMIT':<52}{p:>9.1f}{1e6 / p:>10,.0f}")
+    print(f"    {'msdata: INSERT order + outbox.add + COMMIT':<52}{o:>9.1f}{1e6 / o:>10,.0f}")
+    print(f"    {'ratio (target <= 1.20)':<52}{o / p:>9.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--sync", choices=["NORMAL", "FULL"], default=None)
+    args = ap.parse_args()
+    syncs = [args.sync] if args.sync else ["NORMAL", "FULL"]
+    print(f"msdata outbox on SQLite {sqlite3.sqlite_version} (stdlib sqlite3), {os.cpu_count()} cpus")
+    bench_drain(args.rows, "NORMAL", args.runs)
+    for sync in syncs:
+        bench_add(20_000 if sync == "NORMAL" else 2_000, sync, args.runs)
+
+
+if __name__ == "__main__":
+    main()
