@@ -36,9 +36,11 @@ async def _delete(conn: aio_pika.abc.AbstractConnection, transport: RabbitMQTran
 
 
 @asynccontextmanager
-async def rabbitmq_transport(*, ordered_per_key: bool = False) -> AsyncIterator[RabbitMQTransport]:
+async def rabbitmq_transport(
+    *, ordered_per_key: bool = False, queue_type: str = "classic"
+) -> AsyncIterator[RabbitMQTransport]:
     conn = await aio_pika.connect_robust(require("rabbitmq"))
-    transport = RabbitMQTransport(conn, ordered_per_key=ordered_per_key)
+    transport = RabbitMQTransport(conn, ordered_per_key=ordered_per_key, queue_type=queue_type)
     try:
         yield transport
     finally:
@@ -66,6 +68,16 @@ class TestRabbitMQTransportOrdered(TransportConformance):
     @asynccontextmanager
     async def make_transport(self) -> AsyncIterator[Transport]:
         async with rabbitmq_transport(ordered_per_key=True) as t:
+            yield t
+
+
+class TestRabbitMQTransportQuorum(TransportConformance):
+    arrival_timeout = 10.0
+    quiet_period = 0.3
+
+    @asynccontextmanager
+    async def make_transport(self) -> AsyncIterator[Transport]:
+        async with rabbitmq_transport(queue_type="quorum") as t:
             yield t
 
 

@@ -3,8 +3,11 @@
 Topology, all durable and declared by the adapter:
 
 - a ``fanout`` exchange per topic, named as the topic;
-- a quorum queue per consumer group, ``<topic>:<group>``, bound to it (quorum queues count
-  deliveries in ``x-delivery-count`` and keep messages on disk); messages are persistent;
+- a durable queue per consumer group, ``<topic>:<group>``, bound to it; messages are
+  persistent. Classic queues by default; ``queue_type="quorum"`` for quorum queues, which
+  count deliveries themselves (``x-delivery-count``). Classic is the default because on
+  RabbitMQ 3.10 a quorum queue created moments before the node is SIGKILLed came back empty
+  and leaderless in our restart test, while classic queues kept every confirmed message;
 - for each group, its dead-letter topic :func:`~msdata.transport.dead_letter_topic` (an
   exchange like any topic). A topic whose name ends in ``.dlq`` is declared with an
   *alternate exchange* ``<topic>:unrouted`` and a holding queue of the same name: while no
@@ -12,29 +15,31 @@ Topology, all durable and declared by the adapter:
   dead-letter topic moves it into its own queue. So a dead-letter topic keeps what it
   receives until read, as the port requires;
 - ``nack(delay > 0)`` goes through a per-delay retry queue ``<topic>:<group>:retry-<ms>ms``
-  (classic, ``x-message-ttl`` = the delay, dead-lettering back to the group's queue through
-  the default exchange, ``x-expires`` a minute after the delay so unused ones go away).
-  One queue per delay rather than per-message TTL: RabbitMQ only expires messages at the head
-  of a queue, so a long delay would hold back a short one behind it.
+  (``x-message-ttl`` = the delay, dead-lettering back to the group's queue through the
+  default exchange, ``x-expires`` a minute after the delay so unused ones go away). One queue
+  per delay rather than per-message TTL: RabbitMQ only expires messages at the head of a
+  queue, so a long delay would hold back a short one behind it.
 
 Publishing: one channel in confirm mode; a batch is written at once with every confirm in
 flight, and ``publish`` returns when the broker confirmed them all. The message id travels in
 the AMQP ``message_id`` property, the partition key in the ``x-msdata-key`` header, the
 message's headers as AMQP headers.
 
-Attempts: ``attempt = x-msdata-prior-attempts + x-delivery-count + 1``. The broker counts
-requeues (``nack()``, a consumer that closed or died with the message unsettled; a message
-that sat unseen in a closing consumer's prefetch buffer counts too). A delayed retry is a new
-copy that carries the attempts made so far in ``x-msdata-prior-attempts``.
+Attempts: ``attempt = x-msdata-prior-attempts + deliveries + 1``. A nack republishes a copy
+(to the back of the group's queue, or through a retry queue) that carries the attempts made
+so far in ``x-msdata-prior-attempts``, confirmed before the original is acked. ``deliveries``
+is ``x-delivery-count`` on quorum queues (which requeue on nack instead of republishing); on
+classic queues the broker only flags a redelivery (a consumer that closed or died with the
+message unsettled), which counts as one, however many times it happened.
 
 Order per key (``RabbitMQTransport(..., ordered_per_key=True)``): the group's queue is declared
 with ``x-single-active-consumer``, so one consumer of the group receives at a time and the
-others stand by (taking over, in queue order, when it goes away); the adapter hands out at most
-one delivery per key at a time and retries a nacked delivery itself (holding it, unacked,
-through the delay), ahead of the later messages of its key. Within a group, order per key then
-holds, including redeliveries, but the group's throughput is one consumer's. Without it
-(the default), the consumers of a group compete and share the work, ``nack()`` requeues to the
-back of the queue and nothing is promised about order. The consistent-hash exchange, which
+others stand by (taking over when it goes away; a classic queue puts what it hands back at its
+original place); the adapter hands out at most one delivery per key at a time and retries a
+nacked delivery itself (holding it, unacked, through the delay), ahead of the later messages
+of its key. Within a group, order per key then holds, including redeliveries, but the group's
+throughput is one consumer's. Without it (the default), the consumers of a group compete and
+share the work, and nothing is promised about order. The consistent-hash exchange, which
 could keep order while sharing the work, is a plugin, so it is not used.
 
 Anything a foreign producer puts on the exchange is delivered: a missing message id becomes
@@ -276,8 +281,8 @@ class RabbitMQDelivery:
             elif sub._ordered:
                 sub._retry_here(self._entry, delay)
                 return  # the key stays busy until the retry is handed out
-            elif delay <= 0:
-                await _requeue(self._entry.raw)
+            elif delay <= 0 and sub._counts_deliveries:
+                await _requeue(self._entry.raw)  # the quorum queue counts it
             else:
                 await sub._retry_later(self, delay)
         except BaseException:
@@ -320,6 +325,7 @@ class RabbitMQSubscription:
         self.queue = group_queue_name(topic, group)
         self._dlq_topic = dead_letter_topic(topic, group)
         self._ordered = transport.features.ordered_per_key
+        self._counts_deliveries = transport.queue_type == "quorum"
         self._channel: AbstractRobustChannel | None = None
         self._pending: deque[_Entry] = deque()
         # order per key (ordered mode only): the entry of a key handed out or being retried,
@@ -330,6 +336,7 @@ class RabbitMQSubscription:
         self._signal = asyncio.Event()
         self._closed = False
         self._entered = False
+        self._resuming: asyncio.Task[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -374,6 +381,8 @@ class RabbitMQSubscription:
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
+        if self._resuming is not None:
+            self._resuming.cancel()
         self._pending.clear()
         self._busy.clear()
         self._blocked.clear()
@@ -390,7 +399,7 @@ class RabbitMQSubscription:
         transport = self._transport
         await transport._declare_topic(raw, self.topic)
         await transport._declare_topic(raw, self._dlq_topic)
-        arguments: dict[str, Any] = {"x-queue-type": "quorum"}
+        arguments: dict[str, Any] = {"x-queue-type": transport.queue_type}
         if self._ordered:
             arguments["x-single-active-consumer"] = True
         await raw.queue_declare(self.queue, durable=True, arguments=arguments)
@@ -400,13 +409,26 @@ class RabbitMQSubscription:
             await self._adopt_unrouted(raw)
         await raw.basic_consume(self.queue, self._on_message)
 
-    async def _on_reopen(self, _channel: Any) -> None:
+    def _on_reopen(self, _channel: Any) -> None:
+        # called inside the connection's recovery, which must finish before the channel is
+        # usable: consume again from a task of our own
         if self._closed or self._channel is None:
             return
-        try:
-            await self._start(await self._channel.get_underlay_channel(), adopt=False)
-        except Exception:
-            log.warning("resuming the consumer of %s failed", self.queue, exc_info=True)
+        if self._resuming is not None:
+            self._resuming.cancel()
+        self._resuming = asyncio.get_running_loop().create_task(self._resume())
+
+    async def _resume(self) -> None:
+        channel = self._channel
+        while not self._closed and channel is not None:
+            try:
+                await self._start(await channel.get_underlay_channel(), adopt=False)
+                return
+            except Exception:
+                log.warning("resuming the consumer of %s failed", self.queue, exc_info=True)
+            if channel.is_closed:
+                return  # it reopens, and calls _on_reopen again
+            await asyncio.sleep(1.0)
 
     async def _adopt_unrouted(self, raw: Any) -> None:
         """Move what was dead-lettered to this topic before any group existed into our queue.
@@ -560,23 +582,27 @@ class RabbitMQSubscription:
         return await self._channel.get_underlay_channel()
 
     async def _retry_later(self, delivery: RabbitMQDelivery, delay: float) -> None:
-        """A copy into the retry queue of this delay (it comes back when its TTL runs out),
-        confirmed, then the original acked."""
-        delay_ms = max(1, round(delay * 1000))
-        name = _retry_queue_name(self.topic, self.group, delay_ms)
+        """A copy carrying the attempts made so far, confirmed, then the original acked: to the
+        back of the group's queue, or into the retry queue of this delay (it comes back when
+        its TTL runs out)."""
         raw = await self._raw_channel()
-        # declared each time: that also restarts the queue's idle expiry
-        await raw.queue_declare(
-            name,
-            durable=True,
-            arguments={
-                "x-message-ttl": delay_ms,
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": self.queue,
-                "x-expires": delay_ms + _RETRY_QUEUE_GRACE_MS,
-            },
-        )
-        self._transport._queues.add(name)
+        if delay <= 0:
+            name = self.queue
+        else:
+            delay_ms = max(1, round(delay * 1000))
+            name = _retry_queue_name(self.topic, self.group, delay_ms)
+            # declared each time: that also restarts the queue's idle expiry
+            await raw.queue_declare(
+                name,
+                durable=True,
+                arguments={
+                    "x-message-ttl": delay_ms,
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": self.queue,
+                    "x-expires": delay_ms + _RETRY_QUEUE_GRACE_MS,
+                },
+            )
+            self._transport._queues.add(name)
         m = delivery.message
         props = _properties(m)
         props.headers = dict(props.headers or {})
@@ -640,8 +666,12 @@ class RabbitMQTransport:
         connection: AbstractRobustConnection | None,
         *,
         ordered_per_key: bool = False,
+        queue_type: str = "classic",
         publish_timeout: float = 30.0,
     ) -> None:
+        if queue_type not in ("classic", "quorum"):
+            raise ConfigurationError(f"queue_type must be 'classic' or 'quorum': {queue_type!r}")
+        self.queue_type = queue_type
         self._connection = connection
         self._url: str | None = None
         self._owns_connection = False
@@ -656,12 +686,22 @@ class RabbitMQTransport:
 
     @classmethod
     def from_url(
-        cls, url: str, *, ordered_per_key: bool = False, publish_timeout: float = 30.0
+        cls,
+        url: str,
+        *,
+        ordered_per_key: bool = False,
+        queue_type: str = "classic",
+        publish_timeout: float = 30.0,
     ) -> RabbitMQTransport:
         """``amqp://user:password@host:port/vhost`` (or ``amqps://``); connects on first use."""
         if not url.startswith(("amqp://", "amqps://")):
             raise ConfigurationError(f"not an amqp:// URL: {url!r}")
-        transport = cls(None, ordered_per_key=ordered_per_key, publish_timeout=publish_timeout)
+        transport = cls(
+            None,
+            ordered_per_key=ordered_per_key,
+            queue_type=queue_type,
+            publish_timeout=publish_timeout,
+        )
         transport._url = url
         transport._owns_connection = True
         return transport
