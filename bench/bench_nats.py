@@ -31,7 +31,7 @@ import nats
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from msdata.adapters.nats import NatsSubscription, NatsTransport, consumer_name, stream_name
+from msdata.adapters.nats import NatsSubscription, NatsTransport, stream_name
 from msdata.transport import TransportMessage
 
 BATCH = 100
@@ -69,6 +69,8 @@ async def main() -> None:
     js = nc.jetstream()
     prefix = f"BENCH{uuid.uuid4().hex[:8]}_"
     transport = NatsTransport(nc, stream_prefix=prefix)
+    # its keyless consumer, pulled by msdata's own request loop rather than nats-py's fetch
+    ordered = NatsTransport(nc, stream_prefix=prefix, ordered=True)
     topic = f"bench.{uuid.uuid4().hex[:8]}"
     subject = transport.subject_prefix + topic
     stream = stream_name(topic, prefix)
@@ -114,48 +116,59 @@ async def main() -> None:
                     await transport.publish(topic, b)
 
             await compare("publish, gather 100 (raw js.publish)", raw_gather, None, swap, n // 4)
-            await compare("publish, 100 in flight (publish_async)", raw_async, ours_publish, swap)
+            await compare(
+                "publish, 100 in flight (raw publish_async)", raw_async, ours_publish, swap
+            )
 
             # (b) consume: a fresh durable consumer each, over the first n messages
             tag = uuid.uuid4().hex[:6]
-            raw_name, our_group = f"raw{tag}", f"ours{tag}"
-            await js.add_consumer(
-                stream,
-                ConsumerConfig(
-                    durable_name=raw_name,
-                    name=raw_name,
-                    deliver_policy=DeliverPolicy.ALL,
-                    ack_policy=AckPolicy.EXPLICIT,
-                    max_ack_pending=1000,
-                    max_deliver=-1,
-                ),
-            )
-            psub = await js.pull_subscribe_bind(durable=raw_name, stream=stream)
 
-            async def raw_consume(psub: JetStreamContext.PullSubscription = psub) -> None:
+            async def raw_consumer(name: str) -> JetStreamContext.PullSubscription:
+                await js.add_consumer(
+                    stream,
+                    ConsumerConfig(
+                        durable_name=name,
+                        name=name,
+                        deliver_policy=DeliverPolicy.ALL,
+                        ack_policy=AckPolicy.EXPLICIT,
+                        max_ack_pending=1000,
+                        max_deliver=-1,
+                    ),
+                )
+                return await js.pull_subscribe_bind(durable=name, stream=stream)
+
+            async def raw_consume(psub: JetStreamContext.PullSubscription) -> None:
                 got = 0
                 while got < n:
                     for msg in await psub.fetch(min(BATCH, n - got), timeout=2):
                         await msg.ack()
                         got += 1
 
-            # declared before timing, like the raw consumer
-            sub = await transport.subscribe(topic, our_group).__aenter__()
-
-            async def ours_consume(sub: NatsSubscription = sub) -> None:
+            async def ours_consume(sub: NatsSubscription) -> None:
                 got = 0
                 while got < n:
                     for d in await sub.receive(min(BATCH, n - got), timeout=2):
                         await d.ack()
                         got += 1
 
-            await compare("pull fetch(100) + ack", raw_consume, ours_consume, swap)
-            await sub.close()
-            await psub.unsubscribe()
-            await js.delete_consumer(stream, raw_name)
-            await js.delete_consumer(stream, consumer_name(our_group))
+            for name, t in [
+                ("pull fetch(100) + ack", transport),
+                ("  the same, ordered=True subscription", ordered),
+            ]:
+                # both declared before timing
+                psub = await raw_consumer(f"raw{tag}{t.ordered:d}")
+                sub = await t.subscribe(topic, f"ours{tag}").__aenter__()
+                await compare(
+                    name,
+                    lambda psub=psub: raw_consume(psub),  # type: ignore[misc]
+                    lambda sub=sub: ours_consume(sub),  # type: ignore[misc]
+                    swap,
+                )
+                await sub.close()
+                await psub.unsubscribe()
     finally:
         await transport.close()
+        await ordered.close()
         for info in await js.streams_info():
             if info.config.name.startswith(prefix):
                 await js.delete_stream(info.config.name)

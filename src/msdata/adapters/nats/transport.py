@@ -18,9 +18,12 @@ Mapping
 Publishing
     Each message goes out with ``Nats-Msg-Id`` set to its id, so JetStream drops a second
     publish of the same id inside ``duplicate_window`` (a relay that publishes a batch again
-    after a crash does not duplicate it). The whole batch is sent with nats-py's
-    ``publish_async`` (every acknowledgement in flight at once) and ``publish`` returns when
-    every message is confirmed by the stream, or raises :class:`PublishError`. The key travels
+    after a crash does not duplicate it). The whole batch is sent at once, every message asking
+    JetStream to acknowledge it on one reply subject per batch, and ``publish`` counts the
+    acknowledgements: it returns when every message is confirmed by the stream, or raises
+    :class:`PublishError` on the first refusal or after ``publish_timeout``. (nats-py's
+    ``publish_async`` does the same with a future, a semaphore and a parsed ``PubAck`` per
+    message, at twice the CPU time per message.) The key travels
     in the ``x-msdata-key`` header, the transport headers as NATS headers (nats-py strips
     their values' outer whitespace; a dead-letter reason is folded onto one line).
 
@@ -74,6 +77,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import re
 import time
 import zlib
@@ -119,7 +123,6 @@ __all__ = [
     "KEY_HEADER",
     "MSG_ID_HEADER",
     "NatsDelivery",
-    "NatsOrderedSubscription",
     "NatsSubscription",
     "NatsTransport",
     "consumer_name",
@@ -149,8 +152,11 @@ _CONSUMER_EXISTS = {10013, 10148}
 # keyed messages go to ``<subject>._k.<crc32(key) % key_partitions>``
 _PARTITION_TOKEN = "_k"
 _PARTITIONS = re.compile(r"key partitions (\d+)$")
-# longest a pull request of an ordered subscription lives on the server, in seconds
-_PULL_EXPIRES = 5.0
+# longest a pull request lives on the server, in seconds: a subscription waiting longer
+# opens another, and close() waits at most this long for its open ones to end
+_PULL_EXPIRES = 0.5
+# after a request was refused (a 409 status), wait this long before asking that consumer again
+_PULL_BACKOFF = 0.5
 
 
 def _escape(name: str) -> str:
@@ -284,24 +290,55 @@ class NatsDelivery:
 
 
 class NatsSubscription:
-    """A consumer in a group; see :class:`msdata.transport.Subscription`."""
+    """A consumer in a group; see :class:`msdata.transport.Subscription`.
+
+    It keeps a pull request open on each of its group's consumers (one, or with
+    ``ordered=True`` one per key partition and one for keyless messages), all answering into
+    one inbox, within ``prefetch``; ``receive`` takes what arrived. A request lives at most
+    0.5 s (a longer wait opens new ones), and ``close`` lets the open ones end before it gives
+    back what it holds: a request left open on a dead inbox would make the server deliver
+    into it.
+    """
 
     def __init__(
-        self, transport: NatsTransport, topic: str, group: str, max_attempts: int, prefetch: int
+        self,
+        transport: NatsTransport,
+        topic: str,
+        group: str,
+        max_attempts: int,
+        prefetch: int,
+        ordered: bool = False,
     ) -> None:
         self._transport = transport
         self.topic = topic
         self.group = group
         self.max_attempts = max_attempts
         self.prefetch = prefetch
+        self.ordered = ordered
         self.stream = ""
-        self.consumer = consumer_name(group)
-        self._psub: JetStreamContext.PullSubscription | None = None
+        #: the consumer of keyless messages (of every message, when not ordered)
+        self.consumer = consumer_name(group) + ("_n" if ordered else "")
+        #: every consumer this subscription pulls from; the last is ``consumer``
+        self.consumers: list[str] = []
         self._nc: Client | None = None
         self._inflight: set[NatsDelivery] = set()
         self._closed = False
         self._lost = False
         self._next_check = time.monotonic() + transport.consumer_check_interval
+        # per consumer: messages still due on its open request, and when that request ends
+        self._outstanding: list[int] = []
+        self._request_ends: list[float] = []
+        self._not_before: list[float] = []
+        self._next_subjects: list[str] = []
+        # consumer name, and request inbox suffix, -> position in the lists above
+        self._index: dict[str, int] = {}
+        self._buffer: deque[Msg] = deque()
+        self._arrived = asyncio.Event()
+        # set when every open pull request has ended, while closing
+        self._ended: asyncio.Event | None = None
+        self._inbox = ""
+        self._inbox_sub: Any = None
+        self._turn = 0
 
     async def __aenter__(self) -> Self:
         await self._declare()
@@ -319,54 +356,196 @@ class NatsSubscription:
     async def _declare(self) -> None:
         t = self._transport
         js = await t._ready()
-        self._nc = js._nc
+        nc = self._nc = js._nc
         self.stream = await t._ensure_stream(self.topic, force=self._lost)
-        config = ConsumerConfig(
-            name=self.consumer,
-            durable_name=self.consumer,
-            description=f"msdata group {self.group} of topic {self.topic}",
-            deliver_policy=DeliverPolicy.ALL,
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=t.ack_wait,
-            max_deliver=-1,
-            max_ack_pending=t.max_ack_pending,
-        )
-        try:
+        subject, partitions = t._streams[self.topic]
+        specs: list[tuple[str, str | None, int]] = []
+        if self.ordered:
+            base = consumer_name(self.group)
+            specs = [(f"{base}_k{n}", p, 1) for n, p in enumerate(partitions)]
+            specs.append((self.consumer, subject, t.max_ack_pending))
+        else:
+            specs.append((self.consumer, None, t.max_ack_pending))
+        kind = "ordered group" if self.ordered else "group"
+
+        async def declare(name: str, filter_subject: str | None, max_ack_pending: int) -> None:
+            config = ConsumerConfig(
+                name=name,
+                durable_name=name,
+                description=f"msdata {kind} {self.group} of topic {self.topic}",
+                deliver_policy=DeliverPolicy.ALL,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=t.ack_wait,
+                max_deliver=-1,
+                max_ack_pending=max_ack_pending,
+                filter_subject=filter_subject,
+            )
             try:
                 await js.add_consumer(self.stream, config=config)
             except nats.js.errors.APIError as e:
                 if e.err_code not in _CONSUMER_EXISTS:
                     raise
                 # it exists with other settings (another version of this code): use it as is
-                await js.consumer_info(self.stream, self.consumer)
-            if self._psub is None:
-                self._psub = await js.pull_subscribe_bind(durable=self.consumer, stream=self.stream)
+                await js.consumer_info(self.stream, name)
+
+        try:
+            await asyncio.gather(*(declare(*spec) for spec in specs))
+            if self._inbox_sub is None:
+                self._inbox = nc.new_inbox()
+                self._inbox_sub = await nc.subscribe(f"{self._inbox}.*", cb=self._arrive)
         except nats.errors.Error as e:
             raise TransportError(
                 f"could not declare group {self.group!r} on topic {self.topic!r}: {e!r}"
             ) from e
+        self.consumers = [name for name, _, _ in specs]
+        self._index = {name: i for i, name in enumerate(self.consumers)}
+        self._index.update((str(i), i) for i in range(len(specs)))
+        api = js._prefix
+        self._next_subjects = [f"{api}.CONSUMER.MSG.NEXT.{self.stream}.{n}" for n in self.consumers]
+        self._outstanding = [0] * len(specs)
+        self._request_ends = [0.0] * len(specs)
+        self._not_before = [0.0] * len(specs)
         self._lost = False
+
+    async def _arrive(self, msg: Msg) -> None:
+        reply = msg.reply
+        if not (reply and reply.startswith(_ACK_PREFIX)):
+            # a status, sent to the request's own inbox: 100 is a heartbeat; 404, 408 and
+            # 409 end the request
+            status = msg.headers.get("Status") if msg.headers else None
+            i = self._index.get(msg.subject.rpartition(".")[2], -1)
+            if status != "100" and i >= 0:
+                self._outstanding[i] = 0
+                if status != "408":  # refused, not expired: do not ask again at once
+                    self._not_before[i] = time.monotonic() + _PULL_BACKOFF
+                if self._ended is not None and not any(self._outstanding):
+                    self._ended.set()
+                self._arrived.set()  # a waiting receive() opens another request
+            return
+        # a delivery keeps its own subject; the ack subject names the consumer
+        tokens = reply.split(".")
+        i = self._index.get(tokens[3] if len(tokens) == 9 else tokens[5], -1)
+        if i >= 0 and self._outstanding[i] > 0:
+            self._outstanding[i] -= 1
+            if self._ended is not None and not any(self._outstanding):
+                self._ended.set()
+        if self._closed:
+            with contextlib.suppress(nats.errors.Error):
+                await msg._client.publish(reply, _NAK)
+            return
+        self._buffer.append(msg)
+        self._arrived.set()
+
+    async def _pull(self, expires: float) -> None:
+        """Open a pull request on each consumer that has none, within ``prefetch``."""
+        nc = self._nc
+        assert nc is not None
+        now = time.monotonic()
+        outstanding, ends, not_before = self._outstanding, self._request_ends, self._not_before
+        for i, end in enumerate(ends):
+            if end < now:
+                outstanding[i] = 0  # expired, or lost with a connection or a server restart
+        credit = self.prefetch - len(self._inflight) - len(self._buffer) - sum(outstanding)
+        last = len(outstanding) - 1
+        wanted: list[tuple[int, int]] = []
+        if last:
+            # key partitions take turns first, so a small prefetch still reaches them all
+            start = self._turn = (self._turn + 1) % last
+            for j in range(last):
+                if credit <= 0:
+                    break
+                i = (start + j) % last
+                if outstanding[i] == 0 and not_before[i] <= now:
+                    wanted.append((i, 1))
+                    credit -= 1
+        if credit > 0 and outstanding[last] == 0 and not_before[last] <= now:
+            wanted.append((last, min(credit, self._transport.max_ack_pending)))
+        expires_ns = int(expires * 1e9)
+        for i, batch in wanted:
+            outstanding[i] = batch
+            ends[i] = now + expires + 0.5
+            await nc.publish(
+                self._next_subjects[i],
+                b'{"batch":%d,"expires":%d}' % (batch, expires_ns),
+                reply=f"{self._inbox}.{i}",
+            )
+
+    async def receive(self, max_messages: int = 100, timeout: float = 1.0) -> list[NatsDelivery]:
+        if self._closed or self._transport._closed:
+            raise TransportClosed("receive() on a closed subscription")
+        if self._lost:
+            try:
+                await self._declare()
+            except TransportError:
+                await asyncio.sleep(min(timeout, 1.0))
+                return []
+        assert self._inbox_sub is not None, "receive() outside 'async with'"
+        expires = min(max(timeout, 0.05), _PULL_EXPIRES)
+        await self._pull_safely(expires)
+        buffer = self._buffer
+        if not buffer and timeout > 0:
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(timeout):
+                    while not buffer:
+                        await self._arrived.wait()
+                        self._arrived.clear()
+                        if not buffer:  # a request ended empty: open another
+                            await self._pull_safely(expires)
+            except TimeoutError:
+                await self._check_consumer()
+                return []
+        take = min(max_messages, self.prefetch - len(self._inflight), len(buffer))
+        if take <= 0:
+            return []
+        return await self._deliveries([buffer.popleft() for _ in range(take)])
+
+    async def _pull_safely(self, expires: float) -> None:
+        try:
+            await self._pull(expires)
+        except nats.errors.ConnectionClosedError as e:
+            raise TransportClosed("the NATS connection is closed") from e
+        except nats.errors.Error:
+            pass  # reconnecting: what is buffered can still be handed out
+
+    async def _check_consumer(self) -> None:
+        """After an empty wait, now and then: does the consumer still exist? A pull from a
+        consumer the server lost (deleted, or a restart without its data) just times out."""
+        now = time.monotonic()
+        if now < self._next_check or not self.consumers:
+            return
+        self._next_check = now + self._transport.consumer_check_interval
+        js = self._transport._js
+        assert js is not None
+        try:
+            await js.consumer_info(self.stream, self.consumer)
+        except nats.js.errors.NotFoundError:
+            self._lost = True
+        except (nats.errors.Error, TimeoutError):
+            pass  # disconnected: the next check will tell
 
     async def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
         self._transport._subscriptions.discard(self)
+        # let the open pull requests end (each lives as long as one receive() waits); what
+        # they still deliver is buffered and given back below
+        left = max(self._request_ends, default=0.0) - time.monotonic()
+        if any(self._outstanding) and left > 0:
+            self._ended = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._ended.wait()
+        self._closed = True
+        inbox_sub, self._inbox_sub = self._inbox_sub, None
+        if inbox_sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await inbox_sub.unsubscribe()
         # still unsettled: settling them now raises TransportClosed
         replies = [d._msg.reply for d in self._inflight]
         self._inflight.clear()
-        psub, self._psub = self._psub, None
-        if psub is not None:
-            # messages the server sent that no receive() took yet: give them back too
-            queue: asyncio.Queue[Msg] | None = getattr(
-                getattr(psub, "_sub", None), "_pending_queue", None
-            )
-            while queue is not None and not queue.empty():
-                msg = queue.get_nowait()
-                if msg.reply and msg.reply.startswith(_ACK_PREFIX):
-                    replies.append(msg.reply)
-            with contextlib.suppress(nats.errors.Error, ValueError):
-                await psub.unsubscribe()
+        replies.extend(m.reply for m in self._buffer)
+        self._buffer.clear()
         nc = self._nc
         if replies and nc is not None and not nc.is_closed:
             try:
@@ -375,54 +554,6 @@ class NatsSubscription:
                 await nc.flush(timeout=2)
             except (TimeoutError, nats.errors.Error):
                 pass  # not nacked: JetStream offers them again after ack_wait
-
-    async def receive(self, max_messages: int = 100, timeout: float = 1.0) -> list[NatsDelivery]:
-        if self._closed or self._transport._closed:
-            raise TransportClosed("receive() on a closed subscription")
-        room = min(max_messages, self.prefetch - len(self._inflight))
-        if room <= 0:
-            return []
-        if self._lost:
-            try:
-                await self._declare()
-            except TransportError:
-                await asyncio.sleep(min(timeout, 1.0))
-                return []
-        psub = self._psub
-        assert psub is not None, "receive() outside 'async with'"
-        try:
-            msgs = await psub.fetch(room, timeout=max(timeout, 0.01))
-        except TimeoutError:  # also nats' TimeoutError and FetchTimeoutError
-            await self._check_consumer()
-            return []
-        except nats.js.errors.NotFoundError:
-            # the server lost the consumer or stream (restarted without its data)
-            self._lost = True
-            return []
-        except nats.errors.ConnectionClosedError as e:
-            if self._closed:
-                return []
-            raise TransportClosed("the NATS connection is closed") from e
-        except (nats.errors.Error, ValueError):
-            # reconnecting, or closed while fetching: nothing arrived in time
-            if not self._closed:
-                await asyncio.sleep(min(timeout, 0.5))
-            return []
-        return await self._deliveries(msgs)
-
-    async def _check_consumer(self) -> None:
-        """After an empty pull, now and then: does the consumer still exist? A pull from a
-        consumer the server lost (deleted, or a restart without its data) just times out."""
-        now = time.monotonic()
-        if now < self._next_check or self._psub is None:
-            return
-        self._next_check = now + self._transport.consumer_check_interval
-        try:
-            await self._psub.consumer_info()
-        except nats.js.errors.NotFoundError:
-            self._lost = True
-        except (nats.errors.Error, TimeoutError):
-            pass  # disconnected: the next check will tell
 
     async def _deliveries(self, msgs: list[Msg]) -> list[NatsDelivery]:
         out: list[NatsDelivery] = []
@@ -468,213 +599,16 @@ class NatsSubscription:
         return out
 
 
-class NatsOrderedSubscription(NatsSubscription):
-    """A consumer in a group that keeps order per key (``NatsTransport(ordered=True)``).
+class _Batch:
+    """The confirmations a published batch still waits for."""
 
-    The group is one durable consumer per key partition (filter ``<subject>._k.<n>``,
-    ``max_ack_pending=1``: one message of a partition in flight in the whole group, and a
-    nacked one is offered again before the later ones) and one for messages without a key.
-    The subscription keeps a pull request open on each of them, all answering into one
-    inbox, and ``receive`` takes what arrived.
-    """
+    __slots__ = ("done", "error", "left", "no_stream")
 
-    def __init__(
-        self, transport: NatsTransport, topic: str, group: str, max_attempts: int, prefetch: int
-    ) -> None:
-        super().__init__(transport, topic, group, max_attempts, prefetch)
-        self.consumers: list[str] = []
-        self._index: dict[str, int] = {}
-        self._next_subjects: list[str] = []
-        self._outstanding: list[int] = []
-        self._request_ends: list[float] = []
-        self._buffer: deque[Msg] = deque()
-        self._arrived = asyncio.Event()
-        # set when every open pull request has ended, while closing
-        self._ended: asyncio.Event | None = None
-        self._inbox = ""
-        self._inbox_sub: Any = None
-        self._turn = 0
-
-    async def _declare(self) -> None:
-        t = self._transport
-        js = await t._ready()
-        nc = self._nc = js._nc
-        self.stream = await t._ensure_stream(self.topic, force=self._lost)
-        subject, partitions = t._streams[self.topic]
-        base = consumer_name(self.group)
-        specs = [(f"{base}_k{n}", p, 1) for n, p in enumerate(partitions)]
-        specs.append((f"{base}_n", subject, t.max_ack_pending))
-
-        async def declare(name: str, filter_subject: str, max_ack_pending: int) -> None:
-            config = ConsumerConfig(
-                name=name,
-                durable_name=name,
-                description=f"msdata ordered group {self.group} of topic {self.topic}",
-                deliver_policy=DeliverPolicy.ALL,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=t.ack_wait,
-                max_deliver=-1,
-                max_ack_pending=max_ack_pending,
-                filter_subject=filter_subject,
-            )
-            try:
-                await js.add_consumer(self.stream, config=config)
-            except nats.js.errors.APIError as e:
-                if e.err_code not in _CONSUMER_EXISTS:
-                    raise
-                await js.consumer_info(self.stream, name)
-
-        try:
-            await asyncio.gather(*(declare(*spec) for spec in specs))
-            if self._inbox_sub is None:
-                self._inbox = nc.new_inbox()
-                self._inbox_sub = await nc.subscribe(f"{self._inbox}.*", cb=self._arrive)
-        except nats.errors.Error as e:
-            raise TransportError(
-                f"could not declare group {self.group!r} on topic {self.topic!r}: {e!r}"
-            ) from e
-        self.consumers = [name for name, _, _ in specs]
-        # consumer name, and request inbox suffix, -> position
-        self._index = {name: i for i, name in enumerate(self.consumers)}
-        self._index.update((str(i), i) for i in range(len(specs)))
-        api = js._prefix
-        self._next_subjects = [f"{api}.CONSUMER.MSG.NEXT.{self.stream}.{n}" for n in self.consumers]
-        self._outstanding = [0] * len(specs)
-        self._request_ends = [0.0] * len(specs)
-        self._lost = False
-
-    async def _arrive(self, msg: Msg) -> None:
-        reply = msg.reply
-        if not (reply and reply.startswith(_ACK_PREFIX)):
-            # a status, sent to the request's own inbox: 100 is a heartbeat; 404, 408 and
-            # 409 end the request
-            status = msg.headers.get("Status") if msg.headers else None
-            i = self._index.get(msg.subject.rpartition(".")[2], -1)
-            if status != "100" and i >= 0:
-                self._outstanding[i] = 0
-                if self._ended is not None and not any(self._outstanding):
-                    self._ended.set()
-            return
-        # a delivery keeps its own subject; the ack subject names the consumer
-        tokens = reply.split(".")
-        i = self._index.get(tokens[3] if len(tokens) == 9 else tokens[5], -1)
-        if i >= 0 and self._outstanding[i] > 0:
-            self._outstanding[i] -= 1
-            if self._ended is not None and not any(self._outstanding):
-                self._ended.set()
-        if self._closed:
-            with contextlib.suppress(nats.errors.Error):
-                await msg._client.publish(reply, _NAK)
-            return
-        self._buffer.append(msg)
-        self._arrived.set()
-
-    async def _pull(self, expires: float) -> None:
-        """Open a pull request on each consumer that has none, within ``prefetch``. Requests
-        live ``expires`` seconds, so that none is left open for long when the subscription
-        closes (close waits for them: the server must not deliver into a dead inbox)."""
-        nc = self._nc
-        assert nc is not None
-        now = time.monotonic()
-        outstanding, ends = self._outstanding, self._request_ends
-        for i, end in enumerate(ends):
-            if end < now:
-                outstanding[i] = 0  # expired, or lost with a connection or a server restart
-        credit = self.prefetch - len(self._inflight) - len(self._buffer) - sum(outstanding)
-        keyless = len(outstanding) - 1
-        # partitions take turns first, so a small prefetch still reaches all of them
-        start = self._turn = (self._turn + 1) % keyless if keyless else 0
-        wanted: list[tuple[int, int]] = []
-        for j in range(keyless):
-            if credit <= 0:
-                break
-            i = (start + j) % keyless
-            if outstanding[i] == 0:
-                wanted.append((i, 1))
-                credit -= 1
-        if credit > 0 and outstanding[keyless] == 0:
-            wanted.append((keyless, credit))
-        expires_ns = int(expires * 1e9)
-        for i, batch in wanted:
-            outstanding[i] = batch
-            ends[i] = now + expires + 0.5
-            await nc.publish(
-                self._next_subjects[i],
-                b'{"batch":%d,"expires":%d}' % (batch, expires_ns),
-                reply=f"{self._inbox}.{i}",
-            )
-
-    async def receive(self, max_messages: int = 100, timeout: float = 1.0) -> list[NatsDelivery]:
-        if self._closed or self._transport._closed:
-            raise TransportClosed("receive() on a closed subscription")
-        if self._lost:
-            try:
-                await self._declare()
-            except TransportError:
-                await asyncio.sleep(min(timeout, 1.0))
-                return []
-        assert self._inbox_sub is not None, "receive() outside 'async with'"
-        try:
-            await self._pull(min(max(timeout, 0.05), _PULL_EXPIRES))
-        except nats.errors.ConnectionClosedError as e:
-            raise TransportClosed("the NATS connection is closed") from e
-        except nats.errors.Error:
-            pass  # reconnecting: what is buffered can still be handed out
-        buffer = self._buffer
-        if not buffer and timeout > 0:
-            self._arrived.clear()
-            try:
-                async with asyncio.timeout(timeout):
-                    while not buffer:
-                        await self._arrived.wait()
-                        self._arrived.clear()
-            except TimeoutError:
-                await self._check_consumer()
-                return []
-        take = min(max_messages, self.prefetch - len(self._inflight), len(buffer))
-        return await self._deliveries([buffer.popleft() for _ in range(take)])
-
-    async def _check_consumer(self) -> None:
-        now = time.monotonic()
-        if now < self._next_check or not self.consumers:
-            return
-        self._next_check = now + self._transport.consumer_check_interval
-        js = self._transport._js
-        assert js is not None
-        try:
-            await js.consumer_info(self.stream, self.consumers[-1])
-        except nats.js.errors.NotFoundError:
-            self._lost = True
-        except (nats.errors.Error, TimeoutError):
-            pass
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        # let the open pull requests end (each lives as long as one receive() waits); what
-        # they still deliver is buffered and given back below
-        left = max(self._request_ends, default=0.0) - time.monotonic()
-        if any(self._outstanding) and left > 0:
-            self._ended = asyncio.Event()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
-                    await self._ended.wait()
-        inbox_sub, self._inbox_sub = self._inbox_sub, None
-        if inbox_sub is not None:
-            # no interest left: the server drops this subscription's open pull requests
-            with contextlib.suppress(nats.errors.Error):
-                await inbox_sub.unsubscribe()
-        replies = [m.reply for m in self._buffer]
-        self._buffer.clear()
-        await super().close()
-        nc = self._nc
-        if replies and nc is not None and not nc.is_closed:
-            try:
-                for reply in replies:
-                    await nc.publish(reply, _NAK)
-                await nc.flush(timeout=2)
-            except (TimeoutError, nats.errors.Error):
-                pass
+    def __init__(self, size: int) -> None:
+        self.left = size
+        self.error: str | None = None
+        self.no_stream = False
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
 
 class NatsTransport:
@@ -753,6 +687,11 @@ class NatsTransport:
             replays_history=True,
             redelivery_timeout=ack_wait,
         )
+        # published batches waiting for their confirmations, by reply subject token
+        self._batches: dict[str, _Batch] = {}
+        self._batch_seq = 0
+        self._acks_sub: Any = None
+        self._acks_prefix = ""
         # topic -> its subject and key partition subjects, once its stream is known to exist
         self._streams: dict[str, tuple[str, list[str]]] = {}
         self._subscriptions: set[NatsSubscription] = set()
@@ -858,9 +797,17 @@ class NatsTransport:
             return
         subject, partitions = subjects
         n_partitions = len(partitions)
-        js = self._js
-        assert js is not None
-        futures: list[asyncio.Future[Any]] = []
+        nc = self._nc
+        assert nc is not None
+        if self._acks_sub is None:
+            await self._listen_for_acks(nc)
+        # every message of the batch asks JetStream to answer on one subject, and the
+        # answers are counted: one future per batch instead of one per message
+        self._batch_seq += 1
+        token = str(self._batch_seq)
+        batch = _Batch(len(messages))
+        self._batches[token] = batch
+        reply = self._acks_prefix + token
         try:
             for m in messages:
                 headers = {**m.headers, MSG_ID_HEADER: m.id} if m.headers else {MSG_ID_HEADER: m.id}
@@ -870,28 +817,47 @@ class NatsTransport:
                 else:
                     headers[KEY_HEADER] = key
                     target = partitions[zlib.crc32(key.encode()) % n_partitions]
-                futures.append(await js.publish_async(target, m.body, headers=headers))
-            await self._confirmed(topic, futures)
-        except nats.errors.Error as e:
-            for f in futures:
-                f.cancel()
-            if isinstance(e, nats.js.errors.NoStreamResponseError):
-                self._streams.pop(topic, None)  # declare it again on the next publish
-            raise PublishError(f"publish to {topic!r} failed: {e!r}") from e
-
-    async def _confirmed(self, topic: str, futures: list[asyncio.Future[Any]]) -> None:
-        _done, pending = await asyncio.wait(futures, timeout=self.publish_timeout)
-        if pending:
-            for f in pending:
-                f.cancel()
+                await nc.publish(target, m.body, reply=reply, headers=headers)
+            async with asyncio.timeout(self.publish_timeout):
+                await batch.done
+        except TimeoutError as e:
             raise PublishError(
-                f"{len(pending)} of {len(futures)} messages to {topic!r} were not confirmed "
+                f"{batch.left} of {len(messages)} messages to {topic!r} were not confirmed "
                 f"within {self.publish_timeout}s"
-            )
-        for f in futures:
-            exc = f.exception()
-            if exc is not None:
-                raise exc
+            ) from e
+        except nats.errors.Error as e:
+            raise PublishError(f"publish to {topic!r} failed: {e!r}") from e
+        finally:
+            del self._batches[token]
+        if batch.error is not None:
+            if batch.no_stream:
+                self._streams.pop(topic, None)  # declare it again on the next publish
+            raise PublishError(f"publish to {topic!r} was refused: {batch.error}")
+
+    async def _listen_for_acks(self, nc: Client) -> None:
+        async with self._connect_lock:
+            if self._acks_sub is None:
+                inbox = nc.new_inbox()
+                self._acks_sub = await nc.subscribe(f"{inbox}.*", cb=self._on_ack)
+                self._acks_prefix = f"{inbox}."
+
+    async def _on_ack(self, msg: Msg) -> None:
+        batch = self._batches.get(msg.subject.rpartition(".")[2])
+        if batch is None or batch.done.done():
+            return
+        data = msg.data
+        if msg.headers and msg.headers.get("Status") == "503":
+            batch.error, batch.no_stream = "no stream captures the subject", True
+        elif b'"error":' in data:  # compact JSON from the server; a stream name has no quote
+            try:
+                batch.error = str(json.loads(data)["error"])
+            except (ValueError, KeyError, TypeError):
+                batch.error = data.decode(errors="replace")
+        else:
+            batch.left -= 1
+            if batch.left:
+                return
+        batch.done.set_result(None)
 
     def subscribe(
         self, topic: str, group: str, *, max_attempts: int = 5, prefetch: int = 100
@@ -902,9 +868,7 @@ class NatsTransport:
             raise ConfigurationError("max_attempts and prefetch must be >= 1")
         if self._closed:
             raise TransportClosed("subscribe() on a closed transport")
-        if self.ordered:
-            return NatsOrderedSubscription(self, topic, group, max_attempts, prefetch)
-        return NatsSubscription(self, topic, group, max_attempts, prefetch)
+        return NatsSubscription(self, topic, group, max_attempts, prefetch, self.ordered)
 
     async def delete_topic(self, topic: str) -> bool:
         """Delete the topic's stream, with every message and group in it. True if it existed."""
