@@ -14,7 +14,7 @@ import pytest
 
 from msdata.adapters.rabbitmq import RabbitMQTransport
 from msdata.adapters.rabbitmq.transport import KEY_HEADER, _Entry, group_queue_name
-from msdata.errors import ConfigurationError, TransportClosed
+from msdata.errors import ConfigurationError, PublishError, TransportClosed
 from msdata.testing.services import require
 from msdata.testing.transport import TransportConformance, collect, make_messages
 from msdata.transport import DEAD_LETTER_REASON, Transport, TransportMessage, dead_letter_topic
@@ -241,7 +241,7 @@ async def test_from_url_connects_lazily_and_closes_its_connection() -> None:
     conn = t._connection
     assert conn is not None and conn.is_closed
     async with rabbitmq_transport() as cleaner:
-        cleaner._topics |= t.declared[0]
+        cleaner._exchanges |= t.declared[0]
         cleaner._queues |= t.declared[1]
     with pytest.raises(ConfigurationError):
         RabbitMQTransport.from_url("redis://localhost")
@@ -266,3 +266,23 @@ async def test_ordered_mode_keeps_one_key_in_flight() -> None:
         for d in batch:
             await d.ack()
         assert len(await collect(sub, 8)) == 8
+
+
+async def test_publish_declares_the_exchange_again_after_it_went_missing() -> None:
+    topic = unique("topic")
+    async with rabbitmq_transport() as t:
+        await t.publish(topic, make_messages(1))
+        assert t._connection is not None
+        admin = await t._connection.channel()
+        await admin.exchange_delete(topic)
+        published = False
+        for _ in range(50):
+            try:
+                await t.publish(topic, make_messages(1))
+                published = True
+                break
+            except PublishError:
+                await asyncio.sleep(0.1)
+        assert published, "publish never recovered from the missing exchange"
+        await admin.get_exchange(topic, ensure=True)  # it exists again
+        await admin.close()

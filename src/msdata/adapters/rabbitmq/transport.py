@@ -679,7 +679,10 @@ class RabbitMQTransport:
         self.publish_timeout = publish_timeout
         self._publish_channel: AbstractRobustChannel | None = None
         self._lock = asyncio.Lock()
+        # exchanges known to exist (re-declared after a failed publish), and every exchange and
+        # queue ever declared (for `declared`)
         self._topics: set[str] = set()
+        self._exchanges: set[str] = set()
         self._queues: set[str] = set()
         self._subscriptions: set[RabbitMQSubscription] = set()
         self._closed = False
@@ -709,9 +712,9 @@ class RabbitMQTransport:
     @property
     def declared(self) -> tuple[frozenset[str], frozenset[str]]:
         """(exchanges, queues) this transport declared so far; handy to clean up after tests."""
-        exchanges = set(self._topics)
+        exchanges = set(self._exchanges)
         queues = set(self._queues)
-        for topic in self._topics:
+        for topic in self._exchanges:
             if _keeps_unrouted(topic):
                 exchanges.add(_unrouted_name(topic))
                 queues.add(_unrouted_name(topic))
@@ -751,6 +754,7 @@ class RabbitMQTransport:
             await raw.queue_bind(hold, hold, routing_key="")
             arguments = {"alternate-exchange": hold}
         await raw.exchange_declare(topic, exchange_type="fanout", durable=True, arguments=arguments)
+        self._exchanges.add(topic)
         self._topics.add(topic)
 
     async def publish(self, topic: str, messages: Sequence[TransportMessage]) -> None:
@@ -770,16 +774,18 @@ class RabbitMQTransport:
                     *[publish(m.body, exchange=topic, properties=_properties(m)) for m in messages],
                     return_exceptions=True,
                 )
-        except TimeoutError as e:
-            raise PublishError(
-                f"publishing {len(messages)} to {topic!r} not confirmed within "
-                f"{self.publish_timeout}s"
-            ) from e
-        except (TransportError, ConfigurationError):
-            raise
+            _confirmed(results, f"publishing to {topic!r}")
         except Exception as e:
+            # declare the exchange again next time, in case it is what went missing
+            self._topics.discard(topic)
+            if isinstance(e, TransportError | ConfigurationError):
+                raise
+            if isinstance(e, TimeoutError):
+                raise PublishError(
+                    f"publishing {len(messages)} to {topic!r} not confirmed within "
+                    f"{self.publish_timeout}s"
+                ) from e
             raise PublishError(f"publishing to {topic!r} failed: {e}") from e
-        _confirmed(results, f"publishing to {topic!r}")
 
     def subscribe(
         self, topic: str, group: str, *, max_attempts: int = 5, prefetch: int = 100
