@@ -9,8 +9,9 @@ Mapping
       subject ``subject_prefix + topic`` and its key partitions ``<subject>._k.*`` (see
       below): anything published there, by msdata or not, is delivered.
     - A group is a durable pull consumer on that stream (``deliver_policy=all``, explicit
-      ack), named :func:`consumer_name` of the group. A subscription binds to it and pulls in
-      batches (``fetch``); consumers of one group compete, each group gets each message.
+      ack), named :func:`consumer_name` of the group. A subscription keeps a pull request open
+      on it (see :class:`NatsSubscription`); consumers of one group compete, each group gets
+      each message.
       The stream keeps what it holds until its limits (``max_age``, ``max_bytes``) drop it,
       so a new group starts from the beginning (``replays_history=True``): in particular the
       first group on a dead-letter topic receives everything dead-lettered before.
@@ -431,7 +432,7 @@ class NatsSubscription:
                 self._ended.set()
         if self._closed:
             with contextlib.suppress(nats.errors.Error):
-                await msg._client.publish(reply, _NAK)
+                await self._nc.publish(reply, _NAK)  # type: ignore[union-attr]
             return
         self._buffer.append(msg)
         self._arrived.set()
@@ -896,6 +897,8 @@ class NatsTransport:
             if self._owns_client:
                 await nc.close()
             else:
+                if self._acks_sub is not None:
+                    await self._acks_sub.unsubscribe()
                 await nc.flush(timeout=2)
         except (TimeoutError, nats.errors.Error):
             pass
