@@ -552,7 +552,7 @@ class RabbitMQSubscription:
         ahead of the later messages of its key. The broker never sees this nack."""
         entry.attempt += 1
         if delay <= 0:
-            self._requeue_here(entry, None)
+            self._requeue_here(entry)
             return
         loop = asyncio.get_running_loop()
         handle: asyncio.TimerHandle | None = None
@@ -560,12 +560,12 @@ class RabbitMQSubscription:
         def fire() -> None:
             if handle is not None:
                 self._timers.discard(handle)
-            self._requeue_here(entry, handle)
+            self._requeue_here(entry)
 
         handle = loop.call_later(delay, fire)
         self._timers.add(handle)
 
-    def _requeue_here(self, entry: _Entry, _handle: asyncio.TimerHandle | None) -> None:
+    def _requeue_here(self, entry: _Entry) -> None:
         if self._closed:
             return
         key = entry.message.key if entry.message is not None else None
@@ -656,9 +656,18 @@ class RabbitMQSubscription:
 class RabbitMQTransport:
     """The RabbitMQ :class:`msdata.transport.Transport` (see the module docstring).
 
-    Built from an aio-pika robust connection, which the caller keeps owning (``close()``
-    leaves it open), or with :meth:`from_url`, which connects on first use and closes its
-    connection in ``close()``. Use it from the event loop the connection belongs to.
+    Built from an aio-pika robust connection (``aio_pika.connect_robust``), which the caller
+    keeps owning (``close()`` leaves it open), or with :meth:`from_url`, which connects on
+    first use and closes its connection in ``close()``. Use it from the event loop the
+    connection belongs to.
+
+    - ``ordered_per_key``: single-active-consumer group queues and one delivery per key in
+      flight (``features.ordered_per_key``); else competing consumers, no order.
+    - ``queue_type``: ``"classic"`` (default) or ``"quorum"`` group queues. A group's queue
+      keeps the arguments it was first declared with: opening it with other ones raises
+      :class:`~msdata.errors.ConfigurationError`.
+    - ``publish_timeout``: seconds ``publish`` waits (for a reconnect, then for the confirms)
+      before it raises :class:`~msdata.errors.PublishError`.
     """
 
     def __init__(
