@@ -110,6 +110,8 @@ class Delivery(Protocol):
       A dead-letter topic keeps what it receives until read: the first group to subscribe to
       it receives everything dead-lettered before.
     - Not settled when its subscription closes, or its consumer dies: redelivered.
+      Settling it after its subscription closed raises :class:`msdata.errors.TransportClosed`
+      (it does not count). Settling it a second time while open does nothing.
     """
 
     @property

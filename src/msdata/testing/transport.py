@@ -26,7 +26,7 @@ from contextlib import AbstractAsyncContextManager
 
 import pytest
 
-from msdata.errors import ConfigurationError, MsdataError
+from msdata.errors import ConfigurationError, MsdataError, TransportClosed
 from msdata.transport import (
     DEAD_LETTER_ATTEMPTS,
     DEAD_LETTER_GROUP,
@@ -309,6 +309,30 @@ class TransportConformance:
         assert handled == sent
 
     # -- misuse -----------------------------------------------------------------------------
+
+    async def test_settling_after_close_raises_and_the_delivery_comes_back(self) -> None:
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t:
+            async with t.subscribe(topic, group) as sub:
+                await t.publish(topic, make_messages(1))
+                (d,) = await collect(sub, 1, timeout=self.arrival_timeout, ack=False)
+            with pytest.raises(TransportClosed):
+                await d.ack()
+            wait = t.features.redelivery_timeout + self.arrival_timeout
+            async with t.subscribe(topic, group) as again:
+                (back,) = await collect(again, 1, timeout=wait)
+                assert back.message.id == d.message.id
+
+    async def test_settling_twice_does_nothing_more(self) -> None:
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t, t.subscribe(topic, group) as sub:
+            await t.publish(topic, make_messages(2))
+            got = await collect(sub, 2, timeout=self.arrival_timeout, ack=False)
+            for d in got:
+                await d.ack()
+                await d.ack()
+                await d.nack()
+            await self.assert_quiet(sub)
 
     async def test_bad_topic_and_group_names_are_rejected(self) -> None:
         async with self.make_transport() as t:

@@ -128,10 +128,10 @@ class MemoryDelivery:
         return self._sub.group
 
     def _settle(self) -> bool:
-        if self._settled:
-            return False
         if self._sub._closed:
             raise TransportClosed("the subscription was closed; the delivery was released")
+        if self._settled:
+            return False
         self._settled = True
         self._sub._inflight.pop(id(self), None)
         return True

@@ -199,11 +199,11 @@ class RedisDelivery:
         return self._sub.group
 
     def _begin(self) -> bool:
-        if self._settled:
-            return False
         sub = self._sub
         if sub._closed:
             raise TransportClosed("the subscription was closed; the delivery was released")
+        if self._settled:
+            return False
         self._settled = True
         sub._inflight.pop(self, None)
         return True
@@ -213,11 +213,11 @@ class RedisDelivery:
         self._sub._inflight[self] = None
 
     async def ack(self) -> None:
-        if self._settled:
-            return
         sub = self._sub
         if sub._closed:
             raise TransportClosed("the subscription was closed; the delivery was released")
+        if self._settled:
+            return
         self._settled = True
         del sub._inflight[self]
         sub._acks[self._stream].append(self._eid)
