@@ -148,7 +148,7 @@ class Subscription(Protocol):
         tb: TracebackType | None,
     ) -> None: ...
 
-    async def receive(self, max_messages: int = 100, timeout: float = 1.0) -> list[Delivery]:
+    async def receive(self, max_messages: int = 100, timeout: float = 1.0) -> Sequence[Delivery]:
         """Up to ``max_messages`` deliveries; waits up to ``timeout`` seconds for the first,
         then returns what is ready. An empty list means nothing arrived in time."""
         ...
