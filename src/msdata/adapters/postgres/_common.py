@@ -227,6 +227,11 @@ class CallerSQL:
 # -- the store's own connections -----------------------------------------------------------
 
 
+async def _keep_session(conn: Any) -> None:
+    """The store's statements leave no session state behind (settings are transaction-
+    local, locks transaction-scoped), so a released connection needs no RESET round trip."""
+
+
 class PoolOwner:
     """The store's own asyncpg pool: given, or made lazily from a DSN on first use."""
 
@@ -258,7 +263,7 @@ class PoolOwner:
                 if self._pool is None:
                     try:
                         self._pool = await asyncpg.create_pool(
-                            self._dsn, min_size=1, max_size=self._max_size
+                            self._dsn, min_size=1, max_size=self._max_size, reset=_keep_session
                         )
                     except RELAY_ERRORS as e:
                         store_error("cannot connect to PostgreSQL", e)

@@ -37,101 +37,10 @@ log = logging.getLogger("msdata.outbox")
 
 _COLUMNS = "id, topic, aggregatetype, aggregateid, type, payload, headers"
 
-# The claim runs as one statement (one round trip): a PL/pgSQL function whose two
-# statements each take a fresh snapshot at READ COMMITTED. The first finds the earliest
-# claimable rows and takes a transaction-scoped advisory lock on each of their keys
-# (skipping keys another claim holds right now); the second, whose snapshot is taken after
-# those locks, so it sees every lease committed by an earlier claim of the same keys, leases
-# each key's earliest rows up to the first one that is not available.
-_CLAIM_FUNCTION = """\
-CREATE OR REPLACE FUNCTION {fn}(p_owner text, p_limit integer, p_lease double precision,
-                                p_sync boolean)
-RETURNS SETOF {table}
-LANGUAGE plpgsql VOLATILE AS $msdata$
-DECLARE
-    v_now   timestamptz := clock_timestamp();
-    v_nulls bigint[];
-    v_keys  text[];
-    v_counts integer[];
-BEGIN
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
-        RAISE EXCEPTION 'msdata: the outbox claim needs READ COMMITTED, not %',
-            current_setting('transaction_isolation');
-    END IF;
-    IF NOT p_sync THEN
-        -- losing a lease in a database crash only means the rows are published again
-        PERFORM set_config('synchronous_commit', 'off', true);
-    END IF;
-
-    -- 1. the earliest available rows whose key's head row is not parked, waiting or leased
-    WITH cand AS MATERIALIZED (
-        SELECT o.seq, o.aggregateid FROM {table} o
-        WHERE o.sent_at IS NULL AND NOT o.parked
-          AND (o.lease_until IS NULL OR o.lease_until <= v_now)
-          AND (o.available_at IS NULL OR o.available_at <= v_now)
-          AND (o.aggregateid IS NULL OR NOT EXISTS (
-                SELECT 1 FROM (
-                    SELECT h.parked, h.lease_until, h.available_at FROM {table} h
-                    WHERE h.aggregateid = o.aggregateid AND h.sent_at IS NULL AND h.seq < o.seq
-                    ORDER BY h.seq LIMIT 1) head
-                WHERE head.parked OR head.lease_until > v_now OR head.available_at > v_now))
-        ORDER BY o.seq
-        LIMIT p_limit
-    ), per_key AS (
-        SELECT aggregateid, count(*)::integer AS n, min(seq) AS first_seq FROM cand
-        WHERE aggregateid IS NOT NULL GROUP BY aggregateid
-    )
-    SELECT ARRAY(SELECT seq FROM cand WHERE aggregateid IS NULL ORDER BY seq),
-           coalesce(array_agg(k.aggregateid ORDER BY k.first_seq), '{{}}'),
-           coalesce(array_agg(k.n ORDER BY k.first_seq), '{{}}')
-      INTO v_nulls, v_keys, v_counts
-      FROM per_key k
-     WHERE pg_try_advisory_xact_lock({lock_class}, hashtext(k.aggregateid));
-
-    -- 2. a new snapshot: per locked key, its rows in order from the head while available
-    --    (a live lease anywhere in that window means another relay holds the key: skip it);
-    --    rows without a key as found; each row locked and checked again before leasing
-    RETURN QUERY
-    WITH win AS (
-        SELECT k.key, r.seq, r.ok, r.leased, k.n,
-               row_number() OVER w AS rn,
-               bool_and(r.ok) OVER w AS run_ok
-        FROM unnest(v_keys, v_counts) AS k(key, n)
-        CROSS JOIN LATERAL (
-            SELECT e.seq,
-                   (NOT e.parked AND (e.lease_until IS NULL OR e.lease_until <= v_now)
-                    AND (e.available_at IS NULL OR e.available_at <= v_now)) AS ok,
-                   coalesce(e.lease_until > v_now, false) AS leased
-            FROM {table} e
-            WHERE e.aggregateid = k.key AND e.sent_at IS NULL
-            ORDER BY e.seq
-            LIMIT k.n + 1) r
-        WINDOW w AS (PARTITION BY k.key ORDER BY r.seq)
-    ), pick AS (
-        SELECT win.seq FROM win
-        WHERE win.run_ok AND win.rn <= win.n
-          AND NOT EXISTS (SELECT 1 FROM win b WHERE b.key = win.key AND b.leased)
-        UNION ALL
-        SELECT unnest(v_nulls)
-    ), locked AS (
-        SELECT o.seq FROM {table} o
-        WHERE o.seq IN (SELECT pick.seq FROM pick)
-          AND o.sent_at IS NULL AND NOT o.parked
-          AND (o.lease_until IS NULL OR o.lease_until <= v_now)
-          AND (o.available_at IS NULL OR o.available_at <= v_now)
-        FOR UPDATE SKIP LOCKED
-    ), leased AS (
-        UPDATE {table} o
-           SET lease_owner = p_owner, lease_until = v_now + make_interval(secs => p_lease)
-          FROM locked
-         WHERE o.seq = locked.seq
-        RETURNING o.*
-    )
-    SELECT * FROM leased ORDER BY leased.seq;
-END
-$msdata$;
-"""
-
+# Leases live in a small UNLOGGED side table, one row per claim, listing the rows it leased
+# and their keys: a claim writes one small row and no WAL, and never rewrites the wide
+# outbox rows. A database crash empties it, so every lease is gone and its rows are
+# published again (at least once). Debezium never reads it.
 _TABLE = """\
 CREATE TABLE IF NOT EXISTS {table} (
     seq           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -144,19 +53,127 @@ CREATE TABLE IF NOT EXISTS {table} (
     headers       jsonb NOT NULL DEFAULT '{{}}'::jsonb,
     created_at    timestamptz NOT NULL DEFAULT now(),
     available_at  timestamptz,
-    lease_owner   text,
-    lease_until   timestamptz,
     attempts      integer NOT NULL DEFAULT 0,
     last_error    text,
     parked        boolean NOT NULL DEFAULT false,
     sent_at       timestamptz
 );
 CREATE INDEX IF NOT EXISTS "{name}_pending" ON {table} (seq) WHERE sent_at IS NULL;
-CREATE INDEX IF NOT EXISTS "{name}_key" ON {table} (aggregateid, seq)
-    WHERE sent_at IS NULL AND aggregateid IS NOT NULL;
 CREATE INDEX IF NOT EXISTS "{name}_sent" ON {table} (sent_at) WHERE sent_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS "{name}_parked" ON {table} (seq) WHERE parked;
+CREATE INDEX IF NOT EXISTS "{name}_held" ON {table} (aggregateid, seq)
+    WHERE sent_at IS NULL AND aggregateid IS NOT NULL AND (parked OR available_at IS NOT NULL);
+CREATE UNLOGGED TABLE IF NOT EXISTS {lease} (
+    id    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    owner text NOT NULL,
+    until timestamptz NOT NULL,
+    seqs  bigint[] NOT NULL,
+    keys  text[] NOT NULL
+);
 """
+
+# The claim runs as one statement (one round trip): a PL/pgSQL function whose two
+# statements each take a fresh snapshot at READ COMMITTED.
+#  1. Scan the available rows in seq order, skipping keys held up by an earlier parked or
+#     backing-off row and keys (or rows) under a live lease, and take a transaction-scoped
+#     advisory lock on each row's key (on the row itself when it has none) as it goes: a
+#     row whose lock another claim in flight holds is passed over, so concurrent relays
+#     take different keys instead of waiting for each other.
+#  2. With those locks held, a new snapshot sees every lease that an earlier claim of the
+#     same keys committed: keep the rows whose key (or row) is still free and which are
+#     still pending, and record them as one lease.
+_CLAIM_FUNCTION = """\
+CREATE OR REPLACE FUNCTION {fn}(p_owner text, p_limit integer, p_lease double precision,
+                                p_sync boolean)
+RETURNS SETOF {table}
+LANGUAGE plpgsql VOLATILE
+AS $msdata$
+DECLARE
+    v_now  timestamptz := clock_timestamp();
+    v_seqs bigint[];
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'msdata: the outbox claim needs READ COMMITTED, not %',
+            current_setting('transaction_isolation');
+    END IF;
+    IF NOT p_sync THEN
+        -- losing a lease in a database crash only means the rows are published again
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
+
+    WITH held AS MATERIALIZED (
+        SELECT b.aggregateid, min(b.seq) AS from_seq FROM {table} b
+        WHERE b.sent_at IS NULL AND b.aggregateid IS NOT NULL
+          AND (b.parked OR b.available_at IS NOT NULL)
+          AND (b.parked OR b.available_at > v_now)
+        GROUP BY b.aggregateid
+    ), live AS MATERIALIZED (
+        SELECT u.s, u.k FROM {lease} l, unnest(l.seqs, l.keys) AS u(s, k) WHERE l.until > v_now
+    )
+    SELECT coalesce(array_agg(c.seq ORDER BY c.seq), '{{}}') INTO v_seqs
+      FROM (
+        SELECT o.seq FROM {table} o
+        LEFT JOIN held ON held.aggregateid = o.aggregateid
+        WHERE o.sent_at IS NULL AND NOT o.parked
+          AND (o.available_at IS NULL OR o.available_at <= v_now)
+          AND (held.from_seq IS NULL OR o.seq < held.from_seq)
+          AND CASE WHEN o.aggregateid IS NULL
+                   THEN o.seq NOT IN (SELECT live.s FROM live)
+                        AND pg_try_advisory_xact_lock({null_class}, hashint8(o.seq))
+                   ELSE o.aggregateid NOT IN (SELECT live.k FROM live WHERE live.k IS NOT NULL)
+                        AND pg_try_advisory_xact_lock({lock_class}, hashtext(o.aggregateid))
+              END
+        ORDER BY o.seq
+        LIMIT p_limit) c;
+
+    IF cardinality(v_seqs) = 0 THEN
+        RETURN;
+    END IF;
+
+    RETURN QUERY
+    WITH live AS MATERIALIZED (
+        SELECT u.s, u.k FROM {lease} l, unnest(l.seqs, l.keys) AS u(s, k) WHERE l.until > v_now
+    ), got AS MATERIALIZED (
+        SELECT o.* FROM {table} o
+        WHERE o.seq = ANY(v_seqs) AND o.sent_at IS NULL AND NOT o.parked
+          AND (o.available_at IS NULL OR o.available_at <= v_now)
+          AND CASE WHEN o.aggregateid IS NULL
+                   THEN o.seq NOT IN (SELECT live.s FROM live)
+                   ELSE o.aggregateid NOT IN (SELECT live.k FROM live WHERE live.k IS NOT NULL)
+              END
+    ), lease AS (
+        INSERT INTO {lease} (owner, until, seqs, keys)
+        SELECT p_owner, v_now + make_interval(secs => p_lease),
+               array_agg(got.seq ORDER BY got.seq), array_agg(got.aggregateid ORDER BY got.seq)
+        FROM got HAVING count(*) > 0
+    )
+    SELECT got.* FROM got ORDER BY got.seq;
+END
+$msdata$;
+"""
+
+# Take rows ``{rows}`` out of the leases matching ``{which}``: a lease left with none ends.
+_UNLEASE = """\
+emptied AS (
+    DELETE FROM {lease} l WHERE {which} AND l.seqs <@ {rows}
+), shrunk AS (
+    UPDATE {lease} l SET seqs = f.seqs, keys = f.keys
+    FROM (SELECT l2.id, array_agg(u.s ORDER BY u.i) AS seqs, array_agg(u.k ORDER BY u.i) AS keys
+          FROM {lease} l2, unnest(l2.seqs, l2.keys) WITH ORDINALITY AS u(s, k, i)
+          WHERE {which2} AND l2.seqs && {rows} AND NOT (l2.seqs <@ {rows})
+            AND u.s <> ALL({rows})
+          GROUP BY l2.id) f
+    WHERE l.id = f.id
+)"""
+
+# The rows of ``$2`` that relay ``$1`` holds: in a lease of its own that no later lease
+# (another relay's, after this one expired) has taken over.
+_OWNED = """\
+WITH own AS (
+    SELECT DISTINCT u.s AS seq FROM {lease} l, unnest(l.seqs) AS u(s)
+    WHERE l.owner = $1 AND l.seqs && $2::bigint[] AND u.s = ANY($2::bigint[])
+      AND NOT EXISTS (SELECT 1 FROM {lease} n WHERE n.id > l.id AND n.seqs @> ARRAY[u.s])
+), """
 
 
 def _headers(raw: Any) -> Mapping[str, str]:
@@ -222,8 +239,10 @@ class PostgresOutboxStore:
         name = f"{self._prefix}outbox"
         self._name = name
         self.table = qualified(self._schema, name)
+        self.lease_table = qualified(self._schema, f"{name}_lease")
         self._fn = qualified(self._schema, f"{name}_claim")
         self._lock_class = lock_class(f"{self._schema or ''}.{name}")
+        self._null_class = lock_class(f"{self._schema or ''}.{name}.rows")
         #: the LISTEN/NOTIFY channel (at most 63 bytes, as PostgreSQL truncates identifiers)
         self.channel = (f"{self._schema}.{name}" if self._schema else name)[:63]
         self._build_sql()
@@ -263,26 +282,36 @@ class PostgresOutboxStore:
             if self._sync
             else " AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off'"
         )
-        lease_free = "lease_owner = NULL, lease_until = NULL"
-        owned = "seq = ANY($2::bigint[]) AND lease_owner = $1 AND sent_at IS NULL AND NOT parked"
+        lease = self.lease_table
+        unlease_any = _UNLEASE.format(lease=lease, which="true", which2="true", rows="$1::bigint[]")
+        unlease_mine = _UNLEASE.format(
+            lease=lease, which="l.owner = $1", which2="l2.owner = $1", rows="$2::bigint[]"
+        )
+        owned = _OWNED.format(lease=lease) + unlease_mine
         self._sql = {
             "claim": f"SELECT * FROM {self._fn}($1, $2, $3, $4)",
-            "delete": f"DELETE FROM {t} WHERE seq = ANY($1::bigint[]){quiet}",
-            "keep": f"UPDATE {t} SET sent_at = clock_timestamp(), {lease_free} "
-            f"WHERE seq = ANY($1::bigint[]) AND sent_at IS NULL{quiet}",
-            "release": f"UPDATE {t} SET {lease_free} WHERE {owned}{quiet}",
-            "retry": f"UPDATE {t} SET attempts = attempts + 1, last_error = $3, "
-            f"available_at = $4, {lease_free} WHERE {owned}{quiet}",
-            "park": f"UPDATE {t} SET parked = true, last_error = $3, {lease_free} "
-            f"WHERE {owned}{quiet}",
+            "delete": f"WITH gone AS (DELETE FROM {t} WHERE seq = ANY($1::bigint[]){quiet} "
+            f"RETURNING 1), {unlease_any} SELECT count(*) FROM gone",
+            "keep": f"WITH gone AS (UPDATE {t} SET sent_at = clock_timestamp() "
+            f"WHERE seq = ANY($1::bigint[]) AND sent_at IS NULL{quiet} RETURNING 1), "
+            f"{unlease_any} SELECT count(*) FROM gone",
+            "release": owned + " SELECT count(*) FROM own",
+            "retry": owned + f" UPDATE {t} o SET attempts = o.attempts + 1, last_error = $3, "
+            "available_at = $4 FROM own "
+            f"WHERE o.seq = own.seq AND o.sent_at IS NULL AND NOT o.parked{quiet}",
+            "park": owned + f" UPDATE {t} o SET parked = true, last_error = $3 FROM own "
+            f"WHERE o.seq = own.seq AND o.sent_at IS NULL AND NOT o.parked{quiet}",
             "parked": f"SELECT * FROM {t} WHERE parked AND sent_at IS NULL ORDER BY seq LIMIT $1",
-            "requeue": f"UPDATE {t} SET parked = false, attempts = 0, available_at = NULL, "
-            f"{lease_free} WHERE seq = ANY($1::bigint[]) AND parked AND sent_at IS NULL",
+            "requeue": f"UPDATE {t} SET parked = false, attempts = 0, available_at = NULL "
+            "WHERE seq = ANY($1::bigint[]) AND parked AND sent_at IS NULL",
             "status": "SELECT count(*) FILTER (WHERE NOT parked) AS pending, "
             "extract(epoch FROM clock_timestamp() - min(created_at) FILTER (WHERE NOT parked))"
             "::float8 AS age, count(*) FILTER (WHERE parked) AS parked "
             f"FROM {t} WHERE sent_at IS NULL",
-            "purge": f"DELETE FROM {t} WHERE sent_at IS NOT NULL AND sent_at < $1",
+            # and leases that ran out long ago (their relay died)
+            "purge": f"WITH stale AS (DELETE FROM {lease} l "
+            "WHERE l.until < clock_timestamp() - interval '1 hour') "
+            f"DELETE FROM {t} WHERE sent_at IS NOT NULL AND sent_at < $1",
         }
 
     # -- schema ----------------------------------------------------------------------------
@@ -292,9 +321,15 @@ class PostgresOutboxStore:
         parts = []
         if self._schema:
             parts.append(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}";\n')
-        parts.append(_TABLE.format(table=self.table, name=self._name))
+        parts.append(_TABLE.format(table=self.table, name=self._name, lease=self.lease_table))
         parts.append(
-            _CLAIM_FUNCTION.format(table=self.table, fn=self._fn, lock_class=self._lock_class)
+            _CLAIM_FUNCTION.format(
+                table=self.table,
+                lease=self.lease_table,
+                fn=self._fn,
+                lock_class=self._lock_class,
+                null_class=self._null_class,
+            )
         )
         return "\n".join(parts)
 
@@ -311,10 +346,7 @@ class PostgresOutboxStore:
 
     async def drop_schema(self) -> None:
         """Drop the table and the claim function (for tests and teardown)."""
-        sql = (
-            f"DROP TABLE IF EXISTS {self.table} CASCADE; "
-            f"DROP FUNCTION IF EXISTS {self._fn}(text, integer, double precision, boolean);"
-        )
+        sql = f"DROP TABLE IF EXISTS {self.table}, {self.lease_table} CASCADE"
         await self._db._call("outbox drop_schema", lambda pool: pool.execute(sql))
 
     # -- write side: the caller's connection and transaction --------------------------------
