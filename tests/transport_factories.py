@@ -1,0 +1,161 @@
+"""One way to get a fresh transport on each backend, for tests that run the same code on all.
+
+``open_transport(name)`` (``"memory"``, ``"redis"``, ``"rabbitmq"``, ``"nats"``) yields a new
+transport whose names cannot meet another test's (a Redis key prefix; a NATS stream and
+subject prefix; RabbitMQ exchanges and queues are named by topic, so use unique topics), and
+removes what it created afterwards. A broker that is not reachable skips the test (fails it
+under ``MSDATA_REQUIRE_SERVICES=1``), through :func:`msdata.testing.services.require`.
+
+Parametrise with :data:`TRANSPORTS`, which carries each broker's pytest marker::
+
+    @pytest.mark.parametrize("backend", TRANSPORTS)
+    async def test_x(backend: str) -> None:
+        async with open_transport(backend) as transport:
+            ...
+
+Redelivery after a consumer dies is short here (Redis ``claim_idle`` 0.4 s, NATS ``ack_wait``
+2 s; RabbitMQ and memory redeliver at once), so tests that need it stay fast.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+
+from msdata.testing.services import require
+from msdata.transport import Transport
+
+__all__ = ["BACKENDS", "TRANSPORTS", "open_transport"]
+
+BACKENDS = ("memory", "redis", "rabbitmq", "nats")
+
+#: the backends as pytest params, each broker with its marker (memory needs none)
+TRANSPORTS = [
+    pytest.param("memory", id="memory"),
+    pytest.param("redis", id="redis", marks=pytest.mark.redis),
+    pytest.param("rabbitmq", id="rabbitmq", marks=pytest.mark.rabbitmq),
+    pytest.param("nats", id="nats", marks=pytest.mark.nats),
+]
+
+
+@asynccontextmanager
+async def open_transport(name: str, *, ordered: bool = False) -> AsyncIterator[Transport]:
+    """A fresh transport on backend ``name``, cleaned up on exit.
+
+    ``ordered=True`` picks the backend's order-per-key mode where it has one to choose
+    (RabbitMQ single active consumer, NATS key partitions); memory is always ordered and
+    Redis never promises it. What you got is in ``transport.features.ordered_per_key``.
+    """
+    if name == "memory":
+        async with _memory() as t:
+            yield t
+    elif name == "redis":
+        async with _redis() as t:
+            yield t
+    elif name == "rabbitmq":
+        async with _rabbitmq(ordered) as t:
+            yield t
+    elif name == "nats":
+        async with _nats(ordered) as t:
+            yield t
+    else:
+        raise ValueError(f"unknown transport backend {name!r}; one of {BACKENDS}")
+
+
+def _unique() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@asynccontextmanager
+async def _memory() -> AsyncIterator[Transport]:
+    from msdata.adapters.memory import MemoryTransport
+
+    transport = MemoryTransport()
+    try:
+        yield transport
+    finally:
+        await transport.close()
+
+
+@asynccontextmanager
+async def _redis() -> AsyncIterator[Transport]:
+    url = require("redis")
+    import redis.asyncio as aioredis
+
+    from msdata.adapters.redis import RedisTransport
+
+    prefix = f"msdata-test-{_unique()}"
+    client = aioredis.Redis.from_url(url, client_name=prefix)
+    transport = RedisTransport(client, key_prefix=prefix, claim_idle=0.4)
+    try:
+        yield transport
+    finally:
+        try:
+            await transport.close()
+            keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
+            if keys:
+                await client.delete(*keys)
+        finally:
+            await client.aclose()
+
+
+@asynccontextmanager
+async def _rabbitmq(ordered: bool) -> AsyncIterator[Transport]:
+    url = require("rabbitmq")
+    import aio_pika
+
+    from msdata.adapters.rabbitmq import RabbitMQTransport
+
+    conn = await aio_pika.connect_robust(url)
+    transport = RabbitMQTransport(conn, ordered_per_key=ordered)
+    try:
+        yield transport
+    finally:
+        try:
+            await transport.close()
+            exchanges, queues = transport.declared
+            channel = await conn.channel()
+            try:
+                for queue in sorted(queues):
+                    await channel.queue_delete(queue)
+                for exchange in sorted(exchanges):
+                    await channel.exchange_delete(exchange)
+            finally:
+                await channel.close()
+        finally:
+            await conn.close()
+
+
+@asynccontextmanager
+async def _nats(ordered: bool) -> AsyncIterator[Transport]:
+    url = require("nats")
+    import nats
+
+    from msdata.adapters.nats import NatsTransport
+
+    nc = await nats.connect(url)
+    token = _unique()
+    # a subject prefix of its own too: two streams may not capture the same subject
+    prefix = f"T{token}_"
+    transport = NatsTransport(
+        nc,
+        stream_prefix=prefix,
+        subject_prefix=f"t{token}.",
+        ack_wait=2.0,
+        ordered=ordered,
+        key_partitions=8,
+    )
+    try:
+        yield transport
+    finally:
+        try:
+            await transport.close()
+            js = nc.jetstream()
+            for info in await js.streams_info():
+                if info.config.name.startswith(prefix):
+                    await js.delete_stream(info.config.name)
+        finally:
+            await nc.close()
