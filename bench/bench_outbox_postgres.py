@@ -123,7 +123,10 @@ async def raw_drain(url: str, tbl: str, sync: bool) -> int:
                     return done
                 await transport.publish(
                     "orders",
-                    [TransportMessage(r["id"], bytes(r["payload"]), r["aggregateid"]) for r in rows],
+                    [
+                        TransportMessage(r["id"], bytes(r["payload"]), r["aggregateid"])
+                        for r in rows
+                    ],
                 )
                 await conn.execute(delete, [r["seq"] for r in rows])
             done += len(rows)
@@ -131,12 +134,27 @@ async def raw_drain(url: str, tbl: str, sync: bool) -> int:
         await conn.close()
 
 
-async def relay_drain(store: PostgresOutboxStore) -> int:
-    relay = OutboxRelay(store, MemoryTransport(), batch_size=100, relay_id="bench")
-    done = 0
-    while n := await relay.run_once():
-        done += n
-    return done
+class CountingTransport(MemoryTransport):
+    """The in-memory transport, counting what it accepted and waking a waiter at ``target``."""
+
+    def __init__(self, target: int) -> None:
+        super().__init__()
+        self.count, self.target, self.done = 0, target, asyncio.Event()
+
+    async def publish(self, topic: str, messages: Any) -> None:
+        await super().publish(topic, messages)
+        self.count += len(messages)
+        if self.count >= self.target:
+            self.done.set()
+
+
+async def relay_drain(store: PostgresOutboxStore, n: int) -> int:
+    """The relay as it runs in a service (its background loop), until ``n`` are published."""
+    transport = CountingTransport(n)
+    relay = OutboxRelay(store, transport, batch_size=100, relay_id="bench", poll_interval=0.05)
+    async with relay:
+        await asyncio.wait_for(transport.done.wait(), 300)
+    return transport.count
 
 
 async def drain_bench(url: str, n: int) -> None:
@@ -152,7 +170,7 @@ async def drain_bench(url: str, n: int) -> None:
             raw_rate = raw / (time.perf_counter() - t)
             await fill(store, url, n)
             t = time.perf_counter()
-            ours = await relay_drain(store)
+            ours = await relay_drain(store, n)
             our_rate = ours / (time.perf_counter() - t)
             assert raw == ours == n, (raw, ours, n)
         finally:

@@ -75,10 +75,11 @@ CREATE UNLOGGED TABLE IF NOT EXISTS {lease} (
 # The claim runs as one statement (one round trip): a PL/pgSQL function whose two
 # statements each take a fresh snapshot at READ COMMITTED.
 #  1. Scan the available rows in seq order, skipping keys held up by an earlier parked or
-#     backing-off row and keys (or rows) under a live lease, and take a transaction-scoped
-#     advisory lock on each row's key (on the row itself when it has none) as it goes: a
-#     row whose lock another claim in flight holds is passed over, so concurrent relays
-#     take different keys instead of waiting for each other.
+#     backing-off row, keys under another relay's live lease and rows under any live
+#     lease (a relay gets the later rows of the keys it holds: ``prefetch_claims``), and
+#     take a transaction-scoped advisory lock on each row's key (on the row itself when it
+#     has none) as it goes: a row whose lock another claim in flight holds is passed over,
+#     so concurrent relays take different keys instead of waiting for each other.
 #  2. With those locks held, a new snapshot sees every lease that an earlier claim of the
 #     same keys committed: keep the rows whose key (or row) is still free and which are
 #     still pending, and record them as one lease.
@@ -108,7 +109,8 @@ BEGIN
           AND (b.parked OR b.available_at > v_now)
         GROUP BY b.aggregateid
     ), live AS MATERIALIZED (
-        SELECT u.s, u.k FROM {lease} l, unnest(l.seqs, l.keys) AS u(s, k) WHERE l.until > v_now
+        SELECT u.s, u.k, l.owner = p_owner AS mine
+        FROM {lease} l, unnest(l.seqs, l.keys) AS u(s, k) WHERE l.until > v_now
     )
     SELECT coalesce(array_agg(c.seq ORDER BY c.seq), '{{}}') INTO v_seqs
       FROM (
@@ -120,7 +122,9 @@ BEGIN
           AND CASE WHEN o.aggregateid IS NULL
                    THEN o.seq NOT IN (SELECT live.s FROM live)
                         AND pg_try_advisory_xact_lock({null_class}, hashint8(o.seq))
-                   ELSE o.aggregateid NOT IN (SELECT live.k FROM live WHERE live.k IS NOT NULL)
+                   ELSE o.aggregateid NOT IN (SELECT live.k FROM live
+                                               WHERE live.k IS NOT NULL AND NOT live.mine)
+                        AND o.seq NOT IN (SELECT live.s FROM live WHERE live.mine)
                         AND pg_try_advisory_xact_lock({lock_class}, hashtext(o.aggregateid))
               END
         ORDER BY o.seq
@@ -132,14 +136,17 @@ BEGIN
 
     RETURN QUERY
     WITH live AS MATERIALIZED (
-        SELECT u.s, u.k FROM {lease} l, unnest(l.seqs, l.keys) AS u(s, k) WHERE l.until > v_now
+        SELECT u.s, u.k, l.owner = p_owner AS mine
+        FROM {lease} l, unnest(l.seqs, l.keys) AS u(s, k) WHERE l.until > v_now
     ), got AS MATERIALIZED (
         SELECT o.* FROM {table} o
         WHERE o.seq = ANY(v_seqs) AND o.sent_at IS NULL AND NOT o.parked
           AND (o.available_at IS NULL OR o.available_at <= v_now)
           AND CASE WHEN o.aggregateid IS NULL
                    THEN o.seq NOT IN (SELECT live.s FROM live)
-                   ELSE o.aggregateid NOT IN (SELECT live.k FROM live WHERE live.k IS NOT NULL)
+                   ELSE o.aggregateid NOT IN (SELECT live.k FROM live
+                                               WHERE live.k IS NOT NULL AND NOT live.mine)
+                        AND o.seq NOT IN (SELECT live.s FROM live WHERE live.mine)
               END
     ), lease AS (
         INSERT INTO {lease} (owner, until, seqs, keys)
@@ -176,23 +183,27 @@ WITH own AS (
 ), """
 
 
-def _headers(raw: Any) -> Mapping[str, str]:
-    value = json.loads(raw) if isinstance(raw, str | bytes) else raw
-    return MappingProxyType(dict(value or {}))
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
 def _record(r: Any) -> OutboxRecord:
+    raw = r["headers"]
+    if raw == "{}":
+        headers = _NO_HEADERS
+    else:
+        value = json.loads(raw) if isinstance(raw, str | bytes) else raw
+        headers = MappingProxyType(dict(value))
     return OutboxRecord(
-        seq=r["seq"],
-        message_id=r["id"],
-        topic=r["topic"],
-        type=r["type"],
-        payload=bytes(r["payload"]),
-        partition_key=r["aggregateid"],
-        headers=_headers(r["headers"]),
-        created_at=r["created_at"],
-        attempts=r["attempts"],
-        last_error=r["last_error"],
+        r["seq"],
+        r["id"],
+        r["topic"],
+        r["type"],
+        r["payload"],
+        r["aggregateid"],
+        headers,
+        r["created_at"],
+        r["attempts"],
+        r["last_error"],
     )
 
 
@@ -220,6 +231,10 @@ class PostgresOutboxStore:
     can only undo some of them, which means a message is published again (at least once
     holds). ``requeue`` and the writes in the caller's transaction are never affected.
     """
+
+    #: a relay's claim returns later rows of the keys it holds (never the rows it holds):
+    #: the relay may claim its next batch while it publishes this one
+    prefetch_claims = False
 
     def __init__(
         self,
