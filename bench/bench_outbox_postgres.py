@@ -8,8 +8,9 @@
     ``synchronous_commit``); the writes that matter (the business transactions) are always
     durable. Target: relay >= 80% of raw.
 (b) Write cost: a business transaction (BEGIN, one INSERT of business data, COMMIT, durable)
-    alone, with a hand-written INSERT into the outbox table, and with ``Outbox.add`` /
-    ``add_async`` (envelope + CloudEvents encode + INSERT, with and without the NOTIFY),
+    alone, with a hand-written INSERT into the outbox table, with the store's ``append`` of
+    an already encoded row, and with ``Outbox.add`` / ``add_async`` (envelope + CloudEvents
+    encode + INSERT, with and without the NOTIFY),
     on asyncpg and psycopg, one connection; and asyncpg on 4 connections. Target: <= 1.2x.
 
 Rounds of the variants are interleaved and the median taken, because the machine is shared.
@@ -209,6 +210,16 @@ async def write_bench(url: str, rounds: int, per_round: int) -> None:
     raw_ins_p = raw_ins_p.replace("$4", "%s").replace("$5", "%s").replace("$6", "%s")
     payload = _payload(1)
 
+    def _row(i: int) -> OutboxRow:
+        return OutboxRow(
+            message_id=str(uuid.uuid4()),
+            topic="orders",
+            type="bench.OrderPlaced",
+            payload=payload,
+            partition_key=f"order-{i}",
+            aggregate_type="orders",
+        )
+
     async def a_variant(kind: str, conns: list[Any]) -> Callable[[], Awaitable[None]]:
         async def one(conn: Any, i: int) -> None:
             async with conn.transaction():
@@ -217,6 +228,8 @@ async def write_bench(url: str, rounds: int, per_round: int) -> None:
                     await conn.execute(
                         raw_ins_a, str(uuid.uuid4()), "orders", "orders", "k", "t", payload
                     )
+                elif kind == "append":
+                    await quiet.append_async(conn, [_row(i)])
                 elif kind == "quiet":
                     await out_quiet.add_async(conn, _event(i), key=f"order-{i}")
                 elif kind == "loud":
@@ -242,6 +255,8 @@ async def write_bench(url: str, rounds: int, per_round: int) -> None:
                         conn.execute(
                             raw_ins_p, (str(uuid.uuid4()), "orders", "orders", "k", "t", payload)
                         )
+                    elif kind == "append":
+                        quiet.append(conn, [_row(i)])
                     elif kind == "quiet":
                         out_quiet.add(conn, _event(i), key=f"order-{i}")
                     elif kind == "loud":
@@ -249,10 +264,11 @@ async def write_bench(url: str, rounds: int, per_round: int) -> None:
 
         return run
 
-    kinds = ["none", "raw", "quiet", "loud"]
+    kinds = ["none", "raw", "append", "quiet", "loud"]
     names = {
         "none": "business tx alone",
         "raw": "+ hand-written outbox INSERT",
+        "append": "+ store.append (encoded row, no NOTIFY)",
         "quiet": "+ Outbox.add (notify=False)",
         "loud": "+ Outbox.add (default, NOTIFY)",
     }
@@ -299,7 +315,7 @@ async def write_bench(url: str, rounds: int, per_round: int) -> None:
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=200)
     parser.add_argument("--url", default=URL)
     parser.add_argument("--only", choices=["drain", "write"])
