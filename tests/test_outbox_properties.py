@@ -332,8 +332,9 @@ class OutboxMachine(RuleBasedStateMachine):
         relay = self.relays[1]
         for _ in range(50):
             self.run(relay.requeue())
-            while self.run(relay.run_once()):
-                pass
+            for r in self.relays:  # on SQLite only the relay holding the lease claims
+                while self.run(r.run_once()):
+                    pass
             if self.run(relay.status()).pending == 0:
                 break
             self.run(asyncio.sleep(LEASE))

@@ -74,7 +74,7 @@ def db_path(tmp_path: Path) -> Iterator[str]:
 
 
 class TestSqliteOutboxStore(SqliteHooks, OutboxStoreConformance):
-    features = OutboxStoreFeatures(concurrent_writers=False)
+    features = OutboxStoreFeatures(concurrent_writers=False, one_relay_at_a_time=True)
     lease_seconds = 0.3
 
     @pytest.fixture(autouse=True)

@@ -10,9 +10,9 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import timedelta
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, Literal, Self
 
 from msdata.errors import ConfigurationError, DecodeError, MsdataError
@@ -22,6 +22,8 @@ from msdata.serialization import CloudEventsCodec
 from msdata.transport import Publisher, TransportMessage, check_name
 
 __all__ = ["Backoff", "OutboxRelay", "PayloadCheck", "exponential_backoff"]
+
+_NOTHING_STUCK: Mapping[str, int] = MappingProxyType({})
 
 log = logging.getLogger("msdata.outbox")
 
@@ -98,6 +100,7 @@ class OutboxRelay:
         check: PayloadCheck = "structure",
         codec: CloudEventsCodec | None = None,
         stop_timeout: float = 10.0,
+        prefetch: bool | None = None,
     ) -> None:
         if batch_size < 1 or max_attempts < 1 or lease_seconds <= 0 or poll_interval <= 0:
             raise ConfigurationError(
@@ -120,6 +123,11 @@ class OutboxRelay:
         self.check = check
         self.codec = codec or CloudEventsCodec()
         self.stop_timeout = stop_timeout
+        #: claim the next batch while publishing this one (default: the store's
+        #: ``prefetch_claims``, True for stores that hand a relay its keys' later rows)
+        self.prefetch = bool(
+            getattr(store, "prefetch_claims", False) if prefetch is None else prefetch
+        )
         self._topics_ok: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -130,17 +138,30 @@ class OutboxRelay:
 
     async def run_once(self) -> int:
         """Claim, publish and mark one batch; returns how many rows were published."""
-        _claimed, sent, _failed = await self._step()
-        return sent
-
-    async def _step(self) -> tuple[int, int, bool]:
-        store, relay_id = self.store, self.relay_id
         records = await self._claim()
         if not records:
-            return 0, 0, False
+            return 0
+        sent, _failed, _stuck = await self._handle(records)
+        if sent:
+            await self._shielded(self._mark(sent))
+        return len(sent)
+
+    async def _mark(self, seqs: list[int]) -> None:
+        await self.store.mark_sent(self.relay_id, seqs, keep=self.retention is not None)
+
+    async def _handle(
+        self, records: list[OutboxRecord], after: Mapping[str, int] = _NOTHING_STUCK
+    ) -> tuple[list[int], bool, dict[str, int]]:
+        """Park bad rows, publish the rest, back off failed ones. A row whose key is in
+        ``after`` with a smaller seq is handed back unpublished: the batch before did not
+        publish that earlier row of its key (this batch was claimed meanwhile). Returns the
+        published rows (for the caller to mark sent), whether a publish failed, and for
+        each key the smallest seq of its rows not published. Rows not settled when an
+        exception or cancellation comes through are released."""
+        store, relay_id = self.store, self.relay_id
         held = {r.seq for r in records}
         try:
-            publish, bad, blocked = self._sort(records)
+            publish, bad, blocked, stuck = self._sort(records, after)
             for reason, seqs in bad.items():
                 await store.park(relay_id, seqs, reason)
                 held.difference_update(seqs)
@@ -151,28 +172,36 @@ class OutboxRelay:
             by_topic: dict[str, list[OutboxRecord]] = {}
             for r in publish:
                 by_topic.setdefault(r.topic, []).append(r)
-            topics = list(by_topic)
-            results = await asyncio.gather(
-                *(self._publish(t, by_topic[t]) for t in topics), return_exceptions=True
-            )
+            results: list[BaseException | None]
+            if len(by_topic) == 1:  # the common case: no tasks to make
+                ((topic, recs),) = by_topic.items()
+                try:
+                    await self._publish(topic, recs)
+                    results = [None]
+                except Exception as e:
+                    results = [e]
+            else:
+                results = await asyncio.gather(
+                    *(self._publish(t, recs) for t, recs in by_topic.items()),
+                    return_exceptions=True,
+                )
             sent: list[int] = []
             failures: list[tuple[list[OutboxRecord], BaseException]] = []
-            for topic, result in zip(topics, results, strict=True):
+            for recs, result in zip(by_topic.values(), results, strict=True):
                 if result is None:
-                    sent.extend(r.seq for r in by_topic[topic])
+                    sent.extend(r.seq for r in recs)
                 elif isinstance(result, Exception):
-                    failures.append((by_topic[topic], result))
+                    failures.append((recs, result))
                 else:  # a BaseException from a publisher (not cancellation of us): re-raise
                     raise result
-            if sent:
-                await self._shielded(
-                    store.mark_sent(relay_id, sent, keep=self.retention is not None)
-                )
-                held.difference_update(sent)
             for recs, error in failures:
                 await self._failed(recs, error)
                 held.difference_update(r.seq for r in recs)
-            return len(records), len(sent), bool(failures)
+                for r in recs:
+                    if r.partition_key is not None:
+                        stuck[r.partition_key] = min(r.seq, stuck.get(r.partition_key, r.seq))
+            held.difference_update(sent)  # the caller marks them
+            return sent, bool(failures), stuck
         except BaseException:
             if held:
                 try:
@@ -201,7 +230,7 @@ class OutboxRelay:
             raise
 
     @staticmethod
-    async def _shielded(aw: Coroutine[Any, Any, None]) -> None:
+    async def _shielded(aw: Coroutine[Any, Any, None] | asyncio.Future[None]) -> None:
         # a mark interrupted by cancellation is finished first: the rows were published
         fut = asyncio.ensure_future(aw)
         try:
@@ -211,18 +240,20 @@ class OutboxRelay:
             raise
 
     def _sort(
-        self, records: Sequence[OutboxRecord]
-    ) -> tuple[list[OutboxRecord], dict[str, list[int]], list[int]]:
-        """Split a claimed batch: rows to publish, bad rows to park (by reason), and rows
-        to hand back because an earlier row of their key is being parked."""
+        self, records: Sequence[OutboxRecord], after: Mapping[str, int]
+    ) -> tuple[list[OutboxRecord], dict[str, list[int]], list[int], dict[str, int]]:
+        """Split a claimed batch: rows to publish, bad rows to park (by reason), rows to
+        hand back because an earlier row of their key is parked here or was not published
+        by the batch before (``after``), and per key the first seq not published."""
         publish: list[OutboxRecord] = []
         bad: dict[str, list[int]] = {}
         blocked: list[int] = []
-        bad_keys: set[str] = set()
+        stuck: dict[str, int] = {}
         for r in records:
             key = r.partition_key
-            if key is not None and key in bad_keys:
+            if key is not None and (key in stuck or (key in after and r.seq > after[key])):
                 blocked.append(r.seq)
+                stuck.setdefault(key, r.seq)
                 continue
             reason = self._bad(r)
             if reason is None:
@@ -230,8 +261,8 @@ class OutboxRelay:
                 continue
             bad.setdefault(reason, []).append(r.seq)
             if key is not None:
-                bad_keys.add(key)
-        return publish, bad, blocked
+                stuck[key] = r.seq
+        return publish, bad, blocked, stuck
 
     def _bad(self, r: OutboxRecord) -> str | None:
         """Why this row can never be published, or None."""
@@ -343,21 +374,90 @@ class OutboxRelay:
 
     async def _loop(self) -> None:
         streak = 0
-        while not self._stopping:
+        # Pipelined. With a store that hands a relay the later rows of the keys it holds
+        # (``prefetch_claims``), the next batch is claimed while this one is published,
+        # and its rows of keys that fail here are handed back. Otherwise the next claim is
+        # asked for right after publishing, before this batch's mark, so a one-thread
+        # store claims, then marks, while the relay publishes.
+        prefetch = self.prefetch
+        claiming: asyncio.Future[list[OutboxRecord]] | None = None
+        marking: asyncio.Future[None] | None = None
+        stuck: dict[str, int] = {}
+        try:
+            while not self._stopping:
+                failed = False
+                try:
+                    if claiming is not None:
+                        records = await asyncio.shield(claiming)
+                        claiming = None
+                    else:
+                        records = await self._claim()
+                    if not records:
+                        stuck = {}
+                        if marking is not None:
+                            await self._shielded(marking)
+                            marking = None
+                            continue  # rows were just marked sent: look again at once
+                        await self._maybe_purge()
+                        await self._idle_for(self.store.wait_for_rows(self.poll_interval))
+                        continue
+                    if prefetch:
+                        claiming = self._claim_ahead()
+                        await asyncio.sleep(0)  # let the claim reach the store first
+                    sent, failed, stuck = await self._handle(records, stuck)
+                    if not prefetch:
+                        stuck = {}
+                    if marking is not None:
+                        await self._shielded(marking)
+                        marking = None
+                    if not prefetch and not failed and not self._stopping:
+                        claiming = self._claim_ahead()
+                        await asyncio.sleep(0)  # ask for the claim before the mark
+                    if sent:
+                        marking = asyncio.ensure_future(self._mark(sent))
+                    await self._maybe_purge()
+                except Exception:
+                    log.exception("outbox relay %s: step failed", self.relay_id)
+                    failed = True
+                    if marking is not None and marking.done():
+                        marking = None
+                if failed:
+                    streak += 1
+                    await self._idle_for(self._sleep(self.backoff(streak)))
+                else:
+                    streak = 0
+        finally:
+            await self._wind_down(claiming, marking)
+
+    def _claim_ahead(self) -> asyncio.Future[list[OutboxRecord]]:
+        """Start a claim now; awaited later through a shield, so a cancellation of the
+        relay never loses its rows (``_wind_down`` releases them)."""
+        return asyncio.ensure_future(
+            self.store.claim(self.relay_id, self.batch_size, self.lease_seconds)
+        )
+
+    async def _wind_down(
+        self,
+        claiming: asyncio.Future[list[OutboxRecord]] | None,
+        marking: asyncio.Future[None] | None,
+    ) -> None:
+        """Leaving the loop: finish the mark in flight (those rows were published) and
+        release a batch claimed ahead."""
+        if marking is not None:
             try:
-                claimed, _sent, failed = await self._step()
-                await self._maybe_purge()
+                await self._shielded(marking)
             except Exception:
-                log.exception("outbox relay %s: step failed", self.relay_id)
-                claimed, failed = 0, True
-            if failed:
-                streak += 1
-                await self._idle_for(self._sleep(self.backoff(streak)))
-            elif claimed < self.batch_size:
-                streak = 0
-                await self._idle_for(self.store.wait_for_rows(self.poll_interval))
-            else:
-                streak = 0
+                log.exception("outbox relay %s: marking sent rows failed", self.relay_id)
+        if claiming is not None:
+            try:
+                records = await claiming
+            except BaseException:
+                records = []
+            if records:
+                try:
+                    await self.store.release(self.relay_id, [r.seq for r in records])
+                except Exception:
+                    log.exception("could not release outbox rows on stop")
 
     @staticmethod
     async def _sleep(seconds: float) -> None:

@@ -113,7 +113,13 @@ class OutboxStore(Protocol):
     ``retry_at``. Rows without a key carry no order and are claimed freely. A lease that
     expires (its relay died) makes the rows claimable again: that is the at-least-once
     redelivery. Rows committed out of ``seq`` order (the long-transaction hazard) are still
-    claimed once they commit: a store never uses a high-water mark.
+    claimed once they commit: a store never uses a high-water mark. A claim never returns a
+    row the caller still holds.
+
+    Optional attribute ``prefetch_claims: bool`` (False when absent): True promises that a
+    claim by a relay that still holds rows returns the later pending rows of the keys it
+    holds (in ``seq`` order, never the held rows themselves), so the relay claims its next
+    batch while publishing this one and publishes the batches in order.
     """
 
     # -- write side: in the caller's transaction ---------------------------------------------

@@ -141,6 +141,9 @@ def _now() -> datetime:
 class MemoryOutboxStore:
     """The in-memory :class:`msdata.outbox.store.OutboxStore`."""
 
+    #: a relay's claim returns later rows of the keys it holds: it may claim ahead
+    prefetch_claims = True
+
     def __init__(self) -> None:
         self._rows: dict[int, _Row] = {}
         self._seq = itertools.count(1)
@@ -189,10 +192,14 @@ class MemoryOutboxStore:
         self._check()
         mono, now = time.monotonic(), _now()
         unsent = [r for r in self._rows.values() if r.state != _SENT]
+        # keys another relay holds a live lease on are out; later rows of keys this relay
+        # holds may come back (it publishes them after the rows it holds)
         leased = {
             r.row.partition_key
             for r in unsent
-            if r.lease_owner is not None and r.lease_until > mono and r.row.partition_key
+            if r.lease_owner not in (None, relay_id)
+            and r.lease_until > mono
+            and r.row.partition_key is not None
         }
         blocked: set[str] = set()
         out: list[_Row] = []
@@ -201,6 +208,8 @@ class MemoryOutboxStore:
                 break
             key = r.row.partition_key
             if key is not None and (key in leased or key in blocked):
+                continue
+            if r.lease_owner == relay_id and r.lease_until > mono:
                 continue
             waiting = r.retry_at is not None and r.retry_at > now
             live = r.lease_owner is not None and r.lease_until > mono

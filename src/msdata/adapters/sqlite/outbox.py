@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import sqlite3
@@ -53,9 +54,11 @@ _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _NO_HEADERS: MappingProxyType[str, str] = MappingProxyType({})
 
 _OUTBOX_DDL = """\
--- Outbox rows waiting to be published (state 0 = pending, 1 = parked).
+-- Outbox rows waiting to be published: state 0 = pending, 1 = parked, 2 = sent (only the
+-- newest row is kept so, as a tombstone, until a newer row exists: SQLite gives a new row
+-- the largest seq + 1, and keeping the largest means a seq is never reused).
 CREATE TABLE IF NOT EXISTS {p}outbox (
-    seq            INTEGER PRIMARY KEY AUTOINCREMENT,  -- insertion order, never reused
+    seq            INTEGER PRIMARY KEY,                -- insertion order
     message_id     TEXT    NOT NULL,
     topic          TEXT    NOT NULL,
     type           TEXT    NOT NULL,
@@ -65,18 +68,20 @@ CREATE TABLE IF NOT EXISTS {p}outbox (
     headers        TEXT,                               -- JSON object of string headers
     created_at     REAL    NOT NULL,                   -- Unix seconds
     state          INTEGER NOT NULL DEFAULT 0,
-    lease_owner    TEXT,
-    lease_until    REAL,
-    retry_at       REAL,
+    retry_at       REAL,                               -- Unix seconds; blocks its key till then
     attempts       INTEGER NOT NULL DEFAULT 0,
     last_error     TEXT
 );
--- rows leased now (or whose lease ran out): a live lease blocks its key
-CREATE INDEX IF NOT EXISTS {p}outbox_leased
-    ON {p}outbox (partition_key, lease_until) WHERE lease_until IS NOT NULL;
 -- parked rows and rows waiting out a retry: they block the later rows of their key
 CREATE INDEX IF NOT EXISTS {p}outbox_blocking
     ON {p}outbox (partition_key, seq) WHERE state = 1 OR retry_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS {p}outbox_tombstone ON {p}outbox (seq) WHERE state = 2;
+-- The relay lease: one relay at a time claims; the others wait until it lapses.
+CREATE TABLE IF NOT EXISTS {p}outbox_relay (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    owner       TEXT NOT NULL,
+    lease_until REAL NOT NULL                          -- Unix seconds
+);
 -- Published rows, kept while the relay's retention lasts.
 CREATE TABLE IF NOT EXISTS {p}outbox_sent (
     seq            INTEGER PRIMARY KEY,
@@ -279,6 +284,45 @@ class _SqliteStore:
         ex.shutdown(wait=False)
 
 
+_FIELDS = tuple(f.name for f in dataclasses.fields(OutboxRecord))
+assert _FIELDS == (
+    "seq", "message_id", "topic", "type", "payload", "partition_key", "headers",
+    "created_at", "attempts", "last_error",
+)  # fmt: skip
+_S0, _S1, _S2, _S3, _S4, _S5, _S6, _S7, _S8, _S9 = (
+    getattr(OutboxRecord, name).__set__ for name in _FIELDS
+)
+_new = object.__new__
+
+
+def _new_record(
+    seq: int,
+    message_id: str,
+    topic: str,
+    type_: str,
+    payload: bytes,
+    key: str | None,
+    headers: Any,
+    created_at: datetime,
+    attempts: int,
+    last_error: str | None,
+) -> OutboxRecord:
+    """An OutboxRecord without the frozen dataclass's per-field ``object.__setattr__``
+    (half of the relay's per-row cost); the slots are set directly, once."""
+    r = _new(OutboxRecord)
+    _S0(r, seq)
+    _S1(r, message_id)
+    _S2(r, topic)
+    _S3(r, type_)
+    _S4(r, payload)
+    _S5(r, key)
+    _S6(r, headers)
+    _S7(r, created_at)
+    _S8(r, attempts)
+    _S9(r, last_error)
+    return r
+
+
 # Relays waiting on a database file in this process, woken by appends to it.
 _waiting: dict[str, weakref.WeakSet[SqliteOutboxStore]] = {}
 _waiting_lock = threading.Lock()
@@ -291,8 +335,20 @@ def _placeholders(n: int) -> str:
 class SqliteOutboxStore(_SqliteStore):
     """The :class:`msdata.outbox.store.OutboxStore` on SQLite (see the module docstring).
 
+    One relay at a time: a claim takes (or renews) the store's relay lease, a single row,
+    and the rows it returns are remembered by this store object as leased to that relay
+    until it marks, releases, retries or parks them. Other relays' claims return nothing
+    while the lease is live; a relay that releases everything gives the lease up, and a
+    relay that dies lets it lapse after ``lease_seconds``, after which the next relay
+    claims every unsent row again (at least once). One lease write per batch, instead of
+    one per row, keeps the drain close to a raw DELETE loop.
+
     ``poll_interval``: how often ``wait_for_rows`` checks for commits by other processes.
     """
+
+    #: a claim by a relay that holds rows returns later rows of the keys it holds (see
+    #: :class:`msdata.outbox.store.OutboxStore`): the relay claims ahead while publishing
+    prefetch_claims = True
 
     def __init__(
         self,
@@ -314,22 +370,22 @@ class SqliteOutboxStore(_SqliteStore):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._hot_until = 0.0
+        # relay id -> {seq: partition key} of the rows it holds (touched in the store thread)
+        self._held: dict[str, dict[int, str | None]] = {}
         t = f"{self.table_prefix}outbox"
         self._t = t
+        self._lease = f"{t}_relay"
         self._insert = (
             f"INSERT INTO {t} (message_id, topic, type, payload, partition_key, "
             "aggregate_type, headers, created_at) VALUES (?,?,?,?,?,?,?,?)"
         )
-        live = "b.lease_until IS NOT NULL AND b.lease_until > :now"
-        blocking = "(b.state = 1 OR b.retry_at IS NOT NULL) AND (b.state = 1 OR b.retry_at > :now)"
+        # a keyed row waits while an earlier row of its key is parked or waiting out a retry
         self._claimable = (
-            f"FROM {t} o WHERE o.state = 0"
-            " AND (o.lease_until IS NULL OR o.lease_until <= :now)"
-            " AND (o.retry_at IS NULL OR o.retry_at <= :now)"
-            " AND (o.partition_key IS NULL OR ("
-            f"NOT EXISTS (SELECT 1 FROM {t} b WHERE b.partition_key = o.partition_key AND {live})"
-            f" AND NOT EXISTS (SELECT 1 FROM {t} b WHERE b.partition_key = o.partition_key"
-            f" AND b.seq < o.seq AND {blocking})))"
+            f"FROM {t} o WHERE o.state = 0 AND (o.retry_at IS NULL OR o.retry_at <= ?)"
+            " AND (o.partition_key IS NULL OR NOT EXISTS ("
+            f"SELECT 1 FROM {t} b WHERE (b.state = 1 OR b.retry_at IS NOT NULL)"
+            " AND b.partition_key = o.partition_key AND b.seq < o.seq AND b.state < 2"
+            " AND (b.state = 1 OR b.retry_at > ?)))"
         )
         self._columns = (
             "seq, message_id, topic, type, payload, partition_key, headers, created_at, "
@@ -352,9 +408,10 @@ class SqliteOutboxStore(_SqliteStore):
         now = time.time()
         dumps = json.dumps
         try:
-            raw.executemany(
-                self._insert,
-                [
+            if len(rows) == 1:
+                r = rows[0]
+                raw.execute(
+                    self._insert,
                     (
                         r.message_id,
                         r.topic,
@@ -364,13 +421,29 @@ class SqliteOutboxStore(_SqliteStore):
                         r.aggregate_type,
                         dumps(dict(r.headers)) if r.headers else None,
                         now,
-                    )
-                    for r in rows
-                ],
-            )
+                    ),
+                )
+            else:
+                raw.executemany(
+                    self._insert,
+                    [
+                        (
+                            r.message_id,
+                            r.topic,
+                            r.type,
+                            r.payload,
+                            r.partition_key,
+                            r.aggregate_type,
+                            dumps(dict(r.headers)) if r.headers else None,
+                            now,
+                        )
+                        for r in rows
+                    ],
+                )
         except sqlite3.Error as e:
             raise _translate(e) from e
-        self._signal()
+        if _waiting:
+            self._signal()
 
     async def append_async(self, conn: Any, rows: Sequence[OutboxRow]) -> None:
         """SQLite has no async driver msdata serves (aiosqlite is 17x slower): this takes
@@ -392,40 +465,79 @@ class SqliteOutboxStore(_SqliteStore):
 
     # -- relay side ----------------------------------------------------------------------
 
-    def _record(self, row: tuple[Any, ...]) -> OutboxRecord:
+    @staticmethod
+    def _record(row: tuple[Any, ...]) -> OutboxRecord:
         seq, mid, topic, type_, payload, key, headers, created, attempts, error = row
-        return OutboxRecord(
-            seq=seq,
-            message_id=mid,
-            topic=topic,
-            type=type_,
-            payload=payload if type(payload) is bytes else bytes(payload),
-            partition_key=key,
-            headers=MappingProxyType(json.loads(headers)) if headers else _NO_HEADERS,
-            created_at=datetime.fromtimestamp(created, UTC),
-            attempts=attempts,
-            last_error=error,
+        return _new_record(
+            seq,
+            mid,
+            topic,
+            type_,
+            payload if type(payload) is bytes else bytes(payload),
+            key,
+            MappingProxyType(json.loads(headers)) if headers else _NO_HEADERS,
+            datetime.fromtimestamp(created, UTC),
+            attempts,
+            error,
         )
 
+    def _select(self, held: dict[int, str | None], limit: int | None) -> tuple[str, list[Any]]:
+        """The claimable rows, leaving out those the relay ``held`` already. Later rows of
+        the keys it holds may come back: only this relay publishes them, after the rows it
+        holds (a relay publishes one batch after the other)."""
+        now = time.time()
+        sql = self._claimable
+        args: list[Any] = [now, now]
+        if held:
+            sql += f" AND o.seq NOT IN ({_placeholders(len(held))})"
+            args.extend(held)
+        if limit is None:
+            return f"SELECT 1 {sql} LIMIT 1", args
+        return f"SELECT {self._columns} {sql} ORDER BY o.seq LIMIT ?", [*args, limit]
+
+    def _holder(self, conn: sqlite3.Connection) -> tuple[str, float] | None:
+        row = conn.execute(f"SELECT owner, lease_until FROM {self._lease}").fetchone()
+        return None if row is None else (row[0], row[1])
+
     async def claim(self, relay_id: str, limit: int, lease_seconds: float) -> list[OutboxRecord]:
-        t, claimable = self._t, self._claimable
-        probe = f"SELECT 1 {claimable} LIMIT 1"
-        select = f"SELECT {self._columns} {claimable} ORDER BY o.seq LIMIT :limit"
+        lease = self._lease
 
         def run(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
-            # a lock-free look first, so an idle relay never waits on a writer's lock
-            if conn.execute(probe, {"now": time.time()}).fetchone() is None:
+            held = self._held.setdefault(relay_id, {})
+            # a lock-free look first, so an idle or waiting relay never takes the write lock
+            holder = self._holder(conn)
+            now = time.time()
+            if holder is not None and holder[0] != relay_id and holder[1] > now:
+                return []
+            if holder is not None and holder[0] == relay_id and holder[1] - now > lease_seconds / 2:
+                # the lease is ours for a while yet: no other relay claims, so read and go
+                select, args = self._select(held, limit)
+                rows = conn.execute(select, args).fetchall()
+                for r in rows:
+                    held[r[0]] = r[5]
+                return rows
+            probe, args = self._select(held, None)
+            if conn.execute(probe, args).fetchone() is None:
                 return []
 
             def claim(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+                holder = self._holder(conn)
                 now = time.time()
-                rows = conn.execute(select, {"now": now, "limit": limit}).fetchall()
+                if holder is not None and holder[0] != relay_id:
+                    if holder[1] > now:
+                        return []
+                    held.clear()  # another relay held the lease since: start afresh
+                select, args = self._select(held, limit)
+                rows = conn.execute(select, args).fetchall()
                 if rows:
                     conn.execute(
-                        f"UPDATE {t} SET lease_owner = ?, lease_until = ? "
-                        f"WHERE seq IN ({_placeholders(len(rows))})",
-                        (relay_id, now + lease_seconds, *(r[0] for r in rows)),
+                        f"INSERT INTO {lease} (id, owner, lease_until) VALUES (1, ?, ?) "
+                        "ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, "
+                        "lease_until = excluded.lease_until",
+                        (relay_id, now + lease_seconds),
                     )
+                    for r in rows:
+                        held[r[0]] = r[5]
                 return rows
 
             return self._write(conn, claim)
@@ -433,24 +545,58 @@ class SqliteOutboxStore(_SqliteStore):
         rows = await self._run(run)
         return [self._record(r) for r in rows]
 
+    def _drop(self, relay_id: str, seqs: Sequence[int]) -> dict[int, str | None]:
+        held = self._held.get(relay_id, {})
+        for s in seqs:
+            held.pop(s, None)
+        return held
+
     async def mark_sent(self, relay_id: str, seqs: Sequence[int], *, keep: bool = False) -> None:
         if not seqs:
             return
-        t, marks = self._t, _placeholders(len(seqs))
-        args = tuple(seqs)
+        t = self._t
 
-        def run(conn: sqlite3.Connection) -> None:
+        def mark(conn: sqlite3.Connection) -> None:
+            newest = conn.execute(f"SELECT MAX(seq) FROM {t}").fetchone()[0]
+            args = [s for s in seqs if s != newest]
             if keep:
                 conn.execute(
                     f"INSERT OR IGNORE INTO {t}_sent (seq, message_id, topic, type, payload, "
                     "partition_key, aggregate_type, headers, created_at, sent_at) "
                     "SELECT seq, message_id, topic, type, payload, partition_key, "
-                    f"aggregate_type, headers, created_at, ? FROM {t} WHERE seq IN ({marks})",
-                    (time.time(), *args),
+                    f"aggregate_type, headers, created_at, ? FROM {t} "
+                    f"WHERE state < 2 AND seq IN ({_placeholders(len(seqs))})",
+                    (time.time(), *seqs),
                 )
-            conn.execute(f"DELETE FROM {t} WHERE seq IN ({marks})", args)
+            if args:
+                conn.execute(f"DELETE FROM {t} WHERE seq IN ({_placeholders(len(args))})", args)
+            if len(args) < len(seqs):
+                # the newest row stays as a tombstone, so its seq is never given out again
+                conn.execute(f"UPDATE {t} SET state = 2, retry_at = NULL WHERE seq = ?", (newest,))
+            conn.execute(f"DELETE FROM {t} WHERE state = 2 AND seq < ?", (newest,))
 
-        await self._run(lambda conn: self._write(conn, run))
+        def run(conn: sqlite3.Connection) -> None:
+            self._write(conn, mark)
+            self._drop(relay_id, seqs)
+
+        await self._run(run)
+
+    async def release(self, relay_id: str, seqs: Sequence[int]) -> None:
+        lease = self._lease
+
+        def run(conn: sqlite3.Connection) -> None:
+            if not self._drop(relay_id, seqs):
+                # it holds nothing more: give the lease up, so another relay may claim now
+                holder = self._holder(conn)
+                if holder is not None and holder[0] == relay_id:
+                    self._write(
+                        conn,
+                        lambda c: c.execute(f"DELETE FROM {lease} WHERE owner = ?", (relay_id,)),
+                    )
+
+        await self._run(run)
+        if self._wake is not None:
+            self._wake.set()
 
     async def _owned_update(
         self, relay_id: str, seqs: Sequence[int], assign: str, args: tuple[Any, ...]
@@ -458,16 +604,17 @@ class SqliteOutboxStore(_SqliteStore):
         if not seqs:
             return
         sql = (
-            f"UPDATE {self._t} SET {assign} WHERE state = 0 AND lease_owner = ? "
-            f"AND seq IN ({_placeholders(len(seqs))})"
+            f"UPDATE {self._t} SET {assign} WHERE state = 0 "
+            f"AND seq IN ({_placeholders(len(seqs))}) "
+            f"AND EXISTS (SELECT 1 FROM {self._lease} WHERE owner = ?)"
         )
-        params = (*args, relay_id, *seqs)
-        await self._run(lambda conn: self._write(conn, lambda c: c.execute(sql, params)))
+        params = (*args, *seqs, relay_id)
 
-    async def release(self, relay_id: str, seqs: Sequence[int]) -> None:
-        await self._owned_update(relay_id, seqs, "lease_owner = NULL, lease_until = NULL", ())
-        if self._wake is not None:
-            self._wake.set()
+        def run(conn: sqlite3.Connection) -> None:
+            self._write(conn, lambda c: c.execute(sql, params))
+            self._drop(relay_id, seqs)
+
+        await self._run(run)
 
     async def retry_later(
         self, relay_id: str, seqs: Sequence[int], reason: str, retry_at: datetime
@@ -475,18 +622,12 @@ class SqliteOutboxStore(_SqliteStore):
         await self._owned_update(
             relay_id,
             seqs,
-            "attempts = attempts + 1, last_error = ?, retry_at = ?, "
-            "lease_owner = NULL, lease_until = NULL",
+            "attempts = attempts + 1, last_error = ?, retry_at = ?",
             (reason, retry_at.timestamp()),
         )
 
     async def park(self, relay_id: str, seqs: Sequence[int], reason: str) -> None:
-        await self._owned_update(
-            relay_id,
-            seqs,
-            "state = 1, last_error = ?, lease_owner = NULL, lease_until = NULL",
-            (reason,),
-        )
+        await self._owned_update(relay_id, seqs, "state = 1, last_error = ?", (reason,))
 
     async def parked(self, limit: int = 100) -> list[OutboxRecord]:
         sql = f"SELECT {self._columns} FROM {self._t} WHERE state = 1 ORDER BY seq LIMIT ?"
@@ -497,8 +638,7 @@ class SqliteOutboxStore(_SqliteStore):
         if not seqs:
             return 0
         sql = (
-            f"UPDATE {self._t} SET state = 0, attempts = 0, retry_at = NULL, "
-            "lease_owner = NULL, lease_until = NULL "
+            f"UPDATE {self._t} SET state = 0, attempts = 0, retry_at = NULL "
             f"WHERE state = 1 AND seq IN ({_placeholders(len(seqs))})"
         )
         args = tuple(seqs)
@@ -509,7 +649,7 @@ class SqliteOutboxStore(_SqliteStore):
 
     async def status(self) -> OutboxStatus:
         sql = (
-            f"SELECT COALESCE(SUM(state = 0), 0), MIN(CASE WHEN state = 0 THEN created_at END), "
+            "SELECT COALESCE(SUM(state = 0), 0), MIN(CASE WHEN state = 0 THEN created_at END), "
             f"COALESCE(SUM(state = 1), 0) FROM {self._t}"
         )
         pending, oldest, parked = await self._run(lambda conn: conn.execute(sql).fetchone())
