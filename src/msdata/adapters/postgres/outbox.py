@@ -234,7 +234,7 @@ class PostgresOutboxStore:
 
     #: a relay's claim returns later rows of the keys it holds (never the rows it holds):
     #: the relay may claim its next batch while it publishes this one
-    prefetch_claims = False
+    prefetch_claims = True
 
     def __init__(
         self,
