@@ -8,9 +8,9 @@ a connection in autocommit mode (``isolation_level=None``) the caller must have 
 
 Relay side: each call is one transaction on the store's own connection, run whole in one
 hop to the store's own thread (so the event loop never blocks on SQLite, and no per-statement
-hops as with aiosqlite). SQLite has one writer at a time: claims from several relays are
-serialised by its write lock, so a second relay is a stand-by that takes turns, not extra
-throughput; rows stay leased per relay, exactly as on PostgreSQL.
+hops as with aiosqlite). SQLite has one writer at a time, so one relay at a time claims: it
+holds the store's relay lease (one row in ``{prefix}outbox_relay``) and the others get
+nothing until it releases everything or its lease lapses; a second relay is a stand-by.
 
 ``wait_for_rows`` polls ``PRAGMA data_version`` (a read, no lock) every ``poll_interval``
 seconds, and wakes at once when an ``append`` through a store on the same file in this
