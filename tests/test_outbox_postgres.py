@@ -236,3 +236,36 @@ async def test_keyed_claims_racing_never_share_a_key(postgres_url: str) -> None:
     finally:
         await store.drop_schema()
         await store.close()
+
+
+async def test_durable_relay_commits_take_the_same_paths(postgres_url: str) -> None:
+    """relay_synchronous_commit=True runs the relay's statements without the async-commit
+    clause: the same claim, retry, park, release and keep-sent cycle works."""
+    from datetime import UTC, datetime, timedelta
+
+    store = PostgresOutboxStore(postgres_url, table_prefix=_prefix(), relay_synchronous_commit=True)
+    await store.create_schema()
+    try:
+        rows = make_rows(4, keys=["a", "b", "c", None])
+        conn = await asyncpg.connect(postgres_url)
+        try:
+            async with conn.transaction():
+                await store.append_async(conn, rows)
+        finally:
+            await conn.close()
+        got = await store.claim("r", 10, 30.0)
+        assert [r.message_id for r in got] == [r.message_id for r in rows]
+        a, b, c, d = (r.seq for r in got)
+        await store.retry_later("r", [a], "down", datetime.now(UTC) + timedelta(hours=1))
+        await store.park("r", [b], "bad")
+        await store.release("r", [c])
+        await store.mark_sent("r", [d], keep=True)
+        st = await store.status()
+        assert (st.pending, st.parked) == (2, 1)
+        again = await store.claim("r2", 10, 30.0)
+        assert [r.seq for r in again] == [c]
+        assert [p.seq for p in await store.parked()] == [b]
+        assert await store.purge_sent(datetime.now(UTC) + timedelta(seconds=5)) == 1
+    finally:
+        await store.drop_schema()
+        await store.close()

@@ -221,11 +221,12 @@ class PostgresOutboxStore:
     is an ``asyncpg.Pool`` (the caller's; never closed here) or a DSN, from which a pool of
     at most ``max_size`` connections is made on first use (and closed by ``close``).
 
-    Tables: ``{schema}.{table_prefix}outbox``, plus the claim function
-    ``{table_prefix}outbox_claim``; see ``schema_sql()`` and docs/postgres.md (the columns
-    id, aggregatetype, aggregateid, type, payload are those of Debezium's outbox event
-    router). ``notify``: each append also issues ``pg_notify`` in the caller's transaction
-    (delivered at commit) so a waiting relay wakes at once; without it relays poll.
+    Tables: ``{schema}.{table_prefix}outbox`` (its columns id, aggregatetype, aggregateid,
+    type, payload are those Debezium's outbox event router reads), the unlogged
+    ``{table_prefix}outbox_lease`` and the claim function ``{table_prefix}outbox_claim``;
+    see ``schema_sql()`` and docs/postgres.md. ``notify``: each append also issues
+    ``pg_notify`` in the caller's transaction (delivered at commit) so a waiting relay wakes
+    at once; without it relays poll.
     ``relay_synchronous_commit=False`` (default) lets the relay's own transactions (claim,
     mark, release, retry, park) commit without waiting for the WAL flush: a database crash
     can only undo some of them, which means a message is published again (at least once
