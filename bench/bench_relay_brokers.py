@@ -215,7 +215,7 @@ async def relay_drain(
     phases = Phases()
     timed = TimedStore(store, phases, n)
     relay = OutboxRelay(
-        timed,  # type: ignore[arg-type]
+        timed,
         TimedPublisher(transport, phases),
         batch_size=BATCH,
         relay_id=f"bench-{uuid.uuid4().hex[:6]}",
@@ -338,8 +338,9 @@ async def nats_broker(token: str, topic: str) -> Broker:
     async def cleanup() -> None:
         await transport.close()
         for info in await js.streams_info():
-            if info.config.name.startswith((prefix, raw_stream)):
-                await js.delete_stream(info.config.name)
+            name = info.config.name
+            if name is not None and name.startswith((prefix, raw_stream)):
+                await js.delete_stream(name)
         await raw_nc.close()
         await our_nc.close()
 

@@ -65,8 +65,10 @@ def unique(prefix: str) -> str:
 
 
 class Databases(Protocol):
-    outbox_store: OutboxStore
-    inbox: Inbox
+    @property
+    def outbox_store(self) -> OutboxStore: ...
+    @property
+    def inbox(self) -> Inbox: ...
 
     def relay_store(self) -> OutboxStore:
         """A store of its own for one more relay (as another process would have)."""

@@ -155,7 +155,8 @@ async def _nats(ordered: bool) -> AsyncIterator[Transport]:
             await transport.close()
             js = nc.jetstream()
             for info in await js.streams_info():
-                if info.config.name.startswith(prefix):
-                    await js.delete_stream(info.config.name)
+                name = info.config.name
+                if name is not None and name.startswith(prefix):
+                    await js.delete_stream(name)
         finally:
             await nc.close()
