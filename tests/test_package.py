@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import msdata
 
 
@@ -32,3 +34,33 @@ def test_public_names_are_exported() -> None:
     assert msdata.__version__
     for name in msdata.__all__:
         assert hasattr(msdata, name), name
+
+
+@pytest.mark.parametrize(
+    ("driver", "adapter", "extra"),
+    [
+        ("redis", "msdata.adapters.redis", "redis"),
+        ("aio_pika", "msdata.adapters.rabbitmq", "rabbitmq"),
+        ("nats", "msdata.adapters.nats", "nats"),
+        ("asyncpg", "msdata.adapters.postgres", "postgres"),
+    ],
+)
+def test_an_adapter_without_its_driver_names_the_extra(
+    driver: str, adapter: str, extra: str
+) -> None:
+    code = (
+        "import sys, json\n"
+        f"sys.modules[{driver!r}] = None  # as if not installed\n"
+        "from msdata.errors import MissingDependencyError\n"
+        "try:\n"
+        f"    import {adapter}\n"
+        "except MissingDependencyError as e:\n"
+        "    print(json.dumps({'extra': e.extra, 'text': str(e),"
+        " 'importerror': isinstance(e, ImportError)}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    result = json.loads(out)
+    assert result["extra"] == extra and result["importerror"] is True
+    assert f'pip install "msdata[{extra}]"' in result["text"]

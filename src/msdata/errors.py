@@ -68,12 +68,14 @@ class ConfigurationError(MsdataError):
 class MissingDependencyError(ConfigurationError, ImportError):
     """An adapter's driver is not installed; the message names the extra to install."""
 
-    def __init__(self, package: str, extra: str) -> None:
+    def __init__(self, package: str, extra: str | None) -> None:
         self.package = package
         self.extra = extra
-        super().__init__(
-            f'{package!r} is not installed; install it with: pip install "msdata[{extra}]"'
-        )
+        if extra is None:  # a standard-library module this Python was built without
+            text = f"{package!r} is missing from this Python build; msdata needs it here"
+        else:
+            text = f'{package!r} is not installed; install it with: pip install "msdata[{extra}]"'
+        super().__init__(text)
 
 
 class MessageError(MsdataError):

@@ -5,7 +5,7 @@ from msdata.errors import MissingDependencyError
 try:
     import sqlite3 as _sqlite3  # noqa: F401  (some Python builds ship without it)
 except ImportError as e:  # pragma: no cover
-    raise MissingDependencyError("sqlite3", "sqlite") from e
+    raise MissingDependencyError("sqlite3", None) from e
 
 from msdata.adapters.sqlite.outbox import (
     SqliteInboxStore,
