@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import os
 import random
 import socket
@@ -24,6 +25,8 @@ from msdata.transport import Publisher, TransportMessage, check_name
 __all__ = ["Backoff", "OutboxRelay", "PayloadCheck", "exponential_backoff"]
 
 _NOTHING_STUCK: Mapping[str, int] = MappingProxyType({})
+_tuple_new = tuple.__new__
+_as_message = operator.itemgetter(1, 4, 5, 6)
 
 log = logging.getLogger("msdata.outbox")
 
@@ -210,11 +213,11 @@ class OutboxRelay:
                     log.exception("could not release outbox rows %s", sorted(held))
             raise
 
-    async def _claim(self) -> list[OutboxRecord]:
-        # the claim may finish in a database thread after we are cancelled: release it then
-        fut = asyncio.ensure_future(
-            self.store.claim(self.relay_id, self.batch_size, self.lease_seconds)
-        )
+    async def _claim(self, marks: list[int] | None = None) -> list[OutboxRecord]:
+        """Claim a batch (marking ``marks`` sent first, in the same store call when the
+        store can). The call may finish in a database thread after we are cancelled: its
+        mark stands, and its rows are released."""
+        fut = asyncio.ensure_future(self._claim_call(marks or []))
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
@@ -249,12 +252,25 @@ class OutboxRelay:
         bad: dict[str, list[int]] = {}
         blocked: list[int] = []
         stuck: dict[str, int] = {}
+        topics_ok = self._topics_ok
+        quick = self.check == "structure"
         for r in records:
             key = r.partition_key
             if key is not None and (key in stuck or (key in after and r.seq > after[key])):
                 blocked.append(r.seq)
                 stuck.setdefault(key, r.seq)
                 continue
+            if quick:  # the default check, inline: the usual row costs no call
+                p = r.payload
+                if (
+                    r.topic in topics_ok
+                    and type(p) is bytes
+                    and p[:1] == b"{"
+                    and p[-1:] == b"}"
+                    and b'"specversion"' in p
+                ):
+                    publish.append(r)
+                    continue
             reason = self._bad(r)
             if reason is None:
                 publish.append(r)
@@ -302,12 +318,9 @@ class OutboxRelay:
         return None
 
     async def _publish(self, topic: str, records: list[OutboxRecord]) -> None:
+        # (message_id, payload, partition_key, headers) of the record tuple, as a message
         await self.publisher.publish(
-            topic,
-            [
-                TransportMessage(r.message_id, r.payload, r.partition_key, r.headers)
-                for r in records
-            ],
+            topic, [_tuple_new(TransportMessage, _as_message(r)) for r in records]
         )
 
     async def _failed(self, records: list[OutboxRecord], error: BaseException) -> None:
@@ -376,88 +389,115 @@ class OutboxRelay:
         streak = 0
         # Pipelined. With a store that hands a relay the later rows of the keys it holds
         # (``prefetch_claims``), the next batch is claimed while this one is published,
-        # and its rows of keys that fail here are handed back. Otherwise the next claim is
-        # asked for right after publishing, before this batch's mark, so a one-thread
-        # store claims, then marks, while the relay publishes.
+        # and its rows of keys that fail here are handed back. The rows published by the
+        # batch before are marked sent in the same store call as that claim when the store
+        # has ``mark_sent_and_claim`` (one transaction, one hop or round trip per batch);
+        # otherwise by a ``mark_sent`` of their own, also while publishing.
         prefetch = self.prefetch
         claiming: asyncio.Future[list[OutboxRecord]] | None = None
-        marking: asyncio.Future[None] | None = None
+        claiming_marks: list[int] = []  # what ``claiming`` marks sent along with its claim
+        to_mark: list[int] = []  # published, not yet (being) marked
         stuck: dict[str, int] = {}
         try:
             while not self._stopping:
                 failed = False
                 try:
                     if claiming is not None:
-                        records = await asyncio.shield(claiming)
-                        claiming = None
+                        try:
+                            records = await asyncio.shield(claiming)
+                        except BaseException:
+                            to_mark = claiming_marks + to_mark  # marking again is harmless
+                            raise
+                        finally:
+                            if claiming.done():
+                                claiming, claiming_marks = None, []
                     else:
-                        records = await self._claim()
+                        marks, to_mark = to_mark, []
+                        try:
+                            records = await self._claim(marks)
+                        except BaseException:
+                            to_mark = marks + to_mark  # marking again is harmless
+                            raise
                     if not records:
                         stuck = {}
-                        if marking is not None:
-                            await self._shielded(marking)
-                            marking = None
-                            continue  # rows were just marked sent: look again at once
+                        if to_mark:
+                            continue  # mark them (and look again) at once
                         await self._maybe_purge()
                         await self._idle_for(self.store.wait_for_rows(self.poll_interval))
                         continue
                     if prefetch:
-                        claiming = self._claim_ahead()
+                        claiming_marks, to_mark = to_mark, []
+                        claiming = self._claim_ahead(claiming_marks)
                         await asyncio.sleep(0)  # let the claim reach the store first
                     sent, failed, stuck = await self._handle(records, stuck)
                     if not prefetch:
                         stuck = {}
-                    if marking is not None:
-                        await self._shielded(marking)
-                        marking = None
-                    if not prefetch and not failed and not self._stopping:
-                        claiming = self._claim_ahead()
-                        await asyncio.sleep(0)  # ask for the claim before the mark
-                    if sent:
-                        marking = asyncio.ensure_future(self._mark(sent))
+                    to_mark.extend(sent)
+                    if failed and to_mark:
+                        # about to back off: do not sit on published rows past their lease
+                        marks, to_mark = to_mark, []
+                        await self._shielded(self._mark(marks))
                     await self._maybe_purge()
                 except Exception:
                     log.exception("outbox relay %s: step failed", self.relay_id)
                     failed = True
-                    if marking is not None and marking.done():
-                        marking = None
                 if failed:
                     streak += 1
                     await self._idle_for(self._sleep(self.backoff(streak)))
                 else:
                     streak = 0
         finally:
-            await self._wind_down(claiming, marking)
+            await self._wind_down(claiming, claiming_marks, to_mark)
 
-    def _claim_ahead(self) -> asyncio.Future[list[OutboxRecord]]:
-        """Start a claim now; awaited later through a shield, so a cancellation of the
-        relay never loses its rows (``_wind_down`` releases them)."""
-        return asyncio.ensure_future(
-            self.store.claim(self.relay_id, self.batch_size, self.lease_seconds)
-        )
+    def _claim_call(self, marks: list[int]) -> Coroutine[Any, Any, list[OutboxRecord]]:
+        store = self.store
+        if marks:
+            both = getattr(store, "mark_sent_and_claim", None)
+            if callable(both):
+                return both(  # type: ignore[no-any-return]
+                    self.relay_id,
+                    marks,
+                    self.batch_size,
+                    self.lease_seconds,
+                    keep=self.retention is not None,
+                )
+            return self._mark_then_claim(marks)
+        return store.claim(self.relay_id, self.batch_size, self.lease_seconds)
+
+    async def _mark_then_claim(self, marks: list[int]) -> list[OutboxRecord]:
+        await self._mark(marks)
+        return await self.store.claim(self.relay_id, self.batch_size, self.lease_seconds)
+
+    def _claim_ahead(self, marks: list[int]) -> asyncio.Future[list[OutboxRecord]]:
+        """Start a claim now (marking ``marks`` sent first); awaited later through a
+        shield, so a cancellation of the relay never loses its rows (``_wind_down``
+        finishes the mark and releases them)."""
+        return asyncio.ensure_future(self._claim_call(marks))
 
     async def _wind_down(
         self,
         claiming: asyncio.Future[list[OutboxRecord]] | None,
-        marking: asyncio.Future[None] | None,
+        claiming_marks: list[int],
+        to_mark: list[int],
     ) -> None:
-        """Leaving the loop: finish the mark in flight (those rows were published) and
-        release a batch claimed ahead."""
-        if marking is not None:
-            try:
-                await self._shielded(marking)
-            except Exception:
-                log.exception("outbox relay %s: marking sent rows failed", self.relay_id)
+        """Leaving the loop: finish the mark in flight and mark what was published (those
+        rows went out), and release a batch claimed ahead."""
+        records: list[OutboxRecord] = []
         if claiming is not None:
             try:
                 records = await claiming
             except BaseException:
-                records = []
-            if records:
-                try:
-                    await self.store.release(self.relay_id, [r.seq for r in records])
-                except Exception:
-                    log.exception("could not release outbox rows on stop")
+                to_mark = claiming_marks + to_mark
+        if to_mark:
+            try:
+                await self._shielded(self._mark(to_mark))
+            except Exception:
+                log.exception("outbox relay %s: marking sent rows failed", self.relay_id)
+        if records:
+            try:
+                await self.store.release(self.relay_id, [r.seq for r in records])
+            except Exception:
+                log.exception("could not release outbox rows on stop")
 
     @staticmethod
     async def _sleep(seconds: float) -> None:

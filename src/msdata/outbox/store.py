@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from msdata.errors import ConfigurationError
 
@@ -75,11 +75,14 @@ class OutboxRow:
     headers: Mapping[str, str] = field(default_factory=lambda: _NO_HEADERS)
 
 
-@dataclass(frozen=True, slots=True)
-class OutboxRecord:
+class OutboxRecord(NamedTuple):
     """A stored outbox row, as the relay sees it. ``seq`` is the store's insertion order;
     a store never gives the same ``seq`` to two rows, even after deletes (a relay whose lease
-    expired may still mark its old ``seq`` values sent)."""
+    expired may still mark its old ``seq`` values sent).
+
+    A named tuple (immutable, fields by name or position): a relay builds one per published
+    row, and a tuple costs a fraction of a frozen dataclass to build. Stores may build it
+    with ``tuple.__new__(OutboxRecord, values)`` from a row in field order."""
 
     seq: int
     message_id: str
@@ -120,6 +123,21 @@ class OutboxStore(Protocol):
     claim by a relay that still holds rows returns the later pending rows of the keys it
     holds (in ``seq`` order, never the held rows themselves), so the relay claims its next
     batch while publishing this one and publishes the batches in order.
+
+    Optional method (the relay checks with ``callable(getattr(store,
+    "mark_sent_and_claim", None))`` and falls back to ``mark_sent`` then ``claim``)::
+
+        async def mark_sent_and_claim(
+            self, relay_id: str, sent_seqs: Sequence[int], limit: int, lease_seconds: float,
+            *, keep: bool = False,
+        ) -> list[OutboxRecord]
+
+    It does ``mark_sent(relay_id, sent_seqs, keep=keep)`` and then ``claim(relay_id, limit,
+    lease_seconds)`` as ONE transaction of the store's own (one executor hop, one round
+    trip): the claim sees the mark, both follow the contracts above (the claim never returns
+    a row of a key another relay holds, nor a row the caller holds), and when it raises
+    neither took effect. A relay that has just published a batch marks it and claims the
+    next one for the price of one call.
     """
 
     # -- write side: in the caller's transaction ---------------------------------------------

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import os
 import sqlite3
@@ -284,43 +283,34 @@ class _SqliteStore:
         ex.shutdown(wait=False)
 
 
-_FIELDS = tuple(f.name for f in dataclasses.fields(OutboxRecord))
-assert _FIELDS == (
-    "seq", "message_id", "topic", "type", "payload", "partition_key", "headers",
-    "created_at", "attempts", "last_error",
-)  # fmt: skip
-_S0, _S1, _S2, _S3, _S4, _S5, _S6, _S7, _S8, _S9 = (
-    getattr(OutboxRecord, name).__set__ for name in _FIELDS
-)
-_new = object.__new__
+_tuple_new = tuple.__new__
+_fromtimestamp = datetime.fromtimestamp
 
 
-def _new_record(
-    seq: int,
-    message_id: str,
-    topic: str,
-    type_: str,
-    payload: bytes,
-    key: str | None,
-    headers: Any,
-    created_at: datetime,
-    attempts: int,
-    last_error: str | None,
-) -> OutboxRecord:
-    """An OutboxRecord without the frozen dataclass's per-field ``object.__setattr__``
-    (half of the relay's per-row cost); the slots are set directly, once."""
-    r = _new(OutboxRecord)
-    _S0(r, seq)
-    _S1(r, message_id)
-    _S2(r, topic)
-    _S3(r, type_)
-    _S4(r, payload)
-    _S5(r, key)
-    _S6(r, headers)
-    _S7(r, created_at)
-    _S8(r, attempts)
-    _S9(r, last_error)
-    return r
+def _records(rows: list[tuple[Any, ...]]) -> list[OutboxRecord]:
+    """Rows of ``_COLUMNS`` (OutboxRecord's field order) as records: one tuple each, the
+    time and (rarely present) headers converted; no per-field attribute setting."""
+    out: list[OutboxRecord] = []
+    append = out.append
+    for seq, mid, topic, type_, payload, key, headers, created, attempts, error in rows:
+        append(
+            _tuple_new(
+                OutboxRecord,
+                (
+                    seq,
+                    mid,
+                    topic,
+                    type_,
+                    payload if type(payload) is bytes else bytes(payload),
+                    key,
+                    MappingProxyType(json.loads(headers)) if headers else _NO_HEADERS,
+                    _fromtimestamp(created, UTC),
+                    attempts,
+                    error,
+                ),
+            )
+        )
+    return out
 
 
 # Relays waiting on a database file in this process, woken by appends to it.
@@ -387,6 +377,8 @@ class SqliteOutboxStore(_SqliteStore):
             " AND b.partition_key = o.partition_key AND b.seq < o.seq AND b.state < 2"
             " AND (b.state = 1 OR b.retry_at > ?)))"
         )
+        self._pending = f"FROM {t} o WHERE o.state = 0"
+        self._any_blocking = f"SELECT 1 FROM {t} WHERE state = 1 OR retry_at IS NOT NULL LIMIT 1"
         self._columns = (
             "seq, message_id, topic, type, payload, partition_key, headers, created_at, "
             "attempts, last_error"
@@ -465,29 +457,21 @@ class SqliteOutboxStore(_SqliteStore):
 
     # -- relay side ----------------------------------------------------------------------
 
-    @staticmethod
-    def _record(row: tuple[Any, ...]) -> OutboxRecord:
-        seq, mid, topic, type_, payload, key, headers, created, attempts, error = row
-        return _new_record(
-            seq,
-            mid,
-            topic,
-            type_,
-            payload if type(payload) is bytes else bytes(payload),
-            key,
-            MappingProxyType(json.loads(headers)) if headers else _NO_HEADERS,
-            datetime.fromtimestamp(created, UTC),
-            attempts,
-            error,
-        )
-
-    def _select(self, held: dict[int, str | None], limit: int | None) -> tuple[str, list[Any]]:
+    def _select(
+        self, conn: sqlite3.Connection, held: dict[int, str | None], limit: int | None
+    ) -> tuple[str, list[Any]]:
         """The claimable rows, leaving out those the relay ``held`` already. Later rows of
         the keys it holds may come back: only this relay publishes them, after the rows it
         holds (a relay publishes one batch after the other)."""
-        now = time.time()
-        sql = self._claimable
-        args: list[Any] = [now, now]
+        if conn.execute(self._any_blocking).fetchone() is None:
+            # nothing parked or backing off (the usual case): no row waits for an earlier
+            # one, so skip the per-row look for one (a probe of the small partial index)
+            sql = self._pending
+            args: list[Any] = []
+        else:
+            now = time.time()
+            sql = self._claimable
+            args = [now, now]
         if held:
             sql += f" AND o.seq NOT IN ({_placeholders(len(held))})"
             args.extend(held)
@@ -499,10 +483,45 @@ class SqliteOutboxStore(_SqliteStore):
         row = conn.execute(f"SELECT owner, lease_until FROM {self._lease}").fetchone()
         return None if row is None else (row[0], row[1])
 
-    async def claim(self, relay_id: str, limit: int, lease_seconds: float) -> list[OutboxRecord]:
-        lease = self._lease
+    def _claim_tx(
+        self, conn: sqlite3.Connection, relay_id: str, limit: int, lease_seconds: float
+    ) -> tuple[list[tuple[Any, ...]], bool]:
+        """The claim, inside an open write transaction: the rows, and whether the relay's
+        held rows are stale (another relay held the lease since). The caller updates
+        ``_held`` once the transaction committed."""
+        holder = self._holder(conn)
+        now = time.time()
+        fresh = False
+        if holder is not None and holder[0] != relay_id:
+            if holder[1] > now:
+                return [], False
+            fresh = True
+        held = {} if fresh else self._held.get(relay_id, {})
+        select, args = self._select(conn, held, limit)
+        rows = conn.execute(select, args).fetchall()
+        if rows and (
+            holder is None or holder[0] != relay_id or holder[1] - now <= lease_seconds / 2
+        ):
+            conn.execute(
+                f"INSERT INTO {self._lease} (id, owner, lease_until) VALUES (1, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, "
+                "lease_until = excluded.lease_until",
+                (relay_id, now + lease_seconds),
+            )
+        return rows, fresh
 
-        def run(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+    def _hold(self, relay_id: str, rows: list[tuple[Any, ...]], fresh: bool) -> None:
+        held = self._held.setdefault(relay_id, {})
+        if fresh:
+            held.clear()
+        for r in rows:
+            held[r[0]] = r[5]
+
+    async def claim(self, relay_id: str, limit: int, lease_seconds: float) -> list[OutboxRecord]:
+        if limit <= 0:
+            return []
+
+        def run(conn: sqlite3.Connection) -> list[OutboxRecord]:
             held = self._held.setdefault(relay_id, {})
             # a lock-free look first, so an idle or waiting relay never takes the write lock
             holder = self._holder(conn)
@@ -511,39 +530,50 @@ class SqliteOutboxStore(_SqliteStore):
                 return []
             if holder is not None and holder[0] == relay_id and holder[1] - now > lease_seconds / 2:
                 # the lease is ours for a while yet: no other relay claims, so read and go
-                select, args = self._select(held, limit)
+                select, args = self._select(conn, held, limit)
                 rows = conn.execute(select, args).fetchall()
-                for r in rows:
-                    held[r[0]] = r[5]
-                return rows
-            probe, args = self._select(held, None)
+                self._hold(relay_id, rows, False)
+                return _records(rows)
+            probe, args = self._select(conn, held, None)
             if conn.execute(probe, args).fetchone() is None:
                 return []
+            rows, fresh = self._write(
+                conn, lambda c: self._claim_tx(c, relay_id, limit, lease_seconds)
+            )
+            self._hold(relay_id, rows, fresh)
+            return _records(rows)
 
-            def claim(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
-                holder = self._holder(conn)
-                now = time.time()
-                if holder is not None and holder[0] != relay_id:
-                    if holder[1] > now:
-                        return []
-                    held.clear()  # another relay held the lease since: start afresh
-                select, args = self._select(held, limit)
-                rows = conn.execute(select, args).fetchall()
-                if rows:
-                    conn.execute(
-                        f"INSERT INTO {lease} (id, owner, lease_until) VALUES (1, ?, ?) "
-                        "ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, "
-                        "lease_until = excluded.lease_until",
-                        (relay_id, now + lease_seconds),
-                    )
-                    for r in rows:
-                        held[r[0]] = r[5]
-                return rows
+        return await self._run(run)
 
-            return self._write(conn, claim)
+    async def mark_sent_and_claim(
+        self,
+        relay_id: str,
+        sent_seqs: Sequence[int],
+        limit: int,
+        lease_seconds: float,
+        *,
+        keep: bool = False,
+    ) -> list[OutboxRecord]:
+        """``mark_sent`` then ``claim``, in one transaction and one hop to the store's
+        thread (see :class:`msdata.outbox.store.OutboxStore`)."""
+        if not sent_seqs:
+            return await self.claim(relay_id, limit, lease_seconds)
+        if limit <= 0:
+            await self.mark_sent(relay_id, sent_seqs, keep=keep)
+            return []
+        seqs = list(sent_seqs)
 
-        rows = await self._run(run)
-        return [self._record(r) for r in rows]
+        def both(conn: sqlite3.Connection) -> tuple[list[tuple[Any, ...]], bool]:
+            self._mark_tx(conn, seqs, keep)
+            return self._claim_tx(conn, relay_id, limit, lease_seconds)
+
+        def run(conn: sqlite3.Connection) -> list[OutboxRecord]:
+            rows, fresh = self._write(conn, both)
+            self._drop(relay_id, seqs)
+            self._hold(relay_id, rows, fresh)
+            return _records(rows)
+
+        return await self._run(run)
 
     def _drop(self, relay_id: str, seqs: Sequence[int]) -> dict[int, str | None]:
         held = self._held.get(relay_id, {})
@@ -551,32 +581,32 @@ class SqliteOutboxStore(_SqliteStore):
             held.pop(s, None)
         return held
 
+    def _mark_tx(self, conn: sqlite3.Connection, seqs: Sequence[int], keep: bool) -> None:
+        t = self._t
+        newest = conn.execute(f"SELECT MAX(seq) FROM {t}").fetchone()[0]
+        args = [s for s in seqs if s != newest]
+        if keep:
+            conn.execute(
+                f"INSERT OR IGNORE INTO {t}_sent (seq, message_id, topic, type, payload, "
+                "partition_key, aggregate_type, headers, created_at, sent_at) "
+                "SELECT seq, message_id, topic, type, payload, partition_key, "
+                f"aggregate_type, headers, created_at, ? FROM {t} "
+                f"WHERE state < 2 AND seq IN ({_placeholders(len(seqs))})",
+                (time.time(), *seqs),
+            )
+        if args:
+            conn.execute(f"DELETE FROM {t} WHERE seq IN ({_placeholders(len(args))})", args)
+        if len(args) < len(seqs):
+            # the newest row stays as a tombstone, so its seq is never given out again
+            conn.execute(f"UPDATE {t} SET state = 2, retry_at = NULL WHERE seq = ?", (newest,))
+        conn.execute(f"DELETE FROM {t} WHERE state = 2 AND seq < ?", (newest,))
+
     async def mark_sent(self, relay_id: str, seqs: Sequence[int], *, keep: bool = False) -> None:
         if not seqs:
             return
-        t = self._t
-
-        def mark(conn: sqlite3.Connection) -> None:
-            newest = conn.execute(f"SELECT MAX(seq) FROM {t}").fetchone()[0]
-            args = [s for s in seqs if s != newest]
-            if keep:
-                conn.execute(
-                    f"INSERT OR IGNORE INTO {t}_sent (seq, message_id, topic, type, payload, "
-                    "partition_key, aggregate_type, headers, created_at, sent_at) "
-                    "SELECT seq, message_id, topic, type, payload, partition_key, "
-                    f"aggregate_type, headers, created_at, ? FROM {t} "
-                    f"WHERE state < 2 AND seq IN ({_placeholders(len(seqs))})",
-                    (time.time(), *seqs),
-                )
-            if args:
-                conn.execute(f"DELETE FROM {t} WHERE seq IN ({_placeholders(len(args))})", args)
-            if len(args) < len(seqs):
-                # the newest row stays as a tombstone, so its seq is never given out again
-                conn.execute(f"UPDATE {t} SET state = 2, retry_at = NULL WHERE seq = ?", (newest,))
-            conn.execute(f"DELETE FROM {t} WHERE state = 2 AND seq < ?", (newest,))
 
         def run(conn: sqlite3.Connection) -> None:
-            self._write(conn, mark)
+            self._write(conn, lambda c: self._mark_tx(c, seqs, keep))
             self._drop(relay_id, seqs)
 
         await self._run(run)
@@ -632,7 +662,7 @@ class SqliteOutboxStore(_SqliteStore):
     async def parked(self, limit: int = 100) -> list[OutboxRecord]:
         sql = f"SELECT {self._columns} FROM {self._t} WHERE state = 1 ORDER BY seq LIMIT ?"
         rows = await self._run(lambda conn: conn.execute(sql, (limit,)).fetchall())
-        return [self._record(r) for r in rows]
+        return _records(rows)
 
     async def requeue(self, seqs: Sequence[int]) -> int:
         if not seqs:
