@@ -123,3 +123,30 @@ async def test_middleware_order_bus_then_handler() -> None:
     bus.register(PlaceOrder, lambda c: trail.append("handler"), middleware=[tag("inner")])
     await bus.send(PlaceOrder(sku="a", qty=1))
     assert trail == ["outer", "inner", "handler"]
+
+
+async def test_in_process_commands_stay_out_of_the_wire_registry() -> None:
+    from msdata import default_registry
+
+    async def build_and_send() -> int:
+        class Local(Command):  # defined anew on every call, like in a factory or fixture
+            n: int
+
+        bus = CommandBus()
+        bus.register(Local, lambda c: c.n * 2)
+        assert not default_registry.is_registered(Local)
+        result: int = await bus.send(Local(n=21))
+        return result
+
+    assert await build_and_send() == 42
+    assert await build_and_send() == 42
+
+
+async def test_async_callable_objects_are_awaited() -> None:
+    class Handler:
+        async def __call__(self, cmd: PlaceOrder) -> str:
+            return cmd.sku
+
+    bus = CommandBus(registry=registry)
+    bus.register(PlaceOrder, Handler())
+    assert await bus.send(PlaceOrder(sku="pen", qty=1)) == "pen"

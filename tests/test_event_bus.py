@@ -7,10 +7,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from pydantic import field_validator
 
 from msdata import Event, MessageRegistry
 from msdata.adapters.memory import MemoryTransport
-from msdata.errors import ConfigurationError, HandlerAlreadyRegistered, RejectMessage
+from msdata.errors import (
+    ConfigurationError,
+    HandlerAlreadyRegistered,
+    RejectMessage,
+    TransportClosed,
+)
 from msdata.events import EventBus
 from msdata.messages import Envelope, current_envelope, message_type
 from msdata.middleware import Next, logging_middleware, retry, timing
@@ -312,3 +318,97 @@ def test_wiring_errors(transport: MemoryTransport) -> None:
         bus.subscribe(OrderPlaced, print, group="g")
     with pytest.raises(ConfigurationError):
         bus.subscribe(OrderPlaced, print, group="bad group")
+
+
+@message_type("test.Picky", registry=registry)
+class Picky(Event):
+    n: int
+
+    @field_validator("n")
+    @classmethod
+    def _no_thirteen(cls, v: int) -> int:
+        if v == 13:
+            raise TypeError("a validator that raises something odd")
+        return v
+
+
+async def test_handler_objects_with_async_call_are_awaited(transport: MemoryTransport) -> None:
+    bus = make_bus(transport)
+    seen: list[str] = []
+
+    class Handler:
+        async def __call__(self, e: OrderPlaced) -> None:
+            await asyncio.sleep(0)
+            seen.append(e.order_id)
+
+    bus.subscribe(OrderPlaced, Handler(), group="g")
+    async with bus:
+        await bus.publish(OrderPlaced(order_id="obj", amount=1))
+        await wait_for(lambda: seen == ["obj"])
+
+
+async def test_a_handler_raising_cancelled_error_is_a_failure_not_a_stop(
+    transport: MemoryTransport,
+) -> None:
+    bus = make_bus(transport)
+    calls = 0
+
+    @bus.handler(OrderPlaced, group="g")
+    async def awaits_a_cancelled_task(e: OrderPlaced) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            task = asyncio.create_task(asyncio.sleep(10))
+            task.cancel()
+            await task  # raises CancelledError into the handler
+
+    async with bus:
+        await bus.publish(OrderPlaced(order_id="c", amount=1))
+        await wait_for(lambda: calls == 2)  # redelivered: the consumer is still alive
+        await bus.publish(OrderPlaced(order_id="d", amount=1))
+        await wait_for(lambda: calls == 3)
+
+
+async def test_input_a_validator_chokes_on_is_dead_lettered(transport: MemoryTransport) -> None:
+    bus = make_bus(transport)
+    seen: list[int] = []
+    bus.subscribe(Picky, lambda e: seen.append(e.n), group="g")
+    topic = bus.topic_of(Picky)
+    ok = bus.codec.encode(bus.envelope(Picky(n=1)))
+    odd = ok.replace(b'"n":1', b'"n":13')
+    async with bus:
+        await transport.publish(
+            topic, [TransportMessage(id="odd", body=odd), TransportMessage(id="ok", body=ok)]
+        )
+        await wait_for(lambda: seen == [1])
+        async with transport.subscribe(dead_letter_topic(topic, "g"), "ops") as dlq:
+            (dead,) = await collect(dlq, 1, timeout=5)
+    assert dead.message.id == "odd"
+    assert "TypeError" in dead.message.headers[DEAD_LETTER_REASON]
+
+
+async def test_retry_middleware_does_not_retry_a_rejection(transport: MemoryTransport) -> None:
+    bus = make_bus(transport)
+    calls = 0
+
+    @bus.handler(OrderPlaced, group="g", middleware=[retry(5, base_delay=0)])
+    async def reject(e: OrderPlaced) -> None:
+        nonlocal calls
+        calls += 1
+        raise RejectMessage("no")
+
+    async with bus:
+        await bus.publish(OrderPlaced(order_id="r", amount=1))
+        async with transport.subscribe(dead_letter_topic(bus.topic_of(OrderPlaced), "g"), "o") as d:
+            await collect(d, 1, timeout=5)
+    assert calls == 1
+
+
+async def test_a_bus_on_a_closed_transport_fails_to_start(transport: MemoryTransport) -> None:
+    bus = make_bus(transport)
+    bus.subscribe(OrderPlaced, print, group="g")
+    await transport.close()
+    with pytest.raises(TransportClosed):
+        await bus.start()
+    with pytest.raises(ConfigurationError):
+        EventBus(transport, source="")

@@ -19,3 +19,24 @@ class TestMemoryTransport(TransportConformance):
             yield transport
         finally:
             await transport.close()
+
+
+async def test_receive_with_full_prefetch_waits_for_room_instead_of_spinning() -> None:
+    import asyncio
+    import time
+
+    from msdata.testing.transport import collect, make_messages
+
+    t = MemoryTransport()
+    async with t.subscribe("t", "g", prefetch=1) as sub:
+        await t.publish("t", make_messages(2))
+        (held,) = await collect(sub, 1, timeout=1, ack=False)
+        started = time.monotonic()
+        assert await sub.receive(10, timeout=0.2) == []
+        assert time.monotonic() - started >= 0.15
+        waiter = asyncio.create_task(sub.receive(10, timeout=5))
+        await asyncio.sleep(0.05)
+        await held.ack()  # frees the room: the waiting receive gets the next message
+        (nxt,) = await asyncio.wait_for(waiter, 1)
+        assert nxt.message.id != held.message.id
+    await t.close()

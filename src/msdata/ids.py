@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -16,6 +17,15 @@ _tail = 0  # the 74 bits after the timestamp, less the version and variant bits
 # Not a secret: ids must be unique and ordered, not unguessable. random reseeds after fork.
 _rand = random.getrandbits
 _TAIL_MAX = (1 << 74) - 1
+
+
+def _after_fork() -> None:
+    # a child must not continue its parent's counter inside the same millisecond
+    global _last_ms
+    _last_ms = 0
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _next_int() -> int:

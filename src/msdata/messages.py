@@ -25,7 +25,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from msdata.errors import InvalidHeader, RegistrationError
+from msdata.errors import ConfigurationError, InvalidHeader, RegistrationError
 from msdata.ids import new_id, utc_now
 
 __all__ = [
@@ -50,7 +50,8 @@ MT = TypeVar("MT", bound=type["Message"])
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
-_TYPE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.:\-]{0,199}$")
+# a type name is also the default topic, so it follows the transport's topic rules
+_TYPE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,149}$")
 
 
 class Message(BaseModel):
@@ -90,10 +91,10 @@ class MessageRegistry:
     def register(self, cls: type[Message], type_name: str, version: int = 1) -> None:
         if not (isinstance(cls, type) and issubclass(cls, Message)):
             raise RegistrationError(f"{cls!r} is not a msdata Message class")
-        if not _TYPE_NAME.match(type_name):
+        if not isinstance(type_name, str) or not _TYPE_NAME.match(type_name) or ".." in type_name:
             raise RegistrationError(
                 f"type name {type_name!r} must start with a letter and hold only letters, "
-                "digits and . _ : - (at most 200 characters)"
+                "digits and . _ - (at most 150 characters, no '..')"
             )
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise RegistrationError(f"schema version must be an int >= 1, got {version!r}")
@@ -253,11 +254,12 @@ class _LocalParent:
     """A message being handled in-process (a command or query) whose envelope is only built
     if something inside asks for it: most handlers never publish, and ids are not free."""
 
-    __slots__ = ("_envelope", "message", "parent", "registry", "source")
+    __slots__ = ("_envelope", "message", "parent", "source", "type_name", "version")
 
-    def __init__(self, message: Message, registry: MessageRegistry, source: str) -> None:
+    def __init__(self, message: Message, type_name: str, version: int, source: str) -> None:
         self.message = message
-        self.registry = registry
+        self.type_name = type_name
+        self.version = version
         self.source = source
         self.parent = _current.get()  # what was being handled when this one was sent
         self._envelope: Envelope[Any] | None = None
@@ -268,7 +270,7 @@ class _LocalParent:
             if isinstance(parent, _LocalParent):
                 parent = parent.resolve()
             self._envelope = _build(
-                self.message, self.registry, None, None, self.source, None, parent
+                self.message, self.type_name, self.version, None, None, self.source, None, parent
             )
         return self._envelope
 
@@ -313,9 +315,13 @@ def make_envelope(
 ) -> Envelope[M]:
     """Wrap ``message`` for sending. Correlation and causation come from the message being
     handled in this task (see :func:`handling`), unless given."""
+    if not source:
+        raise ConfigurationError("an envelope's source must be a non-empty string")
+    type_name, version = (registry or default_registry).name_of(type(message))
     return _build(
         message,
-        registry or default_registry,
+        type_name,
+        version,
         partition_key,
         headers,
         source,
@@ -326,14 +332,14 @@ def make_envelope(
 
 def _build(
     message: M,
-    registry: MessageRegistry,
+    type_name: str,
+    version: int,
     partition_key: str | None,
     headers: Mapping[str, str] | None,
     source: str,
     correlation_id: str | None,
     parent: Envelope[Any] | None,
 ) -> Envelope[M]:
-    type_name, version = registry.name_of(type(message))
     if partition_key is not None and not isinstance(partition_key, str):
         raise InvalidHeader(f"partition key must be a str, got {type(partition_key).__name__}")
     msg_id = new_id()

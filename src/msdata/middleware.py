@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from msdata.errors import RejectMessage
 from msdata.messages import Envelope
 
 __all__ = [
@@ -32,12 +33,17 @@ Middleware = Callable[[Envelope[Any], Next], Awaitable[Any]]
 
 
 def as_async(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-    """``fn`` itself if it is a coroutine function, else a coroutine function calling it."""
+    """``fn`` itself if it is a coroutine function, else a coroutine function calling it and
+    awaiting what it returns when that is awaitable (an object with ``async def __call__``,
+    a sync wrapper around a coroutine function)."""
     if inspect.iscoroutinefunction(fn):
         return fn
 
     async def call(*args: Any) -> Any:
-        return fn(*args)
+        result = fn(*args)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
 
     call.__name__ = getattr(fn, "__name__", "handler")
     return call
@@ -81,6 +87,8 @@ def retry(
         for attempt in range(1, attempts + 1):
             try:
                 return await call_next(envelope)
+            except (RejectMessage, asyncio.CancelledError):
+                raise  # a rejection is final, and cancellation is not a failure
             except retry_on:
                 if attempt == attempts:
                     raise
@@ -128,14 +136,15 @@ def logging_middleware(
     return mw
 
 
-def timing(record: Callable[[Envelope[Any], float, BaseException | None], None]) -> Middleware:
-    """Call ``record(envelope, seconds, error_or_None)`` after each handling."""
+def timing(record: Callable[[Envelope[Any], float, Exception | None], None]) -> Middleware:
+    """Call ``record(envelope, seconds, error_or_None)`` after each handling (not after a
+    cancellation, which is no outcome of the handler)."""
 
     async def mw(envelope: Envelope[Any], call_next: Next) -> Any:
         started = time.perf_counter()
         try:
             result = await call_next(envelope)
-        except BaseException as e:
+        except Exception as e:
             record(envelope, time.perf_counter() - started, e)
             raise
         record(envelope, time.perf_counter() - started, None)

@@ -15,22 +15,27 @@ unpickled: the registry names the class and pydantic validates the payload.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Annotated, Any, Literal, NotRequired, Union
 
 from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, with_config
+from pydantic_core import to_json as _to_json
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from msdata.errors import (
     InvalidEnvelope,
     MalformedMessage,
+    MessageError,
     MessageTooLarge,
     MessageValidationError,
     UnknownMessageType,
     UnknownSchemaVersion,
 )
+from msdata.ids import utc_now
 from msdata.messages import (
     _EMPTY,
+    _HEADER_NAME,
     RESERVED_ATTRIBUTES,
     Envelope,
     Message,
@@ -74,7 +79,7 @@ def _wire_type(type_name: str, cls: type[Message]) -> Any:
         "id": _StrictStr,
         "source": _StrictStr,
         "type": Literal[type_name],
-        "time": datetime,
+        "time": NotRequired[_StrictStr],  # parsed by _parse_time, as on the plain path
         "datacontenttype": NotRequired[_StrictStr],
         "schemaversion": NotRequired[_StrictInt],
         "correlationid": NotRequired[_StrictStr],
@@ -91,7 +96,13 @@ class CloudEventsCodec:
     """Encodes envelopes to CloudEvents JSON bytes and decodes them back, symmetrically.
 
     ``decode`` raises only :class:`msdata.errors.DecodeError` subclasses for bad input, so a
-    consumer can dead-letter it with ``str(error)`` as the reason.
+    consumer can dead-letter it with ``str(error)`` as the reason. A well-formed event of a
+    registered type at its newest version is decoded in one pass through pydantic-core; any
+    other input takes the plain path, which upcasts older versions and names the exact
+    error. Both paths accept and reject the same inputs (a property test checks it).
+
+    Decoding is lenient where CloudEvents is: ``time`` is optional (the time of decoding is
+    used), and ``datacontenttype`` may carry parameters (``application/json; charset=utf-8``).
     """
 
     content_type = CONTENT_TYPE
@@ -130,23 +141,24 @@ class CloudEventsCodec:
         if encoder is None:
             name, _ = self.registry.name_of(cls)
             encoder = self._encoders[cls] = TypeAdapter(_wire_type(name, cls)).serializer
-        doc: dict[str, Any] = {
-            "specversion": "1.0",
-            "id": envelope.id,
-            "source": envelope.source,
-            "type": envelope.type,
-            "time": envelope.time,
-            "datacontenttype": "application/json",
-            "schemaversion": envelope.version,
-        }
+        time = envelope.time
+        if time.tzinfo is None:
+            raise MessageError(f"{envelope.type} {envelope.id}: time must be timezone-aware")
+        # headers first, so that none can stand in for a CloudEvents attribute
+        doc: dict[str, Any] = dict(envelope.headers) if envelope.headers else {}
+        doc["specversion"] = "1.0"
+        doc["id"] = envelope.id
+        doc["source"] = envelope.source
+        doc["type"] = envelope.type
+        doc["time"] = time.isoformat()
+        doc["datacontenttype"] = "application/json"
+        doc["schemaversion"] = envelope.version
         if envelope.correlation_id is not None:
             doc["correlationid"] = envelope.correlation_id
         if envelope.causation_id is not None:
             doc["causationid"] = envelope.causation_id
         if envelope.partition_key is not None:
             doc["partitionkey"] = envelope.partition_key
-        if envelope.headers:
-            doc.update(envelope.headers)
         doc["data"] = message
         raw: bytes = encoder.to_json(doc)
         if len(raw) > self.max_size:
@@ -156,75 +168,37 @@ class CloudEventsCodec:
             )
         return raw
 
-    def encode_plain(self, envelope: Envelope[Any]) -> bytes:
-        """The same bytes as :meth:`encode`, built without the cached adapters (reference)."""
-        head: dict[str, Any] = {
-            "specversion": "1.0",
-            "id": envelope.id,
-            "source": envelope.source,
-            "type": envelope.type,
-            "time": envelope.time.isoformat(),
-            "datacontenttype": "application/json",
-            "schemaversion": envelope.version,
-        }
-        if envelope.correlation_id is not None:
-            head["correlationid"] = envelope.correlation_id
-        if envelope.causation_id is not None:
-            head["causationid"] = envelope.causation_id
-        if envelope.partition_key is not None:
-            head["partitionkey"] = envelope.partition_key
-        if envelope.headers:
-            head.update(envelope.headers)
-        message = envelope.message
-        data = message.__pydantic_serializer__.to_json(message)
-        raw = b"".join((_dumps(head)[:-1].encode(), b',"data":', data, b"}"))
-        if len(raw) > self.max_size:
-            raise MessageTooLarge(
-                f"{envelope.type} {envelope.id} encodes to {len(raw)} bytes; "
-                f"the maximum is {self.max_size}"
-            )
-        return raw
-
     def decode(self, raw: bytes | bytearray | str) -> Envelope[Message]:
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8", "surrogatepass")
         if len(raw) > self.max_size:
             raise MessageTooLarge(f"{len(raw)} bytes; the maximum is {self.max_size}")
         if self._generation != self.registry.generation:
             self._refresh()
         if self._decoder is not None:
-            # fast path: one pass through pydantic's core for a well-formed, current-version
-            # event; anything else takes the plain path below, which names the exact error
+            # fast path; anything unusual goes to the plain path, which names the exact error
             try:
-                doc = self._decoder.validate_json(raw)
-            except ValidationError:
-                pass
-            else:
-                envelope = self._from_validated(doc)
-                if envelope is not None:
-                    return envelope
+                envelope = self._from_validated(self._decoder.validate_json(raw))
+            except Exception:
+                envelope = None
+            if envelope is not None:
+                return envelope
         return self.decode_plain(raw)
 
     def _from_validated(self, doc: dict[str, Any]) -> Envelope[Message] | None:
         type_name = doc["type"]
         newest = self._newest[type_name][1]
-        time = doc["time"]
-        content_type = doc.get("datacontenttype", "application/json")
-        if (
-            doc.get("schemaversion", 1) != newest
-            or time.tzinfo is None
-            or not doc["id"]
-            or not doc["source"]
-            or not (content_type in _JSON_TYPES or content_type.endswith("+json"))
-        ):
+        if doc.get("schemaversion", 1) != newest or not doc["id"] or not doc["source"]:
             return None
+        content_type = doc.get("datacontenttype")
+        if content_type is not None and not _is_json(content_type):
+            return None
+        raw_time = doc.get("time")
+        time = utc_now() if raw_time is None else _parse_time(raw_time)
         headers: dict[str, str] | None = None
         extra = doc.keys() - _KNOWN
         if extra:
-            headers = {}
-            for name in extra:
-                value = doc[name]
-                if name in RESERVED_ATTRIBUTES or not isinstance(value, str | int | bool):
-                    continue
-                headers[name] = value if isinstance(value, str) else json.dumps(value)
+            headers = _headers(doc, extra)
         get = doc.get
         return Envelope(
             doc["data"],
@@ -241,11 +215,13 @@ class CloudEventsCodec:
 
     def decode_plain(self, raw: bytes | bytearray | str) -> Envelope[Message]:
         """Decode without the fast path: the reference, and the path for every bad input."""
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8", "surrogatepass")
         if len(raw) > self.max_size:
             raise MessageTooLarge(f"{len(raw)} bytes; the maximum is {self.max_size}")
         try:
             obj = _loads(raw)
-        except (ValueError, UnicodeDecodeError, TypeError) as e:
+        except (ValueError, UnicodeDecodeError, TypeError, RecursionError) as e:
             raise MalformedMessage(f"not UTF-8 JSON: {e}") from e
         if not isinstance(obj, dict):
             raise MalformedMessage(f"a CloudEvent is a JSON object, got {type(obj).__name__}")
@@ -259,14 +235,12 @@ class CloudEventsCodec:
         source = _required_str(obj, "source")
         type_name = _required_str(obj, "type")
         version = obj.get("schemaversion", 1)
-        if isinstance(version, str) and version.isdigit():
+        if isinstance(version, str) and version.isascii() and version.isdigit():
             version = int(version)
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise InvalidEnvelope(f"schemaversion must be a positive integer, got {version!r}")
         content_type = obj.get("datacontenttype", "application/json")
-        if not isinstance(content_type, str) or not (
-            content_type in _JSON_TYPES or content_type.endswith("+json")
-        ):
+        if not isinstance(content_type, str) or not _is_json(content_type):
             raise InvalidEnvelope(f"datacontenttype {content_type!r} is not JSON")
         if "data" not in obj:
             raise InvalidEnvelope("no 'data' attribute (data_base64 is not supported)")
@@ -275,15 +249,11 @@ class CloudEventsCodec:
             raise InvalidEnvelope(f"'data' must be a JSON object, got {type(data).__name__}")
         raw_time = obj.get("time")
         if raw_time is None:
-            raise InvalidEnvelope("no 'time' attribute")
-        if not isinstance(raw_time, str):
+            time = utc_now()
+        elif not isinstance(raw_time, str):
             raise InvalidEnvelope(f"'time' must be an RFC 3339 string, got {raw_time!r}")
-        try:
-            time = datetime.fromisoformat(raw_time)
-        except ValueError as e:
-            raise InvalidEnvelope(f"'time' is not RFC 3339: {raw_time!r}") from e
-        if time.tzinfo is None:
-            raise InvalidEnvelope(f"'time' has no UTC offset: {raw_time!r}")
+        else:
+            time = _parse_time(raw_time)
 
         try:
             cls, chain = self.registry.resolve(type_name, version)
@@ -296,7 +266,8 @@ class CloudEventsCodec:
         try:
             for step in chain:
                 data = step(dict(data))
-            message = cls.model_validate(data)
+            # validate as JSON, as the fast path does: the payload came from the wire
+            message = cls.model_validate_json(_to_json(data))
         except ValidationError as e:
             raise MessageValidationError(
                 f"{type_name} v{version} {msg_id}: {e.error_count()} validation error(s): "
@@ -305,17 +276,10 @@ class CloudEventsCodec:
                     for err in e.errors()[:5]
                 )
             ) from e
-        except Exception as e:  # an upcaster that raises on data it did not expect
-            raise MessageValidationError(
-                f"{type_name} v{version} {msg_id}: upcaster failed: {e!r}"
-            ) from e
+        except Exception as e:  # an upcaster or validator that raises something else
+            raise MessageValidationError(f"{type_name} v{version} {msg_id}: {e!r}") from e
 
-        headers: dict[str, str] | None = None
-        for name, value in obj.items():
-            if name not in RESERVED_ATTRIBUTES and isinstance(value, str | int | bool):
-                if headers is None:
-                    headers = {}
-                headers[name] = value if isinstance(value, str) else json.dumps(value)
+        extra = obj.keys() - _KNOWN
         return Envelope(
             message=message,
             type=type_name,
@@ -326,8 +290,37 @@ class CloudEventsCodec:
             correlation_id=_optional_str(obj, "correlationid"),
             causation_id=_optional_str(obj, "causationid"),
             partition_key=_optional_str(obj, "partitionkey"),
-            headers=headers if headers is not None else _EMPTY,
+            headers=(_headers(obj, extra) if extra else None) or _EMPTY,
         )
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media in _JSON_TYPES or media.endswith("+json")
+
+
+def _parse_time(raw: str) -> datetime:
+    try:
+        time = datetime.fromisoformat(raw)
+    except ValueError as e:
+        raise InvalidEnvelope(f"'time' is not RFC 3339: {raw!r}") from e
+    if time.tzinfo is None:
+        raise InvalidEnvelope(f"'time' has no UTC offset: {raw!r}")
+    return time
+
+
+def _headers(obj: dict[str, Any], names: Iterable[str]) -> dict[str, str]:
+    """Extension attributes as headers: valid names only, strings (numbers as JSON text)."""
+    headers: dict[str, str] = {}
+    for name in names:
+        value = obj[name]
+        if name in RESERVED_ATTRIBUTES or not _HEADER_NAME.match(name):
+            continue
+        if isinstance(value, str):
+            headers[name] = value
+        elif isinstance(value, int | bool):
+            headers[name] = json.dumps(value)
+    return headers
 
 
 def _required_str(obj: dict[str, Any], name: str) -> str:

@@ -43,16 +43,27 @@ DEAD_LETTER_TOPIC = "x-msdata-original-topic"
 DEAD_LETTER_GROUP = "x-msdata-group"
 DEAD_LETTER_ATTEMPTS = "x-msdata-attempts"
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]{0,199}$")
+_TOPIC = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]{0,149}$")
+_DLQ_TOPIC = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]{0,199}$")
+_GROUP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,39}$")
 
 
 def check_name(kind: str, name: str) -> str:
-    """Topic and group names: letters, digits and ``_ - .``, so every broker can hold them."""
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
-        raise ConfigurationError(
-            f"{kind} name {name!r} must be 1-200 letters, digits, '_', '-' or '.', "
-            "starting with a letter or digit"
-        )
+    """Topic and group names that every broker can hold, and whose dead-letter topic
+    (``topic.group.dlq``) is unambiguous and valid too.
+
+    A topic is 1-150 letters, digits and ``_ - .`` (a dead-letter topic up to 200), starting
+    with a letter or digit, with no ``..``; a group is 1-40 letters, digits, ``_`` or ``-``.
+    """
+    if kind == "group":
+        ok = isinstance(name, str) and bool(_GROUP.match(name))
+        rule = "1-40 letters, digits, '_' or '-', starting with a letter or digit"
+    else:
+        pattern = _DLQ_TOPIC if isinstance(name, str) and name.endswith(".dlq") else _TOPIC
+        ok = isinstance(name, str) and bool(pattern.match(name)) and ".." not in name
+        rule = "1-150 letters, digits, '_', '-' or '.', starting with a letter or digit"
+    if not ok:
+        raise ConfigurationError(f"{kind} name {name!r} must be {rule}")
     return name
 
 

@@ -21,18 +21,19 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar, cast
 
-from msdata.errors import HandlerAlreadyRegistered, NoHandlerRegistered
+from msdata.errors import ConfigurationError, HandlerAlreadyRegistered, NoHandlerRegistered
 from msdata.messages import (
     Command,
     Envelope,
     Message,
     MessageRegistry,
     Query,
+    _build,
     _current,
     _LocalParent,
+    current_envelope,
     default_registry,
     handling,
-    make_envelope,
 )
 from msdata.middleware import Middleware, Next, as_async, compose
 
@@ -53,6 +54,8 @@ class _Bus(Generic[M]):
         registry: MessageRegistry | None = None,
         source: str = "msdata",
     ) -> None:
+        if not source:
+            raise ConfigurationError("source must be a non-empty string")
         self._middleware = tuple(middleware)
         self._registry = registry if registry is not None else default_registry
         self._source = source
@@ -70,12 +73,15 @@ class _Bus(Generic[M]):
             raise HandlerAlreadyRegistered(
                 f"{message_type.__qualname__} already has a handler; a {self._kind} has one"
             )
-        if not self._registry.is_registered(message_type):
-            # in-process buses do not need a wire name; keep one so envelopes can be built
-            self._registry.register(message_type, _local_name(message_type))
+        if not isinstance(message_type, type) or not issubclass(message_type, Message):
+            raise TypeError(f"expected a msdata {self._kind} class, got {message_type!r}")
+        if self._registry.is_registered(message_type):
+            type_name, version = self._registry.name_of(message_type)
+        else:  # in-process only: a name for its envelope, never registered for the wire
+            type_name, version = _local_name(message_type), 1
         chain = (*self._middleware, *middleware)
         self._routes[message_type] = _Route(
-            as_async(handler), compose(handler, chain) if chain else None
+            as_async(handler), compose(handler, chain) if chain else None, type_name, version
         )
 
     def handler(
@@ -99,13 +105,20 @@ class _Bus(Generic[M]):
                 raise TypeError(f"expected a msdata {self._kind}, got {type(message).__name__}")
             raise NoHandlerRegistered(f"no handler for {type(message).__qualname__}")
         if route.chain is not None:
-            envelope: Envelope[Any] = make_envelope(
-                message, registry=self._registry, source=self._source
+            envelope: Envelope[Any] = _build(
+                message,
+                route.type_name,
+                route.version,
+                None,
+                None,
+                self._source,
+                None,
+                current_envelope(),
             )
             with handling(envelope):
                 return await route.chain(envelope)
         # no middleware: no envelope either, unless the handler publishes something
-        token = _current.set(_LocalParent(message, self._registry, self._source))
+        token = _current.set(_LocalParent(message, route.type_name, route.version, self._source))
         try:
             return await route.handler(message)
         finally:
@@ -113,11 +126,19 @@ class _Bus(Generic[M]):
 
 
 class _Route:
-    __slots__ = ("chain", "handler")
+    __slots__ = ("chain", "handler", "type_name", "version")
 
-    def __init__(self, handler: Callable[[Any], Awaitable[Any]], chain: Next | None) -> None:
+    def __init__(
+        self,
+        handler: Callable[[Any], Awaitable[Any]],
+        chain: Next | None,
+        type_name: str,
+        version: int,
+    ) -> None:
         self.handler = handler
         self.chain = chain
+        self.type_name = type_name
+        self.version = version
 
 
 def _local_name(cls: type[Message]) -> str:

@@ -38,7 +38,12 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, NamedTuple, Self, TypeVar
 
-from msdata.errors import ConfigurationError, DecodeError, HandlerAlreadyRegistered, RejectMessage
+from msdata.errors import (
+    ConfigurationError,
+    HandlerAlreadyRegistered,
+    RejectMessage,
+    TransportClosed,
+)
 from msdata.messages import (
     Envelope,
     Event,
@@ -96,6 +101,10 @@ class EventBus:
         concurrency: int = 1,
         stop_timeout: float = 10.0,
     ) -> None:
+        if not source:
+            raise ConfigurationError("source must be a non-empty string")
+        if max_attempts < 1 or prefetch < 1 or concurrency < 1:
+            raise ConfigurationError("max_attempts, prefetch and concurrency must be >= 1")
         self.transport = transport
         self.registry = registry if registry is not None else default_registry
         self.codec = codec if codec is not None else CloudEventsCodec(self.registry)
@@ -189,16 +198,18 @@ class EventBus:
 
     async def publish_many(
         self,
-        events: Iterable[Event],
+        events: Iterable[E],
         *,
-        key: Callable[[Event], str | None] | None = None,
+        key: Callable[[E], str | None] | None = None,
+        headers: Mapping[str, str] | None = None,
         topic: str | None = None,
     ) -> list[Envelope[Event]]:
-        """Publish events as one batch per topic, all confirms in flight at once."""
+        """Publish events as one batch per topic, all confirms in flight at once; ``key``
+        gives each event's partition key, ``headers`` go on every one."""
         by_topic: dict[str, list[TransportMessage]] = {}
         out = []
         for event in events:
-            envelope = self.envelope(event, key=key(event) if key else None)
+            envelope = self.envelope(event, key=key(event) if key else None, headers=headers)
             out.append(envelope)
             by_topic.setdefault(topic or envelope.type, []).append(self._to_wire(envelope))
         for t, batch in by_topic.items():
@@ -292,14 +303,30 @@ class EventBus:
                 if not ready.done():  # could not even subscribe: start() reports it
                     ready.set_exception(e)
                     return
+                if isinstance(e, TransportClosed):
+                    log.error(
+                        "consumer %s/%s stops: the transport was closed",
+                        consumer.topic,
+                        consumer.group,
+                    )
+                    return
                 # a broker hiccup: the unsettled deliveries are redelivered; subscribe again
                 log.exception("consumer %s/%s failed; restarting", consumer.topic, consumer.group)
                 await asyncio.sleep(0.5)
 
     async def _handle(self, consumer: _Consumer, delivery: Delivery) -> None:
+        if delivery.attempt > self.max_attempts:
+            # handed out again and again without being settled (its consumers died)
+            await self._settle(
+                delivery.dead_letter(
+                    f"delivered {delivery.attempt} times without being settled "
+                    f"(max_attempts={self.max_attempts})"
+                )
+            )
+            return
         try:
             envelope = self.codec.decode(delivery.message.body)
-        except DecodeError as e:
+        except Exception as e:  # DecodeError, or anything a user validator raised
             await self._settle(delivery.dead_letter(f"{type(e).__name__}: {e}"))
             return
         route = consumer.routes.get(envelope.type)
@@ -314,11 +341,16 @@ class EventBus:
             elif route.is_async:
                 await route.handler(envelope.message)
             else:
-                route.handler(envelope.message)
+                result = route.handler(envelope.message)
+                if inspect.isawaitable(result):  # e.g. an object with async __call__
+                    await result
         except RejectMessage as e:
             await self._settle(delivery.dead_letter(f"RejectMessage: {e}"))
             return
-        except Exception as e:
+        except (Exception, asyncio.CancelledError) as e:
+            task = asyncio.current_task()
+            if isinstance(e, asyncio.CancelledError) and task is not None and task.cancelling():
+                raise  # the consumer itself is being stopped: leave the delivery unsettled
             log.warning(
                 "handler for %s %s in group %s failed (attempt %d): %r",
                 envelope.type,

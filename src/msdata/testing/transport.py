@@ -341,6 +341,10 @@ class TransportConformance:
                     t.subscribe(bad, "g")
                 with pytest.raises(ConfigurationError):
                     t.subscribe("t", bad)
+            # a dot in a group would make two groups' dead-letter topics collide
+            for bad_group in ["eu.billing", "g" * 41]:
+                with pytest.raises(ConfigurationError):
+                    t.subscribe("t", bad_group)
 
     async def test_publish_after_close_raises_a_msdata_error(self) -> None:
         async with self.make_transport() as t:

@@ -133,7 +133,9 @@ class MemoryDelivery:
         if self._settled:
             return False
         self._settled = True
-        self._sub._inflight.pop(id(self), None)
+        sub = self._sub
+        sub._inflight.pop(id(self), None)
+        sub._room.set()
         return True
 
     async def ack(self) -> None:
@@ -172,10 +174,13 @@ class MemorySubscription:
         self.max_attempts = max_attempts
         self.prefetch = prefetch
         self._inflight: dict[int, MemoryDelivery] = {}
+        self._room = asyncio.Event()  # set when a settlement frees prefetch room
         self._closed = False
         self._group: _Group
 
     async def __aenter__(self) -> Self:
+        if self._transport._closed:
+            raise TransportClosed("subscribe() on a closed transport")
         self._group = self._transport._declare(self.topic, self.group)
         return self
 
@@ -195,24 +200,35 @@ class MemorySubscription:
         for delivery in reversed(list(self._inflight.values())):
             delivery._release()
         self._inflight.clear()
+        self._room.set()  # wake a receive() waiting in this subscription
+        if hasattr(self, "_group"):
+            self._group.signal.set()
 
     async def receive(self, max_messages: int = 100, timeout: float = 1.0) -> list[MemoryDelivery]:
         if self._closed or self._transport._closed:
             raise TransportClosed("receive() on a closed subscription")
         group = self._group
-        room = min(max_messages, self.prefetch - len(self._inflight))
-        if room <= 0:
-            return []
-        entries = group.take(room)
-        if not entries and timeout > 0:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            room = min(max_messages, self.prefetch - len(self._inflight))
+            if room > 0:
+                entries = group.take(room)
+                if entries:
+                    break
+                waiter = group.signal
+            else:  # prefetch is full: wait for a settlement, not for new messages
+                self._room.clear()
+                waiter = self._room
+            left = deadline - loop.time()
+            if left <= 0:
+                return []
             try:
-                async with asyncio.timeout(timeout):
-                    while not entries:
-                        await group.signal.wait()
-                        if self._closed:
-                            return []
-                        entries = group.take(room)
+                async with asyncio.timeout(left):
+                    await waiter.wait()
             except TimeoutError:
+                return []
+            if self._closed:
                 return []
         out = [MemoryDelivery(self, e) for e in entries]
         inflight = self._inflight
