@@ -164,7 +164,7 @@ class OutboxRelay:
         store, relay_id = self.store, self.relay_id
         held = {r.seq for r in records}
         try:
-            publish, bad, blocked, stuck = self._sort(records, after)
+            by_topic, bad, blocked, stuck = self._sort(records, after)
             for reason, seqs in bad.items():
                 await store.park(relay_id, seqs, reason)
                 held.difference_update(seqs)
@@ -172,11 +172,10 @@ class OutboxRelay:
             if blocked:
                 await store.release(relay_id, blocked)
                 held.difference_update(blocked)
-            by_topic: dict[str, list[OutboxRecord]] = {}
-            for r in publish:
-                by_topic.setdefault(r.topic, []).append(r)
             results: list[BaseException | None]
-            if len(by_topic) == 1:  # the common case: no tasks to make
+            if not by_topic:
+                results = []
+            elif len(by_topic) == 1:  # the common case: no tasks to make
                 ((topic, recs),) = by_topic.items()
                 try:
                     await self._publish(topic, recs)
@@ -192,7 +191,7 @@ class OutboxRelay:
             failures: list[tuple[list[OutboxRecord], BaseException]] = []
             for recs, result in zip(by_topic.values(), results, strict=True):
                 if result is None:
-                    sent.extend(r.seq for r in recs)
+                    sent += [r.seq for r in recs]
                 elif isinstance(result, Exception):
                     failures.append((recs, result))
                 else:  # a BaseException from a publisher (not cancellation of us): re-raise
@@ -244,41 +243,51 @@ class OutboxRelay:
 
     def _sort(
         self, records: Sequence[OutboxRecord], after: Mapping[str, int]
-    ) -> tuple[list[OutboxRecord], dict[str, list[int]], list[int], dict[str, int]]:
-        """Split a claimed batch: rows to publish, bad rows to park (by reason), rows to
-        hand back because an earlier row of their key is parked here or was not published
-        by the batch before (``after``), and per key the first seq not published."""
-        publish: list[OutboxRecord] = []
+    ) -> tuple[dict[str, list[OutboxRecord]], dict[str, list[int]], list[int], dict[str, int]]:
+        """Split a claimed batch: rows to publish (by topic), bad rows to park (by reason),
+        rows to hand back because an earlier row of their key is parked here or was not
+        published by the batch before (``after``), and per key the first seq not published."""
+        by_topic: dict[str, list[OutboxRecord]] = {}
         bad: dict[str, list[int]] = {}
         blocked: list[int] = []
         stuck: dict[str, int] = {}
         topics_ok = self._topics_ok
         quick = self.check == "structure"
+        last_topic: str | None = None
+        last: list[OutboxRecord] = []
         for r in records:
             key = r.partition_key
-            if key is not None and (key in stuck or (key in after and r.seq > after[key])):
+            if (
+                key is not None
+                and (stuck or after)
+                and (key in stuck or (key in after and r.seq > after[key]))
+            ):
                 blocked.append(r.seq)
                 stuck.setdefault(key, r.seq)
                 continue
+            topic = r.topic
             if quick:  # the default check, inline: the usual row costs no call
                 p = r.payload
                 if (
-                    r.topic in topics_ok
-                    and type(p) is bytes
-                    and p[:1] == b"{"
+                    type(p) is bytes
+                    and topic in topics_ok
                     and p[-1:] == b"}"
-                    and b'"specversion"' in p
+                    and (p[1:15] == b'"specversion":' or (p[:1] == b"{" and b'"specversion"' in p))
                 ):
-                    publish.append(r)
+                    if topic != last_topic:
+                        last_topic, last = topic, by_topic.setdefault(topic, [])
+                    last.append(r)
                     continue
             reason = self._bad(r)
             if reason is None:
-                publish.append(r)
+                if topic != last_topic:
+                    last_topic, last = topic, by_topic.setdefault(topic, [])
+                last.append(r)
                 continue
             bad.setdefault(reason, []).append(r.seq)
             if key is not None:
                 stuck[key] = r.seq
-        return publish, bad, blocked, stuck
+        return by_topic, bad, blocked, stuck
 
     def _bad(self, r: OutboxRecord) -> str | None:
         """Why this row can never be published, or None."""
