@@ -4,6 +4,7 @@ Importing msdata installs no logging handler, reads no environment or file, and 
 database or broker driver.
 """
 
+from msdata.cqrs import CommandBus, QueryBus
 from msdata.errors import (
     ConfigurationError,
     DecodeError,
@@ -12,9 +13,12 @@ from msdata.errors import (
     MsdataError,
     NoHandlerRegistered,
     PublishError,
+    RejectMessage,
+    StoreError,
     TransportError,
     UnknownMessageType,
 )
+from msdata.events import EventBus
 from msdata.ids import new_id, uuid7
 from msdata.messages import (
     Command,
@@ -29,27 +33,39 @@ from msdata.messages import (
     message_type,
     upcaster,
 )
+from msdata.middleware import Middleware, logging_middleware, retry, timing
+from msdata.outbox import Inbox, Outbox, OutboxRelay
 from msdata.serialization import CloudEventsCodec
 from msdata.transport import Publisher, Subscriber, Transport, TransportMessage
+from msdata.urls import transport_from_url
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CloudEventsCodec",
     "Command",
+    "CommandBus",
     "ConfigurationError",
     "DecodeError",
     "Envelope",
     "Event",
+    "EventBus",
     "HandlerAlreadyRegistered",
+    "Inbox",
     "Message",
     "MessageRegistry",
     "MessageValidationError",
+    "Middleware",
     "MsdataError",
     "NoHandlerRegistered",
+    "Outbox",
+    "OutboxRelay",
     "PublishError",
     "Publisher",
     "Query",
+    "QueryBus",
+    "RejectMessage",
+    "StoreError",
     "Subscriber",
     "Transport",
     "TransportError",
@@ -58,9 +74,13 @@ __all__ = [
     "__version__",
     "current_envelope",
     "default_registry",
+    "logging_middleware",
     "make_envelope",
     "message_type",
     "new_id",
+    "retry",
+    "timing",
+    "transport_from_url",
     "upcaster",
     "uuid7",
 ]
