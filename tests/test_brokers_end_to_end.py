@@ -312,6 +312,13 @@ class CountingPublisher:
             await asyncio.Event().wait()  # until cancelled
 
 
+async def published(publisher: CountingPublisher, which: str) -> None:
+    try:
+        await asyncio.wait_for(publisher.published.wait(), 15.0)
+    except TimeoutError:
+        pytest.fail(f"{which} published nothing within 15 s (see the relay's log)")
+
+
 async def wait_until(
     condition: Callable[[], Awaitable[bool]], timeout: float, what: Callable[[], str]
 ) -> None:
@@ -390,12 +397,12 @@ async def test_relay_publishes_every_committed_order_and_the_inbox_applies_each_
                 # 1. publishes a batch, then is cancelled before marking: rows released
                 first = relay(cancelled, 30.0)
                 await first.start()
-                await asyncio.wait_for(cancelled.published.wait(), 10)
+                await published(cancelled, "the relay to be cancelled")
                 await first.stop(timeout=0)
                 # 2. publishes a batch and hangs past its lease, never marking it
                 second = relay(frozen, 0.5)
                 await second.start()
-                await asyncio.wait_for(frozen.published.wait(), 10)
+                await published(frozen, "the relay to freeze")
                 # 3. two healthy relays at once; they take over the frozen one's rows when
                 # its lease expires
                 for _ in range(2):
