@@ -378,6 +378,11 @@ class SqliteOutboxStore(_SqliteStore):
             " AND (b.state = 1 OR b.retry_at > ?)))"
         )
         self._pending = f"FROM {t} o WHERE o.state = 0"
+        self._look = (
+            f"SELECT (SELECT MAX(seq) FROM {t}), (SELECT MIN(seq) FROM {t} WHERE state = 2), "
+            f"(SELECT owner FROM {self._lease}), (SELECT lease_until FROM {self._lease}), "
+            f"EXISTS (SELECT 1 FROM {t} WHERE state = 1 OR retry_at IS NOT NULL)"
+        )
         self._any_blocking = f"SELECT 1 FROM {t} WHERE state = 1 OR retry_at IS NOT NULL LIMIT 1"
         self._columns = (
             "seq, message_id, topic, type, payload, partition_key, headers, created_at, "
@@ -458,12 +463,19 @@ class SqliteOutboxStore(_SqliteStore):
     # -- relay side ----------------------------------------------------------------------
 
     def _select(
-        self, conn: sqlite3.Connection, held: dict[int, str | None], limit: int | None
+        self,
+        conn: sqlite3.Connection,
+        held: dict[int, str | None],
+        limit: int | None,
+        blocking: bool | None = None,
     ) -> tuple[str, list[Any]]:
         """The claimable rows, leaving out those the relay ``held`` already. Later rows of
         the keys it holds may come back: only this relay publishes them, after the rows it
-        holds (a relay publishes one batch after the other)."""
-        if conn.execute(self._any_blocking).fetchone() is None:
+        holds (a relay publishes one batch after the other). ``blocking``: whether any row
+        is parked or backing off, when the caller already looked."""
+        if blocking is None:
+            blocking = conn.execute(self._any_blocking).fetchone() is not None
+        if not blocking:
             # nothing parked or backing off (the usual case): no row waits for an earlier
             # one, so skip the per-row look for one (a probe of the small partial index)
             sql = self._pending
@@ -484,12 +496,21 @@ class SqliteOutboxStore(_SqliteStore):
         return None if row is None else (row[0], row[1])
 
     def _claim_tx(
-        self, conn: sqlite3.Connection, relay_id: str, limit: int, lease_seconds: float
+        self,
+        conn: sqlite3.Connection,
+        relay_id: str,
+        limit: int,
+        lease_seconds: float,
+        looked: tuple[tuple[str, float] | None, bool] | None = None,
     ) -> tuple[list[tuple[Any, ...]], bool]:
         """The claim, inside an open write transaction: the rows, and whether the relay's
         held rows are stale (another relay held the lease since). The caller updates
-        ``_held`` once the transaction committed."""
-        holder = self._holder(conn)
+        ``_held`` once the transaction committed. ``looked``: the lease holder and whether
+        a row blocks its key, when the caller already read them in this transaction."""
+        if looked is None:
+            holder, blocking = self._holder(conn), None
+        else:
+            holder, blocking = looked
         now = time.time()
         fresh = False
         if holder is not None and holder[0] != relay_id:
@@ -497,7 +518,7 @@ class SqliteOutboxStore(_SqliteStore):
                 return [], False
             fresh = True
         held = {} if fresh else self._held.get(relay_id, {})
-        select, args = self._select(conn, held, limit)
+        select, args = self._select(conn, held, limit, blocking)
         rows = conn.execute(select, args).fetchall()
         if rows and (
             holder is None or holder[0] != relay_id or holder[1] - now <= lease_seconds / 2
@@ -564,8 +585,11 @@ class SqliteOutboxStore(_SqliteStore):
         seqs = list(sent_seqs)
 
         def both(conn: sqlite3.Connection) -> tuple[list[tuple[Any, ...]], bool]:
-            self._mark_tx(conn, seqs, keep)
-            return self._claim_tx(conn, relay_id, limit, lease_seconds)
+            # one look for the mark and the claim (each statement is a GIL round trip)
+            newest, tomb, owner, until, blocking = conn.execute(self._look).fetchone()
+            self._mark_tx(conn, seqs, keep, newest, tomb)
+            holder = None if owner is None else (owner, until)
+            return self._claim_tx(conn, relay_id, limit, lease_seconds, (holder, bool(blocking)))
 
         def run(conn: sqlite3.Connection) -> list[OutboxRecord]:
             rows, fresh = self._write(conn, both)
@@ -581,9 +605,19 @@ class SqliteOutboxStore(_SqliteStore):
             held.pop(s, None)
         return held
 
-    def _mark_tx(self, conn: sqlite3.Connection, seqs: Sequence[int], keep: bool) -> None:
+    def _mark_tx(
+        self,
+        conn: sqlite3.Connection,
+        seqs: Sequence[int],
+        keep: bool,
+        newest: int | None = None,
+        tomb: int | None = -1,
+    ) -> None:
+        """Mark ``seqs`` sent; ``newest`` (the largest seq) and ``tomb`` (the smallest
+        tombstone's seq) when the caller already read them in this transaction."""
         t = self._t
-        newest = conn.execute(f"SELECT MAX(seq) FROM {t}").fetchone()[0]
+        if newest is None:
+            newest = conn.execute(f"SELECT MAX(seq) FROM {t}").fetchone()[0]
         args = [s for s in seqs if s != newest]
         if keep:
             conn.execute(
@@ -599,6 +633,8 @@ class SqliteOutboxStore(_SqliteStore):
         if len(args) < len(seqs):
             # the newest row stays as a tombstone, so its seq is never given out again
             conn.execute(f"UPDATE {t} SET state = 2, retry_at = NULL WHERE seq = ?", (newest,))
+        if tomb is None or newest is None or tomb >= newest:
+            return  # no tombstone below the newest row (tomb=-1: not looked: delete anyway)
         conn.execute(f"DELETE FROM {t} WHERE state = 2 AND seq < ?", (newest,))
 
     async def mark_sent(self, relay_id: str, seqs: Sequence[int], *, keep: bool = False) -> None:
