@@ -159,6 +159,37 @@ END
 $msdata$;
 """
 
+# The relay's usual step as one call (one round trip, one transaction): mark the batch it
+# published sent (delete it, or with p_keep keep it as sent), take those rows out of their
+# leases, then claim the next batch exactly as the claim function does (it sees the mark).
+_SENT_CLAIM_FUNCTION = """\
+CREATE OR REPLACE FUNCTION {fn}(p_owner text, p_sent bigint[], p_keep boolean,
+                                p_limit integer, p_lease double precision, p_sync boolean)
+RETURNS SETOF {table}
+LANGUAGE plpgsql VOLATILE
+AS $msdata$
+BEGIN
+    IF NOT p_sync THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
+    IF p_keep THEN
+        UPDATE {table} SET sent_at = clock_timestamp()
+        WHERE seq = ANY(p_sent) AND sent_at IS NULL;
+    ELSE
+        DELETE FROM {table} WHERE seq = ANY(p_sent);
+    END IF;
+    DELETE FROM {lease} l WHERE l.seqs <@ p_sent;
+    UPDATE {lease} l SET seqs = f.seqs, keys = f.keys
+    FROM (SELECT l2.id, array_agg(u.s ORDER BY u.i) AS seqs, array_agg(u.k ORDER BY u.i) AS keys
+          FROM {lease} l2, unnest(l2.seqs, l2.keys) WITH ORDINALITY AS u(s, k, i)
+          WHERE l2.seqs && p_sent AND u.s <> ALL(p_sent)
+          GROUP BY l2.id) f
+    WHERE l.id = f.id;
+    RETURN QUERY SELECT * FROM {claim}(p_owner, p_limit, p_lease, p_sync);
+END
+$msdata$;
+"""
+
 # Take rows ``{rows}`` out of the leases matching ``{which}``: a lease left with none ends.
 _UNLEASE = """\
 emptied AS (
@@ -186,25 +217,36 @@ WITH own AS (
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
-def _record(r: Any) -> OutboxRecord:
-    raw = r["headers"]
-    if raw == "{}":
-        headers = _NO_HEADERS
-    else:
-        value = json.loads(raw) if isinstance(raw, str | bytes) else raw
-        headers = MappingProxyType(dict(value))
-    return OutboxRecord(
-        r["seq"],
-        r["id"],
-        r["topic"],
-        r["type"],
-        r["payload"],
-        r["aggregateid"],
-        headers,
-        r["created_at"],
-        r["attempts"],
-        r["last_error"],
-    )
+def _headers(raw: Any) -> Mapping[str, str]:
+    value = json.loads(raw) if isinstance(raw, str | bytes) else raw
+    return MappingProxyType(dict(value))
+
+
+_tuple_new = tuple.__new__
+
+
+def _records(rows: list[Any]) -> list[OutboxRecord]:
+    """Whole outbox rows (``SELECT *``: seq, id, aggregatetype, aggregateid, type,
+    payload, topic, headers, created_at, available_at, attempts, last_error, ...) as
+    records: by position, one tuple each, headers decoded only when there are some."""
+    return [
+        _tuple_new(
+            OutboxRecord,
+            (
+                r[0],
+                r[1],
+                r[6],
+                r[4],
+                r[5],
+                r[3],
+                _NO_HEADERS if r[7] == "{}" else _headers(r[7]),
+                r[8],
+                r[10],
+                r[11],
+            ),
+        )
+        for r in rows
+    ]
 
 
 def _count(status: str) -> int:
@@ -257,6 +299,7 @@ class PostgresOutboxStore:
         self.table = qualified(self._schema, name)
         self.lease_table = qualified(self._schema, f"{name}_lease")
         self._fn = qualified(self._schema, f"{name}_claim")
+        self._sent_fn = qualified(self._schema, f"{name}_sent_claim")
         self._lock_class = lock_class(f"{self._schema or ''}.{name}")
         self._null_class = lock_class(f"{self._schema or ''}.{name}.rows")
         #: the LISTEN/NOTIFY channel (at most 63 bytes, as PostgreSQL truncates identifiers)
@@ -306,6 +349,7 @@ class PostgresOutboxStore:
         owned = _OWNED.format(lease=lease) + unlease_mine
         self._sql = {
             "claim": f"SELECT * FROM {self._fn}($1, $2, $3, $4)",
+            "sent_claim": f"SELECT * FROM {self._sent_fn}($1, $2::bigint[], $3, $4, $5, $6)",
             "delete": f"WITH gone AS (DELETE FROM {t} WHERE seq = ANY($1::bigint[]){quiet} "
             f"RETURNING 1), {unlease_any} SELECT count(*) FROM gone",
             "keep": f"WITH gone AS (UPDATE {t} SET sent_at = clock_timestamp() "
@@ -345,6 +389,11 @@ class PostgresOutboxStore:
                 fn=self._fn,
                 lock_class=self._lock_class,
                 null_class=self._null_class,
+            )
+        )
+        parts.append(
+            _SENT_CLAIM_FUNCTION.format(
+                table=self.table, lease=self.lease_table, fn=self._sent_fn, claim=self._fn
             )
         )
         return "\n".join(parts)
@@ -413,7 +462,37 @@ class PostgresOutboxStore:
         sql = self._sql["claim"]
         args = (relay_id, int(limit), float(lease_seconds), self._sync)
         rows = await self._db._call("outbox claim", lambda pool: pool.fetch(sql, *args))
-        return [_record(r) for r in rows]
+        return _records(rows)
+
+    async def mark_sent_and_claim(
+        self,
+        relay_id: str,
+        sent_seqs: Sequence[int],
+        limit: int,
+        lease_seconds: float,
+        *,
+        keep: bool = False,
+    ) -> list[OutboxRecord]:
+        """``mark_sent`` then ``claim`` as one statement (one round trip, one transaction):
+        ``SELECT * FROM {prefix}outbox_sent_claim(...)``."""
+        if not sent_seqs:
+            return await self.claim(relay_id, limit, lease_seconds)
+        if limit <= 0:
+            await self.mark_sent(relay_id, sent_seqs, keep=keep)
+            return []
+        if lease_seconds <= 0:
+            raise ConfigurationError("lease_seconds must be > 0")
+        sql = self._sql["sent_claim"]
+        args = (
+            relay_id,
+            list(sent_seqs),
+            bool(keep),
+            int(limit),
+            float(lease_seconds),
+            self._sync,
+        )
+        rows = await self._db._call("outbox mark_sent_and_claim", lambda p: p.fetch(sql, *args))
+        return _records(rows)
 
     async def _update(self, what: str, key: str, *args: Any) -> int:
         sql = self._sql[key]
@@ -442,7 +521,7 @@ class PostgresOutboxStore:
     async def parked(self, limit: int = 100) -> list[OutboxRecord]:
         sql = self._sql["parked"]
         rows = await self._db._call("outbox parked", lambda pool: pool.fetch(sql, int(limit)))
-        return [_record(r) for r in rows]
+        return _records(rows)
 
     async def requeue(self, seqs: Sequence[int]) -> int:
         if not seqs:
