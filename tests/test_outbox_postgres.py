@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from msdata.adapters.postgres import PostgresInboxStore, PostgresOutboxStore
-from msdata.errors import ConfigurationError, SchemaError
+from msdata.errors import ConfigurationError, SchemaError, StoreError
 from msdata.outbox import InboxStore, OutboxRow, OutboxStore
 from msdata.testing.outbox import InboxStoreConformance, OutboxStoreConformance, make_rows
 
@@ -267,5 +267,28 @@ async def test_durable_relay_commits_take_the_same_paths(postgres_url: str) -> N
         assert [p.seq for p in await store.parked()] == [b]
         assert await store.purge_sent(datetime.now(UTC) + timedelta(seconds=5)) == 1
     finally:
+        await store.drop_schema()
+        await store.close()
+
+
+async def test_mark_sent_and_claim_failing_inside_rolls_back_the_mark(postgres_url: str) -> None:
+    store = PostgresOutboxStore(postgres_url, table_prefix=_prefix())
+    await store.create_schema()
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        async with conn.transaction():
+            await store.append_async(conn, make_rows(3, keys=["k"]))
+        a = await store.claim("relay-a", 1, 30.0)
+        # the claim half fails (its function is gone) after the mark half ran
+        await conn.execute(f"DROP FUNCTION {store._fn}(text, integer, double precision, boolean)")
+        with pytest.raises(StoreError):
+            await store.mark_sent_and_claim("relay-a", [a[0].seq], 100, 30.0)
+        assert (await store.status()).pending == 3  # the mark was rolled back with it
+        await store.create_schema()
+        b = await store.mark_sent_and_claim("relay-a", [a[0].seq], 100, 30.0)
+        assert len(b) == 2 and a[0].seq not in {r.seq for r in b}
+        assert (await store.status()).pending == 2
+    finally:
+        await conn.close()
         await store.drop_schema()
         await store.close()

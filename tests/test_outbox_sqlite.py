@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import pytest
 
 from msdata.adapters.sqlite import SqliteInboxStore, SqliteOutboxStore, schema_sql
-from msdata.errors import ConfigurationError, SchemaError
+from msdata.errors import ConfigurationError, SchemaError, StoreError
 from msdata.outbox import InboxStore, OutboxRow, OutboxStore
 from msdata.testing.outbox import (
     InboxStoreConformance,
@@ -282,4 +282,30 @@ async def test_idle_claim_does_not_wait_for_an_open_writer(db_path: str) -> None
         assert await asyncio.wait_for(store.claim("r", 10, 30.0), 10.0) == []
     finally:
         await tx.end(False)
+        await store.close()
+
+
+async def test_mark_sent_and_claim_failing_inside_rolls_back_the_mark(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SqliteOutboxStore(db_path)
+    await store.create_schema()
+    try:
+        with sqlite3.connect(db_path) as conn:
+            store.append(conn, make_rows(3, keys=["k"]))
+        a = await store.claim("relay-a", 1, 30.0)
+
+        def broken_claim(*args: Any) -> Any:
+            raise sqlite3.OperationalError("disk I/O error (injected after the mark)")
+
+        monkeypatch.setattr(store, "_claim_tx", broken_claim)
+        with pytest.raises(StoreError):
+            await store.mark_sent_and_claim("relay-a", [a[0].seq], 100, 30.0)
+        monkeypatch.undo()
+        assert (await store.status()).pending == 3  # the mark was rolled back with it
+        # and the relay's held rows are as before the failed call
+        b = await store.mark_sent_and_claim("relay-a", [a[0].seq], 100, 30.0)
+        assert [r.seq for r in b] == [a[0].seq + 1, a[0].seq + 2]
+        assert (await store.status()).pending == 2
+    finally:
         await store.close()

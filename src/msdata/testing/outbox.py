@@ -401,6 +401,85 @@ class OutboxStoreConformance:
             assert await store.purge_sent(datetime.now(UTC) + timedelta(seconds=5)) == 3
             assert await store.purge_sent(datetime.now(UTC) + timedelta(seconds=5)) == 0
 
+    # -- mark_sent_and_claim: optional; the relay falls back to mark_sent + claim ----------
+
+    @staticmethod
+    def both(store: Any) -> Any:
+        """The store's ``mark_sent_and_claim``, or skip the test (the method is optional)."""
+        both = getattr(store, "mark_sent_and_claim", None)
+        if not callable(both):
+            pytest.skip("the store has no mark_sent_and_claim (optional)")
+        return both
+
+    async def test_mark_sent_and_claim_marks_then_claims_the_next_rows(self) -> None:
+        async with self.make_store() as store:
+            both = self.both(store)
+            rows = [make_row(key="k1", n=0), make_row(key="k1", n=1), make_row(key="k2", n=2)]
+            await self.add_committed(store, rows)
+            a = await store.claim("relay-a", 1, 30.0)
+            assert [r.message_id for r in a] == [rows[0].message_id]
+            # the claim sees the mark: k1's next row is free now, in seq order
+            b = await both("relay-a", [a[0].seq], 100, 30.0)
+            assert [r.message_id for r in b] == [rows[1].message_id, rows[2].message_id]
+            assert [r.payload for r in b] == [rows[1].payload, rows[2].payload]
+            assert (await store.status()).pending == 2
+            # they are leased to relay-a: nobody else gets them, and relay-a not twice
+            assert await store.claim("relay-b", 100, 30.0) == []
+            assert await both("relay-a", [], 100, 30.0) == []
+            assert await both("relay-a", [r.seq for r in b], 100, 30.0) == []
+            assert (await store.status()).pending == 0
+
+    async def test_mark_sent_and_claim_never_returns_a_key_another_relay_holds(self) -> None:
+        async with self.make_store() as store:
+            both = self.both(store)
+            rows = [
+                make_row(key="k1", n=0),
+                make_row(key="k1", n=1),
+                make_row(key="k2", n=2),
+                make_row(key="k2", n=3),
+            ]
+            await self.add_committed(store, rows)
+            a = await store.claim("relay-a", 1, 30.0)
+            assert [r.message_id for r in a] == [rows[0].message_id]
+            if self.features.one_relay_at_a_time:
+                # relay-a holds the store: relay-b claims nothing, but its mark counts
+                assert await both("relay-b", [a[0].seq], 100, 30.0) == []
+                assert (await store.status()).pending == 3
+                return
+            b = await store.claim("relay-b", 1, 30.0)
+            assert [r.message_id for r in b] == [rows[2].message_id]
+            # k1's second row waits for relay-a's lease on the first: relay-b gets k2 only
+            c = await both("relay-b", [b[0].seq], 100, 30.0)
+            assert [r.message_id for r in c] == [rows[3].message_id]
+            d = await both("relay-a", [a[0].seq], 100, 30.0)
+            assert [r.message_id for r in d] == [rows[1].message_id]
+            assert (await store.status()).pending == 2
+
+    async def test_mark_sent_and_claim_keeps_sent_rows_when_asked(self) -> None:
+        async with self.make_store() as store:
+            both = self.both(store)
+            rows = make_rows(3, keys=["k"])
+            await self.add_committed(store, rows)
+            a = await store.claim("relay-a", 1, 30.0)
+            b = await both("relay-a", [a[0].seq], 100, 30.0, keep=True)
+            assert [r.message_id for r in b] == [r.message_id for r in rows[1:]]
+            assert await both("relay-a", [r.seq for r in b], 100, 30.0, keep=True) == []
+            assert (await store.status()).pending == 0
+            assert await store.purge_sent(datetime.now(UTC) + timedelta(seconds=5)) == 3
+
+    async def test_mark_sent_and_claim_after_a_lost_lease_still_marks(self) -> None:
+        async with self.make_store() as store:
+            both = self.both(store)
+            await self.add_committed(store, make_rows(2, keys=["k"]))
+            a = await store.claim("relay-a", 1, self.lease_seconds)
+            await asyncio.sleep(self.lease_seconds + 0.2)
+            b = await store.claim("relay-b", 100, 30.0)
+            assert len(b) == 2 and b[0].seq == a[0].seq  # relay-b took the key over
+            # relay-a's late call: its mark counts (published either way), and it claims
+            # nothing of the key relay-b holds
+            assert await both("relay-a", [a[0].seq], 100, 30.0) == []
+            assert (await store.status()).pending == 1
+
     async def test_retry_later_counts_an_attempt_and_blocks_the_key_until_then(self) -> None:
         async with self.make_store() as store:
             rows = [make_row(key="k1", n=0), make_row(key="k1", n=1), make_row(key="k2", n=2)]

@@ -31,6 +31,7 @@ from msdata.outbox.store import OutboxRecord, OutboxRow, OutboxStatus
 __all__ = ["MemoryInboxStore", "MemoryOutboxStore", "MemoryTransaction"]
 
 _PENDING, _PARKED, _SENT = 0, 1, 2
+_NO_HEADERS: MappingProxyType[str, str] = MappingProxyType({})
 
 
 class MemoryTransaction:
@@ -121,16 +122,16 @@ class _Row:
     def record(self) -> OutboxRecord:
         r = self.row
         return OutboxRecord(
-            seq=self.seq,
-            message_id=r.message_id,
-            topic=r.topic,
-            type=r.type,
-            payload=r.payload,
-            partition_key=r.partition_key,
-            headers=MappingProxyType(dict(r.headers)),
-            created_at=self.created_at,
-            attempts=self.attempts,
-            last_error=self.last_error,
+            self.seq,
+            r.message_id,
+            r.topic,
+            r.type,
+            r.payload,
+            r.partition_key,
+            MappingProxyType(dict(r.headers)) if r.headers else _NO_HEADERS,
+            self.created_at,
+            self.attempts,
+            self.last_error,
         )
 
 
@@ -234,6 +235,20 @@ class MemoryOutboxStore:
                 r.state, r.sent_at, r.lease_owner = _SENT, now, None
             else:
                 del self._rows[seq]
+
+    async def mark_sent_and_claim(
+        self,
+        relay_id: str,
+        sent_seqs: Sequence[int],
+        limit: int,
+        lease_seconds: float,
+        *,
+        keep: bool = False,
+    ) -> list[OutboxRecord]:
+        """``mark_sent`` then ``claim``: one step of the event loop, so one transaction."""
+        self._check()
+        await self.mark_sent(relay_id, sent_seqs, keep=keep)  # never suspends
+        return await self.claim(relay_id, limit, lease_seconds)
 
     def _owned(self, relay_id: str, seqs: Sequence[int]) -> list[_Row]:
         rows = (self._rows.get(s) for s in seqs)
