@@ -292,3 +292,81 @@ async def test_mark_sent_and_claim_failing_inside_rolls_back_the_mark(postgres_u
         await conn.close()
         await store.drop_schema()
         await store.close()
+
+
+@pytest.mark.filterwarnings("ignore::asyncpg.InterfaceWarning")  # log listeners on pool conns
+async def test_claims_racing_with_commits_look_again_and_never_share_a_key(
+    postgres_url: str,
+) -> None:
+    """The claim keeps its scan when no transaction ended between the scan's snapshot and a
+    new one taken with the key locks held; when one did (here: other relays' claims and a
+    writer committing all the time), it looks again. Both paths run, and at every moment
+    each key's rows belong to one relay, handed out in order."""
+    import asyncio
+
+    notes: list[str] = []
+
+    async def init(conn: Any) -> None:
+        conn.add_log_listener(lambda _c, msg: notes.append(msg.message))
+
+    pool = await asyncpg.create_pool(
+        postgres_url,
+        min_size=1,
+        max_size=8,
+        init=init,
+        server_settings={"client_min_messages": "debug1"},
+    )
+    store = PostgresOutboxStore(pool, table_prefix=_prefix())
+    await store.create_schema()
+    stop = asyncio.Event()
+
+    async def writer() -> None:
+        conn = await asyncpg.connect(postgres_url)
+        try:
+            while not stop.is_set():
+                await conn.execute("SELECT pg_current_xact_id()")  # a committed xid
+        finally:
+            await conn.close()
+
+    try:
+        keys = [f"k{i}" for i in range(6)]
+        rows = make_rows(240, keys=[*keys, None])
+        conn = await asyncpg.connect(postgres_url)
+        try:
+            async with conn.transaction():
+                await store.append_async(conn, rows)
+        finally:
+            await conn.close()
+        position = {r.message_id: i for i, r in enumerate(rows)}
+        alone = await store.claim("relay-0", 7, 30.0)  # nothing else running: one pass
+        assert [r.message_id for r in alone] == [r.message_id for r in rows[:7]]
+        await store.mark_sent("relay-0", [r.seq for r in alone])
+        assert not any("looks again" in n for n in notes)
+        done = [r.message_id for r in alone]
+        busy = asyncio.create_task(writer())
+        for _ in range(80):
+            batches = await asyncio.gather(*(store.claim(f"relay-{i}", 5, 30.0) for i in range(6)))
+            owners: dict[str | None, int] = {}
+            for i, batch in enumerate(batches):
+                for r in batch:
+                    if r.partition_key is not None:
+                        assert owners.setdefault(r.partition_key, i) == i, "key shared"
+                ids = [r.message_id for r in batch]
+                assert ids == sorted(ids, key=position.__getitem__)
+                done.extend(ids)
+            for batch in batches:
+                await store.mark_sent("x", [r.seq for r in batch])
+            if len(done) >= len(rows):
+                break
+        stop.set()
+        await busy
+        assert sorted(done, key=position.__getitem__) == [r.message_id for r in rows]
+        for key in keys:
+            mine = [m for m in done if rows[position[m]].partition_key == key]
+            assert mine == sorted(mine, key=position.__getitem__), f"order of {key} broken"
+        assert any("looks again" in n for n in notes), "the second look never ran"
+    finally:
+        stop.set()
+        await store.drop_schema()
+        await store.close()
+        await pool.close()

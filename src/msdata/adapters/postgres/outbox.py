@@ -72,17 +72,21 @@ CREATE UNLOGGED TABLE IF NOT EXISTS {lease} (
 );
 """
 
-# The claim runs as one statement (one round trip): a PL/pgSQL function whose two
-# statements each take a fresh snapshot at READ COMMITTED.
+# The claim runs as one statement (one round trip): a PL/pgSQL function whose statements
+# each take a fresh snapshot at READ COMMITTED.
 #  1. Scan the available rows in seq order, skipping keys held up by an earlier parked or
 #     backing-off row, keys under another relay's live lease and rows under any live
 #     lease (a relay gets the later rows of the keys it holds: ``prefetch_claims``), and
 #     take a transaction-scoped advisory lock on each row's key (on the row itself when it
 #     has none) as it goes: a row whose lock another claim in flight holds is passed over,
-#     so concurrent relays take different keys instead of waiting for each other.
+#     so concurrent relays take different keys instead of waiting for each other. It keeps
+#     the whole rows and the scan's snapshot.
 #  2. With those locks held, a new snapshot sees every lease that an earlier claim of the
-#     same keys committed: keep the rows whose key (or row) is still free and which are
-#     still pending, and record them as one lease.
+#     same keys committed. If no transaction ended between the two snapshots (they are
+#     equal), the new one sees exactly what the scan saw, so the scan's rows stand: record
+#     them as one lease and return them (one pass: the usual case with one relay).
+#     Otherwise look again: keep the rows whose key (or row) is still free and which are
+#     still pending, and record those as one lease.
 _CLAIM_FUNCTION = """\
 CREATE OR REPLACE FUNCTION {fn}(p_owner text, p_limit integer, p_lease double precision,
                                 p_sync boolean)
@@ -91,6 +95,8 @@ LANGUAGE plpgsql VOLATILE
 AS $msdata$
 DECLARE
     v_now  timestamptz := clock_timestamp();
+    v_rows {table}[];
+    v_snap pg_snapshot;
     v_seqs bigint[];
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
@@ -112,9 +118,9 @@ BEGIN
         SELECT u.s, u.k, l.owner = p_owner AS mine
         FROM {lease} l, unnest(l.seqs, l.keys) AS u(s, k) WHERE l.until > v_now
     )
-    SELECT coalesce(array_agg(c.seq ORDER BY c.seq), '{{}}') INTO v_seqs
+    SELECT array_agg(c.r ORDER BY c.seq), pg_current_snapshot() INTO v_rows, v_snap
       FROM (
-        SELECT o.seq FROM {table} o
+        SELECT o AS r, o.seq FROM {table} o
         LEFT JOIN held ON held.aggregateid = o.aggregateid
         WHERE o.sent_at IS NULL AND NOT o.parked
           AND (o.available_at IS NULL OR o.available_at <= v_now)
@@ -130,10 +136,22 @@ BEGIN
         ORDER BY o.seq
         LIMIT p_limit) c;
 
-    IF cardinality(v_seqs) = 0 THEN
+    IF v_rows IS NULL THEN
         RETURN;
     END IF;
 
+    -- a new snapshot, taken with the locks held: equal to the scan's, nothing ended since
+    IF (SELECT pg_current_snapshot()::text) = v_snap::text THEN
+        INSERT INTO {lease} (owner, until, seqs, keys)
+        SELECT p_owner, v_now + make_interval(secs => p_lease),
+               array_agg(g.seq ORDER BY g.seq), array_agg(g.aggregateid ORDER BY g.seq)
+        FROM unnest(v_rows) g;
+        RETURN QUERY SELECT * FROM unnest(v_rows);
+        RETURN;
+    END IF;
+
+    RAISE DEBUG 'msdata: outbox claim looks again';
+    v_seqs := ARRAY(SELECT g.seq FROM unnest(v_rows) g);
     RETURN QUERY
     WITH live AS MATERIALIZED (
         SELECT u.s, u.k, l.owner = p_owner AS mine
