@@ -16,16 +16,18 @@ import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
-from typing import NamedTuple, Protocol, Self, runtime_checkable
+from typing import Generic, NamedTuple, Protocol, Self, TypeVar, runtime_checkable
 
-from msdata.errors import ConfigurationError
+from msdata.errors import ConfigurationError, TransportClosed
 
 __all__ = [
     "DEAD_LETTER_ATTEMPTS",
     "DEAD_LETTER_GROUP",
     "DEAD_LETTER_REASON",
     "DEAD_LETTER_TOPIC",
+    "ClosesOnExit",
     "Delivery",
+    "DeliveryState",
     "Publisher",
     "Subscriber",
     "Subscription",
@@ -198,6 +200,66 @@ class Transport(Publisher, Subscriber, Protocol):
     features: TransportFeatures
 
     async def close(self) -> None: ...
+
+
+# -- implementation aids for adapters (not part of the port) -----------------------------------
+
+
+class _SubscriptionLike(Protocol):
+    topic: str
+    group: str
+    _closed: bool
+
+
+_S = TypeVar("_S", bound=_SubscriptionLike)
+
+
+class DeliveryState(Generic[_S]):
+    """Bookkeeping an adapter's delivery shares with every other adapter's (an implementation
+    aid, not part of the port): the subscription it came from, ``message``, ``attempt``, the
+    ``topic``/``group`` properties, and the settle-once guard :meth:`_begin_settle`."""
+
+    __slots__ = ("_settled", "_sub", "attempt", "message")
+
+    def __init__(self, sub: _S, message: TransportMessage, attempt: int) -> None:
+        self._sub = sub
+        self._settled = False
+        self.message = message
+        self.attempt = attempt
+
+    @property
+    def topic(self) -> str:
+        return self._sub.topic
+
+    @property
+    def group(self) -> str:
+        return self._sub.group
+
+    def _begin_settle(self) -> bool:
+        """True if the caller settles it now; False if it was settled already. Raises
+        :class:`TransportClosed` once the subscription closed, settled or not, as
+        :class:`Delivery` requires (checked first: a closed subscription released it)."""
+        if self._sub._closed:
+            raise TransportClosed("the subscription was closed; the delivery was released")
+        if self._settled:
+            return False
+        self._settled = True
+        return True
+
+
+class ClosesOnExit:
+    """Leaving ``async with`` closes the subscription (an implementation aid for adapters)."""
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
 
 
 async def iterate(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Sequence
-from types import MappingProxyType, TracebackType
+from types import MappingProxyType
 from typing import Self
 
 from msdata.errors import ConfigurationError, TransportClosed
@@ -23,6 +23,8 @@ from msdata.transport import (
     DEAD_LETTER_GROUP,
     DEAD_LETTER_REASON,
     DEAD_LETTER_TOPIC,
+    ClosesOnExit,
+    DeliveryState,
     TransportFeatures,
     TransportMessage,
     check_name,
@@ -107,40 +109,34 @@ class _Group:
         self.signal.set()
 
 
-class MemoryDelivery:
+class MemoryDelivery(DeliveryState["MemorySubscription"]):
     """A delivery from :class:`MemoryTransport`; see :class:`msdata.transport.Delivery`."""
 
-    __slots__ = ("_entry", "_settled", "_sub", "attempt", "message")
+    __slots__ = ("_entry",)
 
     def __init__(self, sub: MemorySubscription, entry: _Entry) -> None:
+        # DeliveryState.__init__ inlined: one is made per message received
         self._sub = sub
-        self._entry = entry
         self._settled = False
         self.message = entry.message
         self.attempt = entry.attempt
-
-    @property
-    def topic(self) -> str:
-        return self._sub.topic
-
-    @property
-    def group(self) -> str:
-        return self._sub.group
+        self._entry = entry
 
     def _settle(self) -> bool:
-        if self._sub._closed:
-            raise TransportClosed("the subscription was closed; the delivery was released")
-        if self._settled:
+        if not self._begin_settle():
             return False
-        self._settled = True
         sub = self._sub
         sub._inflight.pop(id(self), None)
         sub._room.set()
         return True
 
     async def ack(self) -> None:
-        if self._settle():
-            self._sub._group.settle(self._entry)
+        # _settle() inlined: ack is the hot path
+        if self._begin_settle():
+            sub = self._sub
+            sub._inflight.pop(id(self), None)
+            sub._room.set()
+            sub._group.settle(self._entry)
 
     async def nack(self, delay: float = 0.0, reason: str | None = None) -> None:
         if not self._settle():
@@ -162,7 +158,7 @@ class MemoryDelivery:
         self._sub._group.retry(self._entry, 0.0)
 
 
-class MemorySubscription:
+class MemorySubscription(ClosesOnExit):
     """A consumer in a group; see :class:`msdata.transport.Subscription`."""
 
     def __init__(
@@ -183,14 +179,6 @@ class MemorySubscription:
             raise TransportClosed("subscribe() on a closed transport")
         self._group = self._transport._declare(self.topic, self.group)
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         if self._closed:

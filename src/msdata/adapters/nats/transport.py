@@ -84,7 +84,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Sequence
-from types import MappingProxyType, TracebackType
+from types import MappingProxyType
 from typing import Any, Self
 
 import nats
@@ -114,6 +114,8 @@ from msdata.transport import (
     DEAD_LETTER_GROUP,
     DEAD_LETTER_REASON,
     DEAD_LETTER_TOPIC,
+    ClosesOnExit,
+    DeliveryState,
     TransportFeatures,
     TransportMessage,
     check_name,
@@ -217,34 +219,20 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-class NatsDelivery:
+class NatsDelivery(DeliveryState["NatsSubscription"]):
     """A delivery from :class:`NatsTransport`; see :class:`msdata.transport.Delivery`."""
 
-    __slots__ = ("_msg", "_settled", "_sub", "attempt", "message")
+    __slots__ = ("_msg",)
 
     def __init__(
         self, sub: NatsSubscription, msg: Msg, message: TransportMessage, attempt: int
     ) -> None:
-        self._sub = sub
+        super().__init__(sub, message, attempt)
         self._msg = msg
-        self._settled = False
-        self.message = message
-        self.attempt = attempt
-
-    @property
-    def topic(self) -> str:
-        return self._sub.topic
-
-    @property
-    def group(self) -> str:
-        return self._sub.group
 
     def _settle(self) -> bool:
-        if self._settled:
+        if not self._begin_settle():
             return False
-        if self._sub._closed:
-            raise TransportClosed("the subscription was closed; the delivery was released")
-        self._settled = True
         self._sub._inflight.discard(self)
         return True
 
@@ -290,7 +278,7 @@ class NatsDelivery:
         await self._reply(_TERM)
 
 
-class NatsSubscription:
+class NatsSubscription(ClosesOnExit):
     """A consumer in a group; see :class:`msdata.transport.Subscription`.
 
     It keeps a pull request open on each of its group's consumers (one, or with
@@ -345,14 +333,6 @@ class NatsSubscription:
         await self._declare()
         self._transport._subscriptions.add(self)
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def _declare(self) -> None:
         t = self._transport

@@ -59,7 +59,7 @@ import hashlib
 import logging
 from collections import deque
 from collections.abc import Mapping, Sequence
-from types import MappingProxyType, TracebackType
+from types import MappingProxyType
 from typing import Any, Self
 
 import aio_pika
@@ -74,6 +74,8 @@ from msdata.transport import (
     DEAD_LETTER_GROUP,
     DEAD_LETTER_REASON,
     DEAD_LETTER_TOPIC,
+    ClosesOnExit,
+    DeliveryState,
     TransportFeatures,
     TransportMessage,
     check_name,
@@ -237,42 +239,23 @@ class _Entry:
         return bool(self.raw.channel.is_closed)
 
 
-class RabbitMQDelivery:
+class RabbitMQDelivery(DeliveryState["RabbitMQSubscription"]):
     """A delivery from :class:`RabbitMQTransport`; see :class:`msdata.transport.Delivery`."""
 
-    __slots__ = ("_entry", "_settled", "_sub", "attempt", "message")
+    __slots__ = ("_entry",)
 
     def __init__(self, sub: RabbitMQSubscription, entry: _Entry, message: TransportMessage) -> None:
-        self._sub = sub
+        super().__init__(sub, message, entry.attempt)
         self._entry = entry
-        self._settled = False
-        self.message = message
-        self.attempt = entry.attempt
-
-    @property
-    def topic(self) -> str:
-        return self._sub.topic
-
-    @property
-    def group(self) -> str:
-        return self._sub.group
-
-    def _begin(self) -> bool:
-        if self._settled:
-            return False
-        if self._sub._closed:
-            raise TransportClosed("the subscription was closed; the delivery was released")
-        self._settled = True
-        return True
 
     async def ack(self) -> None:
-        if not self._begin():
+        if not self._begin_settle():
             return
         await _ack(self._entry.raw)
         self._sub._release_key(self._entry)
 
     async def nack(self, delay: float = 0.0, reason: str | None = None) -> None:
-        if not self._begin():
+        if not self._begin_settle():
             return
         sub = self._sub
         try:
@@ -291,7 +274,7 @@ class RabbitMQDelivery:
         sub._release_key(self._entry)
 
     async def dead_letter(self, reason: str) -> None:
-        if not self._begin():
+        if not self._begin_settle():
             return
         try:
             await self._sub._dead_letter(self, reason)
@@ -301,7 +284,7 @@ class RabbitMQDelivery:
         self._sub._release_key(self._entry)
 
 
-class RabbitMQSubscription:
+class RabbitMQSubscription(ClosesOnExit):
     """A consumer in a group; see :class:`msdata.transport.Subscription`.
 
     ``async with`` declares the topology and starts consuming on a channel of its own with
@@ -364,14 +347,6 @@ class RabbitMQSubscription:
         # after a reconnect the robust channel reopens; consume again on the new channel
         channel.reopen_callbacks.add(self._on_reopen)
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         if self._closed:

@@ -76,7 +76,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
-from types import MappingProxyType, TracebackType
+from types import MappingProxyType
 from typing import Any, Self
 
 import redis.asyncio as aioredis
@@ -89,6 +89,8 @@ from msdata.transport import (
     DEAD_LETTER_GROUP,
     DEAD_LETTER_REASON,
     DEAD_LETTER_TOPIC,
+    ClosesOnExit,
+    DeliveryState,
     TransportFeatures,
     TransportMessage,
     check_name,
@@ -167,13 +169,13 @@ def _raw_reply(response: Any, **options: Any) -> Any:
     return response
 
 
-class RedisDelivery:
+class RedisDelivery(DeliveryState["RedisSubscription"]):
     """A delivery from :class:`RedisTransport`; see :class:`msdata.transport.Delivery`.
 
     ``ack()`` is batched (sent with the subscription's next round trip); ``nack`` and
     ``dead_letter`` return once Redis has done them."""
 
-    __slots__ = ("_eid", "_settled", "_stream", "_sub", "attempt", "message")
+    __slots__ = ("_eid", "_stream")
 
     def __init__(
         self,
@@ -183,29 +185,14 @@ class RedisDelivery:
         message: TransportMessage,
         attempt: int,
     ) -> None:
-        self._sub = sub
+        super().__init__(sub, message, attempt)
         self._stream = stream
         self._eid = eid
-        self._settled = False
-        self.message = message
-        self.attempt = attempt
-
-    @property
-    def topic(self) -> str:
-        return self._sub.topic
-
-    @property
-    def group(self) -> str:
-        return self._sub.group
 
     def _begin(self) -> bool:
-        sub = self._sub
-        if sub._closed:
-            raise TransportClosed("the subscription was closed; the delivery was released")
-        if self._settled:
+        if not self._begin_settle():
             return False
-        self._settled = True
-        sub._inflight.pop(self, None)
+        self._sub._inflight.pop(self, None)
         return True
 
     def _undo(self) -> None:
@@ -213,12 +200,9 @@ class RedisDelivery:
         self._sub._inflight[self] = None
 
     async def ack(self) -> None:
-        sub = self._sub
-        if sub._closed:
-            raise TransportClosed("the subscription was closed; the delivery was released")
-        if self._settled:
+        if not self._begin_settle():
             return
-        self._settled = True
+        sub = self._sub
         del sub._inflight[self]
         sub._acks[self._stream].append(self._eid)
         if not sub._kick_pending:
@@ -248,7 +232,7 @@ class RedisDelivery:
             raise
 
 
-class RedisSubscription:
+class RedisSubscription(ClosesOnExit):
     """A consumer in a group; see :class:`msdata.transport.Subscription`.
 
     It reads up to ``prefetch`` entries of each of the topic stream and the group's retry
@@ -297,14 +281,6 @@ class RedisSubscription:
         self._next_trim = now + self._t.trim_interval if self._t.trim_interval else float("inf")
         self._heart = asyncio.get_running_loop().create_task(self._heartbeat())
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def _declare(self) -> None:
         t = self._t
