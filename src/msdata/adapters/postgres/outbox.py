@@ -140,8 +140,24 @@ BEGIN
         RETURN;
     END IF;
 
-    -- a new snapshot, taken with the locks held: equal to the scan's, nothing ended since
-    IF (SELECT pg_current_snapshot()::text) = v_snap::text THEN
+    v_seqs := ARRAY(SELECT g.seq FROM unnest(v_rows) g);
+    -- a new snapshot, taken with the locks held: equal to the scan's, nothing ended since;
+    -- and no key starts after a pending row of its own that the scan passed over (a scan
+    -- can fail a key's lock at its head row and get it at a later one, once the relay that
+    -- held the lock committed without claiming that key: the head must come first)
+    IF (SELECT pg_current_snapshot()::text) = v_snap::text AND NOT EXISTS (
+        WITH firsts AS (
+            SELECT g.aggregateid AS k, min(g.seq) AS first FROM unnest(v_rows) g
+            WHERE g.aggregateid IS NOT NULL GROUP BY g.aggregateid
+        ), mine AS (
+            SELECT u.s FROM {lease} l, unnest(l.seqs) AS u(s)
+            WHERE l.until > v_now AND l.owner = p_owner
+        )
+        SELECT 1 FROM {table} e JOIN firsts f ON e.aggregateid = f.k
+        WHERE e.sent_at IS NULL AND e.seq < f.first
+          AND e.seq < (SELECT max(firsts.first) FROM firsts)
+          AND e.seq NOT IN (SELECT mine.s FROM mine)
+    ) THEN
         INSERT INTO {lease} (owner, until, seqs, keys)
         SELECT p_owner, v_now + make_interval(secs => p_lease),
                array_agg(g.seq ORDER BY g.seq), array_agg(g.aggregateid ORDER BY g.seq)
@@ -151,12 +167,11 @@ BEGIN
     END IF;
 
     RAISE DEBUG 'msdata: outbox claim looks again';
-    v_seqs := ARRAY(SELECT g.seq FROM unnest(v_rows) g);
     RETURN QUERY
     WITH live AS MATERIALIZED (
         SELECT u.s, u.k, l.owner = p_owner AS mine
         FROM {lease} l, unnest(l.seqs, l.keys) AS u(s, k) WHERE l.until > v_now
-    ), got AS MATERIALIZED (
+    ), kept AS MATERIALIZED (
         SELECT o.* FROM {table} o
         WHERE o.seq = ANY(v_seqs) AND o.sent_at IS NULL AND NOT o.parked
           AND (o.available_at IS NULL OR o.available_at <= v_now)
@@ -166,6 +181,22 @@ BEGIN
                                                WHERE live.k IS NOT NULL AND NOT live.mine)
                         AND o.seq NOT IN (SELECT live.s FROM live WHERE live.mine)
               END
+    ), gapped AS MATERIALIZED (
+        -- keys whose first kept row has an earlier pending row of the key that is neither
+        -- kept nor leased to this relay: the key is not ours to publish yet
+        SELECT f.k FROM (
+            SELECT kept.aggregateid AS k, min(kept.seq) AS first FROM kept
+            WHERE kept.aggregateid IS NOT NULL GROUP BY kept.aggregateid
+        ) f
+        WHERE EXISTS (
+            SELECT 1 FROM {table} e
+            WHERE e.aggregateid = f.k AND e.sent_at IS NULL AND e.seq < f.first
+              AND e.seq NOT IN (SELECT live.s FROM live WHERE live.mine)
+        )
+    ), got AS MATERIALIZED (
+        SELECT kept.* FROM kept
+        WHERE kept.aggregateid IS NULL
+           OR kept.aggregateid NOT IN (SELECT gapped.k FROM gapped)
     ), lease AS (
         INSERT INTO {lease} (owner, until, seqs, keys)
         SELECT p_owner, v_now + make_interval(secs => p_lease),
