@@ -277,6 +277,17 @@ class PoolOwner:
         except RELAY_ERRORS as e:
             store_error(what, e)
 
+    async def run_ddl(self, what: str, ddl: str, lock_class: int) -> None:
+        """Run ``ddl`` in one transaction under an advisory lock, so two processes creating
+        the same tables at once do not collide."""
+
+        async def run(pool: Any) -> None:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1, 0)", lock_class)
+                await conn.execute(ddl)
+
+        await self._call(what, run)
+
     async def _close_pool(self) -> None:
         self._closed = True
         pool, self._pool = self._pool, None

@@ -75,14 +75,7 @@ class PostgresInboxStore:
         return head + _TABLE.format(table=self.table, name=self._name)
 
     async def create_schema(self) -> None:
-        ddl = self.schema_sql()
-
-        async def run(pool: Any) -> None:
-            async with pool.acquire() as conn, conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1, 0)", self._lock_class)
-                await conn.execute(ddl)
-
-        await self._db._call("inbox create_schema", run)
+        await self._db.run_ddl("inbox create_schema", self.schema_sql(), self._lock_class)
 
     async def drop_schema(self) -> None:
         """Drop the table (for tests and teardown)."""

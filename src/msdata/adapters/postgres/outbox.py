@@ -448,15 +448,7 @@ class PostgresOutboxStore:
         return "\n".join(parts)
 
     async def create_schema(self) -> None:
-        ddl = self.schema_sql()
-
-        async def run(pool: Any) -> None:
-            async with pool.acquire() as conn, conn.transaction():
-                # two processes creating the same tables at once would otherwise collide
-                await conn.execute("SELECT pg_advisory_xact_lock($1, 0)", self._lock_class)
-                await conn.execute(ddl)
-
-        await self._db._call("outbox create_schema", run)
+        await self._db.run_ddl("outbox create_schema", self.schema_sql(), self._lock_class)
 
     async def drop_schema(self) -> None:
         """Drop the table and the claim function (for tests and teardown)."""
