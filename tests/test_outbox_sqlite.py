@@ -103,6 +103,21 @@ class TestSqliteOutboxStore(SqliteHooks, OutboxStoreConformance):
         await tx.run(store.append, tx.conn, rows)
 
 
+class TestSqliteOutboxStoreInThread(TestSqliteOutboxStore):
+    """The same suite with every call in the store's thread (as under synchronous FULL)."""
+
+    @asynccontextmanager
+    async def make_store(self) -> AsyncIterator[OutboxStore]:
+        store = SqliteOutboxStore(
+            self.path, table_prefix=self.prefix, poll_interval=0.01, inline=False
+        )
+        await store.create_schema()
+        try:
+            yield store
+        finally:
+            await store.close()
+
+
 class TestSqliteInboxStore(SqliteHooks, InboxStoreConformance):
     @pytest.fixture(autouse=True)
     def _path(self, db_path: str) -> None:
@@ -307,5 +322,70 @@ async def test_mark_sent_and_claim_failing_inside_rolls_back_the_mark(
         b = await store.mark_sent_and_claim("relay-a", [a[0].seq], 100, 30.0)
         assert [r.seq for r in b] == [a[0].seq + 1, a[0].seq + 2]
         assert (await store.status()).pending == 2
+    finally:
+        await store.close()
+
+
+def test_inline_follows_the_durability(db_path: str) -> None:
+    assert SqliteOutboxStore(db_path).inline  # NORMAL: commits do not wait for the disk
+    assert not SqliteOutboxStore(db_path, synchronous="FULL").inline
+    assert not SqliteOutboxStore(db_path, inline=False).inline
+
+
+async def test_an_inline_call_waits_in_the_thread_while_another_connection_writes(
+    db_path: str,
+) -> None:
+    """With the write lock held elsewhere, the relay's mark neither blocks the event loop
+    nor fails: it waits in the store's thread and lands once the lock is free."""
+    store = SqliteOutboxStore(db_path, busy_timeout=30.0)
+    await store.create_schema()
+    with sqlite3.connect(db_path) as conn:
+        store.append(conn, make_rows(2))
+    tx = await ThreadTx(db_path).open()
+    try:
+        claimed = await store.claim("r", 10, 30.0)
+        assert len(claimed) == 2
+        await tx.run(store.append, tx.conn, make_rows(1))  # holds the write lock
+        mark = asyncio.ensure_future(store.mark_sent("r", [r.seq for r in claimed]))
+        ticks = 0
+        for _ in range(20):  # the loop keeps running while the mark waits for the lock
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert ticks == 20 and not mark.done()
+        # a call made meanwhile queues behind it in the thread, in call order
+        status = asyncio.ensure_future(store.status())
+        await tx.end(True)
+        await asyncio.wait_for(mark, 10.0)
+        assert (await asyncio.wait_for(status, 10.0)).pending == 1  # the mark came first
+        assert [r.seq for r in await store.claim("r", 10, 30.0)] == [claimed[-1].seq + 1]
+    finally:
+        await store.close()
+
+
+async def test_rows_handed_back_below_the_claimed_range_are_claimed_again(
+    db_path: str,
+) -> None:
+    """A relay's next claim starts after the rows it holds; rows it hands back, retries
+    or that were parked and requeued must come back all the same, in seq order."""
+    store = SqliteOutboxStore(db_path)
+    await store.create_schema()
+    try:
+        with sqlite3.connect(db_path) as conn:
+            store.append(conn, make_rows(6))
+        seqs = [r.seq for r in await store.claim("r", 2, 30.0)]
+        seqs += [r.seq for r in await store.claim("r", 2, 30.0)]
+        assert seqs == sorted(seqs) and len(set(seqs)) == 4
+        await store.release("r", [seqs[2]])
+        assert [r.seq for r in await store.claim("r", 10, 30.0)] == [
+            seqs[2],
+            seqs[3] + 1,
+            seqs[3] + 2,
+        ]
+        await store.mark_sent("r", [seqs[0], seqs[2], seqs[3] + 1, seqs[3] + 2])
+        await store.park("r", [seqs[1]], "bad")
+        assert await store.claim("r", 10, 30.0) == []
+        await store.mark_sent("r", [seqs[3]])
+        assert await store.requeue([seqs[1]]) == 1
+        assert [r.seq for r in await store.claim("r", 10, 30.0)] == [seqs[1]]
     finally:
         await store.close()

@@ -6,9 +6,12 @@ the default ``isolation_level`` sqlite3 opens that transaction itself before the
 a connection in autocommit mode (``isolation_level=None``) the caller must have run
 ``BEGIN`` first, or ConfigurationError is raised rather than committing the message alone.
 
-Relay side: each call is one transaction on the store's own connection, run whole in one
-hop to the store's own thread (so the event loop never blocks on SQLite, and no per-statement
-hops as with aiosqlite). SQLite has one writer at a time, so one relay at a time claims: it
+Relay side: each call is one transaction on the store's own connection. Under synchronous
+OFF or NORMAL the relay's claims and marks run right on the event loop's thread (some
+hundred microseconds, no fsync) and never wait there: when another connection holds the
+write lock they go to the store's own thread, which waits for it. Every other call, and
+every call under FULL, runs whole in one hop to that thread (no per-statement hops as with
+aiosqlite). SQLite has one writer at a time, so one relay at a time claims: it
 holds the store's relay lease (one row in ``{prefix}outbox_relay``) and the others get
 nothing until it releases everything or its lease lapses; a second relay is a stand-by.
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import operator
 import os
 import sqlite3
 import threading
@@ -205,6 +209,7 @@ class _SqliteStore:
         table_prefix: str = DEFAULT_TABLE_PREFIX,
         synchronous: str = "NORMAL",
         busy_timeout: float = 30.0,
+        inline: bool | None = None,
     ) -> None:
         self.path = os.fspath(path)
         if not self.path or self.path == ":memory:" or self.path.startswith("file:"):
@@ -215,8 +220,11 @@ class _SqliteStore:
             raise ConfigurationError(f"synchronous must be one of {_SYNCHRONOUS}")
         self.synchronous = sync
         self.busy_timeout = busy_timeout
+        #: run the relay's short calls on the event loop's thread (see ``_run``)
+        self.inline = sync in ("OFF", "NORMAL") if inline is None else inline
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
+        self._in_thread = 0  # calls handed to the store's thread and not finished yet
         self._closed = False
 
     @classmethod
@@ -225,24 +233,66 @@ class _SqliteStore:
         return cls(_path_from_url(url), **options)
 
     def _connection(self) -> sqlite3.Connection:
-        # runs in the store's thread only
+        # used by one call at a time: inline on the loop's thread or in the store's thread
         if self._conn is None:
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+            conn = sqlite3.connect(
+                self.path,
+                # inline calls must never wait for the lock: they give up at once instead
+                timeout=0 if self.inline else self.busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self.synchronous}")  # checked in __init__
             self._conn = conn
         return self._conn
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, inline: bool = False) -> T:
+        """``fn(connection)``, one call at a time, in call order.
+
+        ``inline``: a short call (the relay's claim and mark: some hundred microseconds
+        of SQLite work with no fsync under synchronous NORMAL) may run right here on the
+        event loop's thread, when the store is ``inline`` and no earlier call is still in
+        the store's thread. It never waits there: if another connection holds the write
+        lock, SQLite refuses at once (busy timeout 0), ``fn``'s transaction rolls back and
+        the call goes to the store's thread, which waits up to ``busy_timeout``. ``fn``
+        must change nothing outside the database before its transaction has committed.
+
+        Why: the store's thread and the event loop share one GIL, and sqlite3 lets it go
+        at every row it steps, so a claim in the thread while the loop publishes moves at
+        the pace of GIL hand-overs; the hop itself costs tens of microseconds too.
+        """
         if self._closed:
             raise StoreError("the SQLite store is closed")
+        if inline and self.inline and not self._in_thread:
+            try:
+                return fn(self._connection())
+            except sqlite3.OperationalError as e:
+                if getattr(e, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
+                    raise _translate(e) from e
+            except sqlite3.Error as e:
+                raise _translate(e) from e
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="msdata-sqlite")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
+        self._in_thread += 1
+        fut = asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
+        fut.add_done_callback(self._thread_done)
+        return await fut
+
+    def _thread_done(self, _: object) -> None:
+        self._in_thread -= 1
 
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
-            return fn(self._connection())
+            conn = self._connection()
+            if not self.inline:
+                return fn(conn)
+            # here it may wait for the write lock
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            try:
+                return fn(conn)
+            finally:
+                conn.execute("PRAGMA busy_timeout = 0")
         except sqlite3.Error as e:
             raise _translate(e) from e
 
@@ -252,11 +302,11 @@ class _SqliteStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             result = fn(conn)
+            conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
         return result
 
     async def _script(self, ddl: str) -> None:
@@ -272,6 +322,9 @@ class _SqliteStore:
         self._closed = True
         ex, self._executor = self._executor, None
         if ex is None:
+            if self._conn is not None:  # only inline calls ran
+                self._conn.close()
+                self._conn = None
             return
 
         def shut() -> None:
@@ -285,32 +338,31 @@ class _SqliteStore:
 
 _tuple_new = tuple.__new__
 _fromtimestamp = datetime.fromtimestamp
+_first = operator.itemgetter(0)
 
 
 def _records(rows: list[tuple[Any, ...]]) -> list[OutboxRecord]:
-    """Rows of ``_COLUMNS`` (OutboxRecord's field order) as records: one tuple each, the
-    time and (rarely present) headers converted; no per-field attribute setting."""
-    out: list[OutboxRecord] = []
-    append = out.append
-    for seq, mid, topic, type_, payload, key, headers, created, attempts, error in rows:
-        append(
-            _tuple_new(
-                OutboxRecord,
-                (
-                    seq,
-                    mid,
-                    topic,
-                    type_,
-                    payload if type(payload) is bytes else bytes(payload),
-                    key,
-                    MappingProxyType(json.loads(headers)) if headers else _NO_HEADERS,
-                    _fromtimestamp(created, UTC),
-                    attempts,
-                    error,
-                ),
-            )
+    """Rows of ``_columns`` (OutboxRecord's field order, with ``type`` NULL where it is the
+    topic) as records: one tuple each, the time and (rarely present) headers converted;
+    no per-field attribute setting."""
+    return [
+        _tuple_new(
+            OutboxRecord,
+            (
+                seq,
+                mid,
+                topic,
+                topic if type_ is None else type_,
+                payload if type(payload) is bytes else bytes(payload),
+                key,
+                _NO_HEADERS if headers is None else MappingProxyType(json.loads(headers)),
+                _fromtimestamp(created, UTC),
+                attempts,
+                error,
+            ),
         )
-    return out
+        for seq, mid, topic, type_, payload, key, headers, created, attempts, error in rows
+    ]
 
 
 # Relays waiting on a database file in this process, woken by appends to it.
@@ -320,6 +372,40 @@ _waiting_lock = threading.Lock()
 
 def _placeholders(n: int) -> str:
     return ",".join("?" * n)
+
+
+class _Held:
+    """The rows a relay holds (claimed, not yet marked, released, retried or parked).
+
+    ``after``: when not None, every pending row with a seq up to it is held by this relay,
+    so its next claim is a range scan from there instead of skipping a list of held rows.
+    It holds because SQLite gives rows their seq in commit order (one writer at a time,
+    and the newest row is never deleted, so a seq is never given out again): new rows come
+    after it. It is dropped (None) whenever rows may be pending below it: rows handed
+    back, retried or parked; a keyed look (rows of blocked keys were skipped); a lease
+    that was not this relay's.
+    """
+
+    __slots__ = ("after", "seqs")
+
+    def __init__(self) -> None:
+        self.seqs: set[int] = set()
+        self.after: int | None = None
+
+    def hold(self, rows: list[tuple[Any, ...]], keyed: bool) -> None:
+        """Add claimed ``rows`` (seq first, in seq order), from a keyed look or not."""
+        seqs = self.seqs
+        if keyed:
+            self.after = None
+        elif rows:
+            last = rows[-1][0]
+            # the claim returned every pending row not held up to ``last`` (in seq order,
+            # nothing skipped): with no held row past it, all up to it are now held
+            if self.after is not None or not seqs or max(seqs) < last:
+                self.after = last
+        elif self.after is None and seqs:
+            self.after = max(seqs)  # no pending row that is not held
+        seqs.update(map(_first, rows))
 
 
 class SqliteOutboxStore(_SqliteStore):
@@ -334,6 +420,12 @@ class SqliteOutboxStore(_SqliteStore):
     one per row, keeps the drain close to a raw DELETE loop.
 
     ``poll_interval``: how often ``wait_for_rows`` checks for commits by other processes.
+
+    ``inline`` (default: True under ``synchronous`` OFF or NORMAL, where a commit does not
+    wait for the disk): the relay's claims and marks run on the event loop's thread, a
+    few hundred microseconds each, and go to the store's thread only when another
+    connection holds the write lock (they never wait on the loop). False: every call
+    goes to the store's thread.
     """
 
     #: a claim by a relay that holds rows returns later rows of the keys it holds (see
@@ -348,9 +440,14 @@ class SqliteOutboxStore(_SqliteStore):
         synchronous: str = "NORMAL",
         busy_timeout: float = 30.0,
         poll_interval: float = 0.05,
+        inline: bool | None = None,
     ) -> None:
         super().__init__(
-            path, table_prefix=table_prefix, synchronous=synchronous, busy_timeout=busy_timeout
+            path,
+            table_prefix=table_prefix,
+            synchronous=synchronous,
+            busy_timeout=busy_timeout,
+            inline=inline,
         )
         if poll_interval <= 0:
             raise ConfigurationError("poll_interval must be > 0")
@@ -361,7 +458,7 @@ class SqliteOutboxStore(_SqliteStore):
         self._wake: asyncio.Event | None = None
         self._hot_until = 0.0
         # relay id -> {seq: partition key} of the rows it holds (touched in the store thread)
-        self._held: dict[str, dict[int, str | None]] = {}
+        self._held: dict[str, _Held] = {}
         t = f"{self.table_prefix}outbox"
         self._t = t
         self._lease = f"{t}_relay"
@@ -378,15 +475,17 @@ class SqliteOutboxStore(_SqliteStore):
             " AND (b.state = 1 OR b.retry_at > ?)))"
         )
         self._pending = f"FROM {t} o WHERE o.state = 0"
+        self._pending_after = f"FROM {t} o WHERE o.state = 0 AND o.seq > ?"
         self._look = (
             f"SELECT (SELECT MAX(seq) FROM {t}), (SELECT MIN(seq) FROM {t} WHERE state = 2), "
             f"(SELECT owner FROM {self._lease}), (SELECT lease_until FROM {self._lease}), "
             f"EXISTS (SELECT 1 FROM {t} WHERE state = 1 OR retry_at IS NOT NULL)"
         )
         self._any_blocking = f"SELECT 1 FROM {t} WHERE state = 1 OR retry_at IS NOT NULL LIMIT 1"
+        # the type is most often the topic: NULL then, one string fewer to make per row
         self._columns = (
-            "seq, message_id, topic, type, payload, partition_key, headers, created_at, "
-            "attempts, last_error"
+            "seq, message_id, topic, NULLIF(type, topic), payload, partition_key, headers, "
+            "created_at, attempts, last_error"
         )
 
     def schema_sql(self) -> str:
@@ -465,35 +564,45 @@ class SqliteOutboxStore(_SqliteStore):
     def _select(
         self,
         conn: sqlite3.Connection,
-        held: dict[int, str | None],
+        held: _Held,
         limit: int | None,
         blocking: bool | None = None,
-    ) -> tuple[str, list[Any]]:
-        """The claimable rows, leaving out those the relay ``held`` already. Later rows of
-        the keys it holds may come back: only this relay publishes them, after the rows it
+    ) -> tuple[str, list[Any], bool]:
+        """The claimable rows, leaving out those the relay ``held`` already, and whether
+        the look was the keyed one (some row is parked or backing off). Later rows of the
+        keys it holds may come back: only this relay publishes them, after the rows it
         holds (a relay publishes one batch after the other). ``blocking``: whether any row
         is parked or backing off, when the caller already looked."""
         if blocking is None:
             blocking = conn.execute(self._any_blocking).fetchone() is not None
+        args: list[Any]
         if not blocking:
             # nothing parked or backing off (the usual case): no row waits for an earlier
             # one, so skip the per-row look for one (a probe of the small partial index)
-            sql = self._pending
-            args: list[Any] = []
+            if held.after is not None:
+                # every pending row up to ``after`` is held: a range, not a list to skip
+                sql, args = self._pending_after, [held.after]
+            else:
+                sql, args = self._pending, []
         else:
             now = time.time()
-            sql = self._claimable
-            args = [now, now]
-        if held:
-            sql += f" AND o.seq NOT IN ({_placeholders(len(held))})"
-            args.extend(held)
+            sql, args = self._claimable, [now, now]
+        if held.seqs and (blocking or held.after is None):
+            sql += f" AND o.seq NOT IN ({_placeholders(len(held.seqs))})"
+            args.extend(held.seqs)
         if limit is None:
-            return f"SELECT 1 {sql} LIMIT 1", args
-        return f"SELECT {self._columns} {sql} ORDER BY o.seq LIMIT ?", [*args, limit]
+            return f"SELECT 1 {sql} LIMIT 1", args, blocking
+        return f"SELECT {self._columns} {sql} ORDER BY o.seq LIMIT ?", [*args, limit], blocking
 
     def _holder(self, conn: sqlite3.Connection) -> tuple[str, float] | None:
         row = conn.execute(f"SELECT owner, lease_until FROM {self._lease}").fetchone()
         return None if row is None else (row[0], row[1])
+
+    def _held_by(self, relay_id: str) -> _Held:
+        held = self._held.get(relay_id)
+        if held is None:
+            held = self._held[relay_id] = _Held()
+        return held
 
     def _claim_tx(
         self,
@@ -502,23 +611,28 @@ class SqliteOutboxStore(_SqliteStore):
         limit: int,
         lease_seconds: float,
         looked: tuple[tuple[str, float] | None, bool] | None = None,
-    ) -> tuple[list[tuple[Any, ...]], bool]:
-        """The claim, inside an open write transaction: the rows, and whether the relay's
-        held rows are stale (another relay held the lease since). The caller updates
-        ``_held`` once the transaction committed. ``looked``: the lease holder and whether
-        a row blocks its key, when the caller already read them in this transaction."""
+    ) -> tuple[list[tuple[Any, ...]], bool, bool]:
+        """The claim, inside an open write transaction: the rows, whether the relay's
+        held rows are stale (another relay held the lease since), and whether the look was
+        the keyed one. The caller updates ``_held`` once the transaction committed.
+        ``looked``: the lease holder and whether a row blocks its key, when the caller
+        already read them in this transaction."""
         if looked is None:
             holder, blocking = self._holder(conn), None
         else:
             holder, blocking = looked
         now = time.time()
         fresh = False
-        if holder is not None and holder[0] != relay_id:
-            if holder[1] > now:
-                return [], False
-            fresh = True
-        held = {} if fresh else self._held.get(relay_id, {})
-        select, args = self._select(conn, held, limit, blocking)
+        held = self._held_by(relay_id)
+        if holder is None or holder[0] != relay_id:
+            if holder is not None and holder[1] > now:
+                return [], False, False
+            fresh = holder is not None
+            # the lease was not ours: what happened meanwhile is unknown, look at every row
+            held.after = None
+        if fresh:
+            held = _Held()
+        select, args, keyed = self._select(conn, held, limit, blocking)
         rows = conn.execute(select, args).fetchall()
         if rows and (
             holder is None or holder[0] != relay_id or holder[1] - now <= lease_seconds / 2
@@ -529,21 +643,21 @@ class SqliteOutboxStore(_SqliteStore):
                 "lease_until = excluded.lease_until",
                 (relay_id, now + lease_seconds),
             )
-        return rows, fresh
+        return rows, fresh, keyed
 
-    def _hold(self, relay_id: str, rows: list[tuple[Any, ...]], fresh: bool) -> None:
-        held = self._held.setdefault(relay_id, {})
+    def _hold(self, relay_id: str, rows: list[tuple[Any, ...]], fresh: bool, keyed: bool) -> None:
+        held = self._held_by(relay_id)
         if fresh:
-            held.clear()
-        for r in rows:
-            held[r[0]] = r[5]
+            held.seqs.clear()
+            held.after = None
+        held.hold(rows, keyed)
 
     async def claim(self, relay_id: str, limit: int, lease_seconds: float) -> list[OutboxRecord]:
         if limit <= 0:
             return []
 
         def run(conn: sqlite3.Connection) -> list[OutboxRecord]:
-            held = self._held.setdefault(relay_id, {})
+            held = self._held_by(relay_id)
             # a lock-free look first, so an idle or waiting relay never takes the write lock
             holder = self._holder(conn)
             now = time.time()
@@ -551,20 +665,22 @@ class SqliteOutboxStore(_SqliteStore):
                 return []
             if holder is not None and holder[0] == relay_id and holder[1] - now > lease_seconds / 2:
                 # the lease is ours for a while yet: no other relay claims, so read and go
-                select, args = self._select(conn, held, limit)
+                select, args, keyed = self._select(conn, held, limit)
                 rows = conn.execute(select, args).fetchall()
-                self._hold(relay_id, rows, False)
+                self._hold(relay_id, rows, False, keyed)
                 return _records(rows)
-            probe, args = self._select(conn, held, None)
+            if holder is None or holder[0] != relay_id:
+                held.after = None
+            probe, args, _ = self._select(conn, held, None)
             if conn.execute(probe, args).fetchone() is None:
                 return []
-            rows, fresh = self._write(
+            rows, fresh, keyed = self._write(
                 conn, lambda c: self._claim_tx(c, relay_id, limit, lease_seconds)
             )
-            self._hold(relay_id, rows, fresh)
+            self._hold(relay_id, rows, fresh, keyed)
             return _records(rows)
 
-        return await self._run(run)
+        return await self._run(run, inline=True)
 
     async def mark_sent_and_claim(
         self,
@@ -584,7 +700,7 @@ class SqliteOutboxStore(_SqliteStore):
             return []
         seqs = list(sent_seqs)
 
-        def both(conn: sqlite3.Connection) -> tuple[list[tuple[Any, ...]], bool]:
+        def both(conn: sqlite3.Connection) -> tuple[list[tuple[Any, ...]], bool, bool]:
             # one look for the mark and the claim (each statement is a GIL round trip)
             newest, tomb, owner, until, blocking = conn.execute(self._look).fetchone()
             self._mark_tx(conn, seqs, keep, newest, tomb)
@@ -592,18 +708,23 @@ class SqliteOutboxStore(_SqliteStore):
             return self._claim_tx(conn, relay_id, limit, lease_seconds, (holder, bool(blocking)))
 
         def run(conn: sqlite3.Connection) -> list[OutboxRecord]:
-            rows, fresh = self._write(conn, both)
+            rows, fresh, keyed = self._write(conn, both)
             self._drop(relay_id, seqs)
-            self._hold(relay_id, rows, fresh)
+            self._hold(relay_id, rows, fresh, keyed)
             return _records(rows)
 
-        return await self._run(run)
+        return await self._run(run, inline=True)
 
-    def _drop(self, relay_id: str, seqs: Sequence[int]) -> dict[int, str | None]:
-        held = self._held.get(relay_id, {})
-        for s in seqs:
-            held.pop(s, None)
-        return held
+    def _drop(self, relay_id: str, seqs: Sequence[int], *, pending: bool = False) -> bool:
+        """The relay no longer holds ``seqs``; ``pending``: they are pending again (handed
+        back, not sent). Whether it still holds any row."""
+        held = self._held.get(relay_id)
+        if held is None:
+            return False
+        held.seqs.difference_update(seqs)
+        if pending:
+            held.after = None
+        return bool(held.seqs)
 
     def _mark_tx(
         self,
@@ -645,13 +766,13 @@ class SqliteOutboxStore(_SqliteStore):
             self._write(conn, lambda c: self._mark_tx(c, seqs, keep))
             self._drop(relay_id, seqs)
 
-        await self._run(run)
+        await self._run(run, inline=True)
 
     async def release(self, relay_id: str, seqs: Sequence[int]) -> None:
         lease = self._lease
 
         def run(conn: sqlite3.Connection) -> None:
-            if not self._drop(relay_id, seqs):
+            if not self._drop(relay_id, seqs, pending=True):
                 # it holds nothing more: give the lease up, so another relay may claim now
                 holder = self._holder(conn)
                 if holder is not None and holder[0] == relay_id:
@@ -660,7 +781,7 @@ class SqliteOutboxStore(_SqliteStore):
                         lambda c: c.execute(f"DELETE FROM {lease} WHERE owner = ?", (relay_id,)),
                     )
 
-        await self._run(run)
+        await self._run(run, inline=True)
         if self._wake is not None:
             self._wake.set()
 
@@ -678,9 +799,9 @@ class SqliteOutboxStore(_SqliteStore):
 
         def run(conn: sqlite3.Connection) -> None:
             self._write(conn, lambda c: c.execute(sql, params))
-            self._drop(relay_id, seqs)
+            self._drop(relay_id, seqs, pending=True)
 
-        await self._run(run)
+        await self._run(run, inline=True)
 
     async def retry_later(
         self, relay_id: str, seqs: Sequence[int], reason: str, retry_at: datetime
@@ -738,7 +859,7 @@ class SqliteOutboxStore(_SqliteStore):
         wake = self._wake
         deadline = loop.time() + timeout
         while True:
-            if await self._run(self._changed):
+            if await self._run(self._changed, inline=True):
                 return
             now = loop.time()
             if now >= deadline:
