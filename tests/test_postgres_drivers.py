@@ -6,6 +6,8 @@ exactly its own."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -297,3 +299,63 @@ async def test_messages_and_records_commit_and_roll_back_with_the_business_data(
         await inbox_store.drop_schema()
         await store.close()
         await inbox_store.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_psycopg_pipeline_mode_queues_the_message_and_keeps_the_callers_errors(
+    mode: str, postgres_url: str
+) -> None:
+    """In psycopg pipeline mode the outbox INSERT is queued with the business statements
+    (no round trip of its own) and commits with them; an error of the caller's statement
+    that psycopg reports while queuing ours stays the caller's, not an outbox SchemaError."""
+    prefix = f"d{uuid.uuid4().hex[:10]}_"
+    orders = f'"{prefix}orders"'
+    store = PostgresOutboxStore(postgres_url, table_prefix=prefix)
+    outbox = Outbox(store, registry=registry)
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        await store.create_schema()
+        await admin.execute(f"CREATE TABLE {orders} (id text PRIMARY KEY)")
+        missing = f'"{prefix}no_such_table"'
+
+        def sync_pipelines() -> None:
+            with psycopg.connect(postgres_url, autocommit=True) as conn:
+                with conn.pipeline():
+                    conn.execute("BEGIN")
+                    conn.execute(f"INSERT INTO {orders} VALUES ('p1')")
+                    outbox.add(conn, OrderPlaced(order_id="p1"), key="p1")
+                    conn.execute("COMMIT")
+                with pytest.raises(psycopg.errors.UndefinedTable), conn.pipeline():
+                    conn.execute("BEGIN")
+                    conn.execute(f"INSERT INTO {missing} VALUES ('p2')")
+                    conn.pgconn.flush()
+                    time.sleep(0.05)  # the error has arrived when the add is queued
+                    outbox.add(conn, OrderPlaced(order_id="p2"), key="p2")
+                    conn.execute("COMMIT")
+
+        if mode == "sync":
+            sync_pipelines()
+        else:
+            aconn = await psycopg.AsyncConnection.connect(postgres_url, autocommit=True)
+            async with aconn:
+                async with aconn.pipeline():
+                    await aconn.execute("BEGIN")
+                    await aconn.execute(f"INSERT INTO {orders} VALUES ('p1')")
+                    await outbox.add_async(aconn, OrderPlaced(order_id="p1"), key="p1")
+                    await aconn.execute("COMMIT")
+                with pytest.raises(psycopg.errors.UndefinedTable):
+                    async with aconn.pipeline():
+                        await aconn.execute("BEGIN")
+                        await aconn.execute(f"INSERT INTO {missing} VALUES ('p2')")
+                        aconn.pgconn.flush()
+                        await asyncio.sleep(0.05)
+                        await outbox.add_async(aconn, OrderPlaced(order_id="p2"), key="p2")
+                        await aconn.execute("COMMIT")
+        assert await admin.fetchval(f"SELECT count(*) FROM {orders}") == 1
+        got = await store.claim("r", 100, 30.0)
+        assert [outbox.codec.decode(r.payload).message.order_id for r in got] == ["p1"]
+    finally:
+        await admin.execute(f"DROP TABLE IF EXISTS {orders}")
+        await admin.close()
+        await store.drop_schema()
+        await store.close()

@@ -204,6 +204,8 @@ class CallerSQL:
             result = conn.execute(self._sa(), self._sa_params(args))
             return result.first() if fetch else None
         except _driver_errors(driver) as e:
+            if _pipelined(driver, conn):
+                raise
             store_error(self.what, e)
 
     async def run_async(self, conn: Any, args: Sequence[Any], *, fetch: bool = False) -> Any:
@@ -221,7 +223,18 @@ class CallerSQL:
             result = await conn.execute(self._sa(), self._sa_params(args))
             return result.first() if fetch else None
         except _driver_errors(driver) as e:
+            if _pipelined(driver, conn):
+                raise
             store_error(self.what, e)
+
+
+def _pipelined(driver: Driver, conn: Any) -> bool:
+    """Is ``conn`` a psycopg connection in pipeline mode? There our statement is only
+    queued: an error raised while queuing it belongs to an earlier statement of the
+    caller's (psycopg reports the results that have arrived), and an error of ours comes
+    up at the caller's next sync or commit. Such an error is re-raised as it is rather
+    than blamed on the outbox."""
+    return driver in (Driver.PSYCOPG, Driver.PSYCOPG_ASYNC) and bool(conn.pgconn.pipeline_status)
 
 
 # -- the store's own connections -----------------------------------------------------------

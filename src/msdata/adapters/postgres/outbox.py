@@ -92,6 +92,7 @@ CREATE OR REPLACE FUNCTION {fn}(p_owner text, p_limit integer, p_lease double pr
                                 p_sync boolean)
 RETURNS SETOF {table}
 LANGUAGE plpgsql VOLATILE
+SET plan_cache_mode = force_generic_plan
 AS $msdata$
 DECLARE
     v_now  timestamptz := clock_timestamp();
@@ -156,6 +157,9 @@ BEGIN
         SELECT 1 FROM {table} e JOIN firsts f ON e.aggregateid = f.k
         WHERE e.sent_at IS NULL AND e.seq < f.first
           AND e.seq < (SELECT max(firsts.first) FROM firsts)
+          -- both ends of the range unknown at plan time: the planner takes its range
+          -- default (0.5%) and walks _pending; one bound alone (1/3) can plan a Seq Scan
+          AND e.seq >= (SELECT min(p.seq) FROM {table} p WHERE p.sent_at IS NULL)
           AND e.seq NOT IN (SELECT mine.s FROM mine)
     ) THEN
         INSERT INTO {lease} (owner, until, seqs, keys)
@@ -181,18 +185,18 @@ BEGIN
                                                WHERE live.k IS NOT NULL AND NOT live.mine)
                         AND o.seq NOT IN (SELECT live.s FROM live WHERE live.mine)
               END
+    ), firsts AS MATERIALIZED (
+        SELECT kept.aggregateid AS k, min(kept.seq) AS first FROM kept
+        WHERE kept.aggregateid IS NOT NULL GROUP BY kept.aggregateid
     ), gapped AS MATERIALIZED (
         -- keys whose first kept row has an earlier pending row of the key that is neither
-        -- kept nor leased to this relay: the key is not ours to publish yet
-        SELECT f.k FROM (
-            SELECT kept.aggregateid AS k, min(kept.seq) AS first FROM kept
-            WHERE kept.aggregateid IS NOT NULL GROUP BY kept.aggregateid
-        ) f
-        WHERE EXISTS (
-            SELECT 1 FROM {table} e
-            WHERE e.aggregateid = f.k AND e.sent_at IS NULL AND e.seq < f.first
-              AND e.seq NOT IN (SELECT live.s FROM live WHERE live.mine)
-        )
+        -- kept nor leased to this relay: the key is not ours to publish yet (one range
+        -- scan of _pending, bounded as in the one-pass check)
+        SELECT DISTINCT f.k FROM firsts f JOIN {table} e ON e.aggregateid = f.k
+        WHERE e.sent_at IS NULL AND e.seq < f.first
+          AND e.seq < (SELECT max(firsts.first) FROM firsts)
+          AND e.seq >= (SELECT min(p.seq) FROM {table} p WHERE p.sent_at IS NULL)
+          AND e.seq NOT IN (SELECT live.s FROM live WHERE live.mine)
     ), got AS MATERIALIZED (
         SELECT kept.* FROM kept
         WHERE kept.aggregateid IS NULL
@@ -216,6 +220,7 @@ CREATE OR REPLACE FUNCTION {fn}(p_owner text, p_sent bigint[], p_keep boolean,
                                 p_limit integer, p_lease double precision, p_sync boolean)
 RETURNS SETOF {table}
 LANGUAGE plpgsql VOLATILE
+SET plan_cache_mode = force_generic_plan
 AS $msdata$
 BEGIN
     IF NOT p_sync THEN
