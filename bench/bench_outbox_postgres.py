@@ -158,7 +158,36 @@ async def relay_drain(store: PostgresOutboxStore, n: int) -> int:
     return transport.count
 
 
-async def drain_bench(url: str, n: int) -> None:
+async def busy_writer(url: str, stop: asyncio.Event) -> int:
+    """Another application transaction committing every ~2 ms meanwhile (each ends a
+    transaction, which the claim notices: see docs/postgres.md). Returns the commits."""
+    conn = await asyncpg.connect(url)
+    done = 0
+    try:
+        while not stop.is_set():
+            await conn.execute("SELECT pg_current_xact_id()")
+            done += 1
+            await asyncio.sleep(0.002)
+    finally:
+        await conn.close()
+    return done
+
+
+async def with_writer(url: str, writer: bool, work: Awaitable[int]) -> tuple[int, float]:
+    """``work``'s result and its rows/s, with ``busy_writer`` running meanwhile if asked."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(busy_writer(url, stop)) if writer else None
+    t = time.perf_counter()
+    try:
+        done = await work
+        return done, done / (time.perf_counter() - t)
+    finally:
+        stop.set()
+        if task is not None:
+            await task
+
+
+async def drain_bench(url: str, n: int, writer: bool) -> None:
     results: list[list[str]] = []
     for sync in (True, False):
         prefix = f"bench{uuid.uuid4().hex[:8]}_"
@@ -166,13 +195,9 @@ async def drain_bench(url: str, n: int) -> None:
         await store.create_schema()
         try:
             await fill(store, url, n)
-            t = time.perf_counter()
-            raw = await raw_drain(url, store.table, sync)
-            raw_rate = raw / (time.perf_counter() - t)
+            raw, raw_rate = await with_writer(url, writer, raw_drain(url, store.table, sync))
             await fill(store, url, n)
-            t = time.perf_counter()
-            ours = await relay_drain(store, n)
-            our_rate = ours / (time.perf_counter() - t)
+            ours, our_rate = await with_writer(url, writer, relay_drain(store, n))
             assert raw == ours == n, (raw, ours, n)
         finally:
             await store.drop_schema()
@@ -182,7 +207,8 @@ async def drain_bench(url: str, n: int) -> None:
             [label, f"{raw_rate:,.0f}", f"{our_rate:,.0f}", f"{our_rate / raw_rate:.2f}"]
         )
     table(
-        f"(a) drain {n:,} rows, 1000 keys, batches of 100, into MemoryTransport (rows/s)",
+        f"(a) drain {n:,} rows, 1000 keys, batches of 100, into MemoryTransport (rows/s)"
+        + (", another connection committing every ~2 ms meanwhile" if writer else ""),
         ["synchronous_commit", "raw asyncpg loop", "OutboxRelay", "relay / raw"],
         results,
     )
@@ -319,10 +345,13 @@ async def main() -> None:
     parser.add_argument("--per-round", type=int, default=200)
     parser.add_argument("--url", default=URL)
     parser.add_argument("--only", choices=["drain", "write"])
+    parser.add_argument(
+        "--writer", action="store_true", help="drain while another connection keeps committing"
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     if args.only != "write":
-        await drain_bench(args.url, args.rows)
+        await drain_bench(args.url, args.rows, args.writer)
     if args.only != "drain":
         await write_bench(args.url, args.rounds, args.per_round)
     print(f"\n(total {time.perf_counter() - started:.0f} s)")
