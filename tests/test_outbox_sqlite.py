@@ -389,3 +389,28 @@ async def test_rows_handed_back_below_the_claimed_range_are_claimed_again(
         assert [r.seq for r in await store.claim("r", 10, 30.0)] == [seqs[1]]
     finally:
         await store.close()
+
+
+async def test_an_inline_store_checkpoints_in_its_thread(db_path: str) -> None:
+    """The relay's connection does not checkpoint at commit (that would flush pages on the
+    loop's thread); the store's thread checkpoints every so many commits instead."""
+    from msdata.adapters.sqlite.outbox import _CHECKPOINT_EVERY
+
+    store = SqliteOutboxStore(db_path)
+    await store.create_schema()
+    try:
+        with sqlite3.connect(db_path) as conn:
+            store.append(conn, make_rows(_CHECKPOINT_EVERY + 5))
+        for _ in range(_CHECKPOINT_EVERY + 2):
+            (r,) = await store.claim("r", 1, 30.0)
+            await store.mark_sent("r", [r.seq])
+        assert store._conn is not None
+        assert store._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        task = store._checkpointing
+        assert task is not None
+        await task
+        assert task.exception() is None and store._commits < _CHECKPOINT_EVERY
+        # the calls made meanwhile went through the thread and all landed
+        assert (await store.status()).pending == 3
+    finally:
+        await store.close()
