@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -412,5 +413,38 @@ async def test_an_inline_store_checkpoints_in_its_thread(db_path: str) -> None:
         assert task.exception() is None and store._commits < _CHECKPOINT_EVERY
         # the calls made meanwhile went through the thread and all landed
         assert (await store.status()).pending == 3
+    finally:
+        await store.close()
+
+
+async def test_a_cancelled_call_still_in_the_thread_keeps_the_next_ones_off_the_loop(
+    db_path: str,
+) -> None:
+    """A call waiting for the lock in the store's thread goes on there after its caller is
+    cancelled (as when a relay is stopped): calls made meanwhile must queue behind it in
+    the thread, not run on the loop on the same connection and wait for the lock there."""
+    store = SqliteOutboxStore(db_path, busy_timeout=30.0)
+    await store.create_schema()
+    with sqlite3.connect(db_path) as conn:
+        store.append(conn, make_rows(3))
+    tx = await ThreadTx(db_path).open()
+    try:
+        seqs = [r.seq for r in await store.claim("r", 10, 30.0)]
+        await tx.run(store.append, tx.conn, make_rows(1))  # holds the write lock
+        park = asyncio.ensure_future(store.park("r", seqs[:1], "bad"))
+        await asyncio.sleep(0.1)
+        park.cancel()
+        await asyncio.gather(park, return_exceptions=True)
+        started = time.monotonic()
+        mark = asyncio.ensure_future(store.mark_sent("r", seqs[1:2]))
+        await asyncio.sleep(0)
+        assert time.monotonic() - started < 1.0  # the loop was not held
+        assert not mark.done()
+        await asyncio.sleep(0.2)
+        assert not mark.done()
+        await tx.end(True)
+        await asyncio.wait_for(mark, 10.0)
+        status = await store.status()
+        assert (status.parked, status.pending) == (1, 2)  # the cancelled park still landed
     finally:
         await store.close()

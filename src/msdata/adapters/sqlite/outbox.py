@@ -267,7 +267,8 @@ class _SqliteStore:
         the store's thread. It never waits there: if another connection holds the write
         lock, SQLite refuses at once (busy timeout 0), ``fn``'s transaction rolls back and
         the call goes to the store's thread, which waits up to ``busy_timeout``. ``fn``
-        must change nothing outside the database before its transaction has committed.
+        must change nothing outside the database before its transaction has committed,
+        unless doing it twice is harmless (it runs again in the thread).
 
         Why: the store's thread and the event loop share one GIL, and sqlite3 lets it go
         at every row it steps, so a claim in the thread while the loop publishes moves at
@@ -288,13 +289,20 @@ class _SqliteStore:
                     self._checkpoint_soon()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="msdata-sqlite")
+        loop = asyncio.get_running_loop()
         self._in_thread += 1
-        fut = asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
-        fut.add_done_callback(self._thread_done)
-        return await fut
+        work = self._executor.submit(self._call, fn)
+        # counted down when the thread is done with it, not when the caller stops waiting:
+        # a cancelled caller leaves the call running there, on the same connection
+        work.add_done_callback(lambda _: self._thread_done(loop))
+        return await asyncio.wrap_future(work)
 
-    def _thread_done(self, _: object) -> None:
-        self._in_thread -= 1
+    def _thread_done(self, loop: asyncio.AbstractEventLoop) -> None:
+        def done() -> None:
+            self._in_thread -= 1
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing runs inline
+            loop.call_soon_threadsafe(done)
 
     def _checkpoint_soon(self) -> None:
         """A PASSIVE checkpoint (it waits for nobody) in the store's thread; the calls made
@@ -661,7 +669,7 @@ class SqliteOutboxStore(_SqliteStore):
         held = self._held_by(relay_id)
         if holder is None or holder[0] != relay_id:
             if holder is not None and holder[1] > now:
-                return [], False, False
+                return [], False, True  # nothing looked at: "keyed" keeps ``after`` unset
             fresh = holder is not None
             # the lease was not ours: what happened meanwhile is unknown, look at every row
             held.after = None
