@@ -190,10 +190,7 @@ class OutboxRelay:
             elif len(by_topic) == 1:  # the common case: no tasks to make
                 ((topic, recs),) = by_topic.items()
                 try:
-                    if messages is None:
-                        await self._publish(topic, recs)
-                    else:
-                        await self.publisher.publish(topic, messages)
+                    await self._publish(topic, recs, messages)
                     results = [None]
                 except Exception as e:
                     results = [e]
@@ -268,9 +265,12 @@ class OutboxRelay:
         add = messages.append
         for r in records:
             p = r[4]
-            if r[2] != topic or type(p) is not bytes or not p.startswith(_CE_HEAD):
-                return None
-            if not p.endswith(b"}"):
+            if (
+                r[2] != topic
+                or type(p) is not bytes
+                or not p.startswith(_CE_HEAD)
+                or not p.endswith(b"}")
+            ):
                 return None
             add(_tuple_new(TransportMessage, (r[1], p, r[5], r[6])))
         return messages
@@ -360,11 +360,17 @@ class OutboxRelay:
             return f"payload does not decode (bad payload): {type(e).__name__}: {e}"
         return None
 
-    async def _publish(self, topic: str, records: list[OutboxRecord]) -> None:
-        # (message_id, payload, partition_key, headers) of the record tuple, as a message
-        await self.publisher.publish(
-            topic, [_tuple_new(TransportMessage, _as_message(r)) for r in records]
-        )
+    async def _publish(
+        self,
+        topic: str,
+        records: list[OutboxRecord],
+        messages: list[TransportMessage] | None = None,
+    ) -> None:
+        """Publish ``records`` as one batch (``messages``: theirs, when already made)."""
+        if messages is None:
+            # (message_id, payload, partition_key, headers) of the record tuple
+            messages = [_tuple_new(TransportMessage, _as_message(r)) for r in records]
+        await self.publisher.publish(topic, messages)
 
     async def _failed(self, records: list[OutboxRecord], error: BaseException) -> None:
         reason = f"{type(error).__name__}: {error}"[:2000]

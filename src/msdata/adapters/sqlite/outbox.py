@@ -500,7 +500,7 @@ class SqliteOutboxStore(_SqliteStore):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._hot_until = 0.0
-        # relay id -> {seq: partition key} of the rows it holds (touched in the store thread)
+        # relay id -> the rows it holds (touched by one store call at a time)
         self._held: dict[str, _Held] = {}
         t = f"{self.table_prefix}outbox"
         self._t = t
@@ -546,39 +546,24 @@ class SqliteOutboxStore(_SqliteStore):
         raw = _dbapi(conn)
         now = time.time()
         dumps = json.dumps
+        args = [
+            (
+                r.message_id,
+                r.topic,
+                r.type,
+                r.payload,
+                r.partition_key,
+                r.aggregate_type,
+                dumps(dict(r.headers)) if r.headers else None,
+                now,
+            )
+            for r in rows
+        ]
         try:
-            if len(rows) == 1:
-                r = rows[0]
-                raw.execute(
-                    self._insert,
-                    (
-                        r.message_id,
-                        r.topic,
-                        r.type,
-                        r.payload,
-                        r.partition_key,
-                        r.aggregate_type,
-                        dumps(dict(r.headers)) if r.headers else None,
-                        now,
-                    ),
-                )
+            if len(args) == 1:
+                raw.execute(self._insert, args[0])
             else:
-                raw.executemany(
-                    self._insert,
-                    [
-                        (
-                            r.message_id,
-                            r.topic,
-                            r.type,
-                            r.payload,
-                            r.partition_key,
-                            r.aggregate_type,
-                            dumps(dict(r.headers)) if r.headers else None,
-                            now,
-                        )
-                        for r in rows
-                    ],
-                )
+                raw.executemany(self._insert, args)
         except sqlite3.Error as e:
             raise _translate(e) from e
         if _waiting:
@@ -665,17 +650,15 @@ class SqliteOutboxStore(_SqliteStore):
         else:
             holder, blocking = looked
         now = time.time()
-        fresh = False
         held = self._held_by(relay_id)
         if holder is None or holder[0] != relay_id:
             if holder is not None and holder[1] > now:
                 return [], False, True  # nothing looked at: "keyed" keeps ``after`` unset
-            fresh = holder is not None
             # the lease was not ours: what happened meanwhile is unknown, look at every row
             held.after = None
-        if fresh:
-            held = _Held()
-        select, args, keyed = self._select(conn, held, limit, blocking)
+        # another relay held the lease since: what this one held is stale
+        fresh = holder is not None and holder[0] != relay_id
+        select, args, keyed = self._select(conn, _Held() if fresh else held, limit, blocking)
         rows = conn.execute(select, args).fetchall()
         if rows and (
             holder is None or holder[0] != relay_id or holder[1] - now <= lease_seconds / 2
