@@ -25,17 +25,37 @@ their edge with ``raise ... from e`` so the original stays on ``__cause__``.
     ├── TransportError                a broker or the in-memory transport failed
     │   ├── PublishError              the transport did not accept (confirm) every message of a batch
     │   └── TransportClosed           used after close()
-    └── StoreError                    a database-backed store failed
-        └── SchemaError               the store's tables are missing or not what msdata expects
+    ├── StoreError                    a database-backed store failed
+    │   ├── SchemaError               the store's tables are missing or not what msdata expects
+    │   └── ConcurrencyError          a write with a stale expected version (saga instance, event stream)
+    ├── IdempotencyError              an idempotency key cannot be used for this call
+    │   ├── IdempotencyKeyMissing     a key is required and none was given
+    │   ├── IdempotencyKeyReused      the key was used before with a different request (fingerprint)
+    │   ├── IdempotencyInProgress     the first call with this key has not finished yet
+    │   └── StoredResultTooLarge      the result to store exceeds the store's size limit
+    ├── SagaError                     a saga could not be defined, found or run as asked
+    │   ├── SagaDefinitionError       an invalid saga definition (also a ConfigurationError)
+    │   ├── SagaNotFound              no saga instance with that id
+    │   └── SagaStateError            an operation the instance's status does not allow
+    └── CompositionError              a composed query could not be answered
+        ├── RequiredPartFailed        a required part raised, timed out or was cancelled
+        └── CompositionTimeout        the overall deadline passed before the required parts
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "CompositionError",
+    "CompositionTimeout",
+    "ConcurrencyError",
     "ConfigurationError",
     "DecodeError",
     "HandlerAlreadyRegistered",
     "HandlerError",
+    "IdempotencyError",
+    "IdempotencyInProgress",
+    "IdempotencyKeyMissing",
+    "IdempotencyKeyReused",
     "InvalidEnvelope",
     "InvalidHeader",
     "MalformedMessage",
@@ -48,8 +68,14 @@ __all__ = [
     "PublishError",
     "RegistrationError",
     "RejectMessage",
+    "RequiredPartFailed",
+    "SagaDefinitionError",
+    "SagaError",
+    "SagaNotFound",
+    "SagaStateError",
     "SchemaError",
     "StoreError",
+    "StoredResultTooLarge",
     "TransportClosed",
     "TransportError",
     "UnknownMessageType",
@@ -153,3 +179,73 @@ class StoreError(MsdataError):
 
 class SchemaError(StoreError):
     """The store's tables are missing or are not what msdata expects."""
+
+
+class ConcurrencyError(StoreError):
+    """A write expected a version that is no longer current: another writer got there first.
+
+    ``name`` says what was written (``"saga 0193…"``, ``"stream order-42"``), ``expected`` the
+    version the writer read, ``actual`` the version found (``None`` when unknown)."""
+
+    def __init__(self, name: str, expected: int | None, actual: int | None) -> None:
+        self.name = name
+        self.expected = expected
+        self.actual = actual
+        found = "unknown" if actual is None else str(actual)
+        super().__init__(f"{name}: expected version {expected}, found {found}")
+
+
+class IdempotencyError(MsdataError):
+    """An idempotency key cannot be used for this call."""
+
+
+class IdempotencyKeyMissing(IdempotencyError):
+    """The call requires an idempotency key and none was given (HTTP: 400)."""
+
+
+class IdempotencyKeyReused(IdempotencyError):
+    """The key was used before with a different request: its fingerprint differs (HTTP: 422,
+    IETF draft-ietf-httpapi-idempotency-key-header)."""
+
+
+class IdempotencyInProgress(IdempotencyError):
+    """The first call with this key is still running (HTTP: 409); retry later."""
+
+
+class StoredResultTooLarge(IdempotencyError):
+    """The result to store for a key is larger than the store's limit (bytes)."""
+
+
+class SagaError(MsdataError):
+    """A saga could not be defined, found or run as asked."""
+
+
+class SagaDefinitionError(SagaError, ConfigurationError):
+    """A saga definition is invalid; the message says which step and why."""
+
+
+class SagaNotFound(SagaError):
+    """No saga instance has the given id."""
+
+
+class SagaStateError(SagaError):
+    """The operation is not allowed in the instance's current status (retrying a COMPLETED
+    saga, aborting a FAILED one)."""
+
+
+class CompositionError(MsdataError):
+    """A composed query could not be answered."""
+
+
+class RequiredPartFailed(CompositionError):
+    """A required part raised, timed out or was cancelled; ``part`` names it and
+    ``__cause__`` holds its error."""
+
+    def __init__(self, part: str, reason: str) -> None:
+        self.part = part
+        self.reason = reason
+        super().__init__(f"required part {part!r} failed: {reason}")
+
+
+class CompositionTimeout(CompositionError):
+    """The overall deadline passed before every required part had answered."""

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, AbstractContextManager
-from contextvars import ContextVar
 from datetime import timedelta
 from typing import Any
 
@@ -14,37 +12,16 @@ from msdata.errors import ConfigurationError
 from msdata.ids import utc_now
 from msdata.messages import Envelope
 from msdata.outbox.store import InboxStore
+from msdata.storage import TransactionFactory, bind_connection, current_connection
 
 __all__ = ["Inbox", "InboxMiddleware", "TransactionFactory", "current_connection"]
 
 log = logging.getLogger("msdata.inbox")
 
-#: A callable that opens a transaction on the user's database and returns a context manager
-#: (sync or async) yielding the connection to use, committing on normal exit and rolling
-#: back on an exception. Examples: ``sqlite3.connect(...)`` wrapped so it yields the
-#: connection, SQLAlchemy ``sessionmaker.begin`` / ``async_sessionmaker.begin``, or an
-#: ``@asynccontextmanager`` around ``pool.connection()`` + ``conn.transaction()``.
-TransactionFactory = Callable[[], AbstractContextManager[Any] | AbstractAsyncContextManager[Any]]
-
 #: The event bus's middleware type: ``async def mw(envelope, call_next) -> Any``.
 InboxMiddleware = Callable[
     [Envelope[Any], Callable[[Envelope[Any]], Awaitable[Any]]], Awaitable[Any]
 ]
-
-_connection: ContextVar[Any] = ContextVar("msdata_inbox_connection")
-
-
-def current_connection() -> Any:
-    """The connection of the transaction the inbox middleware opened for the running
-    handler: do the handler's writes (and ``outbox.add``) on it, so they commit with the
-    inbox record."""
-    try:
-        return _connection.get()
-    except LookupError:
-        raise ConfigurationError(
-            "no inbox transaction is open in this task: current_connection() works only "
-            "inside a handler wrapped by Inbox.middleware()"
-        ) from None
 
 
 class Inbox:
@@ -110,20 +87,14 @@ class Inbox:
                     if not await store.record_async(conn, consumer, envelope.id):
                         log.debug("inbox %s: skipping duplicate %s", consumer, envelope.id)
                         return None
-                    token = _connection.set(conn)
-                    try:
+                    with bind_connection(conn):
                         return await call_next(envelope)
-                    finally:
-                        _connection.reset(token)
             with cm as conn:
                 if not store.record(conn, consumer, envelope.id):
                     log.debug("inbox %s: skipping duplicate %s", consumer, envelope.id)
                     return None
-                token = _connection.set(conn)
-                try:
+                with bind_connection(conn):
                     return await call_next(envelope)
-                finally:
-                    _connection.reset(token)
 
         return inbox_middleware
 

@@ -7,15 +7,15 @@ import asyncio
 import logging
 import operator
 import os
-import random
 import socket
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from datetime import timedelta
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal, Self
 
+from msdata.backoff import Backoff, exponential_backoff
 from msdata.errors import ConfigurationError, DecodeError, MsdataError
 from msdata.ids import utc_now
 from msdata.outbox.store import OutboxRecord, OutboxStatus, OutboxStore
@@ -32,9 +32,6 @@ _CE_HEAD = b'{"specversion":'  # how CloudEventsCodec starts every event it writ
 
 log = logging.getLogger("msdata.outbox")
 
-#: seconds to wait before the next try, given how many tries have failed so far (>= 1)
-Backoff = Callable[[int], float]
-
 #: how much of each row's payload the relay checks before publishing it:
 #: ``"structure"`` (default, ~0.1 µs/row): bytes that look like one JSON object holding a
 #: ``"specversion"`` member; ``"json"`` (~2-4 µs/row): parses it and checks the CloudEvents
@@ -42,21 +39,6 @@ Backoff = Callable[[int], float]
 #: :class:`CloudEventsCodec` decode, so an unknown type or a payload that fails validation
 #: is parked too; ``"none"``: publish as is.
 PayloadCheck = Literal["none", "structure", "json", "decode"]
-
-
-def exponential_backoff(
-    base: float = 1.0, factor: float = 2.0, maximum: float = 300.0, jitter: float = 0.5
-) -> Backoff:
-    """``base * factor**(failures-1)`` seconds, capped at ``maximum``, with up to ``jitter``
-    of it taken off at random so that relays retrying together spread out."""
-    if base < 0 or factor < 1 or maximum < 0 or not 0 <= jitter <= 1:
-        raise ConfigurationError("backoff needs base >= 0, factor >= 1, maximum >= 0, 0<=jitter<=1")
-
-    def backoff(failures: int) -> float:
-        delay = min(maximum, base * factor ** max(0, failures - 1))
-        return delay * (1.0 - jitter * random.random())
-
-    return backoff
 
 
 def _default_relay_id() -> str:

@@ -20,14 +20,13 @@ Two sides, two kinds of call:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-from msdata.errors import ConfigurationError
+from msdata.storage import DEFAULT_TABLE_PREFIX, check_table_prefix
 
 __all__ = [
     "DEFAULT_TABLE_PREFIX",
@@ -40,22 +39,6 @@ __all__ = [
 ]
 
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
-
-#: SQL stores name their tables ``{prefix}outbox`` and ``{prefix}inbox``.
-DEFAULT_TABLE_PREFIX = "msdata_"
-_PREFIX = re.compile(r"^(?:[a-z_][a-z0-9_]{0,39})?$")
-
-
-def check_table_prefix(prefix: str) -> str:
-    """A table-name prefix is the only text a SQL store puts into its SQL: allow only
-    lowercase letters, digits and ``_`` (not starting with a digit, at most 40), so it
-    never needs quoting and can never carry SQL. Anything else: ConfigurationError."""
-    if not isinstance(prefix, str) or not _PREFIX.match(prefix):
-        raise ConfigurationError(
-            f"table prefix {prefix!r} must be at most 40 lowercase letters, digits or '_', "
-            "not starting with a digit"
-        )
-    return prefix
 
 
 @dataclass(frozen=True, slots=True)
