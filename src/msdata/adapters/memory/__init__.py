@@ -1,11 +1,15 @@
 """In-process adapters: no server, nothing survives the process. For tests, and for the
 embedded default's transport."""
 
+from msdata.adapters.memory.checkpoints import MemoryCheckpointStore
+from msdata.adapters.memory.eventstore import MemoryEventStore
 from msdata.adapters.memory.outbox import MemoryInboxStore, MemoryOutboxStore, MemoryTransaction
 from msdata.adapters.memory.transport import MemoryDelivery, MemorySubscription, MemoryTransport
 
 __all__ = [
+    "MemoryCheckpointStore",
     "MemoryDelivery",
+    "MemoryEventStore",
     "MemoryInboxStore",
     "MemoryOutboxStore",
     "MemorySubscription",
