@@ -7,6 +7,8 @@ try:
 except ImportError as e:  # pragma: no cover
     raise MissingDependencyError("sqlite3", None) from e
 
+from msdata.adapters.sqlite.checkpoints import SqliteCheckpointStore
+from msdata.adapters.sqlite.eventstore import SqliteEventStore
 from msdata.adapters.sqlite.outbox import (
     SqliteInboxStore,
     SqliteOutboxStore,
@@ -15,4 +17,12 @@ from msdata.adapters.sqlite.outbox import (
     schema_sql,
 )
 
-__all__ = ["SqliteInboxStore", "SqliteOutboxStore", "connect", "from_url", "schema_sql"]
+__all__ = [
+    "SqliteCheckpointStore",
+    "SqliteEventStore",
+    "SqliteInboxStore",
+    "SqliteOutboxStore",
+    "connect",
+    "from_url",
+    "schema_sql",
+]
