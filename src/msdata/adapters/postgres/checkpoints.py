@@ -64,11 +64,14 @@ class PostgresCheckpointStore:
         t = self.table
         # the UPDATE waits for a concurrent save of the name and then re-checks position;
         # a first save inserts, and a concurrent first save makes the other's insert a no-op
+        # (each placeholder once: psycopg's %s are positional)
         self._save = CallerSQL(
-            f"WITH u AS (UPDATE {t} SET position = {{1}}, updated_at = now() "
-            "WHERE name = {0} AND position = {2} RETURNING 1), "
-            f"i AS (INSERT INTO {t} (name, position) SELECT {{0}}, {{1}} "
-            "WHERE {2} = 0 AND NOT EXISTS (SELECT 1 FROM u) "
+            "WITH a AS (SELECT CAST({0} AS text) AS name, CAST({1} AS bigint) AS pos, "
+            "CAST({2} AS bigint) AS expected), "
+            f"u AS (UPDATE {t} c SET position = a.pos, updated_at = now() FROM a "
+            "WHERE c.name = a.name AND c.position = a.expected RETURNING 1), "
+            f"i AS (INSERT INTO {t} (name, position) SELECT a.name, a.pos FROM a "
+            "WHERE a.expected = 0 AND NOT EXISTS (SELECT 1 FROM u) "
             "ON CONFLICT (name) DO NOTHING RETURNING 1) "
             "SELECT (SELECT count(*) FROM u) + (SELECT count(*) FROM i)",
             "checkpoint save",
