@@ -136,9 +136,11 @@ class SqliteEventStore(_SqliteStore):
         check_expected_version(expected_version)
         raw = _dbapi(conn)
         try:
-            current = raw.execute(self._version_sql, (stream_id,)).fetchone()[0] or 0
-            if current != expected_version:
-                raise ConcurrencyError(f"stream {stream_id}", expected_version, current)
+            # a new stream needs no look: if it exists, version 1 is taken (UNIQUE)
+            if expected_version or not events:
+                current = raw.execute(self._version_sql, (stream_id,)).fetchone()[0] or 0
+                if current != expected_version:
+                    raise ConcurrencyError(f"stream {stream_id}", expected_version, current)
             if not events:
                 return expected_version
             now = time.time()
