@@ -88,6 +88,10 @@ class Projection:
         that is not registered)."""
         return frozenset(registry.name_of(cls)[0] for cls in self._handlers)
 
+    def event_classes(self) -> list[type[Event]]:
+        """The event classes this projection has handlers for."""
+        return [cls for cls in self._handlers if issubclass(cls, Event)]
+
     def handler_for(self, message: Message) -> Callable[[ProjectionContext, Any], Any] | None:
         for cls in type(message).__mro__:
             attr = self._handlers.get(cls)

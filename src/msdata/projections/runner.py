@@ -7,17 +7,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from msdata.backoff import Backoff, exponential_backoff
 from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConcurrencyError, ConfigurationError
 from msdata.eventstore.log import EventLog, StoredEvent
 from msdata.eventstore.store import RecordedEvent
-from msdata.messages import Envelope
+from msdata.messages import Message, current_envelope
 from msdata.projections.projection import Projection, ProjectionContext
 from msdata.projections.store import CheckpointStore
 from msdata.storage import TransactionFactory, bind_connection, current_connection
+
+if TYPE_CHECKING:
+    from msdata.events import EventBus
+    from msdata.outbox import Inbox
 
 __all__ = ["Lag", "ProjectionRunner"]
 
@@ -314,23 +318,37 @@ class ProjectionRunner:
 
     # -- following a bus topic -----------------------------------------------------------
 
-    def bus_handler(self) -> Callable[[Envelope[Any]], Awaitable[None]]:
-        """An event-bus handler that applies delivered events to the active generation,
-        for a projection fed by a topic instead of the event store. Subscribe it behind
-        :meth:`msdata.outbox.Inbox.middleware` (which opens the transaction and records
-        the message id in it, so a redelivery is applied once); no checkpoint is kept
-        (the inbox is the record), and ``position`` in the context is 0."""
+    def bus_handler(self) -> Callable[[Message], Awaitable[None]]:
+        """An event-bus handler that applies each delivered event to the active
+        generation, for a projection fed by a topic instead of the event store. Subscribe it
+        behind :meth:`msdata.outbox.Inbox.middleware` (it opens the transaction and records
+        the message id in it, so a redelivery is applied once): see :meth:`follow_bus`. No
+        checkpoint is kept (the inbox is the record); ``ctx.stored.position`` is 0."""
 
-        async def handle(envelope: Envelope[Any]) -> None:
+        async def handle(event: Message) -> None:
+            envelope = current_envelope()
+            if envelope is None:
+                raise ConfigurationError("bus_handler() runs inside an event bus delivery")
             if not self._started:
                 await self.start()
-            conn = current_connection()
             stored: StoredEvent[Any] = StoredEvent(
                 envelope, 0, envelope.partition_key or "", 0, envelope.time
             )
-            await self.projection.apply(ProjectionContext(conn, self.generation, stored))
+            await self.projection.apply(
+                ProjectionContext(current_connection(), self.generation, stored)
+            )
 
         return handle
+
+    def follow_bus(
+        self, bus: EventBus, *, group: str, inbox: Inbox, transaction: TransactionFactory
+    ) -> None:
+        """Subscribe the projection to its event types on ``bus`` as consumer ``group``,
+        each delivery applied in ``transaction()`` with the inbox record (exactly once)."""
+        handler = self.bus_handler()
+        middleware = [inbox.middleware(group, transaction)]
+        for event_type in self.projection.event_classes():
+            bus.subscribe(event_type, handler, group=group, middleware=middleware)
 
 
 async def _maybe(result: Awaitable[None] | None) -> None:
