@@ -114,7 +114,8 @@ def normalize_url(url: str) -> str:
     parts = urlsplit(url)
     scheme = parts.scheme.partition("+")[0]
     if scheme not in ("postgresql", "postgres"):
-        raise ConfigurationError(f"not a postgresql:// URL: {url!r}")
+        # the URL may carry a password: name the scheme only
+        raise ConfigurationError(f"not a postgresql:// URL (scheme {parts.scheme!r})")
     return urlunsplit(("postgresql", *parts[1:]))
 
 

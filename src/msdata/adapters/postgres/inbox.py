@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Self
+from typing import Any, Self
 
 import asyncpg
 
@@ -57,11 +57,10 @@ class PostgresInboxStore:
         )
 
     @classmethod
-    def from_url(
-        cls, url: str, *, table_prefix: str = DEFAULT_TABLE_PREFIX, schema: str | None = None
-    ) -> PostgresInboxStore:
-        """A store over ``postgresql://…`` that connects on first use."""
-        return cls(url, table_prefix=table_prefix, schema=schema)
+    def from_url(cls, url: str, **options: Any) -> PostgresInboxStore:
+        """A store over ``postgresql://…`` that connects on first use; ``options`` go to
+        the constructor (``table_prefix``, ``schema``, ``max_size``…)."""
+        return cls(url, **options)
 
     def schema_sql(self) -> str:
         """The DDL ``create_schema`` runs (idempotent), e.g. for a migration tool."""

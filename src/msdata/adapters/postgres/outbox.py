@@ -353,11 +353,10 @@ class PostgresOutboxStore:
         self._listen_lock = asyncio.Lock()
 
     @classmethod
-    def from_url(
-        cls, url: str, *, table_prefix: str = DEFAULT_TABLE_PREFIX, schema: str | None = None
-    ) -> PostgresOutboxStore:
-        """A store over ``postgresql://…`` that connects on first use."""
-        return cls(url, table_prefix=table_prefix, schema=schema)
+    def from_url(cls, url: str, **options: Any) -> PostgresOutboxStore:
+        """A store over ``postgresql://…`` that connects on first use; ``options`` go to
+        the constructor (``table_prefix``, ``schema``, ``max_size``…)."""
+        return cls(url, **options)
 
     def _build_sql(self) -> None:
         t = self.table
