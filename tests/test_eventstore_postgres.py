@@ -64,6 +64,10 @@ class PostgresHooks:
         await tx.end(False)
 
 
+async def _readable(store: Any, count: int) -> bool:
+    return len(await store.read_all()) >= count
+
+
 def _prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}_"
 
@@ -131,6 +135,7 @@ async def test_readers_wait_behind_an_older_open_transaction(postgres_url: str) 
             waited = asyncio.ensure_future(store.wait_for_events(0, 30.0))
             await eventually(waited.done, what="a held-back event: short poll, not 30 s")
             await t1.end(True)
+            await eventually(lambda: _readable(store, 2), what="both readable")
             got = await store.read_all()
             assert [r.event_id for r in got] == [e1[0].event_id, e2[0].event_id]
         finally:
@@ -148,7 +153,7 @@ async def test_an_unrelated_open_transaction_also_holds_readers_back(postgres_ur
                 await store.append_async(tx.conn, "a", 0, make_events(1))
                 await tx.end(True)
                 assert await store.read_all() == []
-            assert len(await store.read_all()) == 1
+            await eventually(lambda: _readable(store, 1), what="readable once it ended")
         finally:
             await other.close()
 
@@ -187,6 +192,7 @@ async def test_psycopg_and_sqlalchemy_callers(postgres_url: str) -> None:
         finally:
             await aconn.close()
         assert await store.stream_version("p") == 4
+        await eventually(lambda: _readable(store, 4), what="all readable")
         assert [r.stream_version for r in await store.read_all()] == [1, 2, 3, 4]
 
 

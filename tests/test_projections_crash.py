@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from msdata.eventstore import EventLog
+from msdata.testing import eventually
 
 sys.path.insert(0, str(Path(__file__).parent))
 from projection_crash_worker import Counted, registry
@@ -88,6 +89,10 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         await checkpoints.close()
 
 
+async def _readable(store: Any) -> bool:
+    return len(await store.read_all(0, 1000)) == EVENTS
+
+
 def run_worker(b: Backend, mode: str, n: int) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     return subprocess.Popen(
@@ -114,11 +119,12 @@ async def test_a_killed_runner_never_applies_an_event_twice(
     assert proc.returncode == -signal.SIGKILL
     # what the killed batch wrote was never committed: the checkpoint is before it
     batches_done = (n - 1) // 3 if mode == "handler" else n - 1
+    await eventually(lambda: _readable(backend.store), what="every event readable")
     records = await backend.store.read_all(0, 1000)
     expected_checkpoint = records[batches_done * 3 - 1].position if batches_done else 0
     assert await backend.checkpoints.load("applied@1") == expected_checkpoint
 
-    again = run_worker(backend, "none", 0)
+    again = run_worker(backend, "none", EVENTS - batches_done * 3)
     out, err = again.communicate(timeout=60)
     assert again.returncode == 0, err
     assert out.strip() == f"done {EVENTS - batches_done * 3}"

@@ -5,38 +5,30 @@ from __future__ import annotations
 
 from typing import Any
 
-from msdata.adapters.memory.outbox import MemoryTransaction, _tx
-from msdata.errors import ConcurrencyError, ConfigurationError, StoreError
+from msdata.adapters.memory._db import MemoryDatabase, MemoryTransaction, transaction_of
+from msdata.clock import SYSTEM_CLOCK, Clock
+from msdata.errors import ConcurrencyError, StoreError
 from msdata.projections.store import check_checkpoint_name, check_position
 
 __all__ = ["MemoryCheckpointStore"]
 
 
-class MemoryCheckpointStore:
+class MemoryCheckpointStore(MemoryDatabase):
     """The in-memory :class:`msdata.projections.store.CheckpointStore` (one event loop).
 
     A name that another open transaction has saved cannot be waited for: ``save`` raises
     :class:`msdata.errors.ConcurrencyError` at once, as a database would once the first
     transaction commits."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        super().__init__(clock=clock)
         self._positions: dict[str, int] = {}
         self._active: dict[str, int] = {}
         self._holders: dict[str, tuple[MemoryTransaction, int]] = {}
-        self._closed = False
-
-    @classmethod
-    def from_url(cls, url: str = "memory://") -> MemoryCheckpointStore:
-        if not url.startswith("memory:"):
-            raise ConfigurationError(f"not a memory:// URL: {url!r}")
-        return cls()
-
-    def begin(self) -> MemoryTransaction:
-        return MemoryTransaction()
 
     def save(self, conn: Any, name: str, position: int, expected: int) -> None:
         self._check()
-        tx = _tx(conn)
+        tx = transaction_of(conn)
         check_checkpoint_name(name)
         check_position("position", position)
         check_position("expected", expected)
@@ -66,7 +58,7 @@ class MemoryCheckpointStore:
 
     def activate(self, conn: Any, projection: str, generation: int) -> None:
         self._check()
-        tx = _tx(conn)
+        tx = transaction_of(conn)
         check_checkpoint_name(projection)
         check_position("generation", generation)
 
@@ -85,15 +77,6 @@ class MemoryCheckpointStore:
     def _release(self, name: str) -> None:
         self._holders.pop(name, None)
 
-    def schema_sql(self) -> str:
-        return ""
-
-    async def create_schema(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        self._closed = True
-
     def _check(self) -> None:
-        if self._closed:
+        if self.closed:
             raise StoreError("the checkpoint store is closed")

@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 from bisect import bisect_right
 from collections.abc import Collection, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
-from msdata.adapters.memory.outbox import MemoryTransaction, _tx
-from msdata.errors import ConcurrencyError, ConfigurationError, StoreError
+from msdata.adapters.memory._db import MemoryDatabase, MemoryTransaction, transaction_of
+from msdata.clock import SYSTEM_CLOCK, Clock
+from msdata.errors import ConcurrencyError, StoreError
 from msdata.eventstore.store import (
     Backlog,
     NewEvent,
@@ -31,27 +31,17 @@ from msdata.eventstore.store import (
 __all__ = ["MemoryEventStore"]
 
 
-class MemoryEventStore:
+class MemoryEventStore(MemoryDatabase):
     """The in-memory :class:`msdata.eventstore.store.EventStore` (one event loop)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        super().__init__(clock=clock)
         self._events: list[RecordedEvent] = []
         self._positions: list[int] = []  # parallel to _events, for bisect
         self._streams: dict[str, list[RecordedEvent]] = {}
         self._holders: dict[str, tuple[MemoryTransaction, int]] = {}
         self._next = 1
         self._waiters: set[asyncio.Future[None]] = set()
-        self._closed = False
-
-    @classmethod
-    def from_url(cls, url: str = "memory://") -> MemoryEventStore:
-        if not url.startswith("memory:"):
-            raise ConfigurationError(f"not a memory:// URL: {url!r}")
-        return cls()
-
-    def begin(self) -> MemoryTransaction:
-        """A new transaction to append in (stands in for a database connection)."""
-        return MemoryTransaction()
 
     # -- write side ----------------------------------------------------------------------
 
@@ -59,7 +49,7 @@ class MemoryEventStore:
         self, conn: Any, stream_id: str, expected_version: int, events: Sequence[NewEvent]
     ) -> int:
         self._check()
-        tx = _tx(conn)
+        tx = transaction_of(conn)
         check_stream_id(stream_id)
         check_expected_version(expected_version)
         committed = len(self._streams.get(stream_id, ()))
@@ -90,7 +80,7 @@ class MemoryEventStore:
         return self.append(conn, stream_id, expected_version, events)
 
     def _commit(self, stream_id: str, version: int, events: list[NewEvent]) -> None:
-        now = datetime.now(UTC)
+        now = self.clock.now()
         stream = self._streams.setdefault(stream_id, [])
         for i, e in enumerate(events, version + 1):
             r = RecordedEvent(
@@ -165,18 +155,12 @@ class MemoryEventStore:
     def _release(self, name: str) -> None:
         self._holders.pop(name, None)
 
-    def schema_sql(self) -> str:
-        return ""
-
-    async def create_schema(self) -> None:
-        return None
-
     async def close(self) -> None:
-        self._closed = True
+        await super().close()
         for fut in self._waiters:
             if not fut.done():
                 fut.set_result(None)
 
     def _check(self) -> None:
-        if self._closed:
+        if self.closed:
             raise StoreError("the event store is closed")

@@ -7,17 +7,12 @@ from typing import Any, Self
 
 import asyncpg
 
-from msdata.adapters.postgres._common import (
-    RELAY_ERRORS,
+from msdata.adapters.postgres._db import (
     CallerSQL,
-    PoolOwner,
-    check_schema,
+    PostgresDatabase,
+    check_in_transaction,
     driver_of,
-    lock_class,
-    qualified,
-    store_error,
 )
-from msdata.adapters.postgres.eventstore import check_in_transaction
 from msdata.errors import ConcurrencyError
 from msdata.projections.store import check_checkpoint_name, check_position
 from msdata.storage import DEFAULT_TABLE_PREFIX, check_table_prefix
@@ -56,11 +51,12 @@ class PostgresCheckpointStore:
         max_size: int = 2,
     ) -> None:
         self._prefix = check_table_prefix(table_prefix)
-        self._schema = check_schema(schema)
-        self._db = PoolOwner(pool_or_dsn, max_size=max_size, kind="checkpoint store")
-        self.table = qualified(self._schema, f"{self._prefix}checkpoints")
-        self.active_table = qualified(self._schema, f"{self._prefix}projections")
-        self._lock_class = lock_class(f"{self._schema or ''}.{self._prefix}checkpoints")
+        self._db = PostgresDatabase(
+            pool_or_dsn, schema=schema, max_size=max_size, kind="checkpoint store"
+        )
+        self.table = self._db.qualified(f"{self._prefix}checkpoints")
+        self.active_table = self._db.qualified(f"{self._prefix}projections")
+        self._lock_class = self._db.lock_class(f"{self._prefix}checkpoints")
         t = self.table
         # the UPDATE waits for a concurrent save of the name and then re-checks position;
         # a first save inserts, and a concurrent first save makes the other's insert a no-op
@@ -85,13 +81,15 @@ class PostgresCheckpointStore:
         self._actual = CallerSQL(f"SELECT position FROM {t} WHERE name = {{0}}", "checkpoint")
 
     @classmethod
-    def from_url(
-        cls, url: str, *, table_prefix: str = DEFAULT_TABLE_PREFIX, schema: str | None = None
-    ) -> PostgresCheckpointStore:
-        return cls(url, table_prefix=table_prefix, schema=schema)
+    def from_url(cls, url: str, **options: Any) -> PostgresCheckpointStore:
+        """A store over ``postgresql://…`` that connects on first use; ``options`` go to
+        the constructor."""
+        return cls(url, **options)
 
     def schema_sql(self) -> str:
-        return _DDL.format(checkpoints=self.table, active=self.active_table)
+        return self._db.schema_head() + _DDL.format(
+            checkpoints=self.table, active=self.active_table
+        )
 
     async def create_schema(self) -> None:
         await self._db.run_ddl("checkpoint create_schema", self.schema_sql(), self._lock_class)
@@ -137,7 +135,7 @@ class PostgresCheckpointStore:
         await self._activate.run_async(conn, [projection, generation])
 
     async def _value(self, what: str, sql: str, key: str) -> int:
-        value = await self._db._call(what, lambda pool: pool.fetchval(sql, key))
+        value = await self._db.call(what, lambda pool: pool.fetchval(sql, key))
         return int(value) if value is not None else 0
 
     async def load(self, name: str) -> int:
@@ -153,10 +151,7 @@ class PostgresCheckpointStore:
         )
 
     async def close(self) -> None:
-        try:
-            await self._db._close_pool()
-        except RELAY_ERRORS as e:
-            store_error("checkpoint store close", e)
+        await self._db.close("checkpoint store close")
 
     async def __aenter__(self) -> Self:
         return self

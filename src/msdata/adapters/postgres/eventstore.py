@@ -23,18 +23,14 @@ from typing import Any, Self
 
 import asyncpg
 
-from msdata.adapters.postgres._common import (
+from msdata.adapters.postgres._db import (
     RELAY_ERRORS,
     CallerSQL,
-    Driver,
-    PoolOwner,
-    check_schema,
+    PostgresDatabase,
+    check_in_transaction,
     driver_of,
-    lock_class,
-    qualified,
-    store_error,
 )
-from msdata.errors import ConcurrencyError, ConfigurationError
+from msdata.errors import ConcurrencyError
 from msdata.eventstore.store import (
     Backlog,
     NewEvent,
@@ -46,7 +42,7 @@ from msdata.eventstore.store import (
 )
 from msdata.storage import DEFAULT_TABLE_PREFIX, check_table_prefix
 
-__all__ = ["PostgresEventStore", "check_in_transaction"]
+__all__ = ["PostgresEventStore"]
 
 log = logging.getLogger("msdata.eventstore")
 
@@ -117,26 +113,6 @@ _COLUMNS = (
 )
 
 
-def check_in_transaction(conn: Any, driver: Driver) -> None:
-    """Refuse a caller's connection that has no open transaction (ConfigurationError): the
-    write would commit on its own."""
-    if driver is Driver.ASYNCPG:
-        if not conn.is_in_transaction():
-            raise ConfigurationError(
-                "the asyncpg connection has no open transaction: use `async with "
-                "conn.transaction():` so the write commits with the caller's work"
-            )
-    elif driver in (Driver.PSYCOPG, Driver.PSYCOPG_ASYNC):
-        import psycopg.pq
-
-        idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-        if conn.autocommit and idle:
-            raise ConfigurationError(
-                "the psycopg connection is in autocommit mode with no open transaction: "
-                "use `with conn.transaction():`"
-            )
-
-
 def _record(row: Any) -> RecordedEvent:
     return RecordedEvent(row[0], row[1], row[2], row[3], row[4], row[5], bytes(row[6]), row[7])
 
@@ -169,16 +145,18 @@ class PostgresEventStore:
         max_size: int = 4,
     ) -> None:
         self._prefix = check_table_prefix(table_prefix)
-        self._schema = check_schema(schema)
-        self._db = PoolOwner(pool_or_dsn, max_size=max_size, kind="event store")
+        self._db = PostgresDatabase(
+            pool_or_dsn, schema=schema, max_size=max_size, kind="event store"
+        )
+        self._schema = self._db.schema
         self._notify = bool(notify)
         self.poll_interval = poll_interval
         self.held_poll_interval = held_poll_interval
         name = f"{self._prefix}events"
-        self.table = qualified(self._schema, name)
-        self.streams_table = qualified(self._schema, f"{self._prefix}event_streams")
-        self._fn = qualified(self._schema, f"{name}_append")
-        self._lock_class = lock_class(f"{self._schema or ''}.{name}")
+        self.table = self._db.qualified(name)
+        self.streams_table = self._db.qualified(f"{self._prefix}event_streams")
+        self._fn = self._db.qualified(f"{name}_append")
+        self._lock_class = self._db.lock_class(name)
         self.channel = (f"{self._schema}.{name}" if self._schema else name)[:63]
         self._append = CallerSQL(
             f"SELECT ok, version FROM {self._fn}({{0}}, {{1}}, CAST({{2}} AS text[]), "
@@ -206,15 +184,14 @@ class PostgresEventStore:
         self._listen_lock = asyncio.Lock()
 
     @classmethod
-    def from_url(
-        cls, url: str, *, table_prefix: str = DEFAULT_TABLE_PREFIX, schema: str | None = None
-    ) -> PostgresEventStore:
-        """A store over ``postgresql://…`` that connects on first use."""
-        return cls(url, table_prefix=table_prefix, schema=schema)
+    def from_url(cls, url: str, **options: Any) -> PostgresEventStore:
+        """A store over ``postgresql://…`` that connects on first use; ``options`` go to
+        the constructor."""
+        return cls(url, **options)
 
     def schema_sql(self) -> str:
         notify = f"PERFORM pg_notify('{self.channel}', '');" if self._notify else ""
-        return _DDL.format(
+        return self._db.schema_head() + _DDL.format(
             streams=self.streams_table,
             events=self.table,
             append=self._fn,
@@ -280,7 +257,7 @@ class PostgresEventStore:
 
     async def _fetch(self, what: str, key: str, *args: Any) -> list[Any]:
         sql = self._sql[key]
-        rows: list[Any] = await self._db._call(what, lambda pool: pool.fetch(sql, *args))
+        rows: list[Any] = await self._db.call(what, lambda pool: pool.fetch(sql, *args))
         return rows
 
     async def read_stream(
@@ -355,10 +332,7 @@ class PostgresEventStore:
             if self._listen_conn is not None and not self._listen_conn.is_closed():
                 return True
             try:
-                if self._db._dsn is not None:
-                    conn = await asyncpg.connect(self._db._dsn)
-                else:
-                    conn = await (await self._db.pool()).acquire()
+                conn = await self._db.dedicated()
                 await conn.add_listener(self.channel, self._on_notify)
                 conn.add_termination_listener(self._on_lost)
             except RELAY_ERRORS as e:
@@ -371,17 +345,15 @@ class PostgresEventStore:
         """Stop listening and close the pool the store made (a given pool stays open)."""
         conn, self._listen_conn = self._listen_conn, None
         self._wake.set()
-        try:
-            if conn is not None:
+        if conn is not None:
+            try:
                 conn.remove_termination_listener(self._on_lost)
-                if self._db._dsn is not None:
-                    await conn.close()
-                elif self._db._pool is not None:
+                if not conn.is_closed():
                     await conn.remove_listener(self.channel, self._on_notify)
-                    await self._db._pool.release(conn)
-            await self._db._close_pool()
-        except RELAY_ERRORS as e:
-            store_error("event store close", e)
+                await self._db.give_back(conn)
+            except RELAY_ERRORS as e:
+                log.debug("event store: error closing the listening connection: %s", e)
+        await self._db.close("event store close")
 
     async def __aenter__(self) -> Self:
         return self

@@ -8,7 +8,7 @@ import os
 import sqlite3
 from typing import Any
 
-from msdata.adapters.sqlite.outbox import _dbapi, _path_from_url, _SqliteStore, _translate
+from msdata.adapters.sqlite._db import SqliteDatabase, caller_connection, map_errors
 from msdata.errors import ConcurrencyError
 from msdata.projections.store import check_checkpoint_name, check_position
 from msdata.storage import DEFAULT_TABLE_PREFIX
@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS {p}projections (
 """
 
 
-class SqliteCheckpointStore(_SqliteStore):
+class SqliteCheckpointStore(SqliteDatabase):
     """The :class:`msdata.projections.store.CheckpointStore` on a SQLite file (the read
     model's). ``save``/``activate`` take the caller's ``sqlite3.Connection`` or SQLAlchemy
     ``Session``/``Connection`` in its open transaction (the ``_async`` forms the same sync
@@ -58,30 +58,24 @@ class SqliteCheckpointStore(_SqliteStore):
         )
         self._active = f"SELECT generation FROM {p}projections WHERE projection = ?"
 
-    @classmethod
-    def from_url(cls, url: str, **options: Any) -> SqliteCheckpointStore:
-        return cls(_path_from_url(url), **options)
-
     def schema_sql(self) -> str:
         return _DDL.format(p=self.table_prefix)
 
     async def create_schema(self) -> None:
-        await self._script(self.schema_sql())
+        await self.run_script(self.schema_sql())
 
     def save(self, conn: Any, name: str, position: int, expected: int) -> None:
         check_checkpoint_name(name)
         check_position("position", position)
         check_position("expected", expected)
-        raw = _dbapi(conn)
-        try:
+        raw = caller_connection(conn)
+        with map_errors("checkpoint save"):
             done = raw.execute(self._update, (position, name, expected)).rowcount
             if not done and expected == 0:
                 done = raw.execute(self._insert, (name, position)).rowcount
             if not done:
                 row = raw.execute(self._select, (name,)).fetchone()
                 raise ConcurrencyError(f"checkpoint {name}", expected, row[0] if row else 0)
-        except sqlite3.Error as e:
-            raise _translate(e) from e
 
     async def save_async(self, conn: Any, name: str, position: int, expected: int) -> None:
         self.save(conn, name, position, expected)
@@ -89,11 +83,9 @@ class SqliteCheckpointStore(_SqliteStore):
     def activate(self, conn: Any, projection: str, generation: int) -> None:
         check_checkpoint_name(projection)
         check_position("generation", generation)
-        raw = _dbapi(conn)
-        try:
+        raw = caller_connection(conn)
+        with map_errors("checkpoint activate"):
             raw.execute(self._activate, (projection, generation))
-        except sqlite3.Error as e:
-            raise _translate(e) from e
 
     async def activate_async(self, conn: Any, projection: str, generation: int) -> None:
         self.activate(conn, projection, generation)
@@ -103,7 +95,7 @@ class SqliteCheckpointStore(_SqliteStore):
             row = conn.execute(sql, (key,)).fetchone()
             return int(row[0]) if row else 0
 
-        return await self._run(read, inline=True)
+        return await self.run(read, inline=True)
 
     async def load(self, name: str) -> int:
         return await self._value(self._select, name)

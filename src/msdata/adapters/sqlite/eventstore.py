@@ -28,7 +28,7 @@ from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from msdata.adapters.sqlite.outbox import _dbapi, _path_from_url, _SqliteStore, _translate
+from msdata.adapters.sqlite._db import SqliteDatabase, caller_connection, map_errors
 from msdata.errors import ConcurrencyError, ConfigurationError
 from msdata.eventstore.store import (
     Backlog,
@@ -75,7 +75,7 @@ def _records(rows: list[tuple[Any, ...]]) -> list[RecordedEvent]:
     ]
 
 
-class SqliteEventStore(_SqliteStore):
+class SqliteEventStore(SqliteDatabase):
     """The :class:`msdata.eventstore.store.EventStore` on a SQLite file.
 
     ``append`` takes the caller's ``sqlite3.Connection`` (or a SQLAlchemy ``Session``/
@@ -116,16 +116,11 @@ class SqliteEventStore(_SqliteStore):
             "payload, recorded_at) VALUES (?,?,?,?,?,?,?)"
         )
 
-    @classmethod
-    def from_url(cls, url: str, **options: Any) -> SqliteEventStore:
-        """``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``."""
-        return cls(_path_from_url(url), **options)
-
     def schema_sql(self) -> str:
         return _DDL.format(p=self.table_prefix)
 
     async def create_schema(self) -> None:
-        await self._script(self.schema_sql())
+        await self.run_script(self.schema_sql())
 
     # -- write side ----------------------------------------------------------------------
 
@@ -134,7 +129,20 @@ class SqliteEventStore(_SqliteStore):
     ) -> int:
         check_stream_id(stream_id)
         check_expected_version(expected_version)
-        raw = _dbapi(conn)
+        raw = caller_connection(conn)
+        with map_errors("event store append"):
+            self._insert_events(raw, stream_id, expected_version, events)
+        if _waiting:
+            self._signal()
+        return expected_version + len(events)
+
+    def _insert_events(
+        self,
+        raw: sqlite3.Connection,
+        stream_id: str,
+        expected_version: int,
+        events: Sequence[NewEvent],
+    ) -> None:
         try:
             # a new stream needs no look: if it exists, version 1 is taken (UNIQUE)
             if expected_version or not events:
@@ -142,7 +150,7 @@ class SqliteEventStore(_SqliteStore):
                 if current != expected_version:
                     raise ConcurrencyError(f"stream {stream_id}", expected_version, current)
             if not events:
-                return expected_version
+                return
             now = time.time()
             args = [
                 (stream_id, v, e.event_id, e.type, e.schema_version, e.payload, now)
@@ -156,11 +164,6 @@ class SqliteEventStore(_SqliteStore):
             # another transaction appended between our look and our insert
             actual = raw.execute(self._version_sql, (stream_id,)).fetchone()[0] or 0
             raise ConcurrencyError(f"stream {stream_id}", expected_version, actual) from e
-        except sqlite3.Error as e:
-            raise _translate(e) from e
-        if _waiting:
-            self._signal()
-        return expected_version + len(events)
 
     async def append_async(
         self, conn: Any, stream_id: str, expected_version: int, events: Sequence[NewEvent]
@@ -184,7 +187,7 @@ class SqliteEventStore(_SqliteStore):
         def read(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
             return conn.execute(sql, args).fetchall()
 
-        return await self._run(read, inline=True)
+        return await self.run(read, inline=True)
 
     async def read_stream(
         self, stream_id: str, from_version: int = 1, limit: int | None = None
@@ -241,7 +244,7 @@ class SqliteEventStore(_SqliteStore):
             return
         self._data_version = None
         while True:
-            if await self._run(self._changed, inline=True):
+            if await self.run(self._changed, inline=True):
                 return
             now = loop.time()
             if now >= deadline:
