@@ -2,13 +2,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from msdata.adapters.memory import MemoryCheckpointStore, MemoryEventStore, MemoryTransaction
 from msdata.eventstore import EventStore, NewEvent
 from msdata.projections import CheckpointStore
 from msdata.testing.conformance.checkpoints import CheckpointStoreConformance
 from msdata.testing.conformance.eventstore import EventStoreConformance
+from msdata.urls import store_from_url
 
 
 class MemoryHooks:
@@ -48,3 +52,23 @@ class TestMemoryCheckpointStore(MemoryHooks, CheckpointStoreConformance):
 
     async def activate(self, store: Any, tx: Any, projection: str, generation: int) -> None:
         store.activate(tx, projection, generation)
+
+
+@pytest.mark.parametrize(
+    ("url", "port", "cls"),
+    [
+        ("memory://", "eventstore", "MemoryEventStore"),
+        ("memory://", "checkpoints", "MemoryCheckpointStore"),
+        ("sqlite:///{tmp}/a.db", "eventstore", "SqliteEventStore"),
+        ("sqlite:///{tmp}/a.db", "checkpoints", "SqliteCheckpointStore"),
+        ("postgresql://u@127.0.0.1:1/db", "eventstore", "PostgresEventStore"),
+        ("postgresql://u@127.0.0.1:1/db", "checkpoints", "PostgresCheckpointStore"),
+    ],
+)
+async def test_store_from_url_knows_both_ports(
+    url: str, port: str, cls: str, tmp_path: Path
+) -> None:
+    options = {} if url.startswith("memory") else {"table_prefix": "x_"}
+    store = store_from_url(port, url.format(tmp=tmp_path), **options)
+    assert type(store).__name__ == cls
+    await store.close()
