@@ -355,21 +355,29 @@ async def test_two_runners_of_one_projection_never_apply_an_event_twice() -> Non
     assert model.generations[1] == want  # the model asserts no event lands twice
 
 
-async def test_a_failing_batch_is_retried_and_reported(caplog: pytest.LogCaptureFixture) -> None:
-    store, _events, _checkpoints, _model, runner = setup_world()
+async def test_an_event_that_does_not_decode_stops_the_runner_just_before_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store, events, _checkpoints, model, runner = setup_world()
     clock = FakeClock()
     runner.clock = clock
+    append(events, "good", 0, [Deposited(account="good", amount=5)])
     with MemoryTransaction() as tx:
         store.append(tx, "bad", 0, [NewEvent("x", "bank.Deposited", 1, b"{}")])
+    append(events, "good", 1, [Deposited(account="good", amount=7)])
     task = asyncio.create_task(runner.run())
     try:
         await eventually(lambda: runner.last_error is not None)
-        assert isinstance(runner.last_error, DecodeError) and runner.position == 0
-        assert "position 1" in caplog.text
-        await eventually(lambda: clock.sleepers == 1)
+        assert isinstance(runner.last_error, DecodeError)
+        assert runner.position == 1 and model.generations[1] == {"good": [5, 1, 1]}
+        assert "position 2" in caplog.text
+        await eventually(lambda: clock.sleepers == 1)  # retrying after the backoff
     finally:
         await runner.stop()
         await asyncio.wait_for(task, 5)
+    with pytest.raises(DecodeError):
+        await runner.rebuild()  # a rebuild stops at the same event, and switches nothing
+    assert await runner.checkpoints.active("balances") == 1
 
 
 async def test_rebuild_switches_readers_from_the_whole_old_model_to_the_whole_new() -> None:
@@ -383,11 +391,11 @@ async def test_rebuild_switches_readers_from_the_whole_old_model_to_the_whole_ne
     seen: list[tuple[int, dict[str, list[int]]]] = []
     original = runner._apply
 
-    async def observe(*args: Any, **kwargs: Any) -> None:
+    async def observe(*args: Any, **kwargs: Any) -> int:
         # a reader between two rebuild transactions sees the active generation, complete
         active = await checkpoints.active("balances")
         seen.append((active, {k: list(v) for k, v in model.generations[active].items()}))
-        await original(*args, **kwargs)
+        return await original(*args, **kwargs)
 
     runner._apply = observe  # type: ignore[method-assign]
     assert await runner.rebuild(drop_old=True) == 2

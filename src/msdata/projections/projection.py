@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 from msdata.errors import ConfigurationError
 from msdata.eventstore.log import StoredEvent
@@ -30,8 +29,7 @@ def handles(*event_types: type[Event]) -> Callable[[F], F]:
     return mark
 
 
-@dataclass(frozen=True, slots=True)
-class ProjectionContext:
+class ProjectionContext(NamedTuple):
     """What a handler gets besides the event: the connection of the transaction the
     runner opened (write the read model on it: the checkpoint commits with it), the
     read model's ``generation`` to write into, and the stored event (position, stream)."""
@@ -102,11 +100,23 @@ class Projection:
 
     async def apply(self, ctx: ProjectionContext) -> None:
         """Run the handler of ``ctx.stored``'s message, if there is one."""
-        fn = self.handler_for(ctx.stored.envelope.message)
-        if fn is not None:
-            result = fn(ctx, ctx.stored.envelope.message)
-            if inspect.isawaitable(result):
-                await result
+        message = ctx.stored.envelope.message
+        try:
+            fn, is_async = self._dispatch[type(message)]
+        except (AttributeError, KeyError):
+            found = self.handler_for(message)
+            fn, is_async = found, found is not None and inspect.iscoroutinefunction(found)
+            if "_dispatch" not in vars(self):
+                self._dispatch: dict[type[Message], tuple[Any, bool]] = {}
+            self._dispatch[type(message)] = (fn, is_async)
+        if fn is None:
+            return
+        if is_async:
+            await fn(ctx, message)
+            return
+        result = fn(ctx, message)
+        if result is not None and hasattr(result, "__await__"):  # returned an awaitable
+            await result
 
     def setup(self, conn: Any, generation: int) -> Awaitable[None] | None:
         """Create an empty read model for ``generation`` (default: nothing to do)."""

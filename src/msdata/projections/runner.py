@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from msdata.backoff import Backoff, exponential_backoff
 from msdata.clock import SYSTEM_CLOCK, Clock
-from msdata.errors import ConcurrencyError, ConfigurationError
+from msdata.errors import ConcurrencyError, ConfigurationError, DecodeError
 from msdata.eventstore.log import EventLog, StoredEvent
 from msdata.eventstore.store import RecordedEvent
 from msdata.messages import Message, current_envelope
@@ -21,7 +21,7 @@ from msdata.storage import TransactionFactory, bind_connection, current_connecti
 
 if TYPE_CHECKING:
     from msdata.events import EventBus
-    from msdata.outbox import Inbox
+    from msdata.inbox import Inbox
 
 __all__ = ["Lag", "ProjectionRunner"]
 
@@ -160,19 +160,19 @@ class ProjectionRunner:
                 await self._switch(active)
             head = await self.log.store.head()
             records = await self.log.store.read_all(self._read_from, self.batch_size, self.types)
-            if records:
-                try:
-                    await self._apply(self.generation, records, self.position)
-                except ConcurrencyError as e:
-                    log.warning(
-                        "projection %s: %s; going on from the stored checkpoint", self.name, e
-                    )
-                    await self._switch(self.generation)
-                    return len(records)
-                self.position = self._read_from = records[-1].position
-            if len(records) < self.batch_size:
+            if not records:
                 self._read_from = max(self._read_from, head)
-            return len(records)
+                return 0
+            try:
+                applied = await self._apply(self.generation, records, self.position)
+            except ConcurrencyError as e:
+                log.warning("projection %s: %s; going on from its checkpoint", self.name, e)
+                await self._switch(self.generation)
+                return len(records)
+            self.position = self._read_from = records[applied - 1].position
+            if applied == len(records) < self.batch_size:
+                self._read_from = max(self._read_from, head)
+            return applied
 
     async def _apply(
         self,
@@ -180,8 +180,19 @@ class ProjectionRunner:
         records: Sequence[RecordedEvent],
         expected: int,
         then: Callable[[Any, bool], Awaitable[None]] | None = None,
-    ) -> None:
-        decoded = [self.log.decode(r) for r in records]  # a bad event fails before the tx
+    ) -> int:
+        """Apply ``records`` (and ``then``) in one transaction with the checkpoint; returns
+        how many were applied. Decoding comes first: an event that does not decode ends the
+        batch before it (``then`` is not run), and fails the next batch at once."""
+        decoded: list[StoredEvent[Any]] = []
+        for r in records:
+            try:
+                decoded.append(self.log.decode(r))
+            except DecodeError:
+                if not decoded:
+                    raise
+                then = None  # the swap of a rebuild waits for the whole of its last batch
+                break
 
         async def body(conn: Any, is_async: bool) -> None:
             apply = self.projection.apply
@@ -195,6 +206,7 @@ class ProjectionRunner:
                 await then(conn, is_async)
 
         await self._in_transaction(body)
+        return len(decoded)
 
     async def catch_up(self) -> int:
         """Apply every event readable now; returns how many were applied."""
@@ -286,25 +298,23 @@ class ProjectionRunner:
             records = await store.read_all(position, self.batch_size, self.types)
             if len(records) < self.batch_size:
                 break  # near the head: finish under the lock
-            await self._apply(new, records, position)
-            position = records[-1].position
+            position = records[await self._apply(new, records, position) - 1].position
+
+        async def swap(conn: Any, is_async: bool) -> None:
+            await self._activate(conn, is_async, new)
+
         async with self._lock:
             while True:
                 head = await store.head()
                 records = await store.read_all(position, self.batch_size, self.types)
-                if len(records) < self.batch_size:
+                if not records:
+                    await self._in_transaction(swap)
                     break
-                await self._apply(new, records, position)
-                position = records[-1].position
-
-            async def swap(conn: Any, is_async: bool) -> None:
-                await self._activate(conn, is_async, new)
-
-            if records:
-                await self._apply(new, records, position, then=swap)
-                position = records[-1].position
-            else:
-                await self._in_transaction(swap)
+                last = len(records) < self.batch_size
+                applied = await self._apply(new, records, position, then=swap if last else None)
+                position = records[applied - 1].position
+                if last and applied == len(records):
+                    break
             self.generation, self.position = new, position
             self._read_from = max(position, head)
         log.info("projection %s: generation %d rebuilt and active", self.name, new)
