@@ -233,8 +233,9 @@ class PostgresAppend:
 
         return psycopg.connect(PG_URL, autocommit=True)
 
-    def raw(self, n: int, per_tx: int, conn: Any = None) -> None:
+    def raw(self, n: int, per_tx: int, conn: Any = None, lock: bool = False) -> None:
         conn = conn or self.conn
+        lock_sql = f"LOCK TABLE {self.schema}.raw_events IN EXCLUSIVE MODE"
         for _ in range(n):
             s = uuid.uuid4().hex
             rows = [
@@ -242,6 +243,8 @@ class PostgresAppend:
                 for v in range(1, per_tx + 1)
             ]
             with conn.transaction():
+                if lock:  # eventsourcing's way to keep the commit order
+                    conn.execute(lock_sql)
                 if per_tx == 1:
                     conn.execute(self.insert, rows[0], prepare=True)
                 else:
@@ -312,6 +315,7 @@ def bench_concurrent(target: PostgresAppend, n: int, rounds: int, writers: int =
     conns = [target.connect() for _ in range(writers)]
     variants = {
         "raw (bigserial)": lambda c, k: target.raw(k, 1, c),
+        "raw + LOCK TABLE": lambda c, k: target.raw(k, 1, c, lock=True),
         "msdata (xid)": lambda c, k: target.msdata(k, 1, c),
         "msdata, no NOTIFY": lambda c, k: target.msdata(k, 1, c, notify=False),
         "eventsourcing (LOCK)": lambda c, k: target.eventsourcing(k, 1, c),

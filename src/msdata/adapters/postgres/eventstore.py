@@ -1,6 +1,7 @@
 """The PostgreSQL event store: one append function (one round trip) that checks the
-expected version on a row per stream and inserts the events; a global order that readers
-never skip, built from the transaction id; LISTEN/NOTIFY for subscribers.
+expected version and inserts the events, ``UNIQUE (stream_id, stream_version)`` keeping a
+stream's writers apart; a global order that readers never skip, built from the transaction
+id; LISTEN/NOTIFY for subscribers.
 
 The global order (see docs/eventstore.md for the argument and the figures): a sequence is
 not enough, because transactions can commit in another order than they took their numbers,
@@ -50,10 +51,6 @@ log = logging.getLogger("msdata.eventstore")
 INDEX_BITS = 20
 
 _DDL = """\
-CREATE TABLE IF NOT EXISTS {streams} (
-    stream_id text PRIMARY KEY,
-    version   bigint NOT NULL
-);
 CREATE TABLE IF NOT EXISTS {events} (
     position       bigint PRIMARY KEY,          -- xid << 20 | index in the transaction
     stream_id      text NOT NULL,
@@ -73,31 +70,42 @@ AS $msdata$
 DECLARE
     v_n   bigint := cardinality(p_ids);
     v_idx bigint;
+    v_got bigint[];
 BEGIN
-    -- the stream's row serialises its writers: a concurrent append waits here for the
-    -- other transaction, then sees its committed version (READ COMMITTED) and fails
-    IF p_expected = 0 THEN
-        INSERT INTO {streams} (stream_id, version) VALUES (p_stream, v_n)
-        ON CONFLICT (stream_id) DO NOTHING;
-    ELSE
-        UPDATE {streams} SET version = p_expected + v_n
-        WHERE stream_id = p_stream AND {streams}.version = p_expected;
-    END IF;
-    IF NOT FOUND THEN
-        ok := false;
-        SELECT s.version INTO version FROM {streams} s WHERE s.stream_id = p_stream;
-        version := coalesce(version, 0);
-        RETURN;
+    IF p_expected > 0 THEN  -- (a new stream needs no look: its version 1 would conflict)
+        SELECT coalesce(max(e.stream_version), 0) INTO version
+        FROM {events} e WHERE e.stream_id = p_stream;
+        IF version <> p_expected THEN
+            ok := false;
+            RETURN;
+        END IF;
     END IF;
     v_idx := coalesce(nullif(current_setting('msdata.event_index', true), ''), '0')::bigint;
     IF v_idx + v_n >= {max_index} THEN
         RAISE EXCEPTION 'msdata: at most % events per transaction', {max_index} - 1;
     END IF;
-    INSERT INTO {events} (position, stream_id, stream_version, event_id, type,
-                          schema_version, payload)
-    SELECT (pg_current_xact_id()::text::bigint << {bits}) + v_idx + u.o, p_stream,
-           p_expected + u.o, u.i, u.t, u.v, u.p
-    FROM unnest(p_ids, p_types, p_versions, p_payloads) WITH ORDINALITY AS u(i, t, v, p, o);
+    -- UNIQUE (stream_id, stream_version) serialises a stream's writers: an insert of a
+    -- version another open transaction has inserted waits for it, and is skipped if it
+    -- commits; then this append takes back what it inserted and reports the conflict,
+    -- without an error that would abort the caller's transaction
+    WITH ins AS (
+        INSERT INTO {events} (position, stream_id, stream_version, event_id, type,
+                              schema_version, payload)
+        SELECT (pg_current_xact_id()::text::bigint << {bits}) + v_idx + u.o, p_stream,
+               p_expected + u.o, u.i, u.t, u.v, u.p
+        FROM unnest(p_ids, p_types, p_versions, p_payloads) WITH ORDINALITY
+             AS u(i, t, v, p, o)
+        ON CONFLICT (stream_id, stream_version) DO NOTHING
+        RETURNING position
+    )
+    SELECT array_agg(ins.position) INTO v_got FROM ins;
+    IF coalesce(cardinality(v_got), 0) < v_n THEN
+        DELETE FROM {events} WHERE position = ANY(v_got);
+        ok := false;
+        SELECT coalesce(max(e.stream_version), 0) INTO version
+        FROM {events} e WHERE e.stream_id = p_stream;
+        RETURN;
+    END IF;
     PERFORM set_config('msdata.event_index', (v_idx + v_n)::text, true);
     {notify}
     ok := true;
@@ -129,8 +137,8 @@ class PostgresEventStore:
     seconds. When committed events wait behind an older open transaction, waiters read
     again every ``held_poll_interval`` seconds until it ends.
 
-    Tables ``{schema}.{table_prefix}events`` and ``…event_streams``, function
-    ``…events_append``; see :meth:`schema_sql`.
+    Table ``{schema}.{table_prefix}events``, function ``…events_append``; see
+    :meth:`schema_sql`.
     """
 
     def __init__(
@@ -154,7 +162,6 @@ class PostgresEventStore:
         self.held_poll_interval = held_poll_interval
         name = f"{self._prefix}events"
         self.table = self._db.qualified(name)
-        self.streams_table = self._db.qualified(f"{self._prefix}event_streams")
         self._fn = self._db.qualified(f"{name}_append")
         self._lock_class = self._db.lock_class(name)
         self.channel = (f"{self._schema}.{name}" if self._schema else name)[:63]
@@ -167,7 +174,7 @@ class PostgresEventStore:
         self._sql = {
             "stream": f"SELECT {_COLUMNS} FROM {t} WHERE stream_id = $1 "
             "AND stream_version >= $2 ORDER BY stream_version LIMIT $3",
-            "version": f"SELECT version FROM {self.streams_table} WHERE stream_id = $1",
+            "version": f"SELECT max(stream_version) FROM {t} WHERE stream_id = $1",
             "all": f"SELECT {_COLUMNS} FROM {t} WHERE position > $1 AND position < {_HORIZON} "
             "ORDER BY position LIMIT $2",
             "all_types": f"SELECT {_COLUMNS} FROM {t} WHERE position > $1 "
@@ -192,7 +199,6 @@ class PostgresEventStore:
     def schema_sql(self) -> str:
         notify = f"PERFORM pg_notify('{self.channel}', '');" if self._notify else ""
         return self._db.schema_head() + _DDL.format(
-            streams=self.streams_table,
             events=self.table,
             append=self._fn,
             max_index=1 << INDEX_BITS,
@@ -207,8 +213,7 @@ class PostgresEventStore:
         """Drop the tables and the function (tests, teardown)."""
         ddl = (
             f"DROP FUNCTION IF EXISTS {self._fn}(text, bigint, text[], text[], integer[], "
-            f"bytea[]); DROP TABLE IF EXISTS {self.table}; DROP TABLE IF EXISTS "
-            f"{self.streams_table};"
+            f"bytea[]); DROP TABLE IF EXISTS {self.table};"
         )
         await self._db.run_ddl("event store drop_schema", ddl, self._lock_class)
 
@@ -270,7 +275,7 @@ class PostgresEventStore:
 
     async def stream_version(self, stream_id: str) -> int:
         rows = await self._fetch("event store stream_version", "version", stream_id)
-        return int(rows[0][0]) if rows else 0
+        return int(rows[0][0] or 0)
 
     async def read_all(
         self, after: int = 0, limit: int = 1000, types: Collection[str] | None = None
