@@ -302,6 +302,31 @@ class EventStoreConformance:
             got = await store.read_stream(s)
             assert [r.event_id for r in got[1:]] == [e.event_id for e in first]
 
+    async def test_a_longer_losing_append_leaves_none_of_its_events(self) -> None:
+        """The loser appends more events than the winner: none of them may stay (its
+        later versions do not collide with anything)."""
+        async with self.make_store() as store:
+            s = _stream()
+            t1 = await self.begin(store)
+            t2 = await self.begin(store)
+            try:
+                await self.append(store, t1, s, 0, make_events(1, tag="winner"))
+                second = asyncio.ensure_future(self.append(store, t2, s, 0, make_events(3)))
+                await asyncio.sleep(0.05)
+                await self.commit(t1)
+                with pytest.raises(ConcurrencyError):
+                    await second
+                # what the loser's transaction still commits holds none of its events
+                await self.commit(t2)
+            except BaseException:
+                await self.rollback(t1)
+                await self.rollback(t2)
+                raise
+            got = await store.read_stream(s)
+            assert [r.stream_version for r in got] == [1]
+            assert json.loads(got[0].payload)["data"]["tag"] == "winner"
+            assert len(await self.settled(store, 1)) == 1
+
     async def test_concurrent_appends_to_different_streams_both_succeed(self) -> None:
         async with self.make_store() as store:
             a, b = _stream(), _stream()
