@@ -46,7 +46,8 @@ class Composed:
     """What a composition answered: each part's value, and why some have none of their own.
 
     - ``composed[part]``: the value of a :class:`RequiredPart` (a ``T``), or of an
-      :class:`OptionalPart` (a ``T | None``: ``None`` when it is missing).
+      :class:`OptionalPart` (a ``T | None``: ``None`` when it is missing; a part typed only
+      as ``Part[T]`` also gives ``T | None``).
     - ``composed.get(part, default)``: the value, or ``default`` when the part is missing.
     - ``part in composed``: the part has a value (its own or its fallback's).
     - ``composed.missing``: part name -> :data:`~msdata.composition.PartFailure`, for each
@@ -81,6 +82,8 @@ class Composed:
     def __getitem__(self, part: RequiredPart[T]) -> T: ...
     @overload
     def __getitem__(self, part: OptionalPart[T]) -> T | None: ...
+    @overload
+    def __getitem__(self, part: Part[T]) -> T | None: ...
     def __getitem__(self, part: Part[Any]) -> Any:
         self._check(part)
         return self._values.get(part.name)
@@ -168,13 +171,14 @@ class _Slot:
         self.failure: PartFailure | None = None  # set once its call failed: a fallback runs
 
 
-def _awaitable_of(part: Part[Any], result: object) -> Awaitable[Any]:
+def _awaitable_of(part: Part[Any], result: object, fallback: bool = False) -> Awaitable[Any]:
     if isinstance(result, Awaitable):
         return result
+    fn = part.fallback if fallback else part.fn
     raise ConfigurationError(
-        f"part {part.name!r}: {getattr(part.fn, '__qualname__', part.fn)!r} returned "
-        f"{type(result).__name__}, not an awaitable; a part calls an async function "
-        "(run blocking code with asyncio.to_thread)"
+        f"part {part.name!r}: {'fallback ' if fallback else ''}"
+        f"{getattr(fn, '__qualname__', fn)!r} returned {type(result).__name__}, not an "
+        "awaitable; give an async function (run blocking code with asyncio.to_thread)"
     )
 
 
@@ -311,9 +315,13 @@ class _Run:
             self.from_fallback[part.name] = failure
         elif part.fallback is not None:
             slot.failure = failure
-            now = self.clock.monotonic()
-            awaitable = _awaitable_of(part, part.fallback(failure))
-            self._start(slot, awaitable, self._due(part.timeout, now))
+            try:
+                result = part.fallback(failure)
+            except Exception as error:  # a sync callable raising: the fallback failed
+                self._fallback_failed(slot, error)
+                return
+            awaitable = _awaitable_of(part, result, fallback=True)
+            self._start(slot, awaitable, self._due(part.timeout, self.clock.monotonic()))
         else:
             self._give_up(slot, failure)
 
@@ -407,15 +415,15 @@ class _Run:
                     self._at_deadline(now)
                     break
                 next_due = self.deadline_at
+                expired = False
                 for task, slot in list(active.items()):
                     if slot.due <= now:
                         self._expire(task, slot, now)
+                        expired = True  # it may have started a fallback with a due of its own
                     elif slot.due < next_due:
                         next_due = slot.due
-                if ready:
+                if expired or ready:
                     continue
-                if not active:
-                    break
                 if next_due < _INF:
                     self._arm(next_due, now)
                 waiter = self.waiter = self.loop.create_future()

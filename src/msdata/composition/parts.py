@@ -99,12 +99,11 @@ class _Unset(enum.Enum):
 UNSET: Literal[_Unset.UNSET] = _Unset.UNSET
 
 
+@dataclass(frozen=True, slots=True, eq=False, repr=False)
 class Part(Generic[T]):
     """One call of a composition, answering ``T``. Made by :func:`required` or
     :func:`optional`; immutable, so one part may be composed any number of times (each
-    :func:`~msdata.composition.compose` calls ``fn(*args)`` afresh)."""
-
-    __slots__ = ("args", "default", "fallback", "fn", "name", "timeout")
+    :func:`~msdata.composition.compose` calls ``fn(*args)`` afresh). Compared by identity."""
 
     #: True for a :class:`RequiredPart`: the answer cannot be given without it.
     required: ClassVar[bool]
@@ -116,15 +115,8 @@ class Part(Generic[T]):
     default: T | _Unset
     fallback: Callable[[PartFailure], Awaitable[T]] | None
 
-    def __init__(
-        self,
-        name: str,
-        fn: Callable[..., Awaitable[T]],
-        args: tuple[Any, ...],
-        timeout: float | None,
-        default: T | _Unset,
-        fallback: Callable[[PartFailure], Awaitable[T]] | None,
-    ) -> None:
+    def __post_init__(self) -> None:
+        name, fn, timeout, fallback = self.name, self.fn, self.timeout, self.fallback
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"a part's name must be a non-empty string, got {name!r}")
         if not callable(fn):
@@ -139,7 +131,7 @@ class Part(Generic[T]):
         if timeout is not None:
             check_seconds(f"part {name!r}: timeout", timeout)
         if fallback is not None:
-            if default is not UNSET:
+            if self.default is not UNSET:
                 raise ConfigurationError(
                     f"part {name!r}: give a default value or a fallback function, not both"
                 )
@@ -148,15 +140,6 @@ class Part(Generic[T]):
                     f"part {name!r}: fallback must be an async function taking the failure; "
                     f"for a plain value use default=, got {fallback!r}"
                 )
-        object.__setattr__(self, "name", name)
-        object.__setattr__(self, "fn", fn)
-        object.__setattr__(self, "args", args)
-        object.__setattr__(self, "timeout", timeout)
-        object.__setattr__(self, "default", default)
-        object.__setattr__(self, "fallback", fallback)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"{type(self).__name__} is immutable")
 
     def __repr__(self) -> str:
         fn = getattr(self.fn, "__qualname__", repr(self.fn))
