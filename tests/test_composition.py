@@ -529,12 +529,6 @@ async def test_a_part_from_another_composition_is_refused(calls: Calls) -> None:
         answer.get(lookalike, None)
 
 
-async def test_parts_are_immutable(calls: Calls) -> None:
-    part = required("a", calls.value, "a")
-    with pytest.raises(AttributeError):
-        part.timeout = 1.0  # type: ignore[misc]
-
-
 # -- exact instants on a fake clock ----------------------------------------------------------
 
 

@@ -144,7 +144,7 @@ async def compose(
     is not awaitable (a sync function passed by mistake; it has run by then); and, when it is
     called, for a ``fallback`` that returns something that is not awaitable.
     """
-    if deadline is not None:
+    if deadline is not None and not (type(deadline) is float and 0.0 < deadline < _INF):
         check_seconds("deadline", deadline)
     if not parts:
         raise ConfigurationError("compose() needs at least one part")
@@ -225,6 +225,11 @@ class _Run:
 
     def _on_done(self, task: asyncio.Future[Any]) -> None:
         self.ready.append(task)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake(self) -> None:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -379,6 +384,7 @@ class _Run:
 
     async def run(self) -> Composed:
         clock = self.clock
+        loop = self.loop
         parts = self.parts
         # Make every call first: nothing is scheduled until all are known to be awaitable.
         calls: list[tuple[_Slot, Awaitable[Any]]] = []
@@ -387,10 +393,12 @@ class _Run:
                 try:
                     result = part.fn(*part.args)
                 except Exception as error:  # raised before returning an awaitable: its failure
-                    failed: asyncio.Future[Any] = self.loop.create_future()
+                    failed: asyncio.Future[Any] = loop.create_future()
                     failed.set_exception(error)
                     result = failed
-                calls.append((_Slot(part), _awaitable_of(part, result)))
+                if type(result) is not CoroutineType:
+                    result = _awaitable_of(part, result)
+                calls.append((_Slot(part), result))
         except BaseException:
             for _, awaitable in calls:
                 if type(awaitable) is CoroutineType:
@@ -401,7 +409,12 @@ class _Run:
         now = clock.monotonic()
         self.deadline_at = _INF if self.deadline is None else now + self.deadline
         for slot, awaitable in calls:
-            self._start(slot, awaitable, self._due(slot.part.timeout, now))
+            timeout = slot.part.timeout
+            self._start(slot, awaitable, _INF if timeout is None else now + timeout)
+        # First look right after the calls' first steps: parts that answer at once are
+        # settled then, and no timer is ever armed for them.
+        loop.call_soon(self._wake)
+        first_look = True
         active = self.active
         ready = self.ready
         try:
@@ -424,9 +437,11 @@ class _Run:
                         next_due = slot.due
                 if expired or ready:
                     continue
-                if next_due < _INF:
+                if first_look:
+                    first_look = False
+                elif next_due < _INF:
                     self._arm(next_due, now)
-                waiter = self.waiter = self.loop.create_future()
+                waiter = self.waiter = loop.create_future()
                 try:
                     await waiter
                 finally:

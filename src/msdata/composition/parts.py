@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import (
     Any,
     ClassVar,
+    Final,
     Generic,
     Literal,
     TypeAlias,
@@ -99,25 +100,27 @@ class _Unset(enum.Enum):
 UNSET: Literal[_Unset.UNSET] = _Unset.UNSET
 
 
-@dataclass(frozen=True, slots=True, eq=False, repr=False)
 class Part(Generic[T]):
     """One call of a composition, answering ``T``. Made by :func:`required` or
-    :func:`optional`; immutable, so one part may be composed any number of times (each
-    :func:`~msdata.composition.compose` calls ``fn(*args)`` afresh). Compared by identity."""
+    :func:`optional`; its attributes are read-only (``Final``), so one part may be composed
+    any number of times (each :func:`~msdata.composition.compose` calls ``fn(*args)``
+    afresh). Compared by identity."""
+
+    __slots__ = ("args", "default", "fallback", "fn", "name", "timeout")
 
     #: True for a :class:`RequiredPart`: the answer cannot be given without it.
     required: ClassVar[bool]
 
-    name: str
-    fn: Callable[..., Awaitable[T]]
-    args: tuple[Any, ...]
-    timeout: float | None
-    default: T | _Unset
-    fallback: Callable[[PartFailure], Awaitable[T]] | None
-
-    def __post_init__(self) -> None:
-        name, fn, timeout, fallback = self.name, self.fn, self.timeout, self.fallback
-        if not isinstance(name, str) or not name:
+    def __init__(
+        self,
+        name: str,
+        fn: Callable[..., Awaitable[T]],
+        args: tuple[Any, ...],
+        timeout: float | None,
+        default: T | _Unset,
+        fallback: Callable[[PartFailure], Awaitable[T]] | None,
+    ) -> None:
+        if type(name) is not str or not name:
             raise ConfigurationError(f"a part's name must be a non-empty string, got {name!r}")
         if not callable(fn):
             if inspect.iscoroutine(fn):
@@ -128,10 +131,10 @@ class Part(Generic[T]):
                     "composition makes its own call"
                 )
             raise ConfigurationError(f"part {name!r}: {fn!r} is not callable")
-        if timeout is not None:
+        if timeout is not None and not (type(timeout) is float and 0.0 < timeout < math.inf):
             check_seconds(f"part {name!r}: timeout", timeout)
         if fallback is not None:
-            if self.default is not UNSET:
+            if default is not UNSET:
                 raise ConfigurationError(
                     f"part {name!r}: give a default value or a fallback function, not both"
                 )
@@ -140,6 +143,14 @@ class Part(Generic[T]):
                     f"part {name!r}: fallback must be an async function taking the failure; "
                     f"for a plain value use default=, got {fallback!r}"
                 )
+        # read-only (Final) for type checkers; not guarded at run time, which would cost
+        # more than the rest of building a part
+        self.name: Final[str] = name
+        self.fn: Final[Callable[..., Awaitable[T]]] = fn
+        self.args: Final[tuple[Any, ...]] = args
+        self.timeout: Final[float | None] = timeout
+        self.default: Final[T | _Unset] = default
+        self.fallback: Final[Callable[[PartFailure], Awaitable[T]] | None] = fallback
 
     def __repr__(self) -> str:
         fn = getattr(self.fn, "__qualname__", repr(self.fn))
