@@ -343,7 +343,7 @@ class _Run:
             raise RequiredPartFailed(part.name, str(failure)) from failure_cause(failure)
         self.missing[part.name] = failure
 
-    def _expire(self, task: asyncio.Future[Any], slot: _Slot, now: float) -> None:
+    def _expire(self, task: asyncio.Future[Any], slot: _Slot) -> None:
         del self.active[task]
         if task.cancel():
             self.abandoned = True
@@ -353,7 +353,7 @@ class _Run:
             seconds = slot.part.timeout
             self._fallback_failed(slot, TimeoutError(f"fallback timed out after {seconds:g} s"))
 
-    def _at_deadline(self, now: float) -> None:
+    def _at_deadline(self) -> None:
         late: list[str] = []
         for task, slot in list(self.active.items()):
             del self.active[task]
@@ -425,13 +425,13 @@ class _Run:
                     break
                 now = clock.monotonic()
                 if now >= self.deadline_at:
-                    self._at_deadline(now)
+                    self._at_deadline()
                     break
                 next_due = self.deadline_at
                 expired = False
                 for task, slot in list(active.items()):
                     if slot.due <= now:
-                        self._expire(task, slot, now)
+                        self._expire(task, slot)
                         expired = True  # it may have started a fallback with a due of its own
                     elif slot.due < next_due:
                         next_due = slot.due
