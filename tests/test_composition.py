@@ -9,6 +9,7 @@ with FakeClock.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import math
 from dataclasses import dataclass
@@ -158,6 +159,20 @@ async def test_a_query_bus_query_is_a_part(calls: Calls) -> None:
     user = required("user", calls.value, "user")
     answer = await compose(level, user, deadline=5.0)
     assert answer[level] == 3
+
+
+async def test_parts_see_the_callers_context() -> None:
+    """Each call runs in a copy of the caller's context (so a query asked while handling a
+    message keeps its causation and correlation ids)."""
+    request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
+
+    async def read_request_id() -> str:
+        return request_id.get()
+
+    request_id.set("req-1")
+    part = required("id", read_request_id)
+    answer = await compose(part, deadline=1.0)
+    assert answer[part] == "req-1"
 
 
 # -- optional parts and partial answers ------------------------------------------------------
