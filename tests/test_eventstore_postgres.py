@@ -218,3 +218,83 @@ def test_table_prefix_must_be_a_plain_identifier(prefix: str) -> None:
         PostgresEventStore("postgresql://localhost/db", table_prefix=prefix)
     with pytest.raises(ConfigurationError):
         PostgresCheckpointStore("postgresql://localhost/db", table_prefix=prefix)
+
+
+async def test_projection_on_postgres_with_an_async_transaction_and_rebuild(
+    postgres_url: str,
+) -> None:
+    from contextlib import asynccontextmanager as acm
+
+    from msdata.eventstore import EventLog
+    from msdata.messages import Event, MessageRegistry
+    from msdata.projections import Projection, ProjectionContext, ProjectionRunner, handles
+
+    registry = MessageRegistry()
+
+    class Counted(Event):
+        key: str
+
+    registry.register(Counted, "pgtest.Counted")
+    prefix = _prefix()
+
+    class Counts(Projection):
+        name = "counts"
+
+        async def setup(self, conn: Any, generation: int) -> None:
+            await conn.execute(f"DROP TABLE IF EXISTS {prefix}counts_{generation}")
+            await conn.execute(
+                f"CREATE TABLE {prefix}counts_{generation} (k text PRIMARY KEY, n int)"
+            )
+
+        async def activate(self, conn: Any, generation: int) -> None:
+            await conn.execute(
+                f"CREATE OR REPLACE VIEW {prefix}counts AS "
+                f"SELECT * FROM {prefix}counts_{generation}"
+            )
+
+        @handles(Counted)
+        async def counted(self, ctx: ProjectionContext, event: Counted) -> None:
+            await ctx.conn.execute(
+                f"INSERT INTO {prefix}counts_{ctx.generation} VALUES ($1, 1) "
+                f"ON CONFLICT (k) DO UPDATE SET n = {prefix}counts_{ctx.generation}.n + 1",
+                event.key,
+            )
+
+    store = PostgresEventStore(postgres_url, table_prefix=prefix)
+    checkpoints = PostgresCheckpointStore(postgres_url, table_prefix=prefix)
+    await store.create_schema()
+    await checkpoints.create_schema()
+    pool = await asyncpg.create_pool(postgres_url, min_size=1, max_size=2)
+
+    @acm
+    async def transaction() -> Any:
+        async with pool.acquire() as conn, conn.transaction():
+            yield conn
+
+    log = EventLog(store, registry=registry)
+    runner = ProjectionRunner(Counts(), log, checkpoints, transaction, batch_size=3)
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            for i in range(8):
+                await log.append_async(conn, f"s{i}", 0, [Counted(key="ab"[i % 2])])
+
+        async def caught_up() -> bool:
+            await runner.catch_up()
+            return runner.position > 0 and (await runner.lag()).events == 0
+
+        await eventually(caught_up, what="caught up")
+        view = f"SELECT k, n FROM {prefix}counts ORDER BY k"
+        assert [tuple(r) for r in await pool.fetch(view)] == [("a", 4), ("b", 4)]
+        assert await runner.rebuild() == 2
+        assert [tuple(r) for r in await pool.fetch(view)] == [("a", 4), ("b", 4)]
+        assert await checkpoints.active("counts") == 2
+    finally:
+        await pool.execute(
+            f"DROP VIEW IF EXISTS {prefix}counts; DROP TABLE IF EXISTS {prefix}counts_1; "
+            f"DROP TABLE IF EXISTS {prefix}counts_2"
+        )
+        await pool.close()
+        await store.drop_schema()
+        await checkpoints.drop_schema()
+        await store.close()
+        await checkpoints.close()
