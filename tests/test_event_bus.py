@@ -436,3 +436,54 @@ async def test_stop_lets_the_handler_in_hand_finish_and_acks_it(
         assert await sub.receive(10, timeout=0.2) == [], "a finished delivery came back"
     assert transport.pending(bus.topic_of(OrderPlaced), "g") == 0
     assert sent.type == "test.OrderPlaced"
+
+
+async def test_the_bus_waits_by_its_backoff_between_redeliveries(
+    transport: MemoryTransport,
+) -> None:
+    asked: list[int] = []
+
+    def backoff(failures: int) -> float:
+        asked.append(failures)
+        return 0.0
+
+    bus = make_bus(transport, max_attempts=3, backoff=backoff)
+    bus.subscribe(OrderPlaced, lambda e: 1 / 0, group="g")
+    async with bus:
+        await bus.publish(OrderPlaced(order_id="b", amount=1))
+        async with transport.subscribe(dead_letter_topic(bus.topic_of(OrderPlaced), "g"), "o") as d:
+            await collect(d, 1, timeout=5)
+    # the third failure dead-letters: its delay is asked for, and not waited out
+    assert asked == [1, 2, 3]
+
+
+def test_default_backoffs_keep_their_ranges() -> None:
+    from msdata.events.bus import DEFAULT_BACKOFF
+
+    for _ in range(200):
+        assert 0.05 <= DEFAULT_BACKOFF(1) <= 0.1
+        assert 0.1 <= DEFAULT_BACKOFF(2) <= 0.2
+        assert 15.0 <= DEFAULT_BACKOFF(50) <= 30.0
+
+
+async def test_retry_middleware_waits_by_its_backoff() -> None:
+    asked: list[int] = []
+
+    def backoff(failures: int) -> float:
+        asked.append(failures)
+        return 0.0
+
+    calls = 0
+
+    async def flaky(env: Any) -> str:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise RuntimeError("again")
+        return "done"
+
+    mw = retry(4, backoff=backoff)
+    assert await mw(None, flaky) == "done"  # type: ignore[arg-type]
+    assert asked == [1, 2]
+    with pytest.raises(ConfigurationError):
+        retry(0)

@@ -32,12 +32,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, NamedTuple, Self, TypeVar
 
+from msdata.backoff import Backoff, exponential_backoff
 from msdata.errors import (
     ConfigurationError,
     HandlerAlreadyRegistered,
@@ -78,14 +78,18 @@ class _Consumer:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
-def _default_backoff(attempt: int) -> float:
-    """Seconds before redelivery after the ``attempt``-th failure: exponential, jittered."""
-    return float(min(30.0, 0.1 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0))
+#: the bus's default redelivery delay: 0.1 s doubling per failure up to 30 s, equal jitter
+#: (a random half of it taken off), so consumers failing together spread out
+DEFAULT_BACKOFF: Backoff = exponential_backoff(base=0.1, factor=2.0, maximum=30.0, jitter=0.5)
 
 
 class EventBus:
     """Publishes events through a :class:`msdata.transport.Transport` and runs the
-    consumers of the handlers subscribed to them."""
+    consumers of the handlers subscribed to them.
+
+    ``backoff`` (a :data:`msdata.backoff.Backoff`) gives the seconds before a failed delivery
+    is redelivered, from its attempt number (default :data:`DEFAULT_BACKOFF`); after
+    ``max_attempts`` failures it goes to the dead-letter topic instead."""
 
     def __init__(
         self,
@@ -96,7 +100,7 @@ class EventBus:
         source: str = "msdata",
         middleware: Sequence[Middleware] = (),
         max_attempts: int = 5,
-        backoff: Callable[[int], float] = _default_backoff,
+        backoff: Backoff = DEFAULT_BACKOFF,
         prefetch: int = 100,
         concurrency: int = 1,
         stop_timeout: float = 10.0,
