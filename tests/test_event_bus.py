@@ -453,8 +453,8 @@ async def test_the_bus_waits_by_its_backoff_between_redeliveries(
         await bus.publish(OrderPlaced(order_id="b", amount=1))
         async with transport.subscribe(dead_letter_topic(bus.topic_of(OrderPlaced), "g"), "o") as d:
             await collect(d, 1, timeout=5)
-    # the third failure dead-letters: its delay is asked for, and not waited out
-    assert asked == [1, 2, 3]
+    # the third failure dead-letters: no delay is asked for it
+    assert asked == [1, 2]
 
 
 def test_default_backoffs_keep_their_ranges() -> None:
@@ -487,3 +487,32 @@ async def test_retry_middleware_waits_by_its_backoff() -> None:
     assert asked == [1, 2]
     with pytest.raises(ConfigurationError):
         retry(0)
+
+
+async def test_a_dead_letter_is_logged_once_with_the_handlers_traceback(
+    transport: MemoryTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    bus = make_bus(transport, max_attempts=2)
+
+    @bus.handler(OrderPlaced, group="g")
+    async def declines(e: OrderPlaced) -> None:
+        raise ValueError("card declined")
+
+    with caplog.at_level(logging.WARNING, logger="msdata"):
+        async with bus:
+            sent = await bus.publish(OrderPlaced(order_id="t", amount=1))
+            topic = bus.topic_of(OrderPlaced)
+            async with transport.subscribe(dead_letter_topic(topic, "g"), "o") as d:
+                await collect(d, 1, timeout=5)
+    dead = [r for r in caplog.records if r.name == "msdata.deadletter"]
+    assert len(dead) == 1
+    (record,) = dead
+    assert record.levelno == logging.WARNING
+    assert record.msdata_message_id == sent.id  # type: ignore[attr-defined]
+    assert record.msdata_type == "test.OrderPlaced"  # type: ignore[attr-defined]
+    assert record.msdata_attempts == 2  # type: ignore[attr-defined]
+    assert record.msdata_reason == "ValueError: card declined"  # type: ignore[attr-defined]
+    assert record.exc_info is not None and record.exc_info[0] is ValueError
+    # the first failure is a warning of its own; the last one is the dead letter's line
+    failures = [r for r in caplog.records if r.name == "msdata.events"]
+    assert len(failures) == 1 and "attempt 1 of 2" in failures[0].getMessage()

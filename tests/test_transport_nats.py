@@ -155,8 +155,8 @@ async def test_a_delivery_whose_consumers_keep_dying_is_dead_lettered() -> None:
                 dead_letters = await dlq.receive(10, timeout=0.1)
             (dead,) = dead_letters
         assert dead.message.id == m.id
-        assert "not settled after 1 attempts" in dead.message.headers[DEAD_LETTER_REASON]
-        assert dead.message.headers[DEAD_LETTER_ATTEMPTS] == "1"
+        assert "delivered 2 times and never settled" in dead.message.headers[DEAD_LETTER_REASON]
+        assert dead.message.headers[DEAD_LETTER_ATTEMPTS] == "2"
 
 
 async def test_publish_fails_with_publish_error_and_recovers() -> None:

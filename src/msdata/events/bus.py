@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, NamedTuple, Self, TypeVar
 
+from msdata import deadletter
 from msdata.backoff import Backoff, exponential_backoff
 from msdata.errors import (
     ConfigurationError,
@@ -319,14 +320,10 @@ class EventBus:
                 await asyncio.sleep(0.5)
 
     async def _handle(self, consumer: _Consumer, delivery: Delivery) -> None:
-        if delivery.attempt > self.max_attempts:
+        overdue = deadletter.overdue_reason(delivery.attempt, self.max_attempts)
+        if overdue is not None:
             # handed out again and again without being settled (its consumers died)
-            await self._settle(
-                delivery.dead_letter(
-                    f"delivered {delivery.attempt} times without being settled "
-                    f"(max_attempts={self.max_attempts})"
-                )
-            )
+            await self._settle(delivery.dead_letter(overdue))
             return
         try:
             envelope = self.codec.decode(delivery.message.body)
@@ -349,25 +346,29 @@ class EventBus:
                 if inspect.isawaitable(result):  # e.g. an object with async __call__
                     await result
         except RejectMessage as e:
-            await self._settle(delivery.dead_letter(f"RejectMessage: {e}"))
+            with deadletter.handler_failure(envelope.type, e):
+                await self._settle(delivery.dead_letter(f"RejectMessage: {e}"))
             return
         except (Exception, asyncio.CancelledError) as e:
             task = asyncio.current_task()
             if isinstance(e, asyncio.CancelledError) and task is not None and task.cancelling():
                 raise  # the consumer itself is being stopped: leave the delivery unsettled
+            reason = f"{type(e).__name__}: {e}"
+            if deadletter.exhausted(delivery.attempt, self.max_attempts):
+                # the transport dead-letters it and logs that once, with this traceback
+                with deadletter.handler_failure(envelope.type, e):
+                    await self._settle(delivery.nack(reason=reason))
+                return
             log.warning(
-                "handler for %s %s in group %s failed (attempt %d): %r",
+                "handler for %s %s in group %s failed (attempt %d of %d): %r",
                 envelope.type,
                 envelope.id,
                 consumer.group,
                 delivery.attempt,
+                self.max_attempts,
                 e,
             )
-            await self._settle(
-                delivery.nack(
-                    delay=self.backoff(delivery.attempt), reason=f"{type(e).__name__}: {e}"
-                )
-            )
+            await self._settle(delivery.nack(delay=self.backoff(delivery.attempt), reason=reason))
             return
         finally:
             _current.reset(token)

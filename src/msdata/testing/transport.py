@@ -19,6 +19,8 @@ Needs pytest and pytest-asyncio (``asyncio_mode = "auto"``).
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import random
 import time
 import uuid
@@ -265,6 +267,42 @@ class TransportConformance:
                 (dead,) = await collect(dlq, 1, timeout=self.arrival_timeout)
                 assert dead.message.body == b"\xff not json"
                 assert dead.message.headers[DEAD_LETTER_REASON].startswith("MalformedMessage")
+
+    async def test_every_dead_letter_is_logged_once_with_its_reason(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        topic, group = self.unique("topic"), self.unique("group")
+        caplog.set_level(logging.WARNING, logger="msdata.deadletter")
+        event = json.dumps({"specversion": "1.0", "type": "test.Thing", "id": "e-1"}).encode()
+        bad = TransportMessage(id=str(uuid.uuid4()), body=b"\xff not json")
+        failing = TransportMessage(id=str(uuid.uuid4()), body=event)
+        async with self.make_transport() as t, t.subscribe(topic, group, max_attempts=2) as sub:
+            await t.publish(topic, [bad, failing])
+            settled = 0
+            deadline = time.monotonic() + self.arrival_timeout * 2
+            while settled < 3 and time.monotonic() < deadline:
+                for d in await sub.receive(10, timeout=0.5):
+                    settled += 1
+                    if d.message.id == bad.id:
+                        await d.dead_letter("MalformedMessage: not UTF-8\nsecond line")
+                    else:
+                        await d.nack(reason="boom")
+            assert settled == 3
+        records = {r.msdata_message_id: r for r in caplog.records if r.name == "msdata.deadletter"}  # type: ignore[attr-defined]
+        dead_lines = [r for r in caplog.records if r.name == "msdata.deadletter"]
+        assert len(dead_lines) == 2, [r.getMessage() for r in dead_lines]
+        for record in dead_lines:
+            assert record.levelno == logging.WARNING
+            assert record.msdata_topic == topic  # type: ignore[attr-defined]
+            assert record.msdata_group == group  # type: ignore[attr-defined]
+        first, second = records[bad.id], records[failing.id]
+        assert first.msdata_reason == "MalformedMessage: not UTF-8 second line"  # type: ignore[attr-defined]
+        assert first.msdata_attempts == 1  # type: ignore[attr-defined]
+        assert first.msdata_type is None  # type: ignore[attr-defined]
+        assert second.msdata_reason == "boom"  # type: ignore[attr-defined]
+        assert second.msdata_attempts == 2  # type: ignore[attr-defined]
+        assert second.msdata_type == "test.Thing"  # type: ignore[attr-defined]
+        assert bad.id in first.getMessage() and "test.Thing" in second.getMessage()
 
     # -- order ------------------------------------------------------------------------------
 
