@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Generic, NamedTuple, Protocol, Self, TypeVar, runtime_checkable
 
-from msdata.errors import ConfigurationError, TransportClosed
+from msdata.errors import ConfigurationError, MsdataError, TransportClosed, TransportError
 
 __all__ = [
     "DEAD_LETTER_ATTEMPTS",
@@ -28,6 +28,7 @@ __all__ = [
     "ClosesOnExit",
     "Delivery",
     "DeliveryState",
+    "DriverErrors",
     "Publisher",
     "Subscriber",
     "Subscription",
@@ -260,6 +261,43 @@ class ClosesOnExit:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+class DriverErrors:
+    """Turns a driver's errors into msdata's at the adapter edge (an implementation aid for
+    adapters, in the manner of httpx's ``map_httpcore_exceptions``)::
+
+        with DriverErrors(redis.exceptions.RedisError, f"publish to {topic!r}", PublishError):
+            await pipe.execute()
+
+    An exception of ``driver`` raised inside becomes ``error("<what>: <Type>: <message>")``,
+    raised from it; any other exception, and any :class:`~msdata.errors.MsdataError`, passes
+    unchanged. Each adapter wraps it once, with its
+    driver's exception classes, and uses that around its driver calls."""
+
+    __slots__ = ("driver", "error", "what")
+
+    def __init__(
+        self,
+        driver: type[BaseException] | tuple[type[BaseException], ...],
+        what: str,
+        error: type[TransportError] = TransportError,
+    ) -> None:
+        self.driver = driver
+        self.what = what
+        self.error = error
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, self.driver) and not isinstance(exc, MsdataError):
+            raise self.error(f"{self.what}: {type(exc).__name__}: {exc}") from exc
 
 
 async def iterate(
