@@ -11,7 +11,6 @@ from nats.aio.client import Client
 
 from msdata.adapters.nats import NatsTransport, consumer_name, stream_name, topic_of_stream
 from msdata.errors import ConfigurationError, PublishError, TransportClosed
-from msdata.testing.services import require
 from msdata.testing.transport import TransportConformance, collect, make_messages
 from msdata.transport import (
     DEAD_LETTER_ATTEMPTS,
@@ -21,6 +20,7 @@ from msdata.transport import (
     TransportMessage,
     dead_letter_topic,
 )
+from services import require
 
 pytestmark = pytest.mark.nats
 
