@@ -29,7 +29,7 @@ import pytest
 from msdata.events import EventBus
 from msdata.messages import Envelope, Event, MessageRegistry, message_type
 from msdata.outbox import Inbox, Outbox, OutboxRelay, OutboxStore, TransactionFactory
-from msdata.testing.transport import collect
+from msdata.testing.conformance.transport import collect
 from msdata.transport import (
     DEAD_LETTER_REASON,
     DEAD_LETTER_TOPIC,

@@ -20,7 +20,7 @@ from msdata.errors import (
 from msdata.events import EventBus
 from msdata.messages import Envelope, current_envelope, message_type
 from msdata.middleware import Next, logging_middleware, retry, timing
-from msdata.testing.transport import collect
+from msdata.testing.conformance.transport import collect
 from msdata.transport import DEAD_LETTER_REASON, TransportMessage, dead_letter_topic
 
 registry = MessageRegistry()

@@ -21,7 +21,7 @@ import pytest
 
 from msdata.adapters.nats import NatsTransport
 from msdata.errors import PublishError
-from msdata.testing.transport import make_messages
+from msdata.testing.conformance.transport import make_messages
 
 pytestmark = [pytest.mark.nats, pytest.mark.slow]
 

@@ -26,7 +26,7 @@ from redis.retry import Retry as SyncRetry
 
 from msdata.adapters.redis import RedisTransport
 from msdata.errors import PublishError
-from msdata.testing.transport import make_messages
+from msdata.testing.conformance.transport import make_messages
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

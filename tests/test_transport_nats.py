@@ -11,7 +11,7 @@ from nats.aio.client import Client
 
 from msdata.adapters.nats import NatsTransport, consumer_name, stream_name, topic_of_stream
 from msdata.errors import ConfigurationError, PublishError, TransportClosed
-from msdata.testing.transport import TransportConformance, collect, make_messages
+from msdata.testing.conformance.transport import TransportConformance, collect, make_messages
 from msdata.transport import (
     DEAD_LETTER_ATTEMPTS,
     DEAD_LETTER_REASON,

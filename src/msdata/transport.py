@@ -2,7 +2,7 @@
 
 Two small protocols, :class:`Publisher` and :class:`Subscriber`, implemented by every adapter
 (``msdata.adapters.memory``, ``.redis``, ``.rabbitmq``, ``.nats``) and checked by one
-conformance suite, :class:`msdata.testing.transport.TransportConformance`.
+conformance suite, :class:`msdata.testing.conformance.transport.TransportConformance`.
 
 The transport moves bytes (a CloudEvents JSON body, see :mod:`msdata.serialization`) plus the
 little it needs to route them: the message id (for broker-side de-duplication) and the
