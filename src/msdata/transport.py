@@ -13,8 +13,8 @@ still arrives as a delivery that a consumer can dead-letter with its reason.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import Generic, NamedTuple, Protocol, Self, TypeVar, runtime_checkable
 
@@ -108,6 +108,13 @@ class TransportFeatures:
     #: seconds after which a delivery left unacked by a consumer that died is offered again
     #: (0: as soon as the subscription closes)
     redelivery_timeout: float = 0.0
+    #: test plumbing, set by a harness that owns the broker (watermill's
+    #: ``RestartServiceCommand``): ``await restart(kill)`` stops the broker under the running
+    #: transport (SIGKILL if ``kill``, else a clean stop), keeping its data, and starts it
+    #: again. None (adapters' default): the conformance suite's restart case is skipped.
+    restart: Callable[[bool], Awaitable[None]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
 
 @runtime_checkable

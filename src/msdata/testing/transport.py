@@ -2,8 +2,9 @@
 
 from msdata.testing.conformance.transport import (
     TransportConformance,
+    TransportRestartConformance,
     collect,
     make_messages,
 )
 
-__all__ = ["TransportConformance", "collect", "make_messages"]
+__all__ = ["TransportConformance", "TransportRestartConformance", "collect", "make_messages"]

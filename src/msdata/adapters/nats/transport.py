@@ -473,7 +473,7 @@ class NatsSubscription(ClosesOnExit):
             await self._pull(expires)
         except nats.errors.ConnectionClosedError as e:
             raise TransportClosed("the NATS connection is closed") from e
-        except nats.errors.Error:
+        except (nats.errors.Error, OSError):
             pass  # reconnecting: what is buffered can still be handed out
 
     async def _check_consumer(self) -> None:
@@ -520,7 +520,7 @@ class NatsSubscription(ClosesOnExit):
                 for reply in replies:
                     await nc.publish(reply, _NAK)
                 await nc.flush(timeout=2)
-            except (TimeoutError, nats.errors.Error):
+            except (TimeoutError, nats.errors.Error, OSError):
                 pass  # not nacked: JetStream offers them again after ack_wait
 
     async def _deliveries(self, msgs: list[Msg]) -> list[NatsDelivery]:
@@ -860,8 +860,8 @@ class NatsTransport:
                 if self._acks_sub is not None:
                     await self._acks_sub.unsubscribe()
                 await nc.flush(timeout=2)
-        except (TimeoutError, nats.errors.Error):
-            pass
+        except (TimeoutError, nats.errors.Error, OSError):
+            pass  # the connection is lost (a broker restarting): nothing left to release
 
     async def __aenter__(self) -> Self:
         await self._ready()

@@ -29,6 +29,7 @@ from contextlib import AbstractAsyncContextManager
 import pytest
 
 from msdata.errors import ConfigurationError, MsdataError, TransportClosed
+from msdata.testing.waiting import eventually
 from msdata.transport import (
     DEAD_LETTER_ATTEMPTS,
     DEAD_LETTER_GROUP,
@@ -41,7 +42,7 @@ from msdata.transport import (
     dead_letter_topic,
 )
 
-__all__ = ["TransportConformance", "collect", "make_messages"]
+__all__ = ["TransportConformance", "TransportRestartConformance", "collect", "make_messages"]
 
 
 def make_messages(n: int, *, key: str | None = None, prefix: str = "m") -> list[TransportMessage]:
@@ -386,3 +387,121 @@ class TransportConformance:
             await t.close()
             with pytest.raises(MsdataError):
                 await t.publish(self.unique("topic"), make_messages(1))
+
+
+class TransportRestartConformance:
+    """The broker-restart case (watermill's ``TestReconnect``), for a transport whose
+    :attr:`~msdata.transport.TransportFeatures.restart` hook a test harness set: it owns the
+    broker and can stop and start it. Kept apart from :class:`TransportConformance` because
+    it needs a broker of its own and takes seconds.
+
+    A publisher and a consumer run on one transport and one subscription while the broker is
+    killed (SIGKILL) and, later, stopped cleanly, each time with a backlog of confirmed
+    messages waiting in it. Every message whose publish was confirmed must be delivered, a
+    batch that was not confirmed is published again (same ids), and the same publisher and
+    subscription carry on by themselves after each restart.
+    """
+
+    #: messages received before the first restart, and confirmed after each one
+    traffic: int = 200
+    #: confirmed messages waiting in the broker (the consumer held back) when it goes down
+    backlog: int = 300
+    #: seconds to wait for each of those (brokers reconnect with their own back-off)
+    timeout: float = 60.0
+
+    def make_transport(self) -> AbstractAsyncContextManager[Transport]:
+        raise NotImplementedError
+
+    def assert_outage_seen(self, transport: Transport, publish_failures: int) -> None:
+        """The restarts were seen by the client (else the case proved nothing). By default:
+        a publish failed during them; a backend whose client buffers through a short outage
+        checks its reconnect count instead."""
+        assert publish_failures > 0, "no publish failed: the outage was not observed"
+
+    async def test_confirmed_messages_survive_broker_restarts(self) -> None:
+        topic, group = f"restart-{uuid.uuid4().hex[:10]}", "billing"
+        confirmed: set[str] = set()
+        received: set[str] = set()
+        failures = 0
+        publishing = asyncio.Event()
+        publishing.set()
+        consuming = asyncio.Event()
+        consuming.set()
+
+        async with self.make_transport() as t:
+            restart = t.features.restart
+            if restart is None:
+                pytest.skip("no restart hook in this transport's features")
+
+            async def produce() -> None:
+                nonlocal failures
+                n = 0
+                while publishing.is_set():
+                    # keyed and keyless: an ordered group reads its key partitions and the rest
+                    batch = [*make_messages(10), *make_messages(10, key=f"order-{n % 7}")]
+                    n += 1
+                    while True:  # not confirmed: publish the same batch again
+                        try:
+                            await t.publish(topic, batch)
+                            break
+                        except MsdataError:
+                            failures += 1
+                            await asyncio.sleep(0.1)
+                    confirmed.update(m.id for m in batch)
+                    await asyncio.sleep(0.005)
+
+            async with t.subscribe(topic, group) as sub:
+
+                async def consume() -> None:
+                    while True:
+                        await consuming.wait()
+                        for d in await sub.receive(100, timeout=0.3):
+                            received.add(d.message.id)
+                            await d.ack()
+
+                consumer = asyncio.create_task(consume())
+                producer = asyncio.create_task(produce())
+                try:
+                    await eventually(
+                        lambda: len(received) >= self.traffic,
+                        self.timeout,
+                        what="traffic before the restarts",
+                    )
+                    for kill in (True, False):
+                        # hold the consumer back: confirmed messages wait in the broker
+                        consuming.clear()
+                        await eventually(
+                            lambda: len(confirmed - received) >= self.backlog,
+                            self.timeout,
+                            what=f"a backlog of {self.backlog} confirmed messages",
+                        )
+                        down: asyncio.Future[None] = asyncio.ensure_future(restart(kill))
+                        await asyncio.sleep(0.1)
+                        consuming.set()  # it receives through the outage
+                        await down
+                        before = len(confirmed)
+                        await eventually(
+                            lambda before=before: len(confirmed) >= before + self.traffic,  # type: ignore[misc]
+                            self.timeout,
+                            what="publishing to resume after the restart",
+                        )
+                    publishing.clear()
+                    await producer
+                    await eventually(
+                        lambda: confirmed <= received,
+                        self.timeout,
+                        what="every confirmed message to be delivered",
+                    )
+                    assert not consumer.done(), "the consumer's loop ended"
+                finally:
+                    publishing.clear()
+                    for task in (producer, consumer):
+                        task.cancel()
+                    results = await asyncio.gather(producer, consumer, return_exceptions=True)
+            for result in results:
+                if not isinstance(result, asyncio.CancelledError | type(None)):
+                    raise AssertionError(f"the publisher or consumer failed: {result!r}")
+            self.assert_outage_seen(t, failures)
+        lost = confirmed - received
+        assert not lost, f"{len(lost)} confirmed messages were never delivered"
+        assert len(confirmed) >= self.traffic + 2 * (self.backlog + self.traffic)
