@@ -159,11 +159,12 @@ class SqliteIdempotencyStore(_SqliteStore):
         expires_at: datetime,
     ) -> IdempotencyRecord | None:
         args = (scope, key, fingerprint, token, _us(now), _us(expires_at))
-        return self._sync(
+        found: IdempotencyRecord | None = self._sync(
             conn,
             lambda c, own: self._claim_own(c, args) if own else self._claim_on(c, args),
             write=False,
-        )  # type: ignore[no-any-return]
+        )
+        return found
 
     def complete(
         self, conn: Any, scope: str, key: str, token: str, response: bytes, expires_at: datetime
