@@ -1,0 +1,108 @@
+"""The idempotency conformance suite on PostgreSQL: the store's own pool, and the caller's
+transaction through asyncpg and through sync psycopg. Each test gets its own table."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+
+from msdata.adapters.postgres.idempotency import PostgresIdempotencyStore
+from msdata.idempotency import IdempotencyKeys, IdempotencyStore
+from msdata.testing import FakeClock
+from msdata.testing.conformance.idempotency import IdempotencyStoreConformance
+
+pytestmark = pytest.mark.postgres
+
+
+class _PostgresStore:
+    url: str
+
+    @pytest.fixture(autouse=True)
+    def _url(self, postgres_url: str) -> None:
+        self.url = postgres_url
+        self.txs: dict[int, Any] = {}
+
+    @asynccontextmanager
+    async def make_store(self) -> AsyncIterator[IdempotencyStore]:
+        store = PostgresIdempotencyStore(self.url, table_prefix=f"t{uuid.uuid4().hex[:10]}_")
+        await store.create_schema()
+        try:
+            yield store
+        finally:
+            await store.drop_schema()
+            await store.close()
+
+
+class TestPostgresIdempotencyStore(_PostgresStore, IdempotencyStoreConformance):
+    """The caller's transaction on asyncpg."""
+
+    async def begin(self, store: Any) -> Any:
+        conn = await asyncpg.connect(self.url)
+        tx = conn.transaction()
+        await tx.start()
+        self.txs[id(conn)] = tx
+        return conn
+
+    async def commit(self, conn: Any) -> None:
+        await self.txs.pop(id(conn)).commit()
+        await conn.close()
+
+    async def rollback(self, conn: Any) -> None:
+        await self.txs.pop(id(conn)).rollback()
+        await conn.close()
+
+    async def idle_connection(self, store: Any) -> Any:
+        return await asyncpg.connect(self.url)
+
+    async def close_connection(self, conn: Any) -> None:
+        await conn.close()
+
+    async def test_a_duplicate_waits_for_the_first_transaction_then_replays(self) -> None:
+        """Joined mode: the effect and the COMPLETED record commit together; a concurrent
+        duplicate blocks on the row lock and then replays what committed."""
+        async with self.make_store() as store:
+            keys = IdempotencyKeys(store, clock=FakeClock())
+            first = await self.begin(store)
+            claim = await keys.claim("k", scope="s", conn=first)
+            assert not claim.replayed
+            second = await self.begin(store)
+            try:
+                waiting = asyncio.ensure_future(keys.claim("k", scope="s", conn=second))
+                await asyncio.sleep(0.2)
+                assert not waiting.done()  # blocked on the row lock
+                await claim.complete(b'"paid"')
+                await self.commit(first)
+                again = await waiting
+                assert again.replayed and again.response() == b'"paid"'
+            finally:
+                await self.rollback(second)
+
+
+class TestPostgresIdempotencyStoreSyncPsycopg(_PostgresStore, IdempotencyStoreConformance):
+    """The caller's transaction on a sync psycopg connection."""
+
+    sync_connections = True
+
+    async def begin(self, store: Any) -> Any:
+        return await asyncio.to_thread(psycopg.connect, self.url)
+
+    async def commit(self, conn: Any) -> None:
+        await asyncio.to_thread(conn.commit)
+        await asyncio.to_thread(conn.close)
+
+    async def rollback(self, conn: Any) -> None:
+        await asyncio.to_thread(conn.rollback)
+        await asyncio.to_thread(conn.close)
+
+    async def idle_connection(self, store: Any) -> Any:
+        return await asyncio.to_thread(psycopg.connect, self.url, autocommit=True)
+
+    async def close_connection(self, conn: Any) -> None:
+        await asyncio.to_thread(conn.close)
