@@ -7,6 +7,7 @@ try:
 except ImportError as e:  # pragma: no cover
     raise MissingDependencyError("sqlite3", None) from e
 
+from msdata.adapters.sqlite.idempotency import SqliteIdempotencyStore
 from msdata.adapters.sqlite.outbox import (
     SqliteInboxStore,
     SqliteOutboxStore,
@@ -15,4 +16,11 @@ from msdata.adapters.sqlite.outbox import (
     schema_sql,
 )
 
-__all__ = ["SqliteInboxStore", "SqliteOutboxStore", "connect", "from_url", "schema_sql"]
+__all__ = [
+    "SqliteIdempotencyStore",
+    "SqliteInboxStore",
+    "SqliteOutboxStore",
+    "connect",
+    "from_url",
+    "schema_sql",
+]
