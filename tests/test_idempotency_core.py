@@ -187,3 +187,18 @@ def test_keys_options_are_checked() -> None:
         IdempotencyKeys(store, lease_seconds=0)
     with pytest.raises(ConfigurationError):
         IdempotencyKeys(store, final_errors=("ValueError",))  # type: ignore[arg-type]
+
+
+def test_the_pattern_and_its_middleware_import_no_framework_or_driver() -> None:
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, json\n"
+        "import msdata.idempotency, msdata.idempotency.asgi, msdata.adapters.memory\n"
+        "mods = ['starlette', 'fastapi', 'httpx', 'psycopg', 'asyncpg', 'redis', 'sqlite3']\n"
+        "print(json.dumps([m for m in mods if m in sys.modules]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []

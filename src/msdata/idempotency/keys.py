@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import json
 import logging
-import uuid
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -46,6 +47,25 @@ T = TypeVar("T")
 _RESULT, _ERROR, _TOO_LARGE = b"R", b"E", b"T"
 _MAX_KEY = 255
 _NOTHING: Any = object()
+
+
+class _Tokens:
+    """Claim tokens: unique across processes (a random prefix per process, new after a
+    fork) and cheap (a counter), since every claim makes one, replays included."""
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.counter):x}"
+
+
+_token = _Tokens()
 
 
 @functools.lru_cache(maxsize=256)
@@ -307,7 +327,7 @@ class IdempotencyKeys:
         hash (:func:`msdata.idempotency.fingerprint`), "" to not check. ``conn``: run in
         the caller's open transaction (SQL/memory stores) instead of the store's own."""
         key = _check(key, scope)
-        token = uuid.uuid4().hex
+        token = _token()
         now = self.clock.now()
         existing = await self.store.claim_async(
             conn, scope, key, fingerprint, token, now, now + self.lease
@@ -319,7 +339,7 @@ class IdempotencyKeys:
     ) -> IdempotencyClaim:
         """:meth:`claim` for sync callers (stores whose ``features.sync`` is True)."""
         key = _check(key, scope)
-        token = uuid.uuid4().hex
+        token = _token()
         now = self.clock.now()
         existing = self.store.claim(conn, scope, key, fingerprint, token, now, now + self.lease)
         return self._decide(existing, scope, key, fingerprint, token, conn)
