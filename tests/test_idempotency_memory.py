@@ -25,8 +25,3 @@ class TestMemoryIdempotencyStore(IdempotencyStoreConformance):
 
     async def rollback(self, conn: Any) -> None:
         conn.rollback()
-
-    async def idle_connection(self, store: Any) -> Any:
-        tx = MemoryTransaction()
-        tx.commit()
-        return tx

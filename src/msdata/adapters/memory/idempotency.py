@@ -12,8 +12,7 @@ import dataclasses
 from datetime import datetime
 from typing import Any
 
-from msdata.adapters.memory.outbox import MemoryTransaction
-from msdata.errors import ConfigurationError
+from msdata.adapters.memory._db import MemoryDatabase, MemoryTransaction, transaction_of
 from msdata.idempotency.store import IdempotencyRecord, IdempotencyStoreFeatures
 
 __all__ = ["MemoryIdempotencyStore"]
@@ -21,32 +20,25 @@ __all__ = ["MemoryIdempotencyStore"]
 _Key = tuple[str, str]
 
 
-class MemoryIdempotencyStore:
-    """The :class:`msdata.idempotency.IdempotencyStore` in a dict (one process, one loop)."""
+class MemoryIdempotencyStore(MemoryDatabase):
+    """The :class:`msdata.idempotency.IdempotencyStore` in a dict (one process, one loop).
+
+    Unlike the other memory stores, a change made in a transaction is visible at once (and
+    undone at rollback) rather than staged until commit: two transactions claiming one key
+    must not both see it free, as a database's row lock ensures."""
 
     features = IdempotencyStoreFeatures(
         joins_transaction=True, sync=True, sync_own_transaction=True
     )
 
-    def __init__(self) -> None:
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
         self._records: dict[_Key, IdempotencyRecord] = {}
         self._before: dict[int, dict[_Key, IdempotencyRecord | None]] = {}
 
-    @staticmethod
-    def begin() -> MemoryTransaction:
-        """A transaction to pass as ``conn``."""
-        return MemoryTransaction()
-
     def _write(self, conn: Any, k: _Key, new: IdempotencyRecord | None) -> None:
         if conn is not None:
-            if not isinstance(conn, MemoryTransaction):
-                raise ConfigurationError(
-                    f"the memory store takes a MemoryTransaction as conn, got {type(conn)!r}"
-                )
-            if not conn.is_open:
-                raise ConfigurationError("the MemoryTransaction passed as conn is not open")
-        if conn is not None:
-            self._remember(conn, k)
+            self._remember(transaction_of(conn), k)
         if new is None:
             self._records.pop(k, None)
         else:
@@ -143,12 +135,3 @@ class MemoryIdempotencyStore:
         for k in gone:
             del self._records[k]
         return len(gone)
-
-    def schema_sql(self) -> str:
-        return ""
-
-    async def create_schema(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None

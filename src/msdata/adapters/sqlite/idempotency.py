@@ -21,8 +21,8 @@ import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from msdata.adapters.sqlite.outbox import _dbapi, _SqliteStore, _translate
-from msdata.errors import ConfigurationError
+from msdata.adapters.sqlite._db import SqliteDatabase, caller_connection, map_errors
+from msdata.errors import StoreError
 from msdata.idempotency.store import IdempotencyRecord, IdempotencyStoreFeatures
 
 __all__ = ["SqliteIdempotencyStore"]
@@ -55,7 +55,7 @@ def _dt(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us)
 
 
-class SqliteIdempotencyStore(_SqliteStore):
+class SqliteIdempotencyStore(SqliteDatabase):
     """The :class:`msdata.idempotency.IdempotencyStore` on a SQLite file.
 
     ``conn``: a ``sqlite3.Connection`` (or SQLAlchemy Session/Connection on a SQLite engine)
@@ -85,13 +85,14 @@ class SqliteIdempotencyStore(_SqliteStore):
         )
         self._release = f"DELETE FROM {t} WHERE scope = ? AND key = ? AND token = ?"
         self._local = threading.local()
+        self._sync_closed = False
 
     def schema_sql(self) -> str:
         """The DDL of this store's table (idempotent)."""
         return _DDL.format(p=self.table_prefix)
 
     async def create_schema(self) -> None:
-        await self._script(self.schema_sql())
+        await self.run_script(self.schema_sql())
 
     # -- the steps, on a sqlite3 connection -----------------------------------------------------
 
@@ -125,7 +126,7 @@ class SqliteIdempotencyStore(_SqliteStore):
         row = self._live(conn, scope, key, now_us)  # autocommit read: no write lock
         if row is not None:
             return self._record(row)
-        return self._write(conn, lambda c: self._claim_on(c, args))
+        return self.write(conn, lambda c: self._claim_on(c, args))
 
     def _thread_conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -136,15 +137,15 @@ class SqliteIdempotencyStore(_SqliteStore):
         return conn
 
     def _sync(self, conn: Any, fn: Any, *, write: bool = True) -> Any:
-        try:
-            if conn is None:
-                if self._closed:
-                    raise ConfigurationError("the SQLite store is closed")
+        if conn is None:
+            if self._sync_closed:
+                raise StoreError("the SQLite store is closed")
+            with map_errors("idempotency"):
                 own = self._thread_conn()
-                return fn(own, True) if not write else self._write(own, lambda c: fn(c, False))
-            return fn(_dbapi(conn), False)
-        except sqlite3.Error as e:
-            raise _translate(e) from e
+                return fn(own, True) if not write else self.write(own, lambda c: fn(c, False))
+        raw = caller_connection(conn)
+        with map_errors("idempotency"):
+            return fn(raw, False)
 
     # -- sync calls ---------------------------------------------------------------------------
 
@@ -191,7 +192,7 @@ class SqliteIdempotencyStore(_SqliteStore):
         args = (scope, key, fingerprint, token, _us(now), _us(expires_at))
         if conn is not None:
             return self.claim(conn, scope, key, fingerprint, token, now, expires_at)
-        return await self._run(lambda c: self._claim_own(c, args), inline=True)
+        return await self.run(lambda c: self._claim_own(c, args), inline=True)
 
     async def complete_async(
         self, conn: Any, scope: str, key: str, token: str, response: bytes, expires_at: datetime
@@ -199,8 +200,8 @@ class SqliteIdempotencyStore(_SqliteStore):
         if conn is not None:
             return self.complete(conn, scope, key, token, response, expires_at)
         args = (response, _us(expires_at), scope, key, token)
-        return await self._run(
-            lambda c: self._write(c, lambda w: w.execute(self._complete, args).rowcount == 1),
+        return await self.run(
+            lambda c: self.write(c, lambda w: w.execute(self._complete, args).rowcount == 1),
             inline=True,
         )
 
@@ -208,21 +209,22 @@ class SqliteIdempotencyStore(_SqliteStore):
         if conn is not None:
             return self.release(conn, scope, key, token)
         args = (scope, key, token)
-        return await self._run(
-            lambda c: self._write(c, lambda w: w.execute(self._release, args).rowcount == 1),
+        return await self.run(
+            lambda c: self.write(c, lambda w: w.execute(self._release, args).rowcount == 1),
             inline=True,
         )
 
     async def get(self, scope: str, key: str) -> IdempotencyRecord | None:
-        row = await self._run(lambda c: c.execute(self._select, (scope, key)).fetchone())
+        row = await self.run(lambda c: c.execute(self._select, (scope, key)).fetchone())
         return None if row is None else self._record(row)
 
     async def purge(self, now: datetime) -> int:
         sql = f"DELETE FROM {self.table} WHERE expires_us <= ?"
         cut = _us(now)
-        return await self._run(lambda c: self._write(c, lambda w: w.execute(sql, (cut,)).rowcount))
+        return await self.run(lambda c: self.write(c, lambda w: w.execute(sql, (cut,)).rowcount))
 
     async def close(self) -> None:
+        self._sync_closed = True
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
