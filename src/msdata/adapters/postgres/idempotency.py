@@ -32,17 +32,11 @@ from typing import Any, Self
 
 import asyncpg
 
-from msdata.adapters.postgres._common import (
-    RELAY_ERRORS,
-    Driver,
-    PoolOwner,
-    _driver_errors,
-    _pipelined,
-    check_schema,
-    driver_of,
-    lock_class,
-    qualified,
-    store_error,
+from msdata.adapters.postgres._db import (
+    CallerSQL,
+    PostgresDatabase,
+    command_count,
+    map_errors,
 )
 from msdata.errors import ConfigurationError, StoreError
 from msdata.idempotency.store import IdempotencyRecord, IdempotencyStoreFeatures
@@ -68,74 +62,15 @@ _RETRIES = 5
 
 
 class _Sql:
-    """A statement with placeholders ``{0}``, ``{1}`` (each may appear more than once),
-    rendered for asyncpg (``$1``), psycopg (``%(p0)s``) and SQLAlchemy (``:p0``)."""
+    """One statement for both places it runs: the caller's connection (any driver, in its
+    open transaction) and the store's own asyncpg pool."""
 
-    __slots__ = ("_psycopg", "_sa", "_sa_text", "asyncpg", "what")
+    __slots__ = ("asyncpg", "caller", "what")
 
     def __init__(self, template: str, what: str) -> None:
         self.what = what
+        self.caller = CallerSQL(template, what, in_transaction=True)
         self.asyncpg = _PARAM.sub(lambda m: f"${int(m[1]) + 1}", template)
-        self._psycopg = _PARAM.sub(lambda m: f"%(p{m[1]})s", template)
-        self._sa = _PARAM.sub(lambda m: f":p{m[1]}", template)
-        self._sa_text: Any = None
-
-    def _text(self) -> Any:
-        if self._sa_text is None:
-            from sqlalchemy import text
-
-            self._sa_text = text(self._sa)
-        return self._sa_text
-
-    @staticmethod
-    def _named(args: tuple[Any, ...]) -> dict[str, Any]:
-        return {f"p{i}": a for i, a in enumerate(args)}
-
-    def run(self, conn: Any, args: tuple[Any, ...]) -> Any:
-        """The first row (or None) on a caller's sync connection in its transaction."""
-        driver = driver_of(conn, want_async=False)
-        _require_transaction(conn, driver)
-        try:
-            if driver is Driver.PSYCOPG:
-                return conn.execute(self._psycopg, self._named(args)).fetchone()
-            return conn.execute(self._text(), self._named(args)).first()
-        except _driver_errors(driver) as e:
-            if _pipelined(driver, conn):
-                raise
-            store_error(self.what, e)
-
-    async def run_async(self, conn: Any, args: tuple[Any, ...]) -> Any:
-        """The first row (or None) on a caller's async connection in its transaction."""
-        driver = driver_of(conn, want_async=True)
-        _require_transaction(conn, driver)
-        try:
-            if driver is Driver.ASYNCPG:
-                return await conn.fetchrow(self.asyncpg, *args)
-            if driver is Driver.PSYCOPG_ASYNC:
-                cur = await conn.execute(self._psycopg, self._named(args))
-                return await cur.fetchone()
-            return (await conn.execute(self._text(), self._named(args))).first()
-        except _driver_errors(driver) as e:
-            if _pipelined(driver, conn):
-                raise
-            store_error(self.what, e)
-
-
-def _require_transaction(conn: Any, driver: Driver) -> None:
-    """Refuse a connection that would commit our write on its own."""
-    if driver is Driver.ASYNCPG:
-        idle = not conn.is_in_transaction()
-    elif driver in (Driver.PSYCOPG, Driver.PSYCOPG_ASYNC):
-        import psycopg
-
-        idle = conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-    else:  # SQLAlchemy sessions and connections begin a transaction themselves
-        idle = False
-    if idle:
-        raise ConfigurationError(
-            f"the {driver.value} connection has no open transaction: open one first, or the "
-            "idempotency record would commit on its own"
-        )
 
 
 def _utc(t: datetime) -> datetime:
@@ -166,11 +101,12 @@ class PostgresIdempotencyStore:
         max_size: int = 4,
     ) -> None:
         self._prefix = check_table_prefix(table_prefix)
-        self._schema = check_schema(schema)
-        self._db = PoolOwner(pool_or_dsn, max_size=max_size, kind="idempotency store")
+        self._db = PostgresDatabase(
+            pool_or_dsn, schema=schema, max_size=max_size, kind="idempotency store"
+        )
         self._name = f"{self._prefix}idempotency"
-        t = self.table = qualified(self._schema, self._name)
-        self._lock_class = lock_class(f"{self._schema or ''}.{self._name}")
+        t = self.table = self._db.qualified(self._name)
+        self._lock_class = self._db.lock_class(self._name)
         self._claim = _Sql(
             f"WITH cur AS (SELECT fingerprint, completed, expires_at, token, response FROM {t} "
             "WHERE scope = {0}::text AND key = {1}::text), "
@@ -214,8 +150,7 @@ class PostgresIdempotencyStore:
 
     def schema_sql(self) -> str:
         """The DDL ``create_schema`` runs (idempotent), e.g. for a migration tool."""
-        head = f'CREATE SCHEMA IF NOT EXISTS "{self._schema}";\n' if self._schema else ""
-        return head + _TABLE.format(table=self.table)
+        return self._db.schema_head() + _TABLE.format(table=self.table)
 
     async def create_schema(self) -> None:
         await self._db.run_ddl("idempotency create_schema", self.schema_sql(), self._lock_class)
@@ -223,7 +158,7 @@ class PostgresIdempotencyStore:
     async def drop_schema(self) -> None:
         """Drop the table (for tests and teardown)."""
         sql = f"DROP TABLE IF EXISTS {self.table}"
-        await self._db._call("idempotency drop_schema", lambda pool: pool.execute(sql))
+        await self._db.call("idempotency drop_schema", lambda pool: pool.execute(sql))
 
     # -- rows to records --------------------------------------------------------------------
 
@@ -253,13 +188,9 @@ class PostgresIdempotencyStore:
         args = (scope, key, fingerprint, token, now, expires_at)
         for _ in range(_RETRIES):
             if conn is None:
-                pool = await self._db.pool()
-                try:
-                    row = await pool.fetchrow(self._claim.asyncpg, *args)
-                except RELAY_ERRORS as e:
-                    store_error("idempotency claim", e)
+                row = await self._own(self._claim, args)
             else:
-                row = await self._claim.run_async(conn, args)
+                row = await self._claim.caller.run_async(conn, args, fetch=True)
             decided, record = self._claimed(row, scope, key)
             if decided:
                 return record
@@ -267,10 +198,8 @@ class PostgresIdempotencyStore:
 
     async def _own(self, sql: _Sql, args: tuple[Any, ...]) -> Any:
         pool = await self._db.pool()
-        try:
+        with map_errors(sql.what):
             return await pool.fetchrow(sql.asyncpg, *args)
-        except RELAY_ERRORS as e:
-            store_error(sql.what, e)
 
     async def complete_async(
         self, conn: Any, scope: str, key: str, token: str, response: bytes, expires_at: datetime
@@ -278,13 +207,13 @@ class PostgresIdempotencyStore:
         args = (scope, key, token, response, expires_at)
         if conn is None:
             return await self._own(self._complete, args) is not None
-        return await self._complete.run_async(conn, args) is not None
+        return await self._complete.caller.run_async(conn, args, fetch=True) is not None
 
     async def release_async(self, conn: Any, scope: str, key: str, token: str) -> bool:
         args = (scope, key, token)
         if conn is None:
             return await self._own(self._release, args) is not None
-        return await self._release.run_async(conn, args) is not None
+        return await self._release.caller.run_async(conn, args, fetch=True) is not None
 
     # -- sync: the caller's connection only ----------------------------------------------------
 
@@ -310,7 +239,8 @@ class PostgresIdempotencyStore:
         self._need(conn)
         args = (scope, key, fingerprint, token, now, expires_at)
         for _ in range(_RETRIES):
-            decided, record = self._claimed(self._claim.run(conn, args), scope, key)
+            row = self._claim.caller.run(conn, args, fetch=True)
+            decided, record = self._claimed(row, scope, key)
             if decided:
                 return record
         raise StoreError(f"idempotency claim of {key!r}: the row kept changing")
@@ -319,16 +249,17 @@ class PostgresIdempotencyStore:
         self, conn: Any, scope: str, key: str, token: str, response: bytes, expires_at: datetime
     ) -> bool:
         self._need(conn)
-        return self._complete.run(conn, (scope, key, token, response, expires_at)) is not None
+        args = (scope, key, token, response, expires_at)
+        return self._complete.caller.run(conn, args, fetch=True) is not None
 
     def release(self, conn: Any, scope: str, key: str, token: str) -> bool:
         self._need(conn)
-        return self._release.run(conn, (scope, key, token)) is not None
+        return self._release.caller.run(conn, (scope, key, token), fetch=True) is not None
 
     # -- tools --------------------------------------------------------------------------------
 
     async def get(self, scope: str, key: str) -> IdempotencyRecord | None:
-        row = await self._db._call(
+        row = await self._db.call(
             "idempotency get", lambda pool: pool.fetchrow(self._get, scope, key)
         )
         if row is None:
@@ -337,14 +268,11 @@ class PostgresIdempotencyStore:
 
     async def purge(self, now: datetime) -> int:
         sql = f"DELETE FROM {self.table} WHERE expires_at <= $1"
-        status = await self._db._call("idempotency purge", lambda pool: pool.execute(sql, now))
-        return int(status.rsplit(" ", 1)[-1])
+        status = await self._db.call("idempotency purge", lambda pool: pool.execute(sql, now))
+        return command_count(status)
 
     async def close(self) -> None:
-        try:
-            await self._db._close_pool()
-        except RELAY_ERRORS as e:
-            store_error("idempotency close", e)
+        await self._db.close("idempotency close")
 
     async def __aenter__(self) -> Self:
         return self
