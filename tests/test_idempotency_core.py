@@ -202,3 +202,12 @@ def test_the_pattern_and_its_middleware_import_no_framework_or_driver() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
+
+
+async def test_stores_from_url(tmp_path: Path) -> None:
+    from msdata.urls import store_from_url
+
+    assert isinstance(store_from_url("idempotency", "memory://"), MemoryIdempotencyStore)
+    lite = store_from_url("idempotency", f"sqlite:///{tmp_path}/i.db", table_prefix="x_")
+    assert isinstance(lite, SqliteIdempotencyStore) and lite.table == "x_idempotency"
+    await lite.close()

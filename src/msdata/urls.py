@@ -32,6 +32,10 @@ STORES: dict[tuple[str, str], str] = {
     ("inbox", "memory"): "msdata.adapters.memory.inbox:MemoryInboxStore",
     ("inbox", "sqlite"): "msdata.adapters.sqlite.inbox:SqliteInboxStore",
     ("inbox", "postgresql"): "msdata.adapters.postgres.inbox:PostgresInboxStore",
+    ("idempotency", "memory"): "msdata.adapters.memory.idempotency:MemoryIdempotencyStore",
+    ("idempotency", "sqlite"): "msdata.adapters.sqlite.idempotency:SqliteIdempotencyStore",
+    ("idempotency", "postgresql"): "msdata.adapters.postgres.idempotency:PostgresIdempotencyStore",
+    ("idempotency", "redis"): "msdata.adapters.redis.idempotency:RedisIdempotencyStore",
 }
 
 #: URL scheme (before any ``+driver``) -> backend name in :data:`STORES`
@@ -40,6 +44,8 @@ _STORE_SCHEMES = {
     "sqlite": "sqlite",
     "postgresql": "postgresql",
     "postgres": "postgresql",
+    "redis": "redis",
+    "rediss": "redis",
 }
 
 

@@ -142,11 +142,10 @@ class PostgresIdempotencyStore:
         )
 
     @classmethod
-    def from_url(
-        cls, url: str, *, table_prefix: str = DEFAULT_TABLE_PREFIX, schema: str | None = None
-    ) -> PostgresIdempotencyStore:
-        """A store over ``postgresql://…`` that connects on first use."""
-        return cls(url, table_prefix=table_prefix, schema=schema)
+    def from_url(cls, url: str, **options: Any) -> PostgresIdempotencyStore:
+        """A store over ``postgresql://…`` that connects on first use; ``options`` go to
+        the constructor."""
+        return cls(url, **options)
 
     def schema_sql(self) -> str:
         """The DDL ``create_schema`` runs (idempotent), e.g. for a migration tool."""

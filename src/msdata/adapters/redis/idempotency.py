@@ -98,10 +98,12 @@ class RedisIdempotencyStore:
         self._release = client.register_script(_RELEASE)
 
     @classmethod
-    def from_url(cls, url: str, *, key_prefix: str = "msdata:idem:") -> RedisIdempotencyStore:
+    def from_url(
+        cls, url: str, *, key_prefix: str = "msdata:idem:", **options: Any
+    ) -> RedisIdempotencyStore:
         """A store over ``redis://…`` with a client of its own (closed by ``close``)."""
         return cls(
-            aioredis.Redis.from_url(url, decode_responses=False),
+            aioredis.Redis.from_url(url, decode_responses=False, **options),
             key_prefix=key_prefix,
             owns_client=True,
         )
