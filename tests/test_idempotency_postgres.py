@@ -106,3 +106,50 @@ class TestPostgresIdempotencyStoreSyncPsycopg(_PostgresStore, IdempotencyStoreCo
 
     async def close_connection(self, conn: Any) -> None:
         await asyncio.to_thread(conn.close)
+
+
+class TestPostgresIdempotencyStoreAsyncPsycopg(_PostgresStore, IdempotencyStoreConformance):
+    """The caller's transaction on an async psycopg connection."""
+
+    async def begin(self, store: Any) -> Any:
+        return await psycopg.AsyncConnection.connect(self.url)
+
+    async def commit(self, conn: Any) -> None:
+        await conn.commit()
+        await conn.close()
+
+    async def rollback(self, conn: Any) -> None:
+        await conn.rollback()
+        await conn.close()
+
+    async def idle_connection(self, store: Any) -> Any:
+        return await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+
+    async def close_connection(self, conn: Any) -> None:
+        await conn.close()
+
+
+class TestPostgresIdempotencyStoreSQLAlchemy(_PostgresStore, IdempotencyStoreConformance):
+    """The caller's transaction in a SQLAlchemy AsyncSession (asyncpg underneath)."""
+
+    @pytest.fixture(autouse=True)
+    async def _engine(self, postgres_url: str) -> AsyncIterator[None]:
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        url = postgres_url.replace("postgresql://", "postgresql+asyncpg://")
+        self.engine = create_async_engine(url)
+        yield
+        await self.engine.dispose()
+
+    async def begin(self, store: Any) -> Any:
+        from sqlalchemy.ext.asyncio import AsyncSession
+
+        return AsyncSession(self.engine)
+
+    async def commit(self, conn: Any) -> None:
+        await conn.commit()
+        await conn.close()
+
+    async def rollback(self, conn: Any) -> None:
+        await conn.rollback()
+        await conn.close()

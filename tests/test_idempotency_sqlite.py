@@ -62,3 +62,27 @@ class TestSqliteIdempotencyStoreInThread(TestSqliteIdempotencyStore):
             yield store
         finally:
             await store.close()
+
+
+async def test_claims_from_many_connections_have_one_winner(tmp_path: Path) -> None:
+    """Five stores (five connections, as five processes would have) race for one key,
+    ten claims each, in their own threads: exactly one claim wins."""
+    import asyncio
+    from datetime import UTC, datetime, timedelta
+
+    path = tmp_path / "race.db"
+    stores = [SqliteIdempotencyStore(path, synchronous="FULL") for _ in range(5)]
+    await stores[0].create_schema()
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    try:
+        results = await asyncio.gather(
+            *(
+                s.claim_async(None, "u", "k", "", f"t{i}-{j}", now, now + timedelta(seconds=9))
+                for i, s in enumerate(stores)
+                for j in range(10)
+            )
+        )
+        assert sum(r is None for r in results) == 1
+    finally:
+        for s in stores:
+            await s.close()

@@ -57,6 +57,45 @@ CREATE TABLE IF NOT EXISTS {table} (
 );
 """
 
+# {0} scope, {1} key, {2} fingerprint, {3} token, {4} now, {5} lease end. CAST(… AS …)
+# rather than ::, which SQLAlchemy's text() would read as a parameter name.
+_CLAIM_SQL = """\
+WITH cur AS (
+    SELECT fingerprint, completed, expires_at, token, response FROM TABLE
+    WHERE scope = CAST({0} AS text) AND key = CAST({1} AS text)
+), ins AS (
+    INSERT INTO TABLE (scope, key, fingerprint, completed, expires_at, token)
+    SELECT CAST({0} AS text), CAST({1} AS text), CAST({2} AS text), false,
+           CAST({5} AS timestamptz), CAST({3} AS text)
+    WHERE NOT EXISTS (SELECT 1 FROM cur)
+    ON CONFLICT (scope, key) DO NOTHING
+    RETURNING 1
+), upd AS (
+    UPDATE TABLE SET fingerprint = CAST({2} AS text), completed = false,
+        expires_at = CAST({5} AS timestamptz), token = CAST({3} AS text), response = NULL
+    WHERE scope = CAST({0} AS text) AND key = CAST({1} AS text)
+      AND expires_at <= CAST({4} AS timestamptz)
+      AND EXISTS (SELECT 1 FROM cur WHERE expires_at <= CAST({4} AS timestamptz))
+    RETURNING 1
+)
+SELECT true, NULL::text, NULL::boolean, NULL::timestamptz, NULL::text, NULL::bytea FROM ins
+UNION ALL SELECT true, NULL, NULL, NULL, NULL, NULL FROM upd
+UNION ALL SELECT false, fingerprint, completed, expires_at, token, response FROM cur
+    WHERE expires_at > CAST({4} AS timestamptz)
+"""
+# {0} scope, {1} key, {2} token, {3} response, {4} retention end
+_COMPLETE_SQL = """\
+UPDATE TABLE SET completed = true, response = CAST({3} AS bytea),
+    expires_at = CAST({4} AS timestamptz)
+WHERE scope = CAST({0} AS text) AND key = CAST({1} AS text) AND token = CAST({2} AS text)
+RETURNING true
+"""
+_RELEASE_SQL = """\
+DELETE FROM TABLE
+WHERE scope = CAST({0} AS text) AND key = CAST({1} AS text) AND token = CAST({2} AS text)
+RETURNING true
+"""
+
 _PARAM = re.compile(r"\{(\d+)\}")
 _RETRIES = 5
 
@@ -107,35 +146,9 @@ class PostgresIdempotencyStore:
         self._name = f"{self._prefix}idempotency"
         t = self.table = self._db.qualified(self._name)
         self._lock_class = self._db.lock_class(self._name)
-        self._claim = _Sql(
-            f"WITH cur AS (SELECT fingerprint, completed, expires_at, token, response FROM {t} "
-            "WHERE scope = {0}::text AND key = {1}::text), "
-            f"ins AS (INSERT INTO {t} (scope, key, fingerprint, completed, expires_at, token) "
-            "SELECT {0}::text, {1}::text, {2}::text, false, {5}::timestamptz, {3}::text "
-            "WHERE NOT EXISTS (SELECT 1 FROM cur) ON CONFLICT (scope, key) DO NOTHING "
-            "RETURNING 1), "
-            f"upd AS (UPDATE {t} SET fingerprint = {{2}}::text, completed = false, "
-            "expires_at = {5}::timestamptz, token = {3}::text, response = NULL "
-            "WHERE scope = {0}::text AND key = {1}::text AND expires_at <= {4}::timestamptz "
-            "AND EXISTS (SELECT 1 FROM cur WHERE expires_at <= {4}::timestamptz) RETURNING 1) "
-            "SELECT true, NULL::text, NULL::boolean, NULL::timestamptz, NULL::text, "
-            "NULL::bytea FROM ins "
-            "UNION ALL SELECT true, NULL, NULL, NULL, NULL, NULL FROM upd "
-            "UNION ALL SELECT false, fingerprint, completed, expires_at, token, response "
-            "FROM cur WHERE expires_at > {4}::timestamptz",
-            "idempotency claim",
-        )
-        self._complete = _Sql(
-            f"UPDATE {t} SET completed = true, response = {{3}}::bytea, "
-            "expires_at = {4}::timestamptz "
-            "WHERE scope = {0}::text AND key = {1}::text AND token = {2}::text RETURNING true",
-            "idempotency complete",
-        )
-        self._release = _Sql(
-            f"DELETE FROM {t} WHERE scope = {{0}}::text AND key = {{1}}::text "
-            "AND token = {2}::text RETURNING true",
-            "idempotency release",
-        )
+        self._claim = _Sql(_CLAIM_SQL.replace("TABLE", t), "idempotency claim")
+        self._complete = _Sql(_COMPLETE_SQL.replace("TABLE", t), "idempotency complete")
+        self._release = _Sql(_RELEASE_SQL.replace("TABLE", t), "idempotency release")
         self._get = (
             "SELECT fingerprint, completed, expires_at, token, response FROM "
             f"{t} WHERE scope = $1 AND key = $2"
