@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from msdata.adapters.memory.idempotency import MemoryIdempotencyStore
 from msdata.idempotency import IdempotencyKeys
@@ -64,6 +64,17 @@ class Harness:
             self.runs += 1
             raise RuntimeError("handler failed")
 
+        @app.post("/stream")
+        async def stream(request: Request) -> StreamingResponse:
+            self.runs += 1
+            body = await request.body()
+
+            async def chunks() -> AsyncIterator[bytes]:
+                for part in (b"a", b"b", body):
+                    yield part
+
+            return StreamingResponse(chunks(), status_code=202, media_type="text/plain")
+
         @app.post("/free/pay")
         async def free() -> PlainTextResponse:
             self.runs += 1
@@ -73,7 +84,8 @@ class Harness:
             IdempotencyMiddleware,
             keys=self.keys,
             owner=owner_from_header("x-api-key"),
-            paths=("/pay", "/flaky", "/boom"),
+            paths=("/pay", "/flaky", "/boom", "/stream"),
+            max_body_bytes=1000,
         )
         self.client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
@@ -158,6 +170,24 @@ async def test_a_crashed_request_frees_the_key_after_its_lease(h: Harness) -> No
     _problem(await h.post("/pay", "k-6"), 422)  # another request holds it
     h.clock.advance(30)
     assert (await h.post("/pay", "k-6")).status_code == 201
+
+
+async def test_streamed_bodies_both_ways_and_the_body_limit(h: Harness) -> None:
+    async def body() -> AsyncIterator[bytes]:
+        for part in (b"x" * 300, b"y" * 300):
+            yield part
+
+    headers = {"x-api-key": "alice", "Idempotency-Key": "s-1"}
+    first = await h.client.post("/stream", content=body(), headers=headers)
+    again = await h.client.post("/stream", content=b"x" * 300 + b"y" * 300, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert first.content == again.content == b"ab" + b"x" * 300 + b"y" * 300
+    assert again.headers["idempotent-replayed"] == "true" and h.runs == 1
+    big = await h.client.post(
+        "/stream", content=b"z" * 1001, headers={**headers, "Idempotency-Key": "s-2"}
+    )
+    _problem(big, 413)
+    assert h.runs == 1
 
 
 async def test_uncovered_paths_and_methods_pass_through(h: Harness) -> None:

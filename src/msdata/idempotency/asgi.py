@@ -167,7 +167,9 @@ class IdempotencyMiddleware:
             )  # fmt: skip
             return
         body = await self._read_body(receive)
-        if body is None:
+        if body is True:
+            return
+        if body is False:
             await _problem(
                 send, 413, "body-too-large", "Request body too large",
                 f"Requests with an idempotency key are limited to {self.max_body_bytes} bytes.",
@@ -204,21 +206,22 @@ class IdempotencyMiddleware:
             return
         await self._run(scope, receive, send, body, claim)
 
-    async def _read_body(self, receive: Receive) -> bytes | None:
+    async def _read_body(self, receive: Receive) -> bytes | bool:
+        """The whole request body; False if it is over ``max_body_bytes``, True if the
+        client disconnected before sending all of it (nothing to answer)."""
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
-            if message["type"] != "http.request":  # disconnected before the body ended
-                break
+            if message["type"] != "http.request":
+                return True
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                return None
+                return False
             chunks.append(chunk)
             if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
+                return b"".join(chunks)
 
     async def _replay(self, stored: bytes, send: Send) -> None:
         doc = json.loads(stored)
