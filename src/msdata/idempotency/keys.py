@@ -95,8 +95,8 @@ class IdempotencyClaim:
     """What :meth:`IdempotencyKeys.claim` returns.
 
     ``replayed``: the key was COMPLETED; ``stored`` is the stored response (with its
-    one-byte kind) and nothing must run. Otherwise this claim holds the key (IN_PROGRESS,
-    its lease until ``lease_until``) and must end with exactly one of ``complete``,
+    one-byte kind) and nothing must run. Otherwise this claim holds the key (IN_PROGRESS
+    for ``keys.lease`` from the claim) and must end with exactly one of ``complete``,
     ``fail`` or ``release`` (or their sync forms), on the same ``conn``.
     """
 
