@@ -16,6 +16,7 @@ min-median-max. Run: ``.venv/bin/python bench/bench_idempotency.py [N] [rounds]`
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import socket
 import sqlite3
@@ -53,12 +54,32 @@ def ratios(pairs: list[tuple[float, float]]) -> str:
     return f"{rs[0]:.2f}-{statistics.median(rs):.2f}-{rs[-1]:.2f}"
 
 
-async def timed(n: int, op: Callable[[int], Awaitable[Any]]) -> float:
-    """Microseconds per call over n sequential calls."""
-    t0 = time.perf_counter()
+Op = Callable[[int], Awaitable[Any]]
+
+
+async def paired(n: int, a: Op, b: Op) -> tuple[float, float]:
+    """Microseconds per call of ``a`` and of ``b`` over n calls each, alternating call by
+    call (a b b a a b ...), so both see the same load on a shared machine."""
+    pc = time.perf_counter
+    ta = tb = 0.0
     for i in range(n):
-        await op(i)
-    return (time.perf_counter() - t0) / n * 1e6
+        if i % 2:
+            t0 = pc()
+            await a(i)
+            t1 = pc()
+            await b(i)
+            t2 = pc()
+            ta += t1 - t0
+            tb += t2 - t1
+        else:
+            t0 = pc()
+            await b(i)
+            t1 = pc()
+            await a(i)
+            t2 = pc()
+            tb += t1 - t0
+            ta += t2 - t1
+    return ta / n * 1e6, tb / n * 1e6
 
 
 class Counting:
@@ -91,34 +112,32 @@ async def bench_store(
     counting = Counting(store)
     ckeys = IdempotencyKeys(counting)  # type: ignore[arg-type]
     run_id = uuid.uuid4().hex[:8]
+    fresh = itertools.count()
 
     async def replay(i: int) -> Any:
         return await keys.run("replayed", handler, scope="bench")
 
     async def first(i: int) -> Any:
-        return await ckeys.run(f"{run_id}-{rnd}-{i}", handler, scope="bench")
+        return await ckeys.run(f"{run_id}-{next(fresh)}", handler, scope="bench")
 
     async def bare(i: int) -> Any:
         return await handler()
 
     rep: list[tuple[float, float]] = []
     fst: list[tuple[float, float]] = []
-    us: dict[str, list[float]] = {"raw": [], "replay": [], "first": [], "bare": []}
-    for rnd in range(rounds):
-        order = [("raw", raw_get), ("replay", replay), ("first", first), ("bare", bare)]
-        k = rnd % len(order)
-        got = {}
-        for label, op in order[k:] + order[:k]:
-            got[label] = await timed(n, op)
-            us[label].append(got[label])
-        rep.append((got["raw"], got["replay"]))
-        fst.append((got["raw"], got["first"]))
+    bar: list[float] = []
+    for _ in range(rounds):
+        rep.append(await paired(n, raw_get, replay))
+        fst.append(await paired(n, raw_get, first))
+        bar.append((await paired(n, bare, bare))[0])
     calls = counting.calls / (rounds * n)
-    med = {k: statistics.median(v) for k, v in us.items()}
+    raw_us = statistics.median(r for r, _ in rep)
+    rep_us = statistics.median(m for _, m in rep)
+    first_us = statistics.median(m for _, m in fst)
     print(
-        f"{name:<11} raw GET {med['raw']:7.1f} us | replay {med['replay']:7.1f} us "
-        f"ratio {ratios(rep)} | first run {med['first']:7.1f} us ({calls:.0f} store calls) "
-        f"= {ratios(fst)}x raw GET, bare handler {med['bare']:.2f} us"
+        f"{name:<11} raw GET {raw_us:7.1f} us | replay {rep_us:7.1f} us, ratio {ratios(rep)} "
+        f"| first run {first_us:7.1f} us ({calls:.0f} store calls), {ratios(fst)} raw GETs; "
+        f"bare handler {statistics.median(bar):.2f} us"
     )
 
 
@@ -127,16 +146,16 @@ async def stores(n: int, rounds: int) -> None:
     # PostgreSQL
     pg = PostgresIdempotencyStore(PG, table_prefix=prefix)
     await pg.create_schema()
-    pool = await asyncpg.create_pool(PG, min_size=1, max_size=1)
+    conn = await asyncpg.connect(PG)  # one connection: the raw GET is one round trip
     sql = f"SELECT response FROM {pg.table} WHERE scope = $1 AND key = $2"
     try:
         await bench_store(
-            "PostgreSQL", pg, lambda i: pool.fetchrow(sql, "bench", "replayed"), n, rounds
+            "PostgreSQL", pg, lambda i: conn.fetchrow(sql, "bench", "replayed"), n, rounds
         )
     finally:
         await pg.drop_schema()
         await pg.close()
-        await pool.close()
+        await conn.close()
     # SQLite (synchronous NORMAL: the store's calls run on the loop's thread)
     with tempfile.TemporaryDirectory() as d:
         lite = SqliteIdempotencyStore(Path(d) / "b.db")
@@ -212,27 +231,24 @@ async def middleware(n: int, rounds: int) -> None:
 
                     return op
 
-                paths = [
-                    ("plain", post(urls["plain"], lambda i: "unused")),
-                    ("new key", post(urls["idem"], lambda i: f"{run_id}-{rnd}-{i}")),
-                    ("replay", post(urls["idem"], lambda i: "warm")),
-                ]
-                got: dict[str, list[float]] = {p[0]: [] for p in paths}
-                for rnd in range(rounds):
-                    k = rnd % len(paths)
-                    for label, op in paths[k:] + paths[:k]:
-                        got[label].append(await timed(n, op))
+                plain = post(urls["plain"], lambda i: "unused")
+                fresh = itertools.count()
+                new_key = post(urls["idem"], lambda i: f"{run_id}-{next(fresh)}")
+                replay = post(urls["idem"], lambda i: "warm")
+                got: dict[str, list[tuple[float, float]]] = {"new key": [], "replay": []}
+                for _ in range(rounds):
+                    got["new key"].append(await paired(n, plain, new_key))
+                    got["replay"].append(await paired(n, plain, replay))
         finally:
             for p in procs:
                 p.kill()
                 p.wait()
-    plain = got["plain"]
-    for label in ("new key", "replay"):
-        pairs = list(zip(plain, got[label], strict=True))
+    for label, pairs in got.items():
+        base = statistics.median(r for r, _ in pairs)
         added = statistics.median(m - r for r, m in pairs)
         print(
-            f"ASGI {label:<8} plain {statistics.median(plain):7.0f} us | with middleware "
-            f"{statistics.median(got[label]):7.0f} us, +{added:.0f} us, ratio {ratios(pairs)}"
+            f"ASGI {label:<8} plain app {base:6.0f} us/request | with the middleware "
+            f"+{added:.0f} us, ratio {ratios(pairs)}"
         )
 
 

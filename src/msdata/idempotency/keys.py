@@ -357,7 +357,8 @@ class IdempotencyKeys:
         stored = claim.stored or b""
         if stored[:1] == _ERROR:
             raise _load_error(stored[1:], final, claim.key)
-        return _type_adapter(result_type).validate_json(claim.response())
+        # the core validator: TypeAdapter.validate_json's Python wrapper costs a microsecond
+        return _type_adapter(result_type).validator.validate_json(claim.response())
 
     @staticmethod
     def _dump(result: Any, result_type: Any) -> bytes:
