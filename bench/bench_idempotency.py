@@ -105,7 +105,12 @@ async def handler() -> dict[str, Any]:
 
 
 async def bench_store(
-    name: str, store: Any, raw_get: Callable[[int], Awaitable[Any]], n: int, rounds: int
+    name: str,
+    store: Any,
+    raw_get: Op,
+    n: int,
+    rounds: int,
+    pool_get: Op | None = None,
 ) -> None:
     keys = IdempotencyKeys(store)
     await keys.run("replayed", handler, scope="bench")  # the COMPLETED key
@@ -126,8 +131,11 @@ async def bench_store(
     rep: list[tuple[float, float]] = []
     fst: list[tuple[float, float]] = []
     bar: list[float] = []
+    rep_pool: list[tuple[float, float]] = []
     for _ in range(rounds):
         rep.append(await paired(n, raw_get, replay))
+        if pool_get is not None:
+            rep_pool.append(await paired(n, pool_get, replay))
         fst.append(await paired(n, raw_get, first))
         bar.append((await paired(n, bare, bare))[0])
     calls = counting.calls / (rounds * n)
@@ -139,6 +147,12 @@ async def bench_store(
         f"| first run {first_us:7.1f} us ({calls:.0f} store calls), {ratios(fst)} raw GETs; "
         f"bare handler {statistics.median(bar):.2f} us"
     )
+    if rep_pool:
+        print(f"{'':<11} replay vs a raw GET through an asyncpg pool: ratio {ratios(rep_pool)}")
+
+
+async def _no_reset(conn: Any) -> None:
+    return None
 
 
 async def stores(n: int, rounds: int) -> None:
@@ -147,15 +161,23 @@ async def stores(n: int, rounds: int) -> None:
     pg = PostgresIdempotencyStore(PG, table_prefix=prefix)
     await pg.create_schema()
     conn = await asyncpg.connect(PG)  # one connection: the raw GET is one round trip
+    # and a pool like the store's (no reset round trip on release)
+    pool = await asyncpg.create_pool(PG, min_size=1, max_size=4, reset=_no_reset)
     sql = f"SELECT response FROM {pg.table} WHERE scope = $1 AND key = $2"
     try:
         await bench_store(
-            "PostgreSQL", pg, lambda i: conn.fetchrow(sql, "bench", "replayed"), n, rounds
+            "PostgreSQL",
+            pg,
+            lambda i: conn.fetchrow(sql, "bench", "replayed"),
+            n,
+            rounds,
+            pool_get=lambda i: pool.fetchrow(sql, "bench", "replayed"),
         )
     finally:
         await pg.drop_schema()
         await pg.close()
         await conn.close()
+        await pool.close()
     # SQLite (synchronous NORMAL: the store's calls run on the loop's thread)
     with tempfile.TemporaryDirectory() as d:
         lite = SqliteIdempotencyStore(Path(d) / "b.db")
