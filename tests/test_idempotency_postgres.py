@@ -4,6 +4,7 @@ transaction through asyncpg and through sync psycopg. Each test gets its own tab
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -153,3 +154,30 @@ class TestPostgresIdempotencyStoreSQLAlchemy(_PostgresStore, IdempotencyStoreCon
     async def rollback(self, conn: Any) -> None:
         await conn.rollback()
         await conn.close()
+
+
+async def test_a_cancelled_call_leaves_the_store_usable(postgres_url: str) -> None:
+    """A call cancelled mid-statement gives its connection back to the pool (which cleans
+    it up); the next calls work."""
+    from datetime import UTC, datetime, timedelta
+
+    store = PostgresIdempotencyStore(postgres_url, table_prefix=f"t{uuid.uuid4().hex[:10]}_")
+    await store.create_schema()
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    try:
+        for i in range(5):
+            task = asyncio.ensure_future(
+                store.claim_async(None, "s", f"k{i}", "", "t", now, now + timedelta(seconds=9))
+            )
+            for _ in range(i):
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            # expires at once (expires_at <= now), so every round claims it afresh
+            assert await store.claim_async(None, "s", "x", "", f"t{i}", now, now) is None
+        rec = await store.get("s", "x")
+        assert rec is not None
+    finally:
+        await store.drop_schema()
+        await store.close()

@@ -143,6 +143,8 @@ class PostgresIdempotencyStore:
         self._db = PostgresDatabase(
             pool_or_dsn, schema=schema, max_size=max_size, kind="idempotency store"
         )
+        self._hot: Any = None  # see _own
+        self._hot_busy = False
         self._name = f"{self._prefix}idempotency"
         t = self.table = self._db.qualified(self._name)
         self._lock_class = self._db.lock_class(self._name)
@@ -209,9 +211,43 @@ class PostgresIdempotencyStore:
         raise StoreError(f"idempotency claim of {key!r}: the row kept changing")
 
     async def _own(self, sql: _Sql, args: tuple[Any, ...]) -> Any:
-        pool = await self._db.pool()
-        with map_errors(sql.what):
-            return await pool.fetchrow(sql.asyncpg, *args)
+        """One statement on the store's own connections. While no other call is running,
+        it runs on one connection the store keeps out of the pool: a call then skips the
+        pool's acquire and release (tens of microseconds, a fifth of a loopback round
+        trip: a replay would otherwise cost 1.4x a raw GET). Overlapping calls use the pool."""
+        if self._hot_busy:
+            pool = await self._db.pool()
+            with map_errors(sql.what):
+                return await pool.fetchrow(sql.asyncpg, *args)
+        self._hot_busy = True
+        try:
+            conn = self._hot
+            if conn is None:
+                pool = await self._db.pool()
+                with map_errors(sql.what):
+                    conn = self._hot = await pool.acquire()
+            ok = False
+            try:
+                with map_errors(sql.what):
+                    row = await conn.fetchrow(sql.asyncpg, *args)
+                ok = True
+                return row
+            finally:
+                if not ok:  # failed or cancelled mid-statement: the pool cleans it up
+                    await self._drop_hot()
+        finally:
+            self._hot_busy = False
+
+    async def _drop_hot(self) -> None:
+        conn, self._hot = self._hot, None
+        if conn is None:
+            return
+        try:
+            pool = await self._db.pool()
+            await pool.release(conn)
+        except BaseException:
+            conn.terminate()
+            raise
 
     async def complete_async(
         self, conn: Any, scope: str, key: str, token: str, response: bytes, expires_at: datetime
@@ -284,6 +320,9 @@ class PostgresIdempotencyStore:
         return command_count(status)
 
     async def close(self) -> None:
+        if self._hot is not None and not self._hot_busy:
+            with map_errors("idempotency close"):
+                await self._drop_hot()
         await self._db.close("idempotency close")
 
     async def __aenter__(self) -> Self:
