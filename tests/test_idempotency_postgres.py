@@ -181,3 +181,37 @@ async def test_a_cancelled_call_leaves_the_store_usable(postgres_url: str) -> No
     finally:
         await store.drop_schema()
         await store.close()
+
+
+class Declined(Exception):
+    pass
+
+
+async def test_the_callers_error_survives_an_aborted_transaction(postgres_url: str) -> None:
+    """In the caller's transaction, an operation whose SQL failed has aborted it: storing
+    the failure (final) or releasing the key fails too, and the caller still gets its own
+    error; the rollback leaves the key free."""
+    store = PostgresIdempotencyStore(postgres_url, table_prefix=f"t{uuid.uuid4().hex[:10]}_")
+    await store.create_schema()
+    keys = IdempotencyKeys(store, final_errors=(Declined,), clock=FakeClock())
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        for error in (Declined, RuntimeError):
+
+            async def op(error: type[Exception] = error) -> int:
+                try:
+                    await conn.execute("SELECT 1/0")
+                except asyncpg.DivisionByZeroError:
+                    raise error("failed") from None
+                return 1
+
+            tx = conn.transaction()
+            await tx.start()
+            with pytest.raises(error):
+                await keys.run("k", op, scope="s", conn=conn)
+            await tx.rollback()
+            assert await store.get("s", "k") is None
+    finally:
+        await conn.close()
+        await store.drop_schema()
+        await store.close()

@@ -196,6 +196,29 @@ class IdempotencyClaim:
         )
         self._completed(ok, body)
 
+    async def failed(self, error: BaseException, final: tuple[type[BaseException], ...]) -> None:
+        """The operation raised ``error``: store it if it is one of ``final``, else
+        release the key. A store error here is logged, never raised: ``error`` is what
+        the caller must see (in the caller's transaction the store's statement fails when
+        ``error`` has already aborted it; the rollback then removes the claim)."""
+        if final and isinstance(error, final):
+            try:
+                await self.fail(error)
+            except MsdataError as e:
+                self._release_failed(e)
+        else:
+            await self.release()
+
+    def failed_sync(self, error: BaseException, final: tuple[type[BaseException], ...]) -> None:
+        """:meth:`failed` for sync callers."""
+        if final and isinstance(error, final):
+            try:
+                self.fail_sync(error)
+            except MsdataError as e:
+                self._release_failed(e)
+        else:
+            self.release_sync()
+
     async def release(self) -> None:
         """Give the key up: the operation failed, a retry may run it again at once."""
         self._end()
@@ -217,7 +240,8 @@ class IdempotencyClaim:
         level = logging.DEBUG if self.conn is not None else logging.WARNING
         log.log(
             level,
-            "idempotency key %r: release failed (%s); the key is free again when its lease ends",
+            "idempotency key %r: storing the failure failed (%s); the key is free again when "
+            "its lease ends (or at once, if its transaction rolls back)",
             self.key,
             e,
         )
@@ -396,10 +420,7 @@ class IdempotencyKeys:
         try:
             result = await operation()
         except BaseException as e:
-            if final and isinstance(e, final):
-                await claim.fail(e)
-            else:
-                await claim.release()
+            await claim.failed(e, final)
             raise
         await self._store_result(claim, result, result_type)
         return result
@@ -437,10 +458,7 @@ class IdempotencyKeys:
         try:
             result = operation()
         except BaseException as e:
-            if final and isinstance(e, final):
-                claim.fail_sync(e)
-            else:
-                claim.release_sync()
+            claim.failed_sync(e, final)
             raise
         try:
             payload = self._dump(result, result_type)
@@ -490,10 +508,7 @@ class IdempotencyKeys:
         try:
             yield call
         except BaseException as e:
-            if final and isinstance(e, final):
-                await claim.fail(e)
-            else:
-                await claim.release()
+            await claim.failed(e, final)
             raise
         await self._store_result(claim, call.result, result_type)
 
@@ -522,10 +537,7 @@ class IdempotencyKeys:
         try:
             yield call
         except BaseException as e:
-            if final and isinstance(e, final):
-                claim.fail_sync(e)
-            else:
-                claim.release_sync()
+            claim.failed_sync(e, final)
             raise
         try:
             payload = self._dump(call.result, result_type)
