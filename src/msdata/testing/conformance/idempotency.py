@@ -88,6 +88,7 @@ class IdempotencyStoreConformance:
 
     async def test_a_new_key_is_claimed_in_progress(self) -> None:
         async with self.make_store() as store:
+            assert isinstance(store, IdempotencyStore)  # every method of the port is there
             t = _tok()
             assert await store.claim_async(None, "u1", "k", "fp", t, T0, T0 + _s(10)) is None
             rec = await store.get("u1", "k")
