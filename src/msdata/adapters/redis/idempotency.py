@@ -11,11 +11,12 @@ expired. Redis does not join a database transaction: use it for effects outside 
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime, timedelta
 from typing import Any, Self
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from msdata.errors import ConfigurationError, StoreError
 from msdata.idempotency.store import IdempotencyRecord, IdempotencyStoreFeatures
@@ -93,7 +94,7 @@ class RedisIdempotencyStore:
         self._r = client
         self.key_prefix = key_prefix
         self._owns = owns_client
-        self._claim = client.register_script(_CLAIM)
+        self._claim_sha = hashlib.sha1(_CLAIM.encode()).hexdigest()
         self._complete = client.register_script(_COMPLETE)
         self._release = client.register_script(_RELEASE)
 
@@ -129,9 +130,16 @@ class RedisIdempotencyStore:
         expires_at: datetime,
     ) -> IdempotencyRecord | None:
         self._no_conn(conn)
-        args = (fingerprint, token, _us(now), _us(expires_at), _ttl_ms(expires_at, now))
+        now_us, until_us = _us(now), _us(expires_at)
+        ttl_ms = max(0, until_us - now_us) // 1000 + _GRACE_MS
+        # EVALSHA straight away (the replay path: redis-py's Script object costs a few us)
+        args = (self._key(scope, key), fingerprint, token, now_us, until_us, ttl_ms)
         try:
-            cur = await self._claim(keys=[self._key(scope, key)], args=args)
+            try:
+                cur = await self._r.evalsha(self._claim_sha, 1, *args)
+            except NoScriptError:  # a new or flushed server: load it once
+                await self._r.script_load(_CLAIM)
+                cur = await self._r.evalsha(self._claim_sha, 1, *args)
         except RedisError as e:
             raise StoreError(f"idempotency claim: {type(e).__name__}: {e}") from e
         if cur is None:
