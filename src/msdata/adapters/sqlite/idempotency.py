@@ -72,7 +72,9 @@ class SqliteIdempotencyStore(SqliteDatabase):
         t = f"{self.table_prefix}idempotency"
         self.table = t
         cols = "scope, key, fingerprint, completed, expires_us, token, response"
-        self._select = f"SELECT {cols} FROM {t} WHERE scope = ? AND key = ?"
+        live = "fingerprint, completed, expires_us, token, response"
+        self._select = f"SELECT {live} FROM {t} WHERE scope = ? AND key = ?"
+        self._select_live = f"{self._select} AND expires_us > ?"
         self._claim = (
             f"INSERT INTO {t} ({cols}) VALUES (?, ?, ?, 0, ?, ?, NULL) "
             "ON CONFLICT (scope, key) DO UPDATE SET fingerprint = excluded.fingerprint, "
@@ -96,13 +98,13 @@ class SqliteIdempotencyStore(SqliteDatabase):
 
     # -- the steps, on a sqlite3 connection -----------------------------------------------------
 
-    def _record(self, row: Any) -> IdempotencyRecord:
-        scope, key, fp, completed, expires_us, token, response = row
+    @staticmethod
+    def _record(scope: str, key: str, row: Any) -> IdempotencyRecord:
+        fp, completed, expires_us, token, response = row
         return IdempotencyRecord(scope, key, fp, bool(completed), _dt(expires_us), token, response)
 
     def _live(self, conn: sqlite3.Connection, scope: str, key: str, now_us: int) -> Any:
-        row = conn.execute(self._select, (scope, key)).fetchone()
-        return row if row is not None and row[4] > now_us else None
+        return conn.execute(self._select_live, (scope, key, now_us)).fetchone()
 
     def _claim_on(
         self,
@@ -116,7 +118,7 @@ class SqliteIdempotencyStore(SqliteDatabase):
                 return None
             row = self._live(conn, scope, key, now_us)
             if row is not None:
-                return self._record(row)
+                return self._record(scope, key, row)
         raise sqlite3.OperationalError("idempotency claim: the row kept changing")
 
     def _claim_own(
@@ -125,7 +127,7 @@ class SqliteIdempotencyStore(SqliteDatabase):
         scope, key, _, _, now_us, _ = args
         row = self._live(conn, scope, key, now_us)  # autocommit read: no write lock
         if row is not None:
-            return self._record(row)
+            return self._record(scope, key, row)
         return self.write(conn, lambda c: self._claim_on(c, args))
 
     def _thread_conn(self) -> sqlite3.Connection:
@@ -216,7 +218,7 @@ class SqliteIdempotencyStore(SqliteDatabase):
 
     async def get(self, scope: str, key: str) -> IdempotencyRecord | None:
         row = await self.run(lambda c: c.execute(self._select, (scope, key)).fetchone())
-        return None if row is None else self._record(row)
+        return None if row is None else self._record(scope, key, row)
 
     async def purge(self, now: datetime) -> int:
         sql = f"DELETE FROM {self.table} WHERE expires_us <= ?"
