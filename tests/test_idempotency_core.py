@@ -211,3 +211,15 @@ async def test_stores_from_url(tmp_path: Path) -> None:
     lite = store_from_url("idempotency", f"sqlite:///{tmp_path}/i.db", table_prefix="x_")
     assert isinstance(lite, SqliteIdempotencyStore) and lite.table == "x_idempotency"
     await lite.close()
+
+
+async def test_an_empty_fingerprint_is_not_compared() -> None:
+    keys = _keys()
+    claim = await keys.claim("k", scope="s")  # no fingerprint
+    await claim.complete(b"1")
+    assert (await keys.claim("k", scope="s", fingerprint="abc")).replayed
+    claim = await keys.claim("k2", scope="s", fingerprint="abc")
+    await claim.complete(b"2")
+    assert (await keys.claim("k2", scope="s")).replayed
+    with pytest.raises(IdempotencyKeyReused):
+        await keys.claim("k2", scope="s", fingerprint="def")

@@ -333,7 +333,7 @@ class IdempotencyKeys:
     ) -> IdempotencyClaim:
         if existing is None:
             return IdempotencyClaim(self, scope, key, token, conn)
-        if existing.fingerprint != fp:
+        if fp and existing.fingerprint and existing.fingerprint != fp:
             raise IdempotencyKeyReused(
                 f"idempotency key {key!r} was used before with a different request"
             )
@@ -348,7 +348,8 @@ class IdempotencyKeys:
     ) -> IdempotencyClaim:
         """Claim ``key`` for ``scope`` (one store call). Returns a claim that holds the key,
         or a replayed one carrying the stored response. ``fingerprint``: the request's
-        hash (:func:`msdata.idempotency.fingerprint`), "" to not check. ``conn``: run in
+        hash (:func:`msdata.idempotency.fingerprint`); "" (here or stored) skips the
+        comparison. ``conn``: run in
         the caller's open transaction (SQL/memory stores) instead of the store's own."""
         key = _check(key, scope)
         token = _token()
