@@ -257,6 +257,27 @@ def driver_of(conn: Any, *, want_async: bool) -> Driver:
     return driver
 
 
+def check_in_transaction(conn: Any, driver: Driver) -> None:
+    """Refuse (ConfigurationError) a caller's asyncpg connection with no open transaction,
+    or a psycopg one in autocommit mode with none: the write would commit on its own. A
+    psycopg connection outside autocommit opens its transaction at the first statement,
+    and a SQLAlchemy Session/Connection begins one itself, so both pass."""
+    if driver is Driver.ASYNCPG:
+        if not conn.is_in_transaction():
+            raise ConfigurationError(
+                "the asyncpg connection has no open transaction: use `async with "
+                "conn.transaction():` so the write commits with the caller's work"
+            )
+    elif driver in (Driver.PSYCOPG, Driver.PSYCOPG_ASYNC) and conn.autocommit:
+        import psycopg.pq
+
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            raise ConfigurationError(
+                "the psycopg connection is in autocommit mode with no open transaction: "
+                "use `with conn.transaction():` so the write commits with the caller's work"
+            )
+
+
 def _driver_errors(driver: Driver) -> tuple[type[BaseException], ...]:
     if driver is Driver.ASYNCPG:
         return (asyncpg.PostgresError, asyncpg.InterfaceError)
@@ -270,26 +291,6 @@ def _driver_errors(driver: Driver) -> tuple[type[BaseException], ...]:
 
 
 _PLACEHOLDER = re.compile(r"\{(\d+)\}")
-
-
-def check_in_transaction(conn: Any, driver: Driver) -> None:
-    """ConfigurationError if ``conn`` has no open transaction and would commit a write on
-    its own: asyncpg outside ``conn.transaction()``, psycopg in autocommit mode and idle.
-    (psycopg without autocommit opens the transaction itself at the first statement;
-    SQLAlchemy sessions and connections begin one themselves.)"""
-    if driver is Driver.ASYNCPG:
-        idle = not conn.is_in_transaction()
-    elif driver in (Driver.PSYCOPG, Driver.PSYCOPG_ASYNC):
-        import psycopg
-
-        idle = conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-    else:
-        idle = False
-    if idle:
-        raise ConfigurationError(
-            f"the {driver.value} connection has no open transaction: open one first, or "
-            "the write would commit on its own"
-        )
 
 
 class CallerSQL:
