@@ -40,24 +40,6 @@ class TestMemoryOutboxStore(MemoryHooks, OutboxStoreConformance):
         store.append(tx, rows)
 
 
-class _PlainMemoryOutboxStore(MemoryOutboxStore):
-    """A store without the optional ``mark_sent_and_claim``: the relay's fallback."""
-
-    mark_sent_and_claim = None  # type: ignore[assignment]
-
-
-class TestMemoryOutboxStoreWithoutMarkSentAndClaim(TestMemoryOutboxStore):
-    """The whole suite again, the relay marking and claiming in two store calls."""
-
-    @asynccontextmanager
-    async def make_store(self) -> AsyncIterator[OutboxStore]:
-        store = _PlainMemoryOutboxStore()
-        try:
-            yield store
-        finally:
-            await store.close()
-
-
 class TestMemoryInboxStore(MemoryHooks, InboxStoreConformance):
     @asynccontextmanager
     async def make_inbox_store(self) -> AsyncIterator[InboxStore]:

@@ -18,7 +18,6 @@ from msdata.outbox import InboxStore, OutboxRow, OutboxStore
 from msdata.testing.outbox import (
     InboxStoreConformance,
     OutboxStoreConformance,
-    OutboxStoreFeatures,
     make_rows,
 )
 
@@ -75,7 +74,6 @@ def db_path(tmp_path: Path) -> Iterator[str]:
 
 
 class TestSqliteOutboxStore(SqliteHooks, OutboxStoreConformance):
-    features = OutboxStoreFeatures(concurrent_writers=False, one_relay_at_a_time=True)
     lease_seconds = 0.3
 
     @pytest.fixture(autouse=True)

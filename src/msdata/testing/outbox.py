@@ -67,7 +67,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
@@ -76,7 +75,7 @@ import pytest
 from msdata.adapters.memory.transport import MemoryTransport
 from msdata.errors import MsdataError, PublishError
 from msdata.outbox.relay import OutboxRelay
-from msdata.outbox.store import InboxStore, OutboxRow, OutboxStore
+from msdata.outbox.store import InboxStore, OutboxRow, OutboxStore, OutboxStoreFeatures
 from msdata.transport import TransportMessage
 
 __all__ = [
@@ -88,17 +87,6 @@ __all__ = [
     "make_rows",
     "wait_until",
 ]
-
-
-@dataclass(frozen=True)
-class OutboxStoreFeatures:
-    #: two write transactions can be open at once, and the later can commit first
-    #: (PostgreSQL, memory); SQLite serialises writers, so the hazard cannot arise there
-    concurrent_writers: bool = True
-    #: one relay at a time holds the store's lease and claims; the others get nothing
-    #: until it releases everything or its lease runs out (SQLite). False: relays share
-    #: the work, each claiming rows of keys no other relay holds (PostgreSQL, memory)
-    one_relay_at_a_time: bool = False
 
 
 def make_row(
@@ -196,7 +184,6 @@ def _first_order(published: Sequence[tuple[str, TransportMessage]]) -> dict[str 
 class OutboxStoreConformance:
     """Every test here must pass on every outbox store."""
 
-    features: ClassVar[OutboxStoreFeatures] = OutboxStoreFeatures()
     lease_seconds: ClassVar[float] = 0.4
 
     # -- hooks -----------------------------------------------------------------------------
@@ -300,7 +287,7 @@ class OutboxStoreConformance:
         async with self.make_store() as store:
             await self.add_committed(store, make_rows(10))
             a = await store.claim("relay-a", 4, 30.0)
-            if self.features.one_relay_at_a_time:
+            if store.features.one_relay_at_a_time:
                 assert await store.claim("relay-b", 100, 30.0) == []
                 b = await store.claim("relay-a", 100, 30.0)
                 c = await store.claim("relay-a", 100, 30.0)
@@ -317,7 +304,7 @@ class OutboxStoreConformance:
             await self.add_committed(store, rows)
             a = await store.claim("relay-a", 1, 30.0)
             assert [r.message_id for r in a] == [rows[0].message_id]
-            if self.features.one_relay_at_a_time:
+            if store.features.one_relay_at_a_time:
                 assert await store.claim("relay-b", 100, 30.0) == []
                 await store.mark_sent("relay-a", [a[0].seq])
                 c = await store.claim("relay-a", 100, 30.0)
@@ -401,19 +388,11 @@ class OutboxStoreConformance:
             assert await store.purge_sent(datetime.now(UTC) + timedelta(seconds=5)) == 3
             assert await store.purge_sent(datetime.now(UTC) + timedelta(seconds=5)) == 0
 
-    # -- mark_sent_and_claim: optional; the relay falls back to mark_sent + claim ----------
-
-    @staticmethod
-    def both(store: Any) -> Any:
-        """The store's ``mark_sent_and_claim``, or skip the test (the method is optional)."""
-        both = getattr(store, "mark_sent_and_claim", None)
-        if not callable(both):
-            pytest.skip("the store has no mark_sent_and_claim (optional)")
-        return both
+    # -- mark_sent_and_claim ----------------------------------------------------------------
 
     async def test_mark_sent_and_claim_marks_then_claims_the_next_rows(self) -> None:
         async with self.make_store() as store:
-            both = self.both(store)
+            both = store.mark_sent_and_claim
             rows = [make_row(key="k1", n=0), make_row(key="k1", n=1), make_row(key="k2", n=2)]
             await self.add_committed(store, rows)
             a = await store.claim("relay-a", 1, 30.0)
@@ -431,7 +410,7 @@ class OutboxStoreConformance:
 
     async def test_mark_sent_and_claim_never_returns_a_key_another_relay_holds(self) -> None:
         async with self.make_store() as store:
-            both = self.both(store)
+            both = store.mark_sent_and_claim
             rows = [
                 make_row(key="k1", n=0),
                 make_row(key="k1", n=1),
@@ -441,7 +420,7 @@ class OutboxStoreConformance:
             await self.add_committed(store, rows)
             a = await store.claim("relay-a", 1, 30.0)
             assert [r.message_id for r in a] == [rows[0].message_id]
-            if self.features.one_relay_at_a_time:
+            if store.features.one_relay_at_a_time:
                 # relay-a holds the store: relay-b claims nothing, but its mark counts
                 assert await both("relay-b", [a[0].seq], 100, 30.0) == []
                 assert (await store.status()).pending == 3
@@ -457,7 +436,7 @@ class OutboxStoreConformance:
 
     async def test_mark_sent_and_claim_keeps_sent_rows_when_asked(self) -> None:
         async with self.make_store() as store:
-            both = self.both(store)
+            both = store.mark_sent_and_claim
             rows = make_rows(3, keys=["k"])
             await self.add_committed(store, rows)
             a = await store.claim("relay-a", 1, 30.0)
@@ -469,7 +448,7 @@ class OutboxStoreConformance:
 
     async def test_mark_sent_and_claim_after_a_lost_lease_still_marks(self) -> None:
         async with self.make_store() as store:
-            both = self.both(store)
+            both = store.mark_sent_and_claim
             await self.add_committed(store, make_rows(2, keys=["k"]))
             a = await store.claim("relay-a", 1, self.lease_seconds)
             await asyncio.sleep(self.lease_seconds + 0.2)
@@ -533,15 +512,15 @@ class OutboxStoreConformance:
         async with self.make_store() as store:
             await self.add_committed(store, make_rows(4))
             a = await store.claim("relay-a", 2, 30.0)
-            other = "relay-a" if self.features.one_relay_at_a_time else "relay-b"
+            other = "relay-a" if store.features.one_relay_at_a_time else "relay-b"
             b = await store.claim(other, 2, 30.0)
             assert len(a) == 2 and len(b) == 2
             assert not {r.seq for r in a} & {r.seq for r in b}
 
     async def test_out_of_order_commits_are_all_claimed(self) -> None:
-        if not self.features.concurrent_writers:
-            pytest.skip("this backend serialises writers: a later transaction cannot commit first")
         async with self.make_store() as store:
+            if not store.features.concurrent_writers:
+                pytest.skip("this backend serialises writers: a later transaction cannot commit")
             first, second = make_row(n=1), make_row(n=2)
             t1 = await self.begin(store)
             await self.add(store, t1, [first])
@@ -583,9 +562,9 @@ class OutboxStoreConformance:
             assert (await relay.status()).pending == 0
 
     async def test_relay_publishes_out_of_order_commits(self) -> None:
-        if not self.features.concurrent_writers:
-            pytest.skip("this backend serialises writers: a later transaction cannot commit first")
         async with self.make_store() as store:
+            if not store.features.concurrent_writers:
+                pytest.skip("this backend serialises writers: a later transaction cannot commit")
             pub = RecordingPublisher()
             relay = self.relay(store, pub)
             first, second = make_row(n=1), make_row(n=2)

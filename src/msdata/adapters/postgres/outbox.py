@@ -20,7 +20,7 @@ from msdata.adapters.postgres._db import (
     command_count,
 )
 from msdata.errors import ConfigurationError
-from msdata.outbox.store import OutboxRecord, OutboxRow, OutboxStatus
+from msdata.outbox.store import OutboxRecord, OutboxRow, OutboxStatus, OutboxStoreFeatures
 from msdata.storage import DEFAULT_TABLE_PREFIX, Connection, check_table_prefix
 
 __all__ = ["PostgresOutboxStore"]
@@ -317,8 +317,9 @@ class PostgresOutboxStore:
     """
 
     #: a relay's claim returns later rows of the keys it holds (never the rows it holds):
-    #: the relay may claim its next batch while it publishes this one
-    prefetch_claims = True
+    #: the relay may claim its next batch while it publishes this one. Leases, ``sent_at``
+    #: and ``created_at`` use the database server's clock, the one every relay agrees on
+    features = OutboxStoreFeatures(prefetch_claims=True, reads_clock=False)
 
     def __init__(
         self,

@@ -51,11 +51,13 @@ import contextlib
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConfigurationError, SchemaError, StoreError
 from msdata.storage import DEFAULT_TABLE_PREFIX, Connection, check_table_prefix
 
@@ -219,6 +221,8 @@ class SqliteDatabase:
     ``busy_timeout``: seconds a call in the store's thread waits for the write lock.
     ``inline`` (default: True under OFF or NORMAL, where a commit does not wait for the
     disk): calls made with ``run(fn, inline=True)`` may run on the event loop's thread.
+    ``clock``: where the store reads time; :meth:`wall` gives it as Unix seconds, the form
+    the tables store.
     """
 
     def __init__(
@@ -229,6 +233,7 @@ class SqliteDatabase:
         synchronous: str = "NORMAL",
         busy_timeout: float = 30.0,
         inline: bool | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.path = os.fspath(path)
         if not self.path or self.path == ":memory:" or self.path.startswith("file:"):
@@ -245,6 +250,12 @@ class SqliteDatabase:
         self._commits = 0  # write transactions since the last checkpoint
         self._checkpointing: asyncio.Task[None] | None = None
         self._closed = False
+        self.clock = clock
+        #: the clock's time in Unix seconds (``time.time`` itself for the system clock:
+        #: read on every append and claim)
+        self.wall: Callable[[], float] = (
+            time.time if clock is SYSTEM_CLOCK else lambda: clock.now().timestamp()
+        )
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Self:

@@ -7,7 +7,6 @@ transaction on the store's own connection. Table: ``{prefix}inbox``.
 
 from __future__ import annotations
 
-import time
 from datetime import datetime
 
 from msdata.adapters.sqlite._db import SqliteDatabase, caller_connection, map_errors
@@ -50,7 +49,7 @@ class SqliteInboxStore(SqliteDatabase):
             cur = raw.execute(
                 f"INSERT OR IGNORE INTO {self.table_prefix}inbox "
                 "(consumer, message_id, recorded_at) VALUES (?, ?, ?)",
-                (consumer, message_id, time.time()),
+                (consumer, message_id, self.wall()),
             )
         return cur.rowcount == 1
 
