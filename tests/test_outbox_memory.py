@@ -246,3 +246,53 @@ async def test_outbox_relay_bus_and_inbox_end_to_end_apply_each_event_once() -> 
                 await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)
     assert sorted(applied) == [str(i) for i in range(5)]
+
+
+# -- the relay's fast path asks the codec ------------------------------------------------------
+
+TRACEPARENT = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+
+
+def test_the_codec_recognises_its_own_events_with_and_without_headers() -> None:
+    from msdata.messages import make_envelope
+
+    codec = CloudEventsCodec(registry)
+    for headers in (None, TRACEPARENT, {"tenant": '"specversion":"1.0"'}):
+        body = codec.encode(
+            make_envelope(OrderPlaced(order_id="1"), registry=registry, headers=headers)
+        )
+        assert codec.looks_like_own_event(body), body
+    for body in (
+        b"",
+        b"garbage",
+        b'{"id":"1","type":"x"}',  # no specversion
+        b'{"specversion":"1.0","id":"1"',  # cut short
+        b'{"tenant":"\\"specversion\\":\\"1.0\\""}',  # only inside a header's value
+        b'["specversion":"1.0"]',
+    ):
+        assert not codec.looks_like_own_event(body), body
+
+
+async def test_a_batch_of_events_with_headers_takes_the_fast_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = MemoryOutboxStore()
+    outbox = Outbox(store, registry=registry)
+    pub = RecordingPublisher()
+    relay = OutboxRelay(store, pub)
+    with store.begin() as tx:
+        outbox.add(tx, OrderPlaced(order_id="first"))
+    assert await relay.run_once() == 1  # the topic's name is checked once, the slow way
+    pub.published.clear()
+    with store.begin() as tx:
+        envs = outbox.add(
+            tx, [OrderPlaced(order_id=str(i)) for i in range(20)], key="k", headers=TRACEPARENT
+        )
+
+    def slow_path(*args: object) -> None:
+        raise AssertionError("a batch of the codec's own events went down the slow path")
+
+    monkeypatch.setattr(relay, "_sort", slow_path)
+    assert await relay.run_once() == 20
+    assert pub.ids == [e.id for e in envs]
+    assert all(m.headers.get("traceparent") == TRACEPARENT["traceparent"] for _, m in pub.published)
