@@ -10,8 +10,11 @@ from msdata.adapters.memory import (
     MemoryTransaction,
     MemoryTransport,
 )
+from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.outbox import InboxStore, OutboxRow, OutboxStore
-from msdata.testing.outbox import InboxStoreConformance, OutboxStoreConformance
+from msdata.testing.conformance.inbox import InboxStoreConformance
+from msdata.testing.conformance.outbox import OutboxStoreConformance, OutboxStoreHooks
+from msdata.testing.conformance.relay import OutboxRelayConformance
 
 
 class MemoryHooks:
@@ -25,12 +28,12 @@ class MemoryHooks:
         tx.rollback()
 
 
-class TestMemoryOutboxStore(MemoryHooks, OutboxStoreConformance):
+class MemoryOutboxHooks(MemoryHooks, OutboxStoreHooks):
     lease_seconds = 0.2
 
     @asynccontextmanager
-    async def make_store(self) -> AsyncIterator[OutboxStore]:
-        store = MemoryOutboxStore()
+    async def make_store(self, *, clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[OutboxStore]:
+        store = MemoryOutboxStore(clock=clock)
         try:
             yield store
         finally:
@@ -40,10 +43,18 @@ class TestMemoryOutboxStore(MemoryHooks, OutboxStoreConformance):
         store.append(tx, rows)
 
 
+class TestMemoryOutboxStore(MemoryOutboxHooks, OutboxStoreConformance):
+    pass
+
+
+class TestMemoryOutboxRelay(MemoryOutboxHooks, OutboxRelayConformance):
+    pass
+
+
 class TestMemoryInboxStore(MemoryHooks, InboxStoreConformance):
     @asynccontextmanager
-    async def make_inbox_store(self) -> AsyncIterator[InboxStore]:
-        yield MemoryInboxStore()
+    async def make_inbox_store(self, *, clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[InboxStore]:
+        yield MemoryInboxStore(clock=clock)
 
     async def record(self, store: Any, tx: Any, consumer: str, message_id: str) -> bool:
         return store.record(tx, consumer, message_id)  # type: ignore[no-any-return]
@@ -61,7 +72,10 @@ from msdata.errors import ConfigurationError, RegistrationError  # noqa: E402
 from msdata.messages import Event, MessageRegistry, handling, message_type  # noqa: E402
 from msdata.outbox import Inbox, Outbox, OutboxRelay, current_connection  # noqa: E402
 from msdata.serialization import CloudEventsCodec  # noqa: E402
-from msdata.testing.outbox import RecordingPublisher, make_row  # noqa: E402
+from msdata.testing import FakeClock, eventually  # noqa: E402
+from msdata.testing.conformance.outbox import make_row  # noqa: E402
+from msdata.testing.conformance.relay import RecordingPublisher  # noqa: E402
+from msdata.transport import TransportMessage  # noqa: E402
 
 registry = MessageRegistry()
 
@@ -219,7 +233,8 @@ async def test_inbox_middleware_sync_and_async_transactions() -> None:
 
 async def test_outbox_relay_bus_and_inbox_end_to_end_apply_each_event_once() -> None:
     bus_mod = pytest.importorskip("msdata.events")
-    store, inbox_store = MemoryOutboxStore(), MemoryInboxStore()
+    clock = FakeClock()
+    store, inbox_store = MemoryOutboxStore(clock=clock), MemoryInboxStore()
     outbox, inbox = Outbox(store, registry=registry), Inbox(inbox_store)
     transport = MemoryTransport()
     bus = bus_mod.EventBus(transport, registry=registry)
@@ -236,15 +251,18 @@ async def test_outbox_relay_bus_and_inbox_end_to_end_apply_each_event_once() -> 
             outbox.add(tx, [OrderPlaced(order_id=str(i)) for i in range(5)], key="k")
         # a relay that published and died before marking: published again after its lease
         claimed = await store.claim("dead", 100, 0.1)
-        relay = OutboxRelay(store, transport, poll_interval=0.02)
-        await relay._publish("test.outbox.OrderPlaced", claimed)
-        await asyncio.sleep(0.15)
-        async with relay:
-            for _ in range(200):
-                if len(applied) >= 5 and (await store.status()).pending == 0:
-                    break
-                await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
+        await transport.publish(
+            "test.outbox.OrderPlaced",
+            [TransportMessage(r.message_id, r.payload, r.partition_key) for r in claimed],
+        )
+        clock.advance(0.2)  # the dead relay's lease runs out
+        async with OutboxRelay(store, transport, poll_interval=0.02):
+
+            async def all_applied_and_sent() -> bool:
+                return len(applied) >= 5 and (await store.status()).pending == 0
+
+            await eventually(all_applied_and_sent, 10.0)
+        await asyncio.sleep(0.05)  # time for a wrongly applied duplicate to show
     assert sorted(applied) == [str(i) for i in range(5)]
 
 

@@ -8,6 +8,7 @@ from typing import Any, Self
 import asyncpg
 
 from msdata.adapters.postgres._db import CallerSQL, PostgresDatabase, command_count
+from msdata.inbox.store import InboxStoreFeatures
 from msdata.storage import DEFAULT_TABLE_PREFIX, Connection, check_table_prefix
 
 __all__ = ["PostgresInboxStore"]
@@ -33,6 +34,9 @@ class PostgresInboxStore:
     or True (it rolled back). ``create_schema`` and ``purge`` use the store's own asyncpg
     pool, given or made lazily from a DSN. Table: ``{schema}.{table_prefix}inbox``.
     """
+
+    #: records are stamped by the database server's clock
+    features = InboxStoreFeatures(reads_clock=False)
 
     def __init__(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from msdata.adapters.sqlite._db import SqliteDatabase, caller_connection, map_errors
+from msdata.inbox.store import InboxStoreFeatures
 from msdata.storage import Connection
 
 __all__ = ["INBOX_DDL", "SqliteInboxStore"]
@@ -35,6 +36,8 @@ class SqliteInboxStore(SqliteDatabase):
     an older snapshot, SQLite refuses the write at once and StoreError is raised: roll back
     and let the message be redelivered.
     """
+
+    features = InboxStoreFeatures(reads_clock=True)
 
     def schema_sql(self) -> str:
         """The DDL of this store's table (idempotent)."""
