@@ -79,7 +79,7 @@ class PostgresOutboxHooks(PostgresHooks, OutboxStoreHooks):
 
     @asynccontextmanager
     async def open_again(self, store: Any) -> AsyncIterator[OutboxStore]:
-        other = PostgresOutboxStore(self.url, table_prefix=store._prefix)
+        other = PostgresOutboxStore(self.url, table_prefix=store.table_prefix)
         try:
             yield other
         finally:
@@ -99,7 +99,7 @@ class PostgresOutboxHooks(PostgresHooks, OutboxStoreHooks):
         conn = await asyncpg.connect(self.url)
         try:
             await conn.execute(
-                f"DROP FUNCTION {store._fn}(text, integer, double precision, boolean)"
+                f"DROP FUNCTION {store.claim_function}(text, integer, double precision, boolean)"
             )
         finally:
             await conn.close()

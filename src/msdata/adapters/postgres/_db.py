@@ -6,8 +6,8 @@ is a class that owns a :class:`PostgresDatabase` and holds its SQL::
     class PostgresThingStore:
         def __init__(self, pool_or_dsn, *, table_prefix=DEFAULT_TABLE_PREFIX, schema=None):
             self._db = PostgresDatabase(pool_or_dsn, schema=schema, kind="thing store")
-            self._prefix = check_table_prefix(table_prefix)
-            self.table = self._db.qualified(f"{self._prefix}thing")
+            self.table_prefix = check_table_prefix(table_prefix)
+            self.table = self._db.qualified(f"{self.table_prefix}thing")
             self._put = CallerSQL(f"INSERT INTO {self.table} (k) VALUES ({{0}})", "thing put")
 
         def schema_sql(self) -> str:

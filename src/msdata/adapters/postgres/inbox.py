@@ -46,12 +46,12 @@ class PostgresInboxStore:
         schema: str | None = None,
         max_size: int = 2,
     ) -> None:
-        self._prefix = check_table_prefix(table_prefix)
+        self.table_prefix = check_table_prefix(table_prefix)
         self._db = PostgresDatabase(
             pool_or_dsn, schema=schema, max_size=max_size, kind="inbox store"
         )
         self._schema = self._db.schema
-        self._name = f"{self._prefix}inbox"
+        self._name = f"{self.table_prefix}inbox"
         self.table = self._db.qualified(self._name)
         self._lock_class = self._db.lock_class(self._name)
         self._record = CallerSQL(
