@@ -15,6 +15,8 @@ from msdata.storage import Connection
 
 __all__ = ["INBOX_DDL", "SqliteInboxStore"]
 
+_RECORD_ERRORS = map_errors("inbox record")  # stateless: one for every record
+
 #: the inbox table; ``{p}`` is the table prefix
 INBOX_DDL = """\
 -- Messages each consumer has applied; written in the consumer's own transaction.
@@ -48,7 +50,7 @@ class SqliteInboxStore(SqliteDatabase):
 
     def record(self, conn: Connection, consumer: str, message_id: str) -> bool:
         raw = caller_connection(conn)
-        with map_errors("inbox record"):
+        with _RECORD_ERRORS:
             cur = raw.execute(
                 f"INSERT OR IGNORE INTO {self.table_prefix}inbox "
                 "(consumer, message_id, recorded_at) VALUES (?, ?, ?)",

@@ -47,6 +47,7 @@ from msdata.storage import DEFAULT_TABLE_PREFIX, Connection
 __all__ = ["OUTBOX_DDL", "SqliteOutboxStore"]
 
 _NO_HEADERS: MappingProxyType[str, str] = MappingProxyType({})
+_APPEND_ERRORS = map_errors("outbox append")  # stateless: one for every append
 
 #: the outbox tables; ``{p}`` is the table prefix
 OUTBOX_DDL = """\
@@ -280,7 +281,7 @@ class SqliteOutboxStore(SqliteDatabase):
             )
             for r in rows
         ]
-        with map_errors("outbox append"):
+        with _APPEND_ERRORS:
             if len(args) == 1:
                 raw.execute(self._insert, args[0])
             else:
