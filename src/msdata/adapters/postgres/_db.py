@@ -46,7 +46,10 @@ What the kernel gives:
   the caller's connection, in its open transaction, for every driver form: psycopg sync and
   async, asyncpg (a connection or a pool's proxy), SQLAlchemy ``Session``/``Connection`` and
   their async forms. :func:`driver_of` tells them apart and refuses a sync connection in an
-  async call and the other way round.
+  async call and the other way round; an asyncpg connection outside a transaction, or a
+  psycopg one in autocommit mode outside ``conn.transaction()``, is refused
+  (ConfigurationError): the write would commit on its own. (SQLAlchemy sessions and
+  connections begin their transaction themselves.)
 - :class:`map_errors`: the one place driver errors become msdata errors (``raise … from
   e``): an undefined table, function or schema is :class:`SchemaError`, anything else
   :class:`StoreError`.
@@ -268,6 +271,23 @@ def _driver_errors(driver: Driver) -> tuple[type[BaseException], ...]:
     return (sqlalchemy.exc.SQLAlchemyError,)
 
 
+_NO_TRANSACTION = (
+    "the {driver} connection has no open transaction: open one first (asyncpg: "
+    "conn.transaction(); psycopg: not in autocommit mode, or conn.transaction()), or the "
+    "write would commit on its own"
+)
+
+
+def _check_psycopg_transaction(conn: Any) -> None:
+    """A psycopg connection out of autocommit mode opens a transaction itself before the
+    statement; one in autocommit mode must be inside ``conn.transaction()``."""
+    if conn.autocommit:
+        import psycopg
+
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            raise ConfigurationError(_NO_TRANSACTION.format(driver="psycopg"))
+
+
 _PLACEHOLDER = re.compile(r"\{(\d+)\}")
 
 
@@ -300,6 +320,7 @@ class CallerSQL:
         """Run on a sync connection; with ``fetch``, return the first row or None."""
         driver = driver_of(conn, want_async=False)
         if driver is Driver.PSYCOPG:
+            _check_psycopg_transaction(conn)
             with map_errors(self.what, _driver_errors(driver), pipelined=conn):
                 cur = conn.execute(self._psycopg, args)
                 return cur.fetchone() if fetch else None
@@ -311,12 +332,15 @@ class CallerSQL:
         """Run on an async connection; with ``fetch``, return the first row or None."""
         driver = driver_of(conn, want_async=True)
         if driver is Driver.ASYNCPG:
+            if not conn.is_in_transaction():
+                raise ConfigurationError(_NO_TRANSACTION.format(driver="asyncpg"))
             with map_errors(self.what, _driver_errors(driver)):
                 if fetch:
                     return await conn.fetchrow(self._asyncpg, *args)
                 await conn.execute(self._asyncpg, *args)
                 return None
         if driver is Driver.PSYCOPG_ASYNC:
+            _check_psycopg_transaction(conn)
             with map_errors(self.what, _driver_errors(driver), pipelined=conn):
                 cur = await conn.execute(self._psycopg, args)
                 return await cur.fetchone() if fetch else None
