@@ -128,6 +128,11 @@ class TestPostgresInboxStore(PostgresHooks, InboxStoreConformance):
             await store.drop_schema()
             await store.close()
 
+    @asynccontextmanager
+    async def make_inbox_store_without_schema(self) -> AsyncIterator[InboxStore]:
+        async with PostgresInboxStore(self.url, table_prefix=_prefix()) as store:
+            yield store
+
     async def record(self, store: Any, tx: _Tx, consumer: str, message_id: str) -> bool:
         return await store.record_async(tx.conn, consumer, message_id)  # type: ignore[no-any-return]
 

@@ -158,6 +158,14 @@ class TestSqliteInboxStore(SqliteHooks, InboxStoreConformance):
     async def record(self, store: Any, tx: ThreadTx, consumer: str, message_id: str) -> bool:
         return await tx.run(store.record, tx.conn, consumer, message_id)
 
+    @asynccontextmanager
+    async def make_inbox_store_without_schema(self) -> AsyncIterator[InboxStore]:
+        store = SqliteInboxStore(self.path, table_prefix="nothere_")
+        try:
+            yield store
+        finally:
+            await store.close()
+
 
 # -- SQLite specifics -------------------------------------------------------------------------
 

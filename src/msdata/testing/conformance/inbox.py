@@ -18,7 +18,8 @@ Subclass :class:`InboxStoreConformance` once per backend::
         async def record(self, store: Any, tx: Any, consumer: str, message_id: str) -> bool:
             return await store.record_async(tx, consumer, message_id)
 
-Hooks: ``make_inbox_store(clock=SYSTEM_CLOCK)`` (a fresh, empty store with its schema
+Hooks: ``make_inbox_store_without_schema()`` (optional: a store whose table was never
+created); ``make_inbox_store(clock=SYSTEM_CLOCK)`` (a fresh, empty store with its schema
 created, reading time from ``clock`` unless its ``features.reads_clock`` is False);
 ``begin(store)``, ``commit(tx)``, ``rollback(tx)`` (as for the outbox suite, so one
 backend class can serve both); ``record(store, tx, consumer, message_id)``
@@ -39,7 +40,7 @@ from typing import Any
 import pytest
 
 from msdata.clock import SYSTEM_CLOCK, Clock
-from msdata.errors import ConfigurationError, MsdataError
+from msdata.errors import ConfigurationError, MsdataError, SchemaError
 from msdata.inbox.store import InboxStore, InboxStoreFeatures
 from msdata.testing.conformance.outbox import StoreTime
 from msdata.testing.fakes import FakeClock
@@ -67,6 +68,10 @@ class InboxStoreConformance:
         raise NotImplementedError
 
     async def record(self, store: Any, tx: Any, consumer: str, message_id: str) -> bool:
+        raise NotImplementedError
+
+    def make_inbox_store_without_schema(self) -> AbstractAsyncContextManager[Any]:
+        """Optional: a store whose table was never created (else that test is skipped)."""
         raise NotImplementedError
 
     # -- helpers ---------------------------------------------------------------------------
@@ -115,6 +120,21 @@ class InboxStoreConformance:
             await store.create_schema()
             # the records survive it
             assert await self.apply_once(store, "billing", mid, []) is False
+
+    async def test_a_missing_table_raises_schema_error(self) -> None:
+        try:
+            cm = self.make_inbox_store_without_schema()
+        except NotImplementedError:
+            pytest.skip("no fault injection for this store")
+        async with cm as store:
+            with pytest.raises(SchemaError):
+                await store.purge(datetime.now(UTC))
+            tx = await self.begin(store)
+            try:
+                with pytest.raises(SchemaError):
+                    await self.record(store, tx, "billing", "m-1")
+            finally:
+                await self.rollback(tx)
 
     async def test_a_connection_of_another_kind_is_refused(self) -> None:
         async with self.make_inbox_store() as store:
