@@ -293,23 +293,6 @@ def _driver_errors(driver: Driver) -> tuple[type[BaseException], ...]:
     return (sqlalchemy.exc.SQLAlchemyError,)
 
 
-_NO_TRANSACTION = (
-    "the {driver} connection has no open transaction: open one first (asyncpg: "
-    "conn.transaction(); psycopg: not in autocommit mode, or conn.transaction()), or the "
-    "write would commit on its own"
-)
-
-
-def _check_psycopg_transaction(conn: Any) -> None:
-    """A psycopg connection out of autocommit mode opens a transaction itself before the
-    statement; one in autocommit mode must be inside ``conn.transaction()``."""
-    if conn.autocommit:
-        import psycopg
-
-        if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
-            raise ConfigurationError(_NO_TRANSACTION.format(driver="psycopg"))
-
-
 _PLACEHOLDER = re.compile(r"\{(\d+)\}")
 
 
@@ -342,7 +325,7 @@ class CallerSQL:
         """Run on a sync connection; with ``fetch``, return the first row or None."""
         driver = driver_of(conn, want_async=False)
         if driver is Driver.PSYCOPG:
-            _check_psycopg_transaction(conn)
+            check_in_transaction(conn, driver)
             with map_errors(self.what, _driver_errors(driver), pipelined=conn):
                 cur = conn.execute(self._psycopg, args)
                 return cur.fetchone() if fetch else None
@@ -354,15 +337,14 @@ class CallerSQL:
         """Run on an async connection; with ``fetch``, return the first row or None."""
         driver = driver_of(conn, want_async=True)
         if driver is Driver.ASYNCPG:
-            if not conn.is_in_transaction():
-                raise ConfigurationError(_NO_TRANSACTION.format(driver="asyncpg"))
+            check_in_transaction(conn, driver)
             with map_errors(self.what, _driver_errors(driver)):
                 if fetch:
                     return await conn.fetchrow(self._asyncpg, *args)
                 await conn.execute(self._asyncpg, *args)
                 return None
         if driver is Driver.PSYCOPG_ASYNC:
-            _check_psycopg_transaction(conn)
+            check_in_transaction(conn, driver)
             with map_errors(self.what, _driver_errors(driver), pipelined=conn):
                 cur = await conn.execute(self._psycopg, args)
                 return await cur.fetchone() if fetch else None
