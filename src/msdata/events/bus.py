@@ -294,8 +294,8 @@ class EventBus:
                 closing = [asyncio.ensure_future(s.__aexit__(None, None, None)) for s in subs]
                 if closing:
                     _, still = await asyncio.wait(closing, timeout=grace / 2)
-                    for c in still:
-                        c.cancel()
+                    for closer in still:
+                        closer.cancel()
         for c in self._consumers.values():
             c.tasks.clear()
         self._running = False
