@@ -296,3 +296,51 @@ async def test_an_ordered_group_holds_a_key_back_while_its_message_is_in_flight(
         await again.ack()
         (nxt,) = await collect(a, 1, timeout=10.0)
         assert nxt.message.id == second.id
+
+
+@pytest.mark.parametrize("ordered", [False, True], ids=["unordered", "ordered"])
+async def test_every_message_the_stream_holds_reaches_the_group(ordered: bool) -> None:
+    """A foreign publish to a partition subject no consumer reads (beyond key_partitions,
+    or not a number) is refused, never stored where no group would receive it."""
+    topic, group = unique("topic"), unique("group")
+    async with (
+        nats_transport(ordered=ordered, key_partitions=4) as t,
+        t.subscribe(topic, group) as sub,
+    ):
+        assert t.client is not None
+        js = t.client.jetstream()
+        await t.publish(topic, make_messages(3, key="order-1") + make_messages(2))
+        refused = 0
+        for suffix in ("_k.0", "_k.3", "_k.4", "_k.99", "_k.abc"):
+            try:
+                await js.publish(f"{topic}.{suffix}", suffix.encode(), timeout=2)
+            except nats.errors.Error:
+                refused += 1
+        assert refused == 3  # _k.4, _k.99 and _k.abc: not this topic's partitions
+        info = await js.stream_info(stream_name(topic, t.stream_prefix))
+        held = info.state.messages
+        assert held == 7
+        got = await collect(sub, held, timeout=10.0)
+        assert len(got) == held
+        assert {d.message.body for d in got} >= {b"_k.0", b"_k.3"}
+        assert await sub.receive(10, timeout=0.5) == []
+
+
+async def test_a_stream_declared_with_the_old_partition_wildcard_is_narrowed() -> None:
+    from nats.js.api import StreamConfig
+
+    topic = unique("topic")
+    async with nats_transport(key_partitions=2) as t:
+        assert t.client is not None
+        js = t.client.jetstream()
+        name = stream_name(topic, t.stream_prefix)
+        await js.add_stream(
+            StreamConfig(
+                name=name,
+                description=f"msdata topic {topic}; key partitions 2",
+                subjects=[topic, f"{topic}._k.*"],
+            )
+        )
+        await t.publish(topic, make_messages(1, key="k"))
+        info = await js.stream_info(name)
+        assert info.config.subjects == [topic, f"{topic}._k.0", f"{topic}._k.1"]

@@ -6,8 +6,11 @@ Mapping
       ``.``, so ``.`` becomes ``-``, ``-`` becomes ``_-`` and ``_`` becomes ``__``, which
       :func:`topic_of_stream` reverses; names too long for the server end in ``_h`` and a
       hash, and the stream's description holds the topic). The stream captures the
-      subject ``subject_prefix + topic`` and its key partitions ``<subject>._k.*`` (see
-      below): anything published there, by msdata or not, is delivered.
+      subject ``subject_prefix + topic`` and its key partitions ``<subject>._k.0`` to
+      ``._k.<key_partitions - 1>`` (see below): anything published there, by msdata or not,
+      is delivered; a JetStream publish to any other ``<subject>._k.*`` is refused (no
+      stream captures it), so the stream holds nothing that no group reads. (Streams
+      declared by an earlier msdata with ``<subject>._k.*`` are narrowed to that list.)
     - A group is a durable pull consumer on that stream (``deliver_policy=all``, explicit
       ack), named :func:`consumer_name` of the group. A subscription keeps a pull request open
       on it (see :class:`NatsSubscription`); consumers of one group compete, each group gets
@@ -711,10 +714,13 @@ class NatsTransport:
             return name
         subject = self._subject(topic)
         partitions = [f"{subject}.{_PARTITION_TOKEN}.{n}" for n in range(self.key_partitions)]
+        # the partitions are listed one by one, not as ``<subject>._k.*``: a message on a
+        # partition no consumer reads (``._k.99``, ``._k.abc``) is refused at publish
+        # instead of being stored where no group would ever receive it
         config = StreamConfig(
             name=name,
             description=f"msdata topic {topic}; key partitions {self.key_partitions}",
-            subjects=[subject, f"{subject}.{_PARTITION_TOKEN}.*"],
+            subjects=[subject, *partitions],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.MEMORY if self.memory_storage else StorageType.FILE,
             num_replicas=self.replicas,
@@ -730,16 +736,20 @@ class NatsTransport:
                 if e.err_code != _STREAM_EXISTS:
                     raise
                 info = await js.stream_info(name)
-                if info.config.subjects != config.subjects:
-                    raise ConfigurationError(
-                        f"stream {name!r} exists with subjects {info.config.subjects}, "
-                        f"not {config.subjects}"
-                    ) from e
                 found = _PARTITIONS.search(info.config.description or "")
                 if found and int(found.group(1)) != self.key_partitions:
                     raise ConfigurationError(
                         f"topic {topic!r} was created with key_partitions={found.group(1)}, "
                         f"this transport has {self.key_partitions}: they must agree"
+                    ) from e
+                if info.config.subjects == [subject, f"{subject}.{_PARTITION_TOKEN}.*"]:
+                    # declared by an earlier msdata with a wildcard: narrow it
+                    info.config.subjects = config.subjects
+                    await js.update_stream(info.config)
+                elif info.config.subjects != config.subjects:
+                    raise ConfigurationError(
+                        f"stream {name!r} exists with subjects {info.config.subjects}, "
+                        f"not {config.subjects}"
                     ) from e
         self._streams[topic] = (subject, partitions)
         return name
