@@ -344,3 +344,26 @@ async def test_a_stream_declared_with_the_old_partition_wildcard_is_narrowed() -
         await t.publish(topic, make_messages(1, key="k"))
         info = await js.stream_info(name)
         assert info.config.subjects == [topic, f"{topic}._k.0", f"{topic}._k.1"]
+
+
+async def test_an_attempt_is_never_lower_than_after_the_nack_that_preceded_it() -> None:
+    """nats-server 2.9 now and then redelivers a message nacked with a delay with its
+    delivered count back at 1 (ack subject ``...<consumer>.1.<seq>.2...``); the
+    subscription remembers the attempt it nacked at."""
+    from nats.aio.msg import Msg
+
+    topic, group = unique("topic"), unique("group")
+    async with nats_transport() as t, t.subscribe(topic, group) as sub:
+        await t.publish(topic, make_messages(1))
+        (first,) = await collect(sub, 1, timeout=10.0, ack=False)
+        assert first.attempt == 1
+        reply = first._msg.reply  # type: ignore[attr-defined]
+        await first.nack(delay=30)
+        tokens = reply.split(".")
+        tokens[6] = str(int(tokens[6]) + 1)  # the consumer sequence moves on; delivered stays 1
+        assert tokens[4] == "1"
+        lost_count = Msg(t.client, subject=first._msg.subject, reply=".".join(tokens), data=b"{}")  # type: ignore[arg-type, attr-defined]
+        (again,) = await sub._deliveries([lost_count])
+        assert again.attempt == 2
+        await again.ack()
+        assert sub._nacked == {}  # settled: forgotten

@@ -44,7 +44,9 @@ Settling
     ``receive`` without being handed out. Deliveries still unsettled when a subscription
     closes are nacked at once (settling one afterwards raises :class:`TransportClosed`);
     those of a consumer that died come back after ``ack_wait`` (declared as
-    ``redelivery_timeout``).
+    ``redelivery_timeout``). A live subscription sends JetStream's in-progress
+    acknowledgement (``+WPI``) every ``ack_wait / 3`` seconds for what it holds, so slow
+    work is not redelivered under a consumer that is still alive.
 
 Order per key: opt-in, ``NatsTransport(ordered=True)`` (then ``ordered_per_key=True``)
     JetStream orders a stream, not a key: two consumers of one group pull interleaved
@@ -85,7 +87,7 @@ import json
 import re
 import time
 import zlib
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from types import MappingProxyType
 from typing import Any, Self
@@ -141,6 +143,7 @@ _RESERVED = frozenset({MSG_ID_HEADER, KEY_HEADER})
 
 _NAK = b"-NAK"
 _TERM = b"+TERM"
+_WPI = b"+WPI"
 _ACK_PREFIX = "$JS.ACK."
 _NO_HEADERS: MappingProxyType[str, str] = MappingProxyType({})
 
@@ -160,6 +163,8 @@ _PARTITIONS = re.compile(r"key partitions (\d+)$")
 _PULL_EXPIRES = 0.5
 # after a request was refused (a 409 status), wait this long before asking that consumer again
 _PULL_BACKOFF = 0.5
+# how many nacked stream sequences a subscription remembers the attempt of
+_NACKS_REMEMBERED = 10_000
 
 
 def _nats_errors(what: str, error: type[TransportError] = TransportError) -> DriverErrors:
@@ -223,18 +228,20 @@ def topic_of_stream(stream: str, prefix: str = "MSDATA_") -> str | None:
 class NatsDelivery(DeliveryState["NatsSubscription"]):
     """A delivery from :class:`NatsTransport`; see :class:`msdata.transport.Delivery`."""
 
-    __slots__ = ("_msg",)
+    __slots__ = ("_msg", "_seq")
 
     def __init__(
-        self, sub: NatsSubscription, msg: Msg, message: TransportMessage, attempt: int
+        self, sub: NatsSubscription, msg: Msg, message: TransportMessage, attempt: int, seq: int
     ) -> None:
         super().__init__(sub, message, attempt)
         self._msg = msg
+        self._seq = seq
 
     def _settle(self) -> bool:
         if not self._begin_settle():
             return False
         self._sub._inflight.discard(self)
+        self._sub._nacked.pop(self._seq, None)
         return True
 
     async def _reply(self, payload: bytes) -> None:
@@ -250,10 +257,12 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
             return
         if deadletter.exhausted(self.attempt, self._sub.max_attempts):
             await self._dead_letter(deadletter.failed_reason(self.attempt, reason))
-        elif delay > 0:
-            await self._reply(b'-NAK {"delay": %d}' % int(delay * 1e9))
         else:
-            await self._reply(_NAK)
+            self._sub._remember_nack(self._seq, self.attempt)
+            if delay > 0:
+                await self._reply(b'-NAK {"delay": %d}' % int(delay * 1e9))
+            else:
+                await self._reply(_NAK)
 
     async def dead_letter(self, reason: str) -> None:
         if self._settle():
@@ -305,6 +314,10 @@ class NatsSubscription(ClosesOnExit):
         self.consumers: list[str] = []
         self._nc: Client | None = None
         self._inflight: set[NatsDelivery] = set()
+        # stream sequence -> the attempt at which this subscription nacked it, oldest first:
+        # JetStream (2.9) sometimes redelivers a delayed nack with its delivered count
+        # reset to 1, so an attempt is never taken lower than this + 1
+        self._nacked: OrderedDict[int, int] = OrderedDict()
         self._closed = False
         self._lost = False
         self._next_check = time.monotonic() + transport.consumer_check_interval
@@ -322,11 +335,36 @@ class NatsSubscription(ClosesOnExit):
         self._inbox = ""
         self._inbox_sub: Any = None
         self._turn = 0
+        self._flip = False
+        self._keepalive: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
         await self._declare()
         self._transport._subscriptions.add(self)
+        self._keepalive = asyncio.get_running_loop().create_task(
+            self._keep_alive(), name=f"msdata-nats-keepalive:{self.topic}:{self.group}"
+        )
         return self
+
+    async def _keep_alive(self) -> None:
+        """Every ``ack_wait / 3`` seconds, tell JetStream that what this consumer holds
+        (handed out and not settled, or received and not yet handed out) is in progress
+        (``+WPI``), so a live consumer's slow work is not redelivered under it; only a dead
+        consumer's work comes back after ``ack_wait``."""
+        interval = self._transport.ack_wait / 3
+        while not self._closed:
+            await asyncio.sleep(interval)
+            nc = self._nc
+            if nc is None or not nc.is_connected:
+                continue
+            replies = [d._msg.reply for d in list(self._inflight)]
+            replies.extend(m.reply for m in list(self._buffer))
+            try:
+                for reply in replies:
+                    if reply:
+                        await nc.publish(reply, _WPI)
+            except (nats.errors.Error, OSError):
+                pass  # reconnecting: the next round tells it again
 
     async def _declare(self) -> None:
         t = self._transport
@@ -378,6 +416,13 @@ class NatsSubscription(ClosesOnExit):
         self._not_before = [0.0] * len(specs)
         self._lost = False
 
+    def _remember_nack(self, seq: int, attempt: int) -> None:
+        nacked = self._nacked
+        nacked[seq] = attempt
+        nacked.move_to_end(seq)
+        if len(nacked) > _NACKS_REMEMBERED:
+            nacked.popitem(last=False)
+
     async def _arrive(self, msg: Msg) -> None:
         reply = msg.reply
         if not (reply and reply.startswith(_ACK_PREFIX)):
@@ -420,10 +465,15 @@ class NatsSubscription(ClosesOnExit):
         last = len(outstanding) - 1
         wanted: list[tuple[int, int]] = []
         if last:
-            # key partitions take turns first, so a small prefetch still reaches them all
+            # key partitions take turns first, so a small prefetch still reaches them all;
+            # one credit stays for the keyless consumer (every other time, if there is only
+            # one), else a prefetch below key_partitions + 1 would never pull keyless ones
             start = self._turn = (self._turn + 1) % last
+            keyless_idle = outstanding[last] == 0 and not_before[last] <= now
+            self._flip = not self._flip
+            reserve = 1 if keyless_idle and (credit > 1 or self._flip) else 0
             for j in range(last):
-                if credit <= 0:
+                if credit - reserve <= 0:
                     break
                 i = (start + j) % last
                 if outstanding[i] == 0 and not_before[i] <= now:
@@ -499,6 +549,11 @@ class NatsSubscription(ClosesOnExit):
         if self._closed:
             return
         self._transport._subscriptions.discard(self)
+        keepalive, self._keepalive = self._keepalive, None
+        if keepalive is not None:
+            keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keepalive
         # let the open pull requests end (each lives as long as one receive() waits); what
         # they still deliver is buffered and given back below
         left = max(self._request_ends, default=0.0) - time.monotonic()
@@ -531,16 +586,20 @@ class NatsSubscription(ClosesOnExit):
         inflight = self._inflight
         stream = self.stream
         max_attempts = self.max_attempts
+        nacked = self._nacked
         for msg in msgs:
             reply = msg.reply
             tokens = reply.split(".") if reply else []
             n = len(tokens)
             if n == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
-                attempt, seq = int(tokens[4]), tokens[5]
+                attempt, seq = int(tokens[4]), int(tokens[5])
             elif n >= 11:  # with domain and account hash in front
-                attempt, seq = int(tokens[6]), tokens[7]
+                attempt, seq = int(tokens[6]), int(tokens[7])
             else:
                 continue  # not a JetStream delivery: nothing to settle
+            nacked_at = nacked.get(seq)
+            if nacked_at is not None and attempt <= nacked_at:
+                attempt = nacked_at + 1
             hdrs = msg.headers
             if hdrs:
                 mid = hdrs.get(MSG_ID_HEADER) or f"{stream}:{seq}"
@@ -548,7 +607,7 @@ class NatsSubscription(ClosesOnExit):
                 headers: Any = {k: v for k, v in hdrs.items() if k not in _RESERVED}
             else:
                 mid, key, headers = f"{stream}:{seq}", None, _NO_HEADERS
-            d = NatsDelivery(self, msg, TransportMessage(mid, msg.data, key, headers), attempt)
+            d = NatsDelivery(self, msg, TransportMessage(mid, msg.data, key, headers), attempt, seq)
             overdue = deadletter.overdue_reason(attempt, max_attempts)
             if overdue is not None:
                 # its consumers died on it max_attempts times: settle it here

@@ -217,6 +217,29 @@ class TransportConformance:
                 assert all(d.attempt >= 2 for d in again)
                 await self.assert_quiet(second)
 
+    async def test_a_live_consumers_slow_work_is_not_redelivered(self) -> None:
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t:
+            # held for longer than a dead consumer's deliveries take to come back
+            hold = max(t.features.redelivery_timeout * 1.5, 4 * self.quiet_period)
+            msgs = make_messages(3)
+            async with t.subscribe(topic, group, prefetch=3) as slow:
+                await t.publish(topic, msgs)
+                held = await collect(slow, 3, timeout=self.arrival_timeout, ack=False)
+                assert len(held) == 3
+                other = await t.subscribe(topic, group).__aenter__()
+                deadline = time.monotonic() + hold
+                while (left := deadline - time.monotonic()) > 0:
+                    stolen = await other.receive(10, timeout=min(left, 0.5))
+                    assert stolen == [], "a live consumer's delivery was redelivered"
+                    extra = await slow.receive(10, timeout=0)
+                    assert extra == [], "a held delivery was handed out again"
+                for d in held:
+                    await d.ack()
+                await self.assert_quiet(other)
+                await self.assert_quiet(slow)
+                await other.__aexit__(None, None, None)
+
     # -- dead letters -----------------------------------------------------------------------
 
     async def test_delivery_goes_to_dead_letter_after_max_attempts(self) -> None:
