@@ -46,7 +46,29 @@ async def nats_transport(**options: object) -> AsyncIterator[NatsTransport]:
         await nc.close()
 
 
-class TestNatsTransport(TransportConformance):
+@asynccontextmanager
+async def unreachable_nats(
+    host: str, port: int, timeout: float, password: str
+) -> AsyncIterator[Transport]:
+    t = NatsTransport.from_url(
+        f"nats://msdata:{password}@{host}:{port}",
+        publish_timeout=timeout,
+        connect_timeout=timeout,
+    )
+    try:
+        yield t
+    finally:
+        await t.close()
+
+
+class _Unreachable(TransportConformance):
+    def make_unreachable_transport(  # type: ignore[override]
+        self, host: str, port: int, timeout: float
+    ) -> AsyncIterator[Transport]:
+        return unreachable_nats(host, port, timeout, self.unreachable_password)  # type: ignore[return-value]
+
+
+class TestNatsTransport(_Unreachable):
     arrival_timeout = 10.0
     quiet_period = 0.5
 
@@ -54,7 +76,7 @@ class TestNatsTransport(TransportConformance):
         return nats_transport(ack_wait=3.0)  # type: ignore[return-value]
 
 
-class TestNatsTransportOrdered(TransportConformance):
+class TestNatsTransportOrdered(_Unreachable):
     """``ordered=True``: a consumer per key partition, so the order test runs too."""
 
     arrival_timeout = 10.0

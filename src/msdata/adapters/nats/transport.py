@@ -71,11 +71,18 @@ Foreign messages
 
 Connection
     nats-py reconnects by itself (:meth:`NatsTransport.from_url` sets unlimited reconnect
-    attempts; pass your own client configured likewise). Durable consumers live on the
-    server, so a subscription's next ``receive`` after a reconnect or a server restart pulls
-    again; ``receive`` returns an empty list while the connection is down, and, when idle,
-    checks every ``consumer_check_interval`` seconds that the consumer still exists and
-    declares the stream and consumer again if the server lost them.
+    attempts; pass your own client configured likewise). A server that is down, whether it
+    never answered or went away later, makes ``publish`` raise :class:`PublishError` after
+    ``publish_timeout`` and entering a subscription raise :class:`TransportError` after
+    ``connect_timeout``, both naming the address without credentials. A :meth:`from_url`
+    transport logs the client's connection errors, disconnects and reconnects as one
+    WARNING line each on ``msdata.adapters.nats`` (at most one per kind every 10 s), instead
+    of nats-py's traceback per attempt; with your own client, pass your own ``error_cb``.
+    Durable consumers live on the server, so a subscription's next ``receive`` after a
+    reconnect or a server restart pulls again; ``receive`` returns an empty list while the
+    connection is down, and, when idle, checks every ``consumer_check_interval`` seconds
+    that the consumer still exists and declares the stream and consumer again if the server
+    lost them.
 """
 
 from __future__ import annotations
@@ -84,6 +91,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import re
 import time
 import zlib
@@ -91,6 +99,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from types import MappingProxyType
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 import nats
 import nats.errors
@@ -163,6 +172,11 @@ _PARTITIONS = re.compile(r"key partitions (\d+)$")
 _PULL_EXPIRES = 0.5
 # after a request was refused (a 409 status), wait this long before asking that consumer again
 _PULL_BACKOFF = 0.5
+# a connection event of one kind is logged at most once per this many seconds
+_LOG_EVERY = 10.0
+
+log = logging.getLogger("msdata.adapters.nats")
+
 # how many nacked stream sequences a subscription remembers the attempt of
 _NACKS_REMEMBERED = 10_000
 
@@ -170,6 +184,46 @@ _NACKS_REMEMBERED = 10_000
 def _nats_errors(what: str, error: type[TransportError] = TransportError) -> DriverErrors:
     """Where nats-py's errors (and the socket's) become msdata's: ``with _nats_errors("what"):``."""
     return DriverErrors((nats.errors.Error, OSError), what, error)
+
+
+def _redacted(server: str) -> str:
+    """``scheme://host:port`` of a server URL, without user, password or token."""
+    try:
+        parts = urlsplit(server if "://" in server else f"nats://{server}")
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{parts.hostname or ''}{port}"
+    except ValueError:
+        return "nats://<unparsable address>"
+
+
+class _ConnectionLog:
+    """nats-py's connection callbacks, logged as one WARNING line each instead of its
+    default traceback per failed attempt (twice a second while a server is down), at most
+    once per ``_LOG_EVERY`` seconds per kind, with how many were left out in between."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def _log(self, kind: str, text: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -_LOG_EVERY) < _LOG_EVERY:
+            self._skipped[kind] = self._skipped.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        skipped = self._skipped.pop(kind, 0)
+        more = f" ({skipped} more like it in the last {_LOG_EVERY:.0f}s)" if skipped else ""
+        log.warning("NATS %s: %s%s", self.address, text, more)
+
+    async def error(self, e: Exception) -> None:
+        self._log("error", f"{type(e).__name__}: {e}".rstrip(": "))
+
+    async def disconnected(self) -> None:
+        self._log("disconnected", "disconnected; reconnecting")
+
+    async def reconnected(self) -> None:
+        self._log("reconnected", "reconnected")
 
 
 def _escape(name: str) -> str:
@@ -339,8 +393,16 @@ class NatsSubscription(ClosesOnExit):
         self._keepalive: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
-        await self._declare()
-        self._transport._subscriptions.add(self)
+        t = self._transport
+        try:
+            async with asyncio.timeout(t.connect_timeout):
+                await self._declare()
+        except TimeoutError as e:
+            raise TransportError(
+                f"could not declare group {self.group!r} on topic {self.topic!r} at "
+                f"{t.address} within {t.connect_timeout}s"
+            ) from e
+        t._subscriptions.add(self)
         self._keepalive = asyncio.get_running_loop().create_task(
             self._keep_alive(), name=f"msdata-nats-keepalive:{self.topic}:{self.group}"
         )
@@ -650,7 +712,9 @@ class NatsTransport:
     JetStream offers again a delivery whose consumer died), ``duplicate_window`` (seconds
     ``Nats-Msg-Id`` de-duplication lasts), ``max_age`` / ``max_bytes`` (stream retention
     limits; None keeps everything), ``max_ack_pending`` (unsettled deliveries per group),
-    ``publish_timeout`` (seconds to wait for a batch's confirmations), ``ordered`` (groups
+    ``publish_timeout`` (seconds a ``publish`` takes at most, connecting and declaring the
+    stream included), ``connect_timeout`` (seconds to connect, and for a subscription to
+    declare its group, before :class:`TransportError` naming the address), ``ordered`` (groups
     keep order per key, see the module docstring) and ``key_partitions``, ``memory_storage``
     (memory instead of file streams: not durable), ``consumer_check_interval`` (seconds
     between checks, while a subscription finds nothing, that its consumer still exists on
@@ -669,6 +733,7 @@ class NatsTransport:
         max_bytes: int | None = None,
         max_ack_pending: int = 1000,
         publish_timeout: float = 10.0,
+        connect_timeout: float = 10.0,
         memory_storage: bool = False,
         replicas: int = 1,
         consumer_check_interval: float = 5.0,
@@ -683,9 +748,15 @@ class NatsTransport:
             raise ConfigurationError(
                 f"subject_prefix {subject_prefix!r}: empty, or subject tokens each ending in '.'"
             )
-        if ack_wait <= 0 or duplicate_window < 0 or publish_timeout <= 0 or max_ack_pending < 1:
+        if (
+            ack_wait <= 0
+            or duplicate_window < 0
+            or publish_timeout <= 0
+            or connect_timeout <= 0
+            or max_ack_pending < 1
+        ):
             raise ConfigurationError(
-                "ack_wait, publish_timeout and max_ack_pending must be positive"
+                "ack_wait, publish_timeout, connect_timeout and max_ack_pending must be positive"
             )
         self._nc: Client | None = client
         self._js: JetStreamContext | None = client.jetstream() if client is not None else None
@@ -700,6 +771,8 @@ class NatsTransport:
         self.max_bytes = max_bytes
         self.max_ack_pending = max_ack_pending
         self.publish_timeout = publish_timeout
+        self.connect_timeout = connect_timeout
+        self._address = ""
         self.memory_storage = memory_storage
         self.replicas = replicas
         self.consumer_check_interval = consumer_check_interval
@@ -732,13 +805,31 @@ class NatsTransport:
         if not url.startswith(("nats://", "tls://")):
             raise ConfigurationError(f"not a nats:// URL: {url!r}")
         transport = cls(None, **options)
+        servers = [u.strip() for u in url.split(",")]
+        transport._address = ",".join(_redacted(u) for u in servers)
+        events = _ConnectionLog(transport._address)
         transport._connect = {
-            "servers": [u.strip() for u in url.split(",")],
+            "servers": servers,
             "max_reconnect_attempts": -1,
             "reconnect_time_wait": 0.5,
             "name": "msdata",
+            "error_cb": events.error,
+            "disconnected_cb": events.disconnected,
+            "reconnected_cb": events.reconnected,
         }
         return transport
+
+    @property
+    def address(self) -> str:
+        """The server(s) this transport talks to, as ``nats://host:port`` without
+        credentials (what its errors name)."""
+        if self._address:
+            return self._address
+        nc = self._nc
+        url = getattr(nc, "connected_url", None) if nc is not None else None
+        if url is not None and url.hostname:
+            return _redacted(f"{url.scheme}://{url.hostname}:{url.port or 4222}")
+        return "the NATS server"
 
     @property
     def client(self) -> Client | None:
@@ -752,8 +843,22 @@ class NatsTransport:
             return self._js
         async with self._connect_lock:
             if self._js is None:
-                with _nats_errors("could not connect to NATS"):
-                    nc = await nats.connect(**self._connect)
+                # nats-py retries a first connection forever when reconnects are unlimited:
+                # bound it, and give up on the client if it is not connected in time
+                nc = Client()
+                try:
+                    with _nats_errors(f"could not connect to NATS at {self.address}"):
+                        async with asyncio.timeout(self.connect_timeout):
+                            await nc.connect(**self._connect)
+                except BaseException as e:
+                    with contextlib.suppress(Exception):
+                        await nc.close()
+                    if isinstance(e, TimeoutError):
+                        raise TransportError(
+                            f"could not connect to NATS at {self.address} within "
+                            f"{self.connect_timeout}s"
+                        ) from e
+                    raise
                 self._nc, self._js = nc, nc.jetstream()
             return self._js
 
@@ -817,11 +922,21 @@ class NatsTransport:
         if self._closed:
             raise TransportClosed("publish() on a closed transport")
         subjects = self._streams.get(topic)
+        # the whole call, connecting and declaring the stream included, takes at most
+        # publish_timeout (nats-py would otherwise wait for a server that is down)
+        deadline = asyncio.get_running_loop().time() + self.publish_timeout
         if subjects is None:
             self._subject(topic)
             if not messages:
                 return
-            await self._ensure_stream(topic)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._ensure_stream(topic)
+            except TimeoutError as e:
+                raise PublishError(
+                    f"publish to {topic!r} at {self.address}: no answer from the server "
+                    f"within {self.publish_timeout}s"
+                ) from e
             subjects = self._streams[topic]
         elif not messages:
             return
@@ -839,7 +954,7 @@ class NatsTransport:
         self._batches[token] = batch
         reply = self._acks_prefix + token
         try:
-            with _nats_errors(f"publish to {topic!r} failed", PublishError):
+            with _nats_errors(f"publish to {topic!r} at {self.address} failed", PublishError):
                 for m in messages:
                     headers = (
                         {**m.headers, MSG_ID_HEADER: m.id} if m.headers else {MSG_ID_HEADER: m.id}
@@ -851,19 +966,19 @@ class NatsTransport:
                         headers[KEY_HEADER] = key
                         target = partitions[zlib.crc32(key.encode()) % n_partitions]
                     await nc.publish(target, m.body, reply=reply, headers=headers)
-                async with asyncio.timeout(self.publish_timeout):
+                async with asyncio.timeout_at(deadline):
                     await batch.done
         except TimeoutError as e:
             raise PublishError(
                 f"{batch.left} of {len(messages)} messages to {topic!r} were not confirmed "
-                f"within {self.publish_timeout}s"
+                f"by {self.address} within {self.publish_timeout}s"
             ) from e
         finally:
             del self._batches[token]
         if batch.error is not None:
             if batch.no_stream:
                 self._streams.pop(topic, None)  # declare it again on the next publish
-            raise PublishError(f"publish to {topic!r} was refused: {batch.error}")
+            raise PublishError(f"publish to {topic!r} was refused by {self.address}: {batch.error}")
 
     async def _listen_for_acks(self, nc: Client) -> None:
         async with self._connect_lock:
