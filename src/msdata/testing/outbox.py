@@ -74,7 +74,7 @@ from typing import Any, ClassVar
 import pytest
 
 from msdata.adapters.memory.transport import MemoryTransport
-from msdata.errors import MsdataError, PublishError
+from msdata.errors import ConfigurationError, MsdataError, PublishError
 from msdata.outbox.relay import OutboxRelay
 from msdata.outbox.store import InboxStore, OutboxRow, OutboxStore
 from msdata.transport import TransportMessage
@@ -193,7 +193,46 @@ def _first_order(published: Sequence[tuple[str, TransportMessage]]) -> dict[str 
     return out
 
 
-class OutboxStoreConformance:
+class NoTransactionHook:
+    """The hook both suites share for the caller's-transaction rule (:mod:`msdata.storage`):
+    a write on a connection with no open transaction is refused."""
+
+    def connections_without_transaction(
+        self, store: Any
+    ) -> AbstractAsyncContextManager[Sequence[tuple[str, Any, bool]]]:
+        """Yield ``(form, connection, is_async)`` for every driver form of caller connection
+        the store's write side accepts, each connected to the store's database in autocommit
+        mode with no open transaction (as a user who forgot to open one would hold it), and
+        close them afterwards. Nothing (the default) skips the case: a store whose
+        connections are always transactions (memory)."""
+        return _no_connections()
+
+
+@asynccontextmanager
+async def _no_connections() -> Any:
+    yield ()
+
+
+async def _each_refused(
+    hook: NoTransactionHook,
+    store: Any,
+    write: Callable[[Any, bool], Awaitable[Any]],
+) -> None:
+    async with hook.connections_without_transaction(store) as forms:
+        if not forms:
+            pytest.skip("this store has no caller connection without a transaction")
+        accepted: list[str] = []
+        for form, conn, is_async in forms:
+            try:
+                await write(conn, is_async)
+            except ConfigurationError as e:
+                assert "transaction" in str(e), f"{form}: {e}"
+            else:
+                accepted.append(form)
+        assert not accepted, f"written with no open transaction on: {accepted}"
+
+
+class OutboxStoreConformance(NoTransactionHook):
     """Every test here must pass on every outbox store."""
 
     features: ClassVar[OutboxStoreFeatures] = OutboxStoreFeatures()
@@ -251,6 +290,19 @@ class OutboxStoreConformance:
         return total
 
     # -- write side and claim ------------------------------------------------------------------
+
+    async def test_a_connection_with_no_open_transaction_is_refused(self) -> None:
+        async with self.make_store() as store:
+            rows = make_rows(1)
+
+            async def write(conn: Any, is_async: bool) -> None:
+                if is_async:
+                    await store.append_async(conn, rows)
+                else:
+                    store.append(conn, rows)
+
+            await _each_refused(self, store, write)
+            assert (await store.status()).pending == 0, "a refused row was committed"
 
     async def test_create_schema_is_idempotent(self) -> None:
         async with self.make_store() as store:
@@ -817,7 +869,7 @@ async def _open_many(suite: OutboxStoreConformance, store: Any, n: int) -> Any:
             await cm.__aexit__(None, None, None)
 
 
-class InboxStoreConformance:
+class InboxStoreConformance(NoTransactionHook):
     """Every test here must pass on every inbox store."""
 
     # -- hooks -----------------------------------------------------------------------------
@@ -867,6 +919,20 @@ class InboxStoreConformance:
         async with self.make_inbox_store() as store:
             await store.create_schema()
             await store.create_schema()
+
+    async def test_a_connection_with_no_open_transaction_is_refused(self) -> None:
+        async with self.make_inbox_store() as store:
+            mid = str(uuid.uuid4())
+
+            async def write(conn: Any, is_async: bool) -> None:
+                if is_async:
+                    await store.record_async(conn, "billing", mid)
+                else:
+                    store.record(conn, "billing", mid)
+
+            await _each_refused(self, store, write)
+            # nothing was recorded: the first real delivery is applied
+            assert await self.apply_once(store, "billing", mid, []) is True
 
     async def test_duplicate_is_applied_once(self) -> None:
         async with self.make_inbox_store() as store:

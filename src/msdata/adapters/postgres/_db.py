@@ -79,6 +79,8 @@ __all__ = [
     "map_errors",
     "normalize_url",
     "qualified",
+    "require_transaction",
+    "require_transaction_async",
     "store_error",
 ]
 
@@ -268,6 +270,72 @@ def _driver_errors(driver: Driver) -> tuple[type[BaseException], ...]:
     return (sqlalchemy.exc.SQLAlchemyError,)
 
 
+def _open_transaction(dbapi: Any, driver_conn: Any) -> bool:
+    """Whether a write on this driver connection would run in a transaction the caller
+    ends: one is open, or the connection is not in autocommit mode (psycopg, and SQLAlchemy
+    over asyncpg, then open one before the first statement)."""
+    if not getattr(dbapi, "autocommit", False):
+        return True
+    in_transaction = getattr(driver_conn, "is_in_transaction", None)
+    if in_transaction is not None:  # asyncpg under SQLAlchemy
+        return bool(in_transaction())
+    info = getattr(driver_conn, "info", None)
+    pgconn = getattr(driver_conn, "pgconn", None)
+    if info is None:
+        return True  # a driver we cannot ask: let it be
+    if pgconn is not None and pgconn.pipeline_status:
+        return True  # a queued BEGIN is not visible yet in pipeline mode
+    import psycopg.pq
+
+    return bool(info.transaction_status != psycopg.pq.TransactionStatus.IDLE)
+
+
+_NO_TRANSACTION = (
+    "{what}: the {driver} connection has no open transaction, so the write would commit on "
+    "its own and break the caller's-transaction guarantee. Open one first: asyncpg "
+    "'async with conn.transaction():', psycopg 'with conn.transaction():' (or autocommit "
+    "off), SQLAlchemy a session or connection not in AUTOCOMMIT isolation"
+)
+
+
+def _sa_refuses(what: str, driver: Driver, sync_conn: Any) -> None:
+    raw = sync_conn.connection  # the pool's proxied DBAPI connection
+    if not _open_transaction(raw.dbapi_connection, raw.driver_connection):
+        raise ConfigurationError(_NO_TRANSACTION.format(what=what, driver=driver.value))
+
+
+def require_transaction(what: str, driver: Driver, conn: Any) -> None:
+    """ConfigurationError if a write on the caller's sync ``conn`` would commit on its own
+    (storage contract, :mod:`msdata.storage`)."""
+    if driver is Driver.PSYCOPG:
+        if not _open_transaction(conn, conn):
+            raise ConfigurationError(_NO_TRANSACTION.format(what=what, driver=driver.value))
+        return
+    from sqlalchemy.orm import Session, scoped_session
+
+    if isinstance(conn, (Session, scoped_session)):
+        conn = conn.connection()  # joins (or begins) the session's transaction
+    _sa_refuses(what, driver, conn)
+
+
+async def require_transaction_async(what: str, driver: Driver, conn: Any) -> None:
+    """:func:`require_transaction` for the caller's async ``conn``."""
+    if driver is Driver.ASYNCPG:
+        # asyncpg autocommits every statement outside ``conn.transaction()``
+        if not conn.is_in_transaction():
+            raise ConfigurationError(_NO_TRANSACTION.format(what=what, driver=driver.value))
+        return
+    if driver is Driver.PSYCOPG_ASYNC:
+        if not _open_transaction(conn, conn):
+            raise ConfigurationError(_NO_TRANSACTION.format(what=what, driver=driver.value))
+        return
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    if not isinstance(conn, AsyncConnection):
+        conn = await conn.connection()  # an AsyncSession joins (or begins) its transaction
+    _sa_refuses(what, driver, conn.sync_connection)
+
+
 _PLACEHOLDER = re.compile(r"\{(\d+)\}")
 
 
@@ -299,6 +367,7 @@ class CallerSQL:
     def run(self, conn: Any, args: Sequence[Any], *, fetch: bool = False) -> Any:
         """Run on a sync connection; with ``fetch``, return the first row or None."""
         driver = driver_of(conn, want_async=False)
+        require_transaction(self.what, driver, conn)
         if driver is Driver.PSYCOPG:
             with map_errors(self.what, _driver_errors(driver), pipelined=conn):
                 cur = conn.execute(self._psycopg, args)
@@ -310,6 +379,7 @@ class CallerSQL:
     async def run_async(self, conn: Any, args: Sequence[Any], *, fetch: bool = False) -> Any:
         """Run on an async connection; with ``fetch``, return the first row or None."""
         driver = driver_of(conn, want_async=True)
+        await require_transaction_async(self.what, driver, conn)
         if driver is Driver.ASYNCPG:
             with map_errors(self.what, _driver_errors(driver)):
                 if fetch:
