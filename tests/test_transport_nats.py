@@ -1,16 +1,19 @@
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import nats
 import pytest
 from nats.aio.client import Client
 
 from msdata.adapters.nats import NatsTransport, consumer_name, stream_name, topic_of_stream
-from msdata.errors import ConfigurationError, PublishError, TransportClosed
+from msdata.errors import ConfigurationError, PublishError, TransportClosed, TransportError
 from msdata.testing.conformance.transport import TransportConformance, collect, make_messages
 from msdata.transport import (
     DEAD_LETTER_ATTEMPTS,
@@ -389,3 +392,57 @@ async def test_an_attempt_is_never_lower_than_after_the_nack_that_preceded_it() 
         assert again.attempt == 2
         await again.ack()
         assert sub._nacked == {}  # settled: forgotten
+
+
+async def test_a_server_that_went_away_fails_calls_within_their_timeouts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The unreachable-server suite case covers a server never reached; here it went away
+    under a connected transport (nats-py then buffers and reconnects forever)."""
+    from private_servers import open_private
+
+    server = open_private("nats", tmp_path)
+    try:
+        t = NatsTransport.from_url(server.url, publish_timeout=1.5, connect_timeout=1.5)
+        topic = unique("topic")
+        async with t:
+            await t.publish(topic, make_messages(1))
+            await asyncio.get_running_loop().run_in_executor(None, server.stop, True)
+            caplog.set_level(logging.DEBUG)
+            started = time.monotonic()
+            with pytest.raises(PublishError, match=f"127.0.0.1:{server.port}"):
+                await asyncio.wait_for(t.publish(topic, make_messages(1)), 30)
+            with pytest.raises(TransportError, match=f"127.0.0.1:{server.port}"):
+                async with t.subscribe(topic, unique("group")):
+                    pass
+            assert time.monotonic() - started < 2 * 1.5 + 3.0
+        tracebacks = [r for r in caplog.records if r.exc_info and r.levelno >= logging.WARNING]
+        assert not tracebacks, [f"{r.name}: {r.getMessage()}" for r in tracebacks]
+    finally:
+        server.close()
+
+
+async def test_an_event_bus_on_an_unreachable_server_fails_to_start_within_the_timeout() -> None:
+    from msdata import Event, MessageRegistry, message_type
+    from msdata.events import EventBus
+    from private_servers import free_port
+
+    registry = MessageRegistry()
+
+    @message_type("test.Pinged", registry=registry)
+    class Pinged(Event):
+        n: int
+
+    port = free_port()
+    t = NatsTransport.from_url(f"nats://127.0.0.1:{port}", connect_timeout=1.0)
+    bus = EventBus(t, registry=registry, source="test")
+
+    @bus.handler(Pinged, group="g")
+    async def handle(e: Pinged) -> None:
+        pass
+
+    started = time.monotonic()
+    with pytest.raises(TransportError, match=f"127.0.0.1:{port}"):
+        await asyncio.wait_for(bus.start(), 30)
+    assert time.monotonic() - started < 1.0 + 3.0
+    await t.close()
