@@ -49,7 +49,7 @@ from msdata.messages import (
     Envelope,
     Event,
     MessageRegistry,
-    _current,
+    current_parent,
     default_registry,
     make_envelope,
 )
@@ -394,7 +394,7 @@ class EventBus:
             # a registered type this group does not handle: not its business
             await self._settle(delivery.ack())
             return
-        token = _current.set(envelope)
+        token = current_parent.set(envelope)
         task = asyncio.current_task()
         if task is not None:
             self._handling[task] = (delivery, _name_of(route.handler))
@@ -434,7 +434,7 @@ class EventBus:
             await self._settle(delivery.nack(delay=self.backoff(delivery.attempt), reason=reason))
             return
         finally:
-            _current.reset(token)
+            current_parent.reset(token)
             if task is not None:
                 self._handling.pop(task, None)
         if self._is_abandoned():
