@@ -72,6 +72,7 @@ __all__ = [
     "CallerSQL",
     "Driver",
     "PostgresDatabase",
+    "check_in_transaction",
     "check_schema",
     "command_count",
     "driver_of",
@@ -256,6 +257,27 @@ def driver_of(conn: Any, *, want_async: bool) -> Driver:
         call = "the *_async call (await it)" if driver.is_async else "the sync call"
         raise ConfigurationError(f"a {driver.value} connection needs {call}")
     return driver
+
+
+def check_in_transaction(conn: Any, driver: Driver) -> None:
+    """Refuse (ConfigurationError) a caller's asyncpg connection with no open transaction,
+    or a psycopg one in autocommit mode with none: the write would commit on its own. A
+    psycopg connection outside autocommit opens its transaction at the first statement,
+    and a SQLAlchemy Session/Connection begins one itself, so both pass."""
+    if driver is Driver.ASYNCPG:
+        if not conn.is_in_transaction():
+            raise ConfigurationError(
+                "the asyncpg connection has no open transaction: use `async with "
+                "conn.transaction():` so the write commits with the caller's work"
+            )
+    elif driver in (Driver.PSYCOPG, Driver.PSYCOPG_ASYNC) and conn.autocommit:
+        import psycopg.pq
+
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            raise ConfigurationError(
+                "the psycopg connection is in autocommit mode with no open transaction: "
+                "use `with conn.transaction():` so the write commits with the caller's work"
+            )
 
 
 def _driver_errors(driver: Driver) -> tuple[type[BaseException], ...]:
