@@ -80,7 +80,6 @@ __all__ = [
     "map_errors",
     "normalize_url",
     "qualified",
-    "require_transaction",
     "require_transaction_async",
     "store_error",
 ]
@@ -259,25 +258,33 @@ def driver_of(conn: Any, *, want_async: bool) -> Driver:
     return driver
 
 
-def check_in_transaction(conn: Any, driver: Driver) -> None:
-    """Refuse (ConfigurationError) a caller's asyncpg connection with no open transaction,
-    or a psycopg one in autocommit mode with none: the write would commit on its own. A
-    psycopg connection outside autocommit opens its transaction at the first statement,
-    and a SQLAlchemy Session/Connection begins one itself, so both pass."""
+def check_in_transaction(conn: Any, driver: Driver, what: str = "write") -> None:
+    """Refuse (ConfigurationError) a caller's connection on which a write would commit on
+    its own (the storage contract, :mod:`msdata.storage`): asyncpg with no open
+    transaction, psycopg in autocommit mode with none, SQLAlchemy ``Session`` /
+    ``Connection`` / ``AsyncConnection`` on an ``AUTOCOMMIT`` engine with none open at the
+    driver. A psycopg connection outside autocommit (and SQLAlchemy on one) opens its
+    transaction at the first statement, so it passes. An ``AsyncSession`` is checked by
+    :func:`require_transaction_async` (finding its connection needs an await)."""
     if driver is Driver.ASYNCPG:
+        # asyncpg autocommits every statement outside ``conn.transaction()``
         if not conn.is_in_transaction():
-            raise ConfigurationError(
-                "the asyncpg connection has no open transaction: use `async with "
-                "conn.transaction():` so the write commits with the caller's work"
-            )
-    elif driver in (Driver.PSYCOPG, Driver.PSYCOPG_ASYNC) and conn.autocommit:
-        import psycopg.pq
+            raise ConfigurationError(_NO_TRANSACTION.format(what=what, driver=driver.value))
+        return
+    if driver in (Driver.PSYCOPG, Driver.PSYCOPG_ASYNC):
+        if not _open_transaction(conn, conn):
+            raise ConfigurationError(_NO_TRANSACTION.format(what=what, driver=driver.value))
+        return
+    from sqlalchemy.ext.asyncio import AsyncConnection
+    from sqlalchemy.orm import Session, scoped_session
 
-        if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
-            raise ConfigurationError(
-                "the psycopg connection is in autocommit mode with no open transaction: "
-                "use `with conn.transaction():` so the write commits with the caller's work"
-            )
+    if isinstance(conn, (Session, scoped_session)):
+        conn = conn.connection()  # joins (or begins) the session's transaction
+    elif isinstance(conn, AsyncConnection):
+        conn = conn.sync_connection
+    elif driver is Driver.SQLALCHEMY_ASYNC:
+        return  # an AsyncSession: see require_transaction_async
+    _sa_refuses(what, driver, conn)
 
 
 def _driver_errors(driver: Driver) -> tuple[type[BaseException], ...]:
@@ -326,52 +333,47 @@ def _sa_refuses(what: str, driver: Driver, sync_conn: Any) -> None:
         raise ConfigurationError(_NO_TRANSACTION.format(what=what, driver=driver.value))
 
 
-def require_transaction(what: str, driver: Driver, conn: Any) -> None:
-    """ConfigurationError if a write on the caller's sync ``conn`` would commit on its own
-    (storage contract, :mod:`msdata.storage`)."""
-    if driver is Driver.PSYCOPG:
-        if not _open_transaction(conn, conn):
-            raise ConfigurationError(_NO_TRANSACTION.format(what=what, driver=driver.value))
-        return
-    from sqlalchemy.orm import Session, scoped_session
-
-    if isinstance(conn, (Session, scoped_session)):
-        conn = conn.connection()  # joins (or begins) the session's transaction
-    _sa_refuses(what, driver, conn)
-
-
 async def require_transaction_async(what: str, driver: Driver, conn: Any) -> None:
-    """:func:`require_transaction` for the caller's async ``conn``."""
-    if driver is Driver.ASYNCPG:
-        # asyncpg autocommits every statement outside ``conn.transaction()``
-        if not conn.is_in_transaction():
-            raise ConfigurationError(_NO_TRANSACTION.format(what=what, driver=driver.value))
-        return
-    if driver is Driver.PSYCOPG_ASYNC:
-        if not _open_transaction(conn, conn):
-            raise ConfigurationError(_NO_TRANSACTION.format(what=what, driver=driver.value))
-        return
-    from sqlalchemy.ext.asyncio import AsyncConnection
+    """:func:`check_in_transaction` for the caller's async ``conn``, an ``AsyncSession``
+    included."""
+    if driver is Driver.SQLALCHEMY_ASYNC:
+        from sqlalchemy.ext.asyncio import AsyncConnection
 
-    if not isinstance(conn, AsyncConnection):
-        conn = await conn.connection()  # an AsyncSession joins (or begins) its transaction
-    _sa_refuses(what, driver, conn.sync_connection)
+        if not isinstance(conn, AsyncConnection):
+            conn = await conn.connection()  # an AsyncSession joins (or begins) its transaction
+    check_in_transaction(conn, driver, what)
 
 
 _PLACEHOLDER = re.compile(r"\{(\d+)\}")
 
 
 class CallerSQL:
-    """One statement with positional placeholders ``{0}``, ``{1}``..., rendered once for
-    each driver's parameter style and run on a caller's connection, in its transaction
-    (never committing or rolling it back)."""
+    """One statement with placeholders ``{0}``, ``{1}``... (each may appear more than
+    once), rendered once for each driver's parameter style and run on a caller's
+    connection, in its transaction (never committing or rolling it back)."""
 
-    __slots__ = ("_asyncpg", "_psycopg", "_sa_sql", "_text", "what")
+    __slots__ = (
+        "_asyncpg",
+        "_named",
+        "_psycopg",
+        "_sa_sql",
+        "_text",
+        "in_transaction",
+        "what",
+    )
 
-    def __init__(self, template: str, what: str) -> None:
+    def __init__(self, template: str, what: str, *, in_transaction: bool = False) -> None:
         self.what = what
+        #: refuse a connection with no open transaction (see :func:`check_in_transaction`)
+        self.in_transaction = in_transaction
         self._asyncpg = _PLACEHOLDER.sub(lambda m: f"${int(m[1]) + 1}", template)
-        self._psycopg = _PLACEHOLDER.sub("%s", template)
+        # positional when each placeholder appears once, in order; named otherwise
+        order = [int(i) for i in _PLACEHOLDER.findall(template)]
+        self._named = order != list(range(len(order)))
+        if self._named:
+            self._psycopg = _PLACEHOLDER.sub(lambda m: f"%(p{m[1]})s", template)
+        else:
+            self._psycopg = _PLACEHOLDER.sub("%s", template)
         self._text: Any = None
         self._sa_sql = _PLACEHOLDER.sub(lambda m: f":p{m[1]}", template)
 
@@ -386,13 +388,17 @@ class CallerSQL:
     def _sa_params(args: Sequence[Any]) -> dict[str, Any]:
         return {f"p{i}": a for i, a in enumerate(args)}
 
+    def _psycopg_args(self, args: Sequence[Any]) -> Any:
+        return self._sa_params(args) if self._named else args
+
     def run(self, conn: Any, args: Sequence[Any], *, fetch: bool = False) -> Any:
         """Run on a sync connection; with ``fetch``, return the first row or None."""
         driver = driver_of(conn, want_async=False)
-        require_transaction(self.what, driver, conn)
+        if self.in_transaction:
+            check_in_transaction(conn, driver, self.what)
         if driver is Driver.PSYCOPG:
             with map_errors(self.what, _driver_errors(driver), pipelined=conn):
-                cur = conn.execute(self._psycopg, args)
+                cur = conn.execute(self._psycopg, self._psycopg_args(args))
                 return cur.fetchone() if fetch else None
         with map_errors(self.what, _driver_errors(driver)):
             result = conn.execute(self._sa(), self._sa_params(args))
@@ -401,7 +407,8 @@ class CallerSQL:
     async def run_async(self, conn: Any, args: Sequence[Any], *, fetch: bool = False) -> Any:
         """Run on an async connection; with ``fetch``, return the first row or None."""
         driver = driver_of(conn, want_async=True)
-        await require_transaction_async(self.what, driver, conn)
+        if self.in_transaction:
+            await require_transaction_async(self.what, driver, conn)
         if driver is Driver.ASYNCPG:
             with map_errors(self.what, _driver_errors(driver)):
                 if fetch:
@@ -410,7 +417,7 @@ class CallerSQL:
                 return None
         if driver is Driver.PSYCOPG_ASYNC:
             with map_errors(self.what, _driver_errors(driver), pipelined=conn):
-                cur = await conn.execute(self._psycopg, args)
+                cur = await conn.execute(self._psycopg, self._psycopg_args(args))
                 return await cur.fetchone() if fetch else None
         with map_errors(self.what, _driver_errors(driver)):
             result = await conn.execute(self._sa(), self._sa_params(args))
