@@ -51,7 +51,7 @@ MT = TypeVar("MT", bound=type["Message"])
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
 # a type name is also the default topic, so it follows the transport's topic rules
-_TYPE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,149}$")
+_TYPE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,149}")
 
 
 class Message(BaseModel):
@@ -91,7 +91,8 @@ class MessageRegistry:
     def register(self, cls: type[Message], type_name: str, version: int = 1) -> None:
         if not (isinstance(cls, type) and issubclass(cls, Message)):
             raise RegistrationError(f"{cls!r} is not a msdata Message class")
-        if not isinstance(type_name, str) or not _TYPE_NAME.match(type_name) or ".." in type_name:
+        name_ok = isinstance(type_name, str) and _TYPE_NAME.fullmatch(type_name)
+        if not name_ok or ".." in type_name:
             raise RegistrationError(
                 f"type name {type_name!r} must start with a letter and hold only letters, "
                 "digits and . _ - (at most 150 characters, no '..')"
@@ -196,7 +197,7 @@ def upcaster(
     return decorate
 
 
-_HEADER_NAME = re.compile(r"^[a-z0-9]{1,64}$")
+_HEADER_NAME = re.compile(r"[a-z0-9]{1,64}")
 # CloudEvents context attributes and msdata's own extensions; headers cannot shadow them.
 RESERVED_ATTRIBUTES = frozenset(
     {
@@ -222,7 +223,7 @@ _EMPTY: Mapping[str, str] = MappingProxyType({})
 def check_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
     """Headers travel as CloudEvents extension attributes: lowercase letters and digits."""
     for name, value in headers.items():
-        if not isinstance(name, str) or not _HEADER_NAME.match(name):
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
             raise InvalidHeader(
                 f"header name {name!r} must be 1-64 lowercase letters or digits "
                 "(a CloudEvents extension attribute name)"

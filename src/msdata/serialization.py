@@ -314,7 +314,7 @@ def _headers(obj: dict[str, Any], names: Iterable[str]) -> dict[str, str]:
     headers: dict[str, str] = {}
     for name in names:
         value = obj[name]
-        if name in RESERVED_ATTRIBUTES or not _HEADER_NAME.match(name):
+        if name in RESERVED_ATTRIBUTES or not _HEADER_NAME.fullmatch(name):
             continue
         if isinstance(value, str):
             headers[name] = value

@@ -147,8 +147,8 @@ _NO_HEADERS: MappingProxyType[str, str] = MappingProxyType({})
 # Stream and consumer names become file names on the server: keep them well under 255.
 _NAME_MAX = 150
 _HASH_LEN = 20
-_PREFIX = re.compile(r"^[A-Za-z0-9_\-]{0,40}$")
-_SUBJECT_PREFIX = re.compile(r"^([A-Za-z0-9_\-]+\.)*$")
+_PREFIX = re.compile(r"^[A-Za-z0-9_\-]{0,40}\Z")
+_SUBJECT_PREFIX = re.compile(r"^([A-Za-z0-9_\-]+\.)*\Z")
 # JetStream API error codes: stream / consumer name already in use
 _STREAM_EXISTS = 10058
 _CONSUMER_EXISTS = {10013, 10148}
