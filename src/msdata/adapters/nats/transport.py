@@ -121,6 +121,7 @@ from msdata.transport import (
     check_name,
     dead_letter_topic,
 )
+from msdata.urls import redact_url
 
 __all__ = [
     "KEY_HEADER",
@@ -684,7 +685,7 @@ class NatsTransport:
         commas) on first use, reconnects without limit, and closes the connection on
         :meth:`close`. ``options`` are those of the constructor."""
         if not url.startswith(("nats://", "tls://")):
-            raise ConfigurationError(f"not a nats:// URL: {url!r}")
+            raise ConfigurationError(f"not a nats:// URL: {redact_url(url)!r}")
         transport = cls(None, **options)
         transport._connect = {
             "servers": [u.strip() for u in url.split(",")],

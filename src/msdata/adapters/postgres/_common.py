@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from msdata.errors import ConfigurationError, SchemaError, StoreError
+from msdata.urls import redact_url
 
 __all__ = [
     "CallerSQL",
@@ -58,7 +59,7 @@ def normalize_url(url: str) -> str:
     parts = urlsplit(url)
     scheme = parts.scheme.partition("+")[0]
     if scheme not in ("postgresql", "postgres"):
-        raise ConfigurationError(f"not a postgresql:// URL: {url!r}")
+        raise ConfigurationError(f"not a postgresql:// URL: {redact_url(url)!r}")
     return urlunsplit(("postgresql", *parts[1:]))
 
 
