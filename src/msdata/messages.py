@@ -17,7 +17,7 @@ break the wire)::
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from datetime import datetime
 from types import MappingProxyType
@@ -25,7 +25,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from msdata.errors import ConfigurationError, InvalidHeader, RegistrationError
+from msdata.errors import ConfigurationError, InvalidHeader, NotAMessage, RegistrationError
 from msdata.ids import new_id, utc_now
 
 __all__ = [
@@ -36,10 +36,12 @@ __all__ = [
     "MessageRegistry",
     "Query",
     "Upcaster",
+    "check_message",
     "current_envelope",
     "default_registry",
     "handling",
     "make_envelope",
+    "message_list",
     "message_type",
     "upcaster",
 ]
@@ -305,6 +307,52 @@ class handling:
         _current.reset(self._token)
 
 
+def check_message(
+    message: object, registry: MessageRegistry | None = None, *, registered: bool = True
+) -> tuple[str, int]:
+    """The one check of every entry point that takes a message (``EventBus.publish``,
+    ``Outbox.add``, the command and query buses, :func:`make_envelope`): ``message`` must be
+    an instance of a :class:`Message` class, registered in ``registry`` (the default one if
+    None) unless ``registered`` is False (in-process commands and queries).
+
+    Returns the (type name, version) it is registered under (``("", 0)`` when
+    ``registered`` is False). Raises :class:`~msdata.errors.NotAMessage` (also a
+    ``TypeError``) for anything that is not a message instance, and
+    :class:`~msdata.errors.RegistrationError` for a message class that is not registered.
+    """
+    if not isinstance(message, Message):
+        raise NotAMessage(_not_a_message(message))
+    if not registered:
+        return "", 0
+    return (registry or default_registry).name_of(type(message))
+
+
+def _not_a_message(obj: object) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    if isinstance(obj, type) and issubclass(obj, Message):
+        got = f"the class {name} itself; pass an instance"
+    elif isinstance(obj, BaseModel):
+        got = f"a {name}, a pydantic model but not a msdata Message (subclass Event instead)"
+    else:
+        got = "None" if obj is None else f"a {name}"
+    return (
+        "expected a message: an instance of an Event, Command or Query subclass registered "
+        f"with @message_type('your.TypeName'); got {got}"
+    )
+
+
+def message_list(messages: object) -> list[Any]:
+    """One message or envelope, or an iterable of them, as a list. Anything else is returned
+    as a one-item list, so the per-message check (:func:`check_message`) names it: a dict,
+    a str, a pydantic model or a dataclass is one (wrong) message, never its items."""
+    if isinstance(messages, Message | Envelope | str | bytes | bytearray | Mapping | BaseModel):
+        return [messages]
+    if isinstance(messages, Iterable):
+        return list(messages)
+    return [messages]
+
+
 def make_envelope(
     message: M,
     *,
@@ -318,7 +366,7 @@ def make_envelope(
     handled in this task (see :func:`handling`), unless given."""
     if not source:
         raise ConfigurationError("an envelope's source must be a non-empty string")
-    type_name, version = (registry or default_registry).name_of(type(message))
+    type_name, version = check_message(message, registry)
     return _build(
         message,
         type_name,
