@@ -10,23 +10,42 @@ One message is one JSON object, readable by a service in any language::
 ``correlationid``, ``causationid``, ``partitionkey`` and ``schemaversion`` are msdata's
 extension attributes; user headers travel as further extension attributes. Nothing is ever
 unpickled: the registry names the class and pydantic validates the payload.
+
+What decode accepts, encode writes back, and what encode writes, decode reads (the rules are
+in docs/messages.md): strings are UTF-8 (no lone surrogates, in values or keys); numbers are
+finite (RFC 8259 §6 has no NaN or Infinity; ``1e400`` is refused too); ints have at most 4300
+digits (Python's int/str limit); one CloudEvent nests at most :data:`MAX_DEPTH` objects and
+arrays (the envelope and the data object included). Encode raises
+:class:`msdata.errors.EncodeError`, decode :class:`msdata.errors.MalformedMessage`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import re
+import weakref
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Annotated, Any, Literal, NotRequired, Union
 
-from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, with_config
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+    with_config,
+)
 from pydantic_core import to_json as _to_json
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from msdata.errors import (
+    EncodeError,
     InvalidEnvelope,
     MalformedMessage,
-    MessageError,
     MessageTooLarge,
     MessageValidationError,
     UnknownMessageType,
@@ -43,10 +62,59 @@ from msdata.messages import (
     default_registry,
 )
 
-__all__ = ["CONTENT_TYPE", "DEFAULT_MAX_SIZE", "CloudEventsCodec"]
+__all__ = ["CONTENT_TYPE", "DEFAULT_MAX_SIZE", "MAX_DEPTH", "MAX_INT_DIGITS", "CloudEventsCodec"]
 
 CONTENT_TYPE = "application/cloudevents+json"
 DEFAULT_MAX_SIZE = 1024 * 1024
+
+#: most nested JSON objects and arrays in one CloudEvent (the envelope object is 1, ``data`` 2):
+#: what pydantic-core's JSON parser reads, so what msdata writes every consumer can read
+MAX_DEPTH = 200
+#: most digits in an int: Python's int/str conversion limit (``sys.get_int_max_str_digits``
+#: default), which json and pydantic-core's parser both apply when reading
+MAX_INT_DIGITS = 4300
+_INT_LIMIT = 10**MAX_INT_DIGITS
+_INT_LIMIT_BITS = _INT_LIMIT.bit_length() - 1
+# a run of more digits than an int may have, somewhere in an encoded event: look closer
+_LONG_DIGITS = re.compile(rb"[0-9]{%d}" % (MAX_INT_DIGITS + 1))
+# core-schema types whose values pydantic writes as JSON that reads back the same, or raises
+# for (a lone surrogate in a str): a class made only of these needs no check after encoding
+_SAFE_SCHEMA_TYPES = frozenset(
+    {
+        "str",
+        "int",
+        "bool",
+        "bytes",
+        "none",
+        "uuid",
+        "datetime",
+        "date",
+        "time",
+        "timedelta",
+        "decimal",
+        "enum",
+        "literal",
+        "url",
+        "multi-host-url",
+        "model",
+        "model-fields",
+        "model-field",
+        "default",
+        "nullable",
+        "list",
+        "tuple",
+        "set",
+        "frozenset",
+        "union",
+        "tagged-union",
+        "function-after",
+        "function-before",
+        "lax-or-strict",
+        "json-or-python",
+        "chain",
+        "is-instance",
+    }
+)
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _loads = json.loads
@@ -113,7 +181,9 @@ class CloudEventsCodec:
         self.registry = registry if registry is not None else default_registry
         self.max_size = max_size
         self._generation = -1
-        self._encoders: dict[type[Message], Any] = {}  # class -> pydantic-core serializer
+        # class -> (pydantic-core serializer, whether its values need a look after encoding)
+        self._encoders: dict[type[Message], tuple[Any, bool]] = {}
+        self._checked: set[type[Message]] = set()  # classes whose decoded values need a look
         self._decoder: Any = None  # pydantic-core validator of every registered type
         self._newest: dict[str, tuple[type[Message], int]] = {}
 
@@ -123,6 +193,7 @@ class CloudEventsCodec:
         self._generation = registry.generation
         self._encoders = {}
         self._newest = registry.newest()
+        self._checked = {cls for cls, _ in self._newest.values() if _needs_check(cls)}
         wires = [_wire_type(name, cls) for name, (cls, _) in self._newest.items()]
         if not wires:
             self._decoder = None
@@ -137,13 +208,17 @@ class CloudEventsCodec:
             self._refresh()
         message = envelope.message
         cls = type(message)
-        encoder = self._encoders.get(cls)
-        if encoder is None:
+        cached = self._encoders.get(cls)
+        if cached is None:
             name, _ = self.registry.name_of(cls)
-            encoder = self._encoders[cls] = TypeAdapter(_wire_type(name, cls)).serializer
+            cached = self._encoders[cls] = (
+                TypeAdapter(_wire_type(name, cls)).serializer,
+                _needs_check(cls),
+            )
+        encoder, check = cached
         time = envelope.time
         if time.tzinfo is None:
-            raise MessageError(f"{envelope.type} {envelope.id}: time must be timezone-aware")
+            raise EncodeError(f"{envelope.type} {envelope.id!r}: time must be timezone-aware")
         # headers first, so that none can stand in for a CloudEvents attribute
         doc: dict[str, Any] = dict(envelope.headers) if envelope.headers else {}
         doc["specversion"] = "1.0"
@@ -160,10 +235,19 @@ class CloudEventsCodec:
         if envelope.partition_key is not None:
             doc["partitionkey"] = envelope.partition_key
         doc["data"] = message
-        raw: bytes = encoder.to_json(doc)
+        try:
+            raw: bytes = encoder.to_json(doc)
+        except Exception as e:  # pydantic's serialization error, or a custom serializer's
+            raise EncodeError(_why_unencodable(envelope, e)) from e
+        # pydantic writes NaN as null and a lone surrogate in a dict key as U+FFFD: a class
+        # that can hold those is checked (the others cost nothing here)
+        if check or (len(raw) > MAX_INT_DIGITS and _LONG_DIGITS.search(raw)):
+            problem = _unencodable(message, 2)
+            if problem is not None:
+                raise EncodeError(f"{envelope.type} {envelope.id!r}: data{problem}")
         if len(raw) > self.max_size:
             raise MessageTooLarge(
-                f"{envelope.type} {envelope.id} encodes to {len(raw)} bytes; "
+                f"{envelope.type} {envelope.id!r} encodes to {len(raw)} bytes; "
                 f"the maximum is {self.max_size}"
             )
         return raw
@@ -199,9 +283,12 @@ class CloudEventsCodec:
         extra = doc.keys() - _KNOWN
         if extra:
             headers = _headers(doc, extra)
+        data = doc["data"]
+        if type(data) in self._checked and _unencodable(data, 2) is not None:
+            return None  # NaN, Infinity or 1e400 in a float or Any field: the plain path says
         get = doc.get
         return Envelope(
-            doc["data"],
+            data,
             type_name,
             newest,
             doc["id"],
@@ -229,6 +316,9 @@ class CloudEventsCodec:
 
     def from_dict(self, obj: dict[str, Any]) -> Envelope[Message]:
         """Decode an already-parsed CloudEvent object (for brokers that hand over JSON)."""
+        problem = _unencodable(obj, 1, finite=False)
+        if problem is not None:
+            raise MalformedMessage(f"not JSON that msdata can write back: <root>{problem}")
         if obj.get("specversion") != "1.0":
             raise InvalidEnvelope(f"specversion must be '1.0', got {obj.get('specversion')!r}")
         msg_id = _required_str(obj, "id")
@@ -266,8 +356,15 @@ class CloudEventsCodec:
         try:
             for step in chain:
                 data = step(dict(data))
-            # validate as JSON, as the fast path does: the payload came from the wire
+            if chain and (problem := _unencodable(data, 2, finite=False)) is not None:
+                raise MessageValidationError(
+                    f"{type_name} v{version} {msg_id}: upcast data{problem}"
+                )
+            # validate as JSON, as the fast path does: the payload came from the wire (NaN and
+            # Infinity go through as such, and are looked for below)
             message = cls.model_validate_json(_to_json(data))
+        except MessageValidationError:
+            raise
         except ValidationError as e:
             raise MessageValidationError(
                 f"{type_name} v{version} {msg_id}: {e.error_count()} validation error(s): "
@@ -279,6 +376,11 @@ class CloudEventsCodec:
         except Exception as e:  # an upcaster or validator that raises something else
             raise MessageValidationError(f"{type_name} v{version} {msg_id}: {e!r}") from e
 
+        # NaN, Infinity, 1e400 in a float or Any field (or an int beyond float range in a
+        # float field): as on the fast path, only in what the class kept
+        problem = _unencodable(message, 2) if _needs_check(cls) else None
+        if problem is not None:
+            raise MalformedMessage(f"{type_name} v{version} {msg_id}: data{problem}")
         extra = obj.keys() - _KNOWN
         return Envelope(
             message=message,
@@ -337,3 +439,110 @@ def _optional_str(obj: dict[str, Any], name: str) -> str | None:
     if not isinstance(value, str):
         raise InvalidEnvelope(f"{name!r} must be a string, got {value!r}")
     return value
+
+
+def _needs_check(cls: type[BaseModel]) -> bool:
+    """Whether ``cls`` has a field whose values pydantic may write wrongly without raising:
+    a float (NaN as null), a dict (a key's lone surrogate as U+FFFD), ``Any``, a recursive
+    type (any depth), a custom serializer (anything). Read from its core schema, once."""
+    known = _NEEDS_CHECK.get(cls)
+    if known is None:
+        known = _NEEDS_CHECK[cls] = _schema_needs_check(cls)
+    return known
+
+
+_NEEDS_CHECK: weakref.WeakKeyDictionary[type[BaseModel], bool] = weakref.WeakKeyDictionary()
+
+
+def _schema_needs_check(cls: type[BaseModel]) -> bool:
+    types: set[str] = set()
+    stack: list[Any] = [cls.__pydantic_core_schema__]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            kind = node.get("type")
+            if isinstance(kind, str):
+                types.add(kind)
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+    return not types <= _SAFE_SCHEMA_TYPES
+
+
+def _show(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:40] + "...")
+
+
+def _unencodable(value: Any, depth: int, finite: bool = True) -> str | None:
+    """Why ``value``, at nesting ``depth`` of a CloudEvent (the envelope object is 1), cannot
+    be written as JSON that reads back as the same value (``"path: reason"``), or None.
+    ``finite=False`` lets NaN and infinities pass (decode looks for them after validation,
+    so that a field the class ignores may hold one, on both decode paths)."""
+    found = _find_unencodable(value, depth, finite)
+    if found is None:
+        return None
+    path, reason = found
+    path = path if len(path) <= 80 else path[:80] + "..."
+    return f"{path}: {reason}"
+
+
+def _find_unencodable(value: Any, depth: int, finite: bool) -> tuple[str, str] | None:
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "", f"{_show(value)} holds a lone surrogate (not UTF-8)"
+        return None
+    if isinstance(value, float):
+        if not finite or math.isfinite(value):
+            return None
+        return "", f"{value!r}: not a finite number (JSON has no NaN or Infinity, RFC 8259 §6)"
+    if isinstance(value, int):
+        if value.bit_length() >= _INT_LIMIT_BITS and abs(value) >= _INT_LIMIT:
+            return "", f"an int of more than {MAX_INT_DIGITS} digits (Python's int/str limit)"
+        return None
+    items: Iterable[tuple[Any, Any]]
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list | tuple | set | frozenset):
+        items = enumerate(value)
+    elif isinstance(value, BaseModel):
+        items = value.__dict__.items()
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = vars(value).items()
+    else:
+        return None  # None, bool, datetime, UUID...: pydantic writes them or raises
+    if depth > MAX_DEPTH:
+        return "", f"nested deeper than {MAX_DEPTH} JSON objects and arrays"
+    for key, item in items:
+        if isinstance(key, str) and not key.isascii():
+            found = _find_unencodable(key, depth, finite)
+            if found is not None:
+                return f"[{_show(key)}]", f"the key {found[1]}"
+        found = _find_unencodable(item, depth + 1, finite)
+        if found is not None:
+            step = f".{key}" if isinstance(key, str) else f"[{key!r}]"
+            return step + found[0], found[1]
+    return None
+
+
+def _why_unencodable(envelope: Envelope[Any], error: Exception) -> str:
+    """The text of the EncodeError for an envelope pydantic could not write."""
+    fields: dict[str, Any] = {
+        "id": envelope.id,
+        "source": envelope.source,
+        "correlationid": envelope.correlation_id,
+        "causationid": envelope.causation_id,
+        "partitionkey": envelope.partition_key,
+        "headers": dict(envelope.headers),
+    }
+    for name, value in fields.items():
+        problem = _unencodable(value, 1)
+        if problem is not None:
+            return f"{envelope.type} {envelope.id!r}: {name}{problem}"
+    problem = _unencodable(envelope.message, 2)
+    if problem is not None:
+        return f"{envelope.type} {envelope.id!r}: data{problem}"
+    return f"{envelope.type} {envelope.id!r} cannot be written as JSON: {error}"
