@@ -29,8 +29,7 @@ import pytest
 from msdata.events import EventBus
 from msdata.messages import Envelope, Event, MessageRegistry, message_type
 from msdata.outbox import Inbox, Outbox, OutboxRelay, OutboxStore, TransactionFactory
-from msdata.testing.services import require
-from msdata.testing.transport import collect
+from msdata.testing.conformance.transport import collect
 from msdata.transport import (
     DEAD_LETTER_REASON,
     DEAD_LETTER_TOPIC,
@@ -38,6 +37,7 @@ from msdata.transport import (
     TransportMessage,
     dead_letter_topic,
 )
+from services import require
 from transport_factories import TRANSPORTS, open_transport
 
 registry = MessageRegistry()

@@ -20,7 +20,7 @@ from msdata.errors import (
 from msdata.events import EventBus
 from msdata.messages import Envelope, current_envelope, message_type
 from msdata.middleware import Next, logging_middleware, retry, timing
-from msdata.testing.transport import collect
+from msdata.testing.conformance.transport import collect
 from msdata.transport import DEAD_LETTER_REASON, TransportMessage, dead_letter_topic
 
 registry = MessageRegistry()
@@ -436,3 +436,83 @@ async def test_stop_lets_the_handler_in_hand_finish_and_acks_it(
         assert await sub.receive(10, timeout=0.2) == [], "a finished delivery came back"
     assert transport.pending(bus.topic_of(OrderPlaced), "g") == 0
     assert sent.type == "test.OrderPlaced"
+
+
+async def test_the_bus_waits_by_its_backoff_between_redeliveries(
+    transport: MemoryTransport,
+) -> None:
+    asked: list[int] = []
+
+    def backoff(failures: int) -> float:
+        asked.append(failures)
+        return 0.0
+
+    bus = make_bus(transport, max_attempts=3, backoff=backoff)
+    bus.subscribe(OrderPlaced, lambda e: 1 / 0, group="g")
+    async with bus:
+        await bus.publish(OrderPlaced(order_id="b", amount=1))
+        async with transport.subscribe(dead_letter_topic(bus.topic_of(OrderPlaced), "g"), "o") as d:
+            await collect(d, 1, timeout=5)
+    # the third failure dead-letters: no delay is asked for it
+    assert asked == [1, 2]
+
+
+def test_default_backoffs_keep_their_ranges() -> None:
+    from msdata.events.bus import DEFAULT_BACKOFF
+
+    for _ in range(200):
+        assert 0.05 <= DEFAULT_BACKOFF(1) <= 0.1
+        assert 0.1 <= DEFAULT_BACKOFF(2) <= 0.2
+        assert 15.0 <= DEFAULT_BACKOFF(50) <= 30.0
+
+
+async def test_retry_middleware_waits_by_its_backoff() -> None:
+    asked: list[int] = []
+
+    def backoff(failures: int) -> float:
+        asked.append(failures)
+        return 0.0
+
+    calls = 0
+
+    async def flaky(env: Any) -> str:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise RuntimeError("again")
+        return "done"
+
+    mw = retry(4, backoff=backoff)
+    assert await mw(None, flaky) == "done"  # type: ignore[arg-type]
+    assert asked == [1, 2]
+    with pytest.raises(ConfigurationError):
+        retry(0)
+
+
+async def test_a_dead_letter_is_logged_once_with_the_handlers_traceback(
+    transport: MemoryTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    bus = make_bus(transport, max_attempts=2)
+
+    @bus.handler(OrderPlaced, group="g")
+    async def declines(e: OrderPlaced) -> None:
+        raise ValueError("card declined")
+
+    with caplog.at_level(logging.WARNING, logger="msdata"):
+        async with bus:
+            sent = await bus.publish(OrderPlaced(order_id="t", amount=1))
+            topic = bus.topic_of(OrderPlaced)
+            async with transport.subscribe(dead_letter_topic(topic, "g"), "o") as d:
+                await collect(d, 1, timeout=5)
+    dead = [r for r in caplog.records if r.name == "msdata.deadletter"]
+    assert len(dead) == 1
+    (record,) = dead
+    assert record.levelno == logging.WARNING
+    assert record.msdata_message_id == sent.id  # type: ignore[attr-defined]
+    assert record.msdata_type == "test.OrderPlaced"  # type: ignore[attr-defined]
+    assert record.msdata_attempts == 2  # type: ignore[attr-defined]
+    assert record.msdata_reason == "ValueError: card declined"  # type: ignore[attr-defined]
+    assert record.exc_info is not None and record.exc_info[0] is ValueError
+    # the first failure is a warning of its own; the last one is the dead letter's line
+    failures = [r for r in caplog.records if r.name == "msdata.events"]
+    assert len(failures) == 1 and "attempt 1 of 2" in failures[0].getMessage()
