@@ -25,7 +25,13 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from msdata.errors import ConfigurationError, InvalidHeader, NotAMessage, RegistrationError
+from msdata.errors import (
+    ConfigurationError,
+    EncodeError,
+    InvalidHeader,
+    NotAMessage,
+    RegistrationError,
+)
 from msdata.ids import new_id, utc_now
 
 __all__ = [
@@ -43,6 +49,7 @@ __all__ = [
     "make_envelope",
     "message_list",
     "message_type",
+    "safe_text",
     "upcaster",
 ]
 
@@ -305,6 +312,51 @@ class handling:
 
     def __exit__(self, *exc: object) -> None:
         _current.reset(self._token)
+
+
+#: the most bytes (UTF-8) of a reason or header value msdata writes
+SAFE_TEXT_LIMIT = 1024
+# C0 and C1 controls, DEL, and surrogates (in a str, every surrogate is a lone one)
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(m: re.Match[str]) -> str:
+    c = m.group()
+    return _SHORT_ESCAPES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def safe_text(text: str, limit: int = SAFE_TEXT_LIMIT) -> str:
+    """``text`` made safe for a reason or header value that msdata writes (a dead-letter
+    reason, a relay's last error): control characters and lone surrogates escaped as
+    ``\\n``, ``\\x00``, ``\\ud800`` (so the result is one line, valid UTF-8, readable),
+    then cut to at most ``limit`` bytes of UTF-8 (``...`` marks a cut). ``limit`` >= 3.
+    """
+    if not (text.isascii() and text.isprintable()):
+        text = _UNSAFE.sub(_escape, text)
+    if len(text) * 4 <= limit:  # cannot be over the limit: skip the encoding
+        return text
+    raw = text.encode("utf-8")
+    if len(raw) <= limit:
+        return text
+    return raw[: limit - 3].decode("utf-8", "ignore") + "..."
+
+
+def check_text(what: str, text: object) -> str:
+    """``text`` if it is a non-empty str that can be written as UTF-8 (no lone surrogate):
+    message ids, consumer names and the like, before any store or broker sees them.
+    Raises :class:`~msdata.errors.EncodeError`, whose text shows ``text`` escaped."""
+    if isinstance(text, str) and text:
+        if text.isascii():
+            return text
+        try:
+            text.encode("utf-8")
+            return text
+        except UnicodeEncodeError:
+            raise EncodeError(
+                f"{what} '{safe_text(text, 200)}' holds a lone surrogate (not UTF-8)"
+            ) from None
+    raise EncodeError(f"{what} must be a non-empty string, got {safe_text(repr(text), 200)}")
 
 
 def check_message(

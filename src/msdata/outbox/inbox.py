@@ -10,7 +10,7 @@ from typing import Any
 
 from msdata.errors import ConfigurationError
 from msdata.ids import utc_now
-from msdata.messages import Envelope
+from msdata.messages import Envelope, check_text
 from msdata.outbox.store import InboxStore
 from msdata.storage import TransactionFactory, bind_connection, current_connection
 
@@ -53,11 +53,11 @@ class Inbox:
         """Record ``message_id`` for ``consumer`` on the sync connection ``conn``, in its
         open transaction. True: apply the effects in this transaction. False: a duplicate,
         skip it."""
-        return self.store.record(conn, consumer, message_id)
+        return self.store.record(conn, consumer, check_text("message id", message_id))
 
     async def first_time_async(self, conn: Any, consumer: str, message_id: str) -> bool:
         """:meth:`first_time` on an async connection."""
-        return await self.store.record_async(conn, consumer, message_id)
+        return await self.store.record_async(conn, consumer, check_text("message id", message_id))
 
     @staticmethod
     def connection() -> Any:
