@@ -29,7 +29,7 @@ import re
 import weakref
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Annotated, Any, Literal, NotRequired, Union
+from typing import Annotated, Any, Literal, NamedTuple, NotRequired, Union
 
 from pydantic import (
     BaseModel,
@@ -77,6 +77,7 @@ MAX_INT_DIGITS = 4300
 _INT_LIMIT = 10**MAX_INT_DIGITS
 _INT_LIMIT_BITS = _INT_LIMIT.bit_length() - 1
 # a run of more digits than an int may have, somewhere in an encoded event: look closer
+_FFFD = "\ufffd".encode()
 _LONG_DIGITS = re.compile(rb"[0-9]{%d}" % (MAX_INT_DIGITS + 1))
 # core-schema types whose values pydantic writes as JSON that reads back the same, or raises
 # for (a lone surrogate in a str): a class made only of these needs no check after encoding
@@ -182,9 +183,10 @@ class CloudEventsCodec:
         self.registry = registry if registry is not None else default_registry
         self.max_size = max_size
         self._generation = -1
-        # class -> (pydantic-core serializer, whether its values need a look after encoding)
-        self._encoders: dict[type[Message], tuple[Any, bool]] = {}
-        self._checked: set[type[Message]] = set()  # classes whose decoded values need a look
+        # class -> (pydantic-core serializer, what to look at after encoding, anything?)
+        self._encoders: dict[type[Message], tuple[Any, _Plan, bool]] = {}
+        # classes whose decoded values need a look -> the fields to look at
+        self._checked: dict[type[Message], tuple[str, ...] | None] = {}
         self._decoder: Any = None  # pydantic-core validator of every registered type
         self._newest: dict[str, tuple[type[Message], int]] = {}
 
@@ -194,7 +196,8 @@ class CloudEventsCodec:
         self._generation = registry.generation
         self._encoders = {}
         self._newest = registry.newest()
-        self._checked = {cls for cls, _ in self._newest.values() if _needs_check(cls)}
+        plans = {cls: _check_plan(cls).walk for cls, _ in self._newest.values()}
+        self._checked = {cls: walk for cls, walk in plans.items() if walk != ()}
         wires = [_wire_type(name, cls) for name, (cls, _) in self._newest.items()]
         if not wires:
             self._decoder = None
@@ -212,11 +215,13 @@ class CloudEventsCodec:
         cached = self._encoders.get(cls)
         if cached is None:
             name, _ = self.registry.name_of(cls)
+            plan = _check_plan(cls)
             cached = self._encoders[cls] = (
                 TypeAdapter(_wire_type(name, cls)).serializer,
-                _needs_check(cls),
+                plan,
+                not plan.empty,
             )
-        encoder, check = cached
+        encoder, plan, check = cached
         time = envelope.time
         if time.tzinfo is None:
             raise EncodeError(f"{envelope.type} {envelope.id!r}: time must be timezone-aware")
@@ -242,7 +247,9 @@ class CloudEventsCodec:
             raise EncodeError(_why_unencodable(envelope, e)) from e
         # pydantic writes NaN as null and a lone surrogate in a dict key as U+FFFD: a class
         # that can hold those is checked (the others cost nothing here)
-        if check or (len(raw) > MAX_INT_DIGITS and _LONG_DIGITS.search(raw)):
+        if (
+            check and ((plan.fffd and _FFFD in raw) or _suspect_message(message, plan.walk, True))
+        ) or (len(raw) > MAX_INT_DIGITS and _LONG_DIGITS.search(raw)):
             problem = _unencodable(message, 2)
             if problem is not None:
                 raise EncodeError(f"{envelope.type} {envelope.id!r}: data{problem}")
@@ -287,7 +294,8 @@ class CloudEventsCodec:
                 return None  # with "data" too: the plain path names the error
             headers = _headers(doc, extra)
         data = doc["data"]
-        if type(data) in self._checked and _unencodable(data, 2) is not None:
+        checked = self._checked
+        if checked and type(data) in checked and _suspect_message(data, checked[type(data)], False):
             return None  # NaN, Infinity or 1e400 in a float or Any field: the plain path says
         get = doc.get
         return Envelope(
@@ -484,22 +492,78 @@ def _optional_str(obj: dict[str, Any], name: str) -> str | None:
     return value
 
 
+class _Plan(NamedTuple):
+    """What to look at in a message of one class after encoding or decoding it."""
+
+    #: fields to walk for non-finite floats, long ints, deep nesting, non-ASCII keys (``()``
+    #: none; ``None`` the whole message, when its schema is not the plain model-fields kind)
+    walk: tuple[str, ...] | None
+    #: a dict field of safe values: pydantic writes a key's lone surrogate as U+FFFD, so an
+    #: encoded event holding U+FFFD gets the whole look (on decode the parser refuses them)
+    fffd: bool
+
+    @property
+    def empty(self) -> bool:
+        return self.walk == () and not self.fffd
+
+
+_NO_PLAN = _Plan((), False)
+_WHOLE = _Plan(None, False)
+
+
 def _needs_check(cls: type[BaseModel]) -> bool:
     """Whether ``cls`` has a field whose values pydantic may write wrongly without raising:
     a float (NaN as null), a dict (a key's lone surrogate as U+FFFD), ``Any``, a recursive
     type (any depth), a custom serializer (anything). Read from its core schema, once."""
-    known = _NEEDS_CHECK.get(cls)
-    if known is None:
-        known = _NEEDS_CHECK[cls] = _schema_needs_check(cls)
-    return known
+    return not _check_plan(cls).empty
 
 
-_NEEDS_CHECK: weakref.WeakKeyDictionary[type[BaseModel], bool] = weakref.WeakKeyDictionary()
+def _check_plan(cls: type[BaseModel]) -> _Plan:
+    plan = _PLANS.get(cls)
+    if plan is None:
+        plan = _PLANS[cls] = _plan(cls)
+    return plan
 
 
-def _schema_needs_check(cls: type[BaseModel]) -> bool:
+_PLANS: weakref.WeakKeyDictionary[type[BaseModel], _Plan] = weakref.WeakKeyDictionary()
+_SAFE_WITH_DICT = _SAFE_SCHEMA_TYPES | {"dict"}
+
+
+def _plan(cls: type[BaseModel]) -> _Plan:
+    schema: Any = cls.__pydantic_core_schema__
+    if _schema_types(schema) <= _SAFE_SCHEMA_TYPES:
+        return _NO_PLAN
+    if schema.get("type") == "definitions":
+        refs = {d.get("ref"): d for d in schema.get("definitions", ())}
+        schema = schema.get("schema", {})
+        if schema.get("type") == "definition-ref":
+            schema = refs.get(schema.get("schema_ref"), {})
+    fields = schema.get("schema", {})
+    if (
+        schema.get("type") != "model"
+        or schema.get("cls") is not cls
+        or "serialization" in schema
+        or schema.get("config", {}).get("extra_fields_behavior") == "allow"
+        or fields.get("type") != "model-fields"
+    ):
+        return _WHOLE
+    walk: list[str] = []
+    fffd = False
+    for name, field in fields.get("fields", {}).items():
+        types = _schema_types(field)
+        if types <= _SAFE_SCHEMA_TYPES:
+            continue
+        if types <= _SAFE_WITH_DICT:
+            fffd = True
+        else:
+            walk.append(name)
+    return _Plan(tuple(walk), fffd)
+
+
+def _schema_types(schema: Any) -> set[str]:
+    """Every core-schema ``type`` named in ``schema`` (serialization schemas included)."""
     types: set[str] = set()
-    stack: list[Any] = [cls.__pydantic_core_schema__]
+    stack: list[Any] = [schema]
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
@@ -509,7 +573,55 @@ def _schema_needs_check(cls: type[BaseModel]) -> bool:
             stack.extend(node.values())
         elif isinstance(node, list | tuple):
             stack.extend(node)
-    return not types <= _SAFE_SCHEMA_TYPES
+    return types
+
+
+def _suspect_message(message: BaseModel, walk: tuple[str, ...] | None, keys: bool) -> bool:
+    """:func:`_suspect` over the fields ``walk`` names (the whole message for None)."""
+    if walk is None:
+        return _suspect(message, 2, keys)
+    fields = message.__dict__
+    for name in walk:  # noqa: SIM110 (a loop: any() over a generator costs more here)
+        if _suspect(fields[name], 3, keys):
+            return True
+    return False
+
+
+def _suspect(value: Any, depth: int, keys: bool) -> bool:
+    """A quick look for what pydantic writes wrongly without raising: a non-finite float, a
+    long int, nesting deeper than MAX_DEPTH, a non-ASCII dict key (when ``keys``). True sends
+    the value to :func:`_unencodable`, which says exactly what is wrong, if anything."""
+    t = type(value)
+    if t is float:
+        return not math.isfinite(value)
+    if t is str or t is bool or value is None:
+        return False
+    if t is int:
+        return bool(value.bit_length() >= _INT_LIMIT_BITS)
+    if t is list or t is tuple:
+        if depth >= MAX_DEPTH:
+            return True
+        for item in value:  # noqa: SIM110
+            if _suspect(item, depth + 1, keys):
+                return True
+        return False
+    if t is dict:
+        if depth >= MAX_DEPTH:
+            return True
+        for key, item in value.items():
+            if keys and not (type(key) is str and key.isascii()):
+                return True
+            if _suspect(item, depth + 1, keys):
+                return True
+        return False
+    if isinstance(value, BaseModel):
+        if depth > MAX_DEPTH:
+            return True
+        for item in value.__dict__.values():
+            if _suspect(item, depth + 1, keys):
+                return True
+        return bool(value.__pydantic_extra__) and _suspect(value.__pydantic_extra__, depth, keys)
+    return _find_unencodable(value, depth, True) is not None  # anything else: the full look
 
 
 def _show(text: str) -> str:
@@ -552,7 +664,7 @@ def _find_unencodable(value: Any, depth: int, finite: bool) -> tuple[str, str] |
     elif isinstance(value, list | tuple | set | frozenset):
         items = enumerate(value)
     elif isinstance(value, BaseModel):
-        items = value.__dict__.items()
+        items = [*value.__dict__.items(), *(value.__pydantic_extra__ or {}).items()]
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         items = vars(value).items()
     else:
