@@ -39,6 +39,13 @@ class Plain(Event):
     tags: list[str] = []
 
 
+@message_type("edge.Labels", registry=registry)
+class Labels(Event):
+    """A dict of strings: checked by one search of the encoded bytes, not a walk."""
+
+    labels: dict[str, str] = {}
+
+
 codec = CloudEventsCodec(registry)
 
 
@@ -53,6 +60,7 @@ BAD_ENVELOPES: dict[str, dict[str, Any]] = {
     "lone surrogate in a field": {"message": Plain(s="a\ud800")},
     "lone surrogate in an Any field": {"message": Loose(a=["\udc00"])},
     "lone surrogate in a dict key": {"message": Loose(d={"\ud800": 1})},
+    "lone surrogate in a dict[str, str] key": {"message": Labels(labels={"a\udc00": "v"})},
     "lone surrogate in the partition key": {"partition_key": "k\ud800"},
     "lone surrogate in a header": {"headers": {"tenant": "\udfff"}},
     "lone surrogate in the source": {"source": "svc\ud800"},
@@ -86,6 +94,7 @@ def test_the_largest_int_and_the_deepest_nesting_decode_can_read_are_written() -
         Loose(a=-(10**MAX_INT_DIGITS - 1)),
         Loose(a=_nest(MAX_DEPTH - 2)),  # the envelope and the data object are two levels
         Loose(d={"k": _nest(MAX_DEPTH - 3)}),
+        Labels(labels={"\ufffd": "\ufffd", "é": "ü"}),  # a real U+FFFD is fine
     ):
         env = make_envelope(message, registry=registry)
         assert codec.decode(codec.encode(env)) == env
@@ -163,6 +172,7 @@ data_objects = st.fixed_dictionaries(
         "s": texts,
         "n": numbers,
         "tags": st.lists(texts, max_size=3),
+        "labels": st.dictionaries(texts, texts, max_size=3),
     },
 )
 events = st.fixed_dictionaries(
@@ -170,7 +180,7 @@ events = st.fixed_dictionaries(
         "specversion": st.just("1.0"),
         "id": texts,
         "source": texts,
-        "type": st.sampled_from(["edge.Loose", "edge.Plain"]),
+        "type": st.sampled_from(["edge.Loose", "edge.Plain", "edge.Labels"]),
         "data": data_objects,
         # always given: without it decode stamps the time of decoding
         "time": st.sampled_from(["2026-01-01T00:00:00+00:00", "2026-06-01T12:30:00.5-07:00"]),
