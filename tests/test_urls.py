@@ -37,11 +37,13 @@ SECRET = "s3cr3t-pw"
 
 
 def _entry_points() -> dict[str, object]:
+    from msdata.adapters.memory import MemoryInboxStore, MemoryOutboxStore
     from msdata.adapters.nats import NatsTransport
     from msdata.adapters.postgres import PostgresOutboxStore
     from msdata.adapters.postgres._common import normalize_url
     from msdata.adapters.rabbitmq import RabbitMQTransport
     from msdata.adapters.redis import RedisTransport
+    from msdata.adapters.sqlite import SqliteOutboxStore
 
     return {
         "transport_from_url": transport_from_url,
@@ -50,6 +52,10 @@ def _entry_points() -> dict[str, object]:
         "NatsTransport.from_url": NatsTransport.from_url,
         "PostgresOutboxStore.from_url": PostgresOutboxStore.from_url,
         "postgres DSN": normalize_url,
+        "SqliteOutboxStore.from_url": SqliteOutboxStore.from_url,
+        "MemoryTransport.from_url": MemoryTransport.from_url,
+        "MemoryOutboxStore.from_url": MemoryOutboxStore.from_url,
+        "MemoryInboxStore.from_url": MemoryInboxStore.from_url,
     }
 
 
@@ -62,6 +68,10 @@ def _entry_points() -> dict[str, object]:
         "NatsTransport.from_url",
         "PostgresOutboxStore.from_url",
         "postgres DSN",
+        "SqliteOutboxStore.from_url",
+        "MemoryTransport.from_url",
+        "MemoryOutboxStore.from_url",
+        "MemoryInboxStore.from_url",
     ],
 )
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from typing import Any, Self
 
 from msdata.errors import ConfigurationError, StoreError
 from msdata.outbox.store import OutboxRecord, OutboxRow, OutboxStatus
+from msdata.urls import redact_url
 
 __all__ = ["MemoryInboxStore", "MemoryOutboxStore", "MemoryTransaction"]
 
@@ -155,7 +156,7 @@ class MemoryOutboxStore:
     @classmethod
     def from_url(cls, url: str = "memory://") -> MemoryOutboxStore:
         if not url.startswith("memory:"):
-            raise ConfigurationError(f"not a memory:// URL: {url!r}")
+            raise ConfigurationError(f"not a memory:// URL: {redact_url(url)!r}")
         return cls()
 
     def begin(self) -> MemoryTransaction:
@@ -343,7 +344,7 @@ class MemoryInboxStore:
     @classmethod
     def from_url(cls, url: str = "memory://") -> MemoryInboxStore:
         if not url.startswith("memory:"):
-            raise ConfigurationError(f"not a memory:// URL: {url!r}")
+            raise ConfigurationError(f"not a memory:// URL: {redact_url(url)!r}")
         return cls()
 
     def begin(self) -> MemoryTransaction:

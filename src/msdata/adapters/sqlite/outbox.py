@@ -49,6 +49,7 @@ from msdata.outbox.store import (
     OutboxStatus,
     check_table_prefix,
 )
+from msdata.urls import redact_url
 
 __all__ = ["SqliteInboxStore", "SqliteOutboxStore", "connect", "from_url", "schema_sql"]
 
@@ -127,7 +128,8 @@ def schema_sql(table_prefix: str = DEFAULT_TABLE_PREFIX) -> str:
 def _path_from_url(url: str) -> str:
     if not url.startswith("sqlite:///"):
         raise ConfigurationError(
-            f"not a SQLite file URL: {url!r} (use sqlite:///relative.db or sqlite:////abs.db)"
+            f"not a SQLite file URL: {redact_url(url)!r} "
+            "(use sqlite:///relative.db or sqlite:////abs.db)"
         )
     path = url[len("sqlite:///") :].split("?", 1)[0]
     if not path or path == ":memory:":
