@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -231,3 +232,24 @@ def test_whatever_encode_writes_decode_reads(
     except EncodeError:
         return
     assert codec.decode(raw) == env
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"id": ""},
+        {"source": ""},
+        {"id": 5},
+        {"partition_key": 5},
+        {"correlation_id": 3},
+        {"time": "2026-01-01T00:00:00+00:00"},
+        {"time": datetime(2026, 1, 1)},  # naive
+        {"version": "1"},
+        {"message": Plain.model_construct(n="x")},  # type: ignore[arg-type]
+    ],
+    ids=str,
+)
+def test_a_hand_built_envelope_decode_could_not_read_is_refused(change: dict[str, Any]) -> None:
+    env = make_envelope(Plain(), registry=registry)._replace(**change)
+    with pytest.raises(EncodeError):
+        codec.encode(env)

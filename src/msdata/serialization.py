@@ -223,8 +223,12 @@ class CloudEventsCodec:
             )
         encoder, plan, check = cached
         time = envelope.time
-        if time.tzinfo is None:
-            raise EncodeError(f"{envelope.type} {envelope.id!r}: time must be timezone-aware")
+        if getattr(time, "tzinfo", None) is None:
+            raise EncodeError(
+                f"{envelope.type} {envelope.id!r}: time must be a timezone-aware datetime"
+            )
+        if not envelope.id or not envelope.source:  # decode refuses them
+            raise EncodeError(f"{envelope.type}: id and source must be non-empty strings")
         # headers first, so that none can stand in for a CloudEvents attribute
         doc: dict[str, Any] = dict(envelope.headers) if envelope.headers else {}
         doc["specversion"] = "1.0"
@@ -242,7 +246,8 @@ class CloudEventsCodec:
             doc["partitionkey"] = envelope.partition_key
         doc["data"] = message
         try:
-            raw: bytes = encoder.to_json(doc)
+            # a value of the wrong type (an int id) raises instead of being written with a warning
+            raw: bytes = encoder.to_json(doc, warnings="error")
         except Exception as e:  # pydantic's serialization error, or a custom serializer's
             raise EncodeError(_why_unencodable(envelope, e)) from e
         # pydantic writes NaN as null and a lone surrogate in a dict key as U+FFFD: a class
