@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from msdata import Event, MessageRegistry, make_envelope
-from msdata.adapters.postgres._common import check_schema
+from msdata.adapters.postgres._db import check_schema
 from msdata.errors import ConfigurationError, InvalidHeader, MsdataError, RegistrationError
 from msdata.messages import check_headers
 from msdata.serialization import CloudEventsCodec
