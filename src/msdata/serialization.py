@@ -76,8 +76,9 @@ MAX_DEPTH = 200
 MAX_INT_DIGITS = 4300
 _INT_LIMIT = 10**MAX_INT_DIGITS
 _INT_LIMIT_BITS = _INT_LIMIT.bit_length() - 1
-# a run of more digits than an int may have, somewhere in an encoded event: look closer
+# U+FFFD in an encoded event of a class with a dict field: maybe a key's lone surrogate
 _FFFD = "\ufffd".encode()
+# a run of more digits than an int may have, somewhere in an encoded event: look closer
 _LONG_DIGITS = re.compile(rb"[0-9]{%d}" % (MAX_INT_DIGITS + 1))
 # core-schema types whose values pydantic writes as JSON that reads back the same, or raises
 # for (a lone surrogate in a str): a class made only of these needs no check after encoding
@@ -604,14 +605,14 @@ def _suspect(value: Any, depth: int, keys: bool) -> bool:
     if t is int:
         return bool(value.bit_length() >= _INT_LIMIT_BITS)
     if t is list or t is tuple:
-        if depth >= MAX_DEPTH:
+        if depth > MAX_DEPTH:
             return True
         for item in value:  # noqa: SIM110
             if _suspect(item, depth + 1, keys):
                 return True
         return False
     if t is dict:
-        if depth >= MAX_DEPTH:
+        if depth > MAX_DEPTH:
             return True
         for key, item in value.items():
             if keys and not (type(key) is str and key.isascii()):
