@@ -78,6 +78,7 @@ _INT_LIMIT = 10**MAX_INT_DIGITS
 _INT_LIMIT_BITS = _INT_LIMIT.bit_length() - 1
 # U+FFFD in an encoded event of a class with a dict field: maybe a key's lone surrogate
 _FFFD = "\ufffd".encode()
+_FFFD_LEAD = _FFFD[0]  # one byte: memchr, much faster than the three-byte search
 # a run of more digits than an int may have, somewhere in an encoded event: look closer
 _LONG_DIGITS = re.compile(rb"[0-9]{%d}" % (MAX_INT_DIGITS + 1))
 # core-schema types whose values pydantic writes as JSON that reads back the same, or raises
@@ -187,7 +188,7 @@ class CloudEventsCodec:
         # class -> (pydantic-core serializer, what to look at after encoding, anything?)
         self._encoders: dict[type[Message], tuple[Any, _Plan, bool]] = {}
         # classes whose decoded values need a look -> the fields to look at
-        self._checked: dict[type[Message], tuple[str, ...] | None] = {}
+        self._checked: dict[type[Message], _Plan] = {}
         self._decoder: Any = None  # pydantic-core validator of every registered type
         self._newest: dict[str, tuple[type[Message], int]] = {}
 
@@ -197,8 +198,8 @@ class CloudEventsCodec:
         self._generation = registry.generation
         self._encoders = {}
         self._newest = registry.newest()
-        plans = {cls: _check_plan(cls).walk for cls, _ in self._newest.values()}
-        self._checked = {cls: walk for cls, walk in plans.items() if walk != ()}
+        plans = {cls: _check_plan(cls) for cls, _ in self._newest.values()}
+        self._checked = {c: p for c, p in plans.items() if p.walk != () or p.floats}
         wires = [_wire_type(name, cls) for name, (cls, _) in self._newest.items()]
         if not wires:
             self._decoder = None
@@ -223,38 +224,52 @@ class CloudEventsCodec:
                 not plan.empty,
             )
         encoder, plan, check = cached
-        time = envelope.time
-        if getattr(time, "tzinfo", None) is None:
-            raise EncodeError(
-                f"{envelope.type} {envelope.id!r}: time must be a timezone-aware datetime"
-            )
-        if not envelope.id or not envelope.source:  # decode refuses them
-            raise EncodeError(f"{envelope.type}: id and source must be non-empty strings")
+        # the envelope's own attributes: what make_envelope builds passes; a hand-built one
+        # that decode could not read back is refused here (pydantic would write it, warning)
+        (_, type_name, version, msg_id, time, source, correlation, causation, key, headers) = (
+            envelope
+        )
+        if not (
+            type(msg_id) is str
+            and msg_id
+            and type(source) is str
+            and source
+            and type(version) is int
+            and isinstance(time, datetime)
+            and time.tzinfo is not None
+            and (correlation is None or type(correlation) is str)
+            and (causation is None or type(causation) is str)
+            and (key is None or type(key) is str)
+        ):
+            raise EncodeError(_bad_attributes(envelope))
         # headers first, so that none can stand in for a CloudEvents attribute
-        doc: dict[str, Any] = dict(envelope.headers) if envelope.headers else {}
+        doc: dict[str, Any] = dict(headers) if headers else {}
         doc["specversion"] = "1.0"
-        doc["id"] = envelope.id
-        doc["source"] = envelope.source
-        doc["type"] = envelope.type
+        doc["id"] = msg_id
+        doc["source"] = source
+        doc["type"] = type_name
         doc["time"] = time.isoformat()
         doc["datacontenttype"] = "application/json"
-        doc["schemaversion"] = envelope.version
-        if envelope.correlation_id is not None:
-            doc["correlationid"] = envelope.correlation_id
-        if envelope.causation_id is not None:
-            doc["causationid"] = envelope.causation_id
-        if envelope.partition_key is not None:
-            doc["partitionkey"] = envelope.partition_key
+        doc["schemaversion"] = version
+        if correlation is not None:
+            doc["correlationid"] = correlation
+        if causation is not None:
+            doc["causationid"] = causation
+        if key is not None:
+            doc["partitionkey"] = key
         doc["data"] = message
         try:
-            # a value of the wrong type (an int id) raises instead of being written with a warning
-            raw: bytes = encoder.to_json(doc, warnings="error")
+            raw: bytes = encoder.to_json(doc)
         except Exception as e:  # pydantic's serialization error, or a custom serializer's
             raise EncodeError(_why_unencodable(envelope, e)) from e
         # pydantic writes NaN as null and a lone surrogate in a dict key as U+FFFD: a class
         # that can hold those is checked (the others cost nothing here)
         if (
-            check and ((plan.fffd and _FFFD in raw) or _suspect_message(message, plan.walk, True))
+            check
+            and (
+                (plan.fffd and _FFFD_LEAD in raw and _FFFD in raw)
+                or _suspect_message(message, plan, True)
+            )
         ) or (len(raw) > MAX_INT_DIGITS and _LONG_DIGITS.search(raw)):
             problem = _unencodable(message, 2)
             if problem is not None:
@@ -504,17 +519,20 @@ class _Plan(NamedTuple):
     #: fields to walk for non-finite floats, long ints, deep nesting, non-ASCII keys (``()``
     #: none; ``None`` the whole message, when its schema is not the plain model-fields kind)
     walk: tuple[str, ...] | None
+    #: fields that hold one float (or None, an int...): compared, not walked
+    floats: tuple[str, ...]
     #: a dict field of safe values: pydantic writes a key's lone surrogate as U+FFFD, so an
     #: encoded event holding U+FFFD gets the whole look (on decode the parser refuses them)
     fffd: bool
 
     @property
     def empty(self) -> bool:
-        return self.walk == () and not self.fffd
+        return self.walk == () and not self.floats and not self.fffd
 
 
-_NO_PLAN = _Plan((), False)
-_WHOLE = _Plan(None, False)
+_NO_PLAN = _Plan((), (), False)
+_WHOLE = _Plan(None, (), False)
+_INFINITIES = (math.inf, -math.inf)
 
 
 def _needs_check(cls: type[BaseModel]) -> bool:
@@ -533,6 +551,15 @@ def _check_plan(cls: type[BaseModel]) -> _Plan:
 
 _PLANS: weakref.WeakKeyDictionary[type[BaseModel], _Plan] = weakref.WeakKeyDictionary()
 _SAFE_WITH_DICT = _SAFE_SCHEMA_TYPES | {"dict"}
+# a field of one float, perhaps None or an int or str instead: no container in it
+_SCALAR_FLOAT = (_SAFE_SCHEMA_TYPES | {"float"}) - {
+    "model",
+    "model-fields",
+    "list",
+    "tuple",
+    "set",
+    "frozenset",
+}
 
 
 def _plan(cls: type[BaseModel]) -> _Plan:
@@ -554,6 +581,7 @@ def _plan(cls: type[BaseModel]) -> _Plan:
     ):
         return _WHOLE
     walk: list[str] = []
+    floats: list[str] = []
     fffd = False
     for name, field in fields.get("fields", {}).items():
         types = _schema_types(field)
@@ -561,9 +589,11 @@ def _plan(cls: type[BaseModel]) -> _Plan:
             continue
         if types <= _SAFE_WITH_DICT:
             fffd = True
+        elif types <= _SCALAR_FLOAT:
+            floats.append(name)
         else:
             walk.append(name)
-    return _Plan(tuple(walk), fffd)
+    return _Plan(tuple(walk), tuple(floats), fffd)
 
 
 def _schema_types(schema: Any) -> set[str]:
@@ -582,12 +612,16 @@ def _schema_types(schema: Any) -> set[str]:
     return types
 
 
-def _suspect_message(message: BaseModel, walk: tuple[str, ...] | None, keys: bool) -> bool:
-    """:func:`_suspect` over the fields ``walk`` names (the whole message for None)."""
-    if walk is None:
+def _suspect_message(message: BaseModel, plan: _Plan, keys: bool) -> bool:
+    """:func:`_suspect` over the fields ``plan`` names (the whole message for None)."""
+    if plan.walk is None:
         return _suspect(message, 2, keys)
     fields = message.__dict__
-    for name in walk:  # noqa: SIM110 (a loop: any() over a generator costs more here)
+    for name in plan.floats:
+        value = fields[name]
+        if value != value or value in _INFINITIES:  # NaN, or an infinity; None passes
+            return True
+    for name in plan.walk:  # noqa: SIM110 (a loop: any() over a generator costs more here)
         if _suspect(fields[name], 3, keys):
             return True
     return False
@@ -687,6 +721,21 @@ def _find_unencodable(value: Any, depth: int, finite: bool) -> tuple[str, str] |
             step = f".{key}" if isinstance(key, str) else f"[{key!r}]"
             return step + found[0], found[1]
     return None
+
+
+def _bad_attributes(envelope: Envelope[Any]) -> str:
+    """The text of the EncodeError for an envelope whose own attributes decode would refuse."""
+    where = f"{envelope.type} {envelope.id!r}"
+    time = envelope.time
+    if not isinstance(time, datetime) or time.tzinfo is None:
+        return f"{where}: time must be a timezone-aware datetime, got {time!r}"
+    if type(envelope.version) is not int:
+        return f"{where}: version must be an int, got {envelope.version!r}"
+    for name in ("id", "source"):
+        value = getattr(envelope, name)
+        if type(value) is not str or not value:
+            return f"{where}: {name} must be a non-empty str, got {value!r}"
+    return f"{where}: correlation_id, causation_id and partition_key must be str or None"
 
 
 def _why_unencodable(envelope: Envelope[Any], error: Exception) -> str:
