@@ -10,8 +10,9 @@ import pytest
 from pydantic import BaseModel
 
 from msdata import Command, CommandBus, Event, EventBus, MessageRegistry, Query, QueryBus
-from msdata.adapters.memory import MemoryOutboxStore, MemoryTransport
+from msdata.adapters.memory import MemoryEventStore, MemoryOutboxStore, MemoryTransport
 from msdata.errors import NotAMessage, RegistrationError
+from msdata.eventstore import EventLog
 from msdata.messages import make_envelope, message_type
 from msdata.outbox import Outbox
 
@@ -63,6 +64,15 @@ async def _outbox_add_list(message: Any) -> None:
     assert (await store.status()).pending == 0
 
 
+async def _event_log_append(message: Any) -> None:
+    store = MemoryEventStore()
+    tx = store.begin()
+    try:
+        EventLog(store, registry=registry).append(tx, "order-1", 0, message)
+    finally:
+        tx.rollback()
+
+
 async def _publish(message: Any) -> None:
     await EventBus(MemoryTransport(), registry=registry).publish(message)
 
@@ -90,6 +100,7 @@ async def _ask(message: Any) -> None:
 ENTRY_POINTS: dict[str, Callable[[Any], Awaitable[None]]] = {
     "Outbox.add": _outbox_add,
     "Outbox.add([...])": _outbox_add_list,
+    "EventLog.append": _event_log_append,
     "EventBus.publish": _publish,
     "EventBus.publish_many": _publish_many,
     "make_envelope": _make_envelope,
@@ -137,6 +148,7 @@ async def test_every_entry_point_says_the_same_clear_thing(what: str) -> None:
 
 async def test_an_unregistered_message_is_named_with_the_fix() -> None:
     for entry in (
+        "EventLog.append",
         "Outbox.add",
         "Outbox.add([...])",
         "EventBus.publish",

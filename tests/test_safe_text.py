@@ -84,3 +84,11 @@ async def test_the_inbox_refuses_an_id_no_store_can_write(
     memory = MemoryInboxStore()
     with pytest.raises(EncodeError):
         Inbox(memory).first_time(memory.begin(), "billing", message_id)  # type: ignore[arg-type]
+
+
+def test_a_stream_id_no_store_can_write_is_refused() -> None:
+    from msdata.eventstore.store import check_stream_id
+
+    assert check_stream_id("order-\U0001f600") == "order-\U0001f600"
+    with pytest.raises(EncodeError, match="lone surrogate"):
+        check_stream_id("order-\ud800")
