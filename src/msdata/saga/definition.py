@@ -328,15 +328,13 @@ class Saga(Generic[D]):
 
     # -- reading -----------------------------------------------------------------------------
 
-    def point_of_no_return(self) -> int:
-        """Index of the first group that cannot be compensated: the pivot's, else the first
-        retriable group's, else the number of groups."""
+    def past_pivot_at(self, position: int) -> bool:
+        """Whether an instance about to run group ``position`` can no longer be compensated:
+        its pivot has succeeded, or (in a saga without a pivot) it has reached a retriable
+        step."""
         if self.pivot_index is not None:
-            return self.pivot_index
-        for i, group in enumerate(self.groups):
-            if group[0].kind is StepKind.RETRIABLE:
-                return i
-        return len(self.groups)
+            return position > self.pivot_index
+        return any(g[0].kind is StepKind.RETRIABLE for g in self.groups[: position + 1])
 
     def check(self) -> None:
         """Raise :class:`SagaDefinitionError` if the saga has no step."""

@@ -173,7 +173,7 @@ class SagaOrchestrator:
             deadline=now + timedelta(seconds=saga.deadline) if saga.deadline else None,
             history=[HistoryEntry(now, "started")],
         )
-        rec.past_pivot = saga.point_of_no_return() == 0
+        rec.past_pivot = saga.past_pivot_at(0)
         await self._drive(rec, saga)
         return rec
 
@@ -547,8 +547,7 @@ class SagaOrchestrator:
         outcome, step, error = await self._run_group(rec, saga, names, ACTION)
         if outcome == _DONE:
             rec.position += 1
-            if rec.position >= saga.point_of_no_return():
-                rec.past_pivot = True
+            rec.past_pivot = saga.past_pivot_at(rec.position)
             return True
         if outcome == _FAILED:
             assert step is not None
@@ -731,6 +730,7 @@ class SagaOrchestrator:
             )
         merged = data
         now = self.clock.now()
+        failed: tuple[int, str | None, str | None] | None = None
         for (step, run, _), (ok, value) in zip(local, results, strict=True):
             if ok:
                 if value is not None and value is not data:
@@ -745,11 +745,13 @@ class SagaOrchestrator:
                         if changed:
                             merged = merged.model_copy(update=changed)
                 self._complete_run(rec, step, purpose, names)
-            elif self._failed_attempt(rec, step, run, purpose, cast(str, value), now):
-                rec.data = merged
-                return _FAILED, step.name, cast(str, value)
-        rec.data = merged
-        return None
+            elif (
+                self._failed_attempt(rec, step, run, purpose, cast(str, value), now)
+                and failed is None
+            ):
+                failed = (_FAILED, step.name, cast(str, value))
+        rec.data = merged  # the members that succeeded count, also when another failed
+        return failed
 
     async def _attempt(
         self,

@@ -280,7 +280,10 @@ class SagaStoreConformance:
         d = _record(saga_type="beta", status=SagaStatus.COMPLETED)
         for r in (a, b, c, d):
             await store.save(r)
-        ids = lambda rs: {r.saga_id for r in rs}  # noqa: E731
+
+        def ids(rs: list[SagaRecord]) -> set[str]:
+            return {r.saga_id for r in rs}
+
         assert ids(await store.find(saga_type="alpha")) == {a.saga_id, b.saga_id}
         assert ids(await store.find(statuses=[SagaStatus.FAILED, SagaStatus.COMPLETED])) == {
             b.saga_id,
