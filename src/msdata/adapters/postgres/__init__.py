@@ -11,5 +11,6 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from msdata.adapters.postgres.inbox import PostgresInboxStore
 from msdata.adapters.postgres.outbox import PostgresOutboxStore
+from msdata.adapters.postgres.saga import PostgresSagaStore
 
-__all__ = ["PostgresInboxStore", "PostgresOutboxStore"]
+__all__ = ["PostgresInboxStore", "PostgresOutboxStore", "PostgresSagaStore"]

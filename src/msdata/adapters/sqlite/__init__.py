@@ -14,5 +14,13 @@ from msdata.adapters.sqlite.outbox import (
     from_url,
     schema_sql,
 )
+from msdata.adapters.sqlite.saga import SqliteSagaStore
 
-__all__ = ["SqliteInboxStore", "SqliteOutboxStore", "connect", "from_url", "schema_sql"]
+__all__ = [
+    "SqliteInboxStore",
+    "SqliteOutboxStore",
+    "SqliteSagaStore",
+    "connect",
+    "from_url",
+    "schema_sql",
+]
