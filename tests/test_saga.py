@@ -518,14 +518,30 @@ async def test_remote_failure_reply_compensates(world: World) -> None:
 
 
 async def test_no_reply_before_the_timeout_is_a_failure(world: World) -> None:
-    world.silent.add("charge")
+    world.silent.add("reserve")
     rec = await world.orch.start(world.saga, Order())
-    await waiting_on(world, rec.saga_id, "charge")
+    await waiting_on(world, rec.saga_id, "reserve")
     world.clock.advance(31)
     done = await world.orch.wait(rec.saga_id, timeout=10, poll=0.02)
     assert done.status is SagaStatus.COMPENSATED
     assert "no reply within 30" in (done.error or "")
-    assert world.effects == ["reserve", "release"]
+    # it may have happened without answering: its compensation is sent all the same
+    assert world.effects == ["release"]
+
+
+async def test_an_unanswered_pivot_is_asked_again_never_compensated(world: World) -> None:
+    world.silent.add("charge")
+    rec = await world.orch.start(world.saga, Order())
+    await waiting_on(world, rec.saga_id, "charge")
+    world.clock.advance(31)
+    await eventually(
+        lambda: any(h.event == "retry" for h in world.saga_store._records[rec.saga_id].history)
+    )
+    world.silent.clear()
+    await waiting_on(world, rec.saga_id, "charge")
+    done = await world.orch.wait(rec.saga_id, timeout=10, poll=0.02)
+    assert done.status is SagaStatus.COMPLETED
+    assert world.effects == ["reserve", "charge"]
 
 
 async def test_late_and_duplicate_replies_are_recorded_and_ignored(world: World) -> None:

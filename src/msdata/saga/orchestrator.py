@@ -534,7 +534,12 @@ class SagaOrchestrator:
                 fut.set_result(None)
 
     async def _forward(self, rec: SagaRecord, saga: Saga[Any]) -> bool:
-        if rec.deadline is not None and not rec.past_pivot and self.clock.now() >= rec.deadline:
+        if (
+            rec.deadline is not None
+            and not rec.past_pivot
+            and self.clock.now() >= rec.deadline
+            and not _pivot_sent(rec, saga)
+        ):
             self._begin_compensation(rec, saga, "the saga's deadline passed before its pivot")
             return True
         groups = saga.groups
@@ -635,7 +640,12 @@ class SagaOrchestrator:
                 elif state == "waiting":
                     assert run.wake_at is not None
                     if run.wake_at > now:
-                        if rec.deadline is not None and not rec.past_pivot and now >= rec.deadline:
+                        if (
+                            rec.deadline is not None
+                            and not rec.past_pivot
+                            and now >= rec.deadline
+                            and step.kind is not StepKind.PIVOT
+                        ):
                             return _FAILED, name, "the saga's deadline passed"
                         waiting.append(run.wake_at)
                         continue
@@ -837,7 +847,13 @@ class SagaOrchestrator:
             else (step.compensation_retry or self._sagas[rec.saga_type].compensation_retry)
         )
         run.error = error
-        if policy.attempts is not None and run.attempt >= policy.attempts:
+        # a remote pivot that did not answer may have happened: compensating it would undo
+        # the steps before a point of no return that was passed, so it is asked again (with
+        # the same idempotency key) until it answers
+        unanswered_pivot = (
+            purpose == ACTION and step.kind is StepKind.PIVOT and run.state == "waiting"
+        )
+        if policy.attempts is not None and run.attempt >= policy.attempts and not unanswered_pivot:
             self._log(
                 rec,
                 "step failed" if purpose == ACTION else "compensation failed",
@@ -894,3 +910,10 @@ class SagaOrchestrator:
                 outbox.add(conn, env, topic=topic)
 
         return add
+
+
+def _pivot_sent(rec: SagaRecord, saga: Saga[Any]) -> bool:
+    """Whether the pivot's command is out: then the deadline no longer compensates."""
+    return any(
+        run.sent and saga.steps[name].kind is StepKind.PIVOT for name, run in rec.active.items()
+    )
