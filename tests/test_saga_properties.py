@@ -15,6 +15,7 @@ recoveries. At the end the instance is settled and the invariants checked:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -62,7 +63,9 @@ class SagaMachine(RuleBasedStateMachine):
         n_comp=st.integers(1, 3),
         retriable=st.integers(0, 2),
         remote_mask=st.lists(st.booleans(), min_size=6, max_size=6),
-        local_faults=st.lists(st.sampled_from(["ok", "fail", "fail2", "hang"]), min_size=6, max_size=6),
+        local_faults=st.lists(
+            st.sampled_from(["ok", "fail", "fail2", "hang"]), min_size=6, max_size=6
+        ),
     )
     def build(
         self, n_comp: int, retriable: int, remote_mask: list[bool], local_faults: list[str]
@@ -79,20 +82,38 @@ class SagaMachine(RuleBasedStateMachine):
         saga: Saga[Data] = Saga("prop", Data, compensation_retry=Retry(3, constant_backoff(1.0)))
         names = [f"c{i}" for i in range(n_comp)] + ["pivot"] + [f"r{i}" for i in range(retriable)]
         self.order = names
-        self.kinds = {n: ("comp" if n.startswith("c") else n if n == "pivot" else "retr") for n in names}
+        self.kinds = {
+            n: ("comp" if n.startswith("c") else n if n == "pivot" else "retr") for n in names
+        }
         for i, name in enumerate(names):
             self.faults[name] = local_faults[i]
-            action: Any = remote(
-                lambda d, n=name: Do(step=n),
-                on_reply=lambda d, r, n=name: d.model_copy(update={"replies": [*d.replies, n]}),
-            ) if remote_mask[i] else self._local(name, "action")
-            comp: Any = remote(lambda d, n=name: Do(step=n)) if remote_mask[i] else self._local(name, "compensation")
+            action: Any = (
+                remote(
+                    lambda d, n=name: Do(step=n),
+                    on_reply=lambda d, r, n=name: d.model_copy(update={"replies": [*d.replies, n]}),
+                )
+                if remote_mask[i]
+                else self._local(name, "action")
+            )
+            comp: Any = (
+                remote(lambda d, n=name: Do(step=n))
+                if remote_mask[i]
+                else self._local(name, "compensation")
+            )
             if self.kinds[name] == "comp":
-                saga.step(name, action, compensate=comp, retry=Retry(2, constant_backoff(1.0)), timeout=TIMEOUT)
+                saga.step(
+                    name,
+                    action,
+                    compensate=comp,
+                    retry=Retry(2, constant_backoff(1.0)),
+                    timeout=TIMEOUT,
+                )
             elif name == "pivot":
                 saga.pivot(name, action, retry=Retry(2, constant_backoff(1.0)), timeout=TIMEOUT)
             else:
-                saga.retriable(name, action, retry=Retry(None, constant_backoff(1.0)), timeout=TIMEOUT)
+                saga.retriable(
+                    name, action, retry=Retry(None, constant_backoff(1.0)), timeout=TIMEOUT
+                )
         self.saga = saga
         self.lifetime(lambda o: o.start(saga, Data(), saga_id=SAGA_ID))
 
@@ -103,7 +124,10 @@ class SagaMachine(RuleBasedStateMachine):
         is refused (the compensation overtook it)."""
         if purpose == "action" and key.replace(":action", ":compensation") in self.applied:
             raise SagaStepFailed("already compensated")
-        if purpose == "compensation" and key.replace(":compensation", ":action") not in self.applied:
+        if (
+            purpose == "compensation"
+            and key.replace(":compensation", ":action") not in self.applied
+        ):
             self.applied[key] = 0  # nothing to undo; remembered so a late action is refused
             return False
         if key in self.applied:
@@ -161,7 +185,9 @@ class SagaMachine(RuleBasedStateMachine):
 
     # -- rules ---------------------------------------------------------------------------------
 
-    @rule(data=st.data(), outcome=st.sampled_from(["ok", "ok", "fail", "lost_command", "lost_reply"]))
+    @rule(
+        data=st.data(), outcome=st.sampled_from(["ok", "ok", "fail", "lost_command", "lost_reply"])
+    )
     def deliver_command(self, data: st.DataObject, outcome: str) -> None:
         if not self.commands:
             return
@@ -171,7 +197,13 @@ class SagaMachine(RuleBasedStateMachine):
     def _participant(self, env: Any, outcome: str) -> None:
         h = env.headers
         step, purpose, key = h["sagastep"], h["sagapurpose"], h["idempotencykey"]
-        base = dict(saga_id=h["sagaid"], saga_type=h["sagatype"], step=step, purpose=purpose, attempt=int(h["sagaattempt"]))
+        base = dict(
+            saga_id=h["sagaid"],
+            saga_type=h["sagatype"],
+            step=step,
+            purpose=purpose,
+            attempt=int(h["sagaattempt"]),
+        )
         if outcome == "lost_command":
             return
         if outcome == "fail" and purpose == "action" and key not in self.applied:
@@ -228,10 +260,9 @@ class SagaMachine(RuleBasedStateMachine):
                 reply = self.replies.pop(0)
 
                 async def on_reply(orch: SagaOrchestrator, reply: SagaReply = reply) -> None:
-                    try:
+                    # held by a dead process: its lease expires below
+                    with contextlib.suppress(SagaStateError):
                         await orch._on_reply(reply)
-                    except SagaStateError:
-                        pass  # held by a dead process: its lease expires below
 
                 self.lifetime(on_reply)
             self.clock.advance(11)
