@@ -535,7 +535,9 @@ async def test_an_unanswered_pivot_is_asked_again_never_compensated(world: World
     await waiting_on(world, rec.saga_id, "charge")
     world.clock.advance(31)
     await eventually(
-        lambda: any(h.event == "retry" for h in world.saga_store._records[rec.saga_id].history)
+        lambda: any(
+            h.event == "retry" for h in world.saga_store._records[rec.saga_id].get().history
+        )
     )
     world.silent.clear()
     await waiting_on(world, rec.saga_id, "charge")

@@ -226,6 +226,8 @@ class Saga(Generic[D]):
         self.groups: list[tuple[Step, ...]] = []
         self.steps: dict[str, Step] = {}
         self.pivot_index: int | None = None
+        #: steps run by the orchestrator's lean path: local, no timeout, alone in their group
+        self.plain_local: set[str] = set()
 
     # -- building ----------------------------------------------------------------------------
 
@@ -321,6 +323,8 @@ class Saga(Generic[D]):
                 )
         for step in group:
             self.steps[step.name] = step
+        if len(group) == 1 and not isinstance(group[0].action, Remote) and group[0].timeout is None:
+            self.plain_local.add(group[0].name)
         if group[0].kind is StepKind.PIVOT:
             self.pivot_index = len(self.groups)
         self.groups.append(group)

@@ -4,8 +4,7 @@ correlate a step invocation, and the reply event."""
 from __future__ import annotations
 
 from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from msdata.errors import SagaError
 from msdata.messages import Event, message_type
@@ -64,8 +63,7 @@ class SagaReply(Event):
     duplicate: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class StepContext:
+class StepContext(NamedTuple):
     """The step invocation a local action runs in (see :func:`current_step`)."""
 
     saga_id: str

@@ -81,6 +81,7 @@ COMPENSATING = SagaStatus.COMPENSATING
 TERMINAL = (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED)
 
 _DONE, _FAILED, _PARKED = 0, 1, 2
+_FINAL = {s: s.value.lower() for s in SagaStatus}
 
 
 class SagaOrchestrator:
@@ -453,9 +454,15 @@ class SagaOrchestrator:
         rec.lease_until = now + self.lease
         rec.wake_at = None
 
-    async def _save(self, rec: SagaRecord, also: Callable[[Any], Any] | None = None) -> None:
+    async def _save(
+        self,
+        rec: SagaRecord,
+        also: Callable[[Any], Any] | None = None,
+        *,
+        now: datetime | None = None,
+    ) -> None:
         rec.version += 1
-        rec.updated_at = self.clock.now()
+        rec.updated_at = now or self.clock.now()
         try:
             await self.store.save(rec, also=also)
         except BaseException:
@@ -524,11 +531,13 @@ class SagaOrchestrator:
 
     async def _finish(self, rec: SagaRecord, status: SagaStatus, error: str | None = None) -> None:
         rec.status = status
-        rec.active = {}
+        if rec.active:
+            rec.active = {}
         rec.error = error
         rec.lease_owner = rec.lease_until = rec.wake_at = None
-        self._log(rec, status.value.lower(), detail=error)
-        await self._save(rec)
+        now = self.clock.now()
+        rec.history.append(HistoryEntry(now, _FINAL[status], None, None, error))
+        await self._save(rec, now=now)
         for fut in self._waiters.get(rec.saga_id, ()):
             if not fut.done():
                 fut.set_result(None)
@@ -547,6 +556,9 @@ class SagaOrchestrator:
             await self._finish(rec, SagaStatus.COMPLETED)
             return False
         group = groups[rec.position]
+        first = group[0]
+        if len(group) == 1 and first.name in saga.plain_local and first.name not in rec.active:
+            return await self._plain_step(rec, saga, first)
         done = rec.done
         names = [s.name for s in group if s.name not in done]
         outcome, step, error = await self._run_group(rec, saga, names, ACTION)
@@ -555,13 +567,41 @@ class SagaOrchestrator:
             rec.past_pivot = saga.past_pivot_at(rec.position)
             return True
         if outcome == _FAILED:
-            assert step is not None
-            if saga.steps[step].kind is StepKind.RETRIABLE:
-                await self._finish(rec, SagaStatus.FAILED, f"step {step!r} failed: {error}")
-                return False
-            self._begin_compensation(rec, saga, f"step {step!r} failed: {error}")
-            return True
+            assert step is not None and error is not None
+            return await self._step_failed(rec, saga, step, error)
         return False
+
+    async def _step_failed(self, rec: SagaRecord, saga: Saga[Any], step: str, error: str) -> bool:
+        if saga.steps[step].kind is StepKind.RETRIABLE:
+            await self._finish(rec, SagaStatus.FAILED, f"step {step!r} failed: {error}")
+            return False
+        self._begin_compensation(rec, saga, f"step {step!r} failed: {error}")
+        return True
+
+    async def _plain_step(self, rec: SagaRecord, saga: Saga[Any], step: Step) -> bool:
+        """The common case, kept lean: one local step without a timeout, first attempt."""
+        name = step.name
+        now = self.clock.now()
+        run = rec.active[name] = StepRun(ACTION, 1, "running")
+        history = rec.history
+        history.append(HistoryEntry(now, "step started", name, 1))
+        rec.lease_owner = self.owner
+        rec.lease_until = now + self.lease
+        rec.wake_at = None
+        await self._save(rec, now=now)  # before the effect
+        ok, value = await self._attempt(rec, step, run, step.action, rec.data, ACTION)  # type: ignore[arg-type]
+        if ok:
+            if value is not None:
+                rec.data = value
+            del rec.active[name]
+            rec.done.append(name)
+            history.append(HistoryEntry(self.clock.now(), "step completed", name, 1))
+            rec.position += 1
+            rec.past_pivot = saga.past_pivot_at(rec.position)
+            return True
+        if self._failed_attempt(rec, step, run, ACTION, value, self.clock.now()):
+            return await self._step_failed(rec, saga, name, value)
+        return True  # to be retried: the general path takes it from here
 
     def _begin_compensation(self, rec: SagaRecord, saga: Saga[Any], error: str) -> None:
         done = set(rec.done)
@@ -776,7 +816,11 @@ class SagaOrchestrator:
         try:
             if step.timeout is None:
                 result = fn(data)
-                if inspect.isawaitable(result):
+                if (
+                    result is not None
+                    and type(result) is not type(data)
+                    and inspect.isawaitable(result)
+                ):
                     result = await result
             else:
                 result = await self._with_timeout(fn, data, step.timeout)

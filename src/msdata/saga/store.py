@@ -90,6 +90,18 @@ class StepRun:
     reply: dict[str, Any] | None = None
     sent: bool = False  # a command for this step was sent at some attempt
 
+    def copy(self) -> StepRun:
+        return StepRun(
+            self.purpose,
+            self.attempt,
+            self.state,
+            self.wake_at,
+            self.error,
+            self.ok,
+            self.reply,
+            self.sent,
+        )
+
 
 @dataclass(slots=True)
 class SagaRecord:
@@ -136,7 +148,7 @@ class SagaRecord:
             self.version,
             self.position,
             self.done.copy(),
-            {k: _copy_run(v) for k, v in active.items()} if active else {},
+            {k: v.copy() for k, v in active.items()} if active else {},
             [g.copy() for g in self.compensation] if self.compensation else [],
             self.past_pivot,
             self.error,
@@ -146,10 +158,6 @@ class SagaRecord:
             self.wake_at,
             self.history.copy(),
         )
-
-
-def _copy_run(r: StepRun) -> StepRun:
-    return StepRun(r.purpose, r.attempt, r.state, r.wake_at, r.error, r.ok, r.reply, r.sent)
 
 
 # -- JSON form for SQL stores: the indexed fields get columns, the rest one JSON document -----

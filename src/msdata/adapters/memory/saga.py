@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from msdata.adapters.memory.outbox import MemoryTransaction
 from msdata.errors import ConcurrencyError, SagaNotFound
@@ -23,13 +24,62 @@ from msdata.saga.store import (
 __all__ = ["MemorySagaStore"]
 
 
+class _Kept:
+    """A saved record. History and ``done`` only ever grow at their end, so the store keeps a
+    reference and a length instead of a copy; everything else is copied at save."""
+
+    __slots__ = ("done", "done_len", "history", "history_len", "record")
+
+    def __init__(self, r: SagaRecord) -> None:
+        self.history, self.history_len = r.history, len(r.history)
+        self.done, self.done_len = r.done, len(r.done)
+        active = r.active
+        # the record's fields in order, history and done left out (a tuple builds fastest)
+        self.record: tuple[Any, ...] = (
+            r.saga_id,
+            r.saga_type,
+            r.status,
+            r.data,
+            r.created_at,
+            r.updated_at,
+            r.version,
+            r.position,
+            None,
+            {k: v.copy() for k, v in active.items()} if active else None,
+            [g.copy() for g in r.compensation] if r.compensation else None,
+            r.past_pivot,
+            r.error,
+            r.deadline,
+            r.lease_owner,
+            r.lease_until,
+            r.wake_at,
+        )
+
+    @property
+    def version(self) -> int:
+        return int(self.record[6])
+
+    def get(self) -> SagaRecord:
+        rec = SagaRecord(*self.record)
+        rec.active = {k: v.copy() for k, v in rec.active.items()} if rec.active else {}
+        rec.compensation = [g.copy() for g in rec.compensation] if rec.compensation else []
+        rec.history = self.history[: self.history_len]
+        rec.done = self.done[: self.done_len]
+        return rec
+
+    def set_lease(self, owner: str, until: datetime) -> None:
+        f = list(self.record)
+        f[14], f[15], f[6] = owner, until, f[6] + 1
+        self.record = tuple(f)
+
+
 class MemorySagaStore:
     """A :class:`msdata.saga.SagaStore` in a dict; serves one event loop."""
 
     features = SagaStoreFeatures(async_connection=False, durable=False)
 
     def __init__(self) -> None:
-        self._records: dict[str, SagaRecord] = {}
+        self._records: dict[str, _Kept] = {}
 
     @classmethod
     def from_url(cls, url: str = "memory://") -> MemorySagaStore:
@@ -38,7 +88,7 @@ class MemorySagaStore:
     async def save(self, record: SagaRecord, *, also: AlsoInTransaction | None = None) -> None:
         if also is None:
             self._check(record)
-            self._records[record.saga_id] = record.copy()
+            self._records[record.saga_id] = _Kept(record)
             return
         self._check(record)
         tx = MemoryTransaction()
@@ -50,7 +100,7 @@ class MemorySagaStore:
         except BaseException:
             tx.rollback()
             raise
-        self._records[record.saga_id] = record.copy()
+        self._records[record.saga_id] = _Kept(record)
         tx.commit()
 
     def _check(self, record: SagaRecord) -> None:
@@ -61,7 +111,7 @@ class MemorySagaStore:
 
     async def get(self, saga_id: str) -> SagaRecord:
         try:
-            return self._records[saga_id].copy()
+            return self._records[saga_id].get()
         except KeyError:
             raise SagaNotFound(f"no saga instance {saga_id!r}") from None
 
@@ -69,24 +119,22 @@ class MemorySagaStore:
         self, owner: str, now: datetime, lease_until: datetime, limit: int
     ) -> list[SagaRecord]:
         out: list[SagaRecord] = []
-        for rec in self._claimable(now):
+        for kept in self._claimable(now):
             if len(out) >= limit:
                 break
-            rec.lease_owner = owner
-            rec.lease_until = lease_until
-            rec.version += 1
-            out.append(rec.copy())
+            kept.set_lease(owner, lease_until)
+            out.append(kept.get())
         return out
 
-    def _claimable(self, now: datetime) -> list[SagaRecord]:
+    def _claimable(self, now: datetime) -> list[_Kept]:
         found = [
-            r
-            for r in self._records.values()
-            if r.status in ACTIVE_STATUSES
-            and (r.lease_until is None or r.lease_until <= now)
-            and (r.wake_at is None or r.wake_at <= now)
+            k
+            for k in self._records.values()
+            if (r := k.record)[2] in ACTIVE_STATUSES
+            and (r[15] is None or r[15] <= now)
+            and (r[16] is None or r[16] <= now)
         ]
-        found.sort(key=lambda r: r.updated_at)
+        found.sort(key=lambda k: k.record[5])
         return found
 
     async def find(
@@ -99,13 +147,13 @@ class MemorySagaStore:
     ) -> list[SagaRecord]:
         pool = self._claimable(stuck_at) if stuck_at is not None else list(self._records.values())
         out = [
-            r
-            for r in pool
-            if (saga_type is None or r.saga_type == saga_type)
-            and (statuses is None or r.status in statuses)
+            k
+            for k in pool
+            if (saga_type is None or k.record[1] == saga_type)
+            and (statuses is None or k.record[2] in statuses)
         ]
-        out.sort(key=lambda r: r.updated_at)
-        return [r.copy() for r in out[:limit]]
+        out.sort(key=lambda k: k.record[5])
+        return [k.get() for k in out[:limit]]
 
     def schema_sql(self) -> str:
         return ""
