@@ -137,35 +137,49 @@ class PostgresSagaStore:
         state = record_to_json(r).decode()
         expected = r.version - 1
 
+        if expected == 0:
+            args: tuple[Any, ...] = (
+                r.saga_id,
+                r.saga_type,
+                r.status.value,
+                r.version,
+                r.lease_owner,
+                r.lease_until,
+                r.wake_at,
+                r.created_at,
+                r.updated_at,
+                state,
+            )
+            sql = self._insert
+        else:
+            args = (
+                r.status.value,
+                r.version,
+                r.lease_owner,
+                r.lease_until,
+                r.wake_at,
+                r.updated_at,
+                state,
+                r.saga_id,
+                expected,
+            )
+            sql = self._update
+
+        if also is None:
+            # one statement is its own transaction: one round trip
+
+            async def write_alone(pool: Any) -> None:
+                async with pool.acquire() as conn:
+                    if not (await conn.execute(sql, *args)).endswith(" 1"):
+                        actual = await conn.fetchval(self._version, r.saga_id)
+                        raise ConcurrencyError(f"saga {r.saga_id}", expected, actual or 0)
+
+            await self._call("saga save", write_alone)
+            return
+
         async def write(pool: Any) -> None:
             async with pool.acquire() as conn, conn.transaction():
-                if expected == 0:
-                    status = await conn.execute(
-                        self._insert,
-                        r.saga_id,
-                        r.saga_type,
-                        r.status.value,
-                        r.version,
-                        r.lease_owner,
-                        r.lease_until,
-                        r.wake_at,
-                        r.created_at,
-                        r.updated_at,
-                        state,
-                    )
-                else:
-                    status = await conn.execute(
-                        self._update,
-                        r.status.value,
-                        r.version,
-                        r.lease_owner,
-                        r.lease_until,
-                        r.wake_at,
-                        r.updated_at,
-                        state,
-                        r.saga_id,
-                        expected,
-                    )
+                status = await conn.execute(sql, *args)
                 if not status.endswith(" 1"):
                     actual = await conn.fetchval(self._version, r.saga_id)
                     raise ConcurrencyError(f"saga {r.saga_id}", expected, actual or 0)

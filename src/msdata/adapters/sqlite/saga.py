@@ -175,7 +175,16 @@ class SqliteSagaStore(_SqliteStore):
                     "outbox.add, not add_async"
                 )
 
-        await self._run(lambda conn: self._write(conn, write), inline=True)
+        if also is None:
+            # one statement in autocommit mode is its own transaction
+
+            def alone(conn: sqlite3.Connection) -> None:
+                write(conn)
+                self._commits += 1
+
+            await self._run(alone, inline=True)
+        else:
+            await self._run(lambda conn: self._write(conn, write), inline=True)
 
     def _conflict(self, conn: sqlite3.Connection, saga_id: str, expected: int) -> None:
         row = conn.execute(self._version, (saga_id,)).fetchone()
