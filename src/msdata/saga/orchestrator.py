@@ -82,6 +82,7 @@ TERMINAL = (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED)
 
 _DONE, _FAILED, _PARKED = 0, 1, 2
 _FINAL = {s: s.value.lower() for s in SagaStatus}
+_entry = tuple.__new__  # a named tuple built from a full tuple: no Python-level __new__
 
 
 class SagaOrchestrator:
@@ -172,7 +173,7 @@ class SagaOrchestrator:
             now,
             now,
             deadline=now + timedelta(seconds=saga.deadline) if saga.deadline else None,
-            history=[HistoryEntry(now, "started")],
+            history=[_entry(HistoryEntry, (now, "started", None, None, None))],
         )
         rec.past_pivot = saga.past_pivot_at(0)
         await self._drive(rec, saga)
@@ -447,7 +448,7 @@ class SagaOrchestrator:
         attempt: int | None = None,
         detail: str | None = None,
     ) -> None:
-        rec.history.append(HistoryEntry(self.clock.now(), event, step, attempt, detail))
+        rec.history.append(_entry(HistoryEntry, (self.clock.now(), event, step, attempt, detail)))
 
     def _take(self, rec: SagaRecord, now: datetime) -> None:
         rec.lease_owner = self.owner
@@ -536,7 +537,7 @@ class SagaOrchestrator:
         rec.error = error
         rec.lease_owner = rec.lease_until = rec.wake_at = None
         now = self.clock.now()
-        rec.history.append(HistoryEntry(now, _FINAL[status], None, None, error))
+        rec.history.append(_entry(HistoryEntry, (now, _FINAL[status], None, None, error)))
         await self._save(rec, now=now)
         for fut in self._waiters.get(rec.saga_id, ()):
             if not fut.done():
@@ -584,7 +585,7 @@ class SagaOrchestrator:
         now = self.clock.now()
         run = rec.active[name] = StepRun(ACTION, 1, "running")
         history = rec.history
-        history.append(HistoryEntry(now, "step started", name, 1))
+        history.append(_entry(HistoryEntry, (now, "step started", name, 1, None)))
         rec.lease_owner = self.owner
         rec.lease_until = now + self.lease
         rec.wake_at = None
@@ -595,7 +596,9 @@ class SagaOrchestrator:
                 rec.data = value
             del rec.active[name]
             rec.done.append(name)
-            history.append(HistoryEntry(self.clock.now(), "step completed", name, 1))
+            history.append(
+                _entry(HistoryEntry, (self.clock.now(), "step completed", name, 1, None))
+            )
             rec.position += 1
             rec.past_pivot = saga.past_pivot_at(rec.position)
             return True
