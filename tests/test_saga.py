@@ -32,6 +32,7 @@ from msdata.saga import (
     SagaParticipant,
     SagaStatus,
     Step,
+    StepKind,
     current_step,
     remote,
 )
@@ -83,7 +84,7 @@ def test_definition_errors_say_why() -> None:
     with pytest.raises(SagaDefinitionError, match="pivot cannot be in a parallel"):
         Saga("s", Order).parallel(
             Step.compensatable("a", noop, compensate=noop),
-            Step("p", Step.retriable("p", noop).kind.__class__("pivot"), noop),
+            Step("p", StepKind.PIVOT, noop),
         )
     with pytest.raises(SagaDefinitionError, match="one kind of step"):
         Saga("s", Order).parallel(
