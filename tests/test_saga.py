@@ -581,3 +581,32 @@ async def test_operator_aborts_a_waiting_saga_into_compensation(world: World) ->
     assert done.status is SagaStatus.COMPENSATED
     assert done.error == "aborted: customer cancelled"
     assert world.effects == ["reserve", "release"]
+
+
+async def test_abort_compensates_a_step_left_running_by_a_dead_process() -> None:
+    clock = FakeClock()
+    store = MemorySagaStore()
+    log = Log()
+
+    async def hangs(d: Order) -> None:
+        log.calls.append("b")
+        await asyncio.Event().wait()
+
+    saga = (
+        Saga("s", Order)
+        .step("a", log.step("a"), compensate=log.step("undo-a"))
+        .step("b", hangs, compensate=log.step("undo-b"))
+        .pivot("p", log.step("p"))
+    )
+    orch = SagaOrchestrator(store, [saga], clock=clock, lease_seconds=10)
+    task = asyncio.create_task(orch.start(saga, Order(), saga_id="dead"))
+    await eventually(lambda: log.calls == ["a", "b"])
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with pytest.raises(SagaStateError, match="try again"):
+        await orch.abort("dead")  # its lease is still live
+    clock.advance(11)
+    rec = await orch.abort("dead", "stuck order")
+    assert rec.status is SagaStatus.COMPENSATED
+    assert log.calls == ["a", "b", "undo-b", "undo-a"]  # b may have taken effect: undone too

@@ -615,11 +615,12 @@ class SagaOrchestrator:
                 if s.kind is not StepKind.COMPENSATABLE:
                     continue
                 run = rec.active.get(s.name)
+                # it may have taken effect: a command sent and not refused, or a local
+                # effect under way in a process that died (abort, deadline)
                 maybe_applied = (
                     run is not None
-                    and run.sent
                     and run.purpose == ACTION
-                    and not (run.state == "replied" and run.ok is False)
+                    and ((run.sent and run.ok is not False) or run.state == "running")
                 )
                 if s.name in done or maybe_applied:
                     current.append(s.name)
@@ -688,6 +689,7 @@ class SagaOrchestrator:
                             and not rec.past_pivot
                             and now >= rec.deadline
                             and step.kind is not StepKind.PIVOT
+                            and purpose == ACTION
                         ):
                             return _FAILED, name, "the saga's deadline passed"
                         waiting.append(run.wake_at)
@@ -744,6 +746,7 @@ class SagaOrchestrator:
             action = step.action if purpose == ACTION else step.compensation
             run.state = "running"
             run.error = None
+            run.ok = run.reply = None
             if isinstance(action, Remote):
                 run.state = "waiting"
                 run.sent = True
@@ -908,6 +911,8 @@ class SagaOrchestrator:
                 run.attempt,
                 error,
             )
+            if run.state == "running":
+                run.state = "failed"  # a local action that raised took no effect
             return True
         delay = max(0.0, policy.backoff(run.attempt))
         run.state = "retry"
