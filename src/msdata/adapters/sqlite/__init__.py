@@ -1,4 +1,9 @@
-"""SQLite adapters (stdlib ``sqlite3``, WAL): the embedded default's outbox and inbox stores."""
+"""SQLite adapters (stdlib ``sqlite3``, WAL): the embedded default's stores.
+
+One module per port on one kernel (``_db.py``): :class:`SqliteOutboxStore`
+(``outbox.py``), :class:`SqliteInboxStore` (``inbox.py``), :class:`SqliteSagaStore`
+(``saga.py``).
+"""
 
 from msdata.errors import MissingDependencyError
 
@@ -7,14 +12,11 @@ try:
 except ImportError as e:  # pragma: no cover
     raise MissingDependencyError("sqlite3", None) from e
 
-from msdata.adapters.sqlite.outbox import (
-    SqliteInboxStore,
-    SqliteOutboxStore,
-    connect,
-    from_url,
-    schema_sql,
-)
+from msdata.adapters.sqlite._db import connect
+from msdata.adapters.sqlite.inbox import INBOX_DDL, SqliteInboxStore
+from msdata.adapters.sqlite.outbox import OUTBOX_DDL, SqliteOutboxStore
 from msdata.adapters.sqlite.saga import SqliteSagaStore
+from msdata.storage import DEFAULT_TABLE_PREFIX, check_table_prefix
 
 __all__ = [
     "SqliteInboxStore",
@@ -24,3 +26,14 @@ __all__ = [
     "from_url",
     "schema_sql",
 ]
+
+
+def schema_sql(table_prefix: str = DEFAULT_TABLE_PREFIX) -> str:
+    """The DDL of the outbox and inbox tables, for a migration tool (idempotent)."""
+    p = check_table_prefix(table_prefix)
+    return OUTBOX_DDL.format(p=p) + INBOX_DDL.format(p=p)
+
+
+def from_url(url: str, **options: object) -> SqliteOutboxStore:
+    """``SqliteOutboxStore.from_url``: ``sqlite:///orders.db``."""
+    return SqliteOutboxStore.from_url(url, **options)
