@@ -13,8 +13,12 @@ import pytest
 from pydantic import BaseModel
 
 from msdata import Command, message_type
-from msdata.adapters.memory import MemoryTransport
-from msdata.adapters.memory.outbox import MemoryInboxStore, MemoryOutboxStore, MemoryTransaction
+from msdata.adapters.memory import (
+    MemoryInboxStore,
+    MemoryOutboxStore,
+    MemoryTransaction,
+    MemoryTransport,
+)
 from msdata.adapters.memory.saga import MemorySagaStore
 from msdata.backoff import constant_backoff
 from msdata.errors import (
@@ -610,3 +614,15 @@ async def test_abort_compensates_a_step_left_running_by_a_dead_process() -> None
     rec = await orch.abort("dead", "stuck order")
     assert rec.status is SagaStatus.COMPENSATED
     assert log.calls == ["a", "b", "undo-b", "undo-a"]  # b may have taken effect: undone too
+
+
+def test_saga_stores_from_a_url(tmp_path: Any) -> None:
+    from msdata.adapters.postgres import PostgresSagaStore
+    from msdata.adapters.sqlite import SqliteSagaStore
+    from msdata.urls import store_from_url
+
+    assert isinstance(store_from_url("saga", "memory://"), MemorySagaStore)
+    sqlite = store_from_url("saga", f"sqlite:///{tmp_path}/s.db", table_prefix="app_")
+    assert isinstance(sqlite, SqliteSagaStore) and "app_sagas" in sqlite.schema_sql()
+    pg = store_from_url("saga", "postgresql://u@localhost/db", schema="orders")
+    assert isinstance(pg, PostgresSagaStore) and '"orders"."msdata_sagas"' in pg.schema_sql()

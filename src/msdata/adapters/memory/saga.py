@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from msdata.adapters.memory.outbox import MemoryTransaction
+from msdata.adapters.memory._db import MemoryDatabase, MemoryTransaction
+from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConcurrencyError, SagaNotFound
 from msdata.saga.store import (
     ACTIVE_STATUSES,
@@ -73,17 +74,14 @@ class _Kept:
         self.record = tuple(f)
 
 
-class MemorySagaStore:
+class MemorySagaStore(MemoryDatabase):
     """A :class:`msdata.saga.SagaStore` in a dict; serves one event loop."""
 
     features = SagaStoreFeatures(async_connection=False, durable=False)
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        super().__init__(clock=clock)
         self._records: dict[str, _Kept] = {}
-
-    @classmethod
-    def from_url(cls, url: str = "memory://") -> MemorySagaStore:
-        return cls()
 
     async def save(self, record: SagaRecord, *, also: AlsoInTransaction | None = None) -> None:
         if also is None:
@@ -154,12 +152,3 @@ class MemorySagaStore:
         ]
         out.sort(key=lambda k: k.record[5])
         return [k.get() for k in out[:limit]]
-
-    def schema_sql(self) -> str:
-        return ""
-
-    async def create_schema(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None

@@ -17,15 +17,8 @@ from typing import Any, Self
 
 import asyncpg
 
-from msdata.adapters.postgres._common import (
-    RELAY_ERRORS,
-    PoolOwner,
-    check_schema,
-    lock_class,
-    qualified,
-    store_error,
-)
-from msdata.errors import ConcurrencyError, MsdataError, SagaNotFound
+from msdata.adapters.postgres._db import PostgresDatabase
+from msdata.errors import ConcurrencyError, SagaNotFound
 from msdata.saga.store import (
     AlsoInTransaction,
     SagaRecord,
@@ -96,11 +89,12 @@ class PostgresSagaStore:
         max_size: int = 4,
     ) -> None:
         self._prefix = check_table_prefix(table_prefix)
-        self._schema = check_schema(schema)
-        self._db = PoolOwner(pool_or_dsn, max_size=max_size, kind="saga store")
+        self._db = PostgresDatabase(
+            pool_or_dsn, schema=schema, max_size=max_size, kind="saga store"
+        )
         self._name = f"{self._prefix}sagas"
-        self.table = t = qualified(self._schema, self._name)
-        self._lock_class = lock_class(f"{self._schema or ''}.{self._name}")
+        self.table = t = self._db.qualified(self._name)
+        self._lock_class = self._db.lock_class(self._name)
         self._insert = (
             f"INSERT INTO {t} (saga_id, saga_type, status, version, lease_owner, lease_until,"
             " wake_at, created_at, updated_at, state)"
@@ -115,14 +109,14 @@ class PostgresSagaStore:
         self._get = f"SELECT {_COLUMNS} FROM {t} WHERE saga_id=$1"
 
     @classmethod
-    def from_url(
-        cls, url: str, *, table_prefix: str = DEFAULT_TABLE_PREFIX, schema: str | None = None
-    ) -> PostgresSagaStore:
-        return cls(url, table_prefix=table_prefix, schema=schema)
+    def from_url(cls, url: str, **options: Any) -> PostgresSagaStore:
+        """A store over ``postgresql://…`` that connects on first use; ``options`` go to
+        the constructor (``table_prefix``, ``schema``, ``max_size``)."""
+        return cls(url, **options)
 
     def schema_sql(self) -> str:
-        head = f'CREATE SCHEMA IF NOT EXISTS "{self._schema}";\n' if self._schema else ""
-        return head + _TABLE.format(table=self.table, name=self._name)
+        """The DDL ``create_schema`` runs (idempotent), e.g. for a migration tool."""
+        return self._db.schema_head() + _TABLE.format(table=self.table, name=self._name)
 
     async def create_schema(self) -> None:
         await self._db.run_ddl("saga create_schema", self.schema_sql(), self._lock_class)
@@ -130,7 +124,7 @@ class PostgresSagaStore:
     async def drop_schema(self) -> None:
         """Drop the table (for tests and teardown)."""
         sql = f"DROP TABLE IF EXISTS {self.table}"
-        await self._db._call("saga drop_schema", lambda pool: pool.execute(sql))
+        await self._db.call("saga drop_schema", lambda pool: pool.execute(sql))
 
     async def save(self, record: SagaRecord, *, also: AlsoInTransaction | None = None) -> None:
         r = record
@@ -174,7 +168,7 @@ class PostgresSagaStore:
                         actual = await conn.fetchval(self._version, r.saga_id)
                         raise ConcurrencyError(f"saga {r.saga_id}", expected, actual or 0)
 
-            await self._call("saga save", write_alone)
+            await self._db.call("saga save", write_alone)
             return
 
         async def write(pool: Any) -> None:
@@ -188,19 +182,10 @@ class PostgresSagaStore:
                     if inspect.isawaitable(result):
                         await result
 
-        await self._call("saga save", write)
-
-    async def _call(self, what: str, fn: Any) -> Any:
-        pool = await self._db.pool()
-        try:
-            return await fn(pool)
-        except MsdataError:
-            raise
-        except RELAY_ERRORS as e:
-            store_error(what, e)
+        await self._db.call("saga save", write)
 
     async def get(self, saga_id: str) -> SagaRecord:
-        row = await self._call("saga get", lambda pool: pool.fetchrow(self._get, saga_id))
+        row = await self._db.call("saga get", lambda pool: pool.fetchrow(self._get, saga_id))
         if row is None:
             raise SagaNotFound(f"no saga instance {saga_id!r}")
         return _record(row)
@@ -217,7 +202,7 @@ class PostgresSagaStore:
             f" UPDATE {t} s SET lease_owner = $2, lease_until = $4, version = s.version + 1"
             f" FROM c WHERE s.saga_id = c.saga_id RETURNING {_prefixed('s')}"
         )
-        rows = await self._call(
+        rows = await self._db.call(
             "saga claim", lambda pool: pool.fetch(sql, now, owner, limit, lease_until)
         )
         out = [_record(row) for row in rows]
@@ -252,14 +237,11 @@ class PostgresSagaStore:
             sql += " WHERE " + " AND ".join(where)
         args.append(limit)
         sql += f" ORDER BY updated_at LIMIT ${len(args)}"
-        rows = await self._call("saga find", lambda pool: pool.fetch(sql, *args))
+        rows = await self._db.call("saga find", lambda pool: pool.fetch(sql, *args))
         return [_record(row) for row in rows]
 
     async def close(self) -> None:
-        try:
-            await self._db._close_pool()
-        except RELAY_ERRORS as e:
-            store_error("saga store close", e)
+        await self._db.close("saga store close")
 
     async def __aenter__(self) -> Self:
         return self

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from msdata.adapters.sqlite.outbox import _SqliteStore
+from msdata.adapters.sqlite._db import SqliteDatabase
 from msdata.errors import ConcurrencyError, ConfigurationError, SagaNotFound
 from msdata.saga.store import (
     ACTIVE_STATUSES,
@@ -90,7 +90,7 @@ def _record(row: tuple[Any, ...]) -> SagaRecord:
     )
 
 
-class SqliteSagaStore(_SqliteStore):
+class SqliteSagaStore(SqliteDatabase):
     """The SQLite :class:`msdata.saga.SagaStore` (see the module docstring).
 
     ``path``: the database file (the one your outbox uses, for remote steps);
@@ -125,7 +125,7 @@ class SqliteSagaStore(_SqliteStore):
         return _SCHEMA.format(p=self.table_prefix)
 
     async def create_schema(self) -> None:
-        await self._script(self.schema_sql())
+        await self.run_script(self.schema_sql())
 
     async def save(self, record: SagaRecord, *, also: AlsoInTransaction | None = None) -> None:
         r = record
@@ -182,16 +182,16 @@ class SqliteSagaStore(_SqliteStore):
                 write(conn)
                 self._commits += 1
 
-            await self._run(alone, inline=True)
+            await self.run(alone, inline=True)
         else:
-            await self._run(lambda conn: self._write(conn, write), inline=True)
+            await self.run(lambda conn: self.write(conn, write), inline=True)
 
     def _conflict(self, conn: sqlite3.Connection, saga_id: str, expected: int) -> None:
         row = conn.execute(self._version, (saga_id,)).fetchone()
         raise ConcurrencyError(f"saga {saga_id}", expected, 0 if row is None else row[0])
 
     async def get(self, saga_id: str) -> SagaRecord:
-        row = await self._run(
+        row = await self.run(
             lambda conn: conn.execute(self._get, (saga_id,)).fetchone(), inline=True
         )
         if row is None:
@@ -224,7 +224,7 @@ class SqliteSagaStore(_SqliteStore):
                 out.append(_record(conn.execute(self._get, (saga_id,)).fetchone()))
             return out
 
-        return await self._run(lambda conn: self._write(conn, claim), inline=True)
+        return await self.run(lambda conn: self.write(conn, claim), inline=True)
 
     async def find(
         self,
@@ -254,7 +254,7 @@ class SqliteSagaStore(_SqliteStore):
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY updated_at LIMIT ?"
         args.append(limit)
-        rows = await self._run(lambda conn: conn.execute(sql, args).fetchall(), inline=True)
+        rows = await self.run(lambda conn: conn.execute(sql, args).fetchall(), inline=True)
         return [_record(row) for row in rows]
 
 
