@@ -32,6 +32,9 @@ STORES: dict[tuple[str, str], str] = {
     ("inbox", "memory"): "msdata.adapters.memory.inbox:MemoryInboxStore",
     ("inbox", "sqlite"): "msdata.adapters.sqlite.inbox:SqliteInboxStore",
     ("inbox", "postgresql"): "msdata.adapters.postgres.inbox:PostgresInboxStore",
+    ("saga", "memory"): "msdata.adapters.memory.saga:MemorySagaStore",
+    ("saga", "sqlite"): "msdata.adapters.sqlite.saga:SqliteSagaStore",
+    ("saga", "postgresql"): "msdata.adapters.postgres.saga:PostgresSagaStore",
 }
 
 #: URL scheme (before any ``+driver``) -> backend name in :data:`STORES`
