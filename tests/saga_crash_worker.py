@@ -11,7 +11,8 @@ point by tests/test_saga_crash.py, then run again to recover.
 - ``confirm``: local, retriable.
 
 ``KILL_AT`` names where this process kills itself the first time it gets there
-(``-``: nowhere). Every effect is also written to ``calls`` (not deduplicated), so the test
+(``-``: nowhere); ``sigterm:confirm`` sends it SIGTERM in the middle of ``confirm`` instead,
+which cancels the work as a service's shutdown does. Every effect is also written to ``calls`` (not deduplicated), so the test
 sees that a step really ran again after the kill.
 """
 
@@ -74,10 +75,13 @@ def release(d: Order) -> None:
     kill_at("after-effect:release")
 
 
-def confirm(d: Order) -> Order:
+async def confirm(d: Order) -> Order:
     kill_at("before-effect:confirm")
     effect("confirm", current_step().idempotency_key)
     kill_at("after-effect:confirm")
+    if KILL_AT == "sigterm:confirm" and MODE == "start":
+        os.kill(os.getpid(), signal.SIGTERM)  # the service is told to stop mid-step
+        await asyncio.sleep(30)
     return d
 
 
@@ -107,6 +111,10 @@ def setup() -> None:
 
 
 async def main() -> None:
+    # a service's usual SIGTERM handling: cancel the work and exit
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     setup()
     saga_store = SqliteSagaStore(DB)
     outbox_store, inbox_store = SqliteOutboxStore(DB), SqliteInboxStore(DB)
@@ -145,4 +153,10 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except asyncio.CancelledError:
+        with connect(DB) as conn:
+            (status,) = conn.execute("SELECT status FROM msdata_sagas").fetchone()
+        print("cancelled", status, flush=True)
+        sys.exit(3)

@@ -71,3 +71,20 @@ def test_killed_at_a_step_boundary_the_saga_ends_and_each_effect_happened_once(
     step = kill_at.split(":")[1]
     if kill_at.startswith("after-effect"):
         assert calls[step] == 2
+
+
+def test_sigterm_mid_step_leaves_the_saga_running_and_it_is_finished_not_compensated(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "shop.db"
+    first = run(db, "start", "sigterm:confirm", False)
+    assert first.returncode == 3, (first.stdout, first.stderr)
+    assert first.stdout.split() == ["cancelled", "RUNNING"]
+    second = run(db, "recover", "-", False)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.split()[-1] == "COMPLETED"
+    with sqlite3.connect(db) as conn:
+        effects = dict(conn.execute("SELECT name, count(*) FROM effects GROUP BY name").fetchall())
+        history = conn.execute("SELECT state FROM msdata_sagas").fetchone()[0]
+    assert effects == {"reserve": 1, "confirm": 1}
+    assert b"compensating" not in (history if isinstance(history, bytes) else history.encode())
