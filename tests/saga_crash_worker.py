@@ -12,8 +12,8 @@ point by tests/test_saga_crash.py, then run again to recover.
 
 ``KILL_AT`` names where this process kills itself the first time it gets there
 (``-``: nowhere); ``sigterm:confirm`` sends it SIGTERM in the middle of ``confirm`` instead,
-which cancels the work as a service's shutdown does. Every effect is also written to ``calls`` (not deduplicated), so the test
-sees that a step really ran again after the kill.
+which cancels the work as a service's shutdown does. Every effect is also written to
+``calls`` (not deduplicated), so the test sees that a step really ran again after the kill.
 """
 
 from __future__ import annotations
