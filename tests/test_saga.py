@@ -540,9 +540,7 @@ async def test_an_unanswered_pivot_is_asked_again_never_compensated(world: World
     await waiting_on(world, rec.saga_id, "charge")
     world.clock.advance(31)
     await eventually(
-        lambda: any(
-            h.event == "retry" for h in world.saga_store._records[rec.saga_id].get().history
-        )
+        lambda: any(h.event == "retry" for h in world.saga_store.snapshot(rec.saga_id).history)
     )
     world.silent.clear()
     await waiting_on(world, rec.saga_id, "charge")
@@ -626,3 +624,24 @@ def test_saga_stores_from_a_url(tmp_path: Any) -> None:
     assert isinstance(sqlite, SqliteSagaStore) and "app_sagas" in sqlite.schema_sql()
     pg = store_from_url("saga", "postgresql://u@localhost/db", schema="orders")
     assert isinstance(pg, PostgresSagaStore) and '"orders"."msdata_sagas"' in pg.schema_sql()
+
+
+async def test_a_step_returning_the_wrong_type_or_raising_cancelled_error_fails() -> None:
+    log = Log()
+
+    def wrong(d: Order) -> Any:
+        return {"not": "an order"}
+
+    async def inner_cancel(d: Order) -> None:
+        raise asyncio.CancelledError("a timeout inside the step")
+
+    for bad, error in ((wrong, "returned dict, not Order"), (inner_cancel, "CancelledError")):
+        saga = (
+            Saga(f"s-{bad.__name__}", Order)
+            .step("a", log.step("a"), compensate=log.step("undo-a"))
+            .pivot("p", bad)
+        )
+        rec = await SagaOrchestrator(MemorySagaStore(), [saga]).run(saga, Order())
+        assert rec.status is SagaStatus.COMPENSATED
+        assert error in (rec.error or "")
+    assert log.calls == ["a", "undo-a", "a", "undo-a"]

@@ -251,7 +251,7 @@ class SagaMachine(RuleBasedStateMachine):
         if not hasattr(self, "store"):
             return
         for _ in range(200):
-            rec = self.store._records[SAGA_ID].get()
+            rec = self.store.snapshot(SAGA_ID)
             if rec.status in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED):
                 break
             while self.commands:
@@ -267,7 +267,7 @@ class SagaMachine(RuleBasedStateMachine):
                 self.lifetime(on_reply)
             self.clock.advance(11)
             self.lifetime(lambda o: o.recover())
-        rec = self.store._records[SAGA_ID].get()
+        rec = self.store.snapshot(SAGA_ID)
         status = rec.status
         assert status in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED), rec
         if status is SagaStatus.FAILED:

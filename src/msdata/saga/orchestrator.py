@@ -172,10 +172,19 @@ class SagaOrchestrator:
             data,
             now,
             now,
-            deadline=now + timedelta(seconds=saga.deadline) if saga.deadline else None,
-            history=[_entry(HistoryEntry, (now, "started", None, None, None))],
+            0,
+            0,
+            [],
+            {},
+            [],
+            saga.past_pivot_at(0),
+            None,
+            now + timedelta(seconds=saga.deadline) if saga.deadline else None,
+            None,
+            None,
+            None,
+            [_entry(HistoryEntry, (now, "started", None, None, None))],
         )
-        rec.past_pivot = saga.past_pivot_at(0)
         await self._drive(rec, saga)
         return rec
 
@@ -580,7 +589,8 @@ class SagaOrchestrator:
         return True
 
     async def _plain_step(self, rec: SagaRecord, saga: Saga[Any], step: Step) -> bool:
-        """The common case, kept lean: one local step without a timeout, first attempt."""
+        """The common case, kept lean (the general path is :meth:`_run_group`): one local
+        step without a timeout, first attempt; the save and the call written out here."""
         name = step.name
         now = self.clock.now()
         run = rec.active[name] = StepRun(ACTION, 1, "running")
@@ -589,21 +599,50 @@ class SagaOrchestrator:
         rec.lease_owner = self.owner
         rec.lease_until = now + self.lease
         rec.wake_at = None
-        await self._save(rec, now=now)  # before the effect
-        ok, value = await self._attempt(rec, step, run, step.action, rec.data, ACTION)  # type: ignore[arg-type]
-        if ok:
-            if value is not None:
-                rec.data = value
-            del rec.active[name]
-            rec.done.append(name)
-            history.append(
-                _entry(HistoryEntry, (self.clock.now(), "step completed", name, 1, None))
-            )
-            rec.position += 1
-            rec.past_pivot = saga.past_pivot_at(rec.position)
-            return True
-        if self._failed_attempt(rec, step, run, ACTION, value, self.clock.now()):
-            return await self._step_failed(rec, saga, name, value)
+        rec.version += 1
+        rec.updated_at = now
+        try:
+            await self.store.save(rec)  # before the effect
+        except BaseException:
+            rec.version -= 1
+            raise
+        data = rec.data
+        fn: Callable[[Any], Any] = step.action  # type: ignore[assignment]
+        token = _step.set(_entry(StepContext, (rec.saga_id, rec.saga_type, name, ACTION, 1)))
+        try:
+            result = fn(data)
+            if (
+                result is not None
+                and type(result) is not type(data)
+                and inspect.isawaitable(result)
+            ):
+                result = await result
+        except asyncio.CancelledError as e:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # shutdown, not a business failure: the instance stays resumable
+            return await self._plain_failed(rec, saga, step, run, f"CancelledError: {e}")
+        except Exception as e:
+            return await self._plain_failed(rec, saga, step, run, f"{type(e).__name__}: {e}")
+        finally:
+            _step.reset(token)
+        if result is not None:
+            if not isinstance(result, type(data)):
+                error = f"returned {type(result).__name__}, not {type(data).__name__}"
+                return await self._plain_failed(rec, saga, step, run, error)
+            rec.data = result
+        del rec.active[name]
+        rec.done.append(name)
+        history.append(_entry(HistoryEntry, (self.clock.now(), "step completed", name, 1, None)))
+        rec.position += 1
+        rec.past_pivot = saga.past_pivot_at(rec.position)
+        return True
+
+    async def _plain_failed(
+        self, rec: SagaRecord, saga: Saga[Any], step: Step, run: StepRun, error: str
+    ) -> bool:
+        if self._failed_attempt(rec, step, run, ACTION, error, self.clock.now()):
+            return await self._step_failed(rec, saga, step.name, error)
         return True  # to be retried: the general path takes it from here
 
     def _begin_compensation(self, rec: SagaRecord, saga: Saga[Any], error: str) -> None:
@@ -818,7 +857,9 @@ class SagaOrchestrator:
         data: Any,
         purpose: str,
     ) -> tuple[bool, Any]:
-        token = _step.set(StepContext(rec.saga_id, rec.saga_type, step.name, purpose, run.attempt))
+        token = _step.set(
+            _entry(StepContext, (rec.saga_id, rec.saga_type, step.name, purpose, run.attempt))
+        )
         try:
             if step.timeout is None:
                 result = fn(data)

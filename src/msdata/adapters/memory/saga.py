@@ -20,58 +20,73 @@ from msdata.saga.store import (
     SagaRecord,
     SagaStatus,
     SagaStoreFeatures,
+    StepRun,
 )
 
 __all__ = ["MemorySagaStore"]
 
 
-class _Kept:
-    """A saved record. History and ``done`` only ever grow at their end, so the store keeps a
-    reference and a length instead of a copy; everything else is copied at save."""
+# A saved record is one tuple (the cheapest thing to build on every save): the record's
+# fields, its active invocations as tuples, and history and ``done`` by reference and length
+# (they only ever grow at their end, so the saved prefix never changes).
+_VERSION, _TYPE, _STATUS, _UPDATED, _LEASE_OWNER, _LEASE_UNTIL, _WAKE = 6, 1, 2, 5, 13, 14, 15
+Kept = tuple[Any, ...]
 
-    __slots__ = ("done", "done_len", "history", "history_len", "record")
 
-    def __init__(self, r: SagaRecord) -> None:
-        self.history, self.history_len = r.history, len(r.history)
-        self.done, self.done_len = r.done, len(r.done)
-        active = r.active
-        # the record's fields in order, history and done left out (a tuple builds fastest)
-        self.record: tuple[Any, ...] = (
-            r.saga_id,
-            r.saga_type,
-            r.status,
-            r.data,
-            r.created_at,
-            r.updated_at,
-            r.version,
-            r.position,
-            None,
-            {k: v.copy() for k, v in active.items()} if active else None,
-            [g.copy() for g in r.compensation] if r.compensation else None,
-            r.past_pivot,
-            r.error,
-            r.deadline,
-            r.lease_owner,
-            r.lease_until,
-            r.wake_at,
-        )
+def _keep(r: SagaRecord) -> Kept:
+    history, done = r.history, r.done
+    runs = None
+    if r.active:
+        runs = []
+        for k, v in r.active.items():  # a loop, not a comprehension: no frame on 3.11
+            runs.append(
+                (k, v.purpose, v.attempt, v.state, v.wake_at, v.error, v.ok, v.reply, v.sent)
+            )
+    return (
+        r.saga_id,
+        r.saga_type,
+        r.status,
+        r.data,
+        r.created_at,
+        r.updated_at,
+        r.version,
+        r.position,
+        runs,
+        [g.copy() for g in r.compensation] if r.compensation else None,
+        r.past_pivot,
+        r.error,
+        r.deadline,
+        r.lease_owner,
+        r.lease_until,
+        r.wake_at,
+        history,
+        len(history),
+        done,
+        len(done),
+    )
 
-    @property
-    def version(self) -> int:
-        return int(self.record[6])
 
-    def get(self) -> SagaRecord:
-        rec = SagaRecord(*self.record)
-        rec.active = {k: v.copy() for k, v in rec.active.items()} if rec.active else {}
-        rec.compensation = [g.copy() for g in rec.compensation] if rec.compensation else []
-        rec.history = self.history[: self.history_len]
-        rec.done = self.done[: self.done_len]
-        return rec
-
-    def set_lease(self, owner: str, until: datetime) -> None:
-        f = list(self.record)
-        f[14], f[15], f[6] = owner, until, f[6] + 1
-        self.record = tuple(f)
+def _record(k: Kept) -> SagaRecord:
+    return SagaRecord(
+        k[0],
+        k[1],
+        k[2],
+        k[3],
+        k[4],
+        k[5],
+        k[6],
+        k[7],
+        k[18][: k[19]],
+        {a[0]: StepRun(*a[1:]) for a in k[8]} if k[8] else {},
+        [g.copy() for g in k[9]] if k[9] else [],
+        k[10],
+        k[11],
+        k[12],
+        k[13],
+        k[14],
+        k[15],
+        k[16][: k[17]],
+    )
 
 
 class MemorySagaStore(MemoryDatabase):
@@ -81,14 +96,13 @@ class MemorySagaStore(MemoryDatabase):
 
     def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
         super().__init__(clock=clock)
-        self._records: dict[str, _Kept] = {}
+        self._records: dict[str, Kept] = {}
 
     async def save(self, record: SagaRecord, *, also: AlsoInTransaction | None = None) -> None:
-        if also is None:
-            self._check(record)
-            self._records[record.saga_id] = _Kept(record)
-            return
         self._check(record)
+        if also is None:
+            self._records[record.saga_id] = _keep(record)
+            return
         tx = MemoryTransaction()
         try:
             result = also(tx)
@@ -98,18 +112,22 @@ class MemorySagaStore(MemoryDatabase):
         except BaseException:
             tx.rollback()
             raise
-        self._records[record.saga_id] = _Kept(record)
+        self._records[record.saga_id] = _keep(record)
         tx.commit()
 
     def _check(self, record: SagaRecord) -> None:
         current = self._records.get(record.saga_id)
-        actual = 0 if current is None else current.version
+        actual = 0 if current is None else current[_VERSION]
         if actual != record.version - 1:
             raise ConcurrencyError(f"saga {record.saga_id}", record.version - 1, actual)
 
     async def get(self, saga_id: str) -> SagaRecord:
+        return self.snapshot(saga_id)
+
+    def snapshot(self, saga_id: str) -> SagaRecord:
+        """:meth:`get` without awaiting (for tests and demos). SagaNotFound if unknown."""
         try:
-            return self._records[saga_id].get()
+            return _record(self._records[saga_id])
         except KeyError:
             raise SagaNotFound(f"no saga instance {saga_id!r}") from None
 
@@ -117,22 +135,25 @@ class MemorySagaStore(MemoryDatabase):
         self, owner: str, now: datetime, lease_until: datetime, limit: int
     ) -> list[SagaRecord]:
         out: list[SagaRecord] = []
+        records = self._records
         for kept in self._claimable(now):
             if len(out) >= limit:
                 break
-            kept.set_lease(owner, lease_until)
-            out.append(kept.get())
+            f = list(kept)
+            f[_LEASE_OWNER], f[_LEASE_UNTIL], f[_VERSION] = owner, lease_until, f[_VERSION] + 1
+            records[f[0]] = claimed = tuple(f)
+            out.append(_record(claimed))
         return out
 
-    def _claimable(self, now: datetime) -> list[_Kept]:
+    def _claimable(self, now: datetime) -> list[Kept]:
         found = [
             k
             for k in self._records.values()
-            if (r := k.record)[2] in ACTIVE_STATUSES
-            and (r[15] is None or r[15] <= now)
-            and (r[16] is None or r[16] <= now)
+            if k[_STATUS] in ACTIVE_STATUSES
+            and (k[_LEASE_UNTIL] is None or k[_LEASE_UNTIL] <= now)
+            and (k[_WAKE] is None or k[_WAKE] <= now)
         ]
-        found.sort(key=lambda k: k.record[5])
+        found.sort(key=lambda k: k[_UPDATED])
         return found
 
     async def find(
@@ -147,8 +168,8 @@ class MemorySagaStore(MemoryDatabase):
         out = [
             k
             for k in pool
-            if (saga_type is None or k.record[1] == saga_type)
-            and (statuses is None or k.record[2] in statuses)
+            if (saga_type is None or k[_TYPE] == saga_type)
+            and (statuses is None or k[_STATUS] in statuses)
         ]
-        out.sort(key=lambda k: k.record[5])
-        return [k.get() for k in out[:limit]]
+        out.sort(key=lambda k: k[_UPDATED])
+        return [_record(k) for k in out[:limit]]
