@@ -645,3 +645,46 @@ async def test_a_step_returning_the_wrong_type_or_raising_cancelled_error_fails(
         assert rec.status is SagaStatus.COMPENSATED
         assert error in (rec.error or "")
     assert log.calls == ["a", "undo-a", "a", "undo-a"]
+
+
+async def test_a_reply_that_arrives_while_the_instance_is_being_parked_is_applied() -> None:
+    from msdata.saga import SagaReply
+
+    class ParkingStore(MemorySagaStore):
+        hook: Any = None
+
+        async def save(self, record: Any, *, also: Any = None) -> None:
+            await super().save(record, also=also)
+            if self.hook is not None and record.lease_owner is None:
+                hook, self.hook = self.hook, None
+                await hook()  # the reply comes in while the orchestrator parks the instance
+
+    store = ParkingStore()
+    saga = Saga("parked", Order).pivot(
+        "charge", remote(lambda d: Charge(order_id=d.order_id)), timeout=30
+    )
+    orch = SagaOrchestrator(
+        store,
+        [saga],
+        bus=EventBus(MemoryTransport()),
+        outbox=Outbox(MemoryOutboxStore()),
+        clock=FakeClock(),
+    )
+
+    async def reply() -> None:
+        await orch._on_reply(
+            SagaReply(
+                saga_id="p-1",
+                saga_type="parked",
+                step="charge",
+                purpose="action",
+                attempt=1,
+                ok=True,
+            )
+        )
+
+    store.hook = reply
+    rec = await orch.start(saga, Order(), saga_id="p-1")
+    assert rec.status is SagaStatus.RUNNING  # parked; the reply waited in the mailbox
+    done = await orch.wait("p-1", timeout=5, poll=0.01)
+    assert done.status is SagaStatus.COMPLETED

@@ -537,7 +537,26 @@ class SagaOrchestrator:
             log.warning("saga %s: another worker took it over (%s); stopping here", saga_id, e)
         finally:
             self._driving.discard(saga_id)
-            self._mailbox.pop(saga_id, None)
+            # replies that came in while this task was saving its last state: their
+            # deliveries were acked, so they are handled here, not dropped
+            for reply in self._mailbox.pop(saga_id, ()):
+                self._spawn(self._redeliver(reply))
+
+    async def _redeliver(self, reply: SagaReply) -> None:
+        for attempt in range(6):
+            try:
+                await self._on_reply(reply)
+                return
+            except SagaStateError:  # held by another process for now
+                await asyncio.sleep(0.05 * 2**attempt)
+            except Exception:
+                log.exception("saga %s: handling a reply failed", reply.saga_id)
+                return
+        log.warning(
+            "saga %s: a reply for step %s could not be applied; the step's timeout will ask again",
+            reply.saga_id,
+            reply.step,
+        )
 
     async def _finish(self, rec: SagaRecord, status: SagaStatus, error: str | None = None) -> None:
         rec.status = status
