@@ -498,6 +498,9 @@ class SagaOrchestrator:
             rec = await self.store.get(saga_id)
         except SagaNotFound:
             return
+        except Exception:  # the recovery worker will find it
+            log.exception("saga %s: could not look at it at its wake time", saga_id)
+            return
         now = self.clock.now()
         if (
             rec.status not in ACTIVE_STATUSES
@@ -513,6 +516,9 @@ class SagaOrchestrator:
         try:
             await self._save(rec)
         except ConcurrencyError:
+            return  # another worker took it
+        except Exception:
+            log.exception("saga %s: could not take it at its wake time", saga_id)
             return
         self._load(rec, saga)
         await self._drive_logged(rec, saga)
