@@ -23,8 +23,6 @@ from msdata.outbox import Inbox, Outbox, OutboxRelay
 from msdata.saga import SagaParticipant
 from msdata.storage import current_connection
 
-DB, URL, PREFIX = sys.argv[1], sys.argv[2], sys.argv[3]
-
 
 @message_type("rmqsaga.Reserve")
 class Reserve(Command):
@@ -41,7 +39,7 @@ class Charge(Command):
     order_id: str
 
 
-async def main() -> None:
+async def main(DB: str, URL: str, PREFIX: str) -> None:
     with connect(DB) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS effects (order_id TEXT, what TEXT)")
     outbox_store, inbox_store = SqliteOutboxStore(DB), SqliteInboxStore(DB)
@@ -62,6 +60,8 @@ async def main() -> None:
 
     @participant.handler(Reserve, group="stock", topic=f"{PREFIX}.reserve")
     def reserve(cmd: Reserve) -> None:
+        if cmd.order_id.startswith("slow"):
+            raise RuntimeError("stock service stuck")  # never replies: the step times out
         effect(cmd.order_id, "reserve")
 
     @participant.handler(Release, group="stock", topic=f"{PREFIX}.release")
@@ -92,4 +92,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    asyncio.run(main(*sys.argv[1:4]))

@@ -1,5 +1,7 @@
 """Remote saga steps over RabbitMQ, the orchestrator here and the participant in another
-process (tests/saga_rabbitmq_participant.py), each on its own SQLite database."""
+process (tests/saga_rabbitmq_participant.py), each on its own SQLite database: replies with
+data, a refusal compensated, and a step with no reply timed out (on a fake clock) and
+compensated."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from msdata.adapters.sqlite.saga import SqliteSagaStore
 from msdata.events import EventBus
 from msdata.outbox import Outbox, OutboxRelay
 from msdata.saga import Saga, SagaOrchestrator, SagaStatus, remote
+from msdata.testing import FakeClock
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -89,9 +92,11 @@ async def test_orchestrator_and_participant_in_separate_processes(
                 timeout=30,
             )
         )
+        clock = FakeClock()
         orch = SagaOrchestrator(
             saga_store,
             [checkout],
+            clock=clock,
             bus=bus,
             outbox=Outbox(outbox_store, source="orders"),
             reply_topic=f"{prefix}.replies",
@@ -102,6 +107,11 @@ async def test_orchestrator_and_participant_in_separate_processes(
                 done = await asyncio.gather(
                     *(orch.run(checkout, Order(order_id=i), saga_id=i, timeout=30) for i in ids)
                 )
+                # no reply for reserve: after its timeout (on the fake clock) it is undone
+                slow = await orch.start(checkout, Order(order_id="slow-4"), saga_id="slow-4")
+                assert slow.active["reserve"].state == "waiting"
+                clock.advance(31)
+                done.append(await orch.wait("slow-4", timeout=30, poll=0.05))
         finally:
             await orch.close()
             _, queues = transport.declared
@@ -118,7 +128,9 @@ async def test_orchestrator_and_participant_in_separate_processes(
             "o-1": SagaStatus.COMPLETED,
             "o-2": SagaStatus.COMPLETED,
             "bad-3": SagaStatus.COMPENSATED,
+            "slow-4": SagaStatus.COMPENSATED,
         }
+        assert "no reply within 30" in (done[-1].error or "")
         assert {r.saga_id: r.data.payment_id for r in done}["o-1"] == "pay-o-1"
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -132,4 +144,5 @@ async def test_orchestrator_and_participant_in_separate_processes(
         ("o-1", "reserve"),
         ("o-2", "charge"),
         ("o-2", "reserve"),
+        ("slow-4", "release"),  # its reserve may have happened unanswered: undone anyway
     ]
