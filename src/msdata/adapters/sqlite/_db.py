@@ -252,13 +252,15 @@ class SqliteDatabase:
         go to the constructor."""
         return cls(path_from_url(url), **options)
 
-    def _connection(self) -> sqlite3.Connection:
-        # used by one call at a time: inline on the loop's thread or in the store's thread
+    def _connection(self, *, wait: bool = False) -> sqlite3.Connection:
+        # used by one call at a time: inline on the loop's thread or in the store's thread.
+        # ``wait``: called in the store's thread, where opening may wait for another
+        # connection's lock (setting WAL needs one) instead of failing at once
         if self._conn is None:
             conn = sqlite3.connect(
                 self.path,
                 # inline calls must never wait for the lock: they give up at once instead
-                timeout=0 if self.inline else self.busy_timeout,
+                timeout=self.busy_timeout if wait or not self.inline else 0,
                 isolation_level=None,
                 check_same_thread=False,
             )
@@ -268,6 +270,7 @@ class SqliteDatabase:
                 # a checkpoint at commit would flush pages on the loop's thread (7-8 ms once
                 # in ~100 batches): the store's thread checkpoints instead (``run``)
                 conn.execute("PRAGMA wal_autocheckpoint = 0")
+                conn.execute("PRAGMA busy_timeout = 0")
             self._conn = conn
         return self._conn
 
@@ -337,7 +340,7 @@ class SqliteDatabase:
 
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         with map_errors():
-            conn = self._connection()
+            conn = self._connection(wait=True)
             if not self.inline:
                 return fn(conn)
             # here it may wait for the write lock
