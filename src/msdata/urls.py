@@ -35,6 +35,16 @@ STORES: dict[tuple[str, str], str] = {
     ("saga", "memory"): "msdata.adapters.memory.saga:MemorySagaStore",
     ("saga", "sqlite"): "msdata.adapters.sqlite.saga:SqliteSagaStore",
     ("saga", "postgresql"): "msdata.adapters.postgres.saga:PostgresSagaStore",
+    ("eventstore", "memory"): "msdata.adapters.memory.eventstore:MemoryEventStore",
+    ("eventstore", "sqlite"): "msdata.adapters.sqlite.eventstore:SqliteEventStore",
+    ("eventstore", "postgresql"): "msdata.adapters.postgres.eventstore:PostgresEventStore",
+    ("checkpoints", "memory"): "msdata.adapters.memory.checkpoints:MemoryCheckpointStore",
+    ("checkpoints", "sqlite"): "msdata.adapters.sqlite.checkpoints:SqliteCheckpointStore",
+    ("checkpoints", "postgresql"): "msdata.adapters.postgres.checkpoints:PostgresCheckpointStore",
+    ("idempotency", "memory"): "msdata.adapters.memory.idempotency:MemoryIdempotencyStore",
+    ("idempotency", "sqlite"): "msdata.adapters.sqlite.idempotency:SqliteIdempotencyStore",
+    ("idempotency", "postgresql"): "msdata.adapters.postgres.idempotency:PostgresIdempotencyStore",
+    ("idempotency", "redis"): "msdata.adapters.redis.idempotency:RedisIdempotencyStore",
 }
 
 #: URL scheme (before any ``+driver``) -> backend name in :data:`STORES`
@@ -43,6 +53,8 @@ _STORE_SCHEMES = {
     "sqlite": "sqlite",
     "postgresql": "postgresql",
     "postgres": "postgresql",
+    "redis": "redis",
+    "rediss": "redis",
 }
 
 
