@@ -102,6 +102,14 @@ def test_definition_errors_say_why() -> None:
         Retry(0)
     with pytest.raises(SagaDefinitionError, match="has no steps"):
         SagaOrchestrator(MemorySagaStore(), [Saga("empty", Order)])
+    with pytest.raises(SagaDefinitionError, match="no compensation"):
+        Saga("s", Order).parallel(
+            Step("a", StepKind.COMPENSATABLE, noop), Step("b", StepKind.COMPENSATABLE, noop)
+        )
+    used = Saga("used", Order).pivot("p", noop)
+    SagaOrchestrator(MemorySagaStore(), [used])
+    with pytest.raises(SagaDefinitionError, match="in use by an orchestrator"):
+        used.retriable("r", noop)
 
 
 def test_remote_steps_need_a_bus_and_an_outbox() -> None:

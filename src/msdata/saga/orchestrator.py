@@ -150,6 +150,7 @@ class SagaOrchestrator:
         other = self._sagas.get(saga.name)
         if other is not None and other is not saga:
             raise ConfigurationError(f"another saga named {saga.name!r} is registered")
+        saga.freeze()
         self._sagas[saga.name] = saga
 
     # -- running -----------------------------------------------------------------------------
