@@ -34,7 +34,8 @@ What the kernel gives:
   :meth:`~SqliteDatabase.write` wraps ``fn`` in ``BEGIN IMMEDIATE`` … ``COMMIT``;
   :meth:`~SqliteDatabase.run_script` runs idempotent DDL; :meth:`~SqliteDatabase.close`
   closes the connection and the thread. An inline store checkpoints the WAL in its thread
-  every :data:`CHECKPOINT_EVERY` write transactions, never on the loop.
+  every :data:`CHECKPOINT_EVERY` write transactions (a store whose writes are a page or two
+  sets ``checkpoint_every`` higher), never on the loop.
 - :func:`caller_connection`: the write side's connection: a ``sqlite3.Connection`` or a
   SQLAlchemy ``Session``/``Connection`` on a SQLite engine, unwrapped to sqlite3; a
   connection in autocommit mode with no open transaction is refused with
@@ -221,6 +222,10 @@ class SqliteDatabase:
     disk): calls made with ``run(fn, inline=True)`` may run on the event loop's thread.
     """
 
+    #: write transactions between two checkpoints of an inline store: about 1000 pages, as
+    #: SQLite's own default (a store whose writes are one or two pages sets it higher)
+    checkpoint_every: int = CHECKPOINT_EVERY
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -300,7 +305,7 @@ class SqliteDatabase:
             except DatabaseBusy:
                 pass  # another connection writes: wait for it in the store's thread
             finally:
-                if self._commits >= CHECKPOINT_EVERY:
+                if self._commits >= self.checkpoint_every:
                     self._checkpoint_soon()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="msdata-sqlite")
