@@ -20,6 +20,8 @@ from msdata.errors import (
     IdempotencyInProgress,
     IdempotencyKeyMissing,
     IdempotencyKeyReused,
+    ResultNotStored,
+    StoredResultInvalid,
 )
 from msdata.idempotency import IdempotencyKeys, canonical_json, fingerprint, http_fingerprint
 from msdata.testing import FakeClock
@@ -223,3 +225,46 @@ async def test_an_empty_fingerprint_is_not_compared() -> None:
     assert (await keys.claim("k2", scope="s")).replayed
     with pytest.raises(IdempotencyKeyReused):
         await keys.claim("k2", scope="s", fingerprint="def")
+
+
+def test_a_result_with_no_json_form_is_not_run_again_sync() -> None:
+    keys = _keys()
+    runs: list[int] = []
+
+    @keys.idempotent(key="k")
+    def charge(k: str) -> object:
+        runs.append(1)
+        return object()
+
+    assert charge(k="w") is not None  # the first caller gets its result
+    with pytest.raises(ResultNotStored):
+        charge(k="w")
+    with keys.call_sync("w2") as call:
+        call.result = object()
+    with pytest.raises(ResultNotStored):
+        with keys.call_sync("w2") as call:
+            runs.append(2)  # pragma: no cover - a replay never enters the block
+    assert runs == [1]
+
+
+async def test_a_stored_result_that_no_longer_validates_raises_stored_result_invalid() -> None:
+    keys = _keys()
+
+    class Old(BaseModel):
+        a: int
+
+    class New(BaseModel):
+        a: int
+        b: int
+
+    assert await keys.run("k", _ret(Old(a=1)), result_type=Old) == Old(a=1)
+    with pytest.raises(StoredResultInvalid) as info:
+        await keys.run("k", _ret(New(a=1, b=2)), result_type=New)
+    assert info.value.__cause__ is not None
+
+
+def _ret(value: Any) -> Any:
+    async def op() -> Any:
+        return value
+
+    return op

@@ -32,6 +32,8 @@ from msdata.errors import (
     IdempotencyKeyMissing,
     IdempotencyKeyReused,
     MsdataError,
+    ResultNotStored,
+    StoredResultInvalid,
     StoredResultTooLarge,
 )
 from msdata.idempotency.fingerprint import fingerprint as _fingerprint
@@ -44,7 +46,7 @@ log = logging.getLogger("msdata.idempotency")
 T = TypeVar("T")
 
 # the first byte of a stored response says what follows
-_RESULT, _ERROR, _TOO_LARGE = b"R", b"E", b"T"
+_RESULT, _ERROR, _TOO_LARGE, _NOT_STORED = b"R", b"E", b"T", b"N"
 _MAX_KEY = 255
 _NOTHING: Any = object()
 
@@ -114,7 +116,8 @@ class IdempotencyClaim:
 
     def response(self) -> bytes:
         """A replay's stored payload (as given to ``complete``). Raises
-        StoredResultTooLarge if the first call's result could not be stored, and
+        ResultNotStored if the first call's result could not be stored
+        (StoredResultTooLarge: it was over ``max_result_bytes``), and
         IdempotencyError if the first call ended with a stored error (use
         :meth:`IdempotencyKeys.run` to have it raised again as itself)."""
         if self.stored is None:
@@ -126,6 +129,11 @@ class IdempotencyClaim:
             raise StoredResultTooLarge(
                 f"key {self.key!r}: the first call ran, but its result ({payload.decode()}) "
                 "was over the size limit and was not stored, so it cannot be replayed"
+            )
+        if kind == _NOT_STORED:
+            raise ResultNotStored(
+                f"key {self.key!r}: the first call ran, but its result could not be stored "
+                f"({payload.decode()}), so it cannot be replayed"
             )
         if kind == _ERROR:
             raise IdempotencyError(f"key {self.key!r}: the first call failed: {payload.decode()}")
@@ -174,6 +182,26 @@ class IdempotencyClaim:
         """:meth:`complete` for sync callers."""
         self._end()
         body = self._body(_RESULT, payload)
+        ok = self.keys.store.complete(
+            self.conn, self.scope, self.key, self.token, body, self.keys._retain_until()
+        )
+        self._completed(ok, body)
+
+    async def complete_unstored(self, reason: str) -> None:
+        """The operation ran but its result cannot be stored (``reason`` says why): mark
+        the key COMPLETED without a result, so retries get ResultNotStored and the
+        operation does not run again."""
+        self._end()
+        body = _NOT_STORED + reason.encode()
+        ok = await self.keys.store.complete_async(
+            self.conn, self.scope, self.key, self.token, body, self.keys._retain_until()
+        )
+        self._completed(ok, body)
+
+    def complete_unstored_sync(self, reason: str) -> None:
+        """:meth:`complete_unstored` for sync callers."""
+        self._end()
+        body = _NOT_STORED + reason.encode()
         ok = self.keys.store.complete(
             self.conn, self.scope, self.key, self.token, body, self.keys._retain_until()
         )
@@ -291,7 +319,10 @@ class IdempotencyKeys:
 
     Raises, from :meth:`claim`, :meth:`run` and the front ends: IdempotencyKeyMissing (no
     key), IdempotencyKeyReused (the key's stored fingerprint differs),
-    IdempotencyInProgress (another claim holds a live lease), StoredResultTooLarge.
+    IdempotencyInProgress (another claim holds a live lease), ResultNotStored (the first
+    call ran but its result was over ``max_result_bytes`` — StoredResultTooLarge — or had
+    no JSON form; the first caller got its result, a warning was logged),
+    StoredResultInvalid (the stored result does not validate as ``result_type`` any more).
     """
 
     def __init__(
@@ -382,17 +413,27 @@ class IdempotencyKeys:
         stored = claim.stored or b""
         if stored[:1] == _ERROR:
             raise _load_error(stored[1:], final, claim.key)
-        # the core validator: TypeAdapter.validate_json's Python wrapper costs a microsecond
-        return _type_adapter(result_type).validator.validate_json(claim.response())
+        payload = claim.response()
+        try:
+            # the core validator: TypeAdapter.validate_json's Python wrapper costs a microsecond
+            return _type_adapter(result_type).validator.validate_json(payload)
+        except ValueError as e:  # pydantic's ValidationError, or JSON that does not parse
+            raise StoredResultInvalid(
+                f"key {claim.key!r}: the stored result does not validate as {result_type!r} "
+                f"(did the result type change since it was stored?): {e}"
+            ) from e
 
     @staticmethod
-    def _dump(result: Any, result_type: Any) -> bytes:
+    def _dump(result: Any, result_type: Any) -> bytes | str:
+        """The result's JSON (bytes), or why it has none (str)."""
         try:
             return _type_adapter(result_type).dump_json(result)
-        except PydanticSerializationError as e:
-            raise ConfigurationError(
-                f"the result ({type(result).__qualname__}) has no JSON form: {e}"
-            ) from e
+        except (PydanticSerializationError, ValueError, TypeError) as e:
+            return f"the result ({type(result).__qualname__}) has no JSON form: {e}"
+
+    @staticmethod
+    def _unstored(claim: IdempotencyClaim, e: ResultNotStored) -> None:
+        log.warning("%s; the first caller gets its result, retries get this error", e)
 
     async def run(
         self,
@@ -427,15 +468,26 @@ class IdempotencyKeys:
         return result
 
     async def _store_result(self, claim: IdempotencyClaim, result: Any, result_type: Any) -> None:
+        # the operation ran: from here on the key is never released (a retry must not run
+        # it again); a result that cannot be stored is noted instead (ResultNotStored)
+        payload = self._dump(result, result_type)
         try:
-            payload = self._dump(result, result_type)
-        except BaseException:
-            await claim.release()
-            raise
-        try:
+            if isinstance(payload, str):
+                await claim.complete_unstored(payload)
+                raise ResultNotStored(f"key {claim.key!r}: {payload}; it was not stored")
             await claim.complete(payload)
-        except StoredResultTooLarge as e:
-            log.warning("%s; the first caller gets its result, retries get this error", e)
+        except ResultNotStored as e:
+            self._unstored(claim, e)
+
+    def _store_result_sync(self, claim: IdempotencyClaim, result: Any, result_type: Any) -> None:
+        payload = self._dump(result, result_type)
+        try:
+            if isinstance(payload, str):
+                claim.complete_unstored_sync(payload)
+                raise ResultNotStored(f"key {claim.key!r}: {payload}; it was not stored")
+            claim.complete_sync(payload)
+        except ResultNotStored as e:
+            self._unstored(claim, e)
 
     def run_sync(
         self,
@@ -461,15 +513,7 @@ class IdempotencyKeys:
         except BaseException as e:
             claim.failed_sync(e, final)
             raise
-        try:
-            payload = self._dump(result, result_type)
-        except BaseException:
-            claim.release_sync()
-            raise
-        try:
-            claim.complete_sync(payload)
-        except StoredResultTooLarge as e:
-            log.warning("%s; the first caller gets its result, retries get this error", e)
+        self._store_result_sync(claim, result, result_type)
         return result
 
     # -- context managers ------------------------------------------------------------------
@@ -540,15 +584,7 @@ class IdempotencyKeys:
         except BaseException as e:
             claim.failed_sync(e, final)
             raise
-        try:
-            payload = self._dump(call.result, result_type)
-        except BaseException:
-            claim.release_sync()
-            raise
-        try:
-            claim.complete_sync(payload)
-        except StoredResultTooLarge as e:
-            log.warning("%s; the first caller gets its result, retries get this error", e)
+        self._store_result_sync(claim, call.result, result_type)
 
     # -- the decorator ---------------------------------------------------------------------
 

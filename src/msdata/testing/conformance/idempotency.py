@@ -40,6 +40,7 @@ from msdata.errors import (
     IdempotencyInProgress,
     IdempotencyKeyMissing,
     IdempotencyKeyReused,
+    ResultNotStored,
     StoredResultTooLarge,
 )
 from msdata.idempotency import IdempotencyKeys, IdempotencyStatus, IdempotencyStore
@@ -348,6 +349,23 @@ class IdempotencyStoreConformance:
             assert await keys.run("big", _async(big), scope="s") == big  # the first caller
             with pytest.raises(StoredResultTooLarge):
                 await keys.run("big", _async("other"), scope="s")
+
+    async def test_a_result_with_no_json_form_is_marked_done_not_run_again(self) -> None:
+        async with self.make_store() as store:
+            keys = IdempotencyKeys(store, clock=FakeClock())
+            runs: list[object] = []
+
+            async def charge() -> object:
+                runs.append(object())  # the effect happens here
+                return runs[-1]
+
+            assert await keys.run("w", charge, scope="s") is runs[0]  # the first caller
+            for _ in range(2):
+                with pytest.raises(ResultNotStored, match="no JSON form"):
+                    await keys.run("w", charge, scope="s")
+            assert len(runs) == 1
+            rec = await store.get("s", "w")
+            assert rec is not None and rec.completed
 
 
 def _async(value: Any) -> Any:
