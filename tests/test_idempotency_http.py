@@ -309,3 +309,90 @@ async def test_a_killed_handler_leaves_the_key_claimable_after_its_lease(server:
         assert server.runs() == 2
         r = await _post(c, server.url, "pay-2", 5)
         assert r.headers["idempotent-replayed"] == "true"
+
+
+# -- raw ASGI: responses that do not reach their last chunk -------------------------------------
+
+
+class Raw:
+    """A raw ASGI app under the middleware, called directly (no HTTP client in between)."""
+
+    def __init__(self, app: Any, **kw: Any) -> None:
+        self.keys = IdempotencyKeys(MemoryIdempotencyStore(), clock=FakeClock(), **kw)
+        self.mw = IdempotencyMiddleware(app, keys=self.keys, owner=owner_from_header("x"))
+
+    async def call(self, key: bytes = b"k", disconnect: bool = False) -> list[Any]:
+        scope = {
+            "type": "http", "method": "POST", "path": "/p", "query_string": b"",
+            "headers": [(b"x", b"a"), (b"idempotency-key", key)],
+        }  # fmt: skip
+        messages: list[Any] = [{"type": "http.request", "body": b"", "more_body": False}]
+        if disconnect:
+            messages.append({"type": "http.disconnect"})
+        sent: list[Any] = []
+
+        async def receive() -> Any:
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(m: Any) -> None:
+            sent.append(m)
+
+        try:
+            await self.mw(scope, receive, send)
+        except RuntimeError:
+            pass
+        return sent
+
+
+def _status(sent: list[Any]) -> tuple[int, Any]:
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(body) if sent[0]["status"] >= 400 else body
+
+
+async def test_a_handler_that_raises_mid_stream_is_not_run_again() -> None:
+    runs: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        runs.append(1)
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"part1", "more_body": True})
+        raise RuntimeError("died mid-stream")
+
+    raw = Raw(app)
+    assert _status(await raw.call()) == (200, b"part1")
+    for _ in range(2):
+        status, doc = _status(await raw.call())
+        assert status == 500 and doc["type"].endswith("/response-not-stored")
+    assert runs == [1]
+
+
+async def test_a_client_that_disconnects_mid_stream_does_not_rerun_the_handler() -> None:
+    runs: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        runs.append(1)
+        await receive()  # the body
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"chunk0", "more_body": True})
+        if (await receive())["type"] == "http.disconnect":
+            return  # what Starlette's StreamingResponse does when the client goes away
+
+    raw = Raw(app)
+    await raw.call(disconnect=True)
+    status, doc = _status(await raw.call())
+    assert status == 500 and doc["type"].endswith("/response-not-stored")
+    assert runs == [1]
+
+
+async def test_a_handler_that_fails_before_responding_releases_the_key() -> None:
+    runs: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        runs.append(1)
+        raise RuntimeError("no response")
+
+    raw = Raw(app)
+    await raw.call()
+    await raw.call()
+    assert runs == [1, 1]

@@ -20,8 +20,11 @@ sf-string, ``"…"``; a bare token is accepted too):
 - no key where one is required: 400 Bad Request.
 
 Errors are RFC 9457 problem details (``application/problem+json``). Responses whose status
-``store_status`` rejects (default: 5xx) and handlers that raise release the key, so the
-client may retry. A handler killed with its process leaves the key IN_PROGRESS until its
+``store_status`` rejects (default: 5xx) and handlers that raise before starting their
+response release the key, so the client may retry. Once a response has started the key is
+never released: a response that does not reach its last chunk (client gone, stream
+raised) or whose body is over ``max_result_bytes`` is marked COMPLETED without being
+stored, and retries get 500 ``…/response-not-stored``. A handler killed with its process leaves the key IN_PROGRESS until its
 lease (``IdempotencyKeys(lease_seconds=…)``) ends; then a retry runs it again.
 """
 
@@ -42,7 +45,8 @@ from msdata.errors import (
     IdempotencyInProgress,
     IdempotencyKeyMissing,
     IdempotencyKeyReused,
-    StoredResultTooLarge,
+    MsdataError,
+    ResultNotStored,
 )
 from msdata.idempotency.fingerprint import http_fingerprint
 from msdata.idempotency.keys import IdempotencyClaim, IdempotencyKeys
@@ -199,7 +203,7 @@ class IdempotencyMiddleware:
         if claim.replayed:
             try:
                 stored = claim.response()
-            except StoredResultTooLarge as e:
+            except ResultNotStored as e:
                 await _problem(send, 500, "response-not-stored", "Response not stored", str(e))
                 return
             await self._replay(stored, send)
@@ -243,28 +247,52 @@ class IdempotencyMiddleware:
             return await receive()
 
         status = 500
+        started = False
         headers: list[tuple[bytes, bytes]] = []
         chunks: list[bytes] = []
+        size = 0
 
         async def capture(message: Message) -> None:
-            nonlocal status, headers
+            nonlocal status, headers, started, size
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = list(message.get("headers", ()))
+                started = True
             elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size <= self.keys.max_result_bytes:  # else: counted, not kept
+                    chunks.append(chunk)
                 if not message.get("more_body", False):
-                    await self._end(claim, status, headers, chunks)
+                    await self._end(claim, status, headers, chunks, size)
             await send(message)
 
         try:
             await self.app(scope, replay_body, capture)
-        except BaseException:
+        except BaseException as e:
             if not claim.done:
-                await claim.release()
+                await self._unfinished(claim, started, status, f"the handler raised {e!r}")
             raise
         if not claim.done:  # the app returned without finishing its response
+            await self._unfinished(
+                claim, started, status, "the response ended early (the client disconnected?)"
+            )
+
+    async def _unfinished(
+        self, claim: IdempotencyClaim, started: bool, status: int, why: str
+    ) -> None:
+        """The response did not reach its last chunk. Before it started, the handler
+        failed: release the key. Once it started, the handler returned and its effects
+        are committed: never run it again; the key is COMPLETED without a response."""
+        if not started or not self.store_status(status):
             await claim.release()
+            return
+        reason = f"the {status} response was not fully sent ({why}) and was not stored"
+        log.warning("idempotency key %r: %s; retries get 500", claim.key, reason)
+        try:
+            await claim.complete_unstored(reason)
+        except MsdataError as e:
+            log.warning("idempotency key %r: marking it done failed: %s", claim.key, e)
 
     async def _end(
         self,
@@ -272,19 +300,28 @@ class IdempotencyMiddleware:
         status: int,
         headers: list[tuple[bytes, bytes]],
         chunks: list[bytes],
+        size: int,
     ) -> None:
         if not self.store_status(status):
             await claim.release()
+            return
+        limit = self.keys.max_result_bytes
+        if size > limit:  # the body's own bytes are what the limit counts
+            log.warning(
+                "idempotency key %r: the response body of %d bytes is over the limit of %d "
+                "bytes; the response is sent, retries get 500",
+                claim.key,
+                size,
+                limit,
+            )
+            await claim.complete_unstored(f"response body of {size} bytes, limit {limit} bytes")
             return
         doc = {
             "s": status,
             "h": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers],
             "b": base64.b64encode(b"".join(chunks)).decode("ascii"),
         }
-        try:
-            await claim.complete(json.dumps(doc, separators=(",", ":")).encode())
-        except StoredResultTooLarge as e:
-            log.warning("%s; the response is sent, retries get 500", e)
+        await claim.complete(json.dumps(doc, separators=(",", ":")).encode(), size=size)
 
 
 async def _problem(

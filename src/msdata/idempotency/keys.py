@@ -148,10 +148,11 @@ class IdempotencyClaim:
             raise IdempotencyError(f"the claim of key {self.key!r} has already ended")
         self.done = True
 
-    def _body(self, kind: bytes, payload: bytes) -> bytes:
+    def _body(self, kind: bytes, payload: bytes, size: int | None = None) -> bytes:
         limit = self.keys.max_result_bytes
-        if len(payload) > limit:
-            return _TOO_LARGE + f"{len(payload)} bytes, limit {limit} bytes".encode()
+        n = len(payload) if size is None else size
+        if n > limit:
+            return _TOO_LARGE + f"{n} bytes, limit {limit} bytes".encode()
         return kind + payload
 
     def _completed(self, ok: bool, body: bytes) -> None:
@@ -166,22 +167,23 @@ class IdempotencyClaim:
         if body[:1] == _TOO_LARGE:
             raise StoredResultTooLarge(f"key {self.key!r}: result of {body[1:].decode()}")
 
-    async def complete(self, payload: bytes) -> None:
+    async def complete(self, payload: bytes, *, size: int | None = None) -> None:
         """Store ``payload`` (bytes) as the key's result, COMPLETED for the retention.
         A payload over ``max_result_bytes`` is not stored: the key is marked COMPLETED
         with a note instead (retries get StoredResultTooLarge, the operation does not run
-        again) and StoredResultTooLarge is raised here too."""
+        again) and StoredResultTooLarge is raised here too. ``size``: the bytes to count
+        against the limit, when ``payload`` wraps the result (default ``len(payload)``)."""
         self._end()
-        body = self._body(_RESULT, payload)
+        body = self._body(_RESULT, payload, size)
         ok = await self.keys.store.complete_async(
             self.conn, self.scope, self.key, self.token, body, self.keys._retain_until()
         )
         self._completed(ok, body)
 
-    def complete_sync(self, payload: bytes) -> None:
+    def complete_sync(self, payload: bytes, *, size: int | None = None) -> None:
         """:meth:`complete` for sync callers."""
         self._end()
-        body = self._body(_RESULT, payload)
+        body = self._body(_RESULT, payload, size)
         ok = self.keys.store.complete(
             self.conn, self.scope, self.key, self.token, body, self.keys._retain_until()
         )
