@@ -396,3 +396,23 @@ async def test_a_handler_that_fails_before_responding_releases_the_key() -> None
     await raw.call()
     await raw.call()
     assert runs == [1, 1]
+
+
+async def test_the_size_limit_counts_the_response_body_bytes() -> None:
+    runs: list[int] = []
+    size = {"n": 10}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        runs.append(1)
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"a", b"b")]})
+        await send({"type": "http.response.body", "body": b"x" * size["n"]})
+
+    raw = Raw(app, max_result_bytes=10)
+    await raw.call(b"fits")
+    replay = await raw.call(b"fits")
+    assert _status(replay) == (200, b"x" * 10) and runs == [1]
+    size["n"] = 11
+    assert _status(await raw.call(b"over")) == (200, b"x" * 11)
+    status, doc = _status(await raw.call(b"over"))
+    assert status == 500 and doc["type"].endswith("/response-not-stored") and runs == [1, 1]
