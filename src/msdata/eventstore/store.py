@@ -15,7 +15,8 @@ Two sides, two kinds of call:
   caller's connection (see :mod:`msdata.storage`): they never commit, roll back or open a
   transaction, so the events commit with the caller's other writes (an outbox row, a
   business table) or not at all. A connection with no open transaction is refused with
-  :class:`msdata.errors.ConfigurationError`.
+  :class:`msdata.errors.ConfigurationError` (a sqlite3 connection in its default mode
+  counts as open: sqlite3 begins the transaction at the first INSERT, the caller commits).
 - Reads (``read_stream``, ``read_all``, ``stream_version``, ``backlog``) and
   ``wait_for_events`` run on connections the store owns; each is one short read.
 
