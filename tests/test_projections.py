@@ -257,6 +257,28 @@ async def test_aggregate_rebuilds_records_and_saves_with_the_expected_version() 
     assert (await accounts.load("acc-1")).state.balance == 13
 
 
+async def test_saving_again_after_a_rolled_back_save_says_to_reload() -> None:
+    store = MemoryEventStore()
+    accounts = AggregateRepository(EventLog(store, registry=registry), Account)
+    acc = await accounts.load("acc-rb")
+    acc.deposit(1)
+    with MemoryTransaction() as tx:
+        accounts.save(tx, acc)
+    acc.deposit(4)
+    with pytest.raises(RuntimeError), MemoryTransaction() as tx:
+        accounts.save(tx, acc)
+        raise RuntimeError("the caller's transaction rolls back")
+    acc.deposit(2)
+    with pytest.raises(ConcurrencyError, match="never committed.*load the aggregate again"):
+        with MemoryTransaction() as tx:
+            accounts.save(tx, acc)
+    fresh = await accounts.load("acc-rb")
+    assert fresh.state.balance == 1 and fresh.version == 1
+    fresh.deposit(2)
+    with MemoryTransaction() as tx:
+        assert accounts.save(tx, fresh).version == 2
+
+
 async def test_snapshots_are_taken_every_n_events_and_used_to_load() -> None:
     store = MemoryEventStore()
     events = EventLog(store, registry=registry)
