@@ -18,7 +18,7 @@ from msdata.adapters.memory import (
     MemoryOutboxStore,
     MemoryTransaction,
 )
-from msdata.errors import ConcurrencyError, ConfigurationError, DecodeError
+from msdata.errors import ConcurrencyError, ConfigurationError, DecodeError, RegistrationError
 from msdata.eventstore import Aggregate, AggregateRepository, EventLog, NewEvent
 from msdata.messages import Event, MessageRegistry
 from msdata.outbox import Outbox
@@ -210,6 +210,30 @@ async def test_subscribe_catches_up_then_follows_live_with_a_type_filter() -> No
     assert got == [Deposited(account="a", amount=1), Deposited(account="a", amount=2)]
 
 
+async def test_read_all_and_subscribe_take_event_classes_as_types() -> None:
+    _store, events, *_ = setup_world()
+    append(events, "a", 0, [Deposited(account="a", amount=1), Renamed(account="a", name="n")])
+    got = await events.read_all(types=[Deposited])
+    assert [s.message for s in got] == [Deposited(account="a", amount=1)]
+    assert [s.message for s in await events.read_all(types=[Renamed, "bank.Deposited"])] == [
+        Deposited(account="a", amount=1),
+        Renamed(account="a", name="n"),
+    ]
+    async for stored in events.subscribe(types=[Renamed], max_wait=30):
+        assert stored.message == Renamed(account="a", name="n")
+        break
+    with pytest.raises(ConfigurationError):
+        await events.read_all(types=Deposited)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        await events.read_all(types=[42])  # type: ignore[list-item]
+
+    class Unregistered(Event):
+        x: int
+
+    with pytest.raises(RegistrationError):
+        await events.read_all(types=[Unregistered])
+
+
 # -- aggregates ------------------------------------------------------------------------------
 
 
@@ -277,6 +301,33 @@ async def test_saving_again_after_a_rolled_back_save_says_to_reload() -> None:
     fresh.deposit(2)
     with MemoryTransaction() as tx:
         assert accounts.save(tx, fresh).version == 2
+
+
+async def test_snapshots_stay_out_of_the_global_order_readers() -> None:
+    store = MemoryEventStore()
+    events = EventLog(store, registry=MessageRegistry())
+    events.registry.register(Deposited, "bank.Deposited")
+    accounts = AggregateRepository(events, Account, snapshot_every=1)
+    acc = await accounts.load("acc")
+    for i in (1, 2, 3):
+        acc.deposit(i)
+        with MemoryTransaction() as tx:
+            accounts.save(tx, acc)
+    assert len(await store.read_all()) == 6  # three events, three snapshots
+    assert [s.message.amount for s in await events.read_all()] == [1, 2, 3]
+    assert [s.message.amount for s in await events.read_all(limit=2)] == [1, 2]
+    got: list[int] = []
+    async for stored in events.subscribe(batch_size=1, max_wait=30):
+        got.append(stored.message.amount)
+        if len(got) == 3:
+            break
+    assert got == [1, 2, 3]
+    # asked for by name, they are there
+    assert len(await events.read_all(types=["msdata.Snapshot"])) == 3
+    # a reader whose registry does not know snapshots reads the events
+    other = EventLog(store, registry=MessageRegistry())
+    other.registry.register(Deposited, "bank.Deposited")
+    assert len(await other.read_all()) == 3
 
 
 async def test_snapshots_are_taken_every_n_events_and_used_to_load() -> None:

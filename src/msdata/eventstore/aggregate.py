@@ -11,7 +11,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from msdata.errors import ConcurrencyError, ConfigurationError, DecodeError
-from msdata.eventstore.log import AppendResult, EventLog
+from msdata.eventstore.log import SNAPSHOT_TYPE, AppendResult, EventLog
 from msdata.messages import Event
 
 __all__ = ["Aggregate", "AggregateRepository", "Snapshot"]
@@ -20,8 +20,6 @@ log = logging.getLogger("msdata.eventstore")
 
 S = TypeVar("S")
 A = TypeVar("A", bound="Aggregate[Any]")
-
-SNAPSHOT_TYPE = "msdata.Snapshot"
 
 
 class Snapshot(Event):

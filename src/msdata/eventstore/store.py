@@ -192,7 +192,14 @@ def as_types(types: Collection[str] | None) -> frozenset[str] | None:
         return None
     if isinstance(types, str):
         raise ConfigurationError("types must be a collection of type names, not one str")
-    return frozenset(types)
+    wanted = frozenset(types)
+    for t in wanted:
+        if not isinstance(t, str):
+            raise ConfigurationError(
+                f"types holds type names (str), not {t!r}: the EventLog maps event classes "
+                "to their registered names, a store takes the names"
+            )
+    return wanted
 
 
 def check_read(after: int, limit: int) -> None:

@@ -243,6 +243,9 @@ class EventStoreConformance:
                 await store.read_all(-1)
             with pytest.raises(ConfigurationError):
                 await store.read_all(0, 0)
+            for bad in ("test.Happened", [object], [None]):  # names only, never one str
+                with pytest.raises(ConfigurationError):
+                    await store.read_all(0, 10, bad)  # type: ignore[arg-type]
 
     async def test_rolled_back_and_uncommitted_events_are_invisible(self) -> None:
         async with self.make_store() as store:
