@@ -20,6 +20,7 @@ from msdata.adapters.memory import (
 )
 from msdata.errors import ConcurrencyError, ConfigurationError, DecodeError, RegistrationError
 from msdata.eventstore import Aggregate, AggregateRepository, EventLog, NewEvent
+from msdata.eventstore.aggregate import Snapshot
 from msdata.messages import Event, MessageRegistry
 from msdata.outbox import Outbox
 from msdata.projections import Projection, ProjectionContext, ProjectionRunner, handles
@@ -328,6 +329,19 @@ async def test_snapshots_stay_out_of_the_global_order_readers() -> None:
     other = EventLog(store, registry=MessageRegistry())
     other.registry.register(Deposited, "bank.Deposited")
     assert len(await other.read_all()) == 3
+
+
+async def test_the_snapshot_stream_suffix_is_reserved() -> None:
+    _store, events, *_ = setup_world()
+    with pytest.raises(ConfigurationError, match="reserved"):
+        append(events, "acc.snapshots", 0, [Deposited(account="a", amount=1)])
+    accounts = AggregateRepository(events, Account, snapshot_every=1)
+    acc = await accounts.load("acc.snapshots")
+    acc.deposit(1)
+    with pytest.raises(ConfigurationError, match="reserved"), MemoryTransaction() as tx:
+        accounts.save(tx, acc)
+    with pytest.raises(ConfigurationError, match="reserved"):
+        append(events, "acc", 0, [Snapshot(of_version=1, state={})])
 
 
 async def test_snapshots_are_taken_every_n_events_and_used_to_load() -> None:

@@ -24,7 +24,8 @@ A = TypeVar("A", bound="Aggregate[Any]")
 
 class Snapshot(Event):
     """An aggregate's state after ``of_version`` events of its stream, kept in the stream
-    ``{stream_id}.snapshots`` (type name ``msdata.Snapshot``; never published)."""
+    ``{stream_id}.snapshots`` (type name ``msdata.Snapshot``; never published). Stream ids
+    ending in ``.snapshots`` are reserved for them (ConfigurationError otherwise)."""
 
     of_version: int
     state: dict[str, Any]

@@ -28,6 +28,8 @@ __all__ = ["AppendResult", "EventLog", "StoredEvent"]
 
 #: the type name of aggregate snapshots (msdata.eventstore.aggregate.Snapshot)
 SNAPSHOT_TYPE = "msdata.Snapshot"
+#: stream ids ending so are reserved for aggregate snapshots
+SNAPSHOT_SUFFIX = ".snapshots"
 
 log = logging.getLogger("msdata.eventstore")
 
@@ -157,6 +159,12 @@ class EventLog:
                     partition_key=stream_id,
                     headers=headers,
                     source=self.source,
+                )
+            if (env.type == SNAPSHOT_TYPE) != stream_id.endswith(SNAPSHOT_SUFFIX):
+                raise ConfigurationError(
+                    f"stream ids ending in {SNAPSHOT_SUFFIX!r} are reserved for aggregate "
+                    f"snapshots ({SNAPSHOT_TYPE}), and snapshots go only there: cannot "
+                    f"append a {env.type} to {stream_id!r}"
                 )
             envelopes.append(env)
             new.append(NewEvent(env.id, env.type, env.version, encode(env)))
