@@ -164,9 +164,7 @@ class AggregateRepository(Generic[A]):
         command. Saving it anyway raises ConcurrencyError saying that the previous save
         never committed (``actual`` is the version it started from)."""
         try:
-            result = self.log.append(
-                conn, aggregate.id, aggregate.saved_version, aggregate.pending
-            )
+            result = self.log.append(conn, aggregate.id, aggregate.saved_version, aggregate.pending)
         except ConcurrencyError as e:
             raise self._explain(aggregate, e) from e
         snapshot = self._snapshot(aggregate)

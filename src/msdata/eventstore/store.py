@@ -44,6 +44,8 @@ Contract:
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -66,14 +68,25 @@ MAX_STREAM_ID = 200
 
 
 def check_stream_id(stream_id: str) -> str:
-    """A stream id is a non-empty string of at most 200 characters (ConfigurationError),
-    valid UTF-8 (EncodeError)."""
+    """A stream id is a non-empty string of at most 200 characters with no control
+    character (U+0000-U+001F, U+007F: PostgreSQL cannot store NUL, and none belongs in an
+    id) (ConfigurationError), valid UTF-8 (EncodeError)."""
     if not isinstance(stream_id, str) or not 0 < len(stream_id) <= MAX_STREAM_ID:
         raise ConfigurationError(
             f"a stream id must be a non-empty str of at most {MAX_STREAM_ID} characters, "
             f"got {stream_id!r}"
         )
+    if has_control_character(stream_id):
+        raise ConfigurationError(f"a stream id holds no control character, got {stream_id!r}")
     return check_text("stream id", stream_id)  # no lone surrogate: every store can write it
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
+def has_control_character(text: str) -> bool:
+    """Whether ``text`` holds a C0 control character or DEL (U+0000-U+001F, U+007F)."""
+    return _CONTROL.search(text) is not None
 
 
 def check_expected_version(expected_version: int) -> int:

@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -82,13 +83,24 @@ def _type_adapter(tp: Any) -> TypeAdapter[Any]:
         return TypeAdapter(tp)
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 def _check(key: str | None, scope: str) -> str:
+    """A key is a str of 1-255 characters with no control character (U+0000-U+001F,
+    U+007F): IdempotencyKeyMissing / IdempotencyError (HTTP 400). A scope is a str with no
+    control character: ConfigurationError. Checked before any store sees them (PostgreSQL
+    cannot store NUL)."""
     if key is None or key == "":
         raise IdempotencyKeyMissing("an idempotency key is required and none was given")
     if not isinstance(key, str) or len(key) > _MAX_KEY:
         raise IdempotencyError(f"an idempotency key is a string of 1-{_MAX_KEY} characters")
+    if _CONTROL.search(key):
+        raise IdempotencyError(f"an idempotency key holds no control character, got {key!r}")
     if not isinstance(scope, str):
         raise ConfigurationError(f"scope must be a string, not {type(scope).__qualname__}")
+    if _CONTROL.search(scope):
+        raise ConfigurationError(f"a scope holds no control character, got {scope!r}")
     return key
 
 

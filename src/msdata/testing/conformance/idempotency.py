@@ -37,6 +37,7 @@ import pytest
 
 from msdata.errors import (
     ConfigurationError,
+    IdempotencyError,
     IdempotencyInProgress,
     IdempotencyKeyMissing,
     IdempotencyKeyReused,
@@ -366,6 +367,16 @@ class IdempotencyStoreConformance:
             assert len(runs) == 1
             rec = await store.get("s", "w")
             assert rec is not None and rec.completed
+
+    async def test_control_characters_in_keys_and_scopes_are_refused_up_front(self) -> None:
+        async with self.make_store() as store:
+            keys = IdempotencyKeys(store, clock=FakeClock())
+            for bad in ("a\x00b", "tab\there", "\x7f"):
+                with pytest.raises(IdempotencyError, match="control character"):
+                    await keys.run(bad, _async(1), scope="s")
+                with pytest.raises(ConfigurationError, match="control character"):
+                    await keys.run("k", _async(1), scope=bad)
+            assert await store.get("s", "k") is None
 
 
 def _async(value: Any) -> Any:
