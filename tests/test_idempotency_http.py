@@ -133,6 +133,25 @@ async def test_missing_key_400_reused_key_422(h: Harness) -> None:
     assert h.runs == 1
 
 
+async def test_malformed_or_repeated_key_headers_get_400(h: Harness) -> None:
+    bad = [
+        [("Idempotency-Key", '"a"'), ("Idempotency-Key", '"b"')],  # two header lines
+        [("Idempotency-Key", '"a", "b"')],  # a list
+        [("Idempotency-Key", "a, b")],
+        [("Idempotency-Key", '"unterminated')],
+        [("Idempotency-Key", '"a";param=1')],
+        [("Idempotency-Key", "two words")],
+    ]
+    for headers in bad:
+        r = await h.client.post("/pay", json={"amount": 1}, headers=[("x-api-key", "a"), *headers])
+        assert _problem(r, 400)["type"].endswith("/key-invalid"), headers
+    assert h.runs == 0
+    # an escaped quote inside the sf-string is part of the key
+    r = await h.post("/pay", '"k\\"q"')
+    assert r.status_code == 201 and h.runs == 1
+    assert await h.store.get(owner("alice"), 'k"q') is not None
+
+
 async def test_a_retry_while_the_first_runs_gets_409(h: Harness) -> None:
     h.gate = asyncio.Event()
     first = asyncio.ensure_future(h.post("/pay", "k-3"))

@@ -81,12 +81,27 @@ def owner_from_header(name: str, *, hashed: bool = True) -> OwnerOf:
     return owner
 
 
-def _parse_key(raw: bytes) -> str:
-    """An sf-string (RFC 8941: ``"…"`` with ``\\"`` and ``\\\\`` escapes) or a bare token."""
-    text = raw.decode("latin-1").strip()
-    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
-        text = re.sub(r"\\([\"\\])", r"\1", text[1:-1])
-    return text
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z:/]+")
+_SF_STRING = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')
+
+
+def _parse_key(raw: bytes) -> str | None:
+    """The key from one header value: an sf-string (RFC 8941 section 3.3.3: ``"…"`` of
+    printable ASCII with ``\\"`` and ``\\\\`` escapes), or, for clients that send it
+    unquoted, a bare token (RFC 9110 tchar, plus ``:`` and ``/``). None when it is neither
+    (a list, parameters, an unterminated string, other bytes): the caller answers 400."""
+    try:
+        text = raw.decode("ascii").strip(" \t")
+    except UnicodeDecodeError:
+        return None
+    if not text:
+        return ""  # an empty header: no key
+    m = _SF_STRING.fullmatch(text)
+    if m is not None:
+        return re.sub(r"\\([\"\\])", r"\1", m.group(1))
+    if _TOKEN.fullmatch(text):
+        return text
+    return None
 
 
 class IdempotencyMiddleware:
@@ -150,8 +165,19 @@ class IdempotencyMiddleware:
         if not self._covers(scope):
             await self.app(scope, receive, send)
             return
-        raw = next((v for k, v in scope["headers"] if k == self._header), None)
-        key = _parse_key(raw) if raw is not None else ""
+        raws = [v for k, v in scope["headers"] if k.lower() == self._header]
+        key: str | None = ""
+        if len(raws) > 1:
+            key = None
+        elif raws:
+            key = _parse_key(raws[0])
+        if key is None:
+            await _problem(
+                send, 400, "key-invalid", "Idempotency-Key invalid",
+                "The Idempotency-Key header must appear once, as one quoted string "
+                '(e.g. Idempotency-Key: "8e03978e-40d5-43e8-bc93-6894a57f9324").',
+            )  # fmt: skip
+            return
         if not key:
             if self.required:
                 await _problem(
