@@ -268,3 +268,21 @@ def _ret(value: Any) -> Any:
         return value
 
     return op
+
+
+async def test_a_blank_owner_never_merges_callers() -> None:
+    keys = _keys()
+    runs: list[str] = []
+
+    @keys.idempotent(key="k", scope=lambda k, owner: owner)
+    async def pay(k: str, owner: str | None) -> int:
+        runs.append(k)
+        return 1
+
+    for blank in ("", "  ", None):
+        with pytest.raises(IdempotencyError, match="owner"):
+            await pay("k", blank)
+    with pytest.raises(ConfigurationError):
+        await keys.run("k", _ret(1), scope=" \u3000")
+    assert runs == []
+    assert await keys.run("k", _ret(1)) == 1  # "" is the one shared scope, as documented

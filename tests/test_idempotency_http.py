@@ -172,6 +172,14 @@ async def test_owners_never_see_each_others_responses(h: Harness) -> None:
     assert "idempotent-replayed" not in b.headers
     r = await h.client.post("/pay", json={"amount": 10}, headers={"Idempotency-Key": "x"})
     _problem(r, 400)  # no owner: refused
+    for blank in ("", "   "):  # an owner function returning a blank string: no owner either
+        mw = IdempotencyMiddleware(
+            lambda *_: None, keys=h.keys, owner=lambda scope, b=blank: b
+        )
+        c = httpx.AsyncClient(transport=httpx.ASGITransport(app=mw), base_url="http://t")
+        async with c:
+            r = await c.post("/pay", headers={"Idempotency-Key": "x"})
+        assert _problem(r, 400)["type"].endswith("/owner-unknown")
 
 
 async def test_server_errors_and_exceptions_release_the_key(h: Harness) -> None:

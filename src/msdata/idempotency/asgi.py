@@ -190,7 +190,7 @@ class IdempotencyMiddleware:
         owner = self.owner(scope)
         if inspect.isawaitable(owner):
             owner = await owner
-        if owner is None:
+        if not isinstance(owner, str) or not owner.strip():  # None, "" or blank: unknown
             await _problem(
                 send, 400, "owner-unknown", "Request owner unknown",
                 "An idempotency key needs the request's owner (credentials or tenant).",

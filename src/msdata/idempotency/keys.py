@@ -101,6 +101,11 @@ def _check(key: str | None, scope: str) -> str:
         raise ConfigurationError(f"scope must be a string, not {type(scope).__qualname__}")
     if _CONTROL.search(scope):
         raise ConfigurationError(f"a scope holds no control character, got {scope!r}")
+    if scope and not scope.strip():
+        raise ConfigurationError(
+            'a scope is "" (one scope for every caller) or an owner with a visible '
+            f"character, got {scope!r}"
+        )
     return key
 
 
@@ -619,7 +624,8 @@ class IdempotencyKeys:
           decorated function's arguments returning it. A missing key raises
           IdempotencyKeyMissing.
         - ``scope``: the parameter holding the owner, or a function of the arguments;
-          None: one scope for every caller.
+          None: one scope for every caller. An owner that is None, "" or blank raises
+          IdempotencyError (callers with no known owner are never merged).
         - ``conn``: the parameter holding the caller's connection (its transaction is
           joined); None: the store's own short transactions.
         - the fingerprint is the hash of every argument except ``conn`` and ``exclude``
@@ -649,10 +655,14 @@ class IdempotencyKeys:
                 k = given[key] if isinstance(key, str) else key(*args, **kwargs)
                 if scope is None:
                     s = ""
-                elif isinstance(scope, str):
-                    s = given[scope]
                 else:
-                    s = scope(*args, **kwargs)
+                    s = given[scope] if isinstance(scope, str) else scope(*args, **kwargs)
+                    if s is None or (isinstance(s, str) and not s.strip()):
+                        # an owner that is unknown must never merge callers into one scope
+                        raise IdempotencyError(
+                            f"{fn.__qualname__}: the scope (owner) is {s!r}: an idempotency "
+                            "key needs a known owner"
+                        )
                 if fingerprint is not None:
                     fp = fingerprint(*args, **kwargs)
                 else:
