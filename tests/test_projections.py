@@ -426,6 +426,24 @@ async def test_runner_follows_live_until_stopped() -> None:
         await asyncio.wait_for(task, 5)
 
 
+async def test_a_transaction_factory_that_yields_none_stops_the_runner_clearly() -> None:
+    store, events, checkpoints, model, _ = setup_world()
+    append(events, "a", 0, [Deposited(account="a", amount=1)])
+
+    class YieldsNone:  # what asyncpg's conn.transaction() does
+        async def __aenter__(self) -> None:
+            return None
+
+        async def __aexit__(self, *exc: object) -> None:
+            return None
+
+    runner = ProjectionRunner(Balances(model), events, checkpoints, YieldsNone)
+    with pytest.raises(ConfigurationError, match="yields None"):
+        await asyncio.wait_for(runner.run(), 5)  # raised, not retried forever
+    with pytest.raises(ConfigurationError, match="context manager"):
+        await ProjectionRunner(Balances(model), events, checkpoints, lambda: 42).step()
+
+
 async def test_two_runners_of_one_projection_never_apply_an_event_twice() -> None:
     _store, events, checkpoints, model, first = setup_world(batch_size=2)
     second = ProjectionRunner(
