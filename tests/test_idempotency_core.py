@@ -286,3 +286,28 @@ async def test_a_blank_owner_never_merges_callers() -> None:
         await keys.run("k", _ret(1), scope=" \u3000")
     assert runs == []
     assert await keys.run("k", _ret(1)) == 1  # "" is the one shared scope, as documented
+
+
+async def test_the_decorator_works_on_methods() -> None:
+    keys = _keys()
+
+    class Payments:
+        def __init__(self) -> None:
+            self.n = 0
+
+        @keys.idempotent(key="idempotency_key", scope="customer")
+        async def charge(self, customer: str, cents: int, idempotency_key: str) -> int:
+            self.n += 1
+            return self.n
+
+        @keys.idempotent(key="k")
+        def refund(self, k: str) -> int:
+            self.n += 10
+            return self.n
+
+    p = Payments()
+    assert await p.charge("c", 5, idempotency_key="k") == 1
+    assert await p.charge("c", 5, idempotency_key="k") == 1 and p.n == 1
+    with pytest.raises(IdempotencyKeyReused):
+        await p.charge("c", 6, idempotency_key="k")
+    assert p.refund("r") == p.refund("r") == 11 and p.n == 11

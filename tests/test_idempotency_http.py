@@ -173,9 +173,7 @@ async def test_owners_never_see_each_others_responses(h: Harness) -> None:
     r = await h.client.post("/pay", json={"amount": 10}, headers={"Idempotency-Key": "x"})
     _problem(r, 400)  # no owner: refused
     for blank in ("", "   "):  # an owner function returning a blank string: no owner either
-        mw = IdempotencyMiddleware(
-            lambda *_: None, keys=h.keys, owner=lambda scope, b=blank: b
-        )
+        mw = IdempotencyMiddleware(lambda *_: None, keys=h.keys, owner=lambda scope, b=blank: b)
         c = httpx.AsyncClient(transport=httpx.ASGITransport(app=mw), base_url="http://t")
         async with c:
             r = await c.post("/pay", headers={"Idempotency-Key": "x"})

@@ -628,8 +628,10 @@ class IdempotencyKeys:
           IdempotencyError (callers with no known owner are never merged).
         - ``conn``: the parameter holding the caller's connection (its transaction is
           joined); None: the store's own short transactions.
-        - the fingerprint is the hash of every argument except ``conn`` and ``exclude``
-          (canonical JSON), or ``fingerprint(*args, **kwargs)``.
+        - the fingerprint is the hash of every argument except ``conn``, ``exclude`` and
+          a first parameter named ``self`` or ``cls`` (so methods work; every instance
+          shares the keys: put what tells instances apart in ``scope``) (canonical JSON),
+          or ``fingerprint(*args, **kwargs)``.
         - ``result_type``: how the stored result is validated on replay; by default the
           function's return annotation.
         """
@@ -647,6 +649,8 @@ class IdempotencyKeys:
                 if rtype is None:
                     rtype = type(None)
             skip = {conn, *exclude}
+            if names and names[0] in ("self", "cls"):  # a method: the instance is no input
+                skip.add(names[0])
 
             def prepare(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
                 bound = sig.bind(*args, **kwargs)

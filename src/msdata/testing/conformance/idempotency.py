@@ -211,6 +211,12 @@ class IdempotencyStoreConformance:
                 assert await store.get("u", "k0") is None and await store.get("u", "k1") is None
             assert await store.get("u", "k2") is not None
 
+    async def test_purge_takes_an_aware_datetime(self) -> None:
+        async with self.make_store() as store:
+            for bad in (datetime(2030, 1, 1), 1893456000, "2030-01-01", None):
+                with pytest.raises(ConfigurationError, match="aware datetime"):
+                    await store.purge(bad)  # type: ignore[arg-type]
+
     # -- the caller's transaction --------------------------------------------------------------
 
     async def test_a_claim_in_the_callers_transaction_commits_or_rolls_back_with_it(self) -> None:
