@@ -241,9 +241,8 @@ def test_a_result_with_no_json_form_is_not_run_again_sync() -> None:
         charge(k="w")
     with keys.call_sync("w2") as call:
         call.result = object()
-    with pytest.raises(ResultNotStored):
-        with keys.call_sync("w2") as call:
-            runs.append(2)  # pragma: no cover - a replay never enters the block
+    with pytest.raises(ResultNotStored), keys.call_sync("w2") as call:
+        runs.append(2)  # pragma: no cover - a replay never enters the block
     assert runs == [1]
 
 

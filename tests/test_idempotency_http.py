@@ -5,6 +5,7 @@ a server SIGKILLed mid-request."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -362,10 +363,8 @@ class Raw:
         async def send(m: Any) -> None:
             sent.append(m)
 
-        try:
+        with contextlib.suppress(RuntimeError):  # the handler's own error, re-raised
             await self.mw(scope, receive, send)
-        except RuntimeError:
-            pass
         return sent
 
 

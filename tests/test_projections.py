@@ -294,9 +294,11 @@ async def test_saving_again_after_a_rolled_back_save_says_to_reload() -> None:
         accounts.save(tx, acc)
         raise RuntimeError("the caller's transaction rolls back")
     acc.deposit(2)
-    with pytest.raises(ConcurrencyError, match="never committed.*load the aggregate again"):
-        with MemoryTransaction() as tx:
-            accounts.save(tx, acc)
+    with (
+        pytest.raises(ConcurrencyError, match=r"never committed.*load the aggregate again"),
+        MemoryTransaction() as tx,
+    ):
+        accounts.save(tx, acc)
     fresh = await accounts.load("acc-rb")
     assert fresh.state.balance == 1 and fresh.version == 1
     fresh.deposit(2)
@@ -427,7 +429,7 @@ async def test_runner_follows_live_until_stopped() -> None:
 
 
 async def test_a_transaction_factory_that_yields_none_stops_the_runner_clearly() -> None:
-    store, events, checkpoints, model, _ = setup_world()
+    _store, events, checkpoints, model, _ = setup_world()
     append(events, "a", 0, [Deposited(account="a", amount=1)])
 
     class YieldsNone:  # what asyncpg's conn.transaction() does

@@ -45,7 +45,6 @@ Contract:
 from __future__ import annotations
 
 import re
-
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime

@@ -24,8 +24,9 @@ Errors are RFC 9457 problem details (``application/problem+json``). Responses wh
 response release the key, so the client may retry. Once a response has started the key is
 never released: a response that does not reach its last chunk (client gone, stream
 raised) or whose body is over ``max_result_bytes`` is marked COMPLETED without being
-stored, and retries get 500 ``…/response-not-stored``. A handler killed with its process leaves the key IN_PROGRESS until its
-lease (``IdempotencyKeys(lease_seconds=…)``) ends; then a retry runs it again.
+stored, and retries get 500 ``…/response-not-stored``. A handler killed with its process
+leaves the key IN_PROGRESS until its lease (``IdempotencyKeys(lease_seconds=…)``) ends;
+then a retry runs it again.
 """
 
 from __future__ import annotations

@@ -34,11 +34,11 @@ from typing import Any, Protocol, runtime_checkable
 from msdata.errors import ConfigurationError
 
 __all__ = [
-    "check_purge_time",
     "IdempotencyRecord",
     "IdempotencyStatus",
     "IdempotencyStore",
     "IdempotencyStoreFeatures",
+    "check_purge_time",
 ]
 
 
