@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, NamedTuple, Self, TypeVar
 
-from msdata import deadletter
+from msdata import deadletter, telemetry
 from msdata.backoff import Backoff, exponential_backoff
 from msdata.errors import (
     ConfigurationError,
@@ -198,7 +198,9 @@ class EventBus:
     ) -> Envelope[Event]:
         """Publish one event; returns once the transport accepted it (brokers: confirmed)."""
         envelope = self.envelope(event, key=key, headers=headers)
-        await self.transport.publish(topic or envelope.type, [self._to_wire(envelope)])
+        topic = topic or envelope.type
+        envelope = telemetry.hooks.message_created(topic, envelope, outbox=False)  # telemetry
+        await self.transport.publish(topic, [self._to_wire(envelope)])
         return envelope
 
     async def publish_many(
@@ -215,15 +217,17 @@ class EventBus:
         out = []
         for event in events:
             envelope = self.envelope(event, key=key(event) if key else None, headers=headers)
+            to = topic or envelope.type
+            envelope = telemetry.hooks.message_created(to, envelope, outbox=False)  # telemetry
             out.append(envelope)
-            by_topic.setdefault(topic or envelope.type, []).append(self._to_wire(envelope))
+            by_topic.setdefault(to, []).append(self._to_wire(envelope))
         for t, batch in by_topic.items():
             await self.transport.publish(t, batch)
         return out
 
     def _to_wire(self, envelope: Envelope[Any]) -> TransportMessage:
         return TransportMessage(
-            id=envelope.id, body=self.codec.encode(envelope), key=envelope.partition_key
+            envelope.id, self.codec.encode(envelope), envelope.partition_key, envelope.headers
         )
 
     # -- consuming ---------------------------------------------------------------------------
@@ -336,6 +340,9 @@ class EventBus:
             await self._settle(delivery.ack())
             return
         token = current_parent.set(envelope)
+        seen = telemetry.hooks.consume(
+            consumer.topic, consumer.group, delivery, envelope, route.handler
+        )
         try:
             if route.chain is not None:
                 await route.chain(envelope)
@@ -346,15 +353,18 @@ class EventBus:
                 if inspect.isawaitable(result):  # e.g. an object with async __call__
                     await result
         except RejectMessage as e:
+            seen.failed(e, "dead_letter")  # telemetry
             with deadletter.handler_failure(envelope.type, e):
                 await self._settle(delivery.dead_letter(f"RejectMessage: {e}"))
             return
         except (Exception, asyncio.CancelledError) as e:
+            exhausted = deadletter.exhausted(delivery.attempt, self.max_attempts)
+            seen.failed(e, "dead_letter" if exhausted else "nack")  # telemetry
             task = asyncio.current_task()
             if isinstance(e, asyncio.CancelledError) and task is not None and task.cancelling():
                 raise  # the consumer itself is being stopped: leave the delivery unsettled
             reason = f"{type(e).__name__}: {e}"
-            if deadletter.exhausted(delivery.attempt, self.max_attempts):
+            if exhausted:
                 # the transport dead-letters it and logs that once, with this traceback
                 with deadletter.handler_failure(envelope.type, e):
                     await self._settle(delivery.nack(reason=reason))
@@ -372,6 +382,7 @@ class EventBus:
             return
         finally:
             current_parent.reset(token)
+            seen.close()  # telemetry
         try:
             await delivery.ack()
         except asyncio.CancelledError:

@@ -1,0 +1,300 @@
+"""Telemetry: the no-op hooks, the OpenTelemetry spans across outbox and broker (checked
+as a span tree with the SDK's in-memory exporter), metric values, the logging filter."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from msdata import telemetry
+from msdata.adapters.memory import MemoryTransport
+from msdata.adapters.memory.idempotency import MemoryIdempotencyStore
+from msdata.adapters.opentelemetry import OpenTelemetry
+from msdata.adapters.sqlite import SqliteOutboxStore, connect
+from msdata.errors import IdempotencyKeyReused
+from msdata.events import EventBus
+from msdata.idempotency import IdempotencyKeys
+from msdata.messages import Event, MessageRegistry, handling, make_envelope
+from msdata.outbox import Outbox, OutboxRelay
+from msdata.telemetry import MessageContextFilter
+from msdata.testing import eventually
+
+registry = MessageRegistry()
+
+
+class OrderPlaced(Event):
+    order_id: str
+
+
+class PaymentRequested(Event):
+    order_id: str
+
+
+class Boom(Event):
+    n: int
+
+
+registry.register(OrderPlaced, "orders.OrderPlaced", 1)
+registry.register(PaymentRequested, "billing.PaymentRequested", 1)
+registry.register(Boom, "test.Boom", 1)
+
+
+class Otel:
+    def __init__(self) -> None:
+        self.spans = InMemorySpanExporter()
+        self.tracer_provider = TracerProvider()
+        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
+        self.reader = InMemoryMetricReader()
+        self.meter_provider = MeterProvider(metric_readers=[self.reader])
+        self.hooks = OpenTelemetry(
+            tracer_provider=self.tracer_provider, meter_provider=self.meter_provider
+        )
+        self.tracer = self.tracer_provider.get_tracer("test")
+
+    def finished(self) -> list[ReadableSpan]:
+        return list(self.spans.get_finished_spans())
+
+    def metric(self, name: str) -> list[tuple[dict[str, Any], Any]]:
+        """(attributes, value) of each data point of metric ``name``."""
+        data = self.reader.get_metrics_data()
+        out = []
+        assert data is not None
+        for rm in data.resource_metrics:
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    if m.name == name:
+                        for p in m.data.data_points:
+                            value = getattr(p, "value", None)
+                            if value is None:
+                                value = p.count  # a histogram: how many were recorded
+                            out.append((dict(p.attributes), value))
+        return out
+
+
+@pytest.fixture
+def otel() -> Iterator[Otel]:
+    o = Otel()
+    previous = telemetry.install(o.hooks)
+    try:
+        yield o
+    finally:
+        telemetry.install(previous)
+
+
+def one(spans: list[ReadableSpan], name: str) -> ReadableSpan:
+    found = [s for s in spans if s.name == name]
+    assert len(found) == 1, (name, [s.name for s in spans])
+    return found[0]
+
+
+def child_of(span: ReadableSpan, parent: ReadableSpan) -> bool:
+    assert span.parent is not None, f"{span.name} has no parent"
+    assert span.context is not None and parent.context is not None
+    return (
+        span.parent.span_id == parent.context.span_id
+        and span.context.trace_id == parent.context.trace_id
+    )
+
+
+async def test_the_noop_hooks_change_nothing() -> None:
+    assert type(telemetry.hooks) is telemetry.Telemetry
+    env = make_envelope(OrderPlaced(order_id="1"), registry=registry)
+    assert telemetry.hooks.message_created("t", env, outbox=True) is env
+    with telemetry.hooks.publishing("t", [], object()) as messages:
+        assert messages == []
+
+
+async def test_one_trace_from_the_request_through_two_services(otel: Otel) -> None:
+    """HTTP-like root -> create (outbox add) -> publish (relay) -> process -> handle, then
+    from inside that handler on through a second service's outbox, relay and consumer."""
+    tmp = Path(tempfile.mkdtemp())
+    orders_db, billing_db = str(tmp / "orders.db"), str(tmp / "billing.db")
+    orders_store, billing_store = SqliteOutboxStore(orders_db), SqliteOutboxStore(billing_db)
+    await orders_store.create_schema()
+    await billing_store.create_schema()
+    orders_outbox = Outbox(orders_store, registry=registry, source="orders")
+    billing_outbox = Outbox(billing_store, registry=registry, source="billing")
+    transport = MemoryTransport()
+    billing_bus = EventBus(transport, registry=registry, source="billing")
+    shipping_bus = EventBus(transport, registry=registry, source="shipping")
+    shipped: list[str] = []
+
+    @billing_bus.handler(OrderPlaced, group="billing")
+    async def request_payment(event: OrderPlaced) -> None:
+        with connect(billing_db) as conn:
+            billing_outbox.add(conn, PaymentRequested(order_id=event.order_id), key="42")
+
+    @shipping_bus.handler(PaymentRequested, group="shipping")
+    async def ship(event: PaymentRequested) -> None:
+        shipped.append(event.order_id)
+
+    with (
+        otel.tracer.start_as_current_span("POST /orders", kind=SpanKind.SERVER),
+        connect(orders_db) as conn,
+    ):
+        (env,) = orders_outbox.add(conn, OrderPlaced(order_id="42"), key="42")
+    assert "traceparent" in env.headers
+    with connect(orders_db) as conn:  # the trace context is stored in the outbox row
+        (stored,) = conn.execute("SELECT headers FROM msdata_outbox").fetchone()
+    assert env.headers["traceparent"] in stored
+
+    relays = [OutboxRelay(orders_store, transport), OutboxRelay(billing_store, transport)]
+    async with billing_bus, shipping_bus, relays[0], relays[1]:
+        await eventually(lambda: shipped == ["42"], timeout=10, what="the payment to ship")
+        await eventually(
+            lambda: any(s.name == "handle billing.PaymentRequested" for s in otel.finished()),
+            timeout=10,
+            what="the last span",
+        )
+    spans = otel.finished()
+    root = one(spans, "POST /orders")
+    create = one(spans, "create orders.OrderPlaced")
+    publish = one(spans, "publish orders.OrderPlaced")
+    process = one(spans, "process orders.OrderPlaced")
+    handle = one(spans, "handle orders.OrderPlaced")
+    create2 = one(spans, "create billing.PaymentRequested")
+    publish2 = one(spans, "publish billing.PaymentRequested")
+    process2 = one(spans, "process billing.PaymentRequested")
+    handle2 = one(spans, "handle billing.PaymentRequested")
+    chain = [root, create, publish, process, handle, create2, publish2, process2, handle2]
+    for parent, child in itertools.pairwise(chain):
+        assert child_of(child, parent), f"{child.name} is not a child of {parent.name}"
+    assert [s.kind for s in chain[1:5]] == [
+        SpanKind.PRODUCER,
+        SpanKind.PRODUCER,
+        SpanKind.CONSUMER,
+        SpanKind.INTERNAL,
+    ]
+    assert create.attributes is not None and process.attributes is not None
+    assert create.attributes["messaging.destination.name"] == "orders.OrderPlaced"
+    assert create.attributes["messaging.operation.type"] == "create"
+    assert create.attributes["messaging.message.id"] == env.id
+    assert publish.attributes is not None
+    assert publish.attributes["messaging.system"] == "memory"
+    assert publish.attributes["messaging.operation.type"] == "send"
+    assert process.attributes["messaging.consumer.group.name"] == "billing"
+    assert process.attributes["messaging.message.id"] == env.id
+    assert process.attributes["messaging.message.conversation_id"] == env.correlation_id
+    assert process.attributes["msdata.outcome"] == "ack"
+
+    sent = otel.metric("messaging.client.sent.messages")
+    assert sorted(a["messaging.destination.name"] for a, v in sent if v == 1) == [
+        "billing.PaymentRequested",
+        "orders.OrderPlaced",
+    ]
+    settled = otel.metric("msdata.consumer.settled")
+    assert {(a["messaging.consumer.group.name"], a["msdata.outcome"]): v for a, v in settled} == {
+        ("billing", "ack"): 1,
+        ("shipping", "ack"): 1,
+    }
+    await orders_store.close()
+    await billing_store.close()
+
+
+async def test_failures_nacks_dead_letters_and_a_failed_publish_are_counted(otel: Otel) -> None:
+    transport = MemoryTransport()
+    bus = EventBus(transport, registry=registry, max_attempts=2, backoff=lambda n: 0.0)
+
+    @bus.handler(Boom, group="g")
+    async def fail(event: Boom) -> None:
+        raise ValueError("no")
+
+    async with bus:
+        await bus.publish(Boom(n=1))
+        await eventually(
+            lambda: any(
+                a.get("msdata.outcome") == "dead_letter"
+                for a, _ in otel.metric("msdata.consumer.settled")
+            ),
+            timeout=10,
+            what="the dead letter",
+        )
+        await eventually(
+            lambda: bool(otel.metric("msdata.consumer.dead_letters")),
+            timeout=10,
+            what="the dead-letter count",
+        )
+    settled = {a["msdata.outcome"]: v for a, v in otel.metric("msdata.consumer.settled")}
+    assert settled == {"nack": 1, "dead_letter": 1}
+    ((attrs, value),) = otel.metric("msdata.consumer.dead_letters")
+    assert value == 1 and attrs["messaging.consumer.group.name"] == "g"
+    failed = [s for s in otel.finished() if s.name == "process test.Boom"]
+    assert len(failed) == 2 and all(not s.status.is_ok for s in failed)
+
+    class Down:
+        async def publish(self, topic: str, messages: Any) -> None:
+            raise ConnectionError("broker down")
+
+    store_path = str(Path(tempfile.mkdtemp()) / "o.db")
+    store = SqliteOutboxStore(store_path)
+    await store.create_schema()
+    with connect(store_path) as conn:
+        Outbox(store, registry=registry).add(conn, Boom(n=2))
+    relay = OutboxRelay(store, Down(), max_attempts=5)  # type: ignore[arg-type]
+    assert await relay.run_once() == 0
+    errors = [a for a, _ in otel.metric("messaging.client.sent.messages") if "error.type" in a]
+    assert errors == [
+        {
+            "messaging.system": "msdata",
+            "messaging.destination.name": "test.Boom",
+            "error.type": "ConnectionError",
+        }
+    ]
+    otel.hooks.watch_outbox(store, "orders")
+    await otel.hooks.refresh()
+    (pending,) = otel.metric("msdata.outbox.pending")
+    assert pending == ({"msdata.outbox.name": "orders"}, 1)
+    ((_, age),) = otel.metric("msdata.outbox.oldest_age")
+    assert age >= 0
+    await store.close()
+
+
+async def test_idempotency_claims_replays_and_conflicts_are_counted(otel: Otel) -> None:
+    keys = IdempotencyKeys(MemoryIdempotencyStore())
+
+    async def charge() -> int:
+        return 7
+
+    assert await keys.run("k1", charge, request={"a": 1}, result_type=int) == 7
+    assert await keys.run("k1", charge, request={"a": 1}, result_type=int) == 7
+    with pytest.raises(IdempotencyKeyReused):
+        await keys.run("k1", charge, request={"a": 2}, result_type=int)
+    counts = {
+        a["msdata.idempotency.outcome"]: v for a, v in otel.metric("msdata.idempotency.claims")
+    }
+    assert counts == {"claimed": 1, "replayed": 1, "conflict": 1}
+    assert sum(s.name == "idempotency claim" for s in otel.finished()) == 3
+
+
+def test_the_logging_filter_adds_the_ids_of_the_message_being_handled(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    env = make_envelope(OrderPlaced(order_id="1"), registry=registry)
+    log = logging.getLogger("msdata.test_telemetry")
+    caplog.handler.addFilter(MessageContextFilter())
+    with caplog.at_level(logging.INFO, logger="msdata.test_telemetry"):
+        log.info("outside")
+        with handling(env):
+            log.info("inside")
+            child = make_envelope(PaymentRequested(order_id="1"), registry=registry)
+            with handling(child):
+                log.info("nested", extra={"saga_id": "s-1"})
+    outside, inside, nested = caplog.records
+    assert outside.__dict__["message_id"] is None and outside.__dict__["saga_id"] is None
+    assert inside.__dict__["message_id"] == env.id
+    assert inside.__dict__["correlation_id"] == env.correlation_id
+    assert nested.__dict__["causation_id"] == env.id
+    assert nested.__dict__["correlation_id"] == env.correlation_id
+    assert nested.__dict__["saga_id"] == "s-1"
