@@ -194,7 +194,7 @@ async def test_one_trace_from_the_request_through_two_services(otel: Otel) -> No
         "billing.PaymentRequested",
         "orders.OrderPlaced",
     ]
-    settled = otel.metric("msdata.consumer.settled")
+    settled = otel.metric("messaging.client.consumed.messages")
     assert {(a["messaging.consumer.group.name"], a["msdata.outcome"]): v for a, v in settled} == {
         ("billing", "ack"): 1,
         ("shipping", "ack"): 1,
@@ -216,7 +216,7 @@ async def test_failures_nacks_dead_letters_and_a_failed_publish_are_counted(otel
         await eventually(
             lambda: any(
                 a.get("msdata.outcome") == "dead_letter"
-                for a, _ in otel.metric("msdata.consumer.settled")
+                for a, _ in otel.metric("messaging.client.consumed.messages")
             ),
             timeout=10,
             what="the dead letter",
@@ -226,7 +226,7 @@ async def test_failures_nacks_dead_letters_and_a_failed_publish_are_counted(otel
             timeout=10,
             what="the dead-letter count",
         )
-    settled = {a["msdata.outcome"]: v for a, v in otel.metric("msdata.consumer.settled")}
+    settled = {a["msdata.outcome"]: v for a, v in otel.metric("messaging.client.consumed.messages")}
     assert settled == {"nack": 1, "dead_letter": 1}
     ((attrs, value),) = otel.metric("msdata.consumer.dead_letters")
     assert value == 1 and attrs["messaging.consumer.group.name"] == "g"

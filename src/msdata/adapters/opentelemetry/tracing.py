@@ -41,13 +41,13 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.propagate import get_global_textmap
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from msdata import __version__
 from msdata.messages import Envelope
@@ -151,7 +151,7 @@ class _Consume(ConsumeScope):
         self,
         otel: OpenTelemetry,
         span: Span,
-        handler_span: Span,
+        handler_span: Span | None,
         token: object,
         attrs: dict[str, str],
     ) -> None:
@@ -177,7 +177,8 @@ class _Consume(ConsumeScope):
             otel_context.detach(self._token)  # type: ignore[arg-type]
         except Exception:  # pragma: no cover - a context mix-up must not break the consumer
             log.debug("could not detach the consume context", exc_info=True)
-        for span in (self._handler_span, self._span):
+        spans = (self._span,) if self._handler_span is None else (self._handler_span, self._span)
+        for span in spans:
             if error is not None and self._outcome != "cancelled":
                 span.record_exception(error)
                 span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
@@ -187,7 +188,111 @@ class _Consume(ConsumeScope):
         otel._process_duration.record(time.perf_counter() - self._start, attrs)
         settled = dict(attrs)
         settled["msdata.outcome"] = self._outcome
-        otel._settled.add(1, settled)
+        otel._consumed.add(1, settled)
+
+
+class _Counted:
+    """No spans recorded (the API's no-op tracer): only the metrics."""
+
+    __slots__ = ("_attrs", "_otel", "_outcome", "messages")
+
+    def __init__(
+        self, otel: OpenTelemetry, topic: str, messages: list[TransportMessage], system: str
+    ) -> None:
+        self._otel = otel
+        self.messages = messages
+        self._attrs = {"messaging.system": system, "messaging.destination.name": topic}
+
+    def __enter__(self) -> list[TransportMessage]:
+        return self.messages
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        attrs = self._attrs
+        if exc is not None:
+            attrs = {**attrs, "error.type": type(exc).__qualname__}
+        self._otel._sent.add(len(self.messages), attrs)
+
+    @staticmethod
+    def consume(otel: OpenTelemetry, topic: str, group: str, delivery: Delivery) -> ConsumeScope:
+        return _CountedConsume(otel, topic, group)
+
+
+class _CountedConsume(ConsumeScope):
+    __slots__ = ("_group", "_otel", "_outcome", "_topic")
+
+    def __init__(self, otel: OpenTelemetry, topic: str, group: str) -> None:
+        self._otel = otel
+        self._topic = topic
+        self._group = group
+        self._outcome: Outcome = "ack"
+
+    def failed(self, error: BaseException, outcome: Outcome) -> None:
+        self._outcome = "cancelled" if isinstance(error, asyncio.CancelledError) else outcome
+
+    def close(self) -> None:
+        self._otel._consumed.add(
+            1,
+            {
+                "messaging.destination.name": self._topic,
+                "messaging.consumer.group.name": self._group,
+                "msdata.outcome": self._outcome,
+            },
+        )
+
+
+def _span_context(traceparent: str) -> SpanContext | None:
+    """The remote span context of a W3C ``traceparent`` (version 00), or None."""
+    parts = traceparent.split("-")
+    if len(parts) != 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
+        return None
+    try:
+        ctx = SpanContext(
+            int(parts[1], 16), int(parts[2], 16), True, TraceFlags(int(parts[3], 16) & 1)
+        )
+    except ValueError:
+        return None
+    return ctx if ctx.is_valid else None
+
+
+class _LinkedBatch(_RelayBatch):
+    """``relay_spans="batch"``: one ``publish`` span per batch, linked to each row's
+    creation context (the semantic conventions' batch form); the rows' headers are sent as
+    stored, so consumers are children of the rows' ``create`` spans."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> list[TransportMessage]:
+        links = []
+        for m in self.messages:
+            tp = m.headers.get(_TRACEPARENT)
+            ctx = _span_context(tp) if tp is not None else None
+            if ctx is not None:
+                links.append(Link(ctx))
+        attrs: dict[str, Any] = {
+            "messaging.system": self._system,
+            "messaging.destination.name": self._topic,
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "publish",
+            "messaging.batch.message_count": len(self.messages),
+        }
+        span = self._otel._tracer.start_span(
+            f"publish {self._topic}", None, _PRODUCER, attrs, links
+        )
+        self._spans.append(span)
+        return self.messages
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        span = self._spans[0]
+        attrs: dict[str, str] = {
+            "messaging.system": self._system,
+            "messaging.destination.name": self._topic,
+        }
+        if exc is not None:
+            attrs["error.type"] = type(exc).__qualname__
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        span.end()
+        self._otel._sent.add(len(self.messages), attrs)
 
 
 class OpenTelemetry(Telemetry):
@@ -210,6 +315,8 @@ class OpenTelemetry(Telemetry):
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
         messaging_system: str = "msdata",
+        handler_spans: bool = True,
+        relay_spans: Literal["message", "batch"] = "message",
     ) -> None:
         self._tracer = trace.get_tracer("msdata", __version__, tracer_provider)
         meter = metrics.get_meter("msdata", __version__, meter_provider)
@@ -228,12 +335,7 @@ class OpenTelemetry(Telemetry):
         self._consumed = meter.create_counter(
             "messaging.client.consumed.messages",
             unit="{message}",
-            description="Deliveries handed to a handler, per topic and consumer group",
-        )
-        self._settled = meter.create_counter(
-            "msdata.consumer.settled",
-            unit="{message}",
-            description="Deliveries settled by the event bus, by msdata.outcome",
+            description="Deliveries handled by the event bus, by msdata.outcome",
         )
         self._dead_letters = meter.create_counter(
             "msdata.consumer.dead_letters",
@@ -256,8 +358,22 @@ class OpenTelemetry(Telemetry):
         self._projections: dict[str, Callable[[], Awaitable[Any]]] = {}
         self._projection_lag: dict[str, Any] = {}
         self._gauges_made = False
+        self._live = False
+        self.handler_spans = handler_spans
+        self.relay_spans = relay_spans
 
     # -- the hooks ----------------------------------------------------------------------
+
+    def _tracing(self) -> bool:
+        """Whether spans are recorded: False on the API's no-op tracer (no SDK set up), so
+        the hooks then cost next to nothing (no context is injected or extracted)."""
+        if self._live:
+            return True
+        tracer: Any = self._tracer
+        if isinstance(tracer, trace.ProxyTracer):
+            tracer = tracer._tracer  # the SDK's once a provider is set, else the no-op
+        self._live = not isinstance(tracer, trace.NoOpTracer)
+        return self._live
 
     def _system(self, obj: object) -> str:
         t = type(obj)
@@ -269,6 +385,10 @@ class OpenTelemetry(Telemetry):
     def message_created(
         self, topic: str, envelope: Envelope[Any], *, outbox: bool
     ) -> Envelope[Any]:
+        counted = {"messaging.destination.name": topic}
+        (self._created if outbox else self._sent).add(1, counted)
+        if not self._tracing():
+            return envelope
         attrs: dict[str, str] = {
             "messaging.system": self.messaging_system,
             "messaging.destination.name": topic,
@@ -283,13 +403,15 @@ class OpenTelemetry(Telemetry):
         carrier = dict(envelope.headers)
         self._propagator.inject(carrier, trace.set_span_in_context(span))
         span.end()
-        counted = {"messaging.destination.name": topic}
-        (self._created if outbox else self._sent).add(1, counted)
         return envelope._replace(headers=MappingProxyType(carrier))
 
     def publishing(  # type: ignore[override]
         self, topic: str, messages: list[TransportMessage], publisher: object
-    ) -> _RelayBatch:
+    ) -> _RelayBatch | _Counted:
+        if not self._tracing():
+            return _Counted(self, topic, messages, self._system(publisher))
+        if self.relay_spans == "batch":
+            return _LinkedBatch(self, topic, messages, self._system(publisher))
         return _RelayBatch(self, topic, messages, self._system(publisher))
 
     def consume(
@@ -300,6 +422,8 @@ class OpenTelemetry(Telemetry):
         envelope: Envelope[Any],
         handler: Callable[..., Any],
     ) -> ConsumeScope:
+        if not self._tracing():
+            return _Counted.consume(self, topic, group, delivery)
         headers = delivery.message.headers
         if _TRACEPARENT not in headers:
             headers = envelope.headers
@@ -318,22 +442,24 @@ class OpenTelemetry(Telemetry):
             attrs["messaging.message.conversation_id"] = envelope.correlation_id
         tracer = self._tracer
         span = tracer.start_span(f"process {topic}", parent, _CONSUMER, attrs)
-        handler_span = tracer.start_span(
-            f"handle {envelope.type}",
-            trace.set_span_in_context(span),
-            _INTERNAL,
-            {
-                "code.function.name": getattr(handler, "__qualname__", repr(handler)),
-                "messaging.consumer.group.name": group,
-            },
-        )
-        token = otel_context.attach(trace.set_span_in_context(handler_span))
+        handler_span: Span | None = None
+        current = span
+        if self.handler_spans:
+            current = handler_span = tracer.start_span(
+                f"handle {envelope.type}",
+                trace.set_span_in_context(span),
+                _INTERNAL,
+                {
+                    "code.function.name": getattr(handler, "__qualname__", repr(handler)),
+                    "messaging.consumer.group.name": group,
+                },
+            )
+        token = otel_context.attach(trace.set_span_in_context(current))
         counted = {
             "messaging.system": system,
             "messaging.destination.name": topic,
             "messaging.consumer.group.name": group,
         }
-        self._consumed.add(1, counted)
         return _Consume(self, span, handler_span, token, counted)
 
     def dead_lettered(self, dead_letter: DeadLetter) -> None:
