@@ -6,7 +6,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from msdata import telemetry
-from msdata.messages import Envelope, Message, MessageRegistry, default_registry, make_envelope
+from msdata.messages import (
+    Envelope,
+    Message,
+    MessageRegistry,
+    default_registry,
+    make_envelope,
+    message_list,
+)
 from msdata.outbox.store import OutboxRow, OutboxWriteStore
 from msdata.serialization import CloudEventsCodec
 from msdata.transport import check_name
@@ -112,7 +119,7 @@ class Outbox:
         headers: Mapping[str, str] | None,
         aggregate_type: str | None,
     ) -> tuple[list[Envelope[Any]], list[OutboxRow]]:
-        items = [messages] if isinstance(messages, Message | Envelope) else list(messages)
+        items = message_list(messages)
         envelopes: list[Envelope[Any]] = []
         rows: list[OutboxRow] = []
         encode = self.codec.encode
