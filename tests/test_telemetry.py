@@ -7,6 +7,7 @@ import itertools
 import logging
 import tempfile
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,20 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from msdata import telemetry
-from msdata.adapters.memory import MemoryTransport
+from msdata.adapters.memory import (
+    MemoryEventStore,
+    MemoryOutboxStore,
+    MemoryTransaction,
+    MemoryTransport,
+)
+from msdata.adapters.memory.audit import MemoryOutboxAudit
 from msdata.adapters.memory.idempotency import MemoryIdempotencyStore
 from msdata.adapters.opentelemetry import OpenTelemetry
 from msdata.adapters.sqlite import SqliteOutboxStore, connect
+from msdata.audit import EventStoreAudit, audit_trail
 from msdata.errors import IdempotencyKeyReused
 from msdata.events import EventBus
+from msdata.eventstore import EventLog
 from msdata.idempotency import IdempotencyKeys
 from msdata.messages import Event, MessageRegistry, handling, make_envelope
 from msdata.outbox import Outbox, OutboxRelay
@@ -150,7 +159,11 @@ async def test_one_trace_from_the_request_through_two_services(otel: Otel) -> No
         (stored,) = conn.execute("SELECT headers FROM msdata_outbox").fetchone()
     assert env.headers["traceparent"] in stored
 
-    relays = [OutboxRelay(orders_store, transport), OutboxRelay(billing_store, transport)]
+    keep = timedelta(hours=1)  # sent rows kept: the audit trail reads them
+    relays = [
+        OutboxRelay(orders_store, transport, retention=keep),
+        OutboxRelay(billing_store, transport, retention=keep),
+    ]
     async with billing_bus, shipping_bus, relays[0], relays[1]:
         await eventually(lambda: shipped == ["42"], timeout=10, what="the payment to ship")
         await eventually(
@@ -276,6 +289,29 @@ async def test_idempotency_claims_replays_and_conflicts_are_counted(otel: Otel) 
     }
     assert counts == {"claimed": 1, "replayed": 1, "conflict": 1}
     assert sum(s.name == "idempotency claim" for s in otel.finished()) == 3
+
+
+async def test_the_audit_trail_reads_the_event_store_and_the_memory_outbox() -> None:
+    placed = make_envelope(OrderPlaced(order_id="7"), registry=registry)
+    other = make_envelope(OrderPlaced(order_id="8"), registry=registry)
+    store = MemoryEventStore()
+    log = EventLog(store, registry=registry, source="orders")
+    outbox_store = MemoryOutboxStore()
+    outbox = Outbox(outbox_store, registry=registry)
+    with handling(placed), MemoryTransaction() as tx:
+        log.append(tx, "order-7", 0, PaymentRequested(order_id="7"))
+        outbox.add(tx, Boom(n=7))
+    with handling(other), MemoryTransaction() as tx:
+        log.append(tx, "order-8", 0, PaymentRequested(order_id="8"))
+    assert placed.correlation_id is not None
+    trail = await audit_trail(
+        placed.correlation_id, [EventStoreAudit(store), MemoryOutboxAudit(outbox_store)]
+    )
+    assert [(e.kind, e.type, e.where) for e in trail] == [
+        ("event", "billing.PaymentRequested", "event store order-7#1"),
+        ("message", "test.Boom", "outbox memory: pending"),
+    ]
+    assert all(e.causation_id == placed.id for e in trail)
 
 
 def test_the_logging_filter_adds_the_ids_of_the_message_being_handled(
