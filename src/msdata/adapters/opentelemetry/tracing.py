@@ -51,7 +51,7 @@ from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, Statu
 
 from msdata import __version__
 from msdata.messages import Envelope
-from msdata.telemetry import ConsumeScope, Outcome, Telemetry, current_saga_id
+from msdata.telemetry import ConsumeScope, Outcome, Telemetry, _Publishing, current_saga_id
 from msdata.transport import TransportMessage
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ __all__ = ["OpenTelemetry"]
 log = logging.getLogger("msdata.telemetry")
 
 _TRACEPARENT = "traceparent"
+_NO_CONSUME = ConsumeScope()
 _PRODUCER = SpanKind.PRODUCER
 _CONSUMER = SpanKind.CONSUMER
 _INTERNAL = SpanKind.INTERNAL
@@ -359,6 +360,7 @@ class OpenTelemetry(Telemetry):
         self._projection_lag: dict[str, Any] = {}
         self._gauges_made = False
         self._live = False
+        self._metrics_live = False
         self.handler_spans = handler_spans
         self.relay_spans = relay_spans
 
@@ -375,6 +377,17 @@ class OpenTelemetry(Telemetry):
         self._live = not isinstance(tracer, trace.NoOpTracer)
         return self._live
 
+    def _metering(self) -> bool:
+        """Whether metrics are recorded: False on the API's no-op meter, or on the global
+        proxy before an SDK meter provider is set."""
+        if self._metrics_live:
+            return True
+        meter: Any = self._meter
+        if isinstance(meter, metrics.NoOpMeter):
+            return False
+        self._metrics_live = getattr(meter, "_real_meter", True) is not None
+        return self._metrics_live
+
     def _system(self, obj: object) -> str:
         t = type(obj)
         system = self._systems.get(t)
@@ -385,8 +398,8 @@ class OpenTelemetry(Telemetry):
     def message_created(
         self, topic: str, envelope: Envelope[Any], *, outbox: bool
     ) -> Envelope[Any]:
-        counted = {"messaging.destination.name": topic}
-        (self._created if outbox else self._sent).add(1, counted)
+        if self._metering():
+            (self._created if outbox else self._sent).add(1, {"messaging.destination.name": topic})
         if not self._tracing():
             return envelope
         attrs: dict[str, str] = {
@@ -407,8 +420,10 @@ class OpenTelemetry(Telemetry):
 
     def publishing(  # type: ignore[override]
         self, topic: str, messages: list[TransportMessage], publisher: object
-    ) -> _RelayBatch | _Counted:
+    ) -> _RelayBatch | _Counted | _Publishing:
         if not self._tracing():
+            if not self._metering():
+                return _Publishing(messages)
             return _Counted(self, topic, messages, self._system(publisher))
         if self.relay_spans == "batch":
             return _LinkedBatch(self, topic, messages, self._system(publisher))
@@ -423,6 +438,8 @@ class OpenTelemetry(Telemetry):
         handler: Callable[..., Any],
     ) -> ConsumeScope:
         if not self._tracing():
+            if not self._metering():
+                return _NO_CONSUME
             return _Counted.consume(self, topic, group, delivery)
         headers = delivery.message.headers
         if _TRACEPARENT not in headers:
