@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -39,6 +40,7 @@ from msdata.messages import Event, MessageRegistry, handling, make_envelope
 from msdata.outbox import Outbox, OutboxRelay
 from msdata.telemetry import MessageContextFilter
 from msdata.testing import eventually
+from msdata.transport import TransportMessage
 
 registry = MessageRegistry()
 
@@ -123,6 +125,38 @@ async def test_the_noop_hooks_change_nothing() -> None:
     assert telemetry.hooks.message_created("t", env, outbox=True) is env
     with telemetry.hooks.publishing("t", [], object()) as messages:
         assert messages == []
+
+
+async def test_with_only_the_api_the_hooks_pass_messages_through() -> None:
+    hooks = OpenTelemetry(
+        tracer_provider=trace.NoOpTracerProvider(), meter_provider=metrics.NoOpMeterProvider()
+    )
+    env = make_envelope(OrderPlaced(order_id="1"), registry=registry)
+    assert hooks.message_created("t", env, outbox=True) is env
+    messages = [TransportMessage("id", b"{}")]
+    with hooks.publishing("t", messages, object()) as sent:
+        assert sent is messages
+
+
+async def test_batch_relay_spans_link_each_rows_create_span(otel: Otel) -> None:
+    telemetry.install(
+        OpenTelemetry(
+            tracer_provider=otel.tracer_provider,
+            meter_provider=otel.meter_provider,
+            relay_spans="batch",
+        )
+    )
+    store = MemoryOutboxStore()
+    with MemoryTransaction() as tx:
+        Outbox(store, registry=registry).add(tx, [Boom(n=1), Boom(n=2)])
+    assert await OutboxRelay(store, MemoryTransport()).run_once() == 2
+    spans = otel.finished()
+    publish = one(spans, "publish test.Boom")
+    creates = [s.context.span_id for s in spans if s.name == "create test.Boom" and s.context]
+    assert len(creates) == 2
+    assert sorted(link.context.span_id for link in publish.links) == sorted(creates)
+    assert publish.attributes is not None
+    assert publish.attributes["messaging.batch.message_count"] == 2
 
 
 async def test_one_trace_from_the_request_through_two_services(otel: Otel) -> None:
