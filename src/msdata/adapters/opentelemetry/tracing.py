@@ -361,6 +361,12 @@ class OpenTelemetry(Telemetry):
         self._gauges_made = False
         self._live = False
         self._metrics_live = False
+        self._settled: int | None = None
+        self._mode_seen = 0
+        self._recheck_at = 0.0
+        self._fixed = not isinstance(self._tracer, trace.ProxyTracer) and not hasattr(
+            meter, "_real_meter"
+        )
         self.handler_spans = handler_spans
         self.relay_spans = relay_spans
 
@@ -376,6 +382,22 @@ class OpenTelemetry(Telemetry):
             tracer = tracer._tracer  # the SDK's once a provider is set, else the no-op
         self._live = not isinstance(tracer, trace.NoOpTracer)
         return self._live
+
+    def _mode(self) -> int:
+        """2 when spans are recorded, | 1 when metrics are. Settled once both are live, or at
+        once when neither provider is the global proxy; on the proxy (which an SDK set up
+        later replaces) looked at again once a second at most."""
+        mode = self._settled
+        if mode is not None:
+            return mode
+        now = time.monotonic()
+        if now < self._recheck_at:
+            return self._mode_seen
+        mode = (2 if self._tracing() else 0) | (1 if self._metering() else 0)
+        if mode == 3 or self._fixed:
+            self._settled = mode
+        self._mode_seen, self._recheck_at = mode, now + 1.0
+        return mode
 
     def _metering(self) -> bool:
         """Whether metrics are recorded: False on the API's no-op meter, or on the global
@@ -398,9 +420,10 @@ class OpenTelemetry(Telemetry):
     def message_created(
         self, topic: str, envelope: Envelope[Any], *, outbox: bool
     ) -> Envelope[Any]:
-        if self._metering():
+        mode = self._mode()
+        if mode & 1:
             (self._created if outbox else self._sent).add(1, {"messaging.destination.name": topic})
-        if not self._tracing():
+        if not mode & 2:
             return envelope
         attrs: dict[str, str] = {
             "messaging.system": self.messaging_system,
@@ -421,8 +444,9 @@ class OpenTelemetry(Telemetry):
     def publishing(  # type: ignore[override]
         self, topic: str, messages: list[TransportMessage], publisher: object
     ) -> _RelayBatch | _Counted | _Publishing:
-        if not self._tracing():
-            if not self._metering():
+        mode = self._mode()
+        if not mode & 2:
+            if not mode:
                 return _Publishing(messages)
             return _Counted(self, topic, messages, self._system(publisher))
         if self.relay_spans == "batch":
@@ -437,8 +461,9 @@ class OpenTelemetry(Telemetry):
         envelope: Envelope[Any],
         handler: Callable[..., Any],
     ) -> ConsumeScope:
-        if not self._tracing():
-            if not self._metering():
+        mode = self._mode()
+        if not mode & 2:
+            if not mode:
                 return _NO_CONSUME
             return _Counted.consume(self, topic, group, delivery)
         headers = delivery.message.headers
