@@ -25,12 +25,12 @@ span                   kind      where
 =====================  ========  ==========================================================
 
 Metrics (meter ``msdata``): ``msdata.outbox.created``, ``messaging.client.sent.messages``
-(with ``error.type`` on a failed publish), ``messaging.client.consumed.messages``,
-``msdata.consumer.settled`` (``msdata.outcome``: ack, nack, dead_letter, cancelled),
-``msdata.consumer.dead_letters``, ``messaging.process.duration`` (seconds),
-``msdata.idempotency.claims`` (``msdata.idempotency.outcome``), ``msdata.saga.step.duration``
-(seconds), and the observable gauges of :meth:`OpenTelemetry.watch_outbox` and
-:meth:`OpenTelemetry.watch_projection`.
+(with ``error.type`` on a failed publish), ``messaging.client.consumed.messages``
+(``msdata.outcome``: ack, nack, dead_letter, cancelled), ``msdata.consumer.dead_letters``,
+``messaging.process.duration`` (seconds), ``msdata.idempotency.claims``
+(``msdata.idempotency.outcome``), ``msdata.saga.step.duration`` (seconds), and the
+observable gauges of :meth:`OpenTelemetry.watch_outbox` and
+:meth:`OpenTelemetry.watch_projection`. See docs/observability.md.
 """
 
 from __future__ import annotations
