@@ -32,11 +32,12 @@ from msdata.adapters.memory.idempotency import MemoryIdempotencyStore
 from msdata.adapters.opentelemetry import OpenTelemetry
 from msdata.adapters.sqlite import SqliteOutboxStore, connect
 from msdata.audit import EventStoreAudit, audit_trail
+from msdata.cqrs import CommandBus
 from msdata.errors import IdempotencyKeyReused
 from msdata.events import EventBus
 from msdata.eventstore import EventLog
 from msdata.idempotency import IdempotencyKeys
-from msdata.messages import Event, MessageRegistry, handling, make_envelope
+from msdata.messages import Command, Event, MessageRegistry, handling, make_envelope
 from msdata.outbox import Outbox, OutboxRelay
 from msdata.telemetry import MessageContextFilter
 from msdata.testing import eventually
@@ -50,6 +51,10 @@ class OrderPlaced(Event):
 
 
 class PaymentRequested(Event):
+    order_id: str
+
+
+class PlaceOrder(Command):
     order_id: str
 
 
@@ -346,6 +351,22 @@ async def test_the_audit_trail_reads_the_event_store_and_the_memory_outbox() -> 
         ("message", "test.Boom", "outbox memory: pending"),
     ]
     assert all(e.causation_id == placed.id for e in trail)
+
+
+async def test_command_and_query_handlers_get_a_span(otel: Otel) -> None:
+    commands = CommandBus()
+
+    @commands.handler(PlaceOrder)
+    async def place(cmd: PlaceOrder) -> str:
+        return cmd.order_id
+
+    with otel.tracer.start_as_current_span("POST /orders"):
+        assert await commands.send(PlaceOrder(order_id="9")) == "9"
+    spans = otel.finished()
+    handle = [s for s in spans if s.name.startswith("handle ")]
+    assert len(handle) == 1 and child_of(handle[0], one(spans, "POST /orders"))
+    assert handle[0].attributes is not None
+    assert handle[0].attributes["msdata.message.kind"] == "command"
 
 
 def test_the_logging_filter_adds_the_ids_of_the_message_being_handled(
