@@ -16,6 +16,7 @@ time order, read from the stores that already hold them.
 Each store is read by an :class:`AuditSource`: :class:`EventStoreAudit` for any
 :class:`msdata.eventstore.EventStore`, :class:`msdata.adapters.sqlite.audit.SqliteOutboxAudit`
 for a SQLite outbox (rows kept after sending only when the relay has a ``retention``),
+:class:`msdata.adapters.postgres.audit.PostgresOutboxAudit` for a PostgreSQL outbox,
 :class:`msdata.adapters.memory.audit.MemoryOutboxAudit` for the memory outbox. A source for
 another store is a class with one async method, ``entries(correlation_id)``.
 """
