@@ -19,11 +19,13 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from pydantic import BaseModel
 
 from msdata import telemetry
 from msdata.adapters.memory import (
     MemoryEventStore,
     MemoryOutboxStore,
+    MemorySagaStore,
     MemoryTransaction,
     MemoryTransport,
 )
@@ -31,14 +33,15 @@ from msdata.adapters.memory.audit import MemoryOutboxAudit
 from msdata.adapters.memory.idempotency import MemoryIdempotencyStore
 from msdata.adapters.opentelemetry import OpenTelemetry
 from msdata.adapters.sqlite import SqliteOutboxStore, connect
-from msdata.audit import EventStoreAudit, audit_trail
+from msdata.audit import EventStoreAudit, SagaAudit, audit_trail
 from msdata.cqrs import CommandBus
-from msdata.errors import IdempotencyKeyReused
+from msdata.errors import IdempotencyKeyReused, SagaStepFailed
 from msdata.events import EventBus
 from msdata.eventstore import EventLog
 from msdata.idempotency import IdempotencyKeys
 from msdata.messages import Command, Event, MessageRegistry, handling, make_envelope
 from msdata.outbox import Outbox, OutboxRelay
+from msdata.saga import Saga, SagaOrchestrator, SagaStatus
 from msdata.telemetry import MessageContextFilter
 from msdata.testing import eventually
 from msdata.transport import TransportMessage
@@ -367,6 +370,55 @@ async def test_command_and_query_handlers_get_a_span(otel: Otel) -> None:
     assert len(handle) == 1 and child_of(handle[0], one(spans, "POST /orders"))
     assert handle[0].attributes is not None
     assert handle[0].attributes["msdata.message.kind"] == "command"
+
+
+class Order(BaseModel):
+    order_id: str
+    amount_cents: int
+
+
+async def test_saga_steps_and_compensations_get_spans_metrics_and_a_trail(
+    otel: Otel, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen_saga_ids: list[object] = []
+    caplog.handler.addFilter(MessageContextFilter())
+
+    def reserve(order: Order) -> None:
+        logging.getLogger("msdata.test_telemetry").warning("reserving")
+        seen_saga_ids.append(caplog.records[-1].__dict__["saga_id"])
+
+    def release(order: Order) -> None:
+        pass
+
+    def charge(order: Order) -> None:
+        raise SagaStepFailed("card declined")
+
+    checkout = Saga("checkout", Order).step("reserve", reserve, compensate=release)
+    checkout = checkout.pivot("charge", charge)
+    store = MemorySagaStore()
+    orchestrator = SagaOrchestrator(store, [checkout])
+    rec = await orchestrator.run(checkout, Order(order_id="o-1", amount_cents=1))
+    assert rec.status is SagaStatus.COMPENSATED
+    assert seen_saga_ids == [rec.saga_id]
+    spans = otel.finished()
+    reserve_span = one(spans, "saga checkout step reserve")
+    charge_span = one(spans, "saga checkout step charge")
+    release_span = one(spans, "saga checkout compensate reserve")
+    assert reserve_span.status.is_ok and not charge_span.status.is_ok
+    assert release_span.attributes is not None
+    assert release_span.attributes["msdata.saga.id"] == rec.saga_id
+    instances = {a["msdata.saga.status"]: v for a, v in otel.metric("msdata.saga.instances")}
+    assert instances == {"started": 1, "compensated": 1}
+    durations = {
+        (a["msdata.saga.step"], a["msdata.saga.compensation"]): n
+        for a, n in otel.metric("msdata.saga.step.duration")
+    }
+    assert durations == {("reserve", False): 1, ("charge", False): 1, ("reserve", True): 1}
+
+    trail = await audit_trail(rec.saga_id, [SagaAudit(store)])
+    events = [(e.type, e.detail["event"]) for e in trail]
+    assert events[0] == (None, "started") and events[-1] == (None, "compensated")
+    assert ("reserve", "compensated") in events and ("charge", "step failed") in events
 
 
 def test_the_logging_filter_adds_the_ids_of_the_message_being_handled(

@@ -17,7 +17,8 @@ Each store is read by an :class:`AuditSource`: :class:`EventStoreAudit` for any
 :class:`msdata.eventstore.EventStore`, :class:`msdata.adapters.sqlite.audit.SqliteOutboxAudit`
 for a SQLite outbox (rows kept after sending only when the relay has a ``retention``),
 :class:`msdata.adapters.postgres.audit.PostgresOutboxAudit` for a PostgreSQL outbox,
-:class:`msdata.adapters.memory.audit.MemoryOutboxAudit` for the memory outbox. A source for
+:class:`msdata.adapters.memory.audit.MemoryOutboxAudit` for the memory outbox,
+:class:`SagaAudit` for a saga store's instance history. A source for
 another store is a class with one async method, ``entries(correlation_id)``.
 """
 
@@ -30,9 +31,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
+from msdata.errors import SagaNotFound
 from msdata.eventstore.store import EventStore
+from msdata.saga.store import SagaStore
 
-__all__ = ["AuditEntry", "AuditSource", "EventStoreAudit", "audit_trail", "entry_of_payload"]
+__all__ = [
+    "AuditEntry",
+    "AuditSource",
+    "EventStoreAudit",
+    "SagaAudit",
+    "audit_trail",
+    "entry_of_payload",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,21 +154,59 @@ class EventStoreAudit:
         return out
 
 
+class SagaAudit:
+    """The history of the saga instance whose id is the correlation id (the orchestrator
+    sends every command of an instance with correlation id = saga id, so the trail of a
+    saga id holds its steps and the commands they sent). One ``saga_step`` entry per
+    history line: ``type`` is the step (or ``None`` for the instance's own lines),
+    ``detail`` has ``event`` (``step started``, ``compensated``, ``completed``, ...),
+    ``attempt`` and ``detail``."""
+
+    def __init__(self, store: SagaStore) -> None:
+        self.store = store
+
+    async def entries(self, correlation_id: str) -> list[AuditEntry]:
+        try:
+            rec = await self.store.get(correlation_id)
+        except SagaNotFound:
+            return []
+        out = []
+        for h in rec.history:
+            detail = {"event": h.event, "status": str(rec.status)}
+            if h.attempt is not None:
+                detail["attempt"] = str(h.attempt)
+            if h.detail:
+                detail["detail"] = h.detail
+            out.append(
+                AuditEntry(
+                    time=h.at,
+                    kind="saga_step",
+                    where=f"saga {rec.saga_type} {rec.saga_id}",
+                    correlation_id=correlation_id,
+                    type=h.step,
+                    detail=detail,
+                )
+            )
+        return out
+
+
 def _order(entry: AuditEntry) -> tuple[datetime, str, str]:
     return (entry.time, entry.message_id or "", entry.where)
 
 
 async def audit_trail(correlation_id: str, sources: Iterable[AuditSource]) -> list[AuditEntry]:
     """Every entry of ``correlation_id`` in ``sources`` (read concurrently), oldest first
-    (ties by message id, which is time-ordered: UUIDv7). An entry found twice in the same
-    place is listed once. A source that raises makes this raise (a partial trail would
-    mislead an operator)."""
+    (ties by message id, which is time-ordered: UUIDv7; a source's own order otherwise). A
+    message found twice in the same place is listed once. A source that raises makes this
+    raise (a partial trail would mislead an operator)."""
     found = await asyncio.gather(*(s.entries(correlation_id) for s in sources))
     seen: set[tuple[Any, ...]] = set()
     out: list[AuditEntry] = []
     for entry in sorted((e for batch in found for e in batch), key=_order):
-        key = (entry.kind, entry.where, entry.message_id, entry.time)
-        if key not in seen:
+        if entry.message_id is not None:  # a message read twice from one place: once
+            key = (entry.kind, entry.where, entry.message_id)
+            if key in seen:
+                continue
             seen.add(key)
-            out.append(entry)
+        out.append(entry)
     return out

@@ -22,6 +22,7 @@ JSON formatter prints); add it to your handlers. The library never configures lo
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Literal
@@ -36,6 +37,7 @@ __all__ = [
     "ConsumeScope",
     "MessageContextFilter",
     "Outcome",
+    "StepScope",
     "Telemetry",
     "current_saga_id",
     "hooks",
@@ -46,8 +48,8 @@ __all__ = [
 #: ``dead_letter`` (moved to the dead-letter topic), ``cancelled`` (the consumer stopped)
 Outcome = Literal["ack", "nack", "dead_letter", "cancelled"]
 
-#: the id of the saga instance whose step runs in this task (set by the saga orchestrator;
-#: read by :class:`MessageContextFilter`)
+#: the id of a saga instance to report in this task's log records (an override: the filter
+#: finds the saga step that runs in this task by itself)
 current_saga_id: ContextVar[str | None] = ContextVar("msdata_saga_id", default=None)
 
 
@@ -90,7 +92,20 @@ class _Scope:
         return None
 
 
+class StepScope:
+    """What :meth:`Telemetry.saga_step` returns (the no-op one is shared)."""
+
+    __slots__ = ()
+
+    def failed(self, error: str) -> None:
+        """The step failed with ``error`` (its text)."""
+
+    def close(self) -> None:
+        """The step is over."""
+
+
 _NO_CONSUME = ConsumeScope()
+_NO_STEP = StepScope()
 _NO_SCOPE = _Scope()
 
 
@@ -149,9 +164,15 @@ class Telemetry:
         """API composition calls the parts named ``parts`` inside this ``with`` block."""
         return _NO_SCOPE
 
-    def saga_step(self, saga: str, saga_id: str, step: str, *, compensation: bool) -> _Scope:
-        """A saga instance runs one step (or its compensation) inside this ``with`` block."""
-        return _NO_SCOPE
+    def saga_step(self, saga: str, saga_id: str, step: str, *, compensation: bool) -> StepScope:
+        """A saga instance runs one local step (or its compensation) in this task; the
+        orchestrator calls :meth:`StepScope.failed` if it failed and :meth:`StepScope.close`
+        when it is over."""
+        return _NO_STEP
+
+    def saga_status(self, saga: str, status: str) -> None:
+        """A saga instance of type ``saga`` started (``status`` ``"started"``) or ended
+        (``"completed"``, ``"compensated"``, ``"failed"``)."""
 
 
 #: the installed hooks; the library reads ``telemetry.hooks`` at each call, so
@@ -190,5 +211,11 @@ class MessageContextFilter(logging.Filter):
             d.setdefault("message_id", None)
             d.setdefault("correlation_id", None)
             d.setdefault("causation_id", None)
-        d.setdefault("saga_id", current_saga_id.get())
+        saga_id = current_saga_id.get()
+        if saga_id is None:
+            saga = sys.modules.get("msdata.saga.messages")  # loaded only where sagas are used
+            if saga is not None:
+                step = saga._step.get(None)
+                saga_id = step.saga_id if step is not None else None
+        d.setdefault("saga_id", saga_id)
         return True

@@ -21,14 +21,18 @@ span                   kind      where
 ``handle <type>``      INTERNAL  the handler, child of ``process``
 ``idempotency claim``  INTERNAL  an idempotency key claimed (``msdata.idempotency.outcome``)
 ``compose``            INTERNAL  an API composition
-``saga <saga> <step>`` INTERNAL  a saga step or compensation
+``saga …``             INTERNAL  ``saga <name> step <s>``: a saga's local step (``saga
+                                 <name> compensate <s>``: its compensation); a remote
+                                 step is the ``create`` span of the command it sends
 =====================  ========  ==========================================================
 
 Metrics (meter ``msdata``): ``msdata.outbox.created``, ``messaging.client.sent.messages``
 (with ``error.type`` on a failed publish), ``messaging.client.consumed.messages``
 (``msdata.outcome``: ack, nack, dead_letter, cancelled), ``msdata.consumer.dead_letters``,
 ``messaging.process.duration`` (seconds), ``msdata.idempotency.claims``
-(``msdata.idempotency.outcome``), ``msdata.saga.step.duration`` (seconds), and the
+(``msdata.idempotency.outcome``), ``msdata.saga.step.duration`` (seconds),
+``msdata.saga.instances`` (``msdata.saga.status``: started, completed, compensated,
+failed), and the
 observable gauges of :meth:`OpenTelemetry.watch_outbox` and
 :meth:`OpenTelemetry.watch_projection`. See docs/observability.md.
 """
@@ -51,7 +55,7 @@ from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, Statu
 
 from msdata import __version__
 from msdata.messages import Envelope
-from msdata.telemetry import ConsumeScope, Outcome, Telemetry, _Publishing, current_saga_id
+from msdata.telemetry import ConsumeScope, Outcome, StepScope, Telemetry, _Publishing
 from msdata.transport import TransportMessage
 
 if TYPE_CHECKING:
@@ -65,6 +69,7 @@ log = logging.getLogger("msdata.telemetry")
 
 _TRACEPARENT = "traceparent"
 _NO_CONSUME = ConsumeScope()
+_NO_STEP = StepScope()
 _PRODUCER = SpanKind.PRODUCER
 _CONSUMER = SpanKind.CONSUMER
 _INTERNAL = SpanKind.INTERNAL
@@ -296,6 +301,56 @@ class _LinkedBatch(_RelayBatch):
         self._otel._sent.add(len(self.messages), attrs)
 
 
+class _SagaStep(StepScope):
+    __slots__ = ("_attrs", "_error", "_otel", "_span", "_start", "_token")
+
+    def __init__(
+        self,
+        otel: OpenTelemetry,
+        saga: str,
+        saga_id: str,
+        step: str,
+        compensation: bool,
+        mode: int,
+    ) -> None:
+        self._otel = otel
+        self._attrs: dict[str, Any] = {
+            "msdata.saga.name": saga,
+            "msdata.saga.step": step,
+            "msdata.saga.compensation": compensation,
+        }
+        self._error: str | None = None
+        self._span: Span | None = None
+        self._token: object = None
+        if mode & 2:
+            name = f"saga {saga} {'compensate' if compensation else 'step'} {step}"
+            span = otel._tracer.start_span(
+                name, None, _INTERNAL, {**self._attrs, "msdata.saga.id": saga_id}
+            )
+            self._span = span
+            self._token = otel_context.attach(trace.set_span_in_context(span))
+        self._start = time.perf_counter()
+
+    def failed(self, error: str) -> None:
+        self._error = error
+
+    def close(self) -> None:
+        otel = self._otel
+        span = self._span
+        if span is not None:
+            try:
+                otel_context.detach(self._token)  # type: ignore[arg-type]
+            except Exception:  # pragma: no cover - a context mix-up must not break the saga
+                log.debug("could not detach the saga step context", exc_info=True)
+            if self._error is not None:
+                span.set_status(Status(StatusCode.ERROR, self._error))
+            span.end()
+        attrs = self._attrs
+        if self._error is not None:
+            attrs = {**attrs, "error.type": self._error.split(":", 1)[0]}
+        otel._step_duration.record(time.perf_counter() - self._start, attrs)
+
+
 class OpenTelemetry(Telemetry):
     """Spans and metrics through OpenTelemetry; install it with
     :func:`msdata.telemetry.install`.
@@ -353,6 +408,11 @@ class OpenTelemetry(Telemetry):
         )
         self._step_duration = meter.create_histogram(
             "msdata.saga.step.duration", unit="s", description="One saga step or compensation"
+        )
+        self._saga_instances = meter.create_counter(
+            "msdata.saga.instances",
+            unit="{instance}",
+            description="Saga instances started and ended, by msdata.saga.status",
         )
         self._outboxes: dict[str, Callable[[], Awaitable[OutboxStatus]]] = {}
         self._outbox_status: dict[str, OutboxStatus] = {}
@@ -533,23 +593,15 @@ class OpenTelemetry(Telemetry):
             {"msdata.message.kind": kind, "code.function.name": handler.__qualname__},
         )
 
-    @contextmanager
-    def _step(self, saga: str, saga_id: str, step: str, compensation: bool) -> Iterator[None]:
-        attrs = {"msdata.saga.name": saga, "msdata.saga.step": step}
-        name = f"saga {saga} {'compensate' if compensation else 'step'} {step}"
-        token = current_saga_id.set(saga_id)
-        start = time.perf_counter()
-        try:
-            with self._internal(name, {**attrs, "msdata.saga.id": saga_id}):
-                yield
-        finally:
-            current_saga_id.reset(token)
-            self._step_duration.record(
-                time.perf_counter() - start, {**attrs, "msdata.saga.compensation": compensation}
-            )
+    def saga_step(self, saga: str, saga_id: str, step: str, *, compensation: bool) -> StepScope:
+        mode = self._mode()
+        if not mode:
+            return _NO_STEP
+        return _SagaStep(self, saga, saga_id, step, compensation, mode)
 
-    def saga_step(self, saga: str, saga_id: str, step: str, *, compensation: bool) -> Any:
-        return self._step(saga, saga_id, step, compensation)
+    def saga_status(self, saga: str, status: str) -> None:
+        if self._mode() & 1:
+            self._saga_instances.add(1, {"msdata.saga.name": saga, "msdata.saga.status": status})
 
     # -- gauges that read stores --------------------------------------------------------
 
