@@ -41,6 +41,7 @@ from msdata.eventstore import EventLog
 from msdata.idempotency import IdempotencyKeys
 from msdata.messages import Command, Event, MessageRegistry, handling, make_envelope
 from msdata.outbox import Outbox, OutboxRelay
+from msdata.projections.runner import Lag
 from msdata.saga import Saga, SagaOrchestrator, SagaStatus
 from msdata.telemetry import MessageContextFilter
 from msdata.testing import eventually
@@ -314,6 +315,26 @@ async def test_failures_nacks_dead_letters_and_a_failed_publish_are_counted(otel
     ((_, age),) = otel.metric("msdata.outbox.oldest_age")
     assert age >= 0
     await store.close()
+
+
+async def test_projection_lag_is_a_gauge_read_by_refresh(otel: Otel) -> None:
+    class Runner:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def lag(self) -> Lag:
+            self.calls += 1
+            if self.calls > 1:
+                raise RuntimeError("store down")  # keeps its last figures
+            return Lag(3, 1.5)
+
+    otel.hooks.watch_projection(Runner(), "order-totals")
+    await otel.hooks.refresh()
+    await otel.hooks.refresh()
+    assert otel.metric("msdata.projection.lag") == [({"msdata.projection.name": "order-totals"}, 3)]
+    assert otel.metric("msdata.projection.lag_age") == [
+        ({"msdata.projection.name": "order-totals"}, 1.5)
+    ]
 
 
 async def test_idempotency_claims_replays_and_conflicts_are_counted(otel: Otel) -> None:
