@@ -34,6 +34,7 @@ from msdata.adapters.memory.idempotency import MemoryIdempotencyStore
 from msdata.adapters.opentelemetry import OpenTelemetry
 from msdata.adapters.sqlite import SqliteOutboxStore, connect
 from msdata.audit import EventStoreAudit, SagaAudit, audit_trail
+from msdata.composition import compose, required
 from msdata.cqrs import CommandBus
 from msdata.errors import IdempotencyKeyReused, SagaStepFailed
 from msdata.events import EventBus
@@ -335,6 +336,20 @@ async def test_projection_lag_is_a_gauge_read_by_refresh(otel: Otel) -> None:
     assert otel.metric("msdata.projection.lag_age") == [
         ({"msdata.projection.name": "order-totals"}, 1.5)
     ]
+
+
+async def test_a_composition_is_a_span_and_its_parts_calls_nest_under_it(otel: Otel) -> None:
+    async def customer(customer_id: str) -> str:
+        with otel.tracer.start_as_current_span("GET /customers"):
+            return customer_id
+
+    result = await compose(required("customer", customer, "c-1", timeout=5.0), deadline=5.0)
+    assert result.complete
+    spans = otel.finished()
+    span = one(spans, "compose")
+    assert span.attributes is not None
+    assert list(span.attributes["msdata.composition.parts"]) == ["customer"]
+    assert child_of(one(spans, "GET /customers"), span)
 
 
 async def test_idempotency_claims_replays_and_conflicts_are_counted(otel: Otel) -> None:
