@@ -25,6 +25,7 @@ from typing import Any, Generic, TypeVar, cast
 from pydantic import TypeAdapter
 from pydantic_core import PydanticSerializationError
 
+from msdata import telemetry
 from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import (
     ConfigurationError,
@@ -382,15 +383,19 @@ class IdempotencyKeys:
         conn: Any,
     ) -> IdempotencyClaim:
         if existing is None:
+            telemetry.hooks.idempotency_claim(scope, "claimed")  # telemetry
             return IdempotencyClaim(self, scope, key, token, conn)
         if fp and existing.fingerprint and existing.fingerprint != fp:
+            telemetry.hooks.idempotency_claim(scope, "conflict")  # telemetry
             raise IdempotencyKeyReused(
                 f"idempotency key {key!r} was used before with a different request"
             )
         if not existing.completed:
+            telemetry.hooks.idempotency_claim(scope, "in_progress")  # telemetry
             raise IdempotencyInProgress(
                 f"a request with idempotency key {key!r} is still in progress; retry later"
             )
+        telemetry.hooks.idempotency_claim(scope, "replayed")  # telemetry
         return IdempotencyClaim(self, scope, key, existing.token, conn, existing.response or b"")
 
     async def claim(
