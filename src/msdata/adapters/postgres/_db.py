@@ -264,7 +264,8 @@ def driver_of(conn: Any, *, want_async: bool) -> Driver:
         )
     if driver.is_async != want_async:
         call = "the *_async call (await it)" if driver.is_async else "the sync call"
-        raise ConfigurationError(f"a {driver.value} connection needs {call}")
+        article = "an" if driver.value[:1] in "aeiou" else "a"
+        raise ConfigurationError(f"{article} {driver.value} connection needs {call}")
     return driver
 
 
