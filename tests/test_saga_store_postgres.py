@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,6 +10,7 @@ from msdata.adapters.postgres.saga import PostgresSagaStore
 from msdata.outbox.store import OutboxStore
 from msdata.saga import SagaStore
 from msdata.testing.conformance.saga import SagaStoreConformance
+from store_helpers import table_prefix
 
 pytestmark = pytest.mark.postgres
 
@@ -19,7 +19,7 @@ class TestPostgresSagaStore(SagaStoreConformance):
     @pytest.fixture(autouse=True)
     def _url(self, postgres_url: str) -> None:
         self.url = postgres_url
-        self.prefix = f"t{uuid.uuid4().hex[:10]}_"
+        self.prefix = table_prefix()
 
     @asynccontextmanager
     async def make_store(self) -> AsyncIterator[SagaStore]:
