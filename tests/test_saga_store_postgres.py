@@ -10,7 +10,7 @@ from msdata.adapters.postgres.saga import PostgresSagaStore
 from msdata.outbox.store import OutboxStore
 from msdata.saga import SagaStore
 from msdata.testing.conformance.saga import SagaStoreConformance
-from store_helpers import table_prefix
+from store_helpers import opened, table_prefix
 
 pytestmark = pytest.mark.postgres
 
@@ -23,17 +23,12 @@ class TestPostgresSagaStore(SagaStoreConformance):
 
     @asynccontextmanager
     async def make_store(self) -> AsyncIterator[SagaStore]:
-        store = PostgresSagaStore(self.url, table_prefix=self.prefix)
-        await store.create_schema()
-        self._outbox = PostgresOutboxStore(self.url, table_prefix=self.prefix)
-        await self._outbox.create_schema()
-        try:
+        async with (
+            opened(PostgresSagaStore(self.url, table_prefix=self.prefix), drop=True) as store,
+            opened(PostgresOutboxStore(self.url, table_prefix=self.prefix), drop=True) as outbox,
+        ):
+            self._outbox = outbox
             yield store
-        finally:
-            await store.drop_schema()
-            await self._outbox.drop_schema()
-            await store.close()
-            await self._outbox.close()
 
     @asynccontextmanager
     async def open_again(self, store: SagaStore) -> AsyncIterator[SagaStore]:
