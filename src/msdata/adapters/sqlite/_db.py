@@ -435,8 +435,8 @@ class WatchedDatabase(SqliteDatabase):
     process wakes the waiters at once (``_signal``) and they look every 2 ms for a second,
     until its transaction commits. A subclass sets ``_waiting`` to a module-level
     :data:`Waiting` of its own (its write path checks that dict before calling
-    ``_signal``, so no waiter costs an append nothing) and calls :meth:`_watch_commits`
-    from ``__init__``."""
+    ``_signal``: while nobody waits, an append pays one dict test) and calls
+    :meth:`_watch_commits` from ``__init__``."""
 
     _waiting: ClassVar[Waiting]
 
