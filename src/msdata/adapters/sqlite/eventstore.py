@@ -177,6 +177,7 @@ class SqliteEventStore(WatchedDatabase):
     async def read_stream(
         self, stream_id: str, from_version: int = 1, limit: int | None = None
     ) -> list[RecordedEvent]:
+        check_stream_id(stream_id)
         rows = await self._read(
             f"SELECT {_COLUMNS} FROM {self._t} WHERE stream_id = ? AND stream_version >= ? "
             "ORDER BY stream_version LIMIT ?",
@@ -185,6 +186,7 @@ class SqliteEventStore(WatchedDatabase):
         return _records(rows)
 
     async def stream_version(self, stream_id: str) -> int:
+        check_stream_id(stream_id)
         rows = await self._read(self._version_sql, (stream_id,))
         return int(rows[0][0] or 0)
 
