@@ -11,6 +11,7 @@ import asyncio
 import signal
 import sqlite3
 import sys
+from typing import Any
 
 import aio_pika
 
@@ -37,6 +38,18 @@ class Release(Command):
 @message_type("rmqsaga.Charge")
 class Charge(Command):
     order_id: str
+
+
+async def close_and_delete_queues(transport: RabbitMQTransport, conn: Any) -> None:
+    """Close ``transport`` and its connection ``conn``, deleting the queues it declared
+    (the broker is shared: nothing of a test stays behind)."""
+    _, queues = transport.declared
+    await transport.close()
+    channel = await conn.channel()
+    for queue in sorted(queues):
+        await channel.queue_delete(queue)
+    await channel.close()
+    await conn.close()
 
 
 async def main(DB: str, URL: str, PREFIX: str) -> None:
@@ -80,13 +93,7 @@ async def main(DB: str, URL: str, PREFIX: str) -> None:
     async with bus, OutboxRelay(outbox_store, transport, poll_interval=0.01):
         print("ready", flush=True)
         await stop.wait()
-    _, queues = transport.declared
-    await transport.close()
-    channel = await conn.channel()
-    for queue in sorted(queues):
-        await channel.queue_delete(queue)
-    await channel.close()
-    await conn.close()
+    await close_and_delete_queues(transport, conn)
     await outbox_store.close()
     await inbox_store.close()
 

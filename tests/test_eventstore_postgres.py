@@ -5,7 +5,6 @@ SQLAlchemy callers, LISTEN/NOTIFY."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,66 +20,21 @@ from msdata.projections import CheckpointStore
 from msdata.testing import eventually
 from msdata.testing.conformance.checkpoints import CheckpointStoreConformance
 from msdata.testing.conformance.eventstore import EventStoreConformance, make_events
+from store_helpers import PgTx, PostgresHooks, opened, table_prefix
 
 pytestmark = pytest.mark.postgres
-
-
-class _Tx:
-    """A transaction on its own asyncpg connection."""
-
-    def __init__(self, conn: Any, tx: Any) -> None:
-        self.conn, self.tx = conn, tx
-
-    @classmethod
-    async def open(cls, url: str) -> _Tx:
-        conn = await asyncpg.connect(url)
-        tx = conn.transaction()
-        await tx.start()
-        return cls(conn, tx)
-
-    async def end(self, commit: bool) -> None:
-        if self.conn.is_closed():
-            return
-        try:
-            await (self.tx.commit() if commit else self.tx.rollback())
-        finally:
-            await self.conn.close()
-
-
-class PostgresHooks:
-    url: str
-
-    @pytest.fixture(autouse=True)
-    def _url(self, postgres_url: str) -> None:
-        self.url = postgres_url
-
-    async def begin(self, store: Any) -> _Tx:
-        return await _Tx.open(self.url)
-
-    async def commit(self, tx: _Tx) -> None:
-        await tx.end(True)
-
-    async def rollback(self, tx: _Tx) -> None:
-        await tx.end(False)
 
 
 async def _readable(store: Any, count: int) -> bool:
     return len(await store.read_all()) >= count
 
 
-def _prefix() -> str:
-    return f"t{uuid.uuid4().hex[:10]}_"
-
-
 @asynccontextmanager
 async def event_store(url: str, **options: Any) -> AsyncIterator[PostgresEventStore]:
-    store = PostgresEventStore(url, table_prefix=_prefix(), **options)
-    await store.create_schema()
-    try:
+    async with opened(
+        PostgresEventStore(url, table_prefix=table_prefix(), **options), drop=True
+    ) as store:
         yield store
-    finally:
-        await store.drop_schema()
-        await store.close()
 
 
 class TestPostgresEventStore(PostgresHooks, EventStoreConformance):
@@ -90,7 +44,7 @@ class TestPostgresEventStore(PostgresHooks, EventStoreConformance):
             yield store
 
     async def append(
-        self, store: Any, tx: _Tx, stream_id: str, expected: int, events: Sequence[NewEvent]
+        self, store: Any, tx: PgTx, stream_id: str, expected: int, events: Sequence[NewEvent]
     ) -> int:
         version: int = await store.append_async(tx.conn, stream_id, expected, events)
         return version
@@ -99,18 +53,15 @@ class TestPostgresEventStore(PostgresHooks, EventStoreConformance):
 class TestPostgresCheckpointStore(PostgresHooks, CheckpointStoreConformance):
     @asynccontextmanager
     async def make_checkpoint_store(self) -> AsyncIterator[CheckpointStore]:
-        store = PostgresCheckpointStore(self.url, table_prefix=_prefix())
-        await store.create_schema()
-        try:
+        async with opened(
+            PostgresCheckpointStore(self.url, table_prefix=table_prefix()), drop=True
+        ) as store:
             yield store
-        finally:
-            await store.drop_schema()
-            await store.close()
 
-    async def save(self, store: Any, tx: _Tx, name: str, position: int, expected: int) -> None:
+    async def save(self, store: Any, tx: PgTx, name: str, position: int, expected: int) -> None:
         await store.save_async(tx.conn, name, position, expected)
 
-    async def activate(self, store: Any, tx: _Tx, projection: str, generation: int) -> None:
+    async def activate(self, store: Any, tx: PgTx, projection: str, generation: int) -> None:
         await store.activate_async(tx.conn, projection, generation)
 
 
@@ -122,8 +73,8 @@ async def test_readers_wait_behind_an_older_open_transaction(postgres_url: str) 
     reader does not return T2's event yet (it would have to pass T1's place), reports it
     as held back, and returns both in order once T1 commits."""
     async with event_store(postgres_url, held_poll_interval=0.01) as store:
-        t1 = await _Tx.open(postgres_url)
-        t2 = await _Tx.open(postgres_url)
+        t1 = await PgTx.open(postgres_url)
+        t2 = await PgTx.open(postgres_url)
         try:
             e1, e2 = make_events(1, tag="t1"), make_events(1, tag="t2")
             await store.append_async(t1.conn, "a", 0, e1)
@@ -149,7 +100,7 @@ async def test_an_unrelated_open_transaction_also_holds_readers_back(postgres_ur
         try:
             async with other.transaction():
                 await other.fetchval("SELECT pg_current_xact_id()")  # takes an id, stays open
-                tx = await _Tx.open(postgres_url)
+                tx = await PgTx.open(postgres_url)
                 await store.append_async(tx.conn, "a", 0, make_events(1))
                 await tx.end(True)
                 assert await store.read_all() == []
@@ -163,7 +114,7 @@ async def test_subscriber_is_woken_by_notify(postgres_url: str) -> None:
         await store.wait_for_events(0, 0.01)  # starts listening
         waiter = asyncio.ensure_future(store.wait_for_events(0, 60.0))
         await asyncio.sleep(0.05)
-        tx = await _Tx.open(postgres_url)
+        tx = await PgTx.open(postgres_url)
         await store.append_async(tx.conn, "a", 0, make_events(1))
         await tx.end(True)
         await eventually(waiter.done, what="woken by NOTIFY")
@@ -235,7 +186,7 @@ async def test_projection_on_postgres_with_an_async_transaction_and_rebuild(
         key: str
 
     registry.register(Counted, "pgtest.Counted")
-    prefix = _prefix()
+    prefix = table_prefix()
 
     class Counts(Projection):
         name = "counts"

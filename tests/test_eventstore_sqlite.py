@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -31,73 +30,24 @@ from msdata.testing.conformance.eventstore import (
     EventStoreFeatures,
     make_events,
 )
-
-T = TypeVar("T")
-
-
-class ThreadTx:
-    """A transaction on its own sqlite3 connection, in its own thread, so one waiting for
-    SQLite's write lock does not stop the event loop."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._ex = ThreadPoolExecutor(1)
-        self.conn: sqlite3.Connection
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._ex, fn, *args)
-
-    async def open(self) -> ThreadTx:
-        def connect() -> None:
-            self.conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
-
-        await self.run(connect)
-        return self
-
-    async def end(self, commit: bool) -> None:
-        def finish() -> None:
-            if commit:
-                self.conn.commit()
-            else:
-                self.conn.rollback()
-            self.conn.close()
-
-        try:
-            await self.run(finish)
-        except sqlite3.ProgrammingError:  # already closed
-            pass
-        finally:
-            self._ex.shutdown(wait=False)
+from store_helpers import SqliteHooks, ThreadTx, opened
 
 
-class SqliteHooks:
+class SqliteTmpHooks(SqliteHooks):
     tmp: Path
 
     @pytest.fixture(autouse=True)
     def _tmp(self, tmp_path: Path) -> None:
         self.tmp = tmp_path
 
-    async def begin(self, store: Any) -> ThreadTx:
-        return await ThreadTx(store.path).open()
 
-    async def commit(self, tx: ThreadTx) -> None:
-        await tx.end(True)
-
-    async def rollback(self, tx: ThreadTx) -> None:
-        await tx.end(False)
-
-
-class TestSqliteEventStore(SqliteHooks, EventStoreConformance):
+class TestSqliteEventStore(SqliteTmpHooks, EventStoreConformance):
     features = EventStoreFeatures(concurrent_writers=False)
 
     @asynccontextmanager
     async def make_store(self) -> AsyncIterator[EventStore]:
-        store = SqliteEventStore(self.tmp / "events.db", poll_interval=0.02)
-        await store.create_schema()
-        try:
+        async with opened(SqliteEventStore(self.tmp / "events.db", poll_interval=0.02)) as store:
             yield store
-        finally:
-            await store.close()
 
     async def append(
         self, store: Any, tx: ThreadTx, stream_id: str, expected: int, events: Sequence[NewEvent]
@@ -106,15 +56,11 @@ class TestSqliteEventStore(SqliteHooks, EventStoreConformance):
         return version
 
 
-class TestSqliteCheckpointStore(SqliteHooks, CheckpointStoreConformance):
+class TestSqliteCheckpointStore(SqliteTmpHooks, CheckpointStoreConformance):
     @asynccontextmanager
     async def make_checkpoint_store(self) -> AsyncIterator[CheckpointStore]:
-        store = SqliteCheckpointStore(self.tmp / "model.db")
-        await store.create_schema()
-        try:
+        async with opened(SqliteCheckpointStore(self.tmp / "model.db")) as store:
             yield store
-        finally:
-            await store.close()
 
     async def save(self, store: Any, tx: ThreadTx, name: str, position: int, expected: int) -> None:
         await tx.run(store.save, tx.conn, name, position, expected)

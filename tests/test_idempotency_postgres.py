@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,6 +17,7 @@ from msdata.adapters.postgres.idempotency import PostgresIdempotencyStore
 from msdata.idempotency import IdempotencyKeys, IdempotencyStore
 from msdata.testing import FakeClock
 from msdata.testing.conformance.idempotency import IdempotencyStoreConformance
+from store_helpers import opened, table_prefix
 
 pytestmark = pytest.mark.postgres
 
@@ -32,13 +32,10 @@ class _PostgresStore:
 
     @asynccontextmanager
     async def make_store(self) -> AsyncIterator[IdempotencyStore]:
-        store = PostgresIdempotencyStore(self.url, table_prefix=f"t{uuid.uuid4().hex[:10]}_")
-        await store.create_schema()
-        try:
+        async with opened(
+            PostgresIdempotencyStore(self.url, table_prefix=table_prefix()), drop=True
+        ) as store:
             yield store
-        finally:
-            await store.drop_schema()
-            await store.close()
 
 
 class TestPostgresIdempotencyStore(_PostgresStore, IdempotencyStoreConformance):
@@ -161,7 +158,7 @@ async def test_a_cancelled_call_leaves_the_store_usable(postgres_url: str) -> No
     it up); the next calls work."""
     from datetime import UTC, datetime, timedelta
 
-    store = PostgresIdempotencyStore(postgres_url, table_prefix=f"t{uuid.uuid4().hex[:10]}_")
+    store = PostgresIdempotencyStore(postgres_url, table_prefix=table_prefix())
     await store.create_schema()
     now = datetime(2030, 1, 1, tzinfo=UTC)
     try:
@@ -191,7 +188,7 @@ async def test_the_callers_error_survives_an_aborted_transaction(postgres_url: s
     """In the caller's transaction, an operation whose SQL failed has aborted it: storing
     the failure (final) or releasing the key fails too, and the caller still gets its own
     error; the rollback leaves the key free."""
-    store = PostgresIdempotencyStore(postgres_url, table_prefix=f"t{uuid.uuid4().hex[:10]}_")
+    store = PostgresIdempotencyStore(postgres_url, table_prefix=table_prefix())
     await store.create_schema()
     keys = IdempotencyKeys(store, final_errors=(Declined,), clock=FakeClock())
     conn = await asyncpg.connect(postgres_url)

@@ -13,6 +13,7 @@ import pytest
 from msdata.adapters.sqlite.idempotency import SqliteIdempotencyStore
 from msdata.idempotency import IdempotencyStore
 from msdata.testing.conformance.idempotency import IdempotencyStoreConformance
+from store_helpers import opened
 
 
 class TestSqliteIdempotencyStore(IdempotencyStoreConformance):
@@ -24,12 +25,8 @@ class TestSqliteIdempotencyStore(IdempotencyStoreConformance):
 
     @asynccontextmanager
     async def make_store(self) -> AsyncIterator[IdempotencyStore]:
-        store = SqliteIdempotencyStore(self.path)
-        await store.create_schema()
-        try:
+        async with opened(SqliteIdempotencyStore(self.path)) as store:
             yield store
-        finally:
-            await store.close()
 
     async def begin(self, store: Any) -> Any:
         conn = sqlite3.connect(self.path, check_same_thread=False)
@@ -56,12 +53,8 @@ class TestSqliteIdempotencyStoreInThread(TestSqliteIdempotencyStore):
 
     @asynccontextmanager
     async def make_store(self) -> AsyncIterator[IdempotencyStore]:
-        store = SqliteIdempotencyStore(self.path, synchronous="FULL")
-        await store.create_schema()
-        try:
+        async with opened(SqliteIdempotencyStore(self.path, synchronous="FULL")) as store:
             yield store
-        finally:
-            await store.close()
 
 
 async def test_claims_from_many_connections_have_one_winner(tmp_path: Path) -> None:

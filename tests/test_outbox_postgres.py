@@ -18,46 +18,12 @@ from msdata.outbox import InboxStore, OutboxRow, OutboxStore
 from msdata.testing.conformance.inbox import InboxStoreConformance
 from msdata.testing.conformance.outbox import OutboxStoreConformance, OutboxStoreHooks, make_rows
 from msdata.testing.conformance.relay import OutboxRelayConformance
+from store_helpers import PgTx, PostgresHooks, opened, table_prefix
 
 pytestmark = pytest.mark.postgres
 
 
-class _Tx:
-    """A business transaction on its own asyncpg connection."""
-
-    def __init__(self, conn: Any, tx: Any) -> None:
-        self.conn, self.tx = conn, tx
-
-    @classmethod
-    async def open(cls, url: str) -> _Tx:
-        conn = await asyncpg.connect(url)
-        tx = conn.transaction()
-        await tx.start()
-        return cls(conn, tx)
-
-    async def end(self, commit: bool) -> None:
-        try:
-            await (self.tx.commit() if commit else self.tx.rollback())
-        finally:
-            await self.conn.close()
-
-
-class PostgresHooks:
-    url: str
-
-    @pytest.fixture(autouse=True)
-    def _url(self, postgres_url: str) -> None:
-        self.url = postgres_url
-
-    async def begin(self, store: Any) -> _Tx:
-        return await _Tx.open(self.url)
-
-    async def commit(self, tx: _Tx) -> None:
-        await tx.end(True)
-
-    async def rollback(self, tx: _Tx) -> None:
-        await tx.end(False)
-
+class PostgresCallerHooks(PostgresHooks):
     @asynccontextmanager
     async def connections_without_transaction(
         self, store: Any
@@ -111,23 +77,16 @@ class PostgresHooks:
             await pool.close()
 
 
-def _prefix() -> str:
-    return f"t{uuid.uuid4().hex[:10]}_"
-
-
-class PostgresOutboxHooks(PostgresHooks, OutboxStoreHooks):
+class PostgresOutboxHooks(PostgresCallerHooks, OutboxStoreHooks):
     lease_seconds = 0.4
 
     @asynccontextmanager
     async def make_store(self, *, clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[OutboxStore]:
         # the store reads the server's clock (features.reads_clock is False): no clock here
-        store = PostgresOutboxStore(self.url, table_prefix=_prefix())
-        await store.create_schema()
-        try:
+        async with opened(
+            PostgresOutboxStore(self.url, table_prefix=table_prefix()), drop=True
+        ) as store:
             yield store
-        finally:
-            await store.drop_schema()
-            await store.close()
 
     @asynccontextmanager
     async def open_again(self, store: Any) -> AsyncIterator[OutboxStore]:
@@ -137,12 +96,12 @@ class PostgresOutboxHooks(PostgresHooks, OutboxStoreHooks):
         finally:
             await other.close()
 
-    async def add(self, store: Any, tx: _Tx, rows: Sequence[OutboxRow]) -> None:
+    async def add(self, store: Any, tx: PgTx, rows: Sequence[OutboxRow]) -> None:
         await store.append_async(tx.conn, rows)
 
     @asynccontextmanager
     async def make_store_without_schema(self) -> AsyncIterator[OutboxStore]:
-        async with PostgresOutboxStore(self.url, table_prefix=_prefix()) as store:
+        async with PostgresOutboxStore(self.url, table_prefix=table_prefix()) as store:
             yield store
 
     @asynccontextmanager
@@ -169,23 +128,20 @@ class TestPostgresOutboxRelay(PostgresOutboxHooks, OutboxRelayConformance):
     pass
 
 
-class TestPostgresInboxStore(PostgresHooks, InboxStoreConformance):
+class TestPostgresInboxStore(PostgresCallerHooks, InboxStoreConformance):
     @asynccontextmanager
     async def make_inbox_store(self, *, clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[InboxStore]:
-        store = PostgresInboxStore(self.url, table_prefix=_prefix())
-        await store.create_schema()
-        try:
+        async with opened(
+            PostgresInboxStore(self.url, table_prefix=table_prefix()), drop=True
+        ) as store:
             yield store
-        finally:
-            await store.drop_schema()
-            await store.close()
 
     @asynccontextmanager
     async def make_inbox_store_without_schema(self) -> AsyncIterator[InboxStore]:
-        async with PostgresInboxStore(self.url, table_prefix=_prefix()) as store:
+        async with PostgresInboxStore(self.url, table_prefix=table_prefix()) as store:
             yield store
 
-    async def record(self, store: Any, tx: _Tx, consumer: str, message_id: str) -> bool:
+    async def record(self, store: Any, tx: PgTx, consumer: str, message_id: str) -> bool:
         return await store.record_async(tx.conn, consumer, message_id)  # type: ignore[no-any-return]
 
 
@@ -221,7 +177,7 @@ def test_schema_sql_has_the_debezium_columns() -> None:
 
 
 async def test_an_async_connection_in_the_sync_call_is_refused(postgres_url: str) -> None:
-    async with PostgresOutboxStore(postgres_url, table_prefix=_prefix()) as store:
+    async with PostgresOutboxStore(postgres_url, table_prefix=table_prefix()) as store:
         conn = await asyncpg.connect(postgres_url)
         try:
             with pytest.raises(ConfigurationError):
@@ -256,7 +212,7 @@ async def test_notify_wakes_a_waiting_relay_at_commit(postgres_url: str) -> None
     import asyncio
     import time
 
-    store = PostgresOutboxStore(postgres_url, table_prefix=_prefix())
+    store = PostgresOutboxStore(postgres_url, table_prefix=table_prefix())
     await store.create_schema()
     try:
         await store.wait_for_rows(0.01)  # starts listening (the first return may be spurious)
@@ -284,7 +240,7 @@ async def test_keyed_claims_racing_never_share_a_key(postgres_url: str) -> None:
     leases belong to one relay, and each relay gets a key's rows in order."""
     import asyncio
 
-    store = PostgresOutboxStore(postgres_url, table_prefix=_prefix(), max_size=8)
+    store = PostgresOutboxStore(postgres_url, table_prefix=table_prefix(), max_size=8)
     await store.create_schema()
     try:
         keys = [f"k{i}" for i in range(5)]
@@ -324,7 +280,9 @@ async def test_durable_relay_commits_take_the_same_paths(postgres_url: str) -> N
     clause: the same claim, retry, park, release and keep-sent cycle works."""
     from datetime import UTC, datetime, timedelta
 
-    store = PostgresOutboxStore(postgres_url, table_prefix=_prefix(), relay_synchronous_commit=True)
+    store = PostgresOutboxStore(
+        postgres_url, table_prefix=table_prefix(), relay_synchronous_commit=True
+    )
     await store.create_schema()
     try:
         rows = make_rows(4, keys=["a", "b", "c", None])
@@ -374,7 +332,7 @@ async def test_claims_racing_with_commits_look_again_and_never_share_a_key(
         init=init,
         server_settings={"client_min_messages": "debug1"},
     )
-    store = PostgresOutboxStore(pool, table_prefix=_prefix())
+    store = PostgresOutboxStore(pool, table_prefix=table_prefix())
     await store.create_schema()
     stop = asyncio.Event()
 

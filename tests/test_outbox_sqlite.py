@@ -3,12 +3,10 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -19,53 +17,10 @@ from msdata.outbox import InboxStore, OutboxRow, OutboxStore
 from msdata.testing.conformance.inbox import InboxStoreConformance
 from msdata.testing.conformance.outbox import OutboxStoreConformance, OutboxStoreHooks, make_rows
 from msdata.testing.conformance.relay import OutboxRelayConformance
-
-T = TypeVar("T")
-
-
-class ThreadTx:
-    """A business transaction on its own sqlite3 connection, in its own thread, so a
-    transaction waiting for SQLite's write lock does not stop the event loop."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._ex = ThreadPoolExecutor(1)
-        self.conn: sqlite3.Connection
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._ex, fn, *args)
-
-    async def open(self) -> ThreadTx:
-        def connect() -> None:
-            self.conn = sqlite3.connect(self.path, timeout=30.0)
-
-        await self.run(connect)
-        return self
-
-    async def end(self, commit: bool) -> None:
-        def finish() -> None:
-            if commit:
-                self.conn.commit()
-            else:
-                self.conn.rollback()
-            self.conn.close()
-
-        try:
-            await self.run(finish)
-        finally:
-            self._ex.shutdown(wait=False)
+from store_helpers import SqliteHooks, ThreadTx, opened, table_prefix
 
 
-class SqliteHooks:
-    async def begin(self, store: Any) -> ThreadTx:
-        return await ThreadTx(store.path).open()
-
-    async def commit(self, tx: ThreadTx) -> None:
-        await tx.end(True)
-
-    async def rollback(self, tx: ThreadTx) -> None:
-        await tx.end(False)
-
+class SqliteCallerHooks(SqliteHooks):
     @asynccontextmanager
     async def connections_without_transaction(
         self, store: Any
@@ -93,25 +48,27 @@ def db_path(tmp_path: Path) -> Iterator[str]:
     yield str(tmp_path / "outbox.db")
 
 
-class SqliteOutboxHooks(SqliteHooks, OutboxStoreHooks):
+class SqliteOutboxHooks(SqliteCallerHooks, OutboxStoreHooks):
     lease_seconds = 0.3
     inline: bool | None = None  # the store's default: inline under synchronous NORMAL
 
     @pytest.fixture(autouse=True)
     def _path(self, db_path: str) -> None:
         self.path = db_path
-        self.prefix = f"t{uuid.uuid4().hex[:8]}_"
+        self.prefix = table_prefix()
 
     @asynccontextmanager
     async def make_store(self, *, clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[OutboxStore]:
-        store = SqliteOutboxStore(
-            self.path, table_prefix=self.prefix, poll_interval=0.01, inline=self.inline, clock=clock
-        )
-        await store.create_schema()
-        try:
+        async with opened(
+            SqliteOutboxStore(
+                self.path,
+                table_prefix=self.prefix,
+                poll_interval=0.01,
+                inline=self.inline,
+                clock=clock,
+            )
+        ) as store:
             yield store
-        finally:
-            await store.close()
 
     @asynccontextmanager
     async def make_store_without_schema(self) -> AsyncIterator[OutboxStore]:
@@ -162,19 +119,17 @@ class TestSqliteOutboxRelayInThread(TestSqliteOutboxRelay):
     inline = False
 
 
-class TestSqliteInboxStore(SqliteHooks, InboxStoreConformance):
+class TestSqliteInboxStore(SqliteCallerHooks, InboxStoreConformance):
     @pytest.fixture(autouse=True)
     def _path(self, db_path: str) -> None:
         self.path = db_path
 
     @asynccontextmanager
     async def make_inbox_store(self, *, clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[InboxStore]:
-        store = SqliteInboxStore(self.path, table_prefix=f"t{uuid.uuid4().hex[:8]}_", clock=clock)
-        await store.create_schema()
-        try:
+        async with opened(
+            SqliteInboxStore(self.path, table_prefix=table_prefix(), clock=clock)
+        ) as store:
             yield store
-        finally:
-            await store.close()
 
     async def record(self, store: Any, tx: ThreadTx, consumer: str, message_id: str) -> bool:
         return await tx.run(store.record, tx.conn, consumer, message_id)

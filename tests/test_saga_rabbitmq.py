@@ -44,7 +44,12 @@ async def test_orchestrator_and_participant_in_separate_processes(
     import aio_pika
 
     from msdata.adapters.rabbitmq import RabbitMQTransport
-    from saga_rabbitmq_participant import Charge, Release, Reserve  # type: ignore[import-not-found]
+    from saga_rabbitmq_participant import (  # type: ignore[import-not-found]
+        Charge,
+        Release,
+        Reserve,
+        close_and_delete_queues,
+    )
 
     prefix = f"t{uuid.uuid4().hex[:8]}"
     part_db = tmp_path / "stock.db"
@@ -114,13 +119,7 @@ async def test_orchestrator_and_participant_in_separate_processes(
                 done.append(await orch.wait("slow-4", timeout=30, poll=0.05))
         finally:
             await orch.close()
-            _, queues = transport.declared
-            await transport.close()
-            channel = await conn.channel()
-            for queue in sorted(queues):
-                await channel.queue_delete(queue)
-            await channel.close()
-            await conn.close()
+            await close_and_delete_queues(transport, conn)
             await saga_store.close()
             await outbox_store.close()
         status = {r.saga_id: r.status for r in done}

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,6 +10,7 @@ from msdata.adapters.postgres.saga import PostgresSagaStore
 from msdata.outbox.store import OutboxStore
 from msdata.saga import SagaStore
 from msdata.testing.conformance.saga import SagaStoreConformance
+from store_helpers import opened, table_prefix
 
 pytestmark = pytest.mark.postgres
 
@@ -19,21 +19,16 @@ class TestPostgresSagaStore(SagaStoreConformance):
     @pytest.fixture(autouse=True)
     def _url(self, postgres_url: str) -> None:
         self.url = postgres_url
-        self.prefix = f"t{uuid.uuid4().hex[:10]}_"
+        self.prefix = table_prefix()
 
     @asynccontextmanager
     async def make_store(self) -> AsyncIterator[SagaStore]:
-        store = PostgresSagaStore(self.url, table_prefix=self.prefix)
-        await store.create_schema()
-        self._outbox = PostgresOutboxStore(self.url, table_prefix=self.prefix)
-        await self._outbox.create_schema()
-        try:
+        async with (
+            opened(PostgresSagaStore(self.url, table_prefix=self.prefix), drop=True) as store,
+            opened(PostgresOutboxStore(self.url, table_prefix=self.prefix), drop=True) as outbox,
+        ):
+            self._outbox = outbox
             yield store
-        finally:
-            await store.drop_schema()
-            await self._outbox.drop_schema()
-            await store.close()
-            await self._outbox.close()
 
     @asynccontextmanager
     async def open_again(self, store: SagaStore) -> AsyncIterator[SagaStore]:

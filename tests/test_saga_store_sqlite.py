@@ -11,6 +11,7 @@ from msdata.adapters.sqlite.saga import SqliteSagaStore
 from msdata.outbox.store import OutboxStore
 from msdata.saga import SagaStore
 from msdata.testing.conformance.saga import SagaStoreConformance
+from store_helpers import opened
 
 
 class TestSqliteSagaStore(SagaStoreConformance):
@@ -20,15 +21,12 @@ class TestSqliteSagaStore(SagaStoreConformance):
 
     @asynccontextmanager
     async def make_store(self) -> AsyncIterator[SagaStore]:
-        store = SqliteSagaStore(self.path)
-        await store.create_schema()
-        self._outbox = SqliteOutboxStore(self.path)
-        await self._outbox.create_schema()
-        try:
+        async with (
+            opened(SqliteSagaStore(self.path)) as store,
+            opened(SqliteOutboxStore(self.path)) as outbox,
+        ):
+            self._outbox = outbox
             yield store
-        finally:
-            await store.close()
-            await self._outbox.close()
 
     @asynccontextmanager
     async def open_again(self, store: SagaStore) -> AsyncIterator[SagaStore]:

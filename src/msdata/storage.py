@@ -28,6 +28,7 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, contextmanager
 from contextvars import ContextVar
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from msdata.errors import ConfigurationError
@@ -40,6 +41,8 @@ __all__ = [
     "bind_connection",
     "check_table_prefix",
     "current_connection",
+    "from_unix_us",
+    "unix_us",
 ]
 
 #: The caller's connection, with an open transaction, that a write-side call joins: see the
@@ -71,6 +74,22 @@ def check_table_prefix(prefix: str) -> str:
             "not starting with a digit"
         )
     return prefix
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def unix_us(t: datetime) -> int:
+    """An aware datetime as whole microseconds since the Unix epoch, exactly (unlike
+    ``timestamp() * 1e6``, which rounds through a float): how stores without a timestamp
+    type (SQLite, Redis) keep a time."""
+    d = t - _EPOCH
+    return (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
+
+
+def from_unix_us(us: int) -> datetime:
+    """The aware UTC datetime of :func:`unix_us` ``us`` microseconds."""
+    return _EPOCH + timedelta(microseconds=us)
 
 
 _connection: ContextVar[Any] = ContextVar("msdata_connection")

@@ -29,11 +29,11 @@ from types import TracebackType
 from typing import Any, Self
 
 from msdata.clock import SYSTEM_CLOCK, Clock
-from msdata.errors import ConfigurationError, StoreError
+from msdata.errors import ConcurrencyError, ConfigurationError, StoreError
 from msdata.storage import Connection, check_table_prefix
 from msdata.urls import redact_url
 
-__all__ = ["MemoryDatabase", "MemoryTransaction", "transaction_of"]
+__all__ = ["HeldValues", "MemoryDatabase", "MemoryTransaction", "transaction_of"]
 
 #: options only the SQL stores use; a memory store accepts and ignores them
 _SQL_ONLY = ("table_prefix", "schema")
@@ -128,6 +128,43 @@ def transaction_of(conn: Connection) -> MemoryTransaction:
         )
     conn.check_open()
     return conn
+
+
+class HeldValues:
+    """Compare-and-set of a number per key (a stream's version, a checkpoint's position)
+    under a row lock: the open transaction that set a key holds it, with the value it set,
+    until it ends; another transaction's write of that key meanwhile gets
+    :class:`msdata.errors.ConcurrencyError` at once, as a database would once the first
+    transaction commits."""
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[MemoryTransaction, int]] = {}
+
+    def check(
+        self, tx: MemoryTransaction, key: str, committed: int, expected: int, name: str, doing: str
+    ) -> int:
+        """The key's value as ``tx`` sees it (``committed`` unless ``tx`` set it), which must
+        be ``expected``; ConcurrencyError naming ``name`` otherwise, or when another open
+        transaction holds the key (``doing``: what it does, for the message)."""
+        held = self._held.get(key)
+        if held is not None and held[0] is not tx:
+            raise ConcurrencyError(f"{name} (another open transaction is {doing})", expected, None)
+        current = held[1] if held is not None else committed
+        if current != expected:
+            raise ConcurrencyError(name, expected, current)
+        return current
+
+    def hold(self, tx: MemoryTransaction, key: str, value: int) -> None:
+        """``tx`` set ``key`` to ``value`` (after :meth:`check`): it holds the key until it
+        ends."""
+        if key not in self._held:
+            tx.on_end(lambda: self._release(key))
+        self._held[key] = (tx, value)
+
+    def _release(self, key: str) -> None:
+        self._held.pop(key, None)
 
 
 class MemoryDatabase:

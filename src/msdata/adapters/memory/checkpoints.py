@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from msdata.adapters.memory._db import MemoryDatabase, MemoryTransaction, transaction_of
+from msdata.adapters.memory._db import HeldValues, MemoryDatabase, transaction_of
 from msdata.clock import SYSTEM_CLOCK, Clock
-from msdata.errors import ConcurrencyError, StoreError
+from msdata.errors import StoreError
 from msdata.projections.store import check_checkpoint_name, check_position
 
 __all__ = ["MemoryCheckpointStore"]
@@ -24,7 +24,7 @@ class MemoryCheckpointStore(MemoryDatabase):
         super().__init__(clock=clock)
         self._positions: dict[str, int] = {}
         self._active: dict[str, int] = {}
-        self._holders: dict[str, tuple[MemoryTransaction, int]] = {}
+        self._held = HeldValues()
 
     def save(self, conn: Any, name: str, position: int, expected: int) -> None:
         self._check()
@@ -32,22 +32,14 @@ class MemoryCheckpointStore(MemoryDatabase):
         check_checkpoint_name(name)
         check_position("position", position)
         check_position("expected", expected)
-        holder = self._holders.get(name)
-        if holder is not None and holder[0] is not tx:
-            raise ConcurrencyError(
-                f"checkpoint {name} (another open transaction is saving it)", expected, None
-            )
-        current = holder[1] if holder is not None else self._positions.get(name, 0)
-        if current != expected:
-            raise ConcurrencyError(f"checkpoint {name}", expected, current)
-        self._holders[name] = (tx, position)
+        committed = self._positions.get(name, 0)
+        self._held.check(tx, name, committed, expected, f"checkpoint {name}", "saving it")
+        self._held.hold(tx, name, position)
 
         def commit() -> None:
             self._positions[name] = position
 
         tx.on_commit(commit)
-        if holder is None:
-            tx.on_end(lambda: self._release(name))
 
     async def save_async(self, conn: Any, name: str, position: int, expected: int) -> None:
         self.save(conn, name, position, expected)
@@ -73,9 +65,6 @@ class MemoryCheckpointStore(MemoryDatabase):
     async def active(self, projection: str) -> int:
         self._check()
         return self._active.get(projection, 0)
-
-    def _release(self, name: str) -> None:
-        self._holders.pop(name, None)
 
     def _check(self) -> None:
         if self.closed:

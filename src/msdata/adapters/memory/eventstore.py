@@ -15,9 +15,9 @@ from bisect import bisect_right
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from msdata.adapters.memory._db import MemoryDatabase, MemoryTransaction, transaction_of
+from msdata.adapters.memory._db import HeldValues, MemoryDatabase, transaction_of
 from msdata.clock import SYSTEM_CLOCK, Clock
-from msdata.errors import ConcurrencyError, StoreError
+from msdata.errors import StoreError
 from msdata.eventstore.store import (
     Backlog,
     NewEvent,
@@ -39,7 +39,7 @@ class MemoryEventStore(MemoryDatabase):
         self._events: list[RecordedEvent] = []
         self._positions: list[int] = []  # parallel to _events, for bisect
         self._streams: dict[str, list[RecordedEvent]] = {}
-        self._holders: dict[str, tuple[MemoryTransaction, int]] = {}
+        self._held = HeldValues()
         self._next = 1
         self._waiters: set[asyncio.Future[None]] = set()
 
@@ -53,25 +53,15 @@ class MemoryEventStore(MemoryDatabase):
         check_stream_id(stream_id)
         check_expected_version(expected_version)
         committed = len(self._streams.get(stream_id, ()))
-        holder = self._holders.get(stream_id)
-        if holder is not None and holder[0] is not tx:
-            raise ConcurrencyError(
-                f"stream {stream_id} (another open transaction is appending to it)",
-                expected_version,
-                None,
-            )
-        current = holder[1] if holder is not None else committed
-        if current != expected_version:
-            raise ConcurrencyError(f"stream {stream_id}", expected_version, current)
+        current = self._held.check(
+            tx, stream_id, committed, expected_version, f"stream {stream_id}", "appending to it"
+        )
         if not events:
             return current
         new_version = current + len(events)
         staged = list(events)
-        first = holder is None
-        self._holders[stream_id] = (tx, new_version)
+        self._held.hold(tx, stream_id, new_version)
         tx.on_commit(lambda: self._commit(stream_id, current, staged))
-        if first:
-            tx.on_end(lambda: self._release(stream_id))
         return new_version
 
     async def append_async(
@@ -153,9 +143,6 @@ class MemoryEventStore(MemoryDatabase):
             self._waiters.discard(fut)
 
     # -- lifecycle -----------------------------------------------------------------------
-
-    def _release(self, name: str) -> None:
-        self._holders.pop(name, None)
 
     async def close(self) -> None:
         await super().close()

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import re
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
@@ -74,6 +75,7 @@ __all__ = [
     "RELAY_ERRORS",
     "CallerSQL",
     "Driver",
+    "Listener",
     "PostgresDatabase",
     "check_in_transaction",
     "check_schema",
@@ -543,3 +545,75 @@ class PostgresDatabase:
         if pool is not None and self._owns_pool:
             with map_errors(what):
                 await pool.close()
+
+
+class Listener:
+    """``LISTEN`` on the channel of a store's table ``name`` (``"{schema}.{name}"``, cut to
+    the 63 bytes PostgreSQL keeps of an identifier) over a connection of ``db`` held apart
+    from its pool, opened on the first :meth:`listening` and again after it is lost.
+
+    :attr:`wake` is set by every NOTIFY and when the connection is lost (a NOTIFY may have
+    gone unheard meanwhile); with ``wake_on_listen`` also when LISTEN takes effect (what
+    committed before it was not heard). ``what`` and ``log`` name the store in the log
+    lines of a LISTEN that fails (the store then polls) and of an error on :meth:`stop`."""
+
+    def __init__(
+        self,
+        db: PostgresDatabase,
+        name: str,
+        *,
+        what: str,
+        log: logging.Logger,
+        wake_on_listen: bool = False,
+    ) -> None:
+        self._db = db
+        self.channel = (f"{db.schema}.{name}" if db.schema else name)[:63]
+        self._what = what
+        self._log = log
+        self._wake_on_listen = wake_on_listen
+        self.wake = asyncio.Event()
+        self._conn: Any = None
+        self._lock = asyncio.Lock()
+
+    def _on_notify(self, *_: Any) -> None:
+        self.wake.set()
+
+    def _on_lost(self, *_: Any) -> None:
+        self._conn = None
+        self.wake.set()
+
+    async def listening(self) -> bool:
+        """True once LISTEN is in effect; False (logged) where it cannot be, when the
+        caller polls instead."""
+        conn = self._conn
+        if conn is not None and not conn.is_closed():
+            return True
+        async with self._lock:
+            if self._conn is not None and not self._conn.is_closed():
+                return True
+            try:
+                conn = await self._db.dedicated()
+                await conn.add_listener(self.channel, self._on_notify)
+                conn.add_termination_listener(self._on_lost)
+            except RELAY_ERRORS as e:
+                self._log.warning(
+                    "%s: cannot LISTEN on %s, polling instead: %s", self._what, self.channel, e
+                )
+                return False
+            self._conn = conn
+            if self._wake_on_listen:
+                self.wake.set()
+            return True
+
+    async def stop(self) -> None:
+        """UNLISTEN and give the connection back; errors are logged at debug level."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            conn.remove_termination_listener(self._on_lost)
+            if not conn.is_closed():
+                await conn.remove_listener(self.channel, self._on_notify)
+            await self._db.give_back(conn)
+        except RELAY_ERRORS as e:
+            self._log.debug("%s: error while closing the listening connection: %s", self._what, e)

@@ -25,8 +25,8 @@ from typing import Any, Self
 import asyncpg
 
 from msdata.adapters.postgres._db import (
-    RELAY_ERRORS,
     CallerSQL,
+    Listener,
     PostgresDatabase,
     check_in_transaction,
     driver_of,
@@ -164,7 +164,8 @@ class PostgresEventStore:
         self.table = self._db.qualified(name)
         self._fn = self._db.qualified(f"{name}_append")
         self._lock_class = self._db.lock_class(name)
-        self.channel = (f"{self._schema}.{name}" if self._schema else name)[:63]
+        self._listener = Listener(self._db, name, what="event store", log=log)
+        self.channel = self._listener.channel
         self._append = CallerSQL(
             f"SELECT ok, version FROM {self._fn}({{0}}, {{1}}, CAST({{2}} AS text[]), "
             "CAST({3} AS text[]), CAST({4} AS integer[]), CAST({5} AS bytea[]))",
@@ -186,9 +187,7 @@ class PostgresEventStore:
             f"AND position < {_HORIZON}), EXISTS (SELECT 1 FROM {t} WHERE position > $1 "
             f"AND position >= {_HORIZON})",
         }
-        self._wake = asyncio.Event()
-        self._listen_conn: Any = None
-        self._listen_lock = asyncio.Lock()
+        self._wake = self._listener.wake
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> PostgresEventStore:
@@ -306,7 +305,7 @@ class PostgresEventStore:
         """Return at once when events after ``after`` are readable; after
         ``held_poll_interval`` when committed events wait behind an older open transaction;
         otherwise on a NOTIFY from a committed append, or after ``timeout`` seconds."""
-        listening = self._notify and await self._listening()
+        listening = self._notify and await self._listener.listening()
         self._wake.clear()  # a NOTIFY from now on ends the wait below
         rows = await self._fetch("event store wait_for_events", "waiting", after)
         readable, held = rows[0][0], rows[0][1]
@@ -324,42 +323,10 @@ class PostgresEventStore:
         except TimeoutError:
             return
 
-    def _on_notify(self, *_: Any) -> None:
-        self._wake.set()
-
-    def _on_lost(self, *_: Any) -> None:
-        self._listen_conn = None
-        self._wake.set()
-
-    async def _listening(self) -> bool:
-        conn = self._listen_conn
-        if conn is not None and not conn.is_closed():
-            return True
-        async with self._listen_lock:
-            if self._listen_conn is not None and not self._listen_conn.is_closed():
-                return True
-            try:
-                conn = await self._db.dedicated()
-                await conn.add_listener(self.channel, self._on_notify)
-                conn.add_termination_listener(self._on_lost)
-            except RELAY_ERRORS as e:
-                log.warning("event store: cannot LISTEN on %s, polling: %s", self.channel, e)
-                return False
-            self._listen_conn = conn
-            return True
-
     async def close(self) -> None:
         """Stop listening and close the pool the store made (a given pool stays open)."""
-        conn, self._listen_conn = self._listen_conn, None
         self._wake.set()
-        if conn is not None:
-            try:
-                conn.remove_termination_listener(self._on_lost)
-                if not conn.is_closed():
-                    await conn.remove_listener(self.channel, self._on_notify)
-                await self._db.give_back(conn)
-            except RELAY_ERRORS as e:
-                log.debug("event store: error closing the listening connection: %s", e)
+        await self._listener.stop()
         await self._db.close("event store close")
 
     async def __aenter__(self) -> Self:

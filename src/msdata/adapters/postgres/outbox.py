@@ -14,8 +14,8 @@ from typing import Any, Self
 import asyncpg
 
 from msdata.adapters.postgres._db import (
-    RELAY_ERRORS,
     CallerSQL,
+    Listener,
     PostgresDatabase,
     command_count,
 )
@@ -347,12 +347,11 @@ class PostgresOutboxStore:
         self._sent_fn = db.qualified(f"{name}_sent_claim")
         self._lock_class = db.lock_class(name)
         self._null_class = db.lock_class(f"{name}.rows")
+        self._listener = Listener(db, name, what="outbox", log=log, wake_on_listen=True)
         #: the LISTEN/NOTIFY channel (at most 63 bytes, as PostgreSQL truncates identifiers)
-        self.channel = (f"{self._schema}.{name}" if self._schema else name)[:63]
+        self.channel = self._listener.channel
         self._build_sql()
-        self._wake = asyncio.Event()
-        self._listen_conn: Any = None
-        self._listen_lock = asyncio.Lock()
+        self._wake = self._listener.wake
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> PostgresOutboxStore:
@@ -588,7 +587,7 @@ class PostgresOutboxStore:
         """Return on a NOTIFY from a committed append, or after ``timeout`` seconds. Without
         a listening connection (``notify=False``, or it could not connect) this is a poll."""
         await self._db.pool()  # raises if closed
-        if not (self._notify and await self._listening()):
+        if not (self._notify and await self._listener.listening()):
             await asyncio.sleep(timeout)
             return
         if not self._wake.is_set():
@@ -599,46 +598,9 @@ class PostgresOutboxStore:
                 return
         self._wake.clear()
 
-    def _on_notify(self, *_: Any) -> None:
-        self._wake.set()
-
-    def _on_lost(self, *_: Any) -> None:
-        self._listen_conn = None
-        self._wake.set()  # rows may have come while nobody listened: claim again
-
-    async def _listening(self) -> bool:
-        conn = self._listen_conn
-        if conn is not None and not conn.is_closed():
-            return True
-        async with self._listen_lock:
-            if self._listen_conn is not None and not self._listen_conn.is_closed():
-                return True
-            try:
-                conn = await self._db.dedicated()
-                await conn.add_listener(self.channel, self._on_notify)
-                conn.add_termination_listener(self._on_lost)
-            except RELAY_ERRORS as e:
-                log.warning("outbox: cannot LISTEN on %s, polling instead: %s", self.channel, e)
-                return False
-            self._listen_conn = conn
-            self._wake.set()  # rows may have committed before LISTEN took effect
-            return True
-
-    async def _stop_listening(self) -> None:
-        conn, self._listen_conn = self._listen_conn, None
-        if conn is None:
-            return
-        try:
-            conn.remove_termination_listener(self._on_lost)
-            if not conn.is_closed():
-                await conn.remove_listener(self.channel, self._on_notify)
-            await self._db.give_back(conn)
-        except RELAY_ERRORS as e:
-            log.debug("outbox: error while closing the listening connection: %s", e)
-
     async def close(self) -> None:
         """Stop listening and close the pool the store made (a given pool stays open)."""
-        await self._stop_listening()
+        await self._listener.stop()
         await self._db.close("outbox close")
 
     async def __aenter__(self) -> Self:

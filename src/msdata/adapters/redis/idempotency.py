@@ -12,7 +12,7 @@ expired. Redis does not join a database transaction: use it for effects outside 
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Self
 
 import redis.asyncio as aioredis
@@ -20,10 +20,11 @@ from redis.exceptions import NoScriptError, RedisError
 
 from msdata.errors import ConfigurationError, StoreError
 from msdata.idempotency.store import IdempotencyRecord, IdempotencyStoreFeatures, check_purge_time
+from msdata.storage import from_unix_us
+from msdata.storage import unix_us as _us
 
 __all__ = ["RedisIdempotencyStore"]
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _GRACE_MS = 60_000
 
 # KEYS[1] the hash; ARGV: fingerprint, token, now (µs), lease end (µs), Redis TTL (ms).
@@ -55,11 +56,6 @@ return 1
 """
 
 
-def _us(t: datetime) -> int:
-    d = t - _EPOCH
-    return (d.days * 86400 + d.seconds) * 1_000_000 + d.microseconds
-
-
 def _record(scope: str, key: str, fields: Any) -> IdempotencyRecord:
     exp, fp, completed, tok, resp = fields
     return IdempotencyRecord(
@@ -67,7 +63,7 @@ def _record(scope: str, key: str, fields: Any) -> IdempotencyRecord:
         key,
         fp.decode(),
         completed == b"1",
-        _EPOCH + timedelta(microseconds=int(exp)),
+        from_unix_us(int(exp)),
         tok.decode(),
         resp,
     )

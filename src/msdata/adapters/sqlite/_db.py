@@ -52,11 +52,13 @@ import contextlib
 import logging
 import os
 import sqlite3
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConfigurationError, SchemaError, StoreError
@@ -68,6 +70,8 @@ __all__ = [
     "SYNCHRONOUS_LEVELS",
     "DatabaseBusy",
     "SqliteDatabase",
+    "Waiting",
+    "WatchedDatabase",
     "caller_connection",
     "connect",
     "map_errors",
@@ -419,3 +423,91 @@ class SqliteDatabase:
 
         await asyncio.get_running_loop().run_in_executor(ex, shut)
         ex.shutdown(wait=False)
+
+
+#: a store class's stores in this process waiting for commits, by database file (realpath)
+Waiting = dict[str, "weakref.WeakSet[WatchedDatabase]"]
+_waiting_lock = threading.Lock()
+
+
+class WatchedDatabase(SqliteDatabase):
+    """A :class:`SqliteDatabase` whose readers wait for commits to its file (the outbox's
+    ``wait_for_rows``, the event store's ``wait_for_events``).
+
+    Another process's commit is seen by polling ``PRAGMA data_version`` (a read, no lock)
+    every ``poll_interval`` seconds; an append through a store of the same class in this
+    process wakes the waiters at once (``_signal``) and they look every 2 ms for a second,
+    until its transaction commits. A subclass sets ``_waiting`` to a module-level
+    :data:`Waiting` of its own (its write path checks that dict before calling
+    ``_signal``: while nobody waits, an append pays one dict test) and calls
+    :meth:`_watch_commits` from ``__init__``."""
+
+    _waiting: ClassVar[Waiting]
+
+    def _watch_commits(self, poll_interval: float) -> None:
+        """ConfigurationError unless ``poll_interval`` (seconds) > 0."""
+        if poll_interval <= 0:
+            raise ConfigurationError("poll_interval must be > 0")
+        self.poll_interval = poll_interval
+        self._key = os.path.realpath(self.path)
+        self._data_version: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._hot_until = 0.0
+
+    def _signal(self) -> None:
+        """Wake this process's waiters on the file (from any thread)."""
+        with _waiting_lock:
+            stores = list(self._waiting.get(self._key, ()))
+        for store in stores:
+            loop, wake = store._loop, store._wake
+            if loop is None or wake is None or loop.is_closed():
+                continue
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(wake.set)
+
+    def _waiter(self) -> tuple[asyncio.AbstractEventLoop, asyncio.Event]:
+        """The running loop and this store's wake event on it, registered for ``_signal``."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._wake is None:
+            self._loop, self._wake = loop, asyncio.Event()
+            with _waiting_lock:
+                self._waiting.setdefault(self._key, weakref.WeakSet()).add(self)
+        return loop, self._wake
+
+    async def _wait_for_commit(
+        self, loop: asyncio.AbstractEventLoop, wake: asyncio.Event, deadline: float
+    ) -> None:
+        """Return once another connection committed to the file since the last look, or
+        at ``deadline`` (the loop's time)."""
+        while True:
+            if await self.run(self._changed, inline=True):
+                return
+            now = loop.time()
+            if now >= deadline:
+                return
+            step = 0.002 if now < self._hot_until else self.poll_interval
+            try:
+                async with asyncio.timeout(min(step, deadline - now)):
+                    await wake.wait()
+            except TimeoutError:
+                continue
+            wake.clear()
+            # an append in this process: its transaction commits soon, look often till then
+            self._hot_until = loop.time() + 1.0
+
+    def _changed(self, conn: sqlite3.Connection) -> bool:
+        """Did another connection commit since the last look?"""
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        changed = self._data_version is not None and version != self._data_version
+        self._data_version = version
+        return changed
+
+    async def close(self) -> None:
+        with _waiting_lock:
+            waiting = self._waiting.get(self._key)
+            if waiting is not None:
+                waiting.discard(self)
+                if not waiting:
+                    del self._waiting[self._key]
+        await super().close()

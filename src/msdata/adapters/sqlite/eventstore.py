@@ -17,19 +17,20 @@ thread (a WAL reader never waits for a writer).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import sqlite3
-import threading
 import time
-import weakref
 from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from msdata.adapters.sqlite._db import SqliteDatabase, caller_connection, map_errors
-from msdata.errors import ConcurrencyError, ConfigurationError
+from msdata.adapters.sqlite._db import (
+    Waiting,
+    WatchedDatabase,
+    caller_connection,
+    map_errors,
+)
+from msdata.errors import ConcurrencyError
 from msdata.eventstore.store import (
     Backlog,
     NewEvent,
@@ -63,8 +64,7 @@ _COLUMNS = (
 )
 
 # Stores waiting on a database file in this process, woken by appends to it.
-_waiting: dict[str, weakref.WeakSet[SqliteEventStore]] = {}
-_waiting_lock = threading.Lock()
+_waiting: Waiting = {}
 
 
 def _records(rows: list[tuple[Any, ...]]) -> list[RecordedEvent]:
@@ -75,7 +75,7 @@ def _records(rows: list[tuple[Any, ...]]) -> list[RecordedEvent]:
     ]
 
 
-class SqliteEventStore(SqliteDatabase):
+class SqliteEventStore(WatchedDatabase):
     """The :class:`msdata.eventstore.store.EventStore` on a SQLite file.
 
     ``append`` takes the caller's ``sqlite3.Connection`` (or a SQLAlchemy ``Session``/
@@ -83,6 +83,8 @@ class SqliteEventStore(SqliteDatabase):
     the same sync connections (SQLite has no async driver msdata serves). Table
     ``{table_prefix}events``; see :meth:`schema_sql`.
     """
+
+    _waiting = _waiting
 
     def __init__(
         self,
@@ -100,14 +102,7 @@ class SqliteEventStore(SqliteDatabase):
             busy_timeout=busy_timeout,
             inline=True,
         )
-        if poll_interval <= 0:
-            raise ConfigurationError("poll_interval must be > 0")
-        self.poll_interval = poll_interval
-        self._key = os.path.realpath(self.path)
-        self._data_version: int | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake: asyncio.Event | None = None
-        self._hot_until = 0.0
+        self._watch_commits(poll_interval)
         t = f"{self.table_prefix}events"
         self._t = t
         self._version_sql = f"SELECT max(stream_version) FROM {t} WHERE stream_id = ?"
@@ -171,16 +166,6 @@ class SqliteEventStore(SqliteDatabase):
         """The same sync connections as :meth:`append` (an INSERT costs microseconds)."""
         return self.append(conn, stream_id, expected_version, events)
 
-    def _signal(self) -> None:
-        with _waiting_lock:
-            stores = list(_waiting.get(self._key, ()))
-        for store in stores:
-            loop, wake = store._loop, store._wake
-            if loop is None or wake is None or loop.is_closed():
-                continue
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(wake.set)
-
     # -- reads ---------------------------------------------------------------------------
 
     async def _read(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
@@ -234,45 +219,10 @@ class SqliteEventStore(SqliteDatabase):
     # -- waiting -------------------------------------------------------------------------
 
     async def wait_for_events(self, after: int, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop or self._wake is None:
-            self._loop, self._wake = loop, asyncio.Event()
-            with _waiting_lock:
-                _waiting.setdefault(self._key, weakref.WeakSet()).add(self)
-        wake = self._wake
+        loop, wake = self._waiter()
         wake.clear()
         deadline = loop.time() + timeout
         if await self.head() > after:
             return
         self._data_version = None
-        while True:
-            if await self.run(self._changed, inline=True):
-                return
-            now = loop.time()
-            if now >= deadline:
-                return
-            step = 0.002 if now < self._hot_until else self.poll_interval
-            try:
-                async with asyncio.timeout(min(step, deadline - now)):
-                    await wake.wait()
-            except TimeoutError:
-                continue
-            wake.clear()
-            # an append in this process: its transaction commits soon, look often till then
-            self._hot_until = loop.time() + 1.0
-
-    def _changed(self, conn: sqlite3.Connection) -> bool:
-        """Did another connection commit since the last look?"""
-        version = conn.execute("PRAGMA data_version").fetchone()[0]
-        changed = self._data_version is not None and version != self._data_version
-        self._data_version = version
-        return changed
-
-    async def close(self) -> None:
-        with _waiting_lock:
-            waiting = _waiting.get(self._key)
-            if waiting is not None:
-                waiting.discard(self)
-                if not waiting:
-                    del _waiting[self._key]
-        await super().close()
+        await self._wait_for_commit(loop, wake, deadline)

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from msdata.adapters.sqlite._db import SqliteDatabase, caller_connection, map_errors
 from msdata.errors import StoreError
 from msdata.idempotency.store import IdempotencyRecord, IdempotencyStoreFeatures, check_purge_time
+from msdata.storage import from_unix_us as _dt
+from msdata.storage import unix_us as _us
 
 __all__ = ["SqliteIdempotencyStore"]
 
@@ -42,17 +44,6 @@ CREATE TABLE IF NOT EXISTS {p}idempotency (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS {p}idempotency_expires ON {p}idempotency (expires_us);
 """
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _us(t: datetime) -> int:
-    d = t - _EPOCH
-    return (d.days * 86400 + d.seconds) * 1_000_000 + d.microseconds
-
-
-def _dt(us: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=us)
 
 
 class SqliteIdempotencyStore(SqliteDatabase):

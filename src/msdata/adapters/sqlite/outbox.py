@@ -25,22 +25,22 @@ the relay has a retention); see :meth:`SqliteOutboxStore.schema_sql`.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import operator
 import os
 import sqlite3
-import threading
-import weakref
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
-from msdata.adapters.sqlite._db import SqliteDatabase, caller_connection, map_errors
+from msdata.adapters.sqlite._db import (
+    Waiting,
+    WatchedDatabase,
+    caller_connection,
+    map_errors,
+)
 from msdata.clock import SYSTEM_CLOCK, Clock
-from msdata.errors import ConfigurationError
 from msdata.outbox.store import OutboxRecord, OutboxRow, OutboxStatus, OutboxStoreFeatures
 from msdata.storage import DEFAULT_TABLE_PREFIX, Connection
 
@@ -126,8 +126,7 @@ def _records(rows: list[tuple[Any, ...]]) -> list[OutboxRecord]:
 
 
 # Relays waiting on a database file in this process, woken by appends to it.
-_waiting: dict[str, weakref.WeakSet[SqliteOutboxStore]] = {}
-_waiting_lock = threading.Lock()
+_waiting: Waiting = {}
 
 
 def _placeholders(n: int) -> str:
@@ -168,7 +167,7 @@ class _Held:
         seqs.update(map(_first, rows))
 
 
-class SqliteOutboxStore(SqliteDatabase):
+class SqliteOutboxStore(WatchedDatabase):
     """The :class:`msdata.outbox.store.OutboxStore` on SQLite (see the module docstring).
 
     One relay at a time: a claim takes (or renews) the store's relay lease, a single row,
@@ -195,6 +194,8 @@ class SqliteOutboxStore(SqliteDatabase):
         prefetch_claims=True, one_relay_at_a_time=True, concurrent_writers=False
     )
 
+    _waiting = _waiting
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -214,14 +215,7 @@ class SqliteOutboxStore(SqliteDatabase):
             inline=inline,
             clock=clock,
         )
-        if poll_interval <= 0:
-            raise ConfigurationError("poll_interval must be > 0")
-        self.poll_interval = poll_interval
-        self._key = os.path.realpath(self.path)
-        self._data_version: int | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake: asyncio.Event | None = None
-        self._hot_until = 0.0
+        self._watch_commits(poll_interval)
         # relay id -> the rows it holds (touched by one store call at a time)
         self._held: dict[str, _Held] = {}
         t = f"{self.table_prefix}outbox"
@@ -293,19 +287,6 @@ class SqliteOutboxStore(SqliteDatabase):
         """SQLite has no async driver msdata serves (aiosqlite is 17x slower): this takes
         the same sync connections as :meth:`append`; an INSERT costs microseconds."""
         self.append(conn, rows)
-
-    def _signal(self) -> None:
-        with _waiting_lock:
-            stores = list(_waiting.get(self._key, ()))
-        for store in stores:
-            store._notify()
-
-    def _notify(self) -> None:
-        loop, wake = self._loop, self._wake
-        if loop is None or wake is None or loop.is_closed():
-            return
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(wake.set)
 
     # -- relay side ----------------------------------------------------------------------
 
@@ -597,41 +578,6 @@ class SqliteOutboxStore(SqliteDatabase):
         )
 
     async def wait_for_rows(self, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop or self._wake is None:
-            self._loop, self._wake = loop, asyncio.Event()
-            with _waiting_lock:
-                _waiting.setdefault(self._key, weakref.WeakSet()).add(self)
-        wake = self._wake
+        loop, wake = self._waiter()
         deadline = loop.time() + timeout
-        while True:
-            if await self.run(self._changed, inline=True):
-                return
-            now = loop.time()
-            if now >= deadline:
-                return
-            step = 0.002 if now < self._hot_until else self.poll_interval
-            try:
-                async with asyncio.timeout(min(step, deadline - now)):
-                    await wake.wait()
-            except TimeoutError:
-                continue
-            wake.clear()
-            # an append in this process: its transaction commits soon, look often till then
-            self._hot_until = loop.time() + 1.0
-
-    def _changed(self, conn: sqlite3.Connection) -> bool:
-        """Did another connection commit since the last look?"""
-        version = conn.execute("PRAGMA data_version").fetchone()[0]
-        changed = self._data_version is not None and version != self._data_version
-        self._data_version = version
-        return changed
-
-    async def close(self) -> None:
-        with _waiting_lock:
-            waiting = _waiting.get(self._key)
-            if waiting is not None:
-                waiting.discard(self)
-                if not waiting:
-                    del _waiting[self._key]
-        await super().close()
+        await self._wait_for_commit(loop, wake, deadline)

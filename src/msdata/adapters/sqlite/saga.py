@@ -15,7 +15,7 @@ import inspect
 import os
 import sqlite3
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from msdata.adapters.sqlite._db import SqliteDatabase
@@ -29,7 +29,7 @@ from msdata.saga.store import (
     record_from_json,
     record_to_json,
 )
-from msdata.storage import DEFAULT_TABLE_PREFIX
+from msdata.storage import DEFAULT_TABLE_PREFIX, from_unix_us, unix_us
 
 __all__ = ["SqliteSagaStore"]
 
@@ -58,20 +58,12 @@ _COLUMNS = (
 _ACTIVE = "('RUNNING', 'COMPENSATING')"
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
 def _us(dt: datetime | None) -> int | None:
-    if dt is None:
-        return None
-    d = dt - _EPOCH  # exact, unlike timestamp() * 1e6
-    return (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
+    return None if dt is None else unix_us(dt)
 
 
 def _dt(us: int | None) -> datetime | None:
-    if us is None:
-        return None
-    return datetime.fromtimestamp(us // 1_000_000, UTC).replace(microsecond=us % 1_000_000)
+    return None if us is None else from_unix_us(us)
 
 
 def _record(row: tuple[Any, ...]) -> SagaRecord:

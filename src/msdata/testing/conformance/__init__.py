@@ -7,4 +7,6 @@ pytest-asyncio.
 - :mod:`msdata.testing.conformance.relay`: ``OutboxRelay`` over an outbox store
   (``OutboxRelayConformance``)
 - :mod:`msdata.testing.conformance.inbox`: the inbox store (``InboxStoreConformance``)
+- :mod:`msdata.testing.conformance.hooks`: ``TransactionHooks``, the begin/commit/rollback
+  hooks of every suite whose port writes in the caller's transaction
 """

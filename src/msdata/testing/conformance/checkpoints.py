@@ -17,6 +17,7 @@ import pytest
 
 from msdata.errors import ConcurrencyError, ConfigurationError
 from msdata.projections.store import CheckpointStore
+from msdata.testing.conformance.hooks import TransactionHooks
 
 __all__ = ["CheckpointStoreConformance"]
 
@@ -25,21 +26,12 @@ def _name() -> str:
     return f"p-{uuid.uuid4().hex[:8]}"
 
 
-class CheckpointStoreConformance:
+class CheckpointStoreConformance(TransactionHooks):
     """Every test here must pass on every checkpoint store."""
 
     # -- hooks -----------------------------------------------------------------------------
 
     def make_checkpoint_store(self) -> AbstractAsyncContextManager[CheckpointStore]:
-        raise NotImplementedError
-
-    async def begin(self, store: Any) -> Any:
-        raise NotImplementedError
-
-    async def commit(self, tx: Any) -> None:
-        raise NotImplementedError
-
-    async def rollback(self, tx: Any) -> None:
         raise NotImplementedError
 
     async def save(self, store: Any, tx: Any, name: str, position: int, expected: int) -> None:

@@ -51,6 +51,7 @@ import pytest
 
 from msdata.errors import ConcurrencyError, ConfigurationError
 from msdata.eventstore.store import EventStore, NewEvent, RecordedEvent
+from msdata.testing.conformance.hooks import TransactionHooks
 from msdata.testing.waiting import eventually
 
 __all__ = ["EventStoreConformance", "EventStoreFeatures", "make_events"]
@@ -91,7 +92,7 @@ def _stream() -> str:
     return f"s-{uuid.uuid4().hex[:10]}"
 
 
-class EventStoreConformance:
+class EventStoreConformance(TransactionHooks):
     """Every test here must pass on every event store."""
 
     features: ClassVar[EventStoreFeatures] = EventStoreFeatures()
@@ -101,18 +102,9 @@ class EventStoreConformance:
     def make_store(self) -> AbstractAsyncContextManager[EventStore]:
         raise NotImplementedError
 
-    async def begin(self, store: Any) -> Any:
-        raise NotImplementedError
-
     async def append(
         self, store: Any, tx: Any, stream_id: str, expected: int, events: Sequence[NewEvent]
     ) -> int:
-        raise NotImplementedError
-
-    async def commit(self, tx: Any) -> None:
-        raise NotImplementedError
-
-    async def rollback(self, tx: Any) -> None:
         raise NotImplementedError
 
     # -- helpers ---------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from msdata.errors import (
     StoredResultTooLarge,
 )
 from msdata.idempotency import IdempotencyKeys, IdempotencyStatus, IdempotencyStore
+from msdata.testing.conformance.hooks import TransactionHooks
 from msdata.testing.fakes import FakeClock
 
 __all__ = ["IdempotencyStoreConformance"]
@@ -64,19 +65,10 @@ class PaymentDeclined(Exception):
     """A final error for the tests: stored and raised again on every retry."""
 
 
-class IdempotencyStoreConformance:
+class IdempotencyStoreConformance(TransactionHooks):
     """The tests every :class:`IdempotencyStore` must pass."""
 
     def make_store(self) -> AbstractAsyncContextManager[IdempotencyStore]:
-        raise NotImplementedError
-
-    async def begin(self, store: Any) -> Any:
-        raise NotImplementedError
-
-    async def commit(self, conn: Any) -> None:
-        raise NotImplementedError
-
-    async def rollback(self, conn: Any) -> None:
         raise NotImplementedError
 
     async def idle_connection(self, store: Any) -> Any:

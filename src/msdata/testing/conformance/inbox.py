@@ -42,13 +42,14 @@ import pytest
 from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConfigurationError, MsdataError, SchemaError
 from msdata.inbox.store import InboxStore, InboxStoreFeatures
+from msdata.testing.conformance.hooks import TransactionHooks
 from msdata.testing.conformance.outbox import NoTransactionHook, StoreTime, each_refused
 from msdata.testing.fakes import FakeClock
 
 __all__ = ["InboxStoreConformance"]
 
 
-class InboxStoreConformance(NoTransactionHook):
+class InboxStoreConformance(NoTransactionHook, TransactionHooks):
     """Every test here must pass on every inbox store."""
 
     # -- hooks -----------------------------------------------------------------------------
@@ -56,15 +57,6 @@ class InboxStoreConformance(NoTransactionHook):
     def make_inbox_store(
         self, *, clock: Clock = SYSTEM_CLOCK
     ) -> AbstractAsyncContextManager[InboxStore]:
-        raise NotImplementedError
-
-    async def begin(self, store: Any) -> Any:
-        raise NotImplementedError
-
-    async def commit(self, tx: Any) -> None:
-        raise NotImplementedError
-
-    async def rollback(self, tx: Any) -> None:
         raise NotImplementedError
 
     async def record(self, store: Any, tx: Any, consumer: str, message_id: str) -> bool:

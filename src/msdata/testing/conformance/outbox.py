@@ -73,6 +73,7 @@ import pytest
 from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConfigurationError, SchemaError, StoreError
 from msdata.outbox.store import OutboxRow, OutboxStore, OutboxStoreFeatures
+from msdata.testing.conformance.hooks import TransactionHooks
 from msdata.testing.fakes import FakeClock
 
 __all__ = [
@@ -148,7 +149,7 @@ class StoreTime:
             await asyncio.sleep(seconds)
 
 
-class OutboxStoreHooks:
+class OutboxStoreHooks(TransactionHooks):
     """The hooks the outbox suites call (see the module docstring), and their helpers."""
 
     lease_seconds: ClassVar[float] = 0.4
@@ -162,16 +163,7 @@ class OutboxStoreHooks:
     async def open_again(self, store: Any) -> AsyncIterator[Any]:
         yield store
 
-    async def begin(self, store: Any) -> Any:
-        raise NotImplementedError
-
     async def add(self, store: Any, tx: Any, rows: Sequence[OutboxRow]) -> None:
-        raise NotImplementedError
-
-    async def commit(self, tx: Any) -> None:
-        raise NotImplementedError
-
-    async def rollback(self, tx: Any) -> None:
         raise NotImplementedError
 
     def make_store_without_schema(self) -> AbstractAsyncContextManager[Any]:
