@@ -192,12 +192,24 @@ async def raw_drain(url: str, tbl: str, sync: bool, checker: Checker) -> int:
 
 
 async def relays_drain(
-    url: str, prefix: str, sync: bool, relays: int, checker: Checker, broker: str
+    url: str,
+    prefix: str,
+    sync: bool,
+    relays: int,
+    checker: Checker,
+    broker: str,
+    partitioned: bool,
 ) -> None:
     """``relays`` relays, each with its own store (pool) and transport, as separate
     services would run them, until every row is published once."""
     stores = [
-        PostgresOutboxStore(url, table_prefix=prefix, relay_synchronous_commit=sync, max_size=2)
+        PostgresOutboxStore(
+            url,
+            table_prefix=prefix,
+            relay_synchronous_commit=sync,
+            max_size=2,
+            partitioned=partitioned,
+        )
         for _ in range(relays)
     ]
     transports: list[Any] = []
@@ -242,7 +254,14 @@ async def relays_drain(
 
 
 async def drain_bench(
-    url: str, n: int, keys: int, rounds: int, sync: bool, broker: str, counts: list[int]
+    url: str,
+    n: int,
+    keys: int,
+    rounds: int,
+    sync: bool,
+    broker: str,
+    counts: list[int],
+    partitioned: bool,
 ) -> None:
     prefix = f"bench{uuid.uuid4().hex[:8]}_"
     store = PostgresOutboxStore(url, table_prefix=prefix, relay_synchronous_commit=sync)
@@ -272,7 +291,9 @@ async def drain_bench(
         paths["raw"] = timed(lambda c: raw_drain(url, store.table, sync, c))
     for k in counts:
         paths[f"{k}"] = timed(
-            lambda c, k=k: relays_drain(url, prefix, sync, k, c, broker)  # type: ignore[misc]
+            lambda c, k=k: relays_drain(  # type: ignore[misc]
+                url, prefix, sync, k, c, broker, partitioned
+            )
         )
     try:
         got = await run_rounds(paths, rounds, between=refill)
@@ -280,8 +301,9 @@ async def drain_bench(
         await store.drop_schema()
         await store.close()
     durability = "on (fsync per commit)" if sync else "off (the relay's own commits)"
+    mode = "partitioned claim" if partitioned else "per-key claim"
     print(
-        f"\n(a) drain {n:,} rows, {keys} keys, batches of 100, into {broker}, relay "
+        f"\n(a) drain {n:,} rows, {keys} keys, batches of 100, into {broker}, {mode}, relay "
         f"synchronous_commit={durability}; {rounds} interleaved rounds (rows/s median)"
     )
     for name, rates in got.items():
@@ -442,6 +464,9 @@ async def main() -> None:
     parser.add_argument("--relays", default="1,2,4", help="relay counts to drain with")
     parser.add_argument("--broker", choices=["memory", "redis"], default="memory")
     parser.add_argument(
+        "--partitioned", action="store_true", help="relays own partitions (partitioned=True)"
+    )
+    parser.add_argument(
         "--durable", action="store_true", help="the relay's own commits fsync too (both sides)"
     )
     args = parser.parse_args()
@@ -450,7 +475,14 @@ async def main() -> None:
     if args.only != "write":
         counts = [int(x) for x in args.relays.split(",") if x]
         await drain_bench(
-            args.url, args.rows, args.keys, args.rounds, args.durable, args.broker, counts
+            args.url,
+            args.rows,
+            args.keys,
+            args.rounds,
+            args.durable,
+            args.broker,
+            counts,
+            args.partitioned,
         )
     if args.only != "drain":
         await write_bench(args.url, args.rounds, args.per_round)

@@ -65,11 +65,12 @@ def _prefix() -> str:
 
 class PostgresOutboxHooks(PostgresHooks, OutboxStoreHooks):
     lease_seconds = 0.4
+    partitioned = False
 
     @asynccontextmanager
     async def make_store(self, *, clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[OutboxStore]:
         # the store reads the server's clock (features.reads_clock is False): no clock here
-        store = PostgresOutboxStore(self.url, table_prefix=_prefix())
+        store = PostgresOutboxStore(self.url, table_prefix=_prefix(), partitioned=self.partitioned)
         await store.create_schema()
         try:
             yield store
@@ -79,7 +80,9 @@ class PostgresOutboxHooks(PostgresHooks, OutboxStoreHooks):
 
     @asynccontextmanager
     async def open_again(self, store: Any) -> AsyncIterator[OutboxStore]:
-        other = PostgresOutboxStore(self.url, table_prefix=store.table_prefix)
+        other = PostgresOutboxStore(
+            self.url, table_prefix=store.table_prefix, partitioned=self.partitioned
+        )
         try:
             yield other
         finally:
@@ -98,9 +101,8 @@ class PostgresOutboxHooks(PostgresHooks, OutboxStoreHooks):
         # the claim half fails (its function is gone) after the mark half ran
         conn = await asyncpg.connect(self.url)
         try:
-            await conn.execute(
-                f"DROP FUNCTION {store.claim_function}(text, integer, double precision, boolean)"
-            )
+            fn = store._pclaim_fn if self.partitioned else store.claim_function
+            await conn.execute(f"DROP FUNCTION {fn}(text, integer, double precision, boolean)")
         finally:
             await conn.close()
         try:
@@ -115,6 +117,14 @@ class TestPostgresOutboxStore(PostgresOutboxHooks, OutboxStoreConformance):
 
 class TestPostgresOutboxRelay(PostgresOutboxHooks, OutboxRelayConformance):
     pass
+
+
+class TestPostgresPartitionedOutboxStore(PostgresOutboxHooks, OutboxStoreConformance):
+    partitioned = True
+
+
+class TestPostgresPartitionedOutboxRelay(PostgresOutboxHooks, OutboxRelayConformance):
+    partitioned = True
 
 
 class TestPostgresInboxStore(PostgresHooks, InboxStoreConformance):

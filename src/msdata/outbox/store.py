@@ -118,6 +118,11 @@ class OutboxStoreFeatures:
     #: two write transactions can be open at once and the later can commit first, so the
     #: out-of-order commit hazard can arise (PostgreSQL, memory; SQLite serialises writers)
     concurrent_writers: bool = True
+    #: relays own partitions of the keys (a hash of the key, fixed at append) and share
+    #: them out among the relays that are running: a relay claims rows of the partitions
+    #: it owns only, so a new relay gets work after the others rebalance (at their next
+    #: claims), not at its first claim (PostgreSQL with ``partitioned=True``)
+    partitioned: bool = False
     #: the store reads time (leases, ``retry_at``, ``created_at``, ``sent_at``) from the
     #: ``clock`` it was given, so a :class:`msdata.testing.FakeClock` drives its expiry.
     #: False: another clock (the PostgreSQL server's)

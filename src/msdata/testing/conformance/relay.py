@@ -21,7 +21,7 @@ from msdata.adapters.memory.transport import MemoryTransport
 from msdata.errors import PublishError
 from msdata.outbox.relay import OutboxRelay
 from msdata.outbox.store import OutboxRow
-from msdata.testing.conformance.outbox import OutboxStoreHooks, make_row, make_rows
+from msdata.testing.conformance.outbox import OutboxStoreHooks, leave, make_row, make_rows
 from msdata.testing.waiting import eventually
 from msdata.transport import TransportMessage
 
@@ -267,6 +267,7 @@ class OutboxRelayConformance(OutboxStoreHooks):
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
+            await leave(store, relay.relay_id)
             assert len(await store.claim("relay-next", 100, 30.0)) == 2
 
     async def test_stop_finishes_the_batch_in_hand(self) -> None:
