@@ -262,38 +262,50 @@ async def drain_bench(
     broker: str,
     counts: list[int],
     partitioned: bool,
+    raw_workers_too: bool = False,
 ) -> None:
     prefix = f"bench{uuid.uuid4().hex[:8]}_"
     store = PostgresOutboxStore(url, table_prefix=prefix, relay_synchronous_commit=sync)
     await store.create_schema()
-    problems = {"duplicates": 0, "violations": 0}
     ids: dict[str, int] = {}
 
     async def refill() -> None:
         ids.clear()
         ids.update(await fill(store, url, n, keys))
 
-    def timed(work: Callable[[Checker], Awaitable[Any]]) -> Callable[[], Awaitable[float]]:
+    problems: dict[str, list[int]] = {}
+
+    def timed(
+        name: str, work: Callable[[Checker], Awaitable[Any]]
+    ) -> Callable[[], Awaitable[float]]:
         async def run() -> float:
             checker = Checker(ids, n)
             t = time.perf_counter()
             await work(checker)
             rate = n / (time.perf_counter() - t)
             assert len(checker.seen) == n, (len(checker.seen), n)
-            problems["duplicates"] += checker.duplicates
-            problems["violations"] += checker.violations
+            seen = problems.setdefault(name, [0, 0])
+            seen[0] += checker.duplicates
+            seen[1] += checker.violations
             return rate
 
         return run
 
+    async def raw_workers(c: Checker, k: int) -> None:
+        await asyncio.gather(*(raw_drain(url, store.table, sync, c) for _ in range(k)))
+
     paths: dict[str, Callable[[], Awaitable[float]]] = {}
     if broker == "memory":
-        paths["raw"] = timed(lambda c: raw_drain(url, store.table, sync, c))
+        paths["raw"] = timed("raw", lambda c: raw_drain(url, store.table, sync, c))
+        if raw_workers_too:
+            # what the machine gives two workers at all (SKIP LOCKED: no order per key)
+            paths["raw2"] = timed("raw2", lambda c: raw_workers(c, 2))
     for k in counts:
         paths[f"{k}"] = timed(
+            f"{k}",
             lambda c, k=k: relays_drain(  # type: ignore[misc]
                 url, prefix, sync, k, c, broker, partitioned
-            )
+            ),
         )
     try:
         got = await run_rounds(paths, rounds, between=refill)
@@ -307,7 +319,10 @@ async def drain_bench(
         f"synchronous_commit={durability}; {rounds} interleaved rounds (rows/s median)"
     )
     for name, rates in got.items():
-        label = "raw asyncpg claim + publish + delete" if name == "raw" else f"{name} relay(s)"
+        label = {
+            "raw": "raw asyncpg claim + publish + delete",
+            "raw2": "the same, 2 workers (no order per key)",
+        }.get(name, f"{name} relay(s)")
         print(f"    {label:<44}{statistics.median(rates):>10,.0f}")
     if "raw" in got and "1" in got:
         print(
@@ -317,10 +332,10 @@ async def drain_bench(
         print(f"    {'2 relays / 1 (target >= 1.60)':<44}{spread(ratios(got['2'], got['1'])):>16}")
     if "2" in got and "4" in got:
         print(f"    {'4 relays / 2 (target >= 1.00)':<44}{spread(ratios(got['4'], got['2'])):>16}")
-    print(
-        f"    duplicates {problems['duplicates']}, order violations {problems['violations']} "
-        "(relays; the raw loop's order is not checked against)"
-    )
+    if "raw" in got and "raw2" in got:
+        print(f"    {'raw 2 workers / 1':<44}{spread(ratios(got['raw2'], got['raw'])):>16}")
+    for name, (dups, violations) in problems.items():
+        print(f"    {name}: duplicates {dups}, order violations per key {violations}")
 
 
 # -- (b) write cost -------------------------------------------------------------------------
@@ -464,6 +479,9 @@ async def main() -> None:
     parser.add_argument("--relays", default="1,2,4", help="relay counts to drain with")
     parser.add_argument("--broker", choices=["memory", "redis"], default="memory")
     parser.add_argument(
+        "--raw-workers", action="store_true", help="also the raw loop with 2 workers"
+    )
+    parser.add_argument(
         "--partitioned", action="store_true", help="relays own partitions (partitioned=True)"
     )
     parser.add_argument(
@@ -483,6 +501,7 @@ async def main() -> None:
             args.broker,
             counts,
             args.partitioned,
+            args.raw_workers,
         )
     if args.only != "drain":
         await write_bench(args.url, args.rounds, args.per_round)
