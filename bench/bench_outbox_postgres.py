@@ -128,6 +128,7 @@ class Checker:
         self.last: dict[str | None, int] = {}
         self.count = self.duplicates = self.violations = 0
         self.done = asyncio.Event()
+        self.started = self.ended = 0.0  # set by work that times itself
 
     def saw(self, messages: Sequence[TransportMessage]) -> None:
         for m in messages:
@@ -253,6 +254,131 @@ async def relays_drain(
             await c.aclose()
 
 
+# -- relays (and raw workers) in processes of their own, as services run them ----------
+
+
+def _worker(
+    kind: str,
+    url: str,
+    prefix: str,
+    sync: bool,
+    partitioned: bool,
+    idx: int,
+    ready: Any,
+    go: Any,
+    stop: Any,
+    out: Any,
+) -> None:
+    asyncio.run(_work(kind, url, prefix, sync, partitioned, idx, ready, go, stop, out))
+
+
+async def _work(
+    kind: str,
+    url: str,
+    prefix: str,
+    sync: bool,
+    partitioned: bool,
+    idx: int,
+    ready: Any,
+    go: Any,
+    stop: Any,
+    out: Any,
+) -> None:
+    log: list[tuple[float, str, str | None]] = []
+
+    class Recording(MemoryTransport):
+        async def publish(self, topic: str, messages: Sequence[TransportMessage]) -> None:
+            t = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process
+            log.extend((t, m.id, m.key) for m in messages)
+            await super().publish(topic, messages)
+
+    transport = Recording()
+    if kind == "relay":
+        store = PostgresOutboxStore(
+            url,
+            table_prefix=prefix,
+            relay_synchronous_commit=sync,
+            max_size=2,
+            partitioned=partitioned,
+        )
+        await store.status()  # connected before the start
+        relay = OutboxRelay(
+            store, transport, batch_size=100, relay_id=f"bench-{idx}", poll_interval=0.05
+        )
+        ready.put(idx)
+        await asyncio.to_thread(go.wait)
+        await relay.start()
+        await asyncio.to_thread(stop.wait)
+        await relay.stop()
+        await store.close()
+    else:
+        conn = await asyncpg.connect(url)
+        await conn.execute(f"SET synchronous_commit = {'on' if sync else 'off'}")
+        tbl = f'"{prefix}outbox"'
+        select = (
+            f"SELECT seq, id, topic, payload, aggregateid FROM {tbl} "
+            "WHERE sent_at IS NULL ORDER BY seq LIMIT 100 FOR UPDATE SKIP LOCKED"
+        )
+        delete = f"DELETE FROM {tbl} WHERE seq = ANY($1::bigint[])"
+        ready.put(idx)
+        await asyncio.to_thread(go.wait)
+        while True:
+            async with conn.transaction():
+                rows = await conn.fetch(select)
+                if not rows:
+                    break
+                await transport.publish(
+                    "orders",
+                    [
+                        TransportMessage(r["id"], bytes(r["payload"]), r["aggregateid"])
+                        for r in rows
+                    ],
+                )
+                await conn.execute(delete, [r["seq"] for r in rows])
+        await conn.close()
+        await asyncio.to_thread(stop.wait)
+    out.put(log)
+
+
+async def processes_drain(
+    kind: str, k: int, url: str, prefix: str, sync: bool, partitioned: bool, checker: Checker
+) -> None:
+    """``k`` relays (or raw workers) in ``k`` processes, started before the timing and
+    told to go together; done when the outbox table is empty (polled every 5 ms)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    ready, out = ctx.Queue(), ctx.Queue()
+    go, stop = ctx.Event(), ctx.Event()
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(kind, url, prefix, sync, partitioned, i, ready, go, stop, out),
+        )
+        for i in range(k)
+    ]
+    for pr in procs:
+        pr.start()
+    for _ in procs:
+        await asyncio.to_thread(ready.get, True, 60)
+    conn = await asyncpg.connect(url)
+    tbl = f'"{prefix}outbox"'
+    try:
+        checker.started = time.perf_counter()
+        go.set()
+        while await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {tbl})"):  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        checker.ended = time.perf_counter()
+    finally:
+        stop.set()
+        await conn.close()
+    logs = [await asyncio.to_thread(out.get, True, 60) for _ in procs]
+    for pr in procs:
+        pr.join(30)
+    merged = sorted(e for log in logs for e in log)
+    checker.saw([TransportMessage(i, b"", key) for _, i, key in merged])
+
+
 async def drain_bench(
     url: str,
     n: int,
@@ -263,6 +389,7 @@ async def drain_bench(
     counts: list[int],
     partitioned: bool,
     raw_workers_too: bool = False,
+    processes: bool = False,
 ) -> None:
     prefix = f"bench{uuid.uuid4().hex[:8]}_"
     store = PostgresOutboxStore(url, table_prefix=prefix, relay_synchronous_commit=sync)
@@ -282,7 +409,11 @@ async def drain_bench(
             checker = Checker(ids, n)
             t = time.perf_counter()
             await work(checker)
-            rate = n / (time.perf_counter() - t)
+            if checker.ended:
+                t = checker.started
+                rate = n / (checker.ended - t)
+            else:
+                rate = n / (time.perf_counter() - t)
             assert len(checker.seen) == n, (len(checker.seen), n)
             seen = problems.setdefault(name, [0, 0])
             seen[0] += checker.duplicates
@@ -295,18 +426,34 @@ async def drain_bench(
         await asyncio.gather(*(raw_drain(url, store.table, sync, c) for _ in range(k)))
 
     paths: dict[str, Callable[[], Awaitable[float]]] = {}
-    if broker == "memory":
-        paths["raw"] = timed("raw", lambda c: raw_drain(url, store.table, sync, c))
-        if raw_workers_too:
-            # what the machine gives two workers at all (SKIP LOCKED: no order per key)
-            paths["raw2"] = timed("raw2", lambda c: raw_workers(c, 2))
-    for k in counts:
-        paths[f"{k}"] = timed(
-            f"{k}",
-            lambda c, k=k: relays_drain(  # type: ignore[misc]
-                url, prefix, sync, k, c, broker, partitioned
-            ),
+    if processes:
+        paths["raw"] = timed(
+            "raw", lambda c: processes_drain("raw", 1, url, prefix, sync, partitioned, c)
         )
+        if raw_workers_too:
+            paths["raw2"] = timed(
+                "raw2", lambda c: processes_drain("raw", 2, url, prefix, sync, partitioned, c)
+            )
+        for k in counts:
+            paths[f"{k}"] = timed(
+                f"{k}",
+                lambda c, k=k: processes_drain(  # type: ignore[misc]
+                    "relay", k, url, prefix, sync, partitioned, c
+                ),
+            )
+    else:
+        if broker == "memory":
+            paths["raw"] = timed("raw", lambda c: raw_drain(url, store.table, sync, c))
+            if raw_workers_too:
+                # what the machine gives two workers at all (SKIP LOCKED: no order per key)
+                paths["raw2"] = timed("raw2", lambda c: raw_workers(c, 2))
+        for k in counts:
+            paths[f"{k}"] = timed(
+                f"{k}",
+                lambda c, k=k: relays_drain(  # type: ignore[misc]
+                    url, prefix, sync, k, c, broker, partitioned
+                ),
+            )
     try:
         got = await run_rounds(paths, rounds, between=refill)
     finally:
@@ -314,6 +461,8 @@ async def drain_bench(
         await store.close()
     durability = "on (fsync per commit)" if sync else "off (the relay's own commits)"
     mode = "partitioned claim" if partitioned else "per-key claim"
+    if processes:
+        mode += ", a process per relay/worker"
     print(
         f"\n(a) drain {n:,} rows, {keys} keys, batches of 100, into {broker}, {mode}, relay "
         f"synchronous_commit={durability}; {rounds} interleaved rounds (rows/s median)"
@@ -479,6 +628,12 @@ async def main() -> None:
     parser.add_argument("--relays", default="1,2,4", help="relay counts to drain with")
     parser.add_argument("--broker", choices=["memory", "redis"], default="memory")
     parser.add_argument(
+        "--processes",
+        action="store_true",
+        help="each relay (and raw worker) in a process of its own, into its own memory "
+        "transport; timed from a common start until the table is empty",
+    )
+    parser.add_argument(
         "--raw-workers", action="store_true", help="also the raw loop with 2 workers"
     )
     parser.add_argument(
@@ -502,6 +657,7 @@ async def main() -> None:
             counts,
             args.partitioned,
             args.raw_workers,
+            args.processes,
         )
     if args.only != "drain":
         await write_bench(args.url, args.rounds, args.per_round)
