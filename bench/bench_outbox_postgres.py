@@ -375,8 +375,11 @@ async def processes_drain(
     logs = [await asyncio.to_thread(out.get, True, 60) for _ in procs]
     for pr in procs:
         pr.join(30)
-    merged = sorted(e for log in logs for e in log)
-    checker.saw([TransportMessage(i, b"", key) for _, i, key in merged])
+    # by time, then by process and place in its log (a batch shares one time stamp)
+    merged = sorted(
+        (t, n, j, i, key) for n, log in enumerate(logs) for j, (t, i, key) in enumerate(log)
+    )
+    checker.saw([TransportMessage(i, b"", key) for _, _, _, i, key in merged])
 
 
 async def drain_bench(
