@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -24,14 +25,21 @@ def snippets() -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize(("where", "code"), snippets(), ids=[w for w, _ in snippets()])
 def test_doc_snippet_runs(where: str, code: str, tmp_path: Path) -> None:
+    env = dict(os.environ)
     if "# needs: postgres" in code:
         from services import require
 
-        require("postgres")
+        # the snippets read the server from DATABASE_URL, as a service would
+        env["DATABASE_URL"] = require("postgres")
     script = tmp_path / "snippet.py"
     script.write_text(code)
     proc = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     assert proc.returncode == 0, f"{where} failed:\n{proc.stdout}\n{proc.stderr}"
 
@@ -59,3 +67,22 @@ def test_main_example_runs_and_reports_every_order_once() -> None:
     lines = proc.stdout.splitlines()
     assert lines[-1] == "all orders charged and reserved exactly once"
     assert len([line for line in lines if line.startswith("o-")]) == 5
+
+
+def test_every_logger_of_the_library_is_named_in_the_readme() -> None:
+    """A logger added to the code is added to the README's table, so users can find it."""
+    readme = (ROOT / "README.md").read_text()
+    named = re.compile(r"getLogger\(\s*(?:\"([^\"]+)\"|(__name__))")
+    loggers: set[str] = set()
+    for path in (ROOT / "src" / "msdata").rglob("*.py"):
+        if "testing" in path.parts:
+            continue
+        for literal, dunder in named.findall(path.read_text()):
+            if dunder:
+                module = path.relative_to(ROOT / "src").with_suffix("")
+                loggers.add(".".join(module.parts).removesuffix(".__init__"))
+            else:
+                loggers.add(literal)
+    assert loggers, "no logger found: the pattern is stale"
+    missing = sorted(name for name in loggers if f"| `{name}` |" not in readme)
+    assert not missing, f"loggers not in the README's Logging table: {missing}"

@@ -14,7 +14,7 @@ import pytest
 
 from msdata.adapters.sqlite import SqliteInboxStore, SqliteOutboxStore, schema_sql
 from msdata.clock import SYSTEM_CLOCK, Clock
-from msdata.errors import ConfigurationError
+from msdata.errors import ConfigurationError, StoreError
 from msdata.outbox import InboxStore, OutboxRow, OutboxStore
 from msdata.testing.conformance.inbox import InboxStoreConformance
 from msdata.testing.conformance.outbox import OutboxStoreConformance, OutboxStoreHooks, make_rows
@@ -65,6 +65,27 @@ class SqliteHooks:
 
     async def rollback(self, tx: ThreadTx) -> None:
         await tx.end(False)
+
+    @asynccontextmanager
+    async def connections_without_transaction(
+        self, store: Any
+    ) -> AsyncIterator[list[tuple[str, Any, bool]]]:
+        from sqlalchemy import create_engine
+        from sqlalchemy.orm import Session
+
+        legacy = sqlite3.connect(store.path, isolation_level=None)
+        engine = create_engine(f"sqlite:///{store.path}", isolation_level="AUTOCOMMIT")
+        session = Session(engine)
+        forms: list[tuple[str, Any, bool]] = [
+            ("sqlite3 isolation_level=None", legacy, False),
+            ("SQLAlchemy Session", session, False),
+        ]
+        try:
+            yield forms
+        finally:
+            session.close()
+            engine.dispose()
+            legacy.close()
 
 
 @pytest.fixture
@@ -193,6 +214,19 @@ def test_from_url_and_schema_sql(tmp_path: Path) -> None:
     conn.executescript(schema_sql("m_"))
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"m_outbox", "m_outbox_sent", "m_inbox"} <= tables
+
+
+async def test_a_closed_connection_is_a_store_error(db_path: str) -> None:
+    store = SqliteOutboxStore(db_path)
+    await store.create_schema()
+    conn = sqlite3.connect(db_path)
+    conn.close()
+    try:
+        with pytest.raises(StoreError, match="closed"):
+            store.append(conn, make_rows(1))
+        assert (await store.status()).pending == 0
+    finally:
+        await store.close()
 
 
 async def test_autocommit_connection_without_transaction_is_refused(db_path: str) -> None:

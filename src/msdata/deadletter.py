@@ -32,6 +32,8 @@ from contextvars import ContextVar
 from types import MappingProxyType
 from typing import NamedTuple
 
+from msdata import telemetry
+from msdata.messages import safe_text
 from msdata.transport import (
     DEAD_LETTER_ATTEMPTS,
     DEAD_LETTER_GROUP,
@@ -73,7 +75,7 @@ def exhausted(attempt: int, max_attempts: int) -> bool:
 def failed_reason(attempt: int, reason: str | None) -> str:
     """The reason recorded for a delivery whose last attempt failed: the caller's, or a
     default naming the attempts."""
-    return reason or f"failed {attempt} attempts"
+    return reason or f"failed {attempt} attempt{'' if attempt == 1 else 's'}"
 
 
 def overdue_reason(attempt: int, max_attempts: int) -> str | None:
@@ -105,12 +107,13 @@ class DeadLetter(NamedTuple):
         cause = _cause.get()
         type_name = cause.type if cause is not None else _type_of(self.message.body)
         log.warning(
-            "dead-lettered message %s (type %s) of %s/%s after %d attempts: %s",
+            "dead-lettered message %s (type %s) of %s/%s after %d attempt%s: %s",
             self.message.id,
             type_name or "unknown",
             self.original_topic,
             self.group,
             self.attempts,
+            "" if self.attempts == 1 else "s",
             self.reason,
             exc_info=cause.error if cause is not None else None,
             extra={
@@ -122,6 +125,7 @@ class DeadLetter(NamedTuple):
                 "msdata_reason": self.reason,
             },
         )
+        telemetry.hooks.dead_lettered(self)  # telemetry: dead-letter metric
 
 
 def dead_letter(
@@ -129,8 +133,9 @@ def dead_letter(
 ) -> DeadLetter:
     """The dead letter of ``message``, delivered ``attempts`` times to ``group`` of
     ``topic``. The reason is folded onto one line (header values cannot hold line breaks on
-    every broker)."""
-    reason = " ".join(reason.split()) or "dead-lettered"
+    every broker), escaped and cut to 1 KiB (:func:`msdata.messages.safe_text`), so every
+    broker can carry it."""
+    reason = safe_text(" ".join(reason.split())) or "dead-lettered"
     headers = dict(message.headers)
     headers[DEAD_LETTER_REASON] = reason
     headers[DEAD_LETTER_TOPIC] = topic

@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from msdata.messages import Envelope, Message, MessageRegistry, default_registry, make_envelope
+from msdata import telemetry
+from msdata.messages import (
+    Envelope,
+    Message,
+    MessageRegistry,
+    default_registry,
+    make_envelope,
+    message_list,
+)
 from msdata.outbox.store import OutboxRow, OutboxWriteStore
 from msdata.serialization import CloudEventsCodec
 from msdata.transport import check_name
@@ -113,7 +121,7 @@ class Outbox:
         headers: Mapping[str, str] | None,
         aggregate_type: str | None,
     ) -> tuple[list[Envelope[Any]], list[OutboxRow]]:
-        items = (messages,) if isinstance(messages, Message | Envelope) else list(messages)
+        items = message_list(messages)
         envelopes: list[Envelope[Any]] = []
         rows: list[OutboxRow] = []
         encode = self.codec.encode
@@ -124,6 +132,7 @@ class Outbox:
             if to not in topics:
                 # a bad topic fails here, in the caller's code, not later in the relay
                 topics.add(check_name("topic", to))
+            env = telemetry.hooks.message_created(to, env, outbox=True)  # telemetry: trace context
             envelopes.append(env)
             rows.append(
                 _tuple_new(

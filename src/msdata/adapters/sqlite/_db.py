@@ -34,7 +34,8 @@ What the kernel gives:
   :meth:`~SqliteDatabase.write` wraps ``fn`` in ``BEGIN IMMEDIATE`` … ``COMMIT``;
   :meth:`~SqliteDatabase.run_script` runs idempotent DDL; :meth:`~SqliteDatabase.close`
   closes the connection and the thread. An inline store checkpoints the WAL in its thread
-  every :data:`CHECKPOINT_EVERY` write transactions, never on the loop.
+  every :data:`CHECKPOINT_EVERY` write transactions (a store whose writes are a page or two
+  sets ``checkpoint_every`` higher), never on the loop.
 - :func:`caller_connection`: the write side's connection: a ``sqlite3.Connection`` or a
   SQLAlchemy ``Session``/``Connection`` on a SQLite engine, unwrapped to sqlite3; a
   connection in autocommit mode with no open transaction is refused with
@@ -60,6 +61,7 @@ from typing import Any, Self, TypeVar
 from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConfigurationError, SchemaError, StoreError
 from msdata.storage import DEFAULT_TABLE_PREFIX, Connection, check_table_prefix
+from msdata.urls import redact_url
 
 __all__ = [
     "CHECKPOINT_EVERY",
@@ -97,7 +99,8 @@ def path_from_url(url: str) -> str:
     store opens its own connection, which would see another, empty database)."""
     if not url.startswith("sqlite:///"):
         raise ConfigurationError(
-            f"not a SQLite file URL: {url!r} (use sqlite:///relative.db or sqlite:////abs.db)"
+            f"not a SQLite file URL: {redact_url(url)!r} "
+            "(use sqlite:///relative.db or sqlite:////abs.db)"
         )
     path = url[len("sqlite:///") :].split("?", 1)[0]
     if not path or path == ":memory:":
@@ -206,7 +209,11 @@ def caller_connection(conn: Connection) -> sqlite3.Connection:
             raise ConfigurationError(
                 f"the SQLAlchemy engine is not a sqlite3 one (driver connection {type(raw)!r})"
             )
-    if not raw.in_transaction and (
+    try:
+        in_transaction = raw.in_transaction
+    except sqlite3.ProgrammingError as e:  # "Cannot operate on a closed database."
+        raise StoreError(f"SQLite: the caller's connection cannot be used: {e}") from e
+    if not in_transaction and (
         raw.isolation_level is None or getattr(raw, "autocommit", None) is True
     ):
         raise ConfigurationError(
@@ -226,6 +233,10 @@ class SqliteDatabase:
     ``clock``: where the store reads time; :meth:`wall` gives it as Unix seconds, the form
     the tables store.
     """
+
+    #: write transactions between two checkpoints of an inline store: about 1000 pages, as
+    #: SQLite's own default (a store whose writes are one or two pages sets it higher)
+    checkpoint_every: int = CHECKPOINT_EVERY
 
     def __init__(
         self,
@@ -265,13 +276,15 @@ class SqliteDatabase:
         go to the constructor."""
         return cls(path_from_url(url), **options)
 
-    def _connection(self) -> sqlite3.Connection:
-        # used by one call at a time: inline on the loop's thread or in the store's thread
+    def _connection(self, *, wait: bool = False) -> sqlite3.Connection:
+        # used by one call at a time: inline on the loop's thread or in the store's thread.
+        # ``wait``: called in the store's thread, where opening may wait for another
+        # connection's lock (setting WAL needs one) instead of failing at once
         if self._conn is None:
             conn = sqlite3.connect(
                 self.path,
                 # inline calls must never wait for the lock: they give up at once instead
-                timeout=0 if self.inline else self.busy_timeout,
+                timeout=self.busy_timeout if wait or not self.inline else 0,
                 isolation_level=None,
                 check_same_thread=False,
             )
@@ -281,6 +294,7 @@ class SqliteDatabase:
                 # a checkpoint at commit would flush pages on the loop's thread (7-8 ms once
                 # in ~100 batches): the store's thread checkpoints instead (``run``)
                 conn.execute("PRAGMA wal_autocheckpoint = 0")
+                conn.execute("PRAGMA busy_timeout = 0")
             self._conn = conn
         return self._conn
 
@@ -310,7 +324,7 @@ class SqliteDatabase:
             except DatabaseBusy:
                 pass  # another connection writes: wait for it in the store's thread
             finally:
-                if self._commits >= CHECKPOINT_EVERY:
+                if self._commits >= self.checkpoint_every:
                     self._checkpoint_soon()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="msdata-sqlite")
@@ -350,7 +364,7 @@ class SqliteDatabase:
 
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         with _ANY_ERRORS:
-            conn = self._connection()
+            conn = self._connection(wait=True)
             if not self.inline:
                 return fn(conn)
             # here it may wait for the write lock
