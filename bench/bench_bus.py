@@ -1,14 +1,16 @@
 """In-process cost of msdata's buses against the raw floor, in the same run.
 
 - Event bus, memory transport: publish -> encode CloudEvent -> transport -> decode ->
-  validate -> handler -> ack, per message, against the raw floor (dict lookup + pydantic
-  model_validate of the payload dict + await handler(msg)). Target: at most 2x the floor.
+  validate -> handler -> ack, per message, against the wire floor (``to_json`` of the event
+  in a dict with its type, decode, ``model_validate`` of the payload, await the handler):
+  target at most 2x. The dict floor (no serialisation) is shown too.
 - CommandBus.send against a direct ``await handler(cmd)``. Target: at most 3 us overhead.
 
 Times are CPU time of this process (time.process_time), so other load on the machine does
-not count against either side; both paths are single-threaded.
+not count against either side; all paths are single-threaded and run interleaved, the
+order rotating each round (bench/_fair.py); ratios are per round, min-median-max.
 
-Run: .venv/bin/python bench/bench_bus.py [N]
+Run: .venv/bin/python bench/bench_bus.py [N] [ROUNDS]
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
+
+from _fair import loadavg, ratios, run_rounds, spread
+from pydantic_core import from_json, to_json
 
 from msdata import Command, Event, MessageRegistry, message_type
 from msdata.adapters.memory import MemoryTransport
@@ -55,6 +61,7 @@ def payload(i: int) -> dict[str, Any]:
 
 
 async def raw_floor(n: int) -> float:
+    """The dict floor: no serialisation at all (dict lookup + model_validate + await)."""
     routes = {"bench.OrderPlaced": OrderPlaced}
     payloads = [("bench.OrderPlaced", payload(i)) for i in range(n)]
     count = 0
@@ -66,6 +73,28 @@ async def raw_floor(n: int) -> float:
     started = time.process_time()
     for type_name, data in payloads:
         msg = routes[type_name].model_validate(data)
+        await handler(msg)
+    elapsed = time.process_time() - started
+    assert count == n
+    return elapsed / n
+
+
+async def wire_floor(n: int) -> float:
+    """The wire floor, what any bus that carries bytes must do: ``to_json`` of the event in
+    a dict with its type, decode, ``model_validate`` of the payload, await the handler."""
+    routes = {"bench.OrderPlaced": OrderPlaced}
+    events = [OrderPlaced.model_validate(payload(i)) for i in range(n)]
+    count = 0
+
+    async def handler(msg: OrderPlaced) -> None:
+        nonlocal count
+        count += 1
+
+    started = time.process_time()
+    for e in events:
+        body = to_json({"type": "bench.OrderPlaced", "data": e})
+        d = from_json(body)
+        msg = routes[d["type"]].model_validate(d["data"])
         await handler(msg)
     elapsed = time.process_time() - started
     assert count == n
@@ -105,7 +134,7 @@ async def bus_path(n: int, batch: int) -> float:
     return elapsed / n
 
 
-async def split(n: int) -> tuple[float, float]:
+async def split(n: int, *, produce: bool) -> float:
     """The two halves of the bus path, without the transport: producing (envelope + CloudEvent
     encoding) and consuming (decode + validate + dispatch) one message."""
     bus = EventBus(MemoryTransport(), registry=registry)
@@ -118,7 +147,9 @@ async def split(n: int) -> tuple[float, float]:
 
     started = time.process_time()
     bodies = [bus.codec.encode(bus.envelope(e)) for e in events]
-    produce = (time.process_time() - started) / n
+    producing = (time.process_time() - started) / n
+    if produce:
+        return producing
     routes = {"bench.OrderPlaced": handler}
     decode = bus.codec.decode
     started = time.process_time()
@@ -127,10 +158,10 @@ async def split(n: int) -> tuple[float, float]:
         await routes[env.type](env.message)
     consume = (time.process_time() - started) / n
     assert count == n
-    return produce, consume
+    return consume
 
 
-async def command_bus(n: int) -> tuple[float, float]:
+async def command_bus(n: int, via: bool) -> float:
     bus = CommandBus(registry=registry)
 
     async def handler(cmd: PlaceOrder) -> int:
@@ -139,58 +170,56 @@ async def command_bus(n: int) -> tuple[float, float]:
     bus.register(PlaceOrder, handler)
     cmds = [PlaceOrder(sku="s", qty=i) for i in range(n)]
     started = time.process_time()
-    for c in cmds:
-        await handler(c)
-    direct = (time.process_time() - started) / n
-    started = time.process_time()
-    for c in cmds:
-        await bus.send(c)
-    via_bus = (time.process_time() - started) / n
-    return direct, via_bus
+    if via:
+        for c in cmds:
+            await bus.send(c)
+    else:
+        for c in cmds:
+            await handler(c)
+    return (time.process_time() - started) / n
 
 
 async def main() -> None:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000
-    rounds = 3
-    floor = statistics.median([await raw_floor(n) for _ in range(rounds)])
-    one = statistics.median([await bus_path(n, 1) for _ in range(rounds)])
-    many = statistics.median([await bus_path(n, 100) for _ in range(rounds)])
-    halves = [await split(n) for _ in range(rounds)]
-    produce = statistics.median(h[0] for h in halves)
-    consume = statistics.median(h[1] for h in halves)
-    cmd = [await command_bus(n) for _ in range(rounds)]
-    direct = statistics.median(c[0] for c in cmd)
-    via = statistics.median(c[1] for c in cmd)
-    us = 1e6
-    print(f"in-process buses, N={n}, median of {rounds} runs, same process")
-    print(f"{'path':<52}{'us/msg':>9}{'msgs/s':>11}{'ratio':>8}")
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 30_000
+    rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+    print(f"loadavg at start: {loadavg()}")
+    paths: dict[str, Callable[[], Awaitable[float]]] = {
+        "wire": lambda: wire_floor(n),
+        "dict": lambda: raw_floor(n),
+        "one": lambda: bus_path(n, 1),
+        "many": lambda: bus_path(n, 100),
+        "produce": lambda: split(n, produce=True),
+        "consume": lambda: split(n, produce=False),
+        "direct": lambda: command_bus(n, via=False),
+        "send": lambda: command_bus(n, via=True),
+    }
+    got = await run_rounds(paths, rounds)
+    med = statistics.median
+    labels = {
+        "wire": "wire floor: to_json + decode + model_validate + await",
+        "dict": "dict floor: lookup + model_validate + await",
+        "one": "event bus, publish() one at a time",
+        "many": "event bus, publish_many() 100 per batch",
+        "produce": "  of which producing: envelope + encode",
+        "consume": "  of which consuming: decode + dispatch",
+        "direct": "direct await handler(cmd)",
+        "send": "CommandBus.send(cmd)",
+    }
     print(
-        f"{'raw floor: lookup + model_validate + await handler':<52}"
-        f"{floor * us:>9.2f}{1 / floor:>11,.0f}{1.0:>8.2f}"
+        f"in-process buses, N={n} per path per round, {rounds} interleaved rounds, "
+        "CPU time of this process"
     )
+    print(f"{'path':<56}{'us/msg':>8}  {'per round / wire floor':>24}")
+    for k, label in labels.items():
+        rel = "" if k in ("direct", "send") else spread(ratios(got[k], got["wire"]))
+        print(f"{label:<56}{med(got[k]) * 1e6:>8.2f}  {rel:>24}")
+    over = [(s - d) * 1e6 for s, d in zip(got["send"], got["direct"], strict=True)]
+    print(f"command bus overhead per send, us per round: {spread(over)} (target <= 3 us)")
     print(
-        f"{'event bus, publish() one at a time':<52}"
-        f"{one * us:>9.2f}{1 / one:>11,.0f}{one / floor:>8.2f}"
+        f"event bus / wire floor per round: batched {spread(ratios(got['many'], got['wire']))}, "
+        f"single {spread(ratios(got['one'], got['wire']))} (target <= 2x, the median)"
     )
-    print(
-        f"{'event bus, publish_many() 100 per batch':<52}"
-        f"{many * us:>9.2f}{1 / many:>11,.0f}{many / floor:>8.2f}"
-    )
-    print(
-        f"{'  of which producing: envelope + encode':<52}"
-        f"{produce * us:>9.2f}{1 / produce:>11,.0f}{produce / floor:>8.2f}"
-    )
-    print(
-        f"{'  of which consuming: decode + dispatch':<52}"
-        f"{consume * us:>9.2f}{1 / consume:>11,.0f}{consume / floor:>8.2f}"
-    )
-    print(f"{'direct await handler(cmd)':<52}{direct * us:>9.2f}{1 / direct:>11,.0f}{1.0:>8.2f}")
-    print(f"{'CommandBus.send(cmd)':<52}{via * us:>9.2f}{1 / via:>11,.0f}{via / direct:>8.2f}")
-    print(f"command bus overhead per send: {(via - direct) * us:.2f} us (target <= 3 us)")
-    print(
-        f"event bus cost vs floor: {many / floor:.2f}x batched, {one / floor:.2f}x single "
-        "(target <= 2x)"
-    )
+    print(f"loadavg at end: {loadavg()}")
 
 
 if __name__ == "__main__":

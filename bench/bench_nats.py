@@ -1,6 +1,6 @@
 """NATS JetStream: raw nats-py against msdata's NatsTransport, on the same work, in one run.
 
-    .venv/bin/python bench/bench_nats.py [--n 10000] [--rounds 3] [--url nats://127.0.0.1:4222]
+    .venv/bin/python bench/bench_nats.py [--n 10000] [--rounds 5] [--url nats://127.0.0.1:4222]
 
 (a) confirmed publish, 100 messages in flight, every message with its ``Nats-Msg-Id`` header:
     raw ``js.publish`` x100 under ``asyncio.gather``, raw ``js.publish_async`` x100 then
@@ -11,7 +11,10 @@
 Durability: file-backed streams; nats-server 2.9 confirms a publish once it is written to the
 stream file, without fsync (as configured here), so a confirmed message survives a server
 crash but not a power loss. Streams are uniquely named and deleted at the end.
-Figures are the median of ``--rounds`` runs, raw and msdata interleaved.
+Figures are the medians of ``--rounds`` (>= 5) rounds, raw and msdata interleaved, the
+order alternating each round; ratios per round, min-median-max. Both consumers ack alike:
+nats-py's ``msg.ack()`` and msdata's ``ack()`` each publish ``+ACK`` to the reply subject
+without waiting for the server.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import nats
+from _fair import MIN_ROUNDS, loadavg, ratios, spread
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -61,9 +65,12 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", default="nats://127.0.0.1:4222")
     parser.add_argument("--n", type=int, default=10_000)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     n: int = args.n
+    if args.rounds < MIN_ROUNDS:
+        raise SystemExit(f"at least {MIN_ROUNDS} rounds")
+    print(f"loadavg at start: {loadavg()}")
 
     nc = await nats.connect(args.url)
     js = nc.jetstream()
@@ -176,10 +183,11 @@ async def main() -> None:
 
     print(
         f"\nNATS JetStream, file storage (no fsync per message), {len(BODY)}-byte messages, "
-        f"{n} per case, median of {args.rounds} rounds"
+        f"{n} per case, medians of {args.rounds} interleaved rounds; ratio msdata / raw per round"
+        " min-median-max"
     )
     print(
-        f"{'work':40} {'raw msgs/s':>11} {'msdata msgs/s':>14} {'ratio':>6}"
+        f"{'work':40} {'raw msgs/s':>11} {'msdata msgs/s':>14} {'ratio':>16}"
         f" {'raw CPU µs/msg':>15} {'msdata CPU µs/msg':>18}"
     )
     for name, (raw, ours) in results.items():
@@ -187,10 +195,12 @@ async def main() -> None:
         line = f"{name:40} {r:11,.0f} "
         if ours:
             o, oc = (statistics.median(x) for x in zip(*ours, strict=True))
-            line += f"{o:14,.0f} {o / r:6.2f} {rc:15.1f} {oc:18.1f}"
+            per_round = spread(ratios([x[0] for x in ours], [x[0] for x in raw]))
+            line += f"{o:14,.0f} {per_round:>16} {rc:15.1f} {oc:18.1f}"
         else:
-            line += f"{'-':>14} {'-':>6} {rc:15.1f} {'-':>18}"
+            line += f"{'-':>14} {'-':>16} {rc:15.1f} {'-':>18}"
         print(line)
+    print(f"loadavg at end: {loadavg()}")
 
 
 if __name__ == "__main__":

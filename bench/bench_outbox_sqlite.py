@@ -1,8 +1,8 @@
 """Outbox on SQLite: msdata against the raw sqlite3 loop on the same work, in the same run.
 
 (a) Drain: N pending rows (CloudEvents payloads, 100 keys) leave the table.
-    raw:    one thread, one connection: BEGIN IMMEDIATE; SELECT 100 oldest; DELETE them;
-            COMMIT (nothing published: the database side alone).
+    raw:    one thread, one connection: BEGIN IMMEDIATE; SELECT 100 oldest; publish them
+            to the in-memory transport; DELETE them; COMMIT.
     msdata: OutboxRelay running in the background (``async with relay``) until all rows
             are published and marked: SqliteOutboxStore.claim (relay lease, per-key
             order), publish into the in-memory transport, mark_sent (DELETE); each store
@@ -17,12 +17,12 @@ connection both use the ``synchronous`` level given (WAL mode).
 With ``--headers`` every event carries a ``traceparent`` header (as with OpenTelemetry on),
 in the payload and in the row's headers column.
 
-Each table gives the median of the runs, and the per-run ratio msdata / raw as
-min-median-max (the two loops run back to back in each run, their order alternating);
-/proc/loadavg is printed at the start and the end.
+The paths run interleaved in one process, the order rotating each round (bench/_fair.py),
+at least 5 rounds; each table gives the medians and the per-round ratios min-median-max,
+by wall clock and by CPU time; /proc/loadavg is printed at the start and the end.
 
     .venv/bin/python bench/bench_outbox_sqlite.py [--rows 100000] [--sync NORMAL|FULL]
-        [--headers] [--runs 5]
+        [--headers] [--rounds 5] [--drain-only|--add-only]
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+from _fair import loadavg, ratios, run_rounds, spread
 
 from msdata.adapters.memory import MemoryTransport
 from msdata.adapters.sqlite import SqliteOutboxStore, connect
@@ -56,19 +58,6 @@ class OrderPlaced(Event):
 
 
 TRACEPARENT = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
-
-
-def loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return f.read().strip()
-    except OSError:
-        return "n/a"
-
-
-def spread(ratios: list[float]) -> str:
-    """Per-run ratios as min-median-max."""
-    return f"{min(ratios):.2f}-{statistics.median(ratios):.2f}-{max(ratios):.2f}"
 
 
 def rows_for(n: int, headers: bool = False) -> list[OutboxRow]:
@@ -107,7 +96,10 @@ def fill(path: str, store: SqliteOutboxStore, rows: list[OutboxRow], sync: str) 
     conn.close()
 
 
-def raw_drain(path: str, table: str, sync: str) -> int:
+async def raw_drain(path: str, table: str, sync: str, transport: MemoryTransport) -> int:
+    """The same work as the relay, by hand: one connection, one thread; per batch BEGIN
+    IMMEDIATE, SELECT the 100 oldest, publish them to the in-memory transport, DELETE them,
+    COMMIT (the relay publishes outside the transaction; either way one publish per batch)."""
     conn = sqlite3.connect(path, isolation_level=None, timeout=30)
     conn.execute(f"PRAGMA synchronous={sync}")
     total = 0
@@ -120,6 +112,7 @@ def raw_drain(path: str, table: str, sync: str) -> int:
         if not rows:
             conn.execute("COMMIT")
             break
+        await transport.publish(rows[0][2], [TransportMessage(r[1], r[3], r[4]) for r in rows])
         conn.execute(
             f"DELETE FROM {table} WHERE seq IN ({','.join('?' * len(rows))})",
             [r[0] for r in rows],
@@ -156,71 +149,63 @@ async def msdata_drain(store: SqliteOutboxStore, n: int) -> int:
     return transport.count
 
 
-def bench_drain(n: int, sync: str, runs: int, headers: bool = False) -> None:
+async def bench_drain(n: int, sync: str, rounds: int, headers: bool = False) -> None:
     rows = rows_for(n, headers)
-    # rows/s by the wall clock and by the process's CPU time: on a shared machine the CPU
-    # figure is the steadier one (both loops run in one thread of this process)
-    raw_rates, ms_rates, raw_cpu, ms_cpu = [], [], [], []
+    # rows/s by the wall clock and by the process's CPU time (both loops run in this
+    # process, on the event loop's thread; the CPU figure is the steadier one)
+    cpu: dict[str, list[float]] = {"raw": [], "msdata": []}
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "drain.db")
         store = SqliteOutboxStore(path, synchronous=sync, table_prefix="b_")
-        asyncio.run(store.create_schema())
+        await store.create_schema()
 
-        def raw_run() -> None:
-            fill(path, store, rows, sync)
+        async def raw_run() -> float:
             t, c = time.perf_counter(), time.process_time()
-            assert raw_drain(path, "b_outbox", sync) == n
-            raw_rates.append(n / (time.perf_counter() - t))
-            raw_cpu.append(n / (time.process_time() - c))
+            assert await raw_drain(path, "b_outbox", sync, CountingTransport(n)) == n
+            cpu["raw"].append(n / (time.process_time() - c))
+            return n / (time.perf_counter() - t)
 
-        def msdata_run() -> None:
-            fill(path, store, rows, sync)
+        async def msdata_run() -> float:
+            s = SqliteOutboxStore(path, synchronous=sync, table_prefix="b_")
+            t, c = time.perf_counter(), time.process_time()
+            assert await msdata_drain(s, n) == n
+            rate = n / (time.perf_counter() - t)
+            cpu["msdata"].append(n / (time.process_time() - c))
+            await s.close()
+            return rate
 
-            async def run() -> tuple[float, float]:
-                s = SqliteOutboxStore(path, synchronous=sync, table_prefix="b_")
-                t, c = time.perf_counter(), time.process_time()
-                assert await msdata_drain(s, n) == n
-                rates = n / (time.perf_counter() - t), n / (time.process_time() - c)
-                await s.close()
-                return rates
-
-            wall, cpu = asyncio.run(run())
-            ms_rates.append(wall)
-            ms_cpu.append(cpu)
-
-        for i in range(runs):
-            # rotate the order, so neither loop always runs on a warmer machine
-            for step in (raw_run, msdata_run) if i % 2 == 0 else (msdata_run, raw_run):
-                step()
+        wall = await run_rounds(
+            {"raw": raw_run, "msdata": msdata_run},
+            rounds,
+            between=lambda: fill(path, store, rows, sync),
+        )
+        await store.close()
     med = statistics.median
-    raw, ms = med(raw_rates), med(ms_rates)
-    rc, mc = med(raw_cpu), med(ms_cpu)
     with_headers = ", a traceparent header on every row" if headers else ""
     print(
-        f"\n(a) drain {n:,} rows, 100 keys, batches of 100, synchronous={sync}, WAL{with_headers}"
+        f"\n(a) drain {n:,} rows, 100 keys, batches of 100, synchronous={sync}, WAL{with_headers};"
+        f" {rounds} interleaved rounds"
     )
-    print(f"    median of {runs} runs each")
-    print(f"    {'':<52}{'rows/s':>12}{'per CPU s':>12}")
+    print(f"    {'':<58}{'rows/s':>10}{'per CPU s':>12}")
+    raw_label = "raw sqlite3: SELECT 100, publish, DELETE, COMMIT"
+    print(f"    {raw_label:<58}{med(wall['raw']):>10,.0f}{med(cpu['raw']):>12,.0f}")
+    ms_label = "msdata OutboxRelay -> MemoryTransport"
+    print(f"    {ms_label:<58}{med(wall['msdata']):>10,.0f}{med(cpu['msdata']):>12,.0f}")
     print(
-        f"    {'raw sqlite3: SELECT 100 + DELETE, one tx, one thread':<52}{raw:>12,.0f}{rc:>12,.0f}"
-    )
-    print(f"    {'msdata OutboxRelay -> MemoryTransport':<52}{ms:>12,.0f}{mc:>12,.0f}")
-    print(f"    {'ratio msdata / raw (target >= 0.80)':<52}{ms / raw:>12.2f}{mc / rc:>12.2f}")
-    wall_ratios = [m / r for m, r in zip(ms_rates, raw_rates, strict=True)]
-    cpu_ratios = [m / r for m, r in zip(ms_cpu, raw_cpu, strict=True)]
-    print(
-        f"    {'per-run ratio min-median-max':<40}{spread(wall_ratios):>24}{spread(cpu_ratios):>18}"
+        f"    {'msdata / raw per round, min-median-max (target >= 0.80)':<58}"
+        f"{spread(ratios(wall['msdata'], wall['raw'])):>16}"
+        f"{spread(ratios(cpu['msdata'], cpu['raw'])):>16}"
     )
 
 
-def bench_add(n: int, sync: str, runs: int) -> None:
-    plain_us: list[float] = []
-    hand_us: list[float] = []
-    outbox_us: list[float] = []
+async def bench_add(n: int, sync: str, rounds: int) -> None:
+    """A one-row business transaction (INSERT an order, COMMIT) alone, with a hand-written
+    outbox INSERT of the same row, and with ``outbox.add``: the paths interleaved."""
+    cpu: dict[str, list[float]] = {"plain": [], "floor": [], "hand": [], "msdata": []}
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "add.db")
         store = SqliteOutboxStore(path, synchronous=sync)
-        asyncio.run(store.create_schema())
+        await store.create_schema()
         outbox = Outbox(store, registry=registry, source="orders")
         conn = connect(path, synchronous=sync)
         conn.execute(
@@ -229,80 +214,113 @@ def bench_add(n: int, sync: str, runs: int) -> None:
         )
         conn.commit()
         insert = "INSERT INTO orders VALUES (?, ?, ?, ?)"
-
-        def plain() -> float:
-            t = time.perf_counter()
-            for _ in range(n):
-                oid = uuid.uuid4().hex
-                conn.execute(insert, (oid, "c-1", 1234, utc_now().isoformat()))
-                conn.commit()
-            return (time.perf_counter() - t) / n * 1e6
-
         handwritten_sql = (
             "INSERT INTO msdata_outbox (message_id, topic, type, payload, partition_key, "
             "aggregate_type, headers, created_at) VALUES (?,?,?,?,?,?,?,?)"
         )
         encoded = rows_for(1)[0].payload
 
-        def handwritten() -> float:
-            # the database's share alone: a pre-encoded row, one INSERT, no msdata code
-            t = time.perf_counter()
-            for _ in range(n):
-                oid = uuid.uuid4().hex
-                conn.execute(insert, (oid, "c-1", 1234, utc_now().isoformat()))
-                conn.execute(
-                    handwritten_sql,
-                    (
-                        new_id(),
-                        "bench.OrderPlaced",
-                        "bench.OrderPlaced",
-                        encoded,
-                        oid,
-                        "bench.OrderPlaced",
-                        None,
-                        time.time(),
-                    ),
-                )
-                conn.commit()
-            return (time.perf_counter() - t) / n * 1e6
+        def timed(body: Callable[[str], None], key: str) -> Callable[[], float]:
+            def run() -> float:
+                t, c = time.perf_counter(), time.process_time()
+                for _ in range(n):
+                    oid = uuid.uuid4().hex
+                    conn.execute(insert, (oid, "c-1", 1234, utc_now().isoformat()))
+                    body(oid)
+                    conn.commit()
+                cpu[key].append((time.process_time() - c) / n * 1e6)
+                return (time.perf_counter() - t) / n * 1e6
 
-        def with_outbox() -> float:
-            t = time.perf_counter()
-            for _ in range(n):
-                oid = uuid.uuid4().hex
-                conn.execute(insert, (oid, "c-1", 1234, utc_now().isoformat()))
-                outbox.add(
-                    conn, OrderPlaced(order_id=oid, customer="c-1", total_cents=1234), key=oid
-                )
-                conn.commit()
-            return (time.perf_counter() - t) / n * 1e6
+            return run
 
-        for _ in range(runs):
-            plain_us.append(plain())
-            hand_us.append(handwritten())
-            outbox_us.append(with_outbox())
+        def nothing(oid: str) -> None:
+            pass
+
+        def floor(oid: str) -> None:
+            # the database's share alone: a pre-encoded row, one INSERT, no Python work
+            conn.execute(
+                handwritten_sql,
+                (
+                    new_id(),
+                    "bench.OrderPlaced",
+                    "bench.OrderPlaced",
+                    encoded,
+                    oid,
+                    "bench.OrderPlaced",
+                    None,
+                    time.time(),
+                ),
+            )
+
+        def hand(oid: str) -> None:
+            # what a hand-written outbox does: id, time, the event's JSON, one INSERT
+            event = OrderPlaced(order_id=oid, customer="c-1", total_cents=1234)
+            conn.execute(
+                handwritten_sql,
+                (
+                    new_id(),
+                    "bench.OrderPlaced",
+                    "bench.OrderPlaced",
+                    event.model_dump_json().encode(),
+                    oid,
+                    "bench.OrderPlaced",
+                    None,
+                    time.time(),
+                ),
+            )
+
+        def add(oid: str) -> None:
+            outbox.add(conn, OrderPlaced(order_id=oid, customer="c-1", total_cents=1234), key=oid)
+
+        def reset() -> None:
             conn.execute("DELETE FROM orders")
             conn.execute("DELETE FROM msdata_outbox")
             conn.commit()
+
+        wall = await run_rounds(
+            {
+                "plain": timed(nothing, "plain"),
+                "floor": timed(floor, "floor"),
+                "hand": timed(hand, "hand"),
+                "msdata": timed(add, "msdata"),
+            },
+            rounds,
+            between=reset,
+        )
         conn.close()
-        asyncio.run(store.close())
-    p, o = statistics.median(plain_us), statistics.median(outbox_us)
-    h = statistics.median(hand_us)
-    print(f"\n(b) business transaction, {n:,} per run, synchronous={sync}, WAL, median of {runs}")
-    print(f"    {'':<52}{'us/tx':>9}{'tx/s':>10}")
-    print(f"    {'raw: INSERT order + COMMIT':<52}{p:>9.1f}{1e6 / p:>10,.0f}")
-    print(f"    {'hand-written: + INSERT of an encoded outbox row':<52}{h:>9.1f}{1e6 / h:>10,.0f}")
-    print(f"    {'msdata: INSERT order + outbox.add + COMMIT':<52}{o:>9.1f}{1e6 / o:>10,.0f}")
-    print(f"    {'ratio hand-written / raw (the database alone)':<52}{h / p:>9.2f}")
-    print(f"    {'ratio msdata / raw (target <= 1.20)':<52}{o / p:>9.2f}")
+        await store.close()
+    med = statistics.median
+    print(
+        f"\n(b) business transaction, {n:,} per round, synchronous={sync}, WAL,"
+        f" {rounds} interleaved rounds (us/tx median; ratios per round min-median-max)"
+    )
+    labels = {
+        "plain": "INSERT order + COMMIT",
+        "floor": "+ INSERT of a pre-encoded outbox row (the floor)",
+        "hand": "+ hand-written outbox: uuid, model_dump_json, INSERT",
+        "msdata": "+ outbox.add",
+    }
+    print(f"    {'':<56}{'us/tx':>8}{'CPU us':>8}")
+    for k, label in labels.items():
+        print(f"    {label:<56}{med(wall[k]):>8.1f}{med(cpu[k]):>8.1f}")
+    clock = "wall" if sync == "FULL" else "CPU"
+    src = wall if sync == "FULL" else cpu
+    print(f"    ratios by {clock} time:")
+    for label, a, b in (
+        ("floor / alone (the database alone)", "floor", "plain"),
+        ("msdata / hand-written (target <= 1.10)", "msdata", "hand"),
+        ("msdata / floor", "msdata", "floor"),
+    ):
+        print(f"    {label:<56}{spread(ratios(src[a], src[b]))}")
 
 
-def main() -> None:
+async def amain() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=100_000)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--rows", type=int, default=20_000)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--sync", choices=["NORMAL", "FULL"], default=None)
     ap.add_argument("--drain-only", action="store_true", help="skip (b), the write cost")
+    ap.add_argument("--add-only", action="store_true", help="skip (a), the drain")
     ap.add_argument(
         "--headers", action="store_true", help="a traceparent header on every row (drain)"
     )
@@ -312,10 +330,15 @@ def main() -> None:
     print(
         f"msdata outbox on SQLite {sqlite3.sqlite_version} (stdlib sqlite3), {os.cpu_count()} cpus"
     )
-    bench_drain(args.rows, "NORMAL", args.runs, args.headers)
+    if not args.add_only:
+        await bench_drain(args.rows, "NORMAL", args.rounds, args.headers)
     for sync in [] if args.drain_only else syncs:
-        bench_add(20_000 if sync == "NORMAL" else 2_000, sync, args.runs)
+        await bench_add(5_000 if sync == "NORMAL" else 1_000, sync, args.rounds)
     print(f"\nloadavg at end: {loadavg()}")
+
+
+def main() -> None:
+    asyncio.run(amain())
 
 
 if __name__ == "__main__":

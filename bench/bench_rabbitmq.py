@@ -11,10 +11,11 @@
 
 Durability: persistent messages on durable queues; the broker confirms a persistent message
 once it is on disk (classic queues fsync in batches and confirm after the fsync; quorum queues
-fsync their log). Names are unique per run and deleted at the end. Rounds alternate raw and
-msdata; the table shows the median of the rounds. The raw consumer is aio-pika's idiom
-(``queue.iterator()``, ``await message.ack()``, which waits for the ack to be written); msdata
-reads aiormq deliveries directly and does not wait for the ack frame to drain.
+fsync their log). Names are unique per run and deleted at the end. Rounds interleave raw and
+msdata in rotating order (bench/_fair.py); the table shows the medians and the per-round
+ratios min-median-max. The raw consumer is aio-pika's ``queue.iterator()`` and acks as msdata
+does: ``basic_ack(tag, wait=False)`` on the channel (the frame written, its drain not
+awaited); msdata reads aiormq deliveries directly.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 import uuid
 
 import aio_pika
+from _fair import loadavg, ratios, run_rounds, spread
 
 from msdata.adapters.rabbitmq import RabbitMQTransport
 from msdata.adapters.rabbitmq.transport import group_queue_name
@@ -80,7 +82,8 @@ async def raw_consume(conn: aio_pika.abc.AbstractConnection, queue_name: str, n:
     async with queue.iterator() as it:
         start = time.perf_counter()
         async for message in it:
-            await message.ack()
+            # as msdata acks: the ack frame written, not waited for
+            await message.channel.basic_ack(message.delivery_tag, wait=False)
             got += 1
             if got == n:
                 break
@@ -104,6 +107,7 @@ async def msdata_consume(transport: RabbitMQTransport, topic: str, group: str, n
 
 
 async def main(url: str, n: int, rounds: int, queue_type: str) -> None:
+    print(f"loadavg at start: {loadavg()}")
     conn = await aio_pika.connect_robust(url)
     transport = RabbitMQTransport(conn, queue_type=queue_type)
     run = uuid.uuid4().hex[:8]
@@ -129,11 +133,33 @@ async def main(url: str, n: int, rounds: int, queue_type: str) -> None:
         await msdata_publish(transport, topic, 200)
         await raw_consume(conn, raw_queue, 200)
         await msdata_consume(transport, topic, group, 200)
-        for _ in range(rounds):
-            results["raw_pub"].append(await raw_publish(pub_channel, raw_topic, n))
-            results["ms_pub"].append(await msdata_publish(transport, topic, n))
-            results["raw_con"].append(await raw_consume(conn, raw_queue, n))
-            results["ms_con"].append(await msdata_consume(transport, topic, group, n))
+        ms_queue = group_queue_name(topic, group)
+
+        async def purged(rate: float, queue_name: str) -> float:
+            await (await admin.get_queue(queue_name, ensure=False)).purge()
+            return rate
+
+        async def raw_pub() -> float:
+            return await purged(await raw_publish(pub_channel, raw_topic, n), raw_queue)
+
+        async def ms_pub() -> float:
+            return await purged(await msdata_publish(transport, topic, n), ms_queue)
+
+        async def raw_con() -> float:
+            await raw_publish(pub_channel, raw_topic, n)  # untimed: the queue to drain
+            return await raw_consume(conn, raw_queue, n)
+
+        async def ms_con() -> float:
+            await msdata_publish(transport, topic, n)  # untimed: the queue to drain
+            return await msdata_consume(transport, topic, group, n)
+
+        # each path starts from an empty queue and leaves it empty
+        results.update(
+            await run_rounds(
+                {"raw_pub": raw_pub, "ms_pub": ms_pub, "raw_con": raw_con, "ms_con": ms_con},
+                rounds,
+            )
+        )
     finally:
         await transport.close()
         exchanges, queues = transport.declared
@@ -145,13 +171,17 @@ async def main(url: str, n: int, rounds: int, queue_type: str) -> None:
 
     def row(label: str, raw: list[float], ms: list[float]) -> str:
         r, m = statistics.median(raw), statistics.median(ms)
-        return f"| {label} | {r:,.0f} | {m:,.0f} | {m / r:.2f} |"
+        return f"| {label} | {r:,.0f} | {m:,.0f} | {spread(ratios(ms, raw))} |"
 
-    print(f"RabbitMQ, {n} messages x {rounds} rounds (median), persistent, {queue_type} queue")
+    print(
+        f"RabbitMQ, {n} messages x {rounds} interleaved rounds (medians; msdata/raw per round "
+        f"min-median-max), persistent, {queue_type} queue"
+    )
     print("| work | raw aio-pika msgs/s | msdata msgs/s | msdata/raw |")
     print("|---|---|---|---|")
     print(row("publish, confirms, 100 in flight", results["raw_pub"], results["ms_pub"]))
     print(row("consume + ack, prefetch 100", results["raw_con"], results["ms_con"]))
+    print(f"loadavg at end: {loadavg()}")
 
 
 if __name__ == "__main__":
@@ -159,6 +189,6 @@ if __name__ == "__main__":
     parser.add_argument("--url", default="amqp://guest:guest@127.0.0.1:5672/")
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--queue-type", choices=["classic", "quorum"], default="classic")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     asyncio.run(main(args.url, args.messages, args.rounds, args.queue_type))

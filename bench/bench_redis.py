@@ -1,7 +1,10 @@
 """Redis Streams: raw redis-py against msdata's RedisTransport, same work, same run.
 
 (a) confirmed publish of N messages, 100 per pipeline (XADD; returns when Redis replied);
-(b) consume + ack of N messages, XREADGROUP COUNT 100 + XACK.
+(b) consume + ack of N messages, XREADGROUP COUNT 100, each batch's XACK pipelined with
+    the next XREADGROUP (as msdata's subscription sends its acks).
+
+The four paths run interleaved, the order rotating each round (bench/_fair.py).
 
 Durability: as the shared Redis is configured (no AOF, no fsync): "confirmed" means in
 Redis' memory. Run: ``.venv/bin/python bench/bench_redis.py [N] [rounds]``.
@@ -16,6 +19,7 @@ import time
 import uuid
 
 import redis.asyncio as aioredis
+from _fair import loadavg, ratios, run_rounds, spread
 
 from msdata.adapters.redis import RedisTransport
 from msdata.transport import TransportMessage
@@ -49,21 +53,35 @@ async def msdata_publish(t: RedisTransport, topic: str, msgs: list[TransportMess
     return len(msgs) / (time.perf_counter() - t0)
 
 
-async def raw_consume(r: aioredis.Redis, key: str, n: int) -> float:
+async def raw_consume(r: aioredis.Redis, key: str, msgs: list[TransportMessage]) -> float:
+    """Acks the way msdata acks: the XACK of one batch goes out in the same pipeline (one
+    round trip) as the next XREADGROUP."""
+    await raw_publish(r, key, msgs)  # untimed: the stream to drain
     await r.xgroup_create(key, "g", id="0", mkstream=True)
-    got = 0
+    n, got = len(msgs), 0
+    acks: list[bytes] = []
     t0 = time.perf_counter()
     while got < n:
-        res = await r.xreadgroup("g", "c", {key: ">"}, count=BATCH, block=1000)
+        pipe = r.pipeline(transaction=False)
+        if acks:
+            pipe.xack(key, "g", *acks)
+        pipe.xreadgroup("g", "c", {key: ">"}, count=BATCH, block=1000)
+        res = (await pipe.execute())[-1]
+        acks = []
         for _stream, entries in res:
-            ids = [eid for eid, _fields in entries]
-            got += len(ids)
-            await r.xack(key, "g", *ids)
-    return n / (time.perf_counter() - t0)
+            for eid, _fields in entries:
+                acks.append(eid)
+            got += len(entries)
+    if acks:
+        await r.xack(key, "g", *acks)
+    rate = n / (time.perf_counter() - t0)
+    await r.delete(key)
+    return rate
 
 
-async def msdata_consume(t: RedisTransport, topic: str, n: int) -> float:
-    got = 0
+async def msdata_consume(t: RedisTransport, topic: str, msgs: list[TransportMessage]) -> float:
+    await msdata_publish(t, topic, msgs)  # untimed: the stream to drain
+    n, got = len(msgs), 0
     t0 = time.perf_counter()
     async with t.subscribe(topic, "g", prefetch=BATCH) as sub:
         while got < n:
@@ -74,28 +92,33 @@ async def msdata_consume(t: RedisTransport, topic: str, n: int) -> float:
 
 
 async def main(n: int, rounds: int) -> None:
+    print(f"loadavg at start: {loadavg()}")
     prefix = f"msdata-bench-{uuid.uuid4().hex[:8]}"
     r = aioredis.Redis.from_url(URL)
     t = RedisTransport(r, key_prefix=prefix, trim_interval=None)
     msgs = make_messages(n)
-    results: dict[str, list[tuple[float, float]]] = {"publish": [], "consume": []}
+    counter = iter(range(1_000_000))
+
+    async def rp() -> float:
+        key = f"{prefix}:raw{next(counter)}"
+        rate = await raw_publish(r, key, msgs)
+        await r.delete(key)
+        return rate
+
+    async def mp() -> float:
+        topic = f"md{next(counter)}"
+        rate = await msdata_publish(t, topic, msgs)
+        await r.delete(f"{prefix}:{topic}")
+        return rate
+
+    async def rc() -> float:
+        return await raw_consume(r, f"{prefix}:raw{next(counter)}", msgs)
+
+    async def mc() -> float:
+        return await msdata_consume(t, f"md{next(counter)}", msgs)
+
     try:
-        for rnd in range(rounds):
-            raw_key, topic = f"{prefix}:raw{rnd}", f"md{rnd}"
-            # alternate who goes first, so neither always gets the warmer server
-            if rnd % 2 == 0:
-                raw_p = await raw_publish(r, raw_key, msgs)
-                md_p = await msdata_publish(t, topic, msgs)
-                raw_c = await raw_consume(r, raw_key, n)
-                md_c = await msdata_consume(t, topic, n)
-            else:
-                md_p = await msdata_publish(t, topic, msgs)
-                raw_p = await raw_publish(r, raw_key, msgs)
-                md_c = await msdata_consume(t, topic, n)
-                raw_c = await raw_consume(r, raw_key, n)
-            results["publish"].append((raw_p, md_p))
-            results["consume"].append((raw_c, md_c))
-            await r.delete(raw_key, f"{prefix}:{topic}")
+        got = await run_rounds({"raw_p": rp, "md_p": mp, "raw_c": rc, "md_c": mc}, rounds)
     finally:
         keys = [k async for k in r.scan_iter(match=f"{prefix}:*", count=1000)]
         if keys:
@@ -103,19 +126,21 @@ async def main(n: int, rounds: int) -> None:
         await t.close()
         await r.aclose()
     print(
-        f"Redis Streams, N={n}, {rounds} rounds (median), batch {BATCH}, no fsync (shared server)"
+        f"Redis Streams, N={n}, {rounds} interleaved rounds (medians; ratio msdata / raw per "
+        f"round min-median-max), batch {BATCH}, no fsync (shared server)"
     )
-    print(f"{'work':<40} {'raw msgs/s':>12} {'msdata msgs/s':>14} {'ratio':>7}")
+    print(f"{'work':<44} {'raw msgs/s':>12} {'msdata msgs/s':>14} {'ratio':>16}")
     labels = {
-        "publish": "confirmed publish, 100 per pipeline",
-        "consume": "XREADGROUP COUNT 100 + XACK",
+        "_p": "confirmed publish, 100 per pipeline",
+        "_c": "XREADGROUP COUNT 100, XACK in the next trip",
     }
-    for name, pairs in results.items():
-        raw = statistics.median(p[0] for p in pairs)
-        md = statistics.median(p[1] for p in pairs)
-        print(f"{labels[name]:<40} {raw:>12,.0f} {md:>14,.0f} {md / raw:>7.2f}")
+    med = statistics.median
+    for sfx, label in labels.items():
+        raw, md = got["raw" + sfx], got["md" + sfx]
+        print(f"{label:<44} {med(raw):>12,.0f} {med(md):>14,.0f} {spread(ratios(md, raw)):>16}")
+    print(f"loadavg at end: {loadavg()}")
 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    asyncio.run(main(int(args[0]) if args else 50_000, int(args[1]) if len(args) > 1 else 3))
+    asyncio.run(main(int(args[0]) if args else 20_000, int(args[1]) if len(args) > 1 else 5))

@@ -1,6 +1,6 @@
 """The outbox relay end to end, PostgreSQL -> broker, against a hand-written raw loop.
 
-    .venv/bin/python bench/bench_relay_brokers.py [--rows 5000] [--rounds 4]
+    .venv/bin/python bench/bench_relay_brokers.py [--rows 20000] [--rounds 5]
         [--brokers redis,rabbitmq,nats]
 
 For each broker, on the same outbox table (``PostgresOutboxStore``'s, filled with the same
@@ -53,6 +53,7 @@ import aio_pika
 import asyncpg
 import nats
 import redis.asyncio as aioredis
+from _fair import MIN_ROUNDS, loadavg, ratios, spread
 from nats.js.api import StorageType, StreamConfig
 
 from msdata.adapters.nats import NatsTransport
@@ -451,16 +452,20 @@ def us_per_row(phases: list[Phases], n: int) -> str:
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=5_000)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--brokers", default="redis,rabbitmq,nats")
     args = parser.parse_args()
     names = [b for b in args.brokers.split(",") if b]
+    if args.rounds < MIN_ROUNDS:
+        raise SystemExit(f"at least {MIN_ROUNDS} rounds")
+    print(f"loadavg at start: {loadavg()}")
     started = time.perf_counter()
     results = {name: await bench_broker(name, args.rows, args.rounds) for name in names}
     print(
         f"\nOutbox relay end to end, PostgreSQL -> broker: {args.rows} rows per drain, "
-        f"batch {BATCH}, 1 worker, median of {args.rounds} rounds (rows/s)\n"
+        f"batch {BATCH}, 1 worker, medians of {args.rounds} interleaved rounds (rows/s); "
+        "ratios msdata / raw per round, min-median-max\n"
     )
     rows = []
     for name, r in results.items():
@@ -470,8 +475,8 @@ async def main() -> None:
                 name,
                 f"{raw:,.0f}",
                 f"{ours:,.0f}",
-                f"{ours / raw:.2f}",
-                f"{quick:,.0f} ({quick / raw:.2f})",
+                spread(ratios(r.ours, r.raw)),
+                f"{quick:,.0f} ({spread(ratios(r.ours_async, r.raw))})",
                 DURABILITY[name],
             ]
         )
@@ -503,6 +508,7 @@ async def main() -> None:
         ],
     )
     print(f"\n(total {time.perf_counter() - started:.0f} s)")
+    print(f"loadavg at end: {loadavg()}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ MODE:
   write-and-commit   the same, committed; say ``COMMITTED <id>`` and exit
   relay-hang         run one relay step whose publish succeeds (into BROKER_FILE), say
                      ``PUBLISHED <n>``, and hang before marking the rows sent
+  relay-hang-long    the same with a lease of an hour (LONG_LEASE_SECONDS)
 BACKEND: sqlite (DSN is the file path) or postgres (DSN is the URL).
 """
 
@@ -25,6 +26,7 @@ from msdata.transport import TransportMessage
 
 registry = MessageRegistry()
 LEASE_SECONDS = 1.0
+LONG_LEASE_SECONDS = 3600.0
 
 
 @message_type("crash.OrderPlaced", registry=registry)
@@ -96,14 +98,15 @@ async def main(mode: str, backend: str, dsn: str, prefix: str, broker: str) -> N
             return
         say(f"ADDED {env.id}")
         await asyncio.sleep(3600)  # killed here, before commit
-    elif mode == "relay-hang":
+    elif mode in ("relay-hang", "relay-hang-long"):
 
         async def hang_before_mark(relay_id: str, seqs: Sequence[int], **kw: Any) -> None:
             say(f"PUBLISHED {len(seqs)}")
             await asyncio.sleep(3600)  # killed here, after publishing, before marking
 
         store.mark_sent = hang_before_mark
-        relay = OutboxRelay(store, FileBroker(broker), lease_seconds=LEASE_SECONDS)
+        lease = LONG_LEASE_SECONDS if mode == "relay-hang-long" else LEASE_SECONDS
+        relay = OutboxRelay(store, FileBroker(broker), lease_seconds=lease)
         await relay.run_once()
     else:
         raise SystemExit(f"unknown mode {mode}")

@@ -2,7 +2,10 @@
 
 - The writer killed before its commit: nothing of it is ever published.
 - The relay killed after publishing and before marking the rows sent: another relay
-  publishes them again once the lease runs out, and the inbox applies each once.
+  publishes them again once the lease runs out (SQLite: at once, as the holder's process
+  is gone), and the inbox applies each once.
+- SQLite: a relay restarted after a SIGKILL (a new relay id) takes over at once even
+  under an hour's lease.
 
 Parametrised over SQLite and PostgreSQL.
 """
@@ -27,7 +30,13 @@ from msdata.outbox import Inbox, Outbox, OutboxRelay
 from msdata.testing import eventually
 
 sys.path.insert(0, str(Path(__file__).parent))
-from outbox_crash_worker import LEASE_SECONDS, FileBroker, OrderPlaced, registry
+from outbox_crash_worker import (
+    LEASE_SECONDS,
+    LONG_LEASE_SECONDS,
+    FileBroker,
+    OrderPlaced,
+    registry,
+)
 
 pytestmark = [pytest.mark.slow]
 
@@ -176,8 +185,9 @@ async def test_relay_killed_before_marking_publishes_again_and_inbox_applies_onc
     assert broker.read() == ids  # published (confirmed), never marked
 
     relay = OutboxRelay(backend.outbox, broker, poll_interval=0.1)
-    assert await relay.run_once() == 0  # the dead relay's lease still holds the key
-    await asyncio.sleep(LEASE_SECONDS)
+    if backend.name != "sqlite":  # SQLite sees that the holder's process is gone
+        assert await relay.run_once() == 0  # the dead relay's lease still holds the key
+        await asyncio.sleep(LEASE_SECONDS)
     await drain(relay, backend.outbox)
     assert broker.read() == ids + ids  # at least once: the same messages, in order, again
 
@@ -195,3 +205,30 @@ async def test_relay_killed_before_marking_publishes_again_and_inbox_applies_onc
     conn.commit()
     conn.close()
     assert Counter(r[0] for r in rows) == Counter(ids)
+
+
+async def test_sqlite_relay_restarted_after_a_kill_takes_over_without_waiting(
+    tmp_path: Path,
+) -> None:
+    """The killed relay's lease runs an hour: the new relay (a new id, this process)
+    publishes at its first step, because the lease row names a process on this host that
+    no longer runs."""
+    from msdata.adapters.sqlite import SqliteOutboxStore
+
+    path = str(tmp_path / "outbox.db")
+    b = Backend("sqlite", path, "crash_", SqliteOutboxStore(path, table_prefix="crash_"), None)
+    await b.outbox.create_schema()
+    conn = b.connect()
+    conn.execute("CREATE TABLE crash_orders (id TEXT PRIMARY KEY)")
+    added = Outbox(b.outbox, registry=registry).add(conn, OrderPlaced(order_id="o1"), key="k")
+    conn.commit()
+    conn.close()
+    broker = FileBroker(str(tmp_path / "broker.log"))
+    proc = spawn("relay-hang-long", b, broker.path)
+    assert await wait_for_line(proc, "PUBLISHED") == "1"
+    relay = OutboxRelay(b.outbox, broker, lease_seconds=LONG_LEASE_SECONDS)
+    assert await relay.run_once() == 0  # the holder still runs: its lease holds
+    kill(proc)
+    assert await relay.run_once() == 1  # not a second of the hour waited
+    assert broker.read() == [added[0].id] * 2
+    await b.outbox.close()

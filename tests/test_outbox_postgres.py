@@ -79,18 +79,24 @@ class PostgresCallerHooks(PostgresHooks):
 
 class PostgresOutboxHooks(PostgresCallerHooks, OutboxStoreHooks):
     lease_seconds = 0.4
+    partitioned = False
 
     @asynccontextmanager
     async def make_store(self, *, clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[OutboxStore]:
         # the store reads the server's clock (features.reads_clock is False): no clock here
         async with opened(
-            PostgresOutboxStore(self.url, table_prefix=table_prefix()), drop=True
+            PostgresOutboxStore(
+                self.url, table_prefix=table_prefix(), partitioned=self.partitioned
+            ),
+            drop=True,
         ) as store:
             yield store
 
     @asynccontextmanager
     async def open_again(self, store: Any) -> AsyncIterator[OutboxStore]:
-        other = PostgresOutboxStore(self.url, table_prefix=store.table_prefix)
+        other = PostgresOutboxStore(
+            self.url, table_prefix=store.table_prefix, partitioned=self.partitioned
+        )
         try:
             yield other
         finally:
@@ -109,9 +115,8 @@ class PostgresOutboxHooks(PostgresCallerHooks, OutboxStoreHooks):
         # the claim half fails (its function is gone) after the mark half ran
         conn = await asyncpg.connect(self.url)
         try:
-            await conn.execute(
-                f"DROP FUNCTION {store.claim_function}(text, integer, double precision, boolean)"
-            )
+            fn = store._pclaim_fn if self.partitioned else store.claim_function
+            await conn.execute(f"DROP FUNCTION {fn}(text, integer, double precision, boolean)")
         finally:
             await conn.close()
         try:
@@ -126,6 +131,14 @@ class TestPostgresOutboxStore(PostgresOutboxHooks, OutboxStoreConformance):
 
 class TestPostgresOutboxRelay(PostgresOutboxHooks, OutboxRelayConformance):
     pass
+
+
+class TestPostgresPartitionedOutboxStore(PostgresOutboxHooks, OutboxStoreConformance):
+    partitioned = True
+
+
+class TestPostgresPartitionedOutboxRelay(PostgresOutboxHooks, OutboxRelayConformance):
+    partitioned = True
 
 
 class TestPostgresInboxStore(PostgresCallerHooks, InboxStoreConformance):
@@ -396,3 +409,63 @@ async def test_claims_racing_with_commits_look_again_and_never_share_a_key(
         await store.drop_schema()
         await store.close()
         await pool.close()
+
+
+async def test_create_schema_adds_the_partition_column_to_an_existing_table(
+    postgres_url: str,
+) -> None:
+    """Migration: a table from before the partitioned claim (no ``part`` column) gains
+    it at ``create_schema``, computed for the rows already there, which a partitioned
+    relay then claims in order."""
+    store = PostgresOutboxStore(postgres_url, table_prefix=table_prefix(), partitioned=True)
+    await store.create_schema()
+    try:
+        conn = await asyncpg.connect(postgres_url)
+        try:
+            await conn.execute(f"ALTER TABLE {store.table} DROP COLUMN part")
+            rows = make_rows(6, keys=["a", "b", None])
+            async with conn.transaction():
+                await store.append_async(conn, rows)
+            await store.create_schema()
+            await store.create_schema()  # idempotent
+            assert (
+                await conn.fetchval(f"SELECT count(*) FROM {store.table} WHERE part IS NULL") == 0
+            )
+        finally:
+            await conn.close()
+        got = await store.claim("relay-a", 100, 30.0)
+        assert [r.message_id for r in got] == [r.message_id for r in rows]
+    finally:
+        await store.drop_schema()
+        await store.close()
+
+
+async def test_a_clean_stop_hands_partitions_over_at_once(postgres_url: str) -> None:
+    """``leave``: the stopping relay's partitions go to the next relay's first claim,
+    under a lease of an hour."""
+    store = PostgresOutboxStore(postgres_url, table_prefix=table_prefix(), partitioned=True)
+    await store.create_schema()
+    try:
+        rows = make_rows(20, keys=[f"k{i}" for i in range(10)])
+        conn = await asyncpg.connect(postgres_url)
+        try:
+            async with conn.transaction():
+                await store.append_async(conn, rows[:10])
+        finally:
+            await conn.close()
+        a = await store.claim("relay-a", 100, 3600.0)
+        assert len(a) == 10
+        await store.mark_sent("relay-a", [r.seq for r in a])
+        conn = await asyncpg.connect(postgres_url)
+        try:
+            async with conn.transaction():
+                await store.append_async(conn, rows[10:])
+        finally:
+            await conn.close()
+        assert await store.claim("relay-b", 100, 3600.0) == []  # relay-a owns them all
+        await store.leave("relay-a")
+        b = await store.claim("relay-b", 100, 3600.0)
+        assert [r.message_id for r in b] == [r.message_id for r in rows[10:]]
+    finally:
+        await store.drop_schema()
+        await store.close()

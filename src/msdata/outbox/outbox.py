@@ -22,6 +22,8 @@ __all__ = ["Outbox"]
 
 MessageOrEnvelope = Message | Envelope[Any]
 
+_tuple_new = tuple.__new__
+
 
 class Outbox:
     """Writes messages into the outbox table in the caller's open transaction, so they
@@ -123,23 +125,27 @@ class Outbox:
         envelopes: list[Envelope[Any]] = []
         rows: list[OutboxRow] = []
         encode = self.codec.encode
+        topics = self._topics
         for item in items:
             env = self.envelope(item, key=key, headers=headers)
             to = topic or env.type
-            if to not in self._topics:
+            if to not in topics:
                 # a bad topic fails here, in the caller's code, not later in the relay
-                self._topics.add(check_name("topic", to))
+                topics.add(check_name("topic", to))
             env = telemetry.hooks.message_created(to, env, outbox=True)  # telemetry: trace context
             envelopes.append(env)
             rows.append(
-                OutboxRow(
-                    message_id=env.id,
-                    topic=to,
-                    type=env.type,
-                    payload=encode(env),
-                    partition_key=env.partition_key,
-                    aggregate_type=aggregate_type or to,
-                    headers=env.headers,
+                _tuple_new(
+                    OutboxRow,
+                    (
+                        env.id,
+                        to,
+                        env.type,
+                        encode(env),
+                        env.partition_key,
+                        aggregate_type or to,
+                        env.headers,
+                    ),
                 )
             )
         return envelopes, rows

@@ -588,6 +588,13 @@ class OutboxRelay:
                 await self.store.release(self.relay_id, [r.seq for r in records])
             except Exception:
                 log.exception("could not release outbox rows on stop")
+        leave = getattr(self.store, "leave", None)
+        if leave is not None:
+            # a store whose relays own partitions hands them to the others at once
+            try:
+                await self._shielded(leave(self.relay_id))
+            except Exception:
+                log.exception("outbox relay %s: leaving failed", self.relay_id)
 
     async def _sleep(self, seconds: float) -> None:
         await self.clock.sleep(seconds)

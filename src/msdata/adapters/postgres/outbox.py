@@ -64,6 +64,153 @@ CREATE UNLOGGED TABLE IF NOT EXISTS {lease} (
 );
 """
 
+# The partitioned claim (``partitioned=True``). Every row carries ``part``, a hash of its
+# partition key (of its id when it has none) modulo PARTITIONS, computed by the database at
+# insert (a generated column: hand-written INSERTs get it too, and ``create_schema`` adds it
+# to an existing table, computing it for the rows already there). Relays own partitions
+# (``{parts}``: one row per partition, its owner), register and renew themselves in
+# ``{relays}`` (a relay whose ``until`` has passed is gone), and record the rows they
+# hold in flight, batch by batch, in ``{inflight}`` (rows and their partitions).
+_PARTITION_TABLES = """\
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS part integer
+    GENERATED ALWAYS AS ((hashtext(coalesce(aggregateid, id)) & 2147483647) % {n}) STORED;
+CREATE UNLOGGED TABLE IF NOT EXISTS {parts} (
+    part  integer PRIMARY KEY,
+    owner text
+);
+INSERT INTO {parts} (part) SELECT g FROM generate_series(0, {n} - 1) g ON CONFLICT DO NOTHING;
+CREATE UNLOGGED TABLE IF NOT EXISTS {relays} (
+    owner text PRIMARY KEY,
+    until timestamptz NOT NULL
+);
+CREATE UNLOGGED TABLE IF NOT EXISTS {inflight} (
+    id    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    owner text NOT NULL,
+    until timestamptz NOT NULL,
+    seqs  bigint[] NOT NULL,
+    parts integer[] NOT NULL
+);
+"""
+
+#: partitions of the partitioned claim: a fixed number, part of the schema (the ``part``
+#: column's expression); at most this many relays share the work
+PARTITIONS = 64
+
+# The partitioned claim, one statement:
+#  1. Renew the relay's registration (``until`` = now + lease).
+#  2. Fair share = ceil(PARTITIONS / live relays). A relay owning more releases the excess
+#     (highest numbers first); one owning fewer takes free partitions (no owner, or an
+#     owner no longer live). Ownership changes only under an exclusive advisory lock, which
+#     waits for every claim in flight; every other claim holds that lock shared, so during
+#     a claim the owners it reads cannot change.
+#  3. Scan the pending rows of the partitions it owns, in seq order, skipping partitions in
+#     which another live relay still holds rows in flight (a partition just handed over
+#     waits until its previous owner has marked or released what it holds, or that
+#     relay's registration runs out), the relay's own rows in flight, and keys held up by
+#     an earlier parked or backing-off row. No row locks: one owner per partition.
+#  4. Record the rows as one in-flight batch (rows and partitions), leased for p_lease.
+_PCLAIM_FUNCTION = """\
+CREATE OR REPLACE FUNCTION {fn}(p_owner text, p_limit integer, p_lease double precision,
+                                p_sync boolean)
+RETURNS SETOF {table}
+LANGUAGE plpgsql VOLATILE
+SET plan_cache_mode = force_generic_plan
+AS $msdata$
+DECLARE
+    v_now   timestamptz := clock_timestamp();
+    v_until timestamptz := clock_timestamp() + make_interval(secs => p_lease);
+    v_live  integer;
+    v_fair  integer;
+    v_have  integer;
+    v_free  integer;
+    v_mine  integer[];
+    v_rows  {table}[];
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'msdata: the outbox claim needs READ COMMITTED, not %',
+            current_setting('transaction_isolation');
+    END IF;
+    IF NOT p_sync THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
+    INSERT INTO {relays} AS r (owner, until) VALUES (p_owner, v_until)
+        ON CONFLICT (owner) DO UPDATE SET until = EXCLUDED.until;
+
+    SELECT count(*) INTO v_live FROM {relays} r WHERE r.until > v_now;
+    v_fair := ceil({n}::numeric / greatest(v_live, 1));
+    SELECT count(*) FILTER (WHERE p.owner = p_owner),
+           count(*) FILTER (WHERE p.owner IS NULL OR NOT EXISTS (
+               SELECT 1 FROM {relays} r WHERE r.owner = p.owner AND r.until > v_now))
+      INTO v_have, v_free FROM {parts} p;
+    IF v_have > v_fair OR (v_have < v_fair AND v_free > 0) THEN
+        PERFORM pg_advisory_xact_lock({cls}, 1);
+        -- fresh snapshots from here: every claim and rebalance before the lock is seen
+        SELECT count(*) INTO v_live FROM {relays} r WHERE r.until > v_now;
+        v_fair := ceil({n}::numeric / greatest(v_live, 1));
+        UPDATE {parts} SET owner = NULL WHERE part IN (
+            SELECT p.part FROM {parts} p WHERE p.owner = p_owner
+            ORDER BY p.part DESC LIMIT greatest(
+                (SELECT count(*) FROM {parts} q WHERE q.owner = p_owner) - v_fair, 0));
+        UPDATE {parts} SET owner = p_owner WHERE part IN (
+            SELECT p.part FROM {parts} p
+            WHERE p.owner IS NULL OR NOT EXISTS (
+                SELECT 1 FROM {relays} r WHERE r.owner = p.owner AND r.until > v_now)
+            ORDER BY p.part LIMIT greatest(
+                v_fair - (SELECT count(*) FROM {parts} q WHERE q.owner = p_owner), 0));
+    ELSE
+        PERFORM pg_advisory_xact_lock_shared({cls}, 1);
+    END IF;
+
+    SELECT array_agg(p.part) INTO v_mine FROM {parts} p
+    WHERE p.owner = p_owner AND NOT EXISTS (
+        SELECT 1 FROM {inflight} h
+        WHERE h.owner <> p_owner AND h.until > v_now AND p.part = ANY(h.parts)
+          AND EXISTS (SELECT 1 FROM {relays} r WHERE r.owner = h.owner AND r.until > v_now));
+    IF v_mine IS NULL THEN
+        RETURN;
+    END IF;
+
+    WITH blocked AS MATERIALIZED (
+        SELECT b.aggregateid, min(b.seq) AS from_seq FROM {table} b
+        WHERE b.sent_at IS NULL AND b.aggregateid IS NOT NULL
+          AND (b.parked OR b.available_at IS NOT NULL)
+          AND (b.parked OR b.available_at > v_now)
+        GROUP BY b.aggregateid
+    ), mine AS MATERIALIZED (
+        SELECT u.s FROM {inflight} h, unnest(h.seqs) AS u(s)
+        WHERE h.owner = p_owner AND h.until > v_now
+    )
+    SELECT array_agg(c.r ORDER BY c.seq) INTO v_rows
+      FROM (
+        SELECT o AS r, o.seq FROM {table} o
+        LEFT JOIN blocked ON blocked.aggregateid = o.aggregateid
+        WHERE o.sent_at IS NULL AND NOT o.parked
+          AND (o.available_at IS NULL OR o.available_at <= v_now)
+          AND (blocked.from_seq IS NULL OR o.seq < blocked.from_seq)
+          AND o.part = ANY(v_mine)
+          AND o.seq NOT IN (SELECT mine.s FROM mine)
+        ORDER BY o.seq
+        LIMIT p_limit) c;
+    IF v_rows IS NULL THEN
+        RETURN;
+    END IF;
+    INSERT INTO {inflight} (owner, until, seqs, parts)
+    SELECT p_owner, v_until, array_agg(g.seq ORDER BY g.seq), array_agg(g.part ORDER BY g.seq)
+    FROM unnest(v_rows) g;
+    RETURN QUERY SELECT * FROM unnest(v_rows);
+END
+$msdata$;
+"""
+
+# A relay stopping cleanly: its partitions are free at once (under the rebalance lock),
+# its registration ends; rows it still holds in flight keep their partitions until marked
+# or released.
+_LEAVE = (
+    "SELECT pg_advisory_xact_lock({cls}, 1)",
+    "UPDATE {parts} SET owner = NULL WHERE owner = $1",
+    "DELETE FROM {relays} WHERE owner = $1",
+)
+
 # The claim runs as one statement (one round trip): a PL/pgSQL function whose statements
 # each take a fresh snapshot at READ COMMITTED.
 #  1. Scan the available rows in seq order, skipping keys held up by an earlier parked or
@@ -330,6 +477,7 @@ class PostgresOutboxStore:
         notify: bool = True,
         relay_synchronous_commit: bool = False,
         max_size: int = 4,
+        partitioned: bool = False,
     ) -> None:
         self.table_prefix = check_table_prefix(table_prefix)
         self._db = db = PostgresDatabase(
@@ -345,6 +493,16 @@ class PostgresOutboxStore:
         #: the claim function, ``"schema"."{prefix}outbox_claim"``
         self.claim_function = db.qualified(f"{name}_claim")
         self._sent_fn = db.qualified(f"{name}_sent_claim")
+        self._partitioned = bool(partitioned)
+        self.parts_table = db.qualified(f"{name}_parts")
+        self.relays_table = db.qualified(f"{name}_relays")
+        self.inflight_table = db.qualified(f"{name}_inflight")
+        self._pclaim_fn = db.qualified(f"{name}_pclaim")
+        self._psent_fn = db.qualified(f"{name}_psent_claim")
+        if self._partitioned:
+            self.features = OutboxStoreFeatures(
+                prefetch_claims=True, reads_clock=False, partitioned=True
+            )
         self._lock_class = db.lock_class(name)
         self._null_class = db.lock_class(f"{name}.rows")
         self._listener = Listener(db, name, what="outbox", log=log, wake_on_listen=True)
@@ -390,10 +548,27 @@ class PostgresOutboxStore:
         unlease_mine = _UNLEASE.format(
             lease=lease, which="l.owner = $1", which2="l2.owner = $1", rows="$2::bigint[]"
         )
+        claim_fn, sent_fn = self.claim_function, self._sent_fn
+        if self._partitioned:
+            # the same statements over the in-flight batches, which list partitions
+            lease = self.inflight_table
+            unlease_any = _UNLEASE.format(
+                lease=lease, which="true", which2="true", rows="$1::bigint[]"
+            ).replace("keys", "parts")
+            unlease_mine = _UNLEASE.format(
+                lease=lease, which="l.owner = $1", which2="l2.owner = $1", rows="$2::bigint[]"
+            ).replace("keys", "parts")
+            claim_fn, sent_fn = self._pclaim_fn, self._psent_fn
         owned = _OWNED.format(lease=lease) + unlease_mine
         self._sql = {
-            "claim": f"SELECT * FROM {self.claim_function}($1, $2, $3, $4)",
-            "sent_claim": f"SELECT * FROM {self._sent_fn}($1, $2::bigint[], $3, $4, $5, $6)",
+            "claim": f"SELECT * FROM {claim_fn}($1, $2, $3, $4)",
+            "sent_claim": f"SELECT * FROM {sent_fn}($1, $2::bigint[], $3, $4, $5, $6)",
+            **{
+                f"leave{i}": q.format(
+                    cls=self._lock_class, parts=self.parts_table, relays=self.relays_table
+                )
+                for i, q in enumerate(_LEAVE)
+            },
             "delete": f"WITH gone AS (DELETE FROM {t} WHERE seq = ANY($1::bigint[]){quiet} "
             f"RETURNING 1), {unlease_any} SELECT count(*) FROM gone",
             "keep": f"WITH gone AS (UPDATE {t} SET sent_at = clock_timestamp() "
@@ -441,6 +616,24 @@ class PostgresOutboxStore:
                 claim=self.claim_function,
             )
         )
+        names = {
+            "table": self.table,
+            "n": PARTITIONS,
+            "parts": self.parts_table,
+            "relays": self.relays_table,
+            "inflight": self.inflight_table,
+            "cls": self._lock_class,
+        }
+        parts.append(_PARTITION_TABLES.format(**names))
+        parts.append(_PCLAIM_FUNCTION.format(fn=self._pclaim_fn, **names))
+        parts.append(
+            _SENT_CLAIM_FUNCTION.format(
+                table=self.table,
+                lease=self.inflight_table,
+                fn=self._psent_fn,
+                claim=self._pclaim_fn,
+            ).replace("keys", "parts")
+        )
         return "\n".join(parts)
 
     async def create_schema(self) -> None:
@@ -448,7 +641,10 @@ class PostgresOutboxStore:
 
     async def drop_schema(self) -> None:
         """Drop the table and the claim function (for tests and teardown)."""
-        sql = f"DROP TABLE IF EXISTS {self.table}, {self.lease_table} CASCADE"
+        sql = (
+            f"DROP TABLE IF EXISTS {self.table}, {self.lease_table}, {self.parts_table}, "
+            f"{self.relays_table}, {self.inflight_table} CASCADE"
+        )
         await self._db.call("outbox drop_schema", lambda pool: pool.execute(sql))
 
     # -- write side: the caller's connection and transaction --------------------------------
@@ -535,6 +731,21 @@ class PostgresOutboxStore:
         sql = self._sql[key]
         status = await self._db.call(f"outbox {what}", lambda pool: pool.execute(sql, *args))
         return command_count(status)
+
+    async def leave(self, relay_id: str) -> None:
+        """A relay stops: with ``partitioned=True`` its partitions are free at once for the
+        other relays (rows it still holds stay its own until marked or released). The
+        relay calls this last when it stops; without partitions it does nothing."""
+        if self._partitioned:
+            lock, free, gone = (self._sql[f"leave{i}"] for i in range(3))
+
+            async def run(pool: Any) -> None:
+                async with pool.acquire() as conn, conn.transaction():
+                    await conn.execute(lock)
+                    await conn.execute(free, relay_id)
+                    await conn.execute(gone, relay_id)
+
+            await self._db.call("outbox leave", run)
 
     async def mark_sent(self, relay_id: str, seqs: Sequence[int], *, keep: bool = False) -> None:
         if seqs:

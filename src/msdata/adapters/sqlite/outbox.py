@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import operator
 import os
+import socket
 import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -79,6 +80,14 @@ CREATE TABLE IF NOT EXISTS {p}outbox_relay (
     owner       TEXT NOT NULL,
     lease_until REAL NOT NULL                          -- Unix seconds
 );
+-- Who holds the lease: its process (host, pid, start token), so a relay on the same host
+-- can tell that the holder died (a SIGKILL, a crash) and take over without waiting.
+CREATE TABLE IF NOT EXISTS {p}outbox_relay_process (
+    owner   TEXT PRIMARY KEY,
+    host    TEXT NOT NULL,
+    pid     INTEGER NOT NULL,
+    started TEXT NOT NULL
+);
 -- Published rows, kept while the relay's retention lasts.
 CREATE TABLE IF NOT EXISTS {p}outbox_sent (
     seq            INTEGER PRIMARY KEY,
@@ -98,6 +107,50 @@ CREATE INDEX IF NOT EXISTS {p}outbox_sent_at ON {p}outbox_sent (sent_at);
 
 _tuple_new = tuple.__new__
 _fromtimestamp = datetime.fromtimestamp
+
+
+def _host() -> str:
+    """This machine: hostname and boot id (a reboot ends every process)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def _started(pid: int) -> str | None:
+    """A start token of process ``pid`` (its start time since boot, from /proc); "" where
+    /proc cannot tell; None when no such process runs."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            return None  # /proc is there, the process is not
+    except (OSError, IndexError):
+        return ""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except OSError:
+        pass  # it runs, as another user
+    return ""
+
+
+def _process_gone(host: str, pid: int, started: str) -> bool:
+    """Whether the process that recorded (host, pid, started) is known to be gone: only
+    a process on this host can be looked at; a pid that runs again under another start
+    token is another process."""
+    if host != _HOST:
+        return False
+    now = _started(pid)
+    return now is None or (bool(started) and bool(now) and now != started)
+
+
+_HOST = _host()
+_ME = (os.getpid(), _started(os.getpid()) or "")
 _first = operator.itemgetter(0)
 
 
@@ -327,6 +380,32 @@ class SqliteOutboxStore(WatchedDatabase):
         row = conn.execute(f"SELECT owner, lease_until FROM {self._lease}").fetchone()
         return None if row is None else (row[0], row[1])
 
+    def _record_process(self, conn: sqlite3.Connection, relay_id: str) -> None:
+        """Taking the lease over: record which process holds it now."""
+        with contextlib.suppress(sqlite3.OperationalError):  # a schema without the table
+            conn.execute(f"DELETE FROM {self._lease}_process")
+            conn.execute(
+                f"INSERT INTO {self._lease}_process (owner, host, pid, started) "
+                "VALUES (?, ?, ?, ?)",
+                (relay_id, _HOST, *_ME),
+            )
+
+    def _live(self, conn: sqlite3.Connection, holder: tuple[str, float], now: float) -> bool:
+        """Whether another relay's lease still holds: not lapsed, and its process not known
+        to be gone (same host, and its pid no longer runs as the process that took it)."""
+        if holder[1] <= now:
+            return False
+        try:
+            row = conn.execute(
+                f"SELECT host, pid, started FROM {self._lease}_process WHERE owner = ?",
+                (holder[0],),
+            ).fetchone()
+        except sqlite3.OperationalError:
+            return True  # a schema from before the process table: wait out the lease
+        if row is None or (row[1] == _ME[0] and row[0] == _HOST):
+            return True
+        return not _process_gone(row[0], row[1], row[2])
+
     def _held_by(self, relay_id: str) -> _Held:
         held = self._held.get(relay_id)
         if held is None:
@@ -353,7 +432,7 @@ class SqliteOutboxStore(WatchedDatabase):
         now = self.wall()
         held = self._held_by(relay_id)
         if holder is None or holder[0] != relay_id:
-            if holder is not None and holder[1] > now:
+            if holder is not None and self._live(conn, holder, now):
                 return [], False, True  # nothing looked at: "keyed" keeps ``after`` unset
             # the lease was not ours: what happened meanwhile is unknown, look at every row
             held.after = None
@@ -370,6 +449,8 @@ class SqliteOutboxStore(WatchedDatabase):
                 "lease_until = excluded.lease_until",
                 (relay_id, now + lease_seconds),
             )
+            if holder is None or holder[0] != relay_id:
+                self._record_process(conn, relay_id)
         return rows, fresh, keyed
 
     def _hold(self, relay_id: str, rows: list[tuple[Any, ...]], fresh: bool, keyed: bool) -> None:
@@ -388,7 +469,7 @@ class SqliteOutboxStore(WatchedDatabase):
             # a lock-free look first, so an idle or waiting relay never takes the write lock
             holder = self._holder(conn)
             now = self.wall()
-            if holder is not None and holder[0] != relay_id and holder[1] > now:
+            if holder is not None and holder[0] != relay_id and self._live(conn, holder, now):
                 return []
             if holder is not None and holder[0] == relay_id and holder[1] - now > lease_seconds / 2:
                 # the lease is ours for a while yet: no other relay claims, so read and go
@@ -494,6 +575,27 @@ class SqliteOutboxStore(WatchedDatabase):
             self._drop(relay_id, seqs)
 
         await self.run(run, inline=True)
+
+    async def leave(self, relay_id: str) -> None:
+        """A relay stops cleanly: it gives the lease up (when it holds it), so a stand-by
+        relay claims at once instead of after the lease. The relay calls this last when it
+        stops; rows it still held are claimable again."""
+        lease = self._lease
+
+        def give_up(c: sqlite3.Connection) -> None:
+            c.execute(f"DELETE FROM {lease} WHERE owner = ?", (relay_id,))
+            with contextlib.suppress(sqlite3.OperationalError):
+                c.execute(f"DELETE FROM {lease}_process WHERE owner = ?", (relay_id,))
+
+        def run(conn: sqlite3.Connection) -> None:
+            self._held.pop(relay_id, None)
+            holder = self._holder(conn)
+            if holder is not None and holder[0] == relay_id:
+                self.write(conn, give_up)
+
+        await self.run(run, inline=True)
+        if self._wake is not None:
+            self._wake.set()
 
     async def release(self, relay_id: str, seqs: Sequence[int]) -> None:
         lease = self._lease

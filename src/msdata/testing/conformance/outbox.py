@@ -122,6 +122,13 @@ def make_rows(
     return [make_row(key=keys[i % len(keys)], topic=topic, n=i) for i in range(n)]
 
 
+async def leave(store: Any, relay_id: str) -> None:
+    """A relay stops cleanly: with ``features.partitioned`` its partitions go back at once
+    (``store.leave``); other stores need nothing."""
+    if store.features.partitioned:
+        await store.leave(relay_id)
+
+
 class StoreTime:
     """Time as a store sees it in a test: a :class:`FakeClock` the test moves when the
     store reads its clock (``features.reads_clock``), else the real clock, waited out."""
@@ -318,19 +325,22 @@ class OutboxStoreConformance(OutboxStoreHooks, NoTransactionHook):
             tx = await self.begin(store)
             rows = make_rows(2)
             await self.add(store, tx, rows)
+            relay_id = self.relay_id()
             try:
-                assert await store.claim(self.relay_id(), 100, 30.0) == []
+                assert await store.claim(relay_id, 100, 30.0) == []
             finally:
                 await self.commit(tx)
-            got = await store.claim(self.relay_id(), 100, 30.0)
+            got = await store.claim(relay_id, 100, 30.0)
             assert sorted(r.message_id for r in got) == sorted(r.message_id for r in rows)
 
     async def test_claim_respects_limit_and_leases_rows_to_one_relay(self) -> None:
         async with self.make_store() as store:
             await self.add_committed(store, make_rows(10))
             a = await store.claim("relay-a", 4, 30.0)
-            if store.features.one_relay_at_a_time:
+            if store.features.one_relay_at_a_time or store.features.partitioned:
+                # relay-a holds the store (or every partition): relay-b gets nothing
                 assert await store.claim("relay-b", 100, 30.0) == []
+                await leave(store, "relay-b")
                 b = await store.claim("relay-a", 100, 30.0)
                 c = await store.claim("relay-a", 100, 30.0)
             else:
@@ -346,8 +356,9 @@ class OutboxStoreConformance(OutboxStoreHooks, NoTransactionHook):
             await self.add_committed(store, rows)
             a = await store.claim("relay-a", 1, 30.0)
             assert [r.message_id for r in a] == [rows[0].message_id]
-            if store.features.one_relay_at_a_time:
+            if store.features.one_relay_at_a_time or store.features.partitioned:
                 assert await store.claim("relay-b", 100, 30.0) == []
+                await leave(store, "relay-b")
                 await store.mark_sent("relay-a", [a[0].seq])
                 c = await store.claim("relay-a", 100, 30.0)
                 assert [r.message_id for r in c] == [rows[1].message_id, rows[2].message_id]
@@ -397,6 +408,7 @@ class OutboxStoreConformance(OutboxStoreHooks, NoTransactionHook):
             await self.add_committed(store, make_rows(3, keys=["k"]))
             a = await store.claim("relay-a", 100, 30.0)
             await store.release("relay-a", [r.seq for r in a])
+            await leave(store, "relay-a")  # partitioned: relay-a stops, relay-b takes over
             b = await store.claim("relay-b", 100, 30.0)
             assert [r.seq for r in b] == [r.seq for r in a]
 
@@ -471,8 +483,9 @@ class OutboxStoreConformance(OutboxStoreHooks, NoTransactionHook):
             await self.add_committed(store, rows)
             a = await store.claim("relay-a", 1, 30.0)
             assert [r.message_id for r in a] == [rows[0].message_id]
-            if store.features.one_relay_at_a_time:
-                # relay-a holds the store: relay-b claims nothing, but its mark counts
+            if store.features.one_relay_at_a_time or store.features.partitioned:
+                # relay-a holds the store (or every partition): relay-b claims nothing, but
+                # its mark counts
                 assert await both("relay-b", [a[0].seq], 100, 30.0) == []
                 assert (await store.status()).pending == 3
                 return
@@ -568,7 +581,8 @@ class OutboxStoreConformance(OutboxStoreHooks, NoTransactionHook):
         async with self.make_store() as store:
             await self.add_committed(store, make_rows(4))
             a = await store.claim("relay-a", 2, 30.0)
-            other = "relay-a" if store.features.one_relay_at_a_time else "relay-b"
+            f = store.features
+            other = "relay-a" if f.one_relay_at_a_time or f.partitioned else "relay-b"
             b = await store.claim(other, 2, 30.0)
             assert len(a) == 2 and len(b) == 2
             assert not {r.seq for r in a} & {r.seq for r in b}

@@ -22,7 +22,13 @@ from msdata.adapters.memory.transport import MemoryTransport
 from msdata.errors import PublishError, SchemaError
 from msdata.outbox.relay import OutboxRelay
 from msdata.outbox.store import OutboxRow
-from msdata.testing.conformance.outbox import OutboxStoreHooks, _hook, make_row, make_rows
+from msdata.testing.conformance.outbox import (
+    OutboxStoreHooks,
+    _hook,
+    leave,
+    make_row,
+    make_rows,
+)
 from msdata.testing.waiting import eventually
 from msdata.transport import TransportMessage
 
@@ -85,6 +91,21 @@ def _first_order(published: Sequence[tuple[str, TransportMessage]]) -> dict[str 
             seen.add(m.id)
             out.setdefault(m.key, []).append(m.id)
     return out
+
+
+class _Logging(RecordingPublisher):
+    """A recording publisher that also appends what it published to a log shared with
+    other publishers (the order across relays), after an optional ``delay`` per batch."""
+
+    def __init__(self, log: list[tuple[str, TransportMessage]], delay: float = 0.0) -> None:
+        super().__init__()
+        self.log, self.delay = log, delay
+
+    async def publish(self, topic: str, messages: Sequence[TransportMessage]) -> None:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        await super().publish(topic, messages)
+        self.log.extend((topic, m) for m in messages)
 
 
 class OutboxRelayConformance(OutboxStoreHooks):
@@ -186,6 +207,78 @@ class OutboxRelayConformance(OutboxStoreHooks):
                     want = [r.message_id for r in committed if r.partition_key == key]
                     assert order.get(key, []) == want, f"order of {key} broken"
 
+    async def test_relays_coming_and_going_publish_everything_once_in_key_order(self) -> None:
+        """A rebalance while publishing: relay B joins a running relay A, then A stops
+        cleanly while rows keep coming; nothing is published twice, nothing is skipped,
+        and every key keeps its order."""
+        async with self.make_store() as store:
+            log: list[tuple[str, TransportMessage]] = []
+            pub_a, pub_b = _Logging(log), _Logging(log)
+            keys = [f"key-{i}" for i in range(7)] + [None]
+            committed: list[OutboxRow] = []
+            async with _open_many(self, store, 2) as (store_a, store_b):
+                a = self.relay(store_a, pub_a, batch_size=7, poll_interval=0.02)
+                b = self.relay(store_b, pub_b, batch_size=7, poll_interval=0.02)
+                await a.start()
+                try:
+                    for i in range(12):
+                        if i == 4:
+                            await b.start()
+                        if i == 8:
+                            await a.stop()
+                        rows = make_rows(15, keys=keys[i % 3 :])
+                        await self.add_committed(store, rows)
+                        committed.extend(rows)
+                        await asyncio.sleep(0.02)
+                    await eventually(
+                        lambda: len(log) >= len(committed),
+                        30.0,
+                        what="every committed message published",
+                    )
+                    await asyncio.sleep(0.1)  # time for a duplicate to show, if any
+                finally:
+                    await a.stop()
+                    await b.stop()
+            ids = [m.id for _, m in log]
+            assert len(ids) == len(set(ids)), "a message was published twice"
+            assert sorted(ids) == sorted(r.message_id for r in committed)
+            assert pub_b.published, "the relay that stayed published nothing"
+            order = _first_order(log)
+            for key in keys:
+                want = [r.message_id for r in committed if r.partition_key == key]
+                if key is not None:
+                    assert order.get(key, []) == want, f"order of {key} broken"
+
+    async def test_a_relay_joining_a_busy_one_gets_work_while_it_runs(self) -> None:
+        """Scale-out: a second relay started beside a busy one publishes some of the
+        backlog within a bounded time, without either stopping (stores that let one
+        relay at a time claim are exempt)."""
+        async with self.make_store() as store:
+            if store.features.one_relay_at_a_time:
+                pytest.skip("one relay at a time by design")
+            log: list[tuple[str, TransportMessage]] = []
+            pub_a, pub_b = _Logging(log, delay=0.01), _Logging(log, delay=0.01)
+            rows = make_rows(400, keys=[f"key-{i}" for i in range(40)])
+            await self.add_committed(store, rows)
+            async with _open_many(self, store, 2) as (store_a, store_b):
+                a = self.relay(store_a, pub_a, batch_size=5, poll_interval=0.02)
+                b = self.relay(store_b, pub_b, batch_size=5, poll_interval=0.02)
+                await a.start()
+                try:
+                    await eventually(lambda: bool(pub_a.published), 10.0, what="relay A busy")
+                    await b.start()
+                    await eventually(lambda: bool(pub_b.published), 10.0, what="relay B publishing")
+                    assert a.running and len(log) < len(rows), "A finished alone first"
+                    await eventually(lambda: len(log) >= len(rows), 30.0, what="all published")
+                finally:
+                    await a.stop()
+                    await b.stop()
+            ids = [m.id for _, m in log]
+            assert len(ids) == len(set(ids)) == len(rows)
+            order = _first_order(log)
+            for key, got in order.items():
+                assert got == [r.message_id for r in rows if r.partition_key == key]
+
     async def test_relay_parks_a_bad_payload_and_goes_on(self) -> None:
         async with self.make_store() as store:
             pub = RecordingPublisher()
@@ -282,6 +375,7 @@ class OutboxRelayConformance(OutboxStoreHooks):
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
+            await leave(store, relay.relay_id)
             assert len(await store.claim("relay-next", 100, 30.0)) == 2
 
     async def test_stop_finishes_the_batch_in_hand(self) -> None:
