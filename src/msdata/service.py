@@ -27,7 +27,6 @@ import inspect
 import logging
 import os
 import signal
-import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -109,105 +108,6 @@ async def _close_memory_broker(url: str) -> None:
 # -- transactions on the service's database ------------------------------------------------
 
 
-class _SqliteTransactions:
-    """One connection to the service's SQLite file, one transaction at a time in this
-    process (an asyncio lock): SQLite has one writer anyway, and a second sync ``BEGIN`` on
-    the event loop's thread while the first transaction awaits would block the loop until
-    the busy timeout. ``BEGIN IMMEDIATE`` takes the write lock at the start, so a
-    transaction never fails half way on a lock upgrade."""
-
-    def __init__(self, path: str, busy_timeout: float) -> None:
-        self.path = path
-        self.busy_timeout = busy_timeout
-        self._conn: sqlite3.Connection | None = None
-        self._lock = asyncio.Lock()
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            conn = sqlite3.connect(
-                self.path,
-                timeout=self.busy_timeout,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn = conn
-        return self._conn
-
-    @contextlib.asynccontextmanager
-    async def __call__(self) -> AsyncIterator[sqlite3.Connection]:
-        async with self._lock:
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.rollback()
-                raise
-            conn.commit()
-
-    async def close(self) -> None:
-        if self._conn is not None:
-            async with self._lock:
-                self._conn.close()
-                self._conn = None
-
-
-class _PostgresTransactions:
-    """An asyncpg pool of at most ``size`` connections, made on first use; each transaction
-    is one pooled connection with ``conn.transaction()``."""
-
-    def __init__(self, dsn: str, size: int, schema: str | None) -> None:
-        self.dsn = dsn
-        self.size = size
-        self.schema = schema
-        self._pool: Any = None
-        self._pool_lock = asyncio.Lock()
-
-    async def pool(self) -> Any:
-        if self._pool is None:
-            async with self._pool_lock:
-                if self._pool is None:
-                    import asyncpg
-
-                    from msdata.adapters.postgres._db import map_errors, normalize_url
-
-                    with map_errors("cannot connect to PostgreSQL"):
-                        self._pool = await asyncpg.create_pool(
-                            normalize_url(self.dsn),
-                            min_size=1,
-                            max_size=self.size,
-                            server_settings=(
-                                {"search_path": f'"{self.schema}"'} if self.schema else None
-                            ),
-                        )
-        return self._pool
-
-    @contextlib.asynccontextmanager
-    async def __call__(self) -> AsyncIterator[Any]:
-        pool = await self.pool()
-        async with pool.acquire() as conn, conn.transaction():
-            yield conn
-
-    async def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            await pool.close()
-
-
-class _MemoryTransactions:
-    @contextlib.asynccontextmanager
-    async def __call__(self) -> AsyncIterator[Any]:
-        from msdata.adapters.memory import MemoryTransaction
-
-        with MemoryTransaction() as tx:
-            yield tx
-
-    async def close(self) -> None:
-        return None
-
-
 # -- health --------------------------------------------------------------------------------
 
 
@@ -285,15 +185,17 @@ class Service:
             self._factory: Callable[[], contextlib.AbstractAsyncContextManager[Any]] = transaction
         else:
             if self.backend == "sqlite":
-                from msdata.adapters.sqlite._db import path_from_url
+                from msdata.adapters.sqlite.transactions import SqliteTransactions
 
-                self._transactions = _SqliteTransactions(path_from_url(self.db), 30.0)
+                self._transactions = SqliteTransactions.from_url(self.db)
             elif self.backend == "postgresql":
-                from msdata.adapters.postgres._db import check_schema
+                from msdata.adapters.postgres.transactions import PostgresTransactions
 
-                self._transactions = _PostgresTransactions(self.db, pool_size, check_schema(schema))
+                self._transactions = PostgresTransactions(self.db, pool_size, schema)
             else:
-                self._transactions = _MemoryTransactions()
+                from msdata.adapters.memory.transactions import MemoryTransactions
+
+                self._transactions = MemoryTransactions()
             self._factory = self._transactions
         # broker
         self.broker_url: str | None = None
