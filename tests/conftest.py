@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from msdata.testing.services import require
+from services import require
 
 
 @pytest.fixture

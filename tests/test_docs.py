@@ -25,7 +25,7 @@ def snippets() -> list[tuple[str, str]]:
 @pytest.mark.parametrize(("where", "code"), snippets(), ids=[w for w, _ in snippets()])
 def test_doc_snippet_runs(where: str, code: str, tmp_path: Path) -> None:
     if "# needs: postgres" in code:
-        from msdata.testing.services import require
+        from services import require
 
         require("postgres")
     script = tmp_path / "snippet.py"

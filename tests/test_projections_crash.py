@@ -64,7 +64,7 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         import psycopg
 
         from msdata.adapters.postgres import PostgresCheckpointStore, PostgresEventStore
-        from msdata.testing.services import require
+        from services import require
 
         events_dsn = model_dsn = require("postgres")
         store = PostgresEventStore(events_dsn, table_prefix=prefix)

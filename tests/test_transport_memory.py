@@ -4,7 +4,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from msdata.adapters.memory import MemoryTransport
-from msdata.testing.transport import TransportConformance
+from msdata.testing.conformance.transport import TransportConformance
 from msdata.transport import Transport
 
 
@@ -25,7 +25,7 @@ async def test_receive_with_full_prefetch_waits_for_room_instead_of_spinning() -
     import asyncio
     import time
 
-    from msdata.testing.transport import collect, make_messages
+    from msdata.testing.conformance.transport import collect, make_messages
 
     t = MemoryTransport()
     async with t.subscribe("t", "g", prefetch=1) as sub:

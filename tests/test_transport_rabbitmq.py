@@ -15,9 +15,9 @@ import pytest
 from msdata.adapters.rabbitmq import RabbitMQTransport
 from msdata.adapters.rabbitmq.transport import KEY_HEADER, _Entry, group_queue_name
 from msdata.errors import ConfigurationError, PublishError, TransportClosed
-from msdata.testing.services import require
-from msdata.testing.transport import TransportConformance, collect, make_messages
+from msdata.testing.conformance.transport import TransportConformance, collect, make_messages
 from msdata.transport import DEAD_LETTER_REASON, Transport, TransportMessage, dead_letter_topic
+from services import require
 
 pytestmark = pytest.mark.rabbitmq
 

@@ -21,8 +21,7 @@ from msdata.adapters.redis import (
     RedisTransport,
 )
 from msdata.errors import ConfigurationError, PublishError, TransportClosed
-from msdata.testing.services import require
-from msdata.testing.transport import TransportConformance, collect, make_messages
+from msdata.testing.conformance.transport import TransportConformance, collect, make_messages
 from msdata.transport import (
     DEAD_LETTER_ATTEMPTS,
     DEAD_LETTER_REASON,
@@ -30,6 +29,7 @@ from msdata.transport import (
     Transport,
     dead_letter_topic,
 )
+from services import require
 
 pytestmark = pytest.mark.redis
 

@@ -4,7 +4,7 @@
 transport whose names cannot meet another test's (a Redis key prefix; a NATS stream and
 subject prefix; RabbitMQ exchanges and queues are named by topic, so use unique topics), and
 removes what it created afterwards. A broker that is not reachable skips the test (fails it
-under ``MSDATA_REQUIRE_SERVICES=1``), through :func:`msdata.testing.services.require`.
+under ``MSDATA_REQUIRE_SERVICES=1``), through :func:`services.require` (tests/services.py).
 
 Parametrise with :data:`TRANSPORTS`, which carries each broker's pytest marker::
 
@@ -25,8 +25,8 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from msdata.testing.services import require
 from msdata.transport import Transport
+from services import require
 
 __all__ = ["BACKENDS", "TRANSPORTS", "open_transport"]
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from msdata.errors import RejectMessage
+from msdata.backoff import Backoff, exponential_backoff
+from msdata.errors import ConfigurationError, RejectMessage
 from msdata.messages import Envelope
 
 __all__ = [
@@ -75,13 +75,18 @@ def retry(
     *,
     base_delay: float = 0.05,
     max_delay: float = 2.0,
+    backoff: Backoff | None = None,
     retry_on: tuple[type[BaseException], ...] = (Exception,),
 ) -> Middleware:
-    """Retry the rest of the chain in-process up to ``attempts`` times in all, with
-    exponential backoff and full jitter. Cancellation is never retried. When the attempts
-    are used up the last error propagates (to the transport's redelivery, or the caller)."""
+    """Retry the rest of the chain in-process up to ``attempts`` times in all, waiting
+    ``backoff(failures)`` seconds between tries (default: :func:`msdata.backoff.exponential_backoff`
+    from ``base_delay`` doubling up to ``max_delay`` seconds, full jitter). A
+    :class:`~msdata.errors.RejectMessage` and cancellation are never retried. When the
+    attempts are used up the last error propagates (to the transport's redelivery, or the
+    caller). Raises :class:`~msdata.errors.ConfigurationError` if ``attempts < 1``."""
     if attempts < 1:
-        raise ValueError("attempts must be >= 1")
+        raise ConfigurationError("attempts must be >= 1")
+    wait = backoff or exponential_backoff(base_delay, 2.0, max_delay, jitter=1.0)
 
     async def mw(envelope: Envelope[Any], call_next: Next) -> Any:
         for attempt in range(1, attempts + 1):
@@ -92,8 +97,7 @@ def retry(
             except retry_on:
                 if attempt == attempts:
                     raise
-                cap = min(max_delay, base_delay * 2 ** (attempt - 1))
-                await asyncio.sleep(random.uniform(0, cap))
+                await asyncio.sleep(wait(attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
     return mw

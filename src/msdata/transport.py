@@ -2,7 +2,7 @@
 
 Two small protocols, :class:`Publisher` and :class:`Subscriber`, implemented by every adapter
 (``msdata.adapters.memory``, ``.redis``, ``.rabbitmq``, ``.nats``) and checked by one
-conformance suite, :class:`msdata.testing.transport.TransportConformance`.
+conformance suite, :class:`msdata.testing.conformance.transport.TransportConformance`.
 
 The transport moves bytes (a CloudEvents JSON body, see :mod:`msdata.serialization`) plus the
 little it needs to route them: the message id (for broker-side de-duplication) and the
@@ -13,12 +13,12 @@ still arrives as a delivery that a consumer can dead-letter with its reason.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import Generic, NamedTuple, Protocol, Self, TypeVar, runtime_checkable
 
-from msdata.errors import ConfigurationError, TransportClosed
+from msdata.errors import ConfigurationError, MsdataError, TransportClosed, TransportError
 
 __all__ = [
     "DEAD_LETTER_ATTEMPTS",
@@ -28,6 +28,7 @@ __all__ = [
     "ClosesOnExit",
     "Delivery",
     "DeliveryState",
+    "DriverErrors",
     "Publisher",
     "Subscriber",
     "Subscription",
@@ -107,6 +108,13 @@ class TransportFeatures:
     #: seconds after which a delivery left unacked by a consumer that died is offered again
     #: (0: as soon as the subscription closes)
     redelivery_timeout: float = 0.0
+    #: test plumbing, set by a harness that owns the broker (watermill's
+    #: ``RestartServiceCommand``): ``await restart(kill)`` stops the broker under the running
+    #: transport (SIGKILL if ``kill``, else a clean stop), keeping its data, and starts it
+    #: again. None (adapters' default): the conformance suite's restart case is skipped.
+    restart: Callable[[bool], Awaitable[None]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
 
 @runtime_checkable
@@ -260,6 +268,43 @@ class ClosesOnExit:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+class DriverErrors:
+    """Turns a driver's errors into msdata's at the adapter edge (an implementation aid for
+    adapters, in the manner of httpx's ``map_httpcore_exceptions``)::
+
+        with DriverErrors(redis.exceptions.RedisError, f"publish to {topic!r}", PublishError):
+            await pipe.execute()
+
+    An exception of ``driver`` raised inside becomes ``error("<what>: <Type>: <message>")``,
+    raised from it; any other exception, and any :class:`~msdata.errors.MsdataError`, passes
+    unchanged. Each adapter wraps it once, with its
+    driver's exception classes, and uses that around its driver calls."""
+
+    __slots__ = ("driver", "error", "what")
+
+    def __init__(
+        self,
+        driver: type[BaseException] | tuple[type[BaseException], ...],
+        what: str,
+        error: type[TransportError] = TransportError,
+    ) -> None:
+        self.driver = driver
+        self.what = what
+        self.error = error
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, self.driver) and not isinstance(exc, MsdataError):
+            raise self.error(f"{self.what}: {type(exc).__name__}: {exc}") from exc
 
 
 async def iterate(

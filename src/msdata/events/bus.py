@@ -32,12 +32,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, NamedTuple, Self, TypeVar
 
+from msdata import deadletter
+from msdata.backoff import Backoff, exponential_backoff
 from msdata.errors import (
     ConfigurationError,
     HandlerAlreadyRegistered,
@@ -48,7 +49,7 @@ from msdata.messages import (
     Envelope,
     Event,
     MessageRegistry,
-    _current,
+    current_parent,
     default_registry,
     make_envelope,
 )
@@ -78,14 +79,18 @@ class _Consumer:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
-def _default_backoff(attempt: int) -> float:
-    """Seconds before redelivery after the ``attempt``-th failure: exponential, jittered."""
-    return float(min(30.0, 0.1 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0))
+#: the bus's default redelivery delay: 0.1 s doubling per failure up to 30 s, equal jitter
+#: (a random half of it taken off), so consumers failing together spread out
+DEFAULT_BACKOFF: Backoff = exponential_backoff(base=0.1, factor=2.0, maximum=30.0, jitter=0.5)
 
 
 class EventBus:
     """Publishes events through a :class:`msdata.transport.Transport` and runs the
-    consumers of the handlers subscribed to them."""
+    consumers of the handlers subscribed to them.
+
+    ``backoff`` (a :data:`msdata.backoff.Backoff`) gives the seconds before a failed delivery
+    is redelivered, from its attempt number (default :data:`DEFAULT_BACKOFF`); after
+    ``max_attempts`` failures it goes to the dead-letter topic instead."""
 
     def __init__(
         self,
@@ -96,7 +101,7 @@ class EventBus:
         source: str = "msdata",
         middleware: Sequence[Middleware] = (),
         max_attempts: int = 5,
-        backoff: Callable[[int], float] = _default_backoff,
+        backoff: Backoff = DEFAULT_BACKOFF,
         prefetch: int = 100,
         concurrency: int = 1,
         stop_timeout: float = 10.0,
@@ -323,14 +328,10 @@ class EventBus:
                 await asyncio.sleep(0.5)
 
     async def _handle(self, consumer: _Consumer, delivery: Delivery) -> None:
-        if delivery.attempt > self.max_attempts:
+        overdue = deadletter.overdue_reason(delivery.attempt, self.max_attempts)
+        if overdue is not None:
             # handed out again and again without being settled (its consumers died)
-            await self._settle(
-                delivery.dead_letter(
-                    f"delivered {delivery.attempt} times without being settled "
-                    f"(max_attempts={self.max_attempts})"
-                )
-            )
+            await self._settle(delivery.dead_letter(overdue))
             return
         try:
             envelope = self.codec.decode(delivery.message.body)
@@ -342,7 +343,7 @@ class EventBus:
             # a registered type this group does not handle: not its business
             await self._settle(delivery.ack())
             return
-        token = _current.set(envelope)
+        token = current_parent.set(envelope)
         try:
             if route.chain is not None:
                 await route.chain(envelope)
@@ -353,28 +354,32 @@ class EventBus:
                 if inspect.isawaitable(result):  # e.g. an object with async __call__
                     await result
         except RejectMessage as e:
-            await self._settle(delivery.dead_letter(f"RejectMessage: {e}"))
+            with deadletter.handler_failure(envelope.type, e):
+                await self._settle(delivery.dead_letter(f"RejectMessage: {e}"))
             return
         except (Exception, asyncio.CancelledError) as e:
             task = asyncio.current_task()
             if isinstance(e, asyncio.CancelledError) and task is not None and task.cancelling():
                 raise  # the consumer itself is being stopped: leave the delivery unsettled
+            reason = f"{type(e).__name__}: {e}"
+            if deadletter.exhausted(delivery.attempt, self.max_attempts):
+                # the transport dead-letters it and logs that once, with this traceback
+                with deadletter.handler_failure(envelope.type, e):
+                    await self._settle(delivery.nack(reason=reason))
+                return
             log.warning(
-                "handler for %s %s in group %s failed (attempt %d): %r",
+                "handler for %s %s in group %s failed (attempt %d of %d): %r",
                 envelope.type,
                 envelope.id,
                 consumer.group,
                 delivery.attempt,
+                self.max_attempts,
                 e,
             )
-            await self._settle(
-                delivery.nack(
-                    delay=self.backoff(delivery.attempt), reason=f"{type(e).__name__}: {e}"
-                )
-            )
+            await self._settle(delivery.nack(delay=self.backoff(delivery.attempt), reason=reason))
             return
         finally:
-            _current.reset(token)
+            current_parent.reset(token)
         try:
             await delivery.ack()
         except asyncio.CancelledError:

@@ -14,21 +14,16 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Sequence
-from types import MappingProxyType
 from typing import Self
 
+from msdata import deadletter
 from msdata.errors import ConfigurationError, TransportClosed
 from msdata.transport import (
-    DEAD_LETTER_ATTEMPTS,
-    DEAD_LETTER_GROUP,
-    DEAD_LETTER_REASON,
-    DEAD_LETTER_TOPIC,
     ClosesOnExit,
     DeliveryState,
     TransportFeatures,
     TransportMessage,
     check_name,
-    dead_letter_topic,
 )
 
 __all__ = ["MemoryDelivery", "MemorySubscription", "MemoryTransport"]
@@ -142,9 +137,9 @@ class MemoryDelivery(DeliveryState["MemorySubscription"]):
         if not self._settle():
             return
         group = self._sub._group
-        if self.attempt >= self._sub.max_attempts:
+        if deadletter.exhausted(self.attempt, self._sub.max_attempts):
             self._sub._transport._dead_letter(
-                group, self._entry, reason or f"failed {self.attempt} attempts"
+                group, self._entry, deadletter.failed_reason(self.attempt, reason)
             )
         else:
             group.retry(self._entry, delay)
@@ -294,18 +289,14 @@ class MemoryTransport:
 
     def _dead_letter(self, group: _Group, entry: _Entry, reason: str) -> None:
         group.settle(entry)
-        m = entry.message
-        headers = dict(m.headers)
-        headers[DEAD_LETTER_REASON] = reason
-        headers[DEAD_LETTER_TOPIC] = group.topic
-        headers[DEAD_LETTER_GROUP] = group.name
-        headers[DEAD_LETTER_ATTEMPTS] = str(entry.attempt)
-        dlq = TransportMessage(m.id, m.body, m.key, MappingProxyType(headers))
-        target = dead_letter_topic(group.topic, group.name)
-        groups = self._topics.get(target)
+        letter = deadletter.dead_letter(
+            entry.message, group.topic, group.name, entry.attempt, reason
+        )
+        groups = self._topics.get(letter.topic)
         if groups:
             for g in groups.values():
-                g.push(_Entry(dlq))
+                g.push(_Entry(letter.message))
         else:
             # nobody reads the dead-letter topic yet: keep it for the first group to come
-            self._unclaimed.setdefault(target, deque()).append(dlq)
+            self._unclaimed.setdefault(letter.topic, deque()).append(letter.message)
+        letter.log()

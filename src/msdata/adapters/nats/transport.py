@@ -102,6 +102,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
+from msdata import deadletter
 from msdata.errors import (
     ConfigurationError,
     MsdataError,
@@ -110,16 +111,12 @@ from msdata.errors import (
     TransportError,
 )
 from msdata.transport import (
-    DEAD_LETTER_ATTEMPTS,
-    DEAD_LETTER_GROUP,
-    DEAD_LETTER_REASON,
-    DEAD_LETTER_TOPIC,
     ClosesOnExit,
     DeliveryState,
+    DriverErrors,
     TransportFeatures,
     TransportMessage,
     check_name,
-    dead_letter_topic,
 )
 
 __all__ = [
@@ -160,6 +157,11 @@ _PARTITIONS = re.compile(r"key partitions (\d+)$")
 _PULL_EXPIRES = 0.5
 # after a request was refused (a 409 status), wait this long before asking that consumer again
 _PULL_BACKOFF = 0.5
+
+
+def _nats_errors(what: str, error: type[TransportError] = TransportError) -> DriverErrors:
+    """Where nats-py's errors (and the socket's) become msdata's: ``with _nats_errors("what"):``."""
+    return DriverErrors((nats.errors.Error, OSError), what, error)
 
 
 def _escape(name: str) -> str:
@@ -215,10 +217,6 @@ def topic_of_stream(stream: str, prefix: str = "MSDATA_") -> str | None:
     return "".join(out) or None
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 class NatsDelivery(DeliveryState["NatsSubscription"]):
     """A delivery from :class:`NatsTransport`; see :class:`msdata.transport.Delivery`."""
 
@@ -237,10 +235,8 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
         return True
 
     async def _reply(self, payload: bytes) -> None:
-        try:
+        with _nats_errors("could not settle the delivery"):
             await self._sub._nc.publish(self._msg.reply, payload)  # type: ignore[union-attr]
-        except nats.errors.Error as e:
-            raise TransportError(f"could not settle the delivery: {e!r}") from e
 
     async def ack(self) -> None:
         if self._settle():
@@ -249,8 +245,8 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
     async def nack(self, delay: float = 0.0, reason: str | None = None) -> None:
         if not self._settle():
             return
-        if self.attempt >= self._sub.max_attempts:
-            await self._dead_letter(reason or f"failed {self.attempt} attempts", self.attempt)
+        if deadletter.exhausted(self.attempt, self._sub.max_attempts):
+            await self._dead_letter(deadletter.failed_reason(self.attempt, reason))
         elif delay > 0:
             await self._reply(b'-NAK {"delay": %d}' % int(delay * 1e9))
         else:
@@ -258,24 +254,19 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
 
     async def dead_letter(self, reason: str) -> None:
         if self._settle():
-            await self._dead_letter(reason, self.attempt)
+            await self._dead_letter(reason)
 
-    async def _dead_letter(self, reason: str, attempts: int) -> None:
+    async def _dead_letter(self, reason: str) -> None:
         sub = self._sub
-        m = self.message
-        headers = dict(m.headers)
-        headers[DEAD_LETTER_REASON] = _one_line(reason) or "dead-lettered"
-        headers[DEAD_LETTER_TOPIC] = sub.topic
-        headers[DEAD_LETTER_GROUP] = sub.group
-        headers[DEAD_LETTER_ATTEMPTS] = str(attempts)
-        dead = TransportMessage(m.id, m.body, m.key, headers)
+        letter = deadletter.dead_letter(self.message, sub.topic, sub.group, self.attempt, reason)
         try:
-            await sub._transport.publish(dead_letter_topic(sub.topic, sub.group), [dead])
+            await sub._transport.publish(letter.topic, [letter.message])
         except BaseException:
             # not moved: let JetStream offer it again rather than lose it
             await self._reply(_NAK)
             raise
         await self._reply(_TERM)
+        letter.log()
 
 
 class NatsSubscription(ClosesOnExit):
@@ -369,15 +360,11 @@ class NatsSubscription(ClosesOnExit):
                 # it exists with other settings (another version of this code): use it as is
                 await js.consumer_info(self.stream, name)
 
-        try:
+        with _nats_errors(f"could not declare group {self.group!r} on topic {self.topic!r}"):
             await asyncio.gather(*(declare(*spec) for spec in specs))
             if self._inbox_sub is None:
                 self._inbox = nc.new_inbox()
                 self._inbox_sub = await nc.subscribe(f"{self._inbox}.*", cb=self._arrive)
-        except nats.errors.Error as e:
-            raise TransportError(
-                f"could not declare group {self.group!r} on topic {self.topic!r}: {e!r}"
-            ) from e
         self.consumers = [name for name, _, _ in specs]
         self._index = {name: i for i, name in enumerate(self.consumers)}
         self._index.update((str(i), i) for i in range(len(specs)))
@@ -486,7 +473,7 @@ class NatsSubscription(ClosesOnExit):
             await self._pull(expires)
         except nats.errors.ConnectionClosedError as e:
             raise TransportClosed("the NATS connection is closed") from e
-        except nats.errors.Error:
+        except (nats.errors.Error, OSError):
             pass  # reconnecting: what is buffered can still be handed out
 
     async def _check_consumer(self) -> None:
@@ -533,7 +520,7 @@ class NatsSubscription(ClosesOnExit):
                 for reply in replies:
                     await nc.publish(reply, _NAK)
                 await nc.flush(timeout=2)
-            except (TimeoutError, nats.errors.Error):
+            except (TimeoutError, nats.errors.Error, OSError):
                 pass  # not nacked: JetStream offers them again after ack_wait
 
     async def _deliveries(self, msgs: list[Msg]) -> list[NatsDelivery]:
@@ -559,16 +546,13 @@ class NatsSubscription(ClosesOnExit):
             else:
                 mid, key, headers = f"{stream}:{seq}", None, _NO_HEADERS
             d = NatsDelivery(self, msg, TransportMessage(mid, msg.data, key, headers), attempt)
-            if attempt > max_attempts:
+            overdue = deadletter.overdue_reason(attempt, max_attempts)
+            if overdue is not None:
                 # its consumers died on it max_attempts times: settle it here
                 d._settled = True
                 # if that fails, _dead_letter nacked it: it comes back and is tried again
                 with contextlib.suppress(MsdataError):
-                    await d._dead_letter(
-                        f"not settled after {max_attempts} attempts "
-                        "(its consumer stopped or timed out)",
-                        attempt - 1,
-                    )
+                    await d._dead_letter(overdue)
                 continue
             inflight.add(d)
             out.append(d)
@@ -706,10 +690,8 @@ class NatsTransport:
             return self._js
         async with self._connect_lock:
             if self._js is None:
-                try:
+                with _nats_errors("could not connect to NATS"):
                     nc = await nats.connect(**self._connect)
-                except (nats.errors.Error, OSError) as e:
-                    raise TransportError(f"could not connect to NATS: {e!r}") from e
                 self._nc, self._js = nc, nc.jetstream()
             return self._js
 
@@ -741,7 +723,7 @@ class NatsTransport:
             max_bytes=self.max_bytes,
         )
         js = await self._ready()
-        try:
+        with _nats_errors(f"could not declare the stream of topic {topic!r}"):
             try:
                 await js.add_stream(config)
             except nats.js.errors.APIError as e:
@@ -759,8 +741,6 @@ class NatsTransport:
                         f"topic {topic!r} was created with key_partitions={found.group(1)}, "
                         f"this transport has {self.key_partitions}: they must agree"
                     ) from e
-        except nats.errors.Error as e:
-            raise TransportError(f"could not declare the stream of topic {topic!r}: {e!r}") from e
         self._streams[topic] = (subject, partitions)
         return name
 
@@ -790,24 +770,25 @@ class NatsTransport:
         self._batches[token] = batch
         reply = self._acks_prefix + token
         try:
-            for m in messages:
-                headers = {**m.headers, MSG_ID_HEADER: m.id} if m.headers else {MSG_ID_HEADER: m.id}
-                key = m.key
-                if key is None:
-                    target = subject
-                else:
-                    headers[KEY_HEADER] = key
-                    target = partitions[zlib.crc32(key.encode()) % n_partitions]
-                await nc.publish(target, m.body, reply=reply, headers=headers)
-            async with asyncio.timeout(self.publish_timeout):
-                await batch.done
+            with _nats_errors(f"publish to {topic!r} failed", PublishError):
+                for m in messages:
+                    headers = (
+                        {**m.headers, MSG_ID_HEADER: m.id} if m.headers else {MSG_ID_HEADER: m.id}
+                    )
+                    key = m.key
+                    if key is None:
+                        target = subject
+                    else:
+                        headers[KEY_HEADER] = key
+                        target = partitions[zlib.crc32(key.encode()) % n_partitions]
+                    await nc.publish(target, m.body, reply=reply, headers=headers)
+                async with asyncio.timeout(self.publish_timeout):
+                    await batch.done
         except TimeoutError as e:
             raise PublishError(
                 f"{batch.left} of {len(messages)} messages to {topic!r} were not confirmed "
                 f"within {self.publish_timeout}s"
             ) from e
-        except nats.errors.Error as e:
-            raise PublishError(f"publish to {topic!r} failed: {e!r}") from e
         finally:
             del self._batches[token]
         if batch.error is not None:
@@ -855,12 +836,11 @@ class NatsTransport:
         """Delete the topic's stream, with every message and group in it. True if it existed."""
         js = await self._ready()
         self._streams.pop(topic, None)
-        try:
-            return bool(await js.delete_stream(stream_name(topic, self.stream_prefix)))
-        except nats.js.errors.NotFoundError:
-            return False
-        except nats.errors.Error as e:
-            raise TransportError(f"could not delete the stream of {topic!r}: {e!r}") from e
+        with _nats_errors(f"could not delete the stream of {topic!r}"):
+            try:
+                return bool(await js.delete_stream(stream_name(topic, self.stream_prefix)))
+            except nats.js.errors.NotFoundError:
+                return False
 
     async def close(self) -> None:
         """Close every open subscription (nacking what they hold) and, for a :meth:`from_url`
@@ -880,8 +860,8 @@ class NatsTransport:
                 if self._acks_sub is not None:
                     await self._acks_sub.unsubscribe()
                 await nc.flush(timeout=2)
-        except (TimeoutError, nats.errors.Error):
-            pass
+        except (TimeoutError, nats.errors.Error, OSError):
+            pass  # the connection is lost (a broker restarting): nothing left to release
 
     async def __aenter__(self) -> Self:
         await self._ready()

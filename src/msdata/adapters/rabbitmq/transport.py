@@ -68,14 +68,18 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
-from msdata.errors import ConfigurationError, PublishError, TransportClosed, TransportError
+from msdata import deadletter
+from msdata.errors import (
+    ConfigurationError,
+    MsdataError,
+    PublishError,
+    TransportClosed,
+    TransportError,
+)
 from msdata.transport import (
-    DEAD_LETTER_ATTEMPTS,
-    DEAD_LETTER_GROUP,
-    DEAD_LETTER_REASON,
-    DEAD_LETTER_TOPIC,
     ClosesOnExit,
     DeliveryState,
+    DriverErrors,
     TransportFeatures,
     TransportMessage,
     check_name,
@@ -130,6 +134,13 @@ _RETRY_QUEUE_GRACE_MS = 60_000
 def group_queue_name(topic: str, group: str) -> str:
     """The quorum queue of ``group`` on ``topic`` (':' cannot occur in topic or group names)."""
     return f"{topic}:{group}"
+
+
+def _amqp_errors(what: str, error: type[TransportError] = TransportError) -> DriverErrors:
+    """Where aio-pika's and aiormq's errors become msdata's: ``with _amqp_errors("what"):``.
+    Any exception counts (aio-pika raises a wide variety: AMQP errors, connection and
+    channel state errors, OS errors)."""
+    return DriverErrors(Exception, what, error)
 
 
 def _retry_queue_name(topic: str, group: str, delay_ms: int) -> str:
@@ -259,8 +270,8 @@ class RabbitMQDelivery(DeliveryState["RabbitMQSubscription"]):
             return
         sub = self._sub
         try:
-            if self.attempt >= sub.max_attempts:
-                await sub._dead_letter(self, reason or f"failed {self.attempt} attempts")
+            if deadletter.exhausted(self.attempt, sub.max_attempts):
+                await sub._dead_letter(self, deadletter.failed_reason(self.attempt, reason))
             elif sub._ordered:
                 sub._retry_here(self._entry, delay)
                 return  # the key stays busy until the retry is handed out
@@ -330,19 +341,19 @@ class RabbitMQSubscription(ClosesOnExit):
         transport = self._transport
         conn = await transport._connect()
         try:
-            channel = await conn.channel(publisher_confirms=True)
-            self._channel = channel
-            await channel.set_qos(prefetch_count=self.prefetch)
-            await self._start(await channel.get_underlay_channel(), adopt=True)
-        except BaseException as e:
+            with _amqp_errors(f"cannot subscribe to {self.topic!r}"):
+                try:
+                    channel = await conn.channel(publisher_confirms=True)
+                    self._channel = channel
+                    await channel.set_qos(prefetch_count=self.prefetch)
+                    await self._start(await channel.get_underlay_channel(), adopt=True)
+                except aiormq.exceptions.ChannelPreconditionFailed as e:
+                    raise ConfigurationError(
+                        f"queue {self.queue!r} exists with other arguments (was it declared"
+                        f" with ordered_per_key={not self._ordered}?): {e}"
+                    ) from e
+        except BaseException:
             await self.close()
-            if isinstance(e, aiormq.exceptions.ChannelPreconditionFailed):
-                raise ConfigurationError(
-                    f"queue {self.queue!r} exists with other arguments (was it declared with"
-                    f" ordered_per_key={not self._ordered}?): {e}"
-                ) from e
-            if isinstance(e, Exception) and not isinstance(e, TransportError):
-                raise TransportError(f"cannot subscribe to {self.topic!r}: {e}") from e
             raise
         # after a reconnect the robust channel reopens; consume again on the new channel
         channel.reopen_callbacks.add(self._on_reopen)
@@ -585,12 +596,11 @@ class RabbitMQSubscription(ClosesOnExit):
         await self._publish_then_ack(raw, delivery, "", name, props, "retry")
 
     async def _dead_letter(self, delivery: RabbitMQDelivery, reason: str) -> None:
-        m = delivery.message
+        letter = deadletter.dead_letter(
+            delivery.message, self.topic, self.group, delivery.attempt, reason
+        )
+        m = letter.message
         headers: dict[str, Any] = dict(m.headers)
-        headers[DEAD_LETTER_REASON] = reason
-        headers[DEAD_LETTER_TOPIC] = self.topic
-        headers[DEAD_LETTER_GROUP] = self.group
-        headers[DEAD_LETTER_ATTEMPTS] = str(delivery.attempt)
         if m.key is not None:
             headers[KEY_HEADER] = m.key
         original = delivery._entry.raw.header.properties
@@ -606,7 +616,8 @@ class RabbitMQSubscription(ClosesOnExit):
             app_id=original.app_id,
         )
         raw = await self._raw_channel()
-        await self._publish_then_ack(raw, delivery, self._dlq_topic, "", props, "dead-letter")
+        await self._publish_then_ack(raw, delivery, letter.topic, "", props, "dead-letter")
+        letter.log()
 
     async def _publish_then_ack(
         self,
@@ -617,12 +628,10 @@ class RabbitMQSubscription(ClosesOnExit):
         props: Basic.Properties,
         what: str,
     ) -> None:
-        try:
+        with _amqp_errors(f"{what} of {delivery.message.id} failed", PublishError):
             result = await raw.basic_publish(
                 delivery.message.body, exchange=exchange, routing_key=routing_key, properties=props
             )
-        except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError) as e:
-            raise PublishError(f"{what} of {delivery.message.id} failed: {e}") from e
         _confirmed([result], f"{what} of {delivery.message.id}")
         # if the channel dropped meanwhile, the original comes again: a duplicate, allowed
         await _ack(delivery._entry.raw)
@@ -712,10 +721,8 @@ class RabbitMQTransport:
         async with self._lock:
             if self._connection is None:
                 assert self._url is not None
-                try:
+                with _amqp_errors("cannot connect to RabbitMQ"):
                     self._connection = await aio_pika.connect_robust(self._url)
-                except Exception as e:
-                    raise TransportError(f"cannot connect to RabbitMQ: {e}") from e
             return self._connection
 
     async def _publisher(self) -> Any:
@@ -749,27 +756,30 @@ class RabbitMQTransport:
         if not messages:
             return
         try:
-            async with asyncio.timeout(self.publish_timeout):
-                raw = await self._publisher()
-                if topic not in self._topics:
-                    await self._declare_topic(raw, topic)
-                publish = raw.basic_publish
-                results = await asyncio.gather(
-                    *[publish(m.body, exchange=topic, properties=_properties(m)) for m in messages],
-                    return_exceptions=True,
-                )
-            _confirmed(results, f"publishing to {topic!r}")
-        except Exception as e:
+            with _amqp_errors(f"publishing to {topic!r} failed", PublishError):
+                try:
+                    async with asyncio.timeout(self.publish_timeout):
+                        raw = await self._publisher()
+                        if topic not in self._topics:
+                            await self._declare_topic(raw, topic)
+                        publish = raw.basic_publish
+                        results = await asyncio.gather(
+                            *[
+                                publish(m.body, exchange=topic, properties=_properties(m))
+                                for m in messages
+                            ],
+                            return_exceptions=True,
+                        )
+                except TimeoutError as e:
+                    raise PublishError(
+                        f"publishing {len(messages)} to {topic!r} not confirmed within "
+                        f"{self.publish_timeout}s"
+                    ) from e
+                _confirmed(results, f"publishing to {topic!r}")
+        except MsdataError:
             # declare the exchange again next time, in case it is what went missing
             self._topics.discard(topic)
-            if isinstance(e, TransportError | ConfigurationError):
-                raise
-            if isinstance(e, TimeoutError):
-                raise PublishError(
-                    f"publishing {len(messages)} to {topic!r} not confirmed within "
-                    f"{self.publish_timeout}s"
-                ) from e
-            raise PublishError(f"publishing to {topic!r} failed: {e}") from e
+            raise
 
     def subscribe(
         self, topic: str, group: str, *, max_attempts: int = 5, prefetch: int = 100

@@ -82,19 +82,16 @@ from typing import Any, Self
 import redis.asyncio as aioredis
 import redis.exceptions as rex
 
+from msdata import deadletter
 from msdata.adapters.redis import _lua
 from msdata.errors import ConfigurationError, PublishError, TransportClosed, TransportError
 from msdata.transport import (
-    DEAD_LETTER_ATTEMPTS,
-    DEAD_LETTER_GROUP,
-    DEAD_LETTER_REASON,
-    DEAD_LETTER_TOPIC,
     ClosesOnExit,
     DeliveryState,
+    DriverErrors,
     TransportFeatures,
     TransportMessage,
     check_name,
-    dead_letter_topic,
 )
 
 __all__ = ["FOREIGN_ENTRY_HEADER", "RedisDelivery", "RedisSubscription", "RedisTransport"]
@@ -108,6 +105,11 @@ _EMPTY: Any = MappingProxyType({})
 _TOPIC, _RETRY = 0, 1
 # errors after which the next command reconnects by itself
 _TRANSIENT = (rex.ConnectionError, rex.TimeoutError, OSError)
+
+
+def _redis_errors(what: str, error: type[TransportError] = TransportError) -> DriverErrors:
+    """Where redis-py's errors become msdata's: ``with _redis_errors("what was done"):``."""
+    return DriverErrors(rex.RedisError, what, error)
 
 
 def _entry_fields(m: TransportMessage, headers: Any, attempt: int | None) -> list[Any]:
@@ -214,8 +216,10 @@ class RedisDelivery(DeliveryState["RedisSubscription"]):
             return
         sub = self._sub
         try:
-            if self.attempt >= sub.max_attempts:
-                await sub._settle_to_dead_letter(self, reason or f"failed {self.attempt} attempts")
+            if deadletter.exhausted(self.attempt, sub.max_attempts):
+                await sub._settle_to_dead_letter(
+                    self, deadletter.failed_reason(self.attempt, reason)
+                )
             else:
                 await sub._settle_to_retry(self, delay)
         except BaseException:
@@ -252,7 +256,6 @@ class RedisSubscription(ClosesOnExit):
         self._keys = (f"{prefix}:{topic}", f"{prefix}:{topic}:{group}:retry")
         self._bkeys = tuple(k.encode() for k in self._keys)
         self._delayed = f"{prefix}:{topic}:{group}:delayed"
-        self._dlq = transport._stream_key(dead_letter_topic(topic, group))
         self._streams: dict[Any, Any] = {self._keys[0]: ">", self._keys[1]: ">"}
         self._inflight: dict[RedisDelivery, None] = {}
         self._buffer: deque[RedisDelivery] = deque()
@@ -271,10 +274,8 @@ class RedisSubscription(ClosesOnExit):
     async def __aenter__(self) -> Self:
         if self._closed or self._t._closed:
             raise TransportClosed("subscribe() on a closed transport")
-        try:
+        with _redis_errors(f"could not declare group {self.group!r}"):
             await self._declare()
-        except rex.RedisError as e:
-            raise TransportError(f"could not declare group {self.group!r}: {e}") from e
         self._entered = True
         self._t._subs.add(self)
         now = time.monotonic()
@@ -360,29 +361,30 @@ class RedisSubscription(ClosesOnExit):
         backoff = 0.05
         while True:
             now = time.monotonic()
-            try:
-                if now >= self._next_maintenance:
-                    await self._maintain(room, now)
-                    if self._buffer:
-                        return
-                    now = time.monotonic()
-                wait = min(deadline, self._next_maintenance) - now
-                await self._read(room, int(min(wait, t._max_block) * 1000))
-                backoff = 0.05
-            except _TRANSIENT as e:
-                log.warning("redis unreachable (%s); retrying", e)
-                left = deadline - time.monotonic()
-                if left > 0:
-                    await asyncio.sleep(min(backoff, left))
-                backoff = min(backoff * 2, 1.0)
-            except rex.ResponseError as e:
-                if "NOGROUP" not in str(e):
-                    raise TransportError(f"receive from {self.topic!r}: {e}") from e
-                log.warning("group %s of %s is gone; declaring it again", self.group, self.topic)
-                with contextlib.suppress(*_TRANSIENT):
-                    await self._declare()
-            except rex.RedisError as e:
-                raise TransportError(f"receive from {self.topic!r}: {e}") from e
+            with _redis_errors(f"receive from {self.topic!r}"):
+                try:
+                    if now >= self._next_maintenance:
+                        await self._maintain(room, now)
+                        if self._buffer:
+                            return
+                        now = time.monotonic()
+                    wait = min(deadline, self._next_maintenance) - now
+                    await self._read(room, int(min(wait, t._max_block) * 1000))
+                    backoff = 0.05
+                except _TRANSIENT as e:
+                    log.warning("redis unreachable (%s); retrying", e)
+                    left = deadline - time.monotonic()
+                    if left > 0:
+                        await asyncio.sleep(min(backoff, left))
+                    backoff = min(backoff * 2, 1.0)
+                except rex.ResponseError as e:
+                    if "NOGROUP" not in str(e):
+                        raise
+                    log.warning(
+                        "group %s of %s is gone; declaring it again", self.group, self.topic
+                    )
+                    with contextlib.suppress(*_TRANSIENT):
+                        await self._declare()
             if self._buffer or time.monotonic() >= deadline:
                 return
 
@@ -468,7 +470,7 @@ class RedisSubscription(ClosesOnExit):
         _moved, next_due = results[0]
         if next_due >= 0:
             self._next_maintenance = min(self._next_maintenance, now + next_due / 1000)
-        overdue: list[RedisDelivery] = []
+        overdue: list[tuple[RedisDelivery, str]] = []
         for i in (_TOPIC, _RETRY):
             cursor, entries, counts = results[1 + i]
             self._cursors[i] = cursor
@@ -477,16 +479,15 @@ class RedisSubscription(ClosesOnExit):
                     continue
                 message, base = _parse(eid, flat)
                 d = RedisDelivery(self, i, eid, message, base + int(count) - 1)
-                if d.attempt > self.max_attempts:
-                    overdue.append(d)
-                else:
+                reason = deadletter.overdue_reason(d.attempt, self.max_attempts)
+                if reason is None:
                     self._buffer.append(d)
-        for d in overdue:
+                else:
+                    overdue.append((d, reason))
+        for d, reason in overdue:
             d._settled = True
             try:
-                await self._settle_to_dead_letter(
-                    d, f"delivered {d.attempt - 1} times and never settled (consumers died)"
-                )
+                await self._settle_to_dead_letter(d, reason)
             except TransportError as e:  # still pending: the next scan tries again
                 log.warning("dead-lettering %s of %s failed: %s", d._eid, self.topic, e)
 
@@ -554,25 +555,23 @@ class RedisSubscription(ClosesOnExit):
         )
 
     async def _settle_to_retry(self, d: RedisDelivery, delay: float) -> None:
-        try:
+        with _redis_errors(f"nack on {self.topic!r}"):
             await self._queue_settle(
                 self._t._client, d, self._keys[_RETRY], delay, d.message.headers, True
             )
-        except rex.RedisError as e:
-            raise TransportError(f"nack on {self.topic!r}: {e}") from e
         if delay > 0:
             self._next_maintenance = min(self._next_maintenance, time.monotonic() + delay)
 
     async def _settle_to_dead_letter(self, d: RedisDelivery, reason: str) -> None:
-        headers = dict(d.message.headers)
-        headers[DEAD_LETTER_REASON] = reason
-        headers[DEAD_LETTER_TOPIC] = self.topic
-        headers[DEAD_LETTER_GROUP] = self.group
-        headers[DEAD_LETTER_ATTEMPTS] = str(d.attempt)
-        try:
-            await self._queue_settle(self._t._client, d, self._dlq, 0.0, headers, False)
-        except rex.RedisError as e:
-            raise TransportError(f"dead_letter on {self.topic!r}: {e}") from e
+        # the policy's message, moved atomically by the SETTLE script (ack + XADD)
+        letter = deadletter.dead_letter(d.message, self.topic, self.group, d.attempt, reason)
+        target = self._t._stream_key(letter.topic)
+        with _redis_errors(f"dead_letter on {self.topic!r}"):
+            moved = await self._queue_settle(
+                self._t._client, d, target, 0.0, letter.message.headers, False
+            )
+        if moved:  # 0: another consumer settled the entry first
+            letter.log()
 
 
 class RedisTransport:
@@ -673,10 +672,8 @@ class RedisTransport:
                 command("XADD", key, "*", "id", m.id, "body", m.body)
             else:
                 command("XADD", key, "*", *_entry_fields(m, m.headers, None))
-        try:
+        with _redis_errors(f"publish of {len(messages)} to {topic!r} failed", PublishError):
             await pipe.execute()
-        except rex.RedisError as e:
-            raise PublishError(f"publish of {len(messages)} to {topic!r} failed: {e}") from e
 
     def subscribe(
         self, topic: str, group: str, *, max_attempts: int = 5, prefetch: int = 100
@@ -693,12 +690,10 @@ class RedisTransport:
         """Remove the entries of ``topic`` every group has received and acked; returns how
         many. Approximate (whole stream nodes) unless ``exact``."""
         check_name("topic", topic)
-        try:
+        with _redis_errors(f"trim of {topic!r}"):
             return int(
                 await self._trim(keys=[self._stream_key(topic)], args=["=" if exact else "~"])
             )
-        except rex.RedisError as e:
-            raise TransportError(f"trim of {topic!r}: {e}") from e
 
     async def close(self) -> None:
         """Close open subscriptions (releasing what they hold) and a client made by

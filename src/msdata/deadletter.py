@@ -1,0 +1,163 @@
+"""When a delivery goes to the dead-letter topic, what it carries there, and the log line.
+
+The one policy every transport adapter and the event bus apply (watermill's ``poison``
+middleware plays this part there):
+
+- a delivery whose ``max_attempts``-th attempt failed (``nack``) goes to the dead-letter
+  topic instead of being redelivered (:func:`exhausted`);
+- a delivery handed out more than ``max_attempts`` times without being settled (its
+  consumers kept dying or timing out on it) goes there instead of being handed out again
+  (:func:`overdue_reason`);
+- ``dead_letter(reason)`` (bad input: a :class:`~msdata.errors.DecodeError`, a
+  :class:`~msdata.errors.RejectMessage`) goes there at once.
+
+What goes there is a copy of the message, same id, body and key, with its headers plus the
+four ``x-msdata-*`` headers (:data:`~msdata.transport.DEAD_LETTER_REASON`,
+``..._TOPIC``, ``..._GROUP``, ``..._ATTEMPTS``), to
+:func:`~msdata.transport.dead_letter_topic` (``topic.group.dlq``); :func:`dead_letter` builds
+it. An adapter may do the move atomically its own way (Redis runs it in a Lua script) but
+takes the topic and the message from here. Once the move is done, the adapter calls
+:meth:`DeadLetter.log`: each dead letter is logged once, at WARNING, on the
+``msdata.deadletter`` logger, with topic, group, message id, type, attempts and reason, and
+the handler's traceback when a handler failure sent it there (see :func:`handler_failure`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from types import MappingProxyType
+from typing import NamedTuple
+
+from msdata.transport import (
+    DEAD_LETTER_ATTEMPTS,
+    DEAD_LETTER_GROUP,
+    DEAD_LETTER_REASON,
+    DEAD_LETTER_TOPIC,
+    TransportMessage,
+    dead_letter_topic,
+)
+
+__all__ = [
+    "DeadLetter",
+    "dead_letter",
+    "exhausted",
+    "failed_reason",
+    "handler_failure",
+    "overdue_reason",
+]
+
+log = logging.getLogger("msdata.deadletter")
+
+# the largest body whose CloudEvents ``type`` the log line looks up (dead letters are rare)
+_TYPE_LOOKUP_MAX = 1024 * 1024
+
+
+class _Cause(NamedTuple):
+    type: str | None
+    error: BaseException
+
+
+_cause: ContextVar[_Cause | None] = ContextVar("msdata_dead_letter_cause", default=None)
+
+
+def exhausted(attempt: int, max_attempts: int) -> bool:
+    """True when a failed (nacked) ``attempt`` was the last one allowed: dead-letter it
+    rather than deliver it again."""
+    return attempt >= max_attempts
+
+
+def failed_reason(attempt: int, reason: str | None) -> str:
+    """The reason recorded for a delivery whose last attempt failed: the caller's, or a
+    default naming the attempts."""
+    return reason or f"failed {attempt} attempts"
+
+
+def overdue_reason(attempt: int, max_attempts: int) -> str | None:
+    """None if ``attempt`` may be handed out; else the dead-letter reason of a delivery that
+    was handed out more than ``max_attempts`` times without being settled."""
+    if attempt <= max_attempts:
+        return None
+    return (
+        f"delivered {attempt} times and never settled "
+        f"(its consumers stopped or timed out; max_attempts={max_attempts})"
+    )
+
+
+class DeadLetter(NamedTuple):
+    """A message on its way to a dead-letter topic: publish ``message`` to ``topic``."""
+
+    #: the dead-letter topic, ``<original topic>.<group>.dlq``
+    topic: str
+    #: the original message, with the four ``x-msdata-*`` headers added
+    message: TransportMessage
+    #: where it came from
+    original_topic: str
+    group: str
+    attempts: int
+    reason: str
+
+    def log(self) -> None:
+        """Log this dead letter, once, at WARNING (call it when the move succeeded)."""
+        cause = _cause.get()
+        type_name = cause.type if cause is not None else _type_of(self.message.body)
+        log.warning(
+            "dead-lettered message %s (type %s) of %s/%s after %d attempts: %s",
+            self.message.id,
+            type_name or "unknown",
+            self.original_topic,
+            self.group,
+            self.attempts,
+            self.reason,
+            exc_info=cause.error if cause is not None else None,
+            extra={
+                "msdata_topic": self.original_topic,
+                "msdata_group": self.group,
+                "msdata_message_id": self.message.id,
+                "msdata_type": type_name,
+                "msdata_attempts": self.attempts,
+                "msdata_reason": self.reason,
+            },
+        )
+
+
+def dead_letter(
+    message: TransportMessage, topic: str, group: str, attempts: int, reason: str
+) -> DeadLetter:
+    """The dead letter of ``message``, delivered ``attempts`` times to ``group`` of
+    ``topic``. The reason is folded onto one line (header values cannot hold line breaks on
+    every broker)."""
+    reason = " ".join(reason.split()) or "dead-lettered"
+    headers = dict(message.headers)
+    headers[DEAD_LETTER_REASON] = reason
+    headers[DEAD_LETTER_TOPIC] = topic
+    headers[DEAD_LETTER_GROUP] = group
+    headers[DEAD_LETTER_ATTEMPTS] = str(attempts)
+    copy = TransportMessage(message.id, message.body, message.key, MappingProxyType(headers))
+    return DeadLetter(dead_letter_topic(topic, group), copy, topic, group, attempts, reason)
+
+
+@contextmanager
+def handler_failure(type_name: str | None, error: BaseException) -> Iterator[None]:
+    """Settle a delivery whose handler raised ``error`` inside this block: if the settling
+    dead-letters it, the log line carries ``type_name`` and the traceback of ``error``.
+    (The event bus uses it; the adapter that moves the message logs it.)"""
+    token = _cause.set(_Cause(type_name, error))
+    try:
+        yield
+    finally:
+        _cause.reset(token)
+
+
+def _type_of(body: bytes) -> str | None:
+    """The CloudEvents ``type`` of a body, if it is a JSON object that has one."""
+    if not body.startswith(b"{") or len(body) > _TYPE_LOOKUP_MAX:
+        return None
+    try:
+        value = json.loads(body).get("type")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None

@@ -1,0 +1,521 @@
+"""The transport conformance suite: one set of tests every transport adapter must pass.
+
+Subclass it once per backend and give it a transport::
+
+    class TestMyTransport(TransportConformance):
+        @asynccontextmanager
+        async def make_transport(self) -> AsyncIterator[Transport]:
+            transport = MyTransport(...)
+            try:
+                yield transport
+            finally:
+                await transport.close()
+
+What it asserts follows the backend's :class:`msdata.transport.TransportFeatures`, never its
+name. Each test uses fresh topic and group names, so the suite can share a broker with others.
+Needs pytest and pytest-asyncio (``asyncio_mode = "auto"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+import uuid
+from contextlib import AbstractAsyncContextManager
+
+import pytest
+
+from msdata.errors import ConfigurationError, MsdataError, TransportClosed
+from msdata.testing.waiting import eventually
+from msdata.transport import (
+    DEAD_LETTER_ATTEMPTS,
+    DEAD_LETTER_GROUP,
+    DEAD_LETTER_REASON,
+    DEAD_LETTER_TOPIC,
+    Delivery,
+    Subscription,
+    Transport,
+    TransportMessage,
+    dead_letter_topic,
+)
+
+__all__ = ["TransportConformance", "TransportRestartConformance", "collect", "make_messages"]
+
+
+def make_messages(n: int, *, key: str | None = None, prefix: str = "m") -> list[TransportMessage]:
+    return [
+        TransportMessage(
+            id=str(uuid.uuid4()), body=f'{{"{prefix}":{i}}}'.encode(), key=key, headers={}
+        )
+        for i in range(n)
+    ]
+
+
+async def collect(
+    sub: Subscription, n: int, *, timeout: float = 10.0, ack: bool = True
+) -> list[Delivery]:
+    """Receive until ``n`` deliveries arrived or ``timeout`` passed; ack each unless told."""
+    out: list[Delivery] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        batch = await sub.receive(min(100, n - len(out)), timeout=min(left, 1.0))
+        for d in batch:
+            if ack:
+                await d.ack()
+        out.extend(batch)
+    return out
+
+
+class TransportConformance:
+    """Every test here must pass on every transport adapter."""
+
+    #: how long to wait for something that should arrive (brokers are slower than memory)
+    arrival_timeout: float = 10.0
+    #: how long to wait to be sure that nothing more arrives
+    quiet_period: float = 0.5
+
+    def make_transport(self) -> AbstractAsyncContextManager[Transport]:
+        raise NotImplementedError
+
+    @staticmethod
+    def unique(prefix: str) -> str:
+        return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+    async def assert_quiet(self, sub: Subscription) -> None:
+        extra = await sub.receive(10, timeout=self.quiet_period)
+        assert extra == [], f"unexpected deliveries: {[d.message.body for d in extra]}"
+
+    # -- delivery ---------------------------------------------------------------------------
+
+    async def test_published_batch_is_delivered_once_with_its_fields(self) -> None:
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t:
+            msgs = [
+                TransportMessage(
+                    id=str(uuid.uuid4()),
+                    body=f'{{"n":{i}}}'.encode(),
+                    key=f"k{i % 3}",
+                    headers={"x-trace": f"t{i}"},
+                )
+                for i in range(25)
+            ]
+            async with t.subscribe(topic, group) as sub:
+                await t.publish(topic, [])  # an empty batch is accepted and delivers nothing
+                await t.publish(topic, msgs)
+                got = await collect(sub, 25, timeout=self.arrival_timeout)
+                assert sorted(d.message.id for d in got) == sorted(m.id for m in msgs)
+                by_id = {m.id: m for m in msgs}
+                for d in got:
+                    sent = by_id[d.message.id]
+                    assert d.message.body == sent.body
+                    assert d.message.key == sent.key
+                    assert d.message.headers.get("x-trace") == sent.headers["x-trace"]
+                    assert d.attempt == 1
+                    assert d.topic == topic and d.group == group
+                await self.assert_quiet(sub)
+
+    async def test_each_group_receives_each_message(self) -> None:
+        topic = self.unique("topic")
+        async with self.make_transport() as t:
+            msgs = make_messages(10)
+            async with (
+                t.subscribe(topic, self.unique("g1")) as a,
+                t.subscribe(topic, self.unique("g2")) as b,
+            ):
+                await t.publish(topic, msgs)
+                got_a = await collect(a, 10, timeout=self.arrival_timeout)
+                got_b = await collect(b, 10, timeout=self.arrival_timeout)
+            want = sorted(m.id for m in msgs)
+            assert sorted(d.message.id for d in got_a) == want
+            assert sorted(d.message.id for d in got_b) == want
+
+    async def test_consumers_of_one_group_share_the_work(self) -> None:
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t:
+            msgs = make_messages(200)
+            async with (
+                t.subscribe(topic, group, prefetch=10) as a,
+                t.subscribe(topic, group, prefetch=10) as b,
+            ):
+                await t.publish(topic, msgs)
+                seen: list[str] = []
+
+                async def consume(sub: Subscription) -> None:
+                    while len(seen) < len(msgs):
+                        for d in await sub.receive(10, timeout=0.2):
+                            seen.append(d.message.id)
+                            await d.ack()
+                            await asyncio.sleep(0)
+
+                await asyncio.wait_for(
+                    asyncio.gather(consume(a), consume(b)), timeout=self.arrival_timeout * 3
+                )
+                assert sorted(seen) == sorted(m.id for m in msgs), "lost or duplicated"
+                await self.assert_quiet(a)
+
+    async def test_large_batch_is_delivered_completely(self) -> None:
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t:
+            msgs = make_messages(2000)
+            async with t.subscribe(topic, group) as sub:
+                await t.publish(topic, msgs)
+                got = await collect(sub, 2000, timeout=self.arrival_timeout * 3)
+            assert {d.message.id for d in got} == {m.id for m in msgs}
+
+    # -- redelivery -------------------------------------------------------------------------
+
+    async def test_nacked_delivery_comes_back_with_a_higher_attempt(self) -> None:
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t:
+            (msg,) = make_messages(1)
+            async with t.subscribe(topic, group) as sub:
+                await t.publish(topic, [msg])
+                (first,) = await collect(sub, 1, timeout=self.arrival_timeout, ack=False)
+                assert first.attempt == 1
+                await first.nack()
+                (second,) = await collect(sub, 1, timeout=self.arrival_timeout, ack=False)
+                assert second.message.id == msg.id
+                assert second.message.body == msg.body
+                assert second.attempt == 2
+                await second.ack()
+                await self.assert_quiet(sub)
+
+    async def test_nack_with_delay_holds_the_message_back(self) -> None:
+        topic, group = self.unique("topic"), self.unique("group")
+        delay = 1.5
+        async with self.make_transport() as t, t.subscribe(topic, group) as sub:
+            await t.publish(topic, make_messages(1))
+            (first,) = await collect(sub, 1, timeout=self.arrival_timeout, ack=False)
+            started = time.monotonic()
+            await first.nack(delay=delay)
+            early = await sub.receive(1, timeout=delay * 0.5)
+            assert early == [], "redelivered before its delay"
+            (again,) = await collect(sub, 1, timeout=delay + self.arrival_timeout)
+            assert time.monotonic() - started >= delay * 0.8
+            assert again.attempt == 2
+
+    async def test_unsettled_delivery_is_redelivered_after_its_consumer_stops(self) -> None:
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t:
+            msgs = make_messages(5)
+            async with t.subscribe(topic, group) as first:
+                await t.publish(topic, msgs)
+                got = await collect(first, 5, timeout=self.arrival_timeout, ack=False)
+                assert len(got) == 5
+                await got[0].ack()
+            # the consumer stopped with four deliveries unsettled
+            wait = t.features.redelivery_timeout + self.arrival_timeout
+            async with t.subscribe(topic, group) as second:
+                again = await collect(second, 4, timeout=wait)
+                assert sorted(d.message.id for d in again) == sorted(m.id for m in msgs[1:])
+                assert all(d.attempt >= 2 for d in again)
+                await self.assert_quiet(second)
+
+    # -- dead letters -----------------------------------------------------------------------
+
+    async def test_delivery_goes_to_dead_letter_after_max_attempts(self) -> None:
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t:
+            bad, good = make_messages(2)
+            async with (
+                t.subscribe(topic, group, max_attempts=3) as sub,
+                t.subscribe(dead_letter_topic(topic, group), self.unique("ops")) as dlq,
+            ):
+                await t.publish(topic, [bad, good])
+                attempts: list[int] = []
+                good_seen = False
+
+                async def handled() -> bool:
+                    nonlocal good_seen
+                    for d in await sub.receive(10, timeout=0.5):
+                        if d.message.id == bad.id:
+                            attempts.append(d.attempt)
+                            await d.nack(reason="boom: handler raised")
+                        else:
+                            good_seen = True
+                            await d.ack()
+                    return len(attempts) >= 3 and good_seen
+
+                await eventually(
+                    handled,
+                    self.arrival_timeout * 2,
+                    what=lambda: (
+                        f"attempts {attempts} of the failing one, the other seen: "
+                        f"{good_seen} (a failing message must not block an unrelated one)"
+                    ),
+                )
+                assert attempts == [1, 2, 3]
+                (dead,) = await collect(dlq, 1, timeout=self.arrival_timeout)
+                assert dead.message.id == bad.id
+                assert dead.message.body == bad.body
+                assert "boom: handler raised" in dead.message.headers[DEAD_LETTER_REASON]
+                assert dead.message.headers[DEAD_LETTER_TOPIC] == topic
+                assert dead.message.headers[DEAD_LETTER_GROUP] == group
+                assert dead.message.headers[DEAD_LETTER_ATTEMPTS] == "3"
+                await self.assert_quiet(sub)
+
+    async def test_dead_letter_moves_a_delivery_at_once_and_keeps_it_until_read(self) -> None:
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t:
+            async with t.subscribe(topic, group) as sub:
+                await t.publish(
+                    topic, [TransportMessage(id=str(uuid.uuid4()), body=b"\xff not json")]
+                )
+                (d,) = await collect(sub, 1, timeout=self.arrival_timeout, ack=False)
+                await d.dead_letter("MalformedMessage: not UTF-8 JSON")
+                await self.assert_quiet(sub)
+            # nobody was reading the dead-letter topic when it arrived there
+            async with t.subscribe(dead_letter_topic(topic, group), self.unique("ops")) as dlq:
+                (dead,) = await collect(dlq, 1, timeout=self.arrival_timeout)
+                assert dead.message.body == b"\xff not json"
+                assert dead.message.headers[DEAD_LETTER_REASON].startswith("MalformedMessage")
+
+    async def test_every_dead_letter_is_logged_once_with_its_reason(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        topic, group = self.unique("topic"), self.unique("group")
+        caplog.set_level(logging.WARNING, logger="msdata.deadletter")
+        event = json.dumps({"specversion": "1.0", "type": "test.Thing", "id": "e-1"}).encode()
+        bad = TransportMessage(id=str(uuid.uuid4()), body=b"\xff not json")
+        failing = TransportMessage(id=str(uuid.uuid4()), body=event)
+        async with self.make_transport() as t, t.subscribe(topic, group, max_attempts=2) as sub:
+            await t.publish(topic, [bad, failing])
+            settled = 0
+
+            async def all_settled() -> bool:
+                nonlocal settled
+                for d in await sub.receive(10, timeout=0.5):
+                    settled += 1
+                    if d.message.id == bad.id:
+                        await d.dead_letter("MalformedMessage: not UTF-8\nsecond line")
+                    else:
+                        await d.nack(reason="boom")
+                return settled >= 3
+
+            await eventually(all_settled, self.arrival_timeout * 2, what="three settlements")
+            assert settled == 3
+        records = {r.msdata_message_id: r for r in caplog.records if r.name == "msdata.deadletter"}  # type: ignore[attr-defined]
+        dead_lines = [r for r in caplog.records if r.name == "msdata.deadletter"]
+        assert len(dead_lines) == 2, [r.getMessage() for r in dead_lines]
+        for record in dead_lines:
+            assert record.levelno == logging.WARNING
+            assert record.msdata_topic == topic  # type: ignore[attr-defined]
+            assert record.msdata_group == group  # type: ignore[attr-defined]
+        first, second = records[bad.id], records[failing.id]
+        assert first.msdata_reason == "MalformedMessage: not UTF-8 second line"  # type: ignore[attr-defined]
+        assert first.msdata_attempts == 1  # type: ignore[attr-defined]
+        assert first.msdata_type is None  # type: ignore[attr-defined]
+        assert second.msdata_reason == "boom"  # type: ignore[attr-defined]
+        assert second.msdata_attempts == 2  # type: ignore[attr-defined]
+        assert second.msdata_type == "test.Thing"  # type: ignore[attr-defined]
+        assert bad.id in first.getMessage() and "test.Thing" in second.getMessage()
+
+    # -- order ------------------------------------------------------------------------------
+
+    async def test_order_per_key_holds_with_competing_consumers_and_redeliveries(self) -> None:
+        topic, group = self.unique("topic"), self.unique("group")
+        keys = [f"order-{i}" for i in range(4)]
+        per_key = 30
+        sent: dict[str, list[str]] = {k: [] for k in keys}
+        batch: list[TransportMessage] = []
+        for i in range(per_key):
+            for k in keys:
+                m = TransportMessage(id=str(uuid.uuid4()), body=f'{{"i":{i}}}'.encode(), key=k)
+                sent[k].append(m.id)
+                batch.append(m)
+        rng = random.Random(7)
+        handled: dict[str, list[str]] = {k: [] for k in keys}
+        total = len(batch)
+        async with self.make_transport() as t:
+            if not t.features.ordered_per_key:
+                pytest.skip("this transport does not keep order per key")
+            async with (
+                t.subscribe(topic, group, max_attempts=100, prefetch=20) as a,
+                t.subscribe(topic, group, max_attempts=100, prefetch=20) as b,
+            ):
+                await t.publish(topic, batch)
+
+                async def consume(sub: Subscription) -> None:
+                    while sum(map(len, handled.values())) < total:
+                        for d in await sub.receive(20, timeout=0.2):
+                            key = d.message.key
+                            assert key is not None
+                            await asyncio.sleep(rng.random() / 1000)
+                            if rng.random() < 0.15:
+                                await d.nack()
+                            else:
+                                handled[key].append(d.message.id)
+                                await d.ack()
+
+                await asyncio.wait_for(
+                    asyncio.gather(consume(a), consume(b)), timeout=self.arrival_timeout * 6
+                )
+        assert handled == sent
+
+    # -- misuse -----------------------------------------------------------------------------
+
+    async def test_settling_after_close_raises_and_the_delivery_comes_back(self) -> None:
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t:
+            async with t.subscribe(topic, group) as sub:
+                await t.publish(topic, make_messages(1))
+                (d,) = await collect(sub, 1, timeout=self.arrival_timeout, ack=False)
+            with pytest.raises(TransportClosed):
+                await d.ack()
+            wait = t.features.redelivery_timeout + self.arrival_timeout
+            async with t.subscribe(topic, group) as again:
+                (back,) = await collect(again, 1, timeout=wait)
+                assert back.message.id == d.message.id
+
+    async def test_settling_twice_does_nothing_more(self) -> None:
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t, t.subscribe(topic, group) as sub:
+            await t.publish(topic, make_messages(2))
+            got = await collect(sub, 2, timeout=self.arrival_timeout, ack=False)
+            for d in got:
+                await d.ack()
+                await d.ack()
+                await d.nack()
+            await self.assert_quiet(sub)
+
+    async def test_bad_topic_and_group_names_are_rejected(self) -> None:
+        async with self.make_transport() as t:
+            for bad in ["", "has space", "x" * 300, "semi;colon", "../etc", "*", ">"]:
+                with pytest.raises(ConfigurationError):
+                    t.subscribe(bad, "g")
+                with pytest.raises(ConfigurationError):
+                    t.subscribe("t", bad)
+            # a dot in a group would make two groups' dead-letter topics collide
+            for bad_group in ["eu.billing", "g" * 41]:
+                with pytest.raises(ConfigurationError):
+                    t.subscribe("t", bad_group)
+
+    async def test_publish_after_close_raises_a_msdata_error(self) -> None:
+        async with self.make_transport() as t:
+            await t.close()
+            with pytest.raises(MsdataError):
+                await t.publish(self.unique("topic"), make_messages(1))
+
+
+class TransportRestartConformance:
+    """The broker-restart case (watermill's ``TestReconnect``), for a transport whose
+    :attr:`~msdata.transport.TransportFeatures.restart` hook a test harness set: it owns the
+    broker and can stop and start it. Kept apart from :class:`TransportConformance` because
+    it needs a broker of its own and takes seconds.
+
+    A publisher and a consumer run on one transport and one subscription while the broker is
+    killed (SIGKILL) and, later, stopped cleanly, each time with a backlog of confirmed
+    messages waiting in it. Every message whose publish was confirmed must be delivered, a
+    batch that was not confirmed is published again (same ids), and the same publisher and
+    subscription carry on by themselves after each restart.
+    """
+
+    #: messages received before the first restart, and confirmed after each one
+    traffic: int = 200
+    #: confirmed messages waiting in the broker (the consumer held back) when it goes down
+    backlog: int = 300
+    #: seconds to wait for each of those (brokers reconnect with their own back-off)
+    timeout: float = 60.0
+
+    def make_transport(self) -> AbstractAsyncContextManager[Transport]:
+        raise NotImplementedError
+
+    def assert_outage_seen(self, transport: Transport, publish_failures: int) -> None:
+        """The restarts were seen by the client (else the case proved nothing). By default:
+        a publish failed during them; a backend whose client buffers through a short outage
+        checks its reconnect count instead."""
+        assert publish_failures > 0, "no publish failed: the outage was not observed"
+
+    async def test_confirmed_messages_survive_broker_restarts(self) -> None:
+        topic, group = f"restart-{uuid.uuid4().hex[:10]}", "billing"
+        confirmed: set[str] = set()
+        received: set[str] = set()
+        failures = 0
+        publishing = asyncio.Event()
+        publishing.set()
+        consuming = asyncio.Event()
+        consuming.set()
+
+        async with self.make_transport() as t:
+            restart = t.features.restart
+            if restart is None:
+                pytest.skip("no restart hook in this transport's features")
+
+            async def produce() -> None:
+                nonlocal failures
+                n = 0
+                while publishing.is_set():
+                    # keyed and keyless: an ordered group reads its key partitions and the rest
+                    batch = [*make_messages(10), *make_messages(10, key=f"order-{n % 7}")]
+                    n += 1
+                    while True:  # not confirmed: publish the same batch again
+                        try:
+                            await t.publish(topic, batch)
+                            break
+                        except MsdataError:
+                            failures += 1
+                            await asyncio.sleep(0.1)
+                    confirmed.update(m.id for m in batch)
+                    await asyncio.sleep(0.005)
+
+            async with t.subscribe(topic, group) as sub:
+
+                async def consume() -> None:
+                    while True:
+                        await consuming.wait()
+                        for d in await sub.receive(100, timeout=0.3):
+                            received.add(d.message.id)
+                            await d.ack()
+
+                consumer = asyncio.create_task(consume())
+                producer = asyncio.create_task(produce())
+                try:
+                    await eventually(
+                        lambda: len(received) >= self.traffic,
+                        self.timeout,
+                        what="traffic before the restarts",
+                    )
+                    for kill in (True, False):
+                        # hold the consumer back: confirmed messages wait in the broker
+                        consuming.clear()
+                        await eventually(
+                            lambda: len(confirmed - received) >= self.backlog,
+                            self.timeout,
+                            what=f"a backlog of {self.backlog} confirmed messages",
+                        )
+                        down: asyncio.Future[None] = asyncio.ensure_future(restart(kill))
+                        await asyncio.sleep(0.1)
+                        consuming.set()  # it receives through the outage
+                        await down
+                        before = len(confirmed)
+                        await eventually(
+                            lambda before=before: len(confirmed) >= before + self.traffic,  # type: ignore[misc]
+                            self.timeout,
+                            what="publishing to resume after the restart",
+                        )
+                    publishing.clear()
+                    await producer
+                    await eventually(
+                        lambda: confirmed <= received,
+                        self.timeout,
+                        what="every confirmed message to be delivered",
+                    )
+                    assert not consumer.done(), "the consumer's loop ended"
+                finally:
+                    publishing.clear()
+                    for task in (producer, consumer):
+                        task.cancel()
+                    results = await asyncio.gather(producer, consumer, return_exceptions=True)
+            for result in results:
+                if not isinstance(result, asyncio.CancelledError | type(None)):
+                    raise AssertionError(f"the publisher or consumer failed: {result!r}")
+            self.assert_outage_seen(t, failures)
+        lost = confirmed - received
+        assert not lost, f"{len(lost)} confirmed messages were never delivered"
+        assert len(confirmed) >= self.traffic + 2 * (self.backlog + self.traffic)
