@@ -44,9 +44,9 @@ from msdata.outbox import Outbox, OutboxRelay
 from msdata.projections import Projection, ProjectionRunner
 from msdata.storage import DEFAULT_TABLE_PREFIX, bind_connection, current_connection
 from msdata.transport import Transport, check_name
-from msdata.urls import store_from_url, transport_from_url
+from msdata.urls import redact_url, store_from_url, transport_from_url
 
-__all__ = ["Service", "redact_url"]
+__all__ = ["Service"]
 
 log = logging.getLogger("msdata.service")
 
@@ -63,13 +63,6 @@ _BACKENDS = {
 
 # the service whose transaction this task is in (a nested transaction() would deadlock)
 _in_transaction: ContextVar[Service | None] = ContextVar("msdata_service_tx", default=None)
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its user name and password replaced by ``***`` (for messages and logs)."""
-    from msdata.urls import _redacted
-
-    return _redacted(url)
 
 
 def _backend(url: str) -> str:
