@@ -114,7 +114,7 @@ def _run(urls: Callable[[dict[str, Any]], Sequence[str]] | None = None) -> Calla
             except click.exceptions.Exit:
                 raise
             except Exception as e:
-                _err.print(f"error: {_describe(e, shown)}", markup=False)
+                _err.print(f"error: {_describe(e, shown + _app_urls)}", markup=False)
                 sys.exit(FAILED)
 
         return wrapper
@@ -580,6 +580,10 @@ async def dlq_replay(
 # -- projections ---------------------------------------------------------------------------
 
 
+#: the database URLs of services loaded with --app, for error messages
+_app_urls: list[str] = []
+
+
 def _load_app(spec: str) -> Any:
     """The Service at ``module:attr`` (the current directory is on the import path)."""
     from msdata.service import Service
@@ -602,6 +606,7 @@ def _load_app(spec: str) -> Any:
         obj = obj()
     if not isinstance(obj, Service):
         _fail(f"{spec} is a {type(obj).__name__}, not an msdata Service")
+    _app_urls.append(obj.db)
     return obj
 
 

@@ -172,6 +172,7 @@ class Service:
         self._given_stores = dict(stores or {})
         self._stores: dict[str, Any] = dict(self._given_stores)
         self._needed: set[str] = {"outbox"}
+        self._state = "new"
         # transactions
         self._transactions: Any = None
         if transaction is not None:
@@ -232,7 +233,6 @@ class Service:
         self._stats: dict[str, _ConsumerStats] = {}
         self._subscriptions: list[tuple[str, str]] = []
         self._workers: list[tuple[str, Callable[[], Awaitable[None]], Callable[[], Any]]] = []
-        self._state = "new"
         self._stop_steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = []
         self._closed = False
         self._stop_requested: asyncio.Event | None = None
@@ -242,8 +242,15 @@ class Service:
     def store(self, port: str) -> Any:
         """The service's store for ``port`` (``outbox``, ``inbox``, ``eventstore``,
         ``checkpoints``, ``sagas``…), made from ``db`` on first use; its schema is created
-        at start."""
+        at start, so a store first asked for after start raises ConfigurationError (unless
+        ``create_schema=False``)."""
         if port not in self._stores:
+            if self._state != "new" and self.create_schema:
+                raise ConfigurationError(
+                    f"service {self.name!r}: use the {port} store (or what needs it: "
+                    "events, inbox, projections) before the service starts, so that start() "
+                    "creates its tables"
+                )
             options: dict[str, Any] = {}
             if self.backend != "memory":
                 options["table_prefix"] = self.table_prefix
