@@ -38,6 +38,10 @@ STORES: dict[tuple[str, str], str] = {
     ("checkpoints", "memory"): "msdata.adapters.memory.checkpoints:MemoryCheckpointStore",
     ("checkpoints", "sqlite"): "msdata.adapters.sqlite.checkpoints:SqliteCheckpointStore",
     ("checkpoints", "postgresql"): "msdata.adapters.postgres.checkpoints:PostgresCheckpointStore",
+    ("idempotency", "memory"): "msdata.adapters.memory.idempotency:MemoryIdempotencyStore",
+    ("idempotency", "sqlite"): "msdata.adapters.sqlite.idempotency:SqliteIdempotencyStore",
+    ("idempotency", "postgresql"): "msdata.adapters.postgres.idempotency:PostgresIdempotencyStore",
+    ("idempotency", "redis"): "msdata.adapters.redis.idempotency:RedisIdempotencyStore",
 }
 
 #: URL scheme (before any ``+driver``) -> backend name in :data:`STORES`
@@ -46,6 +50,8 @@ _STORE_SCHEMES = {
     "sqlite": "sqlite",
     "postgresql": "postgresql",
     "postgres": "postgresql",
+    "redis": "redis",
+    "rediss": "redis",
 }
 
 

@@ -294,16 +294,32 @@ _PLACEHOLDER = re.compile(r"\{(\d+)\}")
 
 
 class CallerSQL:
-    """One statement with positional placeholders ``{0}``, ``{1}``..., rendered once for
-    each driver's parameter style and run on a caller's connection, in its transaction
-    (never committing or rolling it back)."""
+    """One statement with placeholders ``{0}``, ``{1}``... (each may appear more than
+    once), rendered once for each driver's parameter style and run on a caller's
+    connection, in its transaction (never committing or rolling it back)."""
 
-    __slots__ = ("_asyncpg", "_psycopg", "_sa_sql", "_text", "what")
+    __slots__ = (
+        "_asyncpg",
+        "_named",
+        "_psycopg",
+        "_sa_sql",
+        "_text",
+        "in_transaction",
+        "what",
+    )
 
-    def __init__(self, template: str, what: str) -> None:
+    def __init__(self, template: str, what: str, *, in_transaction: bool = False) -> None:
         self.what = what
+        #: refuse a connection with no open transaction (see :func:`check_in_transaction`)
+        self.in_transaction = in_transaction
         self._asyncpg = _PLACEHOLDER.sub(lambda m: f"${int(m[1]) + 1}", template)
-        self._psycopg = _PLACEHOLDER.sub("%s", template)
+        # positional when each placeholder appears once, in order; named otherwise
+        order = [int(i) for i in _PLACEHOLDER.findall(template)]
+        self._named = order != list(range(len(order)))
+        if self._named:
+            self._psycopg = _PLACEHOLDER.sub(lambda m: f"%(p{m[1]})s", template)
+        else:
+            self._psycopg = _PLACEHOLDER.sub("%s", template)
         self._text: Any = None
         self._sa_sql = _PLACEHOLDER.sub(lambda m: f":p{m[1]}", template)
 
@@ -318,12 +334,17 @@ class CallerSQL:
     def _sa_params(args: Sequence[Any]) -> dict[str, Any]:
         return {f"p{i}": a for i, a in enumerate(args)}
 
+    def _psycopg_args(self, args: Sequence[Any]) -> Any:
+        return self._sa_params(args) if self._named else args
+
     def run(self, conn: Any, args: Sequence[Any], *, fetch: bool = False) -> Any:
         """Run on a sync connection; with ``fetch``, return the first row or None."""
         driver = driver_of(conn, want_async=False)
+        if self.in_transaction:
+            check_in_transaction(conn, driver)
         if driver is Driver.PSYCOPG:
             with map_errors(self.what, _driver_errors(driver), pipelined=conn):
-                cur = conn.execute(self._psycopg, args)
+                cur = conn.execute(self._psycopg, self._psycopg_args(args))
                 return cur.fetchone() if fetch else None
         with map_errors(self.what, _driver_errors(driver)):
             result = conn.execute(self._sa(), self._sa_params(args))
@@ -332,6 +353,8 @@ class CallerSQL:
     async def run_async(self, conn: Any, args: Sequence[Any], *, fetch: bool = False) -> Any:
         """Run on an async connection; with ``fetch``, return the first row or None."""
         driver = driver_of(conn, want_async=True)
+        if self.in_transaction:
+            check_in_transaction(conn, driver)
         if driver is Driver.ASYNCPG:
             with map_errors(self.what, _driver_errors(driver)):
                 if fetch:
@@ -340,7 +363,7 @@ class CallerSQL:
                 return None
         if driver is Driver.PSYCOPG_ASYNC:
             with map_errors(self.what, _driver_errors(driver), pipelined=conn):
-                cur = await conn.execute(self._psycopg, args)
+                cur = await conn.execute(self._psycopg, self._psycopg_args(args))
                 return await cur.fetchone() if fetch else None
         with map_errors(self.what, _driver_errors(driver)):
             result = await conn.execute(self._sa(), self._sa_params(args))
