@@ -331,3 +331,18 @@ def test_signal_stops_the_process_cleanly_and_releases_the_relay(
         assert conn.execute("SELECT COUNT(*) FROM msdata_outbox_relay").fetchone()[0] == 0
         left = conn.execute("SELECT COUNT(*) FROM msdata_outbox WHERE state = 0").fetchone()[0]
     assert 0 < left < 2000  # stopped mid-backlog, after publishing some
+
+
+async def test_idempotency_keys_on_the_service_database(tmp_path: Path) -> None:
+    service = Service("solo", db=f"sqlite:///{tmp_path}/i.db", registry=registry)
+    keys = service.idempotency  # before start: its table is created at start
+    runs: list[int] = []
+
+    async def charge() -> int:
+        runs.append(1)
+        return 42
+
+    async with service:
+        assert await keys.run("k-1", charge, request={"amount": 42}) == 42
+        assert await keys.run("k-1", charge, request={"amount": 42}) == 42
+    assert runs == [1]

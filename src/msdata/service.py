@@ -37,6 +37,7 @@ from msdata.cqrs import CommandBus, QueryBus
 from msdata.errors import ConfigurationError, HandlerAlreadyRegistered
 from msdata.events import EventBus
 from msdata.eventstore import EventLog
+from msdata.idempotency import IdempotencyKeys
 from msdata.inbox import Inbox
 from msdata.messages import Command, Envelope, Event, Message, MessageRegistry, Query
 from msdata.middleware import Middleware
@@ -225,6 +226,7 @@ class Service:
         self.commands = CommandBus(registry=registry, source=name)
         self.queries = QueryBus(registry=registry, source=name)
         self._inbox: Inbox | None = None
+        self._idempotency: IdempotencyKeys | None = None
         self._event_log: EventLog | None = None
         #: projections by name, with their runners
         self.projections: dict[str, ProjectionRunner] = {}
@@ -306,6 +308,16 @@ class Service:
         if self._inbox is None:
             self._inbox = Inbox(self.store("inbox"))
         return self._inbox
+
+    @property
+    def idempotency(self) -> IdempotencyKeys:
+        """Idempotency keys on the service's database (store made on first use; its table
+        created at start): ``await service.idempotency.run(key, operation, request=…)``,
+        or the ASGI middleware ``IdempotencyMiddleware(app, keys=service.idempotency,
+        owner=…)``."""
+        if self._idempotency is None:
+            self._idempotency = IdempotencyKeys(self.store("idempotency"))
+        return self._idempotency
 
     @property
     def events(self) -> EventLog:
