@@ -497,10 +497,9 @@ class Service:
             await self.bus.start()
             self._stop_steps.append(("consumers", self.bus.stop))
             for name, runner in self.projections.items():
-                if name in self._bus_fed:
-                    await runner.start()
-                    continue
-                self._start_worker(f"projection {name}", runner.run, runner.stop)
+                await runner.start()  # its generation is known (and set up) once start returns
+                if name not in self._bus_fed:
+                    self._start_worker(f"projection {name}", runner.run, runner.stop)
             for name, run, stop in self._workers:
                 self._start_worker(name, run, stop)
         except BaseException:
