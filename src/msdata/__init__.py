@@ -35,8 +35,8 @@ from msdata.messages import (
 )
 from msdata.middleware import Middleware, logging_middleware, retry, timing
 from msdata.outbox import Inbox, Outbox, OutboxRelay
-from msdata.service import Service
 from msdata.serialization import CloudEventsCodec
+from msdata.service import Service
 from msdata.transport import Publisher, Subscriber, Transport, TransportMessage
 from msdata.urls import transport_from_url
 
