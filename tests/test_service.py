@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from msdata import Command, Event, MessageRegistry
-from msdata.errors import ConfigurationError, HandlerAlreadyRegistered
+from msdata.errors import ConfigurationError, HandlerAlreadyRegistered, TransportError
 from msdata.messages import message_type
 from msdata.service import Service
 from msdata.storage import current_connection
@@ -346,3 +346,14 @@ async def test_idempotency_keys_on_the_service_database(tmp_path: Path) -> None:
         assert await keys.run("k-1", charge, request={"amount": 42}) == 42
         assert await keys.run("k-1", charge, request={"amount": 42}) == 42
     assert runs == [1]
+
+
+async def test_a_part_that_fails_to_start_stops_the_started_ones(tmp_path: Path) -> None:
+    service = Service(
+        "solo", db=f"sqlite:///{tmp_path}/s.db", broker="redis://127.0.0.1:1/0", registry=registry
+    )
+    service.subscribe(OrderPlaced, lambda e: None)
+    with pytest.raises(TransportError):
+        await service.start()
+    assert service.relay is not None and not service.relay.running
+    assert (await service.health())["status"] == "stopped"

@@ -207,8 +207,7 @@ class Service:
             source=name,
             registry=registry,
             middleware=middleware,
-            stop_timeout=stop_timeout,
-            **dict(bus_options or {}),
+            **{"stop_timeout": stop_timeout, **dict(bus_options or {})},
         )
         self.registry = self.bus.registry
         self.outbox = Outbox(self.store("outbox"), registry=self.registry, source=name)
@@ -217,8 +216,7 @@ class Service:
                 self.store("outbox"),
                 self.transport,
                 codec=self.bus.codec,
-                stop_timeout=stop_timeout,
-                **dict(relay_options or {}),
+                **{"stop_timeout": stop_timeout, **dict(relay_options or {})},
             )
             if relay
             else None
