@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from msdata.messages import Envelope, Message, MessageRegistry, default_registry, make_envelope
-from msdata.outbox.store import OutboxRow, OutboxStore
+from msdata.outbox.store import OutboxRow, OutboxWriteStore
 from msdata.serialization import CloudEventsCodec
 from msdata.transport import check_name
 
@@ -39,7 +39,7 @@ class Outbox:
 
     def __init__(
         self,
-        store: OutboxStore,
+        store: OutboxWriteStore,
         *,
         codec: CloudEventsCodec | None = None,
         registry: MessageRegistry | None = None,

@@ -6,8 +6,8 @@ is a class that owns a :class:`PostgresDatabase` and holds its SQL::
     class PostgresThingStore:
         def __init__(self, pool_or_dsn, *, table_prefix=DEFAULT_TABLE_PREFIX, schema=None):
             self._db = PostgresDatabase(pool_or_dsn, schema=schema, kind="thing store")
-            self._prefix = check_table_prefix(table_prefix)
-            self.table = self._db.qualified(f"{self._prefix}thing")
+            self.table_prefix = check_table_prefix(table_prefix)
+            self.table = self._db.qualified(f"{self.table_prefix}thing")
             self._put = CallerSQL(f"INSERT INTO {self.table} (k) VALUES ({{0}})", "thing put")
 
         def schema_sql(self) -> str:
@@ -46,7 +46,10 @@ What the kernel gives:
   the caller's connection, in its open transaction, for every driver form: psycopg sync and
   async, asyncpg (a connection or a pool's proxy), SQLAlchemy ``Session``/``Connection`` and
   their async forms. :func:`driver_of` tells them apart and refuses a sync connection in an
-  async call and the other way round.
+  async call and the other way round; an asyncpg connection outside a transaction, or a
+  psycopg one in autocommit mode outside ``conn.transaction()``, is refused
+  (ConfigurationError): the write would commit on its own. (SQLAlchemy sessions and
+  connections begin their transaction themselves.)
 - :class:`map_errors`: the one place driver errors become msdata errors (``raise … from
   e``): an undefined table, function or schema is :class:`SchemaError`, anything else
   :class:`StoreError`.
@@ -343,6 +346,7 @@ class CallerSQL:
         if self.in_transaction:
             check_in_transaction(conn, driver)
         if driver is Driver.PSYCOPG:
+            check_in_transaction(conn, driver)
             with map_errors(self.what, _driver_errors(driver), pipelined=conn):
                 cur = conn.execute(self._psycopg, self._psycopg_args(args))
                 return cur.fetchone() if fetch else None
@@ -356,12 +360,14 @@ class CallerSQL:
         if self.in_transaction:
             check_in_transaction(conn, driver)
         if driver is Driver.ASYNCPG:
+            check_in_transaction(conn, driver)
             with map_errors(self.what, _driver_errors(driver)):
                 if fetch:
                     return await conn.fetchrow(self._asyncpg, *args)
                 await conn.execute(self._asyncpg, *args)
                 return None
         if driver is Driver.PSYCOPG_ASYNC:
+            check_in_transaction(conn, driver)
             with map_errors(self.what, _driver_errors(driver), pipelined=conn):
                 cur = await conn.execute(self._psycopg, self._psycopg_args(args))
                 return await cur.fetchone() if fetch else None

@@ -51,11 +51,13 @@ import contextlib
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConfigurationError, SchemaError, StoreError
 from msdata.storage import DEFAULT_TABLE_PREFIX, Connection, check_table_prefix
 
@@ -123,16 +125,16 @@ class DatabaseBusy(StoreError):
     for an inline call, which never waits)."""
 
 
-def _translate(e: sqlite3.Error) -> StoreError:
-    text = str(e)
+def _translate(e: sqlite3.Error, what: str) -> StoreError:
+    text = f"SQLite {what}: {e}" if what else f"SQLite: {e}"
     if "no such table" in text or "no such column" in text:
         return SchemaError(f"{text}: run create_schema() or apply schema_sql()")
     if (
         isinstance(e, sqlite3.OperationalError)
         and getattr(e, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
     ):
-        return DatabaseBusy(f"SQLite: {text}")
-    return StoreError(f"SQLite: {text}")
+        return DatabaseBusy(text)
+    return StoreError(text)
 
 
 class map_errors:
@@ -140,9 +142,9 @@ class map_errors:
     (:class:`SchemaError`, :class:`DatabaseBusy` or :class:`StoreError`), raised ``from``
     the driver's error; msdata errors and anything else pass through unchanged.
 
-    ``what`` names the operation; it is kept for the error's context (SQLite's message
-    already says what failed). A class, not a generator, so entering costs next to
-    nothing on the write path."""
+    ``what`` names the operation in the message (``SQLite outbox append: database is
+    locked``). A class, not a generator, so entering costs next to nothing on the write
+    path."""
 
     __slots__ = ("what",)
 
@@ -159,8 +161,10 @@ class map_errors:
         tb: TracebackType | None,
     ) -> None:
         if exc is not None and isinstance(exc, sqlite3.Error):
-            raise _translate(exc) from exc
+            raise _translate(exc, self.what) from exc
 
+
+_ANY_ERRORS = map_errors()  # stateless: one for every call the store runs
 
 _sa_types: tuple[type[Any], type[Any]] | bool | None = False
 
@@ -219,6 +223,8 @@ class SqliteDatabase:
     ``busy_timeout``: seconds a call in the store's thread waits for the write lock.
     ``inline`` (default: True under OFF or NORMAL, where a commit does not wait for the
     disk): calls made with ``run(fn, inline=True)`` may run on the event loop's thread.
+    ``clock``: where the store reads time; :meth:`wall` gives it as Unix seconds, the form
+    the tables store.
     """
 
     def __init__(
@@ -229,6 +235,7 @@ class SqliteDatabase:
         synchronous: str = "NORMAL",
         busy_timeout: float = 30.0,
         inline: bool | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.path = os.fspath(path)
         if not self.path or self.path == ":memory:" or self.path.startswith("file:"):
@@ -245,6 +252,12 @@ class SqliteDatabase:
         self._commits = 0  # write transactions since the last checkpoint
         self._checkpointing: asyncio.Task[None] | None = None
         self._closed = False
+        self.clock = clock
+        #: the clock's time in Unix seconds (``time.time`` itself for the system clock:
+        #: read on every append and claim)
+        self.wall: Callable[[], float] = (
+            time.time if clock is SYSTEM_CLOCK else lambda: clock.now().timestamp()
+        )
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Self:
@@ -292,7 +305,7 @@ class SqliteDatabase:
             raise StoreError("the SQLite store is closed")
         if inline and self.inline and not self._in_thread:
             try:
-                with map_errors():
+                with _ANY_ERRORS:
                     return fn(self._connection())
             except DatabaseBusy:
                 pass  # another connection writes: wait for it in the store's thread
@@ -336,7 +349,7 @@ class SqliteDatabase:
             log.warning("SQLite checkpoint of %s failed: %s", self.path, error)
 
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        with map_errors():
+        with _ANY_ERRORS:
             conn = self._connection()
             if not self.inline:
                 return fn(conn)
