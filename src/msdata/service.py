@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.cqrs import CommandBus, QueryBus
 from msdata.errors import ConfigurationError, HandlerAlreadyRegistered
 from msdata.events import EventBus
@@ -139,7 +140,8 @@ class Service:
     factory yielding a connection with an open transaction); ``pool_size``: the PostgreSQL
     pool's maximum size; ``relay``: run an outbox relay in this process (default True);
     ``stop_timeout``: seconds each part gets to stop; ``bus_options`` / ``relay_options``:
-    keyword arguments for :class:`EventBus` / :class:`OutboxRelay`.
+    keyword arguments for :class:`EventBus` / :class:`OutboxRelay`; ``clock``: given to the
+    relay, the projection runners and the idempotency keys (a ``FakeClock`` in tests).
 
     Raises :class:`ConfigurationError` for a bad name or URL (never showing credentials).
     """
@@ -162,6 +164,7 @@ class Service:
         middleware: tuple[Middleware, ...] = (),
         bus_options: Mapping[str, Any] | None = None,
         relay_options: Mapping[str, Any] | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.name = check_name("group", name)
         self.db = db if db is not None else f"sqlite:///{name}.db"
@@ -169,6 +172,7 @@ class Service:
         self.table_prefix = table_prefix
         self.schema = schema
         self.stop_timeout = stop_timeout
+        self.clock = clock
         self.create_schema = create_schema
         self._given_stores = dict(stores or {})
         self._stores: dict[str, Any] = dict(self._given_stores)
@@ -216,7 +220,7 @@ class Service:
                 self.store("outbox"),
                 self.transport,
                 codec=self.bus.codec,
-                **{"stop_timeout": stop_timeout, **dict(relay_options or {})},
+                **{"stop_timeout": stop_timeout, "clock": clock, **dict(relay_options or {})},
             )
             if relay
             else None
@@ -314,7 +318,7 @@ class Service:
         or the ASGI middleware ``IdempotencyMiddleware(app, keys=service.idempotency,
         owner=…)``."""
         if self._idempotency is None:
-            self._idempotency = IdempotencyKeys(self.store("idempotency"))
+            self._idempotency = IdempotencyKeys(self.store("idempotency"), clock=self.clock)
         return self._idempotency
 
     @property
@@ -444,6 +448,7 @@ class Service:
             else EventLog(self.store("eventstore"), registry=self.registry, source=self.name),
             self.store("checkpoints"),
             self._transaction,
+            clock=self.clock,
         )
         if from_bus:
             g = check_name("group", group or f"{self.name}-{projection.name}")
