@@ -3,8 +3,8 @@ backlog through a slow broker.
 
     python tests/service_worker.py DB_URL ROWS [SCHEMA]
 
-Adds ROWS outbox messages, runs ``service.serve()`` (what ``run()`` runs), prints ``PUBLISHING`` at the first
-publish, and exits when SIGTERM or SIGINT stops the service.
+Adds ROWS outbox messages, runs ``service.serve()`` (what ``run()`` runs), prints
+``PUBLISHING`` at the first publish, and exits when SIGTERM or SIGINT stops the service.
 """
 
 from __future__ import annotations
