@@ -58,6 +58,58 @@ class PostgresHooks:
     async def rollback(self, tx: _Tx) -> None:
         await tx.end(False)
 
+    @asynccontextmanager
+    async def connections_without_transaction(
+        self, store: Any
+    ) -> AsyncIterator[list[tuple[str, Any, bool]]]:
+        """Every caller-connection form, in autocommit mode with no transaction open."""
+        import psycopg
+        from sqlalchemy import create_engine
+        from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+        from sqlalchemy.orm import Session
+
+        bare = self.url.partition("://")[2]
+        pool = await asyncpg.create_pool(self.url, min_size=1, max_size=1)
+        engine = create_engine(f"postgresql+psycopg://{bare}", isolation_level="AUTOCOMMIT")
+        on_asyncpg = create_async_engine(
+            f"postgresql+asyncpg://{bare}", isolation_level="AUTOCOMMIT"
+        )
+        on_psycopg = create_async_engine(
+            f"postgresql+psycopg://{bare}", isolation_level="AUTOCOMMIT"
+        )
+        conn = await asyncpg.connect(self.url)
+        proxy = await pool.acquire()
+        sync = psycopg.connect(self.url, autocommit=True)
+        aconn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+        session = Session(engine)
+        sa_conn = engine.connect()
+        async_session = AsyncSession(on_asyncpg)
+        async_conn = await on_psycopg.connect()
+        try:
+            yield [
+                ("asyncpg", conn, True),
+                ("asyncpg pool", proxy, True),
+                ("psycopg", sync, False),
+                ("psycopg async", aconn, True),
+                ("SQLAlchemy Session", session, False),
+                ("SQLAlchemy Connection", sa_conn, False),
+                ("SQLAlchemy AsyncSession (asyncpg)", async_session, True),
+                ("SQLAlchemy AsyncConnection (psycopg)", async_conn, True),
+            ]
+        finally:
+            session.close()
+            sa_conn.close()
+            engine.dispose()
+            await async_session.close()
+            await async_conn.close()
+            await on_asyncpg.dispose()
+            await on_psycopg.dispose()
+            sync.close()
+            await aconn.close()
+            await conn.close()
+            await pool.release(proxy)
+            await pool.close()
+
 
 def _prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}_"

@@ -66,6 +66,27 @@ class SqliteHooks:
     async def rollback(self, tx: ThreadTx) -> None:
         await tx.end(False)
 
+    @asynccontextmanager
+    async def connections_without_transaction(
+        self, store: Any
+    ) -> AsyncIterator[list[tuple[str, Any, bool]]]:
+        from sqlalchemy import create_engine
+        from sqlalchemy.orm import Session
+
+        legacy = sqlite3.connect(store.path, isolation_level=None)
+        engine = create_engine(f"sqlite:///{store.path}", isolation_level="AUTOCOMMIT")
+        session = Session(engine)
+        forms: list[tuple[str, Any, bool]] = [
+            ("sqlite3 isolation_level=None", legacy, False),
+            ("SQLAlchemy Session", session, False),
+        ]
+        try:
+            yield forms
+        finally:
+            session.close()
+            engine.dispose()
+            legacy.close()
+
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> Iterator[str]:

@@ -100,7 +100,11 @@ class MissingDependencyError(ConfigurationError, ImportError):
         if extra is None:  # a standard-library module this Python was built without
             text = f"{package!r} is missing from this Python build; msdata needs it here"
         else:
-            text = f'{package!r} is not installed; install it with: pip install "msdata[{extra}]"'
+            # msdata is installed from a checkout or a git URL, not an index (README, Install)
+            text = (
+                f"{package!r} is not installed; install msdata with the {extra!r} extra: "
+                f'pip install "<msdata checkout or git URL>[{extra}]"'
+            )
         super().__init__(text)
 
 

@@ -187,7 +187,11 @@ def message_type(
 def upcaster(
     type_name: str, *, from_version: int, registry: MessageRegistry | None = None
 ) -> Callable[[Upcaster], Upcaster]:
-    """Decorator: turn a ``from_version`` payload (a dict) into the next version's payload."""
+    """Decorator: turn a ``from_version`` payload (a dict) into the next version's payload.
+
+    Deploy the consumers that know the new version (and this upcaster) before the producers
+    that publish it: a consumer that does not know a version dead-letters it as
+    :class:`msdata.errors.UnknownSchemaVersion` (README, "Changing a message")."""
 
     def decorate(fn: Upcaster) -> Upcaster:
         (registry or default_registry).add_upcaster(type_name, from_version, fn)

@@ -108,6 +108,9 @@ class TransportFeatures:
     #: seconds after which a delivery left unacked by a consumer that died is offered again
     #: (0: as soon as the subscription closes)
     redelivery_timeout: float = 0.0
+    #: it talks to a server over the network, so the server can be unreachable (the suite's
+    #: unreachable-server case applies); False for an in-process transport
+    networked: bool = True
     #: test plumbing, set by a harness that owns the broker (watermill's
     #: ``RestartServiceCommand``): ``await restart(kill)`` stops the broker under the running
     #: transport (SIGKILL if ``kill``, else a clean stop), keeping its data, and starts it

@@ -29,7 +29,7 @@ from msdata.transport import (
 __all__ = ["MemoryDelivery", "MemorySubscription", "MemoryTransport"]
 
 FEATURES = TransportFeatures(
-    durable=False, ordered_per_key=True, native_delay=True, replays_history=False
+    durable=False, ordered_per_key=True, native_delay=True, replays_history=False, networked=False
 )
 
 

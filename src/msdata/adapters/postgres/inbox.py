@@ -58,6 +58,7 @@ class PostgresInboxStore:
             f"INSERT INTO {self.table} (consumer, message_id) VALUES ({{0}}, {{1}}) "
             "ON CONFLICT DO NOTHING RETURNING true",
             "inbox record",
+            in_transaction=True,
         )
 
     @classmethod

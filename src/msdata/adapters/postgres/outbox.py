@@ -377,8 +377,9 @@ class PostgresOutboxStore:
             # one statement, one round trip: the notification is sent when the caller commits
             wrap = "WITH ins AS ({}) SELECT pg_notify('" + self.channel + "', '')"
             one, many = wrap.format(one), wrap.format(many)
-        self._append_one = CallerSQL(one, "outbox append")
-        self._append_many = CallerSQL(many, "outbox append")
+        # in_transaction: refuse a connection on which the rows would commit on their own
+        self._append_one = CallerSQL(one, "outbox append", in_transaction=True)
+        self._append_many = CallerSQL(many, "outbox append", in_transaction=True)
 
         quiet = (
             ""

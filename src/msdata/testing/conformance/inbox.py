@@ -42,13 +42,13 @@ import pytest
 from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConfigurationError, MsdataError, SchemaError
 from msdata.inbox.store import InboxStore, InboxStoreFeatures
-from msdata.testing.conformance.outbox import StoreTime
+from msdata.testing.conformance.outbox import NoTransactionHook, StoreTime, each_refused
 from msdata.testing.fakes import FakeClock
 
 __all__ = ["InboxStoreConformance"]
 
 
-class InboxStoreConformance:
+class InboxStoreConformance(NoTransactionHook):
     """Every test here must pass on every inbox store."""
 
     # -- hooks -----------------------------------------------------------------------------
@@ -111,6 +111,20 @@ class InboxStoreConformance:
         async with self.make_inbox_store() as store:
             assert isinstance(store, InboxStore)
             assert isinstance(store.features, InboxStoreFeatures)
+
+    async def test_a_connection_with_no_open_transaction_is_refused(self) -> None:
+        async with self.make_inbox_store() as store:
+            mid = str(uuid.uuid4())
+
+            async def write(conn: Any, is_async: bool) -> None:
+                if is_async:
+                    await store.record_async(conn, "billing", mid)
+                else:
+                    store.record(conn, "billing", mid)
+
+            await each_refused(self, store, write)
+            # nothing was recorded: the first real delivery is applied
+            assert await self.apply_once(store, "billing", mid, []) is True
 
     async def test_inbox_create_schema_is_idempotent(self) -> None:
         async with self.make_inbox_store() as store:

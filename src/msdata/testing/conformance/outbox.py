@@ -63,7 +63,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
@@ -226,8 +226,62 @@ def _hook(cm_factory: Any, *args: Any) -> Any:
         pytest.skip("no fault injection for this store")
 
 
-class OutboxStoreConformance(OutboxStoreHooks):
+class NoTransactionHook:
+    """The hook the write-side suites share for the caller's-transaction rule
+    (:mod:`msdata.storage`): a write on a connection with no open transaction is refused."""
+
+    def connections_without_transaction(
+        self, store: Any
+    ) -> AbstractAsyncContextManager[Sequence[tuple[str, Any, bool]]]:
+        """Yield ``(form, connection, is_async)`` for every driver form of caller connection
+        the store's write side accepts, each connected to the store's database in autocommit
+        mode with no open transaction (as a user who forgot to open one would hold it), and
+        close them afterwards. Nothing (the default) skips the case: a store whose
+        connections are always transactions (memory)."""
+        return _no_connections()
+
+
+@asynccontextmanager
+async def _no_connections() -> Any:
+    yield ()
+
+
+async def each_refused(
+    hook: NoTransactionHook,
+    store: Any,
+    write: Callable[[Any, bool], Awaitable[Any]],
+) -> None:
+    """Try ``write(conn, is_async)`` on every connection of the hook; each must raise
+    :class:`ConfigurationError` about the transaction."""
+    async with hook.connections_without_transaction(store) as forms:
+        if not forms:
+            pytest.skip("this store has no caller connection without a transaction")
+        accepted: list[str] = []
+        for form, conn, is_async in forms:
+            try:
+                await write(conn, is_async)
+            except ConfigurationError as e:
+                assert "transaction" in str(e), f"{form}: {e}"
+            else:
+                accepted.append(form)
+        assert not accepted, f"written with no open transaction on: {accepted}"
+
+
+class OutboxStoreConformance(OutboxStoreHooks, NoTransactionHook):
     """Every test here must pass on every outbox store."""
+
+    async def test_a_connection_with_no_open_transaction_is_refused(self) -> None:
+        async with self.make_store() as store:
+            rows = make_rows(1)
+
+            async def write(conn: Any, is_async: bool) -> None:
+                if is_async:
+                    await store.append_async(conn, rows)
+                else:
+                    store.append(conn, rows)
+
+            await each_refused(self, store, write)
+            assert (await store.status()).pending == 0, "a refused row was committed"
 
     async def test_the_store_satisfies_the_port(self) -> None:
         async with self.make_store() as store:
