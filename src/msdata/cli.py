@@ -630,7 +630,9 @@ async def projections_status(app: str, as_json: bool) -> None:
     data = []
     try:
         for name, runner in service.projections.items():
-            await runner.start()
+            if await runner.checkpoints.active(name):
+                await runner.start()  # reads the active generation and its checkpoint
+            # else it never ran: generation 0, every event ahead (nothing is set up here)
             lag = await runner.lag()
             data.append(
                 {
