@@ -17,6 +17,7 @@ from typing import Any, Literal, Self
 from msdata.backoff import Backoff, exponential_backoff
 from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConfigurationError, DecodeError, MsdataError
+from msdata.messages import safe_text
 from msdata.outbox.store import OutboxRecord, OutboxStatus, OutboxStore
 from msdata.serialization import CloudEventsCodec
 from msdata.transport import Publisher, TransportMessage, check_name
@@ -161,7 +162,7 @@ class OutboxRelay:
             else:
                 by_topic, bad, blocked, stuck = self._sort(records, after)
             for reason, seqs in bad.items():
-                await store.park(relay_id, seqs, reason)
+                await store.park(relay_id, seqs, safe_text(reason, 2000))
                 settled.update(seqs)
                 log.error("outbox rows %s parked: %s", seqs, reason)
             if blocked:
@@ -348,7 +349,7 @@ class OutboxRelay:
         await self.publisher.publish(topic, messages)
 
     async def _failed(self, records: list[OutboxRecord], error: BaseException) -> None:
-        reason = f"{type(error).__name__}: {error}"[:2000]
+        reason = safe_text(f"{type(error).__name__}: {error}", 2000)
         attempts = max(r.attempts for r in records) + 1
         park = [r.seq for r in records if r.attempts + 1 >= self.max_attempts]
         retry = [r.seq for r in records if r.attempts + 1 < self.max_attempts]

@@ -132,6 +132,7 @@ from msdata.transport import (
     TransportMessage,
     check_name,
 )
+from msdata.urls import redact_url
 
 __all__ = [
     "KEY_HEADER",
@@ -162,8 +163,8 @@ _NO_HEADERS: MappingProxyType[str, str] = MappingProxyType({})
 # Stream and consumer names become file names on the server: keep them well under 255.
 _NAME_MAX = 150
 _HASH_LEN = 20
-_PREFIX = re.compile(r"^[A-Za-z0-9_\-]{0,40}$")
-_SUBJECT_PREFIX = re.compile(r"^([A-Za-z0-9_\-]+\.)*$")
+_PREFIX = re.compile(r"^[A-Za-z0-9_\-]{0,40}\Z")
+_SUBJECT_PREFIX = re.compile(r"^([A-Za-z0-9_\-]+\.)*\Z")
 # JetStream API error codes: stream / consumer name already in use
 _STREAM_EXISTS = 10058
 _CONSUMER_EXISTS = {10013, 10148}
@@ -806,7 +807,7 @@ class NatsTransport:
         commas) on first use, reconnects without limit, and closes the connection on
         :meth:`close`. ``options`` are those of the constructor."""
         if not url.startswith(("nats://", "tls://")):
-            raise ConfigurationError(f"not a nats:// URL: {url!r}")
+            raise ConfigurationError(f"not a nats:// URL: {redact_url(url)!r}")
         transport = cls(None, **options)
         servers = [u.strip() for u in url.split(",")]
         transport._address = ",".join(_redacted(u) for u in servers)

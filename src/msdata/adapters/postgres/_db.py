@@ -87,7 +87,7 @@ __all__ = [
     "store_error",
 ]
 
-_SCHEMA = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_SCHEMA = re.compile(r"^[a-z_][a-z0-9_]{0,62}\Z")
 _UNDEFINED = {"42P01", "42883", "3F000"}  # undefined table, function, schema
 
 

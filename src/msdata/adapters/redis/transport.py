@@ -95,6 +95,7 @@ from msdata.transport import (
     TransportMessage,
     check_name,
 )
+from msdata.urls import redact_url
 
 __all__ = ["FOREIGN_ENTRY_HEADER", "RedisDelivery", "RedisSubscription", "RedisTransport"]
 
@@ -668,7 +669,7 @@ class RedisTransport:
         """``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` or ``unix://``;
         ``options`` go to the constructor."""
         if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigurationError(f"not a redis:// URL: {url!r}")
+            raise ConfigurationError(f"not a redis:// URL: {redact_url(url)!r}")
         transport = cls(aioredis.Redis.from_url(url, decode_responses=False), **options)
         transport._owns_client = True
         return transport

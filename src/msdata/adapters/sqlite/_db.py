@@ -60,6 +60,7 @@ from typing import Any, Self, TypeVar
 from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConfigurationError, SchemaError, StoreError
 from msdata.storage import DEFAULT_TABLE_PREFIX, Connection, check_table_prefix
+from msdata.urls import redact_url
 
 __all__ = [
     "CHECKPOINT_EVERY",
@@ -97,7 +98,8 @@ def path_from_url(url: str) -> str:
     store opens its own connection, which would see another, empty database)."""
     if not url.startswith("sqlite:///"):
         raise ConfigurationError(
-            f"not a SQLite file URL: {url!r} (use sqlite:///relative.db or sqlite:////abs.db)"
+            f"not a SQLite file URL: {redact_url(url)!r} "
+            "(use sqlite:///relative.db or sqlite:////abs.db)"
         )
     path = url[len("sqlite:///") :].split("?", 1)[0]
     if not path or path == ":memory:":

@@ -312,6 +312,26 @@ class TransportConformance:
                 assert dead.message.body == b"\xff not json"
                 assert dead.message.headers[DEAD_LETTER_REASON].startswith("MalformedMessage")
 
+    async def test_a_hostile_dead_letter_reason_is_carried_escaped_and_cut(self) -> None:
+        # a reason quoting a message id with a lone surrogate, control characters, 10k
+        # characters: the broker carries it (escaped, at most 1 KiB) and the group goes on
+        topic, group = self.unique("topic"), self.unique("group")
+        hostile = "MessageValidationError: id 'x\ud800'\x00\x1b[31m" + "y" * 10_000
+        bad, good = (TransportMessage(id=str(uuid.uuid4()), body=b"{}") for _ in range(2))
+        async with self.make_transport() as t:
+            async with t.subscribe(topic, group) as sub:
+                await t.publish(topic, [bad])
+                (d,) = await collect(sub, 1, timeout=self.arrival_timeout, ack=False)
+                await d.dead_letter(hostile)
+                await t.publish(topic, [good])
+                (after,) = await collect(sub, 1, timeout=self.arrival_timeout)
+                assert after.message.id == good.id
+            async with t.subscribe(dead_letter_topic(topic, group), self.unique("ops")) as dlq:
+                (dead,) = await collect(dlq, 1, timeout=self.arrival_timeout)
+                reason = dead.message.headers[DEAD_LETTER_REASON]
+                assert reason.startswith("MessageValidationError: id 'x\\ud800'\\x00\\x1b[31my")
+                assert len(reason.encode("utf-8")) <= 1024 and reason.endswith("...")
+
     async def test_every_dead_letter_is_logged_once_with_its_reason(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
@@ -457,7 +477,18 @@ class TransportConformance:
 
     async def test_bad_topic_and_group_names_are_rejected(self) -> None:
         async with self.make_transport() as t:
-            for bad in ["", "has space", "x" * 300, "semi;colon", "../etc", "*", ">"]:
+            # a name with a trailing newline; a name RabbitMQ reserves (amq.)
+            for bad in [
+                "",
+                "has space",
+                "x" * 300,
+                "semi;colon",
+                "../etc",
+                "*",
+                ">",
+                "t\n",
+                "amq.t",
+            ]:
                 with pytest.raises(ConfigurationError):
                     t.subscribe(bad, "g")
                 with pytest.raises(ConfigurationError):
