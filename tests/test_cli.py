@@ -172,7 +172,7 @@ def test_one_line_errors_without_credentials(tmp_path: Path) -> None:
     assert "no database file" in fails("outbox", "status", "--db", f"sqlite:///{tmp_path}/no.db")
     assert not (tmp_path / "no.db").exists()  # reading never creates a database
     line = fails("outbox", "status", "--db", "mysql://admin:hunter2@db.example/x")
-    assert "not a database URL" in line and "hunter2" not in line and "admin" not in line
+    assert "not a database URL" in line and "hunter2" not in line
     line = fails("outbox", "status", "--db", "postgresql://admin:hunter2@127.0.0.1:1/x")
     assert "cannot connect" in line and "hunter2" not in line
     line = fails(
