@@ -415,7 +415,7 @@ def _dlq_topics(topic: str | None, group: str | None, app: str | None) -> list[t
         return [(check_name("topic", topic), check_name("group", group))]
     if app:
         service = _load_app(app)
-        return list(service._subscriptions)
+        return list(service.subscriptions)
     _fail("name the dead-letter topic with --topic and --group, or give --app module:service")
 
 

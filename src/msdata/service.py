@@ -100,9 +100,6 @@ async def _close_memory_broker(url: str) -> None:
     await transport.close()
 
 
-# -- transactions on the service's database ------------------------------------------------
-
-
 # -- health --------------------------------------------------------------------------------
 
 
@@ -471,6 +468,12 @@ class Service:
         self._workers.append((name, run, stop))
 
     # -- running ----------------------------------------------------------------------------
+
+    @property
+    def subscriptions(self) -> list[tuple[str, str]]:
+        """Each (topic, consumer group) the service consumes: its handlers', its
+        projections' and its sagas'. Dead letters of one are on ``topic.group.dlq``."""
+        return list(self._subscriptions)
 
     @property
     def running(self) -> bool:
