@@ -67,9 +67,9 @@ def _existing_db(url: str) -> str:
     if backend == "memory":
         _fail("memory:// keeps nothing between processes: give a sqlite:// or postgresql:// URL")
     if backend == "sqlite":
-        from msdata.adapters.sqlite._db import path_from_url
+        from msdata.adapters.sqlite.transactions import SqliteTransactions
 
-        path = path_from_url(url)
+        path = SqliteTransactions.from_url(url).path  # opens nothing
         if not os.path.exists(path):
             _fail(f"no database file at {path} (create it with: msdata db init {url})")
     return url
