@@ -34,7 +34,8 @@ What the kernel gives:
   :meth:`~SqliteDatabase.write` wraps ``fn`` in ``BEGIN IMMEDIATE`` … ``COMMIT``;
   :meth:`~SqliteDatabase.run_script` runs idempotent DDL; :meth:`~SqliteDatabase.close`
   closes the connection and the thread. An inline store checkpoints the WAL in its thread
-  every :data:`CHECKPOINT_EVERY` write transactions, never on the loop.
+  every :data:`CHECKPOINT_EVERY` write transactions (a store whose writes are a page or two
+  sets ``checkpoint_every`` higher), never on the loop.
 - :func:`caller_connection`: the write side's connection: a ``sqlite3.Connection`` or a
   SQLAlchemy ``Session``/``Connection`` on a SQLite engine, unwrapped to sqlite3; a
   connection in autocommit mode with no open transaction is refused with
@@ -229,6 +230,10 @@ class SqliteDatabase:
     the tables store.
     """
 
+    #: write transactions between two checkpoints of an inline store: about 1000 pages, as
+    #: SQLite's own default (a store whose writes are one or two pages sets it higher)
+    checkpoint_every: int = CHECKPOINT_EVERY
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -267,13 +272,15 @@ class SqliteDatabase:
         go to the constructor."""
         return cls(path_from_url(url), **options)
 
-    def _connection(self) -> sqlite3.Connection:
-        # used by one call at a time: inline on the loop's thread or in the store's thread
+    def _connection(self, *, wait: bool = False) -> sqlite3.Connection:
+        # used by one call at a time: inline on the loop's thread or in the store's thread.
+        # ``wait``: called in the store's thread, where opening may wait for another
+        # connection's lock (setting WAL needs one) instead of failing at once
         if self._conn is None:
             conn = sqlite3.connect(
                 self.path,
                 # inline calls must never wait for the lock: they give up at once instead
-                timeout=0 if self.inline else self.busy_timeout,
+                timeout=self.busy_timeout if wait or not self.inline else 0,
                 isolation_level=None,
                 check_same_thread=False,
             )
@@ -283,6 +290,7 @@ class SqliteDatabase:
                 # a checkpoint at commit would flush pages on the loop's thread (7-8 ms once
                 # in ~100 batches): the store's thread checkpoints instead (``run``)
                 conn.execute("PRAGMA wal_autocheckpoint = 0")
+                conn.execute("PRAGMA busy_timeout = 0")
             self._conn = conn
         return self._conn
 
@@ -312,7 +320,7 @@ class SqliteDatabase:
             except DatabaseBusy:
                 pass  # another connection writes: wait for it in the store's thread
             finally:
-                if self._commits >= CHECKPOINT_EVERY:
+                if self._commits >= self.checkpoint_every:
                     self._checkpoint_soon()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="msdata-sqlite")
@@ -352,7 +360,7 @@ class SqliteDatabase:
 
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         with _ANY_ERRORS:
-            conn = self._connection()
+            conn = self._connection(wait=True)
             if not self.inline:
                 return fn(conn)
             # here it may wait for the write lock
