@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 
 from msdata import Event, MessageRegistry
 from msdata.messages import message_type
+from msdata.saga import SagaStatus
 from msdata.service import Service
 from msdata.testing import eventually
 from msdata.urls import store_from_url
@@ -326,3 +328,111 @@ def test_projections_status_and_rebuild(tmp_path: Path) -> None:
     assert "no projection 'nope'" in fails(
         "projections", "rebuild", "nope", "--app", "shop:service", cwd=tmp_path
     )
+
+
+# -- sagas ----------------------------------------------------------------------------------
+
+APP = """
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from msdata import Command, MessageRegistry
+from msdata.errors import SagaStepFailed
+from msdata.messages import message_type
+from msdata.saga import Retry, Saga, remote
+from msdata.service import Service
+
+HERE = Path(__file__).parent
+registry = MessageRegistry()
+
+
+@message_type("clisaga.Ship", registry=registry)
+class Ship(Command):
+    order_id: str
+
+
+class Order(BaseModel):
+    order_id: str
+
+
+def release(order: Order) -> None:
+    if (HERE / "broken").exists():
+        raise RuntimeError("stock service down")
+
+
+def fail(order: Order) -> None:
+    raise SagaStepFailed("card declined")
+
+
+refund = (
+    Saga("refund", Order, compensation_retry=Retry(1))
+    .step("reserve", lambda o: None, compensate=release)
+    .pivot("charge", fail)
+)
+ship = (
+    Saga("ship", Order)
+    .step("reserve", lambda o: None, compensate=lambda o: None)
+    .pivot("ship", remote(lambda o: Ship(order_id=o.order_id)), timeout=60)
+)
+
+service = Service(
+    "shop", db=f"sqlite:///{HERE}/shop.db", registry=registry,
+    saga_options={"lease_seconds": 0.3},
+)
+service.saga(refund)
+service.saga(ship)
+"""
+
+
+def test_sagas_list_show_retry_and_abort(tmp_path: Path) -> None:
+    (tmp_path / "shop_app.py").write_text(textwrap.dedent(APP))
+    (tmp_path / "broken").touch()
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import shop_app  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(tmp_path))
+
+    async def start_two() -> tuple[str, str]:
+        async with shop_app.service as svc:
+            failed = await svc.sagas.run(shop_app.refund, shop_app.Order(order_id="o-1"))
+            waiting = await svc.sagas.start(shop_app.ship, shop_app.Order(order_id="o-2"))
+        assert failed.status is SagaStatus.FAILED, failed
+        assert waiting.status is SagaStatus.RUNNING, waiting
+        return failed.saga_id, waiting.saga_id
+
+    failed_id, waiting_id = asyncio.run(start_two())
+    db = ["--db", f"sqlite:///{tmp_path}/shop.db"]
+    listed = json.loads(msdata("sagas", "list", *db, "--status", "FAILED", "--json").stdout)
+    assert [s["saga_id"] for s in listed] == [failed_id]
+    assert "stock service down" in (listed[0]["error"] or "")
+    assert failed_id in msdata("sagas", "list", *db).stdout
+    shown = json.loads(msdata("sagas", "show", failed_id, *db, "--json").stdout)
+    assert shown["data"] == {"order_id": "o-1"}
+    assert shown["history"][0]["event"] == "started"
+    assert "FAILED" in msdata("sagas", "show", failed_id, *db).stdout
+    assert "no saga instance" in fails("sagas", "show", "no-such-saga", *db)
+
+    app = ["--app", "shop_app:service"]
+    line = fails("sagas", "retry", waiting_id, *app, cwd=tmp_path)
+    assert "only a FAILED one" in line
+    (tmp_path / "broken").unlink()
+    retried = json.loads(msdata("sagas", "retry", failed_id, *app, "--json", cwd=tmp_path).stdout)
+    assert retried["status"] == "COMPENSATED"
+
+    time.sleep(0.4)  # the ship saga's lease (0.3 s) has run out: nobody runs it now
+    aborted = json.loads(
+        msdata(
+            "sagas",
+            "abort",
+            waiting_id,
+            *app,
+            "--reason",
+            "customer called",
+            "--json",
+            cwd=tmp_path,
+        ).stdout
+    )
+    assert aborted["status"] == "COMPENSATED"
+    assert "only a RUNNING one" in fails("sagas", "abort", waiting_id, *app, cwd=tmp_path)

@@ -15,7 +15,7 @@ its bus, its outbox relay, its consumers and its background workers, and runs th
 See docs/service.md for the whole API and the choices behind it.
 
 Start order: schemas -> transport (groups declared) -> outbox relay -> consumers ->
-workers (saga recovery, projection runners). Stop: the reverse, each part given at most
+workers (projection runners, saga recovery, yours). Stop: the reverse, each part given at most
 ``stop_timeout`` seconds; a part that fails to stop is logged and the others still stop.
 """
 
@@ -44,6 +44,7 @@ from msdata.messages import Command, Envelope, Event, Message, MessageRegistry, 
 from msdata.middleware import Middleware
 from msdata.outbox import Outbox, OutboxRelay
 from msdata.projections import Projection, ProjectionRunner
+from msdata.saga import Saga, SagaOrchestrator, SagaParticipant, SagaReply
 from msdata.storage import DEFAULT_TABLE_PREFIX, bind_connection, current_connection
 from msdata.transport import Transport, check_name
 from msdata.urls import redact_url, store_from_url, transport_from_url
@@ -136,9 +137,10 @@ class Service:
     ``transaction``: replaces the service's transaction factory (an async context manager
     factory yielding a connection with an open transaction); ``pool_size``: the PostgreSQL
     pool's maximum size; ``relay``: run an outbox relay in this process (default True);
-    ``stop_timeout``: seconds each part gets to stop; ``bus_options`` / ``relay_options``:
-    keyword arguments for :class:`EventBus` / :class:`OutboxRelay`; ``clock``: given to the
-    relay, the projection runners and the idempotency keys (a ``FakeClock`` in tests).
+    ``stop_timeout``: seconds each part gets to stop; ``bus_options`` / ``relay_options`` /
+    ``saga_options``: keyword arguments for :class:`EventBus` / :class:`OutboxRelay` /
+    :class:`msdata.saga.SagaOrchestrator`; ``clock``: given to the relay, the projection
+    runners, the saga orchestrator and the idempotency keys (a ``FakeClock`` in tests).
 
     Raises :class:`ConfigurationError` for a bad name or URL (never showing credentials).
     """
@@ -161,6 +163,7 @@ class Service:
         middleware: tuple[Middleware, ...] = (),
         bus_options: Mapping[str, Any] | None = None,
         relay_options: Mapping[str, Any] | None = None,
+        saga_options: Mapping[str, Any] | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.name = check_name("group", name)
@@ -226,6 +229,9 @@ class Service:
         self.queries = QueryBus(registry=registry, source=name)
         self._inbox: Inbox | None = None
         self._idempotency: IdempotencyKeys | None = None
+        self._orchestrator: SagaOrchestrator | None = None
+        self._participant: SagaParticipant | None = None
+        self._saga_options = dict(saga_options or {})
         self._event_log: EventLog | None = None
         #: projections by name, with their runners
         self.projections: dict[str, ProjectionRunner] = {}
@@ -242,9 +248,9 @@ class Service:
 
     def store(self, port: str) -> Any:
         """The service's store for ``port`` (``outbox``, ``inbox``, ``eventstore``,
-        ``checkpoints``, ``sagas``…), made from ``db`` on first use; its schema is created
-        at start, so a store first asked for after start raises ConfigurationError (unless
-        ``create_schema=False``)."""
+        ``checkpoints``, ``saga``, ``idempotency``), made from ``db`` on first use; its
+        schema is created at start, so a store first asked for after start raises
+        ConfigurationError (unless ``create_schema=False``)."""
         if port not in self._stores:
             if self._state != "new" and self.create_schema:
                 raise ConfigurationError(
@@ -427,6 +433,66 @@ class Service:
         """Run ``query``'s handler; returns its result."""
         return await self.queries.ask(query)
 
+    @property
+    def sagas(self) -> SagaOrchestrator:
+        """The service's saga orchestrator on its database (made on first use, before the
+        service starts): its state, the commands of remote steps (through the outbox) and
+        its recovery worker (run while the service runs). Replies come back on
+        ``<service>.saga-replies``. Operator calls: ``find``, ``get``, ``history``,
+        ``stuck``, ``retry``, ``abort`` (or ``msdata sagas``)."""
+        if self._orchestrator is None:
+            self._check_not_started("sagas")
+            self._know_saga_replies()
+            self._orchestrator = SagaOrchestrator(
+                self.store("saga"),
+                bus=self.bus,
+                outbox=self.outbox,
+                **{"clock": self.clock, **self._saga_options},
+            )
+            group = self._saga_options.get("reply_group", "saga-orchestrator")
+            self._subscriptions.append((self._orchestrator.reply_topic, group))
+        return self._orchestrator
+
+    def _know_saga_replies(self) -> None:
+        # a service with a registry of its own still reads and writes saga replies
+        if not self.registry.is_registered(SagaReply):
+            from msdata.messages import default_registry
+
+            self.registry.register(SagaReply, *default_registry.name_of(SagaReply))
+
+    def saga(self, saga: Saga[Any]) -> Saga[Any]:
+        """Register ``saga`` with :attr:`sagas`; returns it. Start instances with
+        ``await service.sagas.start(saga, data)`` (or ``run`` to wait for the end)."""
+        self.sagas.register(saga)
+        return saga
+
+    def step(
+        self, command_type: type[Command], *, group: str | None = None, topic: str | None = None
+    ) -> Callable[[H], H]:
+        """Serve a saga command (the participant side of a remote step): the handler runs
+        once per step invocation in a transaction of the service's database (the step's
+        idempotency key recorded in the inbox), and its return value (a pydantic model, a
+        dict or None) is replied through the outbox in the same transaction; raising
+        :class:`msdata.errors.SagaStepFailed` replies a failure. Consumer group: the
+        service's name unless ``group`` is given."""
+        self._check_not_started("saga steps")
+        if self._participant is None:
+            self._know_saga_replies()
+            self._participant = SagaParticipant(
+                self.bus, self.outbox, self._transaction, inbox=self.inbox
+            )
+        participant = self._participant
+        g = check_name("group", group or self.name)
+
+        def decorate(fn: H) -> H:
+            participant.subscribe(command_type, fn, group=g, topic=topic)
+            entry = (topic or self.registry.name_of(command_type)[0], g)
+            if entry not in self._subscriptions:
+                self._subscriptions.append(entry)
+            return fn
+
+        return decorate
+
     def projection(
         self, projection: Projection, *, from_bus: bool = False, group: str | None = None
     ) -> ProjectionRunner:
@@ -506,6 +572,9 @@ class Service:
                 await runner.start()  # its generation is known (and set up) once start returns
                 if name not in self._bus_fed:
                     self._start_worker(f"projection {name}", runner.run, runner.stop)
+            if self._orchestrator is not None:
+                self._start_worker("saga recovery", self._orchestrator.run_recovery, None)
+                self._stop_steps.append(("sagas", self._orchestrator.close))
             for name, run, stop in self._workers:
                 self._start_worker(name, run, stop)
         except BaseException:
@@ -515,7 +584,7 @@ class Service:
         log.info("service %s started", self.name)
 
     def _start_worker(
-        self, name: str, run: Callable[[], Awaitable[None]], stop: Callable[[], Any]
+        self, name: str, run: Callable[[], Awaitable[None]], stop: Callable[[], Any] | None
     ) -> None:
         async def body() -> None:
             await run()
@@ -524,6 +593,10 @@ class Service:
         self._followers[name] = task
 
         async def halt() -> None:
+            if stop is None:  # runs until cancelled
+                task.cancel()
+                await asyncio.wait({task})
+                return
             result = stop()
             if inspect.isawaitable(result):
                 await result
