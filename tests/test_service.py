@@ -418,3 +418,36 @@ async def test_a_part_that_fails_to_start_stops_the_started_ones(tmp_path: Path)
         await service.start()
     assert service.relay is not None and not service.relay.running
     assert (await service.health())["status"] == "stopped"
+
+
+async def test_projection_fed_by_the_bus(tmp_path: Path) -> None:
+    from msdata.projections import Projection, handles
+
+    class PaidOrders(Projection):
+        name = "paid-orders"
+
+        def setup(self, conn: Any, generation: int) -> None:
+            conn.execute(f"CREATE TABLE IF NOT EXISTS paid_{generation} (order_id TEXT)")
+
+        @handles(PaymentCharged)
+        def paid(self, ctx: Any, event: PaymentCharged) -> None:
+            ctx.conn.execute(f"INSERT INTO paid_{ctx.generation} VALUES (?)", (event.order_id,))
+
+    billing = Service("billing", db="memory://", broker="memory://proj-test", registry=registry)
+    reports = Service(
+        "reports", db=f"sqlite:///{tmp_path}/r.db", broker="memory://proj-test", registry=registry
+    )
+    runner = reports.projection(PaidOrders(), from_bus=True)
+    assert ("svc.PaymentCharged", "reports-paid-orders") in reports.subscriptions
+    async with billing, reports:
+        async with billing.transaction():
+            for i in range(3):
+                await billing.publish(PaymentCharged(order_id=f"p-{i}"))
+
+        async def three() -> bool:
+            async with reports.transaction() as conn:
+                table = f"paid_{runner.generation}"
+                return conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] == 3
+
+        await eventually(three, timeout=10, what="the bus-fed read model has 3 rows")
+        assert (await reports.health())["status"] == "ok"
