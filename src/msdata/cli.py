@@ -406,7 +406,7 @@ DLQ_READER = "msdata-dlq"
 
 @cli.group()
 def dlq() -> None:
-    """Dead-letter topics (``topic.group.dlq``)."""
+    """Dead-letter topics (topic.group.dlq): list, show, replay."""
 
 
 def _dlq_topics(topic: str | None, group: str | None, app: str | None) -> list[tuple[str, str]]:
@@ -563,7 +563,7 @@ def _load_app(spec: str) -> Any:
 
 @cli.group()
 def projections() -> None:
-    """Projections of a service (found through --app module:attr, a Service)."""
+    """Projections of a service (--app module:attr names the Service)."""
 
 
 app_option = click.option(
