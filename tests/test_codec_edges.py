@@ -147,6 +147,12 @@ texts = st.text(
     st.characters(codec="utf-8") | st.sampled_from(["\ud800", "\udc00", "\U0001f600", "\x00"]),
     max_size=8,
 )
+# partition keys refuse control characters
+keys = st.text(
+    st.characters(codec="utf-8", exclude_categories=["Cc"])
+    | st.sampled_from(["\ud800", "\udc00", "\U0001f600"]),
+    max_size=8,
+)
 numbers = (
     st.integers()
     | st.sampled_from([10**MAX_INT_DIGITS - 1, -(10**MAX_INT_DIGITS - 1), 2**64])
@@ -219,7 +225,7 @@ def test_whatever_decode_accepts_encode_writes_back(doc: dict[str, Any]) -> None
     a=json_values,
     d=st.dictionaries(texts, json_values, max_size=3),
     s=texts,
-    key=st.none() | texts,
+    key=st.none() | keys,
     tenant=texts,
 )
 def test_whatever_encode_writes_decode_reads(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -24,14 +25,21 @@ def snippets() -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize(("where", "code"), snippets(), ids=[w for w, _ in snippets()])
 def test_doc_snippet_runs(where: str, code: str, tmp_path: Path) -> None:
+    env = dict(os.environ)
     if "# needs: postgres" in code:
         from services import require
 
-        require("postgres")
+        # the snippets read the server from DATABASE_URL, as a service would
+        env["DATABASE_URL"] = require("postgres")
     script = tmp_path / "snippet.py"
     script.write_text(code)
     proc = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     assert proc.returncode == 0, f"{where} failed:\n{proc.stdout}\n{proc.stderr}"
 

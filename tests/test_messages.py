@@ -225,6 +225,7 @@ def test_bad_headers_and_keys_from_a_caller_are_refused() -> None:
 
 
 texts = st.text(max_size=40)
+keys = st.text(st.characters(exclude_categories=["Cc"]), max_size=40)  # no control characters
 
 
 @settings(max_examples=200, deadline=None)
@@ -235,7 +236,7 @@ texts = st.text(max_size=40)
     placed_at=st.datetimes(timezones=st.just(UTC)),
     lines=st.lists(texts, max_size=5),
     note=st.none() | texts,
-    key=st.none() | texts,
+    key=st.none() | keys,
     headers=st.dictionaries(
         st.from_regex(r"[a-z][a-z0-9]{0,10}", fullmatch=True), texts, max_size=3
     ),
@@ -408,3 +409,31 @@ def test_codec_sees_types_registered_after_it_was_made() -> None:
     second = make_envelope(Two(b="x"), registry=reg)
     assert c.decode(c.encode(second)) == second
     assert c.decode(c.encode(first)) == first
+
+
+@pytest.mark.parametrize("key", ["k\nz", "k\x00", "tab\there", "del\x7f", "c1\x85"])
+def test_a_partition_key_with_a_control_character_is_refused(key: str) -> None:
+    registry = MessageRegistry()
+
+    @message_type("keys.Ev", registry=registry)
+    class Ev(Event):
+        x: int
+
+    with pytest.raises(InvalidHeader, match="control character"):
+        make_envelope(Ev(x=1), partition_key=key, registry=registry)
+    assert make_envelope(Ev(x=1), partition_key="k-ü 1", registry=registry).partition_key
+
+
+def test_an_upcaster_needs_a_newer_registered_version() -> None:
+    registry = MessageRegistry()
+    with pytest.raises(RegistrationError, match="no class is registered"):
+        upcaster("up.Ev", from_version=1, registry=registry)(lambda d: d)
+
+    @message_type("up.Ev", version=2, registry=registry)
+    class Ev(Event):
+        x: int
+
+    for bad in (2, 3, 0):
+        with pytest.raises(RegistrationError, match=r"from_version must be 1\.\.1"):
+            upcaster("up.Ev", from_version=bad, registry=registry)(lambda d: d)
+    upcaster("up.Ev", from_version=1, registry=registry)(lambda d: d)

@@ -71,3 +71,11 @@ def test_names_rabbitmq_reserves_are_refused(name: str) -> None:
     with pytest.raises(ConfigurationError, match="reserved"):
         check_name("topic", name)
     check_name("topic", "amqp.orders")  # only the exact amq. prefix is reserved
+
+
+def test_a_long_refused_name_is_cut_in_the_error() -> None:
+    name = "x" * 300 + "!"
+    with pytest.raises(ConfigurationError) as caught:
+        check_name("topic", name)
+    text = str(caught.value)
+    assert "301 characters" in text and len(text) < 250 and name not in text

@@ -14,7 +14,7 @@ import pytest
 
 from msdata.adapters.sqlite import SqliteInboxStore, SqliteOutboxStore, schema_sql
 from msdata.clock import SYSTEM_CLOCK, Clock
-from msdata.errors import ConfigurationError
+from msdata.errors import ConfigurationError, StoreError
 from msdata.outbox import InboxStore, OutboxRow, OutboxStore
 from msdata.testing.conformance.inbox import InboxStoreConformance
 from msdata.testing.conformance.outbox import OutboxStoreConformance, OutboxStoreHooks, make_rows
@@ -214,6 +214,19 @@ def test_from_url_and_schema_sql(tmp_path: Path) -> None:
     conn.executescript(schema_sql("m_"))
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"m_outbox", "m_outbox_sent", "m_inbox"} <= tables
+
+
+async def test_a_closed_connection_is_a_store_error(db_path: str) -> None:
+    store = SqliteOutboxStore(db_path)
+    await store.create_schema()
+    conn = sqlite3.connect(db_path)
+    conn.close()
+    try:
+        with pytest.raises(StoreError, match="closed"):
+            store.append(conn, make_rows(1))
+        assert (await store.status()).pending == 0
+    finally:
+        await store.close()
 
 
 async def test_autocommit_connection_without_transaction_is_refused(db_path: str) -> None:

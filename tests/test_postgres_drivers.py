@@ -398,3 +398,12 @@ async def test_a_connection_with_no_open_transaction_is_refused(postgres_url: st
         await inbox.drop_schema()
         await store.close()
         await inbox.close()
+
+
+def test_the_wrong_call_for_a_connection_reads_as_english() -> None:
+    from msdata.adapters.postgres._db import driver_of
+    from msdata.errors import ConfigurationError
+
+    quiet = type("Conn", (asyncpg.Connection,), {"__del__": lambda self: None})
+    with pytest.raises(ConfigurationError, match=r"^an asyncpg connection needs"):
+        driver_of(object.__new__(quiet), want_async=False)

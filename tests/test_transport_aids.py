@@ -27,6 +27,7 @@ def test_the_nth_failure_is_the_last_and_more_deliveries_are_overdue() -> None:
     reason = deadletter.overdue_reason(4, 3)
     assert reason is not None and "delivered 4 times and never settled" in reason
     assert deadletter.failed_reason(3, None) == "failed 3 attempts"
+    assert deadletter.failed_reason(1, None) == "failed 1 attempt"
     assert deadletter.failed_reason(3, "boom") == "boom"
 
 

@@ -217,3 +217,21 @@ def test_an_error_about_a_url_never_shows_its_password(entry: str, url: str) -> 
 )
 def test_redact_url(url: str, redacted: str) -> None:
     assert redact_url(url) == redacted
+
+
+_MEMORY_PORTS = sorted(port for port, backend in STORES if backend == "memory")
+
+
+@pytest.mark.parametrize("port", _MEMORY_PORTS)
+async def test_memory_stores_accept_and_ignore_the_sql_options(port: str) -> None:
+    # switching a service's store URL to memory:// (in tests) keeps its options working
+    store = store_from_url(port, "memory://", table_prefix="svc_", schema="orders")
+    await store.close()
+
+
+@pytest.mark.parametrize("port", _MEMORY_PORTS)
+def test_memory_stores_refuse_an_unknown_option_by_name(port: str) -> None:
+    with pytest.raises(ConfigurationError, match="pool_size"):
+        store_from_url(port, "memory://", pool_size=5)
+    with pytest.raises(ConfigurationError, match="prefix"):
+        store_from_url(port, "memory://", table_prefix="bad; drop")

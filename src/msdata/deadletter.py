@@ -75,7 +75,7 @@ def exhausted(attempt: int, max_attempts: int) -> bool:
 def failed_reason(attempt: int, reason: str | None) -> str:
     """The reason recorded for a delivery whose last attempt failed: the caller's, or a
     default naming the attempts."""
-    return reason or f"failed {attempt} attempts"
+    return reason or f"failed {attempt} attempt{'' if attempt == 1 else 's'}"
 
 
 def overdue_reason(attempt: int, max_attempts: int) -> str | None:
@@ -107,12 +107,13 @@ class DeadLetter(NamedTuple):
         cause = _cause.get()
         type_name = cause.type if cause is not None else _type_of(self.message.body)
         log.warning(
-            "dead-lettered message %s (type %s) of %s/%s after %d attempts: %s",
+            "dead-lettered message %s (type %s) of %s/%s after %d attempt%s: %s",
             self.message.id,
             type_name or "unknown",
             self.original_topic,
             self.group,
             self.attempts,
+            "" if self.attempts == 1 else "s",
             self.reason,
             exc_info=cause.error if cause is not None else None,
             extra={

@@ -49,6 +49,8 @@ their edge with ``raise ... from e`` so the original stays on ``__cause__``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 __all__ = [
     "CompositionError",
     "CompositionTimeout",
@@ -192,7 +194,19 @@ class TransportError(MsdataError):
 
 
 class PublishError(TransportError):
-    """The transport did not accept every message of a batch; none of it counts as published."""
+    """The transport did not accept every message of a batch; none of it counts as published.
+
+    ``refused`` maps the id of each message the broker refused *itself* (too large, invalid,
+    nacked) to the broker's reason: that message's own fault, which the outbox relay counts
+    against its row (and parks it after ``max_attempts``). Empty (the default): the batch
+    failed as a whole (the broker unreachable, no confirm in time, the connection lost),
+    which is no row's fault: the relay backs off and tries again without counting it.
+    """
+
+    def __init__(self, message: str, *, refused: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        #: message id -> the broker's reason, for each message refused on its own
+        self.refused: Mapping[str, str] = dict(refused or {})
 
 
 class TransportClosed(TransportError):

@@ -61,6 +61,8 @@ Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
 # a type name is also the default topic, so it follows the transport's topic rules
 _TYPE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,149}")
+# C0 and C1 control characters and DEL: refused in partition keys
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class Message(BaseModel):
@@ -123,6 +125,23 @@ class MessageRegistry:
         self.generation += 1
 
     def add_upcaster(self, type_name: str, from_version: int, fn: Upcaster) -> None:
+        """Register ``fn`` to turn a ``from_version`` payload into ``from_version + 1``'s.
+        Raises :class:`RegistrationError` unless ``type_name`` is registered at a newer
+        version than ``from_version`` (register the message classes first)."""
+        versions = self._by_name.get(type_name)
+        if not versions:
+            raise RegistrationError(
+                f"upcaster for {type_name!r}: no class is registered under that name; "
+                "register the message class (@message_type) before its upcasters"
+            )
+        newest = max(versions)
+        if isinstance(from_version, bool) or not isinstance(from_version, int):
+            raise RegistrationError(f"upcaster from_version must be an int, got {from_version!r}")
+        if not 1 <= from_version < newest:
+            raise RegistrationError(
+                f"upcaster for {type_name!r} from version {from_version}: the newest version "
+                f"registered is {newest}, so from_version must be 1..{newest - 1}"
+            )
         key = (type_name, from_version)
         if key in self._upcasters:
             raise RegistrationError(f"an upcaster from {type_name!r} v{from_version} exists")
@@ -454,8 +473,14 @@ def build_envelope(
     """The envelope of ``message`` under a known type name and version, caused by ``parent``
     (internal to the package: :func:`make_envelope` without the registry lookup, for the
     buses). Raises :class:`~msdata.errors.InvalidHeader` for a bad key or header."""
-    if partition_key is not None and not isinstance(partition_key, str):
-        raise InvalidHeader(f"partition key must be a str, got {type(partition_key).__name__}")
+    if partition_key is not None:
+        if not isinstance(partition_key, str):
+            raise InvalidHeader(f"partition key must be a str, got {type(partition_key).__name__}")
+        if _CONTROL.search(partition_key):
+            raise InvalidHeader(
+                f"partition key {safe_text(partition_key, 200)!r} holds a control character "
+                "(brokers carry keys in headers and subjects: use printable text)"
+            )
     msg_id = new_id()
     if parent is not None:
         causation: str | None = parent.id

@@ -71,11 +71,18 @@ def check_name(kind: str, name: str) -> str:
         rule = "1-150 letters, digits, '_', '-' or '.', starting with a letter or digit"
         if ok and name.startswith(_RESERVED_PREFIXES):
             raise ConfigurationError(
-                f"{kind} name {name!r}: names starting with 'amq.' are reserved by RabbitMQ"
+                f"{kind} name {_shown(name)}: names starting with 'amq.' are reserved by RabbitMQ"
             )
     if not ok:
-        raise ConfigurationError(f"{kind} name {name!r} must be {rule}")
+        raise ConfigurationError(f"{kind} name {_shown(name)} must be {rule}")
     return name
+
+
+def _shown(name: object, limit: int = 60) -> str:
+    """A refused name as an error shows it: its repr, cut to ``limit`` characters."""
+    if isinstance(name, str) and len(name) > limit:
+        return f"{name[:limit]!r}... ({len(name)} characters)"
+    return repr(name)
 
 
 def dead_letter_topic(topic: str, group: str) -> str:

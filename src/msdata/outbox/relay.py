@@ -17,7 +17,14 @@ from typing import Any, Literal, Self
 from msdata import telemetry
 from msdata.backoff import Backoff, exponential_backoff
 from msdata.clock import SYSTEM_CLOCK, Clock
-from msdata.errors import ConfigurationError, DecodeError, MsdataError
+from msdata.errors import (
+    ConfigurationError,
+    DecodeError,
+    MsdataError,
+    PublishError,
+    SchemaError,
+    TransportError,
+)
 from msdata.messages import safe_text
 from msdata.outbox.store import OutboxRecord, OutboxStatus, OutboxStore
 from msdata.serialization import CloudEventsCodec
@@ -41,6 +48,13 @@ log = logging.getLogger("msdata.outbox")
 PayloadCheck = Literal["none", "structure", "json", "decode"]
 
 
+def _whole_transport(error: BaseException) -> bool:
+    """A failure of the transport as a whole (no row's fault), not of some messages."""
+    if isinstance(error, PublishError) and error.refused:
+        return False
+    return isinstance(error, TransportError | OSError)
+
+
 def _default_relay_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
@@ -59,11 +73,18 @@ class OutboxRelay:
     ``async with relay:`` (or ``start()``/``stop()``) runs steps in a background task,
     waking on ``store.wait_for_rows`` and polling every ``poll_interval`` seconds at most.
 
-    A failed publish (any exception from the publisher) counts one attempt on the rows of
-    that topic batch, which wait out ``backoff(attempts)`` before they (and the later rows
-    of their keys) are tried again; the relay itself backs off while publishes keep
-    failing. A row that has failed ``max_attempts`` times is *parked* with its last error:
-    it then blocks only the later rows of its own key, until someone ``requeue``s it.
+    A failed publish is one of two kinds. A failure of the *transport* (a
+    :class:`~msdata.errors.TransportError` that names no message, such as a
+    :class:`~msdata.errors.PublishError` for a broker that is unreachable or did not
+    confirm in time, or an ``OSError``) is no row's fault: the batch is released
+    uncounted and the relay backs off as a whole (``backoff(failures in a row)``), logging
+    one WARNING per outage and one INFO line when publishing works again. A failure of
+    *messages* (a :class:`~msdata.errors.PublishError` whose ``refused`` names them, or an
+    exception that is not a transport error) counts one attempt on those rows, which wait
+    out ``backoff(attempts)`` before they (and the later rows of their keys) are tried
+    again; the other rows of the batch are released uncounted. A row that has failed
+    ``max_attempts`` times is *parked* with its last error: it then blocks only the later
+    rows of its own key, until someone ``requeue``s it.
     A row whose payload fails the ``check`` (see :data:`PayloadCheck`), or whose topic is
     not a valid name, is parked at once with the reason, and the relay goes on.
 
@@ -123,6 +144,8 @@ class OutboxRelay:
         self._stopping = False
         self._idle = False
         self._next_purge = 0.0
+        self._outage: BaseException | None = None  # the last step's transport failure
+        self._in_outage = False
 
     # -- one step ------------------------------------------------------------------------
 
@@ -132,6 +155,7 @@ class OutboxRelay:
         if not records:
             return 0
         sent, _failed, _stuck = await self._handle(records)
+        self._note_outage(bool(sent))
         if sent:
             await self._shielded(self._mark(sent))
         return len(sent)
@@ -196,6 +220,8 @@ class OutboxRelay:
             for recs, error in failures:
                 await self._failed(recs, error)
                 settled.update(map(_seq_of, recs))
+                if self._outage is None and _whole_transport(error):
+                    self._outage = error
                 for r in recs:
                     if r.partition_key is not None:
                         stuck[r.partition_key] = min(r.seq, stuck.get(r.partition_key, r.seq))
@@ -351,7 +377,22 @@ class OutboxRelay:
             await self.publisher.publish(topic, messages)
 
     async def _failed(self, records: list[OutboxRecord], error: BaseException) -> None:
-        reason = safe_text(f"{type(error).__name__}: {error}", 2000)
+        """Release the rows of a transport failure uncounted; count an attempt on the rows
+        whose messages failed (parking those out of attempts), releasing the others."""
+        if _whole_transport(error):
+            await self.store.release(self.relay_id, [r.seq for r in records])
+            return
+        refused = error.refused if isinstance(error, PublishError) else None
+        if refused:
+            innocent = [r.seq for r in records if r.message_id not in refused]
+            records = [r for r in records if r.message_id in refused]
+            if innocent:
+                await self.store.release(self.relay_id, innocent)
+            if not records:
+                return
+            reason = safe_text(f"{type(error).__name__}: {refused[records[0].message_id]}", 2000)
+        else:
+            reason = safe_text(f"{type(error).__name__}: {error}", 2000)
         attempts = max(r.attempts for r in records) + 1
         park = [r.seq for r in records if r.attempts + 1 >= self.max_attempts]
         retry = [r.seq for r in records if r.attempts + 1 < self.max_attempts]
@@ -377,9 +418,19 @@ class OutboxRelay:
         return self._task is not None and not self._task.done()
 
     async def start(self) -> None:
-        """Run the relay in a background task until :meth:`stop`."""
+        """Run the relay in a background task until :meth:`stop`.
+
+        Checks the store's schema first: raises :class:`~msdata.errors.SchemaError` (naming
+        the missing table; run ``create_schema()``) if it is missing. Any other store error
+        here is left to the loop, which retries it with back-off."""
         if self.running:
             return
+        try:
+            await self.store.status()
+        except SchemaError:
+            raise
+        except Exception:
+            log.warning("outbox relay %s: store not reachable at start", self.relay_id)
         self._stopping = False
         self._task = asyncio.create_task(self._loop(), name=f"outbox-relay-{self.relay_id}")
 
@@ -456,6 +507,7 @@ class OutboxRelay:
                         claiming = self._claim_ahead(claiming_marks)
                         await asyncio.sleep(0)  # let the claim reach the store first
                     sent, failed, stuck = await self._handle(records, stuck)
+                    self._note_outage(bool(sent))
                     if not prefetch:
                         stuck = {}
                     to_mark.extend(sent)
@@ -464,6 +516,9 @@ class OutboxRelay:
                         marks, to_mark = to_mark, []
                         await self._shielded(self._mark(marks))
                     await self._maybe_purge()
+                except SchemaError as e:  # one line: the traceback says nothing more
+                    log.error("outbox relay %s: %s", self.relay_id, e)
+                    failed = True
                 except Exception:
                     log.exception("outbox relay %s: step failed", self.relay_id)
                     failed = True
@@ -474,6 +529,22 @@ class OutboxRelay:
                     streak = 0
         finally:
             await self._wind_down(claiming, claiming_marks, to_mark)
+
+    def _note_outage(self, published: bool) -> None:
+        """One WARNING when the transport fails as a whole, one INFO when it works again."""
+        error, self._outage = self._outage, None
+        if error is not None:
+            if not self._in_outage:
+                self._in_outage = True
+                log.warning(
+                    "outbox relay %s: the transport is failing; backing off, rows not counted "
+                    "as attempts until it recovers: %s",
+                    self.relay_id,
+                    safe_text(f"{type(error).__name__}: {error}", 500),
+                )
+        elif published and self._in_outage:
+            self._in_outage = False
+            log.info("outbox relay %s: the transport recovered; publishing again", self.relay_id)
 
     def _claim_call(self, marks: list[int]) -> Coroutine[Any, Any, list[OutboxRecord]]:
         store = self.store

@@ -23,16 +23,36 @@ transaction.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
 
 from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConfigurationError, StoreError
-from msdata.storage import Connection
+from msdata.storage import Connection, check_table_prefix
 from msdata.urls import redact_url
 
 __all__ = ["MemoryDatabase", "MemoryTransaction", "transaction_of"]
+
+#: options only the SQL stores use; a memory store accepts and ignores them
+_SQL_ONLY = ("table_prefix", "schema")
+
+
+def _keywords(cls: type) -> set[str] | None:
+    """The keyword arguments ``cls(...)`` takes, following ``**options`` passed up to the
+    base classes; None if it takes any."""
+    takes: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        takes |= {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            takes.discard("self")
+            return takes
+    return None
 
 
 class MemoryTransaction:
@@ -121,9 +141,24 @@ class MemoryDatabase:
 
     @classmethod
     def from_url(cls, url: str = "memory://", **options: Any) -> Self:
-        """A new, empty store for ``memory://``; ``options`` go to the constructor."""
+        """A new, empty store for ``memory://``; ``options`` go to the constructor.
+
+        The SQL stores' ``table_prefix`` (checked as they check it) and ``schema`` are
+        accepted and ignored, so a service's store URL can be switched to ``memory://``
+        (in tests) without changing its options. Any other option the constructor does not
+        take raises :class:`ConfigurationError` naming it."""
         if not url.startswith("memory:"):
             raise ConfigurationError(f"not a memory:// URL: {redact_url(url)!r}")
+        if options.get("table_prefix") is not None:
+            check_table_prefix(options["table_prefix"])
+        options = {k: v for k, v in options.items() if k not in _SQL_ONLY}
+        takes = _keywords(cls)
+        unknown = sorted(set(options) - takes) if takes is not None else []
+        if takes is not None and unknown:
+            raise ConfigurationError(
+                f"{cls.__name__} (memory://) does not take {', '.join(unknown)}; "
+                f"it takes {', '.join(sorted(takes | set(_SQL_ONLY)))}"
+            )
         return cls(**options)
 
     def begin(self) -> MemoryTransaction:

@@ -96,7 +96,7 @@ import re
 import time
 import zlib
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import MappingProxyType
 from typing import Any, Self
 from urllib.parse import urlsplit
@@ -205,8 +205,10 @@ class _ConnectionLog:
     default traceback per failed attempt (twice a second while a server is down), at most
     once per ``_LOG_EVERY`` seconds per kind, with how many were left out in between."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, closing: Callable[[], bool] = lambda: False) -> None:
         self.address = address
+        #: true once the transport is being closed: the disconnect is ours, not news
+        self.closing = closing
         self._last: dict[str, float] = {}
         self._skipped: dict[str, int] = {}
 
@@ -224,7 +226,8 @@ class _ConnectionLog:
         self._log("error", f"{type(e).__name__}: {e}".rstrip(": "))
 
     async def disconnected(self) -> None:
-        self._log("disconnected", "disconnected; reconnecting")
+        if not self.closing():
+            self._log("disconnected", "disconnected; reconnecting")
 
     async def reconnected(self) -> None:
         self._log("reconnected", "reconnected")
@@ -811,7 +814,7 @@ class NatsTransport:
         transport = cls(None, **options)
         servers = [u.strip() for u in url.split(",")]
         transport._address = ",".join(_redacted(u) for u in servers)
-        events = _ConnectionLog(transport._address)
+        events = _ConnectionLog(transport._address, lambda: transport._closed)
         transport._connect = {
             "servers": servers,
             "max_reconnect_attempts": -1,

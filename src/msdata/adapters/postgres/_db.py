@@ -89,6 +89,7 @@ __all__ = [
 
 _SCHEMA = re.compile(r"^[a-z_][a-z0-9_]{0,62}\Z")
 _UNDEFINED = {"42P01", "42883", "3F000"}  # undefined table, function, schema
+_UNKNOWN_ARGS = re.compile(r"\((?:unknown(?:, )?)*\)")  # "f(unknown, unknown)": untyped params
 
 
 def check_schema(schema: str | None) -> str | None:
@@ -135,7 +136,13 @@ def _sqlstate(e: BaseException) -> str | None:
 def store_error(what: str, e: BaseException) -> NoReturn:
     """Raise the msdata error for driver error ``e`` (``from e``)."""
     if _sqlstate(e) in _UNDEFINED:
-        raise SchemaError(f"{what}: {e} (has create_schema() been run?)") from e
+        # the server's first line names the table, function or schema; its HINT (about
+        # explicit type casts, for a function) would mislead here
+        first = _UNKNOWN_ARGS.sub("", str(e).partition("\n")[0])
+        raise SchemaError(
+            f"{what}: {first}: the store's schema is missing; run create_schema() "
+            "(or apply schema_sql()) first"
+        ) from e
     raise StoreError(f"{what}: {type(e).__name__}: {e}") from e
 
 
@@ -257,7 +264,8 @@ def driver_of(conn: Any, *, want_async: bool) -> Driver:
         )
     if driver.is_async != want_async:
         call = "the *_async call (await it)" if driver.is_async else "the sync call"
-        raise ConfigurationError(f"a {driver.value} connection needs {call}")
+        article = "an" if driver.value[:1] in "aeiou" else "a"
+        raise ConfigurationError(f"{article} {driver.value} connection needs {call}")
     return driver
 
 

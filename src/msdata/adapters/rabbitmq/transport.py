@@ -178,8 +178,19 @@ def _properties(m: TransportMessage) -> Basic.Properties:
     return Basic.Properties(message_id=m.id, delivery_mode=_PERSISTENT, headers=headers or None)
 
 
-def _confirmed(results: Sequence[object], what: str) -> None:
-    """Raise PublishError unless every result is a broker ack."""
+def _confirmed(
+    results: Sequence[object], what: str, messages: Sequence[TransportMessage] = ()
+) -> None:
+    """Raise PublishError unless every result is a broker ack. A basic.nack of one of
+    ``messages`` is that message refused (``PublishError.refused``)."""
+    if messages:
+        refused = {
+            m.id: "the broker refused it (basic.nack)"
+            for m, r in zip(messages, results, strict=True)
+            if isinstance(r, Basic.Nack)
+        }
+        if refused and all(isinstance(r, Basic.Ack | Basic.Nack) for r in results):
+            raise PublishError(f"{what}: {len(refused)} messages refused", refused=refused)
     for r in results:
         if isinstance(r, Basic.Ack):
             continue
@@ -776,7 +787,7 @@ class RabbitMQTransport:
                         f"publishing {len(messages)} to {topic!r} not confirmed within "
                         f"{self.publish_timeout}s"
                     ) from e
-                _confirmed(results, f"publishing to {topic!r}")
+                _confirmed(results, f"publishing to {topic!r}", messages)
         except MsdataError:
             # declare the exchange again next time, in case it is what went missing
             self._topics.discard(topic)

@@ -209,7 +209,11 @@ def caller_connection(conn: Connection) -> sqlite3.Connection:
             raise ConfigurationError(
                 f"the SQLAlchemy engine is not a sqlite3 one (driver connection {type(raw)!r})"
             )
-    if not raw.in_transaction and (
+    try:
+        in_transaction = raw.in_transaction
+    except sqlite3.ProgrammingError as e:  # "Cannot operate on a closed database."
+        raise StoreError(f"SQLite: the caller's connection cannot be used: {e}") from e
+    if not in_transaction and (
         raw.isolation_level is None or getattr(raw, "autocommit", None) is True
     ):
         raise ConfigurationError(

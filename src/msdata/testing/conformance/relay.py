@@ -10,6 +10,7 @@ hooks class per backend serves both suites). Needs pytest and pytest-asyncio.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import timedelta
@@ -18,10 +19,10 @@ from typing import Any
 import pytest
 
 from msdata.adapters.memory.transport import MemoryTransport
-from msdata.errors import PublishError
+from msdata.errors import PublishError, SchemaError
 from msdata.outbox.relay import OutboxRelay
 from msdata.outbox.store import OutboxRow
-from msdata.testing.conformance.outbox import OutboxStoreHooks, make_row, make_rows
+from msdata.testing.conformance.outbox import OutboxStoreHooks, _hook, make_row, make_rows
 from msdata.testing.waiting import eventually
 from msdata.transport import TransportMessage
 
@@ -31,7 +32,11 @@ __all__ = ["OutboxRelayConformance", "RecordingPublisher"]
 class RecordingPublisher(MemoryTransport):
     """The in-memory transport, recording every accepted message in publish order.
 
-    ``fail_next``: how many coming ``publish`` calls raise :class:`PublishError`.
+    ``fail_next``: how many coming ``publish`` calls raise :class:`PublishError` refusing
+    every message of the batch (their own fault: counted against their rows).
+    ``refuse``: message ids the "broker" refuses on their own, every time (the rest of the
+    batch is not accepted either, as a broker's batch confirm goes).
+    ``down``: while True, every call fails as a whole (the broker unreachable).
     ``gate``: when set to an unset :class:`asyncio.Event`, ``publish`` waits for it
     (``entered`` is set when a publish is waiting), to hold a relay mid-batch.
     """
@@ -41,6 +46,8 @@ class RecordingPublisher(MemoryTransport):
         self.published: list[tuple[str, TransportMessage]] = []
         self.calls = 0
         self.fail_next = 0
+        self.refuse: set[str] = set()
+        self.down = False
         self.gate: asyncio.Event | None = None
         self.entered = asyncio.Event()
 
@@ -50,9 +57,17 @@ class RecordingPublisher(MemoryTransport):
         if self.gate is not None:
             self.entered.set()
             await self.gate.wait()
+        if self.down:
+            raise PublishError(f"publish to {topic!r} failed: ConnectionRefusedError (injected)")
         if self.fail_next > 0:
             self.fail_next -= 1
-            raise PublishError(f"injected failure publishing {len(messages)} to {topic}")
+            raise PublishError(
+                f"injected failure publishing {len(messages)} to {topic}",
+                refused={m.id: "injected refusal" for m in messages},
+            )
+        refused = {m.id: "message too large (injected)" for m in messages if m.id in self.refuse}
+        if refused:
+            raise PublishError(f"the broker refused {len(refused)} messages", refused=refused)
         await super().publish(topic, messages)
         self.published.extend((topic, m) for m in messages)
 
@@ -325,6 +340,106 @@ class OutboxRelayConformance(OutboxStoreHooks):
             await time.pass_(self.lease_seconds + 0.2)
             assert await relay.run_once() == 3
             assert pub.ids == [r.message_id for r in rows] * 2
+
+    async def test_a_transport_outage_parks_nothing_and_counts_no_attempts(self) -> None:
+        async with self.make_store() as store:
+            pub = RecordingPublisher()
+            rows = make_rows(6, keys=["a", "b", None])
+            await self.add_committed(store, rows)
+            relay = self.relay(store, pub, max_attempts=2, backoff=lambda n: 0.0)
+            pub.down = True
+            for _ in range(3 * relay.max_attempts):  # far past max_attempts
+                assert await relay.run_once() == 0
+            st = await relay.status()
+            assert st.parked == 0 and st.pending == 6
+            pub.down = False
+            assert await self.drain(relay) == 6
+            assert sorted(pub.ids) == sorted(r.message_id for r in rows)
+            assert _first_order(pub.published)["a"] == [
+                r.message_id for r in rows if r.partition_key == "a"
+            ]
+
+    async def test_running_relay_rides_out_an_outage_with_one_warning(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        async with self.make_store() as store:
+            pub = RecordingPublisher()
+            rows = make_rows(4, keys=["k"])
+            await self.add_committed(store, rows)
+            pub.down = True
+            calls = pub.calls
+            relay = self.relay(store, pub, max_attempts=2, backoff=lambda n: 0.001)
+            with caplog.at_level(logging.INFO, logger="msdata.outbox"):
+                async with relay:
+                    await eventually(lambda: pub.calls >= calls + 10, 20.0, what="10 failures")
+                    assert (await relay.status()).parked == 0
+                    pub.down = False
+                    await eventually(lambda: len(set(pub.ids)) == 4, 20.0, what="all published")
+            assert pub.ids == [r.message_id for r in rows]
+            mine = [r for r in caplog.records if r.name == "msdata.outbox"]
+            warnings = [r for r in mine if r.levelno == logging.WARNING]
+            assert len(warnings) == 1 and "transport" in warnings[0].getMessage()
+            assert not [r for r in mine if r.levelno >= logging.ERROR]
+            assert any("recovered" in r.getMessage() for r in mine if r.levelno == logging.INFO)
+
+    async def test_a_refused_message_alone_is_counted_and_parked(self) -> None:
+        async with self.make_store() as store:
+            pub = RecordingPublisher()
+            bad = make_row(key="k", n=1)
+            after_bad = make_row(key="k", n=2)
+            others = [make_row(key="j", n=3), make_row(n=4)]
+            await self.add_committed(store, [bad, after_bad, *others])
+            pub.refuse = {bad.message_id}
+            relay = self.relay(store, pub, max_attempts=2, backoff=lambda n: 0.0)
+            for _ in range(6):
+                await relay.run_once()
+            parked = await relay.parked()
+            assert [p.message_id for p in parked] == [bad.message_id]
+            assert parked[0].last_error and "too large" in parked[0].last_error
+            assert sorted(pub.ids) == sorted(r.message_id for r in others)
+            assert (await relay.status()).pending == 1  # after_bad waits behind its key
+
+    async def test_start_refuses_a_store_without_its_schema(self) -> None:
+        async with _hook(self.make_store_without_schema) as store:
+            relay = self.relay(store, RecordingPublisher())
+            with pytest.raises(SchemaError, match="create_schema"):
+                await relay.start()
+            assert not relay.running
+
+    async def test_a_missing_schema_in_the_loop_logs_one_line_per_try(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        async with self.make_store() as store:
+            relay = self.relay(store, RecordingPublisher(), backoff=lambda n: 0.001)
+            lost = _SchemaGone(store)
+            relay.store = lost  # the tables dropped under a running relay
+            with caplog.at_level(logging.ERROR, logger="msdata.outbox"):
+                await relay.start()
+                try:
+                    await eventually(lambda: lost.claims >= 3, 20.0, what="3 claims")
+                finally:
+                    await relay.stop()
+            errors = [r for r in caplog.records if r.name == "msdata.outbox"]
+            assert errors and all(r.exc_info is None for r in errors)
+            assert "create_schema" in errors[0].getMessage()
+
+
+class _SchemaGone:
+    """A store whose tables are gone: every claim raises SchemaError."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.claims = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def claim(self, *args: Any, **kwargs: Any) -> Any:
+        self.claims += 1
+        raise SchemaError("no such table: x_outbox: run create_schema()")
+
+    async def mark_sent_and_claim(self, *args: Any, **kwargs: Any) -> Any:
+        return await self.claim()
 
 
 @asynccontextmanager
