@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from msdata.errors import ConfigurationError
 from msdata.transport import Transport
 
-__all__ = ["STORES", "store_from_url", "transport_from_url"]
+__all__ = ["STORES", "redact_url", "store_from_url", "transport_from_url"]
 
 #: (port, backend) -> "module:Class" of the store; the class's ``from_url(url, **options)``
 #: builds it. A new port adds one line per backend here; the module is imported only when
@@ -55,8 +55,8 @@ _STORE_SCHEMES = {
 }
 
 
-def _redacted(url: str) -> str:
-    """``url`` without its user name and password, for error messages."""
+def redact_url(url: str) -> str:
+    """``url`` without its user name and password (``***@host``), for messages and logs."""
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -84,7 +84,7 @@ def store_from_url(port: str, url: str, **options: Any) -> Any:
     backend = _STORE_SCHEMES.get(scheme)
     if backend is None:
         raise ConfigurationError(
-            f"no store for {_redacted(url)!r}: use memory://, sqlite:///path.db or postgresql://…"
+            f"no store for {redact_url(url)!r}: use memory://, sqlite:///path.db or postgresql://…"
         )
     target = STORES.get((port, backend))
     if target is None:
@@ -98,7 +98,7 @@ def store_from_url(port: str, url: str, **options: Any) -> Any:
         return cls.from_url(url, **options)
     except ConfigurationError as e:
         # an adapter's message may quote the URL: never with its credentials
-        redacted = _redacted(url)
+        redacted = redact_url(url)
         if redacted != url and url in str(e):
             raise ConfigurationError(str(e).replace(url, redacted)) from None
         raise

@@ -269,6 +269,14 @@ class EventBus:
             c.tasks.clear()
         self._running = False
 
+    def consumers(self) -> list[tuple[str, str, bool]]:
+        """Each (topic, group) this bus consumes, and whether all its consumer tasks are
+        alive (False before ``start``, after ``stop``, or when one ended on its own)."""
+        return [
+            (c.topic, c.group, bool(c.tasks) and not any(t.done() for t in c.tasks))
+            for c in self._consumers.values()
+        ]
+
     async def __aenter__(self) -> Self:
         await self.start()
         return self

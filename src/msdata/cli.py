@@ -1,0 +1,694 @@
+"""The ``msdata`` command line: create schemas, run the outbox relay, and operate what the
+patterns leave for people (parked outbox rows, dead letters, projections). See docs/cli.md.
+
+Needs ``pip install "msdata[cli]"`` (Click and Rich). Every command prints a table for
+people, or JSON with ``--json``; a bad URL, an unreachable server or a missing schema
+prints one line naming the problem (credentials redacted) and exits 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from datetime import datetime
+from typing import Any, NoReturn, TypeVar
+
+try:
+    import click
+    from rich.console import Console
+    from rich.table import Table
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    from msdata.errors import MissingDependencyError
+
+    raise MissingDependencyError(e.name or "click", "cli") from e
+
+from msdata.errors import ConfigurationError, MsdataError, SchemaError
+from msdata.urls import STORES, redact_url, store_from_url, transport_from_url
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+
+#: exit codes: 0 done, 1 a problem named on stderr, 2 bad usage (Click's)
+FAILED = 1
+
+_out = Console(highlight=False, soft_wrap=True)
+_err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class Failure(Exception):
+    """A problem to report in one line and exit 1."""
+
+
+def _fail(message: str) -> NoReturn:
+    raise Failure(message)
+
+
+def _backend(url: str) -> str:
+    scheme = url.split("://", 1)[0].partition("+")[0].lower() if "://" in url else ""
+    backend = {"sqlite": "sqlite", "postgresql": "postgresql", "postgres": "postgresql"}.get(
+        scheme, "memory" if scheme == "memory" else ""
+    )
+    if not backend:
+        _fail(f"not a database URL: {redact_url(url)} (use sqlite:///path.db or postgresql://…)")
+    return backend
+
+
+def _existing_db(url: str) -> str:
+    """``url`` for a command that reads a database: a SQLite file must exist (connecting
+    would create an empty one), memory:// holds nothing between processes."""
+    backend = _backend(url)
+    if backend == "memory":
+        _fail("memory:// keeps nothing between processes: give a sqlite:// or postgresql:// URL")
+    if backend == "sqlite":
+        from msdata.adapters.sqlite._db import path_from_url
+
+        path = path_from_url(url)
+        if not os.path.exists(path):
+            _fail(f"no database file at {path} (create it with: msdata db init {url})")
+    return url
+
+
+def _store(port: str, url: str, prefix: str, schema: str | None) -> Any:
+    options: dict[str, Any] = {"table_prefix": prefix}
+    if schema is not None:
+        options["schema"] = schema
+    return store_from_url(port, url, **options)
+
+
+def _describe(e: BaseException, urls: Sequence[str]) -> str:
+    text = str(e) or type(e).__name__
+    for url in urls:
+        if url and url in text:
+            text = text.replace(url, redact_url(url))
+    if isinstance(e, SchemaError):
+        where = urls[0] if urls else "the database"
+        return (
+            f"the msdata tables are missing in {redact_url(where)} ({text}); "
+            "create them with: msdata db init URL"
+        )
+    if isinstance(e, MsdataError | Failure):
+        return text
+    if isinstance(e, OSError | ConnectionError | TimeoutError):
+        return f"cannot connect: {text}"
+    return f"{type(e).__name__}: {text}"
+
+
+def _run(urls: Callable[[dict[str, Any]], Sequence[str]] | None = None) -> Callable[..., Any]:
+    """Decorate an async command: run it, turn any error into one line on stderr + exit 1."""
+
+    def decorate(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> None:
+            shown = [u for u in (urls(kwargs) if urls else ()) if isinstance(u, str)]
+            try:
+                asyncio.run(fn(**kwargs))
+            except KeyboardInterrupt:
+                sys.exit(130)
+            except click.exceptions.Exit:
+                raise
+            except Exception as e:
+                _err.print(f"error: {_describe(e, shown)}", markup=False)
+                sys.exit(FAILED)
+
+        return wrapper
+
+    return decorate
+
+
+def _emit(as_json: bool, data: Any, table: Callable[[], Table | str]) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=_jsonable))
+    else:
+        out = table()
+        if isinstance(out, str):
+            _out.print(out, markup=False)
+        else:
+            _out.print(out)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, datetime):
+        return v.isoformat()
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    return str(v)
+
+
+def _table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*("" if v is None else str(v) for v in r))
+    return t
+
+
+# -- options shared by commands ------------------------------------------------------------
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+prefix_option = click.option(
+    "--prefix", default="msdata_", show_default=True, help="Table-name prefix of the stores."
+)
+schema_option = click.option("--schema", default=None, help="PostgreSQL schema of the stores.")
+db_option = click.option("--db", required=True, help="The service's database URL.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log msdata's INFO messages to stderr.")
+def cli(verbose: bool) -> None:
+    """msdata: operate the data-management patterns of a service."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+# -- db ------------------------------------------------------------------------------------
+
+
+@cli.group()
+def db() -> None:
+    """Database schemas."""
+
+
+def _ports(backend: str) -> list[str]:
+    return sorted({p for p, b in STORES if b == backend})
+
+
+@db.command("init")
+@click.argument("url")
+@click.option("--sql", "print_sql", is_flag=True, help="Print the SQL instead of running it.")
+@prefix_option
+@schema_option
+@click.option(
+    "--port",
+    "ports",
+    multiple=True,
+    help="Only these stores (outbox, inbox, eventstore, checkpoints, …); default: all.",
+)
+@_run(lambda kw: [kw["url"]])
+async def db_init(
+    url: str, print_sql: bool, prefix: str, schema: str | None, ports: tuple[str, ...]
+) -> None:
+    """Create every msdata table in the database at URL (idempotent)."""
+    backend = _backend(url)
+    if backend == "memory":
+        _fail("memory:// has no schema to create")
+    known = _ports(backend)
+    for p in ports:
+        if p not in known:
+            _fail(f"no {p!r} store on {backend}: choose from {', '.join(known)}")
+    chosen = list(ports) or known
+    stores = [(p, _store(p, url, prefix, schema)) for p in chosen]
+    try:
+        if print_sql:
+            for p, store in stores:
+                click.echo(f"-- {p}\n{store.schema_sql().strip()}\n")
+            return
+        for _, store in stores:
+            await store.create_schema()
+    finally:
+        for _, store in stores:
+            await store.close()
+    _out.print(f"created the {', '.join(chosen)} tables in {redact_url(url)}", markup=False)
+
+
+# -- relay ---------------------------------------------------------------------------------
+
+
+@cli.group()
+def relay() -> None:
+    """The outbox relay."""
+
+
+@relay.command("run")
+@db_option
+@click.option("--broker", required=True, help="The broker URL (redis://, amqp://, nats://).")
+@prefix_option
+@schema_option
+@click.option("--batch-size", default=100, show_default=True, help="Rows per claim.")
+@click.option("--name", default="relay", show_default=True, help="The process's name.")
+def relay_run(
+    db: str, broker: str, prefix: str, schema: str | None, batch_size: int, name: str
+) -> None:
+    """Publish the outbox of --db to --broker until SIGTERM or SIGINT."""
+    from msdata.service import Service
+
+    try:
+        _existing_db(db)
+        if broker.split("://", 1)[0].lower() == "memory":
+            _fail("memory:// is a broker inside one process: give redis://, amqp:// or nats://")
+        # a missing schema or an unreachable database fails here, in one line
+        asyncio.run(_check_outbox(db, prefix, schema))
+        service = Service(
+            name,
+            db=db,
+            broker=broker,
+            table_prefix=prefix,
+            schema=schema,
+            create_schema=False,
+            relay_options={"batch_size": batch_size},
+        )
+        _err.print(
+            f"relay {name}: {redact_url(db)} -> {redact_url(broker)} (SIGTERM to stop)",
+            markup=False,
+        )
+        service.run()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:
+        _err.print(f"error: {_describe(e, [db, broker])}", markup=False)
+        sys.exit(FAILED)
+    _err.print(f"relay {name}: stopped", markup=False)
+
+
+async def _check_outbox(db: str, prefix: str, schema: str | None) -> None:
+    store = _outbox_store(db, prefix, schema)
+    try:
+        await store.status()
+    finally:
+        await store.close()
+
+
+# -- outbox --------------------------------------------------------------------------------
+
+
+@cli.group()
+def outbox() -> None:
+    """The outbox: backlog, parked rows."""
+
+
+def _outbox_store(db: str, prefix: str, schema: str | None) -> Any:
+    return _store("outbox", _existing_db(db), prefix, schema)
+
+
+@outbox.command("status")
+@db_option
+@prefix_option
+@schema_option
+@json_option
+@_run(lambda kw: [kw["db"]])
+async def outbox_status(db: str, prefix: str, schema: str | None, as_json: bool) -> None:
+    """Pending rows, the age of the oldest (the relay's lag) and parked rows."""
+    store = _outbox_store(db, prefix, schema)
+    try:
+        st = await store.status()
+    finally:
+        await store.close()
+    data = {"pending": st.pending, "oldest_pending_age": st.oldest_pending_age, "parked": st.parked}
+    age = "-" if st.oldest_pending_age is None else f"{st.oldest_pending_age:.1f} s"
+    _emit(
+        as_json,
+        data,
+        lambda: _table(
+            f"outbox of {redact_url(db)}",
+            ["pending", "oldest pending", "parked"],
+            [[st.pending, age, st.parked]],
+        ),
+    )
+
+
+@outbox.command("parked")
+@db_option
+@prefix_option
+@schema_option
+@click.option("--limit", default=100, show_default=True)
+@json_option
+@_run(lambda kw: [kw["db"]])
+async def outbox_parked(
+    db: str, prefix: str, schema: str | None, limit: int, as_json: bool
+) -> None:
+    """Rows the relay gave up on, oldest first, with their last error."""
+    store = _outbox_store(db, prefix, schema)
+    try:
+        rows = await store.parked(limit)
+    finally:
+        await store.close()
+    data = [
+        {
+            "seq": r.seq,
+            "message_id": r.message_id,
+            "topic": r.topic,
+            "type": r.type,
+            "key": r.partition_key,
+            "attempts": r.attempts,
+            "created_at": r.created_at,
+            "last_error": r.last_error,
+        }
+        for r in rows
+    ]
+    _emit(
+        as_json,
+        data,
+        lambda: (
+            _table(
+                f"parked outbox rows in {redact_url(db)}",
+                ["seq", "topic", "type", "key", "attempts", "last error"],
+                [
+                    [d["seq"], d["topic"], d["type"], d["key"], d["attempts"], d["last_error"]]
+                    for d in data
+                ],
+            )
+            if data
+            else "no parked rows"
+        ),
+    )
+
+
+@outbox.command("requeue")
+@db_option
+@prefix_option
+@schema_option
+@click.argument("seqs", nargs=-1, type=int)
+@click.option("--all", "everything", is_flag=True, help="Requeue every parked row.")
+@json_option
+@_run(lambda kw: [kw["db"]])
+async def outbox_requeue(
+    db: str,
+    prefix: str,
+    schema: str | None,
+    seqs: tuple[int, ...],
+    everything: bool,
+    as_json: bool,
+) -> None:
+    """Make parked rows (by SEQ, or --all) pending again, attempts reset."""
+    if not seqs and not everything:
+        _fail("name the rows to requeue (their seq, see `msdata outbox parked`) or pass --all")
+    store = _outbox_store(db, prefix, schema)
+    try:
+        if seqs:
+            n = await store.requeue(list(seqs))
+        else:
+            n = 0
+            while batch := await store.parked(1000):
+                done = await store.requeue([r.seq for r in batch])
+                n += done
+                if done == 0:
+                    break
+    finally:
+        await store.close()
+    _emit(as_json, {"requeued": n}, lambda: f"requeued {n} row(s)")
+
+
+# -- dead letters --------------------------------------------------------------------------
+
+#: the consumer group the command line reads dead-letter topics with
+DLQ_READER = "msdata-dlq"
+
+
+@cli.group()
+def dlq() -> None:
+    """Dead-letter topics (``topic.group.dlq``)."""
+
+
+def _dlq_topics(topic: str | None, group: str | None, app: str | None) -> list[tuple[str, str]]:
+    from msdata.transport import check_name
+
+    if topic and group:
+        return [(check_name("topic", topic), check_name("group", group))]
+    if app:
+        service = _load_app(app)
+        return list(service._subscriptions)
+    _fail("name the dead-letter topic with --topic and --group, or give --app module:service")
+
+
+dlq_options = [
+    click.option("--broker", required=True, help="The broker URL."),
+    click.option("--topic", default=None, help="The topic the messages came from."),
+    click.option("--group", default=None, help="The consumer group that gave up on them."),
+    click.option("--app", default=None, help="module:attr of a Service: all its groups."),
+]
+
+
+def _with(options: list[Callable[[T], T]]) -> Callable[[T], T]:
+    def apply(fn: T) -> T:
+        for o in reversed(options):
+            fn = o(fn)
+        return fn
+
+    return apply
+
+
+async def _read_dlq(
+    broker: str, pairs: list[tuple[str, str]], limit: int, settle: str
+) -> list[dict[str, Any]]:
+    """Read up to ``limit`` dead letters per pair; ``settle``: ``keep`` (nack: they stay),
+    ``replay`` (republish to the original topic, then ack)."""
+    from msdata.transport import (
+        DEAD_LETTER_ATTEMPTS,
+        DEAD_LETTER_GROUP,
+        DEAD_LETTER_REASON,
+        DEAD_LETTER_TOPIC,
+        TransportMessage,
+        dead_letter_topic,
+    )
+
+    transport = transport_from_url(broker)
+    out: list[dict[str, Any]] = []
+    try:
+        for topic, group in pairs:
+            dlq_topic = dead_letter_topic(topic, group)
+            # max_attempts high: reading must never dead-letter a dead letter
+            async with transport.subscribe(dlq_topic, DLQ_READER, max_attempts=1000) as sub:
+                seen: set[str] = set()
+                while len(seen) < limit:
+                    batch = await sub.receive(min(100, limit - len(seen)), timeout=1.0)
+                    if not batch:
+                        break
+                    fresh = [d for d in batch if d.message.id not in seen]
+                    if not fresh:
+                        for d in batch:
+                            await d.nack()
+                        break
+                    for d in fresh:
+                        m = d.message
+                        seen.add(m.id)
+                        h = dict(m.headers)
+                        out.append(
+                            {
+                                "dlq": dlq_topic,
+                                "id": m.id,
+                                "key": m.key,
+                                "topic": h.get(DEAD_LETTER_TOPIC, topic),
+                                "group": h.get(DEAD_LETTER_GROUP, group),
+                                "attempts": h.get(DEAD_LETTER_ATTEMPTS),
+                                "reason": h.get(DEAD_LETTER_REASON),
+                                "body": m.body,
+                            }
+                        )
+                        if settle == "replay":
+                            original = h.get(DEAD_LETTER_TOPIC, topic)
+                            clean = {k: v for k, v in h.items() if not k.startswith("x-msdata-")}
+                            await transport.publish(
+                                original,
+                                [TransportMessage(id=m.id, body=m.body, key=m.key, headers=clean)],
+                            )
+                            await d.ack()
+                        else:
+                            await d.nack()
+                    for d in batch:
+                        if d not in fresh:
+                            await d.nack()
+    finally:
+        await transport.close()
+    return out
+
+
+@dlq.command("list")
+@_with(dlq_options)
+@click.option("--limit", default=100, show_default=True, help="At most this many per topic.")
+@json_option
+@_run(lambda kw: [kw["broker"]])
+async def dlq_list(
+    broker: str,
+    topic: str | None,
+    group: str | None,
+    app: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Dead letters (left where they are), with their reason."""
+    rows = await _read_dlq(broker, _dlq_topics(topic, group, app), limit, "keep")
+    data = [{k: v for k, v in r.items() if k != "body"} for r in rows]
+    _emit(
+        as_json,
+        data,
+        lambda: (
+            _table(
+                "dead letters",
+                ["dead-letter topic", "id", "key", "attempts", "reason"],
+                [[d["dlq"], d["id"], d["key"], d["attempts"], d["reason"]] for d in data],
+            )
+            if data
+            else "no dead letters"
+        ),
+    )
+
+
+@dlq.command("show")
+@_with(dlq_options)
+@click.argument("message_id")
+@json_option
+@_run(lambda kw: [kw["broker"]])
+async def dlq_show(
+    broker: str,
+    topic: str | None,
+    group: str | None,
+    app: str | None,
+    message_id: str,
+    as_json: bool,
+) -> None:
+    """One dead letter, with its body."""
+    rows = await _read_dlq(broker, _dlq_topics(topic, group, app), 10_000, "keep")
+    found = [r for r in rows if r["id"] == message_id]
+    if not found:
+        _fail(f"no dead letter {message_id!r} there")
+    r = found[0]
+    _emit(
+        as_json,
+        r,
+        lambda: "\n".join(f"{k}: {_jsonable(v) if v is not None else ''}" for k, v in r.items()),
+    )
+
+
+@dlq.command("replay")
+@_with(dlq_options)
+@click.option("--limit", default=1000, show_default=True, help="At most this many per topic.")
+@json_option
+@_run(lambda kw: [kw["broker"]])
+async def dlq_replay(
+    broker: str,
+    topic: str | None,
+    group: str | None,
+    app: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Republish dead letters to their original topic (same message id: consumers behind an
+    inbox that applied one already skip it) and remove them from the dead-letter topic."""
+    rows = await _read_dlq(broker, _dlq_topics(topic, group, app), limit, "replay")
+    _emit(as_json, {"replayed": len(rows)}, lambda: f"replayed {len(rows)} message(s)")
+
+
+# -- projections ---------------------------------------------------------------------------
+
+
+def _load_app(spec: str) -> Any:
+    """The Service at ``module:attr`` (the current directory is on the import path)."""
+    from msdata.service import Service
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        _fail(f"--app takes module:attr (e.g. orders.app:service), not {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        _fail(f"cannot import {module_name!r}: {e}")
+    obj: Any = module
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            _fail(f"{module_name!r} has no {attr!r}")
+    if callable(obj) and not isinstance(obj, Service):
+        obj = obj()
+    if not isinstance(obj, Service):
+        _fail(f"{spec} is a {type(obj).__name__}, not an msdata Service")
+    return obj
+
+
+@cli.group()
+def projections() -> None:
+    """Projections of a service (found through --app module:attr, a Service)."""
+
+
+app_option = click.option(
+    "--app", required=True, help="module:attr of the msdata Service (or a function making one)."
+)
+
+
+@projections.command("status")
+@app_option
+@json_option
+@_run()
+async def projections_status(app: str, as_json: bool) -> None:
+    """Each projection's active generation, checkpoint and lag."""
+    service = _load_app(app)
+    data = []
+    try:
+        for name, runner in service.projections.items():
+            await runner.start()
+            lag = await runner.lag()
+            data.append(
+                {
+                    "name": name,
+                    "generation": runner.generation,
+                    "position": runner.position,
+                    "lag_events": lag.events,
+                    "lag_seconds": round(lag.seconds, 3),
+                }
+            )
+    finally:
+        await service.stop()
+    _emit(
+        as_json,
+        data,
+        lambda: (
+            _table(
+                f"projections of {service.name}",
+                ["name", "generation", "position", "lag (events)", "lag (s)"],
+                [list(d.values()) for d in data],
+            )
+            if data
+            else f"{service.name} has no projections"
+        ),
+    )
+
+
+@projections.command("rebuild")
+@app_option
+@click.argument("name")
+@click.option("--drop-old", is_flag=True, help="Drop the old generation afterwards.")
+@json_option
+@_run()
+async def projections_rebuild(app: str, name: str, drop_old: bool, as_json: bool) -> None:
+    """Rebuild projection NAME from position 0 beside the live one, then switch to it."""
+    service = _load_app(app)
+    try:
+        runner = service.projections.get(name)
+        if runner is None:
+            _fail(
+                f"{service.name} has no projection {name!r}; it has: "
+                f"{', '.join(service.projections) or 'none'}"
+            )
+        for port in ("eventstore", "checkpoints"):
+            await service.store(port).create_schema()
+        generation = await runner.rebuild(drop_old=drop_old)
+    finally:
+        await service.stop()
+    _emit(
+        as_json,
+        {"name": name, "generation": generation},
+        lambda: f"projection {name}: generation {generation} rebuilt and active",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The ``msdata`` console script."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="msdata")
+    except ConfigurationError as e:  # pragma: no cover - commands catch their own
+        _err.print(f"error: {e}", markup=False)
+        sys.exit(FAILED)
+
+
+if __name__ == "__main__":
+    main()

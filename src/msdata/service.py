@@ -1,0 +1,671 @@
+"""The service runtime: one object that owns a service's database transactions, its stores,
+its bus, its outbox relay, its consumers and its background workers, and runs them.
+
+::
+
+    service = Service("billing", db="sqlite:///billing.db", broker="memory://")
+
+    @service.on(OrderPlaced)                       # consumer group "billing", via the inbox
+    async def charge(event: OrderPlaced) -> None:
+        current_connection().execute("INSERT INTO charges ...")   # the handler's transaction
+        await service.publish(PaymentCharged(order_id=event.order_id), key=event.order_id)
+
+    service.run()                                  # until SIGTERM / SIGINT
+
+See docs/service.md for the whole API and the choices behind it.
+
+Start order: schemas -> transport (groups declared) -> outbox relay -> consumers ->
+workers (saga recovery, projection runners). Stop: the reverse, each part given at most
+``stop_timeout`` seconds; a part that fails to stop is logged and the others still stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+from msdata.cqrs import CommandBus, QueryBus
+from msdata.errors import ConfigurationError, HandlerAlreadyRegistered
+from msdata.events import EventBus
+from msdata.eventstore import EventLog
+from msdata.inbox import Inbox
+from msdata.messages import Command, Envelope, Event, Message, MessageRegistry, Query
+from msdata.middleware import Middleware
+from msdata.outbox import Outbox, OutboxRelay
+from msdata.projections import Projection, ProjectionRunner
+from msdata.storage import DEFAULT_TABLE_PREFIX, bind_connection, current_connection
+from msdata.transport import Transport, check_name
+from msdata.urls import redact_url, store_from_url, transport_from_url
+
+__all__ = ["Service"]
+
+log = logging.getLogger("msdata.service")
+
+E = TypeVar("E", bound=Event)
+H = TypeVar("H", bound=Callable[..., Any])
+
+#: the database backends a Service opens transactions on, by URL scheme
+_BACKENDS = {
+    "sqlite": "sqlite",
+    "postgresql": "postgresql",
+    "postgres": "postgresql",
+    "memory": "memory",
+}
+
+# the service whose transaction this task is in (a nested transaction() would deadlock)
+_in_transaction: ContextVar[Service | None] = ContextVar("msdata_service_tx", default=None)
+
+
+def _backend(url: str) -> str:
+    scheme = url.split("://", 1)[0].partition("+")[0].lower() if "://" in url else ""
+    backend = _BACKENDS.get(scheme)
+    if backend is None:
+        raise ConfigurationError(
+            f"no database for {redact_url(url)!r}: use sqlite:///path.db, postgresql://… "
+            "or memory://"
+        )
+    return backend
+
+
+# -- the in-process broker: memory:// URLs name one MemoryTransport per process ------------
+
+_memory_brokers: dict[str, tuple[Transport, int]] = {}
+
+
+def _open_memory_broker(url: str) -> Transport:
+    transport, users = _memory_brokers.get(url, (None, 0))
+    if transport is None:
+        transport = transport_from_url("memory://")
+    _memory_brokers[url] = (transport, users + 1)
+    return transport
+
+
+async def _close_memory_broker(url: str) -> None:
+    transport, users = _memory_brokers[url]
+    if users > 1:
+        _memory_brokers[url] = (transport, users - 1)
+        return
+    del _memory_brokers[url]
+    await transport.close()
+
+
+# -- transactions on the service's database ------------------------------------------------
+
+
+# -- health --------------------------------------------------------------------------------
+
+
+@dataclass
+class _ConsumerStats:
+    handled: int = 0
+    failed: int = 0
+    last_error: str | None = None
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+class Service:
+    """A service's runtime. Build it from URLs (or objects), register handlers, run it.
+
+    ``name``: the service's name: the ``source`` of the events it publishes, and the
+    consumer group of its event handlers (so 1-40 of ``[A-Za-z0-9_-]``).
+
+    ``db``: the service's own database, ``sqlite:///path.db`` (default
+    ``sqlite:///<name>.db``), ``postgresql://user@host/db`` or ``memory://``. The service
+    opens its transactions there (:meth:`transaction`) and keeps its stores there (outbox,
+    inbox, event store, checkpoints, sagas), each made from the URL on first use by
+    :func:`msdata.urls.store_from_url` with ``table_prefix`` (and ``schema`` for
+    PostgreSQL). ``stores`` replaces any of them by port name (``{"outbox": store}``): a
+    given store is the caller's and is not closed here.
+
+    ``broker``: a transport URL (``memory://``, ``redis://…``, ``amqp://…``, ``nats://…``)
+    or a :class:`msdata.transport.Transport` object (the caller's: not closed here).
+    ``memory://`` (or ``memory://<name>``) is one in-process broker per URL, shared by the
+    services of this process and closed when the last of them stops.
+
+    ``transaction``: replaces the service's transaction factory (an async context manager
+    factory yielding a connection with an open transaction); ``pool_size``: the PostgreSQL
+    pool's maximum size; ``relay``: run an outbox relay in this process (default True);
+    ``stop_timeout``: seconds each part gets to stop; ``bus_options`` / ``relay_options``:
+    keyword arguments for :class:`EventBus` / :class:`OutboxRelay`.
+
+    Raises :class:`ConfigurationError` for a bad name or URL (never showing credentials).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        db: str | None = None,
+        broker: str | Transport = "memory://",
+        stores: Mapping[str, Any] | None = None,
+        transaction: Callable[[], contextlib.AbstractAsyncContextManager[Any]] | None = None,
+        table_prefix: str = DEFAULT_TABLE_PREFIX,
+        schema: str | None = None,
+        pool_size: int = 10,
+        relay: bool = True,
+        create_schema: bool = True,
+        stop_timeout: float = 10.0,
+        registry: MessageRegistry | None = None,
+        middleware: tuple[Middleware, ...] = (),
+        bus_options: Mapping[str, Any] | None = None,
+        relay_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.name = check_name("group", name)
+        self.db = db if db is not None else f"sqlite:///{name}.db"
+        self.backend = _backend(self.db)
+        self.table_prefix = table_prefix
+        self.schema = schema
+        self.stop_timeout = stop_timeout
+        self.create_schema = create_schema
+        self._given_stores = dict(stores or {})
+        self._stores: dict[str, Any] = dict(self._given_stores)
+        self._needed: set[str] = {"outbox"}
+        # transactions
+        self._transactions: Any = None
+        if transaction is not None:
+            self._factory: Callable[[], contextlib.AbstractAsyncContextManager[Any]] = transaction
+        else:
+            if self.backend == "sqlite":
+                from msdata.adapters.sqlite.transactions import SqliteTransactions
+
+                self._transactions = SqliteTransactions.from_url(self.db)
+            elif self.backend == "postgresql":
+                from msdata.adapters.postgres.transactions import PostgresTransactions
+
+                self._transactions = PostgresTransactions(self.db, pool_size, schema)
+            else:
+                from msdata.adapters.memory.transactions import MemoryTransactions
+
+                self._transactions = MemoryTransactions()
+            self._factory = self._transactions
+        # broker
+        self.broker_url: str | None = None
+        if isinstance(broker, str):
+            self.broker_url = broker
+            if broker.split("://", 1)[0].lower() == "memory":
+                self.transport = _open_memory_broker(broker)
+            else:
+                self.transport = transport_from_url(broker)
+        else:
+            self.transport = broker
+        self.bus = EventBus(
+            self.transport,
+            source=name,
+            registry=registry,
+            middleware=middleware,
+            stop_timeout=stop_timeout,
+            **dict(bus_options or {}),
+        )
+        self.registry = self.bus.registry
+        self.outbox = Outbox(self.store("outbox"), registry=self.registry, source=name)
+        self.relay: OutboxRelay | None = (
+            OutboxRelay(
+                self.store("outbox"),
+                self.transport,
+                codec=self.bus.codec,
+                stop_timeout=stop_timeout,
+                **dict(relay_options or {}),
+            )
+            if relay
+            else None
+        )
+        self.commands = CommandBus(registry=registry, source=name)
+        self.queries = QueryBus(registry=registry, source=name)
+        self._inbox: Inbox | None = None
+        self._event_log: EventLog | None = None
+        #: projections by name, with their runners
+        self.projections: dict[str, ProjectionRunner] = {}
+        self._followers: dict[str, asyncio.Task[None]] = {}
+        self._bus_fed: set[str] = set()
+        self._stats: dict[str, _ConsumerStats] = {}
+        self._subscriptions: list[tuple[str, str]] = []
+        self._workers: list[tuple[str, Callable[[], Awaitable[None]], Callable[[], Any]]] = []
+        self._state = "new"
+        self._stop_steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = []
+        self._closed = False
+        self._stop_requested: asyncio.Event | None = None
+
+    # -- stores and transactions ---------------------------------------------------------
+
+    def store(self, port: str) -> Any:
+        """The service's store for ``port`` (``outbox``, ``inbox``, ``eventstore``,
+        ``checkpoints``, ``sagas``…), made from ``db`` on first use; its schema is created
+        at start."""
+        if port not in self._stores:
+            options: dict[str, Any] = {}
+            if self.backend != "memory":
+                options["table_prefix"] = self.table_prefix
+            if self.backend == "postgresql" and self.schema is not None:
+                options["schema"] = self.schema
+            self._stores[port] = store_from_url(port, self.db, **options)
+        self._needed.add(port)
+        return self._stores[port]
+
+    def transaction(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """``async with service.transaction() as conn:`` one transaction on the service's
+        database: commits on normal exit, rolls back on an exception; inside it,
+        :func:`msdata.storage.current_connection` is ``conn`` and :meth:`publish` adds to the
+        outbox in it. ``conn`` is a ``sqlite3.Connection`` (SQLite), an asyncpg connection
+        (PostgreSQL) or a ``MemoryTransaction``. A transaction opened inside another of the
+        same service in the same task raises ConfigurationError (it would wait for itself).
+        """
+        return self._transaction()
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Any]:
+        if _in_transaction.get() is self:
+            raise ConfigurationError(
+                f"service {self.name!r}: a transaction is already open in this task; use "
+                "current_connection() instead of opening another"
+            )
+        token = _in_transaction.set(self)
+        try:
+            async with self._factory() as conn:
+                with bind_connection(conn):
+                    yield conn
+        finally:
+            _in_transaction.reset(token)
+
+    async def publish(
+        self,
+        messages: Message | Envelope[Any] | list[Message],
+        *,
+        key: str | None = None,
+        topic: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> list[Envelope[Any]]:
+        """Add ``messages`` to the outbox in the open transaction (a handler's, or
+        :meth:`transaction`'s); the relay publishes them after the commit. ``key``: the
+        partition key (order is kept per key). ConfigurationError outside a transaction."""
+        return await self.outbox.add_async(
+            current_connection(), messages, key=key, topic=topic, headers=headers
+        )
+
+    @property
+    def inbox(self) -> Inbox:
+        """The service's inbox (its store made on first use)."""
+        if self._inbox is None:
+            self._inbox = Inbox(self.store("inbox"))
+        return self._inbox
+
+    @property
+    def events(self) -> EventLog:
+        """The service's event store, as an :class:`msdata.eventstore.EventLog` whose
+        appends also go to the outbox (so an appended event is published)."""
+        if self._event_log is None:
+            self._event_log = EventLog(
+                self.store("eventstore"),
+                registry=self.registry,
+                source=self.name,
+                outbox=self.outbox,
+            )
+        return self._event_log
+
+    # -- registering -----------------------------------------------------------------------
+
+    def _check_not_started(self, what: str) -> None:
+        if self._state != "new":
+            raise ConfigurationError(f"register {what} before the service starts")
+
+    def subscribe(
+        self,
+        event_type: type[E],
+        handler: Callable[[E], Any],
+        *,
+        group: str | None = None,
+        topic: str | None = None,
+    ) -> None:
+        """Run ``handler`` (sync or async, taking the event) once per ``event_type`` event,
+        in a transaction of the service's database with the inbox record (exactly-once
+        effects; :func:`current_connection` and :meth:`publish` work inside it). Consumer
+        group: the service's name, unless ``group`` is given; a second handler for the same
+        event type in one group raises HandlerAlreadyRegistered (give it its own
+        ``group``)."""
+        self._check_not_started("handlers")
+        group = check_name("group", group or self.name)
+        stats = self._stats.setdefault(group, _ConsumerStats())
+
+        async def track(envelope: Envelope[Any], call_next: Any) -> Any:
+            try:
+                result = await call_next(envelope)
+            except Exception as e:
+                stats.failed += 1
+                stats.last_error = _describe(e)
+                raise
+            stats.handled += 1
+            return result
+
+        try:
+            self.bus.subscribe(
+                event_type,
+                handler,
+                group=group,
+                topic=topic,
+                middleware=[track, self.inbox.middleware(group, self._transaction)],
+            )
+        except HandlerAlreadyRegistered as e:
+            raise HandlerAlreadyRegistered(
+                f"{e}: give the second handler its own group=… (each group gets every event)"
+            ) from None
+        entry = (topic or self.bus.topic_of(event_type), group)
+        if entry not in self._subscriptions:
+            self._subscriptions.append(entry)
+
+    def on(
+        self, event_type: type[E], *, group: str | None = None, topic: str | None = None
+    ) -> Callable[[H], H]:
+        """Decorator form of :meth:`subscribe`."""
+
+        def decorate(fn: H) -> H:
+            self.subscribe(event_type, fn, group=group, topic=topic)
+            return fn
+
+        return decorate
+
+    def command(self, command_type: type[Command]) -> Callable[[H], H]:
+        """Register the one handler of an in-process command; :meth:`send` runs it in a
+        transaction of the service's database (its writes and :meth:`publish` commit
+        together) and returns its result; its error reaches the caller, rolled back."""
+
+        def decorate(fn: H) -> H:
+            async def in_transaction(cmd: Any) -> Any:
+                async with self._transaction():
+                    result = fn(cmd)
+                    if inspect.isawaitable(result):
+                        result = await result
+                    return result
+
+            self.commands.register(command_type, in_transaction)
+            return fn
+
+        return decorate
+
+    async def send(self, command: Command) -> Any:
+        """Run ``command``'s handler (see :meth:`command`); returns its result."""
+        return await self.commands.send(command)
+
+    def query(self, query_type: type[Query[Any]]) -> Callable[[H], H]:
+        """Register the one handler of a query (no transaction is opened); see :meth:`ask`."""
+
+        def decorate(fn: H) -> H:
+            self.queries.register(query_type, fn)
+            return fn
+
+        return decorate
+
+    async def ask(self, query: Query[Any]) -> Any:
+        """Run ``query``'s handler; returns its result."""
+        return await self.queries.ask(query)
+
+    def projection(
+        self, projection: Projection, *, from_bus: bool = False, group: str | None = None
+    ) -> ProjectionRunner:
+        """Keep ``projection``'s read model in the service's database. By default it
+        follows the service's own event store (:attr:`events`) with a checkpoint; with
+        ``from_bus=True`` it is fed by its event types on the bus, as consumer ``group``
+        (default ``<service>-<projection name>``), through the inbox. Returns its runner
+        (also in :attr:`projections`, by name; ``msdata projections`` finds it there)."""
+        self._check_not_started("projections")
+        if projection.name in self.projections:
+            raise HandlerAlreadyRegistered(f"projection {projection.name!r} is registered")
+        runner = ProjectionRunner(
+            projection,
+            self.events
+            if not from_bus
+            else EventLog(self.store("eventstore"), registry=self.registry, source=self.name),
+            self.store("checkpoints"),
+            self._transaction,
+        )
+        if from_bus:
+            g = check_name("group", group or f"{self.name}-{projection.name}")
+            runner.follow_bus(self.bus, group=g, inbox=self.inbox, transaction=self._transaction)
+            for event_type in projection.event_classes():
+                entry = (self.bus.topic_of(event_type), g)
+                if entry not in self._subscriptions:
+                    self._subscriptions.append(entry)
+            self._bus_fed.add(projection.name)
+        self.projections[projection.name] = runner
+        return runner
+
+    def worker(
+        self, name: str, run: Callable[[], Awaitable[None]], stop: Callable[[], Any]
+    ) -> None:
+        """Run ``run()`` as a background task once the consumers are up; at stop, call
+        ``stop()`` (sync or async) and wait for ``run()`` to return (cancelled after
+        ``stop_timeout``). Health reports it running or its error."""
+        self._check_not_started("workers")
+        self._workers.append((name, run, stop))
+
+    # -- running ----------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._state == "running"
+
+    async def start(self) -> None:
+        """Start every part in order: schemas, transport groups, relay, consumers,
+        workers. If a part fails to start, the parts already started are stopped and the
+        error is raised."""
+        if self._state == "running":
+            return
+        if self._state != "new":
+            raise ConfigurationError(f"service {self.name!r} was stopped; make a new one")
+        self._state = "starting"
+        self._stop_steps = []
+        try:
+            if self.create_schema:
+                for port in sorted(self._needed):
+                    await self._stores[port].create_schema()
+            declare = getattr(self.transport, "declare_group", None)
+            if callable(declare):
+                for topic, group in self._subscriptions:
+                    await declare(topic, group)
+            if self.relay is not None:
+                await self.relay.start()
+                self._stop_steps.append(("outbox relay", self.relay.stop))
+            await self.bus.start()
+            self._stop_steps.append(("consumers", self.bus.stop))
+            for name, runner in self.projections.items():
+                if name in self._bus_fed:
+                    await runner.start()
+                    continue
+                self._start_worker(f"projection {name}", runner.run, runner.stop)
+            for name, run, stop in self._workers:
+                self._start_worker(name, run, stop)
+        except BaseException:
+            await self.stop()
+            raise
+        self._state = "running"
+        log.info("service %s started", self.name)
+
+    def _start_worker(
+        self, name: str, run: Callable[[], Awaitable[None]], stop: Callable[[], Any]
+    ) -> None:
+        async def body() -> None:
+            await run()
+
+        task = asyncio.create_task(body(), name=f"msdata-{self.name}-{name}")
+        self._followers[name] = task
+
+        async def halt() -> None:
+            result = stop()
+            if inspect.isawaitable(result):
+                await result
+            done, _ = await asyncio.wait({task}, timeout=self.stop_timeout)
+            if not done:
+                task.cancel()
+                await asyncio.wait({task})
+
+        self._stop_steps.append((name, halt))
+
+    async def stop(self) -> None:
+        """Stop every started part in reverse order (each bounded by ``stop_timeout``),
+        then close what the service opened: its stores, pool and transport. Idempotent.
+        A part that fails to stop is logged; the others still stop."""
+        if self._closed:
+            return
+        self._state = "stopping"
+        while self._stop_steps:
+            what, step = self._stop_steps.pop()
+            try:
+                await asyncio.wait_for(step(), self.stop_timeout + 1.0)
+            except Exception:
+                log.exception("service %s: stopping the %s failed", self.name, what)
+        for port, store in self._stores.items():
+            if port in self._given_stores:
+                continue
+            try:
+                await store.close()
+            except Exception:
+                log.exception("service %s: closing the %s store failed", self.name, port)
+        if self._transactions is not None:
+            await self._transactions.close()
+        if self.broker_url is not None:
+            try:
+                if self.broker_url.split("://", 1)[0].lower() == "memory":
+                    await _close_memory_broker(self.broker_url)
+                else:
+                    await self.transport.close()
+            except Exception:
+                log.exception("service %s: closing the transport failed", self.name)
+        self._closed = True
+        self._state = "stopped"
+        log.info("service %s stopped", self.name)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def request_stop(self) -> None:
+        """Make :meth:`serve` return (what SIGTERM and SIGINT do)."""
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+
+    async def serve(self) -> None:
+        """Start, run until SIGTERM or SIGINT (or :meth:`request_stop`), stop. Signal
+        handlers are installed when this runs in the main thread."""
+        loop = asyncio.get_running_loop()
+        self._stop_requested = asyncio.Event()
+        installed = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self.request_stop)
+                installed.append(sig)
+            except (RuntimeError, ValueError, NotImplementedError):
+                pass  # not the main thread, or no signals here
+        try:
+            async with self:
+                log.info("service %s serving (pid %d)", self.name, os.getpid())
+                await self._stop_requested.wait()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    def run(self) -> None:
+        """Run the service in a new event loop until SIGTERM or SIGINT; returns after a
+        clean stop (so the process exits 0)."""
+        asyncio.run(self.serve())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
+        """An ASGI lifespan (``FastAPI(lifespan=service.lifespan)``): the service runs
+        while the app does."""
+        async with self:
+            yield
+
+    # -- health --------------------------------------------------------------------------
+
+    async def health(self) -> dict[str, Any]:
+        """The state of each part, for a health endpoint (JSON-ready)::
+
+            {"service": "orders", "status": "ok" | "degraded" | "stopped",
+             "relay": {"running": true, "pending": 0, "lag_seconds": null, "parked": 0,
+                       "error": null},
+             "consumers": {"running": true, "subscriptions": ["OrderPlaced/billing"],
+                           "groups": {"billing": {"handled": 3, "failed": 0,
+                                                  "last_error": null}}},
+             "workers": {"projection order-summary": {"running": true, "error": null,
+                         "lag_events": 0, "lag_seconds": 0.0}}}
+
+        ``status`` is ``degraded`` when a part that should run does not (the relay or a
+        consumer or worker stopped, the outbox store cannot be read) or a worker's last
+        batch failed; ``stopped`` before start and after stop. ``relay.lag_seconds``: age
+        of the oldest unpublished outbox row (null when none). ``parked``: rows the relay
+        gave up on (see ``msdata outbox parked``)."""
+        degraded = False
+        running = self._state == "running"
+        relay: dict[str, Any] = {"running": False}
+        if self.relay is not None:
+            relay["running"] = self.relay.running
+            degraded |= running and not self.relay.running
+            try:
+                st = await self.relay.status()
+                relay.update(
+                    pending=st.pending,
+                    lag_seconds=st.oldest_pending_age,
+                    parked=st.parked,
+                    error=None,
+                )
+            except Exception as e:
+                relay["error"] = _describe(e)
+                degraded = True
+        consumers_running = running and all(alive for _, _, alive in self.bus.consumers())
+        degraded |= running and not consumers_running
+        consumers = {
+            "running": consumers_running,
+            "subscriptions": [f"{t}/{g}" for t, g in self._subscriptions],
+            "groups": {
+                g: {"handled": s.handled, "failed": s.failed, "last_error": s.last_error}
+                for g, s in self._stats.items()
+            },
+        }
+        workers: dict[str, Any] = {}
+        for name, task in self._followers.items():
+            w: dict[str, Any] = {"running": not task.done(), "error": None}
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                w["error"] = _describe(task.exception())  # type: ignore[arg-type]
+            degraded |= running and task.done()
+            workers[name] = w
+        for name, runner in self.projections.items():
+            key = f"projection {name}"
+            w = workers.setdefault(key, {"running": running, "error": None})
+            if runner.last_error is not None:
+                w["error"] = _describe(runner.last_error)
+                degraded = True
+            if name not in self._bus_fed:
+                try:
+                    lag = await runner.lag()
+                    w.update(lag_events=lag.events, lag_seconds=lag.seconds)
+                except Exception as e:
+                    w["error"] = _describe(e)
+                    degraded = True
+        status = (
+            "stopped" if self._state in ("new", "stopped") else ("degraded" if degraded else "ok")
+        )
+        return {
+            "service": self.name,
+            "status": status,
+            "relay": relay,
+            "consumers": consumers,
+            "workers": workers,
+        }

@@ -1,0 +1,333 @@
+"""The service runtime: two services talking through the outbox, the bus and the inbox, on
+the embedded default (SQLite + memory) and on PostgreSQL + Redis; lifecycle and health."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from msdata import Command, Event, MessageRegistry
+from msdata.errors import ConfigurationError, HandlerAlreadyRegistered
+from msdata.messages import message_type
+from msdata.service import Service
+from msdata.storage import current_connection
+from msdata.testing import eventually
+
+registry = MessageRegistry()
+
+
+@message_type("svc.OrderPlaced", registry=registry)
+class OrderPlaced(Event):
+    order_id: str
+    amount: int
+
+
+@message_type("svc.PaymentCharged", registry=registry)
+class PaymentCharged(Event):
+    order_id: str
+
+
+@message_type("svc.PlaceOrder", registry=registry)
+class PlaceOrder(Command):
+    order_id: str
+    amount: int
+
+
+async def execute(conn: Any, sql: str, *args: Any) -> Any:
+    """One statement on a service connection: sqlite3 (``?``) or asyncpg (``$n``)."""
+    if hasattr(conn, "fetch"):  # asyncpg
+        n = 0
+
+        def number(_: Any) -> str:
+            nonlocal n
+            n += 1
+            return f"${n}"
+
+        import re
+
+        return await conn.fetch(re.sub(r"\?", number, sql), *args)
+    return conn.execute(sql, args).fetchall()
+
+
+def build(
+    db: Callable[[str], str],
+    broker: str,
+    topics: str,
+    schema: Callable[[str], str | None] = lambda n: None,
+) -> tuple[Service, Service, list[str]]:
+    """Orders places an order and publishes OrderPlaced; billing charges it once and
+    publishes PaymentCharged; orders marks the order paid. ``calls`` counts billing's
+    handler runs that committed (a duplicate delivery must not add one)."""
+    orders, billing = (
+        Service(n, db=db(n), broker=broker, registry=registry, schema=schema(n))
+        for n in ("orders", "billing")
+    )
+    placed, charged = f"{topics}.placed", f"{topics}.charged"
+
+    @orders.command(PlaceOrder)
+    async def place(cmd: PlaceOrder) -> str:
+        await execute(
+            current_connection(),
+            "INSERT INTO orders (id, amount, status) VALUES (?, ?, 'placed')",
+            cmd.order_id,
+            cmd.amount,
+        )
+        await orders.publish(
+            OrderPlaced(order_id=cmd.order_id, amount=cmd.amount), key=cmd.order_id, topic=placed
+        )
+        return cmd.order_id
+
+    @billing.on(OrderPlaced, topic=placed)
+    async def charge(event: OrderPlaced) -> None:
+        await execute(
+            current_connection(),
+            "INSERT INTO charges (order_id, amount) VALUES (?, ?)",
+            event.order_id,
+            event.amount,
+        )
+        await billing.publish(
+            PaymentCharged(order_id=event.order_id), key=event.order_id, topic=charged
+        )
+
+    @orders.on(PaymentCharged, topic=charged)
+    async def paid(event: PaymentCharged) -> None:
+        await execute(
+            current_connection(), "UPDATE orders SET status = 'paid' WHERE id = ?", event.order_id
+        )
+
+    return orders, billing, [placed, charged]
+
+
+async def create_tables(orders: Service, billing: Service) -> None:
+    async with orders.transaction() as conn:
+        await execute(
+            conn, "CREATE TABLE IF NOT EXISTS orders (id TEXT PRIMARY KEY, amount INT, status TEXT)"
+        )
+    async with billing.transaction() as conn:
+        await execute(
+            conn, "CREATE TABLE IF NOT EXISTS charges (order_id TEXT PRIMARY KEY, amount INT)"
+        )
+
+
+async def count(service: Service, sql: str) -> int:
+    async with service.transaction() as conn:
+        rows = await execute(conn, sql)
+        return int(rows[0][0])
+
+
+async def two_service_flow(orders: Service, billing: Service) -> None:
+    async with orders, billing:
+        await create_tables(orders, billing)  # after start: the PG schemas exist by then
+        for i in range(20):
+            assert await orders.send(PlaceOrder(order_id=f"o-{i}", amount=i)) == f"o-{i}"
+
+        async def all_paid() -> bool:
+            return await count(orders, "SELECT COUNT(*) FROM orders WHERE status = 'paid'") == 20
+
+        await eventually(all_paid, timeout=20, what="every order paid")
+        assert await count(billing, "SELECT COUNT(*) FROM charges") == 20
+        health = await orders.health()
+        assert health["status"] == "ok", health
+        assert health["relay"]["running"] and health["consumers"]["running"]
+        await eventually(lambda: _drained(orders), timeout=10, what="orders' outbox drained")
+    assert (await orders.health())["status"] == "stopped"
+
+
+async def _drained(service: Service) -> bool:
+    return (await service.store("outbox").status()).pending == 0
+
+
+async def test_two_services_on_sqlite_and_memory(tmp_path: Path) -> None:
+    orders, billing, _ = build(lambda n: f"sqlite:///{tmp_path}/{n}.db", "memory://", "t1")
+    await two_service_flow(orders, billing)
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_two_services_on_postgres_and_redis(postgres_url: str, redis_url: str) -> None:
+    import asyncpg
+
+    run = uuid.uuid4().hex[:8]
+    # each service in its own schema of the shared test database; topics of this run only
+    orders, billing, _ = build(
+        lambda n: postgres_url, redis_url, f"svc-{run}", schema=lambda n: f"svc_{n}_{run}"
+    )
+    try:
+        await two_service_flow(orders, billing)
+    finally:
+        conn = await asyncpg.connect(postgres_url)
+        try:
+            for n in ("orders", "billing"):
+                await conn.execute(f'DROP SCHEMA IF EXISTS "svc_{n}_{run}" CASCADE')
+        finally:
+            await conn.close()
+
+
+# -- lifecycle and wiring --------------------------------------------------------------------
+
+
+async def test_nested_transaction_is_refused(tmp_path: Path) -> None:
+    service = Service("solo", db=f"sqlite:///{tmp_path}/solo.db", registry=registry)
+    async with service, service.transaction():
+        with pytest.raises(ConfigurationError, match="already open"):
+            async with service.transaction():
+                pass
+
+
+async def test_publish_outside_a_transaction_is_refused(tmp_path: Path) -> None:
+    service = Service("solo", db="memory://", registry=registry)
+    async with service:
+        with pytest.raises(ConfigurationError, match="no msdata transaction"):
+            await service.publish(PaymentCharged(order_id="x"))
+
+
+async def test_rolled_back_transaction_publishes_nothing(tmp_path: Path) -> None:
+    service = Service("solo", db=f"sqlite:///{tmp_path}/solo.db", registry=registry)
+    async with service:
+        with pytest.raises(RuntimeError):
+            async with service.transaction():
+                await service.publish(PaymentCharged(order_id="x"))
+                raise RuntimeError("business rule")
+        assert (await service.store("outbox").status()).pending == 0
+
+
+async def test_second_handler_in_one_group_needs_its_own_group() -> None:
+    service = Service("solo", db="memory://", registry=registry)
+    service.subscribe(OrderPlaced, lambda e: None)
+    with pytest.raises(HandlerAlreadyRegistered, match="its own group"):
+        service.subscribe(OrderPlaced, lambda e: None)
+    service.subscribe(OrderPlaced, lambda e: None, group="solo-audit")
+    await service.stop()
+
+
+async def test_bad_urls_name_the_problem_without_credentials() -> None:
+    with pytest.raises(ConfigurationError, match="no database") as e:
+        Service("solo", db="mysql://user:secret@host/db")
+    assert "secret" not in str(e.value)
+    with pytest.raises(ConfigurationError):
+        Service("bad.name", db="memory://")
+
+
+async def test_a_failed_worker_shows_in_health(tmp_path: Path) -> None:
+    service = Service("solo", db="memory://", registry=registry)
+    service.subscribe(OrderPlaced, lambda e: None)
+
+    async def fail() -> None:
+        raise RuntimeError("worker broke")
+
+    service.worker("broken", fail, lambda: None)
+    async with service:
+        await eventually(lambda: _status(service, "degraded"), timeout=5, what="health degraded")
+        health = await service.health()
+        assert health["workers"]["broken"]["error"] == "RuntimeError: worker broke"
+    assert service.relay is not None and not service.relay.running
+
+
+async def _status(service: Service, status: str) -> bool:
+    return (await service.health())["status"] == status
+
+
+async def test_handler_error_shows_in_health_and_is_redelivered() -> None:
+    service = Service(
+        "solo", db="memory://", registry=registry, bus_options={"backoff": lambda n: 0.0}
+    )
+    calls: list[str] = []
+
+    @service.on(PaymentCharged)
+    async def flaky(event: PaymentCharged) -> None:
+        calls.append(event.order_id)
+        if len(calls) == 1:
+            raise ValueError("first time fails")
+
+    async with service:
+        async with service.transaction():
+            await service.publish(PaymentCharged(order_id="p-1"))
+        await eventually(lambda: len(calls) == 2, timeout=5, what="redelivered once")
+        group = (await service.health())["consumers"]["groups"]["solo"]
+        assert group == {"handled": 1, "failed": 1, "last_error": "ValueError: first time fails"}
+
+
+async def test_memory_broker_is_shared_by_url_and_closed_by_the_last_user() -> None:
+    a = Service("a", db="memory://", broker="memory://shared-test", registry=registry)
+    b = Service("b", db="memory://", broker="memory://shared-test", registry=registry)
+    assert a.transport is b.transport
+    c = Service("c", db="memory://", broker="memory://other-test", registry=registry)
+    assert c.transport is not a.transport
+    got: list[str] = []
+    b.subscribe(PaymentCharged, lambda e: got.append(e.order_id))
+    async with a, b:
+        async with a.transaction():
+            await a.publish(PaymentCharged(order_id="x"))
+        await eventually(lambda: got == ["x"], timeout=5, what="b got a's event")
+    await c.stop()
+    d = Service("d", db="memory://", broker="memory://shared-test", registry=registry)
+    assert d.transport is not a.transport  # the old one was closed with its last user
+    await d.stop()
+
+
+async def test_sqlite_transaction_in_a_lock_lets_concurrent_handlers_through(
+    tmp_path: Path,
+) -> None:
+    service = Service("solo", db=f"sqlite:///{tmp_path}/c.db", registry=registry)
+    async with service.transaction() as conn:
+        conn.execute("CREATE TABLE n (i INT)")
+
+    async def one(i: int) -> None:
+        async with service.transaction() as conn:
+            conn.execute("INSERT INTO n VALUES (?)", (i,))
+            await asyncio.sleep(0)  # another task's BEGIN must not block the loop
+            conn.execute("INSERT INTO n VALUES (?)", (i,))
+
+    await asyncio.gather(*(one(i) for i in range(50)))
+    async with service.transaction() as conn:
+        assert conn.execute("SELECT COUNT(*) FROM n").fetchone()[0] == 100
+    await service.stop()
+
+
+# -- a service process stopped by SIGTERM -----------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_the_process_cleanly_and_releases_the_relay(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    db = tmp_path / "w.db"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).parent / "service_worker.py"),
+            f"sqlite:///{db}",
+            "2000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "PUBLISHING"
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert out.strip() == "STOPPED"
+    assert "Traceback" not in err
+    with sqlite3.connect(db) as conn:
+        # the relay gave its lease up: another relay may claim at once
+        assert conn.execute("SELECT COUNT(*) FROM msdata_outbox_relay").fetchone()[0] == 0
+        left = conn.execute("SELECT COUNT(*) FROM msdata_outbox WHERE state = 0").fetchone()[0]
+    assert 0 < left < 2000  # stopped mid-backlog, after publishing some
