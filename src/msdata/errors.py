@@ -36,7 +36,8 @@ their edge with ``raise ... from e`` so the original stays on ``__cause__``.
     ├── SagaError                     a saga could not be defined, found or run as asked
     │   ├── SagaDefinitionError       an invalid saga definition (also a ConfigurationError)
     │   ├── SagaNotFound              no saga instance with that id
-    │   └── SagaStateError            an operation the instance's status does not allow
+    │   ├── SagaStateError            an operation the instance's status does not allow
+    │   └── SagaStepFailed            raised by a step or participant: a business failure, with its reason
     └── CompositionError              a composed query could not be answered
         ├── RequiredPartFailed        a required part raised, timed out or was cancelled
         └── CompositionTimeout        the overall deadline passed before the required parts
@@ -73,6 +74,7 @@ __all__ = [
     "SagaError",
     "SagaNotFound",
     "SagaStateError",
+    "SagaStepFailed",
     "SchemaError",
     "StoreError",
     "StoredResultTooLarge",
@@ -231,6 +233,13 @@ class SagaNotFound(SagaError):
 class SagaStateError(SagaError):
     """The operation is not allowed in the instance's current status (retrying a COMPLETED
     saga, aborting a FAILED one)."""
+
+
+class SagaStepFailed(SagaError):
+    """Raised by a local step or a saga participant's handler: the step failed for a business
+    reason (out of stock, card declined) given as the message. A participant replies with the
+    failure instead of retrying; the orchestrator retries the step by its policy, then
+    compensates."""
 
 
 class CompositionError(MsdataError):

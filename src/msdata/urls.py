@@ -42,6 +42,9 @@ STORES: dict[tuple[str, str], str] = {
     ("idempotency", "sqlite"): "msdata.adapters.sqlite.idempotency:SqliteIdempotencyStore",
     ("idempotency", "postgresql"): "msdata.adapters.postgres.idempotency:PostgresIdempotencyStore",
     ("idempotency", "redis"): "msdata.adapters.redis.idempotency:RedisIdempotencyStore",
+    ("saga", "memory"): "msdata.adapters.memory.saga:MemorySagaStore",
+    ("saga", "sqlite"): "msdata.adapters.sqlite.saga:SqliteSagaStore",
+    ("saga", "postgresql"): "msdata.adapters.postgres.saga:PostgresSagaStore",
 }
 
 #: URL scheme (before any ``+driver``) -> backend name in :data:`STORES`

@@ -14,6 +14,7 @@ from msdata.adapters.postgres.eventstore import PostgresEventStore
 from msdata.adapters.postgres.idempotency import PostgresIdempotencyStore
 from msdata.adapters.postgres.inbox import PostgresInboxStore
 from msdata.adapters.postgres.outbox import PostgresOutboxStore
+from msdata.adapters.postgres.saga import PostgresSagaStore
 
 __all__ = [
     "PostgresCheckpointStore",
@@ -21,4 +22,5 @@ __all__ = [
     "PostgresIdempotencyStore",
     "PostgresInboxStore",
     "PostgresOutboxStore",
+    "PostgresSagaStore",
 ]
