@@ -9,11 +9,10 @@ import asyncio
 import sys
 from pathlib import Path
 
-from rich.console import Console
-
 from examples.ecommerce.common import Faults
 from examples.ecommerce.driver import drive
 from examples.ecommerce.embedded import embedded
+from rich.console import Console
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,10 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-refunds", action="store_true", help="break refunds (a check fails)")
     args = p.parse_args(argv)
     console = Console()
-    faults = Faults(duplicate_every=20, slow_seconds=1.5, refunds=not args.no_refunds)
+    faults = Faults(duplicate_every=20, slow_seconds=6.0, refunds=not args.no_refunds)
 
     async def run() -> bool:
-        async with embedded(args.dir, faults, charge_timeout=1.0) as system:
+        async with embedded(args.dir, faults, charge_timeout=5.0) as system:
             console.print(
                 f"Order, Payment and Inventory in one process: SQLite files in "
                 f"{system.directory}, in-memory broker"

@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from examples.ecommerce.order import PRICES
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
-
-from examples.ecommerce.order import PRICES
 
 #: initial stock: plenty of everything but the rare print, which runs out
 STOCK = {"book": 100_000, "lamp": 100_000, "mug": 100_000, "rare-print": 12}
@@ -159,9 +158,7 @@ async def wait_quiet(clients: Clients, timeout: float, console: Console) -> dict
             await asyncio.sleep(0.2)
 
 
-def check(
-    a: dict[str, Any], ids: dict[str, str], dead_letters: int
-) -> list[tuple[str, bool, str]]:
+def check(a: dict[str, Any], ids: dict[str, str], dead_letters: int) -> list[tuple[str, bool, str]]:
     orders = {o["order_id"]: o for o in a["order"]["orders"]}
     completed = {i for i, o in orders.items() if o["status"] == "COMPLETED"}
     sagas = a["order"]["sagas"]
@@ -285,4 +282,4 @@ def show(report: Report, console: Console) -> None:
         console.print(f"{mark} {name}" + ("" if ok else f"  ({detail})"))
 
 
-__all__ = ["STOCK", "PRICES", "Clients", "Report", "drive"]
+__all__ = ["PRICES", "STOCK", "Clients", "Report", "drive"]

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
 from examples.ecommerce import inventory, payment
 from examples.ecommerce.common import Faults, broker_transport, make_service
 from examples.ecommerce.driver import STOCK, Clients
 from examples.ecommerce.order import OrderService, idempotent
+
 from msdata.idempotency import IdempotencyKeys
 from msdata.service import Service
 from msdata.urls import transport_from_url
@@ -67,7 +67,9 @@ async def embedded(
     inventory_app = inventory.build(inv, STOCK)
     payment_app = payment.build(pay, faults)
     pay_client, inv_client = _client(payment_app, "payment"), _client(inventory_app, "inventory")
-    order = OrderService(ords, payment=pay_client, inventory=inv_client, charge_timeout=charge_timeout)
+    order = OrderService(
+        ords, payment=pay_client, inventory=inv_client, charge_timeout=charge_timeout
+    )
     keys = IdempotencyKeys(ords.store("idempotency"), lease_seconds=30)
     order_client = _client(idempotent(order.app, keys), "order")
     counter = DeadLetterCount()

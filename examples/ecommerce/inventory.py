@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI, HTTPException
-
 from examples.ecommerce import sql
 from examples.ecommerce.messages import ReleaseStock, ReserveStock
+from fastapi import FastAPI, HTTPException
+
 from msdata.errors import SagaStepFailed
 from msdata.saga import SagaParticipant
 from msdata.service import Service

@@ -9,14 +9,11 @@ import time
 from typing import Any
 
 import httpx
-from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel, Field
-
 from examples.ecommerce import sql
 from examples.ecommerce.inventory import service_state
 from examples.ecommerce.messages import (
-    ChargePayment,
     Charged,
+    ChargePayment,
     OrderCancelled,
     OrderCompleted,
     OrderPlaced,
@@ -24,14 +21,17 @@ from examples.ecommerce.messages import (
     ReleaseStock,
     ReserveStock,
 )
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel, Field
+
+from msdata.backoff import exponential_backoff
 from msdata.composition import compose, optional, required
 from msdata.errors import ConcurrencyError, SagaNotFound
-from msdata.ids import new_id
 from msdata.idempotency import IdempotencyKeys
 from msdata.idempotency.asgi import IdempotencyMiddleware
+from msdata.ids import new_id
 from msdata.projections import Projection, ProjectionContext, handles
 from msdata.saga import Retry, Saga, SagaOrchestrator, SagaStatus, remote
-from msdata.backoff import exponential_backoff
 from msdata.service import Service
 
 PRICES = {"book": 1_250, "lamp": 4_900, "mug": 800, "rare-print": 25_000}
@@ -265,11 +265,17 @@ class OrderService:
         async def details(order_id: str) -> dict[str, Any]:
             order = required("order", get_order, order_id, timeout=self.part_timeout)
             pay = optional(
-                "payment", remote_part, self.payment, f"/payments/{order_id}",
+                "payment",
+                remote_part,
+                self.payment,
+                f"/payments/{order_id}",
                 timeout=self.part_timeout,
             )
             stock = optional(
-                "inventory", remote_part, self.inventory, f"/reservations/{order_id}",
+                "inventory",
+                remote_part,
+                self.inventory,
+                f"/reservations/{order_id}",
                 timeout=self.part_timeout,
             )
             answer = await compose(order, pay, stock, deadline=2 * self.part_timeout)
@@ -318,4 +324,3 @@ def idempotent(app: FastAPI, keys: IdempotencyKeys) -> Any:
         paths=("/orders",),
     )
     return app
-

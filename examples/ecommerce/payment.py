@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import FastAPI, HTTPException
-
 from examples.ecommerce import sql
 from examples.ecommerce.common import Faults
 from examples.ecommerce.inventory import service_state
-from examples.ecommerce.messages import ChargePayment, Charged, RefundPayment
+from examples.ecommerce.messages import Charged, ChargePayment, RefundPayment
+from fastapi import FastAPI, HTTPException
+
 from msdata.errors import SagaStepFailed
 from msdata.messages import Envelope
 from msdata.middleware import Middleware
@@ -34,12 +34,19 @@ SLOW = "tok_slow"
 
 def stall(faults: Faults) -> Middleware:
     """Bus middleware: the card gateway stalls on card tok_slow, so the charge answers after
-    the saga's step timeout (outside any transaction: other charges go on meanwhile)."""
+    the saga's step timeout and the saga refunds it; the gateway is as slow for that
+    order's refund, so the refund comes after the charge. Outside any transaction: other
+    charges go on meanwhile."""
+    slow: set[str] = set()
 
     async def middleware(envelope: Envelope[Any], call_next: Any) -> Any:
         msg = envelope.message
-        if faults.slow_seconds and isinstance(msg, ChargePayment) and msg.card == SLOW:
-            await asyncio.sleep(faults.slow_seconds)
+        if faults.slow_seconds:
+            if isinstance(msg, ChargePayment) and msg.card == SLOW:
+                slow.add(msg.order_id)
+                await asyncio.sleep(faults.slow_seconds)
+            elif isinstance(msg, RefundPayment) and msg.order_id in slow:
+                await asyncio.sleep(faults.slow_seconds)
         return await call_next(envelope)
 
     return middleware
@@ -54,7 +61,9 @@ def build(service: Service, faults: Faults) -> FastAPI:
     async def charge(cmd: ChargePayment) -> Charged:
         conn = current_connection()
         payment_id = f"pay-{cmd.order_id}"
-        row = await sql.fetchrow(conn, "SELECT status FROM payments WHERE order_id = ?", cmd.order_id)
+        row = await sql.fetchrow(
+            conn, "SELECT status FROM payments WHERE order_id = ?", cmd.order_id
+        )
         if row is not None:
             if row["status"] == "REFUNDED":
                 raise SagaStepFailed("refunded before it was charged")
