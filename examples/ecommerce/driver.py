@@ -234,11 +234,14 @@ async def drive(
     quiet_timeout: float = 60.0,
     dead_letters: Callable[[dict[str, Any]], Awaitable[int]],
     console: Console | None = None,
+    on_placed: Callable[[], Any] | None = None,
 ) -> Report:
     console = console or Console()
     items = plan(orders, seed, slow)
     start = time.monotonic()
     ids, replayed = await place_all(clients, items, concurrency, console)
+    if on_placed is not None:
+        on_placed()
     a = await wait_quiet(clients, quiet_timeout, console)
     report = Report(placed=len(ids), replayed=replayed)
     sagas = a["order"]["sagas"]

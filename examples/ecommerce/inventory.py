@@ -77,8 +77,8 @@ def build(service: Service, stock: dict[str, int]) -> FastAPI:
             )
 
     async def setup() -> None:
+        await sql.create_tables(service, TABLES)
         async with service.transaction() as conn:
-            await sql.script(conn, TABLES)
             for sku, units in stock.items():
                 await sql.execute(
                     conn,

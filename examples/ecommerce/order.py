@@ -209,8 +209,7 @@ class OrderService:
             await self.orchestrator.start(self.checkout, data, saga_id=e.order_id)
 
     async def setup(self) -> None:
-        async with self.service.transaction() as conn:
-            await sql.script(conn, TABLES)
+        await sql.create_tables(self.service, TABLES)
 
     # -- HTTP ------------------------------------------------------------------------------
 

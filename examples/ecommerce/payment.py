@@ -99,8 +99,7 @@ def build(service: Service, faults: Faults) -> FastAPI:
                 )
 
     async def setup() -> None:
-        async with service.transaction() as conn:
-            await sql.script(conn, TABLES)
+        await sql.create_tables(service, TABLES)
 
     app = FastAPI(title="payment")
     app.state.setup = setup

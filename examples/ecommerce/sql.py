@@ -58,3 +58,12 @@ async def append(log: Any, conn: Any, stream: str, expected: int, events: Any) -
         log.append(conn, stream, expected, events)
     else:
         await log.append_async(conn, stream, expected, events)
+
+
+async def create_tables(service: Any, statements: list[str]) -> None:
+    """The service's own tables, in its schema on PostgreSQL (made here if missing)."""
+    if service.schema is not None:
+        async with service.transaction() as conn:
+            await execute(conn, f'CREATE SCHEMA IF NOT EXISTS "{service.schema}"')
+    async with service.transaction() as conn:
+        await script(conn, statements)
