@@ -76,6 +76,6 @@ def make_service(
         schema=schema,
         middleware=middleware,
         bus_options={"concurrency": 16},
-        relay_options={"poll_interval": 0.05, "lease_seconds": lease},
+        relay_options={"lease_seconds": lease},
         stop_timeout=3.0,
     )
