@@ -52,8 +52,20 @@ class DuplicatingTransport:
         await self.inner.close()
 
 
-def broker_transport(broker: str | Transport, faults: Faults) -> str | Transport:
+def open_broker(url: str, namespace: str | None = None) -> Transport:
+    """The transport of ``url``; on Redis, ``namespace`` is its key prefix (one run's
+    streams apart from another's)."""
+    if namespace and url.startswith(("redis://", "rediss://")):
+        return transport_from_url(url, key_prefix=namespace)
+    return transport_from_url(url)
+
+
+def broker_transport(
+    broker: str | Transport, faults: Faults, namespace: str | None = None
+) -> str | Transport:
     """The broker URL as is, or a transport that duplicates, when faults ask for it."""
+    if isinstance(broker, str) and namespace:
+        broker = open_broker(broker, namespace)
     if not faults.duplicate_every:
         return broker
     inner = transport_from_url(broker) if isinstance(broker, str) else broker

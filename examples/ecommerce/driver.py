@@ -67,7 +67,8 @@ def plan(n: int, seed: int, slow: bool) -> list[dict[str, Any]]:
 
 async def _post(client: httpx.AsyncClient, item: dict[str, Any]) -> httpx.Response:
     headers = {"Idempotency-Key": item["key"]}
-    for _ in range(200):
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
         try:
             r = await client.post("/orders", json=item["body"], headers=headers)
         except httpx.TransportError:  # the service is restarting: a client retries

@@ -4,7 +4,9 @@ driver, in one command::
     python -m examples.ecommerce.launch --db postgresql://root@127.0.0.1/test \\
         --broker redis://127.0.0.1:6379 --orders 300 [--chaos]
 
-Each service gets its own schema (``<prefix>_order``, ``_payment``, ``_inventory``). With
+Each service gets its own schema (``<prefix>_order``, ``_payment``, ``_inventory``; the
+schemas of an earlier run with that prefix are dropped first); on Redis the prefix is also
+the key prefix of the run's streams. With
 ``--chaos`` a service is SIGKILLed and restarted every few seconds while orders are placed.
 Exits 1 if a check fails."""
 
@@ -20,11 +22,11 @@ import sys
 from typing import Any
 
 import httpx
+from examples.ecommerce.common import open_broker
+from examples.ecommerce.driver import Clients, drive
 from rich.console import Console
 
-from examples.ecommerce.driver import Clients, drive
 from msdata.transport import dead_letter_topic
-from msdata.urls import transport_from_url
 
 NAMES = ("order", "payment", "inventory")
 
@@ -82,14 +84,16 @@ async def wait_up(clients: Clients, timeout: float = 60) -> None:
             await asyncio.sleep(0.2)
 
 
-async def read_dead_letters(broker: str, audit: dict[str, Any]) -> int:
+async def read_dead_letters(broker: str, namespace: str, audit: dict[str, Any]) -> int:
     """Dead letters on every subscription's dead-letter topic (read and left there)."""
     pairs = {(t, g) for s in audit.values() for t, g in s["subscriptions"]}
-    transport = transport_from_url(broker)
+    transport = open_broker(broker, namespace)
     n = 0
     try:
         for topic, group in sorted(pairs):
-            sub = transport.subscribe(dead_letter_topic(topic, group), "dlq-audit", max_attempts=1000)
+            sub = transport.subscribe(
+                dead_letter_topic(topic, group), "dlq-audit", max_attempts=1000
+            )
             async with sub:
                 batch = await sub.receive(100, timeout=0.3)
                 n += len(batch)
@@ -116,7 +120,14 @@ async def run(args: argparse.Namespace) -> bool:
     console = Console()
     if not args.keep:
         await drop_schemas(args.db, args.schema_prefix)
-    extra = ["--charge-timeout", str(args.charge_timeout), "--slow-seconds", str(args.slow_seconds)]
+    extra = [
+        "--namespace",
+        args.schema_prefix,
+        "--charge-timeout",
+        str(args.charge_timeout),
+        "--slow-seconds",
+        str(args.slow_seconds),
+    ]
     fleet = Fleet(args.db, args.broker, args.schema_prefix, args.base_port, extra)
     for n in NAMES:
         fleet.start(n)
@@ -136,7 +147,7 @@ async def run(args: argparse.Namespace) -> bool:
             concurrency=args.concurrency,
             seed=args.seed,
             quiet_timeout=args.quiet_timeout,
-            dead_letters=lambda a: read_dead_letters(args.broker, a),
+            dead_letters=lambda a: read_dead_letters(args.broker, args.schema_prefix, a),
             console=console,
             on_placed=(chaos_task.cancel if chaos_task else None),
         )

@@ -21,7 +21,7 @@ from examples.ecommerce.messages import (
     ReleaseStock,
     ReserveStock,
 )
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel, Field
 
 from msdata.backoff import exponential_backoff
@@ -39,7 +39,10 @@ PRICES = {"book": 1_250, "lamp": 4_900, "mug": 800, "rare-print": 25_000}
 TABLES = [
     "CREATE TABLE IF NOT EXISTS orders (order_id TEXT PRIMARY KEY, sku TEXT NOT NULL, "
     "quantity INT NOT NULL, amount_cents INT NOT NULL, card TEXT NOT NULL, "
-    "status TEXT NOT NULL, placed_at DOUBLE PRECISION NOT NULL)",
+    "status TEXT NOT NULL, placed_at DOUBLE PRECISION NOT NULL, "
+    # the request's key, also here: a process killed after this commit but before the
+    # idempotency middleware stored the answer must not make a second order on the retry
+    "idempotency_key TEXT UNIQUE)",
 ]
 
 
@@ -218,21 +221,30 @@ class OrderService:
         service = self.service
 
         @app.post("/orders", status_code=201)
-        async def place(body: PlaceOrder) -> dict[str, Any]:
+        async def place(body: PlaceOrder, request: Request) -> dict[str, Any]:
             if body.sku not in PRICES:
                 raise HTTPException(422, f"unknown sku {body.sku!r}")
             order_id = new_id()
             amount = PRICES[body.sku] * body.quantity
+            key = request.headers.get("idempotency-key")
             async with service.transaction() as conn:
+                known = await sql.fetchrow(
+                    conn,
+                    "SELECT order_id, amount_cents FROM orders WHERE idempotency_key = ?",
+                    key,
+                )
+                if known is not None:
+                    return {**known, "status": "PLACED"}
                 await sql.execute(
                     conn,
-                    "INSERT INTO orders VALUES (?, ?, ?, ?, ?, 'PLACED', ?)",
+                    "INSERT INTO orders VALUES (?, ?, ?, ?, ?, 'PLACED', ?, ?)",
                     order_id,
                     body.sku,
                     body.quantity,
                     amount,
                     body.card,
                     time.time(),
+                    key,
                 )
                 placed = OrderPlaced(
                     order_id=order_id,

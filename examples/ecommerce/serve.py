@@ -8,11 +8,11 @@ import argparse
 
 import httpx
 import uvicorn
-
 from examples.ecommerce import inventory, payment
 from examples.ecommerce.common import Faults, broker_transport, make_service
 from examples.ecommerce.driver import STOCK
 from examples.ecommerce.order import OrderService, idempotent
+
 from msdata.idempotency import IdempotencyKeys
 
 
@@ -27,10 +27,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--duplicate-every", type=int, default=20)
     p.add_argument("--slow-seconds", type=float, default=6.0)
     p.add_argument("--charge-timeout", type=float, default=5.0)
+    p.add_argument("--namespace", default=None, help="Redis key prefix of this run")
     p.add_argument("--lease", type=float, default=3.0, help="saga and relay lease, seconds")
     args = p.parse_args(argv)
     faults = Faults(duplicate_every=args.duplicate_every, slow_seconds=args.slow_seconds)
-    broker = broker_transport(args.broker, faults)
+    broker = broker_transport(args.broker, faults, args.namespace)
     middleware = (payment.stall(faults),) if args.name == "payment" else ()
     service = make_service(args.name, args.db, broker, lease=args.lease, middleware=middleware)
     if args.name == "inventory":
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
             charge_timeout=args.charge_timeout,
             lease_seconds=args.lease,
         )
-        app = idempotent(order.app, IdempotencyKeys(service.store("idempotency")))
+        keys = IdempotencyKeys(service.store("idempotency"), lease_seconds=args.lease)
+        app = idempotent(order.app, keys)
         setup = order.setup
 
     async def lifespan(_: object):  # type: ignore[no-untyped-def]
