@@ -52,7 +52,7 @@ def test_separate_processes_on_postgres_and_redis(postgres_url: str, redis_url: 
 @pytest.mark.postgres
 @pytest.mark.redis
 def test_services_killed_and_restarted_mid_run(postgres_url: str, redis_url: str) -> None:
-    out = launch(postgres_url, redis_url, "--orders", "60", "--concurrency", "4", "--chaos")
+    out = launch(postgres_url, redis_url, "--orders", "40", "--concurrency", "8", "--chaos")
     assert "chaos: SIGKILLed" in out.stdout, out.stdout
     lines = passed(out)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -47,13 +47,16 @@ def build(service: Service, stock: dict[str, int]) -> FastAPI:
         )
         if not taken:
             raise SagaStepFailed(f"out of stock: {cmd.sku}")
-        await sql.execute(
+        new = await sql.execute(
             conn,
-            "INSERT INTO reservations VALUES (?, ?, ?, 'RESERVED')",
+            "INSERT INTO reservations VALUES (?, ?, ?, 'RESERVED') "
+            "ON CONFLICT (order_id) DO NOTHING",
             cmd.order_id,
             cmd.sku,
             cmd.quantity,
         )
+        if not new:  # a release of this order got here first
+            raise SagaStepFailed("released before it was reserved")  # rolls the stock back
 
     @participant.handler(ReleaseStock, group="inventory")
     async def release(cmd: ReleaseStock) -> None:
@@ -62,10 +65,20 @@ def build(service: Service, stock: dict[str, int]) -> FastAPI:
             conn, "SELECT sku, quantity, status FROM reservations WHERE order_id = ?", cmd.order_id
         )
         if row is None:
-            await sql.execute(
-                conn, "INSERT INTO reservations VALUES (?, '', 0, 'RELEASED')", cmd.order_id
+            new = await sql.execute(
+                conn,
+                "INSERT INTO reservations VALUES (?, '', 0, 'RELEASED') "
+                "ON CONFLICT (order_id) DO NOTHING",
+                cmd.order_id,
             )
-        elif row["status"] == "RESERVED":
+            if new:
+                return  # nothing was reserved; a later reserve of this order is refused
+            row = await sql.fetchrow(
+                conn,
+                "SELECT sku, quantity, status FROM reservations WHERE order_id = ?",
+                cmd.order_id,
+            )
+        if row is not None and row["status"] == "RESERVED":
             await sql.execute(
                 conn, "UPDATE reservations SET status = 'RELEASED' WHERE order_id = ?", cmd.order_id
             )

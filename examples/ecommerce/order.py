@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 
 from msdata.backoff import exponential_backoff
 from msdata.composition import compose, optional, required
-from msdata.errors import ConcurrencyError, SagaNotFound
+from msdata.errors import ConcurrencyError, SagaNotFound, SagaStateError
 from msdata.idempotency import IdempotencyKeys
 from msdata.idempotency.asgi import IdempotencyMiddleware
 from msdata.ids import new_id
@@ -208,7 +208,8 @@ class OrderService:
             amount_cents=e.amount_cents,
             card=e.card,
         )
-        with contextlib.suppress(ConcurrencyError):  # a duplicate started it meanwhile
+        # a duplicate delivery started it meanwhile
+        with contextlib.suppress(ConcurrencyError, SagaStateError):
             await self.orchestrator.start(self.checkout, data, saga_id=e.order_id)
 
     async def setup(self) -> None:

@@ -61,18 +61,22 @@ def build(service: Service, faults: Faults) -> FastAPI:
     async def charge(cmd: ChargePayment) -> Charged:
         conn = current_connection()
         payment_id = f"pay-{cmd.order_id}"
-        row = await sql.fetchrow(
-            conn, "SELECT status FROM payments WHERE order_id = ?", cmd.order_id
-        )
-        if row is not None:
-            if row["status"] == "REFUNDED":
-                raise SagaStepFailed("refunded before it was charged")
-            return Charged(payment_id=payment_id)  # charged already
         if cmd.card == DECLINED:
             raise SagaStepFailed("card declined")
-        await sql.execute(
-            conn, "INSERT INTO payments VALUES (?, ?, 'CHARGED')", cmd.order_id, cmd.amount_cents
+        # ON CONFLICT: a refund of this order racing this charge waits for it, or wins
+        new = await sql.execute(
+            conn,
+            "INSERT INTO payments VALUES (?, ?, 'CHARGED') ON CONFLICT (order_id) DO NOTHING",
+            cmd.order_id,
+            cmd.amount_cents,
         )
+        if not new:
+            row = await sql.fetchrow(
+                conn, "SELECT status FROM payments WHERE order_id = ?", cmd.order_id
+            )
+            if row is not None and row["status"] == "REFUNDED":
+                raise SagaStepFailed("refunded before it was charged")
+            return Charged(payment_id=payment_id)  # charged already
         await sql.execute(
             conn, "INSERT INTO ledger VALUES (?, 'charge', ?)", cmd.order_id, cmd.amount_cents
         )
@@ -81,12 +85,17 @@ def build(service: Service, faults: Faults) -> FastAPI:
     @participant.handler(RefundPayment, group="payment")
     async def refund(cmd: RefundPayment) -> None:
         conn = current_connection()
+        new = await sql.execute(
+            conn,
+            "INSERT INTO payments VALUES (?, 0, 'REFUNDED') ON CONFLICT (order_id) DO NOTHING",
+            cmd.order_id,
+        )
+        if new:
+            return  # nothing was charged; a later charge of this order is refused
         row = await sql.fetchrow(
             conn, "SELECT amount_cents, status FROM payments WHERE order_id = ?", cmd.order_id
         )
-        if row is None:
-            await sql.execute(conn, "INSERT INTO payments VALUES (?, 0, 'REFUNDED')", cmd.order_id)
-        elif row["status"] == "CHARGED":
+        if row is not None and row["status"] == "CHARGED":
             await sql.execute(
                 conn, "UPDATE payments SET status = 'REFUNDED' WHERE order_id = ?", cmd.order_id
             )
