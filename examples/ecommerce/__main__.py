@@ -18,16 +18,16 @@ from rich.console import Console
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m examples.ecommerce", description=__doc__)
     p.add_argument("--orders", type=int, default=300, help="orders to place (default 300)")
-    p.add_argument("--concurrency", type=int, default=32, help="orders in flight at once")
+    p.add_argument("--concurrency", type=int, default=16, help="orders in flight at once")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--dir", type=Path, default=None, help="where the SQLite files go")
     p.add_argument("--no-refunds", action="store_true", help="break refunds (a check fails)")
     args = p.parse_args(argv)
     console = Console()
-    faults = Faults(duplicate_every=20, slow_seconds=6.0, refunds=not args.no_refunds)
+    faults = Faults(duplicate_every=20, slow_seconds=3.5, refunds=not args.no_refunds)
 
     async def run() -> bool:
-        async with embedded(args.dir, faults, charge_timeout=5.0) as system:
+        async with embedded(args.dir, faults, charge_timeout=3.0) as system:
             console.print(
                 f"Order, Payment and Inventory in one process: SQLite files in "
                 f"{system.directory}, in-memory broker"

@@ -124,14 +124,22 @@ async def audit(clients: Clients) -> dict[str, Any]:
     return out
 
 
-def _quiet(a: dict[str, Any]) -> bool:
-    o = a["order"]
-    ended = all(s["status"] in ("COMPLETED", "COMPENSATED", "FAILED") for s in o["sagas"].values())
+async def busy(clients: Clients) -> dict[str, Any]:
+    out = {}
+    for name in ("order", "payment", "inventory"):
+        r = await getattr(clients, name).get("/admin/busy")
+        r.raise_for_status()
+        out[name] = r.json()
+    return out
+
+
+def _quiet(b: dict[str, Any]) -> bool:
+    o = b["order"]
     return (
-        ended
-        and len(o["sagas"]) >= len(o["orders"])
+        o["open_orders"] <= 0
+        and o["running_sagas"] == 0
         and o["projection_lag"] == 0
-        and all(a[s]["outbox_pending"] == 0 for s in a)
+        and all(b[s]["outbox_pending"] == 0 for s in b)
     )
 
 
@@ -144,19 +152,26 @@ async def wait_quiet(clients: Clients, timeout: float, console: Console) -> dict
     with console.status("waiting until the system is quiet"):
         while True:
             try:
-                a = await audit(clients)
+                b = await busy(clients)
             except httpx.HTTPError:
                 await asyncio.sleep(0.3)
                 continue
-            if _quiet(a):
+            if _quiet(b):
                 if quiet_once:
-                    return a
+                    break
                 quiet_once = True
             else:
                 quiet_once = False
             if time.monotonic() > deadline:
-                return a
-            await asyncio.sleep(0.2)
+                break
+            await asyncio.sleep(0.25)
+    while True:
+        try:
+            return await audit(clients)
+        except httpx.HTTPError:  # a service restarting after chaos
+            if time.monotonic() > deadline + 30:
+                raise
+            await asyncio.sleep(0.3)
 
 
 def check(a: dict[str, Any], ids: dict[str, str], dead_letters: int) -> list[tuple[str, bool, str]]:
@@ -229,7 +244,7 @@ async def drive(
     clients: Clients,
     *,
     orders: int = 300,
-    concurrency: int = 32,
+    concurrency: int = 16,
     seed: int = 1,
     slow: bool = True,
     quiet_timeout: float = 60.0,

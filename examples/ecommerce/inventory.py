@@ -124,6 +124,10 @@ def build(service: Service, stock: dict[str, int]) -> FastAPI:
             )
         return {"items": items, "reserved": held, **await service_state(service)}
 
+    @app.get("/admin/busy")
+    async def busy() -> dict[str, Any]:
+        return await service_state(service)
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return await service.health()

@@ -140,7 +140,7 @@ async def run(args: argparse.Namespace) -> bool:
             f" on {args.db.split('@')[-1]} + {args.broker.split('@')[-1]}"
         )
         if args.chaos:
-            chaos_task = asyncio.create_task(chaos(fleet, console, args.seed))
+            chaos_task = asyncio.create_task(chaos(fleet, console, args.seed, args.kills))
         report = await drive(
             clients,
             orders=args.orders,
@@ -160,10 +160,11 @@ async def run(args: argparse.Namespace) -> bool:
         fleet.stop()
 
 
-async def chaos(fleet: Fleet, console: Console, seed: int) -> None:
-    """SIGKILL a service every 1.5-3 s and start it again half a second later."""
+async def chaos(fleet: Fleet, console: Console, seed: int, kills: int) -> None:
+    """SIGKILL a service every 1.5-3 s (``kills`` times at most, and only while orders are
+    being placed) and start it again half a second later."""
     rnd = random.Random(seed)
-    while True:
+    for _ in range(kills):
         await asyncio.sleep(rnd.uniform(1.5, 3.0))
         name = rnd.choice(NAMES)
         fleet.kill(name)
@@ -177,9 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--db", default=os.environ.get("SHOP_DB", "postgresql://root@127.0.0.1/test"))
     p.add_argument("--broker", default=os.environ.get("SHOP_BROKER", "redis://127.0.0.1:6379"))
     p.add_argument("--orders", type=int, default=300)
-    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--chaos", action="store_true", help="SIGKILL and restart services")
+    p.add_argument("--kills", type=int, default=5, help="with --chaos: how many SIGKILLs")
     p.add_argument("--keep", action="store_true", help="keep the schemas of an earlier run")
     p.add_argument("--schema-prefix", default="shop")
     p.add_argument("--base-port", type=int, default=8101)

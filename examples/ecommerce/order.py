@@ -298,6 +298,29 @@ class OrderService:
                 "unavailable": sorted(answer.missing),
             }
 
+        @app.get("/admin/busy")
+        async def busy() -> dict[str, Any]:
+            """What is still going on (cheap: the driver asks it until all is quiet)."""
+            async with service.transaction() as conn:
+                row = await sql.fetchrow(
+                    conn, "SELECT count(*) AS n FROM orders WHERE status = 'PLACED'"
+                )
+            running = await self.orchestrator.find(
+                saga_type="checkout",
+                status=[SagaStatus.RUNNING, SagaStatus.COMPENSATING],
+                limit=1,
+            )
+            failed = await self.orchestrator.find(
+                saga_type="checkout", status=SagaStatus.FAILED, limit=1_000_000
+            )
+            lag = await self.summary.lag()
+            return {
+                "open_orders": (row or {"n": 0})["n"] - len(failed),
+                "running_sagas": len(running),
+                "projection_lag": lag.events,
+                **await service_state(service),
+            }
+
         @app.get("/admin/audit")
         async def audit() -> dict[str, Any]:
             async with service.transaction() as conn:

@@ -127,6 +127,10 @@ def build(service: Service, faults: Faults) -> FastAPI:
             ledger = await sql.fetch(conn, "SELECT * FROM ledger")
         return {"ledger": ledger, **await service_state(service)}
 
+    @app.get("/admin/busy")
+    async def busy() -> dict[str, Any]:
+        return await service_state(service)
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return await service.health()
