@@ -47,7 +47,7 @@ def test_broken_refunds_fail_the_money_check(tmp_path: Path) -> None:
     assert any(i["body"]["card"] == "tok_slow" for i in plan(30, seed, True))
     report = run(tmp_path, Faults(slow_seconds=1.0, refunds=False), orders=30, seed=seed)
     failed = {name for name, ok, _ in report.checks if not ok}
-    assert failed == {"money charged - refunded = sum of completed orders"}
+    assert failed == {"money charged - refunded = sum of completed orders"}, report.checks
     assert not report.ok
 
 

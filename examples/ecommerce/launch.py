@@ -149,8 +149,10 @@ async def run(args: argparse.Namespace) -> bool:
             quiet_timeout=args.quiet_timeout,
             dead_letters=lambda a: read_dead_letters(args.broker, args.schema_prefix, a),
             console=console,
+            slow=args.slow_seconds > 0,
             on_placed=(chaos_task.cancel if chaos_task else None),
         )
+        args.report = report
         return report.ok
     finally:
         if chaos_task:
@@ -173,7 +175,7 @@ async def chaos(fleet: Fleet, console: Console, seed: int, kills: int) -> None:
         fleet.start(name)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m examples.ecommerce.launch", description=__doc__)
     p.add_argument("--db", default=os.environ.get("SHOP_DB", "postgresql://root@127.0.0.1/test"))
     p.add_argument("--broker", default=os.environ.get("SHOP_BROKER", "redis://127.0.0.1:6379"))
@@ -188,8 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--charge-timeout", type=float, default=5.0)
     p.add_argument("--slow-seconds", type=float, default=6.0)
     p.add_argument("--quiet-timeout", type=float, default=90.0)
-    args = p.parse_args(argv)
-    return 0 if asyncio.run(run(args)) else 1
+    p.add_argument("--duplicate-every", type=int, default=20, help="0: no duplicates")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return 0 if asyncio.run(run(parser().parse_args(argv))) else 1
 
 
 if __name__ == "__main__":
