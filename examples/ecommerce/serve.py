@@ -5,6 +5,9 @@ Its API, relay, consumers and saga recovery worker run until SIGTERM."""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
+import signal
 
 import httpx
 import uvicorn
@@ -52,10 +55,22 @@ def main(argv: list[str] | None = None) -> None:
         app = idempotent(order.app, keys)
         setup = order.setup
 
+    parent = os.getppid()
+
+    async def orphaned() -> None:
+        # the launcher was killed: stop (SIGTERM to ourselves), do not run on unseen
+        while True:
+            await asyncio.sleep(1.0)
+            if os.getppid() != parent:
+                break
+        os.kill(os.getpid(), signal.SIGTERM)
+
     async def lifespan(_: object):  # type: ignore[no-untyped-def]
         await setup()
+        watch = asyncio.create_task(orphaned())
         async with service:
             yield
+        watch.cancel()
 
     import contextlib
 
