@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import signal
 import sqlite3
@@ -83,7 +84,7 @@ def spread(values: list[float]) -> str:
 # -- (a) memory --------------------------------------------------------------------------------
 
 
-async def memory_round(n: int) -> tuple[float, float]:
+async def memory_round(n: int) -> tuple[float, float, float]:
     orch = SagaOrchestrator(MemorySagaStore(), [saga])
     data = Order()
 
@@ -102,7 +103,20 @@ async def memory_round(n: int) -> tuple[float, float]:
             await fn()
         return (time.process_time() - t) / n * 1e6
 
-    return await timed(raw), await timed(msdata)
+    raw_us, ms_us = await timed(raw), await timed(msdata)
+    gc.disable()  # the memory store keeps every instance: the cyclic GC's share grows with them
+    try:
+        no_gc = await timed(msdata)
+    finally:
+        gc.enable()
+    return raw_us, ms_us, no_gc
+
+
+def _peer_round(peer: subprocess.Popen[str]) -> float:
+    assert peer.stdin is not None and peer.stdout is not None
+    peer.stdin.write("round\n")
+    peer.stdin.flush()
+    return float(peer.stdout.readline())
 
 
 def calibration() -> float:
@@ -418,15 +432,33 @@ async def main() -> None:
     ap.add_argument("--memory-n", type=int, default=20_000)
     ap.add_argument("--sql-n", type=int, default=1_000)
     ap.add_argument("--rmq-n", type=int, default=300)
+    ap.add_argument(
+        "--cqrs-python",
+        help="a python with python-cqrs 5.3 installed: run bench/peer_cqrs_saga.py interleaved",
+    )
     args = ap.parse_args()
     only = set(args.only.split(","))
     print(f"loadavg at start: {loadavg()}")
 
     if "memory" in only:
-        raws, mss, ratios, quiet = [], [], [], []
-        for _ in range(args.rounds):
+        peer = None
+        if args.cqrs_python:
+            peer = subprocess.Popen(  # noqa: ASYNC220 (a peer fed round by round, outside timing)
+                [args.cqrs_python, str(Path(__file__).with_name("peer_cqrs_saga.py")), "5000"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        peers: list[float] = []
+        raws, mss, ratios, quiet, no_gcs = [], [], [], [], []
+        for r in range(args.rounds):
+            if peer is not None and r % 2 == 0:
+                peers.append(_peer_round(peer))
             cal = calibration()
-            raw, ms = await memory_round(args.memory_n)
+            raw, ms, no_gc = await memory_round(args.memory_n)
+            if peer is not None and r % 2 == 1:
+                peers.append(_peer_round(peer))
+            no_gcs.append(no_gc)
             cal = (cal + calibration()) / 2
             raws.append(raw)
             mss.append(ms)
@@ -436,7 +468,18 @@ async def main() -> None:
         print(f"  raw floor (the two steps called directly): {spread(raws)} us")
         print(f"  msdata SagaOrchestrator + MemorySagaStore:  {spread(mss)} us (target <= 20)")
         print(f"  msdata / floor per round:                   {spread(ratios)}")
-        print("  python-cqrs, same saga, this machine (PERF-FACTS.md): 85 us")
+        print(f"  msdata with the cyclic GC off:               {spread(no_gcs)} us")
+        if peer is not None:
+            assert peer.stdin is not None
+            peer.stdin.close()
+            peer.wait(timeout=60)
+            print(f"  python-cqrs 5.3, same saga, same run:        {spread(peers)} us")
+            print(
+                "  msdata / python-cqrs per round:              "
+                f"{spread([m / p for m, p in zip(mss, peers, strict=True)])}"
+            )
+        else:
+            print("  python-cqrs, same saga, this machine (PERF-FACTS.md): 85 us")
         print(
             "  msdata scaled to a quiet machine's pace (new_id() timed around each round, "
             f"1.25 us quiet per PERF-FACTS.md): {spread(quiet)} us"

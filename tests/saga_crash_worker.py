@@ -102,12 +102,14 @@ checkout = (
 
 
 def setup() -> None:
-    with connect(DB) as conn:
+    conn = connect(DB)
+    with conn:
         conn.executescript(
             "CREATE TABLE IF NOT EXISTS calls (name TEXT);"
             "CREATE TABLE IF NOT EXISTS effects (key TEXT PRIMARY KEY, name TEXT);"
             "CREATE TABLE IF NOT EXISTS charges (order_id TEXT);"
         )
+    conn.close()
 
 
 async def main() -> None:

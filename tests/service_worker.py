@@ -1,10 +1,10 @@
 """A process for tests/test_service.py to SIGTERM: a Service whose relay is publishing a
 backlog through a slow broker.
 
-    python tests/service_worker.py DB_URL ROWS
+    python tests/service_worker.py DB_URL ROWS [SCHEMA]
 
-Adds ROWS outbox messages, runs ``service.run()``, prints ``PUBLISHING`` at the first
-publish, and exits when SIGTERM or SIGINT stops the service.
+Adds ROWS outbox messages, runs ``service.serve()`` (what ``run()`` runs), prints
+``PUBLISHING`` at the first publish, and exits when SIGTERM or SIGINT stops the service.
 """
 
 from __future__ import annotations
@@ -39,24 +39,28 @@ class SlowBroker(MemoryTransport):
         await super().publish(topic, messages)
 
 
-async def fill(service: Service, rows: int) -> None:
+async def prepare_and_serve(service: Service, rows: int) -> None:
+    """The outbox table and a backlog, then what ``service.run()`` does, in one loop (an
+    asyncpg pool belongs to the loop that made it)."""
+    await service.store("outbox").create_schema()
     async with service.transaction():
         for n in range(rows):
             await service.publish(Tick(n=n), key=f"k{n % 7}")
+    await service.serve()
 
 
 def main() -> None:
     db, rows = sys.argv[1], int(sys.argv[2])
+    schema = sys.argv[3] if len(sys.argv) > 3 else None
     service = Service(
         "worker",
         db=db,
+        schema=schema,
         broker=SlowBroker(),
         registry=registry,
         relay_options={"batch_size": 10},
     )
-    asyncio.run(service.store("outbox").create_schema())
-    asyncio.run(fill(service, rows))
-    service.run()
+    asyncio.run(prepare_and_serve(service, rows))
     print("STOPPED", flush=True)
 
 

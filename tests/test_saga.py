@@ -102,6 +102,14 @@ def test_definition_errors_say_why() -> None:
         Retry(0)
     with pytest.raises(SagaDefinitionError, match="has no steps"):
         SagaOrchestrator(MemorySagaStore(), [Saga("empty", Order)])
+    with pytest.raises(SagaDefinitionError, match="no compensation"):
+        Saga("s", Order).parallel(
+            Step("a", StepKind.COMPENSATABLE, noop), Step("b", StepKind.COMPENSATABLE, noop)
+        )
+    used = Saga("used", Order).pivot("p", noop)
+    SagaOrchestrator(MemorySagaStore(), [used])
+    with pytest.raises(SagaDefinitionError, match="in use by an orchestrator"):
+        used.retriable("r", noop)
 
 
 def test_remote_steps_need_a_bus_and_an_outbox() -> None:
@@ -688,3 +696,40 @@ async def test_a_reply_that_arrives_while_the_instance_is_being_parked_is_applie
     assert rec.status is SagaStatus.RUNNING  # parked; the reply waited in the mailbox
     done = await orch.wait("p-1", timeout=5, poll=0.01)
     assert done.status is SagaStatus.COMPLETED
+
+
+async def test_parallel_group_of_a_remote_and_a_local_step(world: World) -> None:
+    calls: list[str] = []
+
+    async def hold(d: Order) -> Order:
+        await asyncio.sleep(0.05)  # the remote sibling's reply comes in meanwhile
+        calls.append("hold")
+        return d.model_copy(update={"notes": [*d.notes, "held"]})
+
+    def unhold(d: Order) -> None:
+        calls.append("unhold")
+
+    saga = (
+        Saga("parallel-remote", Order)
+        .parallel(
+            Step.compensatable(
+                "reserve",
+                remote(lambda d: Reserve(order_id=d.order_id)),
+                compensate=remote(lambda d: Release(order_id=d.order_id)),
+                timeout=30,
+            ),
+            Step.compensatable("hold", hold, compensate=unhold),
+        )
+        .pivot("charge", remote(lambda d: Charge(order_id=d.order_id)), timeout=30)
+    )
+    world.orch.register(saga)
+    ok = await world.orch.run(saga, Order(order_id="o-1"), timeout=10)
+    assert ok.status is SagaStatus.COMPLETED and ok.data.notes == ["held"]
+    assert world.effects == ["reserve", "charge"]
+
+    world.effects.clear()
+    world.fail.add("reserve")
+    no = await world.orch.run(saga, Order(order_id="o-2"), timeout=10)
+    assert no.status is SagaStatus.COMPENSATED
+    assert calls == ["hold", "hold", "unhold"]  # the local member undone; the refused one not
+    assert world.effects == []

@@ -297,19 +297,9 @@ async def test_sqlite_transaction_in_a_lock_lets_concurrent_handlers_through(
 # -- a service process stopped by SIGTERM -----------------------------------------------------
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_stops_the_process_cleanly_and_releases_the_relay(
-    tmp_path: Path, sig: signal.Signals
-) -> None:
-    db = tmp_path / "w.db"
+def _stop_worker(args: list[str], sig: signal.Signals) -> None:
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(Path(__file__).parent / "service_worker.py"),
-            f"sqlite:///{db}",
-            "2000",
-        ],
+        [sys.executable, str(Path(__file__).parent / "service_worker.py"), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -326,8 +316,44 @@ def test_signal_stops_the_process_cleanly_and_releases_the_relay(
     assert proc.returncode == 0, err
     assert out.strip() == "STOPPED"
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_the_process_cleanly_and_releases_the_relay(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    db = tmp_path / "w.db"
+    _stop_worker([f"sqlite:///{db}", "2000"], sig)
     with sqlite3.connect(db) as conn:
         # the relay gave its lease up: another relay may claim at once
         assert conn.execute("SELECT COUNT(*) FROM msdata_outbox_relay").fetchone()[0] == 0
         left = conn.execute("SELECT COUNT(*) FROM msdata_outbox WHERE state = 0").fetchone()[0]
     assert 0 < left < 2000  # stopped mid-backlog, after publishing some
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_sigterm_on_postgres_releases_the_relay_leases(postgres_url: str) -> None:
+    import asyncpg
+
+    from msdata.urls import store_from_url
+
+    schema = f"svc_sig_{uuid.uuid4().hex[:8]}"
+    _stop_worker([postgres_url, "2000", schema], signal.SIGTERM)
+    lease_table = store_from_url("outbox", postgres_url, schema=schema).lease_table
+    table = store_from_url("outbox", postgres_url, schema=schema).table
+
+    async def check() -> tuple[int, int]:
+        conn = await asyncpg.connect(postgres_url)
+        try:
+            leases = await conn.fetchval(f"SELECT count(*) FROM {lease_table} WHERE until > now()")
+            left = await conn.fetchval(f"SELECT count(*) FROM {table} WHERE sent_at IS NULL")
+            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+            return leases, left
+        finally:
+            await conn.close()
+
+    leases, left = asyncio.run(check())
+    assert leases == 0  # released: another relay may claim at once
+    assert 0 < left < 2000

@@ -36,6 +36,7 @@ from msdata.messages import (
 from msdata.middleware import Middleware, logging_middleware, retry, timing
 from msdata.outbox import Inbox, Outbox, OutboxRelay
 from msdata.serialization import CloudEventsCodec
+from msdata.service import Service
 from msdata.transport import Publisher, Subscriber, Transport, TransportMessage
 from msdata.urls import transport_from_url
 
@@ -65,6 +66,7 @@ __all__ = [
     "Query",
     "QueryBus",
     "RejectMessage",
+    "Service",
     "StoreError",
     "Subscriber",
     "Transport",

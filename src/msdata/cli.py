@@ -38,7 +38,8 @@ T = TypeVar("T")
 #: exit codes: 0 done, 1 a problem named on stderr, 2 bad usage (Click's)
 FAILED = 1
 
-_out = Console(highlight=False, soft_wrap=True)
+# piped output (scripts, less, logs) gets wide lines rather than truncated ids
+_out = Console(highlight=False, width=None if sys.stdout.isatty() else 240)
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -67,9 +68,9 @@ def _existing_db(url: str) -> str:
     if backend == "memory":
         _fail("memory:// keeps nothing between processes: give a sqlite:// or postgresql:// URL")
     if backend == "sqlite":
-        from msdata.adapters.sqlite._db import path_from_url
+        from msdata.adapters.sqlite.transactions import SqliteTransactions
 
-        path = path_from_url(url)
+        path = SqliteTransactions.from_url(url).path  # opens nothing
         if not os.path.exists(path):
             _fail(f"no database file at {path} (create it with: msdata db init {url})")
     return url
@@ -114,7 +115,7 @@ def _run(urls: Callable[[dict[str, Any]], Sequence[str]] | None = None) -> Calla
             except click.exceptions.Exit:
                 raise
             except Exception as e:
-                _err.print(f"error: {_describe(e, shown)}", markup=False)
+                _err.print(f"error: {_describe(e, shown + _app_urls)}", markup=False)
                 sys.exit(FAILED)
 
         return wrapper
@@ -144,7 +145,7 @@ def _jsonable(v: Any) -> Any:
 def _table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:
     t = Table(title=title, title_justify="left")
     for c in columns:
-        t.add_column(c)
+        t.add_column(c, overflow="fold")  # wrap long ids and errors, never cut them
     for r in rows:
         t.add_row(*("" if v is None else str(v) for v in r))
     return t
@@ -415,7 +416,7 @@ def _dlq_topics(topic: str | None, group: str | None, app: str | None) -> list[t
         return [(check_name("topic", topic), check_name("group", group))]
     if app:
         service = _load_app(app)
-        return list(service._subscriptions)
+        return list(service.subscriptions)
     _fail("name the dead-letter topic with --topic and --group, or give --app module:service")
 
 
@@ -580,6 +581,10 @@ async def dlq_replay(
 # -- projections ---------------------------------------------------------------------------
 
 
+#: the database URLs of services loaded with --app, for error messages
+_app_urls: list[str] = []
+
+
 def _load_app(spec: str) -> Any:
     """The Service at ``module:attr`` (the current directory is on the import path)."""
     from msdata.service import Service
@@ -602,6 +607,7 @@ def _load_app(spec: str) -> Any:
         obj = obj()
     if not isinstance(obj, Service):
         _fail(f"{spec} is a {type(obj).__name__}, not an msdata Service")
+    _app_urls.append(obj.db)
     return obj
 
 
@@ -625,7 +631,9 @@ async def projections_status(app: str, as_json: bool) -> None:
     data = []
     try:
         for name, runner in service.projections.items():
-            await runner.start()
+            if await runner.checkpoints.active(name):
+                await runner.start()  # reads the active generation and its checkpoint
+            # else it never ran: generation 0, every event ahead (nothing is set up here)
             lag = await runner.lag()
             data.append(
                 {
@@ -679,6 +687,171 @@ async def projections_rebuild(app: str, name: str, drop_old: bool, as_json: bool
         {"name": name, "generation": generation},
         lambda: f"projection {name}: generation {generation} rebuilt and active",
     )
+
+
+# -- sagas ---------------------------------------------------------------------------------
+
+
+@cli.group()
+def sagas() -> None:
+    """Saga instances: list, show, and the operator's retry and abort."""
+
+
+def _saga_row(r: Any) -> dict[str, Any]:
+    return {
+        "saga_id": r.saga_id,
+        "type": r.saga_type,
+        "status": str(r.status),
+        "done": list(r.done),
+        "past_pivot": r.past_pivot,
+        "error": r.error,
+        "created_at": r.created_at,
+        "updated_at": r.updated_at,
+        "lease_owner": r.lease_owner,
+        "lease_until": r.lease_until,
+    }
+
+
+_STATUSES = ["RUNNING", "COMPENSATING", "COMPLETED", "COMPENSATED", "FAILED"]
+
+
+@sagas.command("list")
+@db_option
+@prefix_option
+@schema_option
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice(_STATUSES, case_sensitive=False),
+    help="Only these statuses (repeatable).",
+)
+@click.option("--type", "saga_type", default=None, help="Only this saga type.")
+@click.option("--stuck", is_flag=True, help="Only RUNNING/COMPENSATING ones nobody holds.")
+@click.option("--limit", default=100, show_default=True)
+@json_option
+@_run(lambda kw: [kw["db"]])
+async def sagas_list(
+    db: str,
+    prefix: str,
+    schema: str | None,
+    statuses: tuple[str, ...],
+    saga_type: str | None,
+    stuck: bool,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Instances, least recently updated first."""
+    from msdata.ids import utc_now
+    from msdata.saga import SagaStatus
+
+    store = _store("saga", _existing_db(db), prefix, schema)
+    try:
+        rows = await store.find(
+            saga_type=saga_type,
+            statuses=[SagaStatus(s.upper()) for s in statuses] or None,
+            stuck_at=utc_now() if stuck else None,
+            limit=limit,
+        )
+    finally:
+        await store.close()
+    data = [_saga_row(r) for r in rows]
+    _emit(
+        as_json,
+        data,
+        lambda: (
+            _table(
+                f"sagas in {redact_url(db)}",
+                ["id", "type", "status", "steps done", "updated", "error"],
+                [
+                    [
+                        d["saga_id"],
+                        d["type"],
+                        d["status"],
+                        ", ".join(d["done"]),
+                        d["updated_at"].isoformat(timespec="seconds"),
+                        d["error"],
+                    ]
+                    for d in data
+                ],
+            )
+            if data
+            else "no sagas"
+        ),
+    )
+
+
+@sagas.command("show")
+@db_option
+@prefix_option
+@schema_option
+@click.argument("saga_id")
+@json_option
+@_run(lambda kw: [kw["db"]])
+async def sagas_show(db: str, prefix: str, schema: str | None, saga_id: str, as_json: bool) -> None:
+    """One instance: its state, data and history."""
+    store = _store("saga", _existing_db(db), prefix, schema)
+    try:
+        r = await store.get(saga_id)
+    finally:
+        await store.close()
+    data = _saga_row(r)
+    raw = r.data.model_dump(mode="json") if hasattr(r.data, "model_dump") else r.data
+    data["data"] = raw
+    data["history"] = [h._asdict() for h in r.history]
+
+    def show() -> Table:
+        t = _table(
+            f"saga {r.saga_id} ({r.saga_type}): {r.status}",
+            ["at", "event", "step", "attempt", "detail"],
+            [
+                [h.at.isoformat(timespec="milliseconds"), h.event, h.step, h.attempt, h.detail]
+                for h in r.history
+            ],
+        )
+        t.caption = f"data: {json.dumps(raw, default=_jsonable)}" + (
+            f"  error: {r.error}" if r.error else ""
+        )
+        return t
+
+    _emit(as_json, data, show)
+
+
+async def _operate(app: str, saga_id: str, op: str, reason: str | None) -> Any:
+    service = _load_app(app)
+    try:
+        orchestrator = service.sagas
+        if op == "retry":
+            rec = await orchestrator.retry(saga_id)
+        else:
+            rec = await orchestrator.abort(saga_id, reason or "aborted by operator")
+        await orchestrator.close()
+        return rec
+    finally:
+        await service.stop()
+
+
+@sagas.command("retry")
+@app_option
+@click.argument("saga_id")
+@json_option
+@_run()
+async def sagas_retry(app: str, saga_id: str, as_json: bool) -> None:
+    """Resume a FAILED instance (its failed compensations or step start again)."""
+    rec = await _operate(app, saga_id, "retry", None)
+    _emit(as_json, _saga_row(rec), lambda: f"saga {saga_id}: {rec.status}")
+
+
+@sagas.command("abort")
+@app_option
+@click.argument("saga_id")
+@click.option("--reason", default=None, help="Recorded in the instance's history.")
+@json_option
+@_run()
+async def sagas_abort(app: str, saga_id: str, reason: str | None, as_json: bool) -> None:
+    """Compensate a RUNNING instance that has not passed its pivot."""
+    rec = await _operate(app, saga_id, "abort", reason)
+    _emit(as_json, _saga_row(rec), lambda: f"saga {saga_id}: {rec.status}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

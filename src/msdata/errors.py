@@ -10,7 +10,9 @@ their edge with ``raise ... from e`` so the original stays on ``__cause__``.
     │   └── MissingDependencyError    an adapter's driver is not installed (also ImportError)
     ├── MessageError
     │   ├── RegistrationError         a type name/version registered twice, or a class not registered
+    │   │   └── NotAMessage           not a msdata Message instance where one is expected (also TypeError)
     │   ├── InvalidHeader             a header name or value that cannot travel as a CloudEvents attribute
+    │   ├── EncodeError               a message or envelope that cannot be written as CloudEvents JSON
     │   └── DecodeError               bad input from the wire; a consumer dead-letters it with the reason
     │       ├── MalformedMessage      not UTF-8 JSON, or not a JSON object
     │       ├── InvalidEnvelope       JSON, but not a CloudEvents 1.0 structured event msdata can read
@@ -51,6 +53,7 @@ __all__ = [
     "ConcurrencyError",
     "ConfigurationError",
     "DecodeError",
+    "EncodeError",
     "HandlerAlreadyRegistered",
     "HandlerError",
     "IdempotencyError",
@@ -66,6 +69,7 @@ __all__ = [
     "MissingDependencyError",
     "MsdataError",
     "NoHandlerRegistered",
+    "NotAMessage",
     "PublishError",
     "RegistrationError",
     "RejectMessage",
@@ -102,7 +106,11 @@ class MissingDependencyError(ConfigurationError, ImportError):
         if extra is None:  # a standard-library module this Python was built without
             text = f"{package!r} is missing from this Python build; msdata needs it here"
         else:
-            text = f'{package!r} is not installed; install it with: pip install "msdata[{extra}]"'
+            # msdata is installed from a checkout or a git URL, not an index (README, Install)
+            text = (
+                f"{package!r} is not installed; install msdata with the {extra!r} extra: "
+                f'pip install "<msdata checkout or git URL>[{extra}]"'
+            )
         super().__init__(text)
 
 
@@ -114,8 +122,20 @@ class RegistrationError(MessageError):
     """A type name and version registered twice, or a class used that is not registered."""
 
 
+class NotAMessage(RegistrationError, TypeError):
+    """Something that is not an instance of a msdata :class:`~msdata.Message` class (a dict,
+    a plain pydantic model, a dataclass, None...) was given where a message is expected."""
+
+
 class InvalidHeader(MessageError):
     """A header that cannot travel as a CloudEvents extension attribute."""
+
+
+class EncodeError(MessageError):
+    """A message or envelope that cannot be written as CloudEvents JSON: a string with a lone
+    surrogate (not UTF-8), a float that is NaN or infinite (RFC 8259 §6 has no such numbers),
+    an int of more than 4300 digits, nesting deeper than the codec's limit, or a value in an
+    ``Any`` field that is not JSON. Raised by ``encode``, before anything is sent or stored."""
 
 
 class DecodeError(MessageError):

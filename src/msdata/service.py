@@ -15,7 +15,7 @@ its bus, its outbox relay, its consumers and its background workers, and runs th
 See docs/service.md for the whole API and the choices behind it.
 
 Start order: schemas -> transport (groups declared) -> outbox relay -> consumers ->
-workers (saga recovery, projection runners). Stop: the reverse, each part given at most
+workers (projection runners, saga recovery, yours). Stop: the reverse, each part given at most
 ``stop_timeout`` seconds; a part that fails to stop is logged and the others still stop.
 """
 
@@ -33,15 +33,18 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.cqrs import CommandBus, QueryBus
 from msdata.errors import ConfigurationError, HandlerAlreadyRegistered
 from msdata.events import EventBus
 from msdata.eventstore import EventLog
+from msdata.idempotency import IdempotencyKeys
 from msdata.inbox import Inbox
 from msdata.messages import Command, Envelope, Event, Message, MessageRegistry, Query
 from msdata.middleware import Middleware
 from msdata.outbox import Outbox, OutboxRelay
 from msdata.projections import Projection, ProjectionRunner
+from msdata.saga import Saga, SagaOrchestrator, SagaParticipant, SagaReply
 from msdata.storage import DEFAULT_TABLE_PREFIX, bind_connection, current_connection
 from msdata.transport import Transport, check_name
 from msdata.urls import redact_url, store_from_url, transport_from_url
@@ -98,9 +101,6 @@ async def _close_memory_broker(url: str) -> None:
     await transport.close()
 
 
-# -- transactions on the service's database ------------------------------------------------
-
-
 # -- health --------------------------------------------------------------------------------
 
 
@@ -137,8 +137,10 @@ class Service:
     ``transaction``: replaces the service's transaction factory (an async context manager
     factory yielding a connection with an open transaction); ``pool_size``: the PostgreSQL
     pool's maximum size; ``relay``: run an outbox relay in this process (default True);
-    ``stop_timeout``: seconds each part gets to stop; ``bus_options`` / ``relay_options``:
-    keyword arguments for :class:`EventBus` / :class:`OutboxRelay`.
+    ``stop_timeout``: seconds each part gets to stop; ``bus_options`` / ``relay_options`` /
+    ``saga_options``: keyword arguments for :class:`EventBus` / :class:`OutboxRelay` /
+    :class:`msdata.saga.SagaOrchestrator`; ``clock``: given to the relay, the projection
+    runners, the saga orchestrator and the idempotency keys (a ``FakeClock`` in tests).
 
     Raises :class:`ConfigurationError` for a bad name or URL (never showing credentials).
     """
@@ -161,6 +163,8 @@ class Service:
         middleware: tuple[Middleware, ...] = (),
         bus_options: Mapping[str, Any] | None = None,
         relay_options: Mapping[str, Any] | None = None,
+        saga_options: Mapping[str, Any] | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.name = check_name("group", name)
         self.db = db if db is not None else f"sqlite:///{name}.db"
@@ -168,10 +172,12 @@ class Service:
         self.table_prefix = table_prefix
         self.schema = schema
         self.stop_timeout = stop_timeout
+        self.clock = clock
         self.create_schema = create_schema
         self._given_stores = dict(stores or {})
         self._stores: dict[str, Any] = dict(self._given_stores)
         self._needed: set[str] = {"outbox"}
+        self._state = "new"
         # transactions
         self._transactions: Any = None
         if transaction is not None:
@@ -205,8 +211,7 @@ class Service:
             source=name,
             registry=registry,
             middleware=middleware,
-            stop_timeout=stop_timeout,
-            **dict(bus_options or {}),
+            **{"stop_timeout": stop_timeout, **dict(bus_options or {})},
         )
         self.registry = self.bus.registry
         self.outbox = Outbox(self.store("outbox"), registry=self.registry, source=name)
@@ -215,8 +220,7 @@ class Service:
                 self.store("outbox"),
                 self.transport,
                 codec=self.bus.codec,
-                stop_timeout=stop_timeout,
-                **dict(relay_options or {}),
+                **{"stop_timeout": stop_timeout, "clock": clock, **dict(relay_options or {})},
             )
             if relay
             else None
@@ -224,6 +228,10 @@ class Service:
         self.commands = CommandBus(registry=registry, source=name)
         self.queries = QueryBus(registry=registry, source=name)
         self._inbox: Inbox | None = None
+        self._idempotency: IdempotencyKeys | None = None
+        self._orchestrator: SagaOrchestrator | None = None
+        self._participant: SagaParticipant | None = None
+        self._saga_options = dict(saga_options or {})
         self._event_log: EventLog | None = None
         #: projections by name, with their runners
         self.projections: dict[str, ProjectionRunner] = {}
@@ -232,7 +240,6 @@ class Service:
         self._stats: dict[str, _ConsumerStats] = {}
         self._subscriptions: list[tuple[str, str]] = []
         self._workers: list[tuple[str, Callable[[], Awaitable[None]], Callable[[], Any]]] = []
-        self._state = "new"
         self._stop_steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = []
         self._closed = False
         self._stop_requested: asyncio.Event | None = None
@@ -241,9 +248,16 @@ class Service:
 
     def store(self, port: str) -> Any:
         """The service's store for ``port`` (``outbox``, ``inbox``, ``eventstore``,
-        ``checkpoints``, ``sagas``…), made from ``db`` on first use; its schema is created
-        at start."""
+        ``checkpoints``, ``saga``, ``idempotency``), made from ``db`` on first use; its
+        schema is created at start, so a store first asked for after start raises
+        ConfigurationError (unless ``create_schema=False``)."""
         if port not in self._stores:
+            if self._state != "new" and self.create_schema:
+                raise ConfigurationError(
+                    f"service {self.name!r}: use the {port} store (or what needs it: "
+                    "events, inbox, projections) before the service starts, so that start() "
+                    "creates its tables"
+                )
             options: dict[str, Any] = {}
             if self.backend != "memory":
                 options["table_prefix"] = self.table_prefix
@@ -299,6 +313,16 @@ class Service:
         if self._inbox is None:
             self._inbox = Inbox(self.store("inbox"))
         return self._inbox
+
+    @property
+    def idempotency(self) -> IdempotencyKeys:
+        """Idempotency keys on the service's database (store made on first use; its table
+        created at start): ``await service.idempotency.run(key, operation, request=…)``,
+        or the ASGI middleware ``IdempotencyMiddleware(app, keys=service.idempotency,
+        owner=…)``."""
+        if self._idempotency is None:
+            self._idempotency = IdempotencyKeys(self.store("idempotency"), clock=self.clock)
+        return self._idempotency
 
     @property
     def events(self) -> EventLog:
@@ -409,6 +433,66 @@ class Service:
         """Run ``query``'s handler; returns its result."""
         return await self.queries.ask(query)
 
+    @property
+    def sagas(self) -> SagaOrchestrator:
+        """The service's saga orchestrator on its database (made on first use, before the
+        service starts): its state, the commands of remote steps (through the outbox) and
+        its recovery worker (run while the service runs). Replies come back on
+        ``<service>.saga-replies``. Operator calls: ``find``, ``get``, ``history``,
+        ``stuck``, ``retry``, ``abort`` (or ``msdata sagas``)."""
+        if self._orchestrator is None:
+            self._check_not_started("sagas")
+            self._know_saga_replies()
+            self._orchestrator = SagaOrchestrator(
+                self.store("saga"),
+                bus=self.bus,
+                outbox=self.outbox,
+                **{"clock": self.clock, **self._saga_options},
+            )
+            group = self._saga_options.get("reply_group", "saga-orchestrator")
+            self._subscriptions.append((self._orchestrator.reply_topic, group))
+        return self._orchestrator
+
+    def _know_saga_replies(self) -> None:
+        # a service with a registry of its own still reads and writes saga replies
+        if not self.registry.is_registered(SagaReply):
+            from msdata.messages import default_registry
+
+            self.registry.register(SagaReply, *default_registry.name_of(SagaReply))
+
+    def saga(self, saga: Saga[Any]) -> Saga[Any]:
+        """Register ``saga`` with :attr:`sagas`; returns it. Start instances with
+        ``await service.sagas.start(saga, data)`` (or ``run`` to wait for the end)."""
+        self.sagas.register(saga)
+        return saga
+
+    def step(
+        self, command_type: type[Command], *, group: str | None = None, topic: str | None = None
+    ) -> Callable[[H], H]:
+        """Serve a saga command (the participant side of a remote step): the handler runs
+        once per step invocation in a transaction of the service's database (the step's
+        idempotency key recorded in the inbox), and its return value (a pydantic model, a
+        dict or None) is replied through the outbox in the same transaction; raising
+        :class:`msdata.errors.SagaStepFailed` replies a failure. Consumer group: the
+        service's name unless ``group`` is given."""
+        self._check_not_started("saga steps")
+        if self._participant is None:
+            self._know_saga_replies()
+            self._participant = SagaParticipant(
+                self.bus, self.outbox, self._transaction, inbox=self.inbox
+            )
+        participant = self._participant
+        g = check_name("group", group or self.name)
+
+        def decorate(fn: H) -> H:
+            participant.subscribe(command_type, fn, group=g, topic=topic)
+            entry = (topic or self.registry.name_of(command_type)[0], g)
+            if entry not in self._subscriptions:
+                self._subscriptions.append(entry)
+            return fn
+
+        return decorate
+
     def projection(
         self, projection: Projection, *, from_bus: bool = False, group: str | None = None
     ) -> ProjectionRunner:
@@ -427,6 +511,7 @@ class Service:
             else EventLog(self.store("eventstore"), registry=self.registry, source=self.name),
             self.store("checkpoints"),
             self._transaction,
+            clock=self.clock,
         )
         if from_bus:
             g = check_name("group", group or f"{self.name}-{projection.name}")
@@ -449,6 +534,12 @@ class Service:
         self._workers.append((name, run, stop))
 
     # -- running ----------------------------------------------------------------------------
+
+    @property
+    def subscriptions(self) -> list[tuple[str, str]]:
+        """Each (topic, consumer group) the service consumes: its handlers', its
+        projections' and its sagas'. Dead letters of one are on ``topic.group.dlq``."""
+        return list(self._subscriptions)
 
     @property
     def running(self) -> bool:
@@ -478,10 +569,12 @@ class Service:
             await self.bus.start()
             self._stop_steps.append(("consumers", self.bus.stop))
             for name, runner in self.projections.items():
-                if name in self._bus_fed:
-                    await runner.start()
-                    continue
-                self._start_worker(f"projection {name}", runner.run, runner.stop)
+                await runner.start()  # its generation is known (and set up) once start returns
+                if name not in self._bus_fed:
+                    self._start_worker(f"projection {name}", runner.run, runner.stop)
+            if self._orchestrator is not None:
+                self._start_worker("saga recovery", self._orchestrator.run_recovery, None)
+                self._stop_steps.append(("sagas", self._orchestrator.close))
             for name, run, stop in self._workers:
                 self._start_worker(name, run, stop)
         except BaseException:
@@ -491,7 +584,7 @@ class Service:
         log.info("service %s started", self.name)
 
     def _start_worker(
-        self, name: str, run: Callable[[], Awaitable[None]], stop: Callable[[], Any]
+        self, name: str, run: Callable[[], Awaitable[None]], stop: Callable[[], Any] | None
     ) -> None:
         async def body() -> None:
             await run()
@@ -500,6 +593,10 @@ class Service:
         self._followers[name] = task
 
         async def halt() -> None:
+            if stop is None:  # runs until cancelled
+                task.cancel()
+                await asyncio.wait({task})
+                return
             result = stop()
             if inspect.isawaitable(result):
                 await result

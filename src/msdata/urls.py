@@ -14,8 +14,8 @@ missing one raises :class:`msdata.errors.MissingDependencyError` naming the extr
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Any
-from urllib.parse import urlsplit
 
 from msdata.errors import ConfigurationError
 from msdata.transport import Transport
@@ -32,6 +32,9 @@ STORES: dict[tuple[str, str], str] = {
     ("inbox", "memory"): "msdata.adapters.memory.inbox:MemoryInboxStore",
     ("inbox", "sqlite"): "msdata.adapters.sqlite.inbox:SqliteInboxStore",
     ("inbox", "postgresql"): "msdata.adapters.postgres.inbox:PostgresInboxStore",
+    ("saga", "memory"): "msdata.adapters.memory.saga:MemorySagaStore",
+    ("saga", "sqlite"): "msdata.adapters.sqlite.saga:SqliteSagaStore",
+    ("saga", "postgresql"): "msdata.adapters.postgres.saga:PostgresSagaStore",
     ("eventstore", "memory"): "msdata.adapters.memory.eventstore:MemoryEventStore",
     ("eventstore", "sqlite"): "msdata.adapters.sqlite.eventstore:SqliteEventStore",
     ("eventstore", "postgresql"): "msdata.adapters.postgres.eventstore:PostgresEventStore",
@@ -42,9 +45,6 @@ STORES: dict[tuple[str, str], str] = {
     ("idempotency", "sqlite"): "msdata.adapters.sqlite.idempotency:SqliteIdempotencyStore",
     ("idempotency", "postgresql"): "msdata.adapters.postgres.idempotency:PostgresIdempotencyStore",
     ("idempotency", "redis"): "msdata.adapters.redis.idempotency:RedisIdempotencyStore",
-    ("saga", "memory"): "msdata.adapters.memory.saga:MemorySagaStore",
-    ("saga", "sqlite"): "msdata.adapters.sqlite.saga:SqliteSagaStore",
-    ("saga", "postgresql"): "msdata.adapters.postgres.saga:PostgresSagaStore",
 }
 
 #: URL scheme (before any ``+driver``) -> backend name in :data:`STORES`
@@ -58,18 +58,31 @@ _STORE_SCHEMES = {
 }
 
 
+# userinfo: after "//" (or at the start, for a URL whose "//" was mistyped) up to the last "@"
+# before the host ends; secrets in a query string or a libpq key=value DSN
+_USERINFO = re.compile(r"(^|//)([^/?#\s]*)@")
+_SECRET_PARAM = re.compile(
+    r"(?i)((?:^|[?&;\s])[\w.-]*(?:pass|pwd|secret|token|key|auth|credential)[\w.-]*\s*=\s*)"
+    r"('[^']*'|[^&;#\s]*)"
+)
+_REDACTED = "***"
+
+
 def redact_url(url: str) -> str:
-    """``url`` without its user name and password (``***@host``), for messages and logs."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return parts._replace(netloc=f"***@{host}").geturl()
+    """``url`` with its secrets replaced by ``***``, for errors, log lines and reprs.
+
+    A password (``user:***@host``), a userinfo without a password (``***@host``: NATS and
+    others read it as a token), and the values of query or key=value parameters whose name
+    says secret (``password=``, ``sslpassword=``, ``token=``, ``auth_key=``...) are replaced.
+    Works on malformed URLs too (a mistyped scheme is when an error shows the URL), and on
+    several comma-separated URLs. Anything else is kept, so the error stays useful.
+    """
+
+    def userinfo(m: re.Match[str]) -> str:
+        user, colon, _ = m.group(2).partition(":")
+        return f"{m.group(1)}{user}:{_REDACTED}@" if colon else f"{m.group(1)}{_REDACTED}@"
+
+    return _SECRET_PARAM.sub(rf"\1{_REDACTED}", _USERINFO.sub(userinfo, url))
 
 
 def store_from_url(port: str, url: str, **options: Any) -> Any:
@@ -129,5 +142,5 @@ def transport_from_url(url: str, **options: Any) -> Transport:
 
         return NatsTransport.from_url(url, **options)
     raise ConfigurationError(
-        f"no transport for {url!r}: use memory://, redis://, amqp:// or nats://"
+        f"no transport for {redact_url(url)!r}: use memory://, redis://, amqp:// or nats://"
     )

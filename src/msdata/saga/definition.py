@@ -228,6 +228,8 @@ class Saga(Generic[D]):
         self.pivot_index: int | None = None
         #: steps run by the orchestrator's lean path: local, no timeout, alone in their group
         self.plain_local: set[str] = set()
+        #: set when an orchestrator registers the saga: its steps can no longer change
+        self.frozen = False
 
     # -- building ----------------------------------------------------------------------------
 
@@ -298,9 +300,24 @@ class Saga(Generic[D]):
         return self._add(tuple(steps))
 
     def _add(self, group: tuple[Step, ...]) -> Saga[D]:
+        if self.frozen:
+            raise SagaDefinitionError(
+                f"saga {self.name!r} is in use by an orchestrator: define a new saga (a new "
+                "name) instead of changing the steps under running instances"
+            )
         for step in group:
             if not isinstance(step, Step):
                 raise SagaDefinitionError(f"saga {self.name!r}: {step!r} is not a Step")
+            # a Step built directly gets the same checks as one built by the helpers
+            _make(
+                step.name,
+                step.kind,
+                step.action,
+                step.compensation,
+                step.retry,
+                step.timeout,
+                step.compensation_retry,
+            )
             if step.name in self.steps or [s.name for s in group].count(step.name) > 1:
                 raise SagaDefinitionError(f"saga {self.name!r}: two steps are named {step.name!r}")
             kind = step.kind
@@ -344,6 +361,11 @@ class Saga(Generic[D]):
         """Raise :class:`SagaDefinitionError` if the saga has no step."""
         if not self.groups:
             raise SagaDefinitionError(f"saga {self.name!r} has no steps")
+
+    def freeze(self) -> None:
+        """No more steps (an orchestrator calls this when it registers the saga)."""
+        self.check()
+        self.frozen = True
 
     def __repr__(self) -> str:
         plan = " -> ".join("+".join(f"{s.name}({s.kind.value})" for s in g) for g in self.groups)

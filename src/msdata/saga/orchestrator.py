@@ -4,7 +4,7 @@ step's effect, compensating in reverse on failure, and recovering what a dead pr
 ::
 
     orchestrator = SagaOrchestrator(store, [checkout], bus=bus, outbox=outbox)
-    async with orchestrator:                         # reply consumer + recovery worker
+    async with bus, relay, orchestrator:             # replies, the outbox, recovery
         done = await orchestrator.run(checkout, Order(order_id="o-1", ...))
         assert done.status is SagaStatus.COMPLETED
 
@@ -150,6 +150,7 @@ class SagaOrchestrator:
         other = self._sagas.get(saga.name)
         if other is not None and other is not saga:
             raise ConfigurationError(f"another saga named {saga.name!r} is registered")
+        saga.freeze()
         self._sagas[saga.name] = saga
 
     # -- running -----------------------------------------------------------------------------

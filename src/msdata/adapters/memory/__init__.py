@@ -4,8 +4,8 @@ embedded default's transport.
 Stores, one module per port on ``_db.py`` (:class:`MemoryTransaction`, the ``conn`` every
 memory store takes): :class:`MemoryOutboxStore` (``outbox.py``), :class:`MemoryInboxStore`
 (``inbox.py``), :class:`MemoryEventStore` (``eventstore.py``), :class:`MemoryCheckpointStore`
-(``checkpoints.py``), :class:`MemoryIdempotencyStore` (``idempotency.py``)., :class:`MemorySagaStore`
-(``saga.py``). Transport: :class:`MemoryTransport`.
+(``checkpoints.py``), :class:`MemoryIdempotencyStore` (``idempotency.py``),
+:class:`MemorySagaStore` (``saga.py``). Transport: :class:`MemoryTransport`.
 """
 
 from msdata.adapters.memory._db import MemoryTransaction

@@ -26,7 +26,9 @@ seconds, by a consumer that scans every ``claim_interval`` seconds; so
 ``features.redelivery_timeout == claim_idle + claim_interval``. A live consumer resets the
 idle time of what it holds every ``claim_idle / 3`` seconds (``XCLAIM ... JUSTID`` on its
 own entries), so a slow handler is not mistaken for a dead one. The attempt number is the
-entry's own attempt field plus its XPENDING delivery count minus one; a reclaimed entry whose
+entry's own attempt field (only on the retry stream, which only msdata writes; an
+``attempt`` field a foreign producer put on a topic stream is ignored) plus its XPENDING
+delivery count minus one; a reclaimed entry whose
 attempt exceeds ``max_attempts`` (its consumers kept dying on it) is dead-lettered instead of
 being delivered again.
 
@@ -93,6 +95,7 @@ from msdata.transport import (
     TransportMessage,
     check_name,
 )
+from msdata.urls import redact_url
 
 __all__ = ["FOREIGN_ENTRY_HEADER", "RedisDelivery", "RedisSubscription", "RedisTransport"]
 
@@ -100,6 +103,8 @@ log = logging.getLogger("msdata.adapters.redis")
 
 #: set (to the stream entry id) on deliveries of entries msdata did not write
 FOREIGN_ENTRY_HEADER = "x-msdata-foreign-entry"
+#: the largest attempt number a retry copy's ``attempt`` field is believed to hold
+MAX_ATTEMPT = 1_000_000
 
 _EMPTY: Any = MappingProxyType({})
 _TOPIC, _RETRY = 0, 1
@@ -110,6 +115,19 @@ _TRANSIENT = (rex.ConnectionError, rex.TimeoutError, OSError)
 def _redis_errors(what: str, error: type[TransportError] = TransportError) -> DriverErrors:
     """Where redis-py's errors become msdata's: ``with _redis_errors("what was done"):``."""
     return DriverErrors(rex.RedisError, what, error)
+
+
+async def _execute(pipe: Any) -> Any:
+    """``pipe.execute()``, giving the pipeline's connection back to the pool when it fails.
+    redis-py loads the pipeline's scripts (on a connection it then holds) before the part
+    of ``execute`` that resets the pipeline on failure; a connection lost there stayed with
+    the pipeline, which Python later reported as "Unclosed Pipeline client"."""
+    try:
+        return await pipe.execute()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(pipe.reset())
+        raise
 
 
 def _entry_fields(m: TransportMessage, headers: Any, attempt: int | None) -> list[Any]:
@@ -137,9 +155,12 @@ def _foreign(eid: bytes, flat: list[bytes]) -> tuple[TransportMessage, int]:
     return TransportMessage(sid, body, None, MappingProxyType({FOREIGN_ENTRY_HEADER: sid})), 1
 
 
-def _parse(eid: bytes, flat: list[bytes]) -> tuple[TransportMessage, int]:
+def _parse(eid: bytes, flat: list[bytes], own: bool = False) -> tuple[TransportMessage, int]:
     """The message of an entry (its fields as a flat list, as Redis sends them) and the
-    entry's own attempt number (1 unless it is a retry copy)."""
+    entry's own attempt number: 1, unless it is a retry copy msdata wrote (``own``: it comes
+    from a group's retry stream, which only msdata writes). An ``attempt`` field on a topic
+    stream is another producer's and is ignored; on a retry stream it is kept within
+    1..:data:`MAX_ATTEMPT`."""
     try:
         # msdata writes id and body first; anything else is a foreign entry
         if flat[0] != b"id" or flat[2] != b"body":
@@ -159,8 +180,8 @@ def _parse(eid: bytes, flat: list[bytes]) -> tuple[TransportMessage, int]:
                     isinstance(v, str) for v in headers.values()
                 ):
                     return _foreign(eid, flat)
-            elif name == b"attempt":
-                attempt = int(flat[i + 1])
+            elif name == b"attempt" and own:
+                attempt = min(max(int(flat[i + 1]), 1), MAX_ATTEMPT)
             i += 2
         return TransportMessage(flat[1].decode(), flat[3], key, headers), attempt
     except (IndexError, ValueError, TypeError, AttributeError):  # UnicodeDecodeError: ValueError
@@ -288,7 +309,7 @@ class RedisSubscription(ClosesOnExit):
         pipe = t._client.pipeline(transaction=False)
         await t._declare_group(keys=[self._keys[0]], args=[self.group, "first"], client=pipe)
         await t._declare_group(keys=[self._keys[1]], args=[self.group, "all"], client=pipe)
-        await pipe.execute()
+        await _execute(pipe)
 
     async def close(self) -> None:
         """Stop consuming: send pending acks and release unsettled deliveries (at once, to the
@@ -319,7 +340,7 @@ class RedisSubscription(ClosesOnExit):
                 await self._queue_settle(pipe, d, self._keys[_RETRY], 0.0, d.message.headers, True)
             for key in self._keys:
                 await t._forget_consumer(keys=[key], args=[self.group, self.consumer], client=pipe)
-            await pipe.execute()
+            await _execute(pipe)
         except rex.RedisError as e:
             log.warning(
                 "closing consumer %s of %s/%s: %s; its %d unsettled deliveries are "
@@ -413,7 +434,7 @@ class RedisSubscription(ClosesOnExit):
             acks = self._queue_acks(pipe)
             pipe.xreadgroup(self.group, self.consumer, self._streams, count=room, block=block)
             try:
-                result = (await pipe.execute())[-1]
+                result = (await _execute(pipe))[-1]
             except BaseException:
                 self._restore_acks(acks)
                 raise
@@ -440,7 +461,7 @@ class RedisSubscription(ClosesOnExit):
                     except UnicodeDecodeError:
                         message, attempt = _foreign(eid, flat)
                 else:
-                    message, attempt = _parse(eid, flat)
+                    message, attempt = _parse(eid, flat, stream == _RETRY)
                 buf.append(RedisDelivery(self, stream, eid, message, attempt))
 
     # -- maintenance: delayed retries, reclaiming, trimming --------------------------------
@@ -463,7 +484,7 @@ class RedisSubscription(ClosesOnExit):
                 await t._forget_idle(
                     keys=[key], args=[self.group, int(t.forget_after * 1000)], client=pipe
                 )
-        results = await pipe.execute()
+        results = await _execute(pipe)
         self._next_maintenance = now + t.claim_interval
         if trim and t.trim_interval:
             self._next_trim = now + t.trim_interval
@@ -477,7 +498,7 @@ class RedisSubscription(ClosesOnExit):
             for (eid, flat), count in zip(entries, counts, strict=True):
                 if not flat:  # deleted from the stream meanwhile (Redis < 7 reports them so)
                     continue
-                message, base = _parse(eid, flat)
+                message, base = _parse(eid, flat, i == _RETRY)
                 d = RedisDelivery(self, i, eid, message, base + int(count) - 1)
                 reason = deadletter.overdue_reason(d.attempt, self.max_attempts)
                 if reason is None:
@@ -528,7 +549,7 @@ class RedisSubscription(ClosesOnExit):
                     if acks[i]:
                         pipe.xack(self._keys[i], self.group, *acks[i])
                 try:
-                    await pipe.execute()
+                    await _execute(pipe)
                 except rex.RedisError as e:
                     self._restore_acks(acks)
                     log.warning("acks of consumer %s not sent yet: %s", self.consumer, e)
@@ -648,7 +669,7 @@ class RedisTransport:
         """``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` or ``unix://``;
         ``options`` go to the constructor."""
         if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigurationError(f"not a redis:// URL: {url!r}")
+            raise ConfigurationError(f"not a redis:// URL: {redact_url(url)!r}")
         transport = cls(aioredis.Redis.from_url(url, decode_responses=False), **options)
         transport._owns_client = True
         return transport
@@ -673,7 +694,7 @@ class RedisTransport:
             else:
                 command("XADD", key, "*", *_entry_fields(m, m.headers, None))
         with _redis_errors(f"publish of {len(messages)} to {topic!r} failed", PublishError):
-            await pipe.execute()
+            await _execute(pipe)
 
     def subscribe(
         self, topic: str, group: str, *, max_attempts: int = 5, prefetch: int = 100

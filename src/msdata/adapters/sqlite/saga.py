@@ -98,6 +98,9 @@ class SqliteSagaStore(SqliteDatabase):
     durable on an application crash) or FULL (also on power loss)."""
 
     features = SagaStoreFeatures(async_connection=False, durable=True)
+    #: a saga write is a page or two (a relay's commit ~10): checkpoint after ~1000 pages,
+    #: as SQLite's own default, not every 64 writes (each checkpoint syncs the database file)
+    checkpoint_every = 1024
 
     def __init__(
         self,

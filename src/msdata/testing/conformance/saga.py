@@ -297,10 +297,11 @@ class SagaStoreConformance:
 
     async def test_two_recovery_workers_race_for_one_instance(self, store: SagaStore) -> None:
         effects: list[str] = []
-        gate = asyncio.Event()
+        gate, started = asyncio.Event(), asyncio.Event()
 
         async def slow(d: _Data) -> _Data:
             effects.append("slow")
+            started.set()
             await gate.wait()
             return d.model_copy(update={"n": d.n + 1})
 
@@ -312,8 +313,7 @@ class SagaStoreConformance:
         clock = FakeClock()
         first = SagaOrchestrator(store, [saga], clock=clock, lease_seconds=10)
         task = asyncio.create_task(first.start(saga, _Data()))
-        while not effects:
-            await asyncio.sleep(0.01)
+        await started.wait()
         task.cancel()  # the first process dies in the middle of the step
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -1,0 +1,438 @@
+"""The ``msdata`` command line, driven as a subprocess against SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+
+from msdata import Event, MessageRegistry
+from msdata.messages import message_type
+from msdata.saga import SagaStatus
+from msdata.service import Service
+from msdata.testing import eventually
+from msdata.urls import store_from_url
+
+registry = MessageRegistry()
+
+
+@message_type("cli.Tick", registry=registry)
+class Tick(Event):
+    n: int
+
+
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+def msdata(
+    *args: str, cwd: Path | None = None, ok: bool = True
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "msdata.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=ENV,
+        cwd=cwd,
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def fails(*args: str, cwd: Path | None = None) -> str:
+    """The one line a failing command prints."""
+    proc = msdata(*args, cwd=cwd, ok=False)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+class Db(NamedTuple):
+    url: str
+    options: list[str]  # --schema for PostgreSQL
+    schema: str | None
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
+    if request.param == "sqlite":
+        yield Db(f"sqlite:///{tmp_path}/cli.db", [], None)
+        return
+    url = request.getfixturevalue("postgres_url")
+    schema = f"cli_{uuid.uuid4().hex[:8]}"
+    yield Db(url, ["--schema", schema], schema)
+
+    async def drop() -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
+
+
+async def add_ticks(db: Db, n: int) -> None:
+    service = Service("cli", db=db.url, schema=db.schema, registry=registry, relay=False)
+    async with service, service.transaction():
+        for i in range(n):
+            await service.publish(Tick(n=i), key=f"k{i % 3}")
+
+
+async def park_all(db: Db) -> None:
+    options: dict[str, Any] = {"schema": db.schema} if db.schema else {}
+    store = store_from_url("outbox", db.url, **options)
+    try:
+        rows = await store.claim("cli-test", 100, 30.0)
+        await store.park("cli-test", [r.seq for r in rows], "broker said no")
+    finally:
+        await store.close()
+
+
+def test_db_init_outbox_status_parked_and_requeue(db: Db) -> None:
+    out = msdata("db", "init", db.url, *db.options, "--sql").stdout
+    assert "CREATE TABLE IF NOT EXISTS" in out and "outbox" in out
+    line = fails("outbox", "status", "--db", db.url, *db.options)
+    assert "msdata db init" in line  # no file (SQLite) or no tables (PostgreSQL)
+    msdata("db", "init", db.url, *db.options)
+    msdata("db", "init", db.url, *db.options)  # idempotent
+
+    asyncio.run(add_ticks(db, 5))
+    status = json.loads(msdata("outbox", "status", "--db", db.url, *db.options, "--json").stdout)
+    assert status["pending"] == 5 and status["parked"] == 0
+    assert "pending" in msdata("outbox", "status", "--db", db.url, *db.options).stdout
+
+    asyncio.run(park_all(db))
+    parked = json.loads(msdata("outbox", "parked", "--db", db.url, *db.options, "--json").stdout)
+    assert len(parked) == 5 and {p["last_error"] for p in parked} == {"broker said no"}
+    assert "broker said no" in msdata("outbox", "parked", "--db", db.url, *db.options).stdout
+    first = str(parked[0]["seq"])
+    one = msdata("outbox", "requeue", "--db", db.url, *db.options, first, "--json").stdout
+    assert json.loads(one) == {"requeued": 1}
+    rest = msdata("outbox", "requeue", "--db", db.url, *db.options, "--all", "--json").stdout
+    assert json.loads(rest) == {"requeued": 4}
+    status = json.loads(msdata("outbox", "status", "--db", db.url, *db.options, "--json").stdout)
+    assert status == {"pending": 5, "oldest_pending_age": status["oldest_pending_age"], "parked": 0}
+    assert "name the rows" in fails("outbox", "requeue", "--db", db.url, *db.options)
+
+
+@pytest.mark.redis
+def test_relay_run_publishes_and_stops_on_sigterm(db: Db, redis_url: str) -> None:
+    msdata("db", "init", db.url, *db.options)
+    asyncio.run(add_ticks(db, 30))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "msdata.cli",
+            "relay",
+            "run",
+            "--db",
+            db.url,
+            *db.options,
+            "--broker",
+            redis_url,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+
+        def drained() -> bool:
+            out = msdata("outbox", "status", "--db", db.url, *db.options, "--json").stdout
+            return json.loads(out)["pending"] == 0
+
+        asyncio.run(eventually(drained, timeout=30, what="the relay process drained the outbox"))
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and err.strip().endswith("stopped")
+
+
+def test_one_line_errors_without_credentials(tmp_path: Path) -> None:
+    assert "no database file" in fails("outbox", "status", "--db", f"sqlite:///{tmp_path}/no.db")
+    assert not (tmp_path / "no.db").exists()  # reading never creates a database
+    line = fails("outbox", "status", "--db", "mysql://admin:hunter2@db.example/x")
+    assert "not a database URL" in line and "hunter2" not in line
+    line = fails("outbox", "status", "--db", "postgresql://admin:hunter2@127.0.0.1:1/x")
+    assert "cannot connect" in line and "hunter2" not in line
+    line = fails(
+        "relay",
+        "run",
+        "--db",
+        "postgresql://admin:hunter2@127.0.0.1:1/x",
+        "--broker",
+        "redis://:pw@127.0.0.1:1",
+    )
+    assert "hunter2" not in line and "pw@" not in line
+    line = fails("relay", "run", "--db", "memory://", "--broker", "memory://")
+    assert "memory:// keeps nothing between processes" in line
+    assert "module:attr" in fails("projections", "status", "--app", "nocolon")
+    assert "cannot import" in fails("projections", "status", "--app", "no_such_module:service")
+
+
+@pytest.mark.redis
+def test_dlq_list_show_and_replay(redis_url: str) -> None:
+    from msdata.errors import RejectMessage
+    from msdata.events import EventBus
+    from msdata.urls import transport_from_url
+
+    topic, group = f"cli-{uuid.uuid4().hex[:8]}", "billing"
+    got: list[int] = []
+
+    async def dead_letter_two() -> None:
+        transport = transport_from_url(redis_url)
+        bus = EventBus(transport, registry=registry)
+
+        rejected: list[int] = []
+
+        @bus.handler(Tick, group=group, topic=topic)
+        async def reject(event: Tick) -> None:
+            rejected.append(event.n)
+            raise RejectMessage(f"tick {event.n} is bad")
+
+        async with bus:
+            await bus.publish(Tick(n=1), topic=topic)
+            await bus.publish(Tick(n=2), topic=topic)
+            await eventually(lambda: len(rejected) == 2, timeout=10, what="both rejected")
+        await transport.close()
+
+    asyncio.run(dead_letter_two())
+    where = ["--broker", redis_url, "--topic", topic, "--group", group]
+    listed = json.loads(msdata("dlq", "list", *where, "--json").stdout)
+    assert sorted(d["reason"] for d in listed) == [
+        "RejectMessage: tick 1 is bad",
+        "RejectMessage: tick 2 is bad",
+    ]
+    assert len(json.loads(msdata("dlq", "list", *where, "--json").stdout)) == 2  # still there
+    shown = json.loads(msdata("dlq", "show", *where, listed[0]["id"], "--json").stdout)
+    assert shown["id"] == listed[0]["id"] and '"specversion"' in shown["body"]
+
+    async def consume_replayed() -> None:
+        transport = transport_from_url(redis_url)
+        bus = EventBus(transport, registry=registry)
+        bus.subscribe(Tick, lambda e: got.append(e.n), group=group, topic=topic)
+        async with bus:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "msdata.cli",
+                "dlq",
+                "replay",
+                *where,
+                "--json",
+                env=ENV,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            out, _ = await proc.communicate()
+            assert json.loads(out) == {"replayed": 2}
+            await eventually(lambda: len(got) == 2, timeout=10, what="both replayed")
+        await transport.close()
+
+    asyncio.run(consume_replayed())
+    assert sorted(got) == [1, 2]
+    assert json.loads(msdata("dlq", "list", *where, "--json").stdout) == []
+
+
+def test_projections_status_and_rebuild(tmp_path: Path) -> None:
+    (tmp_path / "shop.py").write_text(
+        textwrap.dedent(
+            f"""
+            from msdata import Event, MessageRegistry
+            from msdata.messages import message_type
+            from msdata.projections import Projection, handles
+            from msdata.service import Service
+
+            registry = MessageRegistry()
+
+            @message_type("shop.Sold", registry=registry)
+            class Sold(Event):
+                amount: int
+
+            class Totals(Projection):
+                name = "totals"
+
+                def setup(self, conn, generation):
+                    conn.execute(f"CREATE TABLE IF NOT EXISTS totals_{{generation}} (n INT)")
+                    conn.execute(f"DELETE FROM totals_{{generation}}")
+                    conn.execute(f"INSERT INTO totals_{{generation}} VALUES (0)")
+
+                @handles(Sold)
+                def sold(self, ctx, event):
+                    ctx.conn.execute(f"UPDATE totals_{{ctx.generation}} SET n = n + ?",
+                                     (event.amount,))
+
+            service = Service("shop", db="sqlite:///{tmp_path}/shop.db", registry=registry)
+            service.projection(Totals())
+            """
+        )
+    )
+    # some events in the shop's event store
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import shop  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(tmp_path))
+
+    async def sell() -> None:
+        svc = Service("shop", db=f"sqlite:///{tmp_path}/shop.db", registry=shop.registry)
+        events = svc.events  # before start: its tables are created at start
+        async with svc, svc.transaction() as conn:
+            await events.append_async(conn, "s-1", 0, [shop.Sold(amount=2)] * 3)
+
+    asyncio.run(sell())
+    line = fails("projections", "status", "--app", "shop:service", cwd=tmp_path)
+    assert f"missing in sqlite:///{tmp_path}/shop.db" in line
+    msdata("db", "init", f"sqlite:///{tmp_path}/shop.db")
+    status = json.loads(
+        msdata("projections", "status", "--app", "shop:service", "--json", cwd=tmp_path).stdout
+    )
+    assert status == [
+        {
+            "name": "totals",
+            "generation": 0,  # never ran: status sets nothing up
+            "position": 0,
+            "lag_events": 3,
+            "lag_seconds": status[0]["lag_seconds"],
+        }
+    ]
+    rebuilt = msdata(
+        "projections", "rebuild", "totals", "--app", "shop:service", "--json", cwd=tmp_path
+    ).stdout
+    assert json.loads(rebuilt) == {"name": "totals", "generation": 2}
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "shop.db") as conn:
+        assert conn.execute("SELECT n FROM totals_2").fetchone()[0] == 6
+    assert "no projection 'nope'" in fails(
+        "projections", "rebuild", "nope", "--app", "shop:service", cwd=tmp_path
+    )
+
+
+# -- sagas ----------------------------------------------------------------------------------
+
+APP = """
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from msdata import Command, MessageRegistry
+from msdata.errors import SagaStepFailed
+from msdata.messages import message_type
+from msdata.saga import Retry, Saga, remote
+from msdata.service import Service
+
+HERE = Path(__file__).parent
+registry = MessageRegistry()
+
+
+@message_type("clisaga.Ship", registry=registry)
+class Ship(Command):
+    order_id: str
+
+
+class Order(BaseModel):
+    order_id: str
+
+
+def release(order: Order) -> None:
+    if (HERE / "broken").exists():
+        raise RuntimeError("stock service down")
+
+
+def fail(order: Order) -> None:
+    raise SagaStepFailed("card declined")
+
+
+refund = (
+    Saga("refund", Order, compensation_retry=Retry(1))
+    .step("reserve", lambda o: None, compensate=release)
+    .pivot("charge", fail)
+)
+ship = (
+    Saga("ship", Order)
+    .step("reserve", lambda o: None, compensate=lambda o: None)
+    .pivot("ship", remote(lambda o: Ship(order_id=o.order_id)), timeout=60)
+)
+
+service = Service(
+    "shop", db=f"sqlite:///{HERE}/shop.db", registry=registry,
+    saga_options={"lease_seconds": 0.3},
+)
+service.saga(refund)
+service.saga(ship)
+"""
+
+
+def test_sagas_list_show_retry_and_abort(tmp_path: Path) -> None:
+    (tmp_path / "shop_app.py").write_text(textwrap.dedent(APP))
+    (tmp_path / "broken").touch()
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import shop_app  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(tmp_path))
+
+    async def start_two() -> tuple[str, str]:
+        async with shop_app.service as svc:
+            failed = await svc.sagas.run(shop_app.refund, shop_app.Order(order_id="o-1"))
+            waiting = await svc.sagas.start(shop_app.ship, shop_app.Order(order_id="o-2"))
+        assert failed.status is SagaStatus.FAILED, failed
+        assert waiting.status is SagaStatus.RUNNING, waiting
+        return failed.saga_id, waiting.saga_id
+
+    failed_id, waiting_id = asyncio.run(start_two())
+    db = ["--db", f"sqlite:///{tmp_path}/shop.db"]
+    listed = json.loads(msdata("sagas", "list", *db, "--status", "FAILED", "--json").stdout)
+    assert [s["saga_id"] for s in listed] == [failed_id]
+    assert "stock service down" in (listed[0]["error"] or "")
+    assert failed_id in msdata("sagas", "list", *db).stdout
+    shown = json.loads(msdata("sagas", "show", failed_id, *db, "--json").stdout)
+    assert shown["data"] == {"order_id": "o-1"}
+    assert shown["history"][0]["event"] == "started"
+    assert "FAILED" in msdata("sagas", "show", failed_id, *db).stdout
+    assert "no saga instance" in fails("sagas", "show", "no-such-saga", *db)
+
+    app = ["--app", "shop_app:service"]
+    line = fails("sagas", "retry", waiting_id, *app, cwd=tmp_path)
+    assert "only a FAILED one" in line
+    (tmp_path / "broken").unlink()
+    retried = json.loads(msdata("sagas", "retry", failed_id, *app, "--json", cwd=tmp_path).stdout)
+    assert retried["status"] == "COMPENSATED"
+
+    time.sleep(0.4)  # the ship saga's lease (0.3 s) has run out: nobody runs it now
+    aborted = json.loads(
+        msdata(
+            "sagas",
+            "abort",
+            waiting_id,
+            *app,
+            "--reason",
+            "customer called",
+            "--json",
+            cwd=tmp_path,
+        ).stdout
+    )
+    assert aborted["status"] == "COMPENSATED"
+    assert "only a RUNNING one" in fails("sagas", "abort", waiting_id, *app, cwd=tmp_path)
