@@ -39,7 +39,7 @@ def test_every_check_passes_with_failures_injected(tmp_path: Path) -> None:
     assert report.placed == 40
     assert report.completed > 0 and report.compensated > 0  # both paths ran
     assert report.replayed > 0  # retried requests got the first answer
-    assert [(name, ok) for name, ok, _ in report.checks if not ok] == []
+    assert [(name, detail) for name, ok, detail in report.checks if not ok] == []
 
 
 def test_broken_refunds_fail_the_money_check(tmp_path: Path) -> None:
@@ -47,7 +47,8 @@ def test_broken_refunds_fail_the_money_check(tmp_path: Path) -> None:
     assert any(i["body"]["card"] == "tok_slow" for i in plan(30, seed, True))
     report = run(tmp_path, Faults(slow_seconds=1.0, refunds=False), orders=30, seed=seed)
     failed = {name for name, ok, _ in report.checks if not ok}
-    assert failed == {"money charged - refunded = sum of completed orders"}, report.checks
+    why = "; ".join(f"{name}: {detail}" for name, ok, detail in report.checks if not ok)
+    assert failed == {"money charged - refunded = sum of completed orders"}, why
     assert not report.ok
 
 

@@ -89,5 +89,6 @@ def make_service(
         middleware=middleware,
         bus_options={"concurrency": 16},
         relay_options={"lease_seconds": lease},
+        saga_options={"lease_seconds": lease, "recovery_interval": 1.0},
         stop_timeout=3.0,
     )

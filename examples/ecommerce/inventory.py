@@ -9,7 +9,6 @@ from examples.ecommerce.messages import ReleaseStock, ReserveStock
 from fastapi import FastAPI, HTTPException
 
 from msdata.errors import SagaStepFailed
-from msdata.saga import SagaParticipant
 from msdata.service import Service
 from msdata.storage import current_connection
 
@@ -24,11 +23,7 @@ TABLES = [
 
 
 def build(service: Service, stock: dict[str, int]) -> FastAPI:
-    participant = SagaParticipant(
-        service.bus, service.outbox, service.transaction, inbox=service.inbox
-    )
-
-    @participant.handler(ReserveStock, group="inventory")
+    @service.step(ReserveStock)
     async def reserve(cmd: ReserveStock) -> None:
         conn = current_connection()
         row = await sql.fetchrow(
@@ -58,7 +53,7 @@ def build(service: Service, stock: dict[str, int]) -> FastAPI:
         if not new:  # a release of this order got here first
             raise SagaStepFailed("released before it was reserved")  # rolls the stock back
 
-    @participant.handler(ReleaseStock, group="inventory")
+    @service.step(ReleaseStock)
     async def release(cmd: ReleaseStock) -> None:
         conn = current_connection()
         row = await sql.fetchrow(

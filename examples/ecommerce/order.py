@@ -3,7 +3,6 @@ answers an order's details by composing the three services' answers."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from typing import Any
@@ -31,7 +30,7 @@ from msdata.idempotency import IdempotencyKeys
 from msdata.idempotency.asgi import IdempotencyMiddleware
 from msdata.ids import new_id
 from msdata.projections import Projection, ProjectionContext, handles
-from msdata.saga import Retry, Saga, SagaOrchestrator, SagaStatus, remote
+from msdata.saga import Retry, Saga, SagaStatus, remote
 from msdata.service import Service
 
 PRICES = {"book": 1_250, "lamp": 4_900, "mug": 800, "rare-print": 25_000}
@@ -124,7 +123,6 @@ class OrderService:
         inventory: httpx.AsyncClient,
         step_timeout: float = 10.0,
         charge_timeout: float = 2.0,
-        lease_seconds: float = 30.0,
         part_timeout: float = 0.5,
     ) -> None:
         self.service = service
@@ -156,21 +154,8 @@ class OrderService:
             )
             .pivot("confirm", self._confirm)
         )
-        self.orchestrator = SagaOrchestrator(
-            service.store("saga"),
-            [self.checkout],
-            bus=service.bus,
-            outbox=service.outbox,
-            lease_seconds=lease_seconds,
-            recovery_interval=1.0,
-        )
-        stop = asyncio.Event()
-
-        async def recovery() -> None:
-            async with self.orchestrator:
-                await stop.wait()
-
-        service.worker("saga recovery", recovery, stop.set)
+        self.orchestrator = service.sagas  # lease and recovery interval: make_service
+        service.saga(self.checkout)
         # the saga starts from the order's own event (so an order committed just before a
         # crash still gets its checkout); the saga id is the order id, so a duplicate
         # delivery finds the instance and does nothing

@@ -14,7 +14,6 @@ from fastapi import FastAPI, HTTPException
 from msdata.errors import SagaStepFailed
 from msdata.messages import Envelope
 from msdata.middleware import Middleware
-from msdata.saga import SagaParticipant
 from msdata.service import Service
 from msdata.storage import current_connection
 
@@ -53,11 +52,7 @@ def stall(faults: Faults) -> Middleware:
 
 
 def build(service: Service, faults: Faults) -> FastAPI:
-    participant = SagaParticipant(
-        service.bus, service.outbox, service.transaction, inbox=service.inbox
-    )
-
-    @participant.handler(ChargePayment, group="payment")
+    @service.step(ChargePayment)
     async def charge(cmd: ChargePayment) -> Charged:
         conn = current_connection()
         payment_id = f"pay-{cmd.order_id}"
@@ -82,7 +77,7 @@ def build(service: Service, faults: Faults) -> FastAPI:
         )
         return Charged(payment_id=payment_id)
 
-    @participant.handler(RefundPayment, group="payment")
+    @service.step(RefundPayment)
     async def refund(cmd: RefundPayment) -> None:
         conn = current_connection()
         new = await sql.execute(

@@ -49,7 +49,6 @@ def main(argv: list[str] | None = None) -> None:
             payment=httpx.AsyncClient(base_url=args.payment_url),
             inventory=httpx.AsyncClient(base_url=args.inventory_url),
             charge_timeout=args.charge_timeout,
-            lease_seconds=args.lease,
         )
         keys = IdempotencyKeys(service.store("idempotency"), lease_seconds=args.lease)
         app = idempotent(order.app, keys)
