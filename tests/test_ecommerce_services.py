@@ -34,6 +34,12 @@ def launch(postgres_url: str, redis_url: str, *extra: str) -> subprocess.Complet
         from examples.ecommerce.launch import drop_schemas
 
         asyncio.run(drop_schemas(postgres_url, prefix))
+        import redis
+
+        client = redis.Redis.from_url(redis_url)
+        for key in client.scan_iter(match=f"{prefix}:*", count=1000):  # the run's streams
+            client.delete(key)
+        client.close()
 
 
 def passed(out: subprocess.CompletedProcess[str]) -> list[str]:

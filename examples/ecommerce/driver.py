@@ -81,10 +81,28 @@ async def _post(client: httpx.AsyncClient, item: dict[str, Any]) -> httpx.Respon
     raise RuntimeError(f"order {item['key']}: no answer")
 
 
+SLOT_SECONDS = 30.0
+
+
+async def _until_ended(client: httpx.AsyncClient, order_id: str | None) -> None:
+    deadline = time.monotonic() + SLOT_SECONDS
+    while order_id and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        try:
+            r = await client.get(f"/orders/{order_id}")
+        except httpx.TransportError:  # restarting
+            continue
+        if r.status_code == 200 and r.json()["status"] != "PLACED":
+            return
+
+
 async def place_all(
     clients: Clients, items: list[dict[str, Any]], concurrency: int, console: Console
 ) -> tuple[dict[str, str], int]:
-    """Place every order; returns key -> order id, and how many answers were replays."""
+    """Place every order, ``concurrency`` at a time, each one's slot held until its order
+    is no longer PLACED (its checkout ended, or ``SLOT_SECONDS`` passed), so the sagas in
+    flight are bounded as the clients are; returns key -> order id, and how many answers
+    were replays."""
     ids: dict[str, str] = {}
     replayed = 0
     sem = asyncio.Semaphore(concurrency)
@@ -98,6 +116,7 @@ async def place_all(
                 rs = [await _post(clients.order, item)]
                 if item["retry"] == "again":
                     rs.append(await _post(clients.order, item))
+            await _until_ended(clients.order, rs[0].json().get("order_id"))
         answers = set()
         for r in rs:
             if r.status_code != 201:
