@@ -198,7 +198,13 @@ class OrderService:
             await self.orchestrator.start(self.checkout, data, saga_id=e.order_id)
 
     async def setup(self) -> None:
+        """Before the service starts: its tables, and the checkout's consumer group (a
+        plain bus subscription, which the service does not declare: on RabbitMQ an
+        OrderPlaced the relay publishes at start-up would find no queue)."""
         await sql.create_tables(self.service, TABLES)
+        declare = getattr(self.service.transport, "declare_group", None)
+        if callable(declare):
+            await declare(self.service.bus.topic_of(OrderPlaced), "order-checkout")
 
     # -- HTTP ------------------------------------------------------------------------------
 
