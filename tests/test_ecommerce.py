@@ -35,7 +35,7 @@ def run(tmp_path: Path, faults: Faults, orders: int, seed: int = 1) -> Report:
 
 
 def test_every_check_passes_with_failures_injected(tmp_path: Path) -> None:
-    report = run(tmp_path, Faults(duplicate_every=10, slow_seconds=1.0), orders=40)
+    report = run(tmp_path, Faults(duplicate_every=10, slow_seconds=0.8), orders=40)
     assert report.placed == 40
     assert report.completed > 0 and report.compensated > 0  # both paths ran
     assert report.replayed > 0  # retried requests got the first answer
@@ -45,7 +45,7 @@ def test_every_check_passes_with_failures_injected(tmp_path: Path) -> None:
 def test_broken_refunds_fail_the_money_check(tmp_path: Path) -> None:
     seed = 7  # three orders pay with the slow card: charged, timed out, refunded
     assert any(i["body"]["card"] == "tok_slow" for i in plan(30, seed, True))
-    report = run(tmp_path, Faults(slow_seconds=1.0, refunds=False), orders=30, seed=seed)
+    report = run(tmp_path, Faults(slow_seconds=0.8, refunds=False), orders=30, seed=seed)
     failed = {name for name, ok, _ in report.checks if not ok}
     why = "; ".join(f"{name}: {detail}" for name, ok, detail in report.checks if not ok)
     assert failed == {"money charged - refunded = sum of completed orders"}, why
