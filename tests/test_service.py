@@ -17,7 +17,12 @@ from typing import Any
 import pytest
 
 from msdata import Command, Event, MessageRegistry
-from msdata.errors import ConfigurationError, HandlerAlreadyRegistered
+from msdata.errors import (
+    ConfigurationError,
+    HandlerAlreadyRegistered,
+    RejectMessage,
+    TransportError,
+)
 from msdata.messages import message_type
 from msdata.service import Service
 from msdata.storage import current_connection
@@ -357,3 +362,92 @@ def test_sigterm_on_postgres_releases_the_relay_leases(postgres_url: str) -> Non
     leases, left = asyncio.run(check())
     assert leases == 0  # released: another relay may claim at once
     assert 0 < left < 2000
+
+
+async def test_dead_letters_listed_and_replayed_in_process() -> None:
+    service = Service("solo", db="memory://", broker="memory://dlq-test", registry=registry)
+    seen: list[str] = []
+    reject = True
+
+    @service.on(PaymentCharged)
+    async def handle(event: PaymentCharged) -> None:
+        seen.append(event.order_id)
+        if reject:
+            raise RejectMessage("not now")
+
+    async with service:
+        assert await service.dead_letters() == []
+        async with service.transaction():
+            await service.publish(PaymentCharged(order_id="d-1"), key="d-1")
+        await eventually(lambda: seen == ["d-1"], timeout=5, what="handled once")
+
+        async def one_dead_letter() -> bool:
+            return len(await service.dead_letters()) == 1
+
+        await eventually(one_dead_letter, timeout=5, what="the dead letter listed")
+        (dead,) = await service.dead_letters()
+        assert (dead.topic, dead.group, dead.key) == ("svc.PaymentCharged", "solo", "d-1")
+        assert dead.reason == "RejectMessage: not now" and '"d-1"' in dead.body
+        reject = False
+        assert [d.id for d in await service.replay_dead_letters()] == [dead.id]
+        await eventually(lambda: seen == ["d-1", "d-1"], timeout=5, what="replayed")
+        assert await service.dead_letters() == []
+
+
+async def test_idempotency_keys_on_the_service_database(tmp_path: Path) -> None:
+    service = Service("solo", db=f"sqlite:///{tmp_path}/i.db", registry=registry)
+    keys = service.idempotency  # before start: its table is created at start
+    runs: list[int] = []
+
+    async def charge() -> int:
+        runs.append(1)
+        return 42
+
+    async with service:
+        assert await keys.run("k-1", charge, request={"amount": 42}) == 42
+        assert await keys.run("k-1", charge, request={"amount": 42}) == 42
+    assert runs == [1]
+
+
+async def test_a_part_that_fails_to_start_stops_the_started_ones(tmp_path: Path) -> None:
+    service = Service(
+        "solo", db=f"sqlite:///{tmp_path}/s.db", broker="redis://127.0.0.1:1/0", registry=registry
+    )
+    service.subscribe(OrderPlaced, lambda e: None)
+    with pytest.raises(TransportError):
+        await service.start()
+    assert service.relay is not None and not service.relay.running
+    assert (await service.health())["status"] == "stopped"
+
+
+async def test_projection_fed_by_the_bus(tmp_path: Path) -> None:
+    from msdata.projections import Projection, handles
+
+    class PaidOrders(Projection):
+        name = "paid-orders"
+
+        def setup(self, conn: Any, generation: int) -> None:
+            conn.execute(f"CREATE TABLE IF NOT EXISTS paid_{generation} (order_id TEXT)")
+
+        @handles(PaymentCharged)
+        def paid(self, ctx: Any, event: PaymentCharged) -> None:
+            ctx.conn.execute(f"INSERT INTO paid_{ctx.generation} VALUES (?)", (event.order_id,))
+
+    billing = Service("billing", db="memory://", broker="memory://proj-test", registry=registry)
+    reports = Service(
+        "reports", db=f"sqlite:///{tmp_path}/r.db", broker="memory://proj-test", registry=registry
+    )
+    runner = reports.projection(PaidOrders(), from_bus=True)
+    assert ("svc.PaymentCharged", "reports-paid-orders") in reports.subscriptions
+    async with billing, reports:
+        async with billing.transaction():
+            for i in range(3):
+                await billing.publish(PaymentCharged(order_id=f"p-{i}"))
+
+        async def three() -> bool:
+            async with reports.transaction() as conn:
+                table = f"paid_{runner.generation}"
+                return conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] == 3
+
+        await eventually(three, timeout=10, what="the bus-fed read model has 3 rows")
+        assert (await reports.health())["status"] == "ok"

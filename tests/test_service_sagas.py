@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
@@ -50,14 +51,26 @@ checkout = (
 )
 
 
-@pytest.mark.parametrize("db", ["memory", "sqlite"])
-async def test_checkout_saga_across_two_services(db: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "db", ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+async def test_checkout_saga_across_two_services(
+    db: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    pg = request.getfixturevalue("postgres_url") if db == "postgres" else ""
+
     def url(name: str) -> str:
-        return "memory://" if db == "memory" else f"sqlite:///{tmp_path}/{name}.db"
+        return {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path}/{name}.db"}.get(db, pg)
+
+    def schema(name: str) -> str | None:
+        return f"saga_{name}_{run}" if db == "postgres" else None
 
     broker = f"memory://sagas-{db}"
-    orders = Service("orders", db=url("orders"), broker=broker, registry=registry)
-    payments = Service("payments", db=url("payments"), broker=broker, registry=registry)
+    orders, payments = (
+        Service(n, db=url(n), broker=broker, registry=registry, schema=schema(n))
+        for n in ("orders", "payments")
+    )
     orders.saga(checkout)
     charged: list[str] = []
 
@@ -72,10 +85,21 @@ async def test_checkout_saga_across_two_services(db: str, tmp_path: Path) -> Non
         charged.append(cmd.order_id)
         return Charged(payment_id=f"pay-{cmd.order_id}")
 
-    async with orders, payments:
-        ok = await orders.sagas.run(checkout, Order(order_id="o-1", amount=50), timeout=10)
-        no = await orders.sagas.run(checkout, Order(order_id="o-2", amount=500), timeout=10)
-        health = await orders.health()
+    try:
+        async with orders, payments:
+            ok = await orders.sagas.run(checkout, Order(order_id="o-1", amount=50), timeout=10)
+            no = await orders.sagas.run(checkout, Order(order_id="o-2", amount=500), timeout=10)
+            health = await orders.health()
+    finally:
+        if db == "postgres":
+            import asyncpg
+
+            conn = await asyncpg.connect(pg)
+            try:
+                for n in ("orders", "payments"):
+                    await conn.execute(f'DROP SCHEMA IF EXISTS "{schema(n)}" CASCADE')
+            finally:
+                await conn.close()
     assert ok.status is SagaStatus.COMPLETED and ok.data.payment_id == "pay-o-1"
     assert no.status is SagaStatus.COMPENSATED and "card declined" in (no.error or "")
     assert charged == ["o-1"] and "o-2" in released

@@ -406,7 +406,7 @@ DLQ_READER = "msdata-dlq"
 
 @cli.group()
 def dlq() -> None:
-    """Dead-letter topics (``topic.group.dlq``)."""
+    """Dead-letter topics (topic.group.dlq): list, show, replay."""
 
 
 def _dlq_topics(topic: str | None, group: str | None, app: str | None) -> list[tuple[str, str]]:
@@ -440,66 +440,16 @@ def _with(options: list[Callable[[T], T]]) -> Callable[[T], T]:
 async def _read_dlq(
     broker: str, pairs: list[tuple[str, str]], limit: int, settle: str
 ) -> list[dict[str, Any]]:
-    """Read up to ``limit`` dead letters per pair; ``settle``: ``keep`` (nack: they stay),
-    ``replay`` (republish to the original topic, then ack)."""
-    from msdata.transport import (
-        DEAD_LETTER_ATTEMPTS,
-        DEAD_LETTER_GROUP,
-        DEAD_LETTER_REASON,
-        DEAD_LETTER_TOPIC,
-        TransportMessage,
-        dead_letter_topic,
-    )
+    from msdata.service import read_dead_letters
 
     transport = transport_from_url(broker)
-    out: list[dict[str, Any]] = []
     try:
-        for topic, group in pairs:
-            dlq_topic = dead_letter_topic(topic, group)
-            # max_attempts high: reading must never dead-letter a dead letter
-            async with transport.subscribe(dlq_topic, DLQ_READER, max_attempts=1000) as sub:
-                seen: set[str] = set()
-                while len(seen) < limit:
-                    batch = await sub.receive(min(100, limit - len(seen)), timeout=1.0)
-                    if not batch:
-                        break
-                    fresh = [d for d in batch if d.message.id not in seen]
-                    if not fresh:
-                        for d in batch:
-                            await d.nack()
-                        break
-                    for d in fresh:
-                        m = d.message
-                        seen.add(m.id)
-                        h = dict(m.headers)
-                        out.append(
-                            {
-                                "dlq": dlq_topic,
-                                "id": m.id,
-                                "key": m.key,
-                                "topic": h.get(DEAD_LETTER_TOPIC, topic),
-                                "group": h.get(DEAD_LETTER_GROUP, group),
-                                "attempts": h.get(DEAD_LETTER_ATTEMPTS),
-                                "reason": h.get(DEAD_LETTER_REASON),
-                                "body": m.body,
-                            }
-                        )
-                        if settle == "replay":
-                            original = h.get(DEAD_LETTER_TOPIC, topic)
-                            clean = {k: v for k, v in h.items() if not k.startswith("x-msdata-")}
-                            await transport.publish(
-                                original,
-                                [TransportMessage(id=m.id, body=m.body, key=m.key, headers=clean)],
-                            )
-                            await d.ack()
-                        else:
-                            await d.nack()
-                    for d in batch:
-                        if d not in fresh:
-                            await d.nack()
+        found = await read_dead_letters(
+            transport, pairs, limit=limit, replay=settle == "replay", reader=DLQ_READER
+        )
     finally:
         await transport.close()
-    return out
+    return [d._asdict() for d in found]
 
 
 @dlq.command("list")
@@ -613,7 +563,7 @@ def _load_app(spec: str) -> Any:
 
 @cli.group()
 def projections() -> None:
-    """Projections of a service (found through --app module:attr, a Service)."""
+    """Projections of a service (--app module:attr names the Service)."""
 
 
 app_option = click.option(

@@ -27,11 +27,11 @@ import inspect
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, NamedTuple, Self, TypeVar
 
 from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.cqrs import CommandBus, QueryBus
@@ -46,10 +46,19 @@ from msdata.outbox import Outbox, OutboxRelay
 from msdata.projections import Projection, ProjectionRunner
 from msdata.saga import Saga, SagaOrchestrator, SagaParticipant, SagaReply
 from msdata.storage import DEFAULT_TABLE_PREFIX, bind_connection, current_connection
-from msdata.transport import Transport, check_name
+from msdata.transport import (
+    DEAD_LETTER_ATTEMPTS,
+    DEAD_LETTER_GROUP,
+    DEAD_LETTER_REASON,
+    DEAD_LETTER_TOPIC,
+    Transport,
+    TransportMessage,
+    check_name,
+    dead_letter_topic,
+)
 from msdata.urls import redact_url, store_from_url, transport_from_url
 
-__all__ = ["Service"]
+__all__ = ["DeadLetterInfo", "Service", "read_dead_letters"]
 
 log = logging.getLogger("msdata.service")
 
@@ -99,6 +108,81 @@ async def _close_memory_broker(url: str) -> None:
         return
     del _memory_brokers[url]
     await transport.close()
+
+
+# -- dead letters --------------------------------------------------------------------------
+
+
+class DeadLetterInfo(NamedTuple):
+    """One message on a dead-letter topic ``dlq`` (``topic.group.dlq``): its id and key,
+    where it came from, how many attempts it had, why it is there, and its body (the
+    CloudEvents JSON, as text)."""
+
+    dlq: str
+    id: str
+    key: str | None
+    topic: str
+    group: str
+    attempts: str | None
+    reason: str | None
+    body: str
+
+
+async def read_dead_letters(
+    transport: Transport,
+    pairs: Iterable[tuple[str, str]],
+    *,
+    limit: int = 100,
+    replay: bool = False,
+    reader: str = "msdata-dlq",
+) -> list[DeadLetterInfo]:
+    """The dead letters of each (topic, group) in ``pairs``, up to ``limit`` per pair, read
+    as consumer group ``reader`` of ``topic.group.dlq``. Without ``replay`` they stay there
+    (nacked); with it each is published back to its original topic (same id and key, the
+    ``x-msdata-*`` dead-letter headers dropped) and then acked, so it leaves the dead-letter
+    topic. Every group of the topic receives a replayed message again: an inbox skips it
+    where it was applied already."""
+    out: list[DeadLetterInfo] = []
+    for topic, group in pairs:
+        dlq_topic = dead_letter_topic(topic, group)
+        # a high max_attempts: reading must never dead-letter a dead letter
+        async with transport.subscribe(dlq_topic, reader, max_attempts=1_000_000) as sub:
+            seen: set[str] = set()
+            while len(seen) < limit:
+                batch = await sub.receive(min(100, limit - len(seen)), timeout=0.5)
+                fresh = [d for d in batch if d.message.id not in seen]
+                for d in batch:
+                    if d not in fresh:
+                        await d.nack()  # seen already: it came round again
+                if not fresh:
+                    break
+                for d in fresh:
+                    m = d.message
+                    seen.add(m.id)
+                    h = dict(m.headers)
+                    original = h.get(DEAD_LETTER_TOPIC, topic)
+                    out.append(
+                        DeadLetterInfo(
+                            dlq_topic,
+                            m.id,
+                            m.key,
+                            original,
+                            h.get(DEAD_LETTER_GROUP, group),
+                            h.get(DEAD_LETTER_ATTEMPTS),
+                            h.get(DEAD_LETTER_REASON),
+                            m.body.decode("utf-8", "replace"),
+                        )
+                    )
+                    if replay:
+                        clean = {k: v for k, v in h.items() if not k.startswith("x-msdata-")}
+                        await transport.publish(
+                            original,
+                            [TransportMessage(id=m.id, body=m.body, key=m.key, headers=clean)],
+                        )
+                        await d.ack()
+                    else:
+                        await d.nack()
+    return out
 
 
 # -- health --------------------------------------------------------------------------------
@@ -540,6 +624,18 @@ class Service:
         """Each (topic, consumer group) the service consumes: its handlers', its
         projections' and its sagas'. Dead letters of one are on ``topic.group.dlq``."""
         return list(self._subscriptions)
+
+    async def dead_letters(self, *, limit: int = 100) -> list[DeadLetterInfo]:
+        """The dead letters of every group the service consumes (see
+        :attr:`subscriptions`), left where they are; ``[]`` when there are none."""
+        return await read_dead_letters(self.transport, self._subscriptions, limit=limit)
+
+    async def replay_dead_letters(self, *, limit: int = 1000) -> list[DeadLetterInfo]:
+        """Publish the dead letters of every group the service consumes back to their
+        topics and take them off the dead-letter topics (see :func:`read_dead_letters`)."""
+        return await read_dead_letters(
+            self.transport, self._subscriptions, limit=limit, replay=True
+        )
 
     @property
     def running(self) -> bool:
