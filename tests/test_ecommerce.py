@@ -1,0 +1,84 @@
+"""The e-commerce example on the embedded default (SQLite files, in-memory transport): the
+load driver's checks pass, and fail when the system is broken."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from examples.ecommerce.common import Faults
+from examples.ecommerce.driver import Report, drive, plan
+from examples.ecommerce.embedded import embedded
+
+
+def run(tmp_path: Path, faults: Faults, orders: int, seed: int = 1) -> Report:
+    async def main() -> Report:
+        async with embedded(tmp_path, faults, charge_timeout=0.5) as system:
+
+            async def dead_letters(_: object) -> int:
+                return system.dead_letters.count
+
+            return await drive(
+                system.clients,
+                orders=orders,
+                concurrency=8,
+                seed=seed,
+                quiet_timeout=40,
+                dead_letters=dead_letters,
+            )
+
+    return asyncio.run(main())
+
+
+def test_every_check_passes_with_failures_injected(tmp_path: Path) -> None:
+    report = run(tmp_path, Faults(duplicate_every=10, slow_seconds=0.8), orders=40)
+    assert report.placed == 40
+    assert report.completed > 0 and report.compensated > 0  # both paths ran
+    assert report.replayed > 0  # retried requests got the first answer
+    assert [(name, detail) for name, ok, detail in report.checks if not ok] == []
+
+
+def test_broken_refunds_fail_the_money_check(tmp_path: Path) -> None:
+    seed = 7  # three orders pay with the slow card: charged, timed out, refunded
+    assert any(i["body"]["card"] == "tok_slow" for i in plan(30, seed, True))
+    report = run(tmp_path, Faults(slow_seconds=0.8, refunds=False), orders=30, seed=seed)
+    failed = {name for name, ok, _ in report.checks if not ok}
+    why = "; ".join(f"{name}: {detail}" for name, ok, detail in report.checks if not ok)
+    assert failed == {"money charged - refunded = sum of completed orders"}, why
+    assert not report.ok
+
+
+def test_details_compose_three_services_and_answer_partially(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with embedded(tmp_path, Faults()) as system:
+            c = system.clients
+            r = await c.order.post(
+                "/orders",
+                json={"sku": "book", "quantity": 1, "card": "tok_visa"},
+                headers={"Idempotency-Key": "k-1"},
+            )
+            order_id = r.json()["order_id"]
+            assert (await c.order.post("/orders", json={})).status_code == 400  # no key
+
+            async def ended() -> bool:
+                got = (await c.order.get(f"/orders/{order_id}")).json()
+                return bool(got["status"] == "COMPLETED")
+
+            for _ in range(200):
+                if await ended():
+                    break
+                await asyncio.sleep(0.05)
+            full = (await c.order.get(f"/orders/{order_id}/details")).json()
+            assert full["payment"]["status"] == "CHARGED"
+            assert full["reservation"]["status"] == "RESERVED"
+            assert full["unavailable"] == []
+            await c.payment.aclose()  # Payment is down
+            partial = (await c.order.get(f"/orders/{order_id}/details")).json()
+            assert partial["order"]["status"] == "COMPLETED"
+            assert partial["payment"] is None and partial["unavailable"] == ["payment"]
+
+    asyncio.run(main())
