@@ -25,6 +25,7 @@ the relay has a retention); see :meth:`SqliteOutboxStore.schema_sql`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import operator
 import os
