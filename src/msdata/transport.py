@@ -156,9 +156,9 @@ class Subscription(Protocol):
     """A consumer in a group. ``async with`` declares the group (durably, on brokers) and
     starts consuming; leaving it stops consuming and releases unsettled deliveries.
 
-    A group receives every message published to the topic after the group was created;
-    consumers of one group compete; each group gets each message. ``receive`` is safe to call
-    from one task at a time per subscription.
+    A group receives every message published to the topic after the group was declared (see
+    :class:`Subscriber`); consumers of one group compete; each group gets each message.
+    ``receive`` is safe to call from one task at a time per subscription.
     """
 
     async def __aenter__(self) -> Self: ...
@@ -190,7 +190,25 @@ class Publisher(Protocol):
 
 @runtime_checkable
 class Subscriber(Protocol):
-    """Opens subscriptions."""
+    """Declares consumer groups and opens subscriptions.
+
+    The contract of a group, on every transport:
+
+    - A group receives every message published to its topic after the group was *declared*,
+      by :meth:`declare_group` or by entering a subscription of it (which declares it too),
+      whether or not a consumer of the group is running at the time: a service's groups can
+      be declared at deploy time, before its consumers start.
+    - A message published to a topic that has no group at all is kept, never dropped: the
+      first group declared on that topic receives it (NATS: every group does, see
+      ``features.replays_history``).
+    """
+
+    async def declare_group(self, topic: str, group: str) -> None:
+        """Declare consumer group ``group`` of ``topic`` (and the topic, and the group's
+        dead-letter topic), durably on brokers, without consuming. Idempotent: declaring an
+        existing group changes nothing. Raises :class:`~msdata.errors.ConfigurationError` for
+        a bad name, :class:`~msdata.errors.TransportError` if the broker cannot be reached."""
+        ...
 
     def subscribe(
         self, topic: str, group: str, *, max_attempts: int = 5, prefetch: int = 100

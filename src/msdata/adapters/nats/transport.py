@@ -329,39 +329,10 @@ class NatsSubscription(ClosesOnExit):
         t = self._transport
         js = await t._ready()
         nc = self._nc = js._nc
-        self.stream = await t._ensure_stream(self.topic, force=self._lost)
-        subject, partitions = t._streams[self.topic]
-        specs: list[tuple[str, str | None, int]] = []
-        if self.ordered:
-            base = consumer_name(self.group)
-            specs = [(f"{base}_k{n}", p, 1) for n, p in enumerate(partitions)]
-            specs.append((self.consumer, subject, t.max_ack_pending))
-        else:
-            specs.append((self.consumer, None, t.max_ack_pending))
-        kind = "ordered group" if self.ordered else "group"
-
-        async def declare(name: str, filter_subject: str | None, max_ack_pending: int) -> None:
-            config = ConsumerConfig(
-                name=name,
-                durable_name=name,
-                description=f"msdata {kind} {self.group} of topic {self.topic}",
-                deliver_policy=DeliverPolicy.ALL,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=t.ack_wait,
-                max_deliver=-1,
-                max_ack_pending=max_ack_pending,
-                filter_subject=filter_subject,
-            )
-            try:
-                await js.add_consumer(self.stream, config=config)
-            except nats.js.errors.APIError as e:
-                if e.err_code not in _CONSUMER_EXISTS:
-                    raise
-                # it exists with other settings (another version of this code): use it as is
-                await js.consumer_info(self.stream, name)
-
+        self.stream, specs = await t._declare_consumers(
+            self.topic, self.group, self.ordered, force=self._lost
+        )
         with _nats_errors(f"could not declare group {self.group!r} on topic {self.topic!r}"):
-            await asyncio.gather(*(declare(*spec) for spec in specs))
             if self._inbox_sub is None:
                 self._inbox = nc.new_inbox()
                 self._inbox_sub = await nc.subscribe(f"{self._inbox}.*", cb=self._arrive)
@@ -820,6 +791,56 @@ class NatsTransport:
             if batch.left:
                 return
         batch.done.set_result(None)
+
+    async def declare_group(self, topic: str, group: str) -> None:
+        """The topic's stream and the group's durable consumer(s): one, or with
+        ``ordered=True`` one per key partition plus one for keyless messages, as a
+        subscription of this transport declares them."""
+        self._subject(topic)
+        check_name("group", group)
+        await self._declare_consumers(topic, group, self.ordered)
+
+    async def _declare_consumers(
+        self, topic: str, group: str, ordered: bool, *, force: bool = False
+    ) -> tuple[str, list[tuple[str, str | None, int]]]:
+        """Declare the stream of ``topic`` and the consumers of ``group``; returns the
+        stream name and each consumer's (name, filter subject, max_ack_pending), the
+        keyless (or only) one last."""
+        js = await self._ready()
+        stream = await self._ensure_stream(topic, force=force)
+        subject, partitions = self._streams[topic]
+        base = consumer_name(group)
+        specs: list[tuple[str, str | None, int]] = []
+        if ordered:
+            specs = [(f"{base}_k{n}", p, 1) for n, p in enumerate(partitions)]
+            specs.append((f"{base}_n", subject, self.max_ack_pending))
+        else:
+            specs.append((base, None, self.max_ack_pending))
+        kind = "ordered group" if ordered else "group"
+
+        async def declare(name: str, filter_subject: str | None, max_ack_pending: int) -> None:
+            config = ConsumerConfig(
+                name=name,
+                durable_name=name,
+                description=f"msdata {kind} {group} of topic {topic}",
+                deliver_policy=DeliverPolicy.ALL,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=self.ack_wait,
+                max_deliver=-1,
+                max_ack_pending=max_ack_pending,
+                filter_subject=filter_subject,
+            )
+            try:
+                await js.add_consumer(stream, config=config)
+            except nats.js.errors.APIError as e:
+                if e.err_code not in _CONSUMER_EXISTS:
+                    raise
+                # it exists with other settings (another version of this code): use it as is
+                await js.consumer_info(stream, name)
+
+        with _nats_errors(f"could not declare group {group!r} on topic {topic!r}"):
+            await asyncio.gather(*(declare(*spec) for spec in specs))
+        return stream, specs
 
     def subscribe(
         self, topic: str, group: str, *, max_attempts: int = 5, prefetch: int = 100

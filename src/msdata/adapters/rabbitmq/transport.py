@@ -2,18 +2,21 @@
 
 Topology, all durable and declared by the adapter:
 
-- a ``fanout`` exchange per topic, named as the topic;
-- a durable queue per consumer group, ``<topic>:<group>``, bound to it; messages are
-  persistent. Classic queues by default; ``queue_type="quorum"`` for quorum queues, which
+- a ``fanout`` exchange per topic, named as the topic, declared with an *alternate
+  exchange* ``<topic>:unrouted`` and a holding queue of the same name: a message published
+  while the topic has no group at all lands there instead of being dropped, and the first
+  group declared on the topic moves it into its own queue (so a dead-letter topic, too, keeps
+  what it receives until read, as the port requires). A topic exchange declared by an older
+  version without the alternate exchange must be deleted (or its messages drained) first:
+  RabbitMQ refuses to redeclare an exchange with other arguments;
+- a durable queue per consumer group, ``<topic>:<group>``, bound to it, declared by
+  :meth:`RabbitMQTransport.declare_group` or by the first subscription of the group; messages
+  are persistent. Classic queues by default; ``queue_type="quorum"`` for quorum queues, which
   count deliveries themselves (``x-delivery-count``). Classic is the default because on
   RabbitMQ 3.10 a quorum queue created moments before the node is SIGKILLed came back empty
   and leaderless in our restart test, while classic queues kept every confirmed message;
 - for each group, its dead-letter topic :func:`~msdata.transport.dead_letter_topic` (an
-  exchange like any topic). A topic whose name ends in ``.dlq`` is declared with an
-  *alternate exchange* ``<topic>:unrouted`` and a holding queue of the same name: while no
-  group is bound, what is dead-lettered lands there, and the first group declared on the
-  dead-letter topic moves it into its own queue. So a dead-letter topic keeps what it
-  receives until read, as the port requires;
+  exchange like any topic);
 - ``nack(delay > 0)`` goes through a per-delay retry queue ``<topic>:<group>:retry-<ms>ms``
   (``x-message-ttl`` = the delay, dead-lettering back to the group's queue through the
   default exchange, ``x-expires`` a minute after the delay so unused ones go away). One queue
@@ -149,10 +152,6 @@ def _retry_queue_name(topic: str, group: str, delay_ms: int) -> str:
 
 def _unrouted_name(topic: str) -> str:
     return f"{topic}:unrouted"
-
-
-def _keeps_unrouted(topic: str) -> bool:
-    return topic.endswith(".dlq")
 
 
 def _text(value: Any) -> str:
@@ -382,17 +381,7 @@ class RabbitMQSubscription(ClosesOnExit):
                 log.debug("closing the channel of %s failed", self.queue, exc_info=True)
 
     async def _start(self, raw: Any, *, adopt: bool) -> None:
-        transport = self._transport
-        await transport._declare_topic(raw, self.topic)
-        await transport._declare_topic(raw, self._dlq_topic)
-        arguments: dict[str, Any] = {"x-queue-type": transport.queue_type}
-        if self._ordered:
-            arguments["x-single-active-consumer"] = True
-        await raw.queue_declare(self.queue, durable=True, arguments=arguments)
-        transport._queues.add(self.queue)
-        await raw.queue_bind(self.queue, self.topic, routing_key="")
-        if adopt and _keeps_unrouted(self.topic):
-            await self._adopt_unrouted(raw)
+        await self._transport._declare_group(raw, self.topic, self.group, adopt=adopt)
         await raw.basic_consume(self.queue, self._on_message)
 
     def _on_reopen(self, _channel: Any) -> None:
@@ -415,39 +404,6 @@ class RabbitMQSubscription(ClosesOnExit):
             if channel.is_closed:
                 return  # it reopens, and calls _on_reopen again
             await asyncio.sleep(1.0)
-
-    async def _adopt_unrouted(self, raw: Any) -> None:
-        """Move what was dead-lettered to this topic before any group existed into our queue.
-
-        Nothing new arrives in the holding queue once our queue is bound; if two first groups
-        are declared at the same instant they share what was held.
-        """
-        hold = _unrouted_name(self.topic)
-        ok = await raw.queue_declare(hold, durable=True)
-        if not ok.message_count:
-            return
-        while True:
-            batch: list[DeliveredMessage] = []
-            while len(batch) < 100:
-                got = await raw.basic_get(hold)
-                if not isinstance(got.delivery, Basic.GetOk):
-                    break
-                batch.append(got)
-            if not batch:
-                return
-            results = await asyncio.gather(
-                *[
-                    raw.basic_publish(
-                        m.body, exchange="", routing_key=self.queue, properties=m.header.properties
-                    )
-                    for m in batch
-                ],
-                return_exceptions=True,
-            )
-            _confirmed(results, f"moving held dead letters into {self.queue!r}")
-            await raw.basic_ack(batch[-1].delivery_tag, multiple=True)
-            if len(batch) < 100:
-                return
 
     def _on_message(self, raw: DeliveredMessage) -> None:
         if self._closed:
@@ -708,9 +664,8 @@ class RabbitMQTransport:
         exchanges = set(self._exchanges)
         queues = set(self._queues)
         for topic in self._exchanges:
-            if _keeps_unrouted(topic):
-                exchanges.add(_unrouted_name(topic))
-                queues.add(_unrouted_name(topic))
+            exchanges.add(_unrouted_name(topic))
+            queues.add(_unrouted_name(topic))
         return frozenset(exchanges), frozenset(queues)
 
     async def _connect(self) -> AbstractRobustConnection:
@@ -736,17 +691,90 @@ class RabbitMQTransport:
         return await channel.get_underlay_channel()
 
     async def _declare_topic(self, raw: Any, topic: str) -> None:
-        arguments: dict[str, Any] | None = None
-        if _keeps_unrouted(topic):
-            # unrouted messages (no group bound yet) wait in a holding queue
-            hold = _unrouted_name(topic)
-            await raw.exchange_declare(hold, exchange_type="fanout", durable=True)
-            await raw.queue_declare(hold, durable=True)
-            await raw.queue_bind(hold, hold, routing_key="")
-            arguments = {"alternate-exchange": hold}
-        await raw.exchange_declare(topic, exchange_type="fanout", durable=True, arguments=arguments)
+        # unrouted messages (no group bound yet) wait in a holding queue, through the
+        # topic exchange's alternate exchange
+        hold = _unrouted_name(topic)
+        await raw.exchange_declare(hold, exchange_type="fanout", durable=True)
+        await raw.queue_declare(hold, durable=True)
+        await raw.queue_bind(hold, hold, routing_key="")
+        await raw.exchange_declare(
+            topic,
+            exchange_type="fanout",
+            durable=True,
+            arguments={"alternate-exchange": hold},
+        )
         self._exchanges.add(topic)
         self._topics.add(topic)
+
+    async def _declare_group(self, raw: Any, topic: str, group: str, *, adopt: bool) -> None:
+        """The topic's exchange, the group's dead-letter topic, the group's queue bound to
+        the exchange, and (``adopt``) what the topic held while it had no group moved in."""
+        queue = group_queue_name(topic, group)
+        await self._declare_topic(raw, topic)
+        await self._declare_topic(raw, dead_letter_topic(topic, group))
+        arguments: dict[str, Any] = {"x-queue-type": self.queue_type}
+        if self.features.ordered_per_key:
+            arguments["x-single-active-consumer"] = True
+        await raw.queue_declare(queue, durable=True, arguments=arguments)
+        self._queues.add(queue)
+        await raw.queue_bind(queue, topic, routing_key="")
+        if adopt:
+            await self._adopt_unrouted(raw, topic, queue)
+
+    async def _adopt_unrouted(self, raw: Any, topic: str, queue: str) -> None:
+        """Move what was published to ``topic`` before any group existed into ``queue``.
+
+        Nothing new arrives in the holding queue once a group's queue is bound; if two first
+        groups are declared at the same instant they share what was held.
+        """
+        hold = _unrouted_name(topic)
+        ok = await raw.queue_declare(hold, durable=True)
+        if not ok.message_count:
+            return
+        while True:
+            batch: list[DeliveredMessage] = []
+            while len(batch) < 100:
+                got = await raw.basic_get(hold)
+                if not isinstance(got.delivery, Basic.GetOk):
+                    break
+                batch.append(got)
+            if not batch:
+                return
+            results = await asyncio.gather(
+                *[
+                    raw.basic_publish(
+                        m.body, exchange="", routing_key=queue, properties=m.header.properties
+                    )
+                    for m in batch
+                ],
+                return_exceptions=True,
+            )
+            _confirmed(results, f"moving unrouted messages into {queue!r}")
+            await raw.basic_ack(batch[-1].delivery_tag, multiple=True)
+            if len(batch) < 100:
+                return
+
+    async def declare_group(self, topic: str, group: str) -> None:
+        """Declare the group's durable queue (with the transport's ``queue_type`` and mode)
+        bound to the topic's exchange, and the group's dead-letter topic, on a channel of its
+        own; what the topic held while it had no group moves into the queue."""
+        check_name("topic", topic)
+        check_name("group", group)
+        conn = await self._connect()
+        with _amqp_errors(f"cannot declare group {group!r} of {topic!r}"):
+            channel = await conn.channel()
+            try:
+                try:
+                    await self._declare_group(
+                        await channel.get_underlay_channel(), topic, group, adopt=True
+                    )
+                except aiormq.exceptions.ChannelPreconditionFailed as e:
+                    raise ConfigurationError(
+                        f"group {group!r} of {topic!r} exists with other arguments: {e}"
+                    ) from e
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
 
     async def publish(self, topic: str, messages: Sequence[TransportMessage]) -> None:
         if self._closed:

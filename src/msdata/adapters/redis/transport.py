@@ -284,11 +284,7 @@ class RedisSubscription(ClosesOnExit):
         return self
 
     async def _declare(self) -> None:
-        t = self._t
-        pipe = t._client.pipeline(transaction=False)
-        await t._declare_group(keys=[self._keys[0]], args=[self.group, "first"], client=pipe)
-        await t._declare_group(keys=[self._keys[1]], args=[self.group, "all"], client=pipe)
-        await pipe.execute()
+        await self._t._declare(self.topic, self.group)
 
     async def close(self) -> None:
         """Stop consuming: send pending acks and release unsettled deliveries (at once, to the
@@ -674,6 +670,26 @@ class RedisTransport:
                 command("XADD", key, "*", *_entry_fields(m, m.headers, None))
         with _redis_errors(f"publish of {len(messages)} to {topic!r} failed", PublishError):
             await pipe.execute()
+
+    async def declare_group(self, topic: str, group: str) -> None:
+        """``XGROUP CREATE ... MKSTREAM`` on the topic's stream (at ``0`` for its first
+        group, so that group receives what was published before any group existed; at ``$``
+        for later ones) and on the group's retry stream; an existing group is left as it is."""
+        check_name("topic", topic)
+        check_name("group", group)
+        if self._closed:
+            raise TransportClosed("declare_group() on a closed transport")
+        with _redis_errors(f"could not declare group {group!r} of {topic!r}"):
+            await self._declare(topic, group)
+
+    async def _declare(self, topic: str, group: str) -> None:
+        stream = self._stream_key(topic)
+        pipe = self._client.pipeline(transaction=False)
+        await self._declare_group(keys=[stream], args=[group, "first"], client=pipe)
+        await self._declare_group(
+            keys=[f"{stream}:{group}:retry"], args=[group, "all"], client=pipe
+        )
+        await pipe.execute()
 
     def subscribe(
         self, topic: str, group: str, *, max_attempts: int = 5, prefetch: int = 100

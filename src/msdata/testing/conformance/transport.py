@@ -159,6 +159,52 @@ class TransportConformance:
                 assert sorted(seen) == sorted(m.id for m in msgs), "lost or duplicated"
                 await self.assert_quiet(a)
 
+    async def test_a_group_declared_ahead_receives_what_was_published_before_it_subscribed(
+        self,
+    ) -> None:
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t:
+            # the usual deploy order: the producer's topic exists and has another group
+            other = self.unique("other")
+            await t.declare_group(topic, other)
+            await t.declare_group(topic, group)
+            await t.declare_group(topic, group)  # idempotent
+            msgs = make_messages(10)
+            await t.publish(topic, msgs)
+            async with t.subscribe(topic, group) as sub:
+                got = await collect(sub, 10, timeout=self.arrival_timeout)
+                assert sorted(d.message.id for d in got) == sorted(m.id for m in msgs)
+                assert all(d.attempt == 1 for d in got)
+                await self.assert_quiet(sub)
+            async with t.subscribe(topic, other) as sub:
+                got = await collect(sub, 10, timeout=self.arrival_timeout)
+                assert sorted(d.message.id for d in got) == sorted(m.id for m in msgs)
+            with pytest.raises(ConfigurationError):
+                await t.declare_group(topic, "eu.billing")
+
+    async def test_a_topic_without_any_group_keeps_what_is_published_for_its_first_group(
+        self,
+    ) -> None:
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t:
+            msgs = make_messages(5)
+            await t.publish(topic, msgs)  # nobody has declared a group yet
+            async with t.subscribe(topic, group) as sub:
+                got = await collect(sub, 5, timeout=self.arrival_timeout)
+                assert sorted(d.message.id for d in got) == sorted(m.id for m in msgs)
+                await self.assert_quiet(sub)
+            # a group declared later starts after its declaration (unless the backend
+            # replays history), and the first group keeps receiving
+            late = self.unique("late")
+            await t.declare_group(topic, late)
+            more = make_messages(3, prefix="more")
+            await t.publish(topic, more)
+            async with t.subscribe(topic, late) as sub:
+                want = [*msgs, *more] if t.features.replays_history else more
+                got = await collect(sub, len(want), timeout=self.arrival_timeout)
+                assert sorted(d.message.id for d in got) == sorted(m.id for m in want)
+                await self.assert_quiet(sub)
+
     async def test_large_batch_is_delivered_completely(self) -> None:
         topic, group = self.unique("topic"), self.unique("group")
         async with self.make_transport() as t:
