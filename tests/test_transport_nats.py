@@ -21,6 +21,7 @@ from msdata.transport import (
     dead_letter_topic,
 )
 from services import require
+from transport_factories import with_test_hooks
 
 pytestmark = pytest.mark.nats
 
@@ -38,6 +39,7 @@ async def nats_transport(**options: object) -> AsyncIterator[NatsTransport]:
     nc = await nats.connect(require("nats"))
     prefix = f"T{uuid.uuid4().hex[:12]}_"
     transport = NatsTransport(nc, stream_prefix=prefix, **options)  # type: ignore[arg-type]
+    with_test_hooks("nats", transport)
     try:
         yield transport
     finally:

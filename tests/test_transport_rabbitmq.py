@@ -18,6 +18,7 @@ from msdata.errors import ConfigurationError, PublishError, TransportClosed
 from msdata.testing.conformance.transport import TransportConformance, collect, make_messages
 from msdata.transport import DEAD_LETTER_REASON, Transport, TransportMessage, dead_letter_topic
 from services import require
+from transport_factories import with_test_hooks
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -41,6 +42,7 @@ async def rabbitmq_transport(
 ) -> AsyncIterator[RabbitMQTransport]:
     conn = await aio_pika.connect_robust(require("rabbitmq"))
     transport = RabbitMQTransport(conn, ordered_per_key=ordered_per_key, queue_type=queue_type)
+    with_test_hooks("rabbitmq", transport)
     try:
         yield transport
     finally:
@@ -168,9 +170,14 @@ async def test_foreign_messages_are_delivered_and_can_be_dead_lettered() -> None
 
 def test_a_message_without_id_gets_one_from_its_body() -> None:
     props = SimpleNamespace(message_id=None, headers={"x-delivery-count": 2, "h": 1})
-    raw = SimpleNamespace(header=SimpleNamespace(properties=props), body=b"x", redelivered=True)
+    raw = SimpleNamespace(
+        header=SimpleNamespace(properties=props),
+        body=b"x",
+        redelivered=True,
+        exchange="topic",
+    )
     entry = _Entry(raw)  # type: ignore[arg-type]
-    m = entry.parse()
+    m = entry.parse(counts_deliveries=True)
     assert m.id == "sha256:" + hashlib.sha256(b"x").hexdigest()
     assert dict(m.headers) == {"h": "1"}
     assert entry.attempt == 3

@@ -30,6 +30,7 @@ from msdata.transport import (
     dead_letter_topic,
 )
 from services import require
+from transport_factories import with_test_hooks
 
 pytestmark = pytest.mark.redis
 
@@ -48,6 +49,7 @@ async def redis_transport(**options: object) -> AsyncIterator[RedisTransport]:
     client = aioredis.Redis.from_url(url, client_name=prefix)
     options.setdefault("claim_idle", 0.4)
     transport = RedisTransport(client, key_prefix=prefix, **options)  # type: ignore[arg-type]
+    with_test_hooks("redis", transport)
     try:
         yield transport
     finally:

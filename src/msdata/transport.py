@@ -115,6 +115,21 @@ class TransportFeatures:
     restart: Callable[[bool], Awaitable[None]] | None = field(
         default=None, compare=False, repr=False
     )
+    #: test plumbing, set by a harness: ``await publish_foreign(topic, message)`` publishes
+    #: as a producer that is not msdata would, each of ``message.headers`` put where the
+    #: broker keeps a message's own metadata (Redis: an entry field after ``id`` and
+    #: ``body``; RabbitMQ: an AMQP header; NATS: a NATS header), so the suite can check that
+    #: forged bookkeeping (``attempt=999``) is ignored. None: that case is skipped.
+    publish_foreign: Callable[[str, TransportMessage], Awaitable[None]] | None = field(
+        default=None, compare=False, repr=False
+    )
+    #: test plumbing, set by a harness: ``await abandon(subscription)`` makes the
+    #: subscription's consumer vanish as a killed process's would (its connection or consumer
+    #: goes away; nothing it holds is settled or released by msdata); leaving its
+    #: ``async with`` afterwards does nothing more. None: the crash-loop case is skipped.
+    abandon: Callable[[Subscription], Awaitable[None]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
 
 @runtime_checkable

@@ -162,10 +162,15 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+#: the largest attempt count a header of msdata's own is believed to hold
+MAX_ATTEMPT = 1_000_000
+
+
 def _count(value: Any) -> int:
+    """A count from a header, kept within 0..MAX_ATTEMPT (0 if it is not a number)."""
     try:
-        return max(0, int(value))
-    except (TypeError, ValueError):
+        return min(max(0, int(value)), MAX_ATTEMPT)
+    except (TypeError, ValueError, OverflowError):
         return 0
 
 
@@ -174,6 +179,15 @@ def _properties(m: TransportMessage) -> Basic.Properties:
     if m.key is not None:
         headers[KEY_HEADER] = m.key
     return Basic.Properties(message_id=m.id, delivery_mode=_PERSISTENT, headers=headers or None)
+
+
+def _as_published(raw: DeliveredMessage) -> Basic.Properties:
+    """The properties of a message moved by msdata into a queue, without bookkeeping headers
+    its producer may have put there (through the default exchange they would count)."""
+    props = raw.header.properties
+    if props.headers and (PRIOR_ATTEMPTS_HEADER in props.headers):
+        props.headers = {k: v for k, v in props.headers.items() if k != PRIOR_ATTEMPTS_HEADER}
+    return props
 
 
 def _confirmed(results: Sequence[object], what: str) -> None:
@@ -213,8 +227,14 @@ class _Entry:
         self.message: TransportMessage | None = None
         self.attempt = 0
 
-    def parse(self) -> TransportMessage:
+    def parse(self, counts_deliveries: bool) -> TransportMessage:
+        """The message, and ``attempt`` from msdata's own bookkeeping only: the
+        ``x-msdata-prior-attempts`` header counts on a copy msdata put into the queue itself
+        (through the default exchange; a producer publishes to the topic's exchange), and the
+        broker's ``x-delivery-count`` on a quorum queue (which sets it itself); elsewhere
+        they are another producer's headers and are ignored."""
         raw = self.raw
+        own = raw.exchange == ""
         props = raw.header.properties
         headers = props.headers
         key: str | None = None
@@ -226,9 +246,10 @@ class _Entry:
                 if name in _INTERNAL_HEADERS:
                     if name == KEY_HEADER:
                         key = _text(value)
-                    elif name == PRIOR_ATTEMPTS_HEADER:
+                    elif name == PRIOR_ATTEMPTS_HEADER and own:
                         prior = _count(value)
-                    elif name == _DELIVERY_COUNT:
+                    elif name == _DELIVERY_COUNT and counts_deliveries and raw.redelivered:
+                        # the broker sets it on a redelivery only; a first delivery's is foreign
                         count = _count(value)
                     continue
                 out[name] = value if type(value) is str else _text(value)
@@ -445,7 +466,7 @@ class RabbitMQSubscription(ClosesOnExit):
                 if ordered:
                     self._skip_stale(entry)
                 continue
-            message = entry.message or entry.parse()
+            message = entry.message or entry.parse(self._counts_deliveries)
             key = message.key
             if ordered and key is not None:
                 if key in busy:
@@ -743,7 +764,7 @@ class RabbitMQTransport:
             results = await asyncio.gather(
                 *[
                     raw.basic_publish(
-                        m.body, exchange="", routing_key=queue, properties=m.header.properties
+                        m.body, exchange="", routing_key=queue, properties=_as_published(m)
                     )
                     for m in batch
                 ],

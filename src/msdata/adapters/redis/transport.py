@@ -26,7 +26,9 @@ seconds, by a consumer that scans every ``claim_interval`` seconds; so
 ``features.redelivery_timeout == claim_idle + claim_interval``. A live consumer resets the
 idle time of what it holds every ``claim_idle / 3`` seconds (``XCLAIM ... JUSTID`` on its
 own entries), so a slow handler is not mistaken for a dead one. The attempt number is the
-entry's own attempt field plus its XPENDING delivery count minus one; a reclaimed entry whose
+entry's own attempt field (only on the retry stream, which only msdata writes; an
+``attempt`` field a foreign producer put on a topic stream is ignored) plus its XPENDING
+delivery count minus one; a reclaimed entry whose
 attempt exceeds ``max_attempts`` (its consumers kept dying on it) is dead-lettered instead of
 being delivered again.
 
@@ -100,6 +102,8 @@ log = logging.getLogger("msdata.adapters.redis")
 
 #: set (to the stream entry id) on deliveries of entries msdata did not write
 FOREIGN_ENTRY_HEADER = "x-msdata-foreign-entry"
+#: the largest attempt number a retry copy's ``attempt`` field is believed to hold
+MAX_ATTEMPT = 1_000_000
 
 _EMPTY: Any = MappingProxyType({})
 _TOPIC, _RETRY = 0, 1
@@ -137,9 +141,12 @@ def _foreign(eid: bytes, flat: list[bytes]) -> tuple[TransportMessage, int]:
     return TransportMessage(sid, body, None, MappingProxyType({FOREIGN_ENTRY_HEADER: sid})), 1
 
 
-def _parse(eid: bytes, flat: list[bytes]) -> tuple[TransportMessage, int]:
+def _parse(eid: bytes, flat: list[bytes], own: bool = False) -> tuple[TransportMessage, int]:
     """The message of an entry (its fields as a flat list, as Redis sends them) and the
-    entry's own attempt number (1 unless it is a retry copy)."""
+    entry's own attempt number: 1, unless it is a retry copy msdata wrote (``own``: it comes
+    from a group's retry stream, which only msdata writes). An ``attempt`` field on a topic
+    stream is another producer's and is ignored; on a retry stream it is kept within
+    1..:data:`MAX_ATTEMPT`."""
     try:
         # msdata writes id and body first; anything else is a foreign entry
         if flat[0] != b"id" or flat[2] != b"body":
@@ -159,8 +166,8 @@ def _parse(eid: bytes, flat: list[bytes]) -> tuple[TransportMessage, int]:
                     isinstance(v, str) for v in headers.values()
                 ):
                     return _foreign(eid, flat)
-            elif name == b"attempt":
-                attempt = int(flat[i + 1])
+            elif name == b"attempt" and own:
+                attempt = min(max(int(flat[i + 1]), 1), MAX_ATTEMPT)
             i += 2
         return TransportMessage(flat[1].decode(), flat[3], key, headers), attempt
     except (IndexError, ValueError, TypeError, AttributeError):  # UnicodeDecodeError: ValueError
@@ -436,7 +443,7 @@ class RedisSubscription(ClosesOnExit):
                     except UnicodeDecodeError:
                         message, attempt = _foreign(eid, flat)
                 else:
-                    message, attempt = _parse(eid, flat)
+                    message, attempt = _parse(eid, flat, stream == _RETRY)
                 buf.append(RedisDelivery(self, stream, eid, message, attempt))
 
     # -- maintenance: delayed retries, reclaiming, trimming --------------------------------
@@ -473,7 +480,7 @@ class RedisSubscription(ClosesOnExit):
             for (eid, flat), count in zip(entries, counts, strict=True):
                 if not flat:  # deleted from the stream meanwhile (Redis < 7 reports them so)
                     continue
-                message, base = _parse(eid, flat)
+                message, base = _parse(eid, flat, i == _RETRY)
                 d = RedisDelivery(self, i, eid, message, base + int(count) - 1)
                 reason = deadletter.overdue_reason(d.attempt, self.max_attempts)
                 if reason is None:

@@ -296,6 +296,48 @@ class TransportConformance:
                 assert dead.message.headers[DEAD_LETTER_ATTEMPTS] == "3"
                 await self.assert_quiet(sub)
 
+    async def test_foreign_bookkeeping_is_not_trusted(self) -> None:
+        """Attempt counts forged by another producer (Redis's ``attempt`` field, RabbitMQ's
+        ``x-msdata-prior-attempts`` and ``x-delivery-count`` headers, huge or negative) are
+        ignored: only the transport's own bookkeeping counts."""
+        topic, group = self.unique("topic"), self.unique("group")
+        forged = {
+            "attempt": "999",
+            "x-msdata-prior-attempts": "99",
+            "x-delivery-count": "50",
+            "x-msdata-attempts": "7",
+        }
+        negative = {
+            "attempt": "-1000000",
+            "x-msdata-prior-attempts": "-1000000",
+            "x-delivery-count": "-5",
+        }
+        high = TransportMessage(id=str(uuid.uuid4()), body=b'{"f":1}', headers=forged)
+        low = TransportMessage(id=str(uuid.uuid4()), body=b'{"f":2}', headers=negative)
+        async with self.make_transport() as t:
+            publish_foreign = t.features.publish_foreign
+            if publish_foreign is None:
+                pytest.skip("no publish_foreign hook in this transport's features")
+            await t.declare_group(topic, group)
+            await publish_foreign(topic, high)
+            await publish_foreign(topic, low)
+            attempts: dict[bytes, list[int]] = {high.body: [], low.body: []}
+            async with (
+                t.subscribe(topic, group, max_attempts=3) as sub,
+                t.subscribe(dead_letter_topic(topic, group), self.unique("ops")) as dlq,
+            ):
+                deadline = time.monotonic() + self.arrival_timeout * 2
+                while sum(map(len, attempts.values())) < 6 and time.monotonic() < deadline:
+                    for d in await sub.receive(10, timeout=0.5):
+                        attempts[d.message.body].append(d.attempt)
+                        await d.nack(reason="boom")
+                assert attempts == {high.body: [1, 2, 3], low.body: [1, 2, 3]}
+                dead = await collect(dlq, 2, timeout=self.arrival_timeout)
+                assert sorted(d.message.body for d in dead) == [high.body, low.body]
+                for d in dead:
+                    assert d.message.headers[DEAD_LETTER_ATTEMPTS] == "3"
+                await self.assert_quiet(sub)
+
     async def test_dead_letter_moves_a_delivery_at_once_and_keeps_it_until_read(self) -> None:
         topic, group = self.unique("topic"), self.unique("group")
         async with self.make_transport() as t:
