@@ -21,6 +21,14 @@ class TestMemoryTransport(TransportConformance):
         finally:
             await transport.close()
 
+    @asynccontextmanager
+    async def make_transport_in(self, namespace: str) -> AsyncIterator[Transport]:
+        transport = MemoryTransport(namespace=namespace)
+        try:
+            yield transport
+        finally:
+            await transport.close()
+
 
 async def test_receive_with_full_prefetch_waits_for_room_instead_of_spinning() -> None:
     import asyncio

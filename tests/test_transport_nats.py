@@ -37,8 +37,14 @@ async def delete_streams(nc: Client, prefix: str) -> None:
 @asynccontextmanager
 async def nats_transport(**options: object) -> AsyncIterator[NatsTransport]:
     nc = await nats.connect(require("nats"))
-    prefix = f"T{uuid.uuid4().hex[:12]}_"
-    transport = NatsTransport(nc, stream_prefix=prefix, **options)  # type: ignore[arg-type]
+    if "namespace" not in options:
+        options["stream_prefix"] = f"T{uuid.uuid4().hex[:12]}_"
+    try:
+        transport = NatsTransport(nc, **options)  # type: ignore[arg-type]
+    except BaseException:
+        await nc.close()
+        raise
+    prefix = transport.stream_prefix
     with_test_hooks("nats", transport)
     try:
         yield transport
@@ -55,6 +61,9 @@ class TestNatsTransport(TransportConformance):
     def make_transport(self) -> AsyncIterator[Transport]:  # type: ignore[override]
         return nats_transport(ack_wait=3.0)  # type: ignore[return-value]
 
+    def make_transport_in(self, namespace: str) -> AsyncIterator[Transport]:  # type: ignore[override]
+        return nats_transport(ack_wait=3.0, namespace=namespace)  # type: ignore[return-value]
+
 
 class TestNatsTransportOrdered(TransportConformance):
     """``ordered=True``: a consumer per key partition, so the order test runs too."""
@@ -64,6 +73,11 @@ class TestNatsTransportOrdered(TransportConformance):
 
     def make_transport(self) -> AsyncIterator[Transport]:  # type: ignore[override]
         return nats_transport(ack_wait=3.0, ordered=True, key_partitions=8)  # type: ignore[return-value]
+
+    def make_transport_in(self, namespace: str) -> AsyncIterator[Transport]:  # type: ignore[override]
+        return nats_transport(  # type: ignore[return-value]
+            ack_wait=3.0, ordered=True, key_partitions=8, namespace=namespace
+        )
 
 
 # -- adapter-specific ---------------------------------------------------------------------------
@@ -157,8 +171,8 @@ async def test_a_delivery_whose_consumers_keep_dying_is_dead_lettered() -> None:
                 dead_letters = await dlq.receive(10, timeout=0.1)
             (dead,) = dead_letters
         assert dead.message.id == m.id
-        assert "delivered 2 times and never settled" in dead.message.headers[DEAD_LETTER_REASON]
-        assert dead.message.headers[DEAD_LETTER_ATTEMPTS] == "2"
+        assert "handed out 1 times and never settled" in dead.message.headers[DEAD_LETTER_REASON]
+        assert dead.message.headers[DEAD_LETTER_ATTEMPTS] == "1"  # handed to a consumer once
 
 
 async def test_publish_fails_with_publish_error_and_recovers() -> None:

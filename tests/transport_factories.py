@@ -132,8 +132,21 @@ def with_test_hooks(backend: str, transport: Any) -> Any:
         else:
             raise ValueError(backend)
 
+    async def interrupt() -> None:
+        if backend == "redis":
+            await transport._client.connection_pool.disconnect()
+        elif backend == "rabbitmq":
+            # the socket goes, as in a network failure: the robust connection reconnects
+            underlay = transport._connection.transport.connection
+            await underlay.close(ConnectionResetError("interrupted by the test"))
+        elif backend == "nats":
+            transport.client._transport.close()  # the client notices and reconnects
+
     transport.features = dataclasses.replace(
-        transport.features, publish_foreign=publish_foreign, abandon=abandon
+        transport.features,
+        publish_foreign=publish_foreign,
+        abandon=abandon,
+        interrupt=None if backend == "memory" else interrupt,
     )
     return transport
 

@@ -49,11 +49,13 @@ DEAD_LETTER_ATTEMPTS = "x-msdata-attempts"
 _TOPIC = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]{0,149}$")
 _DLQ_TOPIC = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]{0,199}$")
 _GROUP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,39}$")
+_NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,29}$")
 
 
 def check_name(kind: str, name: str) -> str:
     """Topic and group names that every broker can hold, and whose dead-letter topic
-    (``topic.group.dlq``) is unambiguous and valid too.
+    (``topic.group.dlq``) is unambiguous and valid too; and a transport's ``namespace``
+    (``kind="namespace"``: 1-30 letters, digits, ``_`` or ``-``).
 
     A topic is 1-150 letters, digits and ``_ - .`` (a dead-letter topic up to 200), starting
     with a letter or digit, with no ``..``; a group is 1-40 letters, digits, ``_`` or ``-``.
@@ -61,6 +63,9 @@ def check_name(kind: str, name: str) -> str:
     if kind == "group":
         ok = isinstance(name, str) and bool(_GROUP.match(name))
         rule = "1-40 letters, digits, '_' or '-', starting with a letter or digit"
+    elif kind == "namespace":
+        ok = isinstance(name, str) and bool(_NAMESPACE.match(name))
+        rule = "1-30 letters, digits, '_' or '-', starting with a letter or digit"
     else:
         pattern = _DLQ_TOPIC if isinstance(name, str) and name.endswith(".dlq") else _TOPIC
         ok = isinstance(name, str) and bool(pattern.match(name)) and ".." not in name
@@ -130,6 +135,10 @@ class TransportFeatures:
     abandon: Callable[[Subscription], Awaitable[None]] | None = field(
         default=None, compare=False, repr=False
     )
+    #: test plumbing, set by a harness: ``await interrupt()`` drops the transport's
+    #: connection to the broker as a network failure would (the client then reconnects by
+    #: itself). None: the case that publishes while it reconnects is skipped.
+    interrupt: Callable[[], Awaitable[None]] | None = field(default=None, compare=False, repr=False)
 
 
 @runtime_checkable

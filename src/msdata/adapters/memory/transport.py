@@ -202,6 +202,8 @@ class MemorySubscription(ClosesOnExit):
             room = min(max_messages, self.prefetch - len(self._inflight))
             if room > 0:
                 entries = group.take(room)
+                if entries and any(e.attempt > self.max_attempts for e in entries):
+                    entries = self._without_overdue(entries)
                 if entries:
                     break
                 waiter = group.signal
@@ -224,13 +226,31 @@ class MemorySubscription(ClosesOnExit):
             inflight[id(d)] = d
         return out
 
+    def _without_overdue(self, entries: list[_Entry]) -> list[_Entry]:
+        """Dead-letter the entries released again and again by consumers that went away
+        unsettled (beyond ``max_attempts``); the others are handed out."""
+        kept: list[_Entry] = []
+        for e in entries:
+            reason = deadletter.overdue_reason(e.attempt, self.max_attempts)
+            if reason is None:
+                kept.append(e)
+            else:
+                attempts = deadletter.overdue_attempts(e.attempt)
+                self._transport._dead_letter(self._group, e, reason, attempts)
+        return kept
+
 
 class MemoryTransport:
     """The in-memory :class:`msdata.transport.Transport`."""
 
     features = FEATURES
 
-    def __init__(self, *, max_unclaimed: int = 100_000) -> None:
+    def __init__(self, *, max_unclaimed: int = 100_000, namespace: str | None = None) -> None:
+        if namespace is not None:
+            check_name("namespace", namespace)
+        #: accepted for one set of options on every transport; a process's own transport
+        #: shares nothing with others, so it changes no name
+        self.namespace = namespace
         if max_unclaimed < 0:
             raise ConfigurationError("max_unclaimed must be >= 0")
         #: messages a topic without any group keeps for its first group (then the oldest go)
@@ -242,10 +262,10 @@ class MemoryTransport:
         self._closed = False
 
     @classmethod
-    def from_url(cls, url: str = "memory://") -> MemoryTransport:
+    def from_url(cls, url: str = "memory://", *, namespace: str | None = None) -> MemoryTransport:
         if not url.startswith("memory:"):
             raise ConfigurationError(f"not a memory:// URL: {url!r}")
-        return cls()
+        return cls(namespace=namespace)
 
     async def publish(self, topic: str, messages: Sequence[TransportMessage]) -> None:
         if self._closed:
@@ -308,10 +328,12 @@ class MemoryTransport:
                 g.push(_Entry(m))
         return g
 
-    def _dead_letter(self, group: _Group, entry: _Entry, reason: str) -> None:
+    def _dead_letter(
+        self, group: _Group, entry: _Entry, reason: str, attempts: int | None = None
+    ) -> None:
         group.settle(entry)
         letter = deadletter.dead_letter(
-            entry.message, group.topic, group.name, entry.attempt, reason
+            entry.message, group.topic, group.name, attempts or entry.attempt, reason
         )
         groups = self._topics.get(letter.topic)
         if groups:

@@ -83,6 +83,11 @@ class TransportConformance:
     def make_transport(self) -> AbstractAsyncContextManager[Transport]:
         raise NotImplementedError
 
+    def make_transport_in(self, namespace: str) -> AbstractAsyncContextManager[Transport]:
+        """A transport like :meth:`make_transport`, built with ``namespace=namespace`` (the
+        option every transport takes for a broker shared with others)."""
+        raise NotImplementedError
+
     @staticmethod
     def unique(prefix: str) -> str:
         return f"{prefix}-{uuid.uuid4().hex[:10]}"
@@ -214,6 +219,51 @@ class TransportConformance:
                 got = await collect(sub, 2000, timeout=self.arrival_timeout * 3)
             assert {d.message.id for d in got} == {m.id for m in msgs}
 
+    async def test_publish_while_the_connection_recovers_waits_for_it(self) -> None:
+        """A publish made while the connection (or channel) is being reopened waits for it,
+        up to the transport's ``publish_timeout``, instead of failing at once."""
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t:
+            interrupt = t.features.interrupt
+            if interrupt is None:
+                pytest.skip("no interrupt hook in this transport's features")
+            async with t.subscribe(topic, group) as sub:
+                await t.publish(topic, make_messages(1, prefix="before"))
+                assert len(await collect(sub, 1, timeout=self.arrival_timeout)) == 1
+                await interrupt()
+                msgs = make_messages(5, prefix="during")
+                await t.publish(topic, msgs)  # no PublishError: it waited
+                got: list[Delivery] = []
+                deadline = time.monotonic() + self.arrival_timeout * 2
+                while time.monotonic() < deadline and {m.id for m in msgs} - {
+                    d.message.id for d in got
+                }:
+                    got += await collect(sub, 5, timeout=1.0)
+                assert {m.id for m in msgs} <= {d.message.id for d in got}
+
+    async def test_namespaces_keep_transports_on_one_broker_apart(self) -> None:
+        """Two services (or test runs) with their own ``namespace`` on one broker use the
+        same topic and group names without meeting."""
+        topic, group = self.unique("topic"), self.unique("group")
+        first, second = self.unique("ns"), self.unique("ns")
+        async with self.make_transport_in(first) as a, self.make_transport_in(second) as b:
+            assert getattr(a, "namespace", None) == first
+            await a.declare_group(topic, group)
+            await b.declare_group(topic, group)
+            mine, theirs = make_messages(3, prefix="a"), make_messages(2, prefix="b")
+            await a.publish(topic, mine)
+            await b.publish(topic, theirs)
+            async with a.subscribe(topic, group) as sa, b.subscribe(topic, group) as sb:
+                got_a = await collect(sa, 3, timeout=self.arrival_timeout)
+                got_b = await collect(sb, 2, timeout=self.arrival_timeout)
+                assert sorted(d.message.id for d in got_a) == sorted(m.id for m in mine)
+                assert sorted(d.message.id for d in got_b) == sorted(m.id for m in theirs)
+                await self.assert_quiet(sa)
+                await self.assert_quiet(sb)
+        with pytest.raises(ConfigurationError):
+            async with self.make_transport_in("has:colon"):
+                pass
+
     # -- redelivery -------------------------------------------------------------------------
 
     async def test_nacked_delivery_comes_back_with_a_higher_attempt(self) -> None:
@@ -231,6 +281,34 @@ class TransportConformance:
                 assert second.attempt == 2
                 await second.ack()
                 await self.assert_quiet(sub)
+
+    async def test_a_retry_does_not_wait_behind_the_backlog(self) -> None:
+        """A nacked delivery comes back while a large backlog of first attempts is still
+        being worked off, not after it (under load, retries would otherwise take as long as
+        the whole backlog)."""
+        topic, group = self.unique("topic"), self.unique("group")
+        backlog = 2000
+        async with self.make_transport() as t, t.subscribe(topic, group, prefetch=10) as sub:
+            (failing,) = make_messages(1, prefix="failing")
+            await t.publish(topic, [failing])
+            (first,) = await collect(sub, 1, timeout=self.arrival_timeout, ack=False)
+            await t.publish(topic, make_messages(backlog))
+            await first.nack()
+            handled_before = 0
+            retried = False
+            deadline = time.monotonic() + self.arrival_timeout * 6
+            while not retried and time.monotonic() < deadline:
+                for d in await sub.receive(10, timeout=1.0):
+                    if d.message.id == failing.id:
+                        assert d.attempt == 2
+                        retried = True
+                    else:
+                        handled_before += 1
+                    await d.ack()
+            assert retried
+            assert handled_before < backlog // 4, (
+                f"the retry came after {handled_before} of {backlog} first attempts"
+            )
 
     async def test_nack_with_delay_holds_the_message_back(self) -> None:
         topic, group = self.unique("topic"), self.unique("group")
@@ -262,6 +340,48 @@ class TransportConformance:
                 assert sorted(d.message.id for d in again) == sorted(m.id for m in msgs[1:])
                 assert all(d.attempt >= 2 for d in again)
                 await self.assert_quiet(second)
+
+    async def test_attempts_count_every_consumer_that_died_and_then_it_is_dead_lettered(
+        self,
+    ) -> None:
+        """A poison message that kills its consumer: each death counts as an attempt (1, 2,
+        3), and after ``max_attempts`` it goes to the dead-letter topic with
+        ``x-msdata-attempts`` = 3 (the times it was handed to a consumer), not again to a
+        consumer."""
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t:
+            abandon = t.features.abandon
+            if abandon is None:
+                pytest.skip("no abandon hook in this transport's features")
+            await t.declare_group(topic, group)
+            poison, good = make_messages(2, key="k")
+            await t.publish(topic, [poison])
+            wait = t.features.redelivery_timeout + self.arrival_timeout
+            attempts: list[int] = []
+            for _ in range(3):
+                async with t.subscribe(topic, group, max_attempts=3) as sub:
+                    (d,) = await collect(sub, 1, timeout=wait, ack=False)
+                    assert d.message.id == poison.id
+                    attempts.append(d.attempt)
+                    await abandon(sub)  # the handler crashed its process
+            assert attempts == [1, 2, 3]
+            await t.publish(topic, [good])
+            async with (
+                t.subscribe(topic, group, max_attempts=3) as sub,
+                t.subscribe(dead_letter_topic(topic, group), self.unique("ops")) as dlq,
+            ):
+                handed: list[Delivery] = []
+                dead: list[Delivery] = []
+                deadline = time.monotonic() + wait * 2
+                while not (handed and dead) and time.monotonic() < deadline:
+                    # receiving is what finds the overdue message and dead-letters it
+                    handed += await collect(sub, 1, timeout=0.3)
+                    dead += await collect(dlq, 1, timeout=0.1)
+                assert [d.message.id for d in handed] == [good.id]
+                assert handed[0].attempt == 1
+                assert [d.message.id for d in dead] == [poison.id]
+                assert dead[0].message.headers[DEAD_LETTER_ATTEMPTS] == "3"
+                await self.assert_quiet(sub)
 
     # -- dead letters -----------------------------------------------------------------------
 
