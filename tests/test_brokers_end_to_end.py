@@ -16,10 +16,9 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +28,7 @@ import pytest
 from msdata.events import EventBus
 from msdata.messages import Envelope, Event, MessageRegistry, message_type
 from msdata.outbox import Inbox, Outbox, OutboxRelay, OutboxStore, TransactionFactory
+from msdata.testing import eventually
 from msdata.testing.conformance.transport import collect
 from msdata.transport import (
     DEAD_LETTER_REASON,
@@ -313,20 +313,11 @@ class CountingPublisher:
 
 
 async def published(publisher: CountingPublisher, which: str) -> None:
-    try:
-        await asyncio.wait_for(publisher.published.wait(), 15.0)
-    except TimeoutError:
-        pytest.fail(f"{which} published nothing within 15 s (see the relay's log)")
-
-
-async def wait_until(
-    condition: Callable[[], Awaitable[bool]], timeout: float, what: Callable[[], str]
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what()}")
-        await asyncio.sleep(0.05)
+    await eventually(
+        publisher.published.is_set,
+        15.0,
+        what=f"{which} to publish (see the relay's log)",
+    )
 
 
 @pytest.mark.parametrize("backend", TRANSPORTS)
@@ -416,10 +407,11 @@ async def test_relay_publishes_every_committed_order_and_the_inbox_applies_each_
                         and all(seen[i] >= 2 for i in to_fail)
                     )
 
-                await wait_until(
+                await eventually(
                     done,
                     40.0,
-                    lambda: (
+                    interval=0.05,
+                    what=lambda: (
                         f"{len(seen)} of {len(committed)} delivered, "
                         f"{len(failed)} of {len(to_fail)} forced redeliveries"
                     ),
@@ -497,7 +489,7 @@ async def test_undecodable_messages_from_a_foreign_producer_are_dead_lettered_an
                 dead = await collect(dlq, len(bad), timeout=15.0)
             # the consumer is still going: a message published after the DLQ filled is handled
             await bus.publish(OrderStep(order_id="o-2", step=0), key="o-2", topic=topic)
-            await asyncio.wait_for(second.wait(), 15.0)
+            await eventually(second.is_set, 15.0, what="the message published after the DLQ")
             await asyncio.sleep(0.3)  # nothing else is handled
 
     assert [(e.order_id, e.step) for e in handled] == [("o-1", 0), ("o-2", 0)]

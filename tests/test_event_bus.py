@@ -20,6 +20,7 @@ from msdata.errors import (
 from msdata.events import EventBus
 from msdata.messages import Envelope, current_envelope, message_type
 from msdata.middleware import Next, logging_middleware, retry, timing
+from msdata.testing import eventually
 from msdata.testing.conformance.transport import collect
 from msdata.transport import DEAD_LETTER_REASON, TransportMessage, dead_letter_topic
 
@@ -40,12 +41,6 @@ class OrderShipped(Event):
 @message_type("test.Unhandled", registry=registry)
 class Unhandled(Event):
     x: int
-
-
-async def wait_for(cond: Any, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.005)
 
 
 @pytest.fixture
@@ -78,7 +73,7 @@ async def test_each_group_handles_each_event_and_sync_handlers_work(
     async with bus:
         for i in range(20):
             await bus.publish(OrderPlaced(order_id=f"o{i}", amount=i), key=f"o{i}")
-        await wait_for(lambda: len(billing) == 20 and len(shipping) == 20)
+        await eventually(lambda: len(billing) == 20 and len(shipping) == 20)
     assert sorted(billing) == sorted(shipping) == sorted(f"o{i}" for i in range(20))
 
 
@@ -101,7 +96,7 @@ async def test_a_failing_handler_is_retried_and_does_not_stop_the_others(
 
     async with bus:
         await bus.publish(OrderPlaced(order_id="a", amount=1))
-        await wait_for(lambda: calls.get("a") == 3 and other == ["a"])
+        await eventually(lambda: calls.get("a") == 3 and other == ["a"])
         await asyncio.sleep(0.05)
     assert calls == {"a": 3}
 
@@ -147,7 +142,7 @@ async def test_bad_input_goes_to_dead_letter_and_the_consumer_goes_on(
             topic, [TransportMessage(id=str(uuid.uuid4()), body=b) for b in foreign]
         )
         await bus.publish(OrderPlaced(order_id="ok", amount=1))
-        await wait_for(lambda: seen == ["ok"])
+        await eventually(lambda: seen == ["ok"])
         async with transport.subscribe(dead_letter_topic(topic, "billing"), "ops") as dlq:
             dead = await collect(dlq, 4, timeout=5)
     reasons = sorted(d.message.headers[DEAD_LETTER_REASON].split(":")[0] for d in dead)
@@ -188,7 +183,7 @@ async def test_one_topic_can_carry_several_types_and_unhandled_ones_are_skipped(
         await bus.publish(OrderPlaced(order_id="1", amount=1), topic="orders")
         await bus.publish(Unhandled(x=1), topic="orders")
         await bus.publish(OrderShipped(order_id="1"), topic="orders")
-        await wait_for(lambda: len(got) == 2)
+        await eventually(lambda: len(got) == 2)
         await asyncio.sleep(0.05)
         assert transport.pending("orders", "g") == 0
     assert [type(e) for e in got] == [OrderPlaced, OrderShipped]
@@ -216,7 +211,7 @@ async def test_events_published_inside_a_handler_carry_causation(
 
     async with bus:
         first = await bus.publish(OrderPlaced(order_id="c1", amount=3))
-        await wait_for(lambda: len(shipped) == 1)
+        await eventually(lambda: len(shipped) == 1)
     assert placed[0].id == first.id
     assert shipped[0].causation_id == first.id
     assert shipped[0].correlation_id == first.correlation_id == first.id
@@ -240,7 +235,7 @@ async def test_order_per_key_is_kept_with_concurrent_consumers(transport: Memory
             [OrderPlaced(order_id=f"k{k}", amount=i) for i in range(15) for k in range(4)],
             key=lambda e: e.order_id,  # type: ignore[attr-defined]
         )
-        await wait_for(lambda: sum(map(len, seen.values())) == 60)
+        await eventually(lambda: sum(map(len, seen.values())) == 60)
     assert seen == {f"k{k}": list(range(15)) for k in range(4)}
 
 
@@ -305,7 +300,7 @@ async def test_middleware_wraps_handlers_in_order(
     with caplog.at_level(logging.INFO, logger="msdata"):
         async with bus:
             await bus.publish(OrderPlaced(order_id="m", amount=1))
-            await wait_for(lambda: timings)
+            await eventually(lambda: timings)
     assert trail == ["bus>", "h>", "handler", "h>", "handler", "<h", "<bus"]
     assert timings == [("test.OrderPlaced", None)]
     assert any("handled test.OrderPlaced" in r.getMessage() for r in caplog.records)
@@ -344,7 +339,7 @@ async def test_handler_objects_with_async_call_are_awaited(transport: MemoryTran
     bus.subscribe(OrderPlaced, Handler(), group="g")
     async with bus:
         await bus.publish(OrderPlaced(order_id="obj", amount=1))
-        await wait_for(lambda: seen == ["obj"])
+        await eventually(lambda: seen == ["obj"])
 
 
 async def test_a_handler_raising_cancelled_error_is_a_failure_not_a_stop(
@@ -364,9 +359,9 @@ async def test_a_handler_raising_cancelled_error_is_a_failure_not_a_stop(
 
     async with bus:
         await bus.publish(OrderPlaced(order_id="c", amount=1))
-        await wait_for(lambda: calls == 2)  # redelivered: the consumer is still alive
+        await eventually(lambda: calls == 2)  # redelivered: the consumer is still alive
         await bus.publish(OrderPlaced(order_id="d", amount=1))
-        await wait_for(lambda: calls == 3)
+        await eventually(lambda: calls == 3)
 
 
 async def test_input_a_validator_chokes_on_is_dead_lettered(transport: MemoryTransport) -> None:
@@ -380,7 +375,7 @@ async def test_input_a_validator_chokes_on_is_dead_lettered(transport: MemoryTra
         await transport.publish(
             topic, [TransportMessage(id="odd", body=odd), TransportMessage(id="ok", body=ok)]
         )
-        await wait_for(lambda: seen == [1])
+        await eventually(lambda: seen == [1])
         async with transport.subscribe(dead_letter_topic(topic, "g"), "ops") as dlq:
             (dead,) = await collect(dlq, 1, timeout=5)
     assert dead.message.id == "odd"

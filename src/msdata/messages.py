@@ -196,7 +196,9 @@ def upcaster(
     return decorate
 
 
-_HEADER_NAME = re.compile(r"^[a-z0-9]{1,64}$")
+# Internal to the package (used by msdata.serialization), not in __all__: a header name is a
+# CloudEvents extension attribute name, 1-64 lowercase letters or digits
+HEADER_NAME = re.compile(r"^[a-z0-9]{1,64}$")
 # CloudEvents context attributes and msdata's own extensions; headers cannot shadow them.
 RESERVED_ATTRIBUTES = frozenset(
     {
@@ -216,13 +218,14 @@ RESERVED_ATTRIBUTES = frozenset(
         "schemaversion",
     }
 )
-_EMPTY: Mapping[str, str] = MappingProxyType({})
+#: the empty headers every envelope without headers shares (internal to the package)
+NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
 def check_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
     """Headers travel as CloudEvents extension attributes: lowercase letters and digits."""
     for name, value in headers.items():
-        if not isinstance(name, str) or not _HEADER_NAME.match(name):
+        if not isinstance(name, str) or not HEADER_NAME.match(name):
             raise InvalidHeader(
                 f"header name {name!r} must be 1-64 lowercase letters or digits "
                 "(a CloudEvents extension attribute name)"
@@ -247,12 +250,13 @@ class Envelope(NamedTuple, Generic[M]):
     correlation_id: str | None = None
     causation_id: str | None = None
     partition_key: str | None = None
-    headers: Mapping[str, str] = _EMPTY
+    headers: Mapping[str, str] = NO_HEADERS
 
 
-class _LocalParent:
+class LocalParent:
     """A message being handled in-process (a command or query) whose envelope is only built
-    if something inside asks for it: most handlers never publish, and ids are not free."""
+    if something inside asks for it: most handlers never publish, and ids are not free.
+    (Internal to the package: the CQRS buses set it as :data:`current_parent`.)"""
 
     __slots__ = ("_envelope", "message", "parent", "source", "type_name", "version")
 
@@ -261,28 +265,30 @@ class _LocalParent:
         self.type_name = type_name
         self.version = version
         self.source = source
-        self.parent = _current.get()  # what was being handled when this one was sent
+        self.parent = current_parent.get()  # what was being handled when this one was sent
         self._envelope: Envelope[Any] | None = None
 
     def resolve(self) -> Envelope[Any]:
         if self._envelope is None:
             parent = self.parent
-            if isinstance(parent, _LocalParent):
+            if isinstance(parent, LocalParent):
                 parent = parent.resolve()
-            self._envelope = _build(
+            self._envelope = build_envelope(
                 self.message, self.type_name, self.version, None, None, self.source, None, parent
             )
         return self._envelope
 
 
-_current: ContextVar[Envelope[Any] | _LocalParent | None] = ContextVar(
+# Internal to the package (the buses set it around a handler; users call handling() and
+# current_envelope()): the message being handled in this task, the parent of what it sends.
+current_parent: ContextVar[Envelope[Any] | LocalParent | None] = ContextVar(
     "msdata_current_envelope", default=None
 )
 
 
 def current_envelope() -> Envelope[Any] | None:
     """The envelope of the message whose handler is running in this task, if any."""
-    parent = _current.get()
+    parent = current_parent.get()
     if parent is None or isinstance(parent, Envelope):
         return parent
     return parent.resolve()
@@ -294,14 +300,14 @@ class handling:
 
     __slots__ = ("_envelope", "_token")
 
-    def __init__(self, envelope: Envelope[Any] | _LocalParent) -> None:
+    def __init__(self, envelope: Envelope[Any] | LocalParent) -> None:
         self._envelope = envelope
 
     def __enter__(self) -> None:
-        self._token = _current.set(self._envelope)
+        self._token = current_parent.set(self._envelope)
 
     def __exit__(self, *exc: object) -> None:
-        _current.reset(self._token)
+        current_parent.reset(self._token)
 
 
 def make_envelope(
@@ -318,7 +324,7 @@ def make_envelope(
     if not source:
         raise ConfigurationError("an envelope's source must be a non-empty string")
     type_name, version = (registry or default_registry).name_of(type(message))
-    return _build(
+    return build_envelope(
         message,
         type_name,
         version,
@@ -330,7 +336,7 @@ def make_envelope(
     )
 
 
-def _build(
+def build_envelope(
     message: M,
     type_name: str,
     version: int,
@@ -340,6 +346,9 @@ def _build(
     correlation_id: str | None,
     parent: Envelope[Any] | None,
 ) -> Envelope[M]:
+    """The envelope of ``message`` under a known type name and version, caused by ``parent``
+    (internal to the package: :func:`make_envelope` without the registry lookup, for the
+    buses). Raises :class:`~msdata.errors.InvalidHeader` for a bad key or header."""
     if partition_key is not None and not isinstance(partition_key, str):
         raise InvalidHeader(f"partition key must be a str, got {type(partition_key).__name__}")
     msg_id = new_id()
@@ -359,5 +368,5 @@ def _build(
         correlation,
         causation,
         partition_key,
-        check_headers(headers) if headers else _EMPTY,
+        check_headers(headers) if headers else NO_HEADERS,
     )

@@ -34,8 +34,8 @@ from msdata.errors import (
 )
 from msdata.ids import utc_now
 from msdata.messages import (
-    _EMPTY,
-    _HEADER_NAME,
+    HEADER_NAME,
+    NO_HEADERS,
     RESERVED_ATTRIBUTES,
     Envelope,
     Message,
@@ -210,7 +210,7 @@ class CloudEventsCodec:
             get("correlationid"),
             get("causationid"),
             get("partitionkey"),
-            headers or _EMPTY,
+            headers or NO_HEADERS,
         )
 
     def decode_plain(self, raw: bytes | bytearray | str) -> Envelope[Message]:
@@ -290,7 +290,7 @@ class CloudEventsCodec:
             correlation_id=_optional_str(obj, "correlationid"),
             causation_id=_optional_str(obj, "causationid"),
             partition_key=_optional_str(obj, "partitionkey"),
-            headers=(_headers(obj, extra) if extra else None) or _EMPTY,
+            headers=(_headers(obj, extra) if extra else None) or NO_HEADERS,
         )
 
 
@@ -314,7 +314,7 @@ def _headers(obj: dict[str, Any], names: Iterable[str]) -> dict[str, str]:
     headers: dict[str, str] = {}
     for name in names:
         value = obj[name]
-        if name in RESERVED_ATTRIBUTES or not _HEADER_NAME.match(name):
+        if name in RESERVED_ATTRIBUTES or not HEADER_NAME.match(name):
             continue
         if isinstance(value, str):
             headers[name] = value

@@ -25,13 +25,13 @@ from msdata.errors import ConfigurationError, HandlerAlreadyRegistered, NoHandle
 from msdata.messages import (
     Command,
     Envelope,
+    LocalParent,
     Message,
     MessageRegistry,
     Query,
-    _build,
-    _current,
-    _LocalParent,
+    build_envelope,
     current_envelope,
+    current_parent,
     default_registry,
     handling,
 )
@@ -105,7 +105,7 @@ class _Bus(Generic[M]):
                 raise TypeError(f"expected a msdata {self._kind}, got {type(message).__name__}")
             raise NoHandlerRegistered(f"no handler for {type(message).__qualname__}")
         if route.chain is not None:
-            envelope: Envelope[Any] = _build(
+            envelope: Envelope[Any] = build_envelope(
                 message,
                 route.type_name,
                 route.version,
@@ -118,11 +118,13 @@ class _Bus(Generic[M]):
             with handling(envelope):
                 return await route.chain(envelope)
         # no middleware: no envelope either, unless the handler publishes something
-        token = _current.set(_LocalParent(message, route.type_name, route.version, self._source))
+        token = current_parent.set(
+            LocalParent(message, route.type_name, route.version, self._source)
+        )
         try:
             return await route.handler(message)
         finally:
-            _current.reset(token)
+            current_parent.reset(token)
 
 
 class _Route:

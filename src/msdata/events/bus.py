@@ -49,7 +49,7 @@ from msdata.messages import (
     Envelope,
     Event,
     MessageRegistry,
-    _current,
+    current_parent,
     default_registry,
     make_envelope,
 )
@@ -335,7 +335,7 @@ class EventBus:
             # a registered type this group does not handle: not its business
             await self._settle(delivery.ack())
             return
-        token = _current.set(envelope)
+        token = current_parent.set(envelope)
         try:
             if route.chain is not None:
                 await route.chain(envelope)
@@ -371,7 +371,7 @@ class EventBus:
             await self._settle(delivery.nack(delay=self.backoff(delivery.attempt), reason=reason))
             return
         finally:
-            _current.reset(token)
+            current_parent.reset(token)
         try:
             await delivery.ack()
         except asyncio.CancelledError:
