@@ -233,13 +233,17 @@ class TransportConformance:
                 await interrupt()
                 msgs = make_messages(5, prefix="during")
                 await t.publish(topic, msgs)  # no PublishError: it waited
-                got: list[Delivery] = []
-                deadline = time.monotonic() + self.arrival_timeout * 2
-                while time.monotonic() < deadline and {m.id for m in msgs} - {
-                    d.message.id for d in got
-                }:
-                    got += await collect(sub, 5, timeout=1.0)
-                assert {m.id for m in msgs} <= {d.message.id for d in got}
+                seen: set[str] = set()
+
+                async def all_arrived() -> bool:
+                    seen.update(d.message.id for d in await collect(sub, 5, timeout=1.0))
+                    return {m.id for m in msgs} <= seen
+
+                await eventually(
+                    all_arrived,
+                    self.arrival_timeout * 2,
+                    what=lambda: f"{len(seen)} of the 5 published during the outage arrived",
+                )
 
     async def test_namespaces_keep_transports_on_one_broker_apart(self) -> None:
         """Two services (or test runs) with their own ``namespace`` on one broker use the
@@ -296,8 +300,9 @@ class TransportConformance:
             await first.nack()
             handled_before = 0
             retried = False
-            deadline = time.monotonic() + self.arrival_timeout * 6
-            while not retried and time.monotonic() < deadline:
+
+            async def came_back() -> bool:
+                nonlocal handled_before, retried
                 for d in await sub.receive(10, timeout=1.0):
                     if d.message.id == failing.id:
                         assert d.attempt == 2
@@ -305,7 +310,13 @@ class TransportConformance:
                     else:
                         handled_before += 1
                     await d.ack()
-            assert retried
+                return retried
+
+            await eventually(
+                came_back,
+                self.arrival_timeout * 6,
+                what=lambda: f"the retry, after {handled_before} first attempts",
+            )
             assert handled_before < backlog // 4, (
                 f"the retry came after {handled_before} of {backlog} first attempts"
             )
@@ -372,11 +383,18 @@ class TransportConformance:
             ):
                 handed: list[Delivery] = []
                 dead: list[Delivery] = []
-                deadline = time.monotonic() + wait * 2
-                while not (handed and dead) and time.monotonic() < deadline:
+
+                async def settled() -> bool:
                     # receiving is what finds the overdue message and dead-letters it
-                    handed += await collect(sub, 1, timeout=0.3)
-                    dead += await collect(dlq, 1, timeout=0.1)
+                    handed.extend(await collect(sub, 1, timeout=0.3))
+                    dead.extend(await collect(dlq, 1, timeout=0.1))
+                    return bool(handed and dead)
+
+                await eventually(
+                    settled,
+                    wait * 2,
+                    what=lambda: f"handed out {len(handed)}, dead-lettered {len(dead)}",
+                )
                 assert [d.message.id for d in handed] == [good.id]
                 assert handed[0].attempt == 1
                 assert [d.message.id for d in dead] == [poison.id]
@@ -456,11 +474,16 @@ class TransportConformance:
                 t.subscribe(topic, group, max_attempts=3) as sub,
                 t.subscribe(dead_letter_topic(topic, group), self.unique("ops")) as dlq,
             ):
-                deadline = time.monotonic() + self.arrival_timeout * 2
-                while sum(map(len, attempts.values())) < 6 and time.monotonic() < deadline:
+
+                async def all_attempted() -> bool:
                     for d in await sub.receive(10, timeout=0.5):
                         attempts[d.message.body].append(d.attempt)
                         await d.nack(reason="boom")
+                    return sum(map(len, attempts.values())) >= 6
+
+                await eventually(
+                    all_attempted, self.arrival_timeout * 2, what=lambda: f"attempts {attempts}"
+                )
                 assert attempts == {high.body: [1, 2, 3], low.body: [1, 2, 3]}
                 dead = await collect(dlq, 2, timeout=self.arrival_timeout)
                 assert sorted(d.message.body for d in dead) == [high.body, low.body]
