@@ -4,8 +4,12 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from msdata.adapters.memory import MemoryTransport
-from msdata.adapters.memory.outbox import MemoryInboxStore, MemoryOutboxStore, MemoryTransaction
+from msdata.adapters.memory import (
+    MemoryInboxStore,
+    MemoryOutboxStore,
+    MemoryTransaction,
+    MemoryTransport,
+)
 from msdata.outbox import InboxStore, OutboxRow, OutboxStore
 from msdata.testing.outbox import InboxStoreConformance, OutboxStoreConformance
 

@@ -32,7 +32,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from msdata.adapters.memory.outbox import MemoryInboxStore, MemoryOutboxStore, MemoryTransaction
+from msdata.adapters.memory import MemoryInboxStore, MemoryOutboxStore, MemoryTransaction
 from msdata.outbox import Inbox, OutboxRelay, OutboxRow
 from msdata.testing.outbox import RecordingPublisher, make_row
 

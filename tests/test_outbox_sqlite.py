@@ -395,7 +395,7 @@ async def test_rows_handed_back_below_the_claimed_range_are_claimed_again(
 async def test_an_inline_store_checkpoints_in_its_thread(db_path: str) -> None:
     """The relay's connection does not checkpoint at commit (that would flush pages on the
     loop's thread); the store's thread checkpoints every so many commits instead."""
-    from msdata.adapters.sqlite.outbox import _CHECKPOINT_EVERY
+    from msdata.adapters.sqlite._db import CHECKPOINT_EVERY as _CHECKPOINT_EVERY
 
     store = SqliteOutboxStore(db_path)
     await store.create_schema()

@@ -1,10 +1,16 @@
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from msdata.adapters.memory import MemoryTransport
-from msdata.errors import ConfigurationError
-from msdata.urls import transport_from_url
+from msdata.adapters.sqlite import SqliteInboxStore, SqliteOutboxStore
+from msdata.errors import ConfigurationError, MissingDependencyError
+from msdata.testing import FakeClock
+from msdata.urls import STORES, store_from_url, transport_from_url
 
 
 async def test_memory_url_gives_a_memory_transport() -> None:
@@ -31,3 +37,100 @@ async def test_broker_urls_pick_their_adapter_without_connecting(url: str, modul
 def test_unknown_schemes_are_refused(url: str) -> None:
     with pytest.raises(ConfigurationError):
         transport_from_url(url)
+
+
+# -- stores ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("port", "cls"), [("outbox", "MemoryOutboxStore"), ("inbox", "MemoryInboxStore")]
+)
+async def test_memory_url_gives_a_new_memory_store_per_call(port: str, cls: str) -> None:
+    a, b = store_from_url(port, "memory://"), store_from_url(port, "memory://")
+    assert type(a).__name__ == cls and a is not b
+    await a.close()
+    await b.close()
+
+
+async def test_memory_store_options_reach_the_constructor() -> None:
+    clock = FakeClock()
+    store = store_from_url("outbox", "memory://", clock=clock)
+    assert store.clock is clock
+
+
+@pytest.mark.parametrize(
+    ("port", "cls"), [("outbox", SqliteOutboxStore), ("inbox", SqliteInboxStore)]
+)
+async def test_sqlite_url_gives_a_store_on_that_file(
+    tmp_path: Path, port: str, cls: type[Any]
+) -> None:
+    path = tmp_path / "orders.db"
+    store = store_from_url(port, f"sqlite:///{path}", table_prefix="svc_")
+    assert isinstance(store, cls)
+    assert store.path == str(path) and store.table_prefix == "svc_"
+    await store.create_schema()
+    await store.close()
+    with sqlite3.connect(path) as conn:
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert f"svc_{port}" in names
+
+
+@pytest.mark.parametrize("url", ["sqlite://:memory:", "sqlite:///:memory:", "sqlite:///"])
+def test_sqlite_in_memory_databases_are_refused(url: str) -> None:
+    # the store opens its own connection, which would see another, empty database
+    with pytest.raises(ConfigurationError):
+        store_from_url("outbox", url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://root@127.0.0.1:5432/test",
+        "postgres://root@127.0.0.1:5432/test",
+        "postgresql+psycopg://root@127.0.0.1:5432/test",
+    ],
+)
+@pytest.mark.parametrize("port", ["outbox", "inbox"])
+async def test_postgres_urls_give_a_store_without_connecting(url: str, port: str) -> None:
+    pytest.importorskip("asyncpg")
+    store = store_from_url(port, url, schema="urls_test")
+    assert type(store).__module__ == f"msdata.adapters.postgres.{port}"
+    assert '"urls_test".' in store.table
+    await store.close()  # nothing was opened
+
+
+@pytest.mark.parametrize("url", ["kafka://x", "orders.db", "redis://127.0.0.1", "http://x"])
+def test_store_urls_of_unknown_schemes_are_refused(url: str) -> None:
+    with pytest.raises(ConfigurationError):
+        store_from_url("outbox", url)
+
+
+def test_an_unknown_port_is_refused_naming_the_known_ones() -> None:
+    with pytest.raises(ConfigurationError, match="outbox"):
+        store_from_url("sagas", "memory://")
+
+
+@pytest.mark.parametrize(
+    ("port", "url"),
+    [
+        ("outbox", "mysql://admin:s3cret-pw@db.internal:3306/orders"),
+        ("sagas", "postgresql://admin:s3cret-pw@db.internal:5432/orders"),
+    ],
+)
+def test_errors_never_show_the_password(port: str, url: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        store_from_url(port, url)
+    assert "s3cret-pw" not in str(info.value)
+    assert "s3cret-pw" not in repr(info.value)
+
+
+def test_every_registered_store_class_exists_and_builds_from_a_url() -> None:
+    import importlib
+
+    for (_port, _backend), target in STORES.items():
+        module, _, name = target.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except MissingDependencyError:  # pragma: no cover - a backend's extra is missing
+            continue
+        assert callable(getattr(cls, "from_url", None)), target

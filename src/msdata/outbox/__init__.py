@@ -3,24 +3,22 @@
 - :class:`Outbox` adds messages in the caller's own transaction.
 - :class:`OutboxRelay` publishes committed rows through a transport, at least once, in
   order per partition key.
-- :class:`Inbox` records handled message ids in the handler's transaction, so a
-  redelivered message is applied once.
+- :class:`Inbox` (from :mod:`msdata.inbox`, re-exported here) records handled message ids
+  in the handler's transaction, so a redelivered message is applied once.
 
 Stores: ``msdata.adapters.memory`` (MemoryOutboxStore, MemoryInboxStore),
 ``msdata.adapters.sqlite`` and ``msdata.adapters.postgres``. See ``docs/outbox.md``.
 """
 
-from msdata.outbox.inbox import Inbox, InboxMiddleware, TransactionFactory, current_connection
+from msdata.inbox import Inbox, InboxMiddleware, InboxStore
 from msdata.outbox.outbox import Outbox
 from msdata.outbox.relay import Backoff, OutboxRelay, PayloadCheck, exponential_backoff
-from msdata.outbox.store import (
+from msdata.outbox.store import OutboxRecord, OutboxRow, OutboxStatus, OutboxStore
+from msdata.storage import (
     DEFAULT_TABLE_PREFIX,
-    InboxStore,
-    OutboxRecord,
-    OutboxRow,
-    OutboxStatus,
-    OutboxStore,
+    TransactionFactory,
     check_table_prefix,
+    current_connection,
 )
 
 __all__ = [

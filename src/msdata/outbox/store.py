@@ -26,6 +26,7 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+from msdata.inbox.store import InboxStore
 from msdata.storage import DEFAULT_TABLE_PREFIX, check_table_prefix
 
 __all__ = [
@@ -189,26 +190,3 @@ class OutboxStore(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-@runtime_checkable
-class InboxStore(Protocol):
-    """Which messages a consumer has already applied.
-
-    ``record``/``record_async`` run inside the caller's open transaction, on the caller's
-    connection, together with the handler's effects: they insert (consumer, message_id) and
-    return True, or return False if that pair is already there (then the caller skips the
-    handler and acks). A concurrent duplicate either blocks until the first transaction ends
-    and then returns False, or raises; it never returns True twice for one committed pair.
-    """
-
-    def record(self, conn: Any, consumer: str, message_id: str) -> bool: ...
-
-    async def record_async(self, conn: Any, consumer: str, message_id: str) -> bool: ...
-
-    async def create_schema(self) -> None: ...
-
-    async def purge(self, older_than: datetime) -> int:
-        """Forget records made before ``older_than``. The window kept must exceed the
-        longest time in which the broker may redeliver a message."""
-        ...

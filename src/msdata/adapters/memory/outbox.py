@@ -1,8 +1,8 @@
-"""In-memory outbox and inbox stores, with a transaction object standing in for a connection.
+"""The in-memory outbox store, with a :class:`MemoryTransaction` standing in for a connection.
 
-They implement the ordering and lease contract of :mod:`msdata.outbox.store` faithfully
+It implements the ordering and lease contract of :mod:`msdata.outbox.store` faithfully
 (sequence numbers given at append time, visible only at commit, so the out-of-order commit
-hazard can be reproduced), and serve one event loop in one thread::
+hazard can be reproduced), and serves one event loop in one thread::
 
     store = MemoryOutboxStore()
     tx = store.begin()              # or: with store.begin() as tx: ...
@@ -18,92 +18,22 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from types import MappingProxyType, TracebackType
-from typing import Any, Self
+from datetime import datetime
+from types import MappingProxyType
 
-from msdata.errors import ConfigurationError, StoreError
+from msdata.adapters.memory._db import MemoryDatabase, MemoryTransaction, transaction_of
+from msdata.clock import SYSTEM_CLOCK, Clock
+from msdata.errors import StoreError
 from msdata.outbox.store import OutboxRecord, OutboxRow, OutboxStatus
+from msdata.storage import Connection
 
-__all__ = ["MemoryInboxStore", "MemoryOutboxStore", "MemoryTransaction"]
+# MemoryTransaction is re-exported: it was imported from here before the split
+__all__ = ["MemoryOutboxStore", "MemoryTransaction"]
 
 _PENDING, _PARKED, _SENT = 0, 1, 2
 _NO_HEADERS: MappingProxyType[str, str] = MappingProxyType({})
-
-
-class MemoryTransaction:
-    """A unit of work for the memory stores: its changes become visible at :meth:`commit`
-    and vanish at :meth:`rollback`. As a context manager it commits on normal exit and rolls
-    back on an exception (like a database transaction factory does)."""
-
-    __slots__ = ("_on_commit", "_on_end", "_state")
-
-    def __init__(self) -> None:
-        self._on_commit: list[Callable[[], None]] = []
-        self._on_end: list[Callable[[], None]] = []
-        self._state = "open"
-
-    @property
-    def is_open(self) -> bool:
-        return self._state == "open"
-
-    def on_commit(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` when (and only if) this transaction commits."""
-        self._check_open()
-        self._on_commit.append(fn)
-
-    def on_end(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` after commit or rollback (after the commit callbacks)."""
-        self._check_open()
-        self._on_end.append(fn)
-
-    def commit(self) -> None:
-        self._check_open()
-        self._state = "committed"
-        for fn in self._on_commit:
-            fn()
-        self._finish()
-
-    def rollback(self) -> None:
-        if self._state != "open":
-            return
-        self._state = "rolled back"
-        self._finish()
-
-    def _finish(self) -> None:
-        ends, self._on_end, self._on_commit = self._on_end, [], []
-        for fn in ends:
-            fn()
-
-    def _check_open(self) -> None:
-        if self._state != "open":
-            raise StoreError(f"the transaction is already {self._state}")
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.rollback()
-
-
-def _tx(conn: Any) -> MemoryTransaction:
-    if not isinstance(conn, MemoryTransaction):
-        raise ConfigurationError(
-            f"the memory stores take a MemoryTransaction (store.begin()), got {type(conn)!r}"
-        )
-    conn._check_open()
-    return conn
 
 
 @dataclass(slots=True)
@@ -135,44 +65,31 @@ class _Row:
         )
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-class MemoryOutboxStore:
-    """The in-memory :class:`msdata.outbox.store.OutboxStore`."""
+class MemoryOutboxStore(MemoryDatabase):
+    """The in-memory :class:`msdata.outbox.OutboxStore`."""
 
     #: a relay's claim returns later rows of the keys it holds: it may claim ahead
     prefetch_claims = True
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        super().__init__(clock=clock)
         self._rows: dict[int, _Row] = {}
         self._seq = itertools.count(1)
         self._max_seq = 0
         self._wake = asyncio.Event()
-        self._closed = False
-
-    @classmethod
-    def from_url(cls, url: str = "memory://") -> MemoryOutboxStore:
-        if not url.startswith("memory:"):
-            raise ConfigurationError(f"not a memory:// URL: {url!r}")
-        return cls()
-
-    def begin(self) -> MemoryTransaction:
-        """A new transaction to add messages in (stands in for a database connection)."""
-        return MemoryTransaction()
 
     # -- write side ----------------------------------------------------------------------
 
-    def append(self, conn: Any, rows: Sequence[OutboxRow]) -> None:
-        tx = _tx(conn)
+    def append(self, conn: Connection, rows: Sequence[OutboxRow]) -> None:
+        tx = transaction_of(conn)
         if not rows:
             return
         # seq is taken now, visibility comes at commit: the long-transaction hazard is real
-        staged = [_Row(next(self._seq), r, _now()) for r in rows]
+        now = self.clock.now()
+        staged = [_Row(next(self._seq), r, now) for r in rows]
         tx.on_commit(lambda: self._commit(staged))
 
-    async def append_async(self, conn: Any, rows: Sequence[OutboxRow]) -> None:
+    async def append_async(self, conn: Connection, rows: Sequence[OutboxRow]) -> None:
         self.append(conn, rows)
 
     def _commit(self, staged: list[_Row]) -> None:
@@ -186,12 +103,9 @@ class MemoryOutboxStore:
 
     # -- relay side ----------------------------------------------------------------------
 
-    async def create_schema(self) -> None:
-        return None
-
     async def claim(self, relay_id: str, limit: int, lease_seconds: float) -> list[OutboxRecord]:
         self._check()
-        mono, now = time.monotonic(), _now()
+        mono, now = self.clock.monotonic(), self.clock.now()
         unsent = [r for r in self._rows.values() if r.state != _SENT]
         # keys another relay holds a live lease on are out; later rows of keys this relay
         # holds may come back (it publishes them after the rows it holds)
@@ -226,7 +140,7 @@ class MemoryOutboxStore:
 
     async def mark_sent(self, relay_id: str, seqs: Sequence[int], *, keep: bool = False) -> None:
         self._check()
-        now = _now()
+        now = self.clock.now()
         for seq in seqs:
             r = self._rows.get(seq)
             if r is None or r.state == _SENT:
@@ -296,7 +210,7 @@ class MemoryOutboxStore:
         pending = [r for r in self._rows.values() if r.state == _PENDING]
         parked = sum(1 for r in self._rows.values() if r.state == _PARKED)
         oldest = min((r.created_at for r in pending), default=None)
-        age = None if oldest is None else max(0.0, (_now() - oldest).total_seconds())
+        age = None if oldest is None else max(0.0, (self.clock.now() - oldest).total_seconds())
         return OutboxStatus(pending=len(pending), oldest_pending_age=age, parked=parked)
 
     async def purge_sent(self, older_than: datetime) -> int:
@@ -320,71 +234,6 @@ class MemoryOutboxStore:
                 return
         self._wake.clear()
 
-    async def close(self) -> None:
-        self._closed = True
-
     def _check(self) -> None:
-        if self._closed:
+        if self.closed:
             raise StoreError("the outbox store is closed")
-
-
-class MemoryInboxStore:
-    """The in-memory :class:`msdata.outbox.store.InboxStore`.
-
-    A concurrent duplicate (the same pair recorded by another transaction that is still
-    open) raises :class:`msdata.errors.StoreError`: the caller nacks, and the redelivery
-    finds the pair committed (skip) or gone (the first transaction rolled back: apply).
-    """
-
-    def __init__(self) -> None:
-        self._done: dict[tuple[str, str], datetime] = {}
-        self._open: dict[tuple[str, str], MemoryTransaction] = {}
-
-    @classmethod
-    def from_url(cls, url: str = "memory://") -> MemoryInboxStore:
-        if not url.startswith("memory:"):
-            raise ConfigurationError(f"not a memory:// URL: {url!r}")
-        return cls()
-
-    def begin(self) -> MemoryTransaction:
-        return MemoryTransaction()
-
-    def record(self, conn: Any, consumer: str, message_id: str) -> bool:
-        tx = _tx(conn)
-        pair = (consumer, message_id)
-        if pair in self._done:
-            return False
-        holder = self._open.get(pair)
-        if holder is tx:
-            return False
-        if holder is not None:
-            raise StoreError(
-                f"message {message_id} is being recorded for {consumer!r} by another open "
-                "transaction; retry after it ends"
-            )
-        self._open[pair] = tx
-
-        def commit() -> None:
-            self._done[pair] = _now()
-
-        def end() -> None:
-            self._open.pop(pair, None)
-
-        tx.on_commit(commit)
-        tx.on_end(end)
-        return True
-
-    async def record_async(self, conn: Any, consumer: str, message_id: str) -> bool:
-        return self.record(conn, consumer, message_id)
-
-    async def create_schema(self) -> None:
-        return None
-
-    async def purge(self, older_than: datetime) -> int:
-        gone = [p for p, at in self._done.items() if at < older_than]
-        for p in gone:
-            del self._done[p]
-        return len(gone)
-
-    async def close(self) -> None:
-        return None

@@ -9,7 +9,14 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise MissingDependencyError("asyncpg", "postgres") from e
 
+from msdata.adapters.postgres.checkpoints import PostgresCheckpointStore
+from msdata.adapters.postgres.eventstore import PostgresEventStore
 from msdata.adapters.postgres.inbox import PostgresInboxStore
 from msdata.adapters.postgres.outbox import PostgresOutboxStore
 
-__all__ = ["PostgresInboxStore", "PostgresOutboxStore"]
+__all__ = [
+    "PostgresCheckpointStore",
+    "PostgresEventStore",
+    "PostgresInboxStore",
+    "PostgresOutboxStore",
+]

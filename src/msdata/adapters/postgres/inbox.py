@@ -7,16 +7,8 @@ from typing import Any, Self
 
 import asyncpg
 
-from msdata.adapters.postgres._common import (
-    RELAY_ERRORS,
-    CallerSQL,
-    PoolOwner,
-    check_schema,
-    lock_class,
-    qualified,
-    store_error,
-)
-from msdata.outbox.store import DEFAULT_TABLE_PREFIX, check_table_prefix
+from msdata.adapters.postgres._db import CallerSQL, PostgresDatabase, command_count
+from msdata.storage import DEFAULT_TABLE_PREFIX, Connection, check_table_prefix
 
 __all__ = ["PostgresInboxStore"]
 
@@ -32,7 +24,7 @@ CREATE INDEX IF NOT EXISTS "{name}_recorded_at" ON {table} (recorded_at);
 
 
 class PostgresInboxStore:
-    """The PostgreSQL :class:`msdata.outbox.store.InboxStore`.
+    """The PostgreSQL :class:`msdata.inbox.InboxStore`.
 
     ``record``/``record_async`` run ``INSERT … ON CONFLICT DO NOTHING RETURNING`` on the
     caller's connection (psycopg, asyncpg, SQLAlchemy; sync or async) in the caller's open
@@ -51,11 +43,13 @@ class PostgresInboxStore:
         max_size: int = 2,
     ) -> None:
         self._prefix = check_table_prefix(table_prefix)
-        self._schema = check_schema(schema)
-        self._db = PoolOwner(pool_or_dsn, max_size=max_size, kind="inbox store")
+        self._db = PostgresDatabase(
+            pool_or_dsn, schema=schema, max_size=max_size, kind="inbox store"
+        )
+        self._schema = self._db.schema
         self._name = f"{self._prefix}inbox"
-        self.table = qualified(self._schema, self._name)
-        self._lock_class = lock_class(f"{self._schema or ''}.{self._name}")
+        self.table = self._db.qualified(self._name)
+        self._lock_class = self._db.lock_class(self._name)
         self._record = CallerSQL(
             f"INSERT INTO {self.table} (consumer, message_id) VALUES ({{0}}, {{1}}) "
             "ON CONFLICT DO NOTHING RETURNING true",
@@ -63,16 +57,14 @@ class PostgresInboxStore:
         )
 
     @classmethod
-    def from_url(
-        cls, url: str, *, table_prefix: str = DEFAULT_TABLE_PREFIX, schema: str | None = None
-    ) -> PostgresInboxStore:
-        """A store over ``postgresql://…`` that connects on first use."""
-        return cls(url, table_prefix=table_prefix, schema=schema)
+    def from_url(cls, url: str, **options: Any) -> PostgresInboxStore:
+        """A store over ``postgresql://…`` that connects on first use; ``options`` go to
+        the constructor (``table_prefix``, ``schema``, ``max_size``…)."""
+        return cls(url, **options)
 
     def schema_sql(self) -> str:
         """The DDL ``create_schema`` runs (idempotent), e.g. for a migration tool."""
-        head = f'CREATE SCHEMA IF NOT EXISTS "{self._schema}";\n' if self._schema else ""
-        return head + _TABLE.format(table=self.table, name=self._name)
+        return self._db.schema_head() + _TABLE.format(table=self.table, name=self._name)
 
     async def create_schema(self) -> None:
         await self._db.run_ddl("inbox create_schema", self.schema_sql(), self._lock_class)
@@ -80,25 +72,22 @@ class PostgresInboxStore:
     async def drop_schema(self) -> None:
         """Drop the table (for tests and teardown)."""
         sql = f"DROP TABLE IF EXISTS {self.table}"
-        await self._db._call("inbox drop_schema", lambda pool: pool.execute(sql))
+        await self._db.call("inbox drop_schema", lambda pool: pool.execute(sql))
 
-    def record(self, conn: Any, consumer: str, message_id: str) -> bool:
+    def record(self, conn: Connection, consumer: str, message_id: str) -> bool:
         return self._record.run(conn, (consumer, message_id), fetch=True) is not None
 
-    async def record_async(self, conn: Any, consumer: str, message_id: str) -> bool:
+    async def record_async(self, conn: Connection, consumer: str, message_id: str) -> bool:
         row = await self._record.run_async(conn, (consumer, message_id), fetch=True)
         return row is not None
 
     async def purge(self, older_than: datetime) -> int:
         sql = f"DELETE FROM {self.table} WHERE recorded_at < $1"
-        status = await self._db._call("inbox purge", lambda pool: pool.execute(sql, older_than))
-        return int(status.rsplit(" ", 1)[-1])
+        status = await self._db.call("inbox purge", lambda pool: pool.execute(sql, older_than))
+        return command_count(status)
 
     async def close(self) -> None:
-        try:
-            await self._db._close_pool()
-        except RELAY_ERRORS as e:
-            store_error("inbox close", e)
+        await self._db.close("inbox close")
 
     async def __aenter__(self) -> Self:
         return self

@@ -13,23 +13,15 @@ from typing import Any, Self
 
 import asyncpg
 
-from msdata.adapters.postgres._common import (
+from msdata.adapters.postgres._db import (
     RELAY_ERRORS,
     CallerSQL,
-    PoolOwner,
-    check_schema,
-    lock_class,
-    qualified,
-    store_error,
+    PostgresDatabase,
+    command_count,
 )
 from msdata.errors import ConfigurationError
-from msdata.outbox.store import (
-    DEFAULT_TABLE_PREFIX,
-    OutboxRecord,
-    OutboxRow,
-    OutboxStatus,
-    check_table_prefix,
-)
+from msdata.outbox.store import OutboxRecord, OutboxRow, OutboxStatus
+from msdata.storage import DEFAULT_TABLE_PREFIX, Connection, check_table_prefix
 
 __all__ = ["PostgresOutboxStore"]
 
@@ -303,11 +295,6 @@ def _records(rows: list[Any]) -> list[OutboxRecord]:
     ]
 
 
-def _count(status: str) -> int:
-    """The row count from a command tag such as ``UPDATE 3``."""
-    return int(status.rsplit(" ", 1)[-1])
-
-
 class PostgresOutboxStore:
     """The PostgreSQL :class:`msdata.outbox.store.OutboxStore`.
 
@@ -344,18 +331,20 @@ class PostgresOutboxStore:
         max_size: int = 4,
     ) -> None:
         self._prefix = check_table_prefix(table_prefix)
-        self._schema = check_schema(schema)
-        self._db = PoolOwner(pool_or_dsn, max_size=max_size, kind="outbox store")
+        self._db = db = PostgresDatabase(
+            pool_or_dsn, schema=schema, max_size=max_size, kind="outbox store"
+        )
+        self._schema = db.schema
         self._notify = bool(notify)
         self._sync = bool(relay_synchronous_commit)
         name = f"{self._prefix}outbox"
         self._name = name
-        self.table = qualified(self._schema, name)
-        self.lease_table = qualified(self._schema, f"{name}_lease")
-        self._fn = qualified(self._schema, f"{name}_claim")
-        self._sent_fn = qualified(self._schema, f"{name}_sent_claim")
-        self._lock_class = lock_class(f"{self._schema or ''}.{name}")
-        self._null_class = lock_class(f"{self._schema or ''}.{name}.rows")
+        self.table = db.qualified(name)
+        self.lease_table = db.qualified(f"{name}_lease")
+        self._fn = db.qualified(f"{name}_claim")
+        self._sent_fn = db.qualified(f"{name}_sent_claim")
+        self._lock_class = db.lock_class(name)
+        self._null_class = db.lock_class(f"{name}.rows")
         #: the LISTEN/NOTIFY channel (at most 63 bytes, as PostgreSQL truncates identifiers)
         self.channel = (f"{self._schema}.{name}" if self._schema else name)[:63]
         self._build_sql()
@@ -364,11 +353,10 @@ class PostgresOutboxStore:
         self._listen_lock = asyncio.Lock()
 
     @classmethod
-    def from_url(
-        cls, url: str, *, table_prefix: str = DEFAULT_TABLE_PREFIX, schema: str | None = None
-    ) -> PostgresOutboxStore:
-        """A store over ``postgresql://…`` that connects on first use."""
-        return cls(url, table_prefix=table_prefix, schema=schema)
+    def from_url(cls, url: str, **options: Any) -> PostgresOutboxStore:
+        """A store over ``postgresql://…`` that connects on first use; ``options`` go to
+        the constructor (``table_prefix``, ``schema``, ``max_size``…)."""
+        return cls(url, **options)
 
     def _build_sql(self) -> None:
         t = self.table
@@ -432,9 +420,7 @@ class PostgresOutboxStore:
 
     def schema_sql(self) -> str:
         """The DDL ``create_schema`` runs (idempotent), e.g. for a migration tool."""
-        parts = []
-        if self._schema:
-            parts.append(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}";\n')
+        parts = [self._db.schema_head()] if self._schema else []
         parts.append(_TABLE.format(table=self.table, name=self._name, lease=self.lease_table))
         parts.append(
             _CLAIM_FUNCTION.format(
@@ -458,7 +444,7 @@ class PostgresOutboxStore:
     async def drop_schema(self) -> None:
         """Drop the table and the claim function (for tests and teardown)."""
         sql = f"DROP TABLE IF EXISTS {self.table}, {self.lease_table} CASCADE"
-        await self._db._call("outbox drop_schema", lambda pool: pool.execute(sql))
+        await self._db.call("outbox drop_schema", lambda pool: pool.execute(sql))
 
     # -- write side: the caller's connection and transaction --------------------------------
 
@@ -484,14 +470,14 @@ class PostgresOutboxStore:
             [json.dumps(dict(r.headers)) if r.headers else "{}" for r in rows],
         ]
 
-    def append(self, conn: Any, rows: Sequence[OutboxRow]) -> None:
+    def append(self, conn: Connection, rows: Sequence[OutboxRow]) -> None:
         """Insert ``rows`` on a psycopg ``Connection`` or SQLAlchemy ``Session``/
         ``Connection``, in its open transaction (one statement for all rows)."""
         if rows:
             sql, args = self._args(rows)
             sql.run(conn, args)
 
-    async def append_async(self, conn: Any, rows: Sequence[OutboxRow]) -> None:
+    async def append_async(self, conn: Connection, rows: Sequence[OutboxRow]) -> None:
         """Insert ``rows`` on an asyncpg connection, a psycopg ``AsyncConnection`` or a
         SQLAlchemy ``AsyncSession``/``AsyncConnection``, in its open transaction."""
         if rows:
@@ -507,7 +493,7 @@ class PostgresOutboxStore:
             raise ConfigurationError("lease_seconds must be > 0")
         sql = self._sql["claim"]
         args = (relay_id, int(limit), float(lease_seconds), self._sync)
-        rows = await self._db._call("outbox claim", lambda pool: pool.fetch(sql, *args))
+        rows = await self._db.call("outbox claim", lambda pool: pool.fetch(sql, *args))
         return _records(rows)
 
     async def mark_sent_and_claim(
@@ -537,13 +523,13 @@ class PostgresOutboxStore:
             float(lease_seconds),
             self._sync,
         )
-        rows = await self._db._call("outbox mark_sent_and_claim", lambda p: p.fetch(sql, *args))
+        rows = await self._db.call("outbox mark_sent_and_claim", lambda p: p.fetch(sql, *args))
         return _records(rows)
 
     async def _update(self, what: str, key: str, *args: Any) -> int:
         sql = self._sql[key]
-        status = await self._db._call(f"outbox {what}", lambda pool: pool.execute(sql, *args))
-        return _count(status)
+        status = await self._db.call(f"outbox {what}", lambda pool: pool.execute(sql, *args))
+        return command_count(status)
 
     async def mark_sent(self, relay_id: str, seqs: Sequence[int], *, keep: bool = False) -> None:
         if seqs:
@@ -566,7 +552,7 @@ class PostgresOutboxStore:
 
     async def parked(self, limit: int = 100) -> list[OutboxRecord]:
         sql = self._sql["parked"]
-        rows = await self._db._call("outbox parked", lambda pool: pool.fetch(sql, int(limit)))
+        rows = await self._db.call("outbox parked", lambda pool: pool.fetch(sql, int(limit)))
         return _records(rows)
 
     async def requeue(self, seqs: Sequence[int]) -> int:
@@ -579,7 +565,7 @@ class PostgresOutboxStore:
 
     async def status(self) -> OutboxStatus:
         sql = self._sql["status"]
-        row = await self._db._call("outbox status", lambda pool: pool.fetchrow(sql))
+        row = await self._db.call("outbox status", lambda pool: pool.fetchrow(sql))
         age = row["age"]
         return OutboxStatus(
             pending=row["pending"],
@@ -622,10 +608,7 @@ class PostgresOutboxStore:
             if self._listen_conn is not None and not self._listen_conn.is_closed():
                 return True
             try:
-                if self._db._dsn is not None:
-                    conn = await asyncpg.connect(self._db._dsn)
-                else:
-                    conn = await (await self._db.pool()).acquire()
+                conn = await self._db.dedicated()
                 await conn.add_listener(self.channel, self._on_notify)
                 conn.add_termination_listener(self._on_lost)
             except RELAY_ERRORS as e:
@@ -643,20 +626,14 @@ class PostgresOutboxStore:
             conn.remove_termination_listener(self._on_lost)
             if not conn.is_closed():
                 await conn.remove_listener(self.channel, self._on_notify)
-            if self._db._dsn is not None:
-                await conn.close()
-            elif self._db._pool is not None:
-                await self._db._pool.release(conn)
+            await self._db.give_back(conn)
         except RELAY_ERRORS as e:
             log.debug("outbox: error while closing the listening connection: %s", e)
 
     async def close(self) -> None:
         """Stop listening and close the pool the store made (a given pool stays open)."""
         await self._stop_listening()
-        try:
-            await self._db._close_pool()
-        except RELAY_ERRORS as e:
-            store_error("outbox close", e)
+        await self._db.close("outbox close")
 
     async def __aenter__(self) -> Self:
         return self

@@ -1,4 +1,9 @@
-"""SQLite adapters (stdlib ``sqlite3``, WAL): the embedded default's outbox and inbox stores."""
+"""SQLite adapters (stdlib ``sqlite3``, WAL): the embedded default's stores.
+
+One module per port on one kernel (``_db.py``): :class:`SqliteOutboxStore`
+(``outbox.py``), :class:`SqliteInboxStore` (``inbox.py``), :class:`SqliteEventStore`
+(``eventstore.py``), :class:`SqliteCheckpointStore` (``checkpoints.py``).
+"""
 
 from msdata.errors import MissingDependencyError
 
@@ -7,12 +12,30 @@ try:
 except ImportError as e:  # pragma: no cover
     raise MissingDependencyError("sqlite3", None) from e
 
-from msdata.adapters.sqlite.outbox import (
-    SqliteInboxStore,
-    SqliteOutboxStore,
-    connect,
-    from_url,
-    schema_sql,
-)
+from msdata.adapters.sqlite._db import connect
+from msdata.adapters.sqlite.checkpoints import SqliteCheckpointStore
+from msdata.adapters.sqlite.eventstore import SqliteEventStore
+from msdata.adapters.sqlite.inbox import INBOX_DDL, SqliteInboxStore
+from msdata.adapters.sqlite.outbox import OUTBOX_DDL, SqliteOutboxStore
+from msdata.storage import DEFAULT_TABLE_PREFIX, check_table_prefix
 
-__all__ = ["SqliteInboxStore", "SqliteOutboxStore", "connect", "from_url", "schema_sql"]
+__all__ = [
+    "SqliteCheckpointStore",
+    "SqliteEventStore",
+    "SqliteInboxStore",
+    "SqliteOutboxStore",
+    "connect",
+    "from_url",
+    "schema_sql",
+]
+
+
+def schema_sql(table_prefix: str = DEFAULT_TABLE_PREFIX) -> str:
+    """The DDL of the outbox and inbox tables, for a migration tool (idempotent)."""
+    p = check_table_prefix(table_prefix)
+    return OUTBOX_DDL.format(p=p) + INBOX_DDL.format(p=p)
+
+
+def from_url(url: str, **options: object) -> SqliteOutboxStore:
+    """``SqliteOutboxStore.from_url``: ``sqlite:///orders.db``."""
+    return SqliteOutboxStore.from_url(url, **options)

@@ -1,10 +1,10 @@
-"""The outbox and inbox stores on SQLite, with the stdlib ``sqlite3`` driver in WAL mode.
+"""The outbox store on SQLite (:class:`SqliteOutboxStore`), on the kernel in ``_db.py``.
 
-Write side (``append``, ``record``): the caller's own ``sqlite3.Connection`` (or a
-SQLAlchemy ``Session``/``Connection`` on a SQLite engine), inside its open transaction. With
-the default ``isolation_level`` sqlite3 opens that transaction itself before the INSERT; on
-a connection in autocommit mode (``isolation_level=None``) the caller must have run
-``BEGIN`` first, or ConfigurationError is raised rather than committing the message alone.
+Write side (``append``): the caller's own ``sqlite3.Connection`` (or a SQLAlchemy
+``Session``/``Connection`` on a SQLite engine), inside its open transaction. With the
+default ``isolation_level`` sqlite3 opens that transaction itself before the INSERT; on a
+connection in autocommit mode (``isolation_level=None``) the caller must have run ``BEGIN``
+first, or ConfigurationError is raised rather than committing the message alone.
 
 Relay side: each call is one transaction on the store's own connection. Under synchronous
 OFF or NORMAL the relay's claims and marks run right on the event loop's thread (some
@@ -19,8 +19,8 @@ nothing until it releases everything or its lease lapses; a second relay is a st
 seconds, and wakes at once when an ``append`` through a store on the same file in this
 process signals it (then it polls every 2 ms until that transaction commits).
 
-Tables are ``{prefix}outbox``, ``{prefix}outbox_sent`` (rows kept after publishing, when
-the relay has a retention) and ``{prefix}inbox``; see :func:`schema_sql`.
+Tables are ``{prefix}outbox`` and ``{prefix}outbox_sent`` (rows kept after publishing, when
+the relay has a retention); see :meth:`SqliteOutboxStore.schema_sql`.
 """
 
 from __future__ import annotations
@@ -28,40 +28,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import operator
 import os
 import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any
 
-from msdata.errors import ConfigurationError, SchemaError, StoreError
-from msdata.outbox.store import (
-    DEFAULT_TABLE_PREFIX,
-    OutboxRecord,
-    OutboxRow,
-    OutboxStatus,
-    check_table_prefix,
-)
+from msdata.adapters.sqlite._db import SqliteDatabase, caller_connection, map_errors
+from msdata.errors import ConfigurationError
+from msdata.outbox.store import OutboxRecord, OutboxRow, OutboxStatus
+from msdata.storage import DEFAULT_TABLE_PREFIX, Connection
 
-__all__ = ["SqliteInboxStore", "SqliteOutboxStore", "connect", "from_url", "schema_sql"]
+__all__ = ["OUTBOX_DDL", "SqliteOutboxStore"]
 
-T = TypeVar("T")
-
-_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
-#: write transactions between two checkpoints of an inline store's connection (a relay's
-#: batch of 100 writes ~10 pages: about SQLite's default of 1000 pages)
-_CHECKPOINT_EVERY = 64
-log = logging.getLogger("msdata.outbox")
 _NO_HEADERS: MappingProxyType[str, str] = MappingProxyType({})
 
-_OUTBOX_DDL = """\
+#: the outbox tables; ``{p}`` is the table prefix
+OUTBOX_DDL = """\
 -- Outbox rows waiting to be published: state 0 = pending, 1 = parked, 2 = sent (only the
 -- newest row is kept so, as a tombstone, until a newer row exists: SQLite gives a new row
 -- the largest seq + 1, and keeping the largest means a seq is never reused).
@@ -105,278 +93,6 @@ CREATE TABLE IF NOT EXISTS {p}outbox_sent (
 );
 CREATE INDEX IF NOT EXISTS {p}outbox_sent_at ON {p}outbox_sent (sent_at);
 """
-
-_INBOX_DDL = """\
--- Messages each consumer has applied; written in the consumer's own transaction.
-CREATE TABLE IF NOT EXISTS {p}inbox (
-    consumer    TEXT NOT NULL,
-    message_id  TEXT NOT NULL,
-    recorded_at REAL NOT NULL,                         -- Unix seconds
-    PRIMARY KEY (consumer, message_id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS {p}inbox_recorded_at ON {p}inbox (recorded_at);
-"""
-
-
-def schema_sql(table_prefix: str = DEFAULT_TABLE_PREFIX) -> str:
-    """The DDL of the outbox and inbox tables, for a migration tool (idempotent)."""
-    p = check_table_prefix(table_prefix)
-    return _OUTBOX_DDL.format(p=p) + _INBOX_DDL.format(p=p)
-
-
-def _path_from_url(url: str) -> str:
-    if not url.startswith("sqlite:///"):
-        raise ConfigurationError(
-            f"not a SQLite file URL: {url!r} (use sqlite:///relative.db or sqlite:////abs.db)"
-        )
-    path = url[len("sqlite:///") :].split("?", 1)[0]
-    if not path or path == ":memory:":
-        raise ConfigurationError(
-            "the SQLite outbox needs a database file (the relay opens its own connection)"
-        )
-    return path
-
-
-def connect(
-    path: str | os.PathLike[str], *, synchronous: str = "NORMAL", timeout: float = 30.0
-) -> sqlite3.Connection:
-    """A ``sqlite3`` connection set up the way the outbox expects: WAL, the given
-    ``synchronous`` level (NORMAL: durable on application crash, may lose the last commits
-    on power loss; FULL: also on power loss) and a busy timeout."""
-    sync = synchronous.upper()
-    if sync not in _SYNCHRONOUS:
-        raise ConfigurationError(f"synchronous must be one of {_SYNCHRONOUS}: {synchronous!r}")
-    conn = sqlite3.connect(os.fspath(path), timeout=timeout)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA synchronous={sync}")  # one of four fixed words, checked above
-    return conn
-
-
-def _translate(e: sqlite3.Error) -> StoreError:
-    text = str(e)
-    if "no such table" in text or "no such column" in text:
-        return SchemaError(f"{text}: run create_schema() or apply schema_sql()")
-    return StoreError(f"SQLite: {text}")
-
-
-_sa_types: tuple[type[Any], type[Any]] | bool | None = False
-
-
-def _sqlalchemy_types() -> tuple[type[Any], type[Any]] | None:
-    global _sa_types
-    if _sa_types is False:
-        try:
-            from sqlalchemy.engine import Connection
-            from sqlalchemy.orm import Session
-        except ImportError:
-            _sa_types = None
-        else:
-            _sa_types = (Session, Connection)
-    return _sa_types  # type: ignore[return-value]
-
-
-def _dbapi(conn: Any) -> sqlite3.Connection:
-    """The caller's sqlite3 connection, from a sqlite3 or SQLAlchemy connection/session."""
-    if isinstance(conn, sqlite3.Connection):
-        raw = conn
-    else:
-        sa = _sqlalchemy_types()
-        if sa is None or not isinstance(conn, sa):
-            raise ConfigurationError(
-                "the SQLite stores take a sqlite3.Connection or a SQLAlchemy Session/"
-                f"Connection on a SQLite engine, got {type(conn).__module__}."
-                f"{type(conn).__qualname__}"
-            )
-        if isinstance(conn, sa[0]):
-            conn = conn.connection()  # joins (or begins) the session's transaction
-        raw = conn.connection.driver_connection
-        if not isinstance(raw, sqlite3.Connection):
-            raise ConfigurationError(
-                f"the SQLAlchemy engine is not a sqlite3 one (driver connection {type(raw)!r})"
-            )
-    if not raw.in_transaction and (
-        raw.isolation_level is None or getattr(raw, "autocommit", None) is True
-    ):
-        raise ConfigurationError(
-            "the connection is in autocommit mode with no open transaction: run BEGIN "
-            "first, or the message would commit on its own"
-        )
-    return raw
-
-
-class _SqliteStore:
-    """A database file, a table prefix, and the store's own connection in its own thread."""
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        table_prefix: str = DEFAULT_TABLE_PREFIX,
-        synchronous: str = "NORMAL",
-        busy_timeout: float = 30.0,
-        inline: bool | None = None,
-    ) -> None:
-        self.path = os.fspath(path)
-        if not self.path or self.path == ":memory:" or self.path.startswith("file:"):
-            raise ConfigurationError("the SQLite stores need a database file path")
-        self.table_prefix = check_table_prefix(table_prefix)
-        sync = synchronous.upper()
-        if sync not in _SYNCHRONOUS:
-            raise ConfigurationError(f"synchronous must be one of {_SYNCHRONOUS}")
-        self.synchronous = sync
-        self.busy_timeout = busy_timeout
-        #: run the relay's short calls on the event loop's thread (see ``_run``)
-        self.inline = sync in ("OFF", "NORMAL") if inline is None else inline
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
-        self._in_thread = 0  # calls handed to the store's thread and not finished yet
-        self._commits = 0  # write transactions since the last checkpoint
-        self._checkpointing: asyncio.Task[None] | None = None
-        self._closed = False
-
-    @classmethod
-    def from_url(cls, url: str, **options: Any) -> Any:
-        """``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``."""
-        return cls(_path_from_url(url), **options)
-
-    def _connection(self) -> sqlite3.Connection:
-        # used by one call at a time: inline on the loop's thread or in the store's thread
-        if self._conn is None:
-            conn = sqlite3.connect(
-                self.path,
-                # inline calls must never wait for the lock: they give up at once instead
-                timeout=0 if self.inline else self.busy_timeout,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self.synchronous}")  # checked in __init__
-            if self.inline:
-                # a checkpoint at commit would flush pages on the loop's thread (7-8 ms once
-                # in ~100 batches): the store's thread checkpoints instead (``_run``)
-                conn.execute("PRAGMA wal_autocheckpoint = 0")
-            self._conn = conn
-        return self._conn
-
-    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, inline: bool = False) -> T:
-        """``fn(connection)``, one call at a time, in call order.
-
-        ``inline``: a short call (the relay's claim and mark: some hundred microseconds
-        of SQLite work with no fsync under synchronous NORMAL) may run right here on the
-        event loop's thread, when the store is ``inline`` and no earlier call is still in
-        the store's thread. It never waits there: if another connection holds the write
-        lock, SQLite refuses at once (busy timeout 0), ``fn``'s transaction rolls back and
-        the call goes to the store's thread, which waits up to ``busy_timeout``. ``fn``
-        must change nothing outside the database before its transaction has committed,
-        unless doing it twice is harmless (it runs again in the thread).
-
-        Why: the store's thread and the event loop share one GIL, and sqlite3 lets it go
-        at every row it steps, so a claim in the thread while the loop publishes moves at
-        the pace of GIL hand-overs; the hop itself costs tens of microseconds too.
-        """
-        if self._closed:
-            raise StoreError("the SQLite store is closed")
-        if inline and self.inline and not self._in_thread:
-            try:
-                return fn(self._connection())
-            except sqlite3.OperationalError as e:
-                if getattr(e, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
-                    raise _translate(e) from e
-            except sqlite3.Error as e:
-                raise _translate(e) from e
-            finally:
-                if self._commits >= _CHECKPOINT_EVERY:
-                    self._checkpoint_soon()
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="msdata-sqlite")
-        loop = asyncio.get_running_loop()
-        self._in_thread += 1
-        work = self._executor.submit(self._call, fn)
-        # counted down when the thread is done with it, not when the caller stops waiting:
-        # a cancelled caller leaves the call running there, on the same connection
-        work.add_done_callback(lambda _: self._thread_done(loop))
-        return await asyncio.wrap_future(work)
-
-    def _thread_done(self, loop: asyncio.AbstractEventLoop) -> None:
-        def done() -> None:
-            self._in_thread -= 1
-
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing runs inline
-            loop.call_soon_threadsafe(done)
-
-    def _checkpoint_soon(self) -> None:
-        """A PASSIVE checkpoint (it waits for nobody) in the store's thread; the calls made
-        meanwhile queue behind it there."""
-        self._commits = 0
-
-        def checkpoint(conn: sqlite3.Connection) -> None:
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-
-        task = asyncio.get_running_loop().create_task(self._run(checkpoint))
-        task.add_done_callback(self._checkpoint_done)
-        self._checkpointing = task
-
-    def _checkpoint_done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled():
-            return
-        error = task.exception()
-        if error is not None and not self._closed:
-            log.warning("SQLite checkpoint of %s failed: %s", self.path, error)
-
-    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        try:
-            conn = self._connection()
-            if not self.inline:
-                return fn(conn)
-            # here it may wait for the write lock
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            try:
-                return fn(conn)
-            finally:
-                conn.execute("PRAGMA busy_timeout = 0")
-        except sqlite3.Error as e:
-            raise _translate(e) from e
-
-    def _write(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """``fn`` in one write transaction (BEGIN IMMEDIATE: waits for the write lock)."""
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(conn)
-            conn.execute("COMMIT")
-            self._commits += 1
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return result
-
-    async def _script(self, ddl: str) -> None:
-        def run(conn: sqlite3.Connection) -> None:
-            # executescript commits first; the DDL is idempotent, run it whole
-            conn.executescript(f"BEGIN IMMEDIATE;\n{ddl}\nCOMMIT;")
-
-        await self._run(run)
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        if self._checkpointing is not None and not self._checkpointing.done():
-            await asyncio.wait({self._checkpointing})
-        self._closed = True
-        ex, self._executor = self._executor, None
-        if ex is None:
-            if self._conn is not None:  # only inline calls ran
-                self._conn.close()
-                self._conn = None
-            return
-
-        def shut() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        await asyncio.get_running_loop().run_in_executor(ex, shut)
-        ex.shutdown(wait=False)
 
 
 _tuple_new = tuple.__new__
@@ -451,7 +167,7 @@ class _Held:
         seqs.update(map(_first, rows))
 
 
-class SqliteOutboxStore(_SqliteStore):
+class SqliteOutboxStore(SqliteDatabase):
     """The :class:`msdata.outbox.store.OutboxStore` on SQLite (see the module docstring).
 
     One relay at a time: a claim takes (or renews) the store's relay lease, a single row,
@@ -533,17 +249,17 @@ class SqliteOutboxStore(_SqliteStore):
 
     def schema_sql(self) -> str:
         """The DDL of this store's tables (idempotent)."""
-        return _OUTBOX_DDL.format(p=self.table_prefix)
+        return OUTBOX_DDL.format(p=self.table_prefix)
 
     async def create_schema(self) -> None:
-        await self._script(self.schema_sql())
+        await self.run_script(self.schema_sql())
 
     # -- write side ----------------------------------------------------------------------
 
-    def append(self, conn: Any, rows: Sequence[OutboxRow]) -> None:
+    def append(self, conn: Connection, rows: Sequence[OutboxRow]) -> None:
         if not rows:
             return
-        raw = _dbapi(conn)
+        raw = caller_connection(conn)
         now = time.time()
         dumps = json.dumps
         args = [
@@ -559,17 +275,15 @@ class SqliteOutboxStore(_SqliteStore):
             )
             for r in rows
         ]
-        try:
+        with map_errors("outbox append"):
             if len(args) == 1:
                 raw.execute(self._insert, args[0])
             else:
                 raw.executemany(self._insert, args)
-        except sqlite3.Error as e:
-            raise _translate(e) from e
         if _waiting:
             self._signal()
 
-    async def append_async(self, conn: Any, rows: Sequence[OutboxRow]) -> None:
+    async def append_async(self, conn: Connection, rows: Sequence[OutboxRow]) -> None:
         """SQLite has no async driver msdata serves (aiosqlite is 17x slower): this takes
         the same sync connections as :meth:`append`; an INSERT costs microseconds."""
         self.append(conn, rows)
@@ -700,13 +414,13 @@ class SqliteOutboxStore(_SqliteStore):
             probe, args, _ = self._select(conn, held, None)
             if conn.execute(probe, args).fetchone() is None:
                 return []
-            rows, fresh, keyed = self._write(
+            rows, fresh, keyed = self.write(
                 conn, lambda c: self._claim_tx(c, relay_id, limit, lease_seconds)
             )
             self._hold(relay_id, rows, fresh, keyed)
             return _records(rows)
 
-        return await self._run(run, inline=True)
+        return await self.run(run, inline=True)
 
     async def mark_sent_and_claim(
         self,
@@ -734,12 +448,12 @@ class SqliteOutboxStore(_SqliteStore):
             return self._claim_tx(conn, relay_id, limit, lease_seconds, (holder, bool(blocking)))
 
         def run(conn: sqlite3.Connection) -> list[OutboxRecord]:
-            rows, fresh, keyed = self._write(conn, both)
+            rows, fresh, keyed = self.write(conn, both)
             self._drop(relay_id, seqs)
             self._hold(relay_id, rows, fresh, keyed)
             return _records(rows)
 
-        return await self._run(run, inline=True)
+        return await self.run(run, inline=True)
 
     def _drop(self, relay_id: str, seqs: Sequence[int], *, pending: bool = False) -> bool:
         """The relay no longer holds ``seqs``; ``pending``: they are pending again (handed
@@ -789,10 +503,10 @@ class SqliteOutboxStore(_SqliteStore):
             return
 
         def run(conn: sqlite3.Connection) -> None:
-            self._write(conn, lambda c: self._mark_tx(c, seqs, keep))
+            self.write(conn, lambda c: self._mark_tx(c, seqs, keep))
             self._drop(relay_id, seqs)
 
-        await self._run(run, inline=True)
+        await self.run(run, inline=True)
 
     async def release(self, relay_id: str, seqs: Sequence[int]) -> None:
         lease = self._lease
@@ -802,12 +516,12 @@ class SqliteOutboxStore(_SqliteStore):
                 # it holds nothing more: give the lease up, so another relay may claim now
                 holder = self._holder(conn)
                 if holder is not None and holder[0] == relay_id:
-                    self._write(
+                    self.write(
                         conn,
                         lambda c: c.execute(f"DELETE FROM {lease} WHERE owner = ?", (relay_id,)),
                     )
 
-        await self._run(run, inline=True)
+        await self.run(run, inline=True)
         if self._wake is not None:
             self._wake.set()
 
@@ -824,10 +538,10 @@ class SqliteOutboxStore(_SqliteStore):
         params = (*args, *seqs, relay_id)
 
         def run(conn: sqlite3.Connection) -> None:
-            self._write(conn, lambda c: c.execute(sql, params))
+            self.write(conn, lambda c: c.execute(sql, params))
             self._drop(relay_id, seqs, pending=True)
 
-        await self._run(run, inline=True)
+        await self.run(run, inline=True)
 
     async def retry_later(
         self, relay_id: str, seqs: Sequence[int], reason: str, retry_at: datetime
@@ -844,7 +558,7 @@ class SqliteOutboxStore(_SqliteStore):
 
     async def parked(self, limit: int = 100) -> list[OutboxRecord]:
         sql = f"SELECT {self._columns} FROM {self._t} WHERE state = 1 ORDER BY seq LIMIT ?"
-        rows = await self._run(lambda conn: conn.execute(sql, (limit,)).fetchall())
+        rows = await self.run(lambda conn: conn.execute(sql, (limit,)).fetchall())
         return _records(rows)
 
     async def requeue(self, seqs: Sequence[int]) -> int:
@@ -855,7 +569,7 @@ class SqliteOutboxStore(_SqliteStore):
             f"WHERE state = 1 AND seq IN ({_placeholders(len(seqs))})"
         )
         args = tuple(seqs)
-        n = await self._run(lambda conn: self._write(conn, lambda c: c.execute(sql, args).rowcount))
+        n = await self.run(lambda conn: self.write(conn, lambda c: c.execute(sql, args).rowcount))
         if n and self._wake is not None:
             self._wake.set()
         return n
@@ -865,15 +579,15 @@ class SqliteOutboxStore(_SqliteStore):
             "SELECT COALESCE(SUM(state = 0), 0), MIN(CASE WHEN state = 0 THEN created_at END), "
             f"COALESCE(SUM(state = 1), 0) FROM {self._t}"
         )
-        pending, oldest, parked = await self._run(lambda conn: conn.execute(sql).fetchone())
+        pending, oldest, parked = await self.run(lambda conn: conn.execute(sql).fetchone())
         age = None if oldest is None else max(0.0, time.time() - oldest)
         return OutboxStatus(pending=pending, oldest_pending_age=age, parked=parked)
 
     async def purge_sent(self, older_than: datetime) -> int:
         sql = f"DELETE FROM {self._t}_sent WHERE sent_at < ?"
         cut = older_than.timestamp()
-        return await self._run(
-            lambda conn: self._write(conn, lambda c: c.execute(sql, (cut,)).rowcount)
+        return await self.run(
+            lambda conn: self.write(conn, lambda c: c.execute(sql, (cut,)).rowcount)
         )
 
     async def wait_for_rows(self, timeout: float) -> None:
@@ -885,7 +599,7 @@ class SqliteOutboxStore(_SqliteStore):
         wake = self._wake
         deadline = loop.time() + timeout
         while True:
-            if await self._run(self._changed, inline=True):
+            if await self.run(self._changed, inline=True):
                 return
             now = loop.time()
             if now >= deadline:
@@ -915,48 +629,3 @@ class SqliteOutboxStore(_SqliteStore):
                 if not waiting:
                     del _waiting[self._key]
         await super().close()
-
-
-class SqliteInboxStore(_SqliteStore):
-    """The :class:`msdata.outbox.store.InboxStore` on SQLite.
-
-    A concurrent duplicate waits for the SQLite write lock (the caller's busy timeout) and
-    then finds the first transaction's record; if the caller's transaction had already read
-    an older snapshot, SQLite refuses the write at once and StoreError is raised: roll back
-    and let the message be redelivered.
-    """
-
-    def schema_sql(self) -> str:
-        """The DDL of this store's table (idempotent)."""
-        return _INBOX_DDL.format(p=self.table_prefix)
-
-    async def create_schema(self) -> None:
-        await self._script(self.schema_sql())
-
-    def record(self, conn: Any, consumer: str, message_id: str) -> bool:
-        raw = _dbapi(conn)
-        try:
-            cur = raw.execute(
-                f"INSERT OR IGNORE INTO {self.table_prefix}inbox "
-                "(consumer, message_id, recorded_at) VALUES (?, ?, ?)",
-                (consumer, message_id, time.time()),
-            )
-        except sqlite3.Error as e:
-            raise _translate(e) from e
-        return cur.rowcount == 1
-
-    async def record_async(self, conn: Any, consumer: str, message_id: str) -> bool:
-        """The same sync connections as :meth:`record` (see ``append_async``)."""
-        return self.record(conn, consumer, message_id)
-
-    async def purge(self, older_than: datetime) -> int:
-        sql = f"DELETE FROM {self.table_prefix}inbox WHERE recorded_at < ?"
-        cut = older_than.timestamp()
-        return await self._run(
-            lambda conn: self._write(conn, lambda c: c.execute(sql, (cut,)).rowcount)
-        )
-
-
-def from_url(url: str, **options: Any) -> SqliteOutboxStore:
-    """``SqliteOutboxStore.from_url``: ``sqlite:///orders.db``."""
-    return SqliteOutboxStore(_path_from_url(url), **options)

@@ -1,5 +1,56 @@
-"""What the PostgreSQL stores share: validated names, the store's own asyncpg pool, running
-one statement on a caller's connection of any supported driver, and error translation."""
+"""The PostgreSQL kernel every PostgreSQL store is built on.
+
+A port module (outbox, inbox, saga state, idempotency records, event store, checkpoints)
+is a class that owns a :class:`PostgresDatabase` and holds its SQL::
+
+    class PostgresThingStore:
+        def __init__(self, pool_or_dsn, *, table_prefix=DEFAULT_TABLE_PREFIX, schema=None):
+            self._db = PostgresDatabase(pool_or_dsn, schema=schema, kind="thing store")
+            self._prefix = check_table_prefix(table_prefix)
+            self.table = self._db.qualified(f"{self._prefix}thing")
+            self._put = CallerSQL(f"INSERT INTO {self.table} (k) VALUES ({{0}})", "thing put")
+
+        def schema_sql(self) -> str:
+            return self._db.schema_head() + _DDL.format(table=self.table)
+
+        async def create_schema(self) -> None:
+            lock = self._db.lock_class(self.table)
+            await self._db.run_ddl("thing create_schema", self.schema_sql(), lock)
+
+        def put(self, conn, key):                  # the caller's transaction, any driver
+            self._put.run(conn, (key,))
+
+        async def put_async(self, conn, key):
+            await self._put.run_async(conn, (key,))
+
+        async def expire(self, before) -> int:     # the store's own pool, one transaction
+            sql = f"DELETE FROM {self.table} WHERE at < $1"
+            tag = await self._db.call("thing expire", lambda pool: pool.execute(sql, before))
+            return command_count(tag)
+
+        async def close(self) -> None:
+            await self._db.close()
+
+What the kernel gives:
+
+- Names: :func:`check_schema` (a schema name goes into SQL: lowercase letters, digits and
+  ``_`` only), :func:`qualified` / :meth:`PostgresDatabase.qualified` (``"schema"."name"``),
+  :func:`lock_class` (a stable advisory-lock class per table), :func:`normalize_url`.
+- :class:`PostgresDatabase`: the store's own asyncpg pool (given, and then never closed
+  here, or made lazily from a DSN on first use); :meth:`~PostgresDatabase.call` runs one
+  coroutine on it with errors mapped; :meth:`~PostgresDatabase.run_ddl` runs DDL in one
+  transaction under an advisory lock (two processes creating the same tables at once do
+  not collide); :meth:`~PostgresDatabase.dedicated` / :meth:`~PostgresDatabase.give_back`
+  hold one connection apart (LISTEN); :meth:`~PostgresDatabase.close`.
+- :class:`CallerSQL`: one statement rendered once per driver's parameter style and run on
+  the caller's connection, in its open transaction, for every driver form: psycopg sync and
+  async, asyncpg (a connection or a pool's proxy), SQLAlchemy ``Session``/``Connection`` and
+  their async forms. :func:`driver_of` tells them apart and refuses a sync connection in an
+  async call and the other way round.
+- :class:`map_errors`: the one place driver errors become msdata errors (``raise … from
+  e``): an undefined table, function or schema is :class:`SchemaError`, anything else
+  :class:`StoreError`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +58,8 @@ import asyncio
 import enum
 import re
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
 from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
@@ -16,11 +68,16 @@ import asyncpg
 from msdata.errors import ConfigurationError, SchemaError, StoreError
 
 __all__ = [
+    "RELAY_ERRORS",
     "CallerSQL",
     "Driver",
-    "PoolOwner",
+    "PostgresDatabase",
+    "check_in_transaction",
     "check_schema",
+    "command_count",
     "driver_of",
+    "lock_class",
+    "map_errors",
     "normalize_url",
     "qualified",
     "store_error",
@@ -58,7 +115,8 @@ def normalize_url(url: str) -> str:
     parts = urlsplit(url)
     scheme = parts.scheme.partition("+")[0]
     if scheme not in ("postgresql", "postgres"):
-        raise ConfigurationError(f"not a postgresql:// URL: {url!r}")
+        # the URL may carry a password: name the scheme only
+        raise ConfigurationError(f"not a postgresql:// URL (scheme {parts.scheme!r})")
     return urlunsplit(("postgresql", *parts[1:]))
 
 
@@ -77,6 +135,11 @@ def store_error(what: str, e: BaseException) -> NoReturn:
     raise StoreError(f"{what}: {type(e).__name__}: {e}") from e
 
 
+def command_count(status: str) -> int:
+    """The row count from a command tag such as ``UPDATE 3``."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
 #: what the store's own calls translate into StoreError
 RELAY_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
@@ -84,6 +147,46 @@ RELAY_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
 )
+
+
+class map_errors:
+    """Context manager: a driver error (one of ``errors``; by default those of the store's
+    own asyncpg calls) raised inside becomes :class:`SchemaError` or :class:`StoreError`
+    (see :func:`store_error`), raised ``from`` it; anything else passes through.
+
+    ``pipelined``: the caller's psycopg connection, when the statement ran on one. In
+    pipeline mode our statement is only queued: an error raised while queuing it belongs
+    to an earlier statement of the caller's (psycopg reports the results that have
+    arrived), and an error of ours comes up at the caller's next sync or commit. Such an
+    error is re-raised as it is rather than blamed on the store."""
+
+    __slots__ = ("errors", "pipelined", "what")
+
+    def __init__(
+        self,
+        what: str,
+        errors: tuple[type[BaseException], ...] = RELAY_ERRORS,
+        *,
+        pipelined: Any = None,
+    ) -> None:
+        self.what = what
+        self.errors = errors
+        self.pipelined = pipelined
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None or not isinstance(exc, self.errors):
+            return
+        if self.pipelined is not None and self.pipelined.pgconn.pipeline_status:
+            return
+        store_error(self.what, exc)
 
 
 # -- the caller's connection ---------------------------------------------------------------
@@ -154,6 +257,27 @@ def driver_of(conn: Any, *, want_async: bool) -> Driver:
     return driver
 
 
+def check_in_transaction(conn: Any, driver: Driver) -> None:
+    """Refuse (ConfigurationError) a caller's asyncpg connection with no open transaction,
+    or a psycopg one in autocommit mode with none: the write would commit on its own. A
+    psycopg connection outside autocommit opens its transaction at the first statement,
+    and a SQLAlchemy Session/Connection begins one itself, so both pass."""
+    if driver is Driver.ASYNCPG:
+        if not conn.is_in_transaction():
+            raise ConfigurationError(
+                "the asyncpg connection has no open transaction: use `async with "
+                "conn.transaction():` so the write commits with the caller's work"
+            )
+    elif driver in (Driver.PSYCOPG, Driver.PSYCOPG_ASYNC) and conn.autocommit:
+        import psycopg.pq
+
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            raise ConfigurationError(
+                "the psycopg connection is in autocommit mode with no open transaction: "
+                "use `with conn.transaction():` so the write commits with the caller's work"
+            )
+
+
 def _driver_errors(driver: Driver) -> tuple[type[BaseException], ...]:
     if driver is Driver.ASYNCPG:
         return (asyncpg.PostgresError, asyncpg.InterfaceError)
@@ -197,44 +321,30 @@ class CallerSQL:
     def run(self, conn: Any, args: Sequence[Any], *, fetch: bool = False) -> Any:
         """Run on a sync connection; with ``fetch``, return the first row or None."""
         driver = driver_of(conn, want_async=False)
-        try:
-            if driver is Driver.PSYCOPG:
+        if driver is Driver.PSYCOPG:
+            with map_errors(self.what, _driver_errors(driver), pipelined=conn):
                 cur = conn.execute(self._psycopg, args)
                 return cur.fetchone() if fetch else None
+        with map_errors(self.what, _driver_errors(driver)):
             result = conn.execute(self._sa(), self._sa_params(args))
             return result.first() if fetch else None
-        except _driver_errors(driver) as e:
-            if _pipelined(driver, conn):
-                raise
-            store_error(self.what, e)
 
     async def run_async(self, conn: Any, args: Sequence[Any], *, fetch: bool = False) -> Any:
         """Run on an async connection; with ``fetch``, return the first row or None."""
         driver = driver_of(conn, want_async=True)
-        try:
-            if driver is Driver.ASYNCPG:
+        if driver is Driver.ASYNCPG:
+            with map_errors(self.what, _driver_errors(driver)):
                 if fetch:
                     return await conn.fetchrow(self._asyncpg, *args)
                 await conn.execute(self._asyncpg, *args)
                 return None
-            if driver is Driver.PSYCOPG_ASYNC:
+        if driver is Driver.PSYCOPG_ASYNC:
+            with map_errors(self.what, _driver_errors(driver), pipelined=conn):
                 cur = await conn.execute(self._psycopg, args)
                 return await cur.fetchone() if fetch else None
+        with map_errors(self.what, _driver_errors(driver)):
             result = await conn.execute(self._sa(), self._sa_params(args))
             return result.first() if fetch else None
-        except _driver_errors(driver) as e:
-            if _pipelined(driver, conn):
-                raise
-            store_error(self.what, e)
-
-
-def _pipelined(driver: Driver, conn: Any) -> bool:
-    """Is ``conn`` a psycopg connection in pipeline mode? There our statement is only
-    queued: an error raised while queuing it belongs to an earlier statement of the
-    caller's (psycopg reports the results that have arrived), and an error of ours comes
-    up at the caller's next sync or commit. Such an error is re-raised as it is rather
-    than blamed on the outbox."""
-    return driver in (Driver.PSYCOPG, Driver.PSYCOPG_ASYNC) and bool(conn.pgconn.pipeline_status)
 
 
 # -- the store's own connections -----------------------------------------------------------
@@ -245,16 +355,26 @@ async def _keep_session(conn: Any) -> None:
     local, locks transaction-scoped), so a released connection needs no RESET round trip."""
 
 
-class PoolOwner:
-    """The store's own asyncpg pool: given, or made lazily from a DSN on first use."""
+class PostgresDatabase:
+    """The store's own asyncpg pool (``pool_or_dsn``: an ``asyncpg.Pool``, the caller's,
+    never closed here; or a DSN, from which a pool of at most ``max_size`` connections is
+    made on first use and closed by :meth:`close`) and its validated ``schema``."""
 
-    def __init__(self, pool_or_dsn: Any, *, max_size: int = 4, kind: str = "store") -> None:
+    def __init__(
+        self,
+        pool_or_dsn: Any,
+        *,
+        schema: str | None = None,
+        max_size: int = 4,
+        kind: str = "store",
+    ) -> None:
+        self.schema = check_schema(schema)
         if isinstance(pool_or_dsn, str):
-            self._dsn: str | None = normalize_url(pool_or_dsn)
+            self.dsn: str | None = normalize_url(pool_or_dsn)
             self._pool: Any = None
             self._owns_pool = True
         elif isinstance(pool_or_dsn, asyncpg.Pool):
-            self._dsn = None
+            self.dsn = None
             self._pool = pool_or_dsn
             self._owns_pool = False
         else:
@@ -268,27 +388,36 @@ class PoolOwner:
         self._pool_lock = asyncio.Lock()
         self._closed = False
 
+    def qualified(self, name: str) -> str:
+        """``"schema"."name"`` (or ``"name"``) for a table or function of this store."""
+        return qualified(self.schema, name)
+
+    def lock_class(self, name: str) -> int:
+        """The advisory-lock class of one table of this store (see :func:`lock_class`)."""
+        return lock_class(f"{self.schema or ''}.{name}")
+
+    def schema_head(self) -> str:
+        """``CREATE SCHEMA IF NOT EXISTS`` for the store's schema, or nothing."""
+        return f'CREATE SCHEMA IF NOT EXISTS "{self.schema}";\n' if self.schema else ""
+
     async def pool(self) -> Any:
+        """The pool (made on first use from a DSN). StoreError once closed."""
         if self._closed:
             raise StoreError("the store is closed")
         if self._pool is None:
             async with self._pool_lock:
                 if self._pool is None:
-                    try:
+                    with map_errors("cannot connect to PostgreSQL"):
                         self._pool = await asyncpg.create_pool(
-                            self._dsn, min_size=1, max_size=self._max_size, reset=_keep_session
+                            self.dsn, min_size=1, max_size=self._max_size, reset=_keep_session
                         )
-                    except RELAY_ERRORS as e:
-                        store_error("cannot connect to PostgreSQL", e)
         return self._pool
 
-    async def _call(self, what: str, fn: Callable[[Any], Any]) -> Any:
-        """``await fn(pool)`` with driver errors translated."""
+    async def call(self, what: str, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+        """``await fn(pool)`` with driver errors mapped (see :class:`map_errors`)."""
         pool = await self.pool()
-        try:
+        with map_errors(what):
             return await fn(pool)
-        except RELAY_ERRORS as e:
-            store_error(what, e)
 
     async def run_ddl(self, what: str, ddl: str, lock_class: int) -> None:
         """Run ``ddl`` in one transaction under an advisory lock, so two processes creating
@@ -299,10 +428,27 @@ class PoolOwner:
                 await conn.execute("SELECT pg_advisory_xact_lock($1, 0)", lock_class)
                 await conn.execute(ddl)
 
-        await self._call(what, run)
+        await self.call(what, run)
 
-    async def _close_pool(self) -> None:
+    async def dedicated(self) -> Any:
+        """A connection held apart from the pool's work (e.g. to LISTEN): a new one from
+        the DSN, or one taken from the given pool. Give it back with :meth:`give_back`.
+        Raises the driver's error (the caller decides what a failure means)."""
+        if self.dsn is not None:
+            return await asyncpg.connect(self.dsn)
+        return await (await self.pool()).acquire()
+
+    async def give_back(self, conn: Any) -> None:
+        """Close (or return to the given pool) a connection from :meth:`dedicated`."""
+        if self.dsn is not None:
+            await conn.close()
+        elif self._pool is not None:
+            await self._pool.release(conn)
+
+    async def close(self, what: str = "close") -> None:
+        """Close the pool this object made (a given pool stays open); idempotent."""
         self._closed = True
         pool, self._pool = self._pool, None
         if pool is not None and self._owns_pool:
-            await pool.close()
+            with map_errors(what):
+                await pool.close()

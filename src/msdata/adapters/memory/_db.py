@@ -1,0 +1,140 @@
+"""What the memory stores share: :class:`MemoryTransaction`, the unit of work every memory
+store takes as its ``conn``, and :class:`MemoryDatabase`, the lifecycle of a memory store.
+
+A new memory store (saga state, idempotency records, event store, checkpoints) subclasses
+:class:`MemoryDatabase`; its write side takes ``conn`` through :func:`transaction_of` and
+stages its changes with ``tx.on_commit(...)`` (visible at commit, gone at rollback)::
+
+    class MemoryThingStore(MemoryDatabase):
+        def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
+            super().__init__(clock=clock)
+            self._things: dict[str, Thing] = {}
+
+        def put(self, conn: Connection, key: str, thing: Thing) -> None:
+            tx = transaction_of(conn)
+            tx.on_commit(lambda: self._things.__setitem__(key, thing))
+
+        async def put_async(self, conn: Connection, key: str, thing: Thing) -> None:
+            self.put(conn, key, thing)
+
+The stores serve one event loop in one thread: a store call that never suspends is one
+transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Self
+
+from msdata.clock import SYSTEM_CLOCK, Clock
+from msdata.errors import ConfigurationError, StoreError
+from msdata.storage import Connection
+
+__all__ = ["MemoryDatabase", "MemoryTransaction", "transaction_of"]
+
+
+class MemoryTransaction:
+    """A unit of work for the memory stores: its changes become visible at :meth:`commit`
+    and vanish at :meth:`rollback`. As a context manager it commits on normal exit and rolls
+    back on an exception (like a database transaction factory does)."""
+
+    __slots__ = ("_on_commit", "_on_end", "_state")
+
+    def __init__(self) -> None:
+        self._on_commit: list[Callable[[], None]] = []
+        self._on_end: list[Callable[[], None]] = []
+        self._state = "open"
+
+    @property
+    def is_open(self) -> bool:
+        return self._state == "open"
+
+    def on_commit(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when (and only if) this transaction commits."""
+        self.check_open()
+        self._on_commit.append(fn)
+
+    def on_end(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` after commit or rollback (after the commit callbacks)."""
+        self.check_open()
+        self._on_end.append(fn)
+
+    def commit(self) -> None:
+        self.check_open()
+        self._state = "committed"
+        for fn in self._on_commit:
+            fn()
+        self._finish()
+
+    def rollback(self) -> None:
+        if self._state != "open":
+            return
+        self._state = "rolled back"
+        self._finish()
+
+    def _finish(self) -> None:
+        ends, self._on_end, self._on_commit = self._on_end, [], []
+        for fn in ends:
+            fn()
+
+    def check_open(self) -> None:
+        """StoreError unless the transaction is still open."""
+        if self._state != "open":
+            raise StoreError(f"the transaction is already {self._state}")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.rollback()
+
+
+def transaction_of(conn: Connection) -> MemoryTransaction:
+    """``conn`` as the open :class:`MemoryTransaction` it must be: ConfigurationError for
+    anything else, StoreError if it has already committed or rolled back."""
+    if not isinstance(conn, MemoryTransaction):
+        raise ConfigurationError(
+            f"the memory stores take a MemoryTransaction (store.begin()), got {type(conn)!r}"
+        )
+    conn.check_open()
+    return conn
+
+
+class MemoryDatabase:
+    """The lifecycle of a memory store: ``from_url("memory://")``, ``begin()`` (a new
+    :class:`MemoryTransaction`), an empty ``schema_sql()``, a no-op ``create_schema()``,
+    ``close()``; ``clock`` is where the store reads time."""
+
+    def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.clock = clock
+        self.closed = False
+
+    @classmethod
+    def from_url(cls, url: str = "memory://", **options: Any) -> Self:
+        """A new, empty store for ``memory://``; ``options`` go to the constructor."""
+        if not url.startswith("memory:"):
+            raise ConfigurationError(f"not a memory:// URL: {url!r}")
+        return cls(**options)
+
+    def begin(self) -> MemoryTransaction:
+        """A new transaction (stands in for a database connection)."""
+        return MemoryTransaction()
+
+    def schema_sql(self) -> str:
+        """Nothing: a memory store has no schema."""
+        return ""
+
+    async def create_schema(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self.closed = True
