@@ -62,9 +62,9 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         connect: Any = lambda: sqlite3.connect(events_dsn)  # noqa: E731
     else:
         import psycopg
+        from msdata.testing.services import require
 
         from msdata.adapters.postgres import PostgresCheckpointStore, PostgresEventStore
-        from msdata.testing.services import require
 
         events_dsn = model_dsn = require("postgres")
         store = PostgresEventStore(events_dsn, table_prefix=prefix)

@@ -626,6 +626,7 @@ class RabbitMQSubscription(ClosesOnExit):
         carried by the message."""
         entries, self._recount = self._recount, []
         raw = None
+        moved = False
         for entry in entries:
             message = entry.message
             assert message is not None
@@ -636,34 +637,44 @@ class RabbitMQSubscription(ClosesOnExit):
                     self._moved_back(key)
                 continue  # the broker took it back: it comes again
             try:
-                if raw is None:
-                    raw = await self._raw_channel()
-                reason = deadletter.overdue_reason(entry.attempt, self.max_attempts)
-                if reason is not None:
-                    await self._dead_letter_entry(
-                        raw, entry, reason, deadletter.overdue_attempts(entry.attempt)
-                    )
-                    continue
-                props = _properties(message)
-                headers = dict(props.headers or {})
-                headers[PRIOR_ATTEMPTS_HEADER] = entry.attempt - 1
-                if key is not None:
-                    headers[MOVED_HEADER] = self._marker
-                left = entry.not_before - time.time()
-                if self._ordered:
-                    target = self.queue  # behind the later messages of its key (see above)
-                elif left > 0:
-                    target = await self._tier_queue(raw, left, headers, entry.not_before)
-                else:
-                    target = self.ready_queue
-                props.headers = headers
-                _copy_properties(props, entry.raw.header.properties)
-                await self._publish_then_ack(raw, entry, "", target, props, "recount")
+                with _amqp_errors(f"moving {message.id} in {self.queue!r}"):
+                    if raw is None:
+                        raw = await self._raw_channel()
+                    reason = deadletter.overdue_reason(entry.attempt, self.max_attempts)
+                    if reason is not None:
+                        attempts = deadletter.overdue_attempts(entry.attempt)
+                        await self._dead_letter_entry(raw, entry, reason, attempts)
+                        continue
+                    props = _properties(message)
+                    headers = dict(props.headers or {})
+                    headers[PRIOR_ATTEMPTS_HEADER] = entry.attempt - 1
+                    if key is not None:
+                        headers[MOVED_HEADER] = self._marker
+                    left = entry.not_before - time.time()
+                    if self._ordered:
+                        target = self.queue  # behind the later messages of its key
+                    elif left > 0:
+                        target = await self._tier_queue(raw, left, headers, entry.not_before)
+                    else:
+                        target = self.ready_queue
+                    props.headers = headers
+                    _copy_properties(props, entry.raw.header.properties)
+                    await self._publish_then_ack(raw, entry, "", target, props, "recount")
+                    moved = True
             except MsdataError as e:
                 # not moved: the broker hands it out again when the channel goes
                 if key is not None and key in self._moving:
                     self._moved_back(key)
                 log.warning("could not move %s in %s: %s", message.id, self.queue, e)
+        if moved and raw is not None:
+            # a round trip on the channel: the broker has processed the acks sent before it,
+            # so a process killed after handing out a copy does not leave its original behind
+            # (which would come back counted one lower)
+            try:
+                with _amqp_errors(f"syncing the channel of {self.queue!r}"):
+                    await raw.queue_declare(self.queue, passive=True)
+            except MsdataError as e:
+                log.warning("%s", e)
 
     # -- order per key (ordered mode) ----------------------------------------------------------
 
