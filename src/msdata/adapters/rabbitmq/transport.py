@@ -50,7 +50,10 @@ the deliveries counted so far (``x-msdata-prior-attempts`` + 1), to the back of 
 whose consumers kept dying is dead-lettered, when it comes back beyond ``max_attempts``,
 instead of being handed out again. In ordered mode the later messages of its key follow it to
 the back (copies marked ``x-msdata-moved``, the subscription counting them back), so order per
-key holds. This is msdata's own attempt record, carried by the message, rather than quorum
+key holds. (For a minute after a subscription's own channel came back from a dropped
+connection or a broker restart, its redeliveries are handed out counted once instead: moving
+them then lost messages in the restart test; cause not found yet.) This is msdata's own
+attempt record, carried by the message, rather than quorum
 queues with a broker-side ``x-delivery-limit``: quorum queues failed our restart test on
 RabbitMQ 3.10 (see above), and a broker-side limit drops or dead-letters without msdata's
 reason headers and log line. Only msdata's own bookkeeping counts: ``x-msdata-prior-attempts``
@@ -168,6 +171,8 @@ _INTERNAL_HEADERS = _BROKER_HEADERS | {
 }
 _PERSISTENT = 2
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+# seconds after a subscription's channel reopened during which its redeliveries are not moved
+_NO_MOVES_AFTER_REOPEN = 60.0
 # an unused retry queue is deleted this long after its delay has run out
 _RETRY_QUEUE_GRACE_MS = 60_000
 
@@ -444,6 +449,10 @@ class RabbitMQSubscription(ClosesOnExit):
         # ordered mode: key -> copies of it this subscription moved and has not received back
         self._moving: dict[str, int] = {}
         self._marker = uuid.uuid4().hex
+        # after this subscription's own channel came back (a dropped connection, a broker
+        # restart), its redeliveries are counted once, as they come, not moved (see
+        # _on_reopen)
+        self._moves_resume_at = 0.0
         self._signal = asyncio.Event()
         self._closed = False
         self._entered = False
@@ -513,6 +522,10 @@ class RabbitMQSubscription(ClosesOnExit):
         # what was taken on the old channel is void; our moved copies are in the queue in order
         self._recount.clear()
         self._moving.clear()
+        # Moving the redeliveries that follow a broker restart lost messages in our restart
+        # test (cause not found yet): for a while, hand them out counted once instead, as
+        # classic queues do by themselves
+        self._moves_resume_at = time.monotonic() + _NO_MOVES_AFTER_REOPEN
         if self._resuming is not None:
             self._resuming.cancel()
         self._resuming = asyncio.get_running_loop().create_task(self._resume())
@@ -544,23 +557,23 @@ class RabbitMQSubscription(ClosesOnExit):
             raise TransportClosed("receive() on a closed subscription")
         if not self._entered:
             raise ConfigurationError("use the subscription as `async with` before receive()")
-        out = self._take(max_messages)
-        if self._recount:
-            await self._settle_recount()
-        if out or timeout <= 0:
-            return out
-        try:
-            async with asyncio.timeout(timeout):
-                while not out:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            out = self._take(max_messages)
+            if self._recount:
+                # not under the timeout: what was taken is handed out or moved, never dropped
+                await self._settle_recount()
+            if out:
+                return out
+            left = deadline - loop.time()
+            if left <= 0 or self._closed:
+                return []
+            try:
+                async with asyncio.timeout(left):
                     await self._signal.wait()
-                    if self._closed:
-                        return []
-                    out = self._take(max_messages)
-                    if self._recount:
-                        await self._settle_recount()
-        except TimeoutError:
-            return []
-        return out
+            except TimeoutError:
+                return []
 
     def _take(self, limit: int) -> list[RabbitMQDelivery]:
         pending = self._pending
@@ -605,7 +618,11 @@ class RabbitMQSubscription(ClosesOnExit):
             return True  # dead-lettered, not moved
         if entry.not_before and entry.not_before > time.time():
             return True  # a delayed retry with more delay to go
-        if follows or (entry.raw.redelivered and not self._counts_deliveries):
+        if follows or (
+            entry.raw.redelivered
+            and not self._counts_deliveries
+            and time.monotonic() >= self._moves_resume_at
+        ):
             if self._ordered and key is not None:
                 moving[key] = moving.get(key, 0) + 1
             return True
@@ -624,57 +641,94 @@ class RabbitMQSubscription(ClosesOnExit):
         acked). So a classic queue's redelivery (its consumer died, or closed, holding it) is
         counted, however many times it happens: attempt counts are msdata's own record,
         carried by the message."""
-        entries, self._recount = self._recount, []
-        raw = None
-        moved = False
-        for entry in entries:
-            message = entry.message
-            assert message is not None
-            moves = entry.attempt <= self.max_attempts
-            key = message.key if self._ordered and moves else None
-            if entry.stale:
-                if key is not None and key in self._moving:
-                    self._moved_back(key)
-                continue  # the broker took it back: it comes again
+        recount = self._recount
+        try:
+            with _amqp_errors(f"moving messages in {self.queue!r}"):
+                raw = await self._raw_channel()
+        except MsdataError as e:
+            log.warning("%s", e)
+            recount.clear()  # the channel is gone: the broker hands them out again
+            self._moving.clear()
+            return
+        # taken off the list only once done with: if this task is cancelled meanwhile, the
+        # next receive() carries on with them (a copy sent twice is a duplicate, allowed)
+        batch = list(recount)
+        copies: list[tuple[_Entry, str, Basic.Properties]] = []
+        for entry in batch:
             try:
-                with _amqp_errors(f"moving {message.id} in {self.queue!r}"):
-                    if raw is None:
-                        raw = await self._raw_channel()
-                    reason = deadletter.overdue_reason(entry.attempt, self.max_attempts)
-                    if reason is not None:
-                        attempts = deadletter.overdue_attempts(entry.attempt)
-                        await self._dead_letter_entry(raw, entry, reason, attempts)
-                        continue
-                    props = _properties(message)
-                    headers = dict(props.headers or {})
-                    headers[PRIOR_ATTEMPTS_HEADER] = entry.attempt - 1
-                    if key is not None:
-                        headers[MOVED_HEADER] = self._marker
-                    left = entry.not_before - time.time()
-                    if self._ordered:
-                        target = self.queue  # behind the later messages of its key
-                    elif left > 0:
-                        target = await self._tier_queue(raw, left, headers, entry.not_before)
-                    else:
-                        target = self.ready_queue
-                    props.headers = headers
-                    _copy_properties(props, entry.raw.header.properties)
-                    await self._publish_then_ack(raw, entry, "", target, props, "recount")
-                    moved = True
+                planned = await self._plan_move(raw, entry)
             except MsdataError as e:
-                # not moved: the broker hands it out again when the channel goes
-                if key is not None and key in self._moving:
-                    self._moved_back(key)
-                log.warning("could not move %s in %s: %s", message.id, self.queue, e)
-        if moved and raw is not None:
-            # a round trip on the channel: the broker has processed the acks sent before it,
-            # so a process killed after handing out a copy does not leave its original behind
-            # (which would come back counted one lower)
+                self._not_moved(entry, e)
+                continue
+            if planned is not None:
+                copies.append((entry, *planned))
+        if copies:
+            # every copy in flight at once (in order), then each original acked once its
+            # copy is confirmed
+            results = await asyncio.gather(
+                *[
+                    raw.basic_publish(e.raw.body, exchange="", routing_key=q, properties=p)
+                    for e, q, p in copies
+                ],
+                return_exceptions=True,
+            )
+            for (entry, _, _), result in zip(copies, results, strict=True):
+                if isinstance(result, Basic.Ack):
+                    await _ack(entry.raw)
+                else:
+                    self._not_moved(entry, result)
             try:
+                # a round trip on the channel: the broker has processed the acks sent before
+                # it, so a process killed after handing out a copy does not leave its
+                # original behind (which would come back counted one lower)
                 with _amqp_errors(f"syncing the channel of {self.queue!r}"):
                     await raw.queue_declare(self.queue, passive=True)
             except MsdataError as e:
                 log.warning("%s", e)
+        done = {id(e) for e in batch}
+        recount[:] = [e for e in recount if id(e) not in done]
+
+    def _not_moved(self, entry: _Entry, error: object) -> None:
+        # not moved: the broker hands it out again when the channel goes
+        message = entry.message
+        assert message is not None
+        key = message.key
+        if self._ordered and key is not None and key in self._moving:
+            self._moved_back(key)
+        log.warning("could not move %s in %s: %s", message.id, self.queue, error)
+
+    async def _plan_move(self, raw: Any, entry: _Entry) -> tuple[str, Basic.Properties] | None:
+        """Dead-letter ``entry`` if overdue (None), drop it if stale (None: the broker took it
+        back), else the queue its copy goes to and the copy's properties."""
+        message = entry.message
+        assert message is not None
+        moves = entry.attempt <= self.max_attempts
+        key = message.key if self._ordered and moves else None
+        if entry.stale:
+            if key is not None and key in self._moving:
+                self._moved_back(key)
+            return None
+        with _amqp_errors(f"moving {message.id} in {self.queue!r}"):
+            reason = deadletter.overdue_reason(entry.attempt, self.max_attempts)
+            if reason is not None:
+                attempts = deadletter.overdue_attempts(entry.attempt)
+                await self._dead_letter_entry(raw, entry, reason, attempts)
+                return None
+            props = _properties(message)
+            headers = dict(props.headers or {})
+            headers[PRIOR_ATTEMPTS_HEADER] = entry.attempt - 1
+            if key is not None:
+                headers[MOVED_HEADER] = self._marker
+            left = entry.not_before - time.time()
+            if self._ordered:
+                target = self.queue  # behind the later messages of its key
+            elif left > 0:
+                target = await self._tier_queue(raw, left, headers, entry.not_before)
+            else:
+                target = self.ready_queue
+            props.headers = headers
+            _copy_properties(props, entry.raw.header.properties)
+            return target, props
 
     # -- order per key (ordered mode) ----------------------------------------------------------
 
