@@ -14,7 +14,15 @@
 Durability is printed with each table: the relay's own connection and the business
 connection both use the ``synchronous`` level given (WAL mode).
 
+With ``--headers`` every event carries a ``traceparent`` header (as with OpenTelemetry on),
+in the payload and in the row's headers column.
+
+Each table gives the median of the runs, and the per-run ratio msdata / raw as
+min-median-max (the two loops run back to back in each run, their order alternating);
+/proc/loadavg is printed at the start and the end.
+
     .venv/bin/python bench/bench_outbox_sqlite.py [--rows 100000] [--sync NORMAL|FULL]
+        [--headers] [--runs 5]
 """
 
 from __future__ import annotations
@@ -47,11 +55,29 @@ class OrderPlaced(Event):
     total_cents: int
 
 
-def rows_for(n: int) -> list[OutboxRow]:
+TRACEPARENT = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+
+
+def loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().strip()
+    except OSError:
+        return "n/a"
+
+
+def spread(ratios: list[float]) -> str:
+    """Per-run ratios as min-median-max."""
+    return f"{min(ratios):.2f}-{statistics.median(ratios):.2f}-{max(ratios):.2f}"
+
+
+def rows_for(n: int, headers: bool = False) -> list[OutboxRow]:
     codec = CloudEventsCodec(registry)
     payload = codec.encode(
         make_envelope(
-            OrderPlaced(order_id="o-1", customer="c-1", total_cents=1234), registry=registry
+            OrderPlaced(order_id="o-1", customer="c-1", total_cents=1234),
+            registry=registry,
+            headers=TRACEPARENT if headers else None,
         )
     )
     return [
@@ -62,6 +88,7 @@ def rows_for(n: int) -> list[OutboxRow]:
             payload=payload,
             partition_key=f"order-{i % 100}",
             aggregate_type="bench.OrderPlaced",
+            headers=TRACEPARENT if headers else {},
         )
         for i in range(n)
     ]
@@ -129,8 +156,8 @@ async def msdata_drain(store: SqliteOutboxStore, n: int) -> int:
     return transport.count
 
 
-def bench_drain(n: int, sync: str, runs: int) -> None:
-    rows = rows_for(n)
+def bench_drain(n: int, sync: str, runs: int, headers: bool = False) -> None:
+    rows = rows_for(n, headers)
     # rows/s by the wall clock and by the process's CPU time: on a shared machine the CPU
     # figure is the steadier one (both loops run in one thread of this process)
     raw_rates, ms_rates, raw_cpu, ms_cpu = [], [], [], []
@@ -138,13 +165,15 @@ def bench_drain(n: int, sync: str, runs: int) -> None:
         path = os.path.join(d, "drain.db")
         store = SqliteOutboxStore(path, synchronous=sync, table_prefix="b_")
         asyncio.run(store.create_schema())
-        for _ in range(runs):
+
+        def raw_run() -> None:
             fill(path, store, rows, sync)
             t, c = time.perf_counter(), time.process_time()
             assert raw_drain(path, "b_outbox", sync) == n
             raw_rates.append(n / (time.perf_counter() - t))
             raw_cpu.append(n / (time.process_time() - c))
 
+        def msdata_run() -> None:
             fill(path, store, rows, sync)
 
             async def run() -> tuple[float, float]:
@@ -158,10 +187,18 @@ def bench_drain(n: int, sync: str, runs: int) -> None:
             wall, cpu = asyncio.run(run())
             ms_rates.append(wall)
             ms_cpu.append(cpu)
+
+        for i in range(runs):
+            # rotate the order, so neither loop always runs on a warmer machine
+            for step in (raw_run, msdata_run) if i % 2 == 0 else (msdata_run, raw_run):
+                step()
     med = statistics.median
     raw, ms = med(raw_rates), med(ms_rates)
     rc, mc = med(raw_cpu), med(ms_cpu)
-    print(f"\n(a) drain {n:,} rows, 100 keys, batches of 100, synchronous={sync}, WAL")
+    with_headers = ", a traceparent header on every row" if headers else ""
+    print(
+        f"\n(a) drain {n:,} rows, 100 keys, batches of 100, synchronous={sync}, WAL{with_headers}"
+    )
     print(f"    median of {runs} runs each")
     print(f"    {'':<52}{'rows/s':>12}{'per CPU s':>12}")
     print(
@@ -169,6 +206,11 @@ def bench_drain(n: int, sync: str, runs: int) -> None:
     )
     print(f"    {'msdata OutboxRelay -> MemoryTransport':<52}{ms:>12,.0f}{mc:>12,.0f}")
     print(f"    {'ratio msdata / raw (target >= 0.80)':<52}{ms / raw:>12.2f}{mc / rc:>12.2f}")
+    wall_ratios = [m / r for m, r in zip(ms_rates, raw_rates, strict=True)]
+    cpu_ratios = [m / r for m, r in zip(ms_cpu, raw_cpu, strict=True)]
+    print(
+        f"    {'per-run ratio min-median-max':<40}{spread(wall_ratios):>24}{spread(cpu_ratios):>18}"
+    )
 
 
 def bench_add(n: int, sync: str, runs: int) -> None:
@@ -261,14 +303,19 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--sync", choices=["NORMAL", "FULL"], default=None)
     ap.add_argument("--drain-only", action="store_true", help="skip (b), the write cost")
+    ap.add_argument(
+        "--headers", action="store_true", help="a traceparent header on every row (drain)"
+    )
     args = ap.parse_args()
+    print(f"loadavg at start: {loadavg()}")
     syncs = [args.sync] if args.sync else ["NORMAL", "FULL"]
     print(
         f"msdata outbox on SQLite {sqlite3.sqlite_version} (stdlib sqlite3), {os.cpu_count()} cpus"
     )
-    bench_drain(args.rows, "NORMAL", args.runs)
+    bench_drain(args.rows, "NORMAL", args.runs, args.headers)
     for sync in [] if args.drain_only else syncs:
         bench_add(20_000 if sync == "NORMAL" else 2_000, sync, args.runs)
+    print(f"\nloadavg at end: {loadavg()}")
 
 
 if __name__ == "__main__":

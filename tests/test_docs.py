@@ -59,3 +59,22 @@ def test_main_example_runs_and_reports_every_order_once() -> None:
     lines = proc.stdout.splitlines()
     assert lines[-1] == "all orders charged and reserved exactly once"
     assert len([line for line in lines if line.startswith("o-")]) == 5
+
+
+def test_every_logger_of_the_library_is_named_in_the_readme() -> None:
+    """A logger added to the code is added to the README's table, so users can find it."""
+    readme = (ROOT / "README.md").read_text()
+    named = re.compile(r"getLogger\(\s*(?:\"([^\"]+)\"|(__name__))")
+    loggers: set[str] = set()
+    for path in (ROOT / "src" / "msdata").rglob("*.py"):
+        if "testing" in path.parts:
+            continue
+        for literal, dunder in named.findall(path.read_text()):
+            if dunder:
+                module = path.relative_to(ROOT / "src").with_suffix("")
+                loggers.add(".".join(module.parts).removesuffix(".__init__"))
+            else:
+                loggers.add(literal)
+    assert loggers, "no logger found: the pattern is stale"
+    missing = sorted(name for name in loggers if f"| `{name}` |" not in readme)
+    assert not missing, f"loggers not in the README's Logging table: {missing}"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -511,3 +512,44 @@ async def test_a_dead_letter_is_logged_once_with_the_handlers_traceback(
     # the first failure is a warning of its own; the last one is the dead letter's line
     failures = [r for r in caplog.records if r.name == "msdata.events"]
     assert len(failures) == 1 and "attempt 1 of 2" in failures[0].getMessage()
+
+
+async def test_stop_returns_at_its_timeout_when_a_handler_will_not_stop(
+    transport: MemoryTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    bus = make_bus(transport, stop_timeout=30)
+    started = asyncio.Event()
+    release = asyncio.Event()
+    returned: list[str] = []
+
+    @bus.handler(OrderPlaced, group="stubborn")
+    async def stubborn(e: OrderPlaced) -> None:
+        started.set()
+        while not release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):  # swallowed: it keeps waiting
+                await release.wait()
+        returned.append(e.order_id)
+
+    await bus.start()
+    sent = await bus.publish(OrderPlaced(order_id="stuck", amount=1))
+    await started.wait()
+    with caplog.at_level(logging.ERROR, logger="msdata.events"):
+        # stop_timeout is 30 s: the call's own bound wins, and stop() comes back
+        await asyncio.wait_for(bus.stop(timeout=0.5), timeout=5)
+    (record,) = [r for r in caplog.records if "would not stop" in r.getMessage()]
+    assert "stubborn" in record.getMessage() and sent.id in record.getMessage()
+    # the delivery was released, not acked: another consumer of the group gets it again
+    async with transport.subscribe(bus.topic_of(OrderPlaced), "stubborn") as sub:
+        (again,) = await collect(sub, 1, timeout=2, ack=False)
+        assert again.message.id == sent.id and again.attempt == 2
+        release.set()  # the abandoned handler finally returns: it must settle nothing
+        await eventually(lambda: returned == ["stuck"], 5.0, what="the handler to return")
+        await eventually(
+            lambda: (
+                not any(t.get_name().startswith("msdata-consumer") for t in asyncio.all_tasks())
+            ),
+            5.0,
+            what="the abandoned consumer task to end",
+        )
+        await again.ack()
+    assert transport.pending(bus.topic_of(OrderPlaced), "stubborn") == 0

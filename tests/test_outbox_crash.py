@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -25,6 +24,7 @@ from typing import Any
 import pytest
 
 from msdata.outbox import Inbox, Outbox, OutboxRelay
+from msdata.testing import eventually
 
 sys.path.insert(0, str(Path(__file__).parent))
 from outbox_crash_worker import LEASE_SECONDS, FileBroker, OrderPlaced, registry
@@ -126,11 +126,11 @@ def kill(proc: subprocess.Popen[str]) -> None:
 
 
 async def drain(relay: OutboxRelay, store: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while (await store.status()).pending:
-        assert time.monotonic() < deadline, "the relay did not drain the outbox"
-        if not await relay.run_once():
-            await asyncio.sleep(0.1)
+    async def drained() -> bool:
+        await relay.run_once()
+        return not (await store.status()).pending
+
+    await eventually(drained, timeout, interval=0.1, what="the relay drained the outbox")
 
 
 async def test_writer_killed_before_commit_publishes_nothing(

@@ -10,8 +10,11 @@ from msdata.adapters.memory import (
     MemoryTransaction,
     MemoryTransport,
 )
+from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.outbox import InboxStore, OutboxRow, OutboxStore
-from msdata.testing.outbox import InboxStoreConformance, OutboxStoreConformance
+from msdata.testing.conformance.inbox import InboxStoreConformance
+from msdata.testing.conformance.outbox import OutboxStoreConformance, OutboxStoreHooks
+from msdata.testing.conformance.relay import OutboxRelayConformance
 
 
 class MemoryHooks:
@@ -25,12 +28,12 @@ class MemoryHooks:
         tx.rollback()
 
 
-class TestMemoryOutboxStore(MemoryHooks, OutboxStoreConformance):
+class MemoryOutboxHooks(MemoryHooks, OutboxStoreHooks):
     lease_seconds = 0.2
 
     @asynccontextmanager
-    async def make_store(self) -> AsyncIterator[OutboxStore]:
-        store = MemoryOutboxStore()
+    async def make_store(self, *, clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[OutboxStore]:
+        store = MemoryOutboxStore(clock=clock)
         try:
             yield store
         finally:
@@ -40,28 +43,18 @@ class TestMemoryOutboxStore(MemoryHooks, OutboxStoreConformance):
         store.append(tx, rows)
 
 
-class _PlainMemoryOutboxStore(MemoryOutboxStore):
-    """A store without the optional ``mark_sent_and_claim``: the relay's fallback."""
-
-    mark_sent_and_claim = None  # type: ignore[assignment]
+class TestMemoryOutboxStore(MemoryOutboxHooks, OutboxStoreConformance):
+    pass
 
 
-class TestMemoryOutboxStoreWithoutMarkSentAndClaim(TestMemoryOutboxStore):
-    """The whole suite again, the relay marking and claiming in two store calls."""
-
-    @asynccontextmanager
-    async def make_store(self) -> AsyncIterator[OutboxStore]:
-        store = _PlainMemoryOutboxStore()
-        try:
-            yield store
-        finally:
-            await store.close()
+class TestMemoryOutboxRelay(MemoryOutboxHooks, OutboxRelayConformance):
+    pass
 
 
 class TestMemoryInboxStore(MemoryHooks, InboxStoreConformance):
     @asynccontextmanager
-    async def make_inbox_store(self) -> AsyncIterator[InboxStore]:
-        yield MemoryInboxStore()
+    async def make_inbox_store(self, *, clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[InboxStore]:
+        yield MemoryInboxStore(clock=clock)
 
     async def record(self, store: Any, tx: Any, consumer: str, message_id: str) -> bool:
         return store.record(tx, consumer, message_id)  # type: ignore[no-any-return]
@@ -79,7 +72,10 @@ from msdata.errors import ConfigurationError, RegistrationError  # noqa: E402
 from msdata.messages import Event, MessageRegistry, handling, message_type  # noqa: E402
 from msdata.outbox import Inbox, Outbox, OutboxRelay, current_connection  # noqa: E402
 from msdata.serialization import CloudEventsCodec  # noqa: E402
-from msdata.testing.outbox import RecordingPublisher, make_row  # noqa: E402
+from msdata.testing import FakeClock, eventually  # noqa: E402
+from msdata.testing.conformance.outbox import make_row  # noqa: E402
+from msdata.testing.conformance.relay import RecordingPublisher  # noqa: E402
+from msdata.transport import TransportMessage  # noqa: E402
 
 registry = MessageRegistry()
 
@@ -237,7 +233,8 @@ async def test_inbox_middleware_sync_and_async_transactions() -> None:
 
 async def test_outbox_relay_bus_and_inbox_end_to_end_apply_each_event_once() -> None:
     bus_mod = pytest.importorskip("msdata.events")
-    store, inbox_store = MemoryOutboxStore(), MemoryInboxStore()
+    clock = FakeClock()
+    store, inbox_store = MemoryOutboxStore(clock=clock), MemoryInboxStore()
     outbox, inbox = Outbox(store, registry=registry), Inbox(inbox_store)
     transport = MemoryTransport()
     bus = bus_mod.EventBus(transport, registry=registry)
@@ -254,13 +251,66 @@ async def test_outbox_relay_bus_and_inbox_end_to_end_apply_each_event_once() -> 
             outbox.add(tx, [OrderPlaced(order_id=str(i)) for i in range(5)], key="k")
         # a relay that published and died before marking: published again after its lease
         claimed = await store.claim("dead", 100, 0.1)
-        relay = OutboxRelay(store, transport, poll_interval=0.02)
-        await relay._publish("test.outbox.OrderPlaced", claimed)
-        await asyncio.sleep(0.15)
-        async with relay:
-            for _ in range(200):
-                if len(applied) >= 5 and (await store.status()).pending == 0:
-                    break
-                await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
+        await transport.publish(
+            "test.outbox.OrderPlaced",
+            [TransportMessage(r.message_id, r.payload, r.partition_key) for r in claimed],
+        )
+        clock.advance(0.2)  # the dead relay's lease runs out
+        async with OutboxRelay(store, transport, poll_interval=0.02):
+
+            async def all_applied_and_sent() -> bool:
+                return len(applied) >= 5 and (await store.status()).pending == 0
+
+            await eventually(all_applied_and_sent, 10.0)
+        await asyncio.sleep(0.05)  # time for a wrongly applied duplicate to show
     assert sorted(applied) == [str(i) for i in range(5)]
+
+
+# -- the relay's fast path asks the codec ------------------------------------------------------
+
+TRACEPARENT = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+
+
+def test_the_codec_recognises_its_own_events_with_and_without_headers() -> None:
+    from msdata.messages import make_envelope
+
+    codec = CloudEventsCodec(registry)
+    for headers in (None, TRACEPARENT, {"tenant": '"specversion":"1.0"'}):
+        body = codec.encode(
+            make_envelope(OrderPlaced(order_id="1"), registry=registry, headers=headers)
+        )
+        assert codec.looks_like_own_event(body), body
+    for body in (
+        b"",
+        b"garbage",
+        b'{"id":"1","type":"x"}',  # no specversion
+        b'{"specversion":"1.0","id":"1"',  # cut short
+        b'{"tenant":"\\"specversion\\":\\"1.0\\""}',  # only inside a header's value
+        b'["specversion":"1.0"]',
+    ):
+        assert not codec.looks_like_own_event(body), body
+
+
+async def test_a_batch_of_events_with_headers_takes_the_fast_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = MemoryOutboxStore()
+    outbox = Outbox(store, registry=registry)
+    pub = RecordingPublisher()
+    relay = OutboxRelay(store, pub)
+    with store.begin() as tx:
+        outbox.add(tx, OrderPlaced(order_id="first"))
+    assert await relay.run_once() == 1  # the topic's name is checked once, the slow way
+    pub.published.clear()
+    with store.begin() as tx:
+        envs = outbox.add(
+            tx, [OrderPlaced(order_id=str(i)) for i in range(20)], key="k", headers=TRACEPARENT
+        )
+
+    def slow_path(*args: object) -> None:
+        raise AssertionError("a batch of the codec's own events went down the slow path")
+
+    monkeypatch.setattr(relay, "_sort", slow_path)
+    assert await relay.run_once() == 20
+    assert pub.ids == [e.id for e in envs]
+    assert all(m.headers.get("traceparent") == TRACEPARENT["traceparent"] for _, m in pub.published)

@@ -12,9 +12,12 @@ import asyncpg
 import pytest
 
 from msdata.adapters.postgres import PostgresInboxStore, PostgresOutboxStore
-from msdata.errors import ConfigurationError, SchemaError, StoreError
+from msdata.clock import SYSTEM_CLOCK, Clock
+from msdata.errors import ConfigurationError
 from msdata.outbox import InboxStore, OutboxRow, OutboxStore
-from msdata.testing.outbox import InboxStoreConformance, OutboxStoreConformance, make_rows
+from msdata.testing.conformance.inbox import InboxStoreConformance
+from msdata.testing.conformance.outbox import OutboxStoreConformance, OutboxStoreHooks, make_rows
+from msdata.testing.conformance.relay import OutboxRelayConformance
 
 pytestmark = pytest.mark.postgres
 
@@ -55,16 +58,69 @@ class PostgresHooks:
     async def rollback(self, tx: _Tx) -> None:
         await tx.end(False)
 
+    @asynccontextmanager
+    async def connections_without_transaction(
+        self, store: Any
+    ) -> AsyncIterator[list[tuple[str, Any, bool]]]:
+        """Every caller-connection form, in autocommit mode with no transaction open."""
+        import psycopg
+        from sqlalchemy import create_engine
+        from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+        from sqlalchemy.orm import Session
+
+        bare = self.url.partition("://")[2]
+        pool = await asyncpg.create_pool(self.url, min_size=1, max_size=1)
+        engine = create_engine(f"postgresql+psycopg://{bare}", isolation_level="AUTOCOMMIT")
+        on_asyncpg = create_async_engine(
+            f"postgresql+asyncpg://{bare}", isolation_level="AUTOCOMMIT"
+        )
+        on_psycopg = create_async_engine(
+            f"postgresql+psycopg://{bare}", isolation_level="AUTOCOMMIT"
+        )
+        conn = await asyncpg.connect(self.url)
+        proxy = await pool.acquire()
+        sync = psycopg.connect(self.url, autocommit=True)
+        aconn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+        session = Session(engine)
+        sa_conn = engine.connect()
+        async_session = AsyncSession(on_asyncpg)
+        async_conn = await on_psycopg.connect()
+        try:
+            yield [
+                ("asyncpg", conn, True),
+                ("asyncpg pool", proxy, True),
+                ("psycopg", sync, False),
+                ("psycopg async", aconn, True),
+                ("SQLAlchemy Session", session, False),
+                ("SQLAlchemy Connection", sa_conn, False),
+                ("SQLAlchemy AsyncSession (asyncpg)", async_session, True),
+                ("SQLAlchemy AsyncConnection (psycopg)", async_conn, True),
+            ]
+        finally:
+            session.close()
+            sa_conn.close()
+            engine.dispose()
+            await async_session.close()
+            await async_conn.close()
+            await on_asyncpg.dispose()
+            await on_psycopg.dispose()
+            sync.close()
+            await aconn.close()
+            await conn.close()
+            await pool.release(proxy)
+            await pool.close()
+
 
 def _prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}_"
 
 
-class TestPostgresOutboxStore(PostgresHooks, OutboxStoreConformance):
+class PostgresOutboxHooks(PostgresHooks, OutboxStoreHooks):
     lease_seconds = 0.4
 
     @asynccontextmanager
-    async def make_store(self) -> AsyncIterator[OutboxStore]:
+    async def make_store(self, *, clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[OutboxStore]:
+        # the store reads the server's clock (features.reads_clock is False): no clock here
         store = PostgresOutboxStore(self.url, table_prefix=_prefix())
         await store.create_schema()
         try:
@@ -75,7 +131,7 @@ class TestPostgresOutboxStore(PostgresHooks, OutboxStoreConformance):
 
     @asynccontextmanager
     async def open_again(self, store: Any) -> AsyncIterator[OutboxStore]:
-        other = PostgresOutboxStore(self.url, table_prefix=store._prefix)
+        other = PostgresOutboxStore(self.url, table_prefix=store.table_prefix)
         try:
             yield other
         finally:
@@ -84,10 +140,38 @@ class TestPostgresOutboxStore(PostgresHooks, OutboxStoreConformance):
     async def add(self, store: Any, tx: _Tx, rows: Sequence[OutboxRow]) -> None:
         await store.append_async(tx.conn, rows)
 
+    @asynccontextmanager
+    async def make_store_without_schema(self) -> AsyncIterator[OutboxStore]:
+        async with PostgresOutboxStore(self.url, table_prefix=_prefix()) as store:
+            yield store
+
+    @asynccontextmanager
+    async def failing_claims(self, store: Any) -> AsyncIterator[None]:
+        # the claim half fails (its function is gone) after the mark half ran
+        conn = await asyncpg.connect(self.url)
+        try:
+            await conn.execute(
+                f"DROP FUNCTION {store.claim_function}(text, integer, double precision, boolean)"
+            )
+        finally:
+            await conn.close()
+        try:
+            yield
+        finally:
+            await store.create_schema()
+
+
+class TestPostgresOutboxStore(PostgresOutboxHooks, OutboxStoreConformance):
+    pass
+
+
+class TestPostgresOutboxRelay(PostgresOutboxHooks, OutboxRelayConformance):
+    pass
+
 
 class TestPostgresInboxStore(PostgresHooks, InboxStoreConformance):
     @asynccontextmanager
-    async def make_inbox_store(self) -> AsyncIterator[InboxStore]:
+    async def make_inbox_store(self, *, clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[InboxStore]:
         store = PostgresInboxStore(self.url, table_prefix=_prefix())
         await store.create_schema()
         try:
@@ -95,6 +179,11 @@ class TestPostgresInboxStore(PostgresHooks, InboxStoreConformance):
         finally:
             await store.drop_schema()
             await store.close()
+
+    @asynccontextmanager
+    async def make_inbox_store_without_schema(self) -> AsyncIterator[InboxStore]:
+        async with PostgresInboxStore(self.url, table_prefix=_prefix()) as store:
+            yield store
 
     async def record(self, store: Any, tx: _Tx, consumer: str, message_id: str) -> bool:
         return await store.record_async(tx.conn, consumer, message_id)  # type: ignore[no-any-return]
@@ -131,16 +220,8 @@ def test_schema_sql_has_the_debezium_columns() -> None:
         assert f"\n    {column}" in sql
 
 
-async def test_missing_tables_raise_schema_error(postgres_url: str) -> None:
+async def test_an_async_connection_in_the_sync_call_is_refused(postgres_url: str) -> None:
     async with PostgresOutboxStore(postgres_url, table_prefix=_prefix()) as store:
-        with pytest.raises(SchemaError):
-            await store.claim("r", 10, 30.0)
-
-
-async def test_wrong_connection_type_is_a_configuration_error(postgres_url: str) -> None:
-    async with PostgresOutboxStore(postgres_url, table_prefix=_prefix()) as store:
-        with pytest.raises(ConfigurationError):
-            store.append(object(), make_rows(1))
         conn = await asyncpg.connect(postgres_url)
         try:
             with pytest.raises(ConfigurationError):
@@ -267,29 +348,6 @@ async def test_durable_relay_commits_take_the_same_paths(postgres_url: str) -> N
         assert [p.seq for p in await store.parked()] == [b]
         assert await store.purge_sent(datetime.now(UTC) + timedelta(seconds=5)) == 1
     finally:
-        await store.drop_schema()
-        await store.close()
-
-
-async def test_mark_sent_and_claim_failing_inside_rolls_back_the_mark(postgres_url: str) -> None:
-    store = PostgresOutboxStore(postgres_url, table_prefix=_prefix())
-    await store.create_schema()
-    conn = await asyncpg.connect(postgres_url)
-    try:
-        async with conn.transaction():
-            await store.append_async(conn, make_rows(3, keys=["k"]))
-        a = await store.claim("relay-a", 1, 30.0)
-        # the claim half fails (its function is gone) after the mark half ran
-        await conn.execute(f"DROP FUNCTION {store._fn}(text, integer, double precision, boolean)")
-        with pytest.raises(StoreError):
-            await store.mark_sent_and_claim("relay-a", [a[0].seq], 100, 30.0)
-        assert (await store.status()).pending == 3  # the mark was rolled back with it
-        await store.create_schema()
-        b = await store.mark_sent_and_claim("relay-a", [a[0].seq], 100, 30.0)
-        assert len(b) == 2 and a[0].seq not in {r.seq for r in b}
-        assert (await store.status()).pending == 2
-    finally:
-        await conn.close()
         await store.drop_schema()
         await store.close()
 

@@ -34,7 +34,9 @@ from hypothesis.stateful import (
 
 from msdata.adapters.memory import MemoryInboxStore, MemoryOutboxStore, MemoryTransaction
 from msdata.outbox import Inbox, OutboxRelay, OutboxRow
-from msdata.testing.outbox import RecordingPublisher, make_row
+from msdata.testing.conformance.outbox import make_row
+from msdata.testing.conformance.relay import RecordingPublisher
+from msdata.transport import TransportMessage
 
 LEASE = 0.02
 KEYS: list[str | None] = ["a", "b", "c", None]
@@ -288,8 +290,10 @@ class OutboxMachine(RuleBasedStateMachine):
         store = self.backend.outbox_store
         claimed = self.run(store.claim(f"dead-{uuid.uuid4().hex[:6]}", 3, LEASE))
         prefix = claimed[:published]
+        publisher = self.relays[0].publisher
         for r in prefix:
-            self.run(self.relays[0]._publish(r.topic, [r]))
+            message = TransportMessage(r.message_id, r.payload, r.partition_key, r.headers)
+            self.run(publisher.publish(r.topic, [message]))
 
     @precondition(lambda self: not self.writing())
     @rule()

@@ -63,4 +63,5 @@ def test_an_adapter_without_its_driver_names_the_extra(
     ).stdout
     result = json.loads(out)
     assert result["extra"] == extra and result["importerror"] is True
-    assert f'pip install "msdata[{extra}]"' in result["text"]
+    assert f"the {extra!r} extra" in result["text"]
+    assert f'pip install "<msdata checkout or git URL>[{extra}]"' in result["text"]

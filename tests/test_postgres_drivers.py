@@ -359,3 +359,42 @@ async def test_psycopg_pipeline_mode_queues_the_message_and_keeps_the_callers_er
         await admin.close()
         await store.drop_schema()
         await store.close()
+
+
+async def test_a_connection_with_no_open_transaction_is_refused(postgres_url: str) -> None:
+    from msdata.errors import ConfigurationError
+    from msdata.testing.conformance.outbox import make_rows
+
+    prefix = f"t{uuid.uuid4().hex[:10]}_"
+    store = PostgresOutboxStore(postgres_url, table_prefix=prefix)
+    inbox = PostgresInboxStore(postgres_url, table_prefix=prefix)
+    await store.create_schema()
+    await inbox.create_schema()
+    try:
+        conn = await asyncpg.connect(postgres_url)
+        try:
+            with pytest.raises(ConfigurationError, match="no open transaction"):
+                await store.append_async(conn, make_rows(1))
+            with pytest.raises(ConfigurationError, match="no open transaction"):
+                await inbox.record_async(conn, "billing", "m-1")
+            async with conn.transaction():
+                await store.append_async(conn, make_rows(1))
+        finally:
+            await conn.close()
+        with psycopg.connect(postgres_url, autocommit=True) as pconn:
+            with pytest.raises(ConfigurationError, match="no open transaction"):
+                store.append(pconn, make_rows(1))
+            with pconn.transaction():
+                store.append(pconn, make_rows(1))
+        with psycopg.connect(postgres_url) as pconn:  # not autocommit: psycopg begins itself
+            store.append(pconn, make_rows(1))
+        async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as aconn:
+            with pytest.raises(ConfigurationError, match="no open transaction"):
+                await store.append_async(aconn, make_rows(1))
+        # nothing refused reached the table; the three writes in a transaction did
+        assert (await store.status()).pending == 3
+    finally:
+        await store.drop_schema()
+        await inbox.drop_schema()
+        await store.close()
+        await inbox.close()

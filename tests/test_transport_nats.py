@@ -1,15 +1,19 @@
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import nats
 import pytest
 from nats.aio.client import Client
 
 from msdata.adapters.nats import NatsTransport, consumer_name, stream_name, topic_of_stream
-from msdata.errors import ConfigurationError, PublishError, TransportClosed
+from msdata.errors import ConfigurationError, PublishError, TransportClosed, TransportError
 from msdata.testing import eventually
 from msdata.testing.conformance.transport import TransportConformance, collect, make_messages
 from msdata.transport import (
@@ -54,7 +58,29 @@ async def nats_transport(**options: object) -> AsyncIterator[NatsTransport]:
         await nc.close()
 
 
-class TestNatsTransport(TransportConformance):
+@asynccontextmanager
+async def unreachable_nats(
+    host: str, port: int, timeout: float, password: str
+) -> AsyncIterator[Transport]:
+    t = NatsTransport.from_url(
+        f"nats://msdata:{password}@{host}:{port}",
+        publish_timeout=timeout,
+        connect_timeout=timeout,
+    )
+    try:
+        yield t
+    finally:
+        await t.close()
+
+
+class _Unreachable(TransportConformance):
+    def make_unreachable_transport(  # type: ignore[override]
+        self, host: str, port: int, timeout: float
+    ) -> AsyncIterator[Transport]:
+        return unreachable_nats(host, port, timeout, self.unreachable_password)  # type: ignore[return-value]
+
+
+class TestNatsTransport(_Unreachable):
     arrival_timeout = 10.0
     quiet_period = 0.5
 
@@ -65,7 +91,7 @@ class TestNatsTransport(TransportConformance):
         return nats_transport(ack_wait=3.0, namespace=namespace)  # type: ignore[return-value]
 
 
-class TestNatsTransportOrdered(TransportConformance):
+class TestNatsTransportOrdered(_Unreachable):
     """``ordered=True``: a consumer per key partition, so the order test runs too."""
 
     arrival_timeout = 10.0
@@ -329,3 +355,128 @@ async def test_an_ordered_group_holds_a_key_back_while_its_message_is_in_flight(
         (nxt,) = await next_from_either()
         assert nxt.message.id == second.id
         await nxt.ack()
+
+
+@pytest.mark.parametrize("ordered", [False, True], ids=["unordered", "ordered"])
+async def test_every_message_the_stream_holds_reaches_the_group(ordered: bool) -> None:
+    """A foreign publish to a partition subject no consumer reads (beyond key_partitions,
+    or not a number) is refused, never stored where no group would receive it."""
+    topic, group = unique("topic"), unique("group")
+    async with (
+        nats_transport(ordered=ordered, key_partitions=4) as t,
+        t.subscribe(topic, group) as sub,
+    ):
+        assert t.client is not None
+        js = t.client.jetstream()
+        await t.publish(topic, make_messages(3, key="order-1") + make_messages(2))
+        refused = 0
+        for suffix in ("_k.0", "_k.3", "_k.4", "_k.99", "_k.abc"):
+            try:
+                await js.publish(f"{topic}.{suffix}", suffix.encode(), timeout=2)
+            except nats.errors.Error:
+                refused += 1
+        assert refused == 3  # _k.4, _k.99 and _k.abc: not this topic's partitions
+        info = await js.stream_info(stream_name(topic, t.stream_prefix))
+        held = info.state.messages
+        assert held == 7
+        got = await collect(sub, held, timeout=10.0)
+        assert len(got) == held
+        assert {d.message.body for d in got} >= {b"_k.0", b"_k.3"}
+        assert await sub.receive(10, timeout=0.5) == []
+
+
+async def test_a_stream_declared_with_the_old_partition_wildcard_is_narrowed() -> None:
+    from nats.js.api import StreamConfig
+
+    topic = unique("topic")
+    async with nats_transport(key_partitions=2) as t:
+        assert t.client is not None
+        js = t.client.jetstream()
+        name = stream_name(topic, t.stream_prefix)
+        await js.add_stream(
+            StreamConfig(
+                name=name,
+                description=f"msdata topic {topic}; key partitions 2",
+                subjects=[topic, f"{topic}._k.*"],
+            )
+        )
+        await t.publish(topic, make_messages(1, key="k"))
+        info = await js.stream_info(name)
+        assert info.config.subjects == [topic, f"{topic}._k.0", f"{topic}._k.1"]
+
+
+async def test_an_attempt_is_never_lower_than_after_the_nack_that_preceded_it() -> None:
+    """nats-server 2.9 now and then redelivers a message nacked with a delay with its
+    delivered count back at 1 (ack subject ``...<consumer>.1.<seq>.2...``); the
+    subscription remembers the attempt it nacked at."""
+    from nats.aio.msg import Msg
+
+    topic, group = unique("topic"), unique("group")
+    async with nats_transport() as t, t.subscribe(topic, group) as sub:
+        await t.publish(topic, make_messages(1))
+        (first,) = await collect(sub, 1, timeout=10.0, ack=False)
+        assert first.attempt == 1
+        reply = first._msg.reply  # type: ignore[attr-defined]
+        await first.nack(delay=30)
+        tokens = reply.split(".")
+        tokens[6] = str(int(tokens[6]) + 1)  # the consumer sequence moves on; delivered stays 1
+        assert tokens[4] == "1"
+        lost_count = Msg(t.client, subject=first._msg.subject, reply=".".join(tokens), data=b"{}")  # type: ignore[arg-type, attr-defined]
+        (again,) = await sub._deliveries([lost_count])
+        assert again.attempt == 2
+        await again.ack()
+        assert sub._nacked == {}  # settled: forgotten
+
+
+async def test_a_server_that_went_away_fails_calls_within_their_timeouts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The unreachable-server suite case covers a server never reached; here it went away
+    under a connected transport (nats-py then buffers and reconnects forever)."""
+    from private_servers import open_private
+
+    server = open_private("nats", tmp_path)
+    try:
+        t = NatsTransport.from_url(server.url, publish_timeout=1.5, connect_timeout=1.5)
+        topic = unique("topic")
+        async with t:
+            await t.publish(topic, make_messages(1))
+            await asyncio.get_running_loop().run_in_executor(None, server.stop, True)
+            caplog.set_level(logging.DEBUG)
+            started = time.monotonic()
+            with pytest.raises(PublishError, match=f"127.0.0.1:{server.port}"):
+                await asyncio.wait_for(t.publish(topic, make_messages(1)), 30)
+            with pytest.raises(TransportError, match=f"127.0.0.1:{server.port}"):
+                async with t.subscribe(topic, unique("group")):
+                    pass
+            assert time.monotonic() - started < 2 * 1.5 + 3.0
+        tracebacks = [r for r in caplog.records if r.exc_info and r.levelno >= logging.WARNING]
+        assert not tracebacks, [f"{r.name}: {r.getMessage()}" for r in tracebacks]
+    finally:
+        server.close()
+
+
+async def test_an_event_bus_on_an_unreachable_server_fails_to_start_within_the_timeout() -> None:
+    from msdata import Event, MessageRegistry, message_type
+    from msdata.events import EventBus
+    from private_servers import free_port
+
+    registry = MessageRegistry()
+
+    @message_type("test.Pinged", registry=registry)
+    class Pinged(Event):
+        n: int
+
+    port = free_port()
+    t = NatsTransport.from_url(f"nats://127.0.0.1:{port}", connect_timeout=1.0)
+    bus = EventBus(t, registry=registry, source="test")
+
+    @bus.handler(Pinged, group="g")
+    async def handle(e: Pinged) -> None:
+        pass
+
+    started = time.monotonic()
+    with pytest.raises(TransportError, match=f"127.0.0.1:{port}"):
+        await asyncio.wait_for(bus.start(), 30)
+    assert time.monotonic() - started < 1.0 + 3.0
+    await t.close()

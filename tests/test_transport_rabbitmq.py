@@ -65,7 +65,20 @@ async def rabbitmq_transport(
             await conn.close()
 
 
-class TestRabbitMQTransport(TransportConformance):
+class _Unreachable(TransportConformance):
+    @asynccontextmanager
+    async def make_unreachable_transport(
+        self, host: str, port: int, timeout: float
+    ) -> AsyncIterator[Transport]:
+        url = f"amqp://msdata:{self.unreachable_password}@{host}:{port}/"
+        t = RabbitMQTransport.from_url(url, publish_timeout=timeout)
+        try:
+            yield t
+        finally:
+            await t.close()
+
+
+class TestRabbitMQTransport(_Unreachable):
     arrival_timeout = 10.0
     quiet_period = 0.3
 
@@ -80,7 +93,7 @@ class TestRabbitMQTransport(TransportConformance):
             yield t
 
 
-class TestRabbitMQTransportOrdered(TransportConformance):
+class TestRabbitMQTransportOrdered(_Unreachable):
     arrival_timeout = 10.0
     quiet_period = 0.3
 
@@ -95,7 +108,7 @@ class TestRabbitMQTransportOrdered(TransportConformance):
             yield t
 
 
-class TestRabbitMQTransportQuorum(TransportConformance):
+class TestRabbitMQTransportQuorum(_Unreachable):
     arrival_timeout = 10.0
     quiet_period = 0.3
 

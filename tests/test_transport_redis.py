@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions as rex
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -20,7 +21,7 @@ from msdata.adapters.redis import (
     RedisSubscription,
     RedisTransport,
 )
-from msdata.errors import ConfigurationError, PublishError, TransportClosed
+from msdata.errors import ConfigurationError, PublishError, TransportClosed, TransportError
 from msdata.testing.conformance.transport import TransportConformance, collect, make_messages
 from msdata.transport import (
     DEAD_LETTER_ATTEMPTS,
@@ -64,6 +65,17 @@ async def redis_transport(**options: object) -> AsyncIterator[RedisTransport]:
 class TestRedisTransport(TransportConformance):
     arrival_timeout = 5.0
     quiet_period = 0.3
+
+    @asynccontextmanager
+    async def make_unreachable_transport(
+        self, host: str, port: int, timeout: float
+    ) -> AsyncIterator[Transport]:
+        url = f"redis://msdata:{self.unreachable_password}@{host}:{port}/0"
+        t = RedisTransport.from_url(f"{url}?socket_connect_timeout={timeout}")
+        try:
+            yield t
+        finally:
+            await t.close()
 
     def make_transport(self) -> AsyncIterator[Transport]:  # type: ignore[override]
         return redis_transport()  # type: ignore[return-value]
@@ -318,3 +330,62 @@ async def test_configuration_errors() -> None:
         await t.publish("topic", [])
     with pytest.raises(TransportClosed):
         await t.publish("topic", make_messages(1))
+
+
+async def test_another_producers_attempt_field_is_not_trusted() -> None:
+    topic, group = unique("topic"), unique("group")
+    async with redis_transport() as t:
+        key = f"{t.key_prefix}:{topic}"
+        async with t.subscribe(topic, group, max_attempts=3) as sub:
+            for n in ("999", "-1000000", "3", "abc"):
+                await t._client.xadd(key, {"id": f"foreign-{n}", "body": b"{}", "attempt": n})
+            got = await collect(sub, 4, timeout=5.0, ack=False)
+            # handed out to be handled, each as its first attempt
+            assert sorted((d.message.id, d.attempt) for d in got) == [
+                ("foreign--1000000", 1),
+                ("foreign-3", 1),
+                ("foreign-999", 1),
+                ("foreign-abc", 1),
+            ]
+            # msdata's own count goes on: 1, 2, 3, then the dead-letter topic
+            low = next(d for d in got if d.message.id == "foreign--1000000")
+            seen = [low.attempt]
+            await low.nack()
+            for d in got:
+                if d is not low:
+                    await d.ack()
+            while len(seen) < 3:
+                (again,) = await collect(sub, 1, timeout=5.0, ack=False)
+                seen.append(again.attempt)
+                await again.nack()
+            assert seen == [1, 2, 3]
+            assert await sub.receive(10, timeout=0.3) == []
+        # and a retry entry's own field is range-checked too
+        retry = f"{t.key_prefix}:{topic}:{group}:retry"
+        for n in ("-5", "0"):
+            await t._client.xadd(retry, {"id": f"forged{n}", "body": b"{}", "attempt": n})
+        async with t.subscribe(topic, group, max_attempts=3) as sub:
+            forged = await collect(sub, 2, timeout=5.0)
+            assert [d.attempt for d in forged] == [1, 1]
+
+
+async def test_a_pipeline_that_fails_before_execute_gives_its_connection_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """redis-py loads a pipeline's scripts on a connection before the part of execute()
+    that resets the pipeline on failure: a connection lost there stayed with the pipeline
+    ("Unclosed Pipeline client" after an outage)."""
+    from redis.asyncio.client import Pipeline
+
+    async def load_scripts_then_lose_the_connection(self: Pipeline) -> None:
+        await self.immediate_execute_command("PING")  # the pipeline now holds a connection
+        raise rex.ConnectionError("connection lost while loading scripts")
+
+    async with redis_transport() as t:
+        pool = t._client.connection_pool
+        monkeypatch.setattr(Pipeline, "load_scripts", load_scripts_then_lose_the_connection)
+        with pytest.raises(TransportError):
+            async with t.subscribe(unique("topic"), unique("group")):
+                pass
+        monkeypatch.undo()
+        assert not pool._in_use_connections, "a failed pipeline kept its connection"

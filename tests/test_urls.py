@@ -10,7 +10,7 @@ from msdata.adapters.memory import MemoryTransport
 from msdata.adapters.sqlite import SqliteInboxStore, SqliteOutboxStore
 from msdata.errors import ConfigurationError, MissingDependencyError
 from msdata.testing import FakeClock
-from msdata.urls import STORES, store_from_url, transport_from_url
+from msdata.urls import STORES, redact_url, store_from_url, transport_from_url
 
 
 async def test_memory_url_gives_a_memory_transport() -> None:
@@ -134,3 +134,86 @@ def test_every_registered_store_class_exists_and_builds_from_a_url() -> None:
         except MissingDependencyError:  # pragma: no cover - a backend's extra is missing
             continue
         assert callable(getattr(cls, "from_url", None)), target
+
+
+SECRET = "s3cr3t-pw"
+
+
+def _entry_points() -> dict[str, object]:
+    from msdata.adapters.memory import MemoryInboxStore, MemoryOutboxStore
+    from msdata.adapters.nats import NatsTransport
+    from msdata.adapters.postgres import PostgresOutboxStore
+    from msdata.adapters.postgres._db import normalize_url
+    from msdata.adapters.rabbitmq import RabbitMQTransport
+    from msdata.adapters.redis import RedisTransport
+    from msdata.adapters.sqlite import SqliteOutboxStore
+
+    return {
+        "transport_from_url": transport_from_url,
+        "RedisTransport.from_url": RedisTransport.from_url,
+        "RabbitMQTransport.from_url": RabbitMQTransport.from_url,
+        "NatsTransport.from_url": NatsTransport.from_url,
+        "PostgresOutboxStore.from_url": PostgresOutboxStore.from_url,
+        "postgres DSN": normalize_url,
+        "store_from_url": lambda url: store_from_url("outbox", url),
+        "SqliteOutboxStore.from_url": SqliteOutboxStore.from_url,
+        "MemoryTransport.from_url": MemoryTransport.from_url,
+        "MemoryOutboxStore.from_url": MemoryOutboxStore.from_url,
+        "MemoryInboxStore.from_url": MemoryInboxStore.from_url,
+    }
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "transport_from_url",
+        "RedisTransport.from_url",
+        "RabbitMQTransport.from_url",
+        "NatsTransport.from_url",
+        "PostgresOutboxStore.from_url",
+        "postgres DSN",
+        "store_from_url",
+        "SqliteOutboxStore.from_url",
+        "MemoryTransport.from_url",
+        "MemoryOutboxStore.from_url",
+        "MemoryInboxStore.from_url",
+    ],
+)
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"reddis://app:{SECRET}@db.internal:6379/0",
+        f"amqps//app:{SECRET}@mq.internal/",  # the "//" mistyped as well
+        f"natss://{SECRET}@n1:4222,natss://{SECRET}@n2:4222",  # a token as the userinfo
+        f"postgress://app@db.internal/orders?sslmode=require&password={SECRET}",
+    ],
+)
+def test_an_error_about_a_url_never_shows_its_password(entry: str, url: str) -> None:
+    build = _entry_points()[entry]
+    assert callable(build)
+    with pytest.raises(ConfigurationError) as info:
+        build(url)
+    text = f"{info.value} {info.value!r}"
+    assert SECRET not in text
+    if "internal" in text or "n1" in text:  # the URL is shown: redacted, the rest kept
+        assert "***" in text
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        ("redis://:pw@h:6379/0", "redis://:***@h:6379/0"),
+        ("amqp://guest:p@ss@h/", "amqp://guest:***@h/"),
+        ("nats://tok@h:4222", "nats://***@h:4222"),
+        ("nats://a:b@h1,nats://c:d@h2", "nats://a:***@h1,nats://c:***@h2"),
+        (
+            "postgresql://u@h/db?sslpassword=x&sslmode=require",
+            "postgresql://***@h/db?sslpassword=***&sslmode=require",
+        ),
+        ("host=h user=u password='a b' dbname=d", "host=h user=u password=*** dbname=d"),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+        ("memory://", "memory://"),
+    ],
+)
+def test_redact_url(url: str, redacted: str) -> None:
+    assert redact_url(url) == redacted

@@ -37,6 +37,7 @@ from contextvars import ContextVar
 from types import MappingProxyType
 from typing import NamedTuple
 
+from msdata.messages import safe_text
 from msdata.transport import (
     DEAD_LETTER_ATTEMPTS,
     DEAD_LETTER_GROUP,
@@ -142,8 +143,9 @@ def dead_letter(
 ) -> DeadLetter:
     """The dead letter of ``message``, delivered ``attempts`` times to ``group`` of
     ``topic``. The reason is folded onto one line (header values cannot hold line breaks on
-    every broker)."""
-    reason = " ".join(reason.split()) or "dead-lettered"
+    every broker), escaped and cut to 1 KiB (:func:`msdata.messages.safe_text`), so every
+    broker can carry it."""
+    reason = safe_text(" ".join(reason.split())) or "dead-lettered"
     headers = dict(message.headers)
     headers[DEAD_LETTER_REASON] = reason
     headers[DEAD_LETTER_TOPIC] = topic

@@ -10,7 +10,9 @@ their edge with ``raise ... from e`` so the original stays on ``__cause__``.
     │   └── MissingDependencyError    an adapter's driver is not installed (also ImportError)
     ├── MessageError
     │   ├── RegistrationError         a type name/version registered twice, or a class not registered
+    │   │   └── NotAMessage           not a msdata Message instance where one is expected (also TypeError)
     │   ├── InvalidHeader             a header name or value that cannot travel as a CloudEvents attribute
+    │   ├── EncodeError               a message or envelope that cannot be written as CloudEvents JSON
     │   └── DecodeError               bad input from the wire; a consumer dead-letters it with the reason
     │       ├── MalformedMessage      not UTF-8 JSON, or not a JSON object
     │       ├── InvalidEnvelope       JSON, but not a CloudEvents 1.0 structured event msdata can read
@@ -36,7 +38,8 @@ their edge with ``raise ... from e`` so the original stays on ``__cause__``.
     ├── SagaError                     a saga could not be defined, found or run as asked
     │   ├── SagaDefinitionError       an invalid saga definition (also a ConfigurationError)
     │   ├── SagaNotFound              no saga instance with that id
-    │   └── SagaStateError            an operation the instance's status does not allow
+    │   ├── SagaStateError            an operation the instance's status does not allow
+    │   └── SagaStepFailed            raised by a step or participant: a business failure, with its reason
     └── CompositionError              a composed query could not be answered
         ├── RequiredPartFailed        a required part raised, timed out or was cancelled
         └── CompositionTimeout        the overall deadline passed before the required parts
@@ -50,6 +53,7 @@ __all__ = [
     "ConcurrencyError",
     "ConfigurationError",
     "DecodeError",
+    "EncodeError",
     "HandlerAlreadyRegistered",
     "HandlerError",
     "IdempotencyError",
@@ -65,6 +69,7 @@ __all__ = [
     "MissingDependencyError",
     "MsdataError",
     "NoHandlerRegistered",
+    "NotAMessage",
     "PublishError",
     "RegistrationError",
     "RejectMessage",
@@ -73,6 +78,7 @@ __all__ = [
     "SagaError",
     "SagaNotFound",
     "SagaStateError",
+    "SagaStepFailed",
     "SchemaError",
     "StoreError",
     "StoredResultTooLarge",
@@ -100,7 +106,11 @@ class MissingDependencyError(ConfigurationError, ImportError):
         if extra is None:  # a standard-library module this Python was built without
             text = f"{package!r} is missing from this Python build; msdata needs it here"
         else:
-            text = f'{package!r} is not installed; install it with: pip install "msdata[{extra}]"'
+            # msdata is installed from a checkout or a git URL, not an index (README, Install)
+            text = (
+                f"{package!r} is not installed; install msdata with the {extra!r} extra: "
+                f'pip install "<msdata checkout or git URL>[{extra}]"'
+            )
         super().__init__(text)
 
 
@@ -112,8 +122,20 @@ class RegistrationError(MessageError):
     """A type name and version registered twice, or a class used that is not registered."""
 
 
+class NotAMessage(RegistrationError, TypeError):
+    """Something that is not an instance of a msdata :class:`~msdata.Message` class (a dict,
+    a plain pydantic model, a dataclass, None...) was given where a message is expected."""
+
+
 class InvalidHeader(MessageError):
     """A header that cannot travel as a CloudEvents extension attribute."""
+
+
+class EncodeError(MessageError):
+    """A message or envelope that cannot be written as CloudEvents JSON: a string with a lone
+    surrogate (not UTF-8), a float that is NaN or infinite (RFC 8259 §6 has no such numbers),
+    an int of more than 4300 digits, nesting deeper than the codec's limit, or a value in an
+    ``Any`` field that is not JSON. Raised by ``encode``, before anything is sent or stored."""
 
 
 class DecodeError(MessageError):
@@ -231,6 +253,13 @@ class SagaNotFound(SagaError):
 class SagaStateError(SagaError):
     """The operation is not allowed in the instance's current status (retrying a COMPLETED
     saga, aborting a FAILED one)."""
+
+
+class SagaStepFailed(SagaError):
+    """Raised by a local step or a saga participant's handler: the step failed for a business
+    reason (out of stock, card declined) given as the message. A participant replies with the
+    failure instead of retrying; the orchestrator retries the step by its policy, then
+    compensates."""
 
 
 class CompositionError(MsdataError):

@@ -17,7 +17,7 @@ break the wire)::
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from datetime import datetime
 from types import MappingProxyType
@@ -25,7 +25,13 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from msdata.errors import ConfigurationError, InvalidHeader, RegistrationError
+from msdata.errors import (
+    ConfigurationError,
+    EncodeError,
+    InvalidHeader,
+    NotAMessage,
+    RegistrationError,
+)
 from msdata.ids import new_id, utc_now
 
 __all__ = [
@@ -36,11 +42,14 @@ __all__ = [
     "MessageRegistry",
     "Query",
     "Upcaster",
+    "check_message",
     "current_envelope",
     "default_registry",
     "handling",
     "make_envelope",
+    "message_list",
     "message_type",
+    "safe_text",
     "upcaster",
 ]
 
@@ -51,7 +60,7 @@ MT = TypeVar("MT", bound=type["Message"])
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
 # a type name is also the default topic, so it follows the transport's topic rules
-_TYPE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,149}$")
+_TYPE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,149}")
 
 
 class Message(BaseModel):
@@ -91,7 +100,8 @@ class MessageRegistry:
     def register(self, cls: type[Message], type_name: str, version: int = 1) -> None:
         if not (isinstance(cls, type) and issubclass(cls, Message)):
             raise RegistrationError(f"{cls!r} is not a msdata Message class")
-        if not isinstance(type_name, str) or not _TYPE_NAME.match(type_name) or ".." in type_name:
+        name_ok = isinstance(type_name, str) and _TYPE_NAME.fullmatch(type_name)
+        if not name_ok or ".." in type_name:
             raise RegistrationError(
                 f"type name {type_name!r} must start with a letter and hold only letters, "
                 "digits and . _ - (at most 150 characters, no '..')"
@@ -187,7 +197,11 @@ def message_type(
 def upcaster(
     type_name: str, *, from_version: int, registry: MessageRegistry | None = None
 ) -> Callable[[Upcaster], Upcaster]:
-    """Decorator: turn a ``from_version`` payload (a dict) into the next version's payload."""
+    """Decorator: turn a ``from_version`` payload (a dict) into the next version's payload.
+
+    Deploy the consumers that know the new version (and this upcaster) before the producers
+    that publish it: a consumer that does not know a version dead-letters it as
+    :class:`msdata.errors.UnknownSchemaVersion` (README, "Changing a message")."""
 
     def decorate(fn: Upcaster) -> Upcaster:
         (registry or default_registry).add_upcaster(type_name, from_version, fn)
@@ -197,8 +211,8 @@ def upcaster(
 
 
 # Internal to the package (used by msdata.serialization), not in __all__: a header name is a
-# CloudEvents extension attribute name, 1-64 lowercase letters or digits
-HEADER_NAME = re.compile(r"^[a-z0-9]{1,64}$")
+# CloudEvents extension attribute name, 1-64 lowercase letters or digits (use fullmatch)
+HEADER_NAME = re.compile(r"[a-z0-9]{1,64}")
 # CloudEvents context attributes and msdata's own extensions; headers cannot shadow them.
 RESERVED_ATTRIBUTES = frozenset(
     {
@@ -225,7 +239,7 @@ NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 def check_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
     """Headers travel as CloudEvents extension attributes: lowercase letters and digits."""
     for name, value in headers.items():
-        if not isinstance(name, str) or not HEADER_NAME.match(name):
+        if not isinstance(name, str) or not HEADER_NAME.fullmatch(name):
             raise InvalidHeader(
                 f"header name {name!r} must be 1-64 lowercase letters or digits "
                 "(a CloudEvents extension attribute name)"
@@ -310,6 +324,97 @@ class handling:
         current_parent.reset(self._token)
 
 
+#: the most bytes (UTF-8) of a reason or header value msdata writes
+SAFE_TEXT_LIMIT = 1024
+# C0 and C1 controls, DEL, and surrogates (in a str, every surrogate is a lone one)
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(m: re.Match[str]) -> str:
+    c = m.group()
+    return _SHORT_ESCAPES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def safe_text(text: str, limit: int = SAFE_TEXT_LIMIT) -> str:
+    """``text`` made safe for a reason or header value that msdata writes (a dead-letter
+    reason, a relay's last error): control characters and lone surrogates escaped as
+    ``\\n``, ``\\x00``, ``\\ud800`` (so the result is one line, valid UTF-8, readable),
+    then cut to at most ``limit`` bytes of UTF-8 (``...`` marks a cut). ``limit`` >= 3.
+    """
+    if not (text.isascii() and text.isprintable()):
+        text = _UNSAFE.sub(_escape, text)
+    if len(text) * 4 <= limit:  # cannot be over the limit: skip the encoding
+        return text
+    raw = text.encode("utf-8")
+    if len(raw) <= limit:
+        return text
+    return raw[: limit - 3].decode("utf-8", "ignore") + "..."
+
+
+def check_text(what: str, text: object) -> str:
+    """``text`` if it is a non-empty str that can be written as UTF-8 (no lone surrogate):
+    message ids, consumer names and the like, before any store or broker sees them.
+    Raises :class:`~msdata.errors.EncodeError`, whose text shows ``text`` escaped."""
+    if isinstance(text, str) and text:
+        if text.isascii():
+            return text
+        try:
+            text.encode("utf-8")
+            return text
+        except UnicodeEncodeError:
+            raise EncodeError(
+                f"{what} '{safe_text(text, 200)}' holds a lone surrogate (not UTF-8)"
+            ) from None
+    raise EncodeError(f"{what} must be a non-empty string, got {safe_text(repr(text), 200)}")
+
+
+def check_message(
+    message: object, registry: MessageRegistry | None = None, *, registered: bool = True
+) -> tuple[str, int]:
+    """The one check of every entry point that takes a message (``EventBus.publish``,
+    ``Outbox.add``, the command and query buses, :func:`make_envelope`): ``message`` must be
+    an instance of a :class:`Message` class, registered in ``registry`` (the default one if
+    None) unless ``registered`` is False (in-process commands and queries).
+
+    Returns the (type name, version) it is registered under (``("", 0)`` when
+    ``registered`` is False). Raises :class:`~msdata.errors.NotAMessage` (also a
+    ``TypeError``) for anything that is not a message instance, and
+    :class:`~msdata.errors.RegistrationError` for a message class that is not registered.
+    """
+    if not isinstance(message, Message):
+        raise NotAMessage(_not_a_message(message))
+    if not registered:
+        return "", 0
+    return (registry or default_registry).name_of(type(message))
+
+
+def _not_a_message(obj: object) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    if isinstance(obj, type) and issubclass(obj, Message):
+        got = f"the class {name} itself; pass an instance"
+    elif isinstance(obj, BaseModel):
+        got = f"a {name}, a pydantic model but not a msdata Message (subclass Event instead)"
+    else:
+        got = "None" if obj is None else f"a {name}"
+    return (
+        "expected a message: an instance of an Event, Command or Query subclass registered "
+        f"with @message_type('your.TypeName'); got {got}"
+    )
+
+
+def message_list(messages: object) -> list[Any]:
+    """One message or envelope, or an iterable of them, as a list. Anything else is returned
+    as a one-item list, so the per-message check (:func:`check_message`) names it: a dict,
+    a str, a pydantic model or a dataclass is one (wrong) message, never its items."""
+    if isinstance(messages, Message | Envelope | str | bytes | bytearray | Mapping | BaseModel):
+        return [messages]
+    if isinstance(messages, Iterable):
+        return list(messages)
+    return [messages]
+
+
 def make_envelope(
     message: M,
     *,
@@ -323,7 +428,7 @@ def make_envelope(
     handled in this task (see :func:`handling`), unless given."""
     if not source:
         raise ConfigurationError("an envelope's source must be a non-empty string")
-    type_name, version = (registry or default_registry).name_of(type(message))
+    type_name, version = check_message(message, registry)
     return build_envelope(
         message,
         type_name,

@@ -46,10 +46,12 @@ DEAD_LETTER_TOPIC = "x-msdata-original-topic"
 DEAD_LETTER_GROUP = "x-msdata-group"
 DEAD_LETTER_ATTEMPTS = "x-msdata-attempts"
 
-_TOPIC = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]{0,149}$")
-_DLQ_TOPIC = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]{0,199}$")
-_GROUP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,39}$")
-_NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,29}$")
+_TOPIC = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.]{0,149}")
+_DLQ_TOPIC = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.]{0,199}")
+_GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,39}")
+# exchanges and queues named amq.* are the broker's own (AMQP 0-9-1 spec, RabbitMQ docs)
+_RESERVED_PREFIXES = ("amq.",)
+_NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,29}")
 
 
 def check_name(kind: str, name: str) -> str:
@@ -58,18 +60,24 @@ def check_name(kind: str, name: str) -> str:
     (``kind="namespace"``: 1-30 letters, digits, ``_`` or ``-``).
 
     A topic is 1-150 letters, digits and ``_ - .`` (a dead-letter topic up to 200), starting
-    with a letter or digit, with no ``..``; a group is 1-40 letters, digits, ``_`` or ``-``.
+    with a letter or digit, with no ``..``, not starting with ``amq.`` (RabbitMQ's own); a
+    group is 1-40 letters, digits, ``_`` or ``-``. Each pattern matches the whole name (a
+    trailing newline is refused). Raises :class:`msdata.errors.ConfigurationError`.
     """
     if kind == "group":
-        ok = isinstance(name, str) and bool(_GROUP.match(name))
+        ok = isinstance(name, str) and bool(_GROUP.fullmatch(name))
         rule = "1-40 letters, digits, '_' or '-', starting with a letter or digit"
     elif kind == "namespace":
-        ok = isinstance(name, str) and bool(_NAMESPACE.match(name))
+        ok = isinstance(name, str) and bool(_NAMESPACE.fullmatch(name))
         rule = "1-30 letters, digits, '_' or '-', starting with a letter or digit"
     else:
         pattern = _DLQ_TOPIC if isinstance(name, str) and name.endswith(".dlq") else _TOPIC
-        ok = isinstance(name, str) and bool(pattern.match(name)) and ".." not in name
+        ok = isinstance(name, str) and bool(pattern.fullmatch(name)) and ".." not in name
         rule = "1-150 letters, digits, '_', '-' or '.', starting with a letter or digit"
+        if ok and name.startswith(_RESERVED_PREFIXES):
+            raise ConfigurationError(
+                f"{kind} name {name!r}: names starting with 'amq.' are reserved by RabbitMQ"
+            )
     if not ok:
         raise ConfigurationError(f"{kind} name {name!r} must be {rule}")
     return name
@@ -113,6 +121,9 @@ class TransportFeatures:
     #: seconds after which a delivery left unacked by a consumer that died is offered again
     #: (0: as soon as the subscription closes)
     redelivery_timeout: float = 0.0
+    #: it talks to a server over the network, so the server can be unreachable (the suite's
+    #: unreachable-server case applies); False for an in-process transport
+    networked: bool = True
     #: test plumbing, set by a harness that owns the broker (watermill's
     #: ``RestartServiceCommand``): ``await restart(kill)`` stops the broker under the running
     #: transport (SIGKILL if ``kill``, else a clean stop), keeping its data, and starts it

@@ -14,13 +14,13 @@ missing one raises :class:`msdata.errors.MissingDependencyError` naming the extr
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Any
-from urllib.parse import urlsplit
 
 from msdata.errors import ConfigurationError
 from msdata.transport import Transport
 
-__all__ = ["STORES", "store_from_url", "transport_from_url"]
+__all__ = ["STORES", "redact_url", "store_from_url", "transport_from_url"]
 
 #: (port, backend) -> "module:Class" of the store; the class's ``from_url(url, **options)``
 #: builds it. A new port adds one line per backend here; the module is imported only when
@@ -32,12 +32,19 @@ STORES: dict[tuple[str, str], str] = {
     ("inbox", "memory"): "msdata.adapters.memory.inbox:MemoryInboxStore",
     ("inbox", "sqlite"): "msdata.adapters.sqlite.inbox:SqliteInboxStore",
     ("inbox", "postgresql"): "msdata.adapters.postgres.inbox:PostgresInboxStore",
+    ("saga", "memory"): "msdata.adapters.memory.saga:MemorySagaStore",
+    ("saga", "sqlite"): "msdata.adapters.sqlite.saga:SqliteSagaStore",
+    ("saga", "postgresql"): "msdata.adapters.postgres.saga:PostgresSagaStore",
     ("eventstore", "memory"): "msdata.adapters.memory.eventstore:MemoryEventStore",
     ("eventstore", "sqlite"): "msdata.adapters.sqlite.eventstore:SqliteEventStore",
     ("eventstore", "postgresql"): "msdata.adapters.postgres.eventstore:PostgresEventStore",
     ("checkpoints", "memory"): "msdata.adapters.memory.checkpoints:MemoryCheckpointStore",
     ("checkpoints", "sqlite"): "msdata.adapters.sqlite.checkpoints:SqliteCheckpointStore",
     ("checkpoints", "postgresql"): "msdata.adapters.postgres.checkpoints:PostgresCheckpointStore",
+    ("idempotency", "memory"): "msdata.adapters.memory.idempotency:MemoryIdempotencyStore",
+    ("idempotency", "sqlite"): "msdata.adapters.sqlite.idempotency:SqliteIdempotencyStore",
+    ("idempotency", "postgresql"): "msdata.adapters.postgres.idempotency:PostgresIdempotencyStore",
+    ("idempotency", "redis"): "msdata.adapters.redis.idempotency:RedisIdempotencyStore",
 }
 
 #: URL scheme (before any ``+driver``) -> backend name in :data:`STORES`
@@ -46,21 +53,36 @@ _STORE_SCHEMES = {
     "sqlite": "sqlite",
     "postgresql": "postgresql",
     "postgres": "postgresql",
+    "redis": "redis",
+    "rediss": "redis",
 }
 
 
-def _redacted(url: str) -> str:
-    """``url`` without its user name and password, for error messages."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return parts._replace(netloc=f"***@{host}").geturl()
+# userinfo: after "//" (or at the start, for a URL whose "//" was mistyped) up to the last "@"
+# before the host ends; secrets in a query string or a libpq key=value DSN
+_USERINFO = re.compile(r"(^|//)([^/?#\s]*)@")
+_SECRET_PARAM = re.compile(
+    r"(?i)((?:^|[?&;\s])[\w.-]*(?:pass|pwd|secret|token|key|auth|credential)[\w.-]*\s*=\s*)"
+    r"('[^']*'|[^&;#\s]*)"
+)
+_REDACTED = "***"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its secrets replaced by ``***``, for errors, log lines and reprs.
+
+    A password (``user:***@host``), a userinfo without a password (``***@host``: NATS and
+    others read it as a token), and the values of query or key=value parameters whose name
+    says secret (``password=``, ``sslpassword=``, ``token=``, ``auth_key=``...) are replaced.
+    Works on malformed URLs too (a mistyped scheme is when an error shows the URL), and on
+    several comma-separated URLs. Anything else is kept, so the error stays useful.
+    """
+
+    def userinfo(m: re.Match[str]) -> str:
+        user, colon, _ = m.group(2).partition(":")
+        return f"{m.group(1)}{user}:{_REDACTED}@" if colon else f"{m.group(1)}{_REDACTED}@"
+
+    return _SECRET_PARAM.sub(rf"\1{_REDACTED}", _USERINFO.sub(userinfo, url))
 
 
 def store_from_url(port: str, url: str, **options: Any) -> Any:
@@ -78,7 +100,7 @@ def store_from_url(port: str, url: str, **options: Any) -> Any:
     backend = _STORE_SCHEMES.get(scheme)
     if backend is None:
         raise ConfigurationError(
-            f"no store for {_redacted(url)!r}: use memory://, sqlite:///path.db or postgresql://…"
+            f"no store for {redact_url(url)!r}: use memory://, sqlite:///path.db or postgresql://…"
         )
     target = STORES.get((port, backend))
     if target is None:
@@ -92,7 +114,7 @@ def store_from_url(port: str, url: str, **options: Any) -> Any:
         return cls.from_url(url, **options)
     except ConfigurationError as e:
         # an adapter's message may quote the URL: never with its credentials
-        redacted = _redacted(url)
+        redacted = redact_url(url)
         if redacted != url and url in str(e):
             raise ConfigurationError(str(e).replace(url, redacted)) from None
         raise
@@ -120,5 +142,5 @@ def transport_from_url(url: str, **options: Any) -> Transport:
 
         return NatsTransport.from_url(url, **options)
     raise ConfigurationError(
-        f"no transport for {url!r}: use memory://, redis://, amqp:// or nats://"
+        f"no transport for {redact_url(url)!r}: use memory://, redis://, amqp:// or nats://"
     )

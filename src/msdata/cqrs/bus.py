@@ -30,6 +30,7 @@ from msdata.messages import (
     MessageRegistry,
     Query,
     build_envelope,
+    check_message,
     current_envelope,
     current_parent,
     default_registry,
@@ -101,8 +102,7 @@ class _Bus(Generic[M]):
     async def _dispatch(self, message: M) -> Any:
         route = self._routes.get(type(message))
         if route is None:
-            if not isinstance(message, Message):
-                raise TypeError(f"expected a msdata {self._kind}, got {type(message).__name__}")
+            check_message(message, registered=False)
             raise NoHandlerRegistered(f"no handler for {type(message).__qualname__}")
         if route.chain is not None:
             envelope: Envelope[Any] = build_envelope(

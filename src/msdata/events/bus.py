@@ -65,6 +65,12 @@ E = TypeVar("E", bound=Event)
 H = TypeVar("H", bound=Callable[..., Any])
 
 
+def _name_of(handler: Callable[..., Any]) -> str:
+    module = getattr(handler, "__module__", None)
+    name = getattr(handler, "__qualname__", None) or type(handler).__qualname__
+    return f"{module}.{name}" if module else name
+
+
 class _Route(NamedTuple):
     handler: Callable[[Any], Any]
     is_async: bool
@@ -123,6 +129,11 @@ class EventBus:
         self._consumers: dict[tuple[str, str], _Consumer] = {}
         self._running = False
         self._stopping: asyncio.Event | None = None
+        # per consumer task: its open subscription, and the delivery and handler in hand
+        self._subscriptions: dict[asyncio.Task[Any], Subscription] = {}
+        self._handling: dict[asyncio.Task[Any], tuple[Delivery, str]] = {}
+        # consumer tasks that would not stop: they settle nothing any more
+        self._abandoned: set[asyncio.Task[Any]] = set()
 
     # -- wiring ------------------------------------------------------------------------------
 
@@ -252,22 +263,61 @@ class EventBus:
             await self.stop()
             raise
 
-    async def stop(self) -> None:
-        """Stop consuming: each consumer finishes the delivery in hand (up to
-        ``stop_timeout``); every delivery not finished stays unacked and is redelivered."""
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop consuming, within ``timeout`` seconds (default ``stop_timeout``) whatever the
+        handlers do.
+
+        Each consumer finishes the delivery in hand while it can; at ``timeout`` minus a
+        grace (a fifth of it, at most 1 s) the consumers still busy are cancelled. A handler
+        that does not stop even then (it caught :class:`asyncio.CancelledError` and went on)
+        is logged at ERROR with its name and message id, and left behind: its subscription is
+        closed, so its delivery stays unacked and is redelivered, and whatever the handler
+        returns later settles nothing. Every delivery not finished is redelivered."""
         if not self._running:
             return
         assert self._stopping is not None
         self._stopping.set()
+        limit = self.stop_timeout if timeout is None else timeout
+        grace = min(1.0, max(limit, 0.0) / 5)
         tasks = [t for c in self._consumers.values() for t in c.tasks]
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=self.stop_timeout)
+            _, pending = await asyncio.wait(tasks, timeout=max(limit - grace, 0.0))
             for t in pending:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            if pending:
+                _, pending = await asyncio.wait(pending, timeout=grace / 2)
+            for t in pending:
+                self._abandon(t)
+            if pending:
+                # release what the stuck consumers hold: their subscriptions close
+                subs = [self._subscriptions.pop(t) for t in pending if t in self._subscriptions]
+                closing = [asyncio.ensure_future(s.__aexit__(None, None, None)) for s in subs]
+                if closing:
+                    _, still = await asyncio.wait(closing, timeout=grace / 2)
+                    for closer in still:
+                        closer.cancel()
         for c in self._consumers.values():
             c.tasks.clear()
         self._running = False
+
+    def _abandon(self, task: asyncio.Task[None]) -> None:
+        """A consumer task that would not stop: log it and make sure it settles nothing."""
+        self._abandoned.add(task)
+        task.add_done_callback(self._abandoned.discard)
+        handling = self._handling.get(task)
+        if handling is None:
+            log.error("consumer task %s would not stop; left behind", task.get_name())
+            return
+        delivery, handler = handling
+        log.error(
+            "handler %s would not stop (group %s, topic %s, message %s, attempt %d): left "
+            "behind; its delivery stays unacked and will be redelivered",
+            handler,
+            delivery.group,
+            delivery.topic,
+            delivery.message.id,
+            delivery.attempt,
+        )
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -292,19 +342,28 @@ class EventBus:
                     max_attempts=self.max_attempts,
                     prefetch=self.prefetch,
                 )
+                task = asyncio.current_task()
                 async with sub:
-                    if not ready.done():
-                        ready.set_result(None)
-                    while not stopping.is_set():
-                        for delivery in await sub.receive(self.prefetch, timeout=0.25):
-                            if stopping.is_set():
-                                break  # the rest stays unacked: released when sub closes
-                            await self._handle(consumer, delivery)
+                    if task is not None:
+                        self._subscriptions[task] = sub
+                    try:
+                        if not ready.done():
+                            ready.set_result(None)
+                        while not stopping.is_set():
+                            for delivery in await sub.receive(self.prefetch, timeout=0.25):
+                                if stopping.is_set():
+                                    break  # the rest stays unacked: released when sub closes
+                                await self._handle(consumer, delivery)
+                    finally:
+                        if task is not None:
+                            self._subscriptions.pop(task, None)
             except asyncio.CancelledError:
                 if not ready.done():
                     ready.cancel()
                 raise
             except Exception as e:
+                if self._is_abandoned():
+                    return
                 if not ready.done():  # could not even subscribe: start() reports it
                     ready.set_exception(e)
                     return
@@ -336,6 +395,9 @@ class EventBus:
             await self._settle(delivery.ack())
             return
         token = current_parent.set(envelope)
+        task = asyncio.current_task()
+        if task is not None:
+            self._handling[task] = (delivery, _name_of(route.handler))
         try:
             if route.chain is not None:
                 await route.chain(envelope)
@@ -350,7 +412,8 @@ class EventBus:
                 await self._settle(delivery.dead_letter(f"RejectMessage: {e}"))
             return
         except (Exception, asyncio.CancelledError) as e:
-            task = asyncio.current_task()
+            if self._is_abandoned():
+                return  # stop() gave up on this handler: its delivery was released
             if isinstance(e, asyncio.CancelledError) and task is not None and task.cancelling():
                 raise  # the consumer itself is being stopped: leave the delivery unsettled
             reason = f"{type(e).__name__}: {e}"
@@ -372,12 +435,19 @@ class EventBus:
             return
         finally:
             current_parent.reset(token)
+            if task is not None:
+                self._handling.pop(task, None)
+        if self._is_abandoned():
+            return  # stop() gave up on this handler: its delivery was released
         try:
             await delivery.ack()
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("acking a delivery failed; it will be redelivered")
+
+    def _is_abandoned(self) -> bool:
+        return asyncio.current_task() in self._abandoned
 
     @staticmethod
     async def _settle(op: Any) -> None:

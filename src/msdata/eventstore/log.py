@@ -11,7 +11,14 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 from msdata.errors import ConfigurationError, DecodeError
 from msdata.eventstore.store import EventStore, NewEvent, RecordedEvent, check_stream_id
-from msdata.messages import Envelope, Message, MessageRegistry, default_registry, make_envelope
+from msdata.messages import (
+    Envelope,
+    Message,
+    MessageRegistry,
+    default_registry,
+    make_envelope,
+    message_list,
+)
 from msdata.outbox.outbox import Outbox
 from msdata.outbox.store import OutboxRow
 from msdata.serialization import CloudEventsCodec
@@ -129,7 +136,7 @@ class EventLog:
         headers: Mapping[str, str] | None,
     ) -> tuple[list[Envelope[Any]], list[NewEvent]]:
         check_stream_id(stream_id)
-        items = [events] if isinstance(events, Message | Envelope) else list(events)
+        items = message_list(events)
         envelopes: list[Envelope[Any]] = []
         new: list[NewEvent] = []
         encode = self.codec.encode

@@ -49,6 +49,7 @@ from datetime import datetime
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from msdata.errors import ConfigurationError
+from msdata.messages import check_text
 
 __all__ = [
     "MAX_STREAM_ID",
@@ -64,13 +65,14 @@ MAX_STREAM_ID = 200
 
 
 def check_stream_id(stream_id: str) -> str:
-    """A stream id is a non-empty string of at most 200 characters (ConfigurationError)."""
+    """A stream id is a non-empty string of at most 200 characters (ConfigurationError),
+    valid UTF-8 (EncodeError)."""
     if not isinstance(stream_id, str) or not 0 < len(stream_id) <= MAX_STREAM_ID:
         raise ConfigurationError(
             f"a stream id must be a non-empty str of at most {MAX_STREAM_ID} characters, "
             f"got {stream_id!r}"
         )
-    return stream_id
+    return check_text("stream id", stream_id)  # no lone surrogate: every store can write it
 
 
 def check_expected_version(expected_version: int) -> int:

@@ -9,7 +9,14 @@
 """
 
 from msdata.inbox.inbox import Inbox, InboxMiddleware
-from msdata.inbox.store import InboxStore
+from msdata.inbox.store import InboxStore, InboxStoreFeatures
 from msdata.storage import TransactionFactory, current_connection
 
-__all__ = ["Inbox", "InboxMiddleware", "InboxStore", "TransactionFactory", "current_connection"]
+__all__ = [
+    "Inbox",
+    "InboxMiddleware",
+    "InboxStore",
+    "InboxStoreFeatures",
+    "TransactionFactory",
+    "current_connection",
+]

@@ -12,7 +12,7 @@ from typing import Any
 from msdata.errors import ConfigurationError
 from msdata.ids import utc_now
 from msdata.inbox.store import InboxStore
-from msdata.messages import Envelope
+from msdata.messages import Envelope, check_text
 from msdata.storage import Connection, TransactionFactory, bind_connection, current_connection
 
 __all__ = ["Inbox", "InboxMiddleware", "TransactionFactory", "current_connection"]
@@ -54,11 +54,11 @@ class Inbox:
         """Record ``message_id`` for ``consumer`` on the sync connection ``conn``, in its
         open transaction. True: apply the effects in this transaction. False: a duplicate,
         skip it."""
-        return self.store.record(conn, consumer, message_id)
+        return self.store.record(conn, consumer, check_text("message id", message_id))
 
     async def first_time_async(self, conn: Connection, consumer: str, message_id: str) -> bool:
         """:meth:`first_time` on an async connection."""
-        return await self.store.record_async(conn, consumer, message_id)
+        return await self.store.record_async(conn, consumer, check_text("message id", message_id))
 
     @staticmethod
     def connection() -> Connection:

@@ -8,12 +8,23 @@ contract of :mod:`msdata.storage`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 from msdata.storage import Connection
 
-__all__ = ["InboxStore"]
+__all__ = ["InboxStore", "InboxStoreFeatures"]
+
+
+@dataclass(frozen=True, slots=True)
+class InboxStoreFeatures:
+    """What an inbox store can do (``store.features``); the conformance suite reads it."""
+
+    #: the store stamps records with the time of the ``clock`` it was given, so a
+    #: :class:`msdata.testing.FakeClock` drives ``purge``. False: another clock (the
+    #: PostgreSQL server's)
+    reads_clock: bool = True
 
 
 @runtime_checkable
@@ -27,9 +38,16 @@ class InboxStore(Protocol):
     and then returns False, or raises; it never returns True twice for one committed pair.
     """
 
+    @property
+    def features(self) -> InboxStoreFeatures: ...
+
     def record(self, conn: Connection, consumer: str, message_id: str) -> bool: ...
 
     async def record_async(self, conn: Connection, consumer: str, message_id: str) -> bool: ...
+
+    def schema_sql(self) -> str:
+        """The DDL ``create_schema`` runs (empty for stores without SQL)."""
+        ...
 
     async def create_schema(self) -> None: ...
 
@@ -37,3 +55,5 @@ class InboxStore(Protocol):
         """Forget records made before ``older_than``. The window kept must exceed the
         longest time in which the broker may redeliver a message."""
         ...
+
+    async def close(self) -> None: ...

@@ -13,7 +13,16 @@ Stores: ``msdata.adapters.memory`` (MemoryOutboxStore, MemoryInboxStore),
 from msdata.inbox import Inbox, InboxMiddleware, InboxStore
 from msdata.outbox.outbox import Outbox
 from msdata.outbox.relay import Backoff, OutboxRelay, PayloadCheck, exponential_backoff
-from msdata.outbox.store import OutboxRecord, OutboxRow, OutboxStatus, OutboxStore
+from msdata.outbox.store import (
+    OutboxAdminStore,
+    OutboxRecord,
+    OutboxRelayStore,
+    OutboxRow,
+    OutboxStatus,
+    OutboxStore,
+    OutboxStoreFeatures,
+    OutboxWriteStore,
+)
 from msdata.storage import (
     DEFAULT_TABLE_PREFIX,
     TransactionFactory,
@@ -28,11 +37,15 @@ __all__ = [
     "InboxMiddleware",
     "InboxStore",
     "Outbox",
+    "OutboxAdminStore",
     "OutboxRecord",
     "OutboxRelay",
+    "OutboxRelayStore",
     "OutboxRow",
     "OutboxStatus",
     "OutboxStore",
+    "OutboxStoreFeatures",
+    "OutboxWriteStore",
     "PayloadCheck",
     "TransactionFactory",
     "check_table_prefix",

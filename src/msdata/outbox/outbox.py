@@ -5,8 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from msdata.messages import Envelope, Message, MessageRegistry, default_registry, make_envelope
-from msdata.outbox.store import OutboxRow, OutboxStore
+from msdata.messages import (
+    Envelope,
+    Message,
+    MessageRegistry,
+    default_registry,
+    make_envelope,
+    message_list,
+)
+from msdata.outbox.store import OutboxRow, OutboxWriteStore
 from msdata.serialization import CloudEventsCodec
 from msdata.transport import check_name
 
@@ -39,7 +46,7 @@ class Outbox:
 
     def __init__(
         self,
-        store: OutboxStore,
+        store: OutboxWriteStore,
         *,
         codec: CloudEventsCodec | None = None,
         registry: MessageRegistry | None = None,
@@ -111,7 +118,7 @@ class Outbox:
         headers: Mapping[str, str] | None,
         aggregate_type: str | None,
     ) -> tuple[list[Envelope[Any]], list[OutboxRow]]:
-        items = [messages] if isinstance(messages, Message | Envelope) else list(messages)
+        items = message_list(messages)
         envelopes: list[Envelope[Any]] = []
         rows: list[OutboxRow] = []
         encode = self.codec.encode

@@ -8,7 +8,6 @@ import logging
 import operator
 import os
 import socket
-import time
 import uuid
 from collections.abc import Coroutine, Mapping, Sequence
 from datetime import timedelta
@@ -16,8 +15,9 @@ from types import MappingProxyType, TracebackType
 from typing import Any, Literal, Self
 
 from msdata.backoff import Backoff, exponential_backoff
+from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConfigurationError, DecodeError, MsdataError
-from msdata.ids import utc_now
+from msdata.messages import safe_text
 from msdata.outbox.store import OutboxRecord, OutboxStatus, OutboxStore
 from msdata.serialization import CloudEventsCodec
 from msdata.transport import Publisher, TransportMessage, check_name
@@ -28,7 +28,6 @@ _NOTHING_STUCK: Mapping[str, int] = MappingProxyType({})
 _tuple_new = tuple.__new__
 _as_message = operator.itemgetter(1, 4, 5, 6)
 _seq_of = operator.itemgetter(0)
-_CE_HEAD = b'{"specversion":'  # how CloudEventsCodec starts every event it writes
 
 log = logging.getLogger("msdata.outbox")
 
@@ -88,6 +87,7 @@ class OutboxRelay:
         codec: CloudEventsCodec | None = None,
         stop_timeout: float = 10.0,
         prefetch: bool | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if batch_size < 1 or max_attempts < 1 or lease_seconds <= 0 or poll_interval <= 0:
             raise ConfigurationError(
@@ -110,11 +110,13 @@ class OutboxRelay:
         self.check = check
         self.codec = codec or CloudEventsCodec()
         self.stop_timeout = stop_timeout
+        #: where the relay reads time: ``retry_at``, the retention cut-off, the purge
+        #: interval and its back-off sleeps
+        self.clock = clock
         #: claim the next batch while publishing this one (default: the store's
-        #: ``prefetch_claims``, True for stores that hand a relay its keys' later rows)
-        self.prefetch = bool(
-            getattr(store, "prefetch_claims", False) if prefetch is None else prefetch
-        )
+        #: ``features.prefetch_claims``, True for stores that hand a relay its keys' later
+        #: rows)
+        self.prefetch = bool(store.features.prefetch_claims if prefetch is None else prefetch)
         self._topics_ok: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -160,7 +162,7 @@ class OutboxRelay:
             else:
                 by_topic, bad, blocked, stuck = self._sort(records, after)
             for reason, seqs in bad.items():
-                await store.park(relay_id, seqs, reason)
+                await store.park(relay_id, seqs, safe_text(reason, 2000))
                 settled.update(seqs)
                 log.error("outbox rows %s parked: %s", seqs, reason)
             if blocked:
@@ -245,14 +247,10 @@ class OutboxRelay:
             return None
         messages: list[TransportMessage] = []
         add = messages.append
+        own = self.codec.looks_like_own_event  # headers (a traceparent) come first
         for r in records:
             p = r[4]
-            if (
-                r[2] != topic
-                or type(p) is not bytes
-                or not p.startswith(_CE_HEAD)
-                or not p.endswith(b"}")
-            ):
+            if r[2] != topic or type(p) is not bytes or not own(p):
                 return None
             add(_tuple_new(TransportMessage, (r[1], p, r[5], r[6])))
         return messages
@@ -269,6 +267,7 @@ class OutboxRelay:
         stuck: dict[str, int] = {}
         topics_ok = self._topics_ok
         quick = self.check == "structure"
+        own = self.codec.looks_like_own_event
         last_topic: str | None = None
         last: list[OutboxRecord] = []
         for r in records:
@@ -282,14 +281,9 @@ class OutboxRelay:
                 stuck.setdefault(key, r.seq)
                 continue
             topic = r.topic
-            if quick:  # the default check, inline: the usual row costs no call
+            if quick:  # the default check: the usual row costs one cheap look
                 p = r.payload
-                if (
-                    type(p) is bytes
-                    and topic in topics_ok
-                    and p[-1:] == b"}"
-                    and (p[1:15] == b'"specversion":' or (p[:1] == b"{" and b'"specversion"' in p))
-                ):
+                if type(p) is bytes and topic in topics_ok and own(p):
                     if topic != last_topic:
                         last_topic, last = topic, by_topic.setdefault(topic, [])
                     last.append(r)
@@ -355,7 +349,7 @@ class OutboxRelay:
         await self.publisher.publish(topic, messages)
 
     async def _failed(self, records: list[OutboxRecord], error: BaseException) -> None:
-        reason = f"{type(error).__name__}: {error}"[:2000]
+        reason = safe_text(f"{type(error).__name__}: {error}", 2000)
         attempts = max(r.attempts for r in records) + 1
         park = [r.seq for r in records if r.attempts + 1 >= self.max_attempts]
         retry = [r.seq for r in records if r.attempts + 1 < self.max_attempts]
@@ -364,7 +358,7 @@ class OutboxRelay:
             await self.store.park(self.relay_id, park, why)
             log.error("outbox rows %s parked: %s", park, why)
         if retry:
-            retry_at = utc_now() + timedelta(seconds=self.backoff(attempts))
+            retry_at = self.clock.now() + timedelta(seconds=self.backoff(attempts))
             await self.store.retry_later(self.relay_id, retry, reason, retry_at)
             log.warning(
                 "publishing %d outbox rows failed (attempt %d), retrying at %s: %s",
@@ -421,9 +415,8 @@ class OutboxRelay:
         # Pipelined. With a store that hands a relay the later rows of the keys it holds
         # (``prefetch_claims``), the next batch is claimed while this one is published,
         # and its rows of keys that fail here are handed back. The rows published by the
-        # batch before are marked sent in the same store call as that claim when the store
-        # has ``mark_sent_and_claim`` (one transaction, one hop or round trip per batch);
-        # otherwise by a ``mark_sent`` of their own, also while publishing.
+        # batch before are marked sent in the same store call as that claim
+        # (``mark_sent_and_claim``: one transaction, one hop or round trip per batch).
         prefetch = self.prefetch
         claiming: asyncio.Future[list[OutboxRecord]] | None = None
         claiming_marks: list[int] = []  # what ``claiming`` marks sent along with its claim
@@ -483,21 +476,14 @@ class OutboxRelay:
     def _claim_call(self, marks: list[int]) -> Coroutine[Any, Any, list[OutboxRecord]]:
         store = self.store
         if marks:
-            both = getattr(store, "mark_sent_and_claim", None)
-            if callable(both):
-                return both(  # type: ignore[no-any-return]
-                    self.relay_id,
-                    marks,
-                    self.batch_size,
-                    self.lease_seconds,
-                    keep=self.retention is not None,
-                )
-            return self._mark_then_claim(marks)
+            return store.mark_sent_and_claim(
+                self.relay_id,
+                marks,
+                self.batch_size,
+                self.lease_seconds,
+                keep=self.retention is not None,
+            )
         return store.claim(self.relay_id, self.batch_size, self.lease_seconds)
-
-    async def _mark_then_claim(self, marks: list[int]) -> list[OutboxRecord]:
-        await self._mark(marks)
-        return await self.store.claim(self.relay_id, self.batch_size, self.lease_seconds)
 
     def _claim_ahead(self, marks: list[int]) -> asyncio.Future[list[OutboxRecord]]:
         """Start a claim now (marking ``marks`` sent first); awaited later through a
@@ -530,9 +516,8 @@ class OutboxRelay:
             except Exception:
                 log.exception("could not release outbox rows on stop")
 
-    @staticmethod
-    async def _sleep(seconds: float) -> None:
-        await asyncio.sleep(seconds)
+    async def _sleep(self, seconds: float) -> None:
+        await self.clock.sleep(seconds)
 
     async def _idle_for(self, aw: Coroutine[Any, Any, None]) -> None:
         if self._stopping:
@@ -547,7 +532,7 @@ class OutboxRelay:
     async def _maybe_purge(self) -> None:
         if self.retention is None:
             return
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if now >= self._next_purge:
             self._next_purge = now + self.purge_interval
             await self.purge()
@@ -579,7 +564,7 @@ class OutboxRelay:
         if self.retention is None:
             return 0
         try:
-            return await self.store.purge_sent(utc_now() - self.retention)
+            return await self.store.purge_sent(self.clock.now() - self.retention)
         except MsdataError:
             log.exception("outbox relay %s: purge failed", self.relay_id)
             return 0

@@ -1,21 +1,30 @@
-"""The outbox and inbox store ports.
+"""The outbox store port, split by who calls it.
 
 Implemented by ``msdata.adapters.memory``, ``msdata.adapters.sqlite`` and
 ``msdata.adapters.postgres``; checked by the conformance suites in
-:mod:`msdata.testing.outbox`.
+:mod:`msdata.testing.conformance.outbox` (the store) and
+:mod:`msdata.testing.conformance.relay` (a relay over it).
 
-Two sides, two kinds of call:
+- :class:`OutboxWriteStore` (the application, through :class:`msdata.outbox.Outbox`):
+  ``append``/``append_async`` run inside the caller's own open transaction, on the caller's
+  own connection (see :mod:`msdata.storage` for the forms a connection takes). They never
+  commit, never roll back and never open a transaction of their own: the message commits or
+  rolls back with the business data. A connection of a form the store does not serve, or
+  one with no open transaction, is refused with :class:`msdata.errors.ConfigurationError`.
+- :class:`OutboxRelayStore` (the relay): claim, mark_sent, mark_sent_and_claim, release,
+  retry_later, park, wait_for_rows. Each call is one short transaction of the store's own,
+  committed before it returns; safe to call concurrently from several relays, in several
+  processes.
+- :class:`OutboxAdminStore` (operators, and the relay's retention): parked, requeue,
+  status, purge_sent; each its own short transaction.
+- :class:`OutboxStore` is all three plus the :class:`msdata.storage.Store` lifecycle and a
+  :class:`OutboxStoreFeatures` record saying what the backend can do.
 
-- The *write* side runs inside the caller's own open transaction, on the caller's own
-  connection (sqlite3, psycopg sync/async, asyncpg, SQLAlchemy Session/Connection and their
-  async forms). It never commits, never rolls back and never opens a transaction of its own:
-  the message commits or rolls back with the business data. ``append`` is for sync
-  connections, ``append_async`` for async ones; the adapter tells the driver by the
-  connection's type and raises :class:`msdata.errors.ConfigurationError` for one it does not
-  serve.
-- The *relay* side (claim, mark, release, fail, park, status) belongs to msdata: each call is
-  one short transaction of the store's own, committed before it returns. These are safe to
-  call concurrently from several relays, in several processes.
+Time: a store reads it from its ``clock`` (:mod:`msdata.clock`) where its features say so
+(``reads_clock``); the PostgreSQL store uses the database server's clock, the one clock
+every relay process sharing the database agrees on.
+
+The inbox port lives in :mod:`msdata.inbox.store` (re-exported here).
 """
 
 from __future__ import annotations
@@ -24,18 +33,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from msdata.inbox.store import InboxStore
-from msdata.storage import DEFAULT_TABLE_PREFIX, check_table_prefix
+from msdata.storage import DEFAULT_TABLE_PREFIX, Connection, check_table_prefix
 
 __all__ = [
     "DEFAULT_TABLE_PREFIX",
     "InboxStore",
+    "OutboxAdminStore",
     "OutboxRecord",
+    "OutboxRelayStore",
     "OutboxRow",
     "OutboxStatus",
     "OutboxStore",
+    "OutboxStoreFeatures",
+    "OutboxWriteStore",
     "check_table_prefix",
 ]
 
@@ -89,9 +102,45 @@ class OutboxStatus:
     parked: int
 
 
+@dataclass(frozen=True, slots=True)
+class OutboxStoreFeatures:
+    """What an outbox store can do: the relay and the conformance suites read it from
+    ``store.features`` (as :class:`msdata.transport.TransportFeatures` for transports)."""
+
+    #: a claim by a relay that still holds rows returns the later pending rows of the keys
+    #: it holds (in ``seq`` order, never the held rows themselves), so the relay claims its
+    #: next batch while publishing this one and publishes the batches in order
+    prefetch_claims: bool = False
+    #: one relay at a time holds the store's lease and claims; the others get nothing until
+    #: it releases everything or its lease runs out (SQLite). False: relays share the work,
+    #: each claiming rows of keys no other relay holds (PostgreSQL, memory)
+    one_relay_at_a_time: bool = False
+    #: two write transactions can be open at once and the later can commit first, so the
+    #: out-of-order commit hazard can arise (PostgreSQL, memory; SQLite serialises writers)
+    concurrent_writers: bool = True
+    #: the store reads time (leases, ``retry_at``, ``created_at``, ``sent_at``) from the
+    #: ``clock`` it was given, so a :class:`msdata.testing.FakeClock` drives its expiry.
+    #: False: another clock (the PostgreSQL server's)
+    reads_clock: bool = True
+
+
 @runtime_checkable
-class OutboxStore(Protocol):
-    """Where outbox messages wait until a relay has published them.
+class OutboxWriteStore(Protocol):
+    """The write side: adding messages in the caller's open transaction (see the module
+    docstring for the contract)."""
+
+    def append(self, conn: Connection, rows: Sequence[OutboxRow]) -> None:
+        """Insert ``rows`` on the caller's sync connection, inside its open transaction."""
+        ...
+
+    async def append_async(self, conn: Connection, rows: Sequence[OutboxRow]) -> None:
+        """Insert ``rows`` on the caller's async connection, inside its open transaction."""
+        ...
+
+
+@runtime_checkable
+class OutboxRelayStore(Protocol):
+    """The relay side: each call one committed transaction of the store's own.
 
     Ordering contract: a row is *pending* from its commit until ``mark_sent`` (or ``park``).
     ``claim`` gives a relay, for each partition key it returns, the earliest pending rows of
@@ -101,44 +150,9 @@ class OutboxStore(Protocol):
     expires (its relay died) makes the rows claimable again: that is the at-least-once
     redelivery. Rows committed out of ``seq`` order (the long-transaction hazard) are still
     claimed once they commit: a store never uses a high-water mark. A claim never returns a
-    row the caller still holds.
-
-    Optional attribute ``prefetch_claims: bool`` (False when absent): True promises that a
-    claim by a relay that still holds rows returns the later pending rows of the keys it
-    holds (in ``seq`` order, never the held rows themselves), so the relay claims its next
-    batch while publishing this one and publishes the batches in order.
-
-    Optional method (the relay checks with ``callable(getattr(store,
-    "mark_sent_and_claim", None))`` and falls back to ``mark_sent`` then ``claim``)::
-
-        async def mark_sent_and_claim(
-            self, relay_id: str, sent_seqs: Sequence[int], limit: int, lease_seconds: float,
-            *, keep: bool = False,
-        ) -> list[OutboxRecord]
-
-    It does ``mark_sent(relay_id, sent_seqs, keep=keep)`` and then ``claim(relay_id, limit,
-    lease_seconds)`` as ONE transaction of the store's own (one executor hop, one round
-    trip): the claim sees the mark, both follow the contracts above (the claim never returns
-    a row of a key another relay holds, nor a row the caller holds), and when it raises
-    neither took effect. A relay that has just published a batch marks it and claims the
-    next one for the price of one call.
+    row the caller still holds. With ``features.prefetch_claims`` it does return the later
+    pending rows of the keys the caller holds.
     """
-
-    # -- write side: in the caller's transaction ---------------------------------------------
-
-    def append(self, conn: Any, rows: Sequence[OutboxRow]) -> None:
-        """Insert ``rows`` on the caller's sync connection, inside its open transaction."""
-        ...
-
-    async def append_async(self, conn: Any, rows: Sequence[OutboxRow]) -> None:
-        """Insert ``rows`` on the caller's async connection, inside its open transaction."""
-        ...
-
-    # -- relay side: each call one committed transaction of the store's own -------------------
-
-    async def create_schema(self) -> None:
-        """Create the tables and indexes if they do not exist (idempotent)."""
-        ...
 
     async def claim(self, relay_id: str, limit: int, lease_seconds: float) -> list[OutboxRecord]:
         """Lease up to ``limit`` pending rows to ``relay_id`` for ``lease_seconds``, following
@@ -150,6 +164,22 @@ class OutboxStore(Protocol):
         (no longer pending, not counted by ``status``) until ``purge_sent`` removes them; the
         relay passes ``keep=True`` when it has a retention period. Rows whose lease
         ``relay_id`` no longer holds are marked too (the message was published either way)."""
+        ...
+
+    async def mark_sent_and_claim(
+        self,
+        relay_id: str,
+        sent_seqs: Sequence[int],
+        limit: int,
+        lease_seconds: float,
+        *,
+        keep: bool = False,
+    ) -> list[OutboxRecord]:
+        """``mark_sent(relay_id, sent_seqs, keep=keep)`` then ``claim(relay_id, limit,
+        lease_seconds)`` as ONE transaction of the store's own (one executor hop, one round
+        trip): the claim sees the mark, both follow the contracts above, and when it raises
+        neither took effect. A relay that has just published a batch marks it and claims the
+        next one for the price of one call."""
         ...
 
     async def release(self, relay_id: str, seqs: Sequence[int]) -> None:
@@ -169,6 +199,17 @@ class OutboxStore(Protocol):
         key, and nothing else."""
         ...
 
+    async def wait_for_rows(self, timeout: float) -> None:
+        """Return when new rows may have been committed, or after ``timeout`` seconds
+        (PostgreSQL: LISTEN/NOTIFY; SQLite: a short poll, and at once for an in-process
+        writer). A spurious return is fine; the relay claims again."""
+        ...
+
+
+@runtime_checkable
+class OutboxAdminStore(Protocol):
+    """Administration: what is stuck, putting it back, the lag, retention."""
+
     async def parked(self, limit: int = 100) -> list[OutboxRecord]:
         """Parked rows, oldest first, with ``last_error``."""
         ...
@@ -177,16 +218,30 @@ class OutboxStore(Protocol):
         """Make parked rows pending again (attempts reset); returns how many."""
         ...
 
-    async def status(self) -> OutboxStatus: ...
+    async def status(self) -> OutboxStatus:
+        """Pending rows, the age of the oldest in seconds (the lag), parked rows."""
+        ...
 
     async def purge_sent(self, older_than: datetime) -> int:
         """Delete rows kept as sent before ``older_than``; returns how many."""
         ...
 
-    async def wait_for_rows(self, timeout: float) -> None:
-        """Return when new rows may have been committed, or after ``timeout`` seconds
-        (PostgreSQL: LISTEN/NOTIFY; SQLite: a short poll, and at once for an in-process
-        writer). A spurious return is fine; the relay claims again."""
+
+@runtime_checkable
+class OutboxStore(OutboxWriteStore, OutboxRelayStore, OutboxAdminStore, Protocol):
+    """Where outbox messages wait until a relay has published them: the write, relay and
+    administration sides, the store lifecycle (``schema_sql``, ``create_schema``,
+    ``close``; see :class:`msdata.storage.Store`) and the backend's ``features``."""
+
+    @property
+    def features(self) -> OutboxStoreFeatures: ...
+
+    def schema_sql(self) -> str:
+        """The DDL ``create_schema`` runs (empty for stores without SQL)."""
+        ...
+
+    async def create_schema(self) -> None:
+        """Create the tables and indexes if they do not exist (idempotent)."""
         ...
 
     async def close(self) -> None: ...

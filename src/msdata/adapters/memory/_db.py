@@ -30,6 +30,7 @@ from typing import Any, Self
 from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConfigurationError, StoreError
 from msdata.storage import Connection
+from msdata.urls import redact_url
 
 __all__ = ["MemoryDatabase", "MemoryTransaction", "transaction_of"]
 
@@ -122,7 +123,7 @@ class MemoryDatabase:
     def from_url(cls, url: str = "memory://", **options: Any) -> Self:
         """A new, empty store for ``memory://``; ``options`` go to the constructor."""
         if not url.startswith("memory:"):
-            raise ConfigurationError(f"not a memory:// URL: {url!r}")
+            raise ConfigurationError(f"not a memory:// URL: {redact_url(url)!r}")
         return cls(**options)
 
     def begin(self) -> MemoryTransaction:

@@ -8,6 +8,7 @@ from datetime import datetime
 from msdata.adapters.memory._db import MemoryDatabase, MemoryTransaction, transaction_of
 from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import StoreError
+from msdata.inbox.store import InboxStoreFeatures
 from msdata.storage import Connection
 
 __all__ = ["MemoryInboxStore"]
@@ -20,6 +21,8 @@ class MemoryInboxStore(MemoryDatabase):
     open) raises :class:`msdata.errors.StoreError`: the caller nacks, and the redelivery
     finds the pair committed (skip) or gone (the first transaction rolled back: apply).
     """
+
+    features = InboxStoreFeatures(reads_clock=True)
 
     def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
         super().__init__(clock=clock)

@@ -26,7 +26,7 @@ from types import MappingProxyType
 from msdata.adapters.memory._db import MemoryDatabase, MemoryTransaction, transaction_of
 from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import StoreError
-from msdata.outbox.store import OutboxRecord, OutboxRow, OutboxStatus
+from msdata.outbox.store import OutboxRecord, OutboxRow, OutboxStatus, OutboxStoreFeatures
 from msdata.storage import Connection
 
 # MemoryTransaction is re-exported: it was imported from here before the split
@@ -69,7 +69,7 @@ class MemoryOutboxStore(MemoryDatabase):
     """The in-memory :class:`msdata.outbox.OutboxStore`."""
 
     #: a relay's claim returns later rows of the keys it holds: it may claim ahead
-    prefetch_claims = True
+    features = OutboxStoreFeatures(prefetch_claims=True)
 
     def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
         super().__init__(clock=clock)

@@ -28,13 +28,14 @@ from msdata.transport import (
     TransportMessage,
     check_name,
 )
+from msdata.urls import redact_url
 
 __all__ = ["MemoryDelivery", "MemorySubscription", "MemoryTransport"]
 
 log = logging.getLogger("msdata.adapters.memory")
 
 FEATURES = TransportFeatures(
-    durable=False, ordered_per_key=True, native_delay=True, replays_history=False
+    durable=False, ordered_per_key=True, native_delay=True, replays_history=False, networked=False
 )
 
 
@@ -264,7 +265,7 @@ class MemoryTransport:
     @classmethod
     def from_url(cls, url: str = "memory://", *, namespace: str | None = None) -> MemoryTransport:
         if not url.startswith("memory:"):
-            raise ConfigurationError(f"not a memory:// URL: {url!r}")
+            raise ConfigurationError(f"not a memory:// URL: {redact_url(url)!r}")
         return cls(namespace=namespace)
 
     async def publish(self, topic: str, messages: Sequence[TransportMessage]) -> None:

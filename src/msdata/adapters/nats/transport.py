@@ -6,8 +6,11 @@ Mapping
       ``.``, so ``.`` becomes ``-``, ``-`` becomes ``_-`` and ``_`` becomes ``__``, which
       :func:`topic_of_stream` reverses; names too long for the server end in ``_h`` and a
       hash, and the stream's description holds the topic). The stream captures the
-      subject ``subject_prefix + topic`` and its key partitions ``<subject>._k.*`` (see
-      below): anything published there, by msdata or not, is delivered.
+      subject ``subject_prefix + topic`` and its key partitions ``<subject>._k.0`` to
+      ``._k.<key_partitions - 1>`` (see below): anything published there, by msdata or not,
+      is delivered; a JetStream publish to any other ``<subject>._k.*`` is refused (no
+      stream captures it), so the stream holds nothing that no group reads. (Streams
+      declared by an earlier msdata with ``<subject>._k.*`` are narrowed to that list.)
     - A group is a durable pull consumer on that stream (``deliver_policy=all``, explicit
       ack), named :func:`consumer_name` of the group. A subscription keeps a pull request open
       on it (see :class:`NatsSubscription`); consumers of one group compete, each group gets
@@ -41,7 +44,9 @@ Settling
     ``receive`` without being handed out. Deliveries still unsettled when a subscription
     closes are nacked at once (settling one afterwards raises :class:`TransportClosed`);
     those of a consumer that died come back after ``ack_wait`` (declared as
-    ``redelivery_timeout``).
+    ``redelivery_timeout``). A live subscription sends JetStream's in-progress
+    acknowledgement (``+WPI``) every ``ack_wait / 3`` seconds for what it holds, so slow
+    work is not redelivered under a consumer that is still alive.
 
 Order per key: opt-in, ``NatsTransport(ordered=True)`` (then ``ordered_per_key=True``)
     JetStream orders a stream, not a key: two consumers of one group pull interleaved
@@ -66,11 +71,18 @@ Foreign messages
 
 Connection
     nats-py reconnects by itself (:meth:`NatsTransport.from_url` sets unlimited reconnect
-    attempts; pass your own client configured likewise). Durable consumers live on the
-    server, so a subscription's next ``receive`` after a reconnect or a server restart pulls
-    again; ``receive`` returns an empty list while the connection is down, and, when idle,
-    checks every ``consumer_check_interval`` seconds that the consumer still exists and
-    declares the stream and consumer again if the server lost them.
+    attempts; pass your own client configured likewise). A server that is down, whether it
+    never answered or went away later, makes ``publish`` raise :class:`PublishError` after
+    ``publish_timeout`` and entering a subscription raise :class:`TransportError` after
+    ``connect_timeout``, both naming the address without credentials. A :meth:`from_url`
+    transport logs the client's connection errors, disconnects and reconnects as one
+    WARNING line each on ``msdata.adapters.nats`` (at most one per kind every 10 s), instead
+    of nats-py's traceback per attempt; with your own client, pass your own ``error_cb``.
+    Durable consumers live on the server, so a subscription's next ``receive`` after a
+    reconnect or a server restart pulls again; ``receive`` returns an empty list while the
+    connection is down, and, when idle, checks every ``consumer_check_interval`` seconds
+    that the consumer still exists and declares the stream and consumer again if the server
+    lost them.
 """
 
 from __future__ import annotations
@@ -79,13 +91,15 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import re
 import time
 import zlib
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from types import MappingProxyType
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 import nats
 import nats.errors
@@ -118,6 +132,7 @@ from msdata.transport import (
     TransportMessage,
     check_name,
 )
+from msdata.urls import redact_url
 
 __all__ = [
     "KEY_HEADER",
@@ -136,16 +151,20 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 KEY_HEADER = "x-msdata-key"
 _RESERVED = frozenset({MSG_ID_HEADER, KEY_HEADER})
 
-_NAK = b"-NAK"
+# Always the delayed form, 1 ms: nats-server 2.9 sometimes never redelivers a plain -NAK on
+# a consumer with max_ack_pending=1 (an ordered key partition) until ack_wait; measured here:
+# 7 of 80 runs stuck with a plain -NAK, 0 of 80 with a 1 ms delay.
+_NAK = b'-NAK {"delay": 1000000}'
 _TERM = b"+TERM"
+_WPI = b"+WPI"
 _ACK_PREFIX = "$JS.ACK."
 _NO_HEADERS: MappingProxyType[str, str] = MappingProxyType({})
 
 # Stream and consumer names become file names on the server: keep them well under 255.
 _NAME_MAX = 150
 _HASH_LEN = 20
-_PREFIX = re.compile(r"^[A-Za-z0-9_\-]{0,40}$")
-_SUBJECT_PREFIX = re.compile(r"^([A-Za-z0-9_\-]+\.)*$")
+_PREFIX = re.compile(r"^[A-Za-z0-9_\-]{0,40}\Z")
+_SUBJECT_PREFIX = re.compile(r"^([A-Za-z0-9_\-]+\.)*\Z")
 # JetStream API error codes: stream / consumer name already in use
 _STREAM_EXISTS = 10058
 _CONSUMER_EXISTS = {10013, 10148}
@@ -157,11 +176,58 @@ _PARTITIONS = re.compile(r"key partitions (\d+)$")
 _PULL_EXPIRES = 0.5
 # after a request was refused (a 409 status), wait this long before asking that consumer again
 _PULL_BACKOFF = 0.5
+# a connection event of one kind is logged at most once per this many seconds
+_LOG_EVERY = 10.0
+
+log = logging.getLogger("msdata.adapters.nats")
+
+# how many nacked stream sequences a subscription remembers the attempt of
+_NACKS_REMEMBERED = 10_000
 
 
 def _nats_errors(what: str, error: type[TransportError] = TransportError) -> DriverErrors:
     """Where nats-py's errors (and the socket's) become msdata's: ``with _nats_errors("what"):``."""
     return DriverErrors((nats.errors.Error, OSError), what, error)
+
+
+def _redacted(server: str) -> str:
+    """``scheme://host:port`` of a server URL, without user, password or token."""
+    try:
+        parts = urlsplit(server if "://" in server else f"nats://{server}")
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{parts.hostname or ''}{port}"
+    except ValueError:
+        return "nats://<unparsable address>"
+
+
+class _ConnectionLog:
+    """nats-py's connection callbacks, logged as one WARNING line each instead of its
+    default traceback per failed attempt (twice a second while a server is down), at most
+    once per ``_LOG_EVERY`` seconds per kind, with how many were left out in between."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def _log(self, kind: str, text: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -_LOG_EVERY) < _LOG_EVERY:
+            self._skipped[kind] = self._skipped.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        skipped = self._skipped.pop(kind, 0)
+        more = f" ({skipped} more like it in the last {_LOG_EVERY:.0f}s)" if skipped else ""
+        log.warning("NATS %s: %s%s", self.address, text, more)
+
+    async def error(self, e: Exception) -> None:
+        self._log("error", f"{type(e).__name__}: {e}".rstrip(": "))
+
+    async def disconnected(self) -> None:
+        self._log("disconnected", "disconnected; reconnecting")
+
+    async def reconnected(self) -> None:
+        self._log("reconnected", "reconnected")
 
 
 def _escape(name: str) -> str:
@@ -220,18 +286,20 @@ def topic_of_stream(stream: str, prefix: str = "MSDATA_") -> str | None:
 class NatsDelivery(DeliveryState["NatsSubscription"]):
     """A delivery from :class:`NatsTransport`; see :class:`msdata.transport.Delivery`."""
 
-    __slots__ = ("_msg",)
+    __slots__ = ("_msg", "_seq")
 
     def __init__(
-        self, sub: NatsSubscription, msg: Msg, message: TransportMessage, attempt: int
+        self, sub: NatsSubscription, msg: Msg, message: TransportMessage, attempt: int, seq: int
     ) -> None:
         super().__init__(sub, message, attempt)
         self._msg = msg
+        self._seq = seq
 
     def _settle(self) -> bool:
         if not self._begin_settle():
             return False
         self._sub._inflight.discard(self)
+        self._sub._nacked.pop(self._seq, None)
         return True
 
     async def _reply(self, payload: bytes) -> None:
@@ -247,10 +315,12 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
             return
         if deadletter.exhausted(self.attempt, self._sub.max_attempts):
             await self._dead_letter(deadletter.failed_reason(self.attempt, reason))
-        elif delay > 0:
-            await self._reply(b'-NAK {"delay": %d}' % int(delay * 1e9))
         else:
-            await self._reply(_NAK)
+            self._sub._remember_nack(self._seq, self.attempt)
+            if delay > 0:
+                await self._reply(b'-NAK {"delay": %d}' % int(delay * 1e9))
+            else:
+                await self._reply(_NAK)
 
     async def dead_letter(self, reason: str) -> None:
         if self._settle():
@@ -304,6 +374,10 @@ class NatsSubscription(ClosesOnExit):
         self.consumers: list[str] = []
         self._nc: Client | None = None
         self._inflight: set[NatsDelivery] = set()
+        # stream sequence -> the attempt at which this subscription nacked it, oldest first:
+        # JetStream (2.9) sometimes redelivers a delayed nack with its delivered count
+        # reset to 1, so an attempt is never taken lower than this + 1
+        self._nacked: OrderedDict[int, int] = OrderedDict()
         self._closed = False
         self._lost = False
         self._next_check = time.monotonic() + transport.consumer_check_interval
@@ -321,11 +395,44 @@ class NatsSubscription(ClosesOnExit):
         self._inbox = ""
         self._inbox_sub: Any = None
         self._turn = 0
+        self._flip = False
+        self._keepalive: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
-        await self._declare()
-        self._transport._subscriptions.add(self)
+        t = self._transport
+        try:
+            async with asyncio.timeout(t.connect_timeout):
+                await self._declare()
+        except TimeoutError as e:
+            raise TransportError(
+                f"could not declare group {self.group!r} on topic {self.topic!r} at "
+                f"{t.address} within {t.connect_timeout}s"
+            ) from e
+        t._subscriptions.add(self)
+        self._keepalive = asyncio.get_running_loop().create_task(
+            self._keep_alive(), name=f"msdata-nats-keepalive:{self.topic}:{self.group}"
+        )
         return self
+
+    async def _keep_alive(self) -> None:
+        """Every ``ack_wait / 3`` seconds, tell JetStream that what this consumer holds
+        (handed out and not settled, or received and not yet handed out) is in progress
+        (``+WPI``), so a live consumer's slow work is not redelivered under it; only a dead
+        consumer's work comes back after ``ack_wait``."""
+        interval = self._transport.ack_wait / 3
+        while not self._closed:
+            await asyncio.sleep(interval)
+            nc = self._nc
+            if nc is None or not nc.is_connected:
+                continue
+            replies = [d._msg.reply for d in list(self._inflight)]
+            replies.extend(m.reply for m in list(self._buffer))
+            try:
+                for reply in replies:
+                    if reply:
+                        await nc.publish(reply, _WPI)
+            except (nats.errors.Error, OSError):
+                pass  # reconnecting: the next round tells it again
 
     async def _declare(self) -> None:
         t = self._transport
@@ -347,6 +454,13 @@ class NatsSubscription(ClosesOnExit):
         self._request_ends = [0.0] * len(specs)
         self._not_before = [0.0] * len(specs)
         self._lost = False
+
+    def _remember_nack(self, seq: int, attempt: int) -> None:
+        nacked = self._nacked
+        nacked[seq] = attempt
+        nacked.move_to_end(seq)
+        if len(nacked) > _NACKS_REMEMBERED:
+            nacked.popitem(last=False)
 
     async def _arrive(self, msg: Msg) -> None:
         reply = msg.reply
@@ -390,10 +504,15 @@ class NatsSubscription(ClosesOnExit):
         last = len(outstanding) - 1
         wanted: list[tuple[int, int]] = []
         if last:
-            # key partitions take turns first, so a small prefetch still reaches them all
+            # key partitions take turns first, so a small prefetch still reaches them all;
+            # one credit stays for the keyless consumer (every other time, if there is only
+            # one), else a prefetch below key_partitions + 1 would never pull keyless ones
             start = self._turn = (self._turn + 1) % last
+            keyless_idle = outstanding[last] == 0 and not_before[last] <= now
+            self._flip = not self._flip
+            reserve = 1 if keyless_idle and (credit > 1 or self._flip) else 0
             for j in range(last):
-                if credit <= 0:
+                if credit - reserve <= 0:
                     break
                 i = (start + j) % last
                 if outstanding[i] == 0 and not_before[i] <= now:
@@ -469,6 +588,11 @@ class NatsSubscription(ClosesOnExit):
         if self._closed:
             return
         self._transport._subscriptions.discard(self)
+        keepalive, self._keepalive = self._keepalive, None
+        if keepalive is not None:
+            keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keepalive
         # let the open pull requests end (each lives as long as one receive() waits); what
         # they still deliver is buffered and given back below
         left = max(self._request_ends, default=0.0) - time.monotonic()
@@ -501,16 +625,20 @@ class NatsSubscription(ClosesOnExit):
         inflight = self._inflight
         stream = self.stream
         max_attempts = self.max_attempts
+        nacked = self._nacked
         for msg in msgs:
             reply = msg.reply
             tokens = reply.split(".") if reply else []
             n = len(tokens)
             if n == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
-                attempt, seq = int(tokens[4]), tokens[5]
+                attempt, seq = int(tokens[4]), int(tokens[5])
             elif n >= 11:  # with domain and account hash in front
-                attempt, seq = int(tokens[6]), tokens[7]
+                attempt, seq = int(tokens[6]), int(tokens[7])
             else:
                 continue  # not a JetStream delivery: nothing to settle
+            nacked_at = nacked.get(seq)
+            if nacked_at is not None and attempt <= nacked_at:
+                attempt = nacked_at + 1
             hdrs = msg.headers
             if hdrs:
                 mid = hdrs.get(MSG_ID_HEADER) or f"{stream}:{seq}"
@@ -518,7 +646,7 @@ class NatsSubscription(ClosesOnExit):
                 headers: Any = {k: v for k, v in hdrs.items() if k not in _RESERVED}
             else:
                 mid, key, headers = f"{stream}:{seq}", None, _NO_HEADERS
-            d = NatsDelivery(self, msg, TransportMessage(mid, msg.data, key, headers), attempt)
+            d = NatsDelivery(self, msg, TransportMessage(mid, msg.data, key, headers), attempt, seq)
             overdue = deadletter.overdue_reason(attempt, max_attempts)
             if overdue is not None:
                 # its consumers died on it max_attempts times: settle it here
@@ -564,7 +692,9 @@ class NatsTransport:
     JetStream offers again a delivery whose consumer died), ``duplicate_window`` (seconds
     ``Nats-Msg-Id`` de-duplication lasts), ``max_age`` / ``max_bytes`` (stream retention
     limits; None keeps everything), ``max_ack_pending`` (unsettled deliveries per group),
-    ``publish_timeout`` (seconds to wait for a batch's confirmations), ``ordered`` (groups
+    ``publish_timeout`` (seconds a ``publish`` takes at most, connecting and declaring the
+    stream included), ``connect_timeout`` (seconds to connect, and for a subscription to
+    declare its group, before :class:`TransportError` naming the address), ``ordered`` (groups
     keep order per key, see the module docstring) and ``key_partitions``, ``memory_storage``
     (memory instead of file streams: not durable), ``consumer_check_interval`` (seconds
     between checks, while a subscription finds nothing, that its consumer still exists on
@@ -584,6 +714,7 @@ class NatsTransport:
         max_bytes: int | None = None,
         max_ack_pending: int = 1000,
         publish_timeout: float = 10.0,
+        connect_timeout: float = 10.0,
         memory_storage: bool = False,
         replicas: int = 1,
         consumer_check_interval: float = 5.0,
@@ -610,9 +741,15 @@ class NatsTransport:
             raise ConfigurationError(
                 f"subject_prefix {subject_prefix!r}: empty, or subject tokens each ending in '.'"
             )
-        if ack_wait <= 0 or duplicate_window < 0 or publish_timeout <= 0 or max_ack_pending < 1:
+        if (
+            ack_wait <= 0
+            or duplicate_window < 0
+            or publish_timeout <= 0
+            or connect_timeout <= 0
+            or max_ack_pending < 1
+        ):
             raise ConfigurationError(
-                "ack_wait, publish_timeout and max_ack_pending must be positive"
+                "ack_wait, publish_timeout, connect_timeout and max_ack_pending must be positive"
             )
         self._nc: Client | None = client
         self._js: JetStreamContext | None = client.jetstream() if client is not None else None
@@ -627,6 +764,8 @@ class NatsTransport:
         self.max_bytes = max_bytes
         self.max_ack_pending = max_ack_pending
         self.publish_timeout = publish_timeout
+        self.connect_timeout = connect_timeout
+        self._address = ""
         self.memory_storage = memory_storage
         self.replicas = replicas
         self.consumer_check_interval = consumer_check_interval
@@ -657,15 +796,33 @@ class NatsTransport:
         commas) on first use, reconnects without limit, and closes the connection on
         :meth:`close`. ``options`` are those of the constructor."""
         if not url.startswith(("nats://", "tls://")):
-            raise ConfigurationError(f"not a nats:// URL: {url!r}")
+            raise ConfigurationError(f"not a nats:// URL: {redact_url(url)!r}")
         transport = cls(None, **options)
+        servers = [u.strip() for u in url.split(",")]
+        transport._address = ",".join(_redacted(u) for u in servers)
+        events = _ConnectionLog(transport._address)
         transport._connect = {
-            "servers": [u.strip() for u in url.split(",")],
+            "servers": servers,
             "max_reconnect_attempts": -1,
             "reconnect_time_wait": 0.5,
             "name": "msdata",
+            "error_cb": events.error,
+            "disconnected_cb": events.disconnected,
+            "reconnected_cb": events.reconnected,
         }
         return transport
+
+    @property
+    def address(self) -> str:
+        """The server(s) this transport talks to, as ``nats://host:port`` without
+        credentials (what its errors name)."""
+        if self._address:
+            return self._address
+        nc = self._nc
+        url = getattr(nc, "connected_url", None) if nc is not None else None
+        if url is not None and url.hostname:
+            return _redacted(f"{url.scheme}://{url.hostname}:{url.port or 4222}")
+        return "the NATS server"
 
     @property
     def client(self) -> Client | None:
@@ -679,8 +836,22 @@ class NatsTransport:
             return self._js
         async with self._connect_lock:
             if self._js is None:
-                with _nats_errors("could not connect to NATS"):
-                    nc = await nats.connect(**self._connect)
+                # nats-py retries a first connection forever when reconnects are unlimited:
+                # bound it, and give up on the client if it is not connected in time
+                nc = Client()
+                try:
+                    with _nats_errors(f"could not connect to NATS at {self.address}"):
+                        async with asyncio.timeout(self.connect_timeout):
+                            await nc.connect(**self._connect)
+                except BaseException as e:
+                    with contextlib.suppress(Exception):
+                        await nc.close()
+                    if isinstance(e, TimeoutError):
+                        raise TransportError(
+                            f"could not connect to NATS at {self.address} within "
+                            f"{self.connect_timeout}s"
+                        ) from e
+                    raise
                 self._nc, self._js = nc, nc.jetstream()
             return self._js
 
@@ -700,10 +871,13 @@ class NatsTransport:
             return name
         subject = self._subject(topic)
         partitions = [f"{subject}.{_PARTITION_TOKEN}.{n}" for n in range(self.key_partitions)]
+        # the partitions are listed one by one, not as ``<subject>._k.*``: a message on a
+        # partition no consumer reads (``._k.99``, ``._k.abc``) is refused at publish
+        # instead of being stored where no group would ever receive it
         config = StreamConfig(
             name=name,
             description=f"msdata topic {topic}; key partitions {self.key_partitions}",
-            subjects=[subject, f"{subject}.{_PARTITION_TOKEN}.*"],
+            subjects=[subject, *partitions],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.MEMORY if self.memory_storage else StorageType.FILE,
             num_replicas=self.replicas,
@@ -719,16 +893,20 @@ class NatsTransport:
                 if e.err_code != _STREAM_EXISTS:
                     raise
                 info = await js.stream_info(name)
-                if info.config.subjects != config.subjects:
-                    raise ConfigurationError(
-                        f"stream {name!r} exists with subjects {info.config.subjects}, "
-                        f"not {config.subjects}"
-                    ) from e
                 found = _PARTITIONS.search(info.config.description or "")
                 if found and int(found.group(1)) != self.key_partitions:
                     raise ConfigurationError(
                         f"topic {topic!r} was created with key_partitions={found.group(1)}, "
                         f"this transport has {self.key_partitions}: they must agree"
+                    ) from e
+                if info.config.subjects == [subject, f"{subject}.{_PARTITION_TOKEN}.*"]:
+                    # declared by an earlier msdata with a wildcard: narrow it
+                    info.config.subjects = config.subjects
+                    await js.update_stream(info.config)
+                elif info.config.subjects != config.subjects:
+                    raise ConfigurationError(
+                        f"stream {name!r} exists with subjects {info.config.subjects}, "
+                        f"not {config.subjects}"
                     ) from e
         self._streams[topic] = (subject, partitions)
         return name
@@ -737,11 +915,21 @@ class NatsTransport:
         if self._closed:
             raise TransportClosed("publish() on a closed transport")
         subjects = self._streams.get(topic)
+        # the whole call, connecting and declaring the stream included, takes at most
+        # publish_timeout (nats-py would otherwise wait for a server that is down)
+        deadline = asyncio.get_running_loop().time() + self.publish_timeout
         if subjects is None:
             self._subject(topic)
             if not messages:
                 return
-            await self._ensure_stream(topic)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._ensure_stream(topic)
+            except TimeoutError as e:
+                raise PublishError(
+                    f"publish to {topic!r} at {self.address}: no answer from the server "
+                    f"within {self.publish_timeout}s"
+                ) from e
             subjects = self._streams[topic]
         elif not messages:
             return
@@ -756,8 +944,6 @@ class NatsTransport:
         # client reconnects meanwhile, what it wrote to the lost socket is gone: the batch is
         # sent again under a new reply subject (JetStream drops the copies by Nats-Msg-Id
         # and answers them as duplicates), within the one publish_timeout.
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.publish_timeout
         while True:
             reconnects = nc.stats["reconnects"]
             self._batch_seq += 1
@@ -766,7 +952,7 @@ class NatsTransport:
             self._batches[token] = batch
             reply = self._acks_prefix + token
             try:
-                with _nats_errors(f"publish to {topic!r} failed", PublishError):
+                with _nats_errors(f"publish to {topic!r} at {self.address} failed", PublishError):
                     for m in messages:
                         headers = (
                             {**m.headers, MSG_ID_HEADER: m.id}
@@ -788,7 +974,7 @@ class NatsTransport:
             except TimeoutError as e:
                 raise PublishError(
                     f"{batch.left} of {len(messages)} messages to {topic!r} were not "
-                    f"confirmed within {self.publish_timeout}s"
+                    f"confirmed by {self.address} within {self.publish_timeout}s"
                 ) from e
             finally:
                 del self._batches[token]
@@ -797,7 +983,7 @@ class NatsTransport:
         if batch.error is not None:
             if batch.no_stream:
                 self._streams.pop(topic, None)  # declare it again on the next publish
-            raise PublishError(f"publish to {topic!r} was refused: {batch.error}")
+            raise PublishError(f"publish to {topic!r} was refused by {self.address}: {batch.error}")
 
     async def _listen_for_acks(self, nc: Client) -> None:
         async with self._connect_lock:

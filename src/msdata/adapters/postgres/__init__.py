@@ -11,12 +11,16 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from msdata.adapters.postgres.checkpoints import PostgresCheckpointStore
 from msdata.adapters.postgres.eventstore import PostgresEventStore
+from msdata.adapters.postgres.idempotency import PostgresIdempotencyStore
 from msdata.adapters.postgres.inbox import PostgresInboxStore
 from msdata.adapters.postgres.outbox import PostgresOutboxStore
+from msdata.adapters.postgres.saga import PostgresSagaStore
 
 __all__ = [
     "PostgresCheckpointStore",
     "PostgresEventStore",
+    "PostgresIdempotencyStore",
     "PostgresInboxStore",
     "PostgresOutboxStore",
+    "PostgresSagaStore",
 ]

@@ -6,8 +6,8 @@ is a class that owns a :class:`PostgresDatabase` and holds its SQL::
     class PostgresThingStore:
         def __init__(self, pool_or_dsn, *, table_prefix=DEFAULT_TABLE_PREFIX, schema=None):
             self._db = PostgresDatabase(pool_or_dsn, schema=schema, kind="thing store")
-            self._prefix = check_table_prefix(table_prefix)
-            self.table = self._db.qualified(f"{self._prefix}thing")
+            self.table_prefix = check_table_prefix(table_prefix)
+            self.table = self._db.qualified(f"{self.table_prefix}thing")
             self._put = CallerSQL(f"INSERT INTO {self.table} (k) VALUES ({{0}})", "thing put")
 
         def schema_sql(self) -> str:
@@ -46,7 +46,10 @@ What the kernel gives:
   the caller's connection, in its open transaction, for every driver form: psycopg sync and
   async, asyncpg (a connection or a pool's proxy), SQLAlchemy ``Session``/``Connection`` and
   their async forms. :func:`driver_of` tells them apart and refuses a sync connection in an
-  async call and the other way round.
+  async call and the other way round; an asyncpg connection outside a transaction, or a
+  psycopg one in autocommit mode outside ``conn.transaction()``, is refused
+  (ConfigurationError): the write would commit on its own. (SQLAlchemy sessions and
+  connections begin their transaction themselves.)
 - :class:`map_errors`: the one place driver errors become msdata errors (``raise … from
   e``): an undefined table, function or schema is :class:`SchemaError`, anything else
   :class:`StoreError`.
@@ -80,10 +83,11 @@ __all__ = [
     "map_errors",
     "normalize_url",
     "qualified",
+    "require_transaction_async",
     "store_error",
 ]
 
-_SCHEMA = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_SCHEMA = re.compile(r"^[a-z_][a-z0-9_]{0,62}\Z")
 _UNDEFINED = {"42P01", "42883", "3F000"}  # undefined table, function, schema
 
 
@@ -257,25 +261,33 @@ def driver_of(conn: Any, *, want_async: bool) -> Driver:
     return driver
 
 
-def check_in_transaction(conn: Any, driver: Driver) -> None:
-    """Refuse (ConfigurationError) a caller's asyncpg connection with no open transaction,
-    or a psycopg one in autocommit mode with none: the write would commit on its own. A
-    psycopg connection outside autocommit opens its transaction at the first statement,
-    and a SQLAlchemy Session/Connection begins one itself, so both pass."""
+def check_in_transaction(conn: Any, driver: Driver, what: str = "write") -> None:
+    """Refuse (ConfigurationError) a caller's connection on which a write would commit on
+    its own (the storage contract, :mod:`msdata.storage`): asyncpg with no open
+    transaction, psycopg in autocommit mode with none, SQLAlchemy ``Session`` /
+    ``Connection`` / ``AsyncConnection`` on an ``AUTOCOMMIT`` engine with none open at the
+    driver. A psycopg connection outside autocommit (and SQLAlchemy on one) opens its
+    transaction at the first statement, so it passes. An ``AsyncSession`` is checked by
+    :func:`require_transaction_async` (finding its connection needs an await)."""
     if driver is Driver.ASYNCPG:
+        # asyncpg autocommits every statement outside ``conn.transaction()``
         if not conn.is_in_transaction():
-            raise ConfigurationError(
-                "the asyncpg connection has no open transaction: use `async with "
-                "conn.transaction():` so the write commits with the caller's work"
-            )
-    elif driver in (Driver.PSYCOPG, Driver.PSYCOPG_ASYNC) and conn.autocommit:
-        import psycopg.pq
+            raise ConfigurationError(_NO_TRANSACTION.format(what=what, driver=driver.value))
+        return
+    if driver in (Driver.PSYCOPG, Driver.PSYCOPG_ASYNC):
+        if not _open_transaction(conn, conn):
+            raise ConfigurationError(_NO_TRANSACTION.format(what=what, driver=driver.value))
+        return
+    from sqlalchemy.ext.asyncio import AsyncConnection
+    from sqlalchemy.orm import Session, scoped_session
 
-        if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
-            raise ConfigurationError(
-                "the psycopg connection is in autocommit mode with no open transaction: "
-                "use `with conn.transaction():` so the write commits with the caller's work"
-            )
+    if isinstance(conn, (Session, scoped_session)):
+        conn = conn.connection()  # joins (or begins) the session's transaction
+    elif isinstance(conn, AsyncConnection):
+        conn = conn.sync_connection
+    elif driver is Driver.SQLALCHEMY_ASYNC:
+        return  # an AsyncSession: see require_transaction_async
+    _sa_refuses(what, driver, conn)
 
 
 def _driver_errors(driver: Driver) -> tuple[type[BaseException], ...]:
@@ -290,20 +302,81 @@ def _driver_errors(driver: Driver) -> tuple[type[BaseException], ...]:
     return (sqlalchemy.exc.SQLAlchemyError,)
 
 
+def _open_transaction(dbapi: Any, driver_conn: Any) -> bool:
+    """Whether a write on this driver connection would run in a transaction the caller
+    ends: one is open, or the connection is not in autocommit mode (psycopg, and SQLAlchemy
+    over asyncpg, then open one before the first statement)."""
+    if not getattr(dbapi, "autocommit", False):
+        return True
+    in_transaction = getattr(driver_conn, "is_in_transaction", None)
+    if in_transaction is not None:  # asyncpg under SQLAlchemy
+        return bool(in_transaction())
+    info = getattr(driver_conn, "info", None)
+    pgconn = getattr(driver_conn, "pgconn", None)
+    if info is None:
+        return True  # a driver we cannot ask: let it be
+    if pgconn is not None and pgconn.pipeline_status:
+        return True  # a queued BEGIN is not visible yet in pipeline mode
+    import psycopg.pq
+
+    return bool(info.transaction_status != psycopg.pq.TransactionStatus.IDLE)
+
+
+_NO_TRANSACTION = (
+    "{what}: the {driver} connection has no open transaction, so the write would commit on "
+    "its own and break the caller's-transaction guarantee. Open one first: asyncpg "
+    "'async with conn.transaction():', psycopg 'with conn.transaction():' (or autocommit "
+    "off), SQLAlchemy a session or connection not in AUTOCOMMIT isolation"
+)
+
+
+def _sa_refuses(what: str, driver: Driver, sync_conn: Any) -> None:
+    raw = sync_conn.connection  # the pool's proxied DBAPI connection
+    if not _open_transaction(raw.dbapi_connection, raw.driver_connection):
+        raise ConfigurationError(_NO_TRANSACTION.format(what=what, driver=driver.value))
+
+
+async def require_transaction_async(what: str, driver: Driver, conn: Any) -> None:
+    """:func:`check_in_transaction` for the caller's async ``conn``, an ``AsyncSession``
+    included."""
+    if driver is Driver.SQLALCHEMY_ASYNC:
+        from sqlalchemy.ext.asyncio import AsyncConnection
+
+        if not isinstance(conn, AsyncConnection):
+            conn = await conn.connection()  # an AsyncSession joins (or begins) its transaction
+    check_in_transaction(conn, driver, what)
+
+
 _PLACEHOLDER = re.compile(r"\{(\d+)\}")
 
 
 class CallerSQL:
-    """One statement with positional placeholders ``{0}``, ``{1}``..., rendered once for
-    each driver's parameter style and run on a caller's connection, in its transaction
-    (never committing or rolling it back)."""
+    """One statement with placeholders ``{0}``, ``{1}``... (each may appear more than
+    once), rendered once for each driver's parameter style and run on a caller's
+    connection, in its transaction (never committing or rolling it back)."""
 
-    __slots__ = ("_asyncpg", "_psycopg", "_sa_sql", "_text", "what")
+    __slots__ = (
+        "_asyncpg",
+        "_named",
+        "_psycopg",
+        "_sa_sql",
+        "_text",
+        "in_transaction",
+        "what",
+    )
 
-    def __init__(self, template: str, what: str) -> None:
+    def __init__(self, template: str, what: str, *, in_transaction: bool = False) -> None:
         self.what = what
+        #: refuse a connection with no open transaction (see :func:`check_in_transaction`)
+        self.in_transaction = in_transaction
         self._asyncpg = _PLACEHOLDER.sub(lambda m: f"${int(m[1]) + 1}", template)
-        self._psycopg = _PLACEHOLDER.sub("%s", template)
+        # positional when each placeholder appears once, in order; named otherwise
+        order = [int(i) for i in _PLACEHOLDER.findall(template)]
+        self._named = order != list(range(len(order)))
+        if self._named:
+            self._psycopg = _PLACEHOLDER.sub(lambda m: f"%(p{m[1]})s", template)
+        else:
+            self._psycopg = _PLACEHOLDER.sub("%s", template)
         self._text: Any = None
         self._sa_sql = _PLACEHOLDER.sub(lambda m: f":p{m[1]}", template)
 
@@ -318,12 +391,18 @@ class CallerSQL:
     def _sa_params(args: Sequence[Any]) -> dict[str, Any]:
         return {f"p{i}": a for i, a in enumerate(args)}
 
+    def _psycopg_args(self, args: Sequence[Any]) -> Any:
+        return self._sa_params(args) if self._named else args
+
     def run(self, conn: Any, args: Sequence[Any], *, fetch: bool = False) -> Any:
         """Run on a sync connection; with ``fetch``, return the first row or None."""
         driver = driver_of(conn, want_async=False)
+        if self.in_transaction:
+            check_in_transaction(conn, driver, self.what)
         if driver is Driver.PSYCOPG:
+            check_in_transaction(conn, driver)
             with map_errors(self.what, _driver_errors(driver), pipelined=conn):
-                cur = conn.execute(self._psycopg, args)
+                cur = conn.execute(self._psycopg, self._psycopg_args(args))
                 return cur.fetchone() if fetch else None
         with map_errors(self.what, _driver_errors(driver)):
             result = conn.execute(self._sa(), self._sa_params(args))
@@ -332,15 +411,19 @@ class CallerSQL:
     async def run_async(self, conn: Any, args: Sequence[Any], *, fetch: bool = False) -> Any:
         """Run on an async connection; with ``fetch``, return the first row or None."""
         driver = driver_of(conn, want_async=True)
+        if self.in_transaction:
+            await require_transaction_async(self.what, driver, conn)
         if driver is Driver.ASYNCPG:
+            check_in_transaction(conn, driver)
             with map_errors(self.what, _driver_errors(driver)):
                 if fetch:
                     return await conn.fetchrow(self._asyncpg, *args)
                 await conn.execute(self._asyncpg, *args)
                 return None
         if driver is Driver.PSYCOPG_ASYNC:
+            check_in_transaction(conn, driver)
             with map_errors(self.what, _driver_errors(driver), pipelined=conn):
-                cur = await conn.execute(self._psycopg, args)
+                cur = await conn.execute(self._psycopg, self._psycopg_args(args))
                 return await cur.fetchone() if fetch else None
         with map_errors(self.what, _driver_errors(driver)):
             result = await conn.execute(self._sa(), self._sa_params(args))

@@ -8,6 +8,7 @@ from typing import Any, Self
 import asyncpg
 
 from msdata.adapters.postgres._db import CallerSQL, PostgresDatabase, command_count
+from msdata.inbox.store import InboxStoreFeatures
 from msdata.storage import DEFAULT_TABLE_PREFIX, Connection, check_table_prefix
 
 __all__ = ["PostgresInboxStore"]
@@ -34,6 +35,9 @@ class PostgresInboxStore:
     pool, given or made lazily from a DSN. Table: ``{schema}.{table_prefix}inbox``.
     """
 
+    #: records are stamped by the database server's clock
+    features = InboxStoreFeatures(reads_clock=False)
+
     def __init__(
         self,
         pool_or_dsn: asyncpg.Pool | str,
@@ -42,18 +46,19 @@ class PostgresInboxStore:
         schema: str | None = None,
         max_size: int = 2,
     ) -> None:
-        self._prefix = check_table_prefix(table_prefix)
+        self.table_prefix = check_table_prefix(table_prefix)
         self._db = PostgresDatabase(
             pool_or_dsn, schema=schema, max_size=max_size, kind="inbox store"
         )
         self._schema = self._db.schema
-        self._name = f"{self._prefix}inbox"
+        self._name = f"{self.table_prefix}inbox"
         self.table = self._db.qualified(self._name)
         self._lock_class = self._db.lock_class(self._name)
         self._record = CallerSQL(
             f"INSERT INTO {self.table} (consumer, message_id) VALUES ({{0}}, {{1}}) "
             "ON CONFLICT DO NOTHING RETURNING true",
             "inbox record",
+            in_transaction=True,
         )
 
     @classmethod

@@ -20,7 +20,7 @@ from msdata.adapters.postgres._db import (
     command_count,
 )
 from msdata.errors import ConfigurationError
-from msdata.outbox.store import OutboxRecord, OutboxRow, OutboxStatus
+from msdata.outbox.store import OutboxRecord, OutboxRow, OutboxStatus, OutboxStoreFeatures
 from msdata.storage import DEFAULT_TABLE_PREFIX, Connection, check_table_prefix
 
 __all__ = ["PostgresOutboxStore"]
@@ -317,8 +317,9 @@ class PostgresOutboxStore:
     """
 
     #: a relay's claim returns later rows of the keys it holds (never the rows it holds):
-    #: the relay may claim its next batch while it publishes this one
-    prefetch_claims = True
+    #: the relay may claim its next batch while it publishes this one. Leases, ``sent_at``
+    #: and ``created_at`` use the database server's clock, the one every relay agrees on
+    features = OutboxStoreFeatures(prefetch_claims=True, reads_clock=False)
 
     def __init__(
         self,
@@ -330,18 +331,19 @@ class PostgresOutboxStore:
         relay_synchronous_commit: bool = False,
         max_size: int = 4,
     ) -> None:
-        self._prefix = check_table_prefix(table_prefix)
+        self.table_prefix = check_table_prefix(table_prefix)
         self._db = db = PostgresDatabase(
             pool_or_dsn, schema=schema, max_size=max_size, kind="outbox store"
         )
         self._schema = db.schema
         self._notify = bool(notify)
         self._sync = bool(relay_synchronous_commit)
-        name = f"{self._prefix}outbox"
+        name = f"{self.table_prefix}outbox"
         self._name = name
         self.table = db.qualified(name)
         self.lease_table = db.qualified(f"{name}_lease")
-        self._fn = db.qualified(f"{name}_claim")
+        #: the claim function, ``"schema"."{prefix}outbox_claim"``
+        self.claim_function = db.qualified(f"{name}_claim")
         self._sent_fn = db.qualified(f"{name}_sent_claim")
         self._lock_class = db.lock_class(name)
         self._null_class = db.lock_class(f"{name}.rows")
@@ -375,8 +377,9 @@ class PostgresOutboxStore:
             # one statement, one round trip: the notification is sent when the caller commits
             wrap = "WITH ins AS ({}) SELECT pg_notify('" + self.channel + "', '')"
             one, many = wrap.format(one), wrap.format(many)
-        self._append_one = CallerSQL(one, "outbox append")
-        self._append_many = CallerSQL(many, "outbox append")
+        # in_transaction: refuse a connection on which the rows would commit on their own
+        self._append_one = CallerSQL(one, "outbox append", in_transaction=True)
+        self._append_many = CallerSQL(many, "outbox append", in_transaction=True)
 
         quiet = (
             ""
@@ -390,7 +393,7 @@ class PostgresOutboxStore:
         )
         owned = _OWNED.format(lease=lease) + unlease_mine
         self._sql = {
-            "claim": f"SELECT * FROM {self._fn}($1, $2, $3, $4)",
+            "claim": f"SELECT * FROM {self.claim_function}($1, $2, $3, $4)",
             "sent_claim": f"SELECT * FROM {self._sent_fn}($1, $2::bigint[], $3, $4, $5, $6)",
             "delete": f"WITH gone AS (DELETE FROM {t} WHERE seq = ANY($1::bigint[]){quiet} "
             f"RETURNING 1), {unlease_any} SELECT count(*) FROM gone",
@@ -426,14 +429,17 @@ class PostgresOutboxStore:
             _CLAIM_FUNCTION.format(
                 table=self.table,
                 lease=self.lease_table,
-                fn=self._fn,
+                fn=self.claim_function,
                 lock_class=self._lock_class,
                 null_class=self._null_class,
             )
         )
         parts.append(
             _SENT_CLAIM_FUNCTION.format(
-                table=self.table, lease=self.lease_table, fn=self._sent_fn, claim=self._fn
+                table=self.table,
+                lease=self.lease_table,
+                fn=self._sent_fn,
+                claim=self.claim_function,
             )
         )
         return "\n".join(parts)

@@ -116,6 +116,7 @@ from msdata.transport import (
     check_name,
     dead_letter_topic,
 )
+from msdata.urls import redact_url
 
 __all__ = [
     "FEATURES",
@@ -938,7 +939,7 @@ class RabbitMQTransport:
     ) -> RabbitMQTransport:
         """``amqp://user:password@host:port/vhost`` (or ``amqps://``); connects on first use."""
         if not url.startswith(("amqp://", "amqps://")):
-            raise ConfigurationError(f"not an amqp:// URL: {url!r}")
+            raise ConfigurationError(f"not an amqp:// URL: {redact_url(url)!r}")
         transport = cls(
             None,
             ordered_per_key=ordered_per_key,

@@ -1,4 +1,5 @@
-"""Redis Streams adapter: :class:`RedisTransport` (``pip install "msdata[redis]"``)."""
+"""Redis adapters: :class:`RedisTransport` (Streams) and :class:`RedisIdempotencyStore`
+(``pip install "msdata[redis]"``)."""
 
 try:
     import redis.asyncio  # noqa: F401
@@ -7,6 +8,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
     raise MissingDependencyError("redis", "redis") from e
 
+from msdata.adapters.redis.idempotency import RedisIdempotencyStore
 from msdata.adapters.redis.transport import (
     FOREIGN_ENTRY_HEADER,
     RedisDelivery,
@@ -14,4 +16,10 @@ from msdata.adapters.redis.transport import (
     RedisTransport,
 )
 
-__all__ = ["FOREIGN_ENTRY_HEADER", "RedisDelivery", "RedisSubscription", "RedisTransport"]
+__all__ = [
+    "FOREIGN_ENTRY_HEADER",
+    "RedisDelivery",
+    "RedisIdempotencyStore",
+    "RedisSubscription",
+    "RedisTransport",
+]

@@ -95,6 +95,7 @@ from msdata.transport import (
     TransportMessage,
     check_name,
 )
+from msdata.urls import redact_url
 
 __all__ = ["FOREIGN_ENTRY_HEADER", "RedisDelivery", "RedisSubscription", "RedisTransport"]
 
@@ -114,6 +115,19 @@ _TRANSIENT = (rex.ConnectionError, rex.TimeoutError, OSError)
 def _redis_errors(what: str, error: type[TransportError] = TransportError) -> DriverErrors:
     """Where redis-py's errors become msdata's: ``with _redis_errors("what was done"):``."""
     return DriverErrors(rex.RedisError, what, error)
+
+
+async def _execute(pipe: Any) -> Any:
+    """``pipe.execute()``, giving the pipeline's connection back to the pool when it fails.
+    redis-py loads the pipeline's scripts (on a connection it then holds) before the part
+    of ``execute`` that resets the pipeline on failure; a connection lost there stayed with
+    the pipeline, which Python later reported as "Unclosed Pipeline client"."""
+    try:
+        return await pipe.execute()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(pipe.reset())
+        raise
 
 
 def _entry_fields(m: TransportMessage, headers: Any, attempt: int | None) -> list[Any]:
@@ -324,7 +338,7 @@ class RedisSubscription(ClosesOnExit):
                 await self._queue_settle(pipe, d, self._keys[_RETRY], 0.0, d.message.headers, True)
             for key in self._keys:
                 await t._forget_consumer(keys=[key], args=[self.group, self.consumer], client=pipe)
-            await pipe.execute()
+            await _execute(pipe)
         except rex.RedisError as e:
             log.warning(
                 "closing consumer %s of %s/%s: %s; its %d unsettled deliveries are "
@@ -420,7 +434,7 @@ class RedisSubscription(ClosesOnExit):
             acks = self._queue_acks(pipe)
             pipe.xreadgroup(self.group, self.consumer, self._streams, count=room, block=block)
             try:
-                result = (await pipe.execute())[-1]
+                result = (await _execute(pipe))[-1]
             except BaseException:
                 self._restore_acks(acks)
                 raise
@@ -477,7 +491,7 @@ class RedisSubscription(ClosesOnExit):
                 await t._forget_idle(
                     keys=[key], args=[self.group, int(t.forget_after * 1000)], client=pipe
                 )
-        results = await pipe.execute()
+        results = await _execute(pipe)
         self._next_maintenance = now + t.claim_interval
         if trim and t.trim_interval:
             self._next_trim = now + t.trim_interval
@@ -548,7 +562,7 @@ class RedisSubscription(ClosesOnExit):
                     if acks[i]:
                         pipe.xack(self._keys[i], self.group, *acks[i])
                 try:
-                    await pipe.execute()
+                    await _execute(pipe)
                 except rex.RedisError as e:
                     self._restore_acks(acks)
                     log.warning("acks of consumer %s not sent yet: %s", self.consumer, e)
@@ -683,7 +697,7 @@ class RedisTransport:
         """``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` or ``unix://``;
         ``options`` go to the constructor."""
         if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigurationError(f"not a redis:// URL: {url!r}")
+            raise ConfigurationError(f"not a redis:// URL: {redact_url(url)!r}")
         transport = cls(aioredis.Redis.from_url(url, decode_responses=False), **options)
         transport._owns_client = True
         return transport
@@ -708,7 +722,7 @@ class RedisTransport:
             else:
                 command("XADD", key, "*", *_entry_fields(m, m.headers, None))
         with _redis_errors(f"publish of {len(messages)} to {topic!r} failed", PublishError):
-            await pipe.execute()
+            await _execute(pipe)
 
     async def declare_group(self, topic: str, group: str) -> None:
         """``XGROUP CREATE ... MKSTREAM`` on the topic's stream (at ``0`` for its first
@@ -728,7 +742,7 @@ class RedisTransport:
         await self._declare_group(
             keys=[f"{stream}:{group}:retry"], args=[group, "all"], client=pipe
         )
-        await pipe.execute()
+        await _execute(pipe)
 
     def subscribe(
         self, topic: str, group: str, *, max_attempts: int = 5, prefetch: int = 100

@@ -2,7 +2,8 @@
 
 One module per port on one kernel (``_db.py``): :class:`SqliteOutboxStore`
 (``outbox.py``), :class:`SqliteInboxStore` (``inbox.py``), :class:`SqliteEventStore`
-(``eventstore.py``), :class:`SqliteCheckpointStore` (``checkpoints.py``).
+(``eventstore.py``), :class:`SqliteCheckpointStore` (``checkpoints.py``),
+:class:`SqliteIdempotencyStore` (``idempotency.py``), :class:`SqliteSagaStore` (``saga.py``).
 """
 
 from msdata.errors import MissingDependencyError
@@ -15,15 +16,19 @@ except ImportError as e:  # pragma: no cover
 from msdata.adapters.sqlite._db import connect
 from msdata.adapters.sqlite.checkpoints import SqliteCheckpointStore
 from msdata.adapters.sqlite.eventstore import SqliteEventStore
+from msdata.adapters.sqlite.idempotency import SqliteIdempotencyStore
 from msdata.adapters.sqlite.inbox import INBOX_DDL, SqliteInboxStore
 from msdata.adapters.sqlite.outbox import OUTBOX_DDL, SqliteOutboxStore
+from msdata.adapters.sqlite.saga import SqliteSagaStore
 from msdata.storage import DEFAULT_TABLE_PREFIX, check_table_prefix
 
 __all__ = [
     "SqliteCheckpointStore",
     "SqliteEventStore",
+    "SqliteIdempotencyStore",
     "SqliteInboxStore",
     "SqliteOutboxStore",
+    "SqliteSagaStore",
     "connect",
     "from_url",
     "schema_sql",

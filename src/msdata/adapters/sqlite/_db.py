@@ -34,7 +34,8 @@ What the kernel gives:
   :meth:`~SqliteDatabase.write` wraps ``fn`` in ``BEGIN IMMEDIATE`` … ``COMMIT``;
   :meth:`~SqliteDatabase.run_script` runs idempotent DDL; :meth:`~SqliteDatabase.close`
   closes the connection and the thread. An inline store checkpoints the WAL in its thread
-  every :data:`CHECKPOINT_EVERY` write transactions, never on the loop.
+  every :data:`CHECKPOINT_EVERY` write transactions (a store whose writes are a page or two
+  sets ``checkpoint_every`` higher), never on the loop.
 - :func:`caller_connection`: the write side's connection: a ``sqlite3.Connection`` or a
   SQLAlchemy ``Session``/``Connection`` on a SQLite engine, unwrapped to sqlite3; a
   connection in autocommit mode with no open transaction is refused with
@@ -51,13 +52,16 @@ import contextlib
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConfigurationError, SchemaError, StoreError
 from msdata.storage import DEFAULT_TABLE_PREFIX, Connection, check_table_prefix
+from msdata.urls import redact_url
 
 __all__ = [
     "CHECKPOINT_EVERY",
@@ -95,7 +99,8 @@ def path_from_url(url: str) -> str:
     store opens its own connection, which would see another, empty database)."""
     if not url.startswith("sqlite:///"):
         raise ConfigurationError(
-            f"not a SQLite file URL: {url!r} (use sqlite:///relative.db or sqlite:////abs.db)"
+            f"not a SQLite file URL: {redact_url(url)!r} "
+            "(use sqlite:///relative.db or sqlite:////abs.db)"
         )
     path = url[len("sqlite:///") :].split("?", 1)[0]
     if not path or path == ":memory:":
@@ -123,16 +128,16 @@ class DatabaseBusy(StoreError):
     for an inline call, which never waits)."""
 
 
-def _translate(e: sqlite3.Error) -> StoreError:
-    text = str(e)
+def _translate(e: sqlite3.Error, what: str) -> StoreError:
+    text = f"SQLite {what}: {e}" if what else f"SQLite: {e}"
     if "no such table" in text or "no such column" in text:
         return SchemaError(f"{text}: run create_schema() or apply schema_sql()")
     if (
         isinstance(e, sqlite3.OperationalError)
         and getattr(e, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
     ):
-        return DatabaseBusy(f"SQLite: {text}")
-    return StoreError(f"SQLite: {text}")
+        return DatabaseBusy(text)
+    return StoreError(text)
 
 
 class map_errors:
@@ -140,9 +145,9 @@ class map_errors:
     (:class:`SchemaError`, :class:`DatabaseBusy` or :class:`StoreError`), raised ``from``
     the driver's error; msdata errors and anything else pass through unchanged.
 
-    ``what`` names the operation; it is kept for the error's context (SQLite's message
-    already says what failed). A class, not a generator, so entering costs next to
-    nothing on the write path."""
+    ``what`` names the operation in the message (``SQLite outbox append: database is
+    locked``). A class, not a generator, so entering costs next to nothing on the write
+    path."""
 
     __slots__ = ("what",)
 
@@ -159,8 +164,10 @@ class map_errors:
         tb: TracebackType | None,
     ) -> None:
         if exc is not None and isinstance(exc, sqlite3.Error):
-            raise _translate(exc) from exc
+            raise _translate(exc, self.what) from exc
 
+
+_ANY_ERRORS = map_errors()  # stateless: one for every call the store runs
 
 _sa_types: tuple[type[Any], type[Any]] | bool | None = False
 
@@ -219,7 +226,13 @@ class SqliteDatabase:
     ``busy_timeout``: seconds a call in the store's thread waits for the write lock.
     ``inline`` (default: True under OFF or NORMAL, where a commit does not wait for the
     disk): calls made with ``run(fn, inline=True)`` may run on the event loop's thread.
+    ``clock``: where the store reads time; :meth:`wall` gives it as Unix seconds, the form
+    the tables store.
     """
+
+    #: write transactions between two checkpoints of an inline store: about 1000 pages, as
+    #: SQLite's own default (a store whose writes are one or two pages sets it higher)
+    checkpoint_every: int = CHECKPOINT_EVERY
 
     def __init__(
         self,
@@ -229,6 +242,7 @@ class SqliteDatabase:
         synchronous: str = "NORMAL",
         busy_timeout: float = 30.0,
         inline: bool | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.path = os.fspath(path)
         if not self.path or self.path == ":memory:" or self.path.startswith("file:"):
@@ -245,6 +259,12 @@ class SqliteDatabase:
         self._commits = 0  # write transactions since the last checkpoint
         self._checkpointing: asyncio.Task[None] | None = None
         self._closed = False
+        self.clock = clock
+        #: the clock's time in Unix seconds (``time.time`` itself for the system clock:
+        #: read on every append and claim)
+        self.wall: Callable[[], float] = (
+            time.time if clock is SYSTEM_CLOCK else lambda: clock.now().timestamp()
+        )
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Self:
@@ -252,13 +272,15 @@ class SqliteDatabase:
         go to the constructor."""
         return cls(path_from_url(url), **options)
 
-    def _connection(self) -> sqlite3.Connection:
-        # used by one call at a time: inline on the loop's thread or in the store's thread
+    def _connection(self, *, wait: bool = False) -> sqlite3.Connection:
+        # used by one call at a time: inline on the loop's thread or in the store's thread.
+        # ``wait``: called in the store's thread, where opening may wait for another
+        # connection's lock (setting WAL needs one) instead of failing at once
         if self._conn is None:
             conn = sqlite3.connect(
                 self.path,
                 # inline calls must never wait for the lock: they give up at once instead
-                timeout=0 if self.inline else self.busy_timeout,
+                timeout=self.busy_timeout if wait or not self.inline else 0,
                 isolation_level=None,
                 check_same_thread=False,
             )
@@ -268,6 +290,7 @@ class SqliteDatabase:
                 # a checkpoint at commit would flush pages on the loop's thread (7-8 ms once
                 # in ~100 batches): the store's thread checkpoints instead (``run``)
                 conn.execute("PRAGMA wal_autocheckpoint = 0")
+                conn.execute("PRAGMA busy_timeout = 0")
             self._conn = conn
         return self._conn
 
@@ -292,12 +315,12 @@ class SqliteDatabase:
             raise StoreError("the SQLite store is closed")
         if inline and self.inline and not self._in_thread:
             try:
-                with map_errors():
+                with _ANY_ERRORS:
                     return fn(self._connection())
             except DatabaseBusy:
                 pass  # another connection writes: wait for it in the store's thread
             finally:
-                if self._commits >= CHECKPOINT_EVERY:
+                if self._commits >= self.checkpoint_every:
                     self._checkpoint_soon()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="msdata-sqlite")
@@ -336,8 +359,8 @@ class SqliteDatabase:
             log.warning("SQLite checkpoint of %s failed: %s", self.path, error)
 
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        with map_errors():
-            conn = self._connection()
+        with _ANY_ERRORS:
+            conn = self._connection(wait=True)
             if not self.inline:
                 return fn(conn)
             # here it may wait for the write lock

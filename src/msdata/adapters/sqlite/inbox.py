@@ -7,13 +7,15 @@ transaction on the store's own connection. Table: ``{prefix}inbox``.
 
 from __future__ import annotations
 
-import time
 from datetime import datetime
 
 from msdata.adapters.sqlite._db import SqliteDatabase, caller_connection, map_errors
+from msdata.inbox.store import InboxStoreFeatures
 from msdata.storage import Connection
 
 __all__ = ["INBOX_DDL", "SqliteInboxStore"]
+
+_RECORD_ERRORS = map_errors("inbox record")  # stateless: one for every record
 
 #: the inbox table; ``{p}`` is the table prefix
 INBOX_DDL = """\
@@ -37,6 +39,8 @@ class SqliteInboxStore(SqliteDatabase):
     and let the message be redelivered.
     """
 
+    features = InboxStoreFeatures(reads_clock=True)
+
     def schema_sql(self) -> str:
         """The DDL of this store's table (idempotent)."""
         return INBOX_DDL.format(p=self.table_prefix)
@@ -46,11 +50,11 @@ class SqliteInboxStore(SqliteDatabase):
 
     def record(self, conn: Connection, consumer: str, message_id: str) -> bool:
         raw = caller_connection(conn)
-        with map_errors("inbox record"):
+        with _RECORD_ERRORS:
             cur = raw.execute(
                 f"INSERT OR IGNORE INTO {self.table_prefix}inbox "
                 "(consumer, message_id, recorded_at) VALUES (?, ?, ?)",
-                (consumer, message_id, time.time()),
+                (consumer, message_id, self.wall()),
             )
         return cur.rowcount == 1
 

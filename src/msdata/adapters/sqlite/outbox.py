@@ -32,7 +32,6 @@ import operator
 import os
 import sqlite3
 import threading
-import time
 import weakref
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -40,13 +39,15 @@ from types import MappingProxyType
 from typing import Any
 
 from msdata.adapters.sqlite._db import SqliteDatabase, caller_connection, map_errors
+from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConfigurationError
-from msdata.outbox.store import OutboxRecord, OutboxRow, OutboxStatus
+from msdata.outbox.store import OutboxRecord, OutboxRow, OutboxStatus, OutboxStoreFeatures
 from msdata.storage import DEFAULT_TABLE_PREFIX, Connection
 
 __all__ = ["OUTBOX_DDL", "SqliteOutboxStore"]
 
 _NO_HEADERS: MappingProxyType[str, str] = MappingProxyType({})
+_APPEND_ERRORS = map_errors("outbox append")  # stateless: one for every append
 
 #: the outbox tables; ``{p}`` is the table prefix
 OUTBOX_DDL = """\
@@ -187,9 +188,12 @@ class SqliteOutboxStore(SqliteDatabase):
     goes to the store's thread.
     """
 
-    #: a claim by a relay that holds rows returns later rows of the keys it holds (see
-    #: :class:`msdata.outbox.store.OutboxStore`): the relay claims ahead while publishing
-    prefetch_claims = True
+    #: one relay at a time (the store's relay lease); a claim by the relay that holds rows
+    #: returns later rows of the keys it holds, so it claims ahead while publishing; SQLite
+    #: serialises writers
+    features = OutboxStoreFeatures(
+        prefetch_claims=True, one_relay_at_a_time=True, concurrent_writers=False
+    )
 
     def __init__(
         self,
@@ -200,6 +204,7 @@ class SqliteOutboxStore(SqliteDatabase):
         busy_timeout: float = 30.0,
         poll_interval: float = 0.05,
         inline: bool | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         super().__init__(
             path,
@@ -207,6 +212,7 @@ class SqliteOutboxStore(SqliteDatabase):
             synchronous=synchronous,
             busy_timeout=busy_timeout,
             inline=inline,
+            clock=clock,
         )
         if poll_interval <= 0:
             raise ConfigurationError("poll_interval must be > 0")
@@ -260,7 +266,7 @@ class SqliteOutboxStore(SqliteDatabase):
         if not rows:
             return
         raw = caller_connection(conn)
-        now = time.time()
+        now = self.wall()
         dumps = json.dumps
         args = [
             (
@@ -275,7 +281,7 @@ class SqliteOutboxStore(SqliteDatabase):
             )
             for r in rows
         ]
-        with map_errors("outbox append"):
+        with _APPEND_ERRORS:
             if len(args) == 1:
                 raw.execute(self._insert, args[0])
             else:
@@ -327,7 +333,7 @@ class SqliteOutboxStore(SqliteDatabase):
             else:
                 sql, args = self._pending, []
         else:
-            now = time.time()
+            now = self.wall()
             sql, args = self._claimable, [now, now]
         if held.seqs and (blocking or held.after is None):
             sql += f" AND o.seq NOT IN ({_placeholders(len(held.seqs))})"
@@ -363,7 +369,7 @@ class SqliteOutboxStore(SqliteDatabase):
             holder, blocking = self._holder(conn), None
         else:
             holder, blocking = looked
-        now = time.time()
+        now = self.wall()
         held = self._held_by(relay_id)
         if holder is None or holder[0] != relay_id:
             if holder is not None and holder[1] > now:
@@ -400,7 +406,7 @@ class SqliteOutboxStore(SqliteDatabase):
             held = self._held_by(relay_id)
             # a lock-free look first, so an idle or waiting relay never takes the write lock
             holder = self._holder(conn)
-            now = time.time()
+            now = self.wall()
             if holder is not None and holder[0] != relay_id and holder[1] > now:
                 return []
             if holder is not None and holder[0] == relay_id and holder[1] - now > lease_seconds / 2:
@@ -487,7 +493,7 @@ class SqliteOutboxStore(SqliteDatabase):
                 "SELECT seq, message_id, topic, type, payload, partition_key, "
                 f"aggregate_type, headers, created_at, ? FROM {t} "
                 f"WHERE state < 2 AND seq IN ({_placeholders(len(seqs))})",
-                (time.time(), *seqs),
+                (self.wall(), *seqs),
             )
         if args:
             conn.execute(f"DELETE FROM {t} WHERE seq IN ({_placeholders(len(args))})", args)
@@ -580,7 +586,7 @@ class SqliteOutboxStore(SqliteDatabase):
             f"COALESCE(SUM(state = 1), 0) FROM {self._t}"
         )
         pending, oldest, parked = await self.run(lambda conn: conn.execute(sql).fetchone())
-        age = None if oldest is None else max(0.0, time.time() - oldest)
+        age = None if oldest is None else max(0.0, self.wall() - oldest)
         return OutboxStatus(pending=pending, oldest_pending_age=age, parked=parked)
 
     async def purge_sent(self, older_than: datetime) -> int:

@@ -1,3 +1,10 @@
 """One conformance suite per port, written once and run against every adapter: subclass
-the suite's base class, implement its abstract ``make_*()`` factory and set its features
-record. Needs pytest and pytest-asyncio."""
+the suite's base class and implement its abstract ``make_*()`` factory and hooks; what the
+backend can do comes from the store's own ``features`` record. Needs pytest and
+pytest-asyncio.
+
+- :mod:`msdata.testing.conformance.outbox`: the outbox store (``OutboxStoreConformance``)
+- :mod:`msdata.testing.conformance.relay`: ``OutboxRelay`` over an outbox store
+  (``OutboxRelayConformance``)
+- :mod:`msdata.testing.conformance.inbox`: the inbox store (``InboxStoreConformance``)
+"""

@@ -22,13 +22,14 @@ import asyncio
 import json
 import logging
 import random
+import socket
 import time
 import uuid
 from contextlib import AbstractAsyncContextManager
 
 import pytest
 
-from msdata.errors import ConfigurationError, MsdataError, TransportClosed
+from msdata.errors import ConfigurationError, MsdataError, TransportClosed, TransportError
 from msdata.testing.waiting import eventually
 from msdata.transport import (
     DEAD_LETTER_ATTEMPTS,
@@ -87,6 +88,18 @@ class TransportConformance:
         """A transport like :meth:`make_transport`, built with ``namespace=namespace`` (the
         option every transport takes for a broker shared with others)."""
         raise NotImplementedError
+
+    #: the password :meth:`make_unreachable_transport` puts in the address; no error may show it
+    unreachable_password = "s3cret-pw"
+
+    def make_unreachable_transport(
+        self, host: str, port: int, timeout: float
+    ) -> AbstractAsyncContextManager[Transport]:
+        """A transport of this backend pointed at ``host:port``, where nothing listens, as a
+        user would build it from a URL with user ``msdata`` and password
+        :attr:`unreachable_password`, with every timeout it has for connecting and
+        publishing set to ``timeout`` seconds. Needed when ``features.networked``."""
+        raise NotImplementedError("implement make_unreachable_transport for this backend")
 
     @staticmethod
     def unique(prefix: str) -> str:
@@ -401,6 +414,29 @@ class TransportConformance:
                 assert dead[0].message.headers[DEAD_LETTER_ATTEMPTS] == "3"
                 await self.assert_quiet(sub)
 
+    async def test_a_live_consumers_slow_work_is_not_redelivered(self) -> None:
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t:
+            # held for longer than a dead consumer's deliveries take to come back
+            hold = max(t.features.redelivery_timeout * 1.5, 4 * self.quiet_period)
+            msgs = make_messages(3)
+            async with t.subscribe(topic, group, prefetch=3) as slow:
+                await t.publish(topic, msgs)
+                held = await collect(slow, 3, timeout=self.arrival_timeout, ack=False)
+                assert len(held) == 3
+                other = await t.subscribe(topic, group).__aenter__()
+                deadline = time.monotonic() + hold
+                while (left := deadline - time.monotonic()) > 0:
+                    stolen = await other.receive(10, timeout=min(left, 0.5))
+                    assert stolen == [], "a live consumer's delivery was redelivered"
+                    extra = await slow.receive(10, timeout=0)
+                    assert extra == [], "a held delivery was handed out again"
+                for d in held:
+                    await d.ack()
+                await self.assert_quiet(other)
+                await self.assert_quiet(slow)
+                await other.__aexit__(None, None, None)
+
     # -- dead letters -----------------------------------------------------------------------
 
     async def test_delivery_goes_to_dead_letter_after_max_attempts(self) -> None:
@@ -507,6 +543,26 @@ class TransportConformance:
                 assert dead.message.body == b"\xff not json"
                 assert dead.message.headers[DEAD_LETTER_REASON].startswith("MalformedMessage")
 
+    async def test_a_hostile_dead_letter_reason_is_carried_escaped_and_cut(self) -> None:
+        # a reason quoting a message id with a lone surrogate, control characters, 10k
+        # characters: the broker carries it (escaped, at most 1 KiB) and the group goes on
+        topic, group = self.unique("topic"), self.unique("group")
+        hostile = "MessageValidationError: id 'x\ud800'\x00\x1b[31m" + "y" * 10_000
+        bad, good = (TransportMessage(id=str(uuid.uuid4()), body=b"{}") for _ in range(2))
+        async with self.make_transport() as t:
+            async with t.subscribe(topic, group) as sub:
+                await t.publish(topic, [bad])
+                (d,) = await collect(sub, 1, timeout=self.arrival_timeout, ack=False)
+                await d.dead_letter(hostile)
+                await t.publish(topic, [good])
+                (after,) = await collect(sub, 1, timeout=self.arrival_timeout)
+                assert after.message.id == good.id
+            async with t.subscribe(dead_letter_topic(topic, group), self.unique("ops")) as dlq:
+                (dead,) = await collect(dlq, 1, timeout=self.arrival_timeout)
+                reason = dead.message.headers[DEAD_LETTER_REASON]
+                assert reason.startswith("MessageValidationError: id 'x\\ud800'\\x00\\x1b[31my")
+                assert len(reason.encode("utf-8")) <= 1024 and reason.endswith("...")
+
     async def test_every_dead_letter_is_logged_once_with_its_reason(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
@@ -589,6 +645,41 @@ class TransportConformance:
                 )
         assert handled == sent
 
+    # -- an unreachable server -------------------------------------------------------------
+
+    async def test_an_unreachable_server_fails_publish_and_subscribe_within_their_timeouts(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        async with self.make_transport() as t:
+            if not t.features.networked:
+                pytest.skip("an in-process transport has no server to be unreachable")
+        with socket.socket() as s:  # a port that was free a moment ago: nothing listens
+            s.bind(("127.0.0.1", 0))
+            host, port = s.getsockname()
+        timeout, margin = 2.0, 3.0
+        topic, group = self.unique("topic"), self.unique("group")
+        caplog.set_level(logging.DEBUG)
+        async with self.make_unreachable_transport(host, port, timeout) as t:
+            started = time.monotonic()
+            with pytest.raises(TransportError) as published:
+                await asyncio.wait_for(t.publish(topic, make_messages(1)), 60)
+            assert time.monotonic() - started < timeout + margin, "publish outlived its timeout"
+            started = time.monotonic()
+            with pytest.raises(TransportError) as subscribed:
+
+                async def consume() -> None:
+                    async with t.subscribe(topic, group) as sub:
+                        await sub.receive(1, timeout=timeout)
+
+                await asyncio.wait_for(consume(), 60)
+            assert time.monotonic() - started < timeout + margin, "subscribe outlived it"
+        for error in (published.value, subscribed.value):
+            text = str(error)
+            assert host in text and str(port) in text, f"the address is not named: {text}"
+            assert self.unreachable_password not in text, f"credentials shown: {text}"
+        tracebacks = [r for r in caplog.records if r.exc_info and r.levelno >= logging.WARNING]
+        assert not tracebacks, [f"{r.name}: {r.getMessage()}" for r in tracebacks]
+
     # -- misuse -----------------------------------------------------------------------------
 
     async def test_settling_after_close_raises_and_the_delivery_comes_back(self) -> None:
@@ -617,7 +708,18 @@ class TransportConformance:
 
     async def test_bad_topic_and_group_names_are_rejected(self) -> None:
         async with self.make_transport() as t:
-            for bad in ["", "has space", "x" * 300, "semi;colon", "../etc", "*", ">"]:
+            # a name with a trailing newline; a name RabbitMQ reserves (amq.)
+            for bad in [
+                "",
+                "has space",
+                "x" * 300,
+                "semi;colon",
+                "../etc",
+                "*",
+                ">",
+                "t\n",
+                "amq.t",
+            ]:
                 with pytest.raises(ConfigurationError):
                     t.subscribe(bad, "g")
                 with pytest.raises(ConfigurationError):

@@ -1,0 +1,175 @@
+"""In-memory saga store: for tests, demos and the benchmark. Nothing survives the process.
+
+A save with ``also`` runs it on a fresh :class:`MemoryTransaction` (pass that to
+``outbox.add`` with a :class:`MemoryOutboxStore`): the outbox rows become visible only if the
+version check passes and the state is written."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from msdata.adapters.memory._db import MemoryDatabase, MemoryTransaction
+from msdata.clock import SYSTEM_CLOCK, Clock
+from msdata.errors import ConcurrencyError, SagaNotFound
+from msdata.saga.store import (
+    ACTIVE_STATUSES,
+    AlsoInTransaction,
+    SagaRecord,
+    SagaStatus,
+    SagaStoreFeatures,
+    StepRun,
+)
+
+__all__ = ["MemorySagaStore"]
+
+
+# A saved record is one tuple (the cheapest thing to build on every save): the record's
+# fields, its active invocations as tuples, and history and ``done`` by reference and length
+# (they only ever grow at their end, so the saved prefix never changes).
+_VERSION, _TYPE, _STATUS, _UPDATED, _LEASE_OWNER, _LEASE_UNTIL, _WAKE = 6, 1, 2, 5, 13, 14, 15
+Kept = tuple[Any, ...]
+
+
+def _keep(r: SagaRecord) -> Kept:
+    history, done = r.history, r.done
+    runs = None
+    if r.active:
+        runs = []
+        for k, v in r.active.items():  # a loop, not a comprehension: no frame on 3.11
+            runs.append(
+                (k, v.purpose, v.attempt, v.state, v.wake_at, v.error, v.ok, v.reply, v.sent)
+            )
+    return (
+        r.saga_id,
+        r.saga_type,
+        r.status,
+        r.data,
+        r.created_at,
+        r.updated_at,
+        r.version,
+        r.position,
+        runs,
+        [g.copy() for g in r.compensation] if r.compensation else None,
+        r.past_pivot,
+        r.error,
+        r.deadline,
+        r.lease_owner,
+        r.lease_until,
+        r.wake_at,
+        history,
+        len(history),
+        done,
+        len(done),
+    )
+
+
+def _record(k: Kept) -> SagaRecord:
+    return SagaRecord(
+        k[0],
+        k[1],
+        k[2],
+        k[3],
+        k[4],
+        k[5],
+        k[6],
+        k[7],
+        k[18][: k[19]],
+        {a[0]: StepRun(*a[1:]) for a in k[8]} if k[8] else {},
+        [g.copy() for g in k[9]] if k[9] else [],
+        k[10],
+        k[11],
+        k[12],
+        k[13],
+        k[14],
+        k[15],
+        k[16][: k[17]],
+    )
+
+
+class MemorySagaStore(MemoryDatabase):
+    """A :class:`msdata.saga.SagaStore` in a dict; serves one event loop."""
+
+    features = SagaStoreFeatures(async_connection=False, durable=False)
+
+    def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        super().__init__(clock=clock)
+        self._records: dict[str, Kept] = {}
+
+    async def save(self, record: SagaRecord, *, also: AlsoInTransaction | None = None) -> None:
+        self._check(record)
+        if also is None:
+            self._records[record.saga_id] = _keep(record)
+            return
+        tx = MemoryTransaction()
+        try:
+            result = also(tx)
+            if inspect.isawaitable(result):
+                await result
+            self._check(record)  # again: another save may have run while ``also`` awaited
+        except BaseException:
+            tx.rollback()
+            raise
+        self._records[record.saga_id] = _keep(record)
+        tx.commit()
+
+    def _check(self, record: SagaRecord) -> None:
+        current = self._records.get(record.saga_id)
+        actual = 0 if current is None else current[_VERSION]
+        if actual != record.version - 1:
+            raise ConcurrencyError(f"saga {record.saga_id}", record.version - 1, actual)
+
+    async def get(self, saga_id: str) -> SagaRecord:
+        return self.snapshot(saga_id)
+
+    def snapshot(self, saga_id: str) -> SagaRecord:
+        """:meth:`get` without awaiting (for tests and demos). SagaNotFound if unknown."""
+        try:
+            return _record(self._records[saga_id])
+        except KeyError:
+            raise SagaNotFound(f"no saga instance {saga_id!r}") from None
+
+    async def claim(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[SagaRecord]:
+        out: list[SagaRecord] = []
+        records = self._records
+        for kept in self._claimable(now):
+            if len(out) >= limit:
+                break
+            f = list(kept)
+            f[_LEASE_OWNER], f[_LEASE_UNTIL], f[_VERSION] = owner, lease_until, f[_VERSION] + 1
+            records[f[0]] = claimed = tuple(f)
+            out.append(_record(claimed))
+        return out
+
+    def _claimable(self, now: datetime) -> list[Kept]:
+        found = [
+            k
+            for k in self._records.values()
+            if k[_STATUS] in ACTIVE_STATUSES
+            and (k[_LEASE_UNTIL] is None or k[_LEASE_UNTIL] <= now)
+            and (k[_WAKE] is None or k[_WAKE] <= now)
+        ]
+        found.sort(key=lambda k: k[_UPDATED])
+        return found
+
+    async def find(
+        self,
+        *,
+        saga_type: str | None = None,
+        statuses: Sequence[SagaStatus] | None = None,
+        stuck_at: datetime | None = None,
+        limit: int = 100,
+    ) -> list[SagaRecord]:
+        pool = self._claimable(stuck_at) if stuck_at is not None else list(self._records.values())
+        out = [
+            k
+            for k in pool
+            if (saga_type is None or k[_TYPE] == saga_type)
+            and (statuses is None or k[_STATUS] in statuses)
+        ]
+        out.sort(key=lambda k: k[_UPDATED])
+        return [_record(k) for k in out[:limit]]

@@ -1,0 +1,647 @@
+"""The idempotency-key state machine, written once over :class:`IdempotencyStore`.
+
+A key (scoped to its owner) is claimed by one atomic conditional write; the operation runs
+only for the claim that won; its result is stored (COMPLETED) and replayed to every retry
+until its retention ends; a failure releases the key unless it is one of the configured
+final errors, which are stored and replayed like results. Model: Powertools for AWS
+Lambda, ``idempotency/persistence/base.py``; Stripe's idempotency keys.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import itertools
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Generic, TypeVar, cast
+
+from pydantic import TypeAdapter
+from pydantic_core import PydanticSerializationError
+
+from msdata.clock import SYSTEM_CLOCK, Clock
+from msdata.errors import (
+    ConfigurationError,
+    IdempotencyError,
+    IdempotencyInProgress,
+    IdempotencyKeyMissing,
+    IdempotencyKeyReused,
+    MsdataError,
+    StoredResultTooLarge,
+)
+from msdata.idempotency.fingerprint import fingerprint as _fingerprint
+from msdata.idempotency.store import IdempotencyRecord, IdempotencyStore
+
+__all__ = ["IdempotencyClaim", "IdempotencyKeys", "IdempotentCall"]
+
+log = logging.getLogger("msdata.idempotency")
+
+T = TypeVar("T")
+
+# the first byte of a stored response says what follows
+_RESULT, _ERROR, _TOO_LARGE = b"R", b"E", b"T"
+_MAX_KEY = 255
+_NOTHING: Any = object()
+
+
+class _Tokens:
+    """Claim tokens: unique across processes (a random prefix per process, new after a
+    fork) and cheap (a counter), since every claim makes one, replays included."""
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.counter):x}"
+
+
+_token = _Tokens()
+
+
+@functools.lru_cache(maxsize=256)
+def _adapter(tp: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(tp)
+
+
+def _type_adapter(tp: Any) -> TypeAdapter[Any]:
+    try:
+        return _adapter(tp)
+    except TypeError:  # unhashable annotation
+        return TypeAdapter(tp)
+
+
+def _check(key: str | None, scope: str) -> str:
+    if key is None or key == "":
+        raise IdempotencyKeyMissing("an idempotency key is required and none was given")
+    if not isinstance(key, str) or len(key) > _MAX_KEY:
+        raise IdempotencyError(f"an idempotency key is a string of 1-{_MAX_KEY} characters")
+    if not isinstance(scope, str):
+        raise ConfigurationError(f"scope must be a string, not {type(scope).__qualname__}")
+    return key
+
+
+@dataclass(slots=True)
+class IdempotencyClaim:
+    """What :meth:`IdempotencyKeys.claim` returns.
+
+    ``replayed``: the key was COMPLETED; ``stored`` is the stored response (with its
+    one-byte kind) and nothing must run. Otherwise this claim holds the key (IN_PROGRESS
+    for ``keys.lease`` from the claim) and must end with exactly one of ``complete``,
+    ``fail`` or ``release`` (or their sync forms), on the same ``conn``.
+    """
+
+    keys: IdempotencyKeys
+    scope: str
+    key: str
+    token: str
+    conn: Any
+    stored: bytes | None = None
+    done: bool = field(default=False, init=False)
+
+    @property
+    def replayed(self) -> bool:
+        return self.stored is not None
+
+    def response(self) -> bytes:
+        """A replay's stored payload (as given to ``complete``). Raises
+        StoredResultTooLarge if the first call's result could not be stored, and
+        IdempotencyError if the first call ended with a stored error (use
+        :meth:`IdempotencyKeys.run` to have it raised again as itself)."""
+        if self.stored is None:
+            raise IdempotencyError("this claim holds the key: there is no stored response")
+        kind, payload = self.stored[:1], self.stored[1:]
+        if kind == _RESULT:
+            return payload
+        if kind == _TOO_LARGE:
+            raise StoredResultTooLarge(
+                f"key {self.key!r}: the first call ran, but its result ({payload.decode()}) "
+                "was over the size limit and was not stored, so it cannot be replayed"
+            )
+        if kind == _ERROR:
+            raise IdempotencyError(f"key {self.key!r}: the first call failed: {payload.decode()}")
+        raise IdempotencyError(f"key {self.key!r}: unreadable stored response")
+
+    # -- ending a claim ------------------------------------------------------------------
+
+    def _end(self) -> None:
+        if self.stored is not None:
+            raise IdempotencyError("a replayed claim holds nothing to complete or release")
+        if self.done:
+            raise IdempotencyError(f"the claim of key {self.key!r} has already ended")
+        self.done = True
+
+    def _body(self, kind: bytes, payload: bytes) -> bytes:
+        limit = self.keys.max_result_bytes
+        if len(payload) > limit:
+            return _TOO_LARGE + f"{len(payload)} bytes, limit {limit} bytes".encode()
+        return kind + payload
+
+    def _completed(self, ok: bool, body: bytes) -> None:
+        if not ok:
+            log.warning(
+                "idempotency key %r (scope %r): the lease ran out before the operation "
+                "completed and another claim took the key; the result was not stored "
+                "(lease_seconds must exceed the longest run)",
+                self.key,
+                self.scope,
+            )
+        if body[:1] == _TOO_LARGE:
+            raise StoredResultTooLarge(f"key {self.key!r}: result of {body[1:].decode()}")
+
+    async def complete(self, payload: bytes) -> None:
+        """Store ``payload`` (bytes) as the key's result, COMPLETED for the retention.
+        A payload over ``max_result_bytes`` is not stored: the key is marked COMPLETED
+        with a note instead (retries get StoredResultTooLarge, the operation does not run
+        again) and StoredResultTooLarge is raised here too."""
+        self._end()
+        body = self._body(_RESULT, payload)
+        ok = await self.keys.store.complete_async(
+            self.conn, self.scope, self.key, self.token, body, self.keys._retain_until()
+        )
+        self._completed(ok, body)
+
+    def complete_sync(self, payload: bytes) -> None:
+        """:meth:`complete` for sync callers."""
+        self._end()
+        body = self._body(_RESULT, payload)
+        ok = self.keys.store.complete(
+            self.conn, self.scope, self.key, self.token, body, self.keys._retain_until()
+        )
+        self._completed(ok, body)
+
+    async def fail(self, error: BaseException) -> None:
+        """Store ``error`` as the key's final result (replayed by raising it again)."""
+        self._end()
+        body = self._body(_ERROR, _dump_error(error))
+        ok = await self.keys.store.complete_async(
+            self.conn, self.scope, self.key, self.token, body, self.keys._retain_until()
+        )
+        self._completed(ok, body)
+
+    def fail_sync(self, error: BaseException) -> None:
+        self._end()
+        body = self._body(_ERROR, _dump_error(error))
+        ok = self.keys.store.complete(
+            self.conn, self.scope, self.key, self.token, body, self.keys._retain_until()
+        )
+        self._completed(ok, body)
+
+    async def failed(self, error: BaseException, final: tuple[type[BaseException], ...]) -> None:
+        """The operation raised ``error``: store it if it is one of ``final``, else
+        release the key. A store error here is logged, never raised: ``error`` is what
+        the caller must see (in the caller's transaction the store's statement fails when
+        ``error`` has already aborted it; the rollback then removes the claim)."""
+        if final and isinstance(error, final):
+            try:
+                await self.fail(error)
+            except MsdataError as e:
+                self._release_failed(e)
+        else:
+            await self.release()
+
+    def failed_sync(self, error: BaseException, final: tuple[type[BaseException], ...]) -> None:
+        """:meth:`failed` for sync callers."""
+        if final and isinstance(error, final):
+            try:
+                self.fail_sync(error)
+            except MsdataError as e:
+                self._release_failed(e)
+        else:
+            self.release_sync()
+
+    async def release(self) -> None:
+        """Give the key up: the operation failed, a retry may run it again at once."""
+        self._end()
+        try:
+            await self.keys.store.release_async(self.conn, self.scope, self.key, self.token)
+        except MsdataError as e:
+            self._release_failed(e)
+
+    def release_sync(self) -> None:
+        self._end()
+        try:
+            self.keys.store.release(self.conn, self.scope, self.key, self.token)
+        except MsdataError as e:
+            self._release_failed(e)
+
+    def _release_failed(self, e: MsdataError) -> None:
+        # in the caller's transaction the release fails when that transaction is already
+        # aborted: it rolls back, claim included; in the store's own mode the lease expires
+        level = logging.DEBUG if self.conn is not None else logging.WARNING
+        log.log(
+            level,
+            "idempotency key %r: storing the failure failed (%s); the key is free again when "
+            "its lease ends (or at once, if its transaction rolls back)",
+            self.key,
+            e,
+        )
+
+
+def _dump_error(error: BaseException) -> bytes:
+    name = f"{type(error).__module__}.{type(error).__qualname__}"
+    try:
+        return json.dumps({"type": name, "args": list(error.args)}).encode()
+    except (TypeError, ValueError):
+        return json.dumps({"type": name, "message": str(error)}).encode()
+
+
+def _load_error(
+    payload: bytes, final_errors: tuple[type[BaseException], ...], key: str
+) -> BaseException:
+    doc = json.loads(payload)
+    name = doc.get("type", "")
+    seen: set[type[BaseException]] = set()
+    todo = list(final_errors)
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        if f"{cls.__module__}.{cls.__qualname__}" == name:
+            try:
+                return cls(*doc["args"]) if "args" in doc else cls(doc.get("message", ""))
+            except Exception:  # a constructor that takes other arguments
+                break
+        todo.extend(cls.__subclasses__())
+    text = doc.get("message") or ", ".join(map(str, doc.get("args", [])))
+    return IdempotencyError(f"key {key!r}: the first call failed with {name}: {text}")
+
+
+class IdempotencyKeys:
+    """Idempotency keys over a store: claim, run once, store, replay.
+
+    - ``lease_seconds``: how long a claim holds a key IN_PROGRESS; a holder that crashed
+      frees it when this runs out. Must exceed the longest run of the operation.
+    - ``retention_seconds``: how long a COMPLETED result is replayed; afterwards the key is
+      free again (Stripe keeps keys 24 hours, the default).
+    - ``max_result_bytes``: the largest stored result (bytes of its JSON).
+    - ``final_errors``: exception classes that are results (stored and raised again on
+      every retry); any other exception, and cancellation, releases the key.
+    - ``clock``: where ``now`` comes from (:class:`msdata.testing.FakeClock` in tests).
+
+    Raises, from :meth:`claim`, :meth:`run` and the front ends: IdempotencyKeyMissing (no
+    key), IdempotencyKeyReused (the key's stored fingerprint differs),
+    IdempotencyInProgress (another claim holds a live lease), StoredResultTooLarge.
+    """
+
+    def __init__(
+        self,
+        store: IdempotencyStore,
+        *,
+        lease_seconds: float = 60.0,
+        retention_seconds: float = 24 * 3600.0,
+        max_result_bytes: int = 1 << 20,
+        final_errors: tuple[type[BaseException], ...] = (),
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        if lease_seconds <= 0 or retention_seconds <= 0:
+            raise ConfigurationError("lease_seconds and retention_seconds must be > 0")
+        if max_result_bytes < 1:
+            raise ConfigurationError("max_result_bytes must be >= 1")
+        if not all(isinstance(c, type) and issubclass(c, BaseException) for c in final_errors):
+            raise ConfigurationError("final_errors must be a tuple of exception classes")
+        self.store = store
+        self.lease = timedelta(seconds=lease_seconds)
+        self.retention = timedelta(seconds=retention_seconds)
+        self.max_result_bytes = max_result_bytes
+        self.final_errors = tuple(final_errors)
+        self.clock = clock
+
+    def _retain_until(self) -> Any:
+        return self.clock.now() + self.retention
+
+    # -- the claim: one conditional write ----------------------------------------------------
+
+    def _decide(
+        self,
+        existing: IdempotencyRecord | None,
+        scope: str,
+        key: str,
+        fp: str,
+        token: str,
+        conn: Any,
+    ) -> IdempotencyClaim:
+        if existing is None:
+            return IdempotencyClaim(self, scope, key, token, conn)
+        if fp and existing.fingerprint and existing.fingerprint != fp:
+            raise IdempotencyKeyReused(
+                f"idempotency key {key!r} was used before with a different request"
+            )
+        if not existing.completed:
+            raise IdempotencyInProgress(
+                f"a request with idempotency key {key!r} is still in progress; retry later"
+            )
+        return IdempotencyClaim(self, scope, key, existing.token, conn, existing.response or b"")
+
+    async def claim(
+        self, key: str | None, *, scope: str = "", fingerprint: str = "", conn: Any = None
+    ) -> IdempotencyClaim:
+        """Claim ``key`` for ``scope`` (one store call). Returns a claim that holds the key,
+        or a replayed one carrying the stored response. ``fingerprint``: the request's
+        hash (:func:`msdata.idempotency.fingerprint`); "" (here or stored) skips the
+        comparison. ``conn``: run in
+        the caller's open transaction (SQL/memory stores) instead of the store's own."""
+        key = _check(key, scope)
+        token = _token()
+        now = self.clock.now()
+        existing = await self.store.claim_async(
+            conn, scope, key, fingerprint, token, now, now + self.lease
+        )
+        return self._decide(existing, scope, key, fingerprint, token, conn)
+
+    def claim_sync(
+        self, key: str | None, *, scope: str = "", fingerprint: str = "", conn: Any = None
+    ) -> IdempotencyClaim:
+        """:meth:`claim` for sync callers (stores whose ``features.sync`` is True)."""
+        key = _check(key, scope)
+        token = _token()
+        now = self.clock.now()
+        existing = self.store.claim(conn, scope, key, fingerprint, token, now, now + self.lease)
+        return self._decide(existing, scope, key, fingerprint, token, conn)
+
+    # -- running an operation once ---------------------------------------------------------
+
+    def _fingerprint(self, request: Any, fingerprint: str | None) -> str:
+        if fingerprint is not None:
+            return fingerprint
+        return "" if request is _NOTHING else _fingerprint(request)
+
+    def _replay(
+        self, claim: IdempotencyClaim, result_type: Any, final: tuple[type[BaseException], ...]
+    ) -> Any:
+        stored = claim.stored or b""
+        if stored[:1] == _ERROR:
+            raise _load_error(stored[1:], final, claim.key)
+        # the core validator: TypeAdapter.validate_json's Python wrapper costs a microsecond
+        return _type_adapter(result_type).validator.validate_json(claim.response())
+
+    @staticmethod
+    def _dump(result: Any, result_type: Any) -> bytes:
+        try:
+            return _type_adapter(result_type).dump_json(result)
+        except PydanticSerializationError as e:
+            raise ConfigurationError(
+                f"the result ({type(result).__qualname__}) has no JSON form: {e}"
+            ) from e
+
+    async def run(
+        self,
+        key: str | None,
+        operation: Callable[[], Awaitable[T]],
+        *,
+        scope: str = "",
+        request: Any = _NOTHING,
+        fingerprint: str | None = None,
+        result_type: Any = Any,
+        conn: Any = None,
+        final_errors: tuple[type[BaseException], ...] | None = None,
+    ) -> T:
+        """``await operation()`` at most once for (``scope``, ``key``) while it succeeds;
+        every retry gets its stored result (validated as ``result_type``; pydantic/JSON).
+
+        ``request``: what the fingerprint is made of (any JSON-able value); or pass the
+        ``fingerprint`` itself. Errors: see the class docstring. A saga participant calls
+        this with the step's own key and scope."""
+        final = self.final_errors if final_errors is None else final_errors
+        claim = await self.claim(
+            key, scope=scope, fingerprint=self._fingerprint(request, fingerprint), conn=conn
+        )
+        if claim.replayed:
+            return cast(T, self._replay(claim, result_type, final))
+        try:
+            result = await operation()
+        except BaseException as e:
+            await claim.failed(e, final)
+            raise
+        await self._store_result(claim, result, result_type)
+        return result
+
+    async def _store_result(self, claim: IdempotencyClaim, result: Any, result_type: Any) -> None:
+        try:
+            payload = self._dump(result, result_type)
+        except BaseException:
+            await claim.release()
+            raise
+        try:
+            await claim.complete(payload)
+        except StoredResultTooLarge as e:
+            log.warning("%s; the first caller gets its result, retries get this error", e)
+
+    def run_sync(
+        self,
+        key: str | None,
+        operation: Callable[[], T],
+        *,
+        scope: str = "",
+        request: Any = _NOTHING,
+        fingerprint: str | None = None,
+        result_type: Any = Any,
+        conn: Any = None,
+        final_errors: tuple[type[BaseException], ...] | None = None,
+    ) -> T:
+        """:meth:`run` for a sync operation and a sync caller (``features.sync`` stores)."""
+        final = self.final_errors if final_errors is None else final_errors
+        claim = self.claim_sync(
+            key, scope=scope, fingerprint=self._fingerprint(request, fingerprint), conn=conn
+        )
+        if claim.replayed:
+            return cast(T, self._replay(claim, result_type, final))
+        try:
+            result = operation()
+        except BaseException as e:
+            claim.failed_sync(e, final)
+            raise
+        try:
+            payload = self._dump(result, result_type)
+        except BaseException:
+            claim.release_sync()
+            raise
+        try:
+            claim.complete_sync(payload)
+        except StoredResultTooLarge as e:
+            log.warning("%s; the first caller gets its result, retries get this error", e)
+        return result
+
+    # -- context managers ------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def call(
+        self,
+        key: str | None,
+        *,
+        scope: str = "",
+        request: Any = _NOTHING,
+        fingerprint: str | None = None,
+        result_type: Any = Any,
+        conn: Any = None,
+        final_errors: tuple[type[BaseException], ...] | None = None,
+    ) -> AsyncIterator[IdempotentCall[Any]]:
+        """An idempotent block::
+
+            async with keys.call(key, scope=user, request=body) as call:
+                if not call.replayed:
+                    call.result = await charge(body)
+            return call.result
+
+        On a replay ``call.result`` holds the stored result and the block must do nothing.
+        On normal exit the block's ``call.result`` is stored; an exception releases the key
+        (or is stored, if final). Errors as :meth:`run`.
+        """
+        final = self.final_errors if final_errors is None else final_errors
+        claim = await self.claim(
+            key, scope=scope, fingerprint=self._fingerprint(request, fingerprint), conn=conn
+        )
+        call: IdempotentCall[Any] = IdempotentCall(claim.replayed)
+        if claim.replayed:
+            call.result = self._replay(claim, result_type, final)
+            yield call
+            return
+        try:
+            yield call
+        except BaseException as e:
+            await claim.failed(e, final)
+            raise
+        await self._store_result(claim, call.result, result_type)
+
+    @contextmanager
+    def call_sync(
+        self,
+        key: str | None,
+        *,
+        scope: str = "",
+        request: Any = _NOTHING,
+        fingerprint: str | None = None,
+        result_type: Any = Any,
+        conn: Any = None,
+        final_errors: tuple[type[BaseException], ...] | None = None,
+    ) -> Iterator[IdempotentCall[Any]]:
+        """:meth:`call` for sync callers."""
+        final = self.final_errors if final_errors is None else final_errors
+        claim = self.claim_sync(
+            key, scope=scope, fingerprint=self._fingerprint(request, fingerprint), conn=conn
+        )
+        call: IdempotentCall[Any] = IdempotentCall(claim.replayed)
+        if claim.replayed:
+            call.result = self._replay(claim, result_type, final)
+            yield call
+            return
+        try:
+            yield call
+        except BaseException as e:
+            claim.failed_sync(e, final)
+            raise
+        try:
+            payload = self._dump(call.result, result_type)
+        except BaseException:
+            claim.release_sync()
+            raise
+        try:
+            claim.complete_sync(payload)
+        except StoredResultTooLarge as e:
+            log.warning("%s; the first caller gets its result, retries get this error", e)
+
+    # -- the decorator ---------------------------------------------------------------------
+
+    def idempotent(
+        self,
+        *,
+        key: str | Callable[..., str | None] = "idempotency_key",
+        scope: str | Callable[..., str] | None = None,
+        conn: str | None = None,
+        exclude: tuple[str, ...] = (),
+        fingerprint: Callable[..., str] | None = None,
+        result_type: Any = _NOTHING,
+        final_errors: tuple[type[BaseException], ...] | None = None,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorate a sync or async function so it runs at most once per key.
+
+        - ``key``: the name of the parameter holding the key, or a function of the
+          decorated function's arguments returning it. A missing key raises
+          IdempotencyKeyMissing.
+        - ``scope``: the parameter holding the owner, or a function of the arguments;
+          None: one scope for every caller.
+        - ``conn``: the parameter holding the caller's connection (its transaction is
+          joined); None: the store's own short transactions.
+        - the fingerprint is the hash of every argument except ``conn`` and ``exclude``
+          (canonical JSON), or ``fingerprint(*args, **kwargs)``.
+        - ``result_type``: how the stored result is validated on replay; by default the
+          function's return annotation.
+        """
+
+        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+            sig = inspect.signature(fn)
+            names = list(sig.parameters)
+            for name in (key, scope, conn):
+                if isinstance(name, str) and name not in names:
+                    raise ConfigurationError(f"{fn.__qualname__} has no parameter {name!r}")
+            rtype = result_type
+            if rtype is _NOTHING:
+                hints = inspect.get_annotations(fn, eval_str=True)
+                rtype = hints.get("return", Any)
+                if rtype is None:
+                    rtype = type(None)
+            skip = {conn, *exclude}
+
+            def prepare(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+                bound = sig.bind(*args, **kwargs)
+                bound.apply_defaults()
+                given = bound.arguments
+                k = given[key] if isinstance(key, str) else key(*args, **kwargs)
+                if scope is None:
+                    s = ""
+                elif isinstance(scope, str):
+                    s = given[scope]
+                else:
+                    s = scope(*args, **kwargs)
+                if fingerprint is not None:
+                    fp = fingerprint(*args, **kwargs)
+                else:
+                    fp = _fingerprint({n: v for n, v in given.items() if n not in skip})
+                return {
+                    "key": k,
+                    "scope": s,
+                    "fingerprint": fp,
+                    "result_type": rtype,
+                    "conn": given[conn] if conn else None,
+                    "final_errors": final_errors,
+                }
+
+            if inspect.iscoroutinefunction(fn):
+
+                @functools.wraps(fn)
+                async def run_async(*args: Any, **kwargs: Any) -> Any:
+                    opts = prepare(args, kwargs)
+                    k = opts.pop("key")
+                    return await self.run(k, lambda: fn(*args, **kwargs), **opts)
+
+                return run_async
+
+            @functools.wraps(fn)
+            def run_sync(*args: Any, **kwargs: Any) -> Any:
+                opts = prepare(args, kwargs)
+                k = opts.pop("key")
+                return self.run_sync(k, lambda: fn(*args, **kwargs), **opts)
+
+            return run_sync
+
+        return decorate
+
+
+class IdempotentCall(Generic[T]):
+    """The handle a :meth:`IdempotencyKeys.call` block gets: ``replayed`` and ``result``."""
+
+    __slots__ = ("replayed", "result")
+
+    def __init__(self, replayed: bool) -> None:
+        self.replayed = replayed
+        self.result: Any = None

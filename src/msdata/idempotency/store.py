@@ -1,0 +1,177 @@
+"""The idempotency store port: one record per (scope, key), changed by single atomic steps.
+
+Implemented by ``msdata.adapters.{memory,sqlite,postgres,redis}``; checked by the
+conformance suite in :mod:`msdata.testing.conformance.idempotency`.
+
+The state machine lives once, in :class:`msdata.idempotency.IdempotencyKeys` (after the
+Powertools for AWS Lambda persistence layer, ``idempotency/persistence/base.py``): a store
+only reads, conditionally inserts, updates and deletes records. It stores two states,
+IN_PROGRESS and COMPLETED; EXPIRED is never stored: a record whose ``expires_at`` is not
+after the ``now`` the caller passes counts as absent. The caller reads ``now`` from its
+injected clock, so expiry is tested exactly with a fake clock.
+
+Where each call runs (``conn``):
+
+- ``conn=None``: one short transaction of the store's own, on a connection it owns,
+  committed before the call returns (the store's own mode: effects outside the database).
+- ``conn`` given (SQL and memory stores): the caller's own connection, inside its open
+  transaction (:mod:`msdata.storage`); the store never commits or rolls back, so the claim
+  and the completion commit with the caller's effects. A connection with no open
+  transaction is refused with :class:`msdata.errors.ConfigurationError`. A concurrent claim
+  of the same key from another transaction then waits for the row lock (PostgreSQL,
+  SQLite's write lock) until the first transaction ends, and sees what it committed.
+
+Every call is safe to make concurrently from many tasks and processes.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "IdempotencyRecord",
+    "IdempotencyStatus",
+    "IdempotencyStore",
+    "IdempotencyStoreFeatures",
+]
+
+
+class IdempotencyStatus(enum.StrEnum):
+    """A key's state. Stores keep IN_PROGRESS and COMPLETED; EXPIRED is derived."""
+
+    IN_PROGRESS = "IN_PROGRESS"
+    COMPLETED = "COMPLETED"
+    EXPIRED = "EXPIRED"
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyRecord:
+    """One stored key.
+
+    - ``scope``: the owner (tenant, user, API client); part of the key.
+    - ``fingerprint``: hash of the request that claimed the key (hex sha256, or "").
+    - ``completed``: False while IN_PROGRESS.
+    - ``expires_at``: the lease's end while IN_PROGRESS, the end of retention once
+      COMPLETED (aware UTC datetime); from then on the key is free again.
+    - ``token``: the claim's own id; ``complete`` and ``release`` only act on the claim
+      that holds the record (fencing off a holder whose lease expired and was taken over).
+    - ``response``: the stored result (bytes, opaque to the store) once COMPLETED.
+    """
+
+    scope: str
+    key: str
+    fingerprint: str
+    completed: bool
+    expires_at: datetime
+    token: str
+    response: bytes | None = None
+
+    def status(self, now: datetime) -> IdempotencyStatus:
+        """IN_PROGRESS, COMPLETED, or EXPIRED when ``expires_at <= now``."""
+        if self.expires_at <= now:
+            return IdempotencyStatus.EXPIRED
+        return IdempotencyStatus.COMPLETED if self.completed else IdempotencyStatus.IN_PROGRESS
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyStoreFeatures:
+    """What a store can do, so callers and the conformance suite need no type checks.
+
+    - ``joins_transaction``: calls take the caller's connection (``conn``) and run in its
+      transaction (SQL and memory stores; not Redis).
+    - ``sync``: the sync methods work (``claim``/``complete``/``release``); with
+      ``sync_own_transaction`` also with ``conn=None``.
+    """
+
+    joins_transaction: bool
+    sync: bool
+    sync_own_transaction: bool
+
+
+@runtime_checkable
+class IdempotencyStore(Protocol):
+    """Where idempotency records live. See the module docstring for ``conn`` and expiry.
+
+    ``claim_async(conn, scope, key, fingerprint, token, now, expires_at)`` is ONE atomic
+    conditional write: if (scope, key) has no record, or its ``expires_at <= now``, it
+    writes an IN_PROGRESS record (``fingerprint``, ``token``, lease end ``expires_at``,
+    no response) and returns None: the caller holds the key. Otherwise it changes nothing
+    and returns the live record, so a replay costs one call. Of any number of concurrent
+    claims of one free key exactly one returns None.
+
+    ``complete_async(conn, scope, key, token, response, expires_at)``: if the record still
+    carries ``token``, make it COMPLETED with ``response`` until ``expires_at`` and return
+    True; otherwise (the lease lapsed and another claim took the key, or it was deleted)
+    change nothing and return False.
+
+    ``release_async(conn, scope, key, token)``: delete the record if it still carries
+    ``token`` (the operation failed: the key is free at once); True if deleted.
+
+    ``get(scope, key)``: the stored record, expired or not (own connection; for tools and
+    tests). ``purge(now)``: delete records with ``expires_at <= now``; returns how many
+    (Redis lets its own TTL do this and returns 0).
+
+    The sync ``claim``/``complete``/``release`` do the same for sync callers where
+    ``features.sync`` says so; a store raises ConfigurationError where it does not.
+    """
+
+    features: IdempotencyStoreFeatures
+
+    async def claim_async(
+        self,
+        conn: Any,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        token: str,
+        now: datetime,
+        expires_at: datetime,
+    ) -> IdempotencyRecord | None: ...
+
+    async def complete_async(
+        self,
+        conn: Any,
+        scope: str,
+        key: str,
+        token: str,
+        response: bytes,
+        expires_at: datetime,
+    ) -> bool: ...
+
+    async def release_async(self, conn: Any, scope: str, key: str, token: str) -> bool: ...
+
+    def claim(
+        self,
+        conn: Any,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        token: str,
+        now: datetime,
+        expires_at: datetime,
+    ) -> IdempotencyRecord | None: ...
+
+    def complete(
+        self,
+        conn: Any,
+        scope: str,
+        key: str,
+        token: str,
+        response: bytes,
+        expires_at: datetime,
+    ) -> bool: ...
+
+    def release(self, conn: Any, scope: str, key: str, token: str) -> bool: ...
+
+    async def get(self, scope: str, key: str) -> IdempotencyRecord | None: ...
+
+    async def purge(self, now: datetime) -> int: ...
+
+    def schema_sql(self) -> str: ...
+
+    async def create_schema(self) -> None: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,44 @@
+"""Sagas: a business transaction across services as a sequence of local steps and remote
+steps (commands over the bus), persisted before each step's effect, compensated in reverse
+on failure, resumed after a crash. See docs/sagas.md."""
+
+from msdata.saga.definition import Remote, Retry, Saga, Step, StepKind, remote
+from msdata.saga.messages import (
+    IDEMPOTENCY_KEY_HEADER,
+    SagaReply,
+    StepContext,
+    current_step,
+    idempotency_key,
+)
+from msdata.saga.orchestrator import SagaOrchestrator
+from msdata.saga.participant import SagaParticipant
+from msdata.saga.store import (
+    HistoryEntry,
+    SagaRecord,
+    SagaStatus,
+    SagaStore,
+    SagaStoreFeatures,
+    StepRun,
+)
+
+__all__ = [
+    "IDEMPOTENCY_KEY_HEADER",
+    "HistoryEntry",
+    "Remote",
+    "Retry",
+    "Saga",
+    "SagaOrchestrator",
+    "SagaParticipant",
+    "SagaRecord",
+    "SagaReply",
+    "SagaStatus",
+    "SagaStore",
+    "SagaStoreFeatures",
+    "Step",
+    "StepContext",
+    "StepKind",
+    "StepRun",
+    "current_step",
+    "idempotency_key",
+    "remote",
+]

@@ -1,0 +1,1038 @@
+"""The saga orchestrator: runs instances step by step, persisting each one before every
+step's effect, compensating in reverse on failure, and recovering what a dead process left.
+
+::
+
+    orchestrator = SagaOrchestrator(store, [checkout], bus=bus, outbox=outbox)
+    async with bus, relay, orchestrator:             # replies, the outbox, recovery
+        done = await orchestrator.run(checkout, Order(order_id="o-1", ...))
+        assert done.status is SagaStatus.COMPLETED
+
+How an instance moves (DESIGN.md, guarantee 4):
+
+- Before a step's effect, the instance is saved with that step marked ``running`` (local) or
+  ``waiting`` (remote, with the command added to the outbox in the same transaction); each
+  save is version-checked and renews the orchestrator's lease on the instance.
+- A step that raises (or whose participant replies with a failure, or does not reply within
+  the step's timeout) is retried by its policy; then the completed compensatable steps are
+  compensated in reverse order (a parallel group as a group). A compensation is retried by
+  its policy; one that still fails leaves the instance FAILED, with the error, for an
+  operator (:meth:`SagaOrchestrator.retry`).
+- A cancelled task (shutdown, SIGTERM) is not a failure: the instance stays as it was saved,
+  RUNNING or COMPENSATING, and a recovery worker continues it once its lease has expired.
+- Replies are correlated by saga id, step, purpose and attempt; one is applied only while
+  the instance waits for it, by a version-checked save, so a late or duplicate reply is
+  recorded in the history and otherwise ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any, Self, TypeVar, cast
+
+from pydantic import BaseModel
+
+from msdata.clock import SYSTEM_CLOCK, Clock
+from msdata.errors import ConcurrencyError, ConfigurationError, SagaNotFound, SagaStateError
+from msdata.events import EventBus
+from msdata.ids import new_id
+from msdata.messages import Envelope, make_envelope
+from msdata.outbox import Outbox
+from msdata.saga.definition import Remote, Retry, Saga, Step, StepKind
+from msdata.saga.messages import (
+    ACTION,
+    COMPENSATION,
+    HEADER_ATTEMPT,
+    HEADER_PURPOSE,
+    HEADER_REPLY_TO,
+    HEADER_SAGA_ID,
+    HEADER_SAGA_TYPE,
+    HEADER_STEP,
+    IDEMPOTENCY_KEY_HEADER,
+    SagaReply,
+    StepContext,
+    _step,
+    idempotency_key,
+)
+from msdata.saga.store import (
+    ACTIVE_STATUSES,
+    HistoryEntry,
+    SagaRecord,
+    SagaStatus,
+    SagaStore,
+    StepRun,
+)
+
+__all__ = ["SagaOrchestrator"]
+
+log = logging.getLogger("msdata.saga")
+
+D = TypeVar("D", bound=BaseModel)
+
+RUNNING = SagaStatus.RUNNING
+COMPENSATING = SagaStatus.COMPENSATING
+TERMINAL = (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED)
+
+_DONE, _FAILED, _PARKED = 0, 1, 2
+_FINAL = {s: s.value.lower() for s in SagaStatus}
+_entry = tuple.__new__  # a named tuple built from a full tuple: no Python-level __new__
+
+
+class SagaOrchestrator:
+    """Runs the sagas registered with it on ``store``.
+
+    ``bus`` and ``outbox`` are needed for remote steps: commands go to ``outbox`` (whose
+    store must live in the same database as ``store``, so the command and the state commit
+    together; an :class:`msdata.outbox.OutboxRelay` publishes them) and replies come back on
+    ``reply_topic`` to consumer group ``reply_group`` of ``bus`` (subscribed here: build the
+    orchestrator before starting the bus). ``lease_seconds``: how long an instance stays
+    with this orchestrator after each save; it must exceed the longest local step (a step
+    running longer may be run again by a recovery worker). ``owner``: this orchestrator's
+    name in leases (default: a fresh id).
+    """
+
+    def __init__(
+        self,
+        store: SagaStore,
+        sagas: Iterable[Saga[Any]] = (),
+        *,
+        bus: EventBus | None = None,
+        outbox: Outbox | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        lease_seconds: float = 30.0,
+        owner: str | None = None,
+        reply_topic: str | None = None,
+        reply_group: str = "saga-orchestrator",
+        recovery_interval: float = 5.0,
+    ) -> None:
+        if not lease_seconds > 0:
+            raise ConfigurationError("lease_seconds must be > 0")
+        self.store = store
+        self.bus = bus
+        self.outbox = outbox
+        self.clock = clock
+        self.lease = timedelta(seconds=lease_seconds)
+        self.owner = owner or f"saga-{new_id()}"
+        self.reply_topic = reply_topic or (
+            f"{outbox.source}.saga-replies" if outbox is not None else "msdata.saga-replies"
+        )
+        self.recovery_interval = recovery_interval
+        self._async_conn = store.features.async_connection
+        self._sagas: dict[str, Saga[Any]] = {}
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._mailbox: dict[str, list[SagaReply]] = {}
+        self._driving: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._recovery: asyncio.Task[None] | None = None
+        if bus is not None:
+            bus.subscribe(SagaReply, self._on_reply, group=reply_group, topic=self.reply_topic)
+        for saga in sagas:
+            self.register(saga)
+
+    def register(self, saga: Saga[Any]) -> None:
+        """Run instances of ``saga`` (by its name). Checks it has steps, and that remote
+        steps have a bus and an outbox to use."""
+        saga.check()
+        if any(
+            isinstance(s.action, Remote) or isinstance(s.compensation, Remote)
+            for s in saga.steps.values()
+        ) and (self.bus is None or self.outbox is None):
+            raise ConfigurationError(
+                f"saga {saga.name!r} has remote steps: give the orchestrator bus= and outbox="
+            )
+        other = self._sagas.get(saga.name)
+        if other is not None and other is not saga:
+            raise ConfigurationError(f"another saga named {saga.name!r} is registered")
+        saga.freeze()
+        self._sagas[saga.name] = saga
+
+    # -- running -----------------------------------------------------------------------------
+
+    async def start(self, saga: Saga[D], data: D, *, saga_id: str | None = None) -> SagaRecord:
+        """Start an instance and run it here until it ends or waits for a remote reply.
+        Returns the instance as it stands then. Cancelling the caller leaves it RUNNING
+        (resumable by a recovery worker), never compensating."""
+        if self._sagas.get(saga.name) is not saga:
+            self.register(saga)
+        if not isinstance(data, saga.data_type):
+            raise ConfigurationError(
+                f"saga {saga.name!r} takes {saga.data_type.__name__}, got {type(data).__name__}"
+            )
+        now = self.clock.now()
+        rec = SagaRecord(
+            saga_id or new_id(),
+            saga.name,
+            RUNNING,
+            data,
+            now,
+            now,
+            0,
+            0,
+            [],
+            {},
+            [],
+            saga.past_pivot_at(0),
+            None,
+            now + timedelta(seconds=saga.deadline) if saga.deadline else None,
+            None,
+            None,
+            None,
+            [_entry(HistoryEntry, (now, "started", None, None, None))],
+        )
+        await self._drive(rec, saga)
+        return rec
+
+    async def run(
+        self, saga: Saga[D], data: D, *, saga_id: str | None = None, timeout: float | None = None
+    ) -> SagaRecord:
+        """:meth:`start`, then :meth:`wait` until the instance is COMPLETED, COMPENSATED or
+        FAILED."""
+        rec = await self.start(saga, data, saga_id=saga_id)
+        if rec.status in TERMINAL:
+            return rec
+        return await self.wait(rec.saga_id, timeout=timeout)
+
+    async def wait(
+        self, saga_id: str, *, timeout: float | None = None, poll: float = 0.5
+    ) -> SagaRecord:
+        """Wait until the instance is COMPLETED, COMPENSATED or FAILED (whichever process
+        runs it; checked every ``poll`` seconds of real time); returns it. Raises
+        ``TimeoutError`` after ``timeout`` seconds of real time, SagaNotFound if unknown."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(saga_id, []).append(fut)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                rec = await self.get(saga_id)
+                if rec.status in TERMINAL:
+                    return rec
+                left = poll if deadline is None else min(poll, deadline - time.monotonic())
+                if left <= 0:
+                    raise TimeoutError(f"saga {saga_id} is still {rec.status} after {timeout} s")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(fut), left)
+        finally:
+            waiters = self._waiters.get(saga_id)
+            if waiters is not None:
+                if fut in waiters:
+                    waiters.remove(fut)
+                if not waiters:
+                    del self._waiters[saga_id]
+
+    # -- operations --------------------------------------------------------------------------
+
+    async def get(self, saga_id: str) -> SagaRecord:
+        """One instance, its data validated as its saga's model when the saga is registered
+        here. Raises :class:`SagaNotFound`."""
+        rec = await self.store.get(saga_id)
+        saga = self._sagas.get(rec.saga_type)
+        if saga is not None:
+            self._load(rec, saga)
+        return rec
+
+    async def history(self, saga_id: str) -> list[HistoryEntry]:
+        """What happened to one instance, oldest first, with times and errors."""
+        return (await self.store.get(saga_id)).history
+
+    async def find(
+        self,
+        *,
+        saga_type: str | None = None,
+        status: SagaStatus | Sequence[SagaStatus] | None = None,
+        limit: int = 100,
+    ) -> list[SagaRecord]:
+        """Instances by saga type and status, least recently updated first."""
+        statuses = [status] if isinstance(status, SagaStatus) else status
+        return await self.store.find(saga_type=saga_type, statuses=statuses, limit=limit)
+
+    async def stuck(self, *, saga_type: str | None = None, limit: int = 100) -> list[SagaRecord]:
+        """Instances that need attention: RUNNING/COMPENSATING ones nobody holds a live
+        lease on (a recovery worker would take them), then FAILED ones."""
+        active = await self.store.find(saga_type=saga_type, stuck_at=self.clock.now(), limit=limit)
+        failed = await self.store.find(
+            saga_type=saga_type, statuses=[SagaStatus.FAILED], limit=limit
+        )
+        return (active + failed)[:limit]
+
+    async def retry(self, saga_id: str) -> SagaRecord:
+        """Resume a FAILED instance: its failed compensations (or its failed retriable
+        step) start again with fresh attempts. Runs it here until it ends or waits.
+        Raises :class:`SagaStateError` unless it is FAILED."""
+        rec = await self.store.get(saga_id)
+        saga = self._saga_of(rec)
+        if rec.status is not SagaStatus.FAILED:
+            raise SagaStateError(f"saga {saga_id} is {rec.status}; only a FAILED one is retried")
+        rec.status = COMPENSATING if rec.compensation else RUNNING
+        rec.active = {}
+        rec.error = None
+        self._log(rec, "retried by operator")
+        self._load(rec, saga)
+        await self._drive(rec, saga)
+        return rec
+
+    async def abort(self, saga_id: str, reason: str = "aborted by operator") -> SagaRecord:
+        """Turn a RUNNING instance before its pivot into compensation. Raises
+        :class:`SagaStateError` if it is not RUNNING, is past its pivot, or is in the middle
+        of a local step in another process (try again)."""
+        rec = await self.store.get(saga_id)
+        saga = self._saga_of(rec)
+        if rec.status is not RUNNING:
+            raise SagaStateError(f"saga {saga_id} is {rec.status}; only a RUNNING one is aborted")
+        if rec.past_pivot:
+            raise SagaStateError(f"saga {saga_id} is past its pivot and can no longer be undone")
+        now = self.clock.now()
+        if rec.lease_owner is not None and rec.lease_until is not None and rec.lease_until > now:
+            raise SagaStateError(
+                f"saga {saga_id} is running a step in {rec.lease_owner} (lease until "
+                f"{rec.lease_until.isoformat()}); try again"
+            )
+        self._load(rec, saga)
+        self._begin_compensation(rec, saga, f"aborted: {reason}")
+        await self._drive(rec, saga)
+        return rec
+
+    # -- recovery ----------------------------------------------------------------------------
+
+    async def recover(self, limit: int = 100) -> int:
+        """Claim up to ``limit`` RUNNING/COMPENSATING instances whose lease expired (and
+        whose reply deadline or retry time has come) and continue each one; returns how
+        many were claimed. Safe to run in several processes at once."""
+        now = self.clock.now()
+        claimed = await self.store.claim(self.owner, now, now + self.lease, limit)
+        runs = []
+        for rec in claimed:
+            saga = self._sagas.get(rec.saga_type)
+            if saga is None:
+                log.error("saga %s: type %r is not registered here", rec.saga_id, rec.saga_type)
+                continue
+            self._log(rec, "resumed", detail=f"by {self.owner}")
+            self._load(rec, saga)
+            runs.append(self._drive_logged(rec, saga))
+        if runs:
+            await asyncio.gather(*runs)
+        return len(claimed)
+
+    async def run_recovery(self) -> None:
+        """:meth:`recover` every ``recovery_interval`` seconds (on the clock) until
+        cancelled; an error is logged and the loop goes on."""
+        while True:
+            try:
+                await self.recover()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("saga recovery failed; trying again")
+            await self.clock.sleep(self.recovery_interval)
+
+    async def __aenter__(self) -> Self:
+        self._recovery = asyncio.create_task(self.run_recovery(), name="msdata-saga-recovery")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop the recovery worker and the tasks continuing instances here; they stay
+        RUNNING/COMPENSATING in the store, for a recovery worker to continue."""
+        tasks = [*self._tasks, *([self._recovery] if self._recovery else [])]
+        self._recovery = None
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- replies -----------------------------------------------------------------------------
+
+    async def _on_reply(self, reply: SagaReply) -> None:
+        for _ in range(20):
+            try:
+                rec = await self.store.get(reply.saga_id)
+            except SagaNotFound:
+                log.warning(
+                    "reply for unknown saga %s (step %s) ignored", reply.saga_id, reply.step
+                )
+                return
+            saga = self._sagas.get(rec.saga_type)
+            if saga is None:
+                log.warning("reply for saga %s of unregistered type %r", rec.saga_id, rec.saga_type)
+                return
+            if rec.saga_id in self._driving:  # this process runs it now: hand the reply over
+                self._mailbox.setdefault(rec.saga_id, []).append(reply)
+                return
+            now = self.clock.now()
+            held = (
+                rec.lease_owner is not None
+                and rec.lease_until is not None
+                and rec.lease_until > now
+            )
+            if not self._accept(rec, reply):
+                if held:
+                    log.info(
+                        "late or duplicate reply for saga %s step %s ignored",
+                        rec.saga_id,
+                        reply.step,
+                    )
+                    return
+                try:
+                    await self._save(rec)
+                except ConcurrencyError:
+                    continue
+                return
+            if held:
+                # another process runs a step of this instance: let the broker redeliver
+                raise SagaStateError(f"saga {rec.saga_id} is held by {rec.lease_owner}; retry")
+            self._take(rec, now)
+            try:
+                await self._save(rec)
+            except ConcurrencyError:
+                continue
+            self._load(rec, saga)
+            self._spawn(self._drive_logged(rec, saga))
+            return
+        log.warning(
+            "reply for saga %s step %s: gave up after repeated conflicts", reply.saga_id, reply.step
+        )
+
+    def _accept(self, rec: SagaRecord, reply: SagaReply) -> bool:
+        """Record ``reply`` on ``rec`` if the instance waits for it; else note it ignored."""
+        run = rec.active.get(reply.step)
+        wanted = RUNNING if reply.purpose == ACTION else COMPENSATING
+        if (
+            run is not None
+            and rec.status is wanted
+            and run.purpose == reply.purpose
+            and run.state == "waiting"
+            # a success of an earlier attempt still counts: the effect happened
+            and (run.attempt == reply.attempt or (reply.ok and reply.attempt < run.attempt))
+        ):
+            run.state = "replied"
+            run.ok = reply.ok
+            run.reply = reply.data
+            run.error = None if reply.ok else (reply.reason or "failed")
+            self._log(
+                rec,
+                "reply",
+                reply.step,
+                reply.attempt,
+                ("ok" + (" (duplicate)" if reply.duplicate else "")) if reply.ok else run.error,
+            )
+            return True
+        self._log(
+            rec,
+            "reply ignored",
+            reply.step,
+            reply.attempt,
+            f"{reply.purpose} {'ok' if reply.ok else 'failed'}: late or duplicate",
+        )
+        return False
+
+    # -- the engine --------------------------------------------------------------------------
+
+    def _saga_of(self, rec: SagaRecord) -> Saga[Any]:
+        saga = self._sagas.get(rec.saga_type)
+        if saga is None:
+            raise SagaStateError(f"saga type {rec.saga_type!r} is not registered here")
+        return saga
+
+    @staticmethod
+    def _load(rec: SagaRecord, saga: Saga[Any]) -> None:
+        if not isinstance(rec.data, saga.data_type):
+            rec.data = saga.data_type.model_validate(rec.data)
+
+    def _log(
+        self,
+        rec: SagaRecord,
+        event: str,
+        step: str | None = None,
+        attempt: int | None = None,
+        detail: str | None = None,
+    ) -> None:
+        rec.history.append(_entry(HistoryEntry, (self.clock.now(), event, step, attempt, detail)))
+
+    def _take(self, rec: SagaRecord, now: datetime) -> None:
+        rec.lease_owner = self.owner
+        rec.lease_until = now + self.lease
+        rec.wake_at = None
+
+    async def _save(
+        self,
+        rec: SagaRecord,
+        also: Callable[[Any], Any] | None = None,
+        *,
+        now: datetime | None = None,
+    ) -> None:
+        rec.version += 1
+        rec.updated_at = now or self.clock.now()
+        try:
+            await self.store.save(rec, also=also)
+        except BaseException:
+            rec.version -= 1
+            raise
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drive_logged(self, rec: SagaRecord, saga: Saga[Any]) -> None:
+        try:
+            await self._drive(rec, saga)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("saga %s stopped; a recovery worker will continue it", rec.saga_id)
+
+    async def _resume_at(self, saga_id: str, at: datetime) -> None:
+        await self.clock.sleep((at - self.clock.now()).total_seconds())
+        try:
+            rec = await self.store.get(saga_id)
+        except SagaNotFound:
+            return
+        except Exception:  # the recovery worker will find it
+            log.exception("saga %s: could not look at it at its wake time", saga_id)
+            return
+        now = self.clock.now()
+        if (
+            rec.status not in ACTIVE_STATUSES
+            or saga_id in self._driving
+            or (rec.lease_until is not None and rec.lease_until > now)
+            or (rec.wake_at is not None and rec.wake_at > now)
+        ):
+            return
+        saga = self._sagas.get(rec.saga_type)
+        if saga is None:
+            return
+        self._take(rec, now)
+        try:
+            await self._save(rec)
+        except ConcurrencyError:
+            return  # another worker took it
+        except Exception:
+            log.exception("saga %s: could not take it at its wake time", saga_id)
+            return
+        self._load(rec, saga)
+        await self._drive_logged(rec, saga)
+
+    async def _drive(self, rec: SagaRecord, saga: Saga[Any]) -> None:
+        saga_id = rec.saga_id
+        self._driving.add(saga_id)
+        try:
+            while True:
+                status = rec.status
+                if status is RUNNING:
+                    go_on = await self._forward(rec, saga)
+                elif status is COMPENSATING:
+                    go_on = await self._backward(rec, saga)
+                else:
+                    go_on = False
+                if not go_on:
+                    return
+        except ConcurrencyError as e:
+            if rec.version == 0:
+                raise SagaStateError(f"a saga instance with id {saga_id!r} exists") from e
+            log.warning("saga %s: another worker took it over (%s); stopping here", saga_id, e)
+        finally:
+            self._driving.discard(saga_id)
+            # replies that came in while this task was saving its last state: their
+            # deliveries were acked, so they are handled here, not dropped
+            for reply in self._mailbox.pop(saga_id, ()):
+                self._spawn(self._redeliver(reply))
+
+    async def _redeliver(self, reply: SagaReply) -> None:
+        for attempt in range(6):
+            try:
+                await self._on_reply(reply)
+                return
+            except SagaStateError:  # held by another process for now
+                await asyncio.sleep(0.05 * 2**attempt)
+            except Exception:
+                log.exception("saga %s: handling a reply failed", reply.saga_id)
+                return
+        log.warning(
+            "saga %s: a reply for step %s could not be applied; the step's timeout will ask again",
+            reply.saga_id,
+            reply.step,
+        )
+
+    async def _finish(self, rec: SagaRecord, status: SagaStatus, error: str | None = None) -> None:
+        rec.status = status
+        if rec.active:
+            rec.active = {}
+        rec.error = error
+        rec.lease_owner = rec.lease_until = rec.wake_at = None
+        now = self.clock.now()
+        rec.history.append(_entry(HistoryEntry, (now, _FINAL[status], None, None, error)))
+        await self._save(rec, now=now)
+        for fut in self._waiters.get(rec.saga_id, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+    async def _forward(self, rec: SagaRecord, saga: Saga[Any]) -> bool:
+        if (
+            rec.deadline is not None
+            and not rec.past_pivot
+            and self.clock.now() >= rec.deadline
+            and not _pivot_sent(rec, saga)
+        ):
+            self._begin_compensation(rec, saga, "the saga's deadline passed before its pivot")
+            return True
+        groups = saga.groups
+        if rec.position >= len(groups):
+            await self._finish(rec, SagaStatus.COMPLETED)
+            return False
+        group = groups[rec.position]
+        first = group[0]
+        if len(group) == 1 and first.name in saga.plain_local and first.name not in rec.active:
+            return await self._plain_step(rec, saga, first)
+        done = rec.done
+        names = [s.name for s in group if s.name not in done]
+        outcome, step, error = await self._run_group(rec, saga, names, ACTION)
+        if outcome == _DONE:
+            rec.position += 1
+            rec.past_pivot = saga.past_pivot_at(rec.position)
+            return True
+        if outcome == _FAILED:
+            assert step is not None and error is not None
+            return await self._step_failed(rec, saga, step, error)
+        return False
+
+    async def _step_failed(self, rec: SagaRecord, saga: Saga[Any], step: str, error: str) -> bool:
+        if saga.steps[step].kind is StepKind.RETRIABLE:
+            await self._finish(rec, SagaStatus.FAILED, f"step {step!r} failed: {error}")
+            return False
+        self._begin_compensation(rec, saga, f"step {step!r} failed: {error}")
+        return True
+
+    async def _plain_step(self, rec: SagaRecord, saga: Saga[Any], step: Step) -> bool:
+        """The common case, kept lean (the general path is :meth:`_run_group`): one local
+        step without a timeout, first attempt; the save and the call written out here."""
+        name = step.name
+        now = self.clock.now()
+        run = rec.active[name] = StepRun(ACTION, 1, "running")
+        history = rec.history
+        history.append(_entry(HistoryEntry, (now, "step started", name, 1, None)))
+        rec.lease_owner = self.owner
+        rec.lease_until = now + self.lease
+        rec.wake_at = None
+        rec.version += 1
+        rec.updated_at = now
+        try:
+            await self.store.save(rec)  # before the effect
+        except BaseException:
+            rec.version -= 1
+            raise
+        data = rec.data
+        fn: Callable[[Any], Any] = step.action  # type: ignore[assignment]
+        token = _step.set(_entry(StepContext, (rec.saga_id, rec.saga_type, name, ACTION, 1)))
+        try:
+            result = fn(data)
+            if (
+                result is not None
+                and type(result) is not type(data)
+                and inspect.isawaitable(result)
+            ):
+                result = await result
+        except asyncio.CancelledError as e:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # shutdown, not a business failure: the instance stays resumable
+            return await self._plain_failed(rec, saga, step, run, f"CancelledError: {e}")
+        except Exception as e:
+            return await self._plain_failed(rec, saga, step, run, f"{type(e).__name__}: {e}")
+        finally:
+            _step.reset(token)
+        if result is not None:
+            if not isinstance(result, type(data)):
+                error = f"returned {type(result).__name__}, not {type(data).__name__}"
+                return await self._plain_failed(rec, saga, step, run, error)
+            rec.data = result
+        del rec.active[name]
+        rec.done.append(name)
+        history.append(_entry(HistoryEntry, (self.clock.now(), "step completed", name, 1, None)))
+        rec.position += 1
+        rec.past_pivot = saga.past_pivot_at(rec.position)
+        return True
+
+    async def _plain_failed(
+        self, rec: SagaRecord, saga: Saga[Any], step: Step, run: StepRun, error: str
+    ) -> bool:
+        if self._failed_attempt(rec, step, run, ACTION, error, self.clock.now()):
+            return await self._step_failed(rec, saga, step.name, error)
+        return True  # to be retried: the general path takes it from here
+
+    def _begin_compensation(self, rec: SagaRecord, saga: Saga[Any], error: str) -> None:
+        done = set(rec.done)
+        plan: list[list[str]] = []
+        if rec.position < len(saga.groups):
+            current = []
+            for s in saga.groups[rec.position]:
+                if s.kind is not StepKind.COMPENSATABLE:
+                    continue
+                run = rec.active.get(s.name)
+                # it may have taken effect: a command sent and not refused, or a local
+                # effect under way in a process that died (abort, deadline)
+                maybe_applied = (
+                    run is not None
+                    and run.purpose == ACTION
+                    and ((run.sent and run.ok is not False) or run.state == "running")
+                )
+                if s.name in done or maybe_applied:
+                    current.append(s.name)
+            if current:
+                plan.append(current)
+        for group in reversed(saga.groups[: rec.position]):
+            names = [s.name for s in group if s.kind is StepKind.COMPENSATABLE and s.name in done]
+            if names:
+                plan.append(names)
+        rec.status = COMPENSATING
+        rec.compensation = plan
+        rec.active = {}
+        rec.error = error
+        self._log(rec, "compensating", detail=error)
+
+    async def _backward(self, rec: SagaRecord, saga: Saga[Any]) -> bool:
+        if not rec.compensation:
+            await self._finish(rec, SagaStatus.COMPENSATED, rec.error)
+            return False
+        names = rec.compensation[0]
+        outcome, step, error = await self._run_group(rec, saga, names, COMPENSATION)
+        if outcome == _DONE:
+            rec.compensation.pop(0)
+            return True
+        if outcome == _FAILED:
+            await self._finish(rec, SagaStatus.FAILED, f"compensation of {step!r} failed: {error}")
+            return False
+        return False
+
+    async def _run_group(
+        self, rec: SagaRecord, saga: Saga[Any], names: list[str], purpose: str
+    ) -> tuple[int, str | None, str | None]:
+        """Run the steps ``names`` (for ``purpose``) until all succeeded, one failed for
+        good, or the rest wait for replies (then the instance is saved unleased)."""
+        steps = saga.steps
+        while True:
+            if self._mailbox:
+                for reply in self._mailbox.pop(rec.saga_id, ()):
+                    self._accept(rec, reply)
+            now = self.clock.now()
+            start: list[tuple[Step, StepRun]] = []
+            waiting: list[datetime] = []
+            for name in list(names):
+                step = steps[name]
+                run = rec.active.get(name)
+                if run is None or run.purpose != purpose:
+                    run = rec.active[name] = StepRun(purpose, 1, "new")
+                state = run.state
+                if state == "replied":
+                    if run.ok:
+                        try:
+                            self._complete(rec, step, run, purpose, names)
+                            continue
+                        except Exception as e:
+                            error: str = f"bad reply: {type(e).__name__}: {e}"
+                    else:
+                        error = run.error or "failed"
+                    if self._failed_attempt(rec, step, run, purpose, error, now):
+                        return _FAILED, name, error
+                    state = run.state
+                elif state == "waiting":
+                    assert run.wake_at is not None
+                    if run.wake_at > now:
+                        if (
+                            rec.deadline is not None
+                            and not rec.past_pivot
+                            and now >= rec.deadline
+                            and step.kind is not StepKind.PIVOT
+                            and purpose == ACTION
+                        ):
+                            return _FAILED, name, "the saga's deadline passed"
+                        waiting.append(run.wake_at)
+                        continue
+                    error = f"no reply within {step.timeout} s"
+                    self._log(rec, "timed out", name, run.attempt, purpose)
+                    if self._failed_attempt(rec, step, run, purpose, error, now):
+                        return _FAILED, name, error
+                    state = run.state
+                if state == "retry":
+                    assert run.wake_at is not None
+                    if run.wake_at > now:
+                        waiting.append(run.wake_at)
+                        continue
+                    run.attempt += 1
+                elif state == "running":
+                    self._log(rec, "interrupted", name, run.attempt, "running it again")
+                start.append((step, run))
+            if not names:
+                return _DONE, None, None
+            if start:
+                outcome = await self._start(rec, saga, start, purpose, names, now)
+                if outcome is not None:
+                    return outcome
+                continue
+            wake = min(waiting)
+            if rec.deadline is not None and not rec.past_pivot and purpose == ACTION:
+                wake = min(wake, rec.deadline)
+            if any(r.state == "waiting" for r in rec.active.values()):
+                # park: unleased until the earliest reply deadline or retry time
+                rec.lease_owner = rec.lease_until = None
+                rec.wake_at = wake
+                await self._save(rec)
+                self._spawn(self._resume_at(rec.saga_id, wake))
+                return _PARKED, None, None
+            # only retries to wait for: keep the lease across the wait
+            rec.lease_owner = self.owner
+            rec.lease_until = wake + self.lease
+            await self._save(rec)
+            await self.clock.sleep((wake - now).total_seconds())
+
+    async def _start(
+        self,
+        rec: SagaRecord,
+        saga: Saga[Any],
+        start: list[tuple[Step, StepRun]],
+        purpose: str,
+        names: list[str],
+        now: datetime,
+    ) -> tuple[int, str | None, str | None] | None:
+        sends: list[tuple[str | None, Envelope[Any]]] = []
+        local: list[tuple[Step, StepRun, Callable[[Any], Any]]] = []
+        for step, run in start:
+            action = step.action if purpose == ACTION else step.compensation
+            run.state = "running"
+            run.error = None
+            run.ok = run.reply = None
+            if isinstance(action, Remote):
+                run.state = "waiting"
+                run.sent = True
+                assert step.timeout is not None
+                run.wake_at = now + timedelta(seconds=step.timeout)
+                try:
+                    sends.append(self._command(rec, step, action, purpose, run.attempt))
+                except Exception as e:  # building the command failed: a failed attempt
+                    error = f"{type(e).__name__}: {e}"
+                    if self._failed_attempt(rec, step, run, purpose, error, now):
+                        return _FAILED, step.name, error
+                    continue
+            else:
+                assert action is not None
+                local.append((step, run, action))
+            self._log(
+                rec,
+                "step started" if purpose == ACTION else "compensation started",
+                step.name,
+                run.attempt,
+            )
+        rec.lease_owner = self.owner
+        rec.lease_until = now + self.lease
+        rec.wake_at = None
+        await self._save(rec, self._also(sends) if sends else None)  # before any effect
+        if not local:
+            return None
+        data = rec.data
+        if len(local) == 1:
+            step, run, fn = local[0]
+            results = [await self._attempt(rec, step, run, fn, data, purpose)]
+        else:
+            results = list(
+                await asyncio.gather(
+                    *(self._attempt(rec, s, r, fn, data, purpose) for s, r, fn in local)
+                )
+            )
+        merged = data
+        now = self.clock.now()
+        failed: tuple[int, str | None, str | None] | None = None
+        for (step, run, _), (ok, value) in zip(local, results, strict=True):
+            if ok:
+                if value is not None and value is not data:
+                    if len(local) == 1:
+                        merged = value
+                    else:  # parallel: take the fields this step changed
+                        changed = {
+                            f: getattr(value, f)
+                            for f in type(value).model_fields
+                            if getattr(value, f) != getattr(data, f)
+                        }
+                        if changed:
+                            merged = merged.model_copy(update=changed)
+                self._complete_run(rec, step, purpose, names)
+            elif (
+                self._failed_attempt(rec, step, run, purpose, cast(str, value), now)
+                and failed is None
+            ):
+                failed = (_FAILED, step.name, cast(str, value))
+        rec.data = merged  # the members that succeeded count, also when another failed
+        return failed
+
+    async def _attempt(
+        self,
+        rec: SagaRecord,
+        step: Step,
+        run: StepRun,
+        fn: Callable[[Any], Any],
+        data: Any,
+        purpose: str,
+    ) -> tuple[bool, Any]:
+        token = _step.set(
+            _entry(StepContext, (rec.saga_id, rec.saga_type, step.name, purpose, run.attempt))
+        )
+        try:
+            if step.timeout is None:
+                result = fn(data)
+                if (
+                    result is not None
+                    and type(result) is not type(data)
+                    and inspect.isawaitable(result)
+                ):
+                    result = await result
+            else:
+                result = await self._with_timeout(fn, data, step.timeout)
+        except asyncio.CancelledError as e:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # shutdown, not a business failure: the instance stays resumable
+            return False, f"CancelledError: {e}"
+        except Exception as e:
+            return False, f"{type(e).__name__}: {e}"
+        finally:
+            _step.reset(token)
+        if result is not None and not isinstance(result, type(data)):
+            return False, f"returned {type(result).__name__}, not {type(data).__name__}"
+        return True, result
+
+    async def _with_timeout(self, fn: Callable[[Any], Any], data: Any, timeout: float) -> Any:
+        async def call() -> Any:
+            result = fn(data)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+
+        work = asyncio.ensure_future(call())
+        timer = asyncio.ensure_future(self.clock.sleep(timeout))
+        try:
+            await asyncio.wait((work, timer), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+            if not work.done():
+                work.cancel()
+        if not work.done() or work.cancelled():
+            raise TimeoutError(f"did not finish within {timeout} s")
+        return work.result()
+
+    def _complete(
+        self, rec: SagaRecord, step: Step, run: StepRun, purpose: str, names: list[str]
+    ) -> None:
+        """A remote step's success reply: apply its data, mark it done."""
+        action = step.action if purpose == ACTION else step.compensation
+        assert isinstance(action, Remote)
+        if action.on_reply is not None:
+            reply: Any = run.reply
+            if action.reply is not None:
+                reply = action.reply.model_validate(run.reply or {})
+            data = action.on_reply(rec.data, reply)
+            if not isinstance(data, type(rec.data)):
+                raise TypeError(f"on_reply returned {type(data).__name__}")
+            rec.data = data
+        self._complete_run(rec, step, purpose, names)
+
+    def _complete_run(self, rec: SagaRecord, step: Step, purpose: str, names: list[str]) -> None:
+        run = rec.active.pop(step.name)
+        names.remove(step.name)
+        if purpose == ACTION:
+            rec.done.append(step.name)
+            self._log(rec, "step completed", step.name, run.attempt)
+        else:
+            self._log(rec, "compensated", step.name, run.attempt)
+
+    def _failed_attempt(
+        self, rec: SagaRecord, step: Step, run: StepRun, purpose: str, error: str, now: datetime
+    ) -> bool:
+        """Count a failed attempt; True when the step has failed for good."""
+        policy: Retry = (
+            step.retry
+            if purpose == ACTION
+            else (step.compensation_retry or self._sagas[rec.saga_type].compensation_retry)
+        )
+        run.error = error
+        # a remote pivot that did not answer may have happened: compensating it would undo
+        # the steps before a point of no return that was passed, so it is asked again (with
+        # the same idempotency key) until it answers
+        unanswered_pivot = (
+            purpose == ACTION and step.kind is StepKind.PIVOT and run.state == "waiting"
+        )
+        if policy.attempts is not None and run.attempt >= policy.attempts and not unanswered_pivot:
+            self._log(
+                rec,
+                "step failed" if purpose == ACTION else "compensation failed",
+                step.name,
+                run.attempt,
+                error,
+            )
+            if run.state == "running":
+                run.state = "failed"  # a local action that raised took no effect
+            return True
+        delay = max(0.0, policy.backoff(run.attempt))
+        run.state = "retry"
+        run.wake_at = now + timedelta(seconds=delay)
+        self._log(
+            rec, "retry", step.name, run.attempt, f"{purpose}: {error}; next in {delay:.3g} s"
+        )
+        return False
+
+    def _command(
+        self, rec: SagaRecord, step: Step, action: Remote[Any, Any], purpose: str, attempt: int
+    ) -> tuple[str | None, Envelope[Any]]:
+        assert self.outbox is not None
+        command = action.command(rec.data)
+        headers = {
+            HEADER_SAGA_ID: rec.saga_id,
+            HEADER_SAGA_TYPE: rec.saga_type,
+            HEADER_STEP: step.name,
+            HEADER_PURPOSE: purpose,
+            HEADER_ATTEMPT: str(attempt),
+            HEADER_REPLY_TO: self.reply_topic,
+            IDEMPOTENCY_KEY_HEADER: idempotency_key(rec.saga_id, step.name, purpose),
+        }
+        env = make_envelope(
+            command,
+            registry=self.outbox.registry,
+            partition_key=rec.saga_id,
+            headers=headers,
+            source=self.outbox.source,
+            correlation_id=rec.saga_id,
+        )
+        return action.topic, env
+
+    def _also(self, sends: list[tuple[str | None, Envelope[Any]]]) -> Callable[[Any], Any]:
+        outbox = self.outbox
+        assert outbox is not None
+        if self._async_conn:
+
+            async def add_async(conn: Any) -> None:
+                for topic, env in sends:
+                    await outbox.add_async(conn, env, topic=topic)
+
+            return add_async
+
+        def add(conn: Any) -> None:
+            for topic, env in sends:
+                outbox.add(conn, env, topic=topic)
+
+        return add
+
+
+def _pivot_sent(rec: SagaRecord, saga: Saga[Any]) -> bool:
+    """Whether the pivot's command is out: then the deadline no longer compensates."""
+    return any(
+        run.sent and saga.steps[name].kind is StepKind.PIVOT for name, run in rec.active.items()
+    )

@@ -1,0 +1,306 @@
+"""The saga store port: where saga instances are kept between steps.
+
+Implemented by ``msdata.adapters.memory.MemorySagaStore``, ``msdata.adapters.sqlite``'s and
+``msdata.adapters.postgres``'s ``SagaStore`` classes; checked by
+:class:`msdata.testing.conformance.saga.SagaStoreConformance`.
+
+Contract:
+
+- Every call is one short transaction of the store's own (saga state is msdata's, not the
+  caller's business data), committed before the call returns.
+- ``save(record, also=...)`` is an optimistic write: it succeeds only if the stored version is
+  ``record.version - 1`` (``0``: the instance must not exist yet) and raises
+  :class:`msdata.errors.ConcurrencyError` naming the saga and both versions otherwise, having
+  changed nothing. ``also(conn)``, when given, is called inside the same transaction after
+  the write, with the store's connection (``features.async_connection`` says whether it is
+  an async one); its writes (the outbox rows of the command a remote step sends) commit with
+  the state or not at all. ``also`` may return an awaitable, which the store awaits.
+- ``claim`` hands each instance to one caller at a time: it leases to ``owner`` the RUNNING
+  and COMPENSATING instances whose lease has expired (or was released) and whose ``wake_at``
+  has come, raising each one's version by one. Two concurrent claims never return the same
+  instance. Safe to call concurrently from several processes.
+- Records handed out are copies: changing one never changes what the store holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import pydantic_core
+
+__all__ = [
+    "ACTIVE_STATUSES",
+    "HistoryEntry",
+    "SagaRecord",
+    "SagaStatus",
+    "SagaStore",
+    "SagaStoreFeatures",
+    "StepRun",
+    "record_from_json",
+    "record_to_json",
+]
+
+
+class SagaStatus(StrEnum):
+    """RUNNING: going forward. COMPENSATING: undoing completed steps. COMPLETED and
+    COMPENSATED: done. FAILED: a compensation (or a retriable step with a limit) gave up;
+    waits for an operator to retry it."""
+
+    RUNNING = "RUNNING"
+    COMPENSATING = "COMPENSATING"
+    COMPLETED = "COMPLETED"
+    COMPENSATED = "COMPENSATED"
+    FAILED = "FAILED"
+
+
+ACTIVE_STATUSES = (SagaStatus.RUNNING, SagaStatus.COMPENSATING)
+
+
+class HistoryEntry(NamedTuple):
+    """One line of an instance's history: when (UTC), what (``started``,
+    ``step started``, ``step completed``, ``step failed``, ``retry``, ``timed out``,
+    ``compensation started``, ``compensated``, ``reply ignored``, ``completed``, ...), which
+    step and attempt, and the error or detail."""
+
+    at: datetime
+    event: str
+    step: str | None = None
+    attempt: int | None = None
+    detail: str | None = None
+
+
+@dataclass(slots=True)
+class StepRun:
+    """A step invocation in progress. ``purpose``: ``action`` or ``compensation``.
+    ``state``: ``running`` (a local effect under way), ``waiting`` (a remote command sent,
+    no reply yet), ``retry`` (failed, tried again at ``wake_at``), ``replied`` (a reply was
+    recorded: ``ok`` with ``reply`` data, or not ``ok`` with ``error``). ``wake_at``: the
+    remote step's reply deadline, or when to retry."""
+
+    purpose: str
+    attempt: int
+    state: str
+    wake_at: datetime | None = None
+    error: str | None = None
+    ok: bool | None = None
+    reply: dict[str, Any] | None = None
+    sent: bool = False  # a command for this step was sent at some attempt
+
+    def copy(self) -> StepRun:
+        return StepRun(
+            self.purpose,
+            self.attempt,
+            self.state,
+            self.wake_at,
+            self.error,
+            self.ok,
+            self.reply,
+            self.sent,
+        )
+
+
+@dataclass(slots=True)
+class SagaRecord:
+    """One saga instance as stored.
+
+    ``data`` is the saga data: the orchestrator hands the store its pydantic model; a store
+    may give it back as the model or as its JSON form (a dict), which the orchestrator
+    validates. ``position``: the index of the step group being run. ``done``: the completed
+    steps in order. ``active``: the invocations in progress. ``compensation``: the groups of
+    steps still to compensate, next first. ``lease_owner``/``lease_until``: who runs it, and
+    until when. ``wake_at``: when an instance nobody holds should be looked at again (a
+    reply deadline, a retry time)."""
+
+    saga_id: str
+    saga_type: str
+    status: SagaStatus
+    data: Any
+    created_at: datetime
+    updated_at: datetime
+    version: int = 0
+    position: int = 0
+    done: list[str] = field(default_factory=list)
+    active: dict[str, StepRun] = field(default_factory=dict)
+    compensation: list[list[str]] = field(default_factory=list)
+    past_pivot: bool = False
+    error: str | None = None
+    deadline: datetime | None = None
+    lease_owner: str | None = None
+    lease_until: datetime | None = None
+    wake_at: datetime | None = None
+    history: list[HistoryEntry] = field(default_factory=list)
+
+    def copy(self) -> SagaRecord:
+        """A copy that shares nothing mutable with this one (``data`` is immutable by
+        convention: steps return new data)."""
+        active = self.active
+        return SagaRecord(
+            self.saga_id,
+            self.saga_type,
+            self.status,
+            self.data,
+            self.created_at,
+            self.updated_at,
+            self.version,
+            self.position,
+            self.done.copy(),
+            {k: v.copy() for k, v in active.items()} if active else {},
+            [g.copy() for g in self.compensation] if self.compensation else [],
+            self.past_pivot,
+            self.error,
+            self.deadline,
+            self.lease_owner,
+            self.lease_until,
+            self.wake_at,
+            self.history.copy(),
+        )
+
+
+# -- JSON form for SQL stores: the indexed fields get columns, the rest one JSON document -----
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_to_json = pydantic_core.to_json  # several times faster than json.dumps on these lists
+
+
+def to_us(dt: datetime | None) -> int | None:
+    """A time as integer microseconds since the epoch (exact, unlike ``timestamp()``)."""
+    if dt is None:
+        return None
+    d = dt - _EPOCH
+    return (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
+
+
+def from_us(us: int | None) -> datetime | None:
+    if us is None:
+        return None
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def record_to_json(record: SagaRecord) -> bytes:
+    """The fields a SQL store keeps in one JSON column (everything but saga_id, saga_type,
+    status, version, lease, wake_at and the times, which get their own columns). Times in
+    it are integer microseconds since the epoch; ``data`` is the model's own JSON."""
+    data = record.data
+    head = pydantic_core.to_json(data)
+    rest = _to_json(
+        [
+            record.position,
+            record.done,
+            {
+                k: [r.purpose, r.attempt, r.state, to_us(r.wake_at), r.error, r.ok, r.reply, r.sent]
+                for k, r in record.active.items()
+            },
+            record.compensation,
+            record.past_pivot,
+            record.error,
+            to_us(record.deadline),
+            [[to_us(h[0]), h[1], h[2], h[3], h[4]] for h in record.history],
+        ]
+    )
+    return b'{"data":' + head + b',"state":' + rest + b"}"
+
+
+def record_from_json(
+    doc: bytes | str,
+    *,
+    saga_id: str,
+    saga_type: str,
+    status: str,
+    version: int,
+    created_at: datetime,
+    updated_at: datetime,
+    lease_owner: str | None,
+    lease_until: datetime | None,
+    wake_at: datetime | None,
+) -> SagaRecord:
+    """Rebuild a record from its columns and the JSON of :func:`record_to_json`."""
+    d = pydantic_core.from_json(doc)
+    position, done, active, compensation, past_pivot, error, deadline, history = d["state"]
+    return SagaRecord(
+        saga_id=saga_id,
+        saga_type=saga_type,
+        status=SagaStatus(status),
+        data=d["data"],
+        created_at=created_at,
+        updated_at=updated_at,
+        version=version,
+        position=position,
+        done=done,
+        active={
+            k: StepRun(v[0], v[1], v[2], from_us(v[3]), v[4], v[5], v[6], v[7])
+            for k, v in active.items()
+        },
+        compensation=compensation,
+        past_pivot=past_pivot,
+        error=error,
+        deadline=from_us(deadline),
+        lease_owner=lease_owner,
+        lease_until=lease_until,
+        wake_at=wake_at,
+        history=[
+            tuple.__new__(HistoryEntry, (from_us(h[0]), h[1], h[2], h[3], h[4])) for h in history
+        ],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SagaStoreFeatures:
+    """``async_connection``: ``also(conn)`` gets an async connection (use
+    ``outbox.add_async``), else a sync one (``outbox.add``). ``durable``: instances survive
+    the process."""
+
+    async_connection: bool
+    durable: bool
+
+
+#: called with the store's connection inside a save's transaction; may return an awaitable
+AlsoInTransaction = Callable[[Any], Awaitable[Any] | Any]
+
+
+@runtime_checkable
+class SagaStore(Protocol):
+    """Keeps saga instances; see the module docstring for the contract."""
+
+    features: SagaStoreFeatures
+
+    async def save(self, record: SagaRecord, *, also: AlsoInTransaction | None = None) -> None:
+        """Write ``record`` if the stored version is ``record.version - 1`` (0: new), else
+        raise :class:`msdata.errors.ConcurrencyError` (``name`` = ``"saga <id>"``); run
+        ``also(conn)`` in the same transaction."""
+        ...
+
+    async def get(self, saga_id: str) -> SagaRecord:
+        """The instance; :class:`msdata.errors.SagaNotFound` if there is none."""
+        ...
+
+    async def claim(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[SagaRecord]:
+        """Lease to ``owner`` until ``lease_until`` up to ``limit`` RUNNING/COMPENSATING
+        instances whose lease is free or ended at or before ``now`` and whose ``wake_at`` is
+        unset or at or before ``now``; each one's version goes up by one. Oldest
+        ``updated_at`` first."""
+        ...
+
+    async def find(
+        self,
+        *,
+        saga_type: str | None = None,
+        statuses: Sequence[SagaStatus] | None = None,
+        stuck_at: datetime | None = None,
+        limit: int = 100,
+    ) -> list[SagaRecord]:
+        """Instances by type and status, oldest ``updated_at`` first. With ``stuck_at``:
+        only RUNNING/COMPENSATING ones nobody holds a live lease on at that time and whose
+        ``wake_at`` (if any) has passed."""
+        ...
+
+    def schema_sql(self) -> str: ...
+
+    async def create_schema(self) -> None: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,343 @@
+"""The outbox relay conformance suite: :class:`msdata.outbox.OutboxRelay` over every
+outbox store, publishing to a :class:`RecordingPublisher` (the in-memory transport,
+recording what was published).
+
+Subclass :class:`OutboxRelayConformance` with the same hooks as
+:class:`msdata.testing.conformance.outbox.OutboxStoreConformance` (see that module: one
+hooks class per backend serves both suites). Needs pytest and pytest-asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from msdata.adapters.memory.transport import MemoryTransport
+from msdata.errors import PublishError
+from msdata.outbox.relay import OutboxRelay
+from msdata.outbox.store import OutboxRow
+from msdata.testing.conformance.outbox import OutboxStoreHooks, make_row, make_rows
+from msdata.testing.waiting import eventually
+from msdata.transport import TransportMessage
+
+__all__ = ["OutboxRelayConformance", "RecordingPublisher"]
+
+
+class RecordingPublisher(MemoryTransport):
+    """The in-memory transport, recording every accepted message in publish order.
+
+    ``fail_next``: how many coming ``publish`` calls raise :class:`PublishError`.
+    ``gate``: when set to an unset :class:`asyncio.Event`, ``publish`` waits for it
+    (``entered`` is set when a publish is waiting), to hold a relay mid-batch.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.published: list[tuple[str, TransportMessage]] = []
+        self.calls = 0
+        self.fail_next = 0
+        self.gate: asyncio.Event | None = None
+        self.entered = asyncio.Event()
+
+    async def publish(self, topic: str, messages: Sequence[TransportMessage]) -> None:
+        self.calls += 1
+        await asyncio.sleep(0.001)  # a broker round trip: other tasks run meanwhile
+        if self.gate is not None:
+            self.entered.set()
+            await self.gate.wait()
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            raise PublishError(f"injected failure publishing {len(messages)} to {topic}")
+        await super().publish(topic, messages)
+        self.published.extend((topic, m) for m in messages)
+
+    @property
+    def ids(self) -> list[str]:
+        return [m.id for _, m in self.published]
+
+
+def _first_order(published: Sequence[tuple[str, TransportMessage]]) -> dict[str | None, list[str]]:
+    """Per key, message ids in order of first publication."""
+    seen: set[str] = set()
+    out: dict[str | None, list[str]] = {}
+    for _, m in published:
+        if m.id not in seen:
+            seen.add(m.id)
+            out.setdefault(m.key, []).append(m.id)
+    return out
+
+
+class OutboxRelayConformance(OutboxStoreHooks):
+    """Every test here must pass for a relay over every outbox store."""
+
+    def relay(self, store: Any, publisher: Any, **options: Any) -> OutboxRelay:
+        options.setdefault("relay_id", self.relay_id())
+        options.setdefault("poll_interval", 0.05)
+        options.setdefault("lease_seconds", 30.0)
+        return OutboxRelay(store, publisher, **options)
+
+    async def drain(self, relay: OutboxRelay, rounds: int = 100) -> int:
+        total = 0
+        for _ in range(rounds):
+            n = await relay.run_once()
+            if n == 0:
+                break
+            total += n
+        return total
+
+    async def test_relay_publishes_committed_messages_only(self) -> None:
+        async with self.make_store() as store:
+            pub = RecordingPublisher()
+            kept = make_rows(5, keys=["a", "b"])
+            gone = make_rows(5, keys=["a", "b"])
+            tx = await self.begin(store)
+            await self.add(store, tx, gone)
+            await self.rollback(tx)
+            await self.add_committed(store, kept)
+            relay = self.relay(store, pub)
+            assert await self.drain(relay) == 5
+            assert sorted(pub.ids) == sorted(r.message_id for r in kept)
+            for topic, m in pub.published:
+                want = next(r for r in kept if r.message_id == m.id)
+                assert (
+                    topic == want.topic and m.body == want.payload and m.key == want.partition_key
+                )
+            assert (await relay.status()).pending == 0
+
+    async def test_relay_publishes_out_of_order_commits(self) -> None:
+        async with self.make_store() as store:
+            pub = RecordingPublisher()
+            relay = self.relay(store, pub)
+            first, second, t1 = await self.commit_out_of_order(store)
+            assert await relay.run_once() == 1
+            await self.commit(t1)
+            assert await relay.run_once() == 1
+            assert pub.ids == [second.message_id, first.message_id]
+
+    async def test_relay_publishes_one_batch_per_topic(self) -> None:
+        async with self.make_store() as store:
+            pub = RecordingPublisher()
+            rows = make_rows(6, keys=["a", "b"], topic="t1") + make_rows(4, topic="t2")
+            await self.add_committed(store, rows)
+            relay = self.relay(store, pub)
+            assert await relay.run_once() == 10
+            assert pub.calls == 2
+
+    @pytest.mark.parametrize("relays", [2, 4])
+    async def test_several_relays_publish_everything_once_in_key_order(self, relays: int) -> None:
+        async with self.make_store() as store:
+            pub = RecordingPublisher()
+            keys = [f"key-{i}" for i in range(7)] + [None]
+            committed: list[OutboxRow] = []
+
+            async def writer() -> None:
+                for i in range(12):
+                    rows = make_rows(20, keys=keys[i % 3 :])
+                    tx = await self.begin(store)
+                    await self.add(store, tx, rows)
+                    if i % 4 == 3:
+                        await self.rollback(tx)
+                    else:
+                        await self.commit(tx)
+                        committed.extend(rows)
+                    await asyncio.sleep(0.005)
+
+            async with _open_many(self, store, relays) as stores:
+                workers = [self.relay(s, pub, batch_size=15, poll_interval=0.02) for s in stores]
+                for w in workers:
+                    await w.start()
+                try:
+                    await writer()
+                    await eventually(
+                        lambda: len(pub.published) >= len(committed),
+                        30.0,
+                        what="every committed message published",
+                    )
+                    await asyncio.sleep(0.1)  # time for a duplicate to show, if any
+                finally:
+                    for w in workers:
+                        await w.stop()
+            ids = pub.ids
+            assert len(ids) == len(set(ids)), "a message was published twice"
+            assert sorted(ids) == sorted(r.message_id for r in committed)
+            order = _first_order(pub.published)
+            for key in keys:
+                if key is not None:
+                    want = [r.message_id for r in committed if r.partition_key == key]
+                    assert order.get(key, []) == want, f"order of {key} broken"
+
+    async def test_relay_parks_a_bad_payload_and_goes_on(self) -> None:
+        async with self.make_store() as store:
+            pub = RecordingPublisher()
+            good1 = make_row(key="k1", n=1)
+            bad = make_row(key="k1", n=2, payload=b"\x00garbage, not a CloudEvent")
+            after_bad = make_row(key="k1", n=3)
+            other = make_row(key="k2", n=4)
+            await self.add_committed(store, [good1, bad, after_bad, other])
+            relay = self.relay(store, pub)
+            await self.drain(relay)
+            assert pub.ids == [good1.message_id, other.message_id]
+            parked = await relay.parked()
+            assert [p.message_id for p in parked] == [bad.message_id]
+            assert parked[0].last_error and "payload" in parked[0].last_error
+            st = await relay.status()
+            assert st.parked == 1 and st.pending == 1
+
+    async def test_relay_retries_a_failed_publish_then_parks_it(self) -> None:
+        async with self.make_store() as store:
+            pub = RecordingPublisher()
+            row = make_row(key="k", n=1)
+            await self.add_committed(store, [row])
+            relay = self.relay(store, pub, max_attempts=3, backoff=lambda n: 0.0)
+            pub.fail_next = 1
+            assert await relay.run_once() == 0
+            assert await relay.run_once() == 1
+            assert pub.ids == [row.message_id]
+
+            row2 = make_row(key="k", n=2)
+            later = make_row(key="k", n=3)
+            other = make_row(key="k-other", n=4)
+            await self.add_committed(store, [row2])
+            pub.fail_next = 100
+            for _ in range(3):
+                assert await relay.run_once() == 0
+            await self.add_committed(store, [later, other])
+            parked = await relay.parked()
+            assert [p.message_id for p in parked] == [row2.message_id]
+            assert parked[0].last_error and "PublishError" in parked[0].last_error
+            pub.fail_next = 0
+            # `later` waits behind its parked key; `other` goes
+            assert await self.drain(relay) == 1
+            assert pub.ids[-1] == other.message_id
+            assert await relay.requeue() == 1
+            assert await self.drain(relay) == 2
+            pub.published = [p for p in pub.published if p[1].id != other.message_id]
+            assert pub.ids == [row.message_id, row2.message_id, later.message_id]
+
+    async def test_failed_publish_waits_out_its_backoff(self) -> None:
+        async with self.make_store() as store:
+            pub = RecordingPublisher()
+            await self.add_committed(store, [make_row(key="k")])
+            relay = self.relay(store, pub, backoff=lambda n: 60.0)
+            pub.fail_next = 1
+            assert await relay.run_once() == 0
+            assert await relay.run_once() == 0
+            assert pub.calls == 1
+
+    async def test_running_relay_keeps_key_order_through_a_failed_publish(self) -> None:
+        async with self.make_store() as store:
+            pub = RecordingPublisher()
+            rows = make_rows(8, keys=["k"])
+            await self.add_committed(store, rows)
+            pub.fail_next = 1  # the first batch fails after the next may have been claimed
+            relay = self.relay(store, pub, batch_size=2, backoff=lambda n: 0.05)
+            async with relay:
+                await eventually(lambda: len(set(pub.ids)) == 8, 20.0, what="all 8 published")
+            assert _first_order(pub.published)["k"] == [r.message_id for r in rows]
+            assert (await store.status()).pending == 0
+
+    async def test_graceful_stop_releases_the_claimed_batch(self) -> None:
+        async with self.make_store() as store:
+            pub = RecordingPublisher()
+            pub.gate = asyncio.Event()
+            rows = make_rows(3, keys=["k"])
+            await self.add_committed(store, rows)
+            relay = self.relay(store, pub, lease_seconds=300.0)
+            await relay.start()
+            await asyncio.wait_for(pub.entered.wait(), 10.0)
+            await relay.stop(timeout=0.1)
+            assert not relay.running
+            # released, not left leased for 300 s
+            got = await store.claim("relay-next", 100, 30.0)
+            assert [r.message_id for r in got] == [r.message_id for r in rows]
+
+    async def test_cancelling_the_relay_releases_its_rows_and_reraises(self) -> None:
+        async with self.make_store() as store:
+            pub = RecordingPublisher()
+            pub.gate = asyncio.Event()
+            await self.add_committed(store, make_rows(2, keys=["k"]))
+            relay = self.relay(store, pub, lease_seconds=300.0)
+            task = asyncio.create_task(relay.run_once())
+            await asyncio.wait_for(pub.entered.wait(), 10.0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert len(await store.claim("relay-next", 100, 30.0)) == 2
+
+    async def test_stop_finishes_the_batch_in_hand(self) -> None:
+        async with self.make_store() as store:
+            pub = RecordingPublisher()
+            pub.gate = asyncio.Event()
+            rows = make_rows(3, keys=["k"])
+            await self.add_committed(store, rows)
+            relay = self.relay(store, pub)
+            await relay.start()
+            await asyncio.wait_for(pub.entered.wait(), 10.0)
+            stopping = asyncio.create_task(relay.stop(timeout=10.0))
+            await asyncio.sleep(0.05)
+            pub.gate.set()
+            await stopping
+            assert pub.ids == [r.message_id for r in rows]
+            assert (await store.status()).pending == 0
+
+    async def test_running_relay_publishes_what_is_committed_later(self) -> None:
+        async with self.make_store() as store:
+            pub = RecordingPublisher()
+            async with self.relay(store, pub, poll_interval=0.05):
+                await asyncio.sleep(0.1)  # the relay is idle, waiting for rows
+                rows = make_rows(5, keys=["a"])
+                await self.add_committed(store, rows)
+                await eventually(lambda: len(pub.published) == 5, 10.0, what="5 published")
+            assert pub.ids == [r.message_id for r in rows]
+
+    async def test_relay_keeps_sent_rows_for_retention_then_purges(self) -> None:
+        async with self.timed_store() as (store, time):
+            pub = RecordingPublisher()
+            await self.add_committed(store, make_rows(3))
+            relay = self.relay(store, pub, retention=timedelta(seconds=0.3), **time.relay_clock())
+            assert await relay.run_once() == 3
+            assert (await relay.status()).pending == 0
+            assert await relay.purge() == 0
+            if time.fake:  # kept until the retention has passed, exactly
+                await time.pass_(0.29)
+                assert await relay.purge() == 0
+            await time.pass_(0.5)
+            assert await relay.purge() == 3
+            assert await store.claim("relay-x", 100, 30.0) == []
+
+    async def test_relay_after_a_crash_publishes_again(self) -> None:
+        async with self.timed_store() as (store, time):
+            pub = RecordingPublisher()
+            rows = make_rows(3, keys=["k"])
+            await self.add_committed(store, rows)
+            # a relay that published and died before marking: its lease runs out
+            dead = await store.claim("relay-dead", 100, self.lease_seconds)
+            await pub.publish(
+                "orders", [TransportMessage(r.message_id, r.payload, r.partition_key) for r in dead]
+            )
+            relay = self.relay(store, pub, **time.relay_clock())
+            assert await relay.run_once() == 0
+            await time.pass_(self.lease_seconds + 0.2)
+            assert await relay.run_once() == 3
+            assert pub.ids == [r.message_id for r in rows] * 2
+
+
+@asynccontextmanager
+async def _open_many(suite: OutboxStoreHooks, store: Any, n: int) -> Any:
+    """``store`` plus n-1 more instances over the same tables."""
+    stores = [store]
+    managers: list[AbstractAsyncContextManager[Any]] = []
+    try:
+        for _ in range(n - 1):
+            cm = suite.open_again(store)
+            stores.append(await cm.__aenter__())
+            managers.append(cm)
+        yield stores
+    finally:
+        for cm in reversed(managers):
+            await cm.__aexit__(None, None, None)

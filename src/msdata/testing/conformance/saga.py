@@ -1,0 +1,330 @@
+"""Conformance suite for the saga store port (:class:`msdata.saga.SagaStore`), run on every
+backend::
+
+    class TestMySagaStore(SagaStoreConformance):
+        @asynccontextmanager
+        async def make_store(self) -> AsyncIterator[SagaStore]:
+            store = MySagaStore(..., table_prefix=f"t{uuid.uuid4().hex[:8]}_")
+            await store.create_schema()
+            try:
+                yield store
+            finally:
+                await store.close()          # and drop the tables
+
+Hooks:
+
+``make_store()``
+    async context manager yielding a fresh, empty store with its schema created.
+``open_again(store)``
+    async context manager yielding another store over the same tables, as a second process
+    would open it (default: ``store`` itself).
+``outbox_for(store)``
+    an :class:`msdata.outbox.OutboxStore` in the same database, whose ``append`` (or
+    ``append_async``, per ``store.features.async_connection``) works on the connection that
+    ``save(also=...)`` passes; used to check that state and outbox rows commit together.
+
+Needs pytest and pytest-asyncio (``asyncio_mode = "auto"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from msdata.errors import ConcurrencyError, SagaNotFound
+from msdata.ids import new_id
+from msdata.outbox.store import OutboxRow, OutboxStore
+from msdata.saga import HistoryEntry, Saga, SagaOrchestrator, SagaRecord, SagaStatus, StepRun
+from msdata.saga.store import SagaStore
+from msdata.testing.fakes import FakeClock
+
+__all__ = ["SagaStoreConformance"]
+
+T0 = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+class _Data(BaseModel):
+    n: int = 0
+    tags: list[str] = []
+
+
+def _record(saga_id: str | None = None, **kw: Any) -> SagaRecord:
+    rec = SagaRecord(
+        saga_id or new_id(),
+        kw.pop("saga_type", "conf"),
+        kw.pop("status", SagaStatus.RUNNING),
+        _Data(n=1, tags=["a"]),
+        T0,
+        T0,
+        version=1,
+        **kw,
+    )
+    return rec
+
+
+def _row() -> OutboxRow:
+    mid = new_id()
+    return OutboxRow(mid, "conf.topic", "conf.Cmd", b'{"x":1}', "k")
+
+
+class SagaStoreConformance:
+    """The saga store contract. Subclass and give :meth:`make_store`."""
+
+    def make_store(self) -> AbstractAsyncContextManager[SagaStore]:
+        raise NotImplementedError
+
+    @asynccontextmanager
+    async def open_again(self, store: SagaStore) -> AsyncIterator[SagaStore]:
+        yield store
+
+    def outbox_for(self, store: SagaStore) -> OutboxStore | None:
+        return None
+
+    @pytest.fixture
+    async def store(self) -> AsyncIterator[SagaStore]:
+        async with self.make_store() as s:
+            yield s
+
+    # -- save and get ------------------------------------------------------------------------
+
+    async def test_save_then_get_round_trips_every_field(self, store: SagaStore) -> None:
+        rec = _record(
+            position=2,
+            done=["a", "b"],
+            active={
+                "c": StepRun(
+                    "action", 2, "waiting", T0 + timedelta(seconds=5), "boom", None, None, True
+                )
+            },
+            compensation=[["b", "x"], ["a"]],
+            past_pivot=True,
+            error="why",
+            deadline=T0 + timedelta(seconds=60),
+            lease_owner="w1",
+            lease_until=T0 + timedelta(seconds=30),
+            wake_at=T0 + timedelta(seconds=5),
+            history=[HistoryEntry(T0, "started"), HistoryEntry(T0, "step failed", "c", 2, "boom")],
+        )
+        await store.save(rec)
+        got = await store.get(rec.saga_id)
+        data = got.data if isinstance(got.data, dict) else got.data.model_dump()
+        assert data == {"n": 1, "tags": ["a"]}
+        got.data = rec.data
+        assert got == rec
+
+    async def test_get_unknown_raises_saga_not_found(self, store: SagaStore) -> None:
+        with pytest.raises(SagaNotFound):
+            await store.get("no-such-saga")
+
+    async def test_records_handed_out_are_copies(self, store: SagaStore) -> None:
+        rec = _record(done=["a"])
+        await store.save(rec)
+        rec.done.append("b")
+        got = await store.get(rec.saga_id)
+        got.history.append(HistoryEntry(T0, "x"))
+        again = await store.get(rec.saga_id)
+        assert again.done == ["a"] and again.history == []
+
+    # -- optimistic concurrency --------------------------------------------------------------
+
+    async def test_new_instance_must_not_exist(self, store: SagaStore) -> None:
+        rec = _record()
+        await store.save(rec)
+        twin = _record(rec.saga_id)
+        with pytest.raises(ConcurrencyError) as e:
+            await store.save(twin)
+        assert (e.value.expected, e.value.actual) == (0, 1)
+        assert rec.saga_id in e.value.name
+
+    async def test_stale_version_is_rejected_naming_both_versions(self, store: SagaStore) -> None:
+        rec = _record()
+        await store.save(rec)
+        a, b = await store.get(rec.saga_id), await store.get(rec.saga_id)
+        a.version += 1
+        a.error = "first"
+        await store.save(a)
+        b.version += 1
+        b.error = "second"
+        with pytest.raises(ConcurrencyError) as e:
+            await store.save(b)
+        assert (e.value.expected, e.value.actual) == (1, 2)
+        assert e.value.name == f"saga {rec.saga_id}"
+        assert (await store.get(rec.saga_id)).error == "first"
+
+    async def test_concurrent_writers_one_wins(self, store: SagaStore) -> None:
+        rec = _record()
+        await store.save(rec)
+        async with self.open_again(store) as other:
+            copies = [await store.get(rec.saga_id), await other.get(rec.saga_id)]
+            for i, c in enumerate(copies):
+                c.version += 1
+                c.error = f"w{i}"
+            results = await asyncio.gather(
+                store.save(copies[0]), other.save(copies[1]), return_exceptions=True
+            )
+        assert sorted(type(r).__name__ for r in results) == ["ConcurrencyError", "NoneType"]
+        assert (await store.get(rec.saga_id)).version == 2
+
+    # -- the outbox rows of a save -----------------------------------------------------------
+
+    def _also(self, store: SagaStore, outbox: OutboxStore, fail: bool = False) -> Any:
+        if store.features.async_connection:
+
+            async def add_async(conn: Any) -> None:
+                await outbox.append_async(conn, [_row()])
+                if fail:
+                    raise RuntimeError("failing after the append")
+
+            return add_async
+
+        def add(conn: Any) -> None:
+            outbox.append(conn, [_row()])
+            if fail:
+                raise RuntimeError("failing after the append")
+
+        return add
+
+    async def test_state_and_outbox_rows_commit_together(self, store: SagaStore) -> None:
+        outbox = self.outbox_for(store)
+        if outbox is None:
+            pytest.skip("no outbox hook for this backend")
+        before = (await outbox.status()).pending
+        rec = _record()
+        await store.save(rec, also=self._also(store, outbox))
+        assert (await outbox.status()).pending == before + 1
+        # a stale save: neither the state nor the row
+        stale = _record(rec.saga_id)
+        with pytest.raises(ConcurrencyError):
+            await store.save(stale, also=self._also(store, outbox))
+        assert (await outbox.status()).pending == before + 1
+        # ``also`` fails: the state is not written either
+        nxt = await store.get(rec.saga_id)
+        nxt.version += 1
+        nxt.error = "not written"
+        with pytest.raises(RuntimeError):
+            await store.save(nxt, also=self._also(store, outbox, fail=True))
+        assert (await outbox.status()).pending == before + 1
+        got = await store.get(rec.saga_id)
+        assert got.version == 1 and got.error is None
+
+    # -- leases and claims -------------------------------------------------------------------
+
+    async def test_claim_takes_active_free_instances_and_bumps_the_version(
+        self, store: SagaStore
+    ) -> None:
+        now = T0 + timedelta(seconds=100)
+        free = _record()
+        expired = _record(lease_owner="dead", lease_until=now - timedelta(seconds=1))
+        live = _record(lease_owner="alive", lease_until=now + timedelta(seconds=10))
+        sleeping = _record(wake_at=now + timedelta(seconds=10))
+        due = _record(wake_at=now)
+        compensating = _record(status=SagaStatus.COMPENSATING)
+        done = [
+            _record(status=s)
+            for s in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED)
+        ]
+        for r in (free, expired, live, sleeping, due, compensating, *done):
+            await store.save(r)
+        claimed = await store.claim("me", now, now + timedelta(seconds=30), 100)
+        ids = {r.saga_id for r in claimed}
+        assert ids == {free.saga_id, expired.saga_id, due.saga_id, compensating.saga_id}
+        for r in claimed:
+            assert (r.version, r.lease_owner) == (2, "me")
+            assert r.lease_until == now + timedelta(seconds=30)
+            assert (await store.get(r.saga_id)).lease_owner == "me"
+        assert await store.claim("other", now, now + timedelta(seconds=30), 100) == []
+
+    async def test_claim_respects_the_limit(self, store: SagaStore) -> None:
+        for _ in range(5):
+            await store.save(_record())
+        assert len(await store.claim("me", T0, T0 + timedelta(seconds=30), 3)) == 3
+        assert len(await store.claim("me", T0, T0 + timedelta(seconds=30), 3)) == 2
+
+    async def test_two_claimers_never_get_the_same_instance(self, store: SagaStore) -> None:
+        recs = [_record() for _ in range(20)]
+        for r in recs:
+            await store.save(r)
+        until = T0 + timedelta(seconds=30)
+        async with self.open_again(store) as other:
+            a, b = await asyncio.gather(
+                store.claim("a", T0, until, 100), other.claim("b", T0, until, 100)
+            )
+        ids_a, ids_b = {r.saga_id for r in a}, {r.saga_id for r in b}
+        assert not ids_a & ids_b
+        assert ids_a | ids_b == {r.saga_id for r in recs}
+
+    async def test_a_claimed_copy_cannot_overwrite_a_newer_save(self, store: SagaStore) -> None:
+        rec = _record()
+        await store.save(rec)
+        old = await store.get(rec.saga_id)
+        [claimed] = await store.claim("me", T0, T0 + timedelta(seconds=30), 10)
+        old.version += 1
+        with pytest.raises(ConcurrencyError):
+            await store.save(old)
+        claimed.version += 1
+        await store.save(claimed)
+
+    # -- listing -----------------------------------------------------------------------------
+
+    async def test_find_by_type_status_and_stuck(self, store: SagaStore) -> None:
+        now = T0 + timedelta(seconds=100)
+        a = _record(saga_type="alpha", lease_owner="w", lease_until=now + timedelta(seconds=5))
+        b = _record(saga_type="alpha", status=SagaStatus.FAILED)
+        c = _record(saga_type="beta", lease_owner="w", lease_until=now - timedelta(seconds=5))
+        d = _record(saga_type="beta", status=SagaStatus.COMPLETED)
+        for r in (a, b, c, d):
+            await store.save(r)
+
+        def ids(rs: list[SagaRecord]) -> set[str]:
+            return {r.saga_id for r in rs}
+
+        assert ids(await store.find(saga_type="alpha")) == {a.saga_id, b.saga_id}
+        assert ids(await store.find(statuses=[SagaStatus.FAILED, SagaStatus.COMPLETED])) == {
+            b.saga_id,
+            d.saga_id,
+        }
+        assert ids(await store.find(stuck_at=now)) == {c.saga_id}
+        assert ids(await store.find(saga_type="alpha", stuck_at=now)) == set()
+        assert len(await store.find(limit=2)) == 2
+
+    # -- the orchestrator on this store: two recovery workers, one instance -------------------
+
+    async def test_two_recovery_workers_race_for_one_instance(self, store: SagaStore) -> None:
+        effects: list[str] = []
+        gate, started = asyncio.Event(), asyncio.Event()
+
+        async def slow(d: _Data) -> _Data:
+            effects.append("slow")
+            started.set()
+            await gate.wait()
+            return d.model_copy(update={"n": d.n + 1})
+
+        saga = (
+            Saga("race", _Data)
+            .step("slow", slow, compensate=lambda d: None)
+            .pivot("end", lambda d: d)
+        )
+        clock = FakeClock()
+        first = SagaOrchestrator(store, [saga], clock=clock, lease_seconds=10)
+        task = asyncio.create_task(first.start(saga, _Data()))
+        await started.wait()
+        task.cancel()  # the first process dies in the middle of the step
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        effects.clear()
+        clock.advance(11)  # its lease expires
+        async with self.open_again(store) as other:
+            w1 = SagaOrchestrator(store, [saga], clock=clock, lease_seconds=10)
+            w2 = SagaOrchestrator(other, [saga], clock=clock, lease_seconds=10)
+            gate.set()
+            counts = await asyncio.gather(w1.recover(), w2.recover())
+        assert sorted(counts) == [0, 1]
+        assert effects == ["slow"]
+        [rec] = await store.find(saga_type="race")
+        assert rec.status is SagaStatus.COMPLETED

@@ -1,0 +1,225 @@
+"""The front ends over the one state machine: decorator (sync and async), context manager,
+fingerprints, result types, and the caller's transaction (effect and record together)."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from msdata.adapters.memory.idempotency import MemoryIdempotencyStore
+from msdata.adapters.sqlite.idempotency import SqliteIdempotencyStore
+from msdata.errors import (
+    ConfigurationError,
+    IdempotencyError,
+    IdempotencyInProgress,
+    IdempotencyKeyMissing,
+    IdempotencyKeyReused,
+)
+from msdata.idempotency import IdempotencyKeys, canonical_json, fingerprint, http_fingerprint
+from msdata.testing import FakeClock
+
+
+class Receipt(BaseModel):
+    payment_id: uuid.UUID
+    amount: int
+    at: datetime
+
+
+class Declined(Exception):
+    pass
+
+
+def _keys(**kw: Any) -> IdempotencyKeys:
+    return IdempotencyKeys(MemoryIdempotencyStore(), clock=FakeClock(), **kw)
+
+
+def test_fingerprints_are_canonical() -> None:
+    assert canonical_json({"b": 1, "a": [1.5, "é"]}) == '{"a":[1.5,"é"],"b":1}'.encode()
+    assert fingerprint({"a": 1, "b": 2}) == fingerprint({"b": 2, "a": 1})
+    assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+    assert len(fingerprint(Receipt(payment_id=uuid.uuid4(), amount=1, at=datetime.now(UTC)))) == 64
+    with pytest.raises(ConfigurationError):
+        fingerprint({"x": object()})
+    with pytest.raises(ConfigurationError):
+        fingerprint(float("nan"))
+    assert http_fingerprint("post", "/a", b"", b"x") == http_fingerprint("POST", "/a", "", b"x")
+    # the parts cannot run into each other
+    assert http_fingerprint("POST", "/ab", b"", b"") != http_fingerprint("POST", "/a", b"b", b"")
+
+
+async def test_async_decorator_replays_a_typed_result() -> None:
+    keys = _keys()
+    runs: list[int] = []
+
+    @keys.idempotent(key="idempotency_key", scope="customer")
+    async def pay(customer: str, amount: int, idempotency_key: str) -> Receipt:
+        runs.append(amount)
+        return Receipt(payment_id=uuid.uuid4(), amount=amount, at=datetime.now(UTC))
+
+    first = await pay("c1", 10, idempotency_key="k")
+    again = await pay("c1", 10, idempotency_key="k")
+    assert isinstance(again, Receipt) and again == first and runs == [10]
+    with pytest.raises(IdempotencyKeyReused):
+        await pay("c1", 11, idempotency_key="k")
+    with pytest.raises(IdempotencyKeyMissing):
+        await pay("c1", 10, idempotency_key="")
+    assert (await pay("c2", 10, idempotency_key="k")) != first  # another owner
+
+
+def test_sync_decorator_with_key_function_and_final_errors() -> None:
+    keys = _keys(final_errors=(Declined,))
+    runs: list[str] = []
+
+    @keys.idempotent(key=lambda order, **_: f"charge-{order['id']}", exclude=("note",))
+    def charge(order: dict[str, Any], note: str = "") -> int:
+        runs.append(order["id"])
+        if order["id"] == "bad":
+            raise Declined("card declined")
+        if order["id"] == "flaky":
+            raise TimeoutError("provider")
+        return 42
+
+    assert charge({"id": "o1"}) == 42
+    assert charge({"id": "o1"}, note="a retry, not part of the request") == 42
+    for _ in range(2):
+        with pytest.raises(Declined, match="card declined"):
+            charge({"id": "bad"})
+    for _ in range(2):
+        with pytest.raises(TimeoutError):
+            charge({"id": "flaky"})
+    assert runs == ["o1", "bad", "flaky", "flaky"]  # declined stored; a timeout released
+
+
+def test_decorator_checks_its_parameters() -> None:
+    keys = _keys()
+    with pytest.raises(ConfigurationError):
+
+        @keys.idempotent(key="nope")
+        def f(idempotency_key: str) -> None: ...
+
+
+async def test_the_context_manager() -> None:
+    keys = _keys()
+    runs = 0
+
+    async def transfer(key: str) -> Any:
+        nonlocal runs
+        async with keys.call(key, scope="acct-1", request={"to": "acct-2", "cents": 500}) as call:
+            if not call.replayed:
+                runs += 1
+                call.result = {"transfer": runs}
+        return call.result
+
+    assert await transfer("t-1") == {"transfer": 1}
+    assert await transfer("t-1") == {"transfer": 1}
+    assert runs == 1
+
+    with pytest.raises(RuntimeError):
+        async with keys.call("t-2", scope="acct-1") as call:
+            raise RuntimeError("failed")
+    async with keys.call("t-2", scope="acct-1") as call:  # released: runs again
+        assert not call.replayed
+
+
+async def test_in_progress_and_replayed_claims_cannot_be_ended() -> None:
+    keys = _keys()
+    claim = await keys.claim("k", scope="s")
+    with pytest.raises(IdempotencyInProgress):
+        await keys.claim("k", scope="s")
+    with pytest.raises(IdempotencyError):
+        claim.response()
+    await claim.complete(b"1")
+    with pytest.raises(IdempotencyError):
+        await claim.complete(b"2")
+    replay = await keys.claim("k", scope="s")
+    assert replay.replayed and replay.response() == b"1"
+    with pytest.raises(IdempotencyError):
+        await replay.release()
+
+
+async def test_joined_transaction_effect_and_record_commit_together(tmp_path: Path) -> None:
+    """The claim, the effect and the COMPLETED record in the caller's one SQLite
+    transaction: a rollback undoes all three, so the retry runs the effect once."""
+    path = tmp_path / "shop.db"
+    store = SqliteIdempotencyStore(path)
+    await store.create_schema()
+    setup = sqlite3.connect(path)
+    setup.execute("CREATE TABLE payments (id TEXT, amount INT)")
+    setup.commit()
+    setup.close()
+    keys = IdempotencyKeys(store, clock=FakeClock())
+
+    @keys.idempotent(key="key", conn="conn")
+    def pay(conn: sqlite3.Connection, key: str, amount: int, crash: bool = False) -> int:
+        conn.execute("INSERT INTO payments VALUES (?, ?)", (key, amount))
+        if crash:
+            raise RuntimeError("crash after the effect")
+        return amount
+
+    conn = sqlite3.connect(path)
+    try:
+        with pytest.raises(RuntimeError):
+            pay(conn, "p-1", 10, crash=True)
+        conn.rollback()
+        assert pay(conn, "p-1", 10) == 10
+        conn.commit()
+        assert pay(conn, "p-1", 10) == 10  # replayed: no second row
+        conn.commit()
+        assert conn.execute("SELECT count(*) FROM payments").fetchone() == (1,)
+        idle = sqlite3.connect(path, isolation_level=None)
+        with pytest.raises(ConfigurationError):
+            pay(idle, "p-2", 10)
+        idle.close()
+    finally:
+        conn.close()
+        await store.close()
+
+
+def test_keys_options_are_checked() -> None:
+    store = MemoryIdempotencyStore()
+    with pytest.raises(ConfigurationError):
+        IdempotencyKeys(store, lease_seconds=0)
+    with pytest.raises(ConfigurationError):
+        IdempotencyKeys(store, final_errors=("ValueError",))  # type: ignore[arg-type]
+
+
+def test_the_pattern_and_its_middleware_import_no_framework_or_driver() -> None:
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, json\n"
+        "import msdata.idempotency, msdata.idempotency.asgi, msdata.adapters.memory\n"
+        "mods = ['starlette', 'fastapi', 'httpx', 'psycopg', 'asyncpg', 'redis', 'sqlite3']\n"
+        "print(json.dumps([m for m in mods if m in sys.modules]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []
+
+
+async def test_stores_from_url(tmp_path: Path) -> None:
+    from msdata.urls import store_from_url
+
+    assert isinstance(store_from_url("idempotency", "memory://"), MemoryIdempotencyStore)
+    lite = store_from_url("idempotency", f"sqlite:///{tmp_path}/i.db", table_prefix="x_")
+    assert isinstance(lite, SqliteIdempotencyStore) and lite.table == "x_idempotency"
+    await lite.close()
+
+
+async def test_an_empty_fingerprint_is_not_compared() -> None:
+    keys = _keys()
+    claim = await keys.claim("k", scope="s")  # no fingerprint
+    await claim.complete(b"1")
+    assert (await keys.claim("k", scope="s", fingerprint="abc")).replayed
+    claim = await keys.claim("k2", scope="s", fingerprint="abc")
+    await claim.complete(b"2")
+    assert (await keys.claim("k2", scope="s")).replayed
+    with pytest.raises(IdempotencyKeyReused):
+        await keys.claim("k2", scope="s", fingerprint="def")
