@@ -153,6 +153,28 @@ async def test_autocommit_connection_without_a_transaction_is_refused(tmp_path: 
         await store.close()
 
 
+async def test_a_default_mode_connection_is_a_transaction_the_caller_commits(
+    tmp_path: Path,
+) -> None:
+    """The documented rule: sqlite3's default mode opens a transaction itself before the
+    first INSERT, so ``in_transaction`` False there is accepted; nothing commits until the
+    caller does (a rollback, or closing the connection, drops the events)."""
+    store = SqliteEventStore(tmp_path / "e.db")
+    await store.create_schema()
+    try:
+        conn = sqlite3.connect(tmp_path / "e.db")
+        assert not conn.in_transaction
+        store.append(conn, "a", 0, make_events(1))
+        assert conn.in_transaction  # sqlite3 opened it; msdata did not commit
+        conn.rollback()
+        assert await store.stream_version("a") == 0
+        store.append(conn, "a", 0, make_events(1))
+        conn.close()  # closing without commit rolls back too
+        assert await store.stream_version("a") == 0
+    finally:
+        await store.close()
+
+
 registry = MessageRegistry()
 
 

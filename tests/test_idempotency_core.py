@@ -20,6 +20,8 @@ from msdata.errors import (
     IdempotencyInProgress,
     IdempotencyKeyMissing,
     IdempotencyKeyReused,
+    ResultNotStored,
+    StoredResultInvalid,
 )
 from msdata.idempotency import IdempotencyKeys, canonical_json, fingerprint, http_fingerprint
 from msdata.testing import FakeClock
@@ -223,3 +225,88 @@ async def test_an_empty_fingerprint_is_not_compared() -> None:
     assert (await keys.claim("k2", scope="s")).replayed
     with pytest.raises(IdempotencyKeyReused):
         await keys.claim("k2", scope="s", fingerprint="def")
+
+
+def test_a_result_with_no_json_form_is_not_run_again_sync() -> None:
+    keys = _keys()
+    runs: list[int] = []
+
+    @keys.idempotent(key="k")
+    def charge(k: str) -> object:
+        runs.append(1)
+        return object()
+
+    assert charge(k="w") is not None  # the first caller gets its result
+    with pytest.raises(ResultNotStored):
+        charge(k="w")
+    with keys.call_sync("w2") as call:
+        call.result = object()
+    with pytest.raises(ResultNotStored), keys.call_sync("w2") as call:
+        runs.append(2)  # pragma: no cover - a replay never enters the block
+    assert runs == [1]
+
+
+async def test_a_stored_result_that_no_longer_validates_raises_stored_result_invalid() -> None:
+    keys = _keys()
+
+    class Old(BaseModel):
+        a: int
+
+    class New(BaseModel):
+        a: int
+        b: int
+
+    assert await keys.run("k", _ret(Old(a=1)), result_type=Old) == Old(a=1)
+    with pytest.raises(StoredResultInvalid) as info:
+        await keys.run("k", _ret(New(a=1, b=2)), result_type=New)
+    assert info.value.__cause__ is not None
+
+
+def _ret(value: Any) -> Any:
+    async def op() -> Any:
+        return value
+
+    return op
+
+
+async def test_a_blank_owner_never_merges_callers() -> None:
+    keys = _keys()
+    runs: list[str] = []
+
+    @keys.idempotent(key="k", scope=lambda k, owner: owner)
+    async def pay(k: str, owner: str | None) -> int:
+        runs.append(k)
+        return 1
+
+    for blank in ("", "  ", None):
+        with pytest.raises(IdempotencyError, match="owner"):
+            await pay("k", blank)
+    with pytest.raises(ConfigurationError):
+        await keys.run("k", _ret(1), scope=" \u3000")
+    assert runs == []
+    assert await keys.run("k", _ret(1)) == 1  # "" is the one shared scope, as documented
+
+
+async def test_the_decorator_works_on_methods() -> None:
+    keys = _keys()
+
+    class Payments:
+        def __init__(self) -> None:
+            self.n = 0
+
+        @keys.idempotent(key="idempotency_key", scope="customer")
+        async def charge(self, customer: str, cents: int, idempotency_key: str) -> int:
+            self.n += 1
+            return self.n
+
+        @keys.idempotent(key="k")
+        def refund(self, k: str) -> int:
+            self.n += 10
+            return self.n
+
+    p = Payments()
+    assert await p.charge("c", 5, idempotency_key="k") == 1
+    assert await p.charge("c", 5, idempotency_key="k") == 1 and p.n == 1
+    with pytest.raises(IdempotencyKeyReused):
+        await p.charge("c", 6, idempotency_key="k")
+    assert p.refund("r") == p.refund("r") == 11 and p.n == 11

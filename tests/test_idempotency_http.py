@@ -5,6 +5,7 @@ a server SIGKILLed mid-request."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -133,6 +134,25 @@ async def test_missing_key_400_reused_key_422(h: Harness) -> None:
     assert h.runs == 1
 
 
+async def test_malformed_or_repeated_key_headers_get_400(h: Harness) -> None:
+    bad = [
+        [("Idempotency-Key", '"a"'), ("Idempotency-Key", '"b"')],  # two header lines
+        [("Idempotency-Key", '"a", "b"')],  # a list
+        [("Idempotency-Key", "a, b")],
+        [("Idempotency-Key", '"unterminated')],
+        [("Idempotency-Key", '"a";param=1')],
+        [("Idempotency-Key", "two words")],
+    ]
+    for headers in bad:
+        r = await h.client.post("/pay", json={"amount": 1}, headers=[("x-api-key", "a"), *headers])
+        assert _problem(r, 400)["type"].endswith("/key-invalid"), headers
+    assert h.runs == 0
+    # an escaped quote inside the sf-string is part of the key
+    r = await h.post("/pay", '"k\\"q"')
+    assert r.status_code == 201 and h.runs == 1
+    assert await h.store.get(owner("alice"), 'k"q') is not None
+
+
 async def test_a_retry_while_the_first_runs_gets_409(h: Harness) -> None:
     h.gate = asyncio.Event()
     first = asyncio.ensure_future(h.post("/pay", "k-3"))
@@ -153,6 +173,12 @@ async def test_owners_never_see_each_others_responses(h: Harness) -> None:
     assert "idempotent-replayed" not in b.headers
     r = await h.client.post("/pay", json={"amount": 10}, headers={"Idempotency-Key": "x"})
     _problem(r, 400)  # no owner: refused
+    for blank in ("", "   "):  # an owner function returning a blank string: no owner either
+        mw = IdempotencyMiddleware(lambda *_: None, keys=h.keys, owner=lambda scope, b=blank: b)
+        c = httpx.AsyncClient(transport=httpx.ASGITransport(app=mw), base_url="http://t")
+        async with c:
+            r = await c.post("/pay", headers={"Idempotency-Key": "x"})
+        assert _problem(r, 400)["type"].endswith("/owner-unknown")
 
 
 async def test_server_errors_and_exceptions_release_the_key(h: Harness) -> None:
@@ -309,3 +335,108 @@ async def test_a_killed_handler_leaves_the_key_claimable_after_its_lease(server:
         assert server.runs() == 2
         r = await _post(c, server.url, "pay-2", 5)
         assert r.headers["idempotent-replayed"] == "true"
+
+
+# -- raw ASGI: responses that do not reach their last chunk -------------------------------------
+
+
+class Raw:
+    """A raw ASGI app under the middleware, called directly (no HTTP client in between)."""
+
+    def __init__(self, app: Any, **kw: Any) -> None:
+        self.keys = IdempotencyKeys(MemoryIdempotencyStore(), clock=FakeClock(), **kw)
+        self.mw = IdempotencyMiddleware(app, keys=self.keys, owner=owner_from_header("x"))
+
+    async def call(self, key: bytes = b"k", disconnect: bool = False) -> list[Any]:
+        scope = {
+            "type": "http", "method": "POST", "path": "/p", "query_string": b"",
+            "headers": [(b"x", b"a"), (b"idempotency-key", key)],
+        }  # fmt: skip
+        messages: list[Any] = [{"type": "http.request", "body": b"", "more_body": False}]
+        if disconnect:
+            messages.append({"type": "http.disconnect"})
+        sent: list[Any] = []
+
+        async def receive() -> Any:
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(m: Any) -> None:
+            sent.append(m)
+
+        with contextlib.suppress(RuntimeError):  # the handler's own error, re-raised
+            await self.mw(scope, receive, send)
+        return sent
+
+
+def _status(sent: list[Any]) -> tuple[int, Any]:
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(body) if sent[0]["status"] >= 400 else body
+
+
+async def test_a_handler_that_raises_mid_stream_is_not_run_again() -> None:
+    runs: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        runs.append(1)
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"part1", "more_body": True})
+        raise RuntimeError("died mid-stream")
+
+    raw = Raw(app)
+    assert _status(await raw.call()) == (200, b"part1")
+    for _ in range(2):
+        status, doc = _status(await raw.call())
+        assert status == 500 and doc["type"].endswith("/response-not-stored")
+    assert runs == [1]
+
+
+async def test_a_client_that_disconnects_mid_stream_does_not_rerun_the_handler() -> None:
+    runs: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        runs.append(1)
+        await receive()  # the body
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"chunk0", "more_body": True})
+        if (await receive())["type"] == "http.disconnect":
+            return  # what Starlette's StreamingResponse does when the client goes away
+
+    raw = Raw(app)
+    await raw.call(disconnect=True)
+    status, doc = _status(await raw.call())
+    assert status == 500 and doc["type"].endswith("/response-not-stored")
+    assert runs == [1]
+
+
+async def test_a_handler_that_fails_before_responding_releases_the_key() -> None:
+    runs: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        runs.append(1)
+        raise RuntimeError("no response")
+
+    raw = Raw(app)
+    await raw.call()
+    await raw.call()
+    assert runs == [1, 1]
+
+
+async def test_the_size_limit_counts_the_response_body_bytes() -> None:
+    runs: list[int] = []
+    size = {"n": 10}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        runs.append(1)
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"a", b"b")]})
+        await send({"type": "http.response.body", "body": b"x" * size["n"]})
+
+    raw = Raw(app, max_result_bytes=10)
+    await raw.call(b"fits")
+    replay = await raw.call(b"fits")
+    assert _status(replay) == (200, b"x" * 10) and runs == [1]
+    size["n"] = 11
+    assert _status(await raw.call(b"over")) == (200, b"x" * 11)
+    status, doc = _status(await raw.call(b"over"))
+    assert status == 500 and doc["type"].endswith("/response-not-stored") and runs == [1, 1]

@@ -16,9 +16,10 @@ def test_import_loads_no_driver_and_configures_no_logging() -> None:
         "import logging, sys, json\n"
         "before = (logging.getLogger().level, list(logging.getLogger().handlers))\n"
         "import msdata, msdata.events, msdata.cqrs, msdata.outbox, msdata.adapters.memory\n"
+        "import msdata.telemetry, msdata.audit\n"
         "after = (logging.getLogger().level, list(logging.getLogger().handlers))\n"
         "drivers = ['psycopg', 'asyncpg', 'redis', 'aio_pika', 'aiormq', 'nats',"
-        " 'sqlalchemy', 'pytest']\n"
+        " 'sqlalchemy', 'pytest', 'opentelemetry']\n"
         "print(json.dumps({'loaded': [d for d in drivers if d in sys.modules],"
         " 'same': before == after,"
         " 'handlers': [type(h).__name__ for h in logging.getLogger('msdata').handlers]}))\n"
@@ -43,6 +44,7 @@ def test_public_names_are_exported() -> None:
         ("aio_pika", "msdata.adapters.rabbitmq", "rabbitmq"),
         ("nats", "msdata.adapters.nats", "nats"),
         ("asyncpg", "msdata.adapters.postgres", "postgres"),
+        ("opentelemetry", "msdata.adapters.opentelemetry", "otel"),
     ],
 )
 def test_an_adapter_without_its_driver_names_the_extra(

@@ -18,8 +18,9 @@ from msdata.adapters.memory import (
     MemoryOutboxStore,
     MemoryTransaction,
 )
-from msdata.errors import ConcurrencyError, ConfigurationError, DecodeError
+from msdata.errors import ConcurrencyError, ConfigurationError, DecodeError, RegistrationError
 from msdata.eventstore import Aggregate, AggregateRepository, EventLog, NewEvent
+from msdata.eventstore.aggregate import Snapshot
 from msdata.messages import Event, MessageRegistry
 from msdata.outbox import Outbox
 from msdata.projections import Projection, ProjectionContext, ProjectionRunner, handles
@@ -210,6 +211,30 @@ async def test_subscribe_catches_up_then_follows_live_with_a_type_filter() -> No
     assert got == [Deposited(account="a", amount=1), Deposited(account="a", amount=2)]
 
 
+async def test_read_all_and_subscribe_take_event_classes_as_types() -> None:
+    _store, events, *_ = setup_world()
+    append(events, "a", 0, [Deposited(account="a", amount=1), Renamed(account="a", name="n")])
+    got = await events.read_all(types=[Deposited])
+    assert [s.message for s in got] == [Deposited(account="a", amount=1)]
+    assert [s.message for s in await events.read_all(types=[Renamed, "bank.Deposited"])] == [
+        Deposited(account="a", amount=1),
+        Renamed(account="a", name="n"),
+    ]
+    async for stored in events.subscribe(types=[Renamed], max_wait=30):
+        assert stored.message == Renamed(account="a", name="n")
+        break
+    with pytest.raises(ConfigurationError):
+        await events.read_all(types=Deposited)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        await events.read_all(types=[42])  # type: ignore[list-item]
+
+    class Unregistered(Event):
+        x: int
+
+    with pytest.raises(RegistrationError):
+        await events.read_all(types=[Unregistered])
+
+
 # -- aggregates ------------------------------------------------------------------------------
 
 
@@ -255,6 +280,70 @@ async def test_aggregate_rebuilds_records_and_saves_with_the_expected_version() 
         accounts.save(tx, stale)
     assert "acc-1" in info.value.name and (info.value.expected, info.value.actual) == (2, 3)
     assert (await accounts.load("acc-1")).state.balance == 13
+
+
+async def test_saving_again_after_a_rolled_back_save_says_to_reload() -> None:
+    store = MemoryEventStore()
+    accounts = AggregateRepository(EventLog(store, registry=registry), Account)
+    acc = await accounts.load("acc-rb")
+    acc.deposit(1)
+    with MemoryTransaction() as tx:
+        accounts.save(tx, acc)
+    acc.deposit(4)
+    with pytest.raises(RuntimeError), MemoryTransaction() as tx:
+        accounts.save(tx, acc)
+        raise RuntimeError("the caller's transaction rolls back")
+    acc.deposit(2)
+    with (
+        pytest.raises(ConcurrencyError, match=r"never committed.*load the aggregate again"),
+        MemoryTransaction() as tx,
+    ):
+        accounts.save(tx, acc)
+    fresh = await accounts.load("acc-rb")
+    assert fresh.state.balance == 1 and fresh.version == 1
+    fresh.deposit(2)
+    with MemoryTransaction() as tx:
+        assert accounts.save(tx, fresh).version == 2
+
+
+async def test_snapshots_stay_out_of_the_global_order_readers() -> None:
+    store = MemoryEventStore()
+    events = EventLog(store, registry=MessageRegistry())
+    events.registry.register(Deposited, "bank.Deposited")
+    accounts = AggregateRepository(events, Account, snapshot_every=1)
+    acc = await accounts.load("acc")
+    for i in (1, 2, 3):
+        acc.deposit(i)
+        with MemoryTransaction() as tx:
+            accounts.save(tx, acc)
+    assert len(await store.read_all()) == 6  # three events, three snapshots
+    assert [s.message.amount for s in await events.read_all()] == [1, 2, 3]
+    assert [s.message.amount for s in await events.read_all(limit=2)] == [1, 2]
+    got: list[int] = []
+    async for stored in events.subscribe(batch_size=1, max_wait=30):
+        got.append(stored.message.amount)
+        if len(got) == 3:
+            break
+    assert got == [1, 2, 3]
+    # asked for by name, they are there
+    assert len(await events.read_all(types=["msdata.Snapshot"])) == 3
+    # a reader whose registry does not know snapshots reads the events
+    other = EventLog(store, registry=MessageRegistry())
+    other.registry.register(Deposited, "bank.Deposited")
+    assert len(await other.read_all()) == 3
+
+
+async def test_the_snapshot_stream_suffix_is_reserved() -> None:
+    _store, events, *_ = setup_world()
+    with pytest.raises(ConfigurationError, match="reserved"):
+        append(events, "acc.snapshots", 0, [Deposited(account="a", amount=1)])
+    accounts = AggregateRepository(events, Account, snapshot_every=1)
+    acc = await accounts.load("acc.snapshots")
+    acc.deposit(1)
+    with pytest.raises(ConfigurationError, match="reserved"), MemoryTransaction() as tx:
+        accounts.save(tx, acc)
+    with pytest.raises(ConfigurationError, match="reserved"):
+        append(events, "acc", 0, [Snapshot(of_version=1, state={})])
 
 
 async def test_snapshots_are_taken_every_n_events_and_used_to_load() -> None:
@@ -337,6 +426,24 @@ async def test_runner_follows_live_until_stopped() -> None:
     finally:
         await runner.stop()
         await asyncio.wait_for(task, 5)
+
+
+async def test_a_transaction_factory_that_yields_none_stops_the_runner_clearly() -> None:
+    _store, events, checkpoints, model, _ = setup_world()
+    append(events, "a", 0, [Deposited(account="a", amount=1)])
+
+    class YieldsNone:  # what asyncpg's conn.transaction() does
+        async def __aenter__(self) -> None:
+            return None
+
+        async def __aexit__(self, *exc: object) -> None:
+            return None
+
+    runner = ProjectionRunner(Balances(model), events, checkpoints, YieldsNone)
+    with pytest.raises(ConfigurationError, match="yields None"):
+        await asyncio.wait_for(runner.run(), 5)  # raised, not retried forever
+    with pytest.raises(ConfigurationError, match="context manager"):
+        await ProjectionRunner(Balances(model), events, checkpoints, lambda: 42).step()
 
 
 async def test_two_runners_of_one_projection_never_apply_an_event_twice() -> None:

@@ -37,6 +37,7 @@ from contextvars import ContextVar
 from types import MappingProxyType
 from typing import NamedTuple
 
+from msdata import telemetry
 from msdata.messages import safe_text
 from msdata.transport import (
     DEAD_LETTER_ATTEMPTS,
@@ -136,6 +137,7 @@ class DeadLetter(NamedTuple):
                 "msdata_reason": self.reason,
             },
         )
+        telemetry.hooks.dead_lettered(self)  # telemetry: dead-letter metric
 
 
 def dead_letter(

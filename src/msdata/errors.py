@@ -34,7 +34,9 @@ their edge with ``raise ... from e`` so the original stays on ``__cause__``.
     │   ├── IdempotencyKeyMissing     a key is required and none was given
     │   ├── IdempotencyKeyReused      the key was used before with a different request (fingerprint)
     │   ├── IdempotencyInProgress     the first call with this key has not finished yet
-    │   └── StoredResultTooLarge      the result to store exceeds the store's size limit
+    │   ├── ResultNotStored           the first call ran but its result was not stored: no replay
+    │   │   └── StoredResultTooLarge  the result to store exceeds the store's size limit
+    │   └── StoredResultInvalid       a stored result no longer validates as the result type
     ├── SagaError                     a saga could not be defined, found or run as asked
     │   ├── SagaDefinitionError       an invalid saga definition (also a ConfigurationError)
     │   ├── SagaNotFound              no saga instance with that id
@@ -74,6 +76,7 @@ __all__ = [
     "RegistrationError",
     "RejectMessage",
     "RequiredPartFailed",
+    "ResultNotStored",
     "SagaDefinitionError",
     "SagaError",
     "SagaNotFound",
@@ -81,6 +84,7 @@ __all__ = [
     "SagaStepFailed",
     "SchemaError",
     "StoreError",
+    "StoredResultInvalid",
     "StoredResultTooLarge",
     "TransportClosed",
     "TransportError",
@@ -234,8 +238,19 @@ class IdempotencyInProgress(IdempotencyError):
     """The first call with this key is still running (HTTP: 409); retry later."""
 
 
-class StoredResultTooLarge(IdempotencyError):
+class ResultNotStored(IdempotencyError):
+    """The first call with a key ran (its effect happened) but its result could not be
+    stored (too large, or no JSON form): the key is COMPLETED without a result, so a retry
+    gets this error instead of running the operation again."""
+
+
+class StoredResultTooLarge(ResultNotStored):
     """The result to store for a key is larger than the store's limit (bytes)."""
+
+
+class StoredResultInvalid(IdempotencyError):
+    """A stored result does not validate as the result type the replay asks for (the
+    result model changed since it was stored); ``__cause__`` holds the validation error."""
 
 
 class SagaError(MsdataError):

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Mapping
 from types import CoroutineType
 from typing import Any, TypeVar, cast, final, overload
 
+from msdata import telemetry
 from msdata.clock import SYSTEM_CLOCK, Clock, SystemClock
 from msdata.composition.parts import (
     UNSET,
@@ -157,7 +158,8 @@ async def compose(
         if part.name in by_name:
             raise ConfigurationError(f"two parts are named {part.name!r}; names must be unique")
         by_name[part.name] = part
-    return await _Run(by_name, deadline, clock).run()
+    with telemetry.hooks.compose(list(by_name)):  # telemetry
+        return await _Run(by_name, deadline, clock).run()
 
 
 class _Slot:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar, cast
 
+from msdata import telemetry
 from msdata.errors import ConfigurationError, HandlerAlreadyRegistered, NoHandlerRegistered
 from msdata.messages import (
     Command,
@@ -99,6 +100,14 @@ class _Bus(Generic[M]):
     def has_handler(self, message_type: type[Message]) -> bool:
         return message_type in self._routes
 
+    async def _traced(self, message: M) -> Any:
+        """:meth:`_dispatch` inside the installed telemetry's ``handle`` span."""
+        route = self._routes.get(type(message))
+        if route is None:
+            return await self._dispatch(message)  # raises
+        with telemetry.hooks.handle(self._kind, route.type_name, route.handler):
+            return await self._dispatch(message)
+
     async def _dispatch(self, message: M) -> Any:
         route = self._routes.get(type(message))
         if route is None:
@@ -160,6 +169,8 @@ class CommandBus(_Bus[Command]):
     def send(self, command: Command) -> Awaitable[Any]:
         """Run the command's handler; await the result. (A plain method returning the
         coroutine saves a frame per send.)"""
+        if telemetry.hooks.enabled:  # telemetry: a span around the handler
+            return self._traced(command)
         return self._dispatch(command)
 
 
@@ -170,4 +181,6 @@ class QueryBus(_Bus[Query[Any]]):
 
     def ask(self, query: Query[R]) -> Awaitable[R]:
         """Run the query's handler; await its result."""
+        if telemetry.hooks.enabled:  # telemetry: a span around the handler
+            return cast(Awaitable[R], self._traced(query))
         return cast(Awaitable[R], self._dispatch(query))

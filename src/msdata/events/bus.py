@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, NamedTuple, Self, TypeVar
 
-from msdata import deadletter
+from msdata import deadletter, telemetry
 from msdata.backoff import Backoff, exponential_backoff
 from msdata.errors import (
     ConfigurationError,
@@ -209,7 +209,9 @@ class EventBus:
     ) -> Envelope[Event]:
         """Publish one event; returns once the transport accepted it (brokers: confirmed)."""
         envelope = self.envelope(event, key=key, headers=headers)
-        await self.transport.publish(topic or envelope.type, [self._to_wire(envelope)])
+        topic = topic or envelope.type
+        envelope = telemetry.hooks.message_created(topic, envelope, outbox=False)  # telemetry
+        await self.transport.publish(topic, [self._to_wire(envelope)])
         return envelope
 
     async def publish_many(
@@ -226,15 +228,17 @@ class EventBus:
         out = []
         for event in events:
             envelope = self.envelope(event, key=key(event) if key else None, headers=headers)
+            to = topic or envelope.type
+            envelope = telemetry.hooks.message_created(to, envelope, outbox=False)  # telemetry
             out.append(envelope)
-            by_topic.setdefault(topic or envelope.type, []).append(self._to_wire(envelope))
+            by_topic.setdefault(to, []).append(self._to_wire(envelope))
         for t, batch in by_topic.items():
             await self.transport.publish(t, batch)
         return out
 
     def _to_wire(self, envelope: Envelope[Any]) -> TransportMessage:
         return TransportMessage(
-            id=envelope.id, body=self.codec.encode(envelope), key=envelope.partition_key
+            envelope.id, self.codec.encode(envelope), envelope.partition_key, envelope.headers
         )
 
     # -- consuming ---------------------------------------------------------------------------
@@ -398,6 +402,9 @@ class EventBus:
         task = asyncio.current_task()
         if task is not None:
             self._handling[task] = (delivery, _name_of(route.handler))
+        seen = telemetry.hooks.consume(
+            consumer.topic, consumer.group, delivery, envelope, route.handler
+        )
         try:
             if route.chain is not None:
                 await route.chain(envelope)
@@ -408,16 +415,19 @@ class EventBus:
                 if inspect.isawaitable(result):  # e.g. an object with async __call__
                     await result
         except RejectMessage as e:
+            seen.failed(e, "dead_letter")  # telemetry
             with deadletter.handler_failure(envelope.type, e):
                 await self._settle(delivery.dead_letter(f"RejectMessage: {e}"))
             return
         except (Exception, asyncio.CancelledError) as e:
+            exhausted = deadletter.exhausted(delivery.attempt, self.max_attempts)
+            seen.failed(e, "dead_letter" if exhausted else "nack")  # telemetry
             if self._is_abandoned():
                 return  # stop() gave up on this handler: its delivery was released
             if isinstance(e, asyncio.CancelledError) and task is not None and task.cancelling():
                 raise  # the consumer itself is being stopped: leave the delivery unsettled
             reason = f"{type(e).__name__}: {e}"
-            if deadletter.exhausted(delivery.attempt, self.max_attempts):
+            if exhausted:
                 # the transport dead-letters it and logs that once, with this traceback
                 with deadletter.handler_failure(envelope.type, e):
                     await self._settle(delivery.nack(reason=reason))
@@ -435,6 +445,7 @@ class EventBus:
             return
         finally:
             current_parent.reset(token)
+            seen.close()  # telemetry
             if task is not None:
                 self._handling.pop(task, None)
         if self._is_abandoned():

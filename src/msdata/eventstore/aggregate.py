@@ -11,7 +11,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from msdata.errors import ConcurrencyError, ConfigurationError, DecodeError
-from msdata.eventstore.log import AppendResult, EventLog
+from msdata.eventstore.log import SNAPSHOT_TYPE, AppendResult, EventLog
 from msdata.messages import Event
 
 __all__ = ["Aggregate", "AggregateRepository", "Snapshot"]
@@ -21,12 +21,11 @@ log = logging.getLogger("msdata.eventstore")
 S = TypeVar("S")
 A = TypeVar("A", bound="Aggregate[Any]")
 
-SNAPSHOT_TYPE = "msdata.Snapshot"
-
 
 class Snapshot(Event):
     """An aggregate's state after ``of_version`` events of its stream, kept in the stream
-    ``{stream_id}.snapshots`` (type name ``msdata.Snapshot``; never published)."""
+    ``{stream_id}.snapshots`` (type name ``msdata.Snapshot``; never published). Stream ids
+    ending in ``.snapshots`` are reserved for them (ConfigurationError otherwise)."""
 
     of_version: int
     state: dict[str, Any]
@@ -58,6 +57,9 @@ class Aggregate(ABC, Generic[S]):
         self.version = 0
         self.state: S = self.initial_state()
         self._pending: list[Event] = []
+        # the saved_version before the last save: a save is only known to have committed
+        # when the caller's transaction does, which the repository cannot see
+        self._last_save_from: int | None = None
 
     @abstractmethod
     def initial_state(self) -> S:
@@ -155,8 +157,16 @@ class AggregateRepository(Generic[A]):
     def save(self, conn: Any, aggregate: A) -> AppendResult:
         """Append the aggregate's pending events on the sync connection ``conn`` (in its
         open transaction) with ``expected_version = saved_version``; then they count as
-        saved. After the caller's transaction rolls back, load the aggregate again."""
-        result = self.log.append(conn, aggregate.id, aggregate.saved_version, aggregate.pending)
+        saved (``pending`` is empty, ``saved_version == version``).
+
+        The repository cannot see whether the caller's transaction commits. If it rolls
+        back, this object is ahead of its stream: load the aggregate again and repeat the
+        command. Saving it anyway raises ConcurrencyError saying that the previous save
+        never committed (``actual`` is the version it started from)."""
+        try:
+            result = self.log.append(conn, aggregate.id, aggregate.saved_version, aggregate.pending)
+        except ConcurrencyError as e:
+            raise self._explain(aggregate, e) from e
         snapshot = self._snapshot(aggregate)
         if snapshot is not None:
             name, expected, event = snapshot
@@ -165,14 +175,17 @@ class AggregateRepository(Generic[A]):
                 self._snapshot_versions[aggregate.id] = expected + 1
             except ConcurrencyError:
                 log.debug("snapshot of %s skipped: another writer took one", aggregate.id)
-        aggregate._pending.clear()
+        self._saved(aggregate)
         return result
 
     async def save_async(self, conn: Any, aggregate: A) -> AppendResult:
         """:meth:`save` on an async connection."""
-        result = await self.log.append_async(
-            conn, aggregate.id, aggregate.saved_version, aggregate.pending
-        )
+        try:
+            result = await self.log.append_async(
+                conn, aggregate.id, aggregate.saved_version, aggregate.pending
+            )
+        except ConcurrencyError as e:
+            raise self._explain(aggregate, e) from e
         snapshot = self._snapshot(aggregate)
         if snapshot is not None:
             name, expected, event = snapshot
@@ -181,8 +194,27 @@ class AggregateRepository(Generic[A]):
                 self._snapshot_versions[aggregate.id] = expected + 1
             except ConcurrencyError:
                 log.debug("snapshot of %s skipped: another writer took one", aggregate.id)
-        aggregate._pending.clear()
+        self._saved(aggregate)
         return result
+
+    @staticmethod
+    def _saved(aggregate: A) -> None:
+        if aggregate._pending:
+            aggregate._last_save_from = aggregate.saved_version
+        aggregate._pending.clear()
+
+    @staticmethod
+    def _explain(aggregate: A, e: ConcurrencyError) -> ConcurrencyError:
+        start = aggregate._last_save_from
+        if start is None or e.actual is None or e.actual != start:
+            return e
+        better = ConcurrencyError(e.name, e.expected, e.actual)
+        better.args = (
+            f"{e}: this aggregate's previous save (up to version {e.expected}) never "
+            "committed (did its transaction roll back?), so the object is ahead of its "
+            "stream: load the aggregate again and repeat the command",
+        )
+        return better
 
     def _snapshot(self, aggregate: A) -> tuple[str, int, Snapshot] | None:
         every = self.snapshot_every

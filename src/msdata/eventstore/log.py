@@ -26,6 +26,11 @@ from msdata.transport import check_name
 
 __all__ = ["AppendResult", "EventLog", "StoredEvent"]
 
+#: the type name of aggregate snapshots (msdata.eventstore.aggregate.Snapshot)
+SNAPSHOT_TYPE = "msdata.Snapshot"
+#: stream ids ending so are reserved for aggregate snapshots
+SNAPSHOT_SUFFIX = ".snapshots"
+
 log = logging.getLogger("msdata.eventstore")
 
 M = TypeVar("M", bound=Message)
@@ -155,6 +160,12 @@ class EventLog:
                     headers=headers,
                     source=self.source,
                 )
+            if (env.type == SNAPSHOT_TYPE) != stream_id.endswith(SNAPSHOT_SUFFIX):
+                raise ConfigurationError(
+                    f"stream ids ending in {SNAPSHOT_SUFFIX!r} are reserved for aggregate "
+                    f"snapshots ({SNAPSHOT_TYPE}), and snapshots go only there: cannot "
+                    f"append a {env.type} to {stream_id!r}"
+                )
             envelopes.append(env)
             new.append(NewEvent(env.id, env.type, env.version, encode(env)))
         return envelopes, new
@@ -201,24 +212,60 @@ class EventLog:
         records = await self.store.read_stream(stream_id, from_version, limit)
         return [self.decode(r) for r in records]
 
+    def type_names(self, types: Collection[str | type[Message]] | None) -> frozenset[str] | None:
+        """``types`` as registered type names: each a name (str) or a message class
+        (its registered name; RegistrationError if it is not registered). None: every type.
+        One bare str or anything else is refused with ConfigurationError."""
+        if types is None:
+            return None
+        if isinstance(types, str | type):
+            raise ConfigurationError(
+                "types must be a collection of type names or event classes, not one "
+                f"{type(types).__qualname__}: write types=[{types!r}]"
+            )
+        names: set[str] = set()
+        for t in types:
+            if isinstance(t, str):
+                names.add(t)
+            elif isinstance(t, type) and issubclass(t, Message):
+                names.add(self.registry.name_of(t)[0])
+            else:
+                raise ConfigurationError(f"types holds type names or event classes, not {t!r}")
+        return frozenset(names)
+
     async def read_all(
-        self, after: int = 0, limit: int = 1000, types: Collection[str] | None = None
+        self,
+        after: int = 0,
+        limit: int = 1000,
+        types: Collection[str | type[Message]] | None = None,
     ) -> list[StoredEvent[Any]]:
-        """Events after position ``after`` in the global order, decoded."""
-        return [self.decode(r) for r in await self.store.read_all(after, limit, types)]
+        """Events after position ``after`` in the global order, decoded; ``types``: only
+        these (type names or event classes). Without ``types``, aggregate snapshots
+        (``msdata.Snapshot``, kept in ``{id}.snapshots`` streams) are left out."""
+        names = self.type_names(types)
+        out: list[StoredEvent[Any]] = []
+        position = after
+        while True:
+            want = limit - len(out)
+            records = await self.store.read_all(position, want, names)
+            out.extend(self.decode(r) for r in records if _wanted(r, names))
+            if len(records) < want or len(out) >= limit:
+                return out
+            position = records[-1].position  # snapshots were left out: read on
 
     async def subscribe(
         self,
         after: int = 0,
         *,
-        types: Collection[str] | None = None,
+        types: Collection[str | type[Message]] | None = None,
         batch_size: int = 500,
         max_wait: float = 5.0,
     ) -> AsyncIterator[StoredEvent[Any]]:
         """Every event after ``after`` in the global order, then each new one as it
         commits, forever (break out of the loop to stop). Between batches it waits in
         ``wait_for_events`` (LISTEN/NOTIFY or an in-process wake-up), reading again at
-        least every ``max_wait`` seconds."""
+        least every ``max_wait`` seconds. ``types`` and snapshots as :meth:`read_all`."""
+        types = self.type_names(types)
         position = after
         store = self.store
         while True:
@@ -227,8 +274,14 @@ class EventLog:
             head = await store.head() if types is not None else 0
             records = await store.read_all(position, batch_size, types)
             for r in records:
-                yield self.decode(r)
+                if _wanted(r, types):
+                    yield self.decode(r)
                 position = r.position
             if len(records) < batch_size:
                 position = max(position, head)
                 await store.wait_for_events(position, max_wait)
+
+
+def _wanted(record: RecordedEvent, names: frozenset[str] | None) -> bool:
+    """Snapshots are left out of the global order unless asked for by name."""
+    return names is not None or record.type != SNAPSHOT_TYPE

@@ -15,7 +15,8 @@ Two sides, two kinds of call:
   caller's connection (see :mod:`msdata.storage`): they never commit, roll back or open a
   transaction, so the events commit with the caller's other writes (an outbox row, a
   business table) or not at all. A connection with no open transaction is refused with
-  :class:`msdata.errors.ConfigurationError`.
+  :class:`msdata.errors.ConfigurationError` (a sqlite3 connection in its default mode
+  counts as open: sqlite3 begins the transaction at the first INSERT, the caller commits).
 - Reads (``read_stream``, ``read_all``, ``stream_version``, ``backlog``) and
   ``wait_for_events`` run on connections the store owns; each is one short read.
 
@@ -43,6 +44,7 @@ Contract:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -65,14 +67,25 @@ MAX_STREAM_ID = 200
 
 
 def check_stream_id(stream_id: str) -> str:
-    """A stream id is a non-empty string of at most 200 characters (ConfigurationError),
-    valid UTF-8 (EncodeError)."""
+    """A stream id is a non-empty string of at most 200 characters with no control
+    character (U+0000-U+001F, U+007F: PostgreSQL cannot store NUL, and none belongs in an
+    id) (ConfigurationError), valid UTF-8 (EncodeError)."""
     if not isinstance(stream_id, str) or not 0 < len(stream_id) <= MAX_STREAM_ID:
         raise ConfigurationError(
             f"a stream id must be a non-empty str of at most {MAX_STREAM_ID} characters, "
             f"got {stream_id!r}"
         )
+    if has_control_character(stream_id):
+        raise ConfigurationError(f"a stream id holds no control character, got {stream_id!r}")
     return check_text("stream id", stream_id)  # no lone surrogate: every store can write it
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
+def has_control_character(text: str) -> bool:
+    """Whether ``text`` holds a C0 control character or DEL (U+0000-U+001F, U+007F)."""
+    return _CONTROL.search(text) is not None
 
 
 def check_expected_version(expected_version: int) -> int:
@@ -191,7 +204,14 @@ def as_types(types: Collection[str] | None) -> frozenset[str] | None:
         return None
     if isinstance(types, str):
         raise ConfigurationError("types must be a collection of type names, not one str")
-    return frozenset(types)
+    wanted = frozenset(types)
+    for t in wanted:
+        if not isinstance(t, str):
+            raise ConfigurationError(
+                f"types holds type names (str), not {t!r}: the EventLog maps event classes "
+                "to their registered names, a store takes the names"
+            )
+    return wanted
 
 
 def check_read(after: int, limit: int) -> None:

@@ -20,9 +20,13 @@ sf-string, ``"…"``; a bare token is accepted too):
 - no key where one is required: 400 Bad Request.
 
 Errors are RFC 9457 problem details (``application/problem+json``). Responses whose status
-``store_status`` rejects (default: 5xx) and handlers that raise release the key, so the
-client may retry. A handler killed with its process leaves the key IN_PROGRESS until its
-lease (``IdempotencyKeys(lease_seconds=…)``) ends; then a retry runs it again.
+``store_status`` rejects (default: 5xx) and handlers that raise before starting their
+response release the key, so the client may retry. Once a response has started the key is
+never released: a response that does not reach its last chunk (client gone, stream
+raised) or whose body is over ``max_result_bytes`` is marked COMPLETED without being
+stored, and retries get 500 ``…/response-not-stored``. A handler killed with its process
+leaves the key IN_PROGRESS until its lease (``IdempotencyKeys(lease_seconds=…)``) ends;
+then a retry runs it again.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ from msdata.errors import (
     IdempotencyInProgress,
     IdempotencyKeyMissing,
     IdempotencyKeyReused,
-    StoredResultTooLarge,
+    MsdataError,
+    ResultNotStored,
 )
 from msdata.idempotency.fingerprint import http_fingerprint
 from msdata.idempotency.keys import IdempotencyClaim, IdempotencyKeys
@@ -77,12 +82,27 @@ def owner_from_header(name: str, *, hashed: bool = True) -> OwnerOf:
     return owner
 
 
-def _parse_key(raw: bytes) -> str:
-    """An sf-string (RFC 8941: ``"…"`` with ``\\"`` and ``\\\\`` escapes) or a bare token."""
-    text = raw.decode("latin-1").strip()
-    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
-        text = re.sub(r"\\([\"\\])", r"\1", text[1:-1])
-    return text
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z:/]+")
+_SF_STRING = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')
+
+
+def _parse_key(raw: bytes) -> str | None:
+    """The key from one header value: an sf-string (RFC 8941 section 3.3.3: ``"…"`` of
+    printable ASCII with ``\\"`` and ``\\\\`` escapes), or, for clients that send it
+    unquoted, a bare token (RFC 9110 tchar, plus ``:`` and ``/``). None when it is neither
+    (a list, parameters, an unterminated string, other bytes): the caller answers 400."""
+    try:
+        text = raw.decode("ascii").strip(" \t")
+    except UnicodeDecodeError:
+        return None
+    if not text:
+        return ""  # an empty header: no key
+    m = _SF_STRING.fullmatch(text)
+    if m is not None:
+        return re.sub(r"\\([\"\\])", r"\1", m.group(1))
+    if _TOKEN.fullmatch(text):
+        return text
+    return None
 
 
 class IdempotencyMiddleware:
@@ -146,8 +166,19 @@ class IdempotencyMiddleware:
         if not self._covers(scope):
             await self.app(scope, receive, send)
             return
-        raw = next((v for k, v in scope["headers"] if k == self._header), None)
-        key = _parse_key(raw) if raw is not None else ""
+        raws = [v for k, v in scope["headers"] if k.lower() == self._header]
+        key: str | None = ""
+        if len(raws) > 1:
+            key = None
+        elif raws:
+            key = _parse_key(raws[0])
+        if key is None:
+            await _problem(
+                send, 400, "key-invalid", "Idempotency-Key invalid",
+                "The Idempotency-Key header must appear once, as one quoted string "
+                '(e.g. Idempotency-Key: "8e03978e-40d5-43e8-bc93-6894a57f9324").',
+            )  # fmt: skip
+            return
         if not key:
             if self.required:
                 await _problem(
@@ -160,7 +191,7 @@ class IdempotencyMiddleware:
         owner = self.owner(scope)
         if inspect.isawaitable(owner):
             owner = await owner
-        if owner is None:
+        if not isinstance(owner, str) or not owner.strip():  # None, "" or blank: unknown
             await _problem(
                 send, 400, "owner-unknown", "Request owner unknown",
                 "An idempotency key needs the request's owner (credentials or tenant).",
@@ -199,7 +230,7 @@ class IdempotencyMiddleware:
         if claim.replayed:
             try:
                 stored = claim.response()
-            except StoredResultTooLarge as e:
+            except ResultNotStored as e:
                 await _problem(send, 500, "response-not-stored", "Response not stored", str(e))
                 return
             await self._replay(stored, send)
@@ -243,28 +274,52 @@ class IdempotencyMiddleware:
             return await receive()
 
         status = 500
+        started = False
         headers: list[tuple[bytes, bytes]] = []
         chunks: list[bytes] = []
+        size = 0
 
         async def capture(message: Message) -> None:
-            nonlocal status, headers
+            nonlocal status, headers, started, size
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = list(message.get("headers", ()))
+                started = True
             elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size <= self.keys.max_result_bytes:  # else: counted, not kept
+                    chunks.append(chunk)
                 if not message.get("more_body", False):
-                    await self._end(claim, status, headers, chunks)
+                    await self._end(claim, status, headers, chunks, size)
             await send(message)
 
         try:
             await self.app(scope, replay_body, capture)
-        except BaseException:
+        except BaseException as e:
             if not claim.done:
-                await claim.release()
+                await self._unfinished(claim, started, status, f"the handler raised {e!r}")
             raise
         if not claim.done:  # the app returned without finishing its response
+            await self._unfinished(
+                claim, started, status, "the response ended early (the client disconnected?)"
+            )
+
+    async def _unfinished(
+        self, claim: IdempotencyClaim, started: bool, status: int, why: str
+    ) -> None:
+        """The response did not reach its last chunk. Before it started, the handler
+        failed: release the key. Once it started, the handler returned and its effects
+        are committed: never run it again; the key is COMPLETED without a response."""
+        if not started or not self.store_status(status):
             await claim.release()
+            return
+        reason = f"the {status} response was not fully sent ({why}) and was not stored"
+        log.warning("idempotency key %r: %s; retries get 500", claim.key, reason)
+        try:
+            await claim.complete_unstored(reason)
+        except MsdataError as e:
+            log.warning("idempotency key %r: marking it done failed: %s", claim.key, e)
 
     async def _end(
         self,
@@ -272,19 +327,28 @@ class IdempotencyMiddleware:
         status: int,
         headers: list[tuple[bytes, bytes]],
         chunks: list[bytes],
+        size: int,
     ) -> None:
         if not self.store_status(status):
             await claim.release()
+            return
+        limit = self.keys.max_result_bytes
+        if size > limit:  # the body's own bytes are what the limit counts
+            log.warning(
+                "idempotency key %r: the response body of %d bytes is over the limit of %d "
+                "bytes; the response is sent, retries get 500",
+                claim.key,
+                size,
+                limit,
+            )
+            await claim.complete_unstored(f"response body of {size} bytes, limit {limit} bytes")
             return
         doc = {
             "s": status,
             "h": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers],
             "b": base64.b64encode(b"".join(chunks)).decode("ascii"),
         }
-        try:
-            await claim.complete(json.dumps(doc, separators=(",", ":")).encode())
-        except StoredResultTooLarge as e:
-            log.warning("%s; the response is sent, retries get 500", e)
+        await claim.complete(json.dumps(doc, separators=(",", ":")).encode(), size=size)
 
 
 async def _problem(

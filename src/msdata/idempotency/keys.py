@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Any, Generic, TypeVar, cast
 from pydantic import TypeAdapter
 from pydantic_core import PydanticSerializationError
 
+from msdata import telemetry
 from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import (
     ConfigurationError,
@@ -32,6 +34,8 @@ from msdata.errors import (
     IdempotencyKeyMissing,
     IdempotencyKeyReused,
     MsdataError,
+    ResultNotStored,
+    StoredResultInvalid,
     StoredResultTooLarge,
 )
 from msdata.idempotency.fingerprint import fingerprint as _fingerprint
@@ -44,7 +48,7 @@ log = logging.getLogger("msdata.idempotency")
 T = TypeVar("T")
 
 # the first byte of a stored response says what follows
-_RESULT, _ERROR, _TOO_LARGE = b"R", b"E", b"T"
+_RESULT, _ERROR, _TOO_LARGE, _NOT_STORED = b"R", b"E", b"T", b"N"
 _MAX_KEY = 255
 _NOTHING: Any = object()
 
@@ -80,13 +84,29 @@ def _type_adapter(tp: Any) -> TypeAdapter[Any]:
         return TypeAdapter(tp)
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 def _check(key: str | None, scope: str) -> str:
+    """A key is a str of 1-255 characters with no control character (U+0000-U+001F,
+    U+007F): IdempotencyKeyMissing / IdempotencyError (HTTP 400). A scope is a str with no
+    control character: ConfigurationError. Checked before any store sees them (PostgreSQL
+    cannot store NUL)."""
     if key is None or key == "":
         raise IdempotencyKeyMissing("an idempotency key is required and none was given")
     if not isinstance(key, str) or len(key) > _MAX_KEY:
         raise IdempotencyError(f"an idempotency key is a string of 1-{_MAX_KEY} characters")
+    if _CONTROL.search(key):
+        raise IdempotencyError(f"an idempotency key holds no control character, got {key!r}")
     if not isinstance(scope, str):
         raise ConfigurationError(f"scope must be a string, not {type(scope).__qualname__}")
+    if _CONTROL.search(scope):
+        raise ConfigurationError(f"a scope holds no control character, got {scope!r}")
+    if scope and not scope.strip():
+        raise ConfigurationError(
+            'a scope is "" (one scope for every caller) or an owner with a visible '
+            f"character, got {scope!r}"
+        )
     return key
 
 
@@ -114,7 +134,8 @@ class IdempotencyClaim:
 
     def response(self) -> bytes:
         """A replay's stored payload (as given to ``complete``). Raises
-        StoredResultTooLarge if the first call's result could not be stored, and
+        ResultNotStored if the first call's result could not be stored
+        (StoredResultTooLarge: it was over ``max_result_bytes``), and
         IdempotencyError if the first call ended with a stored error (use
         :meth:`IdempotencyKeys.run` to have it raised again as itself)."""
         if self.stored is None:
@@ -126,6 +147,11 @@ class IdempotencyClaim:
             raise StoredResultTooLarge(
                 f"key {self.key!r}: the first call ran, but its result ({payload.decode()}) "
                 "was over the size limit and was not stored, so it cannot be replayed"
+            )
+        if kind == _NOT_STORED:
+            raise ResultNotStored(
+                f"key {self.key!r}: the first call ran, but its result could not be stored "
+                f"({payload.decode()}), so it cannot be replayed"
             )
         if kind == _ERROR:
             raise IdempotencyError(f"key {self.key!r}: the first call failed: {payload.decode()}")
@@ -140,10 +166,11 @@ class IdempotencyClaim:
             raise IdempotencyError(f"the claim of key {self.key!r} has already ended")
         self.done = True
 
-    def _body(self, kind: bytes, payload: bytes) -> bytes:
+    def _body(self, kind: bytes, payload: bytes, size: int | None = None) -> bytes:
         limit = self.keys.max_result_bytes
-        if len(payload) > limit:
-            return _TOO_LARGE + f"{len(payload)} bytes, limit {limit} bytes".encode()
+        n = len(payload) if size is None else size
+        if n > limit:
+            return _TOO_LARGE + f"{n} bytes, limit {limit} bytes".encode()
         return kind + payload
 
     def _completed(self, ok: bool, body: bytes) -> None:
@@ -158,22 +185,43 @@ class IdempotencyClaim:
         if body[:1] == _TOO_LARGE:
             raise StoredResultTooLarge(f"key {self.key!r}: result of {body[1:].decode()}")
 
-    async def complete(self, payload: bytes) -> None:
+    async def complete(self, payload: bytes, *, size: int | None = None) -> None:
         """Store ``payload`` (bytes) as the key's result, COMPLETED for the retention.
         A payload over ``max_result_bytes`` is not stored: the key is marked COMPLETED
         with a note instead (retries get StoredResultTooLarge, the operation does not run
-        again) and StoredResultTooLarge is raised here too."""
+        again) and StoredResultTooLarge is raised here too. ``size``: the bytes to count
+        against the limit, when ``payload`` wraps the result (default ``len(payload)``)."""
         self._end()
-        body = self._body(_RESULT, payload)
+        body = self._body(_RESULT, payload, size)
         ok = await self.keys.store.complete_async(
             self.conn, self.scope, self.key, self.token, body, self.keys._retain_until()
         )
         self._completed(ok, body)
 
-    def complete_sync(self, payload: bytes) -> None:
+    def complete_sync(self, payload: bytes, *, size: int | None = None) -> None:
         """:meth:`complete` for sync callers."""
         self._end()
-        body = self._body(_RESULT, payload)
+        body = self._body(_RESULT, payload, size)
+        ok = self.keys.store.complete(
+            self.conn, self.scope, self.key, self.token, body, self.keys._retain_until()
+        )
+        self._completed(ok, body)
+
+    async def complete_unstored(self, reason: str) -> None:
+        """The operation ran but its result cannot be stored (``reason`` says why): mark
+        the key COMPLETED without a result, so retries get ResultNotStored and the
+        operation does not run again."""
+        self._end()
+        body = _NOT_STORED + reason.encode()
+        ok = await self.keys.store.complete_async(
+            self.conn, self.scope, self.key, self.token, body, self.keys._retain_until()
+        )
+        self._completed(ok, body)
+
+    def complete_unstored_sync(self, reason: str) -> None:
+        """:meth:`complete_unstored` for sync callers."""
+        self._end()
+        body = _NOT_STORED + reason.encode()
         ok = self.keys.store.complete(
             self.conn, self.scope, self.key, self.token, body, self.keys._retain_until()
         )
@@ -291,7 +339,10 @@ class IdempotencyKeys:
 
     Raises, from :meth:`claim`, :meth:`run` and the front ends: IdempotencyKeyMissing (no
     key), IdempotencyKeyReused (the key's stored fingerprint differs),
-    IdempotencyInProgress (another claim holds a live lease), StoredResultTooLarge.
+    IdempotencyInProgress (another claim holds a live lease), ResultNotStored (the first
+    call ran but its result was over ``max_result_bytes`` — StoredResultTooLarge — or had
+    no JSON form; the first caller got its result, a warning was logged),
+    StoredResultInvalid (the stored result does not validate as ``result_type`` any more).
     """
 
     def __init__(
@@ -332,15 +383,19 @@ class IdempotencyKeys:
         conn: Any,
     ) -> IdempotencyClaim:
         if existing is None:
+            telemetry.hooks.idempotency_claim(scope, "claimed")  # telemetry
             return IdempotencyClaim(self, scope, key, token, conn)
         if fp and existing.fingerprint and existing.fingerprint != fp:
+            telemetry.hooks.idempotency_claim(scope, "conflict")  # telemetry
             raise IdempotencyKeyReused(
                 f"idempotency key {key!r} was used before with a different request"
             )
         if not existing.completed:
+            telemetry.hooks.idempotency_claim(scope, "in_progress")  # telemetry
             raise IdempotencyInProgress(
                 f"a request with idempotency key {key!r} is still in progress; retry later"
             )
+        telemetry.hooks.idempotency_claim(scope, "replayed")  # telemetry
         return IdempotencyClaim(self, scope, key, existing.token, conn, existing.response or b"")
 
     async def claim(
@@ -382,17 +437,27 @@ class IdempotencyKeys:
         stored = claim.stored or b""
         if stored[:1] == _ERROR:
             raise _load_error(stored[1:], final, claim.key)
-        # the core validator: TypeAdapter.validate_json's Python wrapper costs a microsecond
-        return _type_adapter(result_type).validator.validate_json(claim.response())
+        payload = claim.response()
+        try:
+            # the core validator: TypeAdapter.validate_json's Python wrapper costs a microsecond
+            return _type_adapter(result_type).validator.validate_json(payload)
+        except ValueError as e:  # pydantic's ValidationError, or JSON that does not parse
+            raise StoredResultInvalid(
+                f"key {claim.key!r}: the stored result does not validate as {result_type!r} "
+                f"(did the result type change since it was stored?): {e}"
+            ) from e
 
     @staticmethod
-    def _dump(result: Any, result_type: Any) -> bytes:
+    def _dump(result: Any, result_type: Any) -> bytes | str:
+        """The result's JSON (bytes), or why it has none (str)."""
         try:
             return _type_adapter(result_type).dump_json(result)
-        except PydanticSerializationError as e:
-            raise ConfigurationError(
-                f"the result ({type(result).__qualname__}) has no JSON form: {e}"
-            ) from e
+        except (PydanticSerializationError, ValueError, TypeError) as e:
+            return f"the result ({type(result).__qualname__}) has no JSON form: {e}"
+
+    @staticmethod
+    def _unstored(claim: IdempotencyClaim, e: ResultNotStored) -> None:
+        log.warning("%s; the first caller gets its result, retries get this error", e)
 
     async def run(
         self,
@@ -427,15 +492,26 @@ class IdempotencyKeys:
         return result
 
     async def _store_result(self, claim: IdempotencyClaim, result: Any, result_type: Any) -> None:
+        # the operation ran: from here on the key is never released (a retry must not run
+        # it again); a result that cannot be stored is noted instead (ResultNotStored)
+        payload = self._dump(result, result_type)
         try:
-            payload = self._dump(result, result_type)
-        except BaseException:
-            await claim.release()
-            raise
-        try:
+            if isinstance(payload, str):
+                await claim.complete_unstored(payload)
+                raise ResultNotStored(f"key {claim.key!r}: {payload}; it was not stored")
             await claim.complete(payload)
-        except StoredResultTooLarge as e:
-            log.warning("%s; the first caller gets its result, retries get this error", e)
+        except ResultNotStored as e:
+            self._unstored(claim, e)
+
+    def _store_result_sync(self, claim: IdempotencyClaim, result: Any, result_type: Any) -> None:
+        payload = self._dump(result, result_type)
+        try:
+            if isinstance(payload, str):
+                claim.complete_unstored_sync(payload)
+                raise ResultNotStored(f"key {claim.key!r}: {payload}; it was not stored")
+            claim.complete_sync(payload)
+        except ResultNotStored as e:
+            self._unstored(claim, e)
 
     def run_sync(
         self,
@@ -461,15 +537,7 @@ class IdempotencyKeys:
         except BaseException as e:
             claim.failed_sync(e, final)
             raise
-        try:
-            payload = self._dump(result, result_type)
-        except BaseException:
-            claim.release_sync()
-            raise
-        try:
-            claim.complete_sync(payload)
-        except StoredResultTooLarge as e:
-            log.warning("%s; the first caller gets its result, retries get this error", e)
+        self._store_result_sync(claim, result, result_type)
         return result
 
     # -- context managers ------------------------------------------------------------------
@@ -540,15 +608,7 @@ class IdempotencyKeys:
         except BaseException as e:
             claim.failed_sync(e, final)
             raise
-        try:
-            payload = self._dump(call.result, result_type)
-        except BaseException:
-            claim.release_sync()
-            raise
-        try:
-            claim.complete_sync(payload)
-        except StoredResultTooLarge as e:
-            log.warning("%s; the first caller gets its result, retries get this error", e)
+        self._store_result_sync(claim, call.result, result_type)
 
     # -- the decorator ---------------------------------------------------------------------
 
@@ -569,11 +629,14 @@ class IdempotencyKeys:
           decorated function's arguments returning it. A missing key raises
           IdempotencyKeyMissing.
         - ``scope``: the parameter holding the owner, or a function of the arguments;
-          None: one scope for every caller.
+          None: one scope for every caller. An owner that is None, "" or blank raises
+          IdempotencyError (callers with no known owner are never merged).
         - ``conn``: the parameter holding the caller's connection (its transaction is
           joined); None: the store's own short transactions.
-        - the fingerprint is the hash of every argument except ``conn`` and ``exclude``
-          (canonical JSON), or ``fingerprint(*args, **kwargs)``.
+        - the fingerprint is the hash of every argument except ``conn``, ``exclude`` and
+          a first parameter named ``self`` or ``cls`` (so methods work; every instance
+          shares the keys: put what tells instances apart in ``scope``) (canonical JSON),
+          or ``fingerprint(*args, **kwargs)``.
         - ``result_type``: how the stored result is validated on replay; by default the
           function's return annotation.
         """
@@ -591,6 +654,8 @@ class IdempotencyKeys:
                 if rtype is None:
                     rtype = type(None)
             skip = {conn, *exclude}
+            if names and names[0] in ("self", "cls"):  # a method: the instance is no input
+                skip.add(names[0])
 
             def prepare(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
                 bound = sig.bind(*args, **kwargs)
@@ -599,10 +664,14 @@ class IdempotencyKeys:
                 k = given[key] if isinstance(key, str) else key(*args, **kwargs)
                 if scope is None:
                     s = ""
-                elif isinstance(scope, str):
-                    s = given[scope]
                 else:
-                    s = scope(*args, **kwargs)
+                    s = given[scope] if isinstance(scope, str) else scope(*args, **kwargs)
+                    if s is None or (isinstance(s, str) and not s.strip()):
+                        # an owner that is unknown must never merge callers into one scope
+                        raise IdempotencyError(
+                            f"{fn.__qualname__}: the scope (owner) is {s!r}: an idempotency "
+                            "key needs a known owner"
+                        )
                 if fingerprint is not None:
                     fp = fingerprint(*args, **kwargs)
                 else:

@@ -31,11 +31,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
+from msdata.errors import ConfigurationError
+
 __all__ = [
     "IdempotencyRecord",
     "IdempotencyStatus",
     "IdempotencyStore",
     "IdempotencyStoreFeatures",
+    "check_purge_time",
 ]
 
 
@@ -168,10 +171,26 @@ class IdempotencyStore(Protocol):
 
     async def get(self, scope: str, key: str) -> IdempotencyRecord | None: ...
 
-    async def purge(self, now: datetime) -> int: ...
+    async def purge(self, now: datetime) -> int:
+        """Delete the records that expired at or before ``now`` (an aware datetime:
+        :func:`check_purge_time`); returns how many (0 for stores that expire keys
+        themselves)."""
+        ...
 
     def schema_sql(self) -> str: ...
 
     async def create_schema(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+def check_purge_time(now: object) -> datetime:
+    """``purge``'s argument: an aware datetime (``clock.now()``,
+    ``datetime.now(UTC) - timedelta(days=1)``); a naive one, a number or anything else
+    raises ConfigurationError (a naive time would be read in an unknown zone)."""
+    if not isinstance(now, datetime) or now.utcoffset() is None:
+        raise ConfigurationError(
+            "purge(now) takes an aware datetime (e.g. datetime.now(UTC)), got "
+            f"{now!r}: records that expired at or before it are deleted"
+        )
+    return now

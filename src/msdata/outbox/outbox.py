@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from msdata import telemetry
 from msdata.messages import (
     Envelope,
     Message,
@@ -128,6 +129,7 @@ class Outbox:
             if to not in self._topics:
                 # a bad topic fails here, in the caller's code, not later in the relay
                 self._topics.add(check_name("topic", to))
+            env = telemetry.hooks.message_created(to, env, outbox=True)  # telemetry: trace context
             envelopes.append(env)
             rows.append(
                 OutboxRow(

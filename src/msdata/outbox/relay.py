@@ -14,6 +14,7 @@ from datetime import timedelta
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal, Self
 
+from msdata import telemetry
 from msdata.backoff import Backoff, exponential_backoff
 from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConfigurationError, DecodeError, MsdataError
@@ -346,7 +347,8 @@ class OutboxRelay:
         if messages is None:
             # (message_id, payload, partition_key, headers) of the record tuple
             messages = [_tuple_new(TransportMessage, _as_message(r)) for r in records]
-        await self.publisher.publish(topic, messages)
+        with telemetry.hooks.publishing(topic, messages, self.publisher) as messages:  # telemetry
+            await self.publisher.publish(topic, messages)
 
     async def _failed(self, records: list[OutboxRecord], error: BaseException) -> None:
         reason = safe_text(f"{type(error).__name__}: {error}", 2000)

@@ -49,7 +49,9 @@ class ProjectionRunner:
 
     ``transaction()`` opens a transaction on the read model's database (the same one the
     checkpoint store writes to) and yields its connection: a sync context manager (sqlite3,
-    a ``MemoryTransaction``) or an async one (asyncpg, psycopg async). Each batch of up to
+    a ``MemoryTransaction``) or an async one. asyncpg's ``conn.transaction()`` yields None,
+    not the connection: wrap it (see docs/projections.md); a context manager that yields
+    None raises ConfigurationError. Each batch of up to
     ``batch_size`` events is applied in one such transaction, which also saves the
     checkpoint (compare-and-set on the previous one), so a crash anywhere leaves either
     the whole batch applied with its checkpoint, or neither.
@@ -105,10 +107,17 @@ class ProjectionRunner:
         cm = self.transaction()
         if hasattr(cm, "__aenter__"):
             async with cm as conn:  # type: ignore[union-attr]
+                _check_connection(conn, cm)
                 with bind_connection(conn):
                     return await body(conn, True)
-        with cm as conn, bind_connection(conn):
-            return await body(conn, False)
+        if not hasattr(cm, "__enter__"):
+            raise ConfigurationError(
+                f"transaction() must return a context manager, got {type(cm).__qualname__}"
+            )
+        with cm as conn:
+            _check_connection(conn, cm)
+            with bind_connection(conn):
+                return await body(conn, False)
 
     async def _save(
         self, conn: Any, is_async: bool, name: str, position: int, expected: int
@@ -219,14 +228,15 @@ class ProjectionRunner:
 
     async def run(self) -> None:
         """Follow the event store until :meth:`stop`: apply batches, wait for new events
-        (woken by the store), retry a failed batch after ``backoff``."""
+        (woken by the store), retry a failed batch after ``backoff``. A ConfigurationError
+        (e.g. a ``transaction()`` that yields no connection) is raised, not retried."""
         self._stopping.clear()
         failures = 0
         while not self._stopping.is_set():
             try:
                 n = await self.step()
-            except asyncio.CancelledError:
-                raise
+            except (asyncio.CancelledError, ConfigurationError):
+                raise  # wiring that no retry can fix: stop here, loudly
             except Exception as e:
                 failures += 1
                 self.last_error = e
@@ -364,3 +374,12 @@ class ProjectionRunner:
 async def _maybe(result: Awaitable[None] | None) -> None:
     if result is not None:
         await result
+
+
+def _check_connection(conn: Any, cm: Any) -> None:
+    if conn is None:
+        raise ConfigurationError(
+            f"transaction() gave a context manager ({type(cm).__qualname__}) that yields "
+            "None: it must yield the connection of the open transaction (asyncpg's "
+            "conn.transaction() yields None; wrap it: see docs/projections.md)"
+        )

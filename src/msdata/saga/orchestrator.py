@@ -39,6 +39,7 @@ from typing import Any, Self, TypeVar, cast
 
 from pydantic import BaseModel
 
+from msdata import telemetry
 from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConcurrencyError, ConfigurationError, SagaNotFound, SagaStateError
 from msdata.events import EventBus
@@ -186,6 +187,7 @@ class SagaOrchestrator:
             None,
             [_entry(HistoryEntry, (now, "started", None, None, None))],
         )
+        telemetry.hooks.saga_status(saga.name, "started")  # telemetry
         await self._drive(rec, saga)
         return rec
 
@@ -574,6 +576,7 @@ class SagaOrchestrator:
         now = self.clock.now()
         rec.history.append(_entry(HistoryEntry, (now, _FINAL[status], None, None, error)))
         await self._save(rec, now=now)
+        telemetry.hooks.saga_status(rec.saga_type, status.value.lower())  # telemetry
         for fut in self._waiters.get(rec.saga_id, ()):
             if not fut.done():
                 fut.set_result(None)
@@ -635,6 +638,7 @@ class SagaOrchestrator:
         data = rec.data
         fn: Callable[[Any], Any] = step.action  # type: ignore[assignment]
         token = _step.set(_entry(StepContext, (rec.saga_id, rec.saga_type, name, ACTION, 1)))
+        seen = telemetry.hooks.saga_step(rec.saga_type, rec.saga_id, name, compensation=False)
         try:
             result = fn(data)
             if (
@@ -647,11 +651,14 @@ class SagaOrchestrator:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # shutdown, not a business failure: the instance stays resumable
+            seen.failed(f"CancelledError: {e}")  # telemetry
             return await self._plain_failed(rec, saga, step, run, f"CancelledError: {e}")
         except Exception as e:
+            seen.failed(f"{type(e).__name__}: {e}")  # telemetry
             return await self._plain_failed(rec, saga, step, run, f"{type(e).__name__}: {e}")
         finally:
             _step.reset(token)
+            seen.close()  # telemetry
         if result is not None:
             if not isinstance(result, type(data)):
                 error = f"returned {type(result).__name__}, not {type(data).__name__}"
@@ -886,6 +893,9 @@ class SagaOrchestrator:
         token = _step.set(
             _entry(StepContext, (rec.saga_id, rec.saga_type, step.name, purpose, run.attempt))
         )
+        seen = telemetry.hooks.saga_step(
+            rec.saga_type, rec.saga_id, step.name, compensation=purpose != ACTION
+        )
         try:
             if step.timeout is None:
                 result = fn(data)
@@ -901,11 +911,14 @@ class SagaOrchestrator:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # shutdown, not a business failure: the instance stays resumable
+            seen.failed(f"CancelledError: {e}")  # telemetry
             return False, f"CancelledError: {e}"
         except Exception as e:
+            seen.failed(f"{type(e).__name__}: {e}")  # telemetry
             return False, f"{type(e).__name__}: {e}"
         finally:
             _step.reset(token)
+            seen.close()  # telemetry
         if result is not None and not isinstance(result, type(data)):
             return False, f"returned {type(result).__name__}, not {type(data).__name__}"
         return True, result

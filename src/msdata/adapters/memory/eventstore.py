@@ -101,12 +101,14 @@ class MemoryEventStore(MemoryDatabase):
         self, stream_id: str, from_version: int = 1, limit: int | None = None
     ) -> list[RecordedEvent]:
         self._check()
+        check_stream_id(stream_id)
         stream = self._streams.get(stream_id, [])
         start = max(from_version, 1) - 1
         return stream[start:] if limit is None else stream[start : start + limit]
 
     async def stream_version(self, stream_id: str) -> int:
         self._check()
+        check_stream_id(stream_id)
         return len(self._streams.get(stream_id, ()))
 
     async def read_all(

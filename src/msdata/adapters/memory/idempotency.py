@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from msdata.adapters.memory._db import MemoryDatabase, MemoryTransaction, transaction_of
-from msdata.idempotency.store import IdempotencyRecord, IdempotencyStoreFeatures
+from msdata.idempotency.store import IdempotencyRecord, IdempotencyStoreFeatures, check_purge_time
 
 __all__ = ["MemoryIdempotencyStore"]
 
@@ -131,6 +131,7 @@ class MemoryIdempotencyStore(MemoryDatabase):
         return self._records.get((scope, key))
 
     async def purge(self, now: datetime) -> int:
+        check_purge_time(now)
         gone = [k for k, r in self._records.items() if r.expires_at <= now]
         for k in gone:
             del self._records[k]

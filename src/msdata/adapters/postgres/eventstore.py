@@ -268,12 +268,14 @@ class PostgresEventStore:
     async def read_stream(
         self, stream_id: str, from_version: int = 1, limit: int | None = None
     ) -> list[RecordedEvent]:
+        check_stream_id(stream_id)
         rows = await self._fetch(
             "event store read_stream", "stream", stream_id, max(1, from_version), limit
         )
         return [_record(r) for r in rows]
 
     async def stream_version(self, stream_id: str) -> int:
+        check_stream_id(stream_id)
         rows = await self._fetch("event store stream_version", "version", stream_id)
         return int(rows[0][0] or 0)
 

@@ -39,7 +39,7 @@ from msdata.adapters.postgres._db import (
     map_errors,
 )
 from msdata.errors import ConfigurationError, StoreError
-from msdata.idempotency.store import IdempotencyRecord, IdempotencyStoreFeatures
+from msdata.idempotency.store import IdempotencyRecord, IdempotencyStoreFeatures, check_purge_time
 from msdata.storage import DEFAULT_TABLE_PREFIX, check_table_prefix
 
 __all__ = ["PostgresIdempotencyStore"]
@@ -315,6 +315,7 @@ class PostgresIdempotencyStore:
         return IdempotencyRecord(scope, key, row[0], row[1], _utc(row[2]), row[3], _bytes(row[4]))
 
     async def purge(self, now: datetime) -> int:
+        check_purge_time(now)
         sql = f"DELETE FROM {self.table} WHERE expires_at <= $1"
         status = await self._db.call("idempotency purge", lambda pool: pool.execute(sql, now))
         return command_count(status)

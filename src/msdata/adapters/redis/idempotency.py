@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
 from msdata.errors import ConfigurationError, StoreError
-from msdata.idempotency.store import IdempotencyRecord, IdempotencyStoreFeatures
+from msdata.idempotency.store import IdempotencyRecord, IdempotencyStoreFeatures, check_purge_time
 
 __all__ = ["RedisIdempotencyStore"]
 
@@ -200,6 +200,7 @@ class RedisIdempotencyStore:
 
     async def purge(self, now: datetime) -> int:
         """Redis forgets expired keys itself (their TTL): nothing to do, returns 0."""
+        check_purge_time(now)
         return 0
 
     def schema_sql(self) -> str:

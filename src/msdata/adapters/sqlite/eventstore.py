@@ -192,6 +192,7 @@ class SqliteEventStore(SqliteDatabase):
     async def read_stream(
         self, stream_id: str, from_version: int = 1, limit: int | None = None
     ) -> list[RecordedEvent]:
+        check_stream_id(stream_id)
         rows = await self._read(
             f"SELECT {_COLUMNS} FROM {self._t} WHERE stream_id = ? AND stream_version >= ? "
             "ORDER BY stream_version LIMIT ?",
@@ -200,6 +201,7 @@ class SqliteEventStore(SqliteDatabase):
         return _records(rows)
 
     async def stream_version(self, stream_id: str) -> int:
+        check_stream_id(stream_id)
         rows = await self._read(self._version_sql, (stream_id,))
         return int(rows[0][0] or 0)
 

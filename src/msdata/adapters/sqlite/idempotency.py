@@ -23,7 +23,7 @@ from typing import Any
 
 from msdata.adapters.sqlite._db import SqliteDatabase, caller_connection, map_errors
 from msdata.errors import StoreError
-from msdata.idempotency.store import IdempotencyRecord, IdempotencyStoreFeatures
+from msdata.idempotency.store import IdempotencyRecord, IdempotencyStoreFeatures, check_purge_time
 
 __all__ = ["SqliteIdempotencyStore"]
 
@@ -221,6 +221,7 @@ class SqliteIdempotencyStore(SqliteDatabase):
         return None if row is None else self._record(scope, key, row)
 
     async def purge(self, now: datetime) -> int:
+        check_purge_time(now)
         sql = f"DELETE FROM {self.table} WHERE expires_us <= ?"
         cut = _us(now)
         return await self.run(lambda c: self.write(c, lambda w: w.execute(sql, (cut,)).rowcount))

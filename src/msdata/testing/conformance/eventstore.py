@@ -243,6 +243,20 @@ class EventStoreConformance:
                 await store.read_all(-1)
             with pytest.raises(ConfigurationError):
                 await store.read_all(0, 0)
+            for bad_id in ("a\x00b", "line\nbreak", "\x7f"):  # no control character
+                tx = await self.begin(store)
+                try:
+                    with pytest.raises(ConfigurationError):
+                        await self.append(store, tx, bad_id, 0, make_events(1))
+                finally:
+                    await self.rollback(tx)
+                with pytest.raises(ConfigurationError):
+                    await store.read_stream(bad_id)
+                with pytest.raises(ConfigurationError):
+                    await store.stream_version(bad_id)
+            for bad in ("test.Happened", [object], [None]):  # names only, never one str
+                with pytest.raises(ConfigurationError):
+                    await store.read_all(0, 10, bad)  # type: ignore[arg-type]
 
     async def test_rolled_back_and_uncommitted_events_are_invisible(self) -> None:
         async with self.make_store() as store:

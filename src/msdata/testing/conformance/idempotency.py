@@ -37,9 +37,11 @@ import pytest
 
 from msdata.errors import (
     ConfigurationError,
+    IdempotencyError,
     IdempotencyInProgress,
     IdempotencyKeyMissing,
     IdempotencyKeyReused,
+    ResultNotStored,
     StoredResultTooLarge,
 )
 from msdata.idempotency import IdempotencyKeys, IdempotencyStatus, IdempotencyStore
@@ -209,6 +211,12 @@ class IdempotencyStoreConformance:
                 assert await store.get("u", "k0") is None and await store.get("u", "k1") is None
             assert await store.get("u", "k2") is not None
 
+    async def test_purge_takes_an_aware_datetime(self) -> None:
+        async with self.make_store() as store:
+            for bad in (datetime(2030, 1, 1), 1893456000, "2030-01-01", None):
+                with pytest.raises(ConfigurationError, match="aware datetime"):
+                    await store.purge(bad)  # type: ignore[arg-type]
+
     # -- the caller's transaction --------------------------------------------------------------
 
     async def test_a_claim_in_the_callers_transaction_commits_or_rolls_back_with_it(self) -> None:
@@ -348,6 +356,33 @@ class IdempotencyStoreConformance:
             assert await keys.run("big", _async(big), scope="s") == big  # the first caller
             with pytest.raises(StoredResultTooLarge):
                 await keys.run("big", _async("other"), scope="s")
+
+    async def test_a_result_with_no_json_form_is_marked_done_not_run_again(self) -> None:
+        async with self.make_store() as store:
+            keys = IdempotencyKeys(store, clock=FakeClock())
+            runs: list[object] = []
+
+            async def charge() -> object:
+                runs.append(object())  # the effect happens here
+                return runs[-1]
+
+            assert await keys.run("w", charge, scope="s") is runs[0]  # the first caller
+            for _ in range(2):
+                with pytest.raises(ResultNotStored, match="no JSON form"):
+                    await keys.run("w", charge, scope="s")
+            assert len(runs) == 1
+            rec = await store.get("s", "w")
+            assert rec is not None and rec.completed
+
+    async def test_control_characters_in_keys_and_scopes_are_refused_up_front(self) -> None:
+        async with self.make_store() as store:
+            keys = IdempotencyKeys(store, clock=FakeClock())
+            for bad in ("a\x00b", "tab\there", "\x7f"):
+                with pytest.raises(IdempotencyError, match="control character"):
+                    await keys.run(bad, _async(1), scope="s")
+                with pytest.raises(ConfigurationError, match="control character"):
+                    await keys.run("k", _async(1), scope=bad)
+            assert await store.get("s", "k") is None
 
 
 def _async(value: Any) -> Any:

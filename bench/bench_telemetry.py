@@ -1,0 +1,267 @@
+"""What tracing costs on the outbox relay and on the in-memory event bus, in the same run.
+
+Three telemetry set-ups, interleaved round by round (the order rotates each round):
+
+- ``none``: nothing installed (msdata's no-op hooks: what every user without telemetry runs);
+- ``api``: :class:`msdata.adapters.opentelemetry.OpenTelemetry` on the API's no-op tracer and
+  meter providers (only ``opentelemetry-api`` installed, no SDK configured; the hook calls'
+  cost is also timed on the API's global proxy providers, which an SDK could still replace);
+- ``sdk``: the same on the SDK: a ``TracerProvider`` with a ``SimpleSpanProcessor`` into an
+  ``InMemorySpanExporter`` (cleared between rounds) and a ``MeterProvider`` with an
+  ``InMemoryMetricReader``; the default spans (a ``publish`` span per relayed row, a
+  ``handle`` span under each ``process`` span);
+- ``lean``: the SDK with ``relay_spans="batch"`` (one ``publish`` span per relay batch,
+  linked to its rows) and ``handler_spans=False``.
+
+Paths: (a) the relay draining N rows from a SQLite outbox to the memory transport, each row
+with a ``traceparent`` header (as every row has when tracing is on), counting the batches
+that took the relay's fast path; (b) the event bus, ``publish()`` one at a time through the
+memory transport to one handler. Targets: ``sdk``/``none`` < 1.15, ``api``/``none`` < 1.02.
+The no-op hooks themselves (``none`` against a build without them) are measured directly:
+the hook calls a message makes, timed in a loop, as a share of the bus's time per message.
+
+Times are CPU time of this process (``time.process_time``). Prints the per-round ratios
+(min - median - max) and /proc/loadavg at the start and the end.
+
+Run: .venv/bin/python bench/bench_telemetry.py [--rows N] [--events N] [--rounds R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from msdata import telemetry
+from msdata.adapters.memory import MemoryTransport
+from msdata.adapters.opentelemetry import OpenTelemetry
+from msdata.adapters.sqlite import SqliteOutboxStore, connect
+from msdata.events import EventBus
+from msdata.messages import Event, MessageRegistry, make_envelope, message_type
+from msdata.outbox import Outbox, OutboxRelay
+from msdata.transport import TransportMessage
+
+registry = MessageRegistry()
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+@message_type("bench.OrderPlaced", registry=registry)
+class OrderPlaced(Event):
+    order_id: str
+    customer: str
+    total_cents: int
+
+
+def loadavg() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return "n/a"
+
+
+class Setups:
+    def __init__(self) -> None:
+        self.exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.sdk = OpenTelemetry(
+            tracer_provider=provider,
+            meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]),
+        )
+        self.lean = OpenTelemetry(
+            tracer_provider=provider,
+            meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]),
+            relay_spans="batch",
+            handler_spans=False,
+        )
+        self.api = OpenTelemetry(
+            tracer_provider=trace.NoOpTracerProvider(),
+            meter_provider=metrics.NoOpMeterProvider(),
+        )
+
+    def install(self, name: str) -> None:
+        self.exporter.clear()
+        telemetry.install({"none": None, "api": self.api, "sdk": self.sdk, "lean": self.lean}[name])
+
+
+async def relay_round(db: str, store: SqliteOutboxStore, rows: int) -> tuple[float, int, int]:
+    """Fill the outbox (not timed), drain it (timed). Returns (seconds per row, batches,
+    batches that missed the fast path)."""
+    outbox = Outbox(store, registry=registry, source="bench")
+    events = [OrderPlaced(order_id=f"o-{i}", customer="c", total_cents=100) for i in range(rows)]
+    previous = telemetry.install(None)  # the rows are the same in every set-up
+    try:
+        with connect(db) as conn:
+            for i in range(0, rows, 500):
+                outbox.add(
+                    conn,
+                    events[i : i + 500],
+                    key=None,
+                    headers={"traceparent": TRACEPARENT},
+                )
+    finally:
+        telemetry.install(previous)
+    relay = OutboxRelay(store, MemoryTransport(), batch_size=100, relay_id="bench")
+    fast_batch = relay._fast_batch
+    batches = missed = 0
+
+    def counting(records: Any) -> list[TransportMessage] | None:
+        nonlocal batches, missed
+        batches += 1
+        out = fast_batch(records)
+        missed += out is None
+        return out
+
+    relay._fast_batch = counting  # type: ignore[method-assign]
+    started = time.process_time()
+    done = 0
+    while n := await relay.run_once():
+        done += n
+    elapsed = time.process_time() - started
+    assert done == rows, (done, rows)
+    return elapsed / rows, batches, missed
+
+
+async def bus_round(n: int) -> float:
+    transport = MemoryTransport()
+    bus = EventBus(transport, registry=registry, prefetch=500)
+    done = asyncio.Event()
+    count = 0
+
+    @bus.handler(OrderPlaced, group="bench")
+    async def handler(msg: OrderPlaced) -> None:
+        nonlocal count
+        count += 1
+        if count == n:
+            done.set()
+
+    events = [OrderPlaced(order_id=f"o-{i}", customer="c", total_cents=100) for i in range(n)]
+    async with bus:
+        started = time.process_time()
+        for i, e in enumerate(events):
+            await bus.publish(e)
+            if i % 100 == 99:
+                await asyncio.sleep(0)
+        await done.wait()
+        elapsed = time.process_time() - started
+    await transport.close()
+    return elapsed / n
+
+
+def hook_cost(hooks: telemetry.Telemetry | None, n: int = 200_000) -> float:
+    """Seconds per message of the hook calls one bus message makes (created, consume,
+    close) with ``hooks`` installed, minus the same loop without them."""
+    telemetry.install(hooks)
+    env = make_envelope(OrderPlaced(order_id="1", customer="c", total_cents=1), registry=registry)
+    delivery: Any = None
+
+    def handler() -> None:
+        return None
+
+    def with_hooks() -> None:
+        for _ in range(n):
+            e = telemetry.hooks.message_created("t", env, outbox=False)
+            seen = telemetry.hooks.consume("t", "g", delivery, e, handler)
+            seen.close()
+
+    def without() -> None:
+        for _ in range(n):
+            e = env
+            seen = e
+            _ = seen
+
+    def timed(fn: Callable[[], None]) -> float:
+        t = time.process_time()
+        fn()
+        return time.process_time() - t
+
+    costs = [timed(with_hooks) - timed(without) for _ in range(5)]
+    telemetry.install(None)
+    return max(0.0, statistics.median(costs)) / n
+
+
+def spread(xs: list[float]) -> str:
+    return f"{min(xs):.3f} - {statistics.median(xs):.3f} - {max(xs):.3f}"
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=5000)
+    parser.add_argument("--events", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    print(f"loadavg at start: {loadavg()}")
+    setups = Setups()
+    names = ["none", "api", "sdk", "lean"]
+    relay_t: dict[str, list[float]] = {k: [] for k in names}
+    bus_t: dict[str, list[float]] = {k: [] for k in names}
+    missed_total = batches_total = 0
+    db = str(Path(tempfile.mkdtemp()) / "bench.db")
+    store = SqliteOutboxStore(db)
+    await store.create_schema()
+    try:
+        for r in range(args.rounds):
+            order = names[r % len(names) :] + names[: r % len(names)]
+            for name in order:
+                setups.install(name)
+                per_row, batches, missed = await relay_round(db, store, args.rows)
+                relay_t[name].append(per_row)
+                batches_total += batches
+                missed_total += missed
+                bus_t[name].append(await bus_round(args.events))
+                telemetry.install(None)
+    finally:
+        telemetry.install(None)
+        await store.close()
+    hook = hook_cost(None)
+    api_hook = hook_cost(setups.api)
+    proxy_hook = hook_cost(OpenTelemetry())  # the global providers, no SDK ever set
+    us = 1e6
+    print(
+        f"relay: {args.rows} rows per round on SQLite -> memory transport, batch 100, "
+        f"every row with a traceparent; bus: {args.events} events, publish() one at a time; "
+        f"{args.rounds} rounds"
+    )
+    print(
+        f"{'path':<7}{'setup':<7}{'us/msg (median)':>16}   "
+        "ratio to none per round: min - median - max"
+    )
+    for label, table in (("relay", relay_t), ("bus", bus_t)):
+        base = table["none"]
+        for name in names:
+            ratios = [a / b for a, b in zip(table[name], base, strict=True)]
+            print(
+                f"{label:<7}{name:<7}{statistics.median(table[name]) * us:>16.2f}   "
+                f"{spread(ratios)}"
+            )
+    print(f"relay batches on the fast path: {batches_total - missed_total} of {batches_total}")
+    bus_none = statistics.median(bus_t["none"])
+    print(
+        f"no-op hook calls per bus message: {hook * 1e9:.0f} ns = "
+        f"{hook / bus_none * 100:.2f}% of the bus's {bus_none * us:.2f} us/msg"
+    )
+    print(
+        f"API-only hook calls per bus message: {api_hook * 1e9:.0f} ns = "
+        f"{api_hook / bus_none * 100:.2f}% of the bus's {bus_none * us:.2f} us/msg"
+    )
+    print(
+        f"API-only hook calls, global (proxy) providers: {proxy_hook * 1e9:.0f} ns = "
+        f"{proxy_hook / bus_none * 100:.2f}% of the bus's time per message"
+    )
+    print(f"loadavg at end: {loadavg()}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

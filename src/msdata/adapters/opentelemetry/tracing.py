@@ -1,0 +1,689 @@
+"""The OpenTelemetry implementation of msdata's telemetry hooks.
+
+Spans follow the OpenTelemetry semantic conventions for messaging (span name
+``{operation} {destination}``; attributes ``messaging.system``,
+``messaging.destination.name``, ``messaging.operation.type``, ``messaging.operation.name``,
+``messaging.message.id``, ``messaging.message.conversation_id`` (msdata's correlation id),
+``messaging.consumer.group.name``):
+
+=====================  ========  ==========================================================
+span                   kind      where
+=====================  ========  ==========================================================
+``create <topic>``     PRODUCER  ``Outbox.add``: one per message; its context goes into the
+                                 message's ``traceparent``/``tracestate`` headers (stored
+                                 in the outbox row and in the CloudEvents body)
+``publish <topic>``    PRODUCER  the relay publishing a row (child of the row's ``create``;
+                                 its context replaces ``traceparent`` in the transport
+                                 headers), and ``EventBus.publish`` (child of the current
+                                 span; its context goes into the headers)
+``process <topic>``    CONSUMER  the event bus's consumer handling one delivery (child of
+                                 the context in the delivery's headers)
+``handle <type>``      INTERNAL  the handler, child of ``process``
+``idempotency claim``  INTERNAL  an idempotency key claimed (``msdata.idempotency.outcome``)
+``compose``            INTERNAL  an API composition
+``saga …``             INTERNAL  ``saga <name> step <s>``: a saga's local step (``saga
+                                 <name> compensate <s>``: its compensation); a remote
+                                 step is the ``create`` span of the command it sends
+=====================  ========  ==========================================================
+
+Metrics (meter ``msdata``): ``msdata.outbox.created``, ``messaging.client.sent.messages``
+(with ``error.type`` on a failed publish), ``messaging.client.consumed.messages``
+(``msdata.outcome``: ack, nack, dead_letter, cancelled), ``msdata.consumer.dead_letters``,
+``messaging.process.duration`` (seconds), ``msdata.idempotency.claims``
+(``msdata.idempotency.outcome``), ``msdata.saga.step.duration`` (seconds),
+``msdata.saga.instances`` (``msdata.saga.status``: started, completed, compensated,
+failed), and the
+observable gauges of :meth:`OpenTelemetry.watch_outbox` and
+:meth:`OpenTelemetry.watch_projection`. See docs/observability.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal
+
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.propagate import get_global_textmap
+from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+from msdata import __version__
+from msdata.messages import Envelope
+from msdata.telemetry import ConsumeScope, Outcome, StepScope, Telemetry, _Publishing
+from msdata.transport import TransportMessage
+
+if TYPE_CHECKING:
+    from msdata.deadletter import DeadLetter
+    from msdata.outbox.store import OutboxStatus
+    from msdata.transport import Delivery
+
+__all__ = ["OpenTelemetry"]
+
+log = logging.getLogger("msdata.telemetry")
+
+_TRACEPARENT = "traceparent"
+_NO_CONSUME = ConsumeScope()
+_NO_STEP = StepScope()
+_PRODUCER = SpanKind.PRODUCER
+_CONSUMER = SpanKind.CONSUMER
+_INTERNAL = SpanKind.INTERNAL
+
+
+def _system_of(obj: object, default: str) -> str:
+    """``messaging.system`` of a transport: its adapter package (``rabbitmq``, ``redis``,
+    ``nats``, ``memory``), else ``default``."""
+    module = type(obj).__module__
+    if module.startswith("msdata.adapters."):
+        return module.split(".")[2]
+    return default
+
+
+class _RelayBatch:
+    """The ``with`` block around one relay publish: one ``publish`` span per row."""
+
+    __slots__ = ("_otel", "_spans", "_system", "_topic", "messages")
+
+    def __init__(
+        self, otel: OpenTelemetry, topic: str, messages: list[TransportMessage], system: str
+    ) -> None:
+        self._otel = otel
+        self._topic = topic
+        self._system = system
+        self.messages = messages
+        self._spans: list[Span] = []
+
+    def __enter__(self) -> list[TransportMessage]:
+        otel = self._otel
+        start = otel._tracer.start_span
+        extract, inject = otel._propagator.extract, otel._propagator.inject
+        set_in = trace.set_span_in_context
+        name = f"publish {self._topic}"
+        base: dict[str, Any] = {
+            "messaging.system": self._system,
+            "messaging.destination.name": self._topic,
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "publish",
+            "messaging.batch.message_count": len(self.messages),
+        }
+        out: list[TransportMessage] = []
+        spans = self._spans
+        for m in self.messages:
+            headers = m.headers
+            parent = extract(headers) if _TRACEPARENT in headers else None
+            attrs = dict(base)
+            attrs["messaging.message.id"] = m.id
+            span = start(name, parent, _PRODUCER, attrs)
+            spans.append(span)
+            carrier = dict(headers)
+            inject(carrier, set_in(span))
+            out.append(TransportMessage(m.id, m.body, m.key, MappingProxyType(carrier)))
+        return out
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        otel = self._otel
+        attrs: dict[str, str] = {
+            "messaging.system": self._system,
+            "messaging.destination.name": self._topic,
+        }
+        if exc is not None:
+            attrs["error.type"] = type(exc).__qualname__
+            for span in self._spans:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        for span in self._spans:
+            span.end()
+        otel._sent.add(len(self._spans), attrs)
+
+
+class _Consume(ConsumeScope):
+    __slots__ = (
+        "_attrs",
+        "_error",
+        "_handler_span",
+        "_otel",
+        "_outcome",
+        "_span",
+        "_start",
+        "_token",
+    )
+
+    def __init__(
+        self,
+        otel: OpenTelemetry,
+        span: Span,
+        handler_span: Span | None,
+        token: object,
+        attrs: dict[str, str],
+    ) -> None:
+        self._otel = otel
+        self._span = span
+        self._handler_span = handler_span
+        self._token = token
+        self._attrs = attrs
+        self._outcome: Outcome = "ack"
+        self._error: BaseException | None = None
+        self._start = time.perf_counter()
+
+    def failed(self, error: BaseException, outcome: Outcome) -> None:
+        if isinstance(error, asyncio.CancelledError):
+            outcome = "cancelled"
+        self._outcome = outcome
+        self._error = error
+
+    def close(self) -> None:
+        otel = self._otel
+        error = self._error
+        try:
+            otel_context.detach(self._token)  # type: ignore[arg-type]
+        except Exception:  # pragma: no cover - a context mix-up must not break the consumer
+            log.debug("could not detach the consume context", exc_info=True)
+        spans = (self._span,) if self._handler_span is None else (self._handler_span, self._span)
+        for span in spans:
+            if error is not None and self._outcome != "cancelled":
+                span.record_exception(error)
+                span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+            span.set_attribute("msdata.outcome", self._outcome)
+            span.end()
+        attrs = self._attrs
+        otel._process_duration.record(time.perf_counter() - self._start, attrs)
+        settled = dict(attrs)
+        settled["msdata.outcome"] = self._outcome
+        otel._consumed.add(1, settled)
+
+
+class _Counted:
+    """No spans recorded (the API's no-op tracer): only the metrics."""
+
+    __slots__ = ("_attrs", "_otel", "_outcome", "messages")
+
+    def __init__(
+        self, otel: OpenTelemetry, topic: str, messages: list[TransportMessage], system: str
+    ) -> None:
+        self._otel = otel
+        self.messages = messages
+        self._attrs = {"messaging.system": system, "messaging.destination.name": topic}
+
+    def __enter__(self) -> list[TransportMessage]:
+        return self.messages
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        attrs = self._attrs
+        if exc is not None:
+            attrs = {**attrs, "error.type": type(exc).__qualname__}
+        self._otel._sent.add(len(self.messages), attrs)
+
+    @staticmethod
+    def consume(otel: OpenTelemetry, topic: str, group: str, delivery: Delivery) -> ConsumeScope:
+        return _CountedConsume(otel, topic, group)
+
+
+class _CountedConsume(ConsumeScope):
+    __slots__ = ("_group", "_otel", "_outcome", "_topic")
+
+    def __init__(self, otel: OpenTelemetry, topic: str, group: str) -> None:
+        self._otel = otel
+        self._topic = topic
+        self._group = group
+        self._outcome: Outcome = "ack"
+
+    def failed(self, error: BaseException, outcome: Outcome) -> None:
+        self._outcome = "cancelled" if isinstance(error, asyncio.CancelledError) else outcome
+
+    def close(self) -> None:
+        self._otel._consumed.add(
+            1,
+            {
+                "messaging.destination.name": self._topic,
+                "messaging.consumer.group.name": self._group,
+                "msdata.outcome": self._outcome,
+            },
+        )
+
+
+def _span_context(traceparent: str) -> SpanContext | None:
+    """The remote span context of a W3C ``traceparent`` (version 00), or None."""
+    parts = traceparent.split("-")
+    if len(parts) != 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
+        return None
+    try:
+        ctx = SpanContext(
+            int(parts[1], 16), int(parts[2], 16), True, TraceFlags(int(parts[3], 16) & 1)
+        )
+    except ValueError:
+        return None
+    return ctx if ctx.is_valid else None
+
+
+class _LinkedBatch(_RelayBatch):
+    """``relay_spans="batch"``: one ``publish`` span per batch, linked to each row's
+    creation context (the semantic conventions' batch form); the rows' headers are sent as
+    stored, so consumers are children of the rows' ``create`` spans."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> list[TransportMessage]:
+        links = []
+        for m in self.messages:
+            tp = m.headers.get(_TRACEPARENT)
+            ctx = _span_context(tp) if tp is not None else None
+            if ctx is not None:
+                links.append(Link(ctx))
+        attrs: dict[str, Any] = {
+            "messaging.system": self._system,
+            "messaging.destination.name": self._topic,
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "publish",
+            "messaging.batch.message_count": len(self.messages),
+        }
+        span = self._otel._tracer.start_span(
+            f"publish {self._topic}", None, _PRODUCER, attrs, links
+        )
+        self._spans.append(span)
+        return self.messages
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        span = self._spans[0]
+        attrs: dict[str, str] = {
+            "messaging.system": self._system,
+            "messaging.destination.name": self._topic,
+        }
+        if exc is not None:
+            attrs["error.type"] = type(exc).__qualname__
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        span.end()
+        self._otel._sent.add(len(self.messages), attrs)
+
+
+class _SagaStep(StepScope):
+    __slots__ = ("_attrs", "_error", "_otel", "_span", "_start", "_token")
+
+    def __init__(
+        self,
+        otel: OpenTelemetry,
+        saga: str,
+        saga_id: str,
+        step: str,
+        compensation: bool,
+        mode: int,
+    ) -> None:
+        self._otel = otel
+        self._attrs: dict[str, Any] = {
+            "msdata.saga.name": saga,
+            "msdata.saga.step": step,
+            "msdata.saga.compensation": compensation,
+        }
+        self._error: str | None = None
+        self._span: Span | None = None
+        self._token: object = None
+        if mode & 2:
+            name = f"saga {saga} {'compensate' if compensation else 'step'} {step}"
+            span = otel._tracer.start_span(
+                name, None, _INTERNAL, {**self._attrs, "msdata.saga.id": saga_id}
+            )
+            self._span = span
+            self._token = otel_context.attach(trace.set_span_in_context(span))
+        self._start = time.perf_counter()
+
+    def failed(self, error: str) -> None:
+        self._error = error
+
+    def close(self) -> None:
+        otel = self._otel
+        span = self._span
+        if span is not None:
+            try:
+                otel_context.detach(self._token)  # type: ignore[arg-type]
+            except Exception:  # pragma: no cover - a context mix-up must not break the saga
+                log.debug("could not detach the saga step context", exc_info=True)
+            if self._error is not None:
+                span.set_status(Status(StatusCode.ERROR, self._error))
+            span.end()
+        attrs = self._attrs
+        if self._error is not None:
+            attrs = {**attrs, "error.type": self._error.split(":", 1)[0]}
+        otel._step_duration.record(time.perf_counter() - self._start, attrs)
+
+
+class OpenTelemetry(Telemetry):
+    """Spans and metrics through OpenTelemetry; install it with
+    :func:`msdata.telemetry.install`.
+
+    ``tracer_provider`` / ``meter_provider``: default the global ones (set by the SDK or by
+    ``opentelemetry-instrument``); with only ``opentelemetry-api`` installed they are
+    no-ops. ``messaging_system`` is ``messaging.system`` where msdata cannot tell it from
+    the transport's adapter (the outbox's ``create`` span, a user's own transport): default
+    ``"msdata"``. Trace context is written and read by the global text-map propagator
+    (W3C ``traceparent``/``tracestate`` and ``baggage`` by default).
+    """
+
+    enabled = True
+
+    def __init__(
+        self,
+        *,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
+        messaging_system: str = "msdata",
+        handler_spans: bool = True,
+        relay_spans: Literal["message", "batch"] = "message",
+    ) -> None:
+        self._tracer = trace.get_tracer("msdata", __version__, tracer_provider)
+        meter = metrics.get_meter("msdata", __version__, meter_provider)
+        self._meter = meter
+        self._propagator = get_global_textmap()
+        self.messaging_system = messaging_system
+        self._systems: dict[type, str] = {}
+        self._created = meter.create_counter(
+            "msdata.outbox.created", unit="{message}", description="Messages added to an outbox"
+        )
+        self._sent = meter.create_counter(
+            "messaging.client.sent.messages",
+            unit="{message}",
+            description="Messages published (relay and event bus); error.type when failed",
+        )
+        self._consumed = meter.create_counter(
+            "messaging.client.consumed.messages",
+            unit="{message}",
+            description="Deliveries handled by the event bus, by msdata.outcome",
+        )
+        self._dead_letters = meter.create_counter(
+            "msdata.consumer.dead_letters",
+            unit="{message}",
+            description="Messages moved to a dead-letter topic",
+        )
+        self._process_duration = meter.create_histogram(
+            "messaging.process.duration", unit="s", description="Handling one delivery"
+        )
+        self._claims = meter.create_counter(
+            "msdata.idempotency.claims",
+            unit="{claim}",
+            description="Idempotency key claims, by msdata.idempotency.outcome",
+        )
+        self._step_duration = meter.create_histogram(
+            "msdata.saga.step.duration", unit="s", description="One saga step or compensation"
+        )
+        self._saga_instances = meter.create_counter(
+            "msdata.saga.instances",
+            unit="{instance}",
+            description="Saga instances started and ended, by msdata.saga.status",
+        )
+        self._outboxes: dict[str, Callable[[], Awaitable[OutboxStatus]]] = {}
+        self._outbox_status: dict[str, OutboxStatus] = {}
+        self._projections: dict[str, Callable[[], Awaitable[Any]]] = {}
+        self._projection_lag: dict[str, Any] = {}
+        self._gauges_made = False
+        self._live = False
+        self._metrics_live = False
+        self._settled: int | None = None
+        self._mode_seen = 0
+        self._recheck_at = 0.0
+        self._fixed = not isinstance(self._tracer, trace.ProxyTracer) and not hasattr(
+            meter, "_real_meter"
+        )
+        self.handler_spans = handler_spans
+        self.relay_spans = relay_spans
+
+    # -- the hooks ----------------------------------------------------------------------
+
+    def _tracing(self) -> bool:
+        """Whether spans are recorded: False on the API's no-op tracer (no SDK set up), so
+        the hooks then cost next to nothing (no context is injected or extracted)."""
+        if self._live:
+            return True
+        tracer: Any = self._tracer
+        if isinstance(tracer, trace.ProxyTracer):
+            tracer = tracer._tracer  # the SDK's once a provider is set, else the no-op
+        self._live = not isinstance(tracer, trace.NoOpTracer)
+        return self._live
+
+    def _mode(self) -> int:
+        """2 when spans are recorded, | 1 when metrics are. Settled once both are live, or at
+        once when neither provider is the global proxy; on the proxy (which an SDK set up
+        later replaces) looked at again once a second at most."""
+        mode = self._settled
+        if mode is not None:
+            return mode
+        now = time.monotonic()
+        if now < self._recheck_at:
+            return self._mode_seen
+        mode = (2 if self._tracing() else 0) | (1 if self._metering() else 0)
+        if mode == 3 or self._fixed:
+            self._settled = mode
+        self._mode_seen, self._recheck_at = mode, now + 1.0
+        return mode
+
+    def _metering(self) -> bool:
+        """Whether metrics are recorded: False on the API's no-op meter, or on the global
+        proxy before an SDK meter provider is set."""
+        if self._metrics_live:
+            return True
+        meter: Any = self._meter
+        if isinstance(meter, metrics.NoOpMeter):
+            return False
+        self._metrics_live = getattr(meter, "_real_meter", True) is not None
+        return self._metrics_live
+
+    def _system(self, obj: object) -> str:
+        t = type(obj)
+        system = self._systems.get(t)
+        if system is None:
+            system = self._systems[t] = _system_of(obj, self.messaging_system)
+        return system
+
+    def message_created(
+        self, topic: str, envelope: Envelope[Any], *, outbox: bool
+    ) -> Envelope[Any]:
+        mode = self._mode()
+        if mode & 1:
+            (self._created if outbox else self._sent).add(1, {"messaging.destination.name": topic})
+        if not mode & 2:
+            return envelope
+        attrs: dict[str, str] = {
+            "messaging.system": self.messaging_system,
+            "messaging.destination.name": topic,
+            "messaging.operation.type": "create" if outbox else "send",
+            "messaging.operation.name": "create" if outbox else "publish",
+            "messaging.message.id": envelope.id,
+        }
+        if envelope.correlation_id is not None:
+            attrs["messaging.message.conversation_id"] = envelope.correlation_id
+        name = f"create {topic}" if outbox else f"publish {topic}"
+        span = self._tracer.start_span(name, None, _PRODUCER, attrs)
+        carrier = dict(envelope.headers)
+        self._propagator.inject(carrier, trace.set_span_in_context(span))
+        span.end()
+        return envelope._replace(headers=MappingProxyType(carrier))
+
+    def publishing(  # type: ignore[override]
+        self, topic: str, messages: list[TransportMessage], publisher: object
+    ) -> _RelayBatch | _Counted | _Publishing:
+        mode = self._mode()
+        if not mode & 2:
+            if not mode:
+                return _Publishing(messages)
+            return _Counted(self, topic, messages, self._system(publisher))
+        if self.relay_spans == "batch":
+            return _LinkedBatch(self, topic, messages, self._system(publisher))
+        return _RelayBatch(self, topic, messages, self._system(publisher))
+
+    def consume(
+        self,
+        topic: str,
+        group: str,
+        delivery: Delivery,
+        envelope: Envelope[Any],
+        handler: Callable[..., Any],
+    ) -> ConsumeScope:
+        mode = self._mode()
+        if not mode & 2:
+            if not mode:
+                return _NO_CONSUME
+            return _Counted.consume(self, topic, group, delivery)
+        headers = delivery.message.headers
+        if _TRACEPARENT not in headers:
+            headers = envelope.headers
+        parent = self._propagator.extract(headers) if _TRACEPARENT in headers else None
+        system = self._system(delivery)
+        attrs: dict[str, Any] = {
+            "messaging.system": system,
+            "messaging.destination.name": topic,
+            "messaging.consumer.group.name": group,
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.message.id": envelope.id,
+            "msdata.delivery.attempt": delivery.attempt,
+        }
+        if envelope.correlation_id is not None:
+            attrs["messaging.message.conversation_id"] = envelope.correlation_id
+        tracer = self._tracer
+        span = tracer.start_span(f"process {topic}", parent, _CONSUMER, attrs)
+        handler_span: Span | None = None
+        current = span
+        if self.handler_spans:
+            current = handler_span = tracer.start_span(
+                f"handle {envelope.type}",
+                trace.set_span_in_context(span),
+                _INTERNAL,
+                {
+                    "code.function.name": getattr(handler, "__qualname__", repr(handler)),
+                    "messaging.consumer.group.name": group,
+                },
+            )
+        token = otel_context.attach(trace.set_span_in_context(current))
+        counted = {
+            "messaging.system": system,
+            "messaging.destination.name": topic,
+            "messaging.consumer.group.name": group,
+        }
+        return _Consume(self, span, handler_span, token, counted)
+
+    def dead_lettered(self, dead_letter: DeadLetter) -> None:
+        self._dead_letters.add(
+            1,
+            {
+                "messaging.destination.name": dead_letter.original_topic,
+                "messaging.consumer.group.name": dead_letter.group,
+            },
+        )
+
+    def idempotency_claim(self, scope: str, outcome: str) -> None:
+        attrs = {"msdata.idempotency.scope": scope, "msdata.idempotency.outcome": outcome}
+        span = self._tracer.start_span("idempotency claim", None, _INTERNAL, attrs)
+        span.end()
+        self._claims.add(1, attrs)
+
+    @contextmanager
+    def _internal(self, name: str, attrs: dict[str, Any]) -> Iterator[Span]:
+        with self._tracer.start_as_current_span(name, kind=_INTERNAL, attributes=attrs) as span:
+            yield span
+
+    def compose(self, parts: Sequence[str]) -> Any:
+        return self._internal("compose", {"msdata.composition.parts": list(parts)})
+
+    def handle(self, kind: str, type_name: str, handler: Callable[..., Any]) -> Any:
+        return self._internal(
+            f"handle {type_name}",
+            {"msdata.message.kind": kind, "code.function.name": handler.__qualname__},
+        )
+
+    def saga_step(self, saga: str, saga_id: str, step: str, *, compensation: bool) -> StepScope:
+        mode = self._mode()
+        if not mode:
+            return _NO_STEP
+        return _SagaStep(self, saga, saga_id, step, compensation, mode)
+
+    def saga_status(self, saga: str, status: str) -> None:
+        if self._mode() & 1:
+            self._saga_instances.add(1, {"msdata.saga.name": saga, "msdata.saga.status": status})
+
+    # -- gauges that read stores --------------------------------------------------------
+
+    def watch_outbox(self, store: Any, name: str = "outbox") -> None:
+        """Report ``store.status()`` (an :class:`msdata.outbox.OutboxStore`, or a relay) as
+        the observable gauges ``msdata.outbox.pending`` (rows), ``msdata.outbox.oldest_age``
+        (seconds; 0 when none is pending) and ``msdata.outbox.parked`` (rows), attribute
+        ``msdata.outbox.name``. The status is read by :meth:`refresh` (async, so the gauges'
+        callbacks never block a metric export on a store): call it, or run
+        :meth:`run_watch`."""
+        self._make_gauges()
+        self._outboxes[name] = store.status
+
+    def watch_projection(self, runner: Any, name: str) -> None:
+        """Report ``runner.lag()`` (a :class:`msdata.projections.ProjectionRunner`) as
+        ``msdata.projection.lag`` (events behind) and ``msdata.projection.lag_age``
+        (seconds), attribute ``msdata.projection.name``; read by :meth:`refresh`."""
+        self._make_gauges()
+        self._projections[name] = runner.lag
+
+    async def refresh(self) -> None:
+        """Read the status of every watched outbox and projection now. A store that
+        fails keeps its last figures (and the failure is logged)."""
+        for name, status in list(self._outboxes.items()):
+            try:
+                self._outbox_status[name] = await status()
+            except Exception:
+                log.exception("reading the status of outbox %s failed", name)
+        for name, lag in list(self._projections.items()):
+            try:
+                self._projection_lag[name] = await lag()
+            except Exception:
+                log.exception("reading the lag of projection %s failed", name)
+
+    async def run_watch(self, interval: float = 15.0) -> None:
+        """:meth:`refresh` every ``interval`` seconds until cancelled (run it as a task)."""
+        while True:
+            await self.refresh()
+            await asyncio.sleep(interval)
+
+    def _make_gauges(self) -> None:
+        if self._gauges_made:
+            return
+        self._gauges_made = True
+        meter = self._meter
+
+        def outbox(field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+            def observe(_: CallbackOptions) -> Iterable[Observation]:
+                for name, status in list(self._outbox_status.items()):
+                    value = getattr(status, field)
+                    yield Observation(value or 0, {"msdata.outbox.name": name})
+
+            return observe
+
+        def projection(field: int) -> Callable[[CallbackOptions], Iterable[Observation]]:
+            def observe(_: CallbackOptions) -> Iterable[Observation]:
+                for name, lag in list(self._projection_lag.items()):
+                    yield Observation(lag[field], {"msdata.projection.name": name})
+
+            return observe
+
+        meter.create_observable_gauge(
+            "msdata.outbox.pending", [outbox("pending")], unit="{row}", description="Rows pending"
+        )
+        meter.create_observable_gauge(
+            "msdata.outbox.oldest_age",
+            [outbox("oldest_pending_age")],
+            unit="s",
+            description="Age of the oldest pending row (the relay's lag)",
+        )
+        meter.create_observable_gauge(
+            "msdata.outbox.parked", [outbox("parked")], unit="{row}", description="Parked rows"
+        )
+        meter.create_observable_gauge(
+            "msdata.projection.lag",
+            [projection(0)],
+            unit="{event}",
+            description="Events a projection has not applied yet",
+        )
+        meter.create_observable_gauge(
+            "msdata.projection.lag_age",
+            [projection(1)],
+            unit="s",
+            description="Age of the oldest event a projection has not applied",
+        )

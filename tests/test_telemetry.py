@@ -1,0 +1,479 @@
+"""Telemetry: the no-op hooks, the OpenTelemetry spans across outbox and broker (checked
+as a span tree with the SDK's in-memory exporter), metric values, the logging filter."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import tempfile
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+from pydantic import BaseModel
+
+from msdata import telemetry
+from msdata.adapters.memory import (
+    MemoryEventStore,
+    MemoryOutboxStore,
+    MemorySagaStore,
+    MemoryTransaction,
+    MemoryTransport,
+)
+from msdata.adapters.memory.audit import MemoryOutboxAudit
+from msdata.adapters.memory.idempotency import MemoryIdempotencyStore
+from msdata.adapters.opentelemetry import OpenTelemetry
+from msdata.adapters.sqlite import SqliteOutboxStore, connect
+from msdata.audit import EventStoreAudit, SagaAudit, audit_trail
+from msdata.composition import compose, required
+from msdata.cqrs import CommandBus
+from msdata.errors import IdempotencyKeyReused, SagaStepFailed
+from msdata.events import EventBus
+from msdata.eventstore import EventLog
+from msdata.idempotency import IdempotencyKeys
+from msdata.messages import Command, Event, MessageRegistry, handling, make_envelope
+from msdata.outbox import Outbox, OutboxRelay
+from msdata.projections.runner import Lag
+from msdata.saga import Saga, SagaOrchestrator, SagaStatus
+from msdata.telemetry import MessageContextFilter
+from msdata.testing import eventually
+from msdata.transport import TransportMessage
+
+registry = MessageRegistry()
+
+
+class OrderPlaced(Event):
+    order_id: str
+
+
+class PaymentRequested(Event):
+    order_id: str
+
+
+class PlaceOrder(Command):
+    order_id: str
+
+
+class Boom(Event):
+    n: int
+
+
+registry.register(OrderPlaced, "orders.OrderPlaced", 1)
+registry.register(PaymentRequested, "billing.PaymentRequested", 1)
+registry.register(Boom, "test.Boom", 1)
+
+
+class Otel:
+    def __init__(self) -> None:
+        self.spans = InMemorySpanExporter()
+        self.tracer_provider = TracerProvider()
+        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
+        self.reader = InMemoryMetricReader()
+        self.meter_provider = MeterProvider(metric_readers=[self.reader])
+        self.hooks = OpenTelemetry(
+            tracer_provider=self.tracer_provider, meter_provider=self.meter_provider
+        )
+        self.tracer = self.tracer_provider.get_tracer("test")
+
+    def finished(self) -> list[ReadableSpan]:
+        return list(self.spans.get_finished_spans())
+
+    def metric(self, name: str) -> list[tuple[dict[str, Any], Any]]:
+        """(attributes, value) of each data point of metric ``name``."""
+        data = self.reader.get_metrics_data()
+        out = []
+        assert data is not None
+        for rm in data.resource_metrics:
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    if m.name == name:
+                        for p in m.data.data_points:
+                            value = getattr(p, "value", None)
+                            if value is None:
+                                value = p.count  # a histogram: how many were recorded
+                            out.append((dict(p.attributes), value))
+        return out
+
+
+@pytest.fixture
+def otel() -> Iterator[Otel]:
+    o = Otel()
+    previous = telemetry.install(o.hooks)
+    try:
+        yield o
+    finally:
+        telemetry.install(previous)
+
+
+def one(spans: list[ReadableSpan], name: str) -> ReadableSpan:
+    found = [s for s in spans if s.name == name]
+    assert len(found) == 1, (name, [s.name for s in spans])
+    return found[0]
+
+
+def child_of(span: ReadableSpan, parent: ReadableSpan) -> bool:
+    assert span.parent is not None, f"{span.name} has no parent"
+    assert span.context is not None and parent.context is not None
+    return (
+        span.parent.span_id == parent.context.span_id
+        and span.context.trace_id == parent.context.trace_id
+    )
+
+
+async def test_the_noop_hooks_change_nothing() -> None:
+    assert type(telemetry.hooks) is telemetry.Telemetry
+    env = make_envelope(OrderPlaced(order_id="1"), registry=registry)
+    assert telemetry.hooks.message_created("t", env, outbox=True) is env
+    with telemetry.hooks.publishing("t", [], object()) as messages:
+        assert messages == []
+
+
+async def test_with_only_the_api_the_hooks_pass_messages_through() -> None:
+    hooks = OpenTelemetry(
+        tracer_provider=trace.NoOpTracerProvider(), meter_provider=metrics.NoOpMeterProvider()
+    )
+    env = make_envelope(OrderPlaced(order_id="1"), registry=registry)
+    assert hooks.message_created("t", env, outbox=True) is env
+    messages = [TransportMessage("id", b"{}")]
+    with hooks.publishing("t", messages, object()) as sent:
+        assert sent is messages
+
+
+async def test_batch_relay_spans_link_each_rows_create_span(otel: Otel) -> None:
+    telemetry.install(
+        OpenTelemetry(
+            tracer_provider=otel.tracer_provider,
+            meter_provider=otel.meter_provider,
+            relay_spans="batch",
+        )
+    )
+    store = MemoryOutboxStore()
+    with MemoryTransaction() as tx:
+        Outbox(store, registry=registry).add(tx, [Boom(n=1), Boom(n=2)])
+    assert await OutboxRelay(store, MemoryTransport()).run_once() == 2
+    spans = otel.finished()
+    publish = one(spans, "publish test.Boom")
+    creates = [s.context.span_id for s in spans if s.name == "create test.Boom" and s.context]
+    assert len(creates) == 2
+    assert sorted(link.context.span_id for link in publish.links) == sorted(creates)
+    assert publish.attributes is not None
+    assert publish.attributes["messaging.batch.message_count"] == 2
+
+
+async def test_one_trace_from_the_request_through_two_services(otel: Otel) -> None:
+    """HTTP-like root -> create (outbox add) -> publish (relay) -> process -> handle, then
+    from inside that handler on through a second service's outbox, relay and consumer."""
+    tmp = Path(tempfile.mkdtemp())
+    orders_db, billing_db = str(tmp / "orders.db"), str(tmp / "billing.db")
+    orders_store, billing_store = SqliteOutboxStore(orders_db), SqliteOutboxStore(billing_db)
+    await orders_store.create_schema()
+    await billing_store.create_schema()
+    orders_outbox = Outbox(orders_store, registry=registry, source="orders")
+    billing_outbox = Outbox(billing_store, registry=registry, source="billing")
+    transport = MemoryTransport()
+    billing_bus = EventBus(transport, registry=registry, source="billing")
+    shipping_bus = EventBus(transport, registry=registry, source="shipping")
+    shipped: list[str] = []
+
+    @billing_bus.handler(OrderPlaced, group="billing")
+    async def request_payment(event: OrderPlaced) -> None:
+        with connect(billing_db) as conn:
+            billing_outbox.add(conn, PaymentRequested(order_id=event.order_id), key="42")
+
+    @shipping_bus.handler(PaymentRequested, group="shipping")
+    async def ship(event: PaymentRequested) -> None:
+        shipped.append(event.order_id)
+
+    with (
+        otel.tracer.start_as_current_span("POST /orders", kind=SpanKind.SERVER),
+        connect(orders_db) as conn,
+    ):
+        (env,) = orders_outbox.add(conn, OrderPlaced(order_id="42"), key="42")
+    assert "traceparent" in env.headers
+    with connect(orders_db) as conn:  # the trace context is stored in the outbox row
+        (stored,) = conn.execute("SELECT headers FROM msdata_outbox").fetchone()
+    assert env.headers["traceparent"] in stored
+
+    keep = timedelta(hours=1)  # sent rows kept: the audit trail reads them
+    relays = [
+        OutboxRelay(orders_store, transport, retention=keep),
+        OutboxRelay(billing_store, transport, retention=keep),
+    ]
+    async with billing_bus, shipping_bus, relays[0], relays[1]:
+        await eventually(lambda: shipped == ["42"], timeout=10, what="the payment to ship")
+        await eventually(
+            lambda: any(s.name == "handle billing.PaymentRequested" for s in otel.finished()),
+            timeout=10,
+            what="the last span",
+        )
+    spans = otel.finished()
+    root = one(spans, "POST /orders")
+    create = one(spans, "create orders.OrderPlaced")
+    publish = one(spans, "publish orders.OrderPlaced")
+    process = one(spans, "process orders.OrderPlaced")
+    handle = one(spans, "handle orders.OrderPlaced")
+    create2 = one(spans, "create billing.PaymentRequested")
+    publish2 = one(spans, "publish billing.PaymentRequested")
+    process2 = one(spans, "process billing.PaymentRequested")
+    handle2 = one(spans, "handle billing.PaymentRequested")
+    chain = [root, create, publish, process, handle, create2, publish2, process2, handle2]
+    for parent, child in itertools.pairwise(chain):
+        assert child_of(child, parent), f"{child.name} is not a child of {parent.name}"
+    assert [s.kind for s in chain[1:5]] == [
+        SpanKind.PRODUCER,
+        SpanKind.PRODUCER,
+        SpanKind.CONSUMER,
+        SpanKind.INTERNAL,
+    ]
+    assert create.attributes is not None and process.attributes is not None
+    assert create.attributes["messaging.destination.name"] == "orders.OrderPlaced"
+    assert create.attributes["messaging.operation.type"] == "create"
+    assert create.attributes["messaging.message.id"] == env.id
+    assert publish.attributes is not None
+    assert publish.attributes["messaging.system"] == "memory"
+    assert publish.attributes["messaging.operation.type"] == "send"
+    assert process.attributes["messaging.consumer.group.name"] == "billing"
+    assert process.attributes["messaging.message.id"] == env.id
+    assert process.attributes["messaging.message.conversation_id"] == env.correlation_id
+    assert process.attributes["msdata.outcome"] == "ack"
+
+    sent = otel.metric("messaging.client.sent.messages")
+    assert sorted(a["messaging.destination.name"] for a, v in sent if v == 1) == [
+        "billing.PaymentRequested",
+        "orders.OrderPlaced",
+    ]
+    settled = otel.metric("messaging.client.consumed.messages")
+    assert {(a["messaging.consumer.group.name"], a["msdata.outcome"]): v for a, v in settled} == {
+        ("billing", "ack"): 1,
+        ("shipping", "ack"): 1,
+    }
+    await orders_store.close()
+    await billing_store.close()
+
+
+async def test_failures_nacks_dead_letters_and_a_failed_publish_are_counted(otel: Otel) -> None:
+    transport = MemoryTransport()
+    bus = EventBus(transport, registry=registry, max_attempts=2, backoff=lambda n: 0.0)
+
+    @bus.handler(Boom, group="g")
+    async def fail(event: Boom) -> None:
+        raise ValueError("no")
+
+    async with bus:
+        await bus.publish(Boom(n=1))
+        await eventually(
+            lambda: any(
+                a.get("msdata.outcome") == "dead_letter"
+                for a, _ in otel.metric("messaging.client.consumed.messages")
+            ),
+            timeout=10,
+            what="the dead letter",
+        )
+        await eventually(
+            lambda: bool(otel.metric("msdata.consumer.dead_letters")),
+            timeout=10,
+            what="the dead-letter count",
+        )
+    settled = {a["msdata.outcome"]: v for a, v in otel.metric("messaging.client.consumed.messages")}
+    assert settled == {"nack": 1, "dead_letter": 1}
+    ((attrs, value),) = otel.metric("msdata.consumer.dead_letters")
+    assert value == 1 and attrs["messaging.consumer.group.name"] == "g"
+    failed = [s for s in otel.finished() if s.name == "process test.Boom"]
+    assert len(failed) == 2 and all(not s.status.is_ok for s in failed)
+
+    class Down:
+        async def publish(self, topic: str, messages: Any) -> None:
+            raise ConnectionError("broker down")
+
+    store_path = str(Path(tempfile.mkdtemp()) / "o.db")
+    store = SqliteOutboxStore(store_path)
+    await store.create_schema()
+    with connect(store_path) as conn:
+        Outbox(store, registry=registry).add(conn, Boom(n=2))
+    relay = OutboxRelay(store, Down(), max_attempts=5)  # type: ignore[arg-type]
+    assert await relay.run_once() == 0
+    errors = [a for a, _ in otel.metric("messaging.client.sent.messages") if "error.type" in a]
+    assert errors == [
+        {
+            "messaging.system": "msdata",
+            "messaging.destination.name": "test.Boom",
+            "error.type": "ConnectionError",
+        }
+    ]
+    otel.hooks.watch_outbox(store, "orders")
+    await otel.hooks.refresh()
+    (pending,) = otel.metric("msdata.outbox.pending")
+    assert pending == ({"msdata.outbox.name": "orders"}, 1)
+    ((_, age),) = otel.metric("msdata.outbox.oldest_age")
+    assert age >= 0
+    await store.close()
+
+
+async def test_projection_lag_is_a_gauge_read_by_refresh(otel: Otel) -> None:
+    class Runner:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def lag(self) -> Lag:
+            self.calls += 1
+            if self.calls > 1:
+                raise RuntimeError("store down")  # keeps its last figures
+            return Lag(3, 1.5)
+
+    otel.hooks.watch_projection(Runner(), "order-totals")
+    await otel.hooks.refresh()
+    await otel.hooks.refresh()
+    assert otel.metric("msdata.projection.lag") == [({"msdata.projection.name": "order-totals"}, 3)]
+    assert otel.metric("msdata.projection.lag_age") == [
+        ({"msdata.projection.name": "order-totals"}, 1.5)
+    ]
+
+
+async def test_a_composition_is_a_span_and_its_parts_calls_nest_under_it(otel: Otel) -> None:
+    async def customer(customer_id: str) -> str:
+        with otel.tracer.start_as_current_span("GET /customers"):
+            return customer_id
+
+    result = await compose(required("customer", customer, "c-1", timeout=5.0), deadline=5.0)
+    assert result.complete
+    spans = otel.finished()
+    span = one(spans, "compose")
+    assert span.attributes is not None
+    assert list(span.attributes["msdata.composition.parts"]) == ["customer"]
+    assert child_of(one(spans, "GET /customers"), span)
+
+
+async def test_idempotency_claims_replays_and_conflicts_are_counted(otel: Otel) -> None:
+    keys = IdempotencyKeys(MemoryIdempotencyStore())
+
+    async def charge() -> int:
+        return 7
+
+    assert await keys.run("k1", charge, request={"a": 1}, result_type=int) == 7
+    assert await keys.run("k1", charge, request={"a": 1}, result_type=int) == 7
+    with pytest.raises(IdempotencyKeyReused):
+        await keys.run("k1", charge, request={"a": 2}, result_type=int)
+    counts = {
+        a["msdata.idempotency.outcome"]: v for a, v in otel.metric("msdata.idempotency.claims")
+    }
+    assert counts == {"claimed": 1, "replayed": 1, "conflict": 1}
+    assert sum(s.name == "idempotency claim" for s in otel.finished()) == 3
+
+
+async def test_the_audit_trail_reads_the_event_store_and_the_memory_outbox() -> None:
+    placed = make_envelope(OrderPlaced(order_id="7"), registry=registry)
+    other = make_envelope(OrderPlaced(order_id="8"), registry=registry)
+    store = MemoryEventStore()
+    log = EventLog(store, registry=registry, source="orders")
+    outbox_store = MemoryOutboxStore()
+    outbox = Outbox(outbox_store, registry=registry)
+    with handling(placed), MemoryTransaction() as tx:
+        log.append(tx, "order-7", 0, PaymentRequested(order_id="7"))
+        outbox.add(tx, Boom(n=7))
+    with handling(other), MemoryTransaction() as tx:
+        log.append(tx, "order-8", 0, PaymentRequested(order_id="8"))
+    assert placed.correlation_id is not None
+    trail = await audit_trail(
+        placed.correlation_id, [EventStoreAudit(store), MemoryOutboxAudit(outbox_store)]
+    )
+    assert [(e.kind, e.type, e.where) for e in trail] == [
+        ("event", "billing.PaymentRequested", "event store order-7#1"),
+        ("message", "test.Boom", "outbox memory: pending"),
+    ]
+    assert all(e.causation_id == placed.id for e in trail)
+
+
+async def test_command_and_query_handlers_get_a_span(otel: Otel) -> None:
+    commands = CommandBus()
+
+    @commands.handler(PlaceOrder)
+    async def place(cmd: PlaceOrder) -> str:
+        return cmd.order_id
+
+    with otel.tracer.start_as_current_span("POST /orders"):
+        assert await commands.send(PlaceOrder(order_id="9")) == "9"
+    spans = otel.finished()
+    handle = [s for s in spans if s.name.startswith("handle ")]
+    assert len(handle) == 1 and child_of(handle[0], one(spans, "POST /orders"))
+    assert handle[0].attributes is not None
+    assert handle[0].attributes["msdata.message.kind"] == "command"
+
+
+class Order(BaseModel):
+    order_id: str
+    amount_cents: int
+
+
+async def test_saga_steps_and_compensations_get_spans_metrics_and_a_trail(
+    otel: Otel, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen_saga_ids: list[object] = []
+    caplog.handler.addFilter(MessageContextFilter())
+
+    def reserve(order: Order) -> None:
+        logging.getLogger("msdata.test_telemetry").warning("reserving")
+        seen_saga_ids.append(caplog.records[-1].__dict__["saga_id"])
+
+    def release(order: Order) -> None:
+        pass
+
+    def charge(order: Order) -> None:
+        raise SagaStepFailed("card declined")
+
+    checkout = Saga("checkout", Order).step("reserve", reserve, compensate=release)
+    checkout = checkout.pivot("charge", charge)
+    store = MemorySagaStore()
+    orchestrator = SagaOrchestrator(store, [checkout])
+    rec = await orchestrator.run(checkout, Order(order_id="o-1", amount_cents=1))
+    assert rec.status is SagaStatus.COMPENSATED
+    assert seen_saga_ids == [rec.saga_id]
+    spans = otel.finished()
+    reserve_span = one(spans, "saga checkout step reserve")
+    charge_span = one(spans, "saga checkout step charge")
+    release_span = one(spans, "saga checkout compensate reserve")
+    assert reserve_span.status.is_ok and not charge_span.status.is_ok
+    assert release_span.attributes is not None
+    assert release_span.attributes["msdata.saga.id"] == rec.saga_id
+    instances = {a["msdata.saga.status"]: v for a, v in otel.metric("msdata.saga.instances")}
+    assert instances == {"started": 1, "compensated": 1}
+    durations = {
+        (a["msdata.saga.step"], a["msdata.saga.compensation"]): n
+        for a, n in otel.metric("msdata.saga.step.duration")
+    }
+    assert durations == {("reserve", False): 1, ("charge", False): 1, ("reserve", True): 1}
+
+    trail = await audit_trail(rec.saga_id, [SagaAudit(store)])
+    events = [(e.type, e.detail["event"]) for e in trail]
+    assert events[0] == (None, "started") and events[-1] == (None, "compensated")
+    assert ("reserve", "compensated") in events and ("charge", "step failed") in events
+
+
+def test_the_logging_filter_adds_the_ids_of_the_message_being_handled(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    env = make_envelope(OrderPlaced(order_id="1"), registry=registry)
+    log = logging.getLogger("msdata.test_telemetry")
+    caplog.handler.addFilter(MessageContextFilter())
+    with caplog.at_level(logging.INFO, logger="msdata.test_telemetry"):
+        log.info("outside")
+        with handling(env):
+            log.info("inside")
+            child = make_envelope(PaymentRequested(order_id="1"), registry=registry)
+            with handling(child):
+                log.info("nested", extra={"saga_id": "s-1"})
+    outside, inside, nested = caplog.records
+    assert outside.__dict__["message_id"] is None and outside.__dict__["saga_id"] is None
+    assert inside.__dict__["message_id"] == env.id
+    assert inside.__dict__["correlation_id"] == env.correlation_id
+    assert nested.__dict__["causation_id"] == env.id
+    assert nested.__dict__["correlation_id"] == env.correlation_id
+    assert nested.__dict__["saga_id"] == "s-1"
