@@ -25,7 +25,8 @@ def test_the_nth_failure_is_the_last_and_more_deliveries_are_overdue() -> None:
     assert [deadletter.exhausted(a, 3) for a in (1, 2, 3, 4)] == [False, False, True, True]
     assert deadletter.overdue_reason(3, 3) is None
     reason = deadletter.overdue_reason(4, 3)
-    assert reason is not None and "delivered 4 times and never settled" in reason
+    assert reason is not None and "handed out 3 times and never settled" in reason
+    assert deadletter.overdue_attempts(4) == 3
     assert deadletter.failed_reason(3, None) == "failed 3 attempts"
     assert deadletter.failed_reason(1, None) == "failed 1 attempt"
     assert deadletter.failed_reason(3, "boom") == "boom"

@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 from msdata.adapters.memory import MemoryTransport
 from msdata.testing.conformance.transport import TransportConformance
 from msdata.transport import Transport
+from transport_factories import with_test_hooks
 
 
 class TestMemoryTransport(TransportConformance):
@@ -14,7 +15,15 @@ class TestMemoryTransport(TransportConformance):
 
     @asynccontextmanager
     async def make_transport(self) -> AsyncIterator[Transport]:
-        transport = MemoryTransport()
+        transport = with_test_hooks("memory", MemoryTransport())
+        try:
+            yield transport
+        finally:
+            await transport.close()
+
+    @asynccontextmanager
+    async def make_transport_in(self, namespace: str) -> AsyncIterator[Transport]:
+        transport = MemoryTransport(namespace=namespace)
         try:
             yield transport
         finally:

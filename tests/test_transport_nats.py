@@ -25,6 +25,7 @@ from msdata.transport import (
     dead_letter_topic,
 )
 from services import require
+from transport_factories import with_test_hooks
 
 pytestmark = pytest.mark.nats
 
@@ -40,8 +41,15 @@ async def delete_streams(nc: Client, prefix: str) -> None:
 @asynccontextmanager
 async def nats_transport(**options: object) -> AsyncIterator[NatsTransport]:
     nc = await nats.connect(require("nats"))
-    prefix = f"T{uuid.uuid4().hex[:12]}_"
-    transport = NatsTransport(nc, stream_prefix=prefix, **options)  # type: ignore[arg-type]
+    if "namespace" not in options:
+        options["stream_prefix"] = f"T{uuid.uuid4().hex[:12]}_"
+    try:
+        transport = NatsTransport(nc, **options)  # type: ignore[arg-type]
+    except BaseException:
+        await nc.close()
+        raise
+    prefix = transport.stream_prefix
+    with_test_hooks("nats", transport)
     try:
         yield transport
     finally:
@@ -79,6 +87,9 @@ class TestNatsTransport(_Unreachable):
     def make_transport(self) -> AsyncIterator[Transport]:  # type: ignore[override]
         return nats_transport(ack_wait=3.0)  # type: ignore[return-value]
 
+    def make_transport_in(self, namespace: str) -> AsyncIterator[Transport]:  # type: ignore[override]
+        return nats_transport(ack_wait=3.0, namespace=namespace)  # type: ignore[return-value]
+
 
 class TestNatsTransportOrdered(_Unreachable):
     """``ordered=True``: a consumer per key partition, so the order test runs too."""
@@ -88,6 +99,11 @@ class TestNatsTransportOrdered(_Unreachable):
 
     def make_transport(self) -> AsyncIterator[Transport]:  # type: ignore[override]
         return nats_transport(ack_wait=3.0, ordered=True, key_partitions=8)  # type: ignore[return-value]
+
+    def make_transport_in(self, namespace: str) -> AsyncIterator[Transport]:  # type: ignore[override]
+        return nats_transport(  # type: ignore[return-value]
+            ack_wait=3.0, ordered=True, key_partitions=8, namespace=namespace
+        )
 
 
 # -- adapter-specific ---------------------------------------------------------------------------
@@ -184,8 +200,8 @@ async def test_a_delivery_whose_consumers_keep_dying_is_dead_lettered() -> None:
             await eventually(dead_lettered, 10.0, what="the dead letter")
             (dead,) = dead_letters
         assert dead.message.id == m.id
-        assert "delivered 2 times and never settled" in dead.message.headers[DEAD_LETTER_REASON]
-        assert dead.message.headers[DEAD_LETTER_ATTEMPTS] == "2"
+        assert "handed out 1 times and never settled" in dead.message.headers[DEAD_LETTER_REASON]
+        assert dead.message.headers[DEAD_LETTER_ATTEMPTS] == "1"  # handed to a consumer once
 
 
 async def test_publish_fails_with_publish_error_and_recovers() -> None:

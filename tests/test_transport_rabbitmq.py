@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,11 +14,17 @@ import aio_pika
 import pytest
 
 from msdata.adapters.rabbitmq import RabbitMQTransport
-from msdata.adapters.rabbitmq.transport import KEY_HEADER, _Entry, group_queue_name
+from msdata.adapters.rabbitmq.transport import (
+    KEY_HEADER,
+    RETRY_TIERS,
+    _Entry,
+    group_queue_name,
+)
 from msdata.errors import ConfigurationError, PublishError, TransportClosed
 from msdata.testing.conformance.transport import TransportConformance, collect, make_messages
 from msdata.transport import DEAD_LETTER_REASON, Transport, TransportMessage, dead_letter_topic
 from services import require
+from transport_factories import with_test_hooks
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -37,10 +44,17 @@ async def _delete(conn: aio_pika.abc.AbstractConnection, transport: RabbitMQTran
 
 @asynccontextmanager
 async def rabbitmq_transport(
-    *, ordered_per_key: bool = False, queue_type: str = "classic"
+    *, ordered_per_key: bool = False, queue_type: str = "classic", namespace: str | None = None
 ) -> AsyncIterator[RabbitMQTransport]:
     conn = await aio_pika.connect_robust(require("rabbitmq"))
-    transport = RabbitMQTransport(conn, ordered_per_key=ordered_per_key, queue_type=queue_type)
+    try:
+        transport = RabbitMQTransport(
+            conn, ordered_per_key=ordered_per_key, queue_type=queue_type, namespace=namespace
+        )
+    except BaseException:
+        await conn.close()
+        raise
+    with_test_hooks("rabbitmq", transport)
     try:
         yield transport
     finally:
@@ -73,6 +87,11 @@ class TestRabbitMQTransport(_Unreachable):
         async with rabbitmq_transport() as t:
             yield t
 
+    @asynccontextmanager
+    async def make_transport_in(self, namespace: str) -> AsyncIterator[Transport]:
+        async with rabbitmq_transport(namespace=namespace) as t:
+            yield t
+
 
 class TestRabbitMQTransportOrdered(_Unreachable):
     arrival_timeout = 10.0
@@ -83,6 +102,11 @@ class TestRabbitMQTransportOrdered(_Unreachable):
         async with rabbitmq_transport(ordered_per_key=True) as t:
             yield t
 
+    @asynccontextmanager
+    async def make_transport_in(self, namespace: str) -> AsyncIterator[Transport]:
+        async with rabbitmq_transport(ordered_per_key=True, namespace=namespace) as t:
+            yield t
+
 
 class TestRabbitMQTransportQuorum(_Unreachable):
     arrival_timeout = 10.0
@@ -91,6 +115,11 @@ class TestRabbitMQTransportQuorum(_Unreachable):
     @asynccontextmanager
     async def make_transport(self) -> AsyncIterator[Transport]:
         async with rabbitmq_transport(queue_type="quorum") as t:
+            yield t
+
+    @asynccontextmanager
+    async def make_transport_in(self, namespace: str) -> AsyncIterator[Transport]:
+        async with rabbitmq_transport(queue_type="quorum", namespace=namespace) as t:
             yield t
 
 
@@ -181,9 +210,14 @@ async def test_foreign_messages_are_delivered_and_can_be_dead_lettered() -> None
 
 def test_a_message_without_id_gets_one_from_its_body() -> None:
     props = SimpleNamespace(message_id=None, headers={"x-delivery-count": 2, "h": 1})
-    raw = SimpleNamespace(header=SimpleNamespace(properties=props), body=b"x", redelivered=True)
+    raw = SimpleNamespace(
+        header=SimpleNamespace(properties=props),
+        body=b"x",
+        redelivered=True,
+        exchange="topic",
+    )
     entry = _Entry(raw)  # type: ignore[arg-type]
-    m = entry.parse()
+    m = entry.parse(counts_deliveries=True)
     assert m.id == "sha256:" + hashlib.sha256(b"x").hexdigest()
     assert dict(m.headers) == {"h": "1"}
     assert entry.attempt == 3
@@ -203,7 +237,27 @@ async def test_nack_with_delay_uses_a_retry_queue_and_counts_attempts() -> None:
         assert third.attempt == 3
         await third.ack()
         _, queues = t.declared
-        assert any(":retry-200ms" in q for q in queues)
+        # 0.2 s goes through the 0.1 s tier (twice): no queue of its own
+        assert any(q.endswith(":retry-100ms") for q in queues)
+        assert not any(":retry-200ms" in q for q in queues)
+
+
+async def test_jittered_delays_share_a_few_retry_tier_queues() -> None:
+    topic, group = unique("topic"), unique("group")
+    rng = random.Random(5)
+    async with rabbitmq_transport() as t, t.subscribe(topic, group, prefetch=200) as sub:
+        await t.publish(topic, make_messages(100))
+        got = await collect(sub, 100, ack=False)
+        delays = [rng.uniform(0.05, 4000.0) for _ in got]
+        assert len({round(d * 1000) for d in delays}) == 100  # 100 distinct delays
+        for d, delay in zip(got, delays, strict=True):
+            await d.nack(delay=delay)
+        _, queues = t.declared
+        tiers = {q for q in queues if ":retry-" in q}
+        assert 1 < len(tiers) <= len(RETRY_TIERS)
+        assert all(
+            q.rsplit("-", 1)[1] in {f"{round(x * 1000)}ms" for x in RETRY_TIERS} for q in tiers
+        )
 
 
 async def test_dead_letters_wait_in_a_holding_queue_until_a_group_reads_them() -> None:

@@ -19,16 +19,18 @@ Redelivery after a consumer dies is short here (Redis ``claim_idle`` 0.4 s, NATS
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 
-from msdata.transport import Transport
+from msdata.transport import Subscription, Transport, TransportMessage
 from services import require
 
-__all__ = ["BACKENDS", "TRANSPORTS", "open_transport"]
+__all__ = ["BACKENDS", "TRANSPORTS", "open_transport", "with_test_hooks"]
 
 BACKENDS = ("memory", "redis", "rabbitmq", "nats")
 
@@ -65,6 +67,90 @@ async def open_transport(name: str, *, ordered: bool = False) -> AsyncIterator[T
         raise ValueError(f"unknown transport backend {name!r}; one of {BACKENDS}")
 
 
+def with_test_hooks(backend: str, transport: Any) -> Any:
+    """Set the suite's ``publish_foreign`` and ``abandon`` hooks (see
+    :class:`msdata.transport.TransportFeatures`) on ``transport``; returns it."""
+
+    async def publish_foreign(topic: str, message: TransportMessage) -> None:
+        headers = dict(message.headers)
+        if backend == "memory":
+            await transport.publish(topic, [message])
+        elif backend == "redis":
+            fields: dict[str, Any] = {"id": message.id, "body": message.body, **headers}
+            await transport._client.xadd(transport._stream_key(topic), fields)
+        elif backend == "rabbitmq":
+            import aio_pika
+
+            channel = await transport._connection.channel()
+            try:
+                exchange = await channel.get_exchange(topic)
+                amqp_headers: dict[str, Any] = {}
+                for name, value in headers.items():  # numbers as numbers, as a producer would
+                    try:
+                        amqp_headers[name] = int(value)
+                    except ValueError:
+                        amqp_headers[name] = value
+                await exchange.publish(
+                    aio_pika.Message(message.body, message_id=message.id, headers=amqp_headers),
+                    routing_key="",
+                )
+            finally:
+                await channel.close()
+        elif backend == "nats":
+            await transport._ensure_stream(topic)
+            nc = transport.client
+            await nc.jetstream().publish(
+                transport._subject(topic), message.body, headers={**headers} or None
+            )
+        else:
+            raise ValueError(backend)
+
+    async def abandon(sub: Subscription) -> None:
+        s: Any = sub
+        if backend == "memory":
+            await sub.__aexit__(None, None, None)  # in one process, a dead consumer's release
+        elif backend == "redis":
+            # the process is gone: no heartbeat, no release, nothing more reaches Redis
+            s._heart.cancel()
+            s._closed = True
+            s._t._subs.discard(s)
+        elif backend == "rabbitmq":
+            # the broker sees the consumer's channel go, as when its connection dies
+            s._closed = True
+            s._transport._subscriptions.discard(s)
+            channel, s._channel = s._channel, None
+            await (await channel.get_underlay_channel()).close()
+        elif backend == "nats":
+            # the inbox goes; what it held comes back after ack_wait, unsettled
+            s._closed = True
+            s._transport._subscriptions.discard(s)
+            if s._inbox_sub is not None:
+                await s._inbox_sub.unsubscribe()
+                s._inbox_sub = None
+            s._inflight.clear()
+            s._buffer.clear()
+        else:
+            raise ValueError(backend)
+
+    async def interrupt() -> None:
+        if backend == "redis":
+            await transport._client.connection_pool.disconnect()
+        elif backend == "rabbitmq":
+            # the socket goes, as in a network failure: the robust connection reconnects
+            underlay = transport._connection.transport.connection
+            await underlay.close(ConnectionResetError("interrupted by the test"))
+        elif backend == "nats":
+            transport.client._transport.close()  # the client notices and reconnects
+
+    transport.features = dataclasses.replace(
+        transport.features,
+        publish_foreign=publish_foreign,
+        abandon=abandon,
+        interrupt=None if backend == "memory" else interrupt,
+    )
+    return transport
+
+
 def _unique() -> str:
     return uuid.uuid4().hex[:12]
 
@@ -73,7 +159,7 @@ def _unique() -> str:
 async def _memory() -> AsyncIterator[Transport]:
     from msdata.adapters.memory import MemoryTransport
 
-    transport = MemoryTransport()
+    transport = with_test_hooks("memory", MemoryTransport())
     try:
         yield transport
     finally:
@@ -89,7 +175,7 @@ async def _redis() -> AsyncIterator[Transport]:
 
     prefix = f"msdata-test-{_unique()}"
     client = aioredis.Redis.from_url(url, client_name=prefix)
-    transport = RedisTransport(client, key_prefix=prefix, claim_idle=0.4)
+    transport = with_test_hooks("redis", RedisTransport(client, key_prefix=prefix, claim_idle=0.4))
     try:
         yield transport
     finally:
@@ -110,7 +196,7 @@ async def _rabbitmq(ordered: bool) -> AsyncIterator[Transport]:
     from msdata.adapters.rabbitmq import RabbitMQTransport
 
     conn = await aio_pika.connect_robust(url)
-    transport = RabbitMQTransport(conn, ordered_per_key=ordered)
+    transport = with_test_hooks("rabbitmq", RabbitMQTransport(conn, ordered_per_key=ordered))
     try:
         yield transport
     finally:
@@ -148,6 +234,7 @@ async def _nats(ordered: bool) -> AsyncIterator[Transport]:
         ordered=ordered,
         key_partitions=8,
     )
+    with_test_hooks("nats", transport)
     try:
         yield transport
     finally:

@@ -11,6 +11,11 @@ middleware plays this part there):
 - ``dead_letter(reason)`` (bad input: a :class:`~msdata.errors.DecodeError`, a
   :class:`~msdata.errors.RejectMessage`) goes there at once.
 
+``x-msdata-attempts`` means one thing on every transport: how many times the message was
+handed to a consumer of the group (for a failed or dead-lettered delivery, its ``attempt``;
+for an overdue one, :func:`overdue_attempts`, since it was not handed out again). A crash
+loop with ``max_attempts=3`` records 3 everywhere.
+
 What goes there is a copy of the message, same id, body and key, with its headers plus the
 four ``x-msdata-*`` headers (:data:`~msdata.transport.DEAD_LETTER_REASON`,
 ``..._TOPIC``, ``..._GROUP``, ``..._ATTEMPTS``), to
@@ -49,6 +54,7 @@ __all__ = [
     "exhausted",
     "failed_reason",
     "handler_failure",
+    "overdue_attempts",
     "overdue_reason",
 ]
 
@@ -79,14 +85,21 @@ def failed_reason(attempt: int, reason: str | None) -> str:
 
 
 def overdue_reason(attempt: int, max_attempts: int) -> str | None:
-    """None if ``attempt`` may be handed out; else the dead-letter reason of a delivery that
-    was handed out more than ``max_attempts`` times without being settled."""
+    """None if a delivery may be handed out as attempt number ``attempt``; else the
+    dead-letter reason of one that was already handed out ``attempt - 1`` >= ``max_attempts``
+    times without being settled. Record :func:`overdue_attempts` of it as its attempts."""
     if attempt <= max_attempts:
         return None
     return (
-        f"delivered {attempt} times and never settled "
+        f"handed out {overdue_attempts(attempt)} times and never settled "
         f"(its consumers stopped or timed out; max_attempts={max_attempts})"
     )
+
+
+def overdue_attempts(attempt: int) -> int:
+    """The ``attempts`` of an overdue delivery (one :func:`overdue_reason` refused to hand
+    out as ``attempt``): the times it was handed to a consumer, ``attempt - 1``."""
+    return attempt - 1
 
 
 class DeadLetter(NamedTuple):

@@ -51,11 +51,13 @@ _DLQ_TOPIC = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.]{0,199}")
 _GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,39}")
 # exchanges and queues named amq.* are the broker's own (AMQP 0-9-1 spec, RabbitMQ docs)
 _RESERVED_PREFIXES = ("amq.",)
+_NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,29}")
 
 
 def check_name(kind: str, name: str) -> str:
     """Topic and group names that every broker can hold, and whose dead-letter topic
-    (``topic.group.dlq``) is unambiguous and valid too.
+    (``topic.group.dlq``) is unambiguous and valid too; and a transport's ``namespace``
+    (``kind="namespace"``: 1-30 letters, digits, ``_`` or ``-``).
 
     A topic is 1-150 letters, digits and ``_ - .`` (a dead-letter topic up to 200), starting
     with a letter or digit, with no ``..``, not starting with ``amq.`` (RabbitMQ's own); a
@@ -65,6 +67,9 @@ def check_name(kind: str, name: str) -> str:
     if kind == "group":
         ok = isinstance(name, str) and bool(_GROUP.fullmatch(name))
         rule = "1-40 letters, digits, '_' or '-', starting with a letter or digit"
+    elif kind == "namespace":
+        ok = isinstance(name, str) and bool(_NAMESPACE.fullmatch(name))
+        rule = "1-30 letters, digits, '_' or '-', starting with a letter or digit"
     else:
         pattern = _DLQ_TOPIC if isinstance(name, str) and name.endswith(".dlq") else _TOPIC
         ok = isinstance(name, str) and bool(pattern.fullmatch(name)) and ".." not in name
@@ -133,6 +138,25 @@ class TransportFeatures:
     restart: Callable[[bool], Awaitable[None]] | None = field(
         default=None, compare=False, repr=False
     )
+    #: test plumbing, set by a harness: ``await publish_foreign(topic, message)`` publishes
+    #: as a producer that is not msdata would, each of ``message.headers`` put where the
+    #: broker keeps a message's own metadata (Redis: an entry field after ``id`` and
+    #: ``body``; RabbitMQ: an AMQP header; NATS: a NATS header), so the suite can check that
+    #: forged bookkeeping (``attempt=999``) is ignored. None: that case is skipped.
+    publish_foreign: Callable[[str, TransportMessage], Awaitable[None]] | None = field(
+        default=None, compare=False, repr=False
+    )
+    #: test plumbing, set by a harness: ``await abandon(subscription)`` makes the
+    #: subscription's consumer vanish as a killed process's would (its connection or consumer
+    #: goes away; nothing it holds is settled or released by msdata); leaving its
+    #: ``async with`` afterwards does nothing more. None: the crash-loop case is skipped.
+    abandon: Callable[[Subscription], Awaitable[None]] | None = field(
+        default=None, compare=False, repr=False
+    )
+    #: test plumbing, set by a harness: ``await interrupt()`` drops the transport's
+    #: connection to the broker as a network failure would (the client then reconnects by
+    #: itself). None: the case that publishes while it reconnects is skipped.
+    interrupt: Callable[[], Awaitable[None]] | None = field(default=None, compare=False, repr=False)
 
 
 @runtime_checkable
@@ -174,9 +198,9 @@ class Subscription(Protocol):
     """A consumer in a group. ``async with`` declares the group (durably, on brokers) and
     starts consuming; leaving it stops consuming and releases unsettled deliveries.
 
-    A group receives every message published to the topic after the group was created;
-    consumers of one group compete; each group gets each message. ``receive`` is safe to call
-    from one task at a time per subscription.
+    A group receives every message published to the topic after the group was declared (see
+    :class:`Subscriber`); consumers of one group compete; each group gets each message.
+    ``receive`` is safe to call from one task at a time per subscription.
     """
 
     async def __aenter__(self) -> Self: ...
@@ -208,7 +232,25 @@ class Publisher(Protocol):
 
 @runtime_checkable
 class Subscriber(Protocol):
-    """Opens subscriptions."""
+    """Declares consumer groups and opens subscriptions.
+
+    The contract of a group, on every transport:
+
+    - A group receives every message published to its topic after the group was *declared*,
+      by :meth:`declare_group` or by entering a subscription of it (which declares it too),
+      whether or not a consumer of the group is running at the time: a service's groups can
+      be declared at deploy time, before its consumers start.
+    - A message published to a topic that has no group at all is kept, never dropped: the
+      first group declared on that topic receives it (NATS: every group does, see
+      ``features.replays_history``).
+    """
+
+    async def declare_group(self, topic: str, group: str) -> None:
+        """Declare consumer group ``group`` of ``topic`` (and the topic, and the group's
+        dead-letter topic), durably on brokers, without consuming. Idempotent: declaring an
+        existing group changes nothing. Raises :class:`~msdata.errors.ConfigurationError` for
+        a bad name, :class:`~msdata.errors.TransportError` if the broker cannot be reached."""
+        ...
 
     def subscribe(
         self, topic: str, group: str, *, max_attempts: int = 5, prefetch: int = 100

@@ -4,7 +4,9 @@ Topics, consumer groups (each group gets each message, consumers in a group comp
 at-least-once delivery with redelivery on nack and on a subscription that closes unsettled,
 attempt counts, a dead-letter topic after ``max_attempts``, and order per partition key within
 a group: a key is never in flight twice in one group, and a nacked message goes back in front
-of the later messages of its key. Nothing survives the process (``durable=False``).
+of the later messages of its key. A topic without any group keeps what is published to it for
+its first group (up to ``max_unclaimed`` messages per topic; beyond, the oldest are dropped,
+each logged at WARNING and counted). Nothing survives the process (``durable=False``).
 
 It serves one event loop: create it, and use it, from inside that loop.
 """
@@ -12,6 +14,7 @@ It serves one event loop: create it, and use it, from inside that loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Sequence
 from typing import Self
@@ -28,6 +31,8 @@ from msdata.transport import (
 from msdata.urls import redact_url
 
 __all__ = ["MemoryDelivery", "MemorySubscription", "MemoryTransport"]
+
+log = logging.getLogger("msdata.adapters.memory")
 
 FEATURES = TransportFeatures(
     durable=False, ordered_per_key=True, native_delay=True, replays_history=False, networked=False
@@ -198,6 +203,8 @@ class MemorySubscription(ClosesOnExit):
             room = min(max_messages, self.prefetch - len(self._inflight))
             if room > 0:
                 entries = group.take(room)
+                if entries and any(e.attempt > self.max_attempts for e in entries):
+                    entries = self._without_overdue(entries)
                 if entries:
                     break
                 waiter = group.signal
@@ -220,22 +227,46 @@ class MemorySubscription(ClosesOnExit):
             inflight[id(d)] = d
         return out
 
+    def _without_overdue(self, entries: list[_Entry]) -> list[_Entry]:
+        """Dead-letter the entries released again and again by consumers that went away
+        unsettled (beyond ``max_attempts``); the others are handed out."""
+        kept: list[_Entry] = []
+        for e in entries:
+            reason = deadletter.overdue_reason(e.attempt, self.max_attempts)
+            if reason is None:
+                kept.append(e)
+            else:
+                attempts = deadletter.overdue_attempts(e.attempt)
+                self._transport._dead_letter(self._group, e, reason, attempts)
+        return kept
+
 
 class MemoryTransport:
     """The in-memory :class:`msdata.transport.Transport`."""
 
     features = FEATURES
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_unclaimed: int = 100_000, namespace: str | None = None) -> None:
+        if namespace is not None:
+            check_name("namespace", namespace)
+        #: accepted for one set of options on every transport; a process's own transport
+        #: shares nothing with others, so it changes no name
+        self.namespace = namespace
+        if max_unclaimed < 0:
+            raise ConfigurationError("max_unclaimed must be >= 0")
+        #: messages a topic without any group keeps for its first group (then the oldest go)
+        self.max_unclaimed = max_unclaimed
+        #: how many messages went that way (each logged at WARNING)
+        self.unclaimed_dropped = 0
         self._topics: dict[str, dict[str, _Group]] = {}
         self._unclaimed: dict[str, deque[TransportMessage]] = {}
         self._closed = False
 
     @classmethod
-    def from_url(cls, url: str = "memory://") -> MemoryTransport:
+    def from_url(cls, url: str = "memory://", *, namespace: str | None = None) -> MemoryTransport:
         if not url.startswith("memory:"):
             raise ConfigurationError(f"not a memory:// URL: {redact_url(url)!r}")
-        return cls()
+        return cls(namespace=namespace)
 
     async def publish(self, topic: str, messages: Sequence[TransportMessage]) -> None:
         if self._closed:
@@ -244,12 +275,22 @@ class MemoryTransport:
         if groups is None:
             check_name("topic", topic)
             groups = self._topics[topic] = {}
+        if not groups:
+            self._keep_unclaimed(topic, messages)
+            return
         for group in groups.values():
             ready = group.ready
             for m in messages:
                 ready.append(_Entry(m))
             if messages:
                 group.signal.set()
+
+    async def declare_group(self, topic: str, group: str) -> None:
+        if self._closed:
+            raise TransportClosed("declare_group() on a closed transport")
+        check_name("topic", topic)
+        check_name("group", group)
+        self._declare(topic, group)
 
     def subscribe(
         self, topic: str, group: str, *, max_attempts: int = 5, prefetch: int = 100
@@ -288,10 +329,12 @@ class MemoryTransport:
                 g.push(_Entry(m))
         return g
 
-    def _dead_letter(self, group: _Group, entry: _Entry, reason: str) -> None:
+    def _dead_letter(
+        self, group: _Group, entry: _Entry, reason: str, attempts: int | None = None
+    ) -> None:
         group.settle(entry)
         letter = deadletter.dead_letter(
-            entry.message, group.topic, group.name, entry.attempt, reason
+            entry.message, group.topic, group.name, attempts or entry.attempt, reason
         )
         groups = self._topics.get(letter.topic)
         if groups:
@@ -299,5 +342,25 @@ class MemoryTransport:
                 g.push(_Entry(letter.message))
         else:
             # nobody reads the dead-letter topic yet: keep it for the first group to come
-            self._unclaimed.setdefault(letter.topic, deque()).append(letter.message)
+            self._keep_unclaimed(letter.topic, (letter.message,))
         letter.log()
+
+    def _keep_unclaimed(self, topic: str, messages: Sequence[TransportMessage]) -> None:
+        """A topic with no group keeps what it receives for its first group, up to
+        ``max_unclaimed`` messages; beyond that the oldest go, each logged and counted in
+        :attr:`unclaimed_dropped`."""
+        if not messages:
+            return
+        held = self._unclaimed.setdefault(topic, deque())
+        held.extend(messages)
+        over = len(held) - self.max_unclaimed
+        if over > 0:
+            for _ in range(over):
+                dropped = held.popleft()
+                log.warning(
+                    "topic %s has no consumer group and holds %d messages: dropped the oldest, %s",
+                    topic,
+                    self.max_unclaimed,
+                    dropped.id,
+                )
+            self.unclaimed_dropped += over

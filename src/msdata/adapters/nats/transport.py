@@ -329,9 +329,11 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
         if self._settle():
             await self._dead_letter(reason)
 
-    async def _dead_letter(self, reason: str) -> None:
+    async def _dead_letter(self, reason: str, attempts: int | None = None) -> None:
         sub = self._sub
-        letter = deadletter.dead_letter(self.message, sub.topic, sub.group, self.attempt, reason)
+        letter = deadletter.dead_letter(
+            self.message, sub.topic, sub.group, attempts or self.attempt, reason
+        )
         try:
             await sub._transport.publish(letter.topic, [letter.message])
         except BaseException:
@@ -439,39 +441,10 @@ class NatsSubscription(ClosesOnExit):
         t = self._transport
         js = await t._ready()
         nc = self._nc = js._nc
-        self.stream = await t._ensure_stream(self.topic, force=self._lost)
-        subject, partitions = t._streams[self.topic]
-        specs: list[tuple[str, str | None, int]] = []
-        if self.ordered:
-            base = consumer_name(self.group)
-            specs = [(f"{base}_k{n}", p, 1) for n, p in enumerate(partitions)]
-            specs.append((self.consumer, subject, t.max_ack_pending))
-        else:
-            specs.append((self.consumer, None, t.max_ack_pending))
-        kind = "ordered group" if self.ordered else "group"
-
-        async def declare(name: str, filter_subject: str | None, max_ack_pending: int) -> None:
-            config = ConsumerConfig(
-                name=name,
-                durable_name=name,
-                description=f"msdata {kind} {self.group} of topic {self.topic}",
-                deliver_policy=DeliverPolicy.ALL,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=t.ack_wait,
-                max_deliver=-1,
-                max_ack_pending=max_ack_pending,
-                filter_subject=filter_subject,
-            )
-            try:
-                await js.add_consumer(self.stream, config=config)
-            except nats.js.errors.APIError as e:
-                if e.err_code not in _CONSUMER_EXISTS:
-                    raise
-                # it exists with other settings (another version of this code): use it as is
-                await js.consumer_info(self.stream, name)
-
+        self.stream, specs = await t._declare_consumers(
+            self.topic, self.group, self.ordered, force=self._lost
+        )
         with _nats_errors(f"could not declare group {self.group!r} on topic {self.topic!r}"):
-            await asyncio.gather(*(declare(*spec) for spec in specs))
             if self._inbox_sub is None:
                 self._inbox = nc.new_inbox()
                 self._inbox_sub = await nc.subscribe(f"{self._inbox}.*", cb=self._arrive)
@@ -683,7 +656,7 @@ class NatsSubscription(ClosesOnExit):
                 d._settled = True
                 # if that fails, _dead_letter nacked it: it comes back and is tried again
                 with contextlib.suppress(MsdataError):
-                    await d._dead_letter(overdue)
+                    await d._dead_letter(overdue, deadletter.overdue_attempts(attempt))
                 continue
             inflight.add(d)
             out.append(d)
@@ -714,8 +687,11 @@ class NatsTransport:
     and closes; :meth:`from_url` builds one that the transport connects on first use and
     closes in :meth:`close`. Serves one event loop, like the client.
 
-    Options: ``stream_prefix`` (stream names), ``subject_prefix`` (``""`` or ending in
-    ``.``: a topic's subject is ``subject_prefix + topic``), ``ack_wait`` (seconds before
+    Options: ``namespace`` (on a server shared with others: stream names start with the
+    escaped namespace and ``_S``, subjects with ``namespace + "."``; the same option as on
+    the other transports), or, separately, ``stream_prefix`` (stream names, default
+    ``MSDATA_``) and ``subject_prefix`` (``""`` or ending in ``.``: a topic's subject is
+    ``subject_prefix + topic``), ``ack_wait`` (seconds before
     JetStream offers again a delivery whose consumer died), ``duplicate_window`` (seconds
     ``Nats-Msg-Id`` de-duplication lasts), ``max_age`` / ``max_bytes`` (stream retention
     limits; None keeps everything), ``max_ack_pending`` (unsettled deliveries per group),
@@ -732,8 +708,9 @@ class NatsTransport:
         self,
         client: Client | None,
         *,
-        stream_prefix: str = "MSDATA_",
-        subject_prefix: str = "",
+        stream_prefix: str | None = None,
+        subject_prefix: str | None = None,
+        namespace: str | None = None,
         ack_wait: float = 30.0,
         duplicate_window: float = 120.0,
         max_age: float | None = None,
@@ -747,6 +724,18 @@ class NatsTransport:
         key_partitions: int = 16,
         ordered: bool = False,
     ) -> None:
+        if namespace is not None:
+            check_name("namespace", namespace)
+            if stream_prefix is not None or subject_prefix is not None:
+                raise ConfigurationError(
+                    "give namespace, or stream_prefix and subject_prefix, not both"
+                )
+            # "_S" never occurs in an escaped name: the prefix ends unambiguously
+            stream_prefix = f"{_escape(namespace)}_S"
+            subject_prefix = f"{namespace}."
+        self.namespace = namespace
+        stream_prefix = "MSDATA_" if stream_prefix is None else stream_prefix
+        subject_prefix = "" if subject_prefix is None else subject_prefix
         if not _PREFIX.match(stream_prefix):
             raise ConfigurationError(
                 f"stream_prefix {stream_prefix!r}: up to 40 letters, digits, '_' or '-'"
@@ -954,34 +943,46 @@ class NatsTransport:
         if self._acks_sub is None:
             await self._listen_for_acks(nc)
         # every message of the batch asks JetStream to answer on one subject, and the
-        # answers are counted: one future per batch instead of one per message
-        self._batch_seq += 1
-        token = str(self._batch_seq)
-        batch = _Batch(len(messages))
-        self._batches[token] = batch
-        reply = self._acks_prefix + token
-        try:
-            with _nats_errors(f"publish to {topic!r} at {self.address} failed", PublishError):
-                for m in messages:
-                    headers = (
-                        {**m.headers, MSG_ID_HEADER: m.id} if m.headers else {MSG_ID_HEADER: m.id}
-                    )
-                    key = m.key
-                    if key is None:
-                        target = subject
-                    else:
-                        headers[KEY_HEADER] = key
-                        target = partitions[zlib.crc32(key.encode()) % n_partitions]
-                    await nc.publish(target, m.body, reply=reply, headers=headers)
-                async with asyncio.timeout_at(deadline):
-                    await batch.done
-        except TimeoutError as e:
-            raise PublishError(
-                f"{batch.left} of {len(messages)} messages to {topic!r} were not confirmed "
-                f"by {self.address} within {self.publish_timeout}s"
-            ) from e
-        finally:
-            del self._batches[token]
+        # answers are counted: one future per batch instead of one per message. If the
+        # client reconnects meanwhile, what it wrote to the lost socket is gone: the batch is
+        # sent again under a new reply subject (JetStream drops the copies by Nats-Msg-Id
+        # and answers them as duplicates), within the one publish_timeout.
+        while True:
+            reconnects = nc.stats["reconnects"]
+            self._batch_seq += 1
+            token = str(self._batch_seq)
+            batch = _Batch(len(messages))
+            self._batches[token] = batch
+            reply = self._acks_prefix + token
+            try:
+                with _nats_errors(f"publish to {topic!r} at {self.address} failed", PublishError):
+                    for m in messages:
+                        headers = (
+                            {**m.headers, MSG_ID_HEADER: m.id}
+                            if m.headers
+                            else {MSG_ID_HEADER: m.id}
+                        )
+                        key = m.key
+                        if key is None:
+                            target = subject
+                        else:
+                            headers[KEY_HEADER] = key
+                            target = partitions[zlib.crc32(key.encode()) % n_partitions]
+                        await nc.publish(target, m.body, reply=reply, headers=headers)
+                    async with asyncio.timeout_at(deadline):
+                        while not batch.done.done():
+                            await asyncio.wait((batch.done,), timeout=0.25)
+                            if nc.stats["reconnects"] != reconnects and nc.is_connected:
+                                break  # reconnected: send the batch again
+            except TimeoutError as e:
+                raise PublishError(
+                    f"{batch.left} of {len(messages)} messages to {topic!r} were not "
+                    f"confirmed by {self.address} within {self.publish_timeout}s"
+                ) from e
+            finally:
+                del self._batches[token]
+            if batch.done.done():
+                break
         if batch.error is not None:
             if batch.no_stream:
                 self._streams.pop(topic, None)  # declare it again on the next publish
@@ -1011,6 +1012,56 @@ class NatsTransport:
             if batch.left:
                 return
         batch.done.set_result(None)
+
+    async def declare_group(self, topic: str, group: str) -> None:
+        """The topic's stream and the group's durable consumer(s): one, or with
+        ``ordered=True`` one per key partition plus one for keyless messages, as a
+        subscription of this transport declares them."""
+        self._subject(topic)
+        check_name("group", group)
+        await self._declare_consumers(topic, group, self.ordered)
+
+    async def _declare_consumers(
+        self, topic: str, group: str, ordered: bool, *, force: bool = False
+    ) -> tuple[str, list[tuple[str, str | None, int]]]:
+        """Declare the stream of ``topic`` and the consumers of ``group``; returns the
+        stream name and each consumer's (name, filter subject, max_ack_pending), the
+        keyless (or only) one last."""
+        js = await self._ready()
+        stream = await self._ensure_stream(topic, force=force)
+        subject, partitions = self._streams[topic]
+        base = consumer_name(group)
+        specs: list[tuple[str, str | None, int]] = []
+        if ordered:
+            specs = [(f"{base}_k{n}", p, 1) for n, p in enumerate(partitions)]
+            specs.append((f"{base}_n", subject, self.max_ack_pending))
+        else:
+            specs.append((base, None, self.max_ack_pending))
+        kind = "ordered group" if ordered else "group"
+
+        async def declare(name: str, filter_subject: str | None, max_ack_pending: int) -> None:
+            config = ConsumerConfig(
+                name=name,
+                durable_name=name,
+                description=f"msdata {kind} {group} of topic {topic}",
+                deliver_policy=DeliverPolicy.ALL,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=self.ack_wait,
+                max_deliver=-1,
+                max_ack_pending=max_ack_pending,
+                filter_subject=filter_subject,
+            )
+            try:
+                await js.add_consumer(stream, config=config)
+            except nats.js.errors.APIError as e:
+                if e.err_code not in _CONSUMER_EXISTS:
+                    raise
+                # it exists with other settings (another version of this code): use it as is
+                await js.consumer_info(stream, name)
+
+        with _nats_errors(f"could not declare group {group!r} on topic {topic!r}"):
+            await asyncio.gather(*(declare(*spec) for spec in specs))
+        return stream, specs
 
     def subscribe(
         self, topic: str, group: str, *, max_attempts: int = 5, prefetch: int = 100

@@ -280,6 +280,8 @@ class RedisSubscription(ClosesOnExit):
         self._streams: dict[Any, Any] = {self._keys[0]: ">", self._keys[1]: ">"}
         self._inflight: dict[RedisDelivery, None] = {}
         self._buffer: deque[RedisDelivery] = deque()
+        # read or reclaimed beyond max_attempts: dead-lettered, not handed out
+        self._overdue: list[tuple[RedisDelivery, str]] = []
         self._acks: tuple[list[bytes], list[bytes]] = ([], [])
         self._cursors: list[bytes] = [b"0-0", b"0-0"]
         self._next_maintenance = 0.0
@@ -305,11 +307,7 @@ class RedisSubscription(ClosesOnExit):
         return self
 
     async def _declare(self) -> None:
-        t = self._t
-        pipe = t._client.pipeline(transaction=False)
-        await t._declare_group(keys=[self._keys[0]], args=[self.group, "first"], client=pipe)
-        await t._declare_group(keys=[self._keys[1]], args=[self.group, "all"], client=pipe)
-        await _execute(pipe)
+        await self._t._declare(self.topic, self.group)
 
     async def close(self) -> None:
         """Stop consuming: send pending acks and release unsettled deliveries (at once, to the
@@ -391,6 +389,8 @@ class RedisSubscription(ClosesOnExit):
                         now = time.monotonic()
                     wait = min(deadline, self._next_maintenance) - now
                     await self._read(room, int(min(wait, t._max_block) * 1000))
+                    if self._overdue:
+                        await self._settle_overdue()
                     backoff = 0.05
                 except _TRANSIENT as e:
                     log.warning("redis unreachable (%s); retrying", e)
@@ -462,7 +462,14 @@ class RedisSubscription(ClosesOnExit):
                         message, attempt = _foreign(eid, flat)
                 else:
                     message, attempt = _parse(eid, flat, stream == _RETRY)
-                buf.append(RedisDelivery(self, stream, eid, message, attempt))
+                d = RedisDelivery(self, stream, eid, message, attempt)
+                if attempt > self.max_attempts:
+                    # released again and again by consumers that closed unsettled
+                    reason = deadletter.overdue_reason(attempt, self.max_attempts)
+                    assert reason is not None
+                    self._overdue.append((d, reason))
+                else:
+                    buf.append(d)
 
     # -- maintenance: delayed retries, reclaiming, trimming --------------------------------
 
@@ -505,10 +512,16 @@ class RedisSubscription(ClosesOnExit):
                     self._buffer.append(d)
                 else:
                     overdue.append((d, reason))
+        self._overdue.extend(overdue)
+        await self._settle_overdue()
+
+    async def _settle_overdue(self) -> None:
+        """Dead-letter the deliveries read or reclaimed beyond ``max_attempts``."""
+        overdue, self._overdue = self._overdue, []
         for d, reason in overdue:
             d._settled = True
             try:
-                await self._settle_to_dead_letter(d, reason)
+                await self._settle_to_dead_letter(d, reason, deadletter.overdue_attempts(d.attempt))
             except TransportError as e:  # still pending: the next scan tries again
                 log.warning("dead-lettering %s of %s failed: %s", d._eid, self.topic, e)
 
@@ -583,9 +596,13 @@ class RedisSubscription(ClosesOnExit):
         if delay > 0:
             self._next_maintenance = min(self._next_maintenance, time.monotonic() + delay)
 
-    async def _settle_to_dead_letter(self, d: RedisDelivery, reason: str) -> None:
+    async def _settle_to_dead_letter(
+        self, d: RedisDelivery, reason: str, attempts: int | None = None
+    ) -> None:
         # the policy's message, moved atomically by the SETTLE script (ack + XADD)
-        letter = deadletter.dead_letter(d.message, self.topic, self.group, d.attempt, reason)
+        letter = deadletter.dead_letter(
+            d.message, self.topic, self.group, attempts or d.attempt, reason
+        )
         target = self._t._stream_key(letter.topic)
         with _redis_errors(f"dead_letter on {self.topic!r}"):
             moved = await self._queue_settle(
@@ -602,7 +619,9 @@ class RedisTransport:
     are bytes). The transport does not close a client it was given; one made by
     :meth:`from_url` it does.
 
-    - ``key_prefix``: every key this transport touches starts with ``key_prefix + ":"``.
+    - ``namespace``: on a server shared with others, every key this transport touches starts
+      with ``namespace + ":"`` (the same option as on the other transports).
+    - ``key_prefix``: the same, under its older name (default ``"msdata"``).
     - ``claim_idle``: seconds a delivery must sit unsettled at a consumer that stopped
       heart-beating before another consumer takes it over (XAUTOCLAIM).
     - ``claim_interval``: how often each subscription scans for such deliveries and for due
@@ -617,7 +636,8 @@ class RedisTransport:
         self,
         client: aioredis.Redis,
         *,
-        key_prefix: str = "msdata",
+        key_prefix: str | None = None,
+        namespace: str | None = None,
         claim_idle: float = 2.0,
         claim_interval: float | None = None,
         trim_interval: float | None = 5.0,
@@ -626,6 +646,14 @@ class RedisTransport:
         kwargs = client.connection_pool.connection_kwargs
         if kwargs.get("decode_responses"):
             raise ConfigurationError("RedisTransport needs a client with decode_responses=False")
+        if namespace is not None:
+            check_name("namespace", namespace)
+            if key_prefix is not None and key_prefix != namespace:
+                raise ConfigurationError("give namespace or key_prefix, not both")
+            key_prefix = namespace
+        elif key_prefix is None:
+            key_prefix = "msdata"
+        self.namespace = namespace
         if not key_prefix or claim_idle <= 0:
             raise ConfigurationError("key_prefix must be non-empty and claim_idle > 0")
         self._client = client
@@ -695,6 +723,26 @@ class RedisTransport:
                 command("XADD", key, "*", *_entry_fields(m, m.headers, None))
         with _redis_errors(f"publish of {len(messages)} to {topic!r} failed", PublishError):
             await _execute(pipe)
+
+    async def declare_group(self, topic: str, group: str) -> None:
+        """``XGROUP CREATE ... MKSTREAM`` on the topic's stream (at ``0`` for its first
+        group, so that group receives what was published before any group existed; at ``$``
+        for later ones) and on the group's retry stream; an existing group is left as it is."""
+        check_name("topic", topic)
+        check_name("group", group)
+        if self._closed:
+            raise TransportClosed("declare_group() on a closed transport")
+        with _redis_errors(f"could not declare group {group!r} of {topic!r}"):
+            await self._declare(topic, group)
+
+    async def _declare(self, topic: str, group: str) -> None:
+        stream = self._stream_key(topic)
+        pipe = self._client.pipeline(transaction=False)
+        await self._declare_group(keys=[stream], args=[group, "first"], client=pipe)
+        await self._declare_group(
+            keys=[f"{stream}:{group}:retry"], args=[group, "all"], client=pipe
+        )
+        await _execute(pipe)
 
     def subscribe(
         self, topic: str, group: str, *, max_attempts: int = 5, prefetch: int = 100

@@ -84,6 +84,11 @@ class TransportConformance:
     def make_transport(self) -> AbstractAsyncContextManager[Transport]:
         raise NotImplementedError
 
+    def make_transport_in(self, namespace: str) -> AbstractAsyncContextManager[Transport]:
+        """A transport like :meth:`make_transport`, built with ``namespace=namespace`` (the
+        option every transport takes for a broker shared with others)."""
+        raise NotImplementedError
+
     #: the password :meth:`make_unreachable_transport` puts in the address; no error may show it
     unreachable_password = "s3cret-pw"
 
@@ -172,6 +177,52 @@ class TransportConformance:
                 assert sorted(seen) == sorted(m.id for m in msgs), "lost or duplicated"
                 await self.assert_quiet(a)
 
+    async def test_a_group_declared_ahead_receives_what_was_published_before_it_subscribed(
+        self,
+    ) -> None:
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t:
+            # the usual deploy order: the producer's topic exists and has another group
+            other = self.unique("other")
+            await t.declare_group(topic, other)
+            await t.declare_group(topic, group)
+            await t.declare_group(topic, group)  # idempotent
+            msgs = make_messages(10)
+            await t.publish(topic, msgs)
+            async with t.subscribe(topic, group) as sub:
+                got = await collect(sub, 10, timeout=self.arrival_timeout)
+                assert sorted(d.message.id for d in got) == sorted(m.id for m in msgs)
+                assert all(d.attempt == 1 for d in got)
+                await self.assert_quiet(sub)
+            async with t.subscribe(topic, other) as sub:
+                got = await collect(sub, 10, timeout=self.arrival_timeout)
+                assert sorted(d.message.id for d in got) == sorted(m.id for m in msgs)
+            with pytest.raises(ConfigurationError):
+                await t.declare_group(topic, "eu.billing")
+
+    async def test_a_topic_without_any_group_keeps_what_is_published_for_its_first_group(
+        self,
+    ) -> None:
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t:
+            msgs = make_messages(5)
+            await t.publish(topic, msgs)  # nobody has declared a group yet
+            async with t.subscribe(topic, group) as sub:
+                got = await collect(sub, 5, timeout=self.arrival_timeout)
+                assert sorted(d.message.id for d in got) == sorted(m.id for m in msgs)
+                await self.assert_quiet(sub)
+            # a group declared later starts after its declaration (unless the backend
+            # replays history), and the first group keeps receiving
+            late = self.unique("late")
+            await t.declare_group(topic, late)
+            more = make_messages(3, prefix="more")
+            await t.publish(topic, more)
+            async with t.subscribe(topic, late) as sub:
+                want = [*msgs, *more] if t.features.replays_history else more
+                got = await collect(sub, len(want), timeout=self.arrival_timeout)
+                assert sorted(d.message.id for d in got) == sorted(m.id for m in want)
+                await self.assert_quiet(sub)
+
     async def test_large_batch_is_delivered_completely(self) -> None:
         topic, group = self.unique("topic"), self.unique("group")
         async with self.make_transport() as t:
@@ -180,6 +231,55 @@ class TransportConformance:
                 await t.publish(topic, msgs)
                 got = await collect(sub, 2000, timeout=self.arrival_timeout * 3)
             assert {d.message.id for d in got} == {m.id for m in msgs}
+
+    async def test_publish_while_the_connection_recovers_waits_for_it(self) -> None:
+        """A publish made while the connection (or channel) is being reopened waits for it,
+        up to the transport's ``publish_timeout``, instead of failing at once."""
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t:
+            interrupt = t.features.interrupt
+            if interrupt is None:
+                pytest.skip("no interrupt hook in this transport's features")
+            async with t.subscribe(topic, group) as sub:
+                await t.publish(topic, make_messages(1, prefix="before"))
+                assert len(await collect(sub, 1, timeout=self.arrival_timeout)) == 1
+                await interrupt()
+                msgs = make_messages(5, prefix="during")
+                await t.publish(topic, msgs)  # no PublishError: it waited
+                seen: set[str] = set()
+
+                async def all_arrived() -> bool:
+                    seen.update(d.message.id for d in await collect(sub, 5, timeout=1.0))
+                    return {m.id for m in msgs} <= seen
+
+                await eventually(
+                    all_arrived,
+                    self.arrival_timeout * 2,
+                    what=lambda: f"{len(seen)} of the 5 published during the outage arrived",
+                )
+
+    async def test_namespaces_keep_transports_on_one_broker_apart(self) -> None:
+        """Two services (or test runs) with their own ``namespace`` on one broker use the
+        same topic and group names without meeting."""
+        topic, group = self.unique("topic"), self.unique("group")
+        first, second = self.unique("ns"), self.unique("ns")
+        async with self.make_transport_in(first) as a, self.make_transport_in(second) as b:
+            assert getattr(a, "namespace", None) == first
+            await a.declare_group(topic, group)
+            await b.declare_group(topic, group)
+            mine, theirs = make_messages(3, prefix="a"), make_messages(2, prefix="b")
+            await a.publish(topic, mine)
+            await b.publish(topic, theirs)
+            async with a.subscribe(topic, group) as sa, b.subscribe(topic, group) as sb:
+                got_a = await collect(sa, 3, timeout=self.arrival_timeout)
+                got_b = await collect(sb, 2, timeout=self.arrival_timeout)
+                assert sorted(d.message.id for d in got_a) == sorted(m.id for m in mine)
+                assert sorted(d.message.id for d in got_b) == sorted(m.id for m in theirs)
+                await self.assert_quiet(sa)
+                await self.assert_quiet(sb)
+        with pytest.raises(ConfigurationError):
+            async with self.make_transport_in("has:colon"):
+                pass
 
     # -- redelivery -------------------------------------------------------------------------
 
@@ -198,6 +298,41 @@ class TransportConformance:
                 assert second.attempt == 2
                 await second.ack()
                 await self.assert_quiet(sub)
+
+    async def test_a_retry_does_not_wait_behind_the_backlog(self) -> None:
+        """A nacked delivery comes back while a large backlog of first attempts is still
+        being worked off, not after it (under load, retries would otherwise take as long as
+        the whole backlog)."""
+        topic, group = self.unique("topic"), self.unique("group")
+        backlog = 2000
+        async with self.make_transport() as t, t.subscribe(topic, group, prefetch=10) as sub:
+            (failing,) = make_messages(1, prefix="failing")
+            await t.publish(topic, [failing])
+            (first,) = await collect(sub, 1, timeout=self.arrival_timeout, ack=False)
+            await t.publish(topic, make_messages(backlog))
+            await first.nack()
+            handled_before = 0
+            retried = False
+
+            async def came_back() -> bool:
+                nonlocal handled_before, retried
+                for d in await sub.receive(10, timeout=1.0):
+                    if d.message.id == failing.id:
+                        assert d.attempt == 2
+                        retried = True
+                    else:
+                        handled_before += 1
+                    await d.ack()
+                return retried
+
+            await eventually(
+                came_back,
+                self.arrival_timeout * 6,
+                what=lambda: f"the retry, after {handled_before} first attempts",
+            )
+            assert handled_before < backlog // 4, (
+                f"the retry came after {handled_before} of {backlog} first attempts"
+            )
 
     async def test_nack_with_delay_holds_the_message_back(self) -> None:
         topic, group = self.unique("topic"), self.unique("group")
@@ -229,6 +364,55 @@ class TransportConformance:
                 assert sorted(d.message.id for d in again) == sorted(m.id for m in msgs[1:])
                 assert all(d.attempt >= 2 for d in again)
                 await self.assert_quiet(second)
+
+    async def test_attempts_count_every_consumer_that_died_and_then_it_is_dead_lettered(
+        self,
+    ) -> None:
+        """A poison message that kills its consumer: each death counts as an attempt (1, 2,
+        3), and after ``max_attempts`` it goes to the dead-letter topic with
+        ``x-msdata-attempts`` = 3 (the times it was handed to a consumer), not again to a
+        consumer."""
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t:
+            abandon = t.features.abandon
+            if abandon is None:
+                pytest.skip("no abandon hook in this transport's features")
+            await t.declare_group(topic, group)
+            poison, good = make_messages(2, key="k")
+            await t.publish(topic, [poison])
+            wait = t.features.redelivery_timeout + self.arrival_timeout
+            attempts: list[int] = []
+            for _ in range(3):
+                async with t.subscribe(topic, group, max_attempts=3) as sub:
+                    (d,) = await collect(sub, 1, timeout=wait, ack=False)
+                    assert d.message.id == poison.id
+                    attempts.append(d.attempt)
+                    await abandon(sub)  # the handler crashed its process
+            assert attempts == [1, 2, 3]
+            await t.publish(topic, [good])
+            async with (
+                t.subscribe(topic, group, max_attempts=3) as sub,
+                t.subscribe(dead_letter_topic(topic, group), self.unique("ops")) as dlq,
+            ):
+                handed: list[Delivery] = []
+                dead: list[Delivery] = []
+
+                async def settled() -> bool:
+                    # receiving is what finds the overdue message and dead-letters it
+                    handed.extend(await collect(sub, 1, timeout=0.3))
+                    dead.extend(await collect(dlq, 1, timeout=0.1))
+                    return bool(handed and dead)
+
+                await eventually(
+                    settled,
+                    wait * 2,
+                    what=lambda: f"handed out {len(handed)}, dead-lettered {len(dead)}",
+                )
+                assert [d.message.id for d in handed] == [good.id]
+                assert handed[0].attempt == 1
+                assert [d.message.id for d in dead] == [poison.id]
+                assert dead[0].message.headers[DEAD_LETTER_ATTEMPTS] == "3"
+                await self.assert_quiet(sub)
 
     async def test_a_live_consumers_slow_work_is_not_redelivered(self) -> None:
         topic, group = self.unique("topic"), self.unique("group")
@@ -294,6 +478,53 @@ class TransportConformance:
                 assert dead.message.headers[DEAD_LETTER_TOPIC] == topic
                 assert dead.message.headers[DEAD_LETTER_GROUP] == group
                 assert dead.message.headers[DEAD_LETTER_ATTEMPTS] == "3"
+                await self.assert_quiet(sub)
+
+    async def test_foreign_bookkeeping_is_not_trusted(self) -> None:
+        """Attempt counts forged by another producer (Redis's ``attempt`` field, RabbitMQ's
+        ``x-msdata-prior-attempts`` and ``x-delivery-count`` headers, huge or negative) are
+        ignored: only the transport's own bookkeeping counts."""
+        topic, group = self.unique("topic"), self.unique("group")
+        forged = {
+            "attempt": "999",
+            "x-msdata-prior-attempts": "99",
+            "x-delivery-count": "50",
+            "x-msdata-attempts": "7",
+        }
+        negative = {
+            "attempt": "-1000000",
+            "x-msdata-prior-attempts": "-1000000",
+            "x-delivery-count": "-5",
+        }
+        high = TransportMessage(id=str(uuid.uuid4()), body=b'{"f":1}', headers=forged)
+        low = TransportMessage(id=str(uuid.uuid4()), body=b'{"f":2}', headers=negative)
+        async with self.make_transport() as t:
+            publish_foreign = t.features.publish_foreign
+            if publish_foreign is None:
+                pytest.skip("no publish_foreign hook in this transport's features")
+            await t.declare_group(topic, group)
+            await publish_foreign(topic, high)
+            await publish_foreign(topic, low)
+            attempts: dict[bytes, list[int]] = {high.body: [], low.body: []}
+            async with (
+                t.subscribe(topic, group, max_attempts=3) as sub,
+                t.subscribe(dead_letter_topic(topic, group), self.unique("ops")) as dlq,
+            ):
+
+                async def all_attempted() -> bool:
+                    for d in await sub.receive(10, timeout=0.5):
+                        attempts[d.message.body].append(d.attempt)
+                        await d.nack(reason="boom")
+                    return sum(map(len, attempts.values())) >= 6
+
+                await eventually(
+                    all_attempted, self.arrival_timeout * 2, what=lambda: f"attempts {attempts}"
+                )
+                assert attempts == {high.body: [1, 2, 3], low.body: [1, 2, 3]}
+                dead = await collect(dlq, 2, timeout=self.arrival_timeout)
+                assert sorted(d.message.body for d in dead) == [high.body, low.body]
+                for d in dead:
+                    assert d.message.headers[DEAD_LETTER_ATTEMPTS] == "3"
                 await self.assert_quiet(sub)
 
     async def test_dead_letter_moves_a_delivery_at_once_and_keeps_it_until_read(self) -> None:
