@@ -202,9 +202,9 @@ class OrderService:
         plain bus subscription, which the service does not declare: on RabbitMQ an
         OrderPlaced the relay publishes at start-up would find no queue)."""
         await sql.create_tables(self.service, TABLES)
-        declare = getattr(self.service.transport, "declare_group", None)
-        if callable(declare):
-            await declare(self.service.bus.topic_of(OrderPlaced), "order-checkout")
+        await self.service.transport.declare_group(
+            self.service.bus.topic_of(OrderPlaced), "order-checkout"
+        )
 
     # -- HTTP ------------------------------------------------------------------------------
 

@@ -655,10 +655,8 @@ class Service:
             if self.create_schema:
                 for port in sorted(self._needed):
                     await self._stores[port].create_schema()
-            declare = getattr(self.transport, "declare_group", None)
-            if callable(declare):
-                for topic, group in self._subscriptions:
-                    await declare(topic, group)
+            for topic, group in self._subscriptions:
+                await self.transport.declare_group(topic, group)
             if self.relay is not None:
                 await self.relay.start()
                 self._stop_steps.append(("outbox relay", self.relay.stop))
