@@ -119,7 +119,10 @@ Action = Callable[[Any], Any] | Remote[Any, Any]
 class Step:
     """One step. ``timeout`` (seconds, or None): an attempt that has not finished (a local
     action) or has had no reply (a remote one) within it has failed. ``retry``: the forward
-    policy; ``compensation_retry``: the policy of its compensation (default: the saga's)."""
+    policy; ``compensation_retry``: the policy of its compensation (default: the saga's).
+    ``compensation_timeout`` (seconds, or None): the same for each attempt of the
+    compensation (default: ``timeout``); a compensation whose attempts are used up leaves the
+    instance FAILED."""
 
     name: str
     kind: StepKind
@@ -128,10 +131,18 @@ class Step:
     retry: Retry = ONCE
     timeout: float | None = None
     compensation_retry: Retry | None = None
+    compensation_timeout: float | None = None
 
     @property
     def is_remote(self) -> bool:
         return isinstance(self.action, Remote)
+
+    def timeout_for(self, purpose: str) -> float | None:
+        """The timeout (seconds) of one attempt of the action (``"action"``) or of the
+        compensation (``"compensation"``: ``compensation_timeout``, else ``timeout``)."""
+        if purpose == "action" or self.compensation_timeout is None:
+            return self.timeout
+        return self.compensation_timeout
 
     @staticmethod
     def compensatable(
@@ -142,9 +153,17 @@ class Step:
         retry: Retry = ONCE,
         timeout: float | None = None,
         compensation_retry: Retry | None = None,
+        compensation_timeout: float | None = None,
     ) -> Step:
         return _make(
-            name, StepKind.COMPENSATABLE, action, compensate, retry, timeout, compensation_retry
+            name,
+            StepKind.COMPENSATABLE,
+            action,
+            compensate,
+            retry,
+            timeout,
+            compensation_retry,
+            compensation_timeout,
         )
 
     @staticmethod
@@ -169,6 +188,7 @@ def _make(
     retry: Retry,
     timeout: float | None,
     compensation_retry: Retry | None,
+    compensation_timeout: float | None = None,
 ) -> Step:
     if not isinstance(name, str) or not name or len(name) > 100 or ":" in name:
         raise SagaDefinitionError(
@@ -189,9 +209,18 @@ def _make(
             f"step {name!r} is remote and needs a timeout (seconds): without one a lost reply "
             "would leave the saga waiting for ever"
         )
-    if isinstance(compensation, Remote) and timeout is None:
-        raise SagaDefinitionError(f"step {name!r} has a remote compensation and needs a timeout")
-    return Step(name, kind, action, compensation, retry, timeout, compensation_retry)
+    if compensation_timeout is not None and not compensation_timeout > 0:
+        raise SagaDefinitionError(
+            f"step {name!r}: compensation_timeout must be > 0 seconds, got {compensation_timeout!r}"
+        )
+    if isinstance(compensation, Remote) and timeout is None and compensation_timeout is None:
+        raise SagaDefinitionError(
+            f"step {name!r} has a remote compensation and needs a timeout "
+            "(or a compensation_timeout)"
+        )
+    return Step(
+        name, kind, action, compensation, retry, timeout, compensation_retry, compensation_timeout
+    )
 
 
 class Saga(Generic[D]):
@@ -242,8 +271,10 @@ class Saga(Generic[D]):
         retry: Retry = ONCE,
         timeout: float | None = None,
         compensation_retry: Retry | None = None,
+        compensation_timeout: float | None = None,
     ) -> Saga[D]:
-        """Add a compensatable step (``compensate`` is required)."""
+        """Add a compensatable step (``compensate`` is required). ``compensation_timeout``:
+        seconds per compensation attempt (default: ``timeout``)."""
         return self._add(
             (
                 Step.compensatable(
@@ -253,6 +284,7 @@ class Saga(Generic[D]):
                     retry=retry,
                     timeout=timeout,
                     compensation_retry=compensation_retry,
+                    compensation_timeout=compensation_timeout,
                 ),
             )
         )
@@ -317,6 +349,7 @@ class Saga(Generic[D]):
                 step.retry,
                 step.timeout,
                 step.compensation_retry,
+                step.compensation_timeout,
             )
             if step.name in self.steps or [s.name for s in group].count(step.name) > 1:
                 raise SagaDefinitionError(f"saga {self.name!r}: two steps are named {step.name!r}")

@@ -20,9 +20,15 @@ How an instance moves (DESIGN.md, guarantee 4):
   operator (:meth:`SagaOrchestrator.retry`).
 - A cancelled task (shutdown, SIGTERM) is not a failure: the instance stays as it was saved,
   RUNNING or COMPENSATING, and a recovery worker continues it once its lease has expired.
-- Replies are correlated by saga id, step, purpose and attempt; one is applied only while
-  the instance waits for it, by a version-checked save, so a late or duplicate reply is
-  recorded in the history and otherwise ignored.
+- Replies are correlated by saga id, step and purpose. A success from any attempt of the
+  step invocation the instance waits on (for a reply, or for its next attempt) is the
+  step's success: all attempts share one idempotency key. A failure counts only for the
+  attempt it answers. Any other reply (a step or purpose the instance no longer waits on, a
+  duplicate) is recorded in the history and otherwise ignored; what is applied is applied
+  once, by a version-checked save.
+- Each attempt of a compensation has a timeout (``compensation_timeout``, default the
+  step's ``timeout``) and the attempts are bounded by the compensation's retry policy:
+  then the instance is FAILED, for an operator, never COMPENSATING for ever.
 """
 
 from __future__ import annotations
@@ -414,9 +420,16 @@ class SagaOrchestrator:
             run is not None
             and rec.status is wanted
             and run.purpose == reply.purpose
-            and run.state == "waiting"
-            # a success of an earlier attempt still counts: the effect happened
-            and (run.attempt == reply.attempt or (reply.ok and reply.attempt < run.attempt))
+            and run.sent
+            and (
+                # every attempt carries the invocation's one idempotency key, so a success
+                # from any attempt is the step's success: accepted while the instance waits
+                # for a reply or for its next attempt
+                (reply.ok and run.state in ("waiting", "retry"))
+                # a refusal counts only for the attempt it answers (a later attempt may
+                # still take effect; a timed-out attempt was already counted as failed)
+                or (run.state == "waiting" and reply.attempt == run.attempt)
+            )
         ):
             run.state = "replied"
             run.ok = reply.ok
@@ -766,7 +779,7 @@ class SagaOrchestrator:
                             return _FAILED, name, "the saga's deadline passed"
                         waiting.append(run.wake_at)
                         continue
-                    error = f"no reply within {step.timeout} s"
+                    error = f"no reply within {step.timeout_for(purpose)} s"
                     self._log(rec, "timed out", name, run.attempt, purpose)
                     if self._failed_attempt(rec, step, run, purpose, error, now):
                         return _FAILED, name, error
@@ -822,8 +835,9 @@ class SagaOrchestrator:
             if isinstance(action, Remote):
                 run.state = "waiting"
                 run.sent = True
-                assert step.timeout is not None
-                run.wake_at = now + timedelta(seconds=step.timeout)
+                timeout = step.timeout_for(purpose)
+                assert timeout is not None
+                run.wake_at = now + timedelta(seconds=timeout)
                 try:
                     sends.append(self._command(rec, step, action, purpose, run.attempt))
                 except Exception as e:  # building the command failed: a failed attempt
@@ -896,8 +910,9 @@ class SagaOrchestrator:
         seen = telemetry.hooks.saga_step(
             rec.saga_type, rec.saga_id, step.name, compensation=purpose != ACTION
         )
+        timeout = step.timeout_for(purpose)
         try:
-            if step.timeout is None:
+            if timeout is None:
                 result = fn(data)
                 if (
                     result is not None
@@ -906,7 +921,7 @@ class SagaOrchestrator:
                 ):
                     result = await result
             else:
-                result = await self._with_timeout(fn, data, step.timeout)
+                result = await self._with_timeout(fn, data, timeout)
         except asyncio.CancelledError as e:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
