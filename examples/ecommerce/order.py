@@ -129,7 +129,8 @@ class OrderService:
         self.payment = payment
         self.inventory = inventory
         self.part_timeout = part_timeout
-        compensations = Retry(None, exponential_backoff(0.1, 2.0, 2.0))
+        # bounded (the library requires it): used up, the instance is FAILED for an operator
+        compensations = Retry(30, exponential_backoff(0.1, 2.0, 2.0))
         self.checkout = (
             Saga("checkout", Checkout, compensation_retry=compensations)
             # the order itself: cancelled when the checkout is compensated

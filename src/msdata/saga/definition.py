@@ -180,6 +180,16 @@ def _check_action(step: str, what: str, action: object) -> None:
         raise SagaDefinitionError(f"step {step!r}: the {what} must be a function or remote(...)")
 
 
+def _check_bounded(what: str, policy: Retry) -> None:
+    """A compensation's attempts are bounded (DESIGN.md guarantee 4: an instance whose
+    compensation keeps failing ends FAILED, for an operator, never COMPENSATING for ever)."""
+    if policy.attempts is None:
+        raise SagaDefinitionError(
+            f"{what}: a compensation retry policy needs a number of attempts (not None): once "
+            "they are used up the instance is FAILED for an operator, not compensating for ever"
+        )
+
+
 def _make(
     name: str,
     kind: StepKind,
@@ -209,6 +219,8 @@ def _make(
             f"step {name!r} is remote and needs a timeout (seconds): without one a lost reply "
             "would leave the saga waiting for ever"
         )
+    if compensation_retry is not None:
+        _check_bounded(f"step {name!r}", compensation_retry)
     if compensation_timeout is not None and not compensation_timeout > 0:
         raise SagaDefinitionError(
             f"step {name!r}: compensation_timeout must be > 0 seconds, got {compensation_timeout!r}"
@@ -230,7 +242,8 @@ class Saga(Generic[D]):
     ``_ - .``). ``data``: the pydantic model of the saga's data. ``deadline``: seconds from
     the start within which the saga must pass its pivot; an instance still before its pivot
     at the deadline is compensated. ``compensation_retry``: the default policy for
-    compensations (a compensation that exhausts it leaves the instance FAILED)."""
+    compensations (a compensation that exhausts it leaves the instance FAILED; its
+    ``attempts`` must be a number, not None). Raises :class:`SagaDefinitionError`."""
 
     def __init__(
         self,
@@ -247,6 +260,7 @@ class Saga(Generic[D]):
             raise SagaDefinitionError(f"saga {name!r}: data must be a pydantic model class")
         if deadline is not None and not deadline > 0:
             raise SagaDefinitionError(f"saga {name!r}: deadline must be > 0 seconds")
+        _check_bounded(f"saga {name!r}", compensation_retry)
         self.name = name
         self.data_type = data
         self.deadline = deadline
