@@ -1,9 +1,14 @@
 """A hypothesis state machine over the saga orchestrator: every rule is one process
 lifetime (a fresh orchestrator on the same store, killed at the rule's end), and the rules
-inject failures, hangs, lost commands and replies, duplicate and late replies, timeouts and
-recoveries. At the end the instance is settled and the invariants checked:
+inject failures, hangs, lost commands and replies, duplicate and late replies (a slow
+participant whose answer comes after its attempt timed out, delivered once a later attempt
+is under way), timeouts and recoveries. At the end the instance is settled and the
+invariants checked:
 
-- it ends COMPLETED, COMPENSATED, or FAILED with its error (never silently half done);
+- it ends COMPLETED, COMPENSATED, or FAILED with its error (never silently half done), and
+  is not stuck RUNNING or COMPENSATING: within a bounded number of rounds of "every message
+  delivered, the clock past every timeout, deadline and lease, recovery run" (the attempts
+  of every step and compensation are bounded);
 - each effect (a step's action, its compensation) was applied at most once, and each reply
   applied at most once;
 - compensations ran in reverse step order, only for steps whose action was applied, and
@@ -78,6 +83,7 @@ class SagaMachine(RuleBasedStateMachine):
         self.log: list[tuple[str, str]] = []  # (step, purpose) in the order applied
         self.commands: list[Any] = []  # envelopes "on the network"
         self.replies: list[SagaReply] = []
+        self.late: list[SagaReply] = []  # a slow participant's answers, held back
         self.faults = {}
         saga: Saga[Data] = Saga("prop", Data, compensation_retry=Retry(3, constant_backoff(1.0)))
         names = [f"c{i}" for i in range(n_comp)] + ["pivot"] + [f"r{i}" for i in range(retriable)]
@@ -186,7 +192,8 @@ class SagaMachine(RuleBasedStateMachine):
     # -- rules ---------------------------------------------------------------------------------
 
     @rule(
-        data=st.data(), outcome=st.sampled_from(["ok", "ok", "fail", "lost_command", "lost_reply"])
+        data=st.data(),
+        outcome=st.sampled_from(["ok", "ok", "fail", "lost_command", "lost_reply", "slow"]),
     )
     def deliver_command(self, data: st.DataObject, outcome: str) -> None:
         if not self.commands:
@@ -214,7 +221,9 @@ class SagaMachine(RuleBasedStateMachine):
         except SagaStepFailed:
             self.replies.append(SagaReply(ok=False, reason="already compensated", **base))
             return
-        if outcome != "lost_reply":
+        if outcome == "slow":  # applied, answered after the attempt's timeout
+            self.late.append(SagaReply(ok=True, duplicate=not fresh, **base))
+        elif outcome != "lost_reply":
             self.replies.append(SagaReply(ok=True, duplicate=not fresh, **base))
 
     @rule(data=st.data(), duplicate=st.booleans())
@@ -223,6 +232,32 @@ class SagaMachine(RuleBasedStateMachine):
             return
         i = data.draw(st.integers(0, len(self.replies) - 1))
         reply = self.replies[i] if duplicate else self.replies.pop(i)
+
+        async def on_reply(orch: SagaOrchestrator) -> None:
+            try:
+                await orch._on_reply(reply)
+            except SagaStateError:
+                self.replies.append(reply)  # nacked: the broker redelivers it
+
+        self.lifetime(on_reply)
+
+    @rule(data=st.data())
+    def late_reply_from_an_earlier_attempt(self, data: st.DataObject) -> None:
+        """A slow participant's answer comes in once the clock passed its attempt's timeout,
+        preferably while a later attempt of the same step invocation is under way."""
+        if not self.late:
+            return
+        rec = self.store.snapshot(SAGA_ID)
+
+        def earlier(r: SagaReply) -> bool:
+            run = rec.active.get(r.step)
+            return run is not None and run.purpose == r.purpose and run.attempt > r.attempt
+
+        candidates = [i for i, r in enumerate(self.late) if earlier(r)] or list(
+            range(len(self.late))
+        )
+        reply = self.late.pop(candidates[data.draw(st.integers(0, len(candidates) - 1))])
+        self.clock.advance(TIMEOUT)  # it is late: its attempt has timed out by now
 
         async def on_reply(orch: SagaOrchestrator) -> None:
             try:
@@ -250,10 +285,17 @@ class SagaMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         if not hasattr(self, "store"):
             return
-        for _ in range(200):
+        # each round delivers every message, passes every timeout, backoff, deadline and
+        # lease, and runs recovery: each round settles at least one attempt of one step or
+        # compensation, and those are bounded (2 forward attempts a step; a retriable step
+        # succeeds once answered; 3 compensation attempts; a pivot asked again answers)
+        bound = 6 * len(self.order) + 4
+        for _ in range(bound):
             rec = self.store.snapshot(SAGA_ID)
             if rec.status in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED):
                 break
+            self.replies += self.late
+            self.late.clear()
             while self.commands:
                 self._participant(self.commands.pop(0), "ok")
             while self.replies:
@@ -269,7 +311,16 @@ class SagaMachine(RuleBasedStateMachine):
             self.lifetime(lambda o: o.recover())
         rec = self.store.snapshot(SAGA_ID)
         status = rec.status
+        # never stuck RUNNING/COMPENSATING once everything was delivered and timed out
         assert status in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED), rec
+        stuck: list[Any] = []
+
+        async def find_stuck(orch: SagaOrchestrator) -> None:
+            stuck.extend(await orch.stuck())
+
+        self.lifetime(find_stuck)
+        # only a FAILED instance waits for an operator, and it is visible
+        assert [r.saga_id for r in stuck] == ([SAGA_ID] if status is SagaStatus.FAILED else [])
         if status is SagaStatus.FAILED:
             assert rec.error
         assert all(n <= 1 for n in self.applied.values())
