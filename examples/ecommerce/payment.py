@@ -33,8 +33,9 @@ SLOW = "tok_slow"
 
 def stall(faults: Faults) -> Middleware:
     """Bus middleware: the card gateway stalls on card tok_slow, so the charge answers after
-    the saga's step timeout and the saga refunds it; the gateway is as slow for that
-    order's first refund, so a refund comes after the charge. Outside any transaction: other
+    the saga's step timeout and the saga refunds it; the gateway is as slow for every refund
+    of that order, so each refund attempt answers after its timeout too (the orchestrator
+    takes an earlier attempt's late success as the refund's). Outside any transaction: other
     charges go on meanwhile."""
     slow: set[str] = set()
 
@@ -45,9 +46,6 @@ def stall(faults: Faults) -> Middleware:
                 slow.add(msg.order_id)
                 await asyncio.sleep(faults.slow_seconds)
             elif isinstance(msg, RefundPayment) and msg.order_id in slow:
-                # once: a stall on every delivery would outlast every attempt's timeout (the
-                # step's) and the compensation would never hear back
-                slow.discard(msg.order_id)
                 await asyncio.sleep(faults.slow_seconds)
         return await call_next(envelope)
 
