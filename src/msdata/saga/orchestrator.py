@@ -413,7 +413,9 @@ class SagaOrchestrator:
         )
 
     def _accept(self, rec: SagaRecord, reply: SagaReply) -> bool:
-        """Record ``reply`` on ``rec`` if the instance waits for it; else note it ignored."""
+        """Record ``reply`` on ``rec`` if the instance waits for it (a success from any
+        attempt of the invocation it waits on, a failure from the pending attempt); else note
+        it ignored. True when recorded."""
         run = rec.active.get(reply.step)
         wanted = RUNNING if reply.purpose == ACTION else COMPENSATING
         if (
