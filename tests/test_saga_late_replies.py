@@ -3,6 +3,7 @@ that is always slower than the step's timeout, on a FakeClock, over the memory t
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -267,3 +268,28 @@ async def test_a_late_action_reply_from_attempt_1_completes_the_step_once(world:
     assert after.history[-1].event == "reply ignored"
     assert after.status is SagaStatus.COMPLETED and after.data.notes == ["r-o-1"]
     assert world.slow.effects == ["reserve o-1"]
+
+
+async def test_a_hanging_local_compensation_times_out_and_ends_failed() -> None:
+    clock = FakeClock()
+    store = MemorySagaStore()
+    calls: list[int] = []
+
+    async def hang(d: Order) -> None:
+        calls.append(1)
+        await asyncio.Event().wait()  # never finishes
+
+    saga = (
+        Saga("hanging-undo", Order, compensation_retry=Retry(2, constant_backoff(0.0)))
+        .step("reserve", lambda d: None, compensate=hang, compensation_timeout=2)
+        .pivot("charge", refuse)
+    )
+    orch = SagaOrchestrator(store, [saga], clock=clock)
+    task = asyncio.ensure_future(orch.start(saga, Order(), saga_id="hang-1"))
+    for attempt in (1, 2):
+        await eventually(lambda a=attempt: len(calls) == a, what=f"compensation attempt {attempt}")
+        clock.advance(2)  # its timeout
+    rec = await task
+    assert rec.status is SagaStatus.FAILED
+    assert rec.error == "compensation of 'reserve' failed: TimeoutError: did not finish within 2 s"
+    assert [r.saga_id for r in await orch.stuck()] == ["hang-1"]
