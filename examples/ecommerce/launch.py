@@ -139,8 +139,9 @@ async def run(args: argparse.Namespace) -> bool:
             f"Order, Payment and Inventory as processes {[p.pid for p in fleet.procs.values()]}"
             f" on {args.db.split('@')[-1]} + {args.broker.split('@')[-1]}"
         )
+        placed = asyncio.Event()
         if args.chaos:
-            chaos_task = asyncio.create_task(chaos(fleet, console, args.seed, args.kills))
+            chaos_task = asyncio.create_task(chaos(fleet, console, args.seed, args.kills, placed))
         report = await drive(
             clients,
             orders=args.orders,
@@ -150,7 +151,7 @@ async def run(args: argparse.Namespace) -> bool:
             dead_letters=lambda a: read_dead_letters(args.broker, args.schema_prefix, a),
             console=console,
             slow=args.slow_seconds > 0,
-            on_placed=(chaos_task.cancel if chaos_task else None),
+            on_placed=placed.set,
         )
         args.report = report
         return report.ok
@@ -162,12 +163,18 @@ async def run(args: argparse.Namespace) -> bool:
         fleet.stop()
 
 
-async def chaos(fleet: Fleet, console: Console, seed: int, kills: int) -> None:
-    """SIGKILL a service every 1.5-3 s (``kills`` times at most, and only while orders are
-    being placed) and start it again half a second later."""
+async def chaos(
+    fleet: Fleet, console: Console, seed: int, kills: int, placed: asyncio.Event
+) -> None:
+    """SIGKILL a service (the first within a second of the start, then every 1.5-3 s while
+    orders are still being placed, ``kills`` times at most) and start it again half a
+    second later. The first kill always happens, however fast the orders are placed: a
+    quick run must not pass as a chaos run without any."""
     rnd = random.Random(seed)
-    for _ in range(kills):
-        await asyncio.sleep(rnd.uniform(1.5, 3.0))
+    for i in range(kills):
+        if i and placed.is_set():
+            return
+        await asyncio.sleep(rnd.uniform(0.2, 0.8) if i == 0 else rnd.uniform(1.5, 3.0))
         name = rnd.choice(NAMES)
         fleet.kill(name)
         console.log(f"chaos: SIGKILLed {name}")
