@@ -6,7 +6,7 @@ point by tests/test_saga_crash.py, then run again to recover.
 - ``reserve``: local, compensatable (``release``): its effect is keyed by the step's
   idempotency key, as a local step's effect should be.
 - ``charge``: remote pivot: a command through the SQLite outbox to a participant in this
-  process (the memory transport), deduplicated by the participant's inbox by the step's
+  process (the memory transport), deduplicated by the participant's idempotency store by the step's
   idempotency key. ``REFUSE=1``: the participant refuses, so ``reserve`` is compensated.
 - ``confirm``: local, retriable.
 
@@ -29,12 +29,12 @@ from pydantic import BaseModel
 
 from msdata import Command, message_type
 from msdata.adapters.memory import MemoryTransport
-from msdata.adapters.sqlite import SqliteInboxStore, SqliteOutboxStore, connect
+from msdata.adapters.sqlite import SqliteIdempotencyStore, SqliteOutboxStore, connect
 from msdata.adapters.sqlite.saga import SqliteSagaStore
 from msdata.backoff import constant_backoff
 from msdata.errors import SagaStepFailed
 from msdata.events import EventBus
-from msdata.outbox import Inbox, Outbox, OutboxRelay
+from msdata.outbox import Outbox, OutboxRelay
 from msdata.saga import Retry, Saga, SagaOrchestrator, SagaParticipant, current_step, remote
 from msdata.storage import current_connection
 
@@ -119,8 +119,8 @@ async def main() -> None:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     setup()
     saga_store = SqliteSagaStore(DB)
-    outbox_store, inbox_store = SqliteOutboxStore(DB), SqliteInboxStore(DB)
-    for s in (saga_store, outbox_store, inbox_store):
+    outbox_store, replies_store = SqliteOutboxStore(DB), SqliteIdempotencyStore(DB)
+    for s in (saga_store, outbox_store, replies_store):
         await s.create_schema()
     transport = MemoryTransport()
     bus = EventBus(transport, source="shop", backoff=lambda n: 0.05)
@@ -132,7 +132,7 @@ async def main() -> None:
     def transaction() -> sqlite3.Connection:
         return connect(DB)
 
-    participant = SagaParticipant(bus, outbox, transaction, inbox=Inbox(inbox_store))
+    participant = SagaParticipant(bus, outbox, transaction, idempotency=replies_store)
 
     @participant.handler(Charge, group="payments")
     def charge(cmd: Charge) -> dict[str, Any]:
@@ -150,7 +150,7 @@ async def main() -> None:
         async with orchestrator:  # the recovery worker
             done = await orchestrator.wait(SAGA_ID, timeout=30, poll=0.05)
         print(done.status.value, flush=True)
-    for s in (saga_store, outbox_store, inbox_store):
+    for s in (saga_store, outbox_store, replies_store):
         await s.close()
 
 

@@ -1,6 +1,6 @@
 """A participant service in its own process, for tests/test_saga_rabbitmq.py: it serves
 the saga's Reserve/Release/Charge commands over RabbitMQ, on its own SQLite database
-(effects, inbox and outbox in one transaction), until SIGTERM.
+(effects, stored reply and outbox in one transaction), until SIGTERM.
 
     python saga_rabbitmq_participant.py DB AMQP_URL PREFIX
 """
@@ -17,10 +17,10 @@ import aio_pika
 
 from msdata import Command, message_type
 from msdata.adapters.rabbitmq import RabbitMQTransport
-from msdata.adapters.sqlite import SqliteInboxStore, SqliteOutboxStore, connect
+from msdata.adapters.sqlite import SqliteIdempotencyStore, SqliteOutboxStore, connect
 from msdata.errors import SagaStepFailed
 from msdata.events import EventBus
-from msdata.outbox import Inbox, Outbox, OutboxRelay
+from msdata.outbox import Outbox, OutboxRelay
 from msdata.saga import SagaParticipant
 from msdata.storage import current_connection
 
@@ -55,9 +55,9 @@ async def close_and_delete_queues(transport: RabbitMQTransport, conn: Any) -> No
 async def main(DB: str, URL: str, PREFIX: str) -> None:
     with connect(DB) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS effects (order_id TEXT, what TEXT)")
-    outbox_store, inbox_store = SqliteOutboxStore(DB), SqliteInboxStore(DB)
+    outbox_store, replies_store = SqliteOutboxStore(DB), SqliteIdempotencyStore(DB)
     await outbox_store.create_schema()
-    await inbox_store.create_schema()
+    await replies_store.create_schema()
     conn = await aio_pika.connect_robust(URL)
     transport = RabbitMQTransport(conn)
     bus = EventBus(transport, source="stock", backoff=lambda n: 0.05)
@@ -66,7 +66,7 @@ async def main(DB: str, URL: str, PREFIX: str) -> None:
     def transaction() -> sqlite3.Connection:
         return connect(DB)
 
-    participant = SagaParticipant(bus, outbox, transaction, inbox=Inbox(inbox_store))
+    participant = SagaParticipant(bus, outbox, transaction, idempotency=replies_store)
 
     def effect(order_id: str, what: str) -> None:
         current_connection().execute("INSERT INTO effects VALUES (?, ?)", (order_id, what))
@@ -95,7 +95,7 @@ async def main(DB: str, URL: str, PREFIX: str) -> None:
         await stop.wait()
     await close_and_delete_queues(transport, conn)
     await outbox_store.close()
-    await inbox_store.close()
+    await replies_store.close()
 
 
 if __name__ == "__main__":

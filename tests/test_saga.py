@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from msdata import Command, message_type
 from msdata.adapters.memory import (
-    MemoryInboxStore,
+    MemoryIdempotencyStore,
     MemoryOutboxStore,
     MemoryTransaction,
     MemoryTransport,
@@ -28,7 +28,7 @@ from msdata.errors import (
     SagaStepFailed,
 )
 from msdata.events import EventBus
-from msdata.outbox import Inbox, Outbox, OutboxRelay
+from msdata.outbox import Outbox, OutboxRelay
 from msdata.saga import (
     Retry,
     Saga,
@@ -434,7 +434,7 @@ async def world() -> AsyncIterator[World]:
     clock = FakeClock()
     transport = MemoryTransport()
     saga_store, orch_outbox_store = MemorySagaStore(), MemoryOutboxStore()
-    part_outbox_store, part_inbox_store = MemoryOutboxStore(), MemoryInboxStore()
+    part_outbox_store, part_replies = MemoryOutboxStore(), MemoryIdempotencyStore()
     orch_bus = EventBus(transport, source="orders", backoff=lambda n: 0.01)
     part_bus = EventBus(transport, source="payments", backoff=lambda n: 0.01)
     effects: list[str] = []
@@ -470,7 +470,8 @@ async def world() -> AsyncIterator[World]:
         part_bus,
         Outbox(part_outbox_store, source="payments"),
         MemoryTransaction,
-        inbox=Inbox(part_inbox_store),
+        idempotency=part_replies,
+        clock=clock,
     )
 
     def effect(name: str) -> None:

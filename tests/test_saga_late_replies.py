@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from msdata import Command, message_type
 from msdata.adapters.memory import (
-    MemoryInboxStore,
+    MemoryIdempotencyStore,
     MemoryOutboxStore,
     MemoryTransaction,
     MemoryTransport,
@@ -23,7 +23,7 @@ from msdata.backoff import constant_backoff
 from msdata.errors import SagaDefinitionError, SagaStepFailed
 from msdata.events import EventBus
 from msdata.messages import current_envelope
-from msdata.outbox import Inbox, Outbox, OutboxRelay
+from msdata.outbox import Outbox, OutboxRelay
 from msdata.saga import Retry, Saga, SagaOrchestrator, SagaParticipant, SagaStatus, remote
 from msdata.saga.messages import HEADER_ATTEMPT, SagaReply
 from msdata.saga.store import SagaRecord
@@ -80,14 +80,18 @@ async def world() -> AsyncIterator[World]:
     clock = FakeClock()
     transport = MemoryTransport()
     store, orch_outbox = MemorySagaStore(), MemoryOutboxStore()
-    part_outbox, part_inbox = MemoryOutboxStore(), MemoryInboxStore()
+    part_outbox, part_replies = MemoryOutboxStore(), MemoryIdempotencyStore()
     orch_bus = EventBus(transport, source="orders", backoff=lambda n: 0.01)
     part_bus = EventBus(transport, source="stock", backoff=lambda n: 0.01)
     orch = SagaOrchestrator(
         store, bus=orch_bus, outbox=Outbox(orch_outbox, source="orders"), clock=clock
     )
     participant = SagaParticipant(
-        part_bus, Outbox(part_outbox, source="stock"), MemoryTransaction, inbox=Inbox(part_inbox)
+        part_bus,
+        Outbox(part_outbox, source="stock"),
+        MemoryTransaction,
+        idempotency=part_replies,
+        clock=clock,
     )
     slow = Slow(clock)
 

@@ -555,7 +555,8 @@ class Service:
     ) -> Callable[[H], H]:
         """Serve a saga command (the participant side of a remote step): the handler runs
         once per step invocation in a transaction of the service's database (the step's
-        idempotency key recorded in the inbox), and its return value (a pydantic model, a
+        idempotency key and its reply stored in the service's idempotency store, so a
+        repeated command gets the same reply), and its return value (a pydantic model, a
         dict or None) is replied through the outbox in the same transaction; raising
         :class:`msdata.errors.SagaStepFailed` replies a failure. Consumer group: the
         service's name unless ``group`` is given."""
@@ -563,7 +564,11 @@ class Service:
         if self._participant is None:
             self._know_saga_replies()
             self._participant = SagaParticipant(
-                self.bus, self.outbox, self._transaction, inbox=self.inbox
+                self.bus,
+                self.outbox,
+                self._transaction,
+                idempotency=self.store("idempotency"),
+                clock=self.clock,
             )
         participant = self._participant
         g = check_name("group", group or self.name)

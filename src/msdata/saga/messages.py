@@ -50,7 +50,8 @@ def idempotency_key(saga_id: str, step: str, purpose: str) -> str:
 class SagaReply(Event):
     """A participant's answer to a saga command: ``ok`` with ``data`` (the JSON of the
     participant's result), or not ``ok`` with ``reason``. ``duplicate``: the participant had
-    already applied this invocation (by its idempotency key) and did not apply it again."""
+    already handled this invocation (by its idempotency key), did not apply it again, and
+    sends its original reply again (same ``ok``, ``data`` and ``reason``)."""
 
     saga_id: str
     saga_type: str

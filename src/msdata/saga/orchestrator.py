@@ -43,7 +43,7 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar, cast
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from msdata import telemetry
 from msdata.clock import SYSTEM_CLOCK, Clock
@@ -761,14 +761,19 @@ class SagaOrchestrator:
                         try:
                             self._complete(rec, step, run, purpose, names)
                             continue
+                        except _BadReply as e:
+                            error = f"bad reply: {e}"
+                            self._bad_reply(rec, step, run, purpose, e, now)
                         except Exception as e:
-                            error: str = f"bad reply: {type(e).__name__}: {e}"
+                            error = f"bad reply: {type(e).__name__}: {e}"
                     else:
                         error = run.error or "failed"
-                    if self._failed_attempt(rec, step, run, purpose, error, now):
+                    if run.state == "replied" and self._failed_attempt(
+                        rec, step, run, purpose, error, now
+                    ):
                         return _FAILED, name, error
                     state = run.state
-                elif state == "waiting":
+                if state == "waiting":
                     assert run.wake_at is not None
                     if run.wake_at > now:
                         if (
@@ -968,12 +973,66 @@ class SagaOrchestrator:
         if action.on_reply is not None:
             reply: Any = run.reply
             if action.reply is not None:
-                reply = action.reply.model_validate(run.reply or {})
+                try:
+                    reply = action.reply.model_validate(run.reply or {})
+                except ValidationError as e:
+                    raise _BadReply(
+                        f"does not validate as {action.reply.__name__}: "
+                        f"{e.error_count()} error(s): {_first_error(e)}"
+                    ) from None
             data = action.on_reply(rec.data, reply)
             if not isinstance(data, type(rec.data)):
                 raise TypeError(f"on_reply returned {type(data).__name__}")
             rec.data = data
         self._complete_run(rec, step, purpose, names)
+
+    def _bad_reply(
+        self,
+        rec: SagaRecord,
+        step: Step,
+        run: StepRun,
+        purpose: str,
+        error: _BadReply,
+        now: datetime,
+    ) -> None:
+        """A success reply whose data does not validate as the step's ``reply=`` model.
+        For a pivot or a step after it (a retriable step) it is treated as no answer: the
+        step stays waiting until its timeout, then is asked again (the pivot until it
+        answers), so a malformed reply never starts compensation after a pivot that may
+        have taken effect. For a step before the pivot (and for compensations) it stays a
+        failed attempt (the caller counts it)."""
+        if purpose == ACTION and step.kind is not StepKind.COMPENSATABLE:
+            log.warning(
+                "saga %s step %s (%s) attempt %d: reply %s; treated as no answer (the step "
+                "is %s, so it is waited on and asked again, never compensated)",
+                rec.saga_id,
+                step.name,
+                step.kind.value,
+                run.attempt,
+                error,
+                "the pivot" if step.kind is StepKind.PIVOT else "after the pivot",
+            )
+            self._log(rec, "reply ignored", step.name, run.attempt, f"bad reply: {error}")
+            run.state = "waiting"
+            run.ok = None
+            run.reply = None
+            if run.wake_at is None:
+                run.wake_at = now
+            return
+        why = (
+            "a compensation: retried by the compensation policy"
+            if purpose != ACTION
+            else "before the pivot: retried by its policy, then compensated"
+        )
+        log.warning(
+            "saga %s step %s attempt %d: reply %s; counted as a failed %s attempt (%s)",
+            rec.saga_id,
+            step.name,
+            run.attempt,
+            error,
+            purpose,
+            why,
+        )
 
     def _complete_run(self, rec: SagaRecord, step: Step, purpose: str, names: list[str]) -> None:
         run = rec.active.pop(step.name)
@@ -1059,6 +1118,16 @@ class SagaOrchestrator:
                 outbox.add(conn, env, topic=topic)
 
         return add
+
+
+class _BadReply(Exception):
+    """A success reply's data does not validate as the step's ``reply=`` model."""
+
+
+def _first_error(e: ValidationError) -> str:
+    first = e.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ())) or "(root)"
+    return f"{where}: {first.get('msg', '')}"
 
 
 def _pivot_sent(rec: SagaRecord, saga: Saga[Any]) -> bool:

@@ -1,9 +1,10 @@
 """The participant side of a remote saga step: handle the command once, in the service's
-own transaction, and reply through the service's own outbox.
+own transaction, reply through the service's own outbox, and answer a repeated command with
+the same reply.
 
 ::
 
-    participant = SagaParticipant(bus, outbox, transaction, inbox=inbox)
+    participant = SagaParticipant(bus, outbox, transaction, idempotency=idempotency_store)
 
     @participant.handler(ReserveStock, group="stock")
     def reserve(cmd: ReserveStock) -> Reserved:
@@ -13,29 +14,40 @@ own transaction, and reply through the service's own outbox.
         conn.execute("UPDATE stock ...")
         return Reserved(reservation_id=...)          # replied as success, with this data
 
-For each command: ``transaction()`` is opened; with an ``inbox``, the step invocation's
-idempotency key is recorded in it (a key seen before: the effect was applied already, so the
-handler is skipped and a success marked ``duplicate`` is replied); the handler runs with the
-connection at :func:`msdata.storage.current_connection`; its success reply is added to the
-outbox in the same transaction, so the effect and the reply commit together. A
+For each command: ``transaction()`` is opened; with an ``idempotency`` store (the
+:class:`msdata.idempotency.IdempotencyStore` port, in the caller's transaction), the step
+invocation's idempotency key is claimed in it (scope: the consumer group); the handler runs
+with the connection at :func:`msdata.storage.current_connection`; its success reply is added
+to the outbox and stored under the key (``ok``, ``data``, ``reason``, ``attempt`` as JSON) in
+the same transaction, so the effect, the reply and the stored reply commit together. A key
+seen before: the handler is skipped and the stored reply is sent again, marked ``duplicate``
+(success with the original data, or the failure with its reason). A
 :class:`msdata.errors.SagaStepFailed` rolls the effects back and replies with the failure in
-a transaction of its own (the key is not recorded: a retry runs the handler again). Any other
-exception is a technical failure: the delivery is nacked and redelivered by the event bus's
-policy, and the orchestrator's step timeout decides when to stop waiting.
+a transaction of its own, storing that failure for its attempt: a redelivery of the same
+attempt gets the same failure, a later attempt (the orchestrator's retry) runs the handler
+again. Any other exception is a technical failure: the delivery is nacked and redelivered by
+the event bus's policy, and the orchestrator's step timeout decides when to stop waiting; so
+is a command whose key another transaction holds uncommitted (memory store only; SQL stores
+wait for that transaction's row lock).
 """
 
 from __future__ import annotations
 
 import inspect
+import json
+import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel
 
-from msdata.errors import RejectMessage, SagaStepFailed
+from msdata.clock import SYSTEM_CLOCK, Clock
+from msdata.errors import ConfigurationError, RejectMessage, SagaError, SagaStepFailed
 from msdata.events import EventBus
+from msdata.idempotency import IdempotencyStore
 from msdata.messages import Command, Envelope, current_envelope
-from msdata.outbox import Inbox, Outbox
+from msdata.outbox import Outbox
 from msdata.saga.messages import (
     HEADER_ATTEMPT,
     HEADER_PURPOSE,
@@ -57,7 +69,11 @@ H = TypeVar("H", bound=Callable[..., Any])
 class SagaParticipant:
     """Serves saga commands on ``bus`` (see the module docstring). ``transaction``: opens a
     transaction on the service's database (sync or async context manager yielding the
-    connection), where ``outbox`` (and ``inbox``, if given) write."""
+    connection), where ``outbox`` and ``idempotency`` write. ``idempotency``: an
+    :class:`msdata.idempotency.IdempotencyStore` that joins the caller's transaction
+    (``features.joins_transaction``; ConfigurationError otherwise); without it every
+    delivery runs the handler. ``reply_retention``: how long (seconds) a stored reply is
+    kept for replays (default 7 days; the store's ``purge(now)`` deletes older ones)."""
 
     def __init__(
         self,
@@ -65,12 +81,24 @@ class SagaParticipant:
         outbox: Outbox,
         transaction: TransactionFactory,
         *,
-        inbox: Inbox | None = None,
+        idempotency: IdempotencyStore | None = None,
+        reply_retention: float = 7 * 24 * 3600.0,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        if idempotency is not None and not idempotency.features.joins_transaction:
+            raise ConfigurationError(
+                f"{type(idempotency).__name__} cannot join the participant's transaction: "
+                "the stored reply must commit with the handler's effects (use an SQL or "
+                "memory idempotency store)"
+            )
+        if not reply_retention > 0:
+            raise ConfigurationError(f"reply_retention must be > 0 seconds, got {reply_retention}")
         self.bus = bus
         self.outbox = outbox
         self.transaction = transaction
-        self.inbox = inbox
+        self.idempotency = idempotency
+        self.reply_retention = reply_retention
+        self.clock = clock
 
     def handler(
         self, command_type: type[C], *, group: str, topic: str | None = None
@@ -108,26 +136,65 @@ class SagaParticipant:
             saga_id = h[HEADER_SAGA_ID]
             key = h[IDEMPOTENCY_KEY_HEADER]
             reply_to = h[HEADER_REPLY_TO]
+            attempt = int(h[HEADER_ATTEMPT])
             base = {
                 "saga_id": saga_id,
                 "saga_type": h[HEADER_SAGA_TYPE],
                 "step": h[HEADER_STEP],
                 "purpose": h[HEADER_PURPOSE],
-                "attempt": int(h[HEADER_ATTEMPT]),
+                "attempt": attempt,
             }
         except (KeyError, ValueError) as e:
             raise RejectMessage(f"not a saga command (header {e} missing or bad)") from None
-        outbox, inbox = self.outbox, self.inbox
+        outbox, store = self.outbox, self.idempotency
+
+        async def call(method: str, conn: Any, is_async: bool, *args: Any) -> Any:
+            assert store is not None
+            if is_async:
+                return await getattr(store, method + "_async")(conn, *args)
+            return getattr(store, method)(conn, *args)
+
+        async def claim(conn: Any, is_async: bool) -> tuple[str | None, SagaReply | None]:
+            """Claim the key: (token, None) to run the handler, (None, reply) to replay."""
+            if store is None:
+                return None, None
+            now = self.clock.now()
+            until = now + timedelta(seconds=self.reply_retention)
+            token = uuid.uuid4().hex
+            rec = await call("claim", conn, is_async, group, key, "", token, now, until)
+            if rec is None:
+                return token, None
+            stored = _decode(rec.response) if rec.completed else None
+            if stored is None:
+                raise SagaError(
+                    f"saga command {key} is being handled by another transaction; "
+                    "redelivery will get its reply"
+                )
+            if not stored["ok"] and attempt > stored["attempt"]:
+                # a retry after a business failure: run the handler again
+                await call("release", conn, is_async, group, key, rec.token)
+                rec = await call("claim", conn, is_async, group, key, "", token, now, until)
+                if rec is None:
+                    return token, None
+                raise SagaError(f"saga command {key} was claimed concurrently")
+            return None, SagaReply(
+                ok=stored["ok"],
+                data=stored["data"],
+                reason=stored["reason"],
+                duplicate=True,
+                **base,
+            )
+
+        async def store_reply(conn: Any, is_async: bool, token: str, reply: SagaReply) -> None:
+            until = self.clock.now() + timedelta(seconds=self.reply_retention)
+            response = _encode(reply, attempt)
+            if not await call("complete", conn, is_async, group, key, token, response, until):
+                raise SagaError(f"saga command {key}: its claim was lost before the reply")
 
         async def run(conn: Any, is_async: bool) -> SagaReply:
-            if inbox is not None:
-                first = (
-                    await inbox.first_time_async(conn, group, key)
-                    if is_async
-                    else inbox.first_time(conn, group, key)
-                )
-                if not first:
-                    return SagaReply(ok=True, duplicate=True, **base)
+            token, replay = await claim(conn, is_async)
+            if replay is not None:
+                return replay
             with bind_connection(conn):
                 result = fn(command)
                 if inspect.isawaitable(result):
@@ -137,7 +204,10 @@ class SagaParticipant:
                 if isinstance(result, BaseModel)
                 else (dict(result) if result is not None else None)
             )
-            return SagaReply(ok=True, data=data, **base)
+            reply = SagaReply(ok=True, data=data, **base)
+            if token is not None:
+                await store_reply(conn, is_async, token, reply)
+            return reply
 
         async def in_transaction(work: Callable[[Any, bool], Any]) -> None:
             cm = self.transaction()
@@ -156,6 +226,34 @@ class SagaParticipant:
             reason = str(e) or type(e).__name__
 
             async def failed(conn: Any, is_async: bool) -> SagaReply:
-                return SagaReply(ok=False, reason=reason, **base)
+                token, replay = await claim(conn, is_async)
+                if replay is not None:  # a concurrent delivery answered meanwhile
+                    return replay
+                reply = SagaReply(ok=False, reason=reason, **base)
+                if token is not None:
+                    await store_reply(conn, is_async, token, reply)
+                return reply
 
             await in_transaction(failed)
+
+
+def _encode(reply: SagaReply, attempt: int) -> bytes:
+    return json.dumps(
+        {"ok": reply.ok, "data": reply.data, "reason": reply.reason, "attempt": attempt},
+        separators=(",", ":"),
+    ).encode()
+
+
+def _decode(response: bytes | None) -> dict[str, Any] | None:
+    if response is None:
+        return None
+    try:
+        value = json.loads(response)
+        return {
+            "ok": bool(value["ok"]),
+            "data": value["data"],
+            "reason": value["reason"],
+            "attempt": int(value["attempt"]),
+        }
+    except (ValueError, KeyError, TypeError):
+        raise SagaError("stored saga reply is not readable") from None

@@ -1,0 +1,380 @@
+"""A repeated saga command gets the original reply (participant, on memory, SQLite and
+PostgreSQL), and the orchestrator's handling of duplicate and malformed replies."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from msdata import Command, message_type
+from msdata.adapters.memory import (
+    MemoryIdempotencyStore,
+    MemoryOutboxStore,
+    MemoryTransaction,
+    MemoryTransport,
+)
+from msdata.adapters.memory.saga import MemorySagaStore
+from msdata.backoff import constant_backoff
+from msdata.errors import ConfigurationError, SagaStepFailed
+from msdata.events import EventBus
+from msdata.messages import Envelope, current_envelope
+from msdata.outbox import Outbox, OutboxRelay
+from msdata.saga import Retry, Saga, SagaOrchestrator, SagaParticipant, SagaStatus, remote
+from msdata.saga.messages import (
+    HEADER_ATTEMPT,
+    HEADER_PURPOSE,
+    HEADER_REPLY_TO,
+    HEADER_SAGA_ID,
+    HEADER_SAGA_TYPE,
+    HEADER_STEP,
+    IDEMPOTENCY_KEY_HEADER,
+    SagaReply,
+    idempotency_key,
+)
+from msdata.saga.store import SagaRecord
+from msdata.storage import current_connection
+from msdata.testing import FakeClock, eventually
+from store_helpers import opened, table_prefix
+
+
+@message_type("test.replies.Charge")
+class Charge(Command):
+    order_id: str
+
+
+@message_type("test.replies.Refund")
+class Refund(Command):
+    order_id: str
+
+
+class Charged(BaseModel):
+    payment_id: str
+
+
+class Order(BaseModel):
+    order_id: str = "o-1"
+    payment_id: str | None = None
+
+
+REPLIES = "test.replies.replies"
+
+# -- the participant: a repeated command gets the original reply, on every backend ----------
+
+
+@dataclass
+class Backend:
+    outbox: Any
+    replies: Any
+    transaction: Any
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    async with AsyncExitStack() as stack:
+        if request.param == "memory":
+            yield Backend(MemoryOutboxStore(), MemoryIdempotencyStore(), MemoryTransaction)
+        elif request.param == "sqlite":
+            from msdata.adapters.sqlite import (
+                SqliteIdempotencyStore,
+                SqliteOutboxStore,
+                connect,
+            )
+
+            path = tmp_path / "payments.db"
+            outbox = await stack.enter_async_context(opened(SqliteOutboxStore(path)))
+            replies = await stack.enter_async_context(opened(SqliteIdempotencyStore(path)))
+
+            def transaction() -> sqlite3.Connection:
+                return connect(path)
+
+            yield Backend(outbox, replies, transaction)
+        else:
+            from msdata.adapters.postgres import PostgresIdempotencyStore, PostgresOutboxStore
+            from msdata.adapters.postgres.transactions import PostgresTransactions
+
+            url = request.getfixturevalue("postgres_url")
+            prefix = table_prefix()
+            outbox = await stack.enter_async_context(
+                opened(PostgresOutboxStore(url, table_prefix=prefix), drop=True)
+            )
+            replies = await stack.enter_async_context(
+                opened(PostgresIdempotencyStore(url, table_prefix=prefix), drop=True)
+            )
+            transactions = PostgresTransactions(url, size=2)
+            stack.push_async_callback(transactions.close)
+            yield Backend(outbox, replies, transactions)
+
+
+def command_headers(order_id: str, step: str, attempt: int) -> dict[str, str]:
+    return {
+        HEADER_SAGA_ID: f"saga-{order_id}",
+        HEADER_SAGA_TYPE: "checkout",
+        HEADER_STEP: step,
+        HEADER_PURPOSE: "action",
+        HEADER_ATTEMPT: str(attempt),
+        HEADER_REPLY_TO: REPLIES,
+        IDEMPOTENCY_KEY_HEADER: idempotency_key(f"saga-{order_id}", step, "action"),
+    }
+
+
+async def test_a_repeated_command_gets_the_original_reply(backend: Backend) -> None:
+    transport = MemoryTransport()
+    part_bus = EventBus(transport, source="payments", backoff=lambda n: 0.01)
+    orch_bus = EventBus(transport, source="orders", backoff=lambda n: 0.01)
+    participant = SagaParticipant(
+        part_bus,
+        Outbox(backend.outbox, source="payments"),
+        backend.transaction,
+        idempotency=backend.replies,
+    )
+    calls: list[str] = []
+
+    @participant.handler(Charge, group="payments")
+    def charge(cmd: Charge) -> Charged:
+        assert current_connection() is not None
+        calls.append(cmd.order_id)
+        return Charged(payment_id=f"pay-{len(calls)}")  # a rerun would answer differently
+
+    @participant.handler(Refund, group="payments")
+    def refund(cmd: Refund) -> None:
+        calls.append(f"refund {cmd.order_id}")
+        raise SagaStepFailed(f"refused {len(calls)}")
+
+    replies: list[SagaReply] = []
+
+    async def on_reply(reply: SagaReply) -> None:
+        replies.append(reply)
+
+    orch_bus.subscribe(SagaReply, on_reply, group="orders", topic=REPLIES)
+
+    async def got(n: int) -> None:
+        await eventually(lambda: len(replies) >= n, what=f"{n} replies ({replies})")
+
+    relay = OutboxRelay(backend.outbox, transport, poll_interval=0.01)
+    async with part_bus, orch_bus, relay:
+        for _ in range(2):  # the command, then the same command again (a redelivery)
+            await orch_bus.publish(Charge(order_id="o-1"), headers=command_headers("o-1", "c", 1))
+            await got(len(replies) + 1)
+        # a resend by the orchestrator (attempt 2) gets the same answer as well
+        await orch_bus.publish(Charge(order_id="o-1"), headers=command_headers("o-1", "c", 2))
+        await got(3)
+        assert calls == ["o-1"]  # handled once
+        assert [(r.ok, r.data, r.duplicate, r.attempt) for r in replies] == [
+            (True, {"payment_id": "pay-1"}, False, 1),
+            (True, {"payment_id": "pay-1"}, True, 1),
+            (True, {"payment_id": "pay-1"}, True, 2),
+        ]
+
+        # a failure: the same attempt again gets the same failure; a later attempt reruns
+        replies.clear()
+        calls.clear()
+        for attempt in (1, 1, 2):
+            await orch_bus.publish(
+                Refund(order_id="o-2"), headers=command_headers("o-2", "r", attempt)
+            )
+            await got(len(replies) + 1)
+        assert calls == ["refund o-2", "refund o-2"]
+        assert [(r.ok, r.reason, r.duplicate, r.attempt) for r in replies] == [
+            (False, "refused 1", False, 1),
+            (False, "refused 1", True, 1),
+            (False, "refused 2", False, 2),
+        ]
+
+
+async def test_a_store_that_cannot_join_the_transaction_is_refused() -> None:
+    class Detached(MemoryIdempotencyStore):
+        features = MemoryIdempotencyStore.features.__class__(
+            joins_transaction=False, sync=False, sync_own_transaction=False
+        )
+
+    bus = EventBus(MemoryTransport(), source="payments")
+    with pytest.raises(ConfigurationError, match="cannot join"):
+        SagaParticipant(
+            bus, Outbox(MemoryOutboxStore(), source="p"), MemoryTransaction, idempotency=Detached()
+        )
+
+
+# -- the orchestrator: duplicate replies first, malformed replies to the pivot --------------
+
+
+@dataclass
+class World:
+    orch: SagaOrchestrator
+    clock: FakeClock
+    store: MemorySagaStore
+    bus: EventBus
+    commands: list[Envelope[Any]] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
+
+    async def reply(self, step: str, attempt: int, data: Any, *, duplicate: bool = False) -> None:
+        cmd = next(
+            e
+            for e in reversed(self.commands)
+            if e.headers[HEADER_STEP] == step and e.headers[HEADER_ATTEMPT] == str(attempt)
+        )
+        h = cmd.headers
+        await self.bus.publish(
+            SagaReply(
+                saga_id=h[HEADER_SAGA_ID],
+                saga_type=h[HEADER_SAGA_TYPE],
+                step=step,
+                purpose="action",
+                attempt=attempt,
+                ok=True,
+                data=data,
+                duplicate=duplicate,
+            ),
+            topic=h[HEADER_REPLY_TO],
+        )
+
+    async def command(self, step: str, attempt: int) -> None:
+        await eventually(
+            lambda: any(
+                e.headers[HEADER_STEP] == step and e.headers[HEADER_ATTEMPT] == str(attempt)
+                for e in self.commands
+            ),
+            what=f"command {step} attempt {attempt}",
+        )
+
+
+def checkout(reserve_remote: bool = False) -> Saga[Order]:
+    charge = remote(
+        lambda d: Charge(order_id=d.order_id),
+        reply=Charged,
+        on_reply=lambda d, r: d.model_copy(update={"payment_id": r.payment_id}),
+    )
+    saga = Saga("replies-checkout", Order)
+    if reserve_remote:
+        saga = saga.step(
+            "reserve",
+            charge,
+            compensate=lambda d: None,
+            timeout=30,
+            retry=Retry(1),
+        )
+    else:
+        saga = saga.step("reserve", lambda d: None, compensate=lambda d: None)
+    return saga.pivot("charge", charge, timeout=30, retry=Retry(2, constant_backoff(1.0)))
+
+
+@pytest.fixture
+async def world() -> AsyncIterator[World]:
+    clock = FakeClock()
+    transport = MemoryTransport()
+    store, outbox_store = MemorySagaStore(), MemoryOutboxStore()
+    orch_bus = EventBus(transport, source="orders", backoff=lambda n: 0.01)
+    part_bus = EventBus(transport, source="payments", backoff=lambda n: 0.01)
+    orch = SagaOrchestrator(
+        store, bus=orch_bus, outbox=Outbox(outbox_store, source="orders"), clock=clock
+    )
+    world = World(orch, clock, store, part_bus)
+
+    async def record(cmd: Charge) -> None:  # the participant, played by the test
+        env = current_envelope()
+        assert env is not None
+        world.commands.append(env)
+
+    part_bus.subscribe(Charge, record, group="payments")
+    async with orch_bus, part_bus, OutboxRelay(outbox_store, transport, poll_interval=0.01):
+        yield world
+        await orch.close()
+
+
+def history(rec: SagaRecord, event: str, step: str) -> list[Any]:
+    return [h for h in rec.history if h.event == event and h.step == step]
+
+
+async def waiting(world: World, saga_id: str, step: str) -> SagaRecord:
+    async def parked() -> bool:
+        rec = await world.store.get(saga_id)
+        run = rec.active.get(step)
+        return rec.lease_owner is None and run is not None and run.state == "waiting"
+
+    await eventually(parked, what=f"saga waits for {step}")
+    return world.store.snapshot(saga_id)
+
+
+async def test_a_duplicate_reply_first_completes_the_step_with_the_original_data(
+    world: World,
+) -> None:
+    saga = checkout()
+    world.orch.register(saga)
+    await world.orch.start(saga, Order(), saga_id="dup-1")
+    await world.command("charge", 1)
+    # the participant's answer to a redelivered command overtakes its first answer
+    await world.reply("charge", 1, {"payment_id": "pay-1"}, duplicate=True)
+    done = await world.orch.wait("dup-1", timeout=10, poll=0.02)
+    assert done.status is SagaStatus.COMPLETED
+    assert done.data.payment_id == "pay-1"
+    assert [h.detail for h in history(done, "reply", "charge")] == ["ok (duplicate)"]
+    await world.reply("charge", 1, {"payment_id": "pay-1"})  # the original, late: ignored
+    await eventually(lambda: history(world.store.snapshot("dup-1"), "reply ignored", "charge"))
+    assert world.store.snapshot("dup-1").status is SagaStatus.COMPLETED
+
+
+async def test_a_malformed_reply_to_the_pivot_never_compensates(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    saga = checkout()
+    world.orch.register(saga)
+    caplog.set_level(logging.WARNING, logger="msdata.saga")
+    await world.orch.start(saga, Order(), saga_id="bad-1")
+    for attempt in (1, 2, 3, 4):  # more than the pivot's Retry(2)
+        await world.command("charge", attempt)
+        await waiting(world, "bad-1", "charge")
+        await world.reply("charge", attempt, {"wrong": "shape"})
+        await eventually(
+            lambda n=attempt: (
+                len(history(world.store.snapshot("bad-1"), "reply ignored", "charge")) == n
+            ),
+            what=f"bad reply {attempt} ignored",
+        )
+        rec = await waiting(world, "bad-1", "charge")
+        assert rec.status is SagaStatus.RUNNING
+        assert not history(rec, "compensation started", "reserve")
+        world.clock.advance(30)  # no (valid) answer within the timeout: asked again
+        await eventually(
+            lambda n=attempt: len(history(world.store.snapshot("bad-1"), "retry", "charge")) == n,
+            what=f"retry after attempt {attempt}",
+        )
+        world.clock.advance(1)  # the backoff
+    await world.command("charge", 5)
+    rec = world.store.snapshot("bad-1")
+    assert rec.status is SagaStatus.RUNNING
+    assert "does not validate as Charged" in history(rec, "reply ignored", "charge")[0].detail
+    assert any(
+        r.levelno == logging.WARNING and "treated as no answer" in r.getMessage()
+        for r in caplog.records
+    )
+    await world.reply("charge", 5, {"payment_id": "pay-5"})  # finally a valid answer
+    done = await world.orch.wait("bad-1", timeout=10, poll=0.02)
+    assert done.status is SagaStatus.COMPLETED and done.data.payment_id == "pay-5"
+    assert not history(done, "compensation started", "reserve")
+
+
+async def test_a_malformed_reply_before_the_pivot_is_a_failed_attempt(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    saga = checkout(reserve_remote=True)
+    world.orch.register(saga)
+    caplog.set_level(logging.WARNING, logger="msdata.saga")
+    await world.orch.start(saga, Order(), saga_id="bad-2")
+    await world.command("reserve", 1)
+    await waiting(world, "bad-2", "reserve")
+    await world.reply("reserve", 1, {"wrong": "shape"})
+    done = await world.orch.wait("bad-2", timeout=10, poll=0.02)
+    assert done.status is SagaStatus.COMPENSATED
+    assert done.error is not None and "does not validate as Charged" in done.error
+    assert any(
+        "counted as a failed action attempt" in r.getMessage()
+        and "before the pivot" in r.getMessage()
+        for r in caplog.records
+    )
