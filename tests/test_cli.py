@@ -372,8 +372,11 @@ refund = (
 )
 ship = (
     Saga("ship", Order)
-    .step("reserve", lambda o: None, compensate=lambda o: None)
-    .pivot("ship", remote(lambda o: Ship(order_id=o.order_id)), timeout=60)
+    .step(
+        "book", remote(lambda o: Ship(order_id=o.order_id)), compensate=lambda o: None,
+        timeout=60,
+    )
+    .pivot("ship", lambda o: None)
 )
 
 service = Service(

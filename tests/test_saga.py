@@ -582,16 +582,31 @@ async def test_late_and_duplicate_replies_are_recorded_and_ignored(world: World)
 
 
 async def test_operator_aborts_a_waiting_saga_into_compensation(world: World) -> None:
-    world.silent.add("charge")
+    world.silent.add("reserve")
     rec = await world.orch.start(world.saga, Order())
-    await waiting_on(world, rec.saga_id, "charge")
-    parked = await world.orch.get(rec.saga_id)
-    assert parked.lease_owner is None and parked.active["charge"].state == "waiting"
+    await waiting_on(world, rec.saga_id, "reserve")
+    world.silent.discard("reserve")  # the release must be answered
     await world.orch.abort(rec.saga_id, "customer cancelled")
     done = await world.orch.wait(rec.saga_id, timeout=10, poll=0.02)
     assert done.status is SagaStatus.COMPENSATED
     assert done.error == "aborted: customer cancelled"
-    assert world.effects == ["reserve", "release"]
+    assert "charge" not in world.effects
+    assert world.effects[-1:] == ["release"]
+
+
+async def test_a_saga_whose_pivot_command_is_out_cannot_be_aborted(world: World) -> None:
+    # the charge may still happen whatever the orchestrator does now; a pivot is never
+    # compensated, so an abort would leave a charge behind a COMPENSATED saga
+    world.silent.add("charge")
+    rec = await world.orch.start(world.saga, Order())
+    await waiting_on(world, rec.saga_id, "charge")
+    with pytest.raises(SagaStateError, match="pivot"):
+        await world.orch.abort(rec.saga_id, "customer cancelled")
+    world.silent.discard("charge")
+    world.clock.advance(60)  # the pivot's timeout: it is asked again, and now answers
+    done = await world.orch.wait(rec.saga_id, timeout=10, poll=0.02)
+    assert done.status is SagaStatus.COMPLETED
+    assert world.effects == ["reserve", "charge"]
 
 
 async def test_abort_compensates_a_step_left_running_by_a_dead_process() -> None:

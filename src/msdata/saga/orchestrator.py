@@ -295,6 +295,13 @@ class SagaOrchestrator:
             raise SagaStateError(f"saga {saga_id} is {rec.status}; only a RUNNING one is aborted")
         if rec.past_pivot:
             raise SagaStateError(f"saga {saga_id} is past its pivot and can no longer be undone")
+        if _pivot_sent(rec, saga):
+            # the pivot's command is out: it may take effect whatever we do now, and a pivot
+            # is never compensated, so aborting would leave its effect behind a COMPENSATED saga
+            raise SagaStateError(
+                f"saga {saga_id} has sent its pivot's command; it may still take effect, so "
+                "it can no longer be aborted (it completes, or waits for the pivot's answer)"
+            )
         now = self.clock.now()
         if rec.lease_owner is not None and rec.lease_until is not None and rec.lease_until > now:
             raise SagaStateError(
