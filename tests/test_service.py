@@ -439,6 +439,8 @@ async def test_projection_fed_by_the_bus(tmp_path: Path) -> None:
     )
     runner = reports.projection(PaidOrders(), from_bus=True)
     assert ("svc.PaymentCharged", "reports-paid-orders") in reports.subscriptions
+    # it keeps no events of its own: the CLI refuses to rebuild it from position 0
+    assert reports.fed_by_bus("paid-orders") and not billing.fed_by_bus("paid-orders")
     async with billing, reports:
         async with billing.transaction():
             for i in range(3):

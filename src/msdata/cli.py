@@ -627,6 +627,11 @@ async def projections_rebuild(app: str, name: str, drop_old: bool, as_json: bool
                 f"{service.name} has no projection {name!r}; it has: "
                 f"{', '.join(service.projections) or 'none'}"
             )
+        if service.fed_by_bus(name):
+            _fail(
+                f"projection {name!r} follows the bus and keeps no events of its own: "
+                "it cannot be rebuilt from position 0 (feed it from an event store to rebuild)"
+            )
         for port in ("eventstore", "checkpoints"):
             await service.store(port).create_schema()
         generation = await runner.rebuild(drop_old=drop_old)

@@ -791,6 +791,11 @@ class Service:
 
     # -- health --------------------------------------------------------------------------
 
+    def fed_by_bus(self, name: str) -> bool:
+        """Whether projection ``name`` follows the bus (``projection(..., from_bus=True)``):
+        it keeps no events of its own, so it cannot be rebuilt from position 0."""
+        return name in self._bus_fed
+
     async def health(self) -> dict[str, Any]:
         """The state of each part, for a health endpoint (JSON-ready)::
 
