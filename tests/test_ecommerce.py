@@ -82,3 +82,15 @@ def test_details_compose_three_services_and_answer_partially(tmp_path: Path) -> 
             assert partial["payment"] is None and partial["unavailable"] == ["payment"]
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://localhost:6379/0", "nats://localhost:4222", "amqp://guest:guest@localhost:5672/"],
+)
+def test_run_namespace_reaches_every_broker(url: str) -> None:
+    """--schema-prefix isolates the run's names on every broker, not only Redis."""
+    from examples.ecommerce.common import open_broker
+
+    transport = open_broker(url, "shop_t1")
+    assert transport.namespace == "shop_t1"  # type: ignore[attr-defined]

@@ -53,10 +53,12 @@ class DuplicatingTransport:
 
 
 def open_broker(url: str, namespace: str | None = None) -> Transport:
-    """The transport of ``url``; on Redis, ``namespace`` is its key prefix (one run's
-    streams apart from another's)."""
-    if namespace and url.startswith(("redis://", "rediss://")):
-        return transport_from_url(url, key_prefix=namespace)
+    """The transport of ``url`` with ``namespace`` as its ``namespace`` option on every
+    broker (Redis keys, NATS streams and subjects, RabbitMQ exchanges and queues), so one
+    run's names stay apart from another's on a shared broker (``memory://`` shares
+    nothing and takes no options)."""
+    if namespace and not url.startswith("memory://"):
+        return transport_from_url(url, namespace=namespace)
     return transport_from_url(url)
 
 

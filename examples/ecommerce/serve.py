@@ -30,7 +30,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--duplicate-every", type=int, default=20)
     p.add_argument("--slow-seconds", type=float, default=6.0)
     p.add_argument("--charge-timeout", type=float, default=5.0)
-    p.add_argument("--namespace", default=None, help="Redis key prefix of this run")
+    p.add_argument(
+        "--namespace",
+        default=None,
+        help="broker namespace of this run (names on Redis, NATS, RabbitMQ)",
+    )
     p.add_argument("--lease", type=float, default=3.0, help="saga and relay lease, seconds")
     args = p.parse_args(argv)
     faults = Faults(duplicate_every=args.duplicate_every, slow_seconds=args.slow_seconds)
