@@ -439,3 +439,61 @@ def test_sagas_list_show_retry_and_abort(tmp_path: Path) -> None:
     )
     assert aborted["status"] == "COMPENSATED"
     assert "only a RUNNING one" in fails("sagas", "abort", waiting_id, *app, cwd=tmp_path)
+
+
+def test_dlq_reads_a_namespaced_transport(redis_url: str, tmp_path: Path) -> None:
+    """The service's namespace (or --namespace) is where its dead letters are."""
+    from msdata.errors import RejectMessage
+    from msdata.events import EventBus
+    from msdata.urls import transport_from_url
+
+    namespace, topic, group = f"cli{uuid.uuid4().hex[:8]}", "cli-ns", "billing"
+
+    async def dead_letter_one() -> None:
+        transport = transport_from_url(redis_url, namespace=namespace)
+        bus = EventBus(transport, registry=registry)
+        rejected: list[int] = []
+
+        @bus.handler(Tick, group=group, topic=topic)
+        async def reject(event: Tick) -> None:
+            rejected.append(event.n)
+            raise RejectMessage("bad tick")
+
+        async with bus:
+            await bus.publish(Tick(n=1), topic=topic)
+            await eventually(lambda: rejected == [1], timeout=10, what="rejected")
+        await transport.close()
+
+    asyncio.run(dead_letter_one())
+    where = ["--broker", redis_url, "--topic", topic, "--group", group]
+    listed = json.loads(msdata("dlq", "list", *where, "--namespace", namespace, "--json").stdout)
+    assert [d["reason"] for d in listed] == ["RejectMessage: bad tick"]
+    assert json.loads(msdata("dlq", "list", *where, "--json").stdout) == []  # not global names
+    (tmp_path / "ns_app.py").write_text(
+        textwrap.dedent(f"""
+            from msdata.service import Service
+            from msdata.urls import transport_from_url
+            from tests.test_cli import Tick, registry
+
+            service = Service(
+                "{group}",
+                db="memory://",
+                broker=transport_from_url("{redis_url}", namespace="{namespace}"),
+                registry=registry,
+            )
+            service.subscribe(Tick, lambda e: None, topic="{topic}")
+        """)
+    )
+    env_cwd = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "msdata.cli", "dlq", "list", "--app", "ns_app:service", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(env_cwd), *sys.path])},
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [d["id"] for d in json.loads(proc.stdout)] == [listed[0]["id"]]
+    # the service's replay empties the namespaced dead-letter topic
+    msdata("dlq", "replay", *where, "--namespace", namespace, "--json")

@@ -112,7 +112,7 @@ def _run(urls: Callable[[dict[str, Any]], Sequence[str]] | None = None) -> Calla
                 asyncio.run(fn(**kwargs))
             except KeyboardInterrupt:
                 sys.exit(130)
-            except click.exceptions.Exit:
+            except (click.exceptions.Exit, click.ClickException):
                 raise
             except Exception as e:
                 _err.print(f"error: {_describe(e, shown + _app_urls)}", markup=False)
@@ -159,6 +159,11 @@ prefix_option = click.option(
 )
 schema_option = click.option("--schema", default=None, help="PostgreSQL schema of the stores.")
 db_option = click.option("--db", required=True, help="The service's database URL.")
+namespace_option = click.option(
+    "--namespace",
+    default=None,
+    help="The transport's namespace (the prefix of its names on the broker).",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -232,12 +237,19 @@ def relay() -> None:
 @relay.command("run")
 @db_option
 @click.option("--broker", required=True, help="The broker URL (redis://, amqp://, nats://).")
+@namespace_option
 @prefix_option
 @schema_option
 @click.option("--batch-size", default=100, show_default=True, help="Rows per claim.")
 @click.option("--name", default="relay", show_default=True, help="The process's name.")
 def relay_run(
-    db: str, broker: str, prefix: str, schema: str | None, batch_size: int, name: str
+    db: str,
+    broker: str,
+    namespace: str | None,
+    prefix: str,
+    schema: str | None,
+    batch_size: int,
+    name: str,
 ) -> None:
     """Publish the outbox of --db to --broker until SIGTERM or SIGINT."""
     from msdata.service import Service
@@ -251,7 +263,8 @@ def relay_run(
         service = Service(
             name,
             db=db,
-            broker=broker,
+            # a namespaced transport is opened here; the process ends with the relay
+            broker=_open_transport(broker, namespace) if namespace else broker,
             table_prefix=prefix,
             schema=schema,
             create_schema=False,
@@ -409,22 +422,42 @@ def dlq() -> None:
     """Dead-letter topics (topic.group.dlq): list, show, replay."""
 
 
-def _dlq_topics(topic: str | None, group: str | None, app: str | None) -> list[tuple[str, str]]:
+def _open_transport(broker: str, namespace: str | None) -> Any:
+    return transport_from_url(broker, **({"namespace": namespace} if namespace else {}))
+
+
+def _dlq_source(
+    broker: str | None, namespace: str | None, topic: str | None, group: str | None, app: str | None
+) -> tuple[Any, list[tuple[str, str]]]:
+    """The transport to read and the (topic, group) pairs: with ``app``, the service's own
+    transport (its namespace or key prefix) and all its groups."""
     from msdata.transport import check_name
 
-    if topic and group:
-        return [(check_name("topic", topic), check_name("group", group))]
     if app:
+        if broker or namespace:
+            raise click.UsageError(
+                "--app reads the service's own transport: leave out --broker and --namespace"
+            )
         service = _load_app(app)
-        return list(service.subscriptions)
-    _fail("name the dead-letter topic with --topic and --group, or give --app module:service")
+        return service.transport, list(service.subscriptions)
+    if not (topic and group):
+        raise click.UsageError(
+            "name the dead-letter topic with --topic and --group, or give --app module:service"
+        )
+    if not broker:
+        raise click.UsageError("--broker is required without --app")
+    pairs = [(check_name("topic", topic), check_name("group", group))]
+    return _open_transport(broker, namespace), pairs
 
 
 dlq_options = [
-    click.option("--broker", required=True, help="The broker URL."),
+    click.option("--broker", default=None, help="The broker URL (without --app)."),
+    namespace_option,
     click.option("--topic", default=None, help="The topic the messages came from."),
     click.option("--group", default=None, help="The consumer group that gave up on them."),
-    click.option("--app", default=None, help="module:attr of a Service: all its groups."),
+    click.option(
+        "--app", default=None, help="module:attr of a Service: its transport and all its groups."
+    ),
 ]
 
 
@@ -438,11 +471,11 @@ def _with(options: list[Callable[[T], T]]) -> Callable[[T], T]:
 
 
 async def _read_dlq(
-    broker: str, pairs: list[tuple[str, str]], limit: int, settle: str
+    source: tuple[Any, list[tuple[str, str]]], limit: int, settle: str
 ) -> list[dict[str, Any]]:
     from msdata.service import read_dead_letters
 
-    transport = transport_from_url(broker)
+    transport, pairs = source
     try:
         found = await read_dead_letters(
             transport, pairs, limit=limit, replay=settle == "replay", reader=DLQ_READER
@@ -458,7 +491,8 @@ async def _read_dlq(
 @json_option
 @_run(lambda kw: [kw["broker"]])
 async def dlq_list(
-    broker: str,
+    broker: str | None,
+    namespace: str | None,
     topic: str | None,
     group: str | None,
     app: str | None,
@@ -466,7 +500,7 @@ async def dlq_list(
     as_json: bool,
 ) -> None:
     """Dead letters (left where they are), with their reason."""
-    rows = await _read_dlq(broker, _dlq_topics(topic, group, app), limit, "keep")
+    rows = await _read_dlq(_dlq_source(broker, namespace, topic, group, app), limit, "keep")
     data = [{k: v for k, v in r.items() if k != "body"} for r in rows]
     _emit(
         as_json,
@@ -489,7 +523,8 @@ async def dlq_list(
 @json_option
 @_run(lambda kw: [kw["broker"]])
 async def dlq_show(
-    broker: str,
+    broker: str | None,
+    namespace: str | None,
     topic: str | None,
     group: str | None,
     app: str | None,
@@ -497,7 +532,7 @@ async def dlq_show(
     as_json: bool,
 ) -> None:
     """One dead letter, with its body."""
-    rows = await _read_dlq(broker, _dlq_topics(topic, group, app), 10_000, "keep")
+    rows = await _read_dlq(_dlq_source(broker, namespace, topic, group, app), 10_000, "keep")
     found = [r for r in rows if r["id"] == message_id]
     if not found:
         _fail(f"no dead letter {message_id!r} there")
@@ -515,7 +550,8 @@ async def dlq_show(
 @json_option
 @_run(lambda kw: [kw["broker"]])
 async def dlq_replay(
-    broker: str,
+    broker: str | None,
+    namespace: str | None,
     topic: str | None,
     group: str | None,
     app: str | None,
@@ -524,7 +560,7 @@ async def dlq_replay(
 ) -> None:
     """Republish dead letters to their original topic (same message id: consumers behind an
     inbox that applied one already skip it) and remove them from the dead-letter topic."""
-    rows = await _read_dlq(broker, _dlq_topics(topic, group, app), limit, "replay")
+    rows = await _read_dlq(_dlq_source(broker, namespace, topic, group, app), limit, "replay")
     _emit(as_json, {"replayed": len(rows)}, lambda: f"replayed {len(rows)} message(s)")
 
 
