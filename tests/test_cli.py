@@ -497,3 +497,13 @@ def test_dlq_reads_a_namespaced_transport(redis_url: str, tmp_path: Path) -> Non
     assert [d["id"] for d in json.loads(proc.stdout)] == [listed[0]["id"]]
     # the service's replay empties the namespaced dead-letter topic
     msdata("dlq", "replay", *where, "--namespace", namespace, "--json")
+
+
+def test_console_script_without_the_cli_extra_prints_one_line() -> None:
+    code = "import sys; sys.modules['click'] = None; from msdata._console import main; main([])"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=ENV
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'cli' extra" in lines[0], proc.stderr

@@ -1,9 +1,10 @@
 """The ``msdata`` command line: create schemas, run the outbox relay, and operate what the
 patterns leave for people (parked outbox rows, dead letters, projections). See docs/cli.md.
 
-Needs ``pip install "msdata[cli]"`` (Click and Rich). Every command prints a table for
-people, or JSON with ``--json``; a bad URL, an unreachable server or a missing schema
-prints one line naming the problem (credentials redacted) and exits 1, never a traceback.
+Needs the ``cli`` extra (Click and Rich): ``pip install "./msdata[cli]"`` from a checkout.
+Every command that reports prints a table for people, or JSON with ``--json``; a bad URL,
+an unreachable server or a missing schema prints one line naming the problem (credentials
+redacted) and exits 1, never a traceback; bad usage exits 2.
 """
 
 from __future__ import annotations
