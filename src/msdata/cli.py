@@ -395,7 +395,9 @@ async def outbox_requeue(
 ) -> None:
     """Make parked rows (by SEQ, or --all) pending again, attempts reset."""
     if not seqs and not everything:
-        _fail("name the rows to requeue (their seq, see `msdata outbox parked`) or pass --all")
+        raise click.UsageError(
+            "name the rows to requeue (their seq, see `msdata outbox parked`) or pass --all"
+        )
     store = _outbox_store(db, prefix, schema)
     try:
         if seqs:
