@@ -433,6 +433,9 @@ def test_sagas_list_show_retry_and_abort(tmp_path: Path) -> None:
     app = ["--app", "shop_app:service"]
     line = fails("sagas", "retry", waiting_id, *app, cwd=tmp_path)
     assert "only a FAILED one" in line
+    proc = msdata("sagas", "retry", failed_id, *app, "--json", cwd=tmp_path, ok=False)
+    assert proc.returncode == 1 and json.loads(proc.stdout)["status"] == "FAILED"
+    assert proc.stderr.startswith(f"error: saga {failed_id} failed again"), proc.stderr
     (tmp_path / "broken").unlink()
     retried = json.loads(msdata("sagas", "retry", failed_id, *app, "--json", cwd=tmp_path).stdout)
     assert retried["status"] == "COMPENSATED"

@@ -831,9 +831,14 @@ async def _operate(app: str, saga_id: str, op: str, reason: str | None) -> Any:
 @json_option
 @_run()
 async def sagas_retry(app: str, saga_id: str, as_json: bool) -> None:
-    """Resume a FAILED instance (its failed compensations or step start again)."""
+    """Resume a FAILED instance (its failed compensations or step start again). Exits 1,
+    after printing the instance, if it ends FAILED again."""
+    from msdata.saga import SagaStatus
+
     rec = await _operate(app, saga_id, "retry", None)
     _emit(as_json, _saga_row(rec), lambda: f"saga {saga_id}: {rec.status}")
+    if rec.status is SagaStatus.FAILED:
+        _fail(f"saga {saga_id} failed again: {rec.error}")
 
 
 @sagas.command("abort")
