@@ -484,6 +484,7 @@ def test_dlq_reads_a_namespaced_transport(redis_url: str, tmp_path: Path) -> Non
     where = ["--broker", redis_url, "--topic", topic, "--group", group]
     listed = json.loads(msdata("dlq", "list", *where, "--namespace", namespace, "--json").stdout)
     assert [d["reason"] for d in listed] == ["RejectMessage: bad tick"]
+    assert listed[0]["attempts"] == 1  # a number, not the header's text
     assert json.loads(msdata("dlq", "list", *where, "--json").stdout) == []  # not global names
     (tmp_path / "ns_app.py").write_text(
         textwrap.dedent(f"""

@@ -115,17 +115,24 @@ async def _close_memory_broker(url: str) -> None:
 
 class DeadLetterInfo(NamedTuple):
     """One message on a dead-letter topic ``dlq`` (``topic.group.dlq``): its id and key,
-    where it came from, how many attempts it had, why it is there, and its body (the
-    CloudEvents JSON, as text)."""
+    where it came from, how many attempts it had (``None`` if the header is missing or not
+    a number), why it is there, and its body (the CloudEvents JSON, as text)."""
 
     dlq: str
     id: str
     key: str | None
     topic: str
     group: str
-    attempts: str | None
+    attempts: int | None
     reason: str | None
     body: str
+
+
+def _attempts(header: str | None) -> int | None:
+    try:
+        return int(header) if header is not None else None
+    except ValueError:
+        return None
 
 
 async def read_dead_letters(
@@ -168,7 +175,7 @@ async def read_dead_letters(
                             m.key,
                             original,
                             h.get(DEAD_LETTER_GROUP, group),
-                            h.get(DEAD_LETTER_ATTEMPTS),
+                            _attempts(h.get(DEAD_LETTER_ATTEMPTS)),
                             h.get(DEAD_LETTER_REASON),
                             m.body.decode("utf-8", "replace"),
                         )
