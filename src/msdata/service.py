@@ -257,7 +257,11 @@ class Service:
         saga_options: Mapping[str, Any] | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        self.name = check_name("group", name)
+        try:
+            self.name = check_name("group", name)
+        except ConfigurationError as e:
+            # the name is the consumer group of its handlers, hence the group's rule
+            raise ConfigurationError(str(e).replace("group name", "service name", 1)) from None
         self.db = db if db is not None else f"sqlite:///{name}.db"
         self.backend = _backend(self.db)
         self.table_prefix = table_prefix
@@ -394,9 +398,14 @@ class Service:
         """Add ``messages`` to the outbox in the open transaction (a handler's, or
         :meth:`transaction`'s); the relay publishes them after the commit. ``key``: the
         partition key (order is kept per key). ConfigurationError outside a transaction."""
-        return await self.outbox.add_async(
-            current_connection(), messages, key=key, topic=topic, headers=headers
-        )
+        try:
+            conn = current_connection()
+        except ConfigurationError:
+            raise ConfigurationError(
+                f"service {self.name}: publish() needs an open transaction: call it inside "
+                "`async with service.transaction():` or in one of the service's handlers"
+            ) from None
+        return await self.outbox.add_async(conn, messages, key=key, topic=topic, headers=headers)
 
     @property
     def inbox(self) -> Inbox:
