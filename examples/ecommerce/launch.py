@@ -5,8 +5,9 @@ driver, in one command::
         --broker redis://127.0.0.1:6379 --orders 300 [--chaos]
 
 Each service gets its own schema (``<prefix>_order``, ``_payment``, ``_inventory``; the
-schemas of an earlier run with that prefix are dropped first); on Redis the prefix is also
-the key prefix of the run's streams. With
+schemas of an earlier run with that prefix are dropped first); the prefix is also the
+transport's ``namespace`` on every broker (Redis keys, NATS streams and subjects, RabbitMQ
+exchanges and queues), so runs with different prefixes share no names. With
 ``--chaos`` a service is SIGKILLed and restarted every few seconds while orders are placed.
 Exits 1 if a check fails."""
 
@@ -192,7 +193,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chaos", action="store_true", help="SIGKILL and restart services")
     p.add_argument("--kills", type=int, default=5, help="with --chaos: how many SIGKILLs")
     p.add_argument("--keep", action="store_true", help="keep the schemas of an earlier run")
-    p.add_argument("--schema-prefix", default="shop")
+    p.add_argument(
+        "--schema-prefix",
+        default="shop",
+        help="the run's PostgreSQL schema prefix and broker namespace (1-30 of [A-Za-z0-9_-])",
+    )
     p.add_argument("--base-port", type=int, default=8101)
     p.add_argument("--charge-timeout", type=float, default=5.0)
     p.add_argument("--slow-seconds", type=float, default=6.0)
