@@ -26,11 +26,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from enum import StrEnum
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import pydantic_core
+
+from msdata.storage import from_unix_us, unix_us
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -162,22 +164,17 @@ class SagaRecord:
 
 # -- JSON form for SQL stores: the indexed fields get columns, the rest one JSON document -----
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _to_json = pydantic_core.to_json  # several times faster than json.dumps on these lists
 
 
 def to_us(dt: datetime | None) -> int | None:
-    """A time as integer microseconds since the epoch (exact, unlike ``timestamp()``)."""
-    if dt is None:
-        return None
-    d = dt - _EPOCH
-    return (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
+    """A time as integer microseconds since the epoch (exact, :func:`msdata.storage.unix_us`)."""
+    return None if dt is None else unix_us(dt)
 
 
 def from_us(us: int | None) -> datetime | None:
-    if us is None:
-        return None
-    return _EPOCH + timedelta(microseconds=us)
+    """The inverse of :func:`to_us`."""
+    return None if us is None else from_unix_us(us)
 
 
 def record_to_json(record: SagaRecord) -> bytes:

@@ -26,10 +26,12 @@ from msdata.saga.store import (
     SagaRecord,
     SagaStatus,
     SagaStoreFeatures,
+    from_us,
     record_from_json,
     record_to_json,
+    to_us,
 )
-from msdata.storage import DEFAULT_TABLE_PREFIX, from_unix_us, unix_us
+from msdata.storage import DEFAULT_TABLE_PREFIX
 
 __all__ = ["SqliteSagaStore"]
 
@@ -58,14 +60,6 @@ _COLUMNS = (
 _ACTIVE = "('RUNNING', 'COMPENSATING')"
 
 
-def _us(dt: datetime | None) -> int | None:
-    return None if dt is None else unix_us(dt)
-
-
-def _dt(us: int | None) -> datetime | None:
-    return None if us is None else from_unix_us(us)
-
-
 def _record(row: tuple[Any, ...]) -> SagaRecord:
     saga_id, saga_type, status, version, owner, until, wake, created, updated, state = row
     return record_from_json(
@@ -74,11 +68,11 @@ def _record(row: tuple[Any, ...]) -> SagaRecord:
         saga_type=saga_type,
         status=status,
         version=version,
-        created_at=_dt(created),  # type: ignore[arg-type]
-        updated_at=_dt(updated),  # type: ignore[arg-type]
+        created_at=from_us(created),  # type: ignore[arg-type]
+        updated_at=from_us(updated),  # type: ignore[arg-type]
         lease_owner=owner,
-        lease_until=_dt(until),
-        wake_at=_dt(wake),
+        lease_until=from_us(until),
+        wake_at=from_us(wake),
     )
 
 
@@ -138,10 +132,10 @@ class SqliteSagaStore(SqliteDatabase):
                             r.status.value,
                             r.version,
                             r.lease_owner,
-                            _us(r.lease_until),
-                            _us(r.wake_at),
-                            _us(r.created_at),
-                            _us(r.updated_at),
+                            to_us(r.lease_until),
+                            to_us(r.wake_at),
+                            to_us(r.created_at),
+                            to_us(r.updated_at),
                             state,
                         ),
                     )
@@ -154,9 +148,9 @@ class SqliteSagaStore(SqliteDatabase):
                         r.status.value,
                         r.version,
                         r.lease_owner,
-                        _us(r.lease_until),
-                        _us(r.wake_at),
-                        _us(r.updated_at),
+                        to_us(r.lease_until),
+                        to_us(r.wake_at),
+                        to_us(r.updated_at),
                         state,
                         r.saga_id,
                         expected,
@@ -197,7 +191,7 @@ class SqliteSagaStore(SqliteDatabase):
         self, owner: str, now: datetime, lease_until: datetime, limit: int
     ) -> list[SagaRecord]:
         t = self._t
-        now_us, until_us = _us(now), _us(lease_until)
+        now_us, until_us = to_us(now), to_us(lease_until)
 
         def claim(conn: sqlite3.Connection) -> list[SagaRecord]:
             ids = [
@@ -238,7 +232,7 @@ class SqliteSagaStore(SqliteDatabase):
             where.append(f"status IN ({','.join('?' * len(statuses))})" if statuses else "0")
             args.extend(s.value for s in statuses)
         if stuck_at is not None:
-            us = _us(stuck_at)
+            us = to_us(stuck_at)
             where.append(
                 f"status IN {_ACTIVE} AND (lease_until IS NULL OR lease_until <= ?)"
                 " AND (wake_at IS NULL OR wake_at <= ?)"
