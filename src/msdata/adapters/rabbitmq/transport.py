@@ -184,11 +184,20 @@ def group_queue_name(exchange: str, group: str) -> str:
     return f"{exchange}:{group}"
 
 
+_AMQP_ERRORS = (
+    aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    OSError,
+    TimeoutError,
+)
+
+
 def _amqp_errors(what: str, error: type[TransportError] = TransportError) -> DriverErrors:
     """Where aio-pika's and aiormq's errors become msdata's: ``with _amqp_errors("what"):``.
-    Any exception counts (aio-pika raises a wide variety: AMQP errors, connection and
-    channel state errors, OS errors)."""
-    return DriverErrors(Exception, what, error)
+    The driver's errors only (AMQP errors, channel state errors, OS errors and timeouts):
+    a bug of our own (a TypeError, a KeyError) must surface as itself, not as a broker
+    failure that is retried."""
+    return DriverErrors(_AMQP_ERRORS, what, error)
 
 
 def _retry_queue_name(topic: str, group: str, delay_ms: int) -> str:
