@@ -131,7 +131,7 @@ class EventBus:
         self._stopping: asyncio.Event | None = None
         # per consumer task: its open subscription, and the delivery and handler in hand
         self._subscriptions: dict[asyncio.Task[Any], Subscription] = {}
-        self._handling: dict[asyncio.Task[Any], tuple[Delivery, str]] = {}
+        self._handling: dict[asyncio.Task[Any], tuple[Delivery, Any]] = {}
         # consumer tasks that would not stop: they settle nothing any more
         self._abandoned: set[asyncio.Task[Any]] = set()
 
@@ -320,7 +320,7 @@ class EventBus:
         if handling is None:
             log.error("consumer task %s would not stop; left behind", task.get_name())
             return
-        delivery, handler = handling
+        delivery, handler = handling[0], _name_of(handling[1])
         log.error(
             "handler %s would not stop (group %s, topic %s, message %s, attempt %d): left "
             "behind; its delivery stays unacked and will be redelivered",
@@ -409,7 +409,7 @@ class EventBus:
         token = current_parent.set(envelope)
         task = asyncio.current_task()
         if task is not None:
-            self._handling[task] = (delivery, _name_of(route.handler))
+            self._handling[task] = (delivery, route.handler)  # named only if it will not stop
         seen = telemetry.hooks.consume(
             consumer.topic, consumer.group, delivery, envelope, route.handler
         )
