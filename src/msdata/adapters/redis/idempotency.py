@@ -12,12 +12,13 @@ expired. Redis does not join a database transaction: use it for effects outside 
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Self
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
+from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConfigurationError, StoreError
 from msdata.idempotency.store import IdempotencyRecord, IdempotencyStoreFeatures, check_purge_time
 from msdata.storage import from_unix_us
@@ -83,10 +84,17 @@ class RedisIdempotencyStore:
     )
 
     def __init__(
-        self, client: aioredis.Redis, *, key_prefix: str = "msdata:idem:", owns_client: bool = False
+        self,
+        client: aioredis.Redis,
+        *,
+        key_prefix: str = "msdata:idem:",
+        owns_client: bool = False,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if not isinstance(key_prefix, str):
             raise ConfigurationError("key_prefix must be a string")
+        #: the clock a completed record's Redis TTL is counted on (the caller's, as expiry is)
+        self.clock = clock
         self._r = client
         self.key_prefix = key_prefix
         self._owns = owns_client
@@ -96,12 +104,18 @@ class RedisIdempotencyStore:
 
     @classmethod
     def from_url(
-        cls, url: str, *, key_prefix: str = "msdata:idem:", **options: Any
+        cls,
+        url: str,
+        *,
+        key_prefix: str = "msdata:idem:",
+        clock: Clock = SYSTEM_CLOCK,
+        **options: Any,
     ) -> RedisIdempotencyStore:
         """A store over ``redis://…`` with a client of its own (closed by ``close``)."""
         return cls(
             aioredis.Redis.from_url(url, decode_responses=False, **options),
             key_prefix=key_prefix,
+            clock=clock,
             owns_client=True,
         )
 
@@ -127,7 +141,7 @@ class RedisIdempotencyStore:
     ) -> IdempotencyRecord | None:
         self._no_conn(conn)
         now_us, until_us = _us(now), _us(expires_at)
-        ttl_ms = max(0, until_us - now_us) // 1000 + _GRACE_MS
+        ttl_ms = _ttl_ms(expires_at, now)
         # EVALSHA straight away (the replay path: redis-py's Script object costs a few us)
         args = (self._key(scope, key), fingerprint, token, now_us, until_us, ttl_ms)
         try:
@@ -146,7 +160,7 @@ class RedisIdempotencyStore:
         self, conn: Any, scope: str, key: str, token: str, response: bytes, expires_at: datetime
     ) -> bool:
         self._no_conn(conn)
-        ttl = _ttl_ms(expires_at, datetime.now(UTC))
+        ttl = _ttl_ms(expires_at, self.clock.now())
         try:
             done = await self._complete(
                 keys=[self._key(scope, key)], args=(token, response, _us(expires_at), ttl)
