@@ -427,7 +427,7 @@ async def test_an_attempt_is_never_lower_than_after_the_nack_that_preceded_it() 
         tokens[6] = str(int(tokens[6]) + 1)  # the consumer sequence moves on; delivered stays 1
         assert tokens[4] == "1"
         lost_count = Msg(t.client, subject=first._msg.subject, reply=".".join(tokens), data=b"{}")  # type: ignore[arg-type, attr-defined]
-        (again,) = await sub._deliveries([lost_count])
+        (again,) = await sub._deliveries([(lost_count, 0)])
         assert again.attempt == 2
         await again.ack()
         assert sub._nacked == {}  # settled: forgotten

@@ -45,6 +45,8 @@ from msdata.transport import (
     DEAD_LETTER_REASON,
     DEAD_LETTER_TOPIC,
     TransportMessage,
+    carryable_headers,
+    carryable_text,
     dead_letter_topic,
 )
 
@@ -147,14 +149,23 @@ def dead_letter(
     """The dead letter of ``message``, delivered ``attempts`` times to ``group`` of
     ``topic``. The reason is folded onto one line (header values cannot hold line breaks on
     every broker), escaped and cut to 1 KiB (:func:`msdata.messages.safe_text`), so every
-    broker can carry it."""
+    broker can carry it. A foreign message's headers, id and key that some broker could
+    not carry are made carryable (:func:`msdata.transport.carryable_headers`: a header name
+    that is not a token is dropped, line breaks become spaces)."""
     reason = safe_text(" ".join(reason.split())) or "dead-lettered"
-    headers = dict(message.headers)
+    # a foreign message's headers, id and key, made to pass every transport's check
+    headers = carryable_headers(message.headers) if message.headers else {}
     headers[DEAD_LETTER_REASON] = reason
     headers[DEAD_LETTER_TOPIC] = topic
     headers[DEAD_LETTER_GROUP] = group
     headers[DEAD_LETTER_ATTEMPTS] = str(attempts)
-    copy = TransportMessage(message.id, message.body, message.key, MappingProxyType(headers))
+    key = message.key
+    copy = TransportMessage(
+        carryable_text(message.id) or "-",
+        message.body,
+        None if key is None else carryable_text(key),
+        MappingProxyType(headers),
+    )
     return DeadLetter(dead_letter_topic(topic, group), copy, topic, group, attempts, reason)
 
 

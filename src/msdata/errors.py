@@ -19,7 +19,8 @@ their edge with ``raise ... from e`` so the original stays on ``__cause__``.
     │       ├── UnknownMessageType    a type name nothing is registered for
     │       ├── UnknownSchemaVersion  a known type at a version with no class and no upcaster path
     │       ├── MessageValidationError  the payload fails the message class's validation
-    │       └── MessageTooLarge       larger than the codec's configured maximum (also raised on encode)
+    │       └── MessageTooLarge       larger than the codec's maximum (also on encode), or than a
+    │                                 transport's max_message_bytes / the broker's limit (before sending)
     ├── HandlerError
     │   ├── NoHandlerRegistered       a command or query with no handler
     │   ├── HandlerAlreadyRegistered  a second handler for a command or query type
@@ -169,7 +170,13 @@ class MessageValidationError(DecodeError):
 
 
 class MessageTooLarge(DecodeError):
-    """Larger than the configured maximum; raised on decode and on encode."""
+    """Larger than the configured maximum: the codec's ``max_size`` (raised on decode, where
+    a consumer dead-letters it, and on encode), or a transport's limit, found before
+    sending: its ``max_message_bytes`` or the broker's own limit (NATS: the server's
+    ``max_payload``), counted with the headers the transport adds. A transport refuses such
+    a message alone: ``publish`` sends the rest of the batch and raises
+    :class:`PublishError` whose ``refused`` names it (``"MessageTooLarge: ..."``), with this
+    error as ``__cause__``; the connection stays usable."""
 
 
 class HandlerError(MsdataError):

@@ -18,13 +18,23 @@ from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import Generic, NamedTuple, Protocol, Self, TypeVar, runtime_checkable
 
-from msdata.errors import ConfigurationError, MsdataError, TransportClosed, TransportError
+from msdata.errors import (
+    ConfigurationError,
+    EncodeError,
+    InvalidHeader,
+    MessageTooLarge,
+    MsdataError,
+    PublishError,
+    TransportClosed,
+    TransportError,
+)
 
 __all__ = [
     "DEAD_LETTER_ATTEMPTS",
     "DEAD_LETTER_GROUP",
     "DEAD_LETTER_REASON",
     "DEAD_LETTER_TOPIC",
+    "DEFAULT_MAX_HELD_BYTES",
     "ClosesOnExit",
     "Delivery",
     "DeliveryState",
@@ -35,9 +45,16 @@ __all__ = [
     "Transport",
     "TransportFeatures",
     "TransportMessage",
+    "carryable_headers",
+    "carryable_text",
+    "check_message",
     "check_name",
     "dead_letter_topic",
     "iterate",
+    "message_size",
+    "pop_url_options",
+    "refused_error",
+    "screen",
 ]
 
 # Headers a dead-lettered message carries, whatever the backend.
@@ -157,6 +174,13 @@ class TransportFeatures:
     #: connection to the broker as a network failure would (the client then reconnects by
     #: itself). None: the case that publishes while it reconnects is skipped.
     interrupt: Callable[[], Awaitable[None]] | None = field(default=None, compare=False, repr=False)
+    #: test plumbing, set by a harness: ``await publish_unreadable(topic)`` publishes to the
+    #: topic, as a foreign producer, messages that the backend's driver cannot parse (NATS: a
+    #: header status line of bytes that are not UTF-8) and returns how many. None: the case
+    #: that checks such messages do not stop the others is skipped.
+    publish_unreadable: Callable[[str], Awaitable[int]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
 
 @runtime_checkable
@@ -226,7 +250,14 @@ class Publisher(Protocol):
         (for a broker: confirmed). Adapters keep the whole batch's confirms in flight at
         once. Raises :class:`msdata.errors.PublishError` if any was not accepted; the caller
         then publishes the batch again (consumers de-duplicate by message id). Messages of
-        one key in one batch keep their order."""
+        one key in one batch keep their order.
+
+        Outcomes are per message: a message refused on its own, before sending (by
+        :func:`check_message`, or over the transport's ``max_message_bytes`` or the
+        broker's limit: :class:`~msdata.errors.MessageTooLarge`) or by the broker, does not
+        take the others with it. ``PublishError.refused`` then names exactly those messages
+        (id -> reason), and every other message of the batch was confirmed. An empty
+        ``refused`` means the batch failed as a whole."""
         ...
 
 
@@ -374,3 +405,196 @@ async def iterate(
     while True:
         for delivery in await subscription.receive(batch, timeout):
             yield delivery
+
+
+# -- what every transport refuses before sending (implementation aids for adapters) --------
+
+#: a consumer holds at most this many bytes of messages it received and has not settled (plus
+#: one message), unless its transport is built with another ``max_held_bytes``
+DEFAULT_MAX_HELD_BYTES = 64 * 1024 * 1024
+
+# A transport header name is an RFC 9110 token (section 5.6.2), up to 255 characters: what
+# NATS headers allow (nats-py refuses anything else), and what AMQP (a shortstr) and Redis
+# carry as they are. No space, no ':', no control character.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,255}")
+# a header value cannot hold a line break or NUL: NATS's header block is line-based
+_VALUE_BREAK = re.compile(r"[\r\n\x00]")
+_valid_names: set[str] = set()  # names already checked (a service uses a handful)
+
+
+def _check_value(what: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise InvalidHeader(f"{what} must be a str, got {type(value).__name__}")
+    # the value is not shown: a header may carry a credential
+    if not value.isascii() and not _encodable(value):
+        raise InvalidHeader(f"{what} holds a lone surrogate (not UTF-8)")
+    if _VALUE_BREAK.search(value):
+        raise InvalidHeader(f"{what} holds a line break or NUL")
+
+
+def check_message(message: TransportMessage) -> None:
+    """Refuse, before anything is sent, a message that no broker can carry as it is:
+
+    - ``id``: a non-empty str, valid UTF-8 (no lone surrogate);
+    - ``body``: bytes;
+    - ``key``: None or a str without line break or NUL, valid UTF-8 (it travels in a header);
+    - ``headers``: names are RFC 9110 tokens of 1-255 characters (letters, digits and
+      ``!#$%&'*+-.^_`|~``: no space, no ``:``), values str without line break or NUL,
+      valid UTF-8.
+
+    Raises :class:`~msdata.errors.InvalidHeader` for a header or key,
+    :class:`~msdata.errors.EncodeError` for an id or body. Every transport calls it on
+    every message of a batch (through :func:`screen`)."""
+    mid = message.id
+    if not (isinstance(mid, str) and mid and (mid.isascii() or _encodable(mid))):
+        raise EncodeError(f"message id {_shown(mid)} must be a non-empty UTF-8 str")
+    if not isinstance(message.body, bytes):
+        raise EncodeError(f"message body must be bytes, got {type(message.body).__name__}")
+    key = message.key
+    if key is not None:
+        _check_value("partition key", key)
+    headers = message.headers
+    if headers:
+        for name, value in headers.items():
+            if name not in _valid_names:
+                if not (isinstance(name, str) and _HEADER_NAME.fullmatch(name)):
+                    raise InvalidHeader(
+                        f"header name {_shown(name)} must be 1-255 letters, digits or "
+                        "!#$%&'*+-.^_`|~ (an RFC 9110 token: no space, no ':')"
+                    )
+                if len(_valid_names) < 1024:
+                    _valid_names.add(name)
+            _check_value(f"header {name!r}", value)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def message_size(message: TransportMessage) -> int:
+    """The bytes a message takes as msdata counts them against ``max_message_bytes`` and
+    ``max_held_bytes`` on a transport without a wire format of its own (memory; a transport
+    may count its own wire form instead): body, id, key, and each header's name and value,
+    in UTF-8."""
+    n = len(message.body) + _utf8_len(message.id)
+    if message.key is not None:
+        n += _utf8_len(message.key)
+    headers = message.headers
+    if headers:
+        for name, value in headers.items():
+            n += _utf8_len(name) + _utf8_len(value)
+    return n
+
+
+def screen(
+    messages: Sequence[TransportMessage],
+    max_bytes: int | None = None,
+    size: Callable[[TransportMessage], int] = message_size,
+    where: str = "this transport",
+) -> tuple[Sequence[TransportMessage], dict[str, MsdataError]]:
+    """Split a batch, before sending, into the messages to send and those refused: each
+    refused message's id -> the error that refuses it (:func:`check_message`'s, or
+    :class:`~msdata.errors.MessageTooLarge` when ``size(message)`` is over ``max_bytes``;
+    ``where`` names the limit's source in its text). When nothing is refused, the batch
+    itself is returned. Send the rest, then raise :func:`refused_error` if anything was
+    refused, so one bad message never takes the others with it."""
+    refused: dict[str, MsdataError] | None = None
+    for m in messages:
+        try:
+            check_message(m)
+            if max_bytes is not None:
+                n = size(m)
+                if n > max_bytes:
+                    raise MessageTooLarge(
+                        f"message {m.id} is {n:,} bytes with its headers, over the limit of "
+                        f"{max_bytes:,} bytes ({where})"
+                    )
+        except MsdataError as e:
+            if refused is None:
+                refused = {}
+            refused[_id_of(m)] = e
+    if refused is None:
+        return messages, {}
+    return [m for m in messages if _id_of(m) not in refused], refused
+
+
+def _id_of(message: TransportMessage) -> str:
+    mid = message.id
+    return mid if isinstance(mid, str) else repr(mid)
+
+
+def refused_error(what: str, total: int, refused: Mapping[str, str | MsdataError]) -> PublishError:
+    """The :class:`~msdata.errors.PublishError` of a batch of ``total`` messages of which
+    ``refused`` (id -> error or the broker's reason) were refused and every other one was
+    confirmed. ``PublishError.refused`` maps each id to ``"<ErrorType>: <text>"`` (or the
+    broker's reason); its ``__cause__`` is the first msdata error among them, if any."""
+    reasons = {
+        mid: f"{type(e).__name__}: {e}" if isinstance(e, BaseException) else e
+        for mid, e in refused.items()
+    }
+    first = next(iter(reasons.values()))
+    error = PublishError(
+        f"{what}: {len(reasons)} of {total} messages refused (the others were confirmed); "
+        f"first: {first}",
+        refused=reasons,
+    )
+    error.__cause__ = next((e for e in refused.values() if isinstance(e, BaseException)), None)
+    return error
+
+
+def carryable_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """``headers`` made to pass :func:`check_message`, for a copy msdata sends on of a
+    message it received (a dead letter of a foreign message): a name that is not a token is
+    dropped, a value that is not a str becomes its ``str()``, line breaks and NUL in a value
+    become spaces and lone surrogates ``\\udcxx`` escapes."""
+    return {
+        name: carryable_text(value)
+        for name, value in headers.items()
+        if isinstance(name, str) and _HEADER_NAME.fullmatch(name)
+    }
+
+
+def carryable_text(value: object) -> str:
+    """``value`` as a header value, id or key that passes :func:`check_message`: its
+    ``str()`` if it is not a str, line breaks and NUL as spaces, lone surrogates as
+    ``\\udcxx`` escapes (for a copy msdata sends on of a message it received)."""
+    text = value if isinstance(value, str) else str(value)
+    if not text.isascii() and not _encodable(text):
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _VALUE_BREAK.sub(" ", text)
+
+
+def pop_url_options(url: str, names: Sequence[str]) -> tuple[str, dict[str, int]]:
+    """Take the query parameters ``names`` (``max_message_bytes``, ``max_held_bytes``...,
+    whole numbers >= 1) out of a transport URL: returns the URL without them (other query
+    parameters are kept for the driver) and their values. Several comma-separated URLs
+    (NATS) each lose them. Raises :class:`~msdata.errors.ConfigurationError` for a value
+    that is not a whole number >= 1."""
+    found: dict[str, int] = {}
+    parts = []
+    for one in url.split(","):
+        base, sep, rest = one.partition("?")
+        if not sep:
+            parts.append(one)
+            continue
+        query, hash_, fragment = rest.partition("#")
+        kept = []
+        for pair in query.split("&"):
+            name, _, value = pair.partition("=")
+            if name not in names:
+                if pair:
+                    kept.append(pair)  # as written: the driver decodes it
+                continue
+            if not (value.isdigit() and int(value) >= 1):
+                raise ConfigurationError(f"URL option {name}={value!r} must be a whole number >= 1")
+            found[name] = int(value)
+        parts.append(base + ("?" + "&".join(kept) if kept else "") + hash_ + fragment)
+    return ",".join(parts), found

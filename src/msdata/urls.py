@@ -126,9 +126,7 @@ def transport_from_url(url: str, **options: Any) -> Transport:
     if scheme == "memory":
         from msdata.adapters.memory import MemoryTransport
 
-        if options:
-            raise ConfigurationError(f"memory:// takes no options, got {sorted(options)}")
-        return MemoryTransport.from_url(url)
+        return MemoryTransport.from_url(url, **options)
     if scheme in ("redis", "rediss", "unix"):
         from msdata.adapters.redis import RedisTransport
 

@@ -8,6 +8,12 @@ of the later messages of its key. A topic without any group keeps what is publis
 its first group (up to ``max_unclaimed`` messages per topic; beyond, the oldest are dropped,
 each logged at WARNING and counted). Nothing survives the process (``durable=False``).
 
+Limits, as on the brokers: ``max_message_bytes`` (default None: none) refuses a larger message
+before it is queued, with :class:`msdata.errors.MessageTooLarge` (its size is
+:func:`msdata.transport.message_size`: body, id, key and headers); ``max_held_bytes`` (default
+64 MiB) bounds what a subscription holds unsettled, in those bytes, beside ``prefetch`` in
+messages: ``receive`` hands out no more once it is reached (it may go over by one message).
+
 It serves one event loop: create it, and use it, from inside that loop.
 """
 
@@ -17,16 +23,21 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Sequence
-from typing import Self
+from typing import Any, Self
 
 from msdata import deadletter
 from msdata.errors import ConfigurationError, TransportClosed
 from msdata.transport import (
+    DEFAULT_MAX_HELD_BYTES,
     ClosesOnExit,
     DeliveryState,
     TransportFeatures,
     TransportMessage,
     check_name,
+    message_size,
+    pop_url_options,
+    refused_error,
+    screen,
 )
 from msdata.urls import redact_url
 
@@ -40,11 +51,12 @@ FEATURES = TransportFeatures(
 
 
 class _Entry:
-    __slots__ = ("attempt", "message")
+    __slots__ = ("attempt", "message", "size")
 
     def __init__(self, message: TransportMessage) -> None:
         self.message = message
         self.attempt = 0
+        self.size = -1  # message_size(message), worked out when first handed out
 
 
 class _Group:
@@ -65,10 +77,12 @@ class _Group:
         self.ready.append(entry)
         self.signal.set()
 
-    def take(self, limit: int) -> list[_Entry]:
+    def take(self, limit: int, room_bytes: int) -> list[_Entry]:
+        """Up to ``limit`` entries, stopping once they take ``room_bytes`` (the last one may
+        go over)."""
         out: list[_Entry] = []
         ready, busy = self.ready, self.busy
-        while ready and len(out) < limit:
+        while ready and len(out) < limit and room_bytes > 0:
             entry = ready.popleft()
             key = entry.message.key
             if key is not None:
@@ -77,6 +91,9 @@ class _Group:
                     continue
                 busy[key] = entry
             entry.attempt += 1
+            if entry.size < 0:
+                entry.size = message_size(entry.message)
+            room_bytes -= entry.size
             out.append(entry)
         if not ready:
             self.signal.clear()
@@ -128,6 +145,7 @@ class MemoryDelivery(DeliveryState["MemorySubscription"]):
             return False
         sub = self._sub
         sub._inflight.pop(id(self), None)
+        sub._held_bytes -= self._entry.size
         sub._room.set()
         return True
 
@@ -136,6 +154,7 @@ class MemoryDelivery(DeliveryState["MemorySubscription"]):
         if self._begin_settle():
             sub = self._sub
             sub._inflight.pop(id(self), None)
+            sub._held_bytes -= self._entry.size
             sub._room.set()
             sub._group.settle(self._entry)
 
@@ -171,6 +190,8 @@ class MemorySubscription(ClosesOnExit):
         self.max_attempts = max_attempts
         self.prefetch = prefetch
         self._inflight: dict[int, MemoryDelivery] = {}
+        # bytes (message_size) of what it holds unsettled, against max_held_bytes
+        self._held_bytes = 0
         self._room = asyncio.Event()  # set when a settlement frees prefetch room
         self._closed = False
         self._group: _Group
@@ -189,6 +210,7 @@ class MemorySubscription(ClosesOnExit):
         for delivery in reversed(list(self._inflight.values())):
             delivery._release()
         self._inflight.clear()
+        self._held_bytes = 0
         self._room.set()  # wake a receive() waiting in this subscription
         if hasattr(self, "_group"):
             self._group.signal.set()
@@ -199,16 +221,18 @@ class MemorySubscription(ClosesOnExit):
         group = self._group
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        max_held = self._transport.max_held_bytes
         while True:
             room = min(max_messages, self.prefetch - len(self._inflight))
-            if room > 0:
-                entries = group.take(room)
+            room_bytes = max_held - self._held_bytes
+            if room > 0 and room_bytes > 0:
+                entries = group.take(room, room_bytes)
                 if entries and any(e.attempt > self.max_attempts for e in entries):
                     entries = self._without_overdue(entries)
                 if entries:
                     break
                 waiter = group.signal
-            else:  # prefetch is full: wait for a settlement, not for new messages
+            else:  # prefetch or max_held_bytes is full: wait for a settlement
                 self._room.clear()
                 waiter = self._room
             left = deadline - loop.time()
@@ -225,6 +249,7 @@ class MemorySubscription(ClosesOnExit):
         inflight = self._inflight
         for d in out:
             inflight[id(d)] = d
+        self._held_bytes += sum(e.size for e in entries)
         return out
 
     def _without_overdue(self, entries: list[_Entry]) -> list[_Entry]:
@@ -242,13 +267,34 @@ class MemorySubscription(ClosesOnExit):
 
 
 class MemoryTransport:
-    """The in-memory :class:`msdata.transport.Transport`."""
+    """The in-memory :class:`msdata.transport.Transport`.
+
+    Options: ``max_unclaimed`` (messages a topic without any group keeps), ``namespace``
+    (accepted, changes nothing), ``max_message_bytes`` (None: no limit; else a larger
+    message is refused with :class:`~msdata.errors.MessageTooLarge`, alone),
+    ``max_held_bytes`` (what a subscription holds unsettled, in bytes, plus one message;
+    default 64 MiB). Sizes are :func:`msdata.transport.message_size`."""
 
     features = FEATURES
 
-    def __init__(self, *, max_unclaimed: int = 100_000, namespace: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_unclaimed: int = 100_000,
+        namespace: str | None = None,
+        max_message_bytes: int | None = None,
+        max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
+    ) -> None:
         if namespace is not None:
             check_name("namespace", namespace)
+        if max_message_bytes is not None and max_message_bytes < 1:
+            raise ConfigurationError("max_message_bytes must be >= 1 (or None: no limit)")
+        if max_held_bytes < 1:
+            raise ConfigurationError("max_held_bytes must be >= 1")
+        #: a larger message (:func:`~msdata.transport.message_size`) is refused; None: no limit
+        self.max_message_bytes = max_message_bytes
+        #: bytes a subscription holds unsettled at most (plus one message)
+        self.max_held_bytes = max_held_bytes
         #: accepted for one set of options on every transport; a process's own transport
         #: shares nothing with others, so it changes no name
         self.namespace = namespace
@@ -263,10 +309,13 @@ class MemoryTransport:
         self._closed = False
 
     @classmethod
-    def from_url(cls, url: str = "memory://", *, namespace: str | None = None) -> MemoryTransport:
+    def from_url(cls, url: str = "memory://", **options: Any) -> MemoryTransport:
+        """``memory://``, optionally with ``?max_message_bytes=N&max_held_bytes=N``;
+        ``options`` are the constructor's (they win over the URL's)."""
         if not url.startswith("memory:"):
             raise ConfigurationError(f"not a memory:// URL: {redact_url(url)!r}")
-        return cls(namespace=namespace)
+        _, found = pop_url_options(url, ("max_message_bytes", "max_held_bytes"))
+        return cls(**{**found, **options})
 
     async def publish(self, topic: str, messages: Sequence[TransportMessage]) -> None:
         if self._closed:
@@ -275,6 +324,15 @@ class MemoryTransport:
         if groups is None:
             check_name("topic", topic)
             groups = self._topics[topic] = {}
+        total = len(messages)
+        messages, refused = screen(messages, self.max_message_bytes, where="max_message_bytes")
+        self._enqueue(topic, groups, messages)
+        if refused:
+            raise refused_error(f"publish to {topic!r}", total, refused)
+
+    def _enqueue(
+        self, topic: str, groups: dict[str, _Group], messages: Sequence[TransportMessage]
+    ) -> None:
         if not groups:
             self._keep_unclaimed(topic, messages)
             return
