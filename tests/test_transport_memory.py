@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from msdata.adapters.memory import MemoryTransport
 from msdata.testing.conformance.transport import TransportConformance
@@ -16,6 +17,14 @@ class TestMemoryTransport(TransportConformance):
     @asynccontextmanager
     async def make_transport(self) -> AsyncIterator[Transport]:
         transport = with_test_hooks("memory", MemoryTransport())
+        try:
+            yield transport
+        finally:
+            await transport.close()
+
+    @asynccontextmanager
+    async def make_transport_with(self, **options: Any) -> AsyncIterator[Transport]:
+        transport = with_test_hooks("memory", MemoryTransport(**options))
         try:
             yield transport
         finally:

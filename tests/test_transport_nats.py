@@ -87,6 +87,9 @@ class TestNatsTransport(_Unreachable):
     def make_transport(self) -> AsyncIterator[Transport]:  # type: ignore[override]
         return nats_transport(ack_wait=3.0)  # type: ignore[return-value]
 
+    def make_transport_with(self, **options: object) -> AsyncIterator[Transport]:  # type: ignore[override]
+        return nats_transport(ack_wait=3.0, **options)  # type: ignore[return-value]
+
     def make_transport_in(self, namespace: str) -> AsyncIterator[Transport]:  # type: ignore[override]
         return nats_transport(ack_wait=3.0, namespace=namespace)  # type: ignore[return-value]
 
@@ -99,6 +102,9 @@ class TestNatsTransportOrdered(_Unreachable):
 
     def make_transport(self) -> AsyncIterator[Transport]:  # type: ignore[override]
         return nats_transport(ack_wait=3.0, ordered=True, key_partitions=8)  # type: ignore[return-value]
+
+    def make_transport_with(self, **options: object) -> AsyncIterator[Transport]:  # type: ignore[override]
+        return nats_transport(ack_wait=3.0, ordered=True, key_partitions=8, **options)  # type: ignore[return-value]
 
     def make_transport_in(self, namespace: str) -> AsyncIterator[Transport]:  # type: ignore[override]
         return nats_transport(  # type: ignore[return-value]

@@ -142,11 +142,43 @@ def with_test_hooks(backend: str, transport: Any) -> Any:
         elif backend == "nats":
             transport.client._transport.close()  # the client notices and reconnects
 
+    async def publish_unreadable_nats(topic: str) -> int:
+        """Write, as a raw NATS client would, messages nats-py cannot parse: a header status
+        line of bytes that are not UTF-8 (stored), a header line of them (nats-py skips
+        it), and a subject token of them under ``._k.`` (no stream captures it)."""
+        import asyncio
+
+        await transport._ensure_stream(topic)
+        subject = transport._subject(topic).encode()
+        url = transport.client.connected_url
+        reader, writer = await asyncio.open_connection(url.hostname, url.port or 4222)
+        try:
+            await reader.readline()  # INFO
+            frames = [b'CONNECT {"verbose":false,"headers":true}\r\n']
+            for target, header in [
+                (subject, b"NATS/1.0 \xff\xfe\r\n\r\n"),
+                (subject, b"NATS/1.0\r\nX-\xff: \xfe\r\n\r\n"),
+                (subject + b"._k.\xff\xfe", b"NATS/1.0\r\n\r\n"),
+            ]:
+                body = b"unreadable"
+                frames.append(
+                    b"HPUB %s %d %d\r\n%s%s\r\n"
+                    % (target, len(header), len(header) + len(body), header, body)
+                )
+            writer.write(b"".join(frames) + b"PING\r\n")
+            await writer.drain()
+            while not (await reader.readline()).startswith(b"PONG"):
+                pass
+        finally:
+            writer.close()
+        return 2
+
     transport.features = dataclasses.replace(
         transport.features,
         publish_foreign=publish_foreign,
         abandon=abandon,
         interrupt=None if backend == "memory" else interrupt,
+        publish_unreadable=publish_unreadable_nats if backend == "nats" else None,
     )
     return transport
 

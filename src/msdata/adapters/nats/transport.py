@@ -715,6 +715,8 @@ class NatsSubscription(ClosesOnExit):
             # below max_payload does a request carry max_bytes (the room).
             idle = self._held_bytes == 0 and not any(outstanding_bytes)
             max_payload = nc.max_payload
+            if last and room < max_payload and self._flip:
+                wanted.reverse()  # the keyless consumer first, every other time
             for i, batch in wanted:
                 fits = min(batch, room // max_payload)
                 if fits >= 1:

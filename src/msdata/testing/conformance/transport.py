@@ -26,10 +26,19 @@ import socket
 import time
 import uuid
 from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 import pytest
 
-from msdata.errors import ConfigurationError, MsdataError, TransportClosed, TransportError
+from msdata.errors import (
+    ConfigurationError,
+    InvalidHeader,
+    MessageTooLarge,
+    MsdataError,
+    PublishError,
+    TransportClosed,
+    TransportError,
+)
 from msdata.testing.waiting import eventually
 from msdata.transport import (
     DEAD_LETTER_ATTEMPTS,
@@ -88,6 +97,14 @@ class TransportConformance:
         """A transport like :meth:`make_transport`, built with ``namespace=namespace`` (the
         option every transport takes for a broker shared with others)."""
         raise NotImplementedError
+
+    def make_transport_with(self, **options: Any) -> AbstractAsyncContextManager[Transport]:
+        """A transport like :meth:`make_transport`, built with ``options`` as well. The
+        suite passes ``max_message_bytes`` (refuse a larger message before sending) and
+        ``max_held_bytes`` (what a subscription holds unsettled, in bytes, plus one
+        message): options every transport takes, as a constructor keyword and as a
+        ``from_url`` query parameter."""
+        raise NotImplementedError("implement make_transport_with for this backend")
 
     #: the password :meth:`make_unreachable_transport` puts in the address; no error may show it
     unreachable_password = "s3cret-pw"
@@ -734,6 +751,145 @@ class TransportConformance:
             await t.close()
             with pytest.raises(MsdataError):
                 await t.publish(self.unique("topic"), make_messages(1))
+
+    # -- one bad message never takes others down (issue 9) ----------------------------------
+
+    async def test_a_message_with_headers_no_broker_can_carry_is_refused_alone(self) -> None:
+        """A header value that is not a str, a header name with a space or a ':', a value
+        with a line break: each refused before sending with InvalidHeader, named alone in
+        ``PublishError.refused``; the rest of the batch is confirmed and delivered, and the
+        transport goes on."""
+        topic, group = self.unique("topic"), self.unique("group")
+        good = make_messages(3, prefix="good")
+        bad = [
+            TransportMessage(str(uuid.uuid4()), b"{}", headers={"x-count": 7}),  # type: ignore[dict-item]
+            TransportMessage(str(uuid.uuid4()), b"{}", headers={"has space": "v"}),
+            TransportMessage(str(uuid.uuid4()), b"{}", headers={"x-a:b": "v"}),
+            TransportMessage(str(uuid.uuid4()), b"{}", headers={"x-t": "a\r\nInjected: 1"}),
+        ]
+        async with self.make_transport() as t, t.subscribe(topic, group) as sub:
+            with pytest.raises(PublishError) as refused:
+                await t.publish(topic, [good[0], *bad, good[1]])
+            assert set(refused.value.refused) == {m.id for m in bad}
+            for m in bad:
+                assert refused.value.refused[m.id].startswith("InvalidHeader: "), m.headers
+            assert isinstance(refused.value.__cause__, InvalidHeader)
+            got = await collect(sub, 2, timeout=self.arrival_timeout)
+            assert sorted(d.message.id for d in got) == sorted(m.id for m in good[:2])
+            await t.publish(topic, [good[2]])  # still usable
+            (last,) = await collect(sub, 1, timeout=self.arrival_timeout)
+            assert last.message.id == good[2].id
+            await self.assert_quiet(sub)
+
+    async def test_a_message_over_the_size_limit_is_refused_alone_before_sending(self) -> None:
+        """``max_message_bytes``: a larger message (its body alone at the limit: with its
+        id and headers it is over) is refused with MessageTooLarge before it is sent, named
+        alone in ``PublishError.refused``; the others are confirmed and the transport (its
+        connection) stays usable."""
+        topic, group = self.unique("topic"), self.unique("group")
+        limit = 64 * 1024
+        small = [
+            TransportMessage(str(uuid.uuid4()), b"s" * (limit // 2), headers={"x-n": str(i)})
+            for i in range(3)
+        ]
+        big = TransportMessage(str(uuid.uuid4()), b"b" * limit, headers={"x-n": "big"})
+        async with (
+            self.make_transport_with(max_message_bytes=limit) as t,
+            t.subscribe(topic, group) as sub,
+        ):
+            with pytest.raises(PublishError) as refused:
+                await t.publish(topic, [small[0], big, small[1]])
+            assert list(refused.value.refused) == [big.id]
+            assert refused.value.refused[big.id].startswith("MessageTooLarge: ")
+            assert isinstance(refused.value.__cause__, MessageTooLarge)
+            got = await collect(sub, 2, timeout=self.arrival_timeout)
+            assert sorted(d.message.id for d in got) == sorted(m.id for m in small[:2])
+            with pytest.raises(PublishError) as alone:
+                await t.publish(topic, [big])
+            assert list(alone.value.refused) == [big.id]
+            await t.publish(topic, [small[2]])
+            (last,) = await collect(sub, 1, timeout=self.arrival_timeout)
+            assert last.message.id == small[2].id
+            await self.assert_quiet(sub)
+
+    async def test_a_consumer_holds_at_most_max_held_bytes_plus_one_message(self) -> None:
+        """Large (foreign, where the harness can publish as another producer) messages: a
+        consumer that settles nothing holds at most ``max_held_bytes`` of them plus one,
+        and the rest stay available to another consumer of the group, so they are not
+        sitting in the first one's memory either."""
+        topic, group = self.unique("topic"), self.unique("group")
+        size, count = 100_000, 12
+        budget = 3 * size
+        msgs = [
+            TransportMessage(str(uuid.uuid4()), bytes([65 + i % 26]) * size) for i in range(count)
+        ]
+        async with self.make_transport_with(max_held_bytes=budget) as t:
+            await t.declare_group(topic, group)
+            publish_foreign = t.features.publish_foreign
+            for m in msgs:
+                if publish_foreign is not None:
+                    await publish_foreign(topic, m)
+                else:
+                    await t.publish(topic, [m])
+            async with t.subscribe(topic, group, prefetch=100) as greedy:
+                held = await collect(greedy, 1, timeout=self.arrival_timeout, ack=False)
+                for _ in range(3):
+                    held.extend(await greedy.receive(100, timeout=self.quiet_period))
+                assert held, "nothing arrived"
+                total = sum(len(d.message.body) for d in held)
+                assert total <= budget + size, f"{len(held)} messages, {total} bytes held"
+                async with t.subscribe(topic, group, prefetch=100) as other:
+                    rest = await collect(other, count - len(held), timeout=self.arrival_timeout)
+                    assert len(rest) == count - len(held), (
+                        f"the first consumer holds {len(held)}; the other got {len(rest)} of "
+                        f"the remaining {count - len(held)}"
+                    )
+                for d in held:
+                    await d.ack()
+            bodies = sorted(d.message.body for d in [*held, *rest])
+            assert bodies == sorted(m.body for m in msgs)
+
+    async def test_a_foreign_message_the_driver_cannot_read_does_not_stop_the_others(
+        self,
+    ) -> None:
+        """A foreign producer's message that the backend's driver cannot parse (NATS: a
+        header status line that is not UTF-8) is handed out (then dead-lettered here) or
+        skipped, and the messages behind it, and those published after it was read, are
+        confirmed and delivered."""
+        topic, group = self.unique("topic"), self.unique("group")
+        good = make_messages(20, prefix="good")
+        good_ids = {m.id for m in good}
+        async with self.make_transport() as t:
+            publish_unreadable = t.features.publish_unreadable
+            if publish_unreadable is None:
+                pytest.skip("no publish_unreadable hook in this transport's features")
+            await t.declare_group(topic, group)
+            await publish_unreadable(topic)
+            await t.publish(topic, good[:10])
+            seen: set[str] = set()
+            async with t.subscribe(topic, group) as sub:
+
+                async def arrived(want: set[str]) -> bool:
+                    for d in await sub.receive(10, timeout=0.5):
+                        if d.message.id in good_ids:
+                            seen.add(d.message.id)
+                            await d.ack()
+                        else:
+                            await d.dead_letter("a foreign message nobody can read")
+                    return want <= seen
+
+                first = {m.id for m in good[:10]}
+                await eventually(
+                    lambda: arrived(first),
+                    self.arrival_timeout * 2,
+                    what=lambda: f"{len(seen)} of the 10 messages behind it arrived",
+                )
+                await asyncio.wait_for(t.publish(topic, good[10:]), self.arrival_timeout * 2)
+                await eventually(
+                    lambda: arrived(good_ids),
+                    self.arrival_timeout * 2,
+                    what=lambda: f"{len(seen)} of the 20 arrived",
+                )
 
 
 class TransportRestartConformance:
