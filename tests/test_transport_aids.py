@@ -61,3 +61,71 @@ def test_driver_errors_become_the_given_msdata_error_and_others_pass() -> None:
         raise ConfigurationError("bad")
     with DriverErrors(DriverFailure, "nothing"):
         pass
+
+
+def test_check_message_refuses_what_no_broker_carries_and_dead_letters_stay_carryable() -> None:
+    import pytest
+
+    from msdata import deadletter
+    from msdata.errors import EncodeError, InvalidHeader
+    from msdata.transport import TransportMessage, check_message
+
+    ok = TransportMessage("id-1", b"{}", "k", {"traceparent": "00-ab", "X-Custom.1": "é v"})
+    check_message(ok)
+    for headers in [{"x": 1}, {"has space": "v"}, {"a:b": "v"}, {"": "v"}, {"x": "a\nb"}]:
+        with pytest.raises(InvalidHeader):
+            check_message(TransportMessage("id", b"{}", None, headers))  # type: ignore[arg-type]
+    with pytest.raises(InvalidHeader):
+        check_message(TransportMessage("id", b"{}", "k\r\n"))
+    with pytest.raises(InvalidHeader):
+        check_message(TransportMessage("id", b"{}", None, {"x": "\ud800"}))
+    for bad_id in ["", "x\ud800", 7]:
+        with pytest.raises(EncodeError):
+            check_message(TransportMessage(bad_id, b"{}"))  # type: ignore[arg-type]
+    with pytest.raises(EncodeError):
+        check_message(TransportMessage("id", "text"))  # type: ignore[arg-type]
+    # a foreign message's headers as another broker gave them: its dead letter is carryable
+    foreign = TransportMessage(
+        "x\ud800",
+        b"?",
+        "k\n1",
+        {"has space": "v", "n": 5, "ok": "a\r\nb"},  # type: ignore[dict-item]
+    )
+    letter = deadletter.dead_letter(foreign, "t", "g", 1, "bad")
+    check_message(letter.message)
+    assert letter.message.headers["ok"] == "a  b" and letter.message.headers["n"] == "5"
+    assert "has space" not in letter.message.headers
+
+
+def test_screen_sends_the_rest_and_url_options_are_taken_out() -> None:
+    import pytest
+
+    from msdata.errors import ConfigurationError, MessageTooLarge
+    from msdata.transport import (
+        TransportMessage,
+        message_size,
+        pop_url_options,
+        refused_error,
+        screen,
+    )
+
+    a, b = TransportMessage("a", b"x" * 10), TransportMessage("b", b"x" * 100)
+    kept, refused = screen([a, b], 50)
+    assert kept == [a] and isinstance(refused["b"], MessageTooLarge)
+    assert message_size(b) == 101
+    batch = [a]
+    assert screen(batch, 50)[0] is batch  # nothing refused: the batch itself
+    error = refused_error("publish to 't'", 2, refused)
+    assert error.refused == {"b": f"MessageTooLarge: {refused['b']}"}
+    assert error.__cause__ is refused["b"]
+    url, found = pop_url_options(
+        "redis://u:p@h:6379/0?max_message_bytes=10&db=2&max_held_bytes=20#f",
+        ("max_message_bytes", "max_held_bytes"),
+    )
+    assert url == "redis://u:p@h:6379/0?db=2#f" and found == {
+        "max_message_bytes": 10,
+        "max_held_bytes": 20,
+    }
+    assert pop_url_options("memory://", ("max_held_bytes",)) == ("memory://", {})
+    with pytest.raises(ConfigurationError):
+        pop_url_options("memory://?max_held_bytes=0", ("max_held_bytes",))

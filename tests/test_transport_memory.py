@@ -58,3 +58,12 @@ async def test_receive_with_full_prefetch_waits_for_room_instead_of_spinning() -
         (nxt,) = await asyncio.wait_for(waiter, 1)
         assert nxt.message.id != held.message.id
     await t.close()
+
+
+def test_size_options_come_from_the_url_too() -> None:
+    from msdata.urls import transport_from_url
+
+    t = transport_from_url("memory://?max_message_bytes=100&max_held_bytes=1000")
+    assert isinstance(t, MemoryTransport)
+    assert (t.max_message_bytes, t.max_held_bytes) == (100, 1000)
+    assert MemoryTransport.from_url("memory://").max_message_bytes is None

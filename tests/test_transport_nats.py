@@ -491,3 +491,134 @@ async def test_an_event_bus_on_an_unreachable_server_fails_to_start_within_the_t
         await asyncio.wait_for(bus.start(), 30)
     assert time.monotonic() - started < 1.0 + 3.0
     await t.close()
+
+
+# -- issue 9: per-message outcomes, the server's size limit, unreadable messages --------------
+
+
+async def test_a_message_the_stream_refuses_is_named_alone_and_the_others_are_confirmed() -> None:
+    """JetStream refuses one message of a batch (the stream's max_msg_size): PublishError
+    names it alone, with the server's reason; the others were confirmed (stored once)."""
+    topic, group = unique("topic"), unique("group")
+    async with nats_transport() as t:
+        await t.declare_group(topic, group)
+        assert t.client is not None
+        js = t.client.jetstream()
+        info = await js.stream_info(stream_name(topic, t.stream_prefix))
+        info.config.max_msg_size = 2000
+        await js.update_stream(info.config)
+        small = make_messages(4)
+        big = TransportMessage(str(uuid.uuid4()), b"x" * 5000)
+        with pytest.raises(PublishError) as refused:
+            await t.publish(topic, [small[0], big, small[1], small[2]])
+        assert list(refused.value.refused) == [big.id]
+        assert "message size exceeds maximum" in refused.value.refused[big.id]
+        async with t.subscribe(topic, group) as sub:
+            got = await collect(sub, 3, timeout=10.0)
+            assert sorted(d.message.id for d in got) == sorted(m.id for m in small[:3])
+            await t.publish(topic, [small[3]])  # the same batch subject: still confirmed
+            assert [d.message.id for d in await collect(sub, 1, timeout=10.0)] == [small[3].id]
+            assert await sub.receive(10, timeout=0.5) == []
+
+
+async def test_a_message_over_the_servers_max_payload_is_refused_and_the_connection_lives() -> None:
+    """An event of 1,048,568 bytes passes a 1 MiB codec limit but, with msdata's headers, is
+    over the server's max_payload: refused before sending (the server would close the
+    connection), on a from_url transport with unlimited reconnects too; an event bus
+    sharing the transport publishes on."""
+    url = require("nats")
+    prefix = f"T{uuid.uuid4().hex[:12]}_"
+    t = NatsTransport.from_url(url, stream_prefix=prefix, publish_timeout=5.0)
+    topic, group = unique("topic"), unique("group")
+    try:
+        async with t, t.subscribe(topic, group) as sub:
+            assert t.client is not None
+            max_payload = t.client.max_payload
+            big = TransportMessage(str(uuid.uuid4()), b"x" * (max_payload - 8))
+            ok = make_messages(2)
+            with pytest.raises(PublishError) as refused:
+                await t.publish(topic, [ok[0], big, ok[1]])
+            assert list(refused.value.refused) == [big.id]
+            assert f"max_payload of {t.address}" in refused.value.refused[big.id]
+            assert t.client.is_connected
+            got = await collect(sub, 2, timeout=10.0)
+            assert sorted(d.message.id for d in got) == sorted(m.id for m in ok)
+            (after,) = make_messages(1)
+            await t.publish(topic, [after])
+            assert [d.message.id for d in await collect(sub, 1, timeout=10.0)] == [after.id]
+            assert t.client.stats["reconnects"] == 0
+    finally:
+        other = await nats.connect(url)
+        await delete_streams(other, prefix)
+        await other.close()
+
+
+async def test_size_options_are_read_from_the_url_and_checked() -> None:
+    t = NatsTransport.from_url(
+        "nats://127.0.0.1:4222?max_message_bytes=65536&max_held_bytes=1000000,"
+        "nats://127.0.0.2:4222?max_held_bytes=1000000"
+    )
+    assert (t.max_message_bytes, t.max_held_bytes) == (65536, 1_000_000)
+    assert t._connect["servers"] == ["nats://127.0.0.1:4222", "nats://127.0.0.2:4222"]
+    t = NatsTransport.from_url("nats://127.0.0.1:4222?max_held_bytes=5", max_held_bytes=7)
+    assert t.max_held_bytes == 7  # the keyword wins
+    with pytest.raises(ConfigurationError):
+        NatsTransport.from_url("nats://127.0.0.1:4222?max_message_bytes=-1")
+    with pytest.raises(ConfigurationError):
+        NatsTransport(None, max_held_bytes=0)
+
+
+async def test_an_unreadable_message_is_handed_on_escaped_counted_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The reader guard: a status line that is not UTF-8 no longer ends nats-py's reader;
+    the message arrives (as a foreign one, its bad bytes escaped), is counted and logged
+    once, and can be dead-lettered with its reason."""
+    topic, group = unique("topic"), unique("group")
+    caplog.set_level(logging.WARNING, logger="msdata.adapters.nats")
+    async with nats_transport() as t:
+        assert t.features.publish_unreadable is not None
+        await t.declare_group(topic, group)
+        assert await t.features.publish_unreadable(topic) == 2
+        async with t.subscribe(topic, group) as sub:
+            got = await collect(sub, 2, timeout=10.0, ack=False)
+            assert [d.message.body for d in got] == [b"unreadable", b"unreadable"]
+            for d in got:
+                await d.dead_letter("MalformedMessage: not JSON")
+            assert t.unreadable_messages == (1, 0)
+            (ours,) = make_messages(1)
+            await t.publish(topic, [ours])
+            assert [d.message.id for d in await collect(sub, 1, timeout=10.0)] == [ours.id]
+        async with t.subscribe(dead_letter_topic(topic, group), unique("ops")) as dlq:
+            dead = await collect(dlq, 2, timeout=10.0)
+            assert [d.message.headers[DEAD_LETTER_REASON] for d in dead] == [
+                "MalformedMessage: not JSON"
+            ] * 2
+    lines = [r.getMessage() for r in caplog.records if "nats-py could not read" in r.getMessage()]
+    assert len(lines) == 1 and "escaped" in lines[0], lines
+
+
+async def test_a_pull_asks_for_no_more_than_the_byte_budget() -> None:
+    """max_held_bytes below the server's max_payload: requests carry max_bytes; a message
+    larger than the room left ends the request (409) and comes alone next; what the
+    subscription holds (buffered and handed out) never exceeds the budget plus one."""
+    topic, group = unique("topic"), unique("group")
+    budget = 250_000
+    async with nats_transport(max_held_bytes=budget) as t:
+        sizes = [60_000, 60_000, 60_000, 400_000, 60_000, 60_000]
+        msgs = [TransportMessage(str(uuid.uuid4()), b"z" * n) for n in sizes]
+        await t.publish(topic, msgs)
+        async with t.subscribe(topic, group) as sub:
+            handled: list[bytes] = []
+            peak = 0
+            while len(handled) < len(msgs):
+                batch = await sub.receive(100, timeout=2.0)
+                assert batch, f"stuck after {len(handled)}"
+                peak = max(peak, sub._held_bytes)
+                assert sub._held_bytes <= budget + 400_000 + 1000
+                for d in batch:
+                    handled.append(d.message.body)
+                    await d.ack()
+                assert sub._held_bytes == sum(size for _, size in sub._buffer)
+            assert sorted(map(len, handled)) == sorted(sizes)
+            assert peak > 0

@@ -23,9 +23,14 @@ Publishing
     Each message goes out with ``Nats-Msg-Id`` set to its id, so JetStream drops a second
     publish of the same id inside ``duplicate_window`` (a relay that publishes a batch again
     after a crash does not duplicate it). The whole batch is sent at once, every message asking
-    JetStream to acknowledge it on one reply subject per batch, and ``publish`` counts the
-    acknowledgements: it returns when every message is confirmed by the stream, or raises
-    :class:`PublishError` on the first refusal or after ``publish_timeout``. (nats-py's
+    JetStream to acknowledge it on a reply subject of its own under the batch's, and
+    ``publish`` counts the acknowledgements: it returns when every message is confirmed by
+    the stream; if the stream refused some (its ``max_msg_size``...), it raises
+    :class:`PublishError` whose ``refused`` names exactly those, the others confirmed; after
+    ``publish_timeout`` it raises one for the whole batch. A message that fails
+    :func:`msdata.transport.check_message`, or whose :func:`wire_size` is over the server's
+    ``max_payload`` (or ``max_message_bytes``), is refused before sending, alone (sent, it
+    would make the server close the connection). (nats-py's
     ``publish_async`` does the same with a future, a semaphore and a parsed ``PubAck`` per
     message, at twice the CPU time per message.) The key travels
     in the ``x-msdata-key`` header, the transport headers as NATS headers (nats-py strips
@@ -68,6 +73,11 @@ Foreign messages
     A message without msdata's headers gets the id ``<stream>:<sequence>`` (stable across
     redeliveries) and no key; its body is handed out untouched, to be decoded, or
     dead-lettered with the reason, above the transport.
+
+Messages nats-py cannot read
+    See :class:`_ReaderGuard`: a message whose subject or header status line is not UTF-8
+    would end nats-py's reader task; it is handed on with those bytes escaped instead,
+    counted in :attr:`NatsTransport.unreadable_messages` and logged.
 
 Connection
     nats-py reconnects by itself (:meth:`NatsTransport.from_url` sets unlimited reconnect
