@@ -30,7 +30,14 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise MissingDependencyError(e.name or "click", "cli") from e
 
 from msdata.errors import ConfigurationError, MsdataError, SchemaError
-from msdata.urls import STORES, redact_url, store_from_url, transport_from_url
+from msdata.urls import (
+    DATABASES,
+    STORES,
+    redact_url,
+    store_backend,
+    store_from_url,
+    transport_from_url,
+)
 
 __all__ = ["main"]
 
@@ -53,12 +60,10 @@ def _fail(message: str) -> NoReturn:
 
 
 def _backend(url: str) -> str:
-    scheme = url.split("://", 1)[0].partition("+")[0].lower() if "://" in url else ""
-    backend = {"sqlite": "sqlite", "postgresql": "postgresql", "postgres": "postgresql"}.get(
-        scheme, "memory" if scheme == "memory" else ""
-    )
-    if not backend:
+    backend = store_backend(url)
+    if backend not in DATABASES:
         _fail(f"not a database URL: {redact_url(url)} (use sqlite:///path.db or postgresql://…)")
+    assert backend is not None
     return backend
 
 
