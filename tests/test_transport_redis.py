@@ -83,6 +83,9 @@ class TestRedisTransport(TransportConformance):
     def make_transport_in(self, namespace: str) -> AsyncIterator[Transport]:  # type: ignore[override]
         return redis_transport(namespace=namespace)  # type: ignore[return-value]
 
+    def make_transport_with(self, **options: object) -> AsyncIterator[Transport]:  # type: ignore[override]
+        return redis_transport(**options)  # type: ignore[return-value]
+
 
 # -- adapter-specific ---------------------------------------------------------------------
 

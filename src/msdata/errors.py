@@ -26,7 +26,6 @@ their edge with ``raise ... from e`` so the original stays on ``__cause__``.
     │   └── RejectMessage             raised by a handler: dead-letter this message now, no retry
     ├── TransportError                a broker or the in-memory transport failed
     │   ├── PublishError              the transport did not accept (confirm) every message of a batch
-    │   │   └── PublishTooLarge       a message over the transport's max_message_bytes (also a MessageTooLarge)
     │   └── TransportClosed           used after close()
     ├── StoreError                    a database-backed store failed
     │   ├── SchemaError               the store's tables are missing or not what msdata expects
@@ -76,7 +75,6 @@ __all__ = [
     "NoHandlerRegistered",
     "NotAMessage",
     "PublishError",
-    "PublishTooLarge",
     "RegistrationError",
     "RejectMessage",
     "RequiredPartFailed",
@@ -209,15 +207,6 @@ class PublishError(TransportError):
         super().__init__(message)
         #: message id -> the broker's reason, for each message refused on its own
         self.refused: Mapping[str, str] = dict(refused or {})
-
-
-class PublishTooLarge(PublishError, MessageTooLarge):
-    """A batch in which the transport refused messages for their size before sending them:
-    each is larger than its ``max_message_bytes`` (which stays below the broker's own limit,
-    so the broker never sees one and the connection stays usable). ``refused`` names them
-    with their sizes; the other messages of the batch were sent and confirmed. Catch it as
-    :class:`PublishError` (the outbox relay counts and parks only the refused rows) or as
-    :class:`MessageTooLarge`."""
 
 
 class TransportClosed(TransportError):

@@ -75,7 +75,8 @@ return {#due, math.max(0, tonumber(nxt[2]) - now)}
 # dead_letter would write (msdata.deadletter): the entry's id, body and key, its headers plus
 # the four x-msdata-* ones; a foreign entry's id is the stream entry id, its body the
 # ``body`` field, else its only field, else a JSON object of its fields, and its headers name
-# it foreign (x-msdata-foreign-entry).
+# it foreign (x-msdata-foreign-entry); of two fields of one name, the last counts (as in the
+# consumer's _foreign).
 # too_large(src, dlq, group, topic, eid, fields, size, attempts, limit, template) returns
 # {eid, message id, size, attempts, reason}, or nil if another consumer settled it first.
 _TOO_LARGE = """
@@ -124,7 +125,7 @@ local function too_large(src, dlq, group, topic, eid, f, size, attempts, limit, 
     for j = 1, #f - 1, 2 do
       n = n + 1
       fields[f[j]] = f[j + 1]
-      if f[j] == 'body' and body == nil then body = f[j + 1] end
+      if f[j] == 'body' then body = f[j + 1] end
     end
     if body == nil then
       if n == 1 then body = f[2] else body = cjson.encode(fields) end

@@ -89,8 +89,8 @@ from msdata import deadletter
 from msdata.adapters.redis import _lua
 from msdata.errors import (
     ConfigurationError,
+    MessageTooLarge,
     PublishError,
-    PublishTooLarge,
     TransportClosed,
     TransportError,
 )
@@ -794,8 +794,9 @@ class RedisTransport:
     - ``max_message_bytes``: the largest entry, in bytes of its fields (the body plus the id,
       key, headers and field names; :data:`DEFAULT_MAX_MESSAGE_BYTES`, the codec's 1 MiB plus
       64 KiB). ``publish`` refuses a larger message before sending it
-      (:class:`~msdata.errors.PublishTooLarge`); a subscription dead-letters a larger entry
-      that another producer wrote, with the reason, on the server (see
+      (:class:`~msdata.errors.PublishError` naming it in ``refused``, with a
+      :class:`~msdata.errors.MessageTooLarge` as its cause); a subscription dead-letters a
+      larger entry that another producer wrote, with the reason, on the server (see
       :class:`RedisSubscription`). Keep it at or above the codec's ``max_size`` and the same
       on the producers and consumers of a topic.
     - ``max_held_bytes``: what one subscription may hold, read and not yet settled, in bytes
@@ -911,9 +912,10 @@ class RedisTransport:
         that Redis answers with an error of its own (not one of the server's state, such as
         ``OOM`` or ``READONLY``, which fails the whole batch) failed alone. Either way the
         others were written, and :class:`~msdata.errors.PublishError` names the failed ones
-        in ``refused`` with the reason (:class:`~msdata.errors.PublishTooLarge` when all were
-        refused for their size). A lost connection or a server-state error raises
-        ``PublishError`` naming none of them: the batch may be partly written."""
+        in ``refused`` with the reason (``"MessageTooLarge: ..."``; the error's ``__cause__``
+        is then a :class:`~msdata.errors.MessageTooLarge`). A lost connection or a
+        server-state error raises ``PublishError`` naming none of them (but those refused for
+        their size): the batch may be partly written."""
         if self._closed:
             raise TransportClosed("publish() on a closed transport")
         if topic not in self._topics:
@@ -924,6 +926,7 @@ class RedisTransport:
         key = self._stream_key(topic)
         limit = self.max_message_bytes
         refused: dict[str, str] = {}
+        too_large: MessageTooLarge | None = None
         sent: list[TransportMessage] = []
         pipe = self._client.pipeline(transaction=False)
         command = pipe.execute_command
@@ -944,8 +947,11 @@ class RedisTransport:
                     command("XADD", key, "*", *fields)
                     sent.append(m)
                     continue
-            refused[m.id] = f"MessageTooLarge: {size} bytes; max_message_bytes is {limit}"
-        too_large = len(refused)
+            too_large = MessageTooLarge(
+                f"message {m.id} is {size:,} bytes with its key and headers, over "
+                f"max_message_bytes ({limit:,})"
+            )
+            refused[m.id] = f"MessageTooLarge: {too_large}"
         if sent:
             with _redis_errors(f"publish of {len(messages)} to {topic!r} failed", PublishError):
                 results = await _execute(pipe, raise_on_error=False)
@@ -961,10 +967,12 @@ class RedisTransport:
                     ) from result
                 refused[m.id] = f"{type(result).__name__}: {text}"
         if refused:
-            what = f"{len(refused)} of {len(messages)} messages to {topic!r} refused"
-            if too_large == len(refused):
-                raise PublishTooLarge(f"{what} for their size", refused=refused)
-            raise PublishError(what, refused=refused)
+            first = next(iter(refused.values()))
+            raise PublishError(
+                f"publish to {topic!r}: {len(refused)} of {len(messages)} messages refused "
+                f"(the others were confirmed); first: {first}",
+                refused=refused,
+            ) from too_large
 
     async def declare_group(self, topic: str, group: str) -> None:
         """``XGROUP CREATE ... MKSTREAM`` on the topic's stream (at ``0`` for its first
