@@ -6,7 +6,7 @@ Keys (``P`` is the ``key_prefix``; topic and group names cannot hold ``:``, so n
   returns when Redis has replied to every XADD.
 - ``P:<topic>:<group>:retry``: the group's retry stream. A nacked (or released) delivery is
   acked on the topic stream and copied here, with its next attempt number, in one Lua script;
-  the group reads both streams in one ``XREADGROUP``.
+  a consumer reads both streams (the retry stream first) in one round trip, the READ script.
 - ``P:<topic>:<group>:delayed``: a sorted set holding the copies of deliveries nacked with a
   delay, scored by the server's clock. Any consumer of the group moves the due ones to the
   retry stream, so a delay survives the consumer that asked for it.
@@ -50,6 +50,11 @@ else the value of the only field, else a JSON object of all fields (bytes decode
 with replacement); the message id is the stream entry id and the header
 :data:`FOREIGN_ENTRY_HEADER` says so. They can be acked, nacked and dead-lettered like any
 delivery, and never stop the receive loop.
+
+Sizes: ``max_message_bytes`` bounds an entry (its fields' bytes): ``publish`` refuses a larger
+message before sending it, alone in its batch, and a consumer's read scripts dead-letter a
+larger entry on the server, so it never reaches the process; ``max_held_bytes`` bounds what
+a subscription holds, in bytes (see :class:`RedisSubscription` and docs/transports.md).
 
 Connection loss: ``receive`` retries with back-off until its timeout and returns what it has
 (possibly nothing); a lost group (a server restarted without persistence) is declared again.
