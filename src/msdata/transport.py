@@ -157,6 +157,17 @@ class TransportFeatures:
     #: connection to the broker as a network failure would (the client then reconnects by
     #: itself). None: the case that publishes while it reconnects is skipped.
     interrupt: Callable[[], Awaitable[None]] | None = field(default=None, compare=False, repr=False)
+    #: test plumbing, set by a harness: ``await publish_raw(topic, body, fields)`` writes to
+    #: the topic, as a producer that is not msdata would, straight to the broker with its
+    #: ordinary client, ``body`` and the metadata ``fields`` (name, value) as bytes wherever
+    #: the broker keeps bytes (Redis: the entry's fields, the first one, then ``body``, then
+    #: the others, so ``id`` first makes an entry that looks like msdata's;
+    #: RabbitMQ: AMQP headers, ``message_id``/``content_type`` for fields of those names;
+    #: NATS: headers; memory: the message's headers). Returns False when that producer's
+    #: client cannot even send it (nothing was published). None: the raw-byte feed is skipped.
+    publish_raw: Callable[[str, bytes, Sequence[tuple[bytes, bytes]]], Awaitable[bool]] | None = (
+        field(default=None, compare=False, repr=False)
+    )
 
 
 @runtime_checkable
