@@ -338,6 +338,26 @@ async def test_projection_lag_is_a_gauge_read_by_refresh(otel: Otel) -> None:
     ]
 
 
+async def test_consumer_lag_is_a_gauge_of_what_the_broker_reports(otel: Otel) -> None:
+    transport = MemoryTransport()
+    await transport.declare_group("orders", "billing")
+    await transport.publish("orders", [TransportMessage(str(i), b"{}") for i in range(3)])
+    otel.hooks.watch_consumer(transport, "orders", "billing")
+    otel.hooks.watch_consumer(transport, "orders", "never-declared")  # None: not reported
+    await otel.hooks.refresh()
+    attrs = {
+        "messaging.system": "memory",
+        "messaging.destination.name": "orders",
+        "messaging.consumer.group.name": "billing",
+    }
+    assert otel.metric("msdata.consumer.lag") == [(attrs, 3)]
+    async with transport.subscribe("orders", "billing") as sub:
+        for d in await sub.receive(10, timeout=1.0):
+            await d.ack()
+    await otel.hooks.refresh()
+    assert otel.metric("msdata.consumer.lag") == [(attrs, 0)]
+
+
 async def test_a_composition_is_a_span_and_its_parts_calls_nest_under_it(otel: Otel) -> None:
     async def customer(customer_id: str) -> str:
         with otel.tracer.start_as_current_span("GET /customers"):

@@ -33,8 +33,9 @@ Metrics (meter ``msdata``): ``msdata.outbox.created``, ``messaging.client.sent.m
 (``msdata.idempotency.outcome``), ``msdata.saga.step.duration`` (seconds),
 ``msdata.saga.instances`` (``msdata.saga.status``: started, completed, compensated,
 failed), and the
-observable gauges of :meth:`OpenTelemetry.watch_outbox` and
-:meth:`OpenTelemetry.watch_projection`. See docs/observability.md.
+observable gauges of :meth:`OpenTelemetry.watch_outbox`,
+:meth:`OpenTelemetry.watch_projection` and :meth:`OpenTelemetry.watch_consumer`
+(``msdata.consumer.lag``). See docs/observability.md.
 """
 
 from __future__ import annotations
@@ -418,6 +419,11 @@ class OpenTelemetry(Telemetry):
         self._outbox_status: dict[str, OutboxStatus] = {}
         self._projections: dict[str, Callable[[], Awaitable[Any]]] = {}
         self._projection_lag: dict[str, Any] = {}
+        self._consumers: dict[
+            tuple[str, str, str],
+            tuple[Callable[[str, str], Awaitable[int | None]], dict[str, str]],
+        ] = {}
+        self._consumer_lag: dict[tuple[str, str, str], tuple[int | None, dict[str, str]]] = {}
         self._gauges_made = False
         self._live = False
         self._metrics_live = False
@@ -622,9 +628,27 @@ class OpenTelemetry(Telemetry):
         self._make_gauges()
         self._projections[name] = runner.lag
 
+    def watch_consumer(self, transport: Any, topic: str, group: str) -> None:
+        """Report the broker's count of what consumer group ``group`` of ``topic`` has still
+        to settle (:meth:`msdata.transport.Transport.lag`) as the observable gauge
+        ``msdata.consumer.lag`` ({message}), attributes ``messaging.system``,
+        ``messaging.destination.name``, ``messaging.consumer.group.name``; read by
+        :meth:`refresh`. Nothing is reported while the broker cannot tell (``None``). The
+        messaging conventions define no consumer-lag metric, hence msdata's own name. A
+        service's groups: ``for topic, group in service.subscriptions:
+        otel.watch_consumer(service.transport, topic, group)``."""
+        self._make_gauges()
+        system = self._system(transport)
+        attrs = {
+            "messaging.system": system,
+            "messaging.destination.name": topic,
+            "messaging.consumer.group.name": group,
+        }
+        self._consumers[(system, topic, group)] = (transport.lag, attrs)
+
     async def refresh(self) -> None:
-        """Read the status of every watched outbox and projection now. A store that
-        fails keeps its last figures (and the failure is logged)."""
+        """Read the status of every watched outbox, projection and consumer group now. One
+        that fails keeps its last figures (and the failure is logged)."""
         for name, status in list(self._outboxes.items()):
             try:
                 self._outbox_status[name] = await status()
@@ -635,6 +659,11 @@ class OpenTelemetry(Telemetry):
                 self._projection_lag[name] = await lag()
             except Exception:
                 log.exception("reading the lag of projection %s failed", name)
+        for key, (read, attrs) in list(self._consumers.items()):
+            try:
+                self._consumer_lag[key] = (await read(key[1], key[2]), attrs)
+            except Exception:
+                log.exception("reading the lag of group %s of %s failed", key[2], key[1])
 
     async def run_watch(self, interval: float = 15.0) -> None:
         """:meth:`refresh` every ``interval`` seconds until cancelled (run it as a task)."""
@@ -674,6 +703,18 @@ class OpenTelemetry(Telemetry):
         )
         meter.create_observable_gauge(
             "msdata.outbox.parked", [outbox("parked")], unit="{row}", description="Parked rows"
+        )
+
+        def consumer_lag(_: CallbackOptions) -> Iterable[Observation]:
+            for value, attrs in list(self._consumer_lag.values()):
+                if value is not None:
+                    yield Observation(value, attrs)
+
+        meter.create_observable_gauge(
+            "msdata.consumer.lag",
+            [consumer_lag],
+            unit="{message}",
+            description="Messages a consumer group has still to settle, as its broker reports",
         )
         meter.create_observable_gauge(
             "msdata.projection.lag",
