@@ -148,30 +148,41 @@ async def test_with_only_the_api_the_hooks_pass_messages_through() -> None:
         assert sent is messages
 
 
-async def test_batch_relay_spans_link_each_rows_create_span(otel: Otel) -> None:
-    telemetry.install(
-        OpenTelemetry(
-            tracer_provider=otel.tracer_provider,
-            meter_provider=otel.meter_provider,
-            relay_spans="batch",
-        )
-    )
+async def test_the_relay_makes_one_publish_span_per_batch_linked_to_each_row(
+    otel: Otel,
+) -> None:
     store = MemoryOutboxStore()
     with MemoryTransaction() as tx:
-        Outbox(store, registry=registry).add(tx, [Boom(n=1), Boom(n=2)])
-    assert await OutboxRelay(store, MemoryTransport()).run_once() == 2
+        added = Outbox(store, registry=registry).add(tx, [Boom(n=1), Boom(n=2)])
+    transport = MemoryTransport()
+    await transport.declare_group("test.Boom", "g")
+    assert await OutboxRelay(store, transport).run_once() == 2
     spans = otel.finished()
     publish = one(spans, "publish test.Boom")
+    assert publish.kind is SpanKind.CLIENT  # its context is no message's creation context
     creates = [s.context.span_id for s in spans if s.name == "create test.Boom" and s.context]
     assert len(creates) == 2
     assert sorted(link.context.span_id for link in publish.links) == sorted(creates)
     assert publish.attributes is not None
     assert publish.attributes["messaging.batch.message_count"] == 2
+    # the rows' creation contexts reach the consumers unchanged
+    async with transport.subscribe("test.Boom", "g") as sub:
+        got = await sub.receive(10, timeout=1.0)
+    assert sorted(d.message.headers["traceparent"] for d in got) == sorted(
+        e.headers["traceparent"] for e in added
+    )
 
 
-async def test_one_trace_from_the_request_through_two_services(otel: Otel) -> None:
-    """HTTP-like root -> create (outbox add) -> publish (relay) -> process -> handle, then
-    from inside that handler on through a second service's outbox, relay and consumer."""
+@pytest.mark.parametrize("relay_spans", ["batch", "message"])
+async def test_one_trace_from_the_request_through_two_services(
+    otel: Otel, relay_spans: str
+) -> None:
+    """HTTP-like root -> create (outbox add) -> process -> handle, then from inside that
+    handler on through a second service's outbox, relay and consumer; the relay's
+    ``publish`` span (one per batch) links to the ``create`` spans. With
+    ``relay_spans="message"``: a ``publish`` span per row between ``create`` and
+    ``process``."""
+    otel.hooks.relay_spans = relay_spans  # type: ignore[assignment]
     tmp = Path(tempfile.mkdtemp())
     orders_db, billing_db = str(tmp / "orders.db"), str(tmp / "billing.db")
     orders_store, billing_store = SqliteOutboxStore(orders_db), SqliteOutboxStore(billing_db)
@@ -225,11 +236,17 @@ async def test_one_trace_from_the_request_through_two_services(otel: Otel) -> No
     publish2 = one(spans, "publish billing.PaymentRequested")
     process2 = one(spans, "process billing.PaymentRequested")
     handle2 = one(spans, "handle billing.PaymentRequested")
-    chain = [root, create, publish, process, handle, create2, publish2, process2, handle2]
+    if relay_spans == "message":
+        chain = [root, create, publish, process, handle, create2, publish2, process2, handle2]
+        assert publish.kind is SpanKind.PRODUCER
+    else:
+        chain = [root, create, process, handle, create2, process2, handle2]
+        for p, c in ((publish, create), (publish2, create2)):
+            assert p.kind is SpanKind.CLIENT
+            assert [link.context.span_id for link in p.links] == [c.context.span_id]  # type: ignore[union-attr]
     for parent, child in itertools.pairwise(chain):
         assert child_of(child, parent), f"{child.name} is not a child of {parent.name}"
-    assert [s.kind for s in chain[1:5]] == [
-        SpanKind.PRODUCER,
+    assert [s.kind for s in (create, process, handle)] == [
         SpanKind.PRODUCER,
         SpanKind.CONSUMER,
         SpanKind.INTERNAL,

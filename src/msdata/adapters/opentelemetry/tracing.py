@@ -12,10 +12,13 @@ span                   kind      where
 ``create <topic>``     PRODUCER  ``Outbox.add``: one per message; its context goes into the
                                  message's ``traceparent``/``tracestate`` headers (stored
                                  in the outbox row and in the CloudEvents body)
-``publish <topic>``    PRODUCER  the relay publishing a row (child of the row's ``create``;
-                                 its context replaces ``traceparent`` in the transport
-                                 headers), and ``EventBus.publish`` (child of the current
-                                 span; its context goes into the headers)
+``publish <topic>``    CLIENT    the relay publishing a batch (one topic): one span per batch,
+                                 linked to each row's creation context (its ``create``
+                                 span), which goes out unchanged (``relay_spans="message"``:
+                                 a PRODUCER span per row, child of its ``create``, whose
+                                 context replaces ``traceparent``)
+``publish <topic>``    PRODUCER  ``EventBus.publish`` (child of the current span; its
+                                 context goes into the headers)
 ``process <topic>``    CONSUMER  the event bus's consumer handling one delivery (child of
                                  the context in the delivery's headers)
 ``handle <type>``      INTERNAL  the handler, child of ``process``
@@ -74,6 +77,7 @@ _NO_STEP = StepScope()
 _PRODUCER = SpanKind.PRODUCER
 _CONSUMER = SpanKind.CONSUMER
 _INTERNAL = SpanKind.INTERNAL
+_CLIENT = SpanKind.CLIENT
 
 
 def _system_of(obj: object, default: str) -> str:
@@ -262,9 +266,14 @@ def _span_context(traceparent: str) -> SpanContext | None:
 
 
 class _LinkedBatch(_RelayBatch):
-    """``relay_spans="batch"``: one ``publish`` span per batch, linked to each row's
-    creation context (the semantic conventions' batch form); the rows' headers are sent as
-    stored, so consumers are children of the rows' ``create`` spans."""
+    """``relay_spans="batch"`` (the default): one ``publish`` span per batch, linked to each
+    row's creation context, the semantic conventions' form for a batch (messaging spans,
+    "Producer spans": a creation context in a message SHOULD NOT be modified, and the
+    publish span SHOULD link to it). The rows' headers are sent as stored, so consumers are
+    children of the rows' ``create`` spans. Its context is no message's creation context,
+    so its kind is CLIENT (a synchronous call to the broker), not PRODUCER (conventions,
+    "Span kind"). The SDK keeps at most ``SpanLimits.max_links`` links (128 by default): a
+    relay ``batch_size`` above that loses the links beyond it."""
 
     __slots__ = ()
 
@@ -282,9 +291,7 @@ class _LinkedBatch(_RelayBatch):
             "messaging.operation.name": "publish",
             "messaging.batch.message_count": len(self.messages),
         }
-        span = self._otel._tracer.start_span(
-            f"publish {self._topic}", None, _PRODUCER, attrs, links
-        )
+        span = self._otel._tracer.start_span(f"publish {self._topic}", None, _CLIENT, attrs, links)
         self._spans.append(span)
         return self.messages
 
@@ -362,6 +369,13 @@ class OpenTelemetry(Telemetry):
     the transport's adapter (the outbox's ``create`` span, a user's own transport): default
     ``"msdata"``. Trace context is written and read by the global text-map propagator
     (W3C ``traceparent``/``tracestate`` and ``baggage`` by default).
+
+    ``relay_spans``: ``"batch"`` (default) makes one ``publish`` span per relay batch,
+    linked to its rows' creation contexts, which reach the consumers unchanged (the
+    messaging conventions' form); ``"message"`` one per row, whose context replaces the
+    row's ``traceparent`` (so ``process`` is its child), at the SDK's cost of a span per
+    row. ``handler_spans=False``: no ``handle`` span under ``process`` (the handler runs in
+    ``process``), one span less per delivery.
     """
 
     enabled = True
@@ -373,7 +387,7 @@ class OpenTelemetry(Telemetry):
         meter_provider: metrics.MeterProvider | None = None,
         messaging_system: str = "msdata",
         handler_spans: bool = True,
-        relay_spans: Literal["message", "batch"] = "message",
+        relay_spans: Literal["message", "batch"] = "batch",
     ) -> None:
         self._tracer = trace.get_tracer("msdata", __version__, tracer_provider)
         meter = metrics.get_meter("msdata", __version__, meter_provider)
