@@ -173,6 +173,23 @@ async def test_the_relay_makes_one_publish_span_per_batch_linked_to_each_row(
     )
 
 
+async def test_the_batch_span_links_only_the_rows_whose_creation_was_sampled(
+    otel: Otel,
+) -> None:
+    sampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    dropped = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b8-00"
+    messages = [
+        TransportMessage("a", b"{}", None, {"traceparent": sampled}),
+        TransportMessage("b", b"{}", None, {"traceparent": dropped}),
+        TransportMessage("c", b"{}", None, {"traceparent": "garbage-01"}),
+        TransportMessage("d", b"{}"),
+    ]
+    with otel.hooks.publishing("t", messages, MemoryTransport()) as sent:
+        assert sent is messages  # sent as they are
+    publish = one(otel.finished(), "publish t")
+    assert [format(link.context.span_id, "016x") for link in publish.links] == ["00f067aa0ba902b7"]
+
+
 @pytest.mark.parametrize("relay_spans", ["batch", "message"])
 async def test_one_trace_from_the_request_through_two_services(
     otel: Otel, relay_spans: str

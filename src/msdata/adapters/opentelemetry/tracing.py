@@ -78,6 +78,7 @@ _PRODUCER = SpanKind.PRODUCER
 _CONSUMER = SpanKind.CONSUMER
 _INTERNAL = SpanKind.INTERNAL
 _CLIENT = SpanKind.CLIENT
+_ODD_HEX = frozenset("13579bdfBDF")
 
 
 def _system_of(obj: object, default: str) -> str:
@@ -281,7 +282,12 @@ class _LinkedBatch(_RelayBatch):
         links = []
         for m in self.messages:
             tp = m.headers.get(_TRACEPARENT)
-            ctx = _span_context(tp) if tp is not None else None
+            # a creation context that was not sampled was never recorded: a link to it leads
+            # nowhere, so it is skipped before parsing (the flags' last hex digit is odd
+            # when the sampled bit is set)
+            if tp is None or tp[-1:] not in _ODD_HEX:
+                continue
+            ctx = _span_context(tp)
             if ctx is not None:
                 links.append(Link(ctx))
         attrs: dict[str, Any] = {
