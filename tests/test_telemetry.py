@@ -190,16 +190,18 @@ async def test_the_batch_span_links_only_the_rows_whose_creation_was_sampled(
     assert [format(link.context.span_id, "016x") for link in publish.links] == ["00f067aa0ba902b7"]
 
 
-@pytest.mark.parametrize("relay_spans", ["batch", "message"])
+@pytest.mark.parametrize(("relay_spans", "handler_spans"), [("batch", False), ("message", True)])
 async def test_one_trace_from_the_request_through_two_services(
-    otel: Otel, relay_spans: str
+    otel: Otel, relay_spans: str, handler_spans: bool
 ) -> None:
-    """HTTP-like root -> create (outbox add) -> process -> handle, then from inside that
+    """HTTP-like root -> create (outbox add) -> process (the handler), then from inside that
     handler on through a second service's outbox, relay and consumer; the relay's
-    ``publish`` span (one per batch) links to the ``create`` spans. With
-    ``relay_spans="message"``: a ``publish`` span per row between ``create`` and
-    ``process``."""
+    ``publish`` span (one per batch) links to the ``create`` spans (the defaults). With
+    ``relay_spans="message"`` a ``publish`` span per row between ``create`` and
+    ``process``; with ``handler_spans=True`` a ``handle`` span under ``process``."""
     otel.hooks.relay_spans = relay_spans  # type: ignore[assignment]
+    otel.hooks.handler_spans = handler_spans
+    last = "handle" if handler_spans else "process"
     tmp = Path(tempfile.mkdtemp())
     orders_db, billing_db = str(tmp / "orders.db"), str(tmp / "billing.db")
     orders_store, billing_store = SqliteOutboxStore(orders_db), SqliteOutboxStore(billing_db)
@@ -239,7 +241,7 @@ async def test_one_trace_from_the_request_through_two_services(
     async with billing_bus, shipping_bus, relays[0], relays[1]:
         await eventually(lambda: shipped == ["42"], timeout=10, what="the payment to ship")
         await eventually(
-            lambda: any(s.name == "handle billing.PaymentRequested" for s in otel.finished()),
+            lambda: any(s.name == f"{last} billing.PaymentRequested" for s in otel.finished()),
             timeout=10,
             what="the last span",
         )
@@ -248,26 +250,30 @@ async def test_one_trace_from_the_request_through_two_services(
     create = one(spans, "create orders.OrderPlaced")
     publish = one(spans, "publish orders.OrderPlaced")
     process = one(spans, "process orders.OrderPlaced")
-    handle = one(spans, "handle orders.OrderPlaced")
     create2 = one(spans, "create billing.PaymentRequested")
     publish2 = one(spans, "publish billing.PaymentRequested")
     process2 = one(spans, "process billing.PaymentRequested")
-    handle2 = one(spans, "handle billing.PaymentRequested")
+    chain = [root, create, publish, process, create2, publish2, process2]
     if relay_spans == "message":
-        chain = [root, create, publish, process, handle, create2, publish2, process2, handle2]
         assert publish.kind is SpanKind.PRODUCER
     else:
-        chain = [root, create, process, handle, create2, process2, handle2]
+        chain = [s for s in chain if s not in (publish, publish2)]
         for p, c in ((publish, create), (publish2, create2)):
             assert p.kind is SpanKind.CLIENT
             assert [link.context.span_id for link in p.links] == [c.context.span_id]  # type: ignore[union-attr]
+    if handler_spans:
+        handle = one(spans, "handle orders.OrderPlaced")
+        handle2 = one(spans, "handle billing.PaymentRequested")
+        chain.insert(chain.index(process) + 1, handle)
+        chain.append(handle2)
+        assert handle.kind is SpanKind.INTERNAL
+    else:
+        assert not [s.name for s in spans if s.name.startswith("handle ")]
+        assert process.attributes is not None
+        assert process.attributes["code.function.name"].endswith("request_payment")
     for parent, child in itertools.pairwise(chain):
         assert child_of(child, parent), f"{child.name} is not a child of {parent.name}"
-    assert [s.kind for s in (create, process, handle)] == [
-        SpanKind.PRODUCER,
-        SpanKind.CONSUMER,
-        SpanKind.INTERNAL,
-    ]
+    assert [s.kind for s in (create, process)] == [SpanKind.PRODUCER, SpanKind.CONSUMER]
     assert create.attributes is not None and process.attributes is not None
     assert create.attributes["messaging.destination.name"] == "orders.OrderPlaced"
     assert create.attributes["messaging.operation.type"] == "create"

@@ -19,9 +19,11 @@ span                   kind      where
                                  context replaces ``traceparent``)
 ``publish <topic>``    PRODUCER  ``EventBus.publish`` (child of the current span; its
                                  context goes into the headers)
-``process <topic>``    CONSUMER  the event bus's consumer handling one delivery (child of
-                                 the context in the delivery's headers)
-``handle <type>``      INTERNAL  the handler, child of ``process``
+``process <topic>``    CONSUMER  the event bus's consumer handling one delivery with its one
+                                 handler (``code.function.name``), child of the context in
+                                 the delivery's headers
+``handle <type>``      INTERNAL  with ``handler_spans=True``: the handler, child of
+                                 ``process``
 ``idempotency claim``  INTERNAL  an idempotency key claimed (``msdata.idempotency.outcome``)
 ``compose``            INTERNAL  an API composition
 ``saga …``             INTERNAL  ``saga <name> step <s>``: a saga's local step (``saga
@@ -380,8 +382,11 @@ class OpenTelemetry(Telemetry):
     linked to its rows' creation contexts, which reach the consumers unchanged (the
     messaging conventions' form); ``"message"`` one per row, whose context replaces the
     row's ``traceparent`` (so ``process`` is its child), at the SDK's cost of a span per
-    row. ``handler_spans=False``: no ``handle`` span under ``process`` (the handler runs in
-    ``process``), one span less per delivery.
+    row. ``handler_spans``: False (default), the handler runs in the consumer's ``process``
+    span, which names it (``code.function.name``): the bus calls one handler per delivery,
+    so that span is the handler's; True adds a ``handle`` span under ``process`` (the
+    handler apart from the bus's middleware), at the SDK's cost of one more span per
+    delivery.
     """
 
     enabled = True
@@ -392,7 +397,7 @@ class OpenTelemetry(Telemetry):
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
         messaging_system: str = "msdata",
-        handler_spans: bool = True,
+        handler_spans: bool = False,
         relay_spans: Literal["message", "batch"] = "batch",
     ) -> None:
         self._tracer = trace.get_tracer("msdata", __version__, tracer_provider)
@@ -568,6 +573,8 @@ class OpenTelemetry(Telemetry):
         }
         if envelope.correlation_id is not None:
             attrs["messaging.message.conversation_id"] = envelope.correlation_id
+        if not self.handler_spans:  # the handler runs in this span: name it here
+            attrs["code.function.name"] = getattr(handler, "__qualname__", repr(handler))
         tracer = self._tracer
         span = tracer.start_span(f"process {topic}", parent, _CONSUMER, attrs)
         handler_span: Span | None = None
