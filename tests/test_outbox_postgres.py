@@ -469,3 +469,12 @@ async def test_a_clean_stop_hands_partitions_over_at_once(postgres_url: str) -> 
     finally:
         await store.drop_schema()
         await store.close()
+
+
+from msdata.adapters.postgres.audit import PostgresOutboxAudit  # noqa: E402
+from msdata.testing.conformance.audit import OutboxAuditConformance  # noqa: E402
+
+
+class TestPostgresOutboxAudit(PostgresOutboxHooks, OutboxAuditConformance):
+    def make_audit(self, store: Any, name: str) -> PostgresOutboxAudit:
+        return PostgresOutboxAudit(store, name=name)

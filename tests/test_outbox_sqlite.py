@@ -419,3 +419,12 @@ async def test_a_cancelled_call_still_in_the_thread_keeps_the_next_ones_off_the_
         assert (status.parked, status.pending) == (1, 2)  # the cancelled park still landed
     finally:
         await store.close()
+
+
+from msdata.adapters.sqlite.audit import SqliteOutboxAudit  # noqa: E402
+from msdata.testing.conformance.audit import OutboxAuditConformance  # noqa: E402
+
+
+class TestSqliteOutboxAudit(SqliteOutboxHooks, OutboxAuditConformance):
+    def make_audit(self, store: Any, name: str) -> SqliteOutboxAudit:
+        return SqliteOutboxAudit(store, name=name)

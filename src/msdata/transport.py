@@ -280,6 +280,19 @@ class Transport(Publisher, Subscriber, Protocol):
 
     async def close(self) -> None: ...
 
+    async def lag(self, topic: str, group: str) -> int | None:
+        """How many messages of ``topic`` consumer group ``group`` has still to settle, as
+        the broker reports it: those not delivered yet, plus those delivered and not yet
+        settled where the broker counts them (Redis: the group's ``lag`` and pending
+        entries, on the topic's and the group's retry stream, plus delayed retries; NATS:
+        the consumers' ``num_pending`` + ``num_ack_pending``; RabbitMQ: the ready messages
+        of the group's queues, as a passive declare reports them (AMQP does not count the
+        unacked ones there); memory: the group's queue). ``None`` when the broker cannot
+        tell (no such group, or Redis could not compute its ``lag``). A reading, not a
+        promise: it can be stale by the time it returns. Raises
+        :class:`~msdata.errors.TransportError` if the broker cannot be reached."""
+        ...
+
 
 # -- implementation aids for adapters (not part of the port) -----------------------------------
 

@@ -1035,3 +1035,40 @@ class RedisTransport:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    async def lag(self, topic: str, group: str) -> int | None:
+        """``XINFO GROUPS`` on the topic's stream and the group's retry stream: the group's
+        ``lag`` (entries not delivered yet) plus ``pending`` (delivered, not acked) on each,
+        plus the retries waiting out a delay (``ZCARD`` of the delayed set). None if the
+        group does not exist on the topic's stream, or if Redis cannot compute its ``lag``
+        (after entries were deleted from the middle of the stream). See
+        :meth:`msdata.transport.Transport.lag`."""
+        check_name("topic", topic)
+        check_name("group", group)
+        stream = self._stream_key(topic)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.xinfo_groups(stream)
+        pipe.xinfo_groups(f"{stream}:{group}:retry")
+        pipe.zcard(f"{stream}:{group}:delayed")
+        with _redis_errors(f"could not read the lag of group {group!r} of {topic!r}"):
+            main, retry, delayed = await pipe.execute(raise_on_error=False)
+        wanted = group.encode()
+        total = 0
+        for i, groups in enumerate((main, retry)):
+            if isinstance(groups, rex.ResponseError):  # no such stream
+                if i == 0:
+                    return None
+                continue
+            if isinstance(groups, BaseException):
+                raise TransportError(f"could not read the lag of group {group!r}: {groups}")
+            info = next((g for g in groups if g["name"] == wanted), None)
+            if info is None:
+                if i == 0:
+                    return None
+                continue
+            if info["lag"] is None:
+                return None
+            total += int(info["lag"]) + int(info["pending"])
+        if isinstance(delayed, BaseException):
+            raise TransportError(f"could not read the lag of group {group!r}: {delayed}")
+        return total + int(delayed)
