@@ -66,7 +66,7 @@ def _keep(r: SagaRecord) -> Kept:
     )
 
 
-def _record(k: Kept) -> SagaRecord:
+def _record(k: Kept, replies: dict[str, bytes] | None = None) -> SagaRecord:
     return SagaRecord(
         k[0],
         k[1],
@@ -86,6 +86,7 @@ def _record(k: Kept) -> SagaRecord:
         k[14],
         k[15],
         k[16][: k[17]],
+        replies.copy() if replies else {},
     )
 
 
@@ -97,11 +98,14 @@ class MemorySagaStore(MemoryDatabase):
     def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
         super().__init__(clock=clock)
         self._records: dict[str, Kept] = {}
+        self._replies: dict[str, dict[str, bytes]] = {}  # saga id -> key -> reply
 
     async def save(self, record: SagaRecord, *, also: AlsoInTransaction | None = None) -> None:
         self._check(record)
         if also is None:
             self._records[record.saga_id] = _keep(record)
+            if record.replies:
+                self._applied(record)
             return
         tx = MemoryTransaction()
         try:
@@ -113,7 +117,24 @@ class MemorySagaStore(MemoryDatabase):
             tx.rollback()
             raise
         self._records[record.saga_id] = _keep(record)
+        if record.replies:
+            self._applied(record)
         tx.commit()
+
+    def _applied(self, record: SagaRecord) -> None:
+        pending = self._replies.get(record.saga_id)
+        if pending:
+            for key in record.replies:
+                pending.pop(key, None)
+            if not pending:
+                del self._replies[record.saga_id]
+
+    async def add_reply(self, saga_id: str, key: str, reply: bytes) -> bool:
+        pending = self._replies.setdefault(saga_id, {})
+        if key in pending:
+            return False
+        pending[key] = bytes(reply)
+        return True
 
     def _check(self, record: SagaRecord) -> None:
         current = self._records.get(record.saga_id)
@@ -127,7 +148,7 @@ class MemorySagaStore(MemoryDatabase):
     def snapshot(self, saga_id: str) -> SagaRecord:
         """:meth:`get` without awaiting (for tests and demos). SagaNotFound if unknown."""
         try:
-            return _record(self._records[saga_id])
+            return _record(self._records[saga_id], self._replies.get(saga_id))
         except KeyError:
             raise SagaNotFound(f"no saga instance {saga_id!r}") from None
 
@@ -142,16 +163,17 @@ class MemorySagaStore(MemoryDatabase):
             f = list(kept)
             f[_LEASE_OWNER], f[_LEASE_UNTIL], f[_VERSION] = owner, lease_until, f[_VERSION] + 1
             records[f[0]] = claimed = tuple(f)
-            out.append(_record(claimed))
+            out.append(_record(claimed, self._replies.get(f[0])))
         return out
 
-    def _claimable(self, now: datetime) -> list[Kept]:
+    def _claimable(self, now: datetime, *, replies: bool = True) -> list[Kept]:
+        pending = self._replies if replies else {}
         found = [
             k
             for k in self._records.values()
             if k[_STATUS] in ACTIVE_STATUSES
             and (k[_LEASE_UNTIL] is None or k[_LEASE_UNTIL] <= now)
-            and (k[_WAKE] is None or k[_WAKE] <= now)
+            and (k[_WAKE] is None or k[_WAKE] <= now or k[0] in pending)
         ]
         found.sort(key=lambda k: k[_UPDATED])
         return found
@@ -164,7 +186,11 @@ class MemorySagaStore(MemoryDatabase):
         stuck_at: datetime | None = None,
         limit: int = 100,
     ) -> list[SagaRecord]:
-        pool = self._claimable(stuck_at) if stuck_at is not None else list(self._records.values())
+        pool = (
+            self._claimable(stuck_at, replies=False)
+            if stuck_at is not None
+            else list(self._records.values())
+        )
         out = [
             k
             for k in pool
