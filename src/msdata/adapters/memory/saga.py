@@ -17,6 +17,7 @@ from msdata.errors import ConcurrencyError, SagaNotFound
 from msdata.saga.store import (
     ACTIVE_STATUSES,
     AlsoInTransaction,
+    HistoryEntry,
     SagaRecord,
     SagaStatus,
     SagaStoreFeatures,
@@ -28,13 +29,22 @@ __all__ = ["MemorySagaStore"]
 
 # A saved record is one tuple (the cheapest thing to build on every save): the record's
 # fields, its active invocations as tuples, and history and ``done`` by reference and length
-# (they only ever grow at their end, so the saved prefix never changes).
+# (they only ever grow at their end, so the saved prefix never changes). A finished instance
+# keeps them as plain tuples instead: the cyclic GC stops tracking those, where it would go
+# on traversing every history entry (a named tuple) of every instance the store keeps.
 _VERSION, _TYPE, _STATUS, _UPDATED, _LEASE_OWNER, _LEASE_UNTIL, _WAKE = 6, 1, 2, 5, 13, 14, 15
 Kept = tuple[Any, ...]
 
 
+_FINISHED = (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED)
+_entry = tuple.__new__
+
+
 def _keep(r: SagaRecord) -> Kept:
-    history, done = r.history, r.done
+    history: Any = r.history
+    done: Any = r.done
+    if r.status in _FINISHED:
+        history, done = tuple(map(tuple, history)), tuple(done)
     runs = None
     if r.active:
         runs = []
@@ -67,6 +77,12 @@ def _keep(r: SagaRecord) -> Kept:
 
 
 def _record(k: Kept, replies: dict[str, bytes] | None = None) -> SagaRecord:
+    history, done = k[16], k[18]
+    if type(history) is tuple:  # a finished instance
+        history = [_entry(HistoryEntry, e) for e in history]
+        done = list(done)
+    else:
+        history, done = history[: k[17]], done[: k[19]]
     return SagaRecord(
         k[0],
         k[1],
@@ -76,7 +92,7 @@ def _record(k: Kept, replies: dict[str, bytes] | None = None) -> SagaRecord:
         k[5],
         k[6],
         k[7],
-        k[18][: k[19]],
+        done,
         {a[0]: StepRun(*a[1:]) for a in k[8]} if k[8] else {},
         [g.copy() for g in k[9]] if k[9] else [],
         k[10],
@@ -85,7 +101,7 @@ def _record(k: Kept, replies: dict[str, bytes] | None = None) -> SagaRecord:
         k[13],
         k[14],
         k[15],
-        k[16][: k[17]],
+        history,
         replies.copy() if replies else {},
     )
 
