@@ -143,6 +143,27 @@ class SagaStoreConformance:
         got.data = rec.data
         assert got == rec
 
+    async def test_history_added_between_saves_round_trips(self, store: SagaStore) -> None:
+        """A save after more history was appended (and after a read, and to a record whose
+        history was replaced) stores the whole history, in order."""
+        rec = _record(history=[HistoryEntry(T0, "started")])
+        await store.save(rec)
+        for i in range(3):
+            rec.history.append(HistoryEntry(T0 + timedelta(seconds=i), "step", f"s{i}", i, None))
+            rec.version += 1
+            await store.save(rec)
+        got = await store.get(rec.saga_id)
+        assert got.history == rec.history and len(got.history) == 4
+        got.history.append(HistoryEntry(T0, "after a read", detail="d"))
+        got.version += 1
+        await store.save(got)
+        again = await store.get(rec.saga_id)
+        assert again.history == got.history
+        again.history = [HistoryEntry(T0, "replaced")]
+        again.version += 1
+        await store.save(again)
+        assert (await store.get(rec.saga_id)).history == [HistoryEntry(T0, "replaced")]
+
     async def test_get_unknown_raises_saga_not_found(self, store: SagaStore) -> None:
         with pytest.raises(SagaNotFound):
             await store.get("no-such-saga")
