@@ -4,7 +4,7 @@ tests/test_postgres_drivers.py covers the others). Each test gets its own table 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -16,11 +16,20 @@ from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConfigurationError
 from msdata.outbox import InboxStore, OutboxRow, OutboxStore
 from msdata.testing.conformance.inbox import InboxStoreConformance
-from msdata.testing.conformance.outbox import OutboxStoreConformance, OutboxStoreHooks, make_rows
+from msdata.testing.conformance.outbox import (
+    OutboxStoreConformance,
+    OutboxStoreHooks,
+    RawText,
+    SqlLiteral,
+    make_rows,
+)
 from msdata.testing.conformance.relay import OutboxRelayConformance
 from store_helpers import PgTx, PostgresHooks, opened, table_prefix
 
 pytestmark = pytest.mark.postgres
+
+# the port's field names that the PostgreSQL table names otherwise (Debezium's names)
+_PG_COLUMN = {"message_id": "id", "partition_key": "aggregateid"}
 
 
 class PostgresCallerHooks(PostgresHooks):
@@ -104,6 +113,34 @@ class PostgresOutboxHooks(PostgresCallerHooks, OutboxStoreHooks):
 
     async def add(self, store: Any, tx: PgTx, rows: Sequence[OutboxRow]) -> None:
         await store.append_async(tx.conn, rows)
+
+    async def write_raw_row(self, store: Any, columns: Mapping[str, object]) -> int | None:
+        """A hand-written INSERT on a connection of its own (the table's own column names),
+        values bound as asyncpg binds them; what PostgreSQL or asyncpg refuses is None."""
+        names, marks, args = [], [], []
+        for name, value in columns.items():
+            names.append(_PG_COLUMN.get(name, name))
+            if isinstance(value, SqlLiteral):
+                marks.append(str(value))
+                continue
+            if isinstance(value, RawText):  # PostgreSQL checks encodings: it may refuse
+                value = bytes(value)
+                marks.append(f"convert_from(${len(args) + 1}::bytea, 'UTF8')")
+            else:
+                marks.append(f"${len(args) + 1}")
+            args.append(value)
+        sql = (
+            f"INSERT INTO {store.table} ({', '.join(names)}) VALUES ({', '.join(marks)}) "
+            "RETURNING seq"
+        )
+        conn = await asyncpg.connect(self.url)
+        try:
+            seq: int = await conn.fetchval(sql, *args)
+        except (asyncpg.PostgresError, asyncpg.DataError, OverflowError, UnicodeEncodeError):
+            return None
+        finally:
+            await conn.close()
+        return seq
 
     @asynccontextmanager
     async def make_store_without_schema(self) -> AsyncIterator[OutboxStore]:

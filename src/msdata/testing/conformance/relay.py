@@ -296,6 +296,39 @@ class OutboxRelayConformance(OutboxStoreHooks):
             st = await relay.status()
             assert st.parked == 1 and st.pending == 1
 
+    async def test_an_unreadable_row_is_parked_alone_and_the_rest_published(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Rows another writer left that the store cannot read (:data:`MALFORMED_ROWS`)
+        ahead of good ones: a running relay parks each alone with a reason naming the
+        column, publishes every other key's rows in order, and never fails a step."""
+        async with self.make_store() as store:
+            pub = RecordingPublisher()
+            bad = await self.write_malformed_rows(store, lambda i: f"bad-{i}")
+            # behind some bad rows, a good row of their key that must wait; other keys not
+            behind = [make_row(key=key, n=100 + i) for i, (_, _, key) in enumerate(bad[:3])]
+            others = make_rows(9, keys=["good-a", "good-b", None])
+            await self.add_committed(store, behind + others)
+            relay = self.relay(store, pub, batch_size=4)
+            with caplog.at_level(logging.ERROR, logger="msdata"):
+                async with relay:
+                    await eventually(
+                        lambda: len(pub.published) >= len(others), 20.0, what="others published"
+                    )
+                    await asyncio.sleep(0.1)  # time for a wrong one to show, if any
+            assert sorted(pub.ids) == sorted(r.message_id for r in others)
+            order = _first_order(pub.published)
+            for key in ("good-a", "good-b"):
+                assert order[key] == [r.message_id for r in others if r.partition_key == key]
+            parked = await relay.parked(1000)
+            assert [p.seq for p in parked] == [seq for seq, _, _ in bad]
+            for p, (_, column, _) in zip(parked, bad, strict=True):
+                assert p.last_error and "unreadable" in p.last_error and column in p.last_error
+            st = await relay.status()
+            assert (st.parked, st.pending) == (len(bad), len(behind))
+            failed = [r for r in caplog.records if r.exc_info is not None]
+            assert not failed, f"a relay step failed: {failed[0].getMessage()}"
+
     async def test_relay_retries_a_failed_publish_then_parks_it(self) -> None:
         async with self.make_store() as store:
             pub = RecordingPublisher()
