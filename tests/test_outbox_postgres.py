@@ -3,6 +3,7 @@ tests/test_postgres_drivers.py covers the others). Each test gets its own table 
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -24,6 +25,8 @@ from msdata.testing.conformance.outbox import (
     make_rows,
 )
 from msdata.testing.conformance.relay import OutboxRelayConformance
+from msdata.testing.waiting import eventually
+from msdata.urls import store_from_url
 from store_helpers import PgTx, PostgresHooks, opened, table_prefix
 
 pytestmark = pytest.mark.postgres
@@ -217,6 +220,38 @@ def test_from_url_rejects_other_schemes_and_connects_lazily() -> None:
         PostgresOutboxStore.from_url("mysql://localhost/db")
     store = PostgresOutboxStore.from_url("postgresql+asyncpg://nobody@127.0.0.1:1/none")
     assert "CREATE TABLE IF NOT EXISTS" in store.schema_sql()
+
+
+@pytest.mark.parametrize("make", ["PostgresOutboxStore.from_url", "store_from_url"])
+async def test_from_url_with_notify_false_appends_without_notifying(
+    postgres_url: str, make: str
+) -> None:
+    """docs/postgres.md advises ``notify=False`` for a write-heavy service: both URL
+    entry points take it, and an append then sends no notification (the default does)."""
+    prefix = table_prefix()
+    if make == "store_from_url":
+        quiet = store_from_url("outbox", postgres_url, table_prefix=prefix, notify=False)
+    else:
+        quiet = PostgresOutboxStore.from_url(postgres_url, table_prefix=prefix, notify=False)
+    loud = PostgresOutboxStore.from_url(postgres_url, table_prefix=prefix)
+    await quiet.create_schema()
+    listener = await asyncpg.connect(postgres_url)
+    heard: list[str] = []
+    await listener.add_listener(loud.channel, lambda *args: heard.append(args[2]))
+    try:
+        for store in (quiet, loud):
+            tx = await PgTx.open(postgres_url)
+            await store.append_async(tx.conn, make_rows(1))
+            await tx.end(True)
+        await eventually(lambda: len(heard) == 1, 10.0, what="the default store's notification")
+        await asyncio.sleep(0.2)  # time for a second one, if the quiet store sent one
+        assert len(heard) == 1
+        assert (await quiet.status()).pending == 2
+    finally:
+        await listener.close()
+        await quiet.drop_schema()
+        await quiet.close()
+        await loud.close()
 
 
 def test_schema_sql_has_the_debezium_columns() -> None:

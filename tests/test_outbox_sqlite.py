@@ -455,3 +455,12 @@ async def test_a_cancelled_call_still_in_the_thread_keeps_the_next_ones_off_the_
         assert (status.parked, status.pending) == (1, 2)  # the cancelled park still landed
     finally:
         await store.close()
+
+
+def test_from_url_refuses_a_postgres_only_option_by_name(db_path: str) -> None:
+    with pytest.raises(ConfigurationError, match="notify: an option of the PostgreSQL"):
+        SqliteOutboxStore.from_url(f"sqlite:///{db_path}", notify=False)
+    from msdata.urls import store_from_url
+
+    with pytest.raises(ConfigurationError, match="partitioned"):
+        store_from_url("outbox", f"sqlite:///{db_path}", partitioned=True)

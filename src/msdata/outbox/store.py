@@ -42,6 +42,7 @@ from msdata.storage import DEFAULT_TABLE_PREFIX, Connection, check_table_prefix
 
 __all__ = [
     "DEFAULT_TABLE_PREFIX",
+    "POSTGRES_ONLY_OPTIONS",
     "UNREADABLE_TIME",
     "InboxStore",
     "OutboxAdminStore",
@@ -74,6 +75,10 @@ class UnreadableRow(ValueError):
         self.reason = f"unreadable row: {column} {what}{shown}"
         super().__init__(self.reason)
 
+
+#: options of the PostgreSQL outbox store (``from_url``/``store_from_url``) that mean
+#: nothing elsewhere: ``memory://`` accepts and ignores them, SQLite refuses them by name
+POSTGRES_ONLY_OPTIONS = frozenset({"notify", "relay_synchronous_commit", "partitioned", "max_size"})
 
 #: the ``created_at`` a store shows for a row whose stored time cannot be read (in
 #: ``parked()``; such a row is parked, never published)

@@ -554,7 +554,8 @@ class PostgresOutboxStore:
     @classmethod
     def from_url(cls, url: str, **options: Any) -> PostgresOutboxStore:
         """A store over ``postgresql://…`` that connects on first use; ``options`` go to
-        the constructor (``table_prefix``, ``schema``, ``max_size``…)."""
+        the constructor (``table_prefix``, ``schema``, ``notify``, ``partitioned``,
+        ``relay_synchronous_commit``, ``max_size``)."""
         return cls(url, **options)
 
     def _build_sql(self) -> None:

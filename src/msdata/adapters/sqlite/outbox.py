@@ -42,10 +42,13 @@ from msdata.adapters.sqlite._db import (
     WatchedDatabase,
     caller_connection,
     map_errors,
+    path_from_url,
 )
 from msdata.clock import SYSTEM_CLOCK, Clock
+from msdata.errors import ConfigurationError
 from msdata.messages import safe_text
 from msdata.outbox.store import (
+    POSTGRES_ONLY_OPTIONS,
     UNREADABLE_TIME,
     OutboxRecord,
     OutboxRow,
@@ -415,6 +418,21 @@ class SqliteOutboxStore(WatchedDatabase):
             "seq, message_id, topic, NULLIF(type, topic), payload, partition_key, headers, "
             "created_at, attempts, last_error"
         )
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> SqliteOutboxStore:
+        """``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``; ``options``
+        go to the constructor. ConfigurationError names an option of the PostgreSQL store
+        (``notify``, ``relay_synchronous_commit``, ``partitioned``, ``max_size``), which
+        means nothing here."""
+        foreign = sorted(POSTGRES_ONLY_OPTIONS & set(options))
+        if foreign:
+            raise ConfigurationError(
+                f"{', '.join(foreign)}: an option of the PostgreSQL outbox store; "
+                "SqliteOutboxStore takes table_prefix, synchronous, busy_timeout, "
+                "poll_interval, inline, clock"
+            )
+        return cls(path_from_url(url), **options)
 
     def schema_sql(self) -> str:
         """The DDL of this store's tables (idempotent)."""
