@@ -92,6 +92,7 @@ class PostgresCallerHooks(PostgresHooks):
 class PostgresOutboxHooks(PostgresCallerHooks, OutboxStoreHooks):
     lease_seconds = 0.4
     partitioned = False
+    _raw: Any = None  # write_raw_row's connection
 
     @asynccontextmanager
     async def make_store(self, *, clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[OutboxStore]:
@@ -102,7 +103,12 @@ class PostgresOutboxHooks(PostgresCallerHooks, OutboxStoreHooks):
             ),
             drop=True,
         ) as store:
-            yield store
+            try:
+                yield store
+            finally:
+                raw, self._raw = getattr(self, "_raw", None), None
+                if raw is not None:
+                    await raw.close()
 
     @asynccontextmanager
     async def open_again(self, store: Any) -> AsyncIterator[OutboxStore]:
@@ -136,13 +142,13 @@ class PostgresOutboxHooks(PostgresCallerHooks, OutboxStoreHooks):
             f"INSERT INTO {store.table} ({', '.join(names)}) VALUES ({', '.join(marks)}) "
             "RETURNING seq"
         )
-        conn = await asyncpg.connect(self.url)
+        conn = getattr(self, "_raw", None)
+        if conn is None:  # one connection of its own per test, closed with the store
+            conn = self._raw = await asyncpg.connect(self.url)
         try:
             seq: int = await conn.fetchval(sql, *args)
         except (asyncpg.PostgresError, asyncpg.DataError, OverflowError, UnicodeEncodeError):
             return None
-        finally:
-            await conn.close()
         return seq
 
     @asynccontextmanager
