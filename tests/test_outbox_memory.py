@@ -323,3 +323,15 @@ from msdata.testing.conformance.audit import OutboxAuditConformance  # noqa: E40
 class TestMemoryOutboxAudit(MemoryOutboxHooks, OutboxAuditConformance):
     def make_audit(self, store: Any, name: str) -> MemoryOutboxAudit:
         return MemoryOutboxAudit(store, name=name)
+
+
+def test_memory_url_takes_and_ignores_the_postgres_outbox_options() -> None:
+    """A service's outbox URL switched to memory:// keeps its PostgreSQL options."""
+    from msdata.urls import store_from_url
+
+    store = store_from_url(
+        "outbox", "memory://", notify=False, partitioned=True, relay_synchronous_commit=True
+    )
+    assert isinstance(store, MemoryOutboxStore)
+    with pytest.raises(ConfigurationError, match="nonsense"):
+        store_from_url("outbox", "memory://", nonsense=1)
