@@ -118,6 +118,33 @@ async def fill(store: PostgresOutboxStore, url: str, n: int, keys: int) -> dict[
     return ids
 
 
+async def fill_at_once(
+    store: PostgresOutboxStore, conn: Any, n: int, keys: int, ids: dict[str, int]
+) -> float:
+    """``n`` pending rows over ``keys`` partition keys in ONE transaction (the relays see
+    all or none); fills ``ids`` (message id -> position) and returns the commit's
+    ``time.monotonic()``."""
+    ids.clear()
+    rows = []
+    for i in range(n):
+        mid = str(uuid.uuid4())
+        ids[mid] = i
+        rows.append(
+            OutboxRow(
+                message_id=mid,
+                topic="orders",
+                type="bench.OrderPlaced",
+                payload=_payload(i),
+                partition_key=f"order-{i % keys}",
+                aggregate_type="orders",
+            )
+        )
+    async with conn.transaction():
+        for start in range(0, n, 5000):
+            await store.append_async(conn, rows[start : start + 5000])
+    return time.monotonic()
+
+
 class Checker:
     """Counts what was published, duplicates, and order violations per key (a message
     published after a later message of its own key)."""
@@ -268,8 +295,13 @@ def _worker(
     go: Any,
     stop: Any,
     out: Any,
+    published: Any,
 ) -> None:
-    asyncio.run(_work(kind, url, prefix, sync, partitioned, idx, ready, go, stop, out))
+    asyncio.run(_work(kind, url, prefix, sync, partitioned, idx, ready, go, stop, out, published))
+
+
+#: how often an idle relay polls (the raw worker sleeps as long when it finds no rows), s
+IDLE_POLL = 0.01
 
 
 async def _work(
@@ -283,6 +315,7 @@ async def _work(
     go: Any,
     stop: Any,
     out: Any,
+    published: Any,
 ) -> None:
     log: list[tuple[float, str, str | None]] = []
 
@@ -291,6 +324,8 @@ async def _work(
             t = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process
             log.extend((t, m.id, m.key) for m in messages)
             await super().publish(topic, messages)
+            with published.get_lock():
+                published.value += len(messages)
 
     transport = Recording()
     if kind == "relay":
@@ -303,7 +338,7 @@ async def _work(
         )
         await store.status()  # connected before the start
         relay = OutboxRelay(
-            store, transport, batch_size=100, relay_id=f"bench-{idx}", poll_interval=0.05
+            store, transport, batch_size=100, relay_id=f"bench-{idx}", poll_interval=IDLE_POLL
         )
         ready.put(idx)
         await asyncio.to_thread(go.wait)
@@ -322,38 +357,115 @@ async def _work(
         delete = f"DELETE FROM {tbl} WHERE seq = ANY($1::bigint[])"
         ready.put(idx)
         await asyncio.to_thread(go.wait)
-        while True:
+        while not stop.is_set():
             async with conn.transaction():
                 rows = await conn.fetch(select)
-                if not rows:
-                    break
-                await transport.publish(
-                    "orders",
-                    [
-                        TransportMessage(r["id"], bytes(r["payload"]), r["aggregateid"])
-                        for r in rows
-                    ],
-                )
-                await conn.execute(delete, [r["seq"] for r in rows])
+                if rows:
+                    await transport.publish(
+                        "orders",
+                        [
+                            TransportMessage(r["id"], bytes(r["payload"]), r["aggregateid"])
+                            for r in rows
+                        ],
+                    )
+                    await conn.execute(delete, [r["seq"] for r in rows])
+            if not rows:
+                await asyncio.sleep(IDLE_POLL)
         await conn.close()
-        await asyncio.to_thread(stop.wait)
     out.put(log)
 
 
+async def _settled(conn: Any, parts: str, k: int, timeout: float = 30.0) -> None:
+    """Until ``k`` partitioned relays each own their fair share of the partitions."""
+    from msdata.adapters.postgres.outbox import PARTITIONS
+
+    fair = -(-PARTITIONS // k)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        owned = await conn.fetch(
+            f"SELECT owner, count(*) AS n FROM {parts} WHERE owner IS NOT NULL GROUP BY owner"
+        )
+        settled = len(owned) == k and all(r["n"] <= fair for r in owned)
+        if settled and sum(r["n"] for r in owned) == PARTITIONS:
+            return
+        await asyncio.sleep(0.01)
+    raise SystemExit(f"{k} relays did not share the partitions within {timeout} s")
+
+
 async def processes_drain(
+    kind: str,
+    k: int,
+    url: str,
+    store: PostgresOutboxStore,
+    sync: bool,
+    partitioned: bool,
+    checker: Checker,
+    n: int,
+    keys: int,
+) -> None:
+    """Steady state: ``k`` relays (or raw workers), a process each, are started and
+    (partitioned) share the partitions out first; then ``n`` rows commit in one
+    transaction, and the time runs from that commit to the last publish (every
+    process's clock is CLOCK_MONOTONIC). A relay that runs all day is measured, not its
+    start-up and first rebalance (``--cold`` measures those)."""
+    import multiprocessing
+
+    prefix = store.table_prefix
+    ctx = multiprocessing.get_context("spawn")
+    ready, out = ctx.Queue(), ctx.Queue()
+    go, stop = ctx.Event(), ctx.Event()
+    published = ctx.Value("q", 0)
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(kind, url, prefix, sync, partitioned, i, ready, go, stop, out, published),
+        )
+        for i in range(k)
+    ]
+    for pr in procs:
+        pr.start()
+    for _ in procs:
+        await asyncio.to_thread(ready.get, True, 60)
+    conn = await asyncpg.connect(url)
+    try:
+        go.set()
+        if kind == "relay" and partitioned:
+            await _settled(conn, store.parts_table, k)
+        await asyncio.sleep(0.2)  # every process polling
+        t0 = await fill_at_once(store, conn, n, keys, checker.ids)
+        while published.value < n:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+    finally:
+        stop.set()
+        await conn.close()
+    logs = [await asyncio.to_thread(out.get, True, 60) for _ in procs]
+    for pr in procs:
+        pr.join(30)
+    checker.started = t0
+    checker.ended = max(t for log in logs for t, _, _ in log)
+    # by time, then by process and place in its log (a batch shares one time stamp)
+    merged = sorted(
+        (t, n, j, i, key) for n, log in enumerate(logs) for j, (t, i, key) in enumerate(log)
+    )
+    checker.saw([TransportMessage(i, b"", key) for _, _, _, i, key in merged])
+
+
+async def cold_processes_drain(
     kind: str, k: int, url: str, prefix: str, sync: bool, partitioned: bool, checker: Checker
 ) -> None:
-    """``k`` relays (or raw workers) in ``k`` processes, started before the timing and
-    told to go together; done when the outbox table is empty (polled every 5 ms)."""
+    """``--cold``: ``k`` relays (or raw workers) in ``k`` processes, started before the
+    timing and told to go together on a full table; done when the table is empty
+    (polled every 5 ms). Includes the relays' start and first rebalance."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     ready, out = ctx.Queue(), ctx.Queue()
     go, stop = ctx.Event(), ctx.Event()
+    published = ctx.Value("q", 0)
     procs = [
         ctx.Process(
             target=_worker,
-            args=(kind, url, prefix, sync, partitioned, i, ready, go, stop, out),
+            args=(kind, url, prefix, sync, partitioned, i, ready, go, stop, out, published),
         )
         for i in range(k)
     ]
@@ -375,7 +487,6 @@ async def processes_drain(
     logs = [await asyncio.to_thread(out.get, True, 60) for _ in procs]
     for pr in procs:
         pr.join(30)
-    # by time, then by process and place in its log (a batch shares one time stamp)
     merged = sorted(
         (t, n, j, i, key) for n, log in enumerate(logs) for j, (t, i, key) in enumerate(log)
     )
@@ -393,13 +504,26 @@ async def drain_bench(
     partitioned: bool,
     raw_workers_too: bool = False,
     processes: bool = False,
+    cold: bool = False,
 ) -> None:
     prefix = f"bench{uuid.uuid4().hex[:8]}_"
     store = PostgresOutboxStore(url, table_prefix=prefix, relay_synchronous_commit=sync)
     await store.create_schema()
     ids: dict[str, int] = {}
 
+    steady = processes and not cold
+    if steady:  # the table has seen traffic: statistics of a full table, then empty
+        await fill(store, url, n, keys)
+
     async def refill() -> None:
+        if steady:  # the rows come inside the timed path, in one transaction
+            conn = await asyncpg.connect(url)
+            try:
+                await conn.execute(f"DELETE FROM {store.table}")
+                await conn.execute(f"DELETE FROM {store.lease_table}")
+            finally:
+                await conn.close()
+            return
         ids.clear()
         ids.update(await fill(store, url, n, keys))
 
@@ -430,20 +554,17 @@ async def drain_bench(
 
     paths: dict[str, Callable[[], Awaitable[float]]] = {}
     if processes:
-        paths["raw"] = timed(
-            "raw", lambda c: processes_drain("raw", 1, url, prefix, sync, partitioned, c)
-        )
+
+        def drain(kind: str, k: int) -> Callable[[Checker], Awaitable[None]]:
+            if cold:
+                return lambda c: cold_processes_drain(kind, k, url, prefix, sync, partitioned, c)
+            return lambda c: processes_drain(kind, k, url, store, sync, partitioned, c, n, keys)
+
+        paths["raw"] = timed("raw", drain("raw", 1))
         if raw_workers_too:
-            paths["raw2"] = timed(
-                "raw2", lambda c: processes_drain("raw", 2, url, prefix, sync, partitioned, c)
-            )
+            paths["raw2"] = timed("raw2", drain("raw", 2))
         for k in counts:
-            paths[f"{k}"] = timed(
-                f"{k}",
-                lambda c, k=k: processes_drain(  # type: ignore[misc]
-                    "relay", k, url, prefix, sync, partitioned, c
-                ),
-            )
+            paths[f"{k}"] = timed(f"{k}", drain("relay", k))
     else:
         if broker == "memory":
             paths["raw"] = timed("raw", lambda c: raw_drain(url, store.table, sync, c))
@@ -466,6 +587,7 @@ async def drain_bench(
     mode = "partitioned claim" if partitioned else "per-key claim"
     if processes:
         mode += ", a process per relay/worker"
+        mode += ", cold start" if cold else ", steady state (rows commit at once)"
     print(
         f"\n(a) drain {n:,} rows, {keys} keys, batches of 100, into {broker}, {mode}, relay "
         f"synchronous_commit={durability}; {rounds} interleaved rounds (rows/s median)"
@@ -637,6 +759,12 @@ async def main() -> None:
         "transport; timed from a common start until the table is empty",
     )
     parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="with --processes: time from the relays' start on a full table (start-up and "
+        "first rebalance included) instead of the steady state",
+    )
+    parser.add_argument(
         "--raw-workers", action="store_true", help="also the raw loop with 2 workers"
     )
     parser.add_argument(
@@ -661,6 +789,7 @@ async def main() -> None:
             args.partitioned,
             args.raw_workers,
             args.processes,
+            args.cold,
         )
     if args.only != "drain":
         await write_bench(args.url, args.rounds, args.per_round)

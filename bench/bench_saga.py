@@ -269,9 +269,9 @@ import asyncio, signal, sqlite3, sys
 import aio_pika
 from msdata import Command, message_type
 from msdata.adapters.rabbitmq import RabbitMQTransport
-from msdata.adapters.sqlite import SqliteInboxStore, SqliteOutboxStore, connect
+from msdata.adapters.sqlite import SqliteIdempotencyStore, SqliteOutboxStore, connect
 from msdata.events import EventBus
-from msdata.outbox import Inbox, Outbox, OutboxRelay
+from msdata.outbox import Outbox, OutboxRelay
 from msdata.saga import SagaParticipant
 
 DB, URL, PREFIX = sys.argv[1:4]
@@ -281,14 +281,14 @@ class Charge(Command):
     order_id: str
 
 async def main():
-    outbox_store, inbox_store = SqliteOutboxStore(DB), SqliteInboxStore(DB)
-    await outbox_store.create_schema(); await inbox_store.create_schema()
+    outbox_store, replies = SqliteOutboxStore(DB), SqliteIdempotencyStore(DB)
+    await outbox_store.create_schema(); await replies.create_schema()
     conn = await aio_pika.connect_robust(URL)
     transport = RabbitMQTransport(conn)
     bus = EventBus(transport, source="payments", prefetch=200)
     db = connect(DB)  # one connection; "with db:" is one transaction (commit or rollback)
     participant = SagaParticipant(bus, Outbox(outbox_store, source="payments"),
-                                  lambda: db, inbox=Inbox(inbox_store))
+                                  lambda: db, idempotency=replies)
 
     @participant.handler(Charge, group="payments", topic=PREFIX + ".charge")
     def charge(cmd):

@@ -1,6 +1,6 @@
 """What tracing costs on the outbox relay and on the in-memory event bus, in the same run.
 
-Three telemetry set-ups, interleaved round by round (the order rotates each round):
+Telemetry set-ups, interleaved round by round (the order rotates each round):
 
 - ``none``: nothing installed (msdata's no-op hooks: what every user without telemetry runs);
 - ``api``: :class:`msdata.adapters.opentelemetry.OpenTelemetry` on the API's no-op tracer and
@@ -8,10 +8,16 @@ Three telemetry set-ups, interleaved round by round (the order rotates each roun
   cost is also timed on the API's global proxy providers, which an SDK could still replace);
 - ``sdk``: the same on the SDK: a ``TracerProvider`` with a ``SimpleSpanProcessor`` into an
   ``InMemorySpanExporter`` (cleared between rounds) and a ``MeterProvider`` with an
-  ``InMemoryMetricReader``; the default spans (a ``publish`` span per relayed row, a
-  ``handle`` span under each ``process`` span);
-- ``lean``: the SDK with ``relay_spans="batch"`` (one ``publish`` span per relay batch,
-  linked to its rows) and ``handler_spans=False``.
+  ``InMemoryMetricReader``; the default spans: one ``publish`` span per relay batch, linked
+  to each row's ``create`` context (the messaging conventions' batch form); on the bus a
+  ``publish`` span and a ``process`` span per message;
+- ``full``: the SDK with a span wherever one can be had: ``relay_spans="message"`` (a
+  ``publish`` span per relayed row) and ``handler_spans=True`` (a ``handle`` span under
+  each ``process``; the defaults before this was measured).
+
+Also timed directly on an SDK provider like the set-ups' (the exporter emptied after each
+span, as a real exporter keeps nothing): one span started and ended, and one span link; the
+floor a span per message puts under the bus and a link per row under the relay.
 
 Paths: (a) the relay draining N rows from a SQLite outbox to the memory transport, each row
 with a ``traceparent`` header (as every row has when tracing is on), counting the batches
@@ -47,6 +53,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from msdata import telemetry
 from msdata.adapters.memory import MemoryTransport
 from msdata.adapters.opentelemetry import OpenTelemetry
+from msdata.adapters.opentelemetry.tracing import _span_context
 from msdata.adapters.sqlite import SqliteOutboxStore, connect
 from msdata.events import EventBus
 from msdata.messages import Event, MessageRegistry, make_envelope, message_type
@@ -80,11 +87,11 @@ class Setups:
             tracer_provider=provider,
             meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]),
         )
-        self.lean = OpenTelemetry(
+        self.full = OpenTelemetry(
             tracer_provider=provider,
             meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]),
-            relay_spans="batch",
-            handler_spans=False,
+            relay_spans="message",
+            handler_spans=True,
         )
         self.api = OpenTelemetry(
             tracer_provider=trace.NoOpTracerProvider(),
@@ -93,7 +100,8 @@ class Setups:
 
     def install(self, name: str) -> None:
         self.exporter.clear()
-        telemetry.install({"none": None, "api": self.api, "sdk": self.sdk, "lean": self.lean}[name])
+        chosen = {"api": self.api, "sdk": self.sdk, "full": self.full}
+        telemetry.install(chosen.get(name))
 
 
 async def relay_round(db: str, store: SqliteOutboxStore, rows: int) -> tuple[float, int, int]:
@@ -192,6 +200,56 @@ def hook_cost(hooks: telemetry.Telemetry | None, n: int = 200_000) -> float:
     return max(0.0, statistics.median(costs)) / n
 
 
+def span_costs(n: int = 20_000) -> tuple[float, float, float]:
+    """CPU seconds of one SDK span (started and ended, five attributes, into an in-memory
+    exporter, as the set-ups' provider) and of one more link on a span (a span with 100
+    links, minus a span), and of msdata making one link from a row's ``traceparent``."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("bench")
+    attrs = {
+        "messaging.system": "memory",
+        "messaging.destination.name": "t",
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "publish",
+        "messaging.message.id": "0192f0c4-0000-7000-8000-000000000000",
+    }
+    contexts = [
+        trace.SpanContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0xF067AA0BA90200 + i, True)
+        for i in range(100)
+    ]
+
+    def per_span(count: int, links: int) -> float:
+        started = time.process_time()
+        for _ in range(count):
+            span = tracer.start_span(
+                "publish t",
+                None,
+                trace.SpanKind.PRODUCER,
+                attrs,
+                [trace.Link(c) for c in contexts[:links]] if links else None,
+            )
+            span.end()
+            exporter.clear()
+        elapsed = time.process_time() - started
+        return elapsed / count
+
+    spans = [per_span(n, 0) for _ in range(5)]
+    linked = [per_span(n // 20, 100) for _ in range(5)]
+    span = statistics.median(spans)
+    parents = [f"00-{c.trace_id:032x}-{c.span_id:016x}-01" for c in contexts]
+
+    def per_row() -> float:
+        started = time.process_time()
+        for _ in range(n // 100):
+            [trace.Link(c) for c in map(_span_context, parents) if c is not None]
+        return (time.process_time() - started) / (n // 100 * 100)
+
+    making = statistics.median(per_row() for _ in range(5))
+    return span, max(0.0, statistics.median(linked) - span) / 100, making
+
+
 def spread(xs: list[float]) -> str:
     return f"{min(xs):.3f} - {statistics.median(xs):.3f} - {max(xs):.3f}"
 
@@ -204,7 +262,7 @@ async def main() -> None:
     args = parser.parse_args()
     print(f"loadavg at start: {loadavg()}")
     setups = Setups()
-    names = ["none", "api", "sdk", "lean"]
+    names = ["none", "api", "sdk", "full"]
     relay_t: dict[str, list[float]] = {k: [] for k in names}
     bus_t: dict[str, list[float]] = {k: [] for k in names}
     missed_total = batches_total = 0
@@ -225,6 +283,7 @@ async def main() -> None:
     finally:
         telemetry.install(None)
         await store.close()
+    span, link, making = span_costs()
     hook = hook_cost(None)
     api_hook = hook_cost(setups.api)
     proxy_hook = hook_cost(OpenTelemetry())  # the global providers, no SDK ever set
@@ -259,6 +318,17 @@ async def main() -> None:
     print(
         f"API-only hook calls, global (proxy) providers: {proxy_hook * 1e9:.0f} ns = "
         f"{proxy_hook / bus_none * 100:.2f}% of the bus's time per message"
+    )
+    print(
+        f"SDK, timed directly: a span {span * us:.2f} us, a link {link * us:.3f} us; "
+        f"the bus's {bus_none * us:.2f} us/msg x 15% = {bus_none * 0.15 * us:.2f} us "
+        f"= {bus_none * 0.15 / span:.2f} spans' worth (it makes 2 per message, 3 in full)"
+    )
+    relay_none = statistics.median(relay_t["none"])
+    print(
+        f"relay: {relay_none * us:.2f} us/row x 15% = {relay_none * 0.15 * us:.2f} us; "
+        f"batch form per row: 1/100 span + 1 link + making the link from the row's "
+        f"traceparent ({making * us:.2f} us) = {(span / 100 + link + making) * us:.2f} us"
     )
     print(f"loadavg at end: {loadavg()}")
 

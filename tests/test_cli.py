@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+from pydantic import BaseModel
 
 from msdata import Event, MessageRegistry
-from msdata.messages import message_type
-from msdata.saga import SagaStatus
+from msdata.messages import handling, make_envelope, message_type
+from msdata.saga import Saga, SagaStatus
 from msdata.service import Service
 from msdata.testing import eventually
 from msdata.urls import store_from_url
@@ -524,3 +525,94 @@ def test_console_script_without_the_cli_extra_prints_one_line() -> None:
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "'cli' extra" in lines[0], proc.stderr
+
+
+# -- trace ----------------------------------------------------------------------------------
+
+
+class TickCount(BaseModel):
+    n: int
+
+
+counting = (
+    Saga("count", TickCount)
+    .step("count", lambda d: None, compensate=lambda d: None)
+    .pivot("done", lambda d: None)
+)
+
+
+async def traced_work(db: Db) -> tuple[Any, Any, str]:
+    """In one service: a root message, a message and an event it caused, a message of another
+    correlation, and a saga whose id is the root's correlation id. Returns the root, its
+    child message and the saga's id."""
+    service = Service("cli", db=db.url, schema=db.schema, registry=registry, relay=False)
+    service.saga(counting)
+    events = service.events
+    root = make_envelope(Tick(n=0), registry=registry, source="cli")
+    assert root.correlation_id is not None
+    async with service:
+        async with service.transaction() as conn:
+            await service.publish(root)
+            with handling(root):
+                (child,) = await service.publish(Tick(n=1))
+                await events.append_async(conn, "ticks-1", 0, [Tick(n=2)])
+            await service.publish(Tick(n=3))  # another correlation id
+        rec = await service.sagas.run(counting, TickCount(n=1), saga_id=root.correlation_id)
+        assert rec.status is SagaStatus.COMPLETED
+    return root, child, rec.saga_id
+
+
+def test_trace_prints_the_timeline_of_a_correlation_id(db: Db, tmp_path: Path) -> None:
+    msdata("db", "init", db.url, *db.options)
+    root, child, saga_id = asyncio.run(traced_work(db))
+    corr = root.correlation_id
+    data = json.loads(msdata("trace", corr, "--db", db.url, *db.options, "--json").stdout)
+    assert data["correlation_id"] == corr and data["missing"] == []
+    assert len(data["read"]) == 3  # outbox, event store, sagas
+    entries = data["entries"]
+    assert [(e["kind"], e["message_id"]) for e in entries[:2]] == [
+        ("message", root.id),
+        ("message", child.id),
+    ]
+    assert entries[1]["causation_id"] == root.id and entries[1]["type"] == "cli.Tick"
+    assert entries[0]["where"].endswith(": pending") and entries[0]["service"]
+    # the event: in the event store, and in the outbox (the service's event log publishes it)
+    event = entries[2:4]
+    assert {e["kind"] for e in event} == {"event", "message"}
+    assert len({e["message_id"] for e in event}) == 1
+    assert {e["causation_id"] for e in event} == {root.id}
+    steps = entries[4:]
+    assert steps and {e["kind"] for e in steps} == {"saga_step"}
+    assert (steps[0]["detail"]["event"], steps[-1]["detail"]["event"]) == ("started", "completed")
+    assert "count" in {e["type"] for e in steps}
+    times = [e["time"] for e in entries]
+    assert times == sorted(times)
+    table = msdata("trace", corr, "--db", db.url, *db.options).stdout
+    assert f"trace of {corr}" in table and "cli.Tick" in table and "saga step" in table
+    other = json.loads(msdata("trace", "no-such-id", "--db", db.url, *db.options, "--json").stdout)
+    assert other["entries"] == []
+    assert "nothing carries" in msdata("trace", "no-such-id", "--db", db.url, *db.options).stdout
+
+    # the same from the stores the service configures
+    (tmp_path / "traced_app.py").write_text(
+        "from msdata.service import Service\n"
+        f"service = Service('cli', db={db.url!r}, schema={db.schema!r}, relay=False)\n"
+    )
+    by_app = json.loads(
+        msdata("trace", corr, "--app", "traced_app:service", "--json", cwd=tmp_path).stdout
+    )
+    assert [e["message_id"] for e in by_app["entries"]] == [e["message_id"] for e in entries]
+    assert {e["service"] for e in by_app["entries"]} == {"cli"}
+    assert saga_id == corr
+
+
+def test_trace_reads_what_has_tables_and_says_what_has_none(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/only_outbox.db"
+    msdata("db", "init", url, "--port", "outbox")
+    data = json.loads(msdata("trace", "x", "--db", url, "--json").stdout)
+    assert data["read"] == [f"{url} outbox"]
+    assert data["missing"] == [f"{url} event store", f"{url} sagas"]
+    empty = f"sqlite:///{tmp_path}/inbox_only.db"
+    msdata("db", "init", empty, "--port", "inbox")
+    assert "none of the stores has its tables" in fails("trace", "x", "--db", empty)
+    assert "--app module:service or --db URL" in usage("trace", "x")

@@ -314,3 +314,24 @@ async def test_a_batch_of_events_with_headers_takes_the_fast_path(
     assert await relay.run_once() == 20
     assert pub.ids == [e.id for e in envs]
     assert all(m.headers.get("traceparent") == TRACEPARENT["traceparent"] for _, m in pub.published)
+
+
+from msdata.adapters.memory.audit import MemoryOutboxAudit  # noqa: E402
+from msdata.testing.conformance.audit import OutboxAuditConformance  # noqa: E402
+
+
+class TestMemoryOutboxAudit(MemoryOutboxHooks, OutboxAuditConformance):
+    def make_audit(self, store: Any, name: str) -> MemoryOutboxAudit:
+        return MemoryOutboxAudit(store, name=name)
+
+
+def test_memory_url_takes_and_ignores_the_postgres_outbox_options() -> None:
+    """A service's outbox URL switched to memory:// keeps its PostgreSQL options."""
+    from msdata.urls import store_from_url
+
+    store = store_from_url(
+        "outbox", "memory://", notify=False, partitioned=True, relay_synchronous_commit=True
+    )
+    assert isinstance(store, MemoryOutboxStore)
+    with pytest.raises(ConfigurationError, match="nonsense"):
+        store_from_url("outbox", "memory://", nonsense=1)

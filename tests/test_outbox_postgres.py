@@ -3,8 +3,9 @@ tests/test_postgres_drivers.py covers the others). Each test gets its own table 
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -16,11 +17,22 @@ from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConfigurationError
 from msdata.outbox import InboxStore, OutboxRow, OutboxStore
 from msdata.testing.conformance.inbox import InboxStoreConformance
-from msdata.testing.conformance.outbox import OutboxStoreConformance, OutboxStoreHooks, make_rows
+from msdata.testing.conformance.outbox import (
+    OutboxStoreConformance,
+    OutboxStoreHooks,
+    RawText,
+    SqlLiteral,
+    make_rows,
+)
 from msdata.testing.conformance.relay import OutboxRelayConformance
+from msdata.testing.waiting import eventually
+from msdata.urls import store_from_url
 from store_helpers import PgTx, PostgresHooks, opened, table_prefix
 
 pytestmark = pytest.mark.postgres
+
+# the port's field names that the PostgreSQL table names otherwise (Debezium's names)
+_PG_COLUMN = {"message_id": "id", "partition_key": "aggregateid"}
 
 
 class PostgresCallerHooks(PostgresHooks):
@@ -80,6 +92,7 @@ class PostgresCallerHooks(PostgresHooks):
 class PostgresOutboxHooks(PostgresCallerHooks, OutboxStoreHooks):
     lease_seconds = 0.4
     partitioned = False
+    _raw: Any = None  # write_raw_row's connection
 
     @asynccontextmanager
     async def make_store(self, *, clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[OutboxStore]:
@@ -90,7 +103,12 @@ class PostgresOutboxHooks(PostgresCallerHooks, OutboxStoreHooks):
             ),
             drop=True,
         ) as store:
-            yield store
+            try:
+                yield store
+            finally:
+                raw, self._raw = getattr(self, "_raw", None), None
+                if raw is not None:
+                    await raw.close()
 
     @asynccontextmanager
     async def open_again(self, store: Any) -> AsyncIterator[OutboxStore]:
@@ -104,6 +122,34 @@ class PostgresOutboxHooks(PostgresCallerHooks, OutboxStoreHooks):
 
     async def add(self, store: Any, tx: PgTx, rows: Sequence[OutboxRow]) -> None:
         await store.append_async(tx.conn, rows)
+
+    async def write_raw_row(self, store: Any, columns: Mapping[str, object]) -> int | None:
+        """A hand-written INSERT on a connection of its own (the table's own column names),
+        values bound as asyncpg binds them; what PostgreSQL or asyncpg refuses is None."""
+        names, marks, args = [], [], []
+        for name, value in columns.items():
+            names.append(_PG_COLUMN.get(name, name))
+            if isinstance(value, SqlLiteral):
+                marks.append(str(value))
+                continue
+            if isinstance(value, RawText):  # PostgreSQL checks encodings: it may refuse
+                value = bytes(value)
+                marks.append(f"convert_from(${len(args) + 1}::bytea, 'UTF8')")
+            else:
+                marks.append(f"${len(args) + 1}")
+            args.append(value)
+        sql = (
+            f"INSERT INTO {store.table} ({', '.join(names)}) VALUES ({', '.join(marks)}) "
+            "RETURNING seq"
+        )
+        conn = getattr(self, "_raw", None)
+        if conn is None:  # one connection of its own per test, closed with the store
+            conn = self._raw = await asyncpg.connect(self.url)
+        try:
+            seq: int = await conn.fetchval(sql, *args)
+        except (asyncpg.PostgresError, asyncpg.DataError, OverflowError, UnicodeEncodeError):
+            return None
+        return seq
 
     @asynccontextmanager
     async def make_store_without_schema(self) -> AsyncIterator[OutboxStore]:
@@ -180,6 +226,38 @@ def test_from_url_rejects_other_schemes_and_connects_lazily() -> None:
         PostgresOutboxStore.from_url("mysql://localhost/db")
     store = PostgresOutboxStore.from_url("postgresql+asyncpg://nobody@127.0.0.1:1/none")
     assert "CREATE TABLE IF NOT EXISTS" in store.schema_sql()
+
+
+@pytest.mark.parametrize("make", ["PostgresOutboxStore.from_url", "store_from_url"])
+async def test_from_url_with_notify_false_appends_without_notifying(
+    postgres_url: str, make: str
+) -> None:
+    """docs/postgres.md advises ``notify=False`` for a write-heavy service: both URL
+    entry points take it, and an append then sends no notification (the default does)."""
+    prefix = table_prefix()
+    if make == "store_from_url":
+        quiet = store_from_url("outbox", postgres_url, table_prefix=prefix, notify=False)
+    else:
+        quiet = PostgresOutboxStore.from_url(postgres_url, table_prefix=prefix, notify=False)
+    loud = PostgresOutboxStore.from_url(postgres_url, table_prefix=prefix)
+    await quiet.create_schema()
+    listener = await asyncpg.connect(postgres_url)
+    heard: list[str] = []
+    await listener.add_listener(loud.channel, lambda *args: heard.append(args[2]))
+    try:
+        for store in (quiet, loud):
+            tx = await PgTx.open(postgres_url)
+            await store.append_async(tx.conn, make_rows(1))
+            await tx.end(True)
+        await eventually(lambda: len(heard) == 1, 10.0, what="the default store's notification")
+        await asyncio.sleep(0.2)  # time for a second one, if the quiet store sent one
+        assert len(heard) == 1
+        assert (await quiet.status()).pending == 2
+    finally:
+        await listener.close()
+        await quiet.drop_schema()
+        await quiet.close()
+        await loud.close()
 
 
 def test_schema_sql_has_the_debezium_columns() -> None:
@@ -469,3 +547,12 @@ async def test_a_clean_stop_hands_partitions_over_at_once(postgres_url: str) -> 
     finally:
         await store.drop_schema()
         await store.close()
+
+
+from msdata.adapters.postgres.audit import PostgresOutboxAudit  # noqa: E402
+from msdata.testing.conformance.audit import OutboxAuditConformance  # noqa: E402
+
+
+class TestPostgresOutboxAudit(PostgresOutboxHooks, OutboxAuditConformance):
+    def make_audit(self, store: Any, name: str) -> PostgresOutboxAudit:
+        return PostgresOutboxAudit(store, name=name)

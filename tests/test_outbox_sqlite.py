@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,13 @@ from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConfigurationError, StoreError
 from msdata.outbox import InboxStore, OutboxRow, OutboxStore
 from msdata.testing.conformance.inbox import InboxStoreConformance
-from msdata.testing.conformance.outbox import OutboxStoreConformance, OutboxStoreHooks, make_rows
+from msdata.testing.conformance.outbox import (
+    OutboxStoreConformance,
+    OutboxStoreHooks,
+    RawText,
+    SqlLiteral,
+    make_rows,
+)
 from msdata.testing.conformance.relay import OutboxRelayConformance
 from store_helpers import SqliteHooks, ThreadTx, opened, table_prefix
 
@@ -99,6 +105,36 @@ class SqliteOutboxHooks(SqliteCallerHooks, OutboxStoreHooks):
 
     async def add(self, store: Any, tx: ThreadTx, rows: Sequence[OutboxRow]) -> None:
         await tx.run(store.append, tx.conn, rows)
+
+    async def write_raw_row(self, store: Any, columns: Mapping[str, object]) -> int | None:
+        """A hand-written INSERT on a connection of its own, values bound as given."""
+        names, marks, args = [], [], []
+        for name, value in columns.items():
+            names.append(name)
+            if isinstance(value, SqlLiteral):
+                marks.append(str(value))
+            elif isinstance(value, RawText):
+                marks.append("CAST(? AS TEXT)")
+                args.append(bytes(value))
+            else:
+                marks.append("?")
+                args.append(value)
+        if "created_at" not in columns:
+            names.append("created_at")
+            marks.append("(julianday('now') - 2440587.5) * 86400.0")
+        sql = (
+            f"INSERT INTO {store.table_prefix}outbox ({', '.join(names)}) "
+            f"VALUES ({', '.join(marks)})"
+        )
+        conn = sqlite3.connect(store.path, timeout=30.0)
+        try:
+            with conn:
+                seq = conn.execute(sql, args).lastrowid
+        except (sqlite3.IntegrityError, OverflowError, UnicodeEncodeError):
+            return None  # NOT NULL, an integer over 64 bits, a lone surrogate
+        finally:
+            conn.close()
+        return seq
 
 
 class TestSqliteOutboxStore(SqliteOutboxHooks, OutboxStoreConformance):
@@ -419,3 +455,21 @@ async def test_a_cancelled_call_still_in_the_thread_keeps_the_next_ones_off_the_
         assert (status.parked, status.pending) == (1, 2)  # the cancelled park still landed
     finally:
         await store.close()
+
+
+from msdata.adapters.sqlite.audit import SqliteOutboxAudit  # noqa: E402
+from msdata.testing.conformance.audit import OutboxAuditConformance  # noqa: E402
+
+
+class TestSqliteOutboxAudit(SqliteOutboxHooks, OutboxAuditConformance):
+    def make_audit(self, store: Any, name: str) -> SqliteOutboxAudit:
+        return SqliteOutboxAudit(store, name=name)
+
+
+def test_from_url_refuses_a_postgres_only_option_by_name(db_path: str) -> None:
+    with pytest.raises(ConfigurationError, match="notify: an option of the PostgreSQL"):
+        SqliteOutboxStore.from_url(f"sqlite:///{db_path}", notify=False)
+    from msdata.urls import store_from_url
+
+    with pytest.raises(ConfigurationError, match="partitioned"):
+        store_from_url("outbox", f"sqlite:///{db_path}", partitioned=True)

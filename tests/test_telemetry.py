@@ -148,30 +148,60 @@ async def test_with_only_the_api_the_hooks_pass_messages_through() -> None:
         assert sent is messages
 
 
-async def test_batch_relay_spans_link_each_rows_create_span(otel: Otel) -> None:
-    telemetry.install(
-        OpenTelemetry(
-            tracer_provider=otel.tracer_provider,
-            meter_provider=otel.meter_provider,
-            relay_spans="batch",
-        )
-    )
+async def test_the_relay_makes_one_publish_span_per_batch_linked_to_each_row(
+    otel: Otel,
+) -> None:
     store = MemoryOutboxStore()
     with MemoryTransaction() as tx:
-        Outbox(store, registry=registry).add(tx, [Boom(n=1), Boom(n=2)])
-    assert await OutboxRelay(store, MemoryTransport()).run_once() == 2
+        added = Outbox(store, registry=registry).add(tx, [Boom(n=1), Boom(n=2)])
+    transport = MemoryTransport()
+    await transport.declare_group("test.Boom", "g")
+    assert await OutboxRelay(store, transport).run_once() == 2
     spans = otel.finished()
     publish = one(spans, "publish test.Boom")
+    assert publish.kind is SpanKind.CLIENT  # its context is no message's creation context
     creates = [s.context.span_id for s in spans if s.name == "create test.Boom" and s.context]
     assert len(creates) == 2
     assert sorted(link.context.span_id for link in publish.links) == sorted(creates)
     assert publish.attributes is not None
     assert publish.attributes["messaging.batch.message_count"] == 2
+    # the rows' creation contexts reach the consumers unchanged
+    async with transport.subscribe("test.Boom", "g") as sub:
+        got = await sub.receive(10, timeout=1.0)
+    assert sorted(d.message.headers["traceparent"] for d in got) == sorted(
+        e.headers["traceparent"] for e in added
+    )
 
 
-async def test_one_trace_from_the_request_through_two_services(otel: Otel) -> None:
-    """HTTP-like root -> create (outbox add) -> publish (relay) -> process -> handle, then
-    from inside that handler on through a second service's outbox, relay and consumer."""
+async def test_the_batch_span_links_only_the_rows_whose_creation_was_sampled(
+    otel: Otel,
+) -> None:
+    sampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    dropped = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b8-00"
+    messages = [
+        TransportMessage("a", b"{}", None, {"traceparent": sampled}),
+        TransportMessage("b", b"{}", None, {"traceparent": dropped}),
+        TransportMessage("c", b"{}", None, {"traceparent": "garbage-01"}),
+        TransportMessage("d", b"{}"),
+    ]
+    with otel.hooks.publishing("t", messages, MemoryTransport()) as sent:
+        assert sent is messages  # sent as they are
+    publish = one(otel.finished(), "publish t")
+    assert [format(link.context.span_id, "016x") for link in publish.links] == ["00f067aa0ba902b7"]
+
+
+@pytest.mark.parametrize(("relay_spans", "handler_spans"), [("batch", False), ("message", True)])
+async def test_one_trace_from_the_request_through_two_services(
+    otel: Otel, relay_spans: str, handler_spans: bool
+) -> None:
+    """HTTP-like root -> create (outbox add) -> process (the handler), then from inside that
+    handler on through a second service's outbox, relay and consumer; the relay's
+    ``publish`` span (one per batch) links to the ``create`` spans (the defaults). With
+    ``relay_spans="message"`` a ``publish`` span per row between ``create`` and
+    ``process``; with ``handler_spans=True`` a ``handle`` span under ``process``."""
+    otel.hooks.relay_spans = relay_spans  # type: ignore[assignment]
+    otel.hooks.handler_spans = handler_spans
+    last = "handle" if handler_spans else "process"
     tmp = Path(tempfile.mkdtemp())
     orders_db, billing_db = str(tmp / "orders.db"), str(tmp / "billing.db")
     orders_store, billing_store = SqliteOutboxStore(orders_db), SqliteOutboxStore(billing_db)
@@ -211,7 +241,7 @@ async def test_one_trace_from_the_request_through_two_services(otel: Otel) -> No
     async with billing_bus, shipping_bus, relays[0], relays[1]:
         await eventually(lambda: shipped == ["42"], timeout=10, what="the payment to ship")
         await eventually(
-            lambda: any(s.name == "handle billing.PaymentRequested" for s in otel.finished()),
+            lambda: any(s.name == f"{last} billing.PaymentRequested" for s in otel.finished()),
             timeout=10,
             what="the last span",
         )
@@ -220,20 +250,30 @@ async def test_one_trace_from_the_request_through_two_services(otel: Otel) -> No
     create = one(spans, "create orders.OrderPlaced")
     publish = one(spans, "publish orders.OrderPlaced")
     process = one(spans, "process orders.OrderPlaced")
-    handle = one(spans, "handle orders.OrderPlaced")
     create2 = one(spans, "create billing.PaymentRequested")
     publish2 = one(spans, "publish billing.PaymentRequested")
     process2 = one(spans, "process billing.PaymentRequested")
-    handle2 = one(spans, "handle billing.PaymentRequested")
-    chain = [root, create, publish, process, handle, create2, publish2, process2, handle2]
+    chain = [root, create, publish, process, create2, publish2, process2]
+    if relay_spans == "message":
+        assert publish.kind is SpanKind.PRODUCER
+    else:
+        chain = [s for s in chain if s not in (publish, publish2)]
+        for p, c in ((publish, create), (publish2, create2)):
+            assert p.kind is SpanKind.CLIENT
+            assert [link.context.span_id for link in p.links] == [c.context.span_id]  # type: ignore[union-attr]
+    if handler_spans:
+        handle = one(spans, "handle orders.OrderPlaced")
+        handle2 = one(spans, "handle billing.PaymentRequested")
+        chain.insert(chain.index(process) + 1, handle)
+        chain.append(handle2)
+        assert handle.kind is SpanKind.INTERNAL
+    else:
+        assert not [s.name for s in spans if s.name.startswith("handle ")]
+        assert process.attributes is not None
+        assert process.attributes["code.function.name"].endswith("request_payment")
     for parent, child in itertools.pairwise(chain):
         assert child_of(child, parent), f"{child.name} is not a child of {parent.name}"
-    assert [s.kind for s in chain[1:5]] == [
-        SpanKind.PRODUCER,
-        SpanKind.PRODUCER,
-        SpanKind.CONSUMER,
-        SpanKind.INTERNAL,
-    ]
+    assert [s.kind for s in (create, process)] == [SpanKind.PRODUCER, SpanKind.CONSUMER]
     assert create.attributes is not None and process.attributes is not None
     assert create.attributes["messaging.destination.name"] == "orders.OrderPlaced"
     assert create.attributes["messaging.operation.type"] == "create"
@@ -336,6 +376,26 @@ async def test_projection_lag_is_a_gauge_read_by_refresh(otel: Otel) -> None:
     assert otel.metric("msdata.projection.lag_age") == [
         ({"msdata.projection.name": "order-totals"}, 1.5)
     ]
+
+
+async def test_consumer_lag_is_a_gauge_of_what_the_broker_reports(otel: Otel) -> None:
+    transport = MemoryTransport()
+    await transport.declare_group("orders", "billing")
+    await transport.publish("orders", [TransportMessage(str(i), b"{}") for i in range(3)])
+    otel.hooks.watch_consumer(transport, "orders", "billing")
+    otel.hooks.watch_consumer(transport, "orders", "never-declared")  # None: not reported
+    await otel.hooks.refresh()
+    attrs = {
+        "messaging.system": "memory",
+        "messaging.destination.name": "orders",
+        "messaging.consumer.group.name": "billing",
+    }
+    assert otel.metric("msdata.consumer.lag") == [(attrs, 3)]
+    async with transport.subscribe("orders", "billing") as sub:
+        for d in await sub.receive(10, timeout=1.0):
+            await d.ack()
+    await otel.hooks.refresh()
+    assert otel.metric("msdata.consumer.lag") == [(attrs, 0)]
 
 
 async def test_a_composition_is_a_span_and_its_parts_calls_nest_under_it(otel: Otel) -> None:

@@ -5,6 +5,7 @@ import json
 import random
 import socket
 import time
+import tracemalloc
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,18 +17,26 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from msdata.adapters.redis import (
+    DEFAULT_MAX_MESSAGE_BYTES,
     FOREIGN_ENTRY_HEADER,
     RedisDelivery,
     RedisSubscription,
     RedisTransport,
 )
-from msdata.errors import ConfigurationError, PublishError, TransportClosed, TransportError
+from msdata.errors import (
+    ConfigurationError,
+    MessageTooLarge,
+    PublishError,
+    TransportClosed,
+    TransportError,
+)
 from msdata.testing.conformance.transport import TransportConformance, collect, make_messages
 from msdata.transport import (
     DEAD_LETTER_ATTEMPTS,
     DEAD_LETTER_REASON,
     DEAD_LETTER_TOPIC,
     Transport,
+    TransportMessage,
     dead_letter_topic,
 )
 from services import require
@@ -82,6 +91,9 @@ class TestRedisTransport(TransportConformance):
 
     def make_transport_in(self, namespace: str) -> AsyncIterator[Transport]:  # type: ignore[override]
         return redis_transport(namespace=namespace)  # type: ignore[return-value]
+
+    def make_transport_with(self, **options: object) -> AsyncIterator[Transport]:  # type: ignore[override]
+        return redis_transport(**options)  # type: ignore[return-value]
 
 
 # -- adapter-specific ---------------------------------------------------------------------
@@ -389,3 +401,204 @@ async def test_a_pipeline_that_fails_before_execute_gives_its_connection_back(
                 pass
         monkeypatch.undo()
         assert not pool._in_use_connections, "a failed pipeline kept its connection"
+
+
+# -- issue 9: sizes, per-message outcomes, a consumer bounded in bytes --------------------
+
+
+async def test_foreign_entries_over_the_limit_never_reach_the_consumer() -> None:
+    """30 foreign entries of 2 MB (over the default max_message_bytes, ~1.06 MB) are
+    dead-lettered on the server with their reason: the consumer's Python heap never holds
+    one (tracemalloc), the good messages around them arrive, and the dead letters keep the
+    whole body."""
+    topic, group = unique("topic"), unique("group")
+    big = b"x" * 2_000_000
+    async with redis_transport() as t:
+        await t.declare_group(topic, group)
+        key = t._stream_key(topic)
+        good = make_messages(3)
+        await t.publish(topic, good[:1])
+        for i in range(30):
+            await t._client.xadd(key, {"payload": big, "n": str(i)} if i % 2 else {"body": big})
+        await t.publish(topic, good[1:])
+        tracemalloc.start()
+        try:
+            async with t.subscribe(topic, group) as sub:
+                got = await collect(sub, 3, timeout=10.0)
+                assert sorted(d.message.id for d in got) == sorted(m.id for m in good)
+                await asyncio.sleep(0.05)
+                assert await sub.receive(10, timeout=0.3) == []
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 1_000_000, f"the consumer held {peak:,} bytes at its peak"
+        # (a dead letter is read with a limit that lets it through)
+        async with (
+            redis_transport(namespace=t.key_prefix, max_message_bytes=3_000_000) as ops,
+            ops.subscribe(dead_letter_topic(topic, group), unique("ops")) as dlq,
+        ):
+            dead = await collect(dlq, 30, timeout=10.0)
+        assert len(dead) == 30
+        for d in dead:
+            reason = d.message.headers[DEAD_LETTER_REASON]
+            assert reason.startswith("MessageTooLarge: the stream entry is 20000"), reason
+            assert reason.endswith(f"bytes; max_message_bytes is {DEFAULT_MAX_MESSAGE_BYTES}")
+            assert d.message.headers[DEAD_LETTER_TOPIC] == topic
+            assert FOREIGN_ENTRY_HEADER in d.message.headers
+        bodies = [d.message.body for d in dead]
+        assert bodies.count(big) == 15  # the body field, as the consumer would read it
+        assert all(json.loads(b)["payload"] == big.decode() for b in bodies if b != big)
+
+
+async def test_a_consumer_holds_at_most_its_byte_budget_plus_one_message(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With max_held_bytes 100 kB and max_message_bytes 20 kB, a consumer that does not ack
+    holds at most 120 kB of 10 kB messages however often it receives; once it acks, it reads
+    the rest; an entry over 20 kB is dead-lettered (logged once, with its size)."""
+    topic, group = unique("topic"), unique("group")
+    async with redis_transport(max_held_bytes=100_000, max_message_bytes=20_000) as t:
+        await t.declare_group(topic, group)
+        msgs = [
+            TransportMessage(id=str(uuid.uuid4()), body=b"%05d" % i + b"y" * 10_000)
+            for i in range(40)
+        ]
+        await t.publish(topic, msgs[:20])
+        await t._client.xadd(t._stream_key(topic), {"id": "big", "body": b"z" * 30_000})
+        await t.publish(topic, msgs[20:])
+        async with t.subscribe(topic, group, prefetch=1000) as sub:
+            held: list[RedisDelivery] = []
+            for _ in range(30):
+                held += await sub.receive(100, timeout=0.05)
+                assert sub._held == sum(d._size for d in held)
+                assert sub._held <= 120_000, f"held {sub._held:,} bytes"
+            assert 9 <= len(held) <= 12, len(held)
+            for d in held:
+                await d.ack()
+            rest = await collect(sub, 40 - len(held), timeout=10.0)
+        assert sorted(d.message.id for d in held + rest) == sorted(m.id for m in msgs)
+    lines = [r.getMessage() for r in caplog.records if r.name == "msdata.deadletter"]
+    assert len(lines) == 1 and "big" in lines[0]
+    assert "MessageTooLarge: the stream entry is 30009 bytes" in lines[0], lines
+
+
+async def test_a_too_large_entry_read_by_the_blocking_wait_is_dead_lettered() -> None:
+    """An entry that arrives while the consumer waits (a plain XREADGROUP, not the script)
+    is measured right after the read and dead-lettered; the consumer goes on."""
+    topic, group = unique("topic"), unique("group")
+    async with redis_transport(max_message_bytes=5_000) as t, t.subscribe(topic, group) as sub:
+
+        async def later() -> None:
+            await asyncio.sleep(0.3)
+            await t._client.xadd(t._stream_key(topic), {"body": b"q" * 6_000})
+            await t.publish(topic, make_messages(1, prefix="after"))
+
+        writer = asyncio.create_task(later())
+        got = await collect(sub, 1, timeout=10.0)
+        await writer
+        assert [json.loads(d.message.body) for d in got] == [{"after": 0}]
+        async with (
+            redis_transport(namespace=t.key_prefix) as ops,
+            ops.subscribe(dead_letter_topic(topic, group), unique("ops")) as dlq,
+        ):
+            (dead,) = await collect(dlq, 1, timeout=5.0)
+        assert dead.message.body == b"q" * 6_000
+        assert dead.message.headers[DEAD_LETTER_REASON].startswith("MessageTooLarge")
+        assert dead.message.headers[DEAD_LETTER_ATTEMPTS] == "1"
+
+
+async def test_a_reclaimed_entry_over_the_limit_is_dead_lettered() -> None:
+    """A consumer that allowed large entries read one and died; one that does not reclaims
+    it and dead-letters it on the server, its attempts counted."""
+    topic, group = unique("topic"), unique("group")
+    big = TransportMessage(id=str(uuid.uuid4()), body=b"w" * 8_000, key="k", headers={"h": "v"})
+    async with redis_transport(claim_interval=0.1) as wide:
+        await wide.publish(topic, [big])
+        async with wide.subscribe(topic, group) as first:
+            assert len(await collect(first, 1, timeout=5.0, ack=False)) == 1
+            abandon(first)
+        async with (
+            redis_transport(
+                namespace=wide.key_prefix, max_message_bytes=4_000, claim_interval=0.1
+            ) as narrow,
+            narrow.subscribe(topic, group) as second,
+        ):
+            assert await collect(second, 1, timeout=2.0) == []
+            # (read before narrow's exit, which deletes the keys of the namespace)
+            async with wide.subscribe(dead_letter_topic(topic, group), unique("ops")) as dlq:
+                (dead,) = await collect(dlq, 1, timeout=5.0)
+    assert dead.message.id == big.id and dead.message.body == big.body
+    assert dead.message.key == "k" and dead.message.headers["h"] == "v"
+    assert dead.message.headers[DEAD_LETTER_REASON] == (
+        f"MessageTooLarge: the stream entry is {6 + len(big.id) + 8_000 + 4 + 16} bytes; "
+        "max_message_bytes is 4000"
+    )
+    assert dead.message.headers[DEAD_LETTER_ATTEMPTS] == "2"
+
+
+async def test_publish_reports_an_error_reply_for_one_entry_alone() -> None:
+    """An XADD that Redis answers with an error of its own fails alone: PublishError names
+    that message only and the others are written; an error of the server's state (OOM,
+    READONLY...) fails the batch as a whole (``refused`` empty)."""
+    topic, group = unique("topic"), unique("group")
+
+    async with redis_transport() as t:
+        await t.declare_group(topic, group)
+        msgs = make_messages(3)
+        real = t._client.pipeline
+
+        def pipeline(*args: object, **kwargs: object) -> object:
+            pipe = real(*args, **kwargs)  # type: ignore[arg-type]
+            command = pipe.execute_command
+
+            def execute_command(*parts: object) -> object:
+                if parts[0] == "XADD" and msgs[1].id in parts:
+                    # an id Redis refuses for this one entry
+                    parts = (parts[0], parts[1], "0-0", *parts[3:])
+                return command(*parts)
+
+            pipe.execute_command = execute_command  # type: ignore[method-assign]
+            return pipe
+
+        t._client.pipeline = pipeline  # type: ignore[method-assign]
+        with pytest.raises(PublishError) as refused:
+            await t.publish(topic, msgs)
+        assert list(refused.value.refused) == [msgs[1].id]
+        assert "ResponseError" in refused.value.refused[msgs[1].id]
+        t._client.pipeline = real  # type: ignore[method-assign]
+        async with t.subscribe(topic, group) as sub:
+            got = await collect(sub, 2, timeout=5.0)
+            assert [d.message.id for d in got] == [msgs[0].id, msgs[2].id]
+            await t.publish(topic, msgs[1:2])
+            (again,) = await collect(sub, 1, timeout=5.0)
+            assert again.message.id == msgs[1].id
+
+
+async def test_max_message_bytes_and_max_held_bytes_from_the_url() -> None:
+    url = require("redis")
+    sep = "&" if "?" in url else "?"
+    t = RedisTransport.from_url(
+        f"{url}{sep}max_message_bytes=5000&socket_timeout=3&max_held_bytes=70000"
+    )
+    try:
+        assert (t.max_message_bytes, t.max_held_bytes) == (5000, 70000)
+        assert t._client.connection_pool.connection_kwargs["socket_timeout"] == 3.0
+        topic = unique("topic")
+        t.key_prefix = f"msdata-test-{uuid.uuid4().hex[:12]}"
+        with pytest.raises(PublishError) as refused:
+            await t.publish(topic, [TransportMessage(id="m1", body=b"b" * 5000)])
+        assert isinstance(refused.value.__cause__, MessageTooLarge)
+        assert "5,008 bytes" in refused.value.refused["m1"]
+        await t.publish(topic, [TransportMessage(id="m2", body=b"b" * 4000)])  # still usable
+        await _delete_prefix(t._client, t.key_prefix)
+    finally:
+        await t.close()
+    t = RedisTransport.from_url(url)
+    assert t.max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES
+    assert t.max_held_bytes == 64 * 1024 * 1024
+    await t.close()
+    for bad in ("max_message_bytes=0", "max_held_bytes=x", "max_message_bytes=600000000"):
+        with pytest.raises(ConfigurationError):
+            RedisTransport.from_url(f"{url}{sep}{bad}")
+    with pytest.raises(ConfigurationError):
+        RedisTransport.from_url(f"{url}{sep}max_held_bytes=5", max_held_bytes=6)

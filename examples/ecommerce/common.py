@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from msdata.backoff import exponential_backoff
 from msdata.service import Service
 from msdata.transport import Transport, TransportMessage
 from msdata.urls import transport_from_url
@@ -90,14 +89,9 @@ def make_service(
         broker=broker,
         schema=schema,
         middleware=middleware,
-        # a saga reply that arrives while a killed orchestrator's lease is still live is
-        # redelivered until the lease runs out: the redeliveries must outlast the lease
-        # (at least twice it, even with the jitter), or the reply is dead-lettered
-        bus_options={
-            "concurrency": 16,
-            "max_attempts": 12,
-            "backoff": exponential_backoff(0.1, 2.0, maximum=max(1.0, lease / 2), jitter=0.5),
-        },
+        # the bus's default redeliveries: a saga reply that meets a killed orchestrator's
+        # live lease is recorded on the instance and acked (docs/sagas.md, Recovery)
+        bus_options={"concurrency": 16},
         relay_options={"lease_seconds": lease},
         saga_options={"lease_seconds": lease, "recovery_interval": 1.0},
         stop_timeout=3.0,

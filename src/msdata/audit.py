@@ -19,19 +19,22 @@ for a SQLite outbox (rows kept after sending only when the relay has a ``retenti
 :class:`msdata.adapters.postgres.audit.PostgresOutboxAudit` for a PostgreSQL outbox,
 :class:`msdata.adapters.memory.audit.MemoryOutboxAudit` for the memory outbox,
 :class:`SagaAudit` for a saga store's instance history. A source for
-another store is a class with one async method, ``entries(correlation_id)``.
+another store is a class with one async method, ``entries(correlation_id)``;
+:func:`outbox_audit` picks the source of an msdata outbox store. The command line prints a
+trail as a timeline: ``msdata trace CORRELATION_ID --app module:service`` (docs/cli.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
-from msdata.errors import SagaNotFound
+from msdata.errors import ConfigurationError, SagaNotFound
 from msdata.eventstore.store import EventStore
 from msdata.saga.store import SagaStore
 
@@ -42,6 +45,7 @@ __all__ = [
     "SagaAudit",
     "audit_trail",
     "entry_of_payload",
+    "outbox_audit",
 ]
 
 
@@ -210,3 +214,36 @@ async def audit_trail(correlation_id: str, sources: Iterable[AuditSource]) -> li
             seen.add(key)
         out.append(entry)
     return out
+
+
+#: outbox store class ("module.Class") -> its audit source ("module:Class"), imported when used
+_OUTBOX_AUDITS = {
+    "msdata.adapters.memory.outbox.MemoryOutboxStore": (
+        "msdata.adapters.memory.audit:MemoryOutboxAudit"
+    ),
+    "msdata.adapters.sqlite.outbox.SqliteOutboxStore": (
+        "msdata.adapters.sqlite.audit:SqliteOutboxAudit"
+    ),
+    "msdata.adapters.postgres.outbox.PostgresOutboxStore": (
+        "msdata.adapters.postgres.audit:PostgresOutboxAudit"
+    ),
+}
+
+
+def outbox_audit(store: object, *, name: str | None = None) -> AuditSource:
+    """The audit source of an msdata outbox store (memory, SQLite or PostgreSQL), naming it
+    ``name`` in each entry's ``where`` (default: the source's own default). Raises
+    :class:`~msdata.errors.ConfigurationError` for a store of another kind (give its own
+    :class:`AuditSource` instead)."""
+    for cls in type(store).__mro__:
+        target = _OUTBOX_AUDITS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if target is not None:
+            module, _, attr = target.partition(":")
+            source_class = getattr(importlib.import_module(module), attr)
+            source: AuditSource = (
+                source_class(store) if name is None else source_class(store, name=name)
+            )
+            return source
+    raise ConfigurationError(
+        f"no audit source for a {type(store).__name__}: pass an AuditSource of your own"
+    )

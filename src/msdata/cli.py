@@ -10,6 +10,7 @@ redacted) and exits 1, never a traceback; bad usage exits 2.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import importlib
 import json
@@ -30,7 +31,14 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise MissingDependencyError(e.name or "click", "cli") from e
 
 from msdata.errors import ConfigurationError, MsdataError, SchemaError
-from msdata.urls import STORES, redact_url, store_from_url, transport_from_url
+from msdata.urls import (
+    DATABASES,
+    STORES,
+    redact_url,
+    store_backend,
+    store_from_url,
+    transport_from_url,
+)
 
 __all__ = ["main"]
 
@@ -53,12 +61,10 @@ def _fail(message: str) -> NoReturn:
 
 
 def _backend(url: str) -> str:
-    scheme = url.split("://", 1)[0].partition("+")[0].lower() if "://" in url else ""
-    backend = {"sqlite": "sqlite", "postgresql": "postgresql", "postgres": "postgresql"}.get(
-        scheme, "memory" if scheme == "memory" else ""
-    )
-    if not backend:
+    backend = store_backend(url)
+    if backend not in DATABASES:
         _fail(f"not a database URL: {redact_url(url)} (use sqlite:///path.db or postgresql://…)")
+    assert backend is not None
     return backend
 
 
@@ -851,6 +857,164 @@ async def sagas_abort(app: str, saga_id: str, reason: str | None, as_json: bool)
     """Compensate a RUNNING instance that has not passed its pivot."""
     rec = await _operate(app, saga_id, "abort", reason)
     _emit(as_json, _saga_row(rec), lambda: f"saga {saga_id}: {rec.status}")
+
+
+# -- trace ---------------------------------------------------------------------------------
+
+
+class _Skipping:
+    """An audit source of ``service``'s store, its entries tagged with the service's name. A
+    store that has no tables here (a service that keeps no event store, runs no saga) holds
+    nothing: it adds nothing and is listed in ``missing``."""
+
+    def __init__(self, source: Any, service: str, label: str, missing: list[str]) -> None:
+        self.source, self.service, self.label, self.missing = source, service, label, missing
+
+    async def entries(self, correlation_id: str) -> list[Any]:
+        try:
+            found = await self.source.entries(correlation_id)
+        except SchemaError:
+            self.missing.append(self.label)
+            return []
+        return [dataclasses.replace(e, detail={**e.detail, _SERVICE: self.service}) for e in found]
+
+
+#: the detail key that carries the entry's service while the trail is put together
+_SERVICE = "msdata.service"
+_TRACE_PORTS = ("outbox", "eventstore", "saga")
+
+
+def _trace_sources(name: str, stores: dict[str, Any], missing: list[str]) -> list[_Skipping]:
+    from msdata.audit import EventStoreAudit, SagaAudit, outbox_audit
+
+    return [
+        _Skipping(outbox_audit(stores["outbox"], name=name), name, f"{name} outbox", missing),
+        _Skipping(
+            EventStoreAudit(stores["eventstore"], name=f"{name} event store"),
+            name,
+            f"{name} event store",
+            missing,
+        ),
+        _Skipping(SagaAudit(stores["saga"]), name, f"{name} sagas", missing),
+    ]
+
+
+def _trace_row(entry: Any) -> dict[str, Any]:
+    detail = dict(entry.detail)
+    return {
+        "time": entry.time,
+        "service": detail.pop(_SERVICE),
+        "kind": entry.kind,
+        "type": entry.type,
+        "message_id": entry.message_id,
+        "causation_id": entry.causation_id,
+        "where": entry.where,
+        "detail": detail,
+    }
+
+
+@cli.command("trace")
+@click.argument("correlation_id")
+@click.option(
+    "--app",
+    "apps",
+    multiple=True,
+    help="module:attr of a Service whose stores to read (repeatable: one per service).",
+)
+@click.option(
+    "--db",
+    "dbs",
+    multiple=True,
+    help="A service's database URL whose stores to read (repeatable).",
+)
+@prefix_option
+@schema_option
+@json_option
+@_run(lambda kw: list(kw["dbs"]))
+async def trace(
+    correlation_id: str,
+    apps: tuple[str, ...],
+    dbs: tuple[str, ...],
+    prefix: str,
+    schema: str | None,
+    as_json: bool,
+) -> None:
+    """The audit trail of CORRELATION_ID as a timeline: the messages (outbox rows, pending,
+    parked or kept after sending; event-store events) and saga steps that carried it, read
+    from the stores of each --app service and each --db database, oldest first."""
+    from msdata.audit import audit_trail
+
+    if not apps and not dbs:
+        raise click.UsageError("name the stores to read: --app module:service or --db URL")
+    missing: list[str] = []
+    sources: list[_Skipping] = []
+    services: list[Any] = []
+    opened: list[Any] = []
+    try:
+        for spec in apps:
+            service = _load_app(spec)
+            services.append(service)
+            stores = {port: service.store(port) for port in _TRACE_PORTS}
+            sources += _trace_sources(service.name, stores, missing)
+        for url in dbs:
+            name = redact_url(_existing_db(url))
+            stores = {}
+            for port in _TRACE_PORTS:
+                stores[port] = _store(port, url, prefix, schema)
+                opened.append(stores[port])
+            sources += _trace_sources(name, stores, missing)
+        trail = await audit_trail(correlation_id, sources)
+    finally:
+        for store in opened:
+            await store.close()
+        for service in services:
+            await service.stop()
+    labels = [s.label for s in sources]
+    read = [label for label in labels if label not in missing]
+    if len(missing) == len(labels):
+        _fail(
+            "none of the stores has its tables ("
+            + ", ".join(labels)
+            + "): check --prefix/--schema, or create them with: msdata db init URL"
+        )
+    rows = [_trace_row(e) for e in trail]
+    data = {
+        "correlation_id": correlation_id,
+        "read": read,
+        "missing": missing,
+        "entries": rows,
+    }
+
+    def what(r: dict[str, Any]) -> str:
+        if r["kind"] == "saga_step":
+            event = r["detail"].get("event", "")
+            return f"{event} {r['type']}" if r["type"] else event
+        return str(r["type"] or "")
+
+    def show() -> Table | str:
+        if not rows:
+            return f"nothing carries correlation id {correlation_id} in: " + ", ".join(read)
+        t = _table(
+            f"trace of {correlation_id}",
+            ["time", "service", "kind", "what", "message id", "caused by", "where"],
+            [
+                [
+                    r["time"].isoformat(timespec="milliseconds"),
+                    r["service"],
+                    r["kind"].replace("_", " "),
+                    what(r),
+                    r["message_id"],
+                    r["causation_id"],
+                    r["where"],
+                ]
+                for r in rows
+            ],
+        )
+        if missing:
+            t.caption = "no tables (nothing to read): " + ", ".join(missing)
+        return t
+
+    _emit(as_json, data, show)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

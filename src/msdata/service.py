@@ -56,7 +56,7 @@ from msdata.transport import (
     check_name,
     dead_letter_topic,
 )
-from msdata.urls import redact_url, store_from_url, transport_from_url
+from msdata.urls import DATABASES, redact_url, store_backend, store_from_url, transport_from_url
 
 __all__ = ["DeadLetterInfo", "Service", "read_dead_letters"]
 
@@ -65,26 +65,18 @@ log = logging.getLogger("msdata.service")
 E = TypeVar("E", bound=Event)
 H = TypeVar("H", bound=Callable[..., Any])
 
-#: the database backends a Service opens transactions on, by URL scheme
-_BACKENDS = {
-    "sqlite": "sqlite",
-    "postgresql": "postgresql",
-    "postgres": "postgresql",
-    "memory": "memory",
-}
-
 # the service whose transaction this task is in (a nested transaction() would deadlock)
 _in_transaction: ContextVar[Service | None] = ContextVar("msdata_service_tx", default=None)
 
 
 def _backend(url: str) -> str:
-    scheme = url.split("://", 1)[0].partition("+")[0].lower() if "://" in url else ""
-    backend = _BACKENDS.get(scheme)
-    if backend is None:
+    backend = store_backend(url)
+    if backend not in DATABASES:
         raise ConfigurationError(
             f"no database for {redact_url(url)!r}: use sqlite:///path.db, postgresql://… "
             "or memory://"
         )
+    assert backend is not None
     return backend
 
 

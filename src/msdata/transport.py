@@ -181,6 +181,17 @@ class TransportFeatures:
     publish_unreadable: Callable[[str], Awaitable[int]] | None = field(
         default=None, compare=False, repr=False
     )
+    #: test plumbing, set by a harness: ``await publish_raw(topic, body, fields)`` writes to
+    #: the topic, as a producer that is not msdata would, straight to the broker with its
+    #: ordinary client, ``body`` and the metadata ``fields`` (name, value) as bytes wherever
+    #: the broker keeps bytes (Redis: the entry's fields, the first one, then ``body``, then
+    #: the others, so ``id`` first makes an entry that looks like msdata's;
+    #: RabbitMQ: AMQP headers, ``message_id``/``content_type`` for fields of those names;
+    #: NATS: headers; memory: the message's headers). Returns False when that producer's
+    #: client cannot even send it (nothing was published). None: the raw-byte feed is skipped.
+    publish_raw: Callable[[str, bytes, Sequence[tuple[bytes, bytes]]], Awaitable[bool]] | None = (
+        field(default=None, compare=False, repr=False)
+    )
 
 
 @runtime_checkable
@@ -299,6 +310,19 @@ class Transport(Publisher, Subscriber, Protocol):
     features: TransportFeatures
 
     async def close(self) -> None: ...
+
+    async def lag(self, topic: str, group: str) -> int | None:
+        """How many messages of ``topic`` consumer group ``group`` has still to settle, as
+        the broker reports it: those not delivered yet, plus those delivered and not yet
+        settled where the broker counts them (Redis: the group's ``lag`` and pending
+        entries, on the topic's and the group's retry stream, plus delayed retries; NATS:
+        the consumers' ``num_pending`` + ``num_ack_pending``; RabbitMQ: the ready messages
+        of the group's queues, as a passive declare reports them (AMQP does not count the
+        unacked ones there); memory: the group's queue). ``None`` when the broker cannot
+        tell (no such group, or Redis could not compute its ``lag``). A reading, not a
+        promise: it can be stale by the time it returns. Raises
+        :class:`~msdata.errors.TransportError` if the broker cannot be reached."""
+        ...
 
 
 # -- implementation aids for adapters (not part of the port) -----------------------------------

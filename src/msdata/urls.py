@@ -20,7 +20,14 @@ from typing import Any
 from msdata.errors import ConfigurationError
 from msdata.transport import Transport
 
-__all__ = ["STORES", "redact_url", "store_from_url", "transport_from_url"]
+__all__ = [
+    "DATABASES",
+    "STORES",
+    "redact_url",
+    "store_backend",
+    "store_from_url",
+    "transport_from_url",
+]
 
 #: (port, backend) -> "module:Class" of the store; the class's ``from_url(url, **options)``
 #: builds it. A new port adds one line per backend here; the module is imported only when
@@ -56,6 +63,19 @@ _STORE_SCHEMES = {
     "redis": "redis",
     "rediss": "redis",
 }
+
+#: the backends that are databases (a service's own, the command line's)
+DATABASES = frozenset({"memory", "sqlite", "postgresql"})
+
+
+def store_backend(url: str) -> str | None:
+    """The backend a store URL names, by its scheme before any ``+driver``: ``"memory"``,
+    ``"sqlite"``, ``"postgresql"`` (also ``postgres://``) or ``"redis"`` (also
+    ``rediss://``); None for any other scheme or a string that is not a URL. The one
+    reading of a database URL's scheme (stores, :class:`~msdata.Service`, the command
+    line)."""
+    scheme = url.split("://", 1)[0].partition("+")[0].lower() if "://" in url else ""
+    return _STORE_SCHEMES.get(scheme)
 
 
 # userinfo: after "//" (or at the start, for a URL whose "//" was mistyped) up to the last "@"
@@ -96,8 +116,7 @@ def store_from_url(port: str, url: str, **options: Any) -> Any:
     ``postgresql+psycopg://``). ConfigurationError for an unknown port or scheme (the
     message never shows the URL's credentials); MissingDependencyError, naming the extra,
     when the backend's driver is not installed."""
-    scheme = url.split("://", 1)[0].partition("+")[0].lower() if "://" in url else ""
-    backend = _STORE_SCHEMES.get(scheme)
+    backend = store_backend(url)
     if backend is None:
         raise ConfigurationError(
             f"no store for {redact_url(url)!r}: use memory://, sqlite:///path.db or postgresql://…"

@@ -365,7 +365,7 @@ class EventBus:
                             for delivery in await sub.receive(self.prefetch, timeout=0.25):
                                 if stopping.is_set():
                                     break  # the rest stays unacked: released when sub closes
-                                await self._handle(consumer, delivery)
+                                await self._handle(consumer, delivery, task)
                     finally:
                         if task is not None:
                             self._subscriptions.pop(task, None)
@@ -390,7 +390,11 @@ class EventBus:
                 log.exception("consumer %s/%s failed; restarting", consumer.topic, consumer.group)
                 await asyncio.sleep(0.5)
 
-    async def _handle(self, consumer: _Consumer, delivery: Delivery) -> None:
+    async def _handle(
+        self, consumer: _Consumer, delivery: Delivery, task: asyncio.Task[Any] | None
+    ) -> None:
+        """One delivery, in the consumer's own ``task`` (looked up once per consumer, not
+        per delivery: ``asyncio.current_task()`` is a measurable part of the hot path)."""
         overdue = deadletter.overdue_reason(delivery.attempt, self.max_attempts)
         if overdue is not None:
             # handed out again and again without being settled (its consumers died)
@@ -407,7 +411,6 @@ class EventBus:
             await self._settle(delivery.ack())
             return
         token = current_parent.set(envelope)
-        task = asyncio.current_task()
         if task is not None:
             self._handling[task] = (delivery, route.handler)  # named only if it will not stop
         seen = telemetry.hooks.consume(
@@ -430,7 +433,7 @@ class EventBus:
         except (Exception, asyncio.CancelledError) as e:
             exhausted = deadletter.exhausted(delivery.attempt, self.max_attempts)
             seen.failed(e, "dead_letter" if exhausted else "nack")  # telemetry
-            if self._is_abandoned():
+            if task in self._abandoned:
                 return  # stop() gave up on this handler: its delivery was released
             if isinstance(e, asyncio.CancelledError) and task is not None and task.cancelling():
                 raise  # the consumer itself is being stopped: leave the delivery unsettled
@@ -456,7 +459,7 @@ class EventBus:
             seen.close()  # telemetry
             if task is not None:
                 self._handling.pop(task, None)
-        if self._is_abandoned():
+        if task in self._abandoned:
             return  # stop() gave up on this handler: its delivery was released
         try:
             await delivery.ack()

@@ -29,17 +29,21 @@ The inbox port lives in :mod:`msdata.inbox.store` (re-exported here).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import NamedTuple, Protocol, runtime_checkable
 
 from msdata.inbox.store import InboxStore
+from msdata.messages import safe_text
 from msdata.storage import DEFAULT_TABLE_PREFIX, Connection, check_table_prefix
 
 __all__ = [
     "DEFAULT_TABLE_PREFIX",
+    "POSTGRES_ONLY_OPTIONS",
+    "UNREADABLE_TIME",
     "InboxStore",
     "OutboxAdminStore",
     "OutboxRecord",
@@ -49,10 +53,53 @@ __all__ = [
     "OutboxStore",
     "OutboxStoreFeatures",
     "OutboxWriteStore",
+    "UnreadableRow",
     "check_table_prefix",
+    "read_headers",
 ]
 
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+_loads = json.loads
+
+
+class UnreadableRow(ValueError):
+    """A stored outbox row that cannot be read as an :class:`OutboxRecord` (a column
+    holding a value of another type, size or encoding, as another writer may leave one:
+    a hand-written INSERT, a migration, another language). Raised by the stores' row
+    readers and caught by the stores themselves: a claim parks such a row with
+    :attr:`reason` as its ``last_error``, never raising it to the relay. ``reason`` names
+    the column and what is wrong, with the value escaped and cut short."""
+
+    def __init__(self, column: str, what: str, value: object = None) -> None:
+        shown = "" if value is None else f": {safe_text(repr(value), 120)}"
+        self.reason = f"unreadable row: {column} {what}{shown}"
+        super().__init__(self.reason)
+
+
+#: options of the PostgreSQL outbox store (``from_url``/``store_from_url``) that mean
+#: nothing elsewhere: ``memory://`` accepts and ignores them, SQLite refuses them by name
+POSTGRES_ONLY_OPTIONS = frozenset({"notify", "relay_synchronous_commit", "partitioned", "max_size"})
+
+#: the ``created_at`` a store shows for a row whose stored time cannot be read (in
+#: ``parked()``; such a row is parked, never published)
+UNREADABLE_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def read_headers(raw: str | bytes) -> Mapping[str, str]:
+    """A stored headers column (JSON text) as the record's headers: a JSON object whose
+    values are all strings, read-only. Raises :class:`UnreadableRow` for anything else
+    (invalid JSON, a list, ``null``, a number, a non-string value)."""
+    try:
+        value = _loads(raw)
+    except (ValueError, TypeError, RecursionError):
+        raise UnreadableRow("headers", "are not JSON", raw) from None
+    if type(value) is dict:
+        for v in value.values():
+            if type(v) is not str:
+                break
+        else:
+            return MappingProxyType(value) if value else _NO_HEADERS
+    raise UnreadableRow("headers", "are not a JSON object of string values", raw)
 
 
 class OutboxRow(NamedTuple):
@@ -158,6 +205,16 @@ class OutboxRelayStore(Protocol):
     claimed once they commit: a store never uses a high-water mark. A claim never returns a
     row the caller still holds. With ``features.prefetch_claims`` it does return the later
     pending rows of the keys the caller holds.
+
+    Unreadable rows: a claim never fails because of one row. A row it cannot read as an
+    :class:`OutboxRecord` whose fields have their declared types (a column another writer
+    filled with a value of another type, size or encoding; see :class:`UnreadableRow`) is
+    parked by the claim itself with the reason as ``last_error`` (logged at ERROR on
+    ``msdata.outbox``), and is not returned; the later rows of its key in the same claim
+    are not returned either (they wait behind it, as behind any parked row); every other
+    row is returned as usual. ``parked()`` lists such a row with what could be read
+    (unreadable headers as none, an unreadable ``created_at`` as
+    :data:`UNREADABLE_TIME`, an unreadable payload as ``b""``).
     """
 
     async def claim(self, relay_id: str, limit: int, lease_seconds: float) -> list[OutboxRecord]:

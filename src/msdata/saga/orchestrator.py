@@ -277,6 +277,7 @@ class SagaOrchestrator:
         saga = self._saga_of(rec)
         if rec.status is not SagaStatus.FAILED:
             raise SagaStateError(f"saga {saga_id} is {rec.status}; only a FAILED one is retried")
+        self._apply_recorded(rec)  # late: noted as ignored (the save deletes them)
         rec.status = COMPENSATING if rec.compensation else RUNNING
         rec.active = {}
         rec.error = None
@@ -308,6 +309,7 @@ class SagaOrchestrator:
                 f"saga {saga_id} is running a step in {rec.lease_owner} (lease until "
                 f"{rec.lease_until.isoformat()}); try again"
             )
+        self._apply_recorded(rec)  # what they answered counts (a refusal: nothing to undo)
         self._load(rec, saga)
         self._begin_compensation(rec, saga, f"aborted: {reason}")
         await self._drive(rec, saga)
@@ -328,6 +330,7 @@ class SagaOrchestrator:
                 log.error("saga %s: type %r is not registered here", rec.saga_id, rec.saga_type)
                 continue
             self._log(rec, "resumed", detail=f"by {self.owner}")
+            self._apply_recorded(rec)
             self._load(rec, saga)
             runs.append(self._drive_logged(rec, saga))
         if runs:
@@ -386,38 +389,119 @@ class SagaOrchestrator:
                 self._mailbox.setdefault(rec.saga_id, []).append(reply)
                 return
             now = self.clock.now()
-            held = (
-                rec.lease_owner is not None
-                and rec.lease_until is not None
-                and rec.lease_until > now
-            )
-            if not self._accept(rec, reply):
-                if held:
+            until = rec.lease_until
+            if rec.lease_owner is not None and until is not None and until > now:
+                # another process holds it (it runs a step, or died holding it): record the
+                # reply on the instance for the next holder, and ack; no redelivery, no
+                # dead letter however long the lease
+                if not self._accept(rec, reply):  # on a copy: nothing is saved here
                     log.info(
                         "late or duplicate reply for saga %s step %s ignored",
                         rec.saga_id,
                         reply.step,
                     )
                     return
-                try:
-                    await self._save(rec)
-                except ConcurrencyError:
-                    continue
+                await self.store.add_reply(
+                    rec.saga_id, _reply_key(reply), reply.model_dump_json().encode()
+                )
+                log.info(
+                    "saga %s is held by %s until %s: its reply for step %s (%s, attempt %d) "
+                    "is recorded for the next holder",
+                    rec.saga_id,
+                    rec.lease_owner,
+                    until.isoformat(),
+                    reply.step,
+                    reply.purpose,
+                    reply.attempt,
+                )
+                self._spawn(self._after_lease(rec.saga_id))
                 return
-            if held:
-                # another process runs a step of this instance: let the broker redeliver
-                raise SagaStateError(f"saga {rec.saga_id} is held by {rec.lease_owner}; retry")
-            self._take(rec, now)
             try:
-                await self._save(rec)
+                await self._apply_and_drive(rec, saga, now, reply)
             except ConcurrencyError:
                 continue
-            self._load(rec, saga)
-            self._spawn(self._drive_logged(rec, saga))
             return
         log.warning(
             "reply for saga %s step %s: gave up after repeated conflicts", reply.saga_id, reply.step
         )
+
+    async def _apply_and_drive(
+        self, rec: SagaRecord, saga: Saga[Any], now: datetime, reply: SagaReply | None = None
+    ) -> None:
+        """Apply the instance's recorded replies (and ``reply``) to ``rec``, which nobody
+        holds. If one is taken, take the instance and continue it in a task here; else save
+        the history of the ignored ones (the save deletes the recorded ones). Raises
+        ConcurrencyError if another process wrote it meanwhile."""
+        taken = self._apply_recorded(rec)
+        if reply is not None and self._accept(rec, reply):
+            taken = True
+        if not taken or rec.status not in ACTIVE_STATUSES:
+            if reply is not None or rec.replies:
+                await self._save(rec)
+            return
+        self._take(rec, now)
+        await self._save(rec)
+        self._load(rec, saga)
+        self._spawn(self._drive_logged(rec, saga))
+
+    def _apply_recorded(self, rec: SagaRecord) -> bool:
+        """Apply the replies recorded on ``rec`` while another process held it (the save
+        that follows deletes them from the store). True if one of them was taken."""
+        taken = False
+        for body in rec.replies.values():
+            try:
+                reply = SagaReply.model_validate_json(body)
+            except ValidationError as e:  # written by another version: cannot be applied
+                log.warning("saga %s: a recorded reply does not validate: %s", rec.saga_id, e)
+                continue
+            if self._accept(rec, reply):
+                taken = True
+        return taken
+
+    async def _after_lease(self, saga_id: str) -> None:
+        """After recording a reply for an instance another process held: look again, more
+        and more slowly, until nobody holds it, then apply what was recorded and continue
+        it here. Gives up after twice the lease (a holder that keeps renewing it): the
+        recorded replies then make the instance claimable by any recovery worker as soon as
+        its lease is free."""
+        delay = 0.01
+        give_up = self.clock.now() + 2 * self.lease
+        while True:
+            try:
+                rec: SagaRecord | None = await self.store.get(saga_id)
+            except SagaNotFound:
+                return
+            except Exception:
+                log.exception("saga %s: could not look at its recorded replies", saga_id)
+                rec = None
+            now = self.clock.now()
+            if rec is not None:
+                if not rec.replies:
+                    return  # another holder applied them
+                saga = self._sagas.get(rec.saga_type)
+                if saga is None:
+                    return
+                until = rec.lease_until
+                if until is not None and until > now and rec.lease_owner is not None:
+                    delay = min(delay, max((until - now).total_seconds(), 0.001))
+                elif saga_id not in self._driving:
+                    try:
+                        await self._apply_and_drive(rec, saga, now)
+                        return
+                    except ConcurrencyError:
+                        continue  # another process took it meanwhile: look again
+                    except Exception:
+                        log.exception("saga %s: applying its recorded replies failed", saga_id)
+            if now >= give_up:
+                log.info(
+                    "saga %s: still held after %s s; its recorded replies wait for the next "
+                    "holder or a recovery worker",
+                    saga_id,
+                    2 * self.lease.total_seconds(),
+                )
+                return
+            await self.clock.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     def _accept(self, rec: SagaRecord, reply: SagaReply) -> bool:
         """Record ``reply`` on ``rec`` if the instance waits for it (a success from any
@@ -503,6 +587,8 @@ class SagaOrchestrator:
         except BaseException:
             rec.version -= 1
             raise
+        if rec.replies:  # deleted from the store by that save
+            rec.replies = {}
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -537,6 +623,7 @@ class SagaOrchestrator:
         saga = self._sagas.get(rec.saga_type)
         if saga is None:
             return
+        self._apply_recorded(rec)  # before its timeouts are looked at
         self._take(rec, now)
         try:
             await self._save(rec)
@@ -574,20 +661,15 @@ class SagaOrchestrator:
                 self._spawn(self._redeliver(reply))
 
     async def _redeliver(self, reply: SagaReply) -> None:
-        for attempt in range(6):
-            try:
-                await self._on_reply(reply)
-                return
-            except SagaStateError:  # held by another process for now
-                await asyncio.sleep(0.05 * 2**attempt)
-            except Exception:
-                log.exception("saga %s: handling a reply failed", reply.saga_id)
-                return
-        log.warning(
-            "saga %s: a reply for step %s could not be applied; the step's timeout will ask again",
-            reply.saga_id,
-            reply.step,
-        )
+        try:
+            await self._on_reply(reply)
+        except Exception:
+            log.exception(
+                "saga %s: a reply for step %s could not be applied; the step's timeout will "
+                "ask again",
+                reply.saga_id,
+                reply.step,
+            )
 
     async def _finish(self, rec: SagaRecord, status: SagaStatus, error: str | None = None) -> None:
         rec.status = status
@@ -657,6 +739,8 @@ class SagaOrchestrator:
         except BaseException:
             rec.version -= 1
             raise
+        if rec.replies:
+            rec.replies = {}
         data = rec.data
         fn: Callable[[Any], Any] = step.action  # type: ignore[assignment]
         token = _step.set(_entry(StepContext, (rec.saga_id, rec.saga_type, name, ACTION, 1)))
@@ -1129,6 +1213,11 @@ class SagaOrchestrator:
 
 class _BadReply(Exception):
     """A success reply's data does not validate as the step's ``reply=`` model."""
+
+
+def _reply_key(reply: SagaReply) -> str:
+    """A recorded reply's key: one per saga, purpose, attempt and step."""
+    return f"{reply.purpose} {reply.attempt} {reply.step}"
 
 
 def _first_error(e: ValidationError) -> str:

@@ -19,6 +19,15 @@ Contract:
   and COMPENSATING instances whose lease has expired (or was released) and whose ``wake_at``
   has come, raising each one's version by one. Two concurrent claims never return the same
   instance. Safe to call concurrently from several processes.
+- ``add_reply(saga_id, key, reply)`` records a reply for an instance in its own short
+  transaction, without touching the instance's version or lease (another process may hold
+  it): the reply of a remote step that arrived while the instance was held. A second call
+  with the same ``key`` changes nothing. Records handed out by ``get`` and ``claim`` carry
+  the instance's recorded replies in ``replies`` (oldest first); ``save(record)`` deletes
+  the ones in ``record.replies`` in the same transaction as the write (the writer applied
+  them, or found them late), and leaves any recorded since. ``claim`` also takes an
+  instance with recorded replies whose ``wake_at`` has not come (its lease must still be
+  free): a reply is never left waiting for a timeout.
 - Records handed out are copies: changing one never changes what the store holds.
 """
 
@@ -115,7 +124,9 @@ class SagaRecord:
     steps in order. ``active``: the invocations in progress. ``compensation``: the groups of
     steps still to compensate, next first. ``lease_owner``/``lease_until``: who runs it, and
     until when. ``wake_at``: when an instance nobody holds should be looked at again (a
-    reply deadline, a retry time)."""
+    reply deadline, a retry time). ``replies``: the replies recorded for the instance while
+    another process held it (``SagaStore.add_reply``), by key, oldest first, as the store
+    had them when it handed the record out; a save deletes them from the store."""
 
     saga_id: str
     saga_type: str
@@ -135,6 +146,12 @@ class SagaRecord:
     lease_until: datetime | None = None
     wake_at: datetime | None = None
     history: list[HistoryEntry] = field(default_factory=list)
+    replies: dict[str, bytes] = field(default_factory=dict)
+    #: the JSON of ``history[:n]`` as (n, history[n - 1], bytes), kept by record_to_json so
+    #: a save encodes only the entries added since (history only grows at its end)
+    history_json: tuple[int, Any, bytes] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def copy(self) -> SagaRecord:
         """A copy that shares nothing mutable with this one (``data`` is immutable by
@@ -159,6 +176,7 @@ class SagaRecord:
             self.lease_until,
             self.wake_at,
             self.history.copy(),
+            self.replies.copy() if self.replies else {},
         )
 
 
@@ -180,7 +198,9 @@ def from_us(us: int | None) -> datetime | None:
 def record_to_json(record: SagaRecord) -> bytes:
     """The fields a SQL store keeps in one JSON column (everything but saga_id, saga_type,
     status, version, lease, wake_at and the times, which get their own columns). Times in
-    it are integer microseconds since the epoch; ``data`` is the model's own JSON."""
+    it are integer microseconds since the epoch; ``data`` is the model's own JSON. The
+    history's JSON is kept on the record (``history_json``), so each save encodes only the
+    entries added since the last one."""
     data = record.data
     head = pydantic_core.to_json(data)
     rest = _to_json(
@@ -195,10 +215,20 @@ def record_to_json(record: SagaRecord) -> bytes:
             record.past_pivot,
             record.error,
             to_us(record.deadline),
-            [[to_us(h[0]), h[1], h[2], h[3], h[4]] for h in record.history],
         ]
     )
-    return b'{"data":' + head + b',"state":' + rest + b"}"
+    history = record.history
+    n = len(history)
+    cached = record.history_json
+    if cached is not None and cached[0] <= n and cached[0] and history[cached[0] - 1] is cached[1]:
+        start, body = cached[0], cached[2]
+    else:
+        start, body = 0, b""
+    if start < n:
+        new = _to_json([[unix_us(h[0]), h[1], h[2], h[3], h[4]] for h in history[start:]])
+        body = body + b"," + new[1:-1] if body else new[1:-1]
+        record.history_json = (n, history[-1], body)
+    return b'{"data":' + head + b',"state":' + rest[:-1] + b",[" + body + b"]]}"
 
 
 def record_from_json(
@@ -213,8 +243,10 @@ def record_from_json(
     lease_owner: str | None,
     lease_until: datetime | None,
     wake_at: datetime | None,
+    replies: dict[str, bytes] | None = None,
 ) -> SagaRecord:
-    """Rebuild a record from its columns and the JSON of :func:`record_to_json`."""
+    """Rebuild a record from its columns and the JSON of :func:`record_to_json` (and the
+    instance's recorded replies, if any)."""
     d = pydantic_core.from_json(doc)
     position, done, active, compensation, past_pivot, error, deadline, history = d["state"]
     return SagaRecord(
@@ -241,6 +273,7 @@ def record_from_json(
         history=[
             tuple.__new__(HistoryEntry, (from_us(h[0]), h[1], h[2], h[3], h[4])) for h in history
         ],
+        replies=replies or {},
     )
 
 
@@ -271,7 +304,15 @@ class SagaStore(Protocol):
         ...
 
     async def get(self, saga_id: str) -> SagaRecord:
-        """The instance; :class:`msdata.errors.SagaNotFound` if there is none."""
+        """The instance, with its recorded replies; :class:`msdata.errors.SagaNotFound` if
+        there is none."""
+        ...
+
+    async def add_reply(self, saga_id: str, key: str, reply: bytes) -> bool:
+        """Record ``reply`` (opaque bytes: the orchestrator's JSON of a saga reply) for the
+        instance under ``key``, in a transaction of its own, leaving the instance's row,
+        version and lease as they are. False (and nothing changed) if ``key`` is already
+        recorded for it. The instance is not checked to exist."""
         ...
 
     async def claim(
@@ -279,8 +320,8 @@ class SagaStore(Protocol):
     ) -> list[SagaRecord]:
         """Lease to ``owner`` until ``lease_until`` up to ``limit`` RUNNING/COMPENSATING
         instances whose lease is free or ended at or before ``now`` and whose ``wake_at`` is
-        unset or at or before ``now``; each one's version goes up by one. Oldest
-        ``updated_at`` first."""
+        unset or at or before ``now`` or that have recorded replies; each one's version goes
+        up by one. Oldest ``updated_at`` first; each with its recorded replies."""
         ...
 
     async def find(

@@ -22,11 +22,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
+from typing import Any, Self
 
 from msdata.adapters.memory._db import MemoryDatabase, MemoryTransaction, transaction_of
 from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import StoreError
-from msdata.outbox.store import OutboxRecord, OutboxRow, OutboxStatus, OutboxStoreFeatures
+from msdata.outbox.store import (
+    POSTGRES_ONLY_OPTIONS,
+    OutboxRecord,
+    OutboxRow,
+    OutboxStatus,
+    OutboxStoreFeatures,
+)
 from msdata.storage import Connection
 
 # MemoryTransaction is re-exported: it was imported from here before the split
@@ -70,6 +77,16 @@ class MemoryOutboxStore(MemoryDatabase):
 
     #: a relay's claim returns later rows of the keys it holds: it may claim ahead
     features = OutboxStoreFeatures(prefetch_claims=True)
+
+    @classmethod
+    def from_url(cls, url: str = "memory://", **options: Any) -> Self:
+        """A new, empty store for ``memory://``. Besides the options every memory store
+        ignores (:meth:`MemoryDatabase.from_url`), the PostgreSQL outbox store's own
+        (``notify``, ``relay_synchronous_commit``, ``partitioned``, ``max_size``) are
+        accepted and ignored, so a service's outbox URL can be switched to ``memory://``
+        without changing its options."""
+        kept = {k: v for k, v in options.items() if k not in POSTGRES_ONLY_OPTIONS}
+        return super().from_url(url, **kept)
 
     def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
         super().__init__(clock=clock)

@@ -17,6 +17,7 @@ from msdata.errors import ConcurrencyError, SagaNotFound
 from msdata.saga.store import (
     ACTIVE_STATUSES,
     AlsoInTransaction,
+    HistoryEntry,
     SagaRecord,
     SagaStatus,
     SagaStoreFeatures,
@@ -28,13 +29,22 @@ __all__ = ["MemorySagaStore"]
 
 # A saved record is one tuple (the cheapest thing to build on every save): the record's
 # fields, its active invocations as tuples, and history and ``done`` by reference and length
-# (they only ever grow at their end, so the saved prefix never changes).
+# (they only ever grow at their end, so the saved prefix never changes). A finished instance
+# keeps them as plain tuples instead: the cyclic GC stops tracking those, where it would go
+# on traversing every history entry (a named tuple) of every instance the store keeps.
 _VERSION, _TYPE, _STATUS, _UPDATED, _LEASE_OWNER, _LEASE_UNTIL, _WAKE = 6, 1, 2, 5, 13, 14, 15
 Kept = tuple[Any, ...]
 
 
+_FINISHED = (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED)
+_entry = tuple.__new__
+
+
 def _keep(r: SagaRecord) -> Kept:
-    history, done = r.history, r.done
+    history: Any = r.history
+    done: Any = r.done
+    if r.status in _FINISHED:
+        history, done = tuple(map(tuple, history)), tuple(done)
     runs = None
     if r.active:
         runs = []
@@ -66,7 +76,13 @@ def _keep(r: SagaRecord) -> Kept:
     )
 
 
-def _record(k: Kept) -> SagaRecord:
+def _record(k: Kept, replies: dict[str, bytes] | None = None) -> SagaRecord:
+    history, done = k[16], k[18]
+    if type(history) is tuple:  # a finished instance
+        history = [_entry(HistoryEntry, e) for e in history]
+        done = list(done)
+    else:
+        history, done = history[: k[17]], done[: k[19]]
     return SagaRecord(
         k[0],
         k[1],
@@ -76,7 +92,7 @@ def _record(k: Kept) -> SagaRecord:
         k[5],
         k[6],
         k[7],
-        k[18][: k[19]],
+        done,
         {a[0]: StepRun(*a[1:]) for a in k[8]} if k[8] else {},
         [g.copy() for g in k[9]] if k[9] else [],
         k[10],
@@ -85,7 +101,8 @@ def _record(k: Kept) -> SagaRecord:
         k[13],
         k[14],
         k[15],
-        k[16][: k[17]],
+        history,
+        replies.copy() if replies else {},
     )
 
 
@@ -97,11 +114,14 @@ class MemorySagaStore(MemoryDatabase):
     def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
         super().__init__(clock=clock)
         self._records: dict[str, Kept] = {}
+        self._replies: dict[str, dict[str, bytes]] = {}  # saga id -> key -> reply
 
     async def save(self, record: SagaRecord, *, also: AlsoInTransaction | None = None) -> None:
         self._check(record)
         if also is None:
             self._records[record.saga_id] = _keep(record)
+            if record.replies:
+                self._applied(record)
             return
         tx = MemoryTransaction()
         try:
@@ -113,7 +133,24 @@ class MemorySagaStore(MemoryDatabase):
             tx.rollback()
             raise
         self._records[record.saga_id] = _keep(record)
+        if record.replies:
+            self._applied(record)
         tx.commit()
+
+    def _applied(self, record: SagaRecord) -> None:
+        pending = self._replies.get(record.saga_id)
+        if pending:
+            for key in record.replies:
+                pending.pop(key, None)
+            if not pending:
+                del self._replies[record.saga_id]
+
+    async def add_reply(self, saga_id: str, key: str, reply: bytes) -> bool:
+        pending = self._replies.setdefault(saga_id, {})
+        if key in pending:
+            return False
+        pending[key] = bytes(reply)
+        return True
 
     def _check(self, record: SagaRecord) -> None:
         current = self._records.get(record.saga_id)
@@ -127,7 +164,7 @@ class MemorySagaStore(MemoryDatabase):
     def snapshot(self, saga_id: str) -> SagaRecord:
         """:meth:`get` without awaiting (for tests and demos). SagaNotFound if unknown."""
         try:
-            return _record(self._records[saga_id])
+            return _record(self._records[saga_id], self._replies.get(saga_id))
         except KeyError:
             raise SagaNotFound(f"no saga instance {saga_id!r}") from None
 
@@ -142,16 +179,17 @@ class MemorySagaStore(MemoryDatabase):
             f = list(kept)
             f[_LEASE_OWNER], f[_LEASE_UNTIL], f[_VERSION] = owner, lease_until, f[_VERSION] + 1
             records[f[0]] = claimed = tuple(f)
-            out.append(_record(claimed))
+            out.append(_record(claimed, self._replies.get(f[0])))
         return out
 
-    def _claimable(self, now: datetime) -> list[Kept]:
+    def _claimable(self, now: datetime, *, replies: bool = True) -> list[Kept]:
+        pending = self._replies if replies else {}
         found = [
             k
             for k in self._records.values()
             if k[_STATUS] in ACTIVE_STATUSES
             and (k[_LEASE_UNTIL] is None or k[_LEASE_UNTIL] <= now)
-            and (k[_WAKE] is None or k[_WAKE] <= now)
+            and (k[_WAKE] is None or k[_WAKE] <= now or k[0] in pending)
         ]
         found.sort(key=lambda k: k[_UPDATED])
         return found
@@ -164,7 +202,11 @@ class MemorySagaStore(MemoryDatabase):
         stuck_at: datetime | None = None,
         limit: int = 100,
     ) -> list[SagaRecord]:
-        pool = self._claimable(stuck_at) if stuck_at is not None else list(self._records.values())
+        pool = (
+            self._claimable(stuck_at, replies=False)
+            if stuck_at is not None
+            else list(self._records.values())
+        )
         out = [
             k
             for k in pool

@@ -422,3 +422,11 @@ class MemoryTransport:
                     dropped.id,
                 )
             self.unclaimed_dropped += over
+
+    async def lag(self, topic: str, group: str) -> int | None:
+        """Messages of ``topic`` waiting in ``group``: ready, or held back behind their key
+        (delivered-but-unsettled ones and nacks waiting out a delay are not counted); None
+        if the group was never declared. See :meth:`msdata.transport.Transport.lag`."""
+        if self._topics.get(topic, {}).get(group) is None:
+            return None
+        return self.pending(topic, group)

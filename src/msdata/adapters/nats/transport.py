@@ -1428,3 +1428,36 @@ class NatsTransport:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    async def lag(self, topic: str, group: str) -> int | None:
+        """The sum of ``num_pending`` (not delivered yet) and ``num_ack_pending`` (delivered,
+        not acked) over the group's durable consumers on the topic's stream: its one
+        consumer, or an ordered group's consumers per key partition and for keyless
+        messages, whichever exist. None if the stream or the group does not exist. See
+        :meth:`msdata.transport.Transport.lag`."""
+        self._subject(topic)
+        check_name("group", group)
+        js = await self._ready()
+        stream = stream_name(topic, self.stream_prefix)
+        base = consumer_name(group)
+        total: int | None = None
+        with _nats_errors(f"could not read the lag of group {group!r} of {topic!r}"):
+            offset = 0
+            while True:
+                try:
+                    page = await js.consumers_info(stream, offset or None)
+                except nats.js.errors.NotFoundError:
+                    return None
+                for info in page:
+                    name = info.name or ""
+                    rest = name[len(base) :] if name.startswith(base) else None
+                    # an ordered group's consumers are base_k<n> and base_n; "_k"/"_n" cannot
+                    # follow a single "_" in an escaped group name, so no other group matches
+                    if rest is not None and (
+                        rest in ("", "_n") or (rest[:2] == "_k" and rest[2:].isdigit())
+                    ):
+                        total = (total or 0) + (info.num_pending or 0)
+                        total += info.num_ack_pending or 0
+                if len(page) < 256:
+                    return total
+                offset += len(page)

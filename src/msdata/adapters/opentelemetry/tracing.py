@@ -12,13 +12,18 @@ span                   kind      where
 ``create <topic>``     PRODUCER  ``Outbox.add``: one per message; its context goes into the
                                  message's ``traceparent``/``tracestate`` headers (stored
                                  in the outbox row and in the CloudEvents body)
-``publish <topic>``    PRODUCER  the relay publishing a row (child of the row's ``create``;
-                                 its context replaces ``traceparent`` in the transport
-                                 headers), and ``EventBus.publish`` (child of the current
-                                 span; its context goes into the headers)
-``process <topic>``    CONSUMER  the event bus's consumer handling one delivery (child of
-                                 the context in the delivery's headers)
-``handle <type>``      INTERNAL  the handler, child of ``process``
+``publish <topic>``    CLIENT    the relay publishing a batch (one topic): one span per batch,
+                                 linked to each row's creation context (its ``create``
+                                 span), which goes out unchanged (``relay_spans="message"``:
+                                 a PRODUCER span per row, child of its ``create``, whose
+                                 context replaces ``traceparent``)
+``publish <topic>``    PRODUCER  ``EventBus.publish`` (child of the current span; its
+                                 context goes into the headers)
+``process <topic>``    CONSUMER  the event bus's consumer handling one delivery with its one
+                                 handler (``code.function.name``), child of the context in
+                                 the delivery's headers
+``handle <type>``      INTERNAL  with ``handler_spans=True``: the handler, child of
+                                 ``process``
 ``idempotency claim``  INTERNAL  an idempotency key claimed (``msdata.idempotency.outcome``)
 ``compose``            INTERNAL  an API composition
 ``saga …``             INTERNAL  ``saga <name> step <s>``: a saga's local step (``saga
@@ -33,8 +38,9 @@ Metrics (meter ``msdata``): ``msdata.outbox.created``, ``messaging.client.sent.m
 (``msdata.idempotency.outcome``), ``msdata.saga.step.duration`` (seconds),
 ``msdata.saga.instances`` (``msdata.saga.status``: started, completed, compensated,
 failed), and the
-observable gauges of :meth:`OpenTelemetry.watch_outbox` and
-:meth:`OpenTelemetry.watch_projection`. See docs/observability.md.
+observable gauges of :meth:`OpenTelemetry.watch_outbox`,
+:meth:`OpenTelemetry.watch_projection` and :meth:`OpenTelemetry.watch_consumer`
+(``msdata.consumer.lag``). See docs/observability.md.
 """
 
 from __future__ import annotations
@@ -73,6 +79,8 @@ _NO_STEP = StepScope()
 _PRODUCER = SpanKind.PRODUCER
 _CONSUMER = SpanKind.CONSUMER
 _INTERNAL = SpanKind.INTERNAL
+_CLIENT = SpanKind.CLIENT
+_ODD_HEX = frozenset("13579bdfBDF")
 
 
 def _system_of(obj: object, default: str) -> str:
@@ -246,24 +254,32 @@ class _CountedConsume(ConsumeScope):
         )
 
 
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+
+
 def _span_context(traceparent: str) -> SpanContext | None:
-    """The remote span context of a W3C ``traceparent`` (version 00), or None."""
-    parts = traceparent.split("-")
-    if len(parts) != 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
+    """The remote span context of a W3C ``traceparent`` (version 00: 55 characters) whose
+    flags the caller found sampled, or None. Sliced rather than split, with the flags made
+    once: it runs per relayed row."""
+    tp = traceparent
+    if len(tp) != 55 or tp[2] != "-" or tp[35] != "-" or tp[52] != "-":
         return None
     try:
-        ctx = SpanContext(
-            int(parts[1], 16), int(parts[2], 16), True, TraceFlags(int(parts[3], 16) & 1)
-        )
+        ctx = SpanContext(int(tp[3:35], 16), int(tp[36:52], 16), True, _SAMPLED)
     except ValueError:
         return None
     return ctx if ctx.is_valid else None
 
 
 class _LinkedBatch(_RelayBatch):
-    """``relay_spans="batch"``: one ``publish`` span per batch, linked to each row's
-    creation context (the semantic conventions' batch form); the rows' headers are sent as
-    stored, so consumers are children of the rows' ``create`` spans."""
+    """``relay_spans="batch"`` (the default): one ``publish`` span per batch, linked to each
+    row's creation context, the semantic conventions' form for a batch (messaging spans,
+    "Producer spans": a creation context in a message SHOULD NOT be modified, and the
+    publish span SHOULD link to it). The rows' headers are sent as stored, so consumers are
+    children of the rows' ``create`` spans. Its context is no message's creation context,
+    so its kind is CLIENT (a synchronous call to the broker), not PRODUCER (conventions,
+    "Span kind"). The SDK keeps at most ``SpanLimits.max_links`` links (128 by default): a
+    relay ``batch_size`` above that loses the links beyond it."""
 
     __slots__ = ()
 
@@ -271,7 +287,12 @@ class _LinkedBatch(_RelayBatch):
         links = []
         for m in self.messages:
             tp = m.headers.get(_TRACEPARENT)
-            ctx = _span_context(tp) if tp is not None else None
+            # a creation context that was not sampled was never recorded: a link to it leads
+            # nowhere, so it is skipped before parsing (the flags' last hex digit is odd
+            # when the sampled bit is set)
+            if tp is None or tp[-1:] not in _ODD_HEX:
+                continue
+            ctx = _span_context(tp)
             if ctx is not None:
                 links.append(Link(ctx))
         attrs: dict[str, Any] = {
@@ -281,9 +302,7 @@ class _LinkedBatch(_RelayBatch):
             "messaging.operation.name": "publish",
             "messaging.batch.message_count": len(self.messages),
         }
-        span = self._otel._tracer.start_span(
-            f"publish {self._topic}", None, _PRODUCER, attrs, links
-        )
+        span = self._otel._tracer.start_span(f"publish {self._topic}", None, _CLIENT, attrs, links)
         self._spans.append(span)
         return self.messages
 
@@ -361,6 +380,16 @@ class OpenTelemetry(Telemetry):
     the transport's adapter (the outbox's ``create`` span, a user's own transport): default
     ``"msdata"``. Trace context is written and read by the global text-map propagator
     (W3C ``traceparent``/``tracestate`` and ``baggage`` by default).
+
+    ``relay_spans``: ``"batch"`` (default) makes one ``publish`` span per relay batch,
+    linked to its rows' creation contexts, which reach the consumers unchanged (the
+    messaging conventions' form); ``"message"`` one per row, whose context replaces the
+    row's ``traceparent`` (so ``process`` is its child), at the SDK's cost of a span per
+    row. ``handler_spans``: False (default), the handler runs in the consumer's ``process``
+    span, which names it (``code.function.name``): the bus calls one handler per delivery,
+    so that span is the handler's; True adds a ``handle`` span under ``process`` (the
+    handler apart from the bus's middleware), at the SDK's cost of one more span per
+    delivery.
     """
 
     enabled = True
@@ -371,8 +400,8 @@ class OpenTelemetry(Telemetry):
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
         messaging_system: str = "msdata",
-        handler_spans: bool = True,
-        relay_spans: Literal["message", "batch"] = "message",
+        handler_spans: bool = False,
+        relay_spans: Literal["message", "batch"] = "batch",
     ) -> None:
         self._tracer = trace.get_tracer("msdata", __version__, tracer_provider)
         meter = metrics.get_meter("msdata", __version__, meter_provider)
@@ -418,6 +447,11 @@ class OpenTelemetry(Telemetry):
         self._outbox_status: dict[str, OutboxStatus] = {}
         self._projections: dict[str, Callable[[], Awaitable[Any]]] = {}
         self._projection_lag: dict[str, Any] = {}
+        self._consumers: dict[
+            tuple[str, str, str],
+            tuple[Callable[[str, str], Awaitable[int | None]], dict[str, str]],
+        ] = {}
+        self._consumer_lag: dict[tuple[str, str, str], tuple[int | None, dict[str, str]]] = {}
         self._gauges_made = False
         self._live = False
         self._metrics_live = False
@@ -542,6 +576,8 @@ class OpenTelemetry(Telemetry):
         }
         if envelope.correlation_id is not None:
             attrs["messaging.message.conversation_id"] = envelope.correlation_id
+        if not self.handler_spans:  # the handler runs in this span: name it here
+            attrs["code.function.name"] = getattr(handler, "__qualname__", repr(handler))
         tracer = self._tracer
         span = tracer.start_span(f"process {topic}", parent, _CONSUMER, attrs)
         handler_span: Span | None = None
@@ -622,9 +658,27 @@ class OpenTelemetry(Telemetry):
         self._make_gauges()
         self._projections[name] = runner.lag
 
+    def watch_consumer(self, transport: Any, topic: str, group: str) -> None:
+        """Report the broker's count of what consumer group ``group`` of ``topic`` has still
+        to settle (:meth:`msdata.transport.Transport.lag`) as the observable gauge
+        ``msdata.consumer.lag`` ({message}), attributes ``messaging.system``,
+        ``messaging.destination.name``, ``messaging.consumer.group.name``; read by
+        :meth:`refresh`. Nothing is reported while the broker cannot tell (``None``). The
+        messaging conventions define no consumer-lag metric, hence msdata's own name. A
+        service's groups: ``for topic, group in service.subscriptions:
+        otel.watch_consumer(service.transport, topic, group)``."""
+        self._make_gauges()
+        system = self._system(transport)
+        attrs = {
+            "messaging.system": system,
+            "messaging.destination.name": topic,
+            "messaging.consumer.group.name": group,
+        }
+        self._consumers[(system, topic, group)] = (transport.lag, attrs)
+
     async def refresh(self) -> None:
-        """Read the status of every watched outbox and projection now. A store that
-        fails keeps its last figures (and the failure is logged)."""
+        """Read the status of every watched outbox, projection and consumer group now. One
+        that fails keeps its last figures (and the failure is logged)."""
         for name, status in list(self._outboxes.items()):
             try:
                 self._outbox_status[name] = await status()
@@ -635,6 +689,11 @@ class OpenTelemetry(Telemetry):
                 self._projection_lag[name] = await lag()
             except Exception:
                 log.exception("reading the lag of projection %s failed", name)
+        for key, (read, attrs) in list(self._consumers.items()):
+            try:
+                self._consumer_lag[key] = (await read(key[1], key[2]), attrs)
+            except Exception:
+                log.exception("reading the lag of group %s of %s failed", key[2], key[1])
 
     async def run_watch(self, interval: float = 15.0) -> None:
         """:meth:`refresh` every ``interval`` seconds until cancelled (run it as a task)."""
@@ -674,6 +733,18 @@ class OpenTelemetry(Telemetry):
         )
         meter.create_observable_gauge(
             "msdata.outbox.parked", [outbox("parked")], unit="{row}", description="Parked rows"
+        )
+
+        def consumer_lag(_: CallbackOptions) -> Iterable[Observation]:
+            for value, attrs in list(self._consumer_lag.values()):
+                if value is not None:
+                    yield Observation(value, attrs)
+
+        meter.create_observable_gauge(
+            "msdata.consumer.lag",
+            [consumer_lag],
+            unit="{message}",
+            description="Messages a consumer group has still to settle, as its broker reports",
         )
         meter.create_observable_gauge(
             "msdata.projection.lag",

@@ -20,7 +20,16 @@ from msdata.adapters.postgres._db import (
     command_count,
 )
 from msdata.errors import ConfigurationError
-from msdata.outbox.store import OutboxRecord, OutboxRow, OutboxStatus, OutboxStoreFeatures
+from msdata.messages import safe_text
+from msdata.outbox.store import (
+    UNREADABLE_TIME,
+    OutboxRecord,
+    OutboxRow,
+    OutboxStatus,
+    OutboxStoreFeatures,
+    UnreadableRow,
+    read_headers,
+)
 from msdata.storage import DEFAULT_TABLE_PREFIX, Connection, check_table_prefix
 
 __all__ = ["PostgresOutboxStore"]
@@ -409,37 +418,68 @@ WITH own AS (
 
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
-
-def _headers(raw: Any) -> Mapping[str, str]:
-    value = json.loads(raw) if isinstance(raw, str | bytes) else raw
-    return MappingProxyType(dict(value))
-
+# What the relay side reads of a row, in OutboxRecord's field order. A created_at that
+# Python's datetime cannot hold (before year 1, after 9999, or infinity) reads as NULL
+# instead of failing the whole fetch in the driver (the row is then parked, see
+# ``_read_row``); the other columns always convert (text, bytea, jsonb as text).
+_RECORD_COLUMNS = (
+    "seq, id, topic, type, payload, aggregateid, headers, "
+    "CASE WHEN created_at >= timestamptz '0001-01-01 00:00:00+00' "
+    "AND created_at < timestamptz '10000-01-01 00:00:00+00' THEN created_at END, "
+    "attempts, last_error"
+)
 
 _tuple_new = tuple.__new__
 
 
+def _no_time(value: object) -> Any:
+    raise UnreadableRow("created_at", "is out of range (before year 1, after 9999, or infinite)")
+
+
 def _records(rows: list[Any]) -> list[OutboxRecord]:
-    """Whole outbox rows (``SELECT *``: seq, id, aggregatetype, aggregateid, type,
-    payload, topic, headers, created_at, available_at, attempts, last_error, ...) as
-    records: by position, one tuple each, headers decoded only when there are some."""
+    """Rows of ``_RECORD_COLUMNS`` as records: by position, one tuple each, headers decoded
+    only when there are some. Raises :class:`UnreadableRow` when a row cannot be read;
+    the caller then reads them one by one (``_read_row``)."""
     return [
         _tuple_new(
             OutboxRecord,
             (
                 r[0],
                 r[1],
-                r[6],
+                r[2],
+                r[3],
                 r[4],
                 r[5],
-                r[3],
-                _NO_HEADERS if r[7] == "{}" else _headers(r[7]),
+                _NO_HEADERS if r[6] == "{}" else read_headers(r[6]),
+                r[7] or _no_time(r[7]),
                 r[8],
-                r[10],
-                r[11],
+                r[9],
             ),
         )
         for r in rows
     ]
+
+
+def _read_row(r: Any) -> tuple[OutboxRecord, str | None]:
+    """One row of ``_RECORD_COLUMNS`` as a record, and why it cannot be published (None
+    when it can); what cannot be read shows as empty (headers none, the time
+    ``UNREADABLE_TIME``)."""
+    reasons: list[str] = []
+    headers = _NO_HEADERS
+    try:
+        headers = read_headers(r[6])
+    except UnreadableRow as e:
+        reasons.append(e.reason)
+    created = r[7]
+    if created is None:
+        reasons.append(
+            "unreadable row: created_at is out of range (before year 1, after 9999, or infinite)"
+        )
+        created = UNREADABLE_TIME
+    record = _tuple_new(
+        OutboxRecord, (r[0], r[1], r[2], r[3], r[4], r[5], headers, created, r[8], r[9])
+    )
+    return record, ("; ".join(reasons) if reasons else None)
 
 
 class PostgresOutboxStore:
@@ -514,7 +554,8 @@ class PostgresOutboxStore:
     @classmethod
     def from_url(cls, url: str, **options: Any) -> PostgresOutboxStore:
         """A store over ``postgresql://…`` that connects on first use; ``options`` go to
-        the constructor (``table_prefix``, ``schema``, ``max_size``…)."""
+        the constructor (``table_prefix``, ``schema``, ``notify``, ``partitioned``,
+        ``relay_synchronous_commit``, ``max_size``)."""
         return cls(url, **options)
 
     def _build_sql(self) -> None:
@@ -561,8 +602,9 @@ class PostgresOutboxStore:
             claim_fn, sent_fn = self._pclaim_fn, self._psent_fn
         owned = _OWNED.format(lease=lease) + unlease_mine
         self._sql = {
-            "claim": f"SELECT * FROM {claim_fn}($1, $2, $3, $4)",
-            "sent_claim": f"SELECT * FROM {sent_fn}($1, $2::bigint[], $3, $4, $5, $6)",
+            "claim": f"SELECT {_RECORD_COLUMNS} FROM {claim_fn}($1, $2, $3, $4)",
+            "sent_claim": f"SELECT {_RECORD_COLUMNS} "
+            f"FROM {sent_fn}($1, $2::bigint[], $3, $4, $5, $6)",
             **{
                 f"leave{i}": q.format(
                     cls=self._lock_class, parts=self.parts_table, relays=self.relays_table
@@ -580,11 +622,14 @@ class PostgresOutboxStore:
             f"WHERE o.seq = own.seq AND o.sent_at IS NULL AND NOT o.parked{quiet}",
             "park": owned + f" UPDATE {t} o SET parked = true, last_error = $3 FROM own "
             f"WHERE o.seq = own.seq AND o.sent_at IS NULL AND NOT o.parked{quiet}",
-            "parked": f"SELECT * FROM {t} WHERE parked AND sent_at IS NULL ORDER BY seq LIMIT $1",
+            "parked": f"SELECT {_RECORD_COLUMNS} FROM {t} WHERE parked AND sent_at IS NULL "
+            "ORDER BY seq LIMIT $1",
             "requeue": f"UPDATE {t} SET parked = false, attempts = 0, available_at = NULL "
             "WHERE seq = ANY($1::bigint[]) AND parked AND sent_at IS NULL",
             "status": "SELECT count(*) FILTER (WHERE NOT parked) AS pending, "
-            "extract(epoch FROM clock_timestamp() - min(created_at) FILTER (WHERE NOT parked))"
+            # (a row another writer gave an infinite created_at is not counted in the age)
+            "extract(epoch FROM clock_timestamp() - min(created_at) "
+            "FILTER (WHERE NOT parked AND isfinite(created_at)))"
             "::float8 AS age, count(*) FILTER (WHERE parked) AS parked "
             f"FROM {t} WHERE sent_at IS NULL",
             # and leases that ran out long ago (their relay died)
@@ -694,8 +739,16 @@ class PostgresOutboxStore:
             raise ConfigurationError("lease_seconds must be > 0")
         sql = self._sql["claim"]
         args = (relay_id, int(limit), float(lease_seconds), self._sync)
-        rows = await self._db.call("outbox claim", lambda pool: pool.fetch(sql, *args))
-        return _records(rows)
+        while True:
+            rows = await self._db.call("outbox claim", lambda pool: pool.fetch(sql, *args))
+            try:
+                return _records(rows)
+            except UnreadableRow:
+                records, parked = await self._read_slowly(relay_id, rows)
+            if records or not parked:
+                return records
+            # only unreadable rows (now parked) and rows behind them: look again past them,
+            # so that a claim returns nothing only when nothing is claimable
 
     async def mark_sent_and_claim(
         self,
@@ -725,7 +778,42 @@ class PostgresOutboxStore:
             self._sync,
         )
         rows = await self._db.call("outbox mark_sent_and_claim", lambda p: p.fetch(sql, *args))
-        return _records(rows)
+        try:
+            return _records(rows)
+        except UnreadableRow:
+            records, parked = await self._read_slowly(relay_id, rows)
+        if records or not parked:
+            return records
+        return await self.claim(relay_id, limit, lease_seconds)  # look again past them
+
+    async def _read_slowly(self, relay_id: str, rows: list[Any]) -> tuple[list[OutboxRecord], int]:
+        """A claimed batch holding a row that cannot be read, row by row: park each such
+        row with its reason, hand back the later rows of its key (they wait behind it, as
+        behind any parked row); return the others, and how many rows were parked."""
+        good: list[OutboxRecord] = []
+        bad: dict[str, list[int]] = {}
+        behind: list[int] = []
+        stuck: set[str] = set()
+        for r in rows:
+            key = r[5]
+            if key is not None and key in stuck:
+                behind.append(r[0])
+                continue
+            record, reason = _read_row(r)
+            if reason is None:
+                good.append(record)
+                continue
+            bad.setdefault(safe_text(reason, 2000), []).append(r[0])
+            if key is not None:
+                stuck.add(key)
+        parked = 0
+        for reason, seqs in bad.items():
+            # parked as the relay parks a row: only while this relay holds it
+            parked += await self._update("park", "park", relay_id, seqs, reason)
+            log.error("outbox rows %s parked: %s", seqs, reason)
+        if behind:
+            await self.release(relay_id, behind)
+        return good, parked
 
     async def _update(self, what: str, key: str, *args: Any) -> int:
         sql = self._sql[key]
@@ -769,7 +857,8 @@ class PostgresOutboxStore:
     async def parked(self, limit: int = 100) -> list[OutboxRecord]:
         sql = self._sql["parked"]
         rows = await self._db.call("outbox parked", lambda pool: pool.fetch(sql, int(limit)))
-        return _records(rows)
+        # row by row: a parked row may be one that cannot be read (shown as far as it can)
+        return [_read_row(r)[0] for r in rows]
 
     async def requeue(self, seqs: Sequence[int]) -> int:
         if not seqs:

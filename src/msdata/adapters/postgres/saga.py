@@ -1,4 +1,5 @@
-"""The PostgreSQL saga store: one row per instance in ``{schema}.{prefix}sagas``.
+"""The PostgreSQL saga store: one row per instance in ``{schema}.{prefix}sagas``, and the
+replies recorded for an instance another process held in ``{prefix}saga_replies``.
 
 Each call is one short transaction on the store's own asyncpg pool. ``save`` is a
 conditional ``UPDATE … WHERE version = $expected`` (an ``INSERT`` for a new instance), and
@@ -47,17 +48,32 @@ CREATE TABLE IF NOT EXISTS {table} (
 -- status and type only change at the start and the end of an instance: the writes in
 -- between touch no indexed column (and can be HOT updates)
 CREATE INDEX IF NOT EXISTS "{name}_status" ON {table} (status, saga_type);
+-- replies that came while another process held the instance (SagaStore.add_reply); the
+-- next holder applies them and its save deletes them
+CREATE TABLE IF NOT EXISTS {replies} (
+    saga_id text NOT NULL,
+    key     text NOT NULL,
+    seq     bigserial,
+    reply   bytea NOT NULL,
+    PRIMARY KEY (saga_id, key)
+);
 """
 
 _COLUMNS = (
     "saga_id, saga_type, status, version, lease_owner, lease_until, wake_at, created_at, "
     "updated_at, state::text"
 )
+#: the instance's recorded replies, oldest first, as two arrays after the columns
+_REPLIES = (
+    "array(SELECT r.key FROM {replies} r WHERE r.saga_id = {alias}.saga_id ORDER BY r.seq),"
+    " array(SELECT r.reply FROM {replies} r WHERE r.saga_id = {alias}.saga_id ORDER BY r.seq)"
+)
 _ACTIVE = "('RUNNING', 'COMPENSATING')"
 
 
 def _record(row: Any) -> SagaRecord:
-    saga_id, saga_type, status, version, owner, until, wake, created, updated, state = row
+    saga_id, saga_type, status, version, owner, until, wake, created, updated, state = row[:10]
+    replies = dict(zip(row[10], row[11], strict=True)) if len(row) > 10 and row[10] else None
     return record_from_json(
         state,
         saga_id=saga_id,
@@ -69,6 +85,7 @@ def _record(row: Any) -> SagaRecord:
         lease_owner=owner,
         lease_until=until,
         wake_at=wake,
+        replies=replies,
     )
 
 
@@ -106,7 +123,14 @@ class PostgresSagaStore:
             " updated_at=$6, state=$7::jsonb WHERE saga_id=$8 AND version=$9"
         )
         self._version = f"SELECT version FROM {t} WHERE saga_id=$1"
-        self._get = f"SELECT {_COLUMNS} FROM {t} WHERE saga_id=$1"
+        self.replies_table = r = self._db.qualified(f"{self._prefix}saga_replies")
+        self._with_replies = _REPLIES.format(replies=r, alias="s")
+        self._get = f"SELECT {_COLUMNS}, {self._with_replies} FROM {t} s WHERE saga_id=$1"
+        self._add_reply = (
+            f"INSERT INTO {r} (saga_id, key, reply) VALUES ($1, $2, $3)"
+            " ON CONFLICT (saga_id, key) DO NOTHING"
+        )
+        self._delete_replies = f"DELETE FROM {r} WHERE saga_id = $1 AND key = ANY($2::text[])"
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> PostgresSagaStore:
@@ -116,14 +140,16 @@ class PostgresSagaStore:
 
     def schema_sql(self) -> str:
         """The DDL ``create_schema`` runs (idempotent), e.g. for a migration tool."""
-        return self._db.schema_head() + _TABLE.format(table=self.table, name=self._name)
+        return self._db.schema_head() + _TABLE.format(
+            table=self.table, name=self._name, replies=self.replies_table
+        )
 
     async def create_schema(self) -> None:
         await self._db.run_ddl("saga create_schema", self.schema_sql(), self._lock_class)
 
     async def drop_schema(self) -> None:
         """Drop the table (for tests and teardown)."""
-        sql = f"DROP TABLE IF EXISTS {self.table}"
+        sql = f"DROP TABLE IF EXISTS {self.table}, {self.replies_table}"
         await self._db.call("saga drop_schema", lambda pool: pool.execute(sql))
 
     async def save(self, record: SagaRecord, *, also: AlsoInTransaction | None = None) -> None:
@@ -159,7 +185,7 @@ class PostgresSagaStore:
             )
             sql = self._update
 
-        if also is None:
+        if also is None and not r.replies:
             # one statement is its own transaction: one round trip
 
             async def write_alone(pool: Any) -> None:
@@ -177,6 +203,8 @@ class PostgresSagaStore:
                 if not status.endswith(" 1"):
                     actual = await conn.fetchval(self._version, r.saga_id)
                     raise ConcurrencyError(f"saga {r.saga_id}", expected, actual or 0)
+                if r.replies:
+                    await conn.execute(self._delete_replies, r.saga_id, list(r.replies))
                 if also is not None:
                     result = also(conn)
                     if inspect.isawaitable(result):
@@ -190,6 +218,12 @@ class PostgresSagaStore:
             raise SagaNotFound(f"no saga instance {saga_id!r}")
         return _record(row)
 
+    async def add_reply(self, saga_id: str, key: str, reply: bytes) -> bool:
+        status = await self._db.call(
+            "saga add_reply", lambda pool: pool.execute(self._add_reply, saga_id, key, reply)
+        )
+        return bool(status.endswith(" 1"))
+
     async def claim(
         self, owner: str, now: datetime, lease_until: datetime, limit: int
     ) -> list[SagaRecord]:
@@ -197,10 +231,12 @@ class PostgresSagaStore:
         sql = (
             f"WITH c AS (SELECT saga_id FROM {t} WHERE status IN {_ACTIVE}"
             " AND (lease_until IS NULL OR lease_until <= $1)"
-            " AND (wake_at IS NULL OR wake_at <= $1)"
+            " AND (wake_at IS NULL OR wake_at <= $1"
+            f" OR EXISTS (SELECT 1 FROM {self.replies_table} r WHERE r.saga_id = {t}.saga_id))"
             " ORDER BY updated_at LIMIT $3 FOR UPDATE SKIP LOCKED)"
             f" UPDATE {t} s SET lease_owner = $2, lease_until = $4, version = s.version + 1"
-            f" FROM c WHERE s.saga_id = c.saga_id RETURNING {_prefixed('s')}"
+            f" FROM c WHERE s.saga_id = c.saga_id RETURNING {_prefixed('s')},"
+            f" {self._with_replies}"
         )
         rows = await self._db.call(
             "saga claim", lambda pool: pool.fetch(sql, now, owner, limit, lease_until)

@@ -1205,3 +1205,32 @@ class RabbitMQTransport:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    async def lag(self, topic: str, group: str) -> int | None:
+        """The ``message_count`` of a passive declare of the group's queue and of its ready
+        queue (retries that are due): the messages ready for the group. AMQP does not report
+        the delivered-but-unacked ones, nor the retries still waiting out a delay in a tier
+        queue. None if the group's queue does not exist. See
+        :meth:`msdata.transport.Transport.lag`."""
+        check_name("topic", topic)
+        check_name("group", group)
+        queue = group_queue_name(self.exchange_name(topic), group)
+        conn = await self._connect()
+        total = 0
+        for name in (queue, _ready_queue_name(queue)):
+            with _amqp_errors(f"could not read the lag of group {group!r} of {topic!r}"):
+                # a passive declare of a missing queue closes its channel: one each
+                channel = await conn.channel()
+                try:
+                    ok = await (await channel.get_underlay_channel()).queue_declare(
+                        name, passive=True
+                    )
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    if name == queue:
+                        return None
+                    continue  # an ordered group has no ready queue
+                finally:
+                    if not channel.is_closed:
+                        await channel.close()
+            total += ok.message_count or 0
+        return total

@@ -10,6 +10,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from msdata.adapters.redis.idempotency import RedisIdempotencyStore
 from msdata.adapters.redis.transport import (
+    DEFAULT_MAX_HELD_BYTES,
+    DEFAULT_MAX_MESSAGE_BYTES,
     FOREIGN_ENTRY_HEADER,
     RedisDelivery,
     RedisSubscription,
@@ -17,6 +19,8 @@ from msdata.adapters.redis.transport import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_HELD_BYTES",
+    "DEFAULT_MAX_MESSAGE_BYTES",
     "FOREIGN_ENTRY_HEADER",
     "RedisDelivery",
     "RedisIdempotencyStore",

@@ -12,6 +12,8 @@ __all__ = [
     "FORGET_IDLE_CONSUMERS",
     "HEARTBEAT",
     "MOVE_DUE",
+    "MOVE_TOO_LARGE",
+    "READ",
     "RECLAIM",
     "SETTLE",
     "TRIM",
@@ -66,19 +68,180 @@ if #nxt == 0 then return {#due, -1} end
 return {#due, math.max(0, tonumber(nxt[2]) - now)}
 """
 
-# XAUTOCLAIM plus each claimed entry's delivery count (XAUTOCLAIM does not return it).
-# KEYS[1] stream; ARGV[1] group, ARGV[2] consumer, ARGV[3] min idle ms, ARGV[4] cursor,
-# ARGV[5] count. Returns {next cursor, entries, counts}.
-RECLAIM = """
+# The shared part of READ, RECLAIM and MOVE_TOO_LARGE: an entry larger than the consumer's
+# max_message_bytes is dead-lettered here, on the server, so its bytes never reach the
+# consumer. Its size is the sum of its field names' and values' lengths (what XADD was given,
+# as RedisTransport.publish counts it). The dead letter is what the consumer's own
+# dead_letter would write (msdata.deadletter): the entry's id, body and key, its headers plus
+# the four x-msdata-* ones; a foreign entry's id is the stream entry id, its body the
+# ``body`` field, else its only field, else a JSON object of its fields, and its headers name
+# it foreign (x-msdata-foreign-entry); of two fields of one name, the last counts (as in the
+# consumer's _foreign).
+# too_large(src, dlq, group, topic, eid, fields, size, attempts, limit, template) returns
+# {eid, message id, size, attempts, reason}, or nil if another consumer settled it first.
+_TOO_LARGE = """
+local function entry_size(f)
+  local n = 0
+  for j = 1, #f do n = n + #f[j] end
+  return n
+end
+local function attempt_field(f)
+  if f[1] ~= 'id' or f[3] ~= 'body' then return 1 end
+  for j = 5, #f - 1, 2 do
+    if f[j] == 'attempt' then
+      local a = tonumber(f[j + 1])
+      if a == nil then return 1 end
+      return math.min(math.max(math.floor(a), 1), 1000000)
+    end
+  end
+  return 1
+end
+local function too_large(src, dlq, group, topic, eid, f, size, attempts, limit, template)
+  if redis.call('XACK', src, group, eid) == 0 then return nil end
+  local reason = string.format(template, size, limit)
+  local id, body, key, headers = eid, nil, nil, nil
+  if f[1] == 'id' and f[3] == 'body' and #f % 2 == 0 then
+    id, body, headers = f[2], f[4], {}
+    for j = 5, #f - 1, 2 do
+      if f[j] == 'key' then
+        key = f[j + 1]
+      elseif f[j] == 'headers' and headers ~= nil then
+        local ok, h = pcall(cjson.decode, f[j + 1])
+        if ok and type(h) == 'table' then
+          for k, v in pairs(h) do
+            if type(k) ~= 'string' or type(v) ~= 'string' then headers = nil; break end
+            headers[k] = v
+          end
+        else
+          headers = nil
+        end
+      end
+    end
+  end
+  if headers == nil then
+    id, key, headers = eid, nil, {['x-msdata-foreign-entry'] = eid}
+    body = nil
+    local fields, n = {}, 0
+    for j = 1, #f - 1, 2 do
+      n = n + 1
+      fields[f[j]] = f[j + 1]
+      if f[j] == 'body' then body = f[j + 1] end
+    end
+    if body == nil then
+      if n == 1 then body = f[2] else body = cjson.encode(fields) end
+    end
+  end
+  headers['x-msdata-dead-letter-reason'] = reason
+  headers['x-msdata-original-topic'] = topic
+  headers['x-msdata-group'] = group
+  headers['x-msdata-attempts'] = tostring(attempts)
+  local copy = {'XADD', dlq, '*', 'id', id, 'body', body}
+  if key ~= nil then copy[#copy + 1] = 'key'; copy[#copy + 1] = key end
+  copy[#copy + 1] = 'headers'
+  copy[#copy + 1] = cjson.encode(headers)
+  redis.call(unpack(copy))
+  if #id > 200 then id = eid end
+  return {eid, id, size, attempts, reason}
+end
+"""
+
+# Ack, then read: the consumer's batched acks go out with its next read, in one round trip.
+# KEYS[1] topic stream, KEYS[2] retry stream, KEYS[3] the group's dead-letter stream;
+# ARGV[1] group, ARGV[2] consumer, ARGV[3] count, ARGV[4] max_message_bytes, ARGV[5] topic,
+# ARGV[6] the too-large reason (a format of size and limit), ARGV[7] n, ARGV[8..7+n] ids to
+# ack on the topic stream, ARGV[8+n..] ids to ack on the retry stream.
+# Reads at most ``count`` new entries, the retry stream's first (a retry does not wait behind
+# the backlog), without blocking. Returns {retry entries, topic entries, too large}.
+READ = (
+    _TOO_LARGE
+    + """
+local group, consumer = ARGV[1], ARGV[2]
+local left, limit = tonumber(ARGV[3]), tonumber(ARGV[4])
+local nt = tonumber(ARGV[7])
+local function xack(key, first, last)
+  while first <= last do
+    local upto = math.min(first + 999, last)
+    redis.call('XACK', key, group, unpack(ARGV, first, upto))
+    first = upto + 1
+  end
+end
+xack(KEYS[1], 8, 7 + nt)
+xack(KEYS[2], 8 + nt, #ARGV)
+local out = {{}, {}, {}}
+local function read(i, key, own)
+  if left <= 0 then return end
+  local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', left, 'STREAMS', key, '>')
+  if not r then return end
+  local keep = out[i]
+  for _, e in ipairs(r[1][2]) do
+    local f = e[2]
+    local size = entry_size(f)
+    if size > limit then
+      local attempts = 1
+      if own then attempts = attempt_field(f) end
+      local moved = too_large(key, KEYS[3], group, ARGV[5], e[1], f, size, attempts, limit, ARGV[6])
+      if moved then out[3][#out[3] + 1] = moved end
+    else
+      keep[#keep + 1] = e
+    end
+    left = left - 1
+  end
+end
+read(1, KEYS[2], true)
+read(2, KEYS[1], false)
+return out
+"""
+)
+
+# Dead-letter one entry the consumer read (a blocking read cannot run in a script) and found
+# too large, copying it on the server. KEYS[1] stream, KEYS[2] dead-letter stream; ARGV[1]
+# group, ARGV[2] entry id, ARGV[3] attempts, ARGV[4] max_message_bytes, ARGV[5] topic,
+# ARGV[6] reason format. Returns what too_large does, or nil.
+MOVE_TOO_LARGE = (
+    _TOO_LARGE
+    + """
+local e = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+if #e == 0 then return nil end
+local f = e[1][2]
+return too_large(KEYS[1], KEYS[2], ARGV[1], ARGV[5], ARGV[2], f, entry_size(f),
+                 tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[6])
+"""
+)
+
+# XAUTOCLAIM plus each claimed entry's delivery count (XAUTOCLAIM does not return it); a
+# claimed entry over max_message_bytes is dead-lettered here (see _TOO_LARGE).
+# KEYS[1] stream, KEYS[2] the group's dead-letter stream; ARGV[1] group, ARGV[2] consumer,
+# ARGV[3] min idle ms, ARGV[4] cursor, ARGV[5] count, ARGV[6] max_message_bytes, ARGV[7]
+# topic, ARGV[8] reason format, ARGV[9] "1" if the stream is a retry stream (its entries'
+# attempt field is msdata's). Returns {next cursor, entries, counts, too large}.
+RECLAIM = (
+    _TOO_LARGE
+    + """
 local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
                      'COUNT', ARGV[5])
-local counts = {}
-for i, e in ipairs(r[2]) do
+local limit = tonumber(ARGV[6])
+local entries, counts, large = {}, {}, {}
+for _, e in ipairs(r[2]) do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
-  if p[1] then counts[i] = p[1][4] else counts[i] = 1 end
+  local count = 1
+  if p[1] then count = p[1][4] end
+  local f = e[2]
+  local size = 0
+  if f then size = entry_size(f) end
+  if size > limit then
+    local base = 1
+    if ARGV[9] == '1' then base = attempt_field(f) end
+    local moved = too_large(KEYS[1], KEYS[2], ARGV[1], ARGV[7], e[1], f, size,
+                            base + count - 1, limit, ARGV[8])
+    if moved then large[#large + 1] = moved end
+  else
+    entries[#entries + 1] = e
+    counts[#counts + 1] = count
+  end
 end
-return {r[1], r[2], counts}
+return {r[1], entries, counts, large}
 """
+)
 
 # Reset the idle time of the entries this consumer still owns, so a live consumer with a slow
 # handler is not taken for dead. KEYS[1] stream; ARGV[1] group, ARGV[2] consumer, ARGV[3..] ids.

@@ -6,7 +6,7 @@ Keys (``P`` is the ``key_prefix``; topic and group names cannot hold ``:``, so n
   returns when Redis has replied to every XADD.
 - ``P:<topic>:<group>:retry``: the group's retry stream. A nacked (or released) delivery is
   acked on the topic stream and copied here, with its next attempt number, in one Lua script;
-  the group reads both streams in one ``XREADGROUP``.
+  a consumer reads both streams (the retry stream first) in one round trip, the READ script.
 - ``P:<topic>:<group>:delayed``: a sorted set holding the copies of deliveries nacked with a
   delay, scored by the server's clock. Any consumer of the group moves the due ones to the
   retry stream, so a delay survives the consumer that asked for it.
@@ -51,6 +51,11 @@ with replacement); the message id is the stream entry id and the header
 :data:`FOREIGN_ENTRY_HEADER` says so. They can be acked, nacked and dead-lettered like any
 delivery, and never stop the receive loop.
 
+Sizes: ``max_message_bytes`` bounds an entry (its fields' bytes): ``publish`` refuses a larger
+message before sending it, alone in its batch, and a consumer's read scripts dead-letter a
+larger entry on the server, so it never reaches the process; ``max_held_bytes`` bounds what
+a subscription holds, in bytes (see :class:`RedisSubscription` and docs/transports.md).
+
 Connection loss: ``receive`` retries with back-off until its timeout and returns what it has
 (possibly nothing); a lost group (a server restarted without persistence) is declared again.
 Consumers resume by themselves once Redis is back; ``publish`` raises
@@ -80,13 +85,21 @@ from collections import deque
 from collections.abc import Sequence
 from types import MappingProxyType
 from typing import Any, Self
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as rex
 
 from msdata import deadletter
 from msdata.adapters.redis import _lua
-from msdata.errors import ConfigurationError, PublishError, TransportClosed, TransportError
+from msdata.errors import (
+    ConfigurationError,
+    MessageTooLarge,
+    PublishError,
+    TransportClosed,
+    TransportError,
+)
+from msdata.serialization import DEFAULT_MAX_SIZE
 from msdata.transport import (
     ClosesOnExit,
     DeliveryState,
@@ -95,9 +108,17 @@ from msdata.transport import (
     TransportMessage,
     check_name,
 )
+from msdata.transport import dead_letter_topic as deadletter_topic
 from msdata.urls import redact_url
 
-__all__ = ["FOREIGN_ENTRY_HEADER", "RedisDelivery", "RedisSubscription", "RedisTransport"]
+__all__ = [
+    "DEFAULT_MAX_HELD_BYTES",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "FOREIGN_ENTRY_HEADER",
+    "RedisDelivery",
+    "RedisSubscription",
+    "RedisTransport",
+]
 
 log = logging.getLogger("msdata.adapters.redis")
 
@@ -105,6 +126,30 @@ log = logging.getLogger("msdata.adapters.redis")
 FOREIGN_ENTRY_HEADER = "x-msdata-foreign-entry"
 #: the largest attempt number a retry copy's ``attempt`` field is believed to hold
 MAX_ATTEMPT = 1_000_000
+#: ``max_message_bytes`` by default: the codec's 1 MiB body limit
+#: (:data:`msdata.serialization.DEFAULT_MAX_SIZE`) plus 64 KiB for the id, key and headers,
+#: far below Redis's own limit on one argument (``proto-max-bulk-len``, 512 MiB), over which
+#: Redis closes the connection
+DEFAULT_MAX_MESSAGE_BYTES = DEFAULT_MAX_SIZE + 64 * 1024
+#: ``max_held_bytes`` by default: what one subscription holds (read, not yet settled) at most
+DEFAULT_MAX_HELD_BYTES = 64 * 1024 * 1024
+# the dead-letter reason of an entry over max_message_bytes (a Lua format: size, limit)
+_TOO_LARGE = "MessageTooLarge: the stream entry is %d bytes; max_message_bytes is %d"
+# error replies that are the server's state, not one message's fault: the whole batch failed
+_SERVER_STATE = (
+    "OOM",
+    "READONLY",
+    "MISCONF",
+    "NOAUTH",
+    "NOPERM",
+    "LOADING",
+    "BUSY",
+    "MASTERDOWN",
+    "WRONGTYPE",
+    "NOSCRIPT",
+    "CLUSTERDOWN",
+    "TRYAGAIN",
+)
 
 _EMPTY: Any = MappingProxyType({})
 _TOPIC, _RETRY = 0, 1
@@ -117,13 +162,15 @@ def _redis_errors(what: str, error: type[TransportError] = TransportError) -> Dr
     return DriverErrors(rex.RedisError, what, error)
 
 
-async def _execute(pipe: Any) -> Any:
+async def _execute(pipe: Any, raise_on_error: bool = True) -> Any:
     """``pipe.execute()``, giving the pipeline's connection back to the pool when it fails.
     redis-py loads the pipeline's scripts (on a connection it then holds) before the part
     of ``execute`` that resets the pipeline on failure; a connection lost there stayed with
-    the pipeline, which Python later reported as "Unclosed Pipeline client"."""
+    the pipeline, which Python later reported as "Unclosed Pipeline client".
+    ``raise_on_error=False``: a command's error reply is its result (an exception instance)
+    instead of raising; a lost connection still raises."""
     try:
-        return await pipe.execute()
+        return await pipe.execute(raise_on_error=raise_on_error)
     except BaseException:
         with contextlib.suppress(Exception):
             await asyncio.shield(pipe.reset())
@@ -139,6 +186,15 @@ def _entry_fields(m: TransportMessage, headers: Any, attempt: int | None) -> lis
     if attempt is not None:
         fields += (b"attempt", attempt)
     return fields
+
+
+def _fields_size(fields: list[Any]) -> int:
+    """The bytes of an entry's fields as XADD sends them (names and values), which is how
+    the consumer's read script measures an entry too."""
+    n = 0
+    for f in fields:
+        n += len(f.encode()) if isinstance(f, str) else len(f) if isinstance(f, bytes) else 8
+    return n
 
 
 def _foreign(eid: bytes, flat: list[bytes]) -> tuple[TransportMessage, int]:
@@ -188,6 +244,20 @@ def _parse(eid: bytes, flat: list[bytes], own: bool = False) -> tuple[TransportM
         return _foreign(eid, flat)
 
 
+def _own_query_options(url: str, names: Sequence[str]) -> tuple[str, dict[str, str]]:
+    """``url`` without the query parameters ``names``, and their values."""
+    parts = urlsplit(url)
+    if not parts.query:
+        return url, {}
+    kept, own = [], {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name in names:
+            own[name] = value
+        else:
+            kept.append((name, value))
+    return urlunsplit(parts._replace(query=urlencode(kept))), own
+
+
 def _raw_reply(response: Any, **options: Any) -> Any:
     return response
 
@@ -198,7 +268,7 @@ class RedisDelivery(DeliveryState["RedisSubscription"]):
     ``ack()`` is batched (sent with the subscription's next round trip); ``nack`` and
     ``dead_letter`` return once Redis has done them."""
 
-    __slots__ = ("_eid", "_stream")
+    __slots__ = ("_eid", "_size", "_stream")
 
     def __init__(
         self,
@@ -207,26 +277,32 @@ class RedisDelivery(DeliveryState["RedisSubscription"]):
         eid: bytes,
         message: TransportMessage,
         attempt: int,
+        size: int,
     ) -> None:
         super().__init__(sub, message, attempt)
         self._stream = stream
         self._eid = eid
+        self._size = size
 
     def _begin(self) -> bool:
         if not self._begin_settle():
             return False
-        self._sub._inflight.pop(self, None)
+        sub = self._sub
+        if sub._inflight.pop(self, False) is None:
+            sub._held -= self._size
         return True
 
     def _undo(self) -> None:
         self._settled = False
         self._sub._inflight[self] = None
+        self._sub._held += self._size
 
     async def ack(self) -> None:
         if not self._begin_settle():
             return
         sub = self._sub
         del sub._inflight[self]
+        sub._held -= self._size
         sub._acks[self._stream].append(self._eid)
         if not sub._kick_pending:
             sub._kick_pending = True
@@ -260,9 +336,15 @@ class RedisDelivery(DeliveryState["RedisSubscription"]):
 class RedisSubscription(ClosesOnExit):
     """A consumer in a group; see :class:`msdata.transport.Subscription`.
 
-    It reads up to ``prefetch`` entries of each of the topic stream and the group's retry
-    stream per round trip, so with both busy it may hold up to twice ``prefetch`` (the
-    surplus waits in a local buffer, owned by this consumer in Redis)."""
+    It holds (has read and not yet settled) at most ``prefetch`` deliveries and, in bytes,
+    at most the transport's ``max_held_bytes`` plus one message: each read asks for no more
+    entries than fit in what is left of that budget at ``max_message_bytes`` each (at least
+    one while anything is left), and while the budget is used up it reads nothing
+    (``receive`` returns ``[]`` at once, as it does with ``prefetch`` deliveries held).
+    Reads run in a Lua script that dead-letters an entry over ``max_message_bytes`` on the
+    server, so such an entry's bytes never reach the consumer; only the blocking wait for
+    new entries (when none were there) is a plain ``XREADGROUP COUNT 1``, whose entry, if too
+    large, is dead-lettered right after it was read."""
 
     def __init__(
         self, transport: RedisTransport, topic: str, group: str, max_attempts: int, prefetch: int
@@ -277,8 +359,11 @@ class RedisSubscription(ClosesOnExit):
         self._keys = (f"{prefix}:{topic}", f"{prefix}:{topic}:{group}:retry")
         self._bkeys = tuple(k.encode() for k in self._keys)
         self._delayed = f"{prefix}:{topic}:{group}:delayed"
+        self._dlq = transport._stream_key(deadletter_topic(topic, group))
         self._streams: dict[Any, Any] = {self._keys[0]: ">", self._keys[1]: ">"}
         self._inflight: dict[RedisDelivery, None] = {}
+        # bytes of the entries in _inflight and _buffer (their fields, as Redis counts them)
+        self._held = 0
         self._buffer: deque[RedisDelivery] = deque()
         # read or reclaimed beyond max_attempts: dead-lettered, not handed out
         self._overdue: list[tuple[RedisDelivery, str]] = []
@@ -329,6 +414,7 @@ class RedisSubscription(ClosesOnExit):
         unsettled = [*self._inflight, *self._buffer]
         self._inflight.clear()
         self._buffer.clear()
+        self._held = 0
         t = self._t
         try:
             pipe = t._client.pipeline(transaction=False)
@@ -363,6 +449,9 @@ class RedisSubscription(ClosesOnExit):
             return []
         buf = self._buffer
         if not buf:
+            room = self._affordable(room)
+            if room <= 0:
+                return []
             await self._fill(room, timeout)
             if self._closed:  # closed while we waited: what we read is reclaimed later
                 return []
@@ -373,6 +462,14 @@ class RedisSubscription(ClosesOnExit):
             inflight[d] = None
             out.append(d)
         return out
+
+    def _affordable(self, room: int) -> int:
+        """How many entries to read at most: ``room``, cut to what fits in the byte budget
+        if each were as large as allowed; at least one while any budget is left."""
+        left = self._t.max_held_bytes - self._held
+        if left <= 0:
+            return 0
+        return min(room, max(1, left // self._t.max_message_bytes))
 
     async def _fill(self, room: int, timeout: float) -> None:
         t = self._t
@@ -427,49 +524,104 @@ class RedisSubscription(ClosesOnExit):
         return acks
 
     async def _read(self, room: int, block_ms: int) -> None:
-        client = self._t._reader
-        block = block_ms if block_ms > 0 else None
-        if self._acks[0] or self._acks[1]:
-            pipe = client.pipeline(transaction=False)
-            acks = self._queue_acks(pipe)
-            pipe.xreadgroup(self.group, self.consumer, self._streams, count=room, block=block)
-            try:
-                result = (await _execute(pipe))[-1]
-            except BaseException:
-                self._restore_acks(acks)
-                raise
-        else:
-            result = await client.xreadgroup(
-                self.group, self.consumer, self._streams, count=room, block=block
+        """Send the pending acks and read up to ``room`` new entries (the READ script);
+        if there were none, wait up to ``block_ms`` for one (``XREADGROUP COUNT 1 BLOCK``)."""
+        t = self._t
+        acks = self._take_acks()
+        try:
+            result = await t._read_script(
+                keys=[self._keys[_TOPIC], self._keys[_RETRY], self._dlq],
+                args=[
+                    self.group,
+                    self.consumer,
+                    room,
+                    t.max_message_bytes,
+                    self.topic,
+                    _TOO_LARGE,
+                    len(acks[_TOPIC]),
+                    *acks[_TOPIC],
+                    *acks[_RETRY],
+                ],
+                client=t._reader,
             )
+        except BaseException:
+            self._restore_acks(acks)
+            raise
+        retry, fresh, large = result
+        if large:
+            self._log_too_large(large)
+        if retry:
+            self._accept(_RETRY, retry)
+        if fresh:
+            self._accept(_TOPIC, fresh)
+        if retry or fresh or large or block_ms <= 0:
+            return
+        # nothing new: wait for it; a script cannot block, so this read is a plain one
+        result = await t._reader.xreadgroup(
+            self.group, self.consumer, self._streams, count=1, block=block_ms
+        )
         if result:
-            self._accept(result)
+            if isinstance(result, dict):  # RESP3 replies with a map
+                result = result.items()
+            for skey, entries in result:
+                stream = _TOPIC if skey == self._bkeys[0] else _RETRY
+                await self._accept_checked(stream, entries)
 
-    def _accept(self, result: Any) -> None:
+    def _accept(self, stream: int, entries: Any) -> None:
         buf = self._buffer
-        topic_key = self._bkeys[0]
-        if isinstance(result, dict):  # RESP3 replies with a map
-            result = result.items()
-        for skey, entries in result:
-            stream = _TOPIC if skey == topic_key else _RETRY
-            for eid, flat in entries:
-                # the common case inline: an msdata entry with only an id and a body
-                if len(flat) == 4 and flat[0] == b"id" and flat[2] == b"body":
-                    try:
-                        message = TransportMessage(flat[1].decode(), flat[3], None, _EMPTY)
-                        attempt = 1
-                    except UnicodeDecodeError:
-                        message, attempt = _foreign(eid, flat)
-                else:
-                    message, attempt = _parse(eid, flat, stream == _RETRY)
-                d = RedisDelivery(self, stream, eid, message, attempt)
-                if attempt > self.max_attempts:
-                    # released again and again by consumers that closed unsettled
-                    reason = deadletter.overdue_reason(attempt, self.max_attempts)
-                    assert reason is not None
-                    self._overdue.append((d, reason))
-                else:
-                    buf.append(d)
+        own = stream == _RETRY
+        held = 0
+        for eid, flat in entries:
+            # the common case inline: an msdata entry with only an id and a body
+            if len(flat) == 4 and flat[0] == b"id" and flat[2] == b"body":
+                size = 6 + len(flat[1]) + len(flat[3])
+                try:
+                    message = TransportMessage(flat[1].decode(), flat[3], None, _EMPTY)
+                    attempt = 1
+                except UnicodeDecodeError:
+                    message, attempt = _foreign(eid, flat)
+            else:
+                size = _fields_size(flat)
+                message, attempt = _parse(eid, flat, own)
+            d = RedisDelivery(self, stream, eid, message, attempt, size)
+            if attempt > self.max_attempts:
+                # released again and again by consumers that closed unsettled
+                reason = deadletter.overdue_reason(attempt, self.max_attempts)
+                assert reason is not None
+                self._overdue.append((d, reason))
+            else:
+                buf.append(d)
+                held += size
+        self._held += held
+
+    async def _accept_checked(self, stream: int, entries: Any) -> None:
+        """:meth:`_accept` for entries of a plain read, which no script has measured: one
+        over ``max_message_bytes`` is dead-lettered at once (copied on the server)."""
+        t = self._t
+        small = []
+        for eid, flat in entries:
+            size = _fields_size(flat)
+            if size <= t.max_message_bytes:
+                small.append((eid, flat))
+                continue
+            attempt = _parse(eid, flat, stream == _RETRY)[1] if stream == _RETRY else 1
+            moved = await t._move_too_large(
+                keys=[self._keys[stream], self._dlq],
+                args=[self.group, eid, attempt, t.max_message_bytes, self.topic, _TOO_LARGE],
+            )
+            if moved:
+                self._log_too_large([moved])
+        self._accept(stream, small)
+
+    def _log_too_large(self, records: Any) -> None:
+        """Log the dead letters the scripts made of entries over ``max_message_bytes``:
+        ``[entry id, message id, size, attempts, reason]`` each."""
+        for _eid, mid, _size, attempts, reason in records:
+            shown = mid.decode(errors="replace") if isinstance(mid, bytes) else str(mid)
+            text = reason.decode() if isinstance(reason, bytes) else str(reason)
+            deadletter.dead_letter(
+                TransportMessage(shown, b""), self.topic, self.group, int(attempts), text
+            ).log()
 
     # -- maintenance: delayed retries, reclaiming, trimming --------------------------------
 
@@ -480,8 +632,18 @@ class RedisSubscription(ClosesOnExit):
         idle = int(t.claim_idle * 1000)
         for i in (_TOPIC, _RETRY):
             await t._reclaim(
-                keys=[self._keys[i]],
-                args=[self.group, self.consumer, idle, self._cursors[i], room],
+                keys=[self._keys[i], self._dlq],
+                args=[
+                    self.group,
+                    self.consumer,
+                    idle,
+                    self._cursors[i],
+                    room,
+                    t.max_message_bytes,
+                    self.topic,
+                    _TOO_LARGE,
+                    "1" if i == _RETRY else "0",
+                ],
                 client=pipe,
             )
         trim = now >= self._next_trim
@@ -500,16 +662,20 @@ class RedisSubscription(ClosesOnExit):
             self._next_maintenance = min(self._next_maintenance, now + next_due / 1000)
         overdue: list[tuple[RedisDelivery, str]] = []
         for i in (_TOPIC, _RETRY):
-            cursor, entries, counts = results[1 + i]
+            cursor, entries, counts, large = results[1 + i]
             self._cursors[i] = cursor
+            if large:
+                self._log_too_large(large)
             for (eid, flat), count in zip(entries, counts, strict=True):
                 if not flat:  # deleted from the stream meanwhile (Redis < 7 reports them so)
                     continue
                 message, base = _parse(eid, flat, i == _RETRY)
-                d = RedisDelivery(self, i, eid, message, base + int(count) - 1)
+                size = _fields_size(flat)
+                d = RedisDelivery(self, i, eid, message, base + int(count) - 1, size)
                 reason = deadletter.overdue_reason(d.attempt, self.max_attempts)
                 if reason is None:
                     self._buffer.append(d)
+                    self._held += size
                 else:
                     overdue.append((d, reason))
         self._overdue.extend(overdue)
@@ -630,6 +796,17 @@ class RedisTransport:
       has acked (``None``: never; call :meth:`trim` yourself). At the same time it removes
       from its group the consumers (of crashed processes) that hold nothing and were idle
       for ``forget_after`` seconds (60, or ``10 * claim_idle`` if more).
+    - ``max_message_bytes``: the largest entry, in bytes of its fields (the body plus the id,
+      key, headers and field names; :data:`DEFAULT_MAX_MESSAGE_BYTES`, the codec's 1 MiB plus
+      64 KiB). ``publish`` refuses a larger message before sending it
+      (:class:`~msdata.errors.PublishError` naming it in ``refused``, with a
+      :class:`~msdata.errors.MessageTooLarge` as its cause); a subscription dead-letters a
+      larger entry that another producer wrote, with the reason, on the server (see
+      :class:`RedisSubscription`). Keep it at or above the codec's ``max_size`` and the same
+      on the producers and consumers of a topic.
+    - ``max_held_bytes``: what one subscription may hold, read and not yet settled, in bytes
+      (:data:`DEFAULT_MAX_HELD_BYTES`, 64 MiB), besides ``prefetch`` in messages; a consumer
+      holds at most this plus one message.
     """
 
     def __init__(
@@ -642,6 +819,8 @@ class RedisTransport:
         claim_interval: float | None = None,
         trim_interval: float | None = 5.0,
         max_block: float = 1.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
     ) -> None:
         kwargs = client.connection_pool.connection_kwargs
         if kwargs.get("decode_responses"):
@@ -656,6 +835,17 @@ class RedisTransport:
         self.namespace = namespace
         if not key_prefix or claim_idle <= 0:
             raise ConfigurationError("key_prefix must be non-empty and claim_idle > 0")
+        for name, value in (
+            ("max_message_bytes", max_message_bytes),
+            ("max_held_bytes", max_held_bytes),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(f"{name} must be an int >= 1, not {value!r}")
+        # Redis refuses an argument over proto-max-bulk-len (512 MiB) by closing the connection
+        if max_message_bytes > 512 * 1024 * 1024:
+            raise ConfigurationError("max_message_bytes must be at most 512 MiB (Redis's limit)")
+        self.max_message_bytes = max_message_bytes
+        self.max_held_bytes = max_held_bytes
         self._client = client
         self._owns_client = False
         # our own client on the caller's pool, without redis-py's reply parsing for
@@ -687,6 +877,8 @@ class RedisTransport:
         self._settle = register(_lua.SETTLE)
         self._move_due = register(_lua.MOVE_DUE)
         self._reclaim = register(_lua.RECLAIM)
+        self._read_script = register(_lua.READ)
+        self._move_too_large = register(_lua.MOVE_TOO_LARGE)
         self._heartbeat_script = register(_lua.HEARTBEAT)
         self._forget_consumer = register(_lua.FORGET_CONSUMER)
         self._forget_idle = register(_lua.FORGET_IDLE_CONSUMERS)
@@ -695,9 +887,21 @@ class RedisTransport:
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisTransport:
         """``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` or ``unix://``;
-        ``options`` go to the constructor."""
+        ``options`` go to the constructor. The query parameters ``max_message_bytes`` and
+        ``max_held_bytes`` (ints) are the constructor's options of those names; the others
+        go to redis-py (``socket_timeout``...)."""
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigurationError(f"not a redis:// URL: {redact_url(url)!r}")
+        url, own = _own_query_options(url, ("max_message_bytes", "max_held_bytes"))
+        for name, value in own.items():
+            if name in options:
+                raise ConfigurationError(f"{name} given both in the URL and as an option")
+            try:
+                options[name] = int(value)
+            except ValueError:
+                raise ConfigurationError(
+                    f"{name} in the URL must be an int, not {value!r}"
+                ) from None
         transport = cls(aioredis.Redis.from_url(url, decode_responses=False), **options)
         transport._owns_client = True
         return transport
@@ -706,6 +910,17 @@ class RedisTransport:
         return f"{self.key_prefix}:{topic}"
 
     async def publish(self, topic: str, messages: Sequence[TransportMessage]) -> None:
+        """XADD each message to the topic's stream, all in one pipeline; returns once Redis
+        has replied to every XADD.
+
+        Outcomes are per message. A message over ``max_message_bytes`` is not sent; an XADD
+        that Redis answers with an error of its own (not one of the server's state, such as
+        ``OOM`` or ``READONLY``, which fails the whole batch) failed alone. Either way the
+        others were written, and :class:`~msdata.errors.PublishError` names the failed ones
+        in ``refused`` with the reason (``"MessageTooLarge: ..."``; the error's ``__cause__``
+        is then a :class:`~msdata.errors.MessageTooLarge`). A lost connection or a
+        server-state error raises ``PublishError`` naming none of them (but those refused for
+        their size): the batch may be partly written."""
         if self._closed:
             raise TransportClosed("publish() on a closed transport")
         if topic not in self._topics:
@@ -714,15 +929,55 @@ class RedisTransport:
         if not messages:
             return
         key = self._stream_key(topic)
+        limit = self.max_message_bytes
+        refused: dict[str, str] = {}
+        too_large: MessageTooLarge | None = None
+        sent: list[TransportMessage] = []
         pipe = self._client.pipeline(transaction=False)
         command = pipe.execute_command
         for m in messages:
             if m.key is None and not m.headers:
-                command("XADD", key, "*", "id", m.id, "body", m.body)
+                # the common case: "id" and "body" (6 bytes) and their values
+                size = 6 + len(m.id) + len(m.body)
+                if size + 3 * len(m.id) > limit:  # an id that is not ASCII takes more bytes
+                    size = 6 + len(m.id.encode()) + len(m.body)
+                if size <= limit:
+                    command("XADD", key, "*", "id", m.id, "body", m.body)
+                    sent.append(m)
+                    continue
             else:
-                command("XADD", key, "*", *_entry_fields(m, m.headers, None))
-        with _redis_errors(f"publish of {len(messages)} to {topic!r} failed", PublishError):
-            await _execute(pipe)
+                fields = _entry_fields(m, m.headers, None)
+                size = _fields_size(fields)
+                if size <= limit:
+                    command("XADD", key, "*", *fields)
+                    sent.append(m)
+                    continue
+            too_large = MessageTooLarge(
+                f"message {m.id} is {size:,} bytes with its key and headers, over "
+                f"max_message_bytes ({limit:,})"
+            )
+            refused[m.id] = f"MessageTooLarge: {too_large}"
+        if sent:
+            with _redis_errors(f"publish of {len(messages)} to {topic!r} failed", PublishError):
+                results = await _execute(pipe, raise_on_error=False)
+            for m, result in zip(sent, results, strict=True):
+                if not isinstance(result, Exception):
+                    continue
+                text = str(result)
+                if not isinstance(result, rex.ResponseError) or text.startswith(_SERVER_STATE):
+                    raise PublishError(
+                        f"publish of {len(messages)} to {topic!r} failed: "
+                        f"{type(result).__name__}: {text}",
+                        refused=refused,
+                    ) from result
+                refused[m.id] = f"{type(result).__name__}: {text}"
+        if refused:
+            first = next(iter(refused.values()))
+            raise PublishError(
+                f"publish to {topic!r}: {len(refused)} of {len(messages)} messages refused "
+                f"(the others were confirmed); first: {first}",
+                refused=refused,
+            ) from too_large
 
     async def declare_group(self, topic: str, group: str) -> None:
         """``XGROUP CREATE ... MKSTREAM`` on the topic's stream (at ``0`` for its first
@@ -780,3 +1035,40 @@ class RedisTransport:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    async def lag(self, topic: str, group: str) -> int | None:
+        """``XINFO GROUPS`` on the topic's stream and the group's retry stream: the group's
+        ``lag`` (entries not delivered yet) plus ``pending`` (delivered, not acked) on each,
+        plus the retries waiting out a delay (``ZCARD`` of the delayed set). None if the
+        group does not exist on the topic's stream, or if Redis cannot compute its ``lag``
+        (after entries were deleted from the middle of the stream). See
+        :meth:`msdata.transport.Transport.lag`."""
+        check_name("topic", topic)
+        check_name("group", group)
+        stream = self._stream_key(topic)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.xinfo_groups(stream)
+        pipe.xinfo_groups(f"{stream}:{group}:retry")
+        pipe.zcard(f"{stream}:{group}:delayed")
+        with _redis_errors(f"could not read the lag of group {group!r} of {topic!r}"):
+            main, retry, delayed = await pipe.execute(raise_on_error=False)
+        wanted = group.encode()
+        total = 0
+        for i, groups in enumerate((main, retry)):
+            if isinstance(groups, rex.ResponseError):  # no such stream
+                if i == 0:
+                    return None
+                continue
+            if isinstance(groups, BaseException):
+                raise TransportError(f"could not read the lag of group {group!r}: {groups}")
+            info = next((g for g in groups if g["name"] == wanted), None)
+            if info is None:
+                if i == 0:
+                    return None
+                continue
+            if info["lag"] is None:
+                return None
+            total += int(info["lag"]) + int(info["pending"])
+        if isinstance(delayed, BaseException):
+            raise TransportError(f"could not read the lag of group {group!r}: {delayed}")
+        return total + int(delayed)

@@ -35,17 +35,18 @@ class SqliteOutboxAudit:
                 f"FROM {t}_sent WHERE instr(payload, ?) > 0",
                 (look,),
             ).fetchall()
+            # state 2 there is a tombstone (the newest row, kept so that its seq is never
+            # given out again): sent, and in the sent table only while the relay keeps it
             live = conn.execute(
                 f"SELECT message_id, topic, payload, created_at, state, attempts, last_error, "
-                f"NULL FROM {t} WHERE instr(payload, ?) > 0",
+                f"NULL FROM {t} WHERE state <> 2 AND instr(payload, ?) > 0",
                 (look,),
             ).fetchall()
             return sent + live
 
         out: list[AuditEntry] = []
-        seen: set[object] = set()
         for (
-            message_id,
+            _message_id,
             topic,
             payload,
             created_at,
@@ -54,9 +55,6 @@ class SqliteOutboxAudit:
             error,
             sent_at,
         ) in await self.store.run(read):
-            if message_id in seen:  # a sent row kept and its tombstone: the kept one says more
-                continue
-            seen.add(message_id)
             detail = {"topic": str(topic), "state": _STATES.get(int(state), str(state))}
             if attempts:
                 detail["attempts"] = str(attempts)

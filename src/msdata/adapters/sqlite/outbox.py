@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import operator
 import os
 import socket
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
@@ -41,12 +42,26 @@ from msdata.adapters.sqlite._db import (
     WatchedDatabase,
     caller_connection,
     map_errors,
+    path_from_url,
 )
 from msdata.clock import SYSTEM_CLOCK, Clock
-from msdata.outbox.store import OutboxRecord, OutboxRow, OutboxStatus, OutboxStoreFeatures
+from msdata.errors import ConfigurationError
+from msdata.messages import safe_text
+from msdata.outbox.store import (
+    POSTGRES_ONLY_OPTIONS,
+    UNREADABLE_TIME,
+    OutboxRecord,
+    OutboxRow,
+    OutboxStatus,
+    OutboxStoreFeatures,
+    UnreadableRow,
+    read_headers,
+)
 from msdata.storage import DEFAULT_TABLE_PREFIX, Connection
 
 __all__ = ["OUTBOX_DDL", "SqliteOutboxStore"]
+
+log = logging.getLogger("msdata.outbox")
 
 _NO_HEADERS: MappingProxyType[str, str] = MappingProxyType({})
 _APPEND_ERRORS = map_errors("outbox append")  # stateless: one for every append
@@ -155,21 +170,36 @@ _ME = (os.getpid(), _started(os.getpid()) or "")
 _first = operator.itemgetter(0)
 
 
+def _not_read(column: str, value: object) -> Any:
+    """Raised from the fast row reader: a column holds a value of another type."""
+    raise UnreadableRow(column, f"is {type(value).__name__}, not {_WANT[column]}", value)
+
+
+_WANT = {"message_id": "text", "topic": "text", "type": "text", "partition_key": "text",
+         "payload": "bytes (a BLOB)"}  # fmt: skip
+
+
 def _records(rows: list[tuple[Any, ...]]) -> list[OutboxRecord]:
     """Rows of ``_columns`` (OutboxRecord's field order, with ``type`` NULL where it is the
     topic) as records: one tuple each, the time and (rarely present) headers converted;
-    no per-field attribute setting."""
+    no per-field attribute setting. Raises (UnreadableRow, TypeError, ValueError,
+    OverflowError, OSError: ``_UNREAD``) when a row is not what the store writes; the
+    caller then reads the rows one by one (``_read_row``)."""
     return [
         _tuple_new(
             OutboxRecord,
             (
                 seq,
-                mid,
-                topic,
-                topic if type_ is None else type_,
-                payload if type(payload) is bytes else bytes(payload),
-                key,
-                _NO_HEADERS if headers is None else MappingProxyType(json.loads(headers)),
+                mid if type(mid) is str else _not_read("message_id", mid),
+                topic if type(topic) is str else _not_read("topic", topic),
+                topic
+                if type_ is None
+                else type_
+                if type(type_) is str
+                else _not_read("type", type_),
+                payload if type(payload) is bytes else _not_read("payload", payload),
+                key if key is None or type(key) is str else _not_read("partition_key", key),
+                _NO_HEADERS if headers is None else read_headers(headers),
                 _fromtimestamp(created, UTC),
                 attempts,
                 error,
@@ -177,6 +207,94 @@ def _records(rows: list[tuple[Any, ...]]) -> list[OutboxRecord]:
         )
         for seq, mid, topic, type_, payload, key, headers, created, attempts, error in rows
     ]
+
+
+#: what ``_records`` raises for a row it cannot read
+_UNREAD = (UnreadableRow, TypeError, ValueError, OverflowError, OSError, RecursionError)
+
+#: the columns of ``_columns`` again, each as SQLite's type name and the value's bytes (or
+#: the number), so no value can fail to convert: ``_read_row`` reads them one by one
+_RAW_COLUMNS = (
+    "seq, typeof(message_id), CAST(message_id AS BLOB), typeof(topic), CAST(topic AS BLOB), "
+    "typeof(type), CAST(type AS BLOB), typeof(payload), CAST(payload AS BLOB), "
+    "typeof(partition_key), CAST(partition_key AS BLOB), typeof(headers), "
+    "CAST(headers AS BLOB), typeof(created_at), CAST(created_at AS BLOB), "
+    "CASE WHEN typeof(created_at) IN ('integer', 'real') THEN created_at END, "
+    "CASE WHEN typeof(attempts) = 'integer' THEN attempts ELSE 0 END, "
+    "CAST(last_error AS BLOB)"
+)
+
+_KIND = {"integer": "an integer", "real": "a real number", "text": "text", "blob": "a BLOB",
+         "null": "NULL"}  # fmt: skip
+
+
+def _text(column: str, kind: str, raw: bytes | None, nullable: bool = False) -> str | None:
+    if kind == "null" and nullable:
+        return None
+    if kind != "text" or raw is None:
+        raise UnreadableRow(column, f"is {_KIND.get(kind, kind)}, not text", raw)
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise UnreadableRow(column, "is not valid UTF-8 text", raw) from None
+
+
+def _read_row(raw: tuple[Any, ...]) -> tuple[OutboxRecord, str | None]:
+    """One row of ``_RAW_COLUMNS`` as a record, and why it cannot be published (None
+    when it can). The rules are ``_records``'s; a column that cannot be read shows as
+    empty (headers none, payload ``b""``, time ``UNREADABLE_TIME``)."""
+    (seq, k_mid, mid, k_topic, topic, k_type, type_, k_payload, payload, k_key, key,
+     k_headers, headers, k_created, created_raw, created, attempts, error) = raw  # fmt: skip
+    reasons: list[str] = []
+
+    def text(column: str, kind: str, value: bytes | None, nullable: bool = False) -> str | None:
+        try:
+            return _text(column, kind, value, nullable)
+        except UnreadableRow as e:
+            reasons.append(e.reason)
+            return None if nullable else ""
+
+    r_mid = text("message_id", k_mid, mid) or ""
+    r_topic = text("topic", k_topic, topic) or ""
+    r_type = text("type", k_type, type_) or r_topic
+    r_key = text("partition_key", k_key, key, nullable=True)
+    if k_payload != "blob":
+        reasons.append(UnreadableRow("payload", f"is {_KIND.get(k_payload, k_payload)}, "
+                                     "not bytes (a BLOB)", payload).reason)  # fmt: skip
+    r_headers: Mapping[str, str] = _NO_HEADERS
+    if k_headers != "null":
+        try:
+            r_headers = read_headers(
+                headers if k_headers == "blob" else _text("headers", k_headers, headers) or ""
+            )
+        except UnreadableRow as e:
+            reasons.append(e.reason)
+    at = UNREADABLE_TIME
+    if created is None:
+        reasons.append(UnreadableRow(
+            "created_at", f"is {_KIND.get(k_created, k_created)}, not a number (Unix seconds)",
+            created_raw).reason)  # fmt: skip
+    else:
+        try:
+            at = _fromtimestamp(created, UTC)
+        except (OverflowError, OSError, ValueError):
+            reasons.append(UnreadableRow("created_at", "is out of range", created).reason)
+    record = _tuple_new(
+        OutboxRecord,
+        (
+            seq,
+            r_mid,
+            r_topic,
+            r_type,
+            payload if k_payload == "blob" else b"",
+            r_key,
+            r_headers,
+            at,
+            attempts,
+            None if error is None else error.decode("utf-8", "replace"),
+        ),
+    )
+    return record, ("; ".join(reasons) if reasons else None)
 
 
 # Relays waiting on a database file in this process, woken by appends to it.
@@ -205,7 +323,7 @@ class _Held:
         self.seqs: set[int] = set()
         self.after: int | None = None
 
-    def hold(self, rows: list[tuple[Any, ...]], keyed: bool) -> None:
+    def hold(self, rows: Sequence[tuple[Any, ...]], keyed: bool) -> None:
         """Add claimed ``rows`` (seq first, in seq order), from a keyed look or not."""
         seqs = self.seqs
         if keyed:
@@ -300,6 +418,21 @@ class SqliteOutboxStore(WatchedDatabase):
             "seq, message_id, topic, NULLIF(type, topic), payload, partition_key, headers, "
             "created_at, attempts, last_error"
         )
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> SqliteOutboxStore:
+        """``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``; ``options``
+        go to the constructor. ConfigurationError names an option of the PostgreSQL store
+        (``notify``, ``relay_synchronous_commit``, ``partitioned``, ``max_size``), which
+        means nothing here."""
+        foreign = sorted(POSTGRES_ONLY_OPTIONS & set(options))
+        if foreign:
+            raise ConfigurationError(
+                f"{', '.join(foreign)}: an option of the PostgreSQL outbox store; "
+                "SqliteOutboxStore takes table_prefix, synchronous, busy_timeout, "
+                "poll_interval, inline, clock"
+            )
+        return cls(path_from_url(url), **options)
 
     def schema_sql(self) -> str:
         """The DDL of this store's tables (idempotent)."""
@@ -413,6 +546,57 @@ class SqliteOutboxStore(WatchedDatabase):
             held = self._held[relay_id] = _Held()
         return held
 
+    def _read(
+        self, conn: sqlite3.Connection, select: str, args: list[Any]
+    ) -> tuple[list[OutboxRecord], list[tuple[int, str]]]:
+        """Run a claim's ``select``: its rows as records, and the rows that cannot be read
+        (seq, reason), left out with the later rows of their keys. One fetch and one
+        conversion for the usual batch; only a batch holding a row that is not what the
+        store writes is read again, row by row (``_read_slowly``)."""
+        try:
+            return _records(conn.execute(select, args).fetchall()), []
+        except _UNREAD:
+            pass
+        except sqlite3.OperationalError as e:  # a TEXT value that is not UTF-8
+            if "decode" not in str(e):
+                raise
+        return self._read_slowly(conn, select, args)
+
+    def _read_slowly(
+        self, conn: sqlite3.Connection, select: str, args: list[Any]
+    ) -> tuple[list[OutboxRecord], list[tuple[int, str]]]:
+        """``_read`` one row at a time, each column fetched as bytes (nothing can fail to
+        convert): the readable rows, and (seq, reason) of the others. A row after an
+        unreadable row of its key is left out of both: it waits behind it."""
+        raw_select = f"SELECT {_RAW_COLUMNS} " + select.removeprefix(f"SELECT {self._columns} ")
+        good: list[OutboxRecord] = []
+        bad: list[tuple[int, str]] = []
+        stuck: set[tuple[str, bytes]] = set()
+        for raw in conn.execute(raw_select, args).fetchall():
+            key = None if raw[9] == "null" else (raw[9], raw[10])  # the key as stored
+            if key is not None and key in stuck:
+                continue
+            record, reason = _read_row(raw)
+            if reason is None:
+                good.append(record)
+                continue
+            bad.append((record.seq, safe_text(reason, 2000)))
+            if key is not None:
+                stuck.add(key)
+        return good, bad
+
+    def _park_unreadable(self, conn: sqlite3.Connection, bad: list[tuple[int, str]]) -> None:
+        """Park the rows ``_read`` could not read (in the claim's write transaction)."""
+        conn.executemany(
+            f"UPDATE {self._t} SET state = 1, last_error = ? WHERE seq = ? AND state = 0",
+            [(reason, seq) for seq, reason in bad],
+        )
+
+    @staticmethod
+    def _log_parked(bad: list[tuple[int, str]]) -> None:
+        for seq, reason in bad:
+            log.error("outbox row %s parked: %s", seq, reason)
+
     def _claim_tx(
         self,
         conn: sqlite3.Connection,
@@ -420,12 +604,13 @@ class SqliteOutboxStore(WatchedDatabase):
         limit: int,
         lease_seconds: float,
         looked: tuple[tuple[str, float] | None, bool] | None = None,
-    ) -> tuple[list[tuple[Any, ...]], bool, bool]:
-        """The claim, inside an open write transaction: the rows, whether the relay's
-        held rows are stale (another relay held the lease since), and whether the look was
-        the keyed one. The caller updates ``_held`` once the transaction committed.
-        ``looked``: the lease holder and whether a row blocks its key, when the caller
-        already read them in this transaction."""
+    ) -> tuple[list[OutboxRecord], bool, bool, list[tuple[int, str]]]:
+        """The claim, inside an open write transaction: the records, whether the relay's
+        held rows are stale (another relay held the lease since), whether the look was
+        the keyed one (or rows were left out), and the unreadable rows it parked. The
+        caller updates ``_held`` once the transaction committed. ``looked``: the lease
+        holder and whether a row blocks its key, when the caller already read them in this
+        transaction."""
         if looked is None:
             holder, blocking = self._holder(conn), None
         else:
@@ -434,14 +619,18 @@ class SqliteOutboxStore(WatchedDatabase):
         held = self._held_by(relay_id)
         if holder is None or holder[0] != relay_id:
             if holder is not None and self._live(conn, holder, now):
-                return [], False, True  # nothing looked at: "keyed" keeps ``after`` unset
+                return [], False, True, []  # nothing looked at: "keyed" keeps ``after`` unset
             # the lease was not ours: what happened meanwhile is unknown, look at every row
             held.after = None
         # another relay held the lease since: what this one held is stale
         fresh = holder is not None and holder[0] != relay_id
         select, args, keyed = self._select(conn, _Held() if fresh else held, limit, blocking)
-        rows = conn.execute(select, args).fetchall()
-        if rows and (
+        records, bad = self._read(conn, select, args)
+        if bad:
+            held_now = _Held() if fresh else held
+            records, bad = self._park_and_read_on(conn, held_now, limit, records, bad)
+            keyed = True  # rows were left out: pending rows lie below the last one claimed
+        if records and (
             holder is None or holder[0] != relay_id or holder[1] - now <= lease_seconds / 2
         ):
             conn.execute(
@@ -452,14 +641,14 @@ class SqliteOutboxStore(WatchedDatabase):
             )
             if holder is None or holder[0] != relay_id:
                 self._record_process(conn, relay_id)
-        return rows, fresh, keyed
+        return records, fresh, keyed, bad
 
-    def _hold(self, relay_id: str, rows: list[tuple[Any, ...]], fresh: bool, keyed: bool) -> None:
+    def _hold(self, relay_id: str, records: list[OutboxRecord], fresh: bool, keyed: bool) -> None:
         held = self._held_by(relay_id)
         if fresh:
             held.seqs.clear()
             held.after = None
-        held.hold(rows, keyed)
+        held.hold(records, keyed)
 
     async def claim(self, relay_id: str, limit: int, lease_seconds: float) -> list[OutboxRecord]:
         if limit <= 0:
@@ -475,21 +664,54 @@ class SqliteOutboxStore(WatchedDatabase):
             if holder is not None and holder[0] == relay_id and holder[1] - now > lease_seconds / 2:
                 # the lease is ours for a while yet: no other relay claims, so read and go
                 select, args, keyed = self._select(conn, held, limit)
-                rows = conn.execute(select, args).fetchall()
-                self._hold(relay_id, rows, False, keyed)
-                return _records(rows)
+                records, bad = self._read(conn, select, args)
+                if bad:  # park them: read again under the write lock
+
+                    def park(c: sqlite3.Connection) -> tuple[list[OutboxRecord], list[Any]]:
+                        got, unread = self._read(c, select, args)
+                        return self._park_and_read_on(c, held, limit, got, unread)
+
+                    records, bad = self.write(conn, park)
+                    keyed = True
+                self._hold(relay_id, records, False, keyed)
+                self._log_parked(bad)
+                return records
             if holder is None or holder[0] != relay_id:
                 held.after = None
             probe, args, _ = self._select(conn, held, None)
             if conn.execute(probe, args).fetchone() is None:
                 return []
-            rows, fresh, keyed = self.write(
+            records, fresh, keyed, bad = self.write(
                 conn, lambda c: self._claim_tx(c, relay_id, limit, lease_seconds)
             )
-            self._hold(relay_id, rows, fresh, keyed)
-            return _records(rows)
+            self._hold(relay_id, records, fresh, keyed)
+            self._log_parked(bad)
+            return records
 
         return await self.run(run, inline=True)
+
+    def _park_and_read_on(
+        self,
+        conn: sqlite3.Connection,
+        held: _Held,
+        limit: int,
+        records: list[OutboxRecord],
+        bad: list[tuple[int, str]],
+    ) -> tuple[list[OutboxRecord], list[tuple[int, str]]]:
+        """In the claim's write transaction: park the unreadable rows ``bad``; when the
+        claim found nothing else (``records`` empty), look again past them, until it finds
+        readable rows or none: a claim returns nothing only when nothing is claimable (the
+        relay then waits for new rows). Each round parks at least one row, so it ends.
+        Returns the records and every row parked."""
+        parked: list[tuple[int, str]] = []
+        while bad:
+            self._park_unreadable(conn, bad)
+            parked += bad
+            if records:
+                break
+            select, args, _ = self._select(conn, held, limit, True)
+            records, bad = self._read(conn, select, args)
+        return records, parked
 
     async def mark_sent_and_claim(
         self,
@@ -509,7 +731,9 @@ class SqliteOutboxStore(WatchedDatabase):
             return []
         seqs = list(sent_seqs)
 
-        def both(conn: sqlite3.Connection) -> tuple[list[tuple[Any, ...]], bool, bool]:
+        def both(
+            conn: sqlite3.Connection,
+        ) -> tuple[list[OutboxRecord], bool, bool, list[tuple[int, str]]]:
             # one look for the mark and the claim (each statement is a GIL round trip)
             newest, tomb, owner, until, blocking = conn.execute(self._look).fetchone()
             self._mark_tx(conn, seqs, keep, newest, tomb)
@@ -517,10 +741,11 @@ class SqliteOutboxStore(WatchedDatabase):
             return self._claim_tx(conn, relay_id, limit, lease_seconds, (holder, bool(blocking)))
 
         def run(conn: sqlite3.Connection) -> list[OutboxRecord]:
-            rows, fresh, keyed = self.write(conn, both)
+            records, fresh, keyed, bad = self.write(conn, both)
             self._drop(relay_id, seqs)
-            self._hold(relay_id, rows, fresh, keyed)
-            return _records(rows)
+            self._hold(relay_id, records, fresh, keyed)
+            self._log_parked(bad)
+            return records
 
         return await self.run(run, inline=True)
 
@@ -647,9 +872,10 @@ class SqliteOutboxStore(WatchedDatabase):
         await self._owned_update(relay_id, seqs, "state = 1, last_error = ?", (reason,))
 
     async def parked(self, limit: int = 100) -> list[OutboxRecord]:
-        sql = f"SELECT {self._columns} FROM {self._t} WHERE state = 1 ORDER BY seq LIMIT ?"
+        # row by row: a parked row may be one that cannot be read (shown as far as it can)
+        sql = f"SELECT {_RAW_COLUMNS} FROM {self._t} WHERE state = 1 ORDER BY seq LIMIT ?"
         rows = await self.run(lambda conn: conn.execute(sql, (limit,)).fetchall())
-        return _records(rows)
+        return [_read_row(raw)[0] for raw in rows]
 
     async def requeue(self, seqs: Sequence[int]) -> int:
         if not seqs:
@@ -666,7 +892,9 @@ class SqliteOutboxStore(WatchedDatabase):
 
     async def status(self) -> OutboxStatus:
         sql = (
-            "SELECT COALESCE(SUM(state = 0), 0), MIN(CASE WHEN state = 0 THEN created_at END), "
+            # (a created_at another writer left as text is not counted in the age)
+            "SELECT COALESCE(SUM(state = 0), 0), MIN(CASE WHEN state = 0 AND typeof(created_at) "
+            "IN ('integer', 'real') THEN created_at END), "
             f"COALESCE(SUM(state = 1), 0) FROM {self._t}"
         )
         pending, oldest, parked = await self.run(lambda conn: conn.execute(sql).fetchone())

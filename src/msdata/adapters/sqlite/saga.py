@@ -1,4 +1,5 @@
-"""The SQLite saga store: one row per instance in ``{prefix}sagas``.
+"""The SQLite saga store: one row per instance in ``{prefix}sagas``, and the replies recorded
+for an instance another process held in ``{prefix}saga_replies``.
 
 Each call is one short transaction on the store's own connection (``BEGIN IMMEDIATE``, so
 a version check and its write are one step even with other processes on the file). A
@@ -51,6 +52,14 @@ CREATE TABLE IF NOT EXISTS {p}sagas (
 -- status and type only change at the start and the end of an instance: the writes in
 -- between touch no index (updated_at is sorted at query time, over the rows found)
 CREATE INDEX IF NOT EXISTS {p}sagas_status ON {p}sagas (status, saga_type);
+-- replies that came while another process held the instance (SagaStore.add_reply); the
+-- next holder applies them and its save deletes them; rowid keeps their order
+CREATE TABLE IF NOT EXISTS {p}saga_replies (
+    saga_id TEXT NOT NULL,
+    key     TEXT NOT NULL,
+    reply   BLOB NOT NULL,
+    UNIQUE (saga_id, key)
+);
 """
 
 _COLUMNS = (
@@ -60,7 +69,7 @@ _COLUMNS = (
 _ACTIVE = "('RUNNING', 'COMPENSATING')"
 
 
-def _record(row: tuple[Any, ...]) -> SagaRecord:
+def _record(row: tuple[Any, ...], replies: dict[str, bytes] | None = None) -> SagaRecord:
     saga_id, saga_type, status, version, owner, until, wake, created, updated, state = row
     return record_from_json(
         state,
@@ -73,6 +82,7 @@ def _record(row: tuple[Any, ...]) -> SagaRecord:
         lease_owner=owner,
         lease_until=from_us(until),
         wake_at=from_us(wake),
+        replies=replies,
     )
 
 
@@ -109,6 +119,10 @@ class SqliteSagaStore(SqliteDatabase):
         )
         self._version = f"SELECT version FROM {t} WHERE saga_id=?"
         self._get = f"SELECT {_COLUMNS} FROM {t} WHERE saga_id=?"
+        self._r = r = f"{p}saga_replies"
+        self._replies = f"SELECT key, reply FROM {r} WHERE saga_id=? ORDER BY rowid"
+        self._add_reply = f"INSERT OR IGNORE INTO {r} (saga_id, key, reply) VALUES (?,?,?)"
+        self._has_replies = f"SELECT 1 FROM {r} WHERE {r}.saga_id = {t}.saga_id"
 
     def schema_sql(self) -> str:
         return _SCHEMA.format(p=self.table_prefix)
@@ -158,13 +172,20 @@ class SqliteSagaStore(SqliteDatabase):
                 )
                 if cur.rowcount != 1:
                     self._conflict(conn, r.saga_id, expected)
+            if r.replies:
+                keys = list(r.replies)
+                conn.execute(
+                    f"DELETE FROM {self._r} WHERE saga_id=? AND key IN"
+                    f" ({','.join('?' * len(keys))})",
+                    (r.saga_id, *keys),
+                )
             if also is not None and inspect.isawaitable(also(conn)):
                 raise ConfigurationError(
                     "the SQLite saga store's connection is a sync sqlite3 one: use "
                     "outbox.add, not add_async"
                 )
 
-        if also is None:
+        if also is None and not r.replies:
             # one statement in autocommit mode is its own transaction
 
             def alone(conn: sqlite3.Connection) -> None:
@@ -179,13 +200,28 @@ class SqliteSagaStore(SqliteDatabase):
         row = conn.execute(self._version, (saga_id,)).fetchone()
         raise ConcurrencyError(f"saga {saga_id}", expected, 0 if row is None else row[0])
 
-    async def get(self, saga_id: str) -> SagaRecord:
-        row = await self.run(
-            lambda conn: conn.execute(self._get, (saga_id,)).fetchone(), inline=True
-        )
+    def _read(self, conn: sqlite3.Connection, saga_id: str) -> SagaRecord | None:
+        row = conn.execute(self._get, (saga_id,)).fetchone()
         if row is None:
+            return None
+        replies = conn.execute(self._replies, (saga_id,)).fetchall()
+        return _record(row, dict(replies) if replies else None)
+
+    async def get(self, saga_id: str) -> SagaRecord:
+        # two reads without a snapshot: a reply read without its row's newest version, or
+        # missed because it was just applied, is harmless (replies are applied once, by key)
+        rec = await self.run(lambda conn: self._read(conn, saga_id), inline=True)
+        if rec is None:
             raise SagaNotFound(f"no saga instance {saga_id!r}")
-        return _record(row)
+        return rec
+
+    async def add_reply(self, saga_id: str, key: str, reply: bytes) -> bool:
+        def add(conn: sqlite3.Connection) -> bool:
+            added = conn.execute(self._add_reply, (saga_id, key, reply)).rowcount == 1
+            self._commits += 1
+            return added
+
+        return await self.run(add, inline=True)
 
     async def claim(
         self, owner: str, now: datetime, lease_until: datetime, limit: int
@@ -199,7 +235,8 @@ class SqliteSagaStore(SqliteDatabase):
                 for row in conn.execute(
                     f"SELECT saga_id FROM {t} WHERE status IN {_ACTIVE}"
                     " AND (lease_until IS NULL OR lease_until <= ?)"
-                    " AND (wake_at IS NULL OR wake_at <= ?) ORDER BY updated_at LIMIT ?",
+                    " AND (wake_at IS NULL OR wake_at <= ?"
+                    f" OR EXISTS ({self._has_replies})) ORDER BY updated_at LIMIT ?",
                     (now_us, now_us, limit),
                 )
             ]
@@ -210,7 +247,9 @@ class SqliteSagaStore(SqliteDatabase):
                     " WHERE saga_id=?",
                     (owner, until_us, saga_id),
                 )
-                out.append(_record(conn.execute(self._get, (saga_id,)).fetchone()))
+                rec = self._read(conn, saga_id)
+                assert rec is not None
+                out.append(rec)
             return out
 
         return await self.run(lambda conn: self.write(conn, claim), inline=True)

@@ -7,6 +7,8 @@ pytest-asyncio.
 - :mod:`msdata.testing.conformance.relay`: ``OutboxRelay`` over an outbox store
   (``OutboxRelayConformance``)
 - :mod:`msdata.testing.conformance.inbox`: the inbox store (``InboxStoreConformance``)
+- :mod:`msdata.testing.conformance.audit`: an outbox's audit source
+  (``OutboxAuditConformance``, on the outbox suite's hooks)
 - :mod:`msdata.testing.conformance.hooks`: ``TransactionHooks``, the begin/commit/rollback
   hooks of every suite whose port writes in the caller's transaction
 """

@@ -54,6 +54,20 @@ Fault injection (optional; a test whose hook is not implemented is skipped):
     async context manager inside which the claim half of ``mark_sent_and_claim`` fails
     with a driver error after its mark half ran (so the test can check that neither took
     effect); the store works again after it.
+``write_raw_row(store, columns)``
+    write one committed outbox row as another writer would (a hand-written INSERT, a
+    migration, a service in another language), bypassing the store's write side, and
+    return its ``seq``; ``None`` when the database or its driver refuses a value (a
+    column type it enforces: such a value can never be stored). ``columns`` maps the
+    port's field names (``message_id``, ``topic``, ``type``, ``payload``,
+    ``partition_key``, ``headers`` as JSON text, ``created_at``) to values: a ``str``,
+    ``bytes``, ``int``, ``float`` or ``None`` is bound as the driver binds it (so
+    ``bytes`` is a BLOB/bytea), a :class:`RawText` is text of exactly those bytes (their
+    encoding unchecked), an :class:`SqlLiteral` is written into the statement as is. A
+    column not given gets what the store's own write would give it (``created_at``: now;
+    ``headers``: none). Used by the cases on rows the relay cannot read; a store that can
+    hold no row its own write side did not make (memory) leaves it unimplemented, and
+    those cases are skipped.
 
 Needs pytest and pytest-asyncio (``asyncio_mode = "auto"``).
 """
@@ -63,7 +77,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
@@ -77,12 +91,56 @@ from msdata.testing.conformance.hooks import TransactionHooks
 from msdata.testing.fakes import FakeClock
 
 __all__ = [
+    "MALFORMED_ROWS",
     "OutboxStoreConformance",
     "OutboxStoreFeatures",
     "OutboxStoreHooks",
+    "RawText",
+    "SqlLiteral",
     "StoreTime",
     "make_row",
     "make_rows",
+]
+
+
+class SqlLiteral(str):
+    """A column value for ``write_raw_row``: an SQL expression written into the INSERT as
+    is, e.g. ``SqlLiteral("'infinity'")`` (a timestamp on PostgreSQL, text on SQLite)."""
+
+    __slots__ = ()
+
+
+class RawText(bytes):
+    """A column value for ``write_raw_row``: text made of exactly these bytes, their
+    encoding unchecked (SQLite stores them so; a database that checks encodings refuses)."""
+
+    __slots__ = ()
+
+
+#: Rows another writer may leave in the outbox table, that no claim may fail on: (what is
+#: wrong, the columns that differ from a good row's). Each is parked alone, with a reason
+#: naming the column; a store whose schema refuses a value never holds that row.
+MALFORMED_ROWS: list[tuple[str, dict[str, object]]] = [
+    ("headers", {"headers": "[1,2]"}),
+    ("headers", {"headers": "null"}),
+    ("headers", {"headers": '"s"'}),
+    ("headers", {"headers": '{"a": 1}'}),
+    ("headers", {"headers": "{not json"}),
+    ("headers", {"headers": RawText(b'{"a": "\xff"}')}),
+    ("payload", {"payload": '{"specversion": "1.0"}'}),
+    ("payload", {"payload": 1.5}),
+    ("payload", {"payload": 2**62}),
+    ("created_at", {"created_at": "yesterday"}),
+    ("created_at", {"created_at": 1e20}),
+    ("created_at", {"created_at": float("inf")}),
+    ("created_at", {"created_at": SqlLiteral("'200000-01-01 00:00:00+00'")}),
+    ("created_at", {"created_at": SqlLiteral("'infinity'")}),
+    ("created_at", {"created_at": SqlLiteral("'-infinity'")}),
+    ("message_id", {"message_id": RawText(b"\xffid")}),
+    ("message_id", {"message_id": b"an-id-as-a-blob"}),
+    ("topic", {"topic": RawText(b"orders\xff")}),
+    ("topic", {"topic": b"orders"}),
+    ("type", {"type": b"test.Numbered"}),
 ]
 
 
@@ -179,6 +237,9 @@ class OutboxStoreHooks(TransactionHooks):
     def failing_claims(self, store: Any) -> AbstractAsyncContextManager[None]:
         raise NotImplementedError
 
+    async def write_raw_row(self, store: Any, columns: Mapping[str, object]) -> int | None:
+        raise NotImplementedError
+
     # -- helpers ---------------------------------------------------------------------------
 
     @asynccontextmanager
@@ -214,6 +275,36 @@ class OutboxStoreHooks(TransactionHooks):
     @staticmethod
     def relay_id() -> str:
         return f"relay-{uuid.uuid4().hex[:8]}"
+
+    async def write_malformed_rows(
+        self, store: Any, key_of: Callable[[int], str | None]
+    ) -> list[tuple[int, str, str | None]]:
+        """Write every row of :data:`MALFORMED_ROWS` the store can hold (row ``i`` under
+        key ``key_of(i)``); return (seq, the column that is wrong, key) of each. Skips the
+        test when the store holds none (no ``write_raw_row``)."""
+        written: list[tuple[int, str, str | None]] = []
+        for i, (column, columns) in enumerate(MALFORMED_ROWS):
+            good = make_row(key=key_of(i), n=i)
+            try:
+                seq = await self.write_raw_row(store, {**raw_columns(good), **columns})
+            except NotImplementedError:
+                pytest.skip("this store holds no row its write side did not make")
+            if seq is not None:
+                written.append((seq, column, key_of(i)))
+        assert written, "the store refused every malformed row"
+        return written
+
+
+def raw_columns(row: OutboxRow) -> dict[str, object]:
+    """``row`` as the columns ``write_raw_row`` takes (headers as JSON text)."""
+    return {
+        "message_id": row.message_id,
+        "topic": row.topic,
+        "type": row.type,
+        "payload": row.payload,
+        "partition_key": row.partition_key,
+        "headers": json.dumps(dict(row.headers)) if row.headers else None,
+    }
 
 
 def _hook(cm_factory: Any, *args: Any) -> Any:
@@ -620,6 +711,37 @@ class OutboxStoreConformance(OutboxStoreHooks, NoTransactionHook):
                     await self.add(store, tx, make_rows(1))
             finally:
                 await self.rollback(tx)
+
+    async def test_a_claim_parks_each_unreadable_row_alone_and_returns_the_rest(self) -> None:
+        """Rows another writer left with a column the store cannot read (wrong type, size or
+        encoding): no claim fails; each such row is parked with a reason naming its
+        column; rows behind it in its key wait; every other row is claimed."""
+        async with self.make_store() as store:
+            bad = await self.write_malformed_rows(store, lambda i: f"bad-{i}")
+            behind = [make_row(key=key, n=100 + i) for i, (_, _, key) in enumerate(bad)]
+            others = make_rows(6, keys=["good-a", "good-b", None])
+            await self.add_committed(store, behind + others)
+            claimed: list[Any] = []
+            for _ in range(len(bad) + len(others) + 2):  # small batches: several claims
+                got = await store.claim("relay-a", 3, 30.0)
+                if not got:
+                    break
+                claimed += got
+                await store.mark_sent("relay-a", [r.seq for r in got])
+            assert [r.message_id for r in claimed] == [r.message_id for r in others]
+            parked = await store.parked(1000)
+            assert [p.seq for p in parked] == [seq for seq, _, _ in bad]
+            for p, (_, column, _) in zip(parked, bad, strict=True):
+                assert isinstance(p.last_error, str) and "unreadable" in p.last_error, p
+                assert column in p.last_error, (column, p.last_error)
+                assert isinstance(p.created_at, datetime) and isinstance(p.payload, bytes)
+                assert isinstance(p.message_id, str) and isinstance(p.topic, str)
+            st = await store.status()
+            assert (st.parked, st.pending) == (len(bad), len(behind))
+            # requeued as they are, they are parked again at the next claim
+            assert await store.requeue([seq for seq, _, _ in bad]) == len(bad)
+            assert await store.claim("relay-a", 100, 30.0) == []
+            assert (await store.status()).parked == len(bad)
 
     async def test_mark_sent_and_claim_failing_inside_rolls_back_the_mark(self) -> None:
         async with self.make_store() as store:

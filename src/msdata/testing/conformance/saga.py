@@ -37,12 +37,28 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
+from msdata.adapters.memory.transport import MemoryTransport
 from msdata.errors import ConcurrencyError, SagaNotFound
+from msdata.events import EventBus
 from msdata.ids import new_id
+from msdata.messages import Command, message_type
+from msdata.outbox import Outbox
 from msdata.outbox.store import OutboxRow, OutboxStore
-from msdata.saga import HistoryEntry, Saga, SagaOrchestrator, SagaRecord, SagaStatus, StepRun
+from msdata.saga import (
+    HistoryEntry,
+    Saga,
+    SagaOrchestrator,
+    SagaRecord,
+    SagaReply,
+    SagaStatus,
+    Step,
+    StepRun,
+    remote,
+)
 from msdata.saga.store import SagaStore
 from msdata.testing.fakes import FakeClock
+from msdata.testing.waiting import eventually
+from msdata.transport import dead_letter_topic
 
 __all__ = ["SagaStoreConformance"]
 
@@ -52,6 +68,15 @@ T0 = datetime(2030, 1, 1, tzinfo=UTC)
 class _Data(BaseModel):
     n: int = 0
     tags: list[str] = []
+
+
+@message_type("msdata.conformance.saga.Charge")
+class _Charge(Command):
+    n: int
+
+
+class _Charged(BaseModel):
+    payment: str
 
 
 def _record(saga_id: str | None = None, **kw: Any) -> SagaRecord:
@@ -117,6 +142,27 @@ class SagaStoreConformance:
         assert data == {"n": 1, "tags": ["a"]}
         got.data = rec.data
         assert got == rec
+
+    async def test_history_added_between_saves_round_trips(self, store: SagaStore) -> None:
+        """A save after more history was appended (and after a read, and to a record whose
+        history was replaced) stores the whole history, in order."""
+        rec = _record(history=[HistoryEntry(T0, "started")])
+        await store.save(rec)
+        for i in range(3):
+            rec.history.append(HistoryEntry(T0 + timedelta(seconds=i), "step", f"s{i}", i, None))
+            rec.version += 1
+            await store.save(rec)
+        got = await store.get(rec.saga_id)
+        assert got.history == rec.history and len(got.history) == 4
+        got.history.append(HistoryEntry(T0, "after a read", detail="d"))
+        got.version += 1
+        await store.save(got)
+        again = await store.get(rec.saga_id)
+        assert again.history == got.history
+        again.history = [HistoryEntry(T0, "replaced")]
+        again.version += 1
+        await store.save(again)
+        assert (await store.get(rec.saga_id)).history == [HistoryEntry(T0, "replaced")]
 
     async def test_get_unknown_raises_saga_not_found(self, store: SagaStore) -> None:
         with pytest.raises(SagaNotFound):
@@ -328,3 +374,163 @@ class SagaStoreConformance:
         assert effects == ["slow"]
         [rec] = await store.find(saga_type="race")
         assert rec.status is SagaStatus.COMPLETED
+
+    # -- replies recorded while another process holds the instance ---------------------------
+
+    async def test_recorded_replies_ride_on_the_instance_until_a_save_applies_them(
+        self, store: SagaStore
+    ) -> None:
+        now = T0 + timedelta(seconds=100)
+        rec = _record(
+            lease_owner="holder",
+            lease_until=now + timedelta(seconds=10),
+            wake_at=now + timedelta(seconds=60),
+        )
+        await store.save(rec)
+        assert await store.add_reply(rec.saga_id, "action 1 charge", b'{"r":1}') is True
+        assert await store.add_reply(rec.saga_id, "action 1 charge", b'{"r":"again"}') is False
+        assert await store.add_reply(rec.saga_id, "action 1 ship", b'{"r":2}') is True
+        got = await store.get(rec.saga_id)
+        # the instance itself is as the holder left it: version, lease, wake time
+        assert (got.version, got.lease_owner, got.lease_until, got.wake_at) == (
+            1,
+            "holder",
+            rec.lease_until,
+            rec.wake_at,
+        )
+        assert list(got.replies.items()) == [
+            ("action 1 charge", b'{"r":1}'),
+            ("action 1 ship", b'{"r":2}'),
+        ]
+        # held: nobody claims it; once the lease passes, the replies make it claimable
+        # although its wake time is still far
+        assert await store.claim("me", now, now + timedelta(seconds=30), 10) == []
+        later = now + timedelta(seconds=11)
+        [claimed] = await store.claim("me", later, later + timedelta(seconds=30), 10)
+        assert claimed.version == 2 and claimed.replies == got.replies
+        # a reply recorded after the read survives the save that applies the others
+        assert await store.add_reply(rec.saga_id, "action 2 charge", b'{"r":3}') is True
+        stale = got.copy()
+        stale.version += 1
+        with pytest.raises(ConcurrencyError):
+            await store.save(stale)  # a stale write deletes nothing either
+        assert len((await store.get(rec.saga_id)).replies) == 3
+        claimed.version += 1
+        claimed.lease_owner = claimed.lease_until = None
+        await store.save(claimed)
+        after = await store.get(rec.saga_id)
+        assert after.replies == {"action 2 charge": b'{"r":3}'}
+        assert (await store.claim("x", later, later, 10))[0].saga_id == rec.saga_id
+        other = _record()
+        await store.save(other)
+        assert (await store.get(other.saga_id)).replies == {}
+
+    async def test_a_reply_while_another_process_holds_the_instance_is_applied_after_its_lease(
+        self, store: SagaStore
+    ) -> None:
+        """The orchestrator that ran the step died holding the instance's lease (a SIGKILL,
+        here a cancelled task); the participant's reply reaches another process while that
+        lease is live. With the bus's default redeliveries (5 attempts, ~1.5 s) the reply
+        must not be dead-lettered: it is recorded on the instance and applied once the lease
+        has passed, without asking the participant again."""
+        outbox_store = self.outbox_for(store)
+        if outbox_store is None:
+            pytest.skip("no outbox hook for this backend")
+        gate, started = asyncio.Event(), asyncio.Event()
+
+        async def pack(d: _Data) -> _Data:
+            started.set()
+            await gate.wait()
+            return d.model_copy(update={"tags": [*d.tags, "packed"]})
+
+        saga = (
+            Saga("held-reply", _Data)
+            .parallel(
+                Step.compensatable(
+                    "charge",
+                    remote(
+                        lambda d: _Charge(n=d.n),
+                        reply=_Charged,
+                        on_reply=lambda d, r: d.model_copy(update={"tags": [*d.tags, r.payment]}),
+                        topic="conf.saga.charge",
+                    ),
+                    compensate=lambda d: None,
+                    timeout=60,
+                ),
+                Step.compensatable("pack", pack, compensate=lambda d: None),
+            )
+            .pivot("end", lambda d: d.model_copy(update={"n": d.n + 1}))
+        )
+        clock = FakeClock()
+        transport = MemoryTransport()
+        topic, group = "conf.saga.replies", "conf-orch"
+        audit = dead_letter_topic(topic, group)
+        await transport.declare_group(audit, "audit")
+
+        def orchestrator(s: SagaStore, bus: EventBus) -> SagaOrchestrator:
+            return SagaOrchestrator(
+                s,
+                [saga],
+                bus=bus,
+                outbox=Outbox(outbox_store),
+                clock=clock,
+                lease_seconds=10,
+                reply_topic=topic,
+                reply_group=group,
+            )
+
+        dead = orchestrator(store, EventBus(transport))  # its bus never consumes
+        task = asyncio.create_task(dead.start(saga, _Data()))
+        await started.wait()  # the command is in the outbox; "pack" runs under the lease
+        task.cancel()  # the process dies holding the lease
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        [rec] = await store.find(saga_type="held-reply")
+        assert rec.lease_owner == dead.owner and rec.lease_until is not None
+        pending = (await outbox_store.status()).pending
+        async with self.open_again(store) as other:
+            bus = EventBus(transport)  # the bus's defaults: 5 attempts, ~1.5 s in all
+            live = orchestrator(other, bus)
+            async with bus:
+                await bus.publish(
+                    SagaReply(
+                        saga_id=rec.saga_id,
+                        saga_type="held-reply",
+                        step="charge",
+                        purpose="action",
+                        attempt=1,
+                        ok=True,
+                        data={"payment": "p-1"},
+                    ),
+                    topic=topic,
+                )
+
+                async def settled() -> bool:
+                    got = await store.get(rec.saga_id)
+                    return (
+                        bool(getattr(got, "replies", None)) or transport.pending(audit, "audit") > 0
+                    )
+
+                await eventually(settled, what="the reply recorded on the instance")
+                assert transport.pending(audit, "audit") == 0, "the reply was dead-lettered"
+                held = await store.get(rec.saga_id)
+                assert held.status is SagaStatus.RUNNING and held.version == rec.version
+                gate.set()
+                clock.advance(11)  # the dead process's lease runs out
+
+                async def done() -> bool:
+                    return (await store.get(rec.saga_id)).status is SagaStatus.COMPLETED
+
+                await eventually(done, what="the saga completed by the live process")
+                await live.close()
+        end = await store.get(rec.saga_id)
+        data = end.data if isinstance(end.data, dict) else end.data.model_dump()
+        assert data == {"n": 1, "tags": ["p-1", "packed"]} or data == {
+            "n": 1,
+            "tags": ["packed", "p-1"],
+        }
+        assert end.replies == {}
+        assert [h.step for h in end.history if h.event == "reply"] == ["charge"]
+        # applied from the record: the participant was not asked again
+        assert (await outbox_store.status()).pending == pending
+        assert transport.pending(audit, "audit") == 0
