@@ -95,6 +95,7 @@ from msdata.adapters.redis import _lua
 from msdata.errors import (
     ConfigurationError,
     MessageTooLarge,
+    MsdataError,
     PublishError,
     TransportClosed,
     TransportError,
@@ -106,6 +107,7 @@ from msdata.transport import (
     DriverErrors,
     TransportFeatures,
     TransportMessage,
+    check_message,
     check_name,
 )
 from msdata.transport import dead_letter_topic as deadletter_topic
@@ -913,7 +915,8 @@ class RedisTransport:
         """XADD each message to the topic's stream, all in one pipeline; returns once Redis
         has replied to every XADD.
 
-        Outcomes are per message. A message over ``max_message_bytes`` is not sent; an XADD
+        Outcomes are per message. A message :func:`~msdata.transport.check_message` refuses
+        (a header, key or id no broker can carry) or over ``max_message_bytes`` is not sent; an XADD
         that Redis answers with an error of its own (not one of the server's state, such as
         ``OOM`` or ``READONLY``, which fails the whole batch) failed alone. Either way the
         others were written, and :class:`~msdata.errors.PublishError` names the failed ones
@@ -931,11 +934,17 @@ class RedisTransport:
         key = self._stream_key(topic)
         limit = self.max_message_bytes
         refused: dict[str, str] = {}
-        too_large: MessageTooLarge | None = None
+        too_large: MsdataError | None = None
         sent: list[TransportMessage] = []
         pipe = self._client.pipeline(transaction=False)
         command = pipe.execute_command
         for m in messages:
+            try:
+                check_message(m)  # headers, key and id no broker can carry: refused alone
+            except MsdataError as e:
+                refused[m.id] = f"{type(e).__name__}: {e}"
+                too_large = too_large or e
+                continue
             if m.key is None and not m.headers:
                 # the common case: "id" and "body" (6 bytes) and their values
                 size = 6 + len(m.id) + len(m.body)
