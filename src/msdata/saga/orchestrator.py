@@ -187,9 +187,9 @@ class SagaOrchestrator:
             [],
             {},
             [],
-            saga.past_pivot_at(0),
+            saga.past_pivot_by_position[0],
             None,
-            now + timedelta(seconds=saga.deadline) if saga.deadline else None,
+            None if saga.deadline is None else now + timedelta(seconds=saga.deadline),
             None,
             None,
             None,
@@ -662,8 +662,9 @@ class SagaOrchestrator:
             self._driving.discard(saga_id)
             # replies that came in while this task was saving its last state: their
             # deliveries were acked, so they are handled here, not dropped
-            for reply in self._mailbox.pop(saga_id, ()):
-                self._spawn(self._redeliver(reply))
+            if self._mailbox:
+                for reply in self._mailbox.pop(saga_id, ()):
+                    self._spawn(self._redeliver(reply))
 
     async def _redeliver(self, reply: SagaReply) -> None:
         try:
@@ -763,6 +764,8 @@ class SagaOrchestrator:
         history = rec.history
         active = rec.active
         data_type = saga.data_type
+        saga_id, saga_type = rec.saga_id, rec.saga_type
+        owner, lease = self.owner, self.lease
         if now is None:
             now = clock.now()
         step = groups[rec.position][0]
@@ -770,8 +773,8 @@ class SagaOrchestrator:
             name = step.name
             run = active[name] = StepRun(ACTION, 1, "running")
             history.append(_entry(HistoryEntry, (now, "step started", name, 1, None)))
-            rec.lease_owner = self.owner
-            rec.lease_until = now + self.lease
+            rec.lease_owner = owner
+            rec.lease_until = now + lease
             rec.wake_at = None
             rec.version += 1
             rec.updated_at = now
@@ -784,12 +787,12 @@ class SagaOrchestrator:
                 rec.replies = {}
             data = rec.data
             fn: Callable[[Any], Any] = step.action  # type: ignore[assignment]
-            token = _step.set(_entry(StepContext, (rec.saga_id, rec.saga_type, name, ACTION, 1)))
+            token = _step.set(_entry(StepContext, (saga_id, saga_type, name, ACTION, 1)))
             hooks = telemetry.hooks
             seen = (
                 None
                 if type(hooks) is Telemetry  # the no-op's scope does nothing: not made
-                else hooks.saga_step(rec.saga_type, rec.saga_id, name, compensation=False)
+                else hooks.saga_step(saga_type, saga_id, name, compensation=False)
             )
             try:
                 result = fn(data)

@@ -52,12 +52,14 @@ def _keep(r: SagaRecord) -> Kept:
     if status in _FINISHED:
         history, done = tuple(_flat(history)), tuple(done)
     runs = None
-    if r.active:
+    active = r.active
+    if active:
         runs = []
-        for k, v in r.active.items():  # a loop, not a comprehension: no frame on 3.11
+        for k, v in active.items():  # a loop, not a comprehension: no frame on 3.11
             runs.append(
                 (k, v.purpose, v.attempt, v.state, v.wake_at, v.error, v.ok, v.reply, v.sent)
             )
+    compensation = r.compensation
     return (
         r.saga_id,
         r.saga_type,
@@ -68,7 +70,7 @@ def _keep(r: SagaRecord) -> Kept:
         r.version,
         r.position,
         runs,
-        [g.copy() for g in r.compensation] if r.compensation else None,
+        [g.copy() for g in compensation] if compensation else None,
         r.past_pivot,
         r.error,
         r.deadline,
