@@ -39,14 +39,15 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from types import CoroutineType, TracebackType
 from typing import Any, Self, TypeVar, cast
 
 from pydantic import BaseModel, ValidationError
 
 from msdata import telemetry
-from msdata.clock import SYSTEM_CLOCK, Clock
+from msdata.clock import SYSTEM_CLOCK, Clock, SystemClock
 from msdata.errors import ConcurrencyError, ConfigurationError, SagaNotFound, SagaStateError
 from msdata.events import EventBus
 from msdata.ids import new_id
@@ -92,6 +93,7 @@ _DONE, _FAILED, _PARKED = 0, 1, 2
 _FINAL = {s: s.value.lower() for s in SagaStatus}
 _entry = tuple.__new__  # a named tuple built from a full tuple: no Python-level __new__
 _Coroutine = CoroutineType
+_utc_now = partial(datetime.now, UTC)  # SystemClock.now without its Python frame
 
 
 class SagaOrchestrator:
@@ -174,7 +176,8 @@ class SagaOrchestrator:
             raise ConfigurationError(
                 f"saga {saga.name!r} takes {saga.data_type.__name__}, got {type(data).__name__}"
             )
-        now = self.clock.now()
+        clock = self.clock
+        now = _utc_now() if type(clock) is SystemClock else clock.now()
         rec = SagaRecord(
             saga_id or new_id(),
             saga.name,
@@ -760,6 +763,7 @@ class SagaOrchestrator:
         plain = saga.plain_local
         past = saga.past_pivot_by_position
         clock = self.clock
+        read = _utc_now if type(clock) is SystemClock else clock.now  # same time, no frame
         store = self.store
         history = rec.history
         active = rec.active
@@ -767,7 +771,7 @@ class SagaOrchestrator:
         saga_id, saga_type = rec.saga_id, rec.saga_type
         owner, lease = self.owner, self.lease
         if now is None:
-            now = clock.now()
+            now = read()
         step = groups[rec.position][0]
         while True:
             name = step.name
@@ -822,7 +826,7 @@ class SagaOrchestrator:
                     error = f"returned {type(result).__name__}, not {type(data).__name__}"
                     return await self._plain_failed(rec, saga, step, run, error)
                 rec.data = result
-            now = clock.now()
+            now = read()
             del active[name]
             rec.done.append(name)
             history.append(_entry(HistoryEntry, (now, "step completed", name, 1, None)))
