@@ -50,7 +50,9 @@ def _keep(r: SagaRecord) -> Kept:
     done: Any = r.done
     status = r.status
     if status in _FINISHED:
-        history, done = tuple(_flat(history)), tuple(done)
+        # concatenating is the cheaper for the few entries of most instances, not for many
+        flat = sum(history, ()) if len(history) <= 16 else tuple(_flat(history))
+        history, done = flat, tuple(done)
     runs = None
     active = r.active
     if active:
