@@ -18,6 +18,7 @@ Rounds are interleaved (the order rotates each round); per-round ratios are prin
 min-median-max, with /proc/loadavg at the start and the end.
 
     .venv/bin/python bench/bench_saga.py [--rounds 5] [--only memory,sqlite,postgres,rabbitmq]
+        [--against GITREF]   # (a): msdata as of GITREF too, same process, interleaved
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib
 import os
+import re
 import signal
 import sqlite3
 import statistics
@@ -84,32 +87,65 @@ def spread(values: list[float]) -> str:
 # -- (a) memory --------------------------------------------------------------------------------
 
 
-async def memory_round(n: int) -> tuple[float, float, float]:
-    orch = SagaOrchestrator(MemorySagaStore(), [saga])
-    data = Order()
+async def _timed(fn: Callable[[], Awaitable[Any]], n: int) -> float:
+    """CPU us per call of ``fn``, after 200 warm-up calls."""
+    for _ in range(200):
+        await fn()
+    t = time.process_time()
+    for _ in range(n):
+        await fn()
+    return (time.process_time() - t) / n * 1e6
 
+
+async def _saga_us(orchestrator: Any, store: Any, saga_: Any, n: int) -> tuple[float, float]:
+    """CPU us per saga with the cyclic GC on, then off; a fresh store for each."""
+    data = Order()
+    orch = orchestrator(store(), [saga_])
+    ms_us = await _timed(lambda: orch.start(saga_, data), n)
+    orch = orchestrator(store(), [saga_])
+    gc.disable()  # the memory store keeps every instance: the cyclic GC's share grows with them
+    try:
+        no_gc = await _timed(lambda: orch.start(saga_, data), n)
+    finally:
+        gc.enable()
+    return ms_us, no_gc
+
+
+async def memory_round(n: int) -> tuple[float, float, float]:
     async def raw() -> None:
         d = reserve(data)
         await charge(d)
 
-    async def msdata() -> None:
-        await orch.start(saga, data)
-
-    async def timed(fn: Callable[[], Awaitable[None]]) -> float:
-        for _ in range(200):
-            await fn()
-        t = time.process_time()
-        for _ in range(n):
-            await fn()
-        return (time.process_time() - t) / n * 1e6
-
-    raw_us, ms_us = await timed(raw), await timed(msdata)
-    gc.disable()  # the memory store keeps every instance: the cyclic GC's share grows with them
-    try:
-        no_gc = await timed(msdata)
-    finally:
-        gc.enable()
+    data = Order()
+    raw_us = await _timed(raw, n)
+    ms_us, no_gc = await _saga_us(SagaOrchestrator, MemorySagaStore, saga, n)
     return raw_us, ms_us, no_gc
+
+
+def load_base(ref: str) -> tuple[Any, Any, Any]:
+    """msdata's ``src/msdata`` at git ``ref``, imported as the package ``msdata_base`` (its
+    own imports renamed), for an A/B in this one process: (SagaOrchestrator,
+    MemorySagaStore, the bench saga built with its Saga). Both copies are imported, so the
+    heap the cyclic GC walks is larger than in a run of one."""
+    tmp = Path(tempfile.mkdtemp(prefix="msdata-bench-base-"))
+    repo = Path(__file__).resolve().parent.parent
+    tar = subprocess.run(
+        ["git", "-C", str(repo), "archive", ref, "src/msdata"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=tar, check=True)
+    pkg = tmp / "src" / "msdata_base"
+    (tmp / "src" / "msdata").rename(pkg)
+    for f in pkg.rglob("*.py"):
+        f.write_text(re.sub(r"\bmsdata\b(?=\.| import)", "msdata_base", f.read_text()))
+    sys.path.insert(0, str(tmp / "src"))
+    memory = importlib.import_module("msdata_base.adapters.memory")
+    sagas = importlib.import_module("msdata_base.saga")
+    base_saga = (
+        sagas.Saga("bench", Order)
+        .step("reserve", reserve, compensate=release)
+        .pivot("charge", charge)
+    )
+    return sagas.SagaOrchestrator, memory.MemorySagaStore, base_saga
 
 
 def _peer_round(peer: subprocess.Popen[str]) -> float:
@@ -433,6 +469,11 @@ async def main() -> None:
     ap.add_argument("--sql-n", type=int, default=1_000)
     ap.add_argument("--rmq-n", type=int, default=300)
     ap.add_argument(
+        "--against",
+        metavar="GITREF",
+        help="(a) only: also run msdata as of this git ref (e.g. HEAD~3), interleaved",
+    )
+    ap.add_argument(
         "--cqrs-python",
         help="a python with python-cqrs 5.3 installed: run bench/peer_cqrs_saga.py interleaved",
     )
@@ -451,11 +492,22 @@ async def main() -> None:
             )
         peers: list[float] = []
         raws, mss, ratios, quiet, no_gcs = [], [], [], [], []
+        base = load_base(args.against) if args.against else None
+        bases: list[float] = []
+        base_no_gcs: list[float] = []
         for r in range(args.rounds):
             if peer is not None and r % 2 == 0:
                 peers.append(_peer_round(peer))
+            if base is not None and r % 2 == 0:
+                b, b_no_gc = await _saga_us(*base, args.memory_n)
+                bases.append(b)
+                base_no_gcs.append(b_no_gc)
             cal = calibration()
             raw, ms, no_gc = await memory_round(args.memory_n)
+            if base is not None and r % 2 == 1:
+                b, b_no_gc = await _saga_us(*base, args.memory_n)
+                bases.append(b)
+                base_no_gcs.append(b_no_gc)
             if peer is not None and r % 2 == 1:
                 peers.append(_peer_round(peer))
             no_gcs.append(no_gc)
@@ -469,6 +521,18 @@ async def main() -> None:
         print(f"  msdata SagaOrchestrator + MemorySagaStore:  {spread(mss)} us (target <= 20)")
         print(f"  msdata / floor per round:                   {spread(ratios)}")
         print(f"  msdata with the cyclic GC off:               {spread(no_gcs)} us")
+        if base is not None:
+            label = f"msdata at {args.against}, same rounds:"
+            print(f"  {label:<44} {spread(bases)} us")
+            print(f"  ... with the cyclic GC off:                  {spread(base_no_gcs)} us")
+            print(
+                "  this / that per round, GC on:                "
+                f"{spread([m / b for m, b in zip(mss, bases, strict=True)])}"
+            )
+            print(
+                "  this / that per round, GC off:               "
+                f"{spread([m / b for m, b in zip(no_gcs, base_no_gcs, strict=True)])}"
+            )
         if peer is not None:
             assert peer.stdin is not None
             peer.stdin.close()

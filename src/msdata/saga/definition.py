@@ -271,6 +271,8 @@ class Saga(Generic[D]):
         self.pivot_index: int | None = None
         #: steps run by the orchestrator's lean path: local, no timeout, alone in their group
         self.plain_local: set[str] = set()
+        #: ``past_pivot_at(i)`` for every position ``i`` from 0 to ``len(groups)``
+        self.past_pivot_by_position: tuple[bool, ...] = (False,)
         #: set when an orchestrator registers the saga: its steps can no longer change
         self.frozen = False
 
@@ -392,6 +394,9 @@ class Saga(Generic[D]):
         if group[0].kind is StepKind.PIVOT:
             self.pivot_index = len(self.groups)
         self.groups.append(group)
+        self.past_pivot_by_position = tuple(
+            self.past_pivot_at(i) for i in range(len(self.groups) + 1)
+        )
         return self
 
     # -- reading -----------------------------------------------------------------------------

@@ -39,14 +39,15 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from datetime import datetime, timedelta
-from types import TracebackType
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from types import CoroutineType, TracebackType
 from typing import Any, Self, TypeVar, cast
 
 from pydantic import BaseModel, ValidationError
 
 from msdata import telemetry
-from msdata.clock import SYSTEM_CLOCK, Clock
+from msdata.clock import SYSTEM_CLOCK, Clock, SystemClock
 from msdata.errors import ConcurrencyError, ConfigurationError, SagaNotFound, SagaStateError
 from msdata.events import EventBus
 from msdata.ids import new_id
@@ -76,6 +77,7 @@ from msdata.saga.store import (
     SagaStore,
     StepRun,
 )
+from msdata.telemetry import Telemetry
 
 __all__ = ["SagaOrchestrator"]
 
@@ -90,6 +92,8 @@ TERMINAL = (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED)
 _DONE, _FAILED, _PARKED = 0, 1, 2
 _FINAL = {s: s.value.lower() for s in SagaStatus}
 _entry = tuple.__new__  # a named tuple built from a full tuple: no Python-level __new__
+_Coroutine = CoroutineType
+_utc_now = partial(datetime.now, UTC)  # SystemClock.now without its Python frame
 
 
 class SagaOrchestrator:
@@ -172,7 +176,8 @@ class SagaOrchestrator:
             raise ConfigurationError(
                 f"saga {saga.name!r} takes {saga.data_type.__name__}, got {type(data).__name__}"
             )
-        now = self.clock.now()
+        clock = self.clock
+        now = _utc_now() if type(clock) is SystemClock else clock.now()
         rec = SagaRecord(
             saga_id or new_id(),
             saga.name,
@@ -185,16 +190,18 @@ class SagaOrchestrator:
             [],
             {},
             [],
-            saga.past_pivot_at(0),
+            saga.past_pivot_by_position[0],
             None,
-            now + timedelta(seconds=saga.deadline) if saga.deadline else None,
+            None if saga.deadline is None else now + timedelta(seconds=saga.deadline),
             None,
             None,
             None,
             [_entry(HistoryEntry, (now, "started", None, None, None))],
         )
-        telemetry.hooks.saga_status(saga.name, "started")  # telemetry
-        await self._drive(rec, saga)
+        hooks = telemetry.hooks
+        if type(hooks) is not Telemetry:  # the no-op's hook does nothing: not called
+            hooks.saga_status(saga.name, "started")  # telemetry
+        await self._drive(rec, saga, now)
         return rec
 
     async def run(
@@ -577,11 +584,9 @@ class SagaOrchestrator:
         self,
         rec: SagaRecord,
         also: Callable[[Any], Any] | None = None,
-        *,
-        now: datetime | None = None,
     ) -> None:
         rec.version += 1
-        rec.updated_at = now or self.clock.now()
+        rec.updated_at = self.clock.now()
         try:
             await self.store.save(rec, also=also)
         except BaseException:
@@ -635,14 +640,17 @@ class SagaOrchestrator:
         self._load(rec, saga)
         await self._drive_logged(rec, saga)
 
-    async def _drive(self, rec: SagaRecord, saga: Saga[Any]) -> None:
+    async def _drive(self, rec: SagaRecord, saga: Saga[Any], now: datetime | None = None) -> None:
+        """Run ``rec`` until it ends, waits, or is taken over. ``now``: the time just read
+        by the caller (nothing happened since), used for the first step's start."""
         saga_id = rec.saga_id
         self._driving.add(saga_id)
         try:
             while True:
                 status = rec.status
                 if status is RUNNING:
-                    go_on = await self._forward(rec, saga)
+                    go_on = await self._forward(rec, saga, now)
+                    now = None
                 elif status is COMPENSATING:
                     go_on = await self._backward(rec, saga)
                 else:
@@ -657,8 +665,9 @@ class SagaOrchestrator:
             self._driving.discard(saga_id)
             # replies that came in while this task was saving its last state: their
             # deliveries were acked, so they are handled here, not dropped
-            for reply in self._mailbox.pop(saga_id, ()):
-                self._spawn(self._redeliver(reply))
+            if self._mailbox:
+                for reply in self._mailbox.pop(saga_id, ()):
+                    self._spawn(self._redeliver(reply))
 
     async def _redeliver(self, reply: SagaReply) -> None:
         try:
@@ -671,37 +680,56 @@ class SagaOrchestrator:
                 reply.step,
             )
 
-    async def _finish(self, rec: SagaRecord, status: SagaStatus, error: str | None = None) -> None:
+    async def _finish(
+        self,
+        rec: SagaRecord,
+        status: SagaStatus,
+        error: str | None = None,
+        *,
+        now: datetime | None = None,
+    ) -> None:
+        """End the instance as ``status`` and save it. ``now``: the time just read by the
+        caller (nothing happened since), else the clock is read."""
         rec.status = status
         if rec.active:
             rec.active = {}
         rec.error = error
         rec.lease_owner = rec.lease_until = rec.wake_at = None
-        now = self.clock.now()
-        rec.history.append(_entry(HistoryEntry, (now, _FINAL[status], None, None, error)))
-        await self._save(rec, now=now)
-        telemetry.hooks.saga_status(rec.saga_type, status.value.lower())  # telemetry
-        for fut in self._waiters.get(rec.saga_id, ()):
-            if not fut.done():
-                fut.set_result(None)
+        if now is None:
+            now = self.clock.now()
+        final = _FINAL[status]
+        rec.history.append(_entry(HistoryEntry, (now, final, None, None, error)))
+        rec.version += 1
+        rec.updated_at = now
+        try:
+            await self.store.save(rec)
+        except BaseException:
+            rec.version -= 1
+            raise
+        if rec.replies:  # deleted from the store by that save
+            rec.replies = {}
+        hooks = telemetry.hooks
+        if type(hooks) is not Telemetry:
+            hooks.saga_status(rec.saga_type, final)  # telemetry
+        if self._waiters:
+            for fut in self._waiters.get(rec.saga_id, ()):
+                if not fut.done():
+                    fut.set_result(None)
 
-    async def _forward(self, rec: SagaRecord, saga: Saga[Any]) -> bool:
-        if (
-            rec.deadline is not None
-            and not rec.past_pivot
-            and self.clock.now() >= rec.deadline
-            and not _pivot_sent(rec, saga)
-        ):
-            self._begin_compensation(rec, saga, "the saga's deadline passed before its pivot")
-            return True
+    async def _forward(self, rec: SagaRecord, saga: Saga[Any], now: datetime | None = None) -> bool:
+        if rec.deadline is not None and not rec.past_pivot:
+            now = self.clock.now()
+            if now >= rec.deadline and not _pivot_sent(rec, saga):
+                self._begin_compensation(rec, saga, "the saga's deadline passed before its pivot")
+                return True
         groups = saga.groups
         if rec.position >= len(groups):
-            await self._finish(rec, SagaStatus.COMPLETED)
+            await self._finish(rec, SagaStatus.COMPLETED, now=now)
             return False
         group = groups[rec.position]
         first = group[0]
         if len(group) == 1 and first.name in saga.plain_local and first.name not in rec.active:
-            return await self._plain_step(rec, saga, first)
+            return await self._plain_steps(rec, saga, now)
         done = rec.done
         names = [s.name for s in group if s.name not in done]
         outcome, step, error = await self._run_group(rec, saga, names, ACTION)
@@ -721,61 +749,98 @@ class SagaOrchestrator:
         self._begin_compensation(rec, saga, f"step {step!r} failed: {error}")
         return True
 
-    async def _plain_step(self, rec: SagaRecord, saga: Saga[Any], step: Step) -> bool:
-        """The common case, kept lean (the general path is :meth:`_run_group`): one local
-        step without a timeout, first attempt; the save and the call written out here."""
-        name = step.name
-        now = self.clock.now()
-        run = rec.active[name] = StepRun(ACTION, 1, "running")
+    async def _plain_steps(
+        self, rec: SagaRecord, saga: Saga[Any], now: datetime | None = None
+    ) -> bool:
+        """The common case, kept lean (the general path is :meth:`_run_group`): local steps
+        without a timeout, first attempt, one after the other in this one call, the save and
+        the call written out, and the instance finished here when the last one is done.
+        Each step is saved as ``running`` before its effect, as on the general path. The
+        clock is read once per step, after its effect: that time ends the step and starts
+        the next one (nothing happens between). ``now``: the time just read by the caller,
+        for the first step's start. Returns whether :meth:`_drive` should go on."""
+        groups = saga.groups
+        plain = saga.plain_local
+        past = saga.past_pivot_by_position
+        clock = self.clock
+        read = _utc_now if type(clock) is SystemClock else clock.now  # same time, no frame
+        store = self.store
         history = rec.history
-        history.append(_entry(HistoryEntry, (now, "step started", name, 1, None)))
-        rec.lease_owner = self.owner
-        rec.lease_until = now + self.lease
-        rec.wake_at = None
-        rec.version += 1
-        rec.updated_at = now
-        try:
-            await self.store.save(rec)  # before the effect
-        except BaseException:
-            rec.version -= 1
-            raise
-        if rec.replies:
-            rec.replies = {}
-        data = rec.data
-        fn: Callable[[Any], Any] = step.action  # type: ignore[assignment]
-        token = _step.set(_entry(StepContext, (rec.saga_id, rec.saga_type, name, ACTION, 1)))
-        seen = telemetry.hooks.saga_step(rec.saga_type, rec.saga_id, name, compensation=False)
-        try:
-            result = fn(data)
-            if (
-                result is not None
-                and type(result) is not type(data)
-                and inspect.isawaitable(result)
-            ):
-                result = await result
-        except asyncio.CancelledError as e:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # shutdown, not a business failure: the instance stays resumable
-            seen.failed(f"CancelledError: {e}")  # telemetry
-            return await self._plain_failed(rec, saga, step, run, f"CancelledError: {e}")
-        except Exception as e:
-            seen.failed(f"{type(e).__name__}: {e}")  # telemetry
-            return await self._plain_failed(rec, saga, step, run, f"{type(e).__name__}: {e}")
-        finally:
-            _step.reset(token)
-            seen.close()  # telemetry
-        if result is not None:
-            if not isinstance(result, type(data)):
-                error = f"returned {type(result).__name__}, not {type(data).__name__}"
-                return await self._plain_failed(rec, saga, step, run, error)
-            rec.data = result
-        del rec.active[name]
-        rec.done.append(name)
-        history.append(_entry(HistoryEntry, (self.clock.now(), "step completed", name, 1, None)))
-        rec.position += 1
-        rec.past_pivot = saga.past_pivot_at(rec.position)
-        return True
+        active = rec.active
+        data_type = saga.data_type
+        saga_id, saga_type = rec.saga_id, rec.saga_type
+        owner, lease = self.owner, self.lease
+        if now is None:
+            now = read()
+        step = groups[rec.position][0]
+        while True:
+            name = step.name
+            run = active[name] = StepRun(ACTION, 1, "running")
+            history.append(_entry(HistoryEntry, (now, "step started", name, 1, None)))
+            rec.lease_owner = owner
+            rec.lease_until = now + lease
+            rec.wake_at = None
+            rec.version += 1
+            rec.updated_at = now
+            try:
+                await store.save(rec)  # before the effect
+            except BaseException:
+                rec.version -= 1
+                raise
+            if rec.replies:
+                rec.replies = {}
+            data = rec.data
+            fn: Callable[[Any], Any] = step.action  # type: ignore[assignment]
+            token = _step.set(_entry(StepContext, (saga_id, saga_type, name, ACTION, 1)))
+            hooks = telemetry.hooks
+            seen = (
+                None
+                if type(hooks) is Telemetry  # the no-op's scope does nothing: not made
+                else hooks.saga_step(saga_type, saga_id, name, compensation=False)
+            )
+            try:
+                result = fn(data)
+                if (
+                    result is not None
+                    and type(result) is not data_type
+                    and (type(result) is _Coroutine or inspect.isawaitable(result))
+                ):
+                    result = await result
+            except asyncio.CancelledError as e:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # shutdown, not a business failure: the instance stays resumable
+                if seen is not None:
+                    seen.failed(f"CancelledError: {e}")  # telemetry
+                return await self._plain_failed(rec, saga, step, run, f"CancelledError: {e}")
+            except Exception as e:
+                if seen is not None:
+                    seen.failed(f"{type(e).__name__}: {e}")  # telemetry
+                return await self._plain_failed(rec, saga, step, run, f"{type(e).__name__}: {e}")
+            finally:
+                _step.reset(token)
+                if seen is not None:
+                    seen.close()  # telemetry
+            if result is not None:
+                if not isinstance(result, type(data)):
+                    error = f"returned {type(result).__name__}, not {type(data).__name__}"
+                    return await self._plain_failed(rec, saga, step, run, error)
+                rec.data = result
+            now = read()
+            del active[name]
+            rec.done.append(name)
+            history.append(_entry(HistoryEntry, (now, "step completed", name, 1, None)))
+            position = rec.position = rec.position + 1
+            rec.past_pivot = past[position]
+            if rec.deadline is not None and not rec.past_pivot:
+                return True  # the deadline is looked at before the next step
+            if position >= len(groups):
+                await self._finish(rec, SagaStatus.COMPLETED, now=now)
+                return False
+            group = groups[position]
+            step = group[0]
+            if len(group) != 1 or step.name not in plain or step.name in active:
+                return True
 
     async def _plain_failed(
         self, rec: SagaRecord, saga: Saga[Any], step: Step, run: StepRun, error: str

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from datetime import datetime
+from itertools import chain
 from typing import Any
 
 from msdata.adapters.memory._db import MemoryDatabase, MemoryTransaction
@@ -30,39 +31,48 @@ __all__ = ["MemorySagaStore"]
 # A saved record is one tuple (the cheapest thing to build on every save): the record's
 # fields, its active invocations as tuples, and history and ``done`` by reference and length
 # (they only ever grow at their end, so the saved prefix never changes). A finished instance
-# keeps them as plain tuples instead: the cyclic GC stops tracking those, where it would go
-# on traversing every history entry (a named tuple) of every instance the store keeps.
+# keeps its history as one flat tuple of the entries' fields and ``done`` as a tuple: the
+# cyclic GC stops tracking those (tuples of times, strings and numbers), where it would go on
+# traversing every history entry (a named tuple, always tracked) of every instance the store
+# keeps, and each one kept would count towards the next collection.
 _VERSION, _TYPE, _STATUS, _UPDATED, _LEASE_OWNER, _LEASE_UNTIL, _WAKE = 6, 1, 2, 5, 13, 14, 15
 Kept = tuple[Any, ...]
 
 
 _FINISHED = (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED)
 _entry = tuple.__new__
+_flat = chain.from_iterable
+_FIELDS = len(HistoryEntry._fields)
 
 
 def _keep(r: SagaRecord) -> Kept:
     history: Any = r.history
     done: Any = r.done
-    if r.status in _FINISHED:
-        history, done = tuple(map(tuple, history)), tuple(done)
+    status = r.status
+    if status in _FINISHED:
+        # concatenating is the cheaper for the few entries of most instances, not for many
+        flat = sum(history, ()) if len(history) <= 16 else tuple(_flat(history))
+        history, done = flat, tuple(done)
     runs = None
-    if r.active:
+    active = r.active
+    if active:
         runs = []
-        for k, v in r.active.items():  # a loop, not a comprehension: no frame on 3.11
+        for k, v in active.items():  # a loop, not a comprehension: no frame on 3.11
             runs.append(
                 (k, v.purpose, v.attempt, v.state, v.wake_at, v.error, v.ok, v.reply, v.sent)
             )
+    compensation = r.compensation
     return (
         r.saga_id,
         r.saga_type,
-        r.status,
+        status,
         r.data,
         r.created_at,
         r.updated_at,
         r.version,
         r.position,
         runs,
-        [g.copy() for g in r.compensation] if r.compensation else None,
+        [g.copy() for g in compensation] if compensation else None,
         r.past_pivot,
         r.error,
         r.deadline,
@@ -79,7 +89,7 @@ def _keep(r: SagaRecord) -> Kept:
 def _record(k: Kept, replies: dict[str, bytes] | None = None) -> SagaRecord:
     history, done = k[16], k[18]
     if type(history) is tuple:  # a finished instance
-        history = [_entry(HistoryEntry, e) for e in history]
+        history = [_entry(HistoryEntry, history[i : i + _FIELDS]) for i in range(0, k[17], _FIELDS)]
         done = list(done)
     else:
         history, done = history[: k[17]], done[: k[19]]
@@ -117,12 +127,16 @@ class MemorySagaStore(MemoryDatabase):
         self._replies: dict[str, dict[str, bytes]] = {}  # saga id -> key -> reply
 
     async def save(self, record: SagaRecord, *, also: AlsoInTransaction | None = None) -> None:
-        self._check(record)
-        if also is None:
-            self._records[record.saga_id] = _keep(record)
+        if also is None:  # the check written out: this is the hot path of every saga
+            records = self._records
+            current = records.get(record.saga_id)
+            if (0 if current is None else current[_VERSION]) != record.version - 1:
+                self._check(record)  # raises
+            records[record.saga_id] = _keep(record)
             if record.replies:
                 self._applied(record)
             return
+        self._check(record)
         tx = MemoryTransaction()
         try:
             result = also(tx)
