@@ -99,6 +99,8 @@ def make_service(
             "backoff": exponential_backoff(0.1, 2.0, maximum=max(1.0, lease / 2), jitter=0.5),
         },
         relay_options={"lease_seconds": lease},
-        saga_options={"lease_seconds": lease, "recovery_interval": 1.0},
+        # a saga whose orchestrator was killed is taken up within half a second of its
+        # lease running out (a cheap query of expired leases)
+        saga_options={"lease_seconds": lease, "recovery_interval": 0.5},
         stop_timeout=3.0,
     )
