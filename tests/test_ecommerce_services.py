@@ -70,7 +70,9 @@ def launch(
 
         asyncio.run(clean())
     assert report.exists(), out.stdout + out.stderr
-    return out, json.loads(report.read_text())
+    got = json.loads(report.read_text())
+    print("seconds per phase:", got["phases"], "kills:", got["kills"])  # shown with -s / -rA
+    return out, got
 
 
 def assert_trustworthy(

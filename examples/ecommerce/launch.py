@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 from examples.ecommerce.common import open_broker
-from examples.ecommerce.driver import Clients, audit, drive
+from examples.ecommerce.driver import Clients, Report, audit, drive
 from rich.console import Console
 
 from msdata.transport import dead_letter_topic
@@ -41,7 +41,7 @@ NAMES = ("order", "payment", "inventory")
 #: "forkserver"): a service started again after a SIGKILL is up in a fraction of a fresh
 #: interpreter's time, which on a loaded machine is most of a chaos run's length
 _FORK = multiprocessing.get_context("forkserver")
-_FORK.set_forkserver_preload(["examples.ecommerce.serve"])
+_FORK.set_forkserver_preload(["examples.ecommerce.warm"])
 
 
 def start_forkserver() -> None:
@@ -259,6 +259,7 @@ async def run(args: argparse.Namespace) -> bool:
         fleet.start(n)
     clients = Clients(*(httpx.AsyncClient(base_url=fleet.url(n), timeout=30) for n in NAMES))
     chaos_task = None
+    report: Report | None = None
     pairs: set[tuple[str, str]] = set()
     killed: list[dict[str, Any]] = []
     answered = Answered()
@@ -293,8 +294,6 @@ async def run(args: argparse.Namespace) -> bool:
         )
         phases.mark("checks")
         args.report = report
-        if args.json_report:
-            args.json_report.write_text(json.dumps({**report.as_dict(), "kills": killed}))
         return report.ok
     finally:
         if chaos_task:
@@ -311,6 +310,9 @@ async def run(args: argparse.Namespace) -> bool:
             await drop_broker_names(args.broker, args.schema_prefix, pairs)
             phases.mark("clean")
         console.print(f"time: {phases}")
+        if args.json_report and report is not None:
+            out = {**report.as_dict(), "kills": killed, "phases": dict(phases.took)}
+            args.json_report.write_text(json.dumps(out))
 
 
 class Answered:
