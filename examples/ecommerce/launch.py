@@ -336,7 +336,8 @@ async def chaos(
     answered: Answered,
     killed: list[dict[str, Any]],
 ) -> None:
-    """SIGKILL a service ``kills`` times, spread over the run by progress: kill ``i`` (1 to
+    """SIGKILL a service ``kills`` times, the three in turn (in an order drawn from
+    ``seed``: three kills hit each once), spread over the run by progress: kill ``i`` (1 to
     ``kills``) once ``orders * i / (kills + 1)`` orders have been answered (never all of
     them), so each kill falls while checkouts are in flight, however fast or slow the
     machine is. The service is started again half a second later, and the next kill waits
@@ -344,13 +345,14 @@ async def chaos(
     restarting a service that is still starting). Each kill is appended to ``killed``:
     the service, how many orders had been answered, and (once it is back) how long it was
     down."""
-    rnd = random.Random(seed)
+    victims = list(NAMES)
+    random.Random(seed).shuffle(victims)
     for i in range(1, kills + 1):
         due = min(orders - 1, round(orders * i / (kills + 1)))
         while answered.n < due:
             answered.changed.clear()
             await answered.changed.wait()
-        name = rnd.choice(NAMES)
+        name = victims[(i - 1) % len(victims)]
         fleet.kill(name)
         kill = {"service": name, "answered": answered.n, "orders": orders}
         killed.append(kill)
