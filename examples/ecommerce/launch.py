@@ -9,7 +9,9 @@ schemas of an earlier run with that prefix are dropped first); the prefix is als
 transport's ``namespace`` on every broker (Redis keys, NATS streams and subjects, RabbitMQ
 exchanges and queues), so runs with different prefixes share no names. With
 ``--chaos`` services are SIGKILLed and restarted while orders are placed (``--kills``
-times, spread over the run).
+times, spread over the run). ``--clean`` drops the run's schemas and broker names at the
+end; ``--json-report FILE`` writes the counts, checks, kills and seconds per phase. The
+services are forked from a fork server that imported them once, so a restart is quick.
 Exits 1 if a check fails."""
 
 from __future__ import annotations
@@ -53,8 +55,8 @@ def start_forkserver() -> None:
 
 
 class Fleet:
-    """The three services, each its own process (forked from the fork server, so each has
-    a fresh interpreter state of its own: no event loop, connection or thread is shared)."""
+    """The three services, each its own process, forked from the fork server (which has
+    only imported modules: no event loop, connection or thread is shared between them)."""
 
     def __init__(self, db: str, broker: str, prefix: str, base_port: int, extra: list[str]):
         self.ports = {n: base_port + i for i, n in enumerate(NAMES)}
