@@ -43,14 +43,14 @@ NAMES = ("order", "payment", "inventory")
 #: "forkserver"): a service started again after a SIGKILL is up in a fraction of a fresh
 #: interpreter's time, which on a loaded machine is most of a chaos run's length
 _FORK = multiprocessing.get_context("forkserver")
-_FORK.set_forkserver_preload(["examples.ecommerce.warm"])
 
 
 def start_forkserver() -> None:
-    """Start the fork server now (it imports the services while the launcher does other
-    work); the first :meth:`Fleet.start` would otherwise."""
+    """Start the fork server (if it is not running), preloading examples.ecommerce.warm:
+    early, it imports the services while the launcher does other work."""
     from multiprocessing import forkserver
 
+    _FORK.set_forkserver_preload(["examples.ecommerce.warm"])
     forkserver.ensure_running()
 
 
@@ -62,6 +62,7 @@ class Fleet:
         self.ports = {n: base_port + i for i, n in enumerate(NAMES)}
         self.db, self.broker, self.prefix, self.extra = db, broker, prefix, extra
         self.procs: dict[str, multiprocessing.process.BaseProcess] = {}
+        start_forkserver()
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"
