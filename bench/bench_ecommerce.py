@@ -60,13 +60,10 @@ def processes_round(orders: int, concurrency: int, db: str, broker: str) -> Repo
             "--db", db, "--broker", broker, "--orders", str(orders),
             "--concurrency", str(concurrency), "--schema-prefix", f"bench_eco_{os.getpid()}",
             "--base-port", "8401", "--slow-seconds", "0", "--charge-timeout", "30",
-            "--duplicate-every", "0",
+            "--duplicate-every", "0", "--clean",
         ]
     )  # fmt: skip
-    try:
-        asyncio.run(launch.run(args))
-    finally:
-        asyncio.run(launch.drop_schemas(db, args.schema_prefix))
+    asyncio.run(launch.run(args))  # --clean: drops its schemas and broker names at the end
     report: Report = args.report
     return report
 

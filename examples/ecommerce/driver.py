@@ -44,10 +44,27 @@ class Report:
     def ok(self) -> bool:
         return all(ok for _, ok, _ in self.checks)
 
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: the counts, seconds, and each check as {name, ok, detail}."""
+        return {
+            "placed": self.placed,
+            "completed": self.completed,
+            "compensated": self.compensated,
+            "failed": self.failed,
+            "replayed": self.replayed,
+            "seconds": self.seconds,
+            "checks": [{"name": n, "ok": ok, "detail": d} for n, ok, d in self.checks],
+        }
+
 
 def plan(n: int, seed: int, slow: bool) -> list[dict[str, Any]]:
     """The orders to place: ~8% declined cards, ~4% slow payments, ~10% of the rare print
-    (most run out of stock), ~10% retried with the same key, ~5% sent twice at once."""
+    (most run out of stock), ~10% retried with the same key, ~5% sent twice at once.
+
+    With ``slow``, the first order always pays with the slow card (and an item in stock),
+    whatever ``n`` and ``seed``: every run has at least one payment that is charged, times
+    out and is refunded, so a broken refund always shows in the money check (placed first,
+    its long checkout overlaps the others)."""
     rnd = random.Random(seed)
     out = []
     for i in range(n):
@@ -62,6 +79,11 @@ def plan(n: int, seed: int, slow: bool) -> list[dict[str, Any]]:
                 "retry": "again" if retry < 0.10 else ("twice" if retry < 0.15 else None),
             }
         )
+    if slow and out:
+        body = out[0]["body"]
+        body["card"] = "tok_slow"
+        if body["sku"] not in ("book", "lamp", "mug"):
+            body["sku"] = "book"
     return out
 
 
@@ -97,12 +119,17 @@ async def _until_ended(client: httpx.AsyncClient, order_id: str | None) -> None:
 
 
 async def place_all(
-    clients: Clients, items: list[dict[str, Any]], concurrency: int, console: Console
+    clients: Clients,
+    items: list[dict[str, Any]],
+    concurrency: int,
+    console: Console,
+    on_answered: Callable[[], Any] | None = None,
 ) -> tuple[dict[str, str], int]:
     """Place every order, ``concurrency`` at a time, each one's slot held until its order
     is no longer PLACED (its checkout ended, or ``SLOT_SECONDS`` passed), so the sagas in
     flight are bounded as the clients are; returns key -> order id, and how many answers
-    were replays."""
+    were replays. ``on_answered`` is called as each order's first POST is answered (its
+    checkout then runs)."""
     ids: dict[str, str] = {}
     replayed = 0
     sem = asyncio.Semaphore(concurrency)
@@ -114,8 +141,10 @@ async def place_all(
                 rs = await asyncio.gather(_post(clients.order, item), _post(clients.order, item))
             else:
                 rs = [await _post(clients.order, item)]
-                if item["retry"] == "again":
-                    rs.append(await _post(clients.order, item))
+            if on_answered is not None:
+                on_answered()
+            if item["retry"] == "again":
+                rs.append(await _post(clients.order, item))
             await _until_ended(clients.order, rs[0].json().get("order_id"))
         answers = set()
         for r in rs:
@@ -134,22 +163,23 @@ async def place_all(
     return ids, replayed
 
 
-async def audit(clients: Clients) -> dict[str, Any]:
-    out = {}
-    for name in ("order", "payment", "inventory"):
-        r = await getattr(clients, name).get("/admin/audit")
+async def _ask_all(clients: Clients, path: str) -> dict[str, Any]:
+    """``GET path`` of the three services at once: service name -> its JSON answer."""
+    names = ("order", "payment", "inventory")
+    rs = await asyncio.gather(*(getattr(clients, n).get(path) for n in names))
+    for r in rs:
         r.raise_for_status()
-        out[name] = r.json()
-    return out
+    return {n: r.json() for n, r in zip(names, rs, strict=True)}
+
+
+async def audit(clients: Clients) -> dict[str, Any]:
+    """Each service's ``/admin/audit``: its data, for the checks."""
+    return await _ask_all(clients, "/admin/audit")
 
 
 async def busy(clients: Clients) -> dict[str, Any]:
-    out = {}
-    for name in ("order", "payment", "inventory"):
-        r = await getattr(clients, name).get("/admin/busy")
-        r.raise_for_status()
-        out[name] = r.json()
-    return out
+    """Each service's ``/admin/busy``: what is still going on (cheap)."""
+    return await _ask_all(clients, "/admin/busy")
 
 
 def _quiet(b: dict[str, Any]) -> bool:
@@ -270,14 +300,23 @@ async def drive(
     dead_letters: Callable[[dict[str, Any]], Awaitable[int]],
     console: Console | None = None,
     on_placed: Callable[[], Any] | None = None,
+    on_answered: Callable[[], Any] | None = None,
+    on_quiet: Callable[[], Any] | None = None,
 ) -> Report:
+    """Place ``orders`` orders (:func:`plan`), wait until the system is quiet (at most
+    ``quiet_timeout`` seconds), check the invariants and print the table and the checks.
+    ``dead_letters`` counts the dead letters, given the services' audits. Hooks:
+    ``on_answered`` as each order's first POST is answered, ``on_placed`` when every order
+    has been placed and its checkout ended, ``on_quiet`` when the wait for quiet is over."""
     console = console or Console()
     items = plan(orders, seed, slow)
     start = time.monotonic()
-    ids, replayed = await place_all(clients, items, concurrency, console)
+    ids, replayed = await place_all(clients, items, concurrency, console, on_answered)
     if on_placed is not None:
         on_placed()
     a = await wait_quiet(clients, quiet_timeout, console)
+    if on_quiet is not None:
+        on_quiet()
     report = Report(placed=len(ids), replayed=replayed)
     sagas = a["order"]["sagas"]
     placed_at = {o["order_id"]: o["placed_at"] for o in a["order"]["orders"]}

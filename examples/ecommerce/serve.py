@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import signal
 
@@ -59,13 +60,24 @@ def main(argv: list[str] | None = None) -> None:
         setup = order.setup
 
     parent = os.getppid()
+    launcher = multiprocessing.parent_process()  # set when the launcher forked us
 
     async def orphaned() -> None:
-        # the launcher was killed: stop (SIGTERM to ourselves), do not run on unseen
-        while True:
-            await asyncio.sleep(1.0)
-            if os.getppid() != parent:
-                break
+        # the launcher was killed: stop (SIGTERM to ourselves), do not run on unseen. Forked
+        # by the launcher's fork server: the launcher's end of our pipe closes (the fork
+        # server itself lives on while we do); started otherwise: we are re-parented.
+        if launcher is not None and launcher.sentinel is not None:
+            loop, gone = asyncio.get_running_loop(), asyncio.Event()
+            loop.add_reader(launcher.sentinel, gone.set)
+            try:
+                await gone.wait()
+            finally:
+                loop.remove_reader(launcher.sentinel)
+        else:
+            while True:
+                await asyncio.sleep(1.0)
+                if os.getppid() != parent:
+                    break
         os.kill(os.getpid(), signal.SIGTERM)
 
     async def lifespan(_: object):  # type: ignore[no-untyped-def]
