@@ -40,8 +40,8 @@ from typing import Any
 from msdata.adapters.sqlite._db import (
     Waiting,
     WatchedDatabase,
+    _translate,
     caller_connection,
-    map_errors,
     path_from_url,
 )
 from msdata.clock import SYSTEM_CLOCK, Clock
@@ -64,7 +64,7 @@ __all__ = ["OUTBOX_DDL", "SqliteOutboxStore"]
 log = logging.getLogger("msdata.outbox")
 
 _NO_HEADERS: MappingProxyType[str, str] = MappingProxyType({})
-_APPEND_ERRORS = map_errors("outbox append")  # stateless: one for every append
+_dumps = json.dumps
 
 #: the outbox tables; ``{p}`` is the table prefix
 OUTBOX_DDL = """\
@@ -397,6 +397,10 @@ class SqliteOutboxStore(WatchedDatabase):
             f"INSERT INTO {t} (message_id, topic, type, payload, partition_key, "
             "aggregate_type, headers, created_at) VALUES (?,?,?,?,?,?,?,?)"
         )
+        self._insert_no_headers = (
+            f"INSERT INTO {t} (message_id, topic, type, payload, partition_key, "
+            "aggregate_type, headers, created_at) VALUES (?,?,?,?,?,?,NULL,?)"
+        )
         # a keyed row waits while an earlier row of its key is parked or waiting out a retry
         self._claimable = (
             f"FROM {t} o WHERE o.state = 0 AND (o.retry_at IS NULL OR o.retry_at <= ?)"
@@ -448,25 +452,24 @@ class SqliteOutboxStore(WatchedDatabase):
             return
         raw = caller_connection(conn)
         now = self.wall()
-        dumps = json.dumps
-        args = [
-            (
-                r.message_id,
-                r.topic,
-                r.type,
-                r.payload,
-                r.partition_key,
-                r.aggregate_type,
-                dumps(dict(r.headers)) if r.headers else None,
-                now,
-            )
-            for r in rows
-        ]
-        with _APPEND_ERRORS:
-            if len(args) == 1:
-                raw.execute(self._insert, args[0])
+        try:
+            if len(rows) == 1:  # one message (the usual add): one statement, no lists
+                r = rows[0]
+                h = r[6]
+                if h:
+                    raw.execute(
+                        self._insert, (r[0], r[1], r[2], r[3], r[4], r[5], _dumps(dict(h)), now)
+                    )
+                else:  # no headers: the column is NULL in the statement, one bind fewer
+                    raw.execute(self._insert_no_headers, (r[0], r[1], r[2], r[3], r[4], r[5], now))
             else:
+                args = [
+                    (r[0], r[1], r[2], r[3], r[4], r[5], _dumps(dict(r[6])) if r[6] else None, now)
+                    for r in rows
+                ]
                 raw.executemany(self._insert, args)
+        except sqlite3.Error as e:  # as map_errors does, without a context manager per call
+            raise _translate(e, "outbox append") from e
         if _waiting:
             self._signal()
 
