@@ -422,11 +422,14 @@ class OutboxRelay:
 
         Checks the store's schema first: raises :class:`~msdata.errors.SchemaError` (naming
         the missing table; run ``create_schema()``) if it is missing. Any other store error
-        here is left to the loop, which retries it with back-off."""
+        here is left to the loop, which retries it with back-off. The check is the store's
+        ``check_schema()`` where it has one (a look at the tables, whatever the backlog),
+        else ``status()`` (which counts the pending rows)."""
         if self.running:
             return
+        check = getattr(self.store, "check_schema", None)
         try:
-            await self.store.status()
+            await (check() if check is not None else self.store.status())
         except SchemaError:
             raise
         except Exception:

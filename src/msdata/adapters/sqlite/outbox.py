@@ -445,6 +445,13 @@ class SqliteOutboxStore(WatchedDatabase):
     async def create_schema(self) -> None:
         await self.run_script(self.schema_sql())
 
+    async def check_schema(self) -> None:
+        """Raise SchemaError when the outbox table or the relay's lease table is missing
+        (what a relay checks at start): two statements prepared, no row read, whatever the
+        backlog (``status()`` counts every pending row)."""
+        sql = f"SELECT (SELECT 1 FROM {self._t} LIMIT 0), (SELECT 1 FROM {self._lease} LIMIT 0)"
+        await self.run(lambda conn: conn.execute(sql).fetchone(), inline=True)
+
     # -- write side ----------------------------------------------------------------------
 
     def append(self, conn: Connection, rows: Sequence[OutboxRow]) -> None:
