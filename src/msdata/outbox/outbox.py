@@ -80,10 +80,12 @@ class Outbox:
     ) -> list[Envelope[Any]]:
         """Add one or more messages on the sync connection ``conn``, inside its open
         transaction. Never commits."""
-        if type(messages) in self._message_classes and self._direct():  # the usual call
-            envelopes, rows = self._one(messages, topic, key, headers, aggregate_type)
-        else:
-            envelopes, rows = self._rows(messages, topic, key, headers, aggregate_type)
+        if type(messages) in self._message_classes and self._own_envelope and self.source:
+            # the usual call: one message of a class seen before (see ``_one``)
+            env, row = self._one(messages, topic, key, headers, aggregate_type)
+            self.store.append(conn, [row])
+            return [env]
+        envelopes, rows = self._rows(messages, topic, key, headers, aggregate_type)
         self.store.append(conn, rows)
         return envelopes
 
@@ -99,10 +101,12 @@ class Outbox:
     ) -> list[Envelope[Any]]:
         """Add one or more messages on the async connection ``conn``, inside its open
         transaction. Never commits."""
-        if type(messages) in self._message_classes and self._direct():  # the usual call
-            envelopes, rows = self._one(messages, topic, key, headers, aggregate_type)
-        else:
-            envelopes, rows = self._rows(messages, topic, key, headers, aggregate_type)
+        if type(messages) in self._message_classes and self._own_envelope and self.source:
+            # the usual call: one message of a class seen before (see ``_one``)
+            env, row = self._one(messages, topic, key, headers, aggregate_type)
+            await self.store.append_async(conn, [row])
+            return [env]
+        envelopes, rows = self._rows(messages, topic, key, headers, aggregate_type)
         await self.store.append_async(conn, rows)
         return envelopes
 
@@ -126,12 +130,6 @@ class Outbox:
             source=self.source,
         )
 
-    def _direct(self) -> bool:
-        """Whether a message's envelope may be built here with ``make_envelope``'s own steps:
-        ``envelope`` is not overridden, and the source is one ``make_envelope`` takes (it
-        raises for an empty one)."""
-        return self._own_envelope and bool(self.source)
-
     def _one(
         self,
         message: Any,
@@ -139,9 +137,11 @@ class Outbox:
         key: str | None,
         headers: Mapping[str, str] | None,
         aggregate_type: str | None,
-    ) -> tuple[list[Envelope[Any]], list[OutboxRow]]:
-        """``_rows`` of one message of a class known to be a Message: what ``make_envelope``
-        and the loop do, without the loop."""
+    ) -> tuple[Envelope[Any], OutboxRow]:
+        """The envelope and row of one message of a class known to be a Message, when
+        ``envelope`` is not overridden and the source is set: ``make_envelope``'s own steps
+        (registry name, :func:`build_envelope` with the handled message as parent) and the
+        loop body of ``_rows``, without the loop."""
         type_name, version = self.registry.name_of(type(message))
         env = build_envelope(
             message, type_name, version, key, headers, self.source, None, current_envelope()
@@ -153,7 +153,7 @@ class Outbox:
         env = telemetry.hooks.message_created(to, env, outbox=True)  # telemetry: trace context
         # (id, type, partition_key, headers of the envelope the hook returned)
         row = (env[3], to, env[1], self.codec.encode(env), env[8], aggregate_type or to, env[9])
-        return [env], [_tuple_new(OutboxRow, row)]
+        return env, _tuple_new(OutboxRow, row)
 
     def _rows(
         self,
@@ -167,8 +167,9 @@ class Outbox:
         rows: list[OutboxRow] = []
         encode = self.codec.encode
         topics = self._topics
-        # classes seen to be messages get their envelope built as ``_one`` does
-        direct = self._direct()
+        # classes seen to be messages get their envelope built as ``_one`` does (an
+        # overridden ``envelope`` is called; make_envelope raises for an empty source)
+        direct = self._own_envelope and bool(self.source)
         classes = self._message_classes
         for item in message_list(messages):
             if direct and type(item) in classes:

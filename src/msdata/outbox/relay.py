@@ -502,7 +502,8 @@ class OutboxRelay:
                         stuck = {}
                         if to_mark:
                             continue  # mark them (and look again) at once
-                        await self._maybe_purge()
+                        if self.retention is not None:
+                            await self._maybe_purge()
                         await self._idle_for(self.store.wait_for_rows(self.poll_interval))
                         continue
                     if prefetch:
@@ -518,7 +519,8 @@ class OutboxRelay:
                         # about to back off: do not sit on published rows past their lease
                         marks, to_mark = to_mark, []
                         await self._shielded(self._mark(marks))
-                    await self._maybe_purge()
+                    if self.retention is not None:  # (no coroutine per batch without one)
+                        await self._maybe_purge()
                 except SchemaError as e:  # one line: the traceback says nothing more
                     log.error("outbox relay %s: %s", self.relay_id, e)
                     failed = True

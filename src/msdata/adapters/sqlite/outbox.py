@@ -410,6 +410,7 @@ class SqliteOutboxStore(WatchedDatabase):
             " AND (b.state = 1 OR b.retry_at > ?)))"
         )
         self._pending = f"FROM {t} o WHERE o.state = 0"
+        self._deletes: dict[int, str] = {}  # the mark's DELETE by number of rows
         self._pending_after = f"FROM {t} o WHERE o.state = 0 AND o.seq > ?"
         self._look = (
             f"SELECT (SELECT MAX(seq) FROM {t}), (SELECT MIN(seq) FROM {t} WHERE state = 2), "
@@ -794,7 +795,12 @@ class SqliteOutboxStore(WatchedDatabase):
                 (self.wall(), *seqs),
             )
         if args:
-            conn.execute(f"DELETE FROM {t} WHERE seq IN ({_placeholders(len(args))})", args)
+            delete = self._deletes.get(len(args))
+            if delete is None:  # one statement text per batch size, made once
+                delete = self._deletes[len(args)] = (
+                    f"DELETE FROM {t} WHERE seq IN ({_placeholders(len(args))})"
+                )
+            conn.execute(delete, args)
         if len(args) < len(seqs):
             # the newest row stays as a tombstone, so its seq is never given out again
             conn.execute(f"UPDATE {t} SET state = 2, retry_at = NULL WHERE seq = ?", (newest,))
