@@ -68,10 +68,12 @@ from datetime import timedelta  # noqa: E402
 
 import pytest  # noqa: E402
 
+from msdata import telemetry  # noqa: E402
 from msdata.errors import ConfigurationError, RegistrationError  # noqa: E402
 from msdata.messages import Event, MessageRegistry, handling, message_type  # noqa: E402
 from msdata.outbox import Inbox, Outbox, OutboxRelay, current_connection  # noqa: E402
 from msdata.serialization import CloudEventsCodec  # noqa: E402
+from msdata.telemetry import Telemetry  # noqa: E402
 from msdata.testing import FakeClock, eventually  # noqa: E402
 from msdata.testing.conformance.outbox import make_row  # noqa: E402
 from msdata.testing.conformance.relay import RecordingPublisher  # noqa: E402
@@ -146,6 +148,72 @@ async def test_outbox_refuses_bad_input_before_writing() -> None:
         outbox.add(object(), OrderPlaced(order_id="1"))
     tx.commit()
     assert (await store.status()).pending == 0
+
+
+async def test_outbox_later_adds_of_a_known_class_keep_every_rule() -> None:
+    # the first add of a class goes through make_envelope; later ones build the envelope
+    # directly: key, headers, topic, causation, the source check, an overridden
+    # ``envelope`` and the telemetry hook must hold on those too
+    store = MemoryOutboxStore()
+    outbox = Outbox(store, registry=registry, source="orders")
+    parent = outbox.envelope(OrderShipped(order_id="p"))
+    tx = store.begin()
+    outbox.add(tx, OrderPlaced(order_id="1"))
+    with handling(parent):
+        (second,) = outbox.add(
+            tx, OrderPlaced(order_id="2"), key="k2", headers={"tenant": "acme"}, topic="orders2"
+        )
+        (third,) = await outbox.add_async(tx, OrderPlaced(order_id="3"), aggregate_type="Order")
+    both = outbox.add(tx, [OrderPlaced(order_id="4"), OrderShipped(order_id="4")], key="k4")
+    tx.commit()
+    assert second.causation_id == parent.id and second.correlation_id == parent.correlation_id
+    assert second.partition_key == "k2" and dict(second.headers) == {"tenant": "acme"}
+    assert second.source == "orders" and third.causation_id == parent.id
+    rows = await store.claim("r", 10, 30.0)
+    assert [r.topic for r in rows] == [
+        "test.outbox.OrderPlaced",
+        "orders2",
+        "test.outbox.OrderPlaced",
+        "test.outbox.OrderPlaced",
+        "test.outbox.OrderShipped",
+    ]
+    assert [r.message_id for r in rows[1:]] == [second.id, third.id, *(e.id for e in both)]
+    assert dict(rows[1].headers) == {"tenant": "acme"} and rows[1].partition_key == "k2"
+    codec = CloudEventsCodec(registry)
+    decoded = codec.decode(rows[1].payload)
+    assert decoded.message == OrderPlaced(order_id="2") and decoded.causation_id == parent.id
+    assert decoded.headers == {"tenant": "acme"}
+
+    outbox.source = ""  # make_envelope refuses an empty source, on every add
+    with pytest.raises(ConfigurationError):
+        outbox.add(store.begin(), OrderPlaced(order_id="5"))
+
+    class Stamped(Outbox):
+        def envelope(self, message: Any, *, key: Any = None, headers: Any = None) -> Any:
+            return super().envelope(message, key="stamped", headers=headers)
+
+    stamped = Stamped(store, registry=registry)
+    tx = store.begin()
+    got = [stamped.add(tx, OrderPlaced(order_id=str(i)))[0] for i in range(2)]
+    tx.rollback()
+    assert [e.partition_key for e in got] == ["stamped", "stamped"]
+
+    class Tracing(Telemetry):
+        def message_created(self, topic: str, envelope: Any, *, outbox: bool) -> Any:
+            return envelope._replace(headers={"traceparent": f"t-{topic}"})
+
+    previous = telemetry.install(Tracing())
+    try:
+        tx = store.begin()
+        fresh = Outbox(store, registry=registry)
+        traced = [fresh.add(tx, OrderPlaced(order_id=str(i)), topic="t")[0] for i in range(2)]
+        tx.commit()
+    finally:
+        telemetry.install(previous)
+    rows = await store.claim("r2", 10, 30.0)
+    assert [r.message_id for r in rows] == [e.id for e in traced]
+    assert [dict(r.headers) for r in rows] == [{"traceparent": "t-t"}] * 2
+    assert [dict(e.headers) for e in traced] == [{"traceparent": "t-t"}] * 2
 
 
 @pytest.mark.parametrize("check", ["structure", "json", "decode"])

@@ -220,6 +220,61 @@ async def test_a_closed_connection_is_a_store_error(db_path: str) -> None:
         await store.close()
 
 
+async def test_one_row_appends_with_and_without_headers(db_path: str) -> None:
+    # a one-row append takes its own statement (headers NULL written as a constant when
+    # there are none); several rows take executemany: both store the same columns
+    store = SqliteOutboxStore(db_path)
+    await store.create_schema()
+    conn = sqlite3.connect(db_path)
+    plain = OutboxRow("m-1", "orders", "shop.OrderPlaced", b'{"specversion":"1.0"}', None, "Order")
+    rows = [plain, make_rows(1)[0], plain._replace(message_id="m-2", partition_key="k")]
+    try:
+        for row in rows:
+            store.append(conn, [row])
+        store.append(conn, rows[1:])
+        conn.commit()
+        stored = conn.execute(
+            "SELECT message_id, topic, type, payload, partition_key, aggregate_type, headers "
+            "FROM msdata_outbox ORDER BY seq"
+        ).fetchall()
+        assert [r[6] for r in stored] == [None, '{"x-n": "0"}', None, '{"x-n": "0"}', None]
+        assert [r[:6] for r in stored] == [tuple(r[:6]) for r in rows + rows[1:]]
+        got = await store.claim("r", 10, 30.0)
+        assert [dict(r.headers) for r in got] == [{}, {"x-n": "0"}, {}, {"x-n": "0"}, {}]
+        with pytest.raises(StoreError, match="outbox append"):
+            store.append(conn, [plain._replace(topic=None)])  # type: ignore[arg-type]
+        conn.rollback()
+    finally:
+        conn.close()
+        await store.close()
+
+
+async def test_relay_start_checks_the_tables_without_counting_rows(db_path: str) -> None:
+    from msdata.adapters.memory import MemoryTransport
+    from msdata.errors import SchemaError
+    from msdata.outbox import OutboxRelay
+
+    store = SqliteOutboxStore(db_path)
+    await store.create_schema()
+
+    async def no_count() -> Any:
+        raise AssertionError("start() counted the pending rows")
+
+    store.status = no_count  # type: ignore[method-assign]
+    try:
+        relay = OutboxRelay(store, MemoryTransport(), relay_id="r")
+        await relay.start()  # checked by check_schema, not status
+        await relay.stop()
+        conn = sqlite3.connect(db_path)
+        conn.execute("DROP TABLE msdata_outbox_relay")
+        conn.close()
+        with pytest.raises(SchemaError, match=r"msdata_outbox_relay.*create_schema"):
+            await relay.start()
+        assert not relay.running
+    finally:
+        await store.close()
+
+
 async def test_autocommit_connection_without_transaction_is_refused(db_path: str) -> None:
     store = SqliteOutboxStore(db_path)
     await store.create_schema()

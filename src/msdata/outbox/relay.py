@@ -422,11 +422,14 @@ class OutboxRelay:
 
         Checks the store's schema first: raises :class:`~msdata.errors.SchemaError` (naming
         the missing table; run ``create_schema()``) if it is missing. Any other store error
-        here is left to the loop, which retries it with back-off."""
+        here is left to the loop, which retries it with back-off. The check is the store's
+        ``check_schema()`` where it has one (a look at the tables, whatever the backlog),
+        else ``status()`` (which counts the pending rows)."""
         if self.running:
             return
+        check = getattr(self.store, "check_schema", None)
         try:
-            await self.store.status()
+            await (check() if check is not None else self.store.status())
         except SchemaError:
             raise
         except Exception:
@@ -499,7 +502,8 @@ class OutboxRelay:
                         stuck = {}
                         if to_mark:
                             continue  # mark them (and look again) at once
-                        await self._maybe_purge()
+                        if self.retention is not None:
+                            await self._maybe_purge()
                         await self._idle_for(self.store.wait_for_rows(self.poll_interval))
                         continue
                     if prefetch:
@@ -515,7 +519,8 @@ class OutboxRelay:
                         # about to back off: do not sit on published rows past their lease
                         marks, to_mark = to_mark, []
                         await self._shielded(self._mark(marks))
-                    await self._maybe_purge()
+                    if self.retention is not None:  # (no coroutine per batch without one)
+                        await self._maybe_purge()
                 except SchemaError as e:  # one line: the traceback says nothing more
                     log.error("outbox relay %s: %s", self.relay_id, e)
                     failed = True

@@ -294,7 +294,13 @@ class OutboxAdminStore(Protocol):
 class OutboxStore(OutboxWriteStore, OutboxRelayStore, OutboxAdminStore, Protocol):
     """Where outbox messages wait until a relay has published them: the write, relay and
     administration sides, the store lifecycle (``schema_sql``, ``create_schema``,
-    ``close``; see :class:`msdata.storage.Store`) and the backend's ``features``."""
+    ``close``; see :class:`msdata.storage.Store`) and the backend's ``features``.
+
+    Optional: ``async def check_schema() -> None``, raising
+    :class:`msdata.errors.SchemaError` when the tables a relay uses are missing, at a cost
+    that does not grow with the table (SQLite: a statement prepared against each table).
+    :meth:`msdata.outbox.OutboxRelay.start` calls it where a store has it, else
+    ``status()``, whose counts scan the pending rows."""
 
     @property
     def features(self) -> OutboxStoreFeatures: ...

@@ -40,8 +40,8 @@ from typing import Any
 from msdata.adapters.sqlite._db import (
     Waiting,
     WatchedDatabase,
+    _translate,
     caller_connection,
-    map_errors,
     path_from_url,
 )
 from msdata.clock import SYSTEM_CLOCK, Clock
@@ -64,7 +64,7 @@ __all__ = ["OUTBOX_DDL", "SqliteOutboxStore"]
 log = logging.getLogger("msdata.outbox")
 
 _NO_HEADERS: MappingProxyType[str, str] = MappingProxyType({})
-_APPEND_ERRORS = map_errors("outbox append")  # stateless: one for every append
+_dumps = json.dumps
 
 #: the outbox tables; ``{p}`` is the table prefix
 OUTBOX_DDL = """\
@@ -397,6 +397,10 @@ class SqliteOutboxStore(WatchedDatabase):
             f"INSERT INTO {t} (message_id, topic, type, payload, partition_key, "
             "aggregate_type, headers, created_at) VALUES (?,?,?,?,?,?,?,?)"
         )
+        self._insert_no_headers = (
+            f"INSERT INTO {t} (message_id, topic, type, payload, partition_key, "
+            "aggregate_type, headers, created_at) VALUES (?,?,?,?,?,?,NULL,?)"
+        )
         # a keyed row waits while an earlier row of its key is parked or waiting out a retry
         self._claimable = (
             f"FROM {t} o WHERE o.state = 0 AND (o.retry_at IS NULL OR o.retry_at <= ?)"
@@ -406,6 +410,7 @@ class SqliteOutboxStore(WatchedDatabase):
             " AND (b.state = 1 OR b.retry_at > ?)))"
         )
         self._pending = f"FROM {t} o WHERE o.state = 0"
+        self._deletes: dict[int, str] = {}  # the mark's DELETE by number of rows
         self._pending_after = f"FROM {t} o WHERE o.state = 0 AND o.seq > ?"
         self._look = (
             f"SELECT (SELECT MAX(seq) FROM {t}), (SELECT MIN(seq) FROM {t} WHERE state = 2), "
@@ -441,6 +446,13 @@ class SqliteOutboxStore(WatchedDatabase):
     async def create_schema(self) -> None:
         await self.run_script(self.schema_sql())
 
+    async def check_schema(self) -> None:
+        """Raise SchemaError when the outbox table or the relay's lease table is missing
+        (what a relay checks at start): two statements prepared, no row read, whatever the
+        backlog (``status()`` counts every pending row)."""
+        sql = f"SELECT (SELECT 1 FROM {self._t} LIMIT 0), (SELECT 1 FROM {self._lease} LIMIT 0)"
+        await self.run(lambda conn: conn.execute(sql).fetchone(), inline=True)
+
     # -- write side ----------------------------------------------------------------------
 
     def append(self, conn: Connection, rows: Sequence[OutboxRow]) -> None:
@@ -448,25 +460,24 @@ class SqliteOutboxStore(WatchedDatabase):
             return
         raw = caller_connection(conn)
         now = self.wall()
-        dumps = json.dumps
-        args = [
-            (
-                r.message_id,
-                r.topic,
-                r.type,
-                r.payload,
-                r.partition_key,
-                r.aggregate_type,
-                dumps(dict(r.headers)) if r.headers else None,
-                now,
-            )
-            for r in rows
-        ]
-        with _APPEND_ERRORS:
-            if len(args) == 1:
-                raw.execute(self._insert, args[0])
+        try:
+            if len(rows) == 1:  # one message (the usual add): one statement, no lists
+                r = rows[0]
+                h = r[6]
+                if h:
+                    raw.execute(
+                        self._insert, (r[0], r[1], r[2], r[3], r[4], r[5], _dumps(dict(h)), now)
+                    )
+                else:  # no headers: the column is NULL in the statement, one bind fewer
+                    raw.execute(self._insert_no_headers, (r[0], r[1], r[2], r[3], r[4], r[5], now))
             else:
+                args = [
+                    (r[0], r[1], r[2], r[3], r[4], r[5], _dumps(dict(r[6])) if r[6] else None, now)
+                    for r in rows
+                ]
                 raw.executemany(self._insert, args)
+        except sqlite3.Error as e:  # as map_errors does, without a context manager per call
+            raise _translate(e, "outbox append") from e
         if _waiting:
             self._signal()
 
@@ -784,7 +795,12 @@ class SqliteOutboxStore(WatchedDatabase):
                 (self.wall(), *seqs),
             )
         if args:
-            conn.execute(f"DELETE FROM {t} WHERE seq IN ({_placeholders(len(args))})", args)
+            delete = self._deletes.get(len(args))
+            if delete is None:  # one statement text per batch size, made once
+                delete = self._deletes[len(args)] = (
+                    f"DELETE FROM {t} WHERE seq IN ({_placeholders(len(args))})"
+                )
+            conn.execute(delete, args)
         if len(args) < len(seqs):
             # the newest row stays as a tombstone, so its seq is never given out again
             conn.execute(f"UPDATE {t} SET state = 2, retry_at = NULL WHERE seq = ?", (newest,))
