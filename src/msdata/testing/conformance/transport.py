@@ -1019,6 +1019,26 @@ class TransportConformance:
                 assert sorted(dead) == sorted(bad), "a foreign message was lost or changed"
                 await self.assert_quiet(sub)
 
+    # -- consumer lag --------------------------------------------------------------------------
+
+    async def test_lag_counts_what_a_group_has_yet_to_settle(self) -> None:
+        """``lag(topic, group)``: 5 published to a declared group count 5; once they are
+        received and acked, 0; a group that was never declared is None."""
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t:
+            await t.declare_group(topic, group)
+            assert await t.lag(topic, self.unique("nogroup")) is None
+            await t.publish(topic, make_messages(5))
+
+            async def lag_is(n: int) -> bool:
+                return await t.lag(topic, group) == n
+
+            await eventually(lambda: lag_is(5), self.arrival_timeout, what="a lag of 5")
+            async with t.subscribe(topic, group) as sub:
+                got = await collect(sub, 5, timeout=self.arrival_timeout)
+                assert len(got) == 5
+                await eventually(lambda: lag_is(0), self.arrival_timeout, what="a lag of 0")
+
 
 class TransportRestartConformance:
     """The broker-restart case (watermill's ``TestReconnect``), for a transport whose
@@ -1136,33 +1156,3 @@ class TransportRestartConformance:
         lost = confirmed - received
         assert not lost, f"{len(lost)} confirmed messages were never delivered"
         assert len(confirmed) >= self.traffic + 2 * (self.backlog + self.traffic)
-
-
-# -- consumer lag ------------------------------------------------------------------------------
-
-
-async def _lag_counts_what_a_group_has_yet_to_settle(self: TransportConformance) -> None:
-    """``lag(topic, group)``: 5 published to a declared group count 5; once they are
-    received and acked, 0; a group that was never declared is None."""
-    topic, group = self.unique("topic"), self.unique("group")
-    async with self.make_transport() as t:
-        await t.declare_group(topic, group)
-        assert await t.lag(topic, self.unique("nogroup")) is None
-        await t.publish(topic, make_messages(5))
-
-        async def lag_is(n: int) -> bool:
-            return await t.lag(topic, group) == n
-
-        await eventually(lambda: lag_is(5), self.arrival_timeout, what="a lag of 5")
-        async with t.subscribe(topic, group) as sub:
-            got = await collect(sub, 5, timeout=self.arrival_timeout)
-            assert len(got) == 5
-            await eventually(lambda: lag_is(0), self.arrival_timeout, what="a lag of 0")
-
-
-# one more case of TransportConformance (every transport runs it)
-setattr(  # noqa: B010
-    TransportConformance,
-    "test_lag_counts_what_a_group_has_yet_to_settle",
-    _lag_counts_what_a_group_has_yet_to_settle,
-)
