@@ -222,6 +222,10 @@ class MemoryOutboxStore(MemoryDatabase):
             self._wake.set()
         return n
 
+    async def check_schema(self) -> None:
+        """What a relay checks at start: the store is open (it has no tables)."""
+        self._check()
+
     async def status(self) -> OutboxStatus:
         self._check()
         pending = [r for r in self._rows.values() if r.state == _PENDING]

@@ -868,6 +868,16 @@ class PostgresOutboxStore:
             self._wake.set()
         return n
 
+    async def check_schema(self) -> None:
+        """Raise :class:`~msdata.errors.SchemaError` when a table of this store is missing
+        (what a relay checks at start): one statement that reads no row, whatever the
+        backlog (``status()`` counts every pending row)."""
+        tables = [self.table, self.lease_table]
+        if self._partitioned:
+            tables.append(self.parts_table)
+        sql = "SELECT " + ", ".join(f"(SELECT 1 FROM {t} LIMIT 0)" for t in tables)
+        await self._db.call("outbox schema check", lambda pool: pool.fetchrow(sql))
+
     async def status(self) -> OutboxStatus:
         sql = self._sql["status"]
         row = await self._db.call("outbox status", lambda pool: pool.fetchrow(sql))

@@ -557,6 +557,21 @@ class OutboxRelayConformance(OutboxStoreHooks):
                 await relay.start()
             assert not relay.running
 
+    async def test_start_checks_the_schema_without_counting_the_backlog(self) -> None:
+        """``start()`` looks at the tables, never at the rows: ``status()``, which counts
+        every pending row (seconds for millions), is not what it asks."""
+        async with self.make_store() as store:
+            await self.add_committed(store, make_rows(3, keys=["a"]))
+
+            async def no_count() -> Any:
+                raise AssertionError("start() counted the pending rows")
+
+            store.status = no_count
+            relay = self.relay(store, RecordingPublisher())
+            await relay.start()
+            assert relay.running
+            await relay.stop()
+
     async def test_a_missing_schema_in_the_loop_logs_one_line_per_try(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
