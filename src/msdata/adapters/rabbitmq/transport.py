@@ -5,8 +5,11 @@ Topology, all durable and declared by the adapter:
 - a ``fanout`` exchange per topic, named as the topic, declared with an *alternate
   exchange* ``<topic>:unrouted`` and a holding queue of the same name: a message published
   while the topic has no group at all lands there instead of being dropped, and the first
-  group declared on the topic moves it into its own queue (so a dead-letter topic, too, keeps
-  what it receives until read, as the port requires). A topic exchange declared by an older
+  group declared on the topic gets it (so a dead-letter topic, too, keeps what it receives
+  until read, as the port requires): declaring a group, and every (re)start of a
+  subscription, routes what the holding queue has again through the topic's exchange (after
+  a SIGKILL restart the broker was seen routing a confirmed batch there though a group was
+  bound). A topic exchange declared by an older
   version without the alternate exchange must be deleted (or its messages drained) first:
   RabbitMQ refuses to redeclare an exchange with other arguments;
 - a durable queue per consumer group, ``<topic>:<group>``, bound to it, declared by
@@ -50,11 +53,10 @@ the deliveries counted so far (``x-msdata-prior-attempts`` + 1), to the back of 
 whose consumers kept dying is dead-lettered, when it comes back beyond ``max_attempts``,
 instead of being handed out again. In ordered mode the later messages of its key follow it to
 the back (copies marked ``x-msdata-moved``, the subscription counting them back), so order per
-key holds. (For a minute after a subscription's own channel came back from a dropped
-connection or a broker restart, its redeliveries are handed out counted once instead: moving
-them then lost messages in the restart test; cause not found yet.) This is msdata's own
-attempt record, carried by the message, rather than quorum
-queues with a broker-side ``x-delivery-limit``: quorum queues failed our restart test on
+key holds. True at all times, also right after a reconnect: every driver call of the delivery
+path is abandoned when its channel closes (see :func:`_on_channel`), and a copy goes out on its
+original's own channel. This is msdata's own attempt record, carried by the message, rather
+than quorum queues with a broker-side ``x-delivery-limit``: quorum queues failed our restart test on
 RabbitMQ 3.10 (see above), and a broker-side limit drops or dead-letters without msdata's
 reason headers and log line. Only msdata's own bookkeeping counts: ``x-msdata-prior-attempts``
 (and ``x-msdata-moved``) only on a copy that came through the default exchange (producers
@@ -77,7 +79,8 @@ passed as it is, so a consumer can dead-letter it with its reason.
 
 Reconnects: the connection is an aio-pika *robust* connection; after it comes back, each
 subscription re-declares its topology and consumes again by itself. Deliveries received before
-the drop are void (the broker requeued them): acking one is a no-op, and it is delivered again.
+the drop are void (the broker requeued them): acking, nacking or dead-lettering one is a no-op,
+and it is delivered again, flagged as a redelivery, so counted.
 """
 
 from __future__ import annotations
