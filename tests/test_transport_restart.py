@@ -15,11 +15,14 @@ import pytest
 from msdata.testing.conformance.transport import TransportRestartConformance
 from msdata.transport import Transport
 from private_servers import PrivateServer, open_private
+from transport_factories import with_test_hooks
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-def _with_restart(transport: Transport, server: PrivateServer) -> None:
+def _with_restart(transport: Transport, server: PrivateServer, backend: str) -> None:
+    """The restart hook, and the suite's other hooks (``abandon`` for the crash case)."""
+    with_test_hooks(backend, transport)
     transport.features = dataclasses.replace(transport.features, restart=server.restart)
 
 
@@ -56,7 +59,7 @@ class TestRedisRestart(_OnPrivateServer):
             retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 2),
         )
         transport = RedisTransport(client, key_prefix="restart", claim_idle=0.5)
-        _with_restart(transport, self.server)
+        _with_restart(transport, self.server, self.kind)
         try:
             yield transport
         finally:
@@ -76,7 +79,7 @@ class TestNatsRestart(_OnPrivateServer):
         transport = NatsTransport.from_url(
             self.server.url, ack_wait=2.0, publish_timeout=2.0, ordered=self.ordered
         )
-        _with_restart(transport, self.server)
+        _with_restart(transport, self.server, self.kind)
         try:
             yield transport
         finally:
@@ -106,7 +109,7 @@ class TestRabbitMQRestart(_OnPrivateServer):
 
         conn = await aio_pika.connect_robust(self.server.url, reconnect_interval=0.5)
         transport = RabbitMQTransport(conn, publish_timeout=5.0)
-        _with_restart(transport, self.server)
+        _with_restart(transport, self.server, self.kind)
         try:
             yield transport
         finally:

@@ -1112,17 +1112,38 @@ class TransportRestartConformance:
 
                 consumer = asyncio.create_task(consume())
                 producer = asyncio.create_task(produce())
+
+                def alive() -> bool:
+                    """Neither loop ended by itself: one that did (even of a CancelledError
+                    the test did not send, e.g. a driver's, out of ``receive``) fails the
+                    case at once, with its error."""
+                    loops = [("consumer", consumer)]
+                    if publishing.is_set():
+                        loops.append(("publisher", producer))
+                    for name, task in loops:
+                        if task.done():
+                            error = None if task.cancelled() else task.exception()
+                            how = "was cancelled" if task.cancelled() else f"ended: {error!r}"
+                            raise AssertionError(f"the {name}'s loop {how}") from error
+                    return True
+
                 try:
                     await eventually(
-                        lambda: len(received) >= self.traffic,
+                        lambda: alive() and len(received) >= self.traffic,
                         self.timeout,
                         what="traffic before the restarts",
                     )
                     for kill in (True, False):
-                        # hold the consumer back: confirmed messages wait in the broker
+                        # hold the consumer back: confirmed messages wait in the broker (a
+                        # backlog published after the hold, so each round adds its own)
                         consuming.clear()
+                        held = len(confirmed)
                         await eventually(
-                            lambda: len(confirmed - received) >= self.backlog,
+                            lambda held=held: (  # type: ignore[misc]
+                                alive()
+                                and len(confirmed) >= held + self.backlog
+                                and len(confirmed - received) >= self.backlog
+                            ),
                             self.timeout,
                             what=f"a backlog of {self.backlog} confirmed messages",
                         )
@@ -1132,14 +1153,16 @@ class TransportRestartConformance:
                         await down
                         before = len(confirmed)
                         await eventually(
-                            lambda before=before: len(confirmed) >= before + self.traffic,  # type: ignore[misc]
+                            lambda before=before: (
+                                alive() and len(confirmed) >= before + self.traffic
+                            ),  # type: ignore[misc]
                             self.timeout,
                             what="publishing to resume after the restart",
                         )
                     publishing.clear()
                     await producer
                     await eventually(
-                        lambda: confirmed <= received,
+                        lambda: alive() and confirmed <= received,
                         self.timeout,
                         what="every confirmed message to be delivered",
                     )
@@ -1156,3 +1179,73 @@ class TransportRestartConformance:
         lost = confirmed - received
         assert not lost, f"{len(lost)} confirmed messages were never delivered"
         assert len(confirmed) >= self.traffic + 2 * (self.backlog + self.traffic)
+
+    async def test_consumers_that_die_right_after_a_broker_restart_are_counted(self) -> None:
+        """Consumers that lived through a broker restart (SIGKILL) die one after another
+        holding a poison message, right after it: each death still counts (attempts 1, 2,
+        3), then the message is dead-lettered with ``x-msdata-attempts`` = 3, and every other
+        confirmed message is handed out. (RabbitMQ classic queues once counted the
+        redeliveries of a subscription whose channel had just reopened only once: 1, 2, 2,
+        2..., never dead-lettered.) Needs the ``abandon`` hook too."""
+        topic, group = f"restart-{uuid.uuid4().hex[:10]}", "billing"
+        async with self.make_transport() as t:
+            restart, abandon = t.features.restart, t.features.abandon
+            if restart is None or abandon is None:
+                pytest.skip("no restart or abandon hook in this transport's features")
+            await t.declare_group(topic, group)
+            subs = [t.subscribe(topic, group, max_attempts=3, prefetch=1) for _ in range(4)]
+            live: list[Subscription] = []
+            try:
+                for sub in subs:
+                    live.append(await sub.__aenter__())
+                await restart(True)
+                poison, *good = make_messages(21)
+                confirmed: set[str] = set()
+
+                async def publish(batch: list[TransportMessage]) -> bool:
+                    try:  # the transport reconnects by itself
+                        await t.publish(topic, batch)
+                    except MsdataError:
+                        return False
+                    confirmed.update(m.id for m in batch)
+                    return True
+
+                await eventually(lambda: publish([poison]), self.timeout, what="publishing")
+                await eventually(lambda: publish(good), self.timeout, what="publishing")
+                attempts: list[int] = []
+                received: set[str] = set()
+                dead: list[Delivery] = []
+                async with t.subscribe(dead_letter_topic(topic, group), "ops") as dlq:
+
+                    async def settled() -> bool:
+                        for sub in list(live):
+                            # one at a time: a consumer that dies acks nothing after the poison
+                            for d in await sub.receive(1, timeout=0.05):
+                                if d.message.id != poison.id:
+                                    received.add(d.message.id)
+                                    await d.ack()
+                                    continue
+                                attempts.append(d.attempt)
+                                await abandon(sub)  # the handler crashed its process
+                                live.remove(sub)
+                        dead.extend(await dlq.receive(10, timeout=0.05))
+                        return bool(dead) and {m.id for m in good} <= received
+
+                    await eventually(
+                        settled,
+                        self.timeout,
+                        what=lambda: (
+                            f"attempts {attempts}, dead-lettered {len(dead)}, "
+                            f"received {len(received)} of {len(good)}"
+                        ),
+                    )
+                    for d in dead:
+                        await d.ack()
+                assert attempts == [1, 2, 3]
+                assert [d.message.id for d in dead] == [poison.id]
+                assert dead[0].message.headers[DEAD_LETTER_ATTEMPTS] == "3"
+                assert received == {m.id for m in good}
+                assert confirmed == {m.id for m in good} | {poison.id}
+            finally:
+                for sub in live:
+                    await sub.__aexit__(None, None, None)
