@@ -124,6 +124,7 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _loads = json.loads
 _JSON_TYPES = frozenset({"application/json", "text/json"})
 _JSON_NONE = (None, "application/json")  # no content type, or the one encode writes
+_new_tuple = tuple.__new__
 _StrictStr = Annotated[str, Strict()]
 _StrictInt = Annotated[int, Strict()]
 # the attributes the fast path reads itself; every other one is a header
@@ -344,17 +345,21 @@ class CloudEventsCodec:
         checked = self._checked
         if checked and type(data) in checked and _suspect_message(data, checked[type(data)], False):
             return None  # NaN, Infinity or 1e400 in a float or Any field: the plain path says
-        return Envelope(
-            data,
-            type_name,
-            newest,
-            doc["id"],
-            time,
-            doc["source"],
-            get("correlationid"),
-            get("causationid"),
-            get("partitionkey"),
-            headers or NO_HEADERS,
+        # tuple.__new__ straight: the named tuple's own __new__ is one Python call more
+        return _new_tuple(
+            Envelope,
+            (
+                data,
+                type_name,
+                newest,
+                doc["id"],
+                time,
+                doc["source"],
+                get("correlationid"),
+                get("causationid"),
+                get("partitionkey"),
+                headers or NO_HEADERS,
+            ),
         )
 
     def decode_plain(self, raw: bytes | bytearray | str) -> Envelope[Message]:

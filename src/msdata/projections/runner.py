@@ -212,9 +212,14 @@ class ProjectionRunner:
                 # Projection.apply inline: a sync handler is called with no coroutine
                 # made per event (a few microseconds of the catch-up's ~12 per event)
                 resolve, new, context = projection._resolve, tuple.__new__, ProjectionContext
+                seen: Any = None
+                fn: Any = None
+                fn_async = False
                 for stored in decoded:
                     message = stored[0][0]  # stored.envelope.message
-                    fn, fn_async = resolve(message)
+                    if type(message) is not seen:  # (a run of one type: one look-up)
+                        seen = type(message)
+                        fn, fn_async = resolve(message)
                     if fn is None:
                         continue
                     result = fn(new(context, (conn, generation, stored)), message)
