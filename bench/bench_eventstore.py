@@ -285,6 +285,8 @@ def bench_appends(name: str, target: Any, n: int, rounds: int) -> None:
         "store": target.store_only,
         "eventsourcing": target.eventsourcing,
     }
+    if isinstance(target, PostgresAppend):  # what the subscribers' NOTIFY costs
+        variants["msdata, no NOTIFY"] = lambda n, per_tx: target.msdata(n, per_tx, notify=False)
     for per_tx in (1, 10):
         count = n if per_tx == 1 else max(1, n // 4)
         for fn in variants.values():
@@ -300,7 +302,7 @@ def bench_appends(name: str, target: Any, n: int, rounds: int) -> None:
             f"{count} transactions x {rounds} rounds"
         )
         print(
-            f"  {'path':<16}{'events/s (median)':>18}{'tx/s':>10}   "
+            f"  {'path':<18}{'events/s (median)':>18}{'tx/s':>10}   "
             "vs raw (min-med-max)   msdata vs it"
         )
         for k in variants:
@@ -308,7 +310,7 @@ def bench_appends(name: str, target: Any, n: int, rounds: int) -> None:
             vs_raw = [a / b for a, b in zip(rates[k], rates["raw"], strict=True)]
             vs_it = [a / b for a, b in zip(rates["msdata"], rates[k], strict=True)]
             print(
-                f"  {k:<16}{med:>18,.0f}{med / per_tx:>10,.0f}   "
+                f"  {k:<18}{med:>18,.0f}{med / per_tx:>10,.0f}   "
                 f"{spread(vs_raw):<22} {spread(vs_it)}"
             )
 
