@@ -364,6 +364,44 @@ async def main(n: int, rounds: int) -> None:
     print(f"loadavg at end {loadavg()}")
 
 
+async def sqlite_loop(path: str, n: int) -> None:
+    """``n`` SQLite replays of one path (``hand`` or ``msdata``) and nothing else, to count
+    instructions with callgrind (load-independent): run it for two values of ``n`` and
+    divide the difference of the totals by the difference of the ``n``::
+
+        valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+            .venv/bin/python bench/bench_idempotency.py --sqlite-loop msdata 5000
+    """
+    with tempfile.TemporaryDirectory() as d:
+        lite = SqliteIdempotencyStore(Path(d) / "b.db")
+        await lite.create_schema()
+        keys = IdempotencyKeys(lite)
+        await keys.run("replayed", handler, scope="bench", fingerprint=FP)
+        raw = sqlite3.connect(Path(d) / "b.db", isolation_level=None)
+        q = (
+            "SELECT fingerprint, completed, expires_us, response FROM msdata_idempotency "
+            "WHERE scope = ? AND key = ?"
+        )
+
+        async def hand() -> Any:
+            row = raw.execute(q, ("bench", "replayed")).fetchone()
+            now_us = time.time_ns() // 1000
+            return replayed(row[0], row[1], row[2] <= now_us, row[3])
+
+        async def ours() -> Any:
+            return await keys.run("replayed", handler, scope="bench", fingerprint=FP)
+
+        op = hand if path == "hand" else ours
+        assert await hand() == await ours() == RESULT
+        for _ in range(n):
+            await op()
+        raw.close()
+        await lite.close()
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
-    asyncio.run(main(int(args[0]) if args else 2000, int(args[1]) if len(args) > 1 else 5))
+    if args[:1] == ["--sqlite-loop"]:
+        asyncio.run(sqlite_loop(args[1], int(args[2])))
+    else:
+        asyncio.run(main(int(args[0]) if args else 2000, int(args[1]) if len(args) > 1 else 5))

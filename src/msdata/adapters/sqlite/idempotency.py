@@ -35,6 +35,7 @@ from msdata.storage import unix_us as _us
 __all__ = ["SqliteIdempotencyStore"]
 
 _CLAIM_ERRORS = map_errors("idempotency claim")  # stateless: one for every claim
+_new = tuple.__new__
 
 _DDL = """\
 -- Idempotency keys: IN_PROGRESS (completed = 0) until expires_us (the lease), COMPLETED
@@ -207,8 +208,10 @@ class SqliteIdempotencyStore(SqliteDatabase):
             else:
                 if row is not None:
                     fp, completed, expires_us, tok, response = row
-                    return IdempotencyRecord(
-                        scope, key, fp, bool(completed), _dt(expires_us), tok, response
+                    # (tuple.__new__: the named tuple's own __new__ is a Python call more)
+                    return _new(
+                        IdempotencyRecord,
+                        (scope, key, fp, bool(completed), _dt(expires_us), tok, response),
                     )
                 args = (scope, key, fingerprint, token, now_us, _us(expires_at))
                 return await self.run(
