@@ -597,3 +597,57 @@ async def test_bus_handler_outside_a_delivery_is_refused() -> None:
     *_, runner = setup_world()
     with pytest.raises(ConfigurationError):
         await runner.bus_handler()(Deposited(account="a", amount=1))
+
+
+# -- how the runner calls a projection ---------------------------------------------------------
+
+
+async def test_the_runner_calls_a_projection_s_own_apply_for_every_event() -> None:
+    """The runner calls handlers itself (no coroutine per event) only for Projection.apply:
+    a projection that overrides apply gets every event through it."""
+
+    class Counting(Balances):
+        def __init__(self, model: MemoryReadModel) -> None:
+            super().__init__(model)
+            self.seen: list[int] = []
+
+        async def apply(self, ctx: ProjectionContext) -> None:
+            self.seen.append(ctx.stored.position)
+            await super().apply(ctx)
+
+    store, log_, checkpoints, model, _ = setup_world()
+    projection = Counting(model)
+    runner = ProjectionRunner(projection, log_, checkpoints, MemoryTransaction, batch_size=3)
+    append(log_, "a", 0, [Deposited(account="a", amount=5), Withdrawn(account="a", amount=2)])
+    append(log_, "b", 0, [Deposited(account="b", amount=1)] * 3)
+    assert await runner.catch_up() == 5
+    positions = [r.position for r in await store.read_all()]
+    assert projection.seen == positions
+    assert model.generations[1] == {"a": [3, 2, positions[1]], "b": [3, 3, positions[4]]}
+
+
+async def test_a_sync_handler_s_awaitable_is_awaited_in_order() -> None:
+    done: list[tuple[str, int]] = []
+
+    class Later(Projection):
+        name = "later"
+
+        @handles(Deposited)
+        def deposited(self, ctx: ProjectionContext, event: Deposited) -> Any:
+            async def write() -> None:
+                await asyncio.sleep(0)
+                done.append((event.account, ctx.stored.position))
+
+            return write()  # a plain function returning a coroutine
+
+        @handles(Withdrawn)
+        def withdrawn(self, ctx: ProjectionContext, event: Withdrawn) -> None:
+            done.append((event.account, ctx.stored.position))
+
+    store, log_, checkpoints, *_ = setup_world()
+    runner = ProjectionRunner(Later(), log_, checkpoints, MemoryTransaction, batch_size=10)
+    append(log_, "a", 0, [Deposited(account="a", amount=1), Withdrawn(account="w", amount=1)])
+    append(log_, "b", 0, [Deposited(account="b", amount=1), Renamed(account="b", name="x")])
+    assert await runner.catch_up() == 3  # Renamed has no handler: not read
+    positions = [r.position for r in await store.read_all()]
+    assert done == [("a", positions[0]), ("w", positions[1]), ("b", positions[2])]

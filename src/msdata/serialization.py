@@ -123,6 +123,8 @@ _SAFE_SCHEMA_TYPES = frozenset(
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _loads = json.loads
 _JSON_TYPES = frozenset({"application/json", "text/json"})
+_JSON_NONE = (None, "application/json")  # no content type, or the one encode writes
+_new_tuple = tuple.__new__
 _StrictStr = Annotated[str, Strict()]
 _StrictInt = Annotated[int, Strict()]
 # the attributes the fast path reads itself; every other one is a header
@@ -324,16 +326,18 @@ class CloudEventsCodec:
     def _from_validated(self, doc: dict[str, Any]) -> Envelope[Message] | None:
         type_name = doc["type"]
         newest = self._newest[type_name][1]
-        if doc.get("schemaversion", 1) != newest or not doc["id"] or not doc["source"]:
+        get = doc.get
+        if get("schemaversion", 1) != newest or not doc["id"] or not doc["source"]:
             return None
-        content_type = doc.get("datacontenttype")
-        if content_type is not None and not _is_json(content_type):
+        content_type = get("datacontenttype")
+        # (what encode writes is compared first: _is_json parses the media type)
+        if content_type not in _JSON_NONE and not _is_json(content_type):
             return None
-        raw_time = doc.get("time")
+        raw_time = get("time")
         time = utc_now() if raw_time is None else _parse_time(raw_time)
         headers: dict[str, str] | None = None
-        extra = doc.keys() - _KNOWN
-        if extra:
+        if not doc.keys() <= _KNOWN:  # (a subset test allocates nothing)
+            extra = doc.keys() - _KNOWN
             if "data_base64" in extra:
                 return None  # with "data" too: the plain path names the error
             headers = _headers(doc, extra)
@@ -341,18 +345,21 @@ class CloudEventsCodec:
         checked = self._checked
         if checked and type(data) in checked and _suspect_message(data, checked[type(data)], False):
             return None  # NaN, Infinity or 1e400 in a float or Any field: the plain path says
-        get = doc.get
-        return Envelope(
-            data,
-            type_name,
-            newest,
-            doc["id"],
-            time,
-            doc["source"],
-            get("correlationid"),
-            get("causationid"),
-            get("partitionkey"),
-            headers or NO_HEADERS,
+        # tuple.__new__ straight: the named tuple's own __new__ is one Python call more
+        return _new_tuple(
+            Envelope,
+            (
+                data,
+                type_name,
+                newest,
+                doc["id"],
+                time,
+                doc["source"],
+                get("correlationid"),
+                get("causationid"),
+                get("partitionkey"),
+                headers or NO_HEADERS,
+            ),
         )
 
     def decode_plain(self, raw: bytes | bytearray | str) -> Envelope[Message]:

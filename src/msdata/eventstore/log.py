@@ -34,6 +34,7 @@ SNAPSHOT_SUFFIX = ".snapshots"
 log = logging.getLogger("msdata.eventstore")
 
 M = TypeVar("M", bound=Message)
+_new = tuple.__new__
 MessageOrEnvelope = Message | Envelope[Any]
 
 
@@ -201,9 +202,8 @@ class EventLog:
                 f"event at position {record.position} ({record.stream_id} "
                 f"v{record.stream_version}): {e}"
             ) from e
-        return StoredEvent(
-            envelope, record.position, record.stream_id, record.stream_version, record.recorded_at
-        )
+        # tuple.__new__ straight (the named tuple's __new__ is a Python call more)
+        return _new(StoredEvent, (envelope, record[0], record[1], record[2], record[7]))
 
     async def read_stream(
         self, stream_id: str, from_version: int = 1, limit: int | None = None

@@ -23,7 +23,7 @@ from datetime import timedelta
 from typing import Any, Generic, TypeVar, cast
 
 from pydantic import TypeAdapter
-from pydantic_core import PydanticSerializationError
+from pydantic_core import PydanticSerializationError, SchemaValidator
 
 from msdata import telemetry
 from msdata.clock import SYSTEM_CLOCK, Clock
@@ -84,6 +84,25 @@ def _type_adapter(tp: Any) -> TypeAdapter[Any]:
         return TypeAdapter(tp)
 
 
+_validators: dict[Any, Any] = {}
+
+
+def _validator(tp: Any) -> Any:
+    """The core validator of ``tp`` (one dict look-up on a replay; TypeAdapter's Python
+    wrapper costs a microsecond)."""
+    try:
+        return _validators[tp]
+    except (KeyError, TypeError):  # new, or an unhashable annotation
+        validator = _type_adapter(tp).validator
+        try:
+            # a deferred adapter's stand-in (a forward reference) is looked up again
+            if isinstance(validator, SchemaValidator) and len(_validators) < 256:
+                _validators[tp] = validator
+        except TypeError:
+            pass
+        return validator
+
+
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
@@ -92,6 +111,17 @@ def _check(key: str | None, scope: str) -> str:
     U+007F): IdempotencyKeyMissing / IdempotencyError (HTTP 400). A scope is a str with no
     control character: ConfigurationError. Checked before any store sees them (PostgreSQL
     cannot store NUL)."""
+    # the common case in a few C calls (a replay's whole check): printable ASCII has no
+    # control character, and a printable ASCII scope that is not all spaces is visible
+    if (
+        type(key) is str
+        and type(scope) is str
+        and 0 < len(key) <= _MAX_KEY
+        and key.isascii()
+        and key.isprintable()
+        and (not scope or (scope.isascii() and scope.isprintable() and not scope.isspace()))
+    ):
+        return key
     if key is None or key == "":
         raise IdempotencyKeyMissing("an idempotency key is required and none was given")
     if not isinstance(key, str) or len(key) > _MAX_KEY:
@@ -140,22 +170,7 @@ class IdempotencyClaim:
         :meth:`IdempotencyKeys.run` to have it raised again as itself)."""
         if self.stored is None:
             raise IdempotencyError("this claim holds the key: there is no stored response")
-        kind, payload = self.stored[:1], self.stored[1:]
-        if kind == _RESULT:
-            return payload
-        if kind == _TOO_LARGE:
-            raise StoredResultTooLarge(
-                f"key {self.key!r}: the first call ran, but its result ({payload.decode()}) "
-                "was over the size limit and was not stored, so it cannot be replayed"
-            )
-        if kind == _NOT_STORED:
-            raise ResultNotStored(
-                f"key {self.key!r}: the first call ran, but its result could not be stored "
-                f"({payload.decode()}), so it cannot be replayed"
-            )
-        if kind == _ERROR:
-            raise IdempotencyError(f"key {self.key!r}: the first call failed: {payload.decode()}")
-        raise IdempotencyError(f"key {self.key!r}: unreadable stored response")
+        return _payload(self.stored, self.key)
 
     # -- ending a claim ------------------------------------------------------------------
 
@@ -295,12 +310,53 @@ class IdempotencyClaim:
         )
 
 
+def _payload(stored: bytes, key: str) -> bytes:
+    """A stored response's result payload; the error its kind stands for otherwise
+    (see :meth:`IdempotencyClaim.response`)."""
+    kind, payload = stored[:1], stored[1:]
+    if kind == _RESULT:
+        return payload
+    if kind == _TOO_LARGE:
+        raise StoredResultTooLarge(
+            f"key {key!r}: the first call ran, but its result ({payload.decode()}) "
+            "was over the size limit and was not stored, so it cannot be replayed"
+        )
+    if kind == _NOT_STORED:
+        raise ResultNotStored(
+            f"key {key!r}: the first call ran, but its result could not be stored "
+            f"({payload.decode()}), so it cannot be replayed"
+        )
+    if kind == _ERROR:
+        raise IdempotencyError(f"key {key!r}: the first call failed: {payload.decode()}")
+    raise IdempotencyError(f"key {key!r}: unreadable stored response")
+
+
 def _dump_error(error: BaseException) -> bytes:
     name = f"{type(error).__module__}.{type(error).__qualname__}"
     try:
         return json.dumps({"type": name, "args": list(error.args)}).encode()
     except (TypeError, ValueError):
         return json.dumps({"type": name, "message": str(error)}).encode()
+
+
+def _replayed(
+    stored: bytes, key: str, result_type: Any, final: tuple[type[BaseException], ...]
+) -> Any:
+    """A replay's answer: the stored result validated as ``result_type``, or the stored
+    error raised again (see :meth:`IdempotencyKeys.run`)."""
+    if stored[:1] == _RESULT:
+        payload = stored[1:]
+    elif stored[:1] == _ERROR:
+        raise _load_error(stored[1:], final, key)
+    else:
+        payload = _payload(stored, key)  # raises
+    try:
+        return _validator(result_type).validate_json(payload)
+    except ValueError as e:  # pydantic's ValidationError, or JSON that does not parse
+        raise StoredResultInvalid(
+            f"key {key!r}: the stored result does not validate as {result_type!r} "
+            f"(did the result type change since it was stored?): {e}"
+        ) from e
 
 
 def _load_error(
@@ -385,6 +441,13 @@ class IdempotencyKeys:
         if existing is None:
             telemetry.hooks.idempotency_claim(scope, "claimed")  # telemetry
             return IdempotencyClaim(self, scope, key, token, conn)
+        stored = self._live(existing, scope, key, fp)
+        return IdempotencyClaim(self, scope, key, existing.token, conn, stored)
+
+    @staticmethod
+    def _live(existing: IdempotencyRecord, scope: str, key: str, fp: str) -> bytes:
+        """The stored response of the live record a claim found; IdempotencyKeyReused
+        or IdempotencyInProgress when there is none to replay."""
         if fp and existing.fingerprint and existing.fingerprint != fp:
             telemetry.hooks.idempotency_claim(scope, "conflict")  # telemetry
             raise IdempotencyKeyReused(
@@ -396,7 +459,7 @@ class IdempotencyKeys:
                 f"a request with idempotency key {key!r} is still in progress; retry later"
             )
         telemetry.hooks.idempotency_claim(scope, "replayed")  # telemetry
-        return IdempotencyClaim(self, scope, key, existing.token, conn, existing.response or b"")
+        return existing.response or b""
 
     async def claim(
         self, key: str | None, *, scope: str = "", fingerprint: str = "", conn: Any = None
@@ -434,18 +497,7 @@ class IdempotencyKeys:
     def _replay(
         self, claim: IdempotencyClaim, result_type: Any, final: tuple[type[BaseException], ...]
     ) -> Any:
-        stored = claim.stored or b""
-        if stored[:1] == _ERROR:
-            raise _load_error(stored[1:], final, claim.key)
-        payload = claim.response()
-        try:
-            # the core validator: TypeAdapter.validate_json's Python wrapper costs a microsecond
-            return _type_adapter(result_type).validator.validate_json(payload)
-        except ValueError as e:  # pydantic's ValidationError, or JSON that does not parse
-            raise StoredResultInvalid(
-                f"key {claim.key!r}: the stored result does not validate as {result_type!r} "
-                f"(did the result type change since it was stored?): {e}"
-            ) from e
+        return _replayed(claim.stored or b"", claim.key, result_type, final)
 
     @staticmethod
     def _dump(result: Any, result_type: Any) -> bytes | str:
@@ -478,11 +530,18 @@ class IdempotencyKeys:
         ``fingerprint`` itself. Errors: see the class docstring. A saga participant calls
         this with the step's own key and scope."""
         final = self.final_errors if final_errors is None else final_errors
-        claim = await self.claim(
-            key, scope=scope, fingerprint=self._fingerprint(request, fingerprint), conn=conn
-        )
-        if claim.replayed:
-            return cast(T, self._replay(claim, result_type, final))
+        if fingerprint is not None:
+            fp = fingerprint
+        else:
+            fp = "" if request is _NOTHING else _fingerprint(request)
+        # claim() inline: a replay makes no IdempotencyClaim
+        key = _check(key, scope)
+        token = _token()
+        now = self.clock.now()
+        found = await self.store.claim_async(conn, scope, key, fp, token, now, now + self.lease)
+        if found is not None:
+            return cast(T, _replayed(self._live(found, scope, key, fp), key, result_type, final))
+        claim = self._decide(None, scope, key, fp, token, conn)
         try:
             result = await operation()
         except BaseException as e:
@@ -527,11 +586,14 @@ class IdempotencyKeys:
     ) -> T:
         """:meth:`run` for a sync operation and a sync caller (``features.sync`` stores)."""
         final = self.final_errors if final_errors is None else final_errors
-        claim = self.claim_sync(
-            key, scope=scope, fingerprint=self._fingerprint(request, fingerprint), conn=conn
-        )
-        if claim.replayed:
-            return cast(T, self._replay(claim, result_type, final))
+        fp = self._fingerprint(request, fingerprint)
+        key = _check(key, scope)
+        token = _token()
+        now = self.clock.now()
+        found = self.store.claim(conn, scope, key, fp, token, now, now + self.lease)
+        if found is not None:
+            return cast(T, _replayed(self._live(found, scope, key, fp), key, result_type, final))
+        claim = self._decide(None, scope, key, fp, token, conn)
         try:
             result = operation()
         except BaseException as e:

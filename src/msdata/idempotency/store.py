@@ -29,7 +29,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from msdata.errors import ConfigurationError
 
@@ -50,9 +50,8 @@ class IdempotencyStatus(enum.StrEnum):
     EXPIRED = "EXPIRED"
 
 
-@dataclass(frozen=True, slots=True)
-class IdempotencyRecord:
-    """One stored key.
+class IdempotencyRecord(NamedTuple):
+    """One stored key (immutable; a named tuple, built on every replay).
 
     - ``scope``: the owner (tenant, user, API client); part of the key.
     - ``fingerprint``: hash of the request that claimed the key (hex sha256, or "").

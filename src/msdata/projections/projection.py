@@ -98,17 +98,23 @@ class Projection:
                 return fn
         return None
 
+    def _resolve(self, message: Message) -> tuple[Any, bool]:
+        """(handler or None, whether it is a coroutine function) for ``message``'s class,
+        looked up once per class."""
+        try:
+            return self._dispatch[type(message)]
+        except (AttributeError, KeyError):
+            found = self.handler_for(message)
+            entry = (found, found is not None and inspect.iscoroutinefunction(found))
+            if "_dispatch" not in vars(self):
+                self._dispatch: dict[type[Message], tuple[Any, bool]] = {}
+            self._dispatch[type(message)] = entry
+            return entry
+
     async def apply(self, ctx: ProjectionContext) -> None:
         """Run the handler of ``ctx.stored``'s message, if there is one."""
         message = ctx.stored.envelope.message
-        try:
-            fn, is_async = self._dispatch[type(message)]
-        except (AttributeError, KeyError):
-            found = self.handler_for(message)
-            fn, is_async = found, found is not None and inspect.iscoroutinefunction(found)
-            if "_dispatch" not in vars(self):
-                self._dispatch: dict[type[Message], tuple[Any, bool]] = {}
-            self._dispatch[type(message)] = (fn, is_async)
+        fn, is_async = self._resolve(message)
         if fn is None:
             return
         if is_async:

@@ -204,9 +204,27 @@ class ProjectionRunner:
                 break
 
         async def body(conn: Any, is_async: bool) -> None:
-            apply = self.projection.apply
-            for stored in decoded:
-                await apply(ProjectionContext(conn, generation, stored))
+            projection = self.projection
+            if type(projection).apply is not Projection.apply:  # apply of its own: call it
+                for stored in decoded:
+                    await projection.apply(ProjectionContext(conn, generation, stored))
+            else:
+                # Projection.apply inline: a sync handler is called with no coroutine
+                # made per event (a few microseconds of the catch-up's ~12 per event)
+                resolve, new, context = projection._resolve, tuple.__new__, ProjectionContext
+                seen: Any = None
+                fn: Any = None
+                fn_async = False
+                for stored in decoded:
+                    message = stored[0][0]  # stored.envelope.message
+                    if type(message) is not seen:  # (a run of one type: one look-up)
+                        seen = type(message)
+                        fn, fn_async = resolve(message)
+                    if fn is None:
+                        continue
+                    result = fn(new(context, (conn, generation, stored)), message)
+                    if fn_async or (result is not None and hasattr(result, "__await__")):
+                        await result
             if decoded:
                 await self._save(
                     conn, is_async, self.checkpoint_name(generation), decoded[-1].position, expected

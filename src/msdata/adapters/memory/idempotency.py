@@ -8,7 +8,6 @@ undone if that transaction rolls back.
 
 from __future__ import annotations
 
-import dataclasses
 from datetime import datetime
 from typing import Any
 
@@ -95,7 +94,7 @@ class MemoryIdempotencyStore(MemoryDatabase):
         cur = self._records.get(k)
         if cur is None or cur.token != token:
             return False
-        done = dataclasses.replace(cur, completed=True, expires_at=expires_at, response=response)
+        done = cur._replace(completed=True, expires_at=expires_at, response=response)
         self._write(conn, k, done)
         return True
 

@@ -4,19 +4,19 @@ The claim is ONE statement: a read of the key and the conditional write, in data
 CTEs::
 
     WITH cur AS (SELECT … WHERE scope = $1 AND key = $2),
-         ins AS (INSERT … SELECT … WHERE NOT EXISTS (SELECT 1 FROM cur)
-                 ON CONFLICT (scope, key) DO NOTHING RETURNING 1),
-         upd AS (UPDATE … WHERE scope = $1 AND key = $2 AND expires_at <= $now
-                 AND EXISTS (SELECT 1 FROM cur WHERE expires_at <= $now) RETURNING 1)
-    SELECT true … FROM ins UNION ALL SELECT true … FROM upd
+         ins AS (INSERT … SELECT … WHERE NOT EXISTS (SELECT 1 FROM cur WHERE expires_at > $now)
+                 ON CONFLICT (scope, key) DO UPDATE SET …
+                 WHERE t.expires_at <= $now RETURNING 1)
+    SELECT true … FROM ins
     UNION ALL SELECT false, cur.* FROM cur WHERE expires_at > $now
 
-A live key (a replay, or IN_PROGRESS) is read and nothing is written or locked, so a replay
-costs what one primary-key SELECT costs; a new key is inserted, an expired one taken over
-by an UPDATE that re-checks ``expires_at`` under the row lock. When a concurrent claim
-commits between the statement's snapshot and its write, the statement returns nothing and
-runs again (at most a few times), seeing that claim. First execution: this statement and
-the completing UPDATE, two round trips.
+A live key (a replay, or IN_PROGRESS) is read and nothing is written or locked (the
+insert's one-time filter is false, so it is never tried), so a replay costs about what one
+primary-key SELECT costs; a new key is inserted, an expired one taken over by the upsert's
+conflict arm, which re-checks ``expires_at`` on the row's newest version under its lock.
+When a concurrent claim commits between the statement's snapshot and its write, the
+statement returns nothing and runs again (at most a few times), seeing that claim. First
+execution: this statement and the completing UPDATE, two round trips.
 
 On the caller's connection (psycopg sync/async, asyncpg, SQLAlchemy) both run inside the
 caller's transaction: the claim's row stays invisible (and locked) until it commits, so a
@@ -58,28 +58,26 @@ CREATE TABLE IF NOT EXISTS {table} (
 """
 
 # {0} scope, {1} key, {2} fingerprint, {3} token, {4} now, {5} lease end. CAST(… AS …)
-# rather than ::, which SQLAlchemy's text() would read as a parameter name.
+# rather than ::, which SQLAlchemy's text() would read as a parameter name. One write node
+# (an upsert whose conflict arm re-checks the expiry under the row lock), not an INSERT and
+# an UPDATE: a live key still writes and locks nothing, and the statement costs the
+# server about a third less (24 -> 19 us of execution here, a plain SELECT being 11 us).
 _CLAIM_SQL = """\
 WITH cur AS (
     SELECT fingerprint, completed, expires_at, token, response FROM TABLE
     WHERE scope = CAST({0} AS text) AND key = CAST({1} AS text)
 ), ins AS (
-    INSERT INTO TABLE (scope, key, fingerprint, completed, expires_at, token)
+    INSERT INTO TABLE AS t (scope, key, fingerprint, completed, expires_at, token)
     SELECT CAST({0} AS text), CAST({1} AS text), CAST({2} AS text), false,
            CAST({5} AS timestamptz), CAST({3} AS text)
-    WHERE NOT EXISTS (SELECT 1 FROM cur)
-    ON CONFLICT (scope, key) DO NOTHING
-    RETURNING 1
-), upd AS (
-    UPDATE TABLE SET fingerprint = CAST({2} AS text), completed = false,
-        expires_at = CAST({5} AS timestamptz), token = CAST({3} AS text), response = NULL
-    WHERE scope = CAST({0} AS text) AND key = CAST({1} AS text)
-      AND expires_at <= CAST({4} AS timestamptz)
-      AND EXISTS (SELECT 1 FROM cur WHERE expires_at <= CAST({4} AS timestamptz))
+    WHERE NOT EXISTS (SELECT 1 FROM cur WHERE expires_at > CAST({4} AS timestamptz))
+    ON CONFLICT (scope, key) DO UPDATE SET fingerprint = excluded.fingerprint,
+        completed = false, expires_at = excluded.expires_at, token = excluded.token,
+        response = NULL
+    WHERE t.expires_at <= CAST({4} AS timestamptz)
     RETURNING 1
 )
 SELECT true, NULL::text, NULL::boolean, NULL::timestamptz, NULL::text, NULL::bytea FROM ins
-UNION ALL SELECT true, NULL, NULL, NULL, NULL, NULL FROM upd
 UNION ALL SELECT false, fingerprint, completed, expires_at, token, response FROM cur
     WHERE expires_at > CAST({4} AS timestamptz)
 """
@@ -104,10 +102,11 @@ class _Sql:
     """One statement for both places it runs: the caller's connection (any driver, in its
     open transaction) and the store's own asyncpg pool."""
 
-    __slots__ = ("asyncpg", "caller", "what")
+    __slots__ = ("asyncpg", "caller", "errors", "what")
 
     def __init__(self, template: str, what: str) -> None:
         self.what = what
+        self.errors = map_errors(what)  # stateless: one for every call
         self.caller = CallerSQL(template, what, in_transaction=True)
         self.asyncpg = _PARAM.sub(lambda m: f"${int(m[1]) + 1}", template)
 
@@ -205,9 +204,12 @@ class PostgresIdempotencyStore:
                 row = await self._own(self._claim, args)
             else:
                 row = await self._claim.caller.run_async(conn, args, fetch=True)
-            decided, record = self._claimed(row, scope, key)
-            if decided:
-                return record
+            if row is not None:
+                if row[0]:
+                    return None
+                return IdempotencyRecord(
+                    scope, key, row[1], row[2], _utc(row[3]), row[4], _bytes(row[5])
+                )
         raise StoreError(f"idempotency claim of {key!r}: the row kept changing")
 
     async def _own(self, sql: _Sql, args: tuple[Any, ...]) -> Any:
@@ -217,18 +219,18 @@ class PostgresIdempotencyStore:
         trip: a replay would otherwise cost 1.4x a raw GET). Overlapping calls use the pool."""
         if self._hot_busy:
             pool = await self._db.pool()
-            with map_errors(sql.what):
+            with sql.errors:
                 return await pool.fetchrow(sql.asyncpg, *args)
         self._hot_busy = True
         try:
             conn = self._hot
             if conn is None:
                 pool = await self._db.pool()
-                with map_errors(sql.what):
+                with sql.errors:
                     conn = self._hot = await pool.acquire()
             ok = False
             try:
-                with map_errors(sql.what):
+                with sql.errors:
                     row = await conn.fetchrow(sql.asyncpg, *args)
                 ok = True
                 return row

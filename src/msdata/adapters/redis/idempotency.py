@@ -139,9 +139,10 @@ class RedisIdempotencyStore:
         now: datetime,
         expires_at: datetime,
     ) -> IdempotencyRecord | None:
-        self._no_conn(conn)
+        if conn is not None:
+            self._no_conn(conn)
         now_us, until_us = _us(now), _us(expires_at)
-        ttl_ms = _ttl_ms(expires_at, now)
+        ttl_ms = max(0, (until_us - now_us) // 1000) + _GRACE_MS  # as _ttl_ms, in integers
         # EVALSHA straight away (the replay path: redis-py's Script object costs a few us)
         args = (self._key(scope, key), fingerprint, token, now_us, until_us, ttl_ms)
         try:

