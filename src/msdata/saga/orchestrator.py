@@ -393,7 +393,7 @@ class SagaOrchestrator:
                 log.warning("reply for saga %s of unregistered type %r", rec.saga_id, rec.saga_type)
                 return
             if rec.saga_id in self._driving:  # this process runs it now: hand the reply over
-                self._mailbox.setdefault(rec.saga_id, []).append(reply)
+                await self._hand_over(rec, reply)
                 return
             now = self.clock.now()
             until = rec.lease_until
@@ -432,6 +432,21 @@ class SagaOrchestrator:
             "reply for saga %s step %s: gave up after repeated conflicts", reply.saga_id, reply.step
         )
 
+    async def _hand_over(self, rec: SagaRecord, reply: SagaReply) -> None:
+        """Give ``reply`` to the task of this process that drives the instance. A reply
+        the instance waits for is first recorded in the store (``add_reply``), so it is
+        durable before its delivery is acked: if this process dies before the driver's next
+        save, the next holder applies it from the record (that save deletes it, by its key,
+        once applied). ``rec``: the instance as stored (a copy, only looked at)."""
+        key = _reply_key(reply)
+        body = reply.model_dump_json().encode()
+        if self._accept(rec, reply):  # on the stored copy: a late one needs no record
+            await self.store.add_reply(rec.saga_id, key, body)
+        if rec.saga_id in self._driving:
+            self._mailbox.setdefault(rec.saga_id, []).append(reply)
+        else:  # the driver ended while the reply was being recorded: apply it from there
+            self._spawn(self._after_lease(rec.saga_id))
+
     async def _apply_and_drive(
         self, rec: SagaRecord, saga: Saga[Any], now: datetime, reply: SagaReply | None = None
     ) -> None:
@@ -440,7 +455,11 @@ class SagaOrchestrator:
         the history of the ignored ones (the save deletes the recorded ones). Raises
         ConcurrencyError if another process wrote it meanwhile."""
         taken = self._apply_recorded(rec)
-        if reply is not None and self._accept(rec, reply):
+        if (
+            reply is not None
+            and _reply_key(reply) not in rec.replies  # recorded: applied just above
+            and self._accept(rec, reply)
+        ):
             taken = True
         if not taken or rec.status not in ACTIVE_STATUSES:
             if reply is not None or rec.replies:
@@ -901,8 +920,11 @@ class SagaOrchestrator:
         steps = saga.steps
         while True:
             if self._mailbox:
+                replies = rec.replies
                 for reply in self._mailbox.pop(rec.saga_id, ()):
                     self._accept(rec, reply)
+                    # recorded in the store on arrival: the next save deletes the record
+                    replies[_reply_key(reply)] = b""
             now = self.clock.now()
             start: list[tuple[Step, StepRun]] = []
             waiting: list[datetime] = []
