@@ -278,7 +278,10 @@ class SagaOrchestrator:
 
     async def retry(self, saga_id: str) -> SagaRecord:
         """Resume a FAILED instance: its failed compensations (or its failed retriable
-        step) start again with fresh attempts. Runs it here until it ends or waits.
+        step) start again with fresh attempts, numbered after every attempt the step had
+        (its history), so a participant that stored a refusal for an earlier attempt runs
+        its handler again; the retry policy counts from there. Runs it here until it ends
+        or waits.
         Raises :class:`SagaStateError` unless it is FAILED."""
         rec = await self.store.get(saga_id)
         saga = self._saga_of(rec)
@@ -286,7 +289,20 @@ class SagaOrchestrator:
             raise SagaStateError(f"saga {saga_id} is {rec.status}; only a FAILED one is retried")
         self._apply_recorded(rec)  # late: noted as ignored (the save deletes them)
         rec.status = COMPENSATING if rec.compensation else RUNNING
-        rec.active = {}
+        # fresh attempts, numbered after every attempt the step had: a participant that
+        # stored a failure for an earlier number runs its handler again (a redelivery of
+        # an attempt it answered gets the stored answer)
+        if rec.compensation:
+            purpose, names = COMPENSATION, rec.compensation[0]
+        else:
+            group = saga.groups[rec.position] if rec.position < len(saga.groups) else []
+            purpose, names = ACTION, [s.name for s in group if s.name not in rec.done]
+        used: dict[str, int] = {}
+        for h in rec.history:
+            if h.step is not None and h.attempt is not None and h.attempt > used.get(h.step, 0):
+                used[h.step] = h.attempt
+        nxt = {name: used.get(name, 0) + 1 for name in names}
+        rec.active = {name: StepRun(purpose, n, "new", first=n) for name, n in nxt.items()}
         rec.error = None
         self._log(rec, "retried by operator")
         self._load(rec, saga)
@@ -1237,7 +1253,8 @@ class SagaOrchestrator:
         unanswered_pivot = (
             purpose == ACTION and step.kind is StepKind.PIVOT and run.state == "waiting"
         )
-        if policy.attempts is not None and run.attempt >= policy.attempts and not unanswered_pivot:
+        tries = run.attempt - run.first + 1  # attempts of this invocation (retry: renumbered)
+        if policy.attempts is not None and tries >= policy.attempts and not unanswered_pivot:
             self._log(
                 rec,
                 "step failed" if purpose == ACTION else "compensation failed",
@@ -1248,7 +1265,7 @@ class SagaOrchestrator:
             if run.state == "running":
                 run.state = "failed"  # a local action that raised took no effect
             return True
-        delay = max(0.0, policy.backoff(run.attempt))
+        delay = max(0.0, policy.backoff(tries))
         run.state = "retry"
         run.wake_at = now + timedelta(seconds=delay)
         self._log(

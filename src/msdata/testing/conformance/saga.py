@@ -125,7 +125,8 @@ class SagaStoreConformance:
             active={
                 "c": StepRun(
                     "action", 2, "waiting", T0 + timedelta(seconds=5), "boom", None, None, True
-                )
+                ),
+                "d": StepRun("compensation", 7, "retry", T0, "no", False, None, True, 5),
             },
             compensation=[["b", "x"], ["a"]],
             past_pivot=True,
