@@ -102,6 +102,12 @@ async def test_retry_of_a_failed_remote_compensation_runs_the_fixed_handler(
         r = await orders.sagas.run(compensate_saga, Order(order_id="o-1"), saga_id="c-1")
         assert r.status is SagaStatus.FAILED, r.history
         assert calls == [False, False, False]
+        # what the operator looks at: find() and stuck() give the saga's model, as get() does
+        # (the SQLite store hands out the JSON dict)
+        [found] = await orders.sagas.find(status=SagaStatus.FAILED)
+        [stuck] = await orders.sagas.stuck()
+        assert found.data == stuck.data == Order(order_id="o-1")
+        assert isinstance((await orders.sagas.get("c-1")).data, Order)
         fixed = True  # the operator fixes the cause, then retries
         await orders.sagas.retry("c-1")
         r = await orders.sagas.wait("c-1", timeout=30)

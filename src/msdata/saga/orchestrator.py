@@ -245,7 +245,8 @@ class SagaOrchestrator:
 
     async def get(self, saga_id: str) -> SagaRecord:
         """One instance, its data validated as its saga's model when the saga is registered
-        here. Raises :class:`SagaNotFound`."""
+        here (else as the store gave it: a model or its JSON dict; :meth:`find` and
+        :meth:`stuck` do the same). Raises :class:`SagaNotFound`."""
         rec = await self.store.get(saga_id)
         saga = self._sagas.get(rec.saga_type)
         if saga is not None:
@@ -263,18 +264,32 @@ class SagaOrchestrator:
         status: SagaStatus | Sequence[SagaStatus] | None = None,
         limit: int = 100,
     ) -> list[SagaRecord]:
-        """Instances by saga type and status, least recently updated first."""
+        """Instances by saga type and status, least recently updated first. As with
+        :meth:`get`, each one's ``data`` is validated as its saga's model when the saga is
+        registered here (else it is left as the store gave it: a model or its JSON dict)."""
         statuses = [status] if isinstance(status, SagaStatus) else status
-        return await self.store.find(saga_type=saga_type, statuses=statuses, limit=limit)
+        return self._typed(
+            await self.store.find(saga_type=saga_type, statuses=statuses, limit=limit)
+        )
+
+    def _typed(self, records: list[SagaRecord]) -> list[SagaRecord]:
+        sagas = self._sagas
+        for rec in records:
+            saga = sagas.get(rec.saga_type)
+            if saga is not None:
+                self._load(rec, saga)
+        return records
 
     async def stuck(self, *, saga_type: str | None = None, limit: int = 100) -> list[SagaRecord]:
         """Instances that need attention: RUNNING/COMPENSATING ones nobody holds a live
-        lease on (a recovery worker would take them), then FAILED ones."""
+        lease on and whose wake time has passed (a recovery worker would take them), then
+        FAILED ones. ``data`` typed as in :meth:`find`. ``msdata sagas list --stuck`` lists
+        the same."""
         active = await self.store.find(saga_type=saga_type, stuck_at=self.clock.now(), limit=limit)
         failed = await self.store.find(
             saga_type=saga_type, statuses=[SagaStatus.FAILED], limit=limit
         )
-        return (active + failed)[:limit]
+        return self._typed((active + failed)[:limit])
 
     async def retry(self, saga_id: str) -> SagaRecord:
         """Resume a FAILED instance: its failed compensations (or its failed retriable
