@@ -425,6 +425,9 @@ def test_sagas_list_show_retry_and_abort(tmp_path: Path) -> None:
     assert [s["saga_id"] for s in listed] == [failed_id]
     assert "stock service down" in (listed[0]["error"] or "")
     assert failed_id in msdata("sagas", "list", *db).stdout
+    # --stuck lists what SagaOrchestrator.stuck() does: FAILED ones wait for an operator
+    stuck = json.loads(msdata("sagas", "list", *db, "--stuck", "--json").stdout)
+    assert failed_id in [s["saga_id"] for s in stuck]
     shown = json.loads(msdata("sagas", "show", failed_id, *db, "--json").stdout)
     assert shown["data"] == {"order_id": "o-1"}
     assert shown["history"][0]["event"] == "started"

@@ -189,6 +189,85 @@ async def test_a_repeated_command_gets_the_original_reply(backend: Backend) -> N
         ]
 
 
+def step_headers(saga_id: str, purpose: str, attempt: int = 1) -> dict[str, str]:
+    return {
+        HEADER_SAGA_ID: saga_id,
+        HEADER_SAGA_TYPE: "checkout",
+        HEADER_STEP: "reserve",
+        HEADER_PURPOSE: purpose,
+        HEADER_ATTEMPT: str(attempt),
+        HEADER_REPLY_TO: REPLIES,
+        IDEMPOTENCY_KEY_HEADER: idempotency_key(saga_id, "reserve", purpose),
+    }
+
+
+async def test_an_action_overtaken_by_its_compensation_is_refused(backend: Backend) -> None:
+    """A slow participant: the orchestrator timed the action out and sent its compensation,
+    which is handled first; the queued action must not take effect after it (leaked
+    stock). It gets the failure "already compensated" and its handler does not run. An
+    action that came first is undone by the compensation as usual, and one that a handler
+    refused is refused for every later attempt too."""
+    transport = MemoryTransport()
+    part_bus = EventBus(transport, source="stock", backoff=lambda n: 0.01)
+    orch_bus = EventBus(transport, source="orders", backoff=lambda n: 0.01)
+    participant = SagaParticipant(
+        part_bus,
+        Outbox(backend.outbox, source="stock"),
+        backend.transaction,
+        idempotency=backend.replies,
+    )
+    calls: list[str] = []
+
+    @participant.handler(Charge, group="stock")
+    def reserve(cmd: Charge) -> None:
+        calls.append(f"reserve {cmd.order_id}")
+        if cmd.order_id.startswith("refuse"):
+            raise SagaStepFailed("out of stock")
+
+    @participant.handler(Refund, group="stock")
+    def release(cmd: Refund) -> None:
+        calls.append(f"release {cmd.order_id}")
+
+    replies: list[SagaReply] = []
+
+    async def on_reply(reply: SagaReply) -> None:
+        replies.append(reply)
+
+    orch_bus.subscribe(SagaReply, on_reply, group="orders", topic=REPLIES)
+
+    async def send(command: Command, saga_id: str, purpose: str, attempt: int = 1) -> SagaReply:
+        n = len(replies)
+        await orch_bus.publish(command, headers=step_headers(saga_id, purpose, attempt))
+        await eventually(lambda: len(replies) > n, what=f"a reply to {saga_id} {purpose}")
+        return replies[-1]
+
+    relay = OutboxRelay(backend.outbox, transport, poll_interval=0.01)
+    async with part_bus, orch_bus, relay:
+        # overtaken: the compensation is handled first, then the action arrives
+        r = await send(Refund(order_id="late"), "s-late", "compensation")
+        assert r.ok
+        r = await send(Charge(order_id="late"), "s-late", "action")
+        assert (r.ok, r.reason) == (False, "already compensated")
+        r = await send(Charge(order_id="late"), "s-late", "action", attempt=2)  # a retry
+        assert (r.ok, r.reason) == (False, "already compensated")
+        assert calls == ["release late"]  # the action's handler never ran
+        # the usual order: the action took effect, the compensation undoes it
+        calls.clear()
+        assert (await send(Charge(order_id="ok"), "s-ok", "action")).ok
+        assert (await send(Refund(order_id="ok"), "s-ok", "compensation")).ok
+        r = await send(Charge(order_id="ok"), "s-ok", "action")  # a redelivery
+        assert (r.ok, r.duplicate) == (True, True)  # the stored success, replayed
+        assert calls == ["reserve ok", "release ok"]
+        # refused by the handler at attempt 1; compensated; attempt 2 must not run it
+        calls.clear()
+        r = await send(Charge(order_id="refuse"), "s-no", "action")
+        assert (r.ok, r.reason) == (False, "out of stock")
+        assert (await send(Refund(order_id="refuse"), "s-no", "compensation")).ok
+        r = await send(Charge(order_id="refuse"), "s-no", "action", attempt=2)
+        assert (r.ok, r.reason) == (False, "already compensated")
+        assert calls == ["reserve refuse", "release refuse"]
+
+
 async def test_a_store_that_cannot_join_the_transaction_is_refused() -> None:
     class Detached(MemoryIdempotencyStore):
         features = MemoryIdempotencyStore.features.__class__(

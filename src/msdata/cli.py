@@ -727,7 +727,12 @@ _STATUSES = ["RUNNING", "COMPENSATING", "COMPLETED", "COMPENSATED", "FAILED"]
     help="Only these statuses (repeatable).",
 )
 @click.option("--type", "saga_type", default=None, help="Only this saga type.")
-@click.option("--stuck", is_flag=True, help="Only RUNNING/COMPENSATING ones nobody holds.")
+@click.option(
+    "--stuck",
+    is_flag=True,
+    help="Only the ones needing attention: RUNNING/COMPENSATING ones nobody holds whose "
+    "wake time has passed, then FAILED ones (as SagaOrchestrator.stuck()).",
+)
 @click.option("--limit", default=100, show_default=True)
 @json_option
 @_run(lambda kw: [kw["db"]])
@@ -746,13 +751,21 @@ async def sagas_list(
     from msdata.saga import SagaStatus
 
     store = _store("saga", _existing_db(db), prefix, schema)
+    wanted = [SagaStatus(s.upper()) for s in statuses] or None
     try:
         rows = await store.find(
             saga_type=saga_type,
-            statuses=[SagaStatus(s.upper()) for s in statuses] or None,
+            statuses=wanted,
             stuck_at=utc_now() if stuck else None,
             limit=limit,
         )
+        if stuck and (wanted is None or SagaStatus.FAILED in wanted):
+            # stuck = what SagaOrchestrator.stuck() returns: the unheld active ones, then
+            # the FAILED ones waiting for an operator
+            failed = await store.find(
+                saga_type=saga_type, statuses=[SagaStatus.FAILED], limit=limit
+            )
+            rows = (rows + failed)[:limit]
     finally:
         await store.close()
     data = [_saga_row(r) for r in rows]

@@ -524,8 +524,19 @@ class OutboxRelay:
                 except SchemaError as e:  # one line: the traceback says nothing more
                     log.error("outbox relay %s: %s", self.relay_id, e)
                     failed = True
-                except Exception:
-                    log.exception("outbox relay %s: step failed", self.relay_id)
+                except Exception as e:
+                    if _database_busy(e):
+                        # SQLite's single writer: the service's own transactions (a burst of
+                        # handlers, say) hold the write lock past the busy timeout. Not a
+                        # fault: back off and try again, one line, no traceback
+                        log.warning(
+                            "outbox relay %s: the database is busy (another transaction "
+                            "holds its write lock); trying again in a moment: %s",
+                            self.relay_id,
+                            safe_text(str(e), 300),
+                        )
+                    else:
+                        log.exception("outbox relay %s: step failed", self.relay_id)
                     failed = True
                 if failed:
                     streak += 1
@@ -653,3 +664,22 @@ class OutboxRelay:
         except MsdataError:
             log.exception("outbox relay %s: purge failed", self.relay_id)
             return 0
+
+
+def _database_busy(e: BaseException) -> bool:
+    """Whether ``e`` (or an error it was raised from) says the database's write lock is
+    held by another connection: SQLite's ``SQLITE_BUSY`` ("database is locked"), raw or
+    as the SQLite adapter's ``DatabaseBusy``, which is raised from it."""
+    import sqlite3
+
+    seen = 0
+    err: BaseException | None = e
+    while err is not None and seen < 5:
+        if isinstance(err, sqlite3.OperationalError) and (
+            getattr(err, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
+            or "database is locked" in str(err)
+        ):
+            return True
+        err = err.__cause__
+        seen += 1
+    return False

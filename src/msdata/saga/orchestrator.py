@@ -245,7 +245,8 @@ class SagaOrchestrator:
 
     async def get(self, saga_id: str) -> SagaRecord:
         """One instance, its data validated as its saga's model when the saga is registered
-        here. Raises :class:`SagaNotFound`."""
+        here (else as the store gave it: a model or its JSON dict; :meth:`find` and
+        :meth:`stuck` do the same). Raises :class:`SagaNotFound`."""
         rec = await self.store.get(saga_id)
         saga = self._sagas.get(rec.saga_type)
         if saga is not None:
@@ -263,22 +264,39 @@ class SagaOrchestrator:
         status: SagaStatus | Sequence[SagaStatus] | None = None,
         limit: int = 100,
     ) -> list[SagaRecord]:
-        """Instances by saga type and status, least recently updated first."""
+        """Instances by saga type and status, least recently updated first. As with
+        :meth:`get`, each one's ``data`` is validated as its saga's model when the saga is
+        registered here (else it is left as the store gave it: a model or its JSON dict)."""
         statuses = [status] if isinstance(status, SagaStatus) else status
-        return await self.store.find(saga_type=saga_type, statuses=statuses, limit=limit)
+        return self._typed(
+            await self.store.find(saga_type=saga_type, statuses=statuses, limit=limit)
+        )
+
+    def _typed(self, records: list[SagaRecord]) -> list[SagaRecord]:
+        sagas = self._sagas
+        for rec in records:
+            saga = sagas.get(rec.saga_type)
+            if saga is not None:
+                self._load(rec, saga)
+        return records
 
     async def stuck(self, *, saga_type: str | None = None, limit: int = 100) -> list[SagaRecord]:
         """Instances that need attention: RUNNING/COMPENSATING ones nobody holds a live
-        lease on (a recovery worker would take them), then FAILED ones."""
+        lease on and whose wake time has passed (a recovery worker would take them), then
+        FAILED ones. ``data`` typed as in :meth:`find`. ``msdata sagas list --stuck`` lists
+        the same."""
         active = await self.store.find(saga_type=saga_type, stuck_at=self.clock.now(), limit=limit)
         failed = await self.store.find(
             saga_type=saga_type, statuses=[SagaStatus.FAILED], limit=limit
         )
-        return (active + failed)[:limit]
+        return self._typed((active + failed)[:limit])
 
     async def retry(self, saga_id: str) -> SagaRecord:
         """Resume a FAILED instance: its failed compensations (or its failed retriable
-        step) start again with fresh attempts. Runs it here until it ends or waits.
+        step) start again with fresh attempts, numbered after every attempt the step had
+        (its history), so a participant that stored a refusal for an earlier attempt runs
+        its handler again; the retry policy counts from there. Runs it here until it ends
+        or waits.
         Raises :class:`SagaStateError` unless it is FAILED."""
         rec = await self.store.get(saga_id)
         saga = self._saga_of(rec)
@@ -286,7 +304,20 @@ class SagaOrchestrator:
             raise SagaStateError(f"saga {saga_id} is {rec.status}; only a FAILED one is retried")
         self._apply_recorded(rec)  # late: noted as ignored (the save deletes them)
         rec.status = COMPENSATING if rec.compensation else RUNNING
-        rec.active = {}
+        # fresh attempts, numbered after every attempt the step had: a participant that
+        # stored a failure for an earlier number runs its handler again (a redelivery of
+        # an attempt it answered gets the stored answer)
+        if rec.compensation:
+            purpose, names = COMPENSATION, rec.compensation[0]
+        else:
+            group = saga.groups[rec.position] if rec.position < len(saga.groups) else []
+            purpose, names = ACTION, [s.name for s in group if s.name not in rec.done]
+        used: dict[str, int] = {}
+        for h in rec.history:
+            if h.step is not None and h.attempt is not None and h.attempt > used.get(h.step, 0):
+                used[h.step] = h.attempt
+        nxt = {name: used.get(name, 0) + 1 for name in names}
+        rec.active = {name: StepRun(purpose, n, "new", first=n) for name, n in nxt.items()}
         rec.error = None
         self._log(rec, "retried by operator")
         self._load(rec, saga)
@@ -393,7 +424,7 @@ class SagaOrchestrator:
                 log.warning("reply for saga %s of unregistered type %r", rec.saga_id, rec.saga_type)
                 return
             if rec.saga_id in self._driving:  # this process runs it now: hand the reply over
-                self._mailbox.setdefault(rec.saga_id, []).append(reply)
+                await self._hand_over(rec, reply)
                 return
             now = self.clock.now()
             until = rec.lease_until
@@ -432,6 +463,21 @@ class SagaOrchestrator:
             "reply for saga %s step %s: gave up after repeated conflicts", reply.saga_id, reply.step
         )
 
+    async def _hand_over(self, rec: SagaRecord, reply: SagaReply) -> None:
+        """Give ``reply`` to the task of this process that drives the instance. A reply
+        the instance waits for is first recorded in the store (``add_reply``), so it is
+        durable before its delivery is acked: if this process dies before the driver's next
+        save, the next holder applies it from the record (that save deletes it, by its key,
+        once applied). ``rec``: the instance as stored (a copy, only looked at)."""
+        key = _reply_key(reply)
+        body = reply.model_dump_json().encode()
+        if self._accept(rec, reply):  # on the stored copy: a late one needs no record
+            await self.store.add_reply(rec.saga_id, key, body)
+        if rec.saga_id in self._driving:
+            self._mailbox.setdefault(rec.saga_id, []).append(reply)
+        else:  # the driver ended while the reply was being recorded: apply it from there
+            self._spawn(self._after_lease(rec.saga_id))
+
     async def _apply_and_drive(
         self, rec: SagaRecord, saga: Saga[Any], now: datetime, reply: SagaReply | None = None
     ) -> None:
@@ -440,7 +486,11 @@ class SagaOrchestrator:
         the history of the ignored ones (the save deletes the recorded ones). Raises
         ConcurrencyError if another process wrote it meanwhile."""
         taken = self._apply_recorded(rec)
-        if reply is not None and self._accept(rec, reply):
+        if (
+            reply is not None
+            and _reply_key(reply) not in rec.replies  # recorded: applied just above
+            and self._accept(rec, reply)
+        ):
             taken = True
         if not taken or rec.status not in ACTIVE_STATUSES:
             if reply is not None or rec.replies:
@@ -901,8 +951,11 @@ class SagaOrchestrator:
         steps = saga.steps
         while True:
             if self._mailbox:
+                replies = rec.replies
                 for reply in self._mailbox.pop(rec.saga_id, ()):
                     self._accept(rec, reply)
+                    # recorded in the store on arrival: the next save deletes the record
+                    replies[_reply_key(reply)] = b""
             now = self.clock.now()
             start: list[tuple[Step, StepRun]] = []
             waiting: list[datetime] = []
@@ -1215,7 +1268,8 @@ class SagaOrchestrator:
         unanswered_pivot = (
             purpose == ACTION and step.kind is StepKind.PIVOT and run.state == "waiting"
         )
-        if policy.attempts is not None and run.attempt >= policy.attempts and not unanswered_pivot:
+        tries = run.attempt - run.first + 1  # attempts of this invocation (retry: renumbered)
+        if policy.attempts is not None and tries >= policy.attempts and not unanswered_pivot:
             self._log(
                 rec,
                 "step failed" if purpose == ACTION else "compensation failed",
@@ -1226,7 +1280,7 @@ class SagaOrchestrator:
             if run.state == "running":
                 run.state = "failed"  # a local action that raised took no effect
             return True
-        delay = max(0.0, policy.backoff(run.attempt))
+        delay = max(0.0, policy.backoff(tries))
         run.state = "retry"
         run.wake_at = now + timedelta(seconds=delay)
         self._log(

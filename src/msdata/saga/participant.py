@@ -29,6 +29,15 @@ again. Any other exception is a technical failure: the delivery is nacked and re
 the event bus's policy, and the orchestrator's step timeout decides when to stop waiting; so
 is a command whose key another transaction holds uncommitted (memory store only; SQL stores
 wait for that transaction's row lock).
+
+An action never takes effect after its compensation: when a compensation command for
+(saga id, step) is handled, the action's key is recorded in the same transaction as refused
+("already compensated"), unless the action already took effect (its success is stored: the
+compensation undoes it). An action for that step that arrives later (overtaken by its
+compensation after the orchestrator's timeout: a slow participant, a redelivery, a retry)
+gets a failure reply with that reason and its handler does not run. The record is in the
+compensation's consumer group: handle a step's action and compensation in one group
+(``Service.step`` does). Needs ``idempotency``.
 """
 
 from __future__ import annotations
@@ -49,6 +58,8 @@ from msdata.idempotency import IdempotencyStore
 from msdata.messages import Command, Envelope, current_envelope
 from msdata.outbox import Outbox
 from msdata.saga.messages import (
+    ACTION,
+    COMPENSATION,
     HEADER_ATTEMPT,
     HEADER_PURPOSE,
     HEADER_REPLY_TO,
@@ -57,6 +68,7 @@ from msdata.saga.messages import (
     HEADER_STEP,
     IDEMPOTENCY_KEY_HEADER,
     SagaReply,
+    idempotency_key,
 )
 from msdata.storage import TransactionFactory, bind_connection
 
@@ -170,7 +182,7 @@ class SagaParticipant:
                     f"saga command {key} is being handled by another transaction; "
                     "redelivery will get its reply"
                 )
-            if not stored["ok"] and attempt > stored["attempt"]:
+            if not stored["ok"] and not stored["compensated"] and attempt > stored["attempt"]:
                 # a retry after a business failure: run the handler again
                 await call("release", conn, is_async, group, key, rec.token)
                 rec = await call("claim", conn, is_async, group, key, "", token, now, until)
@@ -181,9 +193,41 @@ class SagaParticipant:
                 ok=stored["ok"],
                 data=stored["data"],
                 reason=stored["reason"],
-                duplicate=True,
+                duplicate=not stored["compensated"],  # a refusal: compensated before it came
                 **base,
             )
+
+        async def mark_compensated(conn: Any, is_async: bool) -> None:
+            """A compensation is being handled: record under the action's key, in this
+            transaction, that the action is refused from now on, unless the action took
+            effect (then the compensation undoes it). An action that arrives later (it was
+            overtaken: slow, redelivered, retried) then gets a failure reply, "already
+            compensated", without running its handler."""
+            if store is None or h[HEADER_PURPOSE] != COMPENSATION:
+                return
+            action_key = idempotency_key(saga_id, h[HEADER_STEP], ACTION)
+            now = self.clock.now()
+            until = now + timedelta(seconds=self.reply_retention)
+            token = uuid.uuid4().hex
+            rec = await call("claim", conn, is_async, group, action_key, "", token, now, until)
+            if rec is not None:
+                stored = _decode(rec.response) if rec.completed else None
+                if stored is None:
+                    raise SagaError(
+                        f"saga command {action_key} is being handled by another transaction; "
+                        "its compensation waits for it (redelivery)"
+                    )
+                if stored["ok"] or stored["compensated"]:
+                    return  # it took effect (this compensation undoes it), or is refused
+                # refused by the handler: a later attempt would run it again; refuse it too
+                await call("release", conn, is_async, group, action_key, rec.token)
+                rec = await call("claim", conn, is_async, group, action_key, "", token, now, until)
+                if rec is not None:
+                    raise SagaError(f"saga command {action_key} was claimed concurrently")
+            if not await call(
+                "complete", conn, is_async, group, action_key, token, _COMPENSATED, until
+            ):
+                raise SagaError(f"saga command {action_key}: its claim was lost")
 
         async def store_reply(conn: Any, is_async: bool, token: str, reply: SagaReply) -> None:
             until = self.clock.now() + timedelta(seconds=self.reply_retention)
@@ -192,6 +236,7 @@ class SagaParticipant:
                 raise SagaError(f"saga command {key}: its claim was lost before the reply")
 
         async def run(conn: Any, is_async: bool) -> SagaReply:
+            await mark_compensated(conn, is_async)
             token, replay = await claim(conn, is_async)
             if replay is not None:
                 return replay
@@ -226,6 +271,7 @@ class SagaParticipant:
             reason = str(e) or type(e).__name__
 
             async def failed(conn: Any, is_async: bool) -> SagaReply:
+                await mark_compensated(conn, is_async)
                 token, replay = await claim(conn, is_async)
                 if replay is not None:  # a concurrent delivery answered meanwhile
                     return replay
@@ -244,6 +290,19 @@ def _encode(reply: SagaReply, attempt: int) -> bytes:
     ).encode()
 
 
+#: stored under an action's key when its compensation is handled first (see mark_compensated)
+_COMPENSATED = json.dumps(
+    {
+        "ok": False,
+        "data": None,
+        "reason": "already compensated",
+        "attempt": 0,
+        "compensated": True,
+    },
+    separators=(",", ":"),
+).encode()
+
+
 def _decode(response: bytes | None) -> dict[str, Any] | None:
     if response is None:
         return None
@@ -254,6 +313,7 @@ def _decode(response: bytes | None) -> dict[str, Any] | None:
             "data": value["data"],
             "reason": value["reason"],
             "attempt": int(value["attempt"]),
+            "compensated": bool(value.get("compensated", False)),
         }
     except (ValueError, KeyError, TypeError):
         raise SagaError("stored saga reply is not readable") from None

@@ -90,7 +90,11 @@ class StepRun:
     ``state``: ``running`` (a local effect under way), ``waiting`` (a remote command sent,
     no reply yet), ``retry`` (failed, tried again at ``wake_at``), ``replied`` (a reply was
     recorded: ``ok`` with ``reply`` data, or not ``ok`` with ``error``). ``wake_at``: the
-    remote step's reply deadline, or when to retry."""
+    remote step's reply deadline, or when to retry. ``first``: the attempt number this
+    invocation started at: 1, or after an operator's retry of a FAILED instance the number
+    after every attempt the step had (attempt numbers of a step never repeat within a saga,
+    so a participant tells a retried call from a redelivered one); the retry policy counts
+    ``attempt - first + 1`` attempts."""
 
     purpose: str
     attempt: int
@@ -100,6 +104,7 @@ class StepRun:
     ok: bool | None = None
     reply: dict[str, Any] | None = None
     sent: bool = False  # a command for this step was sent at some attempt
+    first: int = 1
 
     def copy(self) -> StepRun:
         return StepRun(
@@ -111,6 +116,7 @@ class StepRun:
             self.ok,
             self.reply,
             self.sent,
+            self.first,
         )
 
 
@@ -209,6 +215,7 @@ def record_to_json(record: SagaRecord) -> bytes:
             record.done,
             {
                 k: [r.purpose, r.attempt, r.state, to_us(r.wake_at), r.error, r.ok, r.reply, r.sent]
+                + ([r.first] if r.first != 1 else [])
                 for k, r in record.active.items()
             },
             record.compensation,
@@ -260,7 +267,9 @@ def record_from_json(
         position=position,
         done=done,
         active={
-            k: StepRun(v[0], v[1], v[2], from_us(v[3]), v[4], v[5], v[6], v[7])
+            k: StepRun(
+                v[0], v[1], v[2], from_us(v[3]), v[4], v[5], v[6], v[7], v[8] if len(v) > 8 else 1
+            )
             for k, v in active.items()
         },
         compensation=compensation,

@@ -59,7 +59,18 @@ def _keep(r: SagaRecord) -> Kept:
         runs = []
         for k, v in active.items():  # a loop, not a comprehension: no frame on 3.11
             runs.append(
-                (k, v.purpose, v.attempt, v.state, v.wake_at, v.error, v.ok, v.reply, v.sent)
+                (
+                    k,
+                    v.purpose,
+                    v.attempt,
+                    v.state,
+                    v.wake_at,
+                    v.error,
+                    v.ok,
+                    v.reply,
+                    v.sent,
+                    v.first,
+                )
             )
     compensation = r.compensation
     return (

@@ -125,7 +125,8 @@ class SagaStoreConformance:
             active={
                 "c": StepRun(
                     "action", 2, "waiting", T0 + timedelta(seconds=5), "boom", None, None, True
-                )
+                ),
+                "d": StepRun("compensation", 7, "retry", T0, "no", False, None, True, 5),
             },
             compensation=[["b", "x"], ["a"]],
             past_pivot=True,
@@ -575,3 +576,103 @@ class SagaStoreConformance:
         # applied from the record: the participant was not asked again
         assert (await outbox_store.status()).pending == pending
         assert transport.pending(audit, "audit") == 0
+
+    async def test_a_reply_to_the_driving_process_is_durable_before_it_is_acked(
+        self, store: SagaStore
+    ) -> None:
+        """The participant answers a remote step while the process that sent it still runs
+        a local step beside it (a parallel group). That process acks the reply's delivery;
+        it then dies before its next save (a SIGKILL: here its task is left blocked and its
+        bus stopped). The reply must be in the store: the recovery worker that takes over
+        applies it, without waiting out the step's timeout and without asking again."""
+        outbox_store = self.outbox_for(store)
+        if outbox_store is None:
+            pytest.skip("no outbox hook for this backend")
+        started, never = asyncio.Event(), asyncio.Event()
+        calls: list[int] = []
+
+        async def pack(d: _Data) -> _Data:
+            calls.append(1)
+            if len(calls) == 1:  # the first process dies in here
+                started.set()
+                await never.wait()
+            return d.model_copy(update={"tags": [*d.tags, "packed"]})
+
+        saga = (
+            Saga("driver-reply", _Data)
+            .parallel(
+                Step.compensatable(
+                    "charge",
+                    remote(
+                        lambda d: _Charge(n=d.n),
+                        reply=_Charged,
+                        on_reply=lambda d, r: d.model_copy(update={"tags": [*d.tags, r.payment]}),
+                        topic="conf.saga.charge2",
+                    ),
+                    compensate=lambda d: None,
+                    timeout=60,
+                ),
+                Step.compensatable("pack", pack, compensate=lambda d: None),
+            )
+            .pivot("end", lambda d: d.model_copy(update={"n": d.n + 1}))
+        )
+        clock = FakeClock()
+        transport = MemoryTransport()
+        topic, group = "conf.saga.replies2", "conf-orch2"
+
+        def orchestrator(s: SagaStore, bus: EventBus) -> SagaOrchestrator:
+            return SagaOrchestrator(
+                s,
+                [saga],
+                bus=bus,
+                outbox=Outbox(outbox_store),
+                clock=clock,
+                lease_seconds=10,
+                reply_topic=topic,
+                reply_group=group,
+            )
+
+        dead_bus = EventBus(transport)
+        dead = orchestrator(store, dead_bus)
+        task = asyncio.create_task(dead.start(saga, _Data(), saga_id=new_id()))
+        try:
+            async with dead_bus:
+                await started.wait()  # the command is in the outbox; "pack" runs
+                [rec] = await store.find(saga_type="driver-reply")
+                await dead_bus.publish(
+                    SagaReply(
+                        saga_id=rec.saga_id,
+                        saga_type="driver-reply",
+                        step="charge",
+                        purpose="action",
+                        attempt=1,
+                        ok=True,
+                        data={"payment": "p-1"},
+                    ),
+                    topic=topic,
+                )
+
+                async def handed_over() -> bool:
+                    return bool(dead._mailbox.get(rec.saga_id))
+
+                await eventually(handed_over, what="the reply handed to the driving task")
+            # the bus is stopped and the driving task never saves again: the process is gone
+            pending = (await outbox_store.status()).pending
+            clock.advance(11)  # its lease runs out
+            async with self.open_again(store) as other:
+                live = orchestrator(other, EventBus(transport))
+                assert await live.recover() == 1
+                end = await store.get(rec.saga_id)
+                assert end.status is SagaStatus.COMPLETED, (end.status, end.history)
+                await live.close()
+            data = end.data if isinstance(end.data, dict) else end.data.model_dump()
+            assert sorted(data["tags"]) == ["p-1", "packed"]
+            assert not [h for h in end.history if h.event == "timed out"]
+            assert end.replies == {}
+            # applied from the record: the participant was not asked again
+            assert (await outbox_store.status()).pending == pending
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await dead.close()
