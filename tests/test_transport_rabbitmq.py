@@ -269,7 +269,9 @@ async def test_nack_with_delay_uses_a_retry_queue_and_counts_attempts() -> None:
 async def test_jittered_delays_share_a_few_retry_tier_queues() -> None:
     topic, group = unique("topic"), unique("group")
     rng = random.Random(5)
-    async with rabbitmq_transport() as t, t.subscribe(topic, group, prefetch=200) as sub:
+    # small messages: 100 held at once fit in max_held_bytes (see prefetches())
+    small = rabbitmq_transport(max_message_bytes=64 * 1024)
+    async with small as t, t.subscribe(topic, group, prefetch=200) as sub:
         await t.publish(topic, make_messages(100))
         got = await collect(sub, 100, ack=False)
         delays = [rng.uniform(0.05, 4000.0) for _ in got]
