@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
+from typing import Any
 
 import aio_pika
 import pytest
@@ -44,12 +45,20 @@ async def _delete(conn: aio_pika.abc.AbstractConnection, transport: RabbitMQTran
 
 @asynccontextmanager
 async def rabbitmq_transport(
-    *, ordered_per_key: bool = False, queue_type: str = "classic", namespace: str | None = None
+    *,
+    ordered_per_key: bool = False,
+    queue_type: str = "classic",
+    namespace: str | None = None,
+    **options: Any,
 ) -> AsyncIterator[RabbitMQTransport]:
     conn = await aio_pika.connect_robust(require("rabbitmq"))
     try:
         transport = RabbitMQTransport(
-            conn, ordered_per_key=ordered_per_key, queue_type=queue_type, namespace=namespace
+            conn,
+            ordered_per_key=ordered_per_key,
+            queue_type=queue_type,
+            namespace=namespace,
+            **options,
         )
     except BaseException:
         await conn.close()
@@ -88,6 +97,11 @@ class TestRabbitMQTransport(_Unreachable):
             yield t
 
     @asynccontextmanager
+    async def make_transport_with(self, **options: Any) -> AsyncIterator[Transport]:
+        async with rabbitmq_transport(**options) as t:
+            yield t
+
+    @asynccontextmanager
     async def make_transport_in(self, namespace: str) -> AsyncIterator[Transport]:
         async with rabbitmq_transport(namespace=namespace) as t:
             yield t
@@ -103,6 +117,11 @@ class TestRabbitMQTransportOrdered(_Unreachable):
             yield t
 
     @asynccontextmanager
+    async def make_transport_with(self, **options: Any) -> AsyncIterator[Transport]:
+        async with rabbitmq_transport(ordered_per_key=True, **options) as t:
+            yield t
+
+    @asynccontextmanager
     async def make_transport_in(self, namespace: str) -> AsyncIterator[Transport]:
         async with rabbitmq_transport(ordered_per_key=True, namespace=namespace) as t:
             yield t
@@ -115,6 +134,11 @@ class TestRabbitMQTransportQuorum(_Unreachable):
     @asynccontextmanager
     async def make_transport(self) -> AsyncIterator[Transport]:
         async with rabbitmq_transport(queue_type="quorum") as t:
+            yield t
+
+    @asynccontextmanager
+    async def make_transport_with(self, **options: Any) -> AsyncIterator[Transport]:
+        async with rabbitmq_transport(queue_type="quorum", **options) as t:
             yield t
 
     @asynccontextmanager
@@ -245,7 +269,9 @@ async def test_nack_with_delay_uses_a_retry_queue_and_counts_attempts() -> None:
 async def test_jittered_delays_share_a_few_retry_tier_queues() -> None:
     topic, group = unique("topic"), unique("group")
     rng = random.Random(5)
-    async with rabbitmq_transport() as t, t.subscribe(topic, group, prefetch=200) as sub:
+    # small messages: 100 held at once fit in max_held_bytes (see prefetches())
+    small = rabbitmq_transport(max_message_bytes=64 * 1024)
+    async with small as t, t.subscribe(topic, group, prefetch=200) as sub:
         await t.publish(topic, make_messages(100))
         got = await collect(sub, 100, ack=False)
         delays = [rng.uniform(0.05, 4000.0) for _ in got]
@@ -353,3 +379,92 @@ async def test_publish_declares_the_exchange_again_after_it_went_missing() -> No
         assert published, "publish never recovered from the missing exchange"
         await admin.get_exchange(topic, ensure=True)  # it exists again
         await admin.close()
+
+
+async def test_messages_amqp_cannot_carry_are_refused_alone_and_the_connection_stays() -> None:
+    """Each refused before sending, alone, with the msdata error as the reason: an id that
+    is not a str or over AMQP's 255-byte shortstr, a body that is not bytes, a key that is
+    not a str (once sent as "7"), a header value None (once sent as "None"), and headers
+    that do not fit in one content-header frame (once: FRAME_ERROR, the broker closed the
+    connection and the batch failed after publish_timeout). The others are confirmed."""
+    topic, group = unique("topic"), unique("group")
+    good = make_messages(3, prefix="good")
+    bad = {
+        "int id": TransportMessage(7, b"{}"),  # type: ignore[arg-type]
+        "long id": TransportMessage("i" * 256, b"{}"),
+        "str body": TransportMessage(str(uuid.uuid4()), "{}"),  # type: ignore[arg-type]
+        "int key": TransportMessage(str(uuid.uuid4()), b"{}", key=7),  # type: ignore[arg-type]
+        "None value": TransportMessage(str(uuid.uuid4()), b"{}", headers={"x-v": None}),  # type: ignore[dict-item]
+        "huge header": TransportMessage(str(uuid.uuid4()), b"{}", headers={"x-v": "v" * 200_000}),
+    }
+    expected = {
+        "int id": "EncodeError: ",
+        "long id": "EncodeError: ",
+        "str body": "EncodeError: ",
+        "int key": "InvalidHeader: ",
+        "None value": "InvalidHeader: ",
+        "huge header": "MessageTooLarge: ",
+    }
+    async with rabbitmq_transport(publish_timeout=5.0) as t, t.subscribe(topic, group) as sub:
+        with pytest.raises(PublishError) as refused:
+            await t.publish(topic, [good[0], *bad.values(), good[1]])
+        reasons = refused.value.refused
+        assert len(reasons) == len(bad)
+        for what, m in bad.items():
+            mid = m.id if isinstance(m.id, str) else repr(m.id)
+            assert reasons[mid].startswith(expected[what]), (what, reasons[mid])
+        assert "frame_max" in reasons[bad["huge header"].id]
+        got = await collect(sub, 2)
+        assert sorted(d.message.id for d in got) == sorted(m.id for m in good[:2])
+        # a header just under the frame (with msdata's room) still goes
+        fits = TransportMessage(str(uuid.uuid4()), b"{}", headers={"x-v": "v" * 100_000})
+        await t.publish(topic, [fits, good[2]])
+        assert sorted(d.message.id for d in await collect(sub, 2)) == sorted([fits.id, good[2].id])
+        assert await sub.receive(10, timeout=0.3) == []
+
+
+def test_size_options_come_from_the_url_and_bound_the_prefetch() -> None:
+    t = RabbitMQTransport.from_url(
+        "amqp://guest:guest@localhost/?max_message_bytes=1000&heartbeat=30&max_held_bytes=20000"
+    )
+    assert (t.max_message_bytes, t.max_held_bytes) == (1000, 20000)
+    assert t._url == "amqp://guest:guest@localhost/?heartbeat=30"  # the rest goes to aio-pika
+    # 20 messages of max_message_bytes fit in max_held_bytes: 15 + 5 for the ready queue
+    assert t.subscribe("t", "g", prefetch=100).prefetches() == (15, 5)
+    # a prefetch that fits is the group queue's; the ready queue has a quarter of it besides
+    assert t.subscribe("t", "g", prefetch=8).prefetches() == (8, 2)
+    assert t.subscribe("t", "g", prefetch=17).prefetches() == (16, 4)
+    kw = RabbitMQTransport.from_url("amqp://localhost/?max_held_bytes=5", max_held_bytes=99)
+    assert kw.max_held_bytes == 99  # the keyword wins
+    # below one message: one each
+    assert kw.subscribe("t", "g").prefetches() == (1, 1)
+    ordered = RabbitMQTransport.from_url("amqp://localhost/", ordered_per_key=True)
+    assert ordered.subscribe("t", "g").prefetches() == (60, 0)  # 64 MiB // (1 MiB + 64 KiB)
+    for bad in ("max_message_bytes=0", "max_held_bytes=x"):
+        with pytest.raises(ConfigurationError):
+            RabbitMQTransport.from_url(f"amqp://localhost/?{bad}")
+    with pytest.raises(ConfigurationError):
+        RabbitMQTransport(None, max_message_bytes=600 * 1024 * 1024)
+
+
+def test_properties_that_are_not_utf8_are_read_and_escaped() -> None:
+    """pamqp (as the transport installs it) reads short strings and header names that are
+    not UTF-8 instead of failing the frame; the subscription hands them out escaped."""
+    from pamqp import decode
+
+    assert decode.short_str(b"\x06" + "héllo".encode()) == (7, "héllo")  # as before
+    assert decode.by_type(b"\x03a\xffb", "shortstr") == (4, "a\udcffb")
+    _, table = decode.by_type(b"\x00\x00\x00\x08\x02\xff\xfeS\x00\x00\x00\x00", "table")
+    assert table == {"\udcff\udcfe": ""}
+    props = SimpleNamespace(
+        message_id="id-\udcff",
+        content_type="text/\udcfe",
+        headers={"x-\udcff": b"v", "ok": "v"},
+    )
+    raw = SimpleNamespace(
+        header=SimpleNamespace(properties=props), body=b"x", redelivered=False, exchange="t"
+    )
+    m = _Entry(raw).parse(counts_deliveries=False)  # type: ignore[arg-type]
+    assert m.id == "id-\\xff"
+    assert props.content_type == "text/\\xfe"  # what a retry or dead letter copies
+    assert dict(m.headers) == {"x-\\xff": "v", "ok": "v"}

@@ -173,6 +173,36 @@ def with_test_hooks(backend: str, transport: Any) -> Any:
             writer.close()
         return 2
 
+    async def publish_unreadable_rabbitmq(topic: str) -> int:
+        """Publish, as a producer in another language could, messages whose ``message_id``
+        or ``content_type`` bytes are not UTF-8 (pamqp reads them strictly: "Could not
+        unmarshal ContentHeader frame" closed the consumer's connection, again and again).
+        pamqp will not write them, so its short-string encoder writes lone surrogates as
+        the bytes they stand for while these are sent."""
+        import aio_pika
+        from pamqp import common, encode
+
+        def raw_short_string(value: str) -> bytes:
+            data = value.encode("utf-8", "surrogateescape")
+            return common.Struct.byte.pack(len(data)) + data
+
+        bad = "\udcff\udcfe"
+        channel = await transport._connection.channel()
+        try:
+            exchange = await channel.get_exchange(transport.exchange_name(topic))
+            encode.METHODS["shortstr"] = raw_short_string
+            try:
+                for message in (
+                    aio_pika.Message(b"unreadable id", message_id=f"id-{bad}"),
+                    aio_pika.Message(b"unreadable type", content_type=f"text/{bad}"),
+                ):
+                    await exchange.publish(message, routing_key="")
+            finally:
+                encode.METHODS["shortstr"] = encode.short_string
+        finally:
+            await channel.close()
+        return 2
+
     async def publish_raw(topic: str, body: bytes, fields: Sequence[tuple[bytes, bytes]]) -> bool:
         return await _publish_raw(backend, transport, topic, body, fields)
 
@@ -181,7 +211,10 @@ def with_test_hooks(backend: str, transport: Any) -> Any:
         publish_foreign=publish_foreign,
         abandon=abandon,
         interrupt=None if backend == "memory" else interrupt,
-        publish_unreadable=publish_unreadable_nats if backend == "nats" else None,
+        publish_unreadable={
+            "nats": publish_unreadable_nats,
+            "rabbitmq": publish_unreadable_rabbitmq,
+        }.get(backend),
         publish_raw=publish_raw,
     )
     return transport

@@ -41,6 +41,16 @@ the channel is being reopened, ``publish`` waits and sends again what was not co
 the AMQP ``message_id`` property, the partition key in the ``x-msdata-key`` header, the
 message's headers as AMQP headers.
 
+Sizes: ``publish`` refuses alone, before sending, a message that fails
+:func:`~msdata.transport.check_message`, whose id is over 255 bytes (AMQP's shortstr), that
+is over ``max_message_bytes`` (body plus content-header frame), or whose content-header frame
+does not fit in the negotiated ``frame_max`` with room for msdata's own headers (sent, it
+would make the broker close the connection). What a subscription holds is bounded by its
+consumers' prefetch, derived from ``max_held_bytes // max_message_bytes`` (see
+:meth:`RabbitMQSubscription.prefetches`): RabbitMQ pushes up to the prefetch before any size
+is known. A foreign message whose short strings (``message_id``, ``content_type``, header
+names) are not UTF-8 is read (see :mod:`._pamqp`) and handed out with those bytes escaped.
+
 Attempts: ``attempt = x-msdata-prior-attempts + deliveries + 1``, and true on classic queues
 too, also when consumers die. A nack republishes a copy (to the back of the group's queue, or
 through a retry queue) that carries the attempts made so far in ``x-msdata-prior-attempts``,
@@ -103,25 +113,35 @@ from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
 from msdata import deadletter
+from msdata.adapters.rabbitmq import _pamqp
 from msdata.errors import (
     ConfigurationError,
+    EncodeError,
+    MessageTooLarge,
     MsdataError,
     PublishError,
     TransportClosed,
     TransportError,
 )
+from msdata.serialization import DEFAULT_MAX_SIZE
 from msdata.transport import (
+    DEFAULT_MAX_HELD_BYTES,
     ClosesOnExit,
     DeliveryState,
     DriverErrors,
     TransportFeatures,
     TransportMessage,
+    carryable_text,
     check_name,
     dead_letter_topic,
+    pop_url_options,
+    refused_error,
+    screen,
 )
 from msdata.urls import redact_url
 
 __all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
     "FEATURES",
     "KEY_HEADER",
     "ORDERED_FEATURES",
@@ -133,6 +153,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# a foreign message whose message_id, content_type (or header name) is not UTF-8 is read,
+# not a frame error that closes the connection for good (see _pamqp)
+_pamqp.install()
 
 _T = TypeVar("_T")
 
@@ -176,6 +200,21 @@ _INTERNAL_HEADERS = _BROKER_HEADERS | {
     NOT_BEFORE_HEADER,
 }
 _PERSISTENT = 2
+#: ``max_message_bytes`` by default: the codec's 1 MiB body limit plus 64 KiB for the id and
+#: headers, far below RabbitMQ's own ``max_message_size`` (128 MiB on 3.10)
+DEFAULT_MAX_MESSAGE_BYTES = DEFAULT_MAX_SIZE + 64 * 1024
+# RabbitMQ's hard ceiling of max_message_size (rabbit.app: 512 MiB)
+_BROKER_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+# AMQP 0-9-1 carries a message's properties (id, headers) in ONE content-header frame, which
+# must fit in the connection's negotiated frame_max (RabbitMQ's default 131072, used until the
+# connection says); a larger one makes the broker close the connection (FRAME_ERROR)
+_DEFAULT_FRAME_MAX = 131_072
+# room kept in that frame for what msdata adds to a copy it sends on (a dead letter's reason,
+# cut to 1 KiB of text, its topic, group and attempts; a retry's counts; the AMQP properties
+# a copy keeps): a message that fits without it could not be retried or dead-lettered
+_OWN_HEADERS_ROOM = 8 * 1024
+# a content-header frame: frame header (7) and end (1), class, weight, body size, flags (14)
+_HEADER_FRAME_FIXED = 8 + 14
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 # an unused retry queue is deleted this long after its delay has run out
 _RETRY_QUEUE_GRACE_MS = 60_000
@@ -225,6 +264,49 @@ def _tier(delay: float) -> float:
     return best
 
 
+def _wire_text(text: str) -> str:
+    """A short string as read (bytes that are not UTF-8 as lone surrogates, see
+    :mod:`._pamqp`) made writable again: those bytes as ``\\xff`` escapes."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return carryable_text(text)
+
+
+_STR_PROPERTIES = (
+    "content_type",
+    "content_encoding",
+    "correlation_id",
+    "reply_to",
+    "expiration",
+    "message_id",
+    "message_type",
+    "user_id",
+    "app_id",
+)
+
+
+def _writable(props: Basic.Properties) -> Basic.Properties:
+    """``props`` (as read) with every string property and header name writable again (see
+    :func:`_wire_text`), so msdata can send a copy of a foreign message whose bytes were
+    not UTF-8. The same object, changed in place."""
+    for name in _STR_PROPERTIES:
+        value = getattr(props, name, None)
+        if isinstance(value, str) and not value.isascii():
+            setattr(props, name, _wire_text(value))
+    headers = props.headers
+    if headers and not all(name.isascii() for name in headers):
+        props.headers = {_wire_text(k): v for k, v in headers.items()}
+    return props
+
+
 def _text(value: Any) -> str:
     if isinstance(value, str):
         return value
@@ -253,6 +335,25 @@ def _count(value: Any) -> int:
         return 0
 
 
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def _header_frame_size(m: TransportMessage) -> int:
+    """The bytes of the AMQP content-header frame that carries ``m``'s properties as
+    :func:`_properties` writes them (``message_id``, ``delivery_mode``, the headers table
+    with the key header), for a message that passed :func:`check_message`."""
+    n = _HEADER_FRAME_FIXED + (1 + _utf8_len(m.id)) + 1 + 4
+    headers = m.headers
+    if headers:
+        for name, value in headers.items():
+            # name (shortstr), type octet, longstr length and bytes
+            n += 1 + len(name) + 1 + 4 + _utf8_len(value)
+    if m.key is not None:
+        n += 1 + len(KEY_HEADER) + 1 + 4 + _utf8_len(m.key)
+    return n
+
+
 def _properties(m: TransportMessage) -> Basic.Properties:
     headers: dict[str, Any] = dict(m.headers) if m.headers else {}
     if m.key is not None:
@@ -263,14 +364,15 @@ def _properties(m: TransportMessage) -> Basic.Properties:
 def _as_published(raw: DeliveredMessage) -> Basic.Properties:
     """The properties of a message moved by msdata into a queue, without bookkeeping headers
     its producer may have put there (through the default exchange they would count)."""
-    props = raw.header.properties
+    props = _writable(raw.header.properties)
     if props.headers and (PRIOR_ATTEMPTS_HEADER in props.headers):
         props.headers = {k: v for k, v in props.headers.items() if k != PRIOR_ATTEMPTS_HEADER}
     return props
 
 
 def _copy_properties(props: Basic.Properties, original: Basic.Properties) -> None:
-    """The AMQP properties of the original that a copy keeps."""
+    """The AMQP properties of the original that a copy keeps (made writable)."""
+    _writable(original)
     props.content_type = original.content_type
     props.content_encoding = original.content_encoding
     props.correlation_id = original.correlation_id
@@ -387,7 +489,7 @@ class _Entry:
         they are another producer's headers and are ignored."""
         raw = self.raw
         own = raw.exchange == ""
-        props = raw.header.properties
+        props = _writable(raw.header.properties)
         headers = props.headers
         key: str | None = None
         prior = count = 0
@@ -537,7 +639,7 @@ class RabbitMQSubscription(ClosesOnExit):
                 try:
                     channel = await conn.channel(publisher_confirms=True)
                     self._channel = channel
-                    await channel.set_qos(prefetch_count=self.prefetch)
+                    await channel.set_qos(prefetch_count=self.prefetches()[0])
                     await self._start(await channel.get_underlay_channel())
                 except aiormq.exceptions.ChannelPreconditionFailed as e:
                     raise ConfigurationError(
@@ -578,10 +680,31 @@ class RabbitMQSubscription(ClosesOnExit):
         # a broker restart a confirmed message can land there though the group exists
         # (see _adopt_unrouted)
         await self._transport._declare_group(raw, self.topic, self.group, adopt=True)
+        # basic.qos (not global) applies to the consumers started after it on the channel
+        main, ready = self.prefetches()
+        await raw.basic_qos(prefetch_count=main)
         await raw.basic_consume(self.queue, self._on_message)
         if not self._ordered:
             # its own consumer, with its own prefetch: retries are not held up by the queue's
+            await raw.basic_qos(prefetch_count=ready)
             await raw.basic_consume(self.ready_queue, self._on_message)
+
+    def prefetches(self) -> tuple[int, int]:
+        """The prefetch of the consumer of the group's queue and of its ready queue (0 in
+        ordered mode, which has none), at least one each. With ``fits =
+        max_held_bytes // max_message_bytes`` (60 by default): the ready queue gets a
+        quarter of ``min(prefetch, fits)``, the group's queue ``prefetch``, or what is left
+        of ``fits`` if that is less. RabbitMQ pushes a consumer up to its prefetch of
+        unsettled deliveries whatever their size, so this is what bounds what the
+        subscription holds: messages within ``max_message_bytes`` take at most
+        ``max_held_bytes`` (one message per consumer if ``max_held_bytes`` is below
+        ``max_message_bytes``)."""
+        t = self._transport
+        fits = t.max_held_bytes // t.max_message_bytes
+        if self._ordered:
+            return max(1, min(self.prefetch, fits)), 0
+        ready = max(1, min(self.prefetch, fits) // 4)
+        return max(1, min(self.prefetch, fits - ready)), ready
 
     def _on_reopen(self, _channel: Any) -> None:
         # called inside the connection's recovery, which must finish before the channel is
@@ -956,6 +1079,22 @@ class RabbitMQTransport:
     - ``namespace``: on a broker shared with others, every exchange and queue name starts
       with ``<namespace>:`` (topic ``orders`` is exchange ``shop:orders``, its group queue
       ``shop:orders:billing``); the same option as on the other transports.
+    - ``max_message_bytes``: the largest message ``publish`` sends, in bytes of its body plus
+      the AMQP content-header frame that carries its id, key and headers
+      (:data:`DEFAULT_MAX_MESSAGE_BYTES`: the codec's 1 MiB plus 64 KiB; at most 512 MiB,
+      RabbitMQ's ceiling; keep it at or below the broker's ``max_message_size``, 128 MiB by
+      default). A larger message is refused before sending, alone
+      (:class:`~msdata.errors.MessageTooLarge` in ``PublishError.refused``). So is one whose
+      content-header frame, with 8 KiB kept for the headers msdata adds to a retry or a dead
+      letter, does not fit in the connection's negotiated ``frame_max`` (128 KiB by
+      default): sent, it would make the broker close the connection.
+    - ``max_held_bytes``: what one subscription holds (delivered by the broker, not yet
+      settled) at most, in bytes (:data:`~msdata.transport.DEFAULT_MAX_HELD_BYTES`, 64 MiB).
+      RabbitMQ pushes up to the consumer's prefetch, so the prefetch is what bounds it: a
+      subscription's consumers together take at most ``max_held_bytes // max_message_bytes``
+      unsettled deliveries (at least one each; never more than ``prefetch``), so messages
+      within ``max_message_bytes`` take at most ``max_held_bytes`` (see
+      :meth:`RabbitMQSubscription.prefetches`).
     """
 
     def __init__(
@@ -966,9 +1105,21 @@ class RabbitMQTransport:
         queue_type: str = "classic",
         publish_timeout: float = 30.0,
         namespace: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
     ) -> None:
         if namespace is not None:
             check_name("namespace", namespace)
+        for name, value in (
+            ("max_message_bytes", max_message_bytes),
+            ("max_held_bytes", max_held_bytes),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigurationError(f"{name} must be a whole number >= 1: {value!r}")
+        if max_message_bytes > _BROKER_MAX_MESSAGE_BYTES:
+            raise ConfigurationError("max_message_bytes must be at most 512 MiB (RabbitMQ's)")
+        self.max_message_bytes = max_message_bytes
+        self.max_held_bytes = max_held_bytes
         self.namespace = namespace
         self._ns = f"{namespace}:" if namespace else ""
         if queue_type not in ("classic", "quorum"):
@@ -998,16 +1149,27 @@ class RabbitMQTransport:
         queue_type: str = "classic",
         publish_timeout: float = 30.0,
         namespace: str | None = None,
+        max_message_bytes: int | None = None,
+        max_held_bytes: int | None = None,
     ) -> RabbitMQTransport:
-        """``amqp://user:password@host:port/vhost`` (or ``amqps://``); connects on first use."""
+        """``amqp://user:password@host:port/vhost`` (or ``amqps://``); connects on first use.
+        ``max_message_bytes`` and ``max_held_bytes`` may also be given as query parameters
+        (``amqp://host/?max_message_bytes=65536``), the keywords winning; the other query
+        parameters go to aio-pika."""
         if not url.startswith(("amqp://", "amqps://")):
             raise ConfigurationError(f"not an amqp:// URL: {redact_url(url)!r}")
+        url, found = pop_url_options(url, ("max_message_bytes", "max_held_bytes"))
+        if max_message_bytes is not None:
+            found["max_message_bytes"] = max_message_bytes
+        if max_held_bytes is not None:
+            found["max_held_bytes"] = max_held_bytes
         transport = cls(
             None,
             ordered_per_key=ordered_per_key,
             queue_type=queue_type,
             publish_timeout=publish_timeout,
             namespace=namespace,
+            **found,
         )
         transport._url = url
         transport._owns_connection = True
@@ -1159,17 +1321,68 @@ class RabbitMQTransport:
                 if not channel.is_closed:
                     await channel.close()
 
+    def _frame_max(self) -> int:
+        """The connection's negotiated ``frame_max`` (RabbitMQ's default until connected)."""
+        try:
+            tune = self._connection.transport.connection.connection_tune  # type: ignore[union-attr]
+            frame_max = int(tune.frame_max)
+        except (AttributeError, TypeError, ValueError):
+            return _DEFAULT_FRAME_MAX
+        return frame_max if frame_max > 0 else _DEFAULT_FRAME_MAX
+
+    def _wire_size(self, m: TransportMessage) -> int:
+        """``m``'s size against ``max_message_bytes`` (its body and content-header frame);
+        raises :class:`EncodeError` for an id AMQP cannot carry (``message_id`` is a
+        shortstr: at most 255 bytes), :class:`MessageTooLarge` for properties that do not
+        fit in one frame with room for msdata's own headers."""
+        if len(m.id) > 63 and _utf8_len(m.id) > 255:
+            raise EncodeError(
+                f"message id of {_utf8_len(m.id)} bytes: AMQP carries at most 255 (a shortstr)"
+            )
+        header = _header_frame_size(m)
+        frame_max = self._frame_max()
+        if header + _OWN_HEADERS_ROOM > frame_max:
+            raise MessageTooLarge(
+                f"message {m.id}: its id, key and headers take {header:,} bytes; with "
+                f"{_OWN_HEADERS_ROOM:,} kept for msdata's own they do not fit in one AMQP "
+                f"frame (frame_max {frame_max:,} bytes, negotiated with the broker)"
+            )
+        return len(m.body) + header
+
     async def publish(self, topic: str, messages: Sequence[TransportMessage]) -> None:
         """Publish and wait for every confirm. While the connection or the channel is being
         reopened (a dropped connection, a broker restart), it waits and sends again what was
-        not confirmed yet, until ``publish_timeout`` seconds have passed in all; then, or on
-        a refusal, it raises :class:`~msdata.errors.PublishError`."""
+        not confirmed yet, until ``publish_timeout`` seconds have passed in all; then it
+        raises :class:`~msdata.errors.PublishError` for the batch.
+
+        Outcomes are per message: a message that fails
+        :func:`~msdata.transport.check_message`, whose id is over 255 bytes, that is over
+        ``max_message_bytes`` or whose headers do not fit in a frame (see the class) is not
+        sent; one the broker refuses (``basic.nack``) is not confirmed. Every other one is
+        confirmed, then :class:`~msdata.errors.PublishError` names those in ``refused`` (id
+        -> reason), its ``__cause__`` the first msdata error among them."""
         if self._closed:
             raise TransportClosed("publish() on a closed transport")
         if topic not in self._topics:
             check_name("topic", topic)
         if not messages:
             return
+        total = len(messages)
+        messages, screened = screen(
+            messages, self.max_message_bytes, self._wire_size, "max_message_bytes"
+        )
+        refused: dict[str, str | MsdataError] = dict(screened)
+        if messages:
+            try:
+                await self._publish_all(topic, messages)
+            except PublishError as e:
+                if not e.refused:
+                    raise  # the batch failed as a whole
+                refused.update(e.refused)
+        if refused:
+            raise refused_error(f"publishing to {topic!r}", total, refused)
+
+    async def _publish_all(self, topic: str, messages: Sequence[TransportMessage]) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.publish_timeout
         pause = 0.05
