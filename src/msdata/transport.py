@@ -21,6 +21,7 @@ from typing import Generic, NamedTuple, Protocol, Self, TypeVar, runtime_checkab
 from msdata.errors import (
     ConfigurationError,
     EncodeError,
+    HeldBack,
     InvalidHeader,
     MessageTooLarge,
     MsdataError,
@@ -268,7 +269,13 @@ class Publisher(Protocol):
         broker's limit: :class:`~msdata.errors.MessageTooLarge`) or by the broker, does not
         take the others with it. ``PublishError.refused`` then names exactly those messages
         (id -> reason), and every other message of the batch was confirmed. An empty
-        ``refused`` means the batch failed as a whole."""
+        ``refused`` means the batch failed as a whole.
+
+        A message refused before sending holds back the later messages of its key in the
+        batch: they are not sent, and ``refused`` names them too (reason
+        ``"HeldBack: ..."``), so a key's order holds. A broker that refuses a message after
+        the batch was sent (NATS, Redis: per message) cannot hold anything back: the later
+        messages of that key may then have been confirmed ahead of it."""
         ...
 
 
@@ -528,11 +535,20 @@ def screen(
     refused message's id -> the error that refuses it (:func:`check_message`'s, or
     :class:`~msdata.errors.MessageTooLarge` when ``size(message)`` is over ``max_bytes``;
     ``where`` names the limit's source in its text). When nothing is refused, the batch
-    itself is returned. Send the rest, then raise :func:`refused_error` if anything was
-    refused, so one bad message never takes the others with it."""
+    itself is returned. A refused message holds back the later messages of its key in the
+    batch (each refused with a :class:`HeldBack` error), so a key's order holds. Send the
+    rest, then raise :func:`refused_error` if anything was refused, so one bad message never
+    takes the others with it."""
     refused: dict[str, MsdataError] | None = None
+    held: dict[str, str] | None = None  # key -> id of its refused message
     for m in messages:
         try:
+            if held is not None:
+                first = held.get(m.key) if isinstance(m.key, str) else None
+                if first is not None:
+                    raise HeldBack(
+                        f"held back, not sent: the earlier message {first} of its key was refused"
+                    )
             check_message(m)
             if max_bytes is not None:
                 n = size(m)
@@ -545,6 +561,10 @@ def screen(
             if refused is None:
                 refused = {}
             refused[_id_of(m)] = e
+            if isinstance(m.key, str):
+                if held is None:
+                    held = {}
+                held.setdefault(m.key, _id_of(m))
     if refused is None:
         return messages, {}
     return [m for m in messages if _id_of(m) not in refused], refused

@@ -938,12 +938,21 @@ class RedisTransport:
         sent: list[TransportMessage] = []
         pipe = self._client.pipeline(transaction=False)
         command = pipe.execute_command
+        held: dict[str, str] = {}  # key -> id of its refused message (the key's order)
         for m in messages:
+            if held and isinstance(m.key, str) and m.key in held:
+                refused[m.id] = (
+                    f"HeldBack: held back, not sent: the earlier message {held[m.key]} of its "
+                    "key was refused"
+                )
+                continue
             try:
                 check_message(m)  # headers, key and id no broker can carry: refused alone
             except MsdataError as e:
                 refused[m.id] = f"{type(e).__name__}: {e}"
                 too_large = too_large or e
+                if isinstance(m.key, str):
+                    held.setdefault(m.key, m.id)
                 continue
             if m.key is None and not m.headers:
                 # the common case: "id" and "body" (6 bytes) and their values
@@ -966,6 +975,8 @@ class RedisTransport:
                 f"max_message_bytes ({limit:,})"
             )
             refused[m.id] = f"MessageTooLarge: {too_large}"
+            if m.key is not None:
+                held.setdefault(m.key, m.id)
         if sent:
             with _redis_errors(f"publish of {len(messages)} to {topic!r} failed", PublishError):
                 results = await _execute(pipe, raise_on_error=False)
