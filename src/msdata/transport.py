@@ -48,6 +48,7 @@ __all__ = [
     "TransportMessage",
     "carryable_headers",
     "carryable_text",
+    "check_header_value",
     "check_message",
     "check_name",
     "dead_letter_topic",
@@ -451,6 +452,15 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,255}")
 # a header value cannot hold a line break or NUL: NATS's header block is line-based
 _VALUE_BREAK = re.compile(r"[\r\n\x00]")
 _valid_names: set[str] = set()  # names already checked (a service uses a handful)
+
+
+def check_header_value(what: str, value: object) -> None:
+    """The rule every header value (and partition key) meets, wherever msdata takes one
+    (:func:`check_message` before sending, :func:`msdata.messages.check_headers` when an
+    envelope is made): a str, valid UTF-8 (no lone surrogate), without CR, LF or NUL (NATS's
+    header block is line-based). ``what`` names it in the error. Raises
+    :class:`~msdata.errors.InvalidHeader` (the value is not shown: it may be a credential)."""
+    _check_value(what, value)
 
 
 def _check_value(what: str, value: object) -> None:
