@@ -3,6 +3,8 @@ headers (msdata.deadletter), and the driver-error translation (msdata.transport.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from msdata import deadletter
@@ -129,3 +131,16 @@ def test_screen_sends_the_rest_and_url_options_are_taken_out() -> None:
     assert pop_url_options("memory://", ("max_held_bytes",)) == ("memory://", {})
     with pytest.raises(ConfigurationError):
         pop_url_options("memory://?max_held_bytes=0", ("max_held_bytes",))
+
+
+def test_logging_the_dead_letter_of_deeply_nested_json_does_not_fail(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The log line looks up the CloudEvents type of the body; JSON nested too deep for the
+    parser (RecursionError) just has no type: the dead letter is logged, nothing raises."""
+    body = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    dead = deadletter.dead_letter(TransportMessage("deep", body), "t", "g", 1, "malformed")
+    with caplog.at_level(logging.WARNING, logger="msdata.deadletter"):
+        dead.log()
+    (record,) = [r for r in caplog.records if r.name == "msdata.deadletter"]
+    assert record.levelno == logging.WARNING and "type unknown" in record.getMessage()

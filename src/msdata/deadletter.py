@@ -187,6 +187,6 @@ def _type_of(body: bytes) -> str | None:
         return None
     try:
         value = json.loads(body).get("type")
-    except (ValueError, AttributeError):
+    except Exception:  # not JSON, not an object, nested too deep (RecursionError): no type
         return None
     return value if isinstance(value, str) else None
