@@ -16,6 +16,7 @@ from msdata.transport import (
     DEAD_LETTER_TOPIC,
     DriverErrors,
     TransportMessage,
+    pop_url_options,
 )
 
 
@@ -144,3 +145,34 @@ def test_logging_the_dead_letter_of_deeply_nested_json_does_not_fail(
         dead.log()
     (record,) = [r for r in caplog.records if r.name == "msdata.deadletter"]
     assert record.levelno == logging.WARNING and "type unknown" in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "max_message_bytes=1_000",
+        "max_message_bytes=%20100",
+        "max_message_bytes=+100",
+        "max_message_bytes=\u0661\u0662\u0663",  # Arabic-Indic digits: str.isdigit() is True
+        "max_message_bytes=0",
+        "max_message_bytes=",
+        "max_message_bytes=1&max_message_bytes=2",
+        "max_mesage_bytes=100",
+        "MAX_MESSAGE_BYTES=100",
+    ],
+)
+def test_url_options_are_refused_unless_exactly_right(query: str) -> None:
+    """One parser of every transport's URL options: ASCII digits only, each option once,
+    and a max_* option the transport does not know is refused by name."""
+    with pytest.raises(ConfigurationError):
+        pop_url_options(f"x://h/?{query}", ("max_message_bytes", "max_held_bytes"))
+
+
+def test_url_options_leave_the_drivers_own_parameters() -> None:
+    url, found = pop_url_options(
+        "redis://h/0?max_connections=5&max_message_bytes=4096&socket_timeout=1",
+        ("max_message_bytes", "max_held_bytes"),
+        driver=("max_connections",),
+    )
+    assert url == "redis://h/0?max_connections=5&socket_timeout=1"
+    assert found == {"max_message_bytes": 4096}

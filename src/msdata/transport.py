@@ -479,7 +479,7 @@ def check_message(message: TransportMessage) -> None:
     - ``id``: a non-empty str, valid UTF-8 (no lone surrogate);
     - ``body``: bytes;
     - ``key``: None or a str without line break or NUL, valid UTF-8 (it travels in a header);
-    - ``headers``: names are RFC 9110 tokens of 1-255 characters (letters, digits and
+    - ``headers``: a mapping; names are RFC 9110 tokens of 1-255 characters (letters, digits and
       ``!#$%&'*+-.^_`|~``: no space, no ``:``), values str without line break or NUL,
       valid UTF-8.
 
@@ -496,6 +496,8 @@ def check_message(message: TransportMessage) -> None:
         _check_value("partition key", key)
     headers = message.headers
     if headers:
+        if type(headers) is not dict and not isinstance(headers, Mapping):
+            raise InvalidHeader(f"headers must be a mapping, got {type(headers).__name__}")
         for name, value in headers.items():
             if name not in _valid_names:
                 if not (isinstance(name, str) and _HEADER_NAME.fullmatch(name)):
@@ -626,12 +628,22 @@ def carryable_text(value: object) -> str:
     return _VALUE_BREAK.sub(" ", text)
 
 
-def pop_url_options(url: str, names: Sequence[str]) -> tuple[str, dict[str, int]]:
+_ASCII_DIGITS = re.compile(r"[0-9]+")
+
+
+def pop_url_options(
+    url: str, names: Sequence[str], driver: Sequence[str] = ()
+) -> tuple[str, dict[str, int]]:
     """Take the query parameters ``names`` (``max_message_bytes``, ``max_held_bytes``...,
     whole numbers >= 1) out of a transport URL: returns the URL without them (other query
     parameters are kept for the driver) and their values. Several comma-separated URLs
-    (NATS) each lose them. Raises :class:`~msdata.errors.ConfigurationError` for a value
-    that is not a whole number >= 1."""
+    (NATS) each lose them. The one parser of every transport's URL options.
+
+    Raises :class:`~msdata.errors.ConfigurationError` for a value that is not ASCII digits
+    making a whole number >= 1 (no sign, space, ``_``, exponent or other script's digits),
+    for an option given twice, and for a ``max_*`` parameter (any case) that is neither one
+    of ``names`` nor one of ``driver`` (the driver's own, e.g. redis-py's
+    ``max_connections``): a misspelt limit is refused, not silently ignored."""
     found: dict[str, int] = {}
     parts = []
     for one in url.split(","):
@@ -644,11 +656,21 @@ def pop_url_options(url: str, names: Sequence[str]) -> tuple[str, dict[str, int]
         for pair in query.split("&"):
             name, _, value = pair.partition("=")
             if name not in names:
+                if name.lower().startswith("max_") and name not in driver:
+                    raise ConfigurationError(
+                        f"unknown URL option {_shown(name)}: this transport takes "
+                        f"{', '.join(names)}"
+                    )
                 if pair:
                     kept.append(pair)  # as written: the driver decodes it
                 continue
-            if not (value.isdigit() and int(value) >= 1):
-                raise ConfigurationError(f"URL option {name}={value!r} must be a whole number >= 1")
+            if name in found:
+                raise ConfigurationError(f"URL option {name} is given twice")
+            if not (_ASCII_DIGITS.fullmatch(value) and int(value) >= 1):
+                raise ConfigurationError(
+                    f"URL option {name}={_shown(value)} must be a whole number >= 1 "
+                    "(ASCII digits only)"
+                )
             found[name] = int(value)
         parts.append(base + ("?" + "&".join(kept) if kept else "") + hash_ + fragment)
     return ",".join(parts), found

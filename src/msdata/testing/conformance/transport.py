@@ -950,6 +950,22 @@ class TransportConformance:
                 assert sorted(d.message.id for d in got) == sorted(m.id for m in [*before, *after])
                 await self.assert_quiet(sub)
 
+    async def test_a_message_whose_headers_are_not_a_mapping_is_refused_alone(self) -> None:
+        """Headers that are not a mapping (a list of pairs) fail their message alone, with
+        ``InvalidHeader``: the rest of the batch is delivered."""
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t:
+            await t.declare_group(topic, group)
+            good = make_messages(2)
+            bad = make_messages(1)[0]._replace(headers=[("a", "b")])  # type: ignore[arg-type]
+            with pytest.raises(PublishError) as refused:
+                await t.publish(topic, [good[0], bad, good[1]])
+            assert list(refused.value.refused) == [bad.id]
+            assert "InvalidHeader" in refused.value.refused[bad.id]
+            async with t.subscribe(topic, group) as sub:
+                got = await collect(sub, 2, timeout=self.arrival_timeout)
+                assert sorted(d.message.id for d in got) == sorted(m.id for m in good)
+
     async def test_a_refused_message_holds_back_the_later_ones_of_its_key(self) -> None:
         """A message refused before sending (here a header name no broker carries) holds
         back the later messages of its key in the batch: they are refused too, unsent (a
