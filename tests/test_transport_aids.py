@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from msdata import deadletter
-from msdata.errors import ConfigurationError, PublishError, TransportError
+from msdata.errors import ConfigurationError, InvalidHeader, PublishError, TransportError
 from msdata.transport import (
     DEAD_LETTER_ATTEMPTS,
     DEAD_LETTER_GROUP,
@@ -16,6 +16,8 @@ from msdata.transport import (
     DEAD_LETTER_TOPIC,
     DriverErrors,
     TransportMessage,
+    carryable_headers,
+    check_message,
     pop_url_options,
 )
 
@@ -176,3 +178,12 @@ def test_url_options_leave_the_drivers_own_parameters() -> None:
     )
     assert url == "redis://h/0?max_connections=5&socket_timeout=1"
     assert found == {"max_message_bytes": 4096}
+
+
+@pytest.mark.parametrize("name", ["Nats-Expected-Stream", "nats-ttl", "NATS-Msg-Id"])
+def test_header_names_jetstream_acts_on_are_refused_and_dropped_from_copies(name: str) -> None:
+    """Nats-* headers change how JetStream stores a message: check_message refuses them on
+    every transport, and a dead letter of a foreign message does not carry them on."""
+    with pytest.raises(InvalidHeader, match="Nats-"):
+        check_message(TransportMessage("m", b"{}", None, {name: "x"}))
+    assert carryable_headers({name: "x", "x-h": "y"}) == {"x-h": "y"}

@@ -480,8 +480,10 @@ def check_message(message: TransportMessage) -> None:
     - ``body``: bytes;
     - ``key``: None or a str without line break or NUL, valid UTF-8 (it travels in a header);
     - ``headers``: a mapping; names are RFC 9110 tokens of 1-255 characters (letters, digits and
-      ``!#$%&'*+-.^_`|~``: no space, no ``:``), values str without line break or NUL,
-      valid UTF-8.
+      ``!#$%&'*+-.^_`|~``: no space, no ``:``), not starting with ``Nats-`` (any case:
+      JetStream acts on those), values str without line break or NUL, valid UTF-8.
+      (``x-msdata-*`` names are msdata's own too: it sets them on dead letters, and a
+      consumer ignores one a producer forged.)
 
     Raises :class:`~msdata.errors.InvalidHeader` for a header or key,
     :class:`~msdata.errors.EncodeError` for an id or body. Every transport calls it on
@@ -504,6 +506,11 @@ def check_message(message: TransportMessage) -> None:
                     raise InvalidHeader(
                         f"header name {_shown(name)} must be 1-255 letters, digits or "
                         "!#$%&'*+-.^_`|~ (an RFC 9110 token: no space, no ':')"
+                    )
+                if name[:5].lower() == "nats-":
+                    raise InvalidHeader(
+                        f"header name {_shown(name)}: names starting with 'Nats-' are NATS "
+                        "JetStream's own (they change how the server stores a message)"
                     )
                 if len(_valid_names) < 1024:
                     _valid_names.add(name)
@@ -608,13 +615,14 @@ def refused_error(what: str, total: int, refused: Mapping[str, str | MsdataError
 
 def carryable_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """``headers`` made to pass :func:`check_message`, for a copy msdata sends on of a
-    message it received (a dead letter of a foreign message): a name that is not a token is
-    dropped, a value that is not a str becomes its ``str()``, line breaks and NUL in a value
-    become spaces and lone surrogates ``\\udcxx`` escapes."""
+    message it received (a dead letter of a foreign message): a name that is not a token,
+    or that starts with ``Nats-``, is dropped, a value that is not a str becomes its
+    ``str()``, line breaks and NUL in a value become spaces and lone surrogates ``\\udcxx``
+    escapes."""
     return {
         name: carryable_text(value)
         for name, value in headers.items()
-        if isinstance(name, str) and _HEADER_NAME.fullmatch(name)
+        if isinstance(name, str) and _HEADER_NAME.fullmatch(name) and name[:5].lower() != "nats-"
     }
 
 
