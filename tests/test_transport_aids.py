@@ -187,3 +187,11 @@ def test_header_names_jetstream_acts_on_are_refused_and_dropped_from_copies(name
     with pytest.raises(InvalidHeader, match="Nats-"):
         check_message(TransportMessage("m", b"{}", None, {name: "x"}))
     assert carryable_headers({name: "x", "x-h": "y"}) == {"x-h": "y"}
+
+
+def test_several_urls_may_each_carry_an_option_with_one_value() -> None:
+    names = ("max_message_bytes", "max_held_bytes")
+    url, found = pop_url_options("n://a?max_held_bytes=9,n://b?max_held_bytes=9", names)
+    assert (url, found) == ("n://a,n://b", {"max_held_bytes": 9})
+    with pytest.raises(ConfigurationError, match="differs"):
+        pop_url_options("n://a?max_held_bytes=9,n://b?max_held_bytes=8", names)

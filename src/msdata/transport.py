@@ -649,7 +649,8 @@ def pop_url_options(
 
     Raises :class:`~msdata.errors.ConfigurationError` for a value that is not ASCII digits
     making a whole number >= 1 (no sign, space, ``_``, exponent or other script's digits),
-    for an option given twice, and for a ``max_*`` parameter (any case) that is neither one
+    for an option given twice in one URL (or with two values in several), and for a
+    ``max_*`` parameter (any case) that is neither one
     of ``names`` nor one of ``driver`` (the driver's own, e.g. redis-py's
     ``max_connections``): a misspelt limit is refused, not silently ignored."""
     found: dict[str, int] = {}
@@ -661,6 +662,7 @@ def pop_url_options(
             continue
         query, hash_, fragment = rest.partition("#")
         kept = []
+        here: set[str] = set()  # the options of this URL (several URLs may each have them)
         for pair in query.split("&"):
             name, _, value = pair.partition("=")
             if name not in names:
@@ -672,13 +674,15 @@ def pop_url_options(
                 if pair:
                     kept.append(pair)  # as written: the driver decodes it
                 continue
-            if name in found:
+            if name in here:
                 raise ConfigurationError(f"URL option {name} is given twice")
+            here.add(name)
             if not (_ASCII_DIGITS.fullmatch(value) and int(value) >= 1):
                 raise ConfigurationError(
                     f"URL option {name}={_shown(value)} must be a whole number >= 1 "
                     "(ASCII digits only)"
                 )
-            found[name] = int(value)
+            if found.setdefault(name, int(value)) != int(value):
+                raise ConfigurationError(f"URL option {name} differs between the URLs")
         parts.append(base + ("?" + "&".join(kept) if kept else "") + hash_ + fragment)
     return ",".join(parts), found
