@@ -62,7 +62,7 @@ BAD_ENVELOPES: dict[str, dict[str, Any]] = {
     "lone surrogate in an Any field": {"message": Loose(a=["\udc00"])},
     "lone surrogate in a dict key": {"message": Loose(d={"\ud800": 1})},
     "lone surrogate in a dict[str, str] key": {"message": Labels(labels={"a\udc00": "v"})},
-    "lone surrogate in the partition key": {"partition_key": "k\ud800"},
+    "lone surrogate in the partition key": {"raw_key": "k\ud800"},
     # (make_envelope refuses it: an envelope built another way still meets encode's check)
     "lone surrogate in a header": {"raw_headers": {"tenant": "\udfff"}},
     "lone surrogate in the source": {"source": "svc\ud800"},
@@ -83,9 +83,12 @@ def test_encode_raises_only_encode_error(case: str) -> None:
     kw = dict(BAD_ENVELOPES[case])
     message = kw.pop("message", Plain())
     raw_headers = kw.pop("raw_headers", None)
+    raw_key = kw.pop("raw_key", None)
     env = make_envelope(message, registry=registry, **kw)
     if raw_headers is not None:
         env = env._replace(headers=raw_headers)
+    if raw_key is not None:
+        env = env._replace(partition_key=raw_key)
     with pytest.raises(EncodeError) as info:
         codec.encode(env)
     text = str(info.value)

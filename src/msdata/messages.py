@@ -452,7 +452,9 @@ def make_envelope(
     correlation_id: str | None = None,
 ) -> Envelope[M]:
     """Wrap ``message`` for sending. Correlation and causation come from the message being
-    handled in this task (see :func:`handling`), unless given."""
+    handled in this task (see :func:`handling`), unless given. Raises
+    :class:`~msdata.errors.InvalidHeader` for a partition key that is not a str or holds a
+    control character or a lone surrogate, and for a header :func:`check_headers` refuses."""
     if not source:
         raise ConfigurationError("an envelope's source must be a non-empty string")
     type_name, version = check_message(message, registry)
@@ -489,6 +491,10 @@ def build_envelope(
                 f"partition key {safe_text(partition_key, 200)!r} holds a control character "
                 "(brokers carry keys in headers and subjects: use printable text)"
             )
+        if not partition_key.isascii():
+            from msdata.transport import check_header_value
+
+            check_header_value("partition key", partition_key)  # a lone surrogate
     msg_id = new_id()
     if parent is not None:
         causation: str | None = parent.id
