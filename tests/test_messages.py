@@ -224,8 +224,37 @@ def test_bad_headers_and_keys_from_a_caller_are_refused() -> None:
         make_envelope(Pinged(n=1), registry=registry, partition_key=42)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("value", ["x\r\ny", "x\ny", "x\x00", "a\ud800"])
+async def test_a_header_value_no_transport_carries_is_refused_where_it_is_given(
+    value: str,
+) -> None:
+    """One value rule (msdata.transport.check_header_value, what check_message applies
+    before sending) at make_envelope, Outbox.add and EventBus.publish: an event accepted
+    there is never refused by a transport for its headers."""
+    from msdata.adapters.memory import MemoryOutboxStore, MemoryTransport
+    from msdata.events import EventBus
+    from msdata.outbox import Outbox
+    from msdata.transport import TransportMessage, check_message
+
+    with pytest.raises(InvalidHeader):
+        check_message(TransportMessage("m", b"{}", None, {"tenant": value}))
+    with pytest.raises(InvalidHeader):
+        make_envelope(Pinged(n=1), registry=registry, headers={"tenant": value})
+    store = MemoryOutboxStore()
+    with pytest.raises(InvalidHeader), store.begin() as tx:
+        Outbox(store, registry=registry).add(tx, Pinged(n=1), topic="t", headers={"tenant": value})
+    assert (await store.status()).pending == 0
+    transport = MemoryTransport()
+    bus = EventBus(transport, registry=registry)
+    with pytest.raises(InvalidHeader):
+        await bus.publish(Pinged(n=1), topic="t", headers={"tenant": value})
+
+
 texts = st.text(max_size=40)
-keys = st.text(st.characters(exclude_categories=["Cc"]), max_size=40)  # no control characters
+# no control characters, no lone surrogates (make_envelope refuses both: InvalidHeader)
+keys = st.text(st.characters(exclude_categories=["Cc", "Cs"]), max_size=40)
+# what a header value may hold (msdata.transport.check_header_value): no CR, LF or NUL
+header_values = st.text(st.characters(exclude_characters="\r\n\x00"), max_size=40)
 
 
 @settings(max_examples=200, deadline=None)
@@ -238,7 +267,7 @@ keys = st.text(st.characters(exclude_categories=["Cc"]), max_size=40)  # no cont
     note=st.none() | texts,
     key=st.none() | keys,
     headers=st.dictionaries(
-        st.from_regex(r"[a-z][a-z0-9]{0,10}", fullmatch=True), texts, max_size=3
+        st.from_regex(r"[a-z][a-z0-9]{0,10}", fullmatch=True), header_values, max_size=3
     ),
 )
 def test_every_message_survives_encode_and_decode(

@@ -3,10 +3,12 @@ headers (msdata.deadletter), and the driver-error translation (msdata.transport.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from msdata import deadletter
-from msdata.errors import ConfigurationError, PublishError, TransportError
+from msdata.errors import ConfigurationError, InvalidHeader, PublishError, TransportError
 from msdata.transport import (
     DEAD_LETTER_ATTEMPTS,
     DEAD_LETTER_GROUP,
@@ -14,6 +16,9 @@ from msdata.transport import (
     DEAD_LETTER_TOPIC,
     DriverErrors,
     TransportMessage,
+    carryable_headers,
+    check_message,
+    pop_url_options,
 )
 
 
@@ -129,3 +134,64 @@ def test_screen_sends_the_rest_and_url_options_are_taken_out() -> None:
     assert pop_url_options("memory://", ("max_held_bytes",)) == ("memory://", {})
     with pytest.raises(ConfigurationError):
         pop_url_options("memory://?max_held_bytes=0", ("max_held_bytes",))
+
+
+def test_logging_the_dead_letter_of_deeply_nested_json_does_not_fail(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The log line looks up the CloudEvents type of the body; JSON nested too deep for the
+    parser (RecursionError) just has no type: the dead letter is logged, nothing raises."""
+    body = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    dead = deadletter.dead_letter(TransportMessage("deep", body), "t", "g", 1, "malformed")
+    with caplog.at_level(logging.WARNING, logger="msdata.deadletter"):
+        dead.log()
+    (record,) = [r for r in caplog.records if r.name == "msdata.deadletter"]
+    assert record.levelno == logging.WARNING and "type unknown" in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "max_message_bytes=1_000",
+        "max_message_bytes=%20100",
+        "max_message_bytes=+100",
+        "max_message_bytes=\u0661\u0662\u0663",  # Arabic-Indic digits: str.isdigit() is True
+        "max_message_bytes=0",
+        "max_message_bytes=",
+        "max_message_bytes=1&max_message_bytes=2",
+        "max_mesage_bytes=100",
+        "MAX_MESSAGE_BYTES=100",
+    ],
+)
+def test_url_options_are_refused_unless_exactly_right(query: str) -> None:
+    """One parser of every transport's URL options: ASCII digits only, each option once,
+    and a max_* option the transport does not know is refused by name."""
+    with pytest.raises(ConfigurationError):
+        pop_url_options(f"x://h/?{query}", ("max_message_bytes", "max_held_bytes"))
+
+
+def test_url_options_leave_the_drivers_own_parameters() -> None:
+    url, found = pop_url_options(
+        "redis://h/0?max_connections=5&max_message_bytes=4096&socket_timeout=1",
+        ("max_message_bytes", "max_held_bytes"),
+        driver=("max_connections",),
+    )
+    assert url == "redis://h/0?max_connections=5&socket_timeout=1"
+    assert found == {"max_message_bytes": 4096}
+
+
+@pytest.mark.parametrize("name", ["Nats-Expected-Stream", "nats-ttl", "NATS-Msg-Id"])
+def test_header_names_jetstream_acts_on_are_refused_and_dropped_from_copies(name: str) -> None:
+    """Nats-* headers change how JetStream stores a message: check_message refuses them on
+    every transport, and a dead letter of a foreign message does not carry them on."""
+    with pytest.raises(InvalidHeader, match="Nats-"):
+        check_message(TransportMessage("m", b"{}", None, {name: "x"}))
+    assert carryable_headers({name: "x", "x-h": "y"}) == {"x-h": "y"}
+
+
+def test_several_urls_may_each_carry_an_option_with_one_value() -> None:
+    names = ("max_message_bytes", "max_held_bytes")
+    url, found = pop_url_options("n://a?max_held_bytes=9,n://b?max_held_bytes=9", names)
+    assert (url, found) == ("n://a,n://b", {"max_held_bytes": 9})
+    with pytest.raises(ConfigurationError, match="differs"):
+        pop_url_options("n://a?max_held_bytes=9,n://b?max_held_bytes=8", names)

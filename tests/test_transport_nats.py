@@ -13,6 +13,8 @@ import pytest
 from nats.aio.client import Client
 
 from msdata.adapters.nats import NatsTransport, consumer_name, stream_name, topic_of_stream
+from msdata.adapters.nats.transport import wire_size
+from msdata.deadletter import DEAD_LETTER_RESERVE
 from msdata.errors import ConfigurationError, PublishError, TransportClosed, TransportError
 from msdata.testing import eventually
 from msdata.testing.conformance.transport import TransportConformance, collect, make_messages
@@ -551,6 +553,64 @@ async def test_a_message_over_the_servers_max_payload_is_refused_and_the_connect
         other = await nats.connect(url)
         await delete_streams(other, prefix)
         await other.close()
+
+
+async def test_a_message_at_the_publish_limit_can_be_dead_lettered_whole() -> None:
+    """The transport publishes nothing larger than max_payload less DEAD_LETTER_RESERVE, so
+    the dead-letter copy of its largest message, with the x-msdata-* headers and a 1 KiB
+    reason, still fits: it is dead-lettered whole, not redelivered forever."""
+    async with nats_transport(ordered=True) as t:
+        topic, group = unique("topic"), unique("group")
+        assert t.client is not None
+        limit = t.client.max_payload - DEAD_LETTER_RESERVE
+        probe = TransportMessage(str(uuid.uuid4()), b"", "k")
+        big = probe._replace(body=b"x" * (limit - wire_size(probe)))
+        assert wire_size(big) == limit
+        with pytest.raises(PublishError) as refused:
+            await t.publish(topic, [big._replace(id=str(uuid.uuid4()), body=big.body + b"x")])
+        assert "dead-letter" in next(iter(refused.value.refused.values()))
+        async with t.subscribe(topic, group, max_attempts=1) as sub:
+            await t.publish(topic, [big])
+            (d,) = await collect(sub, 1, timeout=10.0, ack=False)
+            await d.nack(reason="x" * 5000)
+            async with t.subscribe(dead_letter_topic(topic, group), unique("ops")) as dlq:
+                (dead,) = await collect(dlq, 1, timeout=10.0)
+            assert dead.message.id == big.id and dead.message.body == big.body
+            assert len(dead.message.headers[DEAD_LETTER_REASON].encode()) >= 1000
+            assert t.undeliverable == 0
+
+
+async def test_a_foreign_message_whose_dead_letter_cannot_fit_is_set_aside_not_looped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A foreign message that fits max_payload but whose dead-letter copy does not: with a
+    little room, it is dead-lettered with its reason cut; with none, it is terminated with
+    an ERROR line and counted. Either way it is not offered again."""
+    async with nats_transport() as t:
+        topic, group = unique("topic"), unique("group")
+        nc = t.client
+        assert nc is not None
+        js = nc.jetstream()
+        await t.declare_group(topic, group)
+        room = nc.max_payload - 12  # the header block of a message without headers
+        await js.publish(topic, b"a" * (room - 300), headers={"x-h": "v"})  # reason cut
+        await js.publish(topic, b"b" * (room - 20), headers={"x-h": "v"})  # cannot fit
+        async with t.subscribe(topic, group, max_attempts=5) as sub:
+            got = await collect(sub, 2, timeout=10.0, ack=False)
+            assert len(got) == 2
+            with caplog.at_level(logging.ERROR, logger="msdata.adapters.nats"):
+                for d in got:
+                    await d.dead_letter("MalformedMessage: " + "why " * 200)
+            assert t.undeliverable == 1
+            assert any("dropped" in r.getMessage() for r in caplog.records)
+            assert await sub.receive(10, timeout=1.0) == []  # not redelivered
+        async with t.subscribe(dead_letter_topic(topic, group), unique("ops")) as dlq:
+            (dead,) = await collect(dlq, 1, timeout=10.0)
+        assert dead.message.body == b"a" * (room - 300)
+        assert dead.message.headers[DEAD_LETTER_REASON].startswith("MalformedMessage: why")
+        assert dead.message.headers[DEAD_LETTER_REASON].endswith("...")
+        info = await js.consumer_info(stream_name(topic, t.stream_prefix), consumer_name(group))
+        assert info.num_ack_pending == 0 and info.num_redelivered == 0
 
 
 async def test_size_options_are_read_from_the_url_and_checked() -> None:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from types import MappingProxyType
@@ -51,10 +51,12 @@ from msdata.transport import (
 )
 
 __all__ = [
+    "DEAD_LETTER_RESERVE",
     "DeadLetter",
     "dead_letter",
     "exhausted",
     "failed_reason",
+    "fit",
     "handler_failure",
     "overdue_attempts",
     "overdue_reason",
@@ -64,6 +66,15 @@ log = logging.getLogger("msdata.deadletter")
 
 # the largest body whose CloudEvents ``type`` the log line looks up (dead letters are rare)
 _TYPE_LOOKUP_MAX = 1024 * 1024
+
+
+#: bytes a transport's own publishes leave free under its size limit (NATS's
+#: ``max_payload``, ``max_message_bytes``) for what a dead-letter copy adds: the four
+#: ``x-msdata-*`` headers with a reason of up to 1 KiB (:func:`msdata.messages.safe_text`),
+#: a topic of up to 150 characters and a group of up to 40 (names and separators included,
+#: about 1,350 bytes at most), rounded up. A message msdata published can therefore always
+#: be dead-lettered whole; a foreign one too large for that is :func:`fit` to the limit.
+DEAD_LETTER_RESERVE = 2048
 
 
 class _Cause(NamedTuple):
@@ -169,6 +180,37 @@ def dead_letter(
     return DeadLetter(dead_letter_topic(topic, group), copy, topic, group, attempts, reason)
 
 
+def fit(
+    letter: DeadLetter, limit: int, size: Callable[[TransportMessage], int]
+) -> DeadLetter | None:
+    """``letter`` made to fit a transport's ``limit`` on ``size(message)`` (a foreign
+    message that fitted the broker's limit but whose copy, with the ``x-msdata-*``
+    headers, does not): as it is when it fits; else with its reason cut; else also without
+    the original message's own headers (the reason says so); the body, id and key are always
+    kept whole. None when even that does not fit: the caller then drops the message with
+    an ERROR log line, never redelivers it forever."""
+    message = letter.message
+    over = size(message) - limit
+    if over <= 0:
+        return letter
+    headers = dict(message.headers)
+    reason = letter.reason
+    room = len(reason.encode("utf-8")) - over
+    if room < 40:  # the reason alone cannot make room: the message's own headers go too
+        headers = {n: v for n, v in headers.items() if n.startswith("x-msdata-")}
+        reason = f"(its headers dropped to fit the size limit) {reason}"
+        headers[DEAD_LETTER_REASON] = reason
+        over = size(message._replace(headers=headers)) - limit
+        room = len(reason.encode("utf-8")) - over
+        if room < 3:
+            return None
+    reason = safe_text(reason, room)
+    headers[DEAD_LETTER_REASON] = reason
+    return letter._replace(
+        message=message._replace(headers=MappingProxyType(headers)), reason=reason
+    )
+
+
 @contextmanager
 def handler_failure(type_name: str | None, error: BaseException) -> Iterator[None]:
     """Settle a delivery whose handler raised ``error`` inside this block: if the settling
@@ -187,6 +229,6 @@ def _type_of(body: bytes) -> str | None:
         return None
     try:
         value = json.loads(body).get("type")
-    except (ValueError, AttributeError):
+    except Exception:  # not JSON, not an object, nested too deep (RecursionError): no type
         return None
     return value if isinstance(value, str) else None

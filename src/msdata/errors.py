@@ -27,6 +27,7 @@ their edge with ``raise ... from e`` so the original stays on ``__cause__``.
     │   └── RejectMessage             raised by a handler: dead-letter this message now, no retry
     ├── TransportError                a broker or the in-memory transport failed
     │   ├── PublishError              the transport did not accept (confirm) every message of a batch
+    │   │   └── HeldBack              not sent: an earlier message of its key in the batch was refused
     │   └── TransportClosed           used after close()
     ├── StoreError                    a database-backed store failed
     │   ├── SchemaError               the store's tables are missing or not what msdata expects
@@ -61,6 +62,7 @@ __all__ = [
     "EncodeError",
     "HandlerAlreadyRegistered",
     "HandlerError",
+    "HeldBack",
     "IdempotencyError",
     "IdempotencyInProgress",
     "IdempotencyKeyMissing",
@@ -214,6 +216,13 @@ class PublishError(TransportError):
         super().__init__(message)
         #: message id -> the broker's reason, for each message refused on its own
         self.refused: Mapping[str, str] = dict(refused or {})
+
+
+class HeldBack(PublishError):
+    """A message a transport did not send because an earlier message of its partition key in
+    the same batch was refused before sending (:func:`msdata.transport.screen`): sent, it
+    would have gone out ahead of that one. It is no fault of its own: the outbox relay
+    releases its row uncounted, to follow the refused one."""
 
 
 class TransportClosed(TransportError):

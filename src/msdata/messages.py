@@ -256,7 +256,16 @@ NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
 def check_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
-    """Headers travel as CloudEvents extension attributes: lowercase letters and digits."""
+    """Headers travel as CloudEvents extension attributes in the body and as transport
+    headers beside it, so each meets two rules. Its name: a CloudEvents extension attribute
+    name (1-64 lowercase letters or digits; CloudEvents 1.0, "Attribute Naming
+    Convention"), not a reserved attribute; this also keeps out every name a broker or msdata
+    reserves (``x-msdata-*``, ``Nats-*``). Its value: the transport rule,
+    :func:`msdata.transport.check_header_value` (a str, valid UTF-8, no CR, LF or NUL), so a
+    value accepted here is never refused when it is sent. Raises
+    :class:`~msdata.errors.InvalidHeader`."""
+    from msdata.transport import check_header_value
+
     for name, value in headers.items():
         if not isinstance(name, str) or not HEADER_NAME.fullmatch(name):
             raise InvalidHeader(
@@ -265,8 +274,7 @@ def check_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
             )
         if name in RESERVED_ATTRIBUTES:
             raise InvalidHeader(f"header name {name!r} is a reserved CloudEvents attribute")
-        if not isinstance(value, str):
-            raise InvalidHeader(f"header {name!r} must be a str, got {type(value).__name__}")
+        check_header_value(f"header {name!r}", value)
     return MappingProxyType(dict(headers))
 
 
@@ -444,7 +452,9 @@ def make_envelope(
     correlation_id: str | None = None,
 ) -> Envelope[M]:
     """Wrap ``message`` for sending. Correlation and causation come from the message being
-    handled in this task (see :func:`handling`), unless given."""
+    handled in this task (see :func:`handling`), unless given. Raises
+    :class:`~msdata.errors.InvalidHeader` for a partition key that is not a str or holds a
+    control character or a lone surrogate, and for a header :func:`check_headers` refuses."""
     if not source:
         raise ConfigurationError("an envelope's source must be a non-empty string")
     type_name, version = check_message(message, registry)
@@ -481,6 +491,10 @@ def build_envelope(
                 f"partition key {safe_text(partition_key, 200)!r} holds a control character "
                 "(brokers carry keys in headers and subjects: use printable text)"
             )
+        if not partition_key.isascii():
+            from msdata.transport import check_header_value
+
+            check_header_value("partition key", partition_key)  # a lone surrogate
     msg_id = new_id()
     if parent is not None:
         causation: str | None = parent.id

@@ -21,6 +21,7 @@ from typing import Generic, NamedTuple, Protocol, Self, TypeVar, runtime_checkab
 from msdata.errors import (
     ConfigurationError,
     EncodeError,
+    HeldBack,
     InvalidHeader,
     MessageTooLarge,
     MsdataError,
@@ -47,6 +48,7 @@ __all__ = [
     "TransportMessage",
     "carryable_headers",
     "carryable_text",
+    "check_header_value",
     "check_message",
     "check_name",
     "dead_letter_topic",
@@ -268,7 +270,13 @@ class Publisher(Protocol):
         broker's limit: :class:`~msdata.errors.MessageTooLarge`) or by the broker, does not
         take the others with it. ``PublishError.refused`` then names exactly those messages
         (id -> reason), and every other message of the batch was confirmed. An empty
-        ``refused`` means the batch failed as a whole."""
+        ``refused`` means the batch failed as a whole.
+
+        A message refused before sending holds back the later messages of its key in the
+        batch: they are not sent, and ``refused`` names them too (reason
+        ``"HeldBack: ..."``), so a key's order holds. A broker that refuses a message after
+        the batch was sent (NATS, Redis: per message) cannot hold anything back: the later
+        messages of that key may then have been confirmed ahead of it."""
         ...
 
 
@@ -446,6 +454,15 @@ _VALUE_BREAK = re.compile(r"[\r\n\x00]")
 _valid_names: set[str] = set()  # names already checked (a service uses a handful)
 
 
+def check_header_value(what: str, value: object) -> None:
+    """The rule every header value (and partition key) meets, wherever msdata takes one
+    (:func:`check_message` before sending, :func:`msdata.messages.check_headers` when an
+    envelope is made): a str, valid UTF-8 (no lone surrogate), without CR, LF or NUL (NATS's
+    header block is line-based). ``what`` names it in the error. Raises
+    :class:`~msdata.errors.InvalidHeader` (the value is not shown: it may be a credential)."""
+    _check_value(what, value)
+
+
 def _check_value(what: str, value: object) -> None:
     if not isinstance(value, str):
         raise InvalidHeader(f"{what} must be a str, got {type(value).__name__}")
@@ -462,9 +479,11 @@ def check_message(message: TransportMessage) -> None:
     - ``id``: a non-empty str, valid UTF-8 (no lone surrogate);
     - ``body``: bytes;
     - ``key``: None or a str without line break or NUL, valid UTF-8 (it travels in a header);
-    - ``headers``: names are RFC 9110 tokens of 1-255 characters (letters, digits and
-      ``!#$%&'*+-.^_`|~``: no space, no ``:``), values str without line break or NUL,
-      valid UTF-8.
+    - ``headers``: a mapping; names are RFC 9110 tokens of 1-255 characters (letters, digits and
+      ``!#$%&'*+-.^_`|~``: no space, no ``:``), not starting with ``Nats-`` (any case:
+      JetStream acts on those), values str without line break or NUL, valid UTF-8.
+      (``x-msdata-*`` names are msdata's own too: it sets them on dead letters, and a
+      consumer ignores one a producer forged.)
 
     Raises :class:`~msdata.errors.InvalidHeader` for a header or key,
     :class:`~msdata.errors.EncodeError` for an id or body. Every transport calls it on
@@ -479,12 +498,19 @@ def check_message(message: TransportMessage) -> None:
         _check_value("partition key", key)
     headers = message.headers
     if headers:
+        if type(headers) is not dict and not isinstance(headers, Mapping):
+            raise InvalidHeader(f"headers must be a mapping, got {type(headers).__name__}")
         for name, value in headers.items():
             if name not in _valid_names:
                 if not (isinstance(name, str) and _HEADER_NAME.fullmatch(name)):
                     raise InvalidHeader(
                         f"header name {_shown(name)} must be 1-255 letters, digits or "
                         "!#$%&'*+-.^_`|~ (an RFC 9110 token: no space, no ':')"
+                    )
+                if name[:5].lower() == "nats-":
+                    raise InvalidHeader(
+                        f"header name {_shown(name)}: names starting with 'Nats-' are NATS "
+                        "JetStream's own (they change how the server stores a message)"
                     )
                 if len(_valid_names) < 1024:
                     _valid_names.add(name)
@@ -528,11 +554,20 @@ def screen(
     refused message's id -> the error that refuses it (:func:`check_message`'s, or
     :class:`~msdata.errors.MessageTooLarge` when ``size(message)`` is over ``max_bytes``;
     ``where`` names the limit's source in its text). When nothing is refused, the batch
-    itself is returned. Send the rest, then raise :func:`refused_error` if anything was
-    refused, so one bad message never takes the others with it."""
+    itself is returned. A refused message holds back the later messages of its key in the
+    batch (each refused with a :class:`HeldBack` error), so a key's order holds. Send the
+    rest, then raise :func:`refused_error` if anything was refused, so one bad message never
+    takes the others with it."""
     refused: dict[str, MsdataError] | None = None
+    held: dict[str, str] | None = None  # key -> id of its refused message
     for m in messages:
         try:
+            if held is not None:
+                first = held.get(m.key) if isinstance(m.key, str) else None
+                if first is not None:
+                    raise HeldBack(
+                        f"held back, not sent: the earlier message {first} of its key was refused"
+                    )
             check_message(m)
             if max_bytes is not None:
                 n = size(m)
@@ -545,6 +580,10 @@ def screen(
             if refused is None:
                 refused = {}
             refused[_id_of(m)] = e
+            if isinstance(m.key, str):
+                if held is None:
+                    held = {}
+                held.setdefault(m.key, _id_of(m))
     if refused is None:
         return messages, {}
     return [m for m in messages if _id_of(m) not in refused], refused
@@ -576,13 +615,14 @@ def refused_error(what: str, total: int, refused: Mapping[str, str | MsdataError
 
 def carryable_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """``headers`` made to pass :func:`check_message`, for a copy msdata sends on of a
-    message it received (a dead letter of a foreign message): a name that is not a token is
-    dropped, a value that is not a str becomes its ``str()``, line breaks and NUL in a value
-    become spaces and lone surrogates ``\\udcxx`` escapes."""
+    message it received (a dead letter of a foreign message): a name that is not a token,
+    or that starts with ``Nats-``, is dropped, a value that is not a str becomes its
+    ``str()``, line breaks and NUL in a value become spaces and lone surrogates ``\\udcxx``
+    escapes."""
     return {
         name: carryable_text(value)
         for name, value in headers.items()
-        if isinstance(name, str) and _HEADER_NAME.fullmatch(name)
+        if isinstance(name, str) and _HEADER_NAME.fullmatch(name) and name[:5].lower() != "nats-"
     }
 
 
@@ -596,12 +636,23 @@ def carryable_text(value: object) -> str:
     return _VALUE_BREAK.sub(" ", text)
 
 
-def pop_url_options(url: str, names: Sequence[str]) -> tuple[str, dict[str, int]]:
+_ASCII_DIGITS = re.compile(r"[0-9]+")
+
+
+def pop_url_options(
+    url: str, names: Sequence[str], driver: Sequence[str] = ()
+) -> tuple[str, dict[str, int]]:
     """Take the query parameters ``names`` (``max_message_bytes``, ``max_held_bytes``...,
     whole numbers >= 1) out of a transport URL: returns the URL without them (other query
     parameters are kept for the driver) and their values. Several comma-separated URLs
-    (NATS) each lose them. Raises :class:`~msdata.errors.ConfigurationError` for a value
-    that is not a whole number >= 1."""
+    (NATS) each lose them. The one parser of every transport's URL options.
+
+    Raises :class:`~msdata.errors.ConfigurationError` for a value that is not ASCII digits
+    making a whole number >= 1 (no sign, space, ``_``, exponent or other script's digits),
+    for an option given twice in one URL (or with two values in several), and for a
+    ``max_*`` parameter (any case) that is neither one
+    of ``names`` nor one of ``driver`` (the driver's own, e.g. redis-py's
+    ``max_connections``): a misspelt limit is refused, not silently ignored."""
     found: dict[str, int] = {}
     parts = []
     for one in url.split(","):
@@ -611,14 +662,27 @@ def pop_url_options(url: str, names: Sequence[str]) -> tuple[str, dict[str, int]
             continue
         query, hash_, fragment = rest.partition("#")
         kept = []
+        here: set[str] = set()  # the options of this URL (several URLs may each have them)
         for pair in query.split("&"):
             name, _, value = pair.partition("=")
             if name not in names:
+                if name.lower().startswith("max_") and name not in driver:
+                    raise ConfigurationError(
+                        f"unknown URL option {_shown(name)}: this transport takes "
+                        f"{', '.join(names)}"
+                    )
                 if pair:
                     kept.append(pair)  # as written: the driver decodes it
                 continue
-            if not (value.isdigit() and int(value) >= 1):
-                raise ConfigurationError(f"URL option {name}={value!r} must be a whole number >= 1")
-            found[name] = int(value)
+            if name in here:
+                raise ConfigurationError(f"URL option {name} is given twice")
+            here.add(name)
+            if not (_ASCII_DIGITS.fullmatch(value) and int(value) >= 1):
+                raise ConfigurationError(
+                    f"URL option {name}={_shown(value)} must be a whole number >= 1 "
+                    "(ASCII digits only)"
+                )
+            if found.setdefault(name, int(value)) != int(value):
+                raise ConfigurationError(f"URL option {name} differs between the URLs")
         parts.append(base + ("?" + "&".join(kept) if kept else "") + hash_ + fragment)
     return ",".join(parts), found

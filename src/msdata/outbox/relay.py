@@ -82,7 +82,10 @@ class OutboxRelay:
     *messages* (a :class:`~msdata.errors.PublishError` whose ``refused`` names them, or an
     exception that is not a transport error) counts one attempt on those rows, which wait
     out ``backoff(attempts)`` before they (and the later rows of their keys) are tried
-    again; the other rows of the batch are released uncounted. A row that has failed
+    again; the other rows of the batch were confirmed by the transport and are marked sent
+    (once). A refused row holds back the later rows of its key in the batch (the transport
+    refuses them too, unsent: see :meth:`~msdata.transport.Publisher.publish`); they are
+    released uncounted and follow it. A row that has failed
     ``max_attempts`` times is *parked* with its last error: it then blocks only the later
     rows of its own key, until someone ``requeue``s it.
     A row whose payload fails the ``check`` (see :data:`PayloadCheck`), or whose topic is
@@ -218,12 +221,16 @@ class OutboxRelay:
                 else:  # a BaseException from a publisher (not cancellation of us): re-raise
                     raise result
             for recs, error in failures:
-                await self._failed(recs, error)
+                confirmed = await self._failed(recs, error)
                 settled.update(map(_seq_of, recs))
+                if confirmed:
+                    sent += confirmed
+                    settled.difference_update(confirmed)  # the caller marks them
                 if self._outage is None and _whole_transport(error):
                     self._outage = error
+                done = set(confirmed)
                 for r in recs:
-                    if r.partition_key is not None:
+                    if r.partition_key is not None and r.seq not in done:
                         stuck[r.partition_key] = min(r.seq, stuck.get(r.partition_key, r.seq))
             return sent, bool(failures), stuck  # the caller marks ``sent``
         except BaseException:
@@ -376,20 +383,52 @@ class OutboxRelay:
         with telemetry.hooks.publishing(topic, messages, self.publisher) as messages:  # telemetry
             await self.publisher.publish(topic, messages)
 
-    async def _failed(self, records: list[OutboxRecord], error: BaseException) -> None:
-        """Release the rows of a transport failure uncounted; count an attempt on the rows
-        whose messages failed (parking those out of attempts), releasing the others."""
+    async def _failed(self, records: list[OutboxRecord], error: BaseException) -> list[int]:
+        """Settle the rows of a failed publish; returns the rows the transport confirmed
+        (for the caller to mark sent, like any published row).
+
+        A transport failure: every row is released uncounted. A ``PublishError`` whose
+        ``refused`` names some messages: the others were confirmed (returned); per key, the
+        first refused row counts an attempt (parked when out of attempts), and a later
+        refused row of the same key was held back by the transport (see
+        :meth:`~msdata.transport.Publisher.publish`) and is released uncounted, to follow
+        its key's refused row. A confirmed row after its key's refused row went out ahead of
+        it (a broker that refused a message after the batch was sent): it is marked sent
+        (publishing it again would not restore the order) and logged. Any other error counts
+        an attempt on every row."""
         if _whole_transport(error):
             await self.store.release(self.relay_id, [r.seq for r in records])
-            return
+            return []
         refused = error.refused if isinstance(error, PublishError) else None
+        confirmed: list[int] = []
         if refused:
-            innocent = [r.seq for r in records if r.message_id not in refused]
-            records = [r for r in records if r.message_id in refused]
-            if innocent:
-                await self.store.release(self.relay_id, innocent)
+            failed: list[OutboxRecord] = []
+            held: list[int] = []
+            failed_keys: set[str] = set()
+            ahead: list[int] = []
+            for r in records:
+                key = r.partition_key
+                if r.message_id not in refused:
+                    confirmed.append(r.seq)
+                    if key is not None and key in failed_keys:
+                        ahead.append(r.seq)
+                elif key is not None and key in failed_keys:
+                    held.append(r.seq)
+                else:
+                    failed.append(r)
+                    if key is not None:
+                        failed_keys.add(key)
+            if ahead:
+                log.warning(
+                    "outbox rows %s were confirmed by the transport after an earlier row of "
+                    "their key was refused: they went out ahead of it (marked sent)",
+                    ahead,
+                )
+            if held:
+                await self.store.release(self.relay_id, held)
+            records = failed
             if not records:
-                return
+                return confirmed
             reason = safe_text(f"{type(error).__name__}: {refused[records[0].message_id]}", 2000)
         else:
             reason = safe_text(f"{type(error).__name__}: {error}", 2000)
@@ -410,6 +449,7 @@ class OutboxRelay:
                 retry_at.isoformat(),
                 reason,
             )
+        return confirmed
 
     # -- running in the background -------------------------------------------------------
 

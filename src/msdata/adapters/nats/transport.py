@@ -29,8 +29,10 @@ Publishing
     :class:`PublishError` whose ``refused`` names exactly those, the others confirmed; after
     ``publish_timeout`` it raises one for the whole batch. A message that fails
     :func:`msdata.transport.check_message`, or whose :func:`wire_size` is over the server's
-    ``max_payload`` (or ``max_message_bytes``), is refused before sending, alone (sent, it
-    would make the server close the connection). (nats-py's
+    ``max_payload`` (or ``max_message_bytes``) less
+    :data:`msdata.deadletter.DEAD_LETTER_RESERVE` (2 KiB, kept so that its dead-letter copy
+    with the ``x-msdata-*`` headers still fits), is refused before sending, alone (sent
+    over ``max_payload``, it would make the server close the connection). (nats-py's
     ``publish_async`` does the same with a future, a semaphore and a parsed ``PubAck`` per
     message, at twice the CPU time per message.) The key travels
     in the ``x-msdata-key`` header, the transport headers as NATS headers (nats-py strips
@@ -44,7 +46,11 @@ Settling
     unlimited): at ``max_deliver`` JetStream only stops delivering and leaves the message
     parked, where no one sees it. Instead, the ``max_attempts``-th ``nack`` publishes the
     message to :func:`msdata.transport.dead_letter_topic` with the reason headers (confirmed,
-    ``Nats-Msg-Id`` de-duplicated) and then terminates it (``+TERM``); a delivery that comes
+    ``Nats-Msg-Id`` de-duplicated) and then terminates it (``+TERM``). A foreign message whose
+    copy would not fit ``max_payload`` goes with its reason cut (then without its own
+    headers) to fit (:func:`msdata.deadletter.fit`); one that cannot fit even so, or whose
+    dead-letter publish the server refuses, is terminated with an ERROR line and counted in
+    :attr:`NatsTransport.undeliverable`, never offered again in a loop; a delivery that comes
     back beyond ``max_attempts`` because its consumers kept dying is dead-lettered by
     ``receive`` without being handed out. Deliveries still unsettled when a subscription
     closes are nacked at once (settling one afterwards raises :class:`TransportClosed`);
@@ -134,6 +140,7 @@ from msdata.errors import (
     TransportClosed,
     TransportError,
 )
+from msdata.messages import safe_text
 from msdata.transport import (
     DEFAULT_MAX_HELD_BYTES,
     ClosesOnExit,
@@ -469,17 +476,50 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
 
     async def _dead_letter(self, reason: str, attempts: int | None = None) -> None:
         sub = self._sub
-        letter = deadletter.dead_letter(
+        transport = sub._transport
+        whole = deadletter.dead_letter(
             self.message, sub.topic, sub.group, attempts or self.attempt, reason
         )
+        nc = transport._nc
+        # a foreign message that fitted max_payload may not with the x-msdata-* headers
+        letter = whole if nc is None else deadletter.fit(whole, nc.max_payload, wire_size)
+        if letter is None:
+            await self._drop(reason, "its dead-letter copy cannot fit the server's max_payload")
+            return
         try:
-            await sub._transport.publish(letter.topic, [letter.message])
+            await transport._publish(letter.topic, [letter.message], dead_letters=True)
+        except PublishError as e:
+            if not e.refused:
+                await self._reply(_NAK)  # not moved: let JetStream offer it again
+                raise
+            # refused for itself (the dead-letter stream's limits): offering it again would
+            # only loop; it is dropped, loudly
+            await self._drop(reason, f"the dead-letter publish was refused: {e}")
+            return
         except BaseException:
             # not moved: let JetStream offer it again rather than lose it
             await self._reply(_NAK)
             raise
         await self._reply(_TERM)
         letter.log()
+
+    async def _drop(self, reason: str, why: str) -> None:
+        """Terminate a delivery that cannot be dead-lettered, with an ERROR line and a
+        count (:attr:`NatsTransport.undeliverable`): never redelivered forever."""
+        sub = self._sub
+        await self._reply(_TERM)
+        sub._transport.undeliverable += 1
+        log.error(
+            "message %s of %s/%s (%d bytes) was to be dead-lettered (%s) but %s: terminated "
+            "and dropped (%d so far)",
+            safe_text(self.message.id, 200),
+            sub.topic,
+            sub.group,
+            len(self.message.body),
+            safe_text(reason, 300),
+            safe_text(why, 500),
+            sub._transport.undeliverable,
+        )
 
 
 class NatsSubscription(ClosesOnExit):
@@ -1004,6 +1044,9 @@ class NatsTransport:
         self._guard = _guard(client) if client is not None else None
         #: a larger message (its :func:`wire_size`) is refused; None: the server's max_payload
         self.max_message_bytes = max_message_bytes
+        #: deliveries terminated because they could not be dead-lettered (their copy cannot
+        #: fit ``max_payload``, or the dead-letter stream refused it), each logged at ERROR
+        self.undeliverable = 0
         #: bytes a subscription holds at most (received, not settled), plus one message
         self.max_held_bytes = max_held_bytes
         self._connect: dict[str, Any] = {}
@@ -1175,15 +1218,29 @@ class NatsTransport:
         self._streams[topic] = (subject, partitions)
         return name
 
-    def _limit(self, nc: Client) -> tuple[int, str]:
-        """The largest message (:func:`wire_size`) this transport sends, and whence."""
+    def _limit(self, nc: Client, dead_letters: bool = False) -> tuple[int, str]:
+        """The largest message (:func:`wire_size`) this transport publishes, and whence:
+        the server's ``max_payload`` (or ``max_message_bytes``) less
+        :data:`msdata.deadletter.DEAD_LETTER_RESERVE`, so that whatever it published can
+        be dead-lettered whole; the whole ``max_payload`` for dead letters."""
         server = nc.max_payload
+        if dead_letters:
+            return server, f"max_payload of {self.address}"
         mine = self.max_message_bytes
         if mine is not None and mine < server:
-            return mine, "max_message_bytes"
-        return server, f"max_payload of {self.address}"
+            server, where = mine, "max_message_bytes"
+        else:
+            where = f"max_payload of {self.address}"
+        return max(1, server - deadletter.DEAD_LETTER_RESERVE), (
+            f"{where} less {deadletter.DEAD_LETTER_RESERVE} bytes kept for dead-letter headers"
+        )
 
     async def publish(self, topic: str, messages: Sequence[TransportMessage]) -> None:
+        await self._publish(topic, messages)
+
+    async def _publish(
+        self, topic: str, messages: Sequence[TransportMessage], dead_letters: bool = False
+    ) -> None:
         if self._closed:
             raise TransportClosed("publish() on a closed transport")
         subjects = self._streams.get(topic)
@@ -1210,7 +1267,7 @@ class NatsTransport:
         total = len(messages)
         # refused before sending, alone: a message no broker carries as it is, or one over
         # the server's max_payload (which would make the server close the connection)
-        limit, where = self._limit(nc)
+        limit, where = self._limit(nc, dead_letters)
         messages, screened = screen(messages, limit, wire_size, where)
         refused: dict[str, str | MsdataError] = dict(screened)
         what = f"publish to {topic!r} at {self.address}"

@@ -85,7 +85,6 @@ from collections import deque
 from collections.abc import Sequence
 from types import MappingProxyType
 from typing import Any, Self
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as rex
@@ -109,6 +108,7 @@ from msdata.transport import (
     TransportMessage,
     check_message,
     check_name,
+    pop_url_options,
 )
 from msdata.transport import dead_letter_topic as deadletter_topic
 from msdata.urls import redact_url
@@ -244,20 +244,6 @@ def _parse(eid: bytes, flat: list[bytes], own: bool = False) -> tuple[TransportM
         return TransportMessage(flat[1].decode(), flat[3], key, headers), attempt
     except (IndexError, ValueError, TypeError, AttributeError):  # UnicodeDecodeError: ValueError
         return _foreign(eid, flat)
-
-
-def _own_query_options(url: str, names: Sequence[str]) -> tuple[str, dict[str, str]]:
-    """``url`` without the query parameters ``names``, and their values."""
-    parts = urlsplit(url)
-    if not parts.query:
-        return url, {}
-    kept, own = [], {}
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        if name in names:
-            own[name] = value
-        else:
-            kept.append((name, value))
-    return urlunsplit(parts._replace(query=urlencode(kept))), own
 
 
 def _raw_reply(response: Any, **options: Any) -> Any:
@@ -894,16 +880,13 @@ class RedisTransport:
         go to redis-py (``socket_timeout``...)."""
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigurationError(f"not a redis:// URL: {redact_url(url)!r}")
-        url, own = _own_query_options(url, ("max_message_bytes", "max_held_bytes"))
+        url, own = pop_url_options(
+            url, ("max_message_bytes", "max_held_bytes"), driver=("max_connections",)
+        )
         for name, value in own.items():
             if name in options:
                 raise ConfigurationError(f"{name} given both in the URL and as an option")
-            try:
-                options[name] = int(value)
-            except ValueError:
-                raise ConfigurationError(
-                    f"{name} in the URL must be an int, not {value!r}"
-                ) from None
+            options[name] = value
         transport = cls(aioredis.Redis.from_url(url, decode_responses=False), **options)
         transport._owns_client = True
         return transport
@@ -938,12 +921,21 @@ class RedisTransport:
         sent: list[TransportMessage] = []
         pipe = self._client.pipeline(transaction=False)
         command = pipe.execute_command
+        held: dict[str, str] = {}  # key -> id of its refused message (the key's order)
         for m in messages:
+            if held and isinstance(m.key, str) and m.key in held:
+                refused[m.id] = (
+                    f"HeldBack: held back, not sent: the earlier message {held[m.key]} of its "
+                    "key was refused"
+                )
+                continue
             try:
                 check_message(m)  # headers, key and id no broker can carry: refused alone
             except MsdataError as e:
                 refused[m.id] = f"{type(e).__name__}: {e}"
                 too_large = too_large or e
+                if isinstance(m.key, str):
+                    held.setdefault(m.key, m.id)
                 continue
             if m.key is None and not m.headers:
                 # the common case: "id" and "body" (6 bytes) and their values
@@ -966,6 +958,8 @@ class RedisTransport:
                 f"max_message_bytes ({limit:,})"
             )
             refused[m.id] = f"MessageTooLarge: {too_large}"
+            if m.key is not None:
+                held.setdefault(m.key, m.id)
         if sent:
             with _redis_errors(f"publish of {len(messages)} to {topic!r} failed", PublishError):
                 results = await _execute(pipe, raise_on_error=False)

@@ -45,8 +45,11 @@ class RecordingPublisher(MemoryTransport):
 
     ``fail_next``: how many coming ``publish`` calls raise :class:`PublishError` refusing
     every message of the batch (their own fault: counted against their rows).
-    ``refuse``: message ids the "broker" refuses on their own, every time (the rest of the
-    batch is not accepted either, as a broker's batch confirm goes).
+    ``refuse``: message ids refused on their own, every time, before sending, as
+    :func:`msdata.transport.screen` refuses: the later messages of a refused message's key
+    in the batch are held back (refused too, unsent), every other message is published.
+    ``refuse_after_sending``: refuse them as a broker does after the batch went out (the
+    later messages of their keys are published; nothing is held back).
     ``down``: while True, every call fails as a whole (the broker unreachable).
     ``gate``: when set to an unset :class:`asyncio.Event`, ``publish`` waits for it
     (``entered`` is set when a publish is waiting), to hold a relay mid-batch.
@@ -58,6 +61,7 @@ class RecordingPublisher(MemoryTransport):
         self.calls = 0
         self.fail_next = 0
         self.refuse: set[str] = set()
+        self.refuse_after_sending = False
         self.down = False
         self.gate: asyncio.Event | None = None
         self.entered = asyncio.Event()
@@ -76,10 +80,30 @@ class RecordingPublisher(MemoryTransport):
                 f"injected failure publishing {len(messages)} to {topic}",
                 refused={m.id: "injected refusal" for m in messages},
             )
-        refused = {m.id: "message too large (injected)" for m in messages if m.id in self.refuse}
-        if refused:
-            raise PublishError(f"the broker refused {len(refused)} messages", refused=refused)
-        await super().publish(topic, messages)
+        if self.refuse:
+            refused: dict[str, str] = {}
+            held: dict[str, str] = {}
+            ok: list[TransportMessage] = []
+            for m in messages:
+                if m.key is not None and m.key in held and not self.refuse_after_sending:
+                    refused[m.id] = f"HeldBack: the earlier message {held[m.key]} was refused"
+                elif m.id in self.refuse:
+                    refused[m.id] = "message too large (injected)"
+                    if m.key is not None:
+                        held.setdefault(m.key, m.id)
+                else:
+                    ok.append(m)
+            if refused:
+                if ok:
+                    await super().publish(topic, ok)
+                    self.published.extend((topic, m) for m in ok)
+                raise PublishError(f"{len(refused)} messages refused", refused=refused)
+        try:
+            await super().publish(topic, messages)
+        except PublishError as e:
+            if e.refused:  # the in-memory transport confirmed the others
+                self.published.extend((topic, m) for m in messages if m.id not in e.refused)
+            raise
         self.published.extend((topic, m) for m in messages)
 
     @property
@@ -549,6 +573,54 @@ class OutboxRelayConformance(OutboxStoreHooks):
             assert parked[0].last_error and "too large" in parked[0].last_error
             assert sorted(pub.ids) == sorted(r.message_id for r in others)
             assert (await relay.status()).pending == 1  # after_bad waits behind its key
+
+    async def test_the_rest_of_a_batch_with_a_refused_message_is_published_once(self) -> None:
+        """A publish that refuses one message of a batch confirmed the others: they are
+        marked sent and published exactly once, however often the refused one is retried;
+        the refused row is parked after its attempts; the later rows of its key (held back
+        by the transport) are not published ahead of it; other keys go on."""
+        async with self.make_store() as store:
+            pub = RecordingPublisher()
+            first = make_row(key="k", n=0)
+            bad = make_row(key="k", n=1)
+            after_bad = [make_row(key="k", n=2), make_row(key="k", n=3)]
+            others = [make_row(key="j", n=4), make_row(n=5), make_row(key="j", n=6)]
+            await self.add_committed(store, [first, bad, *after_bad, *others])
+            pub.refuse = {bad.message_id}
+            relay = self.relay(store, pub, max_attempts=3, backoff=lambda n: 0.0)
+            for _ in range(8):
+                await relay.run_once()
+            assert [p.message_id for p in await relay.parked()] == [bad.message_id]
+            confirmed = [first, *others]
+            assert sorted(pub.ids) == sorted(r.message_id for r in confirmed)  # once each
+            assert (await relay.status()).pending == 2  # after_bad wait behind their key
+            pub.refuse = set()
+            assert await relay.requeue() == 1
+            await self.drain(relay)
+            assert _first_order(pub.published)["k"] == [
+                r.message_id for r in [first, bad, *after_bad]
+            ]
+            assert len(pub.ids) == len(set(pub.ids)) == 7
+            assert (await relay.status()).pending == 0
+
+    async def test_rows_confirmed_after_a_refusal_after_sending_are_published_once(
+        self,
+    ) -> None:
+        """A broker that refuses a message after the batch went out may have confirmed the
+        later messages of its key: those rows are marked sent (once), not published again
+        on each retry of the refused one."""
+        async with self.make_store() as store:
+            pub = RecordingPublisher()
+            bad = make_row(key="k", n=1)
+            rest = [make_row(key="k", n=2), make_row(key="j", n=3), make_row(n=4)]
+            await self.add_committed(store, [bad, *rest])
+            pub.refuse, pub.refuse_after_sending = {bad.message_id}, True
+            relay = self.relay(store, pub, max_attempts=3, backoff=lambda n: 0.0)
+            for _ in range(6):
+                await relay.run_once()
+            assert [p.message_id for p in await relay.parked()] == [bad.message_id]
+            assert sorted(pub.ids) == sorted(r.message_id for r in rest)
+            assert (await relay.status()).pending == 0
 
     async def test_start_refuses_a_store_without_its_schema(self) -> None:
         async with _hook(self.make_store_without_schema) as store:

@@ -969,6 +969,44 @@ class TransportConformance:
                 assert sorted(d.message.id for d in got) == sorted(m.id for m in [*before, *after])
                 await self.assert_quiet(sub)
 
+    async def test_a_message_whose_headers_are_not_a_mapping_is_refused_alone(self) -> None:
+        """Headers that are not a mapping (a list of pairs) fail their message alone, with
+        ``InvalidHeader``: the rest of the batch is delivered."""
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t:
+            await t.declare_group(topic, group)
+            good = make_messages(2)
+            bad = make_messages(1)[0]._replace(headers=[("a", "b")])  # type: ignore[arg-type]
+            with pytest.raises(PublishError) as refused:
+                await t.publish(topic, [good[0], bad, good[1]])
+            assert list(refused.value.refused) == [bad.id]
+            assert "InvalidHeader" in refused.value.refused[bad.id]
+            async with t.subscribe(topic, group) as sub:
+                got = await collect(sub, 2, timeout=self.arrival_timeout)
+                assert sorted(d.message.id for d in got) == sorted(m.id for m in good)
+
+    async def test_a_refused_message_holds_back_the_later_ones_of_its_key(self) -> None:
+        """A message refused before sending (here a header name no broker carries) holds
+        back the later messages of its key in the batch: they are refused too, unsent (a
+        ``HeldBack`` reason), so the key's order holds; messages of other keys, and of its
+        key before it, are confirmed and delivered."""
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t:
+            await t.declare_group(topic, group)
+            k1, k2, k3 = make_messages(3, key="k", prefix="k")
+            j1, j2 = make_messages(2, key="j", prefix="j")
+            (free,) = make_messages(1, prefix="free")
+            bad = k2._replace(headers={"a b": "x"})
+            with pytest.raises(PublishError) as refused:
+                await t.publish(topic, [k1, j1, bad, free, k3, j2])
+            assert set(refused.value.refused) == {bad.id, k3.id}
+            assert "InvalidHeader" in refused.value.refused[bad.id]
+            assert "HeldBack" in refused.value.refused[k3.id]
+            async with t.subscribe(topic, group) as sub:
+                got = await collect(sub, 4, timeout=self.arrival_timeout)
+                assert sorted(d.message.id for d in got) == sorted(m.id for m in [k1, j1, free, j2])
+                await self.assert_quiet(sub)
+
     @settings(
         max_examples=_RAW_FEED_EXAMPLES,
         deadline=None,
