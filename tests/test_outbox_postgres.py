@@ -477,7 +477,7 @@ async def test_claims_racing_with_commits_look_again_and_never_share_a_key(
     try:
         # whether a transaction ends inside a claim is up to timing: race again (fresh rows,
         # every check each time) until the second look has run too
-        for round_ in range(8):
+        for round_ in range(30):
             await race(make_rows(240, keys=[*keys, None]), first=round_ == 0)
             if any("looks again" in n for n in notes):
                 break
