@@ -78,6 +78,10 @@ def test_details_compose_three_services_and_answer_partially(tmp_path: Path) -> 
             )
             order_id = r.json()["order_id"]
             assert (await c.order.post("/orders", json={})).status_code == 400  # no key
+            # an unknown order: 404 as GET /orders/{id}, not a 500 from the composition
+            assert (await c.order.get("/orders/nope")).status_code == 404
+            unknown = await c.order.get("/orders/nope/details")
+            assert unknown.status_code == 404, unknown.text
 
             async def ended() -> bool:
                 got = (await c.order.get(f"/orders/{order_id}")).json()
