@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 from examples.ecommerce import sql
+from examples.ecommerce.common import IDENTITY
 from examples.ecommerce.inventory import service_state
 from examples.ecommerce.messages import (
     Charged,
@@ -353,7 +354,7 @@ class OrderService:
 
         @app.get("/health")
         async def health() -> dict[str, Any]:
-            return await service.health()
+            return {**await service.health(), **IDENTITY}
 
         return app
 
