@@ -6,11 +6,14 @@
     msdata dlq list --app examples.ecommerce.apps:payment
 
 Each attribute is a function making the service (built, not started) on the databases and
-broker a launcher run used: ``SHOP_DB`` (default ``postgresql://root@127.0.0.1/test``),
-``SHOP_BROKER`` (default ``redis://127.0.0.1:6379``) and ``SHOP_PREFIX`` (the run's
-``--schema-prefix``, default ``shop``: schema ``<prefix>_order`` and broker namespace
-``<prefix>``), as environment variables. Run from the repository's root (``--app`` imports
-from the current directory). :func:`build` is what ``serve.py`` runs."""
+broker a run used, named by environment variables: ``SHOP_DIR``, the directory of an
+embedded run's SQLite files (``python -m examples.ecommerce --keep`` prints it; the
+broker is then ``memory://``); otherwise a launcher run's ``SHOP_DB`` (default
+``postgresql://root@127.0.0.1/test``), ``SHOP_BROKER`` (default
+``redis://127.0.0.1:6379``) and ``SHOP_PREFIX`` (its ``--schema-prefix``, default
+``shop``: schema ``<prefix>_order``, broker namespace ``<prefix>``). Run from the
+repository's root (``--app`` imports from the current directory). :func:`build` is what
+``serve.py`` runs."""
 
 from __future__ import annotations
 
@@ -87,6 +90,9 @@ def topology(broker: str, namespace: str | None = None) -> set[tuple[str, str]]:
 
 
 def _from_env(name: str) -> Service:
+    directory = os.environ.get("SHOP_DIR")
+    if directory:
+        return build(name, f"sqlite:///{directory}/{name}.db", "memory://")[0]
     db = os.environ.get("SHOP_DB", "postgresql://root@127.0.0.1/test")
     broker = os.environ.get("SHOP_BROKER", "redis://127.0.0.1:6379")
     prefix = os.environ.get("SHOP_PREFIX", "shop")
