@@ -50,14 +50,17 @@ def build(
     payment_url: str = "http://127.0.0.1:8102",
     inventory_url: str = "http://127.0.0.1:8103",
     charge_timeout: float = 5.0,
+    pool_size: int = POOL_SIZE,
 ) -> tuple[Service, Any, Callable[[], Awaitable[None]]]:
     """Service ``name`` (one of :data:`NAMES`) on ``db`` (PostgreSQL: ``?schema=``) and
-    ``broker``: the Service, its ASGI app and the setup to await before it starts."""
+    ``broker``: the Service, its ASGI app and the setup to await before it starts.
+    ``pool_size``: its PostgreSQL transaction pool (each store keeps a small pool of its
+    own besides)."""
     faults = faults or Faults()
     transport = broker_transport(broker, faults, namespace)
     middleware = (payment_module.stall(faults),) if name == "payment" else ()
     service = make_service(
-        name, db, transport, lease=lease, middleware=middleware, pool_size=POOL_SIZE
+        name, db, transport, lease=lease, middleware=middleware, pool_size=pool_size
     )
     if name == "inventory":
         app = inventory_module.build(service, STOCK)

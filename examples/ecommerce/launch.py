@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from examples.ecommerce.apps import POOL_SIZE
 from examples.ecommerce.common import open_broker
 from examples.ecommerce.driver import Clients, Report, drive
 from rich.console import Console
@@ -71,6 +72,8 @@ def check_ports_free(ports: Iterable[int]) -> None:
     """LaunchError naming the first of ``ports`` something listens on (127.0.0.1)."""
     for port in ports:
         with socket.socket() as sock:
+            # as uvicorn binds: a port whose last connections are in TIME_WAIT is free
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
@@ -346,6 +349,7 @@ def service_args(args: argparse.Namespace) -> list[str]:
         "--charge-timeout", str(args.charge_timeout),
         "--slow-seconds", str(args.slow_seconds),
         "--duplicate-every", str(args.duplicate_every),
+        "--pool-size", str(args.pool_size),
         *(["--no-refunds"] if args.no_refunds else []),
     ]  # fmt: skip
 
@@ -534,6 +538,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet-timeout", type=float, default=90.0, help="seconds")
     p.add_argument("--duplicate-every", type=int, default=20, help="0: no duplicates")
     p.add_argument("--no-refunds", action="store_true", help="break refunds (a check fails)")
+    p.add_argument(
+        "--pool-size",
+        type=int,
+        default=POOL_SIZE,
+        help="each service's PostgreSQL transaction pool (%(default)s; see above)",
+    )
     return p
 
 

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import uvicorn
-from examples.ecommerce.apps import NAMES, build
+from examples.ecommerce.apps import NAMES, POOL_SIZE, build
 from examples.ecommerce.common import IDENTITY, Faults
 
 
@@ -42,6 +42,7 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="broker namespace of this run (names on Redis, NATS, RabbitMQ)",
     )
+    p.add_argument("--pool-size", type=int, default=POOL_SIZE, help="PostgreSQL pool (%(default)s)")
     p.add_argument("--lease", type=float, default=3.0, help="saga and relay lease, seconds")
     p.add_argument(
         "--watch-parent",
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         payment_url=args.payment_url,
         inventory_url=args.inventory_url,
         charge_timeout=args.charge_timeout,
+        pool_size=args.pool_size,
     )
     IDENTITY.update(pid=os.getpid(), run=args.run_id)
     parent = os.getppid()
