@@ -100,6 +100,14 @@ def test_details_compose_three_services_and_answer_partially(tmp_path: Path) -> 
             partial = (await c.order.get(f"/orders/{order_id}/details")).json()
             assert partial["order"]["status"] == "COMPLETED"
             assert partial["payment"] is None and partial["unavailable"] == ["payment"]
+            # the order's own part fails (its table is gone): 502, as docs/composition.md
+            import sqlite3
+
+            with contextlib.closing(sqlite3.connect(tmp_path / "order.db")) as db:
+                db.execute("ALTER TABLE orders RENAME TO orders_gone")
+                db.commit()
+            broken = await c.order.get(f"/orders/{order_id}/details")
+            assert broken.status_code == 502 and "order" in broken.text, broken.text
 
     asyncio.run(main())
 
