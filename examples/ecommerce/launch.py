@@ -582,6 +582,9 @@ async def guarded(args: argparse.Namespace) -> int:
         print(f"stopped by {SIGNALS[got[0]]}: services stopped{cleaned}", file=sys.stderr)
         return 128 + int(got[0])
     except LaunchError as error:
+        if got:  # a service stopped by the same Ctrl-C (its process group) was seen first
+            print(f"stopped by {SIGNALS[got[0]]}: services stopped", file=sys.stderr)
+            return 128 + int(got[0])
         print(f"launch failed: {error}", file=sys.stderr)
         return 1
     finally:
