@@ -573,17 +573,17 @@ async def guarded(args: argparse.Namespace) -> int:
 
     for sig in SIGNALS:
         loop.add_signal_handler(sig, stop, sig)
+    cleaned = ", run's names dropped" if args.clean else ""
     try:
         return 0 if await run(args) else 1
     except asyncio.CancelledError:
         if not got:
             raise
-        cleaned = ", run's names dropped" if args.clean else ""
         print(f"stopped by {SIGNALS[got[0]]}: services stopped{cleaned}", file=sys.stderr)
         return 128 + int(got[0])
     except LaunchError as error:
         if got:  # a service stopped by the same Ctrl-C (its process group) was seen first
-            print(f"stopped by {SIGNALS[got[0]]}: services stopped", file=sys.stderr)
+            print(f"stopped by {SIGNALS[got[0]]}: services stopped{cleaned}", file=sys.stderr)
             return 128 + int(got[0])
         print(f"launch failed: {error}", file=sys.stderr)
         return 1
