@@ -4,6 +4,7 @@ load driver's checks pass, and fail when the system is broken."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,10 @@ def test_details_compose_three_services_and_answer_partially(tmp_path: Path) -> 
             )
             order_id = r.json()["order_id"]
             assert (await c.order.post("/orders", json={})).status_code == 400  # no key
+            # an unknown order: 404 as GET /orders/{id}, not a 500 from the composition
+            assert (await c.order.get("/orders/nope")).status_code == 404
+            unknown = await c.order.get("/orders/nope/details")
+            assert unknown.status_code == 404, unknown.text
 
             async def ended() -> bool:
                 got = (await c.order.get(f"/orders/{order_id}")).json()
@@ -95,6 +100,14 @@ def test_details_compose_three_services_and_answer_partially(tmp_path: Path) -> 
             partial = (await c.order.get(f"/orders/{order_id}/details")).json()
             assert partial["order"]["status"] == "COMPLETED"
             assert partial["payment"] is None and partial["unavailable"] == ["payment"]
+            # the order's own part fails (its table is gone): 502, as docs/composition.md
+            import sqlite3
+
+            with contextlib.closing(sqlite3.connect(tmp_path / "order.db")) as db:
+                db.execute("ALTER TABLE orders RENAME TO orders_gone")
+                db.commit()
+            broken = await c.order.get(f"/orders/{order_id}/details")
+            assert broken.status_code == 502 and "order" in broken.text, broken.text
 
     asyncio.run(main())
 
@@ -109,3 +122,54 @@ def test_run_namespace_reaches_every_broker(url: str) -> None:
 
     transport = open_broker(url, "shop_t1")
     assert transport.namespace == "shop_t1"  # type: ignore[attr-defined]
+
+
+def test_msdata_trace_reads_the_example_services_by_module_attr(tmp_path: Path) -> None:
+    """``msdata trace ID --app examples.ecommerce.apps:order`` (and payment, inventory) on
+    an embedded run's SQLite files (SHOP_DIR): each service's stores are read, and the
+    saga's steps come from the order service's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    report = run(tmp_path, Faults(), orders=1)
+    assert report.completed + report.compensated == 1
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(tmp_path / "order.db")) as db:
+        (saga_id,) = db.execute("SELECT saga_id FROM msdata_sagas").fetchone()
+    apps = [f"--app=examples.ecommerce.apps:{n}" for n in ("order", "payment", "inventory")]
+    env = {
+        **os.environ,
+        "SHOP_DIR": str(tmp_path),
+        "PYTHONPATH": f"{root / 'src'}{os.pathsep}{root}",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "msdata.cli", "trace", saga_id, *apps, "--json"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    got = json.loads(out.stdout)
+    assert {"order sagas", "payment outbox", "inventory outbox"} <= set(got["read"]), got
+    steps = {e["detail"].get("event") for e in got["entries"] if e["service"] == "order"}
+    assert {"started", "step started", "step completed"} <= steps, got
+
+
+def test_the_first_command_removes_its_files_unless_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m examples.ecommerce``: its /tmp/msdata-shop-* directory is gone at exit
+    unless --keep; with no order, the latencies print '-', not nan."""
+    import tempfile
+
+    from examples.ecommerce.__main__ import main
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert main(["--orders", "0"]) == 0
+    assert list(tmp_path.glob("msdata-shop-*")) == []
+    assert "nan" not in capsys.readouterr().out
+    assert main(["--orders", "0", "--keep"]) == 0
+    (kept,) = tmp_path.glob("msdata-shop-*")
+    assert (kept / "order.db").exists() and str(kept) in capsys.readouterr().out.replace("\n", "")

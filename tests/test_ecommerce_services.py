@@ -134,3 +134,16 @@ def test_services_killed_and_restarted_mid_run(
     assert sorted(k["service"] for k in report["kills"]) == ["inventory", "order", "payment"]
     assert all(k["answered"] < 24 for k in report["kills"]), report["kills"]
     assert "chaos: SIGKILLed" in out.stdout, out.stdout
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_broken_refunds_fail_the_money_check_on_a_real_broker(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """--no-refunds reaches the Payment process: the first order's stalled charge is
+    refunded without moving money, and only the money check fails (exit 1)."""
+    out, report = launch(postgres_url, redis_url, tmp_path, "--orders", "3", "--no-refunds")
+    failed = {c["name"] for c in report["checks"] if not c["ok"]}
+    assert failed == {"money charged - refunded = sum of completed orders"}, out.stdout
+    assert out.returncode == 1

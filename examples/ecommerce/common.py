@@ -52,6 +52,12 @@ class DuplicatingTransport:
         await self.inner.close()
 
 
+#: who this process is, added to each service's ``/health`` answer: ``serve.py`` sets the
+#: pid and the launcher's run token, and the launcher checks them (a service of another run
+#: on the same port must not pass for its own); empty in the embedded default
+IDENTITY: dict[str, Any] = {}
+
+
 def open_broker(url: str, namespace: str | None = None) -> Transport:
     """The transport of ``url`` with ``namespace`` as its ``namespace`` option on every
     broker (Redis keys, NATS streams and subjects, RabbitMQ exchanges and queues), so one
@@ -75,7 +81,13 @@ def broker_transport(
 
 
 def make_service(
-    name: str, db: str, broker: str | Transport, *, lease: float, middleware: tuple[Any, ...] = ()
+    name: str,
+    db: str,
+    broker: str | Transport,
+    *,
+    lease: float,
+    middleware: tuple[Any, ...] = (),
+    pool_size: int = 10,
 ) -> Service:
     """A service on its own database. PostgreSQL: its tables in schema ``<db schema>``
     given as ``?schema=`` in the URL (default: the service's name)."""
@@ -89,6 +101,7 @@ def make_service(
         broker=broker,
         schema=schema,
         middleware=middleware,
+        pool_size=pool_size,
         # the bus's default redeliveries: a saga reply that meets a killed orchestrator's
         # live lease is recorded on the instance and acked (docs/sagas.md, Recovery)
         bus_options={"concurrency": 16},

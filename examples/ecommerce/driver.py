@@ -344,14 +344,14 @@ def show(report: Report, console: Console) -> None:
     for col in ("completed", "compensated", "failed", "orders/s", "median s", "p99 s"):
         t.add_column(col, justify="right")
     lat = sorted(report.latencies)
-    p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan")
+    p99 = f"{lat[min(len(lat) - 1, int(0.99 * len(lat)))]:.3f}" if lat else "-"
     t.add_row(
         str(report.completed),
         str(report.compensated),
         str(report.failed),
         f"{report.placed / report.seconds:.0f}" if report.seconds else "-",
         f"{statistics.median(lat):.3f}" if lat else "-",
-        f"{p99:.3f}",
+        p99,
     )
     console.print(t)
     for name, ok, detail in report.checks:

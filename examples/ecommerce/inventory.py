@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from examples.ecommerce import sql
+from examples.ecommerce.common import IDENTITY
 from examples.ecommerce.messages import ReleaseStock, ReserveStock
 from fastapi import FastAPI, HTTPException
 
@@ -125,7 +126,7 @@ def build(service: Service, stock: dict[str, int]) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return await service.health()
+        return {**await service.health(), **IDENTITY}
 
     return app
 

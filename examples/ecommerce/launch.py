@@ -4,15 +4,24 @@ driver, in one command::
     python -m examples.ecommerce.launch --db postgresql://root@127.0.0.1/test \\
         --broker redis://127.0.0.1:6379 --orders 300 [--chaos]
 
-Each service gets its own schema (``<prefix>_order``, ``_payment``, ``_inventory``; the
-schemas of an earlier run with that prefix are dropped first); the prefix is also the
-transport's ``namespace`` on every broker (Redis keys, NATS streams and subjects, RabbitMQ
-exchanges and queues), so runs with different prefixes share no names. With
-``--chaos`` services are SIGKILLed and restarted while orders are placed (``--kills``
-times, spread over the run). ``--clean`` drops the run's schemas and broker names at the
-end; ``--json-report FILE`` writes the counts, checks, kills and seconds per phase. The
-services are forked from a fork server that imported them once, so a restart is quick.
-Exits 1 if a check fails."""
+Each service gets its own schema (<prefix>_order, _payment, _inventory); the prefix
+is also the transport's namespace on every broker (Redis keys, NATS streams and
+subjects, RabbitMQ exchanges and queues), so runs with different prefixes share no names.
+A run starts fresh: the schemas AND the broker names an earlier run with that prefix left
+(an interrupted run's in-flight commands included) are dropped first, unless --keep.
+
+With --chaos services are SIGKILLed and restarted while orders are placed (--kills
+times, spread over the run). --clean drops the run's schemas and broker names at the
+end, also when the run is stopped by SIGINT (Ctrl-C) or SIGTERM (exit 130 or 143).
+--json-report FILE writes the counts, checks, kills and seconds per phase.
+
+The launcher checks it drives its own services: the ports must be free, each service's
+/health must answer this run's id and the pid the launcher started, and a service that
+exits (a port taken, a bad URL) ends the run at once with one line and exit 1.
+
+Exits 1 if a check fails. PostgreSQL: a run holds about 35 connections (Order about 19:
+its transaction pool, --pool-size, default 5, and each store's own small pool), so two
+runs at once fit in the default max_connections = 100, three do not."""
 
 from __future__ import annotations
 
@@ -23,20 +32,54 @@ import json
 import multiprocessing
 import os
 import random
+import re
+import signal
+import socket
 import sys
 import time
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import httpx
+from examples.ecommerce.apps import POOL_SIZE
 from examples.ecommerce.common import open_broker
-from examples.ecommerce.driver import Clients, Report, audit, drive
+from examples.ecommerce.driver import Clients, Report, drive
 from rich.console import Console
 
 from msdata.transport import dead_letter_topic
 
 NAMES = ("order", "payment", "inventory")
+
+#: --schema-prefix: a PostgreSQL schema name (unquoted, lower case) once "_inventory" is
+#: added, and a namespace every broker takes
+PREFIX = re.compile(r"[a-z_][a-z0-9_]{0,29}")
+
+
+class LaunchError(Exception):
+    """The run cannot go on (a service exited, a port is taken): one line for the user."""
+
+
+def prefix_type(value: str) -> str:
+    """argparse type of --schema-prefix (see :data:`PREFIX`)."""
+    if not PREFIX.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value!r}: 1-30 of [a-z0-9_], not starting with a digit")
+    return value
+
+
+def check_ports_free(ports: Iterable[int]) -> None:
+    """LaunchError naming the first of ``ports`` something listens on (127.0.0.1)."""
+    for port in ports:
+        with socket.socket() as sock:
+            # as uvicorn binds: a port whose last connections are in TIME_WAIT is free
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                raise LaunchError(
+                    f"port {port} on 127.0.0.1 is in use (another run? choose --base-port)"
+                ) from None
 
 
 #: services are forked from a server process that imported them once (multiprocessing's
@@ -62,6 +105,12 @@ class Fleet:
         self.ports = {n: base_port + i for i, n in enumerate(NAMES)}
         self.db, self.broker, self.prefix, self.extra = db, broker, prefix, extra
         self.procs: dict[str, multiprocessing.process.BaseProcess] = {}
+        #: this run's id, which each service's /health answers (with its pid)
+        self.run_id = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        #: services killed on purpose (chaos), not yet started again
+        self.down: set[str] = set()
+        #: (topic, group) pairs the services said they consume (on /health)
+        self.pairs: set[tuple[str, str]] = set()
         start_forkserver()
 
     def url(self, name: str) -> str:
@@ -78,16 +127,66 @@ class Fleet:
             "--port", str(self.ports[name]),
             "--payment-url", self.url("payment"),
             "--inventory-url", self.url("inventory"),
+            "--watch-parent", "--run-id", self.run_id,
             *self.extra,
         ]  # fmt: skip
         p = _FORK.Process(target=serve.main, args=(argv,), name=f"shop-{name}")
         p.start()
         self.procs[name] = p
+        self.down.discard(name)
 
     def kill(self, name: str) -> None:
         p = self.procs[name]
+        self.down.add(name)
         p.kill()  # SIGKILL
         p.join()
+
+    def check(self, *names: str) -> None:
+        """LaunchError if one of the services (default: all) exited when not killed."""
+        for name in names or tuple(self.procs):
+            p = self.procs.get(name)
+            if p is not None and name not in self.down and not p.is_alive():
+                raise LaunchError(
+                    f"the {name} service exited (code {p.exitcode}) on port"
+                    f" {self.ports[name]}: see its error above"
+                )
+
+    async def watch(self) -> None:
+        """Until a service exits that was not killed on purpose: LaunchError."""
+        while True:
+            self.check()
+            await asyncio.sleep(0.3)
+
+    async def wait_up(self, *names: str, timeout: float = 60) -> None:
+        """Until each service answers its health check as the process this launcher
+        started (its pid and this run's id): LaunchError if it exits or does not answer so
+        within ``timeout`` s (another process on its port)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        for name in names:
+            async with httpx.AsyncClient(base_url=self.url(name), timeout=5) as client:
+                while True:
+                    self.check(name)
+                    if self.answers(name, await health(client)):
+                        break
+                    if loop.time() > end:
+                        raise LaunchError(
+                            f"{client.base_url} did not answer as this run's {name} service"
+                            f" within {timeout:.0f} s"
+                        )
+                    await asyncio.sleep(0.2)
+
+    def answers(self, name: str, got: dict[str, Any] | None) -> bool:
+        """Whether ``got`` (a /health answer) is from this run's ``name`` process; notes
+        the pairs it consumes."""
+        if got is None or got.get("run") != self.run_id:
+            return False
+        if got.get("pid") != self.procs[name].pid:
+            return False
+        for entry in got.get("consumers", {}).get("subscriptions", []):
+            topic, _, group = entry.rpartition("/")
+            self.pairs.add((topic, group))
+        return True
 
     def stop(self) -> None:
         for p in self.procs.values():
@@ -116,20 +215,16 @@ class Phases:
         return ", ".join(f"{name} {s:.1f} s" for name, s in self.took)
 
 
-async def wait_up(*clients: httpx.AsyncClient, timeout: float = 60) -> None:
-    """Until each service answers its health check (RuntimeError after ``timeout`` s)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    for c in clients:
-        while True:
-            try:
-                if (await c.get("/health")).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if loop.time() > end:
-                raise RuntimeError(f"{c.base_url} did not come up")
-            await asyncio.sleep(0.2)
+async def health(client: httpx.AsyncClient) -> dict[str, Any] | None:
+    """The service's /health answer, or None (not answering, or not 200)."""
+    try:
+        r = await client.get("/health")
+        if r.status_code == 200:
+            got = r.json()
+            return got if isinstance(got, dict) else None
+    except (httpx.HTTPError, ValueError):
+        pass
+    return None
 
 
 def subscriptions(audit: dict[str, Any]) -> set[tuple[str, str]]:
@@ -167,9 +262,11 @@ async def drop_broker_names(
     """Delete what a run left on the broker under ``namespace``: Redis keys
     ``<namespace>:*``; NATS streams of the namespace's stream prefix; on RabbitMQ (which
     cannot list names over AMQP) the exchanges and queues of the topology (see
-    msdata.adapters.rabbitmq) of the message types of ``examples.ecommerce.messages`` and
-    of the (topic, group) ``pairs`` the services consumed, with their dead-letter topics
-    and the launcher's ``dlq-audit`` group on those. ``memory://``: nothing to do."""
+    msdata.adapters.rabbitmq) of the message types of ``examples.ecommerce.messages``, of
+    the (topic, group) pairs the services subscribe as built
+    (:func:`examples.ecommerce.apps.topology`: known without them running) and of
+    ``pairs`` (those they said they consume), with their dead-letter topics and the
+    launcher's ``dlq-audit`` group on those. ``memory://``: nothing to do."""
     transport = open_broker(broker, namespace)
     try:
         if broker.startswith("redis"):
@@ -190,7 +287,9 @@ async def drop_broker_names(
             finally:
                 await nc.close()
         elif broker.startswith("amqp"):
-            await _drop_rabbitmq(broker, transport, pairs)
+            from examples.ecommerce.apps import topology
+
+            await _drop_rabbitmq(broker, transport, {*pairs, *topology(broker)})
     finally:
         await transport.close()
 
@@ -243,46 +342,60 @@ async def drop_schemas(db: str, prefix: str) -> None:
         await conn.close()
 
 
+def service_args(args: argparse.Namespace) -> list[str]:
+    """The options the launcher passes on to each service (``serve.py``)."""
+    return [
+        "--namespace", args.schema_prefix,
+        "--charge-timeout", str(args.charge_timeout),
+        "--slow-seconds", str(args.slow_seconds),
+        "--duplicate-every", str(args.duplicate_every),
+        "--pool-size", str(args.pool_size),
+        *(["--no-refunds"] if args.no_refunds else []),
+    ]  # fmt: skip
+
+
 async def run(args: argparse.Namespace) -> bool:
     console = Console()
     phases = Phases()
     start_forkserver()
-    if not args.keep:
-        await drop_schemas(args.db, args.schema_prefix)
-    extra = [
-        "--namespace",
-        args.schema_prefix,
-        "--charge-timeout",
-        str(args.charge_timeout),
-        "--slow-seconds",
-        str(args.slow_seconds),
-    ]
+    check_ports_free(range(args.base_port, args.base_port + len(NAMES)))
+    if not args.keep:  # a fresh start: no schema, no queued message of an earlier run
+        try:
+            await drop_schemas(args.db, args.schema_prefix)
+        except Exception as error:  # unreachable, no such database, refused: one line
+            raise LaunchError(f"PostgreSQL at {args.db.split('@')[-1]}: {error}") from None
+        try:
+            await drop_broker_names(args.broker, args.schema_prefix)
+        except Exception as error:
+            raise LaunchError(f"broker at {args.broker.split('@')[-1]}: {error}") from None
+    extra = service_args(args)
     fleet = Fleet(args.db, args.broker, args.schema_prefix, args.base_port, extra)
     for n in NAMES:
         fleet.start(n)
     clients = Clients(*(httpx.AsyncClient(base_url=fleet.url(n), timeout=30) for n in NAMES))
     chaos_task = None
+    watch = asyncio.create_task(fleet.watch())
     report: Report | None = None
-    pairs: set[tuple[str, str]] = set()
     killed: list[dict[str, Any]] = []
     answered = Answered()
 
     async def dead_letters(audit: dict[str, Any]) -> int:
-        pairs.update(subscriptions(audit))
+        fleet.pairs.update(subscriptions(audit))
         return await read_dead_letters(args.broker, args.schema_prefix, audit)
 
-    try:
-        await wait_up(clients.inventory, clients.payment, clients.order)
+    async def drive_orders() -> Report:
+        await fleet.wait_up("inventory", "payment", "order")
         phases.mark("start")
         console.print(
             f"Order, Payment and Inventory as processes {[p.pid for p in fleet.procs.values()]}"
             f" on {args.db.split('@')[-1]} + {args.broker.split('@')[-1]}"
         )
+        nonlocal chaos_task
         if args.chaos:
             chaos_task = asyncio.create_task(
                 chaos(fleet, console, args.seed, args.kills, args.orders, answered, killed)
             )
-        report = await drive(
+        return await drive(
             clients,
             orders=args.orders,
             concurrency=args.concurrency,
@@ -295,22 +408,32 @@ async def run(args: argparse.Namespace) -> bool:
             on_placed=lambda: phases.mark("orders"),
             on_quiet=lambda: phases.mark("quiet"),
         )
+
+    driving = asyncio.create_task(drive_orders())
+    try:
+        # whichever ends first: the run, or a service that exits (its port taken, ...)
+        await asyncio.wait({driving, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if not driving.done():
+            watch.result()  # raises the LaunchError
+        if chaos_task is not None and chaos_task.done() and not chaos_task.cancelled():
+            chaos_task.result()  # a restarted service that did not come back
+        report = driving.result()
         phases.mark("checks")
         args.report = report
         return report.ok
     finally:
-        if chaos_task:
-            chaos_task.cancel()
-        if args.clean and not pairs:  # the run ended early: what do the services consume?
-            with contextlib.suppress(httpx.HTTPError, KeyError, ValueError):
-                pairs.update(subscriptions(await audit(clients)))
+        for task in (driving, watch, chaos_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
         for c in (clients.order, clients.payment, clients.inventory):
             await c.aclose()
         fleet.stop()
         phases.mark("stop")
         if args.clean:
             await drop_schemas(args.db, args.schema_prefix)
-            await drop_broker_names(args.broker, args.schema_prefix, pairs)
+            await drop_broker_names(args.broker, args.schema_prefix, fleet.pairs)
             phases.mark("clean")
         console.print(f"time: {phases}")
         if args.json_report and report is not None:
@@ -363,30 +486,47 @@ async def chaos(
         down = time.monotonic()
         await asyncio.sleep(0.5)
         fleet.start(name)
-        async with httpx.AsyncClient(base_url=fleet.url(name), timeout=5) as client:
-            await wait_up(client)
+        await fleet.wait_up(name)
         kill["down_seconds"] = round(time.monotonic() - down, 2)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m examples.ecommerce.launch", description=__doc__)
-    p.add_argument("--db", default=os.environ.get("SHOP_DB", "postgresql://root@127.0.0.1/test"))
-    p.add_argument("--broker", default=os.environ.get("SHOP_BROKER", "redis://127.0.0.1:6379"))
-    p.add_argument("--orders", type=int, default=300)
-    p.add_argument("--concurrency", type=int, default=16)
+    p = argparse.ArgumentParser(
+        prog="python -m examples.ecommerce.launch",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--db",
+        default=os.environ.get("SHOP_DB", "postgresql://root@127.0.0.1/test"),
+        help="PostgreSQL URL (default $SHOP_DB or %(default)s)",
+    )
+    p.add_argument(
+        "--broker",
+        default=os.environ.get("SHOP_BROKER", "redis://127.0.0.1:6379"),
+        help="redis://, amqp:// or nats:// URL (default $SHOP_BROKER or %(default)s)",
+    )
+    p.add_argument("--orders", type=int, default=300, help="orders to place (%(default)s)")
+    p.add_argument("--concurrency", type=int, default=16, help="orders in flight at once")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--chaos", action="store_true", help="SIGKILL and restart services")
     p.add_argument("--kills", type=int, default=5, help="with --chaos: how many SIGKILLs")
-    p.add_argument("--keep", action="store_true", help="keep the schemas of an earlier run")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the schemas and broker names of an earlier run (default: drop them)",
+    )
     p.add_argument(
         "--clean",
         action="store_true",
-        help="at the end, drop the run's schemas and its names on the broker",
+        help="at the end (also on SIGINT/SIGTERM), drop the run's schemas and broker names",
     )
     p.add_argument(
         "--schema-prefix",
+        type=prefix_type,
         default="shop",
-        help="the run's PostgreSQL schema prefix and broker namespace (1-30 of [A-Za-z0-9_-])",
+        help="the run's PostgreSQL schema prefix and broker namespace: 1-30 of [a-z0-9_],"
+        " not starting with a digit (default %(default)s)",
     )
     p.add_argument(
         "--json-report",
@@ -394,16 +534,66 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="also write the counts, the checks and the kills to this file (JSON)",
     )
-    p.add_argument("--base-port", type=int, default=8101)
-    p.add_argument("--charge-timeout", type=float, default=5.0)
-    p.add_argument("--slow-seconds", type=float, default=6.0)
-    p.add_argument("--quiet-timeout", type=float, default=90.0)
+    p.add_argument(
+        "--base-port", type=int, default=8101, help="Order's port; Payment +1, Inventory +2"
+    )
+    p.add_argument("--charge-timeout", type=float, default=5.0, help="seconds")
+    p.add_argument(
+        "--slow-seconds", type=float, default=6.0, help="how long a tok_slow charge stalls"
+    )
+    p.add_argument("--quiet-timeout", type=float, default=90.0, help="seconds")
     p.add_argument("--duplicate-every", type=int, default=20, help="0: no duplicates")
+    p.add_argument("--no-refunds", action="store_true", help="break refunds (a check fails)")
+    p.add_argument(
+        "--pool-size",
+        type=int,
+        default=POOL_SIZE,
+        help="each service's PostgreSQL transaction pool (%(default)s; see above)",
+    )
     return p
 
 
+#: exit status on a signal: 128 + its number (the shell's convention)
+SIGNALS = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+
+
+async def guarded(args: argparse.Namespace) -> int:
+    """:func:`run`, stopped like a normal end on SIGINT or SIGTERM (services stopped,
+    --clean done): 0 (every check passed), 1 (a check failed, or LaunchError), or 128 +
+    the signal's number."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    got: list[signal.Signals] = []
+
+    def stop(sig: signal.Signals) -> None:
+        if not got:  # the first: stop; a second one does not cut the cleanup short
+            got.append(sig)
+            task.cancel()
+
+    for sig in SIGNALS:
+        loop.add_signal_handler(sig, stop, sig)
+    cleaned = ", run's names dropped" if args.clean else ""
+    try:
+        return 0 if await run(args) else 1
+    except asyncio.CancelledError:
+        if not got:
+            raise
+        print(f"stopped by {SIGNALS[got[0]]}: services stopped{cleaned}", file=sys.stderr)
+        return 128 + int(got[0])
+    except LaunchError as error:
+        if got:  # a service stopped by the same Ctrl-C (its process group) was seen first
+            print(f"stopped by {SIGNALS[got[0]]}: services stopped{cleaned}", file=sys.stderr)
+            return 128 + int(got[0])
+        print(f"launch failed: {error}", file=sys.stderr)
+        return 1
+    finally:
+        for sig in SIGNALS:
+            loop.remove_signal_handler(sig)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return 0 if asyncio.run(run(parser().parse_args(argv))) else 1
+    return asyncio.run(guarded(parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 from examples.ecommerce import sql
+from examples.ecommerce.common import IDENTITY
 from examples.ecommerce.inventory import service_state
 from examples.ecommerce.messages import (
     Charged,
@@ -25,7 +26,13 @@ from pydantic import BaseModel, Field
 
 from msdata.backoff import exponential_backoff
 from msdata.composition import compose, optional, required
-from msdata.errors import ConcurrencyError, SagaNotFound, SagaStateError
+from msdata.errors import (
+    CompositionTimeout,
+    ConcurrencyError,
+    RequiredPartFailed,
+    SagaNotFound,
+    SagaStateError,
+)
 from msdata.idempotency import IdempotencyKeys
 from msdata.idempotency.asgi import IdempotencyMiddleware
 from msdata.ids import new_id
@@ -282,7 +289,18 @@ class OrderService:
                 f"/reservations/{order_id}",
                 timeout=self.part_timeout,
             )
-            answer = await compose(order, pay, stock, deadline=2 * self.part_timeout)
+            # docs/composition.md: a required part that fails is the server's failure
+            # (502), except an unknown order, which is the client's (404, as GET
+            # /orders/{id}); the overall deadline passed: 504
+            try:
+                answer = await compose(order, pay, stock, deadline=2 * self.part_timeout)
+            except RequiredPartFailed as error:
+                cause = error.__cause__
+                if isinstance(cause, HTTPException) and cause.status_code == 404:
+                    raise HTTPException(404, "no such order") from None
+                raise HTTPException(502, f"{error.part}: {error.reason}") from None
+            except CompositionTimeout as error:
+                raise HTTPException(504, str(error)) from None
             return {
                 "order": answer[order],
                 "payment": answer[pay],
@@ -336,7 +354,7 @@ class OrderService:
 
         @app.get("/health")
         async def health() -> dict[str, Any]:
-            return await service.health()
+            return {**await service.health(), **IDENTITY}
 
         return app
 

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from examples.ecommerce import sql
-from examples.ecommerce.common import Faults
+from examples.ecommerce.common import IDENTITY, Faults
 from examples.ecommerce.inventory import service_state
 from examples.ecommerce.messages import Charged, ChargePayment, RefundPayment
 from fastapi import FastAPI, HTTPException
@@ -129,6 +129,6 @@ def build(service: Service, faults: Faults) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return await service.health()
+        return {**await service.health(), **IDENTITY}
 
     return app
