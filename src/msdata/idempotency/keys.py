@@ -108,6 +108,16 @@ def _validator(tp: Any) -> Any:
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
+_RESULT_BYTE = _RESULT[0]
+
+#: scopes that passed _check (a set look-up on the next call of each owner; bounded)
+_scopes: set[str] = set()
+
+
+def _remember(scope: str) -> None:
+    if len(_scopes) >= 4096:
+        _scopes.clear()
+    _scopes.add(scope)
 
 
 def _check(key: str | None, scope: str) -> str:
@@ -116,16 +126,19 @@ def _check(key: str | None, scope: str) -> str:
     control character: ConfigurationError. Checked before any store sees them (PostgreSQL
     cannot store NUL)."""
     # the common case in a few C calls (a replay's whole check): printable ASCII has no
-    # control character, and a printable ASCII scope that is not all spaces is visible
+    # control character; a scope checked once is remembered (owners recur, keys do not)
     if (
         type(key) is str
         and type(scope) is str
         and 0 < len(key) <= _MAX_KEY
         and key.isascii()
         and key.isprintable()
-        and (not scope or (scope.isascii() and scope.isprintable() and not scope.isspace()))
     ):
-        return key
+        if scope in _scopes:
+            return key
+        if not scope or (scope.isascii() and scope.isprintable() and not scope.isspace()):
+            _remember(scope)
+            return key
     if key is None or key == "":
         raise IdempotencyKeyMissing("an idempotency key is required and none was given")
     if not isinstance(key, str) or len(key) > _MAX_KEY:
@@ -141,6 +154,7 @@ def _check(key: str | None, scope: str) -> str:
             'a scope is "" (one scope for every caller) or an owner with a visible '
             f"character, got {scope!r}"
         )
+    _remember(scope)
     return key
 
 
@@ -458,10 +472,10 @@ class IdempotencyKeys:
     ) -> IdempotencyClaim:
         """The claim for what the store's claim returned: this claim's token (it holds the
         key) or the live record."""
-        if type(found) is str:
+        if isinstance(found, str):
             telemetry.hooks.idempotency_claim(scope, "claimed")  # telemetry
             return IdempotencyClaim(self, scope, key, found, conn)
-        stored = self._live(found, scope, key, fp)  # type: ignore[arg-type]
+        stored = self._live(found, scope, key, fp)
         return IdempotencyClaim(self, scope, key, found[3], conn, stored)
 
     @staticmethod
@@ -548,21 +562,45 @@ class IdempotencyKeys:
         ``request``: what the fingerprint is made of (any JSON-able value); or pass the
         ``fingerprint`` itself. Errors: see the class docstring. A saga participant calls
         this with the step's own key and scope."""
-        final = self.final_errors if final_errors is None else final_errors
         if fingerprint is not None:
             fp = fingerprint
         else:
             fp = "" if request is _NOTHING else _fingerprint(request)
         # claim() inline: a replay makes no IdempotencyClaim (nor, on a store that reads
-        # first, a token)
-        key = _check(key, scope)
+        # first, a token); _check's common case inline
+        if not (
+            type(key) is str
+            and 0 < len(key) <= _MAX_KEY
+            and key.isascii()
+            and key.isprintable()
+            and type(scope) is str
+            and scope in _scopes
+        ):
+            key = _check(key, scope)
         now = self._time_ns() // 1000
         found = await self.store.claim_async(
             conn, scope, key, fp, now, now + self._lease_us, _token
         )
-        if type(found) is not str:
-            live = self._live(found, scope, key, fp)  # type: ignore[arg-type]
+        if not isinstance(found, str):
+            stored_fp, completed, response, _ = found
+            # a stored result for this request (_live and _replayed's common case)
+            if (
+                completed
+                and response
+                and response[0] == _RESULT_BYTE
+                and (not fp or not stored_fp or stored_fp == fp)
+            ):
+                telemetry.hooks.idempotency_claim(scope, "replayed")  # telemetry
+                try:
+                    if result_type is Any:
+                        return cast(T, from_json(response[1:]))
+                    return cast(T, _validator(result_type).validate_json(response[1:]))
+                except ValueError:  # raised again as StoredResultInvalid
+                    return cast(T, _replayed(response, key, result_type, ()))
+            live = self._live(found, scope, key, fp)
+            final = self.final_errors if final_errors is None else final_errors
             return cast(T, _replayed(live, key, result_type, final))
+        final = self.final_errors if final_errors is None else final_errors
         claim = self._decide(found, scope, key, fp, conn)
         try:
             result = await operation()
@@ -612,8 +650,8 @@ class IdempotencyKeys:
         key = _check(key, scope)
         now = self._time_ns() // 1000
         found = self.store.claim(conn, scope, key, fp, now, now + self._lease_us, _token)
-        if type(found) is not str:
-            live = self._live(found, scope, key, fp)  # type: ignore[arg-type]
+        if not isinstance(found, str):
+            live = self._live(found, scope, key, fp)
             return cast(T, _replayed(live, key, result_type, final))
         claim = self._decide(found, scope, key, fp, conn)
         try:

@@ -31,7 +31,7 @@ import asyncio
 import uuid
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import pytest
 
@@ -390,6 +390,20 @@ class IdempotencyStoreConformance(TransactionHooks):
             with pytest.raises(IdempotencyKeyMissing):
                 await keys.run(None, charge, scope="alice")
 
+    async def test_a_first_run_is_two_store_calls_and_a_replay_one(self) -> None:
+        async with self.make_store() as store:
+            counted = _Counted(store)
+            keys = IdempotencyKeys(cast(IdempotencyStore, counted), clock=FakeClock())
+            assert await keys.run("k", _async({"id": 1}), scope="s", request=1) == {"id": 1}
+            assert counted.calls == ["claim_async", "complete_async"]
+            counted.calls.clear()
+            assert await keys.run("k", _async({"id": 2}), scope="s", request=1) == {"id": 1}
+            assert counted.calls == ["claim_async"]
+            counted.calls.clear()
+            async with keys.call("k", scope="s", request=1) as call:
+                assert call.replayed and call.result == {"id": 1}
+            assert counted.calls == ["claim_async"]
+
     async def test_keys_in_progress_failure_and_a_crashed_holder(self) -> None:
         async with self.make_store() as store:
             clock = FakeClock()
@@ -455,6 +469,25 @@ class IdempotencyStoreConformance(TransactionHooks):
                 with pytest.raises(ConfigurationError, match="control character"):
                     await keys.run("k", _async(1), scope=bad)
             assert await store.get("s", "k") is None
+
+
+class _Counted:
+    """A store whose async calls are recorded by name."""
+
+    def __init__(self, store: IdempotencyStore) -> None:
+        self.store = store
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.store, name)
+        if not name.endswith("_async"):
+            return attr
+
+        async def counted(*args: Any) -> Any:
+            self.calls.append(name)
+            return await attr(*args)
+
+        return counted
 
 
 def _async(value: Any) -> Any:
