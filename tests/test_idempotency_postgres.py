@@ -156,15 +156,13 @@ class TestPostgresIdempotencyStoreSQLAlchemy(_PostgresStore, IdempotencyStoreCon
 async def test_a_cancelled_call_leaves_the_store_usable(postgres_url: str) -> None:
     """A call cancelled mid-statement gives its connection back to the pool (which cleans
     it up); the next calls work."""
-    from datetime import UTC, datetime, timedelta
-
     store = PostgresIdempotencyStore(postgres_url, table_prefix=table_prefix())
     await store.create_schema()
-    now = datetime(2030, 1, 1, tzinfo=UTC)
+    now = 1_893_456_000_000_000  # 2030-01-01, Unix microseconds
     try:
         for i in range(5):
             task = asyncio.ensure_future(
-                store.claim_async(None, "s", f"k{i}", "", "t", now, now + timedelta(seconds=9))
+                store.claim_async(None, "s", f"k{i}", "", now, now + 9_000_000, lambda: "t")
             )
             for _ in range(i):
                 await asyncio.sleep(0)
@@ -172,7 +170,8 @@ async def test_a_cancelled_call_leaves_the_store_usable(postgres_url: str) -> No
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             # expires at once (expires_at <= now), so every round claims it afresh
-            assert await store.claim_async(None, "s", "x", "", f"t{i}", now, now) is None
+            token = f"t{i}"
+            assert await store.claim_async(None, "s", "x", "", now, now, lambda t=token: t) == token
         rec = await store.get("s", "x")
         assert rec is not None
     finally:

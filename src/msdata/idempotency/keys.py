@@ -16,17 +16,18 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar, cast
 
 from pydantic import TypeAdapter
-from pydantic_core import PydanticSerializationError, SchemaValidator
+from pydantic_core import PydanticSerializationError, SchemaValidator, from_json
 
 from msdata import telemetry
-from msdata.clock import SYSTEM_CLOCK, Clock
+from msdata.clock import SYSTEM_CLOCK, Clock, SystemClock
 from msdata.errors import (
     ConfigurationError,
     IdempotencyError,
@@ -39,7 +40,8 @@ from msdata.errors import (
     StoredResultTooLarge,
 )
 from msdata.idempotency.fingerprint import fingerprint as _fingerprint
-from msdata.idempotency.store import IdempotencyRecord, IdempotencyStore
+from msdata.idempotency.store import IdempotencyStore, LiveRecord
+from msdata.storage import unix_us
 
 __all__ = ["IdempotencyClaim", "IdempotencyKeys", "IdempotentCall"]
 
@@ -51,11 +53,13 @@ T = TypeVar("T")
 _RESULT, _ERROR, _TOO_LARGE, _NOT_STORED = b"R", b"E", b"T", b"N"
 _MAX_KEY = 255
 _NOTHING: Any = object()
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class _Tokens:
     """Claim tokens: unique across processes (a random prefix per process, new after a
-    fork) and cheap (a counter), since every claim makes one, replays included."""
+    fork) and cheap (a counter). Passed to the store as its token factory: a store that
+    reads first (SQLite, memory) makes none on a replay."""
 
     def __init__(self) -> None:
         self.reset()
@@ -104,6 +108,16 @@ def _validator(tp: Any) -> Any:
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
+_RESULT_BYTE = _RESULT[0]
+
+#: scopes that passed _check (a set look-up on the next call of each owner; bounded)
+_scopes: set[str] = set()
+
+
+def _remember(scope: str) -> None:
+    if len(_scopes) >= 4096:
+        _scopes.clear()
+    _scopes.add(scope)
 
 
 def _check(key: str | None, scope: str) -> str:
@@ -112,16 +126,19 @@ def _check(key: str | None, scope: str) -> str:
     control character: ConfigurationError. Checked before any store sees them (PostgreSQL
     cannot store NUL)."""
     # the common case in a few C calls (a replay's whole check): printable ASCII has no
-    # control character, and a printable ASCII scope that is not all spaces is visible
+    # control character; a scope checked once is remembered (owners recur, keys do not)
     if (
         type(key) is str
         and type(scope) is str
         and 0 < len(key) <= _MAX_KEY
         and key.isascii()
         and key.isprintable()
-        and (not scope or (scope.isascii() and scope.isprintable() and not scope.isspace()))
     ):
-        return key
+        if scope in _scopes:
+            return key
+        if not scope or (scope.isascii() and scope.isprintable() and not scope.isspace()):
+            _remember(scope)
+            return key
     if key is None or key == "":
         raise IdempotencyKeyMissing("an idempotency key is required and none was given")
     if not isinstance(key, str) or len(key) > _MAX_KEY:
@@ -137,6 +154,7 @@ def _check(key: str | None, scope: str) -> str:
             'a scope is "" (one scope for every caller) or an owner with a visible '
             f"character, got {scope!r}"
         )
+    _remember(scope)
     return key
 
 
@@ -351,6 +369,8 @@ def _replayed(
     else:
         payload = _payload(stored, key)  # raises
     try:
+        if result_type is Any:  # what validating as Any does, minus the validator's layers
+            return from_json(payload)
         return _validator(result_type).validate_json(payload)
     except ValueError as e:  # pydantic's ValidationError, or JSON that does not parse
         raise StoredResultInvalid(
@@ -420,46 +440,61 @@ class IdempotencyKeys:
         self.store = store
         self.lease = timedelta(seconds=lease_seconds)
         self.retention = timedelta(seconds=retention_seconds)
+        # the store's times: integer microseconds (exact; no datetime on a replay)
+        self._lease_us = unix_us(_EPOCH + self.lease)
+        self._retention_us = unix_us(_EPOCH + self.retention)
         self.max_result_bytes = max_result_bytes
         self.final_errors = tuple(final_errors)
         self.clock = clock
 
-    def _retain_until(self) -> Any:
-        return self.clock.now() + self.retention
+    @property
+    def clock(self) -> Clock:
+        """Where ``now`` comes from."""
+        return self._clock
+
+    @clock.setter
+    def clock(self, clock: Clock) -> None:
+        self._clock = clock
+        # the clock in Unix nanoseconds: the system clock's own source (datetime.now reads
+        # the same realtime clock) is one C call; any other clock goes through now()
+        if type(clock) is SystemClock:
+            self._time_ns: Callable[[], int] = time.time_ns
+        else:
+            self._time_ns = lambda: unix_us(clock.now()) * 1000
+
+    def _retain_until(self) -> int:
+        return self._time_ns() // 1000 + self._retention_us
 
     # -- the claim: one conditional write ----------------------------------------------------
 
     def _decide(
-        self,
-        existing: IdempotencyRecord | None,
-        scope: str,
-        key: str,
-        fp: str,
-        token: str,
-        conn: Any,
+        self, found: str | LiveRecord, scope: str, key: str, fp: str, conn: Any
     ) -> IdempotencyClaim:
-        if existing is None:
+        """The claim for what the store's claim returned: this claim's token (it holds the
+        key) or the live record."""
+        if isinstance(found, str):
             telemetry.hooks.idempotency_claim(scope, "claimed")  # telemetry
-            return IdempotencyClaim(self, scope, key, token, conn)
-        stored = self._live(existing, scope, key, fp)
-        return IdempotencyClaim(self, scope, key, existing.token, conn, stored)
+            return IdempotencyClaim(self, scope, key, found, conn)
+        stored = self._live(found, scope, key, fp)
+        return IdempotencyClaim(self, scope, key, found[3], conn, stored)
 
     @staticmethod
-    def _live(existing: IdempotencyRecord, scope: str, key: str, fp: str) -> bytes:
+    def _live(existing: LiveRecord, scope: str, key: str, fp: str) -> bytes:
         """The stored response of the live record a claim found; IdempotencyKeyReused
         or IdempotencyInProgress when there is none to replay."""
-        if fp and existing.fingerprint and existing.fingerprint != fp:
+        stored_fp, completed, response, _ = existing
+        if fp and stored_fp and stored_fp != fp:
             telemetry.hooks.idempotency_claim(scope, "conflict")  # telemetry
             raise IdempotencyKeyReused(
                 f"idempotency key {key!r} was used before with a different request"
             )
-        if not existing.completed:
+        if not completed:
             telemetry.hooks.idempotency_claim(scope, "in_progress")  # telemetry
             raise IdempotencyInProgress(
                 f"a request with idempotency key {key!r} is still in progress; retry later"
             )
         telemetry.hooks.idempotency_claim(scope, "replayed")  # telemetry
-        return existing.response or b""
+        return response or b""
 
     async def claim(
         self, key: str | None, *, scope: str = "", fingerprint: str = "", conn: Any = None
@@ -470,22 +505,20 @@ class IdempotencyKeys:
         comparison. ``conn``: run in
         the caller's open transaction (SQL/memory stores) instead of the store's own."""
         key = _check(key, scope)
-        token = _token()
-        now = self.clock.now()
-        existing = await self.store.claim_async(
-            conn, scope, key, fingerprint, token, now, now + self.lease
+        now = self._time_ns() // 1000
+        found = await self.store.claim_async(
+            conn, scope, key, fingerprint, now, now + self._lease_us, _token
         )
-        return self._decide(existing, scope, key, fingerprint, token, conn)
+        return self._decide(found, scope, key, fingerprint, conn)
 
     def claim_sync(
         self, key: str | None, *, scope: str = "", fingerprint: str = "", conn: Any = None
     ) -> IdempotencyClaim:
         """:meth:`claim` for sync callers (stores whose ``features.sync`` is True)."""
         key = _check(key, scope)
-        token = _token()
-        now = self.clock.now()
-        existing = self.store.claim(conn, scope, key, fingerprint, token, now, now + self.lease)
-        return self._decide(existing, scope, key, fingerprint, token, conn)
+        now = self._time_ns() // 1000
+        found = self.store.claim(conn, scope, key, fingerprint, now, now + self._lease_us, _token)
+        return self._decide(found, scope, key, fingerprint, conn)
 
     # -- running an operation once ---------------------------------------------------------
 
@@ -529,19 +562,46 @@ class IdempotencyKeys:
         ``request``: what the fingerprint is made of (any JSON-able value); or pass the
         ``fingerprint`` itself. Errors: see the class docstring. A saga participant calls
         this with the step's own key and scope."""
-        final = self.final_errors if final_errors is None else final_errors
         if fingerprint is not None:
             fp = fingerprint
         else:
             fp = "" if request is _NOTHING else _fingerprint(request)
-        # claim() inline: a replay makes no IdempotencyClaim
-        key = _check(key, scope)
-        token = _token()
-        now = self.clock.now()
-        found = await self.store.claim_async(conn, scope, key, fp, token, now, now + self.lease)
-        if found is not None:
-            return cast(T, _replayed(self._live(found, scope, key, fp), key, result_type, final))
-        claim = self._decide(None, scope, key, fp, token, conn)
+        # claim() inline: a replay makes no IdempotencyClaim (nor, on a store that reads
+        # first, a token); _check's common case inline
+        if not (
+            type(key) is str
+            and 0 < len(key) <= _MAX_KEY
+            and key.isascii()
+            and key.isprintable()
+            and type(scope) is str
+            and scope in _scopes
+        ):
+            key = _check(key, scope)
+        now = self._time_ns() // 1000
+        found = await self.store.claim_async(
+            conn, scope, key, fp, now, now + self._lease_us, _token
+        )
+        if not isinstance(found, str):
+            stored_fp, completed, response, _ = found
+            # a stored result for this request (_live and _replayed's common case)
+            if (
+                completed
+                and response
+                and response[0] == _RESULT_BYTE
+                and (not fp or not stored_fp or stored_fp == fp)
+            ):
+                telemetry.hooks.idempotency_claim(scope, "replayed")  # telemetry
+                try:
+                    if result_type is Any:
+                        return cast(T, from_json(response[1:]))
+                    return cast(T, _validator(result_type).validate_json(response[1:]))
+                except ValueError:  # raised again as StoredResultInvalid
+                    return cast(T, _replayed(response, key, result_type, ()))
+            live = self._live(found, scope, key, fp)
+            final = self.final_errors if final_errors is None else final_errors
+            return cast(T, _replayed(live, key, result_type, final))
+        final = self.final_errors if final_errors is None else final_errors
+        claim = self._decide(found, scope, key, fp, conn)
         try:
             result = await operation()
         except BaseException as e:
@@ -588,12 +648,12 @@ class IdempotencyKeys:
         final = self.final_errors if final_errors is None else final_errors
         fp = self._fingerprint(request, fingerprint)
         key = _check(key, scope)
-        token = _token()
-        now = self.clock.now()
-        found = self.store.claim(conn, scope, key, fp, token, now, now + self.lease)
-        if found is not None:
-            return cast(T, _replayed(self._live(found, scope, key, fp), key, result_type, final))
-        claim = self._decide(None, scope, key, fp, token, conn)
+        now = self._time_ns() // 1000
+        found = self.store.claim(conn, scope, key, fp, now, now + self._lease_us, _token)
+        if not isinstance(found, str):
+            live = self._live(found, scope, key, fp)
+            return cast(T, _replayed(live, key, result_type, final))
+        claim = self._decide(found, scope, key, fp, conn)
         try:
             result = operation()
         except BaseException as e:

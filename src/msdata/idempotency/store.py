@@ -7,7 +7,7 @@ The state machine lives once, in :class:`msdata.idempotency.IdempotencyKeys` (af
 Powertools for AWS Lambda persistence layer, ``idempotency/persistence/base.py``): a store
 only reads, conditionally inserts, updates and deletes records. It stores two states,
 IN_PROGRESS and COMPLETED; EXPIRED is never stored: a record whose ``expires_at`` is not
-after the ``now`` the caller passes counts as absent. The caller reads ``now`` from its
+after the ``now_us`` the caller passes counts as absent. The caller reads ``now`` from its
 injected clock, so expiry is tested exactly with a fake clock.
 
 Where each call runs (``conn``):
@@ -27,6 +27,7 @@ Every call is safe to make concurrently from many tasks and processes.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -38,6 +39,8 @@ __all__ = [
     "IdempotencyStatus",
     "IdempotencyStore",
     "IdempotencyStoreFeatures",
+    "LiveRecord",
+    "TokenFactory",
     "check_purge_time",
 ]
 
@@ -51,7 +54,7 @@ class IdempotencyStatus(enum.StrEnum):
 
 
 class IdempotencyRecord(NamedTuple):
-    """One stored key (immutable; a named tuple, built on every replay).
+    """One stored key, as :meth:`IdempotencyStore.get` returns it (immutable).
 
     - ``scope``: the owner (tenant, user, API client); part of the key.
     - ``fingerprint``: hash of the request that claimed the key (hex sha256, or "").
@@ -93,19 +96,35 @@ class IdempotencyStoreFeatures:
     sync_own_transaction: bool
 
 
+#: What a claim returns for a key that is live (not expired): ``(fingerprint, completed,
+#: response, token)`` of its record, a plain tuple (SQLite's row itself: no object is built
+#: on a replay). ``completed``: truthy once COMPLETED (a bool, or SQLite's 0/1);
+#: ``response``: the stored bytes once COMPLETED, else None; ``token``: the holder's.
+LiveRecord = tuple[str, int, bytes | None, str]
+
+#: Makes a new claim token (a str unique across processes); a store calls it only when it
+#: may write a claim, so a replay on a store that reads first makes none.
+TokenFactory = Callable[[], str]
+
+
 @runtime_checkable
 class IdempotencyStore(Protocol):
     """Where idempotency records live. See the module docstring for ``conn`` and expiry.
 
-    ``claim_async(conn, scope, key, fingerprint, token, now, expires_at)`` is ONE atomic
-    conditional write: if (scope, key) has no record, or its ``expires_at <= now``, it
-    writes an IN_PROGRESS record (``fingerprint``, ``token``, lease end ``expires_at``,
-    no response) and returns None: the caller holds the key. Otherwise it changes nothing
-    and returns the live record, so a replay costs one call. Of any number of concurrent
-    claims of one free key exactly one returns None.
+    Times are integer microseconds since the Unix epoch (``now_us``, ``until_us``: exact,
+    and no datetime is built or taken apart on a replay); :meth:`get` and :meth:`purge`,
+    which are for tools, use aware datetimes.
 
-    ``complete_async(conn, scope, key, token, response, expires_at)``: if the record still
-    carries ``token``, make it COMPLETED with ``response`` until ``expires_at`` and return
+    ``claim_async(conn, scope, key, fingerprint, now_us, until_us, new_token)`` is ONE
+    atomic conditional write: if (scope, key) has no record, or its expiry is not after
+    ``now_us``, it writes an IN_PROGRESS record (``fingerprint``, a token from
+    ``new_token()``, lease end ``until_us``, no response) and returns that token (a
+    ``str``): the caller holds the key. Otherwise it changes nothing and returns the live
+    record as a :data:`LiveRecord` tuple, so a replay costs one call. Of any number of
+    concurrent claims of one free key exactly one returns a str.
+
+    ``complete_async(conn, scope, key, token, response, until_us)``: if the record still
+    carries ``token``, make it COMPLETED with ``response`` until ``until_us`` and return
     True; otherwise (the lease lapsed and another claim took the key, or it was deleted)
     change nothing and return False.
 
@@ -128,10 +147,10 @@ class IdempotencyStore(Protocol):
         scope: str,
         key: str,
         fingerprint: str,
-        token: str,
-        now: datetime,
-        expires_at: datetime,
-    ) -> IdempotencyRecord | None: ...
+        now_us: int,
+        until_us: int,
+        new_token: TokenFactory,
+    ) -> str | LiveRecord: ...
 
     async def complete_async(
         self,
@@ -140,7 +159,7 @@ class IdempotencyStore(Protocol):
         key: str,
         token: str,
         response: bytes,
-        expires_at: datetime,
+        until_us: int,
     ) -> bool: ...
 
     async def release_async(self, conn: Any, scope: str, key: str, token: str) -> bool: ...
@@ -151,10 +170,10 @@ class IdempotencyStore(Protocol):
         scope: str,
         key: str,
         fingerprint: str,
-        token: str,
-        now: datetime,
-        expires_at: datetime,
-    ) -> IdempotencyRecord | None: ...
+        now_us: int,
+        until_us: int,
+        new_token: TokenFactory,
+    ) -> str | LiveRecord: ...
 
     def complete(
         self,
@@ -163,7 +182,7 @@ class IdempotencyStore(Protocol):
         key: str,
         token: str,
         response: bytes,
-        expires_at: datetime,
+        until_us: int,
     ) -> bool: ...
 
     def release(self, conn: Any, scope: str, key: str, token: str) -> bool: ...

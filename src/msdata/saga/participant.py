@@ -70,7 +70,7 @@ from msdata.saga.messages import (
     SagaReply,
     idempotency_key,
 )
-from msdata.storage import TransactionFactory, bind_connection
+from msdata.storage import TransactionFactory, bind_connection, unix_us
 
 __all__ = ["SagaParticipant"]
 
@@ -170,13 +170,15 @@ class SagaParticipant:
             """Claim the key: (token, None) to run the handler, (None, reply) to replay."""
             if store is None:
                 return None, None
-            now = self.clock.now()
-            until = now + timedelta(seconds=self.reply_retention)
-            token = uuid.uuid4().hex
-            rec = await call("claim", conn, is_async, group, key, "", token, now, until)
-            if rec is None:
-                return token, None
-            stored = _decode(rec.response) if rec.completed else None
+            clock_now = self.clock.now()
+            now = unix_us(clock_now)
+            until = unix_us(clock_now + timedelta(seconds=self.reply_retention))
+            new_token = _new_token
+            got = await call("claim", conn, is_async, group, key, "", now, until, new_token)
+            if isinstance(got, str):
+                return got, None
+            _, completed, response, holder = got
+            stored = _decode(response) if completed else None
             if stored is None:
                 raise SagaError(
                     f"saga command {key} is being handled by another transaction; "
@@ -184,10 +186,10 @@ class SagaParticipant:
                 )
             if not stored["ok"] and not stored["compensated"] and attempt > stored["attempt"]:
                 # a retry after a business failure: run the handler again
-                await call("release", conn, is_async, group, key, rec.token)
-                rec = await call("claim", conn, is_async, group, key, "", token, now, until)
-                if rec is None:
-                    return token, None
+                await call("release", conn, is_async, group, key, holder)
+                got = await call("claim", conn, is_async, group, key, "", now, until, new_token)
+                if isinstance(got, str):
+                    return got, None
                 raise SagaError(f"saga command {key} was claimed concurrently")
             return None, SagaReply(
                 ok=stored["ok"],
@@ -230,7 +232,7 @@ class SagaParticipant:
                 raise SagaError(f"saga command {action_key}: its claim was lost")
 
         async def store_reply(conn: Any, is_async: bool, token: str, reply: SagaReply) -> None:
-            until = self.clock.now() + timedelta(seconds=self.reply_retention)
+            until = unix_us(self.clock.now() + timedelta(seconds=self.reply_retention))
             response = _encode(reply, attempt)
             if not await call("complete", conn, is_async, group, key, token, response, until):
                 raise SagaError(f"saga command {key}: its claim was lost before the reply")
@@ -281,6 +283,10 @@ class SagaParticipant:
                 return reply
 
             await in_transaction(failed)
+
+
+def _new_token() -> str:
+    return uuid.uuid4().hex
 
 
 def _encode(reply: SagaReply, attempt: int) -> bytes:

@@ -12,7 +12,14 @@ from datetime import datetime
 from typing import Any
 
 from msdata.adapters.memory._db import MemoryDatabase, MemoryTransaction, transaction_of
-from msdata.idempotency.store import IdempotencyRecord, IdempotencyStoreFeatures, check_purge_time
+from msdata.idempotency.store import (
+    IdempotencyRecord,
+    IdempotencyStoreFeatures,
+    LiveRecord,
+    TokenFactory,
+    check_purge_time,
+)
+from msdata.storage import from_unix_us as _dt
 
 __all__ = ["MemoryIdempotencyStore"]
 
@@ -76,25 +83,28 @@ class MemoryIdempotencyStore(MemoryDatabase):
         scope: str,
         key: str,
         fingerprint: str,
-        token: str,
-        now: datetime,
-        expires_at: datetime,
-    ) -> IdempotencyRecord | None:
+        now_us: int,
+        until_us: int,
+        new_token: TokenFactory,
+    ) -> str | LiveRecord:
         k = (scope, key)
         cur = self._records.get(k)
-        if cur is not None and cur.expires_at > now:
-            return cur
-        self._write(conn, k, IdempotencyRecord(scope, key, fingerprint, False, expires_at, token))
-        return None
+        if cur is not None and cur.expires_at > _dt(now_us):
+            return (cur.fingerprint, cur.completed, cur.response, cur.token)
+        token = new_token()
+        self._write(
+            conn, k, IdempotencyRecord(scope, key, fingerprint, False, _dt(until_us), token)
+        )
+        return token
 
     def complete(
-        self, conn: Any, scope: str, key: str, token: str, response: bytes, expires_at: datetime
+        self, conn: Any, scope: str, key: str, token: str, response: bytes, until_us: int
     ) -> bool:
         k = (scope, key)
         cur = self._records.get(k)
         if cur is None or cur.token != token:
             return False
-        done = cur._replace(completed=True, expires_at=expires_at, response=response)
+        done = cur._replace(completed=True, expires_at=_dt(until_us), response=response)
         self._write(conn, k, done)
         return True
 
@@ -112,16 +122,16 @@ class MemoryIdempotencyStore(MemoryDatabase):
         scope: str,
         key: str,
         fingerprint: str,
-        token: str,
-        now: datetime,
-        expires_at: datetime,
-    ) -> IdempotencyRecord | None:
-        return self.claim(conn, scope, key, fingerprint, token, now, expires_at)
+        now_us: int,
+        until_us: int,
+        new_token: TokenFactory,
+    ) -> str | LiveRecord:
+        return self.claim(conn, scope, key, fingerprint, now_us, until_us, new_token)
 
     async def complete_async(
-        self, conn: Any, scope: str, key: str, token: str, response: bytes, expires_at: datetime
+        self, conn: Any, scope: str, key: str, token: str, response: bytes, until_us: int
     ) -> bool:
-        return self.complete(conn, scope, key, token, response, expires_at)
+        return self.complete(conn, scope, key, token, response, until_us)
 
     async def release_async(self, conn: Any, scope: str, key: str, token: str) -> bool:
         return self.release(conn, scope, key, token)

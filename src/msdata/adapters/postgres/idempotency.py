@@ -39,7 +39,13 @@ from msdata.adapters.postgres._db import (
     map_errors,
 )
 from msdata.errors import ConfigurationError, StoreError
-from msdata.idempotency.store import IdempotencyRecord, IdempotencyStoreFeatures, check_purge_time
+from msdata.idempotency.store import (
+    IdempotencyRecord,
+    IdempotencyStoreFeatures,
+    LiveRecord,
+    TokenFactory,
+    check_purge_time,
+)
 from msdata.storage import DEFAULT_TABLE_PREFIX, check_table_prefix
 
 __all__ = ["PostgresIdempotencyStore"]
@@ -57,37 +63,40 @@ CREATE TABLE IF NOT EXISTS {table} (
 );
 """
 
-# {0} scope, {1} key, {2} fingerprint, {3} token, {4} now, {5} lease end. CAST(… AS …)
-# rather than ::, which SQLAlchemy's text() would read as a parameter name. One write node
-# (an upsert whose conflict arm re-checks the expiry under the row lock), not an INSERT and
-# an UPDATE: a live key still writes and locks nothing, and the statement costs the
-# server about a third less (24 -> 19 us of execution here, a plain SELECT being 11 us).
+# Unix microseconds (the port's times, exact) as a timestamptz: ``epoch`` plus that many
+# microseconds (an interval product, exact below 2^53 us, the year 2255)
+_TS = "(CAST('epoch' AS timestamptz) + CAST({} AS bigint) * CAST('1 microsecond' AS interval))"
+
+# {0} scope, {1} key, {2} fingerprint, {3} token, {4} now (us), {5} lease end (us).
+# CAST(… AS …) rather than ::, which SQLAlchemy's text() would read as a parameter name. One
+# write node (an upsert whose conflict arm re-checks the expiry under the row lock), not an
+# INSERT and an UPDATE: a live key still writes and locks nothing, and the statement costs
+# the server about a third less (24 -> 19 us of execution here, a plain SELECT being 11 us).
 _CLAIM_SQL = """\
 WITH cur AS (
     SELECT fingerprint, completed, expires_at, token, response FROM TABLE
     WHERE scope = CAST({0} AS text) AND key = CAST({1} AS text)
 ), ins AS (
     INSERT INTO TABLE AS t (scope, key, fingerprint, completed, expires_at, token)
-    SELECT CAST({0} AS text), CAST({1} AS text), CAST({2} AS text), false,
-           CAST({5} AS timestamptz), CAST({3} AS text)
-    WHERE NOT EXISTS (SELECT 1 FROM cur WHERE expires_at > CAST({4} AS timestamptz))
+    SELECT CAST({0} AS text), CAST({1} AS text), CAST({2} AS text), false, UNTIL,
+           CAST({3} AS text)
+    WHERE NOT EXISTS (SELECT 1 FROM cur WHERE expires_at > NOW)
     ON CONFLICT (scope, key) DO UPDATE SET fingerprint = excluded.fingerprint,
         completed = false, expires_at = excluded.expires_at, token = excluded.token,
         response = NULL
-    WHERE t.expires_at <= CAST({4} AS timestamptz)
+    WHERE t.expires_at <= NOW
     RETURNING 1
 )
-SELECT true, NULL::text, NULL::boolean, NULL::timestamptz, NULL::text, NULL::bytea FROM ins
-UNION ALL SELECT false, fingerprint, completed, expires_at, token, response FROM cur
-    WHERE expires_at > CAST({4} AS timestamptz)
-"""
-# {0} scope, {1} key, {2} token, {3} response, {4} retention end
+SELECT true, NULL::text, NULL::boolean, NULL::bytea, NULL::text FROM ins
+UNION ALL SELECT false, fingerprint, completed, response, token FROM cur
+    WHERE expires_at > NOW
+""".replace("NOW", _TS.format("{4}")).replace("UNTIL", _TS.format("{5}"))
+# {0} scope, {1} key, {2} token, {3} response, {4} retention end (us)
 _COMPLETE_SQL = """\
-UPDATE TABLE SET completed = true, response = CAST({3} AS bytea),
-    expires_at = CAST({4} AS timestamptz)
+UPDATE TABLE SET completed = true, response = CAST({3} AS bytea), expires_at = UNTIL
 WHERE scope = CAST({0} AS text) AND key = CAST({1} AS text) AND token = CAST({2} AS text)
 RETURNING true
-"""
+""".replace("UNTIL", _TS.format("{4}"))
 _RELEASE_SQL = """\
 DELETE FROM TABLE
 WHERE scope = CAST({0} AS text) AND key = CAST({1} AS text) AND token = CAST({2} AS text)
@@ -173,19 +182,6 @@ class PostgresIdempotencyStore:
         sql = f"DROP TABLE IF EXISTS {self.table}"
         await self._db.call("idempotency drop_schema", lambda pool: pool.execute(sql))
 
-    # -- rows to records --------------------------------------------------------------------
-
-    @staticmethod
-    def _claimed(row: Any, scope: str, key: str) -> tuple[bool, IdempotencyRecord | None]:
-        """(decided, record): not decided when the statement returned no row."""
-        if row is None:
-            return False, None
-        if row[0]:
-            return True, None
-        return True, IdempotencyRecord(
-            scope, key, row[1], row[2], _utc(row[3]), row[4], _bytes(row[5])
-        )
-
     # -- async ------------------------------------------------------------------------------
 
     async def claim_async(
@@ -194,22 +190,20 @@ class PostgresIdempotencyStore:
         scope: str,
         key: str,
         fingerprint: str,
-        token: str,
-        now: datetime,
-        expires_at: datetime,
-    ) -> IdempotencyRecord | None:
-        args = (scope, key, fingerprint, token, now, expires_at)
+        now_us: int,
+        until_us: int,
+        new_token: TokenFactory,
+    ) -> str | LiveRecord:
+        # one statement reads and writes, so it needs the token beforehand
+        token = new_token()
+        args = (scope, key, fingerprint, token, now_us, until_us)
         for _ in range(_RETRIES):
             if conn is None:
                 row = await self._own(self._claim, args)
             else:
                 row = await self._claim.caller.run_async(conn, args, fetch=True)
             if row is not None:
-                if row[0]:
-                    return None
-                return IdempotencyRecord(
-                    scope, key, row[1], row[2], _utc(row[3]), row[4], _bytes(row[5])
-                )
+                return token if row[0] else (row[1], row[2], _bytes(row[3]), row[4])
         raise StoreError(f"idempotency claim of {key!r}: the row kept changing")
 
     async def _own(self, sql: _Sql, args: tuple[Any, ...]) -> Any:
@@ -252,9 +246,9 @@ class PostgresIdempotencyStore:
             raise
 
     async def complete_async(
-        self, conn: Any, scope: str, key: str, token: str, response: bytes, expires_at: datetime
+        self, conn: Any, scope: str, key: str, token: str, response: bytes, until_us: int
     ) -> bool:
-        args = (scope, key, token, response, expires_at)
+        args = (scope, key, token, response, until_us)
         if conn is None:
             return await self._own(self._complete, args) is not None
         return await self._complete.caller.run_async(conn, args, fetch=True) is not None
@@ -282,24 +276,24 @@ class PostgresIdempotencyStore:
         scope: str,
         key: str,
         fingerprint: str,
-        token: str,
-        now: datetime,
-        expires_at: datetime,
-    ) -> IdempotencyRecord | None:
+        now_us: int,
+        until_us: int,
+        new_token: TokenFactory,
+    ) -> str | LiveRecord:
         self._need(conn)
-        args = (scope, key, fingerprint, token, now, expires_at)
+        token = new_token()
+        args = (scope, key, fingerprint, token, now_us, until_us)
         for _ in range(_RETRIES):
             row = self._claim.caller.run(conn, args, fetch=True)
-            decided, record = self._claimed(row, scope, key)
-            if decided:
-                return record
+            if row is not None:
+                return token if row[0] else (row[1], row[2], _bytes(row[3]), row[4])
         raise StoreError(f"idempotency claim of {key!r}: the row kept changing")
 
     def complete(
-        self, conn: Any, scope: str, key: str, token: str, response: bytes, expires_at: datetime
+        self, conn: Any, scope: str, key: str, token: str, response: bytes, until_us: int
     ) -> bool:
         self._need(conn)
-        args = (scope, key, token, response, expires_at)
+        args = (scope, key, token, response, until_us)
         return self._complete.caller.run(conn, args, fetch=True) is not None
 
     def release(self, conn: Any, scope: str, key: str, token: str) -> bool:

@@ -20,7 +20,13 @@ from redis.exceptions import NoScriptError, RedisError
 
 from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConfigurationError, StoreError
-from msdata.idempotency.store import IdempotencyRecord, IdempotencyStoreFeatures, check_purge_time
+from msdata.idempotency.store import (
+    IdempotencyRecord,
+    IdempotencyStoreFeatures,
+    LiveRecord,
+    TokenFactory,
+    check_purge_time,
+)
 from msdata.storage import from_unix_us
 from msdata.storage import unix_us as _us
 
@@ -29,11 +35,11 @@ __all__ = ["RedisIdempotencyStore"]
 _GRACE_MS = 60_000
 
 # KEYS[1] the hash; ARGV: fingerprint, token, now (µs), lease end (µs), Redis TTL (ms).
-# Returns nil when this call claimed the key, else {exp, fp, c, tok, resp} of the live one.
+# Returns nil when this call claimed the key, else {fp, c, resp, tok} of the live one.
 _CLAIM = """
-local cur = redis.call('HMGET', KEYS[1], 'exp', 'fp', 'c', 'tok', 'resp')
+local cur = redis.call('HMGET', KEYS[1], 'exp', 'fp', 'c', 'resp', 'tok')
 if cur[1] and tonumber(cur[1]) > tonumber(ARGV[3]) then
-  return cur
+  return {cur[2], cur[3], cur[4], cur[5]}
 end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'c', '0', 'exp', ARGV[4], 'tok', ARGV[2])
@@ -68,10 +74,6 @@ def _record(scope: str, key: str, fields: Any) -> IdempotencyRecord:
         tok.decode(),
         resp,
     )
-
-
-def _ttl_ms(until: datetime, now: datetime) -> int:
-    return max(0, int((until - now).total_seconds() * 1000)) + _GRACE_MS
 
 
 class RedisIdempotencyStore:
@@ -135,15 +137,18 @@ class RedisIdempotencyStore:
         scope: str,
         key: str,
         fingerprint: str,
-        token: str,
-        now: datetime,
-        expires_at: datetime,
-    ) -> IdempotencyRecord | None:
+        now_us: int,
+        until_us: int,
+        new_token: TokenFactory,
+    ) -> str | LiveRecord:
         if conn is not None:
             self._no_conn(conn)
-        now_us, until_us = _us(now), _us(expires_at)
-        ttl_ms = max(0, (until_us - now_us) // 1000) + _GRACE_MS  # as _ttl_ms, in integers
-        # EVALSHA straight away (the replay path: redis-py's Script object costs a few us)
+        ttl_ms = (
+            max(0, (until_us - now_us) // 1000) + _GRACE_MS
+        )  # Redis forgets it a minute after it expires
+        # EVALSHA straight away (the replay path: redis-py's Script object costs a few us);
+        # the script writes the token only when it claims, but needs it beforehand
+        token = new_token()
         args = (self._key(scope, key), fingerprint, token, now_us, until_us, ttl_ms)
         try:
             try:
@@ -154,17 +159,18 @@ class RedisIdempotencyStore:
         except RedisError as e:
             raise StoreError(f"idempotency claim: {type(e).__name__}: {e}") from e
         if cur is None:
-            return None
-        return _record(scope, key, cur)
+            return token
+        fp, completed, response, tok = cur
+        return (fp.decode(), completed == b"1", response, tok.decode())
 
     async def complete_async(
-        self, conn: Any, scope: str, key: str, token: str, response: bytes, expires_at: datetime
+        self, conn: Any, scope: str, key: str, token: str, response: bytes, until_us: int
     ) -> bool:
         self._no_conn(conn)
-        ttl = _ttl_ms(expires_at, self.clock.now())
+        ttl = max(0, (until_us - _us(self.clock.now())) // 1000) + _GRACE_MS
         try:
             done = await self._complete(
-                keys=[self._key(scope, key)], args=(token, response, _us(expires_at), ttl)
+                keys=[self._key(scope, key)], args=(token, response, until_us, ttl)
             )
         except RedisError as e:
             raise StoreError(f"idempotency complete: {type(e).__name__}: {e}") from e
@@ -186,14 +192,14 @@ class RedisIdempotencyStore:
         scope: str,
         key: str,
         fingerprint: str,
-        token: str,
-        now: datetime,
-        expires_at: datetime,
-    ) -> IdempotencyRecord | None:
+        now_us: int,
+        until_us: int,
+        new_token: TokenFactory,
+    ) -> str | LiveRecord:
         return self._sync()  # type: ignore[no-any-return]
 
     def complete(
-        self, conn: Any, scope: str, key: str, token: str, response: bytes, expires_at: datetime
+        self, conn: Any, scope: str, key: str, token: str, response: bytes, until_us: int
     ) -> bool:
         return self._sync()  # type: ignore[no-any-return]
 

@@ -24,18 +24,25 @@ from typing import Any
 from msdata.adapters.sqlite._db import (
     DatabaseBusy,
     SqliteDatabase,
+    _translate,
     caller_connection,
     map_errors,
 )
 from msdata.errors import StoreError
-from msdata.idempotency.store import IdempotencyRecord, IdempotencyStoreFeatures, check_purge_time
+from msdata.idempotency.store import (
+    IdempotencyRecord,
+    IdempotencyStoreFeatures,
+    LiveRecord,
+    TokenFactory,
+    check_purge_time,
+)
 from msdata.storage import from_unix_us as _dt
 from msdata.storage import unix_us as _us
 
 __all__ = ["SqliteIdempotencyStore"]
 
-_CLAIM_ERRORS = map_errors("idempotency claim")  # stateless: one for every claim
-_new = tuple.__new__
+# scope, key, fingerprint, now (us), lease end (us), the token factory
+_ClaimArgs = tuple[str, str, str, int, int, TokenFactory]
 
 _DDL = """\
 -- Idempotency keys: IN_PROGRESS (completed = 0) until expires_us (the lease), COMPLETED
@@ -71,9 +78,15 @@ class SqliteIdempotencyStore(SqliteDatabase):
         t = f"{self.table_prefix}idempotency"
         self.table = t
         cols = "scope, key, fingerprint, completed, expires_us, token, response"
-        live = "fingerprint, completed, expires_us, token, response"
-        self._select = f"SELECT {live} FROM {t} WHERE scope = ? AND key = ?"
-        self._select_live = f"{self._select} AND expires_us > ?"
+        self._select = (
+            f"SELECT fingerprint, completed, expires_us, token, response FROM {t} "
+            "WHERE scope = ? AND key = ?"
+        )
+        # a live record as the port's LiveRecord tuple, straight from the row
+        self._live = (
+            f"SELECT fingerprint, completed, response, token FROM {t} "
+            "WHERE scope = ? AND key = ? AND expires_us > ?"
+        )
         self._claim = (
             f"INSERT INTO {t} ({cols}) VALUES (?, ?, ?, 0, ?, ?, NULL) "
             "ON CONFLICT (scope, key) DO UPDATE SET fingerprint = excluded.fingerprint, "
@@ -102,31 +115,24 @@ class SqliteIdempotencyStore(SqliteDatabase):
         fp, completed, expires_us, token, response = row
         return IdempotencyRecord(scope, key, fp, bool(completed), _dt(expires_us), token, response)
 
-    def _live(self, conn: sqlite3.Connection, scope: str, key: str, now_us: int) -> Any:
-        return conn.execute(self._select_live, (scope, key, now_us)).fetchone()
-
-    def _claim_on(
-        self,
-        conn: sqlite3.Connection,
-        args: tuple[str, str, str, str, int, int],
-    ) -> IdempotencyRecord | None:
-        scope, key, fp, token, now_us, until_us = args
+    def _claim_on(self, conn: sqlite3.Connection, args: _ClaimArgs) -> str | LiveRecord:
+        scope, key, fp, now_us, until_us, new_token = args
+        token = new_token()
         for _ in range(3):
             won = conn.execute(self._claim, (scope, key, fp, until_us, token, now_us)).fetchone()
             if won is not None:
-                return None
-            row = self._live(conn, scope, key, now_us)
+                return token
+            row: LiveRecord | None = conn.execute(self._live, (scope, key, now_us)).fetchone()
             if row is not None:
-                return self._record(scope, key, row)
+                return row
         raise sqlite3.OperationalError("idempotency claim: the row kept changing")
 
-    def _claim_own(
-        self, conn: sqlite3.Connection, args: tuple[str, str, str, str, int, int]
-    ) -> IdempotencyRecord | None:
-        scope, key, _, _, now_us, _ = args
-        row = self._live(conn, scope, key, now_us)  # autocommit read: no write lock
+    def _claim_own(self, conn: sqlite3.Connection, args: _ClaimArgs) -> str | LiveRecord:
+        scope, key, _, now_us, _, _ = args
+        # an autocommit read first: a replay takes no write lock
+        row: LiveRecord | None = conn.execute(self._live, (scope, key, now_us)).fetchone()
         if row is not None:
-            return self._record(scope, key, row)
+            return row
         return self.write(conn, lambda c: self._claim_on(c, args))
 
     def _thread_conn(self) -> sqlite3.Connection:
@@ -156,12 +162,12 @@ class SqliteIdempotencyStore(SqliteDatabase):
         scope: str,
         key: str,
         fingerprint: str,
-        token: str,
-        now: datetime,
-        expires_at: datetime,
-    ) -> IdempotencyRecord | None:
-        args = (scope, key, fingerprint, token, _us(now), _us(expires_at))
-        found: IdempotencyRecord | None = self._sync(
+        now_us: int,
+        until_us: int,
+        new_token: TokenFactory,
+    ) -> str | LiveRecord:
+        args = (scope, key, fingerprint, now_us, until_us, new_token)
+        found: str | LiveRecord = self._sync(
             conn,
             lambda c, own: self._claim_own(c, args) if own else self._claim_on(c, args),
             write=False,
@@ -169,9 +175,9 @@ class SqliteIdempotencyStore(SqliteDatabase):
         return found
 
     def complete(
-        self, conn: Any, scope: str, key: str, token: str, response: bytes, expires_at: datetime
+        self, conn: Any, scope: str, key: str, token: str, response: bytes, until_us: int
     ) -> bool:
-        args = (response, _us(expires_at), scope, key, token)
+        args = (response, until_us, scope, key, token)
         return bool(self._sync(conn, lambda c, _: c.execute(self._complete, args).rowcount == 1))
 
     def release(self, conn: Any, scope: str, key: str, token: str) -> bool:
@@ -186,46 +192,42 @@ class SqliteIdempotencyStore(SqliteDatabase):
         scope: str,
         key: str,
         fingerprint: str,
-        token: str,
-        now: datetime,
-        expires_at: datetime,
-    ) -> IdempotencyRecord | None:
+        now_us: int,
+        until_us: int,
+        new_token: TokenFactory,
+    ) -> str | LiveRecord:
         if conn is not None:
-            return self.claim(conn, scope, key, fingerprint, token, now, expires_at)
-        now_us = _us(now)
+            return self.claim(conn, scope, key, fingerprint, now_us, until_us, new_token)
         if self.inline and not self._in_thread and not self._closed:
             # the read first, right here (what ``run(inline=True)`` would do, minus its
-            # layers: a replay is this one read); a busy database goes the long way below
+            # layers): a replay is this one read, its row returned as it is; a busy
+            # database goes the long way below
             try:
-                with _CLAIM_ERRORS:
-                    row = (
-                        (self._conn or self._connection())
-                        .execute(self._select_live, (scope, key, now_us))
-                        .fetchone()
-                    )
-            except DatabaseBusy:
-                pass
+                row: LiveRecord | None = (
+                    (self._conn or self._connection())
+                    .execute(self._live, (scope, key, now_us))
+                    .fetchone()
+                )
+            except sqlite3.Error as e:
+                error = _translate(e, "idempotency claim")
+                if not isinstance(error, DatabaseBusy):
+                    raise error from e
             else:
                 if row is not None:
-                    fp, completed, expires_us, tok, response = row
-                    # (tuple.__new__: the named tuple's own __new__ is a Python call more)
-                    return _new(
-                        IdempotencyRecord,
-                        (scope, key, fp, bool(completed), _dt(expires_us), tok, response),
-                    )
-                args = (scope, key, fingerprint, token, now_us, _us(expires_at))
+                    return row
+                args = (scope, key, fingerprint, now_us, until_us, new_token)
                 return await self.run(
                     lambda c: self.write(c, lambda w: self._claim_on(w, args)), inline=True
                 )
-        args = (scope, key, fingerprint, token, now_us, _us(expires_at))
+        args = (scope, key, fingerprint, now_us, until_us, new_token)
         return await self.run(lambda c: self._claim_own(c, args), inline=True)
 
     async def complete_async(
-        self, conn: Any, scope: str, key: str, token: str, response: bytes, expires_at: datetime
+        self, conn: Any, scope: str, key: str, token: str, response: bytes, until_us: int
     ) -> bool:
         if conn is not None:
-            return self.complete(conn, scope, key, token, response, expires_at)
-        args = (response, _us(expires_at), scope, key, token)
+            return self.complete(conn, scope, key, token, response, until_us)
+        args = (response, until_us, scope, key, token)
         return await self.run(
             lambda c: self.write(c, lambda w: w.execute(self._complete, args).rowcount == 1),
             inline=True,

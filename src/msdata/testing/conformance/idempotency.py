@@ -31,7 +31,7 @@ import asyncio
 import uuid
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 import pytest
 
@@ -45,6 +45,8 @@ from msdata.errors import (
     StoredResultTooLarge,
 )
 from msdata.idempotency import IdempotencyKeys, IdempotencyStatus, IdempotencyStore
+from msdata.idempotency.store import LiveRecord
+from msdata.storage import unix_us
 from msdata.testing.conformance.hooks import TransactionHooks
 from msdata.testing.fakes import FakeClock
 
@@ -59,6 +61,76 @@ def _s(seconds: float) -> timedelta:
 
 def _tok() -> str:
     return uuid.uuid4().hex
+
+
+class _Live(NamedTuple):
+    """A claim's live record (the port's LiveRecord tuple), with names for the tests."""
+
+    fingerprint: str
+    completed: int
+    response: bytes | None
+    token: str
+
+
+def _seen(got: str | LiveRecord, token: str) -> _Live | None:
+    """None when the claim took the key (it must return the token it wrote), else the
+    live record it returned (a plain 4-tuple, as the port says)."""
+    if isinstance(got, str):
+        assert got == token, f"a winning claim returns the token it wrote, got {got!r}"
+        return None
+    assert type(got) is tuple and len(got) == 4, got
+    return _Live(*got)
+
+
+async def claim_at(
+    store: IdempotencyStore,
+    conn: Any,
+    scope: str,
+    key: str,
+    fp: str,
+    token: str,
+    now: datetime,
+    until: datetime,
+) -> _Live | None:
+    """``claim_async`` at ``now`` with lease end ``until`` (datetimes, in microseconds for
+    the store), ``token`` the one the store may write."""
+    tokens: list[str] = []
+
+    def new_token() -> str:
+        tokens.append(token)
+        return token
+
+    got = await store.claim_async(conn, scope, key, fp, unix_us(now), unix_us(until), new_token)
+    if isinstance(got, str):
+        assert tokens, "a claim that took the key made its token with new_token()"
+    return _seen(got, token)
+
+
+def claim_sync_at(
+    store: IdempotencyStore,
+    conn: Any,
+    scope: str,
+    key: str,
+    fp: str,
+    token: str,
+    now: datetime,
+    until: datetime,
+) -> _Live | None:
+    """:func:`claim_at` with the sync ``claim``."""
+    got = store.claim(conn, scope, key, fp, unix_us(now), unix_us(until), lambda: token)
+    return _seen(got, token)
+
+
+async def complete_at(
+    store: IdempotencyStore,
+    conn: Any,
+    scope: str,
+    key: str,
+    token: str,
+    body: bytes,
+    until: datetime,
+) -> bool:
+    return await store.complete_async(conn, scope, key, token, body, unix_us(until))
 
 
 class PaymentDeclined(Exception):
@@ -84,7 +156,7 @@ class IdempotencyStoreConformance(TransactionHooks):
         async with self.make_store() as store:
             assert isinstance(store, IdempotencyStore)  # every method of the port is there
             t = _tok()
-            assert await store.claim_async(None, "u1", "k", "fp", t, T0, T0 + _s(10)) is None
+            assert await claim_at(store, None, "u1", "k", "fp", t, T0, T0 + _s(10)) is None
             rec = await store.get("u1", "k")
             assert rec is not None
             assert (rec.scope, rec.key, rec.fingerprint, rec.token) == ("u1", "k", "fp", t)
@@ -95,8 +167,8 @@ class IdempotencyStoreConformance(TransactionHooks):
     async def test_a_live_claim_is_returned_and_left_alone(self) -> None:
         async with self.make_store() as store:
             t = _tok()
-            await store.claim_async(None, "u1", "k", "fp", t, T0, T0 + _s(10))
-            other = await store.claim_async(None, "u1", "k", "fp2", _tok(), T0 + _s(5), T0 + _s(15))
+            await claim_at(store, None, "u1", "k", "fp", t, T0, T0 + _s(10))
+            other = await claim_at(store, None, "u1", "k", "fp2", _tok(), T0 + _s(5), T0 + _s(15))
             assert other is not None
             assert (other.token, other.fingerprint, other.completed) == (t, "fp", False)
             rec = await store.get("u1", "k")
@@ -106,16 +178,17 @@ class IdempotencyStoreConformance(TransactionHooks):
         async with self.make_store() as store:
             t = _tok()
             body = bytes(range(256)) * 3
-            await store.claim_async(None, "u1", "k", "fp", t, T0, T0 + _s(10))
-            assert await store.complete_async(None, "u1", "k", t, body, T0 + _s(100))
-            rec = await store.claim_async(None, "u1", "k", "fp", _tok(), T0 + _s(50), T0 + _s(60))
-            assert rec is not None and rec.completed and rec.response == body
-            assert rec.status(T0 + _s(50)) is IdempotencyStatus.COMPLETED
+            await claim_at(store, None, "u1", "k", "fp", t, T0, T0 + _s(10))
+            assert await complete_at(store, None, "u1", "k", t, body, T0 + _s(100))
+            live = await claim_at(store, None, "u1", "k", "fp", _tok(), T0 + _s(50), T0 + _s(60))
+            assert live is not None and live.completed and live.response == body
+            rec = await store.get("u1", "k")
+            assert rec is not None and rec.status(T0 + _s(50)) is IdempotencyStatus.COMPLETED
+            assert rec.status(T0 + _s(100)) is IdempotencyStatus.EXPIRED
             # retention over: the key is free again
             t2 = _tok()
             assert (
-                await store.claim_async(None, "u1", "k", "x", t2, T0 + _s(100), T0 + _s(110))
-                is None
+                await claim_at(store, None, "u1", "k", "x", t2, T0 + _s(100), T0 + _s(110)) is None
             )
             rec = await store.get("u1", "k")
             assert (
@@ -125,64 +198,70 @@ class IdempotencyStoreConformance(TransactionHooks):
     async def test_an_empty_response_is_stored(self) -> None:
         async with self.make_store() as store:
             t = _tok()
-            await store.claim_async(None, "", "k", "", t, T0, T0 + _s(10))
-            assert await store.complete_async(None, "", "k", t, b"", T0 + _s(100))
-            rec = await store.claim_async(None, "", "k", "", _tok(), T0, T0 + _s(10))
+            await claim_at(store, None, "", "k", "", t, T0, T0 + _s(10))
+            assert await complete_at(store, None, "", "k", t, b"", T0 + _s(100))
+            rec = await claim_at(store, None, "", "k", "", _tok(), T0, T0 + _s(10))
             assert rec is not None and rec.completed and rec.response == b""
 
     async def test_complete_and_release_need_the_claims_token(self) -> None:
         async with self.make_store() as store:
             t = _tok()
-            await store.claim_async(None, "u1", "k", "fp", t, T0, T0 + _s(10))
-            assert not await store.complete_async(None, "u1", "k", _tok(), b"x", T0 + _s(99))
+            await claim_at(store, None, "u1", "k", "fp", t, T0, T0 + _s(10))
+            assert not await complete_at(store, None, "u1", "k", _tok(), b"x", T0 + _s(99))
             assert not await store.release_async(None, "u1", "k", _tok())
             rec = await store.get("u1", "k")
             assert rec is not None and not rec.completed and rec.token == t
             assert await store.release_async(None, "u1", "k", t)
             assert await store.get("u1", "k") is None
             assert not await store.release_async(None, "u1", "k", t)
-            assert not await store.complete_async(None, "u1", "k", t, b"x", T0 + _s(99))
+            assert not await complete_at(store, None, "u1", "k", t, b"x", T0 + _s(99))
 
     async def test_an_expired_lease_is_claimed_again_and_fences_the_old_holder(self) -> None:
         async with self.make_store() as store:
             old = _tok()
-            await store.claim_async(None, "u1", "k", "fp", old, T0, T0 + _s(10))
+            await claim_at(store, None, "u1", "k", "fp", old, T0, T0 + _s(10))
             # not yet: one microsecond before the lease ends
-            live = await store.claim_async(
-                None, "u1", "k", "fp", _tok(), T0 + _s(10) - timedelta(microseconds=1), T0 + _s(20)
+            live = await claim_at(
+                store,
+                None,
+                "u1",
+                "k",
+                "fp",
+                _tok(),
+                T0 + _s(10) - timedelta(microseconds=1),
+                T0 + _s(20),
             )
             assert live is not None and live.token == old
             new = _tok()
             assert (
-                await store.claim_async(None, "u1", "k", "fp", new, T0 + _s(10), T0 + _s(20))
-                is None
+                await claim_at(store, None, "u1", "k", "fp", new, T0 + _s(10), T0 + _s(20)) is None
             )
-            assert not await store.complete_async(None, "u1", "k", old, b"late", T0 + _s(99))
+            assert not await complete_at(store, None, "u1", "k", old, b"late", T0 + _s(99))
             assert not await store.release_async(None, "u1", "k", old)
-            assert await store.complete_async(None, "u1", "k", new, b"ok", T0 + _s(99))
+            assert await complete_at(store, None, "u1", "k", new, b"ok", T0 + _s(99))
             rec = await store.get("u1", "k")
             assert rec is not None and rec.response == b"ok"
 
     async def test_the_scope_is_part_of_the_key(self) -> None:
         async with self.make_store() as store:
             ta, tb = _tok(), _tok()
-            assert await store.claim_async(None, "alice", "k", "fp", ta, T0, T0 + _s(10)) is None
-            assert await store.claim_async(None, "bob", "k", "fp", tb, T0, T0 + _s(10)) is None
-            assert await store.complete_async(None, "alice", "k", ta, b"alice's", T0 + _s(99))
-            assert not await store.complete_async(None, "bob", "k", ta, b"x", T0 + _s(99))
-            rec = await store.claim_async(None, "bob", "k", "fp", _tok(), T0, T0 + _s(10))
+            assert await claim_at(store, None, "alice", "k", "fp", ta, T0, T0 + _s(10)) is None
+            assert await claim_at(store, None, "bob", "k", "fp", tb, T0, T0 + _s(10)) is None
+            assert await complete_at(store, None, "alice", "k", ta, b"alice's", T0 + _s(99))
+            assert not await complete_at(store, None, "bob", "k", ta, b"x", T0 + _s(99))
+            rec = await claim_at(store, None, "bob", "k", "fp", _tok(), T0, T0 + _s(10))
             assert rec is not None and rec.token == tb and rec.response is None
             # keys and scopes that could run together stay apart
-            assert await store.claim_async(None, "a:b", "c", "", _tok(), T0, T0 + _s(1)) is None
-            assert await store.claim_async(None, "a", "b:c", "", _tok(), T0, T0 + _s(1)) is None
+            assert await claim_at(store, None, "a:b", "c", "", _tok(), T0, T0 + _s(1)) is None
+            assert await claim_at(store, None, "a", "b:c", "", _tok(), T0, T0 + _s(1)) is None
 
     async def test_fifty_concurrent_claims_of_one_key_have_one_winner(self) -> None:
         async with self.make_store() as store:
             for round_, now in enumerate((T0, T0 + _s(100))):  # a new key, then an expired one
                 results = await asyncio.gather(
                     *(
-                        store.claim_async(
-                            None, "u", "race", "fp", f"t{round_}-{i}", now, now + _s(50)
+                        claim_at(
+                            store, None, "u", "race", "fp", f"t{round_}-{i}", now, now + _s(50)
                         )
                         for i in range(50)
                     )
@@ -196,7 +275,7 @@ class IdempotencyStoreConformance(TransactionHooks):
     async def test_purge_deletes_what_has_expired(self) -> None:
         async with self.make_store() as store:
             for i in range(3):
-                await store.claim_async(None, "u", f"k{i}", "", f"t{i}", T0, T0 + _s(10 * (i + 1)))
+                await claim_at(store, None, "u", f"k{i}", "", f"t{i}", T0, T0 + _s(10 * (i + 1)))
             n = await store.purge(T0 + _s(20))
             if n:  # stores that expire keys themselves return 0
                 assert n == 2
@@ -222,7 +301,7 @@ class IdempotencyStoreConformance(TransactionHooks):
                 assert await self._complete(store, conn, "u", "k", t, b"done")
             finally:
                 await self.rollback(conn)
-            assert await store.claim_async(None, "u", "k", "", _tok(), T0, T0 + _s(1)) is None
+            assert await claim_at(store, None, "u", "k", "", _tok(), T0, T0 + _s(1)) is None
             conn = await self.begin(store)
             t = _tok()
             try:
@@ -236,17 +315,18 @@ class IdempotencyStoreConformance(TransactionHooks):
     async def _claim(self, store: Any, conn: Any, scope: str, key: str, token: str) -> Any:
         if self.sync_connections:
             return await asyncio.to_thread(
-                store.claim, conn, scope, key, "", token, T0, T0 + _s(10)
+                claim_sync_at, store, conn, scope, key, "", token, T0, T0 + _s(10)
             )
-        return await store.claim_async(conn, scope, key, "", token, T0, T0 + _s(10))
+        return await claim_at(store, conn, scope, key, "", token, T0, T0 + _s(10))
 
     async def _complete(
         self, store: Any, conn: Any, scope: str, key: str, token: str, body: bytes
     ) -> bool:
         if self.sync_connections:
-            ok = await asyncio.to_thread(store.complete, conn, scope, key, token, body, T0 + _s(99))
+            until = unix_us(T0 + _s(99))
+            ok = await asyncio.to_thread(store.complete, conn, scope, key, token, body, until)
         else:
-            ok = await store.complete_async(conn, scope, key, token, body, T0 + _s(99))
+            ok = await complete_at(store, conn, scope, key, token, body, T0 + _s(99))
         return bool(ok)
 
     #: True when ``begin`` returns a sync connection (the sync store methods are used)
@@ -274,10 +354,10 @@ class IdempotencyStoreConformance(TransactionHooks):
             t = _tok()
 
             def flow() -> None:
-                assert store.claim(None, "u", "s", "fp", t, T0, T0 + _s(10)) is None
-                live = store.claim(None, "u", "s", "fp", _tok(), T0, T0 + _s(10))
+                assert claim_sync_at(store, None, "u", "s", "fp", t, T0, T0 + _s(10)) is None
+                live = claim_sync_at(store, None, "u", "s", "fp", _tok(), T0, T0 + _s(10))
                 assert live is not None and live.token == t
-                assert store.complete(None, "u", "s", t, b"r", T0 + _s(50))
+                assert store.complete(None, "u", "s", t, b"r", unix_us(T0 + _s(50)))
                 assert not store.release(None, "u", "s", _tok())
 
             await asyncio.to_thread(flow)
@@ -309,6 +389,20 @@ class IdempotencyStoreConformance(TransactionHooks):
             assert len(runs) == 3
             with pytest.raises(IdempotencyKeyMissing):
                 await keys.run(None, charge, scope="alice")
+
+    async def test_a_first_run_is_two_store_calls_and_a_replay_one(self) -> None:
+        async with self.make_store() as store:
+            counted = _Counted(store)
+            keys = IdempotencyKeys(cast(IdempotencyStore, counted), clock=FakeClock())
+            assert await keys.run("k", _async({"id": 1}), scope="s", request=1) == {"id": 1}
+            assert counted.calls == ["claim_async", "complete_async"]
+            counted.calls.clear()
+            assert await keys.run("k", _async({"id": 2}), scope="s", request=1) == {"id": 1}
+            assert counted.calls == ["claim_async"]
+            counted.calls.clear()
+            async with keys.call("k", scope="s", request=1) as call:
+                assert call.replayed and call.result == {"id": 1}
+            assert counted.calls == ["claim_async"]
 
     async def test_keys_in_progress_failure_and_a_crashed_holder(self) -> None:
         async with self.make_store() as store:
@@ -375,6 +469,25 @@ class IdempotencyStoreConformance(TransactionHooks):
                 with pytest.raises(ConfigurationError, match="control character"):
                     await keys.run("k", _async(1), scope=bad)
             assert await store.get("s", "k") is None
+
+
+class _Counted:
+    """A store whose async calls are recorded by name."""
+
+    def __init__(self, store: IdempotencyStore) -> None:
+        self.store = store
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.store, name)
+        if not name.endswith("_async"):
+            return attr
+
+        async def counted(*args: Any) -> Any:
+            self.calls.append(name)
+            return await attr(*args)
+
+        return counted
 
 
 def _async(value: Any) -> Any:
