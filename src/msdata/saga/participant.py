@@ -208,12 +208,13 @@ class SagaParticipant:
             if store is None or h[HEADER_PURPOSE] != COMPENSATION:
                 return
             action_key = idempotency_key(saga_id, h[HEADER_STEP], ACTION)
-            now = self.clock.now()
-            until = now + timedelta(seconds=self.reply_retention)
-            token = uuid.uuid4().hex
-            rec = await call("claim", conn, is_async, group, action_key, "", token, now, until)
-            if rec is not None:
-                stored = _decode(rec.response) if rec.completed else None
+            clock_now = self.clock.now()
+            now = unix_us(clock_now)
+            until = unix_us(clock_now + timedelta(seconds=self.reply_retention))
+            got = await call("claim", conn, is_async, group, action_key, "", now, until, _new_token)
+            if not isinstance(got, str):
+                _, completed, response, holder = got
+                stored = _decode(response) if completed else None
                 if stored is None:
                     raise SagaError(
                         f"saga command {action_key} is being handled by another transaction; "
@@ -222,12 +223,14 @@ class SagaParticipant:
                 if stored["ok"] or stored["compensated"]:
                     return  # it took effect (this compensation undoes it), or is refused
                 # refused by the handler: a later attempt would run it again; refuse it too
-                await call("release", conn, is_async, group, action_key, rec.token)
-                rec = await call("claim", conn, is_async, group, action_key, "", token, now, until)
-                if rec is not None:
+                await call("release", conn, is_async, group, action_key, holder)
+                got = await call(
+                    "claim", conn, is_async, group, action_key, "", now, until, _new_token
+                )
+                if not isinstance(got, str):
                     raise SagaError(f"saga command {action_key} was claimed concurrently")
             if not await call(
-                "complete", conn, is_async, group, action_key, token, _COMPENSATED, until
+                "complete", conn, is_async, group, action_key, got, _COMPENSATED, until
             ):
                 raise SagaError(f"saga command {action_key}: its claim was lost")
 
