@@ -49,12 +49,15 @@ from msdata.messages import (
     Envelope,
     Event,
     MessageRegistry,
+    build_envelope,
+    check_message,
+    current_envelope,
     current_parent,
     default_registry,
-    make_envelope,
 )
 from msdata.middleware import Middleware, Next, compose
 from msdata.serialization import CloudEventsCodec
+from msdata.telemetry import Telemetry
 from msdata.transport import Delivery, Subscription, Transport, TransportMessage, check_name
 
 __all__ = ["EventBus"]
@@ -62,6 +65,7 @@ __all__ = ["EventBus"]
 log = logging.getLogger("msdata.events")
 
 E = TypeVar("E", bound=Event)
+_tuple_new: Any = tuple.__new__
 H = TypeVar("H", bound=Callable[..., Any])
 
 
@@ -194,10 +198,24 @@ class EventBus:
         key: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> Envelope[Event]:
-        """The envelope :meth:`publish` would send (correlation from the handled message)."""
-        return make_envelope(
-            event, registry=self.registry, partition_key=key, headers=headers, source=self.source
-        )
+        """The envelope :meth:`publish` would send (correlation from the handled message).
+        Raises :class:`~msdata.errors.NotAMessage` or
+        :class:`~msdata.errors.RegistrationError` as :func:`msdata.messages.check_message`."""
+        return self._envelope(event, key, headers, current_envelope())
+
+    def _envelope(
+        self,
+        event: Event,
+        key: str | None,
+        headers: Mapping[str, str] | None,
+        parent: Envelope[Any] | None,
+    ) -> Envelope[Event]:
+        # make_envelope without its keyword call and the checks the bus made once (source):
+        # a registered class is a Message class, so finding it is the whole check
+        named = self.registry._by_class.get(type(event))
+        if named is None:
+            named = check_message(event, self.registry)  # raises: the exact reason
+        return build_envelope(event, named[0], named[1], key, headers, self.source, None, parent)
 
     async def publish(
         self,
@@ -208,9 +226,11 @@ class EventBus:
         topic: str | None = None,
     ) -> Envelope[Event]:
         """Publish one event; returns once the transport accepted it (brokers: confirmed)."""
-        envelope = self.envelope(event, key=key, headers=headers)
+        envelope = self._envelope(event, key, headers, current_envelope())
         topic = topic or envelope.type
-        envelope = telemetry.hooks.message_created(topic, envelope, outbox=False)  # telemetry
+        hooks = telemetry.hooks
+        if type(hooks) is not Telemetry:  # the no-op hooks are not called on this hot path
+            envelope = hooks.message_created(topic, envelope, outbox=False)  # telemetry
         await self.transport.publish(topic, [self._to_wire(envelope)])
         return envelope
 
@@ -226,19 +246,34 @@ class EventBus:
         gives each event's partition key, ``headers`` go on every one."""
         by_topic: dict[str, list[TransportMessage]] = {}
         out = []
+        hooks = telemetry.hooks
+        observe = type(hooks) is not Telemetry  # the no-op hooks are not called here
+        parent = current_envelope()  # the handled message: the same for the whole batch
+        encode = self.codec.encode
         for event in events:
-            envelope = self.envelope(event, key=key(event) if key else None, headers=headers)
+            envelope = self._envelope(event, key(event) if key else None, headers, parent)
             to = topic or envelope.type
-            envelope = telemetry.hooks.message_created(to, envelope, outbox=False)  # telemetry
+            if observe:
+                envelope = hooks.message_created(to, envelope, outbox=False)  # telemetry
             out.append(envelope)
-            by_topic.setdefault(to, []).append(self._to_wire(envelope))
+            batch = by_topic.get(to)
+            if batch is None:
+                batch = by_topic[to] = []
+            batch.append(
+                _tuple_new(
+                    TransportMessage,
+                    (envelope.id, encode(envelope), envelope.partition_key, envelope.headers),
+                )
+            )
         for t, batch in by_topic.items():
             await self.transport.publish(t, batch)
         return out
 
     def _to_wire(self, envelope: Envelope[Any]) -> TransportMessage:
-        return TransportMessage(
-            envelope.id, self.codec.encode(envelope), envelope.partition_key, envelope.headers
+        # tuple.__new__: the NamedTuple without its Python __new__ frame (once per message)
+        return _tuple_new(  # type: ignore[no-any-return]
+            TransportMessage,
+            (envelope.id, self.codec.encode(envelope), envelope.partition_key, envelope.headers),
         )
 
     # -- consuming ---------------------------------------------------------------------------
