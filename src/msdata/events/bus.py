@@ -133,9 +133,10 @@ class EventBus:
         self._consumers: dict[tuple[str, str], _Consumer] = {}
         self._running = False
         self._stopping: asyncio.Event | None = None
-        # per consumer task: its open subscription, and the delivery and handler in hand
+        # per consumer task: its open subscription, and the delivery and handler in hand (a
+        # cell [delivery, handler] made once per task, [None, None] between deliveries)
         self._subscriptions: dict[asyncio.Task[Any], Subscription] = {}
-        self._handling: dict[asyncio.Task[Any], tuple[Delivery, Any]] = {}
+        self._handling: dict[asyncio.Task[Any], list[Any]] = {}
         # consumer tasks that would not stop: they settle nothing any more
         self._abandoned: set[asyncio.Task[Any]] = set()
 
@@ -352,7 +353,7 @@ class EventBus:
         self._abandoned.add(task)
         task.add_done_callback(self._abandoned.discard)
         handling = self._handling.get(task)
-        if handling is None:
+        if handling is None or handling[0] is None:
             log.error("consumer task %s would not stop; left behind", task.get_name())
             return
         delivery, handler = handling[0], _name_of(handling[1])
@@ -381,6 +382,25 @@ class EventBus:
     async def _consume(self, consumer: _Consumer, ready: asyncio.Future[None]) -> None:
         stopping = self._stopping
         assert stopping is not None
+        task = asyncio.current_task()
+        hand: list[Any] = [None, None]  # the delivery and handler in hand, for _abandon
+        if task is not None:
+            self._handling[task] = hand
+        try:
+            await self._consume_until_stopped(consumer, ready, stopping, task, hand)
+        finally:
+            if task is not None:
+                self._handling.pop(task, None)
+
+    async def _consume_until_stopped(
+        self,
+        consumer: _Consumer,
+        ready: asyncio.Future[None],
+        stopping: asyncio.Event,
+        task: asyncio.Task[Any] | None,
+        hand: list[Any],
+    ) -> None:
+        handle = self._handle
         while not stopping.is_set():
             try:
                 sub: Subscription = self.transport.subscribe(
@@ -389,7 +409,6 @@ class EventBus:
                     max_attempts=self.max_attempts,
                     prefetch=self.prefetch,
                 )
-                task = asyncio.current_task()
                 async with sub:
                     if task is not None:
                         self._subscriptions[task] = sub
@@ -400,7 +419,7 @@ class EventBus:
                             for delivery in await sub.receive(self.prefetch, timeout=0.25):
                                 if stopping.is_set():
                                     break  # the rest stays unacked: released when sub closes
-                                await self._handle(consumer, delivery, task)
+                                await handle(consumer, delivery, task, hand)
                     finally:
                         if task is not None:
                             self._subscriptions.pop(task, None)
@@ -426,14 +445,20 @@ class EventBus:
                 await asyncio.sleep(0.5)
 
     async def _handle(
-        self, consumer: _Consumer, delivery: Delivery, task: asyncio.Task[Any] | None
+        self,
+        consumer: _Consumer,
+        delivery: Delivery,
+        task: asyncio.Task[Any] | None,
+        hand: list[Any],
     ) -> None:
         """One delivery, in the consumer's own ``task`` (looked up once per consumer, not
-        per delivery: ``asyncio.current_task()`` is a measurable part of the hot path)."""
-        overdue = deadletter.overdue_reason(delivery.attempt, self.max_attempts)
-        if overdue is not None:
+        per delivery: ``asyncio.current_task()`` is a measurable part of the hot path);
+        ``hand`` is the task's cell for the delivery and handler in hand. Runs once per
+        message consumed: the no-op telemetry hooks are not called."""
+        if delivery.attempt > self.max_attempts:
             # handed out again and again without being settled (its consumers died)
-            await self._settle(delivery.dead_letter(overdue))
+            reason = deadletter.overdue_reason(delivery.attempt, self.max_attempts)
+            await self._settle(delivery.dead_letter(reason or "overdue"))
             return
         try:
             envelope = self.codec.decode(delivery.message.body)
@@ -446,10 +471,13 @@ class EventBus:
             await self._settle(delivery.ack())
             return
         token = current_parent.set(envelope)
-        if task is not None:
-            self._handling[task] = (delivery, route.handler)  # named only if it will not stop
-        seen = telemetry.hooks.consume(
-            consumer.topic, consumer.group, delivery, envelope, route.handler
+        hand[0] = delivery  # named only if it will not stop
+        hand[1] = route.handler
+        hooks = telemetry.hooks
+        seen = (
+            None
+            if type(hooks) is Telemetry
+            else hooks.consume(consumer.topic, consumer.group, delivery, envelope, route.handler)
         )
         try:
             if route.chain is not None:
@@ -461,13 +489,15 @@ class EventBus:
                 if inspect.isawaitable(result):  # e.g. an object with async __call__
                     await result
         except RejectMessage as e:
-            seen.failed(e, "dead_letter")  # telemetry
+            if seen is not None:
+                seen.failed(e, "dead_letter")  # telemetry
             with deadletter.handler_failure(envelope.type, e):
                 await self._settle(delivery.dead_letter(f"RejectMessage: {e}"))
             return
         except (Exception, asyncio.CancelledError) as e:
             exhausted = deadletter.exhausted(delivery.attempt, self.max_attempts)
-            seen.failed(e, "dead_letter" if exhausted else "nack")  # telemetry
+            if seen is not None:
+                seen.failed(e, "dead_letter" if exhausted else "nack")  # telemetry
             if task in self._abandoned:
                 return  # stop() gave up on this handler: its delivery was released
             if isinstance(e, asyncio.CancelledError) and task is not None and task.cancelling():
@@ -491,9 +521,9 @@ class EventBus:
             return
         finally:
             current_parent.reset(token)
-            seen.close()  # telemetry
-            if task is not None:
-                self._handling.pop(task, None)
+            if seen is not None:
+                seen.close()  # telemetry
+            hand[0] = hand[1] = None
         if task in self._abandoned:
             return  # stop() gave up on this handler: its delivery was released
         try:
