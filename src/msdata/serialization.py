@@ -121,6 +121,12 @@ _SAFE_SCHEMA_TYPES = frozenset(
 )
 
 _tuple_new: Any = tuple.__new__  # a NamedTuple without its Python __new__ frame
+
+
+class _ToPlainPath(Exception):
+    """Raised inside the decode fast path: this input is for the plain path to decide."""
+
+
 _fromisoformat = datetime.fromisoformat
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _loads = json.loads
@@ -338,68 +344,65 @@ class CloudEventsCodec:
         if self._generation != self.registry.generation:
             self._refresh()
         if self._decoder is not None:
-            # fast path; anything unusual goes to the plain path, which names the exact error
+            # the fast path, inline (it runs once per message consumed): one pass through
+            # pydantic-core, then each attribute read once, in the cheapest form of the plain
+            # path's rule. Anything unusual (_ToPlainPath, a validation error, whatever a user
+            # validator raised) goes to the plain path, which names the exact error.
             try:
-                envelope = self._from_validated(self._decoder.validate_json(raw))
+                doc = self._decoder.validate_json(raw)
+                get = doc.get
+                type_name = doc["type"]
+                newest = self._newest[type_name][1]
+                msg_id = doc["id"]
+                source = doc["source"]
+                if get("schemaversion", 1) != newest or not msg_id or not source:
+                    raise _ToPlainPath
+                content_type = get("datacontenttype")
+                if (
+                    content_type is not None
+                    and content_type != "application/json"  # what encode writes
+                    and not _is_json(content_type)
+                ):
+                    raise _ToPlainPath
+                raw_time = get("time")
+                if raw_time is None:
+                    time = utc_now()
+                else:
+                    time = _fromisoformat(raw_time)  # ValueError: to the plain path
+                    if time.tzinfo is None:
+                        raise _ToPlainPath
+                headers: Mapping[str, str] = NO_HEADERS
+                if not doc.keys() <= _KNOWN:  # a subset test makes no set, unlike a difference
+                    extra = doc.keys() - _KNOWN
+                    if "data_base64" in extra:
+                        raise _ToPlainPath  # with "data" too: the plain path names the error
+                    headers = _headers(doc, extra) or NO_HEADERS
+                data = doc["data"]
+                checked = self._checked
+                if (
+                    checked
+                    and type(data) in checked
+                    and _suspect_message(data, checked[type(data)], False)
+                ):
+                    raise _ToPlainPath  # NaN, Infinity or 1e400 in a float or Any field
+                return _tuple_new(  # type: ignore[no-any-return]
+                    Envelope,
+                    (
+                        data,
+                        type_name,
+                        newest,
+                        msg_id,
+                        time,
+                        source,
+                        get("correlationid"),
+                        get("causationid"),
+                        get("partitionkey"),
+                        headers,
+                    ),
+                )
             except Exception:
-                envelope = None
-            if envelope is not None:
-                return envelope
+                pass
         return self.decode_plain(raw)
-
-    def _from_validated(self, doc: dict[str, Any]) -> Envelope[Message] | None:
-        """The envelope of a CloudEvent the wire type validated, or None for the plain path
-        to decide (and name the error). Runs once per message consumed: every step here is
-        the cheapest form of the plain path's rule."""
-        get = doc.get
-        type_name = doc["type"]
-        newest = self._newest[type_name][1]
-        msg_id = doc["id"]
-        source = doc["source"]
-        if get("schemaversion", 1) != newest or not msg_id or not source:
-            return None
-        content_type = get("datacontenttype")
-        if (
-            content_type is not None
-            and content_type != "application/json"  # what encode writes: no split needed
-            and not _is_json(content_type)
-        ):
-            return None
-        raw_time = get("time")
-        if raw_time is None:
-            time = utc_now()
-        else:
-            try:
-                time = _fromisoformat(raw_time)
-            except ValueError:
-                return None
-            if time.tzinfo is None:
-                return None
-        headers: Mapping[str, str] = NO_HEADERS
-        if not doc.keys() <= _KNOWN:  # (a subset test makes no set, unlike keys() - _KNOWN)
-            extra = doc.keys() - _KNOWN
-            if "data_base64" in extra:
-                return None  # with "data" too: the plain path names the error
-            headers = _headers(doc, extra) or NO_HEADERS
-        data = doc["data"]
-        checked = self._checked
-        if checked and type(data) in checked and _suspect_message(data, checked[type(data)], False):
-            return None  # NaN, Infinity or 1e400 in a float or Any field: the plain path says
-        return _tuple_new(  # type: ignore[no-any-return]
-            Envelope,
-            (
-                data,
-                type_name,
-                newest,
-                msg_id,
-                time,
-                source,
-                get("correlationid"),
-                get("causationid"),
-                get("partitionkey"),
-                headers,
-            ),
-        )
 
     def decode_plain(self, raw: bytes | bytearray | str) -> Envelope[Message]:
         """Decode without the fast path: the reference, and the path for every bad input."""
