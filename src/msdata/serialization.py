@@ -133,7 +133,8 @@ _loads = json.loads
 _JSON_TYPES = frozenset({"application/json", "text/json"})
 _StrictStr = Annotated[str, Strict()]
 _StrictInt = Annotated[int, Strict()]
-# the attributes the fast path reads itself; every other one is a header
+# the attributes the fast path reads itself (every one is in what the wire type decodes);
+# every other one is a header
 _KNOWN = frozenset(
     {
         "specversion",
@@ -149,24 +150,34 @@ _KNOWN = frozenset(
         "data",
     }
 )
+_KNOWN_COUNT = len(_KNOWN)
 
 
 def _wire_type(type_name: str, cls: type[Message], *, encoding: bool = False) -> Any:
     """A TypedDict describing one message type's whole CloudEvent, so pydantic's core can
     encode it, or validate it from JSON, in one pass. User headers are its extra keys.
-    Decoding reads ``time`` as a string (parsed as on the plain path); encoding writes a
-    UTC datetime itself (``...Z``) and any other as the text ``encode`` made of it."""
+
+    Decoding reads ``time`` as a string (parsed as on the plain path), and gives every
+    optional attribute that is absent its default (None; ``schemaversion`` 1, as the plain
+    path reads an absent one), so a decoded dict always holds all :data:`_KNOWN` members,
+    and more only when the event has extension attributes. A member that is present but
+    null is still refused (the plain path decides it). Encoding writes a UTC datetime
+    itself (``...Z``) and any other as the text ``encode`` made of it."""
+
+    def optional(schema: Any, default: Any = None) -> Any:
+        return schema if encoding else Annotated[schema, Field(default=default)]
+
     fields: dict[str, Any] = {
         "specversion": Literal["1.0"],
         "id": _StrictStr,
         "source": _StrictStr,
         "type": Literal[type_name],
-        "time": NotRequired[Any if encoding else _StrictStr],
-        "datacontenttype": NotRequired[_StrictStr],
-        "schemaversion": NotRequired[_StrictInt],
-        "correlationid": NotRequired[_StrictStr],
-        "causationid": NotRequired[_StrictStr],
-        "partitionkey": NotRequired[_StrictStr],
+        "time": NotRequired[Any if encoding else optional(_StrictStr)],
+        "datacontenttype": NotRequired[optional(_StrictStr)],
+        "schemaversion": NotRequired[optional(_StrictInt, 1)],
+        "correlationid": NotRequired[optional(_StrictStr)],
+        "causationid": NotRequired[optional(_StrictStr)],
+        "partitionkey": NotRequired[optional(_StrictStr)],
         "data": cls,
     }
     make_typed_dict: Any = TypedDict
@@ -350,21 +361,22 @@ class CloudEventsCodec:
             # validator raised) goes to the plain path, which names the exact error.
             try:
                 doc = self._decoder.validate_json(raw)
-                get = doc.get
+                # every _KNOWN member is in doc (absent ones with their defaults): read by
+                # subscript, much cheaper than get()
                 type_name = doc["type"]
                 newest = self._newest[type_name][1]
                 msg_id = doc["id"]
                 source = doc["source"]
-                if get("schemaversion", 1) != newest or not msg_id or not source:
+                if doc["schemaversion"] != newest or not msg_id or not source:
                     raise _ToPlainPath
-                content_type = get("datacontenttype")
+                content_type = doc["datacontenttype"]
                 if (
                     content_type is not None
                     and content_type != "application/json"  # what encode writes
                     and not _is_json(content_type)
                 ):
                     raise _ToPlainPath
-                raw_time = get("time")
+                raw_time = doc["time"]
                 if raw_time is None:
                     time = utc_now()
                 else:
@@ -372,7 +384,7 @@ class CloudEventsCodec:
                     if time.tzinfo is None:
                         raise _ToPlainPath
                 headers: Mapping[str, str] = NO_HEADERS
-                if not doc.keys() <= _KNOWN:  # a subset test makes no set, unlike a difference
+                if len(doc) != _KNOWN_COUNT:  # more members: extension attributes
                     extra = doc.keys() - _KNOWN
                     if "data_base64" in extra:
                         raise _ToPlainPath  # with "data" too: the plain path names the error
@@ -394,9 +406,9 @@ class CloudEventsCodec:
                         msg_id,
                         time,
                         source,
-                        get("correlationid"),
-                        get("causationid"),
-                        get("partitionkey"),
+                        doc["correlationid"],
+                        doc["causationid"],
+                        doc["partitionkey"],
                         headers,
                     ),
                 )
