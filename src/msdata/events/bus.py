@@ -57,7 +57,7 @@ from msdata.messages import (
 )
 from msdata.middleware import Middleware, Next, compose
 from msdata.serialization import CloudEventsCodec
-from msdata.telemetry import Telemetry
+from msdata.telemetry import ConsumeScope, Telemetry
 from msdata.transport import Delivery, Subscription, Transport, TransportMessage, check_name
 
 __all__ = ["EventBus"]
@@ -79,6 +79,17 @@ class _Route(NamedTuple):
     handler: Callable[[Any], Any]
     is_async: bool
     chain: Next | None  # None when there is no middleware: call the handler directly
+
+
+class _Halt:
+    """Set once when the bus stops (one per run of the bus, so a consumer left behind by an
+    earlier run never sees a later run's flag): read before each delivery, so a plain
+    attribute rather than an asyncio.Event, whose ``is_set()`` is a Python call."""
+
+    __slots__ = ("stopped",)
+
+    def __init__(self) -> None:
+        self.stopped = False
 
 
 @dataclass
@@ -132,7 +143,7 @@ class EventBus:
         self.stop_timeout = stop_timeout
         self._consumers: dict[tuple[str, str], _Consumer] = {}
         self._running = False
-        self._stopping: asyncio.Event | None = None
+        self._halt: _Halt | None = None
         # per consumer task: its open subscription, and the delivery and handler in hand (a
         # cell [delivery, handler] made once per task, [None, None] between deliveries)
         self._subscriptions: dict[asyncio.Task[Any], Subscription] = {}
@@ -284,7 +295,7 @@ class EventBus:
         if self._running:
             return
         self._running = True
-        self._stopping = asyncio.Event()
+        self._halt = _Halt()
         ready: list[asyncio.Future[None]] = []
         loop = asyncio.get_running_loop()
         for consumer in self._consumers.values():
@@ -315,8 +326,8 @@ class EventBus:
         returns later settles nothing. Every delivery not finished is redelivered."""
         if not self._running:
             return
-        assert self._stopping is not None
-        self._stopping.set()
+        assert self._halt is not None
+        self._halt.stopped = True
         limit = self.stop_timeout if timeout is None else timeout
         grace = min(1.0, max(limit, 0.0) / 5)
         tasks = [t for c in self._consumers.values() for t in c.tasks]
@@ -380,14 +391,14 @@ class EventBus:
         await self.stop()
 
     async def _consume(self, consumer: _Consumer, ready: asyncio.Future[None]) -> None:
-        stopping = self._stopping
-        assert stopping is not None
+        halt = self._halt
+        assert halt is not None
         task = asyncio.current_task()
         hand: list[Any] = [None, None]  # the delivery and handler in hand, for _abandon
         if task is not None:
             self._handling[task] = hand
         try:
-            await self._consume_until_stopped(consumer, ready, stopping, task, hand)
+            await self._consume_until_stopped(consumer, ready, halt, task, hand)
         finally:
             if task is not None:
                 self._handling.pop(task, None)
@@ -396,12 +407,16 @@ class EventBus:
         self,
         consumer: _Consumer,
         ready: asyncio.Future[None],
-        stopping: asyncio.Event,
+        halt: _Halt,
         task: asyncio.Task[Any] | None,
         hand: list[Any],
     ) -> None:
         handle = self._handle
-        while not stopping.is_set():
+        decode = self.codec.decode
+        routes = consumer.routes
+        max_attempts = self.max_attempts
+        abandoned = self._abandoned
+        while not halt.stopped:
             try:
                 sub: Subscription = self.transport.subscribe(
                     consumer.topic,
@@ -415,11 +430,50 @@ class EventBus:
                     try:
                         if not ready.done():
                             ready.set_result(None)
-                        while not stopping.is_set():
+                        while not halt.stopped:
                             for delivery in await sub.receive(self.prefetch, timeout=0.25):
-                                if stopping.is_set():
+                                if halt.stopped:
                                     break  # the rest stays unacked: released when sub closes
-                                await handle(consumer, delivery, task, hand)
+                                # The common case inline, as _handle would do it (this runs
+                                # once per message): a delivery within its attempts that
+                                # decodes, to an async handler without middleware, with the
+                                # no-op telemetry. Anything else goes to _handle.
+                                if (
+                                    delivery.attempt > max_attempts
+                                    or type(telemetry.hooks) is not Telemetry
+                                ):
+                                    await handle(consumer, delivery, task, hand)
+                                    continue
+                                try:
+                                    envelope = decode(delivery.message.body)
+                                except Exception:
+                                    await handle(consumer, delivery, task, hand)  # dead letter
+                                    continue
+                                route = routes.get(envelope.type)
+                                if route is None or route.chain is not None or not route.is_async:
+                                    await handle(consumer, delivery, task, hand, envelope)
+                                    continue
+                                token = current_parent.set(envelope)
+                                hand[0] = delivery  # named only if it will not stop
+                                hand[1] = route.handler
+                                try:
+                                    await route.handler(envelope.message)
+                                except (Exception, asyncio.CancelledError) as e:
+                                    await self._failed(consumer, delivery, envelope, e, task, None)
+                                    continue
+                                finally:
+                                    current_parent.reset(token)
+                                    hand[0] = hand[1] = None
+                                if task in abandoned:
+                                    continue  # stop() gave up on this handler: released
+                                try:
+                                    await delivery.ack()
+                                except asyncio.CancelledError:
+                                    raise
+                                except Exception:
+                                    log.exception(
+                                        "acking a delivery failed; it will be redelivered"
+                                    )
                     finally:
                         if task is not None:
                             self._subscriptions.pop(task, None)
@@ -450,21 +504,24 @@ class EventBus:
         delivery: Delivery,
         task: asyncio.Task[Any] | None,
         hand: list[Any],
+        envelope: Envelope[Any] | None = None,
     ) -> None:
         """One delivery, in the consumer's own ``task`` (looked up once per consumer, not
         per delivery: ``asyncio.current_task()`` is a measurable part of the hot path);
-        ``hand`` is the task's cell for the delivery and handler in hand. Runs once per
-        message consumed: the no-op telemetry hooks are not called."""
+        ``hand`` is the task's cell for the delivery and handler in hand; ``envelope`` the
+        delivery decoded, if the caller did that already. The consumer loop does the common
+        case itself, as this does it."""
         if delivery.attempt > self.max_attempts:
             # handed out again and again without being settled (its consumers died)
             reason = deadletter.overdue_reason(delivery.attempt, self.max_attempts)
             await self._settle(delivery.dead_letter(reason or "overdue"))
             return
-        try:
-            envelope = self.codec.decode(delivery.message.body)
-        except Exception as e:  # DecodeError, or anything a user validator raised
-            await self._settle(delivery.dead_letter(f"{type(e).__name__}: {e}"))
-            return
+        if envelope is None:
+            try:
+                envelope = self.codec.decode(delivery.message.body)
+            except Exception as e:  # DecodeError, or anything a user validator raised
+                await self._settle(delivery.dead_letter(f"{type(e).__name__}: {e}"))
+                return
         route = consumer.routes.get(envelope.type)
         if route is None:
             # a registered type this group does not handle: not its business
@@ -475,7 +532,7 @@ class EventBus:
         hand[1] = route.handler
         hooks = telemetry.hooks
         seen = (
-            None
+            None  # the no-op hooks are not called
             if type(hooks) is Telemetry
             else hooks.consume(consumer.topic, consumer.group, delivery, envelope, route.handler)
         )
@@ -488,36 +545,8 @@ class EventBus:
                 result = route.handler(envelope.message)
                 if inspect.isawaitable(result):  # e.g. an object with async __call__
                     await result
-        except RejectMessage as e:
-            if seen is not None:
-                seen.failed(e, "dead_letter")  # telemetry
-            with deadletter.handler_failure(envelope.type, e):
-                await self._settle(delivery.dead_letter(f"RejectMessage: {e}"))
-            return
         except (Exception, asyncio.CancelledError) as e:
-            exhausted = deadletter.exhausted(delivery.attempt, self.max_attempts)
-            if seen is not None:
-                seen.failed(e, "dead_letter" if exhausted else "nack")  # telemetry
-            if task in self._abandoned:
-                return  # stop() gave up on this handler: its delivery was released
-            if isinstance(e, asyncio.CancelledError) and task is not None and task.cancelling():
-                raise  # the consumer itself is being stopped: leave the delivery unsettled
-            reason = f"{type(e).__name__}: {e}"
-            if exhausted:
-                # the transport dead-letters it and logs that once, with this traceback
-                with deadletter.handler_failure(envelope.type, e):
-                    await self._settle(delivery.nack(reason=reason))
-                return
-            log.warning(
-                "handler for %s %s in group %s failed (attempt %d of %d): %r",
-                envelope.type,
-                envelope.id,
-                consumer.group,
-                delivery.attempt,
-                self.max_attempts,
-                e,
-            )
-            await self._settle(delivery.nack(delay=self.backoff(delivery.attempt), reason=reason))
+            await self._failed(consumer, delivery, envelope, e, task, seen)
             return
         finally:
             current_parent.reset(token)
@@ -532,6 +561,49 @@ class EventBus:
             raise
         except Exception:
             log.exception("acking a delivery failed; it will be redelivered")
+
+    async def _failed(
+        self,
+        consumer: _Consumer,
+        delivery: Delivery,
+        envelope: Envelope[Any],
+        e: BaseException,
+        task: asyncio.Task[Any] | None,
+        seen: ConsumeScope | None,
+    ) -> None:
+        """The handler raised ``e`` (an Exception or CancelledError): dead-letter the
+        delivery for a :class:`RejectMessage`, else nack it (the transport dead-letters it
+        after ``max_attempts``); raises ``e`` again when the consumer itself is cancelled,
+        leaving the delivery unsettled. ``seen`` is the telemetry scope, if any."""
+        if isinstance(e, RejectMessage):
+            if seen is not None:
+                seen.failed(e, "dead_letter")  # telemetry
+            with deadletter.handler_failure(envelope.type, e):
+                await self._settle(delivery.dead_letter(f"RejectMessage: {e}"))
+            return
+        exhausted = deadletter.exhausted(delivery.attempt, self.max_attempts)
+        if seen is not None:
+            seen.failed(e, "dead_letter" if exhausted else "nack")  # telemetry
+        if task in self._abandoned:
+            return  # stop() gave up on this handler: its delivery was released
+        if isinstance(e, asyncio.CancelledError) and task is not None and task.cancelling():
+            raise e  # the consumer itself is being stopped: leave the delivery unsettled
+        reason = f"{type(e).__name__}: {e}"
+        if exhausted:
+            # the transport dead-letters it and logs that once, with this traceback
+            with deadletter.handler_failure(envelope.type, e):
+                await self._settle(delivery.nack(reason=reason))
+            return
+        log.warning(
+            "handler for %s %s in group %s failed (attempt %d of %d): %r",
+            envelope.type,
+            envelope.id,
+            consumer.group,
+            delivery.attempt,
+            self.max_attempts,
+            e,
+        )
+        await self._settle(delivery.nack(delay=self.backoff(delivery.attempt), reason=reason))
 
     def _is_abandoned(self) -> bool:
         return asyncio.current_task() in self._abandoned
