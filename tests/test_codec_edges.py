@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -265,3 +265,31 @@ def test_a_hand_built_envelope_decode_could_not_read_is_refused(change: dict[str
     env = make_envelope(Plain(), registry=registry)._replace(**change)
     with pytest.raises(EncodeError):
         codec.encode(env)
+
+
+# offsets the way Python allows them: whole hours, minutes, and seconds (RFC 3339 has no
+# seconds; isoformat() writes them and fromisoformat() reads them back)
+offsets = st.integers(min_value=-86_399, max_value=86_399).map(
+    lambda s: timezone(timedelta(seconds=s))
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    when=st.datetimes(
+        min_value=datetime(1, 1, 2),
+        max_value=datetime(9999, 12, 30),
+        timezones=offsets | st.just(UTC),
+    )
+)
+def test_any_aware_time_is_written_and_read_back_with_its_offset(when: datetime) -> None:
+    """encode writes a UTC time through pydantic-core (``...Z``) and any other offset by
+    isoformat(): both paths read back the same instant and the same offset."""
+    env = make_envelope(Plain(), registry=registry)._replace(time=when)
+    raw = codec.encode(env)
+    written = json.loads(raw)["time"]
+    if when.tzinfo is UTC:
+        assert written.endswith("Z")
+    for decode in (codec.decode, codec.decode_plain):
+        got = decode(raw)
+        assert got == env and got.time.utcoffset() == when.utcoffset()

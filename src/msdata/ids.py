@@ -17,6 +17,9 @@ _tail = 0  # the 74 bits after the timestamp, less the version and variant bits
 # Not a secret: ids must be unique and ordered, not unguessable. random reseeds after fork.
 _rand = random.getrandbits
 _TAIL_MAX = (1 << 74) - 1
+# new_id's cache: (milliseconds, tail >> 48, the id's first 24 characters for them), one
+# tuple so that a thread reads the three together
+_head: tuple[int, int, str] = (-1, -1, "")
 
 
 def _after_fork() -> None:
@@ -32,21 +35,30 @@ def _next_int() -> int:
     """RFC 9562 UUIDv7, "monotonic random" method: 48-bit Unix milliseconds, then 74 bits
     that start at a random point each millisecond and count up within it, so ids made by one
     process are strictly increasing and ids of different processes do not collide."""
-    global _last_ms, _tail
-    ms = time.time_ns() // 1_000_000
-    with _lock:
-        if ms > _last_ms:
-            _last_ms = ms
-            _tail = _rand(73)  # the top bit stays clear: room to count up in this ms
-        else:
-            _tail += 1
-            if _tail > _TAIL_MAX:  # counted through a whole millisecond: borrow the next
-                _last_ms += 1
-                _tail = _rand(73)
-            ms = _last_ms
-        tail = _tail
+    ms, tail = _next()
     # ms(48) | ver 7 (4) | tail high 12 | variant 10 (2) | tail low 62
     return ms << 80 | 0x7 << 76 | (tail >> 62) << 64 | 0b10 << 62 | (tail & 0x3FFF_FFFF_FFFF_FFFF)
+
+
+def _next() -> tuple[int, int]:
+    """The next (milliseconds, tail) pair of this process (see :func:`_next_int`)."""
+    global _last_ms, _tail
+    ms = time.time_ns() // 1_000_000
+    # acquire/release, not ``with``: half the cost on this hot path, and nothing in the
+    # block can raise
+    _lock.acquire()
+    if ms > _last_ms:
+        _last_ms = ms
+        _tail = _rand(73)  # the top bit stays clear: room to count up in this ms
+    else:
+        _tail += 1
+        if _tail > _TAIL_MAX:  # counted through a whole millisecond: borrow the next
+            _last_ms += 1
+            _tail = _rand(73)
+        ms = _last_ms
+    tail = _tail
+    _lock.release()
+    return ms, tail
 
 
 def uuid7() -> UUID:
@@ -55,9 +67,33 @@ def uuid7() -> UUID:
 
 
 def new_id() -> str:
-    """A new message id: a UUIDv7 in its canonical text form."""
-    h = "%032x" % _next_int()  # noqa: UP031 - the fastest way to format it here
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    """A new message id: a UUIDv7 in its canonical text form (as ``str(uuid7())``)."""
+    global _last_ms, _tail, _head
+    # _next() inlined, and the text built from a cached head: the first 24 of the 36
+    # characters change only with the millisecond or a carry out of the tail's low 48 bits,
+    # so most ids format one 48-bit number (a third of the cost of formatting all 128 bits)
+    ms = time.time_ns() // 1_000_000
+    _lock.acquire()
+    if ms > _last_ms:
+        _last_ms = ms
+        _tail = _rand(73)
+    else:
+        _tail += 1
+        if _tail > _TAIL_MAX:
+            _last_ms += 1
+            _tail = _rand(73)
+        ms = _last_ms
+    tail = _tail
+    _lock.release()
+    high = tail >> 48
+    cached = _head
+    if high != cached[1] or ms != cached[0]:
+        # ms(48) as 8-4 | ver 7, tail bits 73..62 | variant 10, tail bits 61..48 | the rest
+        head = "%08x-%04x-7%03x-%04x-" % (ms >> 16, ms & 0xFFFF, high >> 14, 0x8000 | high & 0x3FFF)  # noqa: UP031
+        _head = (ms, high, head)
+    else:
+        head = cached[2]
+    return head + "%012x" % (tail & 0xFFFF_FFFF_FFFF)
 
 
 def utc_now() -> datetime:

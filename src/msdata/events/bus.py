@@ -49,12 +49,15 @@ from msdata.messages import (
     Envelope,
     Event,
     MessageRegistry,
+    build_envelope,
+    check_message,
+    current_envelope,
     current_parent,
     default_registry,
-    make_envelope,
 )
 from msdata.middleware import Middleware, Next, compose
 from msdata.serialization import CloudEventsCodec
+from msdata.telemetry import ConsumeScope, Telemetry
 from msdata.transport import Delivery, Subscription, Transport, TransportMessage, check_name
 
 __all__ = ["EventBus"]
@@ -62,6 +65,7 @@ __all__ = ["EventBus"]
 log = logging.getLogger("msdata.events")
 
 E = TypeVar("E", bound=Event)
+_tuple_new: Any = tuple.__new__
 H = TypeVar("H", bound=Callable[..., Any])
 
 
@@ -75,6 +79,17 @@ class _Route(NamedTuple):
     handler: Callable[[Any], Any]
     is_async: bool
     chain: Next | None  # None when there is no middleware: call the handler directly
+
+
+class _Halt:
+    """Set once when the bus stops (one per run of the bus, so a consumer left behind by an
+    earlier run never sees a later run's flag): read before each delivery, so a plain
+    attribute rather than an asyncio.Event, whose ``is_set()`` is a Python call."""
+
+    __slots__ = ("stopped",)
+
+    def __init__(self) -> None:
+        self.stopped = False
 
 
 @dataclass
@@ -128,10 +143,11 @@ class EventBus:
         self.stop_timeout = stop_timeout
         self._consumers: dict[tuple[str, str], _Consumer] = {}
         self._running = False
-        self._stopping: asyncio.Event | None = None
-        # per consumer task: its open subscription, and the delivery and handler in hand
+        self._halt: _Halt | None = None
+        # per consumer task: its open subscription, and the delivery and handler in hand (a
+        # cell [delivery, handler] made once per task, [None, None] between deliveries)
         self._subscriptions: dict[asyncio.Task[Any], Subscription] = {}
-        self._handling: dict[asyncio.Task[Any], tuple[Delivery, Any]] = {}
+        self._handling: dict[asyncio.Task[Any], list[Any]] = {}
         # consumer tasks that would not stop: they settle nothing any more
         self._abandoned: set[asyncio.Task[Any]] = set()
 
@@ -194,10 +210,24 @@ class EventBus:
         key: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> Envelope[Event]:
-        """The envelope :meth:`publish` would send (correlation from the handled message)."""
-        return make_envelope(
-            event, registry=self.registry, partition_key=key, headers=headers, source=self.source
-        )
+        """The envelope :meth:`publish` would send (correlation from the handled message).
+        Raises :class:`~msdata.errors.NotAMessage` or
+        :class:`~msdata.errors.RegistrationError` as :func:`msdata.messages.check_message`."""
+        return self._envelope(event, key, headers, current_envelope())
+
+    def _envelope(
+        self,
+        event: Event,
+        key: str | None,
+        headers: Mapping[str, str] | None,
+        parent: Envelope[Any] | None,
+    ) -> Envelope[Event]:
+        # make_envelope without its keyword call and the checks the bus made once (source):
+        # a registered class is a Message class, so finding it is the whole check
+        named = self.registry._by_class.get(type(event))
+        if named is None:
+            named = check_message(event, self.registry)  # raises: the exact reason
+        return build_envelope(event, named[0], named[1], key, headers, self.source, None, parent)
 
     async def publish(
         self,
@@ -208,9 +238,11 @@ class EventBus:
         topic: str | None = None,
     ) -> Envelope[Event]:
         """Publish one event; returns once the transport accepted it (brokers: confirmed)."""
-        envelope = self.envelope(event, key=key, headers=headers)
+        envelope = self._envelope(event, key, headers, current_envelope())
         topic = topic or envelope.type
-        envelope = telemetry.hooks.message_created(topic, envelope, outbox=False)  # telemetry
+        hooks = telemetry.hooks
+        if type(hooks) is not Telemetry:  # the no-op hooks are not called on this hot path
+            envelope = hooks.message_created(topic, envelope, outbox=False)  # telemetry
         await self.transport.publish(topic, [self._to_wire(envelope)])
         return envelope
 
@@ -226,19 +258,34 @@ class EventBus:
         gives each event's partition key, ``headers`` go on every one."""
         by_topic: dict[str, list[TransportMessage]] = {}
         out = []
+        hooks = telemetry.hooks
+        observe = type(hooks) is not Telemetry  # the no-op hooks are not called here
+        parent = current_envelope()  # the handled message: the same for the whole batch
+        encode = self.codec.encode
         for event in events:
-            envelope = self.envelope(event, key=key(event) if key else None, headers=headers)
+            envelope = self._envelope(event, key(event) if key else None, headers, parent)
             to = topic or envelope.type
-            envelope = telemetry.hooks.message_created(to, envelope, outbox=False)  # telemetry
+            if observe:
+                envelope = hooks.message_created(to, envelope, outbox=False)  # telemetry
             out.append(envelope)
-            by_topic.setdefault(to, []).append(self._to_wire(envelope))
+            batch = by_topic.get(to)
+            if batch is None:
+                batch = by_topic[to] = []
+            batch.append(
+                _tuple_new(
+                    TransportMessage,
+                    (envelope.id, encode(envelope), envelope.partition_key, envelope.headers),
+                )
+            )
         for t, batch in by_topic.items():
             await self.transport.publish(t, batch)
         return out
 
     def _to_wire(self, envelope: Envelope[Any]) -> TransportMessage:
-        return TransportMessage(
-            envelope.id, self.codec.encode(envelope), envelope.partition_key, envelope.headers
+        # tuple.__new__: the NamedTuple without its Python __new__ frame (once per message)
+        return _tuple_new(  # type: ignore[no-any-return]
+            TransportMessage,
+            (envelope.id, self.codec.encode(envelope), envelope.partition_key, envelope.headers),
         )
 
     # -- consuming ---------------------------------------------------------------------------
@@ -248,7 +295,7 @@ class EventBus:
         if self._running:
             return
         self._running = True
-        self._stopping = asyncio.Event()
+        self._halt = _Halt()
         ready: list[asyncio.Future[None]] = []
         loop = asyncio.get_running_loop()
         for consumer in self._consumers.values():
@@ -279,8 +326,8 @@ class EventBus:
         returns later settles nothing. Every delivery not finished is redelivered."""
         if not self._running:
             return
-        assert self._stopping is not None
-        self._stopping.set()
+        assert self._halt is not None
+        self._halt.stopped = True
         limit = self.stop_timeout if timeout is None else timeout
         grace = min(1.0, max(limit, 0.0) / 5)
         tasks = [t for c in self._consumers.values() for t in c.tasks]
@@ -317,7 +364,7 @@ class EventBus:
         self._abandoned.add(task)
         task.add_done_callback(self._abandoned.discard)
         handling = self._handling.get(task)
-        if handling is None:
+        if handling is None or handling[0] is None:
             log.error("consumer task %s would not stop; left behind", task.get_name())
             return
         delivery, handler = handling[0], _name_of(handling[1])
@@ -344,9 +391,32 @@ class EventBus:
         await self.stop()
 
     async def _consume(self, consumer: _Consumer, ready: asyncio.Future[None]) -> None:
-        stopping = self._stopping
-        assert stopping is not None
-        while not stopping.is_set():
+        halt = self._halt
+        assert halt is not None
+        task = asyncio.current_task()
+        hand: list[Any] = [None, None]  # the delivery and handler in hand, for _abandon
+        if task is not None:
+            self._handling[task] = hand
+        try:
+            await self._consume_until_stopped(consumer, ready, halt, task, hand)
+        finally:
+            if task is not None:
+                self._handling.pop(task, None)
+
+    async def _consume_until_stopped(
+        self,
+        consumer: _Consumer,
+        ready: asyncio.Future[None],
+        halt: _Halt,
+        task: asyncio.Task[Any] | None,
+        hand: list[Any],
+    ) -> None:
+        handle = self._handle
+        decode = self.codec.decode
+        routes = consumer.routes
+        max_attempts = self.max_attempts
+        abandoned = self._abandoned
+        while not halt.stopped:
             try:
                 sub: Subscription = self.transport.subscribe(
                     consumer.topic,
@@ -354,18 +424,56 @@ class EventBus:
                     max_attempts=self.max_attempts,
                     prefetch=self.prefetch,
                 )
-                task = asyncio.current_task()
                 async with sub:
                     if task is not None:
                         self._subscriptions[task] = sub
                     try:
                         if not ready.done():
                             ready.set_result(None)
-                        while not stopping.is_set():
+                        while not halt.stopped:
                             for delivery in await sub.receive(self.prefetch, timeout=0.25):
-                                if stopping.is_set():
+                                if halt.stopped:
                                     break  # the rest stays unacked: released when sub closes
-                                await self._handle(consumer, delivery, task)
+                                # The common case inline, as _handle would do it (this runs
+                                # once per message): a delivery within its attempts that
+                                # decodes, to an async handler without middleware, with the
+                                # no-op telemetry. Anything else goes to _handle.
+                                if (
+                                    delivery.attempt > max_attempts
+                                    or type(telemetry.hooks) is not Telemetry
+                                ):
+                                    await handle(consumer, delivery, task, hand)
+                                    continue
+                                try:
+                                    envelope = decode(delivery.message.body)
+                                except Exception:
+                                    await handle(consumer, delivery, task, hand)  # dead letter
+                                    continue
+                                route = routes.get(envelope.type)
+                                if route is None or route.chain is not None or not route.is_async:
+                                    await handle(consumer, delivery, task, hand, envelope)
+                                    continue
+                                token = current_parent.set(envelope)
+                                hand[0] = delivery  # named only if it will not stop
+                                hand[1] = route.handler
+                                try:
+                                    await route.handler(envelope.message)
+                                except (Exception, asyncio.CancelledError) as e:
+                                    await self._failed(consumer, delivery, envelope, e, task, None)
+                                    continue
+                                finally:
+                                    current_parent.reset(token)
+                                    hand[0] = hand[1] = None
+                                if task in abandoned:
+                                    continue  # stop() gave up on this handler: released
+                                try:
+                                    await delivery.ack()
+                                except asyncio.CancelledError:
+                                    raise
+                                except Exception:
+                                    log.exception(
+                                        "acking a delivery failed; it will be redelivered"
+                                    )
                     finally:
                         if task is not None:
                             self._subscriptions.pop(task, None)
@@ -391,30 +499,42 @@ class EventBus:
                 await asyncio.sleep(0.5)
 
     async def _handle(
-        self, consumer: _Consumer, delivery: Delivery, task: asyncio.Task[Any] | None
+        self,
+        consumer: _Consumer,
+        delivery: Delivery,
+        task: asyncio.Task[Any] | None,
+        hand: list[Any],
+        envelope: Envelope[Any] | None = None,
     ) -> None:
         """One delivery, in the consumer's own ``task`` (looked up once per consumer, not
-        per delivery: ``asyncio.current_task()`` is a measurable part of the hot path)."""
-        overdue = deadletter.overdue_reason(delivery.attempt, self.max_attempts)
-        if overdue is not None:
+        per delivery: ``asyncio.current_task()`` is a measurable part of the hot path);
+        ``hand`` is the task's cell for the delivery and handler in hand; ``envelope`` the
+        delivery decoded, if the caller did that already. The consumer loop does the common
+        case itself, as this does it."""
+        if delivery.attempt > self.max_attempts:
             # handed out again and again without being settled (its consumers died)
-            await self._settle(delivery.dead_letter(overdue))
+            reason = deadletter.overdue_reason(delivery.attempt, self.max_attempts)
+            await self._settle(delivery.dead_letter(reason or "overdue"))
             return
-        try:
-            envelope = self.codec.decode(delivery.message.body)
-        except Exception as e:  # DecodeError, or anything a user validator raised
-            await self._settle(delivery.dead_letter(f"{type(e).__name__}: {e}"))
-            return
+        if envelope is None:
+            try:
+                envelope = self.codec.decode(delivery.message.body)
+            except Exception as e:  # DecodeError, or anything a user validator raised
+                await self._settle(delivery.dead_letter(f"{type(e).__name__}: {e}"))
+                return
         route = consumer.routes.get(envelope.type)
         if route is None:
             # a registered type this group does not handle: not its business
             await self._settle(delivery.ack())
             return
         token = current_parent.set(envelope)
-        if task is not None:
-            self._handling[task] = (delivery, route.handler)  # named only if it will not stop
-        seen = telemetry.hooks.consume(
-            consumer.topic, consumer.group, delivery, envelope, route.handler
+        hand[0] = delivery  # named only if it will not stop
+        hand[1] = route.handler
+        hooks = telemetry.hooks
+        seen = (
+            None  # the no-op hooks are not called
+            if type(hooks) is Telemetry
+            else hooks.consume(consumer.topic, consumer.group, delivery, envelope, route.handler)
         )
         try:
             if route.chain is not None:
@@ -425,40 +545,14 @@ class EventBus:
                 result = route.handler(envelope.message)
                 if inspect.isawaitable(result):  # e.g. an object with async __call__
                     await result
-        except RejectMessage as e:
-            seen.failed(e, "dead_letter")  # telemetry
-            with deadletter.handler_failure(envelope.type, e):
-                await self._settle(delivery.dead_letter(f"RejectMessage: {e}"))
-            return
         except (Exception, asyncio.CancelledError) as e:
-            exhausted = deadletter.exhausted(delivery.attempt, self.max_attempts)
-            seen.failed(e, "dead_letter" if exhausted else "nack")  # telemetry
-            if task in self._abandoned:
-                return  # stop() gave up on this handler: its delivery was released
-            if isinstance(e, asyncio.CancelledError) and task is not None and task.cancelling():
-                raise  # the consumer itself is being stopped: leave the delivery unsettled
-            reason = f"{type(e).__name__}: {e}"
-            if exhausted:
-                # the transport dead-letters it and logs that once, with this traceback
-                with deadletter.handler_failure(envelope.type, e):
-                    await self._settle(delivery.nack(reason=reason))
-                return
-            log.warning(
-                "handler for %s %s in group %s failed (attempt %d of %d): %r",
-                envelope.type,
-                envelope.id,
-                consumer.group,
-                delivery.attempt,
-                self.max_attempts,
-                e,
-            )
-            await self._settle(delivery.nack(delay=self.backoff(delivery.attempt), reason=reason))
+            await self._failed(consumer, delivery, envelope, e, task, seen)
             return
         finally:
             current_parent.reset(token)
-            seen.close()  # telemetry
-            if task is not None:
-                self._handling.pop(task, None)
+            if seen is not None:
+                seen.close()  # telemetry
+            hand[0] = hand[1] = None
         if task in self._abandoned:
             return  # stop() gave up on this handler: its delivery was released
         try:
@@ -467,6 +561,49 @@ class EventBus:
             raise
         except Exception:
             log.exception("acking a delivery failed; it will be redelivered")
+
+    async def _failed(
+        self,
+        consumer: _Consumer,
+        delivery: Delivery,
+        envelope: Envelope[Any],
+        e: BaseException,
+        task: asyncio.Task[Any] | None,
+        seen: ConsumeScope | None,
+    ) -> None:
+        """The handler raised ``e`` (an Exception or CancelledError): dead-letter the
+        delivery for a :class:`RejectMessage`, else nack it (the transport dead-letters it
+        after ``max_attempts``); raises ``e`` again when the consumer itself is cancelled,
+        leaving the delivery unsettled. ``seen`` is the telemetry scope, if any."""
+        if isinstance(e, RejectMessage):
+            if seen is not None:
+                seen.failed(e, "dead_letter")  # telemetry
+            with deadletter.handler_failure(envelope.type, e):
+                await self._settle(delivery.dead_letter(f"RejectMessage: {e}"))
+            return
+        exhausted = deadletter.exhausted(delivery.attempt, self.max_attempts)
+        if seen is not None:
+            seen.failed(e, "dead_letter" if exhausted else "nack")  # telemetry
+        if task in self._abandoned:
+            return  # stop() gave up on this handler: its delivery was released
+        if isinstance(e, asyncio.CancelledError) and task is not None and task.cancelling():
+            raise e  # the consumer itself is being stopped: leave the delivery unsettled
+        reason = f"{type(e).__name__}: {e}"
+        if exhausted:
+            # the transport dead-letters it and logs that once, with this traceback
+            with deadletter.handler_failure(envelope.type, e):
+                await self._settle(delivery.nack(reason=reason))
+            return
+        log.warning(
+            "handler for %s %s in group %s failed (attempt %d of %d): %r",
+            envelope.type,
+            envelope.id,
+            consumer.group,
+            delivery.attempt,
+            self.max_attempts,
+            e,
+        )
+        await self._settle(delivery.nack(delay=self.backoff(delivery.attempt), reason=reason))
 
     def _is_abandoned(self) -> bool:
         return asyncio.current_task() in self._abandoned

@@ -150,12 +150,17 @@ class MemoryDelivery(DeliveryState["MemorySubscription"]):
         return True
 
     async def ack(self) -> None:
-        # _settle() inlined: ack is the hot path
-        if self._begin_settle():
-            sub = self._sub
-            sub._inflight.pop(id(self), None)
-            sub._held_bytes -= self._entry.size
-            sub._room.set()
+        # _begin_settle() and _settle() inlined: ack is the hot path
+        sub = self._sub
+        if sub._closed:
+            raise TransportClosed("the subscription was closed; the delivery was released")
+        if self._settled:
+            return
+        self._settled = True
+        sub._inflight.pop(id(self), None)
+        sub._held_bytes -= self._entry.size
+        sub._room.set()
+        if self.message.key is not None:  # only a key holds later entries back
             sub._group.settle(self._entry)
 
     async def nack(self, delay: float = 0.0, reason: str | None = None) -> None:

@@ -1,0 +1,49 @@
+"""new_id builds its text from a cached head: it must be exactly str(UUID) of the id that
+_next_int would have made from the same state, across millisecond changes and carries."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from msdata import ids
+
+
+@pytest.fixture(autouse=True)
+def _restore_state() -> Iterator[None]:
+    saved = (ids._last_ms, ids._tail, ids._head, ids._rand)
+    # the start of a new millisecond's tail, fixed so the two ways of making an id agree
+    ids._rand = lambda bits: 0x1_2345_6789_ABCD_EF01_2345 & ((1 << bits) - 1)
+    yield
+    ids._last_ms, ids._tail, ids._head, ids._rand = saved
+
+
+# a millisecond far in the future, so the counter path (not the clock) decides the id
+_FUTURE_MS = st.integers(min_value=(1 << 47), max_value=(1 << 48) - 2)
+# tails near a carry out of the low 48 bits, near the end of the millisecond, and anywhere
+_TAIL = st.one_of(
+    st.integers(min_value=0, max_value=(1 << 74) - 1),
+    st.integers(min_value=0, max_value=(1 << 26) - 1).map(lambda h: h << 48 | 0xFFFF_FFFF_FFFF),
+    st.integers(min_value=(1 << 74) - 3, max_value=(1 << 74) - 1),
+)
+
+
+@given(ms=_FUTURE_MS, tails=st.lists(_TAIL, min_size=1, max_size=5))
+def test_new_id_is_the_text_of_the_uuid7_of_the_same_state(ms: int, tails: list[int]) -> None:
+    for tail in tails:  # several in a row: the cached head is reused or replaced
+        ids._last_ms, ids._tail = ms, tail
+        text = ids.new_id()
+        ids._last_ms, ids._tail = ms, tail
+        expected = uuid.UUID(int=ids._next_int())
+        assert text == str(expected)
+        assert expected.version == 7 and expected.variant == uuid.RFC_4122
+
+
+def test_new_ids_are_strictly_increasing_across_milliseconds() -> None:
+    made = [ids.new_id() for _ in range(5000)]
+    assert made == sorted(made) and len(set(made)) == len(made)
+    assert all(str(uuid.UUID(m)) == m for m in made)
