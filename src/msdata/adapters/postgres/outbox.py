@@ -101,6 +101,14 @@ CREATE UNLOGGED TABLE IF NOT EXISTS {inflight} (
 );
 """
 
+# The pending rows in seq order with their partition as a second key column, for the
+# partitioned claim: its scan checks its partitions' span on each index entry and reads
+# the heap rows of that span only. Made by the ``create_schema`` of a partitioned store
+# (every append maintains one more index).
+_PARTITION_INDEX = """\
+CREATE INDEX IF NOT EXISTS "{name}_pseq" ON {table} (seq, part) WHERE sent_at IS NULL;
+"""
+
 #: partitions of the partitioned claim: a fixed number, part of the schema (the ``part``
 #: column's expression); at most this many relays share the work
 PARTITIONS = 64
@@ -137,6 +145,8 @@ DECLARE
     v_mine  integer[];
     v_seqs  bigint[];
     v_parts integer[];
+    v_lo    integer;
+    v_hi    integer;
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'msdata: the outbox claim needs READ COMMITTED, not %',
@@ -182,6 +192,8 @@ BEGIN
     IF v_mine IS NULL THEN
         RETURN;
     END IF;
+    v_lo := (SELECT min(m) FROM unnest(v_mine) m);
+    v_hi := (SELECT max(m) FROM unnest(v_mine) m);
 
     WITH blocked AS MATERIALIZED (
         SELECT b.aggregateid, min(b.seq) AS from_seq FROM {table} b
@@ -202,6 +214,10 @@ BEGIN
           AND (o.available_at IS NULL OR o.available_at <= v_now)
           AND (blocked.from_seq IS NULL OR o.seq < blocked.from_seq)
           AND o.part = ANY(v_mine)
+          -- the span of its partitions (one range after a rebalance, which hands them out
+          -- in order), checked on the entries of _pseq: the scan reads the heap rows of
+          -- its own partitions only, not every other relay's
+          AND o.part BETWEEN v_lo AND v_hi
           AND o.seq NOT IN (SELECT mine.s FROM mine)
         ORDER BY o.seq
         LIMIT p_limit) c;
@@ -678,6 +694,8 @@ class PostgresOutboxStore:
             "cls": self._lock_class,
         }
         parts.append(_PARTITION_TABLES.format(**names))
+        if self._partitioned:
+            parts.append(_PARTITION_INDEX.format(name=self._name, table=self.table))
         parts.append(_PCLAIM_FUNCTION.format(fn=self._pclaim_fn, **names))
         parts.append(
             _SENT_CLAIM_FUNCTION.format(
