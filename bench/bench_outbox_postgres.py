@@ -156,6 +156,8 @@ class Checker:
         self.count = self.duplicates = self.violations = 0
         self.done = asyncio.Event()
         self.started = self.ended = 0.0  # set by work that times itself
+        #: CPU seconds from the start to the end (--processes): workers, their backends
+        self.client_cpu = self.server_cpu = 0.0
 
     def saw(self, messages: Sequence[TransportMessage]) -> None:
         for m in messages:
@@ -297,6 +299,8 @@ def _worker(
     out: Any,
     published: Any,
 ) -> None:
+    # named connections: the parent finds this worker's backends to read their CPU time
+    url += ("&" if "?" in url else "?") + f"application_name={prefix}w{idx}"
     asyncio.run(_work(kind, url, prefix, sync, partitioned, idx, ready, go, stop, out, published))
 
 
@@ -375,6 +379,21 @@ async def _work(
     out.put(log)
 
 
+def _cpu(pids: Sequence[int]) -> float:
+    """CPU seconds (user + system) of processes ``pids`` so far, from /proc (Linux)."""
+    import os
+
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 async def _settled(conn: Any, parts: str, k: int, timeout: float = 30.0) -> None:
     """Until ``k`` partitioned relays each own their fair share of the partitions."""
     from msdata.adapters.postgres.outbox import PARTITIONS
@@ -432,9 +451,20 @@ async def processes_drain(
         if kind == "relay" and partitioned:
             await _settled(conn, store.parts_table, k)
         await asyncio.sleep(0.2)  # every process polling
+        backends = [
+            r["pid"]
+            for r in await conn.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE application_name LIKE $1",
+                prefix.replace("_", "\\_") + "w%",
+            )
+        ]
+        workers = [pr.pid for pr in procs if pr.pid is not None]
         t0 = await fill_at_once(store, conn, n, keys, checker.ids)
+        # from the commit (the polls while the rows were written are not counted)
+        c0, s0 = _cpu(workers), _cpu(backends)
         while published.value < n:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
+        checker.client_cpu, checker.server_cpu = _cpu(workers) - c0, _cpu(backends) - s0
     finally:
         stop.set()
         await conn.close()
@@ -507,7 +537,9 @@ async def drain_bench(
     cold: bool = False,
 ) -> None:
     prefix = f"bench{uuid.uuid4().hex[:8]}_"
-    store = PostgresOutboxStore(url, table_prefix=prefix, relay_synchronous_commit=sync)
+    store = PostgresOutboxStore(
+        url, table_prefix=prefix, relay_synchronous_commit=sync, partitioned=partitioned
+    )
     await store.create_schema()
     ids: dict[str, int] = {}
 
@@ -528,6 +560,7 @@ async def drain_bench(
         ids.update(await fill(store, url, n, keys))
 
     problems: dict[str, list[int]] = {}
+    cpu: dict[str, list[tuple[float, float]]] = {}  # per round: client, server us/row
 
     def timed(
         name: str, work: Callable[[Checker], Awaitable[Any]]
@@ -542,6 +575,10 @@ async def drain_bench(
             else:
                 rate = n / (time.perf_counter() - t)
             assert len(checker.seen) == n, (len(checker.seen), n)
+            if checker.server_cpu:
+                cpu.setdefault(name, []).append(
+                    (checker.client_cpu / n * 1e6, checker.server_cpu / n * 1e6)
+                )
             seen = problems.setdefault(name, [0, 0])
             seen[0] += checker.duplicates
             seen[1] += checker.violations
@@ -608,6 +645,13 @@ async def drain_bench(
         print(f"    {'4 relays / 2 (target >= 1.00)':<44}{spread(ratios(got['4'], got['2'])):>16}")
     if "raw" in got and "raw2" in got:
         print(f"    {'raw 2 workers / 1':<44}{spread(ratios(got['raw2'], got['raw'])):>16}")
+    if cpu:
+        print("    CPU per row, us (median; workers' processes + their PostgreSQL backends)")
+        for name, per in cpu.items():
+            client = statistics.median(c for c, _ in per)
+            server = statistics.median(sv for _, sv in per)
+            total = client + server
+            print(f"    {name:<8} client {client:6.1f}  server {server:6.1f}  total {total:6.1f}")
     for name, (dups, violations) in problems.items():
         print(f"    {name}: duplicates {dups}, order violations per key {violations}")
 

@@ -101,6 +101,14 @@ CREATE UNLOGGED TABLE IF NOT EXISTS {inflight} (
 );
 """
 
+# The pending rows in seq order with their partition as a second key column, for the
+# partitioned claim: its scan checks its partitions' span on each index entry and reads
+# the heap rows of that span only. Made by the ``create_schema`` of a partitioned store
+# (every append maintains one more index).
+_PARTITION_INDEX = """\
+CREATE INDEX IF NOT EXISTS "{name}_pseq" ON {table} (seq, part) WHERE sent_at IS NULL;
+"""
+
 #: partitions of the partitioned claim: a fixed number, part of the schema (the ``part``
 #: column's expression); at most this many relays share the work
 PARTITIONS = 64
@@ -117,7 +125,9 @@ PARTITIONS = 64
 #     waits until its previous owner has marked or released what it holds, or that
 #     relay's registration runs out), the relay's own rows in flight, and keys held up by
 #     an earlier parked or backing-off row. No row locks: one owner per partition.
-#  4. Record the rows as one in-flight batch (rows and partitions), leased for p_lease.
+#     It keeps the rows' seq and partition only.
+#  4. Record them as one in-flight batch (rows and partitions), leased for p_lease, and
+#     return the rows, read again by seq (still pending: only their owner changes them).
 _PCLAIM_FUNCTION = """\
 CREATE OR REPLACE FUNCTION {fn}(p_owner text, p_limit integer, p_lease double precision,
                                 p_sync boolean)
@@ -133,7 +143,10 @@ DECLARE
     v_have  integer;
     v_free  integer;
     v_mine  integer[];
-    v_rows  {table}[];
+    v_seqs  bigint[];
+    v_parts integer[];
+    v_lo    integer;
+    v_hi    integer;
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'msdata: the outbox claim needs READ COMMITTED, not %',
@@ -147,10 +160,11 @@ BEGIN
 
     SELECT count(*) INTO v_live FROM {relays} r WHERE r.until > v_now;
     v_fair := ceil({n}::numeric / greatest(v_live, 1));
+    -- (one pass over the 64 rows against the live relays, not a lookup per partition)
     SELECT count(*) FILTER (WHERE p.owner = p_owner),
-           count(*) FILTER (WHERE p.owner IS NULL OR NOT EXISTS (
-               SELECT 1 FROM {relays} r WHERE r.owner = p.owner AND r.until > v_now))
-      INTO v_have, v_free FROM {parts} p;
+           count(*) FILTER (WHERE r.owner IS NULL)
+      INTO v_have, v_free
+      FROM {parts} p LEFT JOIN {relays} r ON r.owner = p.owner AND r.until > v_now;
     IF v_have > v_fair OR (v_have < v_fair AND v_free > 0) THEN
         PERFORM pg_advisory_xact_lock({cls}, 1);
         -- fresh snapshots from here: every claim and rebalance before the lock is seen
@@ -178,6 +192,8 @@ BEGIN
     IF v_mine IS NULL THEN
         RETURN;
     END IF;
+    v_lo := (SELECT min(m) FROM unnest(v_mine) m);
+    v_hi := (SELECT max(m) FROM unnest(v_mine) m);
 
     WITH blocked AS MATERIALIZED (
         SELECT b.aggregateid, min(b.seq) AS from_seq FROM {table} b
@@ -189,24 +205,32 @@ BEGIN
         SELECT u.s FROM {inflight} h, unnest(h.seqs) AS u(s)
         WHERE h.owner = p_owner AND h.until > v_now
     )
-    SELECT array_agg(c.r ORDER BY c.seq) INTO v_rows
+    SELECT array_agg(c.seq ORDER BY c.seq), array_agg(c.part ORDER BY c.seq)
+      INTO v_seqs, v_parts
       FROM (
-        SELECT o AS r, o.seq FROM {table} o
+        SELECT o.seq, o.part FROM {table} o
         LEFT JOIN blocked ON blocked.aggregateid = o.aggregateid
         WHERE o.sent_at IS NULL AND NOT o.parked
           AND (o.available_at IS NULL OR o.available_at <= v_now)
           AND (blocked.from_seq IS NULL OR o.seq < blocked.from_seq)
           AND o.part = ANY(v_mine)
+          -- the span of its partitions (one range after a rebalance, which hands them out
+          -- in order), checked on the entries of _pseq: the scan reads the heap rows of
+          -- its own partitions only, not every other relay's
+          AND o.part BETWEEN v_lo AND v_hi
           AND o.seq NOT IN (SELECT mine.s FROM mine)
         ORDER BY o.seq
         LIMIT p_limit) c;
-    IF v_rows IS NULL THEN
+    IF v_seqs IS NULL THEN
         RETURN;
     END IF;
-    INSERT INTO {inflight} (owner, until, seqs, parts)
-    SELECT p_owner, v_until, array_agg(g.seq ORDER BY g.seq), array_agg(g.part ORDER BY g.seq)
-    FROM unnest(v_rows) g;
-    RETURN QUERY SELECT * FROM unnest(v_rows);
+    INSERT INTO {inflight} (owner, until, seqs, parts) VALUES (p_owner, v_until, v_seqs, v_parts);
+    -- the scan kept keys and partitions only (a whole-row array of wide rows costs more
+    -- than reading the rows again): the rows by their keys, on the pages the scan just
+    -- read. Only this relay marks or updates them now (one owner per partition); a row
+    -- that a relay whose registration ran out marked since is left out
+    RETURN QUERY SELECT o.* FROM {table} o
+        WHERE o.seq = ANY(v_seqs) AND o.sent_at IS NULL ORDER BY o.seq;
 END
 $msdata$;
 """
@@ -670,6 +694,8 @@ class PostgresOutboxStore:
             "cls": self._lock_class,
         }
         parts.append(_PARTITION_TABLES.format(**names))
+        if self._partitioned:
+            parts.append(_PARTITION_INDEX.format(name=self._name, table=self.table))
         parts.append(_PCLAIM_FUNCTION.format(fn=self._pclaim_fn, **names))
         parts.append(
             _SENT_CLAIM_FUNCTION.format(
