@@ -23,8 +23,11 @@ consumers of one group compete. Inside a consumer, a delivery is:
 - acked and skipped when it decodes to a registered type that the group has no handler for.
 
 A failing handler affects only its own group. Nothing crashes the consumer loop. Stopping
-lets each consumer finish the delivery it is handling (up to ``stop_timeout``), and leaves
-every delivery it did not finish unacked, so the transport redelivers it.
+lets each consumer finish the delivery it is handling (up to ``stop_timeout``); what it
+received but did not start on is given back uncounted (``Delivery.release``), so stopping,
+however many consumers stop and however often, does not push a message towards
+``max_attempts``; a delivery whose handler was cancelled stays unacked and is redelivered
+(that one attempt counts).
 """
 
 from __future__ import annotations
@@ -362,9 +365,13 @@ class EventBus:
                         if not ready.done():
                             ready.set_result(None)
                         while not stopping.is_set():
-                            for delivery in await sub.receive(self.prefetch, timeout=0.25):
+                            batch = await sub.receive(self.prefetch, timeout=0.25)
+                            for i, delivery in enumerate(batch):
                                 if stopping.is_set():
-                                    break  # the rest stays unacked: released when sub closes
+                                    # not started on: given back uncounted, so stopping
+                                    # consumers never push a message towards max_attempts
+                                    await self._release(batch[i:])
+                                    break
                                 await self._handle(consumer, delivery, task)
                     finally:
                         if task is not None:
@@ -467,6 +474,19 @@ class EventBus:
             raise
         except Exception:
             log.exception("acking a delivery failed; it will be redelivered")
+
+    @staticmethod
+    async def _release(deliveries: Sequence[Delivery]) -> None:
+        # one failed release (connection lost) leaves that one to be redelivered (counted)
+        results = await asyncio.gather(*(d.release() for d in deliveries), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            log.warning(
+                "giving back %d of %d deliveries failed (they are redelivered): %r",
+                len(failed),
+                len(deliveries),
+                failed[0],
+            )
 
     def _is_abandoned(self) -> bool:
         return asyncio.current_task() in self._abandoned
