@@ -477,9 +477,16 @@ class EventBus:
 
     @staticmethod
     async def _release(deliveries: Sequence[Delivery]) -> None:
-        # one failed release (connection lost) leaves that one to be redelivered (counted)
-        results = await asyncio.gather(*(d.release() for d in deliveries), return_exceptions=True)
-        failed = [r for r in results if isinstance(r, BaseException)]
+        # one after the other (at once, they would take a connection each from a pool); one
+        # that fails (connection lost) is redelivered, counted
+        failed: list[Exception] = []
+        for d in deliveries:
+            try:
+                await d.release()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                failed.append(e)
         if failed:
             log.warning(
                 "giving back %d of %d deliveries failed (they are redelivered): %r",
