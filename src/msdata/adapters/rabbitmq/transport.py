@@ -789,14 +789,19 @@ class RabbitMQSubscription(ClosesOnExit):
         for tag in consumer_tags:
             # after cancel-ok the broker sends nothing more; what it sent before is pending
             await _on_channel(raw, raw.basic_cancel(tag))
-        for entry in self._pending:
-            if entry.stale:
-                continue
-            if entry.message is None:
-                entry.parse(self._counts_deliveries)
-            self._recount.append(entry)
-        self._pending.clear()
-        if self._recount:
+        # the driver hands each delivery to _on_message in a task of its own: let those
+        # made before cancel-ok run, then move what is pending (again, if more came)
+        for _ in range(3):
+            await asyncio.sleep(0)
+            for entry in self._pending:
+                if entry.stale:
+                    continue
+                if entry.message is None:
+                    entry.parse(self._counts_deliveries)
+                self._recount.append(entry)
+            self._pending.clear()
+            if not self._recount:
+                break
             await self._settle_recount()
 
     def _on_message(self, raw: DeliveredMessage) -> None:
