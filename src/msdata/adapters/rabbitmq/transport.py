@@ -787,12 +787,16 @@ class RabbitMQSubscription(ClosesOnExit):
             return
         raw, consumer_tags = tags
         for tag in consumer_tags:
-            # after cancel-ok the broker sends nothing more; what it sent before is pending
+            # after cancel-ok the broker should send nothing more; what it sent is pending
             await _on_channel(raw, raw.basic_cancel(tag))
+            # but a quorum queue was seen to deliver after it, and the driver drops a
+            # delivery whose consumer it forgot (left unacked, the closing channel would
+            # hand it back, counted): keep taking them
+            raw.consumers.setdefault(tag, self._on_message)
         # the driver hands each delivery to _on_message in a task of its own: let those
-        # made before cancel-ok run, then move what is pending (again, if more came)
+        # run, then move what is pending (again, while more comes)
         for _ in range(3):
-            await asyncio.sleep(0)
+            await asyncio.sleep(0.01)
             for entry in self._pending:
                 if entry.stale:
                     continue
