@@ -207,6 +207,50 @@ def test_one_line_errors_without_credentials(tmp_path: Path) -> None:
 
 
 @pytest.mark.redis
+def test_dlq_list_of_a_mistyped_topic_fails_and_creates_nothing(redis_url: str) -> None:
+    import redis
+
+    topic = f"cli-typo-{uuid.uuid4().hex[:8]}"
+    where = ["--broker", redis_url, "--topic", topic, "--group", "billing"]
+    for command in (["list"], ["show", "some-id"]):
+        line = fails("dlq", *command, *where)
+        assert "no such dead-letter topic" in line and f"{topic}.billing.dlq" in line
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert list(client.scan_iter(match=f"*{topic}*")) == []  # nothing was created
+    finally:
+        client.close()
+
+
+@pytest.mark.redis
+def test_dlq_list_reads_dead_letters_another_reader_read_first(redis_url: str) -> None:
+    """``msdata dlq list`` creates its reader group after the dead letters arrived and after
+    another group (a service's own audit) read them: it still lists them."""
+    from msdata.transport import TransportMessage, dead_letter_topic
+    from msdata.urls import transport_from_url
+
+    topic, group = f"cli-{uuid.uuid4().hex[:8]}", "billing"
+
+    async def dead_letter_and_read() -> None:
+        transport = transport_from_url(redis_url)
+        try:
+            await transport.declare_group(topic, group)
+            await transport.declare_group(dead_letter_topic(topic, group), "audit")
+            async with transport.subscribe(topic, group) as sub:
+                await transport.publish(topic, [TransportMessage(id="m-1", body=b"{}")])
+                got = await sub.receive(1, timeout=10.0)
+                assert len(got) == 1
+                await got[0].dead_letter("RejectMessage: late reader")
+        finally:
+            await transport.close()
+
+    asyncio.run(dead_letter_and_read())
+    where = ["--broker", redis_url, "--topic", topic, "--group", group]
+    listed = json.loads(msdata("dlq", "list", *where, "--json").stdout)
+    assert [d["id"] for d in listed] == ["m-1"]
+
+
+@pytest.mark.redis
 def test_dlq_list_show_and_replay(redis_url: str) -> None:
     from msdata.errors import RejectMessage
     from msdata.events import EventBus
@@ -489,7 +533,8 @@ def test_dlq_reads_a_namespaced_transport(redis_url: str, tmp_path: Path) -> Non
     listed = json.loads(msdata("dlq", "list", *where, "--namespace", namespace, "--json").stdout)
     assert [d["reason"] for d in listed] == ["RejectMessage: bad tick"]
     assert listed[0]["attempts"] == 1  # a number, not the header's text
-    assert json.loads(msdata("dlq", "list", *where, "--json").stdout) == []  # not global names
+    # not global names: without the namespace there is no such group, so no such topic
+    assert "no such dead-letter topic" in fails("dlq", "list", *where)
     (tmp_path / "ns_app.py").write_text(
         textwrap.dedent(f"""
             from msdata.service import Service

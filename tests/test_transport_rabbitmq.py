@@ -111,6 +111,23 @@ class TestRabbitMQTransportOrdered(_Unreachable):
     arrival_timeout = 10.0
     quiet_period = 0.3
 
+    @pytest.mark.xfail(
+        strict=True,
+        reason="ordered mode gives back what a closing subscription holds by closing its "
+        "channel (a copy at the back of the queue would pass later messages of its key), and "
+        "the broker flags those as redelivered, which counts",
+    )
+    async def test_closing_subscriptions_counts_only_what_they_handed_out(self) -> None:
+        await super().test_closing_subscriptions_counts_only_what_they_handed_out()
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason="a released delivery is held by the ordered subscription and given back by "
+        "closing its channel, which counts (see the case above)",
+    )
+    async def test_a_released_delivery_comes_back_with_the_same_attempt(self) -> None:
+        await super().test_a_released_delivery_comes_back_with_the_same_attempt()
+
     @asynccontextmanager
     async def make_transport(self) -> AsyncIterator[Transport]:
         async with rabbitmq_transport(ordered_per_key=True) as t:
@@ -286,7 +303,7 @@ async def test_jittered_delays_share_a_few_retry_tier_queues() -> None:
         )
 
 
-async def test_dead_letters_wait_in_a_holding_queue_until_a_group_reads_them() -> None:
+async def test_dead_letters_are_kept_in_a_history_queue_for_every_later_group() -> None:
     topic, group = unique("topic"), unique("group")
     async with rabbitmq_transport() as t:
         async with t.subscribe(topic, group) as sub:
@@ -296,9 +313,14 @@ async def test_dead_letters_wait_in_a_holding_queue_until_a_group_reads_them() -
         target = dead_letter_topic(topic, group)
         async with t.subscribe(target, unique("ops")) as first:
             assert len(await collect(first, 3)) == 3
-        # a later group gets only what is dead-lettered after it exists
+        # a later group gets them too (a dead-letter topic is read from its beginning),
+        # and the history keeps them, once each
         async with t.subscribe(target, unique("late")) as late:
+            assert len(await collect(late, 3)) == 3
             assert await late.receive(10, timeout=0.3) == []
+        async with t.subscribe(target, unique("later")) as later:
+            assert len(await collect(later, 3)) == 3
+            assert await later.receive(10, timeout=0.3) == []
 
 
 async def test_settling_after_the_subscription_closed_raises() -> None:

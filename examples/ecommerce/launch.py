@@ -48,7 +48,7 @@ from examples.ecommerce.common import open_broker
 from examples.ecommerce.driver import Clients, Report, drive
 from rich.console import Console
 
-from msdata.transport import dead_letter_topic
+from msdata.transport import dead_letter_topic, is_dead_letter_topic
 
 NAMES = ("order", "payment", "inventory")
 
@@ -316,6 +316,8 @@ async def _drop_rabbitmq(broker: str, transport: Any, pairs: Iterable[tuple[str,
         x = transport.exchange_name(t)
         exchanges |= {x, f"{x}:unrouted"}
         queues.add(f"{x}:unrouted")
+        if is_dead_letter_topic(t):
+            queues.add(f"{x}:history")  # what every later reader group of a dead-letter topic gets
     for t, g in groups:
         q = f"{transport.exchange_name(t)}:{g}"
         queues |= {q, f"{q}:retry", *(f"{q}:retry-{round(s * 1000)}ms" for s in RETRY_TIERS)}

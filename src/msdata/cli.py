@@ -480,12 +480,30 @@ def _with(options: list[Callable[[T], T]]) -> Callable[[T], T]:
 
 
 async def _read_dlq(
-    source: tuple[Any, list[tuple[str, str]]], limit: int, settle: str
+    source: tuple[Any, list[tuple[str, str]]], limit: int, settle: str, explicit: bool
 ) -> list[dict[str, Any]]:
+    """Read (or replay) the dead letters of the source's (topic, group) pairs whose group
+    exists; a pair named on the command line (``explicit``) whose group does not exist is an
+    error, "no such dead-letter topic", and nothing is created on the broker."""
     from msdata.service import read_dead_letters
+    from msdata.transport import dead_letter_topic
 
     transport, pairs = source
     try:
+        # only where the group exists: reading creates the reader group (and, on some
+        # brokers, the topic), and list and show must leave the broker as it is
+        kept = []
+        for topic, group in pairs:
+            if await transport.lag(topic, group) is not None:
+                kept.append((topic, group))
+            elif not explicit:  # --app: a group the service has not declared yet
+                continue
+            else:
+                _fail(
+                    f"no such dead-letter topic: {dead_letter_topic(topic, group)!r}"
+                    f" (no consumer group {group!r} on topic {topic!r})"
+                )
+        pairs = kept
         found = await read_dead_letters(
             transport, pairs, limit=limit, replay=settle == "replay", reader=DLQ_READER
         )
@@ -509,7 +527,9 @@ async def dlq_list(
     as_json: bool,
 ) -> None:
     """Dead letters (left where they are), with their reason."""
-    rows = await _read_dlq(_dlq_source(broker, namespace, topic, group, app), limit, "keep")
+    rows = await _read_dlq(
+        _dlq_source(broker, namespace, topic, group, app), limit, "keep", explicit=not app
+    )
     data = [{k: v for k, v in r.items() if k != "body"} for r in rows]
     _emit(
         as_json,
@@ -541,7 +561,9 @@ async def dlq_show(
     as_json: bool,
 ) -> None:
     """One dead letter, with its body."""
-    rows = await _read_dlq(_dlq_source(broker, namespace, topic, group, app), 10_000, "keep")
+    rows = await _read_dlq(
+        _dlq_source(broker, namespace, topic, group, app), 10_000, "keep", explicit=not app
+    )
     found = [r for r in rows if r["id"] == message_id]
     if not found:
         _fail(f"no dead letter {message_id!r} there")
@@ -569,7 +591,9 @@ async def dlq_replay(
 ) -> None:
     """Republish dead letters to their original topic (same message id: consumers behind an
     inbox that applied one already skip it) and remove them from the dead-letter topic."""
-    rows = await _read_dlq(_dlq_source(broker, namespace, topic, group, app), limit, "replay")
+    rows = await _read_dlq(
+        _dlq_source(broker, namespace, topic, group, app), limit, "replay", explicit=not app
+    )
     _emit(as_json, {"replayed": len(rows)}, lambda: f"replayed {len(rows)} message(s)")
 
 

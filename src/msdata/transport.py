@@ -34,6 +34,7 @@ __all__ = [
     "DEAD_LETTER_ATTEMPTS",
     "DEAD_LETTER_GROUP",
     "DEAD_LETTER_REASON",
+    "DEAD_LETTER_SUFFIX",
     "DEAD_LETTER_TOPIC",
     "DEFAULT_MAX_HELD_BYTES",
     "ClosesOnExit",
@@ -52,6 +53,7 @@ __all__ = [
     "check_message",
     "check_name",
     "dead_letter_topic",
+    "is_dead_letter_topic",
     "iterate",
     "message_size",
     "pop_url_options",
@@ -109,9 +111,26 @@ def _shown(name: object, limit: int = 60) -> str:
     return repr(name)
 
 
+#: the last part of every dead-letter topic's name
+DEAD_LETTER_SUFFIX = ".dlq"
+
+
 def dead_letter_topic(topic: str, group: str) -> str:
-    """Where a group's failed deliveries of ``topic`` go. Subscribe to it like any topic."""
-    return f"{topic}.{group}.dlq"
+    """Where a group's failed deliveries of ``topic`` go. Subscribe to it like any topic.
+
+    Unlike other topics, a dead-letter topic is read from its beginning by every group, also
+    one declared after dead letters arrived (see :func:`is_dead_letter_topic`)."""
+    return f"{topic}.{group}{DEAD_LETTER_SUFFIX}"
+
+
+def is_dead_letter_topic(topic: str) -> bool:
+    """Whether ``topic`` is a dead-letter topic (its name ends with :data:`DEAD_LETTER_SUFFIX`).
+
+    On every transport, a group declared on such a topic receives what the topic received
+    before it was declared, not only what comes after (an operator's reader or an audit that
+    starts late must not miss dead letters); so transports keep a dead-letter topic's
+    messages after every group read them, until deleted."""
+    return topic.endswith(DEAD_LETTER_SUFFIX)
 
 
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
@@ -209,7 +228,13 @@ class Delivery(Protocol):
       :func:`dead_letter_topic` with the reason in the ``x-msdata-dead-letter-reason`` header.
       A dead-letter topic keeps what it receives until read: the first group to subscribe to
       it receives everything dead-lettered before.
-    - Not settled when its subscription closes, or its consumer dies: redelivered.
+    - ``release()``: not started on (its consumer stops): it is delivered again, to any
+      consumer of the group, with the same ``attempt``; giving it back is not an attempt.
+      What a subscription received from the broker but never handed out is given back the
+      same way when it closes. (NATS cannot: JetStream counts every delivery, so there a
+      released delivery comes back one higher, as after ``nack``.)
+    - Not settled when its subscription closes, or its consumer dies: redelivered, with
+      ``attempt`` one higher (it was handed out, so it counts).
       Settling it after its subscription closed raises :class:`msdata.errors.TransportClosed`
       (it does not count). Settling it a second time while open does nothing.
     """
@@ -228,6 +253,7 @@ class Delivery(Protocol):
     async def ack(self) -> None: ...
     async def nack(self, delay: float = 0.0, reason: str | None = None) -> None: ...
     async def dead_letter(self, reason: str) -> None: ...
+    async def release(self) -> None: ...
 
 
 @runtime_checkable

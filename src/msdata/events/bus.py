@@ -23,8 +23,11 @@ consumers of one group compete. Inside a consumer, a delivery is:
 - acked and skipped when it decodes to a registered type that the group has no handler for.
 
 A failing handler affects only its own group. Nothing crashes the consumer loop. Stopping
-lets each consumer finish the delivery it is handling (up to ``stop_timeout``), and leaves
-every delivery it did not finish unacked, so the transport redelivers it.
+lets each consumer finish the delivery it is handling (up to ``stop_timeout``); what it
+received but did not start on is given back uncounted (``Delivery.release``), so stopping,
+however many consumers stop and however often, does not push a message towards
+``max_attempts``; a delivery whose handler was cancelled stays unacked and is redelivered
+(that one attempt counts).
 """
 
 from __future__ import annotations
@@ -431,9 +434,13 @@ class EventBus:
                         if not ready.done():
                             ready.set_result(None)
                         while not halt.stopped:
-                            for delivery in await sub.receive(self.prefetch, timeout=0.25):
+                            batch = await sub.receive(self.prefetch, timeout=0.25)
+                            for i, delivery in enumerate(batch):
                                 if halt.stopped:
-                                    break  # the rest stays unacked: released when sub closes
+                                    # not started on: given back uncounted, so stopping
+                                    # consumers never push a message towards max_attempts
+                                    await self._release(batch[i:])
+                                    break
                                 # The common case inline, as _handle would do it (this runs
                                 # once per message): a delivery within its attempts that
                                 # decodes, to an async handler without middleware, with the
@@ -604,6 +611,26 @@ class EventBus:
             e,
         )
         await self._settle(delivery.nack(delay=self.backoff(delivery.attempt), reason=reason))
+
+    @staticmethod
+    async def _release(deliveries: Sequence[Delivery]) -> None:
+        # one after the other (at once, they would take a connection each from a pool); one
+        # that fails (connection lost) is redelivered, counted
+        failed: list[Exception] = []
+        for d in deliveries:
+            try:
+                await d.release()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                failed.append(e)
+        if failed:
+            log.warning(
+                "giving back %d of %d deliveries failed (they are redelivered): %r",
+                len(failed),
+                len(deliveries),
+                failed[0],
+            )
 
     def _is_abandoned(self) -> bool:
         return asyncio.current_task() in self._abandoned

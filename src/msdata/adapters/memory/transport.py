@@ -6,7 +6,10 @@ attempt counts, a dead-letter topic after ``max_attempts``, and order per partit
 a group: a key is never in flight twice in one group, and a nacked message goes back in front
 of the later messages of its key. A topic without any group keeps what is published to it for
 its first group (up to ``max_unclaimed`` messages per topic; beyond, the oldest are dropped,
-each logged at WARNING and counted). Nothing survives the process (``durable=False``).
+each logged at WARNING and counted). A dead-letter topic keeps the last ``max_unclaimed``
+messages it received for every group declared later (see
+:func:`msdata.transport.is_dead_letter_topic`). Nothing survives the process
+(``durable=False``).
 
 Limits, as on the brokers: ``max_message_bytes`` (default None: none) refuses a larger message
 before it is queued, with :class:`msdata.errors.MessageTooLarge` (its size is
@@ -34,6 +37,7 @@ from msdata.transport import (
     TransportFeatures,
     TransportMessage,
     check_name,
+    is_dead_letter_topic,
     message_size,
     pop_url_options,
     refused_error,
@@ -178,6 +182,12 @@ class MemoryDelivery(DeliveryState["MemorySubscription"]):
         if self._settle():
             self._sub._transport._dead_letter(self._sub._group, self._entry, reason)
 
+    async def release(self) -> None:
+        if self._settle():
+            # taken again, it is counted again: this hand-out was not an attempt
+            self._entry.attempt -= 1
+            self._sub._group.retry(self._entry, 0.0)
+
     def _release(self) -> None:
         self._settled = True
         self._sub._group.retry(self._entry, 0.0)
@@ -311,6 +321,9 @@ class MemoryTransport:
         self.unclaimed_dropped = 0
         self._topics: dict[str, dict[str, _Group]] = {}
         self._unclaimed: dict[str, deque[TransportMessage]] = {}
+        # dead-letter topic -> everything it received, for groups declared later (up to
+        # max_unclaimed each, the oldest dropped first)
+        self._history: dict[str, deque[TransportMessage]] = {}
         self._closed = False
 
     @classmethod
@@ -338,6 +351,8 @@ class MemoryTransport:
     def _enqueue(
         self, topic: str, groups: dict[str, _Group], messages: Sequence[TransportMessage]
     ) -> None:
+        if is_dead_letter_topic(topic):
+            self._remember(topic, messages)
         if not groups:
             self._keep_unclaimed(topic, messages)
             return
@@ -388,9 +403,18 @@ class MemoryTransport:
         g = groups.get(group)
         if g is None:
             g = groups[group] = _Group(self, topic, group)
+            history = self._history.get(topic)
+            if history is not None:  # a dead-letter topic: read from its beginning
+                self._unclaimed.pop(topic, None)
+                for m in history:
+                    g.push(_Entry(m))
             for m in self._unclaimed.pop(topic, ()):
                 g.push(_Entry(m))
         return g
+
+    def _remember(self, topic: str, messages: Sequence[TransportMessage]) -> None:
+        history = self._history.setdefault(topic, deque(maxlen=self.max_unclaimed or None))
+        history.extend(messages)
 
     def _dead_letter(
         self, group: _Group, entry: _Entry, reason: str, attempts: int | None = None
@@ -399,13 +423,11 @@ class MemoryTransport:
         letter = deadletter.dead_letter(
             entry.message, group.topic, group.name, attempts or entry.attempt, reason
         )
+        self._remember(letter.topic, (letter.message,))
         groups = self._topics.get(letter.topic)
         if groups:
             for g in groups.values():
                 g.push(_Entry(letter.message))
-        else:
-            # nobody reads the dead-letter topic yet: keep it for the first group to come
-            self._keep_unclaimed(letter.topic, (letter.message,))
         letter.log()
 
     def _keep_unclaimed(self, topic: str, messages: Sequence[TransportMessage]) -> None:

@@ -474,6 +474,13 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
         if self._settle():
             await self._dead_letter(reason)
 
+    async def release(self) -> None:
+        # JetStream counts every delivery: this one comes back one higher, as after a nack
+        # (but it is never dead-lettered here)
+        if self._settle():
+            self._sub._remember_nack(self._seq, self.attempt)
+            await self._reply(_NAK)
+
     async def _dead_letter(self, reason: str, attempts: int | None = None) -> None:
         sub = self._sub
         transport = sub._transport

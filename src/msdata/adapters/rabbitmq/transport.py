@@ -19,7 +19,10 @@ Topology, all durable and declared by the adapter:
   RabbitMQ 3.10 a quorum queue created moments before the node is SIGKILLed came back empty
   and leaderless in our restart test, while classic queues kept every confirmed message;
 - for each group, its dead-letter topic :func:`~msdata.transport.dead_letter_topic` (an
-  exchange like any topic);
+  exchange like any topic), with a *history queue* ``<dead-letter topic>:history`` bound to
+  it that keeps every dead letter: a group declared on a dead-letter topic gets a copy of
+  that history first, so it reads the topic from its beginning however late it comes (the
+  history is never consumed; purge or delete it to forget old dead letters);
 - for each group (not in ordered mode, which retries by itself), a *ready queue*
   ``<topic>:<group>:retry`` that its subscriptions consume beside the group's queue, with a
   prefetch of their own: a nacked delivery's copy goes there, so a retry does not wait
@@ -134,6 +137,7 @@ from msdata.transport import (
     carryable_text,
     check_name,
     dead_letter_topic,
+    is_dead_letter_topic,
     pop_url_options,
     refused_error,
     screen,
@@ -216,6 +220,9 @@ _OWN_HEADERS_ROOM = 8 * 1024
 # a content-header frame: frame header (7) and end (1), class, weight, body size, flags (14)
 _HEADER_FRAME_FIXED = 8 + 14
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+# seconds a closing subscription spends giving back what it never handed out (then it closes
+# its channel, and the broker hands those back as redeliveries)
+_GIVE_BACK_TIMEOUT = 5.0
 # an unused retry queue is deleted this long after its delay has run out
 _RETRY_QUEUE_GRACE_MS = 60_000
 
@@ -248,6 +255,11 @@ def _retry_queue_name(topic: str, group: str, delay_ms: int) -> str:
 
 def _unrouted_name(topic: str) -> str:
     return f"{topic}:unrouted"
+
+
+def _history_name(exchange: str) -> str:
+    # a dead-letter topic's copy of everything it received, for groups declared later
+    return f"{exchange}:history"
 
 
 def _ready_queue_name(queue: str) -> str:
@@ -580,6 +592,25 @@ class RabbitMQDelivery(DeliveryState["RabbitMQSubscription"]):
             raise
         self._sub._release_key(self._entry)
 
+    async def release(self) -> None:
+        if not self._begin_settle():
+            return
+        sub = self._sub
+        entry = self._entry
+        if entry.stale:  # the broker delivers it again, flagged, so counted (see nack)
+            sub._release_key(entry)
+            return
+        if sub._ordered:
+            sub._requeue_here(entry)  # held, and offered again with the same attempt
+            return
+        sub._recount.append(entry)
+        try:
+            # a copy with the attempts before this one, confirmed, then the original acked
+            await sub._settle_recount()
+        except BaseException:
+            self._settled = False
+            raise
+
 
 class RabbitMQSubscription(ClosesOnExit):
     """A consumer in a group; see :class:`msdata.transport.Subscription`.
@@ -625,6 +656,8 @@ class RabbitMQSubscription(ClosesOnExit):
         self._closed = False
         self._entered = False
         self._resuming: asyncio.Task[None] | None = None
+        # the channel its consumers were started on, and their consumer tags
+        self._tags: tuple[Any, list[str]] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -654,8 +687,17 @@ class RabbitMQSubscription(ClosesOnExit):
         return self
 
     async def close(self) -> None:
+        """Stop consuming. What it received but never handed out goes back without counting
+        an attempt (see :meth:`_give_back`); what it handed out and was not settled goes back
+        by closing the channel, so the broker redelivers it, counted."""
         if self._closed:
             return
+        if not self._ordered and self._entered:
+            try:
+                async with asyncio.timeout(_GIVE_BACK_TIMEOUT):
+                    await self._give_back()
+            except Exception as e:  # not given back: the closing channel hands them back
+                log.warning("giving back what %s holds failed: %s", self.queue, e)
         self._closed = True
         self._signal.set()
         for timer in self._timers:
@@ -683,11 +725,12 @@ class RabbitMQSubscription(ClosesOnExit):
         # basic.qos (not global) applies to the consumers started after it on the channel
         main, ready = self.prefetches()
         await raw.basic_qos(prefetch_count=main)
-        await raw.basic_consume(self.queue, self._on_message)
+        tags = [(await raw.basic_consume(self.queue, self._on_message)).consumer_tag]
         if not self._ordered:
             # its own consumer, with its own prefetch: retries are not held up by the queue's
             await raw.basic_qos(prefetch_count=ready)
-            await raw.basic_consume(self.ready_queue, self._on_message)
+            tags.append((await raw.basic_consume(self.ready_queue, self._on_message)).consumer_tag)
+        self._tags = (raw, tags)
 
     def prefetches(self) -> tuple[int, int]:
         """The prefetch of the consumer of the group's queue and of its ready queue (0 in
@@ -729,6 +772,41 @@ class RabbitMQSubscription(ClosesOnExit):
             if channel.is_closed:
                 return  # it reopens, and calls _on_reopen again
             await asyncio.sleep(1.0)
+
+    async def _give_back(self) -> None:
+        """Cancel the consumers, then move every delivery received but never handed out to
+        the group's ready queue with the attempt it would have been handed out with (a copy
+        with ``x-msdata-prior-attempts`` = that attempt - 1, confirmed, then the original
+        acked). Closing the channel with them unacked would make the broker flag them as
+        redelivered, which counts an attempt (see the module docstring): so consumers that
+        stop, however many times and however many there are, would push a message that was
+        never handled to ``max_attempts`` and the dead-letter topic. Not in ordered mode: a
+        copy at the back of a queue would pass the later messages of its key."""
+        tags, self._tags = self._tags, None
+        if tags is None or tags[0].is_closed:
+            return
+        raw, consumer_tags = tags
+        for tag in consumer_tags:
+            # after cancel-ok the broker should send nothing more; what it sent is pending
+            await _on_channel(raw, raw.basic_cancel(tag))
+            # but a quorum queue was seen to deliver after it, and the driver drops a
+            # delivery whose consumer it forgot (left unacked, the closing channel would
+            # hand it back, counted): keep taking them
+            raw.consumers.setdefault(tag, self._on_message)
+        # the driver hands each delivery to _on_message in a task of its own: let those
+        # run, then move what is pending (again, while more comes)
+        for _ in range(3):
+            await asyncio.sleep(0.01)
+            for entry in self._pending:
+                if entry.stale:
+                    continue
+                if entry.message is None:
+                    entry.parse(self._counts_deliveries)
+                self._recount.append(entry)
+            self._pending.clear()
+            if not self._recount:
+                break
+            await self._settle_recount()
 
     def _on_message(self, raw: DeliveredMessage) -> None:
         if self._closed:
@@ -1230,6 +1308,11 @@ class RabbitMQTransport:
             durable=True,
             arguments={"alternate-exchange": hold},
         )
+        if is_dead_letter_topic(topic):
+            # every dead letter is kept here too, for the groups declared later
+            history = _history_name(name)
+            await raw.queue_declare(history, durable=True)
+            await raw.queue_bind(history, name, routing_key="")
         self._exchanges.add(name)
         self._topics.add(topic)
 
@@ -1243,6 +1326,7 @@ class RabbitMQTransport:
         arguments: dict[str, Any] = {"x-queue-type": self.queue_type}
         if self.features.ordered_per_key:
             arguments["x-single-active-consumer"] = True
+        replay = is_dead_letter_topic(topic) and not await self._queue_exists(queue)
         await raw.queue_declare(queue, durable=True, arguments=arguments)
         self._queues.add(queue)
         if not self.features.ordered_per_key:
@@ -1252,8 +1336,63 @@ class RabbitMQTransport:
             )
             self._queues.add(ready)
         await raw.queue_bind(queue, exchange, routing_key="")
+        if replay:
+            await self._replay_history(raw, exchange, queue)
         if adopt:
             await self._adopt_unrouted(raw, topic)
+
+    async def _queue_exists(self, queue: str) -> bool:
+        """Whether ``queue`` exists: a passive declare, on a channel of its own (a failed
+        one closes its channel)."""
+        if queue in self._queues:
+            return True
+        conn = await self._connect()
+        channel = await conn.channel(publisher_confirms=False)
+        try:
+            await channel.declare_queue(queue, passive=True)
+            return True
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        finally:
+            if not channel.is_closed:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+
+    async def _replay_history(self, raw: Any, exchange: str, queue: str) -> None:
+        """Copy what a dead-letter topic received so far (its history queue) into ``queue``,
+        a group declared on it just now: a dead-letter topic is read from its beginning by
+        every group. The history keeps its messages (taken, copied, confirmed, then handed
+        back). A dead letter arriving meanwhile may reach the group twice."""
+        history = _history_name(exchange)
+        ok = await raw.queue_declare(history, durable=True)
+        left = ok.message_count
+        taken: list[DeliveredMessage] = []
+        try:
+            while len(taken) < left:
+                got = await raw.basic_get(history)
+                if not isinstance(got.delivery, Basic.GetOk):
+                    break
+                taken.append(got)
+            for start in range(0, len(taken), 100):
+                batch = taken[start : start + 100]
+                results = await asyncio.gather(
+                    *[
+                        _on_channel(
+                            raw,
+                            raw.basic_publish(
+                                m.body, exchange="", routing_key=queue, properties=_as_published(m)
+                            ),
+                        )
+                        for m in batch
+                    ],
+                    return_exceptions=True,
+                )
+                _confirmed(results, f"copying the dead letters of {exchange!r} to {queue!r}")
+        finally:
+            if taken:
+                await _on_channel(
+                    raw, raw.basic_nack(taken[-1].delivery_tag, multiple=True, requeue=True)
+                )
 
     async def _adopt_unrouted(self, raw: Any, topic: str) -> None:
         """Route again, through the topic's exchange, what its holding queue has: what was

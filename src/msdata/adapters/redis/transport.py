@@ -17,10 +17,14 @@ Keys (``P`` is the ``key_prefix``; topic and group names cannot hold ``:``, so n
 Consumer groups: a subscription declares its group with ``XGROUP CREATE``. The first group of
 a stream starts at ``0`` and so receives what was published before any group existed (this is
 how a dead-letter topic keeps what it receives until read); any later group starts at ``$``
-(``replays_history=False``).
+(``replays_history=False``), except on a dead-letter topic
+(:func:`~msdata.transport.is_dead_letter_topic`), where every group starts at ``0`` and the
+stream is not trimmed by its subscriptions, so a reader that comes late misses no dead letter.
 
 Redelivery: each subscription is one consumer (a unique name). Deliveries it has not settled
-when it closes are released at once to the retry stream with their next attempt number. Those
+when it closes are released at once to the retry stream: those it handed out with their next
+attempt number, those it read but never handed out with their own (closing is not an
+attempt, however often consumers of the group stop). Those
 of a consumer that died are taken over with ``XAUTOCLAIM`` once idle for ``claim_idle``
 seconds, by a consumer that scans every ``claim_interval`` seconds; so
 ``features.redelivery_timeout == claim_idle + claim_interval``. A live consumer resets the
@@ -108,6 +112,7 @@ from msdata.transport import (
     TransportMessage,
     check_message,
     check_name,
+    is_dead_letter_topic,
     pop_url_options,
 )
 from msdata.transport import dead_letter_topic as deadletter_topic
@@ -311,6 +316,26 @@ class RedisDelivery(DeliveryState["RedisSubscription"]):
             self._undo()
             raise
 
+    async def release(self) -> None:
+        if not self._begin():
+            return
+        sub = self._sub
+        try:
+            with _redis_errors(f"release on {sub.topic!r}"):
+                # to the retry stream with its own attempt number: not counted
+                await sub._queue_settle(
+                    sub._t._client,
+                    self,
+                    sub._keys[_RETRY],
+                    0.0,
+                    self.message.headers,
+                    True,
+                    self.attempt,
+                )
+        except BaseException:
+            self._undo()
+            raise
+
     async def dead_letter(self, reason: str) -> None:
         if not self._begin():
             return
@@ -348,6 +373,7 @@ class RedisSubscription(ClosesOnExit):
         self._bkeys = tuple(k.encode() for k in self._keys)
         self._delayed = f"{prefix}:{topic}:{group}:delayed"
         self._dlq = transport._stream_key(deadletter_topic(topic, group))
+        self._keeps_history = is_dead_letter_topic(topic)
         self._streams: dict[Any, Any] = {self._keys[0]: ">", self._keys[1]: ">"}
         self._inflight: dict[RedisDelivery, None] = {}
         # bytes of the entries in _inflight and _buffer (their fields, as Redis counts them)
@@ -399,7 +425,10 @@ class RedisSubscription(ClosesOnExit):
                 await self._flusher
         if not self._entered:
             return
-        unsettled = [*self._inflight, *self._buffer]
+        # handed out and not settled: that delivery was an attempt, so the copy carries the
+        # next one; read but never handed out: no attempt was made, the copy keeps its number
+        unsettled = [(d, d.attempt + 1) for d in self._inflight]
+        unsettled += [(d, d.attempt) for d in self._buffer]
         self._inflight.clear()
         self._buffer.clear()
         self._held = 0
@@ -407,9 +436,11 @@ class RedisSubscription(ClosesOnExit):
         try:
             pipe = t._client.pipeline(transaction=False)
             self._queue_acks(pipe)
-            for d in unsettled:
+            for d, attempt in unsettled:
                 d._settled = True
-                await self._queue_settle(pipe, d, self._keys[_RETRY], 0.0, d.message.headers, True)
+                await self._queue_settle(
+                    pipe, d, self._keys[_RETRY], 0.0, d.message.headers, True, attempt
+                )
             for key in self._keys:
                 await t._forget_consumer(keys=[key], args=[self.group, self.consumer], client=pipe)
             await _execute(pipe)
@@ -636,7 +667,9 @@ class RedisSubscription(ClosesOnExit):
             )
         trim = now >= self._next_trim
         if trim:
-            for key in self._keys:
+            for i, key in enumerate(self._keys):
+                if i == _TOPIC and self._keeps_history:
+                    continue  # a dead-letter topic: kept for groups declared later
                 await t._trim(keys=[key], args=["~"], client=pipe)
                 await t._forget_idle(
                     keys=[key], args=[self.group, int(t.forget_after * 1000)], client=pipe
@@ -734,8 +767,12 @@ class RedisSubscription(ClosesOnExit):
         delay: float,
         headers: Any,
         retry: bool,
+        attempt: int | None = None,
     ) -> Any:
-        fields = _entry_fields(d.message, headers, d.attempt + 1 if retry else None)
+        """``retry``: the copy carries an attempt number, ``attempt`` (default the next one)."""
+        if retry and attempt is None:
+            attempt = d.attempt + 1
+        fields = _entry_fields(d.message, headers, attempt if retry else None)
         return self._t._settle(
             keys=[self._keys[d._stream], target, self._delayed],
             args=[self.group, d._eid, int(delay * 1000), *fields],
@@ -985,7 +1022,8 @@ class RedisTransport:
     async def declare_group(self, topic: str, group: str) -> None:
         """``XGROUP CREATE ... MKSTREAM`` on the topic's stream (at ``0`` for its first
         group, so that group receives what was published before any group existed; at ``$``
-        for later ones) and on the group's retry stream; an existing group is left as it is."""
+        for later ones; at ``0`` for every group of a dead-letter topic) and on the group's
+        retry stream; an existing group is left as it is."""
         check_name("topic", topic)
         check_name("group", group)
         if self._closed:
@@ -996,7 +1034,9 @@ class RedisTransport:
     async def _declare(self, topic: str, group: str) -> None:
         stream = self._stream_key(topic)
         pipe = self._client.pipeline(transaction=False)
-        await self._declare_group(keys=[stream], args=[group, "first"], client=pipe)
+        # a dead-letter topic is read from its beginning by every group
+        start = "all" if is_dead_letter_topic(topic) else "first"
+        await self._declare_group(keys=[stream], args=[group, start], client=pipe)
         await self._declare_group(
             keys=[f"{stream}:{group}:retry"], args=[group, "all"], client=pipe
         )

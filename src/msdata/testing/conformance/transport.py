@@ -401,6 +401,61 @@ class TransportConformance:
                 assert all(d.attempt >= 2 for d in again)
                 await self.assert_quiet(second)
 
+    async def test_closing_subscriptions_counts_only_what_they_handed_out(self) -> None:
+        """Consumers that stop (a graceful stop of a service, again and again) count an
+        attempt only for the delivery each handed out; what a subscription received but never
+        handed out (its prefetch) goes back uncounted, so nothing reaches ``max_attempts``
+        or the dead-letter topic from closes alone."""
+        topic, group = self.unique("topic"), self.unique("group")
+        max_attempts, n = 2, 12
+        async with self.make_transport() as t:
+            await t.declare_group(topic, group)
+            msgs = make_messages(n)
+            await t.publish(topic, msgs)
+            handled: list[Delivery] = []
+            # more stops than max_attempts: each takes one delivery, acks it, and closes
+            # holding whatever else it received
+            for _ in range(max_attempts + 3):
+                async with t.subscribe(topic, group, max_attempts=max_attempts, prefetch=n) as s:
+                    (d,) = await collect(s, 1, timeout=self.arrival_timeout, ack=True)
+                    handled.append(d)
+            assert all(d.attempt == 1 for d in handled), [d.attempt for d in handled]
+            wait = t.features.redelivery_timeout + self.arrival_timeout
+            async with t.subscribe(topic, group, max_attempts=max_attempts, prefetch=n) as s:
+                rest = await collect(s, n - len(handled), timeout=wait)
+                await self.assert_quiet(s)
+            assert sorted(d.message.id for d in handled + rest) == sorted(m.id for m in msgs)
+            assert [d.attempt for d in rest] == [1] * len(rest)
+            async with t.subscribe(dead_letter_topic(topic, group), self.unique("ops")) as dlq:
+                await self.assert_quiet(dlq)
+
+    async def test_a_released_delivery_comes_back_with_the_same_attempt(self) -> None:
+        """``release()`` (a consumer stopping before it started on a delivery) is not an
+        attempt: released more times than ``max_attempts``, by one subscription or by several
+        that then close, the message comes back with its attempt and is never
+        dead-lettered."""
+        topic, group = self.unique("topic"), self.unique("group")
+        max_attempts = 2
+        async with self.make_transport() as t:
+            await t.declare_group(topic, group)
+            (m,) = make_messages(1)
+            await t.publish(topic, [m])
+            wait = t.features.redelivery_timeout + self.arrival_timeout
+            for _ in range(max_attempts + 2):
+                async with t.subscribe(topic, group, max_attempts=max_attempts) as s:
+                    for _ in range(2):
+                        (d,) = await collect(s, 1, timeout=wait, ack=False)
+                        assert (d.message.id, d.attempt) == (m.id, 1)
+                        await d.release()
+            async with t.subscribe(topic, group, max_attempts=max_attempts) as s:
+                (d,) = await collect(s, 1, timeout=wait, ack=False)
+                assert (d.message.id, d.attempt) == (m.id, 1)
+                await d.nack()
+                (d,) = await collect(s, 1, timeout=wait)
+                assert (d.message.id, d.attempt) == (m.id, 2)
+            async with t.subscribe(dead_letter_topic(topic, group), self.unique("ops")) as dlq:
+                await self.assert_quiet(dlq)
+
     async def test_attempts_count_every_consumer_that_died_and_then_it_is_dead_lettered(
         self,
     ) -> None:
@@ -578,6 +633,30 @@ class TransportConformance:
                 (dead,) = await collect(dlq, 1, timeout=self.arrival_timeout)
                 assert dead.message.body == b"\xff not json"
                 assert dead.message.headers[DEAD_LETTER_REASON].startswith("MalformedMessage")
+
+    async def test_a_group_declared_after_dead_letters_arrived_still_reads_them(self) -> None:
+        """A dead-letter topic is read from its beginning by any group, also one declared
+        after another group already reads it (an audit beside the operators' reader, or
+        ``msdata dlq list`` after a service read its own dead letters): dead letters are
+        never skipped by a reader that came late."""
+        topic, group = self.unique("topic"), self.unique("group")
+        dlq_topic = dead_letter_topic(topic, group)
+        async with self.make_transport() as t:
+            await t.declare_group(dlq_topic, self.unique("first-reader"))
+            async with t.subscribe(topic, group) as sub:
+                await t.publish(topic, make_messages(2))
+                for d in await collect(sub, 2, timeout=self.arrival_timeout, ack=False):
+                    await d.dead_letter("RejectMessage: for the audit")
+            # a reader group created after the dead letters arrived (and after another group)
+            late = self.unique("audit")
+            await t.declare_group(dlq_topic, late)
+            async with t.subscribe(dlq_topic, late) as reader:
+                got = await collect(reader, 2, timeout=self.arrival_timeout)
+                assert len(got) == 2
+            # and one that subscribes without declaring first
+            async with t.subscribe(dlq_topic, self.unique("audit")) as reader:
+                got = await collect(reader, 2, timeout=self.arrival_timeout)
+                assert len(got) == 2
 
     async def test_a_hostile_dead_letter_reason_is_carried_escaped_and_cut(self) -> None:
         # a reason quoting a message id with a lone surrogate, control characters, 10k
