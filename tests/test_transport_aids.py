@@ -84,7 +84,7 @@ def test_check_message_refuses_what_no_broker_carries_and_dead_letters_stay_carr
         check_message(TransportMessage("id", b"{}", "k\r\n"))
     with pytest.raises(InvalidHeader):
         check_message(TransportMessage("id", b"{}", None, {"x": "\ud800"}))
-    for bad_id in ["", "x\ud800", 7]:
+    for bad_id in ["", "x\ud800", 7, "a\r\nX-Evil: 1", "a\x00"]:
         with pytest.raises(EncodeError):
             check_message(TransportMessage(bad_id, b"{}"))  # type: ignore[arg-type]
     with pytest.raises(EncodeError):
@@ -98,6 +98,9 @@ def test_check_message_refuses_what_no_broker_carries_and_dead_letters_stay_carr
     )
     letter = deadletter.dead_letter(foreign, "t", "g", 1, "bad")
     check_message(letter.message)
+    # an id with a line break (a foreign entry's field) is carried on escaped, not refused
+    crlf = TransportMessage("a\r\nX-Evil: 1", b"?")
+    check_message(deadletter.dead_letter(crlf, "t", "g", 1, "bad").message)
     assert letter.message.headers["ok"] == "a  b" and letter.message.headers["n"] == "5"
     assert "has space" not in letter.message.headers
 

@@ -502,7 +502,7 @@ def _check_value(what: str, value: object) -> None:
 def check_message(message: TransportMessage) -> None:
     """Refuse, before anything is sent, a message that no broker can carry as it is:
 
-    - ``id``: a non-empty str, valid UTF-8 (no lone surrogate);
+    - ``id``: a non-empty str, valid UTF-8 (no lone surrogate), without line break or NUL;
     - ``body``: bytes;
     - ``key``: None or a str without line break or NUL, valid UTF-8 (it travels in a header);
     - ``headers``: a mapping; names are RFC 9110 tokens of 1-255 characters (letters, digits and
@@ -517,6 +517,8 @@ def check_message(message: TransportMessage) -> None:
     mid = message.id
     if not (isinstance(mid, str) and mid and (mid.isascii() or _encodable(mid))):
         raise EncodeError(f"message id {_shown(mid)} must be a non-empty UTF-8 str")
+    if _VALUE_BREAK.search(mid):  # it travels in a header too (NATS would rewrite it)
+        raise EncodeError(f"message id {_shown(mid)} holds a line break or NUL")
     if not isinstance(message.body, bytes):
         raise EncodeError(f"message body must be bytes, got {type(message.body).__name__}")
     key = message.key
