@@ -1007,6 +1007,8 @@ async def trace(
         for service in services:
             await service.stop()
     labels = [s.label for s in sources]
+    # in the order the sources were given (they are read at once: they end in any order)
+    missing = [label for label in labels if label in missing]
     read = [label for label in labels if label not in missing]
     if len(missing) == len(labels):
         _fail(
