@@ -148,6 +148,14 @@ class TestRabbitMQTransportQuorum(_Unreachable):
     arrival_timeout = 10.0
     quiet_period = 0.3
 
+    @pytest.mark.xfail(
+        strict=False,
+        reason="intermittent on quorum queues (a CI run, 1 in several): a delivery that "
+        "arrives after basic.cancel is confirmed can still come back counted; open in issue 8",
+    )
+    async def test_closing_subscriptions_counts_only_what_they_handed_out(self) -> None:
+        await super().test_closing_subscriptions_counts_only_what_they_handed_out()
+
     @asynccontextmanager
     async def make_transport(self) -> AsyncIterator[Transport]:
         async with rabbitmq_transport(queue_type="quorum") as t:
