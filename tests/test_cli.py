@@ -204,6 +204,10 @@ def test_one_line_errors_without_credentials(tmp_path: Path) -> None:
     assert "hunter2" not in line and "pw@" not in line
     line = fails("relay", "run", "--db", "memory://", "--broker", "memory://")
     assert "memory:// keeps nothing between processes" in line
+    # a broker on a closed port: the driver's own ERROR line is not printed beside ours
+    where = ["--topic", "t", "--group", "g"]
+    line = fails("dlq", "list", "--broker", "amqp://guest:hunter2@127.0.0.1:1/", *where)
+    assert "cannot connect to RabbitMQ" in line and "hunter2" not in line
     assert "module:attr" in fails("projections", "status", "--app", "nocolon")
     assert "cannot import" in fails("projections", "status", "--app", "no_such_module:service")
 

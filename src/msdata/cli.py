@@ -58,6 +58,12 @@ class Failure(Exception):
     """A problem to report in one line and exit 1."""
 
 
+#: loggers of the broker and database drivers, quiet without ``-v``
+_DRIVER_LOGGERS = ("aiormq", "aio_pika", "nats", "redis", "asyncpg", "psycopg")
+#: the group's options, for the commands (``-v``)
+_options: dict[str, bool] = {"verbose": False}
+
+
 def _fail(message: str) -> NoReturn:
     raise Failure(message)
 
@@ -117,6 +123,8 @@ def _run(urls: Callable[[dict[str, Any]], Sequence[str]] | None = None) -> Calla
         @functools.wraps(fn)
         def wrapper(**kwargs: Any) -> None:
             shown = [u for u in (urls(kwargs) if urls else ()) if isinstance(u, str)]
+            if not _options["verbose"]:  # a one-shot command: its outcome is its output
+                logging.getLogger("msdata").setLevel(logging.ERROR)
             try:
                 asyncio.run(fn(**kwargs))
             except KeyboardInterrupt:
@@ -192,6 +200,10 @@ def cli(verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:  # msdata logs what matters of a connection; the drivers repeat it
+        for driver in _DRIVER_LOGGERS:
+            logging.getLogger(driver).setLevel(logging.CRITICAL)
+    _options["verbose"] = verbose
 
 
 # -- db ------------------------------------------------------------------------------------

@@ -347,6 +347,8 @@ class _ConnectionLog:
         self.closing = closing
         self._last: dict[str, float] = {}
         self._skipped: dict[str, int] = {}
+        #: the last connection error, as text (what a failed first connect names)
+        self.last_error: str | None = None
 
     def _log(self, kind: str, text: str) -> None:
         now = time.monotonic()
@@ -359,7 +361,8 @@ class _ConnectionLog:
         log.warning("NATS %s: %s%s", self.address, text, more)
 
     async def error(self, e: Exception) -> None:
-        self._log("error", f"{type(e).__name__}: {e}".rstrip(": "))
+        self.last_error = f"{type(e).__name__}: {e}".rstrip(": ")
+        self._log("error", self.last_error)
 
     async def disconnected(self) -> None:
         if not self.closing():
@@ -613,7 +616,7 @@ class NatsSubscription(ClosesOnExit):
         except TimeoutError as e:
             raise TransportError(
                 f"could not declare group {self.group!r} on topic {self.topic!r} at "
-                f"{t.address} within {t.connect_timeout}s"
+                f"{t.address} within {t.connect_timeout}s{t._why_not_connected()}"
             ) from e
         t._subscriptions.add(self)
         self._keepalive = asyncio.get_running_loop().create_task(
@@ -1068,6 +1071,7 @@ class NatsTransport:
         self.publish_timeout = publish_timeout
         self.connect_timeout = connect_timeout
         self._address = ""
+        self._events: _ConnectionLog | None = None
         self.memory_storage = memory_storage
         self.replicas = replicas
         self.consumer_check_interval = consumer_check_interval
@@ -1106,6 +1110,7 @@ class NatsTransport:
         servers = [u.strip() for u in url.split(",")]
         transport._address = ",".join(_redacted(u) for u in servers)
         events = _ConnectionLog(transport._address, lambda: transport._closed)
+        transport._events = events
         transport._connect = {
             "servers": servers,
             "max_reconnect_attempts": -1,
@@ -1153,8 +1158,8 @@ class NatsTransport:
                 # bound it, and give up on the client if it is not connected in time
                 nc = Client()
                 try:
-                    with _nats_errors(f"could not connect to NATS at {self.address}"):
-                        async with asyncio.timeout(self.connect_timeout):
+                    async with asyncio.timeout(self.connect_timeout):
+                        with _nats_errors(f"could not connect to NATS at {self.address}"):
                             await nc.connect(**self._connect)
                 except BaseException as e:
                     with contextlib.suppress(Exception):
@@ -1162,12 +1167,20 @@ class NatsTransport:
                     if isinstance(e, TimeoutError):
                         raise TransportError(
                             f"could not connect to NATS at {self.address} within "
-                            f"{self.connect_timeout}s"
+                            f"{self.connect_timeout}s{self._why_not_connected()}"
                         ) from e
                     raise
                 self._guard = _guard(nc)
                 self._nc, self._js = nc, nc.jetstream()
             return self._js
+
+    def _why_not_connected(self) -> str:
+        """`` (last connection error: ...)`` while not connected and the client reported
+        one, else ``""``: what a timeout's message adds."""
+        last = self._events.last_error if self._events is not None else None
+        if last is None or (self._nc is not None and self._nc.is_connected):
+            return ""
+        return f" (last connection error: {last})"
 
     def _subject(self, topic: str) -> str:
         check_name("topic", topic)
@@ -1264,7 +1277,7 @@ class NatsTransport:
             except TimeoutError as e:
                 raise PublishError(
                     f"publish to {topic!r} at {self.address}: no answer from the server "
-                    f"within {self.publish_timeout}s"
+                    f"within {self.publish_timeout}s{self._why_not_connected()}"
                 ) from e
             subjects = self._streams[topic]
         elif not messages:
@@ -1344,6 +1357,7 @@ class NatsTransport:
             raise PublishError(
                 f"{batch.left} of {len(messages)} messages to {topic!r} were not "
                 f"confirmed by {self.address} within {self.publish_timeout}s"
+                f"{self._why_not_connected()}"
             ) from e
         finally:
             for token in tokens:

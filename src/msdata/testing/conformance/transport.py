@@ -792,6 +792,8 @@ class TransportConformance:
             text = str(error)
             assert host in text and str(port) in text, f"the address is not named: {text}"
             assert self.unreachable_password not in text, f"credentials shown: {text}"
+            why = ("refused", "connect call failed", "errno 111")  # not only "timed out"
+            assert any(w in text.lower() for w in why), f"the cause is not named: {text}"
         tracebacks = [r for r in caplog.records if r.exc_info and r.levelno >= logging.WARNING]
         assert not tracebacks, [f"{r.name}: {r.getMessage()}" for r in tracebacks]
 
