@@ -348,3 +348,12 @@ async def test_completing_with_a_payload_that_is_not_bytes_raises_and_keeps_the_
         await claim.complete("a str")  # type: ignore[arg-type]
     await claim.complete(b"1")  # still the holder: it can complete
     assert (await keys.claim("k")).replayed
+
+
+async def test_claim_takes_the_request_as_run_does() -> None:
+    keys = _keys()
+    claim = await keys.claim("k", request={"amount": 10})
+    await claim.complete(b"1")
+    assert (await keys.claim("k", request={"amount": 10})).replayed
+    with pytest.raises(IdempotencyKeyReused):
+        await keys.claim("k", request={"amount": 11})

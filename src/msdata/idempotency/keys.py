@@ -514,13 +514,21 @@ class IdempotencyKeys:
         return response or b""
 
     async def claim(
-        self, key: str | None, *, scope: str = "", fingerprint: str = "", conn: Any = None
+        self,
+        key: str | None,
+        *,
+        scope: str = "",
+        fingerprint: str = "",
+        request: Any = _NOTHING,
+        conn: Any = None,
     ) -> IdempotencyClaim:
         """Claim ``key`` for ``scope`` (one store call). Returns a claim that holds the key,
         or a replayed one carrying the stored response. ``fingerprint``: the request's
-        hash (:func:`msdata.idempotency.fingerprint`); "" (here or stored) skips the
-        comparison. ``conn``: run in
+        hash (:func:`msdata.idempotency.fingerprint`), or ``request`` to hash it as
+        :meth:`run` does; "" (here or stored) skips the comparison. ``conn``: run in
         the caller's open transaction (SQL/memory stores) instead of the store's own."""
+        if request is not _NOTHING and not fingerprint:
+            fingerprint = _fingerprint(request)
         key = _check(key, scope)
         now = self._time_ns() // 1000
         found = await self.store.claim_async(
@@ -529,9 +537,17 @@ class IdempotencyKeys:
         return self._decide(found, scope, key, fingerprint, conn)
 
     def claim_sync(
-        self, key: str | None, *, scope: str = "", fingerprint: str = "", conn: Any = None
+        self,
+        key: str | None,
+        *,
+        scope: str = "",
+        fingerprint: str = "",
+        request: Any = _NOTHING,
+        conn: Any = None,
     ) -> IdempotencyClaim:
         """:meth:`claim` for sync callers (stores whose ``features.sync`` is True)."""
+        if request is not _NOTHING and not fingerprint:
+            fingerprint = _fingerprint(request)
         key = _check(key, scope)
         now = self._time_ns() // 1000
         found = self.store.claim(conn, scope, key, fingerprint, now, now + self._lease_us, _token)
