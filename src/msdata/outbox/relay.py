@@ -556,9 +556,8 @@ class OutboxRelay:
                         continue
                     if prefetch:
                         claiming_marks, to_mark = to_mark, []
+                        # (started at once: it reaches the store before this batch publishes)
                         claiming = self._claim_ahead(claiming_marks)
-                        if not claiming.done():
-                            await asyncio.sleep(0)  # let the claim reach the store first
                     sent, failed, stuck = await self._handle(records, stuck)
                     self._note_outage(bool(sent))
                     if not prefetch:
