@@ -82,24 +82,7 @@ class _Unreachable(TransportConformance):
         return unreachable_nats(host, port, timeout, self.unreachable_password)  # type: ignore[return-value]
 
 
-_COUNTS_EVERY_DELIVERY = pytest.mark.xfail(
-    strict=True,
-    reason="JetStream counts every delivery (num_delivered): a delivery given back, or pulled "
-    "and not handed out, comes back one higher; see Delivery.release",
-)
-
-
-class _CountsEveryDelivery(_Unreachable):
-    @_COUNTS_EVERY_DELIVERY
-    async def test_closing_subscriptions_counts_only_what_they_handed_out(self) -> None:
-        await super().test_closing_subscriptions_counts_only_what_they_handed_out()
-
-    @_COUNTS_EVERY_DELIVERY
-    async def test_a_released_delivery_comes_back_with_the_same_attempt(self) -> None:
-        await super().test_a_released_delivery_comes_back_with_the_same_attempt()
-
-
-class TestNatsTransport(_CountsEveryDelivery):
+class TestNatsTransport(_Unreachable):
     arrival_timeout = 10.0
     quiet_period = 0.5
 
@@ -113,7 +96,7 @@ class TestNatsTransport(_CountsEveryDelivery):
         return nats_transport(ack_wait=3.0, namespace=namespace)  # type: ignore[return-value]
 
 
-class TestNatsTransportOrdered(_CountsEveryDelivery):
+class TestNatsTransportOrdered(_Unreachable):
     """``ordered=True``: a consumer per key partition, so the order test runs too."""
 
     arrival_timeout = 10.0

@@ -104,6 +104,7 @@ Connection
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -207,6 +208,19 @@ log = logging.getLogger("msdata.adapters.nats")
 
 # how many nacked stream sequences a subscription remembers the attempt of
 _NACKS_REMEMBERED = 10_000
+
+# Release records (see NatsSubscription): a topic's are kept in the stream named like the
+# topic's with this suffix ("_r" never ends an escaped name), on subjects
+# ``$MSDATA.R.<that stream>.<consumer>.<stream sequence>``, one record per subject
+_RECORDS_SUFFIX = "_r"
+_RECORD_SUBJECT = "$MSDATA.R."
+# longest a record is written or read for, in seconds (at most publish_timeout)
+_RECORD_TIMEOUT = 5.0
+# JetStream API error codes: no message found, stream not found
+_NO_MESSAGE = 10037
+_NO_STREAM = 10059
+# the largest attempt a record may hold (only msdata's own bookkeeping counts, range-checked)
+_MAX_RECORDED = 1_000_000
 
 
 def _nats_errors(what: str, error: type[TransportError] = TransportError) -> DriverErrors:
@@ -425,7 +439,7 @@ def topic_of_stream(stream: str, prefix: str = "MSDATA_") -> str | None:
 class NatsDelivery(DeliveryState["NatsSubscription"]):
     """A delivery from :class:`NatsTransport`; see :class:`msdata.transport.Delivery`."""
 
-    __slots__ = ("_msg", "_seq", "_size")
+    __slots__ = ("_msg", "_recorded", "_seq", "_size")
 
     def __init__(
         self,
@@ -440,6 +454,9 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
         self._msg = msg
         self._seq = seq
         self._size = size
+        # the stream sequence of this message's release record (0: none known): it is
+        # deleted once the delivery is settled for good
+        self._recorded = 0
 
     def _settle(self) -> bool:
         if not self._begin_settle():
@@ -447,16 +464,24 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
         sub = self._sub
         sub._inflight.discard(self)
         sub._held_bytes -= self._size
-        sub._nacked.pop(self._seq, None)
+        sub._floor.pop(self._seq, None)
         return True
 
     async def _reply(self, payload: bytes) -> None:
         with _nats_errors("could not settle the delivery"):
             await self._sub._nc.publish(self._msg.reply, payload)  # type: ignore[union-attr]
 
+    async def _done(self, payload: bytes) -> None:
+        """Settle for good (``+ACK``, ``+TERM``), then forget its release record, if any."""
+        await self._reply(payload)
+        record = self._recorded
+        if record:
+            self._recorded = 0
+            await self._sub._transport._delete_record(self._sub._records, record)
+
     async def ack(self) -> None:
         if self._settle():
-            await self._reply(b"")
+            await self._done(b"")
 
     async def nack(self, delay: float = 0.0, reason: str | None = None) -> None:
         if not self._settle():
@@ -464,7 +489,7 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
         if deadletter.exhausted(self.attempt, self._sub.max_attempts):
             await self._dead_letter(deadletter.failed_reason(self.attempt, reason))
         else:
-            self._sub._remember_nack(self._seq, self.attempt)
+            self._sub._remember(self._seq, self.attempt + 1)
             if delay > 0:
                 await self._reply(b'-NAK {"delay": %d}' % int(delay * 1e9))
             else:
@@ -475,11 +500,10 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
             await self._dead_letter(reason)
 
     async def release(self) -> None:
-        # JetStream counts every delivery: this one comes back one higher, as after a nack
-        # (but it is never dead-lettered here)
+        # JetStream counts every delivery: a release record (see NatsSubscription) makes
+        # the next one count as this attempt again
         if self._settle():
-            self._sub._remember_nack(self._seq, self.attempt)
-            await self._reply(_NAK)
+            await self._sub._give_back([(self._msg.reply, self.attempt)])
 
     async def _dead_letter(self, reason: str, attempts: int | None = None) -> None:
         sub = self._sub
@@ -507,14 +531,14 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
             # not moved: let JetStream offer it again rather than lose it
             await self._reply(_NAK)
             raise
-        await self._reply(_TERM)
+        await self._done(_TERM)
         letter.log()
 
     async def _drop(self, reason: str, why: str) -> None:
         """Terminate a delivery that cannot be dead-lettered, with an ERROR line and a
         count (:attr:`NatsTransport.undeliverable`): never redelivered forever."""
         sub = self._sub
-        await self._reply(_TERM)
+        await self._done(_TERM)
         sub._transport.undeliverable += 1
         log.error(
             "message %s of %s/%s (%d bytes) was to be dead-lettered (%s) but %s: terminated "
@@ -574,10 +598,13 @@ class NatsSubscription(ClosesOnExit):
         #: bytes (about as the server counts them) of what it holds: received, not settled
         self._held_bytes = 0
         self.max_held_bytes = transport.max_held_bytes
-        # stream sequence -> the attempt at which this subscription nacked it, oldest first:
-        # JetStream (2.9) sometimes redelivers a delayed nack with its delivered count
-        # reset to 1, so an attempt is never taken lower than this + 1
-        self._nacked: OrderedDict[int, int] = OrderedDict()
+        # stream sequence -> the least attempt its next delivery has (after this subscription
+        # nacked or released it), oldest first: JetStream (2.9) sometimes redelivers a
+        # delayed nack with its delivered count reset to 1
+        self._floor: OrderedDict[int, int] = OrderedDict()
+        # the release records of this topic: their stream, and the subject prefix of a record
+        self._records = ""
+        self._record_prefix = ""
         self._closed = False
         self._lost = False
         self._next_check = time.monotonic() + transport.consumer_check_interval
@@ -657,6 +684,8 @@ class NatsSubscription(ClosesOnExit):
                     f"{self._inbox}.*", cb=self._arrive, pending_bytes_limit=0
                 )
         self.consumers = [name for name, _, _ in specs]
+        self._records = self.stream + _RECORDS_SUFFIX
+        self._record_prefix = f"{_RECORD_SUBJECT}{self._records}."
         self._index = {name: i for i, name in enumerate(self.consumers)}
         self._index.update((str(i), i) for i in range(len(specs)))
         api = js._prefix
@@ -669,12 +698,12 @@ class NatsSubscription(ClosesOnExit):
         self._not_before = [0.0] * len(specs)
         self._lost = False
 
-    def _remember_nack(self, seq: int, attempt: int) -> None:
-        nacked = self._nacked
-        nacked[seq] = attempt
-        nacked.move_to_end(seq)
-        if len(nacked) > _NACKS_REMEMBERED:
-            nacked.popitem(last=False)
+    def _remember(self, seq: int, attempt: int) -> None:
+        floor = self._floor
+        floor[seq] = attempt
+        floor.move_to_end(seq)
+        if len(floor) > _NACKS_REMEMBERED:
+            floor.popitem(last=False)
 
     async def _arrive(self, msg: Msg) -> None:
         reply = msg.reply
@@ -878,27 +907,118 @@ class NatsSubscription(ClosesOnExit):
         if inbox_sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await inbox_sub.unsubscribe()
-        # still unsettled: settling them now raises TransportClosed
+        # still unsettled: settling them now raises TransportClosed. What was handed out
+        # comes back counted; what was received and never handed out is given back uncounted
         replies = [d._msg.reply for d in self._inflight]
         self._inflight.clear()
-        replies.extend(m.reply for m, _ in self._buffer)
+        buffered = [m for m, _ in self._buffer]
         self._buffer.clear()
         self._held_bytes = 0
         nc = self._nc
-        if replies and nc is not None and not nc.is_closed:
+        if (replies or buffered) and nc is not None and not nc.is_closed:
             try:
                 for reply in replies:
                     await nc.publish(reply, _NAK)
+                if buffered:
+                    await self._give_back_unread(buffered)
                 await nc.flush(timeout=2)
-            except (TimeoutError, nats.errors.Error, OSError):
+            except (TimeoutError, nats.errors.Error, OSError, MsdataError):
                 pass  # not nacked: JetStream offers them again after ack_wait
+
+    async def _give_back_unread(self, msgs: list[Msg]) -> None:
+        """Give back messages received and never handed out, each with the attempt it would
+        have been handed out with (one whose release record cannot be read is nacked
+        plainly: it comes back counted)."""
+        known: list[tuple[str, int]] = []
+        unknown: list[str] = []
+        redelivered: list[tuple[str, tuple[str, int, int]]] = []
+        floor = self._floor
+        for msg in msgs:
+            fields = _ack_fields(msg.reply)
+            if fields is None:
+                continue
+            if fields[1] > 1:
+                redelivered.append((msg.reply, fields))
+            else:
+                known.append((msg.reply, max(1, floor.get(fields[2], 1))))
+        if redelivered:
+            counted = await self._count([fields for _, fields in redelivered])
+            for (reply, _), count in zip(redelivered, counted, strict=True):
+                if count is None:
+                    unknown.append(reply)
+                else:
+                    known.append((reply, count[0]))
+        if known:
+            await self._give_back(known)
+        nc = self._nc
+        assert nc is not None
+        for reply in unknown:
+            await nc.publish(reply, _NAK)
+
+    async def _give_back(self, deliveries: list[tuple[str, int]]) -> None:
+        """Give back deliveries (their ack subject, their attempt) uncounted: a release record
+        of each (see the class docstring), confirmed, then ``-NAK``. If the records cannot
+        be written, they are nacked all the same (and come back counted, logged)."""
+        records: list[tuple[str, bytes]] = []
+        prefix = self._record_prefix
+        for reply, attempt in deliveries:
+            fields = _ack_fields(reply)
+            if fields is None:
+                continue
+            consumer, delivered, seq = fields
+            self._remember(seq, attempt)
+            records.append((f"{prefix}{consumer}.{seq}", b"%d %d" % (attempt, delivered)))
+        if records and not await self._transport._put_records(self.topic, records):
+            log.warning(
+                "could not record the release of %d deliveries of %s/%s: they come back "
+                "counted as an attempt",
+                len(records),
+                self.topic,
+                self.group,
+            )
+        nc = self._nc
+        assert nc is not None
+        with _nats_errors("could not release the deliveries"):
+            for reply, _ in deliveries:
+                await nc.publish(reply, _NAK)
+
+    async def _count(self, redelivered: list[tuple[str, int, int]]) -> list[tuple[int, int] | None]:
+        """For each redelivery (consumer, ``num_delivered``, stream sequence): its attempt,
+        ``num_delivered`` less the deliveries its release record says were given back, and
+        the sequence of that record (0: none); None where the record could not be read."""
+        t = self._transport
+        records, prefix = self._records, self._record_prefix
+        found = await asyncio.gather(
+            *(t._read_record(records, f"{prefix}{c}.{seq}") for c, _, seq in redelivered),
+            return_exceptions=True,
+        )
+        floor = self._floor
+        out: list[tuple[int, int] | None] = []
+        for (_, delivered, seq), record in zip(redelivered, found, strict=True):
+            if isinstance(record, BaseException):
+                if not isinstance(record, Exception):
+                    raise record  # cancelled
+                out.append(None)
+                continue
+            attempt, record_seq = delivered, 0
+            if record is not None:
+                at, released_at, record_seq = record
+                if delivered > released_at:  # else a record older than this consumer
+                    # as the attempt it was released with, plus the deliveries since then
+                    attempt = min(at + delivered - released_at - 1, delivered)
+            at_least = floor.get(seq)
+            if at_least is not None and attempt < at_least:
+                attempt = at_least
+            out.append((attempt, record_seq))
+        return out
 
     async def _deliveries(self, msgs: list[tuple[Msg, int]]) -> list[NatsDelivery]:
         out: list[NatsDelivery] = []
         inflight = self._inflight
         stream = self.stream
         max_attempts = self.max_attempts
-        nacked = self._nacked
+        floor = self._floor
+        redelivered: list[NatsDelivery] | None = None
         for msg, size in msgs:
             reply = msg.reply
             tokens = reply.split(".") if reply else []
@@ -910,9 +1030,6 @@ class NatsSubscription(ClosesOnExit):
             else:
                 self._held_bytes -= size
                 continue  # not a JetStream delivery: nothing to settle
-            nacked_at = nacked.get(seq)
-            if nacked_at is not None and attempt <= nacked_at:
-                attempt = nacked_at + 1
             hdrs = msg.headers
             if hdrs:
                 mid = hdrs.get(MSG_ID_HEADER) or f"{stream}:{seq}"
@@ -923,23 +1040,89 @@ class NatsSubscription(ClosesOnExit):
             d = NatsDelivery(
                 self, msg, TransportMessage(mid, msg.data, key, headers), attempt, seq, size
             )
-            overdue = deadletter.overdue_reason(attempt, max_attempts)
-            if overdue is not None:
-                # its consumers died on it max_attempts times: settle it here
-                d._settled = True
-                self._held_bytes -= size
-                # if that fails, _dead_letter nacked it: it comes back and is tried again
-                with contextlib.suppress(MsdataError):
-                    await d._dead_letter(overdue, deadletter.overdue_attempts(attempt))
+            if attempt > 1:
+                # a redelivery: counted below, less the times it was given back
+                if redelivered is None:
+                    redelivered = []
+                redelivered.append(d)
+                out.append(d)
                 continue
-            inflight.add(d)
+            at_least = floor.get(seq)
+            if at_least is not None and attempt < at_least:
+                d.attempt = at_least
+                if not await self._hand_out(d, max_attempts):
+                    continue
+            else:
+                inflight.add(d)
             out.append(d)
+        if redelivered is not None:
+            out = await self._recount(out, redelivered)
         if self._closed:
             for d in out:
                 d._settled = True
-                await d._reply(_NAK)
+                inflight.discard(d)
+            await self._give_back([(d._msg.reply, d.attempt) for d in out])
             return []
         return out
+
+    async def _hand_out(self, d: NatsDelivery, max_attempts: int) -> bool:
+        """Hold ``d`` (True), or dead-letter it (False) if it is overdue."""
+        overdue = deadletter.overdue_reason(d.attempt, max_attempts)
+        if overdue is None:
+            self._inflight.add(d)
+            return True
+        # its consumers died on it max_attempts times: settle it here
+        d._settled = True
+        self._held_bytes -= d._size
+        # if that fails, _dead_letter nacked it: it comes back and is tried again
+        with contextlib.suppress(MsdataError):
+            await d._dead_letter(overdue, deadletter.overdue_attempts(d.attempt))
+        return False
+
+    async def _recount(
+        self, out: list[NatsDelivery], redelivered: list[NatsDelivery]
+    ) -> list[NatsDelivery]:
+        """Count the ``redelivered`` of ``out`` from their release records; those whose
+        record cannot be read go back to the front of the buffer, to be counted on a later
+        ``receive``. Returns ``out`` less those and the overdue ones."""
+        fields: list[tuple[str, int, int]] = []
+        for d in redelivered:
+            consumer = _ack_fields(d._msg.reply)
+            assert consumer is not None
+            fields.append(consumer)
+        counted = await self._count(fields)
+        unread: list[NatsDelivery] = []
+        left: set[NatsDelivery] = set()
+        for d, count in zip(redelivered, counted, strict=True):
+            if count is None:
+                unread.append(d)
+                continue
+            d.attempt, d._recorded = count
+            if await self._hand_out(d, self.max_attempts):
+                continue
+            left.add(d)
+        if unread:
+            left.update(unread)
+            log.debug("could not read the release records of %d redeliveries", len(unread))
+            if self._closed:
+                with _nats_errors("could not give back the deliveries"):
+                    for d in unread:
+                        await self._nc.publish(d._msg.reply, _NAK)  # type: ignore[union-attr]
+            else:
+                self._buffer.extendleft((d._msg, d._size) for d in reversed(unread))
+        return [d for d in out if d not in left] if left else out
+
+
+def _ack_fields(reply: str) -> tuple[str, int, int] | None:
+    """The consumer, ``num_delivered`` and stream sequence of a JetStream delivery, from its
+    ack subject (None if it is not one)."""
+    tokens = reply.split(".") if reply else []
+    n = len(tokens)
+    if n == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+        return tokens[3], int(tokens[4]), int(tokens[5])
+    if n >= 11:  # with domain and account hash in front
+        return tokens[5], int(tokens[6]), int(tokens[7])
+    return None
 
 
 _CONFIRMED = 1
@@ -1090,6 +1273,9 @@ class NatsTransport:
         # topic -> its subject and key partition subjects, once its stream is known to exist
         self._streams: dict[str, tuple[str, list[str]]] = {}
         self._subscriptions: set[NatsSubscription] = set()
+        # the streams of release records known to exist, and where deletes are answered
+        self._record_streams: set[str] = set()
+        self._forget_inbox = ""
         self._closed = False
 
     @classmethod
@@ -1394,6 +1580,111 @@ class NatsTransport:
         if not batch.left:
             batch.done.set_result(None)
 
+    # -- release records (see NatsSubscription) --------------------------------------------
+
+    async def _ensure_records(self, topic: str) -> str:
+        """Create the stream of the topic's release records if it does not exist; its name."""
+        name = stream_name(topic, self.stream_prefix) + _RECORDS_SUFFIX
+        if name in self._record_streams:
+            return name
+        config = StreamConfig(
+            name=name,
+            description=f"msdata release records of topic {topic}",
+            subjects=[f"{_RECORD_SUBJECT}{name}.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.MEMORY if self.memory_storage else StorageType.FILE,
+            num_replicas=self.replicas,
+            max_age=self.max_age,
+            max_msgs_per_subject=1,
+        )
+        js = await self._ready()
+        with _nats_errors(f"could not declare the release records of topic {topic!r}"):
+            try:
+                await js.add_stream(config)
+            except nats.js.errors.APIError as e:
+                if e.err_code != _STREAM_EXISTS:
+                    raise
+        self._record_streams.add(name)
+        return name
+
+    async def _put_records(self, topic: str, records: list[tuple[str, bytes]]) -> bool:
+        """Write release records (subject, ``b"<attempt> <num_delivered>"``); True once
+        JetStream confirmed them all, False if it did not (within a few seconds)."""
+        nc = self._nc
+        if nc is None:
+            return False
+        timeout = min(self.publish_timeout, _RECORD_TIMEOUT)
+        deadline = asyncio.get_running_loop().time() + timeout
+        for _ in range(2):
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._ensure_records(topic)
+                    if self._acks_sub is None:
+                        await self._listen_for_acks(nc)
+                    self._batch_seq += 1
+                    token = str(self._batch_seq)
+                    batch = self._batches[token] = _Batch(len(records))
+                    try:
+                        reply = f"{self._acks_prefix}{token}."
+                        for i, (subject, data) in enumerate(records):
+                            await nc.publish(subject, data, reply=reply + str(i))
+                        await asyncio.shield(batch.done)
+                    finally:
+                        del self._batches[token]
+            except (TimeoutError, MsdataError, nats.errors.Error, OSError):
+                return False
+            if not batch.no_stream:
+                return not batch.refused
+            # the server lost the stream (deleted, or a restart without its data): again
+            self._record_streams.discard(stream_name(topic, self.stream_prefix) + _RECORDS_SUFFIX)
+        return False
+
+    async def _read_record(self, records: str, subject: str) -> tuple[int, int, int] | None:
+        """The release record on ``subject`` of stream ``records``: (the attempt its
+        delivery was released with, its ``num_delivered`` then, the record's stream
+        sequence); None if there is none (or it is not a well-formed record). Raises
+        :class:`TransportError` if it cannot be read."""
+        js = self._js
+        nc = self._nc
+        assert js is not None and nc is not None
+        with _nats_errors(f"could not read the release record {subject}"):
+            answer = await nc.request(
+                f"{js._prefix}.STREAM.MSG.GET.{records}",
+                b'{"last_by_subj":"%s"}' % subject.encode(),
+                timeout=min(self.publish_timeout, _RECORD_TIMEOUT),
+            )
+        try:
+            reply = json.loads(answer.data)
+            found = reply.get("message")
+            if found is None:
+                code = reply.get("error", {}).get("err_code")
+                if code in (_NO_MESSAGE, _NO_STREAM):
+                    return None
+                raise TransportError(f"could not read the release record {subject}: {reply}")
+            attempt, delivered = base64.b64decode(found["data"]).split()
+            record = int(attempt), int(delivered), int(found["seq"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None  # not one of ours
+        if not (1 <= record[0] <= _MAX_RECORDED and record[1] >= 1):
+            return None
+        return record
+
+    async def _delete_record(self, records: str, seq: int) -> None:
+        """Delete a release record, without waiting for the answer (best effort: one left
+        behind is never read again, its delivery being settled for good)."""
+        js = self._js
+        nc = self._nc
+        if js is None or nc is None:
+            return
+        if not self._forget_inbox:
+            self._forget_inbox = nc.new_inbox()
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await nc.publish(
+                f"{js._prefix}.STREAM.MSG.DELETE.{records}",
+                b'{"seq":%d,"no_erase":true}' % seq,
+                reply=self._forget_inbox,
+            )
+
     async def declare_group(self, topic: str, group: str) -> None:
         """The topic's stream and the group's durable consumer(s): one, or with
         ``ordered=True`` one per key partition plus one for keyless messages, as a
@@ -1459,9 +1750,13 @@ class NatsTransport:
         """Delete the topic's stream, with every message and group in it. True if it existed."""
         js = await self._ready()
         self._streams.pop(topic, None)
+        name = stream_name(topic, self.stream_prefix)
+        self._record_streams.discard(name + _RECORDS_SUFFIX)
         with _nats_errors(f"could not delete the stream of {topic!r}"):
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await js.delete_stream(name + _RECORDS_SUFFIX)
             try:
-                return bool(await js.delete_stream(stream_name(topic, self.stream_prefix)))
+                return bool(await js.delete_stream(name))
             except nats.js.errors.NotFoundError:
                 return False
 
