@@ -438,7 +438,7 @@ async def test_an_attempt_is_never_lower_than_after_the_nack_that_preceded_it() 
         (again,) = await sub._deliveries([(lost_count, 0)])
         assert again.attempt == 2
         await again.ack()
-        assert sub._nacked == {}  # settled: forgotten
+        assert sub._floor == {}  # settled: forgotten
 
 
 async def test_a_server_that_went_away_fails_calls_within_their_timeouts(

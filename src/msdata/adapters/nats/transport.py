@@ -41,7 +41,7 @@ Publishing
 Settling
     ``ack`` is an (unconfirmed) ``+ACK``, ``nack(delay)`` is ``-NAK`` with the delay
     (JetStream redelivers it no sooner, so ``native_delay=True``), and ``attempt`` is
-    JetStream's ``num_delivered``.
+    JetStream's ``num_delivered`` less the deliveries given back (see "Release records").
     ``max_attempts`` is enforced here, not by the consumer's ``max_deliver`` (which is left
     unlimited): at ``max_deliver`` JetStream only stops delivering and leaves the message
     parked, where no one sees it. Instead, the ``max_attempts``-th ``nack`` publishes the
@@ -52,12 +52,38 @@ Settling
     dead-letter publish the server refuses, is terminated with an ERROR line and counted in
     :attr:`NatsTransport.undeliverable`, never offered again in a loop; a delivery that comes
     back beyond ``max_attempts`` because its consumers kept dying is dead-lettered by
-    ``receive`` without being handed out. Deliveries still unsettled when a subscription
-    closes are nacked at once (settling one afterwards raises :class:`TransportClosed`);
+    ``receive`` without being handed out. Deliveries handed out and still unsettled when a
+    subscription closes are nacked at once (counted; settling one afterwards raises
+    :class:`TransportClosed`), those it received and never handed out are given back
+    uncounted;
     those of a consumer that died come back after ``ack_wait`` (declared as
     ``redelivery_timeout``). A live subscription sends JetStream's in-progress
     acknowledgement (``+WPI``) every ``ack_wait / 3`` seconds for what it holds, so slow
     work is not redelivered under a consumer that is still alive.
+
+Release records: a delivery given back is not an attempt
+    ``release()``, and a closing subscription for what it received and never handed out,
+    give deliveries back uncounted, as :class:`msdata.transport.Delivery` requires. JetStream
+    counts every delivery and ``num_delivered`` cannot be lowered, so msdata keeps a record
+    of its own: before the ``-NAK``, a release record (``b"<attempt> <num_delivered>"``, the
+    attempt given back and JetStream's count then) is published on
+    ``$MSDATA.R.<records>.<consumer>.<stream sequence>`` of the stream ``<records>`` =
+    the topic's stream name + ``_r`` (created on the first release; one record per subject;
+    the topic's ``max_age``) and confirmed. A redelivery (``num_delivered`` > 1; a first
+    delivery costs nothing more) reads its record (``STREAM.MSG.GET`` by subject, the
+    redeliveries of a batch at once) and counts ``attempt = recorded attempt +
+    num_delivered - recorded num_delivered - 1``: the deliveries since the release count (a
+    consumer that died on it), the release itself does not. A record whose
+    ``num_delivered`` is not below the delivery's is older than the consumer and ignored; one
+    that is not well-formed or out of range is ignored. Settled for good (``+ACK``,
+    ``+TERM``), a delivery deletes its record (best effort: a leftover is never read again).
+    Crash safety: killed before the record is confirmed, the delivery comes back after
+    ``ack_wait`` counted (as from any consumer that died); after it and before the
+    ``-NAK``, with the recorded attempt. A record that cannot be written (logged) leaves the
+    release counted; a redelivery whose record cannot be read stays in the subscription's
+    buffer (kept alive by ``+WPI``) until a later ``receive`` reads it. Nothing is acked or
+    dropped on the way, so no message is lost; in ordered mode a released message is the
+    one its partition redelivers first, so order per key holds.
 
 Order per key: opt-in, ``NatsTransport(ordered=True)`` (then ``ordered_per_key=True``)
     JetStream orders a stream, not a key: two consumers of one group pull interleaved
@@ -474,14 +500,18 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
     async def _done(self, payload: bytes) -> None:
         """Settle for good (``+ACK``, ``+TERM``), then forget its release record, if any."""
         await self._reply(payload)
-        record = self._recorded
-        if record:
-            self._recorded = 0
-            await self._sub._transport._delete_record(self._sub._records, record)
+        if self._recorded:
+            await self._forget()
+
+    async def _forget(self) -> None:
+        record, self._recorded = self._recorded, 0
+        await self._sub._transport._delete_record(self._sub._records, record)
 
     async def ack(self) -> None:
         if self._settle():
-            await self._done(b"")
+            await self._reply(b"")
+            if self._recorded:
+                await self._forget()
 
     async def nack(self, delay: float = 0.0, reason: str | None = None) -> None:
         if not self._settle():
@@ -561,7 +591,9 @@ class NatsSubscription(ClosesOnExit):
     one inbox, within ``prefetch``; ``receive`` takes what arrived. A request lives at most
     0.5 s (a longer wait opens new ones), and ``close`` lets the open ones end before it gives
     back what it holds: a request left open on a dead inbox would make the server deliver
-    into it.
+    into it. What it gives back uncounted (``release()``, and on close what it received and
+    never handed out) leaves a release record first (see the module docstring, "Release
+    records"); a redelivery's attempt is counted from its record.
 
     Memory is bounded in bytes too: what it holds (received and not settled) plus what its
     open requests may still bring stays within the transport's ``max_held_bytes``, plus one
