@@ -786,3 +786,36 @@ async def test_a_forged_or_stale_release_record_is_not_trusted() -> None:
             again = await collect(sub, 3, timeout=10.0)
         assert sorted(d.message.id for d in again) == sorted(m.id for m in msgs)
         assert [d.attempt for d in again] == [2, 2, 2]
+
+
+async def test_a_redelivery_whose_release_record_cannot_be_read_waits_for_it() -> None:
+    """A redelivery is never handed out with a count it could not check: while its release
+    record cannot be read (the server does not answer), it stays in the subscription, and
+    a later receive hands it out with the attempt it was released with."""
+    topic, group = unique("topic"), unique("group")
+    async with nats_transport() as t:
+        (m,) = make_messages(1)
+        await t.declare_group(topic, group)
+        await t.publish(topic, [m])
+        read_record = t._read_record
+        failures = 0
+
+        async def unanswered(records: str, subject: str) -> tuple[int, int, int] | None:
+            nonlocal failures
+            failures += 1
+            raise TransportError("no answer")
+
+        async with t.subscribe(topic, group, max_attempts=1) as sub:
+            (d,) = await collect(sub, 1, timeout=10.0, ack=False)
+            await d.release()
+            t._read_record = unanswered  # type: ignore[method-assign]
+
+            async def tried() -> bool:
+                assert await sub.receive(10, timeout=0.2) == []  # not handed out
+                return failures >= 1
+
+            await eventually(tried, 10.0, what="a read of the release record")
+            assert len(sub._buffer) == 1
+            t._read_record = read_record  # type: ignore[method-assign]
+            (back,) = await collect(sub, 1, timeout=10.0)
+        assert (back.message.id, back.attempt) == (m.id, 1)

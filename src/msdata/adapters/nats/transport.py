@@ -245,6 +245,8 @@ _RECORD_TIMEOUT = 5.0
 # JetStream API error codes: no message found, stream not found
 _NO_MESSAGE = 10037
 _NO_STREAM = 10059
+# after no redelivery's record could be read, wait this long before receive() returns
+_UNREAD_PAUSE = 0.1
 # the largest attempt a record may hold (only msdata's own bookkeeping counts, range-checked)
 _MAX_RECORDED = 1_000_000
 
@@ -965,11 +967,17 @@ class NatsSubscription(ClosesOnExit):
         unknown: list[str] = []
         redelivered: list[tuple[str, tuple[str, int, int]]] = []
         floor = self._floor
+        nc = self._nc
+        assert nc is not None
+        # reconnecting: no record could be read or written now; do not wait for one
+        connected = nc.is_connected
         for msg in msgs:
             fields = _ack_fields(msg.reply)
             if fields is None:
                 continue
-            if fields[1] > 1:
+            if not connected:
+                unknown.append(msg.reply)
+            elif fields[1] > 1:
                 redelivered.append((msg.reply, fields))
             else:
                 known.append((msg.reply, max(1, floor.get(fields[2], 1))))
@@ -982,14 +990,12 @@ class NatsSubscription(ClosesOnExit):
                     known.append((reply, count[0]))
         if known:
             await self._give_back(known)
-        nc = self._nc
-        assert nc is not None
         for reply in unknown:
             await nc.publish(reply, _NAK)
 
     async def _give_back(self, deliveries: list[tuple[str, int]]) -> None:
         """Give back deliveries (their ack subject, their attempt) uncounted: a release record
-        of each (see the class docstring), confirmed, then ``-NAK``. If the records cannot
+        of each (see the module docstring), confirmed, then ``-NAK``. If the records cannot
         be written, they are nacked all the same (and come back counted, logged)."""
         records: list[tuple[str, bytes]] = []
         prefix = self._record_prefix
@@ -1122,7 +1128,12 @@ class NatsSubscription(ClosesOnExit):
             consumer = _ack_fields(d._msg.reply)
             assert consumer is not None
             fields.append(consumer)
-        counted = await self._count(fields)
+        nc = self._nc
+        assert nc is not None
+        if nc.is_connected:
+            counted = await self._count(fields)
+        else:  # reconnecting: a read would only wait
+            counted = [None] * len(fields)
         unread: list[NatsDelivery] = []
         left: set[NatsDelivery] = set()
         for d, count in zip(redelivered, counted, strict=True):
@@ -1139,10 +1150,15 @@ class NatsSubscription(ClosesOnExit):
             if self._closed:
                 with _nats_errors("could not give back the deliveries"):
                     for d in unread:
-                        await self._nc.publish(d._msg.reply, _NAK)  # type: ignore[union-attr]
+                        await nc.publish(d._msg.reply, _NAK)
             else:
                 self._buffer.extendleft((d._msg, d._size) for d in reversed(unread))
-        return [d for d in out if d not in left] if left else out
+        if not left:
+            return out
+        out = [d for d in out if d not in left]
+        if unread and not out:
+            await asyncio.sleep(_UNREAD_PAUSE)  # the caller asks again at once: not in a loop
+        return out
 
 
 def _ack_fields(reply: str) -> tuple[str, int, int] | None:
@@ -1643,8 +1659,8 @@ class NatsTransport:
         """Write release records (subject, ``b"<attempt> <num_delivered>"``); True once
         JetStream confirmed them all, False if it did not (within a few seconds)."""
         nc = self._nc
-        if nc is None:
-            return False
+        if nc is None or not nc.is_connected:
+            return False  # reconnecting: do not wait for it
         timeout = min(self.publish_timeout, _RECORD_TIMEOUT)
         deadline = asyncio.get_running_loop().time() + timeout
         for _ in range(2):
