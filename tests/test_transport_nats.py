@@ -808,7 +808,9 @@ async def test_a_redelivery_whose_release_record_cannot_be_read_waits_for_it() -
         async with t.subscribe(topic, group, max_attempts=1) as sub:
             (d,) = await collect(sub, 1, timeout=10.0, ack=False)
             await d.release()
-            t._read_record = unanswered  # type: ignore[method-assign]
+        t._read_record = unanswered  # type: ignore[method-assign]
+        # another subscription (another process) reads the record the first one wrote
+        async with t.subscribe(topic, group, max_attempts=1) as sub:
 
             async def tried() -> bool:
                 assert await sub.receive(10, timeout=0.2) == []  # not handed out

@@ -73,10 +73,14 @@ Release records: a delivery given back is not an attempt
     delivery costs nothing more) reads its record (``STREAM.MSG.GET`` by subject, the
     redeliveries of a batch at once) and counts ``attempt = recorded attempt +
     num_delivered - recorded num_delivered - 1``: the deliveries since the release count (a
-    consumer that died on it), the release itself does not. A record whose
+    consumer that died on it), the release itself does not. No read is needed when it comes
+    straight back to the subscription that nacked or released it (``num_delivered`` one
+    higher than then: no delivery, so no release, in between): that subscription knows
+    its attempt, so a retry loop on one consumer reads nothing. A record whose
     ``num_delivered`` is not below the delivery's is older than the consumer and ignored; one
     that is not well-formed or out of range is ignored. Settled for good (``+ACK``,
-    ``+TERM``), a delivery deletes its record (best effort: a leftover is never read again).
+    ``+TERM``), a delivery deletes its record (a subject purge, not waited for: a leftover
+    is never read again).
     Crash safety: killed before the record is confirmed, the delivery comes back after
     ``ack_wait`` counted (as from any consumer that died); after it and before the
     ``-NAK``, with the recorded attempt. A record that cannot be written (logged) leaves the
@@ -482,9 +486,8 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
         self._msg = msg
         self._seq = seq
         self._size = size
-        # the stream sequence of this message's release record (0: none known): it is
-        # deleted once the delivery is settled for good
-        self._recorded = 0
+        # a release record of this message exists: it is deleted once settled for good
+        self._recorded = False
 
     def _settle(self) -> bool:
         if not self._begin_settle():
@@ -506,8 +509,14 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
             await self._forget()
 
     async def _forget(self) -> None:
-        record, self._recorded = self._recorded, 0
-        await self._sub._transport._delete_record(self._sub._records, record)
+        self._recorded = False
+        sub = self._sub
+        fields = _ack_fields(self._msg.reply)
+        if fields is not None:
+            consumer, _, seq = fields
+            await sub._transport._delete_record(
+                sub._records, f"{sub._record_prefix}{consumer}.{seq}"
+            )
 
     async def ack(self) -> None:
         if self._settle():
@@ -521,7 +530,9 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
         if deadletter.exhausted(self.attempt, self._sub.max_attempts):
             await self._dead_letter(deadletter.failed_reason(self.attempt, reason))
         else:
-            self._sub._remember(self._seq, self.attempt + 1)
+            fields = _ack_fields(self._msg.reply)
+            delivered = fields[1] if fields is not None else 0
+            self._sub._remember(self._seq, self.attempt + 1, delivered, self._recorded)
             if delay > 0:
                 await self._reply(b'-NAK {"delay": %d}' % int(delay * 1e9))
             else:
@@ -632,10 +643,13 @@ class NatsSubscription(ClosesOnExit):
         #: bytes (about as the server counts them) of what it holds: received, not settled
         self._held_bytes = 0
         self.max_held_bytes = transport.max_held_bytes
-        # stream sequence -> the least attempt its next delivery has (after this subscription
-        # nacked or released it), oldest first: JetStream (2.9) sometimes redelivers a
-        # delayed nack with its delivered count reset to 1
-        self._floor: OrderedDict[int, int] = OrderedDict()
+        # stream sequence -> what this subscription gave back (nacked or released), oldest
+        # first: (the attempt of its next delivery, num_delivered then, a release record of
+        # it exists). The attempt is exact for the next delivery (num_delivered one higher:
+        # no other delivery, so no other release, in between), needing no record read, and
+        # a floor otherwise: JetStream (2.9) sometimes redelivers a delayed nack with its
+        # delivered count reset to 1
+        self._floor: OrderedDict[int, tuple[int, int, bool]] = OrderedDict()
         # the release records of this topic: their stream, and the subject prefix of a record
         self._records = ""
         self._record_prefix = ""
@@ -732,9 +746,9 @@ class NatsSubscription(ClosesOnExit):
         self._not_before = [0.0] * len(specs)
         self._lost = False
 
-    def _remember(self, seq: int, attempt: int) -> None:
+    def _remember(self, seq: int, attempt: int, delivered: int, recorded: bool) -> None:
         floor = self._floor
-        floor[seq] = attempt
+        floor[seq] = (attempt, delivered, recorded)
         floor.move_to_end(seq)
         if len(floor) > _NACKS_REMEMBERED:
             floor.popitem(last=False)
@@ -975,12 +989,16 @@ class NatsSubscription(ClosesOnExit):
             fields = _ack_fields(msg.reply)
             if fields is None:
                 continue
+            _, delivered, seq = fields
+            given = floor.get(seq)
             if not connected:
                 unknown.append(msg.reply)
-            elif fields[1] > 1:
+            elif given is not None and given[1] == delivered - 1:
+                known.append((msg.reply, given[0]))  # straight back after this gave it back
+            elif delivered > 1:
                 redelivered.append((msg.reply, fields))
             else:
-                known.append((msg.reply, max(1, floor.get(fields[2], 1))))
+                known.append((msg.reply, given[0] if given is not None else 1))
         if redelivered:
             counted = await self._count([fields for _, fields in redelivered])
             for (reply, _), count in zip(redelivered, counted, strict=True):
@@ -1004,7 +1022,7 @@ class NatsSubscription(ClosesOnExit):
             if fields is None:
                 continue
             consumer, delivered, seq = fields
-            self._remember(seq, attempt)
+            self._remember(seq, attempt, delivered, True)
             records.append((f"{prefix}{consumer}.{seq}", b"%d %d" % (attempt, delivered)))
         if records and not await self._transport._put_records(self.topic, records):
             log.warning(
@@ -1020,10 +1038,12 @@ class NatsSubscription(ClosesOnExit):
             for reply, _ in deliveries:
                 await nc.publish(reply, _NAK)
 
-    async def _count(self, redelivered: list[tuple[str, int, int]]) -> list[tuple[int, int] | None]:
+    async def _count(
+        self, redelivered: list[tuple[str, int, int]]
+    ) -> list[tuple[int, bool] | None]:
         """For each redelivery (consumer, ``num_delivered``, stream sequence): its attempt,
         ``num_delivered`` less the deliveries its release record says were given back, and
-        the sequence of that record (0: none); None where the record could not be read."""
+        whether it has a record; None where the record could not be read."""
         t = self._transport
         records, prefix = self._records, self._record_prefix
         found = await asyncio.gather(
@@ -1031,23 +1051,23 @@ class NatsSubscription(ClosesOnExit):
             return_exceptions=True,
         )
         floor = self._floor
-        out: list[tuple[int, int] | None] = []
+        out: list[tuple[int, bool] | None] = []
         for (_, delivered, seq), record in zip(redelivered, found, strict=True):
             if isinstance(record, BaseException):
                 if not isinstance(record, Exception):
                     raise record  # cancelled
                 out.append(None)
                 continue
-            attempt, record_seq = delivered, 0
+            attempt = delivered
             if record is not None:
-                at, released_at, record_seq = record
+                at, released_at = record
                 if delivered > released_at:  # else a record older than this consumer
                     # as the attempt it was released with, plus the deliveries since then
                     attempt = min(at + delivered - released_at - 1, delivered)
-            at_least = floor.get(seq)
-            if at_least is not None and attempt < at_least:
-                attempt = at_least
-            out.append((attempt, record_seq))
+            given = floor.get(seq)
+            if given is not None and attempt < given[0]:
+                attempt = given[0]
+            out.append((attempt, record is not None))
         return out
 
     async def _deliveries(self, msgs: list[tuple[Msg, int]]) -> list[NatsDelivery]:
@@ -1078,16 +1098,20 @@ class NatsSubscription(ClosesOnExit):
             d = NatsDelivery(
                 self, msg, TransportMessage(mid, msg.data, key, headers), attempt, seq, size
             )
+            given = floor.get(seq)
             if attempt > 1:
-                # a redelivery: counted below, less the times it was given back
-                if redelivered is None:
-                    redelivered = []
-                redelivered.append(d)
-                out.append(d)
-                continue
-            at_least = floor.get(seq)
-            if at_least is not None and attempt < at_least:
-                d.attempt = at_least
+                if given is not None and given[1] == attempt - 1:
+                    # straight back after this subscription gave it back: known exactly
+                    d.attempt, d._recorded = given[0], given[2]
+                    if not await self._hand_out(d, max_attempts):
+                        continue
+                else:
+                    # counted below, less the times its release record says it was given back
+                    if redelivered is None:
+                        redelivered = []
+                    redelivered.append(d)
+            elif given is not None and attempt < given[0]:
+                d.attempt = given[0]
                 if not await self._hand_out(d, max_attempts):
                     continue
             else:
@@ -1687,11 +1711,11 @@ class NatsTransport:
             self._record_streams.discard(stream_name(topic, self.stream_prefix) + _RECORDS_SUFFIX)
         return False
 
-    async def _read_record(self, records: str, subject: str) -> tuple[int, int, int] | None:
+    async def _read_record(self, records: str, subject: str) -> tuple[int, int] | None:
         """The release record on ``subject`` of stream ``records``: (the attempt its
-        delivery was released with, its ``num_delivered`` then, the record's stream
-        sequence); None if there is none (or it is not a well-formed record). Raises
-        :class:`TransportError` if it cannot be read."""
+        delivery was released with, its ``num_delivered`` then); None if there is none (or
+        it is not a well-formed record). Raises :class:`TransportError` if it cannot be
+        read."""
         js = self._js
         nc = self._nc
         assert js is not None and nc is not None
@@ -1710,16 +1734,16 @@ class NatsTransport:
                     return None
                 raise TransportError(f"could not read the release record {subject}: {reply}")
             attempt, delivered = base64.b64decode(found["data"]).split()
-            record = int(attempt), int(delivered), int(found["seq"])
+            record = int(attempt), int(delivered)
         except (ValueError, KeyError, TypeError, AttributeError):
             return None  # not one of ours
         if not (1 <= record[0] <= _MAX_RECORDED and record[1] >= 1):
             return None
         return record
 
-    async def _delete_record(self, records: str, seq: int) -> None:
-        """Delete a release record, without waiting for the answer (best effort: one left
-        behind is never read again, its delivery being settled for good)."""
+    async def _delete_record(self, records: str, subject: str) -> None:
+        """Delete the release record on ``subject``, without waiting for the answer (best
+        effort: one left behind is never read again, its delivery being settled for good)."""
         js = self._js
         nc = self._nc
         if js is None or nc is None:
@@ -1728,8 +1752,8 @@ class NatsTransport:
             self._forget_inbox = nc.new_inbox()
         with contextlib.suppress(nats.errors.Error, OSError):
             await nc.publish(
-                f"{js._prefix}.STREAM.MSG.DELETE.{records}",
-                b'{"seq":%d,"no_erase":true}' % seq,
+                f"{js._prefix}.STREAM.PURGE.{records}",
+                b'{"filter":"%s"}' % subject.encode(),
                 reply=self._forget_inbox,
             )
 
