@@ -1016,15 +1016,17 @@ class NatsSubscription(ClosesOnExit):
         of each (see the module docstring), confirmed, then ``-NAK``. If the records cannot
         be written, they are nacked all the same (and come back counted, logged)."""
         records: list[tuple[str, bytes]] = []
+        given: list[tuple[int, int, int]] = []
         prefix = self._record_prefix
         for reply, attempt in deliveries:
             fields = _ack_fields(reply)
             if fields is None:
                 continue
             consumer, delivered, seq = fields
-            self._remember(seq, attempt, delivered, True)
+            given.append((seq, attempt, delivered))
             records.append((f"{prefix}{consumer}.{seq}", b"%d %d" % (attempt, delivered)))
-        if records and not await self._transport._put_records(self.topic, records):
+        recorded = bool(records) and await self._transport._put_records(self.topic, records)
+        if records and not recorded:
             log.warning(
                 "could not record the release of %d deliveries of %s/%s: they come back "
                 "counted as an attempt",
@@ -1032,6 +1034,8 @@ class NatsSubscription(ClosesOnExit):
                 self.topic,
                 self.group,
             )
+        for seq, attempt, delivered in given:
+            self._remember(seq, attempt if recorded else attempt + 1, delivered, recorded)
         nc = self._nc
         assert nc is not None
         with _nats_errors("could not release the deliveries"):
