@@ -41,6 +41,8 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import pydantic_core
 
+from msdata.errors import EncodeError
+from msdata.serialization import _suspect, _unencodable
 from msdata.storage import from_unix_us, unix_us
 
 __all__ = [
@@ -51,6 +53,8 @@ __all__ = [
     "SagaStore",
     "SagaStoreFeatures",
     "StepRun",
+    "check_data",
+    "data_json",
     "record_from_json",
     "record_to_json",
 ]
@@ -158,6 +162,9 @@ class SagaRecord:
     history_json: tuple[int, Any, bytes] | None = field(
         default=None, init=False, repr=False, compare=False
     )
+    #: the ``data`` object :func:`check_data` last found storable (checked again only when
+    #: ``data`` is another object: steps return new data)
+    data_checked: Any = field(default=None, init=False, repr=False, compare=False)
 
     def copy(self) -> SagaRecord:
         """A copy that shares nothing mutable with this one (``data`` is immutable by
@@ -186,6 +193,39 @@ class SagaRecord:
         )
 
 
+# -- saga data as JSON: what every store refuses ---------------------------------------------
+
+
+def data_json(record: SagaRecord) -> bytes:
+    """``record.data`` as JSON (the model's own). Raises :class:`msdata.errors.EncodeError`,
+    naming the saga and the field, for data JSON cannot hold so that it reads back the same
+    (the rules of messages, ``EncodeError``'s docstring): a float that is NaN or infinite
+    (RFC 8259 §6; pydantic would write ``null``, and the instance could not be read again),
+    a string with a lone surrogate (not UTF-8), an int of more than 4300 digits, nesting
+    deeper than the codec's limit. Every saga store refuses the same data with it, before
+    writing anything."""
+    data = record.data
+    try:
+        raw: bytes = pydantic_core.to_json(data)
+    except Exception as e:  # a lone surrogate, a value pydantic cannot write
+        problem = _unencodable(data, 1) or f": {type(e).__name__}: {e}"
+        raise EncodeError(f"saga {record.saga_id!r}: data{problem}") from None
+    if _suspect(data, 1, True):  # NaN, Infinity, a long int, a non-ASCII dict key...
+        problem = _unencodable(data, 1)
+        if problem is not None:
+            raise EncodeError(f"saga {record.saga_id!r}: data{problem}")
+    record.data_checked = data
+    return raw
+
+
+def check_data(record: SagaRecord) -> None:
+    """:func:`data_json`'s check, done once per ``data`` object (a store that keeps the
+    object, like the in-memory one, calls it on every save). Raises
+    :class:`msdata.errors.EncodeError`."""
+    if record.data_checked is not record.data:
+        data_json(record)
+
+
 # -- JSON form for SQL stores: the indexed fields get columns, the rest one JSON document -----
 
 _to_json = pydantic_core.to_json  # several times faster than json.dumps on these lists
@@ -206,9 +246,9 @@ def record_to_json(record: SagaRecord) -> bytes:
     status, version, lease, wake_at and the times, which get their own columns). Times in
     it are integer microseconds since the epoch; ``data`` is the model's own JSON. The
     history's JSON is kept on the record (``history_json``), so each save encodes only the
-    entries added since the last one."""
-    data = record.data
-    head = pydantic_core.to_json(data)
+    entries added since the last one. Raises :class:`msdata.errors.EncodeError` for data
+    :func:`data_json` refuses."""
+    head = data_json(record)  # checked on every save: data may have been changed in place
     rest = _to_json(
         [
             record.position,
