@@ -304,7 +304,11 @@ def _command_headers(h: Mapping[str, str]) -> tuple[dict[str, Any], str, str]:
             f"not a saga command (header {HEADER_PURPOSE} is {safe_text(repr(purpose), 80)}, "
             f"not {ACTION!r} or {COMPENSATION!r})"
         )
-    for name, value in ((HEADER_SAGA_ID, saga_id), (HEADER_SAGA_TYPE, saga_type), (HEADER_STEP, step)):
+    for name, value in (
+        (HEADER_SAGA_ID, saga_id),
+        (HEADER_SAGA_TYPE, saga_type),
+        (HEADER_STEP, step),
+    ):
         if not value:
             raise RejectMessage(f"not a saga command (header {name} is empty)")
     if attempt < 1:

@@ -208,8 +208,8 @@ def data_json(record: SagaRecord) -> bytes:
     try:
         raw: bytes = pydantic_core.to_json(data)
     except Exception as e:  # a lone surrogate, a value pydantic cannot write
-        problem = _unencodable(data, 1) or f": {type(e).__name__}: {e}"
-        raise EncodeError(f"saga {record.saga_id!r}: data{problem}") from None
+        why = _unencodable(data, 1) or f": {type(e).__name__}: {e}"
+        raise EncodeError(f"saga {record.saga_id!r}: data{why}") from None
     if _suspect(data, 1, True):  # NaN, Infinity, a long int, a non-ASCII dict key...
         problem = _unencodable(data, 1)
         if problem is not None:
