@@ -970,6 +970,10 @@ class SagaOrchestrator:
                 if not isinstance(result, type(data)):
                     error = f"returned {type(result).__name__}, not {type(data).__name__}"
                     return await self._plain_failed(rec, saga, step, run, error)
+                if result is not data:
+                    problem = _unstorable(rec, result)
+                    if problem is not None:
+                        return await self._plain_failed(rec, saga, step, run, problem)
                 rec.data = result
             now = read()
             del active[name]
