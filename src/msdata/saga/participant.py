@@ -30,6 +30,16 @@ the event bus's policy, and the orchestrator's step timeout decides when to stop
 is a command whose key another transaction holds uncommitted (memory store only; SQL stores
 wait for that transaction's row lock).
 
+A command that is not a well-formed saga command is refused at once with
+:class:`msdata.errors.RejectMessage` (a dead letter with the reason, the handler not run, no
+transaction opened): a saga header missing or empty, ``sagapurpose`` other than ``action``
+or ``compensation``, ``sagaattempt`` not an integer >= 1, ``sagareplyto`` not a valid topic
+name (:func:`msdata.transport.check_name`), or an ``idempotencykey`` header other than the
+key of its saga id, step and purpose (the key is always derived from those: a command cannot
+claim, or replay the stored reply of, another saga's step). A handler that returns something
+other than a pydantic model, a dict or None is refused the same way, its transaction rolled
+back: a programming error, the same on every delivery.
+
 An action never takes effect after its compensation: when a compensation command for
 (saga id, step) is handled, the action's key is recorded in the same transaction as refused
 ("already compensated"), unless the action already took effect (its success is stored: the

@@ -11,7 +11,10 @@ Contract:
 - ``save(record, also=...)`` is an optimistic write: it succeeds only if the stored version is
   ``record.version - 1`` (``0``: the instance must not exist yet) and raises
   :class:`msdata.errors.ConcurrencyError` naming the saga and both versions otherwise, having
-  changed nothing. ``also(conn)``, when given, is called inside the same transaction after
+  changed nothing; it raises :class:`msdata.errors.EncodeError` (having changed nothing)
+  for data JSON cannot hold so that it reads back the same (:func:`data_json`: NaN,
+  Infinity, a lone surrogate...), on every store alike, also one that keeps the object.
+  ``also(conn)``, when given, is called inside the same transaction after
   the write, with the store's connection (``features.async_connection`` says whether it is
   an async one); its writes (the outbox rows of the command a remote step sends) commit with
   the state or not at all. ``also`` may return an awaitable, which the store awaits.
@@ -349,7 +352,8 @@ class SagaStore(Protocol):
     async def save(self, record: SagaRecord, *, also: AlsoInTransaction | None = None) -> None:
         """Write ``record`` if the stored version is ``record.version - 1`` (0: new), else
         raise :class:`msdata.errors.ConcurrencyError` (``name`` = ``"saga <id>"``); run
-        ``also(conn)`` in the same transaction."""
+        ``also(conn)`` in the same transaction. :class:`msdata.errors.EncodeError` for data
+        :func:`data_json` refuses (nothing written)."""
         ...
 
     async def get(self, saga_id: str) -> SagaRecord:
