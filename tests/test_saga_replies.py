@@ -8,6 +8,7 @@ import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from msdata.saga.messages import (
     SagaReply,
     idempotency_key,
 )
-from msdata.saga.store import SagaRecord
+from msdata.saga.store import SagaRecord, StepRun
 from msdata.storage import current_connection
 from msdata.testing import FakeClock, eventually
 from msdata.transport import DEAD_LETTER_ATTEMPTS, DEAD_LETTER_REASON, dead_letter_topic
@@ -591,3 +592,53 @@ async def test_a_reply_naming_another_saga_type_is_refused(
     await world.reply("charge", 1, {"payment_id": "pay-1"})
     done = await world.orch.wait("type-1", timeout=10, poll=0.02)
     assert done.status is SagaStatus.COMPLETED and done.data.payment_id == "pay-1"
+
+
+class OrderV2(BaseModel):
+    """``Order`` as a later release has it: a required field added."""
+
+    order_id: str = "o-1"
+    payment_id: str | None = None
+    currency: str
+
+
+async def test_a_reply_for_an_unreadable_instance_is_kept_for_when_it_can_be_read(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    charge = remote(lambda d: Charge(order_id=d.order_id), reply=Charged)
+    saga = Saga("replies-v2", OrderV2).pivot("charge", charge, timeout=30)
+    world.orch.register(saga)
+    now = world.clock.now()
+    # saved by the release before: its data has no "currency", the pivot's command is out
+    await world.store.save(
+        SagaRecord(
+            "old-1",
+            "replies-v2",
+            SagaStatus.RUNNING,
+            Order(),
+            now,
+            now,
+            version=1,
+            active={
+                "charge": StepRun("action", 1, "waiting", now + timedelta(seconds=30), sent=True)
+            },
+        )
+    )
+    caplog.set_level(logging.ERROR, logger="msdata.saga")
+    reply = SagaReply(
+        saga_id="old-1",
+        saga_type="replies-v2",
+        step="charge",
+        purpose="action",
+        attempt=1,
+        ok=True,
+        data={"payment_id": "pay-1"},
+    )
+    await world.bus.publish(reply, topic=world.orch.reply_topic)
+    await eventually(lambda: world.store.snapshot("old-1").replies, what="the reply recorded")
+    rec = world.store.snapshot("old-1")
+    assert rec.status is SagaStatus.RUNNING and rec.active["charge"].state == "waiting"
+    assert any(
+        "does not validate as OrderV2" in r.getMessage() and "kept recorded" in r.getMessage()
+        for r in caplog.records
+    )

@@ -419,10 +419,16 @@ class SagaOrchestrator:
         """A claimed instance whose data does not validate: logged, its lease released and
         looked at again after ``lease_seconds`` (a release whose model reads it continues
         it); its history says why (once, not on every look). Its recorded replies stay."""
-        log.error("%s; set aside, looked at again in %s s", error, self.lease.total_seconds())
         why = str(error)
         last = rec.history[-1] if rec.history else None
-        if last is None or last.event != "unreadable" or last.detail != why:
+        first = last is None or last.event != "unreadable" or last.detail != why
+        log.log(
+            logging.ERROR if first else logging.INFO,
+            "%s; set aside, looked at again in %s s",
+            error,
+            self.lease.total_seconds(),
+        )
+        if first:
             self._log(rec, "unreadable", detail=why)
         rec.replies = {}  # not applied: they stay recorded for when it can be read
         rec.lease_owner = rec.lease_until = None
@@ -543,7 +549,18 @@ class SagaOrchestrator:
         """Apply the instance's recorded replies (and ``reply``) to ``rec``, which nobody
         holds. If one is taken, take the instance and continue it in a task here; else save
         the history of the ignored ones (the save deletes the recorded ones). Raises
-        ConcurrencyError if another process wrote it meanwhile."""
+        ConcurrencyError if another process wrote it meanwhile. An instance whose data does
+        not validate (SagaDataError) is left as it is, ``reply`` recorded on it for when
+        it can be read (a recovery worker sets it aside meanwhile)."""
+        try:
+            self._load(rec, saga)
+        except SagaDataError as e:
+            if reply is not None and self._accept(rec.copy(), reply):
+                await self.store.add_reply(
+                    rec.saga_id, _reply_key(reply), reply.model_dump_json().encode()
+                )
+            log.error("%s; a reply for it is kept recorded until it can be read", e)
+            return
         taken = self._apply_recorded(rec)
         if (
             reply is not None
@@ -762,6 +779,11 @@ class SagaOrchestrator:
             return
         saga = self._sagas.get(rec.saga_type)
         if saga is None:
+            return
+        try:
+            self._load(rec, saga)
+        except SagaDataError as e:  # a recovery worker sets it aside
+            log.error("%s; not resumed at its wake time", e)
             return
         self._apply_recorded(rec)  # before its timeouts are looked at
         self._take(rec, now)
