@@ -85,6 +85,7 @@ from msdata.saga.store import (
     SagaStore,
     StepRun,
     data_json,
+    encode_data,
 )
 from msdata.telemetry import Telemetry
 
@@ -996,6 +997,7 @@ class SagaOrchestrator:
                     problem = _unstorable(rec, result)
                     if problem is not None:
                         return await self._plain_failed(rec, saga, step, run, problem)
+                    rec.data_checked = result
                 rec.data = result
             now = read()
             del active[name]
@@ -1234,6 +1236,8 @@ class SagaOrchestrator:
                 and failed is None
             ):
                 failed = (_FAILED, step.name, cast(str, value))
+        if merged is not data and len(local) == 1:
+            rec.data_checked = merged  # _attempt checked it: the store need not look again
         rec.data = merged  # the members that succeeded count, also when another failed
         return failed
 
@@ -1326,6 +1330,7 @@ class SagaOrchestrator:
                 problem = _unstorable(rec, data)
                 if problem is not None:
                     raise EncodeError(f"on_reply {problem}")
+                rec.data_checked = data
             rec.data = data
         self._complete_run(rec, step, purpose, names)
 
@@ -1475,10 +1480,11 @@ def _reply_key(reply: SagaReply) -> str:
 
 def _unstorable(rec: SagaRecord, data: Any) -> str | None:
     """Why a step's new ``data`` cannot be stored (:func:`msdata.saga.store.data_json`):
-    ``returned data that cannot be stored: ...``, or None (then it is marked checked)."""
-    probe = SagaRecord(rec.saga_id, rec.saga_type, rec.status, data, rec.created_at, rec.created_at)
+    ``returned data that cannot be stored: ...``, or None (the caller that makes it the
+    instance's data marks it checked: ``rec.data_checked``, so the store does not look
+    again)."""
     try:
-        data_json(probe)
+        encode_data(rec.saga_id, data)
     except EncodeError as e:
         return f"returned data that cannot be stored: {e}"
     return None

@@ -58,6 +58,7 @@ __all__ = [
     "StepRun",
     "check_data",
     "data_json",
+    "encode_data",
     "record_from_json",
     "record_to_json",
 ]
@@ -208,16 +209,23 @@ def data_json(record: SagaRecord) -> bytes:
     deeper than the codec's limit. Every saga store refuses the same data with it, before
     writing anything."""
     data = record.data
+    raw = encode_data(record.saga_id, data)
+    record.data_checked = data
+    return raw
+
+
+def encode_data(saga_id: str, data: Any) -> bytes:
+    """Saga ``data`` as JSON, refused as :func:`data_json` says (``saga_id`` names the
+    instance in the error). Raises :class:`msdata.errors.EncodeError`."""
     try:
         raw: bytes = pydantic_core.to_json(data)
     except Exception as e:  # a lone surrogate, a value pydantic cannot write
         why = _unencodable(data, 1) or f": {type(e).__name__}: {e}"
-        raise EncodeError(f"saga {record.saga_id!r}: data{why}") from None
+        raise EncodeError(f"saga {saga_id!r}: data{why}") from None
     if _suspect(data, 1, True):  # NaN, Infinity, a long int, a non-ASCII dict key...
         problem = _unencodable(data, 1)
         if problem is not None:
-            raise EncodeError(f"saga {record.saga_id!r}: data{problem}")
-    record.data_checked = data
+            raise EncodeError(f"saga {saga_id!r}: data{problem}")
     return raw
 
 
