@@ -84,8 +84,8 @@ from msdata.saga.store import (
     SagaStatus,
     SagaStore,
     StepRun,
-    data_json,
-    encode_data,
+    check_data,
+    check_data_value,
 )
 from msdata.telemetry import Telemetry
 
@@ -218,7 +218,7 @@ class SagaOrchestrator:
             None,
             [_entry(HistoryEntry, (now, "started", None, None, None))],
         )
-        data_json(rec)  # EncodeError before anything is stored: NaN, a lone surrogate...
+        check_data(rec)  # EncodeError before anything is stored: NaN, a lone surrogate...
         hooks = telemetry.hooks
         if type(hooks) is not Telemetry:  # the no-op's hook does nothing: not called
             hooks.saga_status(saga.name, "started")  # telemetry
@@ -1484,7 +1484,7 @@ def _unstorable(rec: SagaRecord, data: Any) -> str | None:
     instance's data marks it checked: ``rec.data_checked``, so the store does not look
     again)."""
     try:
-        encode_data(rec.saga_id, data)
+        check_data_value(rec.saga_id, data)
     except EncodeError as e:
         return f"returned data that cannot be stored: {e}"
     return None

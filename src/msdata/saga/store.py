@@ -36,6 +36,7 @@ Contract:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -43,9 +44,10 @@ from enum import StrEnum
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import pydantic_core
+from pydantic import BaseModel
 
 from msdata.errors import EncodeError
-from msdata.serialization import _suspect, _unencodable
+from msdata.serialization import _INT_LIMIT_BITS, _check_plan, _suspect, _unencodable
 from msdata.storage import from_unix_us, unix_us
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
     "SagaStoreFeatures",
     "StepRun",
     "check_data",
+    "check_data_value",
     "data_json",
     "encode_data",
     "record_from_json",
@@ -233,8 +236,50 @@ def check_data(record: SagaRecord) -> None:
     """:func:`data_json`'s check, done once per ``data`` object (a store that keeps the
     object, like the in-memory one, calls it on every save). Raises
     :class:`msdata.errors.EncodeError`."""
-    if record.data_checked is not record.data:
-        data_json(record)
+    data = record.data
+    if record.data_checked is not data:
+        check_data_value(record.saga_id, data)
+        record.data_checked = data
+
+
+def check_data_value(saga_id: str, data: Any) -> None:
+    """:func:`encode_data`'s refusal without the JSON when it is plain to see: a model of
+    ASCII strings, ints, bools, None and finite floats needs no more look (the common case,
+    on the hot path of every step that returns new data); anything else is encoded.
+    Raises :class:`msdata.errors.EncodeError`."""
+    if not _plain(data):
+        encode_data(saga_id, data)
+
+
+_INFINITIES = (math.inf, -math.inf)
+
+
+#: per class: whether its instances may be looked at field by field (:func:`_plain`): a
+#: model without a custom serializer or extra fields (classes are few and long-lived)
+_PLAIN_CLASSES: dict[type, bool] = {}
+
+
+def _plain(data: Any) -> bool:
+    cls = type(data)
+    ok = _PLAIN_CLASSES.get(cls)
+    if ok is None:
+        ok = _PLAIN_CLASSES[cls] = isinstance(data, BaseModel) and _check_plan(cls).walk is not None
+    if not ok or data.__pydantic_extra__:
+        return False
+    for value in data.__dict__.values():
+        t = type(value)
+        if t is str:
+            if not value.isascii():
+                return False
+        elif t is int:
+            if value.bit_length() >= _INT_LIMIT_BITS:
+                return False
+        elif t is float:
+            if value != value or value in _INFINITIES:
+                return False
+        elif not (t is bool or value is None):
+            return False
+    return True
 
 
 # -- JSON form for SQL stores: the indexed fields get columns, the rest one JSON document -----
