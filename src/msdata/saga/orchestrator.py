@@ -273,18 +273,31 @@ class SagaOrchestrator:
     async def get(self, saga_id: str) -> SagaRecord:
         """One instance, its data validated as its saga's model when the saga is registered
         here (else as the store gave it: a model or its JSON dict; :meth:`find` and
-        :meth:`stuck` do the same). Raises :class:`SagaNotFound`, and
+        :meth:`stuck` do the same). Raises :class:`SagaNotFound` (also for an id no
+        instance can have: :func:`check_saga_id`), and
         :class:`msdata.errors.SagaDataError` when the stored data no longer validates as
         the model (saved by a release whose model differed)."""
-        rec = await self.store.get(saga_id)
+        rec = await self._stored(saga_id)
         saga = self._sagas.get(rec.saga_type)
         if saga is not None:
             self._load(rec, saga)
         return rec
 
+    async def _stored(self, saga_id: str) -> SagaRecord:
+        """``store.get``, with an id no instance can have (:func:`check_saga_id` refuses
+        it) answered SagaNotFound by every store alike (one would raise a driver error)."""
+        if type(saga_id) is not str or not saga_id.isascii() or not saga_id.isprintable():
+            try:
+                check_saga_id(saga_id)
+            except EncodeError as e:
+                raise SagaNotFound(
+                    f"no saga instance {safe_text(repr(saga_id), 80)}: {e}"
+                ) from None
+        return await self.store.get(saga_id)
+
     async def history(self, saga_id: str) -> list[HistoryEntry]:
         """What happened to one instance, oldest first, with times and errors."""
-        return (await self.store.get(saga_id)).history
+        return (await self._stored(saga_id)).history
 
     async def find(
         self,
@@ -335,7 +348,7 @@ class SagaOrchestrator:
         its handler again; the retry policy counts from there. Runs it here until it ends
         or waits.
         Raises :class:`SagaStateError` unless it is FAILED."""
-        rec = await self.store.get(saga_id)
+        rec = await self._stored(saga_id)
         saga = self._saga_of(rec)
         if rec.status is not SagaStatus.FAILED:
             raise SagaStateError(f"saga {saga_id} is {rec.status}; only a FAILED one is retried")
@@ -365,7 +378,7 @@ class SagaOrchestrator:
         """Turn a RUNNING instance before its pivot into compensation. Raises
         :class:`SagaStateError` if it is not RUNNING, is past its pivot, or is in the middle
         of a local step in another process (try again)."""
-        rec = await self.store.get(saga_id)
+        rec = await self._stored(saga_id)
         saga = self._saga_of(rec)
         if rec.status is not RUNNING:
             raise SagaStateError(f"saga {saga_id} is {rec.status}; only a RUNNING one is aborted")
@@ -479,7 +492,7 @@ class SagaOrchestrator:
     async def _on_reply(self, reply: SagaReply) -> None:
         for _ in range(20):
             try:
-                rec = await self.store.get(reply.saga_id)
+                rec = await self._stored(reply.saga_id)
             except SagaNotFound:
                 log.warning(
                     "reply for unknown saga %s (step %s) ignored", reply.saga_id, reply.step

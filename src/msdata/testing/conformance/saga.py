@@ -414,7 +414,7 @@ class SagaStoreConformance:
         """The same refusal, whatever the store: data JSON cannot hold with EncodeError
         before anything is stored, a step that returns such data has failed its attempt,
         and a saga id that is not a non-empty str of valid UTF-8 without control characters
-        (at most MAX_SAGA_ID characters) is EncodeError."""
+        (at most MAX_SAGA_ID characters) is EncodeError (SagaNotFound when looked up)."""
         saga = (
             Saga("conf-nan", _Loose)
             .step("a", lambda d: _Loose(v=math.nan), compensate=lambda d: None)
@@ -428,6 +428,9 @@ class SagaStoreConformance:
         for bad_id in ["", 123, "\udc80", "a\x00b", "a\nb", "x" * (MAX_SAGA_ID + 1)]:
             with pytest.raises(EncodeError, match="saga id"):
                 await orch.run(saga, _Loose(v=1), saga_id=bad_id)  # type: ignore[arg-type]
+            for op in (orch.get, orch.history, orch.retry, orch.abort):
+                with pytest.raises(SagaNotFound):  # not a driver's error
+                    await op(bad_id)  # type: ignore[arg-type]
         assert await store.find(saga_type="conf-nan") == []
         done = await orch.run(saga, _Loose(v=1), saga_id="x" * MAX_SAGA_ID)
         assert done.status is SagaStatus.COMPENSATED
