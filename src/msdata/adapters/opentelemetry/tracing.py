@@ -47,17 +47,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
+from opentelemetry import baggage, metrics, trace
 from opentelemetry import context as otel_context
-from opentelemetry import metrics, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.propagate import get_global_textmap
-from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import TextMapPropagator
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from msdata import __version__
 from msdata.messages import Envelope
@@ -74,6 +89,8 @@ __all__ = ["OpenTelemetry"]
 log = logging.getLogger("msdata.telemetry")
 
 _TRACEPARENT = "traceparent"
+_TRACESTATE = "tracestate"
+_BAGGAGE = "baggage"
 _NO_CONSUME = ConsumeScope()
 _NO_STEP = StepScope()
 _PRODUCER = SpanKind.PRODUCER
@@ -81,6 +98,68 @@ _CONSUMER = SpanKind.CONSUMER
 _INTERNAL = SpanKind.INTERNAL
 _CLIENT = SpanKind.CLIENT
 _ODD_HEX = frozenset("13579bdfBDF")
+#: a W3C ``traceparent`` of version 00 exactly as the W3C propagator of the API reads it
+#: (lowercase hex, no surrounding blanks); anything else is left to the propagator
+_STRICT_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_FLAGS = [TraceFlags(i) for i in range(256)]
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
+
+
+def _w3c_only(propagator: TextMapPropagator) -> bool:
+    """Whether ``propagator`` is the API's default (W3C trace context, optionally with W3C
+    baggage, as ``OTEL_PROPAGATORS=tracecontext,baggage`` makes it): then msdata reads and
+    writes ``traceparent`` itself, with the same result, where no ``tracestate`` and no
+    baggage is involved (the propagator is called for those)."""
+    if type(propagator) is TraceContextTextMapPropagator:
+        return True
+    if type(propagator) is not CompositePropagator:
+        return False
+    kinds = [type(p) for p in getattr(propagator, "_propagators", ())]
+    return kinds in (
+        [TraceContextTextMapPropagator],
+        [TraceContextTextMapPropagator, W3CBaggagePropagator],
+    )
+
+
+def _remote_parent(traceparent: str) -> otel_context.Context | None:
+    """The context the W3C propagator extracts from a carrier whose only trace header is
+    ``traceparent`` (no ``tracestate``, no ``baggage``), when that header is a strict
+    version-00 one with non-zero ids; None for anything else (the caller then asks the
+    propagator, which decides)."""
+    tp = traceparent
+    if len(tp) != 55 or _STRICT_TRACEPARENT.fullmatch(tp) is None:
+        return None
+    trace_hex, span_hex = tp[3:35], tp[36:52]
+    if trace_hex == _ZERO_TRACE or span_hex == _ZERO_SPAN:
+        return None
+    ctx = SpanContext(int(trace_hex, 16), int(span_hex, 16), True, _FLAGS[int(tp[53:], 16)])
+    return trace.set_span_in_context(NonRecordingSpan(ctx), otel_context.Context())
+
+
+class _Tally:
+    """A monotonic count per attribute set, kept in a dict and reported by an observable
+    counter at each collection: a count per message costs a dict update instead of the
+    SDK's synchronous ``Counter.add`` (about 4-5 us each on the SDK). Thread-safe (an
+    outbox may be written from worker threads; the callback runs in the metric reader's
+    thread)."""
+
+    __slots__ = ("_counts", "_lock")
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[tuple[str, str], ...], int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, n: int, key: tuple[tuple[str, str], ...]) -> None:
+        """Count ``n`` more for the attributes ``key`` (pairs of name and value)."""
+        with self._lock:
+            counts = self._counts
+            counts[key] = counts.get(key, 0) + n
+
+    def observe(self, _: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            items = list(self._counts.items())
+        return [Observation(n, dict(key)) for key, n in items]
 
 
 def _system_of(obj: object, default: str) -> str:
@@ -90,6 +169,17 @@ def _system_of(obj: object, default: str) -> str:
     if module.startswith("msdata.adapters."):
         return module.split(".")[2]
     return default
+
+
+def _sent_key(system: str, topic: str, exc: BaseException | None) -> tuple[tuple[str, str], ...]:
+    """The attributes of ``messaging.client.sent.messages`` for a relay batch."""
+    if exc is None:
+        return (("messaging.system", system), ("messaging.destination.name", topic))
+    return (
+        ("messaging.system", system),
+        ("messaging.destination.name", topic),
+        ("error.type", type(exc).__qualname__),
+    )
 
 
 class _RelayBatch:
@@ -109,8 +199,7 @@ class _RelayBatch:
     def __enter__(self) -> list[TransportMessage]:
         otel = self._otel
         start = otel._tracer.start_span
-        extract, inject = otel._propagator.extract, otel._propagator.inject
-        set_in = trace.set_span_in_context
+        extract, inject = otel._extract, otel._inject
         name = f"publish {self._topic}"
         base: dict[str, Any] = {
             "messaging.system": self._system,
@@ -123,30 +212,24 @@ class _RelayBatch:
         spans = self._spans
         for m in self.messages:
             headers = m.headers
-            parent = extract(headers) if _TRACEPARENT in headers else None
+            parent = extract(headers)
             attrs = dict(base)
             attrs["messaging.message.id"] = m.id
             span = start(name, parent, _PRODUCER, attrs)
             spans.append(span)
             carrier = dict(headers)
-            inject(carrier, set_in(span))
+            inject(carrier, span)
             out.append(TransportMessage(m.id, m.body, m.key, MappingProxyType(carrier)))
         return out
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
-        otel = self._otel
-        attrs: dict[str, str] = {
-            "messaging.system": self._system,
-            "messaging.destination.name": self._topic,
-        }
         if exc is not None:
-            attrs["error.type"] = type(exc).__qualname__
             for span in self._spans:
                 span.record_exception(exc)
                 span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
         for span in self._spans:
             span.end()
-        otel._sent.add(len(self._spans), attrs)
+        self._otel._sent.add(len(self._spans), _sent_key(self._system, self._topic, exc))
 
 
 class _Consume(ConsumeScope):
@@ -154,6 +237,7 @@ class _Consume(ConsumeScope):
         "_attrs",
         "_error",
         "_handler_span",
+        "_key",
         "_otel",
         "_outcome",
         "_span",
@@ -167,13 +251,13 @@ class _Consume(ConsumeScope):
         span: Span,
         handler_span: Span | None,
         token: object,
-        attrs: dict[str, str],
+        counted: tuple[dict[str, str], tuple[tuple[str, str], ...]],
     ) -> None:
         self._otel = otel
         self._span = span
         self._handler_span = handler_span
         self._token = token
-        self._attrs = attrs
+        self._attrs, self._key = counted
         self._outcome: Outcome = "ack"
         self._error: BaseException | None = None
         self._start = time.perf_counter()
@@ -198,11 +282,8 @@ class _Consume(ConsumeScope):
                 span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
             span.set_attribute("msdata.outcome", self._outcome)
             span.end()
-        attrs = self._attrs
-        otel._process_duration.record(time.perf_counter() - self._start, attrs)
-        settled = dict(attrs)
-        settled["msdata.outcome"] = self._outcome
-        otel._consumed.add(1, settled)
+        otel._process_duration.record(time.perf_counter() - self._start, self._attrs)
+        otel._consumed.add(1, (*self._key, ("msdata.outcome", self._outcome)))
 
 
 class _Counted:
@@ -215,16 +296,13 @@ class _Counted:
     ) -> None:
         self._otel = otel
         self.messages = messages
-        self._attrs = {"messaging.system": system, "messaging.destination.name": topic}
+        self._attrs = (system, topic)
 
     def __enter__(self) -> list[TransportMessage]:
         return self.messages
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
-        attrs = self._attrs
-        if exc is not None:
-            attrs = {**attrs, "error.type": type(exc).__qualname__}
-        self._otel._sent.add(len(self.messages), attrs)
+        self._otel._sent.add(len(self.messages), _sent_key(*self._attrs, exc))
 
     @staticmethod
     def consume(otel: OpenTelemetry, topic: str, group: str, delivery: Delivery) -> ConsumeScope:
@@ -246,11 +324,11 @@ class _CountedConsume(ConsumeScope):
     def close(self) -> None:
         self._otel._consumed.add(
             1,
-            {
-                "messaging.destination.name": self._topic,
-                "messaging.consumer.group.name": self._group,
-                "msdata.outcome": self._outcome,
-            },
+            (
+                ("messaging.destination.name", self._topic),
+                ("messaging.consumer.group.name", self._group),
+                ("msdata.outcome", self._outcome),
+            ),
         )
 
 
@@ -308,16 +386,11 @@ class _LinkedBatch(_RelayBatch):
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         span = self._spans[0]
-        attrs: dict[str, str] = {
-            "messaging.system": self._system,
-            "messaging.destination.name": self._topic,
-        }
         if exc is not None:
-            attrs["error.type"] = type(exc).__qualname__
             span.record_exception(exc)
             span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
         span.end()
-        self._otel._sent.add(len(self.messages), attrs)
+        self._otel._sent.add(len(self.messages), _sent_key(self._system, self._topic, exc))
 
 
 class _SagaStep(StepScope):
@@ -407,18 +480,33 @@ class OpenTelemetry(Telemetry):
         meter = metrics.get_meter("msdata", __version__, meter_provider)
         self._meter = meter
         self._propagator = get_global_textmap()
+        self._w3c = _w3c_only(self._propagator)
+        self._baggage = type(self._propagator) is CompositePropagator
+        self._counted: dict[
+            tuple[str, str, str], tuple[dict[str, str], tuple[tuple[str, str], ...]]
+        ] = {}
         self.messaging_system = messaging_system
         self._systems: dict[type, str] = {}
-        self._created = meter.create_counter(
-            "msdata.outbox.created", unit="{message}", description="Messages added to an outbox"
+        # the counts made per message are tallied here and reported by observable counters
+        # (the same monotonic sums, read at each collection): see _Tally
+        self._created = _Tally()
+        meter.create_observable_counter(
+            "msdata.outbox.created",
+            [self._created.observe],
+            unit="{message}",
+            description="Messages added to an outbox",
         )
-        self._sent = meter.create_counter(
+        self._sent = _Tally()
+        meter.create_observable_counter(
             "messaging.client.sent.messages",
+            [self._sent.observe],
             unit="{message}",
             description="Messages published (relay and event bus); error.type when failed",
         )
-        self._consumed = meter.create_counter(
+        self._consumed = _Tally()
+        meter.create_observable_counter(
             "messaging.client.consumed.messages",
+            [self._consumed.observe],
             unit="{message}",
             description="Deliveries handled by the event bus, by msdata.outcome",
         )
@@ -516,7 +604,9 @@ class OpenTelemetry(Telemetry):
     ) -> Envelope[Any]:
         mode = self._mode()
         if mode & 1:
-            (self._created if outbox else self._sent).add(1, {"messaging.destination.name": topic})
+            (self._created if outbox else self._sent).add(
+                1, (("messaging.destination.name", topic),)
+            )
         if not mode & 2:
             return envelope
         attrs: dict[str, str] = {
@@ -531,9 +621,37 @@ class OpenTelemetry(Telemetry):
         name = f"create {topic}" if outbox else f"publish {topic}"
         span = self._tracer.start_span(name, None, _PRODUCER, attrs)
         carrier = dict(envelope.headers)
-        self._propagator.inject(carrier, trace.set_span_in_context(span))
+        self._inject(carrier, span)
         span.end()
         return envelope._replace(headers=MappingProxyType(carrier))
+
+    def _inject(self, carrier: dict[str, str], span: Span) -> None:
+        """Write ``span``'s context into ``carrier`` as the propagator would: ``traceparent``
+        formatted here when the propagator is the W3C default and there is no
+        ``tracestate`` and no baggage to write (1.7 -> 0.6 us), else by the propagator."""
+        if self._w3c:
+            ctx = span.get_span_context()
+            if not ctx.trace_state and not (self._baggage and baggage.get_all()):
+                if ctx != trace.INVALID_SPAN_CONTEXT:
+                    carrier[_TRACEPARENT] = (
+                        f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+                    )
+                return
+        self._propagator.inject(carrier, trace.set_span_in_context(span))
+
+    def _extract(self, headers: Mapping[str, str]) -> otel_context.Context | None:
+        """The parent context in a message's ``headers`` (None without ``traceparent``): read
+        here when the propagator is the W3C default and the headers hold a strict
+        ``traceparent`` and no ``tracestate`` or ``baggage`` (3 -> 0.8 us), else by the
+        propagator."""
+        tp = headers.get(_TRACEPARENT)
+        if tp is None:
+            return None
+        if self._w3c and _TRACESTATE not in headers and _BAGGAGE not in headers:
+            parent = _remote_parent(tp)
+            if parent is not None:
+                return parent
+        return self._propagator.extract(headers)
 
     def publishing(  # type: ignore[override]
         self, topic: str, messages: list[TransportMessage], publisher: object
@@ -563,7 +681,7 @@ class OpenTelemetry(Telemetry):
         headers = delivery.message.headers
         if _TRACEPARENT not in headers:
             headers = envelope.headers
-        parent = self._propagator.extract(headers) if _TRACEPARENT in headers else None
+        parent = self._extract(headers)
         system = self._system(delivery)
         attrs: dict[str, Any] = {
             "messaging.system": system,
@@ -593,11 +711,14 @@ class OpenTelemetry(Telemetry):
                 },
             )
         token = otel_context.attach(trace.set_span_in_context(current))
-        counted = {
-            "messaging.system": system,
-            "messaging.destination.name": topic,
-            "messaging.consumer.group.name": group,
-        }
+        counted = self._counted.get((system, topic, group))
+        if counted is None:  # made once per consumer: the histogram's attributes, the count's
+            attrs = {
+                "messaging.system": system,
+                "messaging.destination.name": topic,
+                "messaging.consumer.group.name": group,
+            }
+            counted = self._counted[(system, topic, group)] = (attrs, tuple(attrs.items()))
         return _Consume(self, span, handler_span, token, counted)
 
     def dead_lettered(self, dead_letter: DeadLetter) -> None:
