@@ -640,14 +640,16 @@ class OpenTelemetry(Telemetry):
         self._propagator.inject(carrier, trace.set_span_in_context(span))
 
     def _extract(self, headers: Mapping[str, str]) -> otel_context.Context | None:
-        """The parent context in a message's ``headers`` (None without ``traceparent``): read
-        here when the propagator is the W3C default and the headers hold a strict
-        ``traceparent`` and no ``tracestate`` or ``baggage`` (3 -> 0.8 us), else by the
-        propagator."""
+        """The parent context in a message's ``headers``: with the W3C default propagator,
+        None without ``traceparent``, read here when that is strict and there is no
+        ``tracestate`` or ``baggage`` (3 -> 0.8 us); else read by the propagator (another
+        propagator is always asked: it has headers of its own)."""
+        if not self._w3c:  # another propagator: its own headers
+            return self._propagator.extract(headers)
         tp = headers.get(_TRACEPARENT)
         if tp is None:
             return None
-        if self._w3c and _TRACESTATE not in headers and _BAGGAGE not in headers:
+        if _TRACESTATE not in headers and _BAGGAGE not in headers:
             parent = _remote_parent(tp)
             if parent is not None:
                 return parent
