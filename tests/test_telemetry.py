@@ -656,3 +656,26 @@ def test_another_propagator_writes_and_reads_the_headers() -> None:
     parent = hooks._extract(env.headers)  # no traceparent: read by the propagator
     assert parent is not None
     assert trace.get_current_span(parent).get_span_context().span_id == create.context.span_id
+
+
+def test_the_relay_makes_its_links_span_contexts_as_the_constructor_does() -> None:
+    """The relay makes the span context of a link as the tuple ``SpanContext.__new__``
+    builds (one frame less per row), checked against the API installed."""
+    from msdata.adapters.opentelemetry.tracing import _DIRECT, _span_context
+
+    assert _DIRECT  # the installed API's layout: the direct path is the one tested
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    made = _span_context(tp)
+    ref = trace.SpanContext(
+        0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, True, trace.TraceFlags(1)
+    )
+    assert made == ref and made is not None and made.is_valid
+    assert made.trace_state == ref.trace_state and made.trace_flags == ref.trace_flags
+    for bad in (
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+        "00--0000000000000000000000000000001-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902bz-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
+    ):
+        assert _span_context(bad) is None, bad

@@ -333,20 +333,43 @@ class _CountedConsume(ConsumeScope):
 
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_tuple_new = tuple.__new__
+
+
+def _direct_ok() -> bool:
+    """Whether a :class:`SpanContext` can be made as the tuple its ``__new__`` builds
+    (trace id, span id, remote, flags, state, valid) without that frame: checked once
+    against the API installed, else :func:`_span_context` calls the constructor."""
+    try:
+        ref = SpanContext(0x4BF9, 0xF067, True, _SAMPLED)
+        made = _tuple_new(SpanContext, (0x4BF9, 0xF067, True, _SAMPLED, ref.trace_state, True))
+    except Exception:  # pragma: no cover - another API's layout
+        return False
+    same = (made.trace_id, made.span_id, made.is_remote, made.trace_flags, made.is_valid)
+    return made == ref and same == (0x4BF9, 0xF067, True, _SAMPLED, True)
+
+
+_DIRECT = _direct_ok()
+_NO_STATE = SpanContext(1, 1, True).trace_state
 
 
 def _span_context(traceparent: str) -> SpanContext | None:
     """The remote span context of a W3C ``traceparent`` (version 00: 55 characters) whose
     flags the caller found sampled, or None. Sliced rather than split, with the flags made
-    once: it runs per relayed row."""
+    once, and the tuple made directly (:func:`_direct_ok`): it runs per relayed row (the
+    budget of the relay's tracing is ~1.3 us a row, of which the SDK's link takes ~0.65)."""
     tp = traceparent
     if len(tp) != 55 or tp[2] != "-" or tp[35] != "-" or tp[52] != "-":
         return None
     try:
-        ctx = SpanContext(int(tp[3:35], 16), int(tp[36:52], 16), True, _SAMPLED)
+        trace_id, span_id = int(tp[3:35], 16), int(tp[36:52], 16)
     except ValueError:
         return None
-    return ctx if ctx.is_valid else None
+    if trace_id <= 0 or span_id <= 0 or trace_id >= 1 << 128 or span_id >= 1 << 64:
+        return None  # what SpanContext calls not valid
+    if _DIRECT:
+        return _tuple_new(SpanContext, (trace_id, span_id, True, _SAMPLED, _NO_STATE, True))
+    return SpanContext(trace_id, span_id, True, _SAMPLED)  # pragma: no cover
 
 
 class _LinkedBatch(_RelayBatch):
@@ -362,7 +385,8 @@ class _LinkedBatch(_RelayBatch):
     __slots__ = ()
 
     def __enter__(self) -> list[TransportMessage]:
-        links = []
+        links: list[Link] = []
+        add = links.append
         for m in self.messages:
             tp = m.headers.get(_TRACEPARENT)
             # a creation context that was not sampled was never recorded: a link to it leads
@@ -372,7 +396,7 @@ class _LinkedBatch(_RelayBatch):
                 continue
             ctx = _span_context(tp)
             if ctx is not None:
-                links.append(Link(ctx))
+                add(Link(ctx))
         attrs: dict[str, Any] = {
             "messaging.system": self._system,
             "messaging.destination.name": self._topic,
