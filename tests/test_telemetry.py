@@ -679,3 +679,57 @@ def test_the_relay_makes_its_links_span_contexts_as_the_constructor_does() -> No
         "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
     ):
         assert _span_context(bad) is None, bad
+
+
+async def test_batch_process_spans_link_each_message_and_keep_the_orders_trace(
+    otel: Otel,
+) -> None:
+    """``process_spans="batch"``: one ``process`` span per batch the consumer received,
+    linked to each message's creation context (its ``publish`` span); each handler runs in
+    its message's creation context, so the message it creates (an outbox ``create`` span)
+    is in the order's trace; outcomes are counted per message, a failure marks its batch,
+    and the duration is recorded once per batch."""
+    from msdata.errors import RejectMessage
+
+    otel.hooks.process_spans = "batch"
+    transport = MemoryTransport()
+    bus = EventBus(transport, registry=registry, prefetch=100)
+    store = MemoryOutboxStore()
+    outbox = Outbox(store, registry=registry)
+    done: list[str] = []
+
+    @bus.handler(OrderPlaced, group="billing")
+    async def bill(event: OrderPlaced) -> None:
+        done.append(event.order_id)
+        if event.order_id == "bad":
+            raise RejectMessage("no such order")
+        with MemoryTransaction() as tx:
+            outbox.add(tx, PaymentRequested(order_id=event.order_id))
+
+    ids = [str(i) for i in range(20)] + ["bad"]
+    async with bus:
+        sent = await bus.publish_many(OrderPlaced(order_id=i) for i in ids)
+        await eventually(lambda: len(done) == len(ids), timeout=10, what="every order")
+    spans = otel.finished()
+    publishes = {s.context.span_id: s for s in spans if s.name == "publish orders.OrderPlaced"}
+    assert len(publishes) == len(ids)
+    batches = [s for s in spans if s.name == "process orders.OrderPlaced"]
+    assert batches and all(s.kind is SpanKind.CONSUMER for s in batches)
+    linked = [link.context.span_id for s in batches for link in s.links]
+    assert sorted(linked) == sorted(publishes)  # each message linked once
+    counts = [s.attributes["messaging.batch.message_count"] for s in batches]  # type: ignore[index]
+    assert sum(counts) == len(ids)
+    failed = [s for s in batches if not s.status.is_ok]
+    assert len(failed) == 1 and failed[0].events[0].name == "exception"
+    creates = [s for s in spans if s.name == "create billing.PaymentRequested"]
+    assert len(creates) == len(ids) - 1
+    for create in creates:  # in the order's trace: a child of its message's creation context
+        assert create.parent is not None and create.parent.span_id in publishes
+        assert create.context.trace_id == publishes[create.parent.span_id].context.trace_id  # type: ignore[union-attr]
+    by_id = {e.id: e for e in sent}
+    assert {p.attributes["messaging.message.id"] for p in publishes.values()} == set(by_id)  # type: ignore[index]
+    settled = {a["msdata.outcome"]: v for a, v in otel.metric("messaging.client.consumed.messages")}
+    assert settled == {"ack": len(ids) - 1, "dead_letter": 1}
+    recorded = otel.metric("messaging.process.duration")
+    assert sum(n for _, n in recorded) == len(batches)
+    assert [a["error.type"] for a, _ in recorded if "error.type" in a] == ["RejectMessage"]

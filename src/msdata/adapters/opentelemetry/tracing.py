@@ -52,6 +52,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -76,7 +77,14 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from msdata import __version__
 from msdata.messages import Envelope
-from msdata.telemetry import ConsumeScope, Outcome, StepScope, Telemetry, _Publishing
+from msdata.telemetry import (
+    ConsumeScope,
+    Outcome,
+    ReceiveScope,
+    StepScope,
+    Telemetry,
+    _Publishing,
+)
 from msdata.transport import TransportMessage
 
 if TYPE_CHECKING:
@@ -417,6 +425,115 @@ class _LinkedBatch(_RelayBatch):
         self._otel._sent.add(len(self.messages), _sent_key(self._system, self._topic, exc))
 
 
+_NO_RECEIVE = ReceiveScope()
+
+
+class _BatchProcess(ReceiveScope):
+    """``process_spans="batch"``: one ``process`` span (CONSUMER) for a batch the bus's
+    consumer received, linked to each delivery's creation context, the conventions' form
+    for a batch ("Consumer spans": a single process span can account for a batch, and
+    SHOULD link to each message's creation context). Each handler runs in its own
+    message's creation context (see :class:`_InBatch`), so what it creates stays in the
+    order's trace; ``messaging.process.duration`` is recorded once, for the batch."""
+
+    __slots__ = ("_attrs", "_error", "_otel", "_span", "_start", "_token")
+
+    def __init__(
+        self,
+        otel: OpenTelemetry,
+        topic: str,
+        group: str,
+        deliveries: Sequence[Delivery],
+        system: str,
+    ) -> None:
+        self._otel = otel
+        links: list[Link] = []
+        add = links.append
+        for d in deliveries:
+            tp = d.message.headers.get(_TRACEPARENT)
+            if tp is None or tp[-1:] not in _ODD_HEX:  # not sampled: nothing to link to
+                continue
+            ctx = _span_context(tp)
+            if ctx is not None:
+                add(Link(ctx))
+        attrs = {
+            "messaging.system": system,
+            "messaging.destination.name": topic,
+            "messaging.consumer.group.name": group,
+        }
+        self._attrs = attrs
+        self._span = otel._tracer.start_span(
+            f"process {topic}",
+            None,
+            _CONSUMER,
+            {
+                **attrs,
+                "messaging.operation.type": "process",
+                "messaging.operation.name": "process",
+                "messaging.batch.message_count": len(deliveries),
+            },
+            links,
+        )
+        self._error: BaseException | None = None
+        self._start = time.perf_counter()
+        self._token = _in_batch.set(self)
+
+    def failed(self, error: BaseException) -> None:
+        """A handler of the batch raised ``error`` (not a cancellation)."""
+        if self._error is None:
+            self._error = error
+        self._span.record_exception(error)
+
+    def close(self) -> None:
+        _in_batch.reset(self._token)
+        span, error, attrs = self._span, self._error, self._attrs
+        if error is not None:
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+            attrs = {**attrs, "error.type": type(error).__qualname__}
+        span.end()
+        self._otel._process_duration.record(time.perf_counter() - self._start, attrs)
+
+
+#: the batch the consumer in this task is handling (``process_spans="batch"``)
+_in_batch: ContextVar[_BatchProcess | None] = ContextVar("msdata_otel_batch", default=None)
+
+
+class _InBatch(ConsumeScope):
+    """One delivery of a :class:`_BatchProcess`: no span of its own; the handler runs with
+    the message's creation context current (so a message it creates is a child of that, in
+    the order's trace), and its outcome is counted."""
+
+    __slots__ = ("_batch", "_key", "_otel", "_outcome", "_token")
+
+    def __init__(
+        self,
+        otel: OpenTelemetry,
+        batch: _BatchProcess,
+        token: object,
+        key: tuple[tuple[str, str], ...],
+    ) -> None:
+        self._otel = otel
+        self._batch = batch
+        self._token = token
+        self._key = key
+        self._outcome: Outcome = "ack"
+
+    def failed(self, error: BaseException, outcome: Outcome) -> None:
+        if isinstance(error, asyncio.CancelledError):
+            self._outcome = "cancelled"
+            return
+        self._outcome = outcome
+        self._batch.failed(error)
+
+    def close(self) -> None:
+        if self._token is not None:
+            try:
+                otel_context.detach(self._token)  # type: ignore[arg-type]
+            except Exception:  # pragma: no cover - a context mix-up must not break the consumer
+                log.debug("could not detach the consume context", exc_info=True)
+        self._otel._consumed.add(1, (*self._key, ("msdata.outcome", self._outcome)))
+
+
 class _SagaStep(StepScope):
     __slots__ = ("_attrs", "_error", "_otel", "_span", "_start", "_token")
 
@@ -499,6 +616,7 @@ class OpenTelemetry(Telemetry):
         messaging_system: str = "msdata",
         handler_spans: bool = False,
         relay_spans: Literal["message", "batch"] = "batch",
+        process_spans: Literal["message", "batch"] = "message",
     ) -> None:
         self._tracer = trace.get_tracer("msdata", __version__, tracer_provider)
         meter = metrics.get_meter("msdata", __version__, meter_provider)
@@ -575,6 +693,7 @@ class OpenTelemetry(Telemetry):
         )
         self.handler_spans = handler_spans
         self.relay_spans = relay_spans
+        self.process_spans = process_spans
 
     # -- the hooks ----------------------------------------------------------------------
 
@@ -709,6 +828,15 @@ class OpenTelemetry(Telemetry):
             headers = envelope.headers
         parent = self._extract(headers)
         system = self._system(delivery)
+        if self.process_spans == "batch":
+            batch = _in_batch.get()
+            if batch is not None:  # the batch's span, linked: the handler in the message's
+                token = None  # creation context, so what it creates stays in that trace
+                if parent is not None:
+                    remote = trace.get_current_span(parent)
+                    token = otel_context.attach(trace.set_span_in_context(remote))
+                key = self._counted_of(system, topic, group)[1]
+                return _InBatch(self, batch, token, key)
         attrs: dict[str, Any] = {
             "messaging.system": system,
             "messaging.destination.name": topic,
@@ -737,15 +865,26 @@ class OpenTelemetry(Telemetry):
                 },
             )
         token = otel_context.attach(trace.set_span_in_context(current))
+        return _Consume(self, span, handler_span, token, self._counted_of(system, topic, group))
+
+    def _counted_of(
+        self, system: str, topic: str, group: str
+    ) -> tuple[dict[str, str], tuple[tuple[str, str], ...]]:
+        """The attributes of a consumer's duration histogram and of its count (made once)."""
         counted = self._counted.get((system, topic, group))
-        if counted is None:  # made once per consumer: the histogram's attributes, the count's
+        if counted is None:
             attrs = {
                 "messaging.system": system,
                 "messaging.destination.name": topic,
                 "messaging.consumer.group.name": group,
             }
             counted = self._counted[(system, topic, group)] = (attrs, tuple(attrs.items()))
-        return _Consume(self, span, handler_span, token, counted)
+        return counted
+
+    def receiving(self, topic: str, group: str, deliveries: Sequence[Delivery]) -> ReceiveScope:
+        if self.process_spans != "batch" or not self._mode() & 2:
+            return _NO_RECEIVE
+        return _BatchProcess(self, topic, group, deliveries, self._system(deliveries[0]))
 
     def dead_lettered(self, dead_letter: DeadLetter) -> None:
         self._dead_letters.add(
