@@ -15,6 +15,8 @@ Telemetry set-ups, interleaved round by round (the order rotates each round):
   exporter's memory looks like once a batch is sent; the in-memory exporter keeps every
   span of the round, and the collector walking that growing heap is the exporter's cost,
   not msdata's);
+- ``batch``: ``sdk`` with ``process_spans="batch"``: on the bus one ``process`` span per
+  batch the consumer received, linked to each message (the relay is as in ``sdk``);
 - ``s10``: ``sdk`` with the sampler ``ParentBased(TraceIdRatioBased(0.1))`` (10% of new
   traces recorded, children follow their parent), and 10% of the relay's rows created
   sampled (the rest carry flags ``00``, as their ``create`` span was not recorded);
@@ -70,7 +72,7 @@ from msdata.transport import TransportMessage
 
 registry = MessageRegistry()
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-NAMES = ["none", "api", "sdk", "drop", "s10", "full"]
+NAMES = ["none", "api", "sdk", "drop", "batch", "s10", "full"]
 
 
 class Dropping(SpanExporter):
@@ -123,6 +125,11 @@ class Setups:
             tracer_provider=dropping,
             meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]),
         )
+        self.batch = OpenTelemetry(
+            tracer_provider=provider,
+            meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]),
+            process_spans="batch",
+        )
         sampled = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.1)))
         sampled.add_span_processor(SimpleSpanProcessor(self.exporter))
         self.s10 = OpenTelemetry(
@@ -136,6 +143,7 @@ class Setups:
             "api": self.api,
             "sdk": self.sdk,
             "drop": self.drop,
+            "batch": self.batch,
             "s10": self.s10,
             "full": self.full,
         }
@@ -312,6 +320,25 @@ def record_cost(n: int = 20_000) -> float:
     return statistics.median(once() for _ in range(5))
 
 
+def unsampled_cost(n: int = 20_000) -> float:
+    """CPU seconds of one span the sampler drops (``ParentBased`` under a parent that was
+    not sampled): what each message still costs under sampling."""
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.1)))
+    tracer = provider.get_tracer("bench")
+    parent = trace.set_span_in_context(
+        trace.NonRecordingSpan(trace.SpanContext(0x4BF9, 0xF067, True, trace.TraceFlags(0)))
+    )
+    attrs = {"messaging.system": "memory", "messaging.destination.name": "t"}
+
+    def once() -> float:
+        started = time.process_time()
+        for _ in range(n):
+            tracer.start_span("process t", parent, trace.SpanKind.CONSUMER, attrs).end()
+        return (time.process_time() - started) / n
+
+    return statistics.median(once() for _ in range(5))
+
+
 def spread(xs: list[float]) -> str:
     return f"{min(xs):.3f} - {statistics.median(xs):.3f} - {max(xs):.3f}"
 
@@ -321,10 +348,18 @@ async def main() -> None:
     parser.add_argument("--rows", type=int, default=5000)
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--only", choices=["relay", "bus"], help="one path (default both)")
+    parser.add_argument(
+        "--setups", default=",".join(NAMES), help=f"comma-separated, of {','.join(NAMES)}"
+    )
     args = parser.parse_args()
     print(f"loadavg at start: {loadavg()}")
     setups = Setups()
-    names = NAMES
+    names = ["none", *(n for n in args.setups.split(",") if n != "none")]
+    unknown = set(names) - set(NAMES)
+    if unknown:
+        raise SystemExit(f"unknown set-ups: {sorted(unknown)}")
+    paths = [args.only] if args.only else ["relay", "bus"]
     relay_t: dict[str, list[float]] = {k: [] for k in names}
     bus_t: dict[str, list[float]] = {k: [] for k in names}
     missed_total = batches_total = 0
@@ -336,18 +371,22 @@ async def main() -> None:
             order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 setups.install(name)
-                sampled = 10 if name == "s10" else 1
-                per_row, batches, missed = await relay_round(db, store, args.rows, sampled)
-                relay_t[name].append(per_row)
-                batches_total += batches
-                missed_total += missed
-                bus_t[name].append(await bus_round(args.events))
+                if "relay" in paths:
+                    sampled = 10 if name == "s10" else 1
+                    per_row, batches, missed = await relay_round(db, store, args.rows, sampled)
+                    relay_t[name].append(per_row)
+                    batches_total += batches
+                    missed_total += missed
+                if "bus" in paths:
+                    setups.install(name)
+                    bus_t[name].append(await bus_round(args.events))
                 telemetry.install(None)
     finally:
         telemetry.install(None)
         await store.close()
     span, link, making = span_costs()
     record = record_cost()
+    unsampled = unsampled_cost()
     hook = hook_cost(None)
     api_hook = hook_cost(setups.api)
     proxy_hook = hook_cost(OpenTelemetry())  # the global providers, no SDK ever set
@@ -362,6 +401,8 @@ async def main() -> None:
         "ratio to none per round: min - median - max"
     )
     for label, table in (("relay", relay_t), ("bus", bus_t)):
+        if label not in paths:
+            continue
         base = table["none"]
         for name in names:
             ratios = [a / b for a, b in zip(table[name], base, strict=True)]
@@ -370,7 +411,43 @@ async def main() -> None:
                 f"{spread(ratios)}"
             )
     print(f"relay batches on the fast path: {batches_total - missed_total} of {batches_total}")
-    bus_none = statistics.median(bus_t["none"])
+    print(
+        f"SDK, timed directly: a span {span * us:.2f} us, an unsampled span "
+        f"{unsampled * us:.2f} us, a link {link * us:.3f} us, a histogram record "
+        f"{record * us:.2f} us"
+    )
+    if "relay" in paths:
+        relay_none = statistics.median(relay_t["none"])
+        print(
+            f"relay: {relay_none * us:.2f} us/row x 15% = {relay_none * 0.15 * us:.2f} us; "
+            f"batch form per row: 1/100 span + 1 link + making the link from the row's "
+            f"traceparent ({making * us:.2f} us) = {(span / 100 + link + making) * us:.2f} us"
+        )
+    if "bus" in paths:
+        bus_summary(
+            statistics.median(bus_t["none"]),
+            bus_t,
+            span,
+            unsampled,
+            record,
+            hook,
+            api_hook,
+            proxy_hook,
+        )
+    print(f"loadavg at end: {loadavg()}")
+
+
+def bus_summary(
+    bus_none: float,
+    bus_t: dict[str, list[float]],
+    span: float,
+    unsampled: float,
+    record: float,
+    hook: float,
+    api_hook: float,
+    proxy_hook: float,
+) -> None:
+    us = 1e6
     print(
         f"no-op hook calls per bus message: {hook * 1e9:.0f} ns = "
         f"{hook / bus_none * 100:.2f}% of the bus's {bus_none * us:.2f} us/msg"
@@ -384,24 +461,21 @@ async def main() -> None:
         f"{proxy_hook / bus_none * 100:.2f}% of the bus's time per message"
     )
     print(
-        f"SDK, timed directly: a span {span * us:.2f} us, a link {link * us:.3f} us, "
-        f"a histogram record {record * us:.2f} us; "
-        f"the bus's {bus_none * us:.2f} us/msg x 15% = {bus_none * 0.15 * us:.2f} us "
-        f"= {bus_none * 0.15 / span:.2f} spans' worth (it makes 2 per message, 3 in full)"
+        f"bus: {bus_none * us:.2f} us/msg x 15% = {bus_none * 0.15 * us:.2f} us "
+        f"= {bus_none * 0.15 / span:.2f} spans' worth, {bus_none * 0.15 / unsampled:.2f} "
+        f"unsampled spans' worth (a publish span per publish() call and a process span "
+        f"per message: 2 per message, 3 in full)"
     )
     floor = 2 * span + record
     print(
         f"bus floor of a span per message (publish + process spans + the duration record): "
-        f"{floor * us:.2f} us = {floor / bus_none:.2f}x the bus's time per message; "
-        f"measured excess (drop) {(statistics.median(bus_t['drop']) - bus_none) * us:.2f} us"
+        f"{floor * us:.2f} us = {floor / bus_none:.2f}x the bus's time per message"
+        + (
+            f"; measured excess (drop) {(statistics.median(bus_t['drop']) - bus_none) * us:.2f} us"
+            if bus_t.get("drop")
+            else ""
+        )
     )
-    relay_none = statistics.median(relay_t["none"])
-    print(
-        f"relay: {relay_none * us:.2f} us/row x 15% = {relay_none * 0.15 * us:.2f} us; "
-        f"batch form per row: 1/100 span + 1 link + making the link from the row's "
-        f"traceparent ({making * us:.2f} us) = {(span / 100 + link + making) * us:.2f} us"
-    )
-    print(f"loadavg at end: {loadavg()}")
 
 
 if __name__ == "__main__":

@@ -745,7 +745,9 @@ class OpenTelemetry(Telemetry):
     def message_created(
         self, topic: str, envelope: Envelope[Any], *, outbox: bool
     ) -> Envelope[Any]:
-        mode = self._mode()
+        mode = self._settled  # _mode() inline where it answers at once: a call less
+        if mode is None:
+            mode = self._mode_seen if time.monotonic() < self._recheck_at else self._mode()
         if mode & 1:
             (self._created if outbox else self._sent).add(
                 1, (("messaging.destination.name", topic),)
@@ -818,7 +820,9 @@ class OpenTelemetry(Telemetry):
         envelope: Envelope[Any],
         handler: Callable[..., Any],
     ) -> ConsumeScope:
-        mode = self._mode()
+        mode = self._settled  # _mode() inline where it answers at once: a call less
+        if mode is None:
+            mode = self._mode_seen if time.monotonic() < self._recheck_at else self._mode()
         if not mode & 2:
             if not mode:
                 return _NO_CONSUME
