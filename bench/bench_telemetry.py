@@ -320,6 +320,28 @@ def record_cost(n: int = 20_000) -> float:
     return statistics.median(once() for _ in range(5))
 
 
+def relay_hook_cost(hooks: telemetry.Telemetry | None, n: int = 300) -> float:
+    """CPU seconds per row of the relay's telemetry hook (``publishing``, entered and
+    left) on batches of 100 rows, each with a sampled ``traceparent`` of its own, minus the
+    no-op hook's: what tracing adds to each relayed row, without the drain's noise."""
+    messages = [
+        TransportMessage(str(i), b"{}", None, {"traceparent": f"{TRACEPARENT[:36]}{i + 1:016x}-01"})
+        for i in range(100)
+    ]
+    publisher = MemoryTransport()
+
+    def timed(h: telemetry.Telemetry) -> float:
+        started = time.process_time()
+        for _ in range(n):
+            with h.publishing("t", messages, publisher):
+                pass
+        return (time.process_time() - started) / (n * 100)
+
+    noop = telemetry.Telemetry()
+    costs = [timed(hooks or noop) - timed(noop) for _ in range(5)]
+    return max(0.0, statistics.median(costs))
+
+
 def unsampled_cost(n: int = 20_000) -> float:
     """CPU seconds of one span the sampler drops (``ParentBased`` under a parent that was
     not sampled): what each message still costs under sampling."""
@@ -422,6 +444,12 @@ async def main() -> None:
             f"relay: {relay_none * us:.2f} us/row x 15% = {relay_none * 0.15 * us:.2f} us; "
             f"batch form per row: 1/100 span + 1 link + making the link from the row's "
             f"traceparent ({making * us:.2f} us) = {(span / 100 + link + making) * us:.2f} us"
+        )
+        drop_row = relay_hook_cost(setups.drop)
+        print(
+            f"relay hook per row, timed directly (drop: SDK, exporter keeps nothing): "
+            f"{drop_row * us:.2f} us = {drop_row / relay_none:.1%} of the relay's "
+            f"{relay_none * us:.2f} us/row"
         )
     if "bus" in paths:
         bus_summary(

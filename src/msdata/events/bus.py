@@ -450,12 +450,9 @@ class EventBus:
                                         break
                                     # The common case inline, as _handle would do it (this runs
                                     # once per message): a delivery within its attempts that
-                                    # decodes, to an async handler without middleware, with the
-                                    # no-op telemetry. Anything else goes to _handle.
-                                    if (
-                                        delivery.attempt > max_attempts
-                                        or type(telemetry.hooks) is not Telemetry
-                                    ):
+                                    # decodes, to an async handler without middleware. Anything
+                                    # else goes to _handle.
+                                    if delivery.attempt > max_attempts:
                                         await handle(consumer, delivery, task, hand)
                                         continue
                                     try:
@@ -474,15 +471,29 @@ class EventBus:
                                     token = current_parent.set(envelope)
                                     hand[0] = delivery  # named only if it will not stop
                                     hand[1] = route.handler
+                                    hooks = telemetry.hooks
+                                    seen = (
+                                        None  # the no-op hooks are not called
+                                        if type(hooks) is Telemetry
+                                        else hooks.consume(
+                                            consumer.topic,
+                                            consumer.group,
+                                            delivery,
+                                            envelope,
+                                            route.handler,
+                                        )
+                                    )
                                     try:
                                         await route.handler(envelope.message)
                                     except (Exception, asyncio.CancelledError) as e:
                                         await self._failed(
-                                            consumer, delivery, envelope, e, task, None
+                                            consumer, delivery, envelope, e, task, seen
                                         )
                                         continue
                                     finally:
                                         current_parent.reset(token)
+                                        if seen is not None:
+                                            seen.close()  # telemetry
                                         hand[0] = hand[1] = None
                                     if task in abandoned:
                                         continue  # stop() gave up on this handler: released

@@ -21,7 +21,8 @@ span                   kind      where
                                  context goes into the headers)
 ``process <topic>``    CONSUMER  the event bus's consumer handling one delivery with its one
                                  handler (``code.function.name``), child of the context in
-                                 the delivery's headers
+                                 the delivery's headers (``process_spans="batch"``: one per
+                                 batch received, linked to each delivery's context)
 ``handle <type>``      INTERNAL  with ``handler_spans=True``: the handler, child of
                                  ``process``
 ``idempotency claim``  INTERNAL  an idempotency key claimed (``msdata.idempotency.outcome``)
@@ -603,7 +604,19 @@ class OpenTelemetry(Telemetry):
     span, which names it (``code.function.name``): the bus calls one handler per delivery,
     so that span is the handler's; True adds a ``handle`` span under ``process`` (the
     handler apart from the bus's middleware), at the SDK's cost of one more span per
-    delivery.
+    delivery. ``process_spans``: ``"message"`` (default) a ``process`` span per delivery,
+    child of the message's creation context, so one order's trace shows each consumer that
+    handled it, how long and with what outcome; ``"batch"`` one ``process`` span per batch
+    the bus's consumer received, linked to each message's creation context (the
+    conventions' batch form), the handlers running in their messages' creation contexts
+    (what they create stays in the order's trace, without a ``process`` span of its own),
+    ``messaging.process.duration`` recorded per batch: cheaper per message, at the cost of
+    the consumer's node in the order's trace; ``handler_spans`` applies to ``"message"``.
+
+    The per-message counters (``msdata.outbox.created``,
+    ``messaging.client.sent.messages``, ``messaging.client.consumed.messages``) are
+    counted here and reported by observable counters at each collection: the same
+    monotonic sums, without the SDK's ``Counter.add`` per message.
     """
 
     enabled = True
