@@ -131,6 +131,18 @@ def _w3c_only(propagator: TextMapPropagator) -> bool:
     )
 
 
+#: the context key of the API's baggage (``baggage.get_all()`` is the public way, ~0.5 us)
+_BAGGAGE_KEY: str | None = getattr(baggage, "_BAGGAGE_KEY", None)
+
+
+def _has_baggage() -> bool:
+    """Whether the current context holds baggage (the W3C baggage propagator writes a
+    ``baggage`` header only then)."""
+    if _BAGGAGE_KEY is None:  # pragma: no cover - another API's layout
+        return bool(baggage.get_all())
+    return bool(otel_context.get_current().get(_BAGGAGE_KEY))
+
+
 def _remote_parent(traceparent: str) -> otel_context.Context | None:
     """The context the W3C propagator extracts from a carrier whose only trace header is
     ``traceparent`` (no ``tracestate``, no ``baggage``), when that header is a strict
@@ -789,10 +801,12 @@ class OpenTelemetry(Telemetry):
         ``tracestate`` and no baggage to write (1.7 -> 0.6 us), else by the propagator."""
         if self._w3c:
             ctx = span.get_span_context()
-            if not ctx.trace_state and not (self._baggage and baggage.get_all()):
+            if not ctx.trace_state and not (self._baggage and _has_baggage()):
                 if ctx != trace.INVALID_SPAN_CONTEXT:
-                    carrier[_TRACEPARENT] = (
-                        f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+                    carrier[_TRACEPARENT] = "00-%032x-%016x-%02x" % (  # noqa: UP031 - faster
+                        ctx.trace_id,
+                        ctx.span_id,
+                        ctx.trace_flags,
                     )
                 return
         self._propagator.inject(carrier, trace.set_span_in_context(span))
