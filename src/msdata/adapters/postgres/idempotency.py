@@ -3,7 +3,7 @@
 The claim is ONE statement: a read of the key that calls the writing function only when
 there is no live row::
 
-    SELECT r.key IS NULL, r.fingerprint, r.completed, r.response, r.token
+    SELECT r.fingerprint, r.completed, r.response, r.token
     FROM (SELECT) AS one LEFT JOIN {table} AS r
         ON r.scope = $1 AND r.key = $2 AND r.expires_at > $now
     WHERE CASE WHEN r.key IS NOT NULL THEN true ELSE {table}_claim(...) END
@@ -97,10 +97,11 @@ _FUNCTION_ARGS = "(text, text, text, text, bigint, bigint)"
 
 # {0} scope, {1} key, {2} fingerprint, {3} token, {4} now (us), {5} lease end (us).
 # CAST(… AS …) rather than ::, which SQLAlchemy's text() would read as a parameter name.
-# One row: the live record (first column false), or the claim's (true) when the function
-# wrote; no row when it found a live claim that committed after this statement's snapshot.
+# One row: the live record, or NULLs when the function wrote the claim (a fingerprint is
+# never NULL); no row when the function found a live claim that committed after this
+# statement's snapshot.
 _CLAIM_SQL = """\
-SELECT r.key IS NULL, r.fingerprint, r.completed, r.response, r.token
+SELECT r.fingerprint, r.completed, r.response, r.token
 FROM (SELECT) AS one LEFT JOIN TABLE AS r
     ON r.scope = CAST({0} AS text) AND r.key = CAST({1} AS text) AND r.expires_at > NOW
 WHERE CASE WHEN r.key IS NOT NULL THEN true
@@ -244,11 +245,12 @@ class PostgresIdempotencyStore:
                 finally:
                     self._hot_busy = False
             if row is not None:
-                # asyncpg gives bytea as bytes; other drivers may not
-                response = row[3]
+                if row[0] is None:  # no live row was read: the function wrote the claim
+                    return token
+                response = row[2]  # bytes from asyncpg; other drivers may differ
                 if response is not None and type(response) is not bytes:
                     response = bytes(response)
-                return token if row[0] else (row[1], row[2], response, row[4])
+                return (row[0], row[1], response, row[3])
         raise StoreError(f"idempotency claim of {key!r}: the row kept changing")
 
     async def _own(self, sql: _Sql, args: tuple[Any, ...]) -> Any:
@@ -332,7 +334,7 @@ class PostgresIdempotencyStore:
         for _ in range(_RETRIES):
             row = self._claim.caller.run(conn, args, fetch=True)
             if row is not None:
-                return token if row[0] else (row[1], row[2], _bytes(row[3]), row[4])
+                return token if row[0] is None else (row[0], row[1], _bytes(row[2]), row[3])
         raise StoreError(f"idempotency claim of {key!r}: the row kept changing")
 
     def complete(
