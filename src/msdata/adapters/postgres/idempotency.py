@@ -10,9 +10,9 @@ there is no live row::
 
 A live key (a replay, or IN_PROGRESS) is answered by that read alone: the statement has no
 write node, so nothing is written, locked or even prepared for writing (it runs in a READ
-ONLY transaction, e.g. on a standby), and a replay costs the server about what one
-primary-key SELECT costs (79k instructions against 54k; 139k with the data-modifying CTEs
-this replaced, whose INSERT … ON CONFLICT node was set up on every call). ``CASE`` only
+ONLY transaction, e.g. on a standby). A replay costs the server 72k instructions against
+48k for one primary-key SELECT (callgrind; 134k with the data-modifying CTEs this replaced,
+whose INSERT … ON CONFLICT node was set up on every call: bench/README.md). ``CASE`` only
 evaluates the branch it takes (PostgreSQL documents it, "4.2.14. Expression Evaluation
 Rules"), so the function runs only for a new or expired key: a PL/pgSQL function (its plan
 is cached per session) that inserts the key, or takes an expired one over through ``ON
