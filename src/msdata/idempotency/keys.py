@@ -631,10 +631,13 @@ class IdempotencyKeys:
                 and (not fp or not stored_fp or stored_fp == fp)
             ):
                 telemetry.hooks.idempotency_claim(scope, "replayed")  # telemetry
-                try:
-                    if result_type is Any:
-                        return cast(T, from_json(response[1:]))
-                    return cast(T, _validator(result_type).validate_json(response[1:]))
+                try:  # (annotated, not typing.cast: a call less on the replay path)
+                    result: T = (
+                        from_json(response[1:])
+                        if result_type is Any
+                        else _validator(result_type).validate_json(response[1:])
+                    )
+                    return result
                 except ValueError:  # raised again as StoredResultInvalid
                     return cast(T, _replayed(response, key, result_type, ()))
             live = self._live(found, scope, key, fp)
