@@ -291,7 +291,9 @@ async def test_one_trace_from_the_request_through_two_services(
         "billing.PaymentRequested",
         "orders.OrderPlaced",
     ]
+    assert all(a["messaging.operation.name"] == "publish" for a, _ in sent)
     settled = otel.metric("messaging.client.consumed.messages")
+    assert all(a["messaging.operation.name"] == "process" for a, _ in settled)
     assert {(a["messaging.consumer.group.name"], a["msdata.outcome"]): v for a, v in settled} == {
         ("billing", "ack"): 1,
         ("shipping", "ack"): 1,
@@ -344,6 +346,7 @@ async def test_failures_nacks_dead_letters_and_a_failed_publish_are_counted(otel
     errors = [a for a, _ in otel.metric("messaging.client.sent.messages") if "error.type" in a]
     assert errors == [
         {
+            "messaging.operation.name": "publish",  # required by the conventions
             "messaging.system": "msdata",
             "messaging.destination.name": "test.Boom",
             "error.type": "ConnectionError",

@@ -193,10 +193,16 @@ def _system_of(obj: object, default: str) -> str:
 
 
 def _sent_key(system: str, topic: str, exc: BaseException | None) -> tuple[tuple[str, str], ...]:
-    """The attributes of ``messaging.client.sent.messages`` for a relay batch."""
+    """The attributes of ``messaging.client.sent.messages`` for a relay batch
+    (``messaging.operation.name`` and ``messaging.system`` are required by the conventions)."""
     if exc is None:
-        return (("messaging.system", system), ("messaging.destination.name", topic))
+        return (
+            ("messaging.operation.name", "publish"),
+            ("messaging.system", system),
+            ("messaging.destination.name", topic),
+        )
     return (
+        ("messaging.operation.name", "publish"),
         ("messaging.system", system),
         ("messaging.destination.name", topic),
         ("error.type", type(exc).__qualname__),
@@ -905,6 +911,7 @@ class OpenTelemetry(Telemetry):
         counted = self._counted.get((system, topic, group))
         if counted is None:
             attrs = {
+                "messaging.operation.name": "process",  # required by the conventions
                 "messaging.system": system,
                 "messaging.destination.name": topic,
                 "messaging.consumer.group.name": group,
