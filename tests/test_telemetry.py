@@ -327,6 +327,8 @@ async def test_failures_nacks_dead_letters_and_a_failed_publish_are_counted(otel
         )
     settled = {a["msdata.outcome"]: v for a, v in otel.metric("messaging.client.consumed.messages")}
     assert settled == {"nack": 1, "dead_letter": 1}
+    ((failed_attrs, runs),) = otel.metric("messaging.process.duration")
+    assert runs == 2 and failed_attrs["error.type"] == "ValueError"
     ((attrs, value),) = otel.metric("msdata.consumer.dead_letters")
     assert value == 1 and attrs["messaging.consumer.group.name"] == "g"
     failed = [s for s in otel.finished() if s.name == "process test.Boom"]

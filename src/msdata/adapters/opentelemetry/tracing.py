@@ -309,7 +309,10 @@ class _Consume(ConsumeScope):
                 span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
             span.set_attribute("msdata.outcome", self._outcome)
             span.end()
-        otel._process_duration.record(time.perf_counter() - self._start, self._attrs)
+        attrs = self._attrs
+        if error is not None and self._outcome != "cancelled":  # required when it failed
+            attrs = {**attrs, "error.type": type(error).__qualname__}
+        otel._process_duration.record(time.perf_counter() - self._start, attrs)
         otel._consumed.add(1, (*self._key, ("msdata.outcome", self._outcome)))
 
 
