@@ -489,28 +489,24 @@ async def _ack(raw: DeliveredMessage) -> None:
             await _on_channel(channel, channel.basic_ack(tag, wait=False))
 
 
-def _given_back_records(body: bytes) -> list[tuple[str, int, str, int, float]]:
-    """The records of a given-back message (a JSON list of ``[message id, prior attempts,
-    body digest, attempt, recorded at]``); what is not one is skipped, counts range-checked."""
+def _given_back_record(body: bytes) -> tuple[str, int, str, int, float] | None:
+    """A given-back record (JSON ``[message id, prior attempts, body digest, attempt,
+    recorded at]``, see :meth:`RabbitMQSubscription._record_given_back`), counts
+    range-checked; None if it is not one."""
     try:
-        items = json.loads(body)
+        item = json.loads(body)
     except ValueError:
-        return []
-    out: list[tuple[str, int, str, int, float]] = []
-    if not isinstance(items, list):
-        return out
-    for item in items:
-        if not (isinstance(item, list) and len(item) == 5):
-            continue
-        message_id, prior, digest, attempt, at = item
-        if not (isinstance(message_id, str) and isinstance(digest, str)):
-            continue
-        if not all(type(v) is int for v in (prior, attempt)) or not isinstance(at, int | float):
-            continue
-        if not (0 <= prior <= MAX_ATTEMPT and 1 <= attempt <= MAX_ATTEMPT):
-            continue
-        out.append((message_id, prior, digest, attempt, float(at)))
-    return out
+        return None
+    if not (isinstance(item, list) and len(item) == 5):
+        return None
+    message_id, prior, digest, attempt, at = item
+    if not (isinstance(message_id, str) and isinstance(digest, str)):
+        return None
+    if type(prior) is not int or type(attempt) is not int or not isinstance(at, int | float):
+        return None
+    if not (0 <= prior <= MAX_ATTEMPT and 1 <= attempt <= MAX_ATTEMPT):
+        return None
+    return message_id, prior, digest, attempt, float(at)
 
 
 class _Entry:
@@ -714,10 +710,11 @@ class RabbitMQSubscription(ClosesOnExit):
         # ordered mode: key -> copies of it this subscription moved and has not received back
         self._moving: dict[str, int] = {}
         # ordered mode: what it received on its channel and did not settle (recorded as given
-        # back when it closes), and the given-back records it read and did not match yet:
-        # (message id, prior attempts, body digest) -> [(attempt, recorded at, Unix s)]
+        # back when it closes), and the given-back records it read and did not use yet, held
+        # unacked: (message id, prior attempts, body digest) -> [(attempt, recorded at (Unix
+        # s), channel, delivery tag)]
         self._live: set[_Entry] = set()
-        self._records: dict[tuple[str, int, str], list[tuple[int, float]]] = {}
+        self._records: dict[tuple[str, int, str], list[tuple[int, float, Any, int]]] = {}
         self._marker = uuid.uuid4().hex
         self._signal = asyncio.Event()
         self._closed = False
@@ -828,6 +825,7 @@ class RabbitMQSubscription(ClosesOnExit):
         self._recount.clear()
         self._moving.clear()
         self._live.clear()
+        self._records.clear()  # held on the old channel: the broker took them back
         if self._resuming is not None:
             self._resuming.cancel()
         self._resuming = asyncio.get_running_loop().create_task(self._resume())
@@ -943,32 +941,39 @@ class RabbitMQSubscription(ClosesOnExit):
             # a redelivery not looked up yet has a record of its own to carry on, not a count
             await self._look_up_given_back(list(self._live))
             now = time.time()
-            records: list[list[Any]] = []
+            bodies: list[bytes] = []
             for entry in list(self._live):
                 if entry.stale:
                     continue
                 if entry.message is None:
                     entry.parse(self._counts_deliveries)
-                message_id, prior, digest = entry.given_back_key()
                 attempt = entry.attempt + 1 if entry.out else entry.attempt
-                records.append([message_id, prior, digest, attempt, now])
-            for (message_id, prior, digest), kept in self._records.items():
-                for attempt, at in kept:
+                bodies.append(json.dumps([*entry.given_back_key(), attempt, now]).encode())
+            # the records it read and did not use go back written anew, before the close:
+            # handed back by the close, they could reach the queue after their redelivery
+            # reached the next consumer
+            used: list[tuple[Any, int]] = []
+            for key, kept in self._records.items():
+                for attempt, at, channel, tag in kept:
+                    used.append((channel, tag))
                     if now - at < _GIVEN_BACK_KEPT:
-                        records.append([message_id, prior, digest, attempt, at])
-            if not records:
-                return
+                        bodies.append(json.dumps([*key, attempt, at]).encode())
+            self._records.clear()
+            name = _given_back_name(self.queue)
             props = Basic.Properties(delivery_mode=_PERSISTENT, content_type="application/json")
-            result = await _on_channel(
-                raw,
-                raw.basic_publish(
-                    json.dumps(records).encode(),
-                    exchange="",
-                    routing_key=_given_back_name(self.queue),
-                    properties=props,
-                ),
+            results = await asyncio.gather(
+                *[
+                    _on_channel(
+                        raw,
+                        raw.basic_publish(body, exchange="", routing_key=name, properties=props),
+                    )
+                    for body in bodies
+                ],
+                return_exceptions=True,
             )
-            _confirmed([result], f"recording what {self.queue!r} gives back")
+            _confirmed(results, f"recording what {self.queue!r} gives back")
+            for channel, tag in used:
+                await _on_channel(channel, channel.basic_ack(tag))
 
     async def _look_up_given_back(self, entries: Iterable[_Entry]) -> None:
         """Ordered mode: give each redelivery waiting to be handed out the attempt its
@@ -988,31 +993,42 @@ class RabbitMQSubscription(ClosesOnExit):
             except MsdataError as e:  # counted as the broker says, then
                 log.warning("%s", e)
         records = self._records
+        used: list[tuple[Any, int]] = []
         for entry, key in zip(waiting, keys, strict=True):
             entry.looked = True
             kept = records.get(key)
             if kept:
-                entry.attempt = kept.pop()[0]
+                attempt, _, channel, tag = kept.pop()
+                entry.attempt = attempt
                 entry.known = True
+                used.append((channel, tag))
                 if not kept:
                     del records[key]
+        for channel, tag in used:  # each record is used once
+            # a channel that closed meanwhile handed its deliveries back, counted: the record
+            # goes back too (a later redelivery of the message may use it)
+            with contextlib.suppress(*_AMQP_ERRORS):
+                await _on_channel(channel, channel.basic_ack(tag))
 
     async def _read_given_back(self, raw: Any) -> None:
-        """Take every record in the group's given-back queue into :attr:`_records` (acked:
-        this subscription owns them now, and writes back those it does not use)."""
+        """Take every record in the group's given-back queue into :attr:`_records`, unacked
+        (acked when used; if this consumer dies, the broker hands them back to the queue)."""
         name = _given_back_name(self.queue)
         with _amqp_errors(f"reading the given-back records of {self.queue!r}"):
             while True:
                 got = await _on_channel(raw, raw.basic_get(name))
                 if not isinstance(got.delivery, Basic.GetOk):
                     break
-                if got.exchange == "":  # only msdata's own, through the default exchange
-                    for message_id, prior, digest, attempt, at in _given_back_records(got.body):
-                        self._records.setdefault((message_id, prior, digest), []).append(
-                            (attempt, at)
-                        )
-                # each alone: ``multiple`` would ack the deliveries it holds too
-                await _on_channel(raw, raw.basic_ack(got.delivery_tag))
+                # only msdata's own, through the default exchange, and not stale
+                record = _given_back_record(got.body) if got.exchange == "" else None
+                if record is None or time.time() - record[4] >= _GIVEN_BACK_KEPT:
+                    # each alone: ``multiple`` would ack the deliveries it holds too
+                    await _on_channel(raw, raw.basic_ack(got.delivery_tag))
+                    continue
+                message_id, prior, digest, attempt, at = record
+                self._records.setdefault((message_id, prior, digest), []).append(
+                    (attempt, at, raw, got.delivery_tag)
+                )
 
     # -- receiving -----------------------------------------------------------------------------
 
