@@ -23,6 +23,9 @@ Topology, all durable and declared by the adapter:
   it that keeps every dead letter: a group declared on a dead-letter topic gets a copy of
   that history first, so it reads the topic from its beginning however late it comes (the
   history is never consumed; purge or delete it to forget old dead letters);
+- for each group in ordered mode, a *given-back queue* ``<topic>:<group>:given-back``: a
+  closing subscription records there the attempt of each delivery it hands back to the
+  broker (see "Attempts");
 - for each group (not in ordered mode, which retries by itself), a *ready queue*
   ``<topic>:<group>:retry`` that its subscriptions consume beside the group's queue, with a
   prefetch of their own: a nacked delivery's copy goes there, so a retry does not wait
@@ -71,7 +74,20 @@ path is abandoned when its channel closes (see :func:`_on_channel`), and a copy 
 original's own channel. This is msdata's own attempt record, carried by the message, rather
 than quorum queues with a broker-side ``x-delivery-limit``: quorum queues failed our restart test on
 RabbitMQ 3.10 (see above), and a broker-side limit drops or dead-letters without msdata's
-reason headers and log line. Only msdata's own bookkeeping counts: ``x-msdata-prior-attempts``
+reason headers and log line.
+
+Stopping counts nothing for what was not handed out (the port's ``release``). A closing
+channel hands back what it holds flagged as redelivered (a quorum queue raises
+``x-delivery-count``), which would count. So an unordered subscription cancels its
+consumers and moves what it holds as copies carrying their attempts (see
+:meth:`RabbitMQSubscription._give_back`). An ordered one cannot (a copy at the back would
+pass the later messages of its key): it records each delivery's attempt in the group's
+given-back queue, then closes its channel, and the broker puts them back in place. The next
+consumer to receive one uses its record once (see
+:meth:`RabbitMQSubscription._record_given_back`). A consumer that dies records nothing, so
+what it held counts.
+
+Only msdata's own bookkeeping counts: ``x-msdata-prior-attempts``
 (and ``x-msdata-moved``) only on a copy that came through the default exchange (producers
 publish to the topic's exchange), ``x-delivery-count`` only on a quorum queue's redelivery,
 each kept within 0..:data:`MAX_ATTEMPT`.
@@ -752,8 +768,9 @@ class RabbitMQSubscription(ClosesOnExit):
 
     async def close(self) -> None:
         """Stop consuming. What it received but never handed out goes back without counting
-        an attempt (see :meth:`_give_back`); what it handed out and was not settled goes back
-        by closing the channel, so the broker redelivers it, counted."""
+        an attempt (moved: :meth:`_give_back`; in ordered mode, in place, with a record:
+        :meth:`_record_given_back`); what it handed out and was not settled goes back by
+        closing the channel, so the broker redelivers it, counted once."""
         if self._closed:
             return
         if self._entered:
@@ -1009,6 +1026,12 @@ class RabbitMQSubscription(ClosesOnExit):
             # goes back too (a later redelivery of the message may use it)
             with contextlib.suppress(*_AMQP_ERRORS):
                 await _on_channel(channel, channel.basic_ack(tag))
+        if used:
+            # a round trip: the broker has the acks before the redeliveries are handed out,
+            # so a process killed after handing one out leaves no record behind to uncount it
+            channel = used[-1][0]
+            with contextlib.suppress(*_AMQP_ERRORS):
+                await _on_channel(channel, channel.queue_declare(self.queue, passive=True))
 
     async def _read_given_back(self, raw: Any) -> None:
         """Take every record in the group's given-back queue into :attr:`_records`, unacked
