@@ -944,7 +944,10 @@ class RabbitMQSubscription(ClosesOnExit):
 
         Nothing may arrive unrecorded between the record and the close (it would come back
         counted): a channel-wide ``basic.qos`` of 1 stops a classic queue from sending to a
-        channel that holds a delivery, and two round trips bring in what it sent before."""
+        channel that holds a delivery, two round trips bring in what it sent before, and
+        what came meanwhile is recorded in another round. (A quorum queue ignores a
+        channel-wide ``basic.qos``: a refill for the last acks that arrives after the last
+        round comes back counted.)"""
         tags = self._tags
         if tags is None or tags[0].is_closed:
             return
@@ -952,23 +955,31 @@ class RabbitMQSubscription(ClosesOnExit):
         with _amqp_errors(f"recording what {self.queue!r} gives back"):
             if not self._counts_deliveries:
                 await _on_channel(raw, raw.basic_qos(prefetch_count=1, global_=True))
-            for _ in range(2):
-                await _on_channel(raw, raw.queue_declare(self.queue, passive=True))
-            await asyncio.sleep(0)  # the driver's tasks hand us what arrived
-            # a redelivery not looked up yet has a record of its own to carry on, not a count
-            await self._look_up_given_back(list(self._live))
             now = time.time()
-            bodies: list[bytes] = []
-            for entry in list(self._live):
-                if entry.stale:
-                    continue
-                if entry.message is None:
-                    entry.parse(self._counts_deliveries)
-                attempt = entry.attempt + 1 if entry.out else entry.attempt
-                bodies.append(json.dumps([*entry.given_back_key(), attempt, now]).encode())
+            recorded: set[_Entry] = set()
+            # until a round finds nothing new (holding one delivery or more, the channel is
+            # sent nothing more; a few rounds at most, for a queue that does not stop)
+            for _ in range(5):
+                for _ in range(2):
+                    await _on_channel(raw, raw.queue_declare(self.queue, passive=True))
+                await asyncio.sleep(0)  # the driver's tasks hand us what arrived
+                fresh = [e for e in self._live if e not in recorded and not e.stale]
+                if not fresh:
+                    break
+                # a redelivery not looked up yet carries on its own record, not a count
+                await self._look_up_given_back(fresh)
+                bodies: list[bytes] = []
+                for entry in fresh:
+                    if entry.message is None:
+                        entry.parse(self._counts_deliveries)
+                    attempt = entry.attempt + 1 if entry.out else entry.attempt
+                    bodies.append(json.dumps([*entry.given_back_key(), attempt, now]).encode())
+                await self._publish_given_back(raw, bodies)
+                recorded.update(fresh)
             # the records it read and did not use go back written anew, before the close:
             # handed back by the close, they could reach the queue after their redelivery
             # reached the next consumer
+            bodies = []
             used: list[tuple[Any, int]] = []
             for key, kept in self._records.items():
                 for attempt, at, channel, tag in kept:
@@ -976,21 +987,24 @@ class RabbitMQSubscription(ClosesOnExit):
                     if now - at < _GIVEN_BACK_KEPT:
                         bodies.append(json.dumps([*key, attempt, at]).encode())
             self._records.clear()
-            name = _given_back_name(self.queue)
-            props = Basic.Properties(delivery_mode=_PERSISTENT, content_type="application/json")
-            results = await asyncio.gather(
-                *[
-                    _on_channel(
-                        raw,
-                        raw.basic_publish(body, exchange="", routing_key=name, properties=props),
-                    )
-                    for body in bodies
-                ],
-                return_exceptions=True,
-            )
-            _confirmed(results, f"recording what {self.queue!r} gives back")
+            if bodies:
+                await self._publish_given_back(raw, bodies)
             for channel, tag in used:
                 await _on_channel(channel, channel.basic_ack(tag))
+
+    async def _publish_given_back(self, raw: Any, bodies: Sequence[bytes]) -> None:
+        name = _given_back_name(self.queue)
+        props = Basic.Properties(delivery_mode=_PERSISTENT, content_type="application/json")
+        results = await asyncio.gather(
+            *[
+                _on_channel(
+                    raw, raw.basic_publish(body, exchange="", routing_key=name, properties=props)
+                )
+                for body in bodies
+            ],
+            return_exceptions=True,
+        )
+        _confirmed(results, f"recording what {self.queue!r} gives back")
 
     async def _look_up_given_back(self, entries: Iterable[_Entry]) -> None:
         """Ordered mode: give each redelivery waiting to be handed out the attempt its
