@@ -147,6 +147,31 @@ class TestRabbitMQTransportQuorum(_Unreachable):
             yield t
 
 
+class TestRabbitMQTransportQuorumOrdered(_Unreachable):
+    """Quorum queues in ordered mode: single active consumer on a quorum queue, which gives
+    back and counts deliveries its own way (``x-delivery-count``, no channel-wide qos)."""
+
+    arrival_timeout = 10.0
+    quiet_period = 0.3
+
+    @asynccontextmanager
+    async def make_transport(self) -> AsyncIterator[Transport]:
+        async with rabbitmq_transport(queue_type="quorum", ordered_per_key=True) as t:
+            yield t
+
+    @asynccontextmanager
+    async def make_transport_with(self, **options: Any) -> AsyncIterator[Transport]:
+        async with rabbitmq_transport(queue_type="quorum", ordered_per_key=True, **options) as t:
+            yield t
+
+    @asynccontextmanager
+    async def make_transport_in(self, namespace: str) -> AsyncIterator[Transport]:
+        async with rabbitmq_transport(
+            queue_type="quorum", ordered_per_key=True, namespace=namespace
+        ) as t:
+            yield t
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
