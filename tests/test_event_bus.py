@@ -563,8 +563,10 @@ async def test_stop_returns_at_its_timeout_when_a_handler_will_not_stop(
     "backend",
     [
         *TRANSPORTS,
-        # single active consumer: what a stopping consumer holds goes back in its place
+        # the ordered modes (RabbitMQ: single active consumer, a stopping consumer's
+        # deliveries go back in their places; NATS: a consumer per key partition)
         pytest.param("rabbitmq-ordered", id="rabbitmq-ordered", marks=pytest.mark.rabbitmq),
+        pytest.param("nats-ordered", id="nats-ordered", marks=pytest.mark.nats),
     ],
 )
 async def test_stopping_under_load_again_and_again_dead_letters_nothing(backend: str) -> None:
