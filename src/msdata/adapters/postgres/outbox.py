@@ -213,11 +213,13 @@ BEGIN
         PERFORM pg_advisory_xact_lock_shared({cls}, 1);
     END IF;
 
+    -- (the partitions other live relays hold rows of, gathered once and hashed, not a
+    -- search of every batch's list per partition)
     SELECT array_agg(p.part), min(p.part), max(p.part) INTO v_mine, v_lo, v_hi
     FROM {parts} p
-    WHERE p.owner = p_owner AND NOT EXISTS (
-        SELECT 1 FROM {inflight} h
-        WHERE h.owner <> p_owner AND h.until > v_now AND p.part = ANY(h.parts)
+    WHERE p.owner = p_owner AND p.part NOT IN (
+        SELECT u.k FROM {inflight} h, unnest(h.parts) AS u(k)
+        WHERE h.owner <> p_owner AND h.until > v_now AND u.k IS NOT NULL
           AND EXISTS (SELECT 1 FROM {relays} r WHERE r.owner = h.owner AND r.until > v_now));
     IF v_mine IS NULL THEN
         RETURN;
