@@ -583,6 +583,27 @@ class OutboxStoreConformance(OutboxStoreHooks, NoTransactionHook):
             assert await both("relay-a", [r.seq for r in b], 100, 30.0) == []
             assert (await store.status()).pending == 0
 
+    async def test_mark_sent_and_claim_of_part_of_a_batch_keeps_the_rest_held(self) -> None:
+        """Marking some rows of a batch (the first and last: rows far apart; then two
+        neighbours) deletes those rows only: the rest stay the relay's until marked or
+        released, and come back once released."""
+        async with self.make_store() as store:
+            both = store.mark_sent_and_claim
+            rows = make_rows(8, keys=[f"k{i}" for i in range(8)])
+            await self.add_committed(store, rows)
+            a = [r.seq for r in await store.claim("relay-a", 6, 30.0)]
+            assert len(a) == 6
+            # far apart, then neighbours: the marked rows go, the others stay held
+            b = await both("relay-a", [a[0], a[5]], 100, 30.0)
+            assert [r.message_id for r in b] == [r.message_id for r in rows[6:]]
+            assert await both("relay-a", [a[1], a[2]], 100, 30.0) == []  # the rest held
+            assert (await store.status()).pending == 4
+            await store.release("relay-a", [a[3], a[4]])
+            c = await both("relay-a", [r.seq for r in b], 100, 30.0)
+            assert [r.seq for r in c] == [a[3], a[4]]
+            assert await both("relay-a", [a[3], a[4]], 100, 30.0) == []
+            assert (await store.status()).pending == 0
+
     async def test_mark_sent_and_claim_never_returns_a_key_another_relay_holds(self) -> None:
         async with self.make_store() as store:
             both = store.mark_sent_and_claim
