@@ -31,6 +31,9 @@ def test_safe_text_is_one_line_of_utf8_within_the_limit(text: str, limit: int) -
 
 def test_safe_text_escapes_readably_and_marks_a_cut() -> None:
     assert safe_text("id 'a\ud800'\nnext\x00") == "id 'a\\ud800'\\nnext\\x00"
+    # text that reorders how the rest is shown, or breaks the line, is escaped too
+    assert safe_text("id\u202egnp.exe\u2066x\u2028y") == "id\\u202egnp.exe\\u2066x\\u2028y"
+    assert safe_text("é ü 中文 €") == "é ü 中文 €"  # other non-ASCII text stays as it is
     assert safe_text("é" * 600, 10) == "ééé..."
     assert len(safe_text("x" * 5000).encode()) == SAFE_TEXT_LIMIT
 

@@ -353,8 +353,12 @@ class handling:
 
 #: the most bytes (UTF-8) of a reason or header value msdata writes
 SAFE_TEXT_LIMIT = 1024
-# C0 and C1 controls, DEL, and surrogates (in a str, every surrogate is a lone one)
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# C0 and C1 controls, DEL, surrogates (in a str, every surrogate is a lone one), the line
+# and paragraph separators, and the bidirectional formatting characters that reorder how
+# text is shown (U+061C, U+200E-F, U+202A-E, U+2066-9: "Trojan Source", CVE-2021-42574)
+_UNSAFE = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\ud800-\udfff\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]"
+)
 _SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -365,8 +369,9 @@ def _escape(m: re.Match[str]) -> str:
 
 def safe_text(text: str, limit: int = SAFE_TEXT_LIMIT) -> str:
     """``text`` made safe for a reason or header value that msdata writes (a dead-letter
-    reason, a relay's last error): control characters and lone surrogates escaped as
-    ``\\n``, ``\\x00``, ``\\ud800`` (so the result is one line, valid UTF-8, readable),
+    reason, a relay's last error): control characters, lone surrogates, line separators
+    and bidirectional formatting characters escaped as ``\\n``, ``\\x00``, ``\\ud800``,
+    ``\\u202e`` (so the result is one line, valid UTF-8, shown in its own order),
     then cut to at most ``limit`` bytes of UTF-8 (``...`` marks a cut). ``limit`` >= 3.
     """
     if not (text.isascii() and text.isprintable()):
