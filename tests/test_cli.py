@@ -336,6 +336,10 @@ def test_dlq_list_show_and_replay(redis_url: str) -> None:
         "RejectMessage: tick 2 is bad",
     ]
     assert len(json.loads(msdata("dlq", "list", *where, "--json").stdout)) == 2  # still there
+    assert len(json.loads(msdata("dlq", "list", *where, "--limit", "1", "--json").stdout)) == 1
+    cut = msdata("dlq", "list", *where, "--limit", "1").stdout  # the table says it was cut
+    assert "the first 1 of" in cut and "--limit N reads more" in cut
+    assert "reads more" not in msdata("dlq", "list", *where, "--limit", "3").stdout
     shown = json.loads(msdata("dlq", "show", *where, listed[0]["id"], "--json").stdout)
     assert shown["id"] == listed[0]["id"] and '"specversion"' in shown["body"]
 

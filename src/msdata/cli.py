@@ -10,6 +10,7 @@ redacted) and exits 1, never a traceback; bad usage exits 2.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import functools
 import importlib
@@ -554,19 +555,22 @@ async def dlq_list(
         _dlq_source(broker, namespace, topic, group, app), limit, "keep", explicit=not app
     )
     data = [{k: v for k, v in r.items() if k not in ("body", "body_base64")} for r in rows]
-    _emit(
-        as_json,
-        data,
-        lambda: (
-            _table(
-                "dead letters",
-                ["dead-letter topic", "id", "key", "attempts", "reason"],
-                [[d["dlq"], d["id"], d["key"], d["attempts"], d["reason"]] for d in data],
-            )
-            if data
-            else "no dead letters"
-        ),
-    )
+    per_topic = collections.Counter(d["dlq"] for d in data)
+    full = sorted(t for t, n in per_topic.items() if n >= limit)
+
+    def show() -> Table | str:
+        if not data:
+            return "no dead letters"
+        t = _table(
+            "dead letters",
+            ["dead-letter topic", "id", "key", "attempts", "reason"],
+            [[d["dlq"], d["id"], d["key"], d["attempts"], d["reason"]] for d in data],
+        )
+        if full:  # there may be more than were read
+            t.caption = f"the first {limit} of {', '.join(full)}; --limit N reads more"
+        return t
+
+    _emit(as_json, data, show)
 
 
 @dlq.command("show")
