@@ -222,16 +222,20 @@ class CloudEventsCodec:
         self.registry = registry if registry is not None else default_registry
         self.max_size = max_size
         self._generation = -1
-        # class -> (pydantic-core serializer, what to look at after encoding, anything?)
-        self._encoders: dict[type[Message], tuple[Any, _Plan, bool]] = {}
+        # class -> pydantic-core serializers
+        # (the whole CloudEvent's, what to look at after encoding, anything?, the class's)
+        self._encoders: dict[type[Message], tuple[Any, _Plan, bool, Any]] = {}
         # classes whose decoded values need a look -> the fields to look at
         self._checked: dict[type[Message], _Plan] = {}
         self._decoder: Any = None  # pydantic-core validator of every registered type
         self._newest: dict[str, tuple[type[Message], int]] = {}
+        # type name -> its newest class's validator, version, and what to look at after
+        self._newest_validators: dict[str, tuple[Any, int, _Plan | None]] = {}
         # (type name, source, version) -> the text around the time in what encode writes
         self._heads: dict[tuple[str, str, int], tuple[str, str]] = {}
         # the last time written and its JSON: one publish_many shares one time
         self._last_time: tuple[datetime | None, str] = (None, "")
+        self._last_correlation: tuple[str | None, str] = (None, "")
 
     def _refresh(self) -> None:
         """(Re)build the pydantic adapters after the registry changed."""
@@ -241,6 +245,10 @@ class CloudEventsCodec:
         self._newest = registry.newest()
         plans = {cls: _check_plan(cls) for cls, _ in self._newest.values()}
         self._checked = {c: p for c, p in plans.items() if p.walk != () or p.floats}
+        self._newest_validators = {
+            name: (cls.__pydantic_validator__, version, self._checked.get(cls))
+            for name, (cls, version) in self._newest.items()
+        }
         wires = [_wire_type(name, cls) for name, (cls, _) in self._newest.items()]
         if not wires:
             self._decoder = None
@@ -272,8 +280,9 @@ class CloudEventsCodec:
                 TypeAdapter(_wire_type(name, cls, encoding=True)).serializer,
                 plan,
                 not plan.empty,
+                cls.__pydantic_serializer__,
             )
-        encoder, plan, check = cached
+        encoder, plan, check, serializer = cached
         # the envelope's own attributes: what make_envelope builds passes; a hand-built one
         # that decode could not read back is refused here (pydantic would write it, warning)
         (_, type_name, version, msg_id, time, source, correlation, causation, key, headers) = (
@@ -319,34 +328,51 @@ class CloudEventsCodec:
                     else _quote(time.isoformat())
                 )
                 self._last_time = (time, when)
-            head = f'"specversion":"1.0","id":{_quote(msg_id)}{parts[0]}{when}{parts[1]}'
-            if correlation is not None:
-                head = f'{head},"correlationid":{_quote(correlation)}'
-            if causation is not None:
-                head = f'{head},"causationid":{_quote(causation)}'
-            if key is not None:
-                head = f'{head},"partitionkey":{_quote(key)}'
-            if headers:
-                extension = ""
-                for name, value in headers.items():
-                    if name in RESERVED_ATTRIBUTES:
-                        raise _ToPlainPath
-                    extension += f"{_quote(name)}:{_quote(value)},"
-                head = f"{{{extension}{head}"
+            quoted_id = _quote(msg_id)
+            if causation is None and key is None and not headers:
+                # the common case in one piece: correlation is the id itself, or the
+                # parent's (then quoted once for a batch)
+                if correlation is msg_id:
+                    quoted = quoted_id
+                elif correlation is None:
+                    raise _ToPlainPath
+                else:
+                    last_c = self._last_correlation
+                    if last_c[0] is correlation:
+                        quoted = last_c[1]
+                    else:
+                        quoted = _quote(correlation)
+                        self._last_correlation = (correlation, quoted)
+                start = (
+                    f'{{"specversion":"1.0","id":{quoted_id}{parts[0]}{when}{parts[1]}'
+                    f',"correlationid":{quoted},"data":'
+                ).encode()
             else:
-                head = "{" + head
-            start = (head + ',"data":').encode()
+                head = f'"specversion":"1.0","id":{quoted_id}{parts[0]}{when}{parts[1]}'
+                if correlation is not None:
+                    head = f'{head},"correlationid":{_quote(correlation)}'
+                if causation is not None:
+                    head = f'{head},"causationid":{_quote(causation)}'
+                if key is not None:
+                    head = f'{head},"partitionkey":{_quote(key)}'
+                extension = ""
+                if headers:
+                    for name, value in headers.items():
+                        if name in RESERVED_ATTRIBUTES:
+                            raise _ToPlainPath
+                        extension += f"{_quote(name)}:{_quote(value)},"
+                start = f'{{{extension}{head},"data":'.encode()
             raw = None
         except (_ToPlainPath, TypeError, UnicodeEncodeError):
             raw = self._encode_whole(encoder, envelope)
             start = b""
         if raw is None:
             try:
-                data: bytes = cls.__pydantic_serializer__.to_json(message)
+                data: bytes = serializer.to_json(message)
             except Exception as e:  # pydantic's serialization error, or a custom serializer's
                 raise EncodeError(_why_unencodable(envelope, e)) from e
             at = len(start)
-            raw = b"".join((start, data, b"}"))
+            raw = start + data + b"}"
         else:
             at = raw.find(b'"data":') + 7  # the first: every member before it is a string
         # pydantic writes NaN as null and a lone surrogate in a dict key as U+FFFD: a class
@@ -496,41 +522,30 @@ class CloudEventsCodec:
                 pass
         return self.decode_plain(raw)
 
-    def decode_sent(self, raw: bytes, sent: Envelope[Any], at: int) -> Envelope[Message]:
+    def decode_sent(self, raw: bytes, sent: tuple[Any, ...], at: int) -> Envelope[Message]:
         """What :meth:`decode` returns for ``raw``, when ``raw`` and ``at`` are what
-        :meth:`encode_at` wrote for the envelope ``sent`` in this process: only the data is
-        validated from the bytes (the handler gets its own message, validated as on any
-        transport); the envelope's attributes are ``sent``'s, which are what decoding them
-        would give. Internal to the package: the event bus uses it when its transport hands
-        back the message object it published (the in-memory transport).
+        :meth:`encode_at` wrote in this process for an envelope whose every attribute but
+        the message is ``sent`` (``envelope[1:]``), with no headers and a UTC time: only the
+        data is validated from the bytes (the handler gets its own message, validated as on
+        any transport); the attributes are ``sent``, which is what decoding them would give.
+        Internal to the package: the event bus uses it when its transport hands back the
+        message object it published (the in-memory transport).
 
-        Anything that decoding could read differently (a type whose newest class or version
-        is not ``sent``'s in this codec's registry, headers, a time not in UTC, data that
-        does not validate or needs a look) goes through :meth:`decode`."""
+        A type whose newest class or version in this codec's registry is not the one
+        written, data that does not validate or needs a look, go through :meth:`decode`."""
         if self._generation != self.registry.generation:
             self._refresh()
-        message = sent[0]
-        cls = type(message)
-        newest = self._newest.get(sent[1])
-        time = sent[4]
-        if (
-            newest is None
-            or newest[0] is not cls
-            or newest[1] != sent[2]
-            or sent[9]  # headers: decode keeps only the valid ones
-            or time.tzinfo is not UTC
-            or type(time) is not datetime
-            or len(raw) > self.max_size
-        ):
+        newest = self._newest_validators.get(sent[0])
+        if newest is None or newest[1] != sent[1] or len(raw) > self.max_size:
             return self.decode(raw)
         try:
-            data = cls.__pydantic_validator__.validate_json(raw[at:-1])
+            data = newest[0].validate_json(raw[at:-1])
         except Exception:
             return self.decode(raw)  # it names the error
-        checked = self._checked
-        if checked and cls in checked and _suspect_message(data, checked[cls], False):
+        plan = newest[2]
+        if plan is not None and _suspect_message(data, plan, False):
             return self.decode(raw)
-        return _tuple_new(Envelope, (data, *sent[1:]))  # type: ignore[no-any-return]
+        return _tuple_new(Envelope, (data, *sent))  # type: ignore[no-any-return]
 
     def decode_plain(self, raw: bytes | bytearray | str) -> Envelope[Message]:
         """Decode without the fast path: the reference, and the path for every bad input."""

@@ -82,12 +82,13 @@ def _name_of(handler: Callable[..., Any]) -> str:
 
 
 class _Sent(TransportMessage):
-    """A message this process's bus encoded, carrying the envelope it encoded and where
-    the data starts in its body (``sent``): a transport that hands the same object back
-    (the in-memory one) lets the consumer validate only the data
-    (:meth:`CloudEventsCodec.decode_sent`). Any other transport sees a TransportMessage."""
+    """A message this process's bus encoded, carrying what decoding it needs beyond its
+    bytes (``sent``: the envelope's attributes but the message, and where the data starts
+    in the body): a transport that hands the same object back (the in-memory one) lets the
+    consumer validate only the data (:meth:`CloudEventsCodec.decode_sent`). Any other
+    transport sees a TransportMessage."""
 
-    sent: tuple[Envelope[Any], int]
+    sent: tuple[tuple[Any, ...], int]
 
 
 class _Route(NamedTuple):
@@ -327,17 +328,24 @@ class EventBus:
                 ),
             )
         raw, at = self.codec.encode_at(envelope)
+        time = envelope.time
+        if envelope.headers or time.tzinfo is not UTC or type(time) is not datetime:
+            # decode_sent takes none of these: a plain message
+            return _tuple_new(  # type: ignore[no-any-return]
+                TransportMessage, (envelope.id, raw, envelope.partition_key, envelope.headers)
+            )
         message: _Sent = _tuple_new(
             _Sent, (envelope.id, raw, envelope.partition_key, envelope.headers)
         )
-        message.sent = (envelope, at)
+        message.sent = (envelope[1:], at)
         return message
 
     def _decode(self, message: TransportMessage) -> Envelope[Any]:
         """The envelope of a delivered message (the data alone validated, when this
         process's bus encoded it and the transport handed back the same object)."""
         if type(message) is _Sent and self._own_codec:
-            return self.codec.decode_sent(message.body, *message.sent)
+            sent, at = message.sent
+            return self.codec.decode_sent(message.body, sent, at)
         return self.codec.decode(message.body)
 
     # -- consuming ---------------------------------------------------------------------------
@@ -504,7 +512,8 @@ class EventBus:
                                 message = delivery.message
                                 try:
                                     if type(message) is _Sent and decode_sent is not None:
-                                        envelope = decode_sent(message.body, *message.sent)
+                                        sent, at = message.sent
+                                        envelope = decode_sent(message.body, sent, at)
                                     else:
                                         envelope = decode(message.body)
                                 except Exception:
