@@ -329,13 +329,11 @@ class CloudEventsCodec:
                 )
                 self._last_time = (time, when)
             quoted_id = _quote(msg_id)
-            if causation is None and key is None and not headers:
+            if causation is None and key is None and not headers and correlation is not None:
                 # the common case in one piece: correlation is the id itself, or the
                 # parent's (then quoted once for a batch)
                 if correlation is msg_id:
                     quoted = quoted_id
-                elif correlation is None:
-                    raise _ToPlainPath
                 else:
                     last_c = self._last_correlation
                     if last_c[0] is correlation:
