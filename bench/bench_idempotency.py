@@ -20,7 +20,8 @@
 
 Calls alternate path by path within a round; rounds repeat; each figure prints per-round
 ratios min-median-max, and /proc/loadavg at the start and end.
-Run: ``.venv/bin/python bench/bench_idempotency.py [N] [rounds]``.
+Run: ``.venv/bin/python bench/bench_idempotency.py [N] [rounds]``; ``--sqlite-loop`` and
+``--pg-loop`` (``hand|msdata N [dsn]``) run one replay path alone, to count instructions.
 """
 
 from __future__ import annotations
@@ -399,9 +400,46 @@ async def sqlite_loop(path: str, n: int) -> None:
         await lite.close()
 
 
+async def pg_loop(path: str, n: int, dsn: str = PG) -> None:
+    """``n`` PostgreSQL replays of one path (``hand`` or ``msdata``), as :func:`sqlite_loop`:
+    the client's instructions with callgrind around this process; the server's with a
+    private PostgreSQL run under callgrind (``valgrind --tool=callgrind
+    --callgrind-out-file=DIR/cg.%p postgres -D DIR -p PORT``, ``dsn`` pointing at it):
+    the backend that served the loop writes its own file when the loop disconnects."""
+    store = PostgresIdempotencyStore(dsn, table_prefix=f"b{uuid.uuid4().hex[:8]}_")
+    await store.create_schema()
+    keys = IdempotencyKeys(store)
+    await keys.run("replayed", handler, scope="bench", fingerprint=FP)
+    conn = await asyncpg.connect(dsn)
+    sql = (
+        f"SELECT fingerprint, completed, expires_at, response FROM {store.table} "
+        "WHERE scope = $1 AND key = $2"
+    )
+
+    async def hand() -> Any:
+        row = await conn.fetchrow(sql, "bench", "replayed")
+        now = datetime.now(UTC)
+        return replayed(row[0], row[1], row[2] <= now, row[3])
+
+    async def ours() -> Any:
+        return await keys.run("replayed", handler, scope="bench", fingerprint=FP)
+
+    op = hand if path == "hand" else ours
+    try:
+        assert await hand() == await ours() == RESULT
+        for _ in range(n):
+            await op()
+    finally:
+        await conn.close()
+        await store.drop_schema()
+        await store.close()
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     if args[:1] == ["--sqlite-loop"]:
         asyncio.run(sqlite_loop(args[1], int(args[2])))
+    elif args[:1] == ["--pg-loop"]:
+        asyncio.run(pg_loop(args[1], int(args[2]), *args[3:4]))
     else:
         asyncio.run(main(int(args[0]) if args else 2000, int(args[1]) if len(args) > 1 else 5))

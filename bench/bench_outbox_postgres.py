@@ -30,7 +30,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import psycopg
@@ -411,6 +411,54 @@ async def _settled(conn: Any, parts: str, k: int, timeout: float = 30.0) -> None
     raise SystemExit(f"{k} relays did not share the partitions within {timeout} s")
 
 
+class _Workers(NamedTuple):
+    """``k`` worker processes started and ready (each has connected and waits for ``go``)."""
+
+    procs: list[Any]
+    go: Any
+    stop: Any
+    out: Any
+    published: Any
+
+    async def finish(self, checker: Checker) -> list[Any]:
+        """Stop them, collect each one's publish log and give the checker every publish in
+        time order (then by process and place in its log: a batch shares one time stamp)."""
+        self.stop.set()
+        logs = [await asyncio.to_thread(self.out.get, True, 60) for _ in self.procs]
+        for pr in self.procs:
+            pr.join(30)
+        merged = sorted(
+            (t, n, j, i, key) for n, log in enumerate(logs) for j, (t, i, key) in enumerate(log)
+        )
+        checker.saw([TransportMessage(i, b"", key) for _, _, _, i, key in merged])
+        return logs
+
+
+async def _spawn(
+    kind: str, k: int, url: str, prefix: str, sync: bool, partitioned: bool
+) -> _Workers:
+    """Start ``k`` relays (or raw workers), a spawned process each, and wait until each is
+    ready."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    ready, out = ctx.Queue(), ctx.Queue()
+    go, stop = ctx.Event(), ctx.Event()
+    published = ctx.Value("q", 0)
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(kind, url, prefix, sync, partitioned, i, ready, go, stop, out, published),
+        )
+        for i in range(k)
+    ]
+    for pr in procs:
+        pr.start()
+    for _ in procs:
+        await asyncio.to_thread(ready.get, True, 60)
+    return _Workers(procs, go, stop, out, published)
+
+
 async def processes_drain(
     kind: str,
     k: int,
@@ -427,27 +475,11 @@ async def processes_drain(
     transaction, and the time runs from that commit to the last publish (every
     process's clock is CLOCK_MONOTONIC). A relay that runs all day is measured, not its
     start-up and first rebalance (``--cold`` measures those)."""
-    import multiprocessing
-
     prefix = store.table_prefix
-    ctx = multiprocessing.get_context("spawn")
-    ready, out = ctx.Queue(), ctx.Queue()
-    go, stop = ctx.Event(), ctx.Event()
-    published = ctx.Value("q", 0)
-    procs = [
-        ctx.Process(
-            target=_worker,
-            args=(kind, url, prefix, sync, partitioned, i, ready, go, stop, out, published),
-        )
-        for i in range(k)
-    ]
-    for pr in procs:
-        pr.start()
-    for _ in procs:
-        await asyncio.to_thread(ready.get, True, 60)
+    w = await _spawn(kind, k, url, prefix, sync, partitioned)
     conn = await asyncpg.connect(url)
     try:
-        go.set()
+        w.go.set()
         if kind == "relay" and partitioned:
             await _settled(conn, store.parts_table, k)
         await asyncio.sleep(0.2)  # every process polling
@@ -458,26 +490,19 @@ async def processes_drain(
                 prefix.replace("_", "\\_") + "w%",
             )
         ]
-        workers = [pr.pid for pr in procs if pr.pid is not None]
+        workers = [pr.pid for pr in w.procs if pr.pid is not None]
         t0 = await fill_at_once(store, conn, n, keys, checker.ids)
         # from the commit (the polls while the rows were written are not counted)
         c0, s0 = _cpu(workers), _cpu(backends)
-        while published.value < n:  # noqa: ASYNC110
+        while w.published.value < n:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
         checker.client_cpu, checker.server_cpu = _cpu(workers) - c0, _cpu(backends) - s0
     finally:
-        stop.set()
+        w.stop.set()
         await conn.close()
-    logs = [await asyncio.to_thread(out.get, True, 60) for _ in procs]
-    for pr in procs:
-        pr.join(30)
+    logs = await w.finish(checker)
     checker.started = t0
     checker.ended = max(t for log in logs for t, _, _ in log)
-    # by time, then by process and place in its log (a batch shares one time stamp)
-    merged = sorted(
-        (t, n, j, i, key) for n, log in enumerate(logs) for j, (t, i, key) in enumerate(log)
-    )
-    checker.saw([TransportMessage(i, b"", key) for _, _, _, i, key in merged])
 
 
 async def cold_processes_drain(
@@ -486,41 +511,19 @@ async def cold_processes_drain(
     """``--cold``: ``k`` relays (or raw workers) in ``k`` processes, started before the
     timing and told to go together on a full table; done when the table is empty
     (polled every 5 ms). Includes the relays' start and first rebalance."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    ready, out = ctx.Queue(), ctx.Queue()
-    go, stop = ctx.Event(), ctx.Event()
-    published = ctx.Value("q", 0)
-    procs = [
-        ctx.Process(
-            target=_worker,
-            args=(kind, url, prefix, sync, partitioned, i, ready, go, stop, out, published),
-        )
-        for i in range(k)
-    ]
-    for pr in procs:
-        pr.start()
-    for _ in procs:
-        await asyncio.to_thread(ready.get, True, 60)
+    w = await _spawn(kind, k, url, prefix, sync, partitioned)
     conn = await asyncpg.connect(url)
     tbl = f'"{prefix}outbox"'
     try:
         checker.started = time.perf_counter()
-        go.set()
+        w.go.set()
         while await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {tbl})"):  # noqa: ASYNC110
             await asyncio.sleep(0.005)
         checker.ended = time.perf_counter()
     finally:
-        stop.set()
+        w.stop.set()
         await conn.close()
-    logs = [await asyncio.to_thread(out.get, True, 60) for _ in procs]
-    for pr in procs:
-        pr.join(30)
-    merged = sorted(
-        (t, n, j, i, key) for n, log in enumerate(logs) for j, (t, i, key) in enumerate(log)
-    )
-    checker.saw([TransportMessage(i, b"", key) for _, _, _, i, key in merged])
+    await w.finish(checker)
 
 
 async def drain_bench(

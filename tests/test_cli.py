@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -202,6 +204,10 @@ def test_one_line_errors_without_credentials(tmp_path: Path) -> None:
     assert "hunter2" not in line and "pw@" not in line
     line = fails("relay", "run", "--db", "memory://", "--broker", "memory://")
     assert "memory:// keeps nothing between processes" in line
+    # a broker on a closed port: the driver's own ERROR line is not printed beside ours
+    where = ["--topic", "t", "--group", "g"]
+    line = fails("dlq", "list", "--broker", "amqp://guest:hunter2@127.0.0.1:1/", *where)
+    assert "cannot connect to RabbitMQ" in line and "hunter2" not in line
     assert "module:attr" in fails("projections", "status", "--app", "nocolon")
     assert "cannot import" in fails("projections", "status", "--app", "no_such_module:service")
 
@@ -248,6 +254,52 @@ def test_dlq_list_reads_dead_letters_another_reader_read_first(redis_url: str) -
     where = ["--broker", redis_url, "--topic", topic, "--group", group]
     listed = json.loads(msdata("dlq", "list", *where, "--json").stdout)
     assert [d["id"] for d in listed] == ["m-1"]
+
+
+@pytest.mark.redis
+def test_dlq_prints_a_foreign_message_without_its_terminal_escapes(redis_url: str) -> None:
+    """A foreign message whose id and body hold terminal escapes (colour, window title,
+    clear screen) is listed and shown with them escaped; ``--json`` gives a body that is not
+    UTF-8 as base64; the dead-letter log line escapes the id too."""
+    from msdata.transport import TransportMessage
+    from msdata.urls import transport_from_url
+
+    topic, group = f"cli-{uuid.uuid4().hex[:8]}", "billing"
+    message_id = "esc\x1b[31mRED\x1b[0m"
+    body = b"\x1b]0;pwned\x07\x1b[2J \xff body"
+
+    async def dead_letter() -> None:
+        transport = transport_from_url(redis_url)
+        try:
+            await transport.declare_group(topic, group)
+            async with transport.subscribe(topic, group) as sub:
+                await transport.publish(topic, [TransportMessage(id=message_id, body=body)])
+                got = await sub.receive(1, timeout=10.0)
+                assert len(got) == 1
+                await got[0].dead_letter("RejectMessage: \x1b[2Jbad")
+        finally:
+            await transport.close()
+
+    asyncio.run(dead_letter())
+    where = ["--broker", redis_url, "--topic", topic, "--group", group]
+    for args in (("list",), ("show", message_id)):
+        out = msdata("dlq", *args, *where).stdout
+        assert "\x1b" not in out and "\x07" not in out, out
+        assert "esc\\x1b[31mRED" in out
+    shown = json.loads(msdata("dlq", "show", *where, message_id, "--json").stdout)
+    assert shown["id"] == message_id and shown["body"].endswith("\ufffd body")
+    assert base64.b64decode(shown["body_base64"]) == body
+
+
+def test_dead_letter_log_line_escapes_a_foreign_id(caplog: pytest.LogCaptureFixture) -> None:
+    from msdata.deadletter import dead_letter
+    from msdata.transport import TransportMessage
+
+    message = TransportMessage(id="a\x1b]0;t\x07b", body=b"{}")
+    with caplog.at_level(logging.WARNING, logger="msdata.deadletter"):
+        dead_letter(message, "orders", "billing", 1, "bad").log()
+    (record,) = caplog.records
+    assert "\x1b" not in record.getMessage() and "a\\x1b]0;t\\x07b" in record.getMessage()
 
 
 @pytest.mark.redis

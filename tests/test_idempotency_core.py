@@ -3,6 +3,7 @@ fingerprints, result types, and the caller's transaction (effect and record toge
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import uuid
 from datetime import UTC, datetime
@@ -310,3 +311,49 @@ async def test_the_decorator_works_on_methods() -> None:
     with pytest.raises(IdempotencyKeyReused):
         await p.charge("c", 6, idempotency_key="k")
     assert p.refund("r") == p.refund("r") == 11 and p.n == 11
+
+
+async def test_nan_infinity_or_a_lone_surrogate_key_in_a_result_is_never_replayed_changed() -> None:
+    """pydantic writes NaN and Infinity as null, and a dict key's lone surrogate as U+FFFD:
+    such a result has no JSON form, so retries get ResultNotStored instead of other data."""
+    keys = _keys()
+    runs: list[int] = []
+
+    @keys.idempotent(key="k")
+    async def quote(k: str) -> Any:
+        runs.append(1)
+        return {"q1": {"price": math.inf}, "q2": [math.nan], "q3": {"\udc80": 1}}[k]
+
+    for k in ("q1", "q2", "q3"):
+        assert await quote(k) is not None  # the first caller gets its result
+        with pytest.raises(ResultNotStored, match="no JSON form"):
+            await quote(k)
+    assert runs == [1, 1, 1]
+    assert await keys.run("ok", _ret({"a": None})) == {"a": None}  # a real null is kept
+    assert await keys.run("ok", _ret({"a": 2})) == {"a": None}
+
+
+async def test_a_key_or_scope_with_a_lone_surrogate_is_refused_before_any_store() -> None:
+    keys = _keys()
+    with pytest.raises(IdempotencyError, match="surrogate"):
+        await keys.run("a\udc80", _ret(1))
+    with pytest.raises(ConfigurationError, match="surrogate"):
+        await keys.run("k", _ret(1), scope="o\udc80")
+
+
+async def test_completing_with_a_payload_that_is_not_bytes_raises_and_keeps_the_claim() -> None:
+    keys = _keys()
+    claim = await keys.claim("k")
+    with pytest.raises(TypeError, match="bytes"):
+        await claim.complete("a str")  # type: ignore[arg-type]
+    await claim.complete(b"1")  # still the holder: it can complete
+    assert (await keys.claim("k")).replayed
+
+
+async def test_claim_takes_the_request_as_run_does() -> None:
+    keys = _keys()
+    claim = await keys.claim("k", request={"amount": 10})
+    await claim.complete(b"1")
+    assert (await keys.claim("k", request={"amount": 10})).replayed
+    with pytest.raises(IdempotencyKeyReused):
+        await keys.claim("k", request={"amount": 11})

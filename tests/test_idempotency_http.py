@@ -179,6 +179,10 @@ async def test_owners_never_see_each_others_responses(h: Harness) -> None:
         async with c:
             r = await c.post("/pay", headers={"Idempotency-Key": "x"})
         assert _problem(r, 400)["type"].endswith("/owner-unknown")
+    header_owner = owner_from_header("x-api-key")  # a header of blanks is no owner
+    for value in (b"", b"  ", b" \t "):
+        assert header_owner({"headers": [(b"x-api-key", value)]}) is None
+    assert header_owner({"headers": [(b"x-api-key", b" k ")]}) == owner("k")
 
 
 async def test_server_errors_and_exceptions_release_the_key(h: Harness) -> None:

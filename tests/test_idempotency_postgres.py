@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from msdata.adapters.postgres.idempotency import PostgresIdempotencyStore
+from msdata.errors import StoreError
 from msdata.idempotency import IdempotencyKeys, IdempotencyStore
 from msdata.testing import FakeClock
 from msdata.testing.conformance.idempotency import IdempotencyStoreConformance
@@ -207,6 +208,37 @@ async def test_the_callers_error_survives_an_aborted_transaction(postgres_url: s
                 await keys.run("k", op, scope="s", conn=conn)
             await tx.rollback()
             assert await store.get("s", "k") is None
+    finally:
+        await conn.close()
+        await store.drop_schema()
+        await store.close()
+
+
+async def test_a_replay_writes_nothing_so_it_runs_in_a_read_only_transaction(
+    postgres_url: str,
+) -> None:
+    """A live key is answered by a read alone (no write node runs, nothing is locked), so
+    a replay works in a READ ONLY transaction (e.g. on a hot standby); a claim of a new
+    key there is refused by the server, as any write is."""
+    store = PostgresIdempotencyStore(postgres_url, table_prefix=table_prefix())
+    await store.create_schema()
+    keys = IdempotencyKeys(store, clock=FakeClock())
+    ran: list[int] = []
+
+    async def op() -> dict[str, int]:
+        ran.append(1)
+        return {"paid": 1}
+
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        assert await keys.run("k", op, scope="s", fingerprint="fp") == {"paid": 1}
+        async with conn.transaction(readonly=True):
+            assert await keys.run("k", op, scope="s", fingerprint="fp", conn=conn) == {"paid": 1}
+        assert ran == [1]
+        with pytest.raises(StoreError):
+            async with conn.transaction(readonly=True):
+                await keys.run("new", op, scope="s", conn=conn)
+        assert ran == [1]
     finally:
         await conn.close()
         await store.drop_schema()

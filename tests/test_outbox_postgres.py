@@ -158,11 +158,15 @@ class PostgresOutboxHooks(PostgresCallerHooks, OutboxStoreHooks):
 
     @asynccontextmanager
     async def failing_claims(self, store: Any) -> AsyncIterator[None]:
-        # the claim half fails (its function is gone) after the mark half ran
+        # the claim half fails after the mark half ran: the per-key claim's function is
+        # gone; the partitioned claim (one function) renews the relay in a table that is gone
         conn = await asyncpg.connect(self.url)
         try:
-            fn = store._pclaim_fn if self.partitioned else store.claim_function
-            await conn.execute(f"DROP FUNCTION {fn}(text, integer, double precision, boolean)")
+            if self.partitioned:
+                await conn.execute(f"DROP TABLE {store.relays_table}")
+            else:
+                fn = store.claim_function
+                await conn.execute(f"DROP FUNCTION {fn}(text, integer, double precision, boolean)")
         finally:
             await conn.close()
         try:

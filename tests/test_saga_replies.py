@@ -8,6 +8,7 @@ import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,10 @@ from msdata.saga.messages import (
     SagaReply,
     idempotency_key,
 )
-from msdata.saga.store import SagaRecord
+from msdata.saga.store import SagaRecord, StepRun
 from msdata.storage import current_connection
 from msdata.testing import FakeClock, eventually
+from msdata.transport import DEAD_LETTER_ATTEMPTS, DEAD_LETTER_REASON, dead_letter_topic
 from store_helpers import opened, table_prefix
 
 
@@ -455,5 +457,188 @@ async def test_a_malformed_reply_before_the_pivot_is_a_failed_attempt(
     assert any(
         "counted as a failed action attempt" in r.getMessage()
         and "before the pivot" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+# -- refused at once: bad saga headers, a forged key, a handler's wrong return --------------
+
+
+def _headers(**changes: str | None) -> dict[str, str]:
+    h = command_headers("o-9", "c", 1)
+    for name, value in changes.items():
+        if value is None:
+            h.pop(name)
+        else:
+            h[name] = value
+    return h
+
+
+@pytest.mark.parametrize(
+    ("headers", "mode", "reason"),
+    [
+        (_headers(sagapurpose="weird"), "ok", "sagapurpose is 'weird'"),
+        (_headers(sagareplyto="a b/c\u00e9"), "ok", "header sagareplyto: topic name"),
+        (_headers(sagareplyto=""), "ok", "header sagareplyto: topic name ''"),
+        (_headers(sagastep=""), "ok", "header sagastep is empty"),
+        (_headers(sagaattempt="0"), "ok", "sagaattempt is 0"),
+        # saga o-9's command carrying saga A's key: would replay A's stored reply
+        (
+            _headers(idempotencykey=idempotency_key("saga-A", "c", "action")),
+            "ok",
+            "is not the key of saga 'saga-o-9'",
+        ),
+        (_headers(), "list", "returned list; it must return a pydantic model, a dict or None"),
+        (_headers(), "str", "returned str"),
+        (_headers(), "object", "returned object"),
+    ],
+)
+async def test_a_bad_saga_command_is_refused_at_once(
+    headers: dict[str, str], mode: str, reason: str
+) -> None:
+    transport = MemoryTransport()
+    part_bus = EventBus(transport, source="payments", backoff=lambda n: 0.01, max_attempts=3)
+    sender = EventBus(transport, source="orders")
+    outbox = MemoryOutboxStore()
+    participant = SagaParticipant(
+        part_bus,
+        Outbox(outbox, source="payments"),
+        MemoryTransaction,
+        idempotency=MemoryIdempotencyStore(),
+    )
+    runs: list[str] = []
+    results: dict[str, Any] = {"ok": None, "list": [1, 2], "str": "hello", "object": object()}
+
+    @participant.handler(Charge, group="payments", topic="test.replies.bad")
+    def charge(cmd: Charge) -> Any:
+        runs.append(cmd.order_id)
+        return results[mode]
+
+    dlq = dead_letter_topic("test.replies.bad", "payments")
+    await transport.declare_group(dlq, "audit")
+    async with part_bus, sender, transport.subscribe(dlq, "audit") as audit:
+        await sender.publish(Charge(order_id="o-9"), headers=headers, topic="test.replies.bad")
+        (dead,) = await audit.receive(timeout=5)
+        await dead.ack()
+    why = dead.message.headers[DEAD_LETTER_REASON]
+    assert reason in why and "RejectMessage" in why, why
+    assert dead.message.headers[DEAD_LETTER_ATTEMPTS] == "1"  # not retried
+    assert runs == ([] if mode == "ok" else ["o-9"])  # bad headers: the handler never ran
+    assert await outbox.claim("w", 10, 30.0) == []  # no reply, to anywhere
+
+
+async def test_an_on_reply_that_raises_at_the_pivot_stops_the_saga_failed(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    def explode(d: Order, r: Charged) -> Order:
+        if r.payment_id == "explode":
+            raise ValueError("on_reply blew up")
+        return d.model_copy(update={"payment_id": r.payment_id})
+
+    charge = remote(lambda d: Charge(order_id=d.order_id), reply=Charged, on_reply=explode)
+    saga = (
+        Saga("replies-explode", Order)
+        .step("reserve", lambda d: None, compensate=lambda d: world.released.append(d.order_id))
+        .pivot("charge", charge, timeout=30)
+    )
+    world.orch.register(saga)
+    caplog.set_level(logging.ERROR, logger="msdata.saga")
+    await world.orch.start(saga, Order(), saga_id="boom-1")
+    await world.command("charge", 1)
+    await waiting(world, "boom-1", "charge")
+    await world.reply("charge", 1, {"payment_id": "explode"})
+    done = await world.orch.wait("boom-1", timeout=10, poll=0.02)
+    assert done.status is SagaStatus.FAILED  # the pivot took effect: never compensated
+    assert done.error == "step 'charge': bad reply: ValueError: on_reply blew up"
+    assert not history(done, "compensation started", "reserve") and world.released == []
+    assert any("FAILED, not compensated" in r.getMessage() for r in caplog.records)
+    # fixed (here: the participant's stored reply is a good one), an operator retries
+    retried = await world.orch.retry("boom-1")
+    await world.command("charge", 2)
+    await world.reply("charge", 2, {"payment_id": "pay-2"}, duplicate=True)
+    done = await world.orch.wait(retried.saga_id, timeout=10, poll=0.02)
+    assert done.status is SagaStatus.COMPLETED and done.data.payment_id == "pay-2"
+
+
+async def test_a_reply_naming_another_saga_type_is_refused(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    saga = checkout()
+    world.orch.register(saga)
+    caplog.set_level(logging.WARNING, logger="msdata.saga")
+    await world.orch.start(saga, Order(), saga_id="type-1")
+    await world.command("charge", 1)
+    await waiting(world, "type-1", "charge")
+    await world.bus.publish(
+        SagaReply(
+            saga_id="type-1",
+            saga_type="other-type",
+            step="charge",
+            purpose="action",
+            attempt=1,
+            ok=True,
+            data={"payment_id": "forged"},
+        ),
+        topic=world.orch.reply_topic,
+    )
+    await eventually(
+        lambda: history(world.store.snapshot("type-1"), "reply ignored", "charge"),
+        what="the forged reply noted",
+    )
+    rec = world.store.snapshot("type-1")
+    assert rec.status is SagaStatus.RUNNING and rec.data.payment_id is None
+    assert "other-type" in history(rec, "reply ignored", "charge")[0].detail
+    assert any("names saga type 'other-type'" in r.getMessage() for r in caplog.records)
+    await world.reply("charge", 1, {"payment_id": "pay-1"})
+    done = await world.orch.wait("type-1", timeout=10, poll=0.02)
+    assert done.status is SagaStatus.COMPLETED and done.data.payment_id == "pay-1"
+
+
+class OrderV2(BaseModel):
+    """``Order`` as a later release has it: a required field added."""
+
+    order_id: str = "o-1"
+    payment_id: str | None = None
+    currency: str
+
+
+async def test_a_reply_for_an_unreadable_instance_is_kept_for_when_it_can_be_read(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    charge = remote(lambda d: Charge(order_id=d.order_id), reply=Charged)
+    saga = Saga("replies-v2", OrderV2).pivot("charge", charge, timeout=30)
+    world.orch.register(saga)
+    now = world.clock.now()
+    # saved by the release before: its data has no "currency", the pivot's command is out
+    await world.store.save(
+        SagaRecord(
+            "old-1",
+            "replies-v2",
+            SagaStatus.RUNNING,
+            Order(),
+            now,
+            now,
+            version=1,
+            active={
+                "charge": StepRun("action", 1, "waiting", now + timedelta(seconds=30), sent=True)
+            },
+        )
+    )
+    caplog.set_level(logging.ERROR, logger="msdata.saga")
+    reply = SagaReply(
+        saga_id="old-1",
+        saga_type="replies-v2",
+        step="charge",
+        purpose="action",
+        attempt=1,
+        ok=True,
+        data={"payment_id": "pay-1"},
+    )
+    await world.bus.publish(reply, topic=world.orch.reply_topic)
+    await eventually(lambda: world.store.snapshot("old-1").replies, what="the reply recorded")
+    rec = world.store.snapshot("old-1")
+    assert rec.status is SagaStatus.RUNNING and rec.active["charge"].state == "waiting"
+    assert any(
+        "does not validate as OrderV2" in r.getMessage() and "kept recorded" in r.getMessage()
         for r in caplog.records
     )

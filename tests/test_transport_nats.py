@@ -82,24 +82,7 @@ class _Unreachable(TransportConformance):
         return unreachable_nats(host, port, timeout, self.unreachable_password)  # type: ignore[return-value]
 
 
-_COUNTS_EVERY_DELIVERY = pytest.mark.xfail(
-    strict=True,
-    reason="JetStream counts every delivery (num_delivered): a delivery given back, or pulled "
-    "and not handed out, comes back one higher; see Delivery.release",
-)
-
-
-class _CountsEveryDelivery(_Unreachable):
-    @_COUNTS_EVERY_DELIVERY
-    async def test_closing_subscriptions_counts_only_what_they_handed_out(self) -> None:
-        await super().test_closing_subscriptions_counts_only_what_they_handed_out()
-
-    @_COUNTS_EVERY_DELIVERY
-    async def test_a_released_delivery_comes_back_with_the_same_attempt(self) -> None:
-        await super().test_a_released_delivery_comes_back_with_the_same_attempt()
-
-
-class TestNatsTransport(_CountsEveryDelivery):
+class TestNatsTransport(_Unreachable):
     arrival_timeout = 10.0
     quiet_period = 0.5
 
@@ -113,7 +96,7 @@ class TestNatsTransport(_CountsEveryDelivery):
         return nats_transport(ack_wait=3.0, namespace=namespace)  # type: ignore[return-value]
 
 
-class TestNatsTransportOrdered(_CountsEveryDelivery):
+class TestNatsTransportOrdered(_Unreachable):
     """``ordered=True``: a consumer per key partition, so the order test runs too."""
 
     arrival_timeout = 10.0
@@ -455,7 +438,7 @@ async def test_an_attempt_is_never_lower_than_after_the_nack_that_preceded_it() 
         (again,) = await sub._deliveries([(lost_count, 0)])
         assert again.attempt == 2
         await again.ack()
-        assert sub._nacked == {}  # settled: forgotten
+        assert sub._floor == {}  # settled: forgotten
 
 
 async def test_a_server_that_went_away_fails_calls_within_their_timeouts(
@@ -699,3 +682,142 @@ async def test_a_pull_asks_for_no_more_than_the_byte_budget() -> None:
                 assert sub._held_bytes == sum(size for _, size in sub._buffer)
             assert sorted(map(len, handled)) == sorted(sizes)
             assert peak > 0
+
+
+# -- issue 8: release records (a delivery given back is not an attempt) -----------------------
+
+
+async def test_a_release_is_honoured_by_a_consumer_on_another_connection() -> None:
+    """The release record lives on the server: a consumer of the group on another connection
+    (another process) gets the released message with the same attempt, counts its own nack
+    and, once it acks, the record is deleted."""
+    topic, group = unique("topic"), unique("group")
+    async with nats_transport() as t:
+        (m,) = make_messages(1)
+        await t.declare_group(topic, group)
+        await t.publish(topic, [m])
+        other = NatsTransport(await nats.connect(require("nats")), stream_prefix=t.stream_prefix)
+        try:
+            for _ in range(3):
+                async with t.subscribe(topic, group, max_attempts=2) as sub:
+                    (d,) = await collect(sub, 1, timeout=10.0, ack=False)
+                    assert d.attempt == 1
+                    await d.release()
+            async with other.subscribe(topic, group, max_attempts=2) as sub:
+                (d,) = await collect(sub, 1, timeout=10.0, ack=False)
+                assert (d.message.id, d.attempt) == (m.id, 1)
+                await d.nack()
+                (d,) = await collect(sub, 1, timeout=10.0, ack=False)
+                assert (d.message.id, d.attempt) == (m.id, 2)
+                await d.ack()
+            assert other.client is not None
+            js = other.client.jetstream()
+            records = stream_name(topic, t.stream_prefix) + "_r"
+
+            async def forgotten() -> bool:
+                return (await js.stream_info(records)).state.messages == 0
+
+            await eventually(forgotten, 10.0, what="the release record to be deleted")
+            assert await t.delete_topic(topic)
+            with pytest.raises(nats.js.errors.NotFoundError):
+                await js.stream_info(records)
+        finally:
+            await other.close()
+            assert other.client is not None
+            await other.client.close()
+
+
+@pytest.mark.parametrize("dies", ["before the record", "after the record"])
+async def test_a_consumer_killed_while_releasing_loses_nothing(dies: str) -> None:
+    """A process killed in the middle of a release: before its record is confirmed the
+    message comes back counted (as from any consumer that died); after it, and before the
+    -NAK, it comes back with the attempt it was released with. Either way it comes back."""
+    topic, group = unique("topic"), unique("group")
+    async with nats_transport(ack_wait=1.0) as t:
+        (m,) = make_messages(1)
+        await t.declare_group(topic, group)
+        await t.publish(topic, [m])
+        put_records = t._put_records
+        sub = await t.subscribe(topic, group, max_attempts=5).__aenter__()
+
+        async def killed(topic: str, records: list[tuple[str, bytes]]) -> bool:
+            if dies == "after the record":
+                assert await put_records(topic, records)
+            # the process is gone: its inbox with it, nothing more is sent
+            sub._closed = True
+            t._subscriptions.discard(sub)
+            assert sub._inbox_sub is not None
+            await sub._inbox_sub.unsubscribe()
+            sub._inbox_sub = None
+            raise asyncio.CancelledError
+
+        (d,) = await collect(sub, 1, timeout=10.0, ack=False)
+        assert d.attempt == 1
+        t._put_records = killed  # type: ignore[method-assign]
+        with pytest.raises(asyncio.CancelledError):
+            await d.release()
+        t._put_records = put_records  # type: ignore[method-assign]
+        async with t.subscribe(topic, group, max_attempts=5) as again:
+            (back,) = await collect(again, 1, timeout=10.0)
+        assert back.message.id == m.id
+        assert back.attempt == (2 if dies == "before the record" else 1)
+
+
+async def test_a_forged_or_stale_release_record_is_not_trusted() -> None:
+    """Only a well-formed record within range, and younger than the consumer's count,
+    lowers an attempt: a record saying attempt 0, or one written at a later num_delivered
+    than the delivery's (left by an earlier consumer of that name), counts for nothing."""
+    topic, group = unique("topic"), unique("group")
+    async with nats_transport() as t:
+        msgs = make_messages(3)
+        await t.declare_group(topic, group)
+        await t.publish(topic, msgs)
+        async with t.subscribe(topic, group, max_attempts=5) as sub:
+            first = await collect(sub, 3, timeout=10.0, ack=False)
+            assert [d.attempt for d in first] == [1, 1, 1]
+            prefix = sub._record_prefix + sub.consumer
+            forged = [b"0 1", b"1 7", b"garbage"]
+            assert await t._put_records(
+                topic, [(f"{prefix}.{d._seq}", r) for d, r in zip(first, forged, strict=True)]
+            )
+        # handed out and not settled when it closed: counted (a new subscription, which
+        # remembers no nack of its own, reads the records)
+        async with t.subscribe(topic, group, max_attempts=5) as sub:
+            again = await collect(sub, 3, timeout=10.0)
+        assert sorted(d.message.id for d in again) == sorted(m.id for m in msgs)
+        assert [d.attempt for d in again] == [2, 2, 2]
+
+
+async def test_a_redelivery_whose_release_record_cannot_be_read_waits_for_it() -> None:
+    """A redelivery is never handed out with a count it could not check: while its release
+    record cannot be read (the server does not answer), it stays in the subscription, and
+    a later receive hands it out with the attempt it was released with."""
+    topic, group = unique("topic"), unique("group")
+    async with nats_transport() as t:
+        (m,) = make_messages(1)
+        await t.declare_group(topic, group)
+        await t.publish(topic, [m])
+        read_record = t._read_record
+        failures = 0
+
+        async def unanswered(records: str, subject: str) -> tuple[int, int, int] | None:
+            nonlocal failures
+            failures += 1
+            raise TransportError("no answer")
+
+        async with t.subscribe(topic, group, max_attempts=1) as sub:
+            (d,) = await collect(sub, 1, timeout=10.0, ack=False)
+            await d.release()
+        t._read_record = unanswered  # type: ignore[method-assign]
+        # another subscription (another process) reads the record the first one wrote
+        async with t.subscribe(topic, group, max_attempts=1) as sub:
+
+            async def tried() -> bool:
+                assert await sub.receive(10, timeout=0.2) == []  # not handed out
+                return failures >= 1
+
+            await eventually(tried, 10.0, what="a read of the release record")
+            assert len(sub._buffer) == 1
+            t._read_record = read_record  # type: ignore[method-assign]
+            (back,) = await collect(sub, 1, timeout=10.0)
+        assert (back.message.id, back.attempt) == (m.id, 1)

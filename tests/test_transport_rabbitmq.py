@@ -111,23 +111,6 @@ class TestRabbitMQTransportOrdered(_Unreachable):
     arrival_timeout = 10.0
     quiet_period = 0.3
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="ordered mode gives back what a closing subscription holds by closing its "
-        "channel (a copy at the back of the queue would pass later messages of its key), and "
-        "the broker flags those as redelivered, which counts",
-    )
-    async def test_closing_subscriptions_counts_only_what_they_handed_out(self) -> None:
-        await super().test_closing_subscriptions_counts_only_what_they_handed_out()
-
-    @pytest.mark.xfail(
-        strict=True,
-        reason="a released delivery is held by the ordered subscription and given back by "
-        "closing its channel, which counts (see the case above)",
-    )
-    async def test_a_released_delivery_comes_back_with_the_same_attempt(self) -> None:
-        await super().test_a_released_delivery_comes_back_with_the_same_attempt()
-
     @asynccontextmanager
     async def make_transport(self) -> AsyncIterator[Transport]:
         async with rabbitmq_transport(ordered_per_key=True) as t:
@@ -148,14 +131,6 @@ class TestRabbitMQTransportQuorum(_Unreachable):
     arrival_timeout = 10.0
     quiet_period = 0.3
 
-    @pytest.mark.xfail(
-        strict=False,
-        reason="intermittent on quorum queues (a CI run, 1 in several): a delivery that "
-        "arrives after basic.cancel is confirmed can still come back counted; open in issue 8",
-    )
-    async def test_closing_subscriptions_counts_only_what_they_handed_out(self) -> None:
-        await super().test_closing_subscriptions_counts_only_what_they_handed_out()
-
     @asynccontextmanager
     async def make_transport(self) -> AsyncIterator[Transport]:
         async with rabbitmq_transport(queue_type="quorum") as t:
@@ -169,6 +144,31 @@ class TestRabbitMQTransportQuorum(_Unreachable):
     @asynccontextmanager
     async def make_transport_in(self, namespace: str) -> AsyncIterator[Transport]:
         async with rabbitmq_transport(queue_type="quorum", namespace=namespace) as t:
+            yield t
+
+
+class TestRabbitMQTransportQuorumOrdered(_Unreachable):
+    """Quorum queues in ordered mode: single active consumer on a quorum queue, which gives
+    back and counts deliveries its own way (``x-delivery-count``, no channel-wide qos)."""
+
+    arrival_timeout = 10.0
+    quiet_period = 0.3
+
+    @asynccontextmanager
+    async def make_transport(self) -> AsyncIterator[Transport]:
+        async with rabbitmq_transport(queue_type="quorum", ordered_per_key=True) as t:
+            yield t
+
+    @asynccontextmanager
+    async def make_transport_with(self, **options: Any) -> AsyncIterator[Transport]:
+        async with rabbitmq_transport(queue_type="quorum", ordered_per_key=True, **options) as t:
+            yield t
+
+    @asynccontextmanager
+    async def make_transport_in(self, namespace: str) -> AsyncIterator[Transport]:
+        async with rabbitmq_transport(
+            queue_type="quorum", ordered_per_key=True, namespace=namespace
+        ) as t:
             yield t
 
 

@@ -25,12 +25,14 @@ try:
     import click
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     from msdata.errors import MissingDependencyError
 
     raise MissingDependencyError(e.name or "click", "cli") from e
 
 from msdata.errors import ConfigurationError, MsdataError, SchemaError
+from msdata.messages import safe_text
 from msdata.urls import (
     DATABASES,
     STORES,
@@ -54,6 +56,12 @@ _err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 class Failure(Exception):
     """A problem to report in one line and exit 1."""
+
+
+#: loggers of the broker and database drivers, quiet without ``-v``
+_DRIVER_LOGGERS = ("aiormq", "aio_pika", "nats", "redis", "asyncpg", "psycopg")
+#: the group's options, for the commands (``-v``)
+_options: dict[str, bool] = {"verbose": False}
 
 
 def _fail(message: str) -> NoReturn:
@@ -115,6 +123,8 @@ def _run(urls: Callable[[dict[str, Any]], Sequence[str]] | None = None) -> Calla
         @functools.wraps(fn)
         def wrapper(**kwargs: Any) -> None:
             shown = [u for u in (urls(kwargs) if urls else ()) if isinstance(u, str)]
+            if not _options["verbose"]:  # a one-shot command: its outcome is its output
+                logging.getLogger("msdata").setLevel(logging.ERROR)
             try:
                 asyncio.run(fn(**kwargs))
             except KeyboardInterrupt:
@@ -122,7 +132,7 @@ def _run(urls: Callable[[dict[str, Any]], Sequence[str]] | None = None) -> Calla
             except (click.exceptions.Exit, click.ClickException):
                 raise
             except Exception as e:
-                _err.print(f"error: {_describe(e, shown + _app_urls)}", markup=False)
+                _err.print(f"error: {_shown(_describe(e, shown + _app_urls))}", markup=False)
                 sys.exit(FAILED)
 
         return wrapper
@@ -136,9 +146,18 @@ def _emit(as_json: bool, data: Any, table: Callable[[], Table | str]) -> None:
     else:
         out = table()
         if isinstance(out, str):
-            _out.print(out, markup=False)
+            _out.print("\n".join(_shown(line) for line in out.split("\n")), markup=False)
         else:
+            if isinstance(out.caption, str):
+                out.caption = Text(_shown(out.caption))
             _out.print(out)
+
+
+def _shown(v: Any) -> str:
+    """``v`` as one line for the terminal, never cut: control characters (ESC, BEL, line
+    breaks) escaped by :func:`~msdata.messages.safe_text`, so a foreign message id, body or
+    reason cannot move the cursor, retitle the window or clear the operator's screen."""
+    return "" if v is None else safe_text(str(_jsonable(v)), sys.maxsize)
 
 
 def _jsonable(v: Any) -> Any:
@@ -150,11 +169,11 @@ def _jsonable(v: Any) -> Any:
 
 
 def _table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:
-    t = Table(title=title, title_justify="left")
+    t = Table(title=Text(_shown(title)), title_justify="left", highlight=False)
     for c in columns:
         t.add_column(c, overflow="fold")  # wrap long ids and errors, never cut them
     for r in rows:
-        t.add_row(*("" if v is None else str(v) for v in r))
+        t.add_row(*(Text(_shown(v)) for v in r))
     return t
 
 
@@ -181,6 +200,10 @@ def cli(verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:  # msdata logs what matters of a connection; the drivers repeat it
+        for driver in _DRIVER_LOGGERS:
+            logging.getLogger(driver).setLevel(logging.CRITICAL)
+    _options["verbose"] = verbose
 
 
 # -- db ------------------------------------------------------------------------------------
@@ -530,7 +553,7 @@ async def dlq_list(
     rows = await _read_dlq(
         _dlq_source(broker, namespace, topic, group, app), limit, "keep", explicit=not app
     )
-    data = [{k: v for k, v in r.items() if k != "body"} for r in rows]
+    data = [{k: v for k, v in r.items() if k not in ("body", "body_base64")} for r in rows]
     _emit(
         as_json,
         data,
@@ -567,7 +590,7 @@ async def dlq_show(
     found = [r for r in rows if r["id"] == message_id]
     if not found:
         _fail(f"no dead letter {message_id!r} there")
-    r = found[0]
+    r = {k: v for k, v in found[0].items() if k != "body_base64" or v is not None}
     _emit(
         as_json,
         r,

@@ -132,9 +132,12 @@ class DeadLetter(NamedTuple):
         """Log this dead letter, once, at WARNING (call it when the move succeeded)."""
         cause = _cause.get()
         type_name = cause.type if cause is not None else _type_of(self.message.body)
+        if type_name is not None:
+            type_name = safe_text(type_name, 200)
+        message_id = safe_text(self.message.id, 200)  # a foreign id may hold escapes
         log.warning(
             "dead-lettered message %s (type %s) of %s/%s after %d attempt%s: %s",
-            self.message.id,
+            message_id,
             type_name or "unknown",
             self.original_topic,
             self.group,
@@ -145,7 +148,7 @@ class DeadLetter(NamedTuple):
             extra={
                 "msdata_topic": self.original_topic,
                 "msdata_group": self.group,
-                "msdata_message_id": self.message.id,
+                "msdata_message_id": message_id,
                 "msdata_type": type_name,
                 "msdata_attempts": self.attempts,
                 "msdata_reason": self.reason,

@@ -43,6 +43,7 @@ their edge with ``raise ... from e`` so the original stays on ``__cause__``.
     │   ├── SagaDefinitionError       an invalid saga definition (also a ConfigurationError)
     │   ├── SagaNotFound              no saga instance with that id
     │   ├── SagaStateError            an operation the instance's status does not allow
+    │   ├── SagaDataError             stored saga data no longer validates as the saga's model
     │   └── SagaStepFailed            raised by a step or participant: a business failure, with its reason
     └── CompositionError              a composed query could not be answered
         ├── RequiredPartFailed        a required part raised, timed out or was cancelled
@@ -82,6 +83,7 @@ __all__ = [
     "RejectMessage",
     "RequiredPartFailed",
     "ResultNotStored",
+    "SagaDataError",
     "SagaDefinitionError",
     "SagaError",
     "SagaNotFound",
@@ -298,6 +300,15 @@ class SagaNotFound(SagaError):
 class SagaStateError(SagaError):
     """The operation is not allowed in the instance's current status (retrying a COMPLETED
     saga, aborting a FAILED one)."""
+
+
+class SagaDataError(SagaError):
+    """A saga instance's stored data does not validate as its saga's data model (saved by
+    a release whose model differed: a required field added since, a type changed). The
+    message names the instance and the first error; ``__cause__`` holds the pydantic
+    ``ValidationError``. The orchestrator's recovery logs such an instance and skips it (the
+    others go on); deploy a model that reads it (a default for the new field) and it is
+    continued."""
 
 
 class SagaStepFailed(SagaError):

@@ -881,6 +881,14 @@ def _show(text: str) -> str:
     return repr(text if len(text) <= 40 else text[:40] + "...")
 
 
+def json_problem(value: Any) -> str | None:
+    """Why ``value`` (a model, dict, list, scalar...) has no JSON form that reads back as
+    the same value — a NaN or infinity (RFC 8259 §6), a lone surrogate, an int beyond
+    Python's int/str limit, nesting deeper than ``MAX_DEPTH`` — as ``"path: reason"``; or
+    None. pydantic writes the first two silently as null and U+FFFD."""
+    return _unencodable(value, 1)
+
+
 def _unencodable(value: Any, depth: int, finite: bool = True) -> str | None:
     """Why ``value``, at nesting ``depth`` of a CloudEvent (the envelope object is 1), cannot
     be written as JSON that reads back as the same value (``"path: reason"``), or None.

@@ -22,6 +22,7 @@ workers (projection runners, saga recovery, yours). Stop: the reverse, each part
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import inspect
 import logging
@@ -108,7 +109,8 @@ async def _close_memory_broker(url: str) -> None:
 class DeadLetterInfo(NamedTuple):
     """One message on a dead-letter topic ``dlq`` (``topic.group.dlq``): its id and key,
     where it came from, how many attempts it had (``None`` if the header is missing or not
-    a number), why it is there, and its body (the CloudEvents JSON, as text)."""
+    a number), why it is there, and its body (the CloudEvents JSON, as text; a body that is
+    not UTF-8 shows U+FFFD in ``body`` and comes whole, base64, in ``body_base64``)."""
 
     dlq: str
     id: str
@@ -118,6 +120,7 @@ class DeadLetterInfo(NamedTuple):
     attempts: int | None
     reason: str | None
     body: str
+    body_base64: str | None = None
 
 
 def _attempts(header: str | None) -> int | None:
@@ -125,6 +128,13 @@ def _attempts(header: str | None) -> int | None:
         return int(header) if header is not None else None
     except ValueError:
         return None
+
+
+def _text_and_base64(body: bytes) -> tuple[str, str | None]:
+    try:
+        return body.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return body.decode("utf-8", "replace"), base64.b64encode(body).decode("ascii")
 
 
 async def read_dead_letters(
@@ -169,7 +179,7 @@ async def read_dead_letters(
                             h.get(DEAD_LETTER_GROUP, group),
                             _attempts(h.get(DEAD_LETTER_ATTEMPTS)),
                             h.get(DEAD_LETTER_REASON),
-                            m.body.decode("utf-8", "replace"),
+                            *_text_and_base64(m.body),
                         )
                     )
                     if replay:

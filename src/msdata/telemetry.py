@@ -37,6 +37,7 @@ __all__ = [
     "ConsumeScope",
     "MessageContextFilter",
     "Outcome",
+    "ReceiveScope",
     "StepScope",
     "Telemetry",
     "current_saga_id",
@@ -65,6 +66,17 @@ class ConsumeScope:
 
     def close(self) -> None:
         """The handler is over (its outcome is ``ack`` unless :meth:`failed` said else)."""
+
+
+class ReceiveScope:
+    """What :meth:`Telemetry.receiving` returns: the consumer calls :meth:`close` once, when
+    it is done with the batch (every delivery handled, or the rest given back). The no-op
+    scope is one shared object."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        """The consumer is done with the batch."""
 
 
 class _Publishing:
@@ -105,6 +117,7 @@ class StepScope:
 
 
 _NO_CONSUME = ConsumeScope()
+_NO_RECEIVE = ReceiveScope()
 _NO_STEP = StepScope()
 _NO_SCOPE = _Scope()
 
@@ -145,6 +158,12 @@ class Telemetry:
         """The event bus's consumer of ``group`` hands ``envelope`` (decoded from
         ``delivery``) to ``handler``."""
         return _NO_CONSUME
+
+    def receiving(self, topic: str, group: str, deliveries: Sequence[Delivery]) -> ReceiveScope:
+        """The event bus's consumer of ``group`` received ``deliveries`` (one batch from the
+        transport, handled in order): :meth:`consume` is then called for each one it hands
+        to a handler, and :meth:`ReceiveScope.close` once it is done with the batch."""
+        return _NO_RECEIVE
 
     def dead_lettered(self, dead_letter: DeadLetter) -> None:
         """A message was moved to its dead-letter topic (called once per dead letter, by

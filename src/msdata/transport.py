@@ -231,8 +231,8 @@ class Delivery(Protocol):
     - ``release()``: not started on (its consumer stops): it is delivered again, to any
       consumer of the group, with the same ``attempt``; giving it back is not an attempt.
       What a subscription received from the broker but never handed out is given back the
-      same way when it closes. (NATS cannot: JetStream counts every delivery, so there a
-      released delivery comes back one higher, as after ``nack``.)
+      same way when it closes. (NATS, whose JetStream counts every delivery, keeps a
+      record of msdata's own for this: see :mod:`msdata.adapters.nats.transport`.)
     - Not settled when its subscription closes, or its consumer dies: redelivered, with
       ``attempt`` one higher (it was handed out, so it counts).
       Settling it after its subscription closed raises :class:`msdata.errors.TransportClosed`

@@ -493,57 +493,84 @@ class EventBus:
                             ready.set_result(None)
                         while not halt.stopped:
                             batch = await sub.receive(self.prefetch, timeout=0.25)
-                            for i, delivery in enumerate(batch):
-                                if halt.stopped:
-                                    # not started on: given back uncounted, so stopping
-                                    # consumers never push a message towards max_attempts
-                                    await self._release(batch[i:])
-                                    break
-                                # The common case inline, as _handle would do it (this runs
-                                # once per message): a delivery within its attempts that
-                                # decodes, to an async handler without middleware, with the
-                                # no-op telemetry. Anything else goes to _handle.
-                                if (
-                                    delivery.attempt > max_attempts
-                                    or type(telemetry.hooks) is not Telemetry
-                                ):
-                                    await handle(consumer, delivery, task, hand)
-                                    continue
-                                message = delivery.message
-                                try:
-                                    if type(message) is _Sent and decode_sent is not None:
-                                        sent, at = message.sent
-                                        envelope = decode_sent(message.body, sent, at)
-                                    else:
-                                        envelope = decode(message.body)
-                                except Exception:
-                                    await handle(consumer, delivery, task, hand)  # dead letter
-                                    continue
-                                route = routes.get(envelope.type)
-                                if route is None or route.chain is not None or not route.is_async:
-                                    await handle(consumer, delivery, task, hand, envelope)
-                                    continue
-                                token = current_parent.set(envelope)
-                                hand[0] = delivery  # named only if it will not stop
-                                hand[1] = route.handler
-                                try:
-                                    await route.handler(envelope.message)
-                                except (Exception, asyncio.CancelledError) as e:
-                                    await self._failed(consumer, delivery, envelope, e, task, None)
-                                    continue
-                                finally:
-                                    current_parent.reset(token)
-                                    hand[0] = hand[1] = None
-                                if task in abandoned:
-                                    continue  # stop() gave up on this handler: released
-                                try:
-                                    await delivery.ack()
-                                except asyncio.CancelledError:
-                                    raise
-                                except Exception:
-                                    log.exception(
-                                        "acking a delivery failed; it will be redelivered"
+                            hooks = telemetry.hooks
+                            received = (
+                                None  # the no-op hooks are not called
+                                if type(hooks) is Telemetry or not batch
+                                else hooks.receiving(consumer.topic, consumer.group, batch)
+                            )
+                            try:
+                                for i, delivery in enumerate(batch):
+                                    if halt.stopped:
+                                        # not started on: given back uncounted, so stopping
+                                        # consumers never push a message towards max_attempts
+                                        await self._release(batch[i:])
+                                        break
+                                    # The common case inline, as _handle would do it (this runs
+                                    # once per message): a delivery within its attempts that
+                                    # decodes, to an async handler without middleware. Anything
+                                    # else goes to _handle.
+                                    if delivery.attempt > max_attempts:
+                                        await handle(consumer, delivery, task, hand)
+                                        continue
+                                    message = delivery.message
+                                    try:
+                                        if type(message) is _Sent and decode_sent is not None:
+                                            sent, at = message.sent
+                                            envelope = decode_sent(message.body, sent, at)
+                                        else:
+                                            envelope = decode(message.body)
+                                    except Exception:
+                                        await handle(consumer, delivery, task, hand)  # dead letter
+                                        continue
+                                    route = routes.get(envelope.type)
+                                    if (
+                                        route is None
+                                        or route.chain is not None
+                                        or not route.is_async
+                                    ):
+                                        await handle(consumer, delivery, task, hand, envelope)
+                                        continue
+                                    token = current_parent.set(envelope)
+                                    hand[0] = delivery  # named only if it will not stop
+                                    hand[1] = route.handler
+                                    hooks = telemetry.hooks
+                                    seen = (
+                                        None  # the no-op hooks are not called
+                                        if type(hooks) is Telemetry
+                                        else hooks.consume(
+                                            consumer.topic,
+                                            consumer.group,
+                                            delivery,
+                                            envelope,
+                                            route.handler,
+                                        )
                                     )
+                                    try:
+                                        await route.handler(envelope.message)
+                                    except (Exception, asyncio.CancelledError) as e:
+                                        await self._failed(
+                                            consumer, delivery, envelope, e, task, seen
+                                        )
+                                        continue
+                                    finally:
+                                        current_parent.reset(token)
+                                        if seen is not None:
+                                            seen.close()  # telemetry
+                                        hand[0] = hand[1] = None
+                                    if task in abandoned:
+                                        continue  # stop() gave up on this handler: released
+                                    try:
+                                        await delivery.ack()
+                                    except asyncio.CancelledError:
+                                        raise
+                                    except Exception:
+                                        log.exception(
+                                            "acking a delivery failed; it will be redelivered"
+                                        )
+                            finally:
+                                if received is not None:
+                                    received.close()  # telemetry
                     finally:
                         if task is not None:
                             self._subscriptions.pop(task, None)

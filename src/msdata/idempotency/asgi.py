@@ -70,13 +70,17 @@ _PROBLEM_TYPE = "tag:msdata,2026:idempotency/"
 def owner_from_header(name: str, *, hashed: bool = True) -> OwnerOf:
     """The owner is the value of request header ``name`` (e.g. ``authorization``,
     ``x-api-key``, a tenant header set by the gateway); with ``hashed`` (the default) its
-    sha256, so a credential is never stored. A request without it has no owner (400)."""
+    sha256, so a credential is never stored. A request without it, or with only blanks in
+    it (RFC 9110 section 5.5: leading and trailing whitespace is not part of a field value),
+    has no owner (400)."""
     wanted = name.lower().encode("latin-1")
 
     def owner(scope: Scope) -> str | None:
         for k, v in scope.get("headers", ()):
-            if k.lower() == wanted and v:
-                return hashlib.sha256(v).hexdigest() if hashed else v.decode("latin-1")
+            if k.lower() == wanted:
+                v = v.strip(b" \t")
+                if v:
+                    return hashlib.sha256(v).hexdigest() if hashed else v.decode("latin-1")
         return None
 
     return owner

@@ -41,6 +41,7 @@ from msdata.errors import (
 )
 from msdata.idempotency.fingerprint import fingerprint as _fingerprint
 from msdata.idempotency.store import IdempotencyStore, LiveRecord
+from msdata.serialization import _FFFD_LEAD, json_problem
 from msdata.storage import unix_us
 
 __all__ = ["IdempotencyClaim", "IdempotencyKeys", "IdempotentCall"]
@@ -120,11 +121,19 @@ def _remember(scope: str) -> None:
     _scopes.add(scope)
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
+
+
 def _check(key: str | None, scope: str) -> str:
     """A key is a str of 1-255 characters with no control character (U+0000-U+001F,
-    U+007F): IdempotencyKeyMissing / IdempotencyError (HTTP 400). A scope is a str with no
-    control character: ConfigurationError. Checked before any store sees them (PostgreSQL
-    cannot store NUL)."""
+    U+007F) nor lone surrogate: IdempotencyKeyMissing / IdempotencyError (HTTP 400). A scope
+    is a str with no control character nor lone surrogate: ConfigurationError. Checked
+    before any store sees them (PostgreSQL cannot store NUL)."""
     # the common case in a few C calls (a replay's whole check): printable ASCII has no
     # control character; a scope checked once is remembered (owners recur, keys do not)
     if (
@@ -145,10 +154,14 @@ def _check(key: str | None, scope: str) -> str:
         raise IdempotencyError(f"an idempotency key is a string of 1-{_MAX_KEY} characters")
     if _CONTROL.search(key):
         raise IdempotencyError(f"an idempotency key holds no control character, got {key!r}")
+    if not _is_utf8(key):
+        raise IdempotencyError(f"an idempotency key is UTF-8 text, got a lone surrogate: {key!r}")
     if not isinstance(scope, str):
         raise ConfigurationError(f"scope must be a string, not {type(scope).__qualname__}")
     if _CONTROL.search(scope):
         raise ConfigurationError(f"a scope holds no control character, got {scope!r}")
+    if not _is_utf8(scope):
+        raise ConfigurationError(f"a scope is UTF-8 text, got a lone surrogate: {scope!r}")
     if scope and not scope.strip():
         raise ConfigurationError(
             'a scope is "" (one scope for every caller) or an owner with a visible '
@@ -200,6 +213,10 @@ class IdempotencyClaim:
         self.done = True
 
     def _body(self, kind: bytes, payload: bytes, size: int | None = None) -> bytes:
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            raise TypeError(
+                f"the result to store is bytes (e.g. JSON), not {type(payload).__qualname__}"
+            )
         limit = self.keys.max_result_bytes
         n = len(payload) if size is None else size
         if n > limit:
@@ -224,8 +241,8 @@ class IdempotencyClaim:
         with a note instead (retries get StoredResultTooLarge, the operation does not run
         again) and StoredResultTooLarge is raised here too. ``size``: the bytes to count
         against the limit, when ``payload`` wraps the result (default ``len(payload)``)."""
+        body = self._body(_RESULT, payload, size)  # a payload that is not bytes: TypeError
         self._end()
-        body = self._body(_RESULT, payload, size)
         ok = await self.keys.store.complete_async(
             self.conn, self.scope, self.key, self.token, body, self.keys._retain_until()
         )
@@ -233,8 +250,8 @@ class IdempotencyClaim:
 
     def complete_sync(self, payload: bytes, *, size: int | None = None) -> None:
         """:meth:`complete` for sync callers."""
+        body = self._body(_RESULT, payload, size)  # a payload that is not bytes: TypeError
         self._end()
-        body = self._body(_RESULT, payload, size)
         ok = self.keys.store.complete(
             self.conn, self.scope, self.key, self.token, body, self.keys._retain_until()
         )
@@ -497,13 +514,21 @@ class IdempotencyKeys:
         return response or b""
 
     async def claim(
-        self, key: str | None, *, scope: str = "", fingerprint: str = "", conn: Any = None
+        self,
+        key: str | None,
+        *,
+        scope: str = "",
+        fingerprint: str = "",
+        request: Any = _NOTHING,
+        conn: Any = None,
     ) -> IdempotencyClaim:
         """Claim ``key`` for ``scope`` (one store call). Returns a claim that holds the key,
         or a replayed one carrying the stored response. ``fingerprint``: the request's
-        hash (:func:`msdata.idempotency.fingerprint`); "" (here or stored) skips the
-        comparison. ``conn``: run in
+        hash (:func:`msdata.idempotency.fingerprint`), or ``request`` to hash it as
+        :meth:`run` does; "" (here or stored) skips the comparison. ``conn``: run in
         the caller's open transaction (SQL/memory stores) instead of the store's own."""
+        if request is not _NOTHING and not fingerprint:
+            fingerprint = _fingerprint(request)
         key = _check(key, scope)
         now = self._time_ns() // 1000
         found = await self.store.claim_async(
@@ -512,9 +537,17 @@ class IdempotencyKeys:
         return self._decide(found, scope, key, fingerprint, conn)
 
     def claim_sync(
-        self, key: str | None, *, scope: str = "", fingerprint: str = "", conn: Any = None
+        self,
+        key: str | None,
+        *,
+        scope: str = "",
+        fingerprint: str = "",
+        request: Any = _NOTHING,
+        conn: Any = None,
     ) -> IdempotencyClaim:
         """:meth:`claim` for sync callers (stores whose ``features.sync`` is True)."""
+        if request is not _NOTHING and not fingerprint:
+            fingerprint = _fingerprint(request)
         key = _check(key, scope)
         now = self._time_ns() // 1000
         found = self.store.claim(conn, scope, key, fingerprint, now, now + self._lease_us, _token)
@@ -536,9 +569,16 @@ class IdempotencyKeys:
     def _dump(result: Any, result_type: Any) -> bytes | str:
         """The result's JSON (bytes), or why it has none (str)."""
         try:
-            return _type_adapter(result_type).dump_json(result)
+            raw = _type_adapter(result_type).dump_json(result)
         except (PydanticSerializationError, ValueError, TypeError) as e:
             return f"the result ({type(result).__qualname__}) has no JSON form: {e}"
+        # pydantic writes NaN and Infinity as null, and a dict key's lone surrogate as
+        # U+FFFD: a result that may hold one is looked at (RFC 8259 §6 has no NaN)
+        if b"null" in raw or _FFFD_LEAD in raw:
+            problem = json_problem(result)
+            if problem is not None:
+                return f"the result ({type(result).__qualname__}) has no JSON form: {problem}"
+        return raw
 
     @staticmethod
     def _unstored(claim: IdempotencyClaim, e: ResultNotStored) -> None:
@@ -591,10 +631,13 @@ class IdempotencyKeys:
                 and (not fp or not stored_fp or stored_fp == fp)
             ):
                 telemetry.hooks.idempotency_claim(scope, "replayed")  # telemetry
-                try:
-                    if result_type is Any:
-                        return cast(T, from_json(response[1:]))
-                    return cast(T, _validator(result_type).validate_json(response[1:]))
+                try:  # (annotated, not typing.cast: a call less on the replay path)
+                    result: T = (
+                        from_json(response[1:])
+                        if result_type is Any
+                        else _validator(result_type).validate_json(response[1:])
+                    )
+                    return result
                 except ValueError:  # raised again as StoredResultInvalid
                     return cast(T, _replayed(response, key, result_type, ()))
             live = self._live(found, scope, key, fp)

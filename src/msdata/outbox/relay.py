@@ -4,15 +4,17 @@ per partition key."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import operator
 import os
 import socket
+import types
 import uuid
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Generator, Mapping, Sequence
 from datetime import timedelta
 from types import MappingProxyType, TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeVar
 
 from msdata import telemetry
 from msdata.backoff import Backoff, exponential_backoff
@@ -32,6 +34,7 @@ from msdata.transport import Publisher, TransportMessage, check_name
 
 __all__ = ["Backoff", "OutboxRelay", "PayloadCheck", "exponential_backoff"]
 
+T = TypeVar("T")
 _NOTHING_STUCK: Mapping[str, int] = MappingProxyType({})
 _tuple_new = tuple.__new__
 _as_message = operator.itemgetter(1, 4, 5, 6)
@@ -203,9 +206,10 @@ class OutboxRelay:
                 ((topic, recs),) = by_topic.items()
                 try:
                     await self._publish(topic, recs, messages)
-                    results = [None]
                 except Exception as e:
                     results = [e]
+                else:  # all published: what the loop below would return
+                    return list(map(_seq_of, recs)), False, stuck
             else:
                 results = await asyncio.gather(
                     *(self._publish(t, recs) for t, recs in by_topic.items()),
@@ -247,7 +251,7 @@ class OutboxRelay:
         """Claim a batch (marking ``marks`` sent first, in the same store call when the
         store can). The call may finish in a database thread after we are cancelled: its
         mark stands, and its rows are released."""
-        fut = asyncio.ensure_future(self._claim_call(marks or []))
+        fut = _eager(self._claim_call(marks or []))
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
@@ -380,7 +384,11 @@ class OutboxRelay:
         if messages is None:
             # (message_id, payload, partition_key, headers) of the record tuple
             messages = [_tuple_new(TransportMessage, _as_message(r)) for r in records]
-        with telemetry.hooks.publishing(topic, messages, self.publisher) as messages:  # telemetry
+        hooks = telemetry.hooks
+        if type(hooks) is telemetry.Telemetry:  # none installed: no hook to enter and leave
+            await self.publisher.publish(topic, messages)
+            return
+        with hooks.publishing(topic, messages, self.publisher) as messages:  # telemetry
             await self.publisher.publish(topic, messages)
 
     async def _failed(self, records: list[OutboxRecord], error: BaseException) -> list[int]:
@@ -548,8 +556,8 @@ class OutboxRelay:
                         continue
                     if prefetch:
                         claiming_marks, to_mark = to_mark, []
+                        # (started at once: it reaches the store before this batch publishes)
                         claiming = self._claim_ahead(claiming_marks)
-                        await asyncio.sleep(0)  # let the claim reach the store first
                     sent, failed, stuck = await self._handle(records, stuck)
                     self._note_outage(bool(sent))
                     if not prefetch:
@@ -618,7 +626,7 @@ class OutboxRelay:
         """Start a claim now (marking ``marks`` sent first); awaited later through a
         shield, so a cancellation of the relay never loses its rows (``_wind_down``
         finishes the mark and releases them)."""
-        return asyncio.ensure_future(self._claim_call(marks))
+        return _eager(self._claim_call(marks))
 
     async def _wind_down(
         self,
@@ -723,3 +731,48 @@ def _database_busy(e: BaseException) -> bool:
         err = err.__cause__
         seen += 1
     return False
+
+
+def _eager(coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+    """``coro`` run at once, in a copy of the current context as a task would run it,
+    until it first waits: a future already done when it finished without waiting (a
+    SQLite store call run inline: no task made, no turn of the event loop, ~30 µs less
+    per batch), else a task that carries it on from there."""
+    loop = asyncio.get_running_loop()
+    context = contextvars.copy_context()
+    try:
+        waiting = context.run(coro.send, None)
+    except StopIteration as stop:
+        done: asyncio.Future[T] = loop.create_future()
+        done.set_result(stop.value)
+        return done
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except asyncio.CancelledError:
+        cancelled: asyncio.Future[T] = loop.create_future()
+        cancelled.cancel()
+        return cancelled
+    except BaseException as e:
+        failed: asyncio.Future[T] = loop.create_future()
+        failed.set_exception(e)
+        return failed
+    return loop.create_task(_carry_on(coro, waiting), context=context)
+
+
+@types.coroutine
+def _carry_on(coro: Coroutine[Any, Any, T], waiting: Any) -> Generator[Any, Any, T]:
+    """The rest of ``coro``, which waits on ``waiting`` (what it yielded): every value or
+    exception the task sends in goes on to ``coro``, as ``await`` would pass it."""
+    while True:
+        try:
+            value = yield waiting
+        except BaseException as e:
+            try:
+                waiting = coro.throw(e)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+        else:
+            try:
+                waiting = coro.send(value)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]

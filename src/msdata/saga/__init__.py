@@ -10,7 +10,7 @@ from msdata.saga.messages import (
     current_step,
     idempotency_key,
 )
-from msdata.saga.orchestrator import SagaOrchestrator
+from msdata.saga.orchestrator import MAX_SAGA_ID, SagaOrchestrator, check_saga_id
 from msdata.saga.participant import SagaParticipant
 from msdata.saga.store import (
     HistoryEntry,
@@ -23,6 +23,7 @@ from msdata.saga.store import (
 
 __all__ = [
     "IDEMPOTENCY_KEY_HEADER",
+    "MAX_SAGA_ID",
     "HistoryEntry",
     "Remote",
     "Retry",
@@ -38,6 +39,7 @@ __all__ = [
     "StepContext",
     "StepKind",
     "StepRun",
+    "check_saga_id",
     "current_step",
     "idempotency_key",
     "remote",

@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -48,10 +49,17 @@ from pydantic import BaseModel, ValidationError
 
 from msdata import telemetry
 from msdata.clock import SYSTEM_CLOCK, Clock, SystemClock
-from msdata.errors import ConcurrencyError, ConfigurationError, SagaNotFound, SagaStateError
+from msdata.errors import (
+    ConcurrencyError,
+    ConfigurationError,
+    EncodeError,
+    SagaDataError,
+    SagaNotFound,
+    SagaStateError,
+)
 from msdata.events import EventBus
 from msdata.ids import new_id
-from msdata.messages import Envelope, make_envelope
+from msdata.messages import Envelope, make_envelope, safe_text
 from msdata.outbox import Outbox
 from msdata.saga.definition import Remote, Retry, Saga, Step, StepKind
 from msdata.saga.messages import (
@@ -76,10 +84,12 @@ from msdata.saga.store import (
     SagaStatus,
     SagaStore,
     StepRun,
+    check_data,
+    check_data_value,
 )
 from msdata.telemetry import Telemetry
 
-__all__ = ["SagaOrchestrator"]
+__all__ = ["MAX_SAGA_ID", "SagaOrchestrator", "check_saga_id"]
 
 log = logging.getLogger("msdata.saga")
 
@@ -89,7 +99,7 @@ RUNNING = SagaStatus.RUNNING
 COMPENSATING = SagaStatus.COMPENSATING
 TERMINAL = (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED)
 
-_DONE, _FAILED, _PARKED = 0, 1, 2
+_DONE, _FAILED, _PARKED, _HALTED = 0, 1, 2, 3
 _FINAL = {s: s.value.lower() for s in SagaStatus}
 _entry = tuple.__new__  # a named tuple built from a full tuple: no Python-level __new__
 _Coroutine = CoroutineType
@@ -169,17 +179,27 @@ class SagaOrchestrator:
     async def start(self, saga: Saga[D], data: D, *, saga_id: str | None = None) -> SagaRecord:
         """Start an instance and run it here until it ends or waits for a remote reply.
         Returns the instance as it stands then. Cancelling the caller leaves it RUNNING
-        (resumable by a recovery worker), never compensating."""
+        (resumable by a recovery worker), never compensating.
+
+        ``saga_id``: a fresh id when None, else checked by :func:`check_saga_id`
+        (:class:`msdata.errors.EncodeError`). Raises :class:`msdata.errors.EncodeError`,
+        before anything is stored, for ``data`` JSON cannot hold (a NaN or infinite float,
+        a lone surrogate: :func:`msdata.saga.store.data_json`), ConfigurationError for data
+        of another type, SagaStateError if an instance with that id exists."""
         if self._sagas.get(saga.name) is not saga:
             self.register(saga)
         if not isinstance(data, saga.data_type):
             raise ConfigurationError(
                 f"saga {saga.name!r} takes {saga.data_type.__name__}, got {type(data).__name__}"
             )
+        if saga_id is None:
+            saga_id = new_id()
+        else:
+            check_saga_id(saga_id)
         clock = self.clock
         now = _utc_now() if type(clock) is SystemClock else clock.now()
         rec = SagaRecord(
-            saga_id or new_id(),
+            saga_id,
             saga.name,
             RUNNING,
             data,
@@ -198,6 +218,7 @@ class SagaOrchestrator:
             None,
             [_entry(HistoryEntry, (now, "started", None, None, None))],
         )
+        check_data(rec)  # EncodeError before anything is stored: NaN, a lone surrogate...
         hooks = telemetry.hooks
         if type(hooks) is not Telemetry:  # the no-op's hook does nothing: not called
             hooks.saga_status(saga.name, "started")  # telemetry
@@ -208,7 +229,13 @@ class SagaOrchestrator:
         self, saga: Saga[D], data: D, *, saga_id: str | None = None, timeout: float | None = None
     ) -> SagaRecord:
         """:meth:`start`, then :meth:`wait` until the instance is COMPLETED, COMPENSATED or
-        FAILED."""
+        FAILED.
+
+        ``timeout`` (seconds of real time) bounds only the :meth:`wait`, not :meth:`start`:
+        the steps that run in this call before the instance first waits (local steps, the
+        saving of remote commands) are bounded by each step's own ``timeout=``, not by this
+        one. On ``TimeoutError`` the instance goes on (here or in a recovery worker); it is
+        neither cancelled nor compensated."""
         rec = await self.start(saga, data, saga_id=saga_id)
         if rec.status in TERMINAL:
             return rec
@@ -246,16 +273,31 @@ class SagaOrchestrator:
     async def get(self, saga_id: str) -> SagaRecord:
         """One instance, its data validated as its saga's model when the saga is registered
         here (else as the store gave it: a model or its JSON dict; :meth:`find` and
-        :meth:`stuck` do the same). Raises :class:`SagaNotFound`."""
-        rec = await self.store.get(saga_id)
+        :meth:`stuck` do the same). Raises :class:`SagaNotFound` (also for an id no
+        instance can have: :func:`check_saga_id`), and
+        :class:`msdata.errors.SagaDataError` when the stored data no longer validates as
+        the model (saved by a release whose model differed)."""
+        rec = await self._stored(saga_id)
         saga = self._sagas.get(rec.saga_type)
         if saga is not None:
             self._load(rec, saga)
         return rec
 
+    async def _stored(self, saga_id: str) -> SagaRecord:
+        """``store.get``, with an id no instance can have (:func:`check_saga_id` refuses
+        it) answered SagaNotFound by every store alike (one would raise a driver error)."""
+        if type(saga_id) is not str or not saga_id.isascii() or not saga_id.isprintable():
+            try:
+                check_saga_id(saga_id)
+            except EncodeError as e:
+                raise SagaNotFound(
+                    f"no saga instance {safe_text(repr(saga_id), 80)}: {e}"
+                ) from None
+        return await self.store.get(saga_id)
+
     async def history(self, saga_id: str) -> list[HistoryEntry]:
         """What happened to one instance, oldest first, with times and errors."""
-        return (await self.store.get(saga_id)).history
+        return (await self._stored(saga_id)).history
 
     async def find(
         self,
@@ -266,7 +308,10 @@ class SagaOrchestrator:
     ) -> list[SagaRecord]:
         """Instances by saga type and status, least recently updated first. As with
         :meth:`get`, each one's ``data`` is validated as its saga's model when the saga is
-        registered here (else it is left as the store gave it: a model or its JSON dict)."""
+        registered here (else it is left as the store gave it: a model or its JSON dict).
+        An instance whose stored data no longer validates (see :meth:`get`) is listed with
+        ``data`` as stored (its JSON dict) and the reason in ``error`` (``unreadable data:
+        ...``), and logged; it never hides the others."""
         statuses = [status] if isinstance(status, SagaStatus) else status
         return self._typed(
             await self.store.find(saga_type=saga_type, statuses=statuses, limit=limit)
@@ -277,7 +322,12 @@ class SagaOrchestrator:
         for rec in records:
             saga = sagas.get(rec.saga_type)
             if saga is not None:
-                self._load(rec, saga)
+                try:
+                    self._load(rec, saga)
+                except SagaDataError as e:
+                    log.warning("%s; listed with its data as stored", e)
+                    why = f"unreadable data: {e}"
+                    rec.error = why if rec.error is None else f"{rec.error}; {why}"
         return records
 
     async def stuck(self, *, saga_type: str | None = None, limit: int = 100) -> list[SagaRecord]:
@@ -298,7 +348,7 @@ class SagaOrchestrator:
         its handler again; the retry policy counts from there. Runs it here until it ends
         or waits.
         Raises :class:`SagaStateError` unless it is FAILED."""
-        rec = await self.store.get(saga_id)
+        rec = await self._stored(saga_id)
         saga = self._saga_of(rec)
         if rec.status is not SagaStatus.FAILED:
             raise SagaStateError(f"saga {saga_id} is {rec.status}; only a FAILED one is retried")
@@ -328,7 +378,7 @@ class SagaOrchestrator:
         """Turn a RUNNING instance before its pivot into compensation. Raises
         :class:`SagaStateError` if it is not RUNNING, is past its pivot, or is in the middle
         of a local step in another process (try again)."""
-        rec = await self.store.get(saga_id)
+        rec = await self._stored(saga_id)
         saga = self._saga_of(rec)
         if rec.status is not RUNNING:
             raise SagaStateError(f"saga {saga_id} is {rec.status}; only a RUNNING one is aborted")
@@ -361,19 +411,48 @@ class SagaOrchestrator:
         many were claimed. Safe to run in several processes at once."""
         now = self.clock.now()
         claimed = await self.store.claim(self.owner, now, now + self.lease, limit)
-        runs = []
+        runs: list[tuple[SagaRecord, Saga[Any]]] = []
         for rec in claimed:
             saga = self._sagas.get(rec.saga_type)
             if saga is None:
                 log.error("saga %s: type %r is not registered here", rec.saga_id, rec.saga_type)
                 continue
+            try:
+                self._load(rec, saga)
+            except SagaDataError as e:  # one unreadable instance never blocks the others
+                await self._set_aside(rec, e, now)
+                continue
             self._log(rec, "resumed", detail=f"by {self.owner}")
             self._apply_recorded(rec)
-            self._load(rec, saga)
-            runs.append(self._drive_logged(rec, saga))
-        if runs:
-            await asyncio.gather(*runs)
+            runs.append((rec, saga))
+        if runs:  # coroutines made only here: none is left unawaited if the loop raised
+            await asyncio.gather(*(self._drive_logged(rec, saga) for rec, saga in runs))
         return len(claimed)
+
+    async def _set_aside(self, rec: SagaRecord, error: SagaDataError, now: datetime) -> None:
+        """A claimed instance whose data does not validate: logged, its lease released and
+        looked at again after ``lease_seconds`` (a release whose model reads it continues
+        it); its history says why (once, not on every look). Its recorded replies stay."""
+        why = str(error)
+        last = rec.history[-1] if rec.history else None
+        first = last is None or last.event != "unreadable" or last.detail != why
+        log.log(
+            logging.ERROR if first else logging.INFO,
+            "%s; set aside, looked at again in %s s",
+            error,
+            self.lease.total_seconds(),
+        )
+        if first:
+            self._log(rec, "unreadable", detail=why)
+        rec.replies = {}  # not applied: they stay recorded for when it can be read
+        rec.lease_owner = rec.lease_until = None
+        rec.wake_at = now + self.lease
+        try:
+            await self._save(rec)
+        except ConcurrencyError:
+            pass
+        except Exception:
+            log.exception("saga %s: could not set it aside", rec.saga_id)
 
     async def run_recovery(self) -> None:
         """:meth:`recover` every ``recovery_interval`` seconds (on the clock) until
@@ -413,7 +492,7 @@ class SagaOrchestrator:
     async def _on_reply(self, reply: SagaReply) -> None:
         for _ in range(20):
             try:
-                rec = await self.store.get(reply.saga_id)
+                rec = await self._stored(reply.saga_id)
             except SagaNotFound:
                 log.warning(
                     "reply for unknown saga %s (step %s) ignored", reply.saga_id, reply.step
@@ -484,7 +563,18 @@ class SagaOrchestrator:
         """Apply the instance's recorded replies (and ``reply``) to ``rec``, which nobody
         holds. If one is taken, take the instance and continue it in a task here; else save
         the history of the ignored ones (the save deletes the recorded ones). Raises
-        ConcurrencyError if another process wrote it meanwhile."""
+        ConcurrencyError if another process wrote it meanwhile. An instance whose data does
+        not validate (SagaDataError) is left as it is, ``reply`` recorded on it for when
+        it can be read (a recovery worker sets it aside meanwhile)."""
+        try:
+            self._load(rec, saga)
+        except SagaDataError as e:
+            if reply is not None and self._accept(rec.copy(), reply):
+                await self.store.add_reply(
+                    rec.saga_id, _reply_key(reply), reply.model_dump_json().encode()
+                )
+            log.error("%s; a reply for it is kept recorded until it can be read", e)
+            return
         taken = self._apply_recorded(rec)
         if (
             reply is not None
@@ -563,7 +653,24 @@ class SagaOrchestrator:
     def _accept(self, rec: SagaRecord, reply: SagaReply) -> bool:
         """Record ``reply`` on ``rec`` if the instance waits for it (a success from any
         attempt of the invocation it waits on, a failure from the pending attempt); else note
-        it ignored. True when recorded."""
+        it ignored. True when recorded. A reply naming another saga type is refused
+        (logged, noted in the history): forged or misrouted."""
+        if reply.saga_type != rec.saga_type:
+            log.warning(
+                "saga %s: a reply for step %s names saga type %s, not %s; refused",
+                rec.saga_id,
+                safe_text(reply.step, 80),
+                safe_text(repr(reply.saga_type), 80),
+                rec.saga_type,
+            )
+            self._log(
+                rec,
+                "reply ignored",
+                reply.step,
+                reply.attempt,
+                f"for saga type {safe_text(repr(reply.saga_type), 80)}, not {rec.saga_type!r}",
+            )
+            return False
         run = rec.active.get(reply.step)
         wanted = RUNNING if reply.purpose == ACTION else COMPENSATING
         if (
@@ -612,8 +719,17 @@ class SagaOrchestrator:
 
     @staticmethod
     def _load(rec: SagaRecord, saga: Saga[Any]) -> None:
+        """Type ``rec.data`` as the saga's model. Raises SagaDataError if it does not
+        validate (stored by a release whose model differed)."""
         if not isinstance(rec.data, saga.data_type):
-            rec.data = saga.data_type.model_validate(rec.data)
+            try:
+                rec.data = saga.data_type.model_validate(rec.data)
+            except ValidationError as e:
+                raise SagaDataError(
+                    f"saga {rec.saga_id} ({rec.saga_type}): its stored data does not validate "
+                    f"as {saga.data_type.__name__}: {e.error_count()} error(s): "
+                    f"{_first_error(e)}"
+                ) from e
 
     def _log(
         self,
@@ -677,6 +793,11 @@ class SagaOrchestrator:
             return
         saga = self._sagas.get(rec.saga_type)
         if saga is None:
+            return
+        try:
+            self._load(rec, saga)
+        except SagaDataError as e:  # a recovery worker sets it aside
+            log.error("%s; not resumed at its wake time", e)
             return
         self._apply_recorded(rec)  # before its timeouts are looked at
         self._take(rec, now)
@@ -790,6 +911,16 @@ class SagaOrchestrator:
         if outcome == _FAILED:
             assert step is not None and error is not None
             return await self._step_failed(rec, saga, step, error)
+        if outcome == _HALTED:
+            log.error(
+                "saga %s step %s: the success reply could not be applied (%s); the step "
+                "took effect, so the saga is FAILED, not compensated: fix on_reply, then "
+                "retry it (the participant answers the same reply again)",
+                rec.saga_id,
+                step,
+                error,
+            )
+            await self._finish(rec, SagaStatus.FAILED, f"step {step!r}: {error}")
         return False
 
     async def _step_failed(self, rec: SagaRecord, saga: Saga[Any], step: str, error: str) -> bool:
@@ -875,6 +1006,11 @@ class SagaOrchestrator:
                 if not isinstance(result, type(data)):
                     error = f"returned {type(result).__name__}, not {type(data).__name__}"
                     return await self._plain_failed(rec, saga, step, run, error)
+                if result is not data:
+                    problem = _unstorable(rec, result)
+                    if problem is not None:
+                        return await self._plain_failed(rec, saga, step, run, problem)
+                    rec.data_checked = result
                 rec.data = result
             now = read()
             del active[name]
@@ -975,6 +1111,11 @@ class SagaOrchestrator:
                             self._bad_reply(rec, step, run, purpose, e, now)
                         except Exception as e:
                             error = f"bad reply: {type(e).__name__}: {e}"
+                            if purpose == ACTION and step.kind is not StepKind.COMPENSATABLE:
+                                # the pivot (or a step after it) took effect: never
+                                # compensated; FAILED, for an operator to retry once fixed
+                                self._log(rec, "step failed", name, run.attempt, error)
+                                return _HALTED, name, error
                     else:
                         error = run.error or "failed"
                     if run.state == "replied" and self._failed_attempt(
@@ -1108,6 +1249,8 @@ class SagaOrchestrator:
                 and failed is None
             ):
                 failed = (_FAILED, step.name, cast(str, value))
+        if merged is not data and len(local) == 1:
+            rec.data_checked = merged  # _attempt checked it: the store need not look again
         rec.data = merged  # the members that succeeded count, also when another failed
         return failed
 
@@ -1152,6 +1295,10 @@ class SagaOrchestrator:
             seen.close()  # telemetry
         if result is not None and not isinstance(result, type(data)):
             return False, f"returned {type(result).__name__}, not {type(data).__name__}"
+        if result is not None and result is not data:
+            problem = _unstorable(rec, result)
+            if problem is not None:
+                return False, problem
         return True, result
 
     async def _with_timeout(self, fn: Callable[[Any], Any], data: Any, timeout: float) -> Any:
@@ -1192,6 +1339,11 @@ class SagaOrchestrator:
             data = action.on_reply(rec.data, reply)
             if not isinstance(data, type(rec.data)):
                 raise TypeError(f"on_reply returned {type(data).__name__}")
+            if data is not rec.data:
+                problem = _unstorable(rec, data)
+                if problem is not None:
+                    raise EncodeError(f"on_reply {problem}")
+                rec.data_checked = data
             rec.data = data
         self._complete_run(rec, step, purpose, names)
 
@@ -1337,6 +1489,52 @@ class _BadReply(Exception):
 def _reply_key(reply: SagaReply) -> str:
     """A recorded reply's key: one per saga, purpose, attempt and step."""
     return f"{reply.purpose} {reply.attempt} {reply.step}"
+
+
+def _unstorable(rec: SagaRecord, data: Any) -> str | None:
+    """Why a step's new ``data`` cannot be stored (:func:`msdata.saga.store.data_json`):
+    ``returned data that cannot be stored: ...``, or None (the caller that makes it the
+    instance's data marks it checked: ``rec.data_checked``, so the store does not look
+    again)."""
+    try:
+        check_data_value(rec.saga_id, data)
+    except EncodeError as e:
+        return f"returned data that cannot be stored: {e}"
+    return None
+
+
+def check_saga_id(saga_id: object) -> str:
+    """``saga_id`` if it can be an instance's id everywhere it goes (every saga store, the
+    ``sagaid`` header and partition key of its commands, the idempotency keys
+    ``saga:<id>:<step>:<purpose>``): a non-empty str of at most :data:`MAX_SAGA_ID`
+    characters, valid UTF-8 (no lone surrogate), with no control character (NUL, a line
+    break). Raises :class:`msdata.errors.EncodeError` naming what is wrong."""
+    if not isinstance(saga_id, str) or not saga_id:
+        raise EncodeError(f"a saga id must be a non-empty str, got {safe_text(repr(saga_id), 80)}")
+    if len(saga_id) > MAX_SAGA_ID:
+        raise EncodeError(
+            f"a saga id has at most {MAX_SAGA_ID} characters, got {len(saga_id)} "
+            f"({safe_text(repr(saga_id), 80)})"
+        )
+    if not saga_id.isascii():
+        try:
+            saga_id.encode("utf-8")
+        except UnicodeEncodeError:
+            raise EncodeError(
+                f"saga id {safe_text(repr(saga_id), 80)} holds a lone surrogate (not UTF-8)"
+            ) from None
+    if _CONTROL.search(saga_id):
+        raise EncodeError(
+            f"saga id {safe_text(repr(saga_id), 80)} holds a control character (NUL, a line "
+            "break...)"
+        )
+    return saga_id
+
+
+#: the longest saga id: its idempotency keys (``saga:<id>:<step>:<purpose>``) must stay
+#: within the 255 characters of an idempotency key, with room for a step name
+MAX_SAGA_ID = 160
+_CONTROL = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
 
 
 def _first_error(e: ValidationError) -> str:

@@ -30,6 +30,16 @@ the event bus's policy, and the orchestrator's step timeout decides when to stop
 is a command whose key another transaction holds uncommitted (memory store only; SQL stores
 wait for that transaction's row lock).
 
+A command that is not a well-formed saga command is refused at once with
+:class:`msdata.errors.RejectMessage` (a dead letter with the reason, the handler not run, no
+transaction opened): a saga header missing or empty, ``sagapurpose`` other than ``action``
+or ``compensation``, ``sagaattempt`` not an integer >= 1, ``sagareplyto`` not a valid topic
+name (:func:`msdata.transport.check_name`), or an ``idempotencykey`` header other than the
+key of its saga id, step and purpose (the key is always derived from those: a command cannot
+claim, or replay the stored reply of, another saga's step). A handler that returns something
+other than a pydantic model, a dict or None is refused the same way, its transaction rolled
+back: a programming error, the same on every delivery.
+
 An action never takes effect after its compensation: when a compensation command for
 (saga id, step) is handled, the action's key is recorded in the same transaction as refused
 ("already compensated"), unless the action already took effect (its success is stored: the
@@ -45,7 +55,7 @@ from __future__ import annotations
 import inspect
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, TypeVar, cast
 
@@ -55,7 +65,7 @@ from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConfigurationError, RejectMessage, SagaError, SagaStepFailed
 from msdata.events import EventBus
 from msdata.idempotency import IdempotencyStore
-from msdata.messages import Command, Envelope, current_envelope
+from msdata.messages import Command, Envelope, current_envelope, safe_text
 from msdata.outbox import Outbox
 from msdata.saga.messages import (
     ACTION,
@@ -71,6 +81,7 @@ from msdata.saga.messages import (
     idempotency_key,
 )
 from msdata.storage import TransactionFactory, bind_connection, unix_us
+from msdata.transport import check_name
 
 __all__ = ["SagaParticipant"]
 
@@ -144,20 +155,8 @@ class SagaParticipant:
         self, env: Envelope[Any], command: C, fn: Callable[[C], Any], group: str
     ) -> None:
         h = env.headers
-        try:
-            saga_id = h[HEADER_SAGA_ID]
-            key = h[IDEMPOTENCY_KEY_HEADER]
-            reply_to = h[HEADER_REPLY_TO]
-            attempt = int(h[HEADER_ATTEMPT])
-            base = {
-                "saga_id": saga_id,
-                "saga_type": h[HEADER_SAGA_TYPE],
-                "step": h[HEADER_STEP],
-                "purpose": h[HEADER_PURPOSE],
-                "attempt": attempt,
-            }
-        except (KeyError, ValueError) as e:
-            raise RejectMessage(f"not a saga command (header {e} missing or bad)") from None
+        base, key, reply_to = _command_headers(h)  # RejectMessage: not a saga command
+        saga_id, attempt = base["saga_id"], base["attempt"]
         outbox, store = self.outbox, self.idempotency
 
         async def call(method: str, conn: Any, is_async: bool, *args: Any) -> Any:
@@ -249,11 +248,17 @@ class SagaParticipant:
                 result = fn(command)
                 if inspect.isawaitable(result):
                     result = await result
-            data = (
-                result.model_dump(mode="json")
-                if isinstance(result, BaseModel)
-                else (dict(result) if result is not None else None)
-            )
+            if isinstance(result, BaseModel):
+                data = result.model_dump(mode="json")
+            elif isinstance(result, Mapping):
+                data = dict(result)
+            elif result is None:
+                data = None
+            else:  # a programming error: the same on every delivery, so not retried
+                raise RejectMessage(
+                    f"saga handler {getattr(fn, '__qualname__', fn)!r} returned "
+                    f"{type(result).__name__}; it must return a pydantic model, a dict or None"
+                )
             reply = SagaReply(ok=True, data=data, **base)
             if token is not None:
                 await store_reply(conn, is_async, token, reply)
@@ -286,6 +291,58 @@ class SagaParticipant:
                 return reply
 
             await in_transaction(failed)
+
+
+def _command_headers(h: Mapping[str, str]) -> tuple[dict[str, Any], str, str]:
+    """The correlation of a saga command from its headers: (the reply's fields, the
+    idempotency key, the reply topic). The key is derived from saga id, step and purpose
+    (:func:`idempotency_key`): an ``idempotencykey`` header that names another invocation
+    is refused, so a command cannot claim (or replay the reply of) another saga's step.
+    Raises :class:`msdata.errors.RejectMessage` (dead letter at once, the handler not run)
+    for a missing or bad header: a redelivery would be as bad."""
+    try:
+        saga_id = h[HEADER_SAGA_ID]
+        saga_type = h[HEADER_SAGA_TYPE]
+        step = h[HEADER_STEP]
+        purpose = h[HEADER_PURPOSE]
+        reply_to = h[HEADER_REPLY_TO]
+        attempt = int(h[HEADER_ATTEMPT])
+    except (KeyError, ValueError) as e:
+        raise RejectMessage(f"not a saga command (header {e} missing or bad)") from None
+    if purpose not in (ACTION, COMPENSATION):
+        raise RejectMessage(
+            f"not a saga command (header {HEADER_PURPOSE} is {safe_text(repr(purpose), 80)}, "
+            f"not {ACTION!r} or {COMPENSATION!r})"
+        )
+    for name, value in (
+        (HEADER_SAGA_ID, saga_id),
+        (HEADER_SAGA_TYPE, saga_type),
+        (HEADER_STEP, step),
+    ):
+        if not value:
+            raise RejectMessage(f"not a saga command (header {name} is empty)")
+    if attempt < 1:
+        raise RejectMessage(f"not a saga command (header {HEADER_ATTEMPT} is {attempt}, not >= 1)")
+    try:
+        check_name("topic", reply_to)
+    except ConfigurationError as e:
+        raise RejectMessage(f"not a saga command (header {HEADER_REPLY_TO}: {e})") from None
+    key = idempotency_key(saga_id, step, purpose)
+    sent = h.get(IDEMPOTENCY_KEY_HEADER)
+    if sent is not None and sent != key:
+        raise RejectMessage(
+            f"saga command: header {IDEMPOTENCY_KEY_HEADER} {safe_text(repr(sent), 120)} is "
+            f"not the key of saga {safe_text(repr(saga_id), 80)} step "
+            f"{safe_text(repr(step), 80)} ({purpose}): {safe_text(repr(key), 200)}"
+        )
+    base = {
+        "saga_id": saga_id,
+        "saga_type": saga_type,
+        "step": step,
+        "purpose": purpose,
+        "attempt": attempt,
+    }
+    return base, key, reply_to
 
 
 def _new_token() -> str:

@@ -11,7 +11,10 @@ Contract:
 - ``save(record, also=...)`` is an optimistic write: it succeeds only if the stored version is
   ``record.version - 1`` (``0``: the instance must not exist yet) and raises
   :class:`msdata.errors.ConcurrencyError` naming the saga and both versions otherwise, having
-  changed nothing. ``also(conn)``, when given, is called inside the same transaction after
+  changed nothing; it raises :class:`msdata.errors.EncodeError` (having changed nothing)
+  for data JSON cannot hold so that it reads back the same (:func:`data_json`: NaN,
+  Infinity, a lone surrogate...), on every store alike, also one that keeps the object.
+  ``also(conn)``, when given, is called inside the same transaction after
   the write, with the store's connection (``features.async_connection`` says whether it is
   an async one); its writes (the outbox rows of the command a remote step sends) commit with
   the state or not at all. ``also`` may return an awaitable, which the store awaits.
@@ -33,6 +36,7 @@ Contract:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -40,7 +44,10 @@ from enum import StrEnum
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import pydantic_core
+from pydantic import BaseModel
 
+from msdata.errors import EncodeError
+from msdata.serialization import _INT_LIMIT_BITS, _check_plan, _suspect, _unencodable
 from msdata.storage import from_unix_us, unix_us
 
 __all__ = [
@@ -51,6 +58,10 @@ __all__ = [
     "SagaStore",
     "SagaStoreFeatures",
     "StepRun",
+    "check_data",
+    "check_data_value",
+    "data_json",
+    "encode_data",
     "record_from_json",
     "record_to_json",
 ]
@@ -158,6 +169,9 @@ class SagaRecord:
     history_json: tuple[int, Any, bytes] | None = field(
         default=None, init=False, repr=False, compare=False
     )
+    #: the ``data`` object :func:`check_data` last found storable (checked again only when
+    #: ``data`` is another object: steps return new data)
+    data_checked: Any = field(default=None, init=False, repr=False, compare=False)
 
     def copy(self) -> SagaRecord:
         """A copy that shares nothing mutable with this one (``data`` is immutable by
@@ -186,6 +200,88 @@ class SagaRecord:
         )
 
 
+# -- saga data as JSON: what every store refuses ---------------------------------------------
+
+
+def data_json(record: SagaRecord) -> bytes:
+    """``record.data`` as JSON (the model's own). Raises :class:`msdata.errors.EncodeError`,
+    naming the saga and the field, for data JSON cannot hold so that it reads back the same
+    (the rules of messages, ``EncodeError``'s docstring): a float that is NaN or infinite
+    (RFC 8259 §6; pydantic would write ``null``, and the instance could not be read again),
+    a string with a lone surrogate (not UTF-8), an int of more than 4300 digits, nesting
+    deeper than the codec's limit. Every saga store refuses the same data with it, before
+    writing anything."""
+    data = record.data
+    raw = encode_data(record.saga_id, data)
+    record.data_checked = data
+    return raw
+
+
+def encode_data(saga_id: str, data: Any) -> bytes:
+    """Saga ``data`` as JSON, refused as :func:`data_json` says (``saga_id`` names the
+    instance in the error). Raises :class:`msdata.errors.EncodeError`."""
+    try:
+        raw: bytes = pydantic_core.to_json(data)
+    except Exception as e:  # a lone surrogate, a value pydantic cannot write
+        why = _unencodable(data, 1) or f": {type(e).__name__}: {e}"
+        raise EncodeError(f"saga {saga_id!r}: data{why}") from None
+    if _suspect(data, 1, True):  # NaN, Infinity, a long int, a non-ASCII dict key...
+        problem = _unencodable(data, 1)
+        if problem is not None:
+            raise EncodeError(f"saga {saga_id!r}: data{problem}")
+    return raw
+
+
+def check_data(record: SagaRecord) -> None:
+    """:func:`data_json`'s check, done once per ``data`` object (a store that keeps the
+    object, like the in-memory one, calls it on every save). Raises
+    :class:`msdata.errors.EncodeError`."""
+    data = record.data
+    if record.data_checked is not data:
+        check_data_value(record.saga_id, data)
+        record.data_checked = data
+
+
+def check_data_value(saga_id: str, data: Any) -> None:
+    """:func:`encode_data`'s refusal without the JSON when it is plain to see: a model of
+    ASCII strings, ints, bools, None and finite floats needs no more look (the common case,
+    on the hot path of every step that returns new data); anything else is encoded.
+    Raises :class:`msdata.errors.EncodeError`."""
+    if not _plain(data):
+        encode_data(saga_id, data)
+
+
+_INFINITIES = (math.inf, -math.inf)
+
+
+#: per class: whether its instances may be looked at field by field (:func:`_plain`): a
+#: model without a custom serializer or extra fields (classes are few and long-lived)
+_PLAIN_CLASSES: dict[type, bool] = {}
+
+
+def _plain(data: Any) -> bool:
+    cls = type(data)
+    ok = _PLAIN_CLASSES.get(cls)
+    if ok is None:
+        ok = _PLAIN_CLASSES[cls] = isinstance(data, BaseModel) and _check_plan(cls).walk is not None
+    if not ok or data.__pydantic_extra__:
+        return False
+    for value in data.__dict__.values():
+        t = type(value)
+        if t is str:
+            if not value.isascii():
+                return False
+        elif t is int:
+            if value.bit_length() >= _INT_LIMIT_BITS:
+                return False
+        elif t is float:
+            if value != value or value in _INFINITIES:
+                return False
+        elif not (t is bool or value is None):
+            return False
+    return True
+
+
 # -- JSON form for SQL stores: the indexed fields get columns, the rest one JSON document -----
 
 _to_json = pydantic_core.to_json  # several times faster than json.dumps on these lists
@@ -206,9 +302,9 @@ def record_to_json(record: SagaRecord) -> bytes:
     status, version, lease, wake_at and the times, which get their own columns). Times in
     it are integer microseconds since the epoch; ``data`` is the model's own JSON. The
     history's JSON is kept on the record (``history_json``), so each save encodes only the
-    entries added since the last one."""
-    data = record.data
-    head = pydantic_core.to_json(data)
+    entries added since the last one. Raises :class:`msdata.errors.EncodeError` for data
+    :func:`data_json` refuses."""
+    head = data_json(record)  # checked on every save: data may have been changed in place
     rest = _to_json(
         [
             record.position,
@@ -309,7 +405,8 @@ class SagaStore(Protocol):
     async def save(self, record: SagaRecord, *, also: AlsoInTransaction | None = None) -> None:
         """Write ``record`` if the stored version is ``record.version - 1`` (0: new), else
         raise :class:`msdata.errors.ConcurrencyError` (``name`` = ``"saga <id>"``); run
-        ``also(conn)`` in the same transaction."""
+        ``also(conn)`` in the same transaction. :class:`msdata.errors.EncodeError` for data
+        :func:`data_json` refuses (nothing written)."""
         ...
 
     async def get(self, saga_id: str) -> SagaRecord:

@@ -23,6 +23,7 @@ from msdata.saga.store import (
     SagaStatus,
     SagaStoreFeatures,
     StepRun,
+    check_data,
 )
 
 __all__ = ["MemorySagaStore"]
@@ -138,6 +139,8 @@ class MemorySagaStore(MemoryDatabase):
         self._replies: dict[str, dict[str, bytes]] = {}  # saga id -> key -> reply
 
     async def save(self, record: SagaRecord, *, also: AlsoInTransaction | None = None) -> None:
+        if record.data_checked is not record.data:  # once per data object (steps return new)
+            check_data(record)  # EncodeError, as the SQL stores: NaN, a lone surrogate...
         if also is None:  # the check written out: this is the hot path of every saga
             records = self._records
             current = records.get(record.saga_id)

@@ -41,7 +41,7 @@ Publishing
 Settling
     ``ack`` is an (unconfirmed) ``+ACK``, ``nack(delay)`` is ``-NAK`` with the delay
     (JetStream redelivers it no sooner, so ``native_delay=True``), and ``attempt`` is
-    JetStream's ``num_delivered``.
+    JetStream's ``num_delivered`` less the deliveries given back (see "Release records").
     ``max_attempts`` is enforced here, not by the consumer's ``max_deliver`` (which is left
     unlimited): at ``max_deliver`` JetStream only stops delivering and leaves the message
     parked, where no one sees it. Instead, the ``max_attempts``-th ``nack`` publishes the
@@ -52,12 +52,42 @@ Settling
     dead-letter publish the server refuses, is terminated with an ERROR line and counted in
     :attr:`NatsTransport.undeliverable`, never offered again in a loop; a delivery that comes
     back beyond ``max_attempts`` because its consumers kept dying is dead-lettered by
-    ``receive`` without being handed out. Deliveries still unsettled when a subscription
-    closes are nacked at once (settling one afterwards raises :class:`TransportClosed`);
+    ``receive`` without being handed out. Deliveries handed out and still unsettled when a
+    subscription closes are nacked at once (counted; settling one afterwards raises
+    :class:`TransportClosed`), those it received and never handed out are given back
+    uncounted;
     those of a consumer that died come back after ``ack_wait`` (declared as
     ``redelivery_timeout``). A live subscription sends JetStream's in-progress
     acknowledgement (``+WPI``) every ``ack_wait / 3`` seconds for what it holds, so slow
     work is not redelivered under a consumer that is still alive.
+
+Release records: a delivery given back is not an attempt
+    ``release()``, and a closing subscription for what it received and never handed out,
+    give deliveries back uncounted, as :class:`msdata.transport.Delivery` requires. JetStream
+    counts every delivery and ``num_delivered`` cannot be lowered, so msdata keeps a record
+    of its own: before the ``-NAK``, a release record (``b"<attempt> <num_delivered>"``, the
+    attempt given back and JetStream's count then) is published on
+    ``$MSDATA.R.<records>.<consumer>.<stream sequence>`` of the stream ``<records>`` =
+    the topic's stream name + ``_r`` (created on the first release; one record per subject;
+    the topic's ``max_age``) and confirmed. A redelivery (``num_delivered`` > 1; a first
+    delivery costs nothing more) reads its record (``STREAM.MSG.GET`` by subject, the
+    redeliveries of a batch at once) and counts ``attempt = recorded attempt +
+    num_delivered - recorded num_delivered - 1``: the deliveries since the release count (a
+    consumer that died on it), the release itself does not. No read is needed when it comes
+    straight back to the subscription that nacked or released it (``num_delivered`` one
+    higher than then: no delivery, so no release, in between): that subscription knows
+    its attempt, so a retry loop on one consumer reads nothing. A record whose
+    ``num_delivered`` is not below the delivery's is older than the consumer and ignored; one
+    that is not well-formed or out of range is ignored. Settled for good (``+ACK``,
+    ``+TERM``), a delivery deletes its record (a subject purge, not waited for: a leftover
+    is never read again).
+    Crash safety: killed before the record is confirmed, the delivery comes back after
+    ``ack_wait`` counted (as from any consumer that died); after it and before the
+    ``-NAK``, with the recorded attempt. A record that cannot be written (logged) leaves the
+    release counted; a redelivery whose record cannot be read stays in the subscription's
+    buffer (kept alive by ``+WPI``) until a later ``receive`` reads it. Nothing is acked or
+    dropped on the way, so no message is lost; in ordered mode a released message is the
+    one its partition redelivers first, so order per key holds.
 
 Order per key: opt-in, ``NatsTransport(ordered=True)`` (then ``ordered_per_key=True``)
     JetStream orders a stream, not a key: two consumers of one group pull interleaved
@@ -104,6 +134,7 @@ Connection
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -207,6 +238,21 @@ log = logging.getLogger("msdata.adapters.nats")
 
 # how many nacked stream sequences a subscription remembers the attempt of
 _NACKS_REMEMBERED = 10_000
+
+# Release records (see NatsSubscription): a topic's are kept in the stream named like the
+# topic's with this suffix ("_r" never ends an escaped name), on subjects
+# ``$MSDATA.R.<that stream>.<consumer>.<stream sequence>``, one record per subject
+_RECORDS_SUFFIX = "_r"
+_RECORD_SUBJECT = "$MSDATA.R."
+# longest a record is written or read for, in seconds (at most publish_timeout)
+_RECORD_TIMEOUT = 5.0
+# JetStream API error codes: no message found, stream not found
+_NO_MESSAGE = 10037
+_NO_STREAM = 10059
+# after no redelivery's record could be read, wait this long before receive() returns
+_UNREAD_PAUSE = 0.1
+# the largest attempt a record may hold (only msdata's own bookkeeping counts, range-checked)
+_MAX_RECORDED = 1_000_000
 
 
 def _nats_errors(what: str, error: type[TransportError] = TransportError) -> DriverErrors:
@@ -347,6 +393,8 @@ class _ConnectionLog:
         self.closing = closing
         self._last: dict[str, float] = {}
         self._skipped: dict[str, int] = {}
+        #: the last connection error, as text (what a failed first connect names)
+        self.last_error: str | None = None
 
     def _log(self, kind: str, text: str) -> None:
         now = time.monotonic()
@@ -359,7 +407,8 @@ class _ConnectionLog:
         log.warning("NATS %s: %s%s", self.address, text, more)
 
     async def error(self, e: Exception) -> None:
-        self._log("error", f"{type(e).__name__}: {e}".rstrip(": "))
+        self.last_error = f"{type(e).__name__}: {e}".rstrip(": ")
+        self._log("error", self.last_error)
 
     async def disconnected(self) -> None:
         if not self.closing():
@@ -425,7 +474,7 @@ def topic_of_stream(stream: str, prefix: str = "MSDATA_") -> str | None:
 class NatsDelivery(DeliveryState["NatsSubscription"]):
     """A delivery from :class:`NatsTransport`; see :class:`msdata.transport.Delivery`."""
 
-    __slots__ = ("_msg", "_seq", "_size")
+    __slots__ = ("_msg", "_recorded", "_seq", "_size")
 
     def __init__(
         self,
@@ -440,6 +489,8 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
         self._msg = msg
         self._seq = seq
         self._size = size
+        # a release record of this message exists: it is deleted once settled for good
+        self._recorded = False
 
     def _settle(self) -> bool:
         if not self._begin_settle():
@@ -447,16 +498,34 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
         sub = self._sub
         sub._inflight.discard(self)
         sub._held_bytes -= self._size
-        sub._nacked.pop(self._seq, None)
+        sub._floor.pop(self._seq, None)
         return True
 
     async def _reply(self, payload: bytes) -> None:
         with _nats_errors("could not settle the delivery"):
             await self._sub._nc.publish(self._msg.reply, payload)  # type: ignore[union-attr]
 
+    async def _done(self, payload: bytes) -> None:
+        """Settle for good (``+ACK``, ``+TERM``), then forget its release record, if any."""
+        await self._reply(payload)
+        if self._recorded:
+            await self._forget()
+
+    async def _forget(self) -> None:
+        self._recorded = False
+        sub = self._sub
+        fields = _ack_fields(self._msg.reply)
+        if fields is not None:
+            consumer, _, seq = fields
+            await sub._transport._delete_record(
+                sub._records, f"{sub._record_prefix}{consumer}.{seq}"
+            )
+
     async def ack(self) -> None:
         if self._settle():
             await self._reply(b"")
+            if self._recorded:
+                await self._forget()
 
     async def nack(self, delay: float = 0.0, reason: str | None = None) -> None:
         if not self._settle():
@@ -464,7 +533,9 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
         if deadletter.exhausted(self.attempt, self._sub.max_attempts):
             await self._dead_letter(deadletter.failed_reason(self.attempt, reason))
         else:
-            self._sub._remember_nack(self._seq, self.attempt)
+            fields = _ack_fields(self._msg.reply)
+            delivered = fields[1] if fields is not None else 0
+            self._sub._remember(self._seq, self.attempt + 1, delivered, self._recorded)
             if delay > 0:
                 await self._reply(b'-NAK {"delay": %d}' % int(delay * 1e9))
             else:
@@ -475,11 +546,10 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
             await self._dead_letter(reason)
 
     async def release(self) -> None:
-        # JetStream counts every delivery: this one comes back one higher, as after a nack
-        # (but it is never dead-lettered here)
+        # JetStream counts every delivery: a release record (see NatsSubscription) makes
+        # the next one count as this attempt again
         if self._settle():
-            self._sub._remember_nack(self._seq, self.attempt)
-            await self._reply(_NAK)
+            await self._sub._give_back([(self._msg.reply, self.attempt)])
 
     async def _dead_letter(self, reason: str, attempts: int | None = None) -> None:
         sub = self._sub
@@ -507,14 +577,14 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
             # not moved: let JetStream offer it again rather than lose it
             await self._reply(_NAK)
             raise
-        await self._reply(_TERM)
+        await self._done(_TERM)
         letter.log()
 
     async def _drop(self, reason: str, why: str) -> None:
         """Terminate a delivery that cannot be dead-lettered, with an ERROR line and a
         count (:attr:`NatsTransport.undeliverable`): never redelivered forever."""
         sub = self._sub
-        await self._reply(_TERM)
+        await self._done(_TERM)
         sub._transport.undeliverable += 1
         log.error(
             "message %s of %s/%s (%d bytes) was to be dead-lettered (%s) but %s: terminated "
@@ -537,7 +607,9 @@ class NatsSubscription(ClosesOnExit):
     one inbox, within ``prefetch``; ``receive`` takes what arrived. A request lives at most
     0.5 s (a longer wait opens new ones), and ``close`` lets the open ones end before it gives
     back what it holds: a request left open on a dead inbox would make the server deliver
-    into it.
+    into it. What it gives back uncounted (``release()``, and on close what it received and
+    never handed out) leaves a release record first (see the module docstring, "Release
+    records"); a redelivery's attempt is counted from its record.
 
     Memory is bounded in bytes too: what it holds (received and not settled) plus what its
     open requests may still bring stays within the transport's ``max_held_bytes``, plus one
@@ -574,10 +646,16 @@ class NatsSubscription(ClosesOnExit):
         #: bytes (about as the server counts them) of what it holds: received, not settled
         self._held_bytes = 0
         self.max_held_bytes = transport.max_held_bytes
-        # stream sequence -> the attempt at which this subscription nacked it, oldest first:
-        # JetStream (2.9) sometimes redelivers a delayed nack with its delivered count
-        # reset to 1, so an attempt is never taken lower than this + 1
-        self._nacked: OrderedDict[int, int] = OrderedDict()
+        # stream sequence -> what this subscription gave back (nacked or released), oldest
+        # first: (the attempt of its next delivery, num_delivered then, a release record of
+        # it exists). The attempt is exact for the next delivery (num_delivered one higher:
+        # no other delivery, so no other release, in between), needing no record read, and
+        # a floor otherwise: JetStream (2.9) sometimes redelivers a delayed nack with its
+        # delivered count reset to 1
+        self._floor: OrderedDict[int, tuple[int, int, bool]] = OrderedDict()
+        # the release records of this topic: their stream, and the subject prefix of a record
+        self._records = ""
+        self._record_prefix = ""
         self._closed = False
         self._lost = False
         self._next_check = time.monotonic() + transport.consumer_check_interval
@@ -613,7 +691,7 @@ class NatsSubscription(ClosesOnExit):
         except TimeoutError as e:
             raise TransportError(
                 f"could not declare group {self.group!r} on topic {self.topic!r} at "
-                f"{t.address} within {t.connect_timeout}s"
+                f"{t.address} within {t.connect_timeout}s{t._why_not_connected()}"
             ) from e
         t._subscriptions.add(self)
         self._keepalive = asyncio.get_running_loop().create_task(
@@ -657,6 +735,8 @@ class NatsSubscription(ClosesOnExit):
                     f"{self._inbox}.*", cb=self._arrive, pending_bytes_limit=0
                 )
         self.consumers = [name for name, _, _ in specs]
+        self._records = self.stream + _RECORDS_SUFFIX
+        self._record_prefix = f"{_RECORD_SUBJECT}{self._records}."
         self._index = {name: i for i, name in enumerate(self.consumers)}
         self._index.update((str(i), i) for i in range(len(specs)))
         api = js._prefix
@@ -669,12 +749,12 @@ class NatsSubscription(ClosesOnExit):
         self._not_before = [0.0] * len(specs)
         self._lost = False
 
-    def _remember_nack(self, seq: int, attempt: int) -> None:
-        nacked = self._nacked
-        nacked[seq] = attempt
-        nacked.move_to_end(seq)
-        if len(nacked) > _NACKS_REMEMBERED:
-            nacked.popitem(last=False)
+    def _remember(self, seq: int, attempt: int, delivered: int, recorded: bool) -> None:
+        floor = self._floor
+        floor[seq] = (attempt, delivered, recorded)
+        floor.move_to_end(seq)
+        if len(floor) > _NACKS_REMEMBERED:
+            floor.popitem(last=False)
 
     async def _arrive(self, msg: Msg) -> None:
         reply = msg.reply
@@ -878,27 +958,132 @@ class NatsSubscription(ClosesOnExit):
         if inbox_sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await inbox_sub.unsubscribe()
-        # still unsettled: settling them now raises TransportClosed
+        # still unsettled: settling them now raises TransportClosed. What was handed out
+        # comes back counted; what was received and never handed out is given back uncounted
         replies = [d._msg.reply for d in self._inflight]
         self._inflight.clear()
-        replies.extend(m.reply for m, _ in self._buffer)
+        buffered = [m for m, _ in self._buffer]
         self._buffer.clear()
         self._held_bytes = 0
         nc = self._nc
-        if replies and nc is not None and not nc.is_closed:
+        if (replies or buffered) and nc is not None and not nc.is_closed:
             try:
                 for reply in replies:
                     await nc.publish(reply, _NAK)
+                if buffered:
+                    await self._give_back_unread(buffered)
                 await nc.flush(timeout=2)
-            except (TimeoutError, nats.errors.Error, OSError):
+            except (TimeoutError, nats.errors.Error, OSError, MsdataError):
                 pass  # not nacked: JetStream offers them again after ack_wait
+
+    async def _give_back_unread(self, msgs: list[Msg]) -> None:
+        """Give back messages received and never handed out, each with the attempt it would
+        have been handed out with (one whose release record cannot be read is nacked
+        plainly: it comes back counted)."""
+        known: list[tuple[str, int]] = []
+        unknown: list[str] = []
+        redelivered: list[tuple[str, tuple[str, int, int]]] = []
+        floor = self._floor
+        nc = self._nc
+        assert nc is not None
+        # reconnecting: no record could be read or written now; do not wait for one
+        connected = nc.is_connected
+        for msg in msgs:
+            fields = _ack_fields(msg.reply)
+            if fields is None:
+                continue
+            _, delivered, seq = fields
+            given = floor.get(seq)
+            if not connected:
+                unknown.append(msg.reply)
+            elif given is not None and given[1] == delivered - 1:
+                known.append((msg.reply, given[0]))  # straight back after this gave it back
+            elif delivered > 1:
+                redelivered.append((msg.reply, fields))
+            else:
+                known.append((msg.reply, given[0] if given is not None else 1))
+        if redelivered:
+            counted = await self._count([fields for _, fields in redelivered])
+            for (reply, _), count in zip(redelivered, counted, strict=True):
+                if count is None:
+                    unknown.append(reply)
+                else:
+                    known.append((reply, count[0]))
+        if known:
+            await self._give_back(known)
+        for reply in unknown:
+            await nc.publish(reply, _NAK)
+
+    async def _give_back(self, deliveries: list[tuple[str, int]]) -> None:
+        """Give back deliveries (their ack subject, their attempt) uncounted: a release record
+        of each (see the module docstring), confirmed, then ``-NAK``. If the records cannot
+        be written, they are nacked all the same (and come back counted, logged)."""
+        records: list[tuple[str, bytes]] = []
+        given: list[tuple[int, int, int]] = []
+        prefix = self._record_prefix
+        for reply, attempt in deliveries:
+            fields = _ack_fields(reply)
+            if fields is None:
+                continue
+            consumer, delivered, seq = fields
+            given.append((seq, attempt, delivered))
+            records.append((f"{prefix}{consumer}.{seq}", b"%d %d" % (attempt, delivered)))
+        recorded = bool(records) and await self._transport._put_records(self.topic, records)
+        if records and not recorded:
+            log.warning(
+                "could not record the release of %d deliveries of %s/%s: they come back "
+                "counted as an attempt",
+                len(records),
+                self.topic,
+                self.group,
+            )
+        for seq, attempt, delivered in given:
+            self._remember(seq, attempt if recorded else attempt + 1, delivered, recorded)
+        nc = self._nc
+        assert nc is not None
+        with _nats_errors("could not release the deliveries"):
+            for reply, _ in deliveries:
+                await nc.publish(reply, _NAK)
+
+    async def _count(
+        self, redelivered: list[tuple[str, int, int]]
+    ) -> list[tuple[int, bool] | None]:
+        """For each redelivery (consumer, ``num_delivered``, stream sequence): its attempt,
+        ``num_delivered`` less the deliveries its release record says were given back, and
+        whether it has a record; None where the record could not be read."""
+        t = self._transport
+        records, prefix = self._records, self._record_prefix
+        found = await asyncio.gather(
+            *(t._read_record(records, f"{prefix}{c}.{seq}") for c, _, seq in redelivered),
+            return_exceptions=True,
+        )
+        floor = self._floor
+        out: list[tuple[int, bool] | None] = []
+        for (_, delivered, seq), record in zip(redelivered, found, strict=True):
+            if isinstance(record, BaseException):
+                if not isinstance(record, Exception):
+                    raise record  # cancelled
+                out.append(None)
+                continue
+            attempt = delivered
+            if record is not None:
+                at, released_at = record
+                if delivered > released_at:  # else a record older than this consumer
+                    # as the attempt it was released with, plus the deliveries since then
+                    attempt = min(at + delivered - released_at - 1, delivered)
+            given = floor.get(seq)
+            if given is not None and attempt < given[0]:
+                attempt = given[0]
+            out.append((attempt, record is not None))
+        return out
 
     async def _deliveries(self, msgs: list[tuple[Msg, int]]) -> list[NatsDelivery]:
         out: list[NatsDelivery] = []
         inflight = self._inflight
         stream = self.stream
         max_attempts = self.max_attempts
-        nacked = self._nacked
+        floor = self._floor
+        redelivered: list[NatsDelivery] | None = None
         for msg, size in msgs:
             reply = msg.reply
             tokens = reply.split(".") if reply else []
@@ -910,9 +1095,6 @@ class NatsSubscription(ClosesOnExit):
             else:
                 self._held_bytes -= size
                 continue  # not a JetStream delivery: nothing to settle
-            nacked_at = nacked.get(seq)
-            if nacked_at is not None and attempt <= nacked_at:
-                attempt = nacked_at + 1
             hdrs = msg.headers
             if hdrs:
                 mid = hdrs.get(MSG_ID_HEADER) or f"{stream}:{seq}"
@@ -923,23 +1105,103 @@ class NatsSubscription(ClosesOnExit):
             d = NatsDelivery(
                 self, msg, TransportMessage(mid, msg.data, key, headers), attempt, seq, size
             )
-            overdue = deadletter.overdue_reason(attempt, max_attempts)
-            if overdue is not None:
-                # its consumers died on it max_attempts times: settle it here
-                d._settled = True
-                self._held_bytes -= size
-                # if that fails, _dead_letter nacked it: it comes back and is tried again
-                with contextlib.suppress(MsdataError):
-                    await d._dead_letter(overdue, deadletter.overdue_attempts(attempt))
-                continue
-            inflight.add(d)
+            given = floor.get(seq)
+            if attempt > 1:
+                if given is not None and given[1] == attempt - 1:
+                    # straight back after this subscription gave it back: known exactly
+                    d.attempt, d._recorded = given[0], given[2]
+                    if not await self._hand_out(d, max_attempts):
+                        continue
+                else:
+                    # counted below, less the times its release record says it was given back
+                    if redelivered is None:
+                        redelivered = []
+                    redelivered.append(d)
+            elif given is not None and attempt < given[0]:
+                d.attempt = given[0]
+                if not await self._hand_out(d, max_attempts):
+                    continue
+            else:
+                inflight.add(d)
             out.append(d)
+        if redelivered is not None:
+            out = await self._recount(out, redelivered)
         if self._closed:
             for d in out:
                 d._settled = True
-                await d._reply(_NAK)
+                inflight.discard(d)
+            await self._give_back([(d._msg.reply, d.attempt) for d in out])
             return []
         return out
+
+    async def _hand_out(self, d: NatsDelivery, max_attempts: int) -> bool:
+        """Hold ``d`` (True), or dead-letter it (False) if it is overdue."""
+        overdue = deadletter.overdue_reason(d.attempt, max_attempts)
+        if overdue is None:
+            self._inflight.add(d)
+            return True
+        # its consumers died on it max_attempts times: settle it here
+        d._settled = True
+        self._held_bytes -= d._size
+        # if that fails, _dead_letter nacked it: it comes back and is tried again
+        with contextlib.suppress(MsdataError):
+            await d._dead_letter(overdue, deadletter.overdue_attempts(d.attempt))
+        return False
+
+    async def _recount(
+        self, out: list[NatsDelivery], redelivered: list[NatsDelivery]
+    ) -> list[NatsDelivery]:
+        """Count the ``redelivered`` of ``out`` from their release records; those whose
+        record cannot be read go back to the front of the buffer, to be counted on a later
+        ``receive``. Returns ``out`` less those and the overdue ones."""
+        fields: list[tuple[str, int, int]] = []
+        for d in redelivered:
+            consumer = _ack_fields(d._msg.reply)
+            assert consumer is not None
+            fields.append(consumer)
+        nc = self._nc
+        assert nc is not None
+        if nc.is_connected:
+            counted = await self._count(fields)
+        else:  # reconnecting: a read would only wait
+            counted = [None] * len(fields)
+        unread: list[NatsDelivery] = []
+        left: set[NatsDelivery] = set()
+        for d, count in zip(redelivered, counted, strict=True):
+            if count is None:
+                unread.append(d)
+                continue
+            d.attempt, d._recorded = count
+            if await self._hand_out(d, self.max_attempts):
+                continue
+            left.add(d)
+        if unread:
+            left.update(unread)
+            log.debug("could not read the release records of %d redeliveries", len(unread))
+            if self._closed:
+                with _nats_errors("could not give back the deliveries"):
+                    for d in unread:
+                        await nc.publish(d._msg.reply, _NAK)
+            else:
+                self._buffer.extendleft((d._msg, d._size) for d in reversed(unread))
+        if not left:
+            return out
+        out = [d for d in out if d not in left]
+        if unread and not out:
+            await asyncio.sleep(_UNREAD_PAUSE)  # the caller asks again at once: not in a loop
+        return out
+
+
+def _ack_fields(reply: str) -> tuple[str, int, int] | None:
+    """The consumer, ``num_delivered`` and stream sequence of a JetStream delivery, from its
+    ack subject (None if it is not one)."""
+    tokens = reply.split(".") if reply else []
+    n = len(tokens)
+    if n == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+        return tokens[3], int(tokens[4]), int(tokens[5])
+    if n >= 11:  # with domain and account hash in front
+        return tokens[5], int(tokens[6]), int(tokens[7])
+    return None
 
 
 _CONFIRMED = 1
@@ -1068,6 +1330,7 @@ class NatsTransport:
         self.publish_timeout = publish_timeout
         self.connect_timeout = connect_timeout
         self._address = ""
+        self._events: _ConnectionLog | None = None
         self.memory_storage = memory_storage
         self.replicas = replicas
         self.consumer_check_interval = consumer_check_interval
@@ -1090,6 +1353,9 @@ class NatsTransport:
         # topic -> its subject and key partition subjects, once its stream is known to exist
         self._streams: dict[str, tuple[str, list[str]]] = {}
         self._subscriptions: set[NatsSubscription] = set()
+        # the streams of release records known to exist, and where deletes are answered
+        self._record_streams: set[str] = set()
+        self._forget_inbox = ""
         self._closed = False
 
     @classmethod
@@ -1106,6 +1372,7 @@ class NatsTransport:
         servers = [u.strip() for u in url.split(",")]
         transport._address = ",".join(_redacted(u) for u in servers)
         events = _ConnectionLog(transport._address, lambda: transport._closed)
+        transport._events = events
         transport._connect = {
             "servers": servers,
             "max_reconnect_attempts": -1,
@@ -1153,8 +1420,8 @@ class NatsTransport:
                 # bound it, and give up on the client if it is not connected in time
                 nc = Client()
                 try:
-                    with _nats_errors(f"could not connect to NATS at {self.address}"):
-                        async with asyncio.timeout(self.connect_timeout):
+                    async with asyncio.timeout(self.connect_timeout):
+                        with _nats_errors(f"could not connect to NATS at {self.address}"):
                             await nc.connect(**self._connect)
                 except BaseException as e:
                     with contextlib.suppress(Exception):
@@ -1162,12 +1429,20 @@ class NatsTransport:
                     if isinstance(e, TimeoutError):
                         raise TransportError(
                             f"could not connect to NATS at {self.address} within "
-                            f"{self.connect_timeout}s"
+                            f"{self.connect_timeout}s{self._why_not_connected()}"
                         ) from e
                     raise
                 self._guard = _guard(nc)
                 self._nc, self._js = nc, nc.jetstream()
             return self._js
+
+    def _why_not_connected(self) -> str:
+        """`` (last connection error: ...)`` while not connected and the client reported
+        one, else ``""``: what a timeout's message adds."""
+        last = self._events.last_error if self._events is not None else None
+        if last is None or (self._nc is not None and self._nc.is_connected):
+            return ""
+        return f" (last connection error: {last})"
 
     def _subject(self, topic: str) -> str:
         check_name("topic", topic)
@@ -1264,7 +1539,7 @@ class NatsTransport:
             except TimeoutError as e:
                 raise PublishError(
                     f"publish to {topic!r} at {self.address}: no answer from the server "
-                    f"within {self.publish_timeout}s"
+                    f"within {self.publish_timeout}s{self._why_not_connected()}"
                 ) from e
             subjects = self._streams[topic]
         elif not messages:
@@ -1344,6 +1619,7 @@ class NatsTransport:
             raise PublishError(
                 f"{batch.left} of {len(messages)} messages to {topic!r} were not "
                 f"confirmed by {self.address} within {self.publish_timeout}s"
+                f"{self._why_not_connected()}"
             ) from e
         finally:
             for token in tokens:
@@ -1393,6 +1669,111 @@ class NatsTransport:
         batch.left -= 1
         if not batch.left:
             batch.done.set_result(None)
+
+    # -- release records (see NatsSubscription) --------------------------------------------
+
+    async def _ensure_records(self, topic: str) -> str:
+        """Create the stream of the topic's release records if it does not exist; its name."""
+        name = stream_name(topic, self.stream_prefix) + _RECORDS_SUFFIX
+        if name in self._record_streams:
+            return name
+        config = StreamConfig(
+            name=name,
+            description=f"msdata release records of topic {topic}",
+            subjects=[f"{_RECORD_SUBJECT}{name}.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.MEMORY if self.memory_storage else StorageType.FILE,
+            num_replicas=self.replicas,
+            max_age=self.max_age,
+            max_msgs_per_subject=1,
+        )
+        js = await self._ready()
+        with _nats_errors(f"could not declare the release records of topic {topic!r}"):
+            try:
+                await js.add_stream(config)
+            except nats.js.errors.APIError as e:
+                if e.err_code != _STREAM_EXISTS:
+                    raise
+        self._record_streams.add(name)
+        return name
+
+    async def _put_records(self, topic: str, records: list[tuple[str, bytes]]) -> bool:
+        """Write release records (subject, ``b"<attempt> <num_delivered>"``); True once
+        JetStream confirmed them all, False if it did not (within a few seconds)."""
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            return False  # reconnecting: do not wait for it
+        timeout = min(self.publish_timeout, _RECORD_TIMEOUT)
+        deadline = asyncio.get_running_loop().time() + timeout
+        for _ in range(2):
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._ensure_records(topic)
+                    if self._acks_sub is None:
+                        await self._listen_for_acks(nc)
+                    self._batch_seq += 1
+                    token = str(self._batch_seq)
+                    batch = self._batches[token] = _Batch(len(records))
+                    try:
+                        reply = f"{self._acks_prefix}{token}."
+                        for i, (subject, data) in enumerate(records):
+                            await nc.publish(subject, data, reply=reply + str(i))
+                        await asyncio.shield(batch.done)
+                    finally:
+                        del self._batches[token]
+            except (TimeoutError, MsdataError, nats.errors.Error, OSError):
+                return False
+            if not batch.no_stream:
+                return not batch.refused
+            # the server lost the stream (deleted, or a restart without its data): again
+            self._record_streams.discard(stream_name(topic, self.stream_prefix) + _RECORDS_SUFFIX)
+        return False
+
+    async def _read_record(self, records: str, subject: str) -> tuple[int, int] | None:
+        """The release record on ``subject`` of stream ``records``: (the attempt its
+        delivery was released with, its ``num_delivered`` then); None if there is none (or
+        it is not a well-formed record). Raises :class:`TransportError` if it cannot be
+        read."""
+        js = self._js
+        nc = self._nc
+        assert js is not None and nc is not None
+        with _nats_errors(f"could not read the release record {subject}"):
+            answer = await nc.request(
+                f"{js._prefix}.STREAM.MSG.GET.{records}",
+                b'{"last_by_subj":"%s"}' % subject.encode(),
+                timeout=min(self.publish_timeout, _RECORD_TIMEOUT),
+            )
+        try:
+            reply = json.loads(answer.data)
+            found = reply.get("message")
+            if found is None:
+                code = reply.get("error", {}).get("err_code")
+                if code in (_NO_MESSAGE, _NO_STREAM):
+                    return None
+                raise TransportError(f"could not read the release record {subject}: {reply}")
+            attempt, delivered = base64.b64decode(found["data"]).split()
+            record = int(attempt), int(delivered)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None  # not one of ours
+        if not (1 <= record[0] <= _MAX_RECORDED and record[1] >= 1):
+            return None
+        return record
+
+    async def _delete_record(self, records: str, subject: str) -> None:
+        """Delete the release record on ``subject``, without waiting for the answer (best
+        effort: one left behind is never read again, its delivery being settled for good)."""
+        js = self._js
+        nc = self._nc
+        if js is None or nc is None:
+            return
+        if not self._forget_inbox:
+            self._forget_inbox = nc.new_inbox()
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await nc.publish(
+                f"{js._prefix}.STREAM.PURGE.{records}",
+                b'{"filter":"%s"}' % subject.encode(),
+                reply=self._forget_inbox,
+            )
 
     async def declare_group(self, topic: str, group: str) -> None:
         """The topic's stream and the group's durable consumer(s): one, or with
@@ -1459,9 +1840,13 @@ class NatsTransport:
         """Delete the topic's stream, with every message and group in it. True if it existed."""
         js = await self._ready()
         self._streams.pop(topic, None)
+        name = stream_name(topic, self.stream_prefix)
+        self._record_streams.discard(name + _RECORDS_SUFFIX)
         with _nats_errors(f"could not delete the stream of {topic!r}"):
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await js.delete_stream(name + _RECORDS_SUFFIX)
             try:
-                return bool(await js.delete_stream(stream_name(topic, self.stream_prefix)))
+                return bool(await js.delete_stream(name))
             except nats.js.errors.NotFoundError:
                 return False
 

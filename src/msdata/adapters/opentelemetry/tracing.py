@@ -21,7 +21,8 @@ span                   kind      where
                                  context goes into the headers)
 ``process <topic>``    CONSUMER  the event bus's consumer handling one delivery with its one
                                  handler (``code.function.name``), child of the context in
-                                 the delivery's headers
+                                 the delivery's headers (``process_spans="batch"``: one per
+                                 batch received, linked to each delivery's context)
 ``handle <type>``      INTERNAL  with ``handler_spans=True``: the handler, child of
                                  ``process``
 ``idempotency claim``  INTERNAL  an idempotency key claimed (``msdata.idempotency.outcome``)
@@ -47,21 +48,44 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
+from opentelemetry import baggage, metrics, trace
 from opentelemetry import context as otel_context
-from opentelemetry import metrics, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.propagate import get_global_textmap
-from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import TextMapPropagator
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from msdata import __version__
 from msdata.messages import Envelope
-from msdata.telemetry import ConsumeScope, Outcome, StepScope, Telemetry, _Publishing
+from msdata.telemetry import (
+    ConsumeScope,
+    Outcome,
+    ReceiveScope,
+    StepScope,
+    Telemetry,
+    _Publishing,
+)
 from msdata.transport import TransportMessage
 
 if TYPE_CHECKING:
@@ -74,6 +98,8 @@ __all__ = ["OpenTelemetry"]
 log = logging.getLogger("msdata.telemetry")
 
 _TRACEPARENT = "traceparent"
+_TRACESTATE = "tracestate"
+_BAGGAGE = "baggage"
 _NO_CONSUME = ConsumeScope()
 _NO_STEP = StepScope()
 _PRODUCER = SpanKind.PRODUCER
@@ -81,6 +107,80 @@ _CONSUMER = SpanKind.CONSUMER
 _INTERNAL = SpanKind.INTERNAL
 _CLIENT = SpanKind.CLIENT
 _ODD_HEX = frozenset("13579bdfBDF")
+#: a W3C ``traceparent`` of version 00 exactly as the W3C propagator of the API reads it
+#: (lowercase hex, no surrounding blanks); anything else is left to the propagator
+_STRICT_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_FLAGS = [TraceFlags(i) for i in range(256)]
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
+
+
+def _w3c_only(propagator: TextMapPropagator) -> bool:
+    """Whether ``propagator`` is the API's default (W3C trace context, optionally with W3C
+    baggage, as ``OTEL_PROPAGATORS=tracecontext,baggage`` makes it): then msdata reads and
+    writes ``traceparent`` itself, with the same result, where no ``tracestate`` and no
+    baggage is involved (the propagator is called for those)."""
+    if type(propagator) is TraceContextTextMapPropagator:
+        return True
+    if type(propagator) is not CompositePropagator:
+        return False
+    kinds = [type(p) for p in getattr(propagator, "_propagators", ())]
+    return kinds in (
+        [TraceContextTextMapPropagator],
+        [TraceContextTextMapPropagator, W3CBaggagePropagator],
+    )
+
+
+#: the context key of the API's baggage (``baggage.get_all()`` is the public way, ~0.5 us)
+_BAGGAGE_KEY: str | None = getattr(baggage, "_BAGGAGE_KEY", None)
+
+
+def _has_baggage() -> bool:
+    """Whether the current context holds baggage (the W3C baggage propagator writes a
+    ``baggage`` header only then)."""
+    if _BAGGAGE_KEY is None:  # pragma: no cover - another API's layout
+        return bool(baggage.get_all())
+    return bool(otel_context.get_current().get(_BAGGAGE_KEY))
+
+
+def _remote_parent(traceparent: str) -> otel_context.Context | None:
+    """The context the W3C propagator extracts from a carrier whose only trace header is
+    ``traceparent`` (no ``tracestate``, no ``baggage``), when that header is a strict
+    version-00 one with non-zero ids; None for anything else (the caller then asks the
+    propagator, which decides)."""
+    tp = traceparent
+    if len(tp) != 55 or _STRICT_TRACEPARENT.fullmatch(tp) is None:
+        return None
+    trace_hex, span_hex = tp[3:35], tp[36:52]
+    if trace_hex == _ZERO_TRACE or span_hex == _ZERO_SPAN:
+        return None
+    ctx = SpanContext(int(trace_hex, 16), int(span_hex, 16), True, _FLAGS[int(tp[53:], 16)])
+    return trace.set_span_in_context(NonRecordingSpan(ctx), otel_context.Context())
+
+
+class _Tally:
+    """A monotonic count per attribute set, kept in a dict and reported by an observable
+    counter at each collection: a count per message costs a dict update instead of the
+    SDK's synchronous ``Counter.add`` (about 4-5 us each on the SDK). Thread-safe (an
+    outbox may be written from worker threads; the callback runs in the metric reader's
+    thread)."""
+
+    __slots__ = ("_counts", "_lock")
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[tuple[str, str], ...], int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, n: int, key: tuple[tuple[str, str], ...]) -> None:
+        """Count ``n`` more for the attributes ``key`` (pairs of name and value)."""
+        with self._lock:
+            counts = self._counts
+            counts[key] = counts.get(key, 0) + n
+
+    def observe(self, _: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            items = list(self._counts.items())
+        return [Observation(n, dict(key)) for key, n in items]
 
 
 def _system_of(obj: object, default: str) -> str:
@@ -90,6 +190,23 @@ def _system_of(obj: object, default: str) -> str:
     if module.startswith("msdata.adapters."):
         return module.split(".")[2]
     return default
+
+
+def _sent_key(system: str, topic: str, exc: BaseException | None) -> tuple[tuple[str, str], ...]:
+    """The attributes of ``messaging.client.sent.messages`` for a relay batch
+    (``messaging.operation.name`` and ``messaging.system`` are required by the conventions)."""
+    if exc is None:
+        return (
+            ("messaging.operation.name", "publish"),
+            ("messaging.system", system),
+            ("messaging.destination.name", topic),
+        )
+    return (
+        ("messaging.operation.name", "publish"),
+        ("messaging.system", system),
+        ("messaging.destination.name", topic),
+        ("error.type", type(exc).__qualname__),
+    )
 
 
 class _RelayBatch:
@@ -109,8 +226,7 @@ class _RelayBatch:
     def __enter__(self) -> list[TransportMessage]:
         otel = self._otel
         start = otel._tracer.start_span
-        extract, inject = otel._propagator.extract, otel._propagator.inject
-        set_in = trace.set_span_in_context
+        extract, inject = otel._extract, otel._inject
         name = f"publish {self._topic}"
         base: dict[str, Any] = {
             "messaging.system": self._system,
@@ -123,30 +239,24 @@ class _RelayBatch:
         spans = self._spans
         for m in self.messages:
             headers = m.headers
-            parent = extract(headers) if _TRACEPARENT in headers else None
+            parent = extract(headers)
             attrs = dict(base)
             attrs["messaging.message.id"] = m.id
             span = start(name, parent, _PRODUCER, attrs)
             spans.append(span)
             carrier = dict(headers)
-            inject(carrier, set_in(span))
+            inject(carrier, span)
             out.append(TransportMessage(m.id, m.body, m.key, MappingProxyType(carrier)))
         return out
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
-        otel = self._otel
-        attrs: dict[str, str] = {
-            "messaging.system": self._system,
-            "messaging.destination.name": self._topic,
-        }
         if exc is not None:
-            attrs["error.type"] = type(exc).__qualname__
             for span in self._spans:
                 span.record_exception(exc)
                 span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
         for span in self._spans:
             span.end()
-        otel._sent.add(len(self._spans), attrs)
+        self._otel._sent.add(len(self._spans), _sent_key(self._system, self._topic, exc))
 
 
 class _Consume(ConsumeScope):
@@ -154,6 +264,7 @@ class _Consume(ConsumeScope):
         "_attrs",
         "_error",
         "_handler_span",
+        "_key",
         "_otel",
         "_outcome",
         "_span",
@@ -167,13 +278,13 @@ class _Consume(ConsumeScope):
         span: Span,
         handler_span: Span | None,
         token: object,
-        attrs: dict[str, str],
+        counted: tuple[dict[str, str], tuple[tuple[str, str], ...]],
     ) -> None:
         self._otel = otel
         self._span = span
         self._handler_span = handler_span
         self._token = token
-        self._attrs = attrs
+        self._attrs, self._key = counted
         self._outcome: Outcome = "ack"
         self._error: BaseException | None = None
         self._start = time.perf_counter()
@@ -199,10 +310,10 @@ class _Consume(ConsumeScope):
             span.set_attribute("msdata.outcome", self._outcome)
             span.end()
         attrs = self._attrs
+        if error is not None and self._outcome != "cancelled":  # required when it failed
+            attrs = {**attrs, "error.type": type(error).__qualname__}
         otel._process_duration.record(time.perf_counter() - self._start, attrs)
-        settled = dict(attrs)
-        settled["msdata.outcome"] = self._outcome
-        otel._consumed.add(1, settled)
+        otel._consumed.add(1, (*self._key, ("msdata.outcome", self._outcome)))
 
 
 class _Counted:
@@ -215,16 +326,13 @@ class _Counted:
     ) -> None:
         self._otel = otel
         self.messages = messages
-        self._attrs = {"messaging.system": system, "messaging.destination.name": topic}
+        self._attrs = (system, topic)
 
     def __enter__(self) -> list[TransportMessage]:
         return self.messages
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
-        attrs = self._attrs
-        if exc is not None:
-            attrs = {**attrs, "error.type": type(exc).__qualname__}
-        self._otel._sent.add(len(self.messages), attrs)
+        self._otel._sent.add(len(self.messages), _sent_key(*self._attrs, exc))
 
     @staticmethod
     def consume(otel: OpenTelemetry, topic: str, group: str, delivery: Delivery) -> ConsumeScope:
@@ -246,29 +354,52 @@ class _CountedConsume(ConsumeScope):
     def close(self) -> None:
         self._otel._consumed.add(
             1,
-            {
-                "messaging.destination.name": self._topic,
-                "messaging.consumer.group.name": self._group,
-                "msdata.outcome": self._outcome,
-            },
+            (
+                ("messaging.destination.name", self._topic),
+                ("messaging.consumer.group.name", self._group),
+                ("msdata.outcome", self._outcome),
+            ),
         )
 
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_tuple_new = tuple.__new__
+
+
+def _direct_ok() -> bool:
+    """Whether a :class:`SpanContext` can be made as the tuple its ``__new__`` builds
+    (trace id, span id, remote, flags, state, valid) without that frame: checked once
+    against the API installed, else :func:`_span_context` calls the constructor."""
+    try:
+        ref = SpanContext(0x4BF9, 0xF067, True, _SAMPLED)
+        made = _tuple_new(SpanContext, (0x4BF9, 0xF067, True, _SAMPLED, ref.trace_state, True))
+    except Exception:  # pragma: no cover - another API's layout
+        return False
+    same = (made.trace_id, made.span_id, made.is_remote, made.trace_flags, made.is_valid)
+    return made == ref and same == (0x4BF9, 0xF067, True, _SAMPLED, True)
+
+
+_DIRECT = _direct_ok()
+_NO_STATE = SpanContext(1, 1, True).trace_state
 
 
 def _span_context(traceparent: str) -> SpanContext | None:
     """The remote span context of a W3C ``traceparent`` (version 00: 55 characters) whose
     flags the caller found sampled, or None. Sliced rather than split, with the flags made
-    once: it runs per relayed row."""
+    once, and the tuple made directly (:func:`_direct_ok`): it runs per relayed row (the
+    budget of the relay's tracing is ~1.3 us a row, of which the SDK's link takes ~0.65)."""
     tp = traceparent
     if len(tp) != 55 or tp[2] != "-" or tp[35] != "-" or tp[52] != "-":
         return None
     try:
-        ctx = SpanContext(int(tp[3:35], 16), int(tp[36:52], 16), True, _SAMPLED)
+        trace_id, span_id = int(tp[3:35], 16), int(tp[36:52], 16)
     except ValueError:
         return None
-    return ctx if ctx.is_valid else None
+    if trace_id <= 0 or span_id <= 0 or trace_id >= 1 << 128 or span_id >= 1 << 64:
+        return None  # what SpanContext calls not valid
+    if _DIRECT:
+        return _tuple_new(SpanContext, (trace_id, span_id, True, _SAMPLED, _NO_STATE, True))
+    return SpanContext(trace_id, span_id, True, _SAMPLED)  # pragma: no cover
 
 
 class _LinkedBatch(_RelayBatch):
@@ -284,7 +415,8 @@ class _LinkedBatch(_RelayBatch):
     __slots__ = ()
 
     def __enter__(self) -> list[TransportMessage]:
-        links = []
+        links: list[Link] = []
+        add = links.append
         for m in self.messages:
             tp = m.headers.get(_TRACEPARENT)
             # a creation context that was not sampled was never recorded: a link to it leads
@@ -294,7 +426,7 @@ class _LinkedBatch(_RelayBatch):
                 continue
             ctx = _span_context(tp)
             if ctx is not None:
-                links.append(Link(ctx))
+                add(Link(ctx))
         attrs: dict[str, Any] = {
             "messaging.system": self._system,
             "messaging.destination.name": self._topic,
@@ -308,16 +440,120 @@ class _LinkedBatch(_RelayBatch):
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         span = self._spans[0]
-        attrs: dict[str, str] = {
-            "messaging.system": self._system,
-            "messaging.destination.name": self._topic,
-        }
         if exc is not None:
-            attrs["error.type"] = type(exc).__qualname__
             span.record_exception(exc)
             span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
         span.end()
-        self._otel._sent.add(len(self.messages), attrs)
+        self._otel._sent.add(len(self.messages), _sent_key(self._system, self._topic, exc))
+
+
+_NO_RECEIVE = ReceiveScope()
+
+
+class _BatchProcess(ReceiveScope):
+    """``process_spans="batch"``: one ``process`` span (CONSUMER) for a batch the bus's
+    consumer received, linked to each delivery's creation context, the conventions' form
+    for a batch ("Consumer spans": a single process span can account for a batch, and
+    SHOULD link to each message's creation context). Each handler runs in its own
+    message's creation context (see :class:`_InBatch`), so what it creates stays in the
+    order's trace; ``messaging.process.duration`` is recorded once, for the batch."""
+
+    __slots__ = ("_attrs", "_error", "_otel", "_span", "_start", "_token")
+
+    def __init__(
+        self,
+        otel: OpenTelemetry,
+        topic: str,
+        group: str,
+        deliveries: Sequence[Delivery],
+        system: str,
+    ) -> None:
+        self._otel = otel
+        links: list[Link] = []
+        add = links.append
+        for d in deliveries:
+            tp = d.message.headers.get(_TRACEPARENT)
+            if tp is None or tp[-1:] not in _ODD_HEX:  # not sampled: nothing to link to
+                continue
+            ctx = _span_context(tp)
+            if ctx is not None:
+                add(Link(ctx))
+        attrs = {
+            "messaging.system": system,
+            "messaging.destination.name": topic,
+            "messaging.consumer.group.name": group,
+        }
+        self._attrs = attrs
+        self._span = otel._tracer.start_span(
+            f"process {topic}",
+            None,
+            _CONSUMER,
+            {
+                **attrs,
+                "messaging.operation.type": "process",
+                "messaging.operation.name": "process",
+                "messaging.batch.message_count": len(deliveries),
+            },
+            links,
+        )
+        self._error: BaseException | None = None
+        self._start = time.perf_counter()
+        self._token = _in_batch.set(self)
+
+    def failed(self, error: BaseException) -> None:
+        """A handler of the batch raised ``error`` (not a cancellation)."""
+        if self._error is None:
+            self._error = error
+        self._span.record_exception(error)
+
+    def close(self) -> None:
+        _in_batch.reset(self._token)
+        span, error, attrs = self._span, self._error, self._attrs
+        if error is not None:
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+            attrs = {**attrs, "error.type": type(error).__qualname__}
+        span.end()
+        self._otel._process_duration.record(time.perf_counter() - self._start, attrs)
+
+
+#: the batch the consumer in this task is handling (``process_spans="batch"``)
+_in_batch: ContextVar[_BatchProcess | None] = ContextVar("msdata_otel_batch", default=None)
+
+
+class _InBatch(ConsumeScope):
+    """One delivery of a :class:`_BatchProcess`: no span of its own; the handler runs with
+    the message's creation context current (so a message it creates is a child of that, in
+    the order's trace), and its outcome is counted."""
+
+    __slots__ = ("_batch", "_key", "_otel", "_outcome", "_token")
+
+    def __init__(
+        self,
+        otel: OpenTelemetry,
+        batch: _BatchProcess,
+        token: object,
+        key: tuple[tuple[str, str], ...],
+    ) -> None:
+        self._otel = otel
+        self._batch = batch
+        self._token = token
+        self._key = key
+        self._outcome: Outcome = "ack"
+
+    def failed(self, error: BaseException, outcome: Outcome) -> None:
+        if isinstance(error, asyncio.CancelledError):
+            self._outcome = "cancelled"
+            return
+        self._outcome = outcome
+        self._batch.failed(error)
+
+    def close(self) -> None:
+        if self._token is not None:
+            try:
+                otel_context.detach(self._token)  # type: ignore[arg-type]
+            except Exception:  # pragma: no cover - a context mix-up must not break the consumer
+                log.debug("could not detach the consume context", exc_info=True)
+        self._otel._consumed.add(1, (*self._key, ("msdata.outcome", self._outcome)))
 
 
 class _SagaStep(StepScope):
@@ -389,7 +625,19 @@ class OpenTelemetry(Telemetry):
     span, which names it (``code.function.name``): the bus calls one handler per delivery,
     so that span is the handler's; True adds a ``handle`` span under ``process`` (the
     handler apart from the bus's middleware), at the SDK's cost of one more span per
-    delivery.
+    delivery. ``process_spans``: ``"message"`` (default) a ``process`` span per delivery,
+    child of the message's creation context, so one order's trace shows each consumer that
+    handled it, how long and with what outcome; ``"batch"`` one ``process`` span per batch
+    the bus's consumer received, linked to each message's creation context (the
+    conventions' batch form), the handlers running in their messages' creation contexts
+    (what they create stays in the order's trace, without a ``process`` span of its own),
+    ``messaging.process.duration`` recorded per batch: cheaper per message, at the cost of
+    the consumer's node in the order's trace; ``handler_spans`` applies to ``"message"``.
+
+    The per-message counters (``msdata.outbox.created``,
+    ``messaging.client.sent.messages``, ``messaging.client.consumed.messages``) are
+    counted here and reported by observable counters at each collection: the same
+    monotonic sums, without the SDK's ``Counter.add`` per message.
     """
 
     enabled = True
@@ -402,23 +650,39 @@ class OpenTelemetry(Telemetry):
         messaging_system: str = "msdata",
         handler_spans: bool = False,
         relay_spans: Literal["message", "batch"] = "batch",
+        process_spans: Literal["message", "batch"] = "message",
     ) -> None:
         self._tracer = trace.get_tracer("msdata", __version__, tracer_provider)
         meter = metrics.get_meter("msdata", __version__, meter_provider)
         self._meter = meter
         self._propagator = get_global_textmap()
+        self._w3c = _w3c_only(self._propagator)
+        self._baggage = type(self._propagator) is CompositePropagator
+        self._counted: dict[
+            tuple[str, str, str], tuple[dict[str, str], tuple[tuple[str, str], ...]]
+        ] = {}
         self.messaging_system = messaging_system
         self._systems: dict[type, str] = {}
-        self._created = meter.create_counter(
-            "msdata.outbox.created", unit="{message}", description="Messages added to an outbox"
+        # the counts made per message are tallied here and reported by observable counters
+        # (the same monotonic sums, read at each collection): see _Tally
+        self._created = _Tally()
+        meter.create_observable_counter(
+            "msdata.outbox.created",
+            [self._created.observe],
+            unit="{message}",
+            description="Messages added to an outbox",
         )
-        self._sent = meter.create_counter(
+        self._sent = _Tally()
+        meter.create_observable_counter(
             "messaging.client.sent.messages",
+            [self._sent.observe],
             unit="{message}",
             description="Messages published (relay and event bus); error.type when failed",
         )
-        self._consumed = meter.create_counter(
+        self._consumed = _Tally()
+        meter.create_observable_counter(
             "messaging.client.consumed.messages",
+            [self._consumed.observe],
             unit="{message}",
             description="Deliveries handled by the event bus, by msdata.outcome",
         )
@@ -463,6 +727,7 @@ class OpenTelemetry(Telemetry):
         )
         self.handler_spans = handler_spans
         self.relay_spans = relay_spans
+        self.process_spans = process_spans
 
     # -- the hooks ----------------------------------------------------------------------
 
@@ -514,9 +779,13 @@ class OpenTelemetry(Telemetry):
     def message_created(
         self, topic: str, envelope: Envelope[Any], *, outbox: bool
     ) -> Envelope[Any]:
-        mode = self._mode()
+        mode = self._settled  # _mode() inline where it answers at once: a call less
+        if mode is None:
+            mode = self._mode_seen if time.monotonic() < self._recheck_at else self._mode()
         if mode & 1:
-            (self._created if outbox else self._sent).add(1, {"messaging.destination.name": topic})
+            (self._created if outbox else self._sent).add(
+                1, (("messaging.destination.name", topic),)
+            )
         if not mode & 2:
             return envelope
         attrs: dict[str, str] = {
@@ -531,9 +800,41 @@ class OpenTelemetry(Telemetry):
         name = f"create {topic}" if outbox else f"publish {topic}"
         span = self._tracer.start_span(name, None, _PRODUCER, attrs)
         carrier = dict(envelope.headers)
-        self._propagator.inject(carrier, trace.set_span_in_context(span))
+        self._inject(carrier, span)
         span.end()
         return envelope._replace(headers=MappingProxyType(carrier))
+
+    def _inject(self, carrier: dict[str, str], span: Span) -> None:
+        """Write ``span``'s context into ``carrier`` as the propagator would: ``traceparent``
+        formatted here when the propagator is the W3C default and there is no
+        ``tracestate`` and no baggage to write (1.7 -> 0.6 us), else by the propagator."""
+        if self._w3c:
+            ctx = span.get_span_context()
+            if not ctx.trace_state and not (self._baggage and _has_baggage()):
+                if ctx != trace.INVALID_SPAN_CONTEXT:
+                    carrier[_TRACEPARENT] = "00-%032x-%016x-%02x" % (  # noqa: UP031 - faster
+                        ctx.trace_id,
+                        ctx.span_id,
+                        ctx.trace_flags,
+                    )
+                return
+        self._propagator.inject(carrier, trace.set_span_in_context(span))
+
+    def _extract(self, headers: Mapping[str, str]) -> otel_context.Context | None:
+        """The parent context in a message's ``headers``: with the W3C default propagator,
+        None without ``traceparent``, read here when that is strict and there is no
+        ``tracestate`` or ``baggage`` (3 -> 0.8 us); else read by the propagator (another
+        propagator is always asked: it has headers of its own)."""
+        if not self._w3c:  # another propagator: its own headers
+            return self._propagator.extract(headers)
+        tp = headers.get(_TRACEPARENT)
+        if tp is None:
+            return None
+        if _TRACESTATE not in headers and _BAGGAGE not in headers:
+            parent = _remote_parent(tp)
+            if parent is not None:
+                return parent
+        return self._propagator.extract(headers)
 
     def publishing(  # type: ignore[override]
         self, topic: str, messages: list[TransportMessage], publisher: object
@@ -555,7 +856,9 @@ class OpenTelemetry(Telemetry):
         envelope: Envelope[Any],
         handler: Callable[..., Any],
     ) -> ConsumeScope:
-        mode = self._mode()
+        mode = self._settled  # _mode() inline where it answers at once: a call less
+        if mode is None:
+            mode = self._mode_seen if time.monotonic() < self._recheck_at else self._mode()
         if not mode & 2:
             if not mode:
                 return _NO_CONSUME
@@ -563,8 +866,17 @@ class OpenTelemetry(Telemetry):
         headers = delivery.message.headers
         if _TRACEPARENT not in headers:
             headers = envelope.headers
-        parent = self._propagator.extract(headers) if _TRACEPARENT in headers else None
+        parent = self._extract(headers)
         system = self._system(delivery)
+        if self.process_spans == "batch":
+            batch = _in_batch.get()
+            if batch is not None:  # the batch's span, linked: the handler in the message's
+                token = None  # creation context, so what it creates stays in that trace
+                if parent is not None:
+                    remote = trace.get_current_span(parent)
+                    token = otel_context.attach(trace.set_span_in_context(remote))
+                key = self._counted_of(system, topic, group)[1]
+                return _InBatch(self, batch, token, key)
         attrs: dict[str, Any] = {
             "messaging.system": system,
             "messaging.destination.name": topic,
@@ -593,12 +905,27 @@ class OpenTelemetry(Telemetry):
                 },
             )
         token = otel_context.attach(trace.set_span_in_context(current))
-        counted = {
-            "messaging.system": system,
-            "messaging.destination.name": topic,
-            "messaging.consumer.group.name": group,
-        }
-        return _Consume(self, span, handler_span, token, counted)
+        return _Consume(self, span, handler_span, token, self._counted_of(system, topic, group))
+
+    def _counted_of(
+        self, system: str, topic: str, group: str
+    ) -> tuple[dict[str, str], tuple[tuple[str, str], ...]]:
+        """The attributes of a consumer's duration histogram and of its count (made once)."""
+        counted = self._counted.get((system, topic, group))
+        if counted is None:
+            attrs = {
+                "messaging.operation.name": "process",  # required by the conventions
+                "messaging.system": system,
+                "messaging.destination.name": topic,
+                "messaging.consumer.group.name": group,
+            }
+            counted = self._counted[(system, topic, group)] = (attrs, tuple(attrs.items()))
+        return counted
+
+    def receiving(self, topic: str, group: str, deliveries: Sequence[Delivery]) -> ReceiveScope:
+        if self.process_spans != "batch" or not self._mode() & 2:
+            return _NO_RECEIVE
+        return _BatchProcess(self, topic, group, deliveries, self._system(deliveries[0]))
 
     def dead_lettered(self, dead_letter: DeadLetter) -> None:
         self._dead_letters.add(

@@ -1,22 +1,26 @@
 """The idempotency store on PostgreSQL.
 
-The claim is ONE statement: a read of the key and the conditional write, in data-modifying
-CTEs::
+The claim is ONE statement: a read of the key that calls the writing function only when
+there is no live row::
 
-    WITH cur AS (SELECT … WHERE scope = $1 AND key = $2),
-         ins AS (INSERT … SELECT … WHERE NOT EXISTS (SELECT 1 FROM cur WHERE expires_at > $now)
-                 ON CONFLICT (scope, key) DO UPDATE SET …
-                 WHERE t.expires_at <= $now RETURNING 1)
-    SELECT true … FROM ins
-    UNION ALL SELECT false, cur.* FROM cur WHERE expires_at > $now
+    SELECT r.fingerprint, r.completed, r.response, r.token
+    FROM (SELECT) AS one LEFT JOIN {table} AS r
+        ON r.scope = $1 AND r.key = $2 AND r.expires_at > $now
+    WHERE CASE WHEN r.key IS NOT NULL THEN true ELSE {table}_claim(...) END
 
-A live key (a replay, or IN_PROGRESS) is read and nothing is written or locked (the
-insert's one-time filter is false, so it is never tried), so a replay costs about what one
-primary-key SELECT costs; a new key is inserted, an expired one taken over by the upsert's
-conflict arm, which re-checks ``expires_at`` on the row's newest version under its lock.
-When a concurrent claim commits between the statement's snapshot and its write, the
-statement returns nothing and runs again (at most a few times), seeing that claim. First
-execution: this statement and the completing UPDATE, two round trips.
+A live key (a replay, or IN_PROGRESS) is answered by that read alone: the statement has no
+write node, so nothing is written, locked or even prepared for writing (it runs in a READ
+ONLY transaction, e.g. on a standby). A replay costs the server 72k instructions against
+48k for one primary-key SELECT (callgrind; 134k with the data-modifying CTEs this replaced,
+whose INSERT … ON CONFLICT node was set up on every call: bench/README.md). ``CASE`` only
+evaluates the branch it takes (PostgreSQL documents it, "4.2.14. Expression Evaluation
+Rules"), so the function runs only for a new or expired key: a PL/pgSQL function (its plan
+is cached per session) that inserts the key, or takes an expired one over through ``ON
+CONFLICT DO UPDATE … WHERE expires_at <= now``, which re-checks the expiry on the row's
+newest version under its lock. When a concurrent claim commits between the statement's
+snapshot and the function's write, the function writes nothing and the statement returns
+no row; it runs again (at most a few times) and sees that claim. First execution: this
+statement and the completing UPDATE, two round trips.
 
 On the caller's connection (psycopg sync/async, asyncpg, SQLAlchemy) both run inside the
 caller's transaction: the claim's row stays invisible (and locked) until it commits, so a
@@ -33,10 +37,12 @@ from typing import Any, Self
 import asyncpg
 
 from msdata.adapters.postgres._db import (
+    RELAY_ERRORS,
     CallerSQL,
     PostgresDatabase,
     command_count,
     map_errors,
+    store_error,
 )
 from msdata.errors import ConfigurationError, StoreError
 from msdata.idempotency.store import (
@@ -67,30 +73,41 @@ CREATE TABLE IF NOT EXISTS {table} (
 # microseconds (an interval product, exact below 2^53 us, the year 2255)
 _TS = "(CAST('epoch' AS timestamptz) + CAST({} AS bigint) * CAST('1 microsecond' AS interval))"
 
-# {0} scope, {1} key, {2} fingerprint, {3} token, {4} now (us), {5} lease end (us).
-# CAST(… AS …) rather than ::, which SQLAlchemy's text() would read as a parameter name. One
-# write node (an upsert whose conflict arm re-checks the expiry under the row lock), not an
-# INSERT and an UPDATE: a live key still writes and locks nothing, and the statement costs
-# the server about a third less (24 -> 19 us of execution here, a plain SELECT being 11 us).
-_CLAIM_SQL = """\
-WITH cur AS (
-    SELECT fingerprint, completed, expires_at, token, response FROM TABLE
-    WHERE scope = CAST({0} AS text) AND key = CAST({1} AS text)
-), ins AS (
-    INSERT INTO TABLE AS t (scope, key, fingerprint, completed, expires_at, token)
-    SELECT CAST({0} AS text), CAST({1} AS text), CAST({2} AS text), false, UNTIL,
-           CAST({3} AS text)
-    WHERE NOT EXISTS (SELECT 1 FROM cur WHERE expires_at > NOW)
+# The claim's write, run only for a key with no live row: insert it, or take an expired
+# one over (the conflict arm re-checks the expiry on the row's newest version, under its
+# lock). True when it wrote; false when a live claim committed meanwhile (nothing written).
+_FUNCTION = """\
+CREATE OR REPLACE FUNCTION {fn}(
+    p_scope text, p_key text, p_fingerprint text, p_token text, p_now bigint, p_until bigint)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+AS $msdata$
+BEGIN
+    INSERT INTO {table} AS t (scope, key, fingerprint, completed, expires_at, token)
+    VALUES (p_scope, p_key, p_fingerprint, false, UNTIL, p_token)
     ON CONFLICT (scope, key) DO UPDATE SET fingerprint = excluded.fingerprint,
         completed = false, expires_at = excluded.expires_at, token = excluded.token,
         response = NULL
-    WHERE t.expires_at <= NOW
-    RETURNING 1
-)
-SELECT true, NULL::text, NULL::boolean, NULL::bytea, NULL::text FROM ins
-UNION ALL SELECT false, fingerprint, completed, response, token FROM cur
-    WHERE expires_at > NOW
-""".replace("NOW", _TS.format("{4}")).replace("UNTIL", _TS.format("{5}"))
+    WHERE t.expires_at <= NOW;
+    RETURN FOUND;
+END
+$msdata$;
+""".replace("NOW", _TS.format("p_now")).replace("UNTIL", _TS.format("p_until"))
+_FUNCTION_ARGS = "(text, text, text, text, bigint, bigint)"
+
+# {0} scope, {1} key, {2} fingerprint, {3} token, {4} now (us), {5} lease end (us).
+# CAST(… AS …) rather than ::, which SQLAlchemy's text() would read as a parameter name.
+# One row: the live record, or NULLs when the function wrote the claim (a fingerprint is
+# never NULL); no row when the function found a live claim that committed after this
+# statement's snapshot.
+_CLAIM_SQL = """\
+SELECT r.fingerprint, r.completed, r.response, r.token
+FROM (SELECT) AS one LEFT JOIN TABLE AS r
+    ON r.scope = CAST({0} AS text) AND r.key = CAST({1} AS text) AND r.expires_at > NOW
+WHERE CASE WHEN r.key IS NOT NULL THEN true
+    ELSE FUNCTION(CAST({0} AS text), CAST({1} AS text), CAST({2} AS text),
+                  CAST({3} AS text), CAST({4} AS bigint), CAST({5} AS bigint)) END
+""".replace("NOW", _TS.format("{4}"))
 # {0} scope, {1} key, {2} token, {3} response, {4} retention end (us)
 _COMPLETE_SQL = """\
 UPDATE TABLE SET completed = true, response = CAST({3} AS bytea), expires_at = UNTIL
@@ -131,7 +148,10 @@ class PostgresIdempotencyStore:
     DSN to make one lazily), each one statement in its own implicit transaction. With a
     caller's connection they run in its open transaction (sync calls: psycopg or SQLAlchemy
     sync; async: asyncpg, psycopg async, SQLAlchemy async). Table:
-    ``{schema}.{table_prefix}idempotency``. ``purge`` scans the table (run it now and then;
+    ``{schema}.{table_prefix}idempotency``, and the claim's PL/pgSQL function
+    ``{schema}.{table_prefix}idempotency_claim`` (both made by ``create_schema``, in
+    ``schema_sql()``; a replay needs SELECT on the table and EXECUTE on the function, a
+    claim INSERT and UPDATE too). ``purge`` scans the table (run it now and then;
     there is no index on ``expires_at``, so completing a key is a HOT update).
     """
 
@@ -151,12 +171,15 @@ class PostgresIdempotencyStore:
         self._db = PostgresDatabase(
             pool_or_dsn, schema=schema, max_size=max_size, kind="idempotency store"
         )
-        self._hot: Any = None  # see _own
+        self._hot: Any = None  # see _own: the pool's proxy, kept to give it back
+        self._hot_con: Any = None  # the connection itself (see _unwrap)
         self._hot_busy = False
         self._name = f"{self._prefix}idempotency"
         t = self.table = self._db.qualified(self._name)
         self._lock_class = self._db.lock_class(self._name)
-        self._claim = _Sql(_CLAIM_SQL.replace("TABLE", t), "idempotency claim")
+        self._fn = self._db.qualified(f"{self._name}_claim")
+        claim = _CLAIM_SQL.replace("TABLE", t).replace("FUNCTION", self._fn)
+        self._claim = _Sql(claim, "idempotency claim")
         self._complete = _Sql(_COMPLETE_SQL.replace("TABLE", t), "idempotency complete")
         self._release = _Sql(_RELEASE_SQL.replace("TABLE", t), "idempotency release")
         self._get = (
@@ -172,14 +195,20 @@ class PostgresIdempotencyStore:
 
     def schema_sql(self) -> str:
         """The DDL ``create_schema`` runs (idempotent), e.g. for a migration tool."""
-        return self._db.schema_head() + _TABLE.format(table=self.table)
+        return (
+            self._db.schema_head()
+            + _TABLE.format(table=self.table)
+            + _FUNCTION.format(fn=self._fn, table=self.table)
+        )
 
     async def create_schema(self) -> None:
         await self._db.run_ddl("idempotency create_schema", self.schema_sql(), self._lock_class)
 
     async def drop_schema(self) -> None:
-        """Drop the table (for tests and teardown)."""
-        sql = f"DROP TABLE IF EXISTS {self.table}"
+        """Drop the table and the claim function (for tests and teardown)."""
+        sql = (
+            f"DROP FUNCTION IF EXISTS {self._fn}{_FUNCTION_ARGS}; DROP TABLE IF EXISTS {self.table}"
+        )
         await self._db.call("idempotency drop_schema", lambda pool: pool.execute(sql))
 
     # -- async ------------------------------------------------------------------------------
@@ -194,16 +223,34 @@ class PostgresIdempotencyStore:
         until_us: int,
         new_token: TokenFactory,
     ) -> str | LiveRecord:
-        # one statement reads and writes, so it needs the token beforehand
+        # one statement reads and may write, so it needs the token beforehand
         token = new_token()
         args = (scope, key, fingerprint, token, now_us, until_us)
         for _ in range(_RETRIES):
-            if conn is None:
+            if conn is not None:
+                row = await self._claim.caller.run_async(conn, args, fetch=True)
+            elif (hot := self._hot_con) is None or self._hot_busy:
                 row = await self._own(self._claim, args)
             else:
-                row = await self._claim.caller.run_async(conn, args, fetch=True)
+                # _own's common case in line (a replay's path: no coroutine, no context
+                # manager of its own)
+                self._hot_busy = True
+                try:
+                    row = await hot.fetchrow(self._claim.asyncpg, *args)
+                except BaseException as e:
+                    await self._drop_hot()  # failed or cancelled: the pool cleans it up
+                    if isinstance(e, RELAY_ERRORS):
+                        store_error(self._claim.what, e)
+                    raise
+                finally:
+                    self._hot_busy = False
             if row is not None:
-                return token if row[0] else (row[1], row[2], _bytes(row[3]), row[4])
+                if row[0] is None:  # no live row was read: the function wrote the claim
+                    return token
+                response = row[2]  # bytes from asyncpg; other drivers may differ
+                if response is not None and type(response) is not bytes:
+                    response = bytes(response)
+                return (row[0], row[1], response, row[3])
         raise StoreError(f"idempotency claim of {key!r}: the row kept changing")
 
     async def _own(self, sql: _Sql, args: tuple[Any, ...]) -> Any:
@@ -217,11 +264,12 @@ class PostgresIdempotencyStore:
                 return await pool.fetchrow(sql.asyncpg, *args)
         self._hot_busy = True
         try:
-            conn = self._hot
+            conn = self._hot_con
             if conn is None:
                 pool = await self._db.pool()
                 with sql.errors:
-                    conn = self._hot = await pool.acquire()
+                    self._hot = await pool.acquire()
+                conn = self._hot_con = _unwrap(self._hot)
             ok = False
             try:
                 with sql.errors:
@@ -235,7 +283,7 @@ class PostgresIdempotencyStore:
             self._hot_busy = False
 
     async def _drop_hot(self) -> None:
-        conn, self._hot = self._hot, None
+        conn, self._hot, self._hot_con = self._hot, None, None
         if conn is None:
             return
         try:
@@ -286,7 +334,7 @@ class PostgresIdempotencyStore:
         for _ in range(_RETRIES):
             row = self._claim.caller.run(conn, args, fetch=True)
             if row is not None:
-                return token if row[0] else (row[1], row[2], _bytes(row[3]), row[4])
+                return token if row[0] is None else (row[0], row[1], _bytes(row[2]), row[3])
         raise StoreError(f"idempotency claim of {key!r}: the row kept changing")
 
     def complete(
@@ -327,6 +375,15 @@ class PostgresIdempotencyStore:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _unwrap(proxy: Any) -> Any:
+    """The connection inside a pool's connection proxy, for the store's own connection
+    (which it holds from acquire to release): asyncpg's proxy runs every method through a
+    Python wrapper (about 3k instructions of the client's 132k per replay, callgrind). The
+    proxy itself if an asyncpg release keeps the connection under another name."""
+    con = getattr(proxy, "_con", None)
+    return con if isinstance(con, asyncpg.Connection) else proxy
 
 
 def _bytes(value: Any) -> bytes | None:

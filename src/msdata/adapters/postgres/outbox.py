@@ -113,7 +113,10 @@ CREATE INDEX IF NOT EXISTS "{name}_pseq" ON {table} (seq, part) WHERE sent_at IS
 #: column's expression); at most this many relays share the work
 PARTITIONS = 64
 
-# The partitioned claim, one statement:
+# The partitioned claim and the relay's usual step, one statement (one round trip, one
+# transaction, one PL/pgSQL call; a plain claim passes no rows to mark):
+#  0. Mark the rows ``p_sent`` sent (delete them, or with p_keep set ``sent_at``) and take
+#     them out of their in-flight batches.
 #  1. Renew the relay's registration (``until`` = now + lease).
 #  2. Fair share = ceil(PARTITIONS / live relays). A relay owning more releases the excess
 #     (highest numbers first); one owning fewer takes free partitions (no owner, or an
@@ -125,12 +128,12 @@ PARTITIONS = 64
 #     waits until its previous owner has marked or released what it holds, or that
 #     relay's registration runs out), the relay's own rows in flight, and keys held up by
 #     an earlier parked or backing-off row. No row locks: one owner per partition.
-#     It keeps the rows' seq and partition only.
-#  4. Record them as one in-flight batch (rows and partitions), leased for p_lease, and
-#     return the rows, read again by seq (still pending: only their owner changes them).
+#  4. In the same statement, record the rows as one in-flight batch (rows and partitions),
+#     leased for p_lease, and return them: the scan's rows are kept once (a CTE), not
+#     gathered into arrays and not read again.
 _PCLAIM_FUNCTION = """\
-CREATE OR REPLACE FUNCTION {fn}(p_owner text, p_limit integer, p_lease double precision,
-                                p_sync boolean)
+CREATE OR REPLACE FUNCTION {fn}(p_owner text, p_sent bigint[], p_keep boolean,
+                                p_limit integer, p_lease double precision, p_sync boolean)
 RETURNS SETOF {table}
 LANGUAGE plpgsql VOLATILE
 SET plan_cache_mode = force_generic_plan
@@ -143,10 +146,11 @@ DECLARE
     v_have  integer;
     v_free  integer;
     v_mine  integer[];
-    v_seqs  bigint[];
-    v_parts integer[];
     v_lo    integer;
     v_hi    integer;
+    v_all   boolean;
+    v_first bigint;
+    v_last  bigint;
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'msdata: the outbox claim needs READ COMMITTED, not %',
@@ -155,16 +159,41 @@ BEGIN
     IF NOT p_sync THEN
         PERFORM set_config('synchronous_commit', 'off', true);
     END IF;
+    IF cardinality(p_sent) > 0 THEN
+        SELECT min(s), max(s) INTO v_first, v_last FROM unnest(p_sent) s;
+        IF p_keep THEN
+            UPDATE {table} SET sent_at = clock_timestamp()
+            WHERE seq = ANY(p_sent) AND sent_at IS NULL;
+        ELSIF v_last - v_first < 2 * cardinality(p_sent) THEN
+            -- a dense batch (one relay's rows, the usual case): one walk of the key range
+            -- instead of a descent per row; "seq + 0" keeps the list out of the index scan
+            DELETE FROM {table} WHERE seq BETWEEN v_first AND v_last AND seq + 0 = ANY(p_sent);
+        ELSE
+            DELETE FROM {table} WHERE seq = ANY(p_sent);
+        END IF;
+        -- the batches holding these rows lose them (the usual mark is exactly one batch,
+        -- which ends); one pass: a batch left with rows is written back under its own id
+        WITH gone AS (
+            DELETE FROM {inflight} l WHERE l.seqs && p_sent RETURNING l.*
+        )
+        INSERT INTO {inflight} (id, owner, until, seqs, parts) OVERRIDING SYSTEM VALUE
+        SELECT g.id, g.owner, g.until, f.seqs, f.parts
+        FROM gone g, LATERAL (
+            SELECT array_agg(u.s ORDER BY u.i) AS seqs, array_agg(u.k ORDER BY u.i) AS parts
+            FROM unnest(g.seqs, g.parts) WITH ORDINALITY AS u(s, k, i)
+            WHERE u.s <> ALL(p_sent)) f
+        WHERE f.seqs IS NOT NULL;
+    END IF;
     INSERT INTO {relays} AS r (owner, until) VALUES (p_owner, v_until)
         ON CONFLICT (owner) DO UPDATE SET until = EXCLUDED.until;
 
-    SELECT count(*) INTO v_live FROM {relays} r WHERE r.until > v_now;
-    v_fair := ceil({n}::numeric / greatest(v_live, 1));
     -- (one pass over the 64 rows against the live relays, not a lookup per partition)
     SELECT count(*) FILTER (WHERE p.owner = p_owner),
-           count(*) FILTER (WHERE r.owner IS NULL)
-      INTO v_have, v_free
+           count(*) FILTER (WHERE r.owner IS NULL),
+           (SELECT count(*) FROM {relays} q WHERE q.until > v_now)
+      INTO v_have, v_free, v_live
       FROM {parts} p LEFT JOIN {relays} r ON r.owner = p.owner AND r.until > v_now;
+    v_fair := ceil({n}::numeric / greatest(v_live, 1));
     IF v_have > v_fair OR (v_have < v_fair AND v_free > 0) THEN
         PERFORM pg_advisory_xact_lock({cls}, 1);
         -- fresh snapshots from here: every claim and rebalance before the lock is seen
@@ -184,17 +213,21 @@ BEGIN
         PERFORM pg_advisory_xact_lock_shared({cls}, 1);
     END IF;
 
-    SELECT array_agg(p.part) INTO v_mine FROM {parts} p
-    WHERE p.owner = p_owner AND NOT EXISTS (
-        SELECT 1 FROM {inflight} h
-        WHERE h.owner <> p_owner AND h.until > v_now AND p.part = ANY(h.parts)
+    -- (the partitions other live relays hold rows of, gathered once and hashed, not a
+    -- search of every batch's list per partition)
+    SELECT array_agg(p.part), min(p.part), max(p.part) INTO v_mine, v_lo, v_hi
+    FROM {parts} p
+    WHERE p.owner = p_owner AND p.part NOT IN (
+        SELECT u.k FROM {inflight} h, unnest(h.parts) AS u(k)
+        WHERE h.owner <> p_owner AND h.until > v_now AND u.k IS NOT NULL
           AND EXISTS (SELECT 1 FROM {relays} r WHERE r.owner = h.owner AND r.until > v_now));
     IF v_mine IS NULL THEN
         RETURN;
     END IF;
-    v_lo := (SELECT min(m) FROM unnest(v_mine) m);
-    v_hi := (SELECT max(m) FROM unnest(v_mine) m);
+    -- its partitions are one range (the usual case): the range check alone selects them
+    v_all := v_hi - v_lo + 1 = cardinality(v_mine);
 
+    RETURN QUERY
     WITH blocked AS MATERIALIZED (
         SELECT b.aggregateid, min(b.seq) AS from_seq FROM {table} b
         WHERE b.sent_at IS NULL AND b.aggregateid IS NOT NULL
@@ -204,35 +237,34 @@ BEGIN
     ), mine AS MATERIALIZED (
         SELECT u.s FROM {inflight} h, unnest(h.seqs) AS u(s)
         WHERE h.owner = p_owner AND h.until > v_now
-    )
-    SELECT array_agg(c.seq ORDER BY c.seq), array_agg(c.part ORDER BY c.seq)
-      INTO v_seqs, v_parts
-      FROM (
-        SELECT o.seq, o.part FROM {table} o
+    ), got AS MATERIALIZED (
+        SELECT o.* FROM {table} o
         LEFT JOIN blocked ON blocked.aggregateid = o.aggregateid
         WHERE o.sent_at IS NULL AND NOT o.parked
           AND (o.available_at IS NULL OR o.available_at <= v_now)
           AND (blocked.from_seq IS NULL OR o.seq < blocked.from_seq)
-          AND o.part = ANY(v_mine)
+          AND (v_all OR o.part = ANY(v_mine))
           -- the span of its partitions (one range after a rebalance, which hands them out
           -- in order), checked on the entries of _pseq: the scan reads the heap rows of
           -- its own partitions only, not every other relay's
           AND o.part BETWEEN v_lo AND v_hi
           AND o.seq NOT IN (SELECT mine.s FROM mine)
         ORDER BY o.seq
-        LIMIT p_limit) c;
-    IF v_seqs IS NULL THEN
-        RETURN;
-    END IF;
-    INSERT INTO {inflight} (owner, until, seqs, parts) VALUES (p_owner, v_until, v_seqs, v_parts);
-    -- the scan kept keys and partitions only (a whole-row array of wide rows costs more
-    -- than reading the rows again): the rows by their keys, on the pages the scan just
-    -- read. Only this relay marks or updates them now (one owner per partition); a row
-    -- that a relay whose registration ran out marked since is left out
-    RETURN QUERY SELECT o.* FROM {table} o
-        WHERE o.seq = ANY(v_seqs) AND o.sent_at IS NULL ORDER BY o.seq;
+        LIMIT p_limit
+    ), batch AS (
+        INSERT INTO {inflight} (owner, until, seqs, parts)
+        SELECT p_owner, v_until, array_agg(got.seq), array_agg(got.part)
+        FROM got HAVING count(*) > 0
+    )
+    SELECT * FROM got ORDER BY got.seq;
 END
 $msdata$;
+-- (a plain claim: the same function with no rows to mark)
+CREATE OR REPLACE FUNCTION {claim}(p_owner text, p_limit integer, p_lease double precision,
+                                   p_sync boolean)
+RETURNS SETOF {table}
+LANGUAGE sql VOLATILE
+AS $msdata$ SELECT * FROM {fn}(p_owner, '{{}}'::bigint[], false, p_limit, p_lease, p_sync) $msdata$;
 """
 
 # A relay stopping cleanly: its partitions are free at once (under the rebalance lock),
@@ -613,7 +645,7 @@ class PostgresOutboxStore:
         unlease_mine = _UNLEASE.format(
             lease=lease, which="l.owner = $1", which2="l2.owner = $1", rows="$2::bigint[]"
         )
-        claim_fn, sent_fn = self.claim_function, self._sent_fn
+        claim, sent_fn = f"{self.claim_function}($1, $2, $3, $4)", self._sent_fn
         if self._partitioned:
             # the same statements over the in-flight batches, which list partitions
             lease = self.inflight_table
@@ -623,10 +655,12 @@ class PostgresOutboxStore:
             unlease_mine = _UNLEASE.format(
                 lease=lease, which="l.owner = $1", which2="l2.owner = $1", rows="$2::bigint[]"
             ).replace("keys", "parts")
-            claim_fn, sent_fn = self._pclaim_fn, self._psent_fn
+            # one function for both: a plain claim marks no rows (one PL/pgSQL call)
+            claim = f"{self._psent_fn}($1, '{{}}'::bigint[], false, $2, $3, $4)"
+            sent_fn = self._psent_fn
         owned = _OWNED.format(lease=lease) + unlease_mine
         self._sql = {
-            "claim": f"SELECT {_RECORD_COLUMNS} FROM {claim_fn}($1, $2, $3, $4)",
+            "claim": f"SELECT {_RECORD_COLUMNS} FROM {claim}",
             "sent_claim": f"SELECT {_RECORD_COLUMNS} "
             f"FROM {sent_fn}($1, $2::bigint[], $3, $4, $5, $6)",
             **{
@@ -696,15 +730,7 @@ class PostgresOutboxStore:
         parts.append(_PARTITION_TABLES.format(**names))
         if self._partitioned:
             parts.append(_PARTITION_INDEX.format(name=self._name, table=self.table))
-        parts.append(_PCLAIM_FUNCTION.format(fn=self._pclaim_fn, **names))
-        parts.append(
-            _SENT_CLAIM_FUNCTION.format(
-                table=self.table,
-                lease=self.inflight_table,
-                fn=self._psent_fn,
-                claim=self._pclaim_fn,
-            ).replace("keys", "parts")
-        )
+        parts.append(_PCLAIM_FUNCTION.format(fn=self._psent_fn, claim=self._pclaim_fn, **names))
         return "\n".join(parts)
 
     async def create_schema(self) -> None:

@@ -23,6 +23,9 @@ Topology, all durable and declared by the adapter:
   it that keeps every dead letter: a group declared on a dead-letter topic gets a copy of
   that history first, so it reads the topic from its beginning however late it comes (the
   history is never consumed; purge or delete it to forget old dead letters);
+- for each group in ordered mode, a *given-back queue* ``<topic>:<group>:given-back``: a
+  closing subscription records there the attempt of each delivery it hands back to the
+  broker (see "Attempts");
 - for each group (not in ordered mode, which retries by itself), a *ready queue*
   ``<topic>:<group>:retry`` that its subscriptions consume beside the group's queue, with a
   prefetch of their own: a nacked delivery's copy goes there, so a retry does not wait
@@ -71,7 +74,20 @@ path is abandoned when its channel closes (see :func:`_on_channel`), and a copy 
 original's own channel. This is msdata's own attempt record, carried by the message, rather
 than quorum queues with a broker-side ``x-delivery-limit``: quorum queues failed our restart test on
 RabbitMQ 3.10 (see above), and a broker-side limit drops or dead-letters without msdata's
-reason headers and log line. Only msdata's own bookkeeping counts: ``x-msdata-prior-attempts``
+reason headers and log line.
+
+Stopping counts nothing for what was not handed out (the port's ``release``). A closing
+channel hands back what it holds flagged as redelivered (a quorum queue raises
+``x-delivery-count``), which would count. So an unordered subscription cancels its
+consumers and moves what it holds as copies carrying their attempts (see
+:meth:`RabbitMQSubscription._give_back`). An ordered one cannot (a copy at the back would
+pass the later messages of its key): it records each delivery's attempt in the group's
+given-back queue, then closes its channel, and the broker puts them back in place. The next
+consumer to receive one uses its record once (see
+:meth:`RabbitMQSubscription._record_given_back`). A consumer that dies records nothing, so
+what it held counts.
+
+Only msdata's own bookkeeping counts: ``x-msdata-prior-attempts``
 (and ``x-msdata-moved``) only on a copy that came through the default exchange (producers
 publish to the topic's exchange), ``x-delivery-count`` only on a quorum queue's redelivery,
 each kept within 0..:data:`MAX_ATTEMPT`.
@@ -101,11 +117,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Self, TypeVar
 
@@ -223,6 +240,9 @@ _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 # seconds a closing subscription spends giving back what it never handed out (then it closes
 # its channel, and the broker hands those back as redeliveries)
 _GIVE_BACK_TIMEOUT = 5.0
+# seconds a given-back record no consumer matched is kept (a redelivery is matched by the
+# first consumer to receive it, within moments of its stop: one this old is stale)
+_GIVEN_BACK_KEPT = 24 * 3600.0
 # an unused retry queue is deleted this long after its delay has run out
 _RETRY_QUEUE_GRACE_MS = 60_000
 
@@ -260,6 +280,12 @@ def _unrouted_name(topic: str) -> str:
 def _history_name(exchange: str) -> str:
     # a dead-letter topic's copy of everything it received, for groups declared later
     return f"{exchange}:history"
+
+
+def _given_back_name(queue: str) -> str:
+    """Where an ordered group's closing subscriptions record what they gave back (see
+    :meth:`RabbitMQSubscription._record_given_back`)."""
+    return f"{queue}:given-back"
 
 
 def _ready_queue_name(queue: str) -> str:
@@ -479,15 +505,53 @@ async def _ack(raw: DeliveredMessage) -> None:
             await _on_channel(channel, channel.basic_ack(tag, wait=False))
 
 
+def _given_back_record(body: bytes) -> tuple[str, int, str, int, float] | None:
+    """A given-back record (JSON ``[message id, prior attempts, body digest, attempt,
+    recorded at]``, see :meth:`RabbitMQSubscription._record_given_back`), counts
+    range-checked; None if it is not one."""
+    try:
+        item = json.loads(body)
+    except ValueError:
+        return None
+    if not (isinstance(item, list) and len(item) == 5):
+        return None
+    message_id, prior, digest, attempt, at = item
+    if not (isinstance(message_id, str) and isinstance(digest, str)):
+        return None
+    if type(prior) is not int or type(attempt) is not int or not isinstance(at, int | float):
+        return None
+    if not (0 <= prior <= MAX_ATTEMPT and 1 <= attempt <= MAX_ATTEMPT):
+        return None
+    return message_id, prior, digest, attempt, float(at)
+
+
 class _Entry:
     """A message the broker delivered to a subscription, parsed when first handed out."""
 
-    __slots__ = ("attempt", "message", "moved", "not_before", "raw")
+    __slots__ = (
+        "attempt",
+        "known",
+        "looked",
+        "message",
+        "moved",
+        "not_before",
+        "out",
+        "prior",
+        "raw",
+    )
 
     def __init__(self, raw: DeliveredMessage) -> None:
         self.raw = raw
         self.message: TransportMessage | None = None
         self.attempt = 0
+        #: ``x-msdata-prior-attempts`` of a copy msdata put into the queue (else 0)
+        self.prior = 0
+        #: ordered mode: handed out and not settled, released or held for a retry
+        self.out = False
+        #: ordered mode: a redelivery whose given-back record was looked for
+        self.looked = False
+        #: ordered mode: ``attempt`` comes from a given-back record, not from the broker
+        self.known = False
         #: the MOVED_HEADER of a copy msdata moved (else None)
         self.moved: str | None = None
         #: a delayed retry not due before this Unix time (else 0)
@@ -531,9 +595,16 @@ class _Entry:
         # then moves it, counted, to the back of the queue before it is handed out)
         if count == 0 and raw.redelivered:
             count = 1
+        self.prior = prior
         self.attempt = prior + count + 1
         self.message = m = TransportMessage(mid, body, key, user)
         return m
+
+    def given_back_key(self) -> tuple[str, int, str]:
+        """What a given-back record names this delivery by: its message id, its
+        ``x-msdata-prior-attempts`` and a digest of its body (parsed first)."""
+        assert self.message is not None
+        return (self.message.id, self.prior, hashlib.sha256(self.raw.body).hexdigest()[:32])
 
     @property
     def stale(self) -> bool:
@@ -553,8 +624,11 @@ class RabbitMQDelivery(DeliveryState["RabbitMQSubscription"]):
     async def ack(self) -> None:
         if not self._begin_settle():
             return
+        sub = self._sub
+        if sub._ordered:
+            sub._live.discard(self._entry)  # before the ack: a closing one records no more
         await _ack(self._entry.raw)
-        self._sub._release_key(self._entry)
+        sub._release_key(self._entry)
 
     async def nack(self, delay: float = 0.0, reason: str | None = None) -> None:
         if not self._begin_settle():
@@ -651,6 +725,12 @@ class RabbitMQSubscription(ClosesOnExit):
         self._recount: list[_Entry] = []
         # ordered mode: key -> copies of it this subscription moved and has not received back
         self._moving: dict[str, int] = {}
+        # ordered mode: what it received on its channel and did not settle (recorded as given
+        # back when it closes), and the given-back records it read and did not use yet, held
+        # unacked: (message id, prior attempts, body digest) -> [(attempt, recorded at (Unix
+        # s), channel, delivery tag)]
+        self._live: set[_Entry] = set()
+        self._records: dict[tuple[str, int, str], list[tuple[int, float, Any, int]]] = {}
         self._marker = uuid.uuid4().hex
         self._signal = asyncio.Event()
         self._closed = False
@@ -688,14 +768,18 @@ class RabbitMQSubscription(ClosesOnExit):
 
     async def close(self) -> None:
         """Stop consuming. What it received but never handed out goes back without counting
-        an attempt (see :meth:`_give_back`); what it handed out and was not settled goes back
-        by closing the channel, so the broker redelivers it, counted."""
+        an attempt (moved: :meth:`_give_back`; in ordered mode, in place, with a record:
+        :meth:`_record_given_back`); what it handed out and was not settled goes back by
+        closing the channel, so the broker redelivers it, counted once."""
         if self._closed:
             return
-        if not self._ordered and self._entered:
+        if self._entered:
             try:
                 async with asyncio.timeout(_GIVE_BACK_TIMEOUT):
-                    await self._give_back()
+                    if self._ordered:
+                        await self._record_given_back()
+                    else:
+                        await self._give_back()
             except Exception as e:  # not given back: the closing channel hands them back
                 log.warning("giving back what %s holds failed: %s", self.queue, e)
         self._closed = True
@@ -757,6 +841,8 @@ class RabbitMQSubscription(ClosesOnExit):
         # what was taken on the old channel is void; our moved copies are in the queue in order
         self._recount.clear()
         self._moving.clear()
+        self._live.clear()
+        self._records.clear()  # held on the old channel: the broker took them back
         if self._resuming is not None:
             self._resuming.cancel()
         self._resuming = asyncio.get_running_loop().create_task(self._resume())
@@ -786,13 +872,16 @@ class RabbitMQSubscription(ClosesOnExit):
         if tags is None or tags[0].is_closed:
             return
         raw, consumer_tags = tags
-        for tag in consumer_tags:
-            # after cancel-ok the broker should send nothing more; what it sent is pending
+        for queue, tag in zip((self.queue, self.ready_queue), consumer_tags, strict=False):
+            if self._counts_deliveries:
+                await self._sync_quorum_consumer(raw, queue)
             await _on_channel(raw, raw.basic_cancel(tag))
-            # but a quorum queue was seen to deliver after it, and the driver drops a
-            # delivery whose consumer it forgot (left unacked, the closing channel would
-            # hand it back, counted): keep taking them
+            # a delivery that was on its way before cancel-ok comes after it, and the driver
+            # drops a delivery whose consumer it forgot (left unacked, the closing channel
+            # would hand it back, counted): keep taking them
             raw.consumers.setdefault(tag, self._on_message)
+        # a round trip: what the broker sent before cancel-ok has reached us before its reply
+        await _on_channel(raw, raw.queue_declare(self.queue, passive=True))
         # the driver hands each delivery to _on_message in a task of its own: let those
         # run, then move what is pending (again, while more comes)
         for _ in range(3):
@@ -808,11 +897,175 @@ class RabbitMQSubscription(ClosesOnExit):
                 break
             await self._settle_recount()
 
+    async def _sync_quorum_consumer(self, raw: Any, queue: str) -> None:
+        """Before the consumer of quorum queue ``queue`` is cancelled: make sure every
+        delivery the queue already decided to send it reaches the channel while the consumer
+        is still known there.
+
+        Why: RabbitMQ's quorum queue client (``rabbit_fifo_client``, 3.10) forgets the
+        consumer as soon as it handles ``basic.cancel``, and *returns* a delivery that reaches
+        the channel after that, which raises its ``x-delivery-count``: a message it never
+        handed to us would come back counted. Such a delivery is the refill the queue sends
+        when it applies our last acks. A ``basic.get`` is a command the queue applies after
+        those acks, and replies to after sending their refills, so they are delivered to us
+        before it; what it takes itself is one more delivery to give back. (Only new messages
+        published in the instant between this and the cancel can still come back counted.)
+        """
+        got = await _on_channel(raw, raw.basic_get(queue))
+        if isinstance(got.delivery, Basic.GetOk):
+            self._pending.append(_Entry(got))
+
     def _on_message(self, raw: DeliveredMessage) -> None:
         if self._closed:
             return  # the closing channel hands it back
-        self._pending.append(_Entry(raw))
+        entry = _Entry(raw)
+        if self._ordered:
+            self._live.add(entry)
+        self._pending.append(entry)
         self._signal.set()
+
+    # -- given back uncounted, in place (ordered mode) -----------------------------------------
+
+    async def _record_given_back(self) -> None:
+        """Ordered mode: record, in the group's given-back queue, what this subscription
+        holds with the attempt each must come back with; then :meth:`close` closes the
+        channel, and the broker puts them back at their places in the queue, so order per
+        key holds.
+
+        Why a record: the broker flags what a closing channel gives back as redelivered
+        (a quorum queue also raises ``x-delivery-count``), which counts an attempt, as for a
+        consumer that died holding it; a copy at the back of the queue (what an unordered
+        subscription gives back) would pass the later messages of its key. The record says
+        what the flag cannot: a delivery never handed out (or released) comes back with its
+        attempt; one held for a retry with the retry's; one handed out and not settled one
+        higher. The next consumer to receive one of them uses its record, once
+        (:meth:`_look_up_given_back`). A consumer that dies writes no record: all it held
+        counts, as the port says. Records read but not matched yet are written back too.
+
+        Nothing may arrive unrecorded between the record and the close (it would come back
+        counted): a channel-wide ``basic.qos`` of 1 stops a classic queue from sending to a
+        channel that holds a delivery, two round trips bring in what it sent before, and
+        what came meanwhile is recorded in another round. (A quorum queue ignores a
+        channel-wide ``basic.qos``: a refill for the last acks that arrives after the last
+        round comes back counted.)"""
+        tags = self._tags
+        if tags is None or tags[0].is_closed:
+            return
+        raw = tags[0]
+        with _amqp_errors(f"recording what {self.queue!r} gives back"):
+            if not self._counts_deliveries:
+                await _on_channel(raw, raw.basic_qos(prefetch_count=1, global_=True))
+            now = time.time()
+            recorded: set[_Entry] = set()
+            # until a round finds nothing new (holding one delivery or more, the channel is
+            # sent nothing more; a few rounds at most, for a queue that does not stop)
+            for _ in range(5):
+                for _ in range(2):
+                    await _on_channel(raw, raw.queue_declare(self.queue, passive=True))
+                await asyncio.sleep(0)  # the driver's tasks hand us what arrived
+                fresh = [e for e in self._live if e not in recorded and not e.stale]
+                if not fresh:
+                    break
+                # a redelivery not looked up yet carries on its own record, not a count
+                await self._look_up_given_back(fresh)
+                bodies: list[bytes] = []
+                for entry in fresh:
+                    if entry.message is None:
+                        entry.parse(self._counts_deliveries)
+                    attempt = entry.attempt + 1 if entry.out else entry.attempt
+                    bodies.append(json.dumps([*entry.given_back_key(), attempt, now]).encode())
+                await self._publish_given_back(raw, bodies)
+                recorded.update(fresh)
+            # the records it read and did not use go back written anew, before the close:
+            # handed back by the close, they could reach the queue after their redelivery
+            # reached the next consumer
+            bodies = []
+            used: list[tuple[Any, int]] = []
+            for key, kept in self._records.items():
+                for attempt, at, channel, tag in kept:
+                    used.append((channel, tag))
+                    if now - at < _GIVEN_BACK_KEPT:
+                        bodies.append(json.dumps([*key, attempt, at]).encode())
+            self._records.clear()
+            if bodies:
+                await self._publish_given_back(raw, bodies)
+            for channel, tag in used:
+                await _on_channel(channel, channel.basic_ack(tag))
+
+    async def _publish_given_back(self, raw: Any, bodies: Sequence[bytes]) -> None:
+        name = _given_back_name(self.queue)
+        props = Basic.Properties(delivery_mode=_PERSISTENT, content_type="application/json")
+        results = await asyncio.gather(
+            *[
+                _on_channel(
+                    raw, raw.basic_publish(body, exchange="", routing_key=name, properties=props)
+                )
+                for body in bodies
+            ],
+            return_exceptions=True,
+        )
+        _confirmed(results, f"recording what {self.queue!r} gives back")
+
+    async def _look_up_given_back(self, entries: Iterable[_Entry]) -> None:
+        """Ordered mode: give each redelivery waiting to be handed out the attempt its
+        given-back record says (see :meth:`_record_given_back`), reading the group's
+        given-back queue if a record is not known yet. A record is used once; without one,
+        the redelivery counts as the broker says (its consumer died, or it was handed out)."""
+        waiting = [e for e in entries if not e.looked and e.raw.redelivered and not e.stale]
+        if not waiting:
+            return
+        for entry in waiting:
+            if entry.message is None:
+                entry.parse(self._counts_deliveries)
+        keys = [e.given_back_key() for e in waiting]
+        if any(k not in self._records for k in keys):
+            try:
+                await self._read_given_back(waiting[0].raw.channel)
+            except MsdataError as e:  # counted as the broker says, then
+                log.warning("%s", e)
+        records = self._records
+        used: list[tuple[Any, int]] = []
+        for entry, key in zip(waiting, keys, strict=True):
+            entry.looked = True
+            kept = records.get(key)
+            if kept:
+                attempt, _, channel, tag = kept.pop()
+                entry.attempt = attempt
+                entry.known = True
+                used.append((channel, tag))
+                if not kept:
+                    del records[key]
+        for channel, tag in used:  # each record is used once
+            # a channel that closed meanwhile handed its deliveries back, counted: the record
+            # goes back too (a later redelivery of the message may use it)
+            with contextlib.suppress(*_AMQP_ERRORS):
+                await _on_channel(channel, channel.basic_ack(tag))
+        if used:
+            # a round trip: the broker has the acks before the redeliveries are handed out,
+            # so a process killed after handing one out leaves no record behind to uncount it
+            channel = used[-1][0]
+            with contextlib.suppress(*_AMQP_ERRORS):
+                await _on_channel(channel, channel.queue_declare(self.queue, passive=True))
+
+    async def _read_given_back(self, raw: Any) -> None:
+        """Take every record in the group's given-back queue into :attr:`_records`, unacked
+        (acked when used; if this consumer dies, the broker hands them back to the queue)."""
+        name = _given_back_name(self.queue)
+        with _amqp_errors(f"reading the given-back records of {self.queue!r}"):
+            while True:
+                got = await _on_channel(raw, raw.basic_get(name))
+                if not isinstance(got.delivery, Basic.GetOk):
+                    break
+                # only msdata's own, through the default exchange, and not stale
+                record = _given_back_record(got.body) if got.exchange == "" else None
+                if record is None or time.time() - record[4] >= _GIVEN_BACK_KEPT:
+                    # each alone: ``multiple`` would ack the deliveries it holds too
+                    await _on_channel(raw, raw.basic_ack(got.delivery_tag))
+                    continue
+                message_id, prior, digest, attempt, at = record
+                self._records.setdefault((message_id, prior, digest), []).append(
+                    (attempt, at, raw, got.delivery_tag)
+                )
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -826,6 +1079,10 @@ class RabbitMQSubscription(ClosesOnExit):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
+            if self._ordered and self._pending:
+                head = self._pending[0]
+                if not head.looked and head.raw.redelivered and not head.stale:
+                    await self._look_up_given_back(self._pending)
             out = self._take(max_messages)
             if self._recount:
                 # not under the timeout: what was taken is handed out or moved, never dropped
@@ -852,16 +1109,22 @@ class RabbitMQSubscription(ClosesOnExit):
                 if ordered:
                     self._skip_stale(entry)
                 continue
+            if ordered and not entry.looked and entry.raw.redelivered:
+                # its given-back record is looked for first (see receive)
+                pending.appendleft(entry)
+                break
             message = entry.message or entry.parse(self._counts_deliveries)
             key = message.key
             if self._needs_recount(entry, key):
                 self._recount.append(entry)
                 continue
-            if ordered and key is not None:
-                if key in busy:
-                    self._blocked.setdefault(key, deque()).append(entry)
-                    continue
-                busy[key] = entry
+            if ordered:
+                if key is not None:
+                    if key in busy:
+                        self._blocked.setdefault(key, deque()).append(entry)
+                        continue
+                    busy[key] = entry
+                entry.out = True
             out.append(RabbitMQDelivery(self, entry, message))
         if not pending:
             self._signal.clear()
@@ -884,7 +1147,7 @@ class RabbitMQSubscription(ClosesOnExit):
             return True  # dead-lettered, not moved
         if entry.not_before and entry.not_before > time.time():
             return True  # a delayed retry with more delay to go
-        if follows or (entry.raw.redelivered and not self._counts_deliveries):
+        if follows or (entry.raw.redelivered and not self._counts_deliveries and not entry.known):
             if self._ordered and key is not None:
                 moving[key] = moving.get(key, 0) + 1
             return True
@@ -937,6 +1200,7 @@ class RabbitMQSubscription(ClosesOnExit):
             channels: dict[int, Any] = {}
             for (entry, _, _), result in zip(copies, results, strict=True):
                 if isinstance(result, Basic.Ack):
+                    self._live.discard(entry)
                     await _ack(entry.raw)
                     channels[id(entry.raw.channel)] = entry.raw.channel
                 else:
@@ -999,7 +1263,11 @@ class RabbitMQSubscription(ClosesOnExit):
 
     def _release_key(self, entry: _Entry) -> None:
         """``entry`` is settled: let the next entry of its key be handed out."""
-        if not self._ordered or entry.message is None:
+        if not self._ordered:
+            return
+        self._live.discard(entry)
+        entry.out = False
+        if entry.message is None:
             return
         key = entry.message.key
         if key is None or self._busy.get(key) is not entry:
@@ -1031,6 +1299,7 @@ class RabbitMQSubscription(ClosesOnExit):
         """Ordered mode: hold the nacked delivery (unacked) and offer it again after ``delay``,
         ahead of the later messages of its key. The broker never sees this nack."""
         entry.attempt += 1
+        entry.out = False
         if delay <= 0:
             self._requeue_here(entry)
             return
@@ -1046,6 +1315,7 @@ class RabbitMQSubscription(ClosesOnExit):
         self._timers.add(handle)
 
     def _requeue_here(self, entry: _Entry) -> None:
+        entry.out = False
         if self._closed:
             return
         key = entry.message.key if entry.message is not None else None
@@ -1135,6 +1405,7 @@ class RabbitMQSubscription(ClosesOnExit):
                 ),
             )
         _confirmed([result], f"{what} of {mid}")
+        self._live.discard(entry)
         # if the channel dropped meanwhile, the original comes again: a duplicate, allowed
         await _ack(entry.raw)
 
@@ -1329,7 +1600,13 @@ class RabbitMQTransport:
         replay = is_dead_letter_topic(topic) and not await self._queue_exists(queue)
         await raw.queue_declare(queue, durable=True, arguments=arguments)
         self._queues.add(queue)
-        if not self.features.ordered_per_key:
+        if self.features.ordered_per_key:
+            given_back = _given_back_name(queue)
+            await raw.queue_declare(
+                given_back, durable=True, arguments={"x-queue-type": self.queue_type}
+            )
+            self._queues.add(given_back)
+        else:
             ready = _ready_queue_name(queue)
             await raw.queue_declare(
                 ready, durable=True, arguments={"x-queue-type": self.queue_type}

@@ -181,10 +181,34 @@ _WANT = {"message_id": "text", "topic": "text", "type": "text", "partition_key":
 
 def _records(rows: list[tuple[Any, ...]]) -> list[OutboxRecord]:
     """Rows of ``_columns`` (OutboxRecord's field order, with ``type`` NULL where it is the
-    topic) as records: one tuple each, the time and (rarely present) headers converted;
+    topic) or of ``_fresh_columns`` (the same without ``attempts`` and ``last_error``: 0
+    and None) as records: one tuple each, the time and (rarely present) headers converted;
     no per-field attribute setting. Raises (UnreadableRow, TypeError, ValueError,
     OverflowError, OSError: ``_UNREAD``) when a row is not what the store writes; the
     caller then reads the rows one by one (``_read_row``)."""
+    if rows and len(rows[0]) == 8:  # (the checks are those of the full form below)
+        return [
+            _tuple_new(
+                OutboxRecord,
+                (
+                    seq,
+                    mid if type(mid) is str else _not_read("message_id", mid),
+                    topic if type(topic) is str else _not_read("topic", topic),
+                    topic
+                    if type_ is None
+                    else type_
+                    if type(type_) is str
+                    else _not_read("type", type_),
+                    payload if type(payload) is bytes else _not_read("payload", payload),
+                    key if key is None or type(key) is str else _not_read("partition_key", key),
+                    _NO_HEADERS if headers is None else read_headers(headers),
+                    _fromtimestamp(created, UTC),
+                    0,
+                    None,
+                ),
+            )
+            for seq, mid, topic, type_, payload, key, headers, created in rows
+        ]
     return [
         _tuple_new(
             OutboxRecord,
@@ -411,6 +435,7 @@ class SqliteOutboxStore(WatchedDatabase):
         )
         self._pending = f"FROM {t} o WHERE o.state = 0"
         self._deletes: dict[int, str] = {}  # the mark's DELETE by number of rows
+        self._delete_run = f"DELETE FROM {t} WHERE seq BETWEEN ? AND ?"
         self._pending_after = f"FROM {t} o WHERE o.state = 0 AND o.seq > ?"
         self._look = (
             f"SELECT (SELECT MAX(seq) FROM {t}), (SELECT MIN(seq) FROM {t} WHERE state = 2), "
@@ -423,6 +448,10 @@ class SqliteOutboxStore(WatchedDatabase):
             "seq, message_id, topic, NULLIF(type, topic), payload, partition_key, headers, "
             "created_at, attempts, last_error"
         )
+        # when no row is parked or has a retry_at, no pending row has attempts or a last
+        # error (only retry_later sets them, with a retry_at; requeue sets retry_at too):
+        # two columns fewer to read per row (~0.15 µs)
+        self._fresh_columns = self._columns.removesuffix(", attempts, last_error")
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SqliteOutboxStore:
@@ -519,7 +548,8 @@ class SqliteOutboxStore(WatchedDatabase):
             args.extend(held.seqs)
         if limit is None:
             return f"SELECT 1 {sql} LIMIT 1", args, blocking
-        return f"SELECT {self._columns} {sql} ORDER BY o.seq LIMIT ?", [*args, limit], blocking
+        columns = self._columns if blocking else self._fresh_columns
+        return f"SELECT {columns} {sql} ORDER BY o.seq LIMIT ?", [*args, limit], blocking
 
     def _holder(self, conn: sqlite3.Connection) -> tuple[str, float] | None:
         row = conn.execute(f"SELECT owner, lease_until FROM {self._lease}").fetchone()
@@ -579,7 +609,9 @@ class SqliteOutboxStore(WatchedDatabase):
         """``_read`` one row at a time, each column fetched as bytes (nothing can fail to
         convert): the readable rows, and (seq, reason) of the others. A row after an
         unreadable row of its key is left out of both: it waits behind it."""
-        raw_select = f"SELECT {_RAW_COLUMNS} " + select.removeprefix(f"SELECT {self._columns} ")
+        rest = select.removeprefix(f"SELECT {self._columns} ")
+        rest = rest.removeprefix(f"SELECT {self._fresh_columns} ")
+        raw_select = f"SELECT {_RAW_COLUMNS} {rest}"
         good: list[OutboxRecord] = []
         bad: list[tuple[int, str]] = []
         stuck: set[tuple[str, bytes]] = set()
@@ -784,7 +816,6 @@ class SqliteOutboxStore(WatchedDatabase):
         t = self._t
         if newest is None:
             newest = conn.execute(f"SELECT MAX(seq) FROM {t}").fetchone()[0]
-        args = [s for s in seqs if s != newest]
         if keep:
             conn.execute(
                 f"INSERT OR IGNORE INTO {t}_sent (seq, message_id, topic, type, payload, "
@@ -794,14 +825,30 @@ class SqliteOutboxStore(WatchedDatabase):
                 f"WHERE state < 2 AND seq IN ({_placeholders(len(seqs))})",
                 (self.wall(), *seqs),
             )
-        if args:
-            delete = self._deletes.get(len(args))
-            if delete is None:  # one statement text per batch size, made once
-                delete = self._deletes[len(args)] = (
-                    f"DELETE FROM {t} WHERE seq IN ({_placeholders(len(args))})"
-                )
-            conn.execute(delete, args)
-        if len(args) < len(seqs):
+        n = len(seqs)
+        first = seqs[0]
+        if (
+            type(first) is int
+            and seqs[-1] == first + n - 1
+            and list(seqs) == [*range(first, first + n)]
+        ):
+            # a run of seqs (a relay's usual batch): one range, not n values to look up
+            # (~20 µs less per 100 rows); the newest row is the run's last, if in it
+            with_newest = newest is not None and first <= newest < first + n
+            last = newest - 1 if with_newest else first + n - 1
+            if newest is not None and last >= first:
+                conn.execute(self._delete_run, (first, last))
+        else:
+            args = [s for s in seqs if s != newest]
+            with_newest = len(args) < n
+            if args:
+                delete = self._deletes.get(len(args))
+                if delete is None:  # one statement text per batch size, made once
+                    delete = self._deletes[len(args)] = (
+                        f"DELETE FROM {t} WHERE seq IN ({_placeholders(len(args))})"
+                    )
+                conn.execute(delete, args)
+        if with_newest:
             # the newest row stays as a tombstone, so its seq is never given out again
             conn.execute(f"UPDATE {t} SET state = 2, retry_at = NULL WHERE seq = ?", (newest,))
         if tomb is None or newest is None or tomb >= newest:
@@ -897,10 +944,12 @@ class SqliteOutboxStore(WatchedDatabase):
         if not seqs:
             return 0
         sql = (
-            f"UPDATE {self._t} SET state = 0, attempts = 0, retry_at = NULL "
+            # retry_at: now, not NULL: the row keeps its last_error, and the claim reads
+            # attempts and last_error only while some row has a retry_at (``_fresh_columns``)
+            f"UPDATE {self._t} SET state = 0, attempts = 0, retry_at = ? "
             f"WHERE state = 1 AND seq IN ({_placeholders(len(seqs))})"
         )
-        args = tuple(seqs)
+        args = (self.wall(), *seqs)
         n = await self.run(lambda conn: self.write(conn, lambda c: c.execute(sql, args).rowcount))
         if n and self._wake is not None:
             self._wake.set()

@@ -524,6 +524,27 @@ class OutboxStoreConformance(OutboxStoreHooks, NoTransactionHook):
             again = await store.claim("relay-a", 100, 30.0)
             assert [r.seq for r in again] == [a[3].seq]
 
+    async def test_mark_sent_removes_exactly_the_rows_named_and_never_reuses_a_seq(self) -> None:
+        async with self.make_store() as store:
+            await self.add_committed(store, make_rows(6))
+            s = [r.seq for r in await store.claim("relay-a", 100, 30.0)]
+            await store.mark_sent("relay-a", [s[1], s[2]])  # a run of seqs
+            await store.mark_sent("relay-a", [s[4], s[3]])  # out of order
+            await store.release("relay-a", [s[0], s[5]])
+            again = await store.claim("relay-a", 100, 30.0)
+            assert [r.seq for r in again] == [s[0], s[5]]
+            await store.mark_sent("relay-a", [s[5]])  # the newest row
+            await store.mark_sent("relay-a", [s[0], s[1]])  # one of them sent already
+            assert (await store.status()).pending == 0
+            # a run that ends with the newest row, marked along with the next claim
+            await self.add_committed(store, make_rows(3))
+            t = [r.seq for r in await store.claim("relay-a", 100, 30.0)]
+            assert min(t) > s[5]
+            assert await store.mark_sent_and_claim("relay-a", t, 100, 30.0) == []
+            await self.add_committed(store, make_rows(1))
+            (last,) = await store.claim("relay-a", 100, 30.0)
+            assert last.seq > max(t)  # never a seq given out before
+
     async def test_kept_sent_rows_are_purged_after_retention(self) -> None:
         async with self.timed_store() as (store, time):
             await self.add_committed(store, make_rows(3))
@@ -560,6 +581,27 @@ class OutboxStoreConformance(OutboxStoreHooks, NoTransactionHook):
             assert await store.claim("relay-b", 100, 30.0) == []
             assert await both("relay-a", [], 100, 30.0) == []
             assert await both("relay-a", [r.seq for r in b], 100, 30.0) == []
+            assert (await store.status()).pending == 0
+
+    async def test_mark_sent_and_claim_of_part_of_a_batch_keeps_the_rest_held(self) -> None:
+        """Marking some rows of a batch (the first and last: rows far apart; then two
+        neighbours) deletes those rows only: the rest stay the relay's until marked or
+        released, and come back once released."""
+        async with self.make_store() as store:
+            both = store.mark_sent_and_claim
+            rows = make_rows(8, keys=[f"k{i}" for i in range(8)])
+            await self.add_committed(store, rows)
+            a = [r.seq for r in await store.claim("relay-a", 6, 30.0)]
+            assert len(a) == 6
+            # far apart, then neighbours: the marked rows go, the others stay held
+            b = await both("relay-a", [a[0], a[5]], 100, 30.0)
+            assert [r.message_id for r in b] == [r.message_id for r in rows[6:]]
+            assert await both("relay-a", [a[1], a[2]], 100, 30.0) == []  # the rest held
+            assert (await store.status()).pending == 4
+            await store.release("relay-a", [a[3], a[4]])
+            c = await both("relay-a", [r.seq for r in b], 100, 30.0)
+            assert [r.seq for r in c] == [a[3], a[4]]
+            assert await both("relay-a", [a[3], a[4]], 100, 30.0) == []
             assert (await store.status()).pending == 0
 
     async def test_mark_sent_and_claim_never_returns_a_key_another_relay_holds(self) -> None:
@@ -654,7 +696,9 @@ class OutboxStoreConformance(OutboxStoreHooks, NoTransactionHook):
             assert await store.parked() == []
             c = await store.claim("relay-a", 100, 30.0)
             assert [r.message_id for r in c] == [rows[0].message_id, rows[1].message_id]
-            assert c[0].attempts == 0
+            # attempts start again; the last error stays until the row is sent
+            assert (c[0].attempts, c[0].last_error) == (0, "poison")
+            assert (c[1].attempts, c[1].last_error) == (0, None)
 
     async def test_status_reports_pending_and_the_age_of_the_oldest(self) -> None:
         async with self.timed_store() as (store, time):

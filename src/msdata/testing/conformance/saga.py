@@ -29,6 +29,9 @@ Needs pytest and pytest-asyncio (``asyncio_mode = "auto"``).
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
+import re
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -38,7 +41,7 @@ import pytest
 from pydantic import BaseModel
 
 from msdata.adapters.memory.transport import MemoryTransport
-from msdata.errors import ConcurrencyError, SagaNotFound
+from msdata.errors import ConcurrencyError, EncodeError, SagaDataError, SagaNotFound
 from msdata.events import EventBus
 from msdata.ids import new_id
 from msdata.messages import Command, message_type
@@ -55,6 +58,7 @@ from msdata.saga import (
     StepRun,
     remote,
 )
+from msdata.saga.orchestrator import MAX_SAGA_ID
 from msdata.saga.store import SagaStore
 from msdata.testing.fakes import FakeClock
 from msdata.testing.waiting import eventually
@@ -68,6 +72,18 @@ T0 = datetime(2030, 1, 1, tzinfo=UTC)
 class _Data(BaseModel):
     n: int = 0
     tags: list[str] = []
+
+
+class _DataV2(BaseModel):
+    """``_Data`` as a later release has it: a required field added."""
+
+    n: int = 0
+    tags: list[str] = []
+    currency: str
+
+
+class _Loose(BaseModel):
+    v: Any = None
 
 
 @message_type("msdata.conformance.saga.Charge")
@@ -84,9 +100,9 @@ def _record(saga_id: str | None = None, **kw: Any) -> SagaRecord:
         saga_id or new_id(),
         kw.pop("saga_type", "conf"),
         kw.pop("status", SagaStatus.RUNNING),
-        _Data(n=1, tags=["a"]),
-        T0,
-        T0,
+        kw.pop("data", None) or _Data(n=1, tags=["a"]),
+        kw.pop("created_at", T0),
+        kw.pop("updated_at", T0),
         version=1,
         **kw,
     )
@@ -357,6 +373,103 @@ class SagaStoreConformance:
             await store.save(old)
         claimed.version += 1
         await store.save(claimed)
+
+    # -- data JSON cannot hold; data the model can no longer read ----------------------------
+
+    @pytest.mark.parametrize(
+        ("value", "why"),
+        [
+            (math.nan, "nan: not a finite number"),
+            (-math.inf, "-inf: not a finite number"),
+            ([1.0, math.inf], "inf: not a finite number"),
+            ("\udc80", "holds a lone surrogate"),
+            ({"\udc80": 1}, "holds a lone surrogate"),
+        ],
+        ids=["nan", "-inf", "inf-in-list", "surrogate", "surrogate-key"],
+    )
+    async def test_save_refuses_data_json_cannot_hold(
+        self, store: SagaStore, value: Any, why: str
+    ) -> None:
+        """NaN, Infinity and lone surrogates would be written as ``null`` (or refused by the
+        database), and the instance could not be read back: every store refuses them with
+        EncodeError, writing nothing."""
+        bad = _record(data=_Loose(v=value))
+        with pytest.raises(EncodeError, match=re.escape(why)):
+            await store.save(bad)
+        with pytest.raises(SagaNotFound):
+            await store.get(bad.saga_id)
+        rec = _record(data=_Loose(v=1.5))
+        await store.save(rec)
+        rec.version += 1
+        rec.data = _Loose(v=value)
+        with pytest.raises(EncodeError, match=r"data\.v"):
+            await store.save(rec)
+        got = await store.get(rec.saga_id)
+        assert got.version == 1
+        assert (got.data if isinstance(got.data, dict) else got.data.model_dump()) == {"v": 1.5}
+
+    async def test_the_orchestrator_refuses_unstorable_data_and_saga_ids(
+        self, store: SagaStore
+    ) -> None:
+        """The same refusal, whatever the store: data JSON cannot hold with EncodeError
+        before anything is stored, a step that returns such data has failed its attempt,
+        and a saga id that is not a non-empty str of valid UTF-8 without control characters
+        (at most MAX_SAGA_ID characters) is EncodeError (SagaNotFound when looked up)."""
+        saga = (
+            Saga("conf-nan", _Loose)
+            .step("a", lambda d: _Loose(v=math.nan), compensate=lambda d: None)
+            .pivot("p", lambda d: None)
+        )
+        orch = SagaOrchestrator(store, [saga], clock=FakeClock())
+        with pytest.raises(EncodeError, match="not a finite number"):
+            await orch.run(saga, _Loose(v=math.nan))
+        with pytest.raises(EncodeError, match="lone surrogate"):
+            await orch.run(saga, _Loose(v="\udc80"))
+        for bad_id in ["", 123, "\udc80", "a\x00b", "a\nb", "x" * (MAX_SAGA_ID + 1)]:
+            with pytest.raises(EncodeError, match="saga id"):
+                await orch.run(saga, _Loose(v=1), saga_id=bad_id)  # type: ignore[arg-type]
+            for op in (orch.get, orch.history, orch.retry, orch.abort):
+                with pytest.raises(SagaNotFound):  # not a driver's error
+                    await op(bad_id)  # type: ignore[arg-type]
+        assert await store.find(saga_type="conf-nan") == []
+        done = await orch.run(saga, _Loose(v=1), saga_id="x" * MAX_SAGA_ID)
+        assert done.status is SagaStatus.COMPENSATED
+        assert done.error is not None and "returned data that cannot be stored" in done.error
+        assert (await orch.get(done.saga_id)).data == _Loose(v=1)
+
+    async def test_an_unreadable_instance_never_blocks_recovery_or_listing(
+        self, store: SagaStore, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """An instance whose stored data the saga's model no longer reads (a release added a
+        required field): ``get`` raises SagaDataError, ``find``/``stuck`` list it with the
+        reason, and recovery logs it, sets it aside (history ``unreadable``, once) and goes
+        on with the others."""
+        clock = FakeClock()
+        now = clock.now()
+        old = _record(saga_type="conf-v2", data=_Data(n=7), created_at=now, updated_at=now)
+        await store.save(old)  # stored by the old release: no "currency"
+        ok = _record(saga_type="conf-ok", data=_Data(n=1), created_at=now, updated_at=now)
+        await store.save(ok)
+        v2 = Saga("conf-v2", _DataV2).pivot("p", lambda d: None)
+        fine = Saga("conf-ok", _Data).pivot("p", lambda d: d.model_copy(update={"n": 2}))
+        orch = SagaOrchestrator(store, [v2, fine], clock=clock, lease_seconds=10)
+        caplog.set_level(logging.ERROR, logger="msdata.saga")
+        assert await orch.recover() == 2  # raised a ValidationError for both before
+        assert (await orch.get(ok.saga_id)).status is SagaStatus.COMPLETED
+        with pytest.raises(SagaDataError, match="does not validate as _DataV2"):
+            await orch.get(old.saga_id)
+        assert any("conf-v2" in r.getMessage() for r in caplog.records)
+        listed = {r.saga_id: r for r in await orch.find()}
+        assert listed[ok.saga_id].data == _Data(n=2)
+        assert "unreadable data" in (listed[old.saga_id].error or "")
+        raw = await store.get(old.saga_id)
+        assert raw.status is SagaStatus.RUNNING and raw.lease_owner is None
+        assert [h.event for h in raw.history].count("unreadable") == 1
+        clock.advance(11)  # looked at again after the lease: still unreadable, noted once
+        assert [r.saga_id for r in await orch.stuck()] == [old.saga_id]
+        assert await orch.recover() == 1
+        raw = await store.get(old.saga_id)
+        assert [h.event for h in raw.history].count("unreadable") == 1
 
     # -- listing -----------------------------------------------------------------------------
 

@@ -456,6 +456,52 @@ class TransportConformance:
             async with t.subscribe(dead_letter_topic(topic, group), self.unique("ops")) as dlq:
                 await self.assert_quiet(dlq)
 
+    async def test_closing_counts_once_what_it_handed_out_also_on_a_retry(self) -> None:
+        """A delivery handed out and not settled when its subscription closes counts that
+        attempt once: on its second attempt (after a nack), it comes back as the third, not
+        the second again, whether the transport holds retries in the broker or in the
+        subscription (ordered modes retry by themselves)."""
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t:
+            await t.declare_group(topic, group)
+            (m,) = make_messages(1)
+            await t.publish(topic, [m])
+            wait = t.features.redelivery_timeout + self.arrival_timeout
+            async with t.subscribe(topic, group, max_attempts=5) as s:
+                (d,) = await collect(s, 1, timeout=wait, ack=False)
+                await d.nack()
+                (d,) = await collect(s, 1, timeout=wait, ack=False)
+                assert (d.message.id, d.attempt) == (m.id, 2)
+            async with t.subscribe(topic, group, max_attempts=5) as s:
+                (d,) = await collect(s, 1, timeout=wait, ack=False)
+                assert (d.message.id, d.attempt) == (m.id, 3)
+                await d.ack()
+                await self.assert_quiet(s)
+
+    async def test_a_retry_waiting_out_its_delay_when_its_subscription_closes_keeps_its_attempt(
+        self,
+    ) -> None:
+        """A nacked delivery waiting out its delay when its subscription closes comes back
+        with the attempt the nack gave it, counted once, not again for the close."""
+        topic, group = self.unique("topic"), self.unique("group")
+        delay = 0.5
+        async with self.make_transport() as t:
+            await t.declare_group(topic, group)
+            (m,) = make_messages(1)
+            await t.publish(topic, [m])
+            wait = t.features.redelivery_timeout + self.arrival_timeout
+            async with t.subscribe(topic, group, max_attempts=5) as s:
+                (d,) = await collect(s, 1, timeout=wait, ack=False)
+                await d.nack()
+                (d,) = await collect(s, 1, timeout=wait, ack=False)
+                assert (d.message.id, d.attempt) == (m.id, 2)
+                await d.nack(delay=delay)
+            async with t.subscribe(topic, group, max_attempts=5) as s:
+                (d,) = await collect(s, 1, timeout=wait + delay, ack=False)
+                assert (d.message.id, d.attempt) == (m.id, 3)
+                await d.ack()
+                await self.assert_quiet(s)
+
     async def test_attempts_count_every_consumer_that_died_and_then_it_is_dead_lettered(
         self,
     ) -> None:
@@ -792,6 +838,8 @@ class TransportConformance:
             text = str(error)
             assert host in text and str(port) in text, f"the address is not named: {text}"
             assert self.unreachable_password not in text, f"credentials shown: {text}"
+            why = ("refused", "connect call failed", "errno 111")  # not only "timed out"
+            assert any(w in text.lower() for w in why), f"the cause is not named: {text}"
         tracebacks = [r for r in caplog.records if r.exc_info and r.levelno >= logging.WARNING]
         assert not tracebacks, [f"{r.name}: {r.getMessage()}" for r in tracebacks]
 
