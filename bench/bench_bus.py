@@ -136,7 +136,9 @@ async def bus_path(n: int, batch: int) -> float:
 
 async def split(n: int, *, produce: bool) -> float:
     """The two halves of the bus path, without the transport: producing (envelope + CloudEvent
-    encoding) and consuming (decode + validate + dispatch) one message."""
+    encoding, the transport message) and consuming (decode + validate + dispatch) one
+    message, as the bus does on the in-memory transport (it hands back the bus's own
+    message object, so the consumer validates only the data)."""
     bus = EventBus(MemoryTransport(), registry=registry)
     events = [OrderPlaced.model_validate(payload(i)) for i in range(n)]
     count = 0
@@ -145,20 +147,23 @@ async def split(n: int, *, produce: bool) -> float:
         nonlocal count
         count += 1
 
-    started = time.process_time()
-    bodies = [bus.codec.encode(bus.envelope(e)) for e in events]
-    producing = (time.process_time() - started) / n
-    if produce:
-        return producing
+    envelope, wire = bus.envelope, bus._to_wire  # the bus's own steps (private)
     routes = {"bench.OrderPlaced": handler}
-    decode = bus.codec.decode
-    started = time.process_time()
-    for body in bodies:
-        env = decode(body)
-        await routes[env.type](env.message)
-    consume = (time.process_time() - started) / n
+    decode = bus._decode
+    producing = consuming = 0.0
+    # 100 at a time, as the bus path holds them (all N at once would measure the garbage
+    # collector walking N held messages more than the bus)
+    for i in range(0, n, 100):
+        started = time.process_time()
+        messages = [wire(envelope(e)) for e in events[i : i + 100]]
+        producing += time.process_time() - started
+        started = time.process_time()
+        for m in messages:
+            env = decode(m)
+            await routes[env.type](env.message)
+        consuming += time.process_time() - started
     assert count == n
-    return consume
+    return (producing if produce else consuming) / n
 
 
 async def command_bus(n: int, via: bool) -> float:

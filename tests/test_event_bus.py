@@ -610,3 +610,28 @@ async def test_stopping_under_load_again_and_again_dead_letters_nothing(backend:
         async with t.subscribe(dead_letter_topic(topic, group), "audit") as dlq:
             dead = await dlq.receive(100, timeout=1.0)
             assert [d.message.headers.get(DEAD_LETTER_REASON) for d in dead] == []
+
+
+async def test_in_process_delivery_validates_its_own_copy_of_each_event(
+    transport: MemoryTransport,
+) -> None:
+    """On the in-memory transport the consumer validates only the data (the envelope's
+    attributes are the ones published): each handler still gets its own message, validated
+    from the bytes, and the envelope decode would read. A publish_many shares one time."""
+    bus = make_bus(transport)
+    got: list[tuple[OrderPlaced, Envelope[Any] | None]] = []
+
+    @bus.handler(OrderPlaced, group="g")
+    async def handle(e: OrderPlaced) -> None:
+        got.append((e, current_envelope()))
+
+    events = [OrderPlaced(order_id=f"o-{i}", amount=i) for i in range(3)]
+    async with bus:
+        sent = await bus.publish_many(events, key=lambda e: e.order_id)  # type: ignore[attr-defined]
+        sent.append(await bus.publish(events[0], headers={"tenant": "t"}))
+        await eventually(lambda: len(got) == 4)
+    assert [envelope for _, envelope in got] == sent
+    assert [e for e, _ in got] == [*events, events[0]]
+    assert not any(e is p for (e, _), p in zip(got, [*events, events[0]], strict=True))
+    assert len({s.time for s in sent[:3]}) == 1
+    assert [s.id for s in sent] == sorted(s.id for s in sent)

@@ -47,3 +47,21 @@ def test_new_ids_are_strictly_increasing_across_milliseconds() -> None:
     made = [ids.new_id() for _ in range(5000)]
     assert made == sorted(made) and len(set(made)) == len(made)
     assert all(str(uuid.UUID(m)) == m for m in made)
+
+
+@given(ms=_FUTURE_MS, tail=_TAIL, n=st.integers(min_value=0, max_value=600))
+def test_new_ids_are_the_ids_new_id_would_make(ms: int, tail: int, n: int) -> None:
+    """A batch (publish_many) is n calls of new_id in one: the same texts, the same state
+    after, across blocks of 256, carries out of the low 48 bits and the end of a ms."""
+    ids._last_ms, ids._tail = ms, tail
+    batch = ids.new_ids(n)
+    after = (ids._last_ms, ids._tail)
+    ids._last_ms, ids._tail = ms, tail
+    assert batch == [ids.new_id() for _ in range(n)]
+    assert after == (ids._last_ms, ids._tail)
+
+
+def test_new_ids_continue_the_order_of_new_id() -> None:
+    made = [ids.new_id(), *ids.new_ids(700), ids.new_id(), *ids.new_ids(1), *ids.new_ids(300)]
+    assert made == sorted(made) and len(set(made)) == len(made)
+    assert all(str(uuid.UUID(m)) == m and uuid.UUID(m).version == 7 for m in made)

@@ -484,10 +484,13 @@ def build_envelope(
     source: str,
     correlation_id: str | None,
     parent: Envelope[Any] | None,
+    msg_id: str | None = None,
+    time: datetime | None = None,
 ) -> Envelope[M]:
     """The envelope of ``message`` under a known type name and version, caused by ``parent``
     (internal to the package: :func:`make_envelope` without the registry lookup, for the
-    buses). Raises :class:`~msdata.errors.InvalidHeader` for a bad key or header."""
+    buses), with id ``msg_id`` and ``time`` when given (a new id, the current UTC time if
+    None). Raises :class:`~msdata.errors.InvalidHeader` for a bad key or header."""
     if partition_key is not None:
         if not isinstance(partition_key, str):
             raise InvalidHeader(f"partition key must be a str, got {type(partition_key).__name__}")
@@ -500,7 +503,8 @@ def build_envelope(
             from msdata.transport import check_header_value
 
             check_header_value("partition key", partition_key)  # a lone surrogate
-    msg_id = new_id()
+    if msg_id is None:
+        msg_id = new_id()
     if parent is not None:
         causation: str | None = parent.id
         correlation = correlation_id or parent.correlation_id or parent.id
@@ -516,7 +520,7 @@ def build_envelope(
             type_name,
             version,
             msg_id,
-            _now(UTC),
+            _now(UTC) if time is None else time,
             source,
             correlation,
             causation,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import json.encoder
 import math
 import re
 import weakref
@@ -185,6 +186,17 @@ def _wire_type(type_name: str, cls: type[Message], *, encoding: bool = False) ->
     return with_config(ConfigDict(extra="allow"))(wire)
 
 
+_quote = json.encoder.encode_basestring  # a str as JSON, escaped as pydantic-core does
+
+
+def _head_parts(type_name: str, source: str, version: int) -> tuple[str, str]:
+    """The text encode writes between the id and the time, and after the time, for one
+    type, source and version (cached per codec)."""
+    before = f',"source":{_quote(source)},"type":{_quote(type_name)},"time":'
+    after = f',"datacontenttype":"application/json","schemaversion":{version}'
+    return before, after
+
+
 #: how ``CloudEventsCodec.encode`` writes the CloudEvents version (compact JSON)
 _SPECVERSION_MEMBER = b'"specversion":"1.0"'
 
@@ -210,12 +222,20 @@ class CloudEventsCodec:
         self.registry = registry if registry is not None else default_registry
         self.max_size = max_size
         self._generation = -1
-        # class -> (pydantic-core serializer, what to look at after encoding, anything?)
-        self._encoders: dict[type[Message], tuple[Any, _Plan, bool]] = {}
+        # class -> pydantic-core serializers
+        # (the whole CloudEvent's, what to look at after encoding, anything?, the class's)
+        self._encoders: dict[type[Message], tuple[Any, _Plan, bool, Any]] = {}
         # classes whose decoded values need a look -> the fields to look at
         self._checked: dict[type[Message], _Plan] = {}
         self._decoder: Any = None  # pydantic-core validator of every registered type
         self._newest: dict[str, tuple[type[Message], int]] = {}
+        # type name -> its newest class's validator, version, and what to look at after
+        self._newest_validators: dict[str, tuple[Any, int, _Plan | None]] = {}
+        # (type name, source, version) -> the text around the time in what encode writes
+        self._heads: dict[tuple[str, str, int], tuple[str, str]] = {}
+        # the last time written and its JSON: one publish_many shares one time
+        self._last_time: tuple[datetime | None, str] = (None, "")
+        self._last_correlation: tuple[str | None, str] = (None, "")
 
     def _refresh(self) -> None:
         """(Re)build the pydantic adapters after the registry changed."""
@@ -225,6 +245,10 @@ class CloudEventsCodec:
         self._newest = registry.newest()
         plans = {cls: _check_plan(cls) for cls, _ in self._newest.values()}
         self._checked = {c: p for c, p in plans.items() if p.walk != () or p.floats}
+        self._newest_validators = {
+            name: (cls.__pydantic_validator__, version, self._checked.get(cls))
+            for name, (cls, version) in self._newest.items()
+        }
         wires = [_wire_type(name, cls) for name, (cls, _) in self._newest.items()]
         if not wires:
             self._decoder = None
@@ -235,6 +259,15 @@ class CloudEventsCodec:
             self._decoder = TypeAdapter(union).validator
 
     def encode(self, envelope: Envelope[Any]) -> bytes:
+        """The CloudEvent of ``envelope``, as compact JSON bytes. Raises
+        :class:`~msdata.errors.EncodeError` (:class:`~msdata.errors.MessageTooLarge` over
+        ``max_size``)."""
+        return self.encode_at(envelope)[0]
+
+    def encode_at(self, envelope: Envelope[Any]) -> tuple[bytes, int]:
+        """:meth:`encode`, and the offset in the bytes where the JSON of ``data`` starts
+        (it ends one byte before the end). Internal to the package: the event bus hands
+        both to :meth:`decode_sent`."""
         if self._generation != self.registry.generation:
             self._refresh()
         message = envelope.message
@@ -247,8 +280,9 @@ class CloudEventsCodec:
                 TypeAdapter(_wire_type(name, cls, encoding=True)).serializer,
                 plan,
                 not plan.empty,
+                cls.__pydantic_serializer__,
             )
-        encoder, plan, check = cached
+        encoder, plan, check, serializer = cached
         # the envelope's own attributes: what make_envelope builds passes; a hand-built one
         # that decode could not read back is refused here (pydantic would write it, warning)
         (_, type_name, version, msg_id, time, source, correlation, causation, key, headers) = (
@@ -267,48 +301,78 @@ class CloudEventsCodec:
             and (key is None or type(key) is str)
         ):
             raise EncodeError(_bad_attributes(envelope))
-        # pydantic-core writes a UTC datetime as RFC 3339 (``2026-11-25T17:49:07.123456Z``)
-        # for a fraction of what isoformat() costs; any other offset is written by Python
-        # as isoformat() has it (an offset in seconds included), as decode reads it back
-        when: Any = time if time.tzinfo is UTC and type(time) is datetime else time.isoformat()
-        # one dict display (much cheaper than item by item) in the order the members are
-        # written; headers first, so that none can stand in for a CloudEvents attribute
-        if causation is None and key is None and correlation is not None:
-            doc: dict[str, Any] = {
-                "specversion": "1.0",
-                "id": msg_id,
-                "source": source,
-                "type": type_name,
-                "time": when,
-                "datacontenttype": "application/json",
-                "schemaversion": version,
-                "correlationid": correlation,
-                "data": message,
-            }
-            if headers:
-                doc = {**headers, **doc}
-        else:
-            doc = {
-                **(headers or {}),
-                "specversion": "1.0",
-                "id": msg_id,
-                "source": source,
-                "type": type_name,
-                "time": when,
-                "datacontenttype": "application/json",
-                "schemaversion": version,
-            }
-            if correlation is not None:
-                doc["correlationid"] = correlation
-            if causation is not None:
-                doc["causationid"] = causation
-            if key is not None:
-                doc["partitionkey"] = key
-            doc["data"] = message
         try:
-            raw: bytes = encoder.to_json(doc)
-        except Exception as e:  # pydantic's serialization error, or a custom serializer's
-            raise EncodeError(_why_unencodable(envelope, e)) from e
+            # The attributes written as text and the data by the class's own serializer,
+            # joined: the same bytes as pydantic-core writing the whole CloudEvent (a test
+            # compares them), for half its cost. json's encode_basestring escapes a string
+            # as pydantic-core does (backslash, quote, \n \r \t \b \f, other controls as
+            # \u00xx); a lone surrogate fails .encode(), and anything unusual (a header that
+            # would shadow an attribute, a non-str header) takes the general path below.
+            parts = self._heads.get((type_name, source, version))
+            if parts is None:
+                if len(self._heads) > 1000:  # sources are few; a bound all the same
+                    self._heads.clear()
+                parts = self._heads[(type_name, source, version)] = _head_parts(
+                    type_name, source, version
+                )
+            last = self._last_time
+            if last[0] is time:  # a batch shares one time: written once
+                when = last[1]
+            else:
+                # pydantic-core writes a UTC datetime as RFC 3339 (``...07.123456Z``) for a
+                # fraction of what isoformat() costs; any other offset as isoformat() has
+                # it (an offset in seconds included), as decode reads it back
+                when = (
+                    _to_json(time).decode()
+                    if time.tzinfo is UTC and type(time) is datetime
+                    else _quote(time.isoformat())
+                )
+                self._last_time = (time, when)
+            quoted_id = _quote(msg_id)
+            if causation is None and key is None and not headers and correlation is not None:
+                # the common case in one piece: correlation is the id itself, or the
+                # parent's (then quoted once for a batch)
+                if correlation is msg_id:
+                    quoted = quoted_id
+                else:
+                    last_c = self._last_correlation
+                    if last_c[0] is correlation:
+                        quoted = last_c[1]
+                    else:
+                        quoted = _quote(correlation)
+                        self._last_correlation = (correlation, quoted)
+                start = (
+                    f'{{"specversion":"1.0","id":{quoted_id}{parts[0]}{when}{parts[1]}'
+                    f',"correlationid":{quoted},"data":'
+                ).encode()
+            else:
+                head = f'"specversion":"1.0","id":{quoted_id}{parts[0]}{when}{parts[1]}'
+                if correlation is not None:
+                    head = f'{head},"correlationid":{_quote(correlation)}'
+                if causation is not None:
+                    head = f'{head},"causationid":{_quote(causation)}'
+                if key is not None:
+                    head = f'{head},"partitionkey":{_quote(key)}'
+                extension = ""
+                if headers:
+                    for name, value in headers.items():
+                        if name in RESERVED_ATTRIBUTES:
+                            raise _ToPlainPath
+                        extension += f"{_quote(name)}:{_quote(value)},"
+                start = f'{{{extension}{head},"data":'.encode()
+            raw = None
+        except (_ToPlainPath, TypeError, UnicodeEncodeError):
+            raw = self._encode_whole(encoder, envelope)
+            start = b""
+        if raw is None:
+            try:
+                data: bytes = serializer.to_json(message)
+            except Exception as e:  # pydantic's serialization error, or a custom serializer's
+                raise EncodeError(_why_unencodable(envelope, e)) from e
+            at = len(start)
+            raw = start + data + b"}"
+        else:
+            at = raw.find(b'"data":') + 7  # the first: every member before it is a string
         # pydantic writes NaN as null and a lone surrogate in a dict key as U+FFFD: a class
         # that can hold those is checked (the others cost nothing here)
         if (
@@ -326,7 +390,47 @@ class CloudEventsCodec:
                 f"{envelope.type} {envelope.id!r} encodes to {len(raw)} bytes; "
                 f"the maximum is {self.max_size}"
             )
-        return raw
+        return raw, at
+
+    def _encode_whole(self, encoder: Any, envelope: Envelope[Any]) -> bytes:
+        """The CloudEvent written by pydantic-core in one pass (``encoder``: the serializer
+        of the class's wire type): the reference that :meth:`encode_at` writes faster, and
+        its path for envelopes built by hand that it does not take (and for the errors)."""
+        (
+            message,
+            type_name,
+            version,
+            msg_id,
+            time,
+            source,
+            correlation,
+            causation,
+            key,
+            headers,
+        ) = envelope
+        when: Any = time if time.tzinfo is UTC and type(time) is datetime else time.isoformat()
+        # headers first, so that none can stand in for a CloudEvents attribute
+        doc: dict[str, Any] = {
+            **(headers or {}),
+            "specversion": "1.0",
+            "id": msg_id,
+            "source": source,
+            "type": type_name,
+            "time": when,
+            "datacontenttype": "application/json",
+            "schemaversion": version,
+        }
+        if correlation is not None:
+            doc["correlationid"] = correlation
+        if causation is not None:
+            doc["causationid"] = causation
+        if key is not None:
+            doc["partitionkey"] = key
+        doc["data"] = message
+        try:
+            return encoder.to_json(doc)  # type: ignore[no-any-return]
+        except Exception as e:  # pydantic's serialization error, or a custom serializer's
+            raise EncodeError(_why_unencodable(envelope, e)) from e
 
     def looks_like_own_event(self, body: bytes) -> bool:
         """Whether ``body`` has the shape :meth:`encode` writes: one compact JSON object
@@ -415,6 +519,31 @@ class CloudEventsCodec:
             except Exception:
                 pass
         return self.decode_plain(raw)
+
+    def decode_sent(self, raw: bytes, sent: tuple[Any, ...], at: int) -> Envelope[Message]:
+        """What :meth:`decode` returns for ``raw``, when ``raw`` and ``at`` are what
+        :meth:`encode_at` wrote in this process for an envelope whose every attribute but
+        the message is ``sent`` (``envelope[1:]``), with no headers and a UTC time: only the
+        data is validated from the bytes (the handler gets its own message, validated as on
+        any transport); the attributes are ``sent``, which is what decoding them would give.
+        Internal to the package: the event bus uses it when its transport hands back the
+        message object it published (the in-memory transport).
+
+        A type whose newest class or version in this codec's registry is not the one
+        written, data that does not validate or needs a look, go through :meth:`decode`."""
+        if self._generation != self.registry.generation:
+            self._refresh()
+        newest = self._newest_validators.get(sent[0])
+        if newest is None or newest[1] != sent[1] or len(raw) > self.max_size:
+            return self.decode(raw)
+        try:
+            data = newest[0].validate_json(raw[at:-1])
+        except Exception:
+            return self.decode(raw)  # it names the error
+        plan = newest[2]
+        if plan is not None and _suspect_message(data, plan, False):
+            return self.decode(raw)
+        return _tuple_new(Envelope, (data, *sent))  # type: ignore[no-any-return]
 
     def decode_plain(self, raw: bytes | bytearray | str) -> Envelope[Message]:
         """Decode without the fast path: the reference, and the path for every bad input."""

@@ -37,6 +37,7 @@ import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, NamedTuple, Self, TypeVar
 
@@ -48,6 +49,7 @@ from msdata.errors import (
     RejectMessage,
     TransportClosed,
 )
+from msdata.ids import new_ids
 from msdata.messages import (
     Envelope,
     Event,
@@ -69,6 +71,7 @@ log = logging.getLogger("msdata.events")
 
 E = TypeVar("E", bound=Event)
 _tuple_new: Any = tuple.__new__
+_now = datetime.now
 H = TypeVar("H", bound=Callable[..., Any])
 
 
@@ -76,6 +79,16 @@ def _name_of(handler: Callable[..., Any]) -> str:
     module = getattr(handler, "__module__", None)
     name = getattr(handler, "__qualname__", None) or type(handler).__qualname__
     return f"{module}.{name}" if module else name
+
+
+class _Sent(TransportMessage):
+    """A message this process's bus encoded, carrying what decoding it needs beyond its
+    bytes (``sent``: the envelope's attributes but the message, and where the data starts
+    in the body): a transport that hands the same object back (the in-memory one) lets the
+    consumer validate only the data (:meth:`CloudEventsCodec.decode_sent`). Any other
+    transport sees a TransportMessage."""
+
+    sent: tuple[tuple[Any, ...], int]
 
 
 class _Route(NamedTuple):
@@ -137,6 +150,8 @@ class EventBus:
         self.transport = transport
         self.registry = registry if registry is not None else default_registry
         self.codec = codec if codec is not None else CloudEventsCodec(self.registry)
+        # msdata's own codec: what it encodes in this process, it decodes from the data alone
+        self._own_codec = type(self.codec) is CloudEventsCodec
         self.source = source
         self._middleware = tuple(middleware)
         self.max_attempts = max_attempts
@@ -258,15 +273,36 @@ class EventBus:
         topic: str | None = None,
     ) -> list[Envelope[Event]]:
         """Publish events as one batch per topic, all confirms in flight at once; ``key``
-        gives each event's partition key, ``headers`` go on every one."""
+        gives each event's partition key, ``headers`` go on every one. The events of one
+        call share one ``time`` (the CloudEvents occurrence time: the time of the call);
+        their ids, made together, still order them."""
+        batch_events = list(events)
         by_topic: dict[str, list[TransportMessage]] = {}
         out = []
         hooks = telemetry.hooks
         observe = type(hooks) is not Telemetry  # the no-op hooks are not called here
         parent = current_envelope()  # the handled message: the same for the whole batch
-        encode = self.codec.encode
-        for event in events:
-            envelope = self._envelope(event, key(event) if key else None, headers, parent)
+        wire = self._to_wire
+        by_class = self.registry._by_class
+        source = self.source
+        now = _now(UTC)
+        for event, msg_id in zip(batch_events, new_ids(len(batch_events)), strict=True):
+            # as _envelope: a registered class is a Message class, so finding it is the check
+            named = by_class.get(type(event))
+            if named is None:
+                named = check_message(event, self.registry)  # raises: the exact reason
+            envelope: Envelope[Event] = build_envelope(
+                event,
+                named[0],
+                named[1],
+                key(event) if key else None,
+                headers,
+                source,
+                None,
+                parent,
+                msg_id,
+                now,
+            )
             to = topic or envelope.type
             if observe:
                 envelope = hooks.message_created(to, envelope, outbox=False)  # telemetry
@@ -274,22 +310,43 @@ class EventBus:
             batch = by_topic.get(to)
             if batch is None:
                 batch = by_topic[to] = []
-            batch.append(
-                _tuple_new(
-                    TransportMessage,
-                    (envelope.id, encode(envelope), envelope.partition_key, envelope.headers),
-                )
-            )
+            batch.append(wire(envelope))
         for t, batch in by_topic.items():
             await self.transport.publish(t, batch)
         return out
 
     def _to_wire(self, envelope: Envelope[Any]) -> TransportMessage:
         # tuple.__new__: the NamedTuple without its Python __new__ frame (once per message)
-        return _tuple_new(  # type: ignore[no-any-return]
-            TransportMessage,
-            (envelope.id, self.codec.encode(envelope), envelope.partition_key, envelope.headers),
+        if not self._own_codec:
+            return _tuple_new(  # type: ignore[no-any-return]
+                TransportMessage,
+                (
+                    envelope.id,
+                    self.codec.encode(envelope),
+                    envelope.partition_key,
+                    envelope.headers,
+                ),
+            )
+        raw, at = self.codec.encode_at(envelope)
+        time = envelope.time
+        if envelope.headers or time.tzinfo is not UTC or type(time) is not datetime:
+            # decode_sent takes none of these: a plain message
+            return _tuple_new(  # type: ignore[no-any-return]
+                TransportMessage, (envelope.id, raw, envelope.partition_key, envelope.headers)
+            )
+        message: _Sent = _tuple_new(
+            _Sent, (envelope.id, raw, envelope.partition_key, envelope.headers)
         )
+        message.sent = (envelope[1:], at)
+        return message
+
+    def _decode(self, message: TransportMessage) -> Envelope[Any]:
+        """The envelope of a delivered message (the data alone validated, when this
+        process's bus encoded it and the transport handed back the same object)."""
+        if type(message) is _Sent and self._own_codec:
+            sent, at = message.sent
+            return self.codec.decode_sent(message.body, sent, at)
+        return self.codec.decode(message.body)
 
     # -- consuming ---------------------------------------------------------------------------
 
@@ -416,6 +473,7 @@ class EventBus:
     ) -> None:
         handle = self._handle
         decode = self.codec.decode
+        decode_sent = self.codec.decode_sent if self._own_codec else None
         routes = consumer.routes
         max_attempts = self.max_attempts
         abandoned = self._abandoned
@@ -455,8 +513,13 @@ class EventBus:
                                     if delivery.attempt > max_attempts:
                                         await handle(consumer, delivery, task, hand)
                                         continue
+                                    message = delivery.message
                                     try:
-                                        envelope = decode(delivery.message.body)
+                                        if type(message) is _Sent and decode_sent is not None:
+                                            sent, at = message.sent
+                                            envelope = decode_sent(message.body, sent, at)
+                                        else:
+                                            envelope = decode(message.body)
                                     except Exception:
                                         await handle(consumer, delivery, task, hand)  # dead letter
                                         continue
@@ -552,7 +615,7 @@ class EventBus:
             return
         if envelope is None:
             try:
-                envelope = self.codec.decode(delivery.message.body)
+                envelope = self._decode(delivery.message)
             except Exception as e:  # DecodeError, or anything a user validator raised
                 await self._settle(delivery.dead_letter(f"{type(e).__name__}: {e}"))
                 return
