@@ -459,9 +459,10 @@ class _BatchProcess(ReceiveScope):
     for a batch ("Consumer spans": a single process span can account for a batch, and
     SHOULD link to each message's creation context). Its parent is the first sampled
     delivery's creation context (else the first delivery's), so a ``ParentBased`` sampler
-    records it whenever one of its orders is sampled, in that order's trace. Each handler runs in its own
-    message's creation context (see :class:`_InBatch`), so what it creates stays in the
-    order's trace; ``messaging.process.duration`` is recorded once, for the batch."""
+    records it whenever one of its orders is sampled, in that order's trace. Each handler
+    runs in its own message's creation context (see :class:`_InBatch`), so what it creates
+    stays in the order's trace; ``messaging.process.duration`` is recorded once, for the
+    batch."""
 
     __slots__ = ("_attrs", "_error", "_otel", "_span", "_start", "_token")
 
@@ -652,10 +653,11 @@ class OpenTelemetry(Telemetry):
     handled it, how long and with what outcome; ``"batch"`` one ``process`` span per batch
     the bus's consumer received, linked to each message's creation context (the
     conventions' batch form) and child of the first sampled one's (so a ``ParentBased``
-    sampler records it when one of its orders is sampled), the handlers running in their messages' creation contexts
-    (what they create stays in the order's trace, without a ``process`` span of its own),
-    ``messaging.process.duration`` recorded per batch: cheaper per message, at the cost of
-    the consumer's node in the order's trace; ``handler_spans`` applies to ``"message"``.
+    sampler records it when one of its orders is sampled), the handlers running in their
+    messages' creation contexts (what they create stays in the order's trace, without a
+    ``process`` span of its own), ``messaging.process.duration`` recorded per batch: cheaper
+    per message, at the cost of the consumer's node in the order's trace; ``handler_spans``
+    applies to ``"message"``.
     Raises :class:`~msdata.errors.ConfigurationError` when ``relay_spans`` or
     ``process_spans`` is not ``"message"`` or ``"batch"``.
 
