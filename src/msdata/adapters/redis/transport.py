@@ -970,12 +970,16 @@ class RedisTransport:
     def from_url(cls, url: str, **options: Any) -> RedisTransport:
         """``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` or ``unix://``;
         ``options`` go to the constructor. The query parameters ``max_message_bytes`` and
-        ``max_held_bytes`` (ints) are the constructor's options of those names; the others
-        go to redis-py (``socket_timeout``...)."""
+        ``max_held_bytes`` (ints) and ``namespace`` are the constructor's options of those
+        names (a :class:`ConfigurationError` if also given as an option); the others go to
+        redis-py (``socket_timeout``...)."""
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigurationError(f"not a redis:// URL: {redact_url(url)!r}")
         url, own = pop_url_options(
-            url, ("max_message_bytes", "max_held_bytes"), driver=("max_connections",)
+            url,
+            ("max_message_bytes", "max_held_bytes"),
+            driver=("max_connections",),
+            text=("namespace",),
         )
         for name, value in own.items():
             if name in options:
