@@ -982,7 +982,7 @@ class RedisTransport:
             text=("namespace",),
         )
         for name, value in own.items():
-            if name in options:
+            if options.get(name) is not None:
                 raise ConfigurationError(f"{name} given both in the URL and as an option")
             options[name] = value
         transport = cls(aioredis.Redis.from_url(url, decode_responses=False), **options)
