@@ -7,6 +7,7 @@ import math
 import sqlite3
 import uuid
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -331,6 +332,40 @@ async def test_nan_infinity_or_a_lone_surrogate_key_in_a_result_is_never_replaye
     assert runs == [1, 1, 1]
     assert await keys.run("ok", _ret({"a": None})) == {"a": None}  # a real null is kept
     assert await keys.run("ok", _ret({"a": 2})) == {"a": None}
+
+
+async def test_a_decimal_nan_or_an_int_beyond_the_digit_limit_is_never_replayed_changed() -> None:
+    """pydantic writes a Decimal NaN or Infinity as the str "NaN"/"Infinity" (replayed as a
+    str untyped, refused typed), and an int of more than 4300 digits that no reader takes
+    back (docs/idempotency.md: a result with no JSON form gives ResultNotStored on retries,
+    not StoredResultInvalid nor other data)."""
+    keys = _keys()
+    runs: list[int] = []
+    results: dict[str, Any] = {
+        "d1": Decimal("NaN"),
+        "d2": {"total": Decimal("-Infinity")},
+        "d3": [Decimal("sNaN")],
+        "i1": 10**5000,
+        "i2": {"n": -(10**4300)},
+    }
+
+    @keys.idempotent(key="k")
+    async def quote(k: str) -> Any:
+        runs.append(1)
+        return results[k]
+
+    for k in results:
+        assert await quote(k) is not None  # the first caller gets its result
+        with pytest.raises(ResultNotStored, match="no JSON form"):
+            await quote(k)
+    assert runs == [1] * len(results)
+    typed = await keys.run("t", _ret(Decimal("Infinity")), result_type=Decimal)
+    assert typed == Decimal("Infinity")
+    with pytest.raises(ResultNotStored):
+        await keys.run("t", _ret(Decimal(1)), result_type=Decimal)
+    big = 10**4299  # 4300 digits: within the limit, stored and replayed
+    await keys.run("ok", _ret({"n": big, "d": Decimal("1.5")}))
+    assert await keys.run("ok", _ret(None)) == {"n": big, "d": "1.5"}
 
 
 async def test_a_key_or_scope_with_a_lone_surrogate_is_refused_before_any_store() -> None:

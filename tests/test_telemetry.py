@@ -18,6 +18,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler
 from opentelemetry.trace import SpanKind
 from pydantic import BaseModel
 
@@ -36,7 +37,7 @@ from msdata.adapters.sqlite import SqliteOutboxStore, connect
 from msdata.audit import EventStoreAudit, SagaAudit, audit_trail
 from msdata.composition import compose, required
 from msdata.cqrs import CommandBus
-from msdata.errors import IdempotencyKeyReused, SagaStepFailed
+from msdata.errors import ConfigurationError, IdempotencyKeyReused, SagaStepFailed
 from msdata.events import EventBus
 from msdata.eventstore import EventLog
 from msdata.idempotency import IdempotencyKeys
@@ -73,9 +74,9 @@ registry.register(Boom, "test.Boom", 1)
 
 
 class Otel:
-    def __init__(self) -> None:
+    def __init__(self, sampler: Sampler | None = None) -> None:
         self.spans = InMemorySpanExporter()
-        self.tracer_provider = TracerProvider()
+        self.tracer_provider = TracerProvider(sampler=sampler)
         self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
         self.reader = InMemoryMetricReader()
         self.meter_provider = MeterProvider(metric_readers=[self.reader])
@@ -738,3 +739,49 @@ async def test_batch_process_spans_link_each_message_and_keep_the_orders_trace(
     recorded = otel.metric("messaging.process.duration")
     assert sum(n for _, n in recorded) == len(batches)
     assert [a["error.type"] for a, _ in recorded if "error.type" in a] == ["RejectMessage"]
+
+
+async def test_a_batch_process_span_follows_its_sampled_orders() -> None:
+    """``process_spans="batch"`` under ``ParentBased`` sampling (docs/observability.md,
+    "Sampling": an order's trace is recorded whole or not at all): the batch's span is a
+    child of its first sampled message's creation context, so it is recorded, in that
+    order's trace, whenever it holds a sampled order, and every sampled order is linked
+    from a recorded batch span; a root ``process`` span would be sampled on its own (here
+    never: the root sampler is ALWAYS_OFF)."""
+    o = Otel(ParentBased(ALWAYS_OFF))
+    o.hooks.process_spans = "batch"
+    previous = telemetry.install(o.hooks)
+    try:
+        bus = EventBus(MemoryTransport(), registry=registry, prefetch=100)
+        done: list[str] = []
+
+        @bus.handler(OrderPlaced, group="billing")
+        async def bill(event: OrderPlaced) -> None:
+            done.append(event.order_id)
+
+        async with bus:
+            for i in range(12):  # orders sampled upstream (even) or not (odd)
+                flags = trace.TraceFlags(trace.TraceFlags.SAMPLED if i % 2 == 0 else 0)
+                ctx = trace.SpanContext(0xABC0 + i, 0xDEF0 + i, True, flags)
+                with trace.use_span(trace.NonRecordingSpan(ctx)):
+                    await bus.publish(OrderPlaced(order_id=str(i)))
+            await eventually(lambda: len(done) == 12, timeout=10, what="every order")
+    finally:
+        telemetry.install(previous)
+    spans = o.finished()
+    publishes = {s.context.span_id: s for s in spans if s.name == "publish orders.OrderPlaced"}
+    assert {s.context.trace_id for s in publishes.values()} == {0xABC0 + i for i in range(0, 12, 2)}
+    batches = [s for s in spans if s.name == "process orders.OrderPlaced"]
+    assert batches
+    for batch in batches:  # in a sampled order's trace, under its creation context
+        assert batch.parent is not None and batch.parent.span_id in publishes
+        assert batch.context.trace_id == publishes[batch.parent.span_id].context.trace_id
+    linked = sorted(link.context.span_id for s in batches for link in s.links)
+    assert linked == sorted(publishes)
+
+
+@pytest.mark.parametrize("option", ["relay_spans", "process_spans"])
+@pytest.mark.parametrize("value", ["Batch", "batches", None, True])
+def test_an_unknown_span_mode_is_refused(option: str, value: object) -> None:
+    with pytest.raises(ConfigurationError, match=f"{option}=.*'message' or 'batch'"):
+        OpenTelemetry(**{option: value})  # type: ignore[arg-type]

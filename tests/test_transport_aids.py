@@ -198,3 +198,38 @@ def test_several_urls_may_each_carry_an_option_with_one_value() -> None:
     assert (url, found) == ("n://a,n://b", {"max_held_bytes": 9})
     with pytest.raises(ConfigurationError, match="differs"):
         pop_url_options("n://a?max_held_bytes=9,n://b?max_held_bytes=8", names)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "memory://?namespace=shop",
+        "redis://127.0.0.1:6379/0?namespace=shop&socket_timeout=1",
+        "amqp://guest:guest@127.0.0.1:5672/?namespace=shop",
+        "nats://127.0.0.1:4222?namespace=shop",
+    ],
+)
+def test_every_transport_takes_its_namespace_from_the_url(url: str) -> None:
+    """``namespace`` is one of msdata's URL options on every transport (redis-py used to get
+    it and fail with a TypeError): taken out of the URL, given to the constructor, and
+    refused when given both ways on Redis, or empty, or twice."""
+    from msdata.urls import transport_from_url
+
+    transport = transport_from_url(url)
+    assert transport.namespace == "shop"  # type: ignore[attr-defined]
+    with pytest.raises(ConfigurationError, match="namespace"):
+        transport_from_url(url.replace("namespace=shop", "namespace=shop&namespace=b"))
+    with pytest.raises(ConfigurationError, match="namespace"):
+        transport_from_url(url.replace("namespace=shop", "namespace="))
+    with pytest.raises(ConfigurationError):
+        transport_from_url(url.replace("namespace=shop", "namespace=no%20spaces"))
+
+
+def test_a_namespace_in_several_urls_is_decoded_and_must_agree() -> None:
+    names = ("max_message_bytes",)
+    url, found = pop_url_options(
+        "n://a?namespace=s%2D1,n://b?namespace=s-1", names, text=("namespace",)
+    )
+    assert (url, found) == ("n://a,n://b", {"namespace": "s-1"})
+    with pytest.raises(ConfigurationError, match="differs"):
+        pop_url_options("n://a?namespace=x,n://b?namespace=y", names, text=("namespace",))

@@ -30,6 +30,7 @@ import re
 import weakref
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Annotated, Any, Literal, NamedTuple, NotRequired, Union
 
 from pydantic import (
@@ -883,9 +884,9 @@ def _show(text: str) -> str:
 
 def json_problem(value: Any) -> str | None:
     """Why ``value`` (a model, dict, list, scalar...) has no JSON form that reads back as
-    the same value — a NaN or infinity (RFC 8259 §6), a lone surrogate, an int beyond
-    Python's int/str limit, nesting deeper than ``MAX_DEPTH`` — as ``"path: reason"``; or
-    None. pydantic writes the first two silently as null and U+FFFD."""
+    the same value — a NaN or infinity (RFC 8259 §6; a float or a Decimal), a lone
+    surrogate, an int beyond Python's int/str limit, nesting deeper than ``MAX_DEPTH`` — as
+    ``"path: reason"``; or None. pydantic writes the first two silently as null and U+FFFD."""
     return _unencodable(value, 1)
 
 
@@ -919,6 +920,10 @@ def _find_unencodable(value: Any, depth: int, finite: bool) -> tuple[str, str] |
         if value.bit_length() >= _INT_LIMIT_BITS and abs(value) >= _INT_LIMIT:
             return "", f"an int of more than {MAX_INT_DIGITS} digits (Python's int/str limit)"
         return None
+    if isinstance(value, Decimal):  # pydantic writes "NaN", "Infinity"; reads only finite
+        if not finite or value.is_finite():
+            return None
+        return "", f"Decimal({str(value)!r}): not a finite number (JSON has none)"
     items: Iterable[tuple[Any, Any]]
     if isinstance(value, dict):
         items = value.items()

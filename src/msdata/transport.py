@@ -16,7 +16,8 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
-from typing import Generic, NamedTuple, Protocol, Self, TypeVar, runtime_checkable
+from typing import Any, Generic, NamedTuple, Protocol, Self, TypeVar, runtime_checkable
+from urllib.parse import unquote
 
 from msdata.errors import (
     ConfigurationError,
@@ -668,12 +669,13 @@ _ASCII_DIGITS = re.compile(r"[0-9]+")
 
 
 def pop_url_options(
-    url: str, names: Sequence[str], driver: Sequence[str] = ()
-) -> tuple[str, dict[str, int]]:
+    url: str, names: Sequence[str], driver: Sequence[str] = (), text: Sequence[str] = ()
+) -> tuple[str, dict[str, Any]]:
     """Take the query parameters ``names`` (``max_message_bytes``, ``max_held_bytes``...,
-    whole numbers >= 1) out of a transport URL: returns the URL without them (other query
-    parameters are kept for the driver) and their values. Several comma-separated URLs
-    (NATS) each lose them. The one parser of every transport's URL options.
+    whole numbers >= 1) and ``text`` (``namespace``: a non-empty str, percent-decoded) out
+    of a transport URL: returns the URL without them (other query parameters are kept for
+    the driver) and their values. Several comma-separated URLs (NATS) each lose them. The
+    one parser of every transport's URL options.
 
     Raises :class:`~msdata.errors.ConfigurationError` for a value that is not ASCII digits
     making a whole number >= 1 (no sign, space, ``_``, exponent or other script's digits),
@@ -681,7 +683,7 @@ def pop_url_options(
     ``max_*`` parameter (any case) that is neither one
     of ``names`` nor one of ``driver`` (the driver's own, e.g. redis-py's
     ``max_connections``): a misspelt limit is refused, not silently ignored."""
-    found: dict[str, int] = {}
+    found: dict[str, Any] = {}
     parts = []
     for one in url.split(","):
         base, sep, rest = one.partition("?")
@@ -693,6 +695,16 @@ def pop_url_options(
         here: set[str] = set()  # the options of this URL (several URLs may each have them)
         for pair in query.split("&"):
             name, _, value = pair.partition("=")
+            if name in text:
+                if name in here:
+                    raise ConfigurationError(f"URL option {name} is given twice")
+                here.add(name)
+                decoded = unquote(value)
+                if not decoded:
+                    raise ConfigurationError(f"URL option {name} is empty")
+                if found.setdefault(name, decoded) != decoded:
+                    raise ConfigurationError(f"URL option {name} differs between the URLs")
+                continue
             if name not in names:
                 if name.lower().startswith("max_") and name not in driver:
                     raise ConfigurationError(

@@ -41,7 +41,7 @@ from msdata.errors import (
 )
 from msdata.idempotency.fingerprint import fingerprint as _fingerprint
 from msdata.idempotency.store import IdempotencyStore, LiveRecord
-from msdata.serialization import _FFFD_LEAD, json_problem
+from msdata.serialization import _FFFD_LEAD, _LONG_DIGITS, MAX_INT_DIGITS, json_problem
 from msdata.storage import unix_us
 
 __all__ = ["IdempotencyClaim", "IdempotencyKeys", "IdempotentCall"]
@@ -572,9 +572,17 @@ class IdempotencyKeys:
             raw = _type_adapter(result_type).dump_json(result)
         except (PydanticSerializationError, ValueError, TypeError) as e:
             return f"the result ({type(result).__qualname__}) has no JSON form: {e}"
-        # pydantic writes NaN and Infinity as null, and a dict key's lone surrogate as
-        # U+FFFD: a result that may hold one is looked at (RFC 8259 §6 has no NaN)
-        if b"null" in raw or _FFFD_LEAD in raw:
+        # pydantic writes a float NaN and Infinity as null, a Decimal's as "NaN" and
+        # "Infinity" (read back as a str, or refused as a Decimal), a dict key's lone
+        # surrogate as U+FFFD, and an int beyond Python's int/str limit that no reader takes
+        # back: a result that may hold one is looked at (RFC 8259 §6 has no NaN)
+        if (
+            b"null" in raw
+            or _FFFD_LEAD in raw
+            or b"NaN" in raw
+            or b"Infinity" in raw
+            or (len(raw) > MAX_INT_DIGITS and _LONG_DIGITS.search(raw))
+        ):
             problem = json_problem(result)
             if problem is not None:
                 return f"the result ({type(result).__qualname__}) has no JSON form: {problem}"

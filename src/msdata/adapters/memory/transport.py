@@ -328,11 +328,13 @@ class MemoryTransport:
 
     @classmethod
     def from_url(cls, url: str = "memory://", **options: Any) -> MemoryTransport:
-        """``memory://``, optionally with ``?max_message_bytes=N&max_held_bytes=N``;
-        ``options`` are the constructor's (they win over the URL's)."""
+        """``memory://``, optionally with ``?max_message_bytes=N&max_held_bytes=N`` and
+        ``namespace=name``; ``options`` are the constructor's (they win over the URL's)."""
         if not url.startswith("memory:"):
             raise ConfigurationError(f"not a memory:// URL: {redact_url(url)!r}")
-        _, found = pop_url_options(url, ("max_message_bytes", "max_held_bytes"))
+        _, found = pop_url_options(
+            url, ("max_message_bytes", "max_held_bytes"), text=("namespace",)
+        )
         return cls(**{**found, **options})
 
     async def publish(self, topic: str, messages: Sequence[TransportMessage]) -> None:

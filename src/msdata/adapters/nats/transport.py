@@ -1362,12 +1362,15 @@ class NatsTransport:
     def from_url(cls, url: str = "nats://127.0.0.1:4222", **options: Any) -> NatsTransport:
         """A transport that connects to ``url`` (``nats://host:port``, several separated by
         commas) on first use, reconnects without limit, and closes the connection on
-        :meth:`close`. ``options`` are those of the constructor; ``max_message_bytes`` and
-        ``max_held_bytes`` may also be given as query parameters
-        (``nats://host:4222?max_message_bytes=65536``), the keywords winning."""
+        :meth:`close`. ``options`` are those of the constructor; ``max_message_bytes``,
+        ``max_held_bytes`` and ``namespace`` may also be given as query parameters
+        (``nats://host:4222?max_message_bytes=65536&namespace=shop``), the keywords
+        winning."""
         if not url.startswith(("nats://", "tls://")):
             raise ConfigurationError(f"not a nats:// URL: {redact_url(url)!r}")
-        url, found = pop_url_options(url, ("max_message_bytes", "max_held_bytes"))
+        url, found = pop_url_options(
+            url, ("max_message_bytes", "max_held_bytes"), text=("namespace",)
+        )
         transport = cls(None, **{**found, **options})
         servers = [u.strip() for u in url.split(",")]
         transport._address = ",".join(_redacted(u) for u in servers)

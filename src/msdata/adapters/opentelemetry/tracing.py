@@ -22,7 +22,8 @@ span                   kind      where
 ``process <topic>``    CONSUMER  the event bus's consumer handling one delivery with its one
                                  handler (``code.function.name``), child of the context in
                                  the delivery's headers (``process_spans="batch"``: one per
-                                 batch received, linked to each delivery's context)
+                                 batch received, linked to each delivery's context, child
+                                 of the first sampled one)
 ``handle <type>``      INTERNAL  with ``handler_spans=True``: the handler, child of
                                  ``process``
 ``idempotency claim``  INTERNAL  an idempotency key claimed (``msdata.idempotency.outcome``)
@@ -77,6 +78,7 @@ from opentelemetry.trace import (
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from msdata import __version__
+from msdata.errors import ConfigurationError
 from msdata.messages import Envelope
 from msdata.telemetry import (
     ConsumeScope,
@@ -113,6 +115,7 @@ _STRICT_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 _FLAGS = [TraceFlags(i) for i in range(256)]
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
+_SPAN_MODES = ("message", "batch")
 
 
 def _w3c_only(propagator: TextMapPropagator) -> bool:
@@ -454,9 +457,12 @@ class _BatchProcess(ReceiveScope):
     """``process_spans="batch"``: one ``process`` span (CONSUMER) for a batch the bus's
     consumer received, linked to each delivery's creation context, the conventions' form
     for a batch ("Consumer spans": a single process span can account for a batch, and
-    SHOULD link to each message's creation context). Each handler runs in its own
-    message's creation context (see :class:`_InBatch`), so what it creates stays in the
-    order's trace; ``messaging.process.duration`` is recorded once, for the batch."""
+    SHOULD link to each message's creation context). Its parent is the first sampled
+    delivery's creation context (else the first delivery's), so a ``ParentBased`` sampler
+    records it whenever one of its orders is sampled, in that order's trace. Each handler
+    runs in its own message's creation context (see :class:`_InBatch`), so what it creates
+    stays in the order's trace; ``messaging.process.duration`` is recorded once, for the
+    batch."""
 
     __slots__ = ("_attrs", "_error", "_otel", "_span", "_start", "_token")
 
@@ -471,13 +477,30 @@ class _BatchProcess(ReceiveScope):
         self._otel = otel
         links: list[Link] = []
         add = links.append
+        first: Mapping[str, str] | None = None  # the headers of the span's parent
+        sampled: Mapping[str, str] | None = None
         for d in deliveries:
-            tp = d.message.headers.get(_TRACEPARENT)
-            if tp is None or tp[-1:] not in _ODD_HEX:  # not sampled: nothing to link to
+            headers = d.message.headers
+            tp = headers.get(_TRACEPARENT)
+            if tp is None:
+                continue
+            if first is None:
+                first = headers
+            if tp[-1:] not in _ODD_HEX:  # not sampled: nothing to link to
                 continue
             ctx = _span_context(tp)
             if ctx is not None:
                 add(Link(ctx))
+                if sampled is None:
+                    sampled = headers
+        # the parent: the first sampled delivery's creation context, else the first
+        # delivery's (not sampled), else none. A sampler follows a parent's decision, never
+        # a link's (the SDK's ParentBased and TraceIdRatioBased ignore links): as a root
+        # the span would be sampled on its own, and a sampled order would usually lose its
+        # consumer's span while a batch of unsampled orders could be recorded
+        # (docs/observability.md, "Sampling")
+        parent_headers = sampled if sampled is not None else first
+        parent = None if parent_headers is None else otel._extract(parent_headers)
         attrs = {
             "messaging.system": system,
             "messaging.destination.name": topic,
@@ -486,7 +509,7 @@ class _BatchProcess(ReceiveScope):
         self._attrs = attrs
         self._span = otel._tracer.start_span(
             f"process {topic}",
-            None,
+            parent,
             _CONSUMER,
             {
                 **attrs,
@@ -629,10 +652,14 @@ class OpenTelemetry(Telemetry):
     child of the message's creation context, so one order's trace shows each consumer that
     handled it, how long and with what outcome; ``"batch"`` one ``process`` span per batch
     the bus's consumer received, linked to each message's creation context (the
-    conventions' batch form), the handlers running in their messages' creation contexts
-    (what they create stays in the order's trace, without a ``process`` span of its own),
-    ``messaging.process.duration`` recorded per batch: cheaper per message, at the cost of
-    the consumer's node in the order's trace; ``handler_spans`` applies to ``"message"``.
+    conventions' batch form) and child of the first sampled one's (so a ``ParentBased``
+    sampler records it when one of its orders is sampled), the handlers running in their
+    messages' creation contexts (what they create stays in the order's trace, without a
+    ``process`` span of its own), ``messaging.process.duration`` recorded per batch: cheaper
+    per message, at the cost of the consumer's node in the order's trace; ``handler_spans``
+    applies to ``"message"``.
+    Raises :class:`~msdata.errors.ConfigurationError` when ``relay_spans`` or
+    ``process_spans`` is not ``"message"`` or ``"batch"``.
 
     The per-message counters (``msdata.outbox.created``,
     ``messaging.client.sent.messages``, ``messaging.client.consumed.messages``) are
@@ -725,6 +752,11 @@ class OpenTelemetry(Telemetry):
         self._fixed = not isinstance(self._tracer, trace.ProxyTracer) and not hasattr(
             meter, "_real_meter"
         )
+        for option, value in (("relay_spans", relay_spans), ("process_spans", process_spans)):
+            if value not in _SPAN_MODES:
+                raise ConfigurationError(
+                    f"OpenTelemetry({option}={value!r}): expected 'message' or 'batch'"
+                )
         self.handler_spans = handler_spans
         self.relay_spans = relay_spans
         self.process_spans = process_spans

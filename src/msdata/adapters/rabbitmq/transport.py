@@ -1502,12 +1502,16 @@ class RabbitMQTransport:
         max_held_bytes: int | None = None,
     ) -> RabbitMQTransport:
         """``amqp://user:password@host:port/vhost`` (or ``amqps://``); connects on first use.
-        ``max_message_bytes`` and ``max_held_bytes`` may also be given as query parameters
-        (``amqp://host/?max_message_bytes=65536``), the keywords winning; the other query
-        parameters go to aio-pika."""
+        ``max_message_bytes``, ``max_held_bytes`` and ``namespace`` may also be given as query
+        parameters (``amqp://host/?max_message_bytes=65536&namespace=shop``), the keywords
+        winning; the other query parameters go to aio-pika."""
         if not url.startswith(("amqp://", "amqps://")):
             raise ConfigurationError(f"not an amqp:// URL: {redact_url(url)!r}")
-        url, found = pop_url_options(url, ("max_message_bytes", "max_held_bytes"))
+        url, found = pop_url_options(
+            url, ("max_message_bytes", "max_held_bytes"), text=("namespace",)
+        )
+        if namespace is not None:
+            found["namespace"] = namespace
         if max_message_bytes is not None:
             found["max_message_bytes"] = max_message_bytes
         if max_held_bytes is not None:
@@ -1517,7 +1521,6 @@ class RabbitMQTransport:
             ordered_per_key=ordered_per_key,
             queue_type=queue_type,
             publish_timeout=publish_timeout,
-            namespace=namespace,
             **found,
         )
         transport._url = url

@@ -164,9 +164,64 @@ _TOPIC, _RETRY = 0, 1
 _TRANSIENT = (rex.ConnectionError, rex.TimeoutError, OSError)
 
 
-def _redis_errors(what: str, error: type[TransportError] = TransportError) -> DriverErrors:
-    """Where redis-py's errors become msdata's: ``with _redis_errors("what was done"):``."""
+# a connection to the server failed (redis-py's AuthenticationError is a ConnectionError:
+# the server answered, so it is left to the plain form)
+_UNREACHABLE = (rex.ConnectionError, rex.TimeoutError)
+
+
+class _RedisErrors(DriverErrors):
+    """:class:`DriverErrors` for redis-py naming the server: a failed connection becomes
+    ``error("could not connect to Redis at <address> (<what>): <Type>: <message>")``,
+    ``address`` without credentials (see :func:`_address_of`)."""
+
+    __slots__ = ("address",)
+
+    def __init__(self, what: str, error: type[TransportError], address: str) -> None:
+        super().__init__(rex.RedisError, what, error)
+        self.address = address
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        if (
+            self.address
+            and isinstance(exc, _UNREACHABLE)
+            and not isinstance(exc, rex.AuthenticationError)
+        ):
+            raise self.error(
+                f"could not connect to Redis at {self.address} ({self.what}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        super().__exit__(exc_type, exc, tb)
+
+
+def _redis_errors(
+    what: str, error: type[TransportError] = TransportError, address: str = ""
+) -> DriverErrors:
+    """Where redis-py's errors become msdata's: ``with _redis_errors("what was done"):``;
+    with ``address``, a failed connection names the server."""
+    if address:
+        return _RedisErrors(what, error, address)
     return DriverErrors(rex.RedisError, what, error)
+
+
+def _address_of(client: Any) -> str:
+    """The server of a redis-py client as ``redis://host:port/db`` (``rediss://`` over TLS,
+    ``unix://path?db=n`` on a socket), without credentials; ``""`` when its pool does not
+    tell (a cluster client)."""
+    pool = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None)
+    if not isinstance(kwargs, dict):
+        return ""
+    db = kwargs.get("db", 0)
+    path = kwargs.get("path")
+    if path:
+        return f"unix://{path}?db={db}"
+    host = str(kwargs.get("host", "localhost"))
+    if ":" in host:
+        host = f"[{host}]"
+    tls = "SSL" in getattr(getattr(pool, "connection_class", None), "__name__", "")
+    return f"{'rediss' if tls else 'redis'}://{host}:{kwargs.get('port', 6379)}/{db}"
 
 
 async def _execute(pipe: Any, raise_on_error: bool = True) -> Any:
@@ -321,7 +376,7 @@ class RedisDelivery(DeliveryState["RedisSubscription"]):
             return
         sub = self._sub
         try:
-            with _redis_errors(f"release on {sub.topic!r}"):
+            with _redis_errors(f"release on {sub.topic!r}", address=sub._t.address):
                 # to the retry stream with its own attempt number: not counted
                 await sub._queue_settle(
                     sub._t._client,
@@ -396,7 +451,7 @@ class RedisSubscription(ClosesOnExit):
     async def __aenter__(self) -> Self:
         if self._closed or self._t._closed:
             raise TransportClosed("subscribe() on a closed transport")
-        with _redis_errors(f"could not declare group {self.group!r}"):
+        with _redis_errors(f"could not declare group {self.group!r}", address=self._t.address):
             await self._declare()
         self._entered = True
         self._t._subs.add(self)
@@ -496,7 +551,7 @@ class RedisSubscription(ClosesOnExit):
         backoff = 0.05
         while True:
             now = time.monotonic()
-            with _redis_errors(f"receive from {self.topic!r}"):
+            with _redis_errors(f"receive from {self.topic!r}", address=self._t.address):
                 try:
                     if now >= self._next_maintenance:
                         await self._maintain(room, now)
@@ -780,7 +835,7 @@ class RedisSubscription(ClosesOnExit):
         )
 
     async def _settle_to_retry(self, d: RedisDelivery, delay: float) -> None:
-        with _redis_errors(f"nack on {self.topic!r}"):
+        with _redis_errors(f"nack on {self.topic!r}", address=self._t.address):
             await self._queue_settle(
                 self._t._client, d, self._keys[_RETRY], delay, d.message.headers, True
             )
@@ -795,7 +850,7 @@ class RedisSubscription(ClosesOnExit):
             d.message, self.topic, self.group, attempts or d.attempt, reason
         )
         target = self._t._stream_key(letter.topic)
-        with _redis_errors(f"dead_letter on {self.topic!r}"):
+        with _redis_errors(f"dead_letter on {self.topic!r}", address=self._t.address):
             moved = await self._queue_settle(
                 self._t._client, d, target, 0.0, letter.message.headers, False
             )
@@ -848,6 +903,8 @@ class RedisTransport:
         max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
     ) -> None:
         kwargs = client.connection_pool.connection_kwargs
+        #: the server, as its connection errors name it, without credentials
+        self.address = _address_of(client)
         if kwargs.get("decode_responses"):
             raise ConfigurationError("RedisTransport needs a client with decode_responses=False")
         if namespace is not None:
@@ -913,15 +970,19 @@ class RedisTransport:
     def from_url(cls, url: str, **options: Any) -> RedisTransport:
         """``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` or ``unix://``;
         ``options`` go to the constructor. The query parameters ``max_message_bytes`` and
-        ``max_held_bytes`` (ints) are the constructor's options of those names; the others
-        go to redis-py (``socket_timeout``...)."""
+        ``max_held_bytes`` (ints) and ``namespace`` are the constructor's options of those
+        names (a :class:`ConfigurationError` if also given as an option); the others go to
+        redis-py (``socket_timeout``...)."""
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigurationError(f"not a redis:// URL: {redact_url(url)!r}")
         url, own = pop_url_options(
-            url, ("max_message_bytes", "max_held_bytes"), driver=("max_connections",)
+            url,
+            ("max_message_bytes", "max_held_bytes"),
+            driver=("max_connections",),
+            text=("namespace",),
         )
         for name, value in own.items():
-            if name in options:
+            if options.get(name) is not None:
                 raise ConfigurationError(f"{name} given both in the URL and as an option")
             options[name] = value
         transport = cls(aioredis.Redis.from_url(url, decode_responses=False), **options)
@@ -998,7 +1059,9 @@ class RedisTransport:
             if m.key is not None:
                 held.setdefault(m.key, m.id)
         if sent:
-            with _redis_errors(f"publish of {len(messages)} to {topic!r} failed", PublishError):
+            with _redis_errors(
+                f"publish of {len(messages)} to {topic!r} failed", PublishError, self.address
+            ):
                 results = await _execute(pipe, raise_on_error=False)
             for m, result in zip(sent, results, strict=True):
                 if not isinstance(result, Exception):
@@ -1028,7 +1091,7 @@ class RedisTransport:
         check_name("group", group)
         if self._closed:
             raise TransportClosed("declare_group() on a closed transport")
-        with _redis_errors(f"could not declare group {group!r} of {topic!r}"):
+        with _redis_errors(f"could not declare group {group!r} of {topic!r}", address=self.address):
             await self._declare(topic, group)
 
     async def _declare(self, topic: str, group: str) -> None:
@@ -1057,7 +1120,7 @@ class RedisTransport:
         """Remove the entries of ``topic`` every group has received and acked; returns how
         many. Approximate (whole stream nodes) unless ``exact``."""
         check_name("topic", topic)
-        with _redis_errors(f"trim of {topic!r}"):
+        with _redis_errors(f"trim of {topic!r}", address=self.address):
             return int(
                 await self._trim(keys=[self._stream_key(topic)], args=["=" if exact else "~"])
             )
@@ -1093,7 +1156,9 @@ class RedisTransport:
         pipe.xinfo_groups(stream)
         pipe.xinfo_groups(f"{stream}:{group}:retry")
         pipe.zcard(f"{stream}:{group}:delayed")
-        with _redis_errors(f"could not read the lag of group {group!r} of {topic!r}"):
+        with _redis_errors(
+            f"could not read the lag of group {group!r} of {topic!r}", address=self.address
+        ):
             main, retry, delayed = await pipe.execute(raise_on_error=False)
         wanted = group.encode()
         total = 0

@@ -808,7 +808,7 @@ class TransportConformance:
 
     # -- an unreachable server -------------------------------------------------------------
 
-    async def test_an_unreachable_server_fails_publish_and_subscribe_within_their_timeouts(
+    async def test_an_unreachable_server_fails_publish_subscribe_and_lag_within_their_timeouts(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
         async with self.make_transport() as t:
@@ -834,7 +834,11 @@ class TransportConformance:
 
                 await asyncio.wait_for(consume(), 60)
             assert time.monotonic() - started < timeout + margin, "subscribe outlived it"
-        for error in (published.value, subscribed.value):
+            started = time.monotonic()
+            with pytest.raises(TransportError) as lagged:  # what `msdata lag` shows
+                await asyncio.wait_for(t.lag(topic, group), 60)
+            assert time.monotonic() - started < timeout + margin, "lag outlived it"
+        for error in (published.value, subscribed.value, lagged.value):
             text = str(error)
             assert host in text and str(port) in text, f"the address is not named: {text}"
             assert self.unreachable_password not in text, f"credentials shown: {text}"
