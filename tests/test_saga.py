@@ -28,8 +28,11 @@ from msdata.errors import (
     SagaStepFailed,
 )
 from msdata.events import EventBus
+from msdata.idempotency.keys import _check as check_idempotency_key
 from msdata.outbox import Outbox, OutboxRelay
 from msdata.saga import (
+    MAX_SAGA_ID,
+    MAX_STEP_NAME,
     Remote,
     Retry,
     Saga,
@@ -41,6 +44,7 @@ from msdata.saga import (
     current_step,
     remote,
 )
+from msdata.saga.messages import idempotency_key
 from msdata.storage import current_connection
 from msdata.testing import FakeClock, eventually
 
@@ -876,3 +880,15 @@ def test_step_and_saga_names_with_control_characters_are_refused() -> None:
     with pytest.raises(SagaDefinitionError, match="at most 64"):
         Saga("s", Order).pivot("x" * 65, noop)
     Saga("s", Order).pivot("x" * 64, noop)
+
+
+def test_the_longest_saga_id_and_step_name_make_a_valid_idempotency_key() -> None:
+    """docs/sagas.md: a saga id of MAX_SAGA_ID characters and a step name of MAX_STEP_NAME
+    keep ``saga:<id>:<step>:<purpose>`` within the 255 characters of an idempotency key
+    (the longest purpose is ``compensation``)."""
+    key = idempotency_key("x" * MAX_SAGA_ID, "s" * MAX_STEP_NAME, "compensation")
+    assert len(key) <= 255
+    assert check_idempotency_key(key, "payments") == key
+    Saga("s", Order).pivot("s" * MAX_STEP_NAME, lambda d: d)
+    with pytest.raises(SagaDefinitionError, match=f"at most {MAX_STEP_NAME}"):
+        Saga("s", Order).pivot("s" * (MAX_STEP_NAME + 1), lambda d: d)

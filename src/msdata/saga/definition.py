@@ -34,6 +34,7 @@ from msdata.messages import Command
 from msdata.transport import check_name
 
 __all__ = [
+    "MAX_STEP_NAME",
     "LocalAction",
     "Remote",
     "Retry",

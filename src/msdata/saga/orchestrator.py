@@ -1560,8 +1560,9 @@ def check_saga_id(saga_id: object) -> str:
 #: after the n-th such failure): 0.1 s doubling, at most 30 s apart
 _PIVOT_AGAIN = exponential_backoff(0.1, 2.0, 30.0)
 
-#: the longest saga id: its idempotency keys (``saga:<id>:<step>:<purpose>``) must stay
-#: within the 255 characters of an idempotency key, with room for a step name
+#: the longest saga id: its idempotency keys (``saga:<id>:<step>:<purpose>``) stay within
+#: the 255 characters of an idempotency key with a step name of at most
+#: :data:`msdata.saga.definition.MAX_STEP_NAME` (64): 5 + 160 + 1 + 64 + 1 + 12 = 243
 MAX_SAGA_ID = 160
 _CONTROL = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
 
