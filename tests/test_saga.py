@@ -28,8 +28,12 @@ from msdata.errors import (
     SagaStepFailed,
 )
 from msdata.events import EventBus
+from msdata.idempotency.keys import _check as check_idempotency_key
 from msdata.outbox import Outbox, OutboxRelay
 from msdata.saga import (
+    MAX_SAGA_ID,
+    MAX_STEP_NAME,
+    Remote,
     Retry,
     Saga,
     SagaOrchestrator,
@@ -40,6 +44,7 @@ from msdata.saga import (
     current_step,
     remote,
 )
+from msdata.saga.messages import idempotency_key
 from msdata.storage import current_connection
 from msdata.testing import FakeClock, eventually
 
@@ -749,3 +754,141 @@ async def test_parallel_group_of_a_remote_and_a_local_step(world: World) -> None
     assert no.status is SagaStatus.COMPENSATED
     assert calls == ["hold", "hold", "unhold"]  # the local member undone; the refused one not
     assert world.effects == []
+
+
+class _Runaway(BaseException):
+    """Raised by a command builder called more often than a test allows: it stops a loop
+    that would otherwise never give the event loop back."""
+
+
+async def test_a_pivot_whose_command_cannot_be_built_fails_by_its_policy(world: World) -> None:
+    """A command builder that raises is a failed attempt that sent nothing: counted by the
+    step's policy (the pivot's default: once), then compensated; never asked again at once
+    for ever (that loop held the event loop and grew the history without end)."""
+    calls: list[str] = []
+
+    def build(d: Order) -> Charge:
+        calls.append(d.order_id)
+        if len(calls) > 10:
+            raise _Runaway("the builder is called again and again")
+        raise ZeroDivisionError("division by zero")
+
+    saga = (
+        Saga("unbuildable-pivot", Order)
+        .step(
+            "reserve",
+            remote(lambda d: Reserve(order_id=d.order_id)),
+            compensate=remote(lambda d: Release(order_id=d.order_id)),
+            timeout=30,
+        )
+        .pivot("charge", remote(build, reply=Charged), timeout=30)
+    )
+    rec = await world.orch.start(saga, Order())
+    done = await world.orch.wait(rec.saga_id, timeout=10, poll=0.02)
+    assert done.status is SagaStatus.COMPENSATED
+    assert done.error == (
+        "step 'charge' failed: the command could not be built: ZeroDivisionError: division by zero"
+    )
+    assert calls == ["o-1"]
+    assert world.effects == ["reserve", "release"]
+
+
+async def test_a_command_that_cannot_be_built_is_retried_with_the_policy_backoff(
+    world: World,
+) -> None:
+    calls: list[str] = []
+
+    def build(d: Order) -> Reserve:
+        calls.append(d.order_id)
+        if len(calls) > 10:
+            raise _Runaway("the builder is called again and again")
+        raise ValueError("no stock id")
+
+    saga = Saga("unbuildable-step", Order).step(
+        "reserve",
+        remote(build),
+        compensate=remote(lambda d: Release(order_id=d.order_id)),
+        retry=Retry(3, constant_backoff(5)),
+        timeout=30,
+    )
+    task = asyncio.create_task(world.orch.start(saga, Order()))
+    for n in (1, 2):
+        await eventually(lambda n=n: len(calls) == n, what=f"attempt {n}")  # type: ignore[misc]
+        assert not task.done()
+        world.clock.advance(5)
+    rec = await task
+    assert rec.status is SagaStatus.COMPENSATED and len(calls) == 3
+    retries = [h.detail for h in rec.history if h.event == "retry"]
+    assert (
+        retries
+        == ["action: the command could not be built: ValueError: no stock id; next in 5 s"] * 2
+    )
+    assert world.effects == []  # nothing was sent: nothing to compensate
+
+
+async def test_an_unanswered_pivot_whose_command_then_fails_to_build_is_asked_again(
+    world: World,
+) -> None:
+    """A pivot whose command went out may have taken effect: when a later attempt's command
+    cannot be built it is still asked again (never compensated), with a growing wait, not
+    at once."""
+    world.silent.add("charge")
+    rec = await world.orch.start(world.saga, Order())
+    await waiting_on(world, rec.saga_id, "charge")
+    broken = [True]
+    original = world.saga.steps["charge"].action
+    assert isinstance(original, Remote)
+
+    def build(d: Order) -> Charge:
+        if broken[0]:
+            raise ZeroDivisionError("division by zero")
+        return original.command(d)
+
+    object.__setattr__(original, "command", build)
+    world.clock.advance(31)  # the pivot times out: asked again, its command fails to build
+    await eventually(
+        lambda: any(
+            h.event == "retry" and "could not be built" in (h.detail or "")
+            for h in world.saga_store.snapshot(rec.saga_id).history
+        )
+    )
+    retry = [h for h in world.saga_store.snapshot(rec.saga_id).history if h.event == "retry"][-1]
+    assert retry.detail is not None and not retry.detail.endswith("next in 0 s")
+    assert world.saga_store.snapshot(rec.saga_id).status is SagaStatus.RUNNING
+    broken[0] = False
+    world.silent.clear()
+
+    def asked_again() -> bool:
+        world.clock.advance(1)  # the wait before asking again is on the clock
+        return "charge" in world.effects
+
+    await eventually(asked_again, what="the pivot is asked again")
+    done = await world.orch.wait(rec.saga_id, timeout=10, poll=0.02)
+    assert done.status is SagaStatus.COMPLETED
+    assert world.effects == ["reserve", "charge"]
+
+
+def test_step_and_saga_names_with_control_characters_are_refused() -> None:
+    noop = lambda d: d  # noqa: E731
+    for bad in ("a\n", "a\x00b", "\x1b[31m", "a\u2028"):
+        with pytest.raises(SagaDefinitionError, match="control character"):
+            Saga("s", Order).step(bad, noop, compensate=noop)
+        with pytest.raises(SagaDefinitionError, match="saga name"):
+            Saga(bad, Order)
+    with pytest.raises(SagaDefinitionError, match="saga name"):
+        Saga("a b", Order)
+    with pytest.raises(SagaDefinitionError, match="at most 64"):
+        Saga("s", Order).pivot("x" * 65, noop)
+    Saga("s", Order).pivot("x" * 64, noop)
+
+
+def test_the_longest_saga_id_and_step_name_make_a_valid_idempotency_key() -> None:
+    """docs/sagas.md: a saga id of MAX_SAGA_ID characters and a step name of MAX_STEP_NAME
+    keep ``saga:<id>:<step>:<purpose>`` within the 255 characters of an idempotency key
+    (the longest purpose is ``compensation``)."""
+    key = idempotency_key("x" * MAX_SAGA_ID, "s" * MAX_STEP_NAME, "compensation")
+    assert len(key) <= 255
+    assert check_idempotency_key(key, "payments") == key
+    Saga("s", Order).pivot("s" * MAX_STEP_NAME, lambda d: d)
+    with pytest.raises(SagaDefinitionError, match=f"at most {MAX_STEP_NAME}"):
+        Saga("s", Order).pivot("s" * (MAX_STEP_NAME + 1), lambda d: d)

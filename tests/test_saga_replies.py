@@ -482,6 +482,23 @@ def _headers(**changes: str | None) -> dict[str, str]:
         (_headers(sagareplyto=""), "ok", "header sagareplyto: topic name ''"),
         (_headers(sagastep=""), "ok", "header sagastep is empty"),
         (_headers(sagaattempt="0"), "ok", "sagaattempt is 0"),
+        # int() reads each of these; the header is ASCII digits only, bounded
+        (_headers(sagaattempt=" 2"), "ok", "sagaattempt is ' 2', not an integer >= 1"),
+        (_headers(sagaattempt="1_0"), "ok", "sagaattempt is '1_0', not an integer >= 1"),
+        (_headers(sagaattempt="\u0663"), "ok", "not an integer >= 1 in ASCII digits"),
+        (_headers(sagaattempt="9" * 5000), "ok", "not an integer >= 1 in ASCII digits"),
+        (_headers(sagaattempt="-1"), "ok", "not an integer >= 1 in ASCII digits"),
+        # the orchestrator's saga-id rules (check_saga_id)
+        (
+            _headers(sagaid="a\x1b[31mb"),
+            "ok",
+            "header sagaid: saga id 'a\\x1b[31mb' holds a control",
+        ),
+        (_headers(sagaid="a\u2028b"), "ok", "holds a control character"),
+        (_headers(sagaid="x" * 300), "ok", "header sagaid: a saga id has at most 160 characters"),
+        (_headers(sagastep="c\x01"), "ok", "header sagastep"),
+        (_headers(sagastep="a:b"), "ok", "no ':'"),
+        (_headers(sagatype="t\x1b"), "ok", "header sagatype"),
         # saga o-9's command carrying saga A's key: would replay A's stored reply
         (
             _headers(idempotencykey=idempotency_key("saga-A", "c", "action")),
@@ -491,6 +508,8 @@ def _headers(**changes: str | None) -> dict[str, str]:
         (_headers(), "list", "returned list; it must return a pydantic model, a dict or None"),
         (_headers(), "str", "returned str"),
         (_headers(), "object", "returned object"),
+        # deterministic like a bad type: refused once, not retried then dead-lettered
+        (_headers(), "nan", "returned data a reply cannot carry (reply data.x: nan"),
     ],
 )
 async def test_a_bad_saga_command_is_refused_at_once(
@@ -507,7 +526,13 @@ async def test_a_bad_saga_command_is_refused_at_once(
         idempotency=MemoryIdempotencyStore(),
     )
     runs: list[str] = []
-    results: dict[str, Any] = {"ok": None, "list": [1, 2], "str": "hello", "object": object()}
+    results: dict[str, Any] = {
+        "ok": None,
+        "list": [1, 2],
+        "str": "hello",
+        "object": object(),
+        "nan": {"x": float("nan")},
+    }
 
     @participant.handler(Charge, group="payments", topic="test.replies.bad")
     def charge(cmd: Charge) -> Any:

@@ -2,7 +2,7 @@
 steps (commands over the bus), persisted before each step's effect, compensated in reverse
 on failure, resumed after a crash. See docs/sagas.md."""
 
-from msdata.saga.definition import Remote, Retry, Saga, Step, StepKind, remote
+from msdata.saga.definition import MAX_STEP_NAME, Remote, Retry, Saga, Step, StepKind, remote
 from msdata.saga.messages import (
     IDEMPOTENCY_KEY_HEADER,
     SagaReply,
@@ -24,6 +24,7 @@ from msdata.saga.store import (
 __all__ = [
     "IDEMPOTENCY_KEY_HEADER",
     "MAX_SAGA_ID",
+    "MAX_STEP_NAME",
     "HistoryEntry",
     "Remote",
     "Retry",

@@ -20,6 +20,7 @@ and Salem, "Sagas" (1987). The definition is checked as it is built; each mistak
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -28,11 +29,12 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel
 
 from msdata.backoff import Backoff, constant_backoff, exponential_backoff
-from msdata.errors import SagaDefinitionError
+from msdata.errors import ConfigurationError, SagaDefinitionError
 from msdata.messages import Command
 from msdata.transport import check_name
 
 __all__ = [
+    "MAX_STEP_NAME",
     "LocalAction",
     "Remote",
     "Retry",
@@ -41,6 +43,12 @@ __all__ = [
     "StepKind",
     "remote",
 ]
+
+#: the longest step name: with a saga id of at most ``MAX_SAGA_ID`` (160) characters, the
+#: idempotency keys ``saga:<id>:<step>:<purpose>`` stay within the 255 characters of an
+#: idempotency key (5 + 160 + 1 + 64 + 1 + 12 = 243; ``compensation`` is the longest purpose)
+MAX_STEP_NAME = 64
+_CONTROL = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
 
 D = TypeVar("D", bound=BaseModel)
 R = TypeVar("R", bound=BaseModel)
@@ -200,10 +208,23 @@ def _make(
     compensation_retry: Retry | None,
     compensation_timeout: float | None = None,
 ) -> Step:
-    if not isinstance(name, str) or not name or len(name) > 100 or ":" in name:
+    if not isinstance(name, str) or not name or len(name) > MAX_STEP_NAME or ":" in name:
         raise SagaDefinitionError(
-            f"step name {name!r} must be a non-empty str of at most 100 characters without ':'"
+            f"step name {name!r} must be a non-empty str of at most {MAX_STEP_NAME} characters "
+            "without ':'"
         )
+    if _CONTROL.search(name):
+        raise SagaDefinitionError(
+            f"step name {name!r} holds a control character (NUL, a line break...): it goes "
+            "in command headers, idempotency keys and the history"
+        )
+    if not name.isascii():
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SagaDefinitionError(
+                f"step name {name!r} holds a lone surrogate (not UTF-8)"
+            ) from None
     _check_action(name, "action", action)
     if kind is StepKind.COMPENSATABLE and compensation is None:
         raise SagaDefinitionError(
@@ -253,9 +274,15 @@ class Saga(Generic[D]):
         deadline: float | None = None,
         compensation_retry: Retry = COMPENSATION,
     ) -> None:
-        if not isinstance(name, str) or not name or len(name) > 100:
-            raise SagaDefinitionError(f"saga name {name!r} must be 1-100 characters")
-        check_name("topic", name)  # the same safe alphabet
+        try:
+            ok = isinstance(name, str) and 0 < len(name) <= 100 and bool(check_name("topic", name))
+        except ConfigurationError:
+            ok = False
+        if not ok:
+            raise SagaDefinitionError(
+                f"saga name {name!r} must be 1-100 letters, digits, '_', '-' or '.', starting "
+                "with a letter or digit (no control character, no ':')"
+            )
         if not (isinstance(data, type) and issubclass(data, BaseModel)):
             raise SagaDefinitionError(f"saga {name!r}: data must be a pydantic model class")
         if deadline is not None and not deadline > 0:

@@ -48,6 +48,7 @@ from typing import Any, Self, TypeVar, cast
 from pydantic import BaseModel, ValidationError
 
 from msdata import telemetry
+from msdata.backoff import exponential_backoff
 from msdata.clock import SYSTEM_CLOCK, Clock, SystemClock
 from msdata.errors import (
     ConcurrencyError,
@@ -1086,6 +1087,7 @@ class SagaOrchestrator:
         good, or the rest wait for replies (then the instance is saved unleased)."""
         steps = saga.steps
         while True:
+            retried = False
             if self._mailbox:
                 replies = rec.replies
                 for reply in self._mailbox.pop(rec.saga_id, ()):
@@ -1147,12 +1149,15 @@ class SagaOrchestrator:
                         waiting.append(run.wake_at)
                         continue
                     run.attempt += 1
+                    retried = True
                 elif state == "running":
                     self._log(rec, "interrupted", name, run.attempt, "running it again")
                 start.append((step, run))
             if not names:
                 return _DONE, None, None
             if start:
+                if retried:  # a retry due now (a 0 s backoff): let the loop run first
+                    await asyncio.sleep(0)
                 outcome = await self._start(rec, saga, start, purpose, names, now)
                 if outcome is not None:
                     return outcome
@@ -1190,18 +1195,23 @@ class SagaOrchestrator:
             run.error = None
             run.ok = run.reply = None
             if isinstance(action, Remote):
+                try:
+                    sends.append(self._command(rec, step, action, purpose, run.attempt))
+                except Exception as e:
+                    # building the command failed: a failed attempt that sent nothing,
+                    # counted by the step's policy with its backoff. Only a pivot whose
+                    # command went out at an earlier attempt (it may have taken effect)
+                    # stays "unanswered": asked again, never compensated
+                    error = f"the command could not be built: {type(e).__name__}: {e}"
+                    run.state = "waiting" if run.sent else "failed"
+                    if self._failed_attempt(rec, step, run, purpose, error, now, at_once=True):
+                        return _FAILED, step.name, error
+                    continue
                 run.state = "waiting"
                 run.sent = True
                 timeout = step.timeout_for(purpose)
                 assert timeout is not None
                 run.wake_at = now + timedelta(seconds=timeout)
-                try:
-                    sends.append(self._command(rec, step, action, purpose, run.attempt))
-                except Exception as e:  # building the command failed: a failed attempt
-                    error = f"{type(e).__name__}: {e}"
-                    if self._failed_attempt(rec, step, run, purpose, error, now):
-                        return _FAILED, step.name, error
-                    continue
             else:
                 assert action is not None
                 local.append((step, run, action))
@@ -1405,9 +1415,17 @@ class SagaOrchestrator:
             self._log(rec, "compensated", step.name, run.attempt)
 
     def _failed_attempt(
-        self, rec: SagaRecord, step: Step, run: StepRun, purpose: str, error: str, now: datetime
+        self,
+        rec: SagaRecord,
+        step: Step,
+        run: StepRun,
+        purpose: str,
+        error: str,
+        now: datetime,
+        at_once: bool = False,
     ) -> bool:
-        """Count a failed attempt; True when the step has failed for good."""
+        """Count a failed attempt; True when the step has failed for good. ``at_once``: it
+        failed without waiting for anything (its command could not be built)."""
         policy: Retry = (
             step.retry
             if purpose == ACTION
@@ -1433,6 +1451,13 @@ class SagaOrchestrator:
                 run.state = "failed"  # a local action that raised took no effect
             return True
         delay = max(0.0, policy.backoff(tries))
+        if at_once and policy.attempts is not None and tries >= policy.attempts:
+            # an unanswered pivot asked again past its policy after a failure that waited
+            # for nothing (its command could not be built): never at once, however its
+            # policy backs off (0 s by default), else a failure that recurs at once is a
+            # loop that holds the event loop and grows the history without end (a timed-out
+            # attempt has waited its timeout already)
+            delay = max(delay, _PIVOT_AGAIN(tries - policy.attempts + 1))
         run.state = "retry"
         run.wake_at = now + timedelta(seconds=delay)
         self._log(
@@ -1531,8 +1556,13 @@ def check_saga_id(saga_id: object) -> str:
     return saga_id
 
 
-#: the longest saga id: its idempotency keys (``saga:<id>:<step>:<purpose>``) must stay
-#: within the 255 characters of an idempotency key, with room for a step name
+#: the wait before an unanswered pivot is asked again past its policy's attempts (seconds
+#: after the n-th such failure): 0.1 s doubling, at most 30 s apart
+_PIVOT_AGAIN = exponential_backoff(0.1, 2.0, 30.0)
+
+#: the longest saga id: its idempotency keys (``saga:<id>:<step>:<purpose>``) stay within
+#: the 255 characters of an idempotency key with a step name of at most
+#: :data:`msdata.saga.definition.MAX_STEP_NAME` (64): 5 + 160 + 1 + 64 + 1 + 12 = 243
 MAX_SAGA_ID = 160
 _CONTROL = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
 

@@ -33,12 +33,16 @@ wait for that transaction's row lock).
 A command that is not a well-formed saga command is refused at once with
 :class:`msdata.errors.RejectMessage` (a dead letter with the reason, the handler not run, no
 transaction opened): a saga header missing or empty, ``sagapurpose`` other than ``action``
-or ``compensation``, ``sagaattempt`` not an integer >= 1, ``sagareplyto`` not a valid topic
-name (:func:`msdata.transport.check_name`), or an ``idempotencykey`` header other than the
-key of its saga id, step and purpose (the key is always derived from those: a command cannot
-claim, or replay the stored reply of, another saga's step). A handler that returns something
-other than a pydantic model, a dict or None is refused the same way, its transaction rolled
-back: a programming error, the same on every delivery.
+or ``compensation``, ``sagaattempt`` not an integer >= 1 in at most 18 ASCII digits,
+``sagaid`` not a saga id (:func:`msdata.saga.check_saga_id`), ``sagastep`` or ``sagatype``
+over 100 characters or holding a control character (or ``:`` in a step), ``sagareplyto``
+not a valid topic name (:func:`msdata.transport.check_name`), or an ``idempotencykey``
+header other than the key of its saga id, step and purpose (the key is always derived from
+those: a command cannot claim, or replay the stored reply of, another saga's step). A
+handler that returns something other than a pydantic model, a dict or None is refused the
+same way, its transaction rolled back: a programming error, the same on every delivery; so
+is one returning data a reply cannot carry (a NaN or infinite float, a lone surrogate: the
+rules of messages).
 
 An action never takes effect after its compensation: when a compensation command for
 (saga id, step) is handled, the action's key is recorded in the same transaction as refused
@@ -54,6 +58,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import timedelta
@@ -62,7 +67,13 @@ from typing import Any, TypeVar, cast
 from pydantic import BaseModel
 
 from msdata.clock import SYSTEM_CLOCK, Clock
-from msdata.errors import ConfigurationError, RejectMessage, SagaError, SagaStepFailed
+from msdata.errors import (
+    ConfigurationError,
+    EncodeError,
+    RejectMessage,
+    SagaError,
+    SagaStepFailed,
+)
 from msdata.events import EventBus
 from msdata.idempotency import IdempotencyStore
 from msdata.messages import Command, Envelope, current_envelope, safe_text
@@ -80,6 +91,8 @@ from msdata.saga.messages import (
     SagaReply,
     idempotency_key,
 )
+from msdata.saga.orchestrator import check_saga_id
+from msdata.serialization import _unencodable
 from msdata.storage import TransactionFactory, bind_connection, unix_us
 from msdata.transport import check_name
 
@@ -259,6 +272,12 @@ class SagaParticipant:
                     f"saga handler {getattr(fn, '__qualname__', fn)!r} returned "
                     f"{type(result).__name__}; it must return a pydantic model, a dict or None"
                 )
+            problem = None if data is None else _unencodable(data, 2)
+            if problem is not None:  # NaN, a lone surrogate...: as deterministic, not retried
+                raise RejectMessage(
+                    f"saga handler {getattr(fn, '__qualname__', fn)!r} returned data a reply "
+                    f"cannot carry (reply data{safe_text(problem, 300)})"
+                )
             reply = SagaReply(ok=True, data=data, **base)
             if token is not None:
                 await store_reply(conn, is_async, token, reply)
@@ -306,9 +325,21 @@ def _command_headers(h: Mapping[str, str]) -> tuple[dict[str, Any], str, str]:
         step = h[HEADER_STEP]
         purpose = h[HEADER_PURPOSE]
         reply_to = h[HEADER_REPLY_TO]
-        attempt = int(h[HEADER_ATTEMPT])
-    except (KeyError, ValueError) as e:
-        raise RejectMessage(f"not a saga command (header {e} missing or bad)") from None
+        raw_attempt = h[HEADER_ATTEMPT]
+    except KeyError as e:
+        raise RejectMessage(f"not a saga command (header {e} missing)") from None
+    # ASCII digits only, bounded: int() would also read " 2", "1_0" and other scripts' digits
+    if not (
+        isinstance(raw_attempt, str)
+        and 0 < len(raw_attempt) <= _MAX_ATTEMPT_DIGITS
+        and raw_attempt.isascii()
+        and raw_attempt.isdigit()
+    ):
+        raise RejectMessage(
+            f"not a saga command (header {HEADER_ATTEMPT} is "
+            f"{safe_text(repr(raw_attempt), 80)}, not an integer >= 1 in ASCII digits)"
+        )
+    attempt = int(raw_attempt)
     if purpose not in (ACTION, COMPENSATION):
         raise RejectMessage(
             f"not a saga command (header {HEADER_PURPOSE} is {safe_text(repr(purpose), 80)}, "
@@ -321,6 +352,16 @@ def _command_headers(h: Mapping[str, str]) -> tuple[dict[str, Any], str, str]:
     ):
         if not value:
             raise RejectMessage(f"not a saga command (header {name} is empty)")
+    try:
+        check_saga_id(saga_id)  # the orchestrator's rules: the id is a key and a header
+    except EncodeError as e:
+        raise RejectMessage(f"not a saga command (header {HEADER_SAGA_ID}: {e})") from None
+    for name, value in ((HEADER_SAGA_TYPE, saga_type), (HEADER_STEP, step)):
+        if len(value) > 100 or _CONTROL.search(value) or (name == HEADER_STEP and ":" in value):
+            raise RejectMessage(
+                f"not a saga command (header {name} {safe_text(repr(value), 80)}: at most 100 "
+                "characters, no control character" + (", no ':')" if name == HEADER_STEP else ")")
+            )
     if attempt < 1:
         raise RejectMessage(f"not a saga command (header {HEADER_ATTEMPT} is {attempt}, not >= 1)")
     try:
@@ -343,6 +384,11 @@ def _command_headers(h: Mapping[str, str]) -> tuple[dict[str, Any], str, str]:
         "attempt": attempt,
     }
     return base, key, reply_to
+
+
+#: the most digits of a ``sagaattempt`` header (attempts are counted by a retry policy)
+_MAX_ATTEMPT_DIGITS = 18
+_CONTROL = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
 
 
 def _new_token() -> str:

@@ -37,6 +37,7 @@ Contract:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -209,8 +210,9 @@ def data_json(record: SagaRecord) -> bytes:
     (the rules of messages, ``EncodeError``'s docstring): a float that is NaN or infinite
     (RFC 8259 §6; pydantic would write ``null``, and the instance could not be read again),
     a string with a lone surrogate (not UTF-8), an int of more than 4300 digits, nesting
-    deeper than the codec's limit. Every saga store refuses the same data with it, before
-    writing anything."""
+    deeper than the codec's limit, a NUL character (``\\x00``) in a string or a dict key
+    (PostgreSQL's jsonb cannot hold ``\\u0000``: refused by every store, so that they all
+    agree). Every saga store refuses the same data with it, before writing anything."""
     data = record.data
     raw = encode_data(record.saga_id, data)
     record.data_checked = data
@@ -229,7 +231,37 @@ def encode_data(saga_id: str, data: Any) -> bytes:
         problem = _unencodable(data, 1)
         if problem is not None:
             raise EncodeError(f"saga {saga_id!r}: data{problem}")
+    if b"\\u0000" in raw:  # maybe a NUL (or a string holding a backslash and "u0000")
+        where = _nul_path(pydantic_core.from_json(raw))
+        if where is not None:
+            where = where if len(where) <= 80 else where[:80] + "..."
+            raise EncodeError(
+                f"saga {saga_id!r}: data{where}: holds a NUL character (\\x00), which a "
+                "saga store cannot hold (PostgreSQL's jsonb has no \\u0000): refused by "
+                "every store alike"
+            )
     return raw
+
+
+def _nul_path(value: Any) -> str | None:
+    """Where a NUL character is in decoded JSON (``".field[2]"``, ``""`` for the value
+    itself, a dict key's path with ``(key)``), or None."""
+    if isinstance(value, str):
+        return "" if "\x00" in value else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if "\x00" in k:
+                return f".{k!r}(key)"
+            inner = _nul_path(v)
+            if inner is not None:
+                return f".{k}{inner}"
+        return None
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            inner = _nul_path(v)
+            if inner is not None:
+                return f"[{i}]{inner}"
+    return None
 
 
 def check_data(record: SagaRecord) -> None:
@@ -269,7 +301,7 @@ def _plain(data: Any) -> bool:
     for value in data.__dict__.values():
         t = type(value)
         if t is str:
-            if not value.isascii():
+            if not value.isascii() or "\x00" in value:
                 return False
         elif t is int:
             if value.bit_length() >= _INT_LIMIT_BITS:
@@ -320,6 +352,8 @@ def record_to_json(record: SagaRecord) -> bytes:
             to_us(record.deadline),
         ]
     )
+    if b"\\u0000" in rest:  # a NUL in an error text: kept readable, as the text \\x00
+        rest = _no_nul(rest)
     history = record.history
     n = len(history)
     cached = record.history_json
@@ -329,9 +363,22 @@ def record_to_json(record: SagaRecord) -> bytes:
         start, body = 0, b""
     if start < n:
         new = _to_json([[unix_us(h[0]), h[1], h[2], h[3], h[4]] for h in history[start:]])
+        if b"\\u0000" in new:
+            new = _no_nul(new)
         body = body + b"," + new[1:-1] if body else new[1:-1]
         record.history_json = (n, history[-1], body)
     return b'{"data":' + head + b',"state":' + rest[:-1] + b",[" + body + b"]]}"
+
+
+_NUL_ESCAPE = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def _no_nul(raw: bytes) -> bytes:
+    """JSON ``raw`` with each NUL character in its strings written as the four characters
+    ``\\x00``: an error text or history detail (a step's exception, a participant's
+    failure) may hold one, and PostgreSQL's jsonb cannot (saga data holding one is refused
+    instead: :func:`data_json`)."""
+    return _NUL_ESCAPE.sub(rb"\1\\\\x00", raw)
 
 
 def record_from_json(

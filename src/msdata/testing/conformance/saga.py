@@ -384,8 +384,20 @@ class SagaStoreConformance:
             ([1.0, math.inf], "inf: not a finite number"),
             ("\udc80", "holds a lone surrogate"),
             ({"\udc80": 1}, "holds a lone surrogate"),
+            ("a\x00b", "holds a NUL character"),
+            (["ok", {"k": "\x00"}], "[1].k: holds a NUL character"),
+            ({"k\x00": 1}, "(key): holds a NUL character"),
         ],
-        ids=["nan", "-inf", "inf-in-list", "surrogate", "surrogate-key"],
+        ids=[
+            "nan",
+            "-inf",
+            "inf-in-list",
+            "surrogate",
+            "surrogate-key",
+            "nul",
+            "nul-deep",
+            "nul-key",
+        ],
     )
     async def test_save_refuses_data_json_cannot_hold(
         self, store: SagaStore, value: Any, why: str
@@ -436,6 +448,40 @@ class SagaStoreConformance:
         assert done.status is SagaStatus.COMPENSATED
         assert done.error is not None and "returned data that cannot be stored" in done.error
         assert (await orch.get(done.saga_id)).data == _Loose(v=1)
+
+    async def test_nul_in_data_is_refused_and_in_an_error_text_is_kept_readable(
+        self, store: SagaStore
+    ) -> None:
+        """A NUL character (``\\x00``) is refused in saga data by every store alike
+        (PostgreSQL's jsonb cannot hold it): before anything is stored at ``run``, and as a
+        failed attempt for a step returning it (then compensation), never an instance left
+        RUNNING by a store error. The text ``\\u0000`` (a backslash) is data like any other.
+        An error text holding a NUL (a step's exception) is stored, readable."""
+
+        def boom(d: _Loose) -> None:
+            raise ValueError("bad\x00byte")
+
+        saga = (
+            Saga("conf-nul", _Loose)
+            .step("a", lambda d: _Loose(v="a\x00b"), compensate=lambda d: None)
+            .pivot("p", lambda d: None)
+        )
+        failing = Saga("conf-nul-error", _Loose).step("a", boom, compensate=lambda d: None)
+        orch = SagaOrchestrator(store, [saga, failing], clock=FakeClock())
+        with pytest.raises(EncodeError, match="holds a NUL character"):
+            await orch.run(saga, _Loose(v={"x": ["\x00"]}))
+        assert await store.find(saga_type="conf-nul") == []
+        done = await orch.run(saga, _Loose(v=1))
+        assert done.status is SagaStatus.COMPENSATED
+        assert done.error is not None
+        assert "returned data that cannot be stored" in done.error and "NUL" in done.error
+        assert (await orch.get(done.saga_id)).data == _Loose(v=1)
+        text = await orch.run(failing, _Loose(v="\\u0000 \\x00"))
+        assert text.status is SagaStatus.COMPENSATED
+        got = await orch.get(text.saga_id)
+        assert got.data == _Loose(v="\\u0000 \\x00")
+        assert got.error is not None and got.error.startswith("step 'a' failed: ValueError: bad")
+        assert "byte" in got.error
 
     async def test_an_unreadable_instance_never_blocks_recovery_or_listing(
         self, store: SagaStore, caplog: pytest.LogCaptureFixture
