@@ -223,6 +223,17 @@ def test_every_transport_takes_its_namespace_from_the_url(url: str) -> None:
         transport_from_url(url.replace("namespace=shop", "namespace="))
     with pytest.raises(ConfigurationError):
         transport_from_url(url.replace("namespace=shop", "namespace=no%20spaces"))
+    for typo in ("Namespace", "NAMESPACE", "namespce", "name-space"):  # never run un-namespaced
+        with pytest.raises(ConfigurationError, match="unknown URL option"):
+            transport_from_url(url.replace("namespace=shop", f"{typo}=shop"))
+
+
+@pytest.mark.parametrize("url", ["memory://?foo=1", "nats://127.0.0.1:4222?timeout=5"])
+def test_a_transport_whose_driver_takes_no_url_options_refuses_every_other(url: str) -> None:
+    from msdata.urls import transport_from_url
+
+    with pytest.raises(ConfigurationError, match="unknown URL option"):
+        transport_from_url(url)
 
 
 def test_a_namespace_in_several_urls_is_decoded_and_must_agree() -> None:

@@ -12,6 +12,7 @@ still arrives as a delivery that a consumer can dead-letter with its reason.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -668,8 +669,21 @@ def carryable_text(value: object) -> str:
 _ASCII_DIGITS = re.compile(r"[0-9]+")
 
 
+def _near(name: str, options: Sequence[str]) -> bool:
+    """Whether ``name`` looks like a misspelling of one of ``options``."""
+    plain = name.lower().replace("-", "_")
+    return any(
+        plain == o or difflib.SequenceMatcher(None, plain, o).ratio() >= 0.8 for o in options
+    )
+
+
 def pop_url_options(
-    url: str, names: Sequence[str], driver: Sequence[str] = (), text: Sequence[str] = ()
+    url: str,
+    names: Sequence[str],
+    driver: Sequence[str] = (),
+    text: Sequence[str] = (),
+    *,
+    passes_on: bool = True,
 ) -> tuple[str, dict[str, Any]]:
     """Take the query parameters ``names`` (``max_message_bytes``, ``max_held_bytes``...,
     whole numbers >= 1) and ``text`` (``namespace``: a non-empty str, percent-decoded) out
@@ -682,7 +696,10 @@ def pop_url_options(
     for an option given twice in one URL (or with two values in several), and for a
     ``max_*`` parameter (any case) that is neither one
     of ``names`` nor one of ``driver`` (the driver's own, e.g. redis-py's
-    ``max_connections``): a misspelt limit is refused, not silently ignored."""
+    ``max_connections``): a misspelt limit is refused, not silently ignored. So is a
+    parameter that differs from one of ``names`` or ``text`` only by case, ``-`` for ``_``
+    or a letter or two (``Namespace``, ``namespce``), and, with ``passes_on=False`` (a
+    transport whose driver takes no URL options: memory, NATS), any other parameter."""
     found: dict[str, Any] = {}
     parts = []
     for one in url.split(","):
@@ -706,10 +723,12 @@ def pop_url_options(
                     raise ConfigurationError(f"URL option {name} differs between the URLs")
                 continue
             if name not in names:
-                if name.lower().startswith("max_") and name not in driver:
+                if name not in driver and (
+                    not passes_on or name.lower().startswith("max_") or _near(name, (*names, *text))
+                ):
                     raise ConfigurationError(
                         f"unknown URL option {_shown(name)}: this transport takes "
-                        f"{', '.join(names)}"
+                        f"{', '.join((*names, *text))}"
                     )
                 if pair:
                     kept.append(pair)  # as written: the driver decodes it

@@ -333,7 +333,7 @@ class MemoryTransport:
         if not url.startswith("memory:"):
             raise ConfigurationError(f"not a memory:// URL: {redact_url(url)!r}")
         _, found = pop_url_options(
-            url, ("max_message_bytes", "max_held_bytes"), text=("namespace",)
+            url, ("max_message_bytes", "max_held_bytes"), text=("namespace",), passes_on=False
         )
         return cls(**{**found, **options})
 

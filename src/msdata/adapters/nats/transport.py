@@ -1369,7 +1369,7 @@ class NatsTransport:
         if not url.startswith(("nats://", "tls://")):
             raise ConfigurationError(f"not a nats:// URL: {redact_url(url)!r}")
         url, found = pop_url_options(
-            url, ("max_message_bytes", "max_held_bytes"), text=("namespace",)
+            url, ("max_message_bytes", "max_held_bytes"), text=("namespace",), passes_on=False
         )
         transport = cls(None, **{**found, **options})
         servers = [u.strip() for u in url.split(",")]
