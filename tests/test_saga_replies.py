@@ -498,6 +498,7 @@ def _headers(**changes: str | None) -> dict[str, str]:
         (_headers(sagaid="x" * 300), "ok", "header sagaid: a saga id has at most 160 characters"),
         (_headers(sagastep="c\x01"), "ok", "header sagastep"),
         (_headers(sagastep="a:b"), "ok", "no ':'"),
+        (_headers(sagastep="s" * 65), "ok", "at most 64 characters"),  # the orchestrator's limit
         (_headers(sagatype="t\x1b"), "ok", "header sagatype"),
         # saga o-9's command carrying saga A's key: would replay A's stored reply
         (

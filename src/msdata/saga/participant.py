@@ -35,7 +35,8 @@ A command that is not a well-formed saga command is refused at once with
 transaction opened): a saga header missing or empty, ``sagapurpose`` other than ``action``
 or ``compensation``, ``sagaattempt`` not an integer >= 1 in at most 18 ASCII digits,
 ``sagaid`` not a saga id (:func:`msdata.saga.check_saga_id`), ``sagastep`` or ``sagatype``
-over 100 characters or holding a control character (or ``:`` in a step), ``sagareplyto``
+over 100 characters (a step over ``MAX_STEP_NAME``, 64) or holding a control character
+(or ``:`` in a step), ``sagareplyto``
 not a valid topic name (:func:`msdata.transport.check_name`), or an ``idempotencykey``
 header other than the key of its saga id, step and purpose (the key is always derived from
 those: a command cannot claim, or replay the stored reply of, another saga's step). A
@@ -78,6 +79,7 @@ from msdata.events import EventBus
 from msdata.idempotency import IdempotencyStore
 from msdata.messages import Command, Envelope, current_envelope, safe_text
 from msdata.outbox import Outbox
+from msdata.saga.definition import MAX_STEP_NAME
 from msdata.saga.messages import (
     ACTION,
     COMPENSATION,
@@ -356,11 +358,15 @@ def _command_headers(h: Mapping[str, str]) -> tuple[dict[str, Any], str, str]:
         check_saga_id(saga_id)  # the orchestrator's rules: the id is a key and a header
     except EncodeError as e:
         raise RejectMessage(f"not a saga command (header {HEADER_SAGA_ID}: {e})") from None
-    for name, value in ((HEADER_SAGA_TYPE, saga_type), (HEADER_STEP, step)):
-        if len(value) > 100 or _CONTROL.search(value) or (name == HEADER_STEP and ":" in value):
+    for name, value, most in (
+        (HEADER_SAGA_TYPE, saga_type, 100),
+        (HEADER_STEP, step, MAX_STEP_NAME),  # the orchestrator's limits, so the key fits
+    ):
+        if len(value) > most or _CONTROL.search(value) or (name == HEADER_STEP and ":" in value):
             raise RejectMessage(
-                f"not a saga command (header {name} {safe_text(repr(value), 80)}: at most 100 "
-                "characters, no control character" + (", no ':')" if name == HEADER_STEP else ")")
+                f"not a saga command (header {name} {safe_text(repr(value), 80)}: at most "
+                f"{most} characters, no control character"
+                + (", no ':')" if name == HEADER_STEP else ")")
             )
     if attempt < 1:
         raise RejectMessage(f"not a saga command (header {HEADER_ATTEMPT} is {attempt}, not >= 1)")
