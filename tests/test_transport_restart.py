@@ -108,6 +108,8 @@ class TestRabbitMQRestart(_OnPrivateServer):
         from msdata.adapters.rabbitmq import RabbitMQTransport
 
         conn = await aio_pika.connect_robust(self.server.url, reconnect_interval=0.5)
+        self.reconnects: list[object] = []
+        conn.reconnect_callbacks.add(lambda *_: self.reconnects.append(1))
         transport = RabbitMQTransport(conn, publish_timeout=5.0)
         _with_restart(transport, self.server, self.kind)
         try:
@@ -115,3 +117,11 @@ class TestRabbitMQRestart(_OnPrivateServer):
         finally:
             await transport.close()
             await conn.close()
+
+    def assert_outage_seen(self, transport: Transport, publish_failures: int) -> None:
+        # a publish waits out a reopening channel up to publish_timeout and sends again: a
+        # short restart may fail none, but the connection must have come back twice
+        assert publish_failures > 0 or len(self.reconnects) >= 2, (
+            f"the outage was not observed: {publish_failures} publishes failed, "
+            f"{len(self.reconnects)} reconnects"
+        )
