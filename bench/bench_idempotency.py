@@ -5,13 +5,13 @@
     "Baselines do the same work"): one read of the record by (owner, key) — fingerprint,
     state, expiry, response — on the same kind of connection; the expiry checked against
     the current time, the fingerprint compared, the stored response JSON decoded
-    (``pydantic_core.from_json``). asyncpg ``fetchrow`` on one connection (the store runs
-    a lone call on one connection it keeps out of its pool: see bench/README.md); sqlite3
-    ``SELECT`` on
-    the loop's thread; redis-py ``HMGET`` of the record's hash. Target <= 1.3x. Printed
-    too, for reference: the same against a bare GET of the response column alone (no
-    checks, no decode), and on PostgreSQL against the hand-written replay through an
-    asyncpg pool.
+    (``pydantic_core.from_json``). asyncpg ``fetchrow`` on the store's own connection (a
+    lone call of the store's runs on one connection it keeps out of its pool; the same one,
+    so that both sides talk to the same server backend: bench/README.md); sqlite3
+    ``SELECT`` on the loop's thread; redis-py ``HMGET`` of the record's hash. Target
+    <= 1.3x. Printed too, for reference: the same against a bare GET of the response
+    column alone (no checks, no decode), and on PostgreSQL against the hand-written replay
+    through an asyncpg pool.
 (b) first execution: ``keys.run`` on a new key with a handler that returns at once, against
     calling the handler bare; the store calls it makes are counted (target <= 2).
 (c) ASGI middleware: the same FastAPI app served by uvicorn with and without
@@ -208,12 +208,17 @@ async def stores(n: int, rounds: int) -> None:
     # PostgreSQL
     pg = PostgresIdempotencyStore(PG, table_prefix=prefix)
     await pg.create_schema()
-    # One connection for the hand-written side: a lone call of the store's runs on one
-    # connection it keeps out of its pool (no acquire/release), so the same wire work is
-    # one fetchrow on one connection; a pool's acquire/release would be work the store
-    # skips here (bench/README.md). The pool figure is printed for reference (a pool like
-    # the store's: no reset round trip on release).
-    conn = await asyncpg.connect(PG)
+    # The hand-written side runs on the store's own connection (the one a lone call of the
+    # store's runs on, kept out of its pool: no acquire/release), so both sides do the same
+    # wire work on the same server backend. On two connections, their two backends may sit
+    # on different vCPUs: a call to a backend on the other (idle) vCPU costs this process
+    # ~15-20 us more CPU (cross-vCPU wake-ups) than one to a backend sharing its vCPU, and
+    # which backend lands where is the scheduler's choice, not the path's (bench/README.md,
+    # "one backend for both sides"). A pool's acquire/release would be work the store skips
+    # here; the pool figure is printed for reference (no reset round trip on release).
+    await IdempotencyKeys(pg).run("replayed", handler, scope="bench", fingerprint=FP)
+    conn = pg._hot_con  # the store's connection, made by that first call
+    assert isinstance(conn, asyncpg.Connection), conn
     pool = await asyncpg.create_pool(PG, min_size=1, max_size=4, reset=_no_reset)
     sql = (
         f"SELECT fingerprint, completed, expires_at, response FROM {pg.table} "
@@ -241,10 +246,10 @@ async def stores(n: int, rounds: int) -> None:
             rounds,
             pool_get=pg_pool_replay,
         )
+        assert pg._hot_con is conn, "the store's calls left its connection"
     finally:
         await pg.drop_schema()
-        await pg.close()
-        await conn.close()
+        await pg.close()  # gives its connection back
         await pool.close()
     # SQLite (synchronous NORMAL: the store's calls run on the loop's thread)
     with tempfile.TemporaryDirectory() as d:
