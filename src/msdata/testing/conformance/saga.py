@@ -32,7 +32,7 @@ import asyncio
 import logging
 import math
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -112,6 +112,31 @@ def _record(saga_id: str | None = None, **kw: Any) -> SagaRecord:
 def _row() -> OutboxRow:
     mid = new_id()
     return OutboxRow(mid, "conf.topic", "conf.Cmd", b'{"x":1}', "k")
+
+
+def _charge_and_pack(
+    name: str, pack: Callable[[_Data], Awaitable[_Data]], charge_topic: str
+) -> Saga[_Data]:
+    """A remote ``charge`` in parallel with a local ``pack``, then a pivot: the saga of the
+    cases where a reply arrives while its instance is busy or its process died."""
+    return (
+        Saga(name, _Data)
+        .parallel(
+            Step.compensatable(
+                "charge",
+                remote(
+                    lambda d: _Charge(n=d.n),
+                    reply=_Charged,
+                    on_reply=lambda d, r: d.model_copy(update={"tags": [*d.tags, r.payment]}),
+                    topic=charge_topic,
+                ),
+                compensate=lambda d: None,
+                timeout=60,
+            ),
+            Step.compensatable("pack", pack, compensate=lambda d: None),
+        )
+        .pivot("end", lambda d: d.model_copy(update={"n": d.n + 1}))
+    )
 
 
 class SagaStoreConformance:
@@ -644,24 +669,7 @@ class SagaStoreConformance:
             await gate.wait()
             return d.model_copy(update={"tags": [*d.tags, "packed"]})
 
-        saga = (
-            Saga("held-reply", _Data)
-            .parallel(
-                Step.compensatable(
-                    "charge",
-                    remote(
-                        lambda d: _Charge(n=d.n),
-                        reply=_Charged,
-                        on_reply=lambda d, r: d.model_copy(update={"tags": [*d.tags, r.payment]}),
-                        topic="conf.saga.charge",
-                    ),
-                    compensate=lambda d: None,
-                    timeout=60,
-                ),
-                Step.compensatable("pack", pack, compensate=lambda d: None),
-            )
-            .pivot("end", lambda d: d.model_copy(update={"n": d.n + 1}))
-        )
+        saga = _charge_and_pack("held-reply", pack, "conf.saga.charge")
         clock = FakeClock()
         transport = MemoryTransport()
         topic, group = "conf.saga.replies", "conf-orch"
@@ -757,24 +765,7 @@ class SagaStoreConformance:
                 await never.wait()
             return d.model_copy(update={"tags": [*d.tags, "packed"]})
 
-        saga = (
-            Saga("driver-reply", _Data)
-            .parallel(
-                Step.compensatable(
-                    "charge",
-                    remote(
-                        lambda d: _Charge(n=d.n),
-                        reply=_Charged,
-                        on_reply=lambda d, r: d.model_copy(update={"tags": [*d.tags, r.payment]}),
-                        topic="conf.saga.charge2",
-                    ),
-                    compensate=lambda d: None,
-                    timeout=60,
-                ),
-                Step.compensatable("pack", pack, compensate=lambda d: None),
-            )
-            .pivot("end", lambda d: d.model_copy(update={"n": d.n + 1}))
-        )
+        saga = _charge_and_pack("driver-reply", pack, "conf.saga.charge2")
         clock = FakeClock()
         transport = MemoryTransport()
         topic, group = "conf.saga.replies2", "conf-orch2"
