@@ -56,6 +56,7 @@ __all__ = [
     "check_name",
     "dead_letter_topic",
     "is_dead_letter_topic",
+    "is_utf8",
     "iterate",
     "message_size",
     "pop_url_options",
@@ -495,7 +496,7 @@ def _check_value(what: str, value: object) -> None:
     if not isinstance(value, str):
         raise InvalidHeader(f"{what} must be a str, got {type(value).__name__}")
     # the value is not shown: a header may carry a credential
-    if not value.isascii() and not _encodable(value):
+    if not value.isascii() and not is_utf8(value):
         raise InvalidHeader(f"{what} holds a lone surrogate (not UTF-8)")
     if _VALUE_BREAK.search(value):
         raise InvalidHeader(f"{what} holds a line break or NUL")
@@ -517,7 +518,7 @@ def check_message(message: TransportMessage) -> None:
     :class:`~msdata.errors.EncodeError` for an id or body. Every transport calls it on
     every message of a batch (through :func:`screen`)."""
     mid = message.id
-    if not (isinstance(mid, str) and mid and (mid.isascii() or _encodable(mid))):
+    if not (isinstance(mid, str) and mid and is_utf8(mid)):
         raise EncodeError(f"message id {_shown(mid)} must be a non-empty UTF-8 str")
     if _VALUE_BREAK.search(mid):  # it travels in a header too (NATS would rewrite it)
         raise EncodeError(f"message id {_shown(mid)} holds a line break or NUL")
@@ -547,7 +548,12 @@ def check_message(message: TransportMessage) -> None:
             _check_value(f"header {name!r}", value)
 
 
-def _encodable(text: str) -> bool:
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8: a str holds no lone surrogate (what
+    ``surrogateescape`` decoding or a JSON ``\\udc80`` escape leaves). The one check of it
+    for names, ids, keys and header values."""
+    if text.isascii():
+        return True
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -661,7 +667,7 @@ def carryable_text(value: object) -> str:
     ``str()`` if it is not a str, line breaks and NUL as spaces, lone surrogates as
     ``\\udcxx`` escapes (for a copy msdata sends on of a message it received)."""
     text = value if isinstance(value, str) else str(value)
-    if not text.isascii() and not _encodable(text):
+    if not is_utf8(text):
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return _VALUE_BREAK.sub(" ", text)
 

@@ -43,6 +43,7 @@ from msdata.idempotency.fingerprint import fingerprint as _fingerprint
 from msdata.idempotency.store import IdempotencyStore, LiveRecord
 from msdata.serialization import _FFFD_LEAD, _LONG_DIGITS, MAX_INT_DIGITS, json_problem
 from msdata.storage import unix_us
+from msdata.transport import is_utf8
 
 __all__ = ["IdempotencyClaim", "IdempotencyKeys", "IdempotentCall"]
 
@@ -121,14 +122,6 @@ def _remember(scope: str) -> None:
     _scopes.add(scope)
 
 
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate
-        return False
-    return True
-
-
 def _check(key: str | None, scope: str) -> str:
     """A key is a str of 1-255 characters with no control character (U+0000-U+001F,
     U+007F) nor lone surrogate: IdempotencyKeyMissing / IdempotencyError (HTTP 400). A scope
@@ -154,13 +147,13 @@ def _check(key: str | None, scope: str) -> str:
         raise IdempotencyError(f"an idempotency key is a string of 1-{_MAX_KEY} characters")
     if _CONTROL.search(key):
         raise IdempotencyError(f"an idempotency key holds no control character, got {key!r}")
-    if not _is_utf8(key):
+    if not is_utf8(key):
         raise IdempotencyError(f"an idempotency key is UTF-8 text, got a lone surrogate: {key!r}")
     if not isinstance(scope, str):
         raise ConfigurationError(f"scope must be a string, not {type(scope).__qualname__}")
     if _CONTROL.search(scope):
         raise ConfigurationError(f"a scope holds no control character, got {scope!r}")
-    if not _is_utf8(scope):
+    if not is_utf8(scope):
         raise ConfigurationError(f"a scope is UTF-8 text, got a lone surrogate: {scope!r}")
     if scope and not scope.strip():
         raise ConfigurationError(

@@ -31,7 +31,7 @@ from pydantic import BaseModel
 from msdata.backoff import Backoff, constant_backoff, exponential_backoff
 from msdata.errors import ConfigurationError, SagaDefinitionError
 from msdata.messages import Command
-from msdata.transport import check_name
+from msdata.transport import check_name, is_utf8
 
 __all__ = [
     "MAX_STEP_NAME",
@@ -218,13 +218,8 @@ def _make(
             f"step name {name!r} holds a control character (NUL, a line break...): it goes "
             "in command headers, idempotency keys and the history"
         )
-    if not name.isascii():
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError:
-            raise SagaDefinitionError(
-                f"step name {name!r} holds a lone surrogate (not UTF-8)"
-            ) from None
+    if not is_utf8(name):
+        raise SagaDefinitionError(f"step name {name!r} holds a lone surrogate (not UTF-8)")
     _check_action(name, "action", action)
     if kind is StepKind.COMPENSATABLE and compensation is None:
         raise SagaDefinitionError(

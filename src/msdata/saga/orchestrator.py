@@ -89,6 +89,7 @@ from msdata.saga.store import (
     check_data_value,
 )
 from msdata.telemetry import Telemetry
+from msdata.transport import is_utf8
 
 __all__ = ["MAX_SAGA_ID", "SagaOrchestrator", "check_saga_id"]
 
@@ -1541,13 +1542,10 @@ def check_saga_id(saga_id: object) -> str:
             f"a saga id has at most {MAX_SAGA_ID} characters, got {len(saga_id)} "
             f"({safe_text(repr(saga_id), 80)})"
         )
-    if not saga_id.isascii():
-        try:
-            saga_id.encode("utf-8")
-        except UnicodeEncodeError:
-            raise EncodeError(
-                f"saga id {safe_text(repr(saga_id), 80)} holds a lone surrogate (not UTF-8)"
-            ) from None
+    if not is_utf8(saga_id):
+        raise EncodeError(
+            f"saga id {safe_text(repr(saga_id), 80)} holds a lone surrogate (not UTF-8)"
+        )
     if _CONTROL.search(saga_id):
         raise EncodeError(
             f"saga id {safe_text(repr(saga_id), 80)} holds a control character (NUL, a line "
