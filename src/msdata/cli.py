@@ -61,8 +61,6 @@ class Failure(Exception):
 
 #: loggers of the broker and database drivers, quiet without ``-v``
 _DRIVER_LOGGERS = ("aiormq", "aio_pika", "nats", "redis", "asyncpg", "psycopg")
-#: the group's options, for the commands (``-v``)
-_options: dict[str, bool] = {"verbose": False}
 
 
 def _fail(message: str) -> NoReturn:
@@ -124,7 +122,8 @@ def _run(urls: Callable[[dict[str, Any]], Sequence[str]] | None = None) -> Calla
         @functools.wraps(fn)
         def wrapper(**kwargs: Any) -> None:
             shown = [u for u in (urls(kwargs) if urls else ()) if isinstance(u, str)]
-            if not _options["verbose"]:  # a one-shot command: its outcome is its output
+            verbose = click.get_current_context().find_root().params.get("verbose", False)
+            if not verbose:  # a one-shot command: its outcome is its output
                 logging.getLogger("msdata").setLevel(logging.ERROR)
             try:
                 asyncio.run(fn(**kwargs))
@@ -204,7 +203,6 @@ def cli(verbose: bool) -> None:
     if not verbose:  # msdata logs what matters of a connection; the drivers repeat it
         for driver in _DRIVER_LOGGERS:
             logging.getLogger(driver).setLevel(logging.CRITICAL)
-    _options["verbose"] = verbose
 
 
 # -- db ------------------------------------------------------------------------------------
