@@ -47,9 +47,16 @@ CHECKS = {
 
 
 def free_base_port() -> int:
-    """A port p with p, p + 1 and p + 2 free on 127.0.0.1 just now (the three services')."""
+    """A port p with p, p + 1 and p + 2 free on 127.0.0.1 just now (the three services').
+
+    Below the kernel's ephemeral range (``ip_local_port_range``, 32768 up by default): a
+    killed service is restarted on its port, and in the meantime any outgoing connection
+    (to PostgreSQL, the broker, another service) could be given a port in that range."""
+    low = 32_768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for _ in range(100):
-        base = random.randrange(20_000, 40_000)
+        base = random.randrange(10_000, max(low, 10_100) - 3)
         with contextlib.ExitStack() as stack:
             try:
                 for port in range(base, base + 3):
