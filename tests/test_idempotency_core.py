@@ -376,6 +376,33 @@ async def test_a_key_or_scope_with_a_lone_surrogate_is_refused_before_any_store(
         await keys.run("k", _ret(1), scope="o\udc80")
 
 
+async def test_a_bad_key_is_named_before_the_request_is_hashed_on_every_front_end() -> None:
+    """The key is in the request too (the decorator hashes its arguments): a lone surrogate
+    in it is the key's error, not a UnicodeEncodeError from hashing; a surrogate elsewhere
+    in the request is a ConfigurationError naming the fingerprint."""
+    keys = _keys()
+    ran = []
+
+    @keys.idempotent(key="k")
+    async def op(k: str, note: str = "") -> int:
+        ran.append(k)
+        return 1
+
+    bad = "a\udc80"
+    with pytest.raises(IdempotencyError, match="surrogate"):
+        await op(k=bad)
+    with pytest.raises(IdempotencyError, match="surrogate"):
+        await keys.run(bad, _ret(1), request={"k": bad})
+    with pytest.raises(IdempotencyError, match="surrogate"):
+        await keys.claim(bad, request={"k": bad})
+    with pytest.raises(IdempotencyError, match="surrogate"):
+        async with keys.call(bad, request={"k": bad}):
+            pass
+    with pytest.raises(ConfigurationError, match="fingerprint"):
+        await op(k="fine", note=bad)
+    assert ran == []
+
+
 async def test_completing_with_a_payload_that_is_not_bytes_raises_and_keeps_the_claim() -> None:
     keys = _keys()
     claim = await keys.claim("k")

@@ -19,18 +19,19 @@ def canonical_json(value: Any) -> bytes:
     datetimes through pydantic's JSON mode, object keys sorted, no whitespace, NaN refused.
     Two equal requests give the same bytes whatever their key order.
 
-    Raises ConfigurationError for a value pydantic cannot turn into JSON."""
+    Raises ConfigurationError for a value pydantic cannot turn into JSON, or whose text is
+    not UTF-8 (a lone surrogate)."""
     try:
         plain = to_jsonable_python(value)
         text = json.dumps(
             plain, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
         )
-    except (PydanticSerializationError, TypeError, ValueError) as e:
+        return text.encode()
+    except (PydanticSerializationError, TypeError, ValueError) as e:  # UnicodeError too
         raise ConfigurationError(
             f"cannot fingerprint a {type(value).__qualname__}: it has no JSON form ({e}); "
             "exclude it or pass fingerprint= yourself"
         ) from e
-    return text.encode()
 
 
 def fingerprint(request: Any) -> str:

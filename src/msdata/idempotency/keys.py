@@ -520,9 +520,9 @@ class IdempotencyKeys:
         hash (:func:`msdata.idempotency.fingerprint`), or ``request`` to hash it as
         :meth:`run` does; "" (here or stored) skips the comparison. ``conn``: run in
         the caller's open transaction (SQL/memory stores) instead of the store's own."""
+        key = _check(key, scope)  # before the fingerprint: a bad key is the caller's 400
         if request is not _NOTHING and not fingerprint:
             fingerprint = _fingerprint(request)
-        key = _check(key, scope)
         now = self._time_ns() // 1000
         found = await self.store.claim_async(
             conn, scope, key, fingerprint, now, now + self._lease_us, _token
@@ -539,9 +539,9 @@ class IdempotencyKeys:
         conn: Any = None,
     ) -> IdempotencyClaim:
         """:meth:`claim` for sync callers (stores whose ``features.sync`` is True)."""
+        key = _check(key, scope)  # before the fingerprint: a bad key is the caller's 400
         if request is not _NOTHING and not fingerprint:
             fingerprint = _fingerprint(request)
-        key = _check(key, scope)
         now = self._time_ns() // 1000
         found = self.store.claim(conn, scope, key, fingerprint, now, now + self._lease_us, _token)
         return self._decide(found, scope, key, fingerprint, conn)
@@ -599,16 +599,15 @@ class IdempotencyKeys:
     ) -> T:
         """``await operation()`` at most once for (``scope``, ``key``) while it succeeds;
         every retry gets its stored result (validated as ``result_type``; pydantic/JSON).
+        With the default ``Any`` a replay returns the stored JSON value as it is: a pydantic
+        model the first call returned comes back as a dict, so pass its class.
 
         ``request``: what the fingerprint is made of (any JSON-able value); or pass the
         ``fingerprint`` itself. Errors: see the class docstring. A saga participant calls
         this with the step's own key and scope."""
-        if fingerprint is not None:
-            fp = fingerprint
-        else:
-            fp = "" if request is _NOTHING else _fingerprint(request)
         # claim() inline: a replay makes no IdempotencyClaim (nor, on a store that reads
-        # first, a token); _check's common case inline
+        # first, a token); _check's common case inline. The key first: a bad key is the
+        # caller's 400 even when the request cannot be fingerprinted either
         if not (
             type(key) is str
             and 0 < len(key) <= _MAX_KEY
@@ -618,6 +617,10 @@ class IdempotencyKeys:
             and scope in _scopes
         ):
             key = _check(key, scope)
+        if fingerprint is not None:
+            fp = fingerprint
+        else:
+            fp = "" if request is _NOTHING else _fingerprint(request)
         now = self._time_ns() // 1000
         found = await self.store.claim_async(
             conn, scope, key, fp, now, now + self._lease_us, _token
@@ -690,8 +693,8 @@ class IdempotencyKeys:
     ) -> T:
         """:meth:`run` for a sync operation and a sync caller (``features.sync`` stores)."""
         final = self.final_errors if final_errors is None else final_errors
-        fp = self._fingerprint(request, fingerprint)
         key = _check(key, scope)
+        fp = self._fingerprint(request, fingerprint)
         now = self._time_ns() // 1000
         found = self.store.claim(conn, scope, key, fp, now, now + self._lease_us, _token)
         if not isinstance(found, str):
@@ -733,7 +736,11 @@ class IdempotencyKeys:
         """
         final = self.final_errors if final_errors is None else final_errors
         claim = await self.claim(
-            key, scope=scope, fingerprint=self._fingerprint(request, fingerprint), conn=conn
+            key,
+            scope=scope,
+            fingerprint=fingerprint or "",
+            request=request if fingerprint is None else _NOTHING,
+            conn=conn,
         )
         call: IdempotentCall[Any] = IdempotentCall(claim.replayed)
         if claim.replayed:
@@ -762,7 +769,11 @@ class IdempotencyKeys:
         """:meth:`call` for sync callers."""
         final = self.final_errors if final_errors is None else final_errors
         claim = self.claim_sync(
-            key, scope=scope, fingerprint=self._fingerprint(request, fingerprint), conn=conn
+            key,
+            scope=scope,
+            fingerprint=fingerprint or "",
+            request=request if fingerprint is None else _NOTHING,
+            conn=conn,
         )
         call: IdempotentCall[Any] = IdempotentCall(claim.replayed)
         if claim.replayed:
@@ -838,6 +849,7 @@ class IdempotencyKeys:
                             f"{fn.__qualname__}: the scope (owner) is {s!r}: an idempotency "
                             "key needs a known owner"
                         )
+                _check(k, s)  # before the fingerprint: a bad key is the caller's 400
                 if fingerprint is not None:
                     fp = fingerprint(*args, **kwargs)
                 else:
