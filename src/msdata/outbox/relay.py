@@ -649,9 +649,12 @@ class OutboxRelay:
 
     def _claim_call(self, marks: list[int]) -> Coroutine[Any, Any, Claimed]:
         store = self.store
-        fast = getattr(store, "claim_messages", None)  # optional: see ``OutboxRelayStore``
+        # optional (see ``OutboxRelayStore``), looked up on the class: a wrapper that
+        # overrides ``claim`` and forwards the rest through ``__getattr__`` keeps its claim
+        fast = getattr(type(store), "claim_messages", None)
         if fast is not None:  # the store's fast path (messages, no records)
             return fast(  # type: ignore[no-any-return]
+                store,
                 self.relay_id,
                 marks,
                 self.batch_size,

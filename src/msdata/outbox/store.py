@@ -258,7 +258,7 @@ class OutboxRelayStore(Protocol):
     (unreadable headers as none, an unreadable ``created_at`` as
     :data:`UNREADABLE_TIME`, an unreadable payload as ``b""``).
 
-    Optional fast path (the relay uses it where a store has it, else
+    Optional fast path (the relay uses it where the store's class defines it, else
     ``mark_sent_and_claim``/``claim``)::
 
         async def claim_messages(

@@ -679,9 +679,6 @@ class _SchemaGone:
     async def mark_sent_and_claim(self, *args: Any, **kwargs: Any) -> Any:
         return await self.claim()
 
-    async def claim_messages(self, *args: Any, **kwargs: Any) -> Any:
-        return await self.claim()
-
 
 @asynccontextmanager
 async def _open_many(suite: OutboxStoreHooks, store: Any, n: int) -> Any:
