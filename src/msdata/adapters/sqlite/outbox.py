@@ -57,6 +57,7 @@ from msdata.outbox.store import (
     OutboxStatus,
     OutboxStoreFeatures,
     UnreadableRow,
+    read_header_dict,
     read_headers,
 )
 from msdata.storage import DEFAULT_TABLE_PREFIX, Connection
@@ -247,9 +248,11 @@ def _batch(rows: list[tuple[Any, ...]]) -> OutboxBatch | list[OutboxRecord]:
     ``_records`` checks (the types of the columns, one topic, a ``created_at`` that
     converts); the records are built only if the relay asks (``_records`` on the same
     rows). Rows of several topics, or one that fails a check, go through ``_records``
-    (which raises ``_UNREAD`` for a row it cannot read, as for ``claim``)."""
+    (which raises ``_UNREAD`` for a row it cannot read, as for ``claim``). A message's
+    headers are a plain dict of its own (a transport checks one faster than the records'
+    read-only view: ~1 us a row)."""
     topic = rows[0][2]
-    message, no_headers, headers_of = TransportMessage, _NO_HEADERS, read_headers
+    message, no_headers, headers_of = TransportMessage, _NO_HEADERS, read_header_dict
     if len(rows[0]) == 8:
         messages = [
             _tuple_new(message, (mid, p, key, no_headers if h is None else headers_of(h)))
