@@ -15,6 +15,7 @@ from msdata.outbox.outbox import Outbox
 from msdata.outbox.relay import Backoff, OutboxRelay, PayloadCheck, exponential_backoff
 from msdata.outbox.store import (
     OutboxAdminStore,
+    OutboxBatch,
     OutboxRecord,
     OutboxRelayStore,
     OutboxRow,
@@ -38,6 +39,7 @@ __all__ = [
     "InboxStore",
     "Outbox",
     "OutboxAdminStore",
+    "OutboxBatch",
     "OutboxRecord",
     "OutboxRelay",
     "OutboxRelayStore",

@@ -28,7 +28,7 @@ from msdata.errors import (
     TransportError,
 )
 from msdata.messages import safe_text
-from msdata.outbox.store import OutboxRecord, OutboxStatus, OutboxStore
+from msdata.outbox.store import OutboxBatch, OutboxRecord, OutboxStatus, OutboxStore
 from msdata.serialization import CloudEventsCodec
 from msdata.transport import Publisher, TransportMessage, check_name
 
@@ -41,6 +41,14 @@ _as_message = operator.itemgetter(1, 4, 5, 6)
 _seq_of = operator.itemgetter(0)
 
 log = logging.getLogger("msdata.outbox")
+
+#: what a claim returns: records, or (a store's ``claim_messages``) a batch of messages
+Claimed = list[OutboxRecord] | OutboxBatch
+
+
+def _claimed_seqs(claimed: Claimed) -> list[int]:
+    return claimed.seqs if isinstance(claimed, OutboxBatch) else list(map(_seq_of, claimed))
+
 
 #: how much of each row's payload the relay checks before publishing it:
 #: ``"structure"`` (default, ~0.1 µs/row): bytes that look like one JSON object holding a
@@ -170,7 +178,7 @@ class OutboxRelay:
         await self.store.mark_sent(self.relay_id, seqs, keep=self.retention is not None)
 
     async def _handle(
-        self, records: list[OutboxRecord], after: Mapping[str, int] = _NOTHING_STUCK
+        self, claimed: Claimed, after: Mapping[str, int] = _NOTHING_STUCK
     ) -> tuple[list[int], bool, dict[str, int]]:
         """Park bad rows, publish the rest, back off failed ones. A row whose key is in
         ``after`` with a smaller seq is handed back unpublished: the batch before did not
@@ -182,11 +190,27 @@ class OutboxRelay:
         settled: set[int] = set()  # parked, handed back or backed off here
         try:
             messages = None
+            results: list[BaseException | None] | None = None
             if not after and self.check == "structure":
-                # the usual batch: its messages made in the same pass as the check
-                messages = self._fast_batch(records)
-            if messages is not None:
-                by_topic: dict[str, list[OutboxRecord]] = {records[0].topic: list(records)}
+                # the usual batch: its messages as the store made them, checked, or made in
+                # the same pass as the check
+                if isinstance(claimed, OutboxBatch):
+                    messages = self._checked(claimed)
+                    topic = claimed.topic
+                else:
+                    messages = self._fast_batch(claimed)
+                    topic = claimed[0].topic
+            if messages is not None:  # the common case: no tasks to make
+                try:
+                    await self._publish(topic, (), messages)
+                except Exception as e:
+                    results = [e]
+                else:  # all published: what the loop below would return
+                    return _claimed_seqs(claimed), False, {}
+            records = claimed.records() if isinstance(claimed, OutboxBatch) else claimed
+            by_topic: dict[str, list[OutboxRecord]]
+            if results is not None:  # the one-topic batch above failed
+                by_topic = {records[0].topic: list(records)}
                 bad: dict[str, list[int]] = {}
                 blocked: list[int] = []
                 stuck: dict[str, int] = {}
@@ -199,22 +223,22 @@ class OutboxRelay:
             if blocked:
                 await store.release(relay_id, blocked)
                 settled.update(blocked)
-            results: list[BaseException | None]
-            if not by_topic:
-                results = []
-            elif len(by_topic) == 1:  # the common case: no tasks to make
-                ((topic, recs),) = by_topic.items()
-                try:
-                    await self._publish(topic, recs, messages)
-                except Exception as e:
-                    results = [e]
-                else:  # all published: what the loop below would return
-                    return list(map(_seq_of, recs)), False, stuck
-            else:
-                results = await asyncio.gather(
-                    *(self._publish(t, recs) for t, recs in by_topic.items()),
-                    return_exceptions=True,
-                )
+            if results is None:
+                if not by_topic:
+                    results = []
+                elif len(by_topic) == 1:  # no tasks to make
+                    ((topic, recs),) = by_topic.items()
+                    try:
+                        await self._publish(topic, recs)
+                    except Exception as e:
+                        results = [e]
+                    else:  # all published: what the loop below would return
+                        return list(map(_seq_of, recs)), False, stuck
+                else:
+                    results = await asyncio.gather(
+                        *(self._publish(t, recs) for t, recs in by_topic.items()),
+                        return_exceptions=True,
+                    )
             sent: list[int] = []
             failures: list[tuple[list[OutboxRecord], BaseException]] = []
             for recs, result in zip(by_topic.values(), results, strict=True):
@@ -239,7 +263,7 @@ class OutboxRelay:
             return sent, bool(failures), stuck  # the caller marks ``sent``
         except BaseException:
             # rows neither settled here nor handed to the caller go back to the store
-            held = sorted(r.seq for r in records if r.seq not in settled)
+            held = sorted(s for s in _claimed_seqs(claimed) if s not in settled)
             if held:
                 try:
                     await store.release(relay_id, held)
@@ -247,7 +271,7 @@ class OutboxRelay:
                     log.exception("could not release outbox rows %s", held)
             raise
 
-    async def _claim(self, marks: list[int] | None = None) -> list[OutboxRecord]:
+    async def _claim(self, marks: list[int] | None = None) -> Claimed:
         """Claim a batch (marking ``marks`` sent first, in the same store call when the
         store can). The call may finish in a database thread after we are cancelled: its
         mark stands, and its rows are released."""
@@ -261,7 +285,7 @@ class OutboxRelay:
                 raise asyncio.CancelledError() from None
             if records:
                 try:
-                    await self.store.release(self.relay_id, [r.seq for r in records])
+                    await self.store.release(self.relay_id, _claimed_seqs(records))
                 except Exception:
                     log.exception("could not release outbox rows after cancellation")
             raise
@@ -275,6 +299,19 @@ class OutboxRelay:
         except asyncio.CancelledError:
             await fut
             raise
+
+    def _checked(self, batch: OutboxBatch) -> list[TransportMessage] | None:
+        """The messages of a batch a store made (one topic), when the topic is known and
+        every payload passes the ``structure`` check as msdata's codec writes it, or None:
+        then the batch takes ``_sort``."""
+        if batch.topic not in self._topics_ok:
+            return None
+        own = self.codec.looks_like_own_event  # headers (a traceparent) come first
+        messages = batch.messages
+        for m in messages:
+            if not own(m[1]):
+                return None
+        return messages
 
     def _fast_batch(self, records: Sequence[OutboxRecord]) -> list[TransportMessage] | None:
         """The messages of a batch whose rows all have the same known topic and a payload
@@ -377,7 +414,7 @@ class OutboxRelay:
     async def _publish(
         self,
         topic: str,
-        records: list[OutboxRecord],
+        records: Sequence[OutboxRecord],
         messages: list[TransportMessage] | None = None,
     ) -> None:
         """Publish ``records`` as one batch (``messages``: theirs, when already made)."""
@@ -522,7 +559,7 @@ class OutboxRelay:
         # batch before are marked sent in the same store call as that claim
         # (``mark_sent_and_claim``: one transaction, one hop or round trip per batch).
         prefetch = self.prefetch
-        claiming: asyncio.Future[list[OutboxRecord]] | None = None
+        claiming: asyncio.Future[Claimed] | None = None
         claiming_marks: list[int] = []  # what ``claiming`` marks sent along with its claim
         to_mark: list[int] = []  # published, not yet (being) marked
         stuck: dict[str, int] = {}
@@ -610,8 +647,20 @@ class OutboxRelay:
             self._in_outage = False
             log.info("outbox relay %s: the transport recovered; publishing again", self.relay_id)
 
-    def _claim_call(self, marks: list[int]) -> Coroutine[Any, Any, list[OutboxRecord]]:
+    def _claim_call(self, marks: list[int]) -> Coroutine[Any, Any, Claimed]:
         store = self.store
+        # optional (see ``OutboxRelayStore``), looked up on the class: a wrapper that
+        # overrides ``claim`` and forwards the rest through ``__getattr__`` keeps its claim
+        fast = getattr(type(store), "claim_messages", None)
+        if fast is not None:  # the store's fast path (messages, no records)
+            return fast(  # type: ignore[no-any-return]
+                store,
+                self.relay_id,
+                marks,
+                self.batch_size,
+                self.lease_seconds,
+                keep=self.retention is not None,
+            )
         if marks:
             return store.mark_sent_and_claim(
                 self.relay_id,
@@ -622,7 +671,7 @@ class OutboxRelay:
             )
         return store.claim(self.relay_id, self.batch_size, self.lease_seconds)
 
-    def _claim_ahead(self, marks: list[int]) -> asyncio.Future[list[OutboxRecord]]:
+    def _claim_ahead(self, marks: list[int]) -> asyncio.Future[Claimed]:
         """Start a claim now (marking ``marks`` sent first); awaited later through a
         shield, so a cancellation of the relay never loses its rows (``_wind_down``
         finishes the mark and releases them)."""
@@ -630,13 +679,13 @@ class OutboxRelay:
 
     async def _wind_down(
         self,
-        claiming: asyncio.Future[list[OutboxRecord]] | None,
+        claiming: asyncio.Future[Claimed] | None,
         claiming_marks: list[int],
         to_mark: list[int],
     ) -> None:
         """Leaving the loop: finish the mark in flight and mark what was published (those
         rows went out), and release a batch claimed ahead."""
-        records: list[OutboxRecord] = []
+        records: Claimed = []
         if claiming is not None:
             try:
                 records = await claiming
@@ -649,7 +698,7 @@ class OutboxRelay:
                 log.exception("outbox relay %s: marking sent rows failed", self.relay_id)
         if records:
             try:
-                await self.store.release(self.relay_id, [r.seq for r in records])
+                await self.store.release(self.relay_id, _claimed_seqs(records))
             except Exception:
                 log.exception("could not release outbox rows on stop")
         leave = getattr(self.store, "leave", None)

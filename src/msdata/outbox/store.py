@@ -30,7 +30,7 @@ The inbox port lives in :mod:`msdata.inbox.store` (re-exported here).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -39,6 +39,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 from msdata.inbox.store import InboxStore
 from msdata.messages import safe_text
 from msdata.storage import DEFAULT_TABLE_PREFIX, Connection, check_table_prefix
+from msdata.transport import TransportMessage
 
 __all__ = [
     "DEFAULT_TABLE_PREFIX",
@@ -46,6 +47,7 @@ __all__ = [
     "UNREADABLE_TIME",
     "InboxStore",
     "OutboxAdminStore",
+    "OutboxBatch",
     "OutboxRecord",
     "OutboxRelayStore",
     "OutboxRow",
@@ -55,6 +57,7 @@ __all__ = [
     "OutboxWriteStore",
     "UnreadableRow",
     "check_table_prefix",
+    "read_header_dict",
     "read_headers",
 ]
 
@@ -89,6 +92,13 @@ def read_headers(raw: str | bytes) -> Mapping[str, str]:
     """A stored headers column (JSON text) as the record's headers: a JSON object whose
     values are all strings, read-only. Raises :class:`UnreadableRow` for anything else
     (invalid JSON, a list, ``null``, a number, a non-string value)."""
+    value = read_header_dict(raw)
+    return MappingProxyType(value) if value else _NO_HEADERS
+
+
+def read_header_dict(raw: str | bytes) -> dict[str, str]:
+    """:func:`read_headers` as a new plain dict (the caller's own: a transport message's
+    headers, checked by the transports faster than a read-only view)."""
     try:
         value = _loads(raw)
     except (ValueError, TypeError, RecursionError):
@@ -98,7 +108,7 @@ def read_headers(raw: str | bytes) -> Mapping[str, str]:
             if type(v) is not str:
                 break
         else:
-            return MappingProxyType(value) if value else _NO_HEADERS
+            return value
     raise UnreadableRow("headers", "are not a JSON object of string values", raw)
 
 
@@ -139,6 +149,46 @@ class OutboxRecord(NamedTuple):
     created_at: datetime
     attempts: int = 0
     last_error: str | None = None
+
+
+class OutboxBatch:
+    """A claimed batch in the form the transport takes, as a store's optional
+    ``claim_messages`` returns it (see :class:`OutboxRelayStore`): no
+    :class:`OutboxRecord` is built unless the relay asks for them.
+
+    ``seqs``: the rows' ``seq`` values, in ``seq`` order; ``topic``: the one topic of
+    every row; ``messages``: one :class:`msdata.transport.TransportMessage` per row, in the
+    same order (the row's ``message_id``, ``payload`` as bytes, ``partition_key``,
+    ``headers``). ``records()``: the same rows as the records ``claim`` would have
+    returned (built on the first call, then kept), for a relay that needs them (a publish
+    that failed, a batch it sorts row by row). ``len()`` is the number of rows."""
+
+    __slots__ = ("_make", "_records", "messages", "seqs", "topic")
+
+    def __init__(
+        self,
+        seqs: list[int],
+        topic: str,
+        messages: list[TransportMessage],
+        records: Callable[[], list[OutboxRecord]],
+    ) -> None:
+        self.seqs = seqs
+        self.topic = topic
+        self.messages = messages
+        self._make: Callable[[], list[OutboxRecord]] | None = records
+        self._records: list[OutboxRecord] = []
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def records(self) -> list[OutboxRecord]:
+        """The batch's rows as :class:`OutboxRecord` values, in ``seq`` order."""
+        if self._make is not None:
+            self._records, self._make = self._make(), None
+        return self._records
+
+    def __repr__(self) -> str:
+        return f"OutboxBatch(topic={self.topic!r}, seqs={self.seqs!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +265,20 @@ class OutboxRelayStore(Protocol):
     row is returned as usual. ``parked()`` lists such a row with what could be read
     (unreadable headers as none, an unreadable ``created_at`` as
     :data:`UNREADABLE_TIME`, an unreadable payload as ``b""``).
+
+    Optional fast path (the relay uses it where the store's class defines it, else
+    ``mark_sent_and_claim``/``claim``)::
+
+        async def claim_messages(
+            relay_id: str, sent_seqs: Sequence[int], limit: int, lease_seconds: float,
+            *, keep: bool = False,
+        ) -> list[OutboxRecord] | OutboxBatch
+
+    is ``mark_sent_and_claim`` (or ``claim`` when ``sent_seqs`` is empty): the same
+    transaction under the same contracts, the same rows, returned either as an
+    :class:`OutboxBatch` (their transport messages, no records built; only when they all
+    have one topic) or as the list of records ``claim`` would return (always when nothing
+    was claimed: ``[]``). A row the claim parks as unreadable is in neither.
     """
 
     async def claim(self, relay_id: str, limit: int, lease_seconds: float) -> list[OutboxRecord]:

@@ -86,9 +86,16 @@ import pytest
 
 from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConfigurationError, SchemaError, StoreError
-from msdata.outbox.store import OutboxRow, OutboxStore, OutboxStoreFeatures
+from msdata.outbox.store import (
+    OutboxBatch,
+    OutboxRecord,
+    OutboxRow,
+    OutboxStore,
+    OutboxStoreFeatures,
+)
 from msdata.testing.conformance.hooks import TransactionHooks
 from msdata.testing.fakes import FakeClock
+from msdata.transport import TransportMessage
 
 __all__ = [
     "MALFORMED_ROWS",
@@ -655,6 +662,134 @@ class OutboxStoreConformance(OutboxStoreHooks, NoTransactionHook):
             # nothing of the key relay-b holds
             assert await both("relay-a", [a[0].seq], 100, 30.0) == []
             assert (await store.status()).pending == 1
+
+    # -- claim_messages (optional: the relay's fast path) --------------------------------------
+
+    @staticmethod
+    def _claim_messages(store: Any) -> Any:
+        fast = getattr(store, "claim_messages", None)
+        if fast is None:
+            pytest.skip("this store has no claim_messages (optional)")
+        return fast
+
+    @staticmethod
+    def _records_of(claimed: Any) -> list[OutboxRecord]:
+        """The records of what ``claim_messages`` returned, checking a batch against them:
+        its seqs, topic and messages are those of the records, in the same order."""
+        if isinstance(claimed, OutboxBatch):
+            records = claimed.records()
+            assert claimed.records() is records  # built once
+            assert len(claimed) == len(records) > 0
+            assert claimed.seqs == [r.seq for r in records]
+            assert all(r.topic == claimed.topic for r in records)
+            assert claimed.messages == [
+                TransportMessage(r.message_id, r.payload, r.partition_key, r.headers)
+                for r in records
+            ]
+            assert all(type(m.body) is bytes for m in claimed.messages)
+            return records
+        assert type(claimed) is list
+        return claimed
+
+    async def test_claim_messages_gives_one_topic_as_a_batch_of_messages(self) -> None:
+        """One topic (with and without keys and headers): a batch whose messages are what
+        the records carry, and whose records are those ``claim`` would have returned."""
+        async with self.make_store() as store:
+            fast = self._claim_messages(store)
+            rows = make_rows(4, keys=["k1", None])
+            rows.append(make_row(key="k2", n=4)._replace(headers={}))
+            await self.add_committed(store, rows)
+            got = await fast("relay-a", [], 100, 30.0)
+            assert isinstance(got, OutboxBatch), got
+            assert got.topic == "orders"
+            records = self._records_of(got)
+            assert [r.message_id for r in records] == [r.message_id for r in rows]
+            for want, r in zip(rows, records, strict=True):
+                assert r.type == want.type and r.payload == want.payload
+                assert dict(r.headers) == dict(want.headers)
+                assert r.attempts == 0 and r.last_error is None
+                assert r.created_at.tzinfo is not None
+            # leased as by claim: nobody else gets them, relay-a not twice
+            assert await store.claim("relay-b", 100, 30.0) == []
+            assert await fast("relay-a", [], 100, 30.0) == []
+            assert (await store.status()).pending == 5
+
+    async def test_claim_messages_marks_the_sent_rows_then_claims(self) -> None:
+        async with self.timed_store() as (store, time):
+            fast = self._claim_messages(store)
+            rows = make_rows(5, keys=["k"])
+            await self.add_committed(store, rows)
+            a = self._records_of(await fast("relay-a", [], 2, 30.0))
+            assert [r.message_id for r in a] == [r.message_id for r in rows[:2]]
+            # the claim sees the mark: the key's next rows, in order
+            b = self._records_of(await fast("relay-a", [r.seq for r in a], 2, 30.0))
+            assert [r.message_id for r in b] == [r.message_id for r in rows[2:4]]
+            assert (await store.status()).pending == 3
+            c = self._records_of(await fast("relay-a", [r.seq for r in b], 100, 30.0, keep=True))
+            assert [r.message_id for r in c] == [rows[4].message_id]
+            assert await fast("relay-a", [c[0].seq], 100, 30.0, keep=True) == []
+            assert (await store.status()).pending == 0
+            # the last two marks kept their rows as sent (keep=True), the first did not
+            assert await store.purge_sent(time.now() + timedelta(seconds=5)) == 3
+
+    async def test_claim_messages_gives_a_retried_row_with_its_attempts(self) -> None:
+        """A row back from ``retry_later``: its records carry the attempt and the error
+        (the relay counts on them when the publish fails again)."""
+        async with self.timed_store() as (store, time):
+            fast = self._claim_messages(store)
+            rows = [make_row(key="k1", n=0), make_row(key="k1", n=1)]
+            await self.add_committed(store, rows)
+            a = self._records_of(await fast("relay-a", [], 1, 30.0))
+            retry_at = time.now() + timedelta(seconds=self.lease_seconds)
+            await store.retry_later("relay-a", [a[0].seq], "broker down", retry_at)
+            assert await fast("relay-a", [], 100, 30.0) == []  # the key waits
+            await time.pass_(self.lease_seconds + 0.2)
+            got = await fast("relay-a", [], 100, 30.0)
+            b = self._records_of(got)
+            assert [r.message_id for r in b] == [r.message_id for r in rows]
+            assert (b[0].attempts, b[0].last_error) == (1, "broker down")
+            assert (b[1].attempts, b[1].last_error) == (0, None)
+
+    async def test_claim_messages_of_several_topics_gives_the_records(self) -> None:
+        async with self.make_store() as store:
+            fast = self._claim_messages(store)
+            rows = [
+                make_row(key="k1", n=0),
+                make_row(key="k1", n=1, topic="invoices"),
+                make_row(key=None, n=2),
+            ]
+            await self.add_committed(store, rows)
+            got = await fast("relay-a", [], 100, 30.0)
+            assert type(got) is list, got
+            assert [r.message_id for r in got] == [r.message_id for r in rows]
+            assert [r.topic for r in got] == ["orders", "invoices", "orders"]
+
+    async def test_claim_messages_parks_unreadable_rows_as_claim_does(self) -> None:
+        """The malformed rows of the claim suite, claimed by ``claim_messages``: each is
+        parked with a reason naming its column, the rows behind it in its key wait, and
+        every other row comes back (as a batch or as records) in order."""
+        async with self.make_store() as store:
+            fast = self._claim_messages(store)
+            bad = await self.write_malformed_rows(store, lambda i: f"bad-{i}")
+            behind = [make_row(key=key, n=100 + i) for i, (_, _, key) in enumerate(bad)]
+            others = make_rows(6, keys=["good-a", "good-b", None])
+            await self.add_committed(store, behind + others)
+            claimed: list[OutboxRecord] = []
+            sent: list[int] = []
+            for _ in range(len(bad) + len(others) + 2):  # small batches: several claims
+                got = self._records_of(await fast("relay-a", sent, 3, 30.0))
+                if not got and not sent:
+                    break
+                claimed += got
+                sent = [r.seq for r in got]
+            assert [r.message_id for r in claimed] == [r.message_id for r in others]
+            parked = await store.parked(1000)
+            assert [p.seq for p in parked] == [seq for seq, _, _ in bad]
+            for p, (_, column, _) in zip(parked, bad, strict=True):
+                assert isinstance(p.last_error, str) and "unreadable" in p.last_error, p
+                assert column in p.last_error, (column, p.last_error)
+            st = await store.status()
+            assert (st.parked, st.pending) == (len(bad), len(behind))
 
     async def test_retry_later_counts_an_attempt_and_blocks_the_key_until_then(self) -> None:
         async with self.timed_store() as (store, time):
