@@ -153,6 +153,8 @@ DECLARE
     v_pin   bigint;
     v_busy  boolean;
     v_taken integer;
+    v_ok    boolean;
+    v_top   bigint;
     v_until timestamptz := clock_timestamp() + make_interval(secs => p_lease);
     v_live  integer;
     v_fair  integer;
@@ -263,23 +265,20 @@ BEGIN
         -- it is gone, or in flight with this relay. It stays below every held row of its
         -- partitions (parked or backing off: the rows of their keys wait behind them) and
         -- every batch of its own whose lease ran out (those rows are pending again).
-        SELECT least(
-            (SELECT min(b.seq) FROM {table} b
-             WHERE b.sent_at IS NULL AND (b.parked OR b.available_at IS NOT NULL)
-               AND b.part BETWEEN v_lo AND v_hi),
-            (SELECT min(u.s) FROM {inflight} h, unnest(h.seqs) AS u(s)
-             WHERE h.owner = p_owner AND h.until <= v_now))
-          INTO v_pin;
-        IF v_pin <= v_floor THEN
-            v_floor := v_pin - 1;
-        END IF;
+        --
         -- The horizon: the highest seq when the relay's last candidate was taken, once every
         -- other transaction of this database (seen in pg_stat_activity, none hidden, and no
         -- prepared one; autovacuum adds no rows) started after that moment. A row at or
         -- below it was given its seq by a transaction that began before then, so it has
         -- committed (and is visible to the scan below) or never will: no row appears at or
-        -- below the horizon later.
-        IF v_cand IS NOT NULL AND NOT EXISTS (
+        -- below the horizon later. (One statement for the three.)
+        SELECT least(
+                (SELECT min(b.seq) FROM {table} b
+                 WHERE b.sent_at IS NULL AND (b.parked OR b.available_at IS NOT NULL)
+                   AND b.part BETWEEN v_lo AND v_hi),
+                (SELECT min(u.s) FROM {inflight} h, unnest(h.seqs) AS u(s)
+                 WHERE h.owner = p_owner AND h.until <= v_now)),
+            v_cand IS NOT NULL AND NOT EXISTS (
                 SELECT 1 FROM pg_stat_get_activity(NULL) a
                 WHERE a.datid = (SELECT d.oid FROM pg_database d
                                  WHERE d.datname = current_database())
@@ -288,14 +287,21 @@ BEGIN
                   -- (a session it may not see has no state: it counts as one that began
                   -- too early)
                   AND (a.xact_start <= v_cand_at OR a.state IS NULL))
-           AND NOT EXISTS (SELECT 1 FROM pg_prepared_xacts x
-                           WHERE x.database = current_database()) THEN
+              AND NOT EXISTS (SELECT 1 FROM pg_prepared_xacts x
+                              WHERE x.database = current_database()),
+            (SELECT coalesce(max(t.seq), 0) FROM {table} t)
+          INTO v_pin, v_ok, v_top;
+        IF v_pin <= v_floor THEN
+            v_floor := v_pin - 1;
+        END IF;
+        IF v_ok THEN
             v_x := v_cand;
             v_cand := NULL;
         END IF;
         IF v_cand IS NULL THEN
-            -- the seq first, then the time: whoever holds a lower seq began before it
-            SELECT coalesce(max(t.seq), 0) INTO v_cand FROM {table} t;
+            -- the seq first (read above), then the time: whoever holds a lower seq began
+            -- before it
+            v_cand := v_top;
             v_cand_at := clock_timestamp();
         END IF;
     ELSE
