@@ -154,6 +154,8 @@ DECLARE
     v_busy  boolean;
     v_taken integer;
     v_ok    boolean;
+    v_above boolean := true;
+    v_held  bigint;
     v_top   bigint;
     v_until timestamptz := clock_timestamp() + make_interval(secs => p_lease);
     v_live  integer;
@@ -203,7 +205,7 @@ BEGIN
             SELECT array_agg(u.s ORDER BY u.i) AS seqs, array_agg(u.k ORDER BY u.i) AS parts
             FROM unnest(g.seqs, g.parts) WITH ORDINALITY AS u(s, k, i)
             WHERE u.s NOT IN (SELECT m FROM unnest(p_sent) m)) f
-        WHERE f.seqs IS NOT NULL;
+        WHERE g.seqs <> p_sent AND f.seqs IS NOT NULL;  -- (exactly the batch: it just ends)
     END IF;
     INSERT INTO {relays} AS r (owner, until) VALUES (p_owner, v_until)
         ON CONFLICT (owner) DO UPDATE SET until = EXCLUDED.until
@@ -289,11 +291,16 @@ BEGIN
                   AND (a.xact_start <= v_cand_at OR a.state IS NULL))
               AND NOT EXISTS (SELECT 1 FROM pg_prepared_xacts x
                               WHERE x.database = current_database()),
-            (SELECT coalesce(max(t.seq), 0) FROM {table} t)
-          INTO v_pin, v_ok, v_top;
+            (SELECT coalesce(max(t.seq), 0) FROM {table} t),
+            -- (its own rows in flight are usually all at or below its floor: the scan then
+            -- need not look them up)
+            (SELECT max(u.s) FROM {inflight} h, unnest(h.seqs) AS u(s)
+             WHERE h.owner = p_owner AND h.until > v_now)
+          INTO v_pin, v_ok, v_top, v_held;
         IF v_pin <= v_floor THEN
             v_floor := v_pin - 1;
         END IF;
+        v_above := coalesce(v_held > v_floor, false);
         IF v_ok THEN
             v_x := v_cand;
             v_cand := NULL;
@@ -329,14 +336,15 @@ BEGIN
           -- in order), checked on the entries of _pseq: the scan reads the heap rows of
           -- its own partitions only, not every other relay's
           AND o.part BETWEEN v_lo AND v_hi
-          AND o.seq NOT IN (SELECT mine.s FROM mine)
+          AND (NOT v_above OR o.seq NOT IN (SELECT mine.s FROM mine))
           AND o.seq > v_floor
         ORDER BY o.seq
         LIMIT p_limit
     ), batch AS (
         INSERT INTO {inflight} (owner, until, seqs, parts)
-        SELECT p_owner, v_until, array_agg(got.seq ORDER BY got.seq),
-               array_agg(got.part ORDER BY got.seq)
+        -- (in seq order, as the CTE keeps its rows; were it not, the mark's range check
+        -- could miss a batch, which would then stay in flight until its lease runs out)
+        SELECT p_owner, v_until, array_agg(got.seq), array_agg(got.part)
         FROM got HAVING count(*) > 0
     ), moved AS (
         -- the new floor: the scan saw every claimable row of its partitions above the
