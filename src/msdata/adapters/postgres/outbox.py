@@ -207,8 +207,11 @@ BEGIN
             WHERE u.s NOT IN (SELECT m FROM unnest(p_sent) m)) f
         WHERE g.seqs <> p_sent AND f.seqs IS NOT NULL;  -- (exactly the batch: it just ends)
     END IF;
+    -- (a relay whose registration had run out starts again from the bottom: what it held
+    -- may have lapsed long ago, its in-flight batches purged)
     INSERT INTO {relays} AS r (owner, until) VALUES (p_owner, v_until)
-        ON CONFLICT (owner) DO UPDATE SET until = EXCLUDED.until
+        ON CONFLICT (owner) DO UPDATE SET until = EXCLUDED.until,
+            floor = CASE WHEN r.until > v_now THEN r.floor ELSE 0 END
         RETURNING r.floor, r.cand, r.cand_at INTO v_floor, v_cand, v_cand_at;
     v_floor0 := v_floor;
 
