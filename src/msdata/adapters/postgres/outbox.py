@@ -101,6 +101,9 @@ CREATE UNLOGGED TABLE IF NOT EXISTS {inflight} (
     seqs  bigint[] NOT NULL,
     parts integer[] NOT NULL
 );
+-- (the batch's partitions, each once, for the other relays' check; a superset once part of
+-- the batch is handed back or marked: it may keep a partition waiting a little longer)
+ALTER TABLE {inflight} ADD COLUMN IF NOT EXISTS pset integer[];
 """
 
 # The pending rows in seq order with their partition as a second key column, for the
@@ -199,8 +202,8 @@ BEGIN
               AND l.seqs && p_sent
             RETURNING l.*
         )
-        INSERT INTO {inflight} (id, owner, until, seqs, parts) OVERRIDING SYSTEM VALUE
-        SELECT g.id, g.owner, g.until, f.seqs, f.parts
+        INSERT INTO {inflight} (id, owner, until, seqs, parts, pset) OVERRIDING SYSTEM VALUE
+        SELECT g.id, g.owner, g.until, f.seqs, f.parts, g.pset
         FROM gone g, LATERAL (
             SELECT array_agg(u.s ORDER BY u.i) AS seqs, array_agg(u.k ORDER BY u.i) AS parts
             FROM unnest(g.seqs, g.parts) WITH ORDINALITY AS u(s, k, i)
@@ -247,15 +250,16 @@ BEGIN
 
     -- (the partitions other live relays hold rows of, gathered once and hashed, not a
     -- search of every batch's list per partition)
-    SELECT array_agg(q.part) FILTER (WHERE NOT q.busy), min(q.part) FILTER (WHERE NOT q.busy),
-           max(q.part) FILTER (WHERE NOT q.busy), coalesce(bool_or(q.busy), false)
+    WITH busy AS MATERIALIZED (
+        SELECT DISTINCT u.k FROM {inflight} h, unnest(coalesce(h.pset, h.parts)) AS u(k)
+        WHERE h.owner <> p_owner AND h.until > v_now AND u.k IS NOT NULL
+          AND EXISTS (SELECT 1 FROM {relays} r WHERE r.owner = h.owner AND r.until > v_now)
+    )
+    SELECT array_agg(p.part) FILTER (WHERE b.k IS NULL), min(p.part) FILTER (WHERE b.k IS NULL),
+           max(p.part) FILTER (WHERE b.k IS NULL), count(b.k) > 0
       INTO v_mine, v_lo, v_hi, v_busy
-      FROM (SELECT p.part, p.part IN (
-                SELECT u.k FROM {inflight} h, unnest(h.parts) AS u(k)
-                WHERE h.owner <> p_owner AND h.until > v_now AND u.k IS NOT NULL
-                  AND EXISTS (SELECT 1 FROM {relays} r
-                              WHERE r.owner = h.owner AND r.until > v_now)) AS busy
-            FROM {parts} p WHERE p.owner = p_owner) q;
+      FROM {parts} p LEFT JOIN busy b ON b.k = p.part
+      WHERE p.owner = p_owner;
     IF v_mine IS NULL THEN
         IF p_floor AND v_floor IS DISTINCT FROM v_floor0 THEN
             UPDATE {relays} SET floor = v_floor WHERE owner = p_owner;
@@ -344,10 +348,11 @@ BEGIN
         ORDER BY o.seq
         LIMIT p_limit
     ), batch AS (
-        INSERT INTO {inflight} (owner, until, seqs, parts)
+        INSERT INTO {inflight} (owner, until, seqs, parts, pset)
         -- (in seq order, as the CTE keeps its rows; were it not, the mark's range check
         -- could miss a batch, which would then stay in flight until its lease runs out)
-        SELECT p_owner, v_until, array_agg(got.seq), array_agg(got.part)
+        SELECT p_owner, v_until, array_agg(got.seq), array_agg(got.part),
+               array_agg(DISTINCT got.part)
         FROM got HAVING count(*) > 0
     ), moved AS (
         -- the new floor: the scan saw every claimable row of its partitions above the
