@@ -92,6 +92,8 @@ CREATE UNLOGGED TABLE IF NOT EXISTS {relays} (
     owner text PRIMARY KEY,
     until timestamptz NOT NULL
 );
+ALTER TABLE {relays} ADD COLUMN IF NOT EXISTS floor bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS cand bigint, ADD COLUMN IF NOT EXISTS cand_at timestamptz;
 CREATE UNLOGGED TABLE IF NOT EXISTS {inflight} (
     id    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     owner text NOT NULL,
@@ -99,6 +101,9 @@ CREATE UNLOGGED TABLE IF NOT EXISTS {inflight} (
     seqs  bigint[] NOT NULL,
     parts integer[] NOT NULL
 );
+-- (the batch's partitions, each once, for the other relays' check; a superset once part of
+-- the batch is handed back or marked: it may keep a partition waiting a little longer)
+ALTER TABLE {inflight} ADD COLUMN IF NOT EXISTS pset integer[];
 """
 
 # The pending rows in seq order with their partition as a second key column, for the
@@ -107,6 +112,8 @@ CREATE UNLOGGED TABLE IF NOT EXISTS {inflight} (
 # (every append maintains one more index).
 _PARTITION_INDEX = """\
 CREATE INDEX IF NOT EXISTS "{name}_pseq" ON {table} (seq, part) WHERE sent_at IS NULL;
+CREATE INDEX IF NOT EXISTS "{name}_hseq" ON {table} (seq)
+    WHERE sent_at IS NULL AND (parked OR available_at IS NOT NULL);
 """
 
 #: partitions of the partitioned claim: a fixed number, part of the schema (the ``part``
@@ -133,13 +140,26 @@ PARTITIONS = 64
 #     gathered into arrays and not read again.
 _PCLAIM_FUNCTION = """\
 CREATE OR REPLACE FUNCTION {fn}(p_owner text, p_sent bigint[], p_keep boolean,
-                                p_limit integer, p_lease double precision, p_sync boolean)
+                                p_limit integer, p_lease double precision, p_sync boolean,
+                                p_floor boolean)
 RETURNS SETOF {table}
 LANGUAGE plpgsql VOLATILE
 SET plan_cache_mode = force_generic_plan
 AS $msdata$
 DECLARE
     v_now   timestamptz := clock_timestamp();
+    v_floor bigint;
+    v_floor0 bigint;
+    v_cand  bigint;
+    v_cand_at timestamptz;
+    v_x     bigint := 0;
+    v_pin   bigint;
+    v_busy  boolean;
+    v_taken integer;
+    v_ok    boolean;
+    v_above boolean := true;
+    v_held  bigint;
+    v_top   bigint;
     v_until timestamptz := clock_timestamp() + make_interval(secs => p_lease);
     v_live  integer;
     v_fair  integer;
@@ -173,19 +193,30 @@ BEGIN
         END IF;
         -- the batches holding these rows lose them (the usual mark is exactly one batch,
         -- which ends); one pass: a batch left with rows is written back under its own id
+        -- (a batch lists its rows in seq order: its first and last bound it, so the batch
+        -- claimed ahead is passed over without comparing lists; the rows left are found
+        -- with a hash of the marked ones, not a search of the list per row)
         WITH gone AS (
-            DELETE FROM {inflight} l WHERE l.seqs && p_sent RETURNING l.*
+            DELETE FROM {inflight} l
+            WHERE l.seqs[1] <= v_last AND l.seqs[cardinality(l.seqs)] >= v_first
+              AND l.seqs && p_sent
+            RETURNING l.*
         )
-        INSERT INTO {inflight} (id, owner, until, seqs, parts) OVERRIDING SYSTEM VALUE
-        SELECT g.id, g.owner, g.until, f.seqs, f.parts
+        INSERT INTO {inflight} (id, owner, until, seqs, parts, pset) OVERRIDING SYSTEM VALUE
+        SELECT g.id, g.owner, g.until, f.seqs, f.parts, g.pset
         FROM gone g, LATERAL (
             SELECT array_agg(u.s ORDER BY u.i) AS seqs, array_agg(u.k ORDER BY u.i) AS parts
             FROM unnest(g.seqs, g.parts) WITH ORDINALITY AS u(s, k, i)
-            WHERE u.s <> ALL(p_sent)) f
-        WHERE f.seqs IS NOT NULL;
+            WHERE u.s NOT IN (SELECT m FROM unnest(p_sent) m)) f
+        WHERE g.seqs <> p_sent AND f.seqs IS NOT NULL;  -- (exactly the batch: it just ends)
     END IF;
+    -- (a relay whose registration had run out starts again from the bottom: what it held
+    -- may have lapsed long ago, its in-flight batches purged)
     INSERT INTO {relays} AS r (owner, until) VALUES (p_owner, v_until)
-        ON CONFLICT (owner) DO UPDATE SET until = EXCLUDED.until;
+        ON CONFLICT (owner) DO UPDATE SET until = EXCLUDED.until,
+            floor = CASE WHEN r.until > v_now THEN r.floor ELSE 0 END
+        RETURNING r.floor, r.cand, r.cand_at INTO v_floor, v_cand, v_cand_at;
+    v_floor0 := v_floor;
 
     -- (one pass over the 64 rows against the live relays, not a lookup per partition)
     SELECT count(*) FILTER (WHERE p.owner = p_owner),
@@ -209,23 +240,87 @@ BEGIN
                 SELECT 1 FROM {relays} r WHERE r.owner = p.owner AND r.until > v_now)
             ORDER BY p.part LIMIT greatest(
                 v_fair - (SELECT count(*) FROM {parts} q WHERE q.owner = p_owner), 0));
+        GET DIAGNOSTICS v_taken = ROW_COUNT;
+        IF v_taken > 0 THEN
+            v_floor := 0;  -- partitions taken over: their rows may lie anywhere
+        END IF;
     ELSE
         PERFORM pg_advisory_xact_lock_shared({cls}, 1);
     END IF;
 
     -- (the partitions other live relays hold rows of, gathered once and hashed, not a
     -- search of every batch's list per partition)
-    SELECT array_agg(p.part), min(p.part), max(p.part) INTO v_mine, v_lo, v_hi
-    FROM {parts} p
-    WHERE p.owner = p_owner AND p.part NOT IN (
-        SELECT u.k FROM {inflight} h, unnest(h.parts) AS u(k)
+    WITH busy AS MATERIALIZED (
+        SELECT DISTINCT u.k FROM {inflight} h, unnest(coalesce(h.pset, h.parts)) AS u(k)
         WHERE h.owner <> p_owner AND h.until > v_now AND u.k IS NOT NULL
-          AND EXISTS (SELECT 1 FROM {relays} r WHERE r.owner = h.owner AND r.until > v_now));
+          AND EXISTS (SELECT 1 FROM {relays} r WHERE r.owner = h.owner AND r.until > v_now)
+    )
+    SELECT array_agg(p.part) FILTER (WHERE b.k IS NULL), min(p.part) FILTER (WHERE b.k IS NULL),
+           max(p.part) FILTER (WHERE b.k IS NULL), count(b.k) > 0
+      INTO v_mine, v_lo, v_hi, v_busy
+      FROM {parts} p LEFT JOIN busy b ON b.k = p.part
+      WHERE p.owner = p_owner;
     IF v_mine IS NULL THEN
+        IF p_floor AND v_floor IS DISTINCT FROM v_floor0 THEN
+            UPDATE {relays} SET floor = v_floor WHERE owner = p_owner;
+        END IF;
         RETURN;
     END IF;
     -- its partitions are one range (the usual case): the range check alone selects them
     v_all := v_hi - v_lo + 1 = cardinality(v_mine);
+
+    IF p_floor THEN
+        -- The scan starts above the relay's floor: every row of its partitions at or below
+        -- it is gone, or in flight with this relay. It stays below every held row of its
+        -- partitions (parked or backing off: the rows of their keys wait behind them) and
+        -- every batch of its own whose lease ran out (those rows are pending again).
+        --
+        -- The horizon: the highest seq when the relay's last candidate was taken, once every
+        -- other transaction of this database (seen in pg_stat_activity, none hidden, and no
+        -- prepared one; autovacuum adds no rows) started after that moment. A row at or
+        -- below it was given its seq by a transaction that began before then, so it has
+        -- committed (and is visible to the scan below) or never will: no row appears at or
+        -- below the horizon later. (One statement for the three.)
+        SELECT least(
+                (SELECT min(b.seq) FROM {table} b
+                 WHERE b.sent_at IS NULL AND (b.parked OR b.available_at IS NOT NULL)
+                   AND b.part BETWEEN v_lo AND v_hi),
+                (SELECT min(u.s) FROM {inflight} h, unnest(h.seqs) AS u(s)
+                 WHERE h.owner = p_owner AND h.until <= v_now)),
+            v_cand IS NOT NULL AND NOT EXISTS (
+                SELECT 1 FROM pg_stat_get_activity(NULL) a
+                WHERE a.datid = (SELECT d.oid FROM pg_database d
+                                 WHERE d.datname = current_database())
+                  AND a.pid <> pg_backend_pid()
+                  AND a.backend_type IS DISTINCT FROM 'autovacuum worker'
+                  -- (a session it may not see has no state: it counts as one that began
+                  -- too early)
+                  AND (a.xact_start <= v_cand_at OR a.state IS NULL))
+              AND NOT EXISTS (SELECT 1 FROM pg_prepared_xacts x
+                              WHERE x.database = current_database()),
+            (SELECT coalesce(max(t.seq), 0) FROM {table} t),
+            -- (its own rows in flight are usually all at or below its floor: the scan then
+            -- need not look them up)
+            (SELECT max(u.s) FROM {inflight} h, unnest(h.seqs) AS u(s)
+             WHERE h.owner = p_owner AND h.until > v_now)
+          INTO v_pin, v_ok, v_top, v_held;
+        IF v_pin <= v_floor THEN
+            v_floor := v_pin - 1;
+        END IF;
+        v_above := coalesce(v_held > v_floor, false);
+        IF v_ok THEN
+            v_x := v_cand;
+            v_cand := NULL;
+        END IF;
+        IF v_cand IS NULL THEN
+            -- the seq first (read above), then the time: whoever holds a lower seq began
+            -- before it
+            v_cand := v_top;
+            v_cand_at := clock_timestamp();
+        END IF;
+    ELSE
+        v_floor := 0;
+    END IF;
 
     RETURN QUERY
     WITH blocked AS MATERIALIZED (
@@ -248,23 +343,45 @@ BEGIN
           -- in order), checked on the entries of _pseq: the scan reads the heap rows of
           -- its own partitions only, not every other relay's
           AND o.part BETWEEN v_lo AND v_hi
-          AND o.seq NOT IN (SELECT mine.s FROM mine)
+          AND (NOT v_above OR o.seq NOT IN (SELECT mine.s FROM mine))
+          AND o.seq > v_floor
         ORDER BY o.seq
         LIMIT p_limit
     ), batch AS (
-        INSERT INTO {inflight} (owner, until, seqs, parts)
-        SELECT p_owner, v_until, array_agg(got.seq), array_agg(got.part)
+        INSERT INTO {inflight} (owner, until, seqs, parts, pset)
+        -- (in seq order, as the CTE keeps its rows; were it not, the mark's range check
+        -- could miss a batch, which would then stay in flight until its lease runs out)
+        SELECT p_owner, v_until, array_agg(got.seq), array_agg(got.part),
+               array_agg(DISTINCT got.part)
         FROM got HAVING count(*) > 0
+    ), moved AS (
+        -- the new floor: the scan saw every claimable row of its partitions above the
+        -- floor, up to its last row (or all of them, when it found fewer than p_limit);
+        -- not past the horizon nor a held row, and not at all while a partition of its was
+        -- skipped
+        UPDATE {relays} SET cand = v_cand, cand_at = v_cand_at,
+            floor = CASE WHEN v_busy THEN v_floor ELSE least(v_pin - 1, greatest(v_floor,
+                least(v_x, (SELECT CASE WHEN count(*) >= p_limit THEN max(got.seq) END
+                            FROM got)))) END
+        WHERE owner = p_owner AND p_floor
     )
     SELECT * FROM got ORDER BY got.seq;
 END
 $msdata$;
+-- (the step without the floor, as relays of an earlier version call it: their release does
+-- not lower a floor, so they scan from the start)
+CREATE OR REPLACE FUNCTION {fn}(p_owner text, p_sent bigint[], p_keep boolean,
+                                p_limit integer, p_lease double precision, p_sync boolean)
+RETURNS SETOF {table}
+LANGUAGE sql VOLATILE
+AS $msdata$ SELECT * FROM {fn}(p_owner, p_sent, p_keep, p_limit, p_lease, p_sync, false) $msdata$;
 -- (a plain claim: the same function with no rows to mark)
 CREATE OR REPLACE FUNCTION {claim}(p_owner text, p_limit integer, p_lease double precision,
                                    p_sync boolean)
 RETURNS SETOF {table}
 LANGUAGE sql VOLATILE
-AS $msdata$ SELECT * FROM {fn}(p_owner, '{{}}'::bigint[], false, p_limit, p_lease, p_sync) $msdata$;
+AS $msdata$ SELECT * FROM {fn}(p_owner, '{{}}'::bigint[], false, p_limit, p_lease, p_sync, false)
+$msdata$;
 """
 
 # A relay stopping cleanly: its partitions are free at once (under the rebalance lock),
@@ -646,6 +763,8 @@ class PostgresOutboxStore:
             lease=lease, which="l.owner = $1", which2="l2.owner = $1", rows="$2::bigint[]"
         )
         claim, sent_fn = f"{self.claim_function}($1, $2, $3, $4)", self._sent_fn
+        sent_args = "$1, $2::bigint[], $3, $4, $5, $6"
+        lowered = ""
         if self._partitioned:
             # the same statements over the in-flight batches, which list partitions
             lease = self.inflight_table
@@ -656,13 +775,20 @@ class PostgresOutboxStore:
                 lease=lease, which="l.owner = $1", which2="l2.owner = $1", rows="$2::bigint[]"
             ).replace("keys", "parts")
             # one function for both: a plain claim marks no rows (one PL/pgSQL call)
-            claim = f"{self._psent_fn}($1, '{{}}'::bigint[], false, $2, $3, $4)"
-            sent_fn = self._psent_fn
-        owned = _OWNED.format(lease=lease) + unlease_mine
+            # (true: the scan starts above the relay's floor)
+            claim = f"{self._psent_fn}($1, '{{}}'::bigint[], false, $2, $3, $4, true)"
+            sent_fn, sent_args = self._psent_fn, sent_args + ", true"
+            # rows a relay hands back, backs off or parks are pending again (or held) below
+            # its floor, perhaps: the floor goes below them
+            lowered = (
+                f", lowered AS (UPDATE {self.relays_table} SET floor = least(floor, "
+                "(SELECT min(own.seq) FROM own) - 1) WHERE owner = $1 "
+                "AND EXISTS (SELECT 1 FROM own))"
+            )
+        owned = _OWNED.format(lease=lease) + unlease_mine + lowered
         self._sql = {
             "claim": f"SELECT {_RECORD_COLUMNS} FROM {claim}",
-            "sent_claim": f"SELECT {_RECORD_COLUMNS} "
-            f"FROM {sent_fn}($1, $2::bigint[], $3, $4, $5, $6)",
+            "sent_claim": f"SELECT {_RECORD_COLUMNS} FROM {sent_fn}({sent_args})",
             **{
                 f"leave{i}": q.format(
                     cls=self._lock_class, parts=self.parts_table, relays=self.relays_table

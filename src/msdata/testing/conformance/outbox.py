@@ -867,6 +867,79 @@ class OutboxStoreConformance(OutboxStoreHooks, NoTransactionHook):
             got = await store.claim("relay-a", 100, 30.0)
             assert [r.message_id for r in got] == [first.message_id]
 
+    async def test_a_late_commit_comes_before_later_rows_of_its_key_while_a_relay_claims_on(
+        self,
+    ) -> None:
+        """A row whose transaction commits after a relay has claimed past its seq (a batch
+        in flight, the next claimed ahead) is claimed at the next claim after its commit,
+        before a row of its key committed after it: no claim may start past a seq that a
+        transaction still open may hold."""
+        async with self.make_store() as store:
+            if not store.features.concurrent_writers:
+                pytest.skip("this backend serialises writers: a later transaction cannot commit")
+            late = make_row(key="k-late", n=0)
+            t1 = await self.begin(store)
+            await self.add(store, t1, [late])
+            await self.add_committed(store, make_rows(4, keys=["k0", "k1", "k2", "k3"]))
+            rid = self.relay_id()
+            a = await store.claim(rid, 1, 30.0)
+            b = await store.claim(rid, 1, 30.0)  # claimed ahead while ``a`` is published
+            await self.commit(t1)
+            after = make_row(key="k-late", n=9)
+            await self.add_committed(store, [after])
+            await store.mark_sent(rid, [r.seq for r in a])
+            got = [r.message_id for r in await store.claim(rid, 100, 30.0)]
+            assert late.message_id in got and after.message_id in got
+            assert got.index(late.message_id) < got.index(after.message_id)
+            await store.mark_sent(rid, [r.seq for r in b])
+
+    async def test_rows_handed_back_below_later_claims_are_claimed_again_in_order(self) -> None:
+        """A relay claims on (batches ahead, some marked), then hands back, backs off and
+        parks rows of its earliest batch: each comes again (at once, after its time, after
+        a requeue), ahead of the later rows, as if nothing had been claimed past it."""
+        async with self.timed_store() as (store, time):
+            rows = make_rows(8, keys=[f"k{i}" for i in range(8)])
+            await self.add_committed(store, rows)
+            rid = self.relay_id()
+            a = await store.claim(rid, 3, 30.0)
+            b = await store.claim(rid, 2, 30.0)
+            c = await store.claim(rid, 1, 30.0)
+            assert [r.message_id for r in a + b + c] == [r.message_id for r in rows[:6]]
+            await store.mark_sent(rid, [r.seq for r in b])
+            retry_at = time.now() + timedelta(seconds=self.lease_seconds)
+            await store.retry_later(rid, [a[1].seq], "broker down", retry_at)
+            await store.park(rid, [a[2].seq], "poison")
+            await store.release(rid, [a[0].seq])
+            d = await store.claim(rid, 100, 30.0)
+            assert [r.message_id for r in d] == [rows[i].message_id for i in (0, 6, 7)]
+            await store.mark_sent(rid, [r.seq for r in c + d])
+            await time.pass_(self.lease_seconds + 0.2)
+            e = await store.claim(rid, 100, 30.0)
+            assert [r.message_id for r in e] == [rows[1].message_id]
+            await store.mark_sent(rid, [e[0].seq])
+            assert await store.requeue([a[2].seq]) == 1
+            f = await store.claim(rid, 100, 30.0)
+            assert [r.message_id for r in f] == [rows[2].message_id]
+
+    async def test_a_relays_own_lapsed_batch_comes_again_below_its_later_claims(self) -> None:
+        """A batch whose lease ran out while its relay claimed and marked later batches is
+        claimable again, by that relay too, before rows added after it (a store that
+        leases itself to one relay at a time has no lease per batch)."""
+        async with self.timed_store() as (store, time):
+            if store.features.one_relay_at_a_time:
+                pytest.skip("the relay's lease covers the whole store, renewed by each claim")
+            rows = make_rows(5, keys=[f"k{i}" for i in range(5)])
+            await self.add_committed(store, rows)
+            rid = self.relay_id()
+            a = await store.claim(rid, 1, self.lease_seconds)
+            b = await store.claim(rid, 1, 30.0)
+            c = await store.claim(rid, 1, 30.0)
+            await store.mark_sent(rid, [r.seq for r in b + c])
+            await time.pass_(self.lease_seconds + 0.2)
+            d = await store.claim(rid, 100, 30.0)
+            assert [r.message_id for r in d] == [rows[i].message_id for i in (0, 3, 4)]
+            assert a[0].seq == d[0].seq
+
     # -- what every store refuses or survives ----------------------------------------------
 
     async def test_a_connection_of_another_kind_is_refused(self) -> None:
