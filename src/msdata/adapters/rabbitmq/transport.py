@@ -85,7 +85,11 @@ pass the later messages of its key): it records each delivery's attempt in the g
 given-back queue, then closes its channel, and the broker puts them back in place. The next
 consumer to receive one uses its record once (see
 :meth:`RabbitMQSubscription._record_given_back`). A consumer that dies records nothing, so
-what it held counts.
+what it held counts. Nothing may be on its way to a consumer as it stops (a quorum queue's
+client returns it, counted; a classic queue's closing channel, in ordered mode, hands it back
+flagged): each is first made to hold its prefetch, with *fillers* (empty messages with
+:data:`FILLER_HEADER`, acked by whoever receives them, never handed out) put into its queue
+if the queue has too few messages (see :meth:`RabbitMQSubscription._exhaust_credit`).
 
 Only msdata's own bookkeeping counts: ``x-msdata-prior-attempts``
 (and ``x-msdata-moved``) only on a copy that came through the default exchange (producers
@@ -911,21 +915,14 @@ class RabbitMQSubscription(ClosesOnExit):
                     queues, consumer_tags, self.prefetches(), strict=False
                 ):
                     await self._exhaust_credit(raw, queue, tag, prefetch)
-                for tag in consumer_tags:
-                    await _on_channel(raw, raw.basic_cancel(tag))
+                await self._cancel(raw, consumer_tags)
             finally:
                 self._quiescing = False
                 deferred, self._deferred = self._deferred, []
                 for entry in deferred:
                     await self._ack_entry(entry)
         else:
-            for tag in consumer_tags:
-                await _on_channel(raw, raw.basic_cancel(tag))
-        for tag in consumer_tags:
-            # a delivery that was on its way before cancel-ok comes after it, and the driver
-            # drops a delivery whose consumer it forgot (left unacked, the closing channel
-            # would hand it back, counted): keep taking them
-            raw.consumers.setdefault(tag, self._on_message)
+            await self._cancel(raw, consumer_tags)
         # a round trip: what the broker sent before cancel-ok has reached us before its reply
         await _on_channel(raw, raw.queue_declare(self.queue, passive=True))
         # the driver hands each delivery to _on_message in a task of its own: let those
@@ -947,11 +944,22 @@ class RabbitMQSubscription(ClosesOnExit):
                 break
             await self._settle_recount()
 
+    async def _cancel(self, raw: Any, consumer_tags: Sequence[str]) -> None:
+        for tag in consumer_tags:
+            await _on_channel(raw, raw.basic_cancel(tag))
+            # a delivery that was on its way before cancel-ok comes after it, and the driver
+            # drops a delivery whose consumer it forgot (left unacked, the closing channel
+            # would hand it back, counted): keep taking them
+            raw.consumers.setdefault(tag, self._on_message)
+
     async def _exhaust_credit(self, raw: Any, queue: str, tag: str, prefetch: int) -> bool:
-        """Quorum queue ``queue``: before its consumer ``tag`` stops (cancelled, or its
-        channel closed), make it hold ``prefetch`` unacked deliveries, so nothing is on its way
-        to it then. True if it does (False: it gave up, and a delivery may still be on its
-        way; with single active consumer, a consumer that was never active gives up at once).
+        """Before consumer ``tag`` of ``queue`` stops (cancelled, or its channel closed),
+        make it hold ``prefetch`` unacked deliveries, so nothing is on its way to it then:
+        its prefetch on a quorum queue, 1 on a classic queue in ordered mode (under the
+        channel-wide ``basic.qos`` of 1 set first, see :meth:`_record_given_back`). True if
+        it does (False: it gave up, and a delivery may still be on its way; with single
+        active consumer, a consumer that was never sent anything gives up at once: another
+        one is active).
 
         Why: RabbitMQ's quorum queue client (``rabbit_fifo_client``, 3.10 to 3.13) forgets a
         consumer as soon as it handles ``basic.cancel`` and *returns* a delivery that reaches
@@ -2030,8 +2038,9 @@ class RabbitMQTransport:
         """The ``message_count`` of a passive declare of the group's queue and of its ready
         queue (retries that are due): the messages ready for the group. AMQP does not report
         the delivered-but-unacked ones, nor the retries still waiting out a delay in a tier
-        queue. None if the group's queue does not exist. See
-        :meth:`msdata.transport.Transport.lag`."""
+        queue; it counts the fillers a stopping subscription left there, until a consumer
+        receives them (see :meth:`RabbitMQSubscription._exhaust_credit`). None if the
+        group's queue does not exist. See :meth:`msdata.transport.Transport.lag`."""
         check_name("topic", topic)
         check_name("group", group)
         queue = group_queue_name(self.exchange_name(topic), group)
