@@ -214,7 +214,7 @@ _BROKER_HEADERS = frozenset(
 MOVED_HEADER = "x-msdata-moved"
 #: on a delayed retry's copy that has more delay tiers to go: when it is due (Unix ms)
 NOT_BEFORE_HEADER = "x-msdata-not-before"
-#: on a filler a closing subscription of a quorum queue put into its queue (see
+#: on a filler a stopping subscription put into its queue (see
 #: :meth:`RabbitMQSubscription._exhaust_credit`): never handed out, acked by whoever gets it
 FILLER_HEADER = "x-msdata-filler"
 #: the delays (seconds) of a group's retry queues: a nack's delay passes through the longest
@@ -253,9 +253,10 @@ _GIVE_BACK_TIMEOUT = 5.0
 _GIVEN_BACK_KEPT = 24 * 3600.0
 # an unused retry queue is deleted this long after its delay has run out
 _RETRY_QUEUE_GRACE_MS = 60_000
-# a closing subscription of a quorum queue tries this many rounds, waiting a little longer
-# after each (seconds, doubled each round), to make each of its consumers hold its prefetch
-_EXHAUST_ROUNDS = 8
+# a stopping subscription spends up to this long (seconds) making each of its consumers hold
+# its prefetch, checking again after a wait that starts at _EXHAUST_WAIT and doubles up to
+# 0.1 s (see _exhaust_credit); within _GIVE_BACK_TIMEOUT
+_EXHAUST_TIMEOUT = 1.5
 _EXHAUST_WAIT = 0.005
 
 
@@ -973,16 +974,22 @@ class RabbitMQSubscription(ClosesOnExit):
         :data:`FILLER_HEADER`, through the default exchange, confirmed on this channel: the
         deliveries they cause reach us before their confirms); whoever receives a filler
         acks it, never hands it out."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _EXHAUST_TIMEOUT
         wait = _EXHAUST_WAIT
         budget = 2 * prefetch
-        for _ in range(_EXHAUST_ROUNDS):
+        while True:
             # a round trip: what the broker sent before its reply has reached us
             ok = await _on_channel(raw, raw.queue_declare(queue, passive=True))
             await asyncio.sleep(0)  # the driver's tasks hand us what arrived
             held = sum(1 for e in self._unacked if e.tag == tag and not e.stale)
             if held >= prefetch:
                 return True
-            if budget > 0 and not ok.message_count:
+            if not ok.message_count:
+                # the queue has too few messages to fill it: fillers (while competing
+                # consumers do not take them all)
+                if budget <= 0:
+                    break
                 n = min(prefetch - held, budget)
                 budget -= n
                 await self._publish_fillers(raw, queue, n)
@@ -992,8 +999,12 @@ class RabbitMQSubscription(ClosesOnExit):
                     # (if this one becomes active now, what it is sent may come back counted)
                     return False
                 continue
+            # messages are ready, so the queue sees it hold its prefetch: acks it sent are
+            # still to be applied (then it is sent more)
+            if loop.time() + wait > deadline:
+                break
             await asyncio.sleep(wait)
-            wait *= 2
+            wait = min(2 * wait, 0.1)
         log.debug("a consumer of %s stops not holding its prefetch", queue)
         return False
 
