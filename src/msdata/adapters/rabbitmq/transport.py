@@ -648,7 +648,10 @@ class RabbitMQDelivery(DeliveryState["RabbitMQSubscription"]):
         sub = self._sub
         if sub._ordered:
             sub._live.discard(self._entry)  # before the ack: a closing one records no more
-        await sub._ack_entry(self._entry)
+        if sub._tracks:
+            await sub._ack_entry(self._entry)
+        else:
+            await _ack(self._entry.raw)  # the default (classic, unordered): no bookkeeping
         sub._release_key(self._entry)
 
     async def nack(self, delay: float = 0.0, reason: str | None = None) -> None:
