@@ -85,7 +85,11 @@ pass the later messages of its key): it records each delivery's attempt in the g
 given-back queue, then closes its channel, and the broker puts them back in place. The next
 consumer to receive one uses its record once (see
 :meth:`RabbitMQSubscription._record_given_back`). A consumer that dies records nothing, so
-what it held counts.
+what it held counts. Nothing may be on its way to a consumer as it stops (a quorum queue's
+client returns it, counted; a classic queue's closing channel, in ordered mode, hands it back
+flagged): each is first made to hold its prefetch, with *fillers* (empty messages with
+:data:`FILLER_HEADER`, acked by whoever receives them, never handed out) put into its queue
+if the queue has too few messages (see :meth:`RabbitMQSubscription._exhaust_credit`).
 
 Only msdata's own bookkeeping counts: ``x-msdata-prior-attempts``
 (and ``x-msdata-moved``) only on a copy that came through the default exchange (producers
@@ -210,6 +214,9 @@ _BROKER_HEADERS = frozenset(
 MOVED_HEADER = "x-msdata-moved"
 #: on a delayed retry's copy that has more delay tiers to go: when it is due (Unix ms)
 NOT_BEFORE_HEADER = "x-msdata-not-before"
+#: on a filler a stopping subscription put into its queue (see
+#: :meth:`RabbitMQSubscription._exhaust_credit`): never handed out, acked by whoever gets it
+FILLER_HEADER = "x-msdata-filler"
 #: the delays (seconds) of a group's retry queues: a nack's delay passes through the longest
 #: tier not above what is left of it, again and again until it is due, so any delay needs at
 #: most these queues per group, however the delays are jittered
@@ -219,6 +226,7 @@ _INTERNAL_HEADERS = _BROKER_HEADERS | {
     PRIOR_ATTEMPTS_HEADER,
     MOVED_HEADER,
     NOT_BEFORE_HEADER,
+    FILLER_HEADER,
 }
 _PERSISTENT = 2
 #: ``max_message_bytes`` by default: the codec's 1 MiB body limit plus 64 KiB for the id and
@@ -245,6 +253,11 @@ _GIVE_BACK_TIMEOUT = 5.0
 _GIVEN_BACK_KEPT = 24 * 3600.0
 # an unused retry queue is deleted this long after its delay has run out
 _RETRY_QUEUE_GRACE_MS = 60_000
+# a stopping subscription spends up to this long (seconds) making each of its consumers hold
+# its prefetch, checking again after a wait that starts at _EXHAUST_WAIT and doubles up to
+# 0.1 s (see _exhaust_credit); within _GIVE_BACK_TIMEOUT
+_EXHAUST_TIMEOUT = 1.5
+_EXHAUST_WAIT = 0.005
 
 
 def group_queue_name(exchange: str, group: str) -> str:
@@ -530,6 +543,7 @@ class _Entry:
 
     __slots__ = (
         "attempt",
+        "filler",
         "known",
         "looked",
         "message",
@@ -538,6 +552,7 @@ class _Entry:
         "out",
         "prior",
         "raw",
+        "tag",
     )
 
     def __init__(self, raw: DeliveredMessage) -> None:
@@ -556,6 +571,10 @@ class _Entry:
         self.moved: str | None = None
         #: a delayed retry not due before this Unix time (else 0)
         self.not_before = 0.0
+        #: a filler a closing subscription put into the queue (never handed out)
+        self.filler = False
+        #: the consumer it was delivered to (None if it was not: a basic.get)
+        self.tag: str | None = None
 
     def parse(self, counts_deliveries: bool) -> TransportMessage:
         """The message, and ``attempt`` from msdata's own bookkeeping only: the
@@ -582,6 +601,8 @@ class _Entry:
                         self.moved = _text(value)
                     elif name == NOT_BEFORE_HEADER and own:
                         self.not_before = _count_ms(value) / 1000
+                    elif name == FILLER_HEADER and own:
+                        self.filler = True
                     elif name == _DELIVERY_COUNT and counts_deliveries and raw.redelivered:
                         # the broker sets it on a redelivery only; a first delivery's is foreign
                         count = _count(value)
@@ -627,7 +648,10 @@ class RabbitMQDelivery(DeliveryState["RabbitMQSubscription"]):
         sub = self._sub
         if sub._ordered:
             sub._live.discard(self._entry)  # before the ack: a closing one records no more
-        await _ack(self._entry.raw)
+        if sub._tracks:
+            await sub._ack_entry(self._entry)
+        else:
+            await _ack(self._entry.raw)  # the default (classic, unordered): no bookkeeping
         sub._release_key(self._entry)
 
     async def nack(self, delay: float = 0.0, reason: str | None = None) -> None:
@@ -713,6 +737,8 @@ class RabbitMQSubscription(ClosesOnExit):
         self._dlq_topic = dead_letter_topic(topic, group)
         self._ordered = transport.features.ordered_per_key
         self._counts_deliveries = transport.queue_type == "quorum"
+        # whether it keeps count of what each consumer holds (see _exhaust_credit)
+        self._tracks = self._counts_deliveries or self._ordered
         self._channel: AbstractRobustChannel | None = None
         self._pending: deque[_Entry] = deque()
         # order per key (ordered mode only): the entry of a key handed out or being retried,
@@ -731,6 +757,15 @@ class RabbitMQSubscription(ClosesOnExit):
         # s), channel, delivery tag)]
         self._live: set[_Entry] = set()
         self._records: dict[tuple[str, int, str], list[tuple[int, float, Any, int]]] = {}
+        # quorum queues and ordered mode: what it received on its consumers and did not ack
+        # (see _exhaust_credit); while it stops consuming (quorum, not ordered), the acks it
+        # holds back until its consumers are cancelled; and fillers received, to ack
+        self._unacked: set[_Entry] = set()
+        self._quiescing = False
+        self._deferred: list[_Entry] = []
+        self._fillers: list[_Entry] = []
+        # quorum queues and ordered mode: the consumer tags that were sent a delivery
+        self._sent_to: set[str] = set()
         self._marker = uuid.uuid4().hex
         self._signal = asyncio.Event()
         self._closed = False
@@ -842,6 +877,8 @@ class RabbitMQSubscription(ClosesOnExit):
         self._recount.clear()
         self._moving.clear()
         self._live.clear()
+        self._unacked.clear()
+        self._fillers.clear()
         self._records.clear()  # held on the old channel: the broker took them back
         if self._resuming is not None:
             self._resuming.cancel()
@@ -867,19 +904,29 @@ class RabbitMQSubscription(ClosesOnExit):
         redelivered, which counts an attempt (see the module docstring): so consumers that
         stop, however many times and however many there are, would push a message that was
         never handled to ``max_attempts`` and the dead-letter topic. Not in ordered mode: a
-        copy at the back of a queue would pass the later messages of its key."""
+        copy at the back of a queue would pass the later messages of its key. On a quorum
+        queue each consumer is first made to hold its whole prefetch
+        (:meth:`_exhaust_credit`), so nothing is on its way to it when it is cancelled."""
         tags, self._tags = self._tags, None
         if tags is None or tags[0].is_closed:
             return
         raw, consumer_tags = tags
-        for queue, tag in zip((self.queue, self.ready_queue), consumer_tags, strict=False):
-            if self._counts_deliveries:
-                await self._sync_quorum_consumer(raw, queue)
-            await _on_channel(raw, raw.basic_cancel(tag))
-            # a delivery that was on its way before cancel-ok comes after it, and the driver
-            # drops a delivery whose consumer it forgot (left unacked, the closing channel
-            # would hand it back, counted): keep taking them
-            raw.consumers.setdefault(tag, self._on_message)
+        if self._counts_deliveries:
+            self._quiescing = True  # acks wait for the cancel: an ack would let more in
+            try:
+                queues = (self.queue, self.ready_queue)
+                for queue, tag, prefetch in zip(
+                    queues, consumer_tags, self.prefetches(), strict=False
+                ):
+                    await self._exhaust_credit(raw, queue, tag, prefetch)
+                await self._cancel(raw, consumer_tags)
+            finally:
+                self._quiescing = False
+                deferred, self._deferred = self._deferred, []
+                for entry in deferred:
+                    await self._ack_entry(entry)
+        else:
+            await self._cancel(raw, consumer_tags)
         # a round trip: what the broker sent before cancel-ok has reached us before its reply
         await _on_channel(raw, raw.queue_declare(self.queue, passive=True))
         # the driver hands each delivery to _on_message in a task of its own: let those
@@ -891,34 +938,122 @@ class RabbitMQSubscription(ClosesOnExit):
                     continue
                 if entry.message is None:
                     entry.parse(self._counts_deliveries)
-                self._recount.append(entry)
+                if entry.filler:
+                    self._fillers.append(entry)
+                else:
+                    self._recount.append(entry)
             self._pending.clear()
+            await self._drop_fillers()
             if not self._recount:
                 break
             await self._settle_recount()
 
-    async def _sync_quorum_consumer(self, raw: Any, queue: str) -> None:
-        """Before the consumer of quorum queue ``queue`` is cancelled: make sure every
-        delivery the queue already decided to send it reaches the channel while the consumer
-        is still known there.
+    async def _cancel(self, raw: Any, consumer_tags: Sequence[str]) -> None:
+        for tag in consumer_tags:
+            await _on_channel(raw, raw.basic_cancel(tag))
+            # a delivery that was on its way before cancel-ok comes after it, and the driver
+            # drops a delivery whose consumer it forgot (left unacked, the closing channel
+            # would hand it back, counted): keep taking them
+            raw.consumers.setdefault(tag, self._on_message)
 
-        Why: RabbitMQ's quorum queue client (``rabbit_fifo_client``, 3.10) forgets the
-        consumer as soon as it handles ``basic.cancel``, and *returns* a delivery that reaches
-        the channel after that, which raises its ``x-delivery-count``: a message it never
-        handed to us would come back counted. Such a delivery is the refill the queue sends
-        when it applies our last acks. A ``basic.get`` is a command the queue applies after
-        those acks, and replies to after sending their refills, so they are delivered to us
-        before it; what it takes itself is one more delivery to give back. (Only new messages
-        published in the instant between this and the cancel can still come back counted.)
-        """
-        got = await _on_channel(raw, raw.basic_get(queue))
-        if isinstance(got.delivery, Basic.GetOk):
-            self._pending.append(_Entry(got))
+    async def _exhaust_credit(self, raw: Any, queue: str, tag: str, prefetch: int) -> bool:
+        """Before consumer ``tag`` of ``queue`` stops (cancelled, or its channel closed),
+        make it hold ``prefetch`` unacked deliveries, so nothing is on its way to it then:
+        its prefetch on a quorum queue, 1 on a classic queue in ordered mode (under the
+        channel-wide ``basic.qos`` of 1 set first, see :meth:`_record_given_back`). True if
+        it does (False: it gave up, and a delivery may still be on its way; with single
+        active consumer, a consumer that was never sent anything gives up at once: another
+        one is active).
+
+        Why: RabbitMQ's quorum queue client (``rabbit_fifo_client``, 3.10 to 3.13) forgets a
+        consumer as soon as it handles ``basic.cancel`` and *returns* a delivery that reaches
+        the channel after that, and a closing channel returns every delivery it holds or is
+        sent: both raise ``x-delivery-count``, so a message never handed to us would come back
+        counted. The queue sends a consumer a delivery only while it has credit (its
+        prefetch minus what it holds; an ack gives one back), so a consumer that holds its
+        prefetch, counting only acks we sent, is sent nothing, whatever acks the broker has
+        yet to apply, as long as we ack nothing more. If the queue has too few messages to
+        fill it, this puts *fillers* into the queue (empty messages with
+        :data:`FILLER_HEADER`, through the default exchange, confirmed on this channel: the
+        deliveries they cause reach us before their confirms); whoever receives a filler
+        acks it, never hands it out."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _EXHAUST_TIMEOUT
+        wait = _EXHAUST_WAIT
+        budget = 2 * prefetch
+        while True:
+            # a round trip: what the broker sent before its reply has reached us
+            ok = await _on_channel(raw, raw.queue_declare(queue, passive=True))
+            await asyncio.sleep(0)  # the driver's tasks hand us what arrived
+            held = sum(1 for e in self._unacked if e.tag == tag and not e.stale)
+            if held >= prefetch:
+                return True
+            if not ok.message_count:
+                # the queue has too few messages to fill it: fillers (while competing
+                # consumers do not take them all)
+                if budget <= 0:
+                    break
+                n = min(prefetch - held, budget)
+                budget -= n
+                await self._publish_fillers(raw, queue, n)
+                await asyncio.sleep(0)
+                if self._ordered and tag not in self._sent_to:
+                    # a single active consumer is sent them at once: another one is active
+                    # (if this one becomes active now, what it is sent may come back counted)
+                    return False
+                continue
+            # messages are ready, so the queue sees it hold its prefetch: acks it sent are
+            # still to be applied (then it is sent more)
+            if loop.time() + wait > deadline:
+                break
+            await asyncio.sleep(wait)
+            wait = min(2 * wait, 0.1)
+        log.debug("a consumer of %s stops not holding its prefetch", queue)
+        return False
+
+    async def _publish_fillers(self, raw: Any, queue: str, n: int) -> None:
+        props = Basic.Properties(
+            message_id=f"msdata-filler:{self._marker}",
+            delivery_mode=_PERSISTENT,
+            headers={FILLER_HEADER: self._marker},
+        )
+        results = await asyncio.gather(
+            *[
+                _on_channel(
+                    raw, raw.basic_publish(b"", exchange="", routing_key=queue, properties=props)
+                )
+                for _ in range(n)
+            ],
+            return_exceptions=True,
+        )
+        _confirmed(results, f"filling the consumer of {queue!r}")
+
+    async def _ack_entry(self, entry: _Entry) -> None:
+        """Ack ``entry`` (held back while a closing subscription waits for its consumers to
+        be cancelled: see :meth:`_give_back`)."""
+        if self._tracks:
+            if self._quiescing:
+                self._deferred.append(entry)
+                return
+            self._unacked.discard(entry)
+        await _ack(entry.raw)
+
+    async def _drop_fillers(self) -> None:
+        """Ack the fillers received (never handed out; see :meth:`_exhaust_credit`)."""
+        fillers, self._fillers = self._fillers, []
+        for entry in fillers:
+            self._live.discard(entry)
+            await self._ack_entry(entry)
 
     def _on_message(self, raw: DeliveredMessage) -> None:
         if self._closed:
             return  # the closing channel hands it back
         entry = _Entry(raw)
+        if self._tracks:
+            tag = entry.tag = getattr(raw.delivery, "consumer_tag", None)
+            if tag is not None:
+                self._unacked.add(entry)
+                self._sent_to.add(tag)
         if self._ordered:
             self._live.add(entry)
         self._pending.append(entry)
@@ -945,13 +1080,14 @@ class RabbitMQSubscription(ClosesOnExit):
         Nothing may arrive unrecorded between the record and the close (it would come back
         counted): a channel-wide ``basic.qos`` of 1 stops a classic queue from sending to a
         channel that holds a delivery, two round trips bring in what it sent before, and
-        what came meanwhile is recorded in another round. (A quorum queue ignores a
-        channel-wide ``basic.qos``: a refill for the last acks that arrives after the last
-        round comes back counted.)"""
+        what came meanwhile is recorded in another round. A quorum queue ignores a
+        channel-wide ``basic.qos``: there the consumer is made to hold its whole prefetch
+        first (:meth:`_exhaust_credit`), so it is sent nothing more (fillers are not
+        recorded: whoever receives one acks it)."""
         tags = self._tags
         if tags is None or tags[0].is_closed:
             return
-        raw = tags[0]
+        raw, consumer_tags = tags
         with _amqp_errors(f"recording what {self.queue!r} gives back"):
             if not self._counts_deliveries:
                 await _on_channel(raw, raw.basic_qos(prefetch_count=1, global_=True))
@@ -960,18 +1096,27 @@ class RabbitMQSubscription(ClosesOnExit):
             # until a round finds nothing new (holding one delivery or more, the channel is
             # sent nothing more; a few rounds at most, for a queue that does not stop)
             for _ in range(5):
+                # the channel-wide basic.qos of 1 of a classic queue, the consumer's
+                # prefetch on a quorum queue
+                limit = self.prefetches()[0] if self._counts_deliveries else 1
+                await self._exhaust_credit(raw, self.queue, consumer_tags[0], limit)
                 for _ in range(2):
                     await _on_channel(raw, raw.queue_declare(self.queue, passive=True))
                 await asyncio.sleep(0)  # the driver's tasks hand us what arrived
                 fresh = [e for e in self._live if e not in recorded and not e.stale]
                 if not fresh:
                     break
+                recorded.update(fresh)
+                for entry in fresh:
+                    if entry.message is None:
+                        entry.parse(self._counts_deliveries)
+                fresh = [e for e in fresh if not e.filler]
+                if not fresh:
+                    continue
                 # a redelivery not looked up yet carries on its own record, not a count
                 await self._look_up_given_back(fresh)
                 bodies: list[bytes] = []
                 for entry in fresh:
-                    if entry.message is None:
-                        entry.parse(self._counts_deliveries)
                     attempt = entry.attempt + 1 if entry.out else entry.attempt
                     bodies.append(json.dumps([*entry.given_back_key(), attempt, now]).encode())
                 await self._publish_given_back(raw, bodies)
@@ -1017,6 +1162,9 @@ class RabbitMQSubscription(ClosesOnExit):
         for entry in waiting:
             if entry.message is None:
                 entry.parse(self._counts_deliveries)
+        waiting = [e for e in waiting if not e.filler]
+        if not waiting:
+            return
         keys = [e.given_back_key() for e in waiting]
         if any(k not in self._records for k in keys):
             try:
@@ -1084,6 +1232,8 @@ class RabbitMQSubscription(ClosesOnExit):
                 if not head.looked and head.raw.redelivered and not head.stale:
                     await self._look_up_given_back(self._pending)
             out = self._take(max_messages)
+            if self._fillers:
+                await self._drop_fillers()
             if self._recount:
                 # not under the timeout: what was taken is handed out or moved, never dropped
                 await self._settle_recount()
@@ -1109,11 +1259,14 @@ class RabbitMQSubscription(ClosesOnExit):
                 if ordered:
                     self._skip_stale(entry)
                 continue
+            message = entry.message or entry.parse(self._counts_deliveries)
+            if entry.filler:
+                self._fillers.append(entry)  # acked, never handed out
+                continue
             if ordered and not entry.looked and entry.raw.redelivered:
                 # its given-back record is looked for first (see receive)
                 pending.appendleft(entry)
                 break
-            message = entry.message or entry.parse(self._counts_deliveries)
             key = message.key
             if self._needs_recount(entry, key):
                 self._recount.append(entry)
@@ -1201,7 +1354,7 @@ class RabbitMQSubscription(ClosesOnExit):
             for (entry, _, _), result in zip(copies, results, strict=True):
                 if isinstance(result, Basic.Ack):
                     self._live.discard(entry)
-                    await _ack(entry.raw)
+                    await self._ack_entry(entry)
                     channels[id(entry.raw.channel)] = entry.raw.channel
                 else:
                     self._not_moved(entry, result)
@@ -1407,7 +1560,7 @@ class RabbitMQSubscription(ClosesOnExit):
         _confirmed([result], f"{what} of {mid}")
         self._live.discard(entry)
         # if the channel dropped meanwhile, the original comes again: a duplicate, allowed
-        await _ack(entry.raw)
+        await self._ack_entry(entry)
 
 
 class RabbitMQTransport:
@@ -1899,8 +2052,9 @@ class RabbitMQTransport:
         """The ``message_count`` of a passive declare of the group's queue and of its ready
         queue (retries that are due): the messages ready for the group. AMQP does not report
         the delivered-but-unacked ones, nor the retries still waiting out a delay in a tier
-        queue. None if the group's queue does not exist. See
-        :meth:`msdata.transport.Transport.lag`."""
+        queue; it counts the fillers a stopping subscription left there, until a consumer
+        receives them (see :meth:`RabbitMQSubscription._exhaust_credit`). None if the
+        group's queue does not exist. See :meth:`msdata.transport.Transport.lag`."""
         check_name("topic", topic)
         check_name("group", group)
         queue = group_queue_name(self.exchange_name(topic), group)

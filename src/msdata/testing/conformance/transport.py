@@ -429,7 +429,43 @@ class TransportConformance:
             async with t.subscribe(dead_letter_topic(topic, group), self.unique("ops")) as dlq:
                 await self.assert_quiet(dlq)
 
-    async def test_a_released_delivery_comes_back_with_the_same_attempt(self) -> None:
+    async def test_consumers_restarting_while_messages_arrive_count_only_what_they_handed_out(
+        self,
+    ) -> None:
+        """Consumers that stop and start again in quick succession while a producer keeps
+        publishing (each handles what one receive gives it, acks it, and closes) never make a
+        message they did not hand out come back counted: every message is first handed out
+        as attempt 1. (On RabbitMQ quorum queues a delivery on its way to a consumer as it
+        stops, a refill for its last acks or a message just published, came back counted.)"""
+        topic, group = self.unique("topic"), self.unique("group")
+        n, prefetch = 240, 40
+        async with self.make_transport() as t:
+            await t.declare_group(topic, group)
+            msgs = make_messages(n)
+            first: dict[str, int] = {}
+
+            async def produce() -> None:
+                for i in range(0, n, 2):
+                    await t.publish(topic, msgs[i : i + 2])
+                    await asyncio.sleep(0.002)
+
+            producer = asyncio.create_task(produce())
+            try:
+                wait = t.features.redelivery_timeout + self.arrival_timeout
+                last = time.monotonic()
+                while len(first) < n and time.monotonic() - last < wait:
+                    async with t.subscribe(topic, group, max_attempts=50, prefetch=prefetch) as s:
+                        got = await s.receive(prefetch, timeout=0.05)
+                        for d in got:
+                            first.setdefault(d.message.id, d.attempt)
+                            await d.ack()
+                    if got:
+                        last = time.monotonic()
+            finally:
+                await producer
+            assert sorted(first) == sorted(m.id for m in msgs)
+            counted = {i: a for i, a in first.items() if a != 1}
+            assert counted == {}, f"{len(counted)} of {n} first handed out counted: {counted}"
         """``release()`` (a consumer stopping before it started on a delivery) is not an
         attempt: released more times than ``max_attempts``, by one subscription or by several
         that then close, the message comes back with its attempt and is never
