@@ -466,6 +466,8 @@ class TransportConformance:
             assert sorted(first) == sorted(m.id for m in msgs)
             counted = {i: a for i, a in first.items() if a != 1}
             assert counted == {}, f"{len(counted)} of {n} first handed out counted: {counted}"
+
+    async def test_a_released_delivery_comes_back_with_the_same_attempt(self) -> None:
         """``release()`` (a consumer stopping before it started on a delivery) is not an
         attempt: released more times than ``max_attempts``, by one subscription or by several
         that then close, the message comes back with its attempt and is never
