@@ -612,6 +612,91 @@ async def test_stopping_under_load_again_and_again_dead_letters_nothing(backend:
             assert [d.message.headers.get(DEAD_LETTER_REASON) for d in dead] == []
 
 
+_STOP_BACKENDS = [
+    *TRANSPORTS,
+    pytest.param("rabbitmq-ordered", id="rabbitmq-ordered", marks=pytest.mark.rabbitmq),
+    pytest.param("nats-ordered", id="nats-ordered", marks=pytest.mark.nats),
+]
+
+
+@pytest.mark.parametrize("backend", _STOP_BACKENDS)
+async def test_a_handler_cancelled_by_stop_again_and_again_is_handled_later_uncounted(
+    backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rolling deploy with a handler longer than ``stop_timeout``: each stop cancels it,
+    and its delivery goes back uncounted (the bus cancelled it; the message did nothing
+    wrong). Stopped more times than ``max_attempts``, it is not dead-lettered; it comes back
+    with its first attempt and is handled once a bus lets it finish."""
+    backend, ordered = backend.removesuffix("-ordered"), backend.endswith("-ordered")
+    topic, group, max_attempts = f"long-{uuid.uuid4().hex[:8]}", "reports", 2
+    started: list[str] = []
+    finished: list[str] = []
+    let_finish = asyncio.Event()
+
+    async def long_report(event: OrderPlaced) -> None:
+        started.append(event.order_id)
+        await let_finish.wait()  # longer than stop_timeout, until the last run
+        finished.append(event.order_id)
+
+    async with open_transport(backend, ordered=ordered) as t:
+        await t.declare_group(topic, group)
+        await t.declare_group(dead_letter_topic(topic, group), "audit")
+        bus = make_bus(t, max_attempts=max_attempts, stop_timeout=0.2)
+        bus.subscribe(OrderPlaced, long_report, group=group, topic=topic)
+        await make_bus(t).publish(OrderPlaced(order_id="long", amount=1), topic=topic)
+        with caplog.at_level(logging.WARNING, logger="msdata"):
+            for stops in range(max_attempts + 1):
+                async with bus:
+                    await eventually(
+                        lambda n=stops: len(started) > n,  # type: ignore[misc]
+                        timeout=20,
+                        what="the handler to start again",
+                    )
+        assert finished == []
+        # given back with the attempt it had: the stops counted nothing
+        async with t.subscribe(topic, group, max_attempts=max_attempts) as sub:
+            (back,) = await collect(sub, 1, timeout=10, ack=False)
+            assert back.attempt == 1
+            await back.release()
+        let_finish.set()
+        async with bus:
+            await eventually(lambda: finished == ["long"], timeout=20, what="handled")
+        async with t.subscribe(dead_letter_topic(topic, group), "audit") as dlq:
+            assert await dlq.receive(10, timeout=0.5) == []
+    assert started == ["long"] * (max_attempts + 2)
+    noise = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert noise == []
+
+
+@pytest.mark.parametrize("backend", _STOP_BACKENDS)
+async def test_a_handler_cancelled_under_a_short_stop_timeout_is_not_left_behind(
+    backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler that stops when cancelled is not reported as one that would not stop,
+    however short ``stop_timeout``: after cancelling it, the bus waits for the cancellation
+    and the transport's clean-up (giving the delivery back, closing the subscription), and
+    the consumer task has ended when ``stop`` returns."""
+    backend, ordered = backend.removesuffix("-ordered"), backend.endswith("-ordered")
+    topic, group = f"short-{uuid.uuid4().hex[:8]}", "g"
+    started = asyncio.Event()
+
+    async def sleeps(event: OrderPlaced) -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    async with open_transport(backend, ordered=ordered) as t:
+        bus = make_bus(t, stop_timeout=0.05)
+        bus.subscribe(OrderPlaced, sleeps, group=group, topic=topic)
+        await bus.start()
+        await bus.publish(OrderPlaced(order_id="s", amount=1), topic=topic)
+        await started.wait()
+        consumers = [task for c in bus._consumers.values() for task in c.tasks]
+        with caplog.at_level(logging.WARNING, logger="msdata"):
+            await bus.stop()
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+        assert all(task.done() for task in consumers)
+
+
 async def test_in_process_delivery_validates_its_own_copy_of_each_event(
     transport: MemoryTransport,
 ) -> None:
