@@ -718,6 +718,9 @@ class EventBus:
                     self.max_attempts,
                     e,
                 )
+            hand = self._handling.get(task)
+            if hand is not None:
+                hand[0] = hand[1] = None  # the handler stopped: if giving back lags, say so
             await self._release((delivery,))
             if isinstance(e, asyncio.CancelledError):
                 raise e
