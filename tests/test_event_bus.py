@@ -4,13 +4,13 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from pydantic import field_validator
 
-from msdata import Event, MessageRegistry
+from msdata import Event, MessageRegistry, telemetry
 from msdata.adapters.memory import MemoryTransport
 from msdata.errors import (
     ConfigurationError,
@@ -21,9 +21,10 @@ from msdata.errors import (
 from msdata.events import EventBus
 from msdata.messages import Envelope, current_envelope, message_type
 from msdata.middleware import Next, logging_middleware, retry, timing
+from msdata.telemetry import ConsumeScope, Telemetry
 from msdata.testing import eventually
 from msdata.testing.conformance.transport import collect
-from msdata.transport import DEAD_LETTER_REASON, TransportMessage, dead_letter_topic
+from msdata.transport import DEAD_LETTER_REASON, Delivery, TransportMessage, dead_letter_topic
 from transport_factories import TRANSPORTS, open_transport
 
 registry = MessageRegistry()
@@ -619,53 +620,83 @@ _STOP_BACKENDS = [
 ]
 
 
+class _Attempts(Telemetry):
+    """Records each delivery the bus hands to a handler: (order id, attempt)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
+
+    def consume(
+        self,
+        topic: str,
+        group: str,
+        delivery: Delivery,
+        envelope: Envelope[Any],
+        handler: Callable[..., Any],
+    ) -> ConsumeScope:
+        self.seen.append((envelope.message.order_id, delivery.attempt))
+        return super().consume(topic, group, delivery, envelope, handler)
+
+
 @pytest.mark.parametrize("backend", _STOP_BACKENDS)
 async def test_a_handler_cancelled_by_stop_again_and_again_is_handled_later_uncounted(
     backend: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A rolling deploy with a handler longer than ``stop_timeout``: each stop cancels it,
     and its delivery goes back uncounted (the bus cancelled it; the message did nothing
-    wrong). Stopped more times than ``max_attempts``, it is not dead-lettered; it comes back
-    with its first attempt and is handled once a bus lets it finish."""
+    wrong), as do the deliveries its consumer held behind it. Stopped more times than
+    ``max_attempts``, none is dead-lettered: each comes back with its first attempt, and
+    all are handled once a bus lets the long one finish."""
     backend, ordered = backend.removesuffix("-ordered"), backend.endswith("-ordered")
     topic, group, max_attempts = f"long-{uuid.uuid4().hex[:8]}", "reports", 2
-    started: list[str] = []
     finished: list[str] = []
     let_finish = asyncio.Event()
+    attempts = _Attempts()
 
-    async def long_report(event: OrderPlaced) -> None:
-        started.append(event.order_id)
-        await let_finish.wait()  # longer than stop_timeout, until the last run
+    async def report(event: OrderPlaced) -> None:
+        if event.order_id == "long":
+            await let_finish.wait()  # longer than stop_timeout, until the last run
         finished.append(event.order_id)
 
-    async with open_transport(backend, ordered=ordered) as t:
-        await t.declare_group(topic, group)
-        await t.declare_group(dead_letter_topic(topic, group), "audit")
-        bus = make_bus(t, max_attempts=max_attempts, stop_timeout=0.2)
-        bus.subscribe(OrderPlaced, long_report, group=group, topic=topic)
-        await make_bus(t).publish(OrderPlaced(order_id="long", amount=1), topic=topic)
-        with caplog.at_level(logging.WARNING, logger="msdata"):
-            for stops in range(max_attempts + 1):
+    def long_started() -> int:
+        return sum(1 for order, _ in attempts.seen if order == "long")
+
+    previous = telemetry.install(attempts)
+    try:
+        async with open_transport(backend, ordered=ordered) as t:
+            await t.declare_group(topic, group)
+            await t.declare_group(dead_letter_topic(topic, group), "audit")
+            bus = make_bus(t, max_attempts=max_attempts, stop_timeout=0.2)
+            bus.subscribe(OrderPlaced, report, group=group, topic=topic)
+            await make_bus(t).publish_many(
+                [OrderPlaced(order_id=i, amount=1) for i in ("long", "b1", "b2", "b3")],
+                topic=topic,
+                key=lambda e: "k",  # one key: on the ordered modes the others wait behind it
+            )
+            with caplog.at_level(logging.WARNING, logger="msdata"):
+                for stops in range(max_attempts + 1):
+                    async with bus:
+                        await eventually(
+                            lambda n=stops: long_started() > n,  # type: ignore[misc]
+                            timeout=20,
+                            what="the long handler to start again",
+                        )
+                assert "long" not in finished
+                let_finish.set()
                 async with bus:
                     await eventually(
-                        lambda n=stops: len(started) > n,  # type: ignore[misc]
+                        lambda: sorted(finished) == ["b1", "b2", "b3", "long"],
                         timeout=20,
-                        what="the handler to start again",
+                        what="all handled",
                     )
-        assert finished == []
-        # given back with the attempt it had: the stops counted nothing
-        async with t.subscribe(topic, group, max_attempts=max_attempts) as sub:
-            (back,) = await collect(sub, 1, timeout=10, ack=False)
-            assert back.attempt == 1
-            await back.release()
-        let_finish.set()
-        async with bus:
-            await eventually(lambda: finished == ["long"], timeout=20, what="handled")
-        async with t.subscribe(dead_letter_topic(topic, group), "audit") as dlq:
-            assert await dlq.receive(10, timeout=0.5) == []
-    assert started == ["long"] * (max_attempts + 2)
-    noise = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert noise == []
+            async with t.subscribe(dead_letter_topic(topic, group), "audit") as dlq:
+                assert await dlq.receive(10, timeout=0.5) == []
+    finally:
+        telemetry.install(previous)
+    # handed out again after each stop, never counted
+    assert long_started() == max_attempts + 2
+    assert {attempt for _, attempt in attempts.seen} == {1}
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 @pytest.mark.parametrize("backend", _STOP_BACKENDS)
