@@ -261,10 +261,41 @@ async def test_stop_leaves_unfinished_work_unacked_for_redelivery(
     await started.wait()
     await bus.stop()
     assert finished == []
-    # both come back: the one cancelled mid-handler and the one never started
+    # both come back uncounted: the one cancelled mid-handler and the one never started
     async with transport.subscribe(bus.topic_of(OrderPlaced), "slow") as sub:
         again = await collect(sub, 2, timeout=2)
-    assert sorted(d.message.id for d in again) == sorted([long.id, nxt.id])
+    assert sorted((d.message.id, d.attempt) for d in again) == sorted([(long.id, 1), (nxt.id, 1)])
+
+
+async def test_a_handler_failing_as_stop_cancels_it_gives_its_delivery_back_uncounted(
+    transport: MemoryTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler whose clean-up raises something else when the bus cancels it (a rollback
+    that fails) failed because of the stop, not the message: its delivery is given back
+    uncounted, logged at WARNING, and the consumer still ends."""
+    bus = make_bus(transport, stop_timeout=0.05, max_attempts=1)
+    started = asyncio.Event()
+
+    @bus.handler(OrderPlaced, group="g")
+    async def rolls_back(e: OrderPlaced) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            raise RuntimeError("rollback failed") from None
+
+    await bus.start()
+    sent = await bus.publish(OrderPlaced(order_id="r", amount=1))
+    await started.wait()
+    consumers = [task for c in bus._consumers.values() for task in c.tasks]
+    with caplog.at_level(logging.WARNING, logger="msdata"):
+        await bus.stop()
+    assert all(task.done() for task in consumers)
+    (record,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "rollback failed" in record.getMessage() and "not counted" in record.getMessage()
+    async with transport.subscribe(bus.topic_of(OrderPlaced), "g", max_attempts=1) as sub:
+        (again,) = await collect(sub, 1, timeout=2)
+    assert (again.message.id, again.attempt) == (sent.id, 1)
 
 
 async def test_middleware_wraps_handlers_in_order(

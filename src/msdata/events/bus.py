@@ -519,7 +519,9 @@ class EventBus:
                                     if halt.stopped:
                                         # not started on: given back uncounted, so stopping
                                         # consumers never push a message towards max_attempts
-                                        await self._release(batch[i:])
+                                        # (not again below if cancelled meanwhile)
+                                        rest, i = batch[i:], len(batch)
+                                        await self._release(rest)
                                         break
                                     # The common case inline, as _handle would do it (this runs
                                     # once per message): a delivery within its attempts that
