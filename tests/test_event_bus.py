@@ -4,13 +4,13 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from pydantic import field_validator
 
-from msdata import Event, MessageRegistry
+from msdata import Event, MessageRegistry, telemetry
 from msdata.adapters.memory import MemoryTransport
 from msdata.errors import (
     ConfigurationError,
@@ -21,9 +21,10 @@ from msdata.errors import (
 from msdata.events import EventBus
 from msdata.messages import Envelope, current_envelope, message_type
 from msdata.middleware import Next, logging_middleware, retry, timing
+from msdata.telemetry import ConsumeScope, Telemetry
 from msdata.testing import eventually
 from msdata.testing.conformance.transport import collect
-from msdata.transport import DEAD_LETTER_REASON, TransportMessage, dead_letter_topic
+from msdata.transport import DEAD_LETTER_REASON, Delivery, TransportMessage, dead_letter_topic
 from transport_factories import TRANSPORTS, open_transport
 
 registry = MessageRegistry()
@@ -260,10 +261,41 @@ async def test_stop_leaves_unfinished_work_unacked_for_redelivery(
     await started.wait()
     await bus.stop()
     assert finished == []
-    # both come back: the one cancelled mid-handler and the one never started
+    # both come back uncounted: the one cancelled mid-handler and the one never started
     async with transport.subscribe(bus.topic_of(OrderPlaced), "slow") as sub:
         again = await collect(sub, 2, timeout=2)
-    assert sorted(d.message.id for d in again) == sorted([long.id, nxt.id])
+    assert sorted((d.message.id, d.attempt) for d in again) == sorted([(long.id, 1), (nxt.id, 1)])
+
+
+async def test_a_handler_failing_as_stop_cancels_it_gives_its_delivery_back_uncounted(
+    transport: MemoryTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler whose clean-up raises something else when the bus cancels it (a rollback
+    that fails) failed because of the stop, not the message: its delivery is given back
+    uncounted, logged at WARNING, and the consumer still ends."""
+    bus = make_bus(transport, stop_timeout=0.05, max_attempts=1)
+    started = asyncio.Event()
+
+    @bus.handler(OrderPlaced, group="g")
+    async def rolls_back(e: OrderPlaced) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            raise RuntimeError("rollback failed") from None
+
+    await bus.start()
+    sent = await bus.publish(OrderPlaced(order_id="r", amount=1))
+    await started.wait()
+    consumers = [task for c in bus._consumers.values() for task in c.tasks]
+    with caplog.at_level(logging.WARNING, logger="msdata"):
+        await bus.stop()
+    assert all(task.done() for task in consumers)
+    (record,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "rollback failed" in record.getMessage() and "not counted" in record.getMessage()
+    async with transport.subscribe(bus.topic_of(OrderPlaced), "g", max_attempts=1) as sub:
+        (again,) = await collect(sub, 1, timeout=2)
+    assert (again.message.id, again.attempt) == (sent.id, 1)
 
 
 async def test_middleware_wraps_handlers_in_order(
@@ -610,6 +642,121 @@ async def test_stopping_under_load_again_and_again_dead_letters_nothing(backend:
         async with t.subscribe(dead_letter_topic(topic, group), "audit") as dlq:
             dead = await dlq.receive(100, timeout=1.0)
             assert [d.message.headers.get(DEAD_LETTER_REASON) for d in dead] == []
+
+
+_STOP_BACKENDS = [
+    *TRANSPORTS,
+    pytest.param("rabbitmq-ordered", id="rabbitmq-ordered", marks=pytest.mark.rabbitmq),
+    pytest.param("nats-ordered", id="nats-ordered", marks=pytest.mark.nats),
+]
+
+
+class _Attempts(Telemetry):
+    """Records each delivery the bus hands to a handler: (order id, attempt)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
+
+    def consume(
+        self,
+        topic: str,
+        group: str,
+        delivery: Delivery,
+        envelope: Envelope[Any],
+        handler: Callable[..., Any],
+    ) -> ConsumeScope:
+        self.seen.append((envelope.message.order_id, delivery.attempt))
+        return super().consume(topic, group, delivery, envelope, handler)
+
+
+@pytest.mark.parametrize("backend", _STOP_BACKENDS)
+async def test_a_handler_cancelled_by_stop_again_and_again_is_handled_later_uncounted(
+    backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rolling deploy with a handler longer than ``stop_timeout``: each stop cancels it,
+    and its delivery goes back uncounted (the bus cancelled it; the message did nothing
+    wrong), as do the deliveries its consumer held behind it. Stopped more times than
+    ``max_attempts``, none is dead-lettered: each comes back with its first attempt, and
+    all are handled once a bus lets the long one finish."""
+    backend, ordered = backend.removesuffix("-ordered"), backend.endswith("-ordered")
+    topic, group, max_attempts = f"long-{uuid.uuid4().hex[:8]}", "reports", 2
+    finished: list[str] = []
+    let_finish = asyncio.Event()
+    attempts = _Attempts()
+
+    async def report(event: OrderPlaced) -> None:
+        if event.order_id == "long":
+            await let_finish.wait()  # longer than stop_timeout, until the last run
+        finished.append(event.order_id)
+
+    def long_started() -> int:
+        return sum(1 for order, _ in attempts.seen if order == "long")
+
+    previous = telemetry.install(attempts)
+    try:
+        async with open_transport(backend, ordered=ordered) as t:
+            await t.declare_group(topic, group)
+            await t.declare_group(dead_letter_topic(topic, group), "audit")
+            bus = make_bus(t, max_attempts=max_attempts, stop_timeout=0.2)
+            bus.subscribe(OrderPlaced, report, group=group, topic=topic)
+            await make_bus(t).publish_many(
+                [OrderPlaced(order_id=i, amount=1) for i in ("long", "b1", "b2", "b3")],
+                topic=topic,
+                key=lambda e: "k",  # one key: on the ordered modes the others wait behind it
+            )
+            with caplog.at_level(logging.WARNING, logger="msdata"):
+                for stops in range(max_attempts + 1):
+                    async with bus:
+                        await eventually(
+                            lambda n=stops: long_started() > n,  # type: ignore[misc]
+                            timeout=20,
+                            what="the long handler to start again",
+                        )
+                assert "long" not in finished
+                let_finish.set()
+                async with bus:
+                    await eventually(
+                        lambda: sorted(finished) == ["b1", "b2", "b3", "long"],
+                        timeout=20,
+                        what="all handled",
+                    )
+            async with t.subscribe(dead_letter_topic(topic, group), "audit") as dlq:
+                assert await dlq.receive(10, timeout=0.5) == []
+    finally:
+        telemetry.install(previous)
+    # handed out again after each stop, never counted
+    assert long_started() == max_attempts + 2
+    assert {attempt for _, attempt in attempts.seen} == {1}
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+@pytest.mark.parametrize("backend", _STOP_BACKENDS)
+async def test_a_handler_cancelled_under_a_short_stop_timeout_is_not_left_behind(
+    backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler that stops when cancelled is not reported as one that would not stop,
+    however short ``stop_timeout``: after cancelling it, the bus waits for the cancellation
+    and the transport's clean-up (giving the delivery back, closing the subscription), and
+    the consumer task has ended when ``stop`` returns."""
+    backend, ordered = backend.removesuffix("-ordered"), backend.endswith("-ordered")
+    topic, group = f"short-{uuid.uuid4().hex[:8]}", "g"
+    started = asyncio.Event()
+
+    async def sleeps(event: OrderPlaced) -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    async with open_transport(backend, ordered=ordered) as t:
+        bus = make_bus(t, stop_timeout=0.05)
+        bus.subscribe(OrderPlaced, sleeps, group=group, topic=topic)
+        await bus.start()
+        await bus.publish(OrderPlaced(order_id="s", amount=1), topic=topic)
+        await started.wait()
+        consumers = [task for c in bus._consumers.values() for task in c.tasks]
+        with caplog.at_level(logging.WARNING, logger="msdata"):
+            await bus.stop()
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+        assert all(task.done() for task in consumers)
 
 
 async def test_in_process_delivery_validates_its_own_copy_of_each_event(

@@ -38,6 +38,7 @@ from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.cqrs import CommandBus, QueryBus
 from msdata.errors import ConfigurationError, HandlerAlreadyRegistered
 from msdata.events import EventBus
+from msdata.events.bus import STOP_GRACE
 from msdata.eventstore import EventLog
 from msdata.idempotency import IdempotencyKeys
 from msdata.inbox import Inbox
@@ -734,7 +735,9 @@ class Service:
         while self._stop_steps:
             what, step = self._stop_steps.pop()
             try:
-                await asyncio.wait_for(step(), self.stop_timeout + 1.0)
+                # the bus's own bound is stop_timeout + STOP_GRACE (its cancelled handlers
+                # unwinding): a second more before this gives up on a part
+                await asyncio.wait_for(step(), self.stop_timeout + STOP_GRACE + 1.0)
             except Exception:
                 log.exception("service %s: stopping the %s failed", self.name, what)
         for port, store in self._stores.items():

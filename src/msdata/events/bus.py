@@ -23,11 +23,12 @@ consumers of one group compete. Inside a consumer, a delivery is:
 - acked and skipped when it decodes to a registered type that the group has no handler for.
 
 A failing handler affects only its own group. Nothing crashes the consumer loop. Stopping
-lets each consumer finish the delivery it is handling (up to ``stop_timeout``); what it
-received but did not start on is given back uncounted (``Delivery.release``), so stopping,
-however many consumers stop and however often, does not push a message towards
-``max_attempts``; a delivery whose handler was cancelled stays unacked and is redelivered
-(that one attempt counts).
+lets each consumer finish the delivery it is handling (up to ``stop_timeout``, then it is
+cancelled: see :meth:`EventBus.stop`); what it received but did not start on, and the
+delivery of a handler cancelled at the timeout, is given back uncounted
+(``Delivery.release``), so stopping, however many consumers stop and however often, does
+not push a message towards ``max_attempts``. Only a handler that ignores its cancellation
+is left behind, its delivery unacked and redelivered as its next attempt (logged at ERROR).
 """
 
 from __future__ import annotations
@@ -115,6 +116,11 @@ class _Consumer:
     routes: dict[str, _Route] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
+
+#: seconds :meth:`EventBus.stop` gives, after its timeout, to the handlers it cancelled to
+#: unwind, give their deliveries back and close their subscriptions (three quarters), and to
+#: closing the subscriptions of any that would not stop (the last quarter)
+STOP_GRACE = 1.0
 
 #: the bus's default redelivery delay: 0.1 s doubling per failure up to 30 s, equal jitter
 #: (a random half of it taken off), so consumers failing together spread out
@@ -375,28 +381,31 @@ class EventBus:
             raise
 
     async def stop(self, timeout: float | None = None) -> None:
-        """Stop consuming, within ``timeout`` seconds (default ``stop_timeout``) whatever the
-        handlers do.
+        """Stop consuming. Returns within ``timeout`` (default ``stop_timeout``) plus
+        :data:`STOP_GRACE` seconds, whatever the handlers do.
 
-        Each consumer finishes the delivery in hand while it can; at ``timeout`` minus a
-        grace (a fifth of it, at most 1 s) the consumers still busy are cancelled. A handler
-        that does not stop even then (it caught :class:`asyncio.CancelledError` and went on)
-        is logged at ERROR with its name and message id, and left behind: its subscription is
-        closed, so its delivery stays unacked and is redelivered, and whatever the handler
-        returns later settles nothing. Every delivery not finished is redelivered."""
+        Each consumer finishes the delivery in hand while it can, for ``timeout`` seconds;
+        then the consumers still busy are cancelled. A handler cancelled that way has its
+        delivery given back uncounted (``Delivery.release``), as the deliveries not started
+        on, so stopping never counts an attempt nor dead-letters. The cancelled consumers
+        get three quarters of :data:`STOP_GRACE` to unwind, give back what they hold and
+        close their subscriptions. A handler that does not stop even then (it caught
+        :class:`asyncio.CancelledError` and went on) is logged at ERROR with its name and
+        message id, and left behind: its subscription is closed in the last quarter, so
+        its delivery stays unacked and is redelivered as its next attempt, and whatever the
+        handler returns later settles nothing."""
         if not self._running:
             return
         assert self._halt is not None
         self._halt.stopped = True
-        limit = self.stop_timeout if timeout is None else timeout
-        grace = min(1.0, max(limit, 0.0) / 5)
+        limit = max(self.stop_timeout if timeout is None else timeout, 0.0)
         tasks = [t for c in self._consumers.values() for t in c.tasks]
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=max(limit - grace, 0.0))
+            _, pending = await asyncio.wait(tasks, timeout=limit)
             for t in pending:
                 t.cancel()
             if pending:
-                _, pending = await asyncio.wait(pending, timeout=grace / 2)
+                _, pending = await asyncio.wait(pending, timeout=STOP_GRACE * 3 / 4)
             for t in pending:
                 self._abandon(t)
             if pending:
@@ -404,7 +413,7 @@ class EventBus:
                 subs = [self._subscriptions.pop(t) for t in pending if t in self._subscriptions]
                 closing = [asyncio.ensure_future(s.__aexit__(None, None, None)) for s in subs]
                 if closing:
-                    _, still = await asyncio.wait(closing, timeout=grace / 2)
+                    _, still = await asyncio.wait(closing, timeout=STOP_GRACE / 4)
                     for closer in still:
                         closer.cancel()
         for c in self._consumers.values():
@@ -425,7 +434,12 @@ class EventBus:
         task.add_done_callback(self._abandoned.discard)
         handling = self._handling.get(task)
         if handling is None or handling[0] is None:
-            log.error("consumer task %s would not stop; left behind", task.get_name())
+            log.error(
+                "consumer task %s would not stop (no handler running: giving back or closing "
+                "its subscription took over %.2f s); left behind",
+                task.get_name(),
+                STOP_GRACE * 3 / 4,
+            )
             return
         delivery, handler = handling[0], _name_of(handling[1])
         log.error(
@@ -499,12 +513,15 @@ class EventBus:
                                 if type(hooks) is Telemetry or not batch
                                 else hooks.receiving(consumer.topic, consumer.group, batch)
                             )
+                            i = 0
                             try:
                                 for i, delivery in enumerate(batch):
                                     if halt.stopped:
                                         # not started on: given back uncounted, so stopping
                                         # consumers never push a message towards max_attempts
-                                        await self._release(batch[i:])
+                                        # (not again below if cancelled meanwhile)
+                                        rest, i = batch[i:], len(batch)
+                                        await self._release(rest)
                                         break
                                     # The common case inline, as _handle would do it (this runs
                                     # once per message): a delivery within its attempts that
@@ -568,6 +585,12 @@ class EventBus:
                                         log.exception(
                                             "acking a delivery failed; it will be redelivered"
                                         )
+                            except asyncio.CancelledError:
+                                # stopped mid-batch: what it holds unsettled (the delivery
+                                # in hand was given back already) goes back uncounted
+                                if task not in abandoned:
+                                    await self._release(batch[i:])
+                                raise
                             finally:
                                 if received is not None:
                                     received.close()  # telemetry
@@ -669,22 +692,46 @@ class EventBus:
         seen: ConsumeScope | None,
     ) -> None:
         """The handler raised ``e`` (an Exception or CancelledError): dead-letter the
-        delivery for a :class:`RejectMessage`, else nack it (the transport dead-letters it
-        after ``max_attempts``); raises ``e`` again when the consumer itself is cancelled,
-        leaving the delivery unsettled. ``seen`` is the telemetry scope, if any."""
+        delivery for a :class:`RejectMessage`; when the consumer itself is being cancelled
+        (the bus stops), give it back uncounted (``Delivery.release``) and raise
+        CancelledError; else nack it (the transport dead-letters it after
+        ``max_attempts``). ``seen`` is the telemetry scope, if any."""
         if isinstance(e, RejectMessage):
             if seen is not None:
                 seen.failed(e, "dead_letter")  # telemetry
             with deadletter.handler_failure(envelope.type, e):
                 await self._settle(delivery.dead_letter(f"RejectMessage: {e}"))
             return
+        if task is not None and task.cancelling():
+            # the consumer itself is being stopped (stop() cancelled it): not the message's
+            # doing, so the delivery is given back uncounted, as what it did not start on
+            if seen is not None:
+                seen.failed(e, "cancelled")  # telemetry
+            if task in self._abandoned:
+                return  # stop() gave up on this handler: its subscription was closed
+            if not isinstance(e, asyncio.CancelledError):
+                log.warning(
+                    "handler for %s %s in group %s failed as it was cancelled by the bus "
+                    "stopping (attempt %d of %d; given back, not counted): %r",
+                    envelope.type,
+                    envelope.id,
+                    consumer.group,
+                    delivery.attempt,
+                    self.max_attempts,
+                    e,
+                )
+            hand = self._handling.get(task)
+            if hand is not None:
+                hand[0] = hand[1] = None  # the handler stopped: if giving back lags, say so
+            await self._release((delivery,))
+            if isinstance(e, asyncio.CancelledError):
+                raise e
+            raise asyncio.CancelledError from e  # honour the cancellation it turned into e
         exhausted = deadletter.exhausted(delivery.attempt, self.max_attempts)
         if seen is not None:
             seen.failed(e, "dead_letter" if exhausted else "nack")  # telemetry
         if task in self._abandoned:
             return  # stop() gave up on this handler: its delivery was released
-        if isinstance(e, asyncio.CancelledError) and task is not None and task.cancelling():
-            raise e  # the consumer itself is being stopped: leave the delivery unsettled
         reason = f"{type(e).__name__}: {e}"
         if exhausted:
             # the transport dead-letters it and logs that once, with this traceback
