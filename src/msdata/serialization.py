@@ -265,10 +265,13 @@ class CloudEventsCodec:
         ``max_size``)."""
         return self.encode_at(envelope)[0]
 
-    def encode_at(self, envelope: Envelope[Any]) -> tuple[bytes, int]:
+    def encode_at(self, envelope: Envelope[Any], when: str | None = None) -> tuple[bytes, int]:
         """:meth:`encode`, and the offset in the bytes where the JSON of ``data`` starts
         (it ends one byte before the end). Internal to the package: the event bus hands
-        both to :meth:`decode_sent`."""
+        both to :meth:`decode_sent`. ``when``: the JSON text of ``envelope.time`` (a UTC
+        datetime) as pydantic-core writes it, if the caller has it
+        (:func:`msdata.ids.new_id_time`'s): given only for an envelope that
+        :func:`msdata.messages.build_envelope` made, whose attributes are not checked again."""
         if self._generation != self.registry.generation:
             self._refresh()
         message = envelope.message
@@ -289,7 +292,7 @@ class CloudEventsCodec:
         (_, type_name, version, msg_id, time, source, correlation, causation, key, headers) = (
             envelope
         )
-        if not (
+        if when is None and not (
             type(msg_id) is str
             and msg_id
             and type(source) is str
@@ -316,19 +319,21 @@ class CloudEventsCodec:
                 parts = self._heads[(type_name, source, version)] = _head_parts(
                     type_name, source, version
                 )
-            last = self._last_time
-            if last[0] is time:  # a batch shares one time: written once
-                when = last[1]
-            else:
-                # pydantic-core writes a UTC datetime as RFC 3339 (``...07.123456Z``) for a
-                # fraction of what isoformat() costs; any other offset as isoformat() has
-                # it (an offset in seconds included), as decode reads it back
-                when = (
-                    _to_json(time).decode()
-                    if time.tzinfo is UTC and type(time) is datetime
-                    else _quote(time.isoformat())
-                )
-                self._last_time = (time, when)
+            if when is None:
+                last = self._last_time
+                if last[0] is time:  # a batch shares one time: written once
+                    when = last[1]
+                else:
+                    # pydantic-core writes a UTC datetime as RFC 3339 (``...07.123456Z``)
+                    # for a fraction of what isoformat() costs; any other offset as
+                    # isoformat() has it (an offset in seconds included), as decode reads
+                    # it back
+                    when = (
+                        _to_json(time).decode()
+                        if time.tzinfo is UTC and type(time) is datetime
+                        else _quote(time.isoformat())
+                    )
+                    self._last_time = (time, when)
             quoted_id = _quote(msg_id)
             if causation is None and key is None and not headers and correlation is not None:
                 # the common case in one piece: correlation is the id itself, or the

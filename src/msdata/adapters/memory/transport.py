@@ -31,7 +31,9 @@ from typing import Any, Self
 from msdata import deadletter
 from msdata.errors import ConfigurationError, TransportClosed
 from msdata.transport import (
+    DEAD_LETTER_SUFFIX,
     DEFAULT_MAX_HELD_BYTES,
+    CheckedMessage,
     ClosesOnExit,
     DeliveryState,
     TransportFeatures,
@@ -96,7 +98,13 @@ class _Group:
                 busy[key] = entry
             entry.attempt += 1
             if entry.size < 0:
-                entry.size = message_size(entry.message)
+                m = entry.message
+                entry.size = (
+                    # message_size of one msdata built (its id ASCII, no headers)
+                    len(m.body) + len(m.id)
+                    if m.key is None and isinstance(m, CheckedMessage)
+                    else message_size(m)
+                )
             room_bytes -= entry.size
             out.append(entry)
         if not ready:
@@ -344,6 +352,15 @@ class MemoryTransport:
         if groups is None:
             check_name("topic", topic)
             groups = self._topics[topic] = {}
+        if len(messages) == 1 and groups and self.max_message_bytes is None:
+            message = messages[0]
+            if isinstance(message, CheckedMessage) and not topic.endswith(DEAD_LETTER_SUFFIX):
+                # the event bus's publish(): one message it built, that screen would pass,
+                # to a topic with groups and no history (_enqueue inline)
+                for group in groups.values():
+                    group.ready.append(_Entry(message))
+                    group.signal.set()
+                return
         total = len(messages)
         messages, refused = screen(messages, self.max_message_bytes, where="max_message_bytes")
         self._enqueue(topic, groups, messages)
