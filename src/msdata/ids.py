@@ -183,6 +183,24 @@ def _new_second(us: int) -> tuple[int, bytes, str]:
     return _second
 
 
+# new_id_time's cache of the current millisecond: (the millisecond, its first microsecond
+# counted from the start of its second, then the second's 7 bytes of datetime state and text
+# as in _second, and the text up to the millisecond: '"2026-11-30T23:45:07.123')
+_milli: tuple[int, int, bytes, str, str] = (-1, 0, b"", "", "")
+
+
+def _new_milli(ms: int) -> tuple[int, int, bytes, str, str]:
+    """The cache entry of millisecond ``ms`` (since the epoch)."""
+    global _milli
+    second = _second
+    offset = ms * 1000 - second[0]
+    if offset >= 1_000_000 or offset < 0:
+        second = _new_second(ms * 1000)
+        offset = ms * 1000 - second[0]
+    _milli = (ms, offset, second[1], second[2], second[2] + _MS_TEXT[offset // 1000])
+    return _milli
+
+
 def new_id_time() -> tuple[str, datetime, str]:
     """A new message id as :func:`new_id` makes it, the current UTC time from the same clock
     reading (microseconds) and that time as the JSON string pydantic-core writes for it
@@ -208,19 +226,15 @@ def new_id_time() -> tuple[str, datetime, str]:
     _lock.release()
     cached = _head
     head = cached[2] if tail >> 8 == cached[1] and id_ms == cached[0] else _new_head(id_ms, tail)
-    second = _second
-    fraction = us - second[0]
-    if fraction >= 1_000_000 or fraction < 0:
-        second = _new_second(us)
-        fraction = us - second[0]
-    when = _datetime_of_state(second[1] + fraction.to_bytes(3, "big"), UTC)
+    milli = _milli
+    if ms != milli[0]:
+        milli = _new_milli(ms)
+    within = us % 1000  # the microseconds within the millisecond
+    fraction = milli[1] + within  # the datetime's microsecond
+    when = _datetime_of_state(milli[2] + fraction.to_bytes(3, "big"), UTC)
     if fraction:
-        return (
-            head + _HEX2[tail & 0xFF],
-            when,
-            second[2] + _MS_TEXT[fraction // 1000] + _US_TEXT[fraction % 1000],
-        )
-    return head + _HEX2[tail & 0xFF], when, second[2] + 'Z"'
+        return head + _HEX2[tail & 0xFF], when, milli[4] + _US_TEXT[within]
+    return head + _HEX2[tail & 0xFF], when, milli[3] + 'Z"'
 
 
 def utc_now() -> datetime:

@@ -234,6 +234,7 @@ class CloudEventsCodec:
         self._newest_validators: dict[str, tuple[Any, int, _Plan | None]] = {}
         # (type name, source, version) -> the text around the time in what encode writes
         self._heads: dict[tuple[str, str, int], tuple[str, str]] = {}
+        self._last_head: tuple[Any, Any, int, tuple[str, str]] = (None, None, 0, ("", ""))
         # the last time written and its JSON: one publish_many shares one time
         self._last_time: tuple[datetime | None, str] = (None, "")
         self._last_correlation: tuple[str | None, str] = (None, "")
@@ -312,13 +313,19 @@ class CloudEventsCodec:
             # as pydantic-core does (backslash, quote, \n \r \t \b \f, other controls as
             # \u00xx); a lone surrogate fails .encode(), and anything unusual (a header that
             # would shadow an attribute, a non-str header) takes the general path below.
-            parts = self._heads.get((type_name, source, version))
-            if parts is None:
-                if len(self._heads) > 1000:  # sources are few; a bound all the same
-                    self._heads.clear()
-                parts = self._heads[(type_name, source, version)] = _head_parts(
-                    type_name, source, version
-                )
+            last_head = self._last_head  # most messages are of the type before them
+            if last_head[0] is type_name and last_head[1] is source and last_head[2] == version:
+                parts = last_head[3]
+            else:
+                found = self._heads.get((type_name, source, version))
+                if found is None:
+                    if len(self._heads) > 1000:  # sources are few; a bound all the same
+                        self._heads.clear()
+                    found = self._heads[(type_name, source, version)] = _head_parts(
+                        type_name, source, version
+                    )
+                parts = found
+                self._last_head = (type_name, source, version, parts)
             if when is None:
                 last = self._last_time
                 if last[0] is time:  # a batch shares one time: written once

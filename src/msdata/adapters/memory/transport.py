@@ -384,8 +384,12 @@ class MemoryTransport:
         ):
             return False
         for group in groups.values():  # _enqueue inline
-            group.ready.append(_Entry(message))
-            group.signal.set()
+            ready = group.ready
+            if ready:  # the signal is set while anything is ready (take clears it on empty)
+                ready.append(_Entry(message))
+            else:
+                ready.append(_Entry(message))
+                group.signal.set()
         return True
 
     def _enqueue(
