@@ -176,7 +176,9 @@ class MemoryDelivery(DeliveryState["MemorySubscription"]):
         self._settled = True
         sub._inflight.pop(id(self), None)
         sub._held_bytes -= self._entry.size
-        sub._room.set()
+        if sub._room_cleared:
+            sub._room_cleared = False
+            sub._room.set()
         if self.message.key is not None:  # only a key holds later entries back
             sub._group.settle(self._entry)
 
@@ -224,6 +226,9 @@ class MemorySubscription(ClosesOnExit):
         # bytes (message_size) of what it holds unsettled, against max_held_bytes
         self._held_bytes = 0
         self._room = asyncio.Event()  # set when a settlement frees prefetch room
+        # whether receive() cleared _room since it was last set by an ack (an ack sets it
+        # only then: a Python call less per message)
+        self._room_cleared = False
         self._closed = False
         self._group: _Group
 
@@ -265,6 +270,7 @@ class MemorySubscription(ClosesOnExit):
                 waiter = group.signal
             else:  # prefetch or max_held_bytes is full: wait for a settlement
                 self._room.clear()
+                self._room_cleared = True
                 waiter = self._room
             left = deadline - loop.time()
             if left <= 0:
