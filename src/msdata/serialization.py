@@ -556,7 +556,8 @@ class CloudEventsCodec:
         plan = newest[2]
         if plan is not None and _suspect_message(data, plan, False):
             return self.decode(raw)
-        return _tuple_new(Envelope, (data, *sent))  # type: ignore[no-any-return]
+        # (data,) + sent: one tuple made, where (data, *sent) makes a list first
+        return _tuple_new(Envelope, (data,) + sent)  # type: ignore[no-any-return]  # noqa: RUF005
 
     def decode_plain(self, raw: bytes | bytearray | str) -> Envelope[Message]:
         """Decode without the fast path: the reference, and the path for every bad input."""
