@@ -6,8 +6,7 @@ import os
 import random
 import threading
 import time
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 from pydantic_core import to_json
@@ -161,35 +160,33 @@ def new_ids(n: int) -> list[str]:
 
 
 # new_id_time's cache of the current second: (its start in microseconds since the epoch,
-# the first 7 bytes of a datetime's pickled state for it, its RFC 3339 text as pydantic-core
-# writes it, up to the seconds: '"2026-11-30T23:45:07'), one tuple read at once
-_second: tuple[int, bytes, str] = (-(1 << 62), b"", "")
-# the datetime of a pickled state (10 bytes: year, month, day, hour, minute, second, then the
-# microseconds in 3), the one constructor without argument parsing
-_datetime_of_state: Any = datetime
+# its datetime, its RFC 3339 text as pydantic-core writes it, up to the seconds:
+# '"2026-11-30T23:45:07'), one tuple read at once
+_second: tuple[int, datetime, str] = (-(1 << 62), datetime.min, "")
 # the text of the microseconds ".123456Z\"", in two halves
 _MS_TEXT = tuple(f".{i:03d}" for i in range(1000))
 _US_TEXT = tuple(f'{i:03d}Z"' for i in range(1000))
 
 
-def _new_second(us: int) -> tuple[int, bytes, str]:
+def _new_second(us: int) -> tuple[int, datetime, str]:
     """The cache entry of the second holding ``us`` (microseconds since the epoch)."""
     global _second
     start = us - us % 1_000_000
     at = datetime.fromtimestamp(start // 1_000_000, UTC)
     text = to_json(at).decode()  # '"2026-11-30T23:45:07Z"': the microsecond is 0
-    state: Any = at.__reduce__()[1][0]  # (datetime, (state, tzinfo))
-    _second = (start, state[:7], text[:-2])
+    _second = (start, at, text[:-2])
     return _second
 
 
 # new_id_time's cache of the current millisecond: (the millisecond, its first microsecond
-# counted from the start of its second, then the second's 7 bytes of datetime state and text
-# as in _second, and the text up to the millisecond: '"2026-11-30T23:45:07.123')
-_milli: tuple[int, int, bytes, str, str] = (-1, 0, b"", "", "")
+# counted from the start of its second, the datetime of that microsecond, the text of its
+# second as in _second, and the text up to the millisecond: '"2026-11-30T23:45:07.123')
+_milli: tuple[int, int, datetime, str, str] = (-1, 0, datetime.min, "", "")
+# timedelta(microseconds=i) for i < 1000: a datetime within a millisecond is one addition
+_US_DELTA = tuple(timedelta(microseconds=i) for i in range(1000))
 
 
-def _new_milli(ms: int) -> tuple[int, int, bytes, str, str]:
+def _new_milli(ms: int) -> tuple[int, int, datetime, str, str]:
     """The cache entry of millisecond ``ms`` (since the epoch)."""
     global _milli
     second = _second
@@ -197,7 +194,8 @@ def _new_milli(ms: int) -> tuple[int, int, bytes, str, str]:
     if offset >= 1_000_000 or offset < 0:
         second = _new_second(ms * 1000)
         offset = ms * 1000 - second[0]
-    _milli = (ms, offset, second[1], second[2], second[2] + _MS_TEXT[offset // 1000])
+    at = second[1] + timedelta(microseconds=offset)
+    _milli = (ms, offset, at, second[2], second[2] + _MS_TEXT[offset // 1000])
     return _milli
 
 
@@ -230,9 +228,8 @@ def new_id_time() -> tuple[str, datetime, str]:
     if ms != milli[0]:
         milli = _new_milli(ms)
     within = us % 1000  # the microseconds within the millisecond
-    fraction = milli[1] + within  # the datetime's microsecond
-    when = _datetime_of_state(milli[2] + fraction.to_bytes(3, "big"), UTC)
-    if fraction:
+    when = milli[2] + _US_DELTA[within]
+    if within or milli[1]:  # a fraction of a second: pydantic-core writes all 6 digits
         return head + _HEX2[tail & 0xFF], when, milli[4] + _US_TEXT[within]
     return head + _HEX2[tail & 0xFF], when, milli[3] + 'Z"'
 
