@@ -19,7 +19,7 @@ from msdata.errors import (
     TransportClosed,
 )
 from msdata.events import EventBus
-from msdata.messages import Envelope, current_envelope, message_type
+from msdata.messages import Envelope, current_envelope, handling, make_envelope, message_type
 from msdata.middleware import Next, logging_middleware, retry, timing
 from msdata.telemetry import ConsumeScope, Telemetry
 from msdata.testing import eventually
@@ -782,3 +782,42 @@ async def test_in_process_delivery_validates_its_own_copy_of_each_event(
     assert not any(e is p for (e, _), p in zip(got, [*events, events[0]], strict=True))
     assert len({s.time for s in sent[:3]}) == 1
     assert [s.id for s in sent] == sorted(s.id for s in sent)
+
+
+async def test_publish_writes_what_the_codec_writes_and_counts_sizes_as_message_size(
+    transport: MemoryTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """publish() takes the id and the time from one clock reading and hands the codec the
+    time's text (a cache per second): the bytes are those the codec's reference path writes
+    for the envelope it returns, across second boundaries and at microsecond 0, with and
+    without a key, a parent or headers. The transport takes the bus's own messages without
+    checking them again and counts their size as message_size does."""
+    from msdata import ids
+    from msdata.transport import message_size
+
+    bus = make_bus(transport)
+    parent = make_envelope(OrderShipped(order_id="p"), registry=registry)
+    second = 1_900_000_000 * 10**9
+    readings = iter([second - 1000, second, second + 1000, second + 999_999_000, second + 10**9])
+    monkeypatch.setattr(ids, "_time_ns", lambda: next(readings))
+    for name in ("_last_ms", "_tail"):  # put back afterwards: the readings are in 2030
+        monkeypatch.setattr(ids, name, getattr(ids, name))
+    await transport.declare_group("test.OrderPlaced", "raw")
+    sent = [
+        await bus.publish(OrderPlaced(order_id="o-1", amount=1)),
+        await bus.publish(OrderPlaced(order_id="o-2", amount=2), key="k-\u00e9"),
+    ]
+    with handling(parent):
+        sent.append(await bus.publish(OrderPlaced(order_id="o-3", amount=3)))
+    sent.append(await bus.publish(OrderPlaced(order_id="o-4", amount=4), headers={"h": "v"}))
+    sent.append(await bus.publish(OrderPlaced(order_id="o-5", amount=5), key="k"))
+    assert [s.time.microsecond for s in sent] == [999_999, 0, 1, 999_999, 0]
+    assert sent[2].causation_id == parent.id and sent[2].correlation_id == parent.id
+    async with transport.subscribe("test.OrderPlaced", "raw") as sub:
+        batch = await sub.receive(10, timeout=0)
+        assert [d.message.id for d in batch] == [s.id for s in sent]
+        for delivery, envelope in zip(batch, sent, strict=True):
+            encoder = bus.codec._encoders[OrderPlaced][0]
+            assert delivery.message.body == bus.codec._encode_whole(encoder, envelope)
+            assert bus.codec.decode(delivery.message.body) == envelope
+        assert sub._held_bytes == sum(message_size(d.message) for d in batch)

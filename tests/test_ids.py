@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic_core import to_json
 
 from msdata import ids
 
@@ -65,3 +67,55 @@ def test_new_ids_continue_the_order_of_new_id() -> None:
     made = [ids.new_id(), *ids.new_ids(700), ids.new_id(), *ids.new_ids(1), *ids.new_ids(300)]
     assert made == sorted(made) and len(set(made)) == len(made)
     assert all(str(uuid.UUID(m)) == m and uuid.UUID(m).version == 7 for m in made)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# clock readings in ns: anywhere in 2000-2100, and right at and around second boundaries
+_SECOND = st.integers(min_value=946_684_800, max_value=4_102_444_800)
+_NS = st.one_of(
+    st.integers(min_value=946_684_800 * 10**9, max_value=4_102_444_800 * 10**9),
+    st.tuples(_SECOND, st.sampled_from([-1000, -1, 0, 999, 1000, 1001, 999_999])).map(
+        lambda t: t[0] * 10**9 + t[1]
+    ),
+)
+
+
+@given(readings=st.lists(_NS, min_size=1, max_size=8))
+def test_new_id_time_takes_the_id_and_the_time_from_one_reading(readings: list[int]) -> None:
+    """The time is the reading to the microsecond, its text what pydantic-core writes for
+    it (across second boundaries, with and without a fraction); the id is the one new_id
+    makes from the same state and reading, and ids keep increasing whatever the clock does
+    (these readings go back and forth)."""
+    saved = ids._time_ns
+    made: list[str] = []
+    try:
+        for ns in readings:
+            ids._time_ns = lambda ns=ns: ns  # type: ignore[misc]
+            state = (ids._last_ms, ids._tail)
+            msg_id, when, text = ids.new_id_time()
+            assert when == _EPOCH + timedelta(microseconds=ns // 1000)
+            assert when.tzinfo is UTC and type(when) is datetime
+            assert text == to_json(when).decode()
+            if ns // 1_000_000 > state[0]:  # the clock moved on: the id's ms is the reading's
+                assert uuid.UUID(msg_id).int >> 80 == ns // 1_000_000
+            after = (ids._last_ms, ids._tail)
+            ids._last_ms, ids._tail = state
+            assert ids.new_id() == msg_id
+            assert (ids._last_ms, ids._tail) == after
+            made.append(msg_id)
+    finally:
+        ids._time_ns = saved
+    assert made == sorted(made) and len(set(made)) == len(made)
+    assert all(uuid.UUID(m).version == 7 and str(uuid.UUID(m)) == m for m in made)
+
+
+def test_new_id_time_on_the_real_clock_keeps_order_with_new_id() -> None:
+    made = []
+    for i in range(3000):
+        if i % 3:
+            msg_id, when, text = ids.new_id_time()
+            assert text == to_json(when).decode()
+        else:
+            msg_id = ids.new_id()
+        made.append(msg_id)
+    assert made == sorted(made) and len(set(made)) == len(made)

@@ -6,18 +6,21 @@ import os
 import random
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
+
+from pydantic_core import to_json
 
 __all__ = ["new_id", "new_ids", "utc_now", "uuid7"]
 
+_time_ns = time.time_ns
 _lock = threading.Lock()
 _last_ms = 0
 _tail = 0  # the 74 bits after the timestamp, less the version and variant bits
 # Not a secret: ids must be unique and ordered, not unguessable. random reseeds after fork.
 _rand = random.getrandbits
 _TAIL_MAX = (1 << 74) - 1
-# new_id's cache: (milliseconds, tail >> 48, the id's first 24 characters for them), one
+# new_id's cache: (milliseconds, tail >> 8, the id's first 34 characters for them), one
 # tuple so that a thread reads the three together
 _head: tuple[int, int, str] = (-1, -1, "")
 
@@ -68,11 +71,11 @@ def uuid7() -> UUID:
 
 def new_id() -> str:
     """A new message id: a UUIDv7 in its canonical text form (as ``str(uuid7())``)."""
-    global _last_ms, _tail, _head
-    # _next() inlined, and the text built from a cached head: the first 24 of the 36
-    # characters change only with the millisecond or a carry out of the tail's low 48 bits,
-    # so most ids format one 48-bit number (a third of the cost of formatting all 128 bits)
-    ms = time.time_ns() // 1_000_000
+    global _last_ms, _tail
+    # _next() inlined, and the text built from a cached head: the first 34 of the 36
+    # characters change only once in 256 consecutive tails (or with the millisecond), so
+    # most ids are a cached head and a table's last two hex digits
+    ms = _time_ns() // 1_000_000
     _lock.acquire()
     if ms > _last_ms:
         _last_ms = ms
@@ -85,15 +88,27 @@ def new_id() -> str:
         ms = _last_ms
     tail = _tail
     _lock.release()
-    high = tail >> 48
     cached = _head
-    if high != cached[1] or ms != cached[0]:
-        # ms(48) as 8-4 | ver 7, tail bits 73..62 | variant 10, tail bits 61..48 | the rest
-        head = "%08x-%04x-7%03x-%04x-" % (ms >> 16, ms & 0xFFFF, high >> 14, 0x8000 | high & 0x3FFF)  # noqa: UP031
-        _head = (ms, high, head)
-    else:
-        head = cached[2]
-    return head + "%012x" % (tail & 0xFFFF_FFFF_FFFF)
+    if tail >> 8 != cached[1] or ms != cached[0]:
+        return _new_head(ms, tail) + _HEX2[tail & 0xFF]
+    return cached[2] + _HEX2[tail & 0xFF]
+
+
+def _new_head(ms: int, tail: int) -> str:
+    """The first 34 characters of the id of (``ms``, ``tail``), cached for the 256 tails
+    that share them."""
+    global _head
+    high = tail >> 48
+    # ms(48) as 8-4 | ver 7, tail bits 73..62 | variant 10, tail bits 61..48 | bits 47..8
+    head = "%08x-%04x-7%03x-%04x-%010x" % (  # noqa: UP031
+        ms >> 16,
+        ms & 0xFFFF,
+        high >> 14,
+        0x8000 | high & 0x3FFF,
+        tail >> 8 & 0xFF_FFFF_FFFF,
+    )
+    _head = (ms, tail >> 8, head)
+    return head
 
 
 # "00".."ff": the last two hex digits of consecutive ids, so that a batch formats one
@@ -109,7 +124,7 @@ def new_ids(n: int) -> list[str]:
     global _last_ms, _tail
     if n <= 0:
         return []
-    ms = time.time_ns() // 1_000_000
+    ms = _time_ns() // 1_000_000
     _lock.acquire()
     if ms > _last_ms:
         first = _rand(73)
@@ -142,6 +157,81 @@ def new_ids(n: int) -> list[str]:
         out += [prefix + h for h in _HEX2[low & 0xFF : (low & 0xFF) + stop - at]]
         at = stop
     return out
+
+
+# new_id_time's cache of the current second: (its start in microseconds since the epoch,
+# its datetime, its RFC 3339 text as pydantic-core writes it, up to the seconds:
+# '"2026-11-30T23:45:07'), one tuple read at once
+_second: tuple[int, datetime, str] = (-(1 << 62), datetime.min, "")
+# the text of the microseconds ".123456Z\"", in two halves
+_MS_TEXT = tuple(f".{i:03d}" for i in range(1000))
+_US_TEXT = tuple(f'{i:03d}Z"' for i in range(1000))
+
+
+def _new_second(us: int) -> tuple[int, datetime, str]:
+    """The cache entry of the second holding ``us`` (microseconds since the epoch)."""
+    global _second
+    start = us - us % 1_000_000
+    at = datetime.fromtimestamp(start // 1_000_000, UTC)
+    text = to_json(at).decode()  # '"2026-11-30T23:45:07Z"': the microsecond is 0
+    _second = (start, at, text[:-2])
+    return _second
+
+
+# new_id_time's cache of the current millisecond: (the millisecond, its first microsecond
+# counted from the start of its second, the datetime of that microsecond, the text of its
+# second as in _second, and the text up to the millisecond: '"2026-11-30T23:45:07.123')
+_milli: tuple[int, int, datetime, str, str] = (-1, 0, datetime.min, "", "")
+# timedelta(microseconds=i) for i < 1000: a datetime within a millisecond is one addition
+_US_DELTA = tuple(timedelta(microseconds=i) for i in range(1000))
+
+
+def _new_milli(ms: int) -> tuple[int, int, datetime, str, str]:
+    """The cache entry of millisecond ``ms`` (since the epoch)."""
+    global _milli
+    second = _second
+    offset = ms * 1000 - second[0]
+    if offset >= 1_000_000 or offset < 0:
+        second = _new_second(ms * 1000)
+        offset = ms * 1000 - second[0]
+    at = second[1] + timedelta(microseconds=offset)
+    _milli = (ms, offset, at, second[2], second[2] + _MS_TEXT[offset // 1000])
+    return _milli
+
+
+def new_id_time() -> tuple[str, datetime, str]:
+    """A new message id as :func:`new_id` makes it, the current UTC time from the same clock
+    reading (microseconds) and that time as the JSON string pydantic-core writes for it
+    (``'"2026-11-30T23:45:07.123456Z"'``, no fraction at microsecond 0). Internal to the
+    package: the event bus's ``publish``. (The id's millisecond is that of the reading,
+    unless the clock went back or the millisecond's counter ran out: then, as new_id, the
+    one after the last id's.)"""
+    global _last_ms, _tail
+    us = _time_ns() // 1000
+    ms = us // 1000
+    _lock.acquire()
+    if ms > _last_ms:
+        _last_ms = ms
+        _tail = _rand(73)
+        id_ms = ms
+    else:
+        _tail += 1
+        if _tail > _TAIL_MAX:
+            _last_ms += 1
+            _tail = _rand(73)
+        id_ms = _last_ms
+    tail = _tail
+    _lock.release()
+    cached = _head
+    head = cached[2] if tail >> 8 == cached[1] and id_ms == cached[0] else _new_head(id_ms, tail)
+    milli = _milli
+    if ms != milli[0]:
+        milli = _new_milli(ms)
+    within = us % 1000  # the microseconds within the millisecond
+    when = milli[2] + _US_DELTA[within]
+    if within or milli[1]:  # a fraction of a second: pydantic-core writes all 6 digits
+        return head + _HEX2[tail & 0xFF], when, milli[4] + _US_TEXT[within]
+    return head + _HEX2[tail & 0xFF], when, milli[3] + 'Z"'
 
 
 def utc_now() -> datetime:

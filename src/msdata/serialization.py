@@ -234,6 +234,7 @@ class CloudEventsCodec:
         self._newest_validators: dict[str, tuple[Any, int, _Plan | None]] = {}
         # (type name, source, version) -> the text around the time in what encode writes
         self._heads: dict[tuple[str, str, int], tuple[str, str]] = {}
+        self._last_head: tuple[Any, Any, int, tuple[str, str]] = (None, None, 0, ("", ""))
         # the last time written and its JSON: one publish_many shares one time
         self._last_time: tuple[datetime | None, str] = (None, "")
         self._last_correlation: tuple[str | None, str] = (None, "")
@@ -265,10 +266,13 @@ class CloudEventsCodec:
         ``max_size``)."""
         return self.encode_at(envelope)[0]
 
-    def encode_at(self, envelope: Envelope[Any]) -> tuple[bytes, int]:
+    def encode_at(self, envelope: Envelope[Any], when: str | None = None) -> tuple[bytes, int]:
         """:meth:`encode`, and the offset in the bytes where the JSON of ``data`` starts
         (it ends one byte before the end). Internal to the package: the event bus hands
-        both to :meth:`decode_sent`."""
+        both to :meth:`decode_sent`. ``when``: the JSON text of ``envelope.time`` (a UTC
+        datetime) as pydantic-core writes it, if the caller has it
+        (:func:`msdata.ids.new_id_time`'s): given only for an envelope that
+        :func:`msdata.messages.build_envelope` made, whose attributes are not checked again."""
         if self._generation != self.registry.generation:
             self._refresh()
         message = envelope.message
@@ -289,7 +293,7 @@ class CloudEventsCodec:
         (_, type_name, version, msg_id, time, source, correlation, causation, key, headers) = (
             envelope
         )
-        if not (
+        if when is None and not (
             type(msg_id) is str
             and msg_id
             and type(source) is str
@@ -309,26 +313,34 @@ class CloudEventsCodec:
             # as pydantic-core does (backslash, quote, \n \r \t \b \f, other controls as
             # \u00xx); a lone surrogate fails .encode(), and anything unusual (a header that
             # would shadow an attribute, a non-str header) takes the general path below.
-            parts = self._heads.get((type_name, source, version))
-            if parts is None:
-                if len(self._heads) > 1000:  # sources are few; a bound all the same
-                    self._heads.clear()
-                parts = self._heads[(type_name, source, version)] = _head_parts(
-                    type_name, source, version
-                )
-            last = self._last_time
-            if last[0] is time:  # a batch shares one time: written once
-                when = last[1]
+            last_head = self._last_head  # most messages are of the type before them
+            if last_head[0] is type_name and last_head[1] is source and last_head[2] == version:
+                parts = last_head[3]
             else:
-                # pydantic-core writes a UTC datetime as RFC 3339 (``...07.123456Z``) for a
-                # fraction of what isoformat() costs; any other offset as isoformat() has
-                # it (an offset in seconds included), as decode reads it back
-                when = (
-                    _to_json(time).decode()
-                    if time.tzinfo is UTC and type(time) is datetime
-                    else _quote(time.isoformat())
-                )
-                self._last_time = (time, when)
+                found = self._heads.get((type_name, source, version))
+                if found is None:
+                    if len(self._heads) > 1000:  # sources are few; a bound all the same
+                        self._heads.clear()
+                    found = self._heads[(type_name, source, version)] = _head_parts(
+                        type_name, source, version
+                    )
+                parts = found
+                self._last_head = (type_name, source, version, parts)
+            if when is None:
+                last = self._last_time
+                if last[0] is time:  # a batch shares one time: written once
+                    when = last[1]
+                else:
+                    # pydantic-core writes a UTC datetime as RFC 3339 (``...07.123456Z``)
+                    # for a fraction of what isoformat() costs; any other offset as
+                    # isoformat() has it (an offset in seconds included), as decode reads
+                    # it back
+                    when = (
+                        _to_json(time).decode()
+                        if time.tzinfo is UTC and type(time) is datetime
+                        else _quote(time.isoformat())
+                    )
+                    self._last_time = (time, when)
             quoted_id = _quote(msg_id)
             if causation is None and key is None and not headers and correlation is not None:
                 # the common case in one piece: correlation is the id itself, or the
@@ -544,7 +556,8 @@ class CloudEventsCodec:
         plan = newest[2]
         if plan is not None and _suspect_message(data, plan, False):
             return self.decode(raw)
-        return _tuple_new(Envelope, (data, *sent))  # type: ignore[no-any-return]
+        # (data,) + sent: one tuple made, where (data, *sent) makes a list first
+        return _tuple_new(Envelope, (data,) + sent)  # type: ignore[no-any-return]  # noqa: RUF005
 
     def decode_plain(self, raw: bytes | bytearray | str) -> Envelope[Message]:
         """Decode without the fast path: the reference, and the path for every bad input."""
