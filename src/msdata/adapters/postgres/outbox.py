@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from types import MappingProxyType
@@ -115,6 +117,13 @@ CREATE INDEX IF NOT EXISTS "{name}_pseq" ON {table} (seq, part) WHERE sent_at IS
 CREATE INDEX IF NOT EXISTS "{name}_hseq" ON {table} (seq)
     WHERE sent_at IS NULL AND (parked OR available_at IS NOT NULL);
 """
+
+#: the partitioned claim's backstop for its floor, in seconds (the store's
+#: ``floor_rescan_seconds``): a relay's step ignores its floor and scans its partitions from
+#: the bottom at its first step and then at least this often, so a row the floor passed
+#: (which the floor's rules do not allow, but a server clock stepped back could) is claimed
+#: within about this long after it commits
+FLOOR_RESCAN_SECONDS = 30.0
 
 #: partitions of the partitioned claim: a fixed number, part of the schema (the ``part``
 #: column's expression); at most this many relays share the work
@@ -674,6 +683,10 @@ class PostgresOutboxStore:
     mark, release, retry, park) commit without waiting for the WAL flush: a database crash
     can only undo some of them, which means a message is published again (at least once
     holds). ``requeue`` and the writes in the caller's transaction are never affected.
+    ``floor_rescan_seconds`` (``partitioned=True`` only; default 30, >= 0, else
+    :class:`~msdata.errors.ConfigurationError`): how often at most a relay's step ignores
+    its floor and scans its partitions from the bottom (0: every step), measured on this
+    process's monotonic clock; see docs/postgres.md.
     """
 
     #: a relay's claim returns later rows of the keys it holds (never the rows it holds):
@@ -691,6 +704,7 @@ class PostgresOutboxStore:
         relay_synchronous_commit: bool = False,
         max_size: int = 4,
         partitioned: bool = False,
+        floor_rescan_seconds: float = FLOOR_RESCAN_SECONDS,
     ) -> None:
         self.table_prefix = check_table_prefix(table_prefix)
         self._db = db = PostgresDatabase(
@@ -707,6 +721,12 @@ class PostgresOutboxStore:
         self.claim_function = db.qualified(f"{name}_claim")
         self._sent_fn = db.qualified(f"{name}_sent_claim")
         self._partitioned = bool(partitioned)
+        rescan = float(floor_rescan_seconds)
+        if not (math.isfinite(rescan) and rescan >= 0):
+            raise ConfigurationError(f"floor_rescan_seconds must be >= 0, not {rescan!r}")
+        self._rescan = rescan
+        # relay id -> when (time.monotonic) its last step scanned from the bottom
+        self._rescanned: dict[str, float] = {}
         self.parts_table = db.qualified(f"{name}_parts")
         self.relays_table = db.qualified(f"{name}_relays")
         self.inflight_table = db.qualified(f"{name}_inflight")
@@ -728,7 +748,7 @@ class PostgresOutboxStore:
     def from_url(cls, url: str, **options: Any) -> PostgresOutboxStore:
         """A store over ``postgresql://…`` that connects on first use; ``options`` go to
         the constructor (``table_prefix``, ``schema``, ``notify``, ``partitioned``,
-        ``relay_synchronous_commit``, ``max_size``)."""
+        ``floor_rescan_seconds``, ``relay_synchronous_commit``, ``max_size``)."""
         return cls(url, **options)
 
     def _build_sql(self) -> None:
@@ -775,9 +795,10 @@ class PostgresOutboxStore:
                 lease=lease, which="l.owner = $1", which2="l2.owner = $1", rows="$2::bigint[]"
             ).replace("keys", "parts")
             # one function for both: a plain claim marks no rows (one PL/pgSQL call)
-            # (true: the scan starts above the relay's floor)
-            claim = f"{self._psent_fn}($1, '{{}}'::bigint[], false, $2, $3, $4, true)"
-            sent_fn, sent_args = self._psent_fn, sent_args + ", true"
+            # (p_floor: the scan starts above the relay's floor; false: from the bottom, a
+            # rescan, see ``_floor``)
+            claim = f"{self._psent_fn}($1, '{{}}'::bigint[], false, $2, $3, $4, $5)"
+            sent_fn, sent_args = self._psent_fn, sent_args + ", $7"
             # rows a relay hands back, backs off or parks are pending again (or held) below
             # its floor, perhaps: the floor goes below them
             lowered = (
@@ -916,7 +937,7 @@ class PostgresOutboxStore:
         if lease_seconds <= 0:
             raise ConfigurationError("lease_seconds must be > 0")
         sql = self._sql["claim"]
-        args = (relay_id, int(limit), float(lease_seconds), self._sync)
+        args = (relay_id, int(limit), float(lease_seconds), self._sync, *self._floor(relay_id))
         while True:
             rows = await self._db.call("outbox claim", lambda pool: pool.fetch(sql, *args))
             try:
@@ -954,6 +975,7 @@ class PostgresOutboxStore:
             int(limit),
             float(lease_seconds),
             self._sync,
+            *self._floor(relay_id),
         )
         rows = await self._db.call("outbox mark_sent_and_claim", lambda p: p.fetch(sql, *args))
         try:
@@ -963,6 +985,20 @@ class PostgresOutboxStore:
         if records or not parked:
             return records
         return await self.claim(relay_id, limit, lease_seconds)  # look again past them
+
+    def _floor(self, relay_id: str) -> tuple[bool, ...]:
+        """The partitioned step's ``p_floor`` argument (nothing for the per-key claim):
+        false, a scan from the bottom that ignores the relay's floor, at the relay's first
+        step and then once every ``floor_rescan_seconds`` on this process's monotonic clock
+        (no wall clock moves it, the server's or this host's); true otherwise."""
+        if not self._partitioned:
+            return ()
+        now = time.monotonic()
+        last = self._rescanned.get(relay_id)
+        if last is not None and now - last < self._rescan:
+            return (True,)
+        self._rescanned[relay_id] = now
+        return (False,)
 
     async def _read_slowly(self, relay_id: str, rows: list[Any]) -> tuple[list[OutboxRecord], int]:
         """A claimed batch holding a row that cannot be read, row by row: park each such
