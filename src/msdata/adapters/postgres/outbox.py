@@ -8,8 +8,9 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
+from functools import partial
 from types import MappingProxyType
 from typing import Any, Self
 
@@ -25,14 +26,17 @@ from msdata.errors import ConfigurationError
 from msdata.messages import safe_text
 from msdata.outbox.store import (
     UNREADABLE_TIME,
+    OutboxBatch,
     OutboxRecord,
     OutboxRow,
     OutboxStatus,
     OutboxStoreFeatures,
     UnreadableRow,
+    read_header_dict,
     read_headers,
 )
 from msdata.storage import DEFAULT_TABLE_PREFIX, Connection, check_table_prefix
+from msdata.transport import TransportMessage
 
 __all__ = ["PostgresOutboxStore"]
 
@@ -642,6 +646,34 @@ def _records(rows: list[Any]) -> list[OutboxRecord]:
     ]
 
 
+def _batch(rows: list[Any]) -> list[OutboxRecord] | OutboxBatch:
+    """Rows of ``_RECORD_COLUMNS`` as an :class:`OutboxBatch` when they all have one topic
+    and read as ``_records`` reads them (headers a JSON object of strings, a ``created_at``
+    in range): one pass building the transport messages, the records built only if the
+    relay asks (``_records`` on the same rows). Otherwise ``_records(rows)``, which raises
+    :class:`UnreadableRow` for a row it cannot read. A message's headers are a plain dict of
+    its own (a transport checks one faster than the records' read-only view)."""
+    if not rows:
+        return []
+    topic = rows[0][2]
+    message, no_headers, headers_of = TransportMessage, _NO_HEADERS, read_header_dict
+    try:
+        messages = [
+            _tuple_new(message, (mid, p, key, no_headers if h == "{}" else headers_of(h)))
+            for _, mid, t, _y, p, key, h, at, _a, _e in rows
+            if t == topic and at is not None
+        ]
+    except UnreadableRow:
+        return _records(rows)
+    if len(messages) != len(rows):
+        return _records(rows)
+    return OutboxBatch(list(map(_first, rows)), topic, messages, partial(_records, rows))
+
+
+def _first(row: Any) -> int:
+    return row[0]  # type: ignore[no-any-return]
+
+
 def _read_row(r: Any) -> tuple[OutboxRecord, str | None]:
     """One row of ``_RECORD_COLUMNS`` as a record, and why it cannot be published (None
     when it can); what cannot be read shows as empty (headers none, the time
@@ -932,6 +964,17 @@ class PostgresOutboxStore:
     # -- relay side: the store's own pool, one committed statement each ---------------------
 
     async def claim(self, relay_id: str, limit: int, lease_seconds: float) -> list[OutboxRecord]:
+        claimed = await self._claim(relay_id, limit, lease_seconds, _records)
+        assert type(claimed) is list  # (records, as asked)
+        return claimed
+
+    async def _claim(
+        self,
+        relay_id: str,
+        limit: int,
+        lease_seconds: float,
+        read: Callable[[list[Any]], list[OutboxRecord] | OutboxBatch],
+    ) -> list[OutboxRecord] | OutboxBatch:
         if limit <= 0:
             return []
         if lease_seconds <= 0:
@@ -941,7 +984,7 @@ class PostgresOutboxStore:
         while True:
             rows = await self._db.call("outbox claim", lambda pool: pool.fetch(sql, *args))
             try:
-                return _records(rows)
+                return read(rows)
             except UnreadableRow:
                 records, parked = await self._read_slowly(relay_id, rows)
             if records or not parked:
@@ -960,8 +1003,38 @@ class PostgresOutboxStore:
     ) -> list[OutboxRecord]:
         """``mark_sent`` then ``claim`` as one statement (one round trip, one transaction):
         ``SELECT * FROM {prefix}outbox_sent_claim(...)``."""
+        claimed = await self._mark_and_claim(
+            relay_id, sent_seqs, limit, lease_seconds, keep, _records
+        )
+        assert type(claimed) is list  # (records, as asked)
+        return claimed
+
+    async def claim_messages(
+        self,
+        relay_id: str,
+        sent_seqs: Sequence[int],
+        limit: int,
+        lease_seconds: float,
+        *,
+        keep: bool = False,
+    ) -> list[OutboxRecord] | OutboxBatch:
+        """``mark_sent_and_claim`` (``claim`` when ``sent_seqs`` is empty) returning the
+        claimed rows as an :class:`msdata.outbox.store.OutboxBatch` where they all have one
+        topic and read as the store writes them, else as records (see
+        :class:`msdata.outbox.store.OutboxRelayStore`); the relay's fast path."""
+        return await self._mark_and_claim(relay_id, sent_seqs, limit, lease_seconds, keep, _batch)
+
+    async def _mark_and_claim(
+        self,
+        relay_id: str,
+        sent_seqs: Sequence[int],
+        limit: int,
+        lease_seconds: float,
+        keep: bool,
+        read: Callable[[list[Any]], list[OutboxRecord] | OutboxBatch],
+    ) -> list[OutboxRecord] | OutboxBatch:
         if not sent_seqs:
-            return await self.claim(relay_id, limit, lease_seconds)
+            return await self._claim(relay_id, limit, lease_seconds, read)
         if limit <= 0:
             await self.mark_sent(relay_id, sent_seqs, keep=keep)
             return []
@@ -979,12 +1052,12 @@ class PostgresOutboxStore:
         )
         rows = await self._db.call("outbox mark_sent_and_claim", lambda p: p.fetch(sql, *args))
         try:
-            return _records(rows)
+            return read(rows)
         except UnreadableRow:
             records, parked = await self._read_slowly(relay_id, rows)
         if records or not parked:
             return records
-        return await self.claim(relay_id, limit, lease_seconds)  # look again past them
+        return await self._claim(relay_id, limit, lease_seconds, read)  # look again past them
 
     def _floor(self, relay_id: str) -> tuple[bool, ...]:
         """The partitioned step's ``p_floor`` argument (nothing for the per-key claim):
