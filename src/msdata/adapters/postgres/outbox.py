@@ -297,7 +297,10 @@ BEGIN
         SELECT least(
                 (SELECT min(b.seq) FROM {table} b
                  WHERE b.sent_at IS NULL AND (b.parked OR b.available_at IS NOT NULL)
-                   AND b.part BETWEEN v_lo AND v_hi),
+                   -- ("+ 0": the partitions checked on _hseq's few rows; as an index
+                   -- bound on _pseq, the planner walked every pending row, visiting
+                   -- the heap for those of this relay's partitions, at every step)
+                   AND b.part + 0 BETWEEN v_lo AND v_hi),
                 (SELECT min(u.s) FROM {inflight} h, unnest(h.seqs) AS u(s)
                  WHERE h.owner = p_owner AND h.until <= v_now)),
             v_cand IS NOT NULL AND NOT EXISTS (
@@ -347,10 +350,18 @@ BEGIN
         WHERE h.owner = p_owner AND h.until > v_now
     ), got AS MATERIALIZED (
         SELECT o.* FROM {table} o
-        LEFT JOIN blocked ON blocked.aggregateid = o.aggregateid
         WHERE o.sent_at IS NULL AND NOT o.parked
           AND (o.available_at IS NULL OR o.available_at <= v_now)
-          AND (blocked.from_seq IS NULL OR o.seq < blocked.from_seq)
+          -- (the held keys as filters on the index scan, which then stops at p_limit
+          -- rows: a join with them was planned as a hash join over every pending row of
+          -- its partitions above the floor, then a sort, at every step; a row of a held
+          -- key looks up its key's earliest held row, on _held)
+          AND (o.aggregateid IS NULL
+               OR o.aggregateid NOT IN (SELECT blocked.aggregateid FROM blocked)
+               OR o.seq < (SELECT min(b.seq) FROM {table} b
+                           WHERE b.aggregateid = o.aggregateid AND b.sent_at IS NULL
+                             AND (b.parked OR b.available_at IS NOT NULL)
+                             AND (b.parked OR b.available_at > v_now)))
           AND (v_all OR o.part = ANY(v_mine))
           -- the span of its partitions (one range after a rebalance, which hands them out
           -- in order), checked on the entries of _pseq: the scan reads the heap rows of
