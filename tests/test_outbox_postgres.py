@@ -22,6 +22,7 @@ from msdata.testing.conformance.outbox import (
     OutboxStoreHooks,
     RawText,
     SqlLiteral,
+    make_row,
     make_rows,
 )
 from msdata.testing.conformance.relay import OutboxRelayConformance
@@ -554,6 +555,50 @@ async def test_a_clean_stop_hands_partitions_over_at_once(postgres_url: str) -> 
     finally:
         await store.drop_schema()
         await store.close()
+
+
+async def test_a_row_the_floor_passed_is_found_by_the_next_rescan(postgres_url: str) -> None:
+    """The floor's backstop: a row below a relay's floor (which a server clock stepped
+    back could leave there) is passed over by the steps that start at the floor, and
+    claimed by the next step that rescans from the bottom (``floor_rescan_seconds``; 0:
+    every step)."""
+    prefix = table_prefix()
+    slow = PostgresOutboxStore(
+        postgres_url, table_prefix=prefix, partitioned=True, floor_rescan_seconds=3600.0
+    )
+    fast = PostgresOutboxStore(
+        postgres_url, table_prefix=prefix, partitioned=True, floor_rescan_seconds=0.0
+    )
+    await slow.create_schema()
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        first, late = make_rows(3, keys=["a", "b"]), make_row(key="c", n=9)
+        async with conn.transaction():
+            await slow.append_async(conn, first)
+        a = await slow.claim("relay-a", 100, 30.0)  # its first step: from the bottom
+        assert [r.message_id for r in a] == [r.message_id for r in first]
+        assert await slow.mark_sent_and_claim("relay-a", [r.seq for r in a], 100, 30.0) == []
+        assert await fast.claim("relay-a", 100, 30.0) == []  # fast's first step, too
+        async with conn.transaction():
+            await slow.append_async(conn, [late])
+        # the floor past the late row, as the floor's rules never leave it
+        await conn.execute(
+            f"UPDATE {slow.relays_table} SET floor = (SELECT max(seq) + 10 FROM {slow.table})"
+        )
+        assert await slow.claim("relay-a", 100, 30.0) == []  # passed over, until a rescan
+        got = await fast.claim("relay-a", 100, 30.0)
+        assert [r.message_id for r in got] == [late.message_id]
+    finally:
+        await conn.close()
+        await slow.drop_schema()
+        await slow.close()
+        await fast.close()
+
+
+def test_floor_rescan_seconds_must_be_a_time() -> None:
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigurationError):
+            PostgresOutboxStore("postgresql://x/y", partitioned=True, floor_rescan_seconds=bad)
 
 
 from msdata.adapters.postgres.audit import PostgresOutboxAudit  # noqa: E402

@@ -81,7 +81,9 @@ class UnreadableRow(ValueError):
 
 #: options of the PostgreSQL outbox store (``from_url``/``store_from_url``) that mean
 #: nothing elsewhere: ``memory://`` accepts and ignores them, SQLite refuses them by name
-POSTGRES_ONLY_OPTIONS = frozenset({"notify", "relay_synchronous_commit", "partitioned", "max_size"})
+POSTGRES_ONLY_OPTIONS = frozenset(
+    {"notify", "relay_synchronous_commit", "partitioned", "floor_rescan_seconds", "max_size"}
+)
 
 #: the ``created_at`` a store shows for a row whose stored time cannot be read (in
 #: ``parked()``; such a row is parked, never published)

@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping, Sequence
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
+from functools import partial
 from types import MappingProxyType
 from typing import Any, Self
 
@@ -23,14 +26,17 @@ from msdata.errors import ConfigurationError
 from msdata.messages import safe_text
 from msdata.outbox.store import (
     UNREADABLE_TIME,
+    OutboxBatch,
     OutboxRecord,
     OutboxRow,
     OutboxStatus,
     OutboxStoreFeatures,
     UnreadableRow,
+    read_header_dict,
     read_headers,
 )
 from msdata.storage import DEFAULT_TABLE_PREFIX, Connection, check_table_prefix
+from msdata.transport import TransportMessage
 
 __all__ = ["PostgresOutboxStore"]
 
@@ -115,6 +121,13 @@ CREATE INDEX IF NOT EXISTS "{name}_pseq" ON {table} (seq, part) WHERE sent_at IS
 CREATE INDEX IF NOT EXISTS "{name}_hseq" ON {table} (seq)
     WHERE sent_at IS NULL AND (parked OR available_at IS NOT NULL);
 """
+
+#: the partitioned claim's backstop for its floor, in seconds (the store's
+#: ``floor_rescan_seconds``): a relay's step ignores its floor and scans its partitions from
+#: the bottom at its first step and then at least this often, so a row the floor passed
+#: (which the floor's rules do not allow, but a server clock stepped back could) is claimed
+#: within about this long after it commits
+FLOOR_RESCAN_SECONDS = 30.0
 
 #: partitions of the partitioned claim: a fixed number, part of the schema (the ``part``
 #: column's expression); at most this many relays share the work
@@ -284,7 +297,10 @@ BEGIN
         SELECT least(
                 (SELECT min(b.seq) FROM {table} b
                  WHERE b.sent_at IS NULL AND (b.parked OR b.available_at IS NOT NULL)
-                   AND b.part BETWEEN v_lo AND v_hi),
+                   -- ("+ 0": the partitions checked on _hseq's few rows; as an index
+                   -- bound on _pseq, the planner walked every pending row, visiting
+                   -- the heap for those of this relay's partitions, at every step)
+                   AND b.part + 0 BETWEEN v_lo AND v_hi),
                 (SELECT min(u.s) FROM {inflight} h, unnest(h.seqs) AS u(s)
                  WHERE h.owner = p_owner AND h.until <= v_now)),
             v_cand IS NOT NULL AND NOT EXISTS (
@@ -334,10 +350,18 @@ BEGIN
         WHERE h.owner = p_owner AND h.until > v_now
     ), got AS MATERIALIZED (
         SELECT o.* FROM {table} o
-        LEFT JOIN blocked ON blocked.aggregateid = o.aggregateid
         WHERE o.sent_at IS NULL AND NOT o.parked
           AND (o.available_at IS NULL OR o.available_at <= v_now)
-          AND (blocked.from_seq IS NULL OR o.seq < blocked.from_seq)
+          -- (the held keys as filters on the index scan, which then stops at p_limit
+          -- rows: a join with them was planned as a hash join over every pending row of
+          -- its partitions above the floor, then a sort, at every step; a row of a held
+          -- key looks up its key's earliest held row, on _held)
+          AND (o.aggregateid IS NULL
+               OR o.aggregateid NOT IN (SELECT blocked.aggregateid FROM blocked)
+               OR o.seq < (SELECT min(b.seq) FROM {table} b
+                           WHERE b.aggregateid = o.aggregateid AND b.sent_at IS NULL
+                             AND (b.parked OR b.available_at IS NOT NULL)
+                             AND (b.parked OR b.available_at > v_now)))
           AND (v_all OR o.part = ANY(v_mine))
           -- the span of its partitions (one range after a rebalance, which hands them out
           -- in order), checked on the entries of _pseq: the scan reads the heap rows of
@@ -633,6 +657,34 @@ def _records(rows: list[Any]) -> list[OutboxRecord]:
     ]
 
 
+def _batch(rows: list[Any]) -> list[OutboxRecord] | OutboxBatch:
+    """Rows of ``_RECORD_COLUMNS`` as an :class:`OutboxBatch` when they all have one topic
+    and read as ``_records`` reads them (headers a JSON object of strings, a ``created_at``
+    in range): one pass building the transport messages, the records built only if the
+    relay asks (``_records`` on the same rows). Otherwise ``_records(rows)``, which raises
+    :class:`UnreadableRow` for a row it cannot read. A message's headers are a plain dict of
+    its own (a transport checks one faster than the records' read-only view)."""
+    if not rows:
+        return []
+    topic = rows[0][2]
+    message, no_headers, headers_of = TransportMessage, _NO_HEADERS, read_header_dict
+    try:
+        messages = [
+            _tuple_new(message, (mid, p, key, no_headers if h == "{}" else headers_of(h)))
+            for _, mid, t, _y, p, key, h, at, _a, _e in rows
+            if t == topic and at is not None
+        ]
+    except UnreadableRow:
+        return _records(rows)
+    if len(messages) != len(rows):
+        return _records(rows)
+    return OutboxBatch(list(map(_first, rows)), topic, messages, partial(_records, rows))
+
+
+def _first(row: Any) -> int:
+    return row[0]  # type: ignore[no-any-return]
+
+
 def _read_row(r: Any) -> tuple[OutboxRecord, str | None]:
     """One row of ``_RECORD_COLUMNS`` as a record, and why it cannot be published (None
     when it can); what cannot be read shows as empty (headers none, the time
@@ -674,6 +726,10 @@ class PostgresOutboxStore:
     mark, release, retry, park) commit without waiting for the WAL flush: a database crash
     can only undo some of them, which means a message is published again (at least once
     holds). ``requeue`` and the writes in the caller's transaction are never affected.
+    ``floor_rescan_seconds`` (``partitioned=True`` only; default 30, >= 0, else
+    :class:`~msdata.errors.ConfigurationError`): how often at most a relay's step ignores
+    its floor and scans its partitions from the bottom (0: every step), measured on this
+    process's monotonic clock; see docs/postgres.md.
     """
 
     #: a relay's claim returns later rows of the keys it holds (never the rows it holds):
@@ -691,6 +747,7 @@ class PostgresOutboxStore:
         relay_synchronous_commit: bool = False,
         max_size: int = 4,
         partitioned: bool = False,
+        floor_rescan_seconds: float = FLOOR_RESCAN_SECONDS,
     ) -> None:
         self.table_prefix = check_table_prefix(table_prefix)
         self._db = db = PostgresDatabase(
@@ -707,6 +764,12 @@ class PostgresOutboxStore:
         self.claim_function = db.qualified(f"{name}_claim")
         self._sent_fn = db.qualified(f"{name}_sent_claim")
         self._partitioned = bool(partitioned)
+        rescan = float(floor_rescan_seconds)
+        if not (math.isfinite(rescan) and rescan >= 0):
+            raise ConfigurationError(f"floor_rescan_seconds must be >= 0, not {rescan!r}")
+        self._rescan = rescan
+        # relay id -> when (time.monotonic) its last step scanned from the bottom
+        self._rescanned: dict[str, float] = {}
         self.parts_table = db.qualified(f"{name}_parts")
         self.relays_table = db.qualified(f"{name}_relays")
         self.inflight_table = db.qualified(f"{name}_inflight")
@@ -728,7 +791,7 @@ class PostgresOutboxStore:
     def from_url(cls, url: str, **options: Any) -> PostgresOutboxStore:
         """A store over ``postgresql://…`` that connects on first use; ``options`` go to
         the constructor (``table_prefix``, ``schema``, ``notify``, ``partitioned``,
-        ``relay_synchronous_commit``, ``max_size``)."""
+        ``floor_rescan_seconds``, ``relay_synchronous_commit``, ``max_size``)."""
         return cls(url, **options)
 
     def _build_sql(self) -> None:
@@ -775,9 +838,10 @@ class PostgresOutboxStore:
                 lease=lease, which="l.owner = $1", which2="l2.owner = $1", rows="$2::bigint[]"
             ).replace("keys", "parts")
             # one function for both: a plain claim marks no rows (one PL/pgSQL call)
-            # (true: the scan starts above the relay's floor)
-            claim = f"{self._psent_fn}($1, '{{}}'::bigint[], false, $2, $3, $4, true)"
-            sent_fn, sent_args = self._psent_fn, sent_args + ", true"
+            # (p_floor: the scan starts above the relay's floor; false: from the bottom, a
+            # rescan, see ``_floor``)
+            claim = f"{self._psent_fn}($1, '{{}}'::bigint[], false, $2, $3, $4, $5)"
+            sent_fn, sent_args = self._psent_fn, sent_args + ", $7"
             # rows a relay hands back, backs off or parks are pending again (or held) below
             # its floor, perhaps: the floor goes below them
             lowered = (
@@ -911,16 +975,27 @@ class PostgresOutboxStore:
     # -- relay side: the store's own pool, one committed statement each ---------------------
 
     async def claim(self, relay_id: str, limit: int, lease_seconds: float) -> list[OutboxRecord]:
+        claimed = await self._claim(relay_id, limit, lease_seconds, _records)
+        assert type(claimed) is list  # (records, as asked)
+        return claimed
+
+    async def _claim(
+        self,
+        relay_id: str,
+        limit: int,
+        lease_seconds: float,
+        read: Callable[[list[Any]], list[OutboxRecord] | OutboxBatch],
+    ) -> list[OutboxRecord] | OutboxBatch:
         if limit <= 0:
             return []
         if lease_seconds <= 0:
             raise ConfigurationError("lease_seconds must be > 0")
         sql = self._sql["claim"]
-        args = (relay_id, int(limit), float(lease_seconds), self._sync)
+        args = (relay_id, int(limit), float(lease_seconds), self._sync, *self._floor(relay_id))
         while True:
             rows = await self._db.call("outbox claim", lambda pool: pool.fetch(sql, *args))
             try:
-                return _records(rows)
+                return read(rows)
             except UnreadableRow:
                 records, parked = await self._read_slowly(relay_id, rows)
             if records or not parked:
@@ -939,8 +1014,38 @@ class PostgresOutboxStore:
     ) -> list[OutboxRecord]:
         """``mark_sent`` then ``claim`` as one statement (one round trip, one transaction):
         ``SELECT * FROM {prefix}outbox_sent_claim(...)``."""
+        claimed = await self._mark_and_claim(
+            relay_id, sent_seqs, limit, lease_seconds, keep, _records
+        )
+        assert type(claimed) is list  # (records, as asked)
+        return claimed
+
+    async def claim_messages(
+        self,
+        relay_id: str,
+        sent_seqs: Sequence[int],
+        limit: int,
+        lease_seconds: float,
+        *,
+        keep: bool = False,
+    ) -> list[OutboxRecord] | OutboxBatch:
+        """``mark_sent_and_claim`` (``claim`` when ``sent_seqs`` is empty) returning the
+        claimed rows as an :class:`msdata.outbox.store.OutboxBatch` where they all have one
+        topic and read as the store writes them, else as records (see
+        :class:`msdata.outbox.store.OutboxRelayStore`); the relay's fast path."""
+        return await self._mark_and_claim(relay_id, sent_seqs, limit, lease_seconds, keep, _batch)
+
+    async def _mark_and_claim(
+        self,
+        relay_id: str,
+        sent_seqs: Sequence[int],
+        limit: int,
+        lease_seconds: float,
+        keep: bool,
+        read: Callable[[list[Any]], list[OutboxRecord] | OutboxBatch],
+    ) -> list[OutboxRecord] | OutboxBatch:
         if not sent_seqs:
-            return await self.claim(relay_id, limit, lease_seconds)
+            return await self._claim(relay_id, limit, lease_seconds, read)
         if limit <= 0:
             await self.mark_sent(relay_id, sent_seqs, keep=keep)
             return []
@@ -954,15 +1059,30 @@ class PostgresOutboxStore:
             int(limit),
             float(lease_seconds),
             self._sync,
+            *self._floor(relay_id),
         )
         rows = await self._db.call("outbox mark_sent_and_claim", lambda p: p.fetch(sql, *args))
         try:
-            return _records(rows)
+            return read(rows)
         except UnreadableRow:
             records, parked = await self._read_slowly(relay_id, rows)
         if records or not parked:
             return records
-        return await self.claim(relay_id, limit, lease_seconds)  # look again past them
+        return await self._claim(relay_id, limit, lease_seconds, read)  # look again past them
+
+    def _floor(self, relay_id: str) -> tuple[bool, ...]:
+        """The partitioned step's ``p_floor`` argument (nothing for the per-key claim):
+        false, a scan from the bottom that ignores the relay's floor, at the relay's first
+        step and then once every ``floor_rescan_seconds`` on this process's monotonic clock
+        (no wall clock moves it, the server's or this host's); true otherwise."""
+        if not self._partitioned:
+            return ()
+        now = time.monotonic()
+        last = self._rescanned.get(relay_id)
+        if last is not None and now - last < self._rescan:
+            return (True,)
+        self._rescanned[relay_id] = now
+        return (False,)
 
     async def _read_slowly(self, relay_id: str, rows: list[Any]) -> tuple[list[OutboxRecord], int]:
         """A claimed batch holding a row that cannot be read, row by row: park each such
