@@ -80,7 +80,7 @@ class _Unreachable(TransportConformance):
         self, host: str, port: int, timeout: float
     ) -> AsyncIterator[Transport]:
         url = f"amqp://msdata:{self.unreachable_password}@{host}:{port}/"
-        t = RabbitMQTransport.from_url(url, publish_timeout=timeout)
+        t = RabbitMQTransport.from_url(url, publish_timeout=timeout, connect_timeout=timeout)
         try:
             yield t
         finally:

@@ -80,7 +80,9 @@ class TestRedisTransport(TransportConformance):
         self, host: str, port: int, timeout: float
     ) -> AsyncIterator[Transport]:
         url = f"redis://msdata:{self.unreachable_password}@{host}:{port}/0"
-        t = RedisTransport.from_url(f"{url}?socket_connect_timeout={timeout}")
+        t = RedisTransport.from_url(
+            f"{url}?socket_connect_timeout={timeout}&socket_timeout={timeout}"
+        )
         try:
             yield t
         finally:

@@ -126,12 +126,14 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from types import MappingProxyType
 from typing import Any, Self, TypeVar
 
 import aio_pika
 import aiormq
+import yarl
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
@@ -280,6 +282,48 @@ def _amqp_errors(what: str, error: type[TransportError] = TransportError) -> Dri
     a bug of our own (a TypeError, a KeyError) must surface as itself, not as a broker
     failure that is retried."""
     return DriverErrors(_AMQP_ERRORS, what, error)
+
+
+# the deadline of the broker calls in progress in this task (see RabbitMQTransport._calling),
+# and the seconds it is pushed back by when a long call makes progress (see _progressed)
+_DEADLINE: ContextVar[tuple[asyncio.Timeout, float] | None] = ContextVar(
+    "msdata_rabbitmq_deadline", default=None
+)
+
+
+def _progressed() -> None:
+    """The broker answered a step of a long call (a batch of copies confirmed): the call's
+    deadline starts again, so a long but moving call (a large holding queue or dead-letter
+    history to copy) is not cut off, while a broker that stops answering still is."""
+    current = _DEADLINE.get()
+    if current is not None:
+        deadline, seconds = current
+        if not deadline.expired():
+            deadline.reschedule(asyncio.get_running_loop().time() + seconds)
+
+
+async def _close_within(channel: Any, seconds: float, what: str) -> None:
+    """Close ``channel`` (an aio-pika channel) unless it is closed, waiting at most
+    ``seconds``: a broker that stopped answering never confirms the close (the connection's
+    heartbeat ends it later). Failures are logged at DEBUG: the channel is gone either way."""
+    if channel.is_closed:
+        return
+    try:
+        async with asyncio.timeout(seconds):
+            await channel.close()
+    except Exception:
+        log.debug("closing the channel of %s failed", what, exc_info=True)
+
+
+def _address_of(url: object) -> str:
+    """``url`` as ``amqp://host:port/vhost``: no credentials, no query (what errors name)."""
+    try:
+        u = yarl.URL(str(url))
+        scheme = u.scheme or "amqp"
+        port = u.port or (5671 if scheme == "amqps" else 5672)
+        return str(u.with_user(None).with_query(None).with_fragment(None).with_port(port))
+    except (TypeError, ValueError):
+        return redact_url(str(url))
 
 
 def _retry_queue_name(topic: str, group: str, delay_ms: int) -> str:
@@ -783,7 +827,7 @@ class RabbitMQSubscription(ClosesOnExit):
         transport = self._transport
         conn = await transport._connect()
         try:
-            with _amqp_errors(f"cannot subscribe to {self.topic!r}"):
+            async with transport._calling(f"cannot subscribe to {self.topic!r}"):
                 try:
                     channel = await conn.channel(publisher_confirms=True)
                     self._channel = channel
@@ -829,12 +873,9 @@ class RabbitMQSubscription(ClosesOnExit):
         self._blocked.clear()
         self._transport._subscriptions.discard(self)
         channel, self._channel = self._channel, None
-        if channel is not None and not channel.is_closed:
-            try:
-                # closing the channel hands every unsettled delivery back to the queue
-                await channel.close()
-            except Exception:  # the connection is already gone: so is the channel
-                log.debug("closing the channel of %s failed", self.queue, exc_info=True)
+        if channel is not None:
+            # closing the channel hands every unsettled delivery back to the queue
+            await _close_within(channel, self._transport.connect_timeout, self.queue)
 
     async def _start(self, raw: Any) -> None:
         # on every (re)start, what the topic's holding queue has is routed again: right after
@@ -888,7 +929,8 @@ class RabbitMQSubscription(ClosesOnExit):
         channel = self._channel
         while not self._closed and channel is not None:
             try:
-                await self._start(await channel.get_underlay_channel())
+                async with self._transport._calling(f"resuming the consumer of {self.queue!r}"):
+                    await self._start(await channel.get_underlay_channel())
                 return
             except Exception:
                 log.warning("resuming the consumer of %s failed", self.queue, exc_info=True)
@@ -1577,7 +1619,13 @@ class RabbitMQTransport:
       keeps the arguments it was first declared with: opening it with other ones raises
       :class:`~msdata.errors.ConfigurationError`.
     - ``publish_timeout``: seconds ``publish`` waits (for a reconnect, then for the confirms)
-      before it raises :class:`~msdata.errors.PublishError`.
+      before it raises :class:`~msdata.errors.PublishError` naming the broker.
+    - ``connect_timeout`` (seconds, 10 by default): how long connecting waits for the broker,
+      and how long :meth:`declare_group`, :meth:`lag`, entering a subscription and each step
+      of closing wait for its answers (a long copy is given as long again after each batch
+      the broker confirms). A broker that accepts the connection and never answers, or that
+      stops answering later, makes them raise :class:`~msdata.errors.TransportError` naming
+      it (``amqp://host:port/vhost``, without credentials) instead of waiting for ever.
     - ``namespace``: on a broker shared with others, every exchange and queue name starts
       with ``<namespace>:`` (topic ``orders`` is exchange ``shop:orders``, its group queue
       ``shop:orders:billing``); the same option as on the other transports.
@@ -1606,12 +1654,19 @@ class RabbitMQTransport:
         ordered_per_key: bool = False,
         queue_type: str = "classic",
         publish_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
         namespace: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
     ) -> None:
         if namespace is not None:
             check_name("namespace", namespace)
+        for name, seconds in (
+            ("publish_timeout", publish_timeout),
+            ("connect_timeout", connect_timeout),
+        ):
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
+                raise ConfigurationError(f"{name} must be a number of seconds > 0: {seconds!r}")
         for name, value in (
             ("max_message_bytes", max_message_bytes),
             ("max_held_bytes", max_held_bytes),
@@ -1629,9 +1684,12 @@ class RabbitMQTransport:
         self.queue_type = queue_type
         self._connection = connection
         self._url: str | None = None
+        #: the broker, as ``amqp://host:port/vhost`` without credentials (what errors name)
+        self.address = _address_of(getattr(connection, "url", "amqp://?"))
         self._owns_connection = False
         self.features = ORDERED_FEATURES if ordered_per_key else FEATURES
         self.publish_timeout = publish_timeout
+        self.connect_timeout = connect_timeout
         self._publish_channel: AbstractRobustChannel | None = None
         self._lock = asyncio.Lock()
         # exchanges known to exist (re-declared after a failed publish), and every exchange and
@@ -1650,6 +1708,7 @@ class RabbitMQTransport:
         ordered_per_key: bool = False,
         queue_type: str = "classic",
         publish_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
         namespace: str | None = None,
         max_message_bytes: int | None = None,
         max_held_bytes: int | None = None,
@@ -1674,9 +1733,11 @@ class RabbitMQTransport:
             ordered_per_key=ordered_per_key,
             queue_type=queue_type,
             publish_timeout=publish_timeout,
+            connect_timeout=connect_timeout,
             **found,
         )
         transport._url = url
+        transport.address = _address_of(url)
         transport._owns_connection = True
         return transport
 
@@ -1697,10 +1758,58 @@ class RabbitMQTransport:
             return self._connection
         async with self._lock:
             if self._connection is None:
-                assert self._url is not None
-                with _amqp_errors("cannot connect to RabbitMQ"):
-                    self._connection = await aio_pika.connect_robust(self._url)
+                self._connection = await self._open()
             return self._connection
+
+    async def _open(self) -> AbstractRobustConnection:
+        """A robust connection to the broker, within ``connect_timeout`` (a broker that
+        accepts the connection and never answers would be waited for for ever); raises
+        :class:`TransportError` naming the broker."""
+        assert self._url is not None
+        seconds = self.connect_timeout
+        conn = aio_pika.RobustConnection(aio_pika.connection.make_url(self._url))
+        try:
+            async with asyncio.timeout(seconds):
+                await conn.connect(timeout=seconds)
+        except BaseException as e:
+            # its reconnection task must not outlive the attempt
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(seconds):
+                    await conn.close()
+            if isinstance(e, TimeoutError):
+                raise TransportError(
+                    f"could not connect to RabbitMQ at {self.address}: no answer within "
+                    f"{seconds}s (connect_timeout)"
+                ) from e
+            if isinstance(e, _AMQP_ERRORS):
+                raise TransportError(
+                    f"could not connect to RabbitMQ at {self.address}: {type(e).__name__}: {e}"
+                ) from e
+            raise
+        return conn
+
+    @contextlib.asynccontextmanager
+    async def _calling(
+        self, what: str, error: type[TransportError] = TransportError
+    ) -> AsyncIterator[None]:
+        """Where broker calls are made (``async with self._calling("what"):``): the driver's
+        errors become ``error`` (see :func:`_amqp_errors`), and a broker that does not answer
+        within ``connect_timeout`` (pushed back by :func:`_progressed`) makes it raise
+        ``error`` naming the broker, instead of waiting for ever."""
+        seconds = self.connect_timeout
+        try:
+            async with asyncio.timeout(seconds) as deadline:
+                token = _DEADLINE.set((deadline, seconds))
+                try:
+                    with _amqp_errors(f"{what} (RabbitMQ at {self.address})", error):
+                        yield
+                finally:
+                    _DEADLINE.reset(token)
+        except TimeoutError as e:  # the deadline's (the driver's own became ``error`` above)
+            raise error(
+                f"{what}: RabbitMQ at {self.address} did not answer within {seconds}s "
+                f"(connect_timeout)"
+            ) from e
 
     async def _publisher(self) -> Any:
         channel = self._publish_channel
@@ -1787,9 +1896,7 @@ class RabbitMQTransport:
         except aiormq.exceptions.ChannelNotFoundEntity:
             return False
         finally:
-            if not channel.is_closed:
-                with contextlib.suppress(Exception):
-                    await channel.close()
+            await _close_within(channel, self.connect_timeout, queue)
 
     async def _replay_history(self, raw: Any, exchange: str, queue: str) -> None:
         """Copy what a dead-letter topic received so far (its history queue) into ``queue``,
@@ -1821,6 +1928,7 @@ class RabbitMQTransport:
                     return_exceptions=True,
                 )
                 _confirmed(results, f"copying the dead letters of {exchange!r} to {queue!r}")
+                _progressed()
         finally:
             if taken:
                 await _on_channel(
@@ -1868,6 +1976,7 @@ class RabbitMQTransport:
             )
             _confirmed(results, f"routing again what {hold!r} held")
             await _on_channel(raw, raw.basic_ack(batch[-1].delivery_tag, multiple=True))
+            _progressed()
             if len(batch) < 100:
                 return
 
@@ -1878,9 +1987,10 @@ class RabbitMQTransport:
         check_name("topic", topic)
         check_name("group", group)
         conn = await self._connect()
-        with _amqp_errors(f"cannot declare group {group!r} of {topic!r}"):
-            channel = await conn.channel()
-            try:
+        channel: Any = None
+        try:
+            async with self._calling(f"cannot declare group {group!r} of {topic!r}"):
+                channel = await conn.channel()
                 try:
                     await self._declare_group(
                         await channel.get_underlay_channel(), topic, group, adopt=True
@@ -1889,9 +1999,9 @@ class RabbitMQTransport:
                     raise ConfigurationError(
                         f"group {group!r} of {topic!r} exists with other arguments: {e}"
                     ) from e
-            finally:
-                if not channel.is_closed:
-                    await channel.close()
+        finally:
+            if channel is not None:
+                await _close_within(channel, self.connect_timeout, f"{topic}:{group}")
 
     def _frame_max(self) -> int:
         """The connection's negotiated ``frame_max`` (RabbitMQ's default until connected)."""
@@ -1962,15 +2072,22 @@ class RabbitMQTransport:
         last: BaseException | None = None
         while True:
             try:
-                with _amqp_errors(f"publishing to {topic!r} failed", PublishError):
+                with _amqp_errors(
+                    f"publishing to {topic!r} failed (RabbitMQ at {self.address})", PublishError
+                ):
                     try:
                         async with asyncio.timeout_at(deadline):
                             results = await self._send(topic, left)
                     except TimeoutError as e:
-                        why = f" (last error: {type(last).__name__}: {last})" if last else ""
+                        if last is not None:
+                            why = f" (last error: {type(last).__name__}: {last})"
+                        elif self._connection is None:
+                            why = " (not connected yet: no answer to the connection)"
+                        else:
+                            why = ""
                         raise PublishError(
-                            f"publishing {len(messages)} to {topic!r} not confirmed within "
-                            f"{self.publish_timeout}s{why}"
+                            f"publishing {len(messages)} to {topic!r} not confirmed by RabbitMQ "
+                            f"at {self.address} within {self.publish_timeout}s{why}"
                         ) from e
                     except Exception as e:
                         if not _recovering(e) or self._closed:
@@ -1993,8 +2110,9 @@ class RabbitMQTransport:
             wait = deadline - loop.time()
             if wait <= 0:
                 raise PublishError(
-                    f"publishing {len(messages)} to {topic!r} not confirmed within "
-                    f"{self.publish_timeout}s (last error: {type(last).__name__}: {last})"
+                    f"publishing {len(messages)} to {topic!r} not confirmed by RabbitMQ at "
+                    f"{self.address} within {self.publish_timeout}s (last error: "
+                    f"{type(last).__name__}: {last})"
                 ) from last
             await asyncio.sleep(min(pause, wait))
             pause = min(pause * 2, 1.0)
@@ -2033,13 +2151,15 @@ class RabbitMQTransport:
         for sub in list(self._subscriptions):
             await sub.close()
         channel, self._publish_channel = self._publish_channel, None
-        try:
-            if channel is not None and not channel.is_closed:
-                await channel.close()
-            if self._owns_connection and self._connection is not None:
-                await self._connection.close()
-        except Exception:  # already broken: nothing left to release
-            log.debug("closing the RabbitMQ transport failed", exc_info=True)
+        if channel is not None:
+            await _close_within(channel, self.connect_timeout, "the publisher")
+        if self._owns_connection and self._connection is not None:
+            try:
+                # a broker that stopped answering never confirms the close
+                async with asyncio.timeout(self.connect_timeout):
+                    await self._connection.close()
+            except Exception:  # already broken: nothing left to release
+                log.debug("closing the RabbitMQ transport failed", exc_info=True)
 
     async def __aenter__(self) -> Self:
         await self._connect()
@@ -2061,19 +2181,21 @@ class RabbitMQTransport:
         conn = await self._connect()
         total = 0
         for name in (queue, _ready_queue_name(queue)):
-            with _amqp_errors(f"could not read the lag of group {group!r} of {topic!r}"):
-                # a passive declare of a missing queue closes its channel: one each
-                channel = await conn.channel()
-                try:
-                    ok = await (await channel.get_underlay_channel()).queue_declare(
-                        name, passive=True
-                    )
-                except aiormq.exceptions.ChannelNotFoundEntity:
-                    if name == queue:
-                        return None
-                    continue  # an ordered group has no ready queue
-                finally:
-                    if not channel.is_closed:
-                        await channel.close()
+            channel: Any = None
+            try:
+                async with self._calling(f"could not read the lag of group {group!r} of {topic!r}"):
+                    # a passive declare of a missing queue closes its channel: one each
+                    channel = await conn.channel()
+                    try:
+                        ok = await (await channel.get_underlay_channel()).queue_declare(
+                            name, passive=True
+                        )
+                    except aiormq.exceptions.ChannelNotFoundEntity:
+                        if name == queue:
+                            return None
+                        continue  # an ordered group has no ready queue
+            finally:
+                if channel is not None:
+                    await _close_within(channel, self.connect_timeout, name)
             total += ok.message_count or 0
         return total

@@ -25,6 +25,7 @@ import random
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -131,10 +132,11 @@ class TransportConformance:
     def make_unreachable_transport(
         self, host: str, port: int, timeout: float
     ) -> AbstractAsyncContextManager[Transport]:
-        """A transport of this backend pointed at ``host:port``, where nothing listens, as a
-        user would build it from a URL with user ``msdata`` and password
-        :attr:`unreachable_password`, with every timeout it has for connecting and
-        publishing set to ``timeout`` seconds. Needed when ``features.networked``."""
+        """A transport of this backend pointed at ``host:port``, where nothing listens (or a
+        server that accepts connections and never answers), as a user would build it from a
+        URL with user ``msdata`` and password :attr:`unreachable_password`, with every
+        timeout it has for connecting and publishing set to ``timeout`` seconds. Needed when
+        ``features.networked``."""
         raise NotImplementedError("implement make_unreachable_transport for this backend")
 
     @staticmethod
@@ -882,6 +884,63 @@ class TransportConformance:
             assert self.unreachable_password not in text, f"credentials shown: {text}"
             why = ("refused", "connect call failed", "errno 111")  # not only "timed out"
             assert any(w in text.lower() for w in why), f"the cause is not named: {text}"
+        tracebacks = [r for r in caplog.records if r.exc_info and r.levelno >= logging.WARNING]
+        assert not tracebacks, [f"{r.name}: {r.getMessage()}" for r in tracebacks]
+
+    @pytest.mark.parametrize("call", ["publish", "subscribe", "lag", "declare_group"])
+    async def test_a_server_that_never_answers_fails_each_call_naming_it_and_close_returns(
+        self, call: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A hung broker, or a proxy that black-holes: the port accepts connections and
+        never sends a byte. Each call raises the transport's error naming the address
+        (without credentials) instead of waiting for ever, and ``close()`` returns. The bound
+        is generous (several times the timeouts), so this asserts that the call gives up,
+        not how fast."""
+        async with self.make_transport() as t:
+            if not t.features.networked:
+                pytest.skip("an in-process transport has no server to stop answering")
+        silent: list[asyncio.StreamWriter] = []
+
+        async def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            silent.append(writer)  # kept open, never answered
+
+        server = await asyncio.start_server(accept, "127.0.0.1", 0)
+        host, port = server.sockets[0].getsockname()[:2]
+        timeout = 1.0
+        bound = 4 * timeout + 10  # the call's timeouts, then its cleanup's, and room to spare
+        topic, group = self.unique("topic"), self.unique("group")
+        caplog.set_level(logging.DEBUG)
+
+        async def consume(t: Transport) -> None:
+            async with t.subscribe(topic, group) as sub:
+                await sub.receive(1, timeout=timeout)
+
+        try:
+            async with self.make_unreachable_transport(host, port, timeout) as t:
+                calls: dict[str, Callable[[], Awaitable[object]]] = {
+                    "publish": lambda: t.publish(topic, make_messages(1)),
+                    "subscribe": lambda: consume(t),
+                    "lag": lambda: t.lag(topic, group),
+                    "declare_group": lambda: t.declare_group(topic, group),
+                }
+                with pytest.raises(TransportError) as raised:
+                    try:
+                        await asyncio.wait_for(calls[call](), bound)
+                    except TimeoutError:
+                        pytest.fail(f"{call} still waiting after {bound}s: it hangs")
+                try:
+                    await asyncio.wait_for(t.close(), bound)
+                except TimeoutError:
+                    pytest.fail(f"close() still waiting after {bound}s: it hangs")
+        finally:
+            server.close()
+            for writer in silent:
+                writer.close()
+            await server.wait_closed()
+        assert silent, "the transport never connected to the server"
+        text = str(raised.value)
+        assert host in text and str(port) in text, f"the address is not named: {text}"
+        assert self.unreachable_password not in text, f"credentials shown: {text}"
         tracebacks = [r for r in caplog.records if r.exc_info and r.levelno >= logging.WARNING]
         assert not tracebacks, [f"{r.name}: {r.getMessage()}" for r in tracebacks]
 
