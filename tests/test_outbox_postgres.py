@@ -595,6 +595,52 @@ async def test_a_row_the_floor_passed_is_found_by_the_next_rescan(postgres_url: 
         await fast.close()
 
 
+async def test_in_flight_batches_reuse_their_relays_slots(postgres_url: str) -> None:
+    """A partitioned store's in-flight table holds a row per batch a relay holds; a batch
+    marked in full leaves an empty slot that the relay's next claim fills in place, so 60
+    steps of two relays (batches of 100) leave a few rows and pages (with no vacuum,
+    inserting and deleting a row per batch left a new page every few batches); a mark of
+    part of a batch keeps the rest in flight, which the relay's next claim skips."""
+    store = PostgresOutboxStore(postgres_url, table_prefix=table_prefix(), partitioned=True)
+    await store.create_schema()
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(f"ALTER TABLE {store.inflight_table} SET (autovacuum_enabled = off)")
+        async with conn.transaction():
+            await store.append_async(conn, make_rows(10000, keys=[f"k{i}" for i in range(200)]))
+        held: dict[str, list[int]] = {"relay-a": [], "relay-b": []}
+        done = 0
+        for _ in range(30):
+            for relay in held:
+                done += len(held[relay])
+                got = await store.mark_sent_and_claim(relay, held[relay], 100, 30.0)
+                held[relay] = [r.seq for r in got]
+        assert done >= 2000
+        rows = await conn.fetchval(f"SELECT count(*) FROM {store.inflight_table}")
+        pages = await conn.fetchval(f"SELECT pg_relation_size('{store.inflight_table}') / 8192")
+        assert rows <= 4 and pages <= 3, (rows, pages)
+        # a partial mark: the rest stays in flight, skipped by the relay's next claim
+        a = held["relay-a"]
+        assert len(a) == 100
+        again = [r.seq for r in await store.mark_sent_and_claim("relay-a", a[:10], 100, 30.0)]
+        assert again and not set(again) & set(a)
+        batches = (
+            f"SELECT h.seqs FROM {store.inflight_table} h "
+            "WHERE h.owner = 'relay-a' AND (cardinality(h.seqs) > 0 OR cardinality(h.pset) > 0) "
+            "ORDER BY h.id"
+        )
+        assert [r[0] for r in await conn.fetch(batches)] == [sorted(a[10:]), again]
+        # a mark of more than a batch: each batch it covers ends, partitions and all
+        last = [
+            r.seq for r in await store.mark_sent_and_claim("relay-a", a[10:] + again, 100, 30.0)
+        ]
+        assert [r[0] for r in await conn.fetch(batches)] == ([last] if last else [])
+    finally:
+        await conn.close()
+        await store.drop_schema()
+        await store.close()
+
+
 def test_floor_rescan_seconds_must_be_a_time() -> None:
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ConfigurationError):

@@ -85,7 +85,8 @@ CREATE UNLOGGED TABLE IF NOT EXISTS {lease} (
 # to an existing table, computing it for the rows already there). Relays own partitions
 # (``{parts}``: one row per partition, its owner), register and renew themselves in
 # ``{relays}`` (a relay whose ``until`` has passed is gone), and record the rows they
-# hold in flight, batch by batch, in ``{inflight}`` (rows and their partitions).
+# hold in flight, batch by batch, in ``{inflight}`` (rows and their partitions; a batch
+# left with no rows is its relay's slot for its next batch, updated in place).
 _PARTITION_TABLES = """\
 ALTER TABLE {table} ADD COLUMN IF NOT EXISTS part integer
     GENERATED ALWAYS AS ((hashtext(coalesce(aggregateid, id)) & 2147483647) % {n}) STORED;
@@ -184,6 +185,7 @@ DECLARE
     v_all   boolean;
     v_first bigint;
     v_last  bigint;
+    v_slot  bigint;
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'msdata: the outbox claim needs READ COMMITTED, not %',
@@ -205,23 +207,22 @@ BEGIN
             DELETE FROM {table} WHERE seq = ANY(p_sent);
         END IF;
         -- the batches holding these rows lose them (the usual mark is exactly one batch,
-        -- which ends); one pass: a batch left with rows is written back under its own id
-        -- (a batch lists its rows in seq order: its first and last bound it, so the batch
-        -- claimed ahead is passed over without comparing lists; the rows left are found
-        -- with a hash of the marked ones, not a search of the list per row)
-        WITH gone AS (
-            DELETE FROM {inflight} l
-            WHERE l.seqs[1] <= v_last AND l.seqs[cardinality(l.seqs)] >= v_first
-              AND l.seqs && p_sent
-            RETURNING l.*
-        )
-        INSERT INTO {inflight} (id, owner, until, seqs, parts, pset) OVERRIDING SYSTEM VALUE
-        SELECT g.id, g.owner, g.until, f.seqs, f.parts, g.pset
-        FROM gone g, LATERAL (
-            SELECT array_agg(u.s ORDER BY u.i) AS seqs, array_agg(u.k ORDER BY u.i) AS parts
-            FROM unnest(g.seqs, g.parts) WITH ORDINALITY AS u(s, k, i)
-            WHERE u.s NOT IN (SELECT m FROM unnest(p_sent) m)) f
-        WHERE g.seqs <> p_sent AND f.seqs IS NOT NULL;  -- (exactly the batch: it just ends)
+        -- which ends); one pass, each batch updated in place: one left with no rows stays
+        -- as the relay's empty slot, which its next claim fills (a batch lists its rows in
+        -- seq order: its first and last bound it, so the batch claimed ahead is passed over
+        -- without comparing lists; the rows left are found with a hash of the marked ones,
+        -- not a search of the list per row). Updates, not a delete and an insert: on a table
+        -- no vacuum visits, every insert went to a new page at the end and every scan of
+        -- the in-flight batches read all the pages left behind (hundreds after 20k rows).
+        UPDATE {inflight} l SET (seqs, parts, pset) = (
+            SELECT coalesce(array_agg(u.s ORDER BY u.i), '{{}}'),
+                   coalesce(array_agg(u.k ORDER BY u.i), '{{}}'),
+                   CASE WHEN count(*) = 0 THEN '{{}}'::integer[] ELSE l.pset END
+            FROM unnest(l.seqs, l.parts) WITH ORDINALITY AS u(s, k, i)
+            -- (exactly the batch: it just ends)
+            WHERE l.seqs <> p_sent AND u.s NOT IN (SELECT m FROM unnest(p_sent) m))
+        WHERE l.seqs[1] <= v_last AND l.seqs[cardinality(l.seqs)] >= v_first
+          AND l.seqs && p_sent;
     END IF;
     -- (a relay whose registration had run out starts again from the bottom: what it held
     -- may have lapsed long ago, its in-flight batches purged)
@@ -338,6 +339,8 @@ BEGIN
         v_floor := 0;
     END IF;
 
+    SELECT h.id INTO v_slot FROM {inflight} h WHERE h.owner = p_owner AND h.seqs = '{{}}' LIMIT 1;
+
     RETURN QUERY
     WITH blocked AS MATERIALIZED (
         SELECT b.aggregateid, min(b.seq) AS from_seq FROM {table} b
@@ -371,13 +374,23 @@ BEGIN
           AND o.seq > v_floor
         ORDER BY o.seq
         LIMIT p_limit
-    ), batch AS (
-        INSERT INTO {inflight} (owner, until, seqs, parts, pset)
+    ), rec AS (
         -- (in seq order, as the CTE keeps its rows; were it not, the mark's range check
         -- could miss a batch, which would then stay in flight until its lease runs out)
-        SELECT p_owner, v_until, array_agg(got.seq), array_agg(got.part),
-               array_agg(DISTINCT got.part)
+        SELECT array_agg(got.seq) AS seqs, array_agg(got.part) AS parts,
+               array_agg(DISTINCT got.part) AS pset
         FROM got HAVING count(*) > 0
+    ), slot AS (
+        -- into an empty slot of the relay's (a new id: a later batch, as when inserted), or
+        -- a new one (none, or another statement took it out meanwhile)
+        UPDATE {inflight} h SET id = DEFAULT, until = v_until, seqs = rec.seqs,
+            parts = rec.parts, pset = rec.pset
+        FROM rec WHERE h.id = v_slot AND h.owner = p_owner AND h.seqs = '{{}}'
+        RETURNING 1
+    ), batch AS (
+        INSERT INTO {inflight} (owner, until, seqs, parts, pset)
+        SELECT p_owner, v_until, rec.seqs, rec.parts, rec.pset
+        FROM rec WHERE NOT EXISTS (SELECT 1 FROM slot)
     ), moved AS (
         -- the new floor: the scan saw every claimable row of its partitions above the
         -- floor, up to its last row (or all of them, when it found fewer than p_limit);
