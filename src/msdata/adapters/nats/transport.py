@@ -11,13 +11,23 @@ Mapping
       is delivered; a JetStream publish to any other ``<subject>._k.*`` is refused (no
       stream captures it), so the stream holds nothing that no group reads. (Streams
       declared by an earlier msdata with ``<subject>._k.*`` are narrowed to that list.)
-    - A group is a durable pull consumer on that stream (``deliver_policy=all``, explicit
-      ack), named :func:`consumer_name` of the group. A subscription keeps a pull request open
-      on it (see :class:`NatsSubscription`); consumers of one group compete, each group gets
-      each message.
-      The stream keeps what it holds until its limits (``max_age``, ``max_bytes``) drop it,
-      so a new group starts from the beginning (``replays_history=True``): in particular the
-      first group on a dead-letter topic receives everything dead-lettered before.
+    - A group is a durable pull consumer on that stream (explicit ack), named
+      :func:`consumer_name` of the group. A subscription keeps a pull request open on it
+      (see :class:`NatsSubscription`); consumers of one group compete, each group gets each
+      message published after it was declared. The stream keeps what it holds until its
+      limits (``max_age``, ``max_bytes``) drop it; where a new group starts in it:
+
+      - the topic's first group (no consumer of msdata's on the stream yet), any group of a
+        dead-letter topic, and every group of a transport built with
+        ``replays_history=True``: at the beginning (``deliver_policy=all``), so what was
+        published while the topic had no group reaches the first group, and every reader
+        of a dead-letter topic reads all of it;
+      - any other group: after the stream's last message when it is declared
+        (``deliver_policy=by_start_sequence``, its ``last_seq + 1``, read before the
+        consumer is created), as on the other transports. The consumers of an ordered
+        group start at one sequence; a consumer of a group that has others (declared in
+        part) starts where they do; one the server lost is declared again from the
+        beginning (at least once).
 
 Publishing
     Each message goes out with ``Nats-Msg-Id`` set to its id, so JetStream drops a second
@@ -101,9 +111,14 @@ Order per key: opt-in, ``NatsTransport(ordered=True)`` (then ``ordered_per_key=T
     for keyless messages; an ordered subscription keeps a pull request open on each. The
     price: per group, at most ``key_partitions`` keyed messages in flight, a message waiting
     out a nack delay holds back its whole partition, and the keys sharing a partition are
-    serialised together. ``key_partitions`` (default 16) is fixed when the topic's stream is
-    created (it is recorded in the stream's description and checked), and a group is either
-    ordered or not, for good: its consumers are different ones.
+    serialised together. A subscription whose ``prefetch`` leaves fewer credits than its
+    consumers without a pull request gives them turns: the key partitions one after the
+    other, from the one after the last pulled, and the keyless consumer every other turn
+    when one credit is left, each request then living 0.1 s, so that a partition with
+    nothing waiting passes its turn on soon (with ``prefetch=1`` and 16 partitions a message
+    waits at most about 3 s for its turn). ``key_partitions`` (default 16) is fixed when the
+    topic's stream is created (it is recorded in the stream's description and checked),
+    and a group is either ordered or not, for good: its consumers are different ones.
 
 Foreign messages
     A message without msdata's headers gets the id ``<stream>:<sequence>`` (stable across
@@ -117,10 +132,12 @@ Messages nats-py cannot read
 
 Connection
     nats-py reconnects by itself (:meth:`NatsTransport.from_url` sets unlimited reconnect
-    attempts; pass your own client configured likewise). A server that is down, whether it
-    never answered or went away later, makes ``publish`` raise :class:`PublishError` after
-    ``publish_timeout`` and entering a subscription raise :class:`TransportError` after
-    ``connect_timeout``, both naming the address without credentials. A :meth:`from_url`
+    attempts; pass your own client configured likewise). A server that is down or silent
+    (it accepts the connection and never answers), whether from the start or later, makes
+    ``publish`` raise :class:`PublishError` after ``publish_timeout``, and entering a
+    subscription, ``declare_group``, ``lag`` and ``delete_topic`` raise
+    :class:`TransportError` after ``connect_timeout`` (JetStream API requests wait that long
+    at most), each naming the address without credentials. A :meth:`from_url`
     transport logs the client's connection errors, disconnects and reconnects as one
     WARNING line each on ``msdata.adapters.nats`` (at most one per kind every 10 s), instead
     of nats-py's traceback per attempt; with your own client, pass your own ``error_cb``.
@@ -1273,7 +1290,11 @@ class NatsTransport:
     whose :func:`wire_size`, headers included, is over it is refused before sending, alone,
     with :class:`~msdata.errors.MessageTooLarge`), ``max_held_bytes`` (bytes a subscription
     holds at most, received and not settled, plus one message; default 64 MiB; see
-    :class:`NatsSubscription`).
+    :class:`NatsSubscription`), ``replays_history`` (default False: a group declared on a
+    topic that has a group already starts after what the stream holds then, as the
+    transport contract says; True: every new group starts at the stream's beginning and
+    receives what it still holds, as msdata's NATS transport did before; see the module
+    docstring).
     """
 
     def __init__(
