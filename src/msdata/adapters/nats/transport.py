@@ -1874,7 +1874,7 @@ class NatsTransport:
         kind = "ordered group" if ordered else "group"
         what = f"could not declare group {group!r} on topic {topic!r} at {self.address}"
         with _nats_errors(what):
-            existing, start = await self._start_of(
+            start = await self._start_of(
                 stream, topic, [name for name, _, _ in specs], replay=force
             )
 
@@ -1902,21 +1902,23 @@ class NatsTransport:
                 await js.consumer_info(stream, name)
 
         with _nats_errors(what):
-            await asyncio.gather(*(declare(*spec) for spec in specs if spec[0] not in existing))
+            # existing ones too, with the start they have: the server takes the settings
+            # it can update (ack_wait, max_ack_pending) from the latest declaration
+            await asyncio.gather(*(declare(*spec) for spec in specs))
         return stream, specs
 
     async def _start_of(
         self, stream: str, topic: str, names: list[str], *, replay: bool = False
-    ) -> tuple[set[str], int | None]:
-        """Which of the consumers ``names`` of a group exist on ``stream``, and the stream
-        sequence the missing ones start at (None: the first message it holds).
+    ) -> int | None:
+        """The stream sequence at which the consumers ``names`` of a group start on
+        ``stream`` (None: the first message it holds).
 
         A group receives what is published after it was declared: a new group starts after
         the stream's last message, unless no group of msdata's exists on the stream yet (the
         first group receives what was published before any group), the topic is a
         dead-letter topic (every reader reads it from its beginning), ``replay`` is true, or
         the transport was built with ``replays_history=True``. Missing consumers of a group
-        that has others (declared in part) start where those do."""
+        that exists (in full, or in part) start where its consumers do."""
         js = self._js
         assert js is not None
         infos: list[Any] = []
@@ -1931,17 +1933,17 @@ class NatsTransport:
         wanted = set(names)
         existing = {i.name for i in infos if i.name in wanted}
         if existing:
-            sibling = next(i for i in infos if i.name in existing).config
+            sibling: ConsumerConfig = next(i for i in infos if i.name in existing).config
             if sibling.deliver_policy == DeliverPolicy.BY_START_SEQUENCE:
-                return existing, sibling.opt_start_seq
-            return existing, None
+                return sibling.opt_start_seq
+            return None
         if replay or self.replays_history or is_dead_letter_topic(topic):
-            return existing, None
+            return None
         groups = [i for i in infos if (i.config.description or "").startswith("msdata ")]
         if not groups:
-            return existing, None  # the topic's first group
+            return None  # the topic's first group
         info = await js.stream_info(stream)
-        return existing, info.state.last_seq + 1
+        return info.state.last_seq + 1
 
     def subscribe(
         self, topic: str, group: str, *, max_attempts: int = 5, prefetch: int = 100
