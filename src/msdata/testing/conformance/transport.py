@@ -126,6 +126,7 @@ class _SilentServer:
         self._server: asyncio.Server | None = None
         self._writers: list[asyncio.StreamWriter] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     async def __aenter__(self) -> _SilentServer:
         self._server = await asyncio.start_server(self._serve, self.host, 0)
@@ -133,9 +134,12 @@ class _SilentServer:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._closing = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._speaking.set()  # the connections still waiting end (not left to the loop)
+        await asyncio.sleep(0)
         for writer in self._writers:
             writer.transport.abort()
         if self._server is not None:
@@ -151,7 +155,8 @@ class _SilentServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.append(writer)  # kept open, and referenced, until the end
         await self._speaking.wait()
-        assert self.upstream is not None
+        if self._closing or self.upstream is None:
+            return
         up_reader, up_writer = await asyncio.open_connection(*self.upstream)
         self._writers.append(up_writer)
         loop = asyncio.get_running_loop()
