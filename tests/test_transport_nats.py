@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import nats
 import pytest
@@ -75,11 +76,48 @@ async def unreachable_nats(
         await t.close()
 
 
+@asynccontextmanager
+async def nats_transport_at(
+    host: str, port: int, timeout: float, **options: object
+) -> AsyncIterator[Transport]:
+    """A transport connecting to ``host:port`` (a proxy in front of the test server) under
+    a fresh stream prefix, its streams deleted afterwards through a connection of its own."""
+    prefix = f"T{uuid.uuid4().hex[:12]}_"
+    t = NatsTransport.from_url(
+        f"nats://{host}:{port}",
+        stream_prefix=prefix,
+        publish_timeout=timeout,
+        connect_timeout=timeout,
+        **options,  # type: ignore[arg-type]
+    )
+    try:
+        yield t
+    finally:
+        await t.close()
+        nc = await nats.connect(require("nats"))
+        try:
+            await delete_streams(nc, prefix)
+        finally:
+            await nc.close()
+
+
 class _Unreachable(TransportConformance):
+    #: the constructor options of the class's transports
+    options: dict[str, object] = {}
+
     def make_unreachable_transport(  # type: ignore[override]
         self, host: str, port: int, timeout: float
     ) -> AsyncIterator[Transport]:
         return unreachable_nats(host, port, timeout, self.unreachable_password)  # type: ignore[return-value]
+
+    def broker_address(self) -> tuple[str, int]:
+        url = urlsplit(require("nats").split(",")[0])
+        return url.hostname or "127.0.0.1", url.port or 4222
+
+    def make_transport_at(  # type: ignore[override]
+        self, host: str, port: int, timeout: float
+    ) -> AsyncIterator[Transport]:
+        return nats_transport_at(host, port, timeout, ack_wait=3.0, **self.options)  # type: ignore[return-value]
 
 
 class TestNatsTransport(_Unreachable):
@@ -99,6 +137,7 @@ class TestNatsTransport(_Unreachable):
 class TestNatsTransportOrdered(_Unreachable):
     """``ordered=True``: a consumer per key partition, so the order test runs too."""
 
+    options = {"ordered": True, "key_partitions": 8}
     arrival_timeout = 10.0
     quiet_period = 0.5
 
@@ -821,3 +860,23 @@ async def test_a_redelivery_whose_release_record_cannot_be_read_waits_for_it() -
             t._read_record = read_record  # type: ignore[method-assign]
             (back,) = await collect(sub, 1, timeout=10.0)
         assert (back.message.id, back.attempt) == (m.id, 1)
+
+
+async def test_replays_history_gives_every_new_group_what_the_stream_holds() -> None:
+    """``replays_history=True``, an opt-in beyond the transport contract: a group declared
+    after messages went to another group starts at the stream's beginning (features say
+    so); without it, such a group gets only what is published after its declaration."""
+    topic = unique("topic")
+    async with nats_transport(replays_history=True) as t:
+        assert t.features.replays_history
+        await t.declare_group(topic, "first")
+        before = make_messages(4)
+        await t.publish(topic, before)
+        await t.declare_group(topic, "late")
+        after = make_messages(2, prefix="after")
+        await t.publish(topic, after)
+        async with t.subscribe(topic, "late") as sub:
+            got = await collect(sub, 6, timeout=10.0)
+            assert sorted(d.message.id for d in got) == sorted(m.id for m in [*before, *after])
+    async with nats_transport() as t:
+        assert not t.features.replays_history

@@ -9,6 +9,7 @@ import tracemalloc
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
@@ -87,6 +88,31 @@ class TestRedisTransport(TransportConformance):
             yield t
         finally:
             await t.close()
+
+    def broker_address(self) -> tuple[str, int]:
+        url = urlsplit(require("redis"))
+        return url.hostname or "127.0.0.1", url.port or 6379
+
+    @asynccontextmanager
+    async def make_transport_at(  # type: ignore[override]
+        self, host: str, port: int, timeout: float
+    ) -> AsyncIterator[Transport]:
+        prefix = f"msdata-test-{uuid.uuid4().hex[:12]}"
+        db = urlsplit(require("redis")).path or "/0"
+        t = RedisTransport.from_url(
+            f"redis://{host}:{port}{db}?socket_connect_timeout={timeout}&socket_timeout={timeout}",
+            key_prefix=prefix,
+            claim_idle=0.4,
+        )
+        try:
+            yield t
+        finally:
+            await t.close()
+            client = aioredis.Redis.from_url(require("redis"))
+            try:
+                await _delete_prefix(client, prefix)
+            finally:
+                await client.aclose()
 
     def make_transport(self) -> AsyncIterator[Transport]:  # type: ignore[override]
         return redis_transport()  # type: ignore[return-value]

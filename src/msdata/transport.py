@@ -171,7 +171,9 @@ class TransportFeatures:
     ordered_per_key: bool
     #: ``nack(delay=...)`` is carried out by the broker (else by a timer in the adapter)
     native_delay: bool
-    #: a new group also receives what was published before it was created
+    #: a new group also receives what was published before it was created, beyond the
+    #: contract of :class:`Subscriber` (only NATS, built with ``replays_history=True``; the
+    #: conformance suite checks the contract, so it runs on transports built without it)
     replays_history: bool
     #: seconds after which a delivery left unacked by a consumer that died is offered again
     #: (0: as soon as the subscription closes)
@@ -327,8 +329,9 @@ class Subscriber(Protocol):
       whether or not a consumer of the group is running at the time: a service's groups can
       be declared at deploy time, before its consumers start.
     - A message published to a topic that has no group at all is kept, never dropped: the
-      first group declared on that topic receives it (NATS: every group does, see
-      ``features.replays_history``).
+      first group declared on that topic receives it. (A NATS transport built with
+      ``replays_history=True`` gives every new group what its stream holds; see
+      ``features.replays_history``.)
     """
 
     async def declare_group(self, topic: str, group: str) -> None:

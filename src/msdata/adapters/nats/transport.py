@@ -11,13 +11,23 @@ Mapping
       is delivered; a JetStream publish to any other ``<subject>._k.*`` is refused (no
       stream captures it), so the stream holds nothing that no group reads. (Streams
       declared by an earlier msdata with ``<subject>._k.*`` are narrowed to that list.)
-    - A group is a durable pull consumer on that stream (``deliver_policy=all``, explicit
-      ack), named :func:`consumer_name` of the group. A subscription keeps a pull request open
-      on it (see :class:`NatsSubscription`); consumers of one group compete, each group gets
-      each message.
-      The stream keeps what it holds until its limits (``max_age``, ``max_bytes``) drop it,
-      so a new group starts from the beginning (``replays_history=True``): in particular the
-      first group on a dead-letter topic receives everything dead-lettered before.
+    - A group is a durable pull consumer on that stream (explicit ack), named
+      :func:`consumer_name` of the group. A subscription keeps a pull request open on it
+      (see :class:`NatsSubscription`); consumers of one group compete, each group gets each
+      message published after it was declared. The stream keeps what it holds until its
+      limits (``max_age``, ``max_bytes``) drop it; where a new group starts in it:
+
+      - the topic's first group (no consumer of msdata's on the stream yet), any group of a
+        dead-letter topic, and every group of a transport built with
+        ``replays_history=True``: at the beginning (``deliver_policy=all``), so what was
+        published while the topic had no group reaches the first group, and every reader
+        of a dead-letter topic reads all of it;
+      - any other group: after the stream's last message when it is declared
+        (``deliver_policy=by_start_sequence``, its ``last_seq + 1``, read before the
+        consumer is created), as on the other transports. The consumers of an ordered
+        group start at one sequence; a consumer of a group that has others (declared in
+        part) starts where they do; one the server lost is declared again from the
+        beginning (at least once).
 
 Publishing
     Each message goes out with ``Nats-Msg-Id`` set to its id, so JetStream drops a second
@@ -101,9 +111,14 @@ Order per key: opt-in, ``NatsTransport(ordered=True)`` (then ``ordered_per_key=T
     for keyless messages; an ordered subscription keeps a pull request open on each. The
     price: per group, at most ``key_partitions`` keyed messages in flight, a message waiting
     out a nack delay holds back its whole partition, and the keys sharing a partition are
-    serialised together. ``key_partitions`` (default 16) is fixed when the topic's stream is
-    created (it is recorded in the stream's description and checked), and a group is either
-    ordered or not, for good: its consumers are different ones.
+    serialised together. A subscription whose ``prefetch`` leaves fewer credits than its
+    consumers without a pull request gives them turns: the key partitions one after the
+    other, from the one after the last pulled, and the keyless consumer every other turn
+    when one credit is left, each request then living 0.1 s, so that a partition with
+    nothing waiting passes its turn on soon (with ``prefetch=1`` and 16 partitions a message
+    waits at most about 3 s for its turn). ``key_partitions`` (default 16) is fixed when the
+    topic's stream is created (it is recorded in the stream's description and checked),
+    and a group is either ordered or not, for good: its consumers are different ones.
 
 Foreign messages
     A message without msdata's headers gets the id ``<stream>:<sequence>`` (stable across
@@ -117,10 +132,12 @@ Messages nats-py cannot read
 
 Connection
     nats-py reconnects by itself (:meth:`NatsTransport.from_url` sets unlimited reconnect
-    attempts; pass your own client configured likewise). A server that is down, whether it
-    never answered or went away later, makes ``publish`` raise :class:`PublishError` after
-    ``publish_timeout`` and entering a subscription raise :class:`TransportError` after
-    ``connect_timeout``, both naming the address without credentials. A :meth:`from_url`
+    attempts; pass your own client configured likewise). A server that is down or silent
+    (it accepts the connection and never answers), whether from the start or later, makes
+    ``publish`` raise :class:`PublishError` after ``publish_timeout``, and entering a
+    subscription, ``declare_group``, ``lag`` and ``delete_topic`` raise
+    :class:`TransportError` after ``connect_timeout`` (JetStream API requests wait that long
+    at most), each naming the address without credentials. A :meth:`from_url`
     transport logs the client's connection errors, disconnects and reconnects as one
     WARNING line each on ``msdata.adapters.nats`` (at most one per kind every 10 s), instead
     of nats-py's traceback per attempt; with your own client, pass your own ``error_cb``.
@@ -143,7 +160,7 @@ import re
 import time
 import zlib
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import MappingProxyType
 from typing import Any, Self
 from urllib.parse import urlsplit
@@ -180,6 +197,7 @@ from msdata.transport import (
     TransportFeatures,
     TransportMessage,
     check_name,
+    is_dead_letter_topic,
     pop_url_options,
     refused_error,
     screen,
@@ -226,6 +244,8 @@ _PARTITIONS = re.compile(r"key partitions (\d+)$")
 # longest a pull request lives on the server, in seconds: a subscription waiting longer
 # opens another, and close() waits at most this long for its open ones to end
 _PULL_EXPIRES = 0.5
+# how long a pull request lives while requests take turns (fewer credits than consumers)
+_TURN_EXPIRES = 0.1
 # after a request was refused (a 409 status), wait this long before asking that consumer again
 _PULL_BACKOFF = 0.5
 # the description of the 409 status ending a pull request whose next message is larger than
@@ -679,20 +699,17 @@ class NatsSubscription(ClosesOnExit):
         self._ended: asyncio.Event | None = None
         self._inbox = ""
         self._inbox_sub: Any = None
+        # ordered: the key partition whose turn is next; whether the keyless consumer has
+        # the next single credit; whether it goes first when the byte budget is short
         self._turn = 0
         self._flip = False
+        self._room_flip = False
         self._keepalive: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
         t = self._transport
-        try:
-            async with asyncio.timeout(t.connect_timeout):
-                await self._declare()
-        except TimeoutError as e:
-            raise TransportError(
-                f"could not declare group {self.group!r} on topic {self.topic!r} at "
-                f"{t.address} within {t.connect_timeout}s{t._why_not_connected()}"
-            ) from e
+        async with t._answered(f"could not declare group {self.group!r} on topic {self.topic!r}"):
+            await self._declare()
         t._subscriptions.add(self)
         self._keepalive = asyncio.get_running_loop().create_task(
             self._keep_alive(), name=f"msdata-nats-keepalive:{self.topic}:{self.group}"
@@ -726,7 +743,8 @@ class NatsSubscription(ClosesOnExit):
         self.stream, specs = await t._declare_consumers(
             self.topic, self.group, self.ordered, force=self._lost
         )
-        with _nats_errors(f"could not declare group {self.group!r} on topic {self.topic!r}"):
+        what = f"could not declare group {self.group!r} on topic {self.topic!r} at {t.address}"
+        with _nats_errors(what):
             if self._inbox_sub is None:
                 self._inbox = nc.new_inbox()
                 # no pending limit of nats-py's own (it would drop deliveries): what the
@@ -814,25 +832,43 @@ class NatsSubscription(ClosesOnExit):
         credit = self.prefetch - len(self._inflight) - len(self._buffer) - sum(outstanding)
         last = len(outstanding) - 1
         wanted: list[tuple[int, int]] = []
+        # with fewer credits than idle consumers, their requests take turns: each then lives
+        # only _TURN_EXPIRES, so that the turn soon passes on from an empty key partition
+        turns = False
         if last:
-            # key partitions take turns first, so a small prefetch still reaches them all;
-            # one credit stays for the keyless consumer (every other time, if there is only
-            # one), else a prefetch below key_partitions + 1 would never pull keyless ones
-            start = self._turn = (self._turn + 1) % last
+            # Key partitions take turns first, from the one after the last that was pulled
+            # (self._turn), so a small prefetch still reaches each of them. One credit stays
+            # for the keyless consumer; with a single credit, the keyless consumer and the
+            # partitions have it in turn (self._flip, changed only when that choice is made),
+            # else a prefetch below key_partitions + 1 would never pull keyless ones. (Both
+            # changing on every call, as they once did, made a prefetch of 1 pull only the
+            # partitions of one parity: the others were never delivered.)
+            start = self._turn
+            free = [
+                i
+                for i in ((start + j) % last for j in range(last))
+                if outstanding[i] == 0 and not_before[i] <= now
+            ]
             keyless_idle = outstanding[last] == 0 and not_before[last] <= now
-            self._flip = not self._flip
-            reserve = 1 if keyless_idle and (credit > 1 or self._flip) else 0
-            for j in range(last):
+            turns = credit < len(free) + keyless_idle
+            reserve = 0
+            if keyless_idle and free and credit > 0:
+                if credit > 1:
+                    reserve = 1
+                else:
+                    reserve = 1 if self._flip else 0
+                    self._flip = not self._flip
+            for i in free:
                 if credit - reserve <= 0:
                     break
-                i = (start + j) % last
-                if outstanding[i] == 0 and not_before[i] <= now:
-                    wanted.append((i, 1))
-                    credit -= 1
+                wanted.append((i, 1))
+                credit -= 1
         if credit > 0 and outstanding[last] == 0 and not_before[last] <= now:
             wanted.append((last, min(credit, self._transport.max_ack_pending)))
         if not wanted:
             return
+        if turns:
+            expires = min(expires, _TURN_EXPIRES)
         expires_ns = int(expires * 1e9)
         oversize = self._oversize
         # (consumer, batch, request, bytes it may bring as counted against the budget)
@@ -852,8 +888,11 @@ class NatsSubscription(ClosesOnExit):
             # below max_payload does a request carry max_bytes (the room).
             idle = self._held_bytes == 0 and not any(outstanding_bytes)
             max_payload = nc.max_payload
-            if last and room < max_payload and self._flip:
-                wanted.reverse()  # the keyless consumer first, every other time
+            if last and room < max_payload and len(wanted) > 1 and wanted[-1][0] == last:
+                # too little room for them all: the keyless consumer first, every other time
+                self._room_flip = not self._room_flip
+                if self._room_flip:
+                    wanted.reverse()
             for i, batch in wanted:
                 fits = min(batch, room // max_payload)
                 if fits >= 1:
@@ -876,6 +915,8 @@ class NatsSubscription(ClosesOnExit):
                     room = 0
         per_message = self._per_message
         for i, batch, request, nbytes in requests:
+            if i != last:
+                self._turn = (i + 1) % last  # the next partition's turn comes next
             outstanding[i] = batch
             outstanding_bytes[i] = nbytes
             per_message[i] = nbytes // batch if b"max_bytes" not in request else 0
@@ -1249,7 +1290,11 @@ class NatsTransport:
     whose :func:`wire_size`, headers included, is over it is refused before sending, alone,
     with :class:`~msdata.errors.MessageTooLarge`), ``max_held_bytes`` (bytes a subscription
     holds at most, received and not settled, plus one message; default 64 MiB; see
-    :class:`NatsSubscription`).
+    :class:`NatsSubscription`), ``replays_history`` (default False: a group declared on a
+    topic that has a group already starts after what the stream holds then, as the
+    transport contract says; True: every new group starts at the stream's beginning and
+    receives what it still holds, as msdata's NATS transport did before; see the module
+    docstring).
     """
 
     def __init__(
@@ -1273,6 +1318,7 @@ class NatsTransport:
         ordered: bool = False,
         max_message_bytes: int | None = None,
         max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
+        replays_history: bool = False,
     ) -> None:
         if namespace is not None:
             check_name("namespace", namespace)
@@ -1308,7 +1354,9 @@ class NatsTransport:
                 "and max_message_bytes must be positive"
             )
         self._nc: Client | None = client
-        self._js: JetStreamContext | None = client.jetstream() if client is not None else None
+        self._js: JetStreamContext | None = (
+            client.jetstream(timeout=connect_timeout) if client is not None else None
+        )
         self._owns_client = client is None
         self._guard = _guard(client) if client is not None else None
         #: a larger message (its :func:`wire_size`) is refused; None: the server's max_payload
@@ -1338,11 +1386,13 @@ class NatsTransport:
             raise ConfigurationError("key_partitions must be between 1 and 1024")
         self.key_partitions = key_partitions
         self.ordered = ordered
+        #: every new group starts from the stream's beginning (see the module docstring)
+        self.replays_history = replays_history
         self.features = TransportFeatures(
             durable=not memory_storage,
             ordered_per_key=ordered,
             native_delay=True,
-            replays_history=True,
+            replays_history=replays_history,
             redelivery_timeout=ack_wait,
         )
         # published batches waiting for their confirmations, by reply subject token
@@ -1436,7 +1486,7 @@ class NatsTransport:
                         ) from e
                     raise
                 self._guard = _guard(nc)
-                self._nc, self._js = nc, nc.jetstream()
+                self._nc, self._js = nc, nc.jetstream(timeout=self.connect_timeout)
             return self._js
 
     def _why_not_connected(self) -> str:
@@ -1478,7 +1528,7 @@ class NatsTransport:
             max_bytes=self.max_bytes,
         )
         js = await self._ready()
-        with _nats_errors(f"could not declare the stream of topic {topic!r}"):
+        with _nats_errors(f"could not declare the stream of topic {topic!r} at {self.address}"):
             try:
                 await js.add_stream(config)
             except nats.js.errors.APIError as e:
@@ -1781,17 +1831,36 @@ class NatsTransport:
     async def declare_group(self, topic: str, group: str) -> None:
         """The topic's stream and the group's durable consumer(s): one, or with
         ``ordered=True`` one per key partition plus one for keyless messages, as a
-        subscription of this transport declares them."""
+        subscription of this transport declares them. A new group starts after what the
+        stream holds, unless it is the topic's first group, the topic is a dead-letter
+        topic, or the transport was built with ``replays_history=True`` (then it starts from
+        the beginning). Raises :class:`TransportError` naming the address if the server
+        does not answer within ``connect_timeout``."""
         self._subject(topic)
         check_name("group", group)
-        await self._declare_consumers(topic, group, self.ordered)
+        async with self._answered(f"could not declare group {group!r} on topic {topic!r}"):
+            await self._declare_consumers(topic, group, self.ordered)
+
+    @contextlib.asynccontextmanager
+    async def _answered(self, what: str) -> AsyncIterator[None]:
+        """Bound a call to ``connect_timeout``: past it, :class:`TransportError` saying
+        ``what`` and naming the address."""
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                yield
+        except TimeoutError as e:
+            raise TransportError(
+                f"{what} at {self.address}: no answer within {self.connect_timeout}s"
+                f"{self._why_not_connected()}"
+            ) from e
 
     async def _declare_consumers(
         self, topic: str, group: str, ordered: bool, *, force: bool = False
     ) -> tuple[str, list[tuple[str, str | None, int]]]:
         """Declare the stream of ``topic`` and the consumers of ``group``; returns the
         stream name and each consumer's (name, filter subject, max_ack_pending), the
-        keyless (or only) one last."""
+        keyless (or only) one last. ``force``: the group's consumers were lost (the
+        server's data, or deleted): declare the stream again, and them from the beginning."""
         js = await self._ready()
         stream = await self._ensure_stream(topic, force=force)
         subject, partitions = self._streams[topic]
@@ -1803,13 +1872,21 @@ class NatsTransport:
         else:
             specs.append((base, None, self.max_ack_pending))
         kind = "ordered group" if ordered else "group"
+        what = f"could not declare group {group!r} on topic {topic!r} at {self.address}"
+        with _nats_errors(what):
+            start = await self._start_of(
+                stream, topic, [name for name, _, _ in specs], replay=force
+            )
 
         async def declare(name: str, filter_subject: str | None, max_ack_pending: int) -> None:
             config = ConsumerConfig(
                 name=name,
                 durable_name=name,
                 description=f"msdata {kind} {group} of topic {topic}",
-                deliver_policy=DeliverPolicy.ALL,
+                deliver_policy=DeliverPolicy.ALL
+                if start is None
+                else DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=start,
                 ack_policy=AckPolicy.EXPLICIT,
                 ack_wait=self.ack_wait,
                 max_deliver=-1,
@@ -1824,9 +1901,49 @@ class NatsTransport:
                 # it exists with other settings (another version of this code): use it as is
                 await js.consumer_info(stream, name)
 
-        with _nats_errors(f"could not declare group {group!r} on topic {topic!r}"):
+        with _nats_errors(what):
+            # existing ones too, with the start they have: the server takes the settings
+            # it can update (ack_wait, max_ack_pending) from the latest declaration
             await asyncio.gather(*(declare(*spec) for spec in specs))
         return stream, specs
+
+    async def _start_of(
+        self, stream: str, topic: str, names: list[str], *, replay: bool = False
+    ) -> int | None:
+        """The stream sequence at which the consumers ``names`` of a group start on
+        ``stream`` (None: the first message it holds).
+
+        A group receives what is published after it was declared: a new group starts after
+        the stream's last message, unless no group of msdata's exists on the stream yet (the
+        first group receives what was published before any group), the topic is a
+        dead-letter topic (every reader reads it from its beginning), ``replay`` is true, or
+        the transport was built with ``replays_history=True``. Missing consumers of a group
+        that exists (in full, or in part) start where its consumers do."""
+        js = self._js
+        assert js is not None
+        infos: list[Any] = []
+        while True:
+            try:
+                page = await js.consumers_info(stream, len(infos) or None)
+            except nats.js.errors.NotFoundError:
+                break
+            infos.extend(page)
+            if len(page) < 256:
+                break
+        wanted = set(names)
+        existing = {i.name for i in infos if i.name in wanted}
+        if existing:
+            sibling: ConsumerConfig = next(i for i in infos if i.name in existing).config
+            if sibling.deliver_policy == DeliverPolicy.BY_START_SEQUENCE:
+                return sibling.opt_start_seq
+            return None
+        if replay or self.replays_history or is_dead_letter_topic(topic):
+            return None
+        groups = [i for i in infos if (i.config.description or "").startswith("msdata ")]
+        if not groups:
+            return None  # the topic's first group
+        info = await js.stream_info(stream)
+        return info.state.last_seq + 1
 
     def subscribe(
         self, topic: str, group: str, *, max_attempts: int = 5, prefetch: int = 100
@@ -1840,12 +1957,18 @@ class NatsTransport:
         return NatsSubscription(self, topic, group, max_attempts, prefetch, self.ordered)
 
     async def delete_topic(self, topic: str) -> bool:
-        """Delete the topic's stream, with every message and group in it. True if it existed."""
+        """Delete the topic's stream, with every message and group in it. True if it existed.
+        Raises :class:`TransportError` naming the address if the server does not answer
+        within ``connect_timeout``."""
+        async with self._answered(f"could not delete the stream of {topic!r}"):
+            return await self._delete_topic(topic)
+
+    async def _delete_topic(self, topic: str) -> bool:
         js = await self._ready()
         self._streams.pop(topic, None)
         name = stream_name(topic, self.stream_prefix)
         self._record_streams.discard(name + _RECORDS_SUFFIX)
-        with _nats_errors(f"could not delete the stream of {topic!r}"):
+        with _nats_errors(f"could not delete the stream of {topic!r} at {self.address}"):
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 await js.delete_stream(name + _RECORDS_SUFFIX)
             try:
@@ -1885,15 +2008,21 @@ class NatsTransport:
         """The sum of ``num_pending`` (not delivered yet) and ``num_ack_pending`` (delivered,
         not acked) over the group's durable consumers on the topic's stream: its one
         consumer, or an ordered group's consumers per key partition and for keyless
-        messages, whichever exist. None if the stream or the group does not exist. See
-        :meth:`msdata.transport.Transport.lag`."""
+        messages, whichever exist. None if the stream or the group does not exist. Raises
+        :class:`TransportError` naming the address if the server does not answer within
+        ``connect_timeout``. See :meth:`msdata.transport.Transport.lag`."""
         self._subject(topic)
         check_name("group", group)
+        async with self._answered(f"could not read the lag of group {group!r} of {topic!r}"):
+            return await self._lag(topic, group)
+
+    async def _lag(self, topic: str, group: str) -> int | None:
         js = await self._ready()
         stream = stream_name(topic, self.stream_prefix)
         base = consumer_name(group)
         total: int | None = None
-        with _nats_errors(f"could not read the lag of group {group!r} of {topic!r}"):
+        what = f"could not read the lag of group {group!r} of {topic!r} at {self.address}"
+        with _nats_errors(what):
             offset = 0
             while True:
                 try:

@@ -110,6 +110,72 @@ _raw_feeds = st.lists(
 )
 
 
+class _SilentServer:
+    """A TCP server on 127.0.0.1 (``host``, ``port``) that accepts connections and never
+    answers them. With ``upstream`` (host, port) it forwards each connection there, both
+    ways, until :meth:`go_silent`: then it forwards nothing more and answers no new
+    connection, every connection staying open (a broker that froze), until
+    :meth:`speak_again`."""
+
+    def __init__(self, upstream: tuple[str, int] | None = None) -> None:
+        self.upstream = upstream
+        self.host = "127.0.0.1"
+        self.port = 0
+        self._speaking = asyncio.Event()
+        if upstream is not None:
+            self._speaking.set()
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    async def __aenter__(self) -> _SilentServer:
+        self._server = await asyncio.start_server(self._serve, self.host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._speaking.set()  # the connections still waiting end (not left to the loop)
+        await asyncio.sleep(0)
+        for writer in self._writers:
+            writer.transport.abort()
+        if self._server is not None:
+            self._server.close()
+
+    def go_silent(self) -> None:
+        self._speaking.clear()
+
+    def speak_again(self) -> None:
+        if self.upstream is not None:
+            self._speaking.set()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)  # kept open, and referenced, until the end
+        await self._speaking.wait()
+        if self._closing or self.upstream is None:
+            return
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        self._writers.append(up_writer)
+        loop = asyncio.get_running_loop()
+        for source, target in ((reader, up_writer), (up_reader, writer)):
+            task = loop.create_task(self._pipe(source, target))
+            self._tasks.add(task)
+
+    async def _pipe(self, source: asyncio.StreamReader, target: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                await self._speaking.wait()
+                target.write(data)
+                await target.drain()
+        except (OSError, ConnectionError):
+            pass
+        target.close()
+
+
 class TransportConformance:
     """Every test here must pass on every transport adapter."""
 
@@ -249,17 +315,59 @@ class TransportConformance:
                 got = await collect(sub, 5, timeout=self.arrival_timeout)
                 assert sorted(d.message.id for d in got) == sorted(m.id for m in msgs)
                 await self.assert_quiet(sub)
-            # a group declared later starts after its declaration (unless the backend
-            # replays history), and the first group keeps receiving
+            # a group declared later starts after its declaration, and the first group
+            # keeps receiving
             late = self.unique("late")
             await t.declare_group(topic, late)
             more = make_messages(3, prefix="more")
             await t.publish(topic, more)
             async with t.subscribe(topic, late) as sub:
-                want = [*msgs, *more] if t.features.replays_history else more
-                got = await collect(sub, len(want), timeout=self.arrival_timeout)
-                assert sorted(d.message.id for d in got) == sorted(m.id for m in want)
+                got = await collect(sub, len(more), timeout=self.arrival_timeout)
+                assert sorted(d.message.id for d in got) == sorted(m.id for m in more)
                 await self.assert_quiet(sub)
+
+    async def test_a_group_declared_after_earlier_messages_gets_only_those_published_after(
+        self,
+    ) -> None:
+        """The contract of a group, on every transport: it receives every message published
+        after it was declared, and none published before while the topic had another group
+        (those went to the groups there were). Keyed and keyless messages alike (an ordered
+        transport reads them through different queues or consumers)."""
+        topic, first = self.unique("topic"), self.unique("first")
+
+        def mixed(n: int, prefix: str) -> list[TransportMessage]:
+            return [
+                TransportMessage(
+                    id=str(uuid.uuid4()),
+                    body=f'{{"{prefix}":{i}}}'.encode(),
+                    key=None if i % 3 == 0 else f"k{i}",
+                )
+                for i in range(n)
+            ]
+
+        async with self.make_transport() as t:
+            await t.declare_group(topic, first)
+            before = mixed(12, "before")
+            await t.publish(topic, before)
+            late = self.unique("late")
+            await t.declare_group(topic, late)
+            after = mixed(6, "after")
+            await t.publish(topic, after)
+            async with t.subscribe(topic, late) as sub:
+                got = await collect(sub, len(after), timeout=self.arrival_timeout)
+                assert sorted(d.message.id for d in got) == sorted(m.id for m in after)
+                await self.assert_quiet(sub)
+            # a group declared by its first subscription starts there
+            async with t.subscribe(topic, self.unique("later")) as sub:
+                last = mixed(3, "last")
+                await t.publish(topic, last)
+                got = await collect(sub, len(last), timeout=self.arrival_timeout)
+                assert sorted(d.message.id for d in got) == sorted(m.id for m in last)
+                await self.assert_quiet(sub)
+            everything = [*before, *after, *last]
+            async with t.subscribe(topic, first) as sub:
+                got = await collect(sub, len(everything), timeout=self.arrival_timeout)
+                assert sorted(d.message.id for d in got) == sorted(m.id for m in everything)
 
     async def test_large_batch_is_delivered_completely(self) -> None:
         topic, group = self.unique("topic"), self.unique("group")
@@ -846,6 +954,33 @@ class TransportConformance:
                 )
         assert handled == sent
 
+    async def test_an_ordered_subscription_with_prefetch_1_receives_every_key(self) -> None:
+        """Order per key must not cost liveness: with room for one delivery at a time, a
+        subscription still receives the messages of every key (on NATS, of every key
+        partition) and the keyless ones, each key in order."""
+        topic, group = self.unique("topic"), self.unique("group")
+        keys = [f"key-{i}" for i in range(12)]
+        sent: dict[str | None, list[str]] = {k: [] for k in [*keys, None]}
+        batch: list[TransportMessage] = []
+        for i in range(2):
+            for k in [*keys, None]:
+                m = TransportMessage(id=str(uuid.uuid4()), body=f'{{"i":{i}}}'.encode(), key=k)
+                sent[k].append(m.id)
+                batch.append(m)
+        async with self.make_transport() as t:
+            if not t.features.ordered_per_key:
+                pytest.skip("this transport does not keep order per key")
+            await t.declare_group(topic, group)
+            await t.publish(topic, batch)
+            got: dict[str | None, list[str]] = {k: [] for k in sent}
+            async with t.subscribe(topic, group, prefetch=1) as sub:
+                for d in await collect(sub, len(batch), timeout=self.arrival_timeout * 3):
+                    got[d.message.key].append(d.message.id)
+                missing = sorted(str(k) for k in sent if len(got[k]) < len(sent[k]))
+                assert not missing, f"never delivered, keys {missing}"
+                assert got == sent
+                await self.assert_quiet(sub)
+
     # -- an unreachable server -------------------------------------------------------------
 
     async def test_an_unreachable_server_fails_publish_subscribe_and_lag_within_their_timeouts(
@@ -943,6 +1078,86 @@ class TransportConformance:
         assert self.unreachable_password not in text, f"credentials shown: {text}"
         tracebacks = [r for r in caplog.records if r.exc_info and r.levelno >= logging.WARNING]
         assert not tracebacks, [f"{r.name}: {r.getMessage()}" for r in tracebacks]
+
+    # -- a silent server: accepts connections and never answers ------------------------------
+
+    def broker_address(self) -> tuple[str, int]:
+        """Where the broker of :meth:`make_transport` listens, (host, port). Needed, with
+        :meth:`make_transport_at`, by the case of a server that goes silent; else skipped."""
+        raise NotImplementedError
+
+    def make_transport_at(
+        self, host: str, port: int, timeout: float
+    ) -> AbstractAsyncContextManager[Transport]:
+        """A transport like :meth:`make_transport` (its broker's credentials, names of its
+        own, cleaned up afterwards) that connects to ``host:port``, a proxy in front of
+        :meth:`broker_address`, with every timeout it has for connecting, declaring and
+        publishing set to ``timeout`` seconds."""
+        raise NotImplementedError
+
+    async def _every_call_fails_in_time(
+        self, t: Transport, timeout: float, topic: str, group: str
+    ) -> list[TransportError]:
+        """publish, entering a subscription, lag and declare_group each raise
+        TransportError within ``timeout`` and a margin; returns the errors."""
+        margin = 3.0
+        errors: list[TransportError] = []
+
+        async def consume() -> None:
+            async with t.subscribe(topic, self.unique("new")) as sub:
+                await sub.receive(1, timeout=timeout)
+
+        calls: list[tuple[str, Any]] = [
+            ("publish", lambda: t.publish(topic, make_messages(1))),
+            ("subscribe", consume),
+            ("lag", lambda: t.lag(topic, group)),
+            ("declare_group", lambda: t.declare_group(topic, self.unique("other"))),
+        ]
+        cap = timeout + 2 * margin  # how long the suite waits for a call that hangs
+        for name, call in calls:
+            started = time.monotonic()
+            limit = asyncio.timeout(cap)
+            try:
+                async with limit:
+                    await call()
+            except TransportError as e:
+                errors.append(e)
+            except TimeoutError:
+                if limit.expired():
+                    pytest.fail(f"{name} was still waiting for the silent server after {cap}s")
+                raise
+            else:
+                pytest.fail(f"{name} succeeded against a silent server")
+            took = time.monotonic() - started
+            assert took < timeout + margin, f"{name} outlived its timeout: {took:.1f}s"
+        return errors
+
+    async def test_a_server_that_goes_silent_fails_every_call_within_its_timeout(self) -> None:
+        """The server answers, then goes silent with the connection open (a frozen broker:
+        SIGSTOP, a hung VM): every call, on the connection it already has, raises
+        TransportError within the transport's timeout, naming the address."""
+        async with self.make_transport() as t:
+            if not t.features.networked:
+                pytest.skip("an in-process transport has no server to be silent")
+        try:
+            upstream = self.broker_address()
+        except NotImplementedError:
+            pytest.skip("implement broker_address and make_transport_at for this backend")
+        timeout = 2.0
+        topic, group = self.unique("topic"), self.unique("group")
+        async with (
+            _SilentServer(upstream) as server,
+            self.make_transport_at(server.host, server.port, timeout) as t,
+        ):
+            await t.declare_group(topic, group)
+            await t.publish(topic, make_messages(1))
+            assert await t.lag(topic, group) is not None
+            server.go_silent()
+            errors = await self._every_call_fails_in_time(t, timeout, topic, group)
+            server.speak_again()  # let the transport clean up
+        for error in errors:
+            text = str(error)
+            assert f"{server.host}:{server.port}" in text, f"the address is not named: {text}"
 
     # -- misuse -----------------------------------------------------------------------------
 
