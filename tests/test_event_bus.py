@@ -784,6 +784,22 @@ async def test_in_process_delivery_validates_its_own_copy_of_each_event(
     assert [s.id for s in sent] == sorted(s.id for s in sent)
 
 
+async def test_publish_many_takes_one_key_for_every_event_or_a_function_of_each(
+    transport: MemoryTransport,
+) -> None:
+    """``key=`` of publish_many: a str is every event's partition key (as publish's), a
+    function gives each event its own."""
+    bus = make_bus(transport)
+    events = [OrderPlaced(order_id=f"o-{i}", amount=i) for i in range(3)]
+    async with bus:
+        one = await bus.publish_many(events, key="customer-7")
+        each = await bus.publish_many(events, key=lambda e: e.order_id)  # type: ignore[attr-defined]
+        none = await bus.publish_many(events)
+    assert [s.partition_key for s in one] == ["customer-7"] * 3
+    assert [s.partition_key for s in each] == ["o-0", "o-1", "o-2"]
+    assert [s.partition_key for s in none] == [None] * 3
+
+
 async def test_publish_writes_what_the_codec_writes_and_counts_sizes_as_message_size(
     transport: MemoryTransport, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -343,14 +343,18 @@ class EventBus:
         self,
         events: Iterable[E],
         *,
-        key: Callable[[E], str | None] | None = None,
+        key: Callable[[E], str | None] | str | None = None,
         headers: Mapping[str, str] | None = None,
         topic: str | None = None,
     ) -> list[Envelope[Event]]:
-        """Publish events as one batch per topic, all confirms in flight at once; ``key``
-        gives each event's partition key, ``headers`` go on every one. The events of one
-        call share one ``time`` (the CloudEvents occurrence time: the time of the call);
-        their ids, made together, still order them."""
+        """Publish events as one batch per topic, all confirms in flight at once; ``key``:
+        each event's partition key, as a function of the event, or one str for every event;
+        ``headers`` go on every one. The events of one call share one ``time`` (the
+        CloudEvents occurrence time: the time of the call); their ids, made together, still
+        order them."""
+        if isinstance(key, str):
+            one_key = key
+            key = lambda _event: one_key  # noqa: E731
         batch_events = list(events)
         by_topic: dict[str, list[TransportMessage]] = {}
         out = []
