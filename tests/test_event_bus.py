@@ -731,6 +731,77 @@ async def test_a_handler_cancelled_by_stop_again_and_again_is_handled_later_unco
 
 
 @pytest.mark.parametrize("backend", _STOP_BACKENDS)
+async def test_the_batch_behind_a_handler_that_ignores_stop_is_given_back_uncounted(
+    backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler that ignores its cancellation is left behind at each stop, its own delivery
+    redelivered counted (at last dead-lettered); the deliveries its consumer held behind it,
+    never handed to a handler, are given back uncounted before its subscription closes:
+    however often the bus stops, each is handled at its first attempt."""
+    backend, ordered = backend.removesuffix("-ordered"), backend.endswith("-ordered")
+    topic, group, max_attempts = f"deaf-{uuid.uuid4().hex[:8]}", "reports", 2
+    finished: list[str] = []
+    returned: list[str] = []
+    attempts = _Attempts()
+    release = asyncio.Event()
+
+    async def report(event: OrderPlaced) -> None:
+        if event.order_id == "deaf":
+            while not release.is_set():
+                with contextlib.suppress(asyncio.CancelledError):  # the bus leaves it behind
+                    await release.wait()
+            returned.append(event.order_id)
+            return
+        finished.append(event.order_id)
+
+    def deaf_started() -> int:
+        return sum(1 for order, _ in attempts.seen if order == "deaf")
+
+    previous = telemetry.install(attempts)
+    try:
+        async with open_transport(backend, ordered=ordered) as t:
+            await t.declare_group(topic, group)
+            await t.declare_group(dead_letter_topic(topic, group), "audit")
+            bus = make_bus(t, max_attempts=max_attempts, stop_timeout=0.2)
+            bus.subscribe(OrderPlaced, report, group=group, topic=topic)
+            sent = await make_bus(t).publish_many(
+                [OrderPlaced(order_id=i, amount=1) for i in ("deaf", "b1", "b2", "b3")],
+                topic=topic,
+            )
+            with caplog.at_level(logging.WARNING, logger="msdata"):
+                for stops in range(max_attempts):
+                    release.clear()
+                    async with bus:
+                        await eventually(
+                            lambda n=stops: deaf_started() > n,  # type: ignore[misc]
+                            timeout=20,
+                            what="the deaf handler to start again",
+                        )
+                    release.set()  # the handler left behind returns, settling nothing
+                    await eventually(
+                        lambda n=stops: len(returned) > n,  # type: ignore[misc]
+                        what="the deaf handler to return",
+                    )
+                async with bus:  # the deaf one's third attempt is over max_attempts
+                    await eventually(
+                        lambda: sorted(finished) == ["b1", "b2", "b3"],
+                        timeout=20,
+                        what="the others handled",
+                    )
+            async with t.subscribe(dead_letter_topic(topic, group), "audit") as dlq:
+                dead = await collect(dlq, 1, timeout=20)
+                dead += await dlq.receive(10, timeout=0.5)
+                assert [d.message.id for d in dead] == [sent[0].id]
+    finally:
+        telemetry.install(previous)
+    assert sorted(finished) == ["b1", "b2", "b3"]
+    assert {attempt for order, attempt in attempts.seen if order != "deaf"} == {1}
+    # nothing failed to be given back (the deaf one's dead-lettering is logged apart)
+    events_log = [r for r in caplog.records if r.name == "msdata.events"]
+    assert [r.getMessage() for r in events_log if r.levelno == logging.WARNING] == []
+
+
+@pytest.mark.parametrize("backend", _STOP_BACKENDS)
 async def test_a_handler_cancelled_under_a_short_stop_timeout_is_not_left_behind(
     backend: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -184,8 +184,9 @@ class EventBus:
         self._consumers: dict[tuple[str, str], _Consumer] = {}
         self._running = False
         self._halt: _Halt | None = None
-        # per consumer task: its open subscription, and the delivery and handler in hand (a
-        # cell [delivery, handler] made once per task, [None, None] between deliveries)
+        # per consumer task: its open subscription, and the delivery and handler in hand and
+        # the batch it came in (a cell [delivery, handler, batch] made once per task,
+        # delivery and handler None between deliveries)
         self._subscriptions: dict[asyncio.Task[Any], Subscription] = {}
         self._handling: dict[asyncio.Task[Any], list[Any]] = {}
         # the memory transport's synchronous publish of one of msdata's own messages
@@ -474,9 +475,10 @@ class EventBus:
         get three quarters of :data:`STOP_GRACE` to unwind, give back what they hold and
         close their subscriptions. A handler that does not stop even then (it caught
         :class:`asyncio.CancelledError` and went on) is logged at ERROR with its name and
-        message id, and left behind: its subscription is closed in the last quarter, so
-        its delivery stays unacked and is redelivered as its next attempt, and whatever the
-        handler returns later settles nothing."""
+        message id, and left behind: in the last quarter the rest of its batch is given
+        back uncounted and its subscription closed, so its delivery alone stays unacked and
+        is redelivered as its next attempt, and whatever the handler returns later settles
+        nothing."""
         if not self._running:
             return
         assert self._halt is not None
@@ -492,9 +494,14 @@ class EventBus:
             for t in pending:
                 self._abandon(t)
             if pending:
-                # release what the stuck consumers hold: their subscriptions close
-                subs = [self._subscriptions.pop(t) for t in pending if t in self._subscriptions]
-                closing = [asyncio.ensure_future(s.__aexit__(None, None, None)) for s in subs]
+                # release what the stuck consumers hold: the deliveries of their batches
+                # behind the one in hand are given back (uncounted, while their subscriptions
+                # are open), then their subscriptions close
+                closing = [
+                    asyncio.ensure_future(self._give_back_and_close(t, self._subscriptions.pop(t)))
+                    for t in pending
+                    if t in self._subscriptions
+                ]
                 if closing:
                     _, still = await asyncio.wait(closing, timeout=STOP_GRACE / 4)
                     for closer in still:
@@ -502,6 +509,18 @@ class EventBus:
         for c in self._consumers.values():
             c.tasks.clear()
         self._running = False
+
+    async def _give_back_and_close(self, task: asyncio.Task[Any], sub: Subscription) -> None:
+        """For a consumer ``task`` left behind: give back the deliveries of its batch it has
+        not started on (behind the one in hand), then close its subscription ``sub``."""
+        hand = self._handling.get(task)
+        if hand is not None and hand[0] is not None:
+            batch, in_hand = hand[2], hand[0]
+            for j, d in enumerate(batch):
+                if d is in_hand:
+                    await self._release(batch[j + 1 :])
+                    break
+        await sub.__aexit__(None, None, None)
 
     def consumers(self) -> list[tuple[str, str, bool]]:
         """Each (topic, group) this bus consumes, and whether all its consumer tasks are
@@ -551,7 +570,8 @@ class EventBus:
         halt = self._halt
         assert halt is not None
         task = asyncio.current_task()
-        hand: list[Any] = [None, None]  # the delivery and handler in hand, for _abandon
+        # the delivery and handler in hand, and its batch, for _abandon and stop
+        hand: list[Any] = [None, None, ()]
         if task is not None:
             self._handling[task] = hand
         try:
@@ -592,6 +612,7 @@ class EventBus:
                             ready.set_result(None)
                         while not halt.stopped:
                             batch = await sub.receive(self.prefetch, timeout=0.25)
+                            hand[2] = batch
                             hooks = telemetry.hooks
                             received = (
                                 None  # the no-op hooks are not called
@@ -604,9 +625,11 @@ class EventBus:
                                     if halt.stopped:
                                         # not started on: given back uncounted, so stopping
                                         # consumers never push a message towards max_attempts
-                                        # (not again below if cancelled meanwhile)
+                                        # (not again below if cancelled meanwhile; by stop()
+                                        # already if it left this consumer behind)
                                         rest, i = batch[i:], len(batch)
-                                        await self._release(rest)
+                                        if task not in abandoned:
+                                            await self._release(rest)
                                         break
                                     # The common case inline, as _handle would do it (this runs
                                     # once per message): a delivery within its attempts that
