@@ -705,6 +705,7 @@ class NatsSubscription(ClosesOnExit):
         self._flip = False
         self._room_flip = False
         self._keepalive: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
         t = self._transport
@@ -978,9 +979,27 @@ class NatsSubscription(ClosesOnExit):
             pass  # disconnected: the next check will tell
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._transport._subscriptions.discard(self)
+        """Close: let the open pull requests end, nack what was handed out and not settled,
+        give back uncounted what was received and never handed out. Cancelling it (a
+        consumer task cancelled as it closes) cancels only the wait: the closing goes on
+        in the background, so nothing it holds, or its requests still bring, is left to
+        come back counted after ``ack_wait``; the transport's ``close`` waits for it."""
+        closing = self._closing
+        if closing is None:
+            if self._closed:
+                return
+            closing = self._closing = asyncio.get_running_loop().create_task(
+                self._close(), name=f"msdata-nats-close:{self.topic}:{self.group}"
+            )
+        await asyncio.shield(closing)
+
+    async def _close(self) -> None:
+        try:
+            await self._closing_steps()
+        finally:
+            self._transport._subscriptions.discard(self)
+
+    async def _closing_steps(self) -> None:
         keepalive, self._keepalive = self._keepalive, None
         if keepalive is not None:
             keepalive.cancel()

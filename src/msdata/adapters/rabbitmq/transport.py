@@ -814,6 +814,7 @@ class RabbitMQSubscription(ClosesOnExit):
         self._signal = asyncio.Event()
         self._closed = False
         self._entered = False
+        self._closing: asyncio.Task[None] | None = None
         self._resuming: asyncio.Task[None] | None = None
         # the channel its consumers were started on, and their consumer tags
         self._tags: tuple[Any, list[str]] | None = None
@@ -849,9 +850,19 @@ class RabbitMQSubscription(ClosesOnExit):
         """Stop consuming. What it received but never handed out goes back without counting
         an attempt (moved: :meth:`_give_back`; in ordered mode, in place, with a record:
         :meth:`_record_given_back`); what it handed out and was not settled goes back by
-        closing the channel, so the broker redelivers it, counted once."""
-        if self._closed:
-            return
+        closing the channel, so the broker redelivers it, counted once. Cancelling it (a
+        consumer task cancelled as it closes) cancels only the wait: the closing goes on in
+        the background, so what it holds still goes back uncounted."""
+        closing = self._closing
+        if closing is None:
+            if self._closed:
+                return
+            closing = self._closing = asyncio.get_running_loop().create_task(
+                self._close(), name=f"msdata-rabbitmq-close:{self.queue}"
+            )
+        await asyncio.shield(closing)
+
+    async def _close(self) -> None:
         if self._entered:
             try:
                 async with asyncio.timeout(_GIVE_BACK_TIMEOUT):

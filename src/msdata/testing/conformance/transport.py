@@ -19,13 +19,14 @@ Needs pytest and pytest-asyncio (``asyncio_mode = "auto"``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -576,6 +577,42 @@ class TransportConformance:
             assert sorted(first) == sorted(m.id for m in msgs)
             counted = {i: a for i, a in first.items() if a != 1}
             assert counted == {}, f"{len(counted)} of {n} first handed out counted: {counted}"
+
+    async def test_a_close_cancelled_midway_still_gives_back_uncounted_what_it_holds(
+        self,
+    ) -> None:
+        """A consumer task cancelled while its subscription closes (a bus stopping with a
+        short ``stop_timeout``) cancels only its own wait: what the subscription received
+        and never handed out is still given back uncounted, and comes back as attempt 1.
+        (On NATS the cancelled close gave back nothing: those messages came back after
+        ``ack_wait`` counted as attempt 2.)"""
+        topic, group = self.unique("topic"), self.unique("group")
+        n = 6
+        async with self.make_transport() as t:
+            await t.declare_group(topic, group)
+            msgs = make_messages(n)
+            await t.publish(topic, msgs)
+            wait = t.features.redelivery_timeout + self.arrival_timeout
+            # room for more than there is: a transport that pulls has a request still open
+            s = t.subscribe(topic, group, max_attempts=5, prefetch=n + 4)
+            await s.__aenter__()
+            first: Sequence[Delivery] = []
+            deadline = time.monotonic() + wait
+            while not first and time.monotonic() < deadline:
+                first = await s.receive(1, timeout=1.0)
+            assert [(d.message.id, d.attempt) for d in first] == [(msgs[0].id, 1)]
+            await first[0].ack()
+            # let the rest arrive (held, not handed out), then cancel the close midway
+            await asyncio.sleep(0.1)
+            closing = asyncio.ensure_future(s.__aexit__(None, None, None))
+            await asyncio.sleep(0.02)
+            closing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await closing
+            async with t.subscribe(topic, group, max_attempts=5, prefetch=n) as s2:
+                got = await collect(s2, n - 1, timeout=wait)
+            back = sorted((g.message.id, g.attempt) for g in got)
+            assert back == sorted((m.id, 1) for m in msgs[1:]), f"came back: {back}"
 
     async def test_a_released_delivery_comes_back_with_the_same_attempt(self) -> None:
         """``release()`` (a consumer stopping before it started on a delivery) is not an
