@@ -15,6 +15,7 @@ from msdata.adapters.memory import MemoryTransport
 from msdata.errors import (
     ConfigurationError,
     HandlerAlreadyRegistered,
+    InvalidHeader,
     RejectMessage,
     TransportClosed,
 )
@@ -869,6 +870,8 @@ async def test_publish_many_takes_one_key_for_every_event_or_a_function_of_each(
     assert [s.partition_key for s in one] == ["customer-7"] * 3
     assert [s.partition_key for s in each] == ["o-0", "o-1", "o-2"]
     assert [s.partition_key for s in none] == [None] * 3
+    with pytest.raises(InvalidHeader, match="partition key"):
+        await bus.publish_many(events, key=5)  # type: ignore[arg-type]
 
 
 async def test_publish_writes_what_the_codec_writes_and_counts_sizes_as_message_size(

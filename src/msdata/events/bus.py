@@ -47,6 +47,7 @@ from msdata.backoff import Backoff, exponential_backoff
 from msdata.errors import (
     ConfigurationError,
     HandlerAlreadyRegistered,
+    InvalidHeader,
     RejectMessage,
     TransportClosed,
 )
@@ -356,6 +357,10 @@ class EventBus:
         if isinstance(key, str):
             one_key = key
             key = lambda _event: one_key  # noqa: E731
+        elif key is not None and not callable(key):
+            raise InvalidHeader(
+                f"key is a partition key (str) or a function of the event, got {type(key).__name__}"
+            )
         batch_events = list(events)
         by_topic: dict[str, list[TransportMessage]] = {}
         out = []
