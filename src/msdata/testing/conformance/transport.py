@@ -614,6 +614,129 @@ class TransportConformance:
             back = sorted((g.message.id, g.attempt) for g in got)
             assert back == sorted((m.id, 1) for m in msgs[1:]), f"came back: {back}"
 
+    async def test_a_receive_cancelled_at_any_moment_hands_out_and_counts_nothing(
+        self,
+    ) -> None:
+        """A ``receive()`` cancelled at any point (at once, or a few milliseconds in, while
+        it waits, fetches, or reads what was given back before) hands nothing out: the
+        subscription then closes and everything comes back at once as attempt 1, never
+        after the redelivery timeout counted. The messages were given back once before
+        (``release()``), so the cancel also lands while a transport reads that record.
+        (On NATS such a cancel left the messages to come back after ``ack_wait`` counted;
+        on Redis a receive cancelled right after it started counted an attempt.)"""
+        topic, group = self.unique("topic"), self.unique("group")
+        n = 8
+        async with self.make_transport() as t:
+            await t.declare_group(topic, group)
+            msgs = make_messages(n)
+            await t.publish(topic, msgs)
+            wait = t.features.redelivery_timeout + self.arrival_timeout
+            async with t.subscribe(topic, group, max_attempts=3, prefetch=n) as first:
+                held = await collect(first, n, timeout=wait, ack=False)
+                assert sorted(d.message.id for d in held) == sorted(m.id for m in msgs)
+                for d in held:
+                    await d.release()
+            for delay in [0.0, 0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05]:
+                async with t.subscribe(topic, group, max_attempts=3, prefetch=n) as s:
+                    receiving = asyncio.ensure_future(s.receive(n, timeout=2.0))
+                    await asyncio.sleep(delay)
+                    receiving.cancel()
+                    try:
+                        handed = await receiving
+                    except asyncio.CancelledError:
+                        handed = []
+                    for d in handed:  # it finished before the cancel: give them back
+                        await d.release()
+            start = time.monotonic()
+            async with t.subscribe(topic, group, max_attempts=3, prefetch=n) as last:
+                got = await collect(last, n, timeout=wait)
+                took = time.monotonic() - start
+            back = sorted((d.message.id, d.attempt) for d in got)
+            assert back == sorted((m.id, 1) for m in msgs), f"came back: {back}"
+            if t.features.redelivery_timeout > self.arrival_timeout / 2:
+                assert took < t.features.redelivery_timeout, f"came back after {took:.1f} s"
+
+    async def test_a_receive_in_flight_when_its_subscription_closes_hands_out_nothing(
+        self,
+    ) -> None:
+        """A ``receive()`` still waiting when its subscription closes (the ``async with``
+        exits under it) returns an empty list: it never hands out a delivery that can no
+        longer be settled. What came in meanwhile goes back uncounted, so closes alone, more
+        of them than ``max_attempts``, never count an attempt or dead-letter anything.
+        (Every transport returned deliveries after the close that raised ``TransportClosed``
+        on ack and came back counted, and then dead-lettered.)"""
+        topic, group = self.unique("topic"), self.unique("group")
+        n, max_attempts = 6, 2
+        async with self.make_transport() as t:
+            await t.declare_group(topic, group)
+            msgs = make_messages(n)
+            await t.publish(topic, msgs)
+            wait = t.features.redelivery_timeout + self.arrival_timeout
+            late: list[tuple[float, int]] = []
+            for delay in [0.0, 0.0, 0.001, 0.003, 0.01, 0.03]:
+                receiving: asyncio.Future[Sequence[Delivery]] | None = None
+                async with t.subscribe(topic, group, max_attempts=max_attempts, prefetch=n) as s:
+                    receiving = asyncio.ensure_future(s.receive(n, timeout=2.0))
+                    await asyncio.sleep(delay)
+                handed = await receiving
+                late.extend((delay, len(handed)) for _ in handed[:1])
+            assert late == [], f"(delay, deliveries) handed out after the close: {late}"
+            async with t.subscribe(topic, group, max_attempts=max_attempts, prefetch=n) as last:
+                got = await collect(last, n, timeout=wait)
+                await self.assert_quiet(last)
+            back = sorted((d.message.id, d.attempt) for d in got)
+            assert back == sorted((m.id, 1) for m in msgs), f"came back: {back}"
+            async with t.subscribe(dead_letter_topic(topic, group), self.unique("ops")) as dlq:
+                await self.assert_quiet(dlq)
+
+    async def test_several_consumers_of_a_group_closing_at_once_count_nothing(self) -> None:
+        """Three consumers of one group (three instances of a service) each take a batch,
+        ack half of it, give the rest back (``release()``, as a stopping bus does), and all
+        close at the same moment, round after round: nothing they gave back or still held
+        comes back counted, nothing is dead-lettered, and every message is handed out first
+        as attempt 1. (On RabbitMQ classic ordered queues a consumer was left behind and
+        recording what it gave back failed with "Channel closed by RPC timeout", so 2 of 200
+        came back counted in 2 of 5 runs.)"""
+        topic, group = self.unique("topic"), self.unique("group")
+        n, prefetch, consumers = 120, 10, 3
+        async with self.make_transport() as t:
+            await t.declare_group(topic, group)
+            msgs = [TransportMessage(str(uuid.uuid4()), b"{}", key=f"k{i % 7}") for i in range(n)]
+            await t.publish(topic, msgs)
+            first: dict[str, int] = {}
+            acked: set[str] = set()
+
+            async def one_consumer(s: Subscription) -> None:
+                got = await s.receive(prefetch, timeout=1.0)
+                for i, d in enumerate(got):
+                    first.setdefault(d.message.id, d.attempt)
+                    if i % 2 == 0:
+                        await d.ack()
+                        acked.add(d.message.id)
+                    else:
+                        await d.release()
+
+            wait = t.features.redelivery_timeout + self.arrival_timeout
+            last = time.monotonic()
+            while len(acked) < n and time.monotonic() - last < wait:
+                before = len(acked)
+                subs = [
+                    t.subscribe(topic, group, max_attempts=2, prefetch=prefetch)
+                    for _ in range(consumers)
+                ]
+                await asyncio.gather(*(s.__aenter__() for s in subs))
+                try:
+                    await asyncio.gather(*(one_consumer(s) for s in subs))
+                finally:
+                    await asyncio.gather(*(s.__aexit__(None, None, None) for s in subs))
+                if len(acked) > before:
+                    last = time.monotonic()
+            assert acked == {m.id for m in msgs}, f"{n - len(acked)} never acked"
+            counted = {i: a for i, a in first.items() if a != 1}
+            assert counted == {}, f"{len(counted)} of {n} first handed out counted: {counted}"
+            async with t.subscribe(dead_letter_topic(topic, group), self.unique("ops")) as dlq:
+                await self.assert_quiet(dlq)
+
     async def test_a_released_delivery_comes_back_with_the_same_attempt(self) -> None:
         """``release()`` (a consumer stopping before it started on a delivery) is not an
         attempt: released more times than ``max_attempts``, by one subscription or by several
