@@ -13,6 +13,7 @@ __all__ = [
     "HEARTBEAT",
     "MOVE_DUE",
     "MOVE_TOO_LARGE",
+    "OWN_PENDING",
     "READ",
     "RECLAIM",
     "SETTLE",
@@ -262,6 +263,27 @@ FORGET_CONSUMER = """
 local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
 if not ok or #p > 0 then return 0 end
 return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+# What one consumer holds (read and not acked), for its close to give back: a read cut short
+# by the close reached Redis but not the consumer. KEYS[1] stream; ARGV[1] group, ARGV[2]
+# consumer, ARGV[3] count. Returns {entries ({id, fields} each), delivery counts}; an entry
+# deleted from the stream meanwhile is acked (nothing is left to give back).
+OWN_PENDING = """
+local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], '-', '+', tonumber(ARGV[3]),
+                    ARGV[2])
+if not ok then return {{}, {}} end
+local entries, counts = {}, {}
+for _, e in ipairs(p) do
+  local r = redis.call('XRANGE', KEYS[1], e[1], e[1])
+  if r[1] then
+    entries[#entries + 1] = r[1]
+    counts[#counts + 1] = e[4]
+  else
+    redis.call('XACK', KEYS[1], ARGV[1], e[1])
+  end
+end
+return {entries, counts}
 """
 
 # Remove the consumers (of crashed processes) that hold nothing and have been idle longer than

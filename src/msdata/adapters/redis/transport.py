@@ -24,7 +24,9 @@ stream is not trimmed by its subscriptions, so a reader that comes late misses n
 Redelivery: each subscription is one consumer (a unique name). Deliveries it has not settled
 when it closes are released at once to the retry stream: those it handed out with their next
 attempt number, those it read but never handed out with their own (closing is not an
-attempt, however often consumers of the group stop). Those
+attempt, however often consumers of the group stop). A ``receive`` in flight then returns
+``[]``: its read is cut short and what it took is given back the same way, as is what the
+read of a cancelled ``receive`` took (that read goes on in its own task). Those
 of a consumer that died are taken over with ``XAUTOCLAIM`` once idle for ``claim_idle``
 seconds, by a consumer that scans every ``claim_interval`` seconds; so
 ``features.redelivery_timeout == claim_idle + claim_interval``. A live consumer resets the
@@ -306,6 +308,13 @@ def _parse(eid: bytes, flat: list[bytes], own: bool = False) -> tuple[TransportM
         return _foreign(eid, flat)
 
 
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """Mark the outcome of a read as seen: one left behind by a cancelled receive may end
+    with an error no one awaits (the next receive raises it if it does)."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _raw_reply(response: Any, **options: Any) -> Any:
     return response
 
@@ -441,6 +450,9 @@ class RedisSubscription(ClosesOnExit):
         self._next_maintenance = 0.0
         self._next_trim = 0.0
         self._flusher: asyncio.Task[None] | None = None
+        # the read of a receive (its own task: a receive cancelled meanwhile leaves it to
+        # finish into _buffer, and close cancels it)
+        self._fetch: asyncio.Task[None] | None = None
         self._kick_pending = False
         self._heart: asyncio.Task[None] | None = None
         self._entered = False
@@ -465,16 +477,26 @@ class RedisSubscription(ClosesOnExit):
 
     async def close(self) -> None:
         """Stop consuming: send pending acks and release unsettled deliveries (at once, to the
-        retry stream). If Redis cannot be reached they stay pending and are reclaimed after
-        ``claim_idle``."""
+        retry stream). A ``receive`` in flight returns ``[]``; what its read took is given
+        back uncounted, as what was read and never handed out. If Redis cannot be reached
+        they stay pending and are reclaimed after ``claim_idle``."""
         if self._closed:
             return
         self._closed = True
         self._t._subs.discard(self)
         if self._heart is not None:
             self._heart.cancel()
+        # a read in flight (a receive waiting, or one cancelled meanwhile) is stopped: what
+        # it took at Redis, never handed out, is given back below uncounted
+        fetch = self._fetch if self._fetch is not None and not self._fetch.done() else None
+        cut = fetch is not None
+        if fetch is not None:
+            fetch.cancel()
+        if self._heart is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heart
+        if fetch is not None:
+            await asyncio.wait((fetch,))
         if self._flusher is not None:
             with contextlib.suppress(Exception):
                 await self._flusher
@@ -496,9 +518,11 @@ class RedisSubscription(ClosesOnExit):
                 await self._queue_settle(
                     pipe, d, self._keys[_RETRY], 0.0, d.message.headers, True, attempt
                 )
-            for key in self._keys:
-                await t._forget_consumer(keys=[key], args=[self.group, self.consumer], client=pipe)
+            if not cut:
+                await self._queue_forget(pipe)
             await _execute(pipe)
+            if cut:
+                unsettled += await self._give_back_held()
         except rex.RedisError as e:
             log.warning(
                 "closing consumer %s of %s/%s: %s; its %d unsettled deliveries are "
@@ -511,6 +535,42 @@ class RedisSubscription(ClosesOnExit):
                 t.claim_idle,
             )
 
+    async def _queue_forget(self, pipe: Any) -> None:
+        for key in self._keys:
+            await self._t._forget_consumer(
+                keys=[key], args=[self.group, self.consumer], client=pipe
+            )
+
+    async def _give_back_held(self) -> list[tuple[RedisDelivery, int]]:
+        """Give back, uncounted, what this (closed) consumer still holds at Redis: what a
+        read cut short by the close took there (its reply never came). Then forget the
+        consumer. Returns what it gave back, with the attempt numbers of the copies."""
+        t = self._t
+        pipe = t._client.pipeline(transaction=False)
+        for key in self._keys:
+            await t._own_pending(
+                keys=[key], args=[self.group, self.consumer, 2 * self.prefetch + 100], client=pipe
+            )
+        results = await _execute(pipe)
+        held: list[tuple[RedisDelivery, int]] = []
+        for i in (_TOPIC, _RETRY):
+            entries, counts = results[i]
+            for (eid, flat), count in zip(entries, counts, strict=True):
+                message, base = _parse(eid, flat, i == _RETRY)
+                # read, never handed out: the copy keeps the number it would have been
+                # handed out with
+                attempt = base + int(count) - 1
+                held.append((RedisDelivery(self, i, eid, message, attempt, 0), attempt))
+        pipe = t._client.pipeline(transaction=False)
+        for d, attempt in held:
+            d._settled = True
+            await self._queue_settle(
+                pipe, d, self._keys[_RETRY], 0.0, d.message.headers, True, attempt
+            )
+        await self._queue_forget(pipe)
+        await _execute(pipe)
+        return held
+
     # -- receiving --------------------------------------------------------------------------
 
     async def receive(self, max_messages: int = 100, timeout: float = 1.0) -> list[RedisDelivery]:
@@ -522,13 +582,18 @@ class RedisSubscription(ClosesOnExit):
         if room <= 0:
             return []
         buf = self._buffer
+        if self._fetch is not None:  # the read of a receive cancelled before: let it end
+            await self._join_fetch()
         if not buf:
             room = self._affordable(room)
             if room <= 0:
                 return []
-            await self._fill(room, timeout)
-            if self._closed:  # closed while we waited: what we read is reclaimed later
-                return []
+            self._fetch = asyncio.get_running_loop().create_task(self._fill(room, timeout))
+            self._fetch.add_done_callback(_retrieved)
+            await self._join_fetch()
+        if self._closed:
+            # closed while it waited: it hands out nothing (the close gave back what it read)
+            return []
         out: list[RedisDelivery] = []
         inflight = self._inflight
         while buf and len(out) < room:
@@ -536,6 +601,18 @@ class RedisSubscription(ClosesOnExit):
             inflight[d] = None
             out.append(d)
         return out
+
+    async def _join_fetch(self) -> None:
+        """Wait for the read in flight. Cancelled, the receive leaves it to finish into the
+        buffer: an entry it took at Redis is handed out by the next receive, or given back
+        by the close, uncounted either way. Raises what the read raised (not when the
+        close stopped it)."""
+        fetch = self._fetch
+        assert fetch is not None
+        await asyncio.wait((fetch,))
+        self._fetch = None
+        if not fetch.cancelled():
+            fetch.result()
 
     def _affordable(self, room: int) -> int:
         """How many entries to read at most: ``room``, cut to what fits in the byte budget
@@ -963,6 +1040,7 @@ class RedisTransport:
         self._move_too_large = register(_lua.MOVE_TOO_LARGE)
         self._heartbeat_script = register(_lua.HEARTBEAT)
         self._forget_consumer = register(_lua.FORGET_CONSUMER)
+        self._own_pending = register(_lua.OWN_PENDING)
         self._forget_idle = register(_lua.FORGET_IDLE_CONSUMERS)
         self._trim = register(_lua.TRIM)
 

@@ -663,6 +663,9 @@ class TransportConformance:
         exits under it) returns an empty list: it never hands out a delivery that can no
         longer be settled. What came in meanwhile goes back uncounted, so closes alone, more
         of them than ``max_attempts``, never count an attempt or dead-letter anything.
+        The first receive waits for messages published just before the close; a receive
+        that returned before the close (not in flight: an in-process transport hands out at
+        once what is ready) gives its deliveries back with ``release()``.
         (Every transport returned deliveries after the close that raised ``TransportClosed``
         on ack and came back counted, and then dead-lettered.)"""
         topic, group = self.unique("topic"), self.unique("group")
@@ -670,16 +673,24 @@ class TransportConformance:
         async with self.make_transport() as t:
             await t.declare_group(topic, group)
             msgs = make_messages(n)
-            await t.publish(topic, msgs)
             wait = t.features.redelivery_timeout + self.arrival_timeout
             late: list[tuple[float, int]] = []
-            for delay in [0.0, 0.0, 0.001, 0.003, 0.01, 0.03]:
+            in_flight = 0
+            for i, delay in enumerate([0.0, 0.0, 0.0, 0.001, 0.003, 0.01, 0.03]):
                 receiving: asyncio.Future[Sequence[Delivery]] | None = None
                 async with t.subscribe(topic, group, max_attempts=max_attempts, prefetch=n) as s:
                     receiving = asyncio.ensure_future(s.receive(n, timeout=2.0))
                     await asyncio.sleep(delay)
+                    if i == 0:  # they come in while the receive waits, and then it closes
+                        await t.publish(topic, msgs)
+                    if receiving.done():  # it returned before the close: not in flight
+                        for d in receiving.result():
+                            await d.release()
+                        continue
+                    in_flight += 1
                 handed = await receiving
                 late.extend((delay, len(handed)) for _ in handed[:1])
+            assert in_flight > 0, "no receive was in flight when its subscription closed"
             assert late == [], f"(delay, deliveries) handed out after the close: {late}"
             async with t.subscribe(topic, group, max_attempts=max_attempts, prefetch=n) as last:
                 got = await collect(last, n, timeout=wait)
