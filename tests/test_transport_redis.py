@@ -306,6 +306,45 @@ async def test_a_slow_live_consumer_keeps_its_deliveries() -> None:
         assert await other.receive(10, timeout=0.3) == []
 
 
+async def test_what_a_read_cut_short_by_the_close_took_goes_back_uncounted() -> None:
+    """A receive whose read took its entries at Redis, its reply not in yet, when the
+    subscription closes: the close stops the read, the receive returns [], the entries go
+    back uncounted and the consumer leaves the group. More such closes than max_attempts
+    count nothing and dead-letter nothing. (The entries stayed pending, to be reclaimed
+    after claim_idle counted, and dead-lettered after max_attempts closes.)"""
+    topic, group = unique("topic"), unique("group")
+    async with redis_transport() as t:
+        await t.declare_group(topic, group)
+        msgs = make_messages(4)
+        await t.publish(topic, msgs)
+        real, taken = t._read_script, asyncio.Event()
+
+        async def reply_never_comes(*args: object, **kwargs: object) -> object:
+            result = await real(*args, **kwargs)
+            taken.set()
+            await asyncio.Event().wait()
+            return result
+
+        t._read_script = reply_never_comes  # type: ignore[assignment]
+        key = f"{t.key_prefix}:{topic}"
+        for _ in range(3):
+            taken.clear()
+            async with t.subscribe(topic, group, max_attempts=2) as s:
+                receiving = asyncio.ensure_future(s.receive(10, timeout=5.0))
+                await taken.wait()
+            async with asyncio.timeout(10):  # the old code waited here for ever
+                assert await receiving == []
+            names = {c["name"] for c in await t._client.xinfo_consumers(key, group)}
+            assert s.consumer.encode() not in names
+        t._read_script = real  # type: ignore[method-assign]
+        async with t.subscribe(topic, group, max_attempts=2) as last:
+            got = await collect(last, 4, timeout=5.0)
+            assert await last.receive(10, timeout=0.3) == []
+        assert sorted((d.message.id, d.attempt) for d in got) == sorted((m.id, 1) for m in msgs)
+        async with t.subscribe(dead_letter_topic(topic, group), unique("ops")) as dlq:
+            assert await dlq.receive(10, timeout=0.3) == []
+
+
 async def test_delayed_nack_survives_its_consumer() -> None:
     topic, group = unique("topic"), unique("group")
     async with redis_transport() as t:
