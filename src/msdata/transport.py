@@ -288,7 +288,9 @@ class Subscription(Protocol):
 
     async def receive(self, max_messages: int = 100, timeout: float = 1.0) -> Sequence[Delivery]:
         """Up to ``max_messages`` deliveries; waits up to ``timeout`` seconds for the first,
-        then returns what is ready. An empty list means nothing arrived in time."""
+        then returns what is ready. An empty list means nothing arrived in time, or the
+        subscription closed while it waited: it then hands out nothing, and what it had
+        fetched goes back uncounted. A cancelled ``receive`` hands out and counts nothing."""
         ...
 
 
