@@ -582,8 +582,9 @@ class RedisSubscription(ClosesOnExit):
         if room <= 0:
             return []
         buf = self._buffer
-        if self._fetch is not None:  # the read of a receive cancelled before: let it end
-            await self._join_fetch()
+        # the read of a receive cancelled before: wait for it (within this timeout)
+        if self._fetch is not None and not await self._join_fetch(timeout):
+            return []
         if not buf:
             room = self._affordable(room)
             if room <= 0:
@@ -602,17 +603,20 @@ class RedisSubscription(ClosesOnExit):
             out.append(d)
         return out
 
-    async def _join_fetch(self) -> None:
-        """Wait for the read in flight. Cancelled, the receive leaves it to finish into the
-        buffer: an entry it took at Redis is handed out by the next receive, or given back
-        by the close, uncounted either way. Raises what the read raised (not when the
-        close stopped it)."""
+    async def _join_fetch(self, timeout: float | None = None) -> bool:
+        """Wait for the read in flight, up to ``timeout`` seconds (False if it is still
+        running then). Cancelled, the receive leaves it to finish into the buffer: an entry
+        it took at Redis is handed out by the next receive, or given back by the close,
+        uncounted either way. Raises what the read raised (not when the close stopped it)."""
         fetch = self._fetch
         assert fetch is not None
-        await asyncio.wait((fetch,))
+        done, _ = await asyncio.wait((fetch,), timeout=timeout)
+        if not done:
+            return False
         self._fetch = None
         if not fetch.cancelled():
             fetch.result()
+        return True
 
     def _affordable(self, room: int) -> int:
         """How many entries to read at most: ``room``, cut to what fits in the byte budget
