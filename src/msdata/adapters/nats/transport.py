@@ -65,8 +65,11 @@ Settling
     ``receive`` without being handed out. Deliveries handed out and still unsettled when a
     subscription closes are nacked at once (counted; settling one afterwards raises
     :class:`TransportClosed`), those it received and never handed out are given back
-    uncounted;
-    those of a consumer that died come back after ``ack_wait`` (declared as
+    uncounted. A ``receive()`` in progress as the close begins returns an empty list: what
+    it took (even while it read release records) is given back uncounted with the rest;
+    a ``receive()`` cancelled at any moment hands out nothing and puts what it took back
+    in the subscription, in order, for the next ``receive()`` or the close. Deliveries of a
+    consumer that died come back after ``ack_wait`` (declared as
     ``redelivery_timeout``). A live subscription sends JetStream's in-progress
     acknowledgement (``+WPI``) every ``ack_wait / 3`` seconds for what it holds, so slow
     work is not redelivered under a consumer that is still alive.
