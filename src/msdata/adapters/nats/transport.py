@@ -712,7 +712,10 @@ class NatsSubscription(ClosesOnExit):
         # set as the close begins: no receive() hands out anything more
         self._stopping = False
         # what each receive() in progress took from the buffer and is making deliveries of
-        self._taking: list[list[NatsDelivery]] = []
+        self._taking: dict[int, list[NatsDelivery]] = {}
+        self._takes = 0
+        # how many messages the receive() calls in progress took from the buffer
+        self._in_hand = 0
         # set when the last receive() in progress is done, while closing
         self._taken: asyncio.Event | None = None
 
@@ -739,7 +742,7 @@ class NatsSubscription(ClosesOnExit):
                 continue
             replies = [d._msg.reply for d in list(self._inflight)]
             replies.extend(m.reply for m, _ in list(self._buffer))
-            replies.extend(d._msg.reply for ds in list(self._taking) for d in ds)
+            replies.extend(d._msg.reply for ds in list(self._taking.values()) for d in ds)
             try:
                 for reply in replies:
                     if reply:
@@ -843,6 +846,7 @@ class NatsSubscription(ClosesOnExit):
         if room <= 0:
             return  # held (and asked for) max_held_bytes: wait for settlements
         credit = self.prefetch - len(self._inflight) - len(self._buffer) - sum(outstanding)
+        credit -= self._in_hand
         last = len(outstanding) - 1
         wanted: list[tuple[int, int]] = []
         # with fewer credits than idle consumers, their requests take turns: each then lives
@@ -1173,7 +1177,10 @@ class NatsSubscription(ClosesOnExit):
         of the buffer, in order, for a later ``receive()``, or for the close to give back
         uncounted. Redeliveries whose release record cannot be read go back there too."""
         taking: list[NatsDelivery] = []
-        self._taking.append(taking)
+        self._takes += 1
+        take = self._takes
+        self._taking[take] = taking
+        self._in_hand += len(msgs)
         out: list[NatsDelivery] = []
         unread: list[NatsDelivery] = []
         handed = False
@@ -1181,7 +1188,8 @@ class NatsSubscription(ClosesOnExit):
             out, unread = await self._make_deliveries(msgs, taking)
             handed = not self._stopping
         finally:
-            self._taking.remove(taking)
+            del self._taking[take]
+            self._in_hand -= len(msgs)
             back = unread if handed else [d for d in taking if not d._settled]
             if back and self._closed:
                 # the close stopped waiting for this receive (see _closing_steps)
