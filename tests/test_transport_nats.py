@@ -4,6 +4,7 @@ import asyncio
 import logging
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,7 +14,13 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from msdata.adapters.nats import NatsTransport, consumer_name, stream_name, topic_of_stream
+from msdata.adapters.nats import (
+    NatsSubscription,
+    NatsTransport,
+    consumer_name,
+    stream_name,
+    topic_of_stream,
+)
 from msdata.adapters.nats.transport import wire_size
 from msdata.deadletter import DEAD_LETTER_RESERVE
 from msdata.errors import ConfigurationError, PublishError, TransportClosed, TransportError
@@ -880,3 +887,143 @@ async def test_replays_history_gives_every_new_group_what_the_stream_holds() -> 
             assert sorted(d.message.id for d in got) == sorted(m.id for m in [*before, *after])
     async with nats_transport() as t:
         assert not t.features.replays_history
+
+
+# -- issue 8: a receive cancelled, or in flight when its subscription closes ------------------
+
+
+def spread_messages(n: int, partitions: int) -> list[TransportMessage]:
+    """``n`` messages whose keys fall in ``n`` different key partitions (of ``partitions``):
+    an ordered group can have them all in flight at once."""
+    keys: dict[int, str] = {}
+    i = 0
+    while len(keys) < n:
+        key = f"k{i}"
+        keys.setdefault(zlib.crc32(key.encode()) % partitions, key)
+        i += 1
+    return [TransportMessage(str(uuid.uuid4()), b"{}", key=k) for k in keys.values()]
+
+
+async def released_and_fresh(
+    t: NatsTransport, topic: str, group: str, prefetch: int
+) -> tuple[list[TransportMessage], NatsSubscription]:
+    """Four messages, two of them released once (their redelivery reads a release record),
+    two never delivered, all four received by a new subscription and not handed out."""
+    msgs = spread_messages(4, t.key_partitions)
+    await t.declare_group(topic, group)
+    await t.publish(topic, msgs[:2])
+    async with t.subscribe(topic, group, max_attempts=2, prefetch=prefetch) as first:
+        for d in await collect(first, 2, timeout=10.0, ack=False):
+            await d.release()
+    await t.publish(topic, msgs[2:])
+    sub = await t.subscribe(topic, group, max_attempts=2, prefetch=prefetch).__aenter__()
+
+    async def all_arrived() -> bool:
+        await sub._pull_safely(0.5)
+        return len(sub._buffer) == len(msgs)
+
+    await eventually(all_arrived, 10.0, what="the four messages to arrive")
+    return msgs, sub
+
+
+async def assert_back_uncounted(
+    t: NatsTransport, topic: str, group: str, msgs: list[TransportMessage]
+) -> None:
+    async with t.subscribe(topic, group, max_attempts=2, prefetch=8) as again:
+        got = await collect(again, len(msgs), timeout=10.0)
+    back = sorted((d.message.id, d.attempt) for d in got)
+    assert back == sorted((m.id, 1) for m in msgs)
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+async def test_a_receive_cancelled_while_it_reads_release_records_gives_back_uncounted(
+    ordered: bool,
+) -> None:
+    """A receive cancelled while it reads the release records of the redeliveries it took
+    hands out nothing, holds none of them as handed out, and they all (the fresh ones of
+    its batch too) come back as attempt 1 once the subscription closes. (It dropped them:
+    they came back after ack_wait counted, the fresh ones nacked as handed out.)"""
+    topic, group = unique("topic"), unique("group")
+    async with nats_transport(ack_wait=3.0, ordered=ordered, key_partitions=4) as t:
+        msgs, sub = await released_and_fresh(t, topic, group, prefetch=8)
+        read_record = t._read_record
+        reading = asyncio.Event()
+
+        async def unanswered(records: str, subject: str) -> tuple[int, int] | None:
+            reading.set()
+            await asyncio.Event().wait()  # never answered: the receive is cancelled first
+            return None
+
+        t._read_record = unanswered  # type: ignore[method-assign]
+        try:
+            receiving = asyncio.ensure_future(sub.receive(8, timeout=5.0))
+            await asyncio.wait_for(reading.wait(), 10.0)
+            receiving.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await receiving
+            assert sub._inflight == set()
+            assert len(sub._buffer) == len(msgs)
+        finally:
+            t._read_record = read_record  # type: ignore[method-assign]
+            await sub.close()
+        await assert_back_uncounted(t, topic, group, msgs)
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+async def test_a_receive_reading_release_records_as_its_subscription_closes_hands_out_nothing(
+    ordered: bool,
+) -> None:
+    """A receive still reading release records when its subscription begins to close
+    returns [] once the read ends, and everything it took comes back as attempt 1. (It
+    handed them out, or the close nacked the fresh ones of its batch as handed out.)"""
+    topic, group = unique("topic"), unique("group")
+    async with nats_transport(ack_wait=3.0, ordered=ordered, key_partitions=4) as t:
+        msgs, sub = await released_and_fresh(t, topic, group, prefetch=8)
+        read_record = t._read_record
+        reading, answer = asyncio.Event(), asyncio.Event()
+
+        async def slow(records: str, subject: str) -> tuple[int, int] | None:
+            reading.set()
+            await answer.wait()
+            return await read_record(records, subject)
+
+        t._read_record = slow  # type: ignore[method-assign]
+        try:
+            receiving = asyncio.ensure_future(sub.receive(8, timeout=5.0))
+            await asyncio.wait_for(reading.wait(), 10.0)
+            closing = asyncio.ensure_future(sub.close())
+            await asyncio.sleep(0.05)
+            answer.set()
+            handed = await receiving
+            await closing
+        finally:
+            t._read_record = read_record  # type: ignore[method-assign]
+            await sub.close()
+        assert handed == []
+        await assert_back_uncounted(t, topic, group, msgs)
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+async def test_what_arrives_while_a_subscription_closes_is_not_handed_out(
+    ordered: bool,
+) -> None:
+    """Messages that arrive while a subscription waits for its pull requests to end, as it
+    closes, are not handed out by a receive that was waiting: it returns [] and they come
+    back as attempt 1. (The receive handed them out and the close nacked them counted.)"""
+    topic, group = unique("topic"), unique("group")
+    async with nats_transport(ack_wait=3.0, ordered=ordered, key_partitions=4) as t:
+        msgs = spread_messages(4, t.key_partitions)
+        await t.declare_group(topic, group)
+        sub = await t.subscribe(topic, group, max_attempts=2, prefetch=8).__aenter__()
+        try:
+            receiving = asyncio.ensure_future(sub.receive(8, timeout=5.0))
+            await asyncio.sleep(0.05)  # its pull requests are open (for 0.5 s)
+            closing = asyncio.ensure_future(sub.close())
+            await asyncio.sleep(0)
+            await t.publish(topic, msgs)
+            handed = await receiving
+            await closing
+        finally:
+            await sub.close()
+        assert handed == []
+        await assert_back_uncounted(t, topic, group, msgs)

@@ -65,8 +65,11 @@ Settling
     ``receive`` without being handed out. Deliveries handed out and still unsettled when a
     subscription closes are nacked at once (counted; settling one afterwards raises
     :class:`TransportClosed`), those it received and never handed out are given back
-    uncounted;
-    those of a consumer that died come back after ``ack_wait`` (declared as
+    uncounted. A ``receive()`` in progress as the close begins returns an empty list: what
+    it took (even while it read release records) is given back uncounted with the rest;
+    a ``receive()`` cancelled at any moment hands out nothing and puts what it took back
+    in the subscription, in order, for the next ``receive()`` or the close. Deliveries of a
+    consumer that died come back after ``ack_wait`` (declared as
     ``redelivery_timeout``). A live subscription sends JetStream's in-progress
     acknowledgement (``+WPI``) every ``ack_wait / 3`` seconds for what it holds, so slow
     work is not redelivered under a consumer that is still alive.
@@ -706,6 +709,15 @@ class NatsSubscription(ClosesOnExit):
         self._room_flip = False
         self._keepalive: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
+        # set as the close begins: no receive() hands out anything more
+        self._stopping = False
+        # what each receive() in progress took from the buffer and is making deliveries of
+        self._taking: dict[int, list[NatsDelivery]] = {}
+        self._takes = 0
+        # how many messages the receive() calls in progress took from the buffer
+        self._in_hand = 0
+        # set when the last receive() in progress is done, while closing
+        self._taken: asyncio.Event | None = None
 
     async def __aenter__(self) -> Self:
         t = self._transport
@@ -730,6 +742,7 @@ class NatsSubscription(ClosesOnExit):
                 continue
             replies = [d._msg.reply for d in list(self._inflight)]
             replies.extend(m.reply for m, _ in list(self._buffer))
+            replies.extend(d._msg.reply for ds in list(self._taking.values()) for d in ds)
             try:
                 for reply in replies:
                     if reply:
@@ -820,6 +833,8 @@ class NatsSubscription(ClosesOnExit):
         """Open a pull request on each consumer that has none, within ``prefetch``."""
         nc = self._nc
         assert nc is not None
+        if self._stopping:
+            return  # closing: no new request
         now = time.monotonic()
         outstanding, ends, not_before = self._outstanding, self._request_ends, self._not_before
         outstanding_bytes = self._outstanding_bytes
@@ -831,6 +846,7 @@ class NatsSubscription(ClosesOnExit):
         if room <= 0:
             return  # held (and asked for) max_held_bytes: wait for settlements
         credit = self.prefetch - len(self._inflight) - len(self._buffer) - sum(outstanding)
+        credit -= self._in_hand
         last = len(outstanding) - 1
         wanted: list[tuple[int, int]] = []
         # with fewer credits than idle consumers, their requests take turns: each then lives
@@ -927,6 +943,8 @@ class NatsSubscription(ClosesOnExit):
     async def receive(self, max_messages: int = 100, timeout: float = 1.0) -> list[NatsDelivery]:
         if self._closed or self._transport._closed:
             raise TransportClosed("receive() on a closed subscription")
+        if self._stopping:
+            return []  # closing: what it holds is given back, nothing more is handed out
         if self._lost:
             try:
                 await self._declare()
@@ -941,14 +959,17 @@ class NatsSubscription(ClosesOnExit):
             self._arrived.clear()
             try:
                 async with asyncio.timeout(timeout):
-                    while not buffer:
+                    while not buffer and not self._stopping:
                         await self._arrived.wait()
                         self._arrived.clear()
-                        if not buffer:  # a request ended empty: open another
-                            await self._pull_safely(expires)
+                        if not buffer and not self._stopping:
+                            await self._pull_safely(expires)  # a request ended empty
             except TimeoutError:
-                await self._check_consumer()
+                if not self._stopping:
+                    await self._check_consumer()
                 return []
+        if self._stopping:
+            return []  # its subscription began to close while it waited: hand out nothing
         take = min(max_messages, self.prefetch - len(self._inflight), len(buffer))
         if take <= 0:
             return []
@@ -980,14 +1001,18 @@ class NatsSubscription(ClosesOnExit):
 
     async def close(self) -> None:
         """Close: let the open pull requests end, nack what was handed out and not settled,
-        give back uncounted what was received and never handed out. Cancelling it (a
-        consumer task cancelled as it closes) cancels only the wait: the closing goes on
-        in the background, so nothing it holds, or its requests still bring, is left to
-        come back counted after ``ack_wait``; the transport's ``close`` waits for it."""
+        give back uncounted what was received and never handed out. A ``receive()`` still
+        in progress then returns an empty list and hands out nothing: what it took is given
+        back uncounted with the rest. Cancelling the close (a consumer task cancelled as it
+        closes) cancels only the wait: the closing goes on in the background, so nothing it
+        holds, or its requests still bring, is left to come back counted after
+        ``ack_wait``; the transport's ``close`` waits for it."""
         closing = self._closing
         if closing is None:
             if self._closed:
                 return
+            self._stopping = True
+            self._arrived.set()  # a receive() waiting returns []
             closing = self._closing = asyncio.get_running_loop().create_task(
                 self._close(), name=f"msdata-nats-close:{self.topic}:{self.group}"
             )
@@ -1000,11 +1025,6 @@ class NatsSubscription(ClosesOnExit):
             self._transport._subscriptions.discard(self)
 
     async def _closing_steps(self) -> None:
-        keepalive, self._keepalive = self._keepalive, None
-        if keepalive is not None:
-            keepalive.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keepalive
         # let the open pull requests end (each lives as long as one receive() waits); what
         # they still deliver is buffered and given back below
         left = max(self._request_ends, default=0.0) - time.monotonic()
@@ -1013,6 +1033,18 @@ class NatsSubscription(ClosesOnExit):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(left):
                     await self._ended.wait()
+        # let a receive() that is making deliveries (reading release records) put back what
+        # it took: it hands out nothing now (each of its steps is bounded in time)
+        if self._taking:
+            self._taken = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_RECORD_TIMEOUT + self._transport.publish_timeout):
+                    await self._taken.wait()
+        keepalive, self._keepalive = self._keepalive, None
+        if keepalive is not None:
+            keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keepalive
         self._closed = True
         inbox_sub, self._inbox_sub = self._inbox_sub, None
         if inbox_sub is not None:
@@ -1138,10 +1170,54 @@ class NatsSubscription(ClosesOnExit):
         return out
 
     async def _deliveries(self, msgs: list[tuple[Msg, int]]) -> list[NatsDelivery]:
+        """Deliveries of ``msgs`` (just taken from the front of the buffer), held as handed
+        out; overdue ones are dead-lettered instead. If the ``receive()`` is cancelled
+        meanwhile (while it reads release records, say), or the subscription begins to
+        close, it hands out nothing: what it took and did not settle goes back to the front
+        of the buffer, in order, for a later ``receive()``, or for the close to give back
+        uncounted. Redeliveries whose release record cannot be read go back there too."""
+        taking: list[NatsDelivery] = []
+        self._takes += 1
+        take = self._takes
+        self._taking[take] = taking
+        self._in_hand += len(msgs)
         out: list[NatsDelivery] = []
-        inflight = self._inflight
+        unread: list[NatsDelivery] = []
+        handed = False
+        try:
+            out, unread = await self._make_deliveries(msgs, taking)
+            handed = not self._stopping
+        finally:
+            del self._taking[take]
+            self._in_hand -= len(msgs)
+            back = unread if handed else [d for d in taking if not d._settled]
+            if back and self._closed:
+                # the close stopped waiting for this receive (see _closing_steps)
+                log.warning(
+                    "%d deliveries of %s/%s were still being read as their subscription "
+                    "closed: they come back after ack_wait, counted",
+                    len(back),
+                    self.topic,
+                    self.group,
+                )
+            elif back:
+                self._buffer.extendleft((d._msg, d._size) for d in reversed(back))
+            if not self._taking and self._taken is not None:
+                self._taken.set()
+        if not handed:
+            return []
+        self._inflight.update(out)
+        if unread and not out:
+            await asyncio.sleep(_UNREAD_PAUSE)  # the caller asks again at once: not in a loop
+        return out
+
+    async def _make_deliveries(
+        self, msgs: list[tuple[Msg, int]], taking: list[NatsDelivery]
+    ) -> tuple[list[NatsDelivery], list[NatsDelivery]]:
+        """The deliveries of ``msgs`` to hand out, each also added to ``taking`` as soon as it
+        is made, and the redeliveries whose release record could not be read."""
+        out: list[NatsDelivery] = []
         stream = self.stream
-        max_attempts = self.max_attempts
         floor = self._floor
         redelivered: list[NatsDelivery] | None = None
         for msg, size in msgs:
@@ -1165,12 +1241,13 @@ class NatsSubscription(ClosesOnExit):
             d = NatsDelivery(
                 self, msg, TransportMessage(mid, msg.data, key, headers), attempt, seq, size
             )
+            taking.append(d)
             given = floor.get(seq)
             if attempt > 1:
                 if given is not None and given[1] == attempt - 1:
                     # straight back after this subscription gave it back: known exactly
                     d.attempt, d._recorded = given[0], given[2]
-                    if not await self._hand_out(d, max_attempts):
+                    if not await self._not_overdue(d):
                         continue
                 else:
                     # counted below, less the times its release record says it was given back
@@ -1179,26 +1256,19 @@ class NatsSubscription(ClosesOnExit):
                     redelivered.append(d)
             elif given is not None and attempt < given[0]:
                 d.attempt = given[0]
-                if not await self._hand_out(d, max_attempts):
+                if not await self._not_overdue(d):
                     continue
-            else:
-                inflight.add(d)
             out.append(d)
-        if redelivered is not None:
-            out = await self._recount(out, redelivered)
-        if self._closed:
-            for d in out:
-                d._settled = True
-                inflight.discard(d)
-            await self._give_back([(d._msg.reply, d.attempt) for d in out])
-            return []
-        return out
+        if redelivered is None:
+            return out, []
+        return await self._recount(out, redelivered)
 
-    async def _hand_out(self, d: NatsDelivery, max_attempts: int) -> bool:
-        """Hold ``d`` (True), or dead-letter it (False) if it is overdue."""
-        overdue = deadletter.overdue_reason(d.attempt, max_attempts)
-        if overdue is None:
-            self._inflight.add(d)
+    async def _not_overdue(self, d: NatsDelivery) -> bool:
+        """True if ``d`` may be handed out; False if it was overdue and is dead-lettered
+        (not while the subscription closes: then it is given back with its attempt, and
+        dead-lettered by whichever receive() has it next)."""
+        overdue = deadletter.overdue_reason(d.attempt, self.max_attempts)
+        if overdue is None or self._stopping:
             return True
         # its consumers died on it max_attempts times: settle it here
         d._settled = True
@@ -1210,10 +1280,10 @@ class NatsSubscription(ClosesOnExit):
 
     async def _recount(
         self, out: list[NatsDelivery], redelivered: list[NatsDelivery]
-    ) -> list[NatsDelivery]:
-        """Count the ``redelivered`` of ``out`` from their release records; those whose
-        record cannot be read go back to the front of the buffer, to be counted on a later
-        ``receive``. Returns ``out`` less those and the overdue ones."""
+    ) -> tuple[list[NatsDelivery], list[NatsDelivery]]:
+        """Count the ``redelivered`` of ``out`` from their release records. Returns ``out``
+        less the overdue ones and those whose record cannot be read, and those (to be
+        counted on a later ``receive``)."""
         fields: list[tuple[str, int, int]] = []
         for d in redelivered:
             consumer = _ack_fields(d._msg.reply)
@@ -1232,24 +1302,14 @@ class NatsSubscription(ClosesOnExit):
                 unread.append(d)
                 continue
             d.attempt, d._recorded = count
-            if await self._hand_out(d, self.max_attempts):
-                continue
-            left.add(d)
+            if not await self._not_overdue(d):
+                left.add(d)
         if unread:
             left.update(unread)
             log.debug("could not read the release records of %d redeliveries", len(unread))
-            if self._closed:
-                with _nats_errors("could not give back the deliveries"):
-                    for d in unread:
-                        await nc.publish(d._msg.reply, _NAK)
-            else:
-                self._buffer.extendleft((d._msg, d._size) for d in reversed(unread))
-        if not left:
-            return out
-        out = [d for d in out if d not in left]
-        if unread and not out:
-            await asyncio.sleep(_UNREAD_PAUSE)  # the caller asks again at once: not in a loop
-        return out
+        if left:
+            out = [d for d in out if d not in left]
+        return out, unread
 
 
 def _ack_fields(reply: str) -> tuple[str, int, int] | None:
