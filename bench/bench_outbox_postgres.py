@@ -159,6 +159,9 @@ class Checker:
         self.started = self.ended = 0.0  # set by work that times itself
         #: CPU seconds from the start to the end (--processes): workers, their backends
         self.client_cpu = self.server_cpu = 0.0
+        #: (--processes) context switches of the workers and their backends in that time:
+        #: voluntary, involuntary
+        self.switches = (0, 0)
         #: (--processes, relays) claims, empty claims, short claims, idle waits in that time
         self.steps: tuple[int, int, int, int] = (0, 0, 0, 0)
 
@@ -400,6 +403,23 @@ async def _work(
     out.put((log, steps))
 
 
+def _switches(pids: Sequence[int]) -> tuple[int, int]:
+    """Context switches of processes ``pids`` so far (voluntary: it waited; involuntary:
+    preempted, the cores were busy), from /proc (Linux)."""
+    vol = inv = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches"):
+                        vol += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches"):
+                        inv += int(line.split()[1])
+        except OSError:
+            continue  # gone
+    return vol, inv
+
+
 def _cpu(pids: Sequence[int]) -> float:
     """CPU seconds (user + system) of processes ``pids`` so far, from /proc (Linux)."""
 
@@ -518,10 +538,12 @@ async def processes_drain(
         workers = [pr.pid for pr in w.procs if pr.pid is not None]
         t0 = await fill_at_once(store, conn, n, keys, checker.ids)
         # from the commit (the polls while the rows were written are not counted)
-        c0, s0 = _cpu(workers), _cpu(backends)
+        c0, s0, w0 = _cpu(workers), _cpu(backends), _switches(workers + backends)
         while w.published.value < n:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
         checker.client_cpu, checker.server_cpu = _cpu(workers) - c0, _cpu(backends) - s0
+        w1 = _switches(workers + backends)
+        checker.switches = (w1[0] - w0[0], w1[1] - w0[1])
     finally:
         w.stop.set()
         await conn.close()
@@ -598,6 +620,7 @@ async def drain_bench(
     problems: dict[str, list[int]] = {}
     cpu: dict[str, list[tuple[float, float]]] = {}  # per round: client, server us/row
     counted: dict[str, list[tuple[int, int, int, int]]] = {}  # per round: Checker.steps
+    switched: dict[str, list[tuple[int, int]]] = {}  # per round: Checker.switches
 
     def timed(
         name: str, work: Callable[[Checker], Awaitable[Any]]
@@ -616,6 +639,8 @@ async def drain_bench(
                 cpu.setdefault(name, []).append(
                     (checker.client_cpu / n * 1e6, checker.server_cpu / n * 1e6)
                 )
+            if checker.server_cpu:
+                switched.setdefault(name, []).append(checker.switches)
             if checker.steps[0]:
                 counted.setdefault(name, []).append(checker.steps)
             seen = problems.setdefault(name, [0, 0])
@@ -698,6 +723,11 @@ async def drain_bench(
             server = statistics.median(sv for _, sv in per)
             total = client + server
             print(f"    {name:<8} client {client:6.1f}  server {server:6.1f}  total {total:6.1f}")
+    if switched:
+        print("    context switches per 1k rows (median; workers + backends): waits, preemptions")
+        for name, per in switched.items():
+            v, i = (statistics.median(x[j] * 1000 / n for x in per) for j in range(2))
+            print(f"    {name:<8} waits {v:7.1f}  preempted {i:7.1f}")
     if counted:
         print("    relays' claims per 1k rows (median): all, empty, short (< batch); idle waits")
         for name, per in counted.items():
