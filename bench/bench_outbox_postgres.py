@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import time
 import uuid
@@ -158,6 +159,11 @@ class Checker:
         self.started = self.ended = 0.0  # set by work that times itself
         #: CPU seconds from the start to the end (--processes): workers, their backends
         self.client_cpu = self.server_cpu = 0.0
+        #: (--processes) context switches of the workers and their backends in that time:
+        #: voluntary, involuntary
+        self.switches = (0, 0)
+        #: (--processes, relays) claims, empty claims, short claims, idle waits in that time
+        self.steps: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     def saw(self, messages: Sequence[TransportMessage]) -> None:
         for m in messages:
@@ -307,6 +313,10 @@ def _worker(
 #: how often an idle relay polls (the raw worker sleeps as long when it finds no rows), s
 IDLE_POLL = 0.01
 
+#: rows per claim of the relays and raw workers in processes of their own (``--batch``;
+#: through the environment, which the spawned processes inherit)
+BATCH = int(os.environ.get("BENCH_OUTBOX_BATCH", "100"))
+
 
 async def _work(
     kind: str,
@@ -332,8 +342,22 @@ async def _work(
                 published.value += len(messages)
 
     transport = Recording()
+    steps: list[tuple[float, int, float]] = []  # per claim: its end, rows, CPU time
+
+    class Counting(PostgresOutboxStore):
+        """Records each claim (the relay's step) and each idle wait, for the step counts."""
+
+        async def claim_messages(self, *args: Any, **kwargs: Any) -> Any:
+            got = await super().claim_messages(*args, **kwargs)
+            steps.append((time.monotonic(), len(got), time.process_time()))
+            return got
+
+        async def wait_for_rows(self, timeout: float) -> None:
+            await super().wait_for_rows(timeout)
+            steps.append((time.monotonic(), -1, time.process_time()))  # -1: an idle wait
+
     if kind == "relay":
-        store = PostgresOutboxStore(
+        store = Counting(
             url,
             table_prefix=prefix,
             relay_synchronous_commit=sync,
@@ -342,7 +366,7 @@ async def _work(
         )
         await store.status()  # connected before the start
         relay = OutboxRelay(
-            store, transport, batch_size=100, relay_id=f"bench-{idx}", poll_interval=IDLE_POLL
+            store, transport, batch_size=BATCH, relay_id=f"bench-{idx}", poll_interval=IDLE_POLL
         )
         ready.put(idx)
         await asyncio.to_thread(go.wait)
@@ -356,7 +380,7 @@ async def _work(
         tbl = f'"{prefix}outbox"'
         select = (
             f"SELECT seq, id, topic, payload, aggregateid FROM {tbl} "
-            "WHERE sent_at IS NULL ORDER BY seq LIMIT 100 FOR UPDATE SKIP LOCKED"
+            f"WHERE sent_at IS NULL ORDER BY seq LIMIT {BATCH} FOR UPDATE SKIP LOCKED"
         )
         delete = f"DELETE FROM {tbl} WHERE seq = ANY($1::bigint[])"
         ready.put(idx)
@@ -376,12 +400,28 @@ async def _work(
             if not rows:
                 await asyncio.sleep(IDLE_POLL)
         await conn.close()
-    out.put(log)
+    out.put((log, steps))
+
+
+def _switches(pids: Sequence[int]) -> tuple[int, int]:
+    """Context switches of processes ``pids`` so far (voluntary: it waited; involuntary:
+    preempted, the cores were busy), from /proc (Linux)."""
+    vol = inv = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches"):
+                        vol += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches"):
+                        inv += int(line.split()[1])
+        except OSError:
+            continue  # gone
+    return vol, inv
 
 
 def _cpu(pids: Sequence[int]) -> float:
     """CPU seconds (user + system) of processes ``pids`` so far, from /proc (Linux)."""
-    import os
 
     total = 0
     for pid in pids:
@@ -419,12 +459,17 @@ class _Workers(NamedTuple):
     stop: Any
     out: Any
     published: Any
+    #: each worker's claims (filled by ``finish``): (monotonic end, rows or -1 for an idle
+    #: wait, its process's CPU time then)
+    steps: list[list[tuple[float, int, float]]]
 
     async def finish(self, checker: Checker) -> list[Any]:
         """Stop them, collect each one's publish log and give the checker every publish in
         time order (then by process and place in its log: a batch shares one time stamp)."""
         self.stop.set()
-        logs = [await asyncio.to_thread(self.out.get, True, 60) for _ in self.procs]
+        got = [await asyncio.to_thread(self.out.get, True, 60) for _ in self.procs]
+        logs = [log for log, _ in got]
+        self.steps[:] = [steps for _, steps in got]
         for pr in self.procs:
             pr.join(30)
         merged = sorted(
@@ -456,7 +501,7 @@ async def _spawn(
         pr.start()
     for _ in procs:
         await asyncio.to_thread(ready.get, True, 60)
-    return _Workers(procs, go, stop, out, published)
+    return _Workers(procs, go, stop, out, published, [])
 
 
 async def processes_drain(
@@ -493,16 +538,26 @@ async def processes_drain(
         workers = [pr.pid for pr in w.procs if pr.pid is not None]
         t0 = await fill_at_once(store, conn, n, keys, checker.ids)
         # from the commit (the polls while the rows were written are not counted)
-        c0, s0 = _cpu(workers), _cpu(backends)
+        c0, s0, w0 = _cpu(workers), _cpu(backends), _switches(workers + backends)
         while w.published.value < n:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
         checker.client_cpu, checker.server_cpu = _cpu(workers) - c0, _cpu(backends) - s0
+        w1 = _switches(workers + backends)
+        checker.switches = (w1[0] - w0[0], w1[1] - w0[1])
     finally:
         w.stop.set()
         await conn.close()
     logs = await w.finish(checker)
     checker.started = t0
     checker.ended = max(t for log in logs for t, _, _ in log)
+    # the relays' claims from the commit to the last publish: all, empty, short, idle waits
+    within = [(n_, cpu) for steps in w.steps for t, n_, cpu in steps if t0 <= t <= checker.ended]
+    checker.steps = (
+        sum(n_ >= 0 for n_, _ in within),
+        sum(n_ == 0 for n_, _ in within),
+        sum(0 < n_ < BATCH for n_, _ in within),
+        sum(n_ < 0 for n_, _ in within),
+    )
 
 
 async def cold_processes_drain(
@@ -564,6 +619,8 @@ async def drain_bench(
 
     problems: dict[str, list[int]] = {}
     cpu: dict[str, list[tuple[float, float]]] = {}  # per round: client, server us/row
+    counted: dict[str, list[tuple[int, int, int, int]]] = {}  # per round: Checker.steps
+    switched: dict[str, list[tuple[int, int]]] = {}  # per round: Checker.switches
 
     def timed(
         name: str, work: Callable[[Checker], Awaitable[Any]]
@@ -582,6 +639,10 @@ async def drain_bench(
                 cpu.setdefault(name, []).append(
                     (checker.client_cpu / n * 1e6, checker.server_cpu / n * 1e6)
                 )
+            if checker.server_cpu:
+                switched.setdefault(name, []).append(checker.switches)
+            if checker.steps[0]:
+                counted.setdefault(name, []).append(checker.steps)
             seen = problems.setdefault(name, [0, 0])
             seen[0] += checker.duplicates
             seen[1] += checker.violations
@@ -603,6 +664,9 @@ async def drain_bench(
         paths["raw"] = timed("raw", drain("raw", 1))
         if raw_workers_too:
             paths["raw2"] = timed("raw2", drain("raw", 2))
+            # what four processes and their backends cost the machine per row, with no
+            # msdata in them (their client work per row is the same at any count)
+            paths["raw4"] = timed("raw4", drain("raw", 4))
         for k in counts:
             paths[f"{k}"] = timed(f"{k}", drain("relay", k))
     else:
@@ -628,14 +692,16 @@ async def drain_bench(
     if processes:
         mode += ", a process per relay/worker"
         mode += ", cold start" if cold else ", steady state (rows commit at once)"
+    batch = BATCH if processes else 100
     print(
-        f"\n(a) drain {n:,} rows, {keys} keys, batches of 100, into {broker}, {mode}, relay "
+        f"\n(a) drain {n:,} rows, {keys} keys, batches of {batch}, into {broker}, {mode}, relay "
         f"synchronous_commit={durability}; {rounds} interleaved rounds (rows/s median)"
     )
     for name, rates in got.items():
         label = {
             "raw": "raw asyncpg claim + publish + delete",
             "raw2": "the same, 2 workers (no order per key)",
+            "raw4": "the same, 4 workers (no order per key)",
         }.get(name, f"{name} relay(s)")
         print(f"    {label:<44}{statistics.median(rates):>10,.0f}")
     if "raw" in got and "1" in got:
@@ -648,6 +714,8 @@ async def drain_bench(
         print(f"    {'4 relays / 2 (target >= 1.00)':<44}{spread(ratios(got['4'], got['2'])):>16}")
     if "raw" in got and "raw2" in got:
         print(f"    {'raw 2 workers / 1':<44}{spread(ratios(got['raw2'], got['raw'])):>16}")
+    if "raw2" in got and "raw4" in got:
+        print(f"    {'raw 4 workers / 2':<44}{spread(ratios(got['raw4'], got['raw2'])):>16}")
     if cpu:
         print("    CPU per row, us (median; workers' processes + their PostgreSQL backends)")
         for name, per in cpu.items():
@@ -655,6 +723,16 @@ async def drain_bench(
             server = statistics.median(sv for _, sv in per)
             total = client + server
             print(f"    {name:<8} client {client:6.1f}  server {server:6.1f}  total {total:6.1f}")
+    if switched:
+        print("    context switches per 1k rows (median; workers + backends): waits, preemptions")
+        for name, per in switched.items():
+            v, i = (statistics.median(x[j] * 1000 / n for x in per) for j in range(2))
+            print(f"    {name:<8} waits {v:7.1f}  preempted {i:7.1f}")
+    if counted:
+        print("    relays' claims per 1k rows (median): all, empty, short (< batch); idle waits")
+        for name, per in counted.items():
+            a, e, sh, w = (statistics.median(x[i] * 1000 / n for x in per) for i in range(4))
+            print(f"    {name:<8} claims {a:6.1f}  empty {e:6.1f}  short {sh:6.1f}  waits {w:6.1f}")
     for name, (dups, violations) in problems.items():
         print(f"    {name}: duplicates {dups}, order violations per key {violations}")
 
@@ -812,15 +890,26 @@ async def main() -> None:
         "first rebalance included) instead of the steady state",
     )
     parser.add_argument(
-        "--raw-workers", action="store_true", help="also the raw loop with 2 workers"
+        "--raw-workers",
+        action="store_true",
+        help="also the raw loop with 2 workers (and 4, with --processes)",
     )
     parser.add_argument(
         "--partitioned", action="store_true", help="relays own partitions (partitioned=True)"
     )
     parser.add_argument(
+        "--batch",
+        type=int,
+        default=100,
+        help="with --processes: rows per claim of the relays and the raw workers (default 100)",
+    )
+    parser.add_argument(
         "--durable", action="store_true", help="the relay's own commits fsync too (both sides)"
     )
     args = parser.parse_args()
+    global BATCH
+    BATCH = args.batch
+    os.environ["BENCH_OUTBOX_BATCH"] = str(args.batch)  # for the processes it spawns
     print(f"loadavg at start: {loadavg()}")
     started = time.perf_counter()
     if args.only != "write":
