@@ -254,7 +254,7 @@ async def test_a_delivery_whose_consumers_keep_dying_is_dead_lettered() -> None:
             await eventually(dead_lettered, 10.0, what="the dead letter")
             (dead,) = dead_letters
         assert dead.message.id == m.id
-        assert "handed out 1 times and never settled" in dead.message.headers[DEAD_LETTER_REASON]
+        assert "handed out 1 time and never settled" in dead.message.headers[DEAD_LETTER_REASON]
         assert dead.message.headers[DEAD_LETTER_ATTEMPTS] == "1"  # handed to a consumer once
 
 

@@ -5,16 +5,19 @@ middleware plays this part there):
 
 - a delivery whose ``max_attempts``-th attempt failed (``nack``) goes to the dead-letter
   topic instead of being redelivered (:func:`exhausted`);
-- a delivery handed out more than ``max_attempts`` times without being settled (its
-  consumers kept dying or timing out on it) goes there instead of being handed out again
-  (:func:`overdue_reason`);
+- a delivery handed out more than ``max_attempts`` times without being settled (each time
+  its consumer died holding it, or, on Redis and NATS, did not keep it alive past
+  ``claim_idle`` / ``ack_wait``) goes there instead of being handed out again
+  (:func:`overdue_reason`); a consumer that stops never counts (it gives back what it did
+  not settle, uncounted);
 - ``dead_letter(reason)`` (bad input: a :class:`~msdata.errors.DecodeError`, a
   :class:`~msdata.errors.RejectMessage`) goes there at once.
 
 ``x-msdata-attempts`` means one thing on every transport: how many times the message was
-handed to a consumer of the group (for a failed or dead-lettered delivery, its ``attempt``;
-for an overdue one, :func:`overdue_attempts`, since it was not handed out again). A crash
-loop with ``max_attempts=3`` records 3 everywhere.
+handed to a consumer of the group, a delivery in the prefetch of a consumer that died
+counting as handed to it, started on or not (for a failed or dead-lettered delivery, its
+``attempt``; for an overdue one, :func:`overdue_attempts`, since it was not handed out
+again). A crash loop with ``max_attempts=3`` records 3 everywhere.
 
 What goes there is a copy of the message, same id, body and key, with its headers plus the
 four ``x-msdata-*`` headers (:data:`~msdata.transport.DEAD_LETTER_REASON`,
@@ -100,12 +103,17 @@ def failed_reason(attempt: int, reason: str | None) -> str:
 def overdue_reason(attempt: int, max_attempts: int) -> str | None:
     """None if a delivery may be handed out as attempt number ``attempt``; else the
     dead-letter reason of one that was already handed out ``attempt - 1`` >= ``max_attempts``
-    times without being settled. Record :func:`overdue_attempts` of it as its attempts."""
+    times without being settled. Record :func:`overdue_attempts` of it as its attempts.
+
+    Only a consumer that died holding the delivery (or, on Redis and NATS, one that did not
+    keep it alive past ``claim_idle`` / ``ack_wait``: its event loop blocked) leaves it
+    counted: a stopping consumer gives it back uncounted. The reason says so."""
     if attempt <= max_attempts:
         return None
+    times = overdue_attempts(attempt)
     return (
-        f"handed out {overdue_attempts(attempt)} times and never settled "
-        f"(its consumers stopped or timed out; max_attempts={max_attempts})"
+        f"handed out {times} time{'' if times == 1 else 's'} and never settled "
+        f"(each time its consumer died or lost it before settling; max_attempts={max_attempts})"
     )
 
 
