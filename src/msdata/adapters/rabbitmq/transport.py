@@ -710,12 +710,15 @@ class RabbitMQDelivery(DeliveryState["RabbitMQSubscription"]):
             return
         try:
             if deadletter.exhausted(self.attempt, sub.max_attempts):
-                await sub._dead_letter(self, deadletter.failed_reason(self.attempt, reason))
+                reason = deadletter.failed_reason(self.attempt, reason)
+                await sub._unbroken(sub._dead_letter(self, reason))
             elif sub._ordered:
                 sub._retry_here(self._entry, delay)
                 return  # the key stays busy until the retry is handed out
             else:
-                await sub._retry_later(self, delay)
+                await sub._unbroken(sub._retry_later(self, delay))
+        except asyncio.CancelledError:
+            raise  # only the wait: the nack goes on (see _unbroken)
         except BaseException:
             self._settled = False  # not settled: the caller may try again, or it is redelivered
             raise
@@ -728,7 +731,9 @@ class RabbitMQDelivery(DeliveryState["RabbitMQSubscription"]):
             self._sub._release_key(self._entry)
             return
         try:
-            await self._sub._dead_letter(self, reason)
+            await self._sub._unbroken(self._sub._dead_letter(self, reason))
+        except asyncio.CancelledError:
+            raise  # only the wait: it goes on (see _unbroken)
         except BaseException:
             self._settled = False
             raise
@@ -748,7 +753,9 @@ class RabbitMQDelivery(DeliveryState["RabbitMQSubscription"]):
         sub._recount.append(entry)
         try:
             # a copy with the attempts before this one, confirmed, then the original acked
-            await sub._settle_recount()
+            await sub._unbroken(sub._settle_recount())
+        except asyncio.CancelledError:
+            raise  # only the wait: it goes on (see _unbroken)
         except BaseException:
             self._settled = False
             raise
@@ -813,6 +820,14 @@ class RabbitMQSubscription(ClosesOnExit):
         self._marker = uuid.uuid4().hex
         self._signal = asyncio.Event()
         self._closed = False
+        # close() was called: receive() hands out nothing more (what it holds goes back)
+        self._stopping = False
+        # what a receive() took to hand out while it still settles what it took beside
+        # (fillers, recounts): given back to _pending if it is cancelled or the subscription
+        # starts closing meanwhile (see _untake)
+        self._taken: list[RabbitMQDelivery] | None = None
+        # broker work on its channel that a cancelled caller left going on (see _unbroken)
+        self._working: set[asyncio.Future[Any]] = set()
         self._entered = False
         self._closing: asyncio.Task[None] | None = None
         self._resuming: asyncio.Task[None] | None = None
@@ -850,13 +865,18 @@ class RabbitMQSubscription(ClosesOnExit):
         """Stop consuming. What it received but never handed out goes back without counting
         an attempt (moved: :meth:`_give_back`; in ordered mode, in place, with a record:
         :meth:`_record_given_back`); what it handed out and was not settled goes back by
-        closing the channel, so the broker redelivers it, counted once. Cancelling it (a
-        consumer task cancelled as it closes) cancels only the wait: the closing goes on in
-        the background, so what it holds still goes back uncounted."""
+        closing the channel, so the broker redelivers it, counted once. A ``receive()`` in
+        flight returns ``[]`` and hands out nothing more: what it took goes back with the
+        rest. Cancelling it (a consumer task cancelled as it closes) cancels only the wait:
+        the closing goes on in the background, so what it holds still goes back uncounted."""
         closing = self._closing
         if closing is None:
             if self._closed:
                 return
+            # from now on nothing is handed out: a receive() in flight returns []
+            self._stopping = True
+            self._untake()
+            self._signal.set()
             closing = self._closing = asyncio.get_running_loop().create_task(
                 self._close(), name=f"msdata-rabbitmq-close:{self.queue}"
             )
@@ -866,6 +886,10 @@ class RabbitMQSubscription(ClosesOnExit):
         if self._entered:
             try:
                 async with asyncio.timeout(_GIVE_BACK_TIMEOUT):
+                    # what a cancelled receive() or settle left going on ends first (a
+                    # given-back record it read, a copy it moved)
+                    while self._working:
+                        await asyncio.wait(set(self._working))
                     if self._ordered:
                         await self._record_given_back()
                     else:
@@ -1273,6 +1297,10 @@ class RabbitMQSubscription(ClosesOnExit):
     async def receive(
         self, max_messages: int = 100, timeout: float = 1.0
     ) -> list[RabbitMQDelivery]:
+        """See :meth:`msdata.transport.Subscription.receive`. Cancelled at any moment, it
+        hands out nothing, and what it took goes back to be handed out (uncounted); the
+        broker calls it was making go on (see :meth:`_unbroken`). In flight when the
+        subscription starts closing, it returns ``[]`` (see :meth:`close`)."""
         if self._closed or self._transport._closed:
             raise TransportClosed("receive() on a closed subscription")
         if not self._entered:
@@ -1280,16 +1308,26 @@ class RabbitMQSubscription(ClosesOnExit):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
+            if self._stopping:
+                return []  # what it holds goes back with the close, uncounted
             if self._ordered and self._pending:
                 head = self._pending[0]
                 if not head.looked and head.raw.redelivered and not head.stale:
-                    await self._look_up_given_back(self._pending)
+                    await self._unbroken(self._look_up_given_back(self._pending))
+                    if self._stopping:
+                        return []
             out = self._take(max_messages)
-            if self._fillers:
-                await self._drop_fillers()
-            if self._recount:
+            if self._fillers or self._recount:
                 # not under the timeout: what was taken is handed out or moved, never dropped
-                await self._settle_recount()
+                self._taken = out
+                try:
+                    await self._unbroken(self._settle_taken())
+                except BaseException:
+                    self._untake()
+                    raise
+                if self._taken is not out:
+                    return []  # the subscription started closing: given back (see close)
+                self._taken = None
             if out:
                 return out
             left = deadline - loop.time()
@@ -1300,6 +1338,52 @@ class RabbitMQSubscription(ClosesOnExit):
                     await self._signal.wait()
             except TimeoutError:
                 return []
+
+    async def _settle_taken(self) -> None:
+        """Ack the fillers and move (or dead-letter) the recounts :meth:`_take` set aside."""
+        if self._fillers:
+            await self._drop_fillers()
+        if self._recount:
+            await self._settle_recount()
+
+    def _untake(self) -> None:
+        """Put back what a ``receive()`` took and did not hand out (:attr:`_taken`), at the
+        head of :attr:`_pending`, as if never taken: handed out later, or given back
+        uncounted by the close."""
+        taken, self._taken = self._taken, None
+        if not taken:
+            return
+        for delivery in reversed(taken):
+            delivery._settled = True  # never handed out: it settles nothing
+            entry = delivery._entry
+            if self._ordered:
+                self._requeue_here(entry)  # its key free again, entry.out reset
+            else:
+                self._pending.appendleft(entry)
+        self._signal.set()
+
+    async def _unbroken(self, work: Awaitable[_T]) -> _T:
+        """Await ``work`` (broker calls on the subscription's channel) in a task of its own:
+        cancelling the caller cancels only the wait, and :meth:`close` waits for the task
+        before it gives back what the subscription holds.
+
+        Why: aiormq closes a channel whose synchronous call (``basic.get``,
+        ``queue.declare``, ...) is cancelled ("Closing channel ... because RPC call ...
+        cancelled"), and a closed channel hands back every delivery it holds flagged as
+        redelivered, so counted, and records nothing more (the close then fails with
+        "Channel closed by RPC timeout"). A consumer task cancelled while its ``receive()``
+        read the given-back records of its group (as a stopping bus cancels a consumer
+        when its ``stop_timeout`` runs out) so counted what several closing consumers of a
+        group gave back."""
+        task = asyncio.ensure_future(work)
+        self._working.add(task)
+        task.add_done_callback(self._work_done)
+        return await asyncio.shield(task)
+
+    def _work_done(self, task: asyncio.Future[Any]) -> None:
+        self._working.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller that awaited it may be gone
 
     def _take(self, limit: int) -> list[RabbitMQDelivery]:
         pending = self._pending
