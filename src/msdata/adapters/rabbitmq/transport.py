@@ -800,6 +800,7 @@ class RabbitMQSubscription(ClosesOnExit):
         # taken from the queue but not handed out: redelivered ones to count (moved, with
         # their count, to the back of the queue) and overdue ones to dead-letter
         self._recount: list[_Entry] = []
+        self._recounting = asyncio.Lock()
         # ordered mode: key -> copies of it this subscription moved and has not received back
         self._moving: dict[str, int] = {}
         # ordered mode: what it received on its channel and did not settle (recorded as given
@@ -1455,7 +1456,14 @@ class RabbitMQSubscription(ClosesOnExit):
         deliveries so far, to the back of the group's queue (confirmed, then the original
         acked). So a classic queue's redelivery (its consumer died, or closed, holding it) is
         counted, however many times it happens: attempt counts are msdata's own record,
-        carried by the message."""
+        carried by the message. One call at a time (a release, a receive, a close):
+        two at once would both move, and ack, the same entries, and a delivery acked twice
+        makes the broker close the channel (``PRECONDITION_FAILED - unknown delivery tag``),
+        which hands back all it holds, counted."""
+        async with self._recounting:
+            await self._move_recount()
+
+    async def _move_recount(self) -> None:
         recount = self._recount
         # taken off the list only once done with: if this task is cancelled meanwhile, the
         # next receive() carries on with them (a copy sent twice is a duplicate, allowed).
