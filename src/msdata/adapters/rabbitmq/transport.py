@@ -88,8 +88,9 @@ consumer to receive one uses its record once (see
 what it held counts. Nothing may be on its way to a consumer as it stops (a quorum queue's
 client returns it, counted; a classic queue's closing channel, in ordered mode, hands it back
 flagged): each is first made to hold its prefetch, with *fillers* (empty messages with
-:data:`FILLER_HEADER`, acked by whoever receives them, never handed out) put into its queue
-if the queue has too few messages (see :meth:`RabbitMQSubscription._exhaust_credit`).
+:data:`FILLER_HEADER`, acked by whoever receives them, never handed out, expiring after
+0.2 s unless held) put into its queue if the queue has too few messages (see
+:meth:`RabbitMQSubscription._exhaust_credit`).
 
 Only msdata's own bookkeeping counts: ``x-msdata-prior-attempts``
 (and ``x-msdata-moved``) only on a copy that came through the default exchange (producers
@@ -260,6 +261,11 @@ _RETRY_QUEUE_GRACE_MS = 60_000
 # 0.1 s (see _exhaust_credit); within _GIVE_BACK_TIMEOUT
 _EXHAUST_TIMEOUT = 1.5
 _EXHAUST_WAIT = 0.005
+# a filler's per-message TTL (ms): it is delivered as it enters the queue (the queue had too
+# few messages for the consumer's prefetch), so it only has to outlive that; one a closing
+# channel hands back, or that no consumer took, then expires instead of staying in the queue
+# (counted by lag(), read by no one once the group's consumers are gone)
+_FILLER_TTL_MS = 200
 
 
 def group_queue_name(exchange: str, group: str) -> str:
@@ -1054,7 +1060,9 @@ class RabbitMQSubscription(ClosesOnExit):
         fill it, this puts *fillers* into the queue (empty messages with
         :data:`FILLER_HEADER`, through the default exchange, confirmed on this channel: the
         deliveries they cause reach us before their confirms); whoever receives a filler
-        acks it, never hands it out."""
+        acks it, never hands it out. A filler expires 0.2 s after it entered the queue
+        (per-message TTL) unless a consumer holds it then: one that a closing channel hands
+        back, or that went to no consumer, does not stay in the queue."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _EXHAUST_TIMEOUT
         wait = _EXHAUST_WAIT
@@ -1093,6 +1101,7 @@ class RabbitMQSubscription(ClosesOnExit):
         props = Basic.Properties(
             message_id=f"msdata-filler:{self._marker}",
             delivery_mode=_PERSISTENT,
+            expiration=str(_FILLER_TTL_MS),
             headers={FILLER_HEADER: self._marker},
         )
         results = await asyncio.gather(
@@ -2275,8 +2284,9 @@ class RabbitMQTransport:
         """The ``message_count`` of a passive declare of the group's queue and of its ready
         queue (retries that are due): the messages ready for the group. AMQP does not report
         the delivered-but-unacked ones, nor the retries still waiting out a delay in a tier
-        queue; it counts the fillers a stopping subscription left there, until a consumer
-        receives them (see :meth:`RabbitMQSubscription._exhaust_credit`). None if the
+        queue; it counts the fillers a stopping subscription left there until a consumer
+        receives them or they expire, 0.2 s after they were put there (see
+        :meth:`RabbitMQSubscription._exhaust_credit`). None if the
         group's queue does not exist. See :meth:`msdata.transport.Transport.lag`."""
         check_name("topic", topic)
         check_name("group", group)
