@@ -1318,14 +1318,14 @@ class RabbitMQSubscription(ClosesOnExit):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            if self._stopping:
-                return []  # what it holds goes back with the close, uncounted
+            if self._stopping:  # what it holds goes back with the close, uncounted
+                return await self._stopped(deadline)
             if self._ordered and self._pending:
                 head = self._pending[0]
                 if not head.looked and head.raw.redelivered and not head.stale:
                     await self._unbroken(self._look_up_given_back(self._pending))
                     if self._stopping:
-                        return []
+                        return await self._stopped(deadline)
             out = self._take(max_messages)
             if self._fillers or self._recount:
                 # not under the timeout: what was taken is handed out or moved, never dropped
@@ -1335,8 +1335,8 @@ class RabbitMQSubscription(ClosesOnExit):
                 except BaseException:
                     self._untake()
                     raise
-                if self._taken is not out:
-                    return []  # the subscription started closing: given back (see close)
+                if self._taken is not out:  # it started closing: given back (see close)
+                    return await self._stopped(deadline)
                 self._taken = None
             if out:
                 return out
@@ -1348,6 +1348,19 @@ class RabbitMQSubscription(ClosesOnExit):
                     await self._signal.wait()
             except TimeoutError:
                 return []
+
+    async def _stopped(self, deadline: float) -> list[RabbitMQDelivery]:
+        """What ``receive()`` returns once the subscription started closing: nothing. It
+        waits for the close to end (until its own ``deadline``, loop time) rather than
+        return at once without yielding: a loop of ``receive()`` calls would spin and the
+        close would never run."""
+        closing = self._closing
+        left = deadline - asyncio.get_running_loop().time()
+        if closing is not None and not closing.done() and left > 0:
+            await asyncio.wait({closing}, timeout=left)
+        else:
+            await asyncio.sleep(0)
+        return []
 
     async def _settle_taken(self) -> None:
         """Ack the fillers and move (or dead-letter) the recounts :meth:`_take` set aside."""
