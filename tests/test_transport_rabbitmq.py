@@ -23,6 +23,7 @@ from msdata.adapters.rabbitmq.transport import (
 )
 from msdata.errors import ConfigurationError, PublishError, TransportClosed
 from msdata.testing.conformance.transport import TransportConformance, collect, make_messages
+from msdata.testing.waiting import eventually
 from msdata.transport import DEAD_LETTER_REASON, Transport, TransportMessage, dead_letter_topic
 from services import require
 from transport_factories import with_test_hooks
@@ -498,3 +499,34 @@ def test_properties_that_are_not_utf8_are_read_and_escaped() -> None:
     assert m.id == "id-\\xff"
     assert props.content_type == "text/\\xfe"  # what a retry or dead letter copies
     assert dict(m.headers) == {"x-\\xff": "v", "ok": "v"}
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+async def test_a_receive_loop_ends_when_another_task_closes_the_subscription(
+    ordered: bool,
+) -> None:
+    """A consumer task that calls ``receive()`` in a loop while another task closes its
+    subscription gets ``[]`` while the close runs, then ``TransportClosed``: a ``receive()``
+    that returned ``[]`` at once, without yielding, during the close made that loop spin,
+    and the close (and the whole event loop) never went on."""
+    async with rabbitmq_transport(ordered_per_key=ordered) as t:
+        topic, group = unique("topic"), unique("group")
+        await t.declare_group(topic, group)
+        await t.publish(topic, make_messages(6))
+        sub = t.subscribe(topic, group, prefetch=6)
+        await sub.__aenter__()
+        got: list[str] = []
+
+        async def consume() -> None:
+            with pytest.raises(TransportClosed):
+                while True:
+                    batch = await sub.receive(6, timeout=0.5)
+                    for d in batch:
+                        got.append(d.message.id)
+                        await d.ack()
+
+        consuming = asyncio.ensure_future(consume())
+        await eventually(lambda: len(got) == 6, 10.0)
+        await sub.close()  # while consume() waits in receive(), and calls it again
+        await consuming
+        assert len(got) == 6

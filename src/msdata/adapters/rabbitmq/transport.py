@@ -88,8 +88,9 @@ consumer to receive one uses its record once (see
 what it held counts. Nothing may be on its way to a consumer as it stops (a quorum queue's
 client returns it, counted; a classic queue's closing channel, in ordered mode, hands it back
 flagged): each is first made to hold its prefetch, with *fillers* (empty messages with
-:data:`FILLER_HEADER`, acked by whoever receives them, never handed out) put into its queue
-if the queue has too few messages (see :meth:`RabbitMQSubscription._exhaust_credit`).
+:data:`FILLER_HEADER`, acked by whoever receives them, never handed out, expiring after
+0.2 s unless held) put into its queue if the queue has too few messages (see
+:meth:`RabbitMQSubscription._exhaust_credit`).
 
 Only msdata's own bookkeeping counts: ``x-msdata-prior-attempts``
 (and ``x-msdata-moved``) only on a copy that came through the default exchange (producers
@@ -260,6 +261,11 @@ _RETRY_QUEUE_GRACE_MS = 60_000
 # 0.1 s (see _exhaust_credit); within _GIVE_BACK_TIMEOUT
 _EXHAUST_TIMEOUT = 1.5
 _EXHAUST_WAIT = 0.005
+# a filler's per-message TTL (ms): it is delivered as it enters the queue (the queue had too
+# few messages for the consumer's prefetch), so it only has to outlive that; one a closing
+# channel hands back, or that no consumer took, then expires instead of staying in the queue
+# (counted by lag(), read by no one once the group's consumers are gone)
+_FILLER_TTL_MS = 200
 
 
 def group_queue_name(exchange: str, group: str) -> str:
@@ -710,12 +716,15 @@ class RabbitMQDelivery(DeliveryState["RabbitMQSubscription"]):
             return
         try:
             if deadletter.exhausted(self.attempt, sub.max_attempts):
-                await sub._dead_letter(self, deadletter.failed_reason(self.attempt, reason))
+                reason = deadletter.failed_reason(self.attempt, reason)
+                await sub._unbroken(sub._dead_letter(self, reason))
             elif sub._ordered:
                 sub._retry_here(self._entry, delay)
                 return  # the key stays busy until the retry is handed out
             else:
-                await sub._retry_later(self, delay)
+                await sub._unbroken(sub._retry_later(self, delay))
+        except asyncio.CancelledError:
+            raise  # only the wait: the nack goes on (see _unbroken)
         except BaseException:
             self._settled = False  # not settled: the caller may try again, or it is redelivered
             raise
@@ -728,7 +737,9 @@ class RabbitMQDelivery(DeliveryState["RabbitMQSubscription"]):
             self._sub._release_key(self._entry)
             return
         try:
-            await self._sub._dead_letter(self, reason)
+            await self._sub._unbroken(self._sub._dead_letter(self, reason))
+        except asyncio.CancelledError:
+            raise  # only the wait: it goes on (see _unbroken)
         except BaseException:
             self._settled = False
             raise
@@ -748,7 +759,9 @@ class RabbitMQDelivery(DeliveryState["RabbitMQSubscription"]):
         sub._recount.append(entry)
         try:
             # a copy with the attempts before this one, confirmed, then the original acked
-            await sub._settle_recount()
+            await sub._unbroken(sub._settle_recount())
+        except asyncio.CancelledError:
+            raise  # only the wait: it goes on (see _unbroken)
         except BaseException:
             self._settled = False
             raise
@@ -793,6 +806,7 @@ class RabbitMQSubscription(ClosesOnExit):
         # taken from the queue but not handed out: redelivered ones to count (moved, with
         # their count, to the back of the queue) and overdue ones to dead-letter
         self._recount: list[_Entry] = []
+        self._recounting = asyncio.Lock()
         # ordered mode: key -> copies of it this subscription moved and has not received back
         self._moving: dict[str, int] = {}
         # ordered mode: what it received on its channel and did not settle (recorded as given
@@ -813,6 +827,14 @@ class RabbitMQSubscription(ClosesOnExit):
         self._marker = uuid.uuid4().hex
         self._signal = asyncio.Event()
         self._closed = False
+        # close() was called: receive() hands out nothing more (what it holds goes back)
+        self._stopping = False
+        # what a receive() took to hand out while it still settles what it took beside
+        # (fillers, recounts): given back to _pending if it is cancelled or the subscription
+        # starts closing meanwhile (see _untake)
+        self._taken: list[RabbitMQDelivery] | None = None
+        # broker work on its channel that a cancelled caller left going on (see _unbroken)
+        self._working: set[asyncio.Future[Any]] = set()
         self._entered = False
         self._closing: asyncio.Task[None] | None = None
         self._resuming: asyncio.Task[None] | None = None
@@ -850,13 +872,18 @@ class RabbitMQSubscription(ClosesOnExit):
         """Stop consuming. What it received but never handed out goes back without counting
         an attempt (moved: :meth:`_give_back`; in ordered mode, in place, with a record:
         :meth:`_record_given_back`); what it handed out and was not settled goes back by
-        closing the channel, so the broker redelivers it, counted once. Cancelling it (a
-        consumer task cancelled as it closes) cancels only the wait: the closing goes on in
-        the background, so what it holds still goes back uncounted."""
+        closing the channel, so the broker redelivers it, counted once. A ``receive()`` in
+        flight returns ``[]`` and hands out nothing more: what it took goes back with the
+        rest. Cancelling it (a consumer task cancelled as it closes) cancels only the wait:
+        the closing goes on in the background, so what it holds still goes back uncounted."""
         closing = self._closing
         if closing is None:
             if self._closed:
                 return
+            # from now on nothing is handed out: a receive() in flight returns []
+            self._stopping = True
+            self._untake()
+            self._signal.set()
             closing = self._closing = asyncio.get_running_loop().create_task(
                 self._close(), name=f"msdata-rabbitmq-close:{self.queue}"
             )
@@ -866,6 +893,10 @@ class RabbitMQSubscription(ClosesOnExit):
         if self._entered:
             try:
                 async with asyncio.timeout(_GIVE_BACK_TIMEOUT):
+                    # what a cancelled receive() or settle left going on ends first (a
+                    # given-back record it read, a copy it moved)
+                    while self._working:
+                        await asyncio.wait(set(self._working))
                     if self._ordered:
                         await self._record_given_back()
                     else:
@@ -1029,7 +1060,9 @@ class RabbitMQSubscription(ClosesOnExit):
         fill it, this puts *fillers* into the queue (empty messages with
         :data:`FILLER_HEADER`, through the default exchange, confirmed on this channel: the
         deliveries they cause reach us before their confirms); whoever receives a filler
-        acks it, never hands it out."""
+        acks it, never hands it out. A filler expires 0.2 s after it entered the queue
+        (per-message TTL) unless a consumer holds it then: one that a closing channel hands
+        back, or that went to no consumer, does not stay in the queue."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _EXHAUST_TIMEOUT
         wait = _EXHAUST_WAIT
@@ -1068,6 +1101,7 @@ class RabbitMQSubscription(ClosesOnExit):
         props = Basic.Properties(
             message_id=f"msdata-filler:{self._marker}",
             delivery_mode=_PERSISTENT,
+            expiration=str(_FILLER_TTL_MS),
             headers={FILLER_HEADER: self._marker},
         )
         results = await asyncio.gather(
@@ -1273,6 +1307,10 @@ class RabbitMQSubscription(ClosesOnExit):
     async def receive(
         self, max_messages: int = 100, timeout: float = 1.0
     ) -> list[RabbitMQDelivery]:
+        """See :meth:`msdata.transport.Subscription.receive`. Cancelled at any moment, it
+        hands out nothing, and what it took goes back to be handed out (uncounted); the
+        broker calls it was making go on (see :meth:`_unbroken`). In flight when the
+        subscription starts closing, it returns ``[]`` (see :meth:`close`)."""
         if self._closed or self._transport._closed:
             raise TransportClosed("receive() on a closed subscription")
         if not self._entered:
@@ -1280,16 +1318,26 @@ class RabbitMQSubscription(ClosesOnExit):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
+            if self._stopping:  # what it holds goes back with the close, uncounted
+                return await self._stopped(deadline)
             if self._ordered and self._pending:
                 head = self._pending[0]
                 if not head.looked and head.raw.redelivered and not head.stale:
-                    await self._look_up_given_back(self._pending)
+                    await self._unbroken(self._look_up_given_back(self._pending))
+                    if self._stopping:
+                        return await self._stopped(deadline)
             out = self._take(max_messages)
-            if self._fillers:
-                await self._drop_fillers()
-            if self._recount:
+            if self._fillers or self._recount:
                 # not under the timeout: what was taken is handed out or moved, never dropped
-                await self._settle_recount()
+                self._taken = out
+                try:
+                    await self._unbroken(self._settle_taken())
+                except BaseException:
+                    self._untake()
+                    raise
+                if self._taken is not out:  # it started closing: given back (see close)
+                    return await self._stopped(deadline)
+                self._taken = None
             if out:
                 return out
             left = deadline - loop.time()
@@ -1300,6 +1348,65 @@ class RabbitMQSubscription(ClosesOnExit):
                     await self._signal.wait()
             except TimeoutError:
                 return []
+
+    async def _stopped(self, deadline: float) -> list[RabbitMQDelivery]:
+        """What ``receive()`` returns once the subscription started closing: nothing. It
+        waits for the close to end (until its own ``deadline``, loop time) rather than
+        return at once without yielding: a loop of ``receive()`` calls would spin and the
+        close would never run."""
+        closing = self._closing
+        left = deadline - asyncio.get_running_loop().time()
+        if closing is not None and not closing.done() and left > 0:
+            await asyncio.wait({closing}, timeout=left)
+        else:
+            await asyncio.sleep(0)
+        return []
+
+    async def _settle_taken(self) -> None:
+        """Ack the fillers and move (or dead-letter) the recounts :meth:`_take` set aside."""
+        if self._fillers:
+            await self._drop_fillers()
+        if self._recount:
+            await self._settle_recount()
+
+    def _untake(self) -> None:
+        """Put back what a ``receive()`` took and did not hand out (:attr:`_taken`), at the
+        head of :attr:`_pending`, as if never taken: handed out later, or given back
+        uncounted by the close."""
+        taken, self._taken = self._taken, None
+        if not taken:
+            return
+        for delivery in reversed(taken):
+            delivery._settled = True  # never handed out: it settles nothing
+            entry = delivery._entry
+            if self._ordered:
+                self._requeue_here(entry)  # its key free again, entry.out reset
+            else:
+                self._pending.appendleft(entry)
+        self._signal.set()
+
+    async def _unbroken(self, work: Awaitable[_T]) -> _T:
+        """Await ``work`` (broker calls on the subscription's channel) in a task of its own:
+        cancelling the caller cancels only the wait, and :meth:`close` waits for the task
+        before it gives back what the subscription holds.
+
+        Why: aiormq closes a channel whose synchronous call (``basic.get``,
+        ``queue.declare``, ...) is cancelled ("Closing channel ... because RPC call ...
+        cancelled"), and a closed channel hands back every delivery it holds flagged as
+        redelivered, so counted, and records nothing more (the close then fails with
+        "Channel closed by RPC timeout"). A consumer task cancelled while its ``receive()``
+        read the given-back records of its group (as a stopping bus cancels a consumer
+        when its ``stop_timeout`` runs out) so counted what several closing consumers of a
+        group gave back."""
+        task = asyncio.ensure_future(work)
+        self._working.add(task)
+        task.add_done_callback(self._work_done)
+        return await asyncio.shield(task)
+
+    def _work_done(self, task: asyncio.Future[Any]) -> None:
+        self._working.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller that awaited it may be gone
 
     def _take(self, limit: int) -> list[RabbitMQDelivery]:
         pending = self._pending
@@ -1371,7 +1478,14 @@ class RabbitMQSubscription(ClosesOnExit):
         deliveries so far, to the back of the group's queue (confirmed, then the original
         acked). So a classic queue's redelivery (its consumer died, or closed, holding it) is
         counted, however many times it happens: attempt counts are msdata's own record,
-        carried by the message."""
+        carried by the message. One call at a time (a release, a receive, a close):
+        two at once would both move, and ack, the same entries, and a delivery acked twice
+        makes the broker close the channel (``PRECONDITION_FAILED - unknown delivery tag``),
+        which hands back all it holds, counted."""
+        async with self._recounting:
+            await self._move_recount()
+
+    async def _move_recount(self) -> None:
         recount = self._recount
         # taken off the list only once done with: if this task is cancelled meanwhile, the
         # next receive() carries on with them (a copy sent twice is a duplicate, allowed).
@@ -2183,8 +2297,9 @@ class RabbitMQTransport:
         """The ``message_count`` of a passive declare of the group's queue and of its ready
         queue (retries that are due): the messages ready for the group. AMQP does not report
         the delivered-but-unacked ones, nor the retries still waiting out a delay in a tier
-        queue; it counts the fillers a stopping subscription left there, until a consumer
-        receives them (see :meth:`RabbitMQSubscription._exhaust_credit`). None if the
+        queue; it counts the fillers a stopping subscription left there until a consumer
+        receives them or they expire, 0.2 s after they were put there (see
+        :meth:`RabbitMQSubscription._exhaust_credit`). None if the
         group's queue does not exist. See :meth:`msdata.transport.Transport.lag`."""
         check_name("topic", topic)
         check_name("group", group)
