@@ -663,9 +663,10 @@ class TransportConformance:
         exits under it) returns an empty list: it never hands out a delivery that can no
         longer be settled. What came in meanwhile goes back uncounted, so closes alone, more
         of them than ``max_attempts``, never count an attempt or dead-letter anything.
-        The first receive waits for messages published just before the close; a receive
-        that returned before the close (not in flight: an in-process transport hands out at
-        once what is ready) gives its deliveries back with ``release()``.
+        The first receive waits on an empty topic, and the messages are published as its
+        subscription closes (they arrive during the close); a later receive that returned
+        before the close (not in flight: a transport hands out at once what is ready) gives
+        its deliveries back with ``release()``.
         (Every transport returned deliveries after the close that raised ``TransportClosed``
         on ack and came back counted, and then dead-lettered.)"""
         topic, group = self.unique("topic"), self.unique("group")
@@ -678,17 +679,21 @@ class TransportConformance:
             in_flight = 0
             for i, delay in enumerate([0.0, 0.0, 0.0, 0.001, 0.003, 0.01, 0.03]):
                 receiving: asyncio.Future[Sequence[Delivery]] | None = None
+                publishing: asyncio.Future[None] | None = None
                 async with t.subscribe(topic, group, max_attempts=max_attempts, prefetch=n) as s:
                     receiving = asyncio.ensure_future(s.receive(n, timeout=2.0))
                     await asyncio.sleep(delay)
-                    if i == 0:  # they come in while the receive waits, and then it closes
-                        await t.publish(topic, msgs)
+                    if i == 0:  # it waits on an empty topic; they arrive as it closes
+                        await asyncio.sleep(0.05)
+                        publishing = asyncio.ensure_future(t.publish(topic, msgs))
                     if receiving.done():  # it returned before the close: not in flight
                         for d in receiving.result():
                             await d.release()
                         continue
                     in_flight += 1
                 handed = await receiving
+                if publishing is not None:
+                    await publishing
                 late.extend((delay, len(handed)) for _ in handed[:1])
             assert in_flight > 0, "no receive was in flight when its subscription closed"
             assert late == [], f"(delay, deliveries) handed out after the close: {late}"
