@@ -608,14 +608,16 @@ def screen(
     size: Callable[[TransportMessage], int] = message_size,
     where: str = "this transport",
 ) -> tuple[Sequence[TransportMessage], dict[str, MsdataError]]:
-    """Split a batch, before sending, into the messages to send and those refused: each
-    refused message's id -> the error that refuses it (:func:`check_message`'s, or
+    """Split a batch, before sending, into the messages to send and those refused: each refused
+    message's id -> the error that refuses it (:func:`check_message`'s, or
     :class:`~msdata.errors.MessageTooLarge` when ``size(message)`` is over ``max_bytes``;
-    ``where`` names the limit's source in its text). When nothing is refused, the batch
-    itself is returned. A refused message holds back the later messages of its key in the
-    batch (each refused with a :class:`HeldBack` error), so a key's order holds. Send the
-    rest, then raise :func:`refused_error` if anything was refused, so one bad message never
-    takes the others with it."""
+    ``where`` names the limit's source in its text; a replay, :data:`REPLAY_HEADER` set, is
+    measured as the message it replays, without what the replay adds, so a message once
+    accepted can be replayed). When nothing is refused, the batch itself is returned. A
+    refused message holds back the later messages of its key in the batch (each refused with
+    a :class:`HeldBack` error), so a key's order holds. Send the rest, then raise
+    :func:`refused_error` if anything was refused, so one bad message never takes the others
+    with it."""
     refused: dict[str, MsdataError] | None = None
     held: dict[str, str] | None = None  # key -> id of its refused message
     for m in messages:
@@ -630,6 +632,9 @@ def screen(
                 check_message(m)
             if max_bytes is not None:
                 n = size(m)
+                if n > max_bytes and m.headers and REPLAY_HEADER in m.headers:
+                    replayed = {k: v for k, v in m.headers.items() if k != REPLAY_HEADER}
+                    n = size(m._replace(headers=replayed))
                 if n > max_bytes:
                     raise MessageTooLarge(
                         f"message {m.id} is {n:,} bytes with its headers, over the limit of "
