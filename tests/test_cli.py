@@ -373,6 +373,76 @@ def test_dlq_list_show_and_replay(redis_url: str) -> None:
     assert json.loads(msdata("dlq", "list", *where, "--json").stdout) == []
 
 
+@pytest.mark.parametrize(
+    "broker",
+    [
+        pytest.param("redis_url", id="redis", marks=pytest.mark.redis),
+        pytest.param("amqp_url", id="rabbitmq", marks=pytest.mark.rabbitmq),
+        pytest.param("nats_url", id="nats", marks=pytest.mark.nats),
+    ],
+)
+def test_dlq_replay_at_once_delivers_every_message_with_its_id(
+    broker: str, request: pytest.FixtureRequest
+) -> None:
+    """Dead-lettered within a second of their publish and replayed at once (as after a
+    deploy in the wrong order): every replayed event reaches the group, with its own id (a
+    second group sees each id twice), and the dead-letter topic is empty. On NATS the
+    replay used to be dropped as a duplicate of the first publish (``Nats-Msg-Id`` inside
+    the 120 s window) while the command said it replayed them and emptied the topic."""
+    from msdata.errors import RejectMessage
+    from msdata.events import EventBus
+    from msdata.urls import transport_from_url
+
+    url = request.getfixturevalue(broker)
+    topic, group, audit = f"cli-{uuid.uuid4().hex[:8]}", "billing", "audit"
+    where = ["--broker", url, "--topic", topic, "--group", group]
+    got: list[int] = []
+    seen: list[str] = []
+
+    async def run() -> None:
+        transport = transport_from_url(url)
+        try:
+            await transport.declare_group(topic, audit)
+            bus = EventBus(transport, registry=registry)
+            rejected: list[int] = []
+
+            @bus.handler(Tick, group=group, topic=topic)
+            async def reject(event: Tick) -> None:
+                rejected.append(event.n)
+                raise RejectMessage(f"tick {event.n} is bad")
+
+            async with bus:
+                await bus.publish_many([Tick(n=i) for i in range(3)], topic=topic)
+                await eventually(lambda: len(rejected) == 3, timeout=10, what="all rejected")
+            fixed = EventBus(transport, registry=registry)
+            fixed.subscribe(Tick, lambda e: got.append(e.n), group=group, topic=topic)
+            async with fixed:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "msdata.cli", "dlq", "replay", *where, "--json",
+                    env=ENV, stdout=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+                out, _ = await proc.communicate()
+                assert json.loads(out) == {"replayed": 3}
+                await eventually(lambda: len(got) == 3, timeout=10, what="all replayed")
+            async with transport.subscribe(topic, audit) as sub:
+
+                async def all_seen() -> bool:
+                    for d in await sub.receive(10, timeout=0.5):
+                        seen.append(d.message.id)
+                        await d.ack()
+                    return len(seen) >= 6
+
+                await eventually(all_seen, timeout=10, what="the audit group's six")
+        finally:
+            await transport.close()
+
+    asyncio.run(run())
+    assert sorted(got) == [0, 1, 2]
+    assert len(seen) == 6 and len(set(seen)) == 3  # each id twice: the replay kept it
+    assert all(seen.count(i) == 2 for i in seen)
+    assert json.loads(msdata("dlq", "list", *where, "--json").stdout) == []
+
+
 def test_projections_status_and_rebuild(tmp_path: Path) -> None:
     (tmp_path / "shop.py").write_text(
         textwrap.dedent(

@@ -29,6 +29,7 @@ from msdata.testing.conformance.transport import TransportConformance, collect, 
 from msdata.transport import (
     DEAD_LETTER_ATTEMPTS,
     DEAD_LETTER_REASON,
+    REPLAY_HEADER,
     Delivery,
     Transport,
     TransportMessage,
@@ -624,6 +625,49 @@ async def test_a_message_at_the_publish_limit_can_be_dead_lettered_whole() -> No
             assert dead.message.id == big.id and dead.message.body == big.body
             assert len(dead.message.headers[DEAD_LETTER_REASON].encode()) >= 1000
             assert t.undeliverable == 0
+
+
+async def test_a_message_at_the_publish_limit_can_be_replayed_whole() -> None:
+    """A replay adds bytes (``x-msdata-replay``, a longer ``Nats-Msg-Id``, ``x-msdata-id``):
+    it is measured as the message it replays, so the largest message the transport publishes
+    can be dead-lettered and replayed, and arrives whole with its id (the 2 KiB reserve
+    keeps the server's max_payload out of reach)."""
+    from msdata.service import read_dead_letters
+
+    async with nats_transport() as t:
+        topic, group = unique("topic"), unique("group")
+        assert t.client is not None
+        limit = t.client.max_payload - DEAD_LETTER_RESERVE
+        probe = TransportMessage(str(uuid.uuid4()), b"", "k")
+        big = probe._replace(body=b"x" * (limit - wire_size(probe)))
+        async with t.subscribe(topic, group) as sub:
+            await t.publish(topic, [big])
+            (d,) = await collect(sub, 1, timeout=10.0, ack=False)
+            await d.dead_letter("RejectMessage: at the limit")
+            (info,) = await read_dead_letters(t, [(topic, group)], replay=True)
+            assert info.id == big.id
+            (again,) = await collect(sub, 1, timeout=10.0)
+            assert again.message.id == big.id and again.message.body == big.body
+            assert wire_size(again.message._replace(headers={})) == limit
+        assert await read_dead_letters(t, [(topic, group)]) == []
+
+
+async def test_a_replay_is_not_deduplicated_but_a_forged_id_header_is_ignored() -> None:
+    """A relay's second publish of an id is dropped (Nats-Msg-Id); a replay, carrying
+    x-msdata-replay, is not, and is delivered with the same id; its second publish (the
+    same token) is dropped again. An x-msdata-id header a producer sets does not change the
+    id consumers read."""
+    topic, group = unique("topic"), unique("group")
+    async with nats_transport() as t, t.subscribe(topic, group) as sub:
+        (m,) = make_messages(1)
+        replay = m._replace(headers={REPLAY_HEADER: "token-1"})
+        forged = TransportMessage(str(uuid.uuid4()), b"{}", None, {"x-msdata-id": "forged"})
+        await t.publish(topic, [m, m, replay, replay, forged])
+        got = await collect(sub, 3, timeout=10.0)
+        assert [d.message.id for d in got] == [m.id, m.id, forged.id]
+        assert got[1].message.headers == {REPLAY_HEADER: "token-1"}
+        assert got[2].message.headers == {}
+        assert await sub.receive(10, timeout=0.5) == []
 
 
 async def test_a_foreign_message_whose_dead_letter_cannot_fit_is_set_aside_not_looped(

@@ -41,6 +41,7 @@ from msdata.events import EventBus
 from msdata.events.bus import STOP_GRACE
 from msdata.eventstore import EventLog
 from msdata.idempotency import IdempotencyKeys
+from msdata.ids import new_id
 from msdata.inbox import Inbox
 from msdata.messages import Command, Envelope, Event, Message, MessageRegistry, Query
 from msdata.middleware import Middleware
@@ -53,6 +54,7 @@ from msdata.transport import (
     DEAD_LETTER_GROUP,
     DEAD_LETTER_REASON,
     DEAD_LETTER_TOPIC,
+    REPLAY_HEADER,
     Transport,
     TransportMessage,
     check_name,
@@ -149,9 +151,12 @@ async def read_dead_letters(
     """The dead letters of each (topic, group) in ``pairs``, up to ``limit`` per pair, read
     as consumer group ``reader`` of ``topic.group.dlq``. Without ``replay`` they stay there
     (nacked); with it each is published back to its original topic (same id and key, the
-    ``x-msdata-*`` dead-letter headers dropped) and then acked, so it leaves the dead-letter
-    topic. Every group of the topic receives a replayed message again: an inbox skips it
-    where it was applied already."""
+    ``x-msdata-*`` dead-letter headers dropped, :data:`msdata.transport.REPLAY_HEADER` set
+    to a new token so that no broker drops it as a duplicate of its first publish) and,
+    once the publish is confirmed, acked, so it leaves the dead-letter topic (a publish
+    that fails raises :class:`~msdata.errors.PublishError` and leaves it there). Every
+    group of the topic receives a replayed message again: an inbox skips it where it was
+    applied already."""
     out: list[DeadLetterInfo] = []
     for topic, group in pairs:
         dlq_topic = dead_letter_topic(topic, group)
@@ -185,10 +190,14 @@ async def read_dead_letters(
                     )
                     if replay:
                         clean = {k: v for k, v in h.items() if not k.startswith("x-msdata-")}
+                        # a token of this replay's own: a broker that drops a second publish
+                        # of an id (NATS, inside its duplicate window) must not drop this one
+                        clean[REPLAY_HEADER] = new_id()
                         await transport.publish(
                             original,
                             [TransportMessage(id=m.id, body=m.body, key=m.key, headers=clean)],
                         )
+                        # only once the publish was confirmed (it raises otherwise): removed
                         await d.ack()
                     else:
                         await d.nack()

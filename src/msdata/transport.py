@@ -39,6 +39,7 @@ __all__ = [
     "DEAD_LETTER_SUFFIX",
     "DEAD_LETTER_TOPIC",
     "DEFAULT_MAX_HELD_BYTES",
+    "REPLAY_HEADER",
     "ClosesOnExit",
     "Delivery",
     "DeliveryState",
@@ -69,6 +70,13 @@ DEAD_LETTER_REASON = "x-msdata-dead-letter-reason"
 DEAD_LETTER_TOPIC = "x-msdata-original-topic"
 DEAD_LETTER_GROUP = "x-msdata-group"
 DEAD_LETTER_ATTEMPTS = "x-msdata-attempts"
+#: Set by a dead-letter replay (:func:`msdata.service.read_dead_letters`) to a token of
+#: its own (a new UUIDv7 per replayed message): a broker that de-duplicates publishes by
+#: message id (NATS, ``Nats-Msg-Id``, inside its duplicate window) de-duplicates this
+#: message by its id and the token instead, so a replay is never dropped as a copy of the
+#: message's first publish. The message id consumers read stays the message's own; the
+#: header travels with the message like any other.
+REPLAY_HEADER = "x-msdata-replay"
 
 _TOPIC = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.]{0,149}")
 _DLQ_TOPIC = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.]{0,199}")
@@ -142,7 +150,9 @@ _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 class TransportMessage(NamedTuple):
     """One message as the transport carries it.
 
-    ``id`` is the message id (brokers that de-duplicate use it); ``key`` is the partition
+    ``id`` is the message id (brokers that de-duplicate use it: a second publish of an id,
+    as by a relay after a crash, may be dropped; a replay carries :data:`REPLAY_HEADER` so
+    that it is not); ``key`` is the partition
     key that ordering is kept by; ``headers`` are transport-level string headers (the
     dead-letter reason travels there), separate from the CloudEvents body.
     """
@@ -598,14 +608,16 @@ def screen(
     size: Callable[[TransportMessage], int] = message_size,
     where: str = "this transport",
 ) -> tuple[Sequence[TransportMessage], dict[str, MsdataError]]:
-    """Split a batch, before sending, into the messages to send and those refused: each
-    refused message's id -> the error that refuses it (:func:`check_message`'s, or
+    """Split a batch, before sending, into the messages to send and those refused: each refused
+    message's id -> the error that refuses it (:func:`check_message`'s, or
     :class:`~msdata.errors.MessageTooLarge` when ``size(message)`` is over ``max_bytes``;
-    ``where`` names the limit's source in its text). When nothing is refused, the batch
-    itself is returned. A refused message holds back the later messages of its key in the
-    batch (each refused with a :class:`HeldBack` error), so a key's order holds. Send the
-    rest, then raise :func:`refused_error` if anything was refused, so one bad message never
-    takes the others with it."""
+    ``where`` names the limit's source in its text; a replay, :data:`REPLAY_HEADER` set, is
+    measured as the message it replays, without what the replay adds, so a message once
+    accepted can be replayed). When nothing is refused, the batch itself is returned. A
+    refused message holds back the later messages of its key in the batch (each refused with
+    a :class:`HeldBack` error), so a key's order holds. Send the rest, then raise
+    :func:`refused_error` if anything was refused, so one bad message never takes the others
+    with it."""
     refused: dict[str, MsdataError] | None = None
     held: dict[str, str] | None = None  # key -> id of its refused message
     for m in messages:
@@ -620,6 +632,9 @@ def screen(
                 check_message(m)
             if max_bytes is not None:
                 n = size(m)
+                if n > max_bytes and m.headers and REPLAY_HEADER in m.headers:
+                    replayed = {k: v for k, v in m.headers.items() if k != REPLAY_HEADER}
+                    n = size(m._replace(headers=replayed))
                 if n > max_bytes:
                     raise MessageTooLarge(
                         f"message {m.id} is {n:,} bytes with its headers, over the limit of "

@@ -32,8 +32,14 @@ Mapping
 Publishing
     Each message goes out with ``Nats-Msg-Id`` set to its id, so JetStream drops a second
     publish of the same id inside ``duplicate_window`` (a relay that publishes a batch again
-    after a crash does not duplicate it). The whole batch is sent at once, every message asking
-    JetStream to acknowledge it on a reply subject of its own under the batch's, and
+    after a crash does not duplicate it). A replay (``x-msdata-replay`` set, by
+    :func:`msdata.service.read_dead_letters`) goes out with a ``Nats-Msg-Id`` of its own
+    (:func:`nats_msg_id`: the id and the replay's token) and the id in ``x-msdata-id``,
+    which a consumer reads as the message id: a message replayed inside the window is not
+    dropped as a copy of its first publish (nor its dead-letter copy, which keeps the
+    header, as a copy of its first dead-lettering). The whole batch is sent at once, every
+    message asking JetStream to acknowledge it on a reply subject of its own under the
+    batch's, and
     ``publish`` counts the acknowledgements: it returns when every message is confirmed by
     the stream; if the stream refused some (its ``max_msg_size``...), it raises
     :class:`PublishError` whose ``refused`` names exactly those, the others confirmed; after
@@ -194,6 +200,7 @@ from msdata.errors import (
 from msdata.messages import safe_text
 from msdata.transport import (
     DEFAULT_MAX_HELD_BYTES,
+    REPLAY_HEADER,
     ClosesOnExit,
     DeliveryState,
     DriverErrors,
@@ -208,12 +215,14 @@ from msdata.transport import (
 from msdata.urls import redact_url
 
 __all__ = [
+    "ID_HEADER",
     "KEY_HEADER",
     "MSG_ID_HEADER",
     "NatsDelivery",
     "NatsSubscription",
     "NatsTransport",
     "consumer_name",
+    "nats_msg_id",
     "stream_name",
     "topic_of_stream",
 ]
@@ -222,7 +231,10 @@ __all__ = [
 MSG_ID_HEADER = "Nats-Msg-Id"
 #: the partition key travels in this header
 KEY_HEADER = "x-msdata-key"
-_RESERVED = frozenset({MSG_ID_HEADER, KEY_HEADER})
+#: the message id travels in this header when ``Nats-Msg-Id`` is not the message id (a
+#: replay, and its dead-letter copy: see :func:`nats_msg_id`)
+ID_HEADER = "x-msdata-id"
+_RESERVED = frozenset({MSG_ID_HEADER, KEY_HEADER, ID_HEADER})
 
 # Always the delayed form, 1 ms: nats-server 2.9 sometimes never redelivers a plain -NAK on
 # a consumer with max_ack_pending=1 (an ordered key partition) until ack_wait; measured here:
@@ -291,14 +303,37 @@ def _utf8_len(text: str) -> int:
 _HEADER_BLOCK = 12
 _MSG_ID_LINE = len(MSG_ID_HEADER) + 4  # "Nats-Msg-Id: " and "\r\n", without the value
 _KEY_LINE = len(KEY_HEADER) + 4
+_ID_LINE = len(ID_HEADER) + 4
+
+
+def nats_msg_id(message: TransportMessage) -> str:
+    """The ``Nats-Msg-Id`` that ``message`` is published with, which JetStream
+    de-duplicates by inside the stream's duplicate window: the message id, or for a replay
+    (:data:`msdata.transport.REPLAY_HEADER` set) ``<id>~replay~<token>``. So a replay is
+    not dropped as a duplicate of the message's first publish, nor the dead-letter copy of
+    a replayed message (it keeps the header) as one of its first dead-lettering, while the
+    same publish sent twice (a relay's batch again after a crash, a delivery dead-lettered
+    again after its ``+TERM`` was lost) still is. When it is not the message id, the id
+    travels in the ``x-msdata-id`` header (:data:`ID_HEADER`) and consumers read it from
+    there."""
+    headers = message.headers
+    if headers:
+        token = headers.get(REPLAY_HEADER)
+        if token:
+            return f"{message.id}~replay~{token}"
+    return message.id
 
 
 def wire_size(message: TransportMessage) -> int:
     """The bytes ``message`` takes on the NATS wire as this transport sends it: the body
-    and the header block (``NATS/1.0``, its headers, ``Nats-Msg-Id`` and ``x-msdata-key``):
-    what the server holds against its ``max_payload`` (an upper bound: nats-py trims
-    the values' outer whitespace)."""
-    n = len(message.body) + _HEADER_BLOCK + _MSG_ID_LINE + _utf8_len(message.id)
+    and the header block (``NATS/1.0``, its headers, ``Nats-Msg-Id``, ``x-msdata-key`` and
+    ``x-msdata-id``, see :func:`nats_msg_id`): what the server holds against its
+    ``max_payload`` (an upper bound: nats-py trims the values' outer whitespace)."""
+    mid = message.id
+    dedup = nats_msg_id(message)
+    n = len(message.body) + _HEADER_BLOCK + _MSG_ID_LINE + _utf8_len(dedup)
+    if dedup != mid:
+        n += _ID_LINE + _utf8_len(mid)
     if message.key is not None:
         n += _KEY_LINE + _utf8_len(message.key)
     headers = message.headers
@@ -1233,7 +1268,7 @@ class NatsSubscription(ClosesOnExit):
                 continue  # not a JetStream delivery: nothing to settle
             hdrs = msg.headers
             if hdrs:
-                mid = hdrs.get(MSG_ID_HEADER) or f"{stream}:{seq}"
+                mid = hdrs.get(ID_HEADER) or hdrs.get(MSG_ID_HEADER) or f"{stream}:{seq}"
                 key = hdrs.get(KEY_HEADER)
                 headers: Any = {k: v for k, v in hdrs.items() if k not in _RESERVED}
             else:
@@ -1728,11 +1763,18 @@ class NatsTransport:
                     for i, m in enumerate(messages):
                         if state[i]:
                             continue  # answered before the reconnect
-                        headers = (
-                            {**m.headers, MSG_ID_HEADER: m.id}
-                            if m.headers
-                            else {MSG_ID_HEADER: m.id}
-                        )
+                        own = m.headers
+                        if own:
+                            headers = {**own, MSG_ID_HEADER: m.id}
+                            if REPLAY_HEADER in own or ID_HEADER in own:
+                                headers.pop(ID_HEADER, None)  # msdata's own: never forged
+                                dedup = nats_msg_id(m)
+                                if dedup != m.id:
+                                    # a replay: a dedup id of its own, the id beside it
+                                    headers[MSG_ID_HEADER] = dedup
+                                    headers[ID_HEADER] = m.id
+                        else:
+                            headers = {MSG_ID_HEADER: m.id}
                         key = m.key
                         if key is None:
                             target = subject

@@ -1094,6 +1094,46 @@ class TransportConformance:
                 assert reason.startswith("MessageValidationError: id 'x\\ud800'\\x00\\x1b[31my")
                 assert len(reason.encode("utf-8")) <= 1024 and reason.endswith("...")
 
+    async def test_a_dead_letter_replayed_at_once_reaches_its_group_with_its_id(self) -> None:
+        """A message dead-lettered right after its publish and replayed at once
+        (:func:`msdata.service.read_dead_letters` with ``replay=True``, what ``msdata dlq
+        replay`` calls) reaches its group again with the same id, key, body and headers
+        (without the dead-letter headers), and leaves the dead-letter topic. Twice: the
+        replayed message dead-lettered again at once, and replayed again. A broker that
+        drops a publish whose id it saw within its de-duplication window (NATS
+        ``Nats-Msg-Id``) must not drop a replay, nor a second dead-lettering of it."""
+        from msdata.service import read_dead_letters
+
+        topic, group = self.unique("topic"), self.unique("group")
+        sent = TransportMessage(
+            id=str(uuid.uuid4()), body=b'{"n":1}', key="k1", headers={"x-trace": "t1"}
+        )
+        async with self.make_transport() as t, t.subscribe(topic, group) as sub:
+            await t.publish(topic, [sent])
+            for round_ in (1, 2):
+                (d,) = await collect(sub, 1, timeout=self.arrival_timeout, ack=False)
+                assert d.message.id == sent.id
+                await d.dead_letter(f"RejectMessage: round {round_}")
+                infos = await read_dead_letters(t, [(topic, group)], replay=True)
+                assert [(i.id, i.topic, i.reason) for i in infos] == [
+                    (sent.id, topic, f"RejectMessage: round {round_}")
+                ]
+                got = await collect(sub, 1, timeout=self.arrival_timeout, ack=False)
+                assert [g.message.id for g in got] == [sent.id], f"round {round_}"
+                (again,) = got
+                assert again.message.body == sent.body
+                assert again.message.key == sent.key
+                assert again.message.headers.get("x-trace") == "t1"
+                assert DEAD_LETTER_REASON not in again.message.headers
+                if round_ == 2:
+                    await again.ack()
+                else:
+                    # dead-lettered again at once in the next round: give it back unsettled
+                    await again.release()
+            await self.assert_quiet(sub)
+            # the dead-letter topic is empty now
+            assert await read_dead_letters(t, [(topic, group)]) == []
+
     async def test_every_dead_letter_is_logged_once_with_its_reason(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
