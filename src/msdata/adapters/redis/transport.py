@@ -677,7 +677,7 @@ class RedisSubscription(ClosesOnExit):
                 try:
                     if self._unsure:
                         # before anything is read: what was read since is after self._seen
-                        await self._recover(room)
+                        await self._recover()
                         self._unsure = False
                         if self._buffer:
                             return
@@ -711,7 +711,7 @@ class RedisSubscription(ClosesOnExit):
             if self._buffer or time.monotonic() >= deadline:
                 return
 
-    async def _recover(self, room: int) -> None:
+    async def _recover(self) -> None:
         """After a round trip that failed on the connection: take into the buffer what it
         took at Redis before its reply was lost, with the attempt number it would have been
         handed out with (that read was its delivery; nothing more is counted): this
