@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import pytest
@@ -76,6 +77,9 @@ async def rabbitmq_transport(
 
 
 class _Unreachable(TransportConformance):
+    #: the constructor options of the class's transports
+    options: dict[str, Any] = {}
+
     @asynccontextmanager
     async def make_unreachable_transport(
         self, host: str, port: int, timeout: float
@@ -86,6 +90,36 @@ class _Unreachable(TransportConformance):
             yield t
         finally:
             await t.close()
+
+    def broker_address(self) -> tuple[str, int]:
+        url = urlsplit(require("rabbitmq"))
+        return url.hostname or "127.0.0.1", url.port or 5672
+
+    @asynccontextmanager
+    async def make_transport_at(  # type: ignore[override]
+        self, host: str, port: int, timeout: float
+    ) -> AsyncIterator[Transport]:
+        broker = urlsplit(require("rabbitmq"))
+        auth = broker.netloc.rpartition("@")[0]
+        url = urlunsplit(
+            broker._replace(netloc=f"{auth}@{host}:{port}" if auth else f"{host}:{port}")
+        )
+        t = RabbitMQTransport.from_url(
+            url,
+            namespace=f"t{uuid.uuid4().hex[:10]}",
+            publish_timeout=timeout,
+            connect_timeout=timeout,
+            **self.options,
+        )
+        try:
+            yield t
+        finally:
+            await t.close()
+            conn = await aio_pika.connect(require("rabbitmq"))
+            try:
+                await _delete(conn, t)
+            finally:
+                await conn.close()
 
 
 class TestRabbitMQTransport(_Unreachable):
@@ -109,6 +143,7 @@ class TestRabbitMQTransport(_Unreachable):
 
 
 class TestRabbitMQTransportOrdered(_Unreachable):
+    options = {"ordered_per_key": True}
     arrival_timeout = 10.0
     quiet_period = 0.3
 
@@ -129,6 +164,7 @@ class TestRabbitMQTransportOrdered(_Unreachable):
 
 
 class TestRabbitMQTransportQuorum(_Unreachable):
+    options = {"queue_type": "quorum"}
     arrival_timeout = 10.0
     quiet_period = 0.3
 
@@ -149,6 +185,7 @@ class TestRabbitMQTransportQuorum(_Unreachable):
 
 
 class TestRabbitMQTransportQuorumOrdered(_Unreachable):
+    options = {"queue_type": "quorum", "ordered_per_key": True}
     """Quorum queues in ordered mode: single active consumer on a quorum queue, which gives
     back and counts deliveries its own way (``x-delivery-count``, no channel-wide qos)."""
 

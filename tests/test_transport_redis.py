@@ -9,6 +9,7 @@ import tracemalloc
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -343,6 +344,62 @@ async def test_what_a_read_cut_short_by_the_close_took_goes_back_uncounted() -> 
         assert sorted((d.message.id, d.attempt) for d in got) == sorted((m.id, 1) for m in msgs)
         async with t.subscribe(dead_letter_topic(topic, group), unique("ops")) as dlq:
             assert await dlq.receive(10, timeout=0.3) == []
+
+
+async def test_a_read_whose_reply_was_lost_is_taken_up_uncounted() -> None:
+    """The READ script ran at Redis (it took the entries) and its reply was lost (a socket
+    timeout, a dropped connection): the next round trip takes the entries up as first
+    attempts, and nothing comes again. (They stayed pending, to be reclaimed after
+    claim_idle as second attempts.)"""
+    topic, group = unique("topic"), unique("group")
+    async with redis_transport() as t:
+        await t.declare_group(topic, group)
+        msgs = make_messages(3)
+        real, lost = t._read_script, []
+
+        async def reply_lost(*args: object, **kwargs: object) -> Any:
+            result = await real(*args, **kwargs)
+            if not lost and (result[0] or result[1]):
+                lost.append(result)
+                raise rex.TimeoutError("Timeout reading from the server (simulated)")
+            return result
+
+        t._read_script = reply_lost  # type: ignore[assignment]
+        async with t.subscribe(topic, group) as sub:
+            await t.publish(topic, msgs)
+            got = await collect(sub, 3, timeout=5.0)
+            assert lost, "the read did not take the entries"
+            # what was left pending would have been reclaimed (claim_idle is 0.4 s) by now
+            assert await sub.receive(10, timeout=1.0) == []
+        assert sorted((d.message.id, d.attempt) for d in got) == sorted((m.id, 1) for m in msgs)
+        assert await t.lag(topic, group) == 0
+
+
+async def test_a_receive_whose_round_trip_hangs_returns_and_its_read_lands_later() -> None:
+    """A round trip that does not come back in time (a server gone silent: redis-py waits for
+    its socket_timeout): the receive returns [] (within its timeout and RECEIVE_MARGIN),
+    leaving the read running; what that read takes is handed out by the next receive, first
+    attempt."""
+    topic, group = unique("topic"), unique("group")
+    async with redis_transport() as t:
+        await t.declare_group(topic, group)
+        (msg,) = make_messages(1)
+        await t.publish(topic, [msg])
+        real, gate = t._read_script, asyncio.Event()
+
+        async def slow(*args: object, **kwargs: object) -> Any:
+            await gate.wait()
+            return await real(*args, **kwargs)
+
+        t._read_script = slow  # type: ignore[assignment]
+        async with t.subscribe(topic, group) as sub:
+            async with asyncio.timeout(10):  # the old code waited here for the read
+                assert await sub.receive(10, timeout=0.1) == []
+            assert sub._fetch is not None and not sub._fetch.done(), "the read was stopped"
+            gate.set()
+            (d,) = await collect(sub, 1, timeout=5.0)
+            assert (d.message.id, d.attempt) == (msg.id, 1)
+            assert await sub.receive(10, timeout=0.3) == []
 
 
 async def test_delayed_nack_survives_its_consumer() -> None:

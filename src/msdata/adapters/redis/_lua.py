@@ -266,12 +266,13 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 """
 
 # What one consumer holds (read and not acked), for its close to give back: a read cut short
-# by the close reached Redis but not the consumer. KEYS[1] stream; ARGV[1] group, ARGV[2]
-# consumer, ARGV[3] count. Returns {entries ({id, fields} each), delivery counts}; an entry
-# deleted from the stream meanwhile is acked (nothing is left to give back).
+# by the close reached Redis but not the consumer; or, from ARGV[4] on (an XPENDING start such
+# as "(1700000000000-3", exclusive), what a read whose reply was lost took. KEYS[1] stream;
+# ARGV[1] group, ARGV[2] consumer, ARGV[3] count. Returns {entries ({id, fields} each),
+# delivery counts}; an entry deleted from the stream meanwhile is acked (nothing is left).
 OWN_PENDING = """
-local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], '-', '+', tonumber(ARGV[3]),
-                    ARGV[2])
+local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], ARGV[4] or '-', '+',
+                    tonumber(ARGV[3]), ARGV[2])
 if not ok then return {{}, {}} end
 local entries, counts = {}, {}
 for _, e in ipairs(p) do

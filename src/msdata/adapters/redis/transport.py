@@ -63,7 +63,14 @@ larger entry on the server, so it never reaches the process; ``max_held_bytes`` 
 a subscription holds, in bytes (see :class:`RedisSubscription` and docs/transports.md).
 
 Connection loss: ``receive`` retries with back-off until its timeout and returns what it has
-(possibly nothing); a lost group (a server restarted without persistence) is declared again.
+(possibly nothing), within its timeout plus :data:`RECEIVE_MARGIN` however long redis-py's
+``socket_timeout`` is (a server that went silent: the read goes on in its own task and
+finishes into the subscription's buffer, as a cancelled receive's does). A read whose reply
+was lost (a timeout, a dropped connection) may have taken entries at Redis: the next round
+trip that gets through first takes them into the buffer, uncounted (what the read took at
+Redis, XPENDING of this consumer after the last entry it saw), instead of leaving them to be
+reclaimed with one more delivery counted. A lost group (a server restarted without
+persistence) is declared again.
 Consumers resume by themselves once Redis is back; ``publish`` raises
 :class:`~msdata.errors.PublishError` while it is down.
 
@@ -124,6 +131,7 @@ __all__ = [
     "DEFAULT_MAX_HELD_BYTES",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "FOREIGN_ENTRY_HEADER",
+    "RECEIVE_MARGIN",
     "RedisDelivery",
     "RedisSubscription",
     "RedisTransport",
@@ -142,6 +150,10 @@ MAX_ATTEMPT = 1_000_000
 DEFAULT_MAX_MESSAGE_BYTES = DEFAULT_MAX_SIZE + 64 * 1024
 #: ``max_held_bytes`` by default: what one subscription holds (read, not yet settled) at most
 DEFAULT_MAX_HELD_BYTES = 64 * 1024 * 1024
+#: seconds a ``receive`` may take beyond its ``timeout``: the round trip under way when the
+#: timeout is reached (its blocking read ends by then at Redis); past that the receive returns
+#: ``[]`` and the read finishes into the subscription's buffer
+RECEIVE_MARGIN = 0.2
 # the dead-letter reason of an entry over max_message_bytes (a Lua format: size, limit)
 _TOO_LARGE = "MessageTooLarge: the stream entry is %d bytes; max_message_bytes is %d"
 # error replies that are the server's state, not one message's fault: the whole batch failed
@@ -308,6 +320,12 @@ def _parse(eid: bytes, flat: list[bytes], own: bool = False) -> tuple[TransportM
         return _foreign(eid, flat)
 
 
+def _stream_id(eid: bytes) -> tuple[int, int]:
+    """A stream entry id (``b"<ms>-<seq>"``) as a pair that orders as Redis orders ids."""
+    ms, _, seq = eid.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
 def _retrieved(task: asyncio.Task[None]) -> None:
     """Mark the outcome of a read as seen: one left behind by a cancelled receive may end
     with an error no one awaits (the next receive raises it if it does)."""
@@ -447,6 +465,12 @@ class RedisSubscription(ClosesOnExit):
         self._overdue: list[tuple[RedisDelivery, str]] = []
         self._acks: tuple[list[bytes], list[bytes]] = ([], [])
         self._cursors: list[bytes] = [b"0-0", b"0-0"]
+        # per stream, the largest entry id this consumer was given (read or reclaimed): what
+        # a later read takes with ">" comes after it, so a read whose reply was lost took
+        # exactly this consumer's pending entries after it
+        self._seen: list[tuple[int, int]] = [(0, 0), (0, 0)]
+        # a round trip that may have taken entries failed: its reply may be lost
+        self._unsure = False
         self._next_maintenance = 0.0
         self._next_trim = 0.0
         self._flusher: asyncio.Task[None] | None = None
@@ -574,6 +598,14 @@ class RedisSubscription(ClosesOnExit):
     # -- receiving --------------------------------------------------------------------------
 
     async def receive(self, max_messages: int = 100, timeout: float = 1.0) -> list[RedisDelivery]:
+        """Up to ``max_messages`` deliveries (at most ``prefetch`` held); waits up to
+        ``timeout`` seconds for the first, and returns within ``timeout`` plus
+        :data:`RECEIVE_MARGIN` whatever the server does: ``[]`` when nothing arrived in
+        time, the server could not be reached, or it did not answer (its read then goes on
+        in its own task, into the buffer, for the next receive; nothing it took is lost or
+        counted twice). Raises :class:`~msdata.errors.TransportClosed` once closed and
+        :class:`~msdata.errors.TransportError` on an error reply of the server (not on
+        connection loss)."""
         if self._closed or self._t._closed:
             raise TransportClosed("receive() on a closed subscription")
         if not self._entered:
@@ -582,16 +614,23 @@ class RedisSubscription(ClosesOnExit):
         if room <= 0:
             return []
         buf = self._buffer
-        # the read of a receive cancelled before: wait for it (within this timeout)
-        if self._fetch is not None and not await self._join_fetch(timeout):
+        deadline = time.monotonic() + max(timeout, 0.0)
+        end = deadline + RECEIVE_MARGIN
+        # a read left running (by a receive cancelled, or timed out, before): wait for it
+        # within this receive's time
+        if self._fetch is not None and not await self._join_fetch(end - time.monotonic()):
             return []
         if not buf:
             room = self._affordable(room)
             if room <= 0:
                 return []
-            self._fetch = asyncio.get_running_loop().create_task(self._fill(room, timeout))
+            left = max(deadline - time.monotonic(), 0.0)
+            self._fetch = asyncio.get_running_loop().create_task(self._fill(room, left))
             self._fetch.add_done_callback(_retrieved)
-            await self._join_fetch()
+            # a round trip that outlives the margin (a silent server: redis-py waits for its
+            # socket_timeout) is left running; it finishes into the buffer
+            if not await self._join_fetch(end - time.monotonic()):
+                return []
         if self._closed:
             # closed while it waited: it hands out nothing (the close gave back what it read)
             return []
@@ -610,6 +649,8 @@ class RedisSubscription(ClosesOnExit):
         uncounted either way. Raises what the read raised (not when the close stopped it)."""
         fetch = self._fetch
         assert fetch is not None
+        if timeout is not None:
+            timeout = max(timeout, 0.0)
         done, _ = await asyncio.wait((fetch,), timeout=timeout)
         if not done:
             return False
@@ -634,6 +675,13 @@ class RedisSubscription(ClosesOnExit):
             now = time.monotonic()
             with _redis_errors(f"receive from {self.topic!r}", address=self._t.address):
                 try:
+                    if self._unsure:
+                        # before anything is read: what was read since is after self._seen
+                        await self._recover()
+                        self._unsure = False
+                        if self._buffer:
+                            return
+                        now = time.monotonic()
                     if now >= self._next_maintenance:
                         await self._maintain(room, now)
                         if self._buffer:
@@ -645,6 +693,8 @@ class RedisSubscription(ClosesOnExit):
                         await self._settle_overdue()
                     backoff = 0.05
                 except _TRANSIENT as e:
+                    # the reply of a read (or reclaim) may be lost after it took entries
+                    self._unsure = True
                     log.warning("redis unreachable (%s); retrying", e)
                     left = deadline - time.monotonic()
                     if left > 0:
@@ -660,6 +710,68 @@ class RedisSubscription(ClosesOnExit):
                         await self._declare()
             if self._buffer or time.monotonic() >= deadline:
                 return
+
+    async def _recover(self) -> None:
+        """After a round trip that failed on the connection: take into the buffer what it
+        took at Redis before its reply was lost, with the attempt number it would have been
+        handed out with (that read was its delivery; nothing more is counted): this
+        consumer's pending entries after the last one it saw on each stream."""
+        t = self._t
+        pipe = t._client.pipeline(transaction=False)
+        for i, key in enumerate(self._keys):
+            ms, seq = self._seen[i]
+            await t._own_pending(
+                keys=[key],
+                args=[self.group, self.consumer, 2 * self.prefetch + 100, f"({ms}-{seq}"],
+                client=pipe,
+            )
+        results = await _execute(pipe)
+        for i in (_TOPIC, _RETRY):
+            entries, counts = results[i]
+            if not entries:
+                continue
+            log.info(
+                "consumer %s of %s/%s: %d entries read by a round trip whose reply was lost "
+                "are taken up",
+                self.consumer,
+                self.topic,
+                self.group,
+                len(entries),
+            )
+            self._saw(i, entries[-1][0])
+            for (eid, flat), count in zip(entries, counts, strict=True):
+                size = _fields_size(flat)
+                message, base = _parse(eid, flat, i == _RETRY)
+                attempt = base + int(count) - 1
+                if size > t.max_message_bytes:
+                    moved = await t._move_too_large(
+                        keys=[self._keys[i], self._dlq],
+                        args=[
+                            self.group,
+                            eid,
+                            attempt,
+                            t.max_message_bytes,
+                            self.topic,
+                            _TOO_LARGE,
+                        ],
+                    )
+                    if moved:
+                        self._log_too_large([moved])
+                    continue
+                d = RedisDelivery(self, i, eid, message, attempt, size)
+                reason = deadletter.overdue_reason(attempt, self.max_attempts)
+                if reason is None:
+                    self._buffer.append(d)
+                    self._held += size
+                else:
+                    self._overdue.append((d, reason))
+        if self._overdue:
+            await self._settle_overdue()
+
+    def _saw(self, stream: int, eid: bytes) -> None:
+        seen = _stream_id(eid)
+        if seen > self._seen[stream]:
+            self._seen[stream] = seen
 
     def _take_acks(self) -> tuple[list[bytes], list[bytes]]:
         acks = self._acks
@@ -723,6 +835,9 @@ class RedisSubscription(ClosesOnExit):
                 await self._accept_checked(stream, entries)
 
     def _accept(self, stream: int, entries: Any) -> None:
+        if not entries:
+            return
+        self._saw(stream, entries[-1][0])  # a read's entries come in id order
         buf = self._buffer
         own = stream == _RETRY
         held = 0
@@ -754,6 +869,8 @@ class RedisSubscription(ClosesOnExit):
         over ``max_message_bytes`` is dead-lettered at once (copied on the server)."""
         t = self._t
         small = []
+        if entries:
+            self._saw(stream, entries[-1][0])
         for eid, flat in entries:
             size = _fields_size(flat)
             if size <= t.max_message_bytes:
@@ -821,6 +938,8 @@ class RedisSubscription(ClosesOnExit):
         for i in (_TOPIC, _RETRY):
             cursor, entries, counts, large = results[1 + i]
             self._cursors[i] = cursor
+            if entries:
+                self._saw(i, entries[-1][0])  # XAUTOCLAIM scans in id order
             if large:
                 self._log_too_large(large)
             for (eid, flat), count in zip(entries, counts, strict=True):

@@ -1397,7 +1397,11 @@ class TransportConformance:
     async def test_a_server_that_goes_silent_fails_every_call_within_its_timeout(self) -> None:
         """The server answers, then goes silent with the connection open (a frozen broker:
         SIGSTOP, a hung VM): every call, on the connection it already has, raises
-        TransportError within the transport's timeout, naming the address."""
+        TransportError within the transport's timeout, naming the address; a ``receive``
+        on a subscription entered before returns ``[]`` within its own timeout (shorter
+        than the transport's) and a margin, as when nothing arrived. Once the server speaks
+        again, that subscription receives what is published then, first attempt: its
+        abandoned read neither hangs it nor counts a delivery."""
         async with self.make_transport() as t:
             if not t.features.networked:
                 pytest.skip("an in-process transport has no server to be silent")
@@ -1406,6 +1410,9 @@ class TransportConformance:
         except NotImplementedError:
             pytest.skip("implement broker_address and make_transport_at for this backend")
         timeout = 2.0
+        # a receive's own timeout, and what it may take beyond it: both together well under
+        # the transport's timeout, which a receive waiting on the connection would take
+        receive_timeout, receive_margin = 0.25, 1.0
         topic, group = self.unique("topic"), self.unique("group")
         async with (
             _SilentServer(upstream) as server,
@@ -1414,9 +1421,47 @@ class TransportConformance:
             await t.declare_group(topic, group)
             await t.publish(topic, make_messages(1))
             assert await t.lag(topic, group) is not None
-            server.go_silent()
-            errors = await self._every_call_fails_in_time(t, timeout, topic, group)
-            server.speak_again()  # let the transport clean up
+            async with t.subscribe(topic, group) as sub:
+                got = await collect(sub, 1, timeout=self.arrival_timeout)
+                assert len(got) == 1, "the message published before the silence never came"
+                server.go_silent()
+
+                async def receive_in_time() -> None:
+                    started = time.monotonic()
+                    try:
+                        received = await asyncio.wait_for(
+                            sub.receive(1, timeout=receive_timeout), timeout + 2 * receive_margin
+                        )
+                    except TimeoutError:
+                        pytest.fail("receive was still waiting for the silent server")
+                    took = time.monotonic() - started
+                    assert received == [], f"receive handed out {len(received)} while silent"
+                    assert took < receive_timeout + receive_margin, (
+                        f"receive(timeout={receive_timeout}) took {took:.1f}s on a silent server"
+                    )
+
+                await receive_in_time()  # its round trip is the first to go unanswered
+                errors = await self._every_call_fails_in_time(t, timeout, topic, group)
+                server.speak_again()  # let the transport clean up, and go on
+                (after,) = make_messages(1, prefix="after")
+                deadline = time.monotonic() + self.arrival_timeout
+                while True:  # connections lost in the silence may take a few tries
+                    try:
+                        await t.publish(topic, [after])
+                        break
+                    except TransportError:
+                        if time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(0.2)
+                mine: list[Delivery] = []
+                while not mine and time.monotonic() < deadline:
+                    # the first message may come again (its ack lost in the silence)
+                    for d in await sub.receive(10, timeout=1.0):
+                        await d.ack()
+                        if d.message.id == after.id:
+                            mine.append(d)
+                assert mine, "the subscription received nothing once the server spoke again"
+                assert mine[0].attempt == 1, f"delivered as attempt {mine[0].attempt}"
         for error in errors:
             text = str(error)
             assert f"{server.host}:{server.port}" in text, f"the address is not named: {text}"
