@@ -218,6 +218,7 @@ __all__ = [
     "ID_HEADER",
     "KEY_HEADER",
     "MSG_ID_HEADER",
+    "RECEIVE_MARGIN",
     "NatsDelivery",
     "NatsSubscription",
     "NatsTransport",
@@ -286,6 +287,11 @@ _NO_MESSAGE = 10037
 _NO_STREAM = 10059
 # after no redelivery's record could be read, wait this long before receive() returns
 _UNREAD_PAUSE = 0.1
+#: seconds a ``receive(timeout=...)`` may take beyond its timeout, whatever the server does:
+#: the wait for messages ends at the timeout, and what follows it (reading release records,
+#: dead-lettering an overdue delivery) ends within this margin; what does not is left for
+#: the next ``receive`` (see :meth:`NatsSubscription.receive`)
+RECEIVE_MARGIN = 0.2
 # the largest attempt a record may hold (only msdata's own bookkeeping counts, range-checked)
 _MAX_RECORDED = 1_000_000
 
@@ -609,7 +615,18 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
         if self._settle():
             await self._sub._give_back([(self._msg.reply, self.attempt)])
 
-    async def _dead_letter(self, reason: str, attempts: int | None = None) -> None:
+    async def _dead_letter(
+        self,
+        reason: str,
+        attempts: int | None = None,
+        *,
+        timeout: float | None = None,
+        keep: bool = False,
+    ) -> None:
+        """Publish the dead-letter copy (within ``timeout`` seconds, if given, and
+        ``publish_timeout``), then ``+TERM``. If the publish fails as a whole, the delivery
+        is nacked (it comes back) and the error raised; with ``keep``, it is left as it is,
+        for the caller to keep."""
         sub = self._sub
         transport = sub._transport
         whole = deadletter.dead_letter(
@@ -622,10 +639,13 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
             await self._drop(reason, "its dead-letter copy cannot fit the server's max_payload")
             return
         try:
-            await transport._publish(letter.topic, [letter.message], dead_letters=True)
+            await transport._publish(
+                letter.topic, [letter.message], dead_letters=True, timeout=timeout
+            )
         except PublishError as e:
             if not e.refused:
-                await self._reply(_NAK)  # not moved: let JetStream offer it again
+                if not keep:
+                    await self._reply(_NAK)  # not moved: let JetStream offer it again
                 raise
             # refused for itself (the dead-letter stream's limits): offering it again would
             # only loop; it is dropped, loudly
@@ -633,7 +653,8 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
             return
         except BaseException:
             # not moved: let JetStream offer it again rather than lose it
-            await self._reply(_NAK)
+            if not keep:
+                await self._reply(_NAK)
             raise
         await self._done(_TERM)
         letter.log()
@@ -717,6 +738,10 @@ class NatsSubscription(ClosesOnExit):
         self._closed = False
         self._lost = False
         self._next_check = time.monotonic() + transport.consumer_check_interval
+        # the check that the consumer exists, and the declaration of a lost one, in progress:
+        # each in a task of its own, which no receive() waits for beyond its own time
+        self._checking: asyncio.Task[None] | None = None
+        self._redeclaring: asyncio.Task[None] | None = None
         # per consumer: messages still due on its open request, and when that request ends
         self._outstanding: list[int] = []
         # per consumer: bytes its open request may still bring (its max_bytes, less what came)
@@ -976,24 +1001,35 @@ class NatsSubscription(ClosesOnExit):
             await nc.publish(self._next_subjects[i], request, reply=f"{self._inbox}.{i}")
 
     async def receive(self, max_messages: int = 100, timeout: float = 1.0) -> list[NatsDelivery]:
+        """Up to ``max_messages`` deliveries (at most ``prefetch`` held); waits up to
+        ``timeout`` seconds for the first, then returns what is ready, within ``timeout``
+        plus :data:`RECEIVE_MARGIN` whatever the server does (down, or silent with the
+        connection open): ``[]`` when nothing arrived in time. No wait inside it outlives
+        that, and what it cuts short is left for a later ``receive``, lost and counted
+        nowhere: the check that the consumer exists goes on in a task of its own (no
+        ``receive`` waits for it), as does the declaration of a consumer the server lost
+        (each ``receive`` waits for it within its own time); a redelivery whose release
+        record was not read in time, and an overdue delivery whose dead-letter copy was not
+        confirmed in time, stay in the subscription's buffer. Raises
+        :class:`TransportClosed` once closed."""
         if self._closed or self._transport._closed:
             raise TransportClosed("receive() on a closed subscription")
         if self._stopping:
             return []  # closing: what it holds is given back, nothing more is handed out
-        if self._lost:
-            try:
-                await self._declare()
-            except TransportError:
-                await asyncio.sleep(min(timeout, 1.0))
-                return []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0.0)
+        if (self._lost or self._redeclaring is not None) and not await self._declared_again(
+            deadline
+        ):
+            return []
         assert self._inbox_sub is not None, "receive() outside 'async with'"
         expires = min(max(timeout, 0.05), _PULL_EXPIRES)
         await self._pull_safely(expires)
         buffer = self._buffer
-        if not buffer and timeout > 0:
+        if not buffer and loop.time() < deadline:
             self._arrived.clear()
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout_at(deadline):
                     while not buffer and not self._stopping:
                         await self._arrived.wait()
                         self._arrived.clear()
@@ -1001,14 +1037,47 @@ class NatsSubscription(ClosesOnExit):
                             await self._pull_safely(expires)  # a request ended empty
             except TimeoutError:
                 if not self._stopping:
-                    await self._check_consumer()
+                    self._check_consumer()
                 return []
         if self._stopping:
             return []  # its subscription began to close while it waited: hand out nothing
         take = min(max_messages, self.prefetch - len(self._inflight), len(buffer))
         if take <= 0:
             return []
-        return await self._deliveries([buffer.popleft() for _ in range(take)])
+        return await self._deliveries(
+            [buffer.popleft() for _ in range(take)], deadline + RECEIVE_MARGIN
+        )
+
+    async def _declared_again(self, deadline: float) -> bool:
+        """Declare the lost consumer(s) again, in a task of their own, and wait for it until
+        ``deadline`` (loop time): True once declared. False if it is still going on (the
+        next ``receive`` waits for it further), was stopped by the close, or failed with a
+        :class:`TransportError` (then after a pause of up to 1 s within the deadline, so
+        that a consumer loop does not spin; the next ``receive`` tries again). Raises any
+        other error of the declaration (a :class:`ConfigurationError`)."""
+        loop = asyncio.get_running_loop()
+        task = self._redeclaring
+        if task is None:
+            task = self._redeclaring = loop.create_task(
+                self._declare(), name=f"msdata-nats-declare:{self.topic}:{self.group}"
+            )
+            task.add_done_callback(_retrieved)
+        # a receive cancelled here leaves the declaration to go on
+        done, _ = await asyncio.wait((task,), timeout=max(deadline - loop.time(), 0.0))
+        if not done:
+            return False
+        self._redeclaring = None
+        if task.cancelled():
+            return False
+        error = task.exception()
+        if error is None:
+            return True
+        if not isinstance(error, TransportError):
+            raise error
+        left = deadline - loop.time()
+        if left > 0:
+            await asyncio.sleep(min(left, 1.0))
+        return False
 
     async def _pull_safely(self, expires: float) -> None:
         try:
@@ -1018,21 +1087,34 @@ class NatsSubscription(ClosesOnExit):
         except (nats.errors.Error, OSError):
             pass  # reconnecting: what is buffered can still be handed out
 
-    async def _check_consumer(self) -> None:
-        """After an empty wait, now and then: does the consumer still exist? A pull from a
-        consumer the server lost (deleted, or a restart without its data) just times out."""
+    def _check_consumer(self) -> None:
+        """After an empty wait, now and then (every ``consumer_check_interval`` seconds):
+        start a check that the consumer still exists (a pull from a consumer the server
+        lost, deleted or by a restart without its data, just times out). It runs in a task
+        of its own, for up to the JetStream API's timeout (``connect_timeout``), and no
+        ``receive`` waits for it: finding the consumer gone, it marks it lost, and the next
+        ``receive`` declares it again. One check at a time."""
         now = time.monotonic()
-        if now < self._next_check or not self.consumers:
+        if now < self._next_check or not self.consumers or self._lost or self._checking is not None:
             return
         self._next_check = now + self._transport.consumer_check_interval
-        js = self._transport._js
-        assert js is not None
+        task = self._checking = asyncio.get_running_loop().create_task(
+            self._check(), name=f"msdata-nats-check:{self.topic}:{self.group}"
+        )
+        task.add_done_callback(_retrieved)
+
+    async def _check(self) -> None:
         try:
-            await js.consumer_info(self.stream, self.consumer)
+            js = self._transport._js
+            if js is not None:
+                await js.consumer_info(self.stream, self.consumer)
         except nats.js.errors.NotFoundError:
-            self._lost = True
-        except (nats.errors.Error, TimeoutError):
-            pass  # disconnected: the next check will tell
+            if not self._stopping:
+                self._lost = True
+        except (nats.errors.Error, OSError, TimeoutError):
+            pass  # disconnected, or no answer: the next check will tell
+        finally:
+            self._checking = None
 
     async def close(self) -> None:
         """Close: let the open pull requests end, nack what was handed out and not settled,
@@ -1060,6 +1142,14 @@ class NatsSubscription(ClosesOnExit):
             self._transport._subscriptions.discard(self)
 
     async def _closing_steps(self) -> None:
+        # a consumer check or a declaration in progress is of no use any more (and must not
+        # outlive the close)
+        background = [t for t in (self._checking, self._redeclaring) if t is not None]
+        self._checking = self._redeclaring = None
+        for task in background:
+            task.cancel()
+        if background:
+            await asyncio.gather(*background, return_exceptions=True)
         # let the open pull requests end (each lives as long as one receive() waits); what
         # they still deliver is buffered and given back below
         left = max(self._request_ends, default=0.0) - time.monotonic()
@@ -1173,15 +1263,21 @@ class NatsSubscription(ClosesOnExit):
                 await nc.publish(reply, _NAK)
 
     async def _count(
-        self, redelivered: list[tuple[str, int, int]]
+        self, redelivered: list[tuple[str, int, int]], until: float | None = None
     ) -> list[tuple[int, bool] | None]:
         """For each redelivery (consumer, ``num_delivered``, stream sequence): its attempt,
         ``num_delivered`` less the deliveries its release record says were given back, and
-        whether it has a record; None where the record could not be read."""
+        whether it has a record; None where the record could not be read (by ``until``,
+        loop time, if given)."""
         t = self._transport
         records, prefix = self._records, self._record_prefix
+
+        async def read(subject: str) -> tuple[int, int] | None:
+            async with asyncio.timeout_at(until):
+                return await t._read_record(records, subject)
+
         found = await asyncio.gather(
-            *(t._read_record(records, f"{prefix}{c}.{seq}") for c, _, seq in redelivered),
+            *(read(f"{prefix}{c}.{seq}") for c, _, seq in redelivered),
             return_exceptions=True,
         )
         floor = self._floor
@@ -1204,13 +1300,17 @@ class NatsSubscription(ClosesOnExit):
             out.append((attempt, record is not None))
         return out
 
-    async def _deliveries(self, msgs: list[tuple[Msg, int]]) -> list[NatsDelivery]:
+    async def _deliveries(
+        self, msgs: list[tuple[Msg, int]], until: float | None = None
+    ) -> list[NatsDelivery]:
         """Deliveries of ``msgs`` (just taken from the front of the buffer), held as handed
         out; overdue ones are dead-lettered instead. If the ``receive()`` is cancelled
         meanwhile (while it reads release records, say), or the subscription begins to
         close, it hands out nothing: what it took and did not settle goes back to the front
         of the buffer, in order, for a later ``receive()``, or for the close to give back
-        uncounted. Redeliveries whose release record cannot be read go back there too."""
+        uncounted. Redeliveries whose release record cannot be read, and overdue deliveries
+        whose dead-letter copy is not confirmed, go back there too: each wait ends by
+        ``until`` (loop time, the receive's end) if given."""
         taking: list[NatsDelivery] = []
         self._takes += 1
         take = self._takes
@@ -1220,12 +1320,16 @@ class NatsSubscription(ClosesOnExit):
         unread: list[NatsDelivery] = []
         handed = False
         try:
-            out, unread = await self._make_deliveries(msgs, taking)
+            out, unread = await self._make_deliveries(msgs, taking, until)
             handed = not self._stopping
         finally:
             del self._taking[take]
             self._in_hand -= len(msgs)
-            back = unread if handed else [d for d in taking if not d._settled]
+            if handed:
+                kept = set(unread)
+                back = [d for d in taking if d in kept]  # in the order they came
+            else:
+                back = [d for d in taking if not d._settled]
             if back and self._closed:
                 # the close stopped waiting for this receive (see _closing_steps)
                 log.warning(
@@ -1243,15 +1347,23 @@ class NatsSubscription(ClosesOnExit):
             return []
         self._inflight.update(out)
         if unread and not out:
-            await asyncio.sleep(_UNREAD_PAUSE)  # the caller asks again at once: not in a loop
+            # the caller asks again at once: not in a loop (within the receive's time)
+            pause = _UNREAD_PAUSE
+            if until is not None:
+                pause = min(pause, until - asyncio.get_running_loop().time())
+            if pause > 0:
+                await asyncio.sleep(pause)
         return out
 
     async def _make_deliveries(
-        self, msgs: list[tuple[Msg, int]], taking: list[NatsDelivery]
+        self, msgs: list[tuple[Msg, int]], taking: list[NatsDelivery], until: float | None
     ) -> tuple[list[NatsDelivery], list[NatsDelivery]]:
         """The deliveries of ``msgs`` to hand out, each also added to ``taking`` as soon as it
-        is made, and the redeliveries whose release record could not be read."""
+        is made, and those to keep in the buffer: the redeliveries whose release record
+        could not be read, the overdue ones whose dead-letter copy was not confirmed (by
+        ``until``, loop time, if given)."""
         out: list[NatsDelivery] = []
+        kept: list[NatsDelivery] = []
         stream = self.stream
         floor = self._floor
         redelivered: list[NatsDelivery] | None = None
@@ -1282,7 +1394,7 @@ class NatsSubscription(ClosesOnExit):
                 if given is not None and given[1] == attempt - 1:
                     # straight back after this subscription gave it back: known exactly
                     d.attempt, d._recorded = given[0], given[2]
-                    if not await self._not_overdue(d):
+                    if not await self._not_overdue(d, until, kept):
                         continue
                 else:
                     # counted below, less the times its release record says it was given back
@@ -1291,34 +1403,61 @@ class NatsSubscription(ClosesOnExit):
                     redelivered.append(d)
             elif given is not None and attempt < given[0]:
                 d.attempt = given[0]
-                if not await self._not_overdue(d):
+                if not await self._not_overdue(d, until, kept):
                     continue
             out.append(d)
         if redelivered is None:
-            return out, []
-        return await self._recount(out, redelivered)
+            return out, kept
+        return await self._recount(out, redelivered, until, kept)
 
-    async def _not_overdue(self, d: NatsDelivery) -> bool:
+    async def _not_overdue(
+        self, d: NatsDelivery, until: float | None, kept: list[NatsDelivery]
+    ) -> bool:
         """True if ``d`` may be handed out; False if it was overdue and is dead-lettered
         (not while the subscription closes: then it is given back with its attempt, and
-        dead-lettered by whichever receive() has it next)."""
+        dead-lettered by whichever receive() has it next). With ``until`` (loop time), an
+        overdue delivery whose dead-letter copy is not confirmed by then (or that fails
+        otherwise) is added to ``kept`` instead, unsettled and uncounted, to stay in the
+        buffer for a later receive (JetStream drops a copy published again inside its
+        duplicate window); without, it is nacked and comes back."""
         overdue = deadletter.overdue_reason(d.attempt, self.max_attempts)
         if overdue is None or self._stopping:
             return True
         # its consumers died on it max_attempts times: settle it here
         d._settled = True
         self._held_bytes -= d._size
-        # if that fails, _dead_letter nacked it: it comes back and is tried again
-        with contextlib.suppress(MsdataError):
-            await d._dead_letter(overdue, deadletter.overdue_attempts(d.attempt))
+        attempts = deadletter.overdue_attempts(d.attempt)
+        if until is None:
+            # if that fails, _dead_letter nacked it: it comes back and is tried again
+            with contextlib.suppress(MsdataError):
+                await d._dead_letter(overdue, attempts)
+            return False
+        left = until - asyncio.get_running_loop().time()
+        try:
+            if left <= 0:
+                raise TransportError("no time left in this receive to dead-letter it")
+            await d._dead_letter(overdue, attempts, timeout=left, keep=True)
+        except BaseException as e:
+            # not moved: it stays with the subscription (or, cancelled, goes back to the
+            # buffer with what the receive took), not settled
+            d._settled = False
+            self._held_bytes += d._size
+            if not isinstance(e, MsdataError):
+                raise
+            kept.append(d)
         return False
 
     async def _recount(
-        self, out: list[NatsDelivery], redelivered: list[NatsDelivery]
+        self,
+        out: list[NatsDelivery],
+        redelivered: list[NatsDelivery],
+        until: float | None,
+        kept: list[NatsDelivery],
     ) -> tuple[list[NatsDelivery], list[NatsDelivery]]:
-        """Count the ``redelivered`` of ``out`` from their release records. Returns ``out``
-        less the overdue ones and those whose record cannot be read, and those (to be
-        counted on a later ``receive``)."""
+        """Count the ``redelivered`` of ``out`` from their release records (read by
+        ``until``, loop time, if given). Returns ``out`` less the overdue ones and those
+        whose record cannot be read, and ``kept`` with those (to be counted on a later
+        ``receive``) and the overdue ones not dead-lettered in time."""
         fields: list[tuple[str, int, int]] = []
         for d in redelivered:
             consumer = _ack_fields(d._msg.reply)
@@ -1327,7 +1466,7 @@ class NatsSubscription(ClosesOnExit):
         nc = self._nc
         assert nc is not None
         if nc.is_connected:
-            counted = await self._count(fields)
+            counted = await self._count(fields, until)
         else:  # reconnecting: a read would only wait
             counted = [None] * len(fields)
         unread: list[NatsDelivery] = []
@@ -1337,14 +1476,21 @@ class NatsSubscription(ClosesOnExit):
                 unread.append(d)
                 continue
             d.attempt, d._recorded = count
-            if not await self._not_overdue(d):
+            if not await self._not_overdue(d, until, kept):
                 left.add(d)
         if unread:
             left.update(unread)
             log.debug("could not read the release records of %d redeliveries", len(unread))
         if left:
             out = [d for d in out if d not in left]
-        return out, unread
+        return out, kept + unread
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """Mark the outcome of a background task (a consumer check, a declaration) as seen: one
+    that no ``receive`` waited for to the end may fail with no one awaiting it."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _ack_fields(reply: str) -> tuple[str, int, int] | None:
@@ -1688,14 +1834,20 @@ class NatsTransport:
         await self._publish(topic, messages)
 
     async def _publish(
-        self, topic: str, messages: Sequence[TransportMessage], dead_letters: bool = False
+        self,
+        topic: str,
+        messages: Sequence[TransportMessage],
+        dead_letters: bool = False,
+        timeout: float | None = None,
     ) -> None:
         if self._closed:
             raise TransportClosed("publish() on a closed transport")
         subjects = self._streams.get(topic)
         # the whole call, connecting and declaring the stream included, takes at most
-        # publish_timeout (nats-py would otherwise wait for a server that is down)
-        deadline = asyncio.get_running_loop().time() + self.publish_timeout
+        # publish_timeout, or ``timeout`` if shorter (a receive dead-lettering an overdue
+        # delivery within its own time); nats-py would otherwise wait for a server that is down
+        seconds = self.publish_timeout if timeout is None else min(timeout, self.publish_timeout)
+        deadline = asyncio.get_running_loop().time() + seconds
         if subjects is None:
             self._subject(topic)
             if not messages:
@@ -1706,7 +1858,7 @@ class NatsTransport:
             except TimeoutError as e:
                 raise PublishError(
                     f"publish to {topic!r} at {self.address}: no answer from the server "
-                    f"within {self.publish_timeout}s{self._why_not_connected()}"
+                    f"within {seconds}s{self._why_not_connected()}"
                 ) from e
             subjects = self._streams[topic]
         elif not messages:
@@ -1721,7 +1873,7 @@ class NatsTransport:
         refused: dict[str, str | MsdataError] = dict(screened)
         what = f"publish to {topic!r} at {self.address}"
         if messages:
-            batch = await self._send(nc, topic, subjects, messages, deadline)
+            batch = await self._send(nc, topic, subjects, messages, deadline, seconds)
             for i, reason in batch.refused.items():
                 refused[messages[i].id] = f"the server refused it: {reason}"
         if refused:
@@ -1734,6 +1886,7 @@ class NatsTransport:
         subjects: tuple[str, list[str]],
         messages: Sequence[TransportMessage],
         deadline: float,
+        seconds: float,
     ) -> _Batch:
         """Send ``messages`` and wait for JetStream's answer to each; returns the batch
         with the ones it refused. Raises PublishError for a batch that failed as a whole."""
@@ -1792,7 +1945,7 @@ class NatsTransport:
         except TimeoutError as e:
             raise PublishError(
                 f"{batch.left} of {len(messages)} messages to {topic!r} were not "
-                f"confirmed by {self.address} within {self.publish_timeout}s"
+                f"confirmed by {self.address} within {seconds}s"
                 f"{self._why_not_connected()}"
             ) from e
         finally:
