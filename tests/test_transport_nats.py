@@ -8,6 +8,7 @@ import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import nats
@@ -1071,3 +1072,100 @@ async def test_what_arrives_while_a_subscription_closes_is_not_handed_out(
             await sub.close()
         assert handed == []
         await assert_back_uncounted(t, topic, group, msgs)
+
+
+# -- a receive's waits end with its own time -----------------------------------------------------
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+async def test_a_receive_whose_release_record_reads_go_unanswered_returns_in_its_time(
+    ordered: bool,
+) -> None:
+    """Release-record reads that get no answer (a server gone silent) end with the receive's
+    own time: it hands out the first deliveries it took, the redeliveries stay in its buffer
+    uncounted, and a later receive hands them out as attempt 1. (The receive waited for the
+    reads, up to 5 s against a silent server; here, for ever.)"""
+    topic, group = unique("topic"), unique("group")
+    async with nats_transport(ack_wait=3.0, ordered=ordered, key_partitions=4) as t:
+        msgs, sub = await released_and_fresh(t, topic, group, prefetch=8)
+        read_record = t._read_record
+
+        async def unanswered(records: str, subject: str) -> tuple[int, int] | None:
+            await asyncio.Event().wait()
+            return None
+
+        t._read_record = unanswered  # type: ignore[method-assign]
+        try:
+            try:
+                handed = await asyncio.wait_for(sub.receive(8, timeout=0.2), 10.0)
+            except TimeoutError:
+                pytest.fail("receive waited for release records that never came")
+            assert sorted((d.message.id, d.attempt) for d in handed) == sorted(
+                (m.id, 1) for m in msgs[2:]
+            )
+            assert len(sub._buffer) == 2
+            for d in handed:
+                await d.ack()
+            t._read_record = read_record  # type: ignore[method-assign]
+            back = await collect(sub, 2, timeout=10.0)
+        finally:
+            t._read_record = read_record  # type: ignore[method-assign]
+            await sub.close()
+        assert sorted((d.message.id, d.attempt) for d in back) == sorted(
+            (m.id, 1) for m in msgs[:2]
+        )
+
+
+async def test_an_overdue_delivery_whose_dead_letter_copy_goes_unconfirmed_stays_uncounted() -> (
+    None
+):
+    """A receive that finds an overdue delivery (its consumer died holding it) and gets no
+    confirmation of its dead-letter copy returns [] within its own time, keeping the
+    delivery in its buffer, unsettled and uncounted; once the server answers, a later
+    receive dead-letters it with the attempts it had. (The receive waited publish_timeout
+    and nacked it, counting one more attempt; here it waited for ever.)"""
+    topic, group = unique("topic"), unique("group")
+    async with nats_transport(ack_wait=3.0) as t:
+        (m,) = make_messages(1)
+        await t.declare_group(topic, group)
+        await t.publish(topic, [m])
+        async with t.subscribe(topic, group, max_attempts=1) as first:
+            await collect(first, 1, timeout=10.0, ack=False)
+        # closed holding it: it comes back counted, overdue for max_attempts=1
+        publish = t._publish
+
+        async def unconfirmed(*args: Any, **kwargs: Any) -> None:
+            if kwargs.get("dead_letters"):
+                await asyncio.Event().wait()
+            await publish(*args, **kwargs)
+
+        t._publish = unconfirmed  # type: ignore[method-assign]
+        try:
+            async with t.subscribe(topic, group, max_attempts=1) as sub:
+
+                async def arrived() -> bool:
+                    await sub._pull_safely(0.5)
+                    return len(sub._buffer) == 1
+
+                await eventually(arrived, 10.0, what="the redelivery")
+                try:
+                    handed = await asyncio.wait_for(sub.receive(1, timeout=0.2), 10.0)
+                except TimeoutError:
+                    pytest.fail("receive waited for a dead-letter copy never confirmed")
+                assert handed == []
+                assert len(sub._buffer) == 1 and not sub._inflight
+                t._publish = publish  # type: ignore[method-assign]
+                async with t.subscribe(dead_letter_topic(topic, group), unique("ops")) as dlq:
+                    dead: list[Delivery] = []
+
+                    async def dead_lettered() -> bool:
+                        assert await sub.receive(1, timeout=0.2) == []
+                        dead.extend(await collect(dlq, 1, timeout=0.2))
+                        return bool(dead)
+
+                    await eventually(dead_lettered, 20.0, what="the dead letter")
+                assert [d.message.id for d in dead] == [m.id]
+                assert dead[0].message.headers[DEAD_LETTER_ATTEMPTS] == "1"
+                assert not sub._buffer
+        finally:
+            t._publish = publish  # type: ignore[method-assign]

@@ -1059,7 +1059,7 @@ class NatsSubscription(ClosesOnExit):
         task = self._redeclaring
         if task is None:
             task = self._redeclaring = loop.create_task(
-                self._declare(), name=f"msdata-nats-declare:{self.topic}:{self.group}"
+                self._declare_again(), name=f"msdata-nats-declare:{self.topic}:{self.group}"
             )
             task.add_done_callback(_retrieved)
         # a receive cancelled here leaves the declaration to go on
@@ -1078,6 +1078,13 @@ class NatsSubscription(ClosesOnExit):
         if left > 0:
             await asyncio.sleep(min(left, 1.0))
         return False
+
+    async def _declare_again(self) -> None:
+        """:meth:`_declare`, as entering the subscription does: within ``connect_timeout``,
+        else :class:`TransportError` naming the address."""
+        what = f"could not declare group {self.group!r} on topic {self.topic!r} again"
+        async with self._transport._answered(what):
+            await self._declare()
 
     async def _pull_safely(self, expires: float) -> None:
         try:
@@ -1436,13 +1443,14 @@ class NatsSubscription(ClosesOnExit):
         try:
             if left <= 0:
                 raise TransportError("no time left in this receive to dead-letter it")
-            await d._dead_letter(overdue, attempts, timeout=left, keep=True)
+            async with asyncio.timeout_at(until):
+                await d._dead_letter(overdue, attempts, timeout=left, keep=True)
         except BaseException as e:
             # not moved: it stays with the subscription (or, cancelled, goes back to the
             # buffer with what the receive took), not settled
             d._settled = False
             self._held_bytes += d._size
-            if not isinstance(e, MsdataError):
+            if not isinstance(e, (MsdataError, TimeoutError)):
                 raise
             kept.append(d)
         return False
