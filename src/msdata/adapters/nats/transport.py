@@ -68,7 +68,9 @@ Settling
     dead-letter publish the server refuses, is terminated with an ERROR line and counted in
     :attr:`NatsTransport.undeliverable`, never offered again in a loop; a delivery that comes
     back beyond ``max_attempts`` because its consumers kept dying is dead-lettered by
-    ``receive`` without being handed out. Deliveries handed out and still unsettled when a
+    ``receive`` without being handed out (if its copy is not confirmed within that
+    receive's time, it stays in the subscription's buffer, uncounted, for the next).
+    Deliveries handed out and still unsettled when a
     subscription closes are nacked at once (counted; settling one afterwards raises
     :class:`TransportClosed`), those it received and never handed out are given back
     uncounted. A ``receive()`` in progress as the close begins returns an empty list: what
@@ -154,7 +156,15 @@ Connection
     reconnect or a server restart pulls again; ``receive`` returns an empty list while the
     connection is down, and, when idle, checks every ``consumer_check_interval`` seconds
     that the consumer still exists and declares the stream and consumer again if the server
-    lost them.
+    lost them. ``receive`` returns within its timeout plus :data:`RECEIVE_MARGIN` (0.2 s)
+    whatever the server does: the check runs in a task of its own that no ``receive``
+    waits for, the declaration in one that each ``receive`` waits for only within its own
+    time (within ``connect_timeout`` in all), and release-record reads and an overdue
+    delivery's dead-letter publish end with the receive's time, leaving what they did not
+    finish in the buffer, uncounted, for the next ``receive``. Closing a subscription
+    against a silent server takes a few seconds: its pull requests' end (about 1 s), its
+    release-record reads and writes (``publish_timeout``, at most 5 s, each) and a final
+    flush (2 s).
 """
 
 from __future__ import annotations
