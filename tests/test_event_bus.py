@@ -917,11 +917,13 @@ class _HeldRelease:
     """Wraps a transport: its subscriptions' first ``receive`` returns once it has ``batch``
     deliveries, and the first ``release`` of any of them signals ``holding`` and waits
     until cancelled (it gives nothing back): a release still running when ``stop``'s
-    timeout runs out."""
+    timeout runs out. ``stubborn``: it ignores its cancellation too, until ``let_go``
+    (then gives back): a release still running when ``stop``'s grace runs out."""
 
-    def __init__(self, inner: Any, batch: int) -> None:
-        self.inner, self.batch = inner, batch
+    def __init__(self, inner: Any, batch: int, stubborn: bool) -> None:
+        self.inner, self.batch, self.stubborn = inner, batch, stubborn
         self.holding = asyncio.Event()
+        self.let_go = asyncio.Event()
 
     def subscribe(self, topic: str, group: str, **kw: Any) -> Any:
         return _HeldReleaseSub(self, self.inner.subscribe(topic, group, **kw))
@@ -959,18 +961,25 @@ class _HeldReleaseDelivery:
     async def release(self) -> None:
         if not self.owner.holding.is_set():
             self.owner.holding.set()
-            await asyncio.Event().wait()  # until stop() cancels the consumer
+            if not self.owner.stubborn:
+                await asyncio.Event().wait()  # until stop() cancels the consumer
+            while not self.owner.let_go.is_set():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.owner.let_go.wait()
         await self.inner.release()
 
 
+@pytest.mark.parametrize("stubborn", [False, True], ids=["cancelled", "left-behind"])
 @pytest.mark.parametrize("backend", _STOP_BACKENDS)
 async def test_a_consumer_cancelled_while_giving_back_its_batch_gives_back_the_rest(
-    backend: str,
+    backend: str, stubborn: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     """``stop``'s timeout runs out while a consumer gives back the deliveries of its batch
     it did not start on (a release held here; under load, releases that take their time):
-    cancelled, it still gives back every one it had not given back, so none is
-    redelivered counted (with ``max_attempts=1``: dead-lettered)."""
+    cancelled, it still gives back every one it had not given back; left behind (the
+    release does not stop even when cancelled), ``stop`` gives them back before it closes
+    the subscription. Either way none is redelivered counted (with ``max_attempts=1``:
+    dead-lettered)."""
     backend, ordered = backend.removesuffix("-ordered"), backend.endswith("-ordered")
     topic, group = f"held-{uuid.uuid4().hex[:8]}", "g"
     names = ["first", "b1", "b2", "b3"]
@@ -991,7 +1000,7 @@ async def test_a_consumer_cancelled_while_giving_back_its_batch_gives_back_the_r
             await make_bus(t).publish_many(
                 [OrderPlaced(order_id=n, amount=1) for n in names], topic=topic
             )
-            held = _HeldRelease(t, len(names))
+            held = _HeldRelease(t, len(names), stubborn)
             bus = make_bus(held, max_attempts=1, stop_timeout=0.2, prefetch=10)  # type: ignore[arg-type]
             bus.subscribe(OrderPlaced, handle, group=group, topic=topic)
             await bus.start()
@@ -1000,7 +1009,11 @@ async def test_a_consumer_cancelled_while_giving_back_its_batch_gives_back_the_r
             await asyncio.sleep(0)  # stop() has begun: the consumer stops after "first"
             go.set()
             await held.holding.wait()  # giving back b1..b3: b1's release holds
-            await stopping
+            with caplog.at_level(logging.ERROR, logger="msdata.events"):
+                await stopping
+            left_behind = [r for r in caplog.records if "would not stop" in r.getMessage()]
+            assert len(left_behind) == stubborn
+            held.let_go.set()  # a release left behind returns: its subscription is closed
             assert finished == ["first"]
             again = make_bus(t, max_attempts=1)
             again.subscribe(OrderPlaced, handle, group=group, topic=topic)
