@@ -911,3 +911,116 @@ async def test_publish_writes_what_the_codec_writes_and_counts_sizes_as_message_
             assert delivery.message.body == bus.codec._encode_whole(encoder, envelope)
             assert bus.codec.decode(delivery.message.body) == envelope
         assert sub._held_bytes == sum(message_size(d.message) for d in batch)
+
+
+class _HeldRelease:
+    """Wraps a transport: its subscriptions' first ``receive`` returns once it has ``batch``
+    deliveries, and the first ``release`` of any of them signals ``holding`` and waits
+    until cancelled (it gives nothing back): a release still running when ``stop``'s
+    timeout runs out. ``stubborn``: it ignores its cancellation too, until ``let_go``
+    (then gives back): a release still running when ``stop``'s grace runs out."""
+
+    def __init__(self, inner: Any, batch: int, stubborn: bool) -> None:
+        self.inner, self.batch, self.stubborn = inner, batch, stubborn
+        self.holding = asyncio.Event()
+        self.let_go = asyncio.Event()
+
+    def subscribe(self, topic: str, group: str, **kw: Any) -> Any:
+        return _HeldReleaseSub(self, self.inner.subscribe(topic, group, **kw))
+
+
+class _HeldReleaseSub:
+    def __init__(self, owner: _HeldRelease, inner: Any) -> None:
+        self.owner, self.inner, self.first = owner, inner, True
+
+    async def __aenter__(self) -> _HeldReleaseSub:
+        await self.inner.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.inner.__aexit__(*exc)
+
+    async def receive(self, max_messages: int = 100, timeout: float = 1.0) -> list[Any]:
+        if not self.first:
+            return [
+                _HeldReleaseDelivery(self.owner, d)
+                for d in await self.inner.receive(max_messages, timeout)
+            ]
+        self.first = False
+        got = await collect(self.inner, self.owner.batch, timeout=20, ack=False)
+        return [_HeldReleaseDelivery(self.owner, d) for d in got]
+
+
+class _HeldReleaseDelivery:
+    def __init__(self, owner: _HeldRelease, inner: Delivery) -> None:
+        self.owner, self.inner = owner, inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def release(self) -> None:
+        if not self.owner.holding.is_set():
+            self.owner.holding.set()
+            if not self.owner.stubborn:
+                await asyncio.Event().wait()  # until stop() cancels the consumer
+            while not self.owner.let_go.is_set():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.owner.let_go.wait()
+        await self.inner.release()
+
+
+@pytest.mark.parametrize("stubborn", [False, True], ids=["cancelled", "left-behind"])
+@pytest.mark.parametrize("backend", _STOP_BACKENDS)
+async def test_a_consumer_cancelled_while_giving_back_its_batch_gives_back_the_rest(
+    backend: str, stubborn: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``stop``'s timeout runs out while a consumer gives back the deliveries of its batch
+    it did not start on (a release held here; under load, releases that take their time):
+    cancelled, it still gives back every one it had not given back; left behind (the
+    release does not stop even when cancelled), ``stop`` gives them back before it closes
+    the subscription. Either way none is redelivered counted (with ``max_attempts=1``:
+    dead-lettered)."""
+    backend, ordered = backend.removesuffix("-ordered"), backend.endswith("-ordered")
+    topic, group = f"held-{uuid.uuid4().hex[:8]}", "g"
+    names = ["first", "b1", "b2", "b3"]
+    finished: list[str] = []
+    go = asyncio.Event()
+    attempts = _Attempts()
+
+    async def handle(event: OrderPlaced) -> None:
+        if event.order_id == "first":
+            await go.wait()
+        finished.append(event.order_id)
+
+    previous = telemetry.install(attempts)
+    try:
+        async with open_transport(backend, ordered=ordered) as t:
+            await t.declare_group(topic, group)
+            await t.declare_group(dead_letter_topic(topic, group), "audit")
+            await make_bus(t).publish_many(
+                [OrderPlaced(order_id=n, amount=1) for n in names], topic=topic
+            )
+            held = _HeldRelease(t, len(names), stubborn)
+            bus = make_bus(held, max_attempts=1, stop_timeout=0.2, prefetch=10)  # type: ignore[arg-type]
+            bus.subscribe(OrderPlaced, handle, group=group, topic=topic)
+            await bus.start()
+            await eventually(lambda: [o for o, _ in attempts.seen] == ["first"], 20, what="first")
+            stopping = asyncio.create_task(bus.stop())
+            await asyncio.sleep(0)  # stop() has begun: the consumer stops after "first"
+            go.set()
+            await held.holding.wait()  # giving back b1..b3: b1's release holds
+            with caplog.at_level(logging.ERROR, logger="msdata.events"):
+                await stopping
+            left_behind = [r for r in caplog.records if "would not stop" in r.getMessage()]
+            assert len(left_behind) == stubborn
+            held.let_go.set()  # a release left behind returns: its subscription is closed
+            assert finished == ["first"]
+            again = make_bus(t, max_attempts=1)
+            again.subscribe(OrderPlaced, handle, group=group, topic=topic)
+            async with again:
+                await eventually(lambda: sorted(finished) == sorted(names), 20, what="all")
+            async with t.subscribe(dead_letter_topic(topic, group), "audit") as dlq:
+                assert await dlq.receive(10, timeout=0.5) == []
+    finally:
+        telemetry.install(previous)
+    assert sorted(attempts.seen) == sorted((n, 1) for n in names)

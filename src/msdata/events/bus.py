@@ -186,8 +186,9 @@ class EventBus:
         self._running = False
         self._halt: _Halt | None = None
         # per consumer task: its open subscription, and the delivery and handler in hand and
-        # the batch it came in (a cell [delivery, handler, batch] made once per task,
-        # delivery and handler None between deliveries)
+        # the batch it came in (a cell [delivery, handler, batch, at] made once per task,
+        # delivery and handler None between deliveries; ``at`` None, or while the consumer
+        # gives its batch back, [k]: batch[k:] is not given back yet)
         self._subscriptions: dict[asyncio.Task[Any], Subscription] = {}
         self._handling: dict[asyncio.Task[Any], list[Any]] = {}
         # the memory transport's synchronous publish of one of msdata's own messages
@@ -519,7 +520,11 @@ class EventBus:
         """For a consumer ``task`` left behind: give back the deliveries of its batch it has
         not started on (behind the one in hand), then close its subscription ``sub``."""
         hand = self._handling.get(task)
-        if hand is not None and hand[0] is not None:
+        if hand is not None and hand[3] is not None:
+            # it was giving its batch back: what it had not given back yet, in case its
+            # release is what hangs (giving one back twice does nothing)
+            await self._release(hand[2][hand[3][0] :])
+        elif hand is not None and hand[0] is not None:
             batch, in_hand = hand[2], hand[0]
             for j, d in enumerate(batch):
                 if d is in_hand:
@@ -576,7 +581,7 @@ class EventBus:
         assert halt is not None
         task = asyncio.current_task()
         # the delivery and handler in hand, and its batch, for _abandon and stop
-        hand: list[Any] = [None, None, ()]
+        hand: list[Any] = [None, None, (), None]
         if task is not None:
             self._handling[task] = hand
         try:
@@ -617,7 +622,7 @@ class EventBus:
                             ready.set_result(None)
                         while not halt.stopped:
                             batch = await sub.receive(self.prefetch, timeout=0.25)
-                            hand[2] = batch
+                            hand[2], hand[3] = batch, None
                             hooks = telemetry.hooks
                             received = (
                                 None  # the no-op hooks are not called
@@ -630,11 +635,18 @@ class EventBus:
                                     if halt.stopped:
                                         # not started on: given back uncounted, so stopping
                                         # consumers never push a message towards max_attempts
-                                        # (not again below if cancelled meanwhile; by stop()
-                                        # already if it left this consumer behind)
-                                        rest, i = batch[i:], len(batch)
+                                        # (by stop() already if it left this consumer behind).
+                                        # One after the other, ``left`` moved past each: if
+                                        # stop() cancels this meanwhile (its timeout ran out
+                                        # while giving back), the rest, from the one whose
+                                        # release was cut short, is given back below.
                                         if task not in abandoned:
-                                            await self._release(rest)
+                                            left = hand[3] = [i]
+                                            try:
+                                                await self._release(batch, left)
+                                            finally:
+                                                i = left[0]
+                                        i = len(batch)
                                         break
                                     # The common case inline, as _handle would do it (this runs
                                     # once per message): a delivery within its attempts that
@@ -704,10 +716,12 @@ class EventBus:
                                             "acking a delivery failed; it will be redelivered"
                                         )
                             except asyncio.CancelledError:
-                                # stopped mid-batch: what it holds unsettled (the delivery
-                                # in hand was given back already) goes back uncounted
+                                # stopped mid-batch: what it holds unsettled, from the
+                                # delivery in hand or the first not yet given back, goes
+                                # back uncounted (one given back already: that does nothing)
                                 if task not in abandoned:
-                                    await self._release(batch[i:])
+                                    left = hand[3] = [i]
+                                    await self._release(batch, left)
                                 raise
                             finally:
                                 if received is not None:
@@ -841,6 +855,11 @@ class EventBus:
             hand = self._handling.get(task)
             if hand is not None:
                 hand[0] = hand[1] = None  # the handler stopped: if giving back lags, say so
+                # giving back from here on: if that hangs, stop() gives back the rest
+                for k, d in enumerate(hand[2]):
+                    if d is delivery:
+                        hand[3] = [k]
+                        break
             await self._release((delivery,))
             if isinstance(e, asyncio.CancelledError):
                 raise e
@@ -868,22 +887,29 @@ class EventBus:
         await self._settle(delivery.nack(delay=self.backoff(delivery.attempt), reason=reason))
 
     @staticmethod
-    async def _release(deliveries: Sequence[Delivery]) -> None:
+    async def _release(deliveries: Sequence[Delivery], at: list[int] | None = None) -> None:
+        """Give back ``deliveries`` uncounted, or with ``at`` ([k]) ``deliveries[k:]``,
+        moving ``at[0]`` past each once its release returned (or failed): when this is
+        cancelled, ``deliveries[at[0]:]`` were not all given back, the one whose release
+        was cut short first."""
         # one after the other (at once, they would take a connection each from a pool); one
         # that fails (connection lost) is redelivered, counted
         failed: list[Exception] = []
-        for d in deliveries:
+        todo = deliveries if at is None else deliveries[at[0] :]
+        for d in todo:
             try:
                 await d.release()
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 failed.append(e)
+            if at is not None:
+                at[0] += 1
         if failed:
             log.warning(
                 "giving back %d of %d deliveries failed (they are redelivered): %r",
                 len(failed),
-                len(deliveries),
+                len(todo),
                 failed[0],
             )
 
