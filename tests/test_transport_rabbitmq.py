@@ -19,10 +19,12 @@ from msdata.adapters.rabbitmq import RabbitMQTransport
 from msdata.adapters.rabbitmq.transport import (
     KEY_HEADER,
     RETRY_TIERS,
+    _differing_argument,
     _Entry,
     group_queue_name,
 )
 from msdata.errors import ConfigurationError, PublishError, TransportClosed
+from msdata.service import read_dead_letters
 from msdata.testing.conformance.transport import TransportConformance, collect, make_messages
 from msdata.testing.waiting import eventually
 from msdata.transport import DEAD_LETTER_REASON, Transport, TransportMessage, dead_letter_topic
@@ -386,10 +388,53 @@ async def test_a_group_declared_ordered_cannot_be_reopened_unordered() -> None:
     async with rabbitmq_transport(ordered_per_key=True) as o, rabbitmq_transport() as t:
         async with o.subscribe(topic, group):
             pass
-        with pytest.raises(ConfigurationError):
+        with pytest.raises(ConfigurationError, match="x-single-active-consumer differs"):
             async with t.subscribe(topic, group):
                 pass
         t._queues.discard(group_queue_name(topic, group))  # o deletes it
+
+
+@pytest.mark.parametrize("first", ["bare-url", "service"])
+@pytest.mark.parametrize("mode", ["quorum", "ordered"])
+async def test_dead_letters_read_alike_in_every_mode(mode: str, first: str) -> None:
+    """``msdata dlq --broker amqp://...`` cannot say quorum or ordered: its transport is a
+    classic, unordered one. It and the service's own transport (quorum, or ordered) read
+    the same dead letters in either order: the reader's queue does not depend on the mode
+    (it used to be declared with the first reader's mode, and the other failed with
+    "exists with other arguments")."""
+    options: dict[str, Any] = (
+        {"queue_type": "quorum"} if mode == "quorum" else {"ordered_per_key": True}
+    )
+    namespace = f"t{uuid.uuid4().hex[:10]}"
+    topic, group = unique("topic"), unique("group")
+    async with (
+        rabbitmq_transport(namespace=namespace, **options) as service,
+        rabbitmq_transport(namespace=namespace) as bare,
+    ):
+        await service.declare_group(topic, group)
+        (sent,) = make_messages(1)
+        await service.publish(topic, [sent])
+        async with service.subscribe(topic, group) as sub:
+            (d,) = await sub.receive(timeout=5)
+            await d.dead_letter("bad")
+        readers = [bare, service] if first == "bare-url" else [service, bare]
+        for reader in readers:
+            got = await read_dead_letters(reader, [(topic, group)])
+            assert [(i.id, i.reason) for i in got] == [(sent.id, "bad")]
+        # both declared the reader's queues: the one that leaves last deletes them
+        service._queues -= bare._queues
+        service._exchanges -= bare._exchanges
+
+
+def test_a_mismatch_names_the_queue_argument_that_differs() -> None:
+    error = Exception(
+        "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'a:b' in vhost '/':"
+        " received the value 'classic' of type 'longstr' but current is none"
+    )
+    assert _differing_argument(error) == (
+        " (x-queue-type differs: declared with another queue_type)"
+    )
+    assert _differing_argument(Exception("PRECONDITION_FAILED")) == ""
 
 
 async def test_from_url_connects_lazily_and_closes_its_connection() -> None:

@@ -124,6 +124,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import time
 import uuid
 from collections import deque
@@ -266,6 +267,29 @@ _EXHAUST_WAIT = 0.005
 # channel hands back, or that no consumer took, then expires instead of staying in the queue
 # (counted by lag(), read by no one once the group's consumers are gone)
 _FILLER_TTL_MS = 200
+
+
+#: the consumer group that reads dead letters (``msdata dlq``,
+#: :func:`msdata.service.read_dead_letters`): its queues are classic and unordered whatever
+#: the transport's ``queue_type`` and ``ordered_per_key``, which a ``--broker`` URL cannot say
+DEAD_LETTER_READER = "msdata-dlq"
+
+_INEQUIVALENT_ARG = re.compile(r"inequivalent arg '([^']+)'")
+
+
+def _differing_argument(error: BaseException) -> str:
+    """`` (x-queue-type differs)``: the queue argument a PRECONDITION_FAILED names
+    (``x-queue-type`` for classic vs quorum, ``x-single-active-consumer`` for
+    ``ordered_per_key``), or ``""`` if it names none."""
+    found = _INEQUIVALENT_ARG.search(str(error))
+    if found is None:
+        return ""
+    arg = found.group(1)
+    hint = {
+        "x-queue-type": ": declared with another queue_type",
+        "x-single-active-consumer": ": declared with another ordered_per_key",
+    }.get(arg, "")
+    return f" ({arg} differs{hint})"
 
 
 def group_queue_name(exchange: str, group: str) -> str:
@@ -792,8 +816,8 @@ class RabbitMQSubscription(ClosesOnExit):
         #: where its retries come back, due (not in ordered mode: it retries by itself)
         self.ready_queue = _ready_queue_name(self.queue)
         self._dlq_topic = dead_letter_topic(topic, group)
-        self._ordered = transport.features.ordered_per_key
-        self._counts_deliveries = transport.queue_type == "quorum"
+        queue_type, self._ordered = transport._group_mode(topic, group)
+        self._counts_deliveries = queue_type == "quorum"
         # whether it keeps count of what each consumer holds (see _exhaust_credit)
         self._tracks = self._counts_deliveries or self._ordered
         self._channel: AbstractRobustChannel | None = None
@@ -858,8 +882,8 @@ class RabbitMQSubscription(ClosesOnExit):
                     await self._start(await channel.get_underlay_channel())
                 except aiormq.exceptions.ChannelPreconditionFailed as e:
                     raise ConfigurationError(
-                        f"queue {self.queue!r} exists with other arguments (was it declared"
-                        f" with ordered_per_key={not self._ordered}?): {e}"
+                        f"queue {self.queue!r} exists with other arguments"
+                        f"{_differing_argument(e)}: {e}"
                     ) from e
         except BaseException:
             await self.close()
@@ -1984,29 +2008,38 @@ class RabbitMQTransport:
         queue = group_queue_name(exchange, group)
         await self._declare_topic(raw, topic)
         await self._declare_topic(raw, dead_letter_topic(topic, group))
-        arguments: dict[str, Any] = {"x-queue-type": self.queue_type}
-        if self.features.ordered_per_key:
+        queue_type, ordered = self._group_mode(topic, group)
+        arguments: dict[str, Any] = {"x-queue-type": queue_type}
+        if ordered:
             arguments["x-single-active-consumer"] = True
         replay = is_dead_letter_topic(topic) and not await self._queue_exists(queue)
         await raw.queue_declare(queue, durable=True, arguments=arguments)
         self._queues.add(queue)
-        if self.features.ordered_per_key:
+        if ordered:
             given_back = _given_back_name(queue)
             await raw.queue_declare(
-                given_back, durable=True, arguments={"x-queue-type": self.queue_type}
+                given_back, durable=True, arguments={"x-queue-type": queue_type}
             )
             self._queues.add(given_back)
         else:
             ready = _ready_queue_name(queue)
-            await raw.queue_declare(
-                ready, durable=True, arguments={"x-queue-type": self.queue_type}
-            )
+            await raw.queue_declare(ready, durable=True, arguments={"x-queue-type": queue_type})
             self._queues.add(ready)
         await raw.queue_bind(queue, exchange, routing_key="")
         if replay:
             await self._replay_history(raw, exchange, queue)
         if adopt:
             await self._adopt_unrouted(raw, topic)
+
+    def _group_mode(self, topic: str, group: str) -> tuple[str, bool]:
+        """The queue type and whether ordered, of the group's queues: the transport's
+        ``queue_type`` and ``ordered_per_key``, except for the dead-letter reader
+        (:data:`DEAD_LETTER_READER` on a dead-letter topic), always classic and unordered, so
+        that ``msdata dlq`` with a bare ``--broker`` URL and the service's own
+        :func:`msdata.service.read_dead_letters` open the same queue whatever the mode."""
+        if group == DEAD_LETTER_READER and is_dead_letter_topic(topic):
+            return "classic", False
+        return self.queue_type, self.features.ordered_per_key
 
     async def _queue_exists(self, queue: str) -> bool:
         """Whether ``queue`` exists: a passive declare, on a channel of its own (a failed
@@ -2122,7 +2155,8 @@ class RabbitMQTransport:
                     )
                 except aiormq.exceptions.ChannelPreconditionFailed as e:
                     raise ConfigurationError(
-                        f"group {group!r} of {topic!r} exists with other arguments: {e}"
+                        f"group {group!r} of {topic!r} exists with other arguments"
+                        f"{_differing_argument(e)}: {e}"
                     ) from e
         finally:
             if channel is not None:
