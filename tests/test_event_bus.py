@@ -18,6 +18,7 @@ from msdata.errors import (
     InvalidHeader,
     RejectMessage,
     TransportClosed,
+    TransportError,
 )
 from msdata.events import EventBus
 from msdata.messages import Envelope, current_envelope, handling, make_envelope, message_type
@@ -1024,3 +1025,73 @@ async def test_a_consumer_cancelled_while_giving_back_its_batch_gives_back_the_r
     finally:
         telemetry.install(previous)
     assert sorted(attempts.seen) == sorted((n, 1) for n in names)
+
+
+def _unreachable(backend: str, host: str, port: int, timeout: float) -> Any:
+    """A transport of a networked ``backend`` at ``host:port``, every connect timeout
+    ``timeout`` seconds (as a user builds it from a URL)."""
+    if backend == "redis":
+        from msdata.adapters.redis import RedisTransport
+
+        return RedisTransport.from_url(
+            f"redis://{host}:{port}/0?socket_connect_timeout={timeout}&socket_timeout={timeout}"
+        )
+    if backend == "rabbitmq":
+        from msdata.adapters.rabbitmq import RabbitMQTransport
+
+        return RabbitMQTransport.from_url(
+            f"amqp://msdata:pw@{host}:{port}/", publish_timeout=timeout, connect_timeout=timeout
+        )
+    from msdata.adapters.nats import NatsTransport
+
+    return NatsTransport.from_url(
+        f"nats://{host}:{port}", publish_timeout=timeout, connect_timeout=timeout
+    )
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("rabbitmq", marks=pytest.mark.rabbitmq),
+        pytest.param("nats", marks=pytest.mark.nats),
+    ],
+)
+async def test_start_against_a_server_that_never_answers_fails_within_one_connect_timeout(
+    backend: str,
+) -> None:
+    """docs: start() raises TransportError within the transport's connect timeout. With
+    three groups it must not take three of them: on RabbitMQ the consumers' connects
+    queued one after the other (3 groups, connect_timeout 2 s: 6 s)."""
+    silent: list[asyncio.StreamWriter] = []
+
+    async def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent.append(writer)  # kept open, never answered
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    timeout, margin = 2.0, 3.0  # the three connects one after the other take 6 s
+    try:
+        t = _unreachable(backend, host, port, timeout)
+        try:
+            bus = make_bus(t)
+
+            async def ignore(event: OrderPlaced) -> None:
+                pass
+
+            for n in range(3):
+                bus.subscribe(OrderPlaced, ignore, group=f"g{n}", topic="orders")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(TransportError):
+                await asyncio.wait_for(bus.start(), 60)
+            took = loop.time() - started
+            assert took < timeout + margin, f"start took {took:.1f}s for 3 groups"
+        finally:
+            await asyncio.wait_for(t.close(), 30)
+    finally:
+        server.close()
+        for writer in silent:
+            writer.close()
+        await server.wait_closed()
+    assert silent, "the transport never connected to the server"

@@ -1841,6 +1841,9 @@ class RabbitMQTransport:
         self.connect_timeout = connect_timeout
         self._publish_channel: AbstractRobustChannel | None = None
         self._lock = asyncio.Lock()
+        # the connecting in flight, whose outcome every caller arriving meanwhile shares
+        self._opening: asyncio.Future[AbstractRobustConnection] | None = None
+        self._closing_late: set[asyncio.Future[None]] = set()
         # exchanges known to exist (re-declared after a failed publish), and every exchange and
         # queue ever declared (for `declared`)
         self._topics: set[str] = set()
@@ -1905,10 +1908,33 @@ class RabbitMQTransport:
             raise TransportClosed("the transport is closed")
         if self._connection is not None:
             return self._connection
-        async with self._lock:
-            if self._connection is None:
-                self._connection = await self._open()
-            return self._connection
+        # one attempt at a time, and the callers that arrive while it is in flight share its
+        # outcome: against a broker that never answers, N calls made together (a bus
+        # starting N groups) fail together within one connect_timeout, not one after the
+        # other in N of them. A call made after a failed attempt makes an attempt of its own.
+        opening = self._opening
+        if opening is None:
+            opening = self._opening = asyncio.ensure_future(self._open())
+            opening.add_done_callback(self._opened)
+        # a caller cancelled does not cancel the attempt the others wait for
+        return await asyncio.shield(opening)
+
+    def _opened(self, opening: asyncio.Future[AbstractRobustConnection]) -> None:
+        self._opening = None
+        if opening.cancelled() or opening.exception() is not None:
+            return  # (retrieved: raised to every caller that waits, logged by none)
+        conn = opening.result()
+        if self._closed:  # closed as it connected: nobody will use or close it
+            closing = asyncio.ensure_future(self._close_late(conn))
+            self._closing_late.add(closing)
+            closing.add_done_callback(self._closing_late.discard)
+            return
+        self._connection = conn
+
+    async def _close_late(self, conn: AbstractRobustConnection) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.connect_timeout):
+                await conn.close()
 
     async def _open(self) -> AbstractRobustConnection:
         """A robust connection to the broker, within ``connect_timeout`` (a broker that
