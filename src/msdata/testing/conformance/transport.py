@@ -1341,6 +1341,49 @@ class TransportConformance:
         tracebacks = [r for r in caplog.records if r.exc_info and r.levelno >= logging.WARNING]
         assert not tracebacks, [f"{r.name}: {r.getMessage()}" for r in tracebacks]
 
+    async def test_calls_made_together_against_a_server_that_never_answers_fail_together(
+        self,
+    ) -> None:
+        """Three subscriptions entered at once (a bus starting three groups) against a port
+        that accepts connections and never answers: all raise TransportError within one
+        connect timeout and a margin, not one timeout after the other (RabbitMQ's callers
+        used to queue for the connection, each then trying again in full: 3 timeouts)."""
+        async with self.make_transport() as t:
+            if not t.features.networked:
+                pytest.skip("an in-process transport has no server to stop answering")
+        silent: list[asyncio.StreamWriter] = []
+
+        async def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            silent.append(writer)  # kept open, never answered
+
+        server = await asyncio.start_server(accept, "127.0.0.1", 0)
+        host, port = server.sockets[0].getsockname()[:2]
+        timeout, margin = 2.0, 3.0  # one after the other, the three take 6 s
+        topic = self.unique("topic")
+
+        async def enter(t: Transport, group: str) -> None:
+            async with t.subscribe(topic, group):
+                pass
+
+        try:
+            async with self.make_unreachable_transport(host, port, timeout) as t:
+                started = time.monotonic()
+                results = await asyncio.wait_for(
+                    asyncio.gather(
+                        *(enter(t, self.unique("group")) for _ in range(3)),
+                        return_exceptions=True,
+                    ),
+                    60,
+                )
+                took = time.monotonic() - started
+                assert all(isinstance(r, TransportError) for r in results), results
+                assert took < timeout + margin, f"three calls together took {took:.1f}s"
+        finally:
+            server.close()
+            for writer in silent:
+                writer.close()
+            await server.wait_closed()
+
     # -- a silent server: accepts connections and never answers ------------------------------
 
     def broker_address(self) -> tuple[str, int]:
