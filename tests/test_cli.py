@@ -794,3 +794,44 @@ def test_trace_reads_what_has_tables_and_says_what_has_none(tmp_path: Path) -> N
     msdata("db", "init", empty, "--port", "inbox")
     assert "none of the stores has its tables" in fails("trace", "x", "--db", empty)
     assert "--app module:service or --db URL" in usage("trace", "x")
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("first", ["cli", "service"])
+@pytest.mark.parametrize("mode", ["quorum", "ordered"])
+def test_dlq_with_a_bare_amqp_url_and_a_quorum_or_ordered_service_both_read(
+    amqp_url: str, mode: str, first: str
+) -> None:
+    """``--broker amqp://...`` cannot say quorum or ordered; the service's transport does.
+    Both read the same dead letters, in either order (the first used to declare the
+    ``msdata-dlq`` reader's queue with its own mode, and the other failed on it)."""
+    from msdata.adapters.rabbitmq import RabbitMQTransport
+    from msdata.service import read_dead_letters
+    from msdata.transport import TransportMessage
+
+    namespace, topic, group = f"cli{uuid.uuid4().hex[:8]}", "orders", "g"
+    options: dict[str, Any] = (
+        {"queue_type": "quorum"} if mode == "quorum" else {"ordered_per_key": True}
+    )
+    where = ["--broker", amqp_url, "--namespace", namespace, "--topic", topic, "--group", group]
+
+    def cli_ids() -> list[str]:
+        return [d["id"] for d in json.loads(msdata("dlq", "list", *where, "--json").stdout)]
+
+    async def run() -> None:
+        t = RabbitMQTransport.from_url(amqp_url, namespace=namespace, **options)
+        try:
+            await t.declare_group(topic, group)
+            await t.publish(topic, [TransportMessage(id="m1", body=b"{}")])
+            async with t.subscribe(topic, group) as sub:
+                (d,) = await sub.receive(timeout=5)
+                await d.dead_letter("bad")
+            if first == "cli":
+                assert await asyncio.to_thread(cli_ids) == ["m1"]
+            assert [i.id for i in await read_dead_letters(t, [(topic, group)])] == ["m1"]
+            if first == "service":
+                assert await asyncio.to_thread(cli_ids) == ["m1"]
+        finally:
+            await t.close()
+
+    asyncio.run(run())
