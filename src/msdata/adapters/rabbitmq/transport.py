@@ -1775,6 +1775,8 @@ class RabbitMQTransport:
       the broker confirms). A broker that accepts the connection and never answers, or that
       stops answering later, makes them raise :class:`~msdata.errors.TransportError` naming
       it (``amqp://host:port/vhost``, without credentials) instead of waiting for ever.
+      Calls made while a connect is in flight share it: they fail together, within that
+      one ``connect_timeout`` (a bus starting N groups does not take N of them).
     - ``namespace``: on a broker shared with others, every exchange and queue name starts
       with ``<namespace>:`` (topic ``orders`` is exchange ``shop:orders``, its group queue
       ``shop:orders:billing``); the same option as on the other transports.
