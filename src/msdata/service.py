@@ -207,9 +207,7 @@ async def read_dead_letters(
                             )
                         )
                         if replay:
-                            clean = {
-                                k: v for k, v in h.items() if not k.startswith("x-msdata-")
-                            }
+                            clean = {k: v for k, v in h.items() if not k.startswith("x-msdata-")}
                             # a token of this replay's own: a broker that drops a second
                             # publish of an id (NATS, inside its duplicate window) must not
                             # drop this one
