@@ -261,6 +261,49 @@ def test_dlq_list_reads_dead_letters_another_reader_read_first(redis_url: str) -
 
 
 @pytest.mark.redis
+def test_dlq_list_leaves_a_dead_letter_over_its_size_limit_where_it_is(redis_url: str) -> None:
+    """A service with a larger ``max_message_bytes`` dead-letters a 2 MB message: ``msdata
+    dlq list`` (the default limit, 1 MiB and a bit) lists it with the small one, twice;
+    ``show`` gives it whole; ``replay`` fails naming it (too large to publish) and it is
+    listed again. The old Redis reader dead-lettered it into ``<dlq>.msdata-dlq.dlq``."""
+    from msdata.transport import TransportMessage
+    from msdata.urls import transport_from_url
+
+    topic, group = f"cli-{uuid.uuid4().hex[:8]}", "billing"
+
+    async def dead_letter_two() -> None:
+        transport = transport_from_url(redis_url, max_message_bytes=3_000_000)
+        try:
+            await transport.declare_group(topic, group)
+            async with transport.subscribe(topic, group) as sub:
+                await transport.publish(
+                    topic,
+                    [
+                        TransportMessage(id="small", body=b"{}"),
+                        TransportMessage(id="big", body=b"x" * 2_000_000),
+                    ],
+                )
+                got: list[Any] = []
+                while len(got) < 2:
+                    got += await sub.receive(2, timeout=10.0)
+                for d in got:
+                    await d.dead_letter("RejectMessage: no")
+        finally:
+            await transport.close()
+
+    asyncio.run(dead_letter_two())
+    where = ["--broker", redis_url, "--topic", topic, "--group", group]
+    for _ in range(2):
+        listed = json.loads(msdata("dlq", "list", *where, "--json").stdout)
+        assert sorted(d["id"] for d in listed) == ["big", "small"]
+    shown = json.loads(msdata("dlq", "show", *where, "big", "--json").stdout)
+    assert shown["body"] == "x" * 2_000_000
+    proc = msdata("dlq", "replay", *where, ok=False)
+    assert proc.returncode == 1 and "MessageTooLarge: message big" in proc.stderr, proc.stderr
+    listed = json.loads(msdata("dlq", "list", *where, "--json").stdout)
+    assert [d["id"] for d in listed] == ["big"]
+
+
 def test_dlq_prints_a_foreign_message_without_its_terminal_escapes(redis_url: str) -> None:
     """A foreign message whose id and body hold terminal escapes (colour, window title,
     clear screen) is listed and shown with them escaped; ``--json`` gives a body that is not

@@ -55,6 +55,7 @@ from msdata.transport import (
     DEAD_LETTER_REASON,
     DEAD_LETTER_TOPIC,
     REPLAY_HEADER,
+    Delivery,
     Transport,
     TransportMessage,
     check_name,
@@ -156,50 +157,72 @@ async def read_dead_letters(
     once the publish is confirmed, acked, so it leaves the dead-letter topic (a publish
     that fails raises :class:`~msdata.errors.PublishError` and leaves it there). Every
     group of the topic receives a replayed message again: an inbox skips it where it was
-    applied already."""
+    applied already.
+
+    Reading moves nothing: every dead letter the reader is handed is held unsettled until
+    the pair is read (so the next receive hands out the next one, not the same one again)
+    and then given back (nacked), whatever it is: a transport hands a consumer of a
+    dead-letter topic every entry, whatever its size, and one that cannot be published back
+    (over the transport's ``max_message_bytes``) fails the replay with
+    :class:`~msdata.errors.PublishError` naming it, and stays. At most ``limit`` per pair,
+    and fewer where the transport holds no more unsettled for one consumer (its
+    ``max_held_bytes``)."""
     out: list[DeadLetterInfo] = []
     for topic, group in pairs:
         dlq_topic = dead_letter_topic(topic, group)
-        # a high max_attempts: reading must never dead-letter a dead letter
-        async with transport.subscribe(dlq_topic, reader, max_attempts=1_000_000) as sub:
+        # a high max_attempts: reading must never dead-letter a dead letter; a prefetch of
+        # the limit: the reader holds what it read until the end
+        async with transport.subscribe(
+            dlq_topic, reader, max_attempts=1_000_000, prefetch=max(1, limit)
+        ) as sub:
             seen: set[str] = set()
-            while len(seen) < limit:
-                batch = await sub.receive(min(100, limit - len(seen)), timeout=0.5)
-                fresh = [d for d in batch if d.message.id not in seen]
-                for d in batch:
-                    if d not in fresh:
-                        await d.nack()  # seen already: it came round again
-                if not fresh:
-                    break
-                for d in fresh:
-                    m = d.message
-                    seen.add(m.id)
-                    h = dict(m.headers)
-                    original = h.get(DEAD_LETTER_TOPIC, topic)
-                    out.append(
-                        DeadLetterInfo(
-                            dlq_topic,
-                            m.id,
-                            m.key,
-                            original,
-                            h.get(DEAD_LETTER_GROUP, group),
-                            _attempts(h.get(DEAD_LETTER_ATTEMPTS)),
-                            h.get(DEAD_LETTER_REASON),
-                            *_text_and_base64(m.body),
+            held: dict[Delivery, None] = {}
+            try:
+                while len(seen) < limit:
+                    batch = await sub.receive(min(100, limit - len(seen)), timeout=0.5)
+                    fresh: list[Delivery] = []
+                    for d in batch:
+                        if d.message.id in seen:
+                            await d.nack()  # seen already: it came round again
+                        else:
+                            seen.add(d.message.id)
+                            fresh.append(d)
+                            held[d] = None
+                    if not fresh:
+                        break
+                    for d in fresh:
+                        m = d.message
+                        h = dict(m.headers)
+                        original = h.get(DEAD_LETTER_TOPIC, topic)
+                        out.append(
+                            DeadLetterInfo(
+                                dlq_topic,
+                                m.id,
+                                m.key,
+                                original,
+                                h.get(DEAD_LETTER_GROUP, group),
+                                _attempts(h.get(DEAD_LETTER_ATTEMPTS)),
+                                h.get(DEAD_LETTER_REASON),
+                                *_text_and_base64(m.body),
+                            )
                         )
-                    )
-                    if replay:
-                        clean = {k: v for k, v in h.items() if not k.startswith("x-msdata-")}
-                        # a token of this replay's own: a broker that drops a second publish
-                        # of an id (NATS, inside its duplicate window) must not drop this one
-                        clean[REPLAY_HEADER] = new_id()
-                        await transport.publish(
-                            original,
-                            [TransportMessage(id=m.id, body=m.body, key=m.key, headers=clean)],
-                        )
-                        # only once the publish was confirmed (it raises otherwise): removed
-                        await d.ack()
-                    else:
+                        if replay:
+                            clean = {k: v for k, v in h.items() if not k.startswith("x-msdata-")}
+                            # a token of this replay's own: a broker that drops a second
+                            # publish of an id (NATS, inside its duplicate window) must not
+                            # drop this one
+                            clean[REPLAY_HEADER] = new_id()
+                            await transport.publish(
+                                original,
+                                [TransportMessage(id=m.id, body=m.body, key=m.key, headers=clean)],
+                            )
+                            # only once the publish was confirmed (it raises otherwise): removed
+                            await d.ack()
+                            del held[d]
+            finally:
+                # what was read and not replayed goes back where it was, as it was
+                for d in held:
+                    with contextlib.suppress(Exception):
                         await d.nack()
     return out
 

@@ -154,6 +154,8 @@ DEFAULT_MAX_HELD_BYTES = 64 * 1024 * 1024
 #: timeout is reached (its blocking read ends by then at Redis); past that the receive returns
 #: ``[]`` and the read finishes into the subscription's buffer
 RECEIVE_MARGIN = 0.2
+# a dead-letter topic's consumer's size limit: none (above any entry Redis can hold)
+_ANY_SIZE = 1 << 50
 # the dead-letter reason of an entry over max_message_bytes (a Lua format: size, limit)
 _TOO_LARGE = "MessageTooLarge: the stream entry is %d bytes; max_message_bytes is %d"
 # error replies that are the server's state, not one message's fault: the whole batch failed
@@ -439,7 +441,11 @@ class RedisSubscription(ClosesOnExit):
     Reads run in a Lua script that dead-letters an entry over ``max_message_bytes`` on the
     server, so such an entry's bytes never reach the consumer; only the blocking wait for
     new entries (when none were there) is a plain ``XREADGROUP COUNT 1``, whose entry, if too
-    large, is dead-lettered right after it was read."""
+    large, is dead-lettered right after it was read. A consumer of a dead-letter topic
+    (``<topic>.<group>.dlq``, what :func:`msdata.service.read_dead_letters` reads) has no
+    size limit: it reads one entry at a time, of any size, so a dead letter larger than
+    ``max_message_bytes`` is handed out (and stays where it is) rather than moved into the
+    dead-letter topic's own dead-letter topic."""
 
     def __init__(
         self, transport: RedisTransport, topic: str, group: str, max_attempts: int, prefetch: int
@@ -659,13 +665,21 @@ class RedisSubscription(ClosesOnExit):
             fetch.result()
         return True
 
+    @property
+    def _size_limit(self) -> int:
+        """The largest entry (bytes of its fields) this consumer takes: the transport's
+        ``max_message_bytes``; a larger one is dead-lettered on the server. A consumer of a
+        dead-letter topic (the dead-letter reader, ``msdata dlq``) takes every entry, one a
+        read: dead-lettering a dead letter would move it out of every reader's sight."""
+        return _ANY_SIZE if self._keeps_history else self._t.max_message_bytes
+
     def _affordable(self, room: int) -> int:
         """How many entries to read at most: ``room``, cut to what fits in the byte budget
         if each were as large as allowed; at least one while any budget is left."""
         left = self._t.max_held_bytes - self._held
         if left <= 0:
             return 0
-        return min(room, max(1, left // self._t.max_message_bytes))
+        return min(room, max(1, left // self._size_limit))
 
     async def _fill(self, room: int, timeout: float) -> None:
         t = self._t
@@ -743,14 +757,14 @@ class RedisSubscription(ClosesOnExit):
                 size = _fields_size(flat)
                 message, base = _parse(eid, flat, i == _RETRY)
                 attempt = base + int(count) - 1
-                if size > t.max_message_bytes:
+                if size > self._size_limit:
                     moved = await t._move_too_large(
                         keys=[self._keys[i], self._dlq],
                         args=[
                             self.group,
                             eid,
                             attempt,
-                            t.max_message_bytes,
+                            self._size_limit,
                             self.topic,
                             _TOO_LARGE,
                         ],
@@ -802,7 +816,7 @@ class RedisSubscription(ClosesOnExit):
                     self.group,
                     self.consumer,
                     room,
-                    t.max_message_bytes,
+                    self._size_limit,
                     self.topic,
                     _TOO_LARGE,
                     len(acks[_TOPIC]),
@@ -873,13 +887,13 @@ class RedisSubscription(ClosesOnExit):
             self._saw(stream, entries[-1][0])
         for eid, flat in entries:
             size = _fields_size(flat)
-            if size <= t.max_message_bytes:
+            if size <= self._size_limit:
                 small.append((eid, flat))
                 continue
             attempt = _parse(eid, flat, stream == _RETRY)[1] if stream == _RETRY else 1
             moved = await t._move_too_large(
                 keys=[self._keys[stream], self._dlq],
-                args=[self.group, eid, attempt, t.max_message_bytes, self.topic, _TOO_LARGE],
+                args=[self.group, eid, attempt, self._size_limit, self.topic, _TOO_LARGE],
             )
             if moved:
                 self._log_too_large([moved])
@@ -911,7 +925,7 @@ class RedisSubscription(ClosesOnExit):
                     idle,
                     self._cursors[i],
                     room,
-                    t.max_message_bytes,
+                    self._size_limit,
                     self.topic,
                     _TOO_LARGE,
                     "1" if i == _RETRY else "0",

@@ -1134,6 +1134,42 @@ class TransportConformance:
             # the dead-letter topic is empty now
             assert await read_dead_letters(t, [(topic, group)]) == []
 
+    async def test_a_dead_letter_over_the_readers_size_limit_is_listed_and_stays(self) -> None:
+        """A dead letter larger than the reader's ``max_message_bytes`` (dead-lettered by a
+        transport with a larger limit; here the same transport's limit lowered afterwards,
+        as a reader built with the default limit, ``msdata dlq list``, has it) is listed by
+        :func:`msdata.service.read_dead_letters` with the small one, and stays where it is:
+        listed twice, it is there twice. Replaying it fails with PublishError naming it
+        (too large to publish) and it stays on the dead-letter topic, listed again. Reading
+        must never move a dead letter elsewhere (Redis: its size check dead-lettered it
+        into the dead-letter topic's own dead-letter topic, out of every reader's sight)."""
+        from msdata.service import read_dead_letters
+
+        topic, group = self.unique("topic"), self.unique("group")
+        limit = 64 * 1024
+        small = TransportMessage(str(uuid.uuid4()), b'{"n":1}')
+        big = TransportMessage(str(uuid.uuid4()), b"b" * (2 * limit))
+        async with self._transport_with(max_message_bytes=4 * limit) as t:
+            async with t.subscribe(topic, group) as sub:
+                await t.publish(topic, [small, big])
+                got = await collect(sub, 2, timeout=self.arrival_timeout, ack=False)
+                for d in got:
+                    await d.dead_letter("RejectMessage: no")
+            t.max_message_bytes = limit  # type: ignore[attr-defined]
+            want = sorted([(small.id, topic, 7), (big.id, topic, 2 * limit)])
+            for round_ in (1, 2):
+                infos = await read_dead_letters(t, [(topic, group)])
+                assert sorted((i.id, i.topic, len(i.body)) for i in infos) == want, round_
+                assert {i.reason for i in infos} == {"RejectMessage: no"}
+            with pytest.raises(PublishError) as refused:
+                await read_dead_letters(t, [(topic, group)], replay=True, limit=10)
+            assert big.id in refused.value.refused
+            infos = await read_dead_letters(t, [(topic, group)])
+            assert big.id in [i.id for i in infos]
+            # nothing went to the dead-letter topic's own dead-letter topic
+            dlq = dead_letter_topic(topic, group)
+            assert await read_dead_letters(t, [(dlq, "msdata-dlq")]) == []
+
     async def test_every_dead_letter_is_logged_once_with_its_reason(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
