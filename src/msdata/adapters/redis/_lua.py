@@ -278,7 +278,8 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 # by the close reached Redis but not the consumer; or, from ARGV[4] on (an XPENDING start such
 # as "(1700000000000-3", exclusive), what a read whose reply was lost took. KEYS[1] stream;
 # ARGV[1] group, ARGV[2] consumer, ARGV[3] count. Returns {entries ({id, fields} each),
-# delivery counts}; an entry deleted from the stream meanwhile is acked (nothing is left).
+# delivery counts}; an entry deleted from the stream meanwhile is acked (nothing is left);
+# the idle time of those returned is reset.
 OWN_PENDING = """
 local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], ARGV[4] or '-', '+',
                     tonumber(ARGV[3]), ARGV[2])
@@ -292,6 +293,14 @@ for _, e in ipairs(p) do
   else
     redis.call('XACK', KEYS[1], ARGV[1], e[1])
   end
+end
+if #entries > 0 then
+  -- taken up now: their idle time starts again (JUSTID: no delivery is counted), so no other
+  -- consumer takes them over meanwhile
+  local claim = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+  for _, e in ipairs(entries) do claim[#claim + 1] = e[1] end
+  claim[#claim + 1] = 'JUSTID'
+  redis.call(unpack(claim))
 end
 return {entries, counts}
 """

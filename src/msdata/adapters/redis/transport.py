@@ -723,6 +723,17 @@ class RedisSubscription(ClosesOnExit):
         consumer's pending entries after the last one it saw on each stream."""
         t = self._t
         pipe = t._client.pipeline(transaction=False)
+        # first the heartbeat that could not get through meanwhile: what this consumer holds,
+        # or acked without the XACK confirmed, idle since, is not taken over by another
+        # consumer's scan before this consumer's own heartbeat comes round
+        beats = 0
+        for i, key in enumerate(self._keys):
+            held = self._held_here(i)
+            if held:
+                await t._heartbeat_script(
+                    keys=[key], args=[self.group, self.consumer, *held], client=pipe
+                )
+                beats += 1
         for i, key in enumerate(self._keys):
             ms, seq = self._seen[i]
             await t._own_pending(
@@ -730,7 +741,7 @@ class RedisSubscription(ClosesOnExit):
                 args=[self.group, self.consumer, 2 * self.prefetch + 100, f"({ms}-{seq}"],
                 client=pipe,
             )
-        results = await _execute(pipe)
+        results = (await _execute(pipe))[beats:]
         for i in (_TOPIC, _RETRY):
             entries, counts = results[i]
             if not entries:
@@ -987,7 +998,7 @@ class RedisSubscription(ClosesOnExit):
             # else a read whose reply was lost took them (perhaps a read that reached Redis
             # after the consumer gave up on it): that read was their delivery, so the claim
             # is not counted
-            mine = self._held_here(i) if any(own) else set()
+            mine = self._held_here(i) if entries else set()
             lost = 0
             for (eid, flat), count, was_own in zip(entries, counts, own, strict=True):
                 if not flat:  # deleted from the stream meanwhile (Redis < 7 reports them so)
