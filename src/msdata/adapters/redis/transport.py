@@ -40,7 +40,14 @@ being delivered again.
 
 Acks are batched: ``ack()`` returns at once and the XACKs go out with the subscription's next
 round trip (its next ``receive``, or a flush on the next turn of the event loop, or
-``close``). An ack lost to a crash in between means one redelivery, as at-least-once allows.
+``close``). An ack whose round trip failed (a lost connection, a server gone silent) is kept
+and sent again with the next one until Redis confirms it (an XACK of an entry already acked
+does nothing); meanwhile the heartbeat keeps its entry alive, the reclaim scan sends pending
+acks before it claims anything, and the consumer never takes up again an entry it holds or
+has acked, so a message handled while the server was silent does not come back counted.
+The same scan takes up, uncounted, an entry of its own it does not hold (a read that reached
+Redis after its reply was given up). An ack lost to a crash in between means one
+redelivery, as at-least-once allows.
 ``nack`` and ``dead_letter`` are awaited.
 
 Trimming: never by length (``XADD MAXLEN`` could drop what a group has not acked). Every
