@@ -32,7 +32,12 @@ from msdata.errors import (
     TransportClosed,
     TransportError,
 )
-from msdata.testing.conformance.transport import TransportConformance, collect, make_messages
+from msdata.testing.conformance.transport import (
+    TransportConformance,
+    _SilentServer,
+    collect,
+    make_messages,
+)
 from msdata.transport import (
     DEAD_LETTER_ATTEMPTS,
     DEAD_LETTER_REASON,
@@ -726,3 +731,58 @@ async def test_max_message_bytes_and_max_held_bytes_from_the_url() -> None:
             RedisTransport.from_url(f"{url}{sep}{bad}")
     with pytest.raises(ConfigurationError):
         RedisTransport.from_url(f"{url}{sep}max_held_bytes=5", max_held_bytes=6)
+
+
+async def test_an_ack_made_as_the_server_goes_silent_is_not_lost() -> None:
+    """An ack made just as the server goes silent (the connection stays open, nothing
+    answers) cannot get through: it is kept and sent once the server speaks again, however
+    long past ``claim_idle`` the silence lasted. The message does not come back, neither
+    to this consumer's own reclaim scan (as its next attempt) nor to the dead letters; a
+    message published then arrives as attempt 1."""
+    conf = TestRedisTransport()
+    topic, group = unique("topic"), unique("group")
+    async with (
+        _SilentServer(conf.broker_address()) as server,
+        conf.make_transport_at(server.host, server.port, 0.5) as t,
+    ):
+        assert isinstance(t, RedisTransport)
+        await t.declare_group(topic, group)
+        (first,) = make_messages(1, prefix="first")
+        await t.publish(topic, [first])
+        async with t.subscribe(topic, group, max_attempts=5) as sub:
+            (d,) = await collect(sub, 1, timeout=5.0, ack=False)
+            assert d.message.id == first.id
+            server.go_silent()
+            await d.ack()  # its flush, the heartbeats and the reads go unanswered
+            assert await sub.receive(1, timeout=0.25) == []
+            await asyncio.sleep(4 * t.claim_idle)  # the entry's idle time passes claim_idle
+            assert await sub.receive(1, timeout=0.25) == []
+            # the silence ends with its connections reset: what was sent into them is lost
+            for writer in server._writers:
+                writer.transport.abort()
+            server.speak_again()
+            early = [(x.message.id, x.attempt) for x in await sub.receive(10, timeout=0.3)]
+            assert early == [], f"first is {first.id}: {early}"
+            (after,) = make_messages(1, prefix="after")
+            deadline = time.monotonic() + 10.0
+            while True:  # connections lost in the silence may take a few tries
+                try:
+                    await t.publish(topic, [after])
+                    break
+                except TransportError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+            got: list[tuple[str, int]] = []
+            # long enough for the first message to be reclaimed if its ack were lost
+            quiet = time.monotonic() + 3 * t.features.redelivery_timeout
+            while time.monotonic() < deadline and (
+                time.monotonic() < quiet or after.id not in {m for m, _ in got}
+            ):
+                for x in await sub.receive(10, timeout=0.3):
+                    got.append((x.message.id, x.attempt))
+                    await x.ack()
+            assert got == [(after.id, 1)], f"first is {first.id}: {got}"
+            assert await t.lag(topic, group) == 0
+            dlq = f"{t.key_prefix}:{dead_letter_topic(topic, group)}"
+            assert await t._client.xlen(dlq) == 0, "the acked message was dead-lettered"

@@ -214,14 +214,22 @@ return too_large(KEYS[1], KEYS[2], ARGV[1], ARGV[5], ARGV[2], f, entry_size(f),
 # KEYS[1] stream, KEYS[2] the group's dead-letter stream; ARGV[1] group, ARGV[2] consumer,
 # ARGV[3] min idle ms, ARGV[4] cursor, ARGV[5] count, ARGV[6] max_message_bytes, ARGV[7]
 # topic, ARGV[8] reason format, ARGV[9] "1" if the stream is a retry stream (its entries'
-# attempt field is msdata's). Returns {next cursor, entries, counts, too large}.
+# attempt field is msdata's). Returns {next cursor, entries, counts, too large, own}: own[i]
+# is 1 if entries[i] was already this consumer's (the claim counted one more delivery).
 RECLAIM = (
     _TOO_LARGE
     + """
+-- this consumer's own idle entries from the cursor on: XAUTOCLAIM claims the first COUNT
+-- idle entries, so its own among them are among these
+local mine = {}
+for _, e in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], ARGV[4], '+',
+                              ARGV[5], ARGV[2])) do
+  mine[e[1]] = true
+end
 local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
                      'COUNT', ARGV[5])
 local limit = tonumber(ARGV[6])
-local entries, counts, large = {}, {}, {}
+local entries, counts, large, own = {}, {}, {}, {}
 for _, e in ipairs(r[2]) do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
   local count = 1
@@ -238,9 +246,10 @@ for _, e in ipairs(r[2]) do
   else
     entries[#entries + 1] = e
     counts[#counts + 1] = count
+    if mine[e[1]] then own[#own + 1] = 1 else own[#own + 1] = 0 end
   end
 end
-return {r[1], entries, counts, large}
+return {r[1], entries, counts, large, own}
 """
 )
 
@@ -269,7 +278,8 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 # by the close reached Redis but not the consumer; or, from ARGV[4] on (an XPENDING start such
 # as "(1700000000000-3", exclusive), what a read whose reply was lost took. KEYS[1] stream;
 # ARGV[1] group, ARGV[2] consumer, ARGV[3] count. Returns {entries ({id, fields} each),
-# delivery counts}; an entry deleted from the stream meanwhile is acked (nothing is left).
+# delivery counts}; an entry deleted from the stream meanwhile is acked (nothing is left);
+# the idle time of those returned is reset.
 OWN_PENDING = """
 local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], ARGV[4] or '-', '+',
                     tonumber(ARGV[3]), ARGV[2])
@@ -283,6 +293,14 @@ for _, e in ipairs(p) do
   else
     redis.call('XACK', KEYS[1], ARGV[1], e[1])
   end
+end
+if #entries > 0 then
+  -- taken up now: their idle time starts again (JUSTID: no delivery is counted), so no other
+  -- consumer takes them over meanwhile
+  local claim = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+  for _, e in ipairs(entries) do claim[#claim + 1] = e[1] end
+  claim[#claim + 1] = 'JUSTID'
+  redis.call(unpack(claim))
 end
 return {entries, counts}
 """

@@ -40,7 +40,14 @@ being delivered again.
 
 Acks are batched: ``ack()`` returns at once and the XACKs go out with the subscription's next
 round trip (its next ``receive``, or a flush on the next turn of the event loop, or
-``close``). An ack lost to a crash in between means one redelivery, as at-least-once allows.
+``close``). An ack whose round trip failed (a lost connection, a server gone silent) is kept
+and sent again with the next one until Redis confirms it (an XACK of an entry already acked
+does nothing); meanwhile the heartbeat keeps its entry alive, the reclaim scan sends pending
+acks before it claims anything, and the consumer never takes up again an entry it holds or
+has acked, so a message handled while the server was silent does not come back counted.
+The same scan takes up, uncounted, an entry of its own it does not hold (a read that reached
+Redis after its reply was given up). An ack lost to a crash in between means one
+redelivery, as at-least-once allows.
 ``nack`` and ``dead_letter`` are awaited.
 
 Trimming: never by length (``XADD MAXLEN`` could drop what a group has not acked). Every
@@ -381,6 +388,7 @@ class RedisDelivery(DeliveryState["RedisSubscription"]):
         del sub._inflight[self]
         sub._held -= self._size
         sub._acks[self._stream].append(self._eid)
+        sub._unacked[self._stream].add(self._eid)
         if not sub._kick_pending:
             sub._kick_pending = True
             asyncio.get_running_loop().call_soon(sub._kick)
@@ -470,6 +478,10 @@ class RedisSubscription(ClosesOnExit):
         # read or reclaimed beyond max_attempts: dead-lettered, not handed out
         self._overdue: list[tuple[RedisDelivery, str]] = []
         self._acks: tuple[list[bytes], list[bytes]] = ([], [])
+        # per stream, the entries acked whose XACK Redis has not confirmed yet (in _acks, or
+        # in a round trip under way): kept alive by the heartbeat, never taken up again by
+        # this consumer's own reclaim or recovery, until an XACK gets through
+        self._unacked: tuple[set[bytes], set[bytes]] = (set(), set())
         self._cursors: list[bytes] = [b"0-0", b"0-0"]
         # per stream, the largest entry id this consumer was given (read or reclaimed): what
         # a later read takes with ">" comes after it, so a read whose reply was lost took
@@ -732,6 +744,17 @@ class RedisSubscription(ClosesOnExit):
         consumer's pending entries after the last one it saw on each stream."""
         t = self._t
         pipe = t._client.pipeline(transaction=False)
+        # first the heartbeat that could not get through meanwhile: what this consumer holds,
+        # or acked without the XACK confirmed, idle since, is not taken over by another
+        # consumer's scan before this consumer's own heartbeat comes round
+        beats = 0
+        for i, key in enumerate(self._keys):
+            held = self._held_here(i)
+            if held:
+                await t._heartbeat_script(
+                    keys=[key], args=[self.group, self.consumer, *held], client=pipe
+                )
+                beats += 1
         for i, key in enumerate(self._keys):
             ms, seq = self._seen[i]
             await t._own_pending(
@@ -739,7 +762,7 @@ class RedisSubscription(ClosesOnExit):
                 args=[self.group, self.consumer, 2 * self.prefetch + 100, f"({ms}-{seq}"],
                 client=pipe,
             )
-        results = await _execute(pipe)
+        results = (await _execute(pipe))[beats:]
         for i in (_TOPIC, _RETRY):
             entries, counts = results[i]
             if not entries:
@@ -753,7 +776,10 @@ class RedisSubscription(ClosesOnExit):
                 len(entries),
             )
             self._saw(i, entries[-1][0])
+            mine = self._held_here(i)
             for (eid, flat), count in zip(entries, counts, strict=True):
+                if eid in mine:
+                    continue
                 size = _fields_size(flat)
                 message, base = _parse(eid, flat, i == _RETRY)
                 attempt = base + int(count) - 1
@@ -794,8 +820,26 @@ class RedisSubscription(ClosesOnExit):
         return acks
 
     def _restore_acks(self, acks: tuple[list[bytes], list[bytes]]) -> None:
+        """Put back acks whose round trip failed: they go out again with the next one (an
+        XACK of an entry already acked does nothing)."""
         self._acks[0].extend(acks[0])
         self._acks[1].extend(acks[1])
+
+    def _acked(self, acks: tuple[list[bytes], list[bytes]]) -> None:
+        """Redis confirmed these XACKs."""
+        for i in (_TOPIC, _RETRY):
+            if acks[i]:
+                self._unacked[i].difference_update(acks[i])
+
+    def _held_here(self, stream: int) -> set[bytes]:
+        """The entries of ``stream`` this consumer still holds (buffered, handed out, or
+        acked without an XACK confirmed): a reclaim or recovery that returns one of them
+        must not hand it out again."""
+        held = set(self._unacked[stream])
+        for d in (*self._inflight, *self._buffer):
+            if d._stream == stream:
+                held.add(d._eid)
+        return held
 
     def _queue_acks(self, pipe: Any) -> tuple[list[bytes], list[bytes]]:
         acks = self._take_acks()
@@ -828,6 +872,8 @@ class RedisSubscription(ClosesOnExit):
         except BaseException:
             self._restore_acks(acks)
             raise
+        if acks[0] or acks[1]:
+            self._acked(acks)
         retry, fresh, large = result
         if large:
             self._log_too_large(large)
@@ -914,6 +960,10 @@ class RedisSubscription(ClosesOnExit):
     async def _maintain(self, room: int, now: float) -> None:
         t = self._t
         pipe = t._client.pipeline(transaction=False)
+        # acks not sent yet go first: what they ack is not reclaimed below (an ack whose
+        # XACK failed, the server silent, would otherwise come back as its next attempt)
+        acks = self._queue_acks(pipe)
+        sent = len(pipe.command_stack)
         await t._move_due(keys=[self._delayed, self._keys[_RETRY]], args=[room], client=pipe)
         idle = int(t.claim_idle * 1000)
         for i in (_TOPIC, _RETRY):
@@ -941,7 +991,14 @@ class RedisSubscription(ClosesOnExit):
                 await t._forget_idle(
                     keys=[key], args=[self.group, int(t.forget_after * 1000)], client=pipe
                 )
-        results = await _execute(pipe)
+        try:
+            results = await _execute(pipe)
+        except BaseException:
+            self._restore_acks(acks)
+            raise
+        if sent:
+            self._acked(acks)
+            results = results[sent:]
         self._next_maintenance = now + t.claim_interval
         if trim and t.trim_interval:
             self._next_trim = now + t.trim_interval
@@ -950,24 +1007,47 @@ class RedisSubscription(ClosesOnExit):
             self._next_maintenance = min(self._next_maintenance, now + next_due / 1000)
         overdue: list[tuple[RedisDelivery, str]] = []
         for i in (_TOPIC, _RETRY):
-            cursor, entries, counts, large = results[1 + i]
+            cursor, entries, counts, large, own = results[1 + i]
             self._cursors[i] = cursor
             if entries:
                 self._saw(i, entries[-1][0])  # XAUTOCLAIM scans in id order
             if large:
                 self._log_too_large(large)
-            for (eid, flat), count in zip(entries, counts, strict=True):
+            # its own entries, idle while the server did not answer (nor the heartbeat get
+            # through): still held, or acked with the XACK still to be confirmed, they are
+            # left as they are (taken up again they would be handed out twice, counted);
+            # else a read whose reply was lost took them (perhaps a read that reached Redis
+            # after the consumer gave up on it): that read was their delivery, so the claim
+            # is not counted
+            mine = self._held_here(i) if entries else set()
+            lost = 0
+            for (eid, flat), count, was_own in zip(entries, counts, own, strict=True):
                 if not flat:  # deleted from the stream meanwhile (Redis < 7 reports them so)
+                    continue
+                if eid in mine:
                     continue
                 message, base = _parse(eid, flat, i == _RETRY)
                 size = _fields_size(flat)
-                d = RedisDelivery(self, i, eid, message, base + int(count) - 1, size)
+                attempt = base + int(count) - 1
+                if was_own:
+                    attempt = max(attempt - 1, base)
+                    lost += 1
+                d = RedisDelivery(self, i, eid, message, attempt, size)
                 reason = deadletter.overdue_reason(d.attempt, self.max_attempts)
                 if reason is None:
                     self._buffer.append(d)
                     self._held += size
                 else:
                     overdue.append((d, reason))
+            if lost:
+                log.info(
+                    "consumer %s of %s/%s: %d entries read by a round trip whose reply was "
+                    "lost are taken up",
+                    self.consumer,
+                    self.topic,
+                    self.group,
+                    lost,
+                )
         self._overdue.extend(overdue)
         await self._settle_overdue()
 
@@ -990,6 +1070,9 @@ class RedisSubscription(ClosesOnExit):
             held: tuple[list[bytes], list[bytes]] = ([], [])
             for d in (*self._inflight, *self._buffer):
                 held[d._stream].append(d._eid)
+            # acked, XACK not confirmed yet: kept alive until it is
+            for i in (_TOPIC, _RETRY):
+                held[i].extend(self._unacked[i])
             try:
                 for i in (_TOPIC, _RETRY):
                     if held[i]:
@@ -1019,10 +1102,13 @@ class RedisSubscription(ClosesOnExit):
                         pipe.xack(self._keys[i], self.group, *acks[i])
                 try:
                     await _execute(pipe)
-                except rex.RedisError as e:
+                except BaseException as e:
                     self._restore_acks(acks)
-                    log.warning("acks of consumer %s not sent yet: %s", self.consumer, e)
-                    return
+                    if isinstance(e, rex.RedisError):
+                        log.warning("acks of consumer %s not sent yet: %s", self.consumer, e)
+                        return
+                    raise
+                self._acked(acks)
         finally:
             self._flusher = None
 
