@@ -36,7 +36,7 @@ from typing import Any, NamedTuple, Self, TypeVar
 
 from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.cqrs import CommandBus, QueryBus
-from msdata.errors import ConfigurationError, HandlerAlreadyRegistered
+from msdata.errors import ConfigurationError, HandlerAlreadyRegistered, PublishError
 from msdata.events import EventBus
 from msdata.events.bus import STOP_GRACE
 from msdata.eventstore import EventLog
@@ -164,10 +164,13 @@ async def read_dead_letters(
     and then given back (nacked), whatever it is: a transport hands a consumer of a
     dead-letter topic every entry, whatever its size, and one that cannot be published back
     (over the transport's ``max_message_bytes``) fails the replay with
-    :class:`~msdata.errors.PublishError` naming it, and stays. At most ``limit`` per pair,
-    and fewer where the transport holds no more unsettled for one consumer (its
-    ``max_held_bytes``)."""
+    :class:`~msdata.errors.PublishError` naming it, and stays (the others are replayed
+    first: the error is raised at the end, ``refused`` naming each letter that stayed; a
+    publish that failed as a whole, the broker unreachable, raises at once). Where the
+    transport holds no more unsettled for one consumer (its ``max_held_bytes``), what is
+    held is given back and the read goes on. At most ``limit`` per pair."""
     out: list[DeadLetterInfo] = []
+    failed: dict[str, str] = {}  # id -> why the broker refused its replay
     for topic, group in pairs:
         dlq_topic = dead_letter_topic(topic, group)
         # a high max_attempts: reading must never dead-letter a dead letter; a prefetch of
@@ -189,7 +192,16 @@ async def read_dead_letters(
                             fresh.append(d)
                             held[d] = None
                     if not fresh:
-                        break
+                        if not held:
+                            break
+                        # stalled holding what it read (a transport that holds only so
+                        # much unsettled for one consumer: RabbitMQ's prefetch from
+                        # max_held_bytes): give those back and read on
+                        for d in held:
+                            with contextlib.suppress(Exception):
+                                await d.nack()
+                        held.clear()
+                        continue
                     for d in fresh:
                         m = d.message
                         h = dict(m.headers)
@@ -212,10 +224,21 @@ async def read_dead_letters(
                             # publish of an id (NATS, inside its duplicate window) must not
                             # drop this one
                             clean[REPLAY_HEADER] = new_id()
-                            await transport.publish(
-                                original,
-                                [TransportMessage(id=m.id, body=m.body, key=m.key, headers=clean)],
-                            )
+                            try:
+                                await transport.publish(
+                                    original,
+                                    [
+                                        TransportMessage(
+                                            id=m.id, body=m.body, key=m.key, headers=clean
+                                        )
+                                    ],
+                                )
+                            except PublishError as e:
+                                if m.id not in e.refused:
+                                    raise  # the broker, not this letter: stop here
+                                # refused on its own (too large): it stays, the rest go on
+                                failed[m.id] = e.refused[m.id]
+                                continue
                             # only once the publish was confirmed (it raises otherwise): removed
                             await d.ack()
                             del held[d]
@@ -224,6 +247,12 @@ async def read_dead_letters(
                 for d in held:
                     with contextlib.suppress(Exception):
                         await d.nack()
+    if failed:
+        raise PublishError(
+            f"{len(failed)} dead letter(s) could not be replayed and stay where they are: "
+            + "; ".join(f"{i}: {why}" for i, why in failed.items()),
+            refused=failed,
+        )
     return out
 
 

@@ -1134,6 +1134,37 @@ class TransportConformance:
             # the dead-letter topic is empty now
             assert await read_dead_letters(t, [(topic, group)]) == []
 
+    async def test_more_dead_letters_than_a_consumer_may_hold_are_all_listed_and_stay(
+        self,
+    ) -> None:
+        """150 dead letters (more than a RabbitMQ consumer holds unsettled by default, 60)
+        are all listed by :func:`msdata.service.read_dead_letters`, twice, and stay: a
+        reader that holds what it read until the end gives it back when the transport will
+        hand it no more, and reads on. (Holding everything listed 45 and then 60 of 150 on
+        RabbitMQ; giving each back at once listed 100 on memory and 60 on Redis, where a
+        letter given back comes round before the unread ones.)"""
+        from msdata.service import read_dead_letters
+
+        topic, group = self.unique("topic"), self.unique("group")
+        n = 150
+        async with self.make_transport() as t:
+            await t.declare_group(topic, group)
+            msgs = make_messages(n)
+            await t.publish(topic, msgs)
+            wait = t.features.redelivery_timeout + self.arrival_timeout
+            async with t.subscribe(topic, group, prefetch=50) as s:
+                got = 0
+                deadline = time.monotonic() + wait
+                while got < n and time.monotonic() < deadline:
+                    for d in await s.receive(50, timeout=1.0):
+                        await d.dead_letter("listed later")
+                        got += 1
+            assert got == n
+            want = sorted(m.id for m in msgs)
+            for _ in range(2):
+                infos = await read_dead_letters(t, [(topic, group)], limit=1000)
+                assert sorted(i.id for i in infos) == want
+
     async def test_a_dead_letter_over_the_readers_size_limit_is_listed_and_stays(self) -> None:
         """A dead letter larger than the reader's ``max_message_bytes`` (dead-lettered by a
         transport with a larger limit; here the same transport's limit lowered afterwards,
