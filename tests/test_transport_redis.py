@@ -312,6 +312,36 @@ async def test_a_slow_live_consumer_keeps_its_deliveries() -> None:
         assert await other.receive(10, timeout=0.3) == []
 
 
+async def test_a_heartbeat_whose_cancel_the_driver_turns_into_an_error_lets_close_return() -> None:
+    """redis-py may turn a cancel in the middle of a command into a RedisError: the
+    heartbeat of a closing subscription, cancelled in its round trip, ends there instead of
+    sleeping on, so close() returns (``msdata dlq replay`` hung for ever in 2 of 7 runs)."""
+    topic, group = unique("topic"), unique("group")
+    async with redis_transport(claim_idle=0.15) as t:
+        in_call = asyncio.Event()
+        real = t._heartbeat_script
+
+        async def heartbeat(*a: Any, **k: Any) -> Any:
+            in_call.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                raise rex.ConnectionError("Connection closed by the cancel") from None
+            return await real(*a, **k)
+
+        t._heartbeat_script = heartbeat  # type: ignore[method-assign]
+        sub = t.subscribe(topic, group)
+        await sub.__aenter__()
+        await t.publish(topic, make_messages(1))
+        (d,) = await collect(sub, 1, timeout=5.0, ack=False)
+        await asyncio.wait_for(in_call.wait(), 5.0)  # the heartbeat is in its round trip
+        await asyncio.wait_for(sub.__aexit__(None, None, None), 5.0)
+        t._heartbeat_script = real  # type: ignore[method-assign]
+        async with t.subscribe(topic, group) as again:
+            (back,) = await collect(again, 1, timeout=5.0)
+            assert back.message.id == d.message.id
+
+
 async def test_what_a_read_cut_short_by_the_close_took_goes_back_uncounted() -> None:
     """A receive whose read took its entries at Redis, its reply not in yet, when the
     subscription closes: the close stops the read, the receive returns [], the entries go

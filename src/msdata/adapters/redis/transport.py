@@ -1064,7 +1064,7 @@ class RedisSubscription(ClosesOnExit):
     async def _heartbeat(self) -> None:
         t = self._t
         interval = t.claim_idle / 3
-        while True:
+        while not self._closed:
             await asyncio.sleep(interval)
             self._kick()
             held: tuple[list[bytes], list[bytes]] = ([], [])
@@ -1080,6 +1080,11 @@ class RedisSubscription(ClosesOnExit):
                             keys=[self._keys[i]], args=[self.group, self.consumer, *held[i]]
                         )
             except rex.RedisError as e:
+                # redis-py may turn a cancel mid-command into a RedisError: a closing
+                # subscription's heartbeat ends here, it does not sleep on (close awaits it)
+                task = asyncio.current_task()
+                if self._closed or (task is not None and task.cancelling()):
+                    raise asyncio.CancelledError from e
                 log.warning("heartbeat of consumer %s failed: %s", self.consumer, e)
 
     def _kick(self) -> None:
