@@ -1363,13 +1363,6 @@ class TransportConformance:
         async with self.make_transport() as t:
             if not t.features.networked:
                 pytest.skip("an in-process transport has no server to stop answering")
-        silent: list[asyncio.StreamWriter] = []
-
-        async def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            silent.append(writer)  # kept open, never answered
-
-        server = await asyncio.start_server(accept, "127.0.0.1", 0)
-        host, port = server.sockets[0].getsockname()[:2]
         timeout = 1.0
         bound = 4 * timeout + 10  # the call's timeouts, then its cleanup's, and room to spare
         topic, group = self.unique("topic"), self.unique("group")
@@ -1379,29 +1372,27 @@ class TransportConformance:
             async with t.subscribe(topic, group) as sub:
                 await sub.receive(1, timeout=timeout)
 
-        try:
-            async with self.make_unreachable_transport(host, port, timeout) as t:
-                calls: dict[str, Callable[[], Awaitable[object]]] = {
-                    "publish": lambda: t.publish(topic, make_messages(1)),
-                    "subscribe": lambda: consume(t),
-                    "lag": lambda: t.lag(topic, group),
-                    "declare_group": lambda: t.declare_group(topic, group),
-                }
-                with pytest.raises(TransportError) as raised:
-                    try:
-                        await asyncio.wait_for(calls[call](), bound)
-                    except TimeoutError:
-                        pytest.fail(f"{call} still waiting after {bound}s: it hangs")
+        async with (
+            _SilentServer() as server,
+            self.make_unreachable_transport(server.host, server.port, timeout) as t,
+        ):
+            calls: dict[str, Callable[[], Awaitable[object]]] = {
+                "publish": lambda: t.publish(topic, make_messages(1)),
+                "subscribe": lambda: consume(t),
+                "lag": lambda: t.lag(topic, group),
+                "declare_group": lambda: t.declare_group(topic, group),
+            }
+            with pytest.raises(TransportError) as raised:
                 try:
-                    await asyncio.wait_for(t.close(), bound)
+                    await asyncio.wait_for(calls[call](), bound)
                 except TimeoutError:
-                    pytest.fail(f"close() still waiting after {bound}s: it hangs")
-        finally:
-            server.close()
-            for writer in silent:
-                writer.close()
-            await server.wait_closed()
-        assert silent, "the transport never connected to the server"
+                    pytest.fail(f"{call} still waiting after {bound}s: it hangs")
+            try:
+                await asyncio.wait_for(t.close(), bound)
+            except TimeoutError:
+                pytest.fail(f"close() still waiting after {bound}s: it hangs")
+            assert server._writers, "the transport never connected to the server"
+        host, port = server.host, server.port
         text = str(raised.value)
         assert host in text and str(port) in text, f"the address is not named: {text}"
         assert self.unreachable_password not in text, f"credentials shown: {text}"
@@ -1418,13 +1409,6 @@ class TransportConformance:
         async with self.make_transport() as t:
             if not t.features.networked:
                 pytest.skip("an in-process transport has no server to stop answering")
-        silent: list[asyncio.StreamWriter] = []
-
-        async def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            silent.append(writer)  # kept open, never answered
-
-        server = await asyncio.start_server(accept, "127.0.0.1", 0)
-        host, port = server.sockets[0].getsockname()[:2]
         timeout, margin = 2.0, 3.0  # one after the other, the three take 6 s
         topic = self.unique("topic")
 
@@ -1432,24 +1416,21 @@ class TransportConformance:
             async with t.subscribe(topic, group):
                 pass
 
-        try:
-            async with self.make_unreachable_transport(host, port, timeout) as t:
-                started = time.monotonic()
-                results = await asyncio.wait_for(
-                    asyncio.gather(
-                        *(enter(t, self.unique("group")) for _ in range(3)),
-                        return_exceptions=True,
-                    ),
-                    60,
-                )
-                took = time.monotonic() - started
-                assert all(isinstance(r, TransportError) for r in results), results
-                assert took < timeout + margin, f"three calls together took {took:.1f}s"
-        finally:
-            server.close()
-            for writer in silent:
-                writer.close()
-            await server.wait_closed()
+        async with (
+            _SilentServer() as server,
+            self.make_unreachable_transport(server.host, server.port, timeout) as t,
+        ):
+            started = time.monotonic()
+            results = await asyncio.wait_for(
+                asyncio.gather(
+                    *(enter(t, self.unique("group")) for _ in range(3)),
+                    return_exceptions=True,
+                ),
+                60,
+            )
+            took = time.monotonic() - started
+            assert all(isinstance(r, TransportError) for r in results), results
+            assert took < timeout + margin, f"three calls together took {took:.1f}s"
 
     # -- a silent server: accepts connections and never answers ------------------------------
 
