@@ -56,7 +56,13 @@ from msdata.transport import (
     dead_letter_topic,
 )
 
-__all__ = ["TransportConformance", "TransportRestartConformance", "collect", "make_messages"]
+__all__ = [
+    "TransportConformance",
+    "TransportRestartConformance",
+    "collect",
+    "make_messages",
+    "publish_eventually",
+]
 
 
 def make_messages(n: int, *, key: str | None = None, prefix: str = "m") -> list[TransportMessage]:
@@ -84,6 +90,22 @@ async def collect(
                 await d.ack()
         out.extend(batch)
     return out
+
+
+async def publish_eventually(
+    t: Transport, topic: str, messages: list[TransportMessage], *, timeout: float
+) -> None:
+    """Publish ``messages``, trying again every 0.2 s on TransportError for up to
+    ``timeout`` seconds (connections lost in a broker's silence may take a few tries)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await t.publish(topic, messages)
+            return
+        except TransportError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 # What another producer may write: metadata names msdata itself uses (so an entry can look
@@ -1537,14 +1559,7 @@ class TransportConformance:
                 server.speak_again()  # let the transport clean up, and go on
                 (after,) = make_messages(1, prefix="after")
                 deadline = time.monotonic() + self.arrival_timeout
-                while True:  # connections lost in the silence may take a few tries
-                    try:
-                        await t.publish(topic, [after])
-                        break
-                    except TransportError:
-                        if time.monotonic() > deadline:
-                            raise
-                        await asyncio.sleep(0.2)
+                await publish_eventually(t, topic, [after], timeout=self.arrival_timeout)
                 mine: list[Delivery] = []
                 while not mine and time.monotonic() < deadline:
                     # the first message may come again (its ack lost in the silence)
