@@ -893,7 +893,9 @@ class EventBus:
         cancelled, ``deliveries[at[0]:]`` were not all given back, the one whose release
         was cut short first."""
         # one after the other (at once, they would take a connection each from a pool); one
-        # that fails (connection lost) is redelivered, counted
+        # that fails (connection lost) is redelivered, counted. One whose subscription
+        # closed first is not a failure: stop() gave it back before closing it (a consumer
+        # left behind), or the close did
         failed: list[Exception] = []
         todo = deliveries if at is None else deliveries[at[0] :]
         for d in todo:
@@ -901,6 +903,8 @@ class EventBus:
                 await d.release()
             except asyncio.CancelledError:
                 raise
+            except TransportClosed:
+                log.debug("not giving back %s: its subscription closed already", d.message.id)
             except Exception as e:
                 failed.append(e)
             if at is not None:
