@@ -34,6 +34,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from msdata.errors import ConfigurationError, MsdataError, SchemaError
 from msdata.messages import safe_text
+from msdata.transport import DEAD_LETTER_READER
 from msdata.urls import (
     DATABASES,
     STORES,
@@ -445,7 +446,7 @@ async def outbox_requeue(
 # -- dead letters --------------------------------------------------------------------------
 
 #: the consumer group the command line reads dead-letter topics with
-DLQ_READER = "msdata-dlq"
+DLQ_READER = DEAD_LETTER_READER
 
 
 @cli.group()

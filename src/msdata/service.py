@@ -52,6 +52,7 @@ from msdata.storage import DEFAULT_TABLE_PREFIX, bind_connection, current_connec
 from msdata.transport import (
     DEAD_LETTER_ATTEMPTS,
     DEAD_LETTER_GROUP,
+    DEAD_LETTER_READER,
     DEAD_LETTER_REASON,
     DEAD_LETTER_TOPIC,
     REPLAY_HEADER,
@@ -147,7 +148,7 @@ async def read_dead_letters(
     *,
     limit: int = 100,
     replay: bool = False,
-    reader: str = "msdata-dlq",
+    reader: str = DEAD_LETTER_READER,
 ) -> list[DeadLetterInfo]:
     """The dead letters of each (topic, group) in ``pairs``, up to ``limit`` per pair, read
     as consumer group ``reader`` of ``topic.group.dlq``. Without ``replay`` they stay there
@@ -712,12 +713,15 @@ class Service:
 
     async def dead_letters(self, *, limit: int = 100) -> list[DeadLetterInfo]:
         """The dead letters of every group the service consumes (see
-        :attr:`subscriptions`), left where they are; ``[]`` when there are none."""
+        :attr:`subscriptions`), at most ``limit`` (default 100) per group, left where they
+        are; ``[]`` when there are none. Read as :data:`msdata.transport.DEAD_LETTER_READER`
+        (see :func:`read_dead_letters`)."""
         return await read_dead_letters(self.transport, self._subscriptions, limit=limit)
 
     async def replay_dead_letters(self, *, limit: int = 1000) -> list[DeadLetterInfo]:
         """Publish the dead letters of every group the service consumes back to their
-        topics and take them off the dead-letter topics (see :func:`read_dead_letters`)."""
+        topics, at most ``limit`` (default 1000) per group, and take them off the
+        dead-letter topics (see :func:`read_dead_letters`, which gives the errors raised)."""
         return await read_dead_letters(
             self.transport, self._subscriptions, limit=limit, replay=True
         )

@@ -35,6 +35,7 @@ from msdata.errors import (
 __all__ = [
     "DEAD_LETTER_ATTEMPTS",
     "DEAD_LETTER_GROUP",
+    "DEAD_LETTER_READER",
     "DEAD_LETTER_REASON",
     "DEAD_LETTER_SUFFIX",
     "DEAD_LETTER_TOPIC",
@@ -142,6 +143,14 @@ def is_dead_letter_topic(topic: str) -> bool:
     starts late must not miss dead letters); so transports keep a dead-letter topic's
     messages after every group read them, until deleted."""
     return topic.endswith(DEAD_LETTER_SUFFIX)
+
+
+#: The consumer group that reads dead letters for an operator (``msdata dlq``,
+#: :func:`msdata.service.read_dead_letters`, :meth:`msdata.service.Service.dead_letters`).
+#: A transport may give this group's queues a fixed mode (RabbitMQ: classic and unordered,
+#: whatever the transport's ``queue_type`` and ``ordered_per_key``, which a ``--broker`` URL
+#: cannot say), so that every reader opens the same queue.
+DEAD_LETTER_READER = "msdata-dlq"
 
 
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})

@@ -153,6 +153,7 @@ from msdata.errors import (
 )
 from msdata.serialization import DEFAULT_MAX_SIZE
 from msdata.transport import (
+    DEAD_LETTER_READER,
     DEFAULT_MAX_HELD_BYTES,
     ClosesOnExit,
     DeliveryState,
@@ -268,11 +269,6 @@ _EXHAUST_WAIT = 0.005
 # (counted by lag(), read by no one once the group's consumers are gone)
 _FILLER_TTL_MS = 200
 
-
-#: the consumer group that reads dead letters (``msdata dlq``,
-#: :func:`msdata.service.read_dead_letters`): its queues are classic and unordered whatever
-#: the transport's ``queue_type`` and ``ordered_per_key``, which a ``--broker`` URL cannot say
-DEAD_LETTER_READER = "msdata-dlq"
 
 _INEQUIVALENT_ARG = re.compile(r"inequivalent arg '([^']+)'")
 
