@@ -10,6 +10,7 @@ __all__ = [
     "DECLARE_GROUP",
     "FORGET_CONSUMER",
     "FORGET_IDLE_CONSUMERS",
+    "GIVE_BACK",
     "HEARTBEAT",
     "MOVE_DUE",
     "MOVE_TOO_LARGE",
@@ -50,6 +51,20 @@ else
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   redis.call('ZADD', KEYS[3], now + delay, cmsgpack.pack({KEYS[1], ARGV[2], unpack(ARGV, 4)}))
 end
+return 1
+"""
+
+# Give back an entry a consumer holds: ack it and copy it (to the retry stream, with the
+# attempt number it keeps), only if it is still pending at that consumer. A give-back that
+# reaches Redis late (retried after a silence, or a command the server ran after the
+# client gave up on it) does nothing once another consumer took the entry over (it counts
+# it) or it was settled: no second copy. KEYS[1] source stream, KEYS[2] target stream;
+# ARGV[1] group, ARGV[2] consumer, ARGV[3] entry id, ARGV[4..] the copy's fields.
+GIVE_BACK = """
+local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if not ok or not p[1] or p[1][2] ~= ARGV[2] then return 0 end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
 return 1
 """
 
