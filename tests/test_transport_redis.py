@@ -881,3 +881,34 @@ async def test_what_a_subscription_closed_in_a_silence_holds_goes_back_uncounted
         want = [(released.message.id, 1), (kept.message.id, 2), (after.id, 1)]
         assert sorted(back) == sorted(want), f"acked {acked.message.id}: {back}"
         assert await t.lag(topic, group) == 0
+
+
+async def test_a_give_back_after_another_consumer_took_the_entries_over_makes_no_copy() -> None:
+    """A consumer whose heartbeat stopped (its loop blocked past claim_idle) has its entries
+    taken over by another consumer, counted; its release() and its close then come too late
+    and do nothing: the other consumer holds them, and no second copy of either message is
+    made. (The give-back acked the other consumer's entries and copied them to the retry
+    stream: each message was handed out once more.)"""
+    topic, group = unique("topic"), unique("group")
+    async with redis_transport(claim_idle=0.3) as t:
+        await t.declare_group(topic, group)
+        msgs = make_messages(2)
+        await t.publish(topic, msgs)
+        slow = t.subscribe(topic, group)
+        await slow.__aenter__()
+        held = await collect(slow, 2, timeout=5.0, ack=False)
+        assert len(held) == 2
+        assert slow._heart is not None
+        slow._heart.cancel()  # its loop is blocked: nothing resets the entries' idle time
+        async with t.subscribe(topic, group) as other:
+            taken = await collect(other, 2, timeout=5.0, ack=False)
+            assert sorted((d.message.id, d.attempt) for d in taken) == sorted(
+                (m.id, 2) for m in msgs
+            )
+            await held[0].release()  # too late, as is the close for held[1]
+            await slow.__aexit__(None, None, None)
+            for d in taken:
+                await d.ack()
+            again = [(d.message.id, d.attempt) for d in await other.receive(10, timeout=1.0)]
+            assert again == [], f"a second copy: {again}"
+        assert await t.lag(topic, group) == 0
