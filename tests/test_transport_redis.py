@@ -883,32 +883,37 @@ async def test_what_a_subscription_closed_in_a_silence_holds_goes_back_uncounted
         assert await t.lag(topic, group) == 0
 
 
-async def test_a_give_back_after_another_consumer_took_the_entries_over_makes_no_copy() -> None:
+async def test_settling_after_another_consumer_took_the_entries_over_makes_no_copy() -> None:
     """A consumer whose heartbeat stopped (its loop blocked past claim_idle) has its entries
-    taken over by another consumer, counted; its release() and its close then come too late
-    and do nothing: the other consumer holds them, and no second copy of either message is
-    made. (The give-back acked the other consumer's entries and copied them to the retry
-    stream: each message was handed out once more.)"""
+    taken over by another consumer, counted; its release(), nack(), dead_letter() and its
+    close then come too late and do nothing: the other consumer holds the entries, and no
+    second copy of a message is made, neither a retry nor a dead letter. (The settle acked
+    the other consumer's entries and copied them: each message was handed out once more,
+    or dead-lettered while the other consumer handled it.)"""
     topic, group = unique("topic"), unique("group")
     async with redis_transport(claim_idle=0.3) as t:
         await t.declare_group(topic, group)
-        msgs = make_messages(2)
+        msgs = make_messages(4)
         await t.publish(topic, msgs)
         slow = t.subscribe(topic, group)
         await slow.__aenter__()
-        held = await collect(slow, 2, timeout=5.0, ack=False)
-        assert len(held) == 2
+        held = await collect(slow, 4, timeout=5.0, ack=False)
+        assert len(held) == 4
         assert slow._heart is not None
         slow._heart.cancel()  # its loop is blocked: nothing resets the entries' idle time
         async with t.subscribe(topic, group) as other:
-            taken = await collect(other, 2, timeout=5.0, ack=False)
+            taken = await collect(other, 4, timeout=5.0, ack=False)
             assert sorted((d.message.id, d.attempt) for d in taken) == sorted(
                 (m.id, 2) for m in msgs
             )
-            await held[0].release()  # too late, as is the close for held[1]
+            # too late, as is the close for held[3]
+            await held[0].release()
+            await held[1].nack()
+            await held[2].dead_letter("InvalidEnvelope: too late")
             await slow.__aexit__(None, None, None)
             for d in taken:
                 await d.ack()
             again = [(d.message.id, d.attempt) for d in await other.receive(10, timeout=1.0)]
             assert again == [], f"a second copy: {again}"
         assert await t.lag(topic, group) == 0
+        assert await t._client.xlen(t._stream_key(dead_letter_topic(topic, group))) == 0

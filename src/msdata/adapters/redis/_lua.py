@@ -10,7 +10,6 @@ __all__ = [
     "DECLARE_GROUP",
     "FORGET_CONSUMER",
     "FORGET_IDLE_CONSUMERS",
-    "GIVE_BACK",
     "HEARTBEAT",
     "MOVE_DUE",
     "MOVE_TOO_LARGE",
@@ -37,34 +36,26 @@ redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], start, 'MKSTREAM')
 return 1
 """
 
-# Ack an entry and, only if it was still pending (so nobody settled it first), copy it.
-# KEYS[1] source stream, KEYS[2] target stream, KEYS[3] delayed set;
-# ARGV[1] group, ARGV[2] entry id, ARGV[3] delay in ms, ARGV[4..] the copy's fields.
+# Settle an entry a consumer holds: ack it and copy it, only if it is still pending at that
+# consumer. A settle that reaches Redis late (a slow consumer's, after another consumer took
+# the entry over once idle for claim_idle; a close's give-back retried after a silence; a
+# command the server ran after the client gave up on it) does nothing: the entry is the
+# other consumer's (it counted the attempt) or settled already, and no second copy is made.
+# KEYS[1] source stream, KEYS[2] target stream, KEYS[3] delayed set; ARGV[1] group,
+# ARGV[2] consumer, ARGV[3] entry id, ARGV[4] delay in ms, ARGV[5..] the copy's fields.
 # A delay > 0 parks the copy in the sorted set, scored by the server's clock, until MOVE_DUE.
 SETTLE = """
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-local delay = tonumber(ARGV[3])
-if delay <= 0 then
-  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
-else
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('ZADD', KEYS[3], now + delay, cmsgpack.pack({KEYS[1], ARGV[2], unpack(ARGV, 4)}))
-end
-return 1
-"""
-
-# Give back an entry a consumer holds: ack it and copy it (to the retry stream, with the
-# attempt number it keeps), only if it is still pending at that consumer. A give-back that
-# reaches Redis late (retried after a silence, or a command the server ran after the
-# client gave up on it) does nothing once another consumer took the entry over (it counts
-# it) or it was settled: no second copy. KEYS[1] source stream, KEYS[2] target stream;
-# ARGV[1] group, ARGV[2] consumer, ARGV[3] entry id, ARGV[4..] the copy's fields.
-GIVE_BACK = """
 local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if not ok or not p[1] or p[1][2] ~= ARGV[2] then return 0 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
+local delay = tonumber(ARGV[4])
+if delay <= 0 then
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+else
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZADD', KEYS[3], now + delay, cmsgpack.pack({KEYS[1], ARGV[3], unpack(ARGV, 5)}))
+end
 return 1
 """
 

@@ -27,9 +27,10 @@ attempt number, those it read but never handed out with their own (closing is no
 attempt, however often consumers of the group stop). A ``receive`` in flight then returns
 ``[]``: its read is cut short and what it took is given back the same way, as is what the
 read of a cancelled ``receive`` took (that read goes on in its own task). A ``release()``
-whose caller is cancelled goes on in a task of its own, which the close waits for. A give-back
-acts only on an entry still pending at its own consumer (the GIVE_BACK script), so one that
-reaches Redis late (after another consumer took the entry over) makes no second copy. A
+whose caller is cancelled goes on in a task of its own, which the close waits for. A settle
+that copies (release, nack, dead_letter, a close's give-back) acts only on an entry still
+pending at its own consumer (the SETTLE script), so one that reaches Redis late (after
+another consumer took the entry over) does nothing and makes no second copy. A
 close that cannot reach Redis (a server gone silent) leaves its give-back (and its acks) to
 the transport, which sends it again until Redis answers or the transport closes; a
 subscription of the same group on that transport sends it before its own scan claims
@@ -357,8 +358,10 @@ def _raw_reply(response: Any, **options: Any) -> Any:
 class RedisDelivery(DeliveryState["RedisSubscription"]):
     """A delivery from :class:`RedisTransport`; see :class:`msdata.transport.Delivery`.
 
-    ``ack()`` is batched (sent with the subscription's next round trip); ``nack`` and
-    ``dead_letter`` return once Redis has done them."""
+    ``ack()`` is batched (sent with the subscription's next round trip); ``nack``,
+    ``release`` and ``dead_letter`` return once Redis has done them, or found that another
+    consumer took the entry over (this one's heartbeat stopped past ``claim_idle``): then
+    they do nothing, the other consumer holds it."""
 
     __slots__ = ("_eid", "_released", "_size", "_stream")
 
@@ -645,13 +648,10 @@ class RedisSubscription(ClosesOnExit):
             await self._queue_give_back(pipe, d, attempt)
 
     def _queue_give_back(self, client: Any, d: RedisDelivery, attempt: int) -> Any:
-        """The GIVE_BACK script for ``d``: acked and copied to the retry stream with
+        """The SETTLE script giving ``d`` back: acked and copied to the retry stream with
         ``attempt``, only if this consumer still holds it at Redis."""
-        fields = _entry_fields(d.message, d.message.headers, attempt)
-        return self._t._give_back_script(
-            keys=[self._keys[d._stream], self._keys[_RETRY]],
-            args=[self.group, self.consumer, d._eid, *fields],
-            client=client,
+        return self._queue_settle(
+            client, d, self._keys[_RETRY], 0.0, d.message.headers, True, attempt
         )
 
     def _release_done(self, task: asyncio.Task[None]) -> None:
@@ -1225,7 +1225,7 @@ class RedisSubscription(ClosesOnExit):
         fields = _entry_fields(d.message, headers, attempt if retry else None)
         return self._t._settle(
             keys=[self._keys[d._stream], target, self._delayed],
-            args=[self.group, d._eid, int(delay * 1000), *fields],
+            args=[self.group, self.consumer, d._eid, int(delay * 1000), *fields],
             client=client,
         )
 
@@ -1361,7 +1361,6 @@ class RedisTransport:
         self._heartbeat_script = register(_lua.HEARTBEAT)
         self._forget_consumer = register(_lua.FORGET_CONSUMER)
         self._own_pending = register(_lua.OWN_PENDING)
-        self._give_back_script = register(_lua.GIVE_BACK)
         self._forget_idle = register(_lua.FORGET_IDLE_CONSUMERS)
         self._trim = register(_lua.TRIM)
 
