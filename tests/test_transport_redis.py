@@ -39,6 +39,7 @@ from msdata.testing.conformance.transport import (
     make_messages,
     publish_eventually,
 )
+from msdata.testing.waiting import eventually
 from msdata.transport import (
     DEAD_LETTER_ATTEMPTS,
     DEAD_LETTER_REASON,
@@ -810,3 +811,109 @@ async def test_an_ack_made_as_the_server_goes_silent_is_not_lost() -> None:
             assert await t.lag(topic, group) == 0
             dlq = f"{t.key_prefix}:{dead_letter_topic(topic, group)}"
             assert await t._client.xlen(dlq) == 0, "the acked message was dead-lettered"
+
+
+@pytest.mark.parametrize("taken_up_by", ["retry", "scan"])
+async def test_what_a_subscription_closed_in_a_silence_holds_goes_back_uncounted(
+    taken_up_by: str,
+) -> None:
+    """A subscription closed while the server is silent (the connection open, nothing
+    answers) cannot give back what it holds. The transport goes on trying; once the server
+    answers, what it held comes back as it would have: a delivery it released (the release
+    failed in the silence) as attempt 1, one handed out and left unsettled as attempt 2,
+    one it acked not at all; and a receive in flight when it closed takes nothing. Whether
+    the transport's retry gets there first or the scan of a new subscription of the group
+    on the same transport does (it gives them back before it claims anything). (They
+    stayed pending at the closed consumer, to be claimed after claim_idle, each counted
+    once more: the released one as attempt 2, the acked one again.)"""
+    conf = TestRedisTransport()
+    topic, group = unique("topic"), unique("group")
+    async with (
+        _SilentServer(conf.broker_address()) as server,
+        conf.make_transport_at(server.host, server.port, 0.5) as t,
+    ):
+        assert isinstance(t, RedisTransport)
+        await t.declare_group(topic, group)
+        msgs = make_messages(3)
+        await t.publish(topic, msgs)
+        sub = t.subscribe(topic, group, max_attempts=5, prefetch=10)
+        await sub.__aenter__()
+        got = await collect(sub, 3, timeout=5.0, ack=False)
+        assert sorted(d.message.id for d in got) == sorted(m.id for m in msgs)
+        released, kept, acked = got
+        server.go_silent()
+        with pytest.raises(TransportError):
+            await released.release()
+        await acked.ack()
+        receiving = asyncio.ensure_future(sub.receive(10, timeout=5.0))
+        await asyncio.sleep(0.1)
+        await sub.__aexit__(None, None, None)
+        assert await receiving == []
+        assert len(t._give_backs) == 1, "nothing is left to give back"
+        job = next(iter(t._give_backs))
+        if taken_up_by == "scan":
+            # the transport's retry keeps failing: the new subscription's scan does it
+
+            async def fails(job: object) -> None:
+                raise rex.ConnectionError("still unreachable (simulated)")
+
+            sub._run_give_back = fails  # type: ignore[method-assign]
+        await asyncio.sleep(4 * t.claim_idle)  # the entries' idle time passes claim_idle
+        # the silence ends with its connections reset: what was sent into them is lost
+        for writer in server._writers:
+            writer.transport.abort()
+        server.speak_again()
+        if taken_up_by == "retry":
+            await eventually(lambda: not t._give_backs, 10.0, what="the give-back")
+        (after,) = make_messages(1, prefix="after")
+        await publish_eventually(t, topic, [after], timeout=10.0)
+        back: list[tuple[str, int]] = []
+        async with t.subscribe(topic, group, max_attempts=5, prefetch=10) as again:
+            # long enough for what the closed consumer held to be reclaimed
+            deadline = time.monotonic() + 3 * t.features.redelivery_timeout + 1.0
+            while time.monotonic() < deadline:
+                for d in await again.receive(10, timeout=0.3):
+                    back.append((d.message.id, d.attempt))
+                    await d.ack()
+        if taken_up_by == "scan":
+            assert job.sent, "the scan did not give them back"
+            del sub._run_give_back
+        want = [(released.message.id, 1), (kept.message.id, 2), (after.id, 1)]
+        assert sorted(back) == sorted(want), f"acked {acked.message.id}: {back}"
+        assert await t.lag(topic, group) == 0
+
+
+async def test_settling_after_another_consumer_took_the_entries_over_makes_no_copy() -> None:
+    """A consumer whose heartbeat stopped (its loop blocked past claim_idle) has its entries
+    taken over by another consumer, counted; its release(), nack(), dead_letter() and its
+    close then come too late and do nothing: the other consumer holds the entries, and no
+    second copy of a message is made, neither a retry nor a dead letter. (The settle acked
+    the other consumer's entries and copied them: each message was handed out once more,
+    or dead-lettered while the other consumer handled it.)"""
+    topic, group = unique("topic"), unique("group")
+    async with redis_transport(claim_idle=0.3) as t:
+        await t.declare_group(topic, group)
+        msgs = make_messages(4)
+        await t.publish(topic, msgs)
+        slow = t.subscribe(topic, group)
+        await slow.__aenter__()
+        held = await collect(slow, 4, timeout=5.0, ack=False)
+        assert len(held) == 4
+        assert slow._heart is not None
+        slow._heart.cancel()  # its loop is blocked: nothing resets the entries' idle time
+        async with t.subscribe(topic, group) as other:
+            taken = await collect(other, 4, timeout=5.0, ack=False)
+            assert sorted((d.message.id, d.attempt) for d in taken) == sorted(
+                (m.id, 2) for m in msgs
+            )
+            # too late, as is the close for held[3]
+            await held[0].release()
+            await held[1].nack()
+            await held[2].dead_letter("InvalidEnvelope: too late")
+            await slow.__aexit__(None, None, None)
+            for d in taken:
+                await d.ack()
+            again = [(d.message.id, d.attempt) for d in await other.receive(10, timeout=1.0)]
+            assert again == [], f"a second copy: {again}"
+        assert await t.lag(topic, group) == 0
+        assert await t._client.xlen(t._stream_key(dead_letter_topic(topic, group))) == 0

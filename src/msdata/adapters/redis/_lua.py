@@ -36,19 +36,25 @@ redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], start, 'MKSTREAM')
 return 1
 """
 
-# Ack an entry and, only if it was still pending (so nobody settled it first), copy it.
-# KEYS[1] source stream, KEYS[2] target stream, KEYS[3] delayed set;
-# ARGV[1] group, ARGV[2] entry id, ARGV[3] delay in ms, ARGV[4..] the copy's fields.
+# Settle an entry a consumer holds: ack it and copy it, only if it is still pending at that
+# consumer. A settle that reaches Redis late (a slow consumer's, after another consumer took
+# the entry over once idle for claim_idle; a close's give-back retried after a silence; a
+# command the server ran after the client gave up on it) does nothing: the entry is the
+# other consumer's (it counted the attempt) or settled already, and no second copy is made.
+# KEYS[1] source stream, KEYS[2] target stream, KEYS[3] delayed set; ARGV[1] group,
+# ARGV[2] consumer, ARGV[3] entry id, ARGV[4] delay in ms, ARGV[5..] the copy's fields.
 # A delay > 0 parks the copy in the sorted set, scored by the server's clock, until MOVE_DUE.
 SETTLE = """
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-local delay = tonumber(ARGV[3])
+local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if not ok or not p[1] or p[1][2] ~= ARGV[2] then return 0 end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+local delay = tonumber(ARGV[4])
 if delay <= 0 then
-  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
 else
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('ZADD', KEYS[3], now + delay, cmsgpack.pack({KEYS[1], ARGV[2], unpack(ARGV, 4)}))
+  redis.call('ZADD', KEYS[3], now + delay, cmsgpack.pack({KEYS[1], ARGV[3], unpack(ARGV, 5)}))
 end
 return 1
 """

@@ -26,7 +26,16 @@ when it closes are released at once to the retry stream: those it handed out wit
 attempt number, those it read but never handed out with their own (closing is not an
 attempt, however often consumers of the group stop). A ``receive`` in flight then returns
 ``[]``: its read is cut short and what it took is given back the same way, as is what the
-read of a cancelled ``receive`` took (that read goes on in its own task). Those
+read of a cancelled ``receive`` took (that read goes on in its own task). A ``release()``
+whose caller is cancelled goes on in a task of its own, which the close waits for. A settle
+that copies (release, nack, dead_letter, a close's give-back) acts only on an entry still
+pending at its own consumer (the SETTLE script), so one that reaches Redis late (after
+another consumer took the entry over) does nothing and makes no second copy. A
+close that cannot reach Redis (a server gone silent) leaves its give-back (and its acks) to
+the transport, which sends it again until Redis answers or the transport closes; a
+subscription of the same group on that transport sends it before its own scan claims
+anything. Another consumer that claims the entries first (a process of its own, once they
+were idle for ``claim_idle``) counts one more attempt, as for a consumer that died. Those
 of a consumer that died are taken over with ``XAUTOCLAIM`` once idle for ``claim_idle``
 seconds, by a consumer that scans every ``claim_interval`` seconds; so
 ``features.redelivery_timeout == claim_idle + claim_interval``. A live consumer resets the
@@ -349,10 +358,12 @@ def _raw_reply(response: Any, **options: Any) -> Any:
 class RedisDelivery(DeliveryState["RedisSubscription"]):
     """A delivery from :class:`RedisTransport`; see :class:`msdata.transport.Delivery`.
 
-    ``ack()`` is batched (sent with the subscription's next round trip); ``nack`` and
-    ``dead_letter`` return once Redis has done them."""
+    ``ack()`` is batched (sent with the subscription's next round trip); ``nack``,
+    ``release`` and ``dead_letter`` return once Redis has done them, or found that another
+    consumer took the entry over (this one's heartbeat stopped past ``claim_idle``): then
+    they do nothing, the other consumer holds it."""
 
-    __slots__ = ("_eid", "_size", "_stream")
+    __slots__ = ("_eid", "_released", "_size", "_stream")
 
     def __init__(
         self,
@@ -367,6 +378,8 @@ class RedisDelivery(DeliveryState["RedisSubscription"]):
         self._stream = stream
         self._eid = eid
         self._size = size
+        # release() was called: the close gives it back uncounted if it is still held
+        self._released = False
 
     def _begin(self) -> bool:
         if not self._begin_settle():
@@ -409,21 +422,25 @@ class RedisDelivery(DeliveryState["RedisSubscription"]):
             raise
 
     async def release(self) -> None:
+        """Give the delivery back, uncounted (to the retry stream with its own attempt
+        number). Cancelling the caller cancels only its wait: the give-back goes on in a task
+        of its own, which the subscription's close waits for. If it fails (Redis did not
+        answer), the delivery is unsettled again and raises here; the close then gives it
+        back uncounted too."""
         if not self._begin():
             return
+        self._released = True
+        sub = self._sub
+        task = asyncio.get_running_loop().create_task(self._give_back())
+        sub._releasing.add(task)
+        task.add_done_callback(sub._release_done)
+        await asyncio.shield(task)
+
+    async def _give_back(self) -> None:
         sub = self._sub
         try:
             with _redis_errors(f"release on {sub.topic!r}", address=sub._t.address):
-                # to the retry stream with its own attempt number: not counted
-                await sub._queue_settle(
-                    sub._t._client,
-                    self,
-                    sub._keys[_RETRY],
-                    0.0,
-                    self.message.headers,
-                    True,
-                    self.attempt,
-                )
+                await sub._queue_give_back(sub._t._client, self, self.attempt)
         except BaseException:
             self._undo()
             raise
@@ -436,6 +453,28 @@ class RedisDelivery(DeliveryState["RedisSubscription"]):
         except BaseException:
             self._undo()
             raise
+
+
+class _GiveBack:
+    """What a closed consumer still has to send to Redis: its acks and the give-backs of
+    what it held (``items``, each delivery with the attempt number of its copy), and, if
+    ``cut``, a read cut short by the close whose entries are given back too. ``sent``: the
+    acks and items went through (what is left is forgetting the consumer)."""
+
+    __slots__ = ("acks", "cut", "items", "sent", "sub")
+
+    def __init__(
+        self,
+        sub: RedisSubscription,
+        acks: tuple[list[bytes], list[bytes]],
+        items: list[tuple[RedisDelivery, int]],
+        cut: bool,
+    ) -> None:
+        self.sub = sub
+        self.acks = acks
+        self.items = items
+        self.cut = cut
+        self.sent = False
 
 
 class RedisSubscription(ClosesOnExit):
@@ -496,6 +535,8 @@ class RedisSubscription(ClosesOnExit):
         # finish into _buffer, and close cancels it)
         self._fetch: asyncio.Task[None] | None = None
         self._kick_pending = False
+        # release() give-backs under way (a cancelled caller leaves them to finish)
+        self._releasing: set[asyncio.Task[None]] = set()
         self._heart: asyncio.Task[None] | None = None
         self._entered = False
         self._closed = False
@@ -518,10 +559,16 @@ class RedisSubscription(ClosesOnExit):
         await self._t._declare(self.topic, self.group)
 
     async def close(self) -> None:
-        """Stop consuming: send pending acks and release unsettled deliveries (at once, to the
-        retry stream). A ``receive`` in flight returns ``[]``; what its read took is given
-        back uncounted, as what was read and never handed out. If Redis cannot be reached
-        they stay pending and are reclaimed after ``claim_idle``."""
+        """Stop consuming: send pending acks and give back unsettled deliveries (at once, to
+        the retry stream): those handed out counted, those read and never handed out or
+        released uncounted. A ``release()`` still under way is waited for. A ``receive`` in
+        flight returns ``[]``; what its read took is given back uncounted, as what was read
+        and never handed out. If Redis does not answer (or the close is cancelled), the
+        transport goes on giving them back, the same way, until Redis answers or the
+        transport closes; a subscription of the same group on this transport gives them
+        back before its next scan for idle entries. Another consumer that takes them over
+        first (once idle for ``claim_idle``) counts one more attempt, as for a consumer that
+        died."""
         if self._closed:
             return
         self._closed = True
@@ -542,40 +589,74 @@ class RedisSubscription(ClosesOnExit):
         if self._flusher is not None:
             with contextlib.suppress(Exception):
                 await self._flusher
+        if self._releasing:
+            # a release that fails puts its delivery back: given back below, uncounted
+            await asyncio.wait(set(self._releasing))
         if not self._entered:
             return
         # handed out and not settled: that delivery was an attempt, so the copy carries the
-        # next one; read but never handed out: no attempt was made, the copy keeps its number
-        unsettled = [(d, d.attempt + 1) for d in self._inflight]
+        # next one; read but never handed out, or released: no attempt was made, the copy
+        # keeps its number
+        unsettled = [(d, d.attempt if d._released else d.attempt + 1) for d in self._inflight]
         unsettled += [(d, d.attempt) for d in self._buffer]
         self._inflight.clear()
         self._buffer.clear()
         self._held = 0
+        for d, _ in unsettled:
+            d._settled = True
+        job = _GiveBack(self, self._take_acks(), unsettled, cut)
         t = self._t
         try:
-            pipe = t._client.pipeline(transaction=False)
-            self._queue_acks(pipe)
-            for d, attempt in unsettled:
-                d._settled = True
-                await self._queue_settle(
-                    pipe, d, self._keys[_RETRY], 0.0, d.message.headers, True, attempt
-                )
-            if not cut:
-                await self._queue_forget(pipe)
-            await _execute(pipe)
-            if cut:
-                unsettled += await self._give_back_held()
-        except rex.RedisError as e:
+            await self._run_give_back(job)
+        except (rex.RedisError, asyncio.CancelledError) as e:
+            later = t._give_back_later(job)
+            if isinstance(e, asyncio.CancelledError):
+                raise
             log.warning(
-                "closing consumer %s of %s/%s: %s; its %d unsettled deliveries are "
-                "reclaimed after %.1fs",
+                "closing consumer %s of %s/%s: %s; its %d unsettled deliveries are %s",
                 self.consumer,
                 self.topic,
                 self.group,
                 e,
                 len(unsettled),
-                t.claim_idle,
+                "given back once Redis answers"
+                if later
+                else f"reclaimed, counted, after {t.claim_idle:.1f}s",
             )
+
+    async def _run_give_back(self, job: _GiveBack) -> None:
+        """Send what the closed consumer ``job`` describes still has to: its acks and the
+        give-backs of what it held (unless a scan sent them already), then forget the
+        consumer; after a read cut short by the close, also give back what that read took
+        at Redis (:meth:`_give_back_held`). Raises redis-py's errors."""
+        pipe = self._t._client.pipeline(transaction=False)
+        if not job.sent:
+            await self._queue_job(pipe, job)
+        if not job.cut:
+            await self._queue_forget(pipe)
+        if pipe.command_stack:
+            await _execute(pipe)
+        job.sent = True
+        if job.cut:
+            await self._give_back_held()
+
+    async def _queue_job(self, pipe: Any, job: _GiveBack) -> None:
+        for i in (_TOPIC, _RETRY):
+            if job.acks[i]:
+                pipe.xack(self._keys[i], self.group, *job.acks[i])
+        for d, attempt in job.items:
+            await self._queue_give_back(pipe, d, attempt)
+
+    def _queue_give_back(self, client: Any, d: RedisDelivery, attempt: int) -> Any:
+        """The SETTLE script giving ``d`` back: acked and copied to the retry stream with
+        ``attempt``, only if this consumer still holds it at Redis."""
+        return self._queue_settle(
+            client, d, self._keys[_RETRY], 0.0, d.message.headers, True, attempt
+        )
+
+    def _release_done(self, task: asyncio.Task[None]) -> None:
+        self._releasing.discard(task)
+        _retrieved(task)
 
     async def _queue_forget(self, pipe: Any) -> None:
         for key in self._keys:
@@ -606,9 +687,7 @@ class RedisSubscription(ClosesOnExit):
         pipe = t._client.pipeline(transaction=False)
         for d, attempt in held:
             d._settled = True
-            await self._queue_settle(
-                pipe, d, self._keys[_RETRY], 0.0, d.message.headers, True, attempt
-            )
+            await self._queue_give_back(pipe, d, attempt)
         await self._queue_forget(pipe)
         await _execute(pipe)
         return held
@@ -963,6 +1042,15 @@ class RedisSubscription(ClosesOnExit):
         # acks not sent yet go first: what they ack is not reclaimed below (an ack whose
         # XACK failed, the server silent, would otherwise come back as its next attempt)
         acks = self._queue_acks(pipe)
+        # and so do the give-backs of consumers of this group closed while Redis did not
+        # answer: what they held goes back uncounted, not reclaimed below counted
+        jobs = [
+            job
+            for job in t._give_backs
+            if not job.sent and job.sub.topic == self.topic and job.sub.group == self.group
+        ]
+        for job in jobs:
+            await job.sub._queue_job(pipe, job)
         sent = len(pipe.command_stack)
         await t._move_due(keys=[self._delayed, self._keys[_RETRY]], args=[room], client=pipe)
         idle = int(t.claim_idle * 1000)
@@ -999,6 +1087,8 @@ class RedisSubscription(ClosesOnExit):
         if sent:
             self._acked(acks)
             results = results[sent:]
+        for job in jobs:
+            job.sent = True
         self._next_maintenance = now + t.claim_interval
         if trim and t.trim_interval:
             self._next_trim = now + t.trim_interval
@@ -1135,7 +1225,7 @@ class RedisSubscription(ClosesOnExit):
         fields = _entry_fields(d.message, headers, attempt if retry else None)
         return self._t._settle(
             keys=[self._keys[d._stream], target, self._delayed],
-            args=[self.group, d._eid, int(delay * 1000), *fields],
+            args=[self.group, self.consumer, d._eid, int(delay * 1000), *fields],
             client=client,
         )
 
@@ -1258,6 +1348,8 @@ class RedisTransport:
         self._consumer_prefix = f"{socket.gethostname()}-{os.getpid()}"
         self._topics: set[str] = set()
         self._subs: set[RedisSubscription] = set()
+        # give-backs of subscriptions closed while Redis did not answer, retried until it does
+        self._give_backs: dict[_GiveBack, asyncio.Task[None]] = {}
         self._closed = False
         register = client.register_script
         self._declare_group = register(_lua.DECLARE_GROUP)
@@ -1439,8 +1531,66 @@ class RedisTransport:
         self._closed = True
         for sub in list(self._subs):
             await sub.close()
+        retries = list(self._give_backs.values())
+        for task in retries:
+            task.cancel()
+        await asyncio.gather(*retries, return_exceptions=True)
         if self._owns_client:
             await self._client.aclose()
+
+    def _give_back_later(self, job: _GiveBack) -> bool:
+        """Go on with the give-back of a subscription whose close could not reach Redis, in
+        a task of the transport's, until Redis answers or the transport closes. False (and
+        nothing done) once the transport is closing."""
+        if self._closed:
+            return False
+        self._give_backs[job] = asyncio.get_running_loop().create_task(self._retry(job))
+        return True
+
+    async def _retry(self, job: _GiveBack) -> None:
+        sub = job.sub
+        delay, cap = 0.05, min(1.0, self.claim_interval)
+        try:
+            while True:
+                await asyncio.sleep(delay)
+                try:
+                    await sub._run_give_back(job)
+                except _TRANSIENT:
+                    delay = min(2 * delay, cap)
+                    continue
+                except rex.RedisError as e:
+                    log.warning(
+                        "giving back what consumer %s of %s/%s held failed: %s; it is "
+                        "reclaimed, counted, after %.1fs",
+                        sub.consumer,
+                        sub.topic,
+                        sub.group,
+                        e,
+                        self.claim_idle,
+                    )
+                    return
+                log.info(
+                    "consumer %s of %s/%s closed while Redis did not answer: what it held is "
+                    "given back",
+                    sub.consumer,
+                    sub.topic,
+                    sub.group,
+                )
+                return
+        except asyncio.CancelledError:
+            if not job.sent:
+                log.warning(
+                    "transport closed before Redis answered: the %d deliveries consumer %s "
+                    "of %s/%s held are reclaimed, counted, after %.1fs",
+                    len(job.items),
+                    sub.consumer,
+                    sub.topic,
+                    sub.group,
+                    self.claim_idle,
+                )
+            raise
+        finally:
+            self._give_backs.pop(job, None)
 
     async def __aenter__(self) -> Self:
         return self

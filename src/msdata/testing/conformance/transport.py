@@ -848,6 +848,54 @@ class TransportConformance:
             async with t.subscribe(dead_letter_topic(topic, group), self.unique("ops")) as dlq:
                 await self.assert_quiet(dlq)
 
+    async def test_a_release_cancelled_at_any_moment_gives_back_once_uncounted(self) -> None:
+        """``release()`` calls cancelled at any point (after one turn of the event loop or a
+        few, a few milliseconds in: before their commands left, while a connection is being
+        opened for them, while the broker carries them out, with the replies on their way),
+        by a consumer that then closes without trying again, give each message back exactly
+        once and uncounted: they come back as attempt 1, round after round, never a second
+        copy of one, and nothing is dead-lettered. (On Redis a release cancelled before its
+        command reached the server put the delivery back as unsettled, so the close gave it
+        back counted, and after ``max_attempts`` such stops dead-lettered it.)"""
+        topic, group = self.unique("topic"), self.unique("group")
+        n = 5
+        async with self.make_transport() as t:
+            await t.declare_group(topic, group)
+            msgs = make_messages(n)
+            await t.publish(topic, msgs)
+            want = sorted(m.id for m in msgs)
+            wait = t.features.redelivery_timeout + self.arrival_timeout
+            seen: list[tuple[float, int]] = []
+            # loop turns, then seconds, before the cancel (one turn at least: a task cancelled
+            # before its first step never called release(), so the close counts it)
+            points = [(k, 0.0) for k in range(1, 13)]
+            points += [(1, d) for d in (0.0005, 0.001, 0.002, 0.005, 0.01)]
+            # room to hold them all again once given back (RabbitMQ gives the group's retry
+            # queue a quarter of the prefetch)
+            prefetch = 4 * n
+            for turns, delay in points:
+                async with t.subscribe(topic, group, max_attempts=2, prefetch=prefetch) as s:
+                    got = await collect(s, n, timeout=wait, ack=False)
+                    seen.extend((turns + delay, d.attempt) for d in got)
+                    assert sorted(d.message.id for d in got) == want, f"came back: {seen}"
+                    # released together: a transport may open connections for them
+                    releasing = [asyncio.ensure_future(d.release()) for d in got]
+                    for _ in range(turns):
+                        await asyncio.sleep(0)
+                    if delay:
+                        await asyncio.sleep(delay)
+                    for r in releasing:
+                        r.cancel()
+                    await asyncio.gather(*releasing, return_exceptions=True)
+            counted = [(point, a) for point, a in seen if a != 1]
+            assert counted == [], f"(cancel point, attempt) counted: {counted}"
+            async with t.subscribe(topic, group, max_attempts=2, prefetch=prefetch) as last:
+                got = await collect(last, n, timeout=wait)
+                assert sorted((d.message.id, d.attempt) for d in got) == [(i, 1) for i in want]
+                await self.assert_quiet(last)
+            async with t.subscribe(dead_letter_topic(topic, group), self.unique("ops")) as dlq:
+                await self.assert_quiet(dlq)
+
     async def test_closing_counts_once_what_it_handed_out_also_on_a_retry(self) -> None:
         """A delivery handed out and not settled when its subscription closes counts that
         attempt once: on its second attempt (after a nack), it comes back as the third, not
