@@ -128,14 +128,6 @@ class _Unreachable(TransportConformance):
     ) -> AsyncIterator[Transport]:
         return nats_transport_at(host, port, timeout, ack_wait=3.0, **self.options)  # type: ignore[return-value]
 
-    @pytest.mark.xfail(
-        reason="NATS: a release() cancelled while it writes its release record is never "
-        "NAKed (settled, so its close skips it): it comes back after ack_wait counted",
-        strict=False,
-    )
-    async def test_a_release_cancelled_at_any_moment_gives_back_once_uncounted(self) -> None:
-        await super().test_a_release_cancelled_at_any_moment_gives_back_once_uncounted()
-
 
 class TestNatsTransport(_Unreachable):
     arrival_timeout = 10.0

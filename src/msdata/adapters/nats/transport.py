@@ -620,10 +620,21 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
             await self._dead_letter(reason)
 
     async def release(self) -> None:
-        # JetStream counts every delivery: a release record (see NatsSubscription) makes
-        # the next one count as this attempt again
-        if self._settle():
-            await self._sub._give_back([(self._msg.reply, self.attempt)])
+        """Give the delivery back uncounted. JetStream counts every delivery: a release
+        record (see :class:`NatsSubscription`) makes the next one count as this attempt
+        again. Cancelling the caller cancels only its wait: the record and the ``-NAK`` go
+        on in a task of their own, which the subscription's close waits for (a record cut
+        short would leave the delivery neither recorded nor nacked, to come back counted
+        after ``ack_wait``)."""
+        if not self._settle():
+            return
+        sub = self._sub
+        task = asyncio.get_running_loop().create_task(
+            sub._give_back([(self._msg.reply, self.attempt)])
+        )
+        sub._releasing.add(task)
+        task.add_done_callback(sub._release_done)
+        await asyncio.shield(task)
 
     async def _dead_letter(
         self,
@@ -783,6 +794,8 @@ class NatsSubscription(ClosesOnExit):
         self._stopping = False
         # what each receive() in progress took from the buffer and is making deliveries of
         self._taking: dict[int, list[NatsDelivery]] = {}
+        # the release() calls in progress (each in a task of its own)
+        self._releasing: set[asyncio.Task[None]] = set()
         self._takes = 0
         # how many messages the receive() calls in progress took from the buffer
         self._in_hand = 0
@@ -1182,6 +1195,12 @@ class NatsSubscription(ClosesOnExit):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_RECORD_TIMEOUT + self._transport.publish_timeout):
                     await self._taken.wait()
+        # let the release() calls in progress write their records and nack (each is bounded
+        # by its record's and its publish's timeouts)
+        if self._releasing:
+            await asyncio.wait(
+                set(self._releasing), timeout=_RECORD_TIMEOUT + self._transport.publish_timeout
+            )
         keepalive, self._keepalive = self._keepalive, None
         if keepalive is not None:
             keepalive.cancel()
@@ -1209,6 +1228,10 @@ class NatsSubscription(ClosesOnExit):
                 await nc.flush(timeout=2)
             except (TimeoutError, nats.errors.Error, OSError, MsdataError):
                 pass  # not nacked: JetStream offers them again after ack_wait
+
+    def _release_done(self, task: asyncio.Task[None]) -> None:
+        self._releasing.discard(task)
+        _retrieved(task)
 
     async def _give_back_unread(self, msgs: list[Msg]) -> None:
         """Give back messages received and never handed out, each with the attempt it would
