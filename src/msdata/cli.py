@@ -616,7 +616,8 @@ async def dlq_replay(
     as_json: bool,
 ) -> None:
     """Republish dead letters to their original topic (same message id: consumers behind an
-    inbox that applied one already skip it) and remove them from the dead-letter topic."""
+    inbox that applied one already skip it) and settle them for the dead-letter reader
+    (other groups of the dead-letter topic keep them)."""
     rows = await _read_dlq(
         _dlq_source(broker, namespace, topic, group, app), limit, "replay", explicit=not app
     )

@@ -155,7 +155,8 @@ async def read_dead_letters(
     (nacked); with it each is published back to its original topic (same id and key, the
     ``x-msdata-*`` dead-letter headers dropped, :data:`msdata.transport.REPLAY_HEADER` set
     to a new token so that no broker drops it as a duplicate of its first publish) and,
-    once the publish is confirmed, acked, so it leaves the dead-letter topic (a publish
+    once the publish is confirmed, acked by ``reader``, so the next read does not list it
+    (other groups of the dead-letter topic keep it; a publish
     that fails raises :class:`~msdata.errors.PublishError` and leaves it there). Every
     group of the topic receives a replayed message again: an inbox skips it where it was
     applied already.
@@ -720,8 +721,10 @@ class Service:
 
     async def replay_dead_letters(self, *, limit: int = 1000) -> list[DeadLetterInfo]:
         """Publish the dead letters of every group the service consumes back to their
-        topics, at most ``limit`` (default 1000) per group, and take them off the
-        dead-letter topics (see :func:`read_dead_letters`, which gives the errors raised)."""
+        topics, at most ``limit`` (default 1000) per group, and settle them for the
+        dead-letter reader, so the next read does not list them (other groups of a
+        dead-letter topic keep them; see :func:`read_dead_letters`, which gives the errors
+        raised)."""
         return await read_dead_letters(
             self.transport, self._subscriptions, limit=limit, replay=True
         )
