@@ -156,8 +156,8 @@ async def read_dead_letters(
     ``x-msdata-*`` dead-letter headers dropped, :data:`msdata.transport.REPLAY_HEADER` set
     to a new token so that no broker drops it as a duplicate of its first publish) and,
     once the publish is confirmed, acked by ``reader``, so the next read does not list it
-    (other groups of the dead-letter topic keep it; a publish
-    that fails raises :class:`~msdata.errors.PublishError` and leaves it there). Every
+    (other groups of the dead-letter topic keep it). A publish that fails raises
+    :class:`~msdata.errors.PublishError` and leaves the letter there. Every
     group of the topic receives a replayed message again: an inbox skips it where it was
     applied already.
 
