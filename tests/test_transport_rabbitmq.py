@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ import aio_pika
 import pytest
 
 from msdata.adapters.rabbitmq import RabbitMQTransport
+from msdata.adapters.rabbitmq import transport as rabbitmq_transport_module
 from msdata.adapters.rabbitmq.transport import (
     KEY_HEADER,
     RETRY_TIERS,
@@ -25,7 +27,13 @@ from msdata.adapters.rabbitmq.transport import (
 )
 from msdata.errors import ConfigurationError, PublishError, TransportClosed
 from msdata.service import read_dead_letters
-from msdata.testing.conformance.transport import TransportConformance, collect, make_messages
+from msdata.testing.conformance.transport import (
+    TransportConformance,
+    _SilentServer,
+    collect,
+    make_messages,
+    publish_eventually,
+)
 from msdata.testing.waiting import eventually
 from msdata.transport import DEAD_LETTER_REASON, Transport, TransportMessage, dead_letter_topic
 from services import require
@@ -612,3 +620,116 @@ async def test_a_receive_loop_ends_when_another_task_closes_the_subscription(
         await sub.close()  # while consume() waits in receive(), and calls it again
         await consuming
         assert len(got) == 6
+
+
+_MODES = {
+    "classic": {},
+    "ordered": {"ordered_per_key": True},
+    "quorum": {"queue_type": "quorum"},
+    "quorum-ordered": {"queue_type": "quorum", "ordered_per_key": True},
+}
+
+
+@pytest.mark.parametrize("settle", ["ack", "nack", "nack-delay", "dead_letter", "release"])
+@pytest.mark.parametrize("mode", list(_MODES))
+async def test_a_settlement_whose_ack_is_lost_with_the_connection_does_not_come_back(
+    mode: str, settle: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery settled (acked; or nacked, dead-lettered or released, each a copy
+    confirmed and then the original acked) whose ``basic.ack`` never reached the broker (as
+    when it is written into a silent connection that then drops) comes back flagged as a
+    redelivery once the connection is back. The subscription acks it again and does not
+    hand it out: the settlement's outcome (a retry's copy, the dead letter, the released
+    copy) is all that arrives, and a message published after arrives once, first attempt.
+    The ack is lost here by not sending it; then the connection is reset. (Ordered mode
+    retries and releases in place, holding the delivery: the broker sees no settlement.)"""
+    options = _MODES[mode]
+    if options.get("ordered_per_key") and settle in ("nack", "nack-delay", "release"):
+        pytest.skip("ordered mode retries and releases in place: nothing settled at the broker")
+    conf = TestRabbitMQTransport()
+    conf.options = options
+    topic, group = unique("topic"), unique("group")
+    async with (
+        _SilentServer(conf.broker_address()) as server,
+        conf.make_transport_at(server.host, server.port, 5.0) as t,
+    ):
+        await t.declare_group(topic, group)
+        first, after = make_messages(2, key="k")
+        await t.publish(topic, [first])
+        async with t.subscribe(topic, group, max_attempts=5) as sub:
+            (d,) = await collect(sub, 1, timeout=10.0, ack=False)
+            lost: list[object] = []
+
+            async def lose(raw: Any) -> None:  # the ack never reaches the broker
+                lost.append(raw.delivery_tag)
+
+            monkeypatch.setattr(rabbitmq_transport_module, "_ack", lose)
+            if settle == "ack":
+                await d.ack()
+            elif settle == "nack":
+                await d.nack()
+            elif settle == "nack-delay":
+                await d.nack(delay=0.3)
+            elif settle == "dead_letter":
+                await d.dead_letter("bad")
+            else:
+                await d.release()
+            monkeypatch.undo()
+            assert lost, "the settlement sent no ack"
+            server.speak_again(reset=True)  # the connection goes, the ack with it
+            await publish_eventually(t, topic, [after], timeout=10.0)
+            came: list[tuple[str, int]] = []
+            deadline = time.monotonic() + 15.0
+            quiet: float | None = None
+            while time.monotonic() < (deadline if quiet is None else quiet):
+                for x in await sub.receive(10, timeout=0.3):
+                    came.append((x.message.id, x.attempt))
+                    await x.ack()
+                    if x.message.id == after.id and quiet is None:
+                        quiet = time.monotonic() + 1.5  # for the original to come back
+            # the copy a nack or release makes comes once, and the original not at all; the
+            # copy may have reached the consumer before the drop: then it counts one more
+            expected = {"nack": 2, "nack-delay": 2, "release": 1}.get(settle)
+            copies = [attempt for mid, attempt in came if mid == first.id]
+            if expected is None:
+                assert copies == [], f"settled, it came back as attempts {copies}"
+            else:
+                assert len(copies) == 1, f"came as attempts {copies}"
+                assert copies[0] in (expected, expected + 1), f"came as attempt {copies[0]}"
+            assert [a for mid, a in came if mid == after.id] == [1], f"after: {came}"
+        if settle == "dead_letter":
+            async with t.subscribe(dead_letter_topic(topic, group), unique("reader")) as reader:
+                letters = await collect(reader, 2, timeout=2.0)
+                assert [x.message.id for x in letters] == [first.id]
+
+
+@pytest.mark.parametrize("mode", list(_MODES))
+async def test_a_lost_ack_is_acked_again_by_another_subscription_of_the_transport(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The memory of settlements is the transport's, per group: a delivery acked by one
+    subscription whose ack never reached the broker, handed back when its channel closes,
+    is acked again by the next subscription of the group in the same transport, not handed
+    out; a subscription of another group still gets the message."""
+    topic, group, other = unique("topic"), unique("group"), unique("other")
+    async with rabbitmq_transport(**_MODES[mode]) as t:
+        await t.declare_group(topic, group)
+        await t.declare_group(topic, other)
+        first, after = make_messages(2, key="k")
+        await t.publish(topic, [first])
+        async with t.subscribe(topic, group) as sub:
+            (d,) = await collect(sub, 1, timeout=10.0, ack=False)
+
+            async def lose(raw: Any) -> None:  # the ack never reaches the broker
+                pass
+
+            monkeypatch.setattr(rabbitmq_transport_module, "_ack", lose)
+            await d.ack()
+            monkeypatch.undo()
+        await t.publish(topic, [after])
+        async with t.subscribe(topic, group) as again:
+            came = await collect(again, 2, timeout=3.0)
+            assert [(x.message.id, x.attempt) for x in came] == [(after.id, 1)], first.id
+        async with t.subscribe(topic, other) as elsewhere:
+            came = await collect(elsewhere, 2, timeout=10.0)
+            assert sorted(x.message.id for x in came) == sorted([first.id, after.id])

@@ -113,8 +113,16 @@ passed as it is, so a consumer can dead-letter it with its reason.
 
 Reconnects: the connection is an aio-pika *robust* connection; after it comes back, each
 subscription re-declares its topology and consumes again by itself. Deliveries received before
-the drop are void (the broker requeued them): acking, nacking or dead-lettering one is a no-op,
-and it is delivered again, flagged as a redelivery, so counted.
+the drop are void (the broker requeued them): nacking or dead-lettering one is a no-op, and it
+is delivered again, flagged as a redelivery, so counted. Acking one, or a settlement whose ack
+was lost with the connection (``basic.ack`` has no reply: one written while the connection
+was silent, or as it dropped, may never be processed, and a delivery tag cannot be acked on
+another channel), is remembered: the transport keeps the latest settlements of each group
+(message id, the copy's own name, :data:`COPY_HEADER`, and body length), and when the broker
+delivers one of them again, flagged, a subscription of the group in this transport acks it
+again without handing it out or counting it (logged at INFO; see
+:meth:`RabbitMQSubscription._settled_before`). Another process, or this one restarted, cannot
+know: there the message is handed out again, counted, at least once as the port says.
 """
 
 from __future__ import annotations
@@ -222,6 +230,10 @@ NOT_BEFORE_HEADER = "x-msdata-not-before"
 #: on a filler a stopping subscription put into its queue (see
 #: :meth:`RabbitMQSubscription._exhaust_credit`): never handed out, acked by whoever gets it
 FILLER_HEADER = "x-msdata-filler"
+#: on every copy a subscription puts into its group's queues (a retry, a moved or given-back
+#: delivery): a name of that copy alone, so a redelivery of what was settled before is told
+#: apart from another copy of the same message (see :meth:`RabbitMQSubscription._settled_before`)
+COPY_HEADER = "x-msdata-copy"
 #: the delays (seconds) of a group's retry queues: a nack's delay passes through the longest
 #: tier not above what is left of it, again and again until it is due, so any delay needs at
 #: most these queues per group, however the delays are jittered
@@ -232,6 +244,7 @@ _INTERNAL_HEADERS = _BROKER_HEADERS | {
     MOVED_HEADER,
     NOT_BEFORE_HEADER,
     FILLER_HEADER,
+    COPY_HEADER,
 }
 _PERSISTENT = 2
 #: ``max_message_bytes`` by default: the codec's 1 MiB body limit plus 64 KiB for the id and
@@ -268,6 +281,10 @@ _EXHAUST_WAIT = 0.005
 # channel hands back, or that no consumer took, then expires instead of staying in the queue
 # (counted by lag(), read by no one once the group's consumers are gone)
 _FILLER_TTL_MS = 200
+# how many of its latest settlements a transport remembers per group, at least (at most
+# twice as many; see RabbitMQSubscription._settled_before): those whose ack may have been lost
+# are at most what its consumers held as the connection went (their prefetch), far fewer
+_SETTLED_KEPT = 4096
 
 
 _INEQUIVALENT_ARG = re.compile(r"inequivalent arg '([^']+)'")
@@ -608,11 +625,36 @@ def _given_back_record(body: bytes) -> tuple[str, int, str, int, float] | None:
     return message_id, prior, digest, attempt, float(at)
 
 
+class _Settlements:
+    """The latest settlements of a group in a transport, by :meth:`_Entry.settled_key`:
+    the last ``_SETTLED_KEPT`` at least, twice as many at most (two generations: adding
+    costs a set insertion, with no per-key eviction)."""
+
+    __slots__ = ("new", "old")
+
+    def __init__(self) -> None:
+        self.new: set[tuple[str, str, int]] = set()
+        self.old: set[tuple[str, str, int]] = set()
+
+    def add(self, key: tuple[str, str, int]) -> None:
+        new = self.new
+        new.add(key)
+        if len(new) >= _SETTLED_KEPT:
+            self.old, self.new = new, set()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.new or key in self.old
+
+    def __bool__(self) -> bool:
+        return bool(self.new or self.old)
+
+
 class _Entry:
     """A message the broker delivered to a subscription, parsed when first handed out."""
 
     __slots__ = (
         "attempt",
+        "copy",
         "filler",
         "known",
         "looked",
@@ -643,6 +685,8 @@ class _Entry:
         self.not_before = 0.0
         #: a filler a closing subscription put into the queue (never handed out)
         self.filler = False
+        #: the COPY_HEADER of a copy msdata put into the queue (else "")
+        self.copy = ""
         #: the consumer it was delivered to (None if it was not: a basic.get)
         self.tag: str | None = None
 
@@ -673,6 +717,8 @@ class _Entry:
                         self.not_before = _count_ms(value) / 1000
                     elif name == FILLER_HEADER and own:
                         self.filler = True
+                    elif name == COPY_HEADER and own:
+                        self.copy = _text(value)
                     elif name == _DELIVERY_COUNT and counts_deliveries and raw.redelivered:
                         # the broker sets it on a redelivery only; a first delivery's is foreign
                         count = _count(value)
@@ -696,6 +742,14 @@ class _Entry:
         ``x-msdata-prior-attempts`` and a digest of its body (parsed first)."""
         assert self.message is not None
         return (self.message.id, self.prior, hashlib.sha256(self.raw.body).hexdigest()[:32])
+
+    def settled_key(self) -> tuple[str, str, int]:
+        """What the memory of settlements names this delivery by (parsed first): its message
+        id, the name of the copy it is (``""`` for what a producer published) and its body's
+        length. Two deliveries with the same key are the same message in the queue (or a
+        producer's duplicate of it)."""
+        assert self.message is not None
+        return (self.message.id, self.copy, len(self.raw.body))
 
     @property
     def stale(self) -> bool:
@@ -721,7 +775,9 @@ class RabbitMQDelivery(DeliveryState["RabbitMQSubscription"]):
         if sub._tracks:
             await sub._ack_entry(self._entry)
         else:
-            await _ack(self._entry.raw)  # the default (classic, unordered): no bookkeeping
+            # the default (classic, unordered): no bookkeeping but the memory of settlements
+            sub._remember(self._entry)
+            await _ack(self._entry.raw)
         sub._release_key(self._entry)
 
     async def nack(self, delay: float = 0.0, reason: str | None = None) -> None:
@@ -845,6 +901,9 @@ class RabbitMQSubscription(ClosesOnExit):
         # quorum queues and ordered mode: the consumer tags that were sent a delivery
         self._sent_to: set[str] = set()
         self._marker = uuid.uuid4().hex
+        self._copies = 0  # copies it made (each named by COPY_HEADER)
+        # the latest settlements of the group in this transport (see _settled_before)
+        self._settlements = transport._settlements_of(self.queue)
         self._signal = asyncio.Event()
         self._closed = False
         # close() was called: receive() hands out nothing more (what it holds goes back)
@@ -1044,6 +1103,8 @@ class RabbitMQSubscription(ClosesOnExit):
                     entry.parse(self._counts_deliveries)
                 if entry.filler:
                     self._fillers.append(entry)
+                elif self._settled_before(entry):
+                    self._ack_again(entry)
                 else:
                     self._recount.append(entry)
             self._pending.clear()
@@ -1138,12 +1199,63 @@ class RabbitMQSubscription(ClosesOnExit):
     async def _ack_entry(self, entry: _Entry) -> None:
         """Ack ``entry`` (held back while a closing subscription waits for its consumers to
         be cancelled: see :meth:`_give_back`)."""
+        if not entry.filler:
+            # also on a dropped channel (the ack is void): its redelivery is acked again
+            self._remember(entry)
         if self._tracks:
             if self._quiescing:
                 self._deferred.append(entry)
                 return
             self._unacked.discard(entry)
         await _ack(entry.raw)
+
+    # -- settled before: a redelivery whose ack was lost ------------------------------------
+
+    def _remember(self, entry: _Entry) -> None:
+        """Remember that ``entry`` is settled (acked, or acked after its copy, retry or dead
+        letter was confirmed), in the transport's memory of the group's latest settlements
+        (see :meth:`_settled_before`)."""
+        if entry.message is None:
+            return
+        self._settlements.add(entry.settled_key())
+
+    def _settled_before(self, entry: _Entry) -> bool:
+        """Whether ``entry`` (parsed) is a redelivery of a delivery of this group that a
+        subscription of this transport settled: its ack was lost with the connection.
+
+        Why: ``basic.ack`` has no reply, and a delivery tag names a delivery on its channel
+        only. An ack written while the connection is silent, or as it drops, may never be
+        processed (only a reply to a later synchronous call on the same channel would prove
+        it was); the connection then goes, the broker puts the message back, flagged as
+        redelivered, and the ack cannot be sent again on a new channel. Handed out, the
+        message would come again, counted (a classic queue moves it, a quorum queue raises
+        ``x-delivery-count``), after the application acked it (or after its retry or dead
+        letter went out). So every subscription remembers its settlements, the latest
+        ``_SETTLED_KEPT`` (at least) of the group in this transport, by
+        :meth:`_Entry.settled_key`
+        (copies msdata makes carry names of their own, :data:`COPY_HEADER`, so another copy
+        of the same message is not taken for it), and a flagged redelivery of one of them is
+        acked again and never handed out, counting nothing. A first delivery never matches
+        (a message is delivered flagged once its channel has gone). The memory is the
+        transport's: another subscription of the group in this transport (that took over
+        the redelivery) acks it too; another process, or this one restarted, cannot know,
+        and hands the message out again counted: at least once, which the inbox covers."""
+        if not entry.raw.redelivered or not self._settlements:
+            return False
+        return entry.settled_key() in self._settlements
+
+    def _ack_again(self, entry: _Entry) -> None:
+        """``entry`` was settled before (see :meth:`_settled_before`): ack it with the
+        fillers, never hand it out."""
+        message = entry.message
+        assert message is not None
+        log.info(
+            "%s in %s came back after it was settled (its ack was lost with the connection): "
+            "acked again, not handed out",
+            message.id,
+            self.queue,
+        )
+        self._fillers.append(entry)
 
     async def _drop_fillers(self) -> None:
         """Ack the fillers received (never handed out; see :meth:`_exhaust_credit`)."""
@@ -1217,7 +1329,10 @@ class RabbitMQSubscription(ClosesOnExit):
                 for entry in fresh:
                     if entry.message is None:
                         entry.parse(self._counts_deliveries)
-                fresh = [e for e in fresh if not e.filler]
+                # nor is a redelivery of what was settled before (an ack now could let
+                # an unrecorded delivery in): the close hands it back, and a subscription
+                # of this transport acks it again (see _settled_before)
+                fresh = [e for e in fresh if not e.filler and not self._settled_before(e)]
                 if not fresh:
                     continue
                 # a redelivery not looked up yet carries on its own record, not a count
@@ -1269,7 +1384,8 @@ class RabbitMQSubscription(ClosesOnExit):
         for entry in waiting:
             if entry.message is None:
                 entry.parse(self._counts_deliveries)
-        waiting = [e for e in waiting if not e.filler]
+        # a redelivery of what was settled before is acked again, never handed out
+        waiting = [e for e in waiting if not e.filler and not self._settled_before(e)]
         if not waiting:
             return
         keys = [e.given_back_key() for e in waiting]
@@ -1443,6 +1559,9 @@ class RabbitMQSubscription(ClosesOnExit):
             if entry.filler:
                 self._fillers.append(entry)  # acked, never handed out
                 continue
+            if self._settled_before(entry):
+                self._ack_again(entry)
+                continue
             if ordered and not entry.looked and entry.raw.redelivered:
                 # its given-back record is looked for first (see receive)
                 pending.appendleft(entry)
@@ -1586,6 +1705,7 @@ class RabbitMQSubscription(ClosesOnExit):
             props = _properties(message)
             headers = dict(props.headers or {})
             headers[PRIOR_ATTEMPTS_HEADER] = entry.attempt - 1
+            headers[COPY_HEADER] = self._copy_name()
             if key is not None:
                 headers[MOVED_HEADER] = self._marker
             left = entry.not_before - time.time()
@@ -1677,6 +1797,7 @@ class RabbitMQSubscription(ClosesOnExit):
         props = _properties(m)
         headers = dict(props.headers or {})
         headers[PRIOR_ATTEMPTS_HEADER] = delivery.attempt
+        headers[COPY_HEADER] = self._copy_name()
         if delay <= 0:
             name = self.ready_queue
         else:
@@ -1684,6 +1805,11 @@ class RabbitMQSubscription(ClosesOnExit):
                 name = await self._tier_queue(raw, delay, headers, time.time() + delay)
         props.headers = headers
         await self._publish_then_ack(raw, delivery._entry, "", name, props, "retry")
+
+    def _copy_name(self) -> str:
+        """A name for a copy this subscription puts into its group's queues, its own."""
+        self._copies += 1
+        return f"{self._marker}.{self._copies}"
 
     async def _tier_queue(self, raw: Any, delay: float, headers: dict[str, Any], due: float) -> str:
         """Declare the retry tier queue for ``delay`` seconds and return its name; when the
@@ -1848,6 +1974,8 @@ class RabbitMQTransport:
         self._exchanges: set[str] = set()
         self._queues: set[str] = set()
         self._subscriptions: set[RabbitMQSubscription] = set()
+        # group queue -> its latest settlements (see RabbitMQSubscription._settled_before)
+        self._settlements: dict[str, _Settlements] = {}
         self._closed = False
 
     @classmethod
@@ -1890,6 +2018,15 @@ class RabbitMQTransport:
         transport.address = _address_of(url)
         transport._owns_connection = True
         return transport
+
+    def _settlements_of(self, queue: str) -> _Settlements:
+        """The memory of the latest settlements of the group whose queue is ``queue``, shared
+        by the group's subscriptions in this transport (see
+        :meth:`RabbitMQSubscription._settled_before`)."""
+        settlements = self._settlements.get(queue)
+        if settlements is None:
+            settlements = self._settlements[queue] = _Settlements()
+        return settlements
 
     @property
     def declared(self) -> tuple[frozenset[str], frozenset[str]]:
