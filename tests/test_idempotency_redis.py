@@ -10,8 +10,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from msdata.adapters.redis.idempotency import RedisIdempotencyStore
+from msdata.errors import ConfigurationError
 from msdata.idempotency import IdempotencyStore
 from msdata.testing.conformance.idempotency import IdempotencyStoreConformance
+from msdata.urls import store_from_url
 
 pytestmark = pytest.mark.redis
 
@@ -20,6 +22,9 @@ class TestRedisIdempotencyStore(IdempotencyStoreConformance):
     @pytest.fixture(autouse=True)
     def _url(self, redis_url: str) -> None:
         self.url = redis_url
+
+    def store_url(self) -> str:
+        return self.url
 
     @asynccontextmanager
     async def make_store(self) -> AsyncIterator[IdempotencyStore]:
@@ -33,3 +38,15 @@ class TestRedisIdempotencyStore(IdempotencyStoreConformance):
             if keys:
                 await client.delete(*keys)
             await client.aclose()
+
+
+def test_an_option_redis_py_does_not_take_is_refused_when_built(redis_url: str) -> None:
+    """``?namespace=`` (the transport's, not this store's: its own is ``key_prefix``) and
+    misspelt options reached redis-py, which failed every claim with a raw TypeError."""
+    sep = "&" if "?" in redis_url else "?"
+    with pytest.raises(ConfigurationError, match="namespace"):
+        store_from_url("idempotency", f"{redis_url}{sep}namespace=shop")
+    with pytest.raises(ConfigurationError, match="socket_timout"):
+        store_from_url("idempotency", redis_url, socket_timout=1)
+    store = store_from_url("idempotency", f"{redis_url}{sep}socket_timeout=2")
+    assert isinstance(store, RedisIdempotencyStore)

@@ -18,6 +18,7 @@ from typing import Any, Self
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
+from msdata.adapters.redis._url import redis_client
 from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConfigurationError, StoreError
 from msdata.idempotency.store import (
@@ -113,9 +114,12 @@ class RedisIdempotencyStore:
         clock: Clock = SYSTEM_CLOCK,
         **options: Any,
     ) -> RedisIdempotencyStore:
-        """A store over ``redis://…`` with a client of its own (closed by ``close``)."""
+        """A store over ``redis://…`` with a client of its own (closed by ``close``);
+        ``options`` go to redis-py. ConfigurationError, naming it, for a URL parameter or an
+        option redis-py does not take (``namespace``: this store's is ``key_prefix``) and a
+        database path that is not a number."""
         return cls(
-            aioredis.Redis.from_url(url, decode_responses=False, **options),
+            redis_client(url, "the Redis idempotency store", (), **options),
             key_prefix=key_prefix,
             clock=clock,
             owns_client=True,
