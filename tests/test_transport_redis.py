@@ -96,6 +96,9 @@ class TestRedisTransport(TransportConformance):
         finally:
             await t.close()
 
+    def transport_url(self) -> str:
+        return require("redis")
+
     def broker_address(self) -> tuple[str, int]:
         url = urlsplit(require("redis"))
         return url.hostname or "127.0.0.1", url.port or 6379

@@ -720,6 +720,16 @@ def _near(name: str, options: Sequence[str]) -> bool:
     )
 
 
+def _unknown_option(name: str, own: Sequence[str], driver: Sequence[str]) -> str:
+    """The message refusing URL option ``name``: what is taken instead, and the nearest."""
+    near = difflib.get_close_matches(name.lower().replace("-", "_"), (*own, *driver), 1, 0.7)
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    takes = ", ".join(own)
+    if driver:
+        takes += f"; and the driver's {', '.join(driver)}"
+    return f"unknown URL option {_shown(name)}{hint}: this transport takes {takes}"
+
+
 def pop_url_options(
     url: str,
     names: Sequence[str],
@@ -742,7 +752,9 @@ def pop_url_options(
     ``max_connections``): a misspelt limit is refused, not silently ignored. So is a
     parameter that differs from one of ``names`` or ``text`` only by case, ``-`` for ``_``
     or a letter or two (``Namespace``, ``namespce``), and, with ``passes_on=False`` (a
-    transport whose driver takes no URL options: memory, NATS), any other parameter."""
+    transport whose driver takes no URL options: memory, NATS, or whose ``driver`` lists
+    every option its driver takes: Redis, RabbitMQ), any other parameter: the message names
+    it, what is taken, and the nearest of those."""
     found: dict[str, Any] = {}
     parts = []
     for one in url.split(","):
@@ -769,10 +781,7 @@ def pop_url_options(
                 if name not in driver and (
                     not passes_on or name.lower().startswith("max_") or _near(name, (*names, *text))
                 ):
-                    raise ConfigurationError(
-                        f"unknown URL option {_shown(name)}: this transport takes "
-                        f"{', '.join((*names, *text))}"
-                    )
+                    raise ConfigurationError(_unknown_option(name, (*names, *text), driver))
                 if pair:
                     kept.append(pair)  # as written: the driver decodes it
                 continue

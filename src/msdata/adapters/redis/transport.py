@@ -111,6 +111,7 @@ import redis.exceptions as rex
 
 from msdata import deadletter
 from msdata.adapters.redis import _lua
+from msdata.adapters.redis._url import redis_client
 from msdata.errors import (
     ConfigurationError,
     MessageTooLarge,
@@ -1278,12 +1279,15 @@ class RedisTransport:
         ``options`` go to the constructor. The query parameters ``max_message_bytes`` and
         ``max_held_bytes`` (ints) and ``namespace`` are the constructor's options of those
         names (a :class:`ConfigurationError` if also given as an option); the others go to
-        redis-py (``socket_timeout``...)."""
+        redis-py (``socket_timeout``...). ConfigurationError, naming it, for a parameter
+        redis-py does not take (``socket_timout``) and for a database path that is not a
+        number (``/abc``)."""
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigurationError(f"not a redis:// URL: {redact_url(url)!r}")
+        own_names = ("max_message_bytes", "max_held_bytes")
         url, own = pop_url_options(
             url,
-            ("max_message_bytes", "max_held_bytes"),
+            own_names,
             driver=("max_connections",),
             text=("namespace",),
         )
@@ -1291,7 +1295,8 @@ class RedisTransport:
             if options.get(name) is not None:
                 raise ConfigurationError(f"{name} given both in the URL and as an option")
             options[name] = value
-        transport = cls(aioredis.Redis.from_url(url, decode_responses=False), **options)
+        client = redis_client(url, "the Redis transport", (*own_names, "namespace"))
+        transport = cls(client, **options)
         transport._owns_client = True
         return transport
 

@@ -218,6 +218,12 @@ class TransportConformance:
     #: the password :meth:`make_unreachable_transport` puts in the address; no error may show it
     unreachable_password = "s3cret-pw"
 
+    def transport_url(self) -> str:
+        """The URL :func:`msdata.urls.transport_from_url` builds this backend's transport
+        from (its broker's; the cases only build transports from it, never connect). Not
+        implemented: the URL cases are skipped."""
+        raise NotImplementedError
+
     def make_unreachable_transport(
         self, host: str, port: int, timeout: float
     ) -> AbstractAsyncContextManager[Transport]:
@@ -1453,6 +1459,27 @@ class TransportConformance:
             took = time.monotonic() - started
             assert all(isinstance(r, TransportError) for r in results), results
             assert took < timeout + margin, f"three calls together took {took:.1f}s"
+
+    # -- building from a URL ------------------------------------------------------------------
+
+    @pytest.mark.parametrize(
+        "option",
+        ["socket_timout", "prefetch", "claim_idle", "key_prefix", "hearbeat", "max_mesage_bytes"],
+    )
+    def test_an_unknown_or_misspelt_url_option_is_refused_when_built(self, option: str) -> None:
+        """A URL option the transport and its driver do not take (misspelt, or another
+        transport's, or a constructor keyword that is no URL option) is refused by
+        ``transport_from_url`` with a ConfigurationError naming it, not passed on to fail
+        every later call (redis-py: a TypeError at each command) or be ignored."""
+        from msdata.urls import transport_from_url
+
+        try:
+            url = self.transport_url()
+        except NotImplementedError:
+            pytest.skip("implement transport_url for this backend")
+        sep = "&" if "?" in url else "?"
+        with pytest.raises(ConfigurationError, match=option):
+            transport_from_url(f"{url}{sep}{option}=1")
 
     # -- a silent server: accepts connections and never answers ------------------------------
 
