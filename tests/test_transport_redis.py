@@ -813,3 +813,19 @@ async def test_an_ack_made_as_the_server_goes_silent_is_not_lost() -> None:
             assert await t.lag(topic, group) == 0
             dlq = f"{t.key_prefix}:{dead_letter_topic(topic, group)}"
             assert await t._client.xlen(dlq) == 0, "the acked message was dead-lettered"
+
+
+async def test_a_database_path_that_is_no_number_is_refused_and_one_out_of_range_named() -> None:
+    """``redis://host:6379/abc`` was read as database 0 without a word: refused when built.
+    A database the server does not have (``/99`` of 16) fails each call naming the server
+    (``DB index is out of range`` alone did not say which)."""
+    url = urlsplit(require("redis"))
+    with pytest.raises(ConfigurationError, match="must be a number"):
+        RedisTransport.from_url(f"redis://{url.netloc}/abc")
+    t = RedisTransport.from_url(f"redis://{url.netloc}/99")
+    try:
+        with pytest.raises(TransportError, match="DB index") as lagged:
+            await t.lag(unique("topic"), unique("group"))
+        assert f"{url.hostname}:{url.port or 6379}/99" in str(lagged.value)
+    finally:
+        await t.close()

@@ -189,7 +189,7 @@ _TRANSIENT = (rex.ConnectionError, rex.TimeoutError, OSError)
 
 
 # a connection to the server failed (redis-py's AuthenticationError is a ConnectionError:
-# the server answered, so it is left to the plain form)
+# the server answered, so it gets a form of its own: see _refused_setup)
 _UNREACHABLE = (rex.ConnectionError, rex.TimeoutError)
 
 
@@ -207,16 +207,33 @@ class _RedisErrors(DriverErrors):
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
     ) -> None:
-        if (
-            self.address
-            and isinstance(exc, _UNREACHABLE)
-            and not isinstance(exc, rex.AuthenticationError)
-        ):
-            raise self.error(
-                f"could not connect to Redis at {self.address} ({self.what}): "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+        if self.address and isinstance(exc, rex.RedisError):
+            if _refused_setup(exc):
+                # the server answered, but not to these credentials or this database: say
+                # which server (never the password: the address has none)
+                raise self.error(
+                    f"{self.what} at {self.address}: {type(exc).__name__}: {exc}"
+                ) from exc
+            if isinstance(exc, _UNREACHABLE):
+                raise self.error(
+                    f"could not connect to Redis at {self.address} ({self.what}): "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
         super().__exit__(exc_type, exc, tb)
+
+
+def _refused_setup(exc: BaseException) -> bool:
+    """Whether the server refused the connection's setup: its credentials (a wrong
+    password, a user without the rights) or its database (``DB index is out of range``)."""
+    if isinstance(
+        exc,
+        rex.AuthenticationError
+        | rex.AuthorizationError
+        | rex.NoPermissionError
+        | rex.AuthenticationWrongNumberOfArgsError,
+    ):
+        return True
+    return isinstance(exc, rex.ResponseError) and str(exc).startswith(("DB index", "invalid DB"))
 
 
 def _redis_errors(

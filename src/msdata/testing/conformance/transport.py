@@ -1481,6 +1481,43 @@ class TransportConformance:
         with pytest.raises(ConfigurationError, match=option):
             transport_from_url(f"{url}{sep}{option}=1")
 
+    async def test_credentials_the_server_refuses_fail_each_call_naming_the_address(
+        self,
+    ) -> None:
+        """Wrong credentials (user ``msdata`` with :attr:`unreachable_password`, at the
+        broker of :meth:`make_transport`): publish, lag and declare_group each raise
+        TransportError naming the server's address, never the password. Skipped where the
+        server takes any credentials (one without authentication)."""
+        async with self.make_transport() as t:
+            if not t.features.networked:
+                pytest.skip("an in-process transport has no credentials")
+        try:
+            host, port = self.broker_address()
+        except NotImplementedError:
+            pytest.skip("implement broker_address for this backend")
+        timeout = 5.0
+        topic, group = self.unique("topic"), self.unique("group")
+        errors: list[TransportError] = []
+        async with self.make_unreachable_transport(host, port, timeout) as t:
+            calls: list[Callable[[], Awaitable[object]]] = [
+                lambda: t.publish(topic, make_messages(1)),
+                lambda: t.lag(topic, group),
+                lambda: t.declare_group(topic, group),
+            ]
+            for i, call in enumerate(calls):
+                try:
+                    await asyncio.wait_for(call(), 60)
+                except TransportError as e:
+                    errors.append(e)
+                else:
+                    if i == 0:
+                        pytest.skip("this server takes any credentials")
+                    pytest.fail(f"call {i} succeeded where the first was refused")
+        for error in errors:
+            text = str(error)
+            assert host in text and str(port) in text, f"the address is not named: {text}"
+            assert self.unreachable_password not in text, f"credentials shown: {text}"
+
     # -- a silent server: accepts connections and never answers ------------------------------
 
     def broker_address(self) -> tuple[str, int]:
