@@ -15,6 +15,7 @@ from msdata.transport import (
     DEAD_LETTER_REASON,
     DEAD_LETTER_TOPIC,
     DriverErrors,
+    ThrottledLog,
     TransportMessage,
     carryable_headers,
     check_message,
@@ -250,6 +251,26 @@ def test_a_namespace_in_several_urls_is_decoded_and_must_agree() -> None:
     assert (url, found) == ("n://a,n://b", {"namespace": "s-1"})
     with pytest.raises(ConfigurationError, match="differs"):
         pop_url_options("n://a?namespace=x,n://b?namespace=y", names, text=("namespace",))
+
+
+def test_a_throttled_log_keeps_one_line_per_kind_per_period_and_counts_the_rest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [100.0]
+    throttled = ThrottledLog(logging.getLogger("msdata.test.throttle"), 10.0, lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="msdata.test.throttle"):
+        for i in range(50):
+            now[0] = 100.0 + i * 0.1  # every 0.1 s for 5 s
+            throttled.warning("down", "server %s down", "a")
+        throttled.warning("other", "another kind")
+        now[0] = 110.0
+        assert throttled.warning("down", "server %s down", "a")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "server a down",
+        "another kind",
+        "server a down (49 more like it in the last 10s)",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,9 @@ still arrives as a delivery that a consumer can dead-letter with its reason.
 from __future__ import annotations
 
 import difflib
+import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
@@ -48,6 +50,7 @@ __all__ = [
     "Publisher",
     "Subscriber",
     "Subscription",
+    "ThrottledLog",
     "Transport",
     "TransportFeatures",
     "TransportMessage",
@@ -488,6 +491,51 @@ class DriverErrors:
     ) -> None:
         if isinstance(exc, self.driver) and not isinstance(exc, MsdataError):
             raise self.error(f"{self.what}: {type(exc).__name__}: {exc}") from exc
+
+
+class ThrottledLog:
+    """Log lines that may repeat quickly (a connection failing while a server is down, per
+    consumer and per round trip) at most once per ``every`` seconds per kind, the next one
+    saying how many were left out in between (an implementation aid for adapters)::
+
+        self._log = ThrottledLog(log)
+        self._log.warning("unreachable", "Redis at %s unreachable (%s); retrying", address, e)
+
+    ``clock``: monotonic seconds (a test passes its own)."""
+
+    __slots__ = ("_clock", "_last", "_skipped", "every", "logger")
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        every: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.every = every
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def log(self, level: int, kind: str, msg: str, *args: object) -> bool:
+        """``logger.log(level, msg, *args)`` unless a line of ``kind`` was logged less than
+        ``every`` seconds ago (then counted); whether it was logged."""
+        now = self._clock()
+        last = self._last.get(kind)
+        if last is not None and now - last < self.every:
+            self._skipped[kind] = self._skipped.get(kind, 0) + 1
+            return False
+        self._last[kind] = now
+        skipped = self._skipped.pop(kind, 0)
+        if skipped:
+            msg += " (%d more like it in the last %.0fs)"
+            args = (*args, skipped, self.every)
+        self.logger.log(level, msg, *args)
+        return True
+
+    def warning(self, kind: str, msg: str, *args: object) -> bool:
+        """:meth:`log` at WARNING."""
+        return self.log(logging.WARNING, kind, msg, *args)
 
 
 async def iterate(

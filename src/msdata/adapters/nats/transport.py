@@ -214,6 +214,7 @@ from msdata.transport import (
     ClosesOnExit,
     DeliveryState,
     DriverErrors,
+    ThrottledLog,
     TransportFeatures,
     TransportMessage,
     check_name,
@@ -465,20 +466,12 @@ class _ConnectionLog:
         self.address = address
         #: true once the transport is being closed: the disconnect is ours, not news
         self.closing = closing
-        self._last: dict[str, float] = {}
-        self._skipped: dict[str, int] = {}
+        self._throttled = ThrottledLog(log, _LOG_EVERY)
         #: the last connection error, as text (what a failed first connect names)
         self.last_error: str | None = None
 
     def _log(self, kind: str, text: str) -> None:
-        now = time.monotonic()
-        if now - self._last.get(kind, -_LOG_EVERY) < _LOG_EVERY:
-            self._skipped[kind] = self._skipped.get(kind, 0) + 1
-            return
-        self._last[kind] = now
-        skipped = self._skipped.pop(kind, 0)
-        more = f" ({skipped} more like it in the last {_LOG_EVERY:.0f}s)" if skipped else ""
-        log.warning("NATS %s: %s%s", self.address, text, more)
+        self._throttled.warning(kind, "NATS %s: %s", self.address, text)
 
     async def error(self, e: Exception) -> None:
         self.last_error = f"{type(e).__name__}: {e}".rstrip(": ")

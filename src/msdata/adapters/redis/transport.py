@@ -125,6 +125,7 @@ from msdata.transport import (
     ClosesOnExit,
     DeliveryState,
     DriverErrors,
+    ThrottledLog,
     TransportFeatures,
     TransportMessage,
     check_message,
@@ -183,6 +184,9 @@ _SERVER_STATE = (
 )
 
 _EMPTY: Any = MappingProxyType({})
+# a consumer's pause after a failed round trip: doubled while they fail, up to the last
+# (seconds; short enough that consumers are back within about a second of Redis)
+_FIRST_PAUSE, _LAST_PAUSE = 0.05, 1.0
 _TOPIC, _RETRY = 0, 1
 # errors after which the next command reconnects by itself
 _TRANSIENT = (rex.ConnectionError, rex.TimeoutError, OSError)
@@ -507,6 +511,11 @@ class RedisSubscription(ClosesOnExit):
         self._seen: list[tuple[int, int]] = [(0, 0), (0, 0)]
         # a round trip that may have taken entries failed: its reply may be lost
         self._unsure = False
+        # after a failed round trip, no other before _retry_at (monotonic seconds); the
+        # pause doubles from _FIRST_PAUSE up to _LAST_PAUSE while they go on failing, across
+        # receive calls (each of which used to try at once)
+        self._pause = _FIRST_PAUSE
+        self._retry_at = 0.0
         self._next_maintenance = 0.0
         self._next_trim = 0.0
         self._flusher: asyncio.Task[None] | None = None
@@ -714,9 +723,15 @@ class RedisSubscription(ClosesOnExit):
     async def _fill(self, room: int, timeout: float) -> None:
         t = self._t
         deadline = time.monotonic() + timeout
-        backoff = 0.05
         while True:
             now = time.monotonic()
+            pause = self._retry_at - now
+            if pause > 0:  # backing off after a failed round trip
+                left = deadline - now
+                await asyncio.sleep(max(0.0, min(pause, left)))
+                if pause >= left:
+                    return
+                now = time.monotonic()
             with _redis_errors(f"receive from {self.topic!r}", address=self._t.address):
                 try:
                     if self._unsure:
@@ -735,15 +750,19 @@ class RedisSubscription(ClosesOnExit):
                     await self._read(room, int(min(wait, t._max_block) * 1000))
                     if self._overdue:
                         await self._settle_overdue()
-                    backoff = 0.05
+                    self._pause = _FIRST_PAUSE
                 except _TRANSIENT as e:
                     # the reply of a read (or reclaim) may be lost after it took entries
                     self._unsure = True
-                    log.warning("redis unreachable (%s); retrying", e)
-                    left = deadline - time.monotonic()
-                    if left > 0:
-                        await asyncio.sleep(min(backoff, left))
-                    backoff = min(backoff * 2, 1.0)
+                    t._outage_log.warning(
+                        "unreachable",
+                        "Redis at %s unreachable (%s: %s); consumers retrying",
+                        t.address,
+                        type(e).__name__,
+                        e,
+                    )
+                    self._retry_at = time.monotonic() + self._pause
+                    self._pause = min(self._pause * 2, _LAST_PAUSE)
                 except rex.ResponseError as e:
                     if "NOGROUP" not in str(e):
                         raise
@@ -1103,7 +1122,10 @@ class RedisSubscription(ClosesOnExit):
                 task = asyncio.current_task()
                 if self._closed or (task is not None and task.cancelling()):
                     raise asyncio.CancelledError from e
-                log.warning("heartbeat of consumer %s failed: %s", self.consumer, e)
+                # (every consumer's, each interval, while Redis is down: throttled)
+                t._outage_log.warning(
+                    "heartbeat", "heartbeat of consumer %s failed: %s", self.consumer, e
+                )
 
     def _kick(self) -> None:
         """Runs on the loop turn after an ack: sends the acks unless a ``receive`` took them
@@ -1128,7 +1150,9 @@ class RedisSubscription(ClosesOnExit):
                 except BaseException as e:
                     self._restore_acks(acks)
                     if isinstance(e, rex.RedisError):
-                        log.warning("acks of consumer %s not sent yet: %s", self.consumer, e)
+                        self._t._outage_log.warning(
+                            "acks", "acks of consumer %s not sent yet: %s", self.consumer, e
+                        )
                         return
                     raise
                 self._acked(acks)
@@ -1274,6 +1298,8 @@ class RedisTransport:
             redelivery_timeout=self.claim_idle + self.claim_interval,
         )
         self._consumer_prefix = f"{socket.gethostname()}-{os.getpid()}"
+        #: the consumers' "unreachable" lines, one per 10 s for them all while Redis is down
+        self._outage_log = ThrottledLog(log)
         self._topics: set[str] = set()
         self._subs: set[RedisSubscription] = set()
         self._closed = False
