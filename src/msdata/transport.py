@@ -66,6 +66,7 @@ __all__ = [
     "message_size",
     "pop_url_options",
     "refused_error",
+    "refused_id",
     "screen",
 ]
 
@@ -710,9 +711,14 @@ def screen(
     return [m for m in messages if _id_of(m) not in refused], refused
 
 
-def _id_of(message: TransportMessage) -> str:
+def refused_id(message: TransportMessage) -> str:
+    """How ``PublishError.refused`` names ``message``, on every transport: its id, or the
+    ``repr`` of an id that is not a str (``7`` -> ``'7'``), which is refused."""
     mid = message.id
     return mid if isinstance(mid, str) else repr(mid)
+
+
+_id_of = refused_id
 
 
 def refused_error(what: str, total: int, refused: Mapping[str, str | MsdataError]) -> PublishError:

@@ -132,6 +132,7 @@ from msdata.transport import (
     check_name,
     is_dead_letter_topic,
     pop_url_options,
+    refused_id,
 )
 from msdata.transport import dead_letter_topic as deadletter_topic
 from msdata.urls import redact_url
@@ -1376,7 +1377,7 @@ class RedisTransport:
         held: dict[str, str] = {}  # key -> id of its refused message (the key's order)
         for m in messages:
             if held and isinstance(m.key, str) and m.key in held:
-                refused[m.id] = (
+                refused[refused_id(m)] = (
                     f"HeldBack: held back, not sent: the earlier message {held[m.key]} of its "
                     "key was refused"
                 )
@@ -1384,10 +1385,10 @@ class RedisTransport:
             try:
                 check_message(m)  # headers, key and id no broker can carry: refused alone
             except MsdataError as e:
-                refused[m.id] = f"{type(e).__name__}: {e}"
+                refused[refused_id(m)] = f"{type(e).__name__}: {e}"  # the id may be no str
                 too_large = too_large or e
                 if isinstance(m.key, str):
-                    held.setdefault(m.key, m.id)
+                    held.setdefault(m.key, refused_id(m))
                 continue
             if m.key is None and not m.headers:
                 # the common case: "id" and "body" (6 bytes) and their values

@@ -1906,6 +1906,25 @@ class TransportConformance:
                 got = await collect(sub, 2, timeout=self.arrival_timeout)
                 assert sorted(d.message.id for d in got) == sorted(m.id for m in good)
 
+    async def test_a_message_whose_id_is_not_a_str_is_refused_alone_named_by_a_str(
+        self,
+    ) -> None:
+        """An id that is not a str (``7``) fails its message alone; ``PublishError.refused``
+        names it by a str on every transport (``'7'``, its repr), as every other key of
+        ``refused`` is, and the rest of the batch is delivered."""
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t:
+            await t.declare_group(topic, group)
+            good = make_messages(2)
+            bad = TransportMessage(7, b"{}")  # type: ignore[arg-type]
+            with pytest.raises(PublishError) as refused:
+                await t.publish(topic, [good[0], bad, good[1]])
+            assert list(refused.value.refused) == ["7"]
+            assert "7" in refused.value.refused["7"]
+            async with t.subscribe(topic, group) as sub:
+                got = await collect(sub, 2, timeout=self.arrival_timeout)
+                assert sorted(d.message.id for d in got) == sorted(m.id for m in good)
+
     async def test_a_refused_message_holds_back_the_later_ones_of_its_key(self) -> None:
         """A message refused before sending (here a header name no broker carries) holds
         back the later messages of its key in the batch: they are refused too, unsent (a
