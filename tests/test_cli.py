@@ -77,6 +77,14 @@ def test_usage_errors_exit_2() -> None:
     assert "No such option" in usage("db", "init", "sqlite:///x.db", "--json")
 
 
+def test_a_schema_on_a_sqlite_database_is_a_usage_error(tmp_path: Path) -> None:
+    """``--schema`` names a PostgreSQL schema: on SQLite it is a usage error naming the
+    option, not ``error: TypeError: ...`` from the store."""
+    error = usage("db", "init", f"sqlite:///{tmp_path}/orders.db", "--schema", "foo")
+    assert "--schema" in error and "TypeError" not in error
+    assert not (tmp_path / "orders.db").exists()
+
+
 class Db(NamedTuple):
     url: str
     options: list[str]  # --schema for PostgreSQL

@@ -17,6 +17,9 @@ class TestMemoryIdempotencyStore(IdempotencyStoreConformance):
     async def make_store(self) -> AsyncIterator[IdempotencyStore]:
         yield MemoryIdempotencyStore()
 
+    def store_url(self) -> str:
+        return "memory://"
+
     async def begin(self, store: Any) -> Any:
         return MemoryTransaction()
 

@@ -31,6 +31,9 @@ class _PostgresStore:
         self.url = postgres_url
         self.txs: dict[int, Any] = {}
 
+    def store_url(self) -> str:
+        return self.url
+
     @asynccontextmanager
     async def make_store(self) -> AsyncIterator[IdempotencyStore]:
         async with opened(

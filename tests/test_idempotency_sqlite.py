@@ -23,6 +23,9 @@ class TestSqliteIdempotencyStore(IdempotencyStoreConformance):
     def _dir(self, tmp_path: Path) -> None:
         self.path = tmp_path / "idem.db"
 
+    def store_url(self) -> str:
+        return f"sqlite:///{self.path}"
+
     @asynccontextmanager
     async def make_store(self) -> AsyncIterator[IdempotencyStore]:
         async with opened(SqliteIdempotencyStore(self.path)) as store:

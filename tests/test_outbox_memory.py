@@ -44,6 +44,9 @@ class MemoryOutboxHooks(MemoryHooks, OutboxStoreHooks):
 
 
 class TestMemoryOutboxStore(MemoryOutboxHooks, OutboxStoreConformance):
+    def store_url(self) -> str:
+        return "memory://"
+
     pass
 
 

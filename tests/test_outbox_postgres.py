@@ -95,6 +95,9 @@ class PostgresOutboxHooks(PostgresCallerHooks, OutboxStoreHooks):
     partitioned = False
     _raw: Any = None  # write_raw_row's connection
 
+    def store_url(self) -> str:
+        return self.url
+
     @asynccontextmanager
     async def make_store(self, *, clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[OutboxStore]:
         # the store reads the server's clock (features.reads_clock is False): no clock here

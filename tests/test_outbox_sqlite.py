@@ -63,6 +63,9 @@ class SqliteOutboxHooks(SqliteCallerHooks, OutboxStoreHooks):
         self.path = db_path
         self.prefix = table_prefix()
 
+    def store_url(self) -> str:
+        return f"sqlite:///{self.path}"
+
     @asynccontextmanager
     async def make_store(self, *, clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[OutboxStore]:
         async with opened(

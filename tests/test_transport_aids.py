@@ -15,6 +15,7 @@ from msdata.transport import (
     DEAD_LETTER_REASON,
     DEAD_LETTER_TOPIC,
     DriverErrors,
+    ThrottledLog,
     TransportMessage,
     carryable_headers,
     check_message,
@@ -250,3 +251,54 @@ def test_a_namespace_in_several_urls_is_decoded_and_must_agree() -> None:
     assert (url, found) == ("n://a,n://b", {"namespace": "s-1"})
     with pytest.raises(ConfigurationError, match="differs"):
         pop_url_options("n://a?namespace=x,n://b?namespace=y", names, text=("namespace",))
+
+
+def test_a_throttled_log_keeps_one_line_per_kind_per_period_and_counts_the_rest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [100.0]
+    throttled = ThrottledLog(logging.getLogger("msdata.test.throttle"), 10.0, lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="msdata.test.throttle"):
+        for i in range(50):
+            now[0] = 100.0 + i * 0.1  # every 0.1 s for 5 s
+            throttled.warning("down", "server %s down", "a")
+        throttled.warning("other", "another kind")
+        now[0] = 110.0
+        assert throttled.warning("down", "server %s down", "a")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "server a down",
+        "another kind",
+        "server a down (49 more like it in the last 10s)",
+    ]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/abc",
+        "redis://127.0.0.1:6379/0/1",
+        "nats://127.0.0.1:4222/abc",
+        "nats://127.0.0.1:4222,nats://127.0.0.1:4223/x",
+    ],
+)
+def test_a_url_path_the_transport_would_ignore_is_refused(url: str) -> None:
+    """A Redis database that is no number (read as database 0) and any path on NATS (where
+    nothing reads it): refused when built, not ignored."""
+    from msdata.urls import transport_from_url
+
+    with pytest.raises(ConfigurationError, match=r"path|number"):
+        transport_from_url(url)
+
+
+def test_nats_refuses_a_max_message_bytes_the_dead_letter_reserve_leaves_no_room_in() -> None:
+    """``max_message_bytes`` less the dead-letter reserve is the largest message NATS
+    publishes: a value not over the reserve refused every message ("over the limit of 1
+    bytes"); refused when built, saying the minimum."""
+    from msdata.urls import transport_from_url
+
+    least = deadletter.DEAD_LETTER_RESERVE + 1
+    for bad in (100, deadletter.DEAD_LETTER_RESERVE):
+        with pytest.raises(ConfigurationError, match=f"at least {least}"):
+            transport_from_url(f"nats://127.0.0.1:4222?max_message_bytes={bad}")
+    assert transport_from_url(f"nats://127.0.0.1:4222?max_message_bytes={least}")

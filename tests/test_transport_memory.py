@@ -14,6 +14,9 @@ class TestMemoryTransport(TransportConformance):
     arrival_timeout = 2.0
     quiet_period = 0.05
 
+    def transport_url(self) -> str:
+        return "memory://"
+
     @asynccontextmanager
     async def make_transport(self) -> AsyncIterator[Transport]:
         transport = with_test_hooks("memory", MemoryTransport())

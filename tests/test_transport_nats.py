@@ -121,6 +121,9 @@ class _Unreachable(TransportConformance):
     ) -> AsyncIterator[Transport]:
         return unreachable_nats(host, port, timeout, self.unreachable_password)  # type: ignore[return-value]
 
+    def transport_url(self) -> str:
+        return require("nats")
+
     def broker_address(self) -> tuple[str, int]:
         url = urlsplit(require("nats").split(",")[0])
         return url.hostname or "127.0.0.1", url.port or 4222

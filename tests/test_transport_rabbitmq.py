@@ -101,6 +101,9 @@ class _Unreachable(TransportConformance):
         finally:
             await t.close()
 
+    def transport_url(self) -> str:
+        return require("rabbitmq")
+
     def broker_address(self) -> tuple[str, int]:
         url = urlsplit(require("rabbitmq"))
         return url.hostname or "127.0.0.1", url.port or 5672

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import socket
 import time
@@ -96,6 +97,9 @@ class TestRedisTransport(TransportConformance):
             yield t
         finally:
             await t.close()
+
+    def transport_url(self) -> str:
+        return require("redis")
 
     def broker_address(self) -> tuple[str, int]:
         url = urlsplit(require("redis"))
@@ -917,3 +921,70 @@ async def test_settling_after_another_consumer_took_the_entries_over_makes_no_co
             assert again == [], f"a second copy: {again}"
         assert await t.lag(topic, group) == 0
         assert await t._client.xlen(t._stream_key(dead_letter_topic(topic, group))) == 0
+
+
+async def test_a_database_path_that_is_no_number_is_refused_and_one_out_of_range_named() -> None:
+    """``redis://host:6379/abc`` was read as database 0 without a word: refused when built.
+    A database the server does not have (``/99`` of 16) fails each call naming the server
+    (``DB index is out of range`` alone did not say which)."""
+    url = urlsplit(require("redis"))
+    with pytest.raises(ConfigurationError, match="must be a number"):
+        RedisTransport.from_url(f"redis://{url.netloc}/abc")
+    t = RedisTransport.from_url(f"redis://{url.netloc}/99")
+    try:
+        with pytest.raises(TransportError, match="DB index") as lagged:
+            await t.lag(unique("topic"), unique("group"))
+        assert f"{url.hostname}:{url.port or 6379}/99" in str(lagged.value)
+    finally:
+        await t.close()
+
+
+async def test_consumers_back_off_and_log_once_while_redis_is_down(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While Redis is down, a consumer's failed round trips are logged once (per transport,
+    every 10 s at most; each consumer logged each one, 72 lines in 6 s) and spaced by a
+    pause that doubles up to about 1 s across receive calls (each call used to try at once,
+    and again every 0.05-0.1 s); once Redis is back, the consumer receives again."""
+    from private_servers import open_private
+
+    server = open_private("redis", tmp_path)
+    try:
+        t = RedisTransport.from_url(f"{server.url}?socket_connect_timeout=0.5&socket_timeout=2")
+        topic, group = unique("topic"), unique("group")
+        try:
+            async with t.subscribe(topic, group) as sub, t.subscribe(topic, group) as sub2:
+                tries = 0
+                recover = sub._recover
+
+                async def counted() -> None:
+                    nonlocal tries
+                    tries += 1
+                    await recover()
+
+                sub._recover = counted  # type: ignore[method-assign]
+                await asyncio.get_running_loop().run_in_executor(None, server.stop, True)
+                caplog.clear()
+                calls = 25
+                with caplog.at_level(logging.WARNING, logger="msdata.adapters.redis"):
+                    for _ in range(calls):
+                        assert await sub.receive(10, timeout=0.1) == []
+                        assert await sub2.receive(10, timeout=0.1) == []
+                down = [r for r in caplog.records if "unreachable" in r.getMessage()]
+                assert len(down) == 1, [r.getMessage() for r in down]
+                assert server.url.split("//")[1].split("/")[0] in down[0].getMessage()
+                # a retry of each receive call at once would be one per call at least
+                assert tries < calls, f"{tries} round trips tried in {calls} receive calls"
+                await asyncio.get_running_loop().run_in_executor(None, server.start)
+                await publish_eventually(t, topic, make_messages(1), timeout=20.0)
+                got: list[Any] = []
+                for _ in range(100):
+                    got += await sub.receive(10, timeout=0.2) + await sub2.receive(10, timeout=0.2)
+                    if got:
+                        break
+                assert len(got) == 1
+                await got[0].ack()
+        finally:
+            await t.close()
+    finally:
+        server.close()

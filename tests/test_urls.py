@@ -235,3 +235,19 @@ def test_memory_stores_refuse_an_unknown_option_by_name(port: str) -> None:
         store_from_url(port, "memory://", pool_size=5)
     with pytest.raises(ConfigurationError, match="prefix"):
         store_from_url(port, "memory://", table_prefix="bad; drop")
+
+
+@pytest.mark.parametrize("port", _MEMORY_PORTS)
+def test_memory_stores_refuse_a_url_option(port: str) -> None:
+    """``memory://?foo=1`` was accepted: a memory store takes no URL options."""
+    with pytest.raises(ConfigurationError, match="'foo'"):
+        store_from_url(port, "memory://?foo=1")
+
+
+@pytest.mark.parametrize("port", sorted({p for p, b in STORES if b == "sqlite"}))
+def test_sqlite_stores_refuse_the_postgresql_schema_option_by_name(
+    port: str, tmp_path: Path
+) -> None:
+    """``schema=`` (a PostgreSQL option) on a SQLite store raised a raw TypeError."""
+    with pytest.raises(ConfigurationError, match="does not take schema"):
+        store_from_url(port, f"sqlite:///{tmp_path}/s.db", schema="x")

@@ -94,6 +94,10 @@ def _existing_db(url: str) -> str:
 def _store(port: str, url: str, prefix: str, schema: str | None) -> Any:
     options: dict[str, Any] = {"table_prefix": prefix}
     if schema is not None:
+        if store_backend(url) == "sqlite":  # a usage error, not the store's refusal
+            raise click.BadParameter(
+                f"a PostgreSQL option: {redact_url(url)} has no schemas", param_hint="--schema"
+            )
         options["schema"] = schema
     return store_from_url(port, url, **options)
 

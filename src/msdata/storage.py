@@ -24,8 +24,10 @@ is committed before the call returns.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
@@ -39,6 +41,7 @@ __all__ = [
     "Store",
     "TransactionFactory",
     "bind_connection",
+    "check_store_options",
     "check_table_prefix",
     "current_connection",
     "from_unix_us",
@@ -62,6 +65,48 @@ TransactionFactory: TypeAlias = Callable[
 #: SQL stores name their tables ``{prefix}outbox``, ``{prefix}inbox``, ``{prefix}sagas``…
 DEFAULT_TABLE_PREFIX = "msdata_"
 _PREFIX = re.compile(r"(?:[a-z_][a-z0-9_]{0,39})?")
+
+
+def keyword_options(cls: type) -> set[str] | None:
+    """The keyword-only arguments ``cls(...)`` takes (a store's options: its path or DSN
+    comes first, by position), following ``**options`` passed up to the base classes; None
+    if it takes any."""
+    takes: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        takes |= {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return takes
+    return None
+
+
+def check_store_options(
+    cls: type,
+    options: Collection[str],
+    where: str,
+    *,
+    also: Iterable[str] = (),
+) -> None:
+    """Refuse the options (keyword names) a store's ``from_url`` would pass to ``cls(...)``
+    that it does not take: :class:`ConfigurationError` naming them, the nearest accepted
+    name (``tabel_prefix``: did you mean table_prefix?) and every accepted one, instead of
+    the constructor's ``TypeError``. ``also``: options ``from_url`` takes itself.
+    ``where`` names the store in the message."""
+    takes = keyword_options(cls)
+    if takes is None:
+        return
+    accepted = takes | set(also)
+    unknown = sorted(set(options) - accepted)
+    if not unknown:
+        return
+    near = difflib.get_close_matches(unknown[0], sorted(accepted), 1, 0.7)
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    raise ConfigurationError(
+        f"{where} does not take {', '.join(unknown)}{hint}; it takes {', '.join(sorted(accepted))}"
+    )
 
 
 def check_table_prefix(prefix: str) -> str:

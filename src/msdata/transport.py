@@ -13,7 +13,9 @@ still arrives as a delivery that a consumer can dead-letter with its reason.
 from __future__ import annotations
 
 import difflib
+import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
@@ -48,6 +50,7 @@ __all__ = [
     "Publisher",
     "Subscriber",
     "Subscription",
+    "ThrottledLog",
     "Transport",
     "TransportFeatures",
     "TransportMessage",
@@ -63,6 +66,7 @@ __all__ = [
     "message_size",
     "pop_url_options",
     "refused_error",
+    "refused_id",
     "screen",
 ]
 
@@ -490,6 +494,51 @@ class DriverErrors:
             raise self.error(f"{self.what}: {type(exc).__name__}: {exc}") from exc
 
 
+class ThrottledLog:
+    """Log lines that may repeat quickly (a connection failing while a server is down, per
+    consumer and per round trip) at most once per ``every`` seconds per kind, the next one
+    saying how many were left out in between (an implementation aid for adapters)::
+
+        self._log = ThrottledLog(log)
+        self._log.warning("unreachable", "Redis at %s unreachable (%s); retrying", address, e)
+
+    ``clock``: monotonic seconds (a test passes its own)."""
+
+    __slots__ = ("_clock", "_last", "_skipped", "every", "logger")
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        every: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.every = every
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def log(self, level: int, kind: str, msg: str, *args: object) -> bool:
+        """``logger.log(level, msg, *args)`` unless a line of ``kind`` was logged less than
+        ``every`` seconds ago (then counted); whether it was logged."""
+        now = self._clock()
+        last = self._last.get(kind)
+        if last is not None and now - last < self.every:
+            self._skipped[kind] = self._skipped.get(kind, 0) + 1
+            return False
+        self._last[kind] = now
+        skipped = self._skipped.pop(kind, 0)
+        if skipped:
+            msg += " (%d more like it in the last %.0fs)"
+            args = (*args, skipped, self.every)
+        self.logger.log(level, msg, *args)
+        return True
+
+    def warning(self, kind: str, msg: str, *args: object) -> bool:
+        """:meth:`log` at WARNING."""
+        return self.log(logging.WARNING, kind, msg, *args)
+
+
 async def iterate(
     subscription: Subscription, *, batch: int = 100, timeout: float = 1.0
 ) -> AsyncIterator[Delivery]:
@@ -662,9 +711,14 @@ def screen(
     return [m for m in messages if _id_of(m) not in refused], refused
 
 
-def _id_of(message: TransportMessage) -> str:
+def refused_id(message: TransportMessage) -> str:
+    """How ``PublishError.refused`` names ``message``, on every transport: its id, or the
+    ``repr`` of an id that is not a str (``7`` -> ``'7'``), which is refused."""
     mid = message.id
     return mid if isinstance(mid, str) else repr(mid)
+
+
+_id_of = refused_id
 
 
 def refused_error(what: str, total: int, refused: Mapping[str, str | MsdataError]) -> PublishError:
@@ -720,6 +774,16 @@ def _near(name: str, options: Sequence[str]) -> bool:
     )
 
 
+def _unknown_option(name: str, own: Sequence[str], driver: Sequence[str]) -> str:
+    """The message refusing URL option ``name``: what is taken instead, and the nearest."""
+    near = difflib.get_close_matches(name.lower().replace("-", "_"), (*own, *driver), 1, 0.7)
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    takes = ", ".join(own)
+    if driver:
+        takes += f"; and the driver's {', '.join(driver)}"
+    return f"unknown URL option {_shown(name)}{hint}: this transport takes {takes}"
+
+
 def pop_url_options(
     url: str,
     names: Sequence[str],
@@ -742,7 +806,9 @@ def pop_url_options(
     ``max_connections``): a misspelt limit is refused, not silently ignored. So is a
     parameter that differs from one of ``names`` or ``text`` only by case, ``-`` for ``_``
     or a letter or two (``Namespace``, ``namespce``), and, with ``passes_on=False`` (a
-    transport whose driver takes no URL options: memory, NATS), any other parameter."""
+    transport whose driver takes no URL options: memory, NATS, or whose ``driver`` lists
+    every option its driver takes: Redis, RabbitMQ), any other parameter: the message names
+    it, what is taken, and the nearest of those."""
     found: dict[str, Any] = {}
     parts = []
     for one in url.split(","):
@@ -769,10 +835,7 @@ def pop_url_options(
                 if name not in driver and (
                     not passes_on or name.lower().startswith("max_") or _near(name, (*names, *text))
                 ):
-                    raise ConfigurationError(
-                        f"unknown URL option {_shown(name)}: this transport takes "
-                        f"{', '.join((*names, *text))}"
-                    )
+                    raise ConfigurationError(_unknown_option(name, (*names, *text), driver))
                 if pair:
                     kept.append(pair)  # as written: the driver decodes it
                 continue

@@ -60,10 +60,13 @@ PayloadCheck = Literal["none", "structure", "json", "decode"]
 
 
 def _whole_transport(error: BaseException) -> bool:
-    """A failure of the transport as a whole (no row's fault), not of some messages."""
+    """A failure of the transport as a whole (no row's fault), not of some messages: a
+    transport error naming no message, and a :class:`ConfigurationError` (the transport
+    or the deployment is misconfigured: counting it against rows would park every row
+    until someone fixes it, and requeue them all by hand afterwards)."""
     if isinstance(error, PublishError) and error.refused:
         return False
-    return isinstance(error, TransportError | OSError)
+    return isinstance(error, TransportError | OSError | ConfigurationError)
 
 
 def _default_relay_id() -> str:
@@ -87,11 +90,13 @@ class OutboxRelay:
     A failed publish is one of two kinds. A failure of the *transport* (a
     :class:`~msdata.errors.TransportError` that names no message, such as a
     :class:`~msdata.errors.PublishError` for a broker that is unreachable or did not
-    confirm in time, or an ``OSError``) is no row's fault: the batch is released
-    uncounted and the relay backs off as a whole (``backoff(failures in a row)``), logging
-    one WARNING per outage and one INFO line when publishing works again. A failure of
-    *messages* (a :class:`~msdata.errors.PublishError` whose ``refused`` names them, or an
-    exception that is not a transport error) counts one attempt on those rows, which wait
+    confirm in time, an ``OSError``, or a :class:`~msdata.errors.ConfigurationError`) is
+    no row's fault: the batch is released uncounted and the relay backs off as a whole
+    (``backoff(failures in a row)``), logging one WARNING per outage (one ERROR, with the
+    traceback, for a ConfigurationError) and one INFO line when publishing works again. A
+    failure of *messages* (a :class:`~msdata.errors.PublishError` whose ``refused`` names
+    them, or another exception, logged with its traceback) counts one attempt on those
+    rows, which wait
     out ``backoff(attempts)`` before they (and the later rows of their keys) are tried
     again; the other rows of the batch were confirmed by the transport and are marked sent
     (once). A refused row holds back the later rows of its key in the batch (the transport
@@ -480,10 +485,12 @@ class OutboxRelay:
         attempts = max(r.attempts for r in records) + 1
         park = [r.seq for r in records if r.attempts + 1 >= self.max_attempts]
         retry = [r.seq for r in records if r.attempts + 1 < self.max_attempts]
+        # an error that is not msdata's (a TypeError, say) is a bug somewhere: its traceback
+        trace = None if isinstance(error, MsdataError) else error
         if park:
             why = f"publish failed {self.max_attempts} times; last error: {reason}"
             await self.store.park(self.relay_id, park, why)
-            log.error("outbox rows %s parked: %s", park, why)
+            log.error("outbox rows %s parked: %s", park, why, exc_info=trace)
         if retry:
             retry_at = self.clock.now() + timedelta(seconds=self.backoff(attempts))
             await self.store.retry_later(self.relay_id, retry, reason, retry_at)
@@ -493,6 +500,7 @@ class OutboxRelay:
                 attempts,
                 retry_at.isoformat(),
                 reason,
+                exc_info=trace,
             )
         return confirmed
 
@@ -637,6 +645,15 @@ class OutboxRelay:
         if error is not None:
             if not self._in_outage:
                 self._in_outage = True
+                if isinstance(error, ConfigurationError):
+                    log.error(
+                        "outbox relay %s: the transport is misconfigured; backing off, rows "
+                        "not counted as attempts until it is fixed: %s",
+                        self.relay_id,
+                        safe_text(f"{type(error).__name__}: {error}", 500),
+                        exc_info=error,
+                    )
+                    return
                 log.warning(
                     "outbox relay %s: the transport is failing; backing off, rows not counted "
                     "as attempts until it recovers: %s",

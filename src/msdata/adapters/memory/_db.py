@@ -23,36 +23,20 @@ transaction.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import parse_qsl, urlsplit
 
 from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConcurrencyError, ConfigurationError, StoreError
-from msdata.storage import Connection, check_table_prefix
+from msdata.storage import Connection, check_store_options, check_table_prefix
 from msdata.urls import redact_url
 
 __all__ = ["HeldValues", "MemoryDatabase", "MemoryTransaction", "transaction_of"]
 
 #: options only the SQL stores use; a memory store accepts and ignores them
 _SQL_ONLY = ("table_prefix", "schema")
-
-
-def _keywords(cls: type) -> set[str] | None:
-    """The keyword arguments ``cls(...)`` takes, following ``**options`` passed up to the
-    base classes; None if it takes any."""
-    takes: set[str] = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters.values()
-        takes |= {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            takes.discard("self")
-            return takes
-    return None
 
 
 class MemoryTransaction:
@@ -183,20 +167,19 @@ class MemoryDatabase:
         The SQL stores' ``table_prefix`` (checked as they check it) and ``schema`` are
         accepted and ignored, so a service's store URL can be switched to ``memory://``
         (in tests) without changing its options. Any other option the constructor does not
-        take raises :class:`ConfigurationError` naming it."""
+        take, and any URL query parameter, raises :class:`ConfigurationError` naming it."""
         if not url.startswith("memory:"):
             raise ConfigurationError(f"not a memory:// URL: {redact_url(url)!r}")
         if options.get("table_prefix") is not None:
             check_table_prefix(options["table_prefix"])
-        options = {k: v for k, v in options.items() if k not in _SQL_ONLY}
-        takes = _keywords(cls)
-        unknown = sorted(set(options) - takes) if takes is not None else []
-        if takes is not None and unknown:
+        query = parse_qsl(urlsplit(url).query, keep_blank_values=True)
+        if query:
             raise ConfigurationError(
-                f"{cls.__name__} (memory://) does not take {', '.join(unknown)}; "
-                f"it takes {', '.join(sorted(takes | set(_SQL_ONLY)))}"
+                f"unknown URL option {query[0][0]!r}: a memory:// store takes none "
+                "(its options are keywords of store_from_url)"
             )
-        return cls(**options)
+        check_store_options(cls, options, f"{cls.__name__} (memory://)", also=_SQL_ONLY)
+        return cls(**{k: v for k, v in options.items() if k not in _SQL_ONLY})
 
     def begin(self) -> MemoryTransaction:
         """A new transaction (stands in for a database connection)."""

@@ -214,6 +214,7 @@ from msdata.transport import (
     ClosesOnExit,
     DeliveryState,
     DriverErrors,
+    ThrottledLog,
     TransportFeatures,
     TransportMessage,
     check_name,
@@ -465,20 +466,12 @@ class _ConnectionLog:
         self.address = address
         #: true once the transport is being closed: the disconnect is ours, not news
         self.closing = closing
-        self._last: dict[str, float] = {}
-        self._skipped: dict[str, int] = {}
+        self._throttled = ThrottledLog(log, _LOG_EVERY)
         #: the last connection error, as text (what a failed first connect names)
         self.last_error: str | None = None
 
     def _log(self, kind: str, text: str) -> None:
-        now = time.monotonic()
-        if now - self._last.get(kind, -_LOG_EVERY) < _LOG_EVERY:
-            self._skipped[kind] = self._skipped.get(kind, 0) + 1
-            return
-        self._last[kind] = now
-        skipped = self._skipped.pop(kind, 0)
-        more = f" ({skipped} more like it in the last {_LOG_EVERY:.0f}s)" if skipped else ""
-        log.warning("NATS %s: %s%s", self.address, text, more)
+        self._throttled.warning(kind, "NATS %s: %s", self.address, text)
 
     async def error(self, e: Exception) -> None:
         self.last_error = f"{type(e).__name__}: {e}".rstrip(": ")
@@ -1587,7 +1580,8 @@ class NatsTransport:
     (memory instead of file streams: not durable), ``consumer_check_interval`` (seconds
     between checks, while a subscription finds nothing, that its consumer still exists on
     the server; it is declared again if not), ``max_message_bytes`` (None: the server's
-    ``max_payload``, read from its INFO on connect; a smaller number lowers it: a message
+    ``max_payload``, read from its INFO on connect; a smaller number lowers it, and must be
+    over :data:`msdata.deadletter.DEAD_LETTER_RESERVE`, which is kept of it: a message
     whose :func:`wire_size`, headers included, is over it is refused before sending, alone,
     with :class:`~msdata.errors.MessageTooLarge`), ``max_held_bytes`` (bytes a subscription
     holds at most, received and not settled, plus one message; default 64 MiB; see
@@ -1654,6 +1648,13 @@ class NatsTransport:
                 "ack_wait, publish_timeout, connect_timeout, max_ack_pending, max_held_bytes "
                 "and max_message_bytes must be positive"
             )
+        if max_message_bytes is not None and max_message_bytes <= deadletter.DEAD_LETTER_RESERVE:
+            # every message would be refused "over the limit of 1 bytes"
+            raise ConfigurationError(
+                f"max_message_bytes={max_message_bytes} leaves no room for a message: "
+                f"{deadletter.DEAD_LETTER_RESERVE} bytes of it are kept for dead-letter "
+                f"headers; give at least {deadletter.DEAD_LETTER_RESERVE + 1}"
+            )
         self._nc: Client | None = client
         self._js: JetStreamContext | None = (
             client.jetstream(timeout=connect_timeout) if client is not None else None
@@ -1716,14 +1717,23 @@ class NatsTransport:
         :meth:`close`. ``options`` are those of the constructor; ``max_message_bytes``,
         ``max_held_bytes`` and ``namespace`` may also be given as query parameters
         (``nats://host:4222?max_message_bytes=65536&namespace=shop``), the keywords
-        winning."""
+        winning. ConfigurationError for any other query parameter, a path
+        (``nats://host:4222/abc``), and a ``max_message_bytes`` not over
+        :data:`msdata.deadletter.DEAD_LETTER_RESERVE`."""
         if not url.startswith(("nats://", "tls://")):
             raise ConfigurationError(f"not a nats:// URL: {redact_url(url)!r}")
         url, found = pop_url_options(
             url, ("max_message_bytes", "max_held_bytes"), text=("namespace",), passes_on=False
         )
-        transport = cls(None, **{**found, **options})
         servers = [u.strip() for u in url.split(",")]
+        for server in servers:
+            path = urlsplit(server).path
+            if path not in ("", "/"):
+                raise ConfigurationError(
+                    f"a NATS URL has no path: {path!r} in {redact_url(server)!r} would be "
+                    "ignored (the stream names come from the topics and the namespace)"
+                )
+        transport = cls(None, **{**found, **options})
         transport._address = ",".join(_redacted(u) for u in servers)
         events = _ConnectionLog(transport._address, lambda: transport._closed)
         transport._events = events

@@ -15,7 +15,7 @@ from msdata.adapters.postgres._db import (
 )
 from msdata.errors import ConcurrencyError
 from msdata.projections.store import check_checkpoint_name, check_position
-from msdata.storage import DEFAULT_TABLE_PREFIX, check_table_prefix
+from msdata.storage import DEFAULT_TABLE_PREFIX, check_store_options, check_table_prefix
 
 __all__ = ["PostgresCheckpointStore"]
 
@@ -84,6 +84,7 @@ class PostgresCheckpointStore:
     def from_url(cls, url: str, **options: Any) -> PostgresCheckpointStore:
         """A store over ``postgresql://…`` that connects on first use; ``options`` go to
         the constructor."""
+        check_store_options(cls, options, f"{cls.__name__} (postgresql://)")
         return cls(url, **options)
 
     def schema_sql(self) -> str:

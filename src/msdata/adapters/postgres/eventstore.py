@@ -41,7 +41,7 @@ from msdata.eventstore.store import (
     check_read,
     check_stream_id,
 )
-from msdata.storage import DEFAULT_TABLE_PREFIX, check_table_prefix
+from msdata.storage import DEFAULT_TABLE_PREFIX, check_store_options, check_table_prefix
 
 __all__ = ["PostgresEventStore"]
 
@@ -205,6 +205,7 @@ class PostgresEventStore:
     def from_url(cls, url: str, **options: Any) -> PostgresEventStore:
         """A store over ``postgresql://…`` that connects on first use; ``options`` go to
         the constructor."""
+        check_store_options(cls, options, f"{cls.__name__} (postgresql://)")
         return cls(url, **options)
 
     def schema_sql(self) -> str:

@@ -52,7 +52,7 @@ from msdata.idempotency.store import (
     TokenFactory,
     check_purge_time,
 )
-from msdata.storage import DEFAULT_TABLE_PREFIX, check_table_prefix
+from msdata.storage import DEFAULT_TABLE_PREFIX, check_store_options, check_table_prefix
 
 __all__ = ["PostgresIdempotencyStore"]
 
@@ -191,6 +191,7 @@ class PostgresIdempotencyStore:
     def from_url(cls, url: str, **options: Any) -> PostgresIdempotencyStore:
         """A store over ``postgresql://…`` that connects on first use; ``options`` go to
         the constructor."""
+        check_store_options(cls, options, f"{cls.__name__} (postgresql://)")
         return cls(url, **options)
 
     def schema_sql(self) -> str:

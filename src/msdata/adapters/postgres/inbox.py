@@ -9,7 +9,7 @@ import asyncpg
 
 from msdata.adapters.postgres._db import CallerSQL, PostgresDatabase, command_count
 from msdata.inbox.store import InboxStoreFeatures
-from msdata.storage import DEFAULT_TABLE_PREFIX, Connection, check_table_prefix
+from msdata.storage import DEFAULT_TABLE_PREFIX, Connection, check_store_options, check_table_prefix
 
 __all__ = ["PostgresInboxStore"]
 
@@ -65,6 +65,7 @@ class PostgresInboxStore:
     def from_url(cls, url: str, **options: Any) -> PostgresInboxStore:
         """A store over ``postgresql://…`` that connects on first use; ``options`` go to
         the constructor (``table_prefix``, ``schema``, ``max_size``…)."""
+        check_store_options(cls, options, f"{cls.__name__} (postgresql://)")
         return cls(url, **options)
 
     def schema_sql(self) -> str:

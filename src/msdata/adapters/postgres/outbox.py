@@ -35,7 +35,7 @@ from msdata.outbox.store import (
     read_header_dict,
     read_headers,
 )
-from msdata.storage import DEFAULT_TABLE_PREFIX, Connection, check_table_prefix
+from msdata.storage import DEFAULT_TABLE_PREFIX, Connection, check_store_options, check_table_prefix
 from msdata.transport import TransportMessage
 
 __all__ = ["PostgresOutboxStore"]
@@ -805,6 +805,7 @@ class PostgresOutboxStore:
         """A store over ``postgresql://…`` that connects on first use; ``options`` go to
         the constructor (``table_prefix``, ``schema``, ``notify``, ``partitioned``,
         ``floor_rescan_seconds``, ``relay_synchronous_commit``, ``max_size``)."""
+        check_store_options(cls, options, f"{cls.__name__} (postgresql://)")
         return cls(url, **options)
 
     def _build_sql(self) -> None:

@@ -28,7 +28,7 @@ from msdata.saga.store import (
     record_from_json,
     record_to_json,
 )
-from msdata.storage import DEFAULT_TABLE_PREFIX, check_table_prefix
+from msdata.storage import DEFAULT_TABLE_PREFIX, check_store_options, check_table_prefix
 
 __all__ = ["PostgresSagaStore"]
 
@@ -136,6 +136,7 @@ class PostgresSagaStore:
     def from_url(cls, url: str, **options: Any) -> PostgresSagaStore:
         """A store over ``postgresql://…`` that connects on first use; ``options`` go to
         the constructor (``table_prefix``, ``schema``, ``max_size``)."""
+        check_store_options(cls, options, f"{cls.__name__} (postgresql://)")
         return cls(url, **options)
 
     def schema_sql(self) -> str:

@@ -358,6 +358,15 @@ async def _close_within(channel: Any, seconds: float, what: str) -> None:
         log.debug("closing the channel of %s failed", what, exc_info=True)
 
 
+#: the query parameters aio-pika and aiormq read from an ``amqp://`` URL (aio-pika's
+#: connection parameters, then aiormq's own); any other would be ignored without a word
+_DRIVER_URL_OPTIONS: tuple[str, ...] = (
+    *(p.name for p in aio_pika.RobustConnection.PARAMETERS),
+    *("heartbeat", "timeout", "name", "auth"),
+    *("cafile", "capath", "cadata", "keyfile", "certfile", "no_verify_ssl"),
+)
+
+
 def _address_of(url: object) -> str:
     """``url`` as ``amqp://host:port/vhost``: no credentials, no query (what errors name)."""
     try:
@@ -1994,11 +2003,17 @@ class RabbitMQTransport:
         """``amqp://user:password@host:port/vhost`` (or ``amqps://``); connects on first use.
         ``max_message_bytes``, ``max_held_bytes`` and ``namespace`` may also be given as query
         parameters (``amqp://host/?max_message_bytes=65536&namespace=shop``), the keywords
-        winning; the other query parameters go to aio-pika."""
+        winning; the other query parameters go to aio-pika (those it reads: see
+        ``_DRIVER_URL_OPTIONS``; any other, such as a misspelt ``hearbeat``, is a
+        :class:`ConfigurationError` naming it)."""
         if not url.startswith(("amqp://", "amqps://")):
             raise ConfigurationError(f"not an amqp:// URL: {redact_url(url)!r}")
         url, found = pop_url_options(
-            url, ("max_message_bytes", "max_held_bytes"), text=("namespace",)
+            url,
+            ("max_message_bytes", "max_held_bytes"),
+            driver=_DRIVER_URL_OPTIONS,
+            text=("namespace",),
+            passes_on=False,
         )
         if namespace is not None:
             found["namespace"] = namespace

@@ -18,6 +18,8 @@ from typing import Any, Self
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
+from msdata.adapters.redis._url import redis_client
+from msdata.adapters.redis.transport import _address_of
 from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConfigurationError, StoreError
 from msdata.idempotency.store import (
@@ -113,13 +115,21 @@ class RedisIdempotencyStore:
         clock: Clock = SYSTEM_CLOCK,
         **options: Any,
     ) -> RedisIdempotencyStore:
-        """A store over ``redis://…`` with a client of its own (closed by ``close``)."""
+        """A store over ``redis://…`` with a client of its own (closed by ``close``);
+        ``options`` go to redis-py. ConfigurationError, naming it, for a URL parameter or an
+        option redis-py does not take (``namespace``: this store's is ``key_prefix``) and a
+        database path that is not a number."""
         return cls(
-            aioredis.Redis.from_url(url, decode_responses=False, **options),
+            redis_client(url, "the Redis idempotency store", (), **options),
             key_prefix=key_prefix,
             clock=clock,
             owns_client=True,
         )
+
+    @property
+    def address(self) -> str:
+        """The server, as ``redis://host:port/db`` without credentials (what errors name)."""
+        return _address_of(self._r) or "the Redis server"
 
     def _key(self, scope: str, key: str) -> str:
         return f"{self.key_prefix}{len(scope)}:{scope}:{key}"
@@ -157,7 +167,7 @@ class RedisIdempotencyStore:
                 await self._r.script_load(_CLAIM)
                 cur = await self._r.evalsha(self._claim_sha, 1, *args)
         except RedisError as e:
-            raise StoreError(f"idempotency claim: {type(e).__name__}: {e}") from e
+            raise StoreError(f"idempotency claim at {self.address}: {type(e).__name__}: {e}") from e
         if cur is None:
             return token
         fp, completed, response, tok = cur
@@ -173,7 +183,9 @@ class RedisIdempotencyStore:
                 keys=[self._key(scope, key)], args=(token, response, until_us, ttl)
             )
         except RedisError as e:
-            raise StoreError(f"idempotency complete: {type(e).__name__}: {e}") from e
+            raise StoreError(
+                f"idempotency complete at {self.address}: {type(e).__name__}: {e}"
+            ) from e
         return bool(done)
 
     async def release_async(self, conn: Any, scope: str, key: str, token: str) -> bool:
@@ -181,7 +193,9 @@ class RedisIdempotencyStore:
         try:
             return bool(await self._release(keys=[self._key(scope, key)], args=(token,)))
         except RedisError as e:
-            raise StoreError(f"idempotency release: {type(e).__name__}: {e}") from e
+            raise StoreError(
+                f"idempotency release at {self.address}: {type(e).__name__}: {e}"
+            ) from e
 
     def _sync(self) -> Any:
         raise ConfigurationError("the Redis idempotency store is async only: use the *_async calls")
@@ -212,7 +226,7 @@ class RedisIdempotencyStore:
                 self._key(scope, key), ["exp", "fp", "c", "tok", "resp"]
             )
         except RedisError as e:
-            raise StoreError(f"idempotency get: {type(e).__name__}: {e}") from e
+            raise StoreError(f"idempotency get at {self.address}: {type(e).__name__}: {e}") from e
         return None if fields[0] is None else _record(scope, key, fields)
 
     async def purge(self, now: datetime) -> int:

@@ -120,6 +120,7 @@ import redis.exceptions as rex
 
 from msdata import deadletter
 from msdata.adapters.redis import _lua
+from msdata.adapters.redis._url import redis_client
 from msdata.errors import (
     ConfigurationError,
     MessageTooLarge,
@@ -133,12 +134,14 @@ from msdata.transport import (
     ClosesOnExit,
     DeliveryState,
     DriverErrors,
+    ThrottledLog,
     TransportFeatures,
     TransportMessage,
     check_message,
     check_name,
     is_dead_letter_topic,
     pop_url_options,
+    refused_id,
 )
 from msdata.transport import dead_letter_topic as deadletter_topic
 from msdata.urls import redact_url
@@ -191,13 +194,16 @@ _SERVER_STATE = (
 )
 
 _EMPTY: Any = MappingProxyType({})
+# a consumer's pause after a failed round trip: doubled while they fail, up to the last
+# (seconds; short enough that consumers are back within about a second of Redis)
+_FIRST_PAUSE, _LAST_PAUSE = 0.05, 1.0
 _TOPIC, _RETRY = 0, 1
 # errors after which the next command reconnects by itself
 _TRANSIENT = (rex.ConnectionError, rex.TimeoutError, OSError)
 
 
 # a connection to the server failed (redis-py's AuthenticationError is a ConnectionError:
-# the server answered, so it is left to the plain form)
+# the server answered, so it gets a form of its own: see _refused_setup)
 _UNREACHABLE = (rex.ConnectionError, rex.TimeoutError)
 
 
@@ -215,16 +221,33 @@ class _RedisErrors(DriverErrors):
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
     ) -> None:
-        if (
-            self.address
-            and isinstance(exc, _UNREACHABLE)
-            and not isinstance(exc, rex.AuthenticationError)
-        ):
-            raise self.error(
-                f"could not connect to Redis at {self.address} ({self.what}): "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+        if self.address and isinstance(exc, rex.RedisError):
+            if _refused_setup(exc):
+                # the server answered, but not to these credentials or this database: say
+                # which server (never the password: the address has none)
+                raise self.error(
+                    f"{self.what} at {self.address}: {type(exc).__name__}: {exc}"
+                ) from exc
+            if isinstance(exc, _UNREACHABLE):
+                raise self.error(
+                    f"could not connect to Redis at {self.address} ({self.what}): "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
         super().__exit__(exc_type, exc, tb)
+
+
+def _refused_setup(exc: BaseException) -> bool:
+    """Whether the server refused the connection's setup: its credentials (a wrong
+    password, a user without the rights) or its database (``DB index is out of range``)."""
+    if isinstance(
+        exc,
+        rex.AuthenticationError
+        | rex.AuthorizationError
+        | rex.NoPermissionError
+        | rex.AuthenticationWrongNumberOfArgsError,
+    ):
+        return True
+    return isinstance(exc, rex.ResponseError) and str(exc).startswith(("DB index", "invalid DB"))
 
 
 def _redis_errors(
@@ -528,6 +551,11 @@ class RedisSubscription(ClosesOnExit):
         self._seen: list[tuple[int, int]] = [(0, 0), (0, 0)]
         # a round trip that may have taken entries failed: its reply may be lost
         self._unsure = False
+        # after a failed round trip, no other before _retry_at (monotonic seconds); the
+        # pause doubles from _FIRST_PAUSE up to _LAST_PAUSE while they go on failing, across
+        # receive calls (each of which used to try at once)
+        self._pause = _FIRST_PAUSE
+        self._retry_at = 0.0
         self._next_maintenance = 0.0
         self._next_trim = 0.0
         self._flusher: asyncio.Task[None] | None = None
@@ -775,9 +803,15 @@ class RedisSubscription(ClosesOnExit):
     async def _fill(self, room: int, timeout: float) -> None:
         t = self._t
         deadline = time.monotonic() + timeout
-        backoff = 0.05
         while True:
             now = time.monotonic()
+            pause = self._retry_at - now
+            if pause > 0:  # backing off after a failed round trip
+                left = deadline - now
+                await asyncio.sleep(max(0.0, min(pause, left)))
+                if pause >= left:
+                    return
+                now = time.monotonic()
             with _redis_errors(f"receive from {self.topic!r}", address=self._t.address):
                 try:
                     if self._unsure:
@@ -796,15 +830,19 @@ class RedisSubscription(ClosesOnExit):
                     await self._read(room, int(min(wait, t._max_block) * 1000))
                     if self._overdue:
                         await self._settle_overdue()
-                    backoff = 0.05
+                    self._pause = _FIRST_PAUSE
                 except _TRANSIENT as e:
                     # the reply of a read (or reclaim) may be lost after it took entries
                     self._unsure = True
-                    log.warning("redis unreachable (%s); retrying", e)
-                    left = deadline - time.monotonic()
-                    if left > 0:
-                        await asyncio.sleep(min(backoff, left))
-                    backoff = min(backoff * 2, 1.0)
+                    t._outage_log.warning(
+                        "unreachable",
+                        "Redis at %s unreachable (%s: %s); consumers retrying",
+                        t.address,
+                        type(e).__name__,
+                        e,
+                    )
+                    self._retry_at = time.monotonic() + self._pause
+                    self._pause = min(self._pause * 2, _LAST_PAUSE)
                 except rex.ResponseError as e:
                     if "NOGROUP" not in str(e):
                         raise
@@ -1175,7 +1213,10 @@ class RedisSubscription(ClosesOnExit):
                 task = asyncio.current_task()
                 if self._closed or (task is not None and task.cancelling()):
                     raise asyncio.CancelledError from e
-                log.warning("heartbeat of consumer %s failed: %s", self.consumer, e)
+                # (every consumer's, each interval, while Redis is down: throttled)
+                t._outage_log.warning(
+                    "heartbeat", "heartbeat of consumer %s failed: %s", self.consumer, e
+                )
 
     def _kick(self) -> None:
         """Runs on the loop turn after an ack: sends the acks unless a ``receive`` took them
@@ -1200,7 +1241,9 @@ class RedisSubscription(ClosesOnExit):
                 except BaseException as e:
                     self._restore_acks(acks)
                     if isinstance(e, rex.RedisError):
-                        log.warning("acks of consumer %s not sent yet: %s", self.consumer, e)
+                        self._t._outage_log.warning(
+                            "acks", "acks of consumer %s not sent yet: %s", self.consumer, e
+                        )
                         return
                     raise
                 self._acked(acks)
@@ -1346,6 +1389,8 @@ class RedisTransport:
             redelivery_timeout=self.claim_idle + self.claim_interval,
         )
         self._consumer_prefix = f"{socket.gethostname()}-{os.getpid()}"
+        #: the consumers' "unreachable" lines, one per 10 s for them all while Redis is down
+        self._outage_log = ThrottledLog(log)
         self._topics: set[str] = set()
         self._subs: set[RedisSubscription] = set()
         # give-backs of subscriptions closed while Redis did not answer, retried until it does
@@ -1370,12 +1415,15 @@ class RedisTransport:
         ``options`` go to the constructor. The query parameters ``max_message_bytes`` and
         ``max_held_bytes`` (ints) and ``namespace`` are the constructor's options of those
         names (a :class:`ConfigurationError` if also given as an option); the others go to
-        redis-py (``socket_timeout``...)."""
+        redis-py (``socket_timeout``...). ConfigurationError, naming it, for a parameter
+        redis-py does not take (``socket_timout``) and for a database path that is not a
+        number (``/abc``)."""
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigurationError(f"not a redis:// URL: {redact_url(url)!r}")
+        own_names = ("max_message_bytes", "max_held_bytes")
         url, own = pop_url_options(
             url,
-            ("max_message_bytes", "max_held_bytes"),
+            own_names,
             driver=("max_connections",),
             text=("namespace",),
         )
@@ -1383,7 +1431,8 @@ class RedisTransport:
             if options.get(name) is not None:
                 raise ConfigurationError(f"{name} given both in the URL and as an option")
             options[name] = value
-        transport = cls(aioredis.Redis.from_url(url, decode_responses=False), **options)
+        client = redis_client(url, "the Redis transport", (*own_names, "namespace"))
+        transport = cls(client, **options)
         transport._owns_client = True
         return transport
 
@@ -1420,7 +1469,7 @@ class RedisTransport:
         held: dict[str, str] = {}  # key -> id of its refused message (the key's order)
         for m in messages:
             if held and isinstance(m.key, str) and m.key in held:
-                refused[m.id] = (
+                refused[refused_id(m)] = (
                     f"HeldBack: held back, not sent: the earlier message {held[m.key]} of its "
                     "key was refused"
                 )
@@ -1428,10 +1477,10 @@ class RedisTransport:
             try:
                 check_message(m)  # headers, key and id no broker can carry: refused alone
             except MsdataError as e:
-                refused[m.id] = f"{type(e).__name__}: {e}"
+                refused[refused_id(m)] = f"{type(e).__name__}: {e}"  # the id may be no str
                 too_large = too_large or e
                 if isinstance(m.key, str):
-                    held.setdefault(m.key, m.id)
+                    held.setdefault(m.key, refused_id(m))
                 continue
             if m.key is None and not m.headers:
                 # the common case: "id" and "body" (6 bytes) and their values

@@ -62,7 +62,7 @@ from typing import Any, ClassVar, Self, TypeVar
 
 from msdata.clock import SYSTEM_CLOCK, Clock
 from msdata.errors import ConfigurationError, SchemaError, StoreError
-from msdata.storage import DEFAULT_TABLE_PREFIX, Connection, check_table_prefix
+from msdata.storage import DEFAULT_TABLE_PREFIX, Connection, check_store_options, check_table_prefix
 from msdata.urls import redact_url
 
 __all__ = [
@@ -277,8 +277,10 @@ class SqliteDatabase:
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Self:
         """``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``; ``options``
-        go to the constructor."""
-        return cls(path_from_url(url), **options)
+        go to the constructor (ConfigurationError naming one it does not take)."""
+        path = path_from_url(url)
+        check_store_options(cls, options, f"{cls.__name__} (sqlite://)")
+        return cls(path, **options)
 
     def _connection(self, *, wait: bool = False) -> sqlite3.Connection:
         # used by one call at a time: inline on the loop's thread or in the store's thread.

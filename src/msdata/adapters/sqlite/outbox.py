@@ -60,7 +60,7 @@ from msdata.outbox.store import (
     read_header_dict,
     read_headers,
 )
-from msdata.storage import DEFAULT_TABLE_PREFIX, Connection
+from msdata.storage import DEFAULT_TABLE_PREFIX, Connection, check_store_options
 from msdata.transport import TransportMessage
 
 __all__ = ["OUTBOX_DDL", "SqliteOutboxStore"]
@@ -519,7 +519,9 @@ class SqliteOutboxStore(WatchedDatabase):
                 "SqliteOutboxStore takes table_prefix, synchronous, busy_timeout, "
                 "poll_interval, inline, clock"
             )
-        return cls(path_from_url(url), **options)
+        path = path_from_url(url)
+        check_store_options(cls, options, f"{cls.__name__} (sqlite://)")
+        return cls(path, **options)
 
     def schema_sql(self) -> str:
         """The DDL of this store's tables (idempotent)."""

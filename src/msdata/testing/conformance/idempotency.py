@@ -47,7 +47,7 @@ from msdata.errors import (
 from msdata.idempotency import IdempotencyKeys, IdempotencyStatus, IdempotencyStore
 from msdata.idempotency.store import LiveRecord
 from msdata.storage import unix_us
-from msdata.testing.conformance.hooks import TransactionHooks
+from msdata.testing.conformance.hooks import StoreUrlCases, TransactionHooks
 from msdata.testing.fakes import FakeClock
 
 __all__ = ["IdempotencyStoreConformance"]
@@ -137,8 +137,10 @@ class PaymentDeclined(Exception):
     """A final error for the tests: stored and raised again on every retry."""
 
 
-class IdempotencyStoreConformance(TransactionHooks):
+class IdempotencyStoreConformance(TransactionHooks, StoreUrlCases):
     """The tests every :class:`IdempotencyStore` must pass."""
+
+    port = "idempotency"
 
     def make_store(self) -> AbstractAsyncContextManager[IdempotencyStore]:
         raise NotImplementedError

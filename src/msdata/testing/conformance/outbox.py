@@ -93,7 +93,7 @@ from msdata.outbox.store import (
     OutboxStore,
     OutboxStoreFeatures,
 )
-from msdata.testing.conformance.hooks import TransactionHooks
+from msdata.testing.conformance.hooks import StoreUrlCases, TransactionHooks
 from msdata.testing.fakes import FakeClock
 from msdata.transport import TransportMessage
 
@@ -364,8 +364,10 @@ async def each_refused(
         assert not accepted, f"written with no open transaction on: {accepted}"
 
 
-class OutboxStoreConformance(OutboxStoreHooks, NoTransactionHook):
+class OutboxStoreConformance(OutboxStoreHooks, NoTransactionHook, StoreUrlCases):
     """Every test here must pass on every outbox store."""
+
+    port = "outbox"
 
     async def test_a_connection_with_no_open_transaction_is_refused(self) -> None:
         async with self.make_store() as store:

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import pytest
 
 from msdata.adapters.memory.transport import MemoryTransport
-from msdata.errors import PublishError, SchemaError
+from msdata.errors import ConfigurationError, PublishError, SchemaError
 from msdata.outbox.relay import OutboxRelay
 from msdata.outbox.store import OutboxRow
 from msdata.testing.conformance.outbox import (
@@ -51,6 +51,7 @@ class RecordingPublisher(MemoryTransport):
     ``refuse_after_sending``: refuse them as a broker does after the batch went out (the
     later messages of their keys are published; nothing is held back).
     ``down``: while True, every call fails as a whole (the broker unreachable).
+    ``error``: when set, every call raises it (a misconfigured transport, a bug).
     ``gate``: when set to an unset :class:`asyncio.Event`, ``publish`` waits for it
     (``entered`` is set when a publish is waiting), to hold a relay mid-batch.
     """
@@ -63,6 +64,7 @@ class RecordingPublisher(MemoryTransport):
         self.refuse: set[str] = set()
         self.refuse_after_sending = False
         self.down = False
+        self.error: BaseException | None = None
         self.gate: asyncio.Event | None = None
         self.entered = asyncio.Event()
 
@@ -74,6 +76,8 @@ class RecordingPublisher(MemoryTransport):
             await self.gate.wait()
         if self.down:
             raise PublishError(f"publish to {topic!r} failed: ConnectionRefusedError (injected)")
+        if self.error is not None:
+            raise self.error
         if self.fail_next > 0:
             self.fail_next -= 1
             raise PublishError(
@@ -556,6 +560,49 @@ class OutboxRelayConformance(OutboxStoreHooks):
             assert len(warnings) == 1 and "transport" in warnings[0].getMessage()
             assert not [r for r in mine if r.levelno >= logging.ERROR]
             assert any("recovered" in r.getMessage() for r in mine if r.levelno == logging.INFO)
+
+    async def test_a_misconfigured_transport_parks_nothing_and_logs_one_error(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A publish failing with ConfigurationError (a transport built with an option its
+        driver refuses at each call, say) is no row's fault: nothing is counted or parked
+        however long it lasts (rows were parked after ``max_attempts``, to be requeued by
+        hand), one ERROR with the traceback says so, and the rows go once it is fixed."""
+        async with self.make_store() as store:
+            pub = RecordingPublisher()
+            rows = make_rows(4, keys=["a", None])
+            await self.add_committed(store, rows)
+            relay = self.relay(store, pub, max_attempts=2, backoff=lambda n: 0.0)
+            pub.error = ConfigurationError("unknown option 'socket_timout' (injected)")
+            with caplog.at_level(logging.INFO, logger="msdata.outbox"):
+                for _ in range(3 * relay.max_attempts):  # far past max_attempts
+                    assert await relay.run_once() == 0
+            st = await relay.status()
+            assert st.parked == 0 and st.pending == 4
+            errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+            assert len(errors) == 1, [r.getMessage() for r in errors]
+            assert errors[0].exc_info and "socket_timout" in errors[0].getMessage()
+            pub.error = None
+            assert await self.drain(relay) == 4
+            assert sorted(pub.ids) == sorted(r.message_id for r in rows)
+
+    async def test_a_publish_failing_with_a_bug_is_logged_with_its_traceback(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """An exception that is not msdata's (a TypeError from a driver) counts an attempt
+        like a refused message, and its log line carries the traceback (the reason alone
+        did not say where it came from)."""
+        async with self.make_store() as store:
+            pub = RecordingPublisher()
+            await self.add_committed(store, make_rows(1))
+            relay = self.relay(store, pub, max_attempts=2, backoff=lambda n: 0.0)
+            pub.error = TypeError("__init__() got an unexpected keyword argument (injected)")
+            with caplog.at_level(logging.INFO, logger="msdata.outbox"):
+                for _ in range(2):
+                    assert await relay.run_once() == 0
+            failed = [r for r in caplog.records if "TypeError" in r.getMessage()]
+            assert failed and all(r.exc_info for r in failed), [r.getMessage() for r in failed]
+            assert (await relay.status()).parked == 1
 
     async def test_a_refused_message_alone_is_counted_and_parked(self) -> None:
         async with self.make_store() as store:

@@ -229,6 +229,12 @@ class TransportConformance:
     #: the password :meth:`make_unreachable_transport` puts in the address; no error may show it
     unreachable_password = "s3cret-pw"
 
+    def transport_url(self) -> str:
+        """The URL :func:`msdata.urls.transport_from_url` builds this backend's transport
+        from (its broker's; the cases only build transports from it, never connect). Not
+        implemented: the URL cases are skipped."""
+        raise NotImplementedError
+
     def make_unreachable_transport(
         self, host: str, port: int, timeout: float
     ) -> AbstractAsyncContextManager[Transport]:
@@ -1513,6 +1519,64 @@ class TransportConformance:
             assert all(isinstance(r, TransportError) for r in results), results
             assert took < timeout + margin, f"three calls together took {took:.1f}s"
 
+    # -- building from a URL ------------------------------------------------------------------
+
+    @pytest.mark.parametrize(
+        "option",
+        ["socket_timout", "prefetch", "claim_idle", "key_prefix", "hearbeat", "max_mesage_bytes"],
+    )
+    def test_an_unknown_or_misspelt_url_option_is_refused_when_built(self, option: str) -> None:
+        """A URL option the transport and its driver do not take (misspelt, or another
+        transport's, or a constructor keyword that is no URL option) is refused by
+        ``transport_from_url`` with a ConfigurationError naming it, not passed on to fail
+        every later call (redis-py: a TypeError at each command) or be ignored."""
+        from msdata.urls import transport_from_url
+
+        try:
+            url = self.transport_url()
+        except NotImplementedError:
+            pytest.skip("implement transport_url for this backend")
+        sep = "&" if "?" in url else "?"
+        with pytest.raises(ConfigurationError, match=option):
+            transport_from_url(f"{url}{sep}{option}=1")
+
+    async def test_credentials_the_server_refuses_fail_each_call_naming_the_address(
+        self,
+    ) -> None:
+        """Wrong credentials (user ``msdata`` with :attr:`unreachable_password`, at the
+        broker of :meth:`make_transport`): publish, lag and declare_group each raise
+        TransportError naming the server's address, never the password. Skipped where the
+        server takes any credentials (one without authentication)."""
+        async with self.make_transport() as t:
+            if not t.features.networked:
+                pytest.skip("an in-process transport has no credentials")
+        try:
+            host, port = self.broker_address()
+        except NotImplementedError:
+            pytest.skip("implement broker_address for this backend")
+        timeout = 5.0
+        topic, group = self.unique("topic"), self.unique("group")
+        errors: list[TransportError] = []
+        async with self.make_unreachable_transport(host, port, timeout) as t:
+            calls: list[Callable[[], Awaitable[object]]] = [
+                lambda: t.publish(topic, make_messages(1)),
+                lambda: t.lag(topic, group),
+                lambda: t.declare_group(topic, group),
+            ]
+            for i, call in enumerate(calls):
+                try:
+                    await asyncio.wait_for(call(), 60)
+                except TransportError as e:
+                    errors.append(e)
+                else:
+                    if i == 0:
+                        pytest.skip("this server takes any credentials")
+                    pytest.fail(f"call {i} succeeded where the first was refused")
+        for error in errors:
+            text = str(error)
+            assert host in text and str(port) in text, f"the address is not named: {text}"
+            assert self.unreachable_password not in text, f"credentials shown: {text}"
+
     # -- a silent server: accepts connections and never answers ------------------------------
 
     def broker_address(self) -> tuple[str, int]:
@@ -1911,6 +1975,25 @@ class TransportConformance:
                 await t.publish(topic, [good[0], bad, good[1]])
             assert list(refused.value.refused) == [bad.id]
             assert "InvalidHeader" in refused.value.refused[bad.id]
+            async with t.subscribe(topic, group) as sub:
+                got = await collect(sub, 2, timeout=self.arrival_timeout)
+                assert sorted(d.message.id for d in got) == sorted(m.id for m in good)
+
+    async def test_a_message_whose_id_is_not_a_str_is_refused_alone_named_by_a_str(
+        self,
+    ) -> None:
+        """An id that is not a str (``7``) fails its message alone; ``PublishError.refused``
+        names it by a str on every transport (``'7'``, its repr), as every other key of
+        ``refused`` is, and the rest of the batch is delivered."""
+        topic, group = self.unique("topic"), self.unique("group")
+        async with self.make_transport() as t:
+            await t.declare_group(topic, group)
+            good = make_messages(2)
+            bad = TransportMessage(7, b"{}")  # type: ignore[arg-type]
+            with pytest.raises(PublishError) as refused:
+                await t.publish(topic, [good[0], bad, good[1]])
+            assert list(refused.value.refused) == ["7"]
+            assert "7" in refused.value.refused["7"]
             async with t.subscribe(topic, group) as sub:
                 got = await collect(sub, 2, timeout=self.arrival_timeout)
                 assert sorted(d.message.id for d in got) == sorted(m.id for m in good)
