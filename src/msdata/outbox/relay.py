@@ -61,12 +61,15 @@ PayloadCheck = Literal["none", "structure", "json", "decode"]
 
 def _whole_transport(error: BaseException) -> bool:
     """A failure of the transport as a whole (no row's fault), not of some messages: a
-    transport error naming no message, and a :class:`ConfigurationError` (the transport
-    or the deployment is misconfigured: counting it against rows would park every row
-    until someone fixes it, and requeue them all by hand afterwards)."""
+    transport error naming no message. Not a :class:`ConfigurationError`: a transport
+    refuses options it does not take when it is built, so one raised by a publish is about
+    that publish's topic (a NATS topic whose stream has other key partitions, say), and
+    taken as the transport's it would hold up every other topic's rows for ever, and
+    publish them again each round; its rows are counted and parked, visible in
+    ``msdata outbox parked``."""
     if isinstance(error, PublishError) and error.refused:
         return False
-    return isinstance(error, TransportError | OSError | ConfigurationError)
+    return isinstance(error, TransportError | OSError)
 
 
 def _default_relay_id() -> str:
@@ -90,13 +93,12 @@ class OutboxRelay:
     A failed publish is one of two kinds. A failure of the *transport* (a
     :class:`~msdata.errors.TransportError` that names no message, such as a
     :class:`~msdata.errors.PublishError` for a broker that is unreachable or did not
-    confirm in time, an ``OSError``, or a :class:`~msdata.errors.ConfigurationError`) is
-    no row's fault: the batch is released uncounted and the relay backs off as a whole
-    (``backoff(failures in a row)``), logging one WARNING per outage (one ERROR, with the
-    traceback, for a ConfigurationError) and one INFO line when publishing works again. A
-    failure of *messages* (a :class:`~msdata.errors.PublishError` whose ``refused`` names
-    them, or another exception, logged with its traceback) counts one attempt on those
-    rows, which wait
+    confirm in time, or an ``OSError``) is no row's fault: the batch is released
+    uncounted and the relay backs off as a whole (``backoff(failures in a row)``), logging
+    one WARNING per outage and one INFO line when publishing works again. A failure of
+    *messages* (a :class:`~msdata.errors.PublishError` whose ``refused`` names them, a
+    :class:`~msdata.errors.ConfigurationError` about their topic, or an exception that is
+    not msdata's, logged with its traceback) counts one attempt on those rows, which wait
     out ``backoff(attempts)`` before they (and the later rows of their keys) are tried
     again; the other rows of the batch were confirmed by the transport and are marked sent
     (once). A refused row holds back the later rows of its key in the batch (the transport
@@ -645,15 +647,6 @@ class OutboxRelay:
         if error is not None:
             if not self._in_outage:
                 self._in_outage = True
-                if isinstance(error, ConfigurationError):
-                    log.error(
-                        "outbox relay %s: the transport is misconfigured; backing off, rows "
-                        "not counted as attempts until it is fixed: %s",
-                        self.relay_id,
-                        safe_text(f"{type(error).__name__}: {error}", 500),
-                        exc_info=error,
-                    )
-                    return
                 log.warning(
                     "outbox relay %s: the transport is failing; backing off, rows not counted "
                     "as attempts until it recovers: %s",

@@ -561,30 +561,27 @@ class OutboxRelayConformance(OutboxStoreHooks):
             assert not [r for r in mine if r.levelno >= logging.ERROR]
             assert any("recovered" in r.getMessage() for r in mine if r.levelno == logging.INFO)
 
-    async def test_a_misconfigured_transport_parks_nothing_and_logs_one_error(
+    async def test_a_configuration_error_at_publish_parks_its_rows_with_the_reason(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
-        """A publish failing with ConfigurationError (a transport built with an option its
-        driver refuses at each call, say) is no row's fault: nothing is counted or parked
-        however long it lasts (rows were parked after ``max_attempts``, to be requeued by
-        hand), one ERROR with the traceback says so, and the rows go once it is fixed."""
+        """A publish failing with ConfigurationError (about its topic: options a transport
+        does not take are refused when it is built) counts against the rows, which are
+        parked after ``max_attempts`` with the error as their reason, and logged at ERROR;
+        taken as the whole transport's failure it would hold every row back for ever."""
         async with self.make_store() as store:
             pub = RecordingPublisher()
-            rows = make_rows(4, keys=["a", None])
+            rows = make_rows(2)
             await self.add_committed(store, rows)
             relay = self.relay(store, pub, max_attempts=2, backoff=lambda n: 0.0)
-            pub.error = ConfigurationError("unknown option 'socket_timout' (injected)")
+            pub.error = ConfigurationError("stream has 4 key partitions, not 8 (injected)")
             with caplog.at_level(logging.INFO, logger="msdata.outbox"):
-                for _ in range(3 * relay.max_attempts):  # far past max_attempts
+                for _ in range(3 * relay.max_attempts):
                     assert await relay.run_once() == 0
-            st = await relay.status()
-            assert st.parked == 0 and st.pending == 4
+            parked = await relay.parked()
+            assert sorted(p.message_id for p in parked) == sorted(r.message_id for r in rows)
+            assert all(p.last_error and "key partitions" in p.last_error for p in parked)
             errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-            assert len(errors) == 1, [r.getMessage() for r in errors]
-            assert errors[0].exc_info and "socket_timout" in errors[0].getMessage()
-            pub.error = None
-            assert await self.drain(relay) == 4
-            assert sorted(pub.ids) == sorted(r.message_id for r in rows)
+            assert errors and "parked" in errors[-1].getMessage()
 
     async def test_a_publish_failing_with_a_bug_is_logged_with_its_traceback(
         self, caplog: pytest.LogCaptureFixture
