@@ -453,3 +453,36 @@ async def test_projection_fed_by_the_bus(tmp_path: Path) -> None:
 
         await eventually(three, timeout=10, what="the bus-fed read model has 3 rows")
         assert (await reports.health())["status"] == "ok"
+
+
+class _Leave(BaseException):
+    """A handler's own BaseException that is not an Exception."""
+
+
+async def test_a_handler_raising_a_base_exception_shows_in_health_and_stops_the_service() -> None:
+    service = Service(
+        "leaver", db="memory://", registry=registry, bus_options={"backoff": lambda n: 0.0}
+    )
+    calls: list[str] = []
+
+    @service.on(PaymentCharged)
+    async def leaves(event: PaymentCharged) -> None:
+        calls.append(event.order_id)
+        raise _Leave("leave now")
+
+    health: dict[str, Any] = {}
+    with pytest.raises(_Leave, match="leave now"):
+        async with service:
+            async with service.transaction():
+                await service.publish(PaymentCharged(order_id="p-1"))
+            try:
+                await asyncio.sleep(30)  # the bus cancels this task: a handler raised _Leave
+            except asyncio.CancelledError:
+                health = await service.health()
+                raise
+    assert calls == ["p-1"]
+    assert health["status"] == "degraded", health
+    assert health["consumers"]["running"] is False
+    group = health["consumers"]["groups"]["leaver"]
+    assert group == {"handled": 0, "failed": 1, "last_error": "_Leave: leave now"}
+    assert (await service.health())["status"] == "stopped"
