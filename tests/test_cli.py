@@ -338,6 +338,47 @@ def test_dlq_prints_a_foreign_message_without_its_terminal_escapes(redis_url: st
     assert base64.b64decode(shown["body_base64"]) == body
 
 
+def test_dlq_show_lays_out_one_line_per_field_whatever_a_foreign_message_holds(
+    redis_url: str,
+) -> None:
+    """A foreign message id and body holding line breaks, ESC and BEL cannot forge lines
+    (``reason: ...``) in ``msdata dlq show``: each field's value is escaped before the
+    fields are laid out, one line each."""
+    from msdata.urls import transport_from_url
+
+    topic, group = f"cli-{uuid.uuid4().hex[:8]}", "billing"
+    message_id = "id\r\nreason: forged\x1b[2J\x07"
+    body = b"body\r\nreason: forged too\x1b]0;t\x07 " + b"x" * 300
+
+    async def dead_letter() -> None:
+        transport = transport_from_url(redis_url)
+        try:
+            await transport.declare_group(topic, group)
+            async with transport.subscribe(topic, group) as sub:
+                # a foreign producer, which no check of msdata's stops
+                await transport._client.xadd(  # type: ignore[attr-defined]
+                    transport._stream_key(topic),  # type: ignore[attr-defined]
+                    {"id": message_id, "body": body},
+                )
+                got = await sub.receive(1, timeout=10.0)
+                assert len(got) == 1
+                await got[0].dead_letter("RejectMessage: bad")
+        finally:
+            await transport.close()
+
+    asyncio.run(dead_letter())
+    where = ["--broker", redis_url, "--topic", topic, "--group", group]
+    shown = json.loads(msdata("dlq", "show", *where, message_id, "--json").stdout)
+    out = msdata("dlq", "show", *where, message_id).stdout
+    assert "\x1b" not in out and "\x07" not in out and "\r" not in out, out
+    lines = out.splitlines()
+    assert [line.split(": ", 1)[0] for line in lines] == list(shown), lines
+    assert lines[0] == f"dlq: {topic}.{group}.dlq", lines
+    assert "id: id\\r\\nreason: forged\\x1b[2J\\x07" in lines
+    assert "body: body\\r\\nreason: forged too\\x1b]0;t\\x07 " + "x" * 300 in lines
+    assert [line for line in lines if line.startswith("reason: ")] == ["reason: RejectMessage: bad"]
+
+
 def test_dead_letter_log_line_escapes_a_foreign_id(caplog: pytest.LogCaptureFixture) -> None:
     from msdata.deadletter import dead_letter
     from msdata.transport import TransportMessage

@@ -141,13 +141,23 @@ def _run(urls: Callable[[dict[str, Any]], Sequence[str]] | None = None) -> Calla
     return decorate
 
 
-def _emit(as_json: bool, data: Any, table: Callable[[], Table | str]) -> None:
+def _emit(
+    as_json: bool, data: Any, table: Callable[[], Table | str | list[tuple[str, Any]]]
+) -> None:
+    """Print ``data`` as JSON, or what ``table`` makes of it: a Table, one line of text, or
+    (name, value) fields, one ``name: value`` line each. Every value is escaped by
+    :func:`_shown` before it is laid out, so a line break inside one (a foreign message id
+    or body) is shown as ``\\n``, never as a line of its own."""
     if as_json:
         click.echo(json.dumps(data, indent=2, default=_jsonable))
     else:
         out = table()
+        # soft_wrap: a line (a long body) is not broken at the console's width either
         if isinstance(out, str):
-            _out.print("\n".join(_shown(line) for line in out.split("\n")), markup=False)
+            _out.print(_shown(out), markup=False, soft_wrap=True)
+        elif isinstance(out, list):
+            fields = "\n".join(f"{_shown(k)}: {_shown(v)}" for k, v in out)
+            _out.print(fields, markup=False, soft_wrap=True)
         else:
             if isinstance(out.caption, str):
                 out.caption = Text(_shown(out.caption))
@@ -597,7 +607,7 @@ async def dlq_show(
     _emit(
         as_json,
         r,
-        lambda: "\n".join(f"{k}: {_jsonable(v) if v is not None else ''}" for k, v in r.items()),
+        lambda: list(r.items()),
     )
 
 
