@@ -71,6 +71,45 @@ def usage(*args: str) -> str:
     return proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("dlq", "list", "--limit", "0"), "--limit"),
+        (("dlq", "list", "--limit", "-3"), "--limit"),
+        (("dlq", "replay", "--limit", "0"), "--limit"),
+        (("outbox", "parked", "--db", "sqlite:///x.db", "--limit", "-1"), "--limit"),
+        (("sagas", "list", "--db", "sqlite:///x.db", "--limit", "0"), "--limit"),
+        (
+            (
+                "relay",
+                "run",
+                "--db",
+                "sqlite:///x.db",
+                "--broker",
+                "redis://localhost:1/0",
+                "--batch-size",
+                "0",
+            ),
+            "--batch-size",
+        ),
+        (("outbox", "requeue", "--db", "sqlite:///x.db", "0"), "SEQS"),
+        (("outbox", "requeue", "--db", "sqlite:///x.db", "1", "--all"), "not both"),
+        (("dlq", "list", "--topic", "x.g1.dlq", "--group", "msdata-dlq"), "dead-letter"),
+        (("dlq", "replay", "--topic", "x", "--group", "msdata-dlq"), "dead-letter"),
+    ],
+)
+def test_a_count_below_1_or_a_contradiction_is_a_usage_error(
+    args: tuple[str, ...], says: str
+) -> None:
+    """A limit or count of 0 or less is refused (it used to print "no dead letters", exit 0,
+    while there were some); so are seqs with --all, and --group naming the group msdata reads
+    dead-letter topics with (reading x.g1.dlq as group msdata-dlq created x.g1.dlq.msdata-dlq.dlq
+    streams)."""
+    if args[0] == "dlq":
+        args = (*args[:2], "--broker", "redis://localhost:1/0", *args[2:])
+    assert says in usage(*args)
+
+
 def test_usage_errors_exit_2() -> None:
     assert "--group" in usage("dlq", "list", "--broker", "redis://localhost:1/0", "--topic", "t")
     assert "--broker" in usage("dlq", "list", "--topic", "t", "--group", "g")
@@ -138,11 +177,20 @@ def test_db_init_outbox_status_parked_and_requeue(db: Db) -> None:
     parked = json.loads(msdata("outbox", "parked", "--db", db.url, *db.options, "--json").stdout)
     assert len(parked) == 5 and {p["last_error"] for p in parked} == {"broker said no"}
     assert "broker said no" in msdata("outbox", "parked", "--db", db.url, *db.options).stdout
-    first = str(parked[0]["seq"])
+    first, second = str(parked[0]["seq"]), str(parked[1]["seq"])
     one = msdata("outbox", "requeue", "--db", db.url, *db.options, first, "--json").stdout
-    assert json.loads(one) == {"requeued": 1}
+    assert json.loads(one) == {"requeued": 1, "not_parked": []}
+    # a seq that is not parked (requeued already, or no such row): the others are requeued,
+    # the command says which were not and exits 1
+    some = ("outbox", "requeue", "--db", db.url, *db.options, second, first, "99999")
+    proc = msdata(*some, "--json", ok=False)
+    assert proc.returncode == 1, proc.stderr
+    assert json.loads(proc.stdout) == {"requeued": 1, "not_parked": [int(first), 99999]}
+    assert proc.stderr.strip().endswith(f"sent): {first}, 99999"), proc.stderr
+    line = fails("outbox", "requeue", "--db", db.url, *db.options, "99999")
+    assert "not requeued" in line and "99999" in line
     rest = msdata("outbox", "requeue", "--db", db.url, *db.options, "--all", "--json").stdout
-    assert json.loads(rest) == {"requeued": 4}
+    assert json.loads(rest) == {"requeued": 3, "not_parked": []}
     status = json.loads(msdata("outbox", "status", "--db", db.url, *db.options, "--json").stdout)
     assert status == {"pending": 5, "oldest_pending_age": status["oldest_pending_age"], "parked": 0}
     assert "name the rows" in usage("outbox", "requeue", "--db", db.url, *db.options)
