@@ -477,16 +477,19 @@ async def test_a_handler_raising_a_base_exception_shows_in_health_and_stops_the_
 
     @service.on(PaymentCharged)
     async def leaves(event: PaymentCharged) -> None:
+        await go.wait()  # raises once the test waits for it
         calls.append(event.order_id)
         raise error
 
     health: dict[str, Any] = {}
+    go = asyncio.Event()
     with pytest.raises(type(error)) as raised:
         async with service:
             async with service.transaction():
                 await service.publish(PaymentCharged(order_id="p-1"))
+            go.set()
             try:
-                await asyncio.sleep(30)  # the bus cancels this task: a handler raised _Leave
+                await asyncio.sleep(30)  # the bus cancels this task: a handler raised
             except asyncio.CancelledError:
                 health = await service.health()
                 raise
