@@ -71,6 +71,45 @@ def usage(*args: str) -> str:
     return proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("dlq", "list", "--limit", "0"), "--limit"),
+        (("dlq", "list", "--limit", "-3"), "--limit"),
+        (("dlq", "replay", "--limit", "0"), "--limit"),
+        (("outbox", "parked", "--db", "sqlite:///x.db", "--limit", "-1"), "--limit"),
+        (("sagas", "list", "--db", "sqlite:///x.db", "--limit", "0"), "--limit"),
+        (
+            (
+                "relay",
+                "run",
+                "--db",
+                "sqlite:///x.db",
+                "--broker",
+                "redis://localhost:1/0",
+                "--batch-size",
+                "0",
+            ),
+            "--batch-size",
+        ),
+        (("outbox", "requeue", "--db", "sqlite:///x.db", "0"), "SEQS"),
+        (("outbox", "requeue", "--db", "sqlite:///x.db", "1", "--all"), "not both"),
+        (("dlq", "list", "--topic", "x.g1.dlq", "--group", "msdata-dlq"), "dead-letter"),
+        (("dlq", "replay", "--topic", "x", "--group", "msdata-dlq"), "dead-letter"),
+    ],
+)
+def test_a_count_below_1_or_a_contradiction_is_a_usage_error(
+    args: tuple[str, ...], says: str
+) -> None:
+    """A limit or count of 0 or less is refused (it used to print "no dead letters", exit 0,
+    while there were some); so are seqs with --all, and --group naming the group msdata reads
+    dead-letter topics with (reading x.g1.dlq as group msdata-dlq created x.g1.dlq.msdata-dlq.dlq
+    streams)."""
+    if args[0] == "dlq":
+        args = (*args[:2], "--broker", "redis://localhost:1/0", *args[2:])
+    assert says in usage(*args)
+
+
 def test_usage_errors_exit_2() -> None:
     assert "--group" in usage("dlq", "list", "--broker", "redis://localhost:1/0", "--topic", "t")
     assert "--broker" in usage("dlq", "list", "--topic", "t", "--group", "g")
@@ -146,11 +185,20 @@ def test_db_init_outbox_status_parked_and_requeue(db: Db) -> None:
     parked = json.loads(msdata("outbox", "parked", "--db", db.url, *db.options, "--json").stdout)
     assert len(parked) == 5 and {p["last_error"] for p in parked} == {"broker said no"}
     assert "broker said no" in msdata("outbox", "parked", "--db", db.url, *db.options).stdout
-    first = str(parked[0]["seq"])
+    first, second = str(parked[0]["seq"]), str(parked[1]["seq"])
     one = msdata("outbox", "requeue", "--db", db.url, *db.options, first, "--json").stdout
-    assert json.loads(one) == {"requeued": 1}
+    assert json.loads(one) == {"requeued": 1, "not_parked": []}
+    # a seq that is not parked (requeued already, or no such row): the others are requeued,
+    # the command says which were not and exits 1
+    some = ("outbox", "requeue", "--db", db.url, *db.options, second, first, "99999")
+    proc = msdata(*some, "--json", ok=False)
+    assert proc.returncode == 1, proc.stderr
+    assert json.loads(proc.stdout) == {"requeued": 1, "not_parked": [int(first), 99999]}
+    assert proc.stderr.strip().endswith(f"sent): {first}, 99999"), proc.stderr
+    line = fails("outbox", "requeue", "--db", db.url, *db.options, "99999")
+    assert "not requeued" in line and "99999" in line
     rest = msdata("outbox", "requeue", "--db", db.url, *db.options, "--all", "--json").stdout
-    assert json.loads(rest) == {"requeued": 4}
+    assert json.loads(rest) == {"requeued": 3, "not_parked": []}
     status = json.loads(msdata("outbox", "status", "--db", db.url, *db.options, "--json").stdout)
     assert status == {"pending": 5, "oldest_pending_age": status["oldest_pending_age"], "parked": 0}
     assert "name the rows" in usage("outbox", "requeue", "--db", db.url, *db.options)
@@ -344,6 +392,47 @@ def test_dlq_prints_a_foreign_message_without_its_terminal_escapes(redis_url: st
     shown = json.loads(msdata("dlq", "show", *where, message_id, "--json").stdout)
     assert shown["id"] == message_id and shown["body"].endswith("\ufffd body")
     assert base64.b64decode(shown["body_base64"]) == body
+
+
+def test_dlq_show_lays_out_one_line_per_field_whatever_a_foreign_message_holds(
+    redis_url: str,
+) -> None:
+    """A foreign message id and body holding line breaks, ESC and BEL cannot forge lines
+    (``reason: ...``) in ``msdata dlq show``: each field's value is escaped before the
+    fields are laid out, one line each."""
+    from msdata.urls import transport_from_url
+
+    topic, group = f"cli-{uuid.uuid4().hex[:8]}", "billing"
+    message_id = "id\r\nreason: forged\x1b[2J\x07"
+    body = b"body\r\nreason: forged too\x1b]0;t\x07 " + b"x" * 300
+
+    async def dead_letter() -> None:
+        transport = transport_from_url(redis_url)
+        try:
+            await transport.declare_group(topic, group)
+            async with transport.subscribe(topic, group) as sub:
+                # a foreign producer, which no check of msdata's stops
+                await transport._client.xadd(  # type: ignore[attr-defined]
+                    transport._stream_key(topic),  # type: ignore[attr-defined]
+                    {"id": message_id, "body": body},
+                )
+                got = await sub.receive(1, timeout=10.0)
+                assert len(got) == 1
+                await got[0].dead_letter("RejectMessage: bad")
+        finally:
+            await transport.close()
+
+    asyncio.run(dead_letter())
+    where = ["--broker", redis_url, "--topic", topic, "--group", group]
+    shown = json.loads(msdata("dlq", "show", *where, message_id, "--json").stdout)
+    out = msdata("dlq", "show", *where, message_id).stdout
+    assert "\x1b" not in out and "\x07" not in out and "\r" not in out, out
+    lines = out.splitlines()
+    assert [line.split(": ", 1)[0] for line in lines] == list(shown), lines
+    assert lines[0] == f"dlq: {topic}.{group}.dlq", lines
+    assert "id: id\\r\\nreason: forged\\x1b[2J\\x07" in lines
+    assert "body: body\\r\\nreason: forged too\\x1b]0;t\\x07 " + "x" * 300 in lines
+    assert [line for line in lines if line.startswith("reason: ")] == ["reason: RejectMessage: bad"]
 
 
 def test_dead_letter_log_line_escapes_a_foreign_id(caplog: pytest.LogCaptureFixture) -> None:

@@ -1103,3 +1103,76 @@ async def test_start_against_a_server_that_never_answers_fails_within_one_connec
             writer.close()
         await server.wait_closed()
     assert silent, "the transport never connected to the server"
+
+
+# -- a handler raising a BaseException that is not an Exception ------------------------------
+
+
+class _Leave(BaseException):
+    """A handler's own BaseException that is not an Exception."""
+
+
+@pytest.mark.parametrize(
+    "error",
+    [SystemExit(3), KeyboardInterrupt(), GeneratorExit(), _Leave("leave")],
+    ids=["SystemExit", "KeyboardInterrupt", "GeneratorExit", "own-BaseException"],
+)
+@pytest.mark.parametrize("backend", TRANSPORTS)
+async def test_a_handler_raising_a_base_exception_stops_the_bus_with_it_and_loses_nothing(
+    backend: str, error: BaseException, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SystemExit, KeyboardInterrupt or any BaseException that is not an Exception, raised
+    by a handler, is not swallowed: it is logged at ERROR with its traceback, handler,
+    group, topic and message id; ``async with bus`` ends with that very exception (the task
+    running the bus is cancelled for it, and uncancelled); the delivery is nacked, its
+    attempt counted, and redelivered; the rest of the consumer's batch is given back and
+    handled later."""
+    topic, group = f"leave-{uuid.uuid4().hex[:8]}", "g"
+    handled: list[str] = []
+    attempts = _Attempts()
+
+    async def leave_on_first(event: OrderPlaced) -> None:
+        if event.order_id == "leave" and not any(o == "leave" for o, _ in handled_attempts()):
+            raise error
+        handled.append(event.order_id)
+
+    def handled_attempts() -> list[tuple[str, int]]:
+        return attempts.seen[:-1]  # those before the delivery in hand
+
+    previous = telemetry.install(attempts)
+    try:
+        async with open_transport(backend) as t:
+            await t.declare_group(topic, group)
+            sent, _ = await make_bus(t).publish_many(
+                [OrderPlaced(order_id="leave", amount=1), OrderPlaced(order_id="after", amount=2)],
+                topic=topic,
+            )
+            bus = make_bus(t, max_attempts=3)
+            bus.subscribe(OrderPlaced, leave_on_first, group=group, topic=topic)
+            with (
+                caplog.at_level(logging.ERROR, logger="msdata.events"),
+                pytest.raises(type(error)) as raised,
+            ):
+                async with bus:
+                    await asyncio.sleep(30)  # the bus cancels this: the handler raised
+            assert raised.value is error
+            task = asyncio.current_task()
+            assert task is not None and task.cancelling() == 0  # the bus's cancel is undone
+            (record,) = [r for r in caplog.records if r.name == "msdata.events"]
+            text = record.getMessage()
+            assert record.levelno == logging.ERROR and record.exc_info is not None
+            assert record.exc_info[1] is error
+            for part in ("leave_on_first", f"group {group}", f"topic {topic}", sent.id):
+                assert part in text, text
+            assert handled == []  # the rest of the batch was given back, not handled
+
+            again = make_bus(t, max_attempts=3)
+            again.subscribe(OrderPlaced, leave_on_first, group=group, topic=topic)
+            async with again:
+                await eventually(
+                    lambda: sorted(handled) == ["after", "leave"], timeout=20, what="both"
+                )
+    finally:
+        telemetry.install(previous)
+    assert ("leave", 1) in attempts.seen and ("leave", 2) in attempts.seen  # counted
+    assert ("leave", 3) not in attempts.seen

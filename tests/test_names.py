@@ -52,6 +52,43 @@ def test_a_trailing_newline_is_refused(kind: str) -> None:
         check(good + "\n")
 
 
+_NON_ASCII = {
+    "topic": "Café",
+    "dlq topic": "Café.g.dlq",
+    "group": "gé",
+    "header name": "tenanté",
+    "message type name": "rv2.Café",
+    "table prefix": "msdata_é",
+    "postgres schema": "appé",
+    "nats stream prefix": "APPÉ_",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_NON_ASCII))
+def test_a_letter_that_is_not_ascii_is_refused_saying_ascii(kind: str) -> None:
+    """The checks take ASCII letters only, and their messages say so (they said "letters",
+    so 'rv2.Café' seemed to qualify)."""
+    check, _, error = CHECKS[kind]
+    with pytest.raises(error, match="ASCII letters"):
+        check(_NON_ASCII[kind])
+
+
+def test_a_namespace_and_a_saga_name_that_are_not_ascii_are_refused_saying_ascii() -> None:
+    from pydantic import BaseModel
+
+    from msdata.errors import SagaDefinitionError
+    from msdata.saga import Saga
+
+    with pytest.raises(ConfigurationError, match="ASCII letters"):
+        check_name("namespace", "shopé")
+
+    class Data(BaseModel):
+        n: int = 0
+
+    with pytest.raises(SagaDefinitionError, match="ASCII letters"):
+        Saga("checkouté", Data)
+
+
 def test_a_header_name_with_a_newline_from_the_wire_is_not_a_header() -> None:
     registry = MessageRegistry()
 

@@ -453,3 +453,49 @@ async def test_projection_fed_by_the_bus(tmp_path: Path) -> None:
 
         await eventually(three, timeout=10, what="the bus-fed read model has 3 rows")
         assert (await reports.health())["status"] == "ok"
+
+
+class _Leave(BaseException):
+    """A handler's own BaseException that is not an Exception."""
+
+
+@pytest.mark.parametrize(
+    ("error", "text"),
+    [(_Leave("leave now"), "_Leave: leave now"), (SystemExit(3), "SystemExit: 3")],
+    ids=["own-BaseException", "SystemExit"],
+)
+async def test_a_handler_raising_a_base_exception_shows_in_health_and_stops_the_service(
+    error: BaseException, text: str
+) -> None:
+    """The service's stop raises it once every part stopped and closed (SystemExit too,
+    which asyncio would raise out of the event loop from the task ``wait_for`` runs a stop
+    step in)."""
+    service = Service(
+        "leaver", db="memory://", registry=registry, bus_options={"backoff": lambda n: 0.0}
+    )
+    calls: list[str] = []
+
+    @service.on(PaymentCharged)
+    async def leaves(event: PaymentCharged) -> None:
+        await go.wait()  # raises once the test waits for it
+        calls.append(event.order_id)
+        raise error
+
+    health: dict[str, Any] = {}
+    go = asyncio.Event()
+    with pytest.raises(type(error)) as raised:
+        async with service:
+            async with service.transaction():
+                await service.publish(PaymentCharged(order_id="p-1"))
+            go.set()
+            try:
+                await asyncio.sleep(30)  # the bus cancels this task: a handler raised
+            except asyncio.CancelledError:
+                health = await service.health()
+                raise
+    assert raised.value is error and calls == ["p-1"]
+    assert health["status"] == "degraded", health
+    assert health["consumers"]["running"] is False
+    group = health["consumers"]["groups"]["leaver"]
+    assert group == {"handled": 0, "failed": 1, "last_error": text}
+    assert (await service.health())["status"] == "stopped"

@@ -35,8 +35,10 @@ def stall(faults: Faults) -> Middleware:
     """Bus middleware: the card gateway stalls on card tok_slow, so the charge answers after
     the saga's step timeout and the saga refunds it; the gateway is as slow for every refund
     of that order, so each refund attempt answers after its timeout too (the orchestrator
-    takes an earlier attempt's late success as the refund's). Outside any transaction: other
-    charges go on meanwhile."""
+    takes an earlier attempt's late success as the refund's). Outside any transaction, so it
+    holds no database lock; it does hold its consumer, so the charges that consumer received
+    in the same batch (up to the bus's ``prefetch``) wait behind it and mostly time out
+    too, while the other consumers go on."""
     slow: set[str] = set()
 
     async def middleware(envelope: Envelope[Any], call_next: Any) -> Any:

@@ -64,6 +64,11 @@ class Failure(Exception):
 _DRIVER_LOGGERS = ("aiormq", "aio_pika", "nats", "redis", "asyncpg", "psycopg")
 
 
+#: the type of every count or limit option: a whole number, at least 1 (0 or less is a usage
+#: error, not an empty answer)
+COUNT = click.IntRange(min=1)
+
+
 def _fail(message: str) -> NoReturn:
     raise Failure(message)
 
@@ -145,13 +150,23 @@ def _run(urls: Callable[[dict[str, Any]], Sequence[str]] | None = None) -> Calla
     return decorate
 
 
-def _emit(as_json: bool, data: Any, table: Callable[[], Table | str]) -> None:
+def _emit(
+    as_json: bool, data: Any, table: Callable[[], Table | str | list[tuple[str, Any]]]
+) -> None:
+    """Print ``data`` as JSON, or what ``table`` makes of it: a Table, one line of text, or
+    (name, value) fields, one ``name: value`` line each. Every value is escaped by
+    :func:`_shown` before it is laid out, so a line break inside one (a foreign message id
+    or body) is shown as ``\\n``, never as a line of its own."""
     if as_json:
         click.echo(json.dumps(data, indent=2, default=_jsonable))
     else:
         out = table()
+        # soft_wrap: a line (a long body) is not broken at the console's width either
         if isinstance(out, str):
-            _out.print("\n".join(_shown(line) for line in out.split("\n")), markup=False)
+            _out.print(_shown(out), markup=False, soft_wrap=True)
+        elif isinstance(out, list):
+            fields = "\n".join(f"{_shown(k)}: {_shown(v)}" for k, v in out)
+            _out.print(fields, markup=False, soft_wrap=True)
         else:
             if isinstance(out.caption, str):
                 out.caption = Text(_shown(out.caption))
@@ -274,7 +289,7 @@ def relay() -> None:
 @namespace_option
 @prefix_option
 @schema_option
-@click.option("--batch-size", default=100, show_default=True, help="Rows per claim.")
+@click.option("--batch-size", default=100, show_default=True, type=COUNT, help="Rows per claim.")
 @click.option("--name", default="relay", show_default=True, help="The process's name.")
 def relay_run(
     db: str,
@@ -367,7 +382,7 @@ async def outbox_status(db: str, prefix: str, schema: str | None, as_json: bool)
 @db_option
 @prefix_option
 @schema_option
-@click.option("--limit", default=100, show_default=True)
+@click.option("--limit", default=100, show_default=True, type=COUNT)
 @json_option
 @_run(lambda kw: [kw["db"]])
 async def outbox_parked(
@@ -414,7 +429,7 @@ async def outbox_parked(
 @db_option
 @prefix_option
 @schema_option
-@click.argument("seqs", nargs=-1, type=int)
+@click.argument("seqs", nargs=-1, type=COUNT)
 @click.option("--all", "everything", is_flag=True, help="Requeue every parked row.")
 @json_option
 @_run(lambda kw: [kw["db"]])
@@ -431,10 +446,19 @@ async def outbox_requeue(
         raise click.UsageError(
             "name the rows to requeue (their seq, see `msdata outbox parked`) or pass --all"
         )
+    if seqs and everything:
+        raise click.UsageError("name the rows to requeue or pass --all, not both")
     store = _outbox_store(db, prefix, schema)
+    missed: list[int] = []
     try:
         if seqs:
-            n = await store.requeue(list(seqs))
+            # one at a time (a command line names a few), so as to say which were not parked
+            n = 0
+            for seq in dict.fromkeys(seqs):
+                done = await store.requeue([seq])
+                n += done
+                if not done:
+                    missed.append(seq)
         else:
             n = 0
             while batch := await store.parked(1000):
@@ -444,7 +468,12 @@ async def outbox_requeue(
                     break
     finally:
         await store.close()
-    _emit(as_json, {"requeued": n}, lambda: f"requeued {n} row(s)")
+    _emit(as_json, {"requeued": n, "not_parked": missed}, lambda: f"requeued {n} row(s)")
+    if missed:
+        _fail(
+            "not requeued, no parked row with that seq (no such row, or pending or sent): "
+            + ", ".join(map(str, missed))
+        )
 
 
 # -- dead letters --------------------------------------------------------------------------
@@ -482,6 +511,12 @@ def _dlq_source(
         )
     if not broker:
         raise click.UsageError("--broker is required without --app")
+    if group == DEAD_LETTER_READER:
+        raise click.UsageError(
+            f"--group {group!r} is the group msdata reads dead-letter topics with: give the "
+            "consumer group that gave up on the messages (for --topic X.G.dlq, --topic X "
+            "--group G)"
+        )
     pairs = [(check_name("topic", topic), check_name("group", group))]
     return _open_transport(broker, namespace), pairs
 
@@ -541,7 +576,9 @@ async def _read_dlq(
 
 @dlq.command("list")
 @_with(dlq_options)
-@click.option("--limit", default=100, show_default=True, help="At most this many per topic.")
+@click.option(
+    "--limit", default=100, show_default=True, type=COUNT, help="At most this many per topic."
+)
 @json_option
 @_run(lambda kw: [kw["broker"]])
 async def dlq_list(
@@ -601,13 +638,15 @@ async def dlq_show(
     _emit(
         as_json,
         r,
-        lambda: "\n".join(f"{k}: {_jsonable(v) if v is not None else ''}" for k, v in r.items()),
+        lambda: list(r.items()),
     )
 
 
 @dlq.command("replay")
 @_with(dlq_options)
-@click.option("--limit", default=1000, show_default=True, help="At most this many per topic.")
+@click.option(
+    "--limit", default=1000, show_default=True, type=COUNT, help="At most this many per topic."
+)
 @json_option
 @_run(lambda kw: [kw["broker"]])
 async def dlq_replay(
@@ -788,7 +827,7 @@ _STATUSES = ["RUNNING", "COMPENSATING", "COMPLETED", "COMPENSATED", "FAILED"]
     help="Only the ones needing attention: RUNNING/COMPENSATING ones nobody holds whose "
     "wake time has passed, then FAILED ones (as SagaOrchestrator.stuck()).",
 )
-@click.option("--limit", default=100, show_default=True)
+@click.option("--limit", default=100, show_default=True, type=COUNT)
 @json_option
 @_run(lambda kw: [kw["db"]])
 async def sagas_list(

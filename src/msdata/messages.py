@@ -105,8 +105,8 @@ class MessageRegistry:
         name_ok = isinstance(type_name, str) and _TYPE_NAME.fullmatch(type_name)
         if not name_ok or ".." in type_name:
             raise RegistrationError(
-                f"type name {type_name!r} must start with a letter and hold only letters, "
-                "digits and . _ - (at most 150 characters, no '..')"
+                f"type name {type_name!r} must start with an ASCII letter and hold only ASCII "
+                "letters, digits and . _ - (at most 150 characters, no '..')"
             )
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise RegistrationError(f"schema version must be an int >= 1, got {version!r}")
@@ -269,7 +269,7 @@ def check_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
     for name, value in headers.items():
         if not isinstance(name, str) or not HEADER_NAME.fullmatch(name):
             raise InvalidHeader(
-                f"header name {name!r} must be 1-64 lowercase letters or digits "
+                f"header name {name!r} must be 1-64 lowercase ASCII letters or digits "
                 "(a CloudEvents extension attribute name)"
             )
         if name in RESERVED_ATTRIBUTES:

@@ -268,6 +268,19 @@ class _ConsumerStats:
     last_error: str | None = None
 
 
+async def _leaving(step: Callable[[], Awaitable[Any]]) -> BaseException | None:
+    """Run a stop step; return the SystemExit, KeyboardInterrupt or other BaseException
+    but CancelledError it raised (the bus raises what a handler raised), so that it is not
+    raised in the task ``wait_for`` runs it in (asyncio would raise it out of the loop)."""
+    try:
+        await step()
+    except (Exception, asyncio.CancelledError):
+        raise
+    except BaseException as e:
+        return e
+    return None
+
+
 def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
@@ -530,7 +543,9 @@ class Service:
         async def track(envelope: Envelope[Any], call_next: Any) -> Any:
             try:
                 result = await call_next(envelope)
-            except Exception as e:
+            except asyncio.CancelledError:
+                raise  # the bus stopping: not a failure (a handler's own one is counted below)
+            except BaseException as e:  # SystemExit & co. too: the bus stops on them
                 stats.failed += 1
                 stats.last_error = _describe(e)
                 raise
@@ -800,14 +815,21 @@ class Service:
         if self._closed:
             return
         self._state = "stopping"
+        # what a handler raised that is not an Exception (SystemExit, KeyboardInterrupt):
+        # the bus's stop raises it; the rest still stops and closes, then it is raised
+        fatal: BaseException | None = None
         while self._stop_steps:
             what, step = self._stop_steps.pop()
             try:
                 # the bus's own bound is stop_timeout + STOP_GRACE (its cancelled handlers
                 # unwinding): a second more before this gives up on a part
-                await asyncio.wait_for(step(), self.stop_timeout + STOP_GRACE + 1.0)
+                raised = await asyncio.wait_for(
+                    _leaving(step), self.stop_timeout + STOP_GRACE + 1.0
+                )
             except Exception:
                 log.exception("service %s: stopping the %s failed", self.name, what)
+            else:
+                fatal = fatal or raised
         for port, store in self._stores.items():
             if port in self._given_stores:
                 continue
@@ -828,6 +850,8 @@ class Service:
         self._closed = True
         self._state = "stopped"
         log.info("service %s stopped", self.name)
+        if fatal is not None:
+            raise fatal
 
     async def __aenter__(self) -> Self:
         await self.start()

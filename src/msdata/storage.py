@@ -115,7 +115,7 @@ def check_table_prefix(prefix: str) -> str:
     never needs quoting and can never carry SQL. Anything else: ConfigurationError."""
     if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
         raise ConfigurationError(
-            f"table prefix {prefix!r} must be at most 40 lowercase letters, digits or '_', "
+            f"table prefix {prefix!r} must be at most 40 lowercase ASCII letters, digits or '_', "
             "not starting with a digit"
         )
     return prefix

@@ -94,23 +94,26 @@ _NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,29}")
 def check_name(kind: str, name: str) -> str:
     """Topic and group names that every broker can hold, and whose dead-letter topic
     (``topic.group.dlq``) is unambiguous and valid too; and a transport's ``namespace``
-    (``kind="namespace"``: 1-30 letters, digits, ``_`` or ``-``).
+    (``kind="namespace"``: 1-30 ASCII letters, digits, ``_`` or ``-``).
 
-    A topic is 1-150 letters, digits and ``_ - .`` (a dead-letter topic up to 200), starting
-    with a letter or digit, with no ``..``, not starting with ``amq.`` (RabbitMQ's own); a
-    group is 1-40 letters, digits, ``_`` or ``-``. Each pattern matches the whole name (a
-    trailing newline is refused). Raises :class:`msdata.errors.ConfigurationError`.
+    A topic is 1-150 ASCII letters, digits and ``_ - .`` (a dead-letter topic up to 200),
+    starting with an ASCII letter or digit, with no ``..``, not starting with ``amq.``
+    (RabbitMQ's own); a group is 1-40 ASCII letters, digits, ``_`` or ``-`` (no other letter:
+    é, ß or Ж are refused). Each pattern matches the whole name (a trailing newline is
+    refused). Raises :class:`msdata.errors.ConfigurationError`.
     """
     if kind == "group":
         ok = isinstance(name, str) and bool(_GROUP.fullmatch(name))
-        rule = "1-40 letters, digits, '_' or '-', starting with a letter or digit"
+        rule = "1-40 ASCII letters, digits, '_' or '-', starting with an ASCII letter or digit"
     elif kind == "namespace":
         ok = isinstance(name, str) and bool(_NAMESPACE.fullmatch(name))
-        rule = "1-30 letters, digits, '_' or '-', starting with a letter or digit"
+        rule = "1-30 ASCII letters, digits, '_' or '-', starting with an ASCII letter or digit"
     else:
         pattern = _DLQ_TOPIC if isinstance(name, str) and name.endswith(".dlq") else _TOPIC
         ok = isinstance(name, str) and bool(pattern.fullmatch(name)) and ".." not in name
-        rule = "1-150 letters, digits, '_', '-' or '.', starting with a letter or digit"
+        rule = (
+            "1-150 ASCII letters, digits, '_', '-' or '.', starting with an ASCII letter or digit"
+        )
         if ok and name.startswith(_RESERVED_PREFIXES):
             raise ConfigurationError(
                 f"{kind} name {_shown(name)}: names starting with 'amq.' are reserved by RabbitMQ"

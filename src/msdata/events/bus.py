@@ -22,7 +22,17 @@ consumers of one group compete. Inside a consumer, a delivery is:
   :class:`msdata.errors.RejectMessage`;
 - acked and skipped when it decodes to a registered type that the group has no handler for.
 
-A failing handler affects only its own group. Nothing crashes the consumer loop. Stopping
+A failing handler affects only its own group: an ``Exception`` it raises does not stop the
+consumer loop. A handler raising a ``BaseException`` that is not an ``Exception``
+(``SystemExit``, ``KeyboardInterrupt``, ``GeneratorExit``, one's own) asks to leave, as
+PEP 352 means them, so the bus neither swallows it as a failure nor dies silently: it is
+logged at ERROR with its traceback, handler, group, topic and message id; the delivery is
+nacked, its attempt counted (redelivered after the backoff, dead-lettered on its last
+attempt: a message that makes the process exit each time does not crash-loop it for
+ever), the rest of the consumer's batch given back uncounted; the consumer stops; the task
+that started the bus is cancelled and :meth:`EventBus.stop` (so ``async with bus``) raises
+that very exception, as ``asyncio.TaskGroup`` does with ``SystemExit`` and
+``KeyboardInterrupt``. Stopping
 lets each consumer finish the delivery it is handling (up to ``stop_timeout``, then it is
 cancelled: see :meth:`EventBus.stop`); what it received but did not start on, and the
 delivery of a handler cancelled at the timeout, is given back uncounted
@@ -40,7 +50,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, NamedTuple, Self, TypeVar
+from typing import Any, NamedTuple, NoReturn, Self, TypeVar
 
 from msdata import deadletter, telemetry
 from msdata.backoff import Backoff, exponential_backoff
@@ -113,6 +123,17 @@ class _Route(NamedTuple):
     handler: Callable[[Any], Any]
     is_async: bool
     chain: Next | None  # None when there is no middleware: call the handler directly
+
+
+class _ConsumerStops(Exception):
+    """Ends a consumer whose handler raised a BaseException that is not an Exception
+    (``error``), its delivery settled; ``reraise``: no task runs the bus for
+    :meth:`EventBus.stop` to raise it in, so the consumer task raises it itself."""
+
+    def __init__(self, error: BaseException, reraise: bool) -> None:
+        super().__init__(repr(error))
+        self.error = error
+        self.reraise = reraise
 
 
 class _Halt:
@@ -199,6 +220,12 @@ class EventBus:
         )
         # consumer tasks that would not stop: they settle nothing any more
         self._abandoned: set[asyncio.Task[Any]] = set()
+        # the task that started the bus, the SystemExit (or other BaseException not an
+        # Exception) a handler raised for stop() to raise, and whether the owner was
+        # cancelled for it
+        self._owner: asyncio.Task[Any] | None = None
+        self._fatal_error: BaseException | None = None
+        self._owner_cancelled = False
 
     # -- wiring ------------------------------------------------------------------------------
 
@@ -452,6 +479,9 @@ class EventBus:
             return
         self._running = True
         self._halt = _Halt()
+        self._owner = asyncio.current_task()
+        self._fatal_error = None
+        self._owner_cancelled = False
         ready: list[asyncio.Future[None]] = []
         loop = asyncio.get_running_loop()
         for consumer in self._consumers.values():
@@ -484,7 +514,12 @@ class EventBus:
         message id, and left behind: in the last quarter the rest of its batch is given
         back uncounted and its subscription closed, so its delivery alone stays unacked and
         is redelivered as its next attempt, and whatever the handler returns later settles
-        nothing."""
+        nothing.
+
+        Raises, once stopped, the ``SystemExit``, ``KeyboardInterrupt`` or other
+        BaseException that is not an Exception a handler raised (the first one), which
+        stopped its consumer and cancelled the task that started the bus (that cancel is
+        undone here: see the module docstring)."""
         if not self._running:
             return
         assert self._halt is not None
@@ -515,6 +550,13 @@ class EventBus:
         for c in self._consumers.values():
             c.tasks.clear()
         self._running = False
+        fatal, self._fatal_error = self._fatal_error, None
+        owner, self._owner = self._owner, None
+        if fatal is not None:
+            if self._owner_cancelled and owner is not None and not owner.done():
+                owner.uncancel()  # the cancel was ours: what it meant is raised here
+            self._owner_cancelled = False
+            raise fatal
 
     async def _give_back_and_close(self, task: asyncio.Task[Any], sub: Subscription) -> None:
         """For a consumer ``task`` left behind: give back the deliveries of its batch it has
@@ -697,6 +739,10 @@ class EventBus:
                                             consumer, delivery, envelope, e, task, seen
                                         )
                                         continue
+                                    except BaseException as e:  # SystemExit, ...: raises
+                                        await self._fatal(
+                                            consumer, delivery, envelope, e, task, seen
+                                        )
                                     finally:
                                         current_parent.reset(token)
                                         if seen is not None:
@@ -715,6 +761,13 @@ class EventBus:
                                         log.exception(
                                             "acking a delivery failed; it will be redelivered"
                                         )
+                            except _ConsumerStops:
+                                # a handler raised SystemExit or the like: its delivery is
+                                # settled, the rest of the batch goes back uncounted
+                                if task not in abandoned:
+                                    left = hand[3] = [i + 1]
+                                    await self._release(batch, left)
+                                raise
                             except asyncio.CancelledError:
                                 # stopped mid-batch: what it holds unsettled, from the
                                 # delivery in hand or the first not yet given back, goes
@@ -733,6 +786,10 @@ class EventBus:
                 if not ready.done():
                     ready.cancel()
                 raise
+            except _ConsumerStops as stops:
+                if stops.reraise:  # no task runs the bus to raise it in: raise it here
+                    raise stops.error from None
+                return
             except Exception as e:
                 if self._is_abandoned():
                     return
@@ -800,6 +857,8 @@ class EventBus:
         except (Exception, asyncio.CancelledError) as e:
             await self._failed(consumer, delivery, envelope, e, task, seen)
             return
+        except BaseException as e:  # SystemExit, KeyboardInterrupt, ...: raises
+            await self._fatal(consumer, delivery, envelope, e, task, seen)
         finally:
             current_parent.reset(token)
             if seen is not None:
@@ -885,6 +944,88 @@ class EventBus:
             e,
         )
         await self._settle(delivery.nack(delay=self.backoff(delivery.attempt), reason=reason))
+
+    async def _fatal(
+        self,
+        consumer: _Consumer,
+        delivery: Delivery,
+        envelope: Envelope[Any],
+        e: BaseException,
+        task: asyncio.Task[Any] | None,
+        seen: ConsumeScope | None,
+    ) -> NoReturn:
+        """The handler raised ``e``, a BaseException that is not an Exception nor
+        CancelledError (SystemExit, KeyboardInterrupt, GeneratorExit, a class of one's own):
+        not a failure of the message to retry and go on, but a request to leave. Log it at
+        ERROR with its traceback; settle the delivery as a failure (nacked, this attempt
+        counted: redelivered after the backoff, dead-lettered on its last attempt), or, when
+        the bus is stopping and cancelled this consumer, give it back uncounted; keep ``e``
+        for :meth:`stop` to raise and cancel the task that started the bus, so that its
+        ``async with`` ends with ``e``; end this consumer (raises :class:`_ConsumerStops`, or
+        CancelledError when the consumer is being cancelled)."""
+        hand = self._handling.get(task) if task is not None else None
+        handler = hand[1] if hand is not None and hand[1] is not None else None
+        cancelled = task is not None and task.cancelling() > 0
+        exhausted = deadletter.exhausted(delivery.attempt, self.max_attempts)
+        if cancelled:
+            fate = "given back uncounted (the bus is stopping)"
+        elif exhausted:
+            fate = "dead-lettered (its last attempt)"
+        else:
+            fate = "nacked: redelivered after the backoff, this attempt counted"
+        log.error(
+            "handler %s raised %s, not an Exception (group %s, topic %s, message %s, type %s, "
+            "attempt %d of %d): the consumer stops and the bus raises it where it runs; "
+            "the delivery is %s",
+            _name_of(handler) if handler is not None else "?",
+            type(e).__name__,
+            consumer.group,
+            consumer.topic,
+            envelope.id,
+            envelope.type,
+            delivery.attempt,
+            self.max_attempts,
+            fate,
+            exc_info=e,
+        )
+        reraise = self._raise_in_owner(e)
+        if seen is not None:
+            seen.failed(
+                e, "cancelled" if cancelled else ("dead_letter" if exhausted else "nack")
+            )  # telemetry
+        if task not in self._abandoned:
+            if cancelled:
+                if hand is not None:
+                    hand[0] = hand[1] = None
+                await self._release((delivery,))
+            else:
+                reason = f"{type(e).__name__}: {e}"
+                with deadletter.handler_failure(envelope.type, e):
+                    await self._settle(
+                        delivery.nack(reason=reason)
+                        if exhausted
+                        else delivery.nack(delay=self.backoff(delivery.attempt), reason=reason)
+                    )
+        if cancelled:
+            raise asyncio.CancelledError from e
+        raise _ConsumerStops(e, reraise) from e
+
+    def _raise_in_owner(self, e: BaseException) -> bool:
+        """Keep ``e`` for :meth:`stop` to raise (the first one wins) and cancel the task
+        that started the bus, unless it is stopping the bus already. False once ``e`` will
+        be raised that way; True when no task runs the bus any more (the caller raises
+        it)."""
+        if self._fatal_error is None:
+            self._fatal_error = e
+        owner = self._owner
+        if owner is None or owner.done():
+            self._fatal_error = None if self._fatal_error is e else self._fatal_error
+            return True
+        halt = self._halt
+        if halt is not None and not halt.stopped and not self._owner_cancelled:
+            self._owner_cancelled = True
+            owner.cancel(f"a handler raised {type(e).__name__}")
+        return False
 
     @staticmethod
     async def _release(deliveries: Sequence[Delivery], at: list[int] | None = None) -> None:

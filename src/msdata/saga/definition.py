@@ -254,7 +254,7 @@ def _make(
 class Saga(Generic[D]):
     """A saga definition, built step by step; each call checks what it adds.
 
-    ``name``: the saga type (stored with each instance; 1-100 of letters, digits and
+    ``name``: the saga type (stored with each instance; 1-100 of ASCII letters, digits and
     ``_ - .``). ``data``: the pydantic model of the saga's data. ``deadline``: seconds from
     the start within which the saga must pass its pivot; an instance still before its pivot
     at the deadline is compensated. ``compensation_retry``: the default policy for
@@ -275,8 +275,8 @@ class Saga(Generic[D]):
             ok = False
         if not ok:
             raise SagaDefinitionError(
-                f"saga name {name!r} must be 1-100 letters, digits, '_', '-' or '.', starting "
-                "with a letter or digit (no control character, no ':')"
+                f"saga name {name!r} must be 1-100 ASCII letters, digits, '_', '-' or '.', "
+                "starting with an ASCII letter or digit (no control character, no ':')"
             )
         if not (isinstance(data, type) and issubclass(data, BaseModel)):
             raise SagaDefinitionError(f"saga {name!r}: data must be a pydantic model class")

@@ -1629,7 +1629,7 @@ class NatsTransport:
         subject_prefix = "" if subject_prefix is None else subject_prefix
         if not _PREFIX.match(stream_prefix):
             raise ConfigurationError(
-                f"stream_prefix {stream_prefix!r}: up to 40 letters, digits, '_' or '-'"
+                f"stream_prefix {stream_prefix!r}: up to 40 ASCII letters, digits, '_' or '-'"
             )
         if not _SUBJECT_PREFIX.match(subject_prefix):
             raise ConfigurationError(

@@ -95,12 +95,12 @@ _UNKNOWN_ARGS = re.compile(r"\((?:unknown(?:, )?)*\)")  # "f(unknown, unknown)":
 
 
 def check_schema(schema: str | None) -> str | None:
-    """A schema name goes into SQL too: lowercase letters, digits and ``_`` only."""
+    """A schema name goes into SQL too: lowercase ASCII letters, digits and ``_`` only."""
     if schema is None:
         return None
     if not isinstance(schema, str) or not _SCHEMA.match(schema):
         raise ConfigurationError(
-            f"schema {schema!r} must be 1-63 lowercase letters, digits or '_', "
+            f"schema {schema!r} must be 1-63 lowercase ASCII letters, digits or '_', "
             "not starting with a digit"
         )
     return schema
