@@ -21,8 +21,10 @@ Topology, all durable and declared by the adapter:
 - for each group, its dead-letter topic :func:`~msdata.transport.dead_letter_topic` (an
   exchange like any topic), with a *history queue* ``<dead-letter topic>:history`` bound to
   it that keeps every dead letter: a group declared on a dead-letter topic gets a copy of
-  that history first, so it reads the topic from its beginning however late it comes (the
-  history is never consumed; purge or delete it to forget old dead letters);
+  that history first, so it reads the topic from its beginning however late it comes, each
+  letter once, also one dead-lettered while the group is declared (see
+  :meth:`RabbitMQTransport._replay_history`; the history is never consumed; purge or delete
+  it to forget old dead letters);
 - for each group in ordered mode, a *given-back queue* ``<topic>:<group>:given-back``: a
   closing subscription records there the attempt of each delivery it hands back to the
   broker (see "Attempts");
@@ -127,7 +129,7 @@ import logging
 import re
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from types import MappingProxyType
@@ -493,6 +495,18 @@ def _as_published(raw: DeliveredMessage) -> Basic.Properties:
     if props.headers and (PRIOR_ATTEMPTS_HEADER in props.headers):
         props.headers = {k: v for k, v in props.headers.items() if k != PRIOR_ATTEMPTS_HEADER}
     return props
+
+
+def _letter_key(raw: DeliveredMessage) -> tuple[object, ...]:
+    """What tells two copies of one dead letter from two letters: its message id, body and
+    headers (without the broker's bookkeeping)."""
+    props = raw.header.properties
+    headers = props.headers or {}
+    return (
+        props.message_id,
+        raw.body,
+        tuple(sorted((k, repr(v)) for k, v in headers.items() if k not in _BROKER_HEADERS)),
+    )
 
 
 def _copy_properties(props: Basic.Properties, original: Basic.Properties) -> None:
@@ -2085,22 +2099,61 @@ class RabbitMQTransport:
             await _close_within(channel, self.connect_timeout, queue)
 
     async def _replay_history(self, raw: Any, exchange: str, queue: str) -> None:
-        """Copy what a dead-letter topic received so far (its history queue) into ``queue``,
-        a group declared on it just now: a dead-letter topic is read from its beginning by
-        every group. The history keeps its messages (taken, copied, confirmed, then handed
-        back). A dead letter arriving meanwhile may reach the group twice."""
+        """Fill ``queue``, a group's queue on a dead-letter topic declared and bound to the
+        topic's exchange just now, with every dead letter the topic received before, each
+        once: a dead-letter topic is read from its beginning by every group.
+
+        The topic's history queue has every dead letter; it keeps them (taken, copied,
+        confirmed, then handed back in place). A letter dead-lettered after the bind and
+        before the history was taken is in both, the history's copy and the one routed to
+        ``queue``. So, once the history is taken, a *marker* (an empty message with
+        :data:`FILLER_HEADER`, through the default exchange: in ``queue`` alone, and a
+        filler to any consumer, acked and never handed out) is put at the back of
+        ``queue``, and what ``queue`` holds ahead of it is taken too: every letter routed
+        there up to then, including each taken from the history that came live (the broker
+        routed it to ``queue`` as it did to the history, before the marker was even
+        published). ``queue`` then gets copies of the history's letters and of those taken
+        from ``queue`` that the history did not have (matched by message id, body and
+        headers, counted: a letter dead-lettered twice is there twice), and what was taken
+        from ``queue`` is acked with the marker: copied rather than handed back, since a
+        message handed back is flagged as redelivered, which counts as an attempt. A letter
+        behind the marker came after the history was taken: it stays as it came (or, if the
+        marker's consumer received it before its cancel took effect, it is copied like those
+        ahead of the marker, unless the history had it).
+
+        The driver's errors pass through (the caller makes them TransportError); on one,
+        whatever was taken goes back, and ``queue`` may then hold some letters twice. A
+        consumer of ``queue`` started elsewhere meanwhile (the same group declared by two
+        processes at once) may take letters ahead of the marker, which it then receives
+        twice."""
         history = _history_name(exchange)
         ok = await raw.queue_declare(history, durable=True)
         left = ok.message_count
         taken: list[DeliveredMessage] = []
+        # what queue held, taken through the marker, and what came after it until the
+        # consumer was cancelled (all later delivery tags than the history's)
+        received: list[DeliveredMessage] = []
+        settled = False
         try:
             while len(taken) < left:
                 got = await raw.basic_get(history)
                 if not isinstance(got.delivery, Basic.GetOk):
                     break
                 taken.append(got)
-            for start in range(0, len(taken), 100):
-                batch = taken[start : start + 100]
+            _progressed()
+            marker = await self._take_up_to_marker(raw, queue, received)
+            known = Counter(_letter_key(m) for m in taken)
+            copies = list(taken)
+            for m in received:
+                if m is marker:
+                    continue
+                key = _letter_key(m)
+                if known[key] > 0:
+                    known[key] -= 1
+                else:
+                    copies.append(m)
+            for start in range(0, len(copies), 100):
+                batch = copies[start : start + 100]
                 results = await asyncio.gather(
                     *[
                         _on_channel(
@@ -2115,11 +2168,62 @@ class RabbitMQTransport:
                 )
                 _confirmed(results, f"copying the dead letters of {exchange!r} to {queue!r}")
                 _progressed()
-        finally:
+            settled = True  # (if settling fails, the channel closes: all goes back anyway)
+            # the history's first (lower delivery tags), so that the ack takes the rest
             if taken:
                 await _on_channel(
                     raw, raw.basic_nack(taken[-1].delivery_tag, multiple=True, requeue=True)
                 )
+            if received:
+                last = max(m.delivery_tag or 0 for m in received)
+                await _on_channel(raw, raw.basic_ack(last, multiple=True))
+        finally:
+            if not settled and (taken or received):
+                last = max(m.delivery_tag or 0 for m in taken + received)
+                await _on_channel(raw, raw.basic_nack(last, multiple=True, requeue=True))
+
+    async def _take_up_to_marker(
+        self, raw: Any, queue: str, received: list[DeliveredMessage]
+    ) -> DeliveredMessage | None:
+        """Put a marker at the back of ``queue`` (see :meth:`_replay_history`) and take,
+        unacked, what ``queue`` holds up to it, appended to ``received`` as it comes, the
+        marker too (returned). Through a consumer of its own, since a quorum queue with a
+        single active consumer refuses basic.get; what that consumer received after the
+        marker, before its cancel took effect, is in ``received`` too. None if the marker
+        did not come (another consumer of ``queue`` took it) within half of
+        ``connect_timeout``."""
+        token = uuid.uuid4().hex
+        marker: DeliveredMessage | None = None
+        seen = asyncio.Event()
+
+        async def on_message(m: DeliveredMessage) -> None:
+            nonlocal marker
+            received.append(m)
+            headers = m.header.properties.headers or {}
+            if m.exchange == "" and _text(headers.get(FILLER_HEADER, "")) == token:
+                marker = m
+                seen.set()
+
+        await raw.basic_qos(prefetch_count=0)  # for this consumer: no limit
+        consumer = await raw.basic_consume(queue, on_message)
+        try:
+            props = Basic.Properties(
+                message_id=f"msdata-filler:{token}", headers={FILLER_HEADER: token}
+            )
+            result = await _on_channel(
+                raw, raw.basic_publish(b"", exchange="", routing_key=queue, properties=props)
+            )
+            _confirmed([result], f"marking the dead letters that reached {queue!r}")
+            _progressed()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(seen.wait(), self.connect_timeout / 2)
+        finally:
+            await _on_channel(raw, raw.basic_cancel(consumer.consumer_tag))
+            # the deliveries that came before the cancel's answer were handed to on_message
+            # (a task each, started before this resumes); let them run
+            await asyncio.sleep(0)
+        _progressed()
+        return marker
 
     async def _adopt_unrouted(self, raw: Any, topic: str) -> None:
         """Route again, through the topic's exchange, what its holding queue has: what was
