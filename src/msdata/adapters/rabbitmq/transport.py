@@ -2055,8 +2055,9 @@ class RabbitMQTransport:
         if ordered:
             arguments["x-single-active-consumer"] = True
         replay = is_dead_letter_topic(topic) and not await self._queue_exists(queue)
-        await raw.queue_declare(queue, durable=True, arguments=arguments)
-        self._queues.add(queue)
+        # the group's side queue first: if it exists with other arguments (a dead-letter
+        # reader an older version declared quorum), the group's queue is not created yet, so
+        # the declaration after the side queue was deleted still copies the history into it
         if ordered:
             given_back = _given_back_name(queue)
             await raw.queue_declare(
@@ -2067,6 +2068,8 @@ class RabbitMQTransport:
             ready = _ready_queue_name(queue)
             await raw.queue_declare(ready, durable=True, arguments={"x-queue-type": queue_type})
             self._queues.add(ready)
+        await raw.queue_declare(queue, durable=True, arguments=arguments)
+        self._queues.add(queue)
         await raw.queue_bind(queue, exchange, routing_key="")
         if replay:
             await self._replay_history(raw, exchange, queue)
