@@ -1194,25 +1194,30 @@ class TransportConformance:
         """Dead letters keep arriving (a consumer dead-letters a stream of messages) while
         new groups are declared on the dead-letter topic: the dead-letter reader
         (``msdata-dlq``, what ``msdata dlq list`` and
-        :func:`msdata.service.read_dead_letters` declare) and another one. Each then receives
+        :func:`msdata.service.read_dead_letters` declare) and others. Each then receives
         every dead letter exactly once, those that arrived before, during and after its
         declaration alike; so does a group declared before the first one, which sees nothing
         else, and each group's lag comes back to 0 once it read them all. (RabbitMQ copied
         the topic's history into a new group's queue after binding it, so a letter arriving
-        in between reached that group twice, and ``msdata dlq replay`` replayed it twice.)"""
+        in between reached that group twice, and ``msdata dlq replay`` replayed it twice; and
+        it copied as many letters as the history counted, which, right after the previous
+        group's declaration handed the history back, was not yet all of them.)"""
         topic, group = self.unique("topic"), self.unique("group")
         dlq_topic = dead_letter_topic(topic, group)
-        earlier, late = self.unique("earlier"), self.unique("late")
+        earlier = self.unique("earlier")
+        # several: a declaration's window is short, and each is a chance to fall into it
+        declared = ["msdata-dlq", *(self.unique("late") for _ in range(3))]
         sent: list[str] = []
         dead = 0
+        most = 1000  # messages sent at most (the declarations copy a growing history)
         async with self.make_transport() as t:
             await t.declare_group(dlq_topic, earlier)
             async with t.subscribe(topic, group, prefetch=50) as sub:
                 stop = asyncio.Event()
 
                 async def produce() -> None:
-                    while not stop.is_set():
-                        batch = make_messages(5)
+                    while not stop.is_set() and len(sent) < most:
+                        batch = make_messages(10)
                         await t.publish(topic, batch)
                         sent.extend(m.id for m in batch)
                         await asyncio.sleep(0.005)
@@ -1220,14 +1225,20 @@ class TransportConformance:
                 async def dead_letter_all() -> None:
                     nonlocal dead
                     while True:
-                        for d in await sub.receive(50, timeout=0.2):
-                            await d.dead_letter("RejectMessage: while a group is declared")
-                            dead += 1
+                        got = await sub.receive(50, timeout=0.2)
+                        # at once: as many letters as may be on their way during a declaration
+                        await asyncio.gather(
+                            *(
+                                d.dead_letter("RejectMessage: while a group is declared")
+                                for d in got
+                            )
+                        )
+                        dead += len(got)
 
                 async def forty_more(when: str) -> None:
                     mark = dead
                     await eventually(
-                        lambda: dead >= mark + 40,
+                        lambda: dead >= min(mark + 40, most),
                         self.arrival_timeout,
                         what=lambda: f"{dead - mark} of 40 dead letters {when}",
                     )
@@ -1235,7 +1246,7 @@ class TransportConformance:
                 producer = asyncio.create_task(produce())
                 rejecter = asyncio.create_task(dead_letter_all())
                 try:
-                    for new in ("msdata-dlq", late):
+                    for new in declared:
                         await forty_more(f"before declaring {new}")
                         await t.declare_group(dlq_topic, new)
                     await forty_more("after the declarations")
@@ -1251,7 +1262,7 @@ class TransportConformance:
                     rejecter.cancel()
                     await asyncio.gather(producer, rejecter, return_exceptions=True)
             want = collections.Counter(sent)
-            for reader in (earlier, "msdata-dlq", late):
+            for reader in (earlier, *declared):
                 async with t.subscribe(dlq_topic, reader, prefetch=100) as s:
                     got = await collect(s, len(sent), timeout=self.arrival_timeout * 2)
                     # and whatever more comes (a duplicate), counted below
