@@ -1866,6 +1866,9 @@ class RabbitMQTransport:
         self._exchanges: set[str] = set()
         self._queues: set[str] = set()
         self._subscriptions: set[RabbitMQSubscription] = set()
+        # per dead-letter exchange: one group's copy of its history at a time (one that holds
+        # the history while copying it would hide it from another)
+        self._history_locks: dict[str, asyncio.Lock] = {}
         self._closed = False
 
     @classmethod
@@ -2072,7 +2075,8 @@ class RabbitMQTransport:
         self._queues.add(queue)
         await raw.queue_bind(queue, exchange, routing_key="")
         if replay:
-            await self._replay_history(raw, exchange, queue)
+            async with self._history_locks.setdefault(exchange, asyncio.Lock()):
+                await self._replay_history(raw, exchange, queue)
         if adopt:
             await self._adopt_unrouted(raw, topic)
 
@@ -2106,10 +2110,11 @@ class RabbitMQTransport:
         topic's exchange just now, with every dead letter the topic received before, each
         once: a dead-letter topic is read from its beginning by every group.
 
-        The topic's history queue has every dead letter; it keeps them (taken until it is
-        empty, copied, confirmed, then handed back in place; taken until empty, not as many
-        as it counts: the broker answers a count ahead of requeues it has yet to apply, such
-        as those of a group declared just before). A letter dead-lettered after the bind and
+        The topic's history queue has every dead letter; it keeps them: taken until it is
+        empty (not as many as it counts: the broker answers a count ahead of requeues it has
+        yet to apply), copied, confirmed, then handed back in place, and waited for until
+        the broker put them back (see :meth:`_hand_back_history`). A letter dead-lettered
+        after the bind and
         before the history was taken is in both, the history's copy and the one routed to
         ``queue``. So, once the history is taken, a *marker* (an empty message with
         :data:`FILLER_HEADER`, through the default exchange: in ``queue`` alone, and a
@@ -2130,7 +2135,8 @@ class RabbitMQTransport:
         whatever was taken goes back, and ``queue`` may then hold some letters twice. A
         consumer of ``queue`` started elsewhere meanwhile (the same group declared by two
         processes at once) may take letters ahead of the marker, which it then receives
-        twice."""
+        twice. The caller holds the exchange's lock: two groups copying the history at once
+        would each miss what the other holds (still so across processes)."""
         history = _history_name(exchange)
         ok = await raw.queue_declare(history, durable=True)
         left = ok.message_count
@@ -2181,9 +2187,7 @@ class RabbitMQTransport:
             settled = True  # (if settling fails, the channel closes: all goes back anyway)
             # the history's first (lower delivery tags), so that the ack takes the rest
             if taken:
-                await _on_channel(
-                    raw, raw.basic_nack(taken[-1].delivery_tag, multiple=True, requeue=True)
-                )
+                await self._hand_back_history(raw, history, taken)
             if received:
                 last = max(m.delivery_tag or 0 for m in received)
                 await _on_channel(raw, raw.basic_ack(last, multiple=True))
@@ -2191,6 +2195,28 @@ class RabbitMQTransport:
             if not settled and (taken or received):
                 last = max(m.delivery_tag or 0 for m in taken + received)
                 await _on_channel(raw, raw.basic_nack(last, multiple=True, requeue=True))
+
+    async def _hand_back_history(
+        self, raw: Any, history: str, taken: Sequence[DeliveredMessage]
+    ) -> None:
+        """Hand ``taken`` back to the history queue (a nack) and wait until the broker has
+        put them back there (given up after half of ``connect_timeout``): it answers the
+        nack at once and applies it later, and another channel's basic.get may be served
+        first, so the next group declared (on a channel of its own) found the history
+        empty and got none of it (1 run in 6 on a loaded machine). The broker puts all of
+        one nack back at once, and only arrivals add to the count otherwise: it is back
+        when the queue counts ``len(taken)`` more than before the nack."""
+        before = (await raw.queue_declare(history, passive=True)).message_count or 0
+        await _on_channel(raw, raw.basic_nack(taken[-1].delivery_tag, multiple=True, requeue=True))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout / 2
+        wait = 0.002
+        while True:
+            ok = await raw.queue_declare(history, passive=True)
+            if (ok.message_count or 0) >= before + len(taken) or loop.time() > deadline:
+                return
+            await asyncio.sleep(wait)
+            wait = min(2 * wait, 0.05)
 
     async def _take_up_to_marker(
         self, raw: Any, queue: str, received: list[DeliveredMessage]

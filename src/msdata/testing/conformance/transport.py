@@ -1194,7 +1194,8 @@ class TransportConformance:
         """Dead letters keep arriving (a consumer dead-letters a stream of messages) while
         new groups are declared on the dead-letter topic: the dead-letter reader
         (``msdata-dlq``, what ``msdata dlq list`` and
-        :func:`msdata.service.read_dead_letters` declare) and others. Each then receives
+        :func:`msdata.service.read_dead_letters` declare) and others, two at the same
+        moment. Each then receives
         every dead letter exactly once, those that arrived before, during and after its
         declaration alike; so does a group declared before the first one, which sees nothing
         else, and each group's lag comes back to 0 once it read them all. (RabbitMQ copied
@@ -1205,8 +1206,10 @@ class TransportConformance:
         topic, group = self.unique("topic"), self.unique("group")
         dlq_topic = dead_letter_topic(topic, group)
         earlier = self.unique("earlier")
-        # several: a declaration's window is short, and each is a chance to fall into it
-        declared = ["msdata-dlq", *(self.unique("late") for _ in range(3))]
+        # several: a declaration's window is short, and each is a chance to fall into it;
+        # two of them at the same moment
+        lates = [self.unique("late") for _ in range(3)]
+        declared = ["msdata-dlq", *lates]
         sent: list[str] = []
         dead = 0
         most = 1000  # messages sent at most (the declarations copy a growing history)
@@ -1246,9 +1249,9 @@ class TransportConformance:
                 producer = asyncio.create_task(produce())
                 rejecter = asyncio.create_task(dead_letter_all())
                 try:
-                    for new in declared:
-                        await forty_more(f"before declaring {new}")
-                        await t.declare_group(dlq_topic, new)
+                    for news in (["msdata-dlq"], lates[:2], lates[2:]):
+                        await forty_more(f"before declaring {news}")
+                        await asyncio.gather(*(t.declare_group(dlq_topic, n) for n in news))
                     await forty_more("after the declarations")
                     stop.set()
                     await producer
