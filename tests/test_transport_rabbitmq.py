@@ -437,6 +437,69 @@ async def test_dead_letters_read_alike_in_every_mode(mode: str, first: str) -> N
         service._exchanges -= bare._exchanges
 
 
+@pytest.mark.parametrize("mode", ["quorum", "ordered"])
+async def test_a_reader_queue_an_older_version_declared_in_another_mode_is_deleted_once(
+    mode: str,
+) -> None:
+    """The upgrade step of docs/transports.md: a dead-letter reader queue that an older
+    version declared through a quorum transport (with a quorum retry queue beside it) or an
+    ordered one (single active consumer) makes every reader fail with ConfigurationError
+    naming the argument; once the old queues are deleted, in either order, the next reader
+    recreates its queue from the history and lists the dead letter. A reader that failed
+    in between (only the queue deleted, not yet its quorum retry queue) must not have
+    created the queue empty: the history would then never be copied into it (it was
+    declared before its retry queue, and the next reader listed nothing)."""
+    options: dict[str, Any] = (
+        {"queue_type": "quorum"} if mode == "quorum" else {"ordered_per_key": True}
+    )
+    namespace = f"t{uuid.uuid4().hex[:10]}"
+    topic, group = unique("topic"), unique("group")
+    queue = group_queue_name(f"{namespace}:{dead_letter_topic(topic, group)}", "msdata-dlq")
+    if mode == "quorum":
+        old = {queue: {"x-queue-type": "quorum"}, f"{queue}:retry": {"x-queue-type": "quorum"}}
+    else:
+        old = {
+            queue: {"x-queue-type": "classic", "x-single-active-consumer": True},
+            f"{queue}:given-back": {"x-queue-type": "classic"},
+        }
+    differs = "x-queue-type differs" if mode == "quorum" else "x-single-active-consumer differs"
+    conn = await aio_pika.connect(require("rabbitmq"))
+    try:
+        async with (
+            rabbitmq_transport(namespace=namespace, **options) as service,
+            rabbitmq_transport(namespace=namespace) as bare,
+        ):
+            (sent,) = make_messages(1)
+            await service.declare_group(topic, group)
+            await service.publish(topic, [sent])
+            async with service.subscribe(topic, group) as sub:
+                (d,) = await sub.receive(timeout=5)
+                await d.dead_letter("bad")
+            channel = await conn.channel()
+            for name, arguments in old.items():
+                await channel.declare_queue(name, durable=True, arguments=arguments)
+            for reader in (bare, service):
+                with pytest.raises(ConfigurationError, match=differs):
+                    await read_dead_letters(reader, [(topic, group)])
+            await channel.queue_delete(queue)
+            if mode == "quorum":
+                # its quorum retry queue is still there: the reader fails again, and leaves
+                # no queue behind
+                with pytest.raises(ConfigurationError, match=differs):
+                    await read_dead_letters(bare, [(topic, group)])
+                await channel.queue_delete(f"{queue}:retry")
+            for reader in (bare, service):
+                got = await read_dead_letters(reader, [(topic, group)])
+                assert [(i.id, i.reason) for i in got] == [(sent.id, "bad")]
+            for name in set(old) - bare.declared[1]:  # the given-back queue no one uses
+                await channel.queue_delete(name)
+            # both declared the reader's queues: the one that leaves last deletes them
+            service._queues -= bare._queues
+            service._exchanges -= bare._exchanges
+    finally:
+        await conn.close()
+
+
 def test_a_mismatch_names_the_queue_argument_that_differs() -> None:
     error = Exception(
         "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'a:b' in vhost '/':"

@@ -21,8 +21,10 @@ Topology, all durable and declared by the adapter:
 - for each group, its dead-letter topic :func:`~msdata.transport.dead_letter_topic` (an
   exchange like any topic), with a *history queue* ``<dead-letter topic>:history`` bound to
   it that keeps every dead letter: a group declared on a dead-letter topic gets a copy of
-  that history first, so it reads the topic from its beginning however late it comes (the
-  history is never consumed; purge or delete it to forget old dead letters);
+  that history first, so it reads the topic from its beginning however late it comes, each
+  letter once, also one dead-lettered while the group is declared (see
+  :meth:`RabbitMQTransport._replay_history`; the history is never consumed; purge or delete
+  it to forget old dead letters);
 - for each group in ordered mode, a *given-back queue* ``<topic>:<group>:given-back``: a
   closing subscription records there the attempt of each delivery it hands back to the
   broker (see "Attempts");
@@ -135,7 +137,7 @@ import logging
 import re
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from types import MappingProxyType
@@ -515,6 +517,18 @@ def _as_published(raw: DeliveredMessage) -> Basic.Properties:
     if props.headers and (PRIOR_ATTEMPTS_HEADER in props.headers):
         props.headers = {k: v for k, v in props.headers.items() if k != PRIOR_ATTEMPTS_HEADER}
     return props
+
+
+def _letter_key(raw: DeliveredMessage) -> tuple[object, ...]:
+    """What tells two copies of one dead letter from two letters: its message id, body and
+    headers (without the broker's bookkeeping)."""
+    props = raw.header.properties
+    headers = props.headers or {}
+    return (
+        props.message_id,
+        raw.body,
+        tuple(sorted((k, repr(v)) for k, v in headers.items() if k not in _BROKER_HEADERS)),
+    )
 
 
 def _copy_properties(props: Basic.Properties, original: Basic.Properties) -> None:
@@ -1985,6 +1999,9 @@ class RabbitMQTransport:
         self._subscriptions: set[RabbitMQSubscription] = set()
         # group queue -> its latest settlements (see RabbitMQSubscription._settled_before)
         self._settlements: dict[str, _Settlements] = {}
+        # per dead-letter exchange: one group's copy of its history at a time (one that holds
+        # the history while copying it would hide it from another)
+        self._history_locks: dict[str, asyncio.Lock] = {}
         self._closed = False
 
     @classmethod
@@ -2189,8 +2206,9 @@ class RabbitMQTransport:
         if ordered:
             arguments["x-single-active-consumer"] = True
         replay = is_dead_letter_topic(topic) and not await self._queue_exists(queue)
-        await raw.queue_declare(queue, durable=True, arguments=arguments)
-        self._queues.add(queue)
+        # the group's side queue first: if it exists with other arguments (a dead-letter
+        # reader an older version declared quorum), the group's queue is not created yet, so
+        # the declaration after the side queue was deleted still copies the history into it
         if ordered:
             given_back = _given_back_name(queue)
             await raw.queue_declare(
@@ -2201,9 +2219,12 @@ class RabbitMQTransport:
             ready = _ready_queue_name(queue)
             await raw.queue_declare(ready, durable=True, arguments={"x-queue-type": queue_type})
             self._queues.add(ready)
+        await raw.queue_declare(queue, durable=True, arguments=arguments)
+        self._queues.add(queue)
         await raw.queue_bind(queue, exchange, routing_key="")
         if replay:
-            await self._replay_history(raw, exchange, queue)
+            async with self._history_locks.setdefault(exchange, asyncio.Lock()):
+                await self._replay_history(raw, exchange, queue)
         if adopt:
             await self._adopt_unrouted(raw, topic)
 
@@ -2233,22 +2254,70 @@ class RabbitMQTransport:
             await _close_within(channel, self.connect_timeout, queue)
 
     async def _replay_history(self, raw: Any, exchange: str, queue: str) -> None:
-        """Copy what a dead-letter topic received so far (its history queue) into ``queue``,
-        a group declared on it just now: a dead-letter topic is read from its beginning by
-        every group. The history keeps its messages (taken, copied, confirmed, then handed
-        back). A dead letter arriving meanwhile may reach the group twice."""
+        """Fill ``queue``, a group's queue on a dead-letter topic declared and bound to the
+        topic's exchange just now, with every dead letter the topic received before, each
+        once: a dead-letter topic is read from its beginning by every group.
+
+        The topic's history queue has every dead letter; it keeps them: taken until it is
+        empty (not as many as it counts: the broker answers a count ahead of requeues it has
+        yet to apply), copied, confirmed, then handed back in place, and waited for until
+        the broker put them back (see :meth:`_hand_back_history`). A letter dead-lettered
+        after the bind and
+        before the history was taken is in both, the history's copy and the one routed to
+        ``queue``. So, once the history is taken, a *marker* (an empty message with
+        :data:`FILLER_HEADER`, through the default exchange: in ``queue`` alone, and a
+        filler to any consumer, acked and never handed out) is put at the back of
+        ``queue``, and what ``queue`` holds ahead of it is taken too: every letter routed
+        there up to then, including each taken from the history that came live (the broker
+        routed it to ``queue`` as it did to the history, before the marker was even
+        published). ``queue`` then gets copies of the history's letters and of those taken
+        from ``queue`` that the history did not have (matched by message id, body and
+        headers, counted: a letter dead-lettered twice is there twice), and what was taken
+        from ``queue`` is acked with the marker: copied rather than handed back, since a
+        message handed back is flagged as redelivered, which counts as an attempt. A letter
+        behind the marker came after the history was taken: it stays as it came (or, if the
+        marker's consumer received it before its cancel took effect, it is copied like those
+        ahead of the marker, unless the history had it).
+
+        The driver's errors pass through (the caller makes them TransportError); on one,
+        whatever was taken goes back, and ``queue`` may then hold some letters twice. A
+        consumer of ``queue`` started elsewhere meanwhile (the same group declared by two
+        processes at once) may take letters ahead of the marker, which it then receives
+        twice. The caller holds the exchange's lock: two groups copying the history at once
+        would each miss what the other holds (still so across processes)."""
         history = _history_name(exchange)
         ok = await raw.queue_declare(history, durable=True)
         left = ok.message_count
         taken: list[DeliveredMessage] = []
+        # what queue held, taken through the marker, and what came after it until the
+        # consumer was cancelled (all later delivery tags than the history's)
+        received: list[DeliveredMessage] = []
+        settled = False
         try:
-            while len(taken) < left:
+            # until it is empty, not only as many as it counted: the broker answers a count
+            # ahead of the requeues it has yet to apply, and a group declared just before
+            # handed the history back so (the fourth of four groups declared in a row while
+            # letters arrived got 515 of 1500); but not for ever, if letters keep coming
+            # faster than they are taken
+            while len(taken) < 2 * left + 1000:
                 got = await raw.basic_get(history)
                 if not isinstance(got.delivery, Basic.GetOk):
                     break
                 taken.append(got)
-            for start in range(0, len(taken), 100):
-                batch = taken[start : start + 100]
+            _progressed()
+            marker = await self._take_up_to_marker(raw, queue, received)
+            known = Counter(_letter_key(m) for m in taken)
+            copies = list(taken)
+            for m in received:
+                if m is marker:
+                    continue
+                key = _letter_key(m)
+                if known[key] > 0:
+                    known[key] -= 1
+                else:
+                    copies.append(m)
+            for start in range(0, len(copies), 100):
+                batch = copies[start : start + 100]
                 results = await asyncio.gather(
                     *[
                         _on_channel(
@@ -2263,11 +2332,82 @@ class RabbitMQTransport:
                 )
                 _confirmed(results, f"copying the dead letters of {exchange!r} to {queue!r}")
                 _progressed()
-        finally:
+            settled = True  # (if settling fails, the channel closes: all goes back anyway)
+            # the history's first (lower delivery tags), so that the ack takes the rest
             if taken:
-                await _on_channel(
-                    raw, raw.basic_nack(taken[-1].delivery_tag, multiple=True, requeue=True)
-                )
+                await self._hand_back_history(raw, history, taken)
+            if received:
+                last = max(m.delivery_tag or 0 for m in received)
+                await _on_channel(raw, raw.basic_ack(last, multiple=True))
+        finally:
+            if not settled and (taken or received):
+                last = max(m.delivery_tag or 0 for m in taken + received)
+                await _on_channel(raw, raw.basic_nack(last, multiple=True, requeue=True))
+
+    async def _hand_back_history(
+        self, raw: Any, history: str, taken: Sequence[DeliveredMessage]
+    ) -> None:
+        """Hand ``taken`` back to the history queue (a nack) and wait until the broker has
+        put them back there (given up after half of ``connect_timeout``): it answers the
+        nack at once and applies it later, and another channel's basic.get may be served
+        first, so the next group declared (on a channel of its own) found the history
+        empty and got none of it (1 run in 6 on a loaded machine). The broker puts all of
+        one nack back at once, and only arrivals add to the count otherwise: it is back
+        when the queue counts ``len(taken)`` more than before the nack."""
+        before = (await raw.queue_declare(history, passive=True)).message_count or 0
+        await _on_channel(raw, raw.basic_nack(taken[-1].delivery_tag, multiple=True, requeue=True))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout / 2
+        wait = 0.002
+        while True:
+            ok = await raw.queue_declare(history, passive=True)
+            if (ok.message_count or 0) >= before + len(taken) or loop.time() > deadline:
+                return
+            await asyncio.sleep(wait)
+            wait = min(2 * wait, 0.05)
+
+    async def _take_up_to_marker(
+        self, raw: Any, queue: str, received: list[DeliveredMessage]
+    ) -> DeliveredMessage | None:
+        """Put a marker at the back of ``queue`` (see :meth:`_replay_history`) and take,
+        unacked, what ``queue`` holds up to it, appended to ``received`` as it comes, the
+        marker too (returned). Through a consumer of its own, since a quorum queue with a
+        single active consumer refuses basic.get; what that consumer received after the
+        marker, before its cancel took effect, is in ``received`` too. None if the marker
+        did not come (another consumer of ``queue`` took it) within half of
+        ``connect_timeout``."""
+        token = uuid.uuid4().hex
+        marker: DeliveredMessage | None = None
+        seen = asyncio.Event()
+
+        async def on_message(m: DeliveredMessage) -> None:
+            nonlocal marker
+            received.append(m)
+            headers = m.header.properties.headers or {}
+            if m.exchange == "" and _text(headers.get(FILLER_HEADER, "")) == token:
+                marker = m
+                seen.set()
+
+        await raw.basic_qos(prefetch_count=0)  # for this consumer: no limit
+        consumer = await raw.basic_consume(queue, on_message)
+        try:
+            props = Basic.Properties(
+                message_id=f"msdata-filler:{token}", headers={FILLER_HEADER: token}
+            )
+            result = await _on_channel(
+                raw, raw.basic_publish(b"", exchange="", routing_key=queue, properties=props)
+            )
+            _confirmed([result], f"marking the dead letters that reached {queue!r}")
+            _progressed()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(seen.wait(), self.connect_timeout / 2)
+        finally:
+            await _on_channel(raw, raw.basic_cancel(consumer.consumer_tag))
+            # the deliveries that came before the cancel's answer were handed to on_message
+            # (a task each, started before this resumes); let them run
+            await asyncio.sleep(0)
+        _progressed()
+        return marker
 
     async def _adopt_unrouted(self, raw: Any, topic: str) -> None:
         """Route again, through the topic's exchange, what its holding queue has: what was

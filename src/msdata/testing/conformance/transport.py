@@ -19,6 +19,7 @@ Needs pytest and pytest-asyncio (``asyncio_mode = "auto"``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -1251,6 +1252,104 @@ class TransportConformance:
             for _ in range(2):
                 infos = await read_dead_letters(t, [(topic, group)], limit=1000)
                 assert sorted(i.id for i in infos) == want
+
+    async def test_groups_declared_while_dead_letters_arrive_get_each_exactly_once(
+        self,
+    ) -> None:
+        """Dead letters keep arriving (a consumer dead-letters a stream of messages) while
+        new groups are declared on the dead-letter topic: the dead-letter reader
+        (``msdata-dlq``, what ``msdata dlq list`` and
+        :func:`msdata.service.read_dead_letters` declare) and others, two at the same
+        moment. Each then receives
+        every dead letter exactly once, those that arrived before, during and after its
+        declaration alike; so does a group declared before the first one, which sees nothing
+        else, and each group's lag comes back to 0 once it read them all. (RabbitMQ copied
+        the topic's history into a new group's queue after binding it, so a letter arriving
+        in between reached that group twice, and ``msdata dlq replay`` replayed it twice; and
+        it copied as many letters as the history counted, which, right after the previous
+        group's declaration handed the history back, was not yet all of them.)"""
+        topic, group = self.unique("topic"), self.unique("group")
+        dlq_topic = dead_letter_topic(topic, group)
+        earlier = self.unique("earlier")
+        # several: a declaration's window is short, and each is a chance to fall into it;
+        # two of them at the same moment
+        lates = [self.unique("late") for _ in range(3)]
+        declared = ["msdata-dlq", *lates]
+        sent: list[str] = []
+        dead = 0
+        most = 1000  # messages sent at most (the declarations copy a growing history)
+        async with self.make_transport() as t:
+            await t.declare_group(dlq_topic, earlier)
+            async with t.subscribe(topic, group, prefetch=50) as sub:
+                stop = asyncio.Event()
+
+                async def produce() -> None:
+                    while not stop.is_set() and len(sent) < most:
+                        batch = make_messages(10)
+                        await t.publish(topic, batch)
+                        sent.extend(m.id for m in batch)
+                        await asyncio.sleep(0.005)
+
+                async def dead_letter_all() -> None:
+                    nonlocal dead
+                    while True:
+                        got = await sub.receive(50, timeout=0.2)
+                        # at once: as many letters as may be on their way during a declaration
+                        await asyncio.gather(
+                            *(
+                                d.dead_letter("RejectMessage: while a group is declared")
+                                for d in got
+                            )
+                        )
+                        dead += len(got)
+
+                async def forty_more(when: str) -> None:
+                    mark = dead
+                    await eventually(
+                        lambda: dead >= min(mark + 40, most),
+                        self.arrival_timeout,
+                        what=lambda: f"{dead - mark} of 40 dead letters {when}",
+                    )
+
+                producer = asyncio.create_task(produce())
+                rejecter = asyncio.create_task(dead_letter_all())
+                try:
+                    for news in (["msdata-dlq"], lates[:2], lates[2:]):
+                        await forty_more(f"before declaring {news}")
+                        await asyncio.gather(*(t.declare_group(dlq_topic, n) for n in news))
+                    await forty_more("after the declarations")
+                    stop.set()
+                    await producer
+                    await eventually(
+                        lambda: dead == len(sent),
+                        self.arrival_timeout * 2,
+                        what=lambda: f"{dead} of {len(sent)} dead-lettered",
+                    )
+                finally:
+                    stop.set()
+                    rejecter.cancel()
+                    await asyncio.gather(producer, rejecter, return_exceptions=True)
+            want = collections.Counter(sent)
+            for reader in (earlier, *declared):
+                async with t.subscribe(dlq_topic, reader, prefetch=100) as s:
+                    got = await collect(s, len(sent), timeout=self.arrival_timeout * 2)
+                    # and whatever more comes (a duplicate), counted below
+                    got += await collect(s, len(sent), timeout=self.quiet_period)
+                ids = collections.Counter(d.message.id for d in got)
+                twice = sorted(i for i, c in ids.items() if c > 1)
+                missing = sorted(want - ids)
+                assert (twice, missing) == ([], []), (
+                    f"{reader}: {len(twice)} dead letters received more than once, "
+                    f"{len(missing)} missing, of {len(sent)}"
+                )
+                assert ids == want, reader
+
+                async def read_all(reader: str = reader) -> bool:
+                    return await t.lag(dlq_topic, reader) == 0
+
+                await eventually(
+                    read_all, self.arrival_timeout, what=f"the lag of {reader} back to 0"
+                )
 
     async def test_a_dead_letter_over_the_readers_size_limit_is_listed_and_stays(self) -> None:
         """A dead letter larger than the reader's ``max_message_bytes`` (dead-lettered by a
