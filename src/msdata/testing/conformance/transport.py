@@ -727,6 +727,66 @@ class TransportConformance:
             async with t.subscribe(dead_letter_topic(topic, group), self.unique("ops")) as dlq:
                 await self.assert_quiet(dlq)
 
+    async def test_a_receive_in_flight_when_its_transport_closes_hands_out_nothing(
+        self,
+    ) -> None:
+        """Closing the transport closes its subscriptions: a ``receive()`` still waiting
+        then returns an empty list, as when its own subscription closes, even if messages
+        arrive as the transport closes. Where the broker outlives the transport
+        (``features.networked``), they are published by another transport of the same
+        namespace as this one closes, and are all there afterwards for that other
+        transport's consumer, every one as attempt 1, nothing dead-lettered; in process,
+        they are published on the closing transport just before its close. (The memory
+        transport's waiting receive woke on the close and handed out what had just been
+        published.)"""
+        n, max_attempts = 4, 2
+        namespace = self.unique("ns")
+        in_flight = 0
+        late: list[tuple[float, int]] = []
+        async with self.make_transport_in(namespace) as keeper:
+            networked = keeper.features.networked
+            wait = keeper.features.redelivery_timeout + self.arrival_timeout
+            for delay in [0.0, 0.0, 0.001, 0.003, 0.01, 0.03]:
+                # a topic per round: the closing transport's cleanup may delete its topic
+                topic, group = self.unique("topic"), self.unique("group")
+                msgs = make_messages(n)
+                async with self.make_transport_in(namespace) as t:
+                    await t.declare_group(topic, group)
+                    s = t.subscribe(topic, group, max_attempts=max_attempts, prefetch=n)
+                    await s.__aenter__()
+                    receiving = asyncio.ensure_future(s.receive(n, timeout=2.0))
+                    await asyncio.sleep(delay)
+                    publishing: asyncio.Future[None] | None = None
+                    if networked:  # they arrive as it closes
+                        publishing = asyncio.ensure_future(keeper.publish(topic, msgs))
+                    else:
+                        await t.publish(topic, msgs)
+                    if receiving.done():  # it returned before the close: not in flight
+                        for d in receiving.result():
+                            await d.release()
+                    else:
+                        in_flight += 1
+                    await t.close()
+                    handed = await asyncio.wait_for(receiving, 10.0)
+                    if publishing is not None:
+                        await publishing
+                    late.extend((delay, len(handed)) for _ in handed[:1])
+                    await s.__aexit__(None, None, None)  # closed with its transport already
+                    if not networked:
+                        continue  # an in-process transport keeps nothing once closed
+                    # before the closing transport's cleanup
+                    sub = keeper.subscribe(topic, group, max_attempts=max_attempts, prefetch=n)
+                    async with sub as last:
+                        got = await collect(last, n, timeout=wait)
+                        await self.assert_quiet(last)
+                    back = sorted((d.message.id, d.attempt) for d in got)
+                    assert back == sorted((m.id, 1) for m in msgs), f"came back: {back}"
+                    dlq = keeper.subscribe(dead_letter_topic(topic, group), self.unique("ops"))
+                    async with dlq as ops:
+                        await self.assert_quiet(ops)
+        assert in_flight > 0, "no receive was in flight when its transport closed"
+        assert late == [], f"(delay, deliveries) handed out after the transport closed: {late}"
+
     async def test_several_consumers_of_a_group_closing_at_once_count_nothing(self) -> None:
         """Three consumers of one group (three instances of a service) receive, ack every
         other delivery and give the rest back (``release()``), until all three stop at the
