@@ -1516,6 +1516,10 @@ class TransportConformance:
 
     # -- a silent server: accepts connections and never answers ------------------------------
 
+    #: whether the silent-server case also checks that ``close()`` returns after a publish
+    #: filled the connection's buffers (False only for a transport known to hang there)
+    close_returns_with_a_full_buffer: bool = True
+
     def broker_address(self) -> tuple[str, int]:
         """Where the broker of :meth:`make_transport` listens, (host, port). Needed, with
         :meth:`make_transport_at`, by the case of a server that goes silent; else skipped."""
@@ -1629,9 +1633,34 @@ class TransportConformance:
                             mine.append(d)
                 assert mine, "the subscription received nothing once the server spoke again"
                 assert mine[0].attempt == 1, f"delivered as attempt {mine[0].attempt}"
+                if self.close_returns_with_a_full_buffer:
+                    await self._close_returns_on_a_silent_server(t, server, topic, timeout)
         for error in errors:
             text = str(error)
             assert f"{server.host}:{server.port}" in text, f"the address is not named: {text}"
+
+    async def _close_returns_on_a_silent_server(
+        self, t: Transport, server: _SilentServer, topic: str, timeout: float
+    ) -> None:
+        """The server goes silent again, after a publish wrote more than the connection's
+        buffers hold (it fails within its timeout): ``close()``, with a subscription still
+        open, returns all the same. (nats-py's close waits for its buffer to be written,
+        for ever: NATS's close did.)"""
+        server.go_silent()
+        big = [TransportMessage(str(uuid.uuid4()), b"x" * 500_000) for _ in range(40)]
+        cap = timeout + 6.0
+        publishing = asyncio.ensure_future(t.publish(topic, big))
+        await asyncio.wait((publishing,), timeout=cap)
+        if not publishing.done():
+            pytest.fail(f"a publish was still waiting for the silent server after {cap}s")
+        with pytest.raises(TransportError):
+            publishing.result()
+        bound = 4 * timeout + 20  # the closes' own timeouts, and room to spare
+        closing = asyncio.ensure_future(t.close())
+        await asyncio.wait((closing,), timeout=bound)
+        if not closing.done():
+            pytest.fail(f"close() was still waiting for the silent server after {bound}s")
+        closing.result()
 
     # -- misuse -----------------------------------------------------------------------------
 
