@@ -602,6 +602,10 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
 
     async def ack(self) -> None:
         if self._settle():
+            acked = self._sub._acked
+            acked[self._seq] = None
+            if len(acked) > _NACKS_REMEMBERED:
+                acked.popitem(last=False)
             await self._reply(b"")
             if self._recorded:
                 await self._forget()
@@ -748,6 +752,11 @@ class NatsSubscription(ClosesOnExit):
         # a floor otherwise: JetStream (2.9) sometimes redelivers a delayed nack with its
         # delivered count reset to 1
         self._floor: OrderedDict[int, tuple[int, int, bool]] = OrderedDict()
+        # stream sequences this subscription acked, the latest _NACKS_REMEMBERED: an ack is
+        # not confirmed, and one lost with a connection (a server gone silent) makes
+        # JetStream deliver the message again; such a redelivery is acked again, not handed
+        # out (JetStream never redelivers a message whose ack it has)
+        self._acked: OrderedDict[int, None] = OrderedDict()
         # the release records of this topic: their stream, and the subject prefix of a record
         self._records = ""
         self._record_prefix = ""
@@ -897,6 +906,14 @@ class NatsSubscription(ClosesOnExit):
             )
             if self._ended is not None and not any(self._outstanding):
                 self._ended.set()
+        if self._acked:
+            fields = _ack_fields(reply)
+            if fields is not None and fields[2] in self._acked:
+                # acked before, the ack lost on the way (a connection that went silent or
+                # dropped): ack it again; it was handed out and settled, not a new attempt
+                with contextlib.suppress(nats.errors.Error):
+                    await self._nc.publish(reply, b"")  # type: ignore[union-attr]
+                return
         if self._closed:
             with contextlib.suppress(nats.errors.Error):
                 await self._nc.publish(reply, _NAK)  # type: ignore[union-attr]
