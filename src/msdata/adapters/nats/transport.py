@@ -55,9 +55,12 @@ Publishing
     their values' outer whitespace; a dead-letter reason is folded onto one line).
 
 Settling
-    ``ack`` is an (unconfirmed) ``+ACK``, ``nack(delay)`` is ``-NAK`` with the delay
-    (JetStream redelivers it no sooner, so ``native_delay=True``), and ``attempt`` is
-    JetStream's ``num_delivered`` less the deliveries given back (see "Release records").
+    ``ack`` is an (unconfirmed) ``+ACK``; one lost on the way (a connection that dropped or
+    went silent) makes JetStream deliver the message again, and a subscription that acked it
+    (its latest 10,000 acks) acks that redelivery again instead of handing it out.
+    ``nack(delay)`` is ``-NAK`` with the delay (JetStream redelivers it no sooner, so
+    ``native_delay=True``), and ``attempt`` is JetStream's ``num_delivered`` less the
+    deliveries given back (see "Release records").
     ``max_attempts`` is enforced here, not by the consumer's ``max_deliver`` (which is left
     unlimited): at ``max_deliver`` JetStream only stops delivering and leaves the message
     parked, where no one sees it. Instead, the ``max_attempts``-th ``nack`` publishes the
@@ -706,8 +709,8 @@ class NatsSubscription(ClosesOnExit):
     0.5 s on the server (a longer wait opens new ones), and ``close`` lets the open ones end
     before it gives back what it holds (waiting up to 1 s when the server's word that one
     ended does not come): a request left open on a dead inbox would make the server
-    deliver into it. What it gives back uncounted (``release()``, and on close what it received and
-    never handed out) leaves a release record first (see the module docstring, "Release
+    deliver into it. What it gives back uncounted (``release()``, and on close what it
+    received and never handed out) leaves a release record first (see the module docstring, "Release
     records"); a redelivery's attempt is counted from its record.
 
     Memory is bounded in bytes too: what it holds (received and not settled) plus what its
