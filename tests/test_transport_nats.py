@@ -113,8 +113,6 @@ async def nats_transport_at(
 class _Unreachable(TransportConformance):
     #: the constructor options of the class's transports
     options: dict[str, object] = {}
-    #: an ack lost with the connection: the message comes back after ack_wait
-    acked_in_a_silence_may_come_back = True
 
     def make_unreachable_transport(  # type: ignore[override]
         self, host: str, port: int, timeout: float

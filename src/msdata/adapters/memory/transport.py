@@ -236,12 +236,14 @@ class MemorySubscription(ClosesOnExit):
         if self._transport._closed:
             raise TransportClosed("subscribe() on a closed transport")
         self._group = self._transport._declare(self.topic, self.group)
+        self._transport._subscriptions.add(self)
         return self
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._transport._subscriptions.discard(self)
         # oldest first, so each key's entries go back in order (appendleft reverses)
         for delivery in reversed(list(self._inflight.values())):
             delivery._release()
@@ -280,8 +282,8 @@ class MemorySubscription(ClosesOnExit):
                     await waiter.wait()
             except TimeoutError:
                 return []
-            if self._closed:
-                return []
+            if self._closed or self._transport._closed:
+                return []  # closed while it waited (its transport too): hand out nothing
         out = [MemoryDelivery(self, e) for e in entries]
         inflight = self._inflight
         for d in out:
@@ -347,6 +349,8 @@ class MemoryTransport:
         # max_unclaimed each, the oldest dropped first)
         self._history: dict[str, deque[TransportMessage]] = {}
         self._closed = False
+        # the subscriptions entered and not closed: closing the transport closes them
+        self._subscriptions: set[MemorySubscription] = set()
 
     @classmethod
     def from_url(cls, url: str = "memory://", **options: Any) -> MemoryTransport:
@@ -430,7 +434,11 @@ class MemoryTransport:
         return MemorySubscription(self, topic, group, max_attempts, prefetch)
 
     async def close(self) -> None:
+        """Close every open subscription (a ``receive()`` waiting in one returns ``[]``,
+        what they hold goes back), then the transport; nothing survives it."""
         self._closed = True
+        for sub in list(self._subscriptions):
+            await sub.close()
         for groups in self._topics.values():
             for g in groups.values():
                 g.signal.set()

@@ -55,9 +55,12 @@ Publishing
     their values' outer whitespace; a dead-letter reason is folded onto one line).
 
 Settling
-    ``ack`` is an (unconfirmed) ``+ACK``, ``nack(delay)`` is ``-NAK`` with the delay
-    (JetStream redelivers it no sooner, so ``native_delay=True``), and ``attempt`` is
-    JetStream's ``num_delivered`` less the deliveries given back (see "Release records").
+    ``ack`` is an (unconfirmed) ``+ACK``; one lost on the way (a connection that dropped or
+    went silent) makes JetStream deliver the message again, and a subscription that acked it
+    (its latest 10,000 acks) acks that redelivery again instead of handing it out.
+    ``nack(delay)`` is ``-NAK`` with the delay (JetStream redelivers it no sooner, so
+    ``native_delay=True``), and ``attempt`` is JetStream's ``num_delivered`` less the
+    deliveries given back (see "Release records").
     ``max_attempts`` is enforced here, not by the consumer's ``max_deliver`` (which is left
     unlimited): at ``max_deliver`` JetStream only stops delivering and leaves the message
     parked, where no one sees it. Instead, the ``max_attempts``-th ``nack`` publishes the
@@ -269,8 +272,13 @@ _CONSUMER_EXISTS = {10013, 10148}
 _PARTITION_TOKEN = "_k"
 _PARTITIONS = re.compile(r"key partitions (\d+)$")
 # longest a pull request lives on the server, in seconds: a subscription waiting longer
-# opens another, and close() waits at most this long for its open ones to end
+# opens another (the server ends it on time, with a 408 status)
 _PULL_EXPIRES = 0.5
+# how long past its expiry a request still counts as open here: its 408 may come late, or
+# never (lost with a connection, or a server gone silent). So close() waits up to
+# _PULL_EXPIRES + _PULL_GRACE (1 s) for its open requests to end when no 408 comes, and a
+# request lost with a connection is replaced that long after it was made
+_PULL_GRACE = 0.5
 # how long a pull request lives while requests take turns (fewer credits than consumers)
 _TURN_EXPIRES = 0.1
 # after a request was refused (a 409 status), wait this long before asking that consumer again
@@ -590,6 +598,10 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
 
     async def ack(self) -> None:
         if self._settle():
+            acked = self._sub._acked
+            acked[self._seq] = None
+            if len(acked) > _NACKS_REMEMBERED:
+                acked.popitem(last=False)
             await self._reply(b"")
             if self._recorded:
                 await self._forget()
@@ -698,10 +710,11 @@ class NatsSubscription(ClosesOnExit):
     It keeps a pull request open on each of its group's consumers (one, or with
     ``ordered=True`` one per key partition and one for keyless messages), all answering into
     one inbox, within ``prefetch``; ``receive`` takes what arrived. A request lives at most
-    0.5 s (a longer wait opens new ones), and ``close`` lets the open ones end before it gives
-    back what it holds: a request left open on a dead inbox would make the server deliver
-    into it. What it gives back uncounted (``release()``, and on close what it received and
-    never handed out) leaves a release record first (see the module docstring, "Release
+    0.5 s on the server (a longer wait opens new ones), and ``close`` lets the open ones end
+    before it gives back what it holds (waiting up to 1 s when the server's word that one
+    ended does not come): a request left open on a dead inbox would make the server
+    deliver into it. What it gives back uncounted (``release()``, and on close what it
+    received and never handed out) leaves a release record first (see the module docstring, "Release
     records"); a redelivery's attempt is counted from its record.
 
     Memory is bounded in bytes too: what it holds (received and not settled) plus what its
@@ -746,6 +759,11 @@ class NatsSubscription(ClosesOnExit):
         # a floor otherwise: JetStream (2.9) sometimes redelivers a delayed nack with its
         # delivered count reset to 1
         self._floor: OrderedDict[int, tuple[int, int, bool]] = OrderedDict()
+        # stream sequences this subscription acked, the latest _NACKS_REMEMBERED: an ack is
+        # not confirmed, and one lost with a connection (a server gone silent) makes
+        # JetStream deliver the message again; such a redelivery is acked again, not handed
+        # out (JetStream never redelivers a message whose ack it has)
+        self._acked: OrderedDict[int, None] = OrderedDict()
         # the release records of this topic: their stream, and the subject prefix of a record
         self._records = ""
         self._record_prefix = ""
@@ -897,6 +915,14 @@ class NatsSubscription(ClosesOnExit):
             )
             if self._ended is not None and not any(self._outstanding):
                 self._ended.set()
+        if self._acked:
+            fields = _ack_fields(reply)
+            if fields is not None and fields[2] in self._acked:
+                # acked before, the ack lost on the way (a connection that went silent or
+                # dropped): ack it again; it was handed out and settled, not a new attempt
+                with contextlib.suppress(nats.errors.Error):
+                    await self._nc.publish(reply, b"")  # type: ignore[union-attr]
+                return
         if self._closed:
             with contextlib.suppress(nats.errors.Error):
                 await self._nc.publish(reply, _NAK)  # type: ignore[union-attr]
@@ -1013,7 +1039,7 @@ class NatsSubscription(ClosesOnExit):
             outstanding[i] = batch
             outstanding_bytes[i] = nbytes
             per_message[i] = nbytes // batch if b"max_bytes" not in request else 0
-            ends[i] = now + expires + 0.5
+            ends[i] = now + expires + _PULL_GRACE
             await nc.publish(self._next_subjects[i], request, reply=f"{self._inbox}.{i}")
 
     async def receive(self, max_messages: int = 100, timeout: float = 1.0) -> list[NatsDelivery]:
@@ -1527,6 +1553,19 @@ def _retrieved(task: asyncio.Task[None]) -> None:
         task.exception()
 
 
+def _abort_socket(nc: Client) -> int | None:
+    """Abort the socket of a nats-py client (no public way: its transport's stream writer),
+    dropping what it had not written; whatever waits on it ends. Returns the bytes dropped
+    from the socket's buffer, None if no socket was found."""
+    writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
+    transport = getattr(writer, "transport", None)
+    if not isinstance(transport, asyncio.WriteTransport):
+        return None
+    dropped = transport.get_write_buffer_size()
+    transport.abort()
+    return dropped
+
+
 def _ack_fields(reply: str) -> tuple[str, int, int] | None:
     """The consumer, ``num_delivered`` and stream sequence of a JetStream delivery, from its
     ack subject (None if it is not one)."""
@@ -1955,44 +1994,52 @@ class NatsTransport:
         batch = _Batch(len(messages))
         tokens: list[str] = []
         try:
-            while True:
-                reconnects = nc.stats["reconnects"]
-                self._batch_seq += 1
-                token = str(self._batch_seq)
-                tokens.append(token)
-                self._batches[token] = batch
-                reply = f"{self._acks_prefix}{token}."
-                state = batch.state
-                with _nats_errors(f"publish to {topic!r} at {self.address} failed", PublishError):
-                    for i, m in enumerate(messages):
-                        if state[i]:
-                            continue  # answered before the reconnect
-                        own = m.headers
-                        if own:
-                            headers = {**own, MSG_ID_HEADER: m.id}
-                            if REPLAY_HEADER in own or ID_HEADER in own:
-                                headers.pop(ID_HEADER, None)  # msdata's own: never forged
-                                dedup = nats_msg_id(m)
-                                if dedup != m.id:
-                                    # a replay: a dedup id of its own, the id beside it
-                                    headers[MSG_ID_HEADER] = dedup
-                                    headers[ID_HEADER] = m.id
-                        else:
-                            headers = {MSG_ID_HEADER: m.id}
-                        key = m.key
-                        if key is None:
-                            target = subject
-                        else:
-                            headers[KEY_HEADER] = key
-                            target = partitions[zlib.crc32(key.encode()) % n_partitions]
-                        await nc.publish(target, m.body, reply=reply + str(i), headers=headers)
-                    async with asyncio.timeout_at(deadline):
+            # the sending too: nats-py's publish waits, with no timeout, for its buffer to be
+            # written once it holds more than pending_size, which a silent server never reads
+            # (and swallows the cancel of that wait: the deadline is checked after each)
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout_at(deadline):
+                while True:
+                    reconnects = nc.stats["reconnects"]
+                    self._batch_seq += 1
+                    token = str(self._batch_seq)
+                    tokens.append(token)
+                    self._batches[token] = batch
+                    reply = f"{self._acks_prefix}{token}."
+                    state = batch.state
+                    with _nats_errors(
+                        f"publish to {topic!r} at {self.address} failed", PublishError
+                    ):
+                        for i, m in enumerate(messages):
+                            if state[i]:
+                                continue  # answered before the reconnect
+                            own = m.headers
+                            if own:
+                                headers = {**own, MSG_ID_HEADER: m.id}
+                                if REPLAY_HEADER in own or ID_HEADER in own:
+                                    headers.pop(ID_HEADER, None)  # msdata's own: never forged
+                                    dedup = nats_msg_id(m)
+                                    if dedup != m.id:
+                                        # a replay: a dedup id of its own, the id beside it
+                                        headers[MSG_ID_HEADER] = dedup
+                                        headers[ID_HEADER] = m.id
+                            else:
+                                headers = {MSG_ID_HEADER: m.id}
+                            key = m.key
+                            if key is None:
+                                target = subject
+                            else:
+                                headers[KEY_HEADER] = key
+                                target = partitions[zlib.crc32(key.encode()) % n_partitions]
+                            await nc.publish(target, m.body, reply=reply + str(i), headers=headers)
+                            if loop.time() >= deadline:
+                                raise TimeoutError
                         while not batch.done.done():
                             await asyncio.wait((batch.done,), timeout=0.25)
                             if nc.stats["reconnects"] != reconnects and nc.is_connected:
                                 break  # reconnected: send the rest again
-                if batch.done.done():
-                    break
+                    if batch.done.done():
+                        break
         except TimeoutError as e:
             raise PublishError(
                 f"{batch.left} of {len(messages)} messages to {topic!r} were not "
@@ -2306,21 +2353,70 @@ class NatsTransport:
         transport, the connection. The caller's own client stays open."""
         if self._closed:
             return
-        for sub in list(self._subscriptions):
-            await sub.close()
+        subs = list(self._subscriptions)
+        if subs:
+            # each is bounded in time, but nats-py may wait for ever to write to a server
+            # that went silent (and ignore a cancel): the client is abandoned below then
+            closing = [asyncio.ensure_future(sub.close()) for sub in subs]
+            _, stuck = await asyncio.wait(closing, timeout=self._close_limit())
+            for task in closing:
+                task.add_done_callback(_retrieved)
+            if stuck:
+                log.warning(
+                    "%d subscriptions of the transport at %s did not close within %.1fs: "
+                    "what they hold comes back after ack_wait, counted",
+                    len(stuck),
+                    self.address,
+                    self._close_limit(),
+                )
         self._closed = True
         nc = self._nc
         if nc is None or nc.is_closed:
             return
+        if self._owns_client:
+            await self._close_client(nc)
+            return
         try:
-            if self._owns_client:
-                await nc.close()
-            else:
+            async with asyncio.timeout(self.connect_timeout):
                 if self._acks_sub is not None:
                     await self._acks_sub.unsubscribe()
                 await nc.flush(timeout=2)
         except (TimeoutError, nats.errors.Error, OSError):
             pass  # the connection is lost (a broker restarting): nothing left to release
+
+    def _close_limit(self) -> float:
+        """Seconds the subscriptions' closes may take together: their own waits (the open
+        pull requests, a receive reading records, the flush of their nacks) and a margin."""
+        return _PULL_EXPIRES + _PULL_GRACE + _RECORD_TIMEOUT + self.publish_timeout + 3.0
+
+    async def _close_client(self, nc: Client) -> None:
+        """Close the connection of a :meth:`from_url` transport within ``connect_timeout``.
+        nats-py's ``close()`` has no timeout of its own: it writes out what it still holds
+        and waits for the socket to close, for ever on a server that went silent (and it
+        swallows a cancel in places). Past the timeout the client is abandoned: its socket
+        is aborted (what it held unsent is lost: logged, with how much) and its close left
+        to end on its own."""
+        closing = asyncio.ensure_future(nc.close())
+        closing.add_done_callback(_retrieved)
+        _, stuck = await asyncio.wait((closing,), timeout=self.connect_timeout)
+        if not stuck:
+            return
+        unsent = getattr(nc, "_pending_data_size", 0)
+        subscriptions = len(getattr(nc, "_subs", ()))
+        dropped = _abort_socket(nc)
+        closing.cancel()
+        log.warning(
+            "the NATS connection to %s did not close within %.1fs (the server does not "
+            "answer): abandoned it, %s, with %d subscriptions open; acks and nacks in "
+            "what was not sent are lost (JetStream redelivers those deliveries after "
+            "ack_wait)",
+            self.address,
+            self.connect_timeout,
+            "its socket not found"
+            if dropped is None
+            else f"its socket aborted with {unsent + dropped} bytes not sent",
+            subscriptions,
+        )
 
     async def __aenter__(self) -> Self:
         await self._ready()

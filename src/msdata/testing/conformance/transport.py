@@ -745,6 +745,66 @@ class TransportConformance:
             async with t.subscribe(dead_letter_topic(topic, group), self.unique("ops")) as dlq:
                 await self.assert_quiet(dlq)
 
+    async def test_a_receive_in_flight_when_its_transport_closes_hands_out_nothing(
+        self,
+    ) -> None:
+        """Closing the transport closes its subscriptions: a ``receive()`` still waiting
+        then returns an empty list, as when its own subscription closes, even if messages
+        arrive as the transport closes. Where the broker outlives the transport
+        (``features.networked``), they are published by another transport of the same
+        namespace as this one closes, and are all there afterwards for that other
+        transport's consumer, every one as attempt 1, nothing dead-lettered; in process,
+        they are published on the closing transport just before its close. (The memory
+        transport's waiting receive woke on the close and handed out what had just been
+        published.)"""
+        n, max_attempts = 4, 2
+        namespace = self.unique("ns")
+        in_flight = 0
+        late: list[tuple[float, int]] = []
+        async with self.make_transport_in(namespace) as keeper:
+            networked = keeper.features.networked
+            wait = keeper.features.redelivery_timeout + self.arrival_timeout
+            for delay in [0.0, 0.0, 0.001, 0.003, 0.01, 0.03]:
+                # a topic per round: the closing transport's cleanup may delete its topic
+                topic, group = self.unique("topic"), self.unique("group")
+                msgs = make_messages(n)
+                async with self.make_transport_in(namespace) as t:
+                    await t.declare_group(topic, group)
+                    s = t.subscribe(topic, group, max_attempts=max_attempts, prefetch=n)
+                    await s.__aenter__()
+                    receiving = asyncio.ensure_future(s.receive(n, timeout=2.0))
+                    await asyncio.sleep(delay)
+                    publishing: asyncio.Future[None] | None = None
+                    if networked:  # they arrive as it closes
+                        publishing = asyncio.ensure_future(keeper.publish(topic, msgs))
+                    else:
+                        await t.publish(topic, msgs)
+                    if receiving.done():  # it returned before the close: not in flight
+                        for d in receiving.result():
+                            await d.release()
+                    else:
+                        in_flight += 1
+                    await t.close()
+                    handed = await asyncio.wait_for(receiving, 10.0)
+                    if publishing is not None:
+                        await publishing
+                    late.extend((delay, len(handed)) for _ in handed[:1])
+                    await s.__aexit__(None, None, None)  # closed with its transport already
+                    if not networked:
+                        continue  # an in-process transport keeps nothing once closed
+                    # before the closing transport's cleanup
+                    sub = keeper.subscribe(topic, group, max_attempts=max_attempts, prefetch=n)
+                    async with sub as last:
+                        got = await collect(last, n, timeout=wait)
+                        await self.assert_quiet(last)
+                    back = sorted((d.message.id, d.attempt) for d in got)
+                    assert back == sorted((m.id, 1) for m in msgs), f"came back: {back}"
+                    dlq = keeper.subscribe(dead_letter_topic(topic, group), self.unique("ops"))
+                    async with dlq as ops:
+                        await self.assert_quiet(ops)
+        assert in_flight > 0, "no receive was in flight when its transport closed"
+        assert late == [], f"(delay, deliveries) handed out after the transport closed: {late}"
+
     async def test_several_consumers_of_a_group_closing_at_once_count_nothing(self) -> None:
         """Three consumers of one group (three instances of a service) receive, ack every
         other delivery and give the rest back (``release()``), until all three stop at the
@@ -1678,6 +1738,10 @@ class TransportConformance:
 
     # -- a silent server: accepts connections and never answers ------------------------------
 
+    #: whether the silent-server case also checks that ``close()`` returns after a publish
+    #: filled the connection's buffers (False only for a transport known to hang there)
+    close_returns_with_a_full_buffer: bool = True
+
     def broker_address(self) -> tuple[str, int]:
         """Where the broker of :meth:`make_transport` listens, (host, port). Needed, with
         :meth:`make_transport_at`, by the case of a server that goes silent; else skipped."""
@@ -1763,10 +1827,15 @@ class TransportConformance:
                 got = await collect(sub, 1, timeout=self.arrival_timeout, ack=False)
                 assert len(got) == 1, "the message published before the silence never came"
                 server.go_silent()
-                try:  # the ack cannot reach the broker (and the connection is reset later)
+                # acked in the silence: the ack cannot reach the broker (and the connection
+                # is reset later)
+                acked = True
+                try:
                     await asyncio.wait_for(got[0].ack(), timeout + 2 * receive_margin)
                 except TimeoutError:
                     pytest.fail("ack was still waiting for the silent server")
+                except TransportError:
+                    acked = False  # it said so: the message may come back
 
                 async def receive_in_time() -> None:
                     started = time.monotonic()
@@ -1802,12 +1871,37 @@ class TransportConformance:
                 mine = [attempt for mid, attempt in came if mid == after.id]
                 assert mine, "the subscription received nothing once the server spoke again"
                 assert mine[0] == 1, f"delivered as attempt {mine[0]}"
-                if not self.acked_in_a_silence_may_come_back:
+                if acked and not self.acked_in_a_silence_may_come_back:
                     back = [attempt for mid, attempt in came if mid == got[0].message.id]
                     assert not back, f"acked in the silence, it came back as attempts {back}"
+                if self.close_returns_with_a_full_buffer:
+                    await self._close_returns_on_a_silent_server(t, server, topic, timeout)
         for error in errors:
             text = str(error)
             assert f"{server.host}:{server.port}" in text, f"the address is not named: {text}"
+
+    async def _close_returns_on_a_silent_server(
+        self, t: Transport, server: _SilentServer, topic: str, timeout: float
+    ) -> None:
+        """The server goes silent again, after a publish wrote more than the connection's
+        buffers hold (it fails within its timeout): ``close()``, with a subscription still
+        open, returns all the same. (nats-py's close waits for its buffer to be written,
+        for ever: NATS's close did.)"""
+        server.go_silent()
+        big = [TransportMessage(str(uuid.uuid4()), b"x" * 500_000) for _ in range(40)]
+        cap = timeout + 6.0
+        publishing = asyncio.ensure_future(t.publish(topic, big))
+        await asyncio.wait((publishing,), timeout=cap)
+        if not publishing.done():
+            pytest.fail(f"a publish was still waiting for the silent server after {cap}s")
+        with pytest.raises(TransportError):
+            publishing.result()
+        bound = 4 * timeout + 20  # the closes' own timeouts, and room to spare
+        closing = asyncio.ensure_future(t.close())
+        await asyncio.wait((closing,), timeout=bound)
+        if not closing.done():
+            pytest.fail(f"close() was still waiting for the silent server after {bound}s")
+        closing.result()
 
     # -- misuse -----------------------------------------------------------------------------
 
