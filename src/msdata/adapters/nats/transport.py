@@ -129,7 +129,11 @@ Order per key: opt-in, ``NatsTransport(ordered=True)`` (then ``ordered_per_key=T
     nothing waiting passes its turn on soon (with ``prefetch=1`` and 16 partitions a message
     waits at most about 3 s for its turn). ``key_partitions`` (default 16) is fixed when the
     topic's stream is created (it is recorded in the stream's description and checked),
-    and a group is either ordered or not, for good: its consumers are different ones.
+    and a group is either ordered or not, for good: its consumers are different ones. The
+    dead-letter reader (group :data:`msdata.transport.DEAD_LETTER_READER` of a dead-letter
+    topic) is one unordered consumer in either mode, so every reader of the dead letters
+    opens the same one; any other group of a dead-letter topic follows the transport's mode
+    (ordered, it holds at most one unsettled letter per key partition).
 
 Foreign messages
     A message without msdata's headers gets the id ``<stream>:<sequence>`` (stable across
@@ -209,6 +213,7 @@ from msdata.errors import (
 )
 from msdata.messages import safe_text
 from msdata.transport import (
+    DEAD_LETTER_READER,
     DEFAULT_MAX_HELD_BYTES,
     REPLAY_HEADER,
     ClosesOnExit,
@@ -2154,7 +2159,18 @@ class NatsTransport:
         self._subject(topic)
         check_name("group", group)
         async with self._answered(f"could not declare group {group!r} on topic {topic!r}"):
-            await self._declare_consumers(topic, group, self.ordered)
+            await self._declare_consumers(topic, group, self._group_ordered(topic, group))
+
+    def _group_ordered(self, topic: str, group: str) -> bool:
+        """Whether the group's consumers are an ordered group's (one per key partition): the
+        transport's ``ordered``, except for the dead-letter reader (:data:`DEAD_LETTER_READER`
+        on a dead-letter topic), always one unordered consumer, so that ``msdata dlq`` with
+        a bare ``--broker`` URL and the service's own
+        :func:`msdata.service.read_dead_letters` open the same consumer whatever the mode
+        (and the reader, holding what it read, is not held to one letter per partition)."""
+        if group == DEAD_LETTER_READER and is_dead_letter_topic(topic):
+            return False
+        return self.ordered
 
     @contextlib.asynccontextmanager
     async def _answered(self, what: str) -> AsyncIterator[None]:
@@ -2269,7 +2285,9 @@ class NatsTransport:
             raise ConfigurationError("max_attempts and prefetch must be >= 1")
         if self._closed:
             raise TransportClosed("subscribe() on a closed transport")
-        return NatsSubscription(self, topic, group, max_attempts, prefetch, self.ordered)
+        return NatsSubscription(
+            self, topic, group, max_attempts, prefetch, self._group_ordered(topic, group)
+        )
 
     async def delete_topic(self, topic: str) -> bool:
         """Delete the topic's stream, with every message and group in it. True if it existed.

@@ -1204,6 +1204,37 @@ class TransportConformance:
             # the dead-letter topic is empty now
             assert await read_dead_letters(t, [(topic, group)]) == []
 
+    async def test_keyed_dead_letters_are_all_listed_and_a_replay_leaves_none(self) -> None:
+        """Ten dead letters with ten keys are all listed by
+        :func:`msdata.service.read_dead_letters`, twice, and a replay moves all ten: then
+        nothing is left, whatever the transport's mode. (An ordered NATS transport read its
+        dead letters as an ordered group, one letter per key partition at a time, and listed
+        4 of 10; its reader's consumers were not those of a plain transport's reader.)"""
+        from msdata.service import read_dead_letters
+
+        topic, group = self.unique("topic"), self.unique("group")
+        sent = [
+            TransportMessage(id=str(uuid.uuid4()), body=b'{"n":%d}' % n, key=f"key-{n}")
+            for n in range(10)
+        ]
+        async with self.make_transport() as t:
+            async with t.subscribe(topic, group, prefetch=10) as sub:
+                await t.publish(topic, sent)
+                moved = 0
+                deadline = time.monotonic() + self.arrival_timeout
+                while moved < 10 and time.monotonic() < deadline:
+                    # dead-lettered as they come (an ordered group holds one per key at once)
+                    for d in await sub.receive(10, timeout=1.0):
+                        await d.dead_letter("RejectMessage: keyed")
+                        moved += 1
+                assert moved == 10
+            ids = sorted(m.id for m in sent)
+            for _ in range(2):
+                assert sorted(i.id for i in await read_dead_letters(t, [(topic, group)])) == ids
+            replayed = await read_dead_letters(t, [(topic, group)], replay=True)
+            assert sorted(i.id for i in replayed) == ids
+            assert await read_dead_letters(t, [(topic, group)]) == []
+
     async def test_more_dead_letters_than_a_consumer_may_hold_are_all_listed_and_stay(
         self,
     ) -> None:
