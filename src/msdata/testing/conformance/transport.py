@@ -600,6 +600,60 @@ class TransportConformance:
             counted = {i: a for i, a in first.items() if a != 1}
             assert counted == {}, f"{len(counted)} of {n} first handed out counted: {counted}"
 
+    async def test_consumers_restarting_on_keyed_messages_with_retries_count_only_theirs(
+        self,
+    ) -> None:
+        """Consumers of keyed messages that stop and start again in quick succession (each
+        takes what one receive gives it, nacks a first attempt with a short delay, acks a
+        second, and closes) while a producer publishes: each message is handed out as
+        attempt 1, then as attempt 2, and never more: no delivery lost between two
+        consumers comes back counted. (On an ordered NATS transport a consumer that
+        closed while the server still held a pull request of its, one it took for ended,
+        made the next delivery of that key partition vanish into its gone inbox: it came
+        back after ``ack_wait`` counted, and was dead-lettered as never settled.)"""
+        topic, group = self.unique("topic"), self.unique("group")
+        n, prefetch = 120, 4
+        async with self.make_transport() as t:
+            await t.declare_group(topic, group)
+            msgs = [
+                TransportMessage(id=str(uuid.uuid4()), body=b'{"n":%d}' % i, key=f"k{i % 12}")
+                for i in range(n)
+            ]
+            attempts: dict[str, list[int]] = {}
+            acked: set[str] = set()
+
+            async def produce() -> None:
+                for i in range(0, n, 2):
+                    await t.publish(topic, msgs[i : i + 2])
+                    await asyncio.sleep(0.005)
+
+            producer = asyncio.create_task(produce())
+            try:
+                wait = t.features.redelivery_timeout + self.arrival_timeout
+                last = time.monotonic()
+                while len(acked) < n and time.monotonic() - last < wait:
+                    async with t.subscribe(topic, group, max_attempts=50, prefetch=prefetch) as s:
+                        # each consumer lives for a few receives (a prefetch below the key
+                        # partitions of an ordered transport: they take turns)
+                        until = time.monotonic() + random.uniform(0.05, 0.4)
+                        while time.monotonic() < until:
+                            got = await s.receive(prefetch, timeout=0.05)
+                            for d in got:
+                                seen = attempts.setdefault(d.message.id, [])
+                                seen.append(d.attempt)
+                                if len(seen) == 1:
+                                    await d.nack(delay=0.1)
+                                else:
+                                    await d.ack()
+                                    acked.add(d.message.id)
+                            if got:
+                                last = time.monotonic()
+            finally:
+                await producer
+            wrong = {i: a for i, a in attempts.items() if a != [1, 2]}
+            assert len(acked) == n, f"{n - len(acked)} of {n} not acked; {wrong}"
+            assert wrong == {}, f"{len(wrong)} of {n} handed out as other attempts: {wrong}"
+
     async def test_a_close_cancelled_midway_still_gives_back_uncounted_what_it_holds(
         self,
     ) -> None:
