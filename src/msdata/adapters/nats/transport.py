@@ -56,7 +56,10 @@ Publishing
 
 Settling
     ``ack`` is an (unconfirmed) ``+ACK``, ``nack(delay)`` is ``-NAK`` with the delay
-    (JetStream redelivers it no sooner, so ``native_delay=True``), and ``attempt`` is
+    (JetStream redelivers it no sooner, so ``native_delay=True``; on an ordered group's key
+    partition the subscription holds the delivery for the delay and then sends the 1 ms
+    ``-NAK``, since nats-server 2.9 sometimes loses the redelivery of a delayed one there,
+    and its close nacks at once what still waits), and ``attempt`` is
     JetStream's ``num_delivered`` less the deliveries given back (see "Release records").
     ``max_attempts`` is enforced here, not by the consumer's ``max_deliver`` (which is left
     unlimited): at ``max_deliver`` JetStream only stops delivering and leaves the message
