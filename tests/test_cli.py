@@ -975,3 +975,52 @@ def test_dlq_with_a_bare_amqp_url_and_a_quorum_or_ordered_service_both_read(
             await t.close()
 
     asyncio.run(run())
+
+
+@pytest.mark.nats
+@pytest.mark.parametrize("replayer", ["cli", "service"])
+def test_dlq_with_a_bare_nats_url_and_an_ordered_service_read_and_replay_the_same(
+    nats_url: str, replayer: str
+) -> None:
+    """``--broker nats://...`` cannot say ordered; an ordered service's transport is. Both
+    list the same ten dead letters (ten keys), and a replay by one leaves nothing for the
+    other (the ordered one read them as an ordered group of its own, one letter per key
+    partition at a time: 4 of 10 listed, and the other's replay still listed there)."""
+    from msdata.adapters.nats import NatsTransport
+    from msdata.service import read_dead_letters
+    from msdata.transport import TransportMessage
+
+    namespace, topic, group = f"cli{uuid.uuid4().hex[:8]}", "orders", "g"
+    where = ["--broker", nats_url, "--namespace", namespace, "--topic", topic, "--group", group]
+    sent = [TransportMessage(id=f"m{n}", body=b'{"n":%d}' % n, key=f"key-{n}") for n in range(10)]
+    ids = sorted(m.id for m in sent)
+
+    def cli_ids(command: str) -> list[str]:
+        out = msdata("dlq", command, *where, "--json").stdout
+        return sorted(d["id"] for d in json.loads(out))
+
+    async def run() -> None:
+        t = NatsTransport.from_url(nats_url, namespace=namespace, ordered=True)
+        try:
+            await t.declare_group(topic, group)
+            await t.publish(topic, sent)
+            async with t.subscribe(topic, group, prefetch=10) as sub:
+                moved = 0
+                while moved < 10:
+                    for d in await sub.receive(10, timeout=5):
+                        await d.dead_letter("bad")
+                        moved += 1
+            assert await asyncio.to_thread(cli_ids, "list") == ids
+            assert sorted(i.id for i in await read_dead_letters(t, [(topic, group)])) == ids
+            if replayer == "cli":
+                out = await asyncio.to_thread(msdata, "dlq", "replay", *where, "--json")
+                assert json.loads(out.stdout) == {"replayed": 10}
+                assert await read_dead_letters(t, [(topic, group)]) == []
+            else:
+                replayed = await read_dead_letters(t, [(topic, group)], replay=True)
+                assert sorted(i.id for i in replayed) == ids
+                assert await asyncio.to_thread(cli_ids, "list") == []
+        finally:
+            await t.close()
+
+    asyncio.run(run())

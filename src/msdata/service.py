@@ -170,7 +170,13 @@ async def read_dead_letters(
     first: the error is raised at the end, ``refused`` naming each letter that stayed; a
     publish that failed as a whole, the broker unreachable, raises at once). Where the
     transport holds no more unsettled for one consumer (its ``max_held_bytes``), what is
-    held is given back and the read goes on. At most ``limit`` per pair."""
+    held is given back and the read goes on. At most ``limit`` per pair.
+
+    The default ``reader`` (:data:`msdata.transport.DEAD_LETTER_READER`) is the same
+    unordered group whatever the transport's mode. Another ``reader`` is a group like any
+    other: on a transport that keeps order per key with a bound on what a key partition has
+    in flight (NATS ``ordered=True``), it lists at most one letter per key partition when
+    not replaying (the others stay, none is lost; a replay moves them all)."""
     out: list[DeadLetterInfo] = []
     failed: dict[str, str] = {}  # id -> why the broker refused its replay
     for topic, group in pairs:

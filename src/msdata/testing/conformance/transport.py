@@ -618,6 +618,60 @@ class TransportConformance:
             counted = {i: a for i, a in first.items() if a != 1}
             assert counted == {}, f"{len(counted)} of {n} first handed out counted: {counted}"
 
+    async def test_consumers_restarting_on_keyed_messages_with_retries_count_only_theirs(
+        self,
+    ) -> None:
+        """Consumers of keyed messages that stop and start again in quick succession (each
+        takes what one receive gives it, nacks a first attempt with a short delay, acks a
+        second, and closes) while a producer publishes: each message is handed out as
+        attempt 1, then as attempt 2, and never more: no delivery lost between two
+        consumers comes back counted. (On an ordered NATS transport a consumer that
+        closed while the server still held a pull request of its, one it took for ended,
+        made the next delivery of that key partition vanish into its gone inbox: it came
+        back after ``ack_wait`` counted, and was dead-lettered as never settled.)"""
+        topic, group = self.unique("topic"), self.unique("group")
+        n, prefetch = 120, 4
+        async with self.make_transport() as t:
+            await t.declare_group(topic, group)
+            msgs = [
+                TransportMessage(id=str(uuid.uuid4()), body=b'{"n":%d}' % i, key=f"k{i % 12}")
+                for i in range(n)
+            ]
+            attempts: dict[str, list[int]] = {}
+            acked: set[str] = set()
+
+            async def produce() -> None:
+                for i in range(0, n, 2):
+                    await t.publish(topic, msgs[i : i + 2])
+                    await asyncio.sleep(0.005)
+
+            producer = asyncio.create_task(produce())
+            try:
+                wait = t.features.redelivery_timeout + self.arrival_timeout
+                last = time.monotonic()
+                while len(acked) < n and time.monotonic() - last < wait:
+                    async with t.subscribe(topic, group, max_attempts=50, prefetch=prefetch) as s:
+                        # each consumer lives for a few receives (a prefetch below the key
+                        # partitions of an ordered transport: they take turns)
+                        until = time.monotonic() + random.uniform(0.05, 0.4)
+                        while time.monotonic() < until:
+                            got = await s.receive(prefetch, timeout=0.05)
+                            for d in got:
+                                seen = attempts.setdefault(d.message.id, [])
+                                seen.append(d.attempt)
+                                if len(seen) == 1:
+                                    await d.nack(delay=0.1)
+                                else:
+                                    await d.ack()
+                                    acked.add(d.message.id)
+                            if got:
+                                last = time.monotonic()
+            finally:
+                await producer
+            wrong = {i: a for i, a in attempts.items() if a != [1, 2]}
+            assert len(acked) == n, f"{n - len(acked)} of {n} not acked; {wrong}"
+            assert wrong == {}, f"{len(wrong)} of {n} handed out as other attempts: {wrong}"
+
     async def test_a_close_cancelled_midway_still_gives_back_uncounted_what_it_holds(
         self,
     ) -> None:
@@ -1280,6 +1334,37 @@ class TransportConformance:
                     await again.release()
             await self.assert_quiet(sub)
             # the dead-letter topic is empty now
+            assert await read_dead_letters(t, [(topic, group)]) == []
+
+    async def test_keyed_dead_letters_are_all_listed_and_a_replay_leaves_none(self) -> None:
+        """Ten dead letters with ten keys are all listed by
+        :func:`msdata.service.read_dead_letters`, twice, and a replay moves all ten: then
+        nothing is left, whatever the transport's mode. (An ordered NATS transport read its
+        dead letters as an ordered group, one letter per key partition at a time, and listed
+        4 of 10; its reader's consumers were not those of a plain transport's reader.)"""
+        from msdata.service import read_dead_letters
+
+        topic, group = self.unique("topic"), self.unique("group")
+        sent = [
+            TransportMessage(id=str(uuid.uuid4()), body=b'{"n":%d}' % n, key=f"key-{n}")
+            for n in range(10)
+        ]
+        async with self.make_transport() as t:
+            async with t.subscribe(topic, group, prefetch=10) as sub:
+                await t.publish(topic, sent)
+                moved = 0
+                deadline = time.monotonic() + self.arrival_timeout
+                while moved < 10 and time.monotonic() < deadline:
+                    # dead-lettered as they come (an ordered group holds one per key at once)
+                    for d in await sub.receive(10, timeout=1.0):
+                        await d.dead_letter("RejectMessage: keyed")
+                        moved += 1
+                assert moved == 10
+            ids = sorted(m.id for m in sent)
+            for _ in range(2):
+                assert sorted(i.id for i in await read_dead_letters(t, [(topic, group)])) == ids
+            replayed = await read_dead_letters(t, [(topic, group)], replay=True)
+            assert sorted(i.id for i in replayed) == ids
             assert await read_dead_letters(t, [(topic, group)]) == []
 
     async def test_more_dead_letters_than_a_consumer_may_hold_are_all_listed_and_stay(
