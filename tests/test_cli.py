@@ -93,6 +93,7 @@ def usage(*args: str) -> str:
             "--batch-size",
         ),
         (("outbox", "requeue", "--db", "sqlite:///x.db", "0"), "SEQS"),
+        (("outbox", "requeue", "--db", "sqlite:///x.db", "1", str(2**63)), "SEQS"),
         (("outbox", "requeue", "--db", "sqlite:///x.db", "1", "--all"), "not both"),
         (("dlq", "list", "--topic", "x.g1.dlq", "--group", "msdata-dlq"), "dead-letter"),
         (("dlq", "replay", "--topic", "x", "--group", "msdata-dlq"), "dead-letter"),

@@ -499,3 +499,30 @@ async def test_a_handler_raising_a_base_exception_shows_in_health_and_stops_the_
     group = health["consumers"]["groups"]["leaver"]
     assert group == {"handled": 0, "failed": 1, "last_error": text}
     assert (await service.health())["status"] == "stopped"
+
+
+async def test_health_says_stopping_while_the_service_stops() -> None:
+    """While ``stop()`` waits for a handler to finish, every part still runs: health said
+    "ok" then (a stop begun by a handler's BaseException too), so a probe kept routing to a
+    service on its way out."""
+    service = Service(
+        "stopper", db="memory://", registry=registry, bus_options={"stop_timeout": 5.0}
+    )
+    began, finish = asyncio.Event(), asyncio.Event()
+
+    @service.on(PaymentCharged)
+    async def slow(event: PaymentCharged) -> None:
+        began.set()
+        await finish.wait()
+
+    await service.start()
+    assert (await service.health())["status"] == "ok"
+    async with service.transaction():
+        await service.publish(PaymentCharged(order_id="p-1"))
+    await eventually(began.is_set, what="the handler to begin")
+    stopping = asyncio.create_task(service.stop())
+    await eventually(lambda: service._state == "stopping", what="the stop to begin")
+    assert (await service.health())["status"] == "stopping"
+    finish.set()
+    await stopping
+    assert (await service.health())["status"] == "stopped"

@@ -65,8 +65,9 @@ _DRIVER_LOGGERS = ("aiormq", "aio_pika", "nats", "redis", "asyncpg", "psycopg")
 
 
 #: the type of every count or limit option: a whole number, at least 1 (0 or less is a usage
-#: error, not an empty answer)
-COUNT = click.IntRange(min=1)
+#: error, not an empty answer), at most 2**63 - 1 (a row's seq is a signed 64-bit integer in
+#: SQLite and PostgreSQL: a larger one failed in the driver, after the others were requeued)
+COUNT = click.IntRange(min=1, max=2**63 - 1)
 
 
 def _fail(message: str) -> NoReturn:

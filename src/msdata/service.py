@@ -172,6 +172,11 @@ async def read_dead_letters(
     transport holds no more unsettled for one consumer (its ``max_held_bytes``), what is
     held is given back and the read goes on. At most ``limit`` per pair.
 
+    One read at a time per ``reader``: since a read holds what it read until it ends, two
+    reads of one dead-letter topic at the same moment (two processes, or this and
+    ``msdata dlq``) split its letters between them; each lists or replays only the ones it
+    got (nothing is lost or replayed twice).
+
     The default ``reader`` (:data:`msdata.transport.DEAD_LETTER_READER`) is the same
     unordered group whatever the transport's mode. Another ``reader`` is a group like any
     other: on a transport that keeps order per key with a bound on what a key partition has
@@ -918,7 +923,8 @@ class Service:
     async def health(self) -> dict[str, Any]:
         """The state of each part, for a health endpoint (JSON-ready)::
 
-            {"service": "orders", "status": "ok" | "degraded" | "stopped",
+            {"service": "orders",
+             "status": "ok" | "degraded" | "starting" | "stopping" | "stopped",
              "relay": {"running": true, "pending": 0, "lag_seconds": null, "parked": 0,
                        "error": null},
              "consumers": {"running": true, "subscriptions": ["OrderPlaced/billing"],
@@ -929,7 +935,10 @@ class Service:
 
         ``status`` is ``degraded`` when a part that should run does not (the relay or a
         consumer or worker stopped, the outbox store cannot be read) or a worker's last
-        batch failed; ``stopped`` before start and after stop. ``relay.lag_seconds``: age
+        batch failed; ``starting`` and ``stopping`` while :meth:`start` or :meth:`stop` runs
+        (also a stop that a handler's :class:`SystemExit` or other ``BaseException``
+        began: the group's ``last_error`` says so); ``stopped`` before start and after
+        stop. Only ``ok`` means serving. ``relay.lag_seconds``: age
         of the oldest unpublished outbox row (null when none). ``parked``: rows the relay
         gave up on (see ``msdata outbox parked``)."""
         degraded = False
@@ -979,9 +988,12 @@ class Service:
                 except Exception as e:
                     w["error"] = _describe(e)
                     degraded = True
-        status = (
-            "stopped" if self._state in ("new", "stopped") else ("degraded" if degraded else "ok")
-        )
+        if self._state in ("new", "stopped"):
+            status = "stopped"
+        elif self._state != "running":
+            status = self._state  # starting, stopping: not ok, whatever the parts say yet
+        else:
+            status = "degraded" if degraded else "ok"
         return {
             "service": self.name,
             "status": status,
