@@ -607,7 +607,8 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
     async def ack(self) -> None:
         if self._settle():
             acked = self._sub._acked
-            acked[self._seq] = None
+            fields = _ack_fields(self._msg.reply)
+            acked[self._seq] = (_dedup_id(self._msg), fields[1] if fields is not None else 0)
             if len(acked) > _NACKS_REMEMBERED:
                 acked.popitem(last=False)
             await self._reply(b"")
@@ -775,8 +776,10 @@ class NatsSubscription(ClosesOnExit):
         # stream sequences this subscription acked, the latest _NACKS_REMEMBERED: an ack is
         # not confirmed, and one lost with a connection (a server gone silent) makes
         # JetStream deliver the message again; such a redelivery is acked again, not handed
-        # out (JetStream never redelivers a message whose ack it has)
-        self._acked: OrderedDict[int, None] = OrderedDict()
+        # out (JetStream never redelivers a message whose ack it has). Each with the
+        # message's Nats-Msg-Id and num_delivered when acked: only a later delivery of that
+        # same publish is one (a stream deleted and made again numbers from 1 anew)
+        self._acked: OrderedDict[int, tuple[str | None, int]] = OrderedDict()
         # the release records of this topic: their stream, and the subject prefix of a record
         self._records = ""
         self._record_prefix = ""
@@ -933,7 +936,14 @@ class NatsSubscription(ClosesOnExit):
                 self._ended.set()
         if self._acked:
             fields = _ack_fields(reply)
-            if fields is not None and fields[2] in self._acked:
+            was = self._acked.get(fields[2]) if fields is not None else None
+            if (
+                fields is not None
+                and was is not None
+                and was[0] is not None
+                and was[0] == _dedup_id(msg)
+                and fields[1] > was[1]
+            ):
                 # acked before, the ack lost on the way (a connection that went silent or
                 # dropped): ack it again; it was handed out and settled, not a new attempt
                 with contextlib.suppress(nats.errors.Error):
@@ -1587,6 +1597,13 @@ class NatsSubscription(ClosesOnExit):
         if left:
             out = [d for d in out if d not in left]
         return out, kept + unread
+
+
+def _dedup_id(msg: Msg) -> str | None:
+    """The ``Nats-Msg-Id`` a message was published with (msdata sets one on every publish;
+    None for a foreign message without one)."""
+    headers = msg.headers
+    return headers.get(MSG_ID_HEADER) if headers else None
 
 
 def _retrieved(task: asyncio.Task[None]) -> None:
