@@ -492,6 +492,44 @@ async def test_an_attempt_is_never_lower_than_after_the_nack_that_preceded_it() 
         assert sub._floor == {}  # settled: forgotten
 
 
+async def test_a_redelivery_the_server_counted_and_never_sent_is_not_an_attempt() -> None:
+    """nats-server 2.9 sometimes counts the redelivery after a ``-NAK`` on a key partition
+    and never sends it: the message comes back after ``ack_wait`` with ``num_delivered``
+    two higher (ack subject ``...<consumer>.3.<seq>.<cseq + 1>...``). Only the consumer
+    sequence says how many deliveries were really sent, both to the subscription that
+    nacked it and, through the release record of the nack, to another one; a delivery
+    really sent in between (a consumer that died on it) still counts."""
+    from nats.aio.msg import Msg
+
+    topic, group = unique("topic"), unique("group")
+    async with nats_transport(ordered=True) as t, t.subscribe(topic, group) as sub:
+        await t.publish(topic, make_messages(1, key="k"))
+        (first,) = await collect(sub, 1, timeout=10.0, ack=False)
+        assert first.attempt == 1
+        reply = first._msg.reply  # type: ignore[attr-defined]
+        await first.nack(delay=30)  # recorded now, the -NAK after the delay (or the close)
+
+        def redelivery(delivered: int, sent: int) -> Msg:
+            tokens = reply.split(".")
+            assert tokens[4] == "1"
+            tokens[4] = str(delivered)
+            tokens[6] = str(int(tokens[6]) + sent)
+            return Msg(t.client, subject=first._msg.subject, reply=".".join(tokens), data=b"{}")  # type: ignore[arg-type, attr-defined]
+
+        # back to the subscription that nacked it, which remembers the nack
+        (again,) = await sub._deliveries([(redelivery(3, 1), 0)])
+        assert again.attempt == 2
+        sub._inflight.discard(again)
+        async with t.subscribe(topic, group) as other:
+            # to another subscription, which reads the record of the nack
+            (elsewhere,) = await other._deliveries([(redelivery(3, 1), 0)])
+            assert elsewhere.attempt == 2
+            # one delivery really sent in between (its consumer died): it counts
+            (after_a_death,) = await other._deliveries([(redelivery(3, 2), 0)])
+            assert after_a_death.attempt == 3
+            other._inflight.clear()  # forged: not given back
+
+
 async def test_a_server_that_went_away_fails_calls_within_their_timeouts(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -63,7 +63,8 @@ Settling
     delivery for the delay and then sends the 1 ms ``-NAK``, since nats-server 2.9
     sometimes loses the redelivery of a delayed one there, and its close nacks at once what
     still waits), and ``attempt`` is JetStream's ``num_delivered`` less the deliveries
-    given back (see "Release records").
+    given back and, on a key partition, those the server counted and never sent (see
+    "Release records").
     ``max_attempts`` is enforced here, not by the consumer's ``max_deliver`` (which is left
     unlimited): at ``max_deliver`` JetStream only stops delivering and leaves the message
     parked, where no one sees it. Instead, the ``max_attempts``-th ``nack`` publishes the
@@ -92,8 +93,10 @@ Release records: a delivery given back is not an attempt
     ``release()``, and a closing subscription for what it received and never handed out,
     give deliveries back uncounted, as :class:`msdata.transport.Delivery` requires. JetStream
     counts every delivery and ``num_delivered`` cannot be lowered, so msdata keeps a record
-    of its own: before the ``-NAK``, a release record (``b"<attempt> <num_delivered>"``, the
-    attempt given back and JetStream's count then) is published on
+    of its own: before the ``-NAK``, a release record (``b"<attempt> <num_delivered>
+    <consumer sequence>"``, the attempt given back, JetStream's count then and the consumer
+    sequence of that delivery; a record of an earlier msdata has no third number) is
+    published on
     ``$MSDATA.R.<records>.<consumer>.<stream sequence>`` of the stream ``<records>`` =
     the topic's stream name + ``_r`` (created on the first release; one record per subject;
     the topic's ``max_age``) and confirmed. A redelivery (``num_delivered`` > 1; a first
@@ -105,7 +108,18 @@ Release records: a delivery given back is not an attempt
     higher than then: no delivery, so no release, in between): that subscription knows
     its attempt, so a retry loop on one consumer reads nothing. A record whose
     ``num_delivered`` is not below the delivery's is older than the consumer and ignored; one
-    that is not well-formed or out of range is ignored. Settled for good (``+ACK``,
+    that is not well-formed or out of range is ignored.
+    Key partitions (ordered mode): nats-server 2.9 sometimes counts the redelivery after a
+    ``-NAK`` and never sends it (a pull request ending as the redelivery is made); the
+    message comes back only after ``ack_wait``, its ``num_delivered`` one higher than the
+    deliveries anyone had. Such a consumer (``max_ack_pending=1``) sends nothing else
+    while the message is unsettled, so its consumer sequence (in the ack subject) goes up
+    by one per delivery really sent: there the deliveries since the record are counted by
+    the consumer sequence, and the subscription that gave it back knows its attempt when
+    the consumer sequence is one higher than then. A counted ``nack`` on a key partition
+    (and a close's nack of what it handed out there) leaves a record too (the attempt
+    given back being one more than its own), so that another subscription counts it the
+    same way. Settled for good (``+ACK``,
     ``+TERM``), a delivery deletes its record (a subject purge, not waited for: a leftover
     is never read again).
     Crash safety: killed before the record is confirmed, the delivery comes back after
@@ -622,14 +636,20 @@ class NatsDelivery(DeliveryState["NatsSubscription"]):
             await self._dead_letter(deadletter.failed_reason(self.attempt, reason))
         else:
             fields = _ack_fields(self._msg.reply)
-            delivered = fields[1] if fields is not None else 0
             sub = self._sub
+            if fields is not None and sub._one_at_a_time(fields[0]):
+                # a key partition: recorded as a release counted once (see
+                # NatsSubscription._nack_recorded), then nacked
+                task = asyncio.get_running_loop().create_task(
+                    sub._nack_recorded(self, self.attempt + 1, delay)
+                )
+                sub._releasing.add(task)
+                task.add_done_callback(sub._release_done)
+                await asyncio.shield(task)
+                return
+            delivered = fields[1] if fields is not None else 0
             sub._remember(self._seq, self.attempt + 1, delivered, self._recorded)
-            if delay > 0 and sub.ordered and fields is not None and fields[0] != sub.consumer:
-                # a key partition: the subscription waits out the delay itself (see
-                # NatsSubscription._nack_later)
-                sub._nack_later(self._msg.reply, delay)
-            elif delay > 0:
+            if delay > 0:
                 await self._reply(b'-NAK {"delay": %d}' % int(delay * 1e9))
             else:
                 await self._reply(_NAK)
@@ -772,7 +792,8 @@ class NatsSubscription(ClosesOnExit):
         # no other delivery, so no other release, in between), needing no record read, and
         # a floor otherwise: JetStream (2.9) sometimes redelivers a delayed nack with its
         # delivered count reset to 1
-        self._floor: OrderedDict[int, tuple[int, int, bool]] = OrderedDict()
+        # (and, last, the consumer sequence of the delivery given back: see _known)
+        self._floor: OrderedDict[int, tuple[int, int, bool, int]] = OrderedDict()
         # stream sequences this subscription acked, the latest _NACKS_REMEMBERED: an ack is
         # not confirmed, and one lost with a connection (a server gone silent) makes
         # JetStream deliver the message again; such a redelivery is acked again, not handed
@@ -894,12 +915,44 @@ class NatsSubscription(ClosesOnExit):
         self._not_before = [0.0] * len(specs)
         self._lost = False
 
-    def _remember(self, seq: int, attempt: int, delivered: int, recorded: bool) -> None:
+    def _remember(
+        self, seq: int, attempt: int, delivered: int, recorded: bool, cseq: int = 0
+    ) -> None:
         floor = self._floor
-        floor[seq] = (attempt, delivered, recorded)
+        floor[seq] = (attempt, delivered, recorded, cseq)
         floor.move_to_end(seq)
         if len(floor) > _NACKS_REMEMBERED:
             floor.popitem(last=False)
+
+    def _one_at_a_time(self, consumer: str) -> bool:
+        """Whether ``consumer`` is a key partition's (``max_ack_pending=1``): while one of
+        its messages is unsettled it sends no other, so its consumer sequence goes up by
+        one for each real delivery of that message, and not for a redelivery the server
+        counted and lost (see :meth:`_known`)."""
+        return self.ordered and consumer != self.consumer
+
+    def _known(self, reply: str, fields: tuple[str, int, int]) -> tuple[int, bool] | None:
+        """The attempt of a redelivery (and whether a release record of it exists) if this
+        subscription knows it exactly: it gave the message back and no one received it in
+        between. That is so when ``num_delivered`` is one higher than then, or, on a key
+        partition, when the consumer sequence is: nats-server 2.9 sometimes counts the
+        redelivery after a ``-NAK`` and never sends it (a pull request ending as it is
+        sent), so the message comes back after ``ack_wait`` with ``num_delivered`` two
+        higher, one delivery of which no consumer had."""
+        consumer, delivered, seq = fields
+        given = self._floor.get(seq)
+        if given is None:
+            return None
+        if given[1] == delivered - 1:
+            return given[0], given[2]
+        if (
+            given[3]
+            and delivered > given[1]
+            and self._one_at_a_time(consumer)
+            and _ack_cseq(reply) == given[3] + 1
+        ):
+            return given[0], given[2]
+        return None
 
     async def _arrive(self, msg: Msg) -> None:
         reply = msg.reply
@@ -1258,7 +1311,15 @@ class NatsSubscription(ClosesOnExit):
                 await inbox_sub.unsubscribe()
         # still unsettled: settling them now raises TransportClosed. What was handed out
         # comes back counted; what was received and never handed out is given back uncounted
-        replies = [d._msg.reply for d in self._inflight]
+        replies: list[str] = []
+        # on a key partition, recorded as counted once (see _nack_recorded)
+        counted: list[tuple[str, int]] = []
+        for d in self._inflight:
+            fields = _ack_fields(d._msg.reply)
+            if fields is not None and self._one_at_a_time(fields[0]):
+                counted.append((d._msg.reply, d.attempt + 1))
+            else:
+                replies.append(d._msg.reply)
         self._inflight.clear()
         # nacked with a delay not over yet: nacked now (they come back sooner)
         for task in self._delayed.values():
@@ -1269,15 +1330,41 @@ class NatsSubscription(ClosesOnExit):
         self._buffer.clear()
         self._held_bytes = 0
         nc = self._nc
-        if (replies or buffered) and nc is not None and not nc.is_closed:
+        if (replies or counted or buffered) and nc is not None and not nc.is_closed:
             try:
                 for reply in replies:
                     await nc.publish(reply, _NAK)
-                if buffered:
-                    await self._give_back_unread(buffered)
+                if buffered or counted:
+                    await self._give_back_unread(buffered, counted)
                 await nc.flush(timeout=2)
             except (TimeoutError, nats.errors.Error, OSError, MsdataError):
                 pass  # not nacked: JetStream offers them again after ack_wait
+
+    async def _nack_recorded(self, d: NatsDelivery, attempt: int, delay: float) -> None:
+        """Nack ``d``, a key partition's delivery, as the release of attempt ``attempt``
+        (one more than its own): a release record first (confirmed; if it cannot be
+        written, the nack goes on without one), with the delivery's consumer sequence, so
+        that whichever subscription has the message next counts only the deliveries really
+        sent since (see :meth:`_known`); then the ``-NAK``, after ``delay`` seconds (see
+        :meth:`_nack_later`)."""
+        reply = d._msg.reply
+        fields = _ack_fields(reply)
+        assert fields is not None
+        consumer, delivered, seq = fields
+        cseq = _ack_cseq(reply)
+        subject = f"{self._record_prefix}{consumer}.{seq}"
+        recorded = await self._transport._put_records(
+            self.topic, [(subject, b"%d %d %d" % (attempt, delivered, cseq))]
+        )
+        d._recorded = recorded = recorded or d._recorded
+        self._remember(seq, attempt, delivered, recorded, cseq)
+        if delay > 0 and not self._closed:
+            self._nack_later(reply, delay)  # a close nacks it at once
+        elif self._closed:
+            with contextlib.suppress(nats.errors.Error, OSError, MsdataError):
+                await d._reply(_NAK)
+        else:
+            await d._reply(_NAK)
 
     def _nack_later(self, reply: str, delay: float) -> None:
         """Nack the delivery of ``reply`` (a key partition's) in ``delay`` seconds, with
@@ -1286,8 +1373,11 @@ class NatsSubscription(ClosesOnExit):
         the redelivery of a delayed ``-NAK`` on a consumer with ``max_ack_pending=1`` (its
         count goes up, nothing is sent, and the partition waits ``ack_wait`` before it
         comes back counted once more: measured with consumers restarting, 1 to 8 messages
-        in 400 dead-lettered as never settled, and the partition stalled 30 s each). A
-        close before the delay is over nacks it at once: it comes back sooner."""
+        in 400 dead-lettered as never settled, and the partition stalled 30 s each). The
+        1 ms ``-NAK`` is lost so too, more rarely (a pull request ending as it is
+        redelivered): the partition then still waits ``ack_wait``, but the lost delivery is
+        not counted (see :meth:`_known`). A close before the delay is over nacks it at
+        once: it comes back sooner."""
 
         async def nack() -> None:
             await asyncio.sleep(delay)
@@ -1305,13 +1395,16 @@ class NatsSubscription(ClosesOnExit):
         self._releasing.discard(task)
         _retrieved(task)
 
-    async def _give_back_unread(self, msgs: list[Msg]) -> None:
+    async def _give_back_unread(
+        self, msgs: list[Msg], counted: Sequence[tuple[str, int]] = ()
+    ) -> None:
         """Give back messages received and never handed out, each with the attempt it would
         have been handed out with (one whose release record cannot be read is nacked
-        plainly: it comes back counted)."""
-        known: list[tuple[str, int]] = []
+        plainly: it comes back counted), and with them, recorded in the same write, the
+        ``counted`` (ack subject, attempt of the next delivery)."""
+        known: list[tuple[str, int]] = list(counted)
         unknown: list[str] = []
-        redelivered: list[tuple[str, tuple[str, int, int]]] = []
+        redelivered: list[str] = []
         floor = self._floor
         nc = self._nc
         assert nc is not None
@@ -1323,17 +1416,18 @@ class NatsSubscription(ClosesOnExit):
                 continue
             _, delivered, seq = fields
             given = floor.get(seq)
+            exact = self._known(msg.reply, fields) if delivered > 1 else None
             if not connected:
                 unknown.append(msg.reply)
-            elif given is not None and given[1] == delivered - 1:
-                known.append((msg.reply, given[0]))  # straight back after this gave it back
+            elif exact is not None:
+                known.append((msg.reply, exact[0]))  # straight back after this gave it back
             elif delivered > 1:
-                redelivered.append((msg.reply, fields))
+                redelivered.append(msg.reply)
             else:
                 known.append((msg.reply, given[0] if given is not None else 1))
         if redelivered:
-            counted = await self._count([fields for _, fields in redelivered])
-            for (reply, _), count in zip(redelivered, counted, strict=True):
+            found = await self._count(redelivered)
+            for reply, count in zip(redelivered, found, strict=True):
                 if count is None:
                     unknown.append(reply)
                 else:
@@ -1348,15 +1442,16 @@ class NatsSubscription(ClosesOnExit):
         of each (see the module docstring), confirmed, then ``-NAK``. If the records cannot
         be written, they are nacked all the same (and come back counted, logged)."""
         records: list[tuple[str, bytes]] = []
-        given: list[tuple[int, int, int]] = []
+        given: list[tuple[int, int, int, int]] = []
         prefix = self._record_prefix
         for reply, attempt in deliveries:
             fields = _ack_fields(reply)
             if fields is None:
                 continue
             consumer, delivered, seq = fields
-            given.append((seq, attempt, delivered))
-            records.append((f"{prefix}{consumer}.{seq}", b"%d %d" % (attempt, delivered)))
+            cseq = _ack_cseq(reply)
+            given.append((seq, attempt, delivered, cseq))
+            records.append((f"{prefix}{consumer}.{seq}", b"%d %d %d" % (attempt, delivered, cseq)))
         recorded = bool(records) and await self._transport._put_records(self.topic, records)
         if records and not recorded:
             log.warning(
@@ -1366,8 +1461,8 @@ class NatsSubscription(ClosesOnExit):
                 self.topic,
                 self.group,
             )
-        for seq, attempt, delivered in given:
-            self._remember(seq, attempt if recorded else attempt + 1, delivered, recorded)
+        for seq, attempt, delivered, cseq in given:
+            self._remember(seq, attempt if recorded else attempt + 1, delivered, recorded, cseq)
         nc = self._nc
         assert nc is not None
         with _nats_errors("could not release the deliveries"):
@@ -1375,26 +1470,30 @@ class NatsSubscription(ClosesOnExit):
                 await nc.publish(reply, _NAK)
 
     async def _count(
-        self, redelivered: list[tuple[str, int, int]], until: float | None = None
+        self, redelivered: list[str], until: float | None = None
     ) -> list[tuple[int, bool] | None]:
-        """For each redelivery (consumer, ``num_delivered``, stream sequence): its attempt,
-        ``num_delivered`` less the deliveries its release record says were given back, and
-        whether it has a record; None where the record could not be read (by ``until``,
-        loop time, if given)."""
+        """For each redelivery (its ack subject): its attempt, ``num_delivered`` less the
+        deliveries its release record says were given back (on a key partition, the
+        deliveries its consumer sequence says were sent since the record), and whether it
+        has a record; None where the record could not be read (by ``until``, loop time, if
+        given)."""
         t = self._transport
         records, prefix = self._records, self._record_prefix
+        fields = [_ack_fields(reply) or ("", 0, 0) for reply in redelivered]
 
-        async def read(subject: str) -> tuple[int, int] | None:
+        async def read(subject: str) -> tuple[int, int, int] | None:
             async with asyncio.timeout_at(until):
                 return await t._read_record(records, subject)
 
         found = await asyncio.gather(
-            *(read(f"{prefix}{c}.{seq}") for c, _, seq in redelivered),
+            *(read(f"{prefix}{c}.{seq}") for c, _, seq in fields),
             return_exceptions=True,
         )
         floor = self._floor
         out: list[tuple[int, bool] | None] = []
-        for (_, delivered, seq), record in zip(redelivered, found, strict=True):
+        for reply, (consumer, delivered, seq), record in zip(
+            redelivered, fields, found, strict=True
+        ):
             if isinstance(record, BaseException):
                 if not isinstance(record, Exception):
                     raise record  # cancelled
@@ -1402,8 +1501,16 @@ class NatsSubscription(ClosesOnExit):
                 continue
             attempt = delivered
             if record is not None:
-                at, released_at = record
-                if delivered > released_at:  # else a record older than this consumer
+                at, released_at, sent_at = record
+                cseq = _ack_cseq(reply)
+                if delivered <= released_at:
+                    pass  # a record older than this consumer
+                elif sent_at and cseq > sent_at and self._one_at_a_time(consumer):
+                    # a key partition: the attempt it was released with, plus the
+                    # deliveries really sent since then (a redelivery the server counted
+                    # and never sent is not an attempt)
+                    attempt = min(at + cseq - sent_at - 1, delivered)
+                else:
                     # as the attempt it was released with, plus the deliveries since then
                     attempt = min(at + delivered - released_at - 1, delivered)
             given = floor.get(seq)
@@ -1484,9 +1591,9 @@ class NatsSubscription(ClosesOnExit):
             tokens = reply.split(".") if reply else []
             n = len(tokens)
             if n == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
-                attempt, seq = int(tokens[4]), int(tokens[5])
+                consumer, attempt, seq = tokens[3], int(tokens[4]), int(tokens[5])
             elif n >= 11:  # with domain and account hash in front
-                attempt, seq = int(tokens[6]), int(tokens[7])
+                consumer, attempt, seq = tokens[5], int(tokens[6]), int(tokens[7])
             else:
                 self._held_bytes -= size
                 continue  # not a JetStream delivery: nothing to settle
@@ -1503,9 +1610,10 @@ class NatsSubscription(ClosesOnExit):
             taking.append(d)
             given = floor.get(seq)
             if attempt > 1:
-                if given is not None and given[1] == attempt - 1:
+                exact = self._known(reply, (consumer, attempt, seq))
+                if exact is not None:
                     # straight back after this subscription gave it back: known exactly
-                    d.attempt, d._recorded = given[0], given[2]
+                    d.attempt, d._recorded = exact
                     if not await self._not_overdue(d, until, kept):
                         continue
                 else:
@@ -1571,17 +1679,12 @@ class NatsSubscription(ClosesOnExit):
         ``until``, loop time, if given). Returns ``out`` less the overdue ones and those
         whose record cannot be read, and ``kept`` with those (to be counted on a later
         ``receive``) and the overdue ones not dead-lettered in time."""
-        fields: list[tuple[str, int, int]] = []
-        for d in redelivered:
-            consumer = _ack_fields(d._msg.reply)
-            assert consumer is not None
-            fields.append(consumer)
         nc = self._nc
         assert nc is not None
         if nc.is_connected:
-            counted = await self._count(fields, until)
+            counted = await self._count([d._msg.reply for d in redelivered], until)
         else:  # reconnecting: a read would only wait
-            counted = [None] * len(fields)
+            counted = [None] * len(redelivered)
         unread: list[NatsDelivery] = []
         left: set[NatsDelivery] = set()
         for d, count in zip(redelivered, counted, strict=True):
@@ -1636,6 +1739,17 @@ def _ack_fields(reply: str) -> tuple[str, int, int] | None:
     if n >= 11:  # with domain and account hash in front
         return tokens[5], int(tokens[6]), int(tokens[7])
     return None
+
+
+def _ack_cseq(reply: str) -> int:
+    """The consumer sequence of a JetStream delivery (0 if its ack subject has none)."""
+    tokens = reply.split(".") if reply else []
+    n = len(tokens)
+    if n == 9:
+        return int(tokens[6])
+    if n >= 11:
+        return int(tokens[8])
+    return 0
 
 
 _CONFIRMED = 1
@@ -2214,11 +2328,12 @@ class NatsTransport:
             self._record_streams.discard(stream_name(topic, self.stream_prefix) + _RECORDS_SUFFIX)
         return False
 
-    async def _read_record(self, records: str, subject: str) -> tuple[int, int] | None:
+    async def _read_record(self, records: str, subject: str) -> tuple[int, int, int] | None:
         """The release record on ``subject`` of stream ``records``: (the attempt its
-        delivery was released with, its ``num_delivered`` then); None if there is none (or
-        it is not a well-formed record). Raises :class:`TransportError` if it cannot be
-        read."""
+        delivery was released with, its ``num_delivered`` then, the consumer sequence of
+        that delivery, 0 in a record of an earlier msdata that had none); None if there is
+        none (or it is not a well-formed record). Raises :class:`TransportError` if it
+        cannot be read."""
         js = self._js
         nc = self._nc
         assert js is not None and nc is not None
@@ -2236,11 +2351,14 @@ class NatsTransport:
                 if code in (_NO_MESSAGE, _NO_STREAM):
                     return None
                 raise TransportError(f"could not read the release record {subject}: {reply}")
-            attempt, delivered = base64.b64decode(found["data"]).split()
-            record = int(attempt), int(delivered)
+            values = [int(v) for v in base64.b64decode(found["data"]).split()]
+            if len(values) == 2:
+                values.append(0)
+            attempt, delivered, cseq = values
+            record = attempt, delivered, cseq
         except (ValueError, KeyError, TypeError, AttributeError):
             return None  # not one of ours
-        if not (1 <= record[0] <= _MAX_RECORDED and record[1] >= 1):
+        if not (1 <= record[0] <= _MAX_RECORDED and record[1] >= 1 and record[2] >= 0):
             return None
         return record
 
