@@ -89,9 +89,6 @@ async def rabbitmq_transport(
 class _Unreachable(TransportConformance):
     #: the constructor options of the class's transports
     options: dict[str, Any] = {}
-    # open: aiormq's connection close waits, with no timeout, for its buffer to be written
-    # to a server that went silent (a close after a large publish there never returns)
-    close_returns_with_a_full_buffer = False
 
     @asynccontextmanager
     async def make_unreachable_transport(

@@ -347,6 +347,27 @@ def _progressed() -> None:
             deadline.reschedule(asyncio.get_running_loop().time() + seconds)
 
 
+def _abort_socket(connection: Any) -> bool:
+    """Abort the socket of an aiormq ``connection`` (its writer task holds the stream
+    writer: aiormq keeps no other reference), so that a close waiting to write out its
+    buffer ends. Whether a socket was found (aiormq's internals may change: then False)."""
+    task = getattr(connection, "_writer_task", None)
+    coro = task.get_coro() if isinstance(task, asyncio.Task) else None
+    frame = getattr(coro, "cr_frame", None)
+    writer = frame.f_locals.get("writer") if frame is not None else None
+    transport = getattr(writer, "transport", None)
+    if transport is None or not hasattr(transport, "abort"):
+        return False
+    transport.abort()
+    return True
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Mark the outcome of a close left to the driver as seen."""
+    if not task.cancelled():
+        task.exception()
+
+
 async def _close_within(channel: Any, seconds: float, what: str) -> None:
     """Close ``channel`` (an aio-pika channel) unless it is closed, waiting at most
     ``seconds``: a broker that stopped answering never confirms the close (the connection's
@@ -2629,12 +2650,34 @@ class RabbitMQTransport:
         if channel is not None:
             await _close_within(channel, self.connect_timeout, "the publisher")
         if self._owns_connection and self._connection is not None:
-            try:
-                # a broker that stopped answering never confirms the close
-                async with asyncio.timeout(self.connect_timeout):
-                    await self._connection.close()
-            except Exception:  # already broken: nothing left to release
-                log.debug("closing the RabbitMQ transport failed", exc_info=True)
+            await self._close_connection(self._connection)
+
+    async def _close_connection(self, connection: Any) -> None:
+        """Close ``connection`` within ``connect_timeout``. A broker that stopped answering
+        never confirms the close, and aiormq's close then waits, with no timeout and deaf to
+        a cancel, for its writer to write out a buffer the broker no longer reads: past the
+        timeout its socket is aborted, and if even that does not end it, the close is left
+        to the driver (logged)."""
+        underlay = getattr(getattr(connection, "transport", None), "connection", None)
+        closing = asyncio.ensure_future(connection.close())
+        done, _ = await asyncio.wait((closing,), timeout=self.connect_timeout)
+        if not done:
+            aborted = _abort_socket(underlay)
+            done, _ = await asyncio.wait((closing,), timeout=1.0)
+            if not done:
+                closing.add_done_callback(_retrieved)
+                log.warning(
+                    "closing the connection to %s did not finish within %.1f s (the broker "
+                    "does not answer%s); left to the driver",
+                    self.address,
+                    self.connect_timeout,
+                    "; its socket aborted" if aborted else "; its socket not found",
+                )
+                return
+        try:
+            closing.result()
+        except Exception:  # already broken: nothing left to release
+            log.debug("closing the RabbitMQ transport failed", exc_info=True)
 
     async def __aenter__(self) -> Self:
         await self._connect()

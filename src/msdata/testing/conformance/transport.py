@@ -1823,10 +1823,6 @@ class TransportConformance:
 
     # -- a silent server: accepts connections and never answers ------------------------------
 
-    #: whether the silent-server case also checks that ``close()`` returns after a publish
-    #: filled the connection's buffers (False only for a transport known to hang there)
-    close_returns_with_a_full_buffer: bool = True
-
     def broker_address(self) -> tuple[str, int]:
         """Where the broker of :meth:`make_transport` listens, (host, port). Needed, with
         :meth:`make_transport_at`, by the case of a server that goes silent; else skipped."""
@@ -1959,8 +1955,7 @@ class TransportConformance:
                 if acked and not self.acked_in_a_silence_may_come_back:
                     back = [attempt for mid, attempt in came if mid == got[0].message.id]
                     assert not back, f"acked in the silence, it came back as attempts {back}"
-                if self.close_returns_with_a_full_buffer:
-                    await self._close_returns_on_a_silent_server(t, server, topic, timeout)
+                await self._close_returns_on_a_silent_server(t, server, topic, timeout)
         for error in errors:
             text = str(error)
             assert f"{server.host}:{server.port}" in text, f"the address is not named: {text}"
