@@ -67,20 +67,31 @@ DEFAULT_TABLE_PREFIX = "msdata_"
 _PREFIX = re.compile(r"(?:[a-z_][a-z0-9_]{0,39})?")
 
 
-def keyword_options(cls: type) -> set[str] | None:
-    """The keyword-only arguments ``cls(...)`` takes (a store's options: its path or DSN
-    comes first, by position), following ``**options`` passed up to the base classes; None
-    if it takes any."""
+def init_keywords(cls: type, *, positional: bool = False) -> tuple[set[str], bool]:
+    """The keywords ``cls(...)`` takes, following ``**kwargs`` passed up to the base
+    classes: keyword-only ones, and with ``positional`` those that may also come by
+    position (``self`` left out); and whether it takes any (``**kwargs`` all the way up)."""
+    kinds: set[inspect._ParameterKind] = {inspect.Parameter.KEYWORD_ONLY}
+    if positional:
+        kinds.add(inspect.Parameter.POSITIONAL_OR_KEYWORD)
     takes: set[str] = set()
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
         if init is None:
             continue
         params = inspect.signature(init).parameters.values()
-        takes |= {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+        takes |= {p.name for p in params if p.kind in kinds and p.name != "self"}
         if not any(p.kind is p.VAR_KEYWORD for p in params):
-            return takes
-    return None
+            return takes, False
+    return takes, True
+
+
+def keyword_options(cls: type) -> set[str] | None:
+    """The keyword-only arguments ``cls(...)`` takes (a store's options: its path or DSN
+    comes first, by position), following ``**options`` passed up to the base classes; None
+    if it takes any."""
+    takes, any_ = init_keywords(cls)
+    return None if any_ else takes
 
 
 def check_store_options(

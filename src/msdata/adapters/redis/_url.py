@@ -7,7 +7,6 @@ is built."""
 from __future__ import annotations
 
 import difflib
-import inspect
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +16,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS, Connection, parse_url
 
 from msdata.errors import ConfigurationError
+from msdata.storage import init_keywords
 from msdata.urls import redact_url
 
 __all__ = ["redis_client"]
@@ -27,17 +27,7 @@ _POOL_KEYWORDS = frozenset({"max_connections", "connection_class"})
 
 def _keywords(cls: type) -> frozenset[str]:
     """The keywords ``cls(...)`` takes, following ``**kwargs`` passed up to the bases."""
-    takes: set[str] = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters.values()
-        takes |= {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            break
-    takes.discard("self")
-    return frozenset(takes)
+    return frozenset(init_keywords(cls, positional=True)[0])
 
 
 def _refuse(kind: str, name: str, own: Sequence[str], takes: frozenset[str], where: str) -> None:
